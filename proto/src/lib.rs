@@ -1,0 +1,14 @@
+//! The gRPC management API of proxyd (package `proxy.v1`).
+//!
+//! The `.proto` files live in `proto/proxy/v1/`. The Rust code under `src/gen/` is generated
+//! from them and checked in, so building needs no `protoc`; `tests/bootstrap.rs` regenerates
+//! it and fails when the checked-in copy is stale.
+
+/// Messages, clients and servers of package `proxy.v1`.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    include!("gen/proxy.v1.rs");
+
+    /// Encoded `FileDescriptorSet` of every file in the package, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/proxy.v1.fds.bin");
+}
