@@ -1,0 +1,317 @@
+#!/bin/bash
+# Runs inside the booted container (as /payload/entry): installs proxyd the way
+# contrib/systemd/ describes, then runs the scenarios named in /payload/params.
+#
+#   1  HTTP and TCP routing through the socket-activated proxy.service
+#   3  repeated binary swaps behind /etc/proxy/bin/proxyd + `systemctl reload` under load:
+#      0 failed requests, NRestarts=0, a new MainPID running the new binary each time, a
+#      download and a TCP stream started before the reloads complete intact
+#   4  a new binary that exits at once, then one that never becomes ready: the reload
+#      fails, the old MainPID keeps serving; restoring the good binary and reloading works
+#
+# Prints one PASS/FAIL line per check and exits non-zero if any failed.
+set -uo pipefail
+
+payload=/payload
+results=/results
+# shellcheck source=/dev/null
+. "$payload/params"
+: "${SCENARIOS:=1 3 4}"
+: "${RELOADS:=5}"
+
+export PROXY_MGMT_SOCKET=/run/proxy/mgmt.sock
+failures=0
+passes=0
+
+log() { echo "harness: $*"; }
+pass() {
+  passes=$((passes + 1))
+  echo "PASS $*"
+}
+fail() {
+  failures=$((failures + 1))
+  echo "FAIL $*"
+}
+# check NAME COMMAND...: PASS if the command succeeds.
+check() {
+  local name=$1
+  shift
+  local out
+  if out=$("$@" 2>&1); then
+    pass "$name"
+  else
+    fail "$name: $(echo "$out" | tail -n 5)"
+  fi
+}
+# expect NAME ACTUAL WANTED
+expect() {
+  if [ "$2" = "$3" ]; then pass "$1 ($2)"; else fail "$1: got '$2', want '$3'"; fi
+}
+
+main_pid() { systemctl show -P MainPID proxy.service; }
+n_restarts() { systemctl show -P NRestarts proxy.service; }
+active_state() { systemctl show -P ActiveState proxy.service; }
+exe_of() { readlink "/proc/$1/exe" 2>/dev/null || echo "?"; }
+
+http_get() { curl -sS --max-time 5 "$@"; }
+
+# tcp_roundtrip LINE: the echo of LINE through the TCP listener.
+tcp_roundtrip() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+line = (sys.argv[1] + "\n").encode()
+with socket.create_connection(("127.0.0.1", 16379), timeout=5) as s:
+    s.sendall(line)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+print(data.decode().strip())
+EOF
+}
+
+wait_for() {
+  local tries=$1
+  shift
+  for _ in $(seq "$tries"); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  return 1
+}
+
+dump_journal() {
+  journalctl --no-pager -o short-monotonic -u proxy.service -u proxy.socket \
+    -u proxy-listener@echo.socket >"$results/journal-proxy.txt" 2>&1
+  journalctl --no-pager -o short-monotonic >"$results/journal-all.txt" 2>&1
+}
+
+install_proxy() {
+  log "installing proxyd from contrib/systemd"
+  install -D -m 0644 "$payload/units/proxy.sysusers" /etc/sysusers.d/proxy.conf
+  systemd-sysusers /etc/sysusers.d/proxy.conf
+
+  # Two copies of the same build under different paths: each reload swaps the stable
+  # symlink to the other one, so the new MainPID's /proc/PID/exe proves which ran.
+  for slot in a b; do
+    install -D -m 0755 "$payload/bin/proxyd" "/opt/proxy/$slot/proxyd"
+    install -D -m 0755 "$payload/bin/proxyctl" "/opt/proxy/$slot/proxyctl"
+  done
+  install -D -m 0755 /dev/stdin /opt/proxy/broken/proxyd <<'EOF'
+#!/bin/sh
+echo "broken proxyd: exiting" >&2
+exit 1
+EOF
+  install -D -m 0755 /dev/stdin /opt/proxy/hang/proxyd <<'EOF'
+#!/bin/sh
+echo "hanging proxyd: never ready" >&2
+exec sleep 3600
+EOF
+  mkdir -p /etc/proxy/bin
+  ln -sfn /opt/proxy/a/proxyd /etc/proxy/bin/proxyd
+  ln -sfn /opt/proxy/a/proxyctl /etc/proxy/bin/proxyctl
+  install -m 0644 "$payload/proxy.toml" /etc/proxy/proxy.toml
+
+  install -m 0644 "$payload"/units/proxy.service "$payload"/units/proxy.socket \
+    "$payload"/units/proxy-listener@.socket /etc/systemd/system/
+  mkdir -p /etc/systemd/system/proxy.socket.d /etc/systemd/system/proxy-listener@echo.socket.d
+  printf '[Socket]\nListenStream=\nListenStream=127.0.0.1:8080\n' \
+    >/etc/systemd/system/proxy.socket.d/listen.conf
+  printf '[Socket]\nListenStream=127.0.0.1:16379\n' \
+    >/etc/systemd/system/proxy-listener@echo.socket.d/listen.conf
+
+  for spec in "v1a --http 127.0.0.1:9001" "v1b --http 127.0.0.1:9002" \
+    "v2 --http 127.0.0.1:9003" "echo --tcp 127.0.0.1:9101"; do
+    set -- $spec
+    systemd-run --quiet --unit="upstream-$1" python3 "$payload/upstream.py" --name "$@"
+  done
+  wait_for 50 curl -sf http://127.0.0.1:9001/healthz
+  wait_for 50 curl -sf http://127.0.0.1:9002/healthz
+  wait_for 50 curl -sf http://127.0.0.1:9003/healthz
+
+  check "proxyd --version runs" /etc/proxy/bin/proxyd --version
+  check "proxyd check-config accepts the test config" \
+    /etc/proxy/bin/proxyd check-config /etc/proxy/proxy.toml
+
+  systemctl daemon-reload
+  check "systemd-analyze verify contrib units" \
+    systemd-analyze verify --man=no proxy.service proxy.socket proxy-listener@echo.socket
+  check "enable the socket units" \
+    systemctl enable --now proxy.socket proxy-listener@echo.socket
+  systemctl enable proxy.service 2>/dev/null
+}
+
+scenario_1() {
+  log "scenario 1: routing through the socket-activated service"
+  expect "s1 proxy.service waits for its first connection" "$(active_state)" "inactive"
+
+  local body seen
+  body=$(http_get http://127.0.0.1:8080/hello)
+  case "$body" in
+    "v1a /hello" | "v1b /hello") pass "s1 first request activates proxy.service and routes to v1 ($body)" ;;
+    *) fail "s1 first request: got '$body'" ;;
+  esac
+  expect "s1 proxy.service active after activation" "$(active_state)" "active"
+
+  seen=$(for _ in 1 2 3 4; do http_get http://127.0.0.1:8080/rr; done | sort -u | tr '\n' ' ')
+  expect "s1 round robin reaches both v1 upstreams" "$seen" "v1a /rr v1b /rr "
+  expect "s1 host + path route to v2" \
+    "$(http_get -H 'Host: example.com' http://127.0.0.1:8080/docs/intro)" "v2 /docs/intro"
+  expect "s1 path route needs its host" \
+    "$(http_get -H 'Host: other.test' http://127.0.0.1:8080/docs/intro | cut -c1-2)" "v1"
+  expect "s1 TCP listener reaches the echo pool" "$(tcp_roundtrip name)" "echo"
+  expect "s1 TCP echo is byte-exact" "$(tcp_roundtrip 'hello through the proxy')" \
+    "hello through the proxy"
+  check "s1 admin /healthz" curl -sf --max-time 5 http://127.0.0.1:42008/healthz
+  check "s1 proxyctl status over the management socket" /etc/proxy/bin/proxyctl status
+  expect "s1 management socket is 0660 proxy:proxy" \
+    "$(stat -c '%a %U:%G' /run/proxy/mgmt.sock 2>&1)" "660 proxy:proxy"
+  expect "s1 proxy.service runs as user proxy" \
+    "$(ps -o user= -p "$(main_pid)" | tr -d ' ')" "proxy"
+}
+
+# start_load NAME: bounded mixed load in the background (stopped by stop_load).
+start_load() {
+  rm -f "/run/load-$1.stop" "/run/load-$1.json"
+  timeout 300 python3 "$payload/load.py" --http 127.0.0.1:8080 --path /load \
+    --keepalive 4 --fresh 4 --tcp-addr 127.0.0.1:16379 --tcp 2 --hold-tcp \
+    --duration 240 --stop-file "/run/load-$1.stop" --out "/run/load-$1.json" \
+    >"$results/load-$1.txt" 2>&1 &
+  load_pid=$!
+  sleep 1
+}
+
+# stop_load NAME: stops the load and checks that nothing failed.
+stop_load() {
+  touch "/run/load-$1.stop"
+  if wait "$load_pid"; then
+    pass "$1 load: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%(ok)d ok, %(failed)d failed, %(stale_retries)d stale keep-alive retries in %(seconds)ss" % d)' "/run/load-$1.json")"
+  else
+    fail "$1 load: $(tr '\n' ' ' <"$results/load-$1.txt" | cut -c1-1500)"
+  fi
+}
+
+# reload_to SLOT: points the stable path at SLOT and reloads; PASS if a new process from
+# that slot took over.
+reload_to() {
+  local name=$1 slot=$2 before after
+  before=$(main_pid)
+  ln -sfn "/opt/proxy/$slot/proxyd" /etc/proxy/bin/proxyd
+  if ! out=$(timeout 100 systemctl reload proxy.service 2>&1); then
+    fail "$name systemctl reload failed: $out"
+    return 1
+  fi
+  after=$(main_pid)
+  if [ "$after" != "$before" ] && [ "$(exe_of "$after")" = "/opt/proxy/$slot/proxyd" ]; then
+    pass "$name reload: MainPID $before -> $after ($(exe_of "$after"))"
+  else
+    fail "$name reload: MainPID $before -> $after, exe $(exe_of "$after"), want /opt/proxy/$slot/proxyd"
+    return 1
+  fi
+}
+
+scenario_3() {
+  log "scenario 3: $RELOADS binary swaps + systemctl reload under load"
+  systemctl start proxy.service
+  local restarts0 pids=() slot=a i stream_bytes
+  restarts0=$(n_restarts)
+  pids+=("$(main_pid)")
+
+  # Started before the first reload; 8 s of streamed lines must arrive whole.
+  timeout 120 curl -sS --max-time 100 -o /run/stream.out \
+    'http://127.0.0.1:8080/stream?seconds=8' 2>"$results/stream-err.txt" &
+  local stream_pid=$!
+  start_load s3
+  for i in $(seq "$RELOADS"); do
+    if [ "$slot" = a ]; then slot=b; else slot=a; fi
+    reload_to "s3 #$i" "$slot"
+    pids+=("$(main_pid)")
+    sleep 1
+  done
+  stop_load s3
+
+  if wait "$stream_pid"; then
+    stream_bytes=$(stat -c %s /run/stream.out)
+    expect "s3 download started before the reloads arrives whole (bytes)" "$stream_bytes" 5120
+  else
+    fail "s3 download started before the reloads: $(cat "$results/stream-err.txt")"
+  fi
+  expect "s3 NRestarts unchanged" "$(n_restarts)" "$restarts0"
+  expect "s3 proxy.service still active" "$(active_state)" "active"
+  expect "s3 ${RELOADS} reloads gave $((RELOADS + 1)) distinct pids" \
+    "$(printf '%s\n' "${pids[@]}" | sort -u | wc -l)" "$((RELOADS + 1))"
+  # Old processes drain and exit (drain_timeout is 20 s).
+  local old=("${pids[@]:0:${#pids[@]}-1}")
+  if wait_for 150 bash -c "! kill -0 ${old[*]} 2>/dev/null"; then
+    pass "s3 every replaced process has exited"
+  else
+    fail "s3 replaced processes still running: $(ps -o pid=,args= -p "$(
+      IFS=,
+      echo "${old[*]}"
+    )")"
+  fi
+  expect "s3 serves after the reloads" "$(http_get -H 'Host: example.com' http://127.0.0.1:8080/docs/x)" "v2 /docs/x"
+}
+
+# failed_reload NAME SLOT: the reload to SLOT must fail and leave the old process serving.
+failed_reload() {
+  local name=$1 slot=$2 before after t0 t1
+  before=$(main_pid)
+  ln -sfn "/opt/proxy/$slot/proxyd" /etc/proxy/bin/proxyd
+  t0=$(date +%s)
+  if timeout 100 systemctl reload proxy.service >/dev/null 2>&1; then
+    fail "$name: systemctl reload succeeded with the $slot binary"
+  else
+    t1=$(date +%s)
+    pass "$name: systemctl reload fails ($((t1 - t0)) s)"
+  fi
+  after=$(main_pid)
+  expect "$name: MainPID unchanged" "$after" "$before"
+  expect "$name: proxy.service still active" "$(active_state)" "active"
+  case "$(http_get http://127.0.0.1:8080/after-failure)" in
+    "v1a /after-failure" | "v1b /after-failure") pass "$name: old process still serves HTTP" ;;
+    *) fail "$name: HTTP after the failed reload" ;;
+  esac
+  expect "$name: old process still serves TCP" "$(tcp_roundtrip still-here)" "still-here"
+  if wait_for 50 bash -c "! pgrep -f /opt/proxy/$slot/proxyd"; then
+    pass "$name: the failed new process is gone"
+  else
+    fail "$name: left behind: $(pgrep -af "/opt/proxy/$slot/proxyd")"
+  fi
+}
+
+scenario_4() {
+  log "scenario 4: a broken new binary must not take over"
+  systemctl start proxy.service
+  local restarts0 good
+  restarts0=$(n_restarts)
+  good=$(basename "$(dirname "$(readlink /etc/proxy/bin/proxyd)")")
+  start_load s4
+  failed_reload "s4 exits at once" broken
+  failed_reload "s4 never ready" hang
+  if [ "$good" = a ]; then good=b; else good=a; fi
+  reload_to "s4 restored binary" "$good"
+  stop_load s4
+  expect "s4 NRestarts unchanged" "$(n_restarts)" "$restarts0"
+  expect "s4 serves after recovery" "$(http_get -H 'Host: example.com' http://127.0.0.1:8080/docs/y)" "v2 /docs/y"
+}
+
+install_proxy
+for s in $SCENARIOS; do
+  if [ "$(type -t "scenario_$s")" != function ]; then
+    fail "unknown scenario $s"
+    continue
+  fi
+  "scenario_$s"
+done
+
+dump_journal
+if [ "$failures" -gt 0 ]; then
+  echo "RESULT: FAIL ($failures failed, $passes passed; scenarios: $SCENARIOS)"
+  echo "---- last lines of the proxy journal ----"
+  tail -n 60 "$results/journal-proxy.txt"
+  exit 1
+fi
+echo "RESULT: PASS ($passes checks; scenarios: $SCENARIOS)"
