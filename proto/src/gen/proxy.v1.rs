@@ -8,7 +8,7 @@ pub struct Upstream {
     /// Relative share for balancing; 0 means 1.
     #[prost(uint32, tag = "2")]
     pub weight: u32,
-    /// Administrative state; ignored when creating (use DrainUpstream).
+    /// Administrative state; unspecified means active.
     #[prost(enumeration = "UpstreamState", tag = "3")]
     pub state: i32,
     /// Output only: health as last observed.
@@ -1295,7 +1295,7 @@ pub struct GetPoolResponse {
 /// Adds a pool.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CreatePoolRequest {
-    /// The new pool; `source`, upstream `state` and `health` are ignored.
+    /// The new pool; `source` and upstream `health` are ignored.
     #[prost(message, optional, tag = "1")]
     pub pool: ::core::option::Option<Pool>,
 }
@@ -1346,7 +1346,7 @@ pub struct AddUpstreamRequest {
     /// Pool name.
     #[prost(string, tag = "1")]
     pub pool: ::prost::alloc::string::String,
-    /// The upstream; `state` and `health` are ignored.
+    /// The upstream; `health` is ignored.
     #[prost(message, optional, tag = "2")]
     pub upstream: ::core::option::Option<Upstream>,
 }

@@ -1,0 +1,150 @@
+//! `proxyctl`: the command-line client of the proxyd management API.
+//!
+//! `proxyctl [--socket PATH | --addr HOST:PORT --token-file FILE] [--output json] <noun> <verb>`
+
+mod admin;
+mod client;
+mod document;
+mod output;
+mod pools;
+mod routes;
+mod routes_csv;
+mod tcp_routes;
+mod upstreams;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::client::Target;
+use crate::output::{Format, Output};
+
+/// Manage a running proxyd through its gRPC management API.
+#[derive(Parser)]
+#[command(name = "proxyctl", version)]
+struct Cli {
+    /// Unix socket of the management API.
+    #[arg(
+        long,
+        global = true,
+        env = "PROXY_MGMT_SOCKET",
+        default_value = "/run/proxy/mgmt.sock"
+    )]
+    socket: PathBuf,
+    /// Use the TCP listener at HOST:PORT instead of the unix socket.
+    #[arg(long, global = true)]
+    addr: Option<String>,
+    /// File holding the bearer token for --addr.
+    #[arg(long, global = true, requires = "addr")]
+    token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// HTTP routes: list, get, add, update, rm, import CSV.
+    #[command(subcommand)]
+    Routes(routes::RoutesCommand),
+    /// TCP routes: list, get, add, update, rm.
+    #[command(subcommand, name = "tcp-routes")]
+    TcpRoutes(tcp_routes::TcpRoutesCommand),
+    /// Pools: list, get, add, update, rm.
+    #[command(subcommand)]
+    Pools(pools::PoolsCommand),
+    /// Upstreams of a pool: list, add, rm, drain, activate.
+    #[command(subcommand)]
+    Upstreams(upstreams::UpstreamsCommand),
+    /// Version, pid, uptime, listeners, object counts and state revision.
+    Status,
+    /// Applies a batch of changes from a TOML or JSON file, atomically.
+    Apply {
+        /// File with `changes = [...]` (`-` for standard input).
+        file: PathBuf,
+    },
+    /// Prints the API-owned state as JSON (the input of `import`).
+    Export,
+    /// Makes the API-owned state equal to a JSON or TOML document, atomically.
+    Import {
+        /// File as printed by `export` (`-` for standard input).
+        file: PathBuf,
+        /// Only report what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Makes the daemon re-read its config file.
+    Reload,
+    /// Hands the listening sockets to a new proxyd process without dropping connections.
+    Upgrade {
+        /// Wait until the new process is ready (or failed).
+        #[arg(long)]
+        wait: bool,
+        /// Binary to start instead of the configured one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
+    /// Stops accepting, finishes in-flight work and exits.
+    Drain {
+        /// Longest time to wait for in-flight work (e.g. 30s).
+        #[arg(long)]
+        timeout: Option<humantime::Duration>,
+    },
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let target = match cli.addr {
+        Some(addr) => Target::Tcp {
+            addr,
+            token_file: cli.token_file,
+        },
+        None => Target::Unix(cli.socket),
+    };
+    let out = Output::new(cli.output);
+    let mut clients = client::connect(&target).await?;
+    let c = &mut clients;
+    match cli.command {
+        Command::Routes(cmd) => routes::run(cmd, c, &out).await,
+        Command::TcpRoutes(cmd) => tcp_routes::run(cmd, c, &out).await,
+        Command::Pools(cmd) => pools::run(cmd, c, &out).await,
+        Command::Upstreams(cmd) => upstreams::run(cmd, c, &out).await,
+        Command::Status => admin::status(c, &out).await,
+        Command::Apply { file } => admin::apply(file, c, &out).await,
+        Command::Export => admin::export(c).await,
+        Command::Import { file, dry_run } => admin::import(file, dry_run, c, &out).await,
+        Command::Reload => admin::reload(c, &out).await,
+        Command::Upgrade { wait, binary } => admin::upgrade(binary, wait, c, &out).await,
+        Command::Drain { timeout } => admin::drain(timeout, c, &out).await,
+    }
+}
+
+/// The error and its causes on one line, skipping causes the text already contains.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("proxyctl: {}", describe(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
