@@ -1,0 +1,722 @@
+//! The TOML config file: parsed, validated, and turned into declarative [`Change`]s.
+//!
+//! Every error names the file, the line and the field (`proxy.toml:12: routes[0].pool: ...`),
+//! so `proxyd check-config` can be used as a build-time check.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::state::{
+    self, Balance, Change, HealthCheck, PathMatch, Pool, Route, Source, TcpRoute, Upstream,
+};
+
+/// The config used when `proxyd` is started without `--config`.
+pub const EMBEDDED_DEFAULT: &str = r#"# Embedded default: one HTTP listener, no routes (every request gets a 404).
+[server]
+state_dir = "./state"
+mgmt_socket = "./state/mgmt.sock"
+admin_listen = "127.0.0.1:42008"
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:8080"
+"#;
+
+/// A config file that could not be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// File path.
+        path: String,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The file is malformed; the message is `file:line: field: reason`.
+    #[error("{file}:{line}: {field}: {reason}")]
+    Invalid {
+        /// File name as given.
+        file: String,
+        /// 1-based line number.
+        line: usize,
+        /// Dotted field path.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Listener protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1 and h2c, routed by host and path.
+    Http,
+    /// Plain TCP, forwarded to one pool.
+    Tcp,
+}
+
+impl Protocol {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+        }
+    }
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Directory holding `proxy.db`.
+    pub state_dir: PathBuf,
+    /// Unix socket of the management API.
+    pub mgmt_socket: PathBuf,
+    /// Address of the admin HTTP listener (`/healthz`, `/readyz`); `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// How long in-flight work may take after SIGTERM.
+    pub shutdown_timeout: Duration,
+    /// Default log filter (`RUST_LOG` overrides it).
+    pub log_level: String,
+}
+
+/// One `[[listeners]]` entry.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Unique name (also the systemd `FileDescriptorName`).
+    pub name: String,
+    /// What it speaks.
+    pub protocol: Protocol,
+    /// Where it binds.
+    pub address: SocketAddr,
+    /// Most connections open at once; more wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Time allowed for a client to send request headers (HTTP).
+    pub header_timeout: Duration,
+    /// A connection with no bytes moving either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest request head accepted (HTTP); larger gets 431.
+    pub max_header_bytes: usize,
+    /// Largest request body accepted (HTTP); 0 means no limit. Larger gets 413.
+    pub max_body_bytes: u64,
+}
+
+/// A validated config file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`None` for the embedded default).
+    pub path: Option<PathBuf>,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[[listeners]]`.
+    pub listeners: Vec<ListenerConfig>,
+    /// The declarative objects (pools, routes, TCP routes), as the Changes that create them.
+    pub declarative: Vec<Change>,
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// The embedded default config.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::parse(EMBEDDED_DEFAULT, "<embedded default>")
+    }
+
+    /// Parses and validates config text; `file` is used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let doc = Doc { text, file };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| doc.toml_error(&e))?;
+        doc.build(raw)
+    }
+
+    /// The listener called `name`.
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// Listener names and protocols, as the state validation needs them.
+    pub fn listener_protocols(&self) -> BTreeMap<String, Protocol> {
+        self.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.protocol))
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: Option<Spanned<RawServer>>,
+    #[serde(default)]
+    listeners: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    pools: Vec<Spanned<RawPool>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    state_dir: Option<String>,
+    mgmt_socket: Option<String>,
+    admin_listen: Option<String>,
+    shutdown_timeout: Option<String>,
+    log_level: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: String,
+    protocol: String,
+    address: String,
+    pool: Option<String>,
+    max_connections: Option<usize>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_header_bytes: Option<usize>,
+    max_body_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUpstream {
+    Address(String),
+    Table {
+        address: String,
+        #[serde(default)]
+        weight: Option<u32>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default)]
+    path: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: String,
+    balance: Option<String>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+    health: Option<RawHealth>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    listener: String,
+    host: Option<String>,
+    path_prefix: Option<String>,
+    path: Option<String>,
+    pool: String,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default)]
+    priority: i32,
+}
+
+/// The source text, for turning spans into line numbers.
+struct Doc<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+/// Where a declarative Change came from in the file.
+struct Origin {
+    section: &'static str,
+    index: usize,
+    span: Range<usize>,
+}
+
+impl Doc<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// The line of `key = ...` inside `span`, else the first line of `span`.
+    fn line_of_key(&self, span: &Range<usize>, key: &str) -> usize {
+        // A table's span may cover only its header; its keys run until the next table
+        // (sub-tables such as `[pools.health]` belong to it).
+        let start = span.start.min(self.text.len());
+        let mut offset = start;
+        for (i, line) in self.text[start..].split_inclusive('\n').enumerate() {
+            let trimmed = line.trim_start();
+            let header = trimmed.starts_with('[');
+            if i > 0 && header && (trimmed.starts_with("[[") || !trimmed.contains('.')) {
+                break;
+            }
+            if let Some(rest) = trimmed.strip_prefix(key) {
+                if rest.trim_start().starts_with('=') {
+                    return self.line_of(offset);
+                }
+            }
+            offset += line.len();
+        }
+        self.line_of(start)
+    }
+
+    fn error(&self, line: usize, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_string(),
+            line,
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let (line, field) = match e.span() {
+            Some(span) => {
+                let word = self.text.get(span.clone()).unwrap_or("").trim();
+                let looks_like_key = !word.is_empty()
+                    && word
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+                let field = if looks_like_key { word } else { "toml" };
+                (self.line_of(span.start), field.to_string())
+            }
+            None => (1, "toml".to_string()),
+        };
+        self.error(line, field, e.message().trim())
+    }
+
+    fn field_error(
+        &self,
+        span: &Range<usize>,
+        prefix: &str,
+        key: &str,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        self.error(self.line_of_key(span, key), format!("{prefix}.{key}"), reason)
+    }
+
+    fn duration(
+        &self,
+        value: &Option<String>,
+        default: Duration,
+        span: &Range<usize>,
+        prefix: &str,
+        key: &str,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s).map_err(|e| {
+                self.field_error(span, prefix, key, format!("invalid duration {s:?}: {e}"))
+            }),
+        }
+    }
+
+    fn build(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = self.build_server(raw.server)?;
+        let mut listeners = Vec::new();
+        let mut declarative = Vec::new();
+        let mut origins = Vec::new();
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (index, spanned) in raw.listeners.into_iter().enumerate() {
+            let span = spanned.span();
+            let raw = spanned.into_inner();
+            let prefix = format!("listeners[{index}]");
+            let listener = self.build_listener(&raw, &span, &prefix)?;
+            if !names.insert(listener.name.clone()) {
+                return Err(self.field_error(&span, &prefix, "name", "duplicate listener name"));
+            }
+            if !addresses.insert(listener.address) {
+                return Err(self.field_error(
+                    &span,
+                    &prefix,
+                    "address",
+                    format!("another listener already uses {}", listener.address),
+                ));
+            }
+            match (listener.protocol, raw.pool) {
+                (Protocol::Tcp, Some(pool)) => {
+                    declarative.push(Change::CreateTcpRoute(TcpRoute {
+                        name: listener.name.clone(),
+                        source: Source::Declarative,
+                        listener: listener.name.clone(),
+                        pool,
+                    }));
+                    origins.push(Origin {
+                        section: "listeners",
+                        index,
+                        span: span.clone(),
+                    });
+                }
+                (Protocol::Tcp, None) => {}
+                (Protocol::Http, Some(_)) => {
+                    return Err(self.field_error(
+                        &span,
+                        &prefix,
+                        "pool",
+                        "only tcp listeners take a pool; http listeners use [[routes]]",
+                    ))
+                }
+                (Protocol::Http, None) => {}
+            }
+            listeners.push(listener);
+        }
+        // Pools first, so routes can name them.
+        let mut pool_changes = Vec::new();
+        for (index, spanned) in raw.pools.into_iter().enumerate() {
+            let span = spanned.span();
+            let prefix = format!("pools[{index}]");
+            let pool = self.build_pool(spanned.into_inner(), &span, &prefix)?;
+            pool_changes.push((Change::CreatePool(pool), Origin { section: "pools", index, span }));
+        }
+        for (index, spanned) in raw.routes.into_iter().enumerate() {
+            let span = spanned.span();
+            let prefix = format!("routes[{index}]");
+            let route = self.build_route(spanned.into_inner(), &span, &prefix)?;
+            declarative.push(Change::CreateRoute(route));
+            origins.push(Origin { section: "routes", index, span });
+        }
+        let (pool_changes, pool_origins): (Vec<_>, Vec<_>) = pool_changes.into_iter().unzip();
+        let declarative: Vec<Change> = pool_changes.into_iter().chain(declarative).collect();
+        let origins: Vec<Origin> = pool_origins.into_iter().chain(origins).collect();
+
+        // The same validation the API gets, against an empty state.
+        let listener_protocols = listeners.iter().map(|l| (l.name.clone(), l.protocol)).collect();
+        if let Err((index, err)) = state::State::empty(listener_protocols).check_batch(&declarative)
+        {
+            return Err(self.apply_error(&origins[index], err));
+        }
+        Ok(Config {
+            path: None,
+            server,
+            listeners,
+            declarative,
+        })
+    }
+
+    /// Maps a state validation error back to the file position it came from.
+    fn apply_error(&self, origin: &Origin, err: state::ApplyError) -> ConfigError {
+        let prefix = format!("{}[{}]", origin.section, origin.index);
+        match err {
+            state::ApplyError::Invalid { field, reason } => {
+                // The state names fields `route.pool`, `pool.upstreams[1]`, ...: keep the last part.
+                let key = field.split_once('.').map_or(field.as_str(), |(_, k)| k);
+                let key = match (origin.section, key) {
+                    ("routes", "path") => {
+                        if self.text[origin.span.clone()].contains("path_prefix") {
+                            "path_prefix"
+                        } else {
+                            "path"
+                        }
+                    }
+                    ("listeners", "pool") => "pool",
+                    ("listeners", "listener") => "name",
+                    _ => key,
+                };
+                let bare = key.split('[').next().unwrap_or(key);
+                self.error(
+                    self.line_of_key(&origin.span, bare),
+                    format!("{prefix}.{key}"),
+                    reason,
+                )
+            }
+            state::ApplyError::AlreadyExists { kind, .. } => self.field_error(
+                &origin.span,
+                &prefix,
+                "name",
+                format!("duplicate {kind} name"),
+            ),
+            other => self.error(
+                self.line_of(origin.span.start),
+                prefix,
+                other.to_string(),
+            ),
+        }
+    }
+
+    fn build_server(&self, raw: Option<Spanned<RawServer>>) -> Result<ServerConfig, ConfigError> {
+        let (span, raw) = match raw {
+            Some(s) => (s.span(), s.into_inner()),
+            None => (0..0, RawServer::default()),
+        };
+        let prefix = "server";
+        let state_dir = PathBuf::from(raw.state_dir.unwrap_or_else(|| "./state".into()));
+        let mgmt_socket = raw
+            .mgmt_socket
+            .map(PathBuf::from)
+            .unwrap_or_else(|| state_dir.join("mgmt.sock"));
+        let admin_listen = match raw.admin_listen.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 42008))),
+            Some("") => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                self.field_error(&span, prefix, "admin_listen", format!("invalid address {s:?}, expected IP:PORT"))
+            })?),
+        };
+        let shutdown_timeout = self.duration(
+            &raw.shutdown_timeout,
+            Duration::from_secs(30),
+            &span,
+            prefix,
+            "shutdown_timeout",
+        )?;
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(self.field_error(&span, prefix, "log_level", format!("invalid log filter {log_level:?}")));
+        }
+        Ok(ServerConfig {
+            state_dir,
+            mgmt_socket,
+            admin_listen,
+            shutdown_timeout,
+            log_level,
+        })
+    }
+
+    fn build_listener(
+        &self,
+        raw: &RawListener,
+        span: &Range<usize>,
+        prefix: &str,
+    ) -> Result<ListenerConfig, ConfigError> {
+        if let Err(reason) = state::check_name(&raw.name) {
+            return Err(self.field_error(span, prefix, "name", reason));
+        }
+        let protocol = match raw.protocol.as_str() {
+            "http" => Protocol::Http,
+            "tcp" => Protocol::Tcp,
+            other => {
+                return Err(self.field_error(
+                    span,
+                    prefix,
+                    "protocol",
+                    format!("unknown protocol {other:?}, expected http or tcp"),
+                ))
+            }
+        };
+        let address: SocketAddr = raw.address.parse().map_err(|_| {
+            self.field_error(
+                span,
+                prefix,
+                "address",
+                format!("invalid address {:?}, expected IP:PORT", raw.address),
+            )
+        })?;
+        let max_connections = raw.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(self.field_error(span, prefix, "max_connections", "must be at least 1"));
+        }
+        let max_header_bytes = raw.max_header_bytes.unwrap_or(64 * 1024);
+        if max_header_bytes < 8192 {
+            return Err(self.field_error(span, prefix, "max_header_bytes", "must be at least 8192"));
+        }
+        Ok(ListenerConfig {
+            name: raw.name.clone(),
+            protocol,
+            address,
+            max_connections,
+            header_timeout: self.duration(&raw.header_timeout, Duration::from_secs(10), span, prefix, "header_timeout")?,
+            idle_timeout: self.duration(&raw.idle_timeout, Duration::from_secs(60), span, prefix, "idle_timeout")?,
+            max_header_bytes,
+            max_body_bytes: raw.max_body_bytes.unwrap_or(0),
+        })
+    }
+
+    fn build_pool(&self, raw: RawPool, span: &Range<usize>, prefix: &str) -> Result<Pool, ConfigError> {
+        let balance = match raw.balance.as_deref() {
+            None => Balance::RoundRobin,
+            Some(s) => Balance::parse(s).ok_or_else(|| {
+                self.field_error(
+                    span,
+                    prefix,
+                    "balance",
+                    format!("unknown balance {s:?}, expected round_robin, ordered or least_conn"),
+                )
+            })?,
+        };
+        let upstreams = raw
+            .upstreams
+            .into_iter()
+            .map(|u| match u {
+                RawUpstream::Address(address) => Upstream::new(address),
+                RawUpstream::Table { address, weight } => Upstream {
+                    weight: weight.unwrap_or(1),
+                    ..Upstream::new(address)
+                },
+            })
+            .collect();
+        let health = match raw.health {
+            None => None,
+            Some(h) => Some(HealthCheck {
+                path: h.path.unwrap_or_default(),
+                interval: self.duration(&h.interval, Duration::from_secs(5), span, prefix, "interval")?,
+                timeout: self.duration(&h.timeout, Duration::from_secs(2), span, prefix, "timeout")?,
+            }),
+        };
+        Ok(Pool {
+            name: raw.name,
+            source: Source::Declarative,
+            balance,
+            upstreams,
+            health,
+            connect_timeout: self.duration(
+                &raw.connect_timeout,
+                state::default_connect_timeout(),
+                span,
+                prefix,
+                "connect_timeout",
+            )?,
+            response_timeout: self.duration(
+                &raw.response_timeout,
+                state::default_response_timeout(),
+                span,
+                prefix,
+                "response_timeout",
+            )?,
+        })
+    }
+
+    fn build_route(&self, raw: RawRoute, span: &Range<usize>, prefix: &str) -> Result<Route, ConfigError> {
+        let path = match (raw.path_prefix, raw.path) {
+            (Some(_), Some(_)) => {
+                return Err(self.field_error(span, prefix, "path", "give either path or path_prefix, not both"))
+            }
+            (Some(p), None) => PathMatch::Prefix(p),
+            (None, Some(p)) => PathMatch::Exact(p),
+            (None, None) => PathMatch::Prefix("/".into()),
+        };
+        Ok(Route {
+            name: raw.name,
+            source: Source::Declarative,
+            listener: raw.listener,
+            host: raw.host,
+            path,
+            pool: raw.pool,
+            strip_prefix: raw.strip_prefix,
+            priority: raw.priority,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, "t.toml") {
+            Ok(_) => panic!("accepted an invalid config"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    const BASE: &str = r#"
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:8080"
+
+[[pools]]
+name = "v1"
+upstreams = ["127.0.0.1:9001"]
+"#;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::embedded_default().expect("valid");
+        assert_eq!(config.listeners.len(), 1);
+        assert!(config.declarative.is_empty());
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = format!(
+            "{BASE}\n[pools.health]\npath = \"/healthz\"\ninterval = \"2s\"\n\n[[routes]]\nname = \"docs\"\nlistener = \"web\"\nhost = \"example.com\"\npath_prefix = \"/docs\"\npool = \"v1\"\n"
+        );
+        let config = Config::parse(&text, "t.toml").expect("valid");
+        assert_eq!(config.declarative.len(), 2);
+        match &config.declarative[0] {
+            Change::CreatePool(p) => {
+                assert_eq!(p.health.as_ref().map(|h| h.interval), Some(Duration::from_secs(2)))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err("[server]\nstate_dir = \"x\"\nbogus = 1\n");
+        assert!(e.starts_with("t.toml:3: bogus: unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_address_names_line_and_field() {
+        let e = err("[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"nowhere\"\n");
+        assert!(e.starts_with("t.toml:4: listeners[0].address: invalid address"), "{e}");
+    }
+
+    #[test]
+    fn route_with_missing_pool_is_refused() {
+        let e = err(&format!(
+            "{BASE}\n[[routes]]\nname = \"r\"\nlistener = \"web\"\npool = \"nope\"\n"
+        ));
+        assert!(e.starts_with("t.toml:14: routes[0].pool: "), "{e}");
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_pool_name_is_refused() {
+        let e = err(&format!("{BASE}\n[[pools]]\nname = \"v1\"\n"));
+        assert!(e.starts_with("t.toml:12: pools[1].name: duplicate pool name"), "{e}");
+    }
+
+    #[test]
+    fn two_listeners_on_one_address_are_refused() {
+        let e = err(&format!(
+            "{BASE}\n[[listeners]]\nname = \"other\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:8080\"\n"
+        ));
+        assert!(e.starts_with("t.toml:14: listeners[1].address: another listener"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_refused() {
+        let e = err("[server]\nshutdown_timeout = \"soon\"\n");
+        assert!(e.starts_with("t.toml:2: server.shutdown_timeout: invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn tcp_listener_pool_must_exist() {
+        let e = err(&format!(
+            "{BASE}\n[[listeners]]\nname = \"redis\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:6380\"\npool = \"redis\"\n"
+        ));
+        assert!(e.starts_with("t.toml:15: listeners[1].pool: "), "{e}");
+    }
+}

@@ -1,0 +1,243 @@
+//! Proxy hygiene: request framing checks, hop-by-hop headers, forwarding headers.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Version;
+
+/// Headers that describe one connection, not the message, and are never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Refuses requests whose body length is ambiguous (request-smuggling defence).
+pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let has_te = headers.contains_key(header::TRANSFER_ENCODING);
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        if has_te {
+            return Err("both Content-Length and Transfer-Encoding");
+        }
+        let first = parse_length(first).ok_or("invalid Content-Length")?;
+        for other in lengths {
+            if parse_length(other) != Some(first) {
+                return Err("conflicting Content-Length headers");
+            }
+        }
+    }
+    if has_te {
+        // Only "chunked" as the final coding frames a request body.
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(|v| v.trim().to_ascii_lowercase());
+        if last.as_deref() != Some("chunked") {
+            return Err("Transfer-Encoding must end with chunked");
+        }
+    }
+    Ok(())
+}
+
+fn parse_length(value: &HeaderValue) -> Option<u64> {
+    let s = value.to_str().ok()?;
+    // Some clients repeat the value inside one header: "5, 5".
+    let mut parts = s.split(',').map(str::trim);
+    let first = parts.next()?;
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n = first.parse().ok()?;
+    parts.all(|p| p == first).then_some(n)
+}
+
+/// The declared request body length, if any (after [`check_framing`] passed).
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(parse_length)
+}
+
+/// Whether the request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers, including every header named by `Connection`. With
+/// `upgrade`, keeps `Upgrade` and sets `Connection: upgrade` so the tunnel can be set up.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
+/// and `X-Forwarded-Host`.
+pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, host: Option<&str>) {
+    let client_text = client.to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_text}"),
+        _ => client_text.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    let mut forwarded = match client {
+        IpAddr::V4(_) => format!("for={client_text}"),
+        IpAddr::V6(_) => format!("for=\"[{client_text}]\""),
+    };
+    if let Some(host) = host {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert("x-forwarded-host", v);
+        }
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
+    }
+    forwarded.push_str(";proto=");
+    forwarded.push_str(proto);
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {forwarded}"),
+        _ => forwarded,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// Appends this proxy to `Via` for a message received as `version`.
+pub fn add_via(headers: &mut HeaderMap, version: Version) {
+    let ours = match version {
+        Version::HTTP_09 => "0.9 proxyd",
+        Version::HTTP_10 => "1.0 proxyd",
+        Version::HTTP_2 => "2.0 proxyd",
+        Version::HTTP_3 => "3.0 proxyd",
+        _ => "1.1 proxyd",
+    };
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ours}"),
+        _ => ours.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+/// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header,
+/// lower-cased and without port.
+pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<String> {
+    let raw = match uri.host() {
+        Some(h) => h,
+        None => {
+            let value = headers.get(header::HOST)?.to_str().ok()?;
+            strip_port(value)
+        }
+    };
+    let raw = raw.trim_end_matches('.');
+    if raw.is_empty() {
+        return None;
+    }
+    Some(raw.to_ascii_lowercase())
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+        }
+        h
+    }
+
+    #[test]
+    fn framing() {
+        assert!(check_framing(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])).is_err());
+        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "6")])).is_err());
+        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[("content-length", "5, 6")])).is_err());
+        assert!(check_framing(&headers(&[("content-length", "+5")])).is_err());
+        assert!(check_framing(&headers(&[("transfer-encoding", "gzip")])).is_err());
+        assert!(check_framing(&headers(&[("transfer-encoding", "gzip, chunked")])).is_ok());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarding_headers_append() {
+        let mut h = headers(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.1 edge")]);
+        add_forwarding(&mut h, "127.0.0.1".parse().expect("ip"), "http", Some("example.com"));
+        add_via(&mut h, Version::HTTP_11);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(h["forwarded"], "for=127.0.0.1;host=\"example.com\";proto=http");
+        assert_eq!(h["via"], "1.1 edge, 1.1 proxyd");
+    }
+
+    #[test]
+    fn host_parsing() {
+        let uri: http::Uri = "/x".parse().expect("uri");
+        assert_eq!(request_host(&uri, &headers(&[("host", "Example.COM:8080")])).as_deref(), Some("example.com"));
+        assert_eq!(request_host(&uri, &headers(&[("host", "[::1]:80")])).as_deref(), Some("::1"));
+        assert_eq!(request_host(&uri, &headers(&[])), None);
+    }
+}

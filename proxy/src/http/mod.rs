@@ -1,0 +1,10 @@
+//! The HTTP proxy: hyper server (HTTP/1.1 and h2c), the request path, hygiene, bodies, and
+//! the access log.
+
+pub mod access_log;
+pub mod body;
+pub mod hygiene;
+mod proxy;
+mod server;
+
+pub use server::serve;

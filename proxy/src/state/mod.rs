@@ -1,0 +1,761 @@
+//! The desired state: model types, [`Change`], validation, and the single writer that
+//! persists batches to SQLite and publishes routing snapshots.
+//!
+//! Flow of a batch: [`StateHandle::apply`] sends it to the writer task, which validates it
+//! against a copy of the current state, writes it in one SQLite transaction, builds a new
+//! [`RoutingTable`] and swaps it in, and only then answers. Readers load the snapshot with
+//! one atomic pointer read and never touch SQLite.
+
+mod change;
+mod model;
+mod store;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub use change::{ApplyError, Change};
+pub use model::{
+    default_connect_timeout, default_response_timeout, Balance, HealthCheck, PathMatch, Pool,
+    Route, Source, TcpRoute, Upstream, UpstreamState,
+};
+pub use store::StoreError;
+
+use crate::config::Protocol;
+use crate::routing::RoutingTable;
+
+/// The whole desired state at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    listeners: BTreeMap<String, Protocol>,
+    pools: BTreeMap<String, Arc<Pool>>,
+    routes: BTreeMap<String, Arc<Route>>,
+    tcp_routes: BTreeMap<String, Arc<TcpRoute>>,
+}
+
+/// The API-owned (or declarative) objects as one document, for export and import.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Document {
+    /// Pools.
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+    /// HTTP routes.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// TCP routes.
+    #[serde(default)]
+    pub tcp_routes: Vec<TcpRoute>,
+}
+
+/// Checks an object name: 1-128 of `[A-Za-z0-9._-]`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 128 {
+        return Err("must be at most 128 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(format!(
+            "{name:?} may only contain letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an upstream address: `host:port` with a non-zero port.
+pub fn check_upstream_address(address: &str) -> Result<(), String> {
+    if address.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("{address:?} is not host:port"));
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(format!("{address:?} has no valid port")),
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if !host_ok {
+        return Err(format!("{address:?} has an invalid host"));
+    }
+    Ok(())
+}
+
+/// Checks and normalises a route host: `example.com`, `*.example.com`; lower-cased.
+fn normalise_host(host: &str) -> Result<String, String> {
+    let host = host.trim().to_ascii_lowercase();
+    let bare = host.strip_prefix("*.").unwrap_or(&host);
+    if bare.is_empty() || bare.len() > 253 {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    if bare.contains('*') {
+        return Err(format!(
+            "{host:?}: a wildcard is only allowed as a leading \"*.\""
+        ));
+    }
+    if !bare
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        || bare.starts_with('.')
+        || bare.ends_with('.')
+    {
+        return Err(format!("{host:?} is not a host name (no port, no scheme)"));
+    }
+    Ok(host)
+}
+
+fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
+    check_name(&pool.name).map_err(|r| ApplyError::invalid("pool.name", r))?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, u) in pool.upstreams.iter().enumerate() {
+        check_upstream(u).map_err(|e| e.within(&format!("pool.upstreams[{i}].")))?;
+        if !seen.insert(u.address.as_str()) {
+            return Err(ApplyError::invalid(
+                format!("pool.upstreams[{i}]"),
+                format!("duplicate upstream {:?}", u.address),
+            ));
+        }
+    }
+    if let Some(h) = &pool.health {
+        if h.interval.is_zero() {
+            return Err(ApplyError::invalid("pool.health.interval", "must be positive"));
+        }
+        if h.timeout.is_zero() {
+            return Err(ApplyError::invalid("pool.health.timeout", "must be positive"));
+        }
+        if !h.path.is_empty() && !h.path.starts_with('/') {
+            return Err(ApplyError::invalid("pool.health.path", "must start with '/'"));
+        }
+    }
+    if pool.connect_timeout.is_zero() {
+        return Err(ApplyError::invalid("pool.connect_timeout", "must be positive"));
+    }
+    if pool.response_timeout.is_zero() {
+        return Err(ApplyError::invalid("pool.response_timeout", "must be positive"));
+    }
+    Ok(())
+}
+
+fn check_upstream(u: &Upstream) -> Result<(), ApplyError> {
+    check_upstream_address(&u.address).map_err(|r| ApplyError::invalid("address", r))?;
+    if u.weight == 0 {
+        return Err(ApplyError::invalid("weight", "must be at least 1"));
+    }
+    Ok(())
+}
+
+impl State {
+    /// A state with no objects, for the given listeners.
+    pub fn empty(listeners: BTreeMap<String, Protocol>) -> State {
+        State {
+            listeners,
+            ..State::default()
+        }
+    }
+
+    /// All pools, by name.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.values().map(|p| p.as_ref())
+    }
+
+    /// The pool called `name`.
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.get(name).map(|p| p.as_ref())
+    }
+
+    /// All HTTP routes, by name.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values().map(|r| r.as_ref())
+    }
+
+    /// The HTTP route called `name`.
+    pub fn route(&self, name: &str) -> Option<&Route> {
+        self.routes.get(name).map(|r| r.as_ref())
+    }
+
+    /// All TCP routes, by name.
+    pub fn tcp_routes(&self) -> impl Iterator<Item = &TcpRoute> {
+        self.tcp_routes.values().map(|r| r.as_ref())
+    }
+
+    /// The TCP route called `name`.
+    pub fn tcp_route(&self, name: &str) -> Option<&TcpRoute> {
+        self.tcp_routes.get(name).map(|r| r.as_ref())
+    }
+
+    /// Listener names and protocols known to this state.
+    pub fn listeners(&self) -> &BTreeMap<String, Protocol> {
+        &self.listeners
+    }
+
+    /// The objects owned by `source`, as a document.
+    pub fn document(&self, source: Source) -> Document {
+        Document {
+            pools: self.pools().filter(|p| p.source == source).cloned().collect(),
+            routes: self.routes().filter(|r| r.source == source).cloned().collect(),
+            tcp_routes: self.tcp_routes().filter(|r| r.source == source).cloned().collect(),
+        }
+    }
+
+    /// The Changes that turn the objects owned by `source` into `target`: objects missing
+    /// from `target` are deleted, new ones created, differing ones updated. Deletions of
+    /// routes come before deletions of the pools they use, creations of pools before routes.
+    pub fn changes_to(&self, target: &Document, source: Source) -> Vec<Change> {
+        let current = self.document(source);
+        let mut out = Vec::new();
+        let tgt_routes: BTreeMap<&str, &Route> =
+            target.routes.iter().map(|r| (r.name.as_str(), r)).collect();
+        let tgt_tcp: BTreeMap<&str, &TcpRoute> =
+            target.tcp_routes.iter().map(|r| (r.name.as_str(), r)).collect();
+        let tgt_pools: BTreeMap<&str, &Pool> =
+            target.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+        for r in &current.routes {
+            if !tgt_routes.contains_key(r.name.as_str()) {
+                out.push(Change::DeleteRoute { name: r.name.clone() });
+            }
+        }
+        for r in &current.tcp_routes {
+            if !tgt_tcp.contains_key(r.name.as_str()) {
+                out.push(Change::DeleteTcpRoute { name: r.name.clone() });
+            }
+        }
+        for p in &target.pools {
+            let p = Pool { source, ..p.clone() };
+            match self.pool(&p.name) {
+                None => out.push(Change::CreatePool(p)),
+                Some(old) if *old != p => out.push(Change::UpdatePool(p)),
+                Some(_) => {}
+            }
+        }
+        for r in &target.routes {
+            let r = Route { source, ..r.clone() };
+            match self.route(&r.name) {
+                None => out.push(Change::CreateRoute(r)),
+                Some(old) if *old != r => out.push(Change::UpdateRoute(r)),
+                Some(_) => {}
+            }
+        }
+        for r in &target.tcp_routes {
+            let r = TcpRoute { source, ..r.clone() };
+            match self.tcp_route(&r.name) {
+                None => out.push(Change::CreateTcpRoute(r)),
+                Some(old) if *old != r => out.push(Change::UpdateTcpRoute(r)),
+                Some(_) => {}
+            }
+        }
+        for p in &current.pools {
+            if !tgt_pools.contains_key(p.name.as_str()) {
+                out.push(Change::DeletePool { name: p.name.clone() });
+            }
+        }
+        out
+    }
+
+    /// Validates a batch as `Source::Declarative` would apply it, without keeping the result.
+    /// On failure returns the index of the offending change.
+    pub fn check_batch(&self, changes: &[Change]) -> Result<(), (usize, ApplyError)> {
+        let mut copy = self.clone();
+        for (i, change) in changes.iter().enumerate() {
+            copy.apply_change(change.clone(), Source::Declarative)
+                .map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies a batch to this state in memory; on error the state may be partly changed,
+    /// so callers work on a copy.
+    pub(crate) fn apply_batch(&mut self, changes: &[Change], source: Source) -> Result<(), ApplyError> {
+        for (i, change) in changes.iter().enumerate() {
+            let prefix = if changes.len() > 1 {
+                format!("changes[{i}].")
+            } else {
+                String::new()
+            };
+            self.apply_change(change.clone(), source)
+                .map_err(|e| e.within(&prefix))?;
+        }
+        Ok(())
+    }
+
+    fn owned(&self, kind: &'static str, name: &str, owner: Source, source: Source) -> Result<(), ApplyError> {
+        if owner == Source::Declarative && source != Source::Declarative {
+            return Err(ApplyError::Declarative {
+                kind,
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn pool_for_edit(&self, name: &str, source: Source) -> Result<Pool, ApplyError> {
+        let pool = self.pools.get(name).ok_or_else(|| ApplyError::NotFound {
+            kind: "pool",
+            name: name.to_string(),
+        })?;
+        self.owned("pool", name, pool.source, source)?;
+        Ok(pool.as_ref().clone())
+    }
+
+    fn apply_change(&mut self, change: Change, source: Source) -> Result<(), ApplyError> {
+        match change {
+            Change::CreatePool(mut pool) => {
+                pool.source = source;
+                check_pool(&pool)?;
+                if self.pools.contains_key(&pool.name) {
+                    return Err(ApplyError::AlreadyExists { kind: "pool", name: pool.name });
+                }
+                self.pools.insert(pool.name.clone(), Arc::new(pool));
+            }
+            Change::UpdatePool(mut pool) => {
+                pool.source = source;
+                check_pool(&pool)?;
+                self.pool_for_edit(&pool.name, source)?;
+                self.pools.insert(pool.name.clone(), Arc::new(pool));
+            }
+            Change::DeletePool { name } => {
+                self.pool_for_edit(&name, source)?;
+                if let Some(r) = self.routes.values().find(|r| r.pool == name) {
+                    return Err(ApplyError::InUse { kind: "pool", name, user: format!("route {:?}", r.name) });
+                }
+                if let Some(r) = self.tcp_routes.values().find(|r| r.pool == name) {
+                    return Err(ApplyError::InUse { kind: "pool", name, user: format!("tcp route {:?}", r.name) });
+                }
+                self.pools.remove(&name);
+            }
+            Change::AddUpstream { pool, upstream } => {
+                check_upstream(&upstream).map_err(|e| e.within("upstream."))?;
+                let mut p = self.pool_for_edit(&pool, source)?;
+                if p.upstreams.iter().any(|u| u.address == upstream.address) {
+                    return Err(ApplyError::AlreadyExists { kind: "upstream", name: format!("{pool}/{}", upstream.address) });
+                }
+                p.upstreams.push(upstream);
+                self.pools.insert(pool, Arc::new(p));
+            }
+            Change::RemoveUpstream { pool, address } => {
+                let mut p = self.pool_for_edit(&pool, source)?;
+                let before = p.upstreams.len();
+                p.upstreams.retain(|u| u.address != address);
+                if p.upstreams.len() == before {
+                    return Err(ApplyError::NotFound { kind: "upstream", name: format!("{pool}/{address}") });
+                }
+                self.pools.insert(pool, Arc::new(p));
+            }
+            Change::SetUpstreamState { pool, address, state } => {
+                // Draining is operational, so it is allowed on declarative pools too.
+                let mut p = self
+                    .pools
+                    .get(&pool)
+                    .map(|p| p.as_ref().clone())
+                    .ok_or_else(|| ApplyError::NotFound { kind: "pool", name: pool.clone() })?;
+                let u = p
+                    .upstreams
+                    .iter_mut()
+                    .find(|u| u.address == address)
+                    .ok_or_else(|| ApplyError::NotFound { kind: "upstream", name: format!("{pool}/{address}") })?;
+                u.state = state;
+                self.pools.insert(pool, Arc::new(p));
+            }
+            Change::CreateRoute(route) => {
+                let route = self.check_route(route, source)?;
+                if self.routes.contains_key(&route.name) {
+                    return Err(ApplyError::AlreadyExists { kind: "route", name: route.name });
+                }
+                self.routes.insert(route.name.clone(), Arc::new(route));
+            }
+            Change::UpdateRoute(route) => {
+                let route = self.check_route(route, source)?;
+                let old = self.routes.get(&route.name).ok_or_else(|| ApplyError::NotFound {
+                    kind: "route",
+                    name: route.name.clone(),
+                })?;
+                self.owned("route", &route.name, old.source, source)?;
+                self.routes.insert(route.name.clone(), Arc::new(route));
+            }
+            Change::DeleteRoute { name } => {
+                let old = self.routes.get(&name).ok_or_else(|| ApplyError::NotFound { kind: "route", name: name.clone() })?;
+                self.owned("route", &name, old.source, source)?;
+                self.routes.remove(&name);
+            }
+            Change::CreateTcpRoute(route) => {
+                let route = self.check_tcp_route(route, source)?;
+                if self.tcp_routes.contains_key(&route.name) {
+                    return Err(ApplyError::AlreadyExists { kind: "tcp_route", name: route.name });
+                }
+                if let Some(other) = self.tcp_routes.values().find(|r| r.listener == route.listener) {
+                    return Err(ApplyError::invalid(
+                        "tcp_route.listener",
+                        format!("listener {:?} already has tcp route {:?}", route.listener, other.name),
+                    ));
+                }
+                self.tcp_routes.insert(route.name.clone(), Arc::new(route));
+            }
+            Change::UpdateTcpRoute(route) => {
+                let route = self.check_tcp_route(route, source)?;
+                let old = self.tcp_routes.get(&route.name).ok_or_else(|| ApplyError::NotFound {
+                    kind: "tcp_route",
+                    name: route.name.clone(),
+                })?;
+                self.owned("tcp_route", &route.name, old.source, source)?;
+                if let Some(other) = self
+                    .tcp_routes
+                    .values()
+                    .find(|r| r.listener == route.listener && r.name != route.name)
+                {
+                    return Err(ApplyError::invalid(
+                        "tcp_route.listener",
+                        format!("listener {:?} already has tcp route {:?}", route.listener, other.name),
+                    ));
+                }
+                self.tcp_routes.insert(route.name.clone(), Arc::new(route));
+            }
+            Change::DeleteTcpRoute { name } => {
+                let old = self.tcp_routes.get(&name).ok_or_else(|| ApplyError::NotFound {
+                    kind: "tcp_route",
+                    name: name.clone(),
+                })?;
+                self.owned("tcp_route", &name, old.source, source)?;
+                self.tcp_routes.remove(&name);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_route(&self, mut route: Route, source: Source) -> Result<Route, ApplyError> {
+        route.source = source;
+        check_name(&route.name).map_err(|r| ApplyError::invalid("route.name", r))?;
+        match self.listeners.get(&route.listener) {
+            Some(Protocol::Http) => {}
+            Some(other) => {
+                return Err(ApplyError::invalid(
+                    "route.listener",
+                    format!("listener {:?} is {}, routes need an http listener", route.listener, other.as_str()),
+                ))
+            }
+            None => {
+                return Err(ApplyError::invalid(
+                    "route.listener",
+                    format!("no listener named {:?}", route.listener),
+                ))
+            }
+        }
+        if let Some(host) = &route.host {
+            route.host = Some(normalise_host(host).map_err(|r| ApplyError::invalid("route.host", r))?);
+        }
+        let path = route.path.as_str();
+        if !path.starts_with('/') {
+            return Err(ApplyError::invalid("route.path", format!("{path:?} must start with '/'")));
+        }
+        if path.len() > 1024 || path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
+            return Err(ApplyError::invalid(
+                "route.path",
+                format!("{path:?} must be a plain path (no spaces, '?' or '#', at most 1024 bytes)"),
+            ));
+        }
+        if route.strip_prefix && matches!(route.path, PathMatch::Exact(_)) {
+            return Err(ApplyError::invalid("route.strip_prefix", "only applies to path_prefix routes"));
+        }
+        if !self.pools.contains_key(&route.pool) {
+            return Err(ApplyError::invalid("route.pool", format!("no pool named {:?}", route.pool)));
+        }
+        Ok(route)
+    }
+
+    fn check_tcp_route(&self, mut route: TcpRoute, source: Source) -> Result<TcpRoute, ApplyError> {
+        route.source = source;
+        check_name(&route.name).map_err(|r| ApplyError::invalid("tcp_route.name", r))?;
+        match self.listeners.get(&route.listener) {
+            Some(Protocol::Tcp) => {}
+            Some(other) => {
+                return Err(ApplyError::invalid(
+                    "tcp_route.listener",
+                    format!("listener {:?} is {}, tcp routes need a tcp listener", route.listener, other.as_str()),
+                ))
+            }
+            None => {
+                return Err(ApplyError::invalid(
+                    "tcp_route.listener",
+                    format!("no listener named {:?}", route.listener),
+                ))
+            }
+        }
+        if !self.pools.contains_key(&route.pool) {
+            return Err(ApplyError::invalid("tcp_route.pool", format!("no pool named {:?}", route.pool)));
+        }
+        Ok(route)
+    }
+}
+
+/// What readers see: the state and its compiled routing table at one revision.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Increases by one per committed batch.
+    pub revision: u64,
+    /// The desired state.
+    pub state: State,
+    /// The compiled routing table for `state`.
+    pub routing: Arc<RoutingTable>,
+}
+
+enum Request {
+    Apply {
+        changes: Vec<Change>,
+        source: Source,
+        reply: oneshot::Sender<Result<u64, ApplyError>>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A cheap, cloneable handle to the state: read snapshots, apply batches.
+#[derive(Clone)]
+pub struct StateHandle {
+    tx: mpsc::Sender<Request>,
+    current: Arc<ArcSwap<Snapshot>>,
+}
+
+impl std::fmt::Debug for StateHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateHandle")
+            .field("revision", &self.current.load().revision)
+            .finish()
+    }
+}
+
+/// The SQLite file inside a state directory.
+pub fn database_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("proxy.db")
+}
+
+impl StateHandle {
+    /// Opens (or creates) the store in `state_dir`, reconciles the declarative objects with
+    /// `declarative`, and starts the writer. `listeners` are the listeners routes may name.
+    pub fn open(
+        state_dir: &Path,
+        listeners: BTreeMap<String, Protocol>,
+        declarative: &[Change],
+    ) -> Result<StateHandle, StoreError> {
+        std::fs::create_dir_all(state_dir).map_err(|e| StoreError::Io(state_dir.display().to_string(), e))?;
+        let mut store = store::Store::open(&database_path(state_dir))?;
+        let (mut state, mut revision) = store.load(listeners)?;
+
+        // Reconcile the config file: its objects become exactly `declarative`.
+        let mut target = State::empty(state.listeners.clone());
+        target
+            .apply_batch(declarative, Source::Declarative)
+            .map_err(StoreError::Reconcile)?;
+        let changes = state.changes_to(&target.document(Source::Declarative), Source::Declarative);
+        if !changes.is_empty() {
+            let mut next = state.clone();
+            next.apply_batch(&changes, Source::Declarative).map_err(StoreError::Reconcile)?;
+            revision = store.commit(&state, &next, revision)?;
+            state = next;
+        }
+
+        let routing = Arc::new(RoutingTable::build(&state, None));
+        let current = Arc::new(ArcSwap::from_pointee(Snapshot { revision, state, routing }));
+        let (tx, rx) = mpsc::channel(256);
+        let writer_current = current.clone();
+        std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || writer(store, rx, writer_current))
+            .map_err(|e| StoreError::Io("state writer thread".into(), e))?;
+        Ok(StateHandle { tx, current })
+    }
+
+    /// The current snapshot (one atomic load; never blocks).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The current routing table.
+    pub fn routing(&self) -> Arc<RoutingTable> {
+        self.current.load().routing.clone()
+    }
+
+    /// Applies a batch atomically: all of it is validated, committed and published, or none.
+    /// Returns the new revision (unchanged if the batch was empty).
+    pub async fn apply(&self, changes: Vec<Change>, source: Source) -> Result<u64, ApplyError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Apply { changes, source, reply })
+            .await
+            .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?
+    }
+
+    /// Stops taking writes and closes the database (for a handoff or shutdown). Later
+    /// `apply` calls fail with `Unavailable`.
+    pub async fn close(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Request::Close { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn writer(mut store: store::Store, mut rx: mpsc::Receiver<Request>, current: Arc<ArcSwap<Snapshot>>) {
+    while let Some(request) = rx.blocking_recv() {
+        match request {
+            Request::Apply { changes, source, reply } => {
+                let _ = reply.send(apply_one(&mut store, &current, &changes, source));
+            }
+            Request::Close { reply } => {
+                drop(store);
+                let _ = reply.send(());
+                // Refuse everything still queued or sent later.
+                rx.close();
+                while let Some(request) = rx.blocking_recv() {
+                    match request {
+                        Request::Apply { reply, .. } => {
+                            let _ = reply.send(Err(ApplyError::Unavailable(
+                                "the state store is closed (shutting down or handed over)".into(),
+                            )));
+                        }
+                        Request::Close { reply } => {
+                            let _ = reply.send(());
+                        }
+                    }
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn apply_one(
+    store: &mut store::Store,
+    current: &ArcSwap<Snapshot>,
+    changes: &[Change],
+    source: Source,
+) -> Result<u64, ApplyError> {
+    let snap = current.load_full();
+    if changes.is_empty() {
+        return Ok(snap.revision);
+    }
+    let mut next = snap.state.clone();
+    next.apply_batch(changes, source)?;
+    let revision = store
+        .commit(&snap.state, &next, snap.revision)
+        .map_err(|e| ApplyError::Store(e.to_string()))?;
+    let routing = Arc::new(RoutingTable::build(&next, Some(&snap.routing)));
+    current.store(Arc::new(Snapshot { revision, state: next, routing }));
+    Ok(revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listeners() -> BTreeMap<String, Protocol> {
+        [("web".to_string(), Protocol::Http), ("db".to_string(), Protocol::Tcp)].into()
+    }
+
+    fn pool(name: &str) -> Pool {
+        Pool {
+            name: name.into(),
+            source: Source::Api,
+            balance: Balance::RoundRobin,
+            upstreams: vec![Upstream::new("127.0.0.1:9001")],
+            health: None,
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+        }
+    }
+
+    fn route(name: &str, pool: &str) -> Route {
+        Route {
+            name: name.into(),
+            source: Source::Api,
+            listener: "web".into(),
+            host: Some("Example.COM".into()),
+            path: PathMatch::Prefix("/docs".into()),
+            pool: pool.into(),
+            strip_prefix: false,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn batch_applies_in_order_and_normalises_hosts() {
+        let mut s = State::empty(listeners());
+        s.apply_batch(&[Change::CreatePool(pool("v1")), Change::CreateRoute(route("r", "v1"))], Source::Api)
+            .expect("valid");
+        assert_eq!(s.route("r").and_then(|r| r.host.as_deref()), Some("example.com"));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_change() {
+        let mut s = State::empty(listeners());
+        let e = s
+            .apply_batch(&[Change::CreatePool(pool("v1")), Change::CreateRoute(route("r", "v2"))], Source::Api)
+            .expect_err("missing pool");
+        assert_eq!(e, ApplyError::invalid("changes[1].route.pool", "no pool named \"v2\""));
+    }
+
+    #[test]
+    fn api_cannot_touch_declarative_objects() {
+        let mut s = State::empty(listeners());
+        s.apply_batch(&[Change::CreatePool(pool("v1"))], Source::Declarative).expect("valid");
+        let e = s.apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api).expect_err("owned");
+        assert!(matches!(e, ApplyError::Declarative { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn pool_in_use_cannot_be_deleted() {
+        let mut s = State::empty(listeners());
+        s.apply_batch(&[Change::CreatePool(pool("v1")), Change::CreateRoute(route("r", "v1"))], Source::Api)
+            .expect("valid");
+        let e = s.apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api).expect_err("in use");
+        assert!(matches!(e, ApplyError::InUse { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn changes_to_round_trips() {
+        // Replaying the generated changes onto an empty state rebuilds an equal document.
+        let mut s = State::empty(listeners());
+        s.apply_batch(
+            &[
+                Change::CreatePool(pool("v1")),
+                Change::CreatePool(pool("v2")),
+                Change::CreateRoute(route("a", "v1")),
+                Change::CreateRoute(route("b", "v2")),
+                Change::CreateTcpRoute(TcpRoute { name: "t".into(), source: Source::Api, listener: "db".into(), pool: "v1".into() }),
+            ],
+            Source::Api,
+        )
+        .expect("valid");
+        let doc = s.document(Source::Api);
+        let empty = State::empty(listeners());
+        let mut rebuilt = empty.clone();
+        rebuilt.apply_batch(&empty.changes_to(&doc, Source::Api), Source::Api).expect("replay");
+        assert_eq!(rebuilt.document(Source::Api), doc);
+        // And going back to an empty document deletes everything, routes before pools.
+        let mut emptied = s.clone();
+        emptied.apply_batch(&s.changes_to(&Document::default(), Source::Api), Source::Api).expect("delete all");
+        assert_eq!(emptied.document(Source::Api), Document::default());
+    }
+
+    #[test]
+    fn bad_upstream_addresses_are_refused() {
+        for bad in ["", "127.0.0.1", "host:0", "host:x", "a b:80", "http://x:80"] {
+            assert!(check_upstream_address(bad).is_err(), "{bad}");
+        }
+        for good in ["127.0.0.1:80", "[::1]:8080", "backend.internal:9000"] {
+            assert!(check_upstream_address(good).is_ok(), "{good}");
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The desired-state objects: pools, HTTP routes and TCP routes.
+//!
+//! These are plain data. They are validated by [`super::apply`], persisted by
+//! [`super::store`] and compiled into a [`crate::routing::RoutingTable`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Who owns an object: the config file or the management API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Defined in the config file; reconciled at start-up, read-only through the API.
+    Declarative,
+    /// Created through the management API; survives restarts.
+    #[default]
+    Api,
+}
+
+impl Source {
+    /// The name used in the store and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Declarative => "declarative",
+            Source::Api => "api",
+        }
+    }
+}
+
+/// How a pool picks an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each request or connection goes to the next upstream in turn.
+    #[default]
+    RoundRobin,
+    /// Always the first usable upstream; the next one only when it fails.
+    Ordered,
+    /// The upstream with the fewest requests or connections in flight.
+    LeastConn,
+}
+
+impl Balance {
+    /// The name used in config files and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::Ordered => "ordered",
+            Balance::LeastConn => "least_conn",
+        }
+    }
+
+    /// Parses the config/API name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "round_robin" => Some(Balance::RoundRobin),
+            "ordered" => Some(Balance::Ordered),
+            "least_conn" => Some(Balance::LeastConn),
+            _ => None,
+        }
+    }
+}
+
+/// Whether an upstream takes new work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamState {
+    /// Takes new requests (subject to health).
+    #[default]
+    Active,
+    /// Finishes what it has but gets nothing new.
+    Draining,
+}
+
+/// One backend address of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    /// `host:port` (IP or name) the proxy dials.
+    pub address: String,
+    /// Relative share for balancing; at least 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Administrative state.
+    #[serde(default)]
+    pub state: UpstreamState,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Upstream {
+    /// An active upstream of weight 1.
+    pub fn new(address: impl Into<String>) -> Self {
+        Upstream {
+            address: address.into(),
+            weight: 1,
+            state: UpstreamState::Active,
+        }
+    }
+}
+
+/// Active health check of a pool's upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// HTTP path requested with GET; a 2xx or 3xx answer is healthy. Empty: TCP connect only.
+    pub path: String,
+    /// Time between checks.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// Time allowed for one check.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+}
+
+/// A named set of upstreams with a balancing policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// Unique name.
+    pub name: String,
+    /// Owner.
+    #[serde(default)]
+    pub source: Source,
+    /// Balancing policy.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Static upstreams.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    /// Optional active health check.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
+    /// Time allowed to open a connection to an upstream.
+    #[serde(with = "duration_ms", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Time allowed for an upstream to start its response (HTTP) after the request was sent.
+    #[serde(with = "duration_ms", default = "default_response_timeout")]
+    pub response_timeout: Duration,
+}
+
+/// Default upstream connect timeout.
+pub fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Default time to first response byte.
+pub fn default_response_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// How a route matches the request path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    /// The path starts with this string (byte-wise, like nginx `location /p`).
+    Prefix(String),
+    /// The path (without query) equals this string.
+    Exact(String),
+}
+
+impl PathMatch {
+    /// The pattern text.
+    pub fn as_str(&self) -> &str {
+        match self {
+            PathMatch::Prefix(p) | PathMatch::Exact(p) => p,
+        }
+    }
+}
+
+/// An HTTP routing rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// Unique name.
+    pub name: String,
+    /// Owner.
+    #[serde(default)]
+    pub source: Source,
+    /// The HTTP listener it applies to.
+    pub listener: String,
+    /// `example.com`, `*.example.com`, or `None` for any host. Stored lower-case.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path condition.
+    pub path: PathMatch,
+    /// Pool that serves matching requests.
+    pub pool: String,
+    /// Remove the matched prefix from the forwarded path.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Higher wins among routes with the same host and path.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// An L4 rule: connections accepted on `listener` go to `pool`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpRoute {
+    /// Unique name.
+    pub name: String,
+    /// Owner.
+    #[serde(default)]
+    pub source: Source,
+    /// The TCP listener it applies to.
+    pub listener: String,
+    /// Pool that receives the connections.
+    pub pool: String,
+}
+
+/// Durations are stored as integer milliseconds so the JSON form is stable.
+pub(crate) mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
