@@ -137,19 +137,17 @@ timeout --kill-after=15 "$run_timeout" \
   --bind-ro="$payload:/payload" --bind="$results:/results" \
   -- proxy.test=1 systemd.show_status=false >"$results/console.txt" 2>&1 || rc=$?
 
-# The console carries the boot noise too; the harness lines are what matter.
-grep -E '^(PASS|FAIL|RESULT|harness:|---- )' "$results/console.txt" || true
+# The console carries the boot noise too; the scenarios' own output is in harness.log.
+log=$results/harness.log
+[ -e "$log" ] && cat "$log"
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-  echo "FAIL run.sh: the container run exceeded ${run_timeout}s"
+  echo "FAIL run.sh: the container run exceeded ${run_timeout}s; console tail:"
   tail -n 40 "$results/console.txt"
-fi
-if ! grep -q '^RESULT: ' "$results/console.txt"; then
+elif ! grep -q '^RESULT: ' "$log" 2>/dev/null; then
   echo "FAIL run.sh: the scenarios did not finish (exit $rc); console tail:"
   tail -n 40 "$results/console.txt"
-  [ "$rc" = 0 ] && rc=1
-elif grep -q '^RESULT: FAIL' "$results/console.txt"; then
-  grep -A 80 '^---- last lines' "$results/console.txt" | tail -n +2 || true
 fi
+[ "$rc" = 0 ] && ! grep -q '^RESULT: PASS' "$log" 2>/dev/null && rc=1
 if [ "$rc" != 0 ]; then
   keep=1
   say "exit $rc; logs in $results"
