@@ -81,6 +81,10 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Unix socket of the management API.
     pub mgmt_socket: PathBuf,
+    /// Optional TCP address of the management API (requires `mgmt_token_file`).
+    pub mgmt_listen: Option<SocketAddr>,
+    /// File holding the bearer token the TCP management listener requires.
+    pub mgmt_token_file: Option<PathBuf>,
     /// Address of the admin HTTP listener (`/healthz`, `/readyz`); `None` disables it.
     pub admin_listen: Option<SocketAddr>,
     /// How long in-flight work may take after SIGTERM.
@@ -179,6 +183,8 @@ struct RawConfig {
 struct RawServer {
     state_dir: Option<String>,
     mgmt_socket: Option<String>,
+    mgmt_listen: Option<String>,
+    mgmt_token_file: Option<String>,
     admin_listen: Option<String>,
     shutdown_timeout: Option<String>,
     log_level: Option<String>,
@@ -356,7 +362,8 @@ impl Doc<'_> {
             if !names.insert(listener.name.clone()) {
                 return Err(self.field_error(&span, &prefix, "name", "duplicate listener name"));
             }
-            if !addresses.insert(listener.address) {
+            // Port 0 asks the OS for a free port, so several such listeners never collide.
+            if listener.address.port() != 0 && !addresses.insert(listener.address) {
                 return Err(self.field_error(
                     &span,
                     &prefix,
@@ -475,6 +482,21 @@ impl Doc<'_> {
             .mgmt_socket
             .map(PathBuf::from)
             .unwrap_or_else(|| state_dir.join("mgmt.sock"));
+        let mgmt_listen = match raw.mgmt_listen.as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(s.parse().map_err(|_| {
+                self.field_error(&span, prefix, "mgmt_listen", format!("invalid address {s:?}, expected IP:PORT"))
+            })?),
+        };
+        let mgmt_token_file = raw.mgmt_token_file.filter(|f| !f.is_empty()).map(PathBuf::from);
+        if mgmt_listen.is_some() && mgmt_token_file.is_none() {
+            return Err(self.field_error(
+                &span,
+                prefix,
+                "mgmt_listen",
+                "requires mgmt_token_file (the TCP management listener only takes bearer-token calls)",
+            ));
+        }
         let admin_listen = match raw.admin_listen.as_deref() {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 42008))),
             Some("") => None,
@@ -496,6 +518,8 @@ impl Doc<'_> {
         Ok(ServerConfig {
             state_dir,
             mgmt_socket,
+            mgmt_listen,
+            mgmt_token_file,
             admin_listen,
             shutdown_timeout,
             log_level,

@@ -19,6 +19,7 @@
 pub mod config;
 pub mod http;
 pub mod listener;
+pub mod mgmt;
 pub mod routing;
 pub mod shutdown;
 pub mod state;
@@ -52,6 +53,9 @@ pub enum StartError {
         /// What failed.
         source: state::StoreError,
     },
+    /// The management API could not start.
+    #[error(transparent)]
+    Mgmt(#[from] mgmt::MgmtError),
     /// Another socket-level failure.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
@@ -64,6 +68,7 @@ pub struct Daemon {
     shutdown: Shutdown,
     addresses: BTreeMap<String, SocketAddr>,
     admin_address: Option<SocketAddr>,
+    mgmt_address: Option<SocketAddr>,
 }
 
 impl Daemon {
@@ -78,6 +83,9 @@ impl Daemon {
         config: Config,
         mut sockets: BTreeMap<String, std::net::TcpListener>,
     ) -> Result<Daemon, StartError> {
+        let started = std::time::Instant::now();
+        // First, so a second daemon on the same socket fails before touching the store.
+        let mgmt_sockets = mgmt::Sockets::bind(&config.server)?;
         let state = StateHandle::open(
             &config.server.state_dir,
             config.listener_protocols(),
@@ -122,7 +130,16 @@ impl Daemon {
             None => None,
         };
         tokio::spawn(upstream::health::run(state.clone(), shutdown.clone()));
-        Ok(Daemon { config, state, shutdown, addresses, admin_address })
+        let mgmt_address = mgmt_sockets.tcp_address();
+        let mgmt_context = mgmt::Context {
+            state: state.clone(),
+            shutdown: shutdown.clone(),
+            started,
+            listeners: mgmt::ListenerInfo::all(&config, &addresses),
+            config_path: config.path.clone(),
+        };
+        mgmt::spawn(mgmt_sockets, mgmt_context, shutdown.clone()).await?;
+        Ok(Daemon { config, state, shutdown, addresses, admin_address, mgmt_address })
     }
 
     /// The bound address of the listener called `name`.
@@ -133,6 +150,11 @@ impl Daemon {
     /// The bound admin address.
     pub fn admin_address(&self) -> Option<SocketAddr> {
         self.admin_address
+    }
+
+    /// The bound address of the management API's TCP listener.
+    pub fn mgmt_address(&self) -> Option<SocketAddr> {
+        self.mgmt_address
     }
 
     /// The state handle (read snapshots, apply changes).

@@ -22,6 +22,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body exceeds {0} bytes")]
 pub struct BodyTooLarge(pub u64);
 
+/// Reading the client's request body failed (bad chunking, client went away).
+#[derive(Debug, Error)]
+#[error("client request body: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
 /// The body sent upstream: the client's body streamed through, or nothing.
 #[derive(Debug, Default)]
 pub struct RequestBody {
@@ -62,7 +67,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -121,6 +126,9 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, complete: bool) {
+        // hyper stops polling once `is_end_stream` is true, so a body that was read to its
+        // end may be dropped without ever returning `None`.
+        let complete = complete || self.is_end_stream();
         if let Some(reuse) = self.reuse.take() {
             if complete {
                 reuse.in_flight.upstream().put_idle(reuse.sender);

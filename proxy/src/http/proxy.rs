@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::access_log::{AccessLog, ErrorSource};
-use super::body::{BodyTooLarge, RequestBody, ResponseBody, Reuse};
+use super::body::{BodyTooLarge, ClientBodyError, RequestBody, ResponseBody, Reuse};
 use super::hygiene;
 use crate::config::ListenerConfig;
 use crate::routing::RouteEntry;
@@ -26,6 +26,7 @@ pub(crate) struct ConnContext {
     pub state: StateHandle,
     pub shutdown: Shutdown,
     pub client: SocketAddr,
+    pub verdicts: super::framing::Verdicts,
 }
 
 /// A failed request: status for the client, who failed, and the detail for the log.
@@ -134,6 +135,13 @@ async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLo
 
 /// Step 1: refuse what cannot be forwarded safely.
 fn check_request(ctx: &ConnContext, req: &Request<Incoming>) -> Result<(), Failure> {
+    if req.version() != Version::HTTP_2 && ctx.verdicts.next_is_ambiguous() {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorSource::Downstream,
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
     hygiene::check_framing(req.headers()).map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
     if req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST) && req.uri().host().is_none() {
         return Err(Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, "HTTP/1.1 request without Host"));
@@ -293,6 +301,9 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
     while let Some(e) = source {
         if e.is::<BodyTooLarge>() {
             return Failure::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorSource::Downstream, e.to_string());
+        }
+        if e.is::<ClientBodyError>() {
+            return Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, e.to_string());
         }
         source = e.source();
     }

@@ -8,6 +8,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::framing::{FramingScan, Verdicts};
 use super::proxy::{handle, ConnContext};
 use crate::config::ListenerConfig;
 use crate::listener::IdleTimeout;
@@ -48,13 +49,20 @@ pub async fn serve(listener: TcpListener, config: Arc<ListenerConfig>, state: St
             _ = shutdown.triggered() => return,
         };
         let _ = stream.set_nodelay(true);
-        let ctx = Arc::new(ConnContext { listener: config.clone(), state: state.clone(), shutdown: shutdown.clone(), client });
+        let verdicts = Verdicts::default();
+        let ctx = Arc::new(ConnContext {
+            listener: config.clone(),
+            state: state.clone(),
+            shutdown: shutdown.clone(),
+            client,
+            verdicts: verdicts.clone(),
+        });
         let builder = builder.clone();
         let conn_shutdown = shutdown.clone();
         let idle = config.idle_timeout;
         shutdown.spawn(async move {
             let _permit = permit;
-            let io = TokioIo::new(IdleTimeout::new(stream, idle));
+            let io = TokioIo::new(IdleTimeout::new(FramingScan::new(stream, verdicts), idle));
             let service = service_fn(move |req| handle(ctx.clone(), req));
             let conn = builder.serve_connection_with_upgrades(io, service);
             tokio::pin!(conn);

@@ -1,0 +1,210 @@
+//! `proxy.v1.AdminService`: status, atomic batches, export/import, config reload.
+
+use std::sync::Arc;
+
+use proxy_proto::v1 as pb;
+use proxy_proto::v1::admin_service_server::AdminService;
+use tonic::{Request, Response, Status};
+
+use super::{convert, error, Context};
+use crate::config::Config;
+use crate::state::{Change, Source, State};
+
+/// The AdminService implementation.
+#[derive(Clone)]
+pub struct AdminApi {
+    ctx: Arc<Context>,
+}
+
+impl AdminApi {
+    /// A service over `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        AdminApi { ctx }
+    }
+}
+
+/// How many objects a list of changes creates, replaces and deletes.
+#[derive(Default)]
+struct Tally {
+    created: u64,
+    updated: u64,
+    deleted: u64,
+}
+
+impl Tally {
+    fn of(changes: &[Change]) -> Tally {
+        let mut t = Tally::default();
+        for c in changes {
+            match c {
+                Change::CreatePool(_) | Change::CreateRoute(_) | Change::CreateTcpRoute(_) => {
+                    t.created += 1
+                }
+                Change::DeletePool { .. } | Change::DeleteRoute { .. } | Change::DeleteTcpRoute { .. } => {
+                    t.deleted += 1
+                }
+                _ => t.updated += 1,
+            }
+        }
+        t
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let snap = self.ctx.state.snapshot();
+        let state = &snap.state;
+        let pools = state.pools().count() as u64;
+        let routes = state.routes().count() as u64;
+        let tcp_routes = state.tcp_routes().count() as u64;
+        let api_objects = crate::api_object_count(state) as u64;
+        let counts = pb::ObjectCounts {
+            pools,
+            upstreams: state.pools().map(|p| p.upstreams.len() as u64).sum(),
+            routes,
+            tcp_routes,
+            api_objects,
+            declarative_objects: (pools + routes + tcp_routes).saturating_sub(api_objects),
+        };
+        let listeners = self
+            .ctx
+            .listeners
+            .iter()
+            .map(|l| pb::Listener {
+                name: l.name.clone(),
+                address: l.bound.to_string(),
+                protocol: l.protocol.as_str().to_owned(),
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_seconds: self.ctx.started.elapsed().as_secs(),
+            listeners,
+            counts: Some(counts),
+            revision: snap.revision,
+            draining: self.ctx.shutdown.is_triggered(),
+        }))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let changes = request
+            .into_inner()
+            .changes
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| convert::change(c, &format!("changes[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let applied = changes.len() as u64;
+        let revision = self.ctx.apply(changes).await?;
+        Ok(Response::new(pb::ApplyResponse { revision, applied }))
+    }
+
+    async fn export(
+        &self,
+        _request: Request<pb::ExportRequest>,
+    ) -> Result<Response<pb::ExportResponse>, Status> {
+        let snap = self.ctx.state.snapshot();
+        let doc = snap.state.document(Source::Api);
+        let state = pb::StateDocument {
+            pools: doc.pools.iter().map(|p| convert::pool_proto(p, None)).collect(),
+            routes: doc.routes.iter().map(convert::route_proto).collect(),
+            tcp_routes: doc.tcp_routes.iter().map(convert::tcp_route_proto).collect(),
+        };
+        Ok(Response::new(pb::ExportResponse {
+            state: Some(state),
+            revision: snap.revision,
+        }))
+    }
+
+    async fn import(
+        &self,
+        request: Request<pb::ImportRequest>,
+    ) -> Result<Response<pb::ImportResponse>, Status> {
+        let req = request.into_inner();
+        let target = convert::document(convert::required(req.state, "state")?)?;
+        let snap = self.ctx.state.snapshot();
+        let changes = snap.state.changes_to(&target, Source::Api);
+        let tally = Tally::of(&changes);
+        let revision = if req.dry_run {
+            // Validate exactly as apply would, on a copy.
+            let mut next = snap.state.clone();
+            next.apply_batch(&changes, Source::Api).map_err(error::status)?;
+            snap.revision
+        } else {
+            self.ctx.apply(changes).await?
+        };
+        Ok(Response::new(pb::ImportResponse {
+            revision,
+            created: tally.created,
+            updated: tally.updated,
+            deleted: tally.deleted,
+        }))
+    }
+
+    async fn reload_config(
+        &self,
+        _request: Request<pb::ReloadConfigRequest>,
+    ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
+        let Some(path) = &self.ctx.config_path else {
+            return Err(Status::failed_precondition(
+                "proxyd runs its embedded default config; there is no file to re-read",
+            ));
+        };
+        let config = Config::load(path).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        if !self.ctx.same_listeners(&config) {
+            return Err(Status::failed_precondition(format!(
+                "{}: the listeners changed; listener changes take effect with an upgrade or a restart",
+                path.display()
+            )));
+        }
+        let snap = self.ctx.state.snapshot();
+        let mut target = State::empty(snap.state.listeners().clone());
+        target
+            .apply_batch(&config.declarative, Source::Declarative)
+            .map_err(|e| Status::failed_precondition(format!("{}: {e}", path.display())))?;
+        let changes = snap
+            .state
+            .changes_to(&target.document(Source::Declarative), Source::Declarative);
+        let tally = Tally::of(&changes);
+        let revision = self.ctx.apply_as(changes, Source::Declarative).await?;
+        tracing::info!(
+            file = %path.display(),
+            revision,
+            created = tally.created,
+            updated = tally.updated,
+            deleted = tally.deleted,
+            "config file reloaded"
+        );
+        Ok(Response::new(pb::ReloadConfigResponse {
+            revision,
+            created: tally.created,
+            updated: tally.updated,
+            deleted: tally.deleted,
+        }))
+    }
+
+    async fn upgrade(
+        &self,
+        _request: Request<pb::UpgradeRequest>,
+    ) -> Result<Response<pb::UpgradeResponse>, Status> {
+        Err(Status::unimplemented(
+            "zero-downtime upgrade is not available in this proxyd yet; restart the service to run a new binary",
+        ))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        Err(Status::unimplemented(
+            "draining through the API is not available in this proxyd yet; send SIGTERM to drain and stop",
+        ))
+    }
+}

@@ -1,0 +1,311 @@
+//! Protobuf messages <-> state model. Conversion checks what only the wire form can get
+//! wrong (missing messages, unknown enum numbers, a missing `oneof`); everything else is
+//! validated once, by `state::apply`.
+
+use std::time::Duration;
+
+use proxy_proto::v1 as pb;
+use tonic::Status;
+
+use crate::routing::RoutingTable;
+use crate::state::{
+    default_connect_timeout, default_response_timeout, Balance, Change, Document, HealthCheck,
+    PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamState,
+};
+
+/// An INVALID_ARGUMENT status naming `field`.
+pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+/// The message in an optional field, or INVALID_ARGUMENT naming it.
+pub fn required<T>(value: Option<T>, field: &str) -> Result<T, Status> {
+    value.ok_or_else(|| invalid(field, "required"))
+}
+
+fn balance(value: i32, field: &str) -> Result<Balance, Status> {
+    match pb::Balance::try_from(value) {
+        Ok(pb::Balance::Unspecified | pb::Balance::RoundRobin) => Ok(Balance::RoundRobin),
+        Ok(pb::Balance::Ordered) => Ok(Balance::Ordered),
+        Ok(pb::Balance::LeastConn) => Ok(Balance::LeastConn),
+        Err(_) => Err(invalid(field, format!("unknown balance {value}"))),
+    }
+}
+
+fn upstream_state(value: i32, field: &str) -> Result<UpstreamState, Status> {
+    match pb::UpstreamState::try_from(value) {
+        Ok(pb::UpstreamState::Unspecified | pb::UpstreamState::Active) => Ok(UpstreamState::Active),
+        Ok(pb::UpstreamState::Draining) => Ok(UpstreamState::Draining),
+        Err(_) => Err(invalid(field, format!("unknown upstream state {value}"))),
+    }
+}
+
+fn millis_or(ms: u64, default: Duration) -> Duration {
+    if ms == 0 {
+        default
+    } else {
+        Duration::from_millis(ms)
+    }
+}
+
+/// An upstream from the wire; weight 0 means 1.
+pub fn upstream(u: pb::Upstream, field: &str) -> Result<Upstream, Status> {
+    Ok(Upstream {
+        state: upstream_state(u.state, &format!("{field}.state"))?,
+        address: u.address,
+        weight: u.weight.max(1),
+    })
+}
+
+/// A pool from the wire, owned by the API; zero timeouts mean the defaults.
+pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
+    let health = match p.health_check {
+        None => None,
+        Some(h) => {
+            if h.interval_ms == 0 {
+                return Err(invalid(&format!("{field}.health_check.interval_ms"), "must be positive"));
+            }
+            if h.timeout_ms == 0 {
+                return Err(invalid(&format!("{field}.health_check.timeout_ms"), "must be positive"));
+            }
+            Some(HealthCheck {
+                path: h.path,
+                interval: Duration::from_millis(h.interval_ms),
+                timeout: Duration::from_millis(h.timeout_ms),
+            })
+        }
+    };
+    let upstreams = p
+        .upstreams
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| upstream(u, &format!("{field}.upstreams[{i}]")))
+        .collect::<Result<_, _>>()?;
+    Ok(Pool {
+        balance: balance(p.balance, &format!("{field}.balance"))?,
+        name: p.name,
+        source: Source::Api,
+        upstreams,
+        health,
+        connect_timeout: millis_or(p.connect_timeout_ms, default_connect_timeout()),
+        response_timeout: millis_or(p.response_timeout_ms, default_response_timeout()),
+    })
+}
+
+/// An HTTP route from the wire, owned by the API; an empty host means any host.
+pub fn route(r: pb::Route, field: &str) -> Result<Route, Status> {
+    let path = match r.path {
+        Some(pb::route::Path::PathPrefix(p)) => PathMatch::Prefix(p),
+        Some(pb::route::Path::PathExact(p)) => PathMatch::Exact(p),
+        None => return Err(invalid(&format!("{field}.path"), "set path_prefix or path_exact")),
+    };
+    Ok(Route {
+        name: r.name,
+        source: Source::Api,
+        listener: r.listener,
+        host: Some(r.host).filter(|h| !h.is_empty()),
+        path,
+        pool: r.pool,
+        strip_prefix: r.strip_prefix,
+        priority: r.priority,
+    })
+}
+
+/// A TCP route from the wire, owned by the API.
+pub fn tcp_route(r: pb::TcpRoute) -> TcpRoute {
+    TcpRoute {
+        name: r.name,
+        source: Source::Api,
+        listener: r.listener,
+        pool: r.pool,
+    }
+}
+
+/// One change of an Apply batch; `field` is its position, e.g. `changes[3]`.
+pub fn change(c: pb::Change, field: &str) -> Result<Change, Status> {
+    use pb::change::Change as C;
+    let Some(change) = c.change else {
+        return Err(invalid(field, "no change set"));
+    };
+    Ok(match change {
+        C::CreatePool(p) => Change::CreatePool(pool(p, &format!("{field}.create_pool"))?),
+        C::UpdatePool(p) => Change::UpdatePool(pool(p, &format!("{field}.update_pool"))?),
+        C::DeletePool(d) => Change::DeletePool { name: d.name },
+        C::AddUpstream(a) => Change::AddUpstream {
+            upstream: upstream(
+                required(a.upstream, &format!("{field}.add_upstream.upstream"))?,
+                &format!("{field}.add_upstream.upstream"),
+            )?,
+            pool: a.pool,
+        },
+        C::RemoveUpstream(r) => Change::RemoveUpstream {
+            pool: r.pool,
+            address: r.address,
+        },
+        C::SetUpstreamState(s) => Change::SetUpstreamState {
+            state: upstream_state(s.state, &format!("{field}.set_upstream_state.state"))?,
+            pool: s.pool,
+            address: s.address,
+        },
+        C::CreateRoute(r) => Change::CreateRoute(route(r, &format!("{field}.create_route"))?),
+        C::UpdateRoute(r) => Change::UpdateRoute(route(r, &format!("{field}.update_route"))?),
+        C::DeleteRoute(d) => Change::DeleteRoute { name: d.name },
+        C::CreateTcpRoute(r) => Change::CreateTcpRoute(tcp_route(r)),
+        C::UpdateTcpRoute(r) => Change::UpdateTcpRoute(tcp_route(r)),
+        C::DeleteTcpRoute(d) => Change::DeleteTcpRoute { name: d.name },
+    })
+}
+
+/// A whole document from the wire (Import).
+pub fn document(d: pb::StateDocument) -> Result<Document, Status> {
+    Ok(Document {
+        pools: d
+            .pools
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| pool(p, &format!("state.pools[{i}]")))
+            .collect::<Result<_, _>>()?,
+        routes: d
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| route(r, &format!("state.routes[{i}]")))
+            .collect::<Result<_, _>>()?,
+        tcp_routes: d.tcp_routes.into_iter().map(tcp_route).collect(),
+    })
+}
+
+fn source_proto(source: Source) -> i32 {
+    match source {
+        Source::Declarative => pb::Source::Declarative as i32,
+        Source::Api => pb::Source::Api as i32,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A pool for the wire, with each upstream's health as the routing table sees it.
+pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
+    let runtime = routing.and_then(|t| t.pool(&p.name));
+    let upstreams = p
+        .upstreams
+        .iter()
+        .map(|u| {
+            let rt = runtime.and_then(|r| r.upstreams().iter().find(|x| x.address == u.address));
+            let health = match rt {
+                Some(rt) if rt.is_ejected() || !rt.is_healthy() => pb::UpstreamHealth::Ejected,
+                Some(_) if p.health.is_some() => pb::UpstreamHealth::Healthy,
+                _ => pb::UpstreamHealth::Unspecified,
+            };
+            let state = match u.state {
+                UpstreamState::Active => pb::UpstreamState::Active,
+                UpstreamState::Draining => pb::UpstreamState::Draining,
+            };
+            pb::Upstream {
+                address: u.address.clone(),
+                weight: u.weight,
+                state: state as i32,
+                health: health as i32,
+            }
+        })
+        .collect();
+    let balance = match p.balance {
+        Balance::RoundRobin => pb::Balance::RoundRobin,
+        Balance::Ordered => pb::Balance::Ordered,
+        Balance::LeastConn => pb::Balance::LeastConn,
+    };
+    pb::Pool {
+        name: p.name.clone(),
+        source: source_proto(p.source),
+        balance: balance as i32,
+        upstreams,
+        health_check: p.health.as_ref().map(|h| pb::HealthCheck {
+            path: h.path.clone(),
+            interval_ms: millis(h.interval),
+            timeout_ms: millis(h.timeout),
+        }),
+        connect_timeout_ms: millis(p.connect_timeout),
+        response_timeout_ms: millis(p.response_timeout),
+    }
+}
+
+/// An HTTP route for the wire.
+pub fn route_proto(r: &Route) -> pb::Route {
+    let path = match &r.path {
+        PathMatch::Prefix(p) => pb::route::Path::PathPrefix(p.clone()),
+        PathMatch::Exact(p) => pb::route::Path::PathExact(p.clone()),
+    };
+    pb::Route {
+        name: r.name.clone(),
+        source: source_proto(r.source),
+        listener: r.listener.clone(),
+        host: r.host.clone().unwrap_or_default(),
+        path: Some(path),
+        pool: r.pool.clone(),
+        strip_prefix: r.strip_prefix,
+        priority: r.priority,
+    }
+}
+
+/// A TCP route for the wire.
+pub fn tcp_route_proto(r: &TcpRoute) -> pb::TcpRoute {
+    pb::TcpRoute {
+        name: r.name.clone(),
+        source: source_proto(r.source),
+        listener: r.listener.clone(),
+        pool: r.pool.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_round_trips_and_defaults_apply() {
+        let wire = pb::Route {
+            name: "docs".into(),
+            listener: "web".into(),
+            path: Some(pb::route::Path::PathExact("/docs".into())),
+            pool: "v2".into(),
+            priority: -3,
+            ..Default::default()
+        };
+        let model = route(wire.clone(), "route").expect("valid");
+        assert_eq!(model.host, None);
+        assert_eq!(model.path, PathMatch::Exact("/docs".into()));
+        let back = route_proto(&model);
+        assert_eq!(back.path, wire.path);
+        assert_eq!(back.source, pb::Source::Api as i32);
+    }
+
+    #[test]
+    fn wire_only_mistakes_name_the_field() {
+        let err = route(pb::Route::default(), "route").expect_err("no path");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(err.message(), "route.path: set path_prefix or path_exact");
+
+        let p = pb::Pool { name: "p".into(), balance: 42, ..Default::default() };
+        let err = pool(p, "pool").expect_err("bad enum");
+        assert_eq!(err.message(), "pool.balance: unknown balance 42");
+
+        let err = change(pb::Change::default(), "changes[2]").expect_err("empty");
+        assert_eq!(err.message(), "changes[2]: no change set");
+    }
+
+    #[test]
+    fn pool_zeroes_mean_defaults() {
+        let p = pb::Pool {
+            name: "p".into(),
+            upstreams: vec![pb::Upstream { address: "127.0.0.1:1".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let model = pool(p, "pool").expect("valid");
+        assert_eq!(model.upstreams[0].weight, 1);
+        assert_eq!(model.connect_timeout, default_connect_timeout());
+        assert_eq!(model.response_timeout, default_response_timeout());
+        assert_eq!(pool_proto(&model, None).connect_timeout_ms, 5000);
+    }
+}

@@ -1,0 +1,319 @@
+//! The gRPC management API (`proxy.v1`): RouteService, PoolService, AdminService, plus
+//! `grpc.health.v1.Health` and server reflection (v1 and v1alpha).
+//!
+//! Handlers are thin: convert the message to a [`Change`], call [`StateHandle::apply`],
+//! map the [`crate::state::ApplyError`] to a status. The API listens on a unix socket
+//! (`server.mgmt_socket`, mode 0660) and, optionally, on TCP (`server.mgmt_listen`) where
+//! every call needs `authorization: Bearer <token>` (`server.mgmt_token_file`).
+
+mod admin;
+mod auth;
+mod convert;
+mod error;
+mod pools;
+mod routes;
+mod socket;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use proxy_proto::v1::admin_service_server::AdminServiceServer;
+use proxy_proto::v1::pool_service_server::PoolServiceServer;
+use proxy_proto::v1::route_service_server::RouteServiceServer;
+use thiserror::Error;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::service::InterceptorLayer;
+use tonic::transport::server::Router;
+use tonic::transport::Server;
+use tonic::Status;
+
+pub use admin::AdminApi;
+pub use auth::BearerAuth;
+pub use pools::PoolApi;
+pub use routes::RouteApi;
+
+use crate::config::{Config, Protocol, ServerConfig};
+use crate::state::{Change, Source, StateHandle};
+use crate::Shutdown;
+
+/// Largest request or response message: a `routes import` of 100,000 rules fits.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why the management API could not start.
+#[derive(Debug, Error)]
+pub enum MgmtError {
+    /// Another process accepts connections on the socket.
+    #[error("management socket {path}: another proxyd is serving it; stop that one first or choose another server.mgmt_socket")]
+    InUse {
+        /// Socket path.
+        path: String,
+    },
+    /// The path exists and is not a socket; it is left alone.
+    #[error("management socket {path}: the path exists and is not a socket; remove it or choose another server.mgmt_socket")]
+    NotASocket {
+        /// Socket path.
+        path: String,
+    },
+    /// Creating the socket failed.
+    #[error("management socket {path}: {source}")]
+    Socket {
+        /// Socket path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TCP listener could not be bound.
+    #[error("management listener {addr}: {source}")]
+    Tcp {
+        /// Configured address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TCP listener has no usable token.
+    #[error("server.mgmt_token_file {path}: {reason}; the TCP management listener needs a token")]
+    Token {
+        /// Token file path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TCP listener is configured without a token file.
+    #[error("server.mgmt_listen is set but server.mgmt_token_file is not; the TCP management listener needs a token")]
+    NoToken,
+    /// The embedded descriptor set could not be served by reflection.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// A listener as the Status call reports it.
+#[derive(Debug, Clone)]
+pub struct ListenerInfo {
+    /// Name from the config file.
+    pub name: String,
+    /// What it speaks.
+    pub protocol: Protocol,
+    /// Address from the config file.
+    pub configured: SocketAddr,
+    /// Address actually bound (differs for port 0).
+    pub bound: SocketAddr,
+}
+
+impl ListenerInfo {
+    /// The configured listeners with the addresses they were bound to.
+    pub fn all(config: &Config, bound: &BTreeMap<String, SocketAddr>) -> Vec<ListenerInfo> {
+        config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                bound.get(&l.name).map(|&bound| ListenerInfo {
+                    name: l.name.clone(),
+                    protocol: l.protocol,
+                    configured: l.address,
+                    bound,
+                })
+            })
+            .collect()
+    }
+}
+
+/// What the management services read and change.
+#[derive(Debug)]
+pub struct Context {
+    /// The desired state.
+    pub state: StateHandle,
+    /// The daemon's stop signal; writes are refused once it fires.
+    pub shutdown: Shutdown,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The listening sockets.
+    pub listeners: Vec<ListenerInfo>,
+    /// The config file, re-read by ReloadConfig.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Context {
+    /// Applies an API batch, refused while the daemon stops.
+    async fn apply(&self, changes: Vec<Change>) -> Result<u64, Status> {
+        self.apply_as(changes, Source::Api).await
+    }
+
+    async fn apply_as(&self, changes: Vec<Change>, source: Source) -> Result<u64, Status> {
+        if self.shutdown.is_triggered() {
+            return Err(Status::unavailable(
+                "proxyd is shutting down and takes no changes",
+            ));
+        }
+        self.state.apply(changes, source).await.map_err(error::status)
+    }
+
+    /// Whether `config` names the same listeners (name, protocol, address) as the running daemon.
+    fn same_listeners(&self, config: &Config) -> bool {
+        let mut running: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.protocol, l.configured))
+            .collect();
+        let mut wanted: Vec<_> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.protocol, l.address))
+            .collect();
+        running.sort_unstable_by_key(|l| l.0);
+        wanted.sort_unstable_by_key(|l| l.0);
+        running == wanted
+    }
+}
+
+/// The management sockets, bound first so a second daemon fails before touching anything.
+#[derive(Debug)]
+pub struct Sockets {
+    unix: socket::UnixSocket,
+    tcp: Option<(std::net::TcpListener, BearerAuth)>,
+}
+
+impl Sockets {
+    /// Binds the unix socket and, when configured, the TCP listener with its token.
+    pub fn bind(server: &ServerConfig) -> Result<Sockets, MgmtError> {
+        // Read the token before creating anything, so a bad token file leaves no socket behind.
+        let tcp_auth = match (&server.mgmt_listen, &server.mgmt_token_file) {
+            (None, _) => None,
+            (Some(_), None) => return Err(MgmtError::NoToken),
+            (Some(addr), Some(file)) => Some((*addr, BearerAuth::from_file(file)?)),
+        };
+        let unix = socket::bind(&server.mgmt_socket)?;
+        let tcp = match tcp_auth {
+            None => None,
+            Some((addr, auth)) => {
+                let tcp_error = |source| MgmtError::Tcp { addr, source };
+                let listener = std::net::TcpListener::bind(addr).map_err(tcp_error)?;
+                listener.set_nonblocking(true).map_err(tcp_error)?;
+                Some((listener, auth))
+            }
+        };
+        Ok(Sockets { unix, tcp })
+    }
+
+    /// The bound address of the TCP listener, if there is one.
+    pub fn tcp_address(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+}
+
+/// The API services, ready to be added to a server.
+struct Services {
+    routes: RouteServiceServer<RouteApi>,
+    pools: PoolServiceServer<PoolApi>,
+    admin: AdminServiceServer<AdminApi>,
+}
+
+impl Services {
+    fn new(ctx: Arc<Context>) -> Services {
+        Services {
+            routes: RouteServiceServer::new(RouteApi::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            pools: PoolServiceServer::new(PoolApi::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            admin: AdminServiceServer::new(AdminApi::new(ctx))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+}
+
+/// Adds every service, health and reflection (v1 and v1alpha) to a server.
+async fn routes<L>(
+    mut server: Server<L>,
+    services: &Services,
+    health: &tonic_health::server::HealthReporter,
+) -> Result<Router<L>, MgmtError>
+where
+    L: Clone,
+{
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proxy_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = reflection()
+        .build_v1()
+        .map_err(|e| MgmtError::Reflection(e.to_string()))?;
+    let v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| MgmtError::Reflection(e.to_string()))?;
+    let health_service = tonic_health::server::HealthServer::from_health_reporter(health.clone());
+    Ok(server
+        .add_service(health_service)
+        .add_service(v1)
+        .add_service(v1alpha)
+        .add_service(services.routes.clone())
+        .add_service(services.pools.clone())
+        .add_service(services.admin.clone()))
+}
+
+/// Serves the API on `sockets` until `shutdown` fires, then removes the socket file.
+pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result<(), MgmtError> {
+    let services = Services::new(Arc::new(ctx));
+    let health = tonic_health::server::HealthReporter::new();
+    health.set_serving::<RouteServiceServer<RouteApi>>().await;
+    health.set_serving::<PoolServiceServer<PoolApi>>().await;
+    health.set_serving::<AdminServiceServer<AdminApi>>().await;
+
+    let Sockets { unix, tcp } = sockets;
+    let unix_router = routes(Server::builder(), &services, &health).await?;
+    let tcp_router = match tcp {
+        Some((listener, auth)) => {
+            let server = Server::builder().layer(InterceptorLayer::new(auth));
+            Some((listener, routes(server, &services, &health).await?))
+        }
+        None => None,
+    };
+
+    let path = unix.path.clone();
+    let file_id = unix.file_id();
+    let unix_listener = tokio::net::UnixListener::from_std(unix.listener).map_err(|source| {
+        MgmtError::Socket {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    tracing::info!(path = %path.display(), "management API listening");
+    let stop = shutdown.clone();
+    let reporter = health.clone();
+    tokio::spawn(async move {
+        let incoming = UnixListenerStream::new(unix_listener);
+        let signal = async move {
+            stop.triggered().await;
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        };
+        if let Err(e) = unix_router.serve_with_incoming_shutdown(incoming, signal).await {
+            tracing::error!(error = %e, "management API stopped");
+        }
+        socket::remove(&path, file_id);
+    });
+
+    if let Some((listener, router)) = tcp_router {
+        let addr = listener.local_addr().ok();
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| MgmtError::Tcp {
+            addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+            source,
+        })?;
+        tracing::info!(address = ?addr, "management API listening on TCP (bearer token required)");
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.triggered())
+                .await
+            {
+                tracing::error!(error = %e, "management TCP listener stopped");
+            }
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! HTTP proxying end to end: routing, hygiene, errors, timeouts, upgrades, balancing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn v1_to_v2_migration_routes_by_host_and_path() {
+    let v1 = upstream("v1").await;
+    let v2 = upstream("v2").await;
+    let config = format!(
+        "{WEB}{}{}
+[[routes]]
+name = \"site\"
+listener = \"web\"
+host = \"example.com\"
+pool = \"v1\"
+
+[[routes]]
+name = \"docs-on-v2\"
+listener = \"web\"
+host = \"example.com\"
+path_prefix = \"/docs\"
+pool = \"v2\"
+
+[[routes]]
+name = \"pricing-on-v2\"
+listener = \"web\"
+host = \"example.com\"
+path = \"/pricing\"
+pool = \"v2\"
+
+[[routes]]
+name = \"wild\"
+listener = \"web\"
+host = \"*.example.com\"
+pool = \"v2\"
+",
+        pool("v1", &[&v1]),
+        pool("v2", &[&v2])
+    );
+    let p = start_proxy(&config).await;
+    let web = p.addr("web");
+    let cases = [
+        ("example.com", "/", "v1"),
+        ("example.com", "/about", "v1"),
+        ("example.com", "/docs", "v2"),
+        ("example.com", "/docs/intro", "v2"),
+        ("example.com", "/pricing", "v2"),
+        ("example.com", "/pricing/old", "v1"),
+        ("EXAMPLE.com:80", "/docs/x", "v2"),
+        ("shop.example.com", "/", "v2"),
+    ];
+    for (host, path, want) in cases {
+        let r = get(web, host, path).await;
+        assert_eq!(r.status, 200, "{host}{path}: {}", r.text());
+        assert_eq!(r.json()["upstream"], want, "{host}{path}");
+    }
+    let r = get(web, "other.org", "/").await;
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("no route"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let r = raw(
+        p.addr("web"),
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-remove-me\r\nX-Remove-Me: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Keep: 1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let headers = &r.json()["headers"];
+    for gone in ["x-remove-me", "keep-alive", "proxy-authorization", "te", "upgrade"] {
+        assert!(headers.get(gone).is_none(), "{gone} was forwarded: {headers}");
+    }
+    assert_eq!(headers["x-keep"][0], "1");
+    // The upstream's own hop-by-hop headers do not reach the client.
+    assert_eq!(r.header("x-internal"), None);
+    assert_eq!(r.header("keep-alive"), None);
+    assert_eq!(r.header("x-upstream"), Some("up"));
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_via_are_set() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let r = raw(
+        p.addr("web"),
+        b"GET /x HTTP/1.1\r\nHost: Example.com\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nVia: 1.1 edge\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-forwarded-for"][0], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(h["x-forwarded-host"][0], "example.com");
+    assert_eq!(h["forwarded"][0], "for=127.0.0.1;host=\"example.com\";proto=http");
+    assert_eq!(h["via"][0], "1.1 edge, 1.1 proxyd");
+    assert_eq!(h["host"][0], "Example.com", "the client's Host is preserved");
+    assert_eq!(r.header("via"), Some("1.1 proxyd"));
+}
+
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_refused() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let r = raw(
+        p.addr("web"),
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(up.hits(), 0, "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn conflicting_content_lengths_are_refused() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let r = raw(
+        p.addr("web"),
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = raw(p.addr("web"), b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!").await;
+    assert_eq!(r.status, 400);
+    let r = raw(p.addr("web"), b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
+    assert_eq!(r.status, 400, "bad chunk size");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn path_is_forwarded_without_normalisation() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let r = get(p.addr("web"), "h", "/a/../b/./c//d%2F%2e?q=1&q=2").await;
+    assert_eq!(r.json()["uri"], "/a/../b/./c//d%2F%2e?q=1&q=2");
+}
+
+#[tokio::test]
+async fn strip_prefix_removes_the_matched_prefix_only() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npath_prefix=\"/api\"\nstrip_prefix=true\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
+    assert_eq!(get(p.addr("web"), "h", "/api/users?x=1").await.json()["uri"], "/users?x=1");
+    assert_eq!(get(p.addr("web"), "h", "/api").await.json()["uri"], "/");
+}
+
+#[tokio::test]
+async fn upstream_errors_say_who_failed() {
+    let up = upstream("up").await;
+    let dead = dead_address();
+    let config = format!(
+        "{WEB}{}
+[[pools]]
+name = \"dead\"
+upstreams = [\"{dead}\"]
+
+[[pools]]
+name = \"empty\"
+
+[[pools]]
+name = \"slow\"
+upstreams = [\"{}\"]
+response_timeout = \"300ms\"
+
+[[routes]]
+name = \"ok\"
+listener = \"web\"
+path_prefix = \"/ok\"
+pool = \"p\"
+
+[[routes]]
+name = \"dead\"
+listener = \"web\"
+path_prefix = \"/dead\"
+pool = \"dead\"
+
+[[routes]]
+name = \"empty\"
+listener = \"web\"
+path_prefix = \"/empty\"
+pool = \"empty\"
+
+[[routes]]
+name = \"slow\"
+listener = \"web\"
+path_prefix = \"/slow\"
+pool = \"slow\"
+",
+        pool("p", &[&up]),
+        up.address()
+    );
+    let p = start_proxy(&config).await;
+    let web = p.addr("web");
+    assert_eq!(get(web, "h", "/ok").await.status, 200);
+    let r = get(web, "h", "/dead").await;
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("refused"), "{}", r.text());
+    assert_eq!(get(web, "h", "/empty").await.status, 503);
+    let r = get(web, "h", "/slow/5000").await;
+    assert_eq!(r.status, 504);
+    assert_eq!(get(web, "h", "/nothing-here").await.status, 404);
+}
+
+#[tokio::test]
+async fn connect_timeout_gives_504() {
+    // A listener whose backlog is full never completes new handshakes.
+    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    blackhole.listen(0).unwrap();
+    let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    let p = start_proxy(&format!(
+        "{WEB}[[pools]]\nname=\"p\"\nupstreams=[\"{addr}\"]\nconnect_timeout=\"200ms\"\n[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n"
+    ))
+    .await;
+    let r = get(p.addr("web"), "h", "/").await;
+    assert_eq!(r.status, 504, "{}", r.text());
+}
+
+#[tokio::test]
+async fn no_healthy_upstream_gives_503_and_recovery_is_seen() {
+    let up = upstream("up").await;
+    let config = format!(
+        "{WEB}[[pools]]\nname=\"p\"\nupstreams=[\"{}\"]\n[pools.health]\npath=\"/status/500\"\ninterval=\"100ms\"\ntimeout=\"1s\"\n[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        up.address()
+    );
+    let p = start_proxy(&config).await;
+    // The check answers 500, so the upstream is taken out within a few intervals.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(p.addr("web"), "h", "/").await.status;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 503);
+}
+
+#[tokio::test]
+async fn ordered_pool_fails_over_and_round_robin_spreads() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let dead = dead_address();
+    let config = format!(
+        "{WEB}[[pools]]\nname=\"ordered\"\nbalance=\"ordered\"\nupstreams=[\"{dead}\", \"{}\", \"{}\"]\n{}[[routes]]\nname=\"o\"\nlistener=\"web\"\npath_prefix=\"/o\"\npool=\"ordered\"\n[[routes]]\nname=\"rr\"\nlistener=\"web\"\npath_prefix=\"/rr\"\npool=\"rr\"\n",
+        a.address(),
+        b.address(),
+        pool("rr", &[&a, &b]),
+    );
+    let p = start_proxy(&config).await;
+    for _ in 0..4 {
+        let r = get(p.addr("web"), "h", "/o").await;
+        assert_eq!(r.status, 200, "the dead first upstream is skipped");
+        assert_eq!(r.json()["upstream"], "a");
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let r = get(p.addr("web"), "h", "/rr").await;
+        *seen.entry(r.json()["upstream"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("a"), Some(&5));
+    assert_eq!(seen.get("b"), Some(&5));
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    for _ in 0..20 {
+        assert_eq!(get(p.addr("web"), "h", "/").await.status, 200);
+    }
+    assert_eq!(up.hits(), 20);
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one kept-alive upstream connection");
+}
+
+#[tokio::test]
+async fn header_and_body_limits() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!(
+        "[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:0\"\nmax_header_bytes=8192\nmax_body_bytes=1000\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
+    let big = "a".repeat(20_000);
+    let r = raw(p.addr("web"), format!("GET / HTTP/1.1\r\nHost: h\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    assert_eq!(r.status, 431);
+    let body = "b".repeat(2000);
+    let r = raw(
+        p.addr("web"),
+        format!("POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n{body}").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    // A chunked body is cut off at the limit while streaming.
+    let r = raw(
+        p.addr("web"),
+        format!("POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n7d0\r\n{body}\r\n0\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    let small = "c".repeat(900);
+    let r = raw(
+        p.addr("web"),
+        format!("POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 900\r\nConnection: close\r\n\r\n{small}").as_bytes(),
+    )
+    .await;
+    assert_eq!((r.status, r.text()), (200, "900".to_string()));
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_clients() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!(
+        "[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:0\"\nheader_timeout=\"300ms\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.addr("web")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    // The proxy gives up on the head and closes; nothing is forwarded.
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection was not closed");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!(
+        "[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:0\"\nidle_timeout=\"300ms\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
+    let mut s = TcpStream::connect(p.addr("web")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+    let r = read_response(&mut s).await;
+    assert_eq!(r.status, 200);
+    // Keep-alive connection now idle: closed by the proxy.
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let mut s = TcpStream::connect(p.addr("web")).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
+    let r = read_response(&mut s).await;
+    assert_eq!(r.status, 101);
+    assert_eq!(r.header("upgrade"), Some("echo"));
+    for msg in [&b"hello"[..], b"through the tunnel"] {
+        s.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got)).await.unwrap().unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[tokio::test]
+async fn http2_cleartext_clients_are_served() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\nhost=\"example.com\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let stream = TcpStream::connect(p.addr("web")).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://example.com/h2")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["headers"]["host"][0], "example.com");
+    assert_eq!(json["headers"]["via"][0], "2.0 proxyd");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let up = upstream("up").await;
+    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let web = p.addr("web");
+    let slow = tokio::spawn(async move { get(web, "h", "/slow/700").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stop = tokio::spawn(p.daemon.stop());
+    let r = slow.await.unwrap();
+    assert_eq!(r.status, 200, "the in-flight request completed");
+    stop.await.unwrap();
+    // After stop, nothing accepts on the listener.
+    assert!(TcpStream::connect(web).await.is_err());
+}
