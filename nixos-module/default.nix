@@ -10,7 +10,6 @@ let
     literalExpression
     mapAttrs
     mapAttrsToList
-    mkDefault
     mkEnableOption
     mkIf
     mkOption
@@ -490,8 +489,8 @@ in
         # The new process reports READY=1 before systemd knows it as the main process;
         # the old one then sends MAINPID= for it.
         NotifyAccess = "all";
-        ExecStart = utils.escapeSystemdExecArgs
-          ([ stableProxyd "--config" stableConfig ] ++ cfg.extraArgs);
+        ExecStart = concatStringsSep " "
+          ([ stableProxyd "--config" stableConfig ] ++ map utils.escapeSystemdExecArg cfg.extraArgs);
         ExecReload = "${stableProxyctl} --socket ${mgmtSocket} upgrade --wait";
         # Stopping signals every process of the unit: a draining old process finishes too.
         KillMode = "control-group";

@@ -85,7 +85,7 @@ def check_response(resp):
 STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
-def keepalive_worker(addr, path, bounds, tally, timeout):
+def keepalive_worker(addr, path, headers, bounds, tally, timeout):
     host, port = addr
     conn = None
     sent = 0
@@ -95,7 +95,7 @@ def keepalive_worker(addr, path, bounds, tally, timeout):
         if conn is None:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers=headers)
             close = check_response(conn.getresponse())
         except STALE as err:
             conn.close()
@@ -107,7 +107,7 @@ def keepalive_worker(addr, path, bounds, tally, timeout):
             tally.retried()
             try:
                 conn = http.client.HTTPConnection(host, port, timeout=timeout)
-                conn.request("GET", path)
+                conn.request("GET", path, headers=headers)
                 close = check_response(conn.getresponse())
             except Exception as err2:  # noqa: BLE001 - every failure counts
                 tally.failure("keepalive-retry", repr(err2))
@@ -127,14 +127,14 @@ def keepalive_worker(addr, path, bounds, tally, timeout):
         conn.close()
 
 
-def fresh_worker(addr, path, bounds, tally, timeout):
+def fresh_worker(addr, path, headers, bounds, tally, timeout):
     host, port = addr
     sent = 0
     while bounds.running(sent):
         sent += 1
         conn = http.client.HTTPConnection(host, port, timeout=timeout)
         try:
-            conn.request("GET", path, headers={"Connection": "close"})
+            conn.request("GET", path, headers={**headers, "Connection": "close"})
             check_response(conn.getresponse())
             tally.success()
         except Exception as err:  # noqa: BLE001
@@ -197,6 +197,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--http", help="HOST:PORT of an HTTP listener")
     parser.add_argument("--path", default="/", help="request path")
+    parser.add_argument("--host", help="Host header (default: from --http)")
     parser.add_argument("--tcp-addr", help="HOST:PORT of a TCP listener (echo upstream)")
     parser.add_argument("--keepalive", type=int, default=4)
     parser.add_argument("--fresh", type=int, default=4)
@@ -212,12 +213,13 @@ def main():
     bounds = Bounds(args.duration, args.count, args.stop_file)
     tally = Tally()
     threads = []
+    headers = {"Host": args.host} if args.host else {}
     if args.http:
         addr = split_addr(args.http)
         for _ in range(args.keepalive):
-            threads.append(threading.Thread(target=keepalive_worker, args=(addr, args.path, bounds, tally, args.timeout)))
+            threads.append(threading.Thread(target=keepalive_worker, args=(addr, args.path, headers, bounds, tally, args.timeout)))
         for _ in range(args.fresh):
-            threads.append(threading.Thread(target=fresh_worker, args=(addr, args.path, bounds, tally, args.timeout)))
+            threads.append(threading.Thread(target=fresh_worker, args=(addr, args.path, headers, bounds, tally, args.timeout)))
     if args.tcp_addr:
         addr = split_addr(args.tcp_addr)
         for _ in range(args.tcp):

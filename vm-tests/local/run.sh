@@ -108,7 +108,7 @@ make_payload() {
     "$repo"/contrib/systemd/proxy-listener@.socket "$repo"/contrib/systemd/proxy.sysusers \
     "$payload/units/"
   install -m 0755 "$here/scenarios.sh" "$payload/entry"
-  install -m 0644 "$here/load.py" "$here/upstream.py" "$here/proxy.toml" "$payload/"
+  install -m 0644 "$here/load.py" "$here/upstream.py" "$here/tcp_roundtrip.py" "$here/proxy.toml" "$payload/"
   printf 'SCENARIOS="%s"\nRELOADS=%s\n' "$scenarios" "$reloads" >"$payload/params"
   chmod 0755 "$work" "$payload" "$results"
 }

@@ -76,21 +76,7 @@ only_main_pid_left() { [ "$(unit_pids)" = "$(main_pid)" ]; }
 http_get() { curl -sS --max-time 5 "$@"; }
 
 # tcp_roundtrip LINE: the echo of LINE through the TCP listener.
-tcp_roundtrip() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-line = (sys.argv[1] + "\n").encode()
-with socket.create_connection(("127.0.0.1", 16379), timeout=5) as s:
-    s.sendall(line)
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-print(data.decode().strip())
-EOF
-}
+tcp_roundtrip() { python3 "$payload/tcp_roundtrip.py" 127.0.0.1:16379 "$1"; }
 
 wait_for() {
   local tries=$1

@@ -1,0 +1,111 @@
+{
+  description = "proxy: a routing reverse proxy (proxyd) with zero-downtime upgrades, and its CLI (proxyctl)";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+
+  outputs = { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+
+      systems = [ "x86_64-linux" "aarch64-linux" ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      version = (lib.importTOML ./Cargo.toml).workspace.package.version;
+
+      # Only what the Rust build reads: editing the Nix files, the tests or the docs does
+      # not rebuild the package.
+      src = lib.fileset.toSource {
+        root = ./.;
+        fileset = lib.fileset.unions [
+          ./Cargo.toml
+          ./Cargo.lock
+          ./proxy
+          ./proto
+          ./mgmt-cli
+        ];
+      };
+
+      nixFiles = lib.fileset.toSource {
+        root = ./.;
+        fileset = lib.fileset.fileFilter (file: file.hasExt "nix") ./.;
+      };
+
+      mkProxy = pkgs: pkgs.rustPlatform.buildRustPackage {
+        pname = "proxy";
+        inherit version src;
+
+        cargoLock.lockFile = ./Cargo.lock;
+
+        # prost-build (etcd-client) runs protoc; the project's own protos are compiled
+        # with protox and checked in.
+        nativeBuildInputs = [ pkgs.protobuf ];
+        env.PROTOC = lib.getExe' pkgs.protobuf "protoc";
+
+        cargoBuildFlags = [ "--package" "proxy" "--package" "proxyctl" ];
+        # Unit tests only: the integration tests start pebble, etcd and real daemons,
+        # and the VM tests (checks) cover the system.
+        cargoTestFlags = [ "--workspace" "--lib" "--bins" ];
+
+        meta = {
+          description = "Routing reverse proxy with on-demand TLS, a gRPC management API and zero-downtime upgrades";
+          license = lib.licenses.asl20;
+          mainProgram = "proxyd";
+          platforms = lib.platforms.linux;
+        };
+      };
+    in
+    {
+      overlays.default = final: _prev: {
+        proxy = mkProxy final;
+      };
+
+      packages = forAllSystems (pkgs: rec {
+        proxy = mkProxy pkgs;
+        default = proxy;
+      });
+
+      # The module, with the package of this flake as the default of services.proxy.package.
+      nixosModules.default = { pkgs, ... }: {
+        imports = [ ./nixos-module ];
+        services.proxy.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      };
+
+      checks = forAllSystems (pkgs:
+        let
+          package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        in
+        {
+          inherit package;
+
+          nix-lint = pkgs.runCommand "proxy-nix-lint"
+            { nativeBuildInputs = [ pkgs.nixpkgs-fmt pkgs.deadnix ]; } ''
+            cd ${nixFiles}
+            nixpkgs-fmt --check .
+            deadnix --fail .
+            touch $out
+          '';
+        }
+        // import ./vm-tests {
+          inherit pkgs package;
+          nixosModule = self.nixosModules.default;
+        });
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          inputsFrom = [ self.packages.${pkgs.stdenv.hostPlatform.system}.default ];
+          packages = with pkgs; [
+            clippy
+            rustfmt
+            rust-analyzer
+            grpcurl
+            pebble
+            etcd
+            nixpkgs-fmt
+            deadnix
+          ];
+        };
+      });
+
+      formatter = forAllSystems (pkgs: pkgs.nixpkgs-fmt);
+    };
+}

@@ -1,0 +1,98 @@
+# On-demand TLS against pebble (nixpkgs' ACME test server): the first handshake for an
+# allowlisted name orders a certificate over HTTP-01 and is served with it; a name off
+# the allowlist is refused without any ACME request.
+{ pkgs, nixosModule, package }:
+
+let
+  common = import ./lib.nix { inherit pkgs nixosModule package; };
+  acmeServer = "${pkgs.path}/nixos/tests/common/acme/server";
+in
+pkgs.testers.runNixOSTest {
+  name = "proxy-acme";
+
+  nodes = {
+    backend = common.backendNode;
+
+    acme = { nodes, ... }: {
+      imports = [ acmeServer ];
+      # pebble validates HTTP-01 at the names it is asked for: they are the proxy.
+      networking.extraHosts = ''
+        ${nodes.proxy.networking.primaryIPAddress} allowed.test app.apps.test denied.test
+      '';
+    };
+
+    proxy = { nodes, lib, ... }: {
+      imports = [ common.proxyNode ];
+      networking.extraHosts = ''
+        ${nodes.acme.networking.primaryIPAddress} ${nodes.acme.test-support.acme.caDomain}
+      '';
+      security.pki.certificateFiles = [ nodes.acme.test-support.acme.caCert ];
+      services.proxy.settings = {
+        listeners = lib.mkAfter [
+          { name = "websecure"; protocol = "https"; address = "0.0.0.0:443"; }
+        ];
+        routes = lib.mkForce [
+          { name = "tls-default"; listener = "websecure"; path_prefix = "/"; pool = "v1"; }
+          { name = "default"; listener = "web"; path_prefix = "/"; pool = "v1"; }
+        ];
+        tls = {
+          acme = {
+            directory = "https://${nodes.acme.test-support.acme.caDomain}/dir";
+            contact = [ "mailto:hostmaster@example.test" ];
+            ca_bundle = "/etc/ssl/certs/ca-certificates.crt";
+          };
+          on_demand.allow = [ "allowed.test" "*.apps.test" ];
+        };
+      };
+    };
+
+    client = { nodes, ... }: {
+      imports = [ common.clientNode ];
+      networking.extraHosts = ''
+        ${nodes.proxy.networking.primaryIPAddress} allowed.test app.apps.test denied.test
+        ${nodes.acme.networking.primaryIPAddress} ${nodes.acme.test-support.acme.caDomain}
+      '';
+      security.pki.certificateFiles = [ nodes.acme.test-support.acme.caCert ];
+      environment.systemPackages = [ pkgs.openssl ];
+    };
+  };
+
+  testScript = ''
+    ${common.prelude}
+
+    start_all()
+    acme.wait_for_unit("pebble.service")
+    acme.wait_for_open_port(443)
+    backend.wait_for_open_port(9002)
+    wait_for_proxy(proxy, client)
+    proxy.wait_for_unit("proxy-listener@websecure.socket")
+
+    # pebble issues from a root it generates at start; the client trusts it from here on.
+    client.succeed("curl -sf https://acme.test:15000/roots/0 > /tmp/pebble-root.pem")
+
+    with subtest("an allowlisted name gets a certificate on its first handshake"):
+        body = client.succeed("curl -sf --max-time 60 --cacert /tmp/pebble-root.pem https://allowed.test/hello").strip()
+        assert body in ("v1a /hello", "v1b /hello"), body
+        subject = client.succeed(
+            "openssl s_client -connect allowed.test:443 -servername allowed.test </dev/null 2>/dev/null"
+            " | openssl x509 -noout -ext subjectAltName"
+        )
+        assert "DNS:allowed.test" in subject, subject
+
+    with subtest("a wildcard allowlist entry covers its subdomains"):
+        client.succeed("curl -sf --max-time 60 --cacert /tmp/pebble-root.pem https://app.apps.test/")
+
+    with subtest("a name off the allowlist is refused without an ACME order"):
+        client.fail("curl -s --max-time 30 --cacert /tmp/pebble-root.pem https://denied.test/")
+        client.fail("curl -sk --max-time 30 https://denied.test/")
+        acme.fail("journalctl -u pebble.service | grep -q denied.test")
+
+    with subtest("the certificate is kept across a restart (no new order)"):
+        orders = acme.succeed("journalctl -u pebble.service | grep -c 'allowed.test' || true").strip()
+        proxy.systemctl("restart proxy.service")
+        wait_for_proxy(proxy, client)
+        client.succeed("curl -sf --max-time 30 --cacert /tmp/pebble-root.pem https://allowed.test/")
+        again = acme.succeed("journalctl -u pebble.service | grep -c 'allowed.test' || true").strip()
+        assert orders == again, f"pebble saw allowed.test again: {orders} -> {again}"
+  '';
+}
