@@ -246,7 +246,9 @@ where
     let v1alpha = reflection()
         .build_v1alpha()
         .map_err(|e| MgmtError::Reflection(e.to_string()))?;
-    let health_service = tonic_health::server::HealthServer::from_health_reporter(health.clone());
+    let health_service = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+    );
     Ok(server
         .add_service(health_service)
         .add_service(v1)

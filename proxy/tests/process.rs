@@ -1,0 +1,173 @@
+//! `proxyd` as a real process: check-config, the embedded default, SIGTERM, and memory
+//! staying flat while 1 GiB streams through in each direction.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port} never opened");
+}
+
+fn spawn(config: &str, dir: &std::path::Path) -> Proc {
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    Proc(
+        Command::new(PROXYD)
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn check_config_reports_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:8080\"\n").unwrap();
+    let out = Command::new(PROXYD).arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:8080\"\n\n[[routes]]\nname = \"r\"\nlistener = \"web\"\npool = \"nope\"\n",
+    )
+    .unwrap();
+    let out = Command::new(PROXYD).arg("check-config").arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim(), format!("{}:9: routes[0].pool: no pool named \"nope\"", bad.display()));
+}
+
+#[tokio::test]
+async fn embedded_default_serves_404_with_a_clear_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let _p = Proc(
+        Command::new(PROXYD)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(8080).await;
+    let r = get("127.0.0.1:8080".parse().unwrap(), "localhost", "/").await;
+    assert_eq!(r.status, 404);
+    assert!(r.text().contains("no route"), "{}", r.text());
+    let r = get("127.0.0.1:42008".parse().unwrap(), "localhost", "/healthz").await;
+    assert_eq!(r.status, 200);
+    assert!(dir.path().join("state/proxy.db").exists(), "state dir created under the working directory");
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let up = upstream("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut p = spawn(
+        &format!(
+            "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+            pool("p", &[&up])
+        ),
+        dir.path(),
+    );
+    wait_for_port(port).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let slow = tokio::spawn(async move { get(addr, "h", "/slow/800").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(slow.await.unwrap().status, 200, "in-flight request finished");
+    let status = tokio::task::spawn_blocking(move || p.0.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn one_gib_streams_both_ways_with_flat_memory() {
+    const GIB: u64 = 1 << 30;
+    let up = upstream("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let p = spawn(
+        &format!(
+            "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+            pool("p", &[&up])
+        ),
+        dir.path(),
+    );
+    wait_for_port(port).await;
+    let baseline = peak_rss_kib(p.0.id());
+
+    // Download: read and discard 1 GiB.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET /stream/{GIB} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    assert!(total > GIB, "received {total} bytes");
+
+    // Upload: send 1 GiB with a declared length; the upstream counts what arrived.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: {GIB}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let chunk = vec![b'u'; 256 * 1024];
+    let mut sent = 0;
+    while sent < GIB {
+        s.write_all(&chunk).await.unwrap();
+        sent += chunk.len() as u64;
+    }
+    let r = read_response(&mut s).await;
+    assert_eq!((r.status, r.text()), (200, GIB.to_string()));
+
+    let peak = peak_rss_kib(p.0.id());
+    // Streaming keeps the proxy's memory independent of body size: far below 1 GiB.
+    assert!(peak < baseline + 64 * 1024, "peak RSS {peak} KiB (baseline {baseline} KiB)");
+}
