@@ -39,9 +39,9 @@ impl Tally {
                 Change::CreatePool(_) | Change::CreateRoute(_) | Change::CreateTcpRoute(_) => {
                     t.created += 1
                 }
-                Change::DeletePool { .. } | Change::DeleteRoute { .. } | Change::DeleteTcpRoute { .. } => {
-                    t.deleted += 1
-                }
+                Change::DeletePool { .. }
+                | Change::DeleteRoute { .. }
+                | Change::DeleteTcpRoute { .. } => t.deleted += 1,
                 _ => t.updated += 1,
             }
         }
@@ -113,9 +113,17 @@ impl AdminService for AdminApi {
         let snap = self.ctx.state.snapshot();
         let doc = snap.state.document(Source::Api);
         let state = pb::StateDocument {
-            pools: doc.pools.iter().map(|p| convert::pool_proto(p, None)).collect(),
+            pools: doc
+                .pools
+                .iter()
+                .map(|p| convert::pool_proto(p, None))
+                .collect(),
             routes: doc.routes.iter().map(convert::route_proto).collect(),
-            tcp_routes: doc.tcp_routes.iter().map(convert::tcp_route_proto).collect(),
+            tcp_routes: doc
+                .tcp_routes
+                .iter()
+                .map(convert::tcp_route_proto)
+                .collect(),
         };
         Ok(Response::new(pb::ExportResponse {
             state: Some(state),
@@ -135,7 +143,8 @@ impl AdminService for AdminApi {
         let revision = if req.dry_run {
             // Validate exactly as apply would, on a copy.
             let mut next = snap.state.clone();
-            next.apply_batch(&changes, Source::Api).map_err(error::status)?;
+            next.apply_batch(&changes, Source::Api)
+                .map_err(error::status)?;
             snap.revision
         } else {
             self.ctx.apply(changes).await?

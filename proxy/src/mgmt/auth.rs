@@ -33,7 +33,9 @@ impl BearerAuth {
             return Err(token_error("the file is empty".into()));
         }
         if !token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(token_error("the token must be printable ASCII without spaces".into()));
+            return Err(token_error(
+                "the token must be printable ASCII without spaces".into(),
+            ));
         }
         Ok(BearerAuth {
             token: token.as_bytes().into(),
@@ -93,9 +95,18 @@ mod tests {
     fn only_the_exact_token_passes() {
         let mut a = auth("s3cret");
         assert_eq!(call(&mut a, Some("Bearer s3cret")), tonic::Code::Ok);
-        assert_eq!(call(&mut a, Some("Bearer s3cre")), tonic::Code::Unauthenticated);
-        assert_eq!(call(&mut a, Some("Bearer s3cret2")), tonic::Code::Unauthenticated);
-        assert_eq!(call(&mut a, Some("Basic s3cret")), tonic::Code::Unauthenticated);
+        assert_eq!(
+            call(&mut a, Some("Bearer s3cre")),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            call(&mut a, Some("Bearer s3cret2")),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            call(&mut a, Some("Basic s3cret")),
+            tonic::Code::Unauthenticated
+        );
         assert_eq!(call(&mut a, None), tonic::Code::Unauthenticated);
     }
 
@@ -108,6 +119,8 @@ mod tests {
         assert!(BearerAuth::from_file(&dir.path().join("missing")).is_err());
         let good = dir.path().join("token");
         std::fs::write(&good, "abc123\n").expect("write");
-        assert!(BearerAuth::from_file(&good).expect("valid").accepts(b"abc123"));
+        assert!(BearerAuth::from_file(&good)
+            .expect("valid")
+            .accepts(b"abc123"));
     }
 }

@@ -63,10 +63,16 @@ pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
         None => None,
         Some(h) => {
             if h.interval_ms == 0 {
-                return Err(invalid(&format!("{field}.health_check.interval_ms"), "must be positive"));
+                return Err(invalid(
+                    &format!("{field}.health_check.interval_ms"),
+                    "must be positive",
+                ));
             }
             if h.timeout_ms == 0 {
-                return Err(invalid(&format!("{field}.health_check.timeout_ms"), "must be positive"));
+                return Err(invalid(
+                    &format!("{field}.health_check.timeout_ms"),
+                    "must be positive",
+                ));
             }
             Some(HealthCheck {
                 path: h.path,
@@ -97,7 +103,12 @@ pub fn route(r: pb::Route, field: &str) -> Result<Route, Status> {
     let path = match r.path {
         Some(pb::route::Path::PathPrefix(p)) => PathMatch::Prefix(p),
         Some(pb::route::Path::PathExact(p)) => PathMatch::Exact(p),
-        None => return Err(invalid(&format!("{field}.path"), "set path_prefix or path_exact")),
+        None => {
+            return Err(invalid(
+                &format!("{field}.path"),
+                "set path_prefix or path_exact",
+            ))
+        }
     };
     Ok(Route {
         name: r.name,
@@ -287,7 +298,11 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(err.message(), "route.path: set path_prefix or path_exact");
 
-        let p = pb::Pool { name: "p".into(), balance: 42, ..Default::default() };
+        let p = pb::Pool {
+            name: "p".into(),
+            balance: 42,
+            ..Default::default()
+        };
         let err = pool(p, "pool").expect_err("bad enum");
         assert_eq!(err.message(), "pool.balance: unknown balance 42");
 
@@ -299,7 +314,10 @@ mod tests {
     fn pool_zeroes_mean_defaults() {
         let p = pb::Pool {
             name: "p".into(),
-            upstreams: vec![pb::Upstream { address: "127.0.0.1:1".into(), ..Default::default() }],
+            upstreams: vec![pb::Upstream {
+                address: "127.0.0.1:1".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let model = pool(p, "pool").expect("valid");

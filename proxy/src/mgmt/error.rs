@@ -48,12 +48,37 @@ mod tests {
     #[test]
     fn every_error_kind_has_its_code() {
         let cases = [
-            (ApplyError::invalid("changes[1].pool.health.interval", "must be positive"), Code::InvalidArgument),
-            (ApplyError::NotFound { kind: "route", name: "a".into() }, Code::NotFound),
-            (ApplyError::AlreadyExists { kind: "route", name: "a".into() }, Code::AlreadyExists),
-            (ApplyError::Declarative { kind: "pool", name: "a".into() }, Code::FailedPrecondition),
             (
-                ApplyError::InUse { kind: "pool", name: "a".into(), user: "route \"r\"".into() },
+                ApplyError::invalid("changes[1].pool.health.interval", "must be positive"),
+                Code::InvalidArgument,
+            ),
+            (
+                ApplyError::NotFound {
+                    kind: "route",
+                    name: "a".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                ApplyError::AlreadyExists {
+                    kind: "route",
+                    name: "a".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                ApplyError::Declarative {
+                    kind: "pool",
+                    name: "a".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                ApplyError::InUse {
+                    kind: "pool",
+                    name: "a".into(),
+                    user: "route \"r\"".into(),
+                },
                 Code::FailedPrecondition,
             ),
             (ApplyError::Unavailable("closed".into()), Code::Unavailable),
@@ -62,7 +87,13 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(status(err).code(), code);
         }
-        let s = status(ApplyError::invalid("changes[1].pool.health.interval", "must be positive"));
-        assert_eq!(s.message(), "changes[1].pool.health_check.interval_ms: must be positive");
+        let s = status(ApplyError::invalid(
+            "changes[1].pool.health.interval",
+            "must be positive",
+        ));
+        assert_eq!(
+            s.message(),
+            "changes[1].pool.health_check.interval_ms: must be positive"
+        );
     }
 }

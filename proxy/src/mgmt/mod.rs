@@ -147,7 +147,10 @@ impl Context {
                 "proxyd is shutting down and takes no changes",
             ));
         }
-        self.state.apply(changes, source).await.map_err(error::status)
+        self.state
+            .apply(changes, source)
+            .await
+            .map_err(error::status)
     }
 
     /// Whether `config` names the same listeners (name, protocol, address) as the running daemon.
@@ -278,12 +281,11 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
 
     let path = unix.path.clone();
     let file_id = unix.file_id();
-    let unix_listener = tokio::net::UnixListener::from_std(unix.listener).map_err(|source| {
-        MgmtError::Socket {
+    let unix_listener =
+        tokio::net::UnixListener::from_std(unix.listener).map_err(|source| MgmtError::Socket {
             path: path.display().to_string(),
             source,
-        }
-    })?;
+        })?;
     tracing::info!(path = %path.display(), "management API listening");
     let stop = shutdown.clone();
     let reporter = health.clone();
@@ -291,9 +293,14 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
         let incoming = UnixListenerStream::new(unix_listener);
         let signal = async move {
             stop.triggered().await;
-            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
         };
-        if let Err(e) = unix_router.serve_with_incoming_shutdown(incoming, signal).await {
+        if let Err(e) = unix_router
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
+        {
             tracing::error!(error = %e, "management API stopped");
         }
         socket::remove(&path, file_id);
@@ -301,10 +308,11 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
 
     if let Some((listener, router)) = tcp_router {
         let addr = listener.local_addr().ok();
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|source| MgmtError::Tcp {
-            addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
-            source,
-        })?;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|source| MgmtError::Tcp {
+                addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
         tracing::info!(address = ?addr, "management API listening on TCP (bearer token required)");
         let stop = shutdown.clone();
         tokio::spawn(async move {

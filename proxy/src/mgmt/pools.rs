@@ -29,9 +29,18 @@ impl PoolApi {
             .map(|p| convert::pool_proto(p, Some(&snap.routing)))
     }
 
-    async fn set_state(&self, pool: String, address: String, state: UpstreamState) -> Result<u64, Status> {
+    async fn set_state(
+        &self,
+        pool: String,
+        address: String,
+        state: UpstreamState,
+    ) -> Result<u64, Status> {
         self.ctx
-            .apply(vec![Change::SetUpstreamState { pool, address, state }])
+            .apply(vec![Change::SetUpstreamState {
+                pool,
+                address,
+                state,
+            }])
             .await
     }
 }
@@ -113,7 +122,10 @@ impl PoolService for PoolApi {
         let upstream = convert::upstream(required(req.upstream, "upstream")?, "upstream")?;
         let revision = self
             .ctx
-            .apply(vec![Change::AddUpstream { pool: req.pool, upstream }])
+            .apply(vec![Change::AddUpstream {
+                pool: req.pool,
+                upstream,
+            }])
             .await?;
         Ok(Response::new(pb::AddUpstreamResponse { revision }))
     }
@@ -125,7 +137,10 @@ impl PoolService for PoolApi {
         let req = request.into_inner();
         let revision = self
             .ctx
-            .apply(vec![Change::RemoveUpstream { pool: req.pool, address: req.address }])
+            .apply(vec![Change::RemoveUpstream {
+                pool: req.pool,
+                address: req.address,
+            }])
             .await?;
         Ok(Response::new(pb::RemoveUpstreamResponse { revision }))
     }
@@ -135,7 +150,9 @@ impl PoolService for PoolApi {
         request: Request<pb::DrainUpstreamRequest>,
     ) -> Result<Response<pb::DrainUpstreamResponse>, Status> {
         let req = request.into_inner();
-        let revision = self.set_state(req.pool, req.address, UpstreamState::Draining).await?;
+        let revision = self
+            .set_state(req.pool, req.address, UpstreamState::Draining)
+            .await?;
         Ok(Response::new(pb::DrainUpstreamResponse { revision }))
     }
 
@@ -144,7 +161,9 @@ impl PoolService for PoolApi {
         request: Request<pb::ActivateUpstreamRequest>,
     ) -> Result<Response<pb::ActivateUpstreamResponse>, Status> {
         let req = request.into_inner();
-        let revision = self.set_state(req.pool, req.address, UpstreamState::Active).await?;
+        let revision = self
+            .set_state(req.pool, req.address, UpstreamState::Active)
+            .await?;
         Ok(Response::new(pb::ActivateUpstreamResponse { revision }))
     }
 }

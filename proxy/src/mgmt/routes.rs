@@ -24,7 +24,12 @@ impl RouteApi {
 
     /// The stored form of route `name` (after normalisation by the state).
     fn stored_route(&self, name: &str) -> Option<pb::Route> {
-        self.ctx.state.snapshot().state.route(name).map(convert::route_proto)
+        self.ctx
+            .state
+            .snapshot()
+            .state
+            .route(name)
+            .map(convert::route_proto)
     }
 
     fn stored_tcp_route(&self, name: &str) -> Option<pb::TcpRoute> {
@@ -177,7 +182,10 @@ impl RouteService for RouteApi {
         request: Request<pb::DeleteTcpRouteRequest>,
     ) -> Result<Response<pb::DeleteTcpRouteResponse>, Status> {
         let name = request.into_inner().name;
-        let revision = self.ctx.apply(vec![Change::DeleteTcpRoute { name }]).await?;
+        let revision = self
+            .ctx
+            .apply(vec![Change::DeleteTcpRoute { name }])
+            .await?;
         Ok(Response::new(pb::DeleteTcpRouteResponse { revision }))
     }
 }

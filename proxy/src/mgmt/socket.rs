@@ -95,7 +95,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("run/mgmt.sock");
         let first = bind(&path).expect("fresh bind");
-        let mode = std::fs::metadata(&path).expect("socket file").permissions().mode();
+        let mode = std::fs::metadata(&path)
+            .expect("socket file")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o660);
         assert!(matches!(bind(&path), Err(MgmtError::InUse { .. })));
         drop(first); // The file stays behind, like after a crash.
