@@ -39,7 +39,7 @@
         # prost-build (etcd-client) runs protoc; the project's own protos are compiled
         # with protox and checked in.
         nativeBuildInputs = [ pkgs.protobuf ];
-        env.PROTOC = lib.getExe' pkgs.protobuf "protoc";
+        env.PROTOC = lib.getExe' pkgs.buildPackages.protobuf "protoc";
 
         cargoBuildFlags = [ "--package" "proxy" "--package" "proxyctl" ];
         # Unit tests only: the integration tests start pebble, etcd and real daemons,

@@ -11,6 +11,8 @@
 #                   else target/release of this repository)
 #   --scenarios     which scenarios to run (default "1 3 4")
 #   --reloads N     reloads in scenario 3 (default 5)
+#   --config FILE   proxyd config to test with (default: proxy.toml next to this script;
+#                   the scenarios expect its listeners, pools and routes)
 #   --timeout S     upper bound of the container run (default 600)
 #   --cache DIR     where the rootfs is cached (default /var/cache/proxy-nspawn); it is
 #                   rebuilt when missing or when rootfs.sh changes
@@ -27,6 +29,7 @@ bin_dir=""
 scenarios="1 3 4"
 reloads=5
 run_timeout=600
+config=""
 cache=/var/cache/proxy-nspawn
 keep=0
 
@@ -35,10 +38,11 @@ while [ $# -gt 0 ]; do
     --bin-dir) bin_dir=$2; shift 2 ;;
     --scenarios) scenarios=$2; shift 2 ;;
     --reloads) reloads=$2; shift 2 ;;
+    --config) config=$2; shift 2 ;;
     --timeout) run_timeout=$2; shift 2 ;;
     --cache) cache=$2; shift 2 ;;
     --keep) keep=1; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -108,7 +112,8 @@ make_payload() {
     "$repo"/contrib/systemd/proxy-listener@.socket "$repo"/contrib/systemd/proxy.sysusers \
     "$payload/units/"
   install -m 0755 "$here/scenarios.sh" "$payload/entry"
-  install -m 0644 "$here/load.py" "$here/upstream.py" "$here/tcp_roundtrip.py" "$here/proxy.toml" "$payload/"
+  install -m 0644 "$here/load.py" "$here/upstream.py" "$here/tcp_roundtrip.py" "$payload/"
+  install -m 0644 "${config:-$here/proxy.toml}" "$payload/proxy.toml"
   printf 'SCENARIOS="%s"\nRELOADS=%s\n' "$scenarios" "$reloads" >"$payload/params"
   chmod 0755 "$work" "$payload" "$results"
 }
