@@ -1,7 +1,7 @@
 //! Every status code the management API documents, provoked for real: INVALID_ARGUMENT
 //! naming the field, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION (config-file objects,
-//! pools in use), UNAVAILABLE (state handed over / shutting down), UNAUTHENTICATED on the
-//! TCP listener, UNIMPLEMENTED for the operations still to come; plus the socket rules.
+//! pools in use), UNAVAILABLE (state handed over / draining), UNAUTHENTICATED on the TCP
+//! listener, a failed upgrade that leaves the daemon serving; plus the socket rules.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -137,15 +137,28 @@ async fn unavailable_once_the_state_takes_no_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_and_drain_are_declared_but_unimplemented() {
+async fn failed_upgrade_keeps_serving_and_drain_refuses_writes() {
+    let up = upstream("u").await;
     let proxy = start_proxy(CONFIG).await;
     let mut api = connect(&proxy).await;
-    let (code, message) =
-        code_and_message(api.admin.upgrade(pb::UpgradeRequest { binary: String::new(), wait: true }).await);
-    assert_eq!(code, Code::Unimplemented);
-    assert!(message.contains("upgrade"), "{message}");
-    let (code, _) = code_and_message(api.admin.drain(pb::DrainRequest { timeout_ms: 0 }).await);
-    assert_eq!(code, Code::Unimplemented);
+    // A binary that cannot start: the call fails and this daemon keeps serving. (Never the
+    // default binary here: in a test that is the test executable itself.)
+    let (code, message) = code_and_message(
+        api.admin
+            .upgrade(pb::UpgradeRequest { binary: "/nonexistent/proxyd".into(), wait: true })
+            .await,
+    );
+    assert_eq!(code, Code::FailedPrecondition, "{message}");
+    assert!(message.contains("keeps serving"), "{message}");
+    create_pool(&mut api, pool_msg("p", &[up.address()])).await;
+
+    let drained = api.admin.drain(pb::DrainRequest { timeout_ms: 1000 }).await.expect("drain").into_inner();
+    assert!(drained.message.contains("stopped accepting"), "{}", drained.message);
+    // Draining: changes are refused with UNAVAILABLE.
+    let (code, message) = code_and_message(
+        api.routes.create_route(pb::CreateRouteRequest { route: Some(route_msg("r", "", "/", "p")) }).await,
+    );
+    assert_eq!(code, Code::Unavailable, "{message}");
 }
 
 fn tcp_config(token_file: &std::path::Path) -> String {
