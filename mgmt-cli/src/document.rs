@@ -67,7 +67,7 @@ pub struct Upstream {
     /// `active` or `draining`; active when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
-    /// `unknown`, `healthy` or `ejected`; informational, never sent.
+    /// `healthy` or `ejected` (absent: not checked); informational, never sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
 }
@@ -319,7 +319,9 @@ impl Pool {
                     address: u.address.clone(),
                     weight: u.weight,
                     state: Some(state_name(u.state()).to_owned()),
-                    health: Some(health_name(u.health()).to_owned()),
+                    health: Some(u.health())
+                        .filter(|h| *h != pb::UpstreamHealth::Unspecified)
+                        .map(|h| health_name(h).to_owned()),
                 })
                 .collect(),
             health_check: p.health_check.as_ref().map(|h| HealthCheck {
