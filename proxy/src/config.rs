@@ -13,9 +13,16 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
+use crate::discovery::{DiscoverySpec, OnChange, SourceSpec};
+use crate::registration::RegistrationConfig;
 use crate::state::{
     self, Balance, Change, HealthCheck, PathMatch, Pool, Route, Source, TcpRoute, Upstream,
 };
+
+mod telemetry;
+mod tls;
+
+pub use tls::{normalise_allow_entry, AcmeChallenge, AcmeConfig, CertificateFiles, OnDemandConfig, TlsConfig};
 
 /// The config used when `proxyd` is started without `--config`.
 pub const EMBEDDED_DEFAULT: &str = r#"# Embedded default: one HTTP listener, no routes (every request gets a 404).
@@ -62,6 +69,12 @@ pub enum Protocol {
     Http,
     /// Plain TCP, forwarded to one pool.
     Tcp,
+    /// TLS terminated here, then HTTP/1.1 or HTTP/2 (by ALPN), routed like `http`.
+    Https,
+    /// TLS terminated here, then the plain bytes forwarded to the listener's pool.
+    Tls,
+    /// TLS not terminated: the ClientHello's SNI picks the pool, bytes pass untouched.
+    TlsPassthrough,
 }
 
 impl Protocol {
@@ -70,7 +83,20 @@ impl Protocol {
         match self {
             Protocol::Http => "http",
             Protocol::Tcp => "tcp",
+            Protocol::Https => "https",
+            Protocol::Tls => "tls",
+            Protocol::TlsPassthrough => "tls-passthrough",
         }
+    }
+
+    /// Whether connections carry HTTP requests routed by `[[routes]]`.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
+
+    /// Whether connections are forwarded as bytes by TCP routes.
+    pub fn is_stream(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough)
     }
 }
 
@@ -89,6 +115,12 @@ pub struct ServerConfig {
     pub admin_listen: Option<SocketAddr>,
     /// How long in-flight work may take after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// How long in-flight work may take after an upgrade handoff or a drain request.
+    pub drain_timeout: Duration,
+    /// How long a new process may take to become ready during an upgrade.
+    pub upgrade_timeout: Duration,
+    /// The binary an upgrade starts (a stable path such as a symlink); `None` = this one.
+    pub executable: Option<PathBuf>,
     /// Default log filter (`RUST_LOG` overrides it).
     pub log_level: String,
 }
@@ -125,6 +157,14 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The declarative objects (pools, routes, TCP routes), as the Changes that create them.
     pub declarative: Vec<Change>,
+    /// Discovery sources of the pools (`[pools.discovery]`), run-time only.
+    pub discovery: Vec<DiscoverySpec>,
+    /// The `[registration]` section.
+    pub registration: RegistrationConfig,
+    /// The `[tls]` section.
+    pub tls: TlsConfig,
+    /// The `[telemetry]` section.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 impl Config {
@@ -176,6 +216,23 @@ struct RawConfig {
     pools: Vec<Spanned<RawPool>>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    registration: Option<Spanned<RawRegistration>>,
+    #[serde(default)]
+    tcp_routes: Vec<Spanned<RawTcpRoute>>,
+    #[serde(default)]
+    tls: Option<Spanned<tls::RawTls>>,
+    #[serde(default)]
+    telemetry: Option<Spanned<telemetry::RawTelemetry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTcpRoute {
+    name: String,
+    listener: String,
+    pool: String,
+    sni: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -187,6 +244,9 @@ struct RawServer {
     mgmt_token_file: Option<String>,
     admin_listen: Option<String>,
     shutdown_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    upgrade_timeout: Option<String>,
+    executable: Option<String>,
     log_level: Option<String>,
 }
 
@@ -234,6 +294,58 @@ struct RawPool {
     health: Option<RawHealth>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
+    on_change: Option<String>,
+    discovery: Option<RawDiscovery>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    etcd: Option<RawEtcd>,
+    dns: Option<RawDns>,
+    exec: Option<RawExec>,
+    file: Option<RawFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    name: String,
+    port: Option<u16>,
+    interval: Option<String>,
+    resolver: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExec {
+    command: Vec<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    path: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRegistration {
+    hold: Option<String>,
+    port_range: Option<String>,
+    address: Option<String>,
+    queue_limit: Option<usize>,
+    max_wait: Option<String>,
+    keepalive: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -372,12 +484,13 @@ impl Doc<'_> {
                 ));
             }
             match (listener.protocol, raw.pool) {
-                (Protocol::Tcp, Some(pool)) => {
+                (p, Some(pool)) if p.is_stream() => {
                     declarative.push(Change::CreateTcpRoute(TcpRoute {
                         name: listener.name.clone(),
                         source: Source::Declarative,
                         listener: listener.name.clone(),
                         pool,
+                        sni: None,
                     }));
                     origins.push(Origin {
                         section: "listeners",
@@ -385,25 +498,28 @@ impl Doc<'_> {
                         span: span.clone(),
                     });
                 }
-                (Protocol::Tcp, None) => {}
-                (Protocol::Http, Some(_)) => {
+                (_, Some(_)) => {
                     return Err(self.field_error(
                         &span,
                         &prefix,
                         "pool",
-                        "only tcp listeners take a pool; http listeners use [[routes]]",
+                        "only tcp, tls and tls-passthrough listeners take a pool; http and https listeners use [[routes]]",
                     ))
                 }
-                (Protocol::Http, None) => {}
+                (_, None) => {}
             }
             listeners.push(listener);
         }
         // Pools first, so routes can name them.
+        let mut discovery = Vec::new();
         let mut pool_changes = Vec::new();
         for (index, spanned) in raw.pools.into_iter().enumerate() {
             let span = spanned.span();
             let prefix = format!("pools[{index}]");
-            let pool = self.build_pool(spanned.into_inner(), &span, &prefix)?;
+            let mut raw_pool = spanned.into_inner();
+            let discovery_spec = self.build_discovery(&mut raw_pool, &span, &prefix)?;
+            let pool = self.build_pool(raw_pool, &span, &prefix)?;
+            discovery.extend(discovery_spec);
             pool_changes.push((Change::CreatePool(pool), Origin { section: "pools", index, span }));
         }
         for (index, spanned) in raw.routes.into_iter().enumerate() {
@@ -412,6 +528,18 @@ impl Doc<'_> {
             let route = self.build_route(spanned.into_inner(), &span, &prefix)?;
             declarative.push(Change::CreateRoute(route));
             origins.push(Origin { section: "routes", index, span });
+        }
+        for (index, spanned) in raw.tcp_routes.into_iter().enumerate() {
+            let span = spanned.span();
+            let r = spanned.into_inner();
+            declarative.push(Change::CreateTcpRoute(TcpRoute {
+                name: r.name,
+                source: Source::Declarative,
+                listener: r.listener,
+                pool: r.pool,
+                sni: r.sni,
+            }));
+            origins.push(Origin { section: "tcp_routes", index, span });
         }
         let (pool_changes, pool_origins): (Vec<_>, Vec<_>) = pool_changes.into_iter().unzip();
         let declarative: Vec<Change> = pool_changes.into_iter().chain(declarative).collect();
@@ -428,6 +556,10 @@ impl Doc<'_> {
             server,
             listeners,
             declarative,
+            discovery,
+            registration: self.build_registration(raw.registration)?,
+            tls: self.build_tls(raw.tls)?,
+            telemetry: self.build_telemetry(raw.telemetry)?,
         })
     }
 
@@ -511,6 +643,13 @@ impl Doc<'_> {
             prefix,
             "shutdown_timeout",
         )?;
+        let drain_timeout =
+            self.duration(&raw.drain_timeout, Duration::from_secs(30), &span, prefix, "drain_timeout")?;
+        let upgrade_timeout =
+            self.duration(&raw.upgrade_timeout, Duration::from_secs(30), &span, prefix, "upgrade_timeout")?;
+        if upgrade_timeout.is_zero() {
+            return Err(self.field_error(&span, prefix, "upgrade_timeout", "must be positive"));
+        }
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(self.field_error(&span, prefix, "log_level", format!("invalid log filter {log_level:?}")));
@@ -522,6 +661,9 @@ impl Doc<'_> {
             mgmt_token_file,
             admin_listen,
             shutdown_timeout,
+            drain_timeout,
+            upgrade_timeout,
+            executable: raw.executable.filter(|e| !e.is_empty()).map(PathBuf::from),
             log_level,
         })
     }
@@ -538,12 +680,15 @@ impl Doc<'_> {
         let protocol = match raw.protocol.as_str() {
             "http" => Protocol::Http,
             "tcp" => Protocol::Tcp,
+            "https" => Protocol::Https,
+            "tls" => Protocol::Tls,
+            "tls-passthrough" => Protocol::TlsPassthrough,
             other => {
                 return Err(self.field_error(
                     span,
                     prefix,
                     "protocol",
-                    format!("unknown protocol {other:?}, expected http or tcp"),
+                    format!("unknown protocol {other:?}, expected http, https, tcp, tls or tls-passthrough"),
                 ))
             }
         };
@@ -573,6 +718,138 @@ impl Doc<'_> {
             max_header_bytes,
             max_body_bytes: raw.max_body_bytes.unwrap_or(0),
         })
+    }
+
+    /// `on_change` and `[pools.discovery]` of a pool (taken out of `raw`).
+    fn build_discovery(
+        &self,
+        raw: &mut RawPool,
+        span: &Range<usize>,
+        prefix: &str,
+    ) -> Result<Option<DiscoverySpec>, ConfigError> {
+        let on_change = match raw.on_change.take() {
+            None => OnChange::Keep,
+            Some(s) => OnChange::parse(&s).ok_or_else(|| {
+                self.field_error(span, prefix, "on_change", format!("unknown on_change {s:?}, expected keep or reset"))
+            })?,
+        };
+        let Some(d) = raw.discovery.take() else {
+            if on_change == OnChange::Reset {
+                return Err(self.field_error(span, prefix, "on_change", "\"reset\" needs a [pools.discovery] section"));
+            }
+            return Ok(None);
+        };
+        let prefix = format!("{prefix}.discovery");
+        let given: Vec<&str> = [
+            d.etcd.as_ref().map(|_| "etcd"),
+            d.dns.as_ref().map(|_| "dns"),
+            d.exec.as_ref().map(|_| "exec"),
+            d.file.as_ref().map(|_| "file"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if given.len() != 1 {
+            let key = given.get(1).copied().unwrap_or("discovery");
+            return Err(self.error(
+                self.line_of_key(span, key),
+                prefix,
+                format!("give exactly one of etcd, dns, exec or file (got {})", if given.is_empty() { "none".to_string() } else { given.join(", ") }),
+            ));
+        }
+        // Errors inside an inline table point at its line and name the inner field.
+        let inner = |key: &str, field: &str, reason: String| {
+            self.error(self.line_of_key(span, key), format!("{prefix}.{key}.{field}"), reason)
+        };
+        let duration = |key: &str, field: &str, value: &Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(inner(key, field, "must be positive".into())),
+                Err(e) => Err(inner(key, field, format!("invalid duration {s:?}: {e}"))),
+            },
+        };
+        let source = if let Some(e) = d.etcd {
+            if e.endpoints.is_empty() {
+                return Err(inner("etcd", "endpoints", "must name at least one endpoint".into()));
+            }
+            if let Some(bad) = e.endpoints.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= 8) {
+                return Err(inner("etcd", "endpoints", format!("{bad:?} is not an http:// or https:// URL")));
+            }
+            if !e.prefix.starts_with('/') || e.prefix.trim_end_matches('/').is_empty() {
+                return Err(inner("etcd", "prefix", format!("{:?} must start with '/' and name a directory", e.prefix)));
+            }
+            SourceSpec::Etcd { endpoints: e.endpoints, prefix: e.prefix.trim_end_matches('/').to_string() }
+        } else if let Some(n) = d.dns {
+            if n.name.is_empty() || n.name.contains(char::is_whitespace) {
+                return Err(inner("dns", "name", format!("{:?} is not a DNS name", n.name)));
+            }
+            if n.port == Some(0) {
+                return Err(inner("dns", "port", "must be 1-65535 (leave it out for SRV records)".into()));
+            }
+            let resolver = match n.resolver.as_deref() {
+                None => None,
+                Some(r) => Some(r.parse().map_err(|_| inner("dns", "resolver", format!("invalid address {r:?}, expected IP:PORT")))?),
+            };
+            SourceSpec::Dns {
+                name: n.name,
+                port: n.port,
+                interval: duration("dns", "interval", &n.interval, Duration::from_secs(30))?,
+                resolver,
+            }
+        } else if let Some(x) = d.exec {
+            if x.command.first().is_none_or(|c| c.is_empty()) {
+                return Err(inner("exec", "command", "must name a program".into()));
+            }
+            let interval = duration("exec", "interval", &x.interval, Duration::from_secs(10))?;
+            let timeout = duration("exec", "timeout", &x.timeout, Duration::from_secs(5).min(interval))?;
+            SourceSpec::Exec { command: x.command, interval, timeout }
+        } else if let Some(f) = d.file {
+            if f.path.is_empty() {
+                return Err(inner("file", "path", "must not be empty".into()));
+            }
+            SourceSpec::File { path: PathBuf::from(f.path) }
+        } else {
+            return Err(self.error(self.line_of_key(span, "discovery"), prefix, "give one of etcd, dns, exec or file"));
+        };
+        Ok(Some(DiscoverySpec { pool: raw.name.clone(), source, on_change }))
+    }
+
+    fn build_registration(&self, raw: Option<Spanned<RawRegistration>>) -> Result<RegistrationConfig, ConfigError> {
+        let (span, raw) = match raw {
+            Some(s) => (s.span(), s.into_inner()),
+            None => (0..0, RawRegistration::default()),
+        };
+        let prefix = "registration";
+        let defaults = RegistrationConfig::default();
+        let positive = |value: &Option<String>, default: Duration, key: &str| -> Result<Duration, ConfigError> {
+            let d = self.duration(value, default, &span, prefix, key)?;
+            if d.is_zero() {
+                return Err(self.field_error(&span, prefix, key, "must be positive"));
+            }
+            Ok(d)
+        };
+        let hold = self.duration(&raw.hold, defaults.hold, &span, prefix, "hold")?;
+        let max_wait = positive(&raw.max_wait, defaults.max_wait, "max_wait")?;
+        let keepalive = positive(&raw.keepalive, defaults.keepalive, "keepalive")?;
+        let port_range = match raw.port_range.as_deref() {
+            None => defaults.port_range,
+            Some(s) => {
+                let parsed = s.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+                match parsed {
+                    Some((a, b)) if a > 0 && a <= b => a..=b,
+                    _ => {
+                        return Err(self.field_error(&span, prefix, "port_range", format!("invalid range {s:?}, expected LOW-HIGH with 1 <= LOW <= HIGH")))
+                    }
+                }
+            }
+        };
+        let address = match raw.address.as_deref() {
+            None => defaults.address,
+            Some(s) => s.parse().map_err(|_| self.field_error(&span, prefix, "address", format!("invalid IP address {s:?}")))?,
+        };
+        let queue_limit = raw.queue_limit.unwrap_or(defaults.queue_limit);
+        Ok(RegistrationConfig { hold, port_range, address, queue_limit, max_wait, keepalive })
     }
 
     fn build_pool(&self, raw: RawPool, span: &Range<usize>, prefix: &str) -> Result<Pool, ConfigError> {

@@ -7,24 +7,35 @@
 //! - [`state`]: the desired state: model types, [`state::Change`] (every mutation),
 //!   validation, the single SQLite writer, snapshot publication.
 //! - [`routing`]: the compiled, immutable [`routing::RoutingTable`]; `lookup(listener, host, path)`.
-//! - [`listener`]: binding sockets (SO_REUSEADDR + SO_REUSEPORT), idle timeouts.
+//! - [`listener`]: obtaining sockets (handoff, systemd, or bind with SO_REUSEADDR +
+//!   SO_REUSEPORT), idle timeouts.
 //! - [`http`]: hyper server and the proxy request path: hygiene, forwarding, errors, access log.
 //! - [`tcp`]: L4 forwarding with `copy_bidirectional`.
 //! - [`upstream`]: pools at run time: balancing, connection reuse, passive and active health.
-//! - [`telemetry`]: logging and the admin listener (`/healthz`, `/readyz`).
+//! - [`discovery`]: etcd, DNS, exec and file sources feeding pool membership at run time.
+//! - [`registration`]: services registering routes over a gRPC stream; hold-and-queue.
+//! - [`telemetry`]: logging, the access log format, metrics, OTLP export and the admin
+//!   listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`upgrade`]: zero-downtime upgrades: fd handoff to the next binary, readiness,
+//!   systemd notifications and fd store.
+//! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
 
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod listener;
 pub mod mgmt;
+pub mod registration;
 pub mod routing;
 pub mod shutdown;
 pub mod state;
 pub mod tcp;
 pub mod telemetry;
+pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::collections::BTreeMap;
@@ -36,7 +47,6 @@ use thiserror::Error;
 pub use config::Config;
 pub use shutdown::Shutdown;
 
-use config::Protocol;
 use state::{Source, StateHandle};
 
 /// The daemon could not start.
@@ -59,6 +69,12 @@ pub enum StartError {
     /// Another socket-level failure.
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
+    /// A certificate file or the TLS tables could not be used.
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    /// The OTLP exporters could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::OtlpError),
 }
 
 /// A running daemon: listeners accepting, state writer running.
@@ -69,23 +85,24 @@ pub struct Daemon {
     addresses: BTreeMap<String, SocketAddr>,
     admin_address: Option<SocketAddr>,
     mgmt_address: Option<SocketAddr>,
+    upgrader: Arc<upgrade::Upgrader>,
+    tls: Arc<tls::Tls>,
+    telemetry: Arc<telemetry::Telemetry>,
 }
 
 impl Daemon {
     /// Opens the state, binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
-        let sockets = listener::bind_all(&config)?;
-        Daemon::start_with(config, sockets).await
+        Daemon::start_with(config, listener::Inherited::default()).await
     }
 
-    /// Starts serving on already-open listening sockets (by listener name).
-    pub async fn start_with(
-        config: Config,
-        mut sockets: BTreeMap<String, std::net::TcpListener>,
-    ) -> Result<Daemon, StartError> {
+    /// Starts serving, using `inherited` sockets (from a previous process or systemd) where
+    /// their names match and binding the rest.
+    pub async fn start_with(config: Config, mut inherited: listener::Inherited) -> Result<Daemon, StartError> {
         let started = std::time::Instant::now();
         // First, so a second daemon on the same socket fails before touching the store.
-        let mgmt_sockets = mgmt::Sockets::bind(&config.server)?;
+        let mgmt_sockets = mgmt::Sockets::bind(&config.server, &mut inherited)?;
+        let (mut sockets, bound_here) = listener::obtain(&config, &mut inherited)?;
         let state = StateHandle::open(
             &config.server.state_dir,
             config.listener_protocols(),
@@ -93,7 +110,18 @@ impl Daemon {
         )
         .map_err(|source| StartError::Store { dir: config.server.state_dir.display().to_string(), source })?;
         let shutdown = Shutdown::new();
+        let telemetry = Arc::new(telemetry::Telemetry::start(&config.telemetry, Some(&state))?);
+        let tls = tls::Tls::start(
+            &config.tls,
+            &state::database_path(&config.server.state_dir),
+            state.clone(),
+            shutdown.clone(),
+        )
+        .await?;
         let mut addresses = BTreeMap::new();
+        let mut handoff = mgmt_sockets
+            .handoff_sockets()
+            .map_err(|e| StartError::Io("management socket".into(), e))?;
         for listener_config in &config.listeners {
             let Some(socket) = sockets.remove(&listener_config.name) else {
                 return Err(StartError::Io(
@@ -104,32 +132,92 @@ impl Daemon {
             let io_err = |e| StartError::Io(format!("listener {:?}", listener_config.name), e);
             socket.set_nonblocking(true).map_err(io_err)?;
             let address = socket.local_addr().map_err(io_err)?;
+            handoff.push(upgrade::HandoffSocket {
+                name: listener_config.name.clone(),
+                kind: upgrade::SocketKind::Tcp,
+                fd: socket.try_clone().map_err(io_err)?.into(),
+            });
             let socket = tokio::net::TcpListener::from_std(socket).map_err(io_err)?;
             addresses.insert(listener_config.name.clone(), address);
             let lc = Arc::new(listener_config.clone());
             tracing::info!(listener = %lc.name, protocol = lc.protocol.as_str(), %address, "listening");
-            match lc.protocol {
-                Protocol::Http => {
-                    tokio::spawn(http::serve(socket, lc, state.clone(), shutdown.clone()));
-                }
-                Protocol::Tcp => {
-                    tokio::spawn(tcp::serve(socket, lc, state.clone(), shutdown.clone()));
-                }
+            if lc.protocol.is_http() {
+                tokio::spawn(http::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()));
+            } else {
+                tokio::spawn(tcp::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()));
             }
         }
         let admin_address = match config.server.admin_listen {
             Some(addr) => {
-                let socket = listener::bind(addr).map_err(|e| StartError::Io(format!("admin listener {addr}"), e))?;
-                let address = socket.local_addr().map_err(|e| StartError::Io("admin listener".into(), e))?;
-                let socket = tokio::net::TcpListener::from_std(socket)
-                    .map_err(|e| StartError::Io("admin listener".into(), e))?;
-                tokio::spawn(telemetry::admin::serve(socket, shutdown.clone()));
+                let admin_err = |e| StartError::Io(format!("admin listener {addr}"), e);
+                let socket = match inherited.take_tcp(upgrade::ADMIN_SOCKET) {
+                    Some((socket, _)) if socket.local_addr().ok() == Some(addr) || addr.port() == 0 => socket,
+                    _ => listener::bind(addr).map_err(admin_err)?,
+                };
+                socket.set_nonblocking(true).map_err(admin_err)?;
+                let address = socket.local_addr().map_err(admin_err)?;
+                handoff.push(upgrade::HandoffSocket {
+                    name: upgrade::ADMIN_SOCKET.into(),
+                    kind: upgrade::SocketKind::Tcp,
+                    fd: socket.try_clone().map_err(admin_err)?.into(),
+                });
+                let socket = tokio::net::TcpListener::from_std(socket).map_err(admin_err)?;
+                tokio::spawn(telemetry::admin::serve(socket, telemetry.clone(), shutdown.clone()));
                 tracing::info!(%address, "admin endpoints listening");
                 Some(address)
             }
             None => None,
         };
+        inherited.close_leftovers();
+        // Sockets bound here go to systemd's fd store (when it has one), so that even a
+        // plain restart finds them open.
+        let stored: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = handoff
+            .iter()
+            .filter(|s| bound_here.contains(&s.name))
+            .map(|s| (s.name.as_str(), std::os::fd::AsFd::as_fd(&s.fd)))
+            .collect();
+        upgrade::store_in_systemd(&stored);
         tokio::spawn(upstream::health::run(state.clone(), shutdown.clone()));
+        let runtime_dir = config
+            .server
+            .mgmt_socket
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map_or_else(|| config.server.state_dir.clone(), std::path::Path::to_path_buf);
+        let upgrader = Arc::new(upgrade::Upgrader::new(
+            upgrade::default_executable(config.server.executable.as_deref()),
+            runtime_dir,
+            config.server.upgrade_timeout,
+            state.clone(),
+            shutdown.clone(),
+            handoff,
+        ));
+        let discovery = discovery::Discovery::start(&config.discovery, &state, &shutdown).await;
+        let known_listeners = config
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                let bound = *addresses.get(&l.name)?;
+                Some(registration::KnownListener { name: l.name.clone(), protocol: l.protocol, bound })
+            })
+            .collect();
+        // Ports opened for registrations are served exactly like configured listeners.
+        let serve_registered: registration::ServeListener = {
+            let (state, shutdown, tls, telemetry) = (state.clone(), shutdown.clone(), tls.clone(), telemetry.clone());
+            Arc::new(move |socket, lc: Arc<config::ListenerConfig>| {
+                if lc.protocol.is_http() {
+                    tokio::spawn(http::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()))
+                } else {
+                    tokio::spawn(tcp::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()))
+                }
+            })
+        };
+        let registry = Arc::new(registration::Registry::new(
+            config.registration.clone(),
+            state.clone(),
+            known_listeners,
+            serve_registered,
+        ));
         let mgmt_address = mgmt_sockets.tcp_address();
         let mgmt_context = mgmt::Context {
             state: state.clone(),
@@ -137,9 +225,19 @@ impl Daemon {
             started,
             listeners: mgmt::ListenerInfo::all(&config, &addresses),
             config_path: config.path.clone(),
+            upgrader: Some(upgrader.clone()),
+            discovery,
+            registry,
+            metrics: telemetry.metrics().clone(),
         };
         mgmt::spawn(mgmt_sockets, mgmt_context, shutdown.clone()).await?;
-        Ok(Daemon { config, state, shutdown, addresses, admin_address, mgmt_address })
+        telemetry.set_ready();
+        Ok(Daemon { config, state, shutdown, addresses, admin_address, mgmt_address, upgrader, tls, telemetry })
+    }
+
+    /// Starts the configured binary and hands this daemon's sockets to it (see [`upgrade`]).
+    pub async fn upgrade(&self, binary: Option<std::path::PathBuf>) -> Result<u32, upgrade::UpgradeError> {
+        self.upgrader.upgrade(binary).await
     }
 
     /// The bound address of the listener called `name`.
@@ -155,6 +253,16 @@ impl Daemon {
     /// The bound address of the management API's TCP listener.
     pub fn mgmt_address(&self) -> Option<SocketAddr> {
         self.mgmt_address
+    }
+
+    /// Certificates, the on-demand policy and the ACME issuer.
+    pub fn tls(&self) -> &Arc<tls::Tls> {
+        &self.tls
+    }
+
+    /// Metrics, access log settings and tracing; other parts record through its metrics.
+    pub fn telemetry(&self) -> &Arc<telemetry::Telemetry> {
+        &self.telemetry
     }
 
     /// The state handle (read snapshots, apply changes).
@@ -174,35 +282,80 @@ impl Daemon {
 
     /// Stops accepting, lets in-flight work finish (up to `shutdown_timeout`), closes the store.
     pub async fn stop(self) {
+        let timeout = self.config.server.shutdown_timeout;
+        self.finish(timeout).await;
+    }
+
+    async fn finish(self, timeout: std::time::Duration) {
         self.shutdown.trigger();
         self.state.close().await;
-        self.shutdown.drain(self.config.server.shutdown_timeout).await;
+        self.shutdown.drain(timeout).await;
+        self.telemetry.flush().await;
         tracing::info!("stopped");
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT, then drains and returns.
+/// Runs the daemon until SIGTERM/SIGINT, a drain request, or a handoff to a successor
+/// (SIGUSR2 or the Upgrade API call), then drains and returns.
 pub async fn run(config: Config) -> Result<(), StartError> {
-    let daemon = Daemon::start(config).await?;
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    daemon.stop().await;
-    Ok(())
-}
-
-async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+
+    // Sockets, in order: from the previous proxyd (upgrade), from systemd, else bound.
+    let (handoff, mut inherited) = match upgrade::receive().map_err(|e| StartError::Io("upgrade handoff".into(), std::io::Error::other(e)))? {
+        Some((handoff, inherited)) => (Some(handoff), inherited),
+        None => (None, listener::Inherited::default()),
+    };
+    let only = match config.listeners.as_slice() {
+        [one] => Some(one.name.as_str()),
+        _ => None,
+    };
+    inherited.merge(listener::Inherited::from_systemd(only));
+    let daemon = Daemon::start_with(config, inherited).await?;
+    if let Some(handoff) = handoff {
+        if let Err(e) = handoff.ready() {
+            // The parent has given up on us (and will kill us): do not linger.
+            daemon.stop().await;
+            return Err(StartError::Io("upgrade handoff".into(), std::io::Error::other(e)));
         }
     }
+    upgrade::notify_systemd(&[sd_notify::NotifyState::Ready]);
+
+    let io = |what: &'static str| move |e| StartError::Io(what.to_string(), e);
+    let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(io("SIGUSR2 handler"))?;
+    let shutdown = daemon.shutdown.clone();
+    let timeout = loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break daemon.config.server.shutdown_timeout;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: shutting down");
+                break daemon.config.server.shutdown_timeout;
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading");
+                let upgrader = daemon.upgrader.clone();
+                tokio::spawn(async move {
+                    let _ = upgrader.upgrade(None).await;
+                });
+            }
+            _ = shutdown.triggered() => {
+                if shutdown.is_handed_over() {
+                    tracing::info!("handed over; draining");
+                } else {
+                    tracing::info!("drain requested");
+                }
+                break shutdown.requested_drain_timeout().unwrap_or(daemon.config.server.drain_timeout);
+            }
+        }
+    };
+    if !shutdown.is_handed_over() {
+        upgrade::notify_systemd(&[sd_notify::NotifyState::Stopping]);
+    }
+    daemon.finish(timeout).await;
+    Ok(())
 }
 
 /// Objects in `state` created through the API (for status reports).

@@ -59,7 +59,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    proxy::telemetry::init_logging(&config.server.log_level);
+    proxy::telemetry::init_logging(&config.server.log_level, &config.telemetry);
     if path.is_none() {
         tracing::info!("no --config given: running the embedded default (see `proxyd default-config`)");
     }

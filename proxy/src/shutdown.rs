@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -10,6 +13,8 @@ use tokio_util::task::TaskTracker;
 pub struct Shutdown {
     token: CancellationToken,
     tracker: TaskTracker,
+    handed_over: Arc<AtomicBool>,
+    drain_timeout_ms: Arc<AtomicU64>,
 }
 
 impl Shutdown {
@@ -21,6 +26,36 @@ impl Shutdown {
     /// Tells every accept loop to stop and every connection to finish gracefully.
     pub fn trigger(&self) {
         self.token.cancel();
+    }
+
+    /// Stops this process because a successor took over its sockets: like
+    /// [`trigger`](Self::trigger), but shared resources (socket files) are left in place.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    /// Stops accepting on an operator's request (`proxyctl drain`), optionally with its own
+    /// drain timeout; the process exits once in-flight work is done.
+    pub fn drain_requested(&self, timeout: Option<Duration>) {
+        if let Some(t) = timeout {
+            self.drain_timeout_ms
+                .store(u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::SeqCst);
+        }
+        self.token.cancel();
+    }
+
+    /// The drain timeout a drain request asked for, if any.
+    pub fn requested_drain_timeout(&self) -> Option<Duration> {
+        match self.drain_timeout_ms.load(Ordering::SeqCst) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Whether this process handed over to a successor.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
     }
 
     /// Whether [`trigger`](Self::trigger) was called.

@@ -14,6 +14,10 @@ pub struct Upstream {
     /// Output only: health as last observed.
     #[prost(enumeration = "UpstreamHealth", tag = "4")]
     pub health: i32,
+    /// Output only: where it comes from: "static" (the pool definition), "etcd", "dns",
+    /// "exec", "file" (a discovery source) or "registration/<id>". Empty means static.
+    #[prost(string, tag = "5")]
+    pub origin: ::prost::alloc::string::String,
 }
 /// Active health check of a pool's upstreams.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -1262,6 +1266,349 @@ pub mod admin_service_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+/// Lists discovery sources.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListSourcesRequest {}
+/// One discovery source.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DiscoverySource {
+    /// The pool it feeds.
+    #[prost(string, tag = "1")]
+    pub pool: ::prost::alloc::string::String,
+    /// "etcd", "dns", "exec" or "file".
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    /// What it watches: endpoints and prefix, name, command or path.
+    #[prost(string, tag = "3")]
+    pub target: ::prost::alloc::string::String,
+    /// Upstreams it contributes now.
+    #[prost(uint32, tag = "4")]
+    pub members: u32,
+    /// When it last got a good set (Unix milliseconds); 0 if never.
+    #[prost(uint64, tag = "5")]
+    pub last_success_unix_ms: u64,
+    /// When it last failed (Unix milliseconds); 0 if never.
+    #[prost(uint64, tag = "6")]
+    pub last_error_unix_ms: u64,
+    /// Why it last failed.
+    #[prost(string, tag = "7")]
+    pub last_error: ::prost::alloc::string::String,
+    /// Membership changes it published since start.
+    #[prost(uint64, tag = "8")]
+    pub updates: u64,
+}
+/// Discovery sources.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListSourcesResponse {
+    /// In config order.
+    #[prost(message, repeated, tag = "1")]
+    pub sources: ::prost::alloc::vec::Vec<DiscoverySource>,
+}
+/// Generated client implementations.
+pub mod discovery_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Discovery sources: each feeds one pool's upstreams from etcd, DNS, a command or a file.
+    /// Sources are defined in the config file (`[pools.discovery]`); this service reports them.
+    #[derive(Debug, Clone)]
+    pub struct DiscoveryServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl DiscoveryServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> DiscoveryServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> DiscoveryServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            DiscoveryServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Every source, in config order, with its last success, last error and member count.
+        pub async fn list_sources(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListSourcesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListSourcesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.DiscoveryService/ListSources",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.DiscoveryService", "ListSources"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod discovery_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with DiscoveryServiceServer.
+    #[async_trait]
+    pub trait DiscoveryService: std::marker::Send + std::marker::Sync + 'static {
+        /// Every source, in config order, with its last success, last error and member count.
+        async fn list_sources(
+            &self,
+            request: tonic::Request<super::ListSourcesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListSourcesResponse>,
+            tonic::Status,
+        >;
+    }
+    /// Discovery sources: each feeds one pool's upstreams from etcd, DNS, a command or a file.
+    /// Sources are defined in the config file (`[pools.discovery]`); this service reports them.
+    #[derive(Debug)]
+    pub struct DiscoveryServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> DiscoveryServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for DiscoveryServiceServer<T>
+    where
+        T: DiscoveryService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/proxy.v1.DiscoveryService/ListSources" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListSourcesSvc<T: DiscoveryService>(pub Arc<T>);
+                    impl<
+                        T: DiscoveryService,
+                    > tonic::server::UnaryService<super::ListSourcesRequest>
+                    for ListSourcesSvc<T> {
+                        type Response = super::ListSourcesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListSourcesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as DiscoveryService>::list_sources(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListSourcesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for DiscoveryServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "proxy.v1.DiscoveryService";
+    impl<T> tonic::server::NamedService for DiscoveryServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
 /// Lists pools.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListPoolsRequest {}
@@ -2333,6 +2680,594 @@ pub mod pool_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "proxy.v1.PoolService";
     impl<T> tonic::server::NamedService for PoolServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+/// What a service serves and where the proxy reaches it.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Announce {
+    /// Where the proxy dials the service: `host:port` or `unix:/path`.
+    #[prost(string, tag = "1")]
+    pub endpoint: ::prost::alloc::string::String,
+    /// Listener port; opened if no listener has it (within `registration.port_range`).
+    #[prost(uint32, tag = "2")]
+    pub port: u32,
+    /// HTTP or TCP.
+    #[prost(enumeration = "RegisteredProtocol", tag = "3")]
+    pub protocol: i32,
+    /// Exact host or `*.suffix` (HTTP); empty for any host.
+    #[prost(string, tag = "4")]
+    pub host: ::prost::alloc::string::String,
+    /// Path prefix (HTTP); empty means "/".
+    #[prost(string, tag = "5")]
+    pub path_prefix: ::prost::alloc::string::String,
+    /// TLS certificate chain (PEM) to serve the host with; not supported yet.
+    #[prost(string, tag = "6")]
+    pub tls_certificate_pem: ::prost::alloc::string::String,
+    /// TLS private key (PEM); not supported yet.
+    #[prost(string, tag = "7")]
+    pub tls_private_key_pem: ::prost::alloc::string::String,
+    /// Service name, for listings only.
+    #[prost(string, tag = "8")]
+    pub name: ::prost::alloc::string::String,
+}
+/// A keepalive.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Ping {
+    /// Increases by one per ping from the same side.
+    #[prost(uint64, tag = "1")]
+    pub sequence: u64,
+}
+/// From the service.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterRequest {
+    #[prost(oneof = "register_request::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<register_request::Kind>,
+}
+/// Nested message and enum types in `RegisterRequest`.
+pub mod register_request {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// First message only.
+        #[prost(message, tag = "1")]
+        Announce(super::Announce),
+        /// Every keepalive interval afterwards.
+        #[prost(message, tag = "2")]
+        Ping(super::Ping),
+    }
+}
+/// The registration took effect.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Registered {
+    /// Registration id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The route serving it.
+    #[prost(string, tag = "2")]
+    pub route: ::prost::alloc::string::String,
+    /// The listener serving it.
+    #[prost(string, tag = "3")]
+    pub listener: ::prost::alloc::string::String,
+    /// The address that listener is bound to.
+    #[prost(string, tag = "4")]
+    pub address: ::prost::alloc::string::String,
+    /// Ping interval both sides keep.
+    #[prost(uint64, tag = "5")]
+    pub keepalive_ms: u64,
+}
+/// From the proxy.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterEvent {
+    #[prost(oneof = "register_event::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<register_event::Kind>,
+}
+/// Nested message and enum types in `RegisterEvent`.
+pub mod register_event {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        /// Answer to `announce`.
+        #[prost(message, tag = "1")]
+        Registered(super::Registered),
+        /// Keepalive.
+        #[prost(message, tag = "2")]
+        Ping(super::Ping),
+    }
+}
+/// Lists registrations.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListRegistrationsRequest {}
+/// One live registration.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Registration {
+    /// Registration id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// What it announced (without TLS material).
+    #[prost(message, optional, tag = "2")]
+    pub announce: ::core::option::Option<Announce>,
+    /// The route serving it.
+    #[prost(string, tag = "3")]
+    pub route: ::prost::alloc::string::String,
+    /// The listener serving it.
+    #[prost(string, tag = "4")]
+    pub listener: ::prost::alloc::string::String,
+    /// The address that listener is bound to.
+    #[prost(string, tag = "5")]
+    pub address: ::prost::alloc::string::String,
+    /// When it registered (Unix milliseconds).
+    #[prost(uint64, tag = "6")]
+    pub since_unix_ms: u64,
+}
+/// One registered route.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisteredRouteStatus {
+    /// Route name.
+    #[prost(string, tag = "1")]
+    pub route: ::prost::alloc::string::String,
+    /// Listener serving it.
+    #[prost(string, tag = "2")]
+    pub listener: ::prost::alloc::string::String,
+    /// Live instances.
+    #[prost(uint32, tag = "3")]
+    pub instances: u32,
+    /// While held (no live instance): until when (Unix milliseconds); 0 when live.
+    #[prost(uint64, tag = "4")]
+    pub held_until_unix_ms: u64,
+    /// Requests or connections waiting for an instance.
+    #[prost(uint32, tag = "5")]
+    pub waiting: u32,
+}
+/// Registrations and routes.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListRegistrationsResponse {
+    /// Live registrations, by id.
+    #[prost(message, repeated, tag = "1")]
+    pub registrations: ::prost::alloc::vec::Vec<Registration>,
+    /// Registered routes, by name.
+    #[prost(message, repeated, tag = "2")]
+    pub routes: ::prost::alloc::vec::Vec<RegisteredRouteStatus>,
+}
+/// What a registered route speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum RegisteredProtocol {
+    /// Same as HTTP.
+    Unspecified = 0,
+    /// Routed by host and path prefix.
+    Http = 1,
+    /// The whole port is forwarded.
+    Tcp = 2,
+}
+impl RegisteredProtocol {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "REGISTERED_PROTOCOL_UNSPECIFIED",
+            Self::Http => "REGISTERED_PROTOCOL_HTTP",
+            Self::Tcp => "REGISTERED_PROTOCOL_TCP",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "REGISTERED_PROTOCOL_UNSPECIFIED" => Some(Self::Unspecified),
+            "REGISTERED_PROTOCOL_HTTP" => Some(Self::Http),
+            "REGISTERED_PROTOCOL_TCP" => Some(Self::Tcp),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod registration_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Services register themselves: the proxy adds a route to them (and opens its port when
+    /// needed) for as long as the Register stream is open. Allowed on the unix socket, or on the
+    /// TCP listener with the bearer token.
+    ///
+    /// Errors: INVALID_ARGUMENT naming the announce field; PERMISSION_DENIED for a port outside
+    /// `registration.port_range`; FAILED_PRECONDITION for a host claimed by a config-file route,
+    /// a port whose listener speaks another protocol, or TLS material (not supported yet).
+    #[derive(Debug, Clone)]
+    pub struct RegistrationServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl RegistrationServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> RegistrationServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> RegistrationServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            RegistrationServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// The stream is the lease. The first request carries `announce`; the server answers
+        /// `registered`, then both sides send `ping` every keepalive interval. When the stream
+        /// ends (or three pings are missed) the instance leaves; if it was the route's last,
+        /// the route is held for `registration.hold`: requests wait for a new registration.
+        pub async fn register(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::RegisterRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::RegisterEvent>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.RegistrationService/Register",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.RegistrationService", "Register"));
+            self.inner.streaming(req, path, codec).await
+        }
+        /// Live registrations and registered routes (live or held).
+        pub async fn list_registrations(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListRegistrationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRegistrationsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.RegistrationService/ListRegistrations",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("proxy.v1.RegistrationService", "ListRegistrations"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod registration_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with RegistrationServiceServer.
+    #[async_trait]
+    pub trait RegistrationService: std::marker::Send + std::marker::Sync + 'static {
+        /// Server streaming response type for the Register method.
+        type RegisterStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::RegisterEvent, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// The stream is the lease. The first request carries `announce`; the server answers
+        /// `registered`, then both sides send `ping` every keepalive interval. When the stream
+        /// ends (or three pings are missed) the instance leaves; if it was the route's last,
+        /// the route is held for `registration.hold`: requests wait for a new registration.
+        async fn register(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::RegisterRequest>>,
+        ) -> std::result::Result<tonic::Response<Self::RegisterStream>, tonic::Status>;
+        /// Live registrations and registered routes (live or held).
+        async fn list_registrations(
+            &self,
+            request: tonic::Request<super::ListRegistrationsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListRegistrationsResponse>,
+            tonic::Status,
+        >;
+    }
+    /// Services register themselves: the proxy adds a route to them (and opens its port when
+    /// needed) for as long as the Register stream is open. Allowed on the unix socket, or on the
+    /// TCP listener with the bearer token.
+    ///
+    /// Errors: INVALID_ARGUMENT naming the announce field; PERMISSION_DENIED for a port outside
+    /// `registration.port_range`; FAILED_PRECONDITION for a host claimed by a config-file route,
+    /// a port whose listener speaks another protocol, or TLS material (not supported yet).
+    #[derive(Debug)]
+    pub struct RegistrationServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> RegistrationServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for RegistrationServiceServer<T>
+    where
+        T: RegistrationService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/proxy.v1.RegistrationService/Register" => {
+                    #[allow(non_camel_case_types)]
+                    struct RegisterSvc<T: RegistrationService>(pub Arc<T>);
+                    impl<
+                        T: RegistrationService,
+                    > tonic::server::StreamingService<super::RegisterRequest>
+                    for RegisterSvc<T> {
+                        type Response = super::RegisterEvent;
+                        type ResponseStream = T::RegisterStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::RegisterRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RegistrationService>::register(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RegisterSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.RegistrationService/ListRegistrations" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListRegistrationsSvc<T: RegistrationService>(pub Arc<T>);
+                    impl<
+                        T: RegistrationService,
+                    > tonic::server::UnaryService<super::ListRegistrationsRequest>
+                    for ListRegistrationsSvc<T> {
+                        type Response = super::ListRegistrationsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListRegistrationsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as RegistrationService>::list_registrations(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListRegistrationsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for RegistrationServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "proxy.v1.RegistrationService";
+    impl<T> tonic::server::NamedService for RegistrationServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

@@ -1,10 +1,16 @@
-//! One structured line per request, written when the response body ends.
+//! One structured line per request, written when the response body ends; the request's
+//! metrics are recorded and its span (when OTLP is configured) ends at the same point.
 //!
-//! Only method, path (without query), host, route, pool, upstream, status, byte counts and
-//! durations are logged; request headers such as Authorization or Cookie never are.
+//! Only method, path (the query only with `[telemetry] include_query`), host, route, pool,
+//! upstream, status, byte counts, durations and the headers named by `[telemetry]
+//! log_headers` are logged; Authorization, Cookie and Set-Cookie values never are (see
+//! [`crate::telemetry::HeaderPolicy`]). The line's format is chosen by the subscriber
+//! ([`crate::telemetry::init_logging`]).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use crate::telemetry::{HttpOutcome, RequestTracing, SpanOutcome, Telemetry};
 
 /// Who is to blame for a failed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +24,8 @@ pub enum ErrorSource {
 }
 
 impl ErrorSource {
-    fn as_str(self) -> &'static str {
+    /// The name used in logs, metrics and spans.
+    pub fn as_str(self) -> &'static str {
         match self {
             ErrorSource::Downstream => "downstream",
             ErrorSource::Upstream => "upstream",
@@ -36,8 +43,14 @@ pub struct AccessLog {
     pub client: std::net::SocketAddr,
     /// Request method.
     pub method: String,
-    /// Request path without query.
+    /// Request path (with the query only if configured).
     pub path: String,
+    /// The configured request headers, rendered with secrets redacted.
+    pub headers: Option<String>,
+    /// The request's span, when OTLP is configured.
+    pub trace: Option<opentelemetry::Context>,
+    /// Where the request's metrics go.
+    pub telemetry: Arc<Telemetry>,
     /// Request host, if any.
     pub host: String,
     /// Matched route name.
@@ -59,11 +72,28 @@ pub struct AccessLog {
 impl AccessLog {
     /// Writes the line; `bytes` is the response body size sent.
     pub fn write(&self, bytes: u64, complete: bool) {
-        let total_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let elapsed = self.start.elapsed();
+        let total_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         let (error_source, error) = match &self.error {
             Some((source, detail)) => (source.as_str(), detail.as_str()),
             None => ("", ""),
         };
+        let outcome = HttpOutcome {
+            listener: &self.listener,
+            route: &self.route,
+            pool: &self.pool,
+            status: self.status,
+            error_source: self.error.as_ref().map(|(source, _)| source.as_str()),
+            bytes,
+            elapsed,
+        };
+        self.telemetry.metrics().http_request(&outcome);
+        if let Some(cx) = &self.trace {
+            RequestTracing::finish(
+                cx,
+                &SpanOutcome { http: &outcome, method: &self.method, upstream: &self.upstream, complete },
+            );
+        }
         tracing::info!(
             target: "access",
             listener = %self.listener,
@@ -71,6 +101,7 @@ impl AccessLog {
             method = %self.method,
             host = %self.host,
             path = %self.path,
+            headers = self.headers.as_deref(),
             route = %self.route,
             pool = %self.pool,
             upstream = %self.upstream,

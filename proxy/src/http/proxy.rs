@@ -15,6 +15,7 @@ use super::access_log::{AccessLog, ErrorSource};
 use super::body::{BodyTooLarge, ClientBodyError, RequestBody, ResponseBody, Reuse};
 use super::hygiene;
 use crate::config::ListenerConfig;
+use crate::telemetry::Metrics;
 use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
 use crate::state::{PathMatch, StateHandle};
@@ -27,6 +28,12 @@ pub(crate) struct ConnContext {
     pub shutdown: Shutdown,
     pub client: SocketAddr,
     pub verdicts: super::framing::Verdicts,
+    /// `http` or `https`: what the client spoke, for X-Forwarded-Proto.
+    pub scheme: &'static str,
+    /// Answers ACME HTTP-01 challenges before routing.
+    pub tls: Arc<crate::tls::Tls>,
+    /// Metrics, access log settings and request tracing.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// A failed request: status for the client, who failed, and the detail for the log.
@@ -48,7 +55,14 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Res
         listener: ctx.listener.name.clone(),
         client: ctx.client,
         method: req.method().to_string(),
-        path: req.uri().path().to_string(),
+        path: if ctx.telemetry.include_query() {
+            req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string()
+        } else {
+            req.uri().path().to_string()
+        },
+        headers: ctx.telemetry.headers().render(req.headers()),
+        trace: ctx.telemetry.tracing().map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
+        telemetry: ctx.telemetry.clone(),
         host: String::new(),
         route: String::new(),
         pool: String::new(),
@@ -82,7 +96,11 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Res
         }
     };
     log.status = response.status().as_u16();
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    if ctx.shutdown.is_triggered() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        // Draining: this HTTP/1 connection ends after this response (h2 gets GOAWAY).
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(Response::from_parts(parts, body.with_log(Arc::new(log))))
 }
 
@@ -100,6 +118,9 @@ fn public_reason(failure: &Failure) -> &'static str {
 }
 
 async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLog) -> Result<Response<ResponseBody>, Failure> {
+    if let Some(answer) = acme_challenge(ctx, &req) {
+        return Ok(answer);
+    }
     check_request(ctx, &req)?;
     let host = hygiene::request_host(req.uri(), req.headers());
     if let Some(h) = &host {
@@ -116,8 +137,12 @@ async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLo
 
     let upgrade = hygiene::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(ctx, req, &entry, host.as_deref(), upgrade)?;
-    let (mut response, sender, in_flight) = forward(&entry.pool, upstream_req, log).await?;
+    let upstream_req = upstream_request(ctx, req, &entry, host.as_deref(), upgrade, log.trace.as_ref())?;
+    // A registered route whose instances are away: wait (bounded) for one to come back.
+    let pool = crate::registration::ready_pool(&ctx.state, &entry.pool)
+        .await
+        .map_err(|e| Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorSource::Proxy, e.to_string()))?;
+    let (mut response, sender, in_flight) = forward(&pool, upstream_req, log).await?;
     log.upstream.clone_from(&in_flight.upstream().address);
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -131,6 +156,21 @@ async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLo
         }
     }
     Ok(client_response(response, sender, in_flight))
+}
+
+/// Step 0: an ACME HTTP-01 validation request for an order in progress is answered here,
+/// whatever the routes say.
+fn acme_challenge(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    let path = req.uri().path();
+    if !path.starts_with(crate::tls::HTTP01_PREFIX) {
+        return None;
+    }
+    let answer = ctx.tls.http01_answer(path)?;
+    let mut response = Response::new(ResponseBody::full(answer));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Some(response)
 }
 
 /// Step 1: refuse what cannot be forwarded safely.
@@ -174,6 +214,7 @@ fn upstream_request(
     entry: &RouteEntry,
     host: Option<&str>,
     upgrade: bool,
+    trace: Option<&opentelemetry::Context>,
 ) -> Result<Request<RequestBody>, Failure> {
     let (mut parts, body) = req.into_parts();
     let received_version = parts.version;
@@ -201,8 +242,12 @@ fn upstream_request(
         .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, format!("request target: {e}")))?;
     parts.version = Version::HTTP_11;
     hygiene::strip_hop_by_hop(&mut parts.headers, upgrade);
-    hygiene::add_forwarding(&mut parts.headers, ctx.client.ip(), "http", host);
+    hygiene::add_forwarding(&mut parts.headers, ctx.client.ip(), ctx.scheme, host);
     hygiene::add_via(&mut parts.headers, received_version);
+    // Same trace, with this request's span as the upstream's parent.
+    if let (Some(cx), Some(tracing)) = (trace, ctx.telemetry.tracing()) {
+        tracing.inject(cx, &mut parts.headers);
+    }
     Ok(Request::from_parts(parts, RequestBody::streaming(body, ctx.listener.max_body_bytes)))
 }
 
@@ -223,7 +268,7 @@ async fn forward(
         let in_flight = upstream.start();
         let mut sender = match upstream.take_idle() {
             Some(s) => s,
-            None => match dial(&upstream, pool).await {
+            None => match dial(&upstream, pool, log.telemetry.metrics()).await {
                 Ok(s) => s,
                 Err(e) => {
                     last = Some(e);
@@ -251,7 +296,7 @@ async fn forward(
                 Ok(Err(mut e)) => match e.take_message() {
                     Some(unsent) => {
                         pending = Some(unsent);
-                        match dial(&upstream, pool).await {
+                        match dial(&upstream, pool, log.telemetry.metrics()).await {
                             Ok(fresh) => sender = fresh,
                             Err(err) => break Err(Some(err)),
                         }
@@ -275,12 +320,17 @@ async fn forward(
     Err(connect_failure(last))
 }
 
-async fn dial(upstream: &Arc<UpstreamRuntime>, pool: &PoolRuntime) -> Result<HttpSender, ConnectError> {
+async fn dial(upstream: &Arc<UpstreamRuntime>, pool: &PoolRuntime, metrics: &Metrics) -> Result<HttpSender, ConnectError> {
+    let started = Instant::now();
     let result = async {
         let stream = connect(&upstream.address, pool.connect_timeout).await?;
         http_sender(&upstream.address, stream).await
     }
     .await;
+    match &result {
+        Ok(_) => metrics.upstream_connected(&pool.name, started.elapsed()),
+        Err(_) => metrics.upstream_connect_failed(&pool.name),
+    }
     if let Err(e) = &result {
         upstream.eject();
         tracing::warn!(pool = %pool.name, upstream = %upstream.address, error = %e, "upstream connection failed");

@@ -1,22 +1,51 @@
-//! Accept loop and per-connection hyper server for `http` listeners.
+//! Accept loop and per-connection hyper server for `http` and `https` listeners. An `https`
+//! connection is TLS-terminated first (see [`crate::tls`]) and then served the same way,
+//! HTTP/1.1 or HTTP/2 as ALPN chose.
 
 use std::sync::Arc;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::framing::{FramingScan, Verdicts};
 use super::proxy::{handle, ConnContext};
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Protocol};
 use crate::listener::IdleTimeout;
 use crate::shutdown::Shutdown;
 use crate::state::StateHandle;
+use crate::telemetry::Telemetry;
+use crate::tls::{AcceptError, Tls};
+
+/// How long an idle keep-alive connection may stay open once draining began.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves `listener` until shutdown; connections then finish their current request.
-pub async fn serve(listener: TcpListener, config: Arc<ListenerConfig>, state: StateHandle, shutdown: Shutdown) {
+/// `tls` terminates `https` connections and answers ACME HTTP-01 challenges on `http` ones.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<ListenerConfig>,
+    state: StateHandle,
+    shutdown: Shutdown,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+) {
+    let connections = telemetry.metrics().listener(&config.name, config.protocol.as_str());
+    let terminate = if config.protocol == Protocol::Https {
+        match tls.server_config(&[b"h2", b"http/1.1"]) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(listener = %config.name, error = %e, "TLS setup failed; listener not serving");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let scheme = if terminate.is_some() { "https" } else { "http" };
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -56,26 +85,65 @@ pub async fn serve(listener: TcpListener, config: Arc<ListenerConfig>, state: St
             shutdown: shutdown.clone(),
             client,
             verdicts: verdicts.clone(),
+            scheme,
+            tls: tls.clone(),
+            telemetry: telemetry.clone(),
         });
         let builder = builder.clone();
         let conn_shutdown = shutdown.clone();
         let idle = config.idle_timeout;
+        let terminate = terminate.clone();
+        let tls = tls.clone();
+        let open = connections.open();
         shutdown.spawn(async move {
             let _permit = permit;
-            let io = TokioIo::new(IdleTimeout::new(FramingScan::new(stream, verdicts), idle));
-            let service = service_fn(move |req| handle(ctx.clone(), req));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
+            let _open = open;
+            // The framing scan reads what the HTTP parser reads: the decrypted bytes.
+            match terminate {
+                None => serve_connection(FramingScan::new(stream, verdicts), ctx, &builder, conn_shutdown, idle).await,
+                Some(server_config) => match tls.accept(stream, &server_config).await {
+                    Ok(stream) => {
+                        serve_connection(FramingScan::new(stream, verdicts), ctx, &builder, conn_shutdown, idle).await
+                    }
+                    Err(AcceptError::ChallengeAnswered) => {}
+                    Err(e) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
+                },
+            }
+        });
+    }
+}
+
+/// Serves HTTP on one accepted (and, for `https`, decrypted) connection.
+async fn serve_connection<IO>(
+    io: IO,
+    ctx: Arc<ConnContext>,
+    builder: &auto::Builder<TokioExecutor>,
+    shutdown: Shutdown,
+    idle: std::time::Duration,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let client = ctx.client;
+    let io = TokioIo::new(IdleTimeout::new(io, idle));
+    let service = service_fn(move |req| handle(ctx.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.triggered() => {
+            // Keep-alive clients are told `Connection: close` on their next response
+            // (see the request path), which closes cleanly from their side of the
+            // race. Only connections that stay idle are closed by us, after a grace.
+            tokio::select! {
                 r = conn.as_mut() => r,
-                _ = conn_shutdown.triggered() => {
+                _ = tokio::time::sleep(DRAIN_GRACE.min(idle)) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%client, error = %e, "client connection ended with an error");
             }
-        });
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%client, error = %e, "client connection ended with an error");
     }
 }

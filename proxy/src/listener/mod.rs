@@ -1,6 +1,10 @@
-//! Listening sockets: bound here with SO_REUSEADDR + SO_REUSEPORT, one per `[[listeners]]`.
+//! Listening sockets, one per `[[listeners]]`, obtained in this order: handed over by the
+//! previous proxyd (upgrade), passed by systemd (socket activation or fd store, matched by
+//! name), else bound here with SO_REUSEADDR + SO_REUSEPORT.
 
+mod gate;
 mod idle;
+mod inherit;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,7 +12,9 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
+pub use gate::{AcceptGate, GatedIncoming};
 pub use idle::IdleTimeout;
+pub use inherit::{Inherited, Origin};
 
 use crate::config::Config;
 
@@ -39,15 +45,34 @@ pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// The listening sockets of every listener of `config`, by name, and the names of those
+/// bound here (not inherited), which may be offered to systemd's fd store.
+pub fn obtain(
+    config: &Config,
+    inherited: &mut Inherited,
+) -> Result<(BTreeMap<String, std::net::TcpListener>, Vec<String>), BindError> {
+    let mut sockets = BTreeMap::new();
+    let mut bound_here = Vec::new();
+    for l in &config.listeners {
+        if let Some((socket, origin)) = inherited.take_tcp(&l.name) {
+            let actual = socket.local_addr().ok();
+            // A handed-over socket on an address the new config no longer names is
+            // replaced; systemd's sockets are authoritative (the unit decides the address).
+            let moved = origin == Origin::Handoff && l.address.port() != 0 && actual != Some(l.address);
+            if !moved {
+                sockets.insert(l.name.clone(), socket);
+                continue;
+            }
+            tracing::info!(listener = %l.name, old = ?actual, new = %l.address, "listener address changed; binding the new one");
+        }
+        let socket = bind(l.address).map_err(|source| BindError { name: l.name.clone(), address: l.address, source })?;
+        sockets.insert(l.name.clone(), socket);
+        bound_here.push(l.name.clone());
+    }
+    Ok((sockets, bound_here))
+}
+
 /// Binds every listener of `config`, by name.
 pub fn bind_all(config: &Config) -> Result<BTreeMap<String, std::net::TcpListener>, BindError> {
-    config
-        .listeners
-        .iter()
-        .map(|l| {
-            bind(l.address)
-                .map(|s| (l.name.clone(), s))
-                .map_err(|source| BindError { name: l.name.clone(), address: l.address, source })
-        })
-        .collect()
+    obtain(config, &mut Inherited::default()).map(|(sockets, _)| sockets)
 }

@@ -201,19 +201,42 @@ impl AdminService for AdminApi {
 
     async fn upgrade(
         &self,
-        _request: Request<pb::UpgradeRequest>,
+        request: Request<pb::UpgradeRequest>,
     ) -> Result<Response<pb::UpgradeResponse>, Status> {
-        Err(Status::unimplemented(
-            "zero-downtime upgrade is not available in this proxyd yet; restart the service to run a new binary",
-        ))
+        let request = request.into_inner();
+        let Some(upgrader) = self.ctx.upgrader.clone() else {
+            return Err(Status::unimplemented("this daemon was started without upgrade support"));
+        };
+        let binary = (!request.binary.is_empty()).then(|| std::path::PathBuf::from(&request.binary));
+        if !request.wait {
+            tokio::spawn(async move {
+                let _ = upgrader.upgrade(binary).await;
+            });
+            return Ok(Response::new(pb::UpgradeResponse {
+                new_pid: 0,
+                message: "upgrade started; see the log for its outcome".into(),
+            }));
+        }
+        match upgrader.upgrade(binary).await {
+            Ok(pid) => Ok(Response::new(pb::UpgradeResponse {
+                new_pid: pid,
+                message: format!("process {pid} serves; process {} is draining", std::process::id()),
+            })),
+            Err(e @ crate::upgrade::UpgradeError::Busy) => Err(Status::aborted(e.to_string())),
+            Err(e @ crate::upgrade::UpgradeError::HandedOver) => Err(Status::unavailable(e.to_string())),
+            Err(e) => Err(Status::failed_precondition(format!("upgrade failed, the old process keeps serving: {e}"))),
+        }
     }
 
     async fn drain(
         &self,
-        _request: Request<pb::DrainRequest>,
+        request: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::DrainResponse>, Status> {
-        Err(Status::unimplemented(
-            "draining through the API is not available in this proxyd yet; send SIGTERM to drain and stop",
-        ))
+        let timeout = request.into_inner().timeout_ms;
+        let timeout = (timeout > 0).then(|| std::time::Duration::from_millis(timeout));
+        self.ctx.shutdown.drain_requested(timeout);
+        Ok(Response::new(pb::DrainResponse {
+            message: format!("process {} stopped accepting and exits once in-flight work is done", std::process::id()),
+        }))
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use proxy_proto::v1 as pb;
 use tonic::Status;
 
+use crate::discovery::Origin;
 use crate::routing::RoutingTable;
 use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, Change, Document, HealthCheck,
@@ -129,6 +130,7 @@ pub fn tcp_route(r: pb::TcpRoute) -> TcpRoute {
         source: Source::Api,
         listener: r.listener,
         pool: r.pool,
+        sni: None,
     }
 }
 
@@ -200,16 +202,17 @@ fn millis(d: Duration) -> u64 {
 /// A pool for the wire, with each upstream's health as the routing table sees it.
 pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
     let runtime = routing.and_then(|t| t.pool(&p.name));
-    let upstreams = p
+    let health_of = |rt: Option<&crate::upstream::UpstreamRuntime>| match rt {
+        Some(rt) if rt.is_ejected() || !rt.is_healthy() => pb::UpstreamHealth::Ejected,
+        Some(_) if p.health.is_some() => pb::UpstreamHealth::Healthy,
+        _ => pb::UpstreamHealth::Unspecified,
+    };
+    let mut upstreams: Vec<pb::Upstream> = p
         .upstreams
         .iter()
         .map(|u| {
             let rt = runtime.and_then(|r| r.upstreams().iter().find(|x| x.address == u.address));
-            let health = match rt {
-                Some(rt) if rt.is_ejected() || !rt.is_healthy() => pb::UpstreamHealth::Ejected,
-                Some(_) if p.health.is_some() => pb::UpstreamHealth::Healthy,
-                _ => pb::UpstreamHealth::Unspecified,
-            };
+            let health = health_of(rt.map(|rt| rt.as_ref()));
             let state = match u.state {
                 UpstreamState::Active => pb::UpstreamState::Active,
                 UpstreamState::Draining => pb::UpstreamState::Draining,
@@ -219,9 +222,22 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
                 weight: u.weight,
                 state: state as i32,
                 health: health as i32,
+                origin: Origin::Static.label(),
             }
         })
         .collect();
+    // Discovered and registered upstreams are not part of the definition: listed after it.
+    if let Some(runtime) = runtime {
+        for (rt, origin, weight) in runtime.members().filter(|(_, o, _)| *o != Origin::Static) {
+            upstreams.push(pb::Upstream {
+                address: rt.address.clone(),
+                weight,
+                state: pb::UpstreamState::Active as i32,
+                health: health_of(Some(rt.as_ref())) as i32,
+                origin: origin.label(),
+            });
+        }
+    }
     let balance = match p.balance {
         Balance::RoundRobin => pb::Balance::RoundRobin,
         Balance::Ordered => pb::Balance::Ordered,

@@ -9,8 +9,10 @@
 mod admin;
 mod auth;
 mod convert;
+mod discovery;
 mod error;
 mod pools;
+mod registration;
 mod routes;
 mod socket;
 
@@ -24,7 +26,7 @@ use proxy_proto::v1::admin_service_server::AdminServiceServer;
 use proxy_proto::v1::pool_service_server::PoolServiceServer;
 use proxy_proto::v1::route_service_server::RouteServiceServer;
 use thiserror::Error;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
@@ -32,10 +34,14 @@ use tonic::Status;
 
 pub use admin::AdminApi;
 pub use auth::BearerAuth;
+pub use discovery::DiscoveryApi;
 pub use pools::PoolApi;
+pub use registration::RegistrationApi;
 pub use routes::RouteApi;
 
 use crate::config::{Config, Protocol, ServerConfig};
+use crate::listener::{AcceptGate, GatedIncoming, Inherited};
+use crate::upgrade::{HandoffSocket, SocketKind, Upgrader, MGMT_SOCKET, MGMT_TCP_SOCKET};
 use crate::state::{Change, Source, StateHandle};
 use crate::Shutdown;
 
@@ -133,6 +139,14 @@ pub struct Context {
     pub listeners: Vec<ListenerInfo>,
     /// The config file, re-read by ReloadConfig.
     pub config_path: Option<PathBuf>,
+    /// Starts zero-downtime upgrades (`None` where the daemon cannot hand over).
+    pub upgrader: Option<Arc<Upgrader>>,
+    /// The running discovery sources (DiscoveryService).
+    pub discovery: crate::discovery::Discovery,
+    /// Live registrations (RegistrationService).
+    pub registry: Arc<crate::registration::Registry>,
+    /// Where every call is counted by method and code.
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 impl Context {
@@ -179,25 +193,45 @@ pub struct Sockets {
 }
 
 impl Sockets {
-    /// Binds the unix socket and, when configured, the TCP listener with its token.
-    pub fn bind(server: &ServerConfig) -> Result<Sockets, MgmtError> {
+    /// Binds the unix socket and, when configured, the TCP listener with its token; sockets
+    /// handed over by a previous process are used instead of binding new ones.
+    pub fn bind(server: &ServerConfig, inherited: &mut Inherited) -> Result<Sockets, MgmtError> {
         // Read the token before creating anything, so a bad token file leaves no socket behind.
         let tcp_auth = match (&server.mgmt_listen, &server.mgmt_token_file) {
             (None, _) => None,
             (Some(_), None) => return Err(MgmtError::NoToken),
             (Some(addr), Some(file)) => Some((*addr, BearerAuth::from_file(file)?)),
         };
-        let unix = socket::bind(&server.mgmt_socket)?;
+        let unix = match inherited.take_unix(MGMT_SOCKET) {
+            Some(listener) => socket::adopt(listener, &server.mgmt_socket)?,
+            None => socket::bind(&server.mgmt_socket)?,
+        };
         let tcp = match tcp_auth {
             None => None,
             Some((addr, auth)) => {
                 let tcp_error = |source| MgmtError::Tcp { addr, source };
-                let listener = std::net::TcpListener::bind(addr).map_err(tcp_error)?;
+                let listener = match inherited.take_tcp(MGMT_TCP_SOCKET) {
+                    Some((listener, _)) => listener,
+                    None => std::net::TcpListener::bind(addr).map_err(tcp_error)?,
+                };
                 listener.set_nonblocking(true).map_err(tcp_error)?;
                 Some((listener, auth))
             }
         };
         Ok(Sockets { unix, tcp })
+    }
+
+    /// Duplicates of the listening sockets, for handing over to a successor.
+    pub fn handoff_sockets(&self) -> std::io::Result<Vec<HandoffSocket>> {
+        let mut out = vec![HandoffSocket {
+            name: MGMT_SOCKET.into(),
+            kind: SocketKind::Unix,
+            fd: self.unix.listener.try_clone()?.into(),
+        }];
+        if let Some((listener, _)) = &self.tcp {
+            out.push(HandoffSocket { name: MGMT_TCP_SOCKET.into(), kind: SocketKind::Tcp, fd: listener.try_clone()?.into() });
+        }
+        Ok(out)
     }
 
     /// The bound address of the TCP listener, if there is one.
@@ -211,6 +245,8 @@ struct Services {
     routes: RouteServiceServer<RouteApi>,
     pools: PoolServiceServer<PoolApi>,
     admin: AdminServiceServer<AdminApi>,
+    discovery: proxy_proto::v1::discovery_service_server::DiscoveryServiceServer<DiscoveryApi>,
+    registration: proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>,
 }
 
 impl Services {
@@ -222,6 +258,8 @@ impl Services {
             pools: PoolServiceServer::new(PoolApi::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            discovery: DiscoveryApi::server(ctx.clone()),
+            registration: RegistrationApi::server(ctx.clone()),
             admin: AdminServiceServer::new(AdminApi::new(ctx))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -242,6 +280,11 @@ where
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proxy_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version lists the other too, so either kind of client sees both.
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let v1 = reflection()
         .build_v1()
@@ -258,22 +301,29 @@ where
         .add_service(v1alpha)
         .add_service(services.routes.clone())
         .add_service(services.pools.clone())
-        .add_service(services.admin.clone()))
+        .add_service(services.admin.clone())
+        .add_service(services.discovery.clone())
+        .add_service(services.registration.clone()))
 }
 
 /// Serves the API on `sockets` until `shutdown` fires, then removes the socket file.
 pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result<(), MgmtError> {
+    let counted = crate::telemetry::api::ApiMetricsLayer::new(ctx.metrics.clone());
+    // Paused while handing over, so new management connections reach the successor.
+    let gate = ctx.upgrader.as_ref().map_or_else(|| Arc::new(AcceptGate::default()), |u| u.mgmt_gate());
     let services = Services::new(Arc::new(ctx));
     let health = tonic_health::server::HealthReporter::new();
     health.set_serving::<RouteServiceServer<RouteApi>>().await;
     health.set_serving::<PoolServiceServer<PoolApi>>().await;
     health.set_serving::<AdminServiceServer<AdminApi>>().await;
+    health.set_serving::<proxy_proto::v1::discovery_service_server::DiscoveryServiceServer<DiscoveryApi>>().await;
+    health.set_serving::<proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>>().await;
 
     let Sockets { unix, tcp } = sockets;
-    let unix_router = routes(Server::builder(), &services, &health).await?;
+    let unix_router = routes(Server::builder().layer(counted.clone()), &services, &health).await?;
     let tcp_router = match tcp {
         Some((listener, auth)) => {
-            let server = Server::builder().layer(InterceptorLayer::new(auth));
+            let server = Server::builder().layer(counted).layer(InterceptorLayer::new(auth));
             Some((listener, routes(server, &services, &health).await?))
         }
         None => None,
@@ -288,9 +338,11 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
         })?;
     tracing::info!(path = %path.display(), "management API listening");
     let stop = shutdown.clone();
+    let remove_shutdown = shutdown.clone();
     let reporter = health.clone();
-    tokio::spawn(async move {
-        let incoming = UnixListenerStream::new(unix_listener);
+    // Tracked, so stopping the daemon waits until the API has let go of its sockets.
+    shutdown.spawn(async move {
+        let incoming = GatedIncoming::new(unix_listener, gate);
         let signal = async move {
             stop.triggered().await;
             reporter
@@ -303,7 +355,10 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
         {
             tracing::error!(error = %e, "management API stopped");
         }
-        socket::remove(&path, file_id);
+        // After a handoff the successor serves on this very socket file.
+        if !remove_shutdown.is_handed_over() {
+            socket::remove(&path, file_id);
+        }
     });
 
     if let Some((listener, router)) = tcp_router {
@@ -315,7 +370,7 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
             })?;
         tracing::info!(address = ?addr, "management API listening on TCP (bearer token required)");
         let stop = shutdown.clone();
-        tokio::spawn(async move {
+        shutdown.spawn(async move {
             let incoming = TcpListenerStream::new(listener);
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, stop.triggered())

@@ -67,6 +67,17 @@ pub fn bind(path: &Path) -> Result<UnixSocket, MgmtError> {
     })
 }
 
+/// Adopts a listening socket handed over by the previous process; its file stays as is.
+pub fn adopt(listener: UnixListener, path: &Path) -> Result<UnixSocket, MgmtError> {
+    listener.set_nonblocking(true).map_err(|e| socket_error(path, e))?;
+    let meta = std::fs::metadata(path).map_err(|e| socket_error(path, e))?;
+    Ok(UnixSocket {
+        listener,
+        path: path.to_path_buf(),
+        file_id: (meta.dev(), meta.ino()),
+    })
+}
+
 /// Removes the socket file if it is still the one `bind` created (a successor may have
 /// replaced it during an upgrade).
 pub fn remove(path: &Path, file_id: (u64, u64)) {

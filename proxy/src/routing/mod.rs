@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::state::{PathMatch, Route, State};
+use crate::config::Protocol;
+use crate::discovery::OnChange;
+use crate::state::{default_connect_timeout, default_response_timeout, Balance, PathMatch, Pool, Route, Source, State};
 use crate::upstream::PoolRuntime;
 
 /// A matched route with the runtime pool that serves it.
@@ -101,22 +103,83 @@ impl HostIndex {
 pub struct RoutingTable {
     http: HashMap<String, HostIndex>,
     tcp: HashMap<String, Arc<PoolRuntime>>,
+    /// `tls-passthrough` routes by SNI, per listener.
+    tcp_sni: HashMap<String, SniIndex>,
     pools: HashMap<String, Arc<PoolRuntime>>,
 }
 
+/// TCP routes of one listener keyed by server name: exact names, then `*.suffix`.
+#[derive(Debug, Default)]
+struct SniIndex {
+    exact: HashMap<Box<str>, Arc<PoolRuntime>>,
+    /// Keyed by the suffix including its leading dot.
+    wildcard: HashMap<Box<str>, Arc<PoolRuntime>>,
+}
+
+impl SniIndex {
+    fn lookup(&self, name: &str) -> Option<&Arc<PoolRuntime>> {
+        if let Some(p) = self.exact.get(name) {
+            return Some(p);
+        }
+        name.match_indices('.').find_map(|(i, _)| self.wildcard.get(&name[i..]))
+    }
+}
+
 impl RoutingTable {
-    /// Compiles `state`. Runtime upstream data (health, connection counts, idle connections)
-    /// is carried over from `previous` for upstreams that still exist.
+    /// Compiles `state` with its run-time membership (discovered and registered upstreams,
+    /// registered routes). Runtime upstream data (health, connection counts, idle
+    /// connections) is carried over from `previous` for upstreams that still exist.
     pub fn build(state: &State, previous: Option<&RoutingTable>) -> RoutingTable {
-        let pools: HashMap<String, Arc<PoolRuntime>> = state
+        let membership = state.membership();
+        let old_pool = |name: &str| previous.and_then(|t| t.pools.get(name)).map(|p| p.as_ref());
+        let mut pools: HashMap<String, Arc<PoolRuntime>> = state
             .pools()
             .map(|p| {
-                let old = previous.and_then(|t| t.pools.get(&p.name)).map(|p| p.as_ref());
-                (p.name.clone(), Arc::new(PoolRuntime::new(p, old)))
+                let members = membership.upstreams_of(p);
+                let runtime = PoolRuntime::build(p, &members, membership.on_change(&p.name), None, old_pool(&p.name));
+                (p.name.clone(), Arc::new(runtime))
             })
             .collect();
+        let mut registered: Vec<Route> = Vec::new();
+        for (name, r) in membership.routes() {
+            if !pools.contains_key(&r.pool) {
+                let definition = Pool {
+                    name: r.pool.clone(),
+                    source: Source::Api,
+                    balance: Balance::RoundRobin,
+                    upstreams: Vec::new(),
+                    health: None,
+                    connect_timeout: default_connect_timeout(),
+                    response_timeout: default_response_timeout(),
+                };
+                let members = membership.runtime_upstreams(&r.pool);
+                let runtime =
+                    PoolRuntime::build(&definition, &members, OnChange::Keep, Some(r.hold.clone()), old_pool(&r.pool));
+                pools.insert(r.pool.clone(), Arc::new(runtime));
+            }
+            registered.push(Route {
+                name: name.clone(),
+                source: Source::Api,
+                listener: r.listener.clone(),
+                host: r.host.clone(),
+                path: PathMatch::Prefix(r.path_prefix.clone()),
+                pool: r.pool.clone(),
+                strip_prefix: false,
+                priority: 0,
+            });
+        }
+        let registered_tcp: Vec<(String, String)> = membership
+            .routes()
+            .filter(|(_, r)| r.protocol == Protocol::Tcp)
+            .map(|(_, r)| (r.listener.clone(), r.pool.clone()))
+            .collect();
+        let registered_http = registered
+            .iter()
+            .zip(membership.routes())
+            .filter(|(_, (_, r))| r.protocol == Protocol::Http)
+            .map(|(route, _)| route);
         let mut http: HashMap<String, HostIndex> = HashMap::new();
-        for route in state.routes() {
+        for route in state.routes().chain(registered_http) {
             let Some(pool) = pools.get(&route.pool) else { continue };
             let entry = Arc::new(RouteEntry { route: Arc::new(route.clone()), pool: pool.clone() });
             let hosts = http.entry(route.listener.clone()).or_default();
@@ -134,11 +197,27 @@ impl RoutingTable {
             hosts.exact.values_mut().for_each(PathIndex::finish);
             hosts.wildcard.values_mut().for_each(PathIndex::finish);
         }
-        let tcp = state
+        let mut tcp: HashMap<String, Arc<PoolRuntime>> = state
             .tcp_routes()
+            .filter(|r| r.sni.is_none())
             .filter_map(|r| pools.get(&r.pool).map(|p| (r.listener.clone(), p.clone())))
             .collect();
-        RoutingTable { http, tcp, pools }
+        let mut tcp_sni: HashMap<String, SniIndex> = HashMap::new();
+        for r in state.tcp_routes() {
+            let (Some(sni), Some(pool)) = (r.sni.as_deref(), pools.get(&r.pool)) else { continue };
+            let index = tcp_sni.entry(r.listener.clone()).or_default();
+            match sni.strip_prefix('*') {
+                Some(suffix) => index.wildcard.insert(suffix.into(), pool.clone()),
+                None => index.exact.insert(sni.into(), pool.clone()),
+            };
+        }
+        for (listener, pool) in registered_tcp {
+            if let Some(p) = pools.get(&pool) {
+                // A configured TCP route keeps its listener.
+                tcp.entry(listener).or_insert_with(|| p.clone());
+            }
+        }
+        RoutingTable { http, tcp, tcp_sni, pools }
     }
 
     /// The route for a request on `listener` to `host` (lower-case, no port) and `path`
@@ -152,6 +231,13 @@ impl RoutingTable {
     /// The pool a TCP listener forwards to.
     pub fn tcp_pool(&self, listener: &str) -> Option<&Arc<PoolRuntime>> {
         self.tcp.get(listener)
+    }
+
+    /// The pool for a connection on a `tls-passthrough` listener with server name `sni`
+    /// (lower-case): an exact SNI route, then the longest `*.suffix`, then the route without SNI.
+    pub fn tcp_pool_for_sni(&self, listener: &str, sni: Option<&str>) -> Option<&Arc<PoolRuntime>> {
+        sni.and_then(|name| self.tcp_sni.get(listener)?.lookup(name))
+            .or_else(|| self.tcp.get(listener))
     }
 
     /// The runtime pool called `name`.

@@ -26,6 +26,7 @@ pub use model::{
 pub use store::StoreError;
 
 use crate::config::Protocol;
+use crate::discovery::{Membership, Origin};
 use crate::routing::RoutingTable;
 
 /// The whole desired state at one revision.
@@ -35,6 +36,8 @@ pub struct State {
     pools: BTreeMap<String, Arc<Pool>>,
     routes: BTreeMap<String, Arc<Route>>,
     tcp_routes: BTreeMap<String, Arc<TcpRoute>>,
+    /// Discovered and registered upstreams and registered routes: run-time only, never stored.
+    membership: Arc<Membership>,
 }
 
 /// The API-owned (or declarative) objects as one document, for export and import.
@@ -193,6 +196,11 @@ impl State {
     /// The TCP route called `name`.
     pub fn tcp_route(&self, name: &str) -> Option<&TcpRoute> {
         self.tcp_routes.get(name).map(|r| r.as_ref())
+    }
+
+    /// The run-time membership (discovered and registered upstreams, registered routes).
+    pub fn membership(&self) -> &Membership {
+        &self.membership
     }
 
     /// Listener names and protocols known to this state.
@@ -393,12 +401,7 @@ impl State {
                 if self.tcp_routes.contains_key(&route.name) {
                     return Err(ApplyError::AlreadyExists { kind: "tcp_route", name: route.name });
                 }
-                if let Some(other) = self.tcp_routes.values().find(|r| r.listener == route.listener) {
-                    return Err(ApplyError::invalid(
-                        "tcp_route.listener",
-                        format!("listener {:?} already has tcp route {:?}", route.listener, other.name),
-                    ));
-                }
+                self.check_tcp_route_unique(&route)?;
                 self.tcp_routes.insert(route.name.clone(), Arc::new(route));
             }
             Change::UpdateTcpRoute(route) => {
@@ -408,16 +411,7 @@ impl State {
                     name: route.name.clone(),
                 })?;
                 self.owned("tcp_route", &route.name, old.source, source)?;
-                if let Some(other) = self
-                    .tcp_routes
-                    .values()
-                    .find(|r| r.listener == route.listener && r.name != route.name)
-                {
-                    return Err(ApplyError::invalid(
-                        "tcp_route.listener",
-                        format!("listener {:?} already has tcp route {:?}", route.listener, other.name),
-                    ));
-                }
+                self.check_tcp_route_unique(&route)?;
                 self.tcp_routes.insert(route.name.clone(), Arc::new(route));
             }
             Change::DeleteTcpRoute { name } => {
@@ -436,11 +430,11 @@ impl State {
         route.source = source;
         check_name(&route.name).map_err(|r| ApplyError::invalid("route.name", r))?;
         match self.listeners.get(&route.listener) {
-            Some(Protocol::Http) => {}
+            Some(p) if p.is_http() => {}
             Some(other) => {
                 return Err(ApplyError::invalid(
                     "route.listener",
-                    format!("listener {:?} is {}, routes need an http listener", route.listener, other.as_str()),
+                    format!("listener {:?} is {}, routes need an http or https listener", route.listener, other.as_str()),
                 ))
             }
             None => {
@@ -476,11 +470,18 @@ impl State {
         route.source = source;
         check_name(&route.name).map_err(|r| ApplyError::invalid("tcp_route.name", r))?;
         match self.listeners.get(&route.listener) {
-            Some(Protocol::Tcp) => {}
+            Some(p) if p.is_stream() => {
+                if route.sni.is_some() && *p != Protocol::TlsPassthrough {
+                    return Err(ApplyError::invalid(
+                        "tcp_route.sni",
+                        format!("listener {:?} is {}; only tls-passthrough listeners route by SNI", route.listener, p.as_str()),
+                    ));
+                }
+            }
             Some(other) => {
                 return Err(ApplyError::invalid(
                     "tcp_route.listener",
-                    format!("listener {:?} is {}, tcp routes need a tcp listener", route.listener, other.as_str()),
+                    format!("listener {:?} is {}, tcp routes need a tcp, tls or tls-passthrough listener", route.listener, other.as_str()),
                 ))
             }
             None => {
@@ -490,10 +491,30 @@ impl State {
                 ))
             }
         }
+        if let Some(sni) = &route.sni {
+            route.sni = Some(normalise_host(sni).map_err(|r| ApplyError::invalid("tcp_route.sni", r))?);
+        }
         if !self.pools.contains_key(&route.pool) {
             return Err(ApplyError::invalid("tcp_route.pool", format!("no pool named {:?}", route.pool)));
         }
         Ok(route)
+    }
+
+    /// A listener has one TCP route per SNI pattern (and one without): the connection's
+    /// destination must never depend on which route was created first.
+    fn check_tcp_route_unique(&self, route: &TcpRoute) -> Result<(), ApplyError> {
+        if let Some(other) = self
+            .tcp_routes
+            .values()
+            .find(|r| r.listener == route.listener && r.sni == route.sni && r.name != route.name)
+        {
+            let (field, what) = match &route.sni {
+                Some(sni) => ("tcp_route.sni", format!("listener {:?} already routes SNI {sni:?} with tcp route {:?}", route.listener, other.name)),
+                None => ("tcp_route.listener", format!("listener {:?} already has tcp route {:?}", route.listener, other.name)),
+            };
+            return Err(ApplyError::invalid(field, what));
+        }
+        Ok(())
     }
 }
 
@@ -517,6 +538,13 @@ enum Request {
     Close {
         reply: oneshot::Sender<()>,
     },
+    Membership {
+        update: MembershipUpdate,
+        reply: oneshot::Sender<()>,
+    },
+    Reopen {
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
 }
 
 /// A cheap, cloneable handle to the state: read snapshots, apply batches.
@@ -524,6 +552,7 @@ enum Request {
 pub struct StateHandle {
     tx: mpsc::Sender<Request>,
     current: Arc<ArcSwap<Snapshot>>,
+    write_latency: crate::telemetry::DurationHistogram,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -548,7 +577,8 @@ impl StateHandle {
         declarative: &[Change],
     ) -> Result<StateHandle, StoreError> {
         std::fs::create_dir_all(state_dir).map_err(|e| StoreError::Io(state_dir.display().to_string(), e))?;
-        let mut store = store::Store::open(&database_path(state_dir))?;
+        let db_path = database_path(state_dir);
+        let mut store = store::Store::open(&db_path)?;
         let (mut state, mut revision) = store.load(listeners)?;
 
         // Reconcile the config file: its objects become exactly `declarative`.
@@ -568,11 +598,20 @@ impl StateHandle {
         let current = Arc::new(ArcSwap::from_pointee(Snapshot { revision, state, routing }));
         let (tx, rx) = mpsc::channel(256);
         let writer_current = current.clone();
+        let write_latency = crate::telemetry::DurationHistogram::fast();
         std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn(move || writer(store, rx, writer_current))
+            .spawn({
+                let write_latency = write_latency.clone();
+                move || writer(db_path, store, rx, writer_current, write_latency)
+            })
             .map_err(|e| StoreError::Io("state writer thread".into(), e))?;
-        Ok(StateHandle { tx, current })
+        Ok(StateHandle { tx, current, write_latency })
+    }
+
+    /// How long the writer took per applied batch (validate, SQLite commit, publish).
+    pub fn write_latency(&self) -> &crate::telemetry::DurationHistogram {
+        &self.write_latency
     }
 
     /// The current snapshot (one atomic load; never blocks).
@@ -597,43 +636,107 @@ impl StateHandle {
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?
     }
 
+    /// Changes the run-time membership and publishes a new routing table, without a store
+    /// write. Runs on the writer, so it never races a batch. Works while the store is closed.
+    pub async fn update_membership(&self, update: impl FnOnce(&mut Membership) + Send + 'static) {
+        let (reply, rx) = oneshot::channel();
+        let request = Request::Membership { update: Box::new(update), reply };
+        if self.tx.send(request).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Replaces the upstreams `origin` contributes to `pool` (an empty list removes them).
+    pub async fn set_members(&self, pool: &str, origin: Origin, upstreams: Vec<Upstream>) {
+        let pool = pool.to_string();
+        self.update_membership(move |m| m.set_members(&pool, origin, upstreams)).await;
+    }
+
     /// Stops taking writes and closes the database (for a handoff or shutdown). Later
-    /// `apply` calls fail with `Unavailable`.
+    /// `apply` calls fail with `Unavailable` until [`reopen`](Self::reopen).
     pub async fn close(&self) {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Request::Close { reply }).await.is_ok() {
             let _ = rx.await;
         }
     }
+
+    /// Opens the database again after [`close`](Self::close) (a handoff that failed) and
+    /// publishes what it holds, in case the other process committed something.
+    pub async fn reopen(&self) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || StoreError::Io("state writer".into(), std::io::Error::other("the state writer has stopped"));
+        self.tx.send(Request::Reopen { reply }).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
 }
 
-fn writer(mut store: store::Store, mut rx: mpsc::Receiver<Request>, current: Arc<ArcSwap<Snapshot>>) {
+fn writer(
+    path: PathBuf,
+    store: store::Store,
+    mut rx: mpsc::Receiver<Request>,
+    current: Arc<ArcSwap<Snapshot>>,
+    write_latency: crate::telemetry::DurationHistogram,
+) {
+    let mut store = Some(store);
     while let Some(request) = rx.blocking_recv() {
         match request {
             Request::Apply { changes, source, reply } => {
-                let _ = reply.send(apply_one(&mut store, &current, &changes, source));
+                let started = std::time::Instant::now();
+                let result = match store.as_mut() {
+                    Some(store) => apply_one(store, &current, &changes, source),
+                    None => Err(ApplyError::Unavailable(
+                        "the state store is closed (shutting down or handed over to a new process)".into(),
+                    )),
+                };
+                if matches!(result, Ok(_)) && !changes.is_empty() {
+                    write_latency.observe(started.elapsed());
+                }
+                let _ = reply.send(result);
+            }
+            Request::Membership { update, reply } => {
+                publish_membership(&current, update);
+                let _ = reply.send(());
             }
             Request::Close { reply } => {
-                drop(store);
+                store = None;
                 let _ = reply.send(());
-                // Refuse everything still queued or sent later.
-                rx.close();
-                while let Some(request) = rx.blocking_recv() {
-                    match request {
-                        Request::Apply { reply, .. } => {
-                            let _ = reply.send(Err(ApplyError::Unavailable(
-                                "the state store is closed (shutting down or handed over)".into(),
-                            )));
-                        }
-                        Request::Close { reply } => {
-                            let _ = reply.send(());
-                        }
-                    }
-                }
-                return;
+            }
+            Request::Reopen { reply } => {
+                let result = reopen(&path, &current).map(|(reopened, revision)| {
+                    store = Some(reopened);
+                    revision
+                });
+                let _ = reply.send(result);
             }
         }
     }
+}
+
+fn reopen(path: &Path, current: &ArcSwap<Snapshot>) -> Result<(store::Store, u64), StoreError> {
+    let mut store = store::Store::open(path)?;
+    let snap = current.load_full();
+    let (mut state, revision) = store.load(snap.state.listeners.clone())?;
+    state.membership = snap.state.membership.clone();
+    if revision != snap.revision {
+        let routing = Arc::new(RoutingTable::build(&state, Some(&snap.routing)));
+        current.store(Arc::new(Snapshot { revision, state, routing }));
+    }
+    Ok((store, revision))
+}
+
+/// A change to the run-time membership, run on the writer thread.
+type MembershipUpdate = Box<dyn FnOnce(&mut Membership) + Send>;
+
+/// Publishes a membership change: same revision and stored state, new routing table.
+fn publish_membership(current: &ArcSwap<Snapshot>, update: MembershipUpdate) {
+    let snap = current.load_full();
+    let mut membership = snap.state.membership.as_ref().clone();
+    update(&mut membership);
+    let mut next = snap.state.clone();
+    next.membership = Arc::new(membership);
+    let routing = Arc::new(RoutingTable::build(&next, Some(&snap.routing)));
+    current.store(Arc::new(Snapshot { revision: snap.revision, state: next, routing }));
 }
 
 fn apply_one(
@@ -733,7 +836,7 @@ mod tests {
                 Change::CreatePool(pool("v2")),
                 Change::CreateRoute(route("a", "v1")),
                 Change::CreateRoute(route("b", "v2")),
-                Change::CreateTcpRoute(TcpRoute { name: "t".into(), source: Source::Api, listener: "db".into(), pool: "v1".into() }),
+                Change::CreateTcpRoute(TcpRoute { name: "t".into(), source: Source::Api, listener: "db".into(), pool: "v1".into(), sni: None }),
             ],
             Source::Api,
         )

@@ -205,6 +205,10 @@ pub struct TcpRoute {
     pub listener: String,
     /// Pool that receives the connections.
     pub pool: String,
+    /// On a `tls-passthrough` listener: the ClientHello server name (`example.com` or
+    /// `*.example.com`) this route takes; `None` takes every other name.
+    #[serde(default)]
+    pub sni: Option<String>,
 }
 
 /// Durations are stored as integer milliseconds so the JSON form is stable.

@@ -54,6 +54,17 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
+    // TLS: certificates (uploaded or issued), ACME accounts, API allowlist entries. Written
+    // by `crate::tls::store`, not by `Change` batches.
+    "CREATE TABLE tls_certificates (
+        name TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        cert_pem TEXT NOT NULL,
+        key_pem TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE tls_acme_accounts (directory TEXT PRIMARY KEY, credentials TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TABLE tls_allowlist (pattern TEXT PRIMARY KEY) WITHOUT ROWID;",
 ];
 
 pub(super) struct Store {

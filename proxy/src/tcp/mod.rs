@@ -1,19 +1,51 @@
 //! L4 forwarding for `tcp` listeners: accept, pick an upstream (trying the next one when a
 //! connection fails), then copy both ways with half-close and an idle timeout.
+//!
+//! A registered route without a live instance holds new connections until one registers
+//! (see [`crate::registration`]); a stream to an upstream that leaves a pool with
+//! `on_change = "reset"` is closed.
+//!
+//! `tls` listeners terminate TLS first and forward the plain bytes; `tls-passthrough`
+//! listeners read the ClientHello's server name, pick the pool by it, and forward every
+//! byte (the ClientHello included) untouched.
 
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, Protocol};
 use crate::listener::IdleTimeout;
 use crate::shutdown::Shutdown;
 use crate::state::StateHandle;
-use crate::upstream::{connect, ConnectError, InFlight};
+use crate::telemetry::{Metrics, Telemetry};
+use crate::tls::sni::{peek_client_hello, Hello};
+use crate::tls::{AcceptError, Tls};
+use crate::upstream::{connect, ConnectError, InFlight, UpstreamStream};
 
 /// Serves `listener` until shutdown; open streams are left to finish (up to the drain timeout).
-pub async fn serve(listener: TcpListener, config: Arc<ListenerConfig>, state: StateHandle, shutdown: Shutdown) {
+/// `tls` terminates the connections of `tls` listeners.
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<ListenerConfig>,
+    state: StateHandle,
+    shutdown: Shutdown,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+) {
+    let connections = telemetry.metrics().listener(&config.name, config.protocol.as_str());
+    let terminate = if config.protocol == Protocol::Tls {
+        match tls.server_config(&[]) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(listener = %config.name, error = %e, "TLS setup failed; listener not serving");
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let limit = Arc::new(Semaphore::new(config.max_connections));
     loop {
         let permit = tokio::select! {
@@ -34,33 +66,85 @@ pub async fn serve(listener: TcpListener, config: Arc<ListenerConfig>, state: St
         let _ = stream.set_nodelay(true);
         let config = config.clone();
         let state = state.clone();
+        let terminate = terminate.clone();
+        let tls = tls.clone();
+        let open = connections.open();
+        let metrics = telemetry.metrics().clone();
         shutdown.spawn(async move {
             let _permit = permit;
-            if let Err(reason) = forward(stream, &config, &state).await {
+            let _open = open;
+            let result = match (config.protocol, terminate) {
+                (Protocol::TlsPassthrough, _) => passthrough(stream, &config, &state, &metrics).await,
+                (_, Some(server_config)) => match tls.accept(stream, &server_config).await {
+                    Ok(stream) => forward(stream, &config, &state, &metrics, None, &[]).await,
+                    Err(AcceptError::ChallengeAnswered) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                },
+                _ => forward(stream, &config, &state, &metrics, None, &[]).await,
+            };
+            if let Err(reason) = result {
                 tracing::warn!(listener = %config.name, %client, %reason, "tcp connection not forwarded");
             }
         });
     }
 }
 
-async fn forward(client: TcpStream, config: &ListenerConfig, state: &StateHandle) -> Result<(), String> {
+/// Reads the ClientHello, then forwards it and the rest to the pool its server name picks.
+async fn passthrough(
+    mut client: tokio::net::TcpStream,
+    config: &ListenerConfig,
+    state: &StateHandle,
+    metrics: &Metrics,
+) -> Result<(), String> {
+    let (hello_bytes, hello) = peek_client_hello(&mut client, config.header_timeout)
+        .await
+        .map_err(|e| format!("reading the ClientHello: {e}"))?;
+    let sni = match hello {
+        Hello::ClientHello(sni) => sni,
+        Hello::NotTls => return Err("not a TLS ClientHello".into()),
+    };
+    forward(client, config, state, metrics, sni.as_deref(), &hello_bytes).await
+}
+
+/// Connects to the listener's pool (by `sni` on passthrough listeners), sends `prefix`
+/// (bytes already read from the client), then copies both ways.
+async fn forward<S>(
+    client: S,
+    config: &ListenerConfig,
+    state: &StateHandle,
+    metrics: &Metrics,
+    sni: Option<&str>,
+    prefix: &[u8],
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let pool = state
         .routing()
-        .tcp_pool(&config.name)
+        .tcp_pool_for_sni(&config.name, sni)
         .cloned()
-        .ok_or_else(|| "no tcp route for this listener".to_string())?;
+        .ok_or_else(|| match sni {
+            Some(name) => format!("no tcp route for server name {name:?} on this listener"),
+            None => "no tcp route for this listener".to_string(),
+        })?;
+    let pool = crate::registration::ready_pool(state, &pool)
+        .await
+        .map_err(|e| format!("pool {:?}: {e}", pool.name))?;
     let candidates = pool.candidates().map_err(|e| format!("pool {:?}: {e:?}", pool.name))?;
     let mut last: Option<ConnectError> = None;
-    let mut connected: Option<(TcpStream, InFlight)> = None;
+    let mut connected: Option<(UpstreamStream, InFlight)> = None;
     for upstream in candidates {
         let in_flight = upstream.start();
+        let started = std::time::Instant::now();
         match connect(&upstream.address, pool.connect_timeout).await {
             Ok(stream) => {
+                metrics.upstream_connected(&pool.name, started.elapsed());
                 upstream.clear_ejection();
                 connected = Some((stream, in_flight));
                 break;
             }
             Err(e) => {
+                metrics.upstream_connect_failed(&pool.name);
                 upstream.eject();
                 tracing::warn!(pool = %pool.name, upstream = %upstream.address, error = %e, "upstream connection failed");
                 last = Some(e);
@@ -70,8 +154,21 @@ async fn forward(client: TcpStream, config: &ListenerConfig, state: &StateHandle
     let Some((mut upstream, in_flight)) = connected else {
         return Err(last.map_or_else(|| "no upstream".to_string(), |e| e.to_string()));
     };
+    if !prefix.is_empty() {
+        upstream
+            .write_all(prefix)
+            .await
+            .map_err(|e| format!("stream to {} ended: {e}", in_flight.upstream().address))?;
+    }
     let mut client = IdleTimeout::new(client, config.idle_timeout);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    let copied = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
+        _ = in_flight.upstream().removed() => {
+            tracing::info!(listener = %config.name, upstream = %in_flight.upstream().address, "upstream left its pool; closing the stream");
+            return Ok(());
+        }
+    };
+    match copied {
         Ok((up, down)) => {
             tracing::debug!(listener = %config.name, upstream = %in_flight.upstream().address, bytes_up = up, bytes_down = down, "tcp stream closed");
             Ok(())

@@ -1,9 +1,12 @@
-//! The admin HTTP listener: `/healthz` (process alive) and `/readyz` (serving, not draining).
+//! The admin HTTP listener: `/metrics` (Prometheus / OpenMetrics text), `/healthz` (process
+//! alive) and `/readyz` (listeners bound, state loaded, not draining).
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -11,23 +14,32 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use super::Telemetry;
 use crate::shutdown::Shutdown;
 
+/// The content type of `/metrics` (what prometheus-client writes).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Serves the admin endpoints until shutdown.
-pub async fn serve(listener: TcpListener, shutdown: Shutdown) {
+pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, shutdown: Shutdown) {
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = shutdown.triggered() => return,
         };
         let shutdown = shutdown.clone();
+        let telemetry = telemetry.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let draining = shutdown.is_triggered();
-                async move { Ok::<_, Infallible>(answer(&req, draining)) }
+                let response = answer(&req, &telemetry, &shutdown);
+                async move { Ok::<_, Infallible>(response) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -36,14 +48,27 @@ pub async fn serve(listener: TcpListener, shutdown: Shutdown) {
     }
 }
 
-fn answer(req: &Request<Incoming>, draining: bool) -> Response<Full<Bytes>> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, "ok\n"),
-        "/readyz" if draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        "/readyz" => (StatusCode::OK, "ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
-    };
+fn answer(req: &Request<Incoming>, telemetry: &Telemetry, shutdown: &Shutdown) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(telemetry.metrics().encode())));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            response
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if shutdown.is_triggered() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" if !telemetry.is_ready() => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }

@@ -1,14 +1,171 @@
-//! Operator-facing endpoints and logging set-up.
+//! Operator-facing output: logging set-up, the access log format, the metrics registry,
+//! OTLP export and the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//!
+//! One [`Telemetry`] is created per daemon in `Daemon::start_with` and handed to the
+//! listeners; other parts of the daemon record through [`Telemetry::metrics`].
 
+pub mod access;
 pub mod admin;
+pub mod api;
+pub mod histogram;
+pub mod metrics;
+pub mod otlp;
 
-/// Installs the global tracing subscriber: `RUST_LOG` if set, else `default_filter`.
-pub fn init_logging(default_filter: &str) {
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
+pub use access::{AccessLogFormat, HeaderPolicy};
+pub use histogram::DurationHistogram;
+pub use metrics::{AcmeResult, GaugeGuard, HeldOutcome, HttpOutcome, ListenerSeries, Metrics, OpenConnection};
+pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
+
+use crate::state::StateHandle;
+
+/// The `[telemetry]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// Access log format (`json`, `logfmt`, `off`).
+    pub access_log: AccessLogFormat,
+    /// Whether the access log shows the query string (off by default: queries carry tokens).
+    pub include_query: bool,
+    /// Request headers shown in the access log, and those whose values are hidden.
+    pub headers: HeaderPolicy,
+    /// `[telemetry.otlp]`: export traces and metrics when set.
+    pub otlp: Option<OtlpConfig>,
+}
+
+/// The `[telemetry.otlp]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpConfig {
+    /// Collector gRPC endpoint, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// How often buffered spans and metrics are sent.
+    pub interval: Duration,
+    /// Time allowed for one export call.
+    pub timeout: Duration,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+}
+
+/// Installs the global tracing subscriber: diagnostics on stderr filtered by `RUST_LOG` (else
+/// `default_filter`), and access lines on stdout in the configured format, whatever the filter.
+pub fn init_logging(default_filter: &str, config: &TelemetryConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    // Access lines have their own layer; the diagnostic one never repeats them.
+    let filter = match format!("{}=off", access::TARGET).parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    let diagnostics = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let access = (config.access_log != AccessLogFormat::Off).then(|| {
+        access::AccessLayer::new(config.access_log).with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target() == access::TARGET
+        }))
+    });
+    let _ = tracing_subscriber::registry().with(diagnostics).with(access).try_init();
+}
+
+/// The telemetry of one daemon: metrics, access log settings, request tracing, readiness.
+pub struct Telemetry {
+    metrics: Arc<Metrics>,
+    include_query: bool,
+    headers: HeaderPolicy,
+    tracing: Option<Arc<RequestTracing>>,
+    otlp: Mutex<Option<Arc<otlp::Otlp>>>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("include_query", &self.include_query)
+            .field("tracing", &self.tracing.is_some())
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// Creates the metrics (reading health and write latency from `state`) and, when
+    /// configured, starts the OTLP exporters. Must run inside the Tokio runtime.
+    pub fn start(config: &TelemetryConfig, state: Option<&StateHandle>) -> Result<Telemetry, OtlpError> {
+        let metrics = Arc::new(Metrics::new(state));
+        let (tracing, otlp) = match &config.otlp {
+            None => (None, None),
+            Some(otlp_config) => {
+                let weak = Arc::downgrade(&metrics);
+                let open = move || weak.upgrade().map_or(0, |m| m.connections_open());
+                let (otlp, instruments) = otlp::Otlp::start(otlp_config, open, state.cloned())?;
+                metrics.export_to(instruments);
+                tracing::info!(endpoint = %otlp_config.endpoint, "exporting traces and metrics over OTLP");
+                (Some(otlp.tracing()), Some(Arc::new(otlp)))
+            }
+        };
+        Ok(Telemetry {
+            metrics,
+            include_query: config.include_query,
+            headers: config.headers.clone(),
+            tracing,
+            otlp: Mutex::new(otlp),
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    /// Telemetry with defaults and no state (unit tests, tools).
+    pub fn detached() -> Telemetry {
+        Telemetry {
+            metrics: Arc::new(Metrics::new(None)),
+            include_query: false,
+            headers: HeaderPolicy::default(),
+            tracing: None,
+            otlp: Mutex::new(None),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// The metrics to record into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Whether access lines show the query string.
+    pub fn include_query(&self) -> bool {
+        self.include_query
+    }
+
+    /// Which request headers access lines show.
+    pub fn headers(&self) -> &HeaderPolicy {
+        &self.headers
+    }
+
+    /// Request tracing, when OTLP is configured.
+    pub fn tracing(&self) -> Option<&Arc<RequestTracing>> {
+        self.tracing.as_ref()
+    }
+
+    /// Marks the daemon ready: listeners bound, state loaded (for `/readyz`).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`set_ready`](Self::set_ready) was called.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Sends buffered spans and metrics and stops the exporters (no-op without OTLP).
+    pub async fn flush(&self) {
+        let otlp = self.otlp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(otlp) = otlp {
+            // The exporters block while their threads drive the gRPC client on this runtime.
+            let _ = tokio::task::spawn_blocking(move || otlp.shutdown()).await;
+        }
+    }
 }

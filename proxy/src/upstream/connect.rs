@@ -1,10 +1,15 @@
-//! Dialing upstreams: TCP connect with a timeout, and the HTTP/1.1 client handshake.
+//! Dialing upstreams: TCP (`host:port`) or unix socket (`unix:/path`) connect with a
+//! timeout, and the HTTP/1.1 client handshake.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use thiserror::Error;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::http::body::RequestBody;
 
@@ -47,21 +52,87 @@ impl ConnectError {
     }
 }
 
-/// Opens a TCP connection to `address` (`host:port`) within `timeout`.
-pub async fn connect(address: &str, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
-        Ok(Ok(stream)) => {
-            // Small writes (headers, interactive TCP) must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
+/// A connection to an upstream: TCP, or a unix socket for `unix:/path` addresses.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    /// `host:port`.
+    Tcp(TcpStream),
+    /// `unix:/path`.
+    Unix(UnixStream),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Opens a connection to `address` (`host:port` or `unix:/path`) within `timeout`.
+pub async fn connect(address: &str, timeout: Duration) -> Result<UpstreamStream, ConnectError> {
+    let dial = async {
+        match address.strip_prefix("unix:") {
+            Some(path) => UnixStream::connect(path).await.map(UpstreamStream::Unix),
+            None => {
+                let stream = TcpStream::connect(address).await?;
+                // Small writes (headers, interactive TCP) must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                Ok(UpstreamStream::Tcp(stream))
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, dial).await {
+        Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(ConnectError::Failed { address: address.to_string(), source }),
         Err(_) => Err(ConnectError::Timeout { address: address.to_string(), timeout }),
     }
 }
 
 /// Performs the HTTP/1.1 client handshake on `stream` and drives the connection in a task.
-pub async fn http_sender(address: &str, stream: TcpStream) -> Result<HttpSender, ConnectError> {
+pub async fn http_sender(address: &str, stream: UpstreamStream) -> Result<HttpSender, ConnectError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

@@ -13,9 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_queue::ArrayQueue;
 
-pub use connect::{connect, http_sender, ConnectError, HttpSender};
+pub use connect::{connect, http_sender, ConnectError, HttpSender, UpstreamStream};
 
-use crate::state::{Balance, HealthCheck, Pool, UpstreamState};
+use tokio_util::sync::CancellationToken;
+
+use crate::discovery::{OnChange, Origin};
+use crate::registration::Hold;
+use crate::state::{Balance, HealthCheck, Pool, Upstream, UpstreamState};
 
 /// How long an upstream is skipped after a failed connection attempt.
 pub const EJECT_FOR: Duration = Duration::from_secs(10);
@@ -39,6 +43,8 @@ pub struct UpstreamRuntime {
     ejected_until_ms: AtomicU64,
     in_flight: AtomicUsize,
     idle: ArrayQueue<HttpSender>,
+    /// Fired when it leaves a pool whose policy is `on_change = "reset"`.
+    removed: CancellationToken,
 }
 
 impl std::fmt::Debug for UpstreamRuntime {
@@ -61,7 +67,19 @@ impl UpstreamRuntime {
             ejected_until_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle: ArrayQueue::new(IDLE_PER_UPSTREAM),
+            removed: CancellationToken::new(),
         }
+    }
+
+    /// Resolves once it was removed from a pool that resets connections on change.
+    pub async fn removed(&self) {
+        self.removed.cancelled().await
+    }
+
+    /// Tells every stream to it to close (it left a pool with `on_change = "reset"`).
+    pub fn close_streams(&self) {
+        self.removed.cancel();
+        while self.idle.pop().is_some() {}
     }
 
     /// Whether the last active health check passed (true when there is no check).
@@ -158,6 +176,10 @@ pub struct PoolRuntime {
     /// Time to the upstream's response head.
     pub response_timeout: Duration,
     upstreams: Vec<Arc<UpstreamRuntime>>,
+    /// Where each upstream comes from and its weight (same order as `upstreams`).
+    origins: Vec<(Origin, u32)>,
+    /// For a registered route's pool: where requests wait while no instance is registered.
+    pub hold: Option<Arc<Hold>>,
     /// Round-robin schedule: upstream indexes, each repeated by weight, interleaved.
     schedule: Vec<usize>,
     next: AtomicUsize,
@@ -173,12 +195,26 @@ pub enum NoUpstream {
 }
 
 impl PoolRuntime {
-    /// Compiles `pool`, reusing the upstream runtimes of `previous` by address.
+    /// Compiles `pool` with its static upstreams only, reusing the upstream runtimes of
+    /// `previous` by address.
     pub fn new(pool: &Pool, previous: Option<&PoolRuntime>) -> PoolRuntime {
-        let upstreams: Vec<Arc<UpstreamRuntime>> = pool
-            .upstreams
+        let members: Vec<(Upstream, Origin)> = pool.upstreams.iter().map(|u| (u.clone(), Origin::Static)).collect();
+        PoolRuntime::build(pool, &members, OnChange::Keep, None, previous)
+    }
+
+    /// Compiles `pool` running `members` (static, discovered and registered upstreams),
+    /// reusing the upstream runtimes of `previous` by address. With [`OnChange::Reset`],
+    /// streams to upstreams of `previous` that are no longer members are told to close.
+    pub fn build(
+        pool: &Pool,
+        members: &[(Upstream, Origin)],
+        on_change: OnChange,
+        hold: Option<Arc<Hold>>,
+        previous: Option<&PoolRuntime>,
+    ) -> PoolRuntime {
+        let upstreams: Vec<Arc<UpstreamRuntime>> = members
             .iter()
-            .map(|u| {
+            .map(|(u, _)| {
                 let rt = previous
                     .and_then(|p| p.upstreams.iter().find(|o| o.address == u.address))
                     .cloned()
@@ -191,11 +227,20 @@ impl PoolRuntime {
                 rt
             })
             .collect();
+        if on_change == OnChange::Reset {
+            if let Some(previous) = previous {
+                for old in &previous.upstreams {
+                    if !upstreams.iter().any(|u| Arc::ptr_eq(u, old)) {
+                        old.close_streams();
+                    }
+                }
+            }
+        }
         // Interleave by weight: round r takes every upstream whose weight exceeds r.
-        let max_weight = pool.upstreams.iter().map(|u| u.weight).max().unwrap_or(0);
+        let max_weight = members.iter().map(|(u, _)| u.weight).max().unwrap_or(0);
         let mut schedule = Vec::new();
         for round in 0..max_weight {
-            for (i, u) in pool.upstreams.iter().enumerate() {
+            for (i, (u, _)) in members.iter().enumerate() {
                 if u.weight > round {
                     schedule.push(i);
                 }
@@ -208,9 +253,16 @@ impl PoolRuntime {
             connect_timeout: pool.connect_timeout,
             response_timeout: pool.response_timeout,
             upstreams,
+            origins: members.iter().map(|(u, o)| (*o, u.weight)).collect(),
+            hold,
             schedule,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// Every upstream with where it comes from and its weight.
+    pub fn members(&self) -> impl Iterator<Item = (&Arc<UpstreamRuntime>, Origin, u32)> {
+        self.upstreams.iter().zip(self.origins.iter()).map(|(u, (o, w))| (u, *o, *w))
     }
 
     /// All upstreams.

@@ -28,6 +28,7 @@ pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// - `/upload`: reads the body as a stream and answers the byte count
 /// - `/slow/MS`: answers after MS milliseconds
 /// - `/status/N`: answers status N
+/// - `/drip/N/MS`: N KiB of `d`, one KiB every MS milliseconds
 /// - `/ws`: `101 Switching Protocols`, then echoes bytes on the upgraded connection
 pub struct Upstream {
     pub name: &'static str,
@@ -99,6 +100,22 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Respon
         .map_frames();
         let mut response = Response::new(StreamBody::new(body_stream).boxed());
         response.headers_mut().insert("content-length", total.into());
+        return Ok(response);
+    }
+    if let Some(spec) = path.strip_prefix("/drip/") {
+        // N chunks of 1 KiB of `d`, MS milliseconds apart: a long-running download.
+        let (n, ms) = spec.split_once('/').unwrap_or((spec, "10"));
+        let (n, ms): (u64, u64) = (n.parse().unwrap_or(1), ms.parse().unwrap_or(10));
+        let chunk = Bytes::from(vec![b'd'; 1024]);
+        let body_stream = futures_util::StreamExt::then(stream::iter(0..n), move |_| {
+            let chunk = chunk.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, Infallible>(Frame::data(chunk))
+            }
+        });
+        let mut response = Response::new(StreamBody::new(body_stream).boxed());
+        response.headers_mut().insert("content-length", (n * 1024).into());
         return Ok(response);
     }
     if path == "/upload" {

@@ -1,0 +1,227 @@
+//! Run-time pool membership: upstreams found by discovery sources or announced by
+//! registrations, and the routes registrations bring with them.
+//!
+//! A [`Membership`] lives inside [`crate::state::State`] next to the persisted objects, so
+//! every routing table is built from both, but it is never written to SQLite: after a
+//! restart the sources and registrations fill it again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::Protocol;
+use crate::registration::Hold;
+use crate::state::{Pool, Upstream};
+
+/// The kind of a discovery source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SourceKind {
+    /// Keys under an etcd prefix.
+    Etcd,
+    /// A DNS name (A/AAAA, or SRV without a port).
+    Dns,
+    /// A command printing JSON.
+    Exec,
+    /// A watched JSON file.
+    File,
+}
+
+impl SourceKind {
+    /// The config and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Etcd => "etcd",
+            SourceKind::Dns => "dns",
+            SourceKind::Exec => "exec",
+            SourceKind::File => "file",
+        }
+    }
+}
+
+/// Where an upstream of a pool comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Origin {
+    /// The pool definition (config file or API), stored in SQLite.
+    Static,
+    /// A discovery source of the pool.
+    Discovered(SourceKind),
+    /// A live (or held) registration, by its id.
+    Registered(u64),
+}
+
+impl Origin {
+    /// A short label for logs and listings: `static`, `etcd`, `registration/7`.
+    pub fn label(&self) -> String {
+        match self {
+            Origin::Static => "static".into(),
+            Origin::Discovered(kind) => kind.as_str().into(),
+            Origin::Registered(id) => format!("registration/{id}"),
+        }
+    }
+}
+
+/// What happens to established connections to an upstream that leaves a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnChange {
+    /// They run until either side closes them.
+    #[default]
+    Keep,
+    /// TCP streams to it are closed at once.
+    Reset,
+}
+
+impl OnChange {
+    /// Parses the config name.
+    pub fn parse(s: &str) -> Option<OnChange> {
+        match s {
+            "keep" => Some(OnChange::Keep),
+            "reset" => Some(OnChange::Reset),
+            _ => None,
+        }
+    }
+}
+
+/// A route that exists only because a service registered it.
+#[derive(Debug, Clone)]
+pub struct RegisteredRoute {
+    /// Listener it is served on (a configured one, or one opened for registrations).
+    pub listener: String,
+    /// `http` (host and path routing) or `tcp` (the whole port).
+    pub protocol: Protocol,
+    /// Exact host or `*.suffix`; `None` for any host.
+    pub host: Option<String>,
+    /// Path prefix (HTTP); `/` when not given.
+    pub path_prefix: String,
+    /// The run-time pool holding the registered instances.
+    pub pool: String,
+    /// Shared by requests waiting while no instance is registered.
+    pub hold: Arc<Hold>,
+}
+
+/// Run-time additions to the desired state. Cheap to clone: routing builds take it by
+/// reference and updates replace it whole.
+#[derive(Debug, Clone, Default)]
+pub struct Membership {
+    members: BTreeMap<String, BTreeMap<Origin, Vec<Upstream>>>,
+    on_change: BTreeMap<String, OnChange>,
+    routes: BTreeMap<String, RegisteredRoute>,
+}
+
+impl Membership {
+    /// Replaces what `origin` contributes to `pool`; an empty list removes it.
+    pub fn set_members(&mut self, pool: &str, origin: Origin, upstreams: Vec<Upstream>) {
+        if upstreams.is_empty() {
+            if let Some(by_origin) = self.members.get_mut(pool) {
+                by_origin.remove(&origin);
+                if by_origin.is_empty() {
+                    self.members.remove(pool);
+                }
+            }
+        } else {
+            self.members.entry(pool.to_string()).or_default().insert(origin, upstreams);
+        }
+    }
+
+    /// What `origin` contributes to `pool`.
+    pub fn members(&self, pool: &str, origin: Origin) -> &[Upstream] {
+        self.members
+            .get(pool)
+            .and_then(|m| m.get(&origin))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Every run-time upstream of `pool` with its origin.
+    pub fn all_members(&self, pool: &str) -> impl Iterator<Item = (Origin, &Upstream)> {
+        self.members
+            .get(pool)
+            .into_iter()
+            .flat_map(|m| m.iter().flat_map(|(o, list)| list.iter().map(move |u| (*o, u))))
+    }
+
+    /// Sets the on-change policy of `pool`.
+    pub fn set_on_change(&mut self, pool: &str, policy: OnChange) {
+        self.on_change.insert(pool.to_string(), policy);
+    }
+
+    /// The on-change policy of `pool` (`keep` unless set).
+    pub fn on_change(&self, pool: &str) -> OnChange {
+        self.on_change.get(pool).copied().unwrap_or_default()
+    }
+
+    /// The upstreams a pool runs with: its static ones first, then the run-time ones in
+    /// origin order. An address listed twice is used once (the first listing wins).
+    pub fn upstreams_of(&self, pool: &Pool) -> Vec<(Upstream, Origin)> {
+        let mut out: Vec<(Upstream, Origin)> =
+            pool.upstreams.iter().map(|u| (u.clone(), Origin::Static)).collect();
+        self.extend_with_members(&pool.name, &mut out);
+        out
+    }
+
+    /// The upstreams of a pool that exists only at run time (a registration pool).
+    pub fn runtime_upstreams(&self, pool: &str) -> Vec<(Upstream, Origin)> {
+        let mut out = Vec::new();
+        self.extend_with_members(pool, &mut out);
+        out
+    }
+
+    fn extend_with_members(&self, pool: &str, out: &mut Vec<(Upstream, Origin)>) {
+        for (origin, upstream) in self.all_members(pool) {
+            if !out.iter().any(|(u, _)| u.address == upstream.address) {
+                out.push((upstream.clone(), origin));
+            }
+        }
+    }
+
+    /// Adds or replaces the registered route called `name`.
+    pub fn set_route(&mut self, name: &str, route: RegisteredRoute) {
+        self.routes.insert(name.to_string(), route);
+    }
+
+    /// Removes the registered route called `name`, with its members.
+    pub fn remove_route(&mut self, name: &str) {
+        if let Some(route) = self.routes.remove(name) {
+            self.members.remove(&route.pool);
+        }
+    }
+
+    /// Registered routes by name.
+    pub fn routes(&self) -> impl Iterator<Item = (&String, &RegisteredRoute)> {
+        self.routes.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{default_connect_timeout, default_response_timeout, Balance, Source};
+
+    #[test]
+    fn static_upstreams_come_first_and_duplicates_are_dropped() {
+        let pool = Pool {
+            name: "p".into(),
+            source: Source::Api,
+            balance: Balance::RoundRobin,
+            upstreams: vec![Upstream::new("10.0.0.1:80")],
+            health: None,
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+        };
+        let mut m = Membership::default();
+        m.set_members(
+            "p",
+            Origin::Discovered(SourceKind::Etcd),
+            vec![Upstream::new("10.0.0.2:80"), Upstream::new("10.0.0.1:80")],
+        );
+        let got: Vec<(String, Origin)> =
+            m.upstreams_of(&pool).into_iter().map(|(u, o)| (u.address, o)).collect();
+        assert_eq!(
+            got,
+            [
+                ("10.0.0.1:80".to_string(), Origin::Static),
+                ("10.0.0.2:80".to_string(), Origin::Discovered(SourceKind::Etcd)),
+            ]
+        );
+        m.set_members("p", Origin::Discovered(SourceKind::Etcd), Vec::new());
+        assert_eq!(m.upstreams_of(&pool).len(), 1);
+        assert!(m.members.is_empty());
+    }
+}

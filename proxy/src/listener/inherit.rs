@@ -1,0 +1,104 @@
+//! Listening sockets that arrive open: handed over by the previous proxyd during an
+//! upgrade, or passed by systemd (socket activation and its fd store), matched by name.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+
+/// Where an inherited socket came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The previous proxyd process (upgrade handoff).
+    Handoff,
+    /// systemd: a `.socket` unit or the service's fd store.
+    Systemd,
+}
+
+/// Open listening sockets by name, waiting to be claimed by the listeners that use them.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    tcp: BTreeMap<String, (TcpListener, Origin)>,
+    unix: BTreeMap<String, UnixListener>,
+}
+
+/// `LISTEN_FDNAMES` entry systemd uses for sockets without a `FileDescriptorName`.
+const UNNAMED: &str = "unknown";
+
+impl Inherited {
+    /// Takes the sockets systemd passed (`LISTEN_PID`/`LISTEN_FDS`/`LISTEN_FDNAMES`) and
+    /// clears those variables so no child process sees them. A single unnamed socket is
+    /// given to `only_listener`, the sole configured listener, if there is one.
+    pub fn from_systemd(only_listener: Option<&str>) -> Inherited {
+        let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+            .map(|v| v.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut fds = listenfd::ListenFd::from_env();
+        std::env::remove_var("LISTEN_FDNAMES");
+        let mut inherited = Inherited::default();
+        for idx in 0..fds.len() {
+            let name = names.get(idx).cloned().unwrap_or_else(|| UNNAMED.to_string());
+            let name = match (name.as_str(), only_listener, fds.len()) {
+                ("" | UNNAMED, Some(only), 1) => only.to_string(),
+                _ => name,
+            };
+            match fds.take_tcp_listener(idx) {
+                Ok(Some(listener)) => {
+                    if inherited.tcp.contains_key(&name) {
+                        tracing::warn!(%name, "systemd passed two sockets with this name; closing the second");
+                    } else {
+                        tracing::info!(%name, "using a socket passed by systemd");
+                        inherited.tcp.insert(name, (listener, Origin::Systemd));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%name, error = %e, "ignoring a file descriptor from systemd that is not a TCP listening socket"),
+            }
+        }
+        inherited
+    }
+
+    /// Adds a TCP listening socket.
+    pub fn insert_tcp(&mut self, name: String, listener: TcpListener, origin: Origin) {
+        self.tcp.insert(name, (listener, origin));
+    }
+
+    /// Adds a unix listening socket.
+    pub fn insert_unix(&mut self, name: String, listener: UnixListener) {
+        self.unix.insert(name, listener);
+    }
+
+    /// Claims the TCP socket called `name`.
+    pub fn take_tcp(&mut self, name: &str) -> Option<(TcpListener, Origin)> {
+        self.tcp.remove(name)
+    }
+
+    /// Claims the unix socket called `name`.
+    pub fn take_unix(&mut self, name: &str) -> Option<UnixListener> {
+        self.unix.remove(name)
+    }
+
+    /// Moves every socket of `other` in (names already present keep the existing one).
+    pub fn merge(&mut self, other: Inherited) {
+        for (name, entry) in other.tcp {
+            self.tcp.entry(name).or_insert(entry);
+        }
+        for (name, listener) in other.unix {
+            self.unix.entry(name).or_insert(listener);
+        }
+    }
+
+    /// Closes the sockets nobody claimed, saying so.
+    pub fn close_leftovers(self) {
+        for (name, (_, origin)) in self.tcp {
+            tracing::info!(%name, ?origin, "closing an inherited socket no listener uses");
+        }
+        for name in self.unix.keys() {
+            tracing::info!(%name, "closing an inherited unix socket nothing uses");
+        }
+    }
+
+    /// Whether nothing is left.
+    pub fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.unix.is_empty()
+    }
+}

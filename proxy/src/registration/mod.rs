@@ -1,0 +1,72 @@
+//! Registration: services announce themselves over a gRPC stream (the lease) and get a
+//! route, a pool member and, when needed, a listening port; when the stream ends their
+//! routes are held so requests wait for them to come back.
+//!
+//! # Layout
+//!
+//! - [`hold`]: the bounded waiting room of a route without live instances.
+//! - [`Registry`] (`registry.rs`): live registrations, route/pool bookkeeping, ports opened
+//!   on demand, hold timers.
+//! - [`client`]: a small client for services (and `proxyctl register`).
+
+pub mod client;
+pub mod hold;
+mod registry;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use hold::{Hold, HoldError};
+
+use crate::state::StateHandle;
+use crate::upstream::PoolRuntime;
+pub use registry::{
+    Claim, KnownListener, RegisterError, Registration, RegistrationInfo, Registry, RouteInfo, ServeListener,
+};
+
+/// The `[registration]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationConfig {
+    /// How long a route stays after its last instance's stream ended.
+    pub hold: Duration,
+    /// Ports a registration may ask for.
+    pub port_range: RangeInclusive<u16>,
+    /// Address ports opened for registrations bind to.
+    pub address: IpAddr,
+    /// Most requests or connections waiting on one held route.
+    pub queue_limit: usize,
+    /// Longest time one request or connection waits for an instance.
+    pub max_wait: Duration,
+    /// Interval of the keepalive pings on the stream; three missed ones end the lease.
+    pub keepalive: Duration,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        RegistrationConfig {
+            hold: Duration::from_secs(30),
+            port_range: 20000..=20999,
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            queue_limit: 1000,
+            max_wait: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `pool` itself, or, for a registered route's pool that has no instance right now, the
+/// pool as it is once one registers again (waiting on its hold, bounded). Other pools
+/// return at once, so the request path pays one branch for this.
+pub async fn ready_pool(state: &StateHandle, pool: &Arc<PoolRuntime>) -> Result<Arc<PoolRuntime>, HoldError> {
+    let Some(hold) = &pool.hold else { return Ok(pool.clone()) };
+    if !pool.upstreams().is_empty() {
+        return Ok(pool.clone());
+    }
+    if !hold.is_holding() {
+        return Err(HoldError::Ended);
+    }
+    let name = pool.name.as_str();
+    hold.wait(|| state.routing().pool(name).filter(|p| !p.upstreams().is_empty()).cloned()).await
+}

@@ -1,0 +1,116 @@
+//! A duration histogram made of atomics, so recording on the request path takes no lock
+//! (prometheus-client's own `Histogram` guards its buckets with a mutex).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+
+/// Bucket bounds (seconds) for whole requests: 1 ms to 30 s.
+pub const REQUEST_BOUNDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Bucket bounds (seconds) for connects and SQLite commits: 0.5 ms to 5 s.
+pub const FAST_BOUNDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// A cumulative histogram of durations with fixed bounds; clones share the same counts.
+#[derive(Clone, Debug)]
+pub struct DurationHistogram {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    bounds: &'static [f64],
+    /// One per bound plus the `+Inf` bucket; not cumulative (summed when encoded).
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    /// Sum of observations in nanoseconds: integer adds need no compare-and-swap loop.
+    sum_ns: AtomicU64,
+}
+
+impl DurationHistogram {
+    /// An empty histogram with `bounds` (seconds, ascending).
+    pub fn new(bounds: &'static [f64]) -> DurationHistogram {
+        let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        DurationHistogram {
+            inner: Arc::new(Inner { bounds, buckets, count: AtomicU64::new(0), sum_ns: AtomicU64::new(0) }),
+        }
+    }
+
+    /// A histogram for request durations.
+    pub fn requests() -> DurationHistogram {
+        DurationHistogram::new(REQUEST_BOUNDS)
+    }
+
+    /// A histogram for short operations (connects, commits).
+    pub fn fast() -> DurationHistogram {
+        DurationHistogram::new(FAST_BOUNDS)
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let index = self.inner.bounds.iter().position(|b| seconds <= *b).unwrap_or(self.inner.bounds.len());
+        if let Some(bucket) = self.inner.buckets.get(index) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.inner.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of observations so far.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.inner.sum_ns.load(Ordering::Relaxed))
+    }
+}
+
+impl TypedMetric for DurationHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .inner
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(self.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the sum of the buckets read here, so a scrape racing with an
+        // observation never shows `_count` below the `+Inf` bucket.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<NoLabelSet>(self.sum().as_secs_f64(), count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_the_first_bucket_that_holds_them() {
+        let h = DurationHistogram::new(&[0.01, 0.1]);
+        h.observe(Duration::from_millis(5));
+        h.observe(Duration::from_millis(10));
+        h.observe(Duration::from_millis(50));
+        h.observe(Duration::from_secs(3));
+        let counts: Vec<u64> = h.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        assert_eq!(counts, vec![2, 1, 1]);
+        assert_eq!(h.count(), 4);
+        assert_eq!(h.sum(), Duration::from_millis(3065));
+    }
+}

@@ -1,0 +1,869 @@
+//! The daemon's metrics: one [`Metrics`] per daemon, exposed as Prometheus text on the admin
+//! listener and, when configured, exported through OTLP.
+//!
+//! Recording never takes a lock once a series exists: counters and histograms are atomics,
+//! and the series of a route or pool are found through lock-free snapshots
+//! ([`arc_swap::ArcSwap`]) keyed by names from the configuration, never by anything the
+//! client sent. A lock is taken only the first time a route, pool or listener is seen.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::histogram::DurationHistogram;
+use super::otlp::Instruments;
+use crate::state::StateHandle;
+
+/// Labels of per-listener connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+    protocol: &'static str,
+}
+
+/// Labels of per-request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    listener: String,
+    route: String,
+    pool: String,
+    status_class: &'static str,
+}
+
+/// Labels of failed-request counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    listener: String,
+    route: String,
+    pool: String,
+    source: &'static str,
+}
+
+/// Labels of per-route byte counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    listener: String,
+    route: String,
+    pool: String,
+}
+
+/// Labels of per-pool metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    pool: String,
+}
+
+/// Labels of counts by outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Labels of management API calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabels {
+    method: String,
+    code: &'static str,
+}
+
+/// Status classes, by the first digit of the status.
+const STATUS_CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Who failed, as the access log names it.
+const ERROR_SOURCES: [&str; 3] = ["downstream", "upstream", "proxy"];
+
+fn status_class_index(status: u16) -> usize {
+    match status / 100 {
+        n @ 1..=5 => usize::from(n),
+        _ => 0,
+    }
+}
+
+/// One finished HTTP request, as [`Metrics::http_request`] records it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpOutcome<'a> {
+    /// Listener name.
+    pub listener: &'a str,
+    /// Route name (empty when no route matched).
+    pub route: &'a str,
+    /// Pool name (empty when no route matched).
+    pub pool: &'a str,
+    /// Status sent to the client.
+    pub status: u16,
+    /// `downstream`, `upstream` or `proxy` when the proxy produced an error response.
+    pub error_source: Option<&'static str>,
+    /// Response body bytes sent.
+    pub bytes: u64,
+    /// From the request head to the end of the response body.
+    pub elapsed: Duration,
+}
+
+/// Result of an ACME certificate order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeResult {
+    /// A certificate was issued and stored.
+    Issued,
+    /// The CA or the challenge failed.
+    Failed,
+    /// The order was not attempted because of a rate limit or back-off.
+    RateLimited,
+}
+
+impl AcmeResult {
+    fn as_str(self) -> &'static str {
+        match self {
+            AcmeResult::Issued => "issued",
+            AcmeResult::Failed => "failed",
+            AcmeResult::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// What became of a request that waited for a held route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldOutcome {
+    /// The service came back and the request was forwarded.
+    Served,
+    /// The hold expired (503 / connection closed).
+    Expired,
+    /// The queue was full; refused at once.
+    Refused,
+}
+
+impl HeldOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            HeldOutcome::Served => "served",
+            HeldOutcome::Expired => "expired",
+            HeldOutcome::Refused => "refused",
+        }
+    }
+}
+
+/// Every metric of one daemon.
+pub struct Metrics {
+    registry: Registry,
+    legacy: Arc<Legacy>,
+    connections_active: Family<ListenerLabels, Gauge>,
+    connections_total: Family<ListenerLabels, Counter>,
+    http_requests: Family<RequestLabels, Counter>,
+    http_duration: Family<RequestLabels, DurationHistogram, fn() -> DurationHistogram>,
+    http_errors: Family<ErrorLabels, Counter>,
+    response_bytes: Family<RouteLabels, Counter>,
+    connect_duration: Family<PoolLabels, DurationHistogram, fn() -> DurationHistogram>,
+    connect_failures: Family<PoolLabels, Counter>,
+    upgrades: Family<ResultLabels, Counter>,
+    last_upgrade_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    api_calls: Family<ApiLabels, Counter>,
+    acme_orders: Family<ResultLabels, Counter>,
+    tls_refused: Counter,
+    registrations_active: Gauge,
+    registrations_total: Counter,
+    held_requests: Gauge,
+    held_total: Family<ResultLabels, Counter>,
+    routes: RouteSeriesCache,
+    pools: SeriesCache<PoolSeries>,
+    otel: OnceLock<Instruments>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics; `state` adds upstream health and SQLite write latency.
+    pub fn new(state: Option<&StateHandle>) -> Metrics {
+        let mut registry = Registry::default();
+        let legacy = Arc::new(Legacy::new());
+        registry.register_collector(Box::new(legacy.clone()));
+
+        let connections_active = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "proxy_connections_active",
+            "Client connections open now, by listener",
+            connections_active.clone(),
+        );
+        let connections_total = Family::<ListenerLabels, Counter>::default();
+        registry.register("proxy_connections", "Client connections accepted, by listener", connections_total.clone());
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "proxy_http_requests",
+            "HTTP requests answered, by listener, route, pool and status class",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<RequestLabels, DurationHistogram, fn() -> DurationHistogram>::new_with_constructor(
+            DurationHistogram::requests,
+        );
+        registry.register(
+            "proxy_http_request_duration_seconds",
+            "Time from the request head to the end of the response body",
+            http_duration.clone(),
+        );
+        let http_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "proxy_http_errors",
+            "Error responses made by the proxy, by who failed (downstream, upstream, proxy)",
+            http_errors.clone(),
+        );
+        let response_bytes = Family::<RouteLabels, Counter>::default();
+        registry.register("proxy_http_response_bytes", "Response body bytes sent to clients", response_bytes.clone());
+        let connect_duration = Family::<PoolLabels, DurationHistogram, fn() -> DurationHistogram>::new_with_constructor(
+            DurationHistogram::fast,
+        );
+        registry.register(
+            "proxy_upstream_connect_duration_seconds",
+            "Time to open a connection to an upstream (TCP connect and HTTP handshake), by pool",
+            connect_duration.clone(),
+        );
+        let connect_failures = Family::<PoolLabels, Counter>::default();
+        registry.register(
+            "proxy_upstream_connect_failures",
+            "Failed connection attempts to upstreams, by pool",
+            connect_failures.clone(),
+        );
+        let upgrades = Family::<ResultLabels, Counter>::default();
+        registry.register("proxy_upgrades", "Zero-downtime upgrades started by this process, by result", upgrades.clone());
+        let last_upgrade_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "proxy_last_upgrade_duration_seconds",
+            "How long the last upgrade took, from start to the successor being ready",
+            last_upgrade_seconds.clone(),
+        );
+        let api_calls = Family::<ApiLabels, Counter>::default();
+        registry.register("proxy_api_calls", "Management API calls, by method and gRPC code", api_calls.clone());
+        let acme_orders = Family::<ResultLabels, Counter>::default();
+        registry.register("proxy_acme_orders", "ACME certificate orders, by result", acme_orders.clone());
+        let tls_refused = Counter::default();
+        registry.register(
+            "proxy_tls_handshakes_refused",
+            "TLS handshakes refused because the name is not on the allowlist",
+            tls_refused.clone(),
+        );
+        let registrations_active = Gauge::default();
+        registry.register(
+            "proxy_registrations_active",
+            "Services registered over the Register stream now",
+            registrations_active.clone(),
+        );
+        let registrations_total = Counter::default();
+        registry.register("proxy_registrations", "Registrations accepted", registrations_total.clone());
+        let held_requests = Gauge::default();
+        registry.register(
+            "proxy_held_requests",
+            "Requests and connections queued now for a held registration",
+            held_requests.clone(),
+        );
+        let held_total = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "proxy_held_requests_finished",
+            "Requests that waited for a held registration, by outcome",
+            held_total.clone(),
+        );
+        if let Some(state) = state {
+            registry.register(
+                "proxy_state_write_duration_seconds",
+                "Time the state writer takes per batch: validate, SQLite commit (fsync), publish",
+                state.write_latency().clone(),
+            );
+            registry.register_collector(Box::new(UpstreamCollector { state: state.clone() }));
+        }
+        Metrics {
+            registry,
+            legacy,
+            connections_active,
+            connections_total,
+            http_requests,
+            http_duration,
+            http_errors,
+            response_bytes,
+            connect_duration,
+            connect_failures,
+            upgrades,
+            last_upgrade_seconds,
+            api_calls,
+            acme_orders,
+            tls_refused,
+            registrations_active,
+            registrations_total,
+            held_requests,
+            held_total,
+            routes: RouteSeriesCache::default(),
+            pools: SeriesCache::default(),
+            otel: OnceLock::new(),
+        }
+    }
+
+    /// Also records into OTLP instruments from now on (set once, when OTLP is configured).
+    pub(crate) fn export_to(&self, instruments: Instruments) {
+        let _ = self.otel.set(instruments);
+    }
+
+    /// The metrics in the OpenMetrics text format (what Prometheus scrapes).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+            out.push_str("# EOF\n");
+        }
+        out
+    }
+
+    /// The connection counters of one listener; call once per listener, then
+    /// [`ListenerSeries::open`] per accepted connection.
+    pub fn listener(&self, name: &str, protocol: &'static str) -> ListenerSeries {
+        let labels = ListenerLabels { listener: name.to_string(), protocol };
+        ListenerSeries {
+            active: self.connections_active.get_or_create_owned(&labels),
+            total: self.connections_total.get_or_create_owned(&labels),
+            legacy: self.legacy.clone(),
+        }
+    }
+
+    /// Records one finished HTTP request (called where the access log line is written).
+    pub fn http_request(&self, outcome: &HttpOutcome<'_>) {
+        self.legacy.http_total.fetch_add(1, Ordering::Relaxed);
+        self.legacy.window.record(outcome.elapsed);
+        let series = self.routes.get_or_insert(outcome.listener, outcome.route, outcome.pool);
+        let class = status_class_index(outcome.status);
+        let by_class = series.classes[class].get_or_init(|| {
+            let labels = RequestLabels {
+                listener: series.labels.listener.clone(),
+                route: series.labels.route.clone(),
+                pool: series.labels.pool.clone(),
+                status_class: STATUS_CLASSES[class],
+            };
+            ClassSeries {
+                requests: self.http_requests.get_or_create_owned(&labels),
+                duration: self.http_duration.get_or_create_owned(&labels),
+            }
+        });
+        by_class.requests.inc();
+        by_class.duration.observe(outcome.elapsed);
+        let bytes = series.bytes.get_or_init(|| self.response_bytes.get_or_create_owned(&series.labels));
+        bytes.inc_by(outcome.bytes);
+        if let Some(source) = outcome.error_source {
+            if let Some(index) = ERROR_SOURCES.iter().position(|s| *s == source) {
+                let errors = series.errors[index].get_or_init(|| {
+                    self.http_errors.get_or_create_owned(&ErrorLabels {
+                        listener: series.labels.listener.clone(),
+                        route: series.labels.route.clone(),
+                        pool: series.labels.pool.clone(),
+                        source: ERROR_SOURCES[index],
+                    })
+                });
+                errors.inc();
+            }
+        }
+        if let Some(otel) = self.otel.get() {
+            otel.http_request(outcome);
+        }
+    }
+
+    /// Records a successful connection to an upstream of `pool` that took `elapsed`.
+    pub fn upstream_connected(&self, pool: &str, elapsed: Duration) {
+        let series = self.pool_series(pool);
+        series.connect.observe(elapsed);
+        if let Some(otel) = self.otel.get() {
+            otel.upstream_connected(pool, elapsed);
+        }
+    }
+
+    /// Records a failed connection attempt to an upstream of `pool`.
+    pub fn upstream_connect_failed(&self, pool: &str) {
+        self.pool_series(pool).failures.inc();
+    }
+
+    fn pool_series(&self, pool: &str) -> Arc<PoolSeries> {
+        self.pools.get_or_insert(pool, || {
+            let labels = PoolLabels { pool: pool.to_string() };
+            PoolSeries {
+                connect: self.connect_duration.get_or_create_owned(&labels),
+                failures: self.connect_failures.get_or_create_owned(&labels),
+            }
+        })
+    }
+
+    /// For the upgrade code: an upgrade finished after `elapsed`; `succeeded` = the successor
+    /// reported ready and took over.
+    pub fn upgrade_finished(&self, succeeded: bool, elapsed: Duration) {
+        let result = if succeeded { "success" } else { "failure" };
+        self.upgrades.get_or_create(&ResultLabels { result }).inc();
+        self.last_upgrade_seconds.set(elapsed.as_secs_f64());
+        if let Some(otel) = self.otel.get() {
+            otel.upgrade_finished(result, elapsed);
+        }
+    }
+
+    /// For the management API: one call to `method` (the gRPC path, e.g.
+    /// `/proxy.v1.RouteService/ListRoutes`) ended with `code`. Calls to methods the server
+    /// does not have are counted under `method="unknown"` so clients cannot grow the label set.
+    pub fn api_call(&self, method: &str, code: tonic::Code) {
+        let method = if code == tonic::Code::Unimplemented { "unknown" } else { method };
+        let code = code_name(code);
+        self.api_calls.get_or_create(&ApiLabels { method: method.to_string(), code }).inc();
+        if let Some(otel) = self.otel.get() {
+            otel.api_call(method, code);
+        }
+    }
+
+    /// For on-demand TLS: an ACME order ended with `result`.
+    pub fn acme_order(&self, result: AcmeResult) {
+        self.acme_orders.get_or_create(&ResultLabels { result: result.as_str() }).inc();
+        if let Some(otel) = self.otel.get() {
+            otel.acme_order(result.as_str());
+        }
+    }
+
+    /// For on-demand TLS: a handshake was refused because its SNI is not allowed.
+    pub fn tls_handshake_refused(&self) {
+        self.tls_refused.inc();
+        if let Some(otel) = self.otel.get() {
+            otel.tls_handshake_refused();
+        }
+    }
+
+    /// For registration: a service registered; the returned guard counts it as active
+    /// until dropped (when its lease ends).
+    pub fn registration_opened(&self) -> GaugeGuard {
+        self.registrations_total.inc();
+        if let Some(otel) = self.otel.get() {
+            otel.registration_opened();
+        }
+        GaugeGuard::new(self.registrations_active.clone())
+    }
+
+    /// For registration: a request or connection started waiting for a held route; the
+    /// guard counts it as queued until dropped. Report how it ended with [`Metrics::held_finished`].
+    pub fn request_held(&self) -> GaugeGuard {
+        GaugeGuard::new(self.held_requests.clone())
+    }
+
+    /// For registration: a held request ended with `outcome`.
+    pub fn held_finished(&self, outcome: HeldOutcome) {
+        self.held_total.get_or_create(&ResultLabels { result: outcome.as_str() }).inc();
+        if let Some(otel) = self.otel.get() {
+            otel.held_finished(outcome.as_str());
+        }
+    }
+
+    /// Client connections open now on every listener (the `tcp_connections_active_count` gauge).
+    pub fn connections_open(&self) -> i64 {
+        self.legacy.tcp_active.load(Ordering::Relaxed)
+    }
+}
+
+/// The name gRPC gives a status code (`OK`, `NOT_FOUND`, ...).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Adds one to a gauge while alive.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The connection counters of one listener.
+#[derive(Clone, Debug)]
+pub struct ListenerSeries {
+    active: Gauge,
+    total: Counter,
+    legacy: Arc<Legacy>,
+}
+
+impl ListenerSeries {
+    /// Counts an accepted connection; it stays active until the guard is dropped.
+    pub fn open(&self) -> OpenConnection {
+        self.active.inc();
+        self.total.inc();
+        self.legacy.tcp_active.fetch_add(1, Ordering::Relaxed);
+        self.legacy.tcp_total.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+}
+
+/// An accepted client connection, counted as active while this lives.
+#[derive(Debug)]
+pub struct OpenConnection(ListenerSeries);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.active.dec();
+        self.0.legacy.tcp_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The metric names operators graph from earlier proxies, computed from atomics at scrape
+/// time. Their names do not follow the OpenMetrics counter rules (`_total` suffix), so
+/// the two cumulative ones are typed `unknown`; PromQL's `rate()` works on them all the same.
+#[derive(Debug)]
+struct Legacy {
+    tcp_active: AtomicI64,
+    tcp_total: AtomicU64,
+    http_total: AtomicU64,
+    window: AverageWindow,
+}
+
+impl Legacy {
+    fn new() -> Legacy {
+        Legacy {
+            tcp_active: AtomicI64::new(0),
+            tcp_total: AtomicU64::new(0),
+            http_total: AtomicU64::new(0),
+            window: AverageWindow::new(),
+        }
+    }
+}
+
+impl Collector for Legacy {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(self.tcp_active.load(Ordering::Relaxed));
+        gauge.encode(encoder.encode_descriptor(
+            "tcp_connections_active_count",
+            "Client connections open now on all listeners",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut total = encoder.encode_descriptor(
+            "tcp_connections_total_count",
+            "Client connections accepted on all listeners since start (cumulative)",
+            None,
+            MetricType::Unknown,
+        )?;
+        total.encode_gauge(&self.tcp_total.load(Ordering::Relaxed))?;
+        let mut requests = encoder.encode_descriptor(
+            "http_request_total_count",
+            "HTTP requests answered since start (cumulative)",
+            None,
+            MetricType::Unknown,
+        )?;
+        requests.encode_gauge(&self.http_total.load(Ordering::Relaxed))?;
+        ConstGauge::new(self.window.average_ms()).encode(encoder.encode_descriptor(
+            "http_request_time_avg_milliseconds",
+            "Mean HTTP request duration over the last minute, in milliseconds",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Mean request time over the last minute, in six 10-second slots of atomics.
+#[derive(Debug)]
+struct AverageWindow {
+    origin: Instant,
+    slots: [WindowSlot; WINDOW_SLOTS],
+}
+
+const WINDOW_SLOTS: usize = 6;
+const SLOT_SECONDS: u64 = 10;
+
+#[derive(Debug, Default)]
+struct WindowSlot {
+    epoch: AtomicU64,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl AverageWindow {
+    fn new() -> AverageWindow {
+        AverageWindow { origin: Instant::now(), slots: Default::default() }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.origin.elapsed().as_secs() / SLOT_SECONDS
+    }
+
+    fn record(&self, elapsed: Duration) {
+        let epoch = self.epoch();
+        let Some(slot) = self.slots.get((epoch % WINDOW_SLOTS as u64) as usize) else { return };
+        let seen = slot.epoch.load(Ordering::Acquire);
+        // The first request of a new 10 s slot clears what it held a minute ago; a request
+        // racing with that reset may be lost, which an average can afford.
+        if seen != epoch && slot.epoch.compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            slot.count.store(0, Ordering::Relaxed);
+            slot.sum_us.store(0, Ordering::Relaxed);
+        }
+        slot.count.fetch_add(1, Ordering::Relaxed);
+        slot.sum_us.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn average_ms(&self) -> f64 {
+        let now = self.epoch();
+        let (mut count, mut sum_us) = (0u64, 0u64);
+        for slot in &self.slots {
+            let epoch = slot.epoch.load(Ordering::Acquire);
+            if epoch <= now && now - epoch < WINDOW_SLOTS as u64 {
+                count += slot.count.load(Ordering::Relaxed);
+                sum_us = sum_us.saturating_add(slot.sum_us.load(Ordering::Relaxed));
+            }
+        }
+        if count == 0 {
+            0.0
+        } else {
+            sum_us as f64 / count as f64 / 1000.0
+        }
+    }
+}
+
+/// Upstream health, read from the current routing table at scrape time.
+#[derive(Debug)]
+struct UpstreamCollector {
+    state: StateHandle,
+}
+
+struct UpstreamLabels<'a> {
+    pool: &'a str,
+    upstream: &'a str,
+}
+
+impl EncodeLabelSet for UpstreamLabels<'_> {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        ("pool", self.pool).encode(encoder.encode_label())?;
+        ("upstream", self.upstream).encode(encoder.encode_label())
+    }
+}
+
+impl Collector for UpstreamCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let routing = self.state.routing();
+        type Reading = fn(&crate::upstream::UpstreamRuntime) -> i64;
+        let gauges: [(&str, &str, Reading); 4] = [
+            ("proxy_upstream_healthy", "1 if the upstream passes its active health check (or has none)", |u| {
+                i64::from(u.is_healthy())
+            }),
+            ("proxy_upstream_ejected", "1 while the upstream is skipped after a failed connection", |u| {
+                i64::from(u.is_ejected())
+            }),
+            ("proxy_upstream_draining", "1 if the upstream is draining (takes no new work)", |u| {
+                i64::from(u.is_draining())
+            }),
+            ("proxy_upstream_in_flight", "Requests and TCP streams in flight to the upstream", |u| {
+                i64::try_from(u.in_flight()).unwrap_or(i64::MAX)
+            }),
+        ];
+        for (name, help, read) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for pool in routing.pools() {
+                for upstream in pool.upstreams() {
+                    let labels = UpstreamLabels { pool: &pool.name, upstream: &upstream.address };
+                    ConstGauge::new(read(upstream)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Series of one (listener, route, pool), each label set created on first use.
+struct RouteSeries {
+    labels: RouteLabels,
+    classes: [OnceLock<ClassSeries>; STATUS_CLASSES.len()],
+    errors: [OnceLock<Counter>; ERROR_SOURCES.len()],
+    bytes: OnceLock<Counter>,
+}
+
+struct ClassSeries {
+    requests: Counter,
+    duration: DurationHistogram,
+}
+
+/// listener -> route -> the series of each pool the route has forwarded to.
+type RouteMap = HashMap<String, HashMap<String, Vec<Arc<RouteSeries>>>>;
+
+const ROUTE_SHARDS: usize = 16;
+
+/// Lock-free lookup of route series. Sharded by route name so that adding a series copies
+/// only a sixteenth of the map (thousands of routes warm up in linear-ish time).
+struct RouteSeriesCache {
+    shards: [ArcSwap<RouteMap>; ROUTE_SHARDS],
+    insert: Mutex<()>,
+}
+
+impl Default for RouteSeriesCache {
+    fn default() -> Self {
+        RouteSeriesCache { shards: std::array::from_fn(|_| ArcSwap::default()), insert: Mutex::new(()) }
+    }
+}
+
+impl RouteSeriesCache {
+    fn shard(&self, route: &str) -> &ArcSwap<RouteMap> {
+        // FNV-1a: cheap, and good enough to spread route names.
+        let hash = route.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        &self.shards[(hash % ROUTE_SHARDS as u64) as usize]
+    }
+
+    fn find(map: &RouteMap, listener: &str, route: &str, pool: &str) -> Option<Arc<RouteSeries>> {
+        map.get(listener)?.get(route)?.iter().find(|s| s.labels.pool == pool).cloned()
+    }
+
+    fn get_or_insert(&self, listener: &str, route: &str, pool: &str) -> Arc<RouteSeries> {
+        let shard = self.shard(route);
+        if let Some(series) = Self::find(&shard.load(), listener, route, pool) {
+            return series;
+        }
+        let _writer = self.insert.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = shard.load_full();
+        if let Some(series) = Self::find(&current, listener, route, pool) {
+            return series;
+        }
+        let series = Arc::new(RouteSeries {
+            labels: RouteLabels { listener: listener.to_string(), route: route.to_string(), pool: pool.to_string() },
+            classes: Default::default(),
+            errors: Default::default(),
+            bytes: OnceLock::new(),
+        });
+        let mut next = RouteMap::clone(&current);
+        next.entry(listener.to_string()).or_default().entry(route.to_string()).or_default().push(series.clone());
+        shard.store(Arc::new(next));
+        series
+    }
+}
+
+/// Series of one pool.
+struct PoolSeries {
+    connect: DurationHistogram,
+    failures: Counter,
+}
+
+/// Lock-free lookup by name of series created on first use.
+struct SeriesCache<T> {
+    map: ArcSwap<HashMap<String, Arc<T>>>,
+    insert: Mutex<()>,
+}
+
+impl<T> Default for SeriesCache<T> {
+    fn default() -> Self {
+        SeriesCache { map: ArcSwap::default(), insert: Mutex::new(()) }
+    }
+}
+
+impl<T> SeriesCache<T> {
+    fn get_or_insert(&self, name: &str, create: impl FnOnce() -> T) -> Arc<T> {
+        if let Some(found) = self.map.load().get(name) {
+            return found.clone();
+        }
+        let _writer = self.insert.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.map.load_full();
+        if let Some(found) = current.get(name) {
+            return found.clone();
+        }
+        let created = Arc::new(create());
+        let mut next = HashMap::clone(&current);
+        next.insert(name.to_string(), created.clone());
+        self.map.store(Arc::new(next));
+        created
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome<'a>(route: &'a str, status: u16) -> HttpOutcome<'a> {
+        HttpOutcome {
+            listener: "web",
+            route,
+            pool: "p",
+            status,
+            error_source: (status >= 500).then_some("upstream"),
+            bytes: 10,
+            elapsed: Duration::from_millis(3),
+        }
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_and_status_class() {
+        let m = Metrics::new(None);
+        for _ in 0..3 {
+            m.http_request(&outcome("a", 200));
+        }
+        m.http_request(&outcome("a", 503));
+        m.http_request(&outcome("b", 404));
+        let text = m.encode();
+        assert!(text.contains("proxy_http_requests_total{listener=\"web\",route=\"a\",pool=\"p\",status_class=\"2xx\"} 3\n"), "{text}");
+        assert!(text.contains("proxy_http_requests_total{listener=\"web\",route=\"a\",pool=\"p\",status_class=\"5xx\"} 1\n"), "{text}");
+        assert!(text.contains("proxy_http_errors_total{listener=\"web\",route=\"a\",pool=\"p\",source=\"upstream\"} 1\n"), "{text}");
+        assert!(text.contains("http_request_total_count 5\n"), "{text}");
+        assert!(text.contains("proxy_http_request_duration_seconds_count{listener=\"web\",route=\"b\",pool=\"p\",status_class=\"4xx\"} 1\n"), "{text}");
+        assert!(!text.contains("status_class=\"3xx\""), "no empty series: {text}");
+    }
+
+    #[test]
+    fn connections_are_active_until_dropped() {
+        let m = Metrics::new(None);
+        let web = m.listener("web", "http");
+        let a = web.open();
+        let b = web.open();
+        assert_eq!(m.connections_open(), 2);
+        drop(a);
+        let text = m.encode();
+        assert!(text.contains("tcp_connections_active_count 1\n"), "{text}");
+        assert!(text.contains("tcp_connections_total_count 2\n"), "{text}");
+        assert!(text.contains("proxy_connections_active{listener=\"web\",protocol=\"http\"} 1\n"), "{text}");
+        drop(b);
+        assert_eq!(m.connections_open(), 0);
+    }
+
+    #[test]
+    fn unknown_api_methods_share_one_label() {
+        let m = Metrics::new(None);
+        m.api_call("/x.Y/Z1", tonic::Code::Unimplemented);
+        m.api_call("/x.Y/Z2", tonic::Code::Unimplemented);
+        m.api_call("/proxy.v1.RouteService/ListRoutes", tonic::Code::Ok);
+        let text = m.encode();
+        assert!(text.contains("proxy_api_calls_total{method=\"unknown\",code=\"UNIMPLEMENTED\"} 2\n"), "{text}");
+        assert!(!text.contains("Z1"), "{text}");
+    }
+
+    #[test]
+    fn average_window_is_the_mean_of_recent_requests() {
+        let w = AverageWindow::new();
+        w.record(Duration::from_millis(10));
+        w.record(Duration::from_millis(30));
+        assert!((w.average_ms() - 20.0).abs() < 1e-9, "{}", w.average_ms());
+    }
+}

@@ -1,0 +1,457 @@
+//! TLS termination and certificates: static certificates (files and API), on-demand ACME
+//! issuance behind an allowlist, renewal, and SNI peeking for `tls-passthrough`.
+//!
+//! Every terminating listener reads the ClientHello first (`LazyConfigAcceptor`). A name
+//! with a certificate goes straight on. A name without one is checked against the policy
+//! ([`policy`]) *before* anything else: refused names never cause ACME traffic. Allowed
+//! names get one shared order ([`acme`]); the handshake waits for it.
+
+pub mod acme;
+pub mod certs;
+pub mod policy;
+pub mod sni;
+mod store;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{Acceptor, ResolvesServerCert};
+use rustls::ServerConfig;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+pub use acme::{Challenges, IssuerStatus, OrderError};
+pub use certs::{CertInfo, CertSource};
+pub use policy::Decision;
+
+use crate::config::{normalise_allow_entry, AcmeChallenge, TlsConfig};
+use crate::shutdown::Shutdown;
+use crate::state::StateHandle;
+use acme::Issuer;
+use certs::{unix_now, CertCache, CertEntry, CertResolver, OneCert};
+use policy::Policy;
+use store::TlsStore;
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+/// The path prefix of HTTP-01 challenges.
+pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
+/// Time allowed for a client to send its ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one "refused" log line per this interval.
+const REFUSAL_LOG_EVERY_SECS: i64 = 10;
+
+/// A TLS setup or management operation failed.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum TlsError {
+    /// A certificate or key could not be used.
+    #[error("{0}")]
+    Certificate(String),
+    /// A `[[tls.certificates]]` file could not be used.
+    #[error("{field}: {path}: {reason}")]
+    File {
+        /// `tls.certificates[N].cert` or `.key`.
+        field: String,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The database failed.
+    #[error("tls store: {0}")]
+    Store(String),
+    /// A request named something that does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A request is malformed; `field` names the part.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Offending field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The object belongs to the config file.
+    #[error("{0} is defined in the config file; change it there")]
+    Declarative(String),
+    /// ACME is not configured or an order failed.
+    #[error("{0}")]
+    Acme(String),
+}
+
+/// Why a terminating handshake did not produce a stream.
+#[derive(Debug, Error)]
+pub enum AcceptError {
+    /// The socket failed or the client sent garbage.
+    #[error("handshake: {0}")]
+    Io(#[from] std::io::Error),
+    /// No ClientHello within the time allowed.
+    #[error("no ClientHello within {HELLO_TIMEOUT:?}")]
+    Timeout,
+    /// No certificate for the name, and the policy does not allow ordering one.
+    #[error("no certificate for {0:?} and on-demand issuance is not allowed for it")]
+    Refused(String),
+    /// The order for an allowed name failed.
+    #[error(transparent)]
+    Order(#[from] OrderError),
+    /// A TLS-ALPN-01 validation handshake was answered (not a client connection).
+    #[error("answered a TLS-ALPN-01 validation")]
+    ChallengeAnswered,
+}
+
+/// What the status call reports.
+#[derive(Debug, Clone)]
+pub struct TlsStatus {
+    /// Whether on-demand issuance is enabled.
+    pub on_demand: bool,
+    /// Handshakes refused because the name was not allowed.
+    pub refused_handshakes: u64,
+    /// ACME counters and state, when configured.
+    pub acme: Option<(IssuerStatus, u64, u64, u64, u64)>,
+}
+
+/// TLS at run time: certificates, policy, issuer, and the rustls configs of the listeners.
+pub struct Tls {
+    provider: Arc<CryptoProvider>,
+    certs: Arc<CertCache>,
+    policy: Policy,
+    issuer: Option<Arc<Issuer>>,
+    challenges: Arc<Challenges>,
+    store: TlsStore,
+    resolver: Arc<CertResolver>,
+    tickets: Arc<dyn rustls::server::ProducesTickets>,
+    alpn_challenges: bool,
+    refused: AtomicU64,
+    refused_logged_at: AtomicU64,
+    refused_logged_count: AtomicU64,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("certs", &self.certs).field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Loads the file certificates and the stored ones, and starts the renewal task.
+    /// `db` is the state database (already migrated).
+    pub async fn start(
+        config: &TlsConfig,
+        db: &Path,
+        state: StateHandle,
+        shutdown: Shutdown,
+    ) -> Result<Arc<Tls>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let store = TlsStore::open(db)?;
+        let certs = Arc::new(CertCache::new());
+        for (i, files) in config.certificates.iter().enumerate() {
+            let read = |path: &Path, key: &str| {
+                std::fs::read_to_string(path).map_err(|e| TlsError::File {
+                    field: format!("tls.certificates[{i}].{key}"),
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })
+            };
+            let cert_pem = read(&files.cert, "cert")?;
+            let key_pem = read(&files.key, "key")?;
+            let entry = CertEntry::from_pem("", &cert_pem, &key_pem, CertSource::File, &provider).map_err(|e| {
+                TlsError::File { field: format!("tls.certificates[{i}]"), path: files.cert.display().to_string(), reason: e.to_string() }
+            })?;
+            certs.insert(Arc::new(entry));
+        }
+        for stored in store.certificates().await? {
+            match CertEntry::from_pem(&stored.name, &stored.cert_pem, &stored.key_pem, stored.source, &provider) {
+                Ok(entry) => certs.insert(Arc::new(entry)),
+                // One bad row must not keep the others (and the daemon) down.
+                Err(e) => tracing::error!(name = %stored.name, error = %e, "stored certificate is unusable; skipped"),
+            }
+        }
+        let api_allow = store.allowlist().await?;
+        let policy = Policy::new(
+            config.on_demand.enabled,
+            config.on_demand.allow.clone(),
+            api_allow,
+            config.on_demand.ask.clone(),
+            state,
+        );
+        let challenges = Arc::new(Challenges::default());
+        let issuer = config.acme.clone().map(|acme| {
+            Arc::new(Issuer::new(
+                acme,
+                config.on_demand.max_orders_per_hour,
+                config.on_demand.max_orders_per_name_per_hour,
+                store.clone(),
+                provider.clone(),
+                certs.clone(),
+                challenges.clone(),
+            ))
+        });
+        let alpn_challenges = config.acme.as_ref().is_some_and(|a| a.challenges.contains(&AcmeChallenge::TlsAlpn01));
+        let tickets = rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Certificate(format!("session tickets: {e}")))?;
+        let tls = Arc::new(Tls {
+            resolver: Arc::new(CertResolver { cache: certs.clone() }),
+            provider,
+            certs,
+            policy,
+            issuer,
+            challenges,
+            store,
+            tickets,
+            alpn_challenges,
+            refused: AtomicU64::new(0),
+            refused_logged_at: AtomicU64::new(0),
+            refused_logged_count: AtomicU64::new(0),
+        });
+        if let Some(acme) = &config.acme {
+            tokio::spawn(renewal(tls.clone(), acme.renew_check_interval, shutdown));
+        }
+        Ok(tls)
+    }
+
+    /// The rustls config of a terminating listener offering `alpn` (e.g. `h2`, `http/1.1`).
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Certificate(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.resolver.clone() as Arc<dyn ResolvesServerCert>);
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        config.ticketer = self.tickets.clone();
+        Ok(Arc::new(config))
+    }
+
+    /// Reads the ClientHello, makes sure a certificate exists for its name (ordering one if
+    /// the policy allows), then completes the handshake with `config`.
+    pub async fn accept<IO>(&self, io: IO, config: &Arc<ServerConfig>) -> Result<TlsStream<IO>, AcceptError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = tokio::time::timeout(HELLO_TIMEOUT, LazyConfigAcceptor::new(Acceptor::default(), io))
+            .await
+            .map_err(|_| AcceptError::Timeout)??;
+        let hello = start.client_hello();
+        let name = hello.server_name().map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+        let validation = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if validation && self.alpn_challenges {
+            let Some(certified) = name.as_deref().and_then(|n| self.challenges.tls_alpn01(n)) else {
+                return Err(AcceptError::Refused(name.unwrap_or_default()));
+            };
+            let mut challenge = ServerConfig::builder_with_provider(self.provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| AcceptError::Io(std::io::Error::other(e)))?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(OneCert(certified)));
+            challenge.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+            let mut stream = start.into_stream(Arc::new(challenge)).await?;
+            let _ = stream.shutdown().await;
+            return Err(AcceptError::ChallengeAnswered);
+        }
+        if self.certs.lookup(name.as_deref()).is_none() {
+            self.on_demand(name.as_deref()).await?;
+        }
+        Ok(start.into_stream(config.clone()).await?)
+    }
+
+    /// A certificate for a name that has none: policy first, then the shared order.
+    async fn on_demand(&self, name: Option<&str>) -> Result<(), AcceptError> {
+        let Some(name) = name else {
+            self.refuse("", "no server name and no default certificate");
+            return Err(AcceptError::Refused(String::new()));
+        };
+        let decision = match (&self.issuer, normalise_allow_entry(name)) {
+            (Some(_), Ok(n)) if !n.starts_with('*') => self.policy.decide(&n).await,
+            _ => Decision::Denied,
+        };
+        match decision {
+            Decision::Allowed => {}
+            Decision::Denied => {
+                self.refuse(name, "not allowed");
+                return Err(AcceptError::Refused(name.to_string()));
+            }
+            Decision::AskFailed => {
+                self.refuse(name, "ask endpoint unavailable");
+                return Err(AcceptError::Refused(name.to_string()));
+            }
+        }
+        let Some(issuer) = &self.issuer else {
+            return Err(AcceptError::Refused(name.to_string()));
+        };
+        issuer.obtain(name).await?;
+        Ok(())
+    }
+
+    /// Counts a refused handshake; logs at most one line per interval with the count.
+    fn refuse(&self, name: &str, why: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let count = self.refused_logged_count.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = u64::try_from(unix_now()).unwrap_or(0);
+        let last = self.refused_logged_at.load(Ordering::Relaxed);
+        if now >= last + u64::try_from(REFUSAL_LOG_EVERY_SECS).unwrap_or(10)
+            && self.refused_logged_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            self.refused_logged_count.store(0, Ordering::Relaxed);
+            tracing::warn!(server_name = %name, reason = why, refused_since_last_line = count, "TLS handshake refused: no certificate for this name");
+        }
+    }
+
+    /// The HTTP-01 answer for a request path, if an order waits for its token.
+    pub fn http01_answer(&self, path: &str) -> Option<String> {
+        let token = path.strip_prefix(HTTP01_PREFIX)?;
+        self.challenges.http01(token)
+    }
+
+    /// Handshakes refused because the name was not allowed (or had no SNI).
+    pub fn refused_handshakes(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Orders created on the ACME server since start.
+    pub fn orders_created(&self) -> u64 {
+        self.issuer.as_ref().map_or(0, |i| i.stats.orders.load(Ordering::Relaxed))
+    }
+
+    /// Every certificate the listeners can present.
+    pub fn certificates(&self) -> Vec<CertInfo> {
+        self.certs.all().iter().map(|e| e.info.clone()).collect()
+    }
+
+    /// Stores and serves an uploaded certificate; `name` empty = its first DNS name.
+    pub async fn upload(&self, name: &str, cert_pem: &str, key_pem: &str) -> Result<CertInfo, TlsError> {
+        let entry = CertEntry::from_pem(name, cert_pem, key_pem, CertSource::Api, &self.provider).map_err(|e| match e {
+            TlsError::Certificate(reason) => TlsError::Invalid { field: "cert_pem".into(), reason },
+            other => other,
+        })?;
+        if let Some(existing) = self.certs.stored(&entry.info.name) {
+            if existing.info.source == CertSource::File {
+                return Err(TlsError::Declarative(format!("certificate {:?}", entry.info.name)));
+            }
+        }
+        self.store.save_certificate(&entry.info.name, CertSource::Api, cert_pem, key_pem).await?;
+        let info = entry.info.clone();
+        self.certs.insert(Arc::new(entry));
+        tracing::info!(name = %info.name, not_after = info.not_after, "certificate uploaded");
+        Ok(info)
+    }
+
+    /// Removes an uploaded or issued certificate.
+    pub async fn remove(&self, name: &str) -> Result<(), TlsError> {
+        let name = name.to_ascii_lowercase();
+        match self.certs.stored(&name) {
+            None => return Err(TlsError::NotFound(format!("certificate {name:?}"))),
+            Some(e) if e.info.source == CertSource::File => {
+                return Err(TlsError::Declarative(format!("certificate {name:?}")))
+            }
+            Some(_) => {}
+        }
+        self.store.remove_certificate(&name).await?;
+        self.certs.remove(&name);
+        Ok(())
+    }
+
+    /// Orders a new certificate for an issued one now (backoff cleared, limits apply).
+    pub async fn renew(&self, name: &str) -> Result<CertInfo, TlsError> {
+        let name = name.to_ascii_lowercase();
+        let issuer = self.issuer.as_ref().ok_or_else(|| TlsError::Acme("no [tls.acme] section is configured".into()))?;
+        match self.certs.stored(&name) {
+            None => return Err(TlsError::NotFound(format!("certificate {name:?}"))),
+            Some(e) if e.info.source != CertSource::Acme => {
+                return Err(TlsError::Invalid {
+                    field: "name".into(),
+                    reason: format!("certificate {name:?} was not issued by ACME ({}), so it cannot be renewed", e.info.source.as_str()),
+                })
+            }
+            Some(_) => {}
+        }
+        issuer.clear_backoff(&name);
+        issuer.stats.renewals.fetch_add(1, Ordering::Relaxed);
+        let entry = issuer.obtain(&name).await.map_err(|e| TlsError::Acme(e.to_string()))?;
+        Ok(entry.info.clone())
+    }
+
+    /// The allowlist: config entries, then API entries.
+    pub fn allowlist(&self) -> (Vec<String>, Vec<String>) {
+        (self.policy.config_entries().to_vec(), self.policy.api_entries())
+    }
+
+    /// Adds an API allowlist entry.
+    pub async fn allow(&self, pattern: &str) -> Result<String, TlsError> {
+        let pattern = normalise_allow_entry(pattern).map_err(|reason| TlsError::Invalid { field: "pattern".into(), reason })?;
+        if self.policy.config_entries().contains(&pattern) {
+            return Err(TlsError::Declarative(format!("allowlist entry {pattern:?}")));
+        }
+        self.store.add_allow(&pattern).await?;
+        self.reload_allowlist().await?;
+        Ok(pattern)
+    }
+
+    /// Removes an API allowlist entry.
+    pub async fn disallow(&self, pattern: &str) -> Result<(), TlsError> {
+        let pattern = pattern.trim().to_ascii_lowercase();
+        if self.policy.config_entries().contains(&pattern) {
+            return Err(TlsError::Declarative(format!("allowlist entry {pattern:?}")));
+        }
+        if !self.store.remove_allow(&pattern).await? {
+            return Err(TlsError::NotFound(format!("allowlist entry {pattern:?}")));
+        }
+        self.reload_allowlist().await
+    }
+
+    async fn reload_allowlist(&self) -> Result<(), TlsError> {
+        let entries: BTreeSet<String> = self.store.allowlist().await?.into_iter().collect();
+        self.policy.set_api_entries(entries);
+        Ok(())
+    }
+
+    /// Counters and ACME state.
+    pub fn status(&self) -> TlsStatus {
+        TlsStatus {
+            on_demand: self.policy.enabled(),
+            refused_handshakes: self.refused_handshakes(),
+            acme: self.issuer.as_ref().map(|i| {
+                (
+                    i.status(),
+                    i.stats.orders.load(Ordering::Relaxed),
+                    i.stats.issued.load(Ordering::Relaxed),
+                    i.stats.failed.load(Ordering::Relaxed),
+                    i.stats.renewals.load(Ordering::Relaxed),
+                )
+            }),
+        }
+    }
+}
+
+/// Renews issued certificates once two thirds of their lifetime have passed.
+async fn renewal(tls: Arc<Tls>, every: Duration, shutdown: Shutdown) {
+    let Some(issuer) = tls.issuer.clone() else { return };
+    loop {
+        let now = unix_now();
+        let due: Vec<String> = tls
+            .certs
+            .all()
+            .iter()
+            .filter(|e| e.info.source == CertSource::Acme && e.info.renew_at() <= now)
+            .map(|e| e.info.name.clone())
+            .collect();
+        for name in due {
+            // A name no longer allowed keeps its certificate until it expires, but is not renewed.
+            if !tls.policy.listed(&name) && tls.policy.decide(&name).await == Decision::Denied {
+                continue;
+            }
+            issuer.stats.renewals.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(domain = %name, "renewing certificate");
+            if let Err(e) = issuer.obtain(&name).await {
+                tracing::warn!(domain = %name, error = %e, "renewal failed; the current certificate stays in use");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.triggered() => return,
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Zero-downtime upgrades: the running proxyd starts the next binary and hands it every
+//! listening socket over a unix socket (SCM_RIGHTS), then drains and exits.
+//!
+//! The conversation, parent P and child C, over `<runtime dir>/proxyd-handoff-<pid>.sock`
+//! (its path is in C's environment as `PROXY_HANDOFF`):
+//!
+//! 1. C connects and sends `HELLO <pid>`; P checks the peer really is its child.
+//! 2. P stops taking API writes and closes its SQLite writer (never two writers), then sends
+//!    `SOCKETS <json>` (names, kinds, state revision) followed by the descriptors.
+//! 3. C opens the store, starts serving on the sockets (both accept for a moment: never
+//!    zero acceptors), and sends `READY`.
+//! 4. P tells systemd `MAINPID=<child>`, stops accepting, drains, and exits 0.
+//!
+//! If C exits, crashes, or is not ready within `server.upgrade_timeout`, P kills it, reopens
+//! its writer and keeps serving; the upgrade call fails with the reason.
+
+mod wire;
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::time::Instant;
+
+use crate::listener::{AcceptGate, Inherited, Origin};
+use crate::shutdown::Shutdown;
+use crate::state::StateHandle;
+
+pub use wire::SocketKind;
+
+/// Environment variable naming the handoff socket of the parent.
+pub const HANDOFF_ENV: &str = "PROXY_HANDOFF";
+
+/// Name under which the admin listener's socket is handed over.
+pub const ADMIN_SOCKET: &str = "@admin";
+/// Name under which the management API's unix socket is handed over.
+pub const MGMT_SOCKET: &str = "@mgmt";
+/// Name under which the management API's TCP socket is handed over.
+pub const MGMT_TCP_SOCKET: &str = "@mgmt-tcp";
+
+/// Why an upgrade failed (the old process keeps serving).
+#[derive(Debug, Error)]
+pub enum UpgradeError {
+    /// Another upgrade is running.
+    #[error("an upgrade is already in progress")]
+    Busy,
+    /// This process has already handed over.
+    #[error("this process has already handed over to its successor")]
+    HandedOver,
+    /// The new binary could not be started.
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        /// Binary path.
+        binary: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The new process exited before it was ready.
+    #[error("the new process exited before it was ready ({0})")]
+    ChildExited(String),
+    /// The new process was not ready in time.
+    #[error("the new process was not ready within {0:?}")]
+    Timeout(Duration),
+    /// The handoff conversation failed.
+    #[error("handoff: {0}")]
+    Protocol(String),
+    /// The state store could not be reopened after a failed upgrade.
+    #[error("reopening the state store after the failed upgrade: {0}")]
+    Reopen(String),
+}
+
+/// A socket this process offers to its successor: a duplicate of a listening socket.
+pub struct HandoffSocket {
+    /// Listener name (or one of the `@...` names).
+    pub name: String,
+    /// TCP or unix.
+    pub kind: SocketKind,
+    /// The descriptor.
+    pub fd: OwnedFd,
+}
+
+/// Starts successors and hands them the sockets. One per daemon.
+pub struct Upgrader {
+    executable: PathBuf,
+    args: Vec<OsString>,
+    runtime_dir: PathBuf,
+    timeout: Duration,
+    state: StateHandle,
+    shutdown: Shutdown,
+    sockets: Vec<HandoffSocket>,
+    busy: AtomicBool,
+    mgmt_gate: Arc<AcceptGate>,
+}
+
+/// The executable to start by default: `server.executable`, else the path this process was
+/// started from (without the " (deleted)" Linux adds once a package replaced the file).
+pub fn default_executable(configured: Option<&Path>) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    match std::env::current_exe() {
+        Ok(p) => {
+            let text = p.to_string_lossy();
+            match text.strip_suffix(" (deleted)") {
+                Some(original) => PathBuf::from(original),
+                None => p,
+            }
+        }
+        Err(_) => PathBuf::from("proxyd"),
+    }
+}
+
+impl std::fmt::Debug for Upgrader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upgrader")
+            .field("executable", &self.executable)
+            .field("sockets", &self.sockets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Upgrader {
+    /// An upgrader offering `sockets`; the successor runs `executable` with this process's
+    /// arguments and talks to us through a socket in `runtime_dir`.
+    pub fn new(
+        executable: PathBuf,
+        runtime_dir: PathBuf,
+        timeout: Duration,
+        state: StateHandle,
+        shutdown: Shutdown,
+        sockets: Vec<HandoffSocket>,
+    ) -> Upgrader {
+        Upgrader {
+            executable,
+            args: std::env::args_os().skip(1).collect(),
+            runtime_dir,
+            timeout,
+            state,
+            shutdown,
+            sockets,
+            busy: AtomicBool::new(false),
+            mgmt_gate: Arc::new(AcceptGate::default()),
+        }
+    }
+
+    /// The gate of the management API's accept loop, closed while handing over.
+    pub fn mgmt_gate(&self) -> Arc<AcceptGate> {
+        self.mgmt_gate.clone()
+    }
+
+    /// Starts `binary` (default: the configured executable), hands over, and returns the new
+    /// pid once it serves and this process has stopped accepting.
+    pub async fn upgrade(self: &Arc<Self>, binary: Option<PathBuf>) -> Result<u32, UpgradeError> {
+        if self.shutdown.is_handed_over() {
+            return Err(UpgradeError::HandedOver);
+        }
+        if self.busy.swap(true, Ordering::SeqCst) {
+            return Err(UpgradeError::Busy);
+        }
+        let started = std::time::Instant::now();
+        let result = self.run(binary.unwrap_or_else(|| self.executable.clone())).await;
+        self.busy.store(false, Ordering::SeqCst);
+        match &result {
+            Ok(pid) => tracing::info!(new_pid = pid, elapsed_ms = started.elapsed().as_millis() as u64, "handed over to the new process"),
+            Err(e) => tracing::error!(error = %e, "upgrade failed; this process keeps serving"),
+        }
+        result
+    }
+
+    async fn run(&self, binary: PathBuf) -> Result<u32, UpgradeError> {
+        let path = self.runtime_dir.join(format!("proxyd-handoff-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| UpgradeError::Protocol(format!("cannot create {}: {e}", path.display())))?;
+        tracing::info!(binary = %binary.display(), "starting the new process");
+        let spawned = tokio::process::Command::new(&binary)
+            .args(&self.args)
+            .env(HANDOFF_ENV, &path)
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(UpgradeError::Spawn { binary: binary.display().to_string(), source });
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let deadline = Instant::now() + self.timeout;
+        let mut closed_store = false;
+        let result = self.converse(&listener, &mut child, pid, deadline, &mut closed_store).await;
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+        match result {
+            Ok(()) => {
+                // systemd follows the new process; this one now only drains.
+                notify_systemd(&[sd_notify::NotifyState::MainPid(pid)]);
+                self.shutdown.hand_over();
+                // The child outlives us; reap it only if we are still around when it exits.
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                Ok(pid)
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                if closed_store {
+                    self.state.reopen().await.map_err(|e| UpgradeError::Reopen(e.to_string()))?;
+                }
+                self.mgmt_gate.resume();
+                Err(e)
+            }
+        }
+    }
+
+    async fn converse(
+        &self,
+        listener: &tokio::net::UnixListener,
+        child: &mut tokio::process::Child,
+        pid: u32,
+        deadline: Instant,
+        closed_store: &mut bool,
+    ) -> Result<(), UpgradeError> {
+        let timeout = self.timeout;
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted.map_err(|e| UpgradeError::Protocol(e.to_string()))?.0,
+            status = child.wait() => return Err(exited(status)),
+            _ = tokio::time::sleep_until(deadline) => return Err(UpgradeError::Timeout(timeout)),
+        };
+        let peer = stream.peer_cred().map_err(|e| UpgradeError::Protocol(e.to_string()))?;
+        if peer.pid() != Some(pid as i32) {
+            return Err(UpgradeError::Protocol(format!("unexpected peer {:?} on the handoff socket", peer.pid())));
+        }
+        let mut conn = wire::Conn::new(stream.into_std().map_err(|e| UpgradeError::Protocol(e.to_string()))?)
+            .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
+
+        conn = blocking(deadline, child, conn, |c, d| c.expect_hello(d)).await?;
+        // From here on management connections wait for the new process, and our writer
+        // closes before the child can open the store: never two writers.
+        self.mgmt_gate.pause();
+        self.state.close().await;
+        *closed_store = true;
+        let revision = self.state.snapshot().revision;
+        let offer: Vec<(String, SocketKind, OwnedFd)> = self
+            .sockets
+            .iter()
+            .map(|s| {
+                s.fd.try_clone()
+                    .map(|fd| (s.name.clone(), s.kind, fd))
+                    .map_err(|e| UpgradeError::Protocol(format!("duplicating {}: {e}", s.name)))
+            })
+            .collect::<Result<_, _>>()?;
+        conn = blocking(deadline, child, conn, move |c, _| c.send_sockets(revision, &offer)).await?;
+        blocking(deadline, child, conn, |c, d| c.expect_ready(d)).await?;
+        Ok(())
+    }
+}
+
+fn exited(status: std::io::Result<std::process::ExitStatus>) -> UpgradeError {
+    UpgradeError::ChildExited(match status {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    })
+}
+
+/// Runs one blocking step of the conversation while watching the child and the deadline.
+async fn blocking<F>(
+    deadline: Instant,
+    child: &mut tokio::process::Child,
+    conn: wire::Conn,
+    step: F,
+) -> Result<wire::Conn, UpgradeError>
+where
+    F: FnOnce(&mut wire::Conn, std::time::Instant) -> std::io::Result<()> + Send + 'static,
+{
+    let std_deadline = std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
+    let mut task = tokio::task::spawn_blocking(move || {
+        let mut conn = conn;
+        step(&mut conn, std_deadline).map(|()| conn)
+    });
+    tokio::select! {
+        joined = &mut task => match joined {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
+                Err(UpgradeError::Timeout(deadline.saturating_duration_since(Instant::now())))
+            }
+            Ok(Err(e)) => match child.try_wait() {
+                Ok(Some(status)) => Err(UpgradeError::ChildExited(status.to_string())),
+                _ => Err(UpgradeError::Protocol(e.to_string())),
+            },
+            Err(e) => Err(UpgradeError::Protocol(e.to_string())),
+        },
+        status = child.wait() => Err(exited(status)),
+    }
+}
+
+/// The child's end of the handoff: received sockets, and the promise to say `READY`.
+pub struct Handoff {
+    conn: wire::Conn,
+    /// State revision the parent had when it closed its writer.
+    pub revision: u64,
+}
+
+/// If this process was started by an upgrade, connects to the parent and receives its
+/// sockets. Returns `None` for a normal start.
+pub fn receive() -> Result<Option<(Handoff, Inherited)>, UpgradeError> {
+    let Some(path) = std::env::var_os(HANDOFF_ENV) else { return Ok(None) };
+    std::env::remove_var(HANDOFF_ENV);
+    let protocol = |e: std::io::Error| UpgradeError::Protocol(e.to_string());
+    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(protocol)?;
+    let mut conn = wire::Conn::new(stream).map_err(protocol)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    conn.send_hello().map_err(protocol)?;
+    let (revision, sockets) = conn.receive_sockets(deadline).map_err(protocol)?;
+    let mut inherited = Inherited::default();
+    for (name, kind, fd) in sockets {
+        match kind {
+            SocketKind::Tcp => inherited.insert_tcp(name, std::net::TcpListener::from(fd), Origin::Handoff),
+            SocketKind::Unix => inherited.insert_unix(name, std::os::unix::net::UnixListener::from(fd)),
+        }
+    }
+    tracing::info!(revision, "received the listening sockets from the previous process");
+    Ok(Some((Handoff { conn, revision }, inherited)))
+}
+
+impl Handoff {
+    /// Tells the parent this process serves; it then stops accepting and exits.
+    pub fn ready(mut self) -> Result<(), UpgradeError> {
+        self.conn.send_ready().map_err(|e| UpgradeError::Protocol(e.to_string()))
+    }
+}
+
+/// Sends a state to systemd's notify socket, if there is one.
+pub fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "systemd notification failed");
+    }
+}
+
+/// Offers listening sockets bound by this process to systemd's fd store (when the service
+/// has `FileDescriptorStoreMax`), so even a plain restart keeps them open.
+pub fn store_in_systemd(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    for (name, fd) in sockets {
+        let state = [sd_notify::NotifyState::FdStore, sd_notify::NotifyState::FdName(name)];
+        if let Err(e) = sd_notify::notify_with_fds(&state, std::slice::from_ref(fd)) {
+            tracing::debug!(%name, error = %e, "systemd fd store not available");
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The `etcd` discovery source against a real etcd (Debian `etcd-server`, binary `etcd`):
+//! keys come and go, etcd stops and restarts, and `on_change = "reset"` closes streams.
+//!
+//! Without an `etcd` binary the tests are skipped, except under CI (env `CI` set), where
+//! they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod mgmt_support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use etcd_client::Client;
+use proxy_proto::v1 as pb;
+use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn etcd_binary() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file());
+    if found.is_none() && std::env::var_os("CI").is_some() {
+        panic!("etcd is not installed (Debian package etcd-server); CI must run these tests");
+    }
+    if found.is_none() {
+        eprintln!("skipping: no etcd binary (install Debian etcd-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A single-node etcd on loopback; stopped when dropped.
+struct Etcd {
+    binary: PathBuf,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl Etcd {
+    async fn start(binary: PathBuf, dir: &Path) -> Etcd {
+        let mut etcd = Etcd { binary, dir: dir.to_path_buf(), client_port: free_port(), peer_port: free_port(), child: None };
+        etcd.restart().await;
+        etcd
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    async fn restart(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&self.binary)
+            .args(["--name", "test", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if let Ok(mut c) = Client::connect([client.as_str()], None).await {
+                if c.get("probe", None).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("etcd did not become ready; see {}", self.dir.join("etcd.log").display());
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect([self.endpoint()], None).await.expect("etcd client")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn members(p: &TestProxy, pool: &str) -> BTreeSet<String> {
+    let routing = p.daemon.state().routing();
+    routing.pool(pool).map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect()).unwrap_or_default()
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn reaches_all(p: &TestProxy, names: &[&str]) {
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let r = get(p.addr("web"), "example.com", "/").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        seen.insert(r.header("x-upstream").unwrap_or("").to_string());
+        if names.iter().all(|n| seen.contains(*n)) {
+            return;
+        }
+    }
+    panic!("expected traffic to reach {names:?}, saw {seen:?}");
+}
+
+#[tokio::test]
+async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(binary, dir.path()).await;
+    let (a, b, c) = (upstream("a").await, upstream("b").await, upstream("c").await);
+    let mut kv = etcd.client().await;
+    kv.put(format!("/srv/web/test/{}", a.address()), "", None).await.unwrap();
+    kv.put(format!("/srv/web/test/{}", b.address()), "{\"weight\": 1}", None).await.unwrap();
+    // A sibling prefix must not leak in.
+    kv.put(format!("/srv/web/test2/{}", c.address()), "", None).await.unwrap();
+
+    let p = start_proxy(&format!(
+        "{WEB}\n[[pools]]\nname = \"web\"\n[pools.discovery]\netcd = {{ endpoints = [\"{}\"], prefix = \"/srv/web/test\" }}\n\n[[routes]]\nname = \"all\"\nlistener = \"web\"\npool = \"web\"\n",
+        etcd.endpoint()
+    ))
+    .await;
+    eventually("a and b from etcd", || members(&p, "web") == [a.address(), b.address()].into()).await;
+    reaches_all(&p, &["a", "b"]).await;
+
+    kv.delete(format!("/srv/web/test/{}", a.address()), None).await.unwrap();
+    eventually("a to leave", || members(&p, "web") == [b.address()].into()).await;
+    for _ in 0..5 {
+        assert_eq!(get(p.addr("web"), "example.com", "/").await.header("x-upstream"), Some("b"));
+    }
+
+    // etcd goes away: the pool keeps b and traffic flows.
+    etcd.stop();
+    let channel = mgmt_support::unix_channel(&mgmt_support::socket_path(&p)).await;
+    let mut discovery = DiscoveryServiceClient::new(channel);
+    let mut reported = false;
+    for _ in 0..300 {
+        let s = discovery.list_sources(pb::ListSourcesRequest {}).await.unwrap().into_inner().sources;
+        if s[0].last_error_unix_ms > s[0].last_success_unix_ms {
+            reported = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reported, "the etcd outage is reported");
+    assert_eq!(members(&p, "web"), [b.address()].into());
+    reaches_all(&p, &["b"]).await;
+
+    // etcd is back: a key written now is picked up after the reconnect.
+    etcd.restart().await;
+    let mut kv = etcd.client().await;
+    kv.put(format!("/srv/web/test/{}", c.address()), "", None).await.unwrap();
+    eventually("c after etcd restarted", || members(&p, "web") == [b.address(), c.address()].into()).await;
+    reaches_all(&p, &["b", "c"]).await;
+    let s = discovery.list_sources(pb::ListSourcesRequest {}).await.unwrap().into_inner().sources;
+    assert_eq!((s[0].kind.as_str(), s[0].members), ("etcd", 2));
+}
+
+/// Echoes every byte back.
+async fn echo_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+async fn open_stream(addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"ping");
+    s
+}
+
+/// Whether the proxy closed the stream (EOF or reset) within a generous bound.
+async fn closed_by_proxy(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn on_change_reset_closes_streams_to_a_removed_upstream_and_keep_does_not() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path()).await;
+    let (up_reset, _t1) = echo_upstream().await;
+    let (up_keep, _t2) = echo_upstream().await;
+    let mut kv = etcd.client().await;
+    kv.put(format!("/srv/reset/{up_reset}"), "", None).await.unwrap();
+    kv.put(format!("/srv/keep/{up_keep}"), "", None).await.unwrap();
+    let endpoint = etcd.endpoint();
+    let p = start_proxy(&format!(
+        "[[listeners]]\nname = \"r\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\npool = \"r\"\n\
+         [[listeners]]\nname = \"k\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\npool = \"k\"\n\
+         [[pools]]\nname = \"r\"\non_change = \"reset\"\n[pools.discovery]\netcd = {{ endpoints = [\"{endpoint}\"], prefix = \"/srv/reset\" }}\n\
+         [[pools]]\nname = \"k\"\non_change = \"keep\"\n[pools.discovery]\netcd = {{ endpoints = [\"{endpoint}\"], prefix = \"/srv/keep\" }}\n"
+    ))
+    .await;
+    eventually("both pools filled", || members(&p, "r").len() == 1 && members(&p, "k").len() == 1).await;
+    let mut reset_stream = open_stream(p.addr("r")).await;
+    let mut keep_stream = open_stream(p.addr("k")).await;
+
+    kv.delete(format!("/srv/reset/{up_reset}"), None).await.unwrap();
+    kv.delete(format!("/srv/keep/{up_keep}"), None).await.unwrap();
+    eventually("both pools emptied", || members(&p, "r").is_empty() && members(&p, "k").is_empty()).await;
+
+    assert!(closed_by_proxy(&mut reset_stream).await, "reset: the stream to the removed upstream is closed");
+    // keep: the established stream still works end to end.
+    keep_stream.write_all(b"more").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), keep_stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf, b"more");
+}

@@ -1,0 +1,409 @@
+//! Zero-downtime upgrades with real processes: fd handoff under load, long streams across
+//! the handoff, failing new binaries, API changes carried over, systemd socket activation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod mgmt_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use mgmt_support::{create_pool, create_route, pool_msg, route_msg, unix_channel, Api};
+use proxy_proto::v1 as pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+/// The first proxyd process; later ones are started by their predecessors.
+struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    web: u16,
+    db: u16,
+}
+
+impl Daemon {
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("mgmt.sock")
+    }
+
+    async fn api(&self) -> Api {
+        Api::over(unix_channel(&self.socket()).await)
+    }
+
+    async fn pid(&self) -> u32 {
+        let mut api = self.api().await;
+        api.admin.status(pb::StatusRequest::default()).await.unwrap().into_inner().pid
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Stop whichever process serves now, then the first one if still around.
+        if let Ok(text) = std::fs::read_to_string(self.dir.path().join("current.pid")) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port} never opened");
+}
+
+async fn wait_for_socket(path: &Path) {
+    for _ in 0..300 {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never opened", path.display());
+}
+
+fn config(dir: &Path, web: u16, db: u16, http_pool: &str, tcp_upstream: &str, executable: &str) -> String {
+    format!(
+        "[server]
+state_dir = \"{dir}\"
+mgmt_socket = \"{dir}/mgmt.sock\"
+admin_listen = \"\"
+executable = \"{executable}\"
+upgrade_timeout = \"3s\"
+drain_timeout = \"20s\"
+log_level = \"warn\"
+
+[[listeners]]
+name = \"web\"
+protocol = \"http\"
+address = \"127.0.0.1:{web}\"
+
+[[listeners]]
+name = \"db\"
+protocol = \"tcp\"
+address = \"127.0.0.1:{db}\"
+pool = \"db\"
+
+{http_pool}
+[[pools]]
+name = \"db\"
+upstreams = [\"{tcp_upstream}\"]
+
+[[routes]]
+name = \"all\"
+listener = \"web\"
+pool = \"p\"
+",
+        dir = dir.display()
+    )
+}
+
+async fn echo_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn start(up: &Upstream) -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let (web, db) = (free_port(), free_port());
+    let echo = echo_server().await;
+    let text = config(dir.path(), web, db, &pool("p", &[up]), &echo, PROXYD);
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let child = Command::new(PROXYD)
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, dir, web, db };
+    wait_for_port(web).await;
+    wait_for_socket(&d.socket()).await;
+    d
+}
+
+async fn upgrade(d: &Daemon, binary: &str) -> Result<u32, tonic::Status> {
+    let mut api = d.api().await;
+    let r = api
+        .admin
+        .upgrade(pb::UpgradeRequest { binary: binary.into(), wait: true })
+        .await
+        .map(|r| r.into_inner().new_pid);
+    if let Ok(pid) = &r {
+        std::fs::write(d.dir.path().join("current.pid"), pid.to_string()).unwrap();
+    }
+    r
+}
+
+/// One HTTP exchange on `stream`; `Err` says whether any response byte had arrived.
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bool), bool> {
+    stream.write_all(request).await.map_err(|_| false)?;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut tmp)).await {
+            Ok(Ok(n)) => n,
+            _ => return Err(!buf.is_empty()),
+        };
+        if n == 0 {
+            return Err(!buf.is_empty());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + length {
+            let close = head.lines().any(|l| l.starts_with("connection:") && l.contains("close"));
+            return Ok((status, close));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Keep-alive client: reuses its connection; like any HTTP client, it retries a request
+/// once on a fresh connection only when a reused connection closed before any byte of the
+/// response arrived (the request was not processed).
+async fn keep_alive_client(port: u16, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let req = b"GET /ka HTTP/1.1\r\nHost: h\r\n\r\n";
+    let mut conn: Option<TcpStream> = None;
+    let mut sent = 0u32;
+    while !stop.load(Ordering::Relaxed) && sent < 200_000 {
+        sent += 1;
+        let reused = conn.is_some();
+        let mut stream = match conn.take() {
+            Some(s) => s,
+            None => match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(s) => s,
+                Err(_) => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            },
+        };
+        let mut outcome = exchange(&mut stream, req).await;
+        if reused && outcome == Err(false) {
+            match TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(fresh) => {
+                    stream = fresh;
+                    outcome = exchange(&mut stream, req).await;
+                }
+                Err(_) => outcome = Err(false),
+            }
+        }
+        match outcome {
+            Ok((200, close)) => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                if !close {
+                    conn = Some(stream);
+                }
+            }
+            _ => {
+                tally.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// New-connection client: one request per connection.
+async fn new_connection_client(port: u16, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let mut sent = 0u32;
+    while !stop.load(Ordering::Relaxed) && sent < 200_000 {
+        sent += 1;
+        let outcome = match TcpStream::connect(("127.0.0.1", port)).await {
+            Ok(mut s) => exchange(&mut s, b"GET /new HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await,
+            Err(_) => Err(false),
+        };
+        match outcome {
+            Ok((200, _)) => tally.ok.fetch_add(1, Ordering::Relaxed),
+            _ => tally.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_upgrades_under_load_lose_nothing() {
+    let up = upstream("up").await;
+    let d = start(&up).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(tokio::spawn(keep_alive_client(d.web, stop.clone(), tally.clone())));
+    }
+    for _ in 0..2 {
+        clients.push(tokio::spawn(new_connection_client(d.web, stop.clone(), tally.clone())));
+    }
+
+    // A long download and an open TCP stream, both started before the upgrades.
+    let web = d.web;
+    let download = tokio::spawn(async move {
+        let mut s = TcpStream::connect(("127.0.0.1", web)).await.unwrap();
+        s.write_all(b"GET /drip/40/50 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await.unwrap();
+        body
+    });
+    let mut tcp = TcpStream::connect(("127.0.0.1", d.db)).await.unwrap();
+    tcp.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    tcp.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"before");
+
+    let mut pids = vec![d.pid().await];
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let new_pid = upgrade(&d, "").await.expect("upgrade");
+        assert!(!pids.contains(&new_pid), "every upgrade gives a new pid: {new_pid} in {pids:?}");
+        assert_eq!(d.pid().await, new_pid, "the API is served by the new process");
+        pids.push(new_pid);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    // The stream opened on the first process still works, byte for byte, after ten handoffs.
+    tcp.write_all(b"after!").await.unwrap();
+    tcp.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"after!");
+    let body = download.await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    let payload = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert_eq!(payload.len(), 40 * 1024, "the long download completed");
+    assert!(payload.bytes().all(|b| b == b'd'));
+
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "{failed} failed requests out of {}", ok + failed);
+    assert!(ok > 100, "the load ran ({ok} requests)");
+}
+
+#[tokio::test]
+async fn broken_new_binaries_fail_the_upgrade_and_the_old_process_serves_on() {
+    let up = upstream("up").await;
+    let d = start(&up).await;
+    let old = d.pid().await;
+
+    let exits = d.dir.path().join("exits.sh");
+    std::fs::write(&exits, "#!/bin/sh\necho 'broken build' >&2\nexit 1\n").unwrap();
+    let hangs = d.dir.path().join("hangs.sh");
+    std::fs::write(&hangs, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    for script in [&exits, &hangs] {
+        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(script).unwrap().permissions(), 0o755);
+        std::fs::set_permissions(script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+
+    let err = upgrade(&d, exits.to_str().unwrap()).await.expect_err("exits at once");
+    assert!(err.message().contains("exited"), "{}", err.message());
+    assert_eq!(d.pid().await, old);
+    assert_eq!(get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/").await.status, 200);
+
+    let err = upgrade(&d, hangs.to_str().unwrap()).await.expect_err("never ready");
+    assert!(err.message().contains("not ready"), "{}", err.message());
+    assert_eq!(d.pid().await, old);
+
+    // The old process took its store back: writes work, and the next good upgrade works.
+    let mut api = d.api().await;
+    create_pool(&mut api, pool_msg("after-failure", &[up.address()])).await;
+    let new = upgrade(&d, "").await.expect("good upgrade");
+    assert_ne!(new, old);
+    assert_eq!(get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn api_changes_made_just_before_an_upgrade_are_served_by_the_new_process() {
+    let up = upstream("up").await;
+    let v2 = upstream("v2").await;
+    let d = start(&up).await;
+    let mut api = d.api().await;
+    create_pool(&mut api, pool_msg("v2", &[v2.address()])).await;
+    create_route(&mut api, route_msg("docs", "", "/docs", "v2")).await;
+    let new = upgrade(&d, "").await.expect("upgrade");
+    assert_eq!(d.pid().await, new);
+    let r = get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/docs/x").await;
+    assert_eq!(r.header("x-upstream"), Some("v2"));
+    // And the new process writes to the store it was handed.
+    let mut api = d.api().await;
+    create_route(&mut api, route_msg("more", "", "/more", "v2")).await;
+    let r = get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/more").await;
+    assert_eq!(r.header("x-upstream"), Some("v2"));
+}
+
+#[tokio::test]
+async fn systemd_socket_activation_with_named_fds() {
+    let Ok(activate) = which("systemd-socket-activate") else {
+        assert!(std::env::var_os("CI").is_none(), "systemd-socket-activate is required in CI");
+        eprintln!("systemd-socket-activate not installed; skipping");
+        return;
+    };
+    let up = upstream("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // The config names other ports: the sockets from systemd must win by name.
+    let text = config(dir.path(), 1, free_port(), &pool("p", &[&up]), &echo_server().await, PROXYD);
+    let text = text.replace("address = \"127.0.0.1:1\"", "address = \"127.0.0.1:9\"");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(activate)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=web")
+        .arg(PROXYD)
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_for_port(port).await;
+    let r = get(format!("127.0.0.1:{port}").parse().unwrap(), "h", "/").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-upstream"), Some("up"));
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+        .ok_or(())
+}
