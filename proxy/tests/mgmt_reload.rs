@@ -53,7 +53,7 @@ async fn reload_reconciles_the_file_and_keeps_api_objects() {
     std::fs::write(&path, "[server]\nbogus = 1\n").expect("write");
     let err = api.admin.reload_config(pb::ReloadConfigRequest {}).await.expect_err("broken file");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("proxy.toml:2: server.bogus"), "{}", err.message());
+    assert!(err.message().contains("proxy.toml:2: bogus: unknown field"), "{}", err.message());
 
     // Changed listeners need an upgrade or restart.
     let moved = file_config(proxy.dir.path(), blog, &v1).replace(
