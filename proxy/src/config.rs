@@ -750,9 +750,10 @@ impl Doc<'_> {
         .flatten()
         .collect();
         if given.len() != 1 {
-            let key = given.get(1).copied().unwrap_or("discovery");
+            // Point at the last source given: the one too many.
+            let line = given.iter().map(|k| self.line_of_key(span, k)).max().unwrap_or_else(|| self.line_of_key(span, "discovery"));
             return Err(self.error(
-                self.line_of_key(span, key),
+                line,
                 prefix,
                 format!("give exactly one of etcd, dns, exec or file (got {})", if given.is_empty() { "none".to_string() } else { given.join(", ") }),
             ));
