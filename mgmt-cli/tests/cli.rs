@@ -13,7 +13,9 @@ const PROXYCTL: &str = env!("CARGO_BIN_EXE_proxyctl");
 
 /// An HTTP upstream answering every request with `x-upstream: NAME`.
 async fn upstream(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -86,7 +88,11 @@ impl Daemon {
     /// Runs proxyctl and requires success; returns stdout.
     async fn ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args).await;
-        assert!(out.status.success(), "proxyctl {args:?} failed: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "proxyctl {args:?} failed: {}",
+            stderr(&out)
+        );
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
@@ -97,7 +103,9 @@ impl Daemon {
     }
 
     async fn revision(&self) -> u64 {
-        self.json(&["status"]).await["revision"].as_u64().expect("revision")
+        self.json(&["status"]).await["revision"]
+            .as_u64()
+            .expect("revision")
     }
 }
 
@@ -117,12 +125,36 @@ async fn nouns_and_verbs_drive_a_live_daemon() {
     let v2 = upstream("v2").await;
     let d = Daemon::start("").await;
 
-    let out = d.ok(&["pools", "add", "v1", "--upstream", &v1.to_string()]).await;
-    assert!(out.contains("pool \"v1\" created"), "{out}");
-    d.ok(&["pools", "add", "v2", "--upstream", &v2.to_string(), "--balance", "least_conn"]).await;
-    d.ok(&["routes", "add", "--listener", "web", "--pool", "v1", "site"]).await;
     let out = d
-        .ok(&["routes", "add", "--listener", "web", "--host", "example.com", "--path-prefix", "/docs", "--pool", "v2", "docs"])
+        .ok(&["pools", "add", "v1", "--upstream", &v1.to_string()])
+        .await;
+    assert!(out.contains("pool \"v1\" created"), "{out}");
+    d.ok(&[
+        "pools",
+        "add",
+        "v2",
+        "--upstream",
+        &v2.to_string(),
+        "--balance",
+        "least_conn",
+    ])
+    .await;
+    d.ok(&["routes", "add", "--listener", "web", "--pool", "v1", "site"])
+        .await;
+    let out = d
+        .ok(&[
+            "routes",
+            "add",
+            "--listener",
+            "web",
+            "--host",
+            "example.com",
+            "--path-prefix",
+            "/docs",
+            "--pool",
+            "v2",
+            "docs",
+        ])
         .await;
     assert!(out.contains("route \"docs\" created"), "{out}");
     assert_eq!(served_by(d.web(), "example.com", "/docs/intro").await, "v2");
@@ -131,15 +163,29 @@ async fn nouns_and_verbs_drive_a_live_daemon() {
     let table = d.ok(&["routes", "list"]).await;
     let mut lines = table.lines();
     let header = lines.next().expect("header");
-    assert!(header.starts_with("NAME") && header.contains("POOL"), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("docs ") && l.contains("example.com") && l.contains("/docs")), "{table}");
+    assert!(
+        header.starts_with("NAME") && header.contains("POOL"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("docs ") && l.contains("example.com") && l.contains("/docs")),
+        "{table}"
+    );
 
     let routes = d.json(&["routes", "list"]).await;
-    let docs = routes.as_array().expect("array").iter().find(|r| r["name"] == "docs").expect("docs");
+    let docs = routes
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| r["name"] == "docs")
+        .expect("docs");
     assert_eq!(docs["path_prefix"], "/docs");
     assert_eq!(docs["source"], "api");
 
-    d.ok(&["upstreams", "add", "v2", "127.0.0.1:9", "--weight", "3"]).await;
+    d.ok(&["upstreams", "add", "v2", "127.0.0.1:9", "--weight", "3"])
+        .await;
     d.ok(&["upstreams", "drain", "v2", "127.0.0.1:9"]).await;
     let pool = d.json(&["pools", "get", "v2"]).await;
     assert_eq!(pool["balance"], "least_conn");
@@ -152,12 +198,26 @@ async fn nouns_and_verbs_drive_a_live_daemon() {
     // Errors: non-zero exit and the server's own words.
     let out = d.ctl(&["routes", "rm", "nope"]).await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("NOT_FOUND: route \"nope\" not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("NOT_FOUND: route \"nope\" not found"),
+        "{}",
+        stderr(&out)
+    );
     let out = d.ctl(&["pools", "rm", "v2"]).await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("FAILED_PRECONDITION"), "{}", stderr(&out));
-    let out = d.ctl(&["routes", "add", "--listener", "web", "--pool", "nope", "x"]).await;
-    assert!(stderr(&out).contains("INVALID_ARGUMENT: route.pool: no pool named \"nope\""), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("FAILED_PRECONDITION"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d
+        .ctl(&["routes", "add", "--listener", "web", "--pool", "nope", "x"])
+        .await;
+    assert!(
+        stderr(&out).contains("INVALID_ARGUMENT: route.pool: no pool named \"nope\""),
+        "{}",
+        stderr(&out)
+    );
 
     // The socket from the environment.
     let out = tokio::process::Command::new(PROXYCTL)
@@ -173,7 +233,10 @@ async fn nouns_and_verbs_drive_a_live_daemon() {
     assert_eq!(served_by(d.web(), "example.com", "/docs/intro").await, "v1");
 
     let status = d.ok(&["status"]).await;
-    assert!(status.contains("revision") && status.contains("web"), "{status}");
+    assert!(
+        status.contains("revision") && status.contains("web"),
+        "{status}"
+    );
 
     // No daemon at the socket: a clear error.
     let out = tokio::process::Command::new(PROXYCTL)
@@ -182,7 +245,11 @@ async fn nouns_and_verbs_drive_a_live_daemon() {
         .await
         .expect("run proxyctl");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("cannot connect to /nonexistent/mgmt.sock"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot connect to /nonexistent/mgmt.sock"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,9 +258,12 @@ async fn csv_import_is_one_atomic_batch() {
     let v2 = upstream("v2").await;
     let d = Daemon::start("").await;
     let files = tempfile::tempdir().expect("temp dir");
-    d.ok(&["pools", "add", "v1", "--upstream", &v1.to_string()]).await;
-    d.ok(&["pools", "add", "v2", "--upstream", &v2.to_string()]).await;
-    d.ok(&["routes", "add", "--listener", "web", "--pool", "v1", "site"]).await;
+    d.ok(&["pools", "add", "v1", "--upstream", &v1.to_string()])
+        .await;
+    d.ok(&["pools", "add", "v2", "--upstream", &v2.to_string()])
+        .await;
+    d.ok(&["routes", "add", "--listener", "web", "--pool", "v1", "site"])
+        .await;
 
     let mut csv = String::from("name,host,path_prefix,pool\n");
     for i in 0..2000 {
@@ -201,10 +271,21 @@ async fn csv_import_is_one_atomic_batch() {
     }
     let rules = write(files.path(), "rules.csv", &csv);
     let before = d.revision().await;
-    let out = d.ok(&["routes", "import", rules.to_str().expect("utf-8"), "--listener", "web"]).await;
+    let out = d
+        .ok(&[
+            "routes",
+            "import",
+            rules.to_str().expect("utf-8"),
+            "--listener",
+            "web",
+        ])
+        .await;
     assert!(out.contains("imported 2000 routes"), "{out}");
     assert_eq!(d.revision().await, before + 1, "one batch, one revision");
-    assert_eq!(served_by(d.web(), "example.com", "/content/1999/page").await, "v2");
+    assert_eq!(
+        served_by(d.web(), "example.com", "/content/1999/page").await,
+        "v2"
+    );
     assert_eq!(served_by(d.web(), "example.com", "/content/x").await, "v1");
 
     // One bad row refuses the whole file.
@@ -213,17 +294,45 @@ async fn csv_import_is_one_atomic_batch() {
         "bad.csv",
         "name,path_prefix,pool\nok-1,/ok/1,v2\nok-2,/ok/2,missing\n",
     );
-    let out = d.ctl(&["routes", "import", bad.to_str().expect("utf-8"), "--listener", "web"]).await;
+    let out = d
+        .ctl(&[
+            "routes",
+            "import",
+            bad.to_str().expect("utf-8"),
+            "--listener",
+            "web",
+        ])
+        .await;
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("changes[1].route.pool"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("changes[1].route.pool"),
+        "{}",
+        stderr(&out)
+    );
     let out = d.ctl(&["routes", "get", "ok-1"]).await;
     assert!(stderr(&out).contains("NOT_FOUND"), "{}", stderr(&out));
 
     // --update replaces existing names: move them back to v1.
-    let back = write(files.path(), "back.csv", "name,host,path_prefix,pool\nmove-7,example.com,/content/7/,v1\n");
-    let out = d.ok(&["routes", "import", back.to_str().expect("utf-8"), "--listener", "web", "--update"]).await;
+    let back = write(
+        files.path(),
+        "back.csv",
+        "name,host,path_prefix,pool\nmove-7,example.com,/content/7/,v1\n",
+    );
+    let out = d
+        .ok(&[
+            "routes",
+            "import",
+            back.to_str().expect("utf-8"),
+            "--listener",
+            "web",
+            "--update",
+        ])
+        .await;
     assert!(out.contains("0 created, 1 updated"), "{out}");
-    assert_eq!(served_by(d.web(), "example.com", "/content/7/a").await, "v1");
+    assert_eq!(
+        served_by(d.web(), "example.com", "/content/7/a").await,
+        "v1"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,9 +384,17 @@ pool = "v1"
     let exported = d.ok(&["export"]).await;
     let file = write(files.path(), "state.json", &exported);
     let other = Daemon::start("").await;
-    let out = other.ok(&["import", "--dry-run", file.to_str().expect("utf-8")]).await;
-    assert!(out.contains("dry run: 3 created, 0 updated, 0 deleted"), "{out}");
-    assert!(other.ok(&["routes", "list"]).await.lines().count() == 1, "dry run changed nothing");
+    let out = other
+        .ok(&["import", "--dry-run", file.to_str().expect("utf-8")])
+        .await;
+    assert!(
+        out.contains("dry run: 3 created, 0 updated, 0 deleted"),
+        "{out}"
+    );
+    assert!(
+        other.ok(&["routes", "list"]).await.lines().count() == 1,
+        "dry run changed nothing"
+    );
     other.ok(&["import", file.to_str().expect("utf-8")]).await;
     assert_eq!(other.ok(&["export"]).await, exported);
     assert_eq!(served_by(other.web(), "example.com", "/docs").await, "v1");

@@ -19,14 +19,30 @@ async fn created_route_routes_the_next_request_and_survives_a_restart() {
     create_pool(&mut api, pool_msg("v1", &[v1.address()])).await;
     create_route(&mut api, route_msg("everything", "", "/", "v1")).await;
     let web = proxy.addr("web");
-    assert_eq!(get(web, "example.com", "/docs/a").await.header("x-upstream"), Some("v1"));
+    assert_eq!(
+        get(web, "example.com", "/docs/a")
+            .await
+            .header("x-upstream"),
+        Some("v1")
+    );
 
     // Move /docs to v2: the very next request after the call returns goes there.
     create_pool(&mut api, pool_msg("v2", &[v2.address()])).await;
     let revision = create_route(&mut api, route_msg("docs", "example.com", "/docs", "v2")).await;
-    assert_eq!(get(web, "example.com", "/docs/a").await.header("x-upstream"), Some("v2"));
-    assert_eq!(get(web, "example.com", "/blog").await.header("x-upstream"), Some("v1"));
-    assert_eq!(get(web, "other.org", "/docs/a").await.header("x-upstream"), Some("v1"));
+    assert_eq!(
+        get(web, "example.com", "/docs/a")
+            .await
+            .header("x-upstream"),
+        Some("v2")
+    );
+    assert_eq!(
+        get(web, "example.com", "/blog").await.header("x-upstream"),
+        Some("v1")
+    );
+    assert_eq!(
+        get(web, "other.org", "/docs/a").await.header("x-upstream"),
+        Some("v1")
+    );
 
     // Restart on the same state directory.
     let TestProxy { daemon, dir } = proxy;
@@ -44,7 +60,12 @@ async fn created_route_routes_the_next_request_and_survives_a_restart() {
     assert_eq!(names, ["docs", "everything"]);
     assert_eq!(listed.routes[0].source, pb::Source::Api as i32);
     let web = proxy.addr("web");
-    assert_eq!(get(web, "example.com", "/docs/a").await.header("x-upstream"), Some("v2"));
+    assert_eq!(
+        get(web, "example.com", "/docs/a")
+            .await
+            .header("x-upstream"),
+        Some("v2")
+    );
     assert_eq!(v2.hits(), 2);
 }
 
@@ -58,7 +79,10 @@ async fn update_and_delete_take_effect_immediately() {
     create_pool(&mut api, pool_msg("v2", &[v2.address()])).await;
     create_route(&mut api, route_msg("docs", "", "/docs", "v1")).await;
     let web = proxy.addr("web");
-    assert_eq!(get(web, "a.example", "/docs").await.header("x-upstream"), Some("v1"));
+    assert_eq!(
+        get(web, "a.example", "/docs").await.header("x-upstream"),
+        Some("v1")
+    );
 
     let updated = api
         .routes
@@ -70,10 +94,15 @@ async fn update_and_delete_take_effect_immediately() {
         .into_inner();
     // The stored form is normalised by the state.
     assert_eq!(updated.route.expect("route").host, "a.example");
-    assert_eq!(get(web, "a.example", "/docs").await.header("x-upstream"), Some("v2"));
+    assert_eq!(
+        get(web, "a.example", "/docs").await.header("x-upstream"),
+        Some("v2")
+    );
 
     api.routes
-        .delete_route(pb::DeleteRouteRequest { name: "docs".into() })
+        .delete_route(pb::DeleteRouteRequest {
+            name: "docs".into(),
+        })
         .await
         .expect("delete");
     assert_eq!(get(web, "a.example", "/docs").await.status, 404);
@@ -92,15 +121,27 @@ async fn upstreams_are_added_drained_and_removed() {
     api.pools
         .add_upstream(pb::AddUpstreamRequest {
             pool: "p".into(),
-            upstream: Some(pb::Upstream { address: b.address(), weight: 1, ..Default::default() }),
+            upstream: Some(pb::Upstream {
+                address: b.address(),
+                weight: 1,
+                ..Default::default()
+            }),
         })
         .await
         .expect("add upstream");
     api.pools
-        .drain_upstream(pb::DrainUpstreamRequest { pool: "p".into(), address: a.address() })
+        .drain_upstream(pb::DrainUpstreamRequest {
+            pool: "p".into(),
+            address: a.address(),
+        })
         .await
         .expect("drain");
-    let listed = api.pools.get_pool(pb::GetPoolRequest { name: "p".into() }).await.expect("get").into_inner();
+    let listed = api
+        .pools
+        .get_pool(pb::GetPoolRequest { name: "p".into() })
+        .await
+        .expect("get")
+        .into_inner();
     let upstreams = listed.pool.expect("pool").upstreams;
     assert_eq!(upstreams.len(), 2);
     assert_eq!(upstreams[0].state, pb::UpstreamState::Draining as i32);
@@ -110,17 +151,29 @@ async fn upstreams_are_added_drained_and_removed() {
     }
 
     api.pools
-        .activate_upstream(pb::ActivateUpstreamRequest { pool: "p".into(), address: a.address() })
+        .activate_upstream(pb::ActivateUpstreamRequest {
+            pool: "p".into(),
+            address: a.address(),
+        })
         .await
         .expect("activate");
     api.pools
-        .remove_upstream(pb::RemoveUpstreamRequest { pool: "p".into(), address: b.address() })
+        .remove_upstream(pb::RemoveUpstreamRequest {
+            pool: "p".into(),
+            address: b.address(),
+        })
         .await
         .expect("remove");
     for _ in 0..3 {
         assert_eq!(get(web, "x", "/").await.header("x-upstream"), Some("a"));
     }
-    let pools = api.pools.list_pools(pb::ListPoolsRequest {}).await.expect("list").into_inner().pools;
+    let pools = api
+        .pools
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .pools;
     assert_eq!(pools.len(), 1);
     assert_eq!(pools[0].upstreams.len(), 1);
 }
@@ -128,7 +181,9 @@ async fn upstreams_are_added_drained_and_removed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_routes_forward_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let echo_addr = echo.local_addr().expect("addr").to_string();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
@@ -157,7 +212,9 @@ async fn tcp_routes_forward_connections() {
         .expect("create tcp route")
         .into_inner();
     assert_eq!(created.tcp_route.expect("stored").pool, "db");
-    let mut conn = tokio::net::TcpStream::connect(proxy.addr("db")).await.expect("connect");
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr("db"))
+        .await
+        .expect("connect");
     conn.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
     conn.read_exact(&mut buf).await.expect("echo");
@@ -165,7 +222,10 @@ async fn tcp_routes_forward_connections() {
 
     let listed = api
         .routes
-        .list_tcp_routes(pb::ListTcpRoutesRequest { listener: "db".into(), pool: String::new() })
+        .list_tcp_routes(pb::ListTcpRoutesRequest {
+            listener: "db".into(),
+            pool: String::new(),
+        })
         .await
         .expect("list")
         .into_inner();
@@ -194,33 +254,64 @@ async fn apply_is_atomic_and_export_import_round_trip() {
         .admin
         .apply(pb::ApplyRequest {
             changes: vec![
-                change(pb::change::Change::CreatePool(pool_msg("v1", &[v1.address()]))),
-                change(pb::change::Change::CreateRoute(route_msg("docs", "", "/docs", "v9"))),
+                change(pb::change::Change::CreatePool(pool_msg(
+                    "v1",
+                    &[v1.address()],
+                ))),
+                change(pb::change::Change::CreateRoute(route_msg(
+                    "docs", "", "/docs", "v9",
+                ))),
             ],
         })
         .await
         .expect_err("second change is invalid");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().starts_with("changes[1].route.pool:"), "{}", err.message());
-    let pools = api.pools.list_pools(pb::ListPoolsRequest {}).await.expect("list").into_inner();
+    assert!(
+        err.message().starts_with("changes[1].route.pool:"),
+        "{}",
+        err.message()
+    );
+    let pools = api
+        .pools
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
     assert!(pools.pools.is_empty());
 
     let applied = api
         .admin
         .apply(pb::ApplyRequest {
             changes: vec![
-                change(pb::change::Change::CreatePool(pool_msg("v1", &[v1.address()]))),
-                change(pb::change::Change::CreateRoute(route_msg("docs", "", "/docs", "v1"))),
-                change(pb::change::Change::CreateRoute(route_msg("blog", "", "/blog", "v1"))),
+                change(pb::change::Change::CreatePool(pool_msg(
+                    "v1",
+                    &[v1.address()],
+                ))),
+                change(pb::change::Change::CreateRoute(route_msg(
+                    "docs", "", "/docs", "v1",
+                ))),
+                change(pb::change::Change::CreateRoute(route_msg(
+                    "blog", "", "/blog", "v1",
+                ))),
             ],
         })
         .await
         .expect("valid batch")
         .into_inner();
     assert_eq!(applied.applied, 3);
-    assert_eq!(get(proxy.addr("web"), "x", "/blog/1").await.header("x-upstream"), Some("v1"));
+    assert_eq!(
+        get(proxy.addr("web"), "x", "/blog/1")
+            .await
+            .header("x-upstream"),
+        Some("v1")
+    );
 
-    let exported = api.admin.export(pb::ExportRequest {}).await.expect("export").into_inner();
+    let exported = api
+        .admin
+        .export(pb::ExportRequest {})
+        .await
+        .expect("export")
+        .into_inner();
     let mut doc = exported.state.expect("document");
     assert_eq!((doc.pools.len(), doc.routes.len()), (1, 2));
 
@@ -230,7 +321,10 @@ async fn apply_is_atomic_and_export_import_round_trip() {
     doc.routes.push(route_msg("api", "", "/api", "v1"));
     let dry = api
         .admin
-        .import(pb::ImportRequest { state: Some(doc.clone()), dry_run: true })
+        .import(pb::ImportRequest {
+            state: Some(doc.clone()),
+            dry_run: true,
+        })
         .await
         .expect("dry run")
         .into_inner();
@@ -238,15 +332,25 @@ async fn apply_is_atomic_and_export_import_round_trip() {
     assert_eq!(dry.revision, applied.revision);
     let done = api
         .admin
-        .import(pb::ImportRequest { state: Some(doc.clone()), dry_run: false })
+        .import(pb::ImportRequest {
+            state: Some(doc.clone()),
+            dry_run: false,
+        })
         .await
         .expect("import")
         .into_inner();
     assert_eq!(done.revision, applied.revision + 1, "one atomic batch");
-    let again = api.admin.export(pb::ExportRequest {}).await.expect("export").into_inner();
+    let again = api
+        .admin
+        .export(pb::ExportRequest {})
+        .await
+        .expect("export")
+        .into_inner();
     // The export lists by name and marks every object as API-owned.
     doc.routes.sort_by(|a, b| a.name.cmp(&b.name));
-    doc.routes.iter_mut().for_each(|r| r.source = pb::Source::Api as i32);
+    doc.routes
+        .iter_mut()
+        .for_each(|r| r.source = pb::Source::Api as i32);
     assert_eq!(again.state.expect("document"), doc);
     assert_eq!(get(proxy.addr("web"), "x", "/blog/1").await.status, 404);
 }
@@ -258,14 +362,31 @@ async fn status_reports_the_daemon() {
     let mut api = connect(&proxy).await;
     create_pool(&mut api, pool_msg("v1", &[v1.address()])).await;
     let revision = create_route(&mut api, route_msg("r", "", "/", "v1")).await;
-    let status = api.admin.status(pb::StatusRequest {}).await.expect("status").into_inner();
+    let status = api
+        .admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
     assert_eq!(status.pid, std::process::id());
     assert_eq!(status.version, env!("CARGO_PKG_VERSION"));
     assert_eq!(status.revision, revision);
     assert!(!status.draining);
     let counts = status.counts.expect("counts");
-    assert_eq!((counts.pools, counts.upstreams, counts.routes, counts.api_objects), (1, 1, 1, 2));
-    let web = status.listeners.iter().find(|l| l.name == "web").expect("web listener");
+    assert_eq!(
+        (
+            counts.pools,
+            counts.upstreams,
+            counts.routes,
+            counts.api_objects
+        ),
+        (1, 1, 1, 2)
+    );
+    let web = status
+        .listeners
+        .iter()
+        .find(|l| l.name == "web")
+        .expect("web listener");
     assert_eq!(web.address, proxy.addr("web").to_string());
     assert_eq!(web.protocol, "http");
 }

@@ -20,7 +20,9 @@ fn declarative_config(upstream: &Upstream) -> String {
     )
 }
 
-fn code_and_message<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+fn code_and_message<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> (Code, String) {
     let status = result.expect_err("the call must fail");
     (status.code(), status.message().to_owned())
 }
@@ -33,34 +35,79 @@ async fn invalid_argument_names_the_field() {
     create_pool(&mut api, pool_msg("p", &[up.address()])).await;
 
     let cases: Vec<(pb::Route, &str)> = vec![
-        (route_msg("r", "", "/", "nope"), "route.pool: no pool named \"nope\""),
+        (
+            route_msg("r", "", "/", "nope"),
+            "route.pool: no pool named \"nope\"",
+        ),
         (route_msg("bad name", "", "/", "p"), "route.name:"),
         (route_msg("r", "", "docs", "p"), "route.path:"),
         (route_msg("r", "exa mple.com", "/", "p"), "route.host:"),
-        (pb::Route { listener: "db".into(), ..route_msg("r", "", "/", "p") }, "route.listener:"),
-        (pb::Route { path: None, ..route_msg("r", "", "/", "p") }, "route.path: set path_prefix or path_exact"),
+        (
+            pb::Route {
+                listener: "db".into(),
+                ..route_msg("r", "", "/", "p")
+            },
+            "route.listener:",
+        ),
+        (
+            pb::Route {
+                path: None,
+                ..route_msg("r", "", "/", "p")
+            },
+            "route.path: set path_prefix or path_exact",
+        ),
     ];
     for (route, expected) in cases {
-        let (code, message) =
-            code_and_message(api.routes.create_route(pb::CreateRouteRequest { route: Some(route) }).await);
+        let (code, message) = code_and_message(
+            api.routes
+                .create_route(pb::CreateRouteRequest { route: Some(route) })
+                .await,
+        );
         assert_eq!(code, Code::InvalidArgument, "{message}");
-        assert!(message.starts_with(expected), "{message:?} should start with {expected:?}");
+        assert!(
+            message.starts_with(expected),
+            "{message:?} should start with {expected:?}"
+        );
     }
-    let (code, message) = code_and_message(api.routes.create_route(pb::CreateRouteRequest { route: None }).await);
-    assert_eq!((code, message.as_str()), (Code::InvalidArgument, "route: required"));
+    let (code, message) = code_and_message(
+        api.routes
+            .create_route(pb::CreateRouteRequest { route: None })
+            .await,
+    );
+    assert_eq!(
+        (code, message.as_str()),
+        (Code::InvalidArgument, "route: required")
+    );
 
     let bad_upstream = pool_msg("q", &["no-port".to_string()]);
-    let (code, message) =
-        code_and_message(api.pools.create_pool(pb::CreatePoolRequest { pool: Some(bad_upstream) }).await);
+    let (code, message) = code_and_message(
+        api.pools
+            .create_pool(pb::CreatePoolRequest {
+                pool: Some(bad_upstream),
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
-    assert!(message.starts_with("pool.upstreams[0].address:"), "{message}");
+    assert!(
+        message.starts_with("pool.upstreams[0].address:"),
+        "{message}"
+    );
 
     let checked = pb::Pool {
-        health_check: Some(pb::HealthCheck { path: "health".into(), interval_ms: 1000, timeout_ms: 100 }),
+        health_check: Some(pb::HealthCheck {
+            path: "health".into(),
+            interval_ms: 1000,
+            timeout_ms: 100,
+        }),
         ..pool_msg("q", &[up.address()])
     };
-    let (code, message) =
-        code_and_message(api.pools.create_pool(pb::CreatePoolRequest { pool: Some(checked) }).await);
+    let (code, message) = code_and_message(
+        api.pools
+            .create_pool(pb::CreatePoolRequest {
+                pool: Some(checked),
+            })
+            .await,
+    );
     assert_eq!(code, Code::InvalidArgument);
     assert!(message.starts_with("pool.health_check.path:"), "{message}");
 }
@@ -72,16 +119,39 @@ async fn not_found_already_exists_and_failed_precondition() {
     let mut api = connect(&proxy).await;
 
     // NOT_FOUND
-    let (code, _) = code_and_message(api.routes.get_route(pb::GetRouteRequest { name: "nope".into() }).await);
+    let (code, _) = code_and_message(
+        api.routes
+            .get_route(pb::GetRouteRequest {
+                name: "nope".into(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::NotFound);
-    let (code, message) =
-        code_and_message(api.routes.delete_route(pb::DeleteRouteRequest { name: "nope".into() }).await);
-    assert_eq!((code, message.as_str()), (Code::NotFound, "route \"nope\" not found"));
-    let (code, _) = code_and_message(api.pools.get_pool(pb::GetPoolRequest { name: "nope".into() }).await);
+    let (code, message) = code_and_message(
+        api.routes
+            .delete_route(pb::DeleteRouteRequest {
+                name: "nope".into(),
+            })
+            .await,
+    );
+    assert_eq!(
+        (code, message.as_str()),
+        (Code::NotFound, "route \"nope\" not found")
+    );
+    let (code, _) = code_and_message(
+        api.pools
+            .get_pool(pb::GetPoolRequest {
+                name: "nope".into(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::NotFound);
     let (code, _) = code_and_message(
         api.pools
-            .drain_upstream(pb::DrainUpstreamRequest { pool: "nope".into(), address: up.address() })
+            .drain_upstream(pb::DrainUpstreamRequest {
+                pool: "nope".into(),
+                address: up.address(),
+            })
             .await,
     );
     assert_eq!(code, Code::NotFound);
@@ -89,34 +159,67 @@ async fn not_found_already_exists_and_failed_precondition() {
     // ALREADY_EXISTS
     create_pool(&mut api, pool_msg("api-pool", &[up.address()])).await;
     let (code, message) = code_and_message(
-        api.pools.create_pool(pb::CreatePoolRequest { pool: Some(pool_msg("api-pool", &[up.address()])) }).await,
+        api.pools
+            .create_pool(pb::CreatePoolRequest {
+                pool: Some(pool_msg("api-pool", &[up.address()])),
+            })
+            .await,
     );
-    assert_eq!((code, message.as_str()), (Code::AlreadyExists, "pool \"api-pool\" already exists"));
+    assert_eq!(
+        (code, message.as_str()),
+        (Code::AlreadyExists, "pool \"api-pool\" already exists")
+    );
 
     // FAILED_PRECONDITION: objects from the config file are read-only here...
-    let listed = api.routes.get_route(pb::GetRouteRequest { name: "site".into() }).await.expect("get").into_inner();
-    assert_eq!(listed.route.expect("route").source, pb::Source::Declarative as i32);
-    let (code, message) =
-        code_and_message(api.routes.delete_route(pb::DeleteRouteRequest { name: "site".into() }).await);
+    let listed = api
+        .routes
+        .get_route(pb::GetRouteRequest {
+            name: "site".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        listed.route.expect("route").source,
+        pb::Source::Declarative as i32
+    );
+    let (code, message) = code_and_message(
+        api.routes
+            .delete_route(pb::DeleteRouteRequest {
+                name: "site".into(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::FailedPrecondition);
     assert!(message.contains("config file"), "{message}");
     let (code, _) = code_and_message(
         api.pools
             .add_upstream(pb::AddUpstreamRequest {
                 pool: "file-pool".into(),
-                upstream: Some(pb::Upstream { address: "127.0.0.1:9".into(), ..Default::default() }),
+                upstream: Some(pb::Upstream {
+                    address: "127.0.0.1:9".into(),
+                    ..Default::default()
+                }),
             })
             .await,
     );
     assert_eq!(code, Code::FailedPrecondition);
     // ...and so is a pool still in use.
     create_route(&mut api, route_msg("uses-api-pool", "", "/api", "api-pool")).await;
-    let (code, message) =
-        code_and_message(api.pools.delete_pool(pb::DeletePoolRequest { name: "api-pool".into() }).await);
+    let (code, message) = code_and_message(
+        api.pools
+            .delete_pool(pb::DeletePoolRequest {
+                name: "api-pool".into(),
+            })
+            .await,
+    );
     assert_eq!(code, Code::FailedPrecondition);
     assert!(message.contains("in use"), "{message}");
     // Routing of the config file's route is untouched.
-    assert_eq!(get(proxy.addr("web"), "x", "/").await.header("x-upstream"), Some("u"));
+    assert_eq!(
+        get(proxy.addr("web"), "x", "/").await.header("x-upstream"),
+        Some("u")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,11 +231,20 @@ async fn unavailable_once_the_state_takes_no_writes() {
     // What a handoff to the next process does: the store stops taking writes.
     proxy.daemon.state().close().await;
     let (code, message) = code_and_message(
-        api.routes.create_route(pb::CreateRouteRequest { route: Some(route_msg("r", "", "/", "p")) }).await,
+        api.routes
+            .create_route(pb::CreateRouteRequest {
+                route: Some(route_msg("r", "", "/", "p")),
+            })
+            .await,
     );
     assert_eq!(code, Code::Unavailable, "{message}");
     // Reads still work.
-    let pools = api.pools.list_pools(pb::ListPoolsRequest {}).await.expect("list").into_inner();
+    let pools = api
+        .pools
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(pools.pools.len(), 1);
 }
 
@@ -145,18 +257,34 @@ async fn failed_upgrade_keeps_serving_and_drain_refuses_writes() {
     // default binary here: in a test that is the test executable itself.)
     let (code, message) = code_and_message(
         api.admin
-            .upgrade(pb::UpgradeRequest { binary: "/nonexistent/proxyd".into(), wait: true })
+            .upgrade(pb::UpgradeRequest {
+                binary: "/nonexistent/proxyd".into(),
+                wait: true,
+            })
             .await,
     );
     assert_eq!(code, Code::FailedPrecondition, "{message}");
     assert!(message.contains("keeps serving"), "{message}");
     create_pool(&mut api, pool_msg("p", &[up.address()])).await;
 
-    let drained = api.admin.drain(pb::DrainRequest { timeout_ms: 1000 }).await.expect("drain").into_inner();
-    assert!(drained.message.contains("stopped accepting"), "{}", drained.message);
+    let drained = api
+        .admin
+        .drain(pb::DrainRequest { timeout_ms: 1000 })
+        .await
+        .expect("drain")
+        .into_inner();
+    assert!(
+        drained.message.contains("stopped accepting"),
+        "{}",
+        drained.message
+    );
     // Draining: changes are refused with UNAVAILABLE.
     let (code, message) = code_and_message(
-        api.routes.create_route(pb::CreateRouteRequest { route: Some(route_msg("r", "", "/", "p")) }).await,
+        api.routes
+            .create_route(pb::CreateRouteRequest {
+                route: Some(route_msg("r", "", "/", "p")),
+            })
+            .await,
     );
     assert_eq!(code, Code::Unavailable, "{message}");
 }
@@ -177,7 +305,10 @@ async fn tcp_listener_requires_the_bearer_token() {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "let-me-in\n").expect("write token");
     let proxy = start_proxy(&tcp_config(&token_file)).await;
-    let addr = proxy.daemon.mgmt_address().expect("TCP management listener");
+    let addr = proxy
+        .daemon
+        .mgmt_address()
+        .expect("TCP management listener");
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
@@ -187,22 +318,37 @@ async fn tcp_listener_requires_the_bearer_token() {
     let status_with = |token: Option<&'static str>| {
         let channel = channel.clone();
         async move {
-            let mut client = proxy_proto::v1::admin_service_client::AdminServiceClient::new(channel);
+            let mut client =
+                proxy_proto::v1::admin_service_client::AdminServiceClient::new(channel);
             let mut request = tonic::Request::new(pb::StatusRequest {});
             if let Some(t) = token {
-                request.metadata_mut().insert("authorization", t.parse().expect("ascii"));
+                request
+                    .metadata_mut()
+                    .insert("authorization", t.parse().expect("ascii"));
             }
-            client.status(request).await.map(|_| ()).map_err(|s| s.code())
+            client
+                .status(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
         }
     };
     assert_eq!(status_with(None).await, Err(Code::Unauthenticated));
-    assert_eq!(status_with(Some("Bearer wrong")).await, Err(Code::Unauthenticated));
-    assert_eq!(status_with(Some("let-me-in")).await, Err(Code::Unauthenticated));
+    assert_eq!(
+        status_with(Some("Bearer wrong")).await,
+        Err(Code::Unauthenticated)
+    );
+    assert_eq!(
+        status_with(Some("let-me-in")).await,
+        Err(Code::Unauthenticated)
+    );
     assert_eq!(status_with(Some("Bearer let-me-in")).await, Ok(()));
     // Reflection and health sit behind the token too.
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let err = health
-        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .expect_err("no token");
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -211,12 +357,17 @@ async fn tcp_listener_requires_the_bearer_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_listener_refuses_to_start_without_a_token() {
     // No token file configured: the config itself is refused.
-    let text = CONFIG
-        .replace("{state}", "/tmp/unused")
-        .replace("admin_listen = \"\"", "admin_listen = \"\"\nmgmt_listen = \"127.0.0.1:0\"");
+    let text = CONFIG.replace("{state}", "/tmp/unused").replace(
+        "admin_listen = \"\"",
+        "admin_listen = \"\"\nmgmt_listen = \"127.0.0.1:0\"",
+    );
     let err = proxy::Config::parse(&text, "t.toml").expect_err("token file required");
     assert!(err.to_string().starts_with("t.toml:"), "{err}");
-    assert!(err.to_string().contains("server.mgmt_listen: requires mgmt_token_file"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("server.mgmt_listen: requires mgmt_token_file"),
+        "{err}"
+    );
 
     // A token file that is missing or empty: the daemon does not start.
     let dir = tempfile::tempdir().expect("temp dir");
@@ -226,9 +377,15 @@ async fn tcp_listener_refuses_to_start_without_a_token() {
         let state = tempfile::tempdir().expect("temp dir");
         let text = tcp_config(&token_file).replace("{state}", &state.path().display().to_string());
         let config = proxy::Config::parse(&text, "t.toml").expect("valid config");
-        let err = proxy::Daemon::start(config).await.err().expect("must not start");
+        let err = proxy::Daemon::start(config)
+            .await
+            .err()
+            .expect("must not start");
         assert!(err.to_string().contains("mgmt_token_file"), "{err}");
-        assert!(!state.path().join("mgmt.sock").exists(), "no socket left behind");
+        assert!(
+            !state.path().join("mgmt.sock").exists(),
+            "no socket left behind"
+        );
     }
 }
 
@@ -240,22 +397,42 @@ async fn socket_is_fresh_private_and_never_stolen() {
     // A stale socket file, as left by a crash: replaced.
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
     let first = start_proxy_in(state, CONFIG).await;
-    let mode = std::fs::metadata(&socket).expect("socket").permissions().mode();
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o660);
     let mut api = connect(&first).await;
-    api.admin.status(pb::StatusRequest {}).await.expect("serves on the replaced socket");
+    api.admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("serves on the replaced socket");
 
     // A second daemon on the same socket (other state dir) is refused with a clear error.
     let other = tempfile::tempdir().expect("temp dir");
-    let text = CONFIG.replace("{state}", &other.path().display().to_string()).replace(
-        "admin_listen = \"\"",
-        &format!("admin_listen = \"\"\nmgmt_socket = \"{}\"", socket.display()),
-    );
+    let text = CONFIG
+        .replace("{state}", &other.path().display().to_string())
+        .replace(
+            "admin_listen = \"\"",
+            &format!(
+                "admin_listen = \"\"\nmgmt_socket = \"{}\"",
+                socket.display()
+            ),
+        );
     let config = proxy::Config::parse(&text, "t.toml").expect("valid config");
-    let err = proxy::Daemon::start(config).await.err().expect("second daemon refused");
-    assert!(err.to_string().contains("another proxyd is serving it"), "{err}");
+    let err = proxy::Daemon::start(config)
+        .await
+        .err()
+        .expect("second daemon refused");
+    assert!(
+        err.to_string().contains("another proxyd is serving it"),
+        "{err}"
+    );
     // The first one is unaffected.
-    api.admin.status(pb::StatusRequest {}).await.expect("still serving");
+    api.admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("still serving");
 
     // Stopping removes the socket file.
     let TestProxy { daemon, dir } = first;

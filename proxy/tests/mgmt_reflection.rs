@@ -18,9 +18,16 @@ async fn health_reports_every_service_serving() {
     let proxy = start_proxy(CONFIG).await;
     let api = connect(&proxy).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(api.channel.clone());
-    for service in ["", "proxy.v1.RouteService", "proxy.v1.PoolService", "proxy.v1.AdminService"] {
+    for service in [
+        "",
+        "proxy.v1.RouteService",
+        "proxy.v1.PoolService",
+        "proxy.v1.AdminService",
+    ] {
         let reply = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health check")
             .into_inner();
@@ -31,7 +38,9 @@ async fn health_reports_every_service_serving() {
         );
     }
     let err = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "proxy.v1.Nope".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "proxy.v1.Nope".into(),
+        })
         .await
         .expect_err("unknown service");
     assert_eq!(err.code(), tonic::Code::NotFound);
@@ -41,13 +50,19 @@ async fn health_reports_every_service_serving() {
 async fn reflection_v1_lists_the_services() {
     let proxy = start_proxy(CONFIG).await;
     let api = connect(&proxy).await;
-    let mut client = reflection::server_reflection_client::ServerReflectionClient::new(api.channel.clone());
+    let mut client =
+        reflection::server_reflection_client::ServerReflectionClient::new(api.channel.clone());
     let request = reflection::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(reflection::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(
+            reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
     };
-    let mut replies =
-        client.server_reflection_info(tokio_stream::iter([request])).await.expect("reflection").into_inner();
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
     let reply = replies.message().await.expect("stream").expect("one reply");
     let Some(reflection::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
         reply.message_response
@@ -64,25 +79,38 @@ async fn reflection_v1_lists_the_services() {
         "proxy.v1.PoolService",
         "proxy.v1.RouteService",
     ] {
-        assert!(names.iter().any(|n| n == wanted), "{wanted} missing from {names:?}");
+        assert!(
+            names.iter().any(|n| n == wanted),
+            "{wanted} missing from {names:?}"
+        );
     }
 }
 
 /// grpcurl on PATH, or in the scripts directory of the Python that pip installs into.
 fn find_grpcurl() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("grpcurl"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     let scripts = ["python3", "python"].iter().filter_map(|python| {
         let out = Command::new(python)
-            .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('scripts'))",
+            ])
             .output()
             .ok()?;
         Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("grpcurl"))
     });
     let user = std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/bin/grpcurl"));
     on_path.into_iter().chain(scripts).chain(user).find(|p| {
-        Command::new(p).arg("-version").output().is_ok_and(|o| o.status.success())
+        Command::new(p)
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success())
     })
 }
 
@@ -128,19 +156,39 @@ async fn grpcurl_lists_describes_and_creates_through_reflection() {
     };
 
     let services = run(&[], &["list"]).await.expect("grpcurl list");
-    for wanted in ["proxy.v1.RouteService", "proxy.v1.PoolService", "proxy.v1.AdminService", "grpc.health.v1.Health"] {
-        assert!(services.lines().any(|l| l.trim() == wanted), "{wanted} missing from:\n{services}");
+    for wanted in [
+        "proxy.v1.RouteService",
+        "proxy.v1.PoolService",
+        "proxy.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.lines().any(|l| l.trim() == wanted),
+            "{wanted} missing from:\n{services}"
+        );
     }
-    let methods = run(&[], &["list", "proxy.v1.RouteService"]).await.expect("list methods");
-    assert!(methods.contains("proxy.v1.RouteService.CreateRoute"), "{methods}");
+    let methods = run(&[], &["list", "proxy.v1.RouteService"])
+        .await
+        .expect("list methods");
+    assert!(
+        methods.contains("proxy.v1.RouteService.CreateRoute"),
+        "{methods}"
+    );
 
-    let described = run(&[], &["describe", "proxy.v1.Route"]).await.expect("describe");
+    let described = run(&[], &["describe", "proxy.v1.Route"])
+        .await
+        .expect("describe");
     assert!(described.contains("message Route {"), "{described}");
     assert!(described.contains("string path_prefix = 5;"), "{described}");
     assert!(described.contains("oneof path {"), "{described}");
 
-    let pool = format!(r#"{{"pool": {{"name": "g", "upstreams": [{{"address": "{}"}}]}}}}"#, up.address());
-    let created = run(&["-d", &pool], &["proxy.v1.PoolService/CreatePool"]).await.expect("create pool");
+    let pool = format!(
+        r#"{{"pool": {{"name": "g", "upstreams": [{{"address": "{}"}}]}}}}"#,
+        up.address()
+    );
+    let created = run(&["-d", &pool], &["proxy.v1.PoolService/CreatePool"])
+        .await
+        .expect("create pool");
     assert!(created.contains("\"revision\""), "{created}");
     let route = r#"{"route": {"name": "via-grpcurl", "listener": "web", "host": "grpcurl.example", "path_prefix": "/g", "pool": "g"}}"#;
     let created = run(&["-d", route], &["proxy.v1.RouteService/CreateRoute"])
@@ -150,10 +198,23 @@ async fn grpcurl_lists_describes_and_creates_through_reflection() {
 
     // The route exists for the API and routes traffic.
     let mut api = connect(&proxy).await;
-    let got = api.routes.get_route(pb::GetRouteRequest { name: "via-grpcurl".into() }).await.expect("get");
+    let got = api
+        .routes
+        .get_route(pb::GetRouteRequest {
+            name: "via-grpcurl".into(),
+        })
+        .await
+        .expect("get");
     assert_eq!(got.into_inner().route.expect("route").pool, "g");
-    assert_eq!(get(proxy.addr("web"), "grpcurl.example", "/g/x").await.header("x-upstream"), Some("from-grpcurl"));
+    assert_eq!(
+        get(proxy.addr("web"), "grpcurl.example", "/g/x")
+            .await
+            .header("x-upstream"),
+        Some("from-grpcurl")
+    );
 
-    let health = run(&[], &["grpc.health.v1.Health/Check"]).await.expect("health");
+    let health = run(&[], &["grpc.health.v1.Health/Check"])
+        .await
+        .expect("health");
     assert!(health.contains("SERVING"), "{health}");
 }

@@ -34,26 +34,67 @@ async fn reload_reconciles_the_file_and_keeps_api_objects() {
     create_route(&mut api, route_msg("api-docs", "", "/docs", "v2")).await;
 
     // Add a route to the file and reload.
-    let blog = "[[routes]]\nname = \"blog\"\nlistener = \"web\"\npath_prefix = \"/blog\"\npool = \"v1\"\n";
-    std::fs::write(&path, file_config(proxy.dir.path(), &format!("{site}\n{blog}"), &v1)).expect("write");
-    let reloaded = api.admin.reload_config(pb::ReloadConfigRequest {}).await.expect("reload").into_inner();
-    assert_eq!((reloaded.created, reloaded.updated, reloaded.deleted), (1, 0, 0));
-    let blog_route = api.routes.get_route(pb::GetRouteRequest { name: "blog".into() }).await.expect("get");
-    assert_eq!(blog_route.into_inner().route.expect("route").source, pb::Source::Declarative as i32);
+    let blog =
+        "[[routes]]\nname = \"blog\"\nlistener = \"web\"\npath_prefix = \"/blog\"\npool = \"v1\"\n";
+    std::fs::write(
+        &path,
+        file_config(proxy.dir.path(), &format!("{site}\n{blog}"), &v1),
+    )
+    .expect("write");
+    let reloaded = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect("reload")
+        .into_inner();
+    assert_eq!(
+        (reloaded.created, reloaded.updated, reloaded.deleted),
+        (1, 0, 0)
+    );
+    let blog_route = api
+        .routes
+        .get_route(pb::GetRouteRequest {
+            name: "blog".into(),
+        })
+        .await
+        .expect("get");
+    assert_eq!(
+        blog_route.into_inner().route.expect("route").source,
+        pb::Source::Declarative as i32
+    );
 
     // Remove "site" from the file: deleted; the API's route is untouched.
     std::fs::write(&path, file_config(proxy.dir.path(), blog, &v1)).expect("write");
-    let reloaded = api.admin.reload_config(pb::ReloadConfigRequest {}).await.expect("reload").into_inner();
-    assert_eq!((reloaded.created, reloaded.updated, reloaded.deleted), (0, 0, 1));
+    let reloaded = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect("reload")
+        .into_inner();
+    assert_eq!(
+        (reloaded.created, reloaded.updated, reloaded.deleted),
+        (0, 0, 1)
+    );
     let web = proxy.addr("web");
     assert_eq!(get(web, "x", "/").await.status, 404);
-    assert_eq!(get(web, "x", "/docs").await.header("x-upstream"), Some("v2"));
+    assert_eq!(
+        get(web, "x", "/docs").await.header("x-upstream"),
+        Some("v2")
+    );
 
     // A broken file changes nothing and says where it is broken.
     std::fs::write(&path, "[server]\nbogus = 1\n").expect("write");
-    let err = api.admin.reload_config(pb::ReloadConfigRequest {}).await.expect_err("broken file");
+    let err = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect_err("broken file");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("proxy.toml:2: bogus: unknown field"), "{}", err.message());
+    assert!(
+        err.message().contains("proxy.toml:2: bogus: unknown field"),
+        "{}",
+        err.message()
+    );
 
     // Changed listeners need an upgrade or restart.
     let moved = file_config(proxy.dir.path(), blog, &v1).replace(
@@ -61,17 +102,32 @@ async fn reload_reconciles_the_file_and_keeps_api_objects() {
         "name = \"db\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:1\"",
     );
     std::fs::write(&path, moved).expect("write");
-    let err = api.admin.reload_config(pb::ReloadConfigRequest {}).await.expect_err("listeners changed");
+    let err = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect_err("listeners changed");
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("listeners changed"), "{}", err.message());
-    assert_eq!(get(web, "x", "/blog").await.header("x-upstream"), Some("v1"));
+    assert!(
+        err.message().contains("listeners changed"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        get(web, "x", "/blog").await.header("x-upstream"),
+        Some("v1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_without_a_file_is_refused() {
     let proxy = start_proxy(CONFIG).await;
     let mut api = connect(&proxy).await;
-    let err = api.admin.reload_config(pb::ReloadConfigRequest {}).await.expect_err("no file");
+    let err = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect_err("no file");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("no file"), "{}", err.message());
 }

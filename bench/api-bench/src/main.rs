@@ -40,7 +40,9 @@ fn options() -> Result<Options> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--existing" => {
                 o.existing = value
@@ -90,7 +92,9 @@ async fn http_client(addr: SocketAddr) -> Result<SendRequest<Empty<Bytes>>> {
 /// Which upstream served `GET path`.
 async fn served_by(client: &mut SendRequest<Empty<Bytes>>, path: &str) -> Result<String> {
     client.ready().await?;
-    let request = hyper::Request::get(path).header("host", HOST).body(Empty::new())?;
+    let request = hyper::Request::get(path)
+        .header("host", HOST)
+        .body(Empty::new())?;
     let response = client.send_request(request).await?;
     let name = response
         .headers()
@@ -107,7 +111,9 @@ async fn channel(socket: PathBuf) -> Result<Channel> {
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
             }
         }))
         .await?)
@@ -157,7 +163,12 @@ struct Result1 {
     request_p50: Duration,
 }
 
-async fn run_one(existing: usize, o: &Options, old: SocketAddr, new: SocketAddr) -> Result<Result1> {
+async fn run_one(
+    existing: usize,
+    o: &Options,
+    old: SocketAddr,
+    new: SocketAddr,
+) -> Result<Result1> {
     let dir = tempfile::tempdir()?;
     let text = format!(
         "[server]\nstate_dir = \"{}\"\nadmin_listen = \"\"\nlog_level = \"warn\"\n\
@@ -233,7 +244,11 @@ async fn run_one(existing: usize, o: &Options, old: SocketAddr, new: SocketAddr)
             let mut done = 0usize;
             for k in 0..per_client {
                 let r = route(format!("conc-{c}-{k}"), format!("/conc/{c}/{k}/"), "old");
-                if client.create_route(pb::CreateRouteRequest { route: Some(r) }).await.is_err() {
+                if client
+                    .create_route(pb::CreateRouteRequest { route: Some(r) })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 done += 1;

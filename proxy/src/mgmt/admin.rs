@@ -205,9 +205,12 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::UpgradeResponse>, Status> {
         let request = request.into_inner();
         let Some(upgrader) = self.ctx.upgrader.clone() else {
-            return Err(Status::unimplemented("this daemon was started without upgrade support"));
+            return Err(Status::unimplemented(
+                "this daemon was started without upgrade support",
+            ));
         };
-        let binary = (!request.binary.is_empty()).then(|| std::path::PathBuf::from(&request.binary));
+        let binary =
+            (!request.binary.is_empty()).then(|| std::path::PathBuf::from(&request.binary));
         if !request.wait {
             tokio::spawn(async move {
                 let _ = upgrader.upgrade(binary).await;
@@ -220,11 +223,18 @@ impl AdminService for AdminApi {
         match upgrader.upgrade(binary).await {
             Ok(pid) => Ok(Response::new(pb::UpgradeResponse {
                 new_pid: pid,
-                message: format!("process {pid} serves; process {} is draining", std::process::id()),
+                message: format!(
+                    "process {pid} serves; process {} is draining",
+                    std::process::id()
+                ),
             })),
             Err(e @ crate::upgrade::UpgradeError::Busy) => Err(Status::aborted(e.to_string())),
-            Err(e @ crate::upgrade::UpgradeError::HandedOver) => Err(Status::unavailable(e.to_string())),
-            Err(e) => Err(Status::failed_precondition(format!("upgrade failed, the old process keeps serving: {e}"))),
+            Err(e @ crate::upgrade::UpgradeError::HandedOver) => {
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e) => Err(Status::failed_precondition(format!(
+                "upgrade failed, the old process keeps serving: {e}"
+            ))),
         }
     }
 
@@ -236,7 +246,10 @@ impl AdminService for AdminApi {
         let timeout = (timeout > 0).then(|| std::time::Duration::from_millis(timeout));
         self.ctx.shutdown.drain_requested(timeout);
         Ok(Response::new(pb::DrainResponse {
-            message: format!("process {} stopped accepting and exits once in-flight work is done", std::process::id()),
+            message: format!(
+                "process {} stopped accepting and exits once in-flight work is done",
+                std::process::id()
+            ),
         }))
     }
 }

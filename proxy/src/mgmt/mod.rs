@@ -41,8 +41,8 @@ pub use routes::RouteApi;
 
 use crate::config::{Config, Protocol, ServerConfig};
 use crate::listener::{AcceptGate, GatedIncoming, Inherited};
-use crate::upgrade::{HandoffSocket, SocketKind, Upgrader, MGMT_SOCKET, MGMT_TCP_SOCKET};
 use crate::state::{Change, Source, StateHandle};
+use crate::upgrade::{HandoffSocket, SocketKind, Upgrader, MGMT_SOCKET, MGMT_TCP_SOCKET};
 use crate::Shutdown;
 
 /// Largest request or response message: a `routes import` of 100,000 rules fits.
@@ -229,7 +229,11 @@ impl Sockets {
             fd: self.unix.listener.try_clone()?.into(),
         }];
         if let Some((listener, _)) = &self.tcp {
-            out.push(HandoffSocket { name: MGMT_TCP_SOCKET.into(), kind: SocketKind::Tcp, fd: listener.try_clone()?.into() });
+            out.push(HandoffSocket {
+                name: MGMT_TCP_SOCKET.into(),
+                kind: SocketKind::Tcp,
+                fd: listener.try_clone()?.into(),
+            });
         }
         Ok(out)
     }
@@ -246,7 +250,8 @@ struct Services {
     pools: PoolServiceServer<PoolApi>,
     admin: AdminServiceServer<AdminApi>,
     discovery: proxy_proto::v1::discovery_service_server::DiscoveryServiceServer<DiscoveryApi>,
-    registration: proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>,
+    registration:
+        proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>,
 }
 
 impl Services {
@@ -310,7 +315,10 @@ where
 pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result<(), MgmtError> {
     let counted = crate::telemetry::api::ApiMetricsLayer::new(ctx.metrics.clone());
     // Paused while handing over, so new management connections reach the successor.
-    let gate = ctx.upgrader.as_ref().map_or_else(|| Arc::new(AcceptGate::default()), |u| u.mgmt_gate());
+    let gate = ctx
+        .upgrader
+        .as_ref()
+        .map_or_else(|| Arc::new(AcceptGate::default()), |u| u.mgmt_gate());
     let services = Services::new(Arc::new(ctx));
     let health = tonic_health::server::HealthReporter::new();
     health.set_serving::<RouteServiceServer<RouteApi>>().await;
@@ -323,7 +331,9 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
     let unix_router = routes(Server::builder().layer(counted.clone()), &services, &health).await?;
     let tcp_router = match tcp {
         Some((listener, auth)) => {
-            let server = Server::builder().layer(counted).layer(InterceptorLayer::new(auth));
+            let server = Server::builder()
+                .layer(counted)
+                .layer(InterceptorLayer::new(auth));
             Some((listener, routes(server, &services, &health).await?))
         }
         None => None,

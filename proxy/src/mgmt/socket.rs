@@ -69,7 +69,9 @@ pub fn bind(path: &Path) -> Result<UnixSocket, MgmtError> {
 
 /// Adopts a listening socket handed over by the previous process; its file stays as is.
 pub fn adopt(listener: UnixListener, path: &Path) -> Result<UnixSocket, MgmtError> {
-    listener.set_nonblocking(true).map_err(|e| socket_error(path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| socket_error(path, e))?;
     let meta = std::fs::metadata(path).map_err(|e| socket_error(path, e))?;
     Ok(UnixSocket {
         listener,
