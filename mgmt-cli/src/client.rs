@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use proxy_proto::v1::admin_service_client::AdminServiceClient;
+use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use proxy_proto::v1::pool_service_client::PoolServiceClient;
+use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
 use proxy_proto::v1::route_service_client::RouteServiceClient;
 use tokio::net::UnixStream;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -54,6 +56,10 @@ pub struct Clients {
     pub pools: PoolServiceClient<Transport>,
     /// AdminService.
     pub admin: AdminServiceClient<Transport>,
+    /// DiscoveryService.
+    pub discovery: DiscoveryServiceClient<Transport>,
+    /// RegistrationService.
+    pub registration: RegistrationServiceClient<Transport>,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,6 +86,8 @@ pub async fn connect(target: &Target) -> Result<Clients> {
     Ok(Clients {
         routes: RouteServiceClient::with_interceptor(channel.clone(), token.clone()),
         pools: PoolServiceClient::with_interceptor(channel.clone(), token.clone()),
+        discovery: DiscoveryServiceClient::with_interceptor(channel.clone(), token.clone()),
+        registration: RegistrationServiceClient::with_interceptor(channel.clone(), token.clone()),
         admin: AdminServiceClient::with_interceptor(channel, token),
     })
 }

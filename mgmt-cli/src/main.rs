@@ -4,9 +4,11 @@
 
 mod admin;
 mod client;
+mod discovery;
 mod document;
 mod output;
 mod pools;
+mod register;
 mod routes;
 mod routes_csv;
 mod tcp_routes;
@@ -60,6 +62,11 @@ enum Command {
     /// Upstreams of a pool: list, add, rm, drain, activate.
     #[command(subcommand)]
     Upstreams(upstreams::UpstreamsCommand),
+    /// Discovery sources: list.
+    #[command(subcommand)]
+    Discovery(discovery::DiscoveryCommand),
+    /// Registers a service and holds the lease until interrupted.
+    Register(register::RegisterArgs),
     /// Version, pid, uptime, listeners, object counts and state revision.
     Status,
     /// Applies a batch of changes from a TOML or JSON file, atomically.
@@ -112,6 +119,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::TcpRoutes(cmd) => tcp_routes::run(cmd, c, &out).await,
         Command::Pools(cmd) => pools::run(cmd, c, &out).await,
         Command::Upstreams(cmd) => upstreams::run(cmd, c, &out).await,
+        Command::Discovery(cmd) => discovery::run(cmd, c, &out).await,
+        Command::Register(args) => register::run(args, c, &out).await,
         Command::Status => admin::status(c, &out).await,
         Command::Apply { file } => admin::apply(file, c, &out).await,
         Command::Export => admin::export(c).await,

@@ -1,0 +1,131 @@
+//! `proxyctl register` and `proxyctl discovery list` run as processes against a real proxyd
+//! (in-process, real unix socket) with a real upstream on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PROXYCTL: &str = env!("CARGO_BIN_EXE_proxyctl");
+
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\nx-upstream: {name}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The status code and `x-upstream` of `GET path`, or `None` if nothing accepts.
+async fn fetch(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_string(&mut response)).await.ok()?.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let upstream = response.lines().find_map(|l| l.strip_prefix("x-upstream: ")).unwrap_or("").to_string();
+    Some((status, upstream))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn register_holds_the_lease_while_running_and_discovery_list_reports_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let members = dir.path().join("members.json");
+    let backend = upstream("svc").await;
+    std::fs::write(&members, format!("[{{\"address\": \"{backend}\"}}]")).unwrap();
+    let text = format!(
+        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"\"\n\
+         [registration]\nhold = \"1s\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n\
+         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n\
+         [[pools]]\nname = \"found\"\n[pools.discovery]\nfile = {{ path = \"{members}\" }}\n",
+        state = dir.path().display(),
+        members = members.display(),
+    );
+    let config = proxy::Config::parse(&text, "test.toml").expect("valid config");
+    let daemon = proxy::Daemon::start(config).await.expect("daemon starts");
+    let socket = daemon.config().server.mgmt_socket.clone();
+    let proxied = SocketAddr::from(([127, 0, 0, 1], port));
+
+    let mut child = tokio::process::Command::new(PROXYCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["register", "--port", &port.to_string(), "--path-prefix", "/a", "--endpoint", &backend.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run proxyctl register");
+    let mut served = None;
+    for _ in 0..200 {
+        served = fetch(proxied, "/a/x").await;
+        if served.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(served, Some((200, "svc".to_string())), "served while proxyctl register runs");
+    // Still registered a few keepalives later.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(fetch(proxied, "/a").await, Some((200, "svc".to_string())));
+
+    let out = tokio::process::Command::new(PROXYCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--output", "json", "discovery", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sources: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(sources[0]["pool"], "found");
+    assert_eq!(sources[0]["kind"], "file");
+    assert_eq!(sources[0]["members"], 1);
+
+    // The process ends: the lease ends, the route is held for 1s, then requests get 503
+    // (or find the port closed).
+    child.kill().await.unwrap();
+    let mut after = Some((200, String::new()));
+    for _ in 0..200 {
+        after = fetch(proxied, "/a").await;
+        if after.as_ref().is_none_or(|(status, _)| *status == 503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(after.as_ref().is_none_or(|(status, _)| *status == 503), "{after:?}");
+
+    // A port outside the range is refused and proxyctl says why.
+    let out = tokio::process::Command::new(PROXYCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["register", "--port", "1", "--endpoint", &backend.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"), "{}", String::from_utf8_lossy(&out.stderr));
+    daemon.stop().await;
+}
