@@ -17,7 +17,6 @@ use tokio::sync::{watch, OnceCell};
 
 use super::certs::{CertCache, CertEntry, CertSource};
 use super::store::TlsStore;
-use super::TlsError;
 use crate::config::{AcmeChallenge, AcmeConfig};
 
 /// First wait after a failed order for a name; doubles per failure.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
@@ -77,9 +77,6 @@ pub struct CertEntry {
     pub certified: Arc<CertifiedKey>,
     /// For reports and renewal.
     pub info: CertInfo,
-    /// The PEM text, kept for the store (the key PEM is never logged or reported).
-    pub(super) cert_pem: String,
-    pub(super) key_pem: String,
 }
 
 impl fmt::Debug for CertEntry {
@@ -134,8 +131,6 @@ impl CertEntry {
         Ok(CertEntry {
             certified: Arc::new(certified),
             info: CertInfo { name, names, issuer, not_before, not_after, source },
-            cert_pem: cert_pem.to_string(),
-            key_pem: key_pem.to_string(),
         })
     }
 }
@@ -293,9 +288,6 @@ impl ResolvesServerCert for OneCert {
         Some(self.0.clone())
     }
 }
-
-/// How long before `not_after` a certificate counts as expiring for reports.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 #[cfg(test)]
 mod tests {

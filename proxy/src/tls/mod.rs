@@ -113,7 +113,22 @@ pub struct TlsStatus {
     /// Handshakes refused because the name was not allowed.
     pub refused_handshakes: u64,
     /// ACME counters and state, when configured.
-    pub acme: Option<(IssuerStatus, u64, u64, u64, u64)>,
+    pub acme: Option<AcmeStatus>,
+}
+
+/// The ACME part of [`TlsStatus`].
+#[derive(Debug, Clone)]
+pub struct AcmeStatus {
+    /// Account, pending orders, backoff.
+    pub issuer: IssuerStatus,
+    /// Orders created since start.
+    pub orders: u64,
+    /// Orders that produced a certificate.
+    pub issued: u64,
+    /// Orders that failed.
+    pub failed: u64,
+    /// Renewals started (background or API).
+    pub renewals: u64,
 }
 
 /// TLS at run time: certificates, policy, issuer, and the rustls configs of the listeners.
@@ -413,14 +428,12 @@ impl Tls {
         TlsStatus {
             on_demand: self.policy.enabled(),
             refused_handshakes: self.refused_handshakes(),
-            acme: self.issuer.as_ref().map(|i| {
-                (
-                    i.status(),
-                    i.stats.orders.load(Ordering::Relaxed),
-                    i.stats.issued.load(Ordering::Relaxed),
-                    i.stats.failed.load(Ordering::Relaxed),
-                    i.stats.renewals.load(Ordering::Relaxed),
-                )
+            acme: self.issuer.as_ref().map(|i| AcmeStatus {
+                issuer: i.status(),
+                orders: i.stats.orders.load(Ordering::Relaxed),
+                issued: i.stats.issued.load(Ordering::Relaxed),
+                failed: i.stats.failed.load(Ordering::Relaxed),
+                renewals: i.stats.renewals.load(Ordering::Relaxed),
             }),
         }
     }
