@@ -46,7 +46,11 @@ fn ago(unix_ms: u64) -> String {
 pub async fn run(cmd: DiscoveryCommand, clients: &mut Clients, out: &Output) -> Result<()> {
     match cmd {
         DiscoveryCommand::List => {
-            let reply = clients.discovery.list_sources(pb::ListSourcesRequest {}).await.reply()?;
+            let reply = clients
+                .discovery
+                .list_sources(pb::ListSourcesRequest {})
+                .await
+                .reply()?;
             let sources: Vec<Source> = reply
                 .sources
                 .into_iter()
@@ -62,7 +66,14 @@ pub async fn run(cmd: DiscoveryCommand, clients: &mut Clients, out: &Output) -> 
                 })
                 .collect();
             out.show(&sources, |sources| {
-                let mut t = Table::new(&["POOL", "KIND", "TARGET", "MEMBERS", "LAST SUCCESS", "LAST ERROR"]);
+                let mut t = Table::new(&[
+                    "POOL",
+                    "KIND",
+                    "TARGET",
+                    "MEMBERS",
+                    "LAST SUCCESS",
+                    "LAST ERROR",
+                ]);
                 for s in sources {
                     let error = if s.last_error.is_empty() {
                         "-".to_string()

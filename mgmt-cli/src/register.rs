@@ -43,17 +43,30 @@ pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Res
     let announce = pb::Announce {
         endpoint: args.endpoint,
         port: u32::from(args.port),
-        protocol: if args.tcp { pb::RegisteredProtocol::Tcp } else { pb::RegisteredProtocol::Http } as i32,
+        protocol: if args.tcp {
+            pb::RegisteredProtocol::Tcp
+        } else {
+            pb::RegisteredProtocol::Http
+        } as i32,
         host: args.host.unwrap_or_default(),
         path_prefix: args.path_prefix,
         name: args.name,
         ..Default::default()
     };
     let (tx, rx) = mpsc::channel(8);
-    tx.send(pb::RegisterRequest { kind: Some(pb::register_request::Kind::Announce(announce)) }).await?;
-    let mut events = clients.registration.register(ReceiverStream::new(rx)).await.reply()?;
+    tx.send(pb::RegisterRequest {
+        kind: Some(pb::register_request::Kind::Announce(announce)),
+    })
+    .await?;
+    let mut events = clients
+        .registration
+        .register(ReceiverStream::new(rx))
+        .await
+        .reply()?;
     let registered = match events.message().await.map_err(refused)? {
-        Some(pb::RegisterEvent { kind: Some(pb::register_event::Kind::Registered(r)) }) => r,
+        Some(pb::RegisterEvent {
+            kind: Some(pb::register_event::Kind::Registered(r)),
+        }) => r,
         _ => bail!("the proxy closed the registration stream"),
     };
     out.show(
@@ -72,7 +85,9 @@ pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Res
             ])
         },
     )?;
-    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(registered.keepalive_ms.max(100)));
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(
+        registered.keepalive_ms.max(100),
+    ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sequence = 0u64;
     loop {

@@ -39,14 +39,28 @@ async fn fetch(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_string(&mut response)).await.ok()?.ok()?;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .ok()?
+    .ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;
-    let upstream = response.lines().find_map(|l| l.strip_prefix("x-upstream: ")).unwrap_or("").to_string();
+    let upstream = response
+        .lines()
+        .find_map(|l| l.strip_prefix("x-upstream: "))
+        .unwrap_or("")
+        .to_string();
     Some((status, upstream))
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -72,7 +86,15 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
     let mut child = tokio::process::Command::new(PROXYCTL)
         .arg("--socket")
         .arg(&socket)
-        .args(["register", "--port", &port.to_string(), "--path-prefix", "/a", "--endpoint", &backend.to_string()])
+        .args([
+            "register",
+            "--port",
+            &port.to_string(),
+            "--path-prefix",
+            "/a",
+            "--endpoint",
+            &backend.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -86,7 +108,11 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(served, Some((200, "svc".to_string())), "served while proxyctl register runs");
+    assert_eq!(
+        served,
+        Some((200, "svc".to_string())),
+        "served while proxyctl register runs"
+    );
     // Still registered a few keepalives later.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(fetch(proxied, "/a").await, Some((200, "svc".to_string())));
@@ -98,7 +124,11 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sources: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(sources[0]["pool"], "found");
     assert_eq!(sources[0]["kind"], "file");
@@ -115,17 +145,30 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(after.as_ref().is_none_or(|(status, _)| *status == 503), "{after:?}");
+    assert!(
+        after.as_ref().is_none_or(|(status, _)| *status == 503),
+        "{after:?}"
+    );
 
     // A port outside the range is refused and proxyctl says why.
     let out = tokio::process::Command::new(PROXYCTL)
         .arg("--socket")
         .arg(&socket)
-        .args(["register", "--port", "1", "--endpoint", &backend.to_string()])
+        .args([
+            "register",
+            "--port",
+            "1",
+            "--endpoint",
+            &backend.to_string(),
+        ])
         .output()
         .await
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     daemon.stop().await;
 }

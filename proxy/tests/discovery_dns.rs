@@ -38,8 +38,12 @@ async fn dns_server(zone: Arc<Mutex<Zone>>) -> SocketAddr {
     tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         loop {
-            let Ok((n, from)) = socket.recv_from(&mut buf).await else { return };
-            let Ok(query) = Message::from_bytes(&buf[..n]) else { continue };
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(query) = Message::from_bytes(&buf[..n]) else {
+                continue;
+            };
             let zone = zone.lock().unwrap().clone();
             let mut answer = Message::new();
             answer
@@ -57,17 +61,29 @@ async fn dns_server(zone: Arc<Mutex<Zone>>) -> SocketAddr {
                 match (q.query_type(), name.as_str()) {
                     (RecordType::A, "svc.test.") => {
                         for ip in &zone.a {
-                            answer.add_answer(Record::from_rdata(q.name().clone(), 1, RData::A(A(*ip))));
+                            answer.add_answer(Record::from_rdata(
+                                q.name().clone(),
+                                1,
+                                RData::A(A(*ip)),
+                            ));
                         }
                     }
                     (RecordType::SRV, "_http._tcp.svc.test.") => {
                         for (label, port) in &zone.srv {
                             let target = Name::from_ascii(format!("{label}.test.")).unwrap();
-                            answer.add_answer(Record::from_rdata(q.name().clone(), 1, RData::SRV(SRV::new(0, 1, *port, target))));
+                            answer.add_answer(Record::from_rdata(
+                                q.name().clone(),
+                                1,
+                                RData::SRV(SRV::new(0, 1, *port, target)),
+                            ));
                         }
                     }
                     (RecordType::A, n) if n.ends_with(".test.") => {
-                        answer.add_answer(Record::from_rdata(q.name().clone(), 1, RData::A(A(Ipv4Addr::LOCALHOST))));
+                        answer.add_answer(Record::from_rdata(
+                            q.name().clone(),
+                            1,
+                            RData::A(A(Ipv4Addr::LOCALHOST)),
+                        ));
                     }
                     _ => {}
                 }
@@ -82,7 +98,10 @@ async fn dns_server(zone: Arc<Mutex<Zone>>) -> SocketAddr {
 
 fn members(p: &TestProxy) -> BTreeSet<String> {
     let routing = p.daemon.state().routing();
-    routing.pool("svc").map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect()).unwrap_or_default()
+    routing
+        .pool("svc")
+        .map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect())
+        .unwrap_or_default()
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -102,21 +121,37 @@ fn config(dns: &str) -> String {
 async fn last_error(p: &TestProxy) -> String {
     let channel = mgmt_support::unix_channel(&mgmt_support::socket_path(p)).await;
     let mut client = DiscoveryServiceClient::new(channel);
-    client.list_sources(pb::ListSourcesRequest {}).await.unwrap().into_inner().sources[0].last_error.clone()
+    client
+        .list_sources(pb::ListSourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sources[0]
+        .last_error
+        .clone()
 }
 
 #[tokio::test]
 async fn a_records_follow_the_zone_and_servfail_keeps_the_last_set() {
-    let zone = Arc::new(Mutex::new(Zone { a: vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)], ..Zone::default() }));
+    let zone = Arc::new(Mutex::new(Zone {
+        a: vec![Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)],
+        ..Zone::default()
+    }));
     let server = dns_server(zone.clone()).await;
     let p = start_proxy(&config(&format!(
         "dns = {{ name = \"svc.test\", port = 8080, interval = \"200ms\", resolver = \"{server}\" }}"
     )))
     .await;
-    eventually("both A records", || members(&p) == ["127.0.0.2:8080".to_string(), "127.0.0.3:8080".to_string()].into()).await;
+    eventually("both A records", || {
+        members(&p) == ["127.0.0.2:8080".to_string(), "127.0.0.3:8080".to_string()].into()
+    })
+    .await;
 
     zone.lock().unwrap().a = vec![Ipv4Addr::new(127, 0, 0, 3)];
-    eventually("one A record", || members(&p) == ["127.0.0.3:8080".to_string()].into()).await;
+    eventually("one A record", || {
+        members(&p) == ["127.0.0.3:8080".to_string()].into()
+    })
+    .await;
 
     // A broken server: the pool keeps its last set, and the error is reported.
     zone.lock().unwrap().broken = true;
@@ -137,7 +172,10 @@ async fn a_records_follow_the_zone_and_servfail_keeps_the_last_set() {
         z.broken = false;
         z.a = vec![Ipv4Addr::new(127, 0, 0, 4)];
     }
-    eventually("the repaired answer", || members(&p) == ["127.0.0.4:8080".to_string()].into()).await;
+    eventually("the repaired answer", || {
+        members(&p) == ["127.0.0.4:8080".to_string()].into()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -153,7 +191,10 @@ async fn srv_records_give_ports_and_carry_traffic() {
         "dns = {{ name = \"_http._tcp.svc.test\", interval = \"200ms\", resolver = \"{server}\" }}"
     )))
     .await;
-    eventually("both SRV targets", || members(&p) == [a.address(), b.address()].into()).await;
+    eventually("both SRV targets", || {
+        members(&p) == [a.address(), b.address()].into()
+    })
+    .await;
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
         let r = get(p.addr("web"), "example.com", "/").await;

@@ -36,7 +36,11 @@ fn etcd_binary() -> Option<PathBuf> {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A single-node etcd on loopback; stopped when dropped.
@@ -50,7 +54,13 @@ struct Etcd {
 
 impl Etcd {
     async fn start(binary: PathBuf, dir: &Path) -> Etcd {
-        let mut etcd = Etcd { binary, dir: dir.to_path_buf(), client_port: free_port(), peer_port: free_port(), child: None };
+        let mut etcd = Etcd {
+            binary,
+            dir: dir.to_path_buf(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            child: None,
+        };
         etcd.restart().await;
         etcd
     }
@@ -65,8 +75,18 @@ impl Etcd {
         let child = Command::new(&self.binary)
             .args(["--name", "test", "--data-dir"])
             .arg(self.dir.join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
             .args(["--initial-cluster", &format!("test={peer}")])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.join("etcd.log")).unwrap())
@@ -81,7 +101,10 @@ impl Etcd {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("etcd did not become ready; see {}", self.dir.join("etcd.log").display());
+        panic!(
+            "etcd did not become ready; see {}",
+            self.dir.join("etcd.log").display()
+        );
     }
 
     fn stop(&mut self) {
@@ -92,7 +115,9 @@ impl Etcd {
     }
 
     async fn client(&self) -> Client {
-        Client::connect([self.endpoint()], None).await.expect("etcd client")
+        Client::connect([self.endpoint()], None)
+            .await
+            .expect("etcd client")
     }
 }
 
@@ -104,7 +129,10 @@ impl Drop for Etcd {
 
 fn members(p: &TestProxy, pool: &str) -> BTreeSet<String> {
     let routing = p.daemon.state().routing();
-    routing.pool(pool).map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect()).unwrap_or_default()
+    routing
+        .pool(pool)
+        .map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect())
+        .unwrap_or_default()
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -135,25 +163,49 @@ async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
     let Some(binary) = etcd_binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::start(binary, dir.path()).await;
-    let (a, b, c) = (upstream("a").await, upstream("b").await, upstream("c").await);
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
     let mut kv = etcd.client().await;
-    kv.put(format!("/srv/web/test/{}", a.address()), "", None).await.unwrap();
-    kv.put(format!("/srv/web/test/{}", b.address()), "{\"weight\": 1}", None).await.unwrap();
+    kv.put(format!("/srv/web/test/{}", a.address()), "", None)
+        .await
+        .unwrap();
+    kv.put(
+        format!("/srv/web/test/{}", b.address()),
+        "{\"weight\": 1}",
+        None,
+    )
+    .await
+    .unwrap();
     // A sibling prefix must not leak in.
-    kv.put(format!("/srv/web/test2/{}", c.address()), "", None).await.unwrap();
+    kv.put(format!("/srv/web/test2/{}", c.address()), "", None)
+        .await
+        .unwrap();
 
     let p = start_proxy(&format!(
         "{WEB}\n[[pools]]\nname = \"web\"\n[pools.discovery]\netcd = {{ endpoints = [\"{}\"], prefix = \"/srv/web/test\" }}\n\n[[routes]]\nname = \"all\"\nlistener = \"web\"\npool = \"web\"\n",
         etcd.endpoint()
     ))
     .await;
-    eventually("a and b from etcd", || members(&p, "web") == [a.address(), b.address()].into()).await;
+    eventually("a and b from etcd", || {
+        members(&p, "web") == [a.address(), b.address()].into()
+    })
+    .await;
     reaches_all(&p, &["a", "b"]).await;
 
-    kv.delete(format!("/srv/web/test/{}", a.address()), None).await.unwrap();
+    kv.delete(format!("/srv/web/test/{}", a.address()), None)
+        .await
+        .unwrap();
     eventually("a to leave", || members(&p, "web") == [b.address()].into()).await;
     for _ in 0..5 {
-        assert_eq!(get(p.addr("web"), "example.com", "/").await.header("x-upstream"), Some("b"));
+        assert_eq!(
+            get(p.addr("web"), "example.com", "/")
+                .await
+                .header("x-upstream"),
+            Some("b")
+        );
     }
 
     // etcd goes away: the pool keeps b and traffic flows.
@@ -162,7 +214,12 @@ async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
     let mut discovery = DiscoveryServiceClient::new(channel);
     let mut reported = false;
     for _ in 0..300 {
-        let s = discovery.list_sources(pb::ListSourcesRequest {}).await.unwrap().into_inner().sources;
+        let s = discovery
+            .list_sources(pb::ListSourcesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sources;
         if s[0].last_error_unix_ms > s[0].last_success_unix_ms {
             reported = true;
             break;
@@ -176,10 +233,20 @@ async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
     // etcd is back: a key written now is picked up after the reconnect.
     etcd.restart().await;
     let mut kv = etcd.client().await;
-    kv.put(format!("/srv/web/test/{}", c.address()), "", None).await.unwrap();
-    eventually("c after etcd restarted", || members(&p, "web") == [b.address(), c.address()].into()).await;
+    kv.put(format!("/srv/web/test/{}", c.address()), "", None)
+        .await
+        .unwrap();
+    eventually("c after etcd restarted", || {
+        members(&p, "web") == [b.address(), c.address()].into()
+    })
+    .await;
     reaches_all(&p, &["b", "c"]).await;
-    let s = discovery.list_sources(pb::ListSourcesRequest {}).await.unwrap().into_inner().sources;
+    let s = discovery
+        .list_sources(pb::ListSourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sources;
     assert_eq!((s[0].kind.as_str(), s[0].members), ("etcd", 2));
 }
 
@@ -189,7 +256,9 @@ async fn echo_upstream() -> (String, tokio::task::JoinHandle<()>) {
     let addr = listener.local_addr().unwrap().to_string();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -203,7 +272,10 @@ async fn open_stream(addr: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"ping");
     s
 }
@@ -226,8 +298,12 @@ async fn on_change_reset_closes_streams_to_a_removed_upstream_and_keep_does_not(
     let (up_reset, _t1) = echo_upstream().await;
     let (up_keep, _t2) = echo_upstream().await;
     let mut kv = etcd.client().await;
-    kv.put(format!("/srv/reset/{up_reset}"), "", None).await.unwrap();
-    kv.put(format!("/srv/keep/{up_keep}"), "", None).await.unwrap();
+    kv.put(format!("/srv/reset/{up_reset}"), "", None)
+        .await
+        .unwrap();
+    kv.put(format!("/srv/keep/{up_keep}"), "", None)
+        .await
+        .unwrap();
     let endpoint = etcd.endpoint();
     let p = start_proxy(&format!(
         "[[listeners]]\nname = \"r\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:0\"\npool = \"r\"\n\
@@ -236,18 +312,34 @@ async fn on_change_reset_closes_streams_to_a_removed_upstream_and_keep_does_not(
          [[pools]]\nname = \"k\"\non_change = \"keep\"\n[pools.discovery]\netcd = {{ endpoints = [\"{endpoint}\"], prefix = \"/srv/keep\" }}\n"
     ))
     .await;
-    eventually("both pools filled", || members(&p, "r").len() == 1 && members(&p, "k").len() == 1).await;
+    eventually("both pools filled", || {
+        members(&p, "r").len() == 1 && members(&p, "k").len() == 1
+    })
+    .await;
     let mut reset_stream = open_stream(p.addr("r")).await;
     let mut keep_stream = open_stream(p.addr("k")).await;
 
-    kv.delete(format!("/srv/reset/{up_reset}"), None).await.unwrap();
-    kv.delete(format!("/srv/keep/{up_keep}"), None).await.unwrap();
-    eventually("both pools emptied", || members(&p, "r").is_empty() && members(&p, "k").is_empty()).await;
+    kv.delete(format!("/srv/reset/{up_reset}"), None)
+        .await
+        .unwrap();
+    kv.delete(format!("/srv/keep/{up_keep}"), None)
+        .await
+        .unwrap();
+    eventually("both pools emptied", || {
+        members(&p, "r").is_empty() && members(&p, "k").is_empty()
+    })
+    .await;
 
-    assert!(closed_by_proxy(&mut reset_stream).await, "reset: the stream to the removed upstream is closed");
+    assert!(
+        closed_by_proxy(&mut reset_stream).await,
+        "reset: the stream to the removed upstream is closed"
+    );
     // keep: the established stream still works end to end.
     keep_stream.write_all(b"more").await.unwrap();
     let mut buf = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(10), keep_stream.read_exact(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), keep_stream.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&buf, b"more");
 }

@@ -18,8 +18,13 @@ use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
 /// The addresses the routing table runs pool `pool` with, and their origins.
 fn members(p: &TestProxy, pool: &str) -> BTreeSet<(String, String)> {
     let routing = p.daemon.state().routing();
-    let Some(runtime) = routing.pool(pool) else { return BTreeSet::new() };
-    runtime.members().map(|(u, o, _)| (u.address.clone(), o.label())).collect()
+    let Some(runtime) = routing.pool(pool) else {
+        return BTreeSet::new();
+    };
+    runtime
+        .members()
+        .map(|(u, o, _)| (u.address.clone(), o.label()))
+        .collect()
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -43,7 +48,10 @@ async fn sources(p: &TestProxy) -> Vec<pb::DiscoverySource> {
 }
 
 fn member_list(addresses: &[&str]) -> String {
-    let items: Vec<String> = addresses.iter().map(|a| format!("{{\"address\": \"{a}\", \"weight\": 1}}")).collect();
+    let items: Vec<String> = addresses
+        .iter()
+        .map(|a| format!("{{\"address\": \"{a}\", \"weight\": 1}}"))
+        .collect();
     format!("[{}]", items.join(", "))
 }
 
@@ -85,8 +93,11 @@ async fn exec_source_follows_the_command_and_keeps_the_last_set_on_bad_output() 
         list.display()
     )))
     .await;
-    let both: BTreeSet<(String, String)> =
-        [(a.address(), "exec".to_string()), (b.address(), "exec".to_string())].into();
+    let both: BTreeSet<(String, String)> = [
+        (a.address(), "exec".to_string()),
+        (b.address(), "exec".to_string()),
+    ]
+    .into();
     eventually("both exec members", || members(&p, "svc") == both).await;
     reaches_all(&p, &["a", "b"]).await;
 
@@ -120,13 +131,24 @@ async fn exec_source_follows_the_command_and_keeps_the_last_set_on_bad_output() 
 
     // A good output with one member removes the other.
     std::fs::write(&list, member_list(&[&b.address()])).unwrap();
-    eventually("only b", || members(&p, "svc") == [(b.address(), "exec".to_string())].into()).await;
+    eventually("only b", || {
+        members(&p, "svc") == [(b.address(), "exec".to_string())].into()
+    })
+    .await;
     for _ in 0..5 {
-        assert_eq!(get(p.addr("web"), "example.com", "/").await.header("x-upstream"), Some("b"));
+        assert_eq!(
+            get(p.addr("web"), "example.com", "/")
+                .await
+                .header("x-upstream"),
+            Some("b")
+        );
     }
     let s = sources(&p).await;
     assert_eq!(s.len(), 1);
-    assert_eq!((s[0].pool.as_str(), s[0].kind.as_str(), s[0].members), ("svc", "exec", 1));
+    assert_eq!(
+        (s[0].pool.as_str(), s[0].kind.as_str(), s[0].members),
+        ("svc", "exec", 1)
+    );
     assert!(s[0].last_success_unix_ms > 0);
 
     // Discovered members are run-time only: the stored pool has no upstreams.
@@ -142,7 +164,11 @@ async fn exec_timeout_keeps_the_last_set() {
     let slow = dir.path().join("slow");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\nif [ -e {} ]; then sleep 30; fi\necho '{}'\n", slow.display(), member_list(&[&a.address()])),
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then sleep 30; fi\necho '{}'\n",
+            slow.display(),
+            member_list(&[&a.address()])
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -173,8 +199,15 @@ async fn file_source_reloads_on_change_and_ignores_a_bad_file() {
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("members.json");
     write_atomically(&list, &member_list(&[&a.address()]));
-    let p = start_proxy(&config(&format!("file = {{ path = \"{}\" }}", list.display()))).await;
-    eventually("a from the file", || members(&p, "svc") == [(a.address(), "file".to_string())].into()).await;
+    let p = start_proxy(&config(&format!(
+        "file = {{ path = \"{}\" }}",
+        list.display()
+    )))
+    .await;
+    eventually("a from the file", || {
+        members(&p, "svc") == [(a.address(), "file".to_string())].into()
+    })
+    .await;
     reaches_all(&p, &["a"]).await;
 
     write_atomically(&list, &member_list(&[&a.address(), &b.address()]));
@@ -196,7 +229,10 @@ async fn file_source_reloads_on_change_and_ignores_a_bad_file() {
 
     // Edited in place (not replaced) is picked up too.
     std::fs::write(&list, member_list(&[&b.address()])).unwrap();
-    eventually("only b", || members(&p, "svc") == [(b.address(), "file".to_string())].into()).await;
+    eventually("only b", || {
+        members(&p, "svc") == [(b.address(), "file".to_string())].into()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -213,7 +249,12 @@ async fn static_and_discovered_upstreams_are_merged_and_listed_with_their_origin
     );
     let p = start_proxy(&text).await;
     eventually("static a and file b", || {
-        members(&p, "svc") == [(a.address(), "static".to_string()), (b.address(), "file".to_string())].into()
+        members(&p, "svc")
+            == [
+                (a.address(), "static".to_string()),
+                (b.address(), "file".to_string()),
+            ]
+            .into()
     })
     .await;
     reaches_all(&p, &["a", "b"]).await;
@@ -226,7 +267,18 @@ async fn static_and_discovered_upstreams_are_merged_and_listed_with_their_origin
         .into_inner()
         .pool
         .expect("pool");
-    let listed: BTreeSet<(String, String)> = pool.upstreams.iter().map(|u| (u.address.clone(), u.origin.clone())).collect();
-    assert_eq!(listed, [(a.address(), "static".to_string()), (b.address(), "file".to_string())].into());
+    let listed: BTreeSet<(String, String)> = pool
+        .upstreams
+        .iter()
+        .map(|u| (u.address.clone(), u.origin.clone()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (a.address(), "static".to_string()),
+            (b.address(), "file".to_string())
+        ]
+        .into()
+    );
     assert_eq!(Origin::Static.label(), "static");
 }

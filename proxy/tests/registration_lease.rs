@@ -17,7 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A daemon whose registrations may use `port` only, held for `hold`.
@@ -29,11 +33,19 @@ async fn proxy_with(port: u16, hold: &str, extra: &str) -> TestProxy {
 }
 
 async fn channel(p: &TestProxy) -> tonic::transport::Channel {
-    client::unix_channel(mgmt_support::socket_path(p)).await.expect("management socket")
+    client::unix_channel(mgmt_support::socket_path(p))
+        .await
+        .expect("management socket")
 }
 
 fn http_announce(endpoint: &str, port: u16, prefix: &str) -> Announce {
-    Announce { endpoint: endpoint.into(), port: u32::from(port), path_prefix: prefix.into(), name: "test".into(), ..Default::default() }
+    Announce {
+        endpoint: endpoint.into(),
+        port: u32::from(port),
+        path_prefix: prefix.into(),
+        name: "test".into(),
+        ..Default::default()
+    }
 }
 
 async fn listing(p: &TestProxy) -> pb::ListRegistrationsResponse {
@@ -53,21 +65,37 @@ async fn a_registration_opens_its_port_and_two_instances_are_balanced() {
     let port = free_port();
     let p = proxy_with(port, "5s", "").await;
     let (a, b) = (upstream("a").await, upstream("b").await);
-    let lease_a = client::register(channel(&p).await, http_announce(&a.address(), port, "/a"), None).await.expect("register a");
+    let lease_a = client::register(
+        channel(&p).await,
+        http_announce(&a.address(), port, "/a"),
+        None,
+    )
+    .await
+    .expect("register a");
     assert_eq!(lease_a.registered().address, local(port).to_string());
     let r = get(local(port), "anything.example", "/a/x").await;
     assert_eq!((r.status, r.header("x-upstream")), (200, Some("a")));
     // Only /a is registered on that port.
     assert_eq!(get(local(port), "anything.example", "/b").await.status, 404);
 
-    let lease_b = client::register(channel(&p).await, http_announce(&b.address(), port, "/a"), None).await.expect("register b");
+    let lease_b = client::register(
+        channel(&p).await,
+        http_announce(&b.address(), port, "/a"),
+        None,
+    )
+    .await
+    .expect("register b");
     let mut seen = BTreeSet::new();
     for _ in 0..20 {
         let r = get(local(port), "h", "/a").await;
         assert_eq!(r.status, 200);
         seen.insert(r.header("x-upstream").unwrap_or("").to_string());
     }
-    assert_eq!(seen, ["a".to_string(), "b".to_string()].into(), "both instances serve");
+    assert_eq!(
+        seen,
+        ["a".to_string(), "b".to_string()].into(),
+        "both instances serve"
+    );
 
     let l = listing(&p).await;
     assert_eq!(l.registrations.len(), 2);
@@ -76,13 +104,18 @@ async fn a_registration_opens_its_port_and_two_instances_are_balanced() {
     // The pool lists its registered members with their origin.
     let routing = p.daemon.state().routing();
     let pool = routing.pool(&l.routes[0].route).expect("registered pool");
-    assert!(pool.members().all(|(_, o, _)| o.label().starts_with("registration/")));
+    assert!(pool
+        .members()
+        .all(|(_, o, _)| o.label().starts_with("registration/")));
     drop(routing);
 
     // One instance leaves: the other takes everything, nothing waits.
     lease_a.release().await;
     for _ in 0..5 {
-        assert_eq!(get(local(port), "h", "/a").await.header("x-upstream"), Some("b"));
+        assert_eq!(
+            get(local(port), "h", "/a").await.header("x-upstream"),
+            Some("b")
+        );
     }
     lease_b.release().await;
 }
@@ -92,14 +125,22 @@ async fn requests_wait_through_a_reregistration_and_all_succeed() {
     let port = free_port();
     let p = proxy_with(port, "30s", "").await;
     let a = upstream("a").await;
-    let lease = client::register(channel(&p).await, http_announce(&a.address(), port, "/a"), None).await.expect("register");
+    let lease = client::register(
+        channel(&p).await,
+        http_announce(&a.address(), port, "/a"),
+        None,
+    )
+    .await
+    .expect("register");
     assert_eq!(get(local(port), "h", "/a").await.status, 200);
     lease.release().await;
 
     // The route is held: these requests wait instead of failing.
     let mut in_flight = Vec::new();
     for i in 0..5 {
-        in_flight.push(tokio::spawn(async move { get(local(port), "h", &format!("/a/{i}")).await }));
+        in_flight.push(tokio::spawn(async move {
+            get(local(port), "h", &format!("/a/{i}")).await
+        }));
     }
     let mut waiting = 0;
     for _ in 0..200 {
@@ -112,10 +153,21 @@ async fn requests_wait_through_a_reregistration_and_all_succeed() {
     assert_eq!(waiting, 5, "all five requests are queued on the held route");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let b = upstream("b").await;
-    let _lease = client::register(channel(&p).await, http_announce(&b.address(), port, "/a"), None).await.expect("re-register");
+    let _lease = client::register(
+        channel(&p).await,
+        http_announce(&b.address(), port, "/a"),
+        None,
+    )
+    .await
+    .expect("re-register");
     for request in in_flight {
         let r = request.await.unwrap();
-        assert_eq!((r.status, r.header("x-upstream")), (200, Some("b")), "{}", r.text());
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("b")),
+            "{}",
+            r.text()
+        );
     }
 }
 
@@ -124,7 +176,13 @@ async fn a_service_that_never_returns_gets_503_after_the_hold_and_its_port_close
     let port = free_port();
     let p = proxy_with(port, "1s", "").await;
     let a = upstream("a").await;
-    let lease = client::register(channel(&p).await, http_announce(&a.address(), port, "/a"), None).await.expect("register");
+    let lease = client::register(
+        channel(&p).await,
+        http_announce(&a.address(), port, "/a"),
+        None,
+    )
+    .await
+    .expect("register");
     assert_eq!(get(local(port), "h", "/a").await.status, 200);
     lease.release().await;
     let r = get(local(port), "h", "/a").await;
@@ -156,20 +214,35 @@ async fn refused_registrations_say_why() {
         other => panic!("expected a refusal, got {other:?}"),
     };
     let outside = port.checked_add(1).unwrap_or(port - 1);
-    let s = refused(client::register(channel(&p).await, http_announce("127.0.0.1:9001", outside, "/a"), None).await);
+    let s = refused(
+        client::register(
+            channel(&p).await,
+            http_announce("127.0.0.1:9001", outside, "/a"),
+            None,
+        )
+        .await,
+    );
     assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
     assert!(s.message().contains("port_range"), "{s:?}");
 
-    let claimed = Announce { host: "site.example".into(), ..http_announce("127.0.0.1:9001", port, "/") };
+    let claimed = Announce {
+        host: "site.example".into(),
+        ..http_announce("127.0.0.1:9001", port, "/")
+    };
     let s = refused(client::register(channel(&p).await, claimed, None).await);
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("site.example"), "{s:?}");
 
-    let tls = Announce { tls_certificate_pem: "-----BEGIN CERTIFICATE-----".into(), ..http_announce("127.0.0.1:9001", port, "/") };
+    let tls = Announce {
+        tls_certificate_pem: "-----BEGIN CERTIFICATE-----".into(),
+        ..http_announce("127.0.0.1:9001", port, "/")
+    };
     let s = refused(client::register(channel(&p).await, tls, None).await);
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
 
-    let s = refused(client::register(channel(&p).await, http_announce("nowhere", port, "/"), None).await);
+    let s = refused(
+        client::register(channel(&p).await, http_announce("nowhere", port, "/"), None).await,
+    );
     assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
     assert!(s.message().starts_with("announce.endpoint"), "{s:?}");
     // Nothing was opened for the refused registrations.
@@ -181,7 +254,9 @@ async fn unix_upstream(path: &std::path::Path) -> tokio::task::JoinHandle<()> {
     let listener = tokio::net::UnixListener::bind(path).unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut got = Vec::new();
@@ -207,9 +282,14 @@ async fn a_unix_socket_endpoint_is_dialed() {
     let sock = dir.path().join("svc.sock");
     let _server = unix_upstream(&sock).await;
     let endpoint = format!("unix:{}", sock.display());
-    let _lease = client::register(channel(&p).await, http_announce(&endpoint, port, "/"), None).await.expect("register");
+    let _lease = client::register(channel(&p).await, http_announce(&endpoint, port, "/"), None)
+        .await
+        .expect("register");
     let r = get(local(port), "h", "/anything").await;
-    assert_eq!((r.status, r.header("x-upstream"), r.text().as_str()), (200, Some("unix"), "ok"));
+    assert_eq!(
+        (r.status, r.header("x-upstream"), r.text().as_str()),
+        (200, Some("unix"), "ok")
+    );
 }
 
 /// Echoes bytes back, prefixed once with `name:`.
@@ -218,7 +298,9 @@ async fn tcp_service(name: &'static str) -> (String, tokio::task::JoinHandle<()>
     let addr = listener.local_addr().unwrap().to_string();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 if s.write_all(format!("{name}:").as_bytes()).await.is_err() {
                     return;
@@ -236,8 +318,13 @@ async fn a_tcp_connection_waits_for_a_reregistration() {
     let port = free_port();
     let p = proxy_with(port, "30s", "").await;
     let (a, _ta) = tcp_service("a").await;
-    let tcp = |endpoint: &str| Announce { protocol: RegisteredProtocol::Tcp as i32, ..http_announce(endpoint, port, "") };
-    let lease = client::register(channel(&p).await, tcp(&a), None).await.expect("register tcp");
+    let tcp = |endpoint: &str| Announce {
+        protocol: RegisteredProtocol::Tcp as i32,
+        ..http_announce(endpoint, port, "")
+    };
+    let lease = client::register(channel(&p).await, tcp(&a), None)
+        .await
+        .expect("register tcp");
     let mut s = TcpStream::connect(local(port)).await.unwrap();
     let mut hello = [0u8; 2];
     s.read_exact(&mut hello).await.unwrap();
@@ -250,7 +337,10 @@ async fn a_tcp_connection_waits_for_a_reregistration() {
         let mut s = TcpStream::connect(local(port)).await.unwrap();
         s.write_all(b"hi").await.unwrap();
         let mut back = [0u8; 4];
-        tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut back)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
         back
     });
     for _ in 0..200 {
@@ -260,6 +350,8 @@ async fn a_tcp_connection_waits_for_a_reregistration() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (b, _tb) = tcp_service("b").await;
-    let _lease = client::register(channel(&p).await, tcp(&b), None).await.expect("re-register tcp");
+    let _lease = client::register(channel(&p).await, tcp(&b), None)
+        .await
+        .expect("re-register tcp");
     assert_eq!(&waiter.await.unwrap(), b"b:hi");
 }

@@ -17,7 +17,13 @@ use crate::state::Upstream;
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Resolves `name` forever.
-pub(super) async fn run(name: String, port: Option<u16>, interval: Duration, resolver: Option<SocketAddr>, feed: Feed) {
+pub(super) async fn run(
+    name: String,
+    port: Option<u16>,
+    interval: Duration,
+    resolver: Option<SocketAddr>,
+    feed: Feed,
+) {
     let mut attempt = 0u32;
     let resolver = loop {
         match build_resolver(resolver) {
@@ -64,31 +70,49 @@ fn build_resolver(server: Option<SocketAddr>) -> Result<TokioResolver, String> {
 }
 
 /// The current set and how long it is valid.
-async fn resolve(resolver: &TokioResolver, name: &str, port: Option<u16>) -> Result<(Vec<Upstream>, Duration), String> {
+async fn resolve(
+    resolver: &TokioResolver,
+    name: &str,
+    port: Option<u16>,
+) -> Result<(Vec<Upstream>, Duration), String> {
     let now = std::time::Instant::now();
     match port {
         Some(port) => {
             let answer = resolver.lookup_ip(name).await.map_err(|e| e.to_string())?;
-            let mut upstreams: Vec<Upstream> =
-                answer.iter().map(|ip| Upstream::new(SocketAddr::new(ip, port).to_string())).collect();
+            let mut upstreams: Vec<Upstream> = answer
+                .iter()
+                .map(|ip| Upstream::new(SocketAddr::new(ip, port).to_string()))
+                .collect();
             upstreams.dedup_by(|a, b| a.address == b.address);
             if upstreams.is_empty() {
                 return Err("no A/AAAA records".into());
             }
-            Ok((upstreams, answer.valid_until().saturating_duration_since(now)))
+            Ok((
+                upstreams,
+                answer.valid_until().saturating_duration_since(now),
+            ))
         }
         None => {
             let answer = resolver.srv_lookup(name).await.map_err(|e| e.to_string())?;
-            let mut valid_for = answer.as_lookup().valid_until().saturating_duration_since(now);
+            let mut valid_for = answer
+                .as_lookup()
+                .valid_until()
+                .saturating_duration_since(now);
             let mut upstreams: Vec<Upstream> = Vec::new();
             for srv in answer.iter() {
                 let target = srv.target().to_utf8();
-                let ips = resolver.lookup_ip(target.as_str()).await.map_err(|e| format!("SRV target {target}: {e}"))?;
+                let ips = resolver
+                    .lookup_ip(target.as_str())
+                    .await
+                    .map_err(|e| format!("SRV target {target}: {e}"))?;
                 valid_for = valid_for.min(ips.valid_until().saturating_duration_since(now));
                 for ip in ips.iter() {
                     let address = SocketAddr::new(ip, srv.port()).to_string();
                     if !upstreams.iter().any(|u| u.address == address) {
-                        upstreams.push(Upstream { weight: u32::from(srv.weight().max(1)), ..Upstream::new(address) });
+                        upstreams.push(Upstream {
+                            weight: u32::from(srv.weight().max(1)),
+                            ..Upstream::new(address)
+                        });
                     }
                 }
             }

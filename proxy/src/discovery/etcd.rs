@@ -29,7 +29,12 @@ pub(super) async fn run(endpoints: Vec<String>, prefix: String, feed: Feed) {
 
 /// One session: connect, Get, then Watch until something fails. Resets `attempt` once the
 /// initial Get succeeded.
-async fn follow(endpoints: &[String], key_prefix: &str, feed: &Feed, attempt: &mut u32) -> Result<(), etcd_client::Error> {
+async fn follow(
+    endpoints: &[String],
+    key_prefix: &str,
+    feed: &Feed,
+    attempt: &mut u32,
+) -> Result<(), etcd_client::Error> {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
@@ -50,12 +55,17 @@ async fn follow(endpoints: &[String], key_prefix: &str, feed: &Feed, attempt: &m
     feed.publish(members.values().cloned().collect()).await;
     *attempt = 0;
 
-    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
     let mut stream = client.watch(key_prefix, Some(options)).await?;
     while let Some(response) = stream.message().await? {
         if response.canceled() {
             let reason = if response.compact_revision() > 0 {
-                format!("watch compacted at revision {}", response.compact_revision())
+                format!(
+                    "watch compacted at revision {}",
+                    response.compact_revision()
+                )
             } else {
                 format!("watch cancelled: {}", response.cancel_reason())
             };
@@ -102,16 +112,23 @@ fn member(key_prefix: &str, kv: &KeyValue, feed: &Feed) -> Option<Upstream> {
                 Some(w) => match w.as_u64().and_then(|w| u32::try_from(w).ok()) {
                     Some(w) if w > 0 => w,
                     _ => {
-                        feed.fail(format!("etcd key {key:?} ignored: weight must be a positive integer"));
+                        feed.fail(format!(
+                            "etcd key {key:?} ignored: weight must be a positive integer"
+                        ));
                         return None;
                     }
                 },
             },
             _ => {
-                feed.fail(format!("etcd key {key:?} ignored: the value must be empty or a JSON object"));
+                feed.fail(format!(
+                    "etcd key {key:?} ignored: the value must be empty or a JSON object"
+                ));
                 return None;
             }
         }
     };
-    Some(Upstream { weight, ..Upstream::new(address) })
+    Some(Upstream {
+        weight,
+        ..Upstream::new(address)
+    })
 }

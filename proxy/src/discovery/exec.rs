@@ -43,11 +43,16 @@ async fn run_once(command: &[String], timeout: Duration) -> Result<Vec<Upstream>
         .map_err(|e| format!("{program}: {e}"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(format!("{program} exited with {}: {}", output.status, stderr.trim()));
+        return Err(format!(
+            "{program} exited with {}: {}",
+            output.status,
+            stderr.trim()
+        ));
     }
     if output.stdout.len() > MAX_OUTPUT {
         return Err(format!("{program} printed more than {MAX_OUTPUT} bytes"));
     }
-    let text = String::from_utf8(output.stdout).map_err(|_| format!("{program} printed non-UTF-8 output"))?;
+    let text = String::from_utf8(output.stdout)
+        .map_err(|_| format!("{program} printed non-UTF-8 output"))?;
     parse_members(&text).map_err(|e| format!("{program} output: {e}"))
 }

@@ -20,7 +20,11 @@ pub(super) async fn run(path: PathBuf, feed: Feed) {
     let watch_path = path.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
-            if event.paths.iter().any(|p| p.file_name() == watch_path.file_name()) {
+            if event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == watch_path.file_name())
+            {
                 let _ = tx.try_send(());
             }
         }
@@ -28,7 +32,10 @@ pub(super) async fn run(path: PathBuf, feed: Feed) {
     // Keep the watcher alive for as long as this task runs.
     let _watcher = match watcher {
         Ok(mut w) => {
-            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot watch the discovery file; polling it");
             }
@@ -42,7 +49,10 @@ pub(super) async fn run(path: PathBuf, feed: Feed) {
     let mut last_seen: Option<(SystemTime, u64)> = None;
     let mut first = true;
     loop {
-        let stamp = tokio::fs::metadata(&path).await.ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+        let stamp = tokio::fs::metadata(&path)
+            .await
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
         // A poll tick with an unchanged stamp does nothing; a notification always reloads.
         if first || stamp.is_none() || stamp != last_seen {
             load(&path, &feed).await;

@@ -117,7 +117,10 @@ impl Membership {
                 }
             }
         } else {
-            self.members.entry(pool.to_string()).or_default().insert(origin, upstreams);
+            self.members
+                .entry(pool.to_string())
+                .or_default()
+                .insert(origin, upstreams);
         }
     }
 
@@ -131,10 +134,10 @@ impl Membership {
 
     /// Every run-time upstream of `pool` with its origin.
     pub fn all_members(&self, pool: &str) -> impl Iterator<Item = (Origin, &Upstream)> {
-        self.members
-            .get(pool)
-            .into_iter()
-            .flat_map(|m| m.iter().flat_map(|(o, list)| list.iter().map(move |u| (*o, u))))
+        self.members.get(pool).into_iter().flat_map(|m| {
+            m.iter()
+                .flat_map(|(o, list)| list.iter().map(move |u| (*o, u)))
+        })
     }
 
     /// Sets the on-change policy of `pool`.
@@ -150,8 +153,11 @@ impl Membership {
     /// The upstreams a pool runs with: its static ones first, then the run-time ones in
     /// origin order. An address listed twice is used once (the first listing wins).
     pub fn upstreams_of(&self, pool: &Pool) -> Vec<(Upstream, Origin)> {
-        let mut out: Vec<(Upstream, Origin)> =
-            pool.upstreams.iter().map(|u| (u.clone(), Origin::Static)).collect();
+        let mut out: Vec<(Upstream, Origin)> = pool
+            .upstreams
+            .iter()
+            .map(|u| (u.clone(), Origin::Static))
+            .collect();
         self.extend_with_members(&pool.name, &mut out);
         out
     }
@@ -211,13 +217,19 @@ mod tests {
             Origin::Discovered(SourceKind::Etcd),
             vec![Upstream::new("10.0.0.2:80"), Upstream::new("10.0.0.1:80")],
         );
-        let got: Vec<(String, Origin)> =
-            m.upstreams_of(&pool).into_iter().map(|(u, o)| (u.address, o)).collect();
+        let got: Vec<(String, Origin)> = m
+            .upstreams_of(&pool)
+            .into_iter()
+            .map(|(u, o)| (u.address, o))
+            .collect();
         assert_eq!(
             got,
             [
                 ("10.0.0.1:80".to_string(), Origin::Static),
-                ("10.0.0.2:80".to_string(), Origin::Discovered(SourceKind::Etcd)),
+                (
+                    "10.0.0.2:80".to_string(),
+                    Origin::Discovered(SourceKind::Etcd)
+                ),
             ]
         );
         m.set_members("p", Origin::Discovered(SourceKind::Etcd), Vec::new());

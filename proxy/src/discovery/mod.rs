@@ -80,8 +80,14 @@ impl SourceSpec {
     pub fn target(&self) -> String {
         match self {
             SourceSpec::Etcd { endpoints, prefix } => format!("{} {prefix}", endpoints.join(",")),
-            SourceSpec::Dns { name, port: Some(port), .. } => format!("{name}:{port}"),
-            SourceSpec::Dns { name, port: None, .. } => format!("{name} (SRV)"),
+            SourceSpec::Dns {
+                name,
+                port: Some(port),
+                ..
+            } => format!("{name}:{port}"),
+            SourceSpec::Dns {
+                name, port: None, ..
+            } => format!("{name} (SRV)"),
             SourceSpec::Exec { command, .. } => command.join(" "),
             SourceSpec::File { path } => path.display().to_string(),
         }
@@ -110,8 +116,8 @@ struct RawMember {
 /// Parses the member list format shared by `exec` and `file`:
 /// `[{"address": "host:port", "weight": 1}, ...]`. The whole list is refused if any entry is bad.
 pub fn parse_members(text: &str) -> Result<Vec<Upstream>, String> {
-    let raw: Vec<RawMember> =
-        serde_json::from_str(text).map_err(|e| format!("not a JSON list of {{\"address\", \"weight\"}}: {e}"))?;
+    let raw: Vec<RawMember> = serde_json::from_str(text)
+        .map_err(|e| format!("not a JSON list of {{\"address\", \"weight\"}}: {e}"))?;
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, m) in raw.into_iter().enumerate() {
@@ -123,7 +129,10 @@ pub fn parse_members(text: &str) -> Result<Vec<Upstream>, String> {
         if !seen.insert(m.address.clone()) {
             return Err(format!("[{i}].address: {:?} is listed twice", m.address));
         }
-        out.push(Upstream { weight, ..Upstream::new(m.address) });
+        out.push(Upstream {
+            weight,
+            ..Upstream::new(m.address)
+        });
     }
     Ok(out)
 }
@@ -132,7 +141,9 @@ pub fn parse_members(text: &str) -> Result<Vec<Upstream>, String> {
 pub fn check_member_address(address: &str) -> Result<(), String> {
     match address.strip_prefix("unix:") {
         Some(path) if path.starts_with('/') && !path.contains('\0') => Ok(()),
-        Some(_) => Err(format!("{address:?}: a unix socket needs an absolute path (unix:/path)")),
+        Some(_) => Err(format!(
+            "{address:?}: a unix socket needs an absolute path (unix:/path)"
+        )),
         None => check_upstream_address(address),
     }
 }
@@ -179,7 +190,9 @@ impl Feed {
         let count = upstreams.len();
         if changed {
             tracing::info!(pool = %self.pool, source = self.kind.as_str(), members = count, "discovered membership changed");
-            self.state.set_members(&self.pool, Origin::Discovered(self.kind), upstreams).await;
+            self.state
+                .set_members(&self.pool, Origin::Discovered(self.kind), upstreams)
+                .await;
         }
         let mut report = self.report.lock().unwrap_or_else(|e| e.into_inner());
         report.members = count;
@@ -209,14 +222,23 @@ pub struct Discovery {
 
 impl std::fmt::Debug for Discovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Discovery").field("sources", &self.reports.len()).finish()
+        f.debug_struct("Discovery")
+            .field("sources", &self.reports.len())
+            .finish()
     }
 }
 
 impl Discovery {
     /// Sets each pool's on-change policy and starts one task per source.
-    pub async fn start(specs: &[DiscoverySpec], state: &StateHandle, shutdown: &Shutdown) -> Discovery {
-        let policies: Vec<(String, OnChange)> = specs.iter().map(|s| (s.pool.clone(), s.on_change)).collect();
+    pub async fn start(
+        specs: &[DiscoverySpec],
+        state: &StateHandle,
+        shutdown: &Shutdown,
+    ) -> Discovery {
+        let policies: Vec<(String, OnChange)> = specs
+            .iter()
+            .map(|s| (s.pool.clone(), s.on_change))
+            .collect();
         if !policies.is_empty() {
             state
                 .update_membership(move |m| {
@@ -250,13 +272,20 @@ impl Discovery {
             tokio::spawn(async move {
                 let run = async {
                     match source {
-                        SourceSpec::Etcd { endpoints, prefix } => etcd::run(endpoints, prefix, feed).await,
-                        SourceSpec::Dns { name, port, interval, resolver } => {
-                            dns::run(name, port, interval, resolver, feed).await
+                        SourceSpec::Etcd { endpoints, prefix } => {
+                            etcd::run(endpoints, prefix, feed).await
                         }
-                        SourceSpec::Exec { command, interval, timeout } => {
-                            exec::run(command, interval, timeout, feed).await
-                        }
+                        SourceSpec::Dns {
+                            name,
+                            port,
+                            interval,
+                            resolver,
+                        } => dns::run(name, port, interval, resolver, feed).await,
+                        SourceSpec::Exec {
+                            command,
+                            interval,
+                            timeout,
+                        } => exec::run(command, interval, timeout, feed).await,
                         SourceSpec::File { path } => file::run(path, feed).await,
                     }
                 };
@@ -280,7 +309,8 @@ impl Discovery {
 
 /// Delay before retry `attempt` (0-based): 0.5 s doubling up to 30 s.
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis(500u64.saturating_mul(1u64 << attempt.min(6))).min(Duration::from_secs(30))
+    Duration::from_millis(500u64.saturating_mul(1u64 << attempt.min(6)))
+        .min(Duration::from_secs(30))
 }
 
 #[cfg(test)]
@@ -289,8 +319,10 @@ mod tests {
 
     #[test]
     fn member_lists_parse_and_bad_ones_are_refused() {
-        let ok = parse_members(r#"[{"address": "127.0.0.1:80", "weight": 3}, {"address": "unix:/run/a.sock"}]"#)
-            .expect("valid");
+        let ok = parse_members(
+            r#"[{"address": "127.0.0.1:80", "weight": 3}, {"address": "unix:/run/a.sock"}]"#,
+        )
+        .expect("valid");
         assert_eq!(ok.len(), 2);
         assert_eq!(ok[0].weight, 3);
         assert_eq!(ok[1].weight, 1);
@@ -305,7 +337,10 @@ mod tests {
         ] {
             assert!(parse_members(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_members("[]").expect("empty list is valid"), Vec::new());
+        assert_eq!(
+            parse_members("[]").expect("empty list is valid"),
+            Vec::new()
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use futures_util::Stream;
 use proxy_proto::v1 as pb;
-use proxy_proto::v1::registration_service_server::{RegistrationService, RegistrationServiceServer};
+use proxy_proto::v1::registration_service_server::{
+    RegistrationService, RegistrationServiceServer,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,23 +39,35 @@ impl RegistrationApi {
 
 fn status(err: RegisterError) -> Status {
     match err {
-        RegisterError::Invalid { field, reason } => Status::invalid_argument(format!("announce.{field}: {reason}")),
+        RegisterError::Invalid { field, reason } => {
+            Status::invalid_argument(format!("announce.{field}: {reason}"))
+        }
         e @ RegisterError::PortNotAllowed { .. } => Status::permission_denied(e.to_string()),
-        e @ (RegisterError::Conflict(_) | RegisterError::Bind { .. }) => Status::failed_precondition(e.to_string()),
+        e @ (RegisterError::Conflict(_) | RegisterError::Bind { .. }) => {
+            Status::failed_precondition(e.to_string())
+        }
     }
 }
 
 fn claim(a: pb::Announce) -> Result<Claim, Status> {
     if !a.tls_certificate_pem.is_empty() || !a.tls_private_key_pem.is_empty() {
-        return Err(Status::failed_precondition("announce.tls_certificate_pem: tls not supported yet"));
+        return Err(Status::failed_precondition(
+            "announce.tls_certificate_pem: tls not supported yet",
+        ));
     }
     let protocol = match pb::RegisteredProtocol::try_from(a.protocol) {
         Ok(pb::RegisteredProtocol::Unspecified | pb::RegisteredProtocol::Http) => Protocol::Http,
         Ok(pb::RegisteredProtocol::Tcp) => Protocol::Tcp,
-        Err(_) => return Err(Status::invalid_argument(format!("announce.protocol: unknown value {}", a.protocol))),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "announce.protocol: unknown value {}",
+                a.protocol
+            )))
+        }
     };
-    let port = u16::try_from(a.port)
-        .map_err(|_| Status::invalid_argument(format!("announce.port: {} is not a port", a.port)))?;
+    let port = u16::try_from(a.port).map_err(|_| {
+        Status::invalid_argument(format!("announce.port: {} is not a port", a.port))
+    })?;
     Ok(Claim {
         name: a.name,
         endpoint: a.endpoint,
@@ -128,7 +142,9 @@ impl RegistrationService for RegistrationApi {
         request: Request<Streaming<pb::RegisterRequest>>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
         if self.ctx.shutdown.is_triggered() {
-            return Err(Status::unavailable("proxyd is shutting down and takes no registrations"));
+            return Err(Status::unavailable(
+                "proxyd is shutting down and takes no registrations",
+            ));
         }
         let registry = self.ctx.registry.clone();
         let keepalive = registry.config().keepalive;
@@ -138,7 +154,11 @@ impl RegistrationService for RegistrationApi {
             .map_err(|_| Status::deadline_exceeded("no announce within the keepalive window"))??;
         let announce = match first.and_then(|m| m.kind) {
             Some(pb::register_request::Kind::Announce(a)) => a,
-            _ => return Err(Status::invalid_argument("announce: the first message must be an announce")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "announce: the first message must be an announce",
+                ))
+            }
         };
         let registration = registry.register(claim(announce)?).await.map_err(status)?;
         let info = registration.info().clone();
@@ -154,7 +174,13 @@ impl RegistrationService for RegistrationApi {
         };
         // The channel is empty, so this cannot wait.
         let _ = tx.send(Ok(registered)).await;
-        tokio::spawn(hold_lease(registration, inbound, tx, keepalive, self.ctx.shutdown.clone()));
+        tokio::spawn(hold_lease(
+            registration,
+            inbound,
+            tx,
+            keepalive,
+            self.ctx.shutdown.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -188,6 +214,9 @@ impl RegistrationService for RegistrationApi {
                 waiting: u32::try_from(r.waiting).unwrap_or(u32::MAX),
             })
             .collect();
-        Ok(Response::new(pb::ListRegistrationsResponse { registrations, routes }))
+        Ok(Response::new(pb::ListRegistrationsResponse {
+            registrations,
+            routes,
+        }))
     }
 }

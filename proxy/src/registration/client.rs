@@ -69,7 +69,9 @@ pub struct Lease {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lease").field("registered", &self.registered).finish()
+        f.debug_struct("Lease")
+            .field("registered", &self.registered)
+            .finish()
     }
 }
 
@@ -104,18 +106,31 @@ impl Drop for Lease {
 
 /// Registers `announce` and keeps the lease (answering keepalives) until the [`Lease`] is
 /// released or dropped. `token` is the bearer token for the TCP listener.
-pub async fn register(channel: Channel, announce: Announce, token: Option<&str>) -> Result<Lease, ClientError> {
+pub async fn register(
+    channel: Channel,
+    announce: Announce,
+    token: Option<&str>,
+) -> Result<Lease, ClientError> {
     let (tx, rx) = mpsc::channel::<pb::RegisterRequest>(8);
-    let first = pb::RegisterRequest { kind: Some(pb::register_request::Kind::Announce(announce)) };
+    let first = pb::RegisterRequest {
+        kind: Some(pb::register_request::Kind::Announce(announce)),
+    };
     tx.send(first).await.map_err(|_| ClientError::Closed)?;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(token) = token {
-        let value = format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?;
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::BadToken)?;
         request.metadata_mut().insert("authorization", value);
     }
-    let mut inbound = RegistrationServiceClient::new(channel).register(request).await?.into_inner();
+    let mut inbound = RegistrationServiceClient::new(channel)
+        .register(request)
+        .await?
+        .into_inner();
     let registered = match inbound.message().await? {
-        Some(pb::RegisterEvent { kind: Some(pb::register_event::Kind::Registered(r)) }) => r,
+        Some(pb::RegisterEvent {
+            kind: Some(pb::register_event::Kind::Registered(r)),
+        }) => r,
         _ => return Err(ClientError::Closed),
     };
     let keepalive = std::time::Duration::from_millis(registered.keepalive_ms.max(100));
@@ -141,5 +156,9 @@ pub async fn register(channel: Channel, announce: Announce, token: Option<&str>)
             }
         }
     });
-    Ok(Lease { registered, stop: Some(stop), task })
+    Ok(Lease {
+        registered,
+        stop: Some(stop),
+        task,
+    })
 }

@@ -23,7 +23,8 @@ pub use hold::{Hold, HoldError};
 use crate::state::StateHandle;
 use crate::upstream::PoolRuntime;
 pub use registry::{
-    Claim, KnownListener, RegisterError, Registration, RegistrationInfo, Registry, RouteInfo, ServeListener,
+    Claim, KnownListener, RegisterError, Registration, RegistrationInfo, Registry, RouteInfo,
+    ServeListener,
 };
 
 /// The `[registration]` section.
@@ -59,8 +60,13 @@ impl Default for RegistrationConfig {
 /// `pool` itself, or, for a registered route's pool that has no instance right now, the
 /// pool as it is once one registers again (waiting on its hold, bounded). Other pools
 /// return at once, so the request path pays one branch for this.
-pub async fn ready_pool(state: &StateHandle, pool: &Arc<PoolRuntime>) -> Result<Arc<PoolRuntime>, HoldError> {
-    let Some(hold) = &pool.hold else { return Ok(pool.clone()) };
+pub async fn ready_pool(
+    state: &StateHandle,
+    pool: &Arc<PoolRuntime>,
+) -> Result<Arc<PoolRuntime>, HoldError> {
+    let Some(hold) = &pool.hold else {
+        return Ok(pool.clone());
+    };
     if !pool.upstreams().is_empty() {
         return Ok(pool.clone());
     }
@@ -68,5 +74,12 @@ pub async fn ready_pool(state: &StateHandle, pool: &Arc<PoolRuntime>) -> Result<
         return Err(HoldError::Ended);
     }
     let name = pool.name.as_str();
-    hold.wait(|| state.routing().pool(name).filter(|p| !p.upstreams().is_empty()).cloned()).await
+    hold.wait(|| {
+        state
+            .routing()
+            .pool(name)
+            .filter(|p| !p.upstreams().is_empty())
+            .cloned()
+    })
+    .await
 }

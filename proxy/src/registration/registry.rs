@@ -137,7 +137,8 @@ pub struct KnownListener {
 
 /// Starts the accept loop of a port opened for registrations (the daemon's own HTTP or TCP
 /// serving, with whatever that needs); aborting the task closes the port.
-pub type ServeListener = Arc<dyn Fn(tokio::net::TcpListener, Arc<ListenerConfig>) -> JoinHandle<()> + Send + Sync>;
+pub type ServeListener =
+    Arc<dyn Fn(tokio::net::TcpListener, Arc<ListenerConfig>) -> JoinHandle<()> + Send + Sync>;
 
 /// Live registrations and what they brought up.
 pub struct Registry {
@@ -151,7 +152,9 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("config", &self.config).finish()
+        f.debug_struct("Registry")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -196,7 +199,9 @@ fn normalise_host(host: &str) -> Result<String, String> {
         && bare.len() <= 253
         && !bare.starts_with('.')
         && !bare.ends_with('.')
-        && bare.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        && bare
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if ok {
         Ok(host)
     } else {
@@ -212,7 +217,14 @@ impl Registry {
         listeners: Vec<KnownListener>,
         serve: ServeListener,
     ) -> Registry {
-        Registry { config, state, listeners, serve, book: Mutex::new(Book::default()), next_id: AtomicU64::new(1) }
+        Registry {
+            config,
+            state,
+            listeners,
+            serve,
+            book: Mutex::new(Book::default()),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     /// The `[registration]` settings.
@@ -222,9 +234,15 @@ impl Registry {
 
     /// Validates a claim and normalises it.
     fn check(&self, mut claim: Claim) -> Result<Claim, RegisterError> {
-        check_member_address(&claim.endpoint).map_err(|reason| RegisterError::Invalid { field: "endpoint", reason })?;
+        check_member_address(&claim.endpoint).map_err(|reason| RegisterError::Invalid {
+            field: "endpoint",
+            reason,
+        })?;
         if claim.port == 0 {
-            return Err(RegisterError::Invalid { field: "port", reason: "must be 1-65535".into() });
+            return Err(RegisterError::Invalid {
+                field: "port",
+                reason: "must be 1-65535".into(),
+            });
         }
         if !self.config.port_range.contains(&claim.port) {
             return Err(RegisterError::PortNotAllowed {
@@ -235,23 +253,41 @@ impl Registry {
         }
         claim.host = match claim.host.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(h) => Some(normalise_host(h).map_err(|reason| RegisterError::Invalid { field: "host", reason })?),
+            Some(h) => Some(normalise_host(h).map_err(|reason| RegisterError::Invalid {
+                field: "host",
+                reason,
+            })?),
         };
         if claim.path_prefix.is_empty() {
             claim.path_prefix = "/".into();
         }
         let p = &claim.path_prefix;
-        if !p.starts_with('/') || p.len() > 1024 || p.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
-            return Err(RegisterError::Invalid { field: "path_prefix", reason: format!("{p:?} must be a plain path starting with '/'") });
+        if !p.starts_with('/')
+            || p.len() > 1024
+            || p.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+        {
+            return Err(RegisterError::Invalid {
+                field: "path_prefix",
+                reason: format!("{p:?} must be a plain path starting with '/'"),
+            });
         }
         if claim.protocol == Protocol::Tcp && (claim.host.is_some() || claim.path_prefix != "/") {
-            return Err(RegisterError::Invalid { field: "protocol", reason: "tcp registrations take the whole port: no host or path_prefix".into() });
+            return Err(RegisterError::Invalid {
+                field: "protocol",
+                reason: "tcp registrations take the whole port: no host or path_prefix".into(),
+            });
         }
         // Routes from the config file own their hosts.
         let snap = self.state.snapshot();
         if let Some(host) = &claim.host {
-            if let Some(r) = snap.state.routes().find(|r| r.source == Source::Declarative && r.host.as_deref() == Some(host.as_str())) {
-                return Err(RegisterError::Conflict(format!("host {host:?} is claimed by route {:?} of the config file", r.name)));
+            if let Some(r) = snap.state.routes().find(|r| {
+                r.source == Source::Declarative && r.host.as_deref() == Some(host.as_str())
+            }) {
+                return Err(RegisterError::Conflict(format!(
+                    "host {host:?} is claimed by route {:?} of the config file",
+                    r.name
+                )));
             }
         }
         Ok(claim)
@@ -270,15 +306,18 @@ impl Registry {
             claim.path_prefix
         );
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = book.routes.entry(route.clone()).or_insert_with(|| RouteBook {
-            pool: route.clone(),
-            listener: listener.clone(),
-            port: claim.port,
-            hold: Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait)),
-            instances: BTreeSet::new(),
-            held_until: None,
-            generation: 0,
-        });
+        let entry = book
+            .routes
+            .entry(route.clone())
+            .or_insert_with(|| RouteBook {
+                pool: route.clone(),
+                listener: listener.clone(),
+                port: claim.port,
+                hold: Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait)),
+                instances: BTreeSet::new(),
+                held_until: None,
+                generation: 0,
+            });
         entry.instances.insert(id);
         entry.held_until = None;
         let hold = entry.hold.clone();
@@ -290,7 +329,8 @@ impl Registry {
             pool: entry.pool.clone(),
             hold: hold.clone(),
         };
-        let (route_name, pool, endpoint) = (route.clone(), entry.pool.clone(), claim.endpoint.clone());
+        let (route_name, pool, endpoint) =
+            (route.clone(), entry.pool.clone(), claim.endpoint.clone());
         self.state
             .update_membership(move |m| {
                 m.set_route(&route_name, registered);
@@ -299,15 +339,30 @@ impl Registry {
             .await;
         // Only now is the instance in the routing table waiters will look at.
         hold.set_live();
-        let info = RegistrationInfo { id, claim, route, listener, address, since: SystemTime::now() };
+        let info = RegistrationInfo {
+            id,
+            claim,
+            route,
+            listener,
+            address,
+            since: SystemTime::now(),
+        };
         book.registrations.insert(id, info.clone());
         tracing::info!(id, route = %info.route, endpoint = %info.claim.endpoint, "service registered");
-        Ok(Registration { info, registry: self.clone(), ended: false })
+        Ok(Registration {
+            info,
+            registry: self.clone(),
+            ended: false,
+        })
     }
 
     /// The listener for the claimed port: a configured one, one already opened for
     /// registrations, or a new one.
-    fn listener_for(&self, book: &mut Book, claim: &Claim) -> Result<(String, SocketAddr), RegisterError> {
+    fn listener_for(
+        &self,
+        book: &mut Book,
+        claim: &Claim,
+    ) -> Result<(String, SocketAddr), RegisterError> {
         if let Some(l) = self.listeners.iter().find(|l| l.bound.port() == claim.port) {
             if l.protocol != claim.protocol {
                 return Err(RegisterError::Conflict(format!(
@@ -319,9 +374,16 @@ impl Registry {
             }
             if claim.protocol == Protocol::Tcp {
                 let snap = self.state.snapshot();
-                let taken = snap.state.tcp_routes().find(|r| r.listener == l.name).map(|r| r.pool.clone());
+                let taken = snap
+                    .state
+                    .tcp_routes()
+                    .find(|r| r.listener == l.name)
+                    .map(|r| r.pool.clone());
                 if let Some(pool) = taken {
-                    return Err(RegisterError::Conflict(format!("listener {:?} already forwards to pool {pool:?}", l.name)));
+                    return Err(RegisterError::Conflict(format!(
+                        "listener {:?} already forwards to pool {pool:?}",
+                        l.name
+                    )));
                 }
             }
             return Ok((l.name.clone(), l.bound));
@@ -337,7 +399,10 @@ impl Registry {
             return Ok((open.listener.clone(), open.address));
         }
         let address = SocketAddr::new(self.config.address, claim.port);
-        let bind_error = |source| RegisterError::Bind { port: claim.port, source };
+        let bind_error = |source| RegisterError::Bind {
+            port: claim.port,
+            source,
+        };
         let socket = crate::listener::bind(address).map_err(bind_error)?;
         socket.set_nonblocking(true).map_err(bind_error)?;
         let bound = socket.local_addr().map_err(bind_error)?;
@@ -356,20 +421,35 @@ impl Registry {
         if !matches!(claim.protocol, Protocol::Http | Protocol::Tcp) {
             return Err(RegisterError::Invalid {
                 field: "protocol",
-                reason: format!("{} registrations are not supported; use http or tcp", claim.protocol.as_str()),
+                reason: format!(
+                    "{} registrations are not supported; use http or tcp",
+                    claim.protocol.as_str()
+                ),
             });
         }
         let accept = (self.serve)(socket, listener);
         tracing::info!(listener = %name, address = %bound, "opened a port for registrations");
-        book.ports.insert(claim.port, OpenPort { listener: name.clone(), protocol: claim.protocol, address: bound, accept });
+        book.ports.insert(
+            claim.port,
+            OpenPort {
+                listener: name.clone(),
+                protocol: claim.protocol,
+                address: bound,
+                accept,
+            },
+        );
         Ok((name, bound))
     }
 
     /// Ends registration `id`: removes the instance; holds the route if it was the last one.
     async fn end(self: &Arc<Self>, id: u64) {
         let mut book = self.book.lock().await;
-        let Some(info) = book.registrations.remove(&id) else { return };
-        let Some(entry) = book.routes.get_mut(&info.route) else { return };
+        let Some(info) = book.registrations.remove(&id) else {
+            return;
+        };
+        let Some(entry) = book.routes.get_mut(&info.route) else {
+            return;
+        };
         entry.instances.remove(&id);
         let last = entry.instances.is_empty();
         let pool = entry.pool.clone();
@@ -381,7 +461,9 @@ impl Registry {
             hold.hold_until(tokio::time::Instant::now() + self.config.hold);
         }
         let generation = entry.generation;
-        self.state.set_members(&pool, Origin::Registered(id), Vec::new()).await;
+        self.state
+            .set_members(&pool, Origin::Registered(id), Vec::new())
+            .await;
         tracing::info!(id, route = %info.route, held = last, "registration ended");
         if last {
             let registry = self.clone();
@@ -399,14 +481,18 @@ impl Registry {
     /// an instance came back meanwhile.
     async fn expire(&self, route: &str, generation: u64) {
         let mut book = self.book.lock().await;
-        let Some(entry) = book.routes.get(route) else { return };
+        let Some(entry) = book.routes.get(route) else {
+            return;
+        };
         if !entry.instances.is_empty() || entry.generation != generation {
             return;
         }
         let (port, listener, hold) = (entry.port, entry.listener.clone(), entry.hold.clone());
         book.routes.remove(route);
         let name = route.to_string();
-        self.state.update_membership(move |m| m.remove_route(&name)).await;
+        self.state
+            .update_membership(move |m| m.remove_route(&name))
+            .await;
         hold.end();
         tracing::info!(route, "hold ended without a registration; route removed");
         let port_in_use = book.routes.values().any(|r| r.listener == listener);
@@ -420,7 +506,13 @@ impl Registry {
 
     /// Live registrations, by id.
     pub async fn registrations(&self) -> Vec<RegistrationInfo> {
-        self.book.lock().await.registrations.values().cloned().collect()
+        self.book
+            .lock()
+            .await
+            .registrations
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Registered routes, live or held, by name.
