@@ -22,7 +22,9 @@ use crate::state::{
 mod telemetry;
 mod tls;
 
-pub use tls::{normalise_allow_entry, AcmeChallenge, AcmeConfig, CertificateFiles, OnDemandConfig, TlsConfig};
+pub use tls::{
+    normalise_allow_entry, AcmeChallenge, AcmeConfig, CertificateFiles, OnDemandConfig, TlsConfig,
+};
 
 /// The config used when `proxyd` is started without `--config`.
 pub const EMBEDDED_DEFAULT: &str = r#"# Embedded default: one HTTP listener, no routes (every request gets a 404).
@@ -96,7 +98,10 @@ impl Protocol {
 
     /// Whether connections are forwarded as bytes by TCP routes.
     pub fn is_stream(self) -> bool {
-        matches!(self, Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough)
+        matches!(
+            self,
+            Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough
+        )
     }
 }
 
@@ -408,7 +413,12 @@ impl Doc<'_> {
         self.line_of(start)
     }
 
-    fn error(&self, line: usize, field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    fn error(
+        &self,
+        line: usize,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_string(),
             line,
@@ -440,7 +450,11 @@ impl Doc<'_> {
         key: &str,
         reason: impl Into<String>,
     ) -> ConfigError {
-        self.error(self.line_of_key(span, key), format!("{prefix}.{key}"), reason)
+        self.error(
+            self.line_of_key(span, key),
+            format!("{prefix}.{key}"),
+            reason,
+        )
     }
 
     fn duration(
@@ -520,14 +534,25 @@ impl Doc<'_> {
             let discovery_spec = self.build_discovery(&mut raw_pool, &span, &prefix)?;
             let pool = self.build_pool(raw_pool, &span, &prefix)?;
             discovery.extend(discovery_spec);
-            pool_changes.push((Change::CreatePool(pool), Origin { section: "pools", index, span }));
+            pool_changes.push((
+                Change::CreatePool(pool),
+                Origin {
+                    section: "pools",
+                    index,
+                    span,
+                },
+            ));
         }
         for (index, spanned) in raw.routes.into_iter().enumerate() {
             let span = spanned.span();
             let prefix = format!("routes[{index}]");
             let route = self.build_route(spanned.into_inner(), &span, &prefix)?;
             declarative.push(Change::CreateRoute(route));
-            origins.push(Origin { section: "routes", index, span });
+            origins.push(Origin {
+                section: "routes",
+                index,
+                span,
+            });
         }
         for (index, spanned) in raw.tcp_routes.into_iter().enumerate() {
             let span = spanned.span();
@@ -539,14 +564,21 @@ impl Doc<'_> {
                 pool: r.pool,
                 sni: r.sni,
             }));
-            origins.push(Origin { section: "tcp_routes", index, span });
+            origins.push(Origin {
+                section: "tcp_routes",
+                index,
+                span,
+            });
         }
         let (pool_changes, pool_origins): (Vec<_>, Vec<_>) = pool_changes.into_iter().unzip();
         let declarative: Vec<Change> = pool_changes.into_iter().chain(declarative).collect();
         let origins: Vec<Origin> = pool_origins.into_iter().chain(origins).collect();
 
         // The same validation the API gets, against an empty state.
-        let listener_protocols = listeners.iter().map(|l| (l.name.clone(), l.protocol)).collect();
+        let listener_protocols = listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.protocol))
+            .collect();
         if let Err((index, err)) = state::State::empty(listener_protocols).check_batch(&declarative)
         {
             return Err(self.apply_error(&origins[index], err));
@@ -595,11 +627,7 @@ impl Doc<'_> {
                 "name",
                 format!("duplicate {kind} name"),
             ),
-            other => self.error(
-                self.line_of(origin.span.start),
-                prefix,
-                other.to_string(),
-            ),
+            other => self.error(self.line_of(origin.span.start), prefix, other.to_string()),
         }
     }
 
@@ -617,10 +645,18 @@ impl Doc<'_> {
         let mgmt_listen = match raw.mgmt_listen.as_deref() {
             None | Some("") => None,
             Some(s) => Some(s.parse().map_err(|_| {
-                self.field_error(&span, prefix, "mgmt_listen", format!("invalid address {s:?}, expected IP:PORT"))
+                self.field_error(
+                    &span,
+                    prefix,
+                    "mgmt_listen",
+                    format!("invalid address {s:?}, expected IP:PORT"),
+                )
             })?),
         };
-        let mgmt_token_file = raw.mgmt_token_file.filter(|f| !f.is_empty()).map(PathBuf::from);
+        let mgmt_token_file = raw
+            .mgmt_token_file
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from);
         if mgmt_listen.is_some() && mgmt_token_file.is_none() {
             return Err(self.field_error(
                 &span,
@@ -633,7 +669,12 @@ impl Doc<'_> {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 42008))),
             Some("") => None,
             Some(s) => Some(s.parse().map_err(|_| {
-                self.field_error(&span, prefix, "admin_listen", format!("invalid address {s:?}, expected IP:PORT"))
+                self.field_error(
+                    &span,
+                    prefix,
+                    "admin_listen",
+                    format!("invalid address {s:?}, expected IP:PORT"),
+                )
             })?),
         };
         let shutdown_timeout = self.duration(
@@ -643,16 +684,31 @@ impl Doc<'_> {
             prefix,
             "shutdown_timeout",
         )?;
-        let drain_timeout =
-            self.duration(&raw.drain_timeout, Duration::from_secs(30), &span, prefix, "drain_timeout")?;
-        let upgrade_timeout =
-            self.duration(&raw.upgrade_timeout, Duration::from_secs(30), &span, prefix, "upgrade_timeout")?;
+        let drain_timeout = self.duration(
+            &raw.drain_timeout,
+            Duration::from_secs(30),
+            &span,
+            prefix,
+            "drain_timeout",
+        )?;
+        let upgrade_timeout = self.duration(
+            &raw.upgrade_timeout,
+            Duration::from_secs(30),
+            &span,
+            prefix,
+            "upgrade_timeout",
+        )?;
         if upgrade_timeout.is_zero() {
             return Err(self.field_error(&span, prefix, "upgrade_timeout", "must be positive"));
         }
         let log_level = raw.log_level.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            return Err(self.field_error(&span, prefix, "log_level", format!("invalid log filter {log_level:?}")));
+            return Err(self.field_error(
+                &span,
+                prefix,
+                "log_level",
+                format!("invalid log filter {log_level:?}"),
+            ));
         }
         Ok(ServerConfig {
             state_dir,
@@ -683,14 +739,14 @@ impl Doc<'_> {
             "https" => Protocol::Https,
             "tls" => Protocol::Tls,
             "tls-passthrough" => Protocol::TlsPassthrough,
-            other => {
-                return Err(self.field_error(
-                    span,
-                    prefix,
-                    "protocol",
-                    format!("unknown protocol {other:?}, expected http, https, tcp, tls or tls-passthrough"),
-                ))
-            }
+            other => return Err(self.field_error(
+                span,
+                prefix,
+                "protocol",
+                format!(
+                    "unknown protocol {other:?}, expected http, https, tcp, tls or tls-passthrough"
+                ),
+            )),
         };
         let address: SocketAddr = raw.address.parse().map_err(|_| {
             self.field_error(
@@ -706,15 +762,32 @@ impl Doc<'_> {
         }
         let max_header_bytes = raw.max_header_bytes.unwrap_or(64 * 1024);
         if max_header_bytes < 8192 {
-            return Err(self.field_error(span, prefix, "max_header_bytes", "must be at least 8192"));
+            return Err(self.field_error(
+                span,
+                prefix,
+                "max_header_bytes",
+                "must be at least 8192",
+            ));
         }
         Ok(ListenerConfig {
             name: raw.name.clone(),
             protocol,
             address,
             max_connections,
-            header_timeout: self.duration(&raw.header_timeout, Duration::from_secs(10), span, prefix, "header_timeout")?,
-            idle_timeout: self.duration(&raw.idle_timeout, Duration::from_secs(60), span, prefix, "idle_timeout")?,
+            header_timeout: self.duration(
+                &raw.header_timeout,
+                Duration::from_secs(10),
+                span,
+                prefix,
+                "header_timeout",
+            )?,
+            idle_timeout: self.duration(
+                &raw.idle_timeout,
+                Duration::from_secs(60),
+                span,
+                prefix,
+                "idle_timeout",
+            )?,
             max_header_bytes,
             max_body_bytes: raw.max_body_bytes.unwrap_or(0),
         })
@@ -730,12 +803,22 @@ impl Doc<'_> {
         let on_change = match raw.on_change.take() {
             None => OnChange::Keep,
             Some(s) => OnChange::parse(&s).ok_or_else(|| {
-                self.field_error(span, prefix, "on_change", format!("unknown on_change {s:?}, expected keep or reset"))
+                self.field_error(
+                    span,
+                    prefix,
+                    "on_change",
+                    format!("unknown on_change {s:?}, expected keep or reset"),
+                )
             })?,
         };
         let Some(d) = raw.discovery.take() else {
             if on_change == OnChange::Reset {
-                return Err(self.field_error(span, prefix, "on_change", "\"reset\" needs a [pools.discovery] section"));
+                return Err(self.field_error(
+                    span,
+                    prefix,
+                    "on_change",
+                    "\"reset\" needs a [pools.discovery] section",
+                ));
             }
             return Ok(None);
         };
@@ -751,79 +834,152 @@ impl Doc<'_> {
         .collect();
         if given.len() != 1 {
             // Point at the last source given: the one too many.
-            let line = given.iter().map(|k| self.line_of_key(span, k)).max().unwrap_or_else(|| self.line_of_key(span, "discovery"));
+            let line = given
+                .iter()
+                .map(|k| self.line_of_key(span, k))
+                .max()
+                .unwrap_or_else(|| self.line_of_key(span, "discovery"));
             return Err(self.error(
                 line,
                 prefix,
-                format!("give exactly one of etcd, dns, exec or file (got {})", if given.is_empty() { "none".to_string() } else { given.join(", ") }),
+                format!(
+                    "give exactly one of etcd, dns, exec or file (got {})",
+                    if given.is_empty() {
+                        "none".to_string()
+                    } else {
+                        given.join(", ")
+                    }
+                ),
             ));
         }
         // Errors inside an inline table point at its line and name the inner field.
         let inner = |key: &str, field: &str, reason: String| {
-            self.error(self.line_of_key(span, key), format!("{prefix}.{key}.{field}"), reason)
+            self.error(
+                self.line_of_key(span, key),
+                format!("{prefix}.{key}.{field}"),
+                reason,
+            )
         };
-        let duration = |key: &str, field: &str, value: &Option<String>, default: Duration| match value {
-            None => Ok(default),
-            Some(s) => match humantime::parse_duration(s) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                Ok(_) => Err(inner(key, field, "must be positive".into())),
-                Err(e) => Err(inner(key, field, format!("invalid duration {s:?}: {e}"))),
-            },
-        };
-        let source = if let Some(e) = d.etcd {
-            if e.endpoints.is_empty() {
-                return Err(inner("etcd", "endpoints", "must name at least one endpoint".into()));
-            }
-            if let Some(bad) = e.endpoints.iter().find(|u| !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= 8) {
-                return Err(inner("etcd", "endpoints", format!("{bad:?} is not an http:// or https:// URL")));
-            }
-            if !e.prefix.starts_with('/') || e.prefix.trim_end_matches('/').is_empty() {
-                return Err(inner("etcd", "prefix", format!("{:?} must start with '/' and name a directory", e.prefix)));
-            }
-            SourceSpec::Etcd { endpoints: e.endpoints, prefix: e.prefix.trim_end_matches('/').to_string() }
-        } else if let Some(n) = d.dns {
-            if n.name.is_empty() || n.name.contains(char::is_whitespace) {
-                return Err(inner("dns", "name", format!("{:?} is not a DNS name", n.name)));
-            }
-            if n.port == Some(0) {
-                return Err(inner("dns", "port", "must be 1-65535 (leave it out for SRV records)".into()));
-            }
-            let resolver = match n.resolver.as_deref() {
-                None => None,
-                Some(r) => Some(r.parse().map_err(|_| inner("dns", "resolver", format!("invalid address {r:?}, expected IP:PORT")))?),
+        let duration =
+            |key: &str, field: &str, value: &Option<String>, default: Duration| match value {
+                None => Ok(default),
+                Some(s) => match humantime::parse_duration(s) {
+                    Ok(d) if !d.is_zero() => Ok(d),
+                    Ok(_) => Err(inner(key, field, "must be positive".into())),
+                    Err(e) => Err(inner(key, field, format!("invalid duration {s:?}: {e}"))),
+                },
             };
-            SourceSpec::Dns {
-                name: n.name,
-                port: n.port,
-                interval: duration("dns", "interval", &n.interval, Duration::from_secs(30))?,
-                resolver,
-            }
-        } else if let Some(x) = d.exec {
-            if x.command.first().is_none_or(|c| c.is_empty()) {
-                return Err(inner("exec", "command", "must name a program".into()));
-            }
-            let interval = duration("exec", "interval", &x.interval, Duration::from_secs(10))?;
-            let timeout = duration("exec", "timeout", &x.timeout, Duration::from_secs(5).min(interval))?;
-            SourceSpec::Exec { command: x.command, interval, timeout }
-        } else if let Some(f) = d.file {
-            if f.path.is_empty() {
-                return Err(inner("file", "path", "must not be empty".into()));
-            }
-            SourceSpec::File { path: PathBuf::from(f.path) }
-        } else {
-            return Err(self.error(self.line_of_key(span, "discovery"), prefix, "give one of etcd, dns, exec or file"));
-        };
-        Ok(Some(DiscoverySpec { pool: raw.name.clone(), source, on_change }))
+        let source =
+            if let Some(e) = d.etcd {
+                if e.endpoints.is_empty() {
+                    return Err(inner(
+                        "etcd",
+                        "endpoints",
+                        "must name at least one endpoint".into(),
+                    ));
+                }
+                if let Some(bad) = e.endpoints.iter().find(|u| {
+                    !(u.starts_with("http://") || u.starts_with("https://")) || u.len() <= 8
+                }) {
+                    return Err(inner(
+                        "etcd",
+                        "endpoints",
+                        format!("{bad:?} is not an http:// or https:// URL"),
+                    ));
+                }
+                if !e.prefix.starts_with('/') || e.prefix.trim_end_matches('/').is_empty() {
+                    return Err(inner(
+                        "etcd",
+                        "prefix",
+                        format!("{:?} must start with '/' and name a directory", e.prefix),
+                    ));
+                }
+                SourceSpec::Etcd {
+                    endpoints: e.endpoints,
+                    prefix: e.prefix.trim_end_matches('/').to_string(),
+                }
+            } else if let Some(n) = d.dns {
+                if n.name.is_empty() || n.name.contains(char::is_whitespace) {
+                    return Err(inner(
+                        "dns",
+                        "name",
+                        format!("{:?} is not a DNS name", n.name),
+                    ));
+                }
+                if n.port == Some(0) {
+                    return Err(inner(
+                        "dns",
+                        "port",
+                        "must be 1-65535 (leave it out for SRV records)".into(),
+                    ));
+                }
+                let resolver = match n.resolver.as_deref() {
+                    None => None,
+                    Some(r) => Some(r.parse().map_err(|_| {
+                        inner(
+                            "dns",
+                            "resolver",
+                            format!("invalid address {r:?}, expected IP:PORT"),
+                        )
+                    })?),
+                };
+                SourceSpec::Dns {
+                    name: n.name,
+                    port: n.port,
+                    interval: duration("dns", "interval", &n.interval, Duration::from_secs(30))?,
+                    resolver,
+                }
+            } else if let Some(x) = d.exec {
+                if x.command.first().is_none_or(|c| c.is_empty()) {
+                    return Err(inner("exec", "command", "must name a program".into()));
+                }
+                let interval = duration("exec", "interval", &x.interval, Duration::from_secs(10))?;
+                let timeout = duration(
+                    "exec",
+                    "timeout",
+                    &x.timeout,
+                    Duration::from_secs(5).min(interval),
+                )?;
+                SourceSpec::Exec {
+                    command: x.command,
+                    interval,
+                    timeout,
+                }
+            } else if let Some(f) = d.file {
+                if f.path.is_empty() {
+                    return Err(inner("file", "path", "must not be empty".into()));
+                }
+                SourceSpec::File {
+                    path: PathBuf::from(f.path),
+                }
+            } else {
+                return Err(self.error(
+                    self.line_of_key(span, "discovery"),
+                    prefix,
+                    "give one of etcd, dns, exec or file",
+                ));
+            };
+        Ok(Some(DiscoverySpec {
+            pool: raw.name.clone(),
+            source,
+            on_change,
+        }))
     }
 
-    fn build_registration(&self, raw: Option<Spanned<RawRegistration>>) -> Result<RegistrationConfig, ConfigError> {
+    fn build_registration(
+        &self,
+        raw: Option<Spanned<RawRegistration>>,
+    ) -> Result<RegistrationConfig, ConfigError> {
         let (span, raw) = match raw {
             Some(s) => (s.span(), s.into_inner()),
             None => (0..0, RawRegistration::default()),
         };
         let prefix = "registration";
         let defaults = RegistrationConfig::default();
-        let positive = |value: &Option<String>, default: Duration, key: &str| -> Result<Duration, ConfigError> {
+        let positive = |value: &Option<String>,
+                        default: Duration,
+                        key: &str|
+         -> Result<Duration, ConfigError> {
             let d = self.duration(value, default, &span, prefix, key)?;
             if d.is_zero() {
                 return Err(self.field_error(&span, prefix, key, "must be positive"));
@@ -836,24 +992,50 @@ impl Doc<'_> {
         let port_range = match raw.port_range.as_deref() {
             None => defaults.port_range,
             Some(s) => {
-                let parsed = s.split_once('-').and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+                let parsed = s.split_once('-').and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                });
                 match parsed {
                     Some((a, b)) if a > 0 && a <= b => a..=b,
                     _ => {
-                        return Err(self.field_error(&span, prefix, "port_range", format!("invalid range {s:?}, expected LOW-HIGH with 1 <= LOW <= HIGH")))
+                        return Err(self.field_error(
+                            &span,
+                            prefix,
+                            "port_range",
+                            format!("invalid range {s:?}, expected LOW-HIGH with 1 <= LOW <= HIGH"),
+                        ))
                     }
                 }
             }
         };
         let address = match raw.address.as_deref() {
             None => defaults.address,
-            Some(s) => s.parse().map_err(|_| self.field_error(&span, prefix, "address", format!("invalid IP address {s:?}")))?,
+            Some(s) => s.parse().map_err(|_| {
+                self.field_error(
+                    &span,
+                    prefix,
+                    "address",
+                    format!("invalid IP address {s:?}"),
+                )
+            })?,
         };
         let queue_limit = raw.queue_limit.unwrap_or(defaults.queue_limit);
-        Ok(RegistrationConfig { hold, port_range, address, queue_limit, max_wait, keepalive })
+        Ok(RegistrationConfig {
+            hold,
+            port_range,
+            address,
+            queue_limit,
+            max_wait,
+            keepalive,
+        })
     }
 
-    fn build_pool(&self, raw: RawPool, span: &Range<usize>, prefix: &str) -> Result<Pool, ConfigError> {
+    fn build_pool(
+        &self,
+        raw: RawPool,
+        span: &Range<usize>,
+        prefix: &str,
+    ) -> Result<Pool, ConfigError> {
         let balance = match raw.balance.as_deref() {
             None => Balance::RoundRobin,
             Some(s) => Balance::parse(s).ok_or_else(|| {
@@ -880,8 +1062,20 @@ impl Doc<'_> {
             None => None,
             Some(h) => Some(HealthCheck {
                 path: h.path.unwrap_or_default(),
-                interval: self.duration(&h.interval, Duration::from_secs(5), span, prefix, "interval")?,
-                timeout: self.duration(&h.timeout, Duration::from_secs(2), span, prefix, "timeout")?,
+                interval: self.duration(
+                    &h.interval,
+                    Duration::from_secs(5),
+                    span,
+                    prefix,
+                    "interval",
+                )?,
+                timeout: self.duration(
+                    &h.timeout,
+                    Duration::from_secs(2),
+                    span,
+                    prefix,
+                    "timeout",
+                )?,
             }),
         };
         Ok(Pool {
@@ -907,10 +1101,20 @@ impl Doc<'_> {
         })
     }
 
-    fn build_route(&self, raw: RawRoute, span: &Range<usize>, prefix: &str) -> Result<Route, ConfigError> {
+    fn build_route(
+        &self,
+        raw: RawRoute,
+        span: &Range<usize>,
+        prefix: &str,
+    ) -> Result<Route, ConfigError> {
         let path = match (raw.path_prefix, raw.path) {
             (Some(_), Some(_)) => {
-                return Err(self.field_error(span, prefix, "path", "give either path or path_prefix, not both"))
+                return Err(self.field_error(
+                    span,
+                    prefix,
+                    "path",
+                    "give either path or path_prefix, not both",
+                ))
             }
             (Some(p), None) => PathMatch::Prefix(p),
             (None, Some(p)) => PathMatch::Exact(p),
@@ -967,7 +1171,10 @@ upstreams = ["127.0.0.1:9001"]
         assert_eq!(config.declarative.len(), 2);
         match &config.declarative[0] {
             Change::CreatePool(p) => {
-                assert_eq!(p.health.as_ref().map(|h| h.interval), Some(Duration::from_secs(2)))
+                assert_eq!(
+                    p.health.as_ref().map(|h| h.interval),
+                    Some(Duration::from_secs(2))
+                )
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -982,7 +1189,10 @@ upstreams = ["127.0.0.1:9001"]
     #[test]
     fn bad_address_names_line_and_field() {
         let e = err("[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"nowhere\"\n");
-        assert!(e.starts_with("t.toml:4: listeners[0].address: invalid address"), "{e}");
+        assert!(
+            e.starts_with("t.toml:4: listeners[0].address: invalid address"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -997,7 +1207,10 @@ upstreams = ["127.0.0.1:9001"]
     #[test]
     fn duplicate_pool_name_is_refused() {
         let e = err(&format!("{BASE}\n[[pools]]\nname = \"v1\"\n"));
-        assert!(e.starts_with("t.toml:12: pools[1].name: duplicate pool name"), "{e}");
+        assert!(
+            e.starts_with("t.toml:12: pools[1].name: duplicate pool name"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1005,13 +1218,19 @@ upstreams = ["127.0.0.1:9001"]
         let e = err(&format!(
             "{BASE}\n[[listeners]]\nname = \"other\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:8080\"\n"
         ));
-        assert!(e.starts_with("t.toml:14: listeners[1].address: another listener"), "{e}");
+        assert!(
+            e.starts_with("t.toml:14: listeners[1].address: another listener"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_duration_is_refused() {
         let e = err("[server]\nshutdown_timeout = \"soon\"\n");
-        assert!(e.starts_with("t.toml:2: server.shutdown_timeout: invalid duration"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2: server.shutdown_timeout: invalid duration"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -98,7 +98,10 @@ impl Daemon {
 
     /// Starts serving, using `inherited` sockets (from a previous process or systemd) where
     /// their names match and binding the rest.
-    pub async fn start_with(config: Config, mut inherited: listener::Inherited) -> Result<Daemon, StartError> {
+    pub async fn start_with(
+        config: Config,
+        mut inherited: listener::Inherited,
+    ) -> Result<Daemon, StartError> {
         let started = std::time::Instant::now();
         // First, so a second daemon on the same socket fails before touching the store.
         let mgmt_sockets = mgmt::Sockets::bind(&config.server, &mut inherited)?;
@@ -108,9 +111,15 @@ impl Daemon {
             config.listener_protocols(),
             &config.declarative,
         )
-        .map_err(|source| StartError::Store { dir: config.server.state_dir.display().to_string(), source })?;
+        .map_err(|source| StartError::Store {
+            dir: config.server.state_dir.display().to_string(),
+            source,
+        })?;
         let shutdown = Shutdown::new();
-        let telemetry = Arc::new(telemetry::Telemetry::start(&config.telemetry, Some(&state))?);
+        let telemetry = Arc::new(telemetry::Telemetry::start(
+            &config.telemetry,
+            Some(&state),
+        )?);
         let tls = tls::Tls::start(
             &config.tls,
             &state::database_path(&config.server.state_dir),
@@ -126,7 +135,10 @@ impl Daemon {
             let Some(socket) = sockets.remove(&listener_config.name) else {
                 return Err(StartError::Io(
                     format!("listener {:?}", listener_config.name),
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "no socket for this listener"),
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no socket for this listener",
+                    ),
                 ));
             };
             let io_err = |e| StartError::Io(format!("listener {:?}", listener_config.name), e);
@@ -142,16 +154,34 @@ impl Daemon {
             let lc = Arc::new(listener_config.clone());
             tracing::info!(listener = %lc.name, protocol = lc.protocol.as_str(), %address, "listening");
             if lc.protocol.is_http() {
-                tokio::spawn(http::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()));
+                tokio::spawn(http::serve(
+                    socket,
+                    lc,
+                    state.clone(),
+                    shutdown.clone(),
+                    tls.clone(),
+                    telemetry.clone(),
+                ));
             } else {
-                tokio::spawn(tcp::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()));
+                tokio::spawn(tcp::serve(
+                    socket,
+                    lc,
+                    state.clone(),
+                    shutdown.clone(),
+                    tls.clone(),
+                    telemetry.clone(),
+                ));
             }
         }
         let admin_address = match config.server.admin_listen {
             Some(addr) => {
                 let admin_err = |e| StartError::Io(format!("admin listener {addr}"), e);
                 let socket = match inherited.take_tcp(upgrade::ADMIN_SOCKET) {
-                    Some((socket, _)) if socket.local_addr().ok() == Some(addr) || addr.port() == 0 => socket,
+                    Some((socket, _))
+                        if socket.local_addr().ok() == Some(addr) || addr.port() == 0 =>
+                    {
+                        socket
+                    }
                     _ => listener::bind(addr).map_err(admin_err)?,
                 };
                 socket.set_nonblocking(true).map_err(admin_err)?;
@@ -162,7 +192,11 @@ impl Daemon {
                     fd: socket.try_clone().map_err(admin_err)?.into(),
                 });
                 let socket = tokio::net::TcpListener::from_std(socket).map_err(admin_err)?;
-                tokio::spawn(telemetry::admin::serve(socket, telemetry.clone(), shutdown.clone()));
+                tokio::spawn(telemetry::admin::serve(
+                    socket,
+                    telemetry.clone(),
+                    shutdown.clone(),
+                ));
                 tracing::info!(%address, "admin endpoints listening");
                 Some(address)
             }
@@ -183,7 +217,10 @@ impl Daemon {
             .mgmt_socket
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
-            .map_or_else(|| config.server.state_dir.clone(), std::path::Path::to_path_buf);
+            .map_or_else(
+                || config.server.state_dir.clone(),
+                std::path::Path::to_path_buf,
+            );
         let upgrader = Arc::new(upgrade::Upgrader::new(
             upgrade::default_executable(config.server.executable.as_deref()),
             runtime_dir,
@@ -198,17 +235,40 @@ impl Daemon {
             .iter()
             .filter_map(|l| {
                 let bound = *addresses.get(&l.name)?;
-                Some(registration::KnownListener { name: l.name.clone(), protocol: l.protocol, bound })
+                Some(registration::KnownListener {
+                    name: l.name.clone(),
+                    protocol: l.protocol,
+                    bound,
+                })
             })
             .collect();
         // Ports opened for registrations are served exactly like configured listeners.
         let serve_registered: registration::ServeListener = {
-            let (state, shutdown, tls, telemetry) = (state.clone(), shutdown.clone(), tls.clone(), telemetry.clone());
+            let (state, shutdown, tls, telemetry) = (
+                state.clone(),
+                shutdown.clone(),
+                tls.clone(),
+                telemetry.clone(),
+            );
             Arc::new(move |socket, lc: Arc<config::ListenerConfig>| {
                 if lc.protocol.is_http() {
-                    tokio::spawn(http::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()))
+                    tokio::spawn(http::serve(
+                        socket,
+                        lc,
+                        state.clone(),
+                        shutdown.clone(),
+                        tls.clone(),
+                        telemetry.clone(),
+                    ))
                 } else {
-                    tokio::spawn(tcp::serve(socket, lc, state.clone(), shutdown.clone(), tls.clone(), telemetry.clone()))
+                    tokio::spawn(tcp::serve(
+                        socket,
+                        lc,
+                        state.clone(),
+                        shutdown.clone(),
+                        tls.clone(),
+                        telemetry.clone(),
+                    ))
                 }
             })
         };
@@ -229,14 +289,28 @@ impl Daemon {
             discovery,
             registry,
             metrics: telemetry.metrics().clone(),
+            tls: Some(tls.clone()),
         };
         mgmt::spawn(mgmt_sockets, mgmt_context, shutdown.clone()).await?;
         telemetry.set_ready();
-        Ok(Daemon { config, state, shutdown, addresses, admin_address, mgmt_address, upgrader, tls, telemetry })
+        Ok(Daemon {
+            config,
+            state,
+            shutdown,
+            addresses,
+            admin_address,
+            mgmt_address,
+            upgrader,
+            tls,
+            telemetry,
+        })
     }
 
     /// Starts the configured binary and hands this daemon's sockets to it (see [`upgrade`]).
-    pub async fn upgrade(&self, binary: Option<std::path::PathBuf>) -> Result<u32, upgrade::UpgradeError> {
+    pub async fn upgrade(
+        &self,
+        binary: Option<std::path::PathBuf>,
+    ) -> Result<u32, upgrade::UpgradeError> {
         self.upgrader.upgrade(binary).await
     }
 
@@ -301,7 +375,9 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
 
     // Sockets, in order: from the previous proxyd (upgrade), from systemd, else bound.
-    let (handoff, mut inherited) = match upgrade::receive().map_err(|e| StartError::Io("upgrade handoff".into(), std::io::Error::other(e)))? {
+    let (handoff, mut inherited) = match upgrade::receive()
+        .map_err(|e| StartError::Io("upgrade handoff".into(), std::io::Error::other(e)))?
+    {
         Some((handoff, inherited)) => (Some(handoff), inherited),
         None => (None, listener::Inherited::default()),
     };
@@ -315,7 +391,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         if let Err(e) = handoff.ready() {
             // The parent has given up on us (and will kill us): do not linger.
             daemon.stop().await;
-            return Err(StartError::Io("upgrade handoff".into(), std::io::Error::other(e)));
+            return Err(StartError::Io(
+                "upgrade handoff".into(),
+                std::io::Error::other(e),
+            ));
         }
     }
     upgrade::notify_systemd(&[sd_notify::NotifyState::Ready]);

@@ -39,8 +39,10 @@ impl Shutdown {
     /// drain timeout; the process exits once in-flight work is done.
     pub fn drain_requested(&self, timeout: Option<Duration>) {
         if let Some(t) = timeout {
-            self.drain_timeout_ms
-                .store(u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::SeqCst);
+            self.drain_timeout_ms.store(
+                u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1),
+                Ordering::SeqCst,
+            );
         }
         self.token.cancel();
     }
@@ -79,9 +81,14 @@ impl Shutdown {
     /// Waits for tracked tasks to end, at most `timeout`. Returns whether all ended.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.tracker.close();
-        let done = tokio::time::timeout(timeout, self.tracker.wait()).await.is_ok();
+        let done = tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_ok();
         if !done {
-            tracing::warn!(remaining = self.tracker.len(), "drain timeout reached; closing remaining connections");
+            tracing::warn!(
+                remaining = self.tracker.len(),
+                "drain timeout reached; closing remaining connections"
+            );
         }
         done
     }

@@ -69,7 +69,11 @@ pool = \"v2\"
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let r = raw(
         p.addr("web"),
         b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-remove-me\r\nX-Remove-Me: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Keep: 1\r\n\r\n",
@@ -77,8 +81,17 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
     .await;
     assert_eq!(r.status, 200);
     let headers = &r.json()["headers"];
-    for gone in ["x-remove-me", "keep-alive", "proxy-authorization", "te", "upgrade"] {
-        assert!(headers.get(gone).is_none(), "{gone} was forwarded: {headers}");
+    for gone in [
+        "x-remove-me",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            headers.get(gone).is_none(),
+            "{gone} was forwarded: {headers}"
+        );
     }
     assert_eq!(headers["x-keep"][0], "1");
     // The upstream's own hop-by-hop headers do not reach the client.
@@ -90,7 +103,11 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 #[tokio::test]
 async fn forwarding_headers_and_via_are_set() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let r = raw(
         p.addr("web"),
         b"GET /x HTTP/1.1\r\nHost: Example.com\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nVia: 1.1 edge\r\nConnection: close\r\n\r\n",
@@ -100,16 +117,26 @@ async fn forwarding_headers_and_via_are_set() {
     assert_eq!(h["x-forwarded-for"][0], "203.0.113.9, 127.0.0.1");
     assert_eq!(h["x-forwarded-proto"][0], "http");
     assert_eq!(h["x-forwarded-host"][0], "example.com");
-    assert_eq!(h["forwarded"][0], "for=127.0.0.1;host=\"example.com\";proto=http");
+    assert_eq!(
+        h["forwarded"][0],
+        "for=127.0.0.1;host=\"example.com\";proto=http"
+    );
     assert_eq!(h["via"][0], "1.1 edge, 1.1 proxyd");
-    assert_eq!(h["host"][0], "Example.com", "the client's Host is preserved");
+    assert_eq!(
+        h["host"][0], "Example.com",
+        "the client's Host is preserved"
+    );
     assert_eq!(r.header("via"), Some("1.1 proxyd"));
 }
 
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let r = raw(
         p.addr("web"),
         b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -122,14 +149,22 @@ async fn content_length_with_transfer_encoding_is_refused() {
 #[tokio::test]
 async fn conflicting_content_lengths_are_refused() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let r = raw(
         p.addr("web"),
         b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
     )
     .await;
     assert_eq!(r.status, 400);
-    let r = raw(p.addr("web"), b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!").await;
+    let r = raw(
+        p.addr("web"),
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\nhello!",
+    )
+    .await;
     assert_eq!(r.status, 400);
     let r = raw(p.addr("web"), b"POST /upload HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
     assert_eq!(r.status, 400, "bad chunk size");
@@ -139,7 +174,11 @@ async fn conflicting_content_lengths_are_refused() {
 #[tokio::test]
 async fn path_is_forwarded_without_normalisation() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let r = get(p.addr("web"), "h", "/a/../b/./c//d%2F%2e?q=1&q=2").await;
     assert_eq!(r.json()["uri"], "/a/../b/./c//d%2F%2e?q=1&q=2");
 }
@@ -152,7 +191,10 @@ async fn strip_prefix_removes_the_matched_prefix_only() {
         pool("p", &[&up])
     ))
     .await;
-    assert_eq!(get(p.addr("web"), "h", "/api/users?x=1").await.json()["uri"], "/users?x=1");
+    assert_eq!(
+        get(p.addr("web"), "h", "/api/users?x=1").await.json()["uri"],
+        "/users?x=1"
+    );
     assert_eq!(get(p.addr("web"), "h", "/api").await.json()["uri"], "/");
 }
 
@@ -216,13 +258,23 @@ pool = \"slow\"
 #[tokio::test]
 async fn connect_timeout_gives_504() {
     // A listener whose backlog is full never completes new handshakes.
-    let blackhole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    blackhole.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let blackhole =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    blackhole
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
     blackhole.listen(0).unwrap();
     let addr = blackhole.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
             fillers.push(s);
         }
     }
@@ -274,7 +326,9 @@ async fn ordered_pool_fails_over_and_round_robin_spreads() {
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..10 {
         let r = get(p.addr("web"), "h", "/rr").await;
-        *seen.entry(r.json()["upstream"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        *seen
+            .entry(r.json()["upstream"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     assert_eq!(seen.get("a"), Some(&5));
     assert_eq!(seen.get("b"), Some(&5));
@@ -283,12 +337,20 @@ async fn ordered_pool_fails_over_and_round_robin_spreads() {
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     for _ in 0..20 {
         assert_eq!(get(p.addr("web"), "h", "/").await.status, 200);
     }
     assert_eq!(up.hits(), 20);
-    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "one kept-alive upstream connection");
+    assert_eq!(
+        up.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one kept-alive upstream connection"
+    );
 }
 
 #[tokio::test]
@@ -300,7 +362,11 @@ async fn header_and_body_limits() {
     ))
     .await;
     let big = "a".repeat(20_000);
-    let r = raw(p.addr("web"), format!("GET / HTTP/1.1\r\nHost: h\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    let r = raw(
+        p.addr("web"),
+        format!("GET / HTTP/1.1\r\nHost: h\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await;
     assert_eq!(r.status, 431);
     let body = "b".repeat(2000);
     let r = raw(
@@ -351,28 +417,42 @@ async fn idle_connections_are_closed() {
     ))
     .await;
     let mut s = TcpStream::connect(p.addr("web")).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
     let r = read_response(&mut s).await;
     assert_eq!(r.status, 200);
     // Keep-alive connection now idle: closed by the proxy.
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
     assert_eq!(n, 0);
 }
 
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let mut s = TcpStream::connect(p.addr("web")).await.unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
     let r = read_response(&mut s).await;
     assert_eq!(r.status, 101);
     assert_eq!(r.header("upgrade"), Some("echo"));
     for msg in [&b"hello"[..], b"through the tunnel"] {
         s.write_all(msg).await.unwrap();
         let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got, msg);
     }
 }
@@ -380,7 +460,11 @@ async fn websocket_upgrade_is_tunnelled() {
 #[tokio::test]
 async fn http2_cleartext_clients_are_served() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\nhost=\"example.com\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\nhost=\"example.com\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let stream = TcpStream::connect(p.addr("web")).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -404,7 +488,11 @@ async fn http2_cleartext_clients_are_served() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!("{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n", pool("p", &[&up]))).await;
+    let p = start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[&up])
+    ))
+    .await;
     let web = p.addr("web");
     let slow = tokio::spawn(async move { get(web, "h", "/slow/700").await });
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -66,9 +66,21 @@ fn peak_rss_kib(pid: u32) -> u64 {
 fn check_config_reports_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:8080\"\n").unwrap();
-    let out = Command::new(PROXYD).arg("check-config").arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &good,
+        "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:8080\"\n",
+    )
+    .unwrap();
+    let out = Command::new(PROXYD)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(
@@ -76,10 +88,20 @@ fn check_config_reports_file_line_and_field() {
         "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:8080\"\n\n[[routes]]\nname = \"r\"\nlistener = \"web\"\npool = \"nope\"\n",
     )
     .unwrap();
-    let out = Command::new(PROXYD).arg("check-config").arg(&bad).output().unwrap();
+    let out = Command::new(PROXYD)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim(), format!("{}:9: routes[0].pool: no pool named \"nope\"", bad.display()));
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "{}:9: routes[0].pool: no pool named \"nope\"",
+            bad.display()
+        )
+    );
 }
 
 #[tokio::test]
@@ -100,7 +122,10 @@ async fn embedded_default_serves_404_with_a_clear_body() {
     assert!(r.text().contains("no route"), "{}", r.text());
     let r = get("127.0.0.1:42008".parse().unwrap(), "localhost", "/healthz").await;
     assert_eq!(r.status, 200);
-    assert!(dir.path().join("state/proxy.db").exists(), "state dir created under the working directory");
+    assert!(
+        dir.path().join("state/proxy.db").exists(),
+        "state dir created under the working directory"
+    );
 }
 
 #[tokio::test]
@@ -119,9 +144,19 @@ async fn sigterm_drains_and_exits_zero() {
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let slow = tokio::spawn(async move { get(addr, "h", "/slow/800").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert_eq!(slow.await.unwrap().status, 200, "in-flight request finished");
-    let status = tokio::task::spawn_blocking(move || p.0.wait().unwrap()).await.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(
+        slow.await.unwrap().status,
+        200,
+        "in-flight request finished"
+    );
+    let status = tokio::task::spawn_blocking(move || p.0.wait().unwrap())
+        .await
+        .unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -143,7 +178,11 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
 
     // Download: read and discard 1 GiB.
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET /stream/{GIB} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(
+        format!("GET /stream/{GIB} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = vec![0u8; 256 * 1024];
     let mut total: u64 = 0;
     loop {
@@ -169,5 +208,8 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
 
     let peak = peak_rss_kib(p.0.id());
     // Streaming keeps the proxy's memory independent of body size: far below 1 GiB.
-    assert!(peak < baseline + 64 * 1024, "peak RSS {peak} KiB (baseline {baseline} KiB)");
+    assert!(
+        peak < baseline + 64 * 1024,
+        "peak RSS {peak} KiB (baseline {baseline} KiB)"
+    );
 }

@@ -40,7 +40,10 @@ fn api_route(name: &str, prefix: &str, pool: &str) -> Route {
 async fn api_changes_are_routed_at_once_and_survive_restart_and_reconciliation() {
     let v1 = upstream("v1").await;
     let v2 = upstream("v2").await;
-    let file_v1 = format!("{WEB}{}[[routes]]\nname=\"site\"\nlistener=\"web\"\npool=\"v1\"\n", pool("v1", &[&v1]));
+    let file_v1 = format!(
+        "{WEB}{}[[routes]]\nname=\"site\"\nlistener=\"web\"\npool=\"v1\"\n",
+        pool("v1", &[&v1])
+    );
     let p = start_proxy(&file_v1).await;
     let web = p.addr("web");
     assert_eq!(get(web, "h", "/docs/a").await.json()["upstream"], "v1");
@@ -48,13 +51,29 @@ async fn api_changes_are_routed_at_once_and_survive_restart_and_reconciliation()
     // An API change is visible to the very next request.
     p.daemon
         .state()
-        .apply(vec![Change::CreatePool(api_pool("v2", &v2.address())), Change::CreateRoute(api_route("docs", "/docs", "v2"))], Source::Api)
+        .apply(
+            vec![
+                Change::CreatePool(api_pool("v2", &v2.address())),
+                Change::CreateRoute(api_route("docs", "/docs", "v2")),
+            ],
+            Source::Api,
+        )
         .await
         .unwrap();
     assert_eq!(get(web, "h", "/docs/a").await.json()["upstream"], "v2");
 
     // The API may not touch the file's objects.
-    let err = p.daemon.state().apply(vec![Change::DeleteRoute { name: "site".into() }], Source::Api).await.unwrap_err();
+    let err = p
+        .daemon
+        .state()
+        .apply(
+            vec![Change::DeleteRoute {
+                name: "site".into(),
+            }],
+            Source::Api,
+        )
+        .await
+        .unwrap_err();
     assert!(matches!(err, ApplyError::Declarative { .. }), "{err:?}");
 
     // Restart with an edited file: the file's route changes, the API's objects stay.
@@ -68,9 +87,18 @@ async fn api_changes_are_routed_at_once_and_survive_restart_and_reconciliation()
     let p = start_proxy_in(dir, &file_v2).await;
     let web = p.addr("web");
     let snap = p.daemon.state().snapshot();
-    assert!(snap.state.route("site").is_none(), "removed from the file, so removed");
-    assert_eq!(snap.state.route("site-moved").map(|r| r.source), Some(Source::Declarative));
-    assert_eq!(snap.state.route("docs").map(|r| r.source), Some(Source::Api));
+    assert!(
+        snap.state.route("site").is_none(),
+        "removed from the file, so removed"
+    );
+    assert_eq!(
+        snap.state.route("site-moved").map(|r| r.source),
+        Some(Source::Declarative)
+    );
+    assert_eq!(
+        snap.state.route("docs").map(|r| r.source),
+        Some(Source::Api)
+    );
     assert_eq!(get(web, "h", "/docs/a").await.json()["upstream"], "v2");
     assert_eq!(get(web, "h", "/other").await.json()["upstream"], "v1");
 }
@@ -83,12 +111,18 @@ async fn a_failed_batch_changes_nothing() {
     let before = state.snapshot().revision;
     let err = state
         .apply(
-            vec![Change::CreatePool(api_pool("a", &v1.address())), Change::CreateRoute(api_route("r", "/", "missing"))],
+            vec![
+                Change::CreatePool(api_pool("a", &v1.address())),
+                Change::CreateRoute(api_route("r", "/", "missing")),
+            ],
             Source::Api,
         )
         .await
         .unwrap_err();
-    assert_eq!(err, ApplyError::invalid("changes[1].route.pool", "no pool named \"missing\""));
+    assert_eq!(
+        err,
+        ApplyError::invalid("changes[1].route.pool", "no pool named \"missing\"")
+    );
     assert_eq!(state.snapshot().revision, before);
     assert!(state.snapshot().state.pool("a").is_none());
     // And nothing reached the disk either.
@@ -107,7 +141,13 @@ async fn concurrent_writers_lose_nothing() {
         tasks.push(tokio::spawn(async move {
             for i in 0..100 {
                 state
-                    .apply(vec![Change::CreatePool(api_pool(&format!("p{w}-{i}"), "127.0.0.1:9"))], Source::Api)
+                    .apply(
+                        vec![Change::CreatePool(api_pool(
+                            &format!("p{w}-{i}"),
+                            "127.0.0.1:9",
+                        ))],
+                        Source::Api,
+                    )
                     .await
                     .unwrap();
             }
@@ -128,14 +168,20 @@ async fn concurrent_writers_lose_nothing() {
 #[tokio::test]
 #[ignore = "child process of kill_9_mid_write_keeps_every_committed_batch"]
 async fn crash_writer_child() {
-    let Ok(dir) = std::env::var("PROXY_CRASH_CHILD_DIR") else { return };
+    let Ok(dir) = std::env::var("PROXY_CRASH_CHILD_DIR") else {
+        return;
+    };
     let listeners = [("web".to_string(), proxy::config::Protocol::Http)].into();
     let state = StateHandle::open(std::path::Path::new(&dir), listeners, &[]).unwrap();
     for i in 0.. {
         // Each batch is a pool and a route that uses it: both or neither must survive.
         let batch = vec![
             Change::CreatePool(api_pool(&format!("pool{i}"), "127.0.0.1:9")),
-            Change::CreateRoute(api_route(&format!("route{i}"), &format!("/r{i}"), &format!("pool{i}"))),
+            Change::CreateRoute(api_route(
+                &format!("route{i}"),
+                &format!("/r{i}"),
+                &format!("pool{i}"),
+            )),
         ];
         let revision = state.apply(batch, Source::Api).await.unwrap();
         println!("committed {i} {revision}");
@@ -146,7 +192,13 @@ async fn crash_writer_child() {
 async fn kill_9_mid_write_keeps_every_committed_batch() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_writer_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_writer_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("PROXY_CRASH_CHILD_DIR", dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -167,9 +219,15 @@ async fn kill_9_mid_write_keeps_every_committed_batch() {
     // Let it commit a few hundred batches, then kill it without warning.
     let mut last = 0;
     while last < 300 {
-        last = rx.recv_timeout(Duration::from_secs(60)).expect("child commits");
+        last = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("child commits");
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     child.wait().unwrap();
     while let Ok(i) = rx.try_recv() {
         last = last.max(i);
@@ -178,8 +236,14 @@ async fn kill_9_mid_write_keeps_every_committed_batch() {
     let state = StateHandle::open(dir.path(), listeners, &[]).unwrap();
     let snap = state.snapshot();
     for i in 0..=last {
-        assert!(snap.state.pool(&format!("pool{i}")).is_some(), "committed pool{i} lost");
-        assert!(snap.state.route(&format!("route{i}")).is_some(), "committed route{i} lost");
+        assert!(
+            snap.state.pool(&format!("pool{i}")).is_some(),
+            "committed pool{i} lost"
+        );
+        assert!(
+            snap.state.route(&format!("route{i}")).is_some(),
+            "committed route{i} lost"
+        );
     }
     // Every batch is whole: no pool without its route or the reverse.
     let pools = snap.state.pools().count();

@@ -16,7 +16,9 @@ async fn reverse_upstream() -> (String, tokio::task::JoinHandle<()>) {
     let addr = listener.local_addr().unwrap().to_string();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let mut data = Vec::new();
                 if s.read_to_end(&mut data).await.is_err() {
@@ -49,7 +51,10 @@ async fn half_close_is_honoured_and_bytes_are_exact() {
     // Half-close: the upstream sees EOF and only then answers on the still-open other half.
     s.shutdown().await.unwrap();
     let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     let mut expected = payload.clone();
     expected.reverse();
     assert_eq!(back.len(), expected.len());
@@ -75,7 +80,10 @@ async fn all_upstreams_down_closes_the_connection() {
     let p = start_proxy(&tcp_config(&[dead_address()], "")).await;
     let mut s = TcpStream::connect(p.addr("db")).await.unwrap();
     let mut buf = [0u8; 8];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0);
 }
 
@@ -86,7 +94,9 @@ async fn connection_limit_holds_extra_clients_back() {
     let up = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -102,9 +112,15 @@ async fn connection_limit_holds_extra_clients_back() {
     let mut second = TcpStream::connect(p.addr("db")).await.unwrap();
     second.write_all(b"2").await.unwrap();
     let early = tokio::time::timeout(Duration::from_millis(500), second.read_exact(&mut b)).await;
-    assert!(early.is_err(), "second connection was served beyond the limit");
+    assert!(
+        early.is_err(),
+        "second connection was served beyond the limit"
+    );
     drop(first);
-    tokio::time::timeout(Duration::from_secs(10), second.read_exact(&mut b)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), second.read_exact(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&b, b"2");
 }
 
@@ -122,6 +138,9 @@ async fn idle_tcp_streams_are_closed() {
     let p = start_proxy(&tcp_config(&[up], "idle_timeout = \"300ms\"")).await;
     let mut s = TcpStream::connect(p.addr("db")).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("closed in time").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
     assert_eq!(n, 0);
 }

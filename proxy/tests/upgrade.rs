@@ -38,7 +38,12 @@ impl Daemon {
 
     async fn pid(&self) -> u32 {
         let mut api = self.api().await;
-        api.admin.status(pb::StatusRequest::default()).await.unwrap().into_inner().pid
+        api.admin
+            .status(pb::StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .pid
     }
 }
 
@@ -47,7 +52,10 @@ impl Drop for Daemon {
         // Stop whichever process serves now, then the first one if still around.
         if let Ok(text) = std::fs::read_to_string(self.dir.path().join("current.pid")) {
             if let Ok(pid) = text.trim().parse::<i32>() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         let _ = self.child.kill();
@@ -56,7 +64,11 @@ impl Drop for Daemon {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn wait_for_port(port: u16) {
@@ -79,7 +91,14 @@ async fn wait_for_socket(path: &Path) {
     panic!("{} never opened", path.display());
 }
 
-fn config(dir: &Path, web: u16, db: u16, http_pool: &str, tcp_upstream: &str, executable: &str) -> String {
+fn config(
+    dir: &Path,
+    web: u16,
+    db: u16,
+    http_pool: &str,
+    tcp_upstream: &str,
+    executable: &str,
+) -> String {
     format!(
         "[server]
 state_dir = \"{dir}\"
@@ -144,7 +163,12 @@ async fn start(up: &Upstream) -> Daemon {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let d = Daemon { child, dir, web, db };
+    let d = Daemon {
+        child,
+        dir,
+        web,
+        db,
+    };
     wait_for_port(web).await;
     wait_for_socket(&d.socket()).await;
     d
@@ -154,7 +178,10 @@ async fn upgrade(d: &Daemon, binary: &str) -> Result<u32, tonic::Status> {
     let mut api = d.api().await;
     let r = api
         .admin
-        .upgrade(pb::UpgradeRequest { binary: binary.into(), wait: true })
+        .upgrade(pb::UpgradeRequest {
+            binary: binary.into(),
+            wait: true,
+        })
         .await
         .map(|r| r.into_inner().new_pid);
     if let Ok(pid) = &r {
@@ -177,16 +204,24 @@ async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bool),
             return Err(!buf.is_empty());
         }
         buf.extend_from_slice(&tmp[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let length: usize = head
             .lines()
             .find_map(|l| l.strip_prefix("content-length:"))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         if buf.len() >= end + 4 + length {
-            let close = head.lines().any(|l| l.starts_with("connection:") && l.contains("close"));
+            let close = head
+                .lines()
+                .any(|l| l.starts_with("connection:") && l.contains("close"));
             return Ok((status, close));
         }
     }
@@ -248,7 +283,13 @@ async fn new_connection_client(port: u16, stop: Arc<AtomicBool>, tally: Arc<Tall
     while !stop.load(Ordering::Relaxed) && sent < 200_000 {
         sent += 1;
         let outcome = match TcpStream::connect(("127.0.0.1", port)).await {
-            Ok(mut s) => exchange(&mut s, b"GET /new HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await,
+            Ok(mut s) => {
+                exchange(
+                    &mut s,
+                    b"GET /new HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+                )
+                .await
+            }
             Err(_) => Err(false),
         };
         match outcome {
@@ -266,17 +307,27 @@ async fn ten_upgrades_under_load_lose_nothing() {
     let tally = Arc::new(Tally::default());
     let mut clients = Vec::new();
     for _ in 0..3 {
-        clients.push(tokio::spawn(keep_alive_client(d.web, stop.clone(), tally.clone())));
+        clients.push(tokio::spawn(keep_alive_client(
+            d.web,
+            stop.clone(),
+            tally.clone(),
+        )));
     }
     for _ in 0..2 {
-        clients.push(tokio::spawn(new_connection_client(d.web, stop.clone(), tally.clone())));
+        clients.push(tokio::spawn(new_connection_client(
+            d.web,
+            stop.clone(),
+            tally.clone(),
+        )));
     }
 
     // A long download and an open TCP stream, both started before the upgrades.
     let web = d.web;
     let download = tokio::spawn(async move {
         let mut s = TcpStream::connect(("127.0.0.1", web)).await.unwrap();
-        s.write_all(b"GET /drip/40/50 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /drip/40/50 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
         let mut body = Vec::new();
         s.read_to_end(&mut body).await.unwrap();
         body
@@ -291,8 +342,15 @@ async fn ten_upgrades_under_load_lose_nothing() {
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let new_pid = upgrade(&d, "").await.expect("upgrade");
-        assert!(!pids.contains(&new_pid), "every upgrade gives a new pid: {new_pid} in {pids:?}");
-        assert_eq!(d.pid().await, new_pid, "the API is served by the new process");
+        assert!(
+            !pids.contains(&new_pid),
+            "every upgrade gives a new pid: {new_pid} in {pids:?}"
+        );
+        assert_eq!(
+            d.pid().await,
+            new_pid,
+            "the API is served by the new process"
+        );
         pids.push(new_pid);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -328,16 +386,29 @@ async fn broken_new_binaries_fail_the_upgrade_and_the_old_process_serves_on() {
     let hangs = d.dir.path().join("hangs.sh");
     std::fs::write(&hangs, "#!/bin/sh\nexec sleep 600\n").unwrap();
     for script in [&exits, &hangs] {
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(script).unwrap().permissions(), 0o755);
-        std::fs::set_permissions(script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(script).unwrap().permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
     }
 
-    let err = upgrade(&d, exits.to_str().unwrap()).await.expect_err("exits at once");
+    let err = upgrade(&d, exits.to_str().unwrap())
+        .await
+        .expect_err("exits at once");
     assert!(err.message().contains("exited"), "{}", err.message());
     assert_eq!(d.pid().await, old);
-    assert_eq!(get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/").await.status, 200);
+    assert_eq!(
+        get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/")
+            .await
+            .status,
+        200
+    );
 
-    let err = upgrade(&d, hangs.to_str().unwrap()).await.expect_err("never ready");
+    let err = upgrade(&d, hangs.to_str().unwrap())
+        .await
+        .expect_err("never ready");
     assert!(err.message().contains("not ready"), "{}", err.message());
     assert_eq!(d.pid().await, old);
 
@@ -346,7 +417,12 @@ async fn broken_new_binaries_fail_the_upgrade_and_the_old_process_serves_on() {
     create_pool(&mut api, pool_msg("after-failure", &[up.address()])).await;
     let new = upgrade(&d, "").await.expect("good upgrade");
     assert_ne!(new, old);
-    assert_eq!(get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/").await.status, 200);
+    assert_eq!(
+        get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/")
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -359,19 +435,32 @@ async fn api_changes_made_just_before_an_upgrade_are_served_by_the_new_process()
     create_route(&mut api, route_msg("docs", "", "/docs", "v2")).await;
     let new = upgrade(&d, "").await.expect("upgrade");
     assert_eq!(d.pid().await, new);
-    let r = get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/docs/x").await;
+    let r = get(
+        format!("127.0.0.1:{}", d.web).parse().unwrap(),
+        "h",
+        "/docs/x",
+    )
+    .await;
     assert_eq!(r.header("x-upstream"), Some("v2"));
     // And the new process writes to the store it was handed.
     let mut api = d.api().await;
     create_route(&mut api, route_msg("more", "", "/more", "v2")).await;
-    let r = get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/more").await;
+    let r = get(
+        format!("127.0.0.1:{}", d.web).parse().unwrap(),
+        "h",
+        "/more",
+    )
+    .await;
     assert_eq!(r.header("x-upstream"), Some("v2"));
 }
 
 #[tokio::test]
 async fn systemd_socket_activation_with_named_fds() {
     let Ok(activate) = which("systemd-socket-activate") else {
-        assert!(std::env::var_os("CI").is_none(), "systemd-socket-activate is required in CI");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "systemd-socket-activate is required in CI"
+        );
         eprintln!("systemd-socket-activate not installed; skipping");
         return;
     };
@@ -379,7 +468,14 @@ async fn systemd_socket_activation_with_named_fds() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // The config names other ports: the sockets from systemd must win by name.
-    let text = config(dir.path(), 1, free_port(), &pool("p", &[&up]), &echo_server().await, PROXYD);
+    let text = config(
+        dir.path(),
+        1,
+        free_port(),
+        &pool("p", &[&up]),
+        &echo_server().await,
+        PROXYD,
+    );
     let text = text.replace("address = \"127.0.0.1:1\"", "address = \"127.0.0.1:9\"");
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, text).unwrap();
@@ -404,6 +500,10 @@ async fn systemd_socket_activation_with_named_fds() {
 
 fn which(name: &str) -> Result<PathBuf, ()> {
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.is_file())
+        })
         .ok_or(())
 }

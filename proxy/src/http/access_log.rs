@@ -91,7 +91,12 @@ impl AccessLog {
         if let Some(cx) = &self.trace {
             RequestTracing::finish(
                 cx,
-                &SpanOutcome { http: &outcome, method: &self.method, upstream: &self.upstream, complete },
+                &SpanOutcome {
+                    http: &outcome,
+                    method: &self.method,
+                    upstream: &self.upstream,
+                    complete,
+                },
             );
         }
         tracing::info!(

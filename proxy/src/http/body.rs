@@ -43,7 +43,11 @@ impl RequestBody {
 
     /// Streams `inner`, failing once more than `limit` bytes passed (0 = no limit).
     pub fn streaming(inner: Incoming, limit: u64) -> Self {
-        RequestBody { inner: Some(inner), limit, seen: 0 }
+        RequestBody {
+            inner: Some(inner),
+            limit,
+            seen: 0,
+        }
     }
 }
 
@@ -51,7 +55,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -78,7 +85,9 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -111,12 +120,22 @@ pub struct ResponseBody {
 impl ResponseBody {
     /// A complete body held in memory (error pages).
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        ResponseBody { source: Source::Full(Some(bytes.into())), reuse: None, log: None, bytes: 0 }
+        ResponseBody {
+            source: Source::Full(Some(bytes.into())),
+            reuse: None,
+            log: None,
+            bytes: 0,
+        }
     }
 
     /// The upstream's body, streamed.
     pub fn upstream(inner: Incoming, reuse: Option<Reuse>) -> Self {
-        ResponseBody { source: Source::Upstream(inner), reuse, log: None, bytes: 0 }
+        ResponseBody {
+            source: Source::Upstream(inner),
+            reuse,
+            log: None,
+            bytes: 0,
+        }
     }
 
     /// Writes `log` with the byte count when the body ends or is dropped.
@@ -150,7 +169,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.source {
             Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),

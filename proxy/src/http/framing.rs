@@ -22,7 +22,10 @@ pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
 impl Verdicts {
     /// Whether the next request (in arrival order) declared both body lengths.
     pub fn next_is_ambiguous(&self) -> bool {
-        self.0.lock().map(|mut q| q.pop_front().unwrap_or(false)).unwrap_or(false)
+        self.0
+            .lock()
+            .map(|mut q| q.pop_front().unwrap_or(false))
+            .unwrap_or(false)
     }
 
     fn push(&self, ambiguous: bool) {
@@ -61,7 +64,11 @@ pub struct FramingScan<S> {
 impl<S> FramingScan<S> {
     /// Wraps `inner`; verdicts are published to `verdicts`.
     pub fn new(inner: S, verdicts: Verdicts) -> Self {
-        FramingScan { inner, phase: Phase::Head(Vec::new()), verdicts }
+        FramingScan {
+            inner,
+            phase: Phase::Head(Vec::new()),
+            verdicts,
+        }
     }
 
     fn scan(&mut self, mut data: &[u8]) {
@@ -71,7 +78,10 @@ impl<S> FramingScan<S> {
                 Phase::Head(buf) => {
                     // Blank lines before a request line are allowed and ignored.
                     if buf.is_empty() {
-                        let skip = data.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+                        let skip = data
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
                         data = &data[skip..];
                         if data.is_empty() {
                             return;
@@ -169,7 +179,9 @@ impl<S> FramingScan<S> {
         let mut has_cl = false;
         let mut upgrade = false;
         for line in lines {
-            let Some((name, value)) = line.split_once(':') else { continue };
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
             let name = name.trim();
             let value = value.trim();
             if name.eq_ignore_ascii_case("content-length") {
@@ -177,7 +189,10 @@ impl<S> FramingScan<S> {
                 length = value.split(',').next().and_then(|v| v.trim().parse().ok());
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
                 has_te = true;
-                chunked = value.rsplit(',').next().is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+                chunked = value
+                    .rsplit(',')
+                    .next()
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
             } else if name.eq_ignore_ascii_case("upgrade") {
                 upgrade = true;
             }
@@ -202,7 +217,11 @@ impl<S> FramingScan<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -217,7 +236,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for FramingScan<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -252,13 +275,18 @@ mod tests {
         for part in input {
             scan.scan(part);
         }
-        let out = v.0.lock().map(|q| q.iter().copied().collect()).unwrap_or_default();
+        let out =
+            v.0.lock()
+                .map(|q| q.iter().copied().collect())
+                .unwrap_or_default();
         out
     }
 
     #[test]
     fn flags_only_the_ambiguous_head() {
-        let got = verdicts(&[b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"]);
+        let got = verdicts(&[
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ]);
         assert_eq!(got, [true]);
     }
 

@@ -104,7 +104,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
 /// and `X-Forwarded-Host`.
-pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, proto: &'static str, host: Option<&str>) {
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    proto: &'static str,
+    host: Option<&str>,
+) {
     let client_text = client.to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_text}"),
@@ -190,16 +195,31 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         h
     }
 
     #[test]
     fn framing() {
-        assert!(check_framing(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])).is_err());
-        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "6")])).is_err());
-        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked")
+        ]))
+        .is_err());
+        assert!(check_framing(&headers(&[
+            ("content-length", "5"),
+            ("content-length", "6")
+        ]))
+        .is_err());
+        assert!(check_framing(&headers(&[
+            ("content-length", "5"),
+            ("content-length", "5")
+        ]))
+        .is_ok());
         assert!(check_framing(&headers(&[("content-length", "5, 6")])).is_err());
         assert!(check_framing(&headers(&[("content-length", "+5")])).is_err());
         assert!(check_framing(&headers(&[("transfer-encoding", "gzip")])).is_err());
@@ -224,20 +244,34 @@ mod tests {
     #[test]
     fn forwarding_headers_append() {
         let mut h = headers(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.1 edge")]);
-        add_forwarding(&mut h, "127.0.0.1".parse().expect("ip"), "http", Some("example.com"));
+        add_forwarding(
+            &mut h,
+            "127.0.0.1".parse().expect("ip"),
+            "http",
+            Some("example.com"),
+        );
         add_via(&mut h, Version::HTTP_11);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
-        assert_eq!(h["forwarded"], "for=127.0.0.1;host=\"example.com\";proto=http");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;host=\"example.com\";proto=http"
+        );
         assert_eq!(h["via"], "1.1 edge, 1.1 proxyd");
     }
 
     #[test]
     fn host_parsing() {
         let uri: http::Uri = "/x".parse().expect("uri");
-        assert_eq!(request_host(&uri, &headers(&[("host", "Example.COM:8080")])).as_deref(), Some("example.com"));
-        assert_eq!(request_host(&uri, &headers(&[("host", "[::1]:80")])).as_deref(), Some("::1"));
+        assert_eq!(
+            request_host(&uri, &headers(&[("host", "Example.COM:8080")])).as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            request_host(&uri, &headers(&[("host", "[::1]:80")])).as_deref(),
+            Some("::1")
+        );
         assert_eq!(request_host(&uri, &headers(&[])), None);
     }
 }

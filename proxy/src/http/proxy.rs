@@ -15,11 +15,14 @@ use super::access_log::{AccessLog, ErrorSource};
 use super::body::{BodyTooLarge, ClientBodyError, RequestBody, ResponseBody, Reuse};
 use super::hygiene;
 use crate::config::ListenerConfig;
-use crate::telemetry::Metrics;
 use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
 use crate::state::{PathMatch, StateHandle};
-use crate::upstream::{connect, http_sender, ConnectError, HttpSender, InFlight, NoUpstream, PoolRuntime, UpstreamRuntime};
+use crate::telemetry::Metrics;
+use crate::upstream::{
+    connect, http_sender, ConnectError, HttpSender, InFlight, NoUpstream, PoolRuntime,
+    UpstreamRuntime,
+};
 
 /// What every request on one client connection shares.
 pub(crate) struct ConnContext {
@@ -45,23 +48,36 @@ struct Failure {
 
 impl Failure {
     fn new(status: StatusCode, source: ErrorSource, detail: impl Into<String>) -> Self {
-        Failure { status, source, detail: detail.into() }
+        Failure {
+            status,
+            source,
+            detail: detail.into(),
+        }
     }
 }
 
 /// Handles one request; never fails (errors become responses).
-pub(crate) async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+pub(crate) async fn handle(
+    ctx: Arc<ConnContext>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let mut log = AccessLog {
         listener: ctx.listener.name.clone(),
         client: ctx.client,
         method: req.method().to_string(),
         path: if ctx.telemetry.include_query() {
-            req.uri().path_and_query().map_or("/", |pq| pq.as_str()).to_string()
+            req.uri()
+                .path_and_query()
+                .map_or("/", |pq| pq.as_str())
+                .to_string()
         } else {
             req.uri().path().to_string()
         },
         headers: ctx.telemetry.headers().render(req.headers()),
-        trace: ctx.telemetry.tracing().map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
+        trace: ctx
+            .telemetry
+            .tracing()
+            .map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
         telemetry: ctx.telemetry.clone(),
         host: String::new(),
         route: String::new(),
@@ -86,11 +102,14 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Res
             log.error = Some((failure.source, failure.detail));
             let mut response = Response::new(ResponseBody::full(body));
             *response.status_mut() = failure.status;
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
             if failure.source == ErrorSource::Downstream {
-                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             response
         }
@@ -99,7 +118,9 @@ pub(crate) async fn handle(ctx: Arc<ConnContext>, req: Request<Incoming>) -> Res
     let (mut parts, body) = response.into_parts();
     if ctx.shutdown.is_triggered() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
         // Draining: this HTTP/1 connection ends after this response (h2 gets GOAWAY).
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(Response::from_parts(parts, body.with_log(Arc::new(log))))
 }
@@ -117,7 +138,11 @@ fn public_reason(failure: &Failure) -> &'static str {
     }
 }
 
-async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLog) -> Result<Response<ResponseBody>, Failure> {
+async fn proxy(
+    ctx: &ConnContext,
+    mut req: Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Response<ResponseBody>, Failure> {
     if let Some(answer) = acme_challenge(ctx, &req) {
         return Ok(answer);
     }
@@ -128,7 +153,11 @@ async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLo
     }
     let routing = ctx.state.routing();
     let entry = routing
-        .lookup(&ctx.listener.name, host.as_deref().unwrap_or(""), req.uri().path())
+        .lookup(
+            &ctx.listener.name,
+            host.as_deref().unwrap_or(""),
+            req.uri().path(),
+        )
         .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, ErrorSource::Proxy, "no route"))?
         .clone();
     drop(routing);
@@ -137,18 +166,32 @@ async fn proxy(ctx: &ConnContext, mut req: Request<Incoming>, log: &mut AccessLo
 
     let upgrade = hygiene::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(ctx, req, &entry, host.as_deref(), upgrade, log.trace.as_ref())?;
+    let upstream_req = upstream_request(
+        ctx,
+        req,
+        &entry,
+        host.as_deref(),
+        upgrade,
+        log.trace.as_ref(),
+    )?;
     // A registered route whose instances are away: wait (bounded) for one to come back.
     let pool = crate::registration::ready_pool(&ctx.state, &entry.pool)
         .await
-        .map_err(|e| Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorSource::Proxy, e.to_string()))?;
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorSource::Proxy,
+                e.to_string(),
+            )
+        })?;
     let (mut response, sender, in_flight) = forward(&pool, upstream_req, log).await?;
     log.upstream.clone_from(&in_flight.upstream().address);
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            ctx.shutdown.spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
+            ctx.shutdown
+                .spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
             drop(sender);
             let (mut parts, _) = response.into_parts();
             hygiene::add_via(&mut parts.headers, Version::HTTP_11);
@@ -167,9 +210,10 @@ fn acme_challenge(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Response
     }
     let answer = ctx.tls.http01_answer(path)?;
     let mut response = Response::new(ResponseBody::full(answer));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     Some(response)
 }
 
@@ -182,14 +226,24 @@ fn check_request(ctx: &ConnContext, req: &Request<Incoming>) -> Result<(), Failu
             "both Content-Length and Transfer-Encoding",
         ));
     }
-    hygiene::check_framing(req.headers()).map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
-    if req.version() == Version::HTTP_11 && !req.headers().contains_key(header::HOST) && req.uri().host().is_none() {
-        return Err(Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, "HTTP/1.1 request without Host"));
-    }
-    if req.version() == Version::HTTP_10
-        && req.headers().contains_key(header::TRANSFER_ENCODING)
+    hygiene::check_framing(req.headers())
+        .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
+    if req.version() == Version::HTTP_11
+        && !req.headers().contains_key(header::HOST)
+        && req.uri().host().is_none()
     {
-        return Err(Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, "Transfer-Encoding in an HTTP/1.0 request"));
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorSource::Downstream,
+            "HTTP/1.1 request without Host",
+        ));
+    }
+    if req.version() == Version::HTTP_10 && req.headers().contains_key(header::TRANSFER_ENCODING) {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorSource::Downstream,
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
     }
     let limit = ctx.listener.max_body_bytes;
     if limit > 0 {
@@ -220,7 +274,11 @@ fn upstream_request(
     let received_version = parts.version;
     // HTTP/2 clients send :authority instead of Host; upstreams speak HTTP/1.1.
     if !parts.headers.contains_key(header::HOST) {
-        if let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+        if let Some(authority) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
             parts.headers.insert(header::HOST, authority);
         }
     }
@@ -228,7 +286,9 @@ fn upstream_request(
     let original = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let forwarded = match (&entry.route.path, entry.route.strip_prefix) {
         (PathMatch::Prefix(prefix), true) if prefix != "/" => {
-            let rest = original.get(prefix.trim_end_matches('/').len()..).unwrap_or("");
+            let rest = original
+                .get(prefix.trim_end_matches('/').len()..)
+                .unwrap_or("");
             if rest.starts_with('/') {
                 rest.to_string()
             } else {
@@ -237,9 +297,13 @@ fn upstream_request(
         }
         _ => original.to_string(),
     };
-    parts.uri = forwarded
-        .parse::<Uri>()
-        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, format!("request target: {e}")))?;
+    parts.uri = forwarded.parse::<Uri>().map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            ErrorSource::Downstream,
+            format!("request target: {e}"),
+        )
+    })?;
     parts.version = Version::HTTP_11;
     hygiene::strip_hop_by_hop(&mut parts.headers, upgrade);
     hygiene::add_forwarding(&mut parts.headers, ctx.client.ip(), ctx.scheme, host);
@@ -248,7 +312,10 @@ fn upstream_request(
     if let (Some(cx), Some(tracing)) = (trace, ctx.telemetry.tracing()) {
         tracing.inject(cx, &mut parts.headers);
     }
-    Ok(Request::from_parts(parts, RequestBody::streaming(body, ctx.listener.max_body_bytes)))
+    Ok(Request::from_parts(
+        parts,
+        RequestBody::streaming(body, ctx.listener.max_body_bytes),
+    ))
 }
 
 /// Step 3: pick an upstream, reuse or open a connection, send, wait for the response head.
@@ -259,8 +326,16 @@ async fn forward(
     log: &AccessLog,
 ) -> Result<(Response<Incoming>, HttpSender, InFlight), Failure> {
     let candidates = pool.candidates().map_err(|e| match e {
-        NoUpstream::Empty => Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorSource::Proxy, "pool has no upstreams"),
-        NoUpstream::NoneHealthy => Failure::new(StatusCode::SERVICE_UNAVAILABLE, ErrorSource::Proxy, "no healthy upstream"),
+        NoUpstream::Empty => Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorSource::Proxy,
+            "pool has no upstreams",
+        ),
+        NoUpstream::NoneHealthy => Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorSource::Proxy,
+            "no healthy upstream",
+        ),
     })?;
     let mut pending = Some(req);
     let mut last: Option<ConnectError> = None;
@@ -283,13 +358,17 @@ async fn forward(
             let Some(req) = pending.take() else {
                 break Err(None);
             };
-            let attempt = tokio::time::timeout(pool.response_timeout, sender.try_send_request(req)).await;
+            let attempt =
+                tokio::time::timeout(pool.response_timeout, sender.try_send_request(req)).await;
             match attempt {
                 Err(_) => {
                     return Err(Failure::new(
                         StatusCode::GATEWAY_TIMEOUT,
                         ErrorSource::Upstream,
-                        format!("{} sent no response head within {:?}", upstream.address, pool.response_timeout),
+                        format!(
+                            "{} sent no response head within {:?}",
+                            upstream.address, pool.response_timeout
+                        ),
                     ))
                 }
                 Ok(Ok(response)) => break Ok(response),
@@ -307,7 +386,9 @@ async fn forward(
         };
         match result {
             Ok(response) => {
-                let _ = log.upstream_us.set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+                let _ = log
+                    .upstream_us
+                    .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
                 upstream.clear_ejection();
                 return Ok((response, sender, in_flight));
             }
@@ -320,7 +401,11 @@ async fn forward(
     Err(connect_failure(last))
 }
 
-async fn dial(upstream: &Arc<UpstreamRuntime>, pool: &PoolRuntime, metrics: &Metrics) -> Result<HttpSender, ConnectError> {
+async fn dial(
+    upstream: &Arc<UpstreamRuntime>,
+    pool: &PoolRuntime,
+    metrics: &Metrics,
+) -> Result<HttpSender, ConnectError> {
     let started = Instant::now();
     let result = async {
         let stream = connect(&upstream.address, pool.connect_timeout).await?;
@@ -340,9 +425,21 @@ async fn dial(upstream: &Arc<UpstreamRuntime>, pool: &PoolRuntime, metrics: &Met
 
 fn connect_failure(last: Option<ConnectError>) -> Failure {
     match last {
-        Some(e) if e.is_timeout() => Failure::new(StatusCode::GATEWAY_TIMEOUT, ErrorSource::Upstream, e.to_string()),
-        Some(e) => Failure::new(StatusCode::BAD_GATEWAY, ErrorSource::Upstream, e.to_string()),
-        None => Failure::new(StatusCode::BAD_GATEWAY, ErrorSource::Upstream, "no upstream could be reached"),
+        Some(e) if e.is_timeout() => Failure::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorSource::Upstream,
+            e.to_string(),
+        ),
+        Some(e) => Failure::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorSource::Upstream,
+            e.to_string(),
+        ),
+        None => Failure::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorSource::Upstream,
+            "no upstream could be reached",
+        ),
     }
 }
 
@@ -350,10 +447,18 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(e) = source {
         if e.is::<BodyTooLarge>() {
-            return Failure::new(StatusCode::PAYLOAD_TOO_LARGE, ErrorSource::Downstream, e.to_string());
+            return Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorSource::Downstream,
+                e.to_string(),
+            );
         }
         if e.is::<ClientBodyError>() {
-            return Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, e.to_string());
+            return Failure::new(
+                StatusCode::BAD_REQUEST,
+                ErrorSource::Downstream,
+                e.to_string(),
+            );
         }
         source = e.source();
     }
@@ -365,15 +470,26 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
 }
 
 /// Step 4: the response as the client gets it.
-fn client_response(response: Response<Incoming>, sender: HttpSender, in_flight: InFlight) -> Response<ResponseBody> {
+fn client_response(
+    response: Response<Incoming>,
+    sender: HttpSender,
+    in_flight: InFlight,
+) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     hygiene::strip_hop_by_hop(&mut parts.headers, false);
     hygiene::add_via(&mut parts.headers, parts.version);
-    Response::from_parts(parts, ResponseBody::upstream(body, Some(Reuse::new(sender, in_flight))))
+    Response::from_parts(
+        parts,
+        ResponseBody::upstream(body, Some(Reuse::new(sender, in_flight))),
+    )
 }
 
 /// Joins the client and upstream connections after a `101 Switching Protocols`.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, in_flight: InFlight) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {

@@ -33,7 +33,9 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
-    let connections = telemetry.metrics().listener(&config.name, config.protocol.as_str());
+    let connections = telemetry
+        .metrics()
+        .listener(&config.name, config.protocol.as_str());
     let terminate = if config.protocol == Protocol::Https {
         match tls.server_config(&[b"h2", b"http/1.1"]) {
             Ok(c) => Some(c),
@@ -100,10 +102,26 @@ pub async fn serve(
             let _open = open;
             // The framing scan reads what the HTTP parser reads: the decrypted bytes.
             match terminate {
-                None => serve_connection(FramingScan::new(stream, verdicts), ctx, &builder, conn_shutdown, idle).await,
+                None => {
+                    serve_connection(
+                        FramingScan::new(stream, verdicts),
+                        ctx,
+                        &builder,
+                        conn_shutdown,
+                        idle,
+                    )
+                    .await
+                }
                 Some(server_config) => match tls.accept(stream, &server_config).await {
                     Ok(stream) => {
-                        serve_connection(FramingScan::new(stream, verdicts), ctx, &builder, conn_shutdown, idle).await
+                        serve_connection(
+                            FramingScan::new(stream, verdicts),
+                            ctx,
+                            &builder,
+                            conn_shutdown,
+                            idle,
+                        )
+                        .await
                     }
                     Err(AcceptError::ChallengeAnswered) => {}
                     Err(e) => tracing::debug!(%client, error = %e, "TLS handshake failed"),

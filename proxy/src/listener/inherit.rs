@@ -36,22 +36,28 @@ impl Inherited {
         std::env::remove_var("LISTEN_FDNAMES");
         let mut inherited = Inherited::default();
         for idx in 0..fds.len() {
-            let name = names.get(idx).cloned().unwrap_or_else(|| UNNAMED.to_string());
+            let name = names
+                .get(idx)
+                .cloned()
+                .unwrap_or_else(|| UNNAMED.to_string());
             let name = match (name.as_str(), only_listener, fds.len()) {
                 ("" | UNNAMED, Some(only), 1) => only.to_string(),
                 _ => name,
             };
             match fds.take_tcp_listener(idx) {
-                Ok(Some(listener)) => {
-                    if inherited.tcp.contains_key(&name) {
-                        tracing::warn!(%name, "systemd passed two sockets with this name; closing the second");
-                    } else {
-                        tracing::info!(%name, "using a socket passed by systemd");
-                        inherited.tcp.insert(name, (listener, Origin::Systemd));
+                Ok(Some(listener)) => match inherited.tcp.entry(name) {
+                    std::collections::btree_map::Entry::Occupied(e) => {
+                        tracing::warn!(name = %e.key(), "systemd passed two sockets with this name; closing the second");
                     }
-                }
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        tracing::info!(name = %e.key(), "using a socket passed by systemd");
+                        e.insert((listener, Origin::Systemd));
+                    }
+                },
                 Ok(None) => {}
-                Err(e) => tracing::warn!(%name, error = %e, "ignoring a file descriptor from systemd that is not a TCP listening socket"),
+                Err(e) => {
+                    tracing::warn!(%name, error = %e, "ignoring a file descriptor from systemd that is not a TCP listening socket")
+                }
             }
         }
         inherited

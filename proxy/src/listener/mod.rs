@@ -33,7 +33,11 @@ pub struct BindError {
 /// Binds `address` for accepting, with address and port reuse so a next process can bind
 /// the same port while this one still serves.
 pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if address.is_ipv6() {
@@ -58,14 +62,19 @@ pub fn obtain(
             let actual = socket.local_addr().ok();
             // A handed-over socket on an address the new config no longer names is
             // replaced; systemd's sockets are authoritative (the unit decides the address).
-            let moved = origin == Origin::Handoff && l.address.port() != 0 && actual != Some(l.address);
+            let moved =
+                origin == Origin::Handoff && l.address.port() != 0 && actual != Some(l.address);
             if !moved {
                 sockets.insert(l.name.clone(), socket);
                 continue;
             }
             tracing::info!(listener = %l.name, old = ?actual, new = %l.address, "listener address changed; binding the new one");
         }
-        let socket = bind(l.address).map_err(|source| BindError { name: l.name.clone(), address: l.address, source })?;
+        let socket = bind(l.address).map_err(|source| BindError {
+            name: l.name.clone(),
+            address: l.address,
+            source,
+        })?;
         sockets.insert(l.name.clone(), socket);
         bound_here.push(l.name.clone());
     }

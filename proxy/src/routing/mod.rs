@@ -10,7 +10,10 @@ use std::sync::Arc;
 
 use crate::config::Protocol;
 use crate::discovery::OnChange;
-use crate::state::{default_connect_timeout, default_response_timeout, Balance, PathMatch, Pool, Route, Source, State};
+use crate::state::{
+    default_connect_timeout, default_response_timeout, Balance, PathMatch, Pool, Route, Source,
+    State,
+};
 use crate::upstream::PoolRuntime;
 
 /// A matched route with the runtime pool that serves it.
@@ -121,7 +124,8 @@ impl SniIndex {
         if let Some(p) = self.exact.get(name) {
             return Some(p);
         }
-        name.match_indices('.').find_map(|(i, _)| self.wildcard.get(&name[i..]))
+        name.match_indices('.')
+            .find_map(|(i, _)| self.wildcard.get(&name[i..]))
     }
 }
 
@@ -136,7 +140,13 @@ impl RoutingTable {
             .pools()
             .map(|p| {
                 let members = membership.upstreams_of(p);
-                let runtime = PoolRuntime::build(p, &members, membership.on_change(&p.name), None, old_pool(&p.name));
+                let runtime = PoolRuntime::build(
+                    p,
+                    &members,
+                    membership.on_change(&p.name),
+                    None,
+                    old_pool(&p.name),
+                );
                 (p.name.clone(), Arc::new(runtime))
             })
             .collect();
@@ -153,8 +163,13 @@ impl RoutingTable {
                     response_timeout: default_response_timeout(),
                 };
                 let members = membership.runtime_upstreams(&r.pool);
-                let runtime =
-                    PoolRuntime::build(&definition, &members, OnChange::Keep, Some(r.hold.clone()), old_pool(&r.pool));
+                let runtime = PoolRuntime::build(
+                    &definition,
+                    &members,
+                    OnChange::Keep,
+                    Some(r.hold.clone()),
+                    old_pool(&r.pool),
+                );
                 pools.insert(r.pool.clone(), Arc::new(runtime));
             }
             registered.push(Route {
@@ -180,8 +195,13 @@ impl RoutingTable {
             .map(|(route, _)| route);
         let mut http: HashMap<String, HostIndex> = HashMap::new();
         for route in state.routes().chain(registered_http) {
-            let Some(pool) = pools.get(&route.pool) else { continue };
-            let entry = Arc::new(RouteEntry { route: Arc::new(route.clone()), pool: pool.clone() });
+            let Some(pool) = pools.get(&route.pool) else {
+                continue;
+            };
+            let entry = Arc::new(RouteEntry {
+                route: Arc::new(route.clone()),
+                pool: pool.clone(),
+            });
             let hosts = http.entry(route.listener.clone()).or_default();
             let index = match route.host.as_deref() {
                 None => &mut hosts.any,
@@ -204,7 +224,9 @@ impl RoutingTable {
             .collect();
         let mut tcp_sni: HashMap<String, SniIndex> = HashMap::new();
         for r in state.tcp_routes() {
-            let (Some(sni), Some(pool)) = (r.sni.as_deref(), pools.get(&r.pool)) else { continue };
+            let (Some(sni), Some(pool)) = (r.sni.as_deref(), pools.get(&r.pool)) else {
+                continue;
+            };
             let index = tcp_sni.entry(r.listener.clone()).or_default();
             match sni.strip_prefix('*') {
                 Some(suffix) => index.wildcard.insert(suffix.into(), pool.clone()),
@@ -217,7 +239,12 @@ impl RoutingTable {
                 tcp.entry(listener).or_insert_with(|| p.clone());
             }
         }
-        RoutingTable { http, tcp, tcp_sni, pools }
+        RoutingTable {
+            http,
+            tcp,
+            tcp_sni,
+            pools,
+        }
     }
 
     /// The route for a request on `listener` to `host` (lower-case, no port) and `path`
@@ -252,9 +279,9 @@ impl RoutingTable {
 
     /// Whether `listener` has any HTTP route.
     pub fn has_routes(&self, listener: &str) -> bool {
-        self.http.get(listener).is_some_and(|h| {
-            !h.any.is_empty() || !h.exact.is_empty() || !h.wildcard.is_empty()
-        })
+        self.http
+            .get(listener)
+            .is_some_and(|h| !h.any.is_empty() || !h.exact.is_empty() || !h.wildcard.is_empty())
     }
 }
 
@@ -320,7 +347,12 @@ mod tests {
             ("root", Some("example.com"), prefix("/"), 0),
             ("docs", Some("example.com"), prefix("/docs"), 0),
             ("docs-api", Some("example.com"), prefix("/docs/api"), 0),
-            ("exact", Some("example.com"), PathMatch::Exact("/docs/index.html".into()), 0),
+            (
+                "exact",
+                Some("example.com"),
+                PathMatch::Exact("/docs/index.html".into()),
+                0,
+            ),
             ("other-host-img", None, prefix("/img"), 0),
         ]);
         assert_eq!(name(&t, "example.com", "/docs/index.html"), Some("exact"));
@@ -333,16 +365,22 @@ mod tests {
 
     #[test]
     fn priority_breaks_ties() {
-        let t = table(&[("low", None, prefix("/a"), 0), ("high", None, prefix("/a"), 5)]);
+        let t = table(&[
+            ("low", None, prefix("/a"), 0),
+            ("high", None, prefix("/a"), 5),
+        ]);
         assert_eq!(name(&t, "h", "/a"), Some("high"));
     }
 
     #[test]
     fn many_routes_still_resolve_each_path() {
-        let routes: Vec<(String, PathMatch)> =
-            (0..5000).map(|i| (format!("r{i}"), prefix(&format!("/content/{i}/")))).collect();
-        let specs: Vec<(&str, Option<&str>, PathMatch, i32)> =
-            routes.iter().map(|(n, p)| (n.as_str(), None, p.clone(), 0)).collect();
+        let routes: Vec<(String, PathMatch)> = (0..5000)
+            .map(|i| (format!("r{i}"), prefix(&format!("/content/{i}/"))))
+            .collect();
+        let specs: Vec<(&str, Option<&str>, PathMatch, i32)> = routes
+            .iter()
+            .map(|(n, p)| (n.as_str(), None, p.clone(), 0))
+            .collect();
         let t = table(&specs);
         assert_eq!(name(&t, "h", "/content/4321/page"), Some("r4321"));
         assert_eq!(name(&t, "h", "/content/43210/page"), None);

@@ -34,7 +34,9 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
-    let connections = telemetry.metrics().listener(&config.name, config.protocol.as_str());
+    let connections = telemetry
+        .metrics()
+        .listener(&config.name, config.protocol.as_str());
     let terminate = if config.protocol == Protocol::Tls {
         match tls.server_config(&[]) {
             Ok(c) => Some(c),
@@ -130,7 +132,9 @@ where
     let pool = crate::registration::ready_pool(state, &pool)
         .await
         .map_err(|e| format!("pool {:?}: {e}", pool.name))?;
-    let candidates = pool.candidates().map_err(|e| format!("pool {:?}: {e:?}", pool.name))?;
+    let candidates = pool
+        .candidates()
+        .map_err(|e| format!("pool {:?}: {e:?}", pool.name))?;
     let mut last: Option<ConnectError> = None;
     let mut connected: Option<(UpstreamStream, InFlight)> = None;
     for upstream in candidates {
@@ -173,6 +177,9 @@ where
             tracing::debug!(listener = %config.name, upstream = %in_flight.upstream().address, bytes_up = up, bytes_down = down, "tcp stream closed");
             Ok(())
         }
-        Err(e) => Err(format!("stream to {} ended: {e}", in_flight.upstream().address)),
+        Err(e) => Err(format!(
+            "stream to {} ended: {e}",
+            in_flight.upstream().address
+        )),
     }
 }

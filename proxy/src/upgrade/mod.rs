@@ -118,7 +118,14 @@ impl std::fmt::Debug for Upgrader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upgrader")
             .field("executable", &self.executable)
-            .field("sockets", &self.sockets.iter().map(|s| s.name.as_str()).collect::<Vec<_>>())
+            .field(
+                "sockets",
+                &self
+                    .sockets
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -162,20 +169,29 @@ impl Upgrader {
             return Err(UpgradeError::Busy);
         }
         let started = std::time::Instant::now();
-        let result = self.run(binary.unwrap_or_else(|| self.executable.clone())).await;
+        let result = self
+            .run(binary.unwrap_or_else(|| self.executable.clone()))
+            .await;
         self.busy.store(false, Ordering::SeqCst);
         match &result {
-            Ok(pid) => tracing::info!(new_pid = pid, elapsed_ms = started.elapsed().as_millis() as u64, "handed over to the new process"),
+            Ok(pid) => tracing::info!(
+                new_pid = pid,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "handed over to the new process"
+            ),
             Err(e) => tracing::error!(error = %e, "upgrade failed; this process keeps serving"),
         }
         result
     }
 
     async fn run(&self, binary: PathBuf) -> Result<u32, UpgradeError> {
-        let path = self.runtime_dir.join(format!("proxyd-handoff-{}.sock", std::process::id()));
+        let path = self
+            .runtime_dir
+            .join(format!("proxyd-handoff-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path)
-            .map_err(|e| UpgradeError::Protocol(format!("cannot create {}: {e}", path.display())))?;
+        let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
+            UpgradeError::Protocol(format!("cannot create {}: {e}", path.display()))
+        })?;
         tracing::info!(binary = %binary.display(), "starting the new process");
         let spawned = tokio::process::Command::new(&binary)
             .args(&self.args)
@@ -186,13 +202,18 @@ impl Upgrader {
             Ok(c) => c,
             Err(source) => {
                 let _ = std::fs::remove_file(&path);
-                return Err(UpgradeError::Spawn { binary: binary.display().to_string(), source });
+                return Err(UpgradeError::Spawn {
+                    binary: binary.display().to_string(),
+                    source,
+                });
             }
         };
         let pid = child.id().unwrap_or(0);
         let deadline = Instant::now() + self.timeout;
         let mut closed_store = false;
-        let result = self.converse(&listener, &mut child, pid, deadline, &mut closed_store).await;
+        let result = self
+            .converse(&listener, &mut child, pid, deadline, &mut closed_store)
+            .await;
         drop(listener);
         let _ = std::fs::remove_file(&path);
         match result {
@@ -210,7 +231,10 @@ impl Upgrader {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 if closed_store {
-                    self.state.reopen().await.map_err(|e| UpgradeError::Reopen(e.to_string()))?;
+                    self.state
+                        .reopen()
+                        .await
+                        .map_err(|e| UpgradeError::Reopen(e.to_string()))?;
                 }
                 self.mgmt_gate.resume();
                 Err(e)
@@ -232,12 +256,21 @@ impl Upgrader {
             status = child.wait() => return Err(exited(status)),
             _ = tokio::time::sleep_until(deadline) => return Err(UpgradeError::Timeout(timeout)),
         };
-        let peer = stream.peer_cred().map_err(|e| UpgradeError::Protocol(e.to_string()))?;
-        if peer.pid() != Some(pid as i32) {
-            return Err(UpgradeError::Protocol(format!("unexpected peer {:?} on the handoff socket", peer.pid())));
-        }
-        let mut conn = wire::Conn::new(stream.into_std().map_err(|e| UpgradeError::Protocol(e.to_string()))?)
+        let peer = stream
+            .peer_cred()
             .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
+        if peer.pid() != Some(pid as i32) {
+            return Err(UpgradeError::Protocol(format!(
+                "unexpected peer {:?} on the handoff socket",
+                peer.pid()
+            )));
+        }
+        let mut conn = wire::Conn::new(
+            stream
+                .into_std()
+                .map_err(|e| UpgradeError::Protocol(e.to_string()))?,
+        )
+        .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
 
         conn = blocking(deadline, child, conn, |c, d| c.expect_hello(d)).await?;
         // From here on management connections wait for the new process, and our writer
@@ -255,7 +288,10 @@ impl Upgrader {
                     .map_err(|e| UpgradeError::Protocol(format!("duplicating {}: {e}", s.name)))
             })
             .collect::<Result<_, _>>()?;
-        conn = blocking(deadline, child, conn, move |c, _| c.send_sockets(revision, &offer)).await?;
+        conn = blocking(deadline, child, conn, move |c, _| {
+            c.send_sockets(revision, &offer)
+        })
+        .await?;
         blocking(deadline, child, conn, |c, d| c.expect_ready(d)).await?;
         Ok(())
     }
@@ -278,7 +314,8 @@ async fn blocking<F>(
 where
     F: FnOnce(&mut wire::Conn, std::time::Instant) -> std::io::Result<()> + Send + 'static,
 {
-    let std_deadline = std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
+    let std_deadline =
+        std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
     let mut task = tokio::task::spawn_blocking(move || {
         let mut conn = conn;
         step(&mut conn, std_deadline).map(|()| conn)
@@ -309,7 +346,9 @@ pub struct Handoff {
 /// If this process was started by an upgrade, connects to the parent and receives its
 /// sockets. Returns `None` for a normal start.
 pub fn receive() -> Result<Option<(Handoff, Inherited)>, UpgradeError> {
-    let Some(path) = std::env::var_os(HANDOFF_ENV) else { return Ok(None) };
+    let Some(path) = std::env::var_os(HANDOFF_ENV) else {
+        return Ok(None);
+    };
     std::env::remove_var(HANDOFF_ENV);
     let protocol = |e: std::io::Error| UpgradeError::Protocol(e.to_string());
     let stream = std::os::unix::net::UnixStream::connect(&path).map_err(protocol)?;
@@ -320,18 +359,27 @@ pub fn receive() -> Result<Option<(Handoff, Inherited)>, UpgradeError> {
     let mut inherited = Inherited::default();
     for (name, kind, fd) in sockets {
         match kind {
-            SocketKind::Tcp => inherited.insert_tcp(name, std::net::TcpListener::from(fd), Origin::Handoff),
-            SocketKind::Unix => inherited.insert_unix(name, std::os::unix::net::UnixListener::from(fd)),
+            SocketKind::Tcp => {
+                inherited.insert_tcp(name, std::net::TcpListener::from(fd), Origin::Handoff)
+            }
+            SocketKind::Unix => {
+                inherited.insert_unix(name, std::os::unix::net::UnixListener::from(fd))
+            }
         }
     }
-    tracing::info!(revision, "received the listening sockets from the previous process");
+    tracing::info!(
+        revision,
+        "received the listening sockets from the previous process"
+    );
     Ok(Some((Handoff { conn, revision }, inherited)))
 }
 
 impl Handoff {
     /// Tells the parent this process serves; it then stops accepting and exits.
     pub fn ready(mut self) -> Result<(), UpgradeError> {
-        self.conn.send_ready().map_err(|e| UpgradeError::Protocol(e.to_string()))
+        self.conn
+            .send_ready()
+            .map_err(|e| UpgradeError::Protocol(e.to_string()))
     }
 }
 
@@ -352,7 +400,10 @@ pub fn store_in_systemd(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
         return;
     }
     for (name, fd) in sockets {
-        let state = [sd_notify::NotifyState::FdStore, sd_notify::NotifyState::FdName(name)];
+        let state = [
+            sd_notify::NotifyState::FdStore,
+            sd_notify::NotifyState::FdName(name),
+        ];
         if let Err(e) = sd_notify::notify_with_fds(&state, std::slice::from_ref(fd)) {
             tracing::debug!(%name, error = %e, "systemd fd store not available");
         }

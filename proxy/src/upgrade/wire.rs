@@ -28,6 +28,9 @@ pub enum SocketKind {
     Unix,
 }
 
+/// A named socket as it travels: name, kind, descriptor.
+pub(super) type NamedSocket = (String, SocketKind, OwnedFd);
+
 #[derive(Serialize, Deserialize)]
 struct Offer {
     revision: u64,
@@ -52,7 +55,10 @@ impl Conn {
     fn arm(&self, deadline: Instant) -> io::Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "handoff deadline passed"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handoff deadline passed",
+            ));
         }
         self.stream.set_read_timeout(Some(left))
     }
@@ -63,7 +69,12 @@ impl Conn {
         loop {
             self.arm(deadline)?;
             match self.stream.read(&mut byte)? {
-                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the handoff connection")),
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the handoff connection",
+                    ))
+                }
                 _ if byte[0] == b'\n' => break,
                 _ => line.push(byte[0]),
             }
@@ -105,8 +116,15 @@ impl Conn {
         }
     }
 
-    pub(super) fn send_sockets(&mut self, revision: u64, sockets: &[(String, SocketKind, OwnedFd)]) -> io::Result<()> {
-        let offer = Offer { revision, sockets: sockets.iter().map(|(n, k, _)| (n.clone(), *k)).collect() };
+    pub(super) fn send_sockets(
+        &mut self,
+        revision: u64,
+        sockets: &[NamedSocket],
+    ) -> io::Result<()> {
+        let offer = Offer {
+            revision,
+            sockets: sockets.iter().map(|(n, k, _)| (n.clone(), *k)).collect(),
+        };
         let json = serde_json::to_string(&offer).map_err(|e| bad(e.to_string()))?;
         self.write_line(&format!("SOCKETS {json}"))?;
         for batch in sockets.chunks(BATCH) {
@@ -116,7 +134,12 @@ impl Conn {
             if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
                 return Err(bad("descriptor batch does not fit"));
             }
-            let sent = sendmsg(&self.stream, &[IoSlice::new(b"F")], &mut control, SendFlags::empty())?;
+            let sent = sendmsg(
+                &self.stream,
+                &[IoSlice::new(b"F")],
+                &mut control,
+                SendFlags::empty(),
+            )?;
             if sent != 1 {
                 return Err(bad("short write of a descriptor batch"));
             }
@@ -124,9 +147,14 @@ impl Conn {
         Ok(())
     }
 
-    pub(super) fn receive_sockets(&mut self, deadline: Instant) -> io::Result<(u64, Vec<(String, SocketKind, OwnedFd)>)> {
+    pub(super) fn receive_sockets(
+        &mut self,
+        deadline: Instant,
+    ) -> io::Result<(u64, Vec<NamedSocket>)> {
         let line = self.read_line(deadline)?;
-        let json = line.strip_prefix("SOCKETS ").ok_or_else(|| bad(format!("expected SOCKETS, got {line:?}")))?;
+        let json = line
+            .strip_prefix("SOCKETS ")
+            .ok_or_else(|| bad(format!("expected SOCKETS, got {line:?}")))?;
         let offer: Offer = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
         let mut fds: Vec<OwnedFd> = Vec::with_capacity(offer.sockets.len());
         while fds.len() < offer.sockets.len() {
@@ -134,9 +162,17 @@ impl Conn {
             let mut byte = [0u8; 1];
             let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(BATCH))];
             let mut control = RecvAncillaryBuffer::new(&mut space);
-            let got = recvmsg(&self.stream, &mut [IoSliceMut::new(&mut byte)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
+            let got = recvmsg(
+                &self.stream,
+                &mut [IoSliceMut::new(&mut byte)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )?;
             if got.bytes == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed before sending every socket"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed before sending every socket",
+                ));
             }
             let before = fds.len();
             for message in control.drain() {
@@ -149,9 +185,18 @@ impl Conn {
             }
         }
         if fds.len() != offer.sockets.len() {
-            return Err(bad(format!("expected {} descriptors, got {}", offer.sockets.len(), fds.len())));
+            return Err(bad(format!(
+                "expected {} descriptors, got {}",
+                offer.sockets.len(),
+                fds.len()
+            )));
         }
-        let sockets = offer.sockets.into_iter().zip(fds).map(|((name, kind), fd)| (name, kind, fd)).collect();
+        let sockets = offer
+            .sockets
+            .into_iter()
+            .zip(fds)
+            .map(|((name, kind), fd)| (name, kind, fd))
+            .collect();
         Ok((offer.revision, sockets))
     }
 }

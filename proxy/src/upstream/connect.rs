@@ -62,7 +62,11 @@ pub enum UpstreamStream {
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
@@ -71,7 +75,11 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
@@ -126,17 +134,29 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<UpstreamStream,
     };
     match tokio::time::timeout(timeout, dial).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(source)) => Err(ConnectError::Failed { address: address.to_string(), source }),
-        Err(_) => Err(ConnectError::Timeout { address: address.to_string(), timeout }),
+        Ok(Err(source)) => Err(ConnectError::Failed {
+            address: address.to_string(),
+            source,
+        }),
+        Err(_) => Err(ConnectError::Timeout {
+            address: address.to_string(),
+            timeout,
+        }),
     }
 }
 
 /// Performs the HTTP/1.1 client handshake on `stream` and drives the connection in a task.
-pub async fn http_sender(address: &str, stream: UpstreamStream) -> Result<HttpSender, ConnectError> {
+pub async fn http_sender(
+    address: &str,
+    stream: UpstreamStream,
+) -> Result<HttpSender, ConnectError> {
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|source| ConnectError::Handshake { address: address.to_string(), source })?;
+        .map_err(|source| ConnectError::Handshake {
+            address: address.to_string(),
+            source,
+        })?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(error = %e, "upstream connection ended with an error");

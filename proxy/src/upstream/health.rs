@@ -30,7 +30,9 @@ pub async fn run(state: StateHandle, shutdown: Shutdown) {
         let now = Instant::now();
         let mut live = Vec::new();
         for pool in routing.pools() {
-            let Some(check) = pool.health.clone() else { continue };
+            let Some(check) = pool.health.clone() else {
+                continue;
+            };
             for upstream in pool.upstreams() {
                 let key = (pool.name.clone(), upstream.address.clone());
                 let next = due.entry(key.clone()).or_insert(now);
@@ -59,24 +61,35 @@ async fn probe(pool: Arc<PoolRuntime>, upstream: Arc<UpstreamRuntime>, check: He
     let healthy = outcome.is_ok();
     if upstream.set_healthy(healthy) {
         match outcome {
-            Ok(()) => tracing::info!(pool = %pool.name, upstream = %upstream.address, "upstream is healthy again"),
-            Err(reason) => tracing::warn!(pool = %pool.name, upstream = %upstream.address, %reason, "upstream failed its health check"),
+            Ok(()) => {
+                tracing::info!(pool = %pool.name, upstream = %upstream.address, "upstream is healthy again")
+            }
+            Err(reason) => {
+                tracing::warn!(pool = %pool.name, upstream = %upstream.address, %reason, "upstream failed its health check")
+            }
         }
     }
 }
 
 async fn check_once(address: &str, check: &HealthCheck) -> Result<(), String> {
-    let stream = connect(address, check.timeout).await.map_err(|e| e.to_string())?;
+    let stream = connect(address, check.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
     if check.path.is_empty() {
         return Ok(());
     }
-    let mut sender = http_sender(address, stream).await.map_err(|e| e.to_string())?;
+    let mut sender = http_sender(address, stream)
+        .await
+        .map_err(|e| e.to_string())?;
     let request = Request::get(check.path.as_str())
         .header(http::header::HOST, address)
         .header(http::header::USER_AGENT, "proxyd-health-check")
         .body(RequestBody::empty())
         .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status();
     if status.is_success() || status.is_redirection() || status == StatusCode::NOT_MODIFIED {
         Ok(())

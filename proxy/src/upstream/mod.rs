@@ -198,7 +198,11 @@ impl PoolRuntime {
     /// Compiles `pool` with its static upstreams only, reusing the upstream runtimes of
     /// `previous` by address.
     pub fn new(pool: &Pool, previous: Option<&PoolRuntime>) -> PoolRuntime {
-        let members: Vec<(Upstream, Origin)> = pool.upstreams.iter().map(|u| (u.clone(), Origin::Static)).collect();
+        let members: Vec<(Upstream, Origin)> = pool
+            .upstreams
+            .iter()
+            .map(|u| (u.clone(), Origin::Static))
+            .collect();
         PoolRuntime::build(pool, &members, OnChange::Keep, None, previous)
     }
 
@@ -262,7 +266,10 @@ impl PoolRuntime {
 
     /// Every upstream with where it comes from and its weight.
     pub fn members(&self) -> impl Iterator<Item = (&Arc<UpstreamRuntime>, Origin, u32)> {
-        self.upstreams.iter().zip(self.origins.iter()).map(|(u, (o, w))| (u, *o, *w))
+        self.upstreams
+            .iter()
+            .zip(self.origins.iter())
+            .map(|(u, (o, w))| (u, *o, *w))
     }
 
     /// All upstreams.
@@ -299,8 +306,9 @@ impl PoolRuntime {
         if order.is_empty() {
             return Err(NoUpstream::NoneHealthy);
         }
-        let (mut ok, ejected): (Vec<usize>, Vec<usize>) =
-            order.into_iter().partition(|&i| !self.upstreams[i].is_ejected());
+        let (mut ok, ejected): (Vec<usize>, Vec<usize>) = order
+            .into_iter()
+            .partition(|&i| !self.upstreams[i].is_ejected());
         ok.extend(ejected);
         Ok(ok.into_iter().map(|i| self.upstreams[i].clone()).collect())
     }
@@ -334,7 +342,13 @@ mod tests {
     fn round_robin_rotates_by_weight() {
         let p = pool(
             Balance::RoundRobin,
-            vec![Upstream { weight: 2, ..Upstream::new("a:1") }, Upstream::new("b:1")],
+            vec![
+                Upstream {
+                    weight: 2,
+                    ..Upstream::new("a:1")
+                },
+                Upstream::new("b:1"),
+            ],
         );
         let picks: Vec<String> = (0..6).map(|_| first(&p)).collect();
         assert_eq!(picks, ["a:1", "b:1", "a:1", "a:1", "b:1", "a:1"]);
@@ -342,7 +356,10 @@ mod tests {
 
     #[test]
     fn ordered_prefers_first_until_ejected() {
-        let p = pool(Balance::Ordered, vec![Upstream::new("a:1"), Upstream::new("b:1")]);
+        let p = pool(
+            Balance::Ordered,
+            vec![Upstream::new("a:1"), Upstream::new("b:1")],
+        );
         assert_eq!(first(&p), "a:1");
         p.upstreams[0].eject();
         assert_eq!(first(&p), "b:1");
@@ -352,7 +369,10 @@ mod tests {
 
     #[test]
     fn least_conn_picks_idle_upstream() {
-        let p = pool(Balance::LeastConn, vec![Upstream::new("a:1"), Upstream::new("b:1")]);
+        let p = pool(
+            Balance::LeastConn,
+            vec![Upstream::new("a:1"), Upstream::new("b:1")],
+        );
         let _busy = p.upstreams[0].start();
         for _ in 0..4 {
             assert_eq!(first(&p), "b:1");
@@ -363,7 +383,13 @@ mod tests {
     fn draining_and_unhealthy_are_skipped() {
         let p = pool(
             Balance::RoundRobin,
-            vec![Upstream { state: UpstreamState::Draining, ..Upstream::new("a:1") }, Upstream::new("b:1")],
+            vec![
+                Upstream {
+                    state: UpstreamState::Draining,
+                    ..Upstream::new("a:1")
+                },
+                Upstream::new("b:1"),
+            ],
         );
         assert_eq!(first(&p), "b:1");
         p.upstreams[1].set_healthy(false);

@@ -66,7 +66,9 @@ pub async fn upstream(name: &'static str) -> Upstream {
     let (h, c) = (hits.clone(), connections.clone());
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             c.fetch_add(1, Ordering::SeqCst);
             let hits = h.clone();
             tokio::spawn(async move {
@@ -80,26 +82,39 @@ pub async fn upstream(name: &'static str) -> Upstream {
             });
         }
     });
-    Upstream { name, addr, hits, connections, task }
+    Upstream {
+        name,
+        addr,
+        hits,
+        connections,
+        task,
+    }
 }
 
 fn full(body: impl Into<Bytes>) -> TestBody {
     Full::new(body.into()).boxed()
 }
 
-async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Response<TestBody>, Infallible> {
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
     if let Some(n) = path.strip_prefix("/stream/") {
         let total: u64 = n.parse().unwrap_or(0);
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
         let chunks = total / chunk.len() as u64;
         let rest = (total % chunk.len() as u64) as usize;
-        let body_stream = stream::iter((0..chunks).map(move |_| chunk.clone()).chain(
-            (rest > 0).then(|| Bytes::from(vec![b'x'; rest])),
-        ))
+        let body_stream = stream::iter(
+            (0..chunks)
+                .map(move |_| chunk.clone())
+                .chain((rest > 0).then(|| Bytes::from(vec![b'x'; rest]))),
+        )
         .map_frames();
         let mut response = Response::new(StreamBody::new(body_stream).boxed());
-        response.headers_mut().insert("content-length", total.into());
+        response
+            .headers_mut()
+            .insert("content-length", total.into());
         return Ok(response);
     }
     if let Some(spec) = path.strip_prefix("/drip/") {
@@ -115,7 +130,9 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Respon
             }
         });
         let mut response = Response::new(StreamBody::new(body_stream).boxed());
-        response.headers_mut().insert("content-length", (n * 1024).into());
+        response
+            .headers_mut()
+            .insert("content-length", (n * 1024).into());
         return Ok(response);
     }
     if path == "/upload" {
@@ -158,16 +175,28 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Respon
         });
         let mut response = Response::new(full(""));
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        response.headers_mut().insert("upgrade", "echo".parse().unwrap());
-        response.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("upgrade", "echo".parse().unwrap());
+        response
+            .headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
         return Ok(response);
     }
-    let headers: BTreeMap<String, Vec<String>> = req.headers().keys().map(|k| {
-        (
-            k.as_str().to_string(),
-            req.headers().get_all(k).iter().map(|v| v.to_str().unwrap_or("").to_string()).collect(),
-        )
-    }).collect();
+    let headers: BTreeMap<String, Vec<String>> = req
+        .headers()
+        .keys()
+        .map(|k| {
+            (
+                k.as_str().to_string(),
+                req.headers()
+                    .get_all(k)
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("").to_string())
+                    .collect(),
+            )
+        })
+        .collect();
     let echo = serde_json::json!({
         "upstream": name,
         "method": req.method().as_str(),
@@ -175,20 +204,32 @@ async fn answer(name: &'static str, mut req: Request<Incoming>) -> Result<Respon
         "headers": headers,
     });
     let mut response = Response::new(full(echo.to_string()));
-    response.headers_mut().insert("x-upstream", name.parse().unwrap());
+    response
+        .headers_mut()
+        .insert("x-upstream", name.parse().unwrap());
     // Hop-by-hop headers the proxy must not pass back.
-    response.headers_mut().insert("connection", "x-internal".parse().unwrap());
-    response.headers_mut().insert("x-internal", "secret".parse().unwrap());
-    response.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("connection", "x-internal".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("x-internal", "secret".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("keep-alive", "timeout=5".parse().unwrap());
     Ok(response)
 }
 
 trait MapFrames: Sized {
-    fn map_frames(self) -> futures_util::stream::Map<Self, fn(Bytes) -> Result<Frame<Bytes>, Infallible>>;
+    fn map_frames(
+        self,
+    ) -> futures_util::stream::Map<Self, fn(Bytes) -> Result<Frame<Bytes>, Infallible>>;
 }
 
 impl<S: futures_util::Stream<Item = Bytes>> MapFrames for S {
-    fn map_frames(self) -> futures_util::stream::Map<Self, fn(Bytes) -> Result<Frame<Bytes>, Infallible>> {
+    fn map_frames(
+        self,
+    ) -> futures_util::stream::Map<Self, fn(Bytes) -> Result<Frame<Bytes>, Infallible>> {
         use futures_util::StreamExt;
         self.map(|b| Ok(Frame::data(b)))
     }
@@ -217,7 +258,10 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, config: &str) -> TestProxy {
     let text = if text.contains("[server]") {
         text
     } else {
-        format!("[server]\nstate_dir = \"{}\"\nadmin_listen = \"\"\n{text}", dir.path().display())
+        format!(
+            "[server]\nstate_dir = \"{}\"\nadmin_listen = \"\"\n{text}",
+            dir.path().display()
+        )
     };
     let config = proxy::Config::parse(&text, "test.toml").expect("valid test config");
     let daemon = proxy::Daemon::start(config).await.expect("daemon starts");
@@ -234,7 +278,10 @@ pub struct RawResponse {
 
 impl RawResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -242,7 +289,8 @@ impl RawResponse {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
@@ -265,24 +313,36 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
             .expect("response within 30s")
             .unwrap_or(0);
         if n == 0 {
-            panic!("connection closed before a full response head: {:?}", String::from_utf8_lossy(&buf));
+            panic!(
+                "connection closed before a full response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
         }
         buf.extend_from_slice(&tmp[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
         .collect();
     let mut body = buf[head_end..].to_vec();
     let length = headers
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse::<usize>().ok());
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     loop {
         if let Some(len) = length {
             if body.len() >= len {
@@ -306,14 +366,22 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
         }
         body.extend_from_slice(&tmp[..n]);
     }
-    RawResponse { status, headers, body }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(pos) = data.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..pos]).unwrap_or("0").trim(), 16).unwrap_or(0);
+        let Some(pos) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..pos]).unwrap_or("0").trim(), 16)
+                .unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -325,13 +393,23 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 
 /// `GET path` with `Host: host` and `Connection: close`.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> RawResponse {
-    raw(addr, format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
 }
 
 /// A TOML pool section.
 pub fn pool(name: &str, upstreams: &[&Upstream]) -> String {
-    let list: Vec<String> = upstreams.iter().map(|u| format!("\"{}\"", u.address())).collect();
-    format!("[[pools]]\nname = \"{name}\"\nupstreams = [{}]\n", list.join(", "))
+    let list: Vec<String> = upstreams
+        .iter()
+        .map(|u| format!("\"{}\"", u.address()))
+        .collect();
+    format!(
+        "[[pools]]\nname = \"{name}\"\nupstreams = [{}]\n",
+        list.join(", ")
+    )
 }
 
 /// An address where nothing listens (bound then closed).
@@ -342,4 +420,5 @@ pub fn dead_address() -> String {
     addr.to_string()
 }
 
-pub const WEB: &str = "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n";
+pub const WEB: &str =
+    "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n";
