@@ -4454,3 +4454,1043 @@ pub mod route_service_server {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
+/// A certificate as reported (never its key).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Certificate {
+    /// The name it is stored under.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// Every DNS name it covers.
+    #[prost(string, repeated, tag = "2")]
+    pub names: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Issuer distinguished name.
+    #[prost(string, tag = "3")]
+    pub issuer: ::prost::alloc::string::String,
+    /// Validity, seconds since the epoch.
+    #[prost(int64, tag = "4")]
+    pub not_before: i64,
+    #[prost(int64, tag = "5")]
+    pub not_after: i64,
+    #[prost(enumeration = "CertificateSource", tag = "6")]
+    pub source: i32,
+    /// When renewal becomes due (two thirds of the lifetime), seconds since the epoch.
+    #[prost(int64, tag = "7")]
+    pub renew_at: i64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAllowlistRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAllowlistResponse {
+    /// From `\[tls.on_demand\] allow` (read-only here).
+    #[prost(string, repeated, tag = "1")]
+    pub config_entries: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Added through the API.
+    #[prost(string, repeated, tag = "2")]
+    pub api_entries: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Whether on-demand issuance is enabled at all.
+    #[prost(bool, tag = "3")]
+    pub on_demand_enabled: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddAllowlistEntryRequest {
+    /// `example.com` or `*.example.com`.
+    #[prost(string, tag = "1")]
+    pub pattern: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AddAllowlistEntryResponse {
+    /// The stored (normalised) pattern.
+    #[prost(string, tag = "1")]
+    pub pattern: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveAllowlistEntryRequest {
+    #[prost(string, tag = "1")]
+    pub pattern: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveAllowlistEntryResponse {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListCertificatesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListCertificatesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub certificates: ::prost::alloc::vec::Vec<Certificate>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UploadCertificateRequest {
+    /// Stored name; empty: the certificate's first DNS name.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    /// The chain, leaf first.
+    #[prost(string, tag = "2")]
+    pub cert_pem: ::prost::alloc::string::String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    #[prost(string, tag = "3")]
+    pub key_pem: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UploadCertificateResponse {
+    #[prost(message, optional, tag = "1")]
+    pub certificate: ::core::option::Option<Certificate>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveCertificateRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RemoveCertificateResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewCertificateRequest {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RenewCertificateResponse {
+    #[prost(message, optional, tag = "1")]
+    pub certificate: ::core::option::Option<Certificate>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetAcmeStatusRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct GetAcmeStatusResponse {
+    /// Whether `\[tls.acme\]` is configured.
+    #[prost(bool, tag = "1")]
+    pub configured: bool,
+    #[prost(string, tag = "2")]
+    pub directory: ::prost::alloc::string::String,
+    /// Whether the ACME account is registered.
+    #[prost(bool, tag = "3")]
+    pub account_ready: bool,
+    /// Names being ordered now.
+    #[prost(string, repeated, tag = "4")]
+    pub pending: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Names waiting after failed orders.
+    #[prost(message, repeated, tag = "5")]
+    pub backing_off: ::prost::alloc::vec::Vec<BackingOff>,
+    #[prost(uint64, tag = "6")]
+    pub orders_last_hour: u64,
+    #[prost(uint64, tag = "7")]
+    pub orders: u64,
+    #[prost(uint64, tag = "8")]
+    pub issued: u64,
+    #[prost(uint64, tag = "9")]
+    pub failed: u64,
+    #[prost(uint64, tag = "10")]
+    pub renewals: u64,
+    /// Handshakes refused because the name was not allowed.
+    #[prost(uint64, tag = "11")]
+    pub refused_handshakes: u64,
+    /// The last order failure.
+    #[prost(string, tag = "12")]
+    pub last_error: ::prost::alloc::string::String,
+    #[prost(bool, tag = "13")]
+    pub on_demand_enabled: bool,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BackingOff {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "2")]
+    pub remaining_seconds: u64,
+}
+/// Where a certificate came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum CertificateSource {
+    Unspecified = 0,
+    /// `\[[tls.certificates]\]` in the config file.
+    File = 1,
+    /// UploadCertificate.
+    Api = 2,
+    /// Issued by the ACME server.
+    Acme = 3,
+}
+impl CertificateSource {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "CERTIFICATE_SOURCE_UNSPECIFIED",
+            Self::File => "CERTIFICATE_SOURCE_FILE",
+            Self::Api => "CERTIFICATE_SOURCE_API",
+            Self::Acme => "CERTIFICATE_SOURCE_ACME",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "CERTIFICATE_SOURCE_UNSPECIFIED" => Some(Self::Unspecified),
+            "CERTIFICATE_SOURCE_FILE" => Some(Self::File),
+            "CERTIFICATE_SOURCE_API" => Some(Self::Api),
+            "CERTIFICATE_SOURCE_ACME" => Some(Self::Acme),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod tls_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// Certificates and the on-demand issuance policy.
+    ///
+    /// Errors: INVALID_ARGUMENT naming the field (a bad pattern, PEM that does not parse, a key
+    /// that does not match its certificate), NOT_FOUND, FAILED_PRECONDITION for objects defined
+    /// in the config file (`[tls.on_demand] allow`, `[[tls.certificates]]`) or when ACME is not
+    /// configured, UNAVAILABLE when an order fails or is rate limited. Private keys are never
+    /// returned.
+    #[derive(Debug, Clone)]
+    pub struct TlsServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl TlsServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> TlsServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> TlsServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            TlsServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// The allowlist: entries from the config file and entries added through the API.
+        pub async fn list_allowlist(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListAllowlistRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAllowlistResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/ListAllowlist",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "ListAllowlist"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Adds `example.com` or `*.example.com` (stored, survives restarts).
+        pub async fn add_allowlist_entry(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AddAllowlistEntryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AddAllowlistEntryResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/AddAllowlistEntry",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "AddAllowlistEntry"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes an entry added through the API.
+        pub async fn remove_allowlist_entry(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveAllowlistEntryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveAllowlistEntryResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/RemoveAllowlistEntry",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "RemoveAllowlistEntry"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Every certificate the listeners can present.
+        pub async fn list_certificates(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListCertificatesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListCertificatesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/ListCertificates",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "ListCertificates"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Stores a certificate chain and its key (PEM) and serves it from the next handshake.
+        pub async fn upload_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UploadCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UploadCertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/UploadCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "UploadCertificate"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Removes an uploaded or issued certificate.
+        pub async fn remove_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RemoveCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveCertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/RemoveCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "RemoveCertificate"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Orders a new certificate for an issued one now and waits for it.
+        pub async fn renew_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RenewCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewCertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/RenewCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "RenewCertificate"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// ACME account, orders in progress, backoff, counters.
+        pub async fn get_acme_status(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetAcmeStatusRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetAcmeStatusResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/proxy.v1.TlsService/GetAcmeStatus",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("proxy.v1.TlsService", "GetAcmeStatus"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod tls_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with TlsServiceServer.
+    #[async_trait]
+    pub trait TlsService: std::marker::Send + std::marker::Sync + 'static {
+        /// The allowlist: entries from the config file and entries added through the API.
+        async fn list_allowlist(
+            &self,
+            request: tonic::Request<super::ListAllowlistRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAllowlistResponse>,
+            tonic::Status,
+        >;
+        /// Adds `example.com` or `*.example.com` (stored, survives restarts).
+        async fn add_allowlist_entry(
+            &self,
+            request: tonic::Request<super::AddAllowlistEntryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AddAllowlistEntryResponse>,
+            tonic::Status,
+        >;
+        /// Removes an entry added through the API.
+        async fn remove_allowlist_entry(
+            &self,
+            request: tonic::Request<super::RemoveAllowlistEntryRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveAllowlistEntryResponse>,
+            tonic::Status,
+        >;
+        /// Every certificate the listeners can present.
+        async fn list_certificates(
+            &self,
+            request: tonic::Request<super::ListCertificatesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListCertificatesResponse>,
+            tonic::Status,
+        >;
+        /// Stores a certificate chain and its key (PEM) and serves it from the next handshake.
+        async fn upload_certificate(
+            &self,
+            request: tonic::Request<super::UploadCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UploadCertificateResponse>,
+            tonic::Status,
+        >;
+        /// Removes an uploaded or issued certificate.
+        async fn remove_certificate(
+            &self,
+            request: tonic::Request<super::RemoveCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RemoveCertificateResponse>,
+            tonic::Status,
+        >;
+        /// Orders a new certificate for an issued one now and waits for it.
+        async fn renew_certificate(
+            &self,
+            request: tonic::Request<super::RenewCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RenewCertificateResponse>,
+            tonic::Status,
+        >;
+        /// ACME account, orders in progress, backoff, counters.
+        async fn get_acme_status(
+            &self,
+            request: tonic::Request<super::GetAcmeStatusRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetAcmeStatusResponse>,
+            tonic::Status,
+        >;
+    }
+    /// Certificates and the on-demand issuance policy.
+    ///
+    /// Errors: INVALID_ARGUMENT naming the field (a bad pattern, PEM that does not parse, a key
+    /// that does not match its certificate), NOT_FOUND, FAILED_PRECONDITION for objects defined
+    /// in the config file (`[tls.on_demand] allow`, `[[tls.certificates]]`) or when ACME is not
+    /// configured, UNAVAILABLE when an order fails or is rate limited. Private keys are never
+    /// returned.
+    #[derive(Debug)]
+    pub struct TlsServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> TlsServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for TlsServiceServer<T>
+    where
+        T: TlsService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/proxy.v1.TlsService/ListAllowlist" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListAllowlistSvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::ListAllowlistRequest>
+                    for ListAllowlistSvc<T> {
+                        type Response = super::ListAllowlistResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListAllowlistRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::list_allowlist(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListAllowlistSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/AddAllowlistEntry" => {
+                    #[allow(non_camel_case_types)]
+                    struct AddAllowlistEntrySvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::AddAllowlistEntryRequest>
+                    for AddAllowlistEntrySvc<T> {
+                        type Response = super::AddAllowlistEntryResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AddAllowlistEntryRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::add_allowlist_entry(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AddAllowlistEntrySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/RemoveAllowlistEntry" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveAllowlistEntrySvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::RemoveAllowlistEntryRequest>
+                    for RemoveAllowlistEntrySvc<T> {
+                        type Response = super::RemoveAllowlistEntryResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveAllowlistEntryRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::remove_allowlist_entry(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveAllowlistEntrySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/ListCertificates" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListCertificatesSvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::ListCertificatesRequest>
+                    for ListCertificatesSvc<T> {
+                        type Response = super::ListCertificatesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListCertificatesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::list_certificates(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListCertificatesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/UploadCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct UploadCertificateSvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::UploadCertificateRequest>
+                    for UploadCertificateSvc<T> {
+                        type Response = super::UploadCertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UploadCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::upload_certificate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UploadCertificateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/RemoveCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct RemoveCertificateSvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::RemoveCertificateRequest>
+                    for RemoveCertificateSvc<T> {
+                        type Response = super::RemoveCertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RemoveCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::remove_certificate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RemoveCertificateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/RenewCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct RenewCertificateSvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::RenewCertificateRequest>
+                    for RenewCertificateSvc<T> {
+                        type Response = super::RenewCertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RenewCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::renew_certificate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RenewCertificateSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/proxy.v1.TlsService/GetAcmeStatus" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetAcmeStatusSvc<T: TlsService>(pub Arc<T>);
+                    impl<
+                        T: TlsService,
+                    > tonic::server::UnaryService<super::GetAcmeStatusRequest>
+                    for GetAcmeStatusSvc<T> {
+                        type Response = super::GetAcmeStatusResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetAcmeStatusRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as TlsService>::get_acme_status(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetAcmeStatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for TlsServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "proxy.v1.TlsService";
+    impl<T> tonic::server::NamedService for TlsServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}

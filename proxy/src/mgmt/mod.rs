@@ -15,6 +15,7 @@ mod pools;
 mod registration;
 mod routes;
 mod socket;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -147,6 +148,8 @@ pub struct Context {
     pub registry: Arc<crate::registration::Registry>,
     /// Where every call is counted by method and code.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// Certificates and the on-demand policy (`None` where TLS does not run).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Context {
@@ -252,6 +255,7 @@ struct Services {
     discovery: proxy_proto::v1::discovery_service_server::DiscoveryServiceServer<DiscoveryApi>,
     registration:
         proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>,
+    tls: proxy_proto::v1::tls_service_server::TlsServiceServer<tls::TlsApi>,
 }
 
 impl Services {
@@ -265,6 +269,7 @@ impl Services {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             discovery: DiscoveryApi::server(ctx.clone()),
             registration: RegistrationApi::server(ctx.clone()),
+            tls: tls::TlsApi::server(ctx.clone()),
             admin: AdminServiceServer::new(AdminApi::new(ctx))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -308,7 +313,8 @@ where
         .add_service(services.pools.clone())
         .add_service(services.admin.clone())
         .add_service(services.discovery.clone())
-        .add_service(services.registration.clone()))
+        .add_service(services.registration.clone())
+        .add_service(services.tls.clone()))
 }
 
 /// Serves the API on `sockets` until `shutdown` fires, then removes the socket file.
@@ -326,6 +332,9 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
     health.set_serving::<AdminServiceServer<AdminApi>>().await;
     health.set_serving::<proxy_proto::v1::discovery_service_server::DiscoveryServiceServer<DiscoveryApi>>().await;
     health.set_serving::<proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>>().await;
+    health
+        .set_serving::<proxy_proto::v1::tls_service_server::TlsServiceServer<tls::TlsApi>>()
+        .await;
 
     let Sockets { unix, tcp } = sockets;
     let unix_router = routes(Server::builder().layer(counted.clone()), &services, &health).await?;
