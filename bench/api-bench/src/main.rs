@@ -268,6 +268,9 @@ async fn run_one(
     // Propagation: call returned -> first response from the new rule's pool.
     let mut propagation = Vec::new();
     let mut misses = 0;
+    // A fresh, warmed-up connection: the one above may have idled out during the throughput runs.
+    let mut http = http_client(web).await?;
+    served_by(&mut http, "/bulk/0/x").await?;
     let started = Instant::now();
     for k in 0..o.probes {
         routes
