@@ -10,6 +10,7 @@ use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use proxy_proto::v1::pool_service_client::PoolServiceClient;
 use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
 use proxy_proto::v1::route_service_client::RouteServiceClient;
+use proxy_proto::v1::tls_service_client::TlsServiceClient;
 use tokio::net::UnixStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -60,6 +61,8 @@ pub struct Clients {
     pub discovery: DiscoveryServiceClient<Transport>,
     /// RegistrationService.
     pub registration: RegistrationServiceClient<Transport>,
+    /// TlsService.
+    pub tls: TlsServiceClient<Transport>,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -88,6 +91,7 @@ pub async fn connect(target: &Target) -> Result<Clients> {
         pools: PoolServiceClient::with_interceptor(channel.clone(), token.clone()),
         discovery: DiscoveryServiceClient::with_interceptor(channel.clone(), token.clone()),
         registration: RegistrationServiceClient::with_interceptor(channel.clone(), token.clone()),
+        tls: TlsServiceClient::with_interceptor(channel.clone(), token.clone()),
         admin: AdminServiceClient::with_interceptor(channel, token),
     })
 }

@@ -12,6 +12,7 @@ mod register;
 mod routes;
 mod routes_csv;
 mod tcp_routes;
+mod tls;
 mod upstreams;
 
 use std::path::PathBuf;
@@ -67,6 +68,9 @@ enum Command {
     Discovery(discovery::DiscoveryCommand),
     /// Registers a service and holds the lease until interrupted.
     Register(register::RegisterArgs),
+    /// TLS: the on-demand allowlist (allow), certificates (certs), ACME status.
+    #[command(subcommand)]
+    Tls(tls::TlsCommand),
     /// Version, pid, uptime, listeners, object counts and state revision.
     Status,
     /// Applies a batch of changes from a TOML or JSON file, atomically.
@@ -121,6 +125,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Upstreams(cmd) => upstreams::run(cmd, c, &out).await,
         Command::Discovery(cmd) => discovery::run(cmd, c, &out).await,
         Command::Register(args) => register::run(args, c, &out).await,
+        Command::Tls(cmd) => tls::run(cmd, c, &out).await,
         Command::Status => admin::status(c, &out).await,
         Command::Apply { file } => admin::apply(file, c, &out).await,
         Command::Export => admin::export(c).await,
