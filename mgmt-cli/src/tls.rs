@@ -84,7 +84,8 @@ struct Cert {
 }
 
 fn time(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -108,7 +109,12 @@ fn cert(c: &pb::Certificate) -> Cert {
 fn table(certs: &[Cert]) -> String {
     let mut t = Table::new(&["NAME", "SOURCE", "NOT AFTER", "ISSUER"]);
     for c in certs {
-        t.row(vec![c.name.clone(), c.source.into(), c.not_after.clone(), c.issuer.clone()]);
+        t.row(vec![
+            c.name.clone(),
+            c.source.into(),
+            c.not_after.clone(),
+            c.issuer.clone(),
+        ]);
     }
     t.render()
 }
@@ -118,7 +124,10 @@ pub async fn run(cmd: TlsCommand, clients: &mut Clients, out: &Output) -> Result
     let tls = &mut clients.tls;
     match cmd {
         TlsCommand::Allow(AllowCommand::List) => {
-            let r = tls.list_allowlist(pb::ListAllowlistRequest {}).await.reply()?;
+            let r = tls
+                .list_allowlist(pb::ListAllowlistRequest {})
+                .await
+                .reply()?;
             let value = serde_json::json!({
                 "on_demand_enabled": r.on_demand_enabled,
                 "config": r.config_entries,
@@ -136,37 +145,73 @@ pub async fn run(cmd: TlsCommand, clients: &mut Clients, out: &Output) -> Result
             })
         }
         TlsCommand::Allow(AllowCommand::Add { pattern }) => {
-            let r = tls.add_allowlist_entry(pb::AddAllowlistEntryRequest { pattern }).await.reply()?;
-            out.show(&serde_json::json!({ "pattern": r.pattern }), |_| format!("allowed {:?}", r.pattern))
+            let r = tls
+                .add_allowlist_entry(pb::AddAllowlistEntryRequest { pattern })
+                .await
+                .reply()?;
+            out.show(&serde_json::json!({ "pattern": r.pattern }), |_| {
+                format!("allowed {:?}", r.pattern)
+            })
         }
         TlsCommand::Allow(AllowCommand::Rm { pattern }) => {
-            tls.remove_allowlist_entry(pb::RemoveAllowlistEntryRequest { pattern: pattern.clone() }).await.reply()?;
-            out.show(&serde_json::json!({ "removed": pattern }), |_| format!("removed {pattern:?}"))
+            tls.remove_allowlist_entry(pb::RemoveAllowlistEntryRequest {
+                pattern: pattern.clone(),
+            })
+            .await
+            .reply()?;
+            out.show(&serde_json::json!({ "removed": pattern }), |_| {
+                format!("removed {pattern:?}")
+            })
         }
         TlsCommand::Certs(CertsCommand::List) => {
-            let r = tls.list_certificates(pb::ListCertificatesRequest {}).await.reply()?;
+            let r = tls
+                .list_certificates(pb::ListCertificatesRequest {})
+                .await
+                .reply()?;
             let certs: Vec<Cert> = r.certificates.iter().map(cert).collect();
             out.show(&certs, |c| table(c))
         }
-        TlsCommand::Certs(CertsCommand::Upload { cert: cert_file, key, name }) => {
+        TlsCommand::Certs(CertsCommand::Upload {
+            cert: cert_file,
+            key,
+            name,
+        }) => {
             let cert_pem = std::fs::read_to_string(&cert_file)
                 .with_context(|| format!("cannot read {}", cert_file.display()))?;
-            let key_pem = std::fs::read_to_string(&key).with_context(|| format!("cannot read {}", key.display()))?;
-            let r = tls.upload_certificate(pb::UploadCertificateRequest { name, cert_pem, key_pem }).await.reply()?;
+            let key_pem = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read {}", key.display()))?;
+            let r = tls
+                .upload_certificate(pb::UploadCertificateRequest {
+                    name,
+                    cert_pem,
+                    key_pem,
+                })
+                .await
+                .reply()?;
             let c: Vec<Cert> = r.certificate.iter().map(cert).collect();
             out.show(&c, |c| table(c))
         }
         TlsCommand::Certs(CertsCommand::Rm { name }) => {
-            tls.remove_certificate(pb::RemoveCertificateRequest { name: name.clone() }).await.reply()?;
-            out.show(&serde_json::json!({ "removed": name }), |_| format!("certificate {name:?} removed"))
+            tls.remove_certificate(pb::RemoveCertificateRequest { name: name.clone() })
+                .await
+                .reply()?;
+            out.show(&serde_json::json!({ "removed": name }), |_| {
+                format!("certificate {name:?} removed")
+            })
         }
         TlsCommand::Certs(CertsCommand::Renew { name }) => {
-            let r = tls.renew_certificate(pb::RenewCertificateRequest { name }).await.reply()?;
+            let r = tls
+                .renew_certificate(pb::RenewCertificateRequest { name })
+                .await
+                .reply()?;
             let c: Vec<Cert> = r.certificate.iter().map(cert).collect();
             out.show(&c, |c| table(c))
         }
         TlsCommand::Status => {
-            let s = tls.get_acme_status(pb::GetAcmeStatusRequest {}).await.reply()?;
+            let s = tls
+                .get_acme_status(pb::GetAcmeStatusRequest {})
+                .await
+                .reply()?;
             let value = serde_json::json!({
                 "configured": s.configured,
                 "directory": s.directory,
@@ -184,11 +229,31 @@ pub async fn run(cmd: TlsCommand, clients: &mut Clients, out: &Output) -> Result
             });
             out.show(&value, |_| {
                 fields(&[
-                    ("acme", if s.configured { s.directory.clone() } else { "not configured".into() }),
-                    ("account", if s.account_ready { "registered".into() } else { "not yet".into() }),
+                    (
+                        "acme",
+                        if s.configured {
+                            s.directory.clone()
+                        } else {
+                            "not configured".into()
+                        },
+                    ),
+                    (
+                        "account",
+                        if s.account_ready {
+                            "registered".into()
+                        } else {
+                            "not yet".into()
+                        },
+                    ),
                     ("on demand", s.on_demand_enabled.to_string()),
                     ("pending", s.pending.join(", ")),
-                    ("orders", format!("{} ({} in the last hour), {} issued, {} failed", s.orders, s.orders_last_hour, s.issued, s.failed)),
+                    (
+                        "orders",
+                        format!(
+                            "{} ({} in the last hour), {} issued, {} failed",
+                            s.orders, s.orders_last_hour, s.issued, s.failed
+                        ),
+                    ),
                     ("renewals", s.renewals.to_string()),
                     ("refused handshakes", s.refused_handshakes.to_string()),
                     ("last error", s.last_error.clone()),

@@ -8,7 +8,9 @@ mod tls_support;
 use std::time::Duration;
 
 use common::{pool, start_proxy_in, upstream, TestProxy};
-use tls_support::{api_ca, client_config, get_over, require, roots_from_pem, tls_connect, Pebble, PebblePorts};
+use tls_support::{
+    api_ca, client_config, get_over, require, roots_from_pem, tls_connect, Pebble, PebblePorts,
+};
 
 /// Starts a proxy (http + https listeners, a route for `a.example.test`, on-demand for
 /// `a.example.test` and `*.ok.example.test`) and a pebble validating on its listeners.
@@ -76,7 +78,12 @@ async fn allowed_name_gets_a_certificate_and_others_never_cause_an_order() {
 
     let mut stream = tls_connect(proxy.addr("secure"), "a.example.test", client.clone())
         .await
-        .unwrap_or_else(|e| panic!("handshake for an allowed name: {e}\npebble log:\n{}", pebble.log()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "handshake for an allowed name: {e}\npebble log:\n{}",
+                pebble.log()
+            )
+        });
     let (status, body) = get_over(&mut stream, "a.example.test", "/hello").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"upstream\":\"app\""), "{body}");
@@ -88,14 +95,24 @@ async fn allowed_name_gets_a_certificate_and_others_never_cause_an_order() {
     // Not on the list: refused during the handshake, and pebble hears nothing about it.
     let refused_before = proxy.daemon.tls().refused_handshakes();
     let err = tls_connect(proxy.addr("secure"), "evil.example.test", client.clone()).await;
-    assert!(err.is_err(), "a name off the allowlist must not complete a handshake");
+    assert!(
+        err.is_err(),
+        "a name off the allowlist must not complete a handshake"
+    );
     assert_eq!(proxy.daemon.tls().refused_handshakes(), refused_before + 1);
     assert_eq!(proxy.daemon.tls().orders_created(), 1);
     assert_eq!(pebble.order_requests(), 1);
-    assert!(!pebble.log().contains("evil.example.test"), "pebble heard of the refused name");
+    assert!(
+        !pebble.log().contains("evil.example.test"),
+        "pebble heard of the refused name"
+    );
 
     // The bare suffix of a wildcard entry is not covered either.
-    assert!(tls_connect(proxy.addr("secure"), "ok.example.test", client.clone()).await.is_err());
+    assert!(
+        tls_connect(proxy.addr("secure"), "ok.example.test", client.clone())
+            .await
+            .is_err()
+    );
     assert_eq!(pebble.order_requests(), 1);
 
     // A second handshake for the issued name needs no order.
@@ -117,11 +134,17 @@ async fn twenty_parallel_first_handshakes_share_one_order_and_a_restart_orders_n
     let handshakes: Vec<_> = (0..20)
         .map(|_| {
             let client = client.clone();
-            tokio::spawn(async move { tls_connect(addr, "burst.ok.example.test", client).await.map(|_| ()) })
+            tokio::spawn(async move {
+                tls_connect(addr, "burst.ok.example.test", client)
+                    .await
+                    .map(|_| ())
+            })
         })
         .collect();
     for h in handshakes {
-        h.await.unwrap().unwrap_or_else(|e| panic!("parallel handshake failed: {e}\n{}", pebble.log()));
+        h.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("parallel handshake failed: {e}\n{}", pebble.log()));
     }
     assert_eq!(proxy.daemon.tls().orders_created(), 1);
     assert_eq!(pebble.order_requests(), 1, "{}", pebble.log());
@@ -131,15 +154,30 @@ async fn twenty_parallel_first_handshakes_share_one_order_and_a_restart_orders_n
     let config = daemon.config().clone();
     daemon.stop().await;
     let restarted = proxy::Daemon::start(config).await.expect("restart");
-    let stream = tls_connect(restarted.listener_address("secure").unwrap(), "burst.ok.example.test", client).await;
-    assert!(stream.is_ok(), "stored certificate served after restart: {:?}", stream.err());
+    let stream = tls_connect(
+        restarted.listener_address("secure").unwrap(),
+        "burst.ok.example.test",
+        client,
+    )
+    .await;
+    assert!(
+        stream.is_ok(),
+        "stored certificate served after restart: {:?}",
+        stream.err()
+    );
     assert_eq!(restarted.tls().orders_created(), 0);
     assert_eq!(pebble.order_requests(), 1);
     let info = restarted.tls().certificates();
-    assert!(info.iter().any(|c| c.name == "burst.ok.example.test" && c.source == proxy::tls::CertSource::Acme), "{info:?}");
+    assert!(
+        info.iter()
+            .any(|c| c.name == "burst.ok.example.test" && c.source == proxy::tls::CertSource::Acme),
+        "{info:?}"
+    );
     // The database holds private keys: owner-only.
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(proxy::state::database_path(dir.path())).unwrap().permissions(),
+        &std::fs::metadata(proxy::state::database_path(dir.path()))
+            .unwrap()
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "proxy.db mode {mode:o}");
     restarted.stop().await;
@@ -160,7 +198,10 @@ async fn tls_alpn_01_is_answered_in_the_acceptor() {
     assert_eq!(status, 200);
     let log = pebble.log();
     assert!(log.contains("set VALID by completed challenge"), "{log}");
-    assert!(!log.contains("validate w/ HTTP"), "pebble validated over HTTP:\n{log}");
+    assert!(
+        !log.contains("validate w/ HTTP"),
+        "pebble validated over HTTP:\n{log}"
+    );
     proxy.daemon.stop().await;
 }
 
@@ -171,7 +212,9 @@ async fn certificate_past_two_thirds_of_its_life_is_renewed_in_the_background() 
     }
     // An issued certificate whose renewal time has passed, stored before the proxy starts.
     let old_ca = tls_support::TestCa::new("expiring issuer");
-    let (cert, key) = old_ca.leaf_with(&["renew.ok.example.test"], |p| tls_support::validity_days(p, -10, 1));
+    let (cert, key) = old_ca.leaf_with(&["renew.ok.example.test"], |p| {
+        tls_support::validity_days(p, -10, 1)
+    });
     // Create the schema with a daemon, then put the row in with plain SQLite.
     let bootstrap = start_proxy_in(tempfile::tempdir().unwrap(), common::WEB).await;
     let TestProxy { daemon, dir } = bootstrap;
@@ -218,15 +261,29 @@ allow = ["*.ok.example.test"]
     let proxy = start_proxy_in(dir, &config).await;
     let mut renewed = false;
     for _ in 0..120 {
-        if tls_connect(proxy.addr("secure"), "renew.ok.example.test", pebble_client.clone()).await.is_ok() {
+        if tls_connect(
+            proxy.addr("secure"),
+            "renew.ok.example.test",
+            pebble_client.clone(),
+        )
+        .await
+        .is_ok()
+        {
             renewed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(renewed, "the renewed certificate (from pebble) is served\n{}", pebble.log());
+    assert!(
+        renewed,
+        "the renewed certificate (from pebble) is served\n{}",
+        pebble.log()
+    );
     assert_eq!(pebble.order_requests(), 1);
     let status = proxy.daemon.tls().status();
-    assert!(status.acme.as_ref().is_some_and(|a| a.renewals >= 1), "{status:?}");
+    assert!(
+        status.acme.as_ref().is_some_and(|a| a.renewals >= 1),
+        "{status:?}"
+    );
     proxy.daemon.stop().await;
 }

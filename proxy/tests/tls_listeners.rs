@@ -9,9 +9,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use rustls::pki_types::pem::PemObject;
 
 use common::{pool, start_proxy, upstream};
 use tls_support::{client_config, get_over, peer_leaf, tls_connect, TestCa};
@@ -23,9 +23,15 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
 }
 
 /// A TLS server with its own certificate that answers every connection with `name`.
-async fn tls_echo_server(ca: &TestCa, host: &str, name: &'static str) -> (std::net::SocketAddr, Vec<u8>) {
+async fn tls_echo_server(
+    ca: &TestCa,
+    host: &str,
+    name: &'static str,
+) -> (std::net::SocketAddr, Vec<u8>) {
     let (cert, key) = ca.leaf(&[host]);
-    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes()).map(|c| c.unwrap()).collect();
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
     let leaf = chain[0].as_ref().to_vec();
     let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
     let config = rustls::ServerConfig::builder_with_provider(tls_support::provider())
@@ -44,7 +50,11 @@ async fn tls_echo_server(ca: &TestCa, host: &str, name: &'static str) -> (std::n
                 if let Ok(mut tls) = acceptor.accept(stream).await {
                     let mut buf = [0u8; 64];
                     let n = tls.read(&mut buf).await.unwrap_or(0);
-                    let _ = tls.write_all(format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes()).await;
+                    let _ = tls
+                        .write_all(
+                            format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes(),
+                        )
+                        .await;
                     let _ = tls.shutdown().await;
                 }
             });
@@ -91,13 +101,18 @@ key = "{}"
 
     // HTTP/1.1: the exact certificate for its name, the wildcard for others.
     let client = client_config(ca.roots(), &[b"http/1.1"]);
-    let mut shop = tls_connect(addr, "shop.example.test", client.clone()).await.expect("handshake");
-    let exact_der = rustls::pki_types::CertificateDer::from_pem_slice(exact_cert.as_bytes()).unwrap();
+    let mut shop = tls_connect(addr, "shop.example.test", client.clone())
+        .await
+        .expect("handshake");
+    let exact_der =
+        rustls::pki_types::CertificateDer::from_pem_slice(exact_cert.as_bytes()).unwrap();
     assert_eq!(peer_leaf(&shop), exact_der.as_ref());
     let (status, body) = get_over(&mut shop, "shop.example.test", "/x").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"x-forwarded-proto\":[\"https\"]"), "{body}");
-    let other = tls_connect(addr, "blog.example.test", client.clone()).await.expect("wildcard handshake");
+    let other = tls_connect(addr, "blog.example.test", client.clone())
+        .await
+        .expect("wildcard handshake");
     let wild_der = rustls::pki_types::CertificateDer::from_pem_slice(wild_cert.as_bytes()).unwrap();
     assert_eq!(peer_leaf(&other), wild_der.as_ref());
 
@@ -106,11 +121,22 @@ key = "{}"
     assert_eq!(proxy.daemon.tls().refused_handshakes(), 1);
 
     // HTTP/2 chosen by ALPN.
-    let h2 = tls_connect(addr, "shop.example.test", client_config(ca.roots(), &[b"h2"])).await.expect("h2 handshake");
+    let h2 = tls_connect(
+        addr,
+        "shop.example.test",
+        client_config(ca.roots(), &[b"h2"]),
+    )
+    .await
+    .expect("h2 handshake");
     assert_eq!(h2.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(h2))
+            .await
+            .unwrap();
     tokio::spawn(conn);
-    let request = http::Request::get("https://shop.example.test/over-h2").body(Empty::<Bytes>::new()).unwrap();
+    let request = http::Request::get("https://shop.example.test/over-h2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.version(), http::Version::HTTP_2);
@@ -157,9 +183,14 @@ sni = "*.wild.pass.test"
     );
     let proxy = start_proxy(&config).await;
     let client = client_config(ca.roots(), &[]);
-    for (sni, leaf, name) in [("a.pass.test", &a_leaf, "backend-a"), ("x.wild.pass.test", &b_leaf, "backend-b")] {
+    for (sni, leaf, name) in [
+        ("a.pass.test", &a_leaf, "backend-a"),
+        ("x.wild.pass.test", &b_leaf, "backend-b"),
+    ] {
         // The backend's own certificate reaches the client: the proxy did not terminate.
-        let mut stream = tls_connect(proxy.addr("edge"), sni, client.clone()).await.expect("handshake through the proxy");
+        let mut stream = tls_connect(proxy.addr("edge"), sni, client.clone())
+            .await
+            .expect("handshake through the proxy");
         assert_eq!(&peer_leaf(&stream), leaf);
         stream.write_all(b"ping").await.unwrap();
         let mut answer = String::new();
@@ -184,7 +215,9 @@ async fn tls_listener_terminates_and_forwards_plain_bytes() {
             tokio::spawn(async move {
                 let mut buf = [0u8; 64];
                 let n = s.read(&mut buf).await.unwrap_or(0);
-                let _ = s.write_all(&[b"plain:".as_slice(), &buf[..n]].concat()).await;
+                let _ = s
+                    .write_all(&[b"plain:".as_slice(), &buf[..n]].concat())
+                    .await;
             });
         }
     });
@@ -208,8 +241,13 @@ key = "{}"
         write(dir.path(), "c.key", &key)
     );
     let proxy = start_proxy(&config).await;
-    let mut stream =
-        tls_connect(proxy.addr("db"), "db.example.test", client_config(ca.roots(), &[])).await.expect("handshake");
+    let mut stream = tls_connect(
+        proxy.addr("db"),
+        "db.example.test",
+        client_config(ca.roots(), &[]),
+    )
+    .await
+    .expect("handshake");
     stream.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 64];
     let n = stream.read(&mut buf).await.unwrap();
@@ -227,7 +265,12 @@ async fn unreadable_certificate_file_stops_the_start_with_the_field_named() {
         dir.path().display()
     );
     let config = proxy::Config::parse(&text, "t.toml").expect("parses");
-    let err = proxy::Daemon::start(config).await.err().expect("start fails");
-    assert!(err.to_string().contains("tls.certificates[0].cert"), "{err}");
+    let err = proxy::Daemon::start(config)
+        .await
+        .err()
+        .expect("start fails");
+    assert!(
+        err.to_string().contains("tls.certificates[0].cert"),
+        "{err}"
+    );
 }
-

@@ -138,12 +138,15 @@ pub fn normalise_allow_entry(entry: &str) -> Result<String, String> {
     let valid_label = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
     if bare.is_empty() || bare.len() > 253 || !bare.split('.').all(valid_label) {
-        return Err(format!("{entry:?} is not a domain name (expected example.com or *.example.com)"));
+        return Err(format!(
+            "{entry:?} is not a domain name (expected example.com or *.example.com)"
+        ));
     }
     Ok(entry)
 }
@@ -165,7 +168,10 @@ impl Doc<'_> {
             if c.key.trim().is_empty() {
                 return Err(self.field_error(&span, &prefix, "key", "must name a PEM file"));
             }
-            certificates.push(CertificateFiles { cert: c.cert.into(), key: c.key.into() });
+            certificates.push(CertificateFiles {
+                cert: c.cert.into(),
+                key: c.key.into(),
+            });
         }
         let acme = match raw.acme {
             None => None,
@@ -180,22 +186,41 @@ impl Doc<'_> {
                 let span = s.span();
                 let on_demand = self.build_on_demand(s.into_inner(), &span)?;
                 if on_demand.enabled && acme.is_none() {
-                    return Err(self.field_error(&span, "tls.on_demand", "enabled", "needs a [tls.acme] section"));
+                    return Err(self.field_error(
+                        &span,
+                        "tls.on_demand",
+                        "enabled",
+                        "needs a [tls.acme] section",
+                    ));
                 }
                 on_demand
             }
         };
-        Ok(TlsConfig { certificates, acme, on_demand })
+        Ok(TlsConfig {
+            certificates,
+            acme,
+            on_demand,
+        })
     }
 
     fn build_acme(&self, raw: RawAcme, span: &Range<usize>) -> Result<AcmeConfig, ConfigError> {
         let prefix = "tls.acme";
         if !raw.directory.starts_with("https://") {
-            return Err(self.field_error(span, prefix, "directory", format!("{:?} must be an https:// URL", raw.directory)));
+            return Err(self.field_error(
+                span,
+                prefix,
+                "directory",
+                format!("{:?} must be an https:// URL", raw.directory),
+            ));
         }
         for (i, c) in raw.contact.iter().enumerate() {
             if !c.starts_with("mailto:") || c.len() <= "mailto:".len() {
-                return Err(self.field_error(span, prefix, "contact", format!("contact[{i}] {c:?} must be a mailto: URL")));
+                return Err(self.field_error(
+                    span,
+                    prefix,
+                    "contact",
+                    format!("contact[{i}] {c:?} must be a mailto: URL"),
+                ));
             }
         }
         let challenges = match raw.challenges {
@@ -211,7 +236,9 @@ impl Doc<'_> {
                                 span,
                                 prefix,
                                 "challenges",
-                                format!("unknown challenge {other:?}, expected http-01 or tls-alpn-01"),
+                                format!(
+                                    "unknown challenge {other:?}, expected http-01 or tls-alpn-01"
+                                ),
                             ))
                         }
                     };
@@ -220,13 +247,23 @@ impl Doc<'_> {
                     }
                 }
                 if out.is_empty() {
-                    return Err(self.field_error(span, prefix, "challenges", "must name at least one challenge"));
+                    return Err(self.field_error(
+                        span,
+                        prefix,
+                        "challenges",
+                        "must name at least one challenge",
+                    ));
                 }
                 out
             }
         };
-        let renew_check_interval =
-            self.duration(&raw.renew_check_interval, Duration::from_secs(3600), span, prefix, "renew_check_interval")?;
+        let renew_check_interval = self.duration(
+            &raw.renew_check_interval,
+            Duration::from_secs(3600),
+            span,
+            prefix,
+            "renew_check_interval",
+        )?;
         if renew_check_interval.is_zero() {
             return Err(self.field_error(span, prefix, "renew_check_interval", "must be positive"));
         }
@@ -239,7 +276,11 @@ impl Doc<'_> {
         })
     }
 
-    fn build_on_demand(&self, raw: RawOnDemand, span: &Range<usize>) -> Result<OnDemandConfig, ConfigError> {
+    fn build_on_demand(
+        &self,
+        raw: RawOnDemand,
+        span: &Range<usize>,
+    ) -> Result<OnDemandConfig, ConfigError> {
         let prefix = "tls.on_demand";
         let mut allow = Vec::new();
         for (i, entry) in raw.allow.iter().enumerate() {
@@ -251,22 +292,46 @@ impl Doc<'_> {
             None | Some("") => None,
             Some(url) => {
                 if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
-                    return Err(self.field_error(span, prefix, "ask", format!("{url:?} must be an http:// URL")));
+                    return Err(self.field_error(
+                        span,
+                        prefix,
+                        "ask",
+                        format!("{url:?} must be an http:// URL"),
+                    ));
                 }
                 Some(url.to_string())
             }
         };
         let defaults = OnDemandConfig::default();
-        let max_orders_per_hour = raw.max_orders_per_hour.unwrap_or(defaults.max_orders_per_hour);
+        let max_orders_per_hour = raw
+            .max_orders_per_hour
+            .unwrap_or(defaults.max_orders_per_hour);
         if max_orders_per_hour == 0 {
-            return Err(self.field_error(span, prefix, "max_orders_per_hour", "must be at least 1"));
+            return Err(self.field_error(
+                span,
+                prefix,
+                "max_orders_per_hour",
+                "must be at least 1",
+            ));
         }
-        let max_orders_per_name_per_hour =
-            raw.max_orders_per_name_per_hour.unwrap_or(defaults.max_orders_per_name_per_hour);
+        let max_orders_per_name_per_hour = raw
+            .max_orders_per_name_per_hour
+            .unwrap_or(defaults.max_orders_per_name_per_hour);
         if max_orders_per_name_per_hour == 0 {
-            return Err(self.field_error(span, prefix, "max_orders_per_name_per_hour", "must be at least 1"));
+            return Err(self.field_error(
+                span,
+                prefix,
+                "max_orders_per_name_per_hour",
+                "must be at least 1",
+            ));
         }
-        Ok(OnDemandConfig { enabled: raw.enabled, allow, ask, max_orders_per_hour, max_orders_per_name_per_hour })
+        Ok(OnDemandConfig {
+            enabled: raw.enabled,
+            allow,
+            ask,
+            max_orders_per_hour,
+            max_orders_per_name_per_hour,
+        })
     }
 }
 
@@ -290,7 +355,10 @@ mod tests {
         );
         let config = Config::parse(&text, "t.toml").expect("valid");
         assert_eq!(config.tls.certificates.len(), 1);
-        assert_eq!(config.tls.on_demand.allow, ["example.com", "*.customers.example.com"]);
+        assert_eq!(
+            config.tls.on_demand.allow,
+            ["example.com", "*.customers.example.com"]
+        );
         assert_eq!(config.tls.on_demand.max_orders_per_hour, 5);
         let acme = config.tls.acme.expect("acme");
         assert_eq!(acme.challenges, [super::AcmeChallenge::TlsAlpn01]);
@@ -299,19 +367,30 @@ mod tests {
     #[test]
     fn on_demand_needs_acme() {
         let e = err("[tls.on_demand]\nenabled = true\n");
-        assert!(e.starts_with("t.toml:2: tls.on_demand.enabled: needs a [tls.acme]"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2: tls.on_demand.enabled: needs a [tls.acme]"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_allow_entry_names_the_field() {
-        let e = err(&format!("{ACME}\n[tls.on_demand]\nenabled = true\nallow = [\"ok.example\", \"bad name\"]\n"));
-        assert!(e.starts_with("t.toml:6: tls.on_demand.allow: allow[1]"), "{e}");
+        let e = err(&format!(
+            "{ACME}\n[tls.on_demand]\nenabled = true\nallow = [\"ok.example\", \"bad name\"]\n"
+        ));
+        assert!(
+            e.starts_with("t.toml:6: tls.on_demand.allow: allow[1]"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_challenge_and_plain_directory_are_refused() {
         let e = err("[tls.acme]\ndirectory = \"https://x/dir\"\nchallenges = [\"dns-01\"]\n");
-        assert!(e.starts_with("t.toml:3: tls.acme.challenges: unknown challenge"), "{e}");
+        assert!(
+            e.starts_with("t.toml:3: tls.acme.challenges: unknown challenge"),
+            "{e}"
+        );
         let e = err("[tls.acme]\ndirectory = \"http://x/dir\"\n");
         assert!(e.starts_with("t.toml:2: tls.acme.directory:"), "{e}");
     }

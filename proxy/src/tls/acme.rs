@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus,
-    RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
@@ -67,12 +67,20 @@ impl std::fmt::Debug for Challenges {
 impl Challenges {
     /// The key authorization for an HTTP-01 token, if an order waits for it.
     pub fn http01(&self, token: &str) -> Option<String> {
-        self.http01.lock().unwrap_or_else(|p| p.into_inner()).get(token).cloned()
+        self.http01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            .cloned()
     }
 
     /// The TLS-ALPN-01 certificate for `name`, if an order waits for it.
     pub fn tls_alpn01(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.tls_alpn01.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.tls_alpn01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 }
 
@@ -117,7 +125,9 @@ pub struct Issuer {
 
 impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issuer").field("directory", &self.config.directory).finish_non_exhaustive()
+        f.debug_struct("Issuer")
+            .field("directory", &self.config.directory)
+            .finish_non_exhaustive()
     }
 }
 
@@ -185,15 +195,22 @@ impl Issuer {
                     let name = name.to_string();
                     // A task of its own: the handshake that started the order may go away.
                     tokio::spawn(async move {
-                        let result = match tokio::time::timeout(ORDER_TIMEOUT, issuer.order(&name)).await {
-                            Ok(r) => r,
-                            Err(_) => Err(OrderError::Failed(format!("{name}: no certificate within {ORDER_TIMEOUT:?}"))),
-                        };
+                        let result =
+                            match tokio::time::timeout(ORDER_TIMEOUT, issuer.order(&name)).await {
+                                Ok(r) => r,
+                                Err(_) => Err(OrderError::Failed(format!(
+                                    "{name}: no certificate within {ORDER_TIMEOUT:?}"
+                                ))),
+                            };
                         issuer.finish(&name, &result);
                         if let Ok(entry) = &result {
                             issuer.certs.insert(entry.clone());
                         }
-                        issuer.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                        issuer
+                            .in_flight
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&name);
                         let _ = tx.send(Some(result));
                     });
                     rx
@@ -206,7 +223,9 @@ impl Issuer {
             .map_err(|_| OrderError::Failed("the order task ended without an answer".into()))?;
         match result.as_ref() {
             Some(r) => r.clone(),
-            None => Err(OrderError::Failed("the order task ended without an answer".into())),
+            None => Err(OrderError::Failed(
+                "the order task ended without an answer".into(),
+            )),
         }
     }
 
@@ -216,10 +235,18 @@ impl Issuer {
         let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((failures, until)) = limits.backoff.get(name) {
             if *until > now {
-                return Err(OrderError::BackingOff { name: name.into(), remaining: *until - now, failures: *failures });
+                return Err(OrderError::BackingOff {
+                    name: name.into(),
+                    remaining: *until - now,
+                    failures: *failures,
+                });
             }
         }
-        while limits.global.front().is_some_and(|t| now.duration_since(*t) >= HOUR) {
+        while limits
+            .global
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+        {
             limits.global.pop_front();
         }
         if limits.global.len() >= self.max_per_hour {
@@ -229,7 +256,10 @@ impl Issuer {
             )));
         }
         let per_name = limits.per_name.entry(name.to_string()).or_default();
-        while per_name.front().is_some_and(|t| now.duration_since(*t) >= HOUR) {
+        while per_name
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= HOUR)
+        {
             per_name.pop_front();
         }
         if per_name.len() >= self.max_per_name_per_hour {
@@ -254,8 +284,12 @@ impl Issuer {
             }
             Err(e) => {
                 let failures = limits.backoff.get(name).map_or(0, |(n, _)| *n) + 1;
-                let wait = BACKOFF_START.saturating_mul(1 << (failures - 1).min(10)).min(BACKOFF_MAX);
-                limits.backoff.insert(name.to_string(), (failures, Instant::now() + wait));
+                let wait = BACKOFF_START
+                    .saturating_mul(1 << (failures - 1).min(10))
+                    .min(BACKOFF_MAX);
+                limits
+                    .backoff
+                    .insert(name.to_string(), (failures, Instant::now() + wait));
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 tracing::warn!(domain = %name, error = %e, retry_in = ?wait, "certificate order failed");
@@ -265,14 +299,23 @@ impl Issuer {
 
     /// Forgets the backoff of `name` (an operator asked for a renewal).
     pub fn clear_backoff(&self, name: &str) {
-        self.limits.lock().unwrap_or_else(|p| p.into_inner()).backoff.remove(name);
+        self.limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .backoff
+            .remove(name);
     }
 
     /// What the status call reports.
     pub fn status(&self) -> IssuerStatus {
         // Lock order: in_flight before limits, as in `obtain`.
-        let mut pending: Vec<String> =
-            self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut pending: Vec<String> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
         pending.sort();
         let now = Instant::now();
         let limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
@@ -288,36 +331,60 @@ impl Issuer {
             account_ready: self.account.initialized(),
             pending,
             backing_off,
-            orders_last_hour: limits.global.iter().filter(|t| now.duration_since(**t) < HOUR).count(),
-            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            orders_last_hour: limits
+                .global
+                .iter()
+                .filter(|t| now.duration_since(**t) < HOUR)
+                .count(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
     async fn account(&self) -> Result<&Account, OrderError> {
         self.account
             .get_or_try_init(|| async {
-                let failed = |what: &str, e: &dyn std::fmt::Display| OrderError::Failed(format!("ACME account: {what}: {e}"));
+                let failed = |what: &str, e: &dyn std::fmt::Display| {
+                    OrderError::Failed(format!("ACME account: {what}: {e}"))
+                };
                 let builder = || match &self.config.ca_file {
                     Some(ca) => Account::builder_with_root(ca).map_err(|e| failed("ca_file", &e)),
                     None => Account::builder().map_err(|e| failed("HTTP client", &e)),
                 };
-                let stored = self.store.account(&self.config.directory).await.map_err(|e| failed("store", &e))?;
+                let stored = self
+                    .store
+                    .account(&self.config.directory)
+                    .await
+                    .map_err(|e| failed("store", &e))?;
                 if let Some(json) = stored {
-                    let credentials: AccountCredentials =
-                        serde_json::from_str(&json).map_err(|e| failed("stored credentials", &e))?;
-                    return builder()?.from_credentials(credentials).await.map_err(|e| failed("restore", &e));
+                    let credentials: AccountCredentials = serde_json::from_str(&json)
+                        .map_err(|e| failed("stored credentials", &e))?;
+                    return builder()?
+                        .from_credentials(credentials)
+                        .await
+                        .map_err(|e| failed("restore", &e));
                 }
                 let contact: Vec<&str> = self.config.contact.iter().map(String::as_str).collect();
                 let (account, credentials) = builder()?
                     .create(
-                        &NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false },
+                        &NewAccount {
+                            contact: &contact,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
                         self.config.directory.clone(),
                         None,
                     )
                     .await
                     .map_err(|e| failed("register", &e))?;
                 let json = serde_json::to_string(&credentials).map_err(|e| failed("encode", &e))?;
-                self.store.save_account(&self.config.directory, &json).await.map_err(|e| failed("store", &e))?;
+                self.store
+                    .save_account(&self.config.directory, &json)
+                    .await
+                    .map_err(|e| failed("store", &e))?;
                 tracing::info!(directory = %self.config.directory, "ACME account registered");
                 Ok(account)
             })
@@ -328,16 +395,32 @@ impl Issuer {
     async fn order(&self, name: &str) -> Result<Arc<CertEntry>, OrderError> {
         let mut tokens = Vec::new();
         let result = self.order_inner(name, &mut tokens).await;
-        self.challenges.http01.lock().unwrap_or_else(|p| p.into_inner()).retain(|t, _| !tokens.contains(t));
-        self.challenges.tls_alpn01.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.challenges
+            .http01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|t, _| !tokens.contains(t));
+        self.challenges
+            .tls_alpn01
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         result
     }
 
-    async fn order_inner(&self, name: &str, tokens: &mut Vec<String>) -> Result<Arc<CertEntry>, OrderError> {
-        let acme = |what: &str, e: instant_acme::Error| OrderError::Failed(format!("{name}: {what}: {e}"));
+    async fn order_inner(
+        &self,
+        name: &str,
+        tokens: &mut Vec<String>,
+    ) -> Result<Arc<CertEntry>, OrderError> {
+        let acme =
+            |what: &str, e: instant_acme::Error| OrderError::Failed(format!("{name}: {what}: {e}"));
         let account = self.account().await?;
         let identifiers = [Identifier::Dns(name.to_string())];
-        let mut order = account.new_order(&NewOrder::new(&identifiers)).await.map_err(|e| acme("new order", e))?;
+        let mut order = account
+            .new_order(&NewOrder::new(&identifiers))
+            .await
+            .map_err(|e| acme("new order", e))?;
         self.stats.orders.fetch_add(1, Ordering::Relaxed);
         tracing::info!(domain = %name, "certificate ordered");
         let mut authorizations = order.authorizations();
@@ -346,9 +429,14 @@ impl Issuer {
             match authz.status {
                 AuthorizationStatus::Pending => {}
                 AuthorizationStatus::Valid => continue,
-                other => return Err(OrderError::Failed(format!("{name}: authorization is {other:?}"))),
+                other => {
+                    return Err(OrderError::Failed(format!(
+                        "{name}: authorization is {other:?}"
+                    )))
+                }
             }
-            let offered: Vec<ChallengeType> = authz.challenges.iter().map(|c| c.r#type.clone()).collect();
+            let offered: Vec<ChallengeType> =
+                authz.challenges.iter().map(|c| c.r#type.clone()).collect();
             let kind = self
                 .config
                 .challenges
@@ -358,15 +446,27 @@ impl Issuer {
                     AcmeChallenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
                 })
                 .find(|c| offered.contains(c))
-                .ok_or_else(|| OrderError::Failed(format!("{name}: the server offers none of the configured challenges")))?;
+                .ok_or_else(|| {
+                    OrderError::Failed(format!(
+                        "{name}: the server offers none of the configured challenges"
+                    ))
+                })?;
             let mut challenge = authz
                 .challenge(kind.clone())
                 .ok_or_else(|| OrderError::Failed(format!("{name}: challenge vanished")))?;
             let key_authorization = challenge.key_authorization();
             match kind {
                 ChallengeType::TlsAlpn01 => {
-                    let certified = alpn_certificate(name, key_authorization.digest().as_ref(), &self.provider)?;
-                    self.challenges.tls_alpn01.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), certified);
+                    let certified = alpn_certificate(
+                        name,
+                        key_authorization.digest().as_ref(),
+                        &self.provider,
+                    )?;
+                    self.challenges
+                        .tls_alpn01
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name.to_string(), certified);
                 }
                 _ => {
                     let token = challenge.token.clone();
@@ -378,17 +478,31 @@ impl Issuer {
                     tokens.push(token);
                 }
             }
-            challenge.set_ready().await.map_err(|e| acme("challenge", e))?;
+            challenge
+                .set_ready()
+                .await
+                .map_err(|e| acme("challenge", e))?;
         }
-        let retries = RetryPolicy::new().initial_delay(Duration::from_millis(250)).timeout(Duration::from_secs(60));
-        let status = order.poll_ready(&retries).await.map_err(|e| acme("validation", e))?;
+        let retries = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(250))
+            .timeout(Duration::from_secs(60));
+        let status = order
+            .poll_ready(&retries)
+            .await
+            .map_err(|e| acme("validation", e))?;
         if status != OrderStatus::Ready {
-            return Err(OrderError::Failed(format!("{name}: order is {status:?} after validation")));
+            return Err(OrderError::Failed(format!(
+                "{name}: order is {status:?} after validation"
+            )));
         }
         let key_pem = order.finalize().await.map_err(|e| acme("finalize", e))?;
-        let chain_pem = order.poll_certificate(&retries).await.map_err(|e| acme("certificate", e))?;
-        let entry = CertEntry::from_pem(name, &chain_pem, &key_pem, CertSource::Acme, &self.provider)
-            .map_err(|e| OrderError::Failed(format!("{name}: issued certificate: {e}")))?;
+        let chain_pem = order
+            .poll_certificate(&retries)
+            .await
+            .map_err(|e| acme("certificate", e))?;
+        let entry =
+            CertEntry::from_pem(name, &chain_pem, &key_pem, CertSource::Acme, &self.provider)
+                .map_err(|e| OrderError::Failed(format!("{name}: issued certificate: {e}")))?;
         self.store
             .save_certificate(name, CertSource::Acme, &chain_pem, &key_pem)
             .await
@@ -399,13 +513,26 @@ impl Issuer {
 
 /// The self-signed certificate that answers a TLS-ALPN-01 challenge (RFC 8737): the name
 /// as its only SAN and the key authorization digest in the acmeIdentifier extension.
-fn alpn_certificate(name: &str, digest: &[u8], provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, OrderError> {
-    let failed = |e: &dyn std::fmt::Display| OrderError::Failed(format!("{name}: TLS-ALPN-01 certificate: {e}"));
+fn alpn_certificate(
+    name: &str,
+    digest: &[u8],
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, OrderError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        OrderError::Failed(format!("{name}: TLS-ALPN-01 certificate: {e}"))
+    };
     let key = rcgen::KeyPair::generate().map_err(|e| failed(&e))?;
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| failed(&e))?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| failed(&e))?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
     let cert = params.self_signed(&key).map_err(|e| failed(&e))?;
     let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
-    let signing = provider.key_provider.load_private_key(key_der).map_err(|e| failed(&e))?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
+    let signing = provider
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| failed(&e))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }

@@ -81,7 +81,9 @@ pub struct CertEntry {
 
 impl fmt::Debug for CertEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertEntry").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("CertEntry")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,11 +105,14 @@ impl CertEntry {
         source: CertSource,
         provider: &CryptoProvider,
     ) -> Result<CertEntry, TlsError> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| TlsError::Certificate(format!("certificate PEM: {e}")))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Certificate(format!("certificate PEM: {e}")))?;
         let Some(leaf) = chain.first() else {
-            return Err(TlsError::Certificate("certificate PEM holds no CERTIFICATE block".into()));
+            return Err(TlsError::Certificate(
+                "certificate PEM holds no CERTIFICATE block".into(),
+            ));
         };
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| TlsError::Certificate(format!("private key PEM: {e}")))?;
@@ -117,9 +122,9 @@ impl CertEntry {
             .map_err(|e| TlsError::Certificate(format!("private key: {e}")))?;
         let (names, issuer, not_before, not_after) = describe(leaf)?;
         let certified = CertifiedKey::new(chain, signing);
-        certified
-            .keys_match()
-            .map_err(|e| TlsError::Certificate(format!("the key does not belong to the certificate: {e}")))?;
+        certified.keys_match().map_err(|e| {
+            TlsError::Certificate(format!("the key does not belong to the certificate: {e}"))
+        })?;
         let name = if name.is_empty() {
             names
                 .first()
@@ -130,7 +135,14 @@ impl CertEntry {
         };
         Ok(CertEntry {
             certified: Arc::new(certified),
-            info: CertInfo { name, names, issuer, not_before, not_after, source },
+            info: CertInfo {
+                name,
+                names,
+                issuer,
+                not_before,
+                not_after,
+                source,
+            },
         })
     }
 }
@@ -149,7 +161,12 @@ fn describe(der: &CertificateDer<'_>) -> Result<(Vec<String>, String, i64, i64),
         }
     }
     if names.is_empty() {
-        if let Some(cn) = cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()) {
+        if let Some(cn) = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+        {
             names.push(cn.to_ascii_lowercase());
         }
     }
@@ -182,7 +199,9 @@ pub struct CertCache {
 
 impl fmt::Debug for CertCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertCache").field("names", &self.table.load().by_name.len()).finish()
+        f.debug_struct("CertCache")
+            .field("names", &self.table.load().by_name.len())
+            .finish()
     }
 }
 
@@ -221,7 +240,11 @@ impl CertCache {
 
     /// The certificate stored under `name`.
     pub fn stored(&self, name: &str) -> Option<Arc<CertEntry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Every certificate, by stored name.
@@ -238,7 +261,8 @@ impl CertCache {
         let table = self.table.load();
         match server_name {
             Some(name) => table.by_name.get(name).cloned().or_else(|| {
-                name.match_indices('.').find_map(|(i, _)| table.wildcard.get(&name[i..]).cloned())
+                name.match_indices('.')
+                    .find_map(|(i, _)| table.wildcard.get(&name[i..]).cloned())
             }),
             None => table.fallback.clone(),
         }
@@ -275,7 +299,9 @@ pub struct CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name().map(str::to_ascii_lowercase);
-        self.cache.lookup(name.as_deref()).map(|e| e.certified.clone())
+        self.cache
+            .lookup(name.as_deref())
+            .map(|e| e.certified.clone())
     }
 }
 
@@ -295,7 +321,9 @@ mod tests {
 
     fn self_signed(names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().expect("key");
-        let params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        let params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
         let cert = params.self_signed(&key).expect("cert");
         (cert.pem(), key.serialize_pem())
     }
@@ -308,25 +336,50 @@ mod tests {
     fn exact_beats_wildcard_and_fallback_is_the_first_file_cert() {
         let cache = CertCache::new();
         let (c, k) = self_signed(&["*.example.com"]);
-        cache.insert(Arc::new(CertEntry::from_pem("", &c, &k, CertSource::File, &provider()).expect("wild")));
+        cache.insert(Arc::new(
+            CertEntry::from_pem("", &c, &k, CertSource::File, &provider()).expect("wild"),
+        ));
         let (c, k) = self_signed(&["a.example.com"]);
-        cache.insert(Arc::new(CertEntry::from_pem("", &c, &k, CertSource::Api, &provider()).expect("exact")));
-        assert_eq!(cache.lookup(Some("a.example.com")).expect("a").info.name, "a.example.com");
-        assert_eq!(cache.lookup(Some("b.example.com")).expect("b").info.name, "*.example.com");
-        assert_eq!(cache.lookup(Some("x.b.example.com")).expect("deeper").info.name, "*.example.com");
+        cache.insert(Arc::new(
+            CertEntry::from_pem("", &c, &k, CertSource::Api, &provider()).expect("exact"),
+        ));
+        assert_eq!(
+            cache.lookup(Some("a.example.com")).expect("a").info.name,
+            "a.example.com"
+        );
+        assert_eq!(
+            cache.lookup(Some("b.example.com")).expect("b").info.name,
+            "*.example.com"
+        );
+        assert_eq!(
+            cache
+                .lookup(Some("x.b.example.com"))
+                .expect("deeper")
+                .info
+                .name,
+            "*.example.com"
+        );
         assert!(cache.lookup(Some("example.org")).is_none());
-        assert_eq!(cache.lookup(None).expect("fallback").info.name, "*.example.com");
+        assert_eq!(
+            cache.lookup(None).expect("fallback").info.name,
+            "*.example.com"
+        );
         cache.remove("a.example.com");
-        assert_eq!(cache.lookup(Some("a.example.com")).expect("a").info.name, "*.example.com");
+        assert_eq!(
+            cache.lookup(Some("a.example.com")).expect("a").info.name,
+            "*.example.com"
+        );
     }
 
     #[test]
     fn mismatched_key_is_refused() {
         let (c, _) = self_signed(&["a.example.com"]);
         let (_, k) = self_signed(&["b.example.com"]);
-        let e = CertEntry::from_pem("", &c, &k, CertSource::Api, &provider()).expect_err("mismatch");
+        let e =
+            CertEntry::from_pem("", &c, &k, CertSource::Api, &provider()).expect_err("mismatch");
         assert!(e.to_string().contains("does not belong"), "{e}");
-        let e = CertEntry::from_pem("", "garbage", &k, CertSource::Api, &provider()).expect_err("no cert");
+        let e = CertEntry::from_pem("", "garbage", &k, CertSource::Api, &provider())
+            .expect_err("no cert");
         assert!(e.to_string().contains("CERTIFICATE"), "{e}");
     }
 

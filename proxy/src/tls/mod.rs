@@ -149,7 +149,10 @@ pub struct Tls {
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("certs", &self.certs).field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("Tls")
+            .field("certs", &self.certs)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
     }
 }
 
@@ -175,16 +178,27 @@ impl Tls {
             };
             let cert_pem = read(&files.cert, "cert")?;
             let key_pem = read(&files.key, "key")?;
-            let entry = CertEntry::from_pem("", &cert_pem, &key_pem, CertSource::File, &provider).map_err(|e| {
-                TlsError::File { field: format!("tls.certificates[{i}]"), path: files.cert.display().to_string(), reason: e.to_string() }
+            let entry = CertEntry::from_pem("", &cert_pem, &key_pem, CertSource::File, &provider)
+                .map_err(|e| TlsError::File {
+                field: format!("tls.certificates[{i}]"),
+                path: files.cert.display().to_string(),
+                reason: e.to_string(),
             })?;
             certs.insert(Arc::new(entry));
         }
         for stored in store.certificates().await? {
-            match CertEntry::from_pem(&stored.name, &stored.cert_pem, &stored.key_pem, stored.source, &provider) {
+            match CertEntry::from_pem(
+                &stored.name,
+                &stored.cert_pem,
+                &stored.key_pem,
+                stored.source,
+                &provider,
+            ) {
                 Ok(entry) => certs.insert(Arc::new(entry)),
                 // One bad row must not keep the others (and the daemon) down.
-                Err(e) => tracing::error!(name = %stored.name, error = %e, "stored certificate is unusable; skipped"),
+                Err(e) => {
+                    tracing::error!(name = %stored.name, error = %e, "stored certificate is unusable; skipped")
+                }
             }
         }
         let api_allow = store.allowlist().await?;
@@ -207,10 +221,16 @@ impl Tls {
                 challenges.clone(),
             ))
         });
-        let alpn_challenges = config.acme.as_ref().is_some_and(|a| a.challenges.contains(&AcmeChallenge::TlsAlpn01));
-        let tickets = rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Certificate(format!("session tickets: {e}")))?;
+        let alpn_challenges = config
+            .acme
+            .as_ref()
+            .is_some_and(|a| a.challenges.contains(&AcmeChallenge::TlsAlpn01));
+        let tickets = rustls::crypto::ring::Ticketer::new()
+            .map_err(|e| TlsError::Certificate(format!("session tickets: {e}")))?;
         let tls = Arc::new(Tls {
-            resolver: Arc::new(CertResolver { cache: certs.clone() }),
+            resolver: Arc::new(CertResolver {
+                cache: certs.clone(),
+            }),
             provider,
             certs,
             policy,
@@ -243,18 +263,30 @@ impl Tls {
 
     /// Reads the ClientHello, makes sure a certificate exists for its name (ordering one if
     /// the policy allows), then completes the handshake with `config`.
-    pub async fn accept<IO>(&self, io: IO, config: &Arc<ServerConfig>) -> Result<TlsStream<IO>, AcceptError>
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+        config: &Arc<ServerConfig>,
+    ) -> Result<TlsStream<IO>, AcceptError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let start = tokio::time::timeout(HELLO_TIMEOUT, LazyConfigAcceptor::new(Acceptor::default(), io))
-            .await
-            .map_err(|_| AcceptError::Timeout)??;
+        let start = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            LazyConfigAcceptor::new(Acceptor::default(), io),
+        )
+        .await
+        .map_err(|_| AcceptError::Timeout)??;
         let hello = start.client_hello();
-        let name = hello.server_name().map(|n| n.trim_end_matches('.').to_ascii_lowercase());
-        let validation = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        let name = hello
+            .server_name()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase());
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
         if validation && self.alpn_challenges {
-            let Some(certified) = name.as_deref().and_then(|n| self.challenges.tls_alpn01(n)) else {
+            let Some(certified) = name.as_deref().and_then(|n| self.challenges.tls_alpn01(n))
+            else {
                 return Err(AcceptError::Refused(name.unwrap_or_default()));
             };
             let mut challenge = ServerConfig::builder_with_provider(self.provider.clone())
@@ -308,7 +340,10 @@ impl Tls {
         let now = u64::try_from(unix_now()).unwrap_or(0);
         let last = self.refused_logged_at.load(Ordering::Relaxed);
         if now >= last + u64::try_from(REFUSAL_LOG_EVERY_SECS).unwrap_or(10)
-            && self.refused_logged_at.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && self
+                .refused_logged_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
         {
             self.refused_logged_count.store(0, Ordering::Relaxed);
             tracing::warn!(server_name = %name, reason = why, refused_since_last_line = count, "TLS handshake refused: no certificate for this name");
@@ -328,7 +363,9 @@ impl Tls {
 
     /// Orders created on the ACME server since start.
     pub fn orders_created(&self) -> u64 {
-        self.issuer.as_ref().map_or(0, |i| i.stats.orders.load(Ordering::Relaxed))
+        self.issuer
+            .as_ref()
+            .map_or(0, |i| i.stats.orders.load(Ordering::Relaxed))
     }
 
     /// Every certificate the listeners can present.
@@ -337,17 +374,31 @@ impl Tls {
     }
 
     /// Stores and serves an uploaded certificate; `name` empty = its first DNS name.
-    pub async fn upload(&self, name: &str, cert_pem: &str, key_pem: &str) -> Result<CertInfo, TlsError> {
-        let entry = CertEntry::from_pem(name, cert_pem, key_pem, CertSource::Api, &self.provider).map_err(|e| match e {
-            TlsError::Certificate(reason) => TlsError::Invalid { field: "cert_pem".into(), reason },
+    pub async fn upload(
+        &self,
+        name: &str,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<CertInfo, TlsError> {
+        let entry = CertEntry::from_pem(name, cert_pem, key_pem, CertSource::Api, &self.provider)
+            .map_err(|e| match e {
+            TlsError::Certificate(reason) => TlsError::Invalid {
+                field: "cert_pem".into(),
+                reason,
+            },
             other => other,
         })?;
         if let Some(existing) = self.certs.stored(&entry.info.name) {
             if existing.info.source == CertSource::File {
-                return Err(TlsError::Declarative(format!("certificate {:?}", entry.info.name)));
+                return Err(TlsError::Declarative(format!(
+                    "certificate {:?}",
+                    entry.info.name
+                )));
             }
         }
-        self.store.save_certificate(&entry.info.name, CertSource::Api, cert_pem, key_pem).await?;
+        self.store
+            .save_certificate(&entry.info.name, CertSource::Api, cert_pem, key_pem)
+            .await?;
         let info = entry.info.clone();
         self.certs.insert(Arc::new(entry));
         tracing::info!(name = %info.name, not_after = info.not_after, "certificate uploaded");
@@ -372,33 +423,50 @@ impl Tls {
     /// Orders a new certificate for an issued one now (backoff cleared, limits apply).
     pub async fn renew(&self, name: &str) -> Result<CertInfo, TlsError> {
         let name = name.to_ascii_lowercase();
-        let issuer = self.issuer.as_ref().ok_or_else(|| TlsError::Acme("no [tls.acme] section is configured".into()))?;
+        let issuer = self
+            .issuer
+            .as_ref()
+            .ok_or_else(|| TlsError::Acme("no [tls.acme] section is configured".into()))?;
         match self.certs.stored(&name) {
             None => return Err(TlsError::NotFound(format!("certificate {name:?}"))),
             Some(e) if e.info.source != CertSource::Acme => {
                 return Err(TlsError::Invalid {
                     field: "name".into(),
-                    reason: format!("certificate {name:?} was not issued by ACME ({}), so it cannot be renewed", e.info.source.as_str()),
+                    reason: format!(
+                        "certificate {name:?} was not issued by ACME ({}), so it cannot be renewed",
+                        e.info.source.as_str()
+                    ),
                 })
             }
             Some(_) => {}
         }
         issuer.clear_backoff(&name);
         issuer.stats.renewals.fetch_add(1, Ordering::Relaxed);
-        let entry = issuer.obtain(&name).await.map_err(|e| TlsError::Acme(e.to_string()))?;
+        let entry = issuer
+            .obtain(&name)
+            .await
+            .map_err(|e| TlsError::Acme(e.to_string()))?;
         Ok(entry.info.clone())
     }
 
     /// The allowlist: config entries, then API entries.
     pub fn allowlist(&self) -> (Vec<String>, Vec<String>) {
-        (self.policy.config_entries().to_vec(), self.policy.api_entries())
+        (
+            self.policy.config_entries().to_vec(),
+            self.policy.api_entries(),
+        )
     }
 
     /// Adds an API allowlist entry.
     pub async fn allow(&self, pattern: &str) -> Result<String, TlsError> {
-        let pattern = normalise_allow_entry(pattern).map_err(|reason| TlsError::Invalid { field: "pattern".into(), reason })?;
+        let pattern = normalise_allow_entry(pattern).map_err(|reason| TlsError::Invalid {
+            field: "pattern".into(),
+            reason,
+        })?;
         if self.policy.config_entries().contains(&pattern) {
-            return Err(TlsError::Declarative(format!("allowlist entry {pattern:?}")));
+            return Err(TlsError::Declarative(format!(
+                "allowlist entry {pattern:?}"
+            )));
         }
         self.store.add_allow(&pattern).await?;
         self.reload_allowlist().await?;
@@ -409,7 +477,9 @@ impl Tls {
     pub async fn disallow(&self, pattern: &str) -> Result<(), TlsError> {
         let pattern = pattern.trim().to_ascii_lowercase();
         if self.policy.config_entries().contains(&pattern) {
-            return Err(TlsError::Declarative(format!("allowlist entry {pattern:?}")));
+            return Err(TlsError::Declarative(format!(
+                "allowlist entry {pattern:?}"
+            )));
         }
         if !self.store.remove_allow(&pattern).await? {
             return Err(TlsError::NotFound(format!("allowlist entry {pattern:?}")));
@@ -441,7 +511,9 @@ impl Tls {
 
 /// Renews issued certificates once two thirds of their lifetime have passed.
 async fn renewal(tls: Arc<Tls>, every: Duration, shutdown: Shutdown) {
-    let Some(issuer) = tls.issuer.clone() else { return };
+    let Some(issuer) = tls.issuer.clone() else {
+        return;
+    };
     loop {
         let now = unix_now();
         let due: Vec<String> = tls

@@ -40,7 +40,10 @@ pub struct Policy {
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Policy").field("enabled", &self.enabled).field("ask", &self.ask).finish()
+        f.debug_struct("Policy")
+            .field("enabled", &self.enabled)
+            .field("ask", &self.ask)
+            .finish()
     }
 }
 
@@ -94,11 +97,16 @@ impl Policy {
 
     /// Whether the static lists or a route name `name` (lower-case), without asking.
     pub fn listed(&self, name: &str) -> bool {
-        if self.config_allow.iter().any(|p| covers(p, name)) || self.api_allow.load().iter().any(|p| covers(p, name)) {
+        if self.config_allow.iter().any(|p| covers(p, name))
+            || self.api_allow.load().iter().any(|p| covers(p, name))
+        {
             return true;
         }
         let snap = self.state.snapshot();
-        let routed = snap.state.routes().any(|r| r.host.as_deref().is_some_and(|h| covers(h, name)));
+        let routed = snap
+            .state
+            .routes()
+            .any(|r| r.host.as_deref().is_some_and(|h| covers(h, name)));
         routed
     }
 
@@ -117,13 +125,21 @@ impl Policy {
             let cache = self.ask_cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((allowed, until)) = cache.get(name) {
                 if *until > Instant::now() {
-                    return if *allowed { Decision::Allowed } else { Decision::Denied };
+                    return if *allowed {
+                        Decision::Allowed
+                    } else {
+                        Decision::Denied
+                    };
                 }
             }
         }
         match ask_url(ask, name).await {
             Ok(allowed) => {
-                let keep = if allowed { ASK_ALLOWED_FOR } else { ASK_DENIED_FOR };
+                let keep = if allowed {
+                    ASK_ALLOWED_FOR
+                } else {
+                    ASK_DENIED_FOR
+                };
                 let mut cache = self.ask_cache.lock().unwrap_or_else(|p| p.into_inner());
                 // Bounded: a flood of random names must not grow it without end.
                 if cache.len() > 10_000 {
@@ -149,11 +165,15 @@ impl Policy {
 /// status denies, no answer is an error.
 async fn ask_url(ask: &str, name: &str) -> Result<bool, String> {
     let separator = if ask.contains('?') { '&' } else { '?' };
-    let uri: http::Uri = format!("{ask}{separator}domain={name}").parse().map_err(|e| format!("ask URL: {e}"))?;
+    let uri: http::Uri = format!("{ask}{separator}domain={name}")
+        .parse()
+        .map_err(|e| format!("ask URL: {e}"))?;
     let authority = uri.authority().ok_or("ask URL has no host")?.clone();
     let port = authority.port_u16().unwrap_or(80);
     let exchange = async {
-        let stream = tokio::net::TcpStream::connect((authority.host(), port)).await.map_err(|e| e.to_string())?;
+        let stream = tokio::net::TcpStream::connect((authority.host(), port))
+            .await
+            .map_err(|e| e.to_string())?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| e.to_string())?;
@@ -163,14 +183,19 @@ async fn ask_url(ask: &str, name: &str) -> Result<bool, String> {
             .header(http::header::USER_AGENT, "proxyd on-demand-tls")
             .body(Empty::<bytes::Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
         let status = response.status();
         if status.is_server_error() {
             return Err(format!("answered {status}"));
         }
         Ok(status == http::StatusCode::OK)
     };
-    tokio::time::timeout(ASK_TIMEOUT, exchange).await.map_err(|_| "no answer in time".to_string())?
+    tokio::time::timeout(ASK_TIMEOUT, exchange)
+        .await
+        .map_err(|_| "no answer in time".to_string())?
 }
 
 #[cfg(test)]

@@ -46,9 +46,9 @@ pub async fn peek_client_hello<S: AsyncRead + Unpin>(
             }
         }
     };
-    let hello = tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no ClientHello in time"))??;
+    let hello = tokio::time::timeout(timeout, read).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "no ClientHello in time")
+    })??;
     Ok((buf, hello))
 }
 
@@ -93,7 +93,8 @@ impl<'a> Reader<'a> {
     }
 
     fn u16(&mut self) -> Option<usize> {
-        self.take(2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        self.take(2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
     }
 
     fn vec8(&mut self) -> Option<&'a [u8]> {
@@ -115,7 +116,8 @@ fn client_hello(record: &[u8]) -> Option<Option<String>> {
         return None;
     }
     let length = r.take(3)?;
-    let length = (usize::from(length[0]) << 16) | (usize::from(length[1]) << 8) | usize::from(length[2]);
+    let length =
+        (usize::from(length[0]) << 16) | (usize::from(length[1]) << 8) | usize::from(length[2]);
     // A ClientHello longer than the record continues in the next one; its extensions
     // then may be cut, and whatever is here is parsed.
     let body = r.0.get(..length.min(r.0.len()))?;
@@ -160,7 +162,8 @@ mod tests {
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
         let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
-        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), server_name).expect("conn");
+        let mut conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), server_name).expect("conn");
         let mut out = Vec::new();
         conn.write_tls(&mut out).expect("write");
         out
@@ -179,14 +182,19 @@ mod tests {
             // Keep the stream open: the parser must stop at the end of the record.
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let (read, hello) = peek_client_hello(&mut b, Duration::from_secs(5)).await.expect("hello");
+        let (read, hello) = peek_client_hello(&mut b, Duration::from_secs(5))
+            .await
+            .expect("hello");
         assert_eq!(hello, Hello::ClientHello(Some("shop.example.com".into())));
         assert_eq!(read, bytes);
     }
 
     #[test]
     fn plain_http_is_not_tls() {
-        assert!(matches!(parse(b"GET / HTTP/1.1\r\n"), Parse::Done(Hello::NotTls)));
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\n"),
+            Parse::Done(Hello::NotTls)
+        ));
     }
 
     #[test]

@@ -65,9 +65,12 @@ impl TlsStore {
     pub fn open(db: &Path) -> Result<TlsStore, TlsError> {
         let conn = Connection::open(db).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
         restrict(db)?;
-        Ok(TlsStore { conn: Arc::new(Mutex::new(conn)) })
+        Ok(TlsStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     async fn run<T: Send + 'static>(
@@ -86,15 +89,27 @@ impl TlsStore {
     /// Every stored certificate.
     pub async fn certificates(&self) -> Result<Vec<StoredCert>, TlsError> {
         self.run(|c| {
-            let mut stmt = c.prepare("SELECT name, source, cert_pem, key_pem FROM tls_certificates ORDER BY name")?;
+            let mut stmt = c.prepare(
+                "SELECT name, source, cert_pem, key_pem FROM tls_certificates ORDER BY name",
+            )?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
             })?;
             let mut out = Vec::new();
             for row in rows {
                 let (name, source, cert_pem, key_pem) = row?;
                 let source = CertSource::parse(&source).unwrap_or(CertSource::Api);
-                out.push(StoredCert { name, source, cert_pem, key_pem });
+                out.push(StoredCert {
+                    name,
+                    source,
+                    cert_pem,
+                    key_pem,
+                });
             }
             Ok(out)
         })
@@ -102,8 +117,15 @@ impl TlsStore {
     }
 
     /// Stores (or replaces) a certificate.
-    pub async fn save_certificate(&self, name: &str, source: CertSource, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
-        let (name, cert_pem, key_pem) = (name.to_string(), cert_pem.to_string(), key_pem.to_string());
+    pub async fn save_certificate(
+        &self,
+        name: &str,
+        source: CertSource,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<(), TlsError> {
+        let (name, cert_pem, key_pem) =
+            (name.to_string(), cert_pem.to_string(), key_pem.to_string());
         self.run(move |c| {
             c.execute(
                 "INSERT INTO tls_certificates (name, source, cert_pem, key_pem, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
@@ -119,8 +141,14 @@ impl TlsStore {
     /// Removes a certificate; returns whether it existed.
     pub async fn remove_certificate(&self, name: &str) -> Result<bool, TlsError> {
         let name = name.to_string();
-        self.run(move |c| c.execute("DELETE FROM tls_certificates WHERE name = ?1", params![name]).map(|n| n > 0))
-            .await
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM tls_certificates WHERE name = ?1",
+                params![name],
+            )
+            .map(|n| n > 0)
+        })
+        .await
     }
 
     /// The ACME account credentials (JSON) for `directory`.
@@ -165,7 +193,11 @@ impl TlsStore {
     pub async fn add_allow(&self, pattern: &str) -> Result<bool, TlsError> {
         let pattern = pattern.to_string();
         self.run(move |c| {
-            c.execute("INSERT OR IGNORE INTO tls_allowlist (pattern) VALUES (?1)", params![pattern]).map(|n| n > 0)
+            c.execute(
+                "INSERT OR IGNORE INTO tls_allowlist (pattern) VALUES (?1)",
+                params![pattern],
+            )
+            .map(|n| n > 0)
         })
         .await
     }
@@ -173,7 +205,13 @@ impl TlsStore {
     /// Removes an allowlist entry; returns whether it existed.
     pub async fn remove_allow(&self, pattern: &str) -> Result<bool, TlsError> {
         let pattern = pattern.to_string();
-        self.run(move |c| c.execute("DELETE FROM tls_allowlist WHERE pattern = ?1", params![pattern]).map(|n| n > 0))
-            .await
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM tls_allowlist WHERE pattern = ?1",
+                params![pattern],
+            )
+            .map(|n| n > 0)
+        })
+        .await
     }
 }

@@ -29,10 +29,18 @@ impl TestCa {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let cert = params.self_signed(&key).unwrap();
-        TestCa { pem: cert.pem(), issuer: rcgen::Issuer::new(params, key) }
+        TestCa {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
     }
 
     /// A leaf for `names` (DNS names or IPs): (chain PEM, key PEM).
@@ -40,10 +48,18 @@ impl TestCa {
         self.leaf_with(names, |_| {})
     }
 
-    pub fn leaf_with(&self, names: &[&str], adjust: impl FnOnce(&mut rcgen::CertificateParams)) -> (String, String) {
+    pub fn leaf_with(
+        &self,
+        names: &[&str],
+        adjust: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0]);
         adjust(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -80,9 +96,12 @@ pub async fn tls_connect(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
-    tokio::time::timeout(Duration::from_secs(60), tokio_rustls::TlsConnector::from(config).connect(name, tcp))
-        .await
-        .map_err(|_| std::io::Error::other("handshake took over 60s"))?
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("handshake took over 60s"))?
 }
 
 /// `GET path` over an established stream with `Connection: close`; returns (status, body).
@@ -92,20 +111,37 @@ pub async fn get_over<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     path: &str,
 ) -> (u16, String) {
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf)).await.expect("response in time");
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut buf))
+        .await
+        .expect("response in time");
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// The first certificate the server presented, as DER.
 pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> Vec<u8> {
-    stream.get_ref().1.peer_certificates().expect("peer certificates")[0].as_ref().to_vec()
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("peer certificates")[0]
+        .as_ref()
+        .to_vec()
 }
 
 /// A free loopback port (bound, then released).
@@ -140,7 +176,12 @@ pub struct PebblePorts {
 
 impl PebblePorts {
     pub fn pick() -> PebblePorts {
-        PebblePorts { acme: free_port(), management: free_port(), dns: free_port(), challtest_management: free_port() }
+        PebblePorts {
+            acme: free_port(),
+            management: free_port(),
+            dns: free_port(),
+            challtest_management: free_port(),
+        }
     }
 
     pub fn directory(&self) -> String {
@@ -179,7 +220,14 @@ pub fn api_ca(dir: &Path) -> (TestCa, PathBuf) {
 impl Pebble {
     /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of
     /// 127.0.0.1 (every name resolves there through pebble-challtestsrv).
-    pub async fn start(ports: PebblePorts, dir: tempfile::TempDir, api_ca: TestCa, api_ca_file: PathBuf, http_port: u16, tls_port: u16) -> Pebble {
+    pub async fn start(
+        ports: PebblePorts,
+        dir: tempfile::TempDir,
+        api_ca: TestCa,
+        api_ca_file: PathBuf,
+        http_port: u16,
+        tls_port: u16,
+    ) -> Pebble {
         let (cert, key) = api_ca.leaf(&["localhost", "127.0.0.1"]);
         std::fs::write(dir.path().join("api-cert.pem"), cert).unwrap();
         std::fs::write(dir.path().join("api-key.pem"), key).unwrap();
@@ -200,7 +248,10 @@ impl Pebble {
         let dns = Command::new("pebble-challtestsrv")
             .args(["-defaultIPv6", "", "-defaultIPv4", "127.0.0.1"])
             .args(["-dns01", &format!("127.0.0.1:{}", ports.dns)])
-            .args(["-management", &format!("127.0.0.1:{}", ports.challtest_management)])
+            .args([
+                "-management",
+                &format!("127.0.0.1:{}", ports.challtest_management),
+            ])
             .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
             .stdout(log("challtestsrv.log"))
             .stderr(log("challtestsrv.err"))
@@ -219,8 +270,19 @@ impl Pebble {
             .stdin(Stdio::null())
             .spawn()
             .expect("start pebble");
-        let p = Pebble { ports, dir, api_ca_file, api_ca, pebble, dns };
-        for port in [p.ports.acme, p.ports.management, p.ports.challtest_management] {
+        let p = Pebble {
+            ports,
+            dir,
+            api_ca_file,
+            api_ca,
+            pebble,
+            dns,
+        };
+        for port in [
+            p.ports.acme,
+            p.ports.management,
+            p.ports.challtest_management,
+        ] {
             let mut up = false;
             for _ in 0..200 {
                 if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
@@ -243,14 +305,21 @@ impl Pebble {
 
     /// New-order requests pebble received (its log line per `POST /order-plz`).
     pub fn order_requests(&self) -> usize {
-        self.log().lines().filter(|l| l.contains("POST /order-plz")).count()
+        self.log()
+            .lines()
+            .filter(|l| l.contains("POST /order-plz"))
+            .count()
     }
 
     /// The root pebble issues under (it changes on every start).
     pub async fn root_pem(&self) -> String {
         let config = client_config(self.api_ca.roots(), &[b"http/1.1"]);
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.ports.management).parse().unwrap();
-        let mut stream = tls_connect(addr, "localhost", config).await.expect("pebble management API");
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.ports.management)
+            .parse()
+            .unwrap();
+        let mut stream = tls_connect(addr, "localhost", config)
+            .await
+            .expect("pebble management API");
         let (status, body) = get_over(&mut stream, "localhost", "/roots/0").await;
         assert_eq!(status, 200, "{body}");
         body
@@ -273,7 +342,11 @@ pub fn civil_from_days(days: i64) -> (i32, u8, u8) {
 
 /// Sets a validity of whole days relative to today (negative = in the past).
 pub fn validity_days(params: &mut rcgen::CertificateParams, from: i64, to: i64) {
-    let today = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 / 86_400;
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        / 86_400;
     let (y, m, d) = civil_from_days(today + from);
     params.not_before = rcgen::date_time_ymd(y, m, d);
     let (y, m, d) = civil_from_days(today + to);

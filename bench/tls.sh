@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# TLS termination: handshakes/s (full and resumed) and HTTPS req/s of proxyd, nginx and
+# Caddy, each terminating TLS with the same certificate (ECDSA P-256) in front of the same
+# upstream (nginx serving a 1 KiB file over plain HTTP on 127.0.0.1).
+#
+# Handshakes: `openssl s_time` (-new: a full handshake per connection; -reuse: session
+# resumption). Requests: wrk over HTTPS with keep-alive. Loopback only; stops by itself.
+#
+# Usage: bench/tls.sh           (about 2 minutes)
+# Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64
+#        PROXYD=/path/to/proxyd  (skip the build)   CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+set -euo pipefail
+
+SECONDS_EACH=${BENCH_SECONDS:-10}
+THREADS=${BENCH_THREADS:-2}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
+say() { printf '%s\n' "$*" >&2; }
+
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v caddy >/dev/null || missing+=(caddy)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    say "installing: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+if [ -z "${PROXYD:-}" ]; then
+    say "building proxyd (release) in $CARGO_TARGET_DIR"
+    (cd "$ROOT" && cargo build --release --quiet -p proxy --bin proxyd)
+    PROXYD="$CARGO_TARGET_DIR/release/proxyd"
+fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/proxy-tls-bench.XXXXXX")
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+used_ports=""
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 10000))
+        case " $used_ports " in *" $port "*) continue ;; esac
+        if ! ss -Htln "sport = :$port" | grep -q .; then
+            used_ports="$used_ports $port"
+            echo "$port"
+            return
+        fi
+    done
+}
+start() { # name, command...
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+wait_ready() { # url name pid
+    local i
+    for i in $(seq 150); do
+        curl -ksf -o /dev/null --max-time 1 --resolve "bench.example.test:${1##*:}" "$1" 2>/dev/null && return 0
+        kill -0 "$3" 2>/dev/null || { say "$2 exited:"; cat "$WORK/$2.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    say "$2 did not answer on $1"; cat "$WORK/$2.log" >&2; exit 1
+}
+
+# --- one certificate for everyone ---------------------------------------------------------
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=bench.example.test" -addext "subjectAltName=DNS:bench.example.test,IP:127.0.0.1" \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+chmod 644 "$WORK/key.pem" "$WORK/cert.pem"
+
+# --- upstream: nginx, 1 KiB file ----------------------------------------------------------
+UP=$(free_port)
+mkdir -p "$WORK/www" "$WORK/up"
+head -c 1024 /dev/zero | tr '\0' x >"$WORK/www/1k"
+chmod -R 755 "$WORK/www"
+nginx_head() { printf 'worker_processes auto;\ndaemon off;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\nevents { worker_connections 8192; }\n' "$1" "$1"; }
+temp_paths() { printf 'client_body_temp_path %s/b; proxy_temp_path %s/p; fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n' "$1" "$1" "$1" "$1" "$1"; }
+{
+    nginx_head "$WORK/up"
+    echo "http { access_log off; $(temp_paths "$WORK/up") keepalive_requests 1000000;"
+    echo "  server { listen 127.0.0.1:$UP reuseport backlog=4096; location / { root $WORK/www; } } }"
+} >"$WORK/up/nginx.conf"
+start upstream nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log"
+for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$UP/1k" && break; sleep 0.1; done
+
+# --- the TLS terminators ------------------------------------------------------------------
+start_proxyd() { # port
+    mkdir -p "$WORK/proxyd"
+    cat >"$WORK/proxyd/proxyd.toml" <<EOF
+[server]
+state_dir = "$WORK/proxyd/state"
+mgmt_socket = "$WORK/proxyd/state/mgmt.sock"
+admin_listen = ""
+log_level = "warn"
+
+[[listeners]]
+name = "secure"
+protocol = "https"
+address = "127.0.0.1:$1"
+
+[[pools]]
+name = "static"
+upstreams = ["127.0.0.1:$UP"]
+
+[[routes]]
+name = "all"
+listener = "secure"
+pool = "static"
+
+[[tls.certificates]]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+EOF
+    start proxyd "$PROXYD" --config "$WORK/proxyd/proxyd.toml"
+}
+start_nginx() { # port
+    mkdir -p "$WORK/nginx"
+    {
+        nginx_head "$WORK/nginx"
+        cat <<EOF
+http {
+    access_log off;
+    $(temp_paths "$WORK/nginx")
+    keepalive_requests 1000000;
+    ssl_session_cache shared:SSL:10m;
+    ssl_session_tickets on;
+    upstream static { server 127.0.0.1:$UP; keepalive 64; }
+    server {
+        listen 127.0.0.1:$1 ssl backlog=4096;
+        http2 on;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+EOF
+    } >"$WORK/nginx/nginx.conf"
+    start nginx nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
+}
+start_caddy() { # port
+    mkdir -p "$WORK/caddy"
+    cat >"$WORK/caddy/Caddyfile" <<EOF
+{
+    admin off
+    auto_https disable_redirects
+    storage file_system $WORK/caddy/data
+    log { level ERROR }
+}
+https://bench.example.test:$1, https://127.0.0.1:$1 {
+    bind 127.0.0.1
+    tls $WORK/cert.pem $WORK/key.pem
+    reverse_proxy 127.0.0.1:$UP
+}
+EOF
+    HOME="$WORK/caddy" start caddy caddy run --adapter caddyfile --config "$WORK/caddy/Caddyfile"
+}
+
+printf '%-8s %14s %16s %12s %10s %10s\n' proxy "handshakes/s" "resumed/s" "req/s" p50 p99
+for name in proxyd nginx caddy; do
+    port=$(free_port)
+    "start_$name" "$port"
+    pid=$LAST_PID
+    wait_ready "https://bench.example.test:$port/1k" "$name" "$pid"
+    new_real=$(openssl s_time -connect "127.0.0.1:$port" -servername bench.example.test -new -time "$SECONDS_EACH" 2>/dev/null |
+        awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
+    reuse_real=$(openssl s_time -connect "127.0.0.1:$port" -servername bench.example.test -reuse -time "$SECONDS_EACH" 2>/dev/null |
+        awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
+    wrk_out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "https://127.0.0.1:$port/1k")
+    rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$wrk_out")
+    p50=$(awk '$1 == "50%" {print $2}' <<<"$wrk_out")
+    p99=$(awk '$1 == "99%" {print $2}' <<<"$wrk_out")
+    errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$wrk_out")
+    printf '%-8s %14s %16s %12s %10s %10s\n' "$name" "${new_real:-?}" "${reuse_real:-?}" "${rps:-?}" "${p50:-?}" "${p99:-?}"
+    [ -z "$errors" ] || say "  $name: $errors"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+done
