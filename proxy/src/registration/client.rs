@@ -89,7 +89,8 @@ impl Lease {
         }
     }
 
-    /// Ends the registration (the route is held if this was its last instance).
+    /// Ends the registration (the route is held if this was its last instance). Returns
+    /// once the proxy has taken the instance out (or after three keepalives).
     pub async fn release(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -140,7 +141,16 @@ pub async fn register(
         let mut sequence = 0u64;
         loop {
             tokio::select! {
-                _ = &mut stopped => return ClientError::Closed,
+                _ = &mut stopped => {
+                    // Close our half and wait (bounded) for the proxy to close its half,
+                    // which it does only after the registration has ended.
+                    drop(tx);
+                    let _ = tokio::time::timeout(keepalive * 3, async {
+                        while let Ok(Some(_)) = inbound.message().await {}
+                    })
+                    .await;
+                    return ClientError::Closed;
+                }
                 _ = ticker.tick() => {
                     sequence += 1;
                     let ping = pb::RegisterRequest { kind: Some(pb::register_request::Kind::Ping(pb::Ping { sequence })) };
