@@ -429,3 +429,27 @@ async fn tcp_address_with_token_file() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("UNAUTHENTICATED"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upgrade_exits_non_zero_and_drain_stops_writes() {
+    let d = Daemon::start("").await;
+    // Never the default binary here: in a test that is the test executable itself.
+    let out = d
+        .ctl(&["upgrade", "--wait", "--binary", "/nonexistent/proxyd"])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("FAILED_PRECONDITION"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("keeps serving"), "{}", stderr(&out));
+    d.ok(&["status"]).await;
+
+    let out = d.ok(&["drain", "--timeout", "1s"]).await;
+    assert!(out.contains("stopped accepting"), "{out}");
+    let out = d
+        .ctl(&["pools", "add", "late", "--upstream", "127.0.0.1:9"])
+        .await;
+    assert!(!out.status.success(), "a draining daemon takes no changes");
+}
