@@ -13,6 +13,7 @@ mod routes;
 mod routes_csv;
 mod tcp_routes;
 mod tls;
+mod top;
 mod upstreams;
 
 use std::path::PathBuf;
@@ -105,9 +106,15 @@ enum Command {
         #[arg(long)]
         timeout: Option<humantime::Duration>,
     },
+    /// Routes and pools with req/s, error rate and p99, refreshed (reads the admin listener's /metrics).
+    Top(top::TopArgs),
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // `top` reads the admin listener, not the management API.
+    if let Command::Top(args) = cli.command {
+        return top::run(args, cli.output).await;
+    }
     let target = match cli.addr {
         Some(addr) => Target::Tcp {
             addr,
@@ -133,6 +140,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Reload => admin::reload(c, &out).await,
         Command::Upgrade { wait, binary } => admin::upgrade(binary, wait, c, &out).await,
         Command::Drain { timeout } => admin::drain(timeout, c, &out).await,
+        Command::Top(args) => top::run(args, cli.output).await,
     }
 }
 

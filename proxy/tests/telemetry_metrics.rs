@@ -15,8 +15,16 @@ use tokio::net::TcpStream;
 
 /// `GET path` on the admin listener: (status, content type, body).
 async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String, String) {
-    let r = raw(admin, format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes()).await;
-    (r.status, r.header("content-type").unwrap_or("").to_string(), r.text())
+    let r = raw(
+        admin,
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    (
+        r.status,
+        r.header("content-type").unwrap_or("").to_string(),
+        r.text(),
+    )
 }
 
 /// Scrapes until `ready` holds for the text (the last response is written after the client
@@ -34,11 +42,19 @@ async fn scrape_until(admin: SocketAddr, ready: impl Fn(&str) -> bool) -> String
 }
 
 fn sample(text: &str, series: &str) -> Option<String> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).map(str::to_string))
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(str::to_string)
+    })
 }
 
 fn assert_sample(text: &str, series: &str, want: &str) {
-    assert_eq!(sample(text, series).as_deref(), Some(want), "{series} in:\n{text}");
+    assert_eq!(
+        sample(text, series).as_deref(),
+        Some(want),
+        "{series} in:\n{text}"
+    );
 }
 
 #[tokio::test]
@@ -116,7 +132,9 @@ pool = "dead"
     mgmt_support::create_pool(&mut api, mgmt_support::pool_msg("extra", &[up.address()])).await;
     let duplicate = api
         .pools
-        .create_pool(proxy_proto::v1::CreatePoolRequest { pool: Some(mgmt_support::pool_msg("extra", &[up.address()])) })
+        .create_pool(proxy_proto::v1::CreatePoolRequest {
+            pool: Some(mgmt_support::pool_msg("extra", &[up.address()])),
+        })
         .await;
     assert_eq!(duplicate.unwrap_err().code(), tonic::Code::AlreadyExists);
 
@@ -131,7 +149,10 @@ pool = "dead"
     assert_sample(&text, "http_request_total_count", "9");
     assert_sample(&text, "tcp_connections_total_count", "11");
     assert_sample(&text, "tcp_connections_active_count", "0");
-    let avg: f64 = sample(&text, "http_request_time_avg_milliseconds").expect("avg").parse().expect("number");
+    let avg: f64 = sample(&text, "http_request_time_avg_milliseconds")
+        .expect("avg")
+        .parse()
+        .expect("number");
     assert!(avg > 0.0, "{text}");
 
     // By listener, route, pool and status class; never by host or path.
@@ -142,7 +163,10 @@ pool = "dead"
     assert_sample(&text, &req("site", "p", "5xx"), "2");
     assert_sample(&text, &req("errs", "dead", "5xx"), "1");
     assert_sample(&text, &req("", "", "4xx"), "1");
-    assert!(!text.contains("a.example") && !text.contains("/status/"), "hosts or paths leaked into labels:\n{text}");
+    assert!(
+        !text.contains("a.example") && !text.contains("/status/"),
+        "hosts or paths leaked into labels:\n{text}"
+    );
     assert_sample(
         &text,
         "proxy_http_request_duration_seconds_count{listener=\"web\",route=\"site\",pool=\"p\",status_class=\"2xx\"}",
@@ -157,25 +181,74 @@ pool = "dead"
     // Who failed: the upstream that refused, the proxy that had no route. An upstream's own
     // 503 is not a proxy error.
     assert_sample(&text, "proxy_http_errors_total{listener=\"web\",route=\"errs\",pool=\"dead\",source=\"upstream\"}", "1");
-    assert_sample(&text, "proxy_http_errors_total{listener=\"web\",route=\"\",pool=\"\",source=\"proxy\"}", "1");
-    assert!(!text.contains("proxy_http_errors_total{listener=\"web\",route=\"site\""), "{text}");
+    assert_sample(
+        &text,
+        "proxy_http_errors_total{listener=\"web\",route=\"\",pool=\"\",source=\"proxy\"}",
+        "1",
+    );
+    assert!(
+        !text.contains("proxy_http_errors_total{listener=\"web\",route=\"site\""),
+        "{text}"
+    );
 
     // Connections per listener.
-    assert_sample(&text, "proxy_connections_total{listener=\"web\",protocol=\"http\"}", "9");
-    assert_sample(&text, "proxy_connections_total{listener=\"db\",protocol=\"tcp\"}", "2");
-    assert_sample(&text, "proxy_connections_active{listener=\"db\",protocol=\"tcp\"}", "0");
+    assert_sample(
+        &text,
+        "proxy_connections_total{listener=\"web\",protocol=\"http\"}",
+        "9",
+    );
+    assert_sample(
+        &text,
+        "proxy_connections_total{listener=\"db\",protocol=\"tcp\"}",
+        "2",
+    );
+    assert_sample(
+        &text,
+        "proxy_connections_active{listener=\"db\",protocol=\"tcp\"}",
+        "0",
+    );
 
     // Upstream connects: the TCP pool dialed once per connection; the dead pool failed once.
-    assert_sample(&text, "proxy_upstream_connect_duration_seconds_count{pool=\"tcpp\"}", "2");
-    assert_sample(&text, "proxy_upstream_connect_failures_total{pool=\"dead\"}", "1");
+    assert_sample(
+        &text,
+        "proxy_upstream_connect_duration_seconds_count{pool=\"tcpp\"}",
+        "2",
+    );
+    assert_sample(
+        &text,
+        "proxy_upstream_connect_failures_total{pool=\"dead\"}",
+        "1",
+    );
 
     // Upstream state, read from the routing table at scrape time.
-    assert_sample(&text, &format!("proxy_upstream_healthy{{pool=\"p\",upstream=\"{}\"}}", up.address()), "1");
-    assert_sample(&text, &format!("proxy_upstream_ejected{{pool=\"dead\",upstream=\"{dead}\"}}"), "1");
-    assert_sample(&text, &format!("proxy_upstream_ejected{{pool=\"p\",upstream=\"{}\"}}", up.address()), "0");
+    assert_sample(
+        &text,
+        &format!(
+            "proxy_upstream_healthy{{pool=\"p\",upstream=\"{}\"}}",
+            up.address()
+        ),
+        "1",
+    );
+    assert_sample(
+        &text,
+        &format!("proxy_upstream_ejected{{pool=\"dead\",upstream=\"{dead}\"}}"),
+        "1",
+    );
+    assert_sample(
+        &text,
+        &format!(
+            "proxy_upstream_ejected{{pool=\"p\",upstream=\"{}\"}}",
+            up.address()
+        ),
+        "0",
+    );
 
     // Management API calls by method and code, and the one SQLite write they made.
-    assert_sample(&text, "proxy_api_calls_total{method=\"/proxy.v1.PoolService/CreatePool\",code=\"OK\"}", "1");
+    assert_sample(
+        &text,
+        "proxy_api_calls_total{method=\"/proxy.v1.PoolService/CreatePool\",code=\"OK\"}",
+        "1",
+    );
     assert_sample(&text, "proxy_api_calls_total{method=\"/proxy.v1.PoolService/CreatePool\",code=\"ALREADY_EXISTS\"}", "1");
     assert_sample(&text, "proxy_state_write_duration_seconds_count", "1");
 
@@ -195,26 +268,29 @@ async fn metrics_are_served_with_the_openmetrics_type_and_readyz_fails_when_drai
     let admin = p.daemon.admin_address().expect("admin listener");
     let (status, content_type, text) = admin_get(admin, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
-    assert!(text.contains("# TYPE proxy_http_request_duration_seconds histogram"), "{text}");
-    assert!(text.contains("# TYPE http_request_total_count unknown"), "{text}");
-    assert_eq!(admin_get(admin, "/readyz").await.0, 200);
-
-    // Draining: the admin listener stops with the rest, so a probe sees "not ready" either
-    // as 503 or as a refused connection; never as 200.
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(
+        text.contains("# TYPE tcp_connections_active_count gauge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE http_request_total_count unknown"),
+        "{text}"
+    );
+    // One keep-alive connection: ready before the drain starts, not ready after.
+    let mut conn = TcpStream::connect(admin).await.unwrap();
+    conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let before = read_response(&mut conn).await;
+    assert_eq!((before.status, before.text().as_str()), (200, "ready\n"));
     p.daemon.shutdown_signal().trigger();
-    let probe = async {
-        match TcpStream::connect(admin).await {
-            Ok(mut s) => {
-                s.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.ok()?;
-                let mut out = Vec::new();
-                tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out).await.ok()?;
-                Some(String::from_utf8_lossy(&out).into_owned())
-            }
-            Err(_) => None,
-        }
-    };
-    if let Some(answer) = probe.await {
-        assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
-    }
+    conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let after = read_response(&mut conn).await;
+    assert_eq!((after.status, after.text().as_str()), (503, "draining\n"));
 }

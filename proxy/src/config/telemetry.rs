@@ -33,7 +33,10 @@ struct RawOtlp {
 }
 
 impl Doc<'_> {
-    pub(super) fn build_telemetry(&self, raw: Option<Spanned<RawTelemetry>>) -> Result<TelemetryConfig, ConfigError> {
+    pub(super) fn build_telemetry(
+        &self,
+        raw: Option<Spanned<RawTelemetry>>,
+    ) -> Result<TelemetryConfig, ConfigError> {
         let Some(raw) = raw else {
             return Ok(TelemetryConfig::default());
         };
@@ -43,15 +46,21 @@ impl Doc<'_> {
         let access_log = match raw.access_log.as_deref() {
             None => AccessLogFormat::default(),
             Some(s) => AccessLogFormat::parse(s).ok_or_else(|| {
-                self.field_error(&span, prefix, "access_log", format!("unknown format {s:?}, expected json, logfmt or off"))
+                self.field_error(
+                    &span,
+                    prefix,
+                    "access_log",
+                    format!("unknown format {s:?}, expected json, logfmt or off"),
+                )
             })?,
         };
         let header_list = |key: &str, names: Vec<String>| -> Result<Vec<HeaderName>, ConfigError> {
             names
                 .iter()
                 .map(|n| {
-                    HeaderName::from_bytes(n.as_bytes())
-                        .map_err(|_| self.field_error(&span, prefix, key, format!("{n:?} is not a header name")))
+                    HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                        self.field_error(&span, prefix, key, format!("{n:?} is not a header name"))
+                    })
                 })
                 .collect()
         };
@@ -66,14 +75,26 @@ impl Doc<'_> {
                 Some(self.build_otlp(s.into_inner(), &span)?)
             }
         };
-        Ok(TelemetryConfig { access_log, include_query: raw.include_query, headers, otlp })
+        Ok(TelemetryConfig {
+            access_log,
+            include_query: raw.include_query,
+            headers,
+            otlp,
+        })
     }
 
-    fn build_otlp(&self, raw: RawOtlp, span: &std::ops::Range<usize>) -> Result<OtlpConfig, ConfigError> {
+    fn build_otlp(
+        &self,
+        raw: RawOtlp,
+        span: &std::ops::Range<usize>,
+    ) -> Result<OtlpConfig, ConfigError> {
         let prefix = "telemetry.otlp";
         let endpoint = raw.endpoint.trim().to_string();
         let valid = match endpoint.parse::<http::Uri>() {
-            Ok(uri) => matches!(uri.scheme_str(), Some("http") | Some("https")) && uri.authority().is_some(),
+            Ok(uri) => {
+                matches!(uri.scheme_str(), Some("http") | Some("https"))
+                    && uri.authority().is_some()
+            }
             Err(_) => false,
         };
         if !valid {
@@ -81,14 +102,28 @@ impl Doc<'_> {
                 span,
                 prefix,
                 "endpoint",
-                format!("invalid endpoint {endpoint:?}, expected a URL such as http://127.0.0.1:4317"),
+                format!(
+                    "invalid endpoint {endpoint:?}, expected a URL such as http://127.0.0.1:4317"
+                ),
             ));
         }
-        let interval = self.duration(&raw.interval, Duration::from_secs(5), span, prefix, "interval")?;
+        let interval = self.duration(
+            &raw.interval,
+            Duration::from_secs(5),
+            span,
+            prefix,
+            "interval",
+        )?;
         if interval.is_zero() {
             return Err(self.field_error(span, prefix, "interval", "must be positive"));
         }
-        let timeout = self.duration(&raw.timeout, Duration::from_secs(10), span, prefix, "timeout")?;
+        let timeout = self.duration(
+            &raw.timeout,
+            Duration::from_secs(10),
+            span,
+            prefix,
+            "timeout",
+        )?;
         if timeout.is_zero() {
             return Err(self.field_error(span, prefix, "timeout", "must be positive"));
         }
@@ -96,11 +131,17 @@ impl Doc<'_> {
         if service_name.trim().is_empty() {
             return Err(self.field_error(span, prefix, "service_name", "must not be empty"));
         }
-        Ok(OtlpConfig { endpoint, interval, timeout, service_name })
+        Ok(OtlpConfig {
+            endpoint,
+            interval,
+            timeout,
+            service_name,
+        })
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use crate::config::Config;
     use crate::telemetry::AccessLogFormat;
@@ -131,13 +172,22 @@ mod tests {
     #[test]
     fn bad_values_name_line_and_field() {
         let e = err("[telemetry]\naccess_log = \"xml\"\n");
-        assert!(e.starts_with("t.toml:2: telemetry.access_log: unknown format"), "{e}");
+        assert!(
+            e.starts_with("t.toml:2: telemetry.access_log: unknown format"),
+            "{e}"
+        );
         let e = err("[telemetry]\ninclude_query = false\nredact_headers = [\"bad header\"]\n");
         assert!(e.starts_with("t.toml:3: telemetry.redact_headers: "), "{e}");
         let e = err("[telemetry]\n\n[telemetry.otlp]\nendpoint = \"127.0.0.1:4317\"\n");
-        assert!(e.starts_with("t.toml:4: telemetry.otlp.endpoint: invalid endpoint"), "{e}");
+        assert!(
+            e.starts_with("t.toml:4: telemetry.otlp.endpoint: invalid endpoint"),
+            "{e}"
+        );
         let e = err("[telemetry.otlp]\nendpoint = \"http://127.0.0.1:4317\"\ninterval = \"0s\"\n");
-        assert!(e.starts_with("t.toml:3: telemetry.otlp.interval: must be positive"), "{e}");
+        assert!(
+            e.starts_with("t.toml:3: telemetry.otlp.interval: must be positive"),
+            "{e}"
+        );
         let e = err("[telemetry]\nformat = \"json\"\n");
         assert!(e.starts_with("t.toml:2: format: unknown field"), "{e}");
     }

@@ -109,7 +109,10 @@ impl<S: Subscriber> Layer<S> for AccessLayer {
         if event.metadata().target() != TARGET || self.format == AccessLogFormat::Off {
             return;
         }
-        let mut line = Line { format: self.format, out: String::with_capacity(512) };
+        let mut line = Line {
+            format: self.format,
+            out: String::with_capacity(512),
+        };
         let mut ts = String::new();
         let _ = SystemTime.format_time(&mut Writer::new(&mut ts));
         line.field("ts", Value::Str(&ts));
@@ -210,7 +213,9 @@ fn json_string(out: &mut String, s: &str) {
 }
 
 fn logfmt_value(out: &mut String, s: &str) {
-    let plain = !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != '\\');
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != '\\');
     if plain {
         out.push_str(s);
     } else {
@@ -219,27 +224,41 @@ fn logfmt_value(out: &mut String, s: &str) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn secrets_are_redacted_even_when_asked_for() {
         let policy = HeaderPolicy {
-            log: vec![http::header::USER_AGENT, http::header::AUTHORIZATION, HeaderName::from_static("x-api-key")],
+            log: vec![
+                http::header::USER_AGENT,
+                http::header::AUTHORIZATION,
+                HeaderName::from_static("x-api-key"),
+            ],
             redact: vec![HeaderName::from_static("x-api-key")],
         };
         let mut headers = HeaderMap::new();
         headers.insert(http::header::USER_AGENT, "curl/8".parse().unwrap());
-        headers.insert(http::header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        headers.insert(
+            http::header::AUTHORIZATION,
+            "Bearer s3cret".parse().unwrap(),
+        );
         headers.insert("x-api-key", "k3y".parse().unwrap());
         let rendered = policy.render(&headers).unwrap();
-        assert_eq!(rendered, "user-agent=curl/8; authorization=[redacted]; x-api-key=[redacted]");
+        assert_eq!(
+            rendered,
+            "user-agent=curl/8; authorization=[redacted]; x-api-key=[redacted]"
+        );
         assert_eq!(HeaderPolicy::default().render(&headers), None);
     }
 
     #[test]
     fn lines_are_valid_json_and_logfmt() {
-        let mut line = Line { format: AccessLogFormat::Json, out: String::new() };
+        let mut line = Line {
+            format: AccessLogFormat::Json,
+            out: String::new(),
+        };
         line.field("path", Value::Str("/a\"b"));
         line.field("status", Value::Number("200".into()));
         line.field("complete", Value::Bool(true));
@@ -247,10 +266,16 @@ mod tests {
         assert_eq!(json["path"], "/a\"b");
         assert_eq!(json["status"], 200);
 
-        let mut line = Line { format: AccessLogFormat::Logfmt, out: String::new() };
+        let mut line = Line {
+            format: AccessLogFormat::Logfmt,
+            out: String::new(),
+        };
         line.field("route", Value::Str("site"));
         line.field("error", Value::Str("connect refused"));
         line.field("host", Value::Str(""));
-        assert_eq!(line.finish(), "route=site error=\"connect refused\" host=\"\"");
+        assert_eq!(
+            line.finish(),
+            "route=site error=\"connect refused\" host=\"\""
+        );
     }
 }

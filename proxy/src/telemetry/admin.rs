@@ -48,27 +48,39 @@ pub async fn serve(listener: TcpListener, telemetry: Arc<Telemetry>, shutdown: S
     }
 }
 
-fn answer(req: &Request<Incoming>, telemetry: &Telemetry, shutdown: &Shutdown) -> Response<Full<Bytes>> {
+fn answer(
+    req: &Request<Incoming>,
+    telemetry: &Telemetry,
+    shutdown: &Shutdown,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
     }
     match req.uri().path() {
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(telemetry.metrics().encode())));
-            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if shutdown.is_triggered() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if !telemetry.is_ready() => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
         "/readyz" => text(StatusCode::OK, "ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
     }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

@@ -30,7 +30,10 @@ impl<S> tower::Layer<S> for ApiMetricsLayer {
     type Service = ApiMetrics<S>;
 
     fn layer(&self, inner: S) -> ApiMetrics<S> {
-        ApiMetrics { inner, metrics: self.metrics.clone() }
+        ApiMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -50,7 +53,8 @@ where
 {
     type Response = Response<CountedBody<ResBody>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -62,7 +66,11 @@ where
         let future = self.inner.call(req);
         Box::pin(async move {
             let response = future.await?;
-            let mut call = Call { metrics, method, counted: false };
+            let mut call = Call {
+                metrics,
+                method,
+                counted: false,
+            };
             // Errors come "trailers-only": the status is in the head.
             if let Some(code) = grpc_code(response.headers()) {
                 call.count(code);
@@ -109,7 +117,10 @@ impl<B: Body + Unpin> Body for CountedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {

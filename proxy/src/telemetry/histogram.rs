@@ -9,10 +9,14 @@ use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 /// Bucket bounds (seconds) for whole requests: 1 ms to 30 s.
-pub const REQUEST_BOUNDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+pub const REQUEST_BOUNDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Bucket bounds (seconds) for connects and SQLite commits: 0.5 ms to 5 s.
-pub const FAST_BOUNDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+pub const FAST_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// A cumulative histogram of durations with fixed bounds; clones share the same counts.
 #[derive(Clone, Debug)]
@@ -35,7 +39,12 @@ impl DurationHistogram {
     pub fn new(bounds: &'static [f64]) -> DurationHistogram {
         let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
         DurationHistogram {
-            inner: Arc::new(Inner { bounds, buckets, count: AtomicU64::new(0), sum_ns: AtomicU64::new(0) }),
+            inner: Arc::new(Inner {
+                bounds,
+                buckets,
+                count: AtomicU64::new(0),
+                sum_ns: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -52,7 +61,12 @@ impl DurationHistogram {
     /// Records one observation.
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
-        let index = self.inner.bounds.iter().position(|b| seconds <= *b).unwrap_or(self.inner.bounds.len());
+        let index = self
+            .inner
+            .bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(self.inner.bounds.len());
         if let Some(bucket) = self.inner.buckets.get(index) {
             bucket.fetch_add(1, Ordering::Relaxed);
         }
@@ -98,6 +112,7 @@ impl EncodeMetric for DurationHistogram {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -108,7 +123,12 @@ mod tests {
         h.observe(Duration::from_millis(10));
         h.observe(Duration::from_millis(50));
         h.observe(Duration::from_secs(3));
-        let counts: Vec<u64> = h.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = h
+            .inner
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
         assert_eq!(counts, vec![2, 1, 1]);
         assert_eq!(h.count(), 4);
         assert_eq!(h.sum(), Duration::from_millis(3065));

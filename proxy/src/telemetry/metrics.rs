@@ -196,7 +196,11 @@ impl Metrics {
             connections_active.clone(),
         );
         let connections_total = Family::<ListenerLabels, Counter>::default();
-        registry.register("proxy_connections", "Client connections accepted, by listener", connections_total.clone());
+        registry.register(
+            "proxy_connections",
+            "Client connections accepted, by listener",
+            connections_total.clone(),
+        );
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "proxy_http_requests",
@@ -218,7 +222,11 @@ impl Metrics {
             http_errors.clone(),
         );
         let response_bytes = Family::<RouteLabels, Counter>::default();
-        registry.register("proxy_http_response_bytes", "Response body bytes sent to clients", response_bytes.clone());
+        registry.register(
+            "proxy_http_response_bytes",
+            "Response body bytes sent to clients",
+            response_bytes.clone(),
+        );
         let connect_duration = Family::<PoolLabels, DurationHistogram, fn() -> DurationHistogram>::new_with_constructor(
             DurationHistogram::fast,
         );
@@ -234,7 +242,11 @@ impl Metrics {
             connect_failures.clone(),
         );
         let upgrades = Family::<ResultLabels, Counter>::default();
-        registry.register("proxy_upgrades", "Zero-downtime upgrades started by this process, by result", upgrades.clone());
+        registry.register(
+            "proxy_upgrades",
+            "Zero-downtime upgrades started by this process, by result",
+            upgrades.clone(),
+        );
         let last_upgrade_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "proxy_last_upgrade_duration_seconds",
@@ -242,9 +254,17 @@ impl Metrics {
             last_upgrade_seconds.clone(),
         );
         let api_calls = Family::<ApiLabels, Counter>::default();
-        registry.register("proxy_api_calls", "Management API calls, by method and gRPC code", api_calls.clone());
+        registry.register(
+            "proxy_api_calls",
+            "Management API calls, by method and gRPC code",
+            api_calls.clone(),
+        );
         let acme_orders = Family::<ResultLabels, Counter>::default();
-        registry.register("proxy_acme_orders", "ACME certificate orders, by result", acme_orders.clone());
+        registry.register(
+            "proxy_acme_orders",
+            "ACME certificate orders, by result",
+            acme_orders.clone(),
+        );
         let tls_refused = Counter::default();
         registry.register(
             "proxy_tls_handshakes_refused",
@@ -258,7 +278,11 @@ impl Metrics {
             registrations_active.clone(),
         );
         let registrations_total = Counter::default();
-        registry.register("proxy_registrations", "Registrations accepted", registrations_total.clone());
+        registry.register(
+            "proxy_registrations",
+            "Registrations accepted",
+            registrations_total.clone(),
+        );
         let held_requests = Gauge::default();
         registry.register(
             "proxy_held_requests",
@@ -277,7 +301,9 @@ impl Metrics {
                 "Time the state writer takes per batch: validate, SQLite commit (fsync), publish",
                 state.write_latency().clone(),
             );
-            registry.register_collector(Box::new(UpstreamCollector { state: state.clone() }));
+            registry.register_collector(Box::new(UpstreamCollector {
+                state: state.clone(),
+            }));
         }
         Metrics {
             registry,
@@ -323,7 +349,10 @@ impl Metrics {
     /// The connection counters of one listener; call once per listener, then
     /// [`ListenerSeries::open`] per accepted connection.
     pub fn listener(&self, name: &str, protocol: &'static str) -> ListenerSeries {
-        let labels = ListenerLabels { listener: name.to_string(), protocol };
+        let labels = ListenerLabels {
+            listener: name.to_string(),
+            protocol,
+        };
         ListenerSeries {
             active: self.connections_active.get_or_create_owned(&labels),
             total: self.connections_total.get_or_create_owned(&labels),
@@ -335,7 +364,9 @@ impl Metrics {
     pub fn http_request(&self, outcome: &HttpOutcome<'_>) {
         self.legacy.http_total.fetch_add(1, Ordering::Relaxed);
         self.legacy.window.record(outcome.elapsed);
-        let series = self.routes.get_or_insert(outcome.listener, outcome.route, outcome.pool);
+        let series = self
+            .routes
+            .get_or_insert(outcome.listener, outcome.route, outcome.pool);
         let class = status_class_index(outcome.status);
         let by_class = series.classes[class].get_or_init(|| {
             let labels = RequestLabels {
@@ -351,7 +382,9 @@ impl Metrics {
         });
         by_class.requests.inc();
         by_class.duration.observe(outcome.elapsed);
-        let bytes = series.bytes.get_or_init(|| self.response_bytes.get_or_create_owned(&series.labels));
+        let bytes = series
+            .bytes
+            .get_or_init(|| self.response_bytes.get_or_create_owned(&series.labels));
         bytes.inc_by(outcome.bytes);
         if let Some(source) = outcome.error_source {
             if let Some(index) = ERROR_SOURCES.iter().position(|s| *s == source) {
@@ -387,7 +420,9 @@ impl Metrics {
 
     fn pool_series(&self, pool: &str) -> Arc<PoolSeries> {
         self.pools.get_or_insert(pool, || {
-            let labels = PoolLabels { pool: pool.to_string() };
+            let labels = PoolLabels {
+                pool: pool.to_string(),
+            };
             PoolSeries {
                 connect: self.connect_duration.get_or_create_owned(&labels),
                 failures: self.connect_failures.get_or_create_owned(&labels),
@@ -410,9 +445,18 @@ impl Metrics {
     /// `/proxy.v1.RouteService/ListRoutes`) ended with `code`. Calls to methods the server
     /// does not have are counted under `method="unknown"` so clients cannot grow the label set.
     pub fn api_call(&self, method: &str, code: tonic::Code) {
-        let method = if code == tonic::Code::Unimplemented { "unknown" } else { method };
+        let method = if code == tonic::Code::Unimplemented {
+            "unknown"
+        } else {
+            method
+        };
         let code = code_name(code);
-        self.api_calls.get_or_create(&ApiLabels { method: method.to_string(), code }).inc();
+        self.api_calls
+            .get_or_create(&ApiLabels {
+                method: method.to_string(),
+                code,
+            })
+            .inc();
         if let Some(otel) = self.otel.get() {
             otel.api_call(method, code);
         }
@@ -420,7 +464,11 @@ impl Metrics {
 
     /// For on-demand TLS: an ACME order ended with `result`.
     pub fn acme_order(&self, result: AcmeResult) {
-        self.acme_orders.get_or_create(&ResultLabels { result: result.as_str() }).inc();
+        self.acme_orders
+            .get_or_create(&ResultLabels {
+                result: result.as_str(),
+            })
+            .inc();
         if let Some(otel) = self.otel.get() {
             otel.acme_order(result.as_str());
         }
@@ -452,7 +500,11 @@ impl Metrics {
 
     /// For registration: a held request ended with `outcome`.
     pub fn held_finished(&self, outcome: HeldOutcome) {
-        self.held_total.get_or_create(&ResultLabels { result: outcome.as_str() }).inc();
+        self.held_total
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
         if let Some(otel) = self.otel.get() {
             otel.held_finished(outcome.as_str());
         }
@@ -609,7 +661,10 @@ struct WindowSlot {
 
 impl AverageWindow {
     fn new() -> AverageWindow {
-        AverageWindow { origin: Instant::now(), slots: Default::default() }
+        AverageWindow {
+            origin: Instant::now(),
+            slots: Default::default(),
+        }
     }
 
     fn epoch(&self) -> u64 {
@@ -618,16 +673,26 @@ impl AverageWindow {
 
     fn record(&self, elapsed: Duration) {
         let epoch = self.epoch();
-        let Some(slot) = self.slots.get((epoch % WINDOW_SLOTS as u64) as usize) else { return };
+        let Some(slot) = self.slots.get((epoch % WINDOW_SLOTS as u64) as usize) else {
+            return;
+        };
         let seen = slot.epoch.load(Ordering::Acquire);
         // The first request of a new 10 s slot clears what it held a minute ago; a request
         // racing with that reset may be lost, which an average can afford.
-        if seen != epoch && slot.epoch.compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        if seen != epoch
+            && slot
+                .epoch
+                .compare_exchange(seen, epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             slot.count.store(0, Ordering::Relaxed);
             slot.sum_us.store(0, Ordering::Relaxed);
         }
         slot.count.fetch_add(1, Ordering::Relaxed);
-        slot.sum_us.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        slot.sum_us.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     fn average_ms(&self) -> f64 {
@@ -660,7 +725,10 @@ struct UpstreamLabels<'a> {
 }
 
 impl EncodeLabelSet for UpstreamLabels<'_> {
-    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeLabel;
         ("pool", self.pool).encode(encoder.encode_label())?;
         ("upstream", self.upstream).encode(encoder.encode_label())
@@ -672,24 +740,35 @@ impl Collector for UpstreamCollector {
         let routing = self.state.routing();
         type Reading = fn(&crate::upstream::UpstreamRuntime) -> i64;
         let gauges: [(&str, &str, Reading); 4] = [
-            ("proxy_upstream_healthy", "1 if the upstream passes its active health check (or has none)", |u| {
-                i64::from(u.is_healthy())
-            }),
-            ("proxy_upstream_ejected", "1 while the upstream is skipped after a failed connection", |u| {
-                i64::from(u.is_ejected())
-            }),
-            ("proxy_upstream_draining", "1 if the upstream is draining (takes no new work)", |u| {
-                i64::from(u.is_draining())
-            }),
-            ("proxy_upstream_in_flight", "Requests and TCP streams in flight to the upstream", |u| {
-                i64::try_from(u.in_flight()).unwrap_or(i64::MAX)
-            }),
+            (
+                "proxy_upstream_healthy",
+                "1 if the upstream passes its active health check (or has none)",
+                |u| i64::from(u.is_healthy()),
+            ),
+            (
+                "proxy_upstream_ejected",
+                "1 while the upstream is skipped after a failed connection",
+                |u| i64::from(u.is_ejected()),
+            ),
+            (
+                "proxy_upstream_draining",
+                "1 if the upstream is draining (takes no new work)",
+                |u| i64::from(u.is_draining()),
+            ),
+            (
+                "proxy_upstream_in_flight",
+                "Requests and TCP streams in flight to the upstream",
+                |u| i64::try_from(u.in_flight()).unwrap_or(i64::MAX),
+            ),
         ];
         for (name, help, read) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for pool in routing.pools() {
                 for upstream in pool.upstreams() {
-                    let labels = UpstreamLabels { pool: &pool.name, upstream: &upstream.address };
+                    let labels = UpstreamLabels {
+                        pool: &pool.name,
+                        upstream: &upstream.address,
+                    };
                     ConstGauge::new(read(upstream)).encode(family.encode_family(&labels)?)?;
                 }
             }
@@ -725,19 +804,28 @@ struct RouteSeriesCache {
 
 impl Default for RouteSeriesCache {
     fn default() -> Self {
-        RouteSeriesCache { shards: std::array::from_fn(|_| ArcSwap::default()), insert: Mutex::new(()) }
+        RouteSeriesCache {
+            shards: std::array::from_fn(|_| ArcSwap::default()),
+            insert: Mutex::new(()),
+        }
     }
 }
 
 impl RouteSeriesCache {
     fn shard(&self, route: &str) -> &ArcSwap<RouteMap> {
         // FNV-1a: cheap, and good enough to spread route names.
-        let hash = route.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        let hash = route.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
         &self.shards[(hash % ROUTE_SHARDS as u64) as usize]
     }
 
     fn find(map: &RouteMap, listener: &str, route: &str, pool: &str) -> Option<Arc<RouteSeries>> {
-        map.get(listener)?.get(route)?.iter().find(|s| s.labels.pool == pool).cloned()
+        map.get(listener)?
+            .get(route)?
+            .iter()
+            .find(|s| s.labels.pool == pool)
+            .cloned()
     }
 
     fn get_or_insert(&self, listener: &str, route: &str, pool: &str) -> Arc<RouteSeries> {
@@ -745,19 +833,30 @@ impl RouteSeriesCache {
         if let Some(series) = Self::find(&shard.load(), listener, route, pool) {
             return series;
         }
-        let _writer = self.insert.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _writer = self
+            .insert
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = shard.load_full();
         if let Some(series) = Self::find(&current, listener, route, pool) {
             return series;
         }
         let series = Arc::new(RouteSeries {
-            labels: RouteLabels { listener: listener.to_string(), route: route.to_string(), pool: pool.to_string() },
+            labels: RouteLabels {
+                listener: listener.to_string(),
+                route: route.to_string(),
+                pool: pool.to_string(),
+            },
             classes: Default::default(),
             errors: Default::default(),
             bytes: OnceLock::new(),
         });
         let mut next = RouteMap::clone(&current);
-        next.entry(listener.to_string()).or_default().entry(route.to_string()).or_default().push(series.clone());
+        next.entry(listener.to_string())
+            .or_default()
+            .entry(route.to_string())
+            .or_default()
+            .push(series.clone());
         shard.store(Arc::new(next));
         series
     }
@@ -777,7 +876,10 @@ struct SeriesCache<T> {
 
 impl<T> Default for SeriesCache<T> {
     fn default() -> Self {
-        SeriesCache { map: ArcSwap::default(), insert: Mutex::new(()) }
+        SeriesCache {
+            map: ArcSwap::default(),
+            insert: Mutex::new(()),
+        }
     }
 }
 
@@ -786,7 +888,10 @@ impl<T> SeriesCache<T> {
         if let Some(found) = self.map.load().get(name) {
             return found.clone();
         }
-        let _writer = self.insert.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _writer = self
+            .insert
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let current = self.map.load_full();
         if let Some(found) = current.get(name) {
             return found.clone();
@@ -800,6 +905,7 @@ impl<T> SeriesCache<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -829,7 +935,10 @@ mod tests {
         assert!(text.contains("proxy_http_errors_total{listener=\"web\",route=\"a\",pool=\"p\",source=\"upstream\"} 1\n"), "{text}");
         assert!(text.contains("http_request_total_count 5\n"), "{text}");
         assert!(text.contains("proxy_http_request_duration_seconds_count{listener=\"web\",route=\"b\",pool=\"p\",status_class=\"4xx\"} 1\n"), "{text}");
-        assert!(!text.contains("status_class=\"3xx\""), "no empty series: {text}");
+        assert!(
+            !text.contains("status_class=\"3xx\""),
+            "no empty series: {text}"
+        );
     }
 
     #[test]
@@ -843,7 +952,10 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("tcp_connections_active_count 1\n"), "{text}");
         assert!(text.contains("tcp_connections_total_count 2\n"), "{text}");
-        assert!(text.contains("proxy_connections_active{listener=\"web\",protocol=\"http\"} 1\n"), "{text}");
+        assert!(
+            text.contains("proxy_connections_active{listener=\"web\",protocol=\"http\"} 1\n"),
+            "{text}"
+        );
         drop(b);
         assert_eq!(m.connections_open(), 0);
     }
@@ -855,7 +967,10 @@ mod tests {
         m.api_call("/x.Y/Z2", tonic::Code::Unimplemented);
         m.api_call("/proxy.v1.RouteService/ListRoutes", tonic::Code::Ok);
         let text = m.encode();
-        assert!(text.contains("proxy_api_calls_total{method=\"unknown\",code=\"UNIMPLEMENTED\"} 2\n"), "{text}");
+        assert!(
+            text.contains("proxy_api_calls_total{method=\"unknown\",code=\"UNIMPLEMENTED\"} 2\n"),
+            "{text}"
+        );
         assert!(!text.contains("Z1"), "{text}");
     }
 

@@ -21,7 +21,9 @@ use tracing_subscriber::Layer as _;
 
 pub use access::{AccessLogFormat, HeaderPolicy};
 pub use histogram::DurationHistogram;
-pub use metrics::{AcmeResult, GaugeGuard, HeldOutcome, HttpOutcome, ListenerSeries, Metrics, OpenConnection};
+pub use metrics::{
+    AcmeResult, GaugeGuard, HeldOutcome, HttpOutcome, ListenerSeries, Metrics, OpenConnection,
+};
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
 
 use crate::state::StateHandle;
@@ -63,13 +65,18 @@ pub fn init_logging(default_filter: &str, config: &TelemetryConfig) {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     };
-    let diagnostics = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let diagnostics = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(filter);
     let access = (config.access_log != AccessLogFormat::Off).then(|| {
-        access::AccessLayer::new(config.access_log).with_filter(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.target() == access::TARGET
-        }))
+        access::AccessLayer::new(config.access_log).with_filter(
+            tracing_subscriber::filter::filter_fn(|meta| meta.target() == access::TARGET),
+        )
     });
-    let _ = tracing_subscriber::registry().with(diagnostics).with(access).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(diagnostics)
+        .with(access)
+        .try_init();
 }
 
 /// The telemetry of one daemon: metrics, access log settings, request tracing, readiness.
@@ -95,7 +102,10 @@ impl std::fmt::Debug for Telemetry {
 impl Telemetry {
     /// Creates the metrics (reading health and write latency from `state`) and, when
     /// configured, starts the OTLP exporters. Must run inside the Tokio runtime.
-    pub fn start(config: &TelemetryConfig, state: Option<&StateHandle>) -> Result<Telemetry, OtlpError> {
+    pub fn start(
+        config: &TelemetryConfig,
+        state: Option<&StateHandle>,
+    ) -> Result<Telemetry, OtlpError> {
         let metrics = Arc::new(Metrics::new(state));
         let (tracing, otlp) = match &config.otlp {
             None => (None, None),
@@ -162,7 +172,11 @@ impl Telemetry {
 
     /// Sends buffered spans and metrics and stops the exporters (no-op without OTLP).
     pub async fn flush(&self) {
-        let otlp = self.otlp.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let otlp = self
+            .otlp
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(otlp) = otlp {
             // The exporters block while their threads drive the gRPC client on this runtime.
             let _ = tokio::task::spawn_blocking(move || otlp.shutdown()).await;

@@ -8,14 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::metrics::{Counter, Gauge, Histogram, Meter, MeterProvider as _, ObservableGauge};
+use opentelemetry::metrics::{
+    Counter, Gauge, Histogram, Meter, MeterProvider as _, ObservableGauge,
+};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider,
+};
 use opentelemetry_sdk::Resource;
 use thiserror::Error;
 
@@ -50,9 +54,18 @@ impl std::fmt::Debug for Otlp {
 impl Otlp {
     /// Starts the span and metric exporters (must run inside the Tokio runtime, which the
     /// gRPC client uses). Returns the instruments the metrics also record into.
-    pub fn start(config: &OtlpConfig, open_connections: impl Fn() -> i64 + Send + Sync + 'static, state: Option<StateHandle>) -> Result<(Otlp, Instruments), OtlpError> {
-        let error = |reason: String| OtlpError { endpoint: config.endpoint.clone(), reason };
-        let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
+    pub fn start(
+        config: &OtlpConfig,
+        open_connections: impl Fn() -> i64 + Send + Sync + 'static,
+        state: Option<StateHandle>,
+    ) -> Result<(Otlp, Instruments), OtlpError> {
+        let error = |reason: String| OtlpError {
+            endpoint: config.endpoint.clone(),
+            reason,
+        };
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
         let spans = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(config.endpoint.clone())
@@ -60,20 +73,42 @@ impl Otlp {
             .build()
             .map_err(|e| error(e.to_string()))?;
         let processor = BatchSpanProcessor::builder(spans)
-            .with_batch_config(BatchConfigBuilder::default().with_scheduled_delay(config.interval).build())
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_scheduled_delay(config.interval)
+                    .build(),
+            )
             .build();
-        let traces = SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource.clone()).build();
+        let traces = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_resource(resource.clone())
+            .build();
         let exporter = opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
             .with_endpoint(config.endpoint.clone())
             .with_timeout(config.timeout)
             .build()
             .map_err(|e| error(e.to_string()))?;
-        let reader = PeriodicReader::builder(exporter).with_interval(config.interval).build();
-        let metrics = SdkMeterProvider::builder().with_reader(reader).with_resource(resource).build();
+        let reader = PeriodicReader::builder(exporter)
+            .with_interval(config.interval)
+            .build();
+        let metrics = SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource)
+            .build();
         let instruments = Instruments::new(&metrics.meter("proxy"), open_connections, state);
-        let tracing = Arc::new(RequestTracing { tracer: traces.tracer("proxy"), propagator: TraceContextPropagator::new() });
-        Ok((Otlp { traces, metrics, tracing }, instruments))
+        let tracing = Arc::new(RequestTracing {
+            tracer: traces.tracer("proxy"),
+            propagator: TraceContextPropagator::new(),
+        });
+        Ok((
+            Otlp {
+                traces,
+                metrics,
+                tracing,
+            },
+            instruments,
+        ))
     }
 
     /// What the request path uses to start and propagate spans.
@@ -136,7 +171,8 @@ impl RequestTracing {
 
     /// Writes `traceparent` (and `tracestate`) for the upstream: same trace, this span as parent.
     pub fn inject(&self, cx: &Context, headers: &mut HeaderMap) {
-        self.propagator.inject_context(cx, &mut HeaderWriter(headers));
+        self.propagator
+            .inject_context(cx, &mut HeaderWriter(headers));
     }
 
     /// Ends the span with the route, pool, upstream and status.
@@ -151,7 +187,10 @@ impl RequestTracing {
             KeyValue::new("proxy.pool", http.pool.to_string()),
             KeyValue::new("proxy.upstream", outcome.upstream.to_string()),
             KeyValue::new("http.response.status_code", i64::from(http.status)),
-            KeyValue::new("proxy.response_bytes", i64::try_from(http.bytes).unwrap_or(i64::MAX)),
+            KeyValue::new(
+                "proxy.response_bytes",
+                i64::try_from(http.bytes).unwrap_or(i64::MAX),
+            ),
             KeyValue::new("proxy.complete", outcome.complete),
         ]);
         if let Some(source) = http.error_source {
@@ -180,7 +219,10 @@ struct HeaderWriter<'a>(&'a mut HeaderMap);
 
 impl Injector for HeaderWriter<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(key.as_bytes()), HeaderValue::from_str(&value)) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(key.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
             self.0.insert(name, value);
         }
     }
@@ -209,7 +251,11 @@ impl std::fmt::Debug for Instruments {
 }
 
 impl Instruments {
-    fn new(meter: &Meter, open_connections: impl Fn() -> i64 + Send + Sync + 'static, state: Option<StateHandle>) -> Instruments {
+    fn new(
+        meter: &Meter,
+        open_connections: impl Fn() -> i64 + Send + Sync + 'static,
+        state: Option<StateHandle>,
+    ) -> Instruments {
         let mut observed = vec![meter
             .i64_observable_gauge("proxy.connections.active")
             .with_description("Client connections open now on all listeners")
@@ -219,7 +265,9 @@ impl Instruments {
             observed.push(
                 meter
                     .i64_observable_gauge("proxy.upstream.healthy")
-                    .with_description("1 if the upstream passes its active health check and is not ejected")
+                    .with_description(
+                        "1 if the upstream passes its active health check and is not ejected",
+                    )
                     .with_callback(move |o| {
                         let routing = state.routing();
                         for pool in routing.pools() {
@@ -227,7 +275,10 @@ impl Instruments {
                                 let up = upstream.is_healthy() && !upstream.is_ejected();
                                 o.observe(
                                     i64::from(up),
-                                    &[KeyValue::new("pool", pool.name.clone()), KeyValue::new("upstream", upstream.address.clone())],
+                                    &[
+                                        KeyValue::new("pool", pool.name.clone()),
+                                        KeyValue::new("upstream", upstream.address.clone()),
+                                    ],
                                 );
                             }
                         }
@@ -236,7 +287,10 @@ impl Instruments {
             );
         }
         Instruments {
-            requests: meter.u64_counter("proxy.http.requests").with_description("HTTP requests answered").build(),
+            requests: meter
+                .u64_counter("proxy.http.requests")
+                .with_description("HTTP requests answered")
+                .build(),
             duration: meter
                 .f64_histogram("proxy.http.request.duration")
                 .with_unit("s")
@@ -248,7 +302,10 @@ impl Instruments {
                 .with_boundaries(FAST_BOUNDS.to_vec())
                 .build(),
             upgrades: meter.u64_counter("proxy.upgrades").build(),
-            last_upgrade: meter.f64_gauge("proxy.last_upgrade.duration").with_unit("s").build(),
+            last_upgrade: meter
+                .f64_gauge("proxy.last_upgrade.duration")
+                .with_unit("s")
+                .build(),
             api_calls: meter.u64_counter("proxy.api.calls").build(),
             acme_orders: meter.u64_counter("proxy.acme.orders").build(),
             tls_refused: meter.u64_counter("proxy.tls.handshakes_refused").build(),
@@ -274,11 +331,15 @@ impl Instruments {
             KeyValue::new("status_class", class),
         ];
         self.requests.add(1, &attributes);
-        self.duration.record(outcome.elapsed.as_secs_f64(), &attributes);
+        self.duration
+            .record(outcome.elapsed.as_secs_f64(), &attributes);
     }
 
     pub(crate) fn upstream_connected(&self, pool: &str, elapsed: Duration) {
-        self.connect.record(elapsed.as_secs_f64(), &[KeyValue::new("pool", pool.to_string())]);
+        self.connect.record(
+            elapsed.as_secs_f64(),
+            &[KeyValue::new("pool", pool.to_string())],
+        );
     }
 
     pub(crate) fn upgrade_finished(&self, result: &'static str, elapsed: Duration) {
@@ -287,7 +348,13 @@ impl Instruments {
     }
 
     pub(crate) fn api_call(&self, method: &str, code: &'static str) {
-        self.api_calls.add(1, &[KeyValue::new("method", method.to_string()), KeyValue::new("code", code)]);
+        self.api_calls.add(
+            1,
+            &[
+                KeyValue::new("method", method.to_string()),
+                KeyValue::new("code", code),
+            ],
+        );
     }
 
     pub(crate) fn acme_order(&self, result: &'static str) {

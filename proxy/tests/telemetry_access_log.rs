@@ -1,0 +1,328 @@
+//! The access log as an operator sees it: `proxyd` runs as a process with every log level on,
+//! and its stdout and stderr are searched for the secrets a request and its response carried.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+const SECRETS: [&str; 6] = [
+    "AUTHSECRET",
+    "COOKIESECRET",
+    "SETCOOKIESECRET",
+    "APIKEYSECRET",
+    "PROXYSECRET",
+    "QUERYSECRET",
+];
+
+/// An upstream that answers every request with a `Set-Cookie` carrying a secret.
+async fn cookie_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let body = "hello";
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nSet-Cookie: session=SETCOOKIESECRET; HttpOnly\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut tmp).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Proxyd {
+    child: Child,
+    lines: mpsc::Receiver<(&'static str, String)>,
+    seen: Vec<(&'static str, String)>,
+}
+
+impl Drop for Proxyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proxyd {
+    fn start(dir: &std::path::Path, config: &str) -> Proxyd {
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(PROXYD)
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir)
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        fn pump(
+            stream: impl Read + Send + 'static,
+            name: &'static str,
+            tx: mpsc::Sender<(&'static str, String)>,
+        ) {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { return };
+                    if tx.send((name, line)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        pump(child.stdout.take().unwrap(), "stdout", tx.clone());
+        pump(child.stderr.take().unwrap(), "stderr", tx);
+        Proxyd {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (up to 30 s) for a line on `stream` containing `needle`.
+    fn wait_for(&mut self, stream: &str, needle: &str) -> String {
+        if let Some((_, l)) = self
+            .seen
+            .iter()
+            .find(|(s, l)| *s == stream && l.contains(needle))
+        {
+            return l.clone();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok((s, line)) => {
+                    self.seen.push((s, line.clone()));
+                    if s == stream && line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no {stream} line containing {needle:?}; saw:\n{}",
+            self.dump()
+        );
+    }
+
+    /// Stops the process with SIGTERM and collects everything it wrote.
+    fn stop(mut self) -> Vec<(&'static str, String)> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..300 {
+            if self.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The pipes close when the process is gone; take the rest.
+        while let Ok(pair) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(pair);
+        }
+        std::mem::take(&mut self.seen)
+    }
+
+    fn dump(&self) -> String {
+        self.seen
+            .iter()
+            .map(|(s, l)| format!("{s}: {l}\n"))
+            .collect()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..300 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("port {port} never opened");
+}
+
+fn config(dir: &std::path::Path, port: u16, upstream: SocketAddr, telemetry: &str) -> String {
+    format!(
+        r#"[server]
+state_dir = "{dir}/state"
+admin_listen = ""
+
+[telemetry]
+{telemetry}
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:{port}"
+
+[[pools]]
+name = "app"
+upstreams = ["{upstream}"]
+
+[[routes]]
+name = "login"
+listener = "web"
+host = "app.example"
+pool = "app"
+"#,
+        dir = dir.display()
+    )
+}
+
+const SECRET_REQUEST: &str = "GET /login?token=QUERYSECRET HTTP/1.1\r\nHost: app.example\r\nUser-Agent: telemetry-test\r\nAuthorization: Bearer AUTHSECRET\r\nProxy-Authorization: Basic PROXYSECRET\r\nCookie: sid=COOKIESECRET\r\nX-Api-Key: APIKEYSECRET\r\nConnection: close\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_any_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = cookie_upstream().await;
+    let port = free_port();
+    let telemetry = r#"access_log = "json"
+log_headers = ["user-agent", "authorization", "cookie", "x-api-key"]
+redact_headers = ["x-api-key"]"#;
+    let mut proxyd = Proxyd::start(dir.path(), &config(dir.path(), port, upstream, telemetry));
+    wait_for_port(port).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    let r = raw(addr, SECRET_REQUEST.as_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The client does get its cookie: only the logs must not show it.
+    assert!(r
+        .header("set-cookie")
+        .unwrap_or("")
+        .contains("SETCOOKIESECRET"));
+    // A failed request too: its error detail goes to the log.
+    let failed = raw(addr, b"GET /?token=QUERYSECRET HTTP/1.1\r\nHost: nowhere.example\r\nAuthorization: Bearer AUTHSECRET\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(failed.status, 404);
+
+    let line = proxyd.wait_for("stdout", "\"route\":\"login\"");
+    let json: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(json["status"], 200, "{line}");
+    assert_eq!(
+        json["path"], "/login",
+        "the query is left out by default: {line}"
+    );
+    assert_eq!(json["pool"], "app");
+    assert_eq!(json["upstream"], upstream.to_string());
+    assert_eq!(
+        json["headers"], "user-agent=telemetry-test; authorization=[redacted]; cookie=[redacted]; x-api-key=[redacted]",
+        "{line}"
+    );
+    let failed_line = proxyd.wait_for("stdout", "\"status\":404");
+    assert!(
+        failed_line.contains("\"error_source\":\"proxy\""),
+        "{failed_line}"
+    );
+
+    let all = proxyd.stop();
+    assert!(
+        all.len() > 5,
+        "trace logging was on; expected more lines:\n{all:?}"
+    );
+    for (stream, line) in &all {
+        for secret in SECRETS {
+            assert!(
+                !line.contains(secret),
+                "{secret} leaked on {stream}: {line}"
+            );
+        }
+    }
+    // Access lines go to stdout only, diagnostics to stderr only.
+    assert!(
+        all.iter()
+            .filter(|(s, l)| *s == "stderr" && l.contains("\"route\":\"login\""))
+            .count()
+            == 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logfmt_lines_with_the_query_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = cookie_upstream().await;
+    let port = free_port();
+    let mut proxyd = Proxyd::start(
+        dir.path(),
+        &config(
+            dir.path(),
+            port,
+            upstream,
+            "access_log = \"logfmt\"\ninclude_query = true",
+        ),
+    );
+    wait_for_port(port).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let r = get(addr, "app.example", "/search?q=shoes").await;
+    assert_eq!(r.status, 200);
+    let line = proxyd.wait_for("stdout", "route=login");
+    assert!(line.starts_with("ts="), "{line}");
+    assert!(
+        line.contains(r#" path="/search?q=shoes" "#),
+        "values with = are quoted: {line}"
+    );
+    assert!(line.contains(" status=200 "), "{line}");
+    assert!(line.contains(" pool=app "), "{line}");
+    assert!(
+        !line.contains("headers="),
+        "no header is logged unless configured: {line}"
+    );
+    drop(proxyd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_off_writes_nothing_to_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = cookie_upstream().await;
+    let port = free_port();
+    let mut proxyd = Proxyd::start(
+        dir.path(),
+        &config(dir.path(), port, upstream, "access_log = \"off\""),
+    );
+    wait_for_port(port).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    assert_eq!(get(addr, "app.example", "/").await.status, 200);
+    // Diagnostics still flow (to stderr); everything written is collected once it exits.
+    proxyd.wait_for("stderr", "listening");
+    let all = proxyd.stop();
+    let stdout: Vec<_> = all.iter().filter(|(s, _)| *s == "stdout").collect();
+    assert!(stdout.is_empty(), "{stdout:?}");
+}
