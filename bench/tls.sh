@@ -3,8 +3,10 @@
 # Caddy, each terminating TLS with the same certificate (ECDSA P-256) in front of the same
 # upstream (nginx serving a 1 KiB file over plain HTTP on 127.0.0.1).
 #
-# Handshakes: `openssl s_time` (-new: a full handshake per connection; -reuse: session
-# resumption). Requests: wrk over HTTPS with keep-alive. Loopback only; stops by itself.
+# Handshakes: `openssl s_time` without SNI (every server presents its only certificate);
+# -new: a full handshake per connection; -reuse: session resumption, with the default
+# TLS 1.3 and with TLS 1.2. Requests: wrk over HTTPS with keep-alive. Loopback only;
+# stops by itself.
 #
 # Usage: bench/tls.sh           (about 2 minutes)
 # Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64
@@ -71,10 +73,10 @@ start() { # name, command...
     PIDS+=($!)
     LAST_PID=$!
 }
-wait_ready() { # url name pid
+wait_ready() { # port name pid
     local i
     for i in $(seq 150); do
-        curl -ksf -o /dev/null --max-time 1 --resolve "bench.example.test:${1##*:}" "$1" 2>/dev/null && return 0
+        curl -ksf -o /dev/null --max-time 1 --resolve "bench.example.test:$1:127.0.0.1" "https://bench.example.test:$1/1k" 2>/dev/null && return 0
         kill -0 "$3" 2>/dev/null || { say "$2 exited:"; cat "$WORK/$2.log" >&2; exit 1; }
         sleep 0.1
     done
@@ -145,8 +147,7 @@ http {
     ssl_session_tickets on;
     upstream static { server 127.0.0.1:$UP; keepalive 64; }
     server {
-        listen 127.0.0.1:$1 ssl backlog=4096;
-        http2 on;
+        listen 127.0.0.1:$1 ssl http2 backlog=4096;
         ssl_certificate $WORK/cert.pem;
         ssl_certificate_key $WORK/key.pem;
         location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -163,7 +164,9 @@ start_caddy() { # port
     admin off
     auto_https disable_redirects
     storage file_system $WORK/caddy/data
-    log { level ERROR }
+    log {
+        level ERROR
+    }
 }
 https://bench.example.test:$1, https://127.0.0.1:$1 {
     bind 127.0.0.1
@@ -174,22 +177,24 @@ EOF
     HOME="$WORK/caddy" start caddy caddy run --adapter caddyfile --config "$WORK/caddy/Caddyfile"
 }
 
-printf '%-8s %14s %16s %12s %10s %10s\n' proxy "handshakes/s" "resumed/s" "req/s" p50 p99
+printf '%-8s %14s %18s %18s %10s %10s %10s\n' proxy "handshakes/s" "resumed/s TLS1.3" "resumed/s TLS1.2" "req/s" p50 p99
 for name in proxyd nginx caddy; do
     port=$(free_port)
     "start_$name" "$port"
     pid=$LAST_PID
-    wait_ready "https://bench.example.test:$port/1k" "$name" "$pid"
-    new_real=$(openssl s_time -connect "127.0.0.1:$port" -servername bench.example.test -new -time "$SECONDS_EACH" 2>/dev/null |
+    wait_ready "$port" "$name" "$pid"
+    new_real=$(openssl s_time -connect "127.0.0.1:$port" -new -time "$SECONDS_EACH" 2>/dev/null |
         awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
-    reuse_real=$(openssl s_time -connect "127.0.0.1:$port" -servername bench.example.test -reuse -time "$SECONDS_EACH" 2>/dev/null |
+    reuse_real=$(openssl s_time -connect "127.0.0.1:$port" -reuse -time "$SECONDS_EACH" 2>/dev/null |
+        awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
+    reuse12=$(openssl s_time -connect "127.0.0.1:$port" -reuse -tls1_2 -time "$SECONDS_EACH" 2>/dev/null |
         awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
     wrk_out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "https://127.0.0.1:$port/1k")
     rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$wrk_out")
     p50=$(awk '$1 == "50%" {print $2}' <<<"$wrk_out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$wrk_out")
     errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$wrk_out")
-    printf '%-8s %14s %16s %12s %10s %10s\n' "$name" "${new_real:-?}" "${reuse_real:-?}" "${rps:-?}" "${p50:-?}" "${p99:-?}"
+    printf '%-8s %14s %18s %18s %10s %10s %10s\n' "$name" "${new_real:-?}" "${reuse_real:-?}" "${reuse12:-?}" "${rps:-?}" "${p50:-?}" "${p99:-?}"
     [ -z "$errors" ] || say "  $name: $errors"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
