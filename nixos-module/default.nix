@@ -64,19 +64,16 @@ let
   listenerPorts = unique (builtins.filter (p: p != null)
     (map (l: portOf l.address) cfg.settings.listeners));
 
-  # First port of a registration port range: [ 20000 20999 ] or "20000-20999".
+  # First port of a registration port range "LOW-HIGH" (proxyd's default starts at 20000).
   rangeStart = range:
-    if isList range && range != [ ] then builtins.head range
-    else if builtins.isString range then
-      let m = builtins.match "([0-9]+)-[0-9]+" range;
-      in if m == null then null else lib.toInt (builtins.head m)
-    else null;
+    let m = builtins.match "([0-9]+)-[0-9]+" range;
+    in if m == null then null else lib.toInt (builtins.head m);
 
   # Listeners are passed by systemd socket units; the daemon binds only the admin listener
   # and ports opened for registrations itself.
   selfBoundPorts = builtins.filter (p: p != null) (
-    optional (cfg.settings.server.admin_listen != null) (portOf cfg.settings.server.admin_listen)
-    ++ optional (cfg.settings.registration != null && cfg.settings.registration ? port_range)
+    [ (portOf cfg.settings.server.admin_listen) ]
+    ++ optional (cfg.settings.registration.port_range != null)
       (rangeStart cfg.settings.registration.port_range)
   );
 
@@ -107,106 +104,240 @@ let
   # ExecStop= (shutdown_timeout). Fixed, so the unit text does not follow the settings.
   unitTimeoutSeconds = 90;
 
-  listenerModule = types.submodule {
-    freeformType = settingsFormat.type;
-    options = {
-      name = mkOption {
-        type = types.strMatching "[A-Za-z0-9_.-]+";
-        description = "Unique name; also the `FileDescriptorName` of its socket unit.";
-      };
-      protocol = mkOption {
-        type = types.enum [ "http" "https" "tcp" "tls" "tls-passthrough" ];
-        default = "http";
-        description = "What the listener speaks.";
-      };
-      address = mkOption {
-        type = types.str;
-        example = "0.0.0.0:443";
-        description = "Address of the listener's socket unit (`ListenStream=`).";
-      };
-      pool = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = "For `tcp`, `tls` and `tls-passthrough`: the pool that receives the connections.";
-      };
-    };
-  };
-
-  poolModule = types.submodule {
-    freeformType = settingsFormat.type;
-    options = {
-      name = mkOption {
-        type = types.str;
-        description = "Unique name.";
-      };
-      balance = mkOption {
-        type = types.enum [ "round_robin" "ordered" "least_conn" ];
-        default = "round_robin";
-        description = "How an upstream is picked.";
-      };
-      upstreams = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        example = [ "10.0.0.1:8080" "unix:/run/app.sock" ];
-        description = "Static upstreams (`host:port` or `unix:/path`).";
-      };
-      health = mkOption {
-        type = types.nullOr (types.submodule {
-          freeformType = settingsFormat.type;
-          options = {
-            path = mkOption {
-              type = types.nullOr types.str;
-              default = null;
-              description = "HTTP path fetched with GET; unset: TCP connect only.";
-            };
-            interval = mkOption {
-              type = types.str;
-              default = "2s";
-              description = "Time between checks.";
-            };
-          };
-        });
-        default = null;
-        description = "Active health check.";
-      };
-    };
-  };
-
-  routeModule = types.submodule {
-    freeformType = settingsFormat.type;
-    options = {
-      name = mkOption {
-        type = types.str;
-        description = "Unique name.";
-      };
-      listener = mkOption {
-        type = types.str;
-        description = "The HTTP listener the route applies to.";
-      };
-      host = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        example = "*.example.com";
-        description = "Exact host or `*.suffix`; unset matches any host.";
-      };
-      path_prefix = mkOption {
-        type = types.nullOr types.str;
-        default = null;
-        description = "The request path starts with this.";
-      };
-      pool = mkOption {
-        type = types.str;
-        description = "The pool that serves matching requests.";
-      };
-    };
-  };
-
-  # Sections filled in by later features: declared so they are documented and checked as
-  # TOML, with their keys left to `proxyd check-config`.
-  sectionOption = description: mkOption {
-    type = types.nullOr (types.submodule { freeformType = settingsFormat.type; });
+  # An optional key: left out of the file when unset, so the daemon's default applies.
+  optionalKey = type: description: mkOption {
+    type = types.nullOr type;
     default = null;
     inherit description;
+  };
+
+  # A submodule typed for the keys proxyd knows, freeform for keys of newer versions
+  # (`proxyd check-config` refuses unknown ones at build time).
+  section = options: types.submodule {
+    freeformType = settingsFormat.type;
+    inherit options;
+  };
+
+  # Durations are strings such as "500ms", "30s", "2m" (proxyd checks them).
+  duration = types.str;
+
+  listenerModule = section {
+    name = mkOption {
+      type = types.strMatching "[A-Za-z0-9_.-]+";
+      description = "Unique name; also the `FileDescriptorName` of its socket unit.";
+    };
+    protocol = mkOption {
+      type = types.enum [ "http" "https" "tcp" "tls" "tls-passthrough" ];
+      default = "http";
+      description = ''
+        `http` and `https` are routed by `[[routes]]`; `tcp` and `tls` forward to
+        {option}`pool`; `tls-passthrough` picks a pool by SNI (`[[tcp_routes]]`).
+      '';
+    };
+    address = mkOption {
+      type = types.str;
+      example = "0.0.0.0:443";
+      description = "`IP:PORT` of the listener's socket unit (`ListenStream=`).";
+    };
+    pool = optionalKey types.str "For `tcp`, `tls` and `tls-passthrough`: the pool that receives the connections.";
+    max_connections = optionalKey types.ints.positive "Most connections open at once (default 10000).";
+    header_timeout = optionalKey duration "Time to receive a request head (default 10s).";
+    idle_timeout = optionalKey duration "Close a connection with no bytes moving for this long (default 60s).";
+    max_header_bytes = optionalKey (types.ints.between 8192 1073741824) "Largest request head (default 65536).";
+    max_body_bytes = optionalKey types.ints.unsigned "Largest request body; 0 = unlimited (the default).";
+  };
+
+  upstreamType = types.either types.str (section {
+    address = mkOption {
+      type = types.str;
+      description = "`host:port` or `unix:/path`.";
+    };
+    weight = optionalKey types.ints.positive "Relative share for balancing (default 1).";
+  });
+
+  discoveryModule = section {
+    etcd = optionalKey
+      (section {
+        endpoints = mkOption {
+          type = types.nonEmptyListOf types.str;
+          example = [ "http://10.0.0.2:2379" ];
+          description = "etcd client URLs (`http://` or `https://`).";
+        };
+        prefix = mkOption {
+          type = types.str;
+          example = "/srv/web/prod";
+          description = "Keys `<prefix>/<host:port>` are the members; the value is empty or `{\"weight\": N}`.";
+        };
+      }) "Members from etcd keys under a prefix.";
+    dns = optionalKey
+      (section {
+        name = mkOption {
+          type = types.str;
+          description = "A/AAAA name (with {option}`port`) or SRV name (without).";
+        };
+        port = optionalKey types.port "Port of the A/AAAA records; unset: SRV records.";
+        interval = optionalKey duration "Re-resolve interval (default 30s).";
+        resolver = optionalKey types.str "`IP:PORT` of the DNS server; unset: the system's.";
+      }) "Members from DNS records.";
+    exec = optionalKey
+      (section {
+        command = mkOption {
+          type = types.nonEmptyListOf types.str;
+          description = "Program and arguments (no shell); prints a JSON list of `{address, weight}`.";
+        };
+        interval = optionalKey duration "Run interval (default 10s).";
+        timeout = optionalKey duration "Longest run (default 5s, at most the interval).";
+      }) "Members from a program's output.";
+    file = optionalKey
+      (section {
+        path = mkOption {
+          type = types.str;
+          description = "JSON list of `{address, weight}`, reloaded when it changes.";
+        };
+      }) "Members from a JSON file.";
+  };
+
+  poolModule = section {
+    name = mkOption {
+      type = types.str;
+      description = "Unique name.";
+    };
+    balance = optionalKey (types.enum [ "round_robin" "ordered" "least_conn" ]) "How an upstream is picked (default `round_robin`).";
+    upstreams = mkOption {
+      type = types.listOf upstreamType;
+      default = [ ];
+      example = [ "10.0.0.1:8080" { address = "10.0.0.2:8080"; weight = 2; } "unix:/run/app.sock" ];
+      description = "Static upstreams: `host:port`, `unix:/path`, or `{ address, weight }`.";
+    };
+    health = optionalKey
+      (section {
+        path = optionalKey types.str "HTTP path fetched with GET; unset or empty: TCP connect only.";
+        interval = optionalKey duration "Time between checks (default 5s).";
+        timeout = optionalKey duration "Time allowed per check (default 2s).";
+      }) "Active health check.";
+    connect_timeout = optionalKey duration "Upstream connect timeout (default 5s).";
+    response_timeout = optionalKey duration "Request sent to response head (default 60s).";
+    on_change = optionalKey (types.enum [ "keep" "reset" ]) ''
+      With {option}`discovery`: `reset` closes TCP streams to upstreams that left the pool
+      (default `keep`).
+    '';
+    discovery = optionalKey discoveryModule "`[pools.discovery]`: exactly one of `etcd`, `dns`, `exec`, `file`.";
+  };
+
+  routeModule = section {
+    name = mkOption {
+      type = types.str;
+      description = "Unique name.";
+    };
+    listener = mkOption {
+      type = types.str;
+      description = "The `http` or `https` listener the route applies to.";
+    };
+    host = optionalKey types.str "Exact host or `*.suffix`; unset matches any host.";
+    path_prefix = optionalKey types.str "The request path starts with this (the default is `/`).";
+    path = optionalKey types.str "The request path (without query) equals this; instead of {option}`path_prefix`.";
+    pool = mkOption {
+      type = types.str;
+      description = "The pool that serves matching requests.";
+    };
+    strip_prefix = optionalKey types.bool "Remove the matched prefix from the forwarded path (default false).";
+    priority = optionalKey types.int "Higher wins among routes with the same host and path (default 0).";
+  };
+
+  tcpRouteModule = section {
+    name = mkOption {
+      type = types.str;
+      description = "Unique name.";
+    };
+    listener = mkOption {
+      type = types.str;
+      description = "A `tcp`, `tls` or `tls-passthrough` listener.";
+    };
+    pool = mkOption {
+      type = types.str;
+      description = "The pool that receives the connections.";
+    };
+    sni = optionalKey types.str "`tls-passthrough`: the server name (exact or `*.suffix`) this route takes.";
+  };
+
+  tlsModule = section {
+    certificates = mkOption {
+      type = types.listOf (section {
+        cert = mkOption {
+          type = types.str;
+          description = "PEM chain, leaf first.";
+        };
+        key = mkOption {
+          type = types.str;
+          description = "PEM private key.";
+        };
+      });
+      default = [ ];
+      description = "`[[tls.certificates]]`: static certificates; the first is the default for clients without SNI.";
+    };
+    acme = optionalKey
+      (section {
+        directory = mkOption {
+          type = types.strMatching "https://.*";
+          example = "https://acme-v02.api.letsencrypt.org/directory";
+          description = "Directory URL of the ACME server.";
+        };
+        contact = mkOption {
+          type = types.listOf (types.strMatching "mailto:.+");
+          default = [ ];
+          description = "Account contacts.";
+        };
+        ca_file = optionalKey types.str "Extra root (PEM) trusted for the ACME server itself; unset: the system roots.";
+        challenges = optionalKey (types.nonEmptyListOf (types.enum [ "http-01" "tls-alpn-01" ])) "Challenge types in order of preference (default both, `http-01` first).";
+        renew_check_interval = optionalKey duration "How often renewal looks for certificates past two thirds of their life (default 1h).";
+      }) "`[tls.acme]`: where certificates are ordered.";
+    on_demand = optionalKey
+      (section {
+        enabled = mkOption {
+          type = types.bool;
+          default = false;
+          description = "Whether names without a certificate may get one on their first handshake (needs {option}`acme`).";
+        };
+        allow = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "example.com" "*.customers.example.com" ];
+          description = "Allowed names (route hosts are allowed too).";
+        };
+        ask = optionalKey types.str "`http://` URL asked `GET ask?domain=NAME` for other names; 200 allows.";
+        max_orders_per_hour = optionalKey types.ints.positive "New orders per hour, all names together (default 30).";
+        max_orders_per_name_per_hour = optionalKey types.ints.positive "New orders per hour for one name (default 3).";
+      }) "`[tls.on_demand]`: which names may get a certificate on their first handshake.";
+  };
+
+  registrationModule = section {
+    hold = optionalKey duration "How long a route waits for its service to come back (default 30s).";
+    port_range = optionalKey (types.strMatching "[0-9]+-[0-9]+") ''
+      Ports a registration may use, `LOW-HIGH` (default `20000-20999`). Ports no listener
+      has are bound by proxyd itself: one below 1024 grants `CAP_NET_BIND_SERVICE`.
+    '';
+    address = optionalKey types.str "IP address ports opened for registrations bind to (default `0.0.0.0`).";
+    queue_limit = optionalKey types.ints.unsigned "Requests or connections waiting on one held route (default 1000).";
+    max_wait = optionalKey duration "Longest wait of one held request or connection (default 30s).";
+    keepalive = optionalKey duration "Ping interval of the lease stream (default 10s).";
+  };
+
+  telemetryModule = section {
+    access_log = optionalKey (types.enum [ "json" "logfmt" "off" ]) "Access log format (default `json`).";
+    include_query = optionalKey types.bool "Log the query string (default false).";
+    log_headers = optionalKey (types.listOf types.str) "Request headers added to the access log.";
+    redact_headers = optionalKey (types.listOf types.str) "Logged headers whose values are replaced.";
+    otlp = optionalKey
+      (section {
+        endpoint = mkOption {
+          type = types.str;
+          example = "http://127.0.0.1:4317";
+          description = "OTLP/gRPC collector URL.";
+        };
+        interval = optionalKey duration "Metrics export interval (default 5s).";
+        timeout = optionalKey duration "Export timeout (default 10s).";
+        service_name = optionalKey types.str "`service.name` of the exported resource (default `proxyd`).";
+      }) "`[telemetry.otlp]`: traces and metrics export.";
   };
 in
 {
@@ -222,13 +353,35 @@ in
         Validated at build time with `proxyd check-config`. Ignored when
         {option}`services.proxy.configFile` is set.
       '';
-      example = literalExpression ''
-        {
-          listeners = [{ name = "web"; protocol = "http"; address = "0.0.0.0:80"; }];
-          pools = [{ name = "app"; upstreams = [ "127.0.0.1:9001" ]; health.path = "/healthz"; }];
-          routes = [{ name = "all"; listener = "web"; path_prefix = "/"; pool = "app"; }];
-        }
-      '';
+      example = {
+        listeners = [
+          { name = "web"; protocol = "http"; address = "0.0.0.0:80"; }
+          { name = "secure"; protocol = "https"; address = "0.0.0.0:443"; }
+          { name = "redis"; protocol = "tcp"; address = "0.0.0.0:6379"; pool = "redis"; }
+        ];
+        pools = [
+          { name = "app"; upstreams = [ "127.0.0.1:9001" { address = "127.0.0.1:9002"; weight = 2; } ]; health.path = "/healthz"; }
+          {
+            name = "redis";
+            balance = "ordered";
+            on_change = "reset";
+            discovery.etcd = { endpoints = [ "http://127.0.0.1:2379" ]; prefix = "/srv/redis"; };
+          }
+        ];
+        routes = [
+          { name = "site"; listener = "web"; pool = "app"; }
+          { name = "site-tls"; listener = "secure"; host = "example.com"; path_prefix = "/"; pool = "app"; }
+        ];
+        tls = {
+          acme = {
+            directory = "https://acme-v02.api.letsencrypt.org/directory";
+            contact = [ "mailto:ops@example.com" ];
+          };
+          on_demand = { enabled = true; allow = [ "example.com" "*.customers.example.com" ]; };
+        };
+        registration = { hold = "30s"; port_range = "20000-20099"; };
+        telemetry.access_log = "logfmt";
+      };
       type = types.submodule {
         freeformType = settingsFormat.type;
         options = {
@@ -248,10 +401,15 @@ in
                   default = "/run/proxy/mgmt.sock";
                   description = "Unix socket of the management API, used by proxyctl.";
                 };
+                mgmt_listen = optionalKey types.str ''
+                  `IP:PORT` of a TCP management listener (bearer token calls only; needs
+                  {option}`mgmt_token_file`, e.g. from {option}`services.proxy.credentials`).
+                '';
+                mgmt_token_file = optionalKey types.str "File holding the token the TCP management listener requires.";
                 admin_listen = mkOption {
-                  type = types.nullOr types.str;
+                  type = types.str;
                   default = "127.0.0.1:42008";
-                  description = "Address of /healthz, /readyz and /metrics; null disables it.";
+                  description = "`IP:PORT` of /healthz, /readyz and /metrics; `\"\"` disables it.";
                 };
                 shutdown_timeout = mkOption {
                   type = types.str;
@@ -307,12 +465,26 @@ in
             default = [ ];
             description = "`[[routes]]`: HTTP routing rules.";
           };
-          tls = sectionOption "`[tls]`: certificates, ACME and the on-demand allowlist.";
-          registration = sectionOption ''
-            `[registration]`: services that register over the API. A `port_range`
-            starting below 1024 grants `CAP_NET_BIND_SERVICE`.
-          '';
-          telemetry = sectionOption "`[telemetry]`: OTLP export.";
+          tcp_routes = mkOption {
+            type = types.listOf tcpRouteModule;
+            default = [ ];
+            description = "`[[tcp_routes]]`: more routes for stream listeners (by SNI on `tls-passthrough`).";
+          };
+          tls = mkOption {
+            type = tlsModule;
+            default = { };
+            description = "`[tls]`: static certificates, ACME and the on-demand policy.";
+          };
+          registration = mkOption {
+            type = registrationModule;
+            default = { };
+            description = "`[registration]`: services that register over the management API.";
+          };
+          telemetry = mkOption {
+            type = telemetryModule;
+            default = { };
+            description = "`[telemetry]`: access log and OTLP export.";
+          };
         };
       };
     };

@@ -1,5 +1,6 @@
-# Pool membership from etcd: keys /srv/<service>/<env>/<host:port> under the pool's
-# prefix add and remove upstreams while the proxy runs.
+# Pool membership from etcd (`[pools.discovery] etcd`): keys <prefix>/<host:port> add and
+# remove upstreams while the proxy runs; keys under other prefixes and malformed values
+# are ignored, and `proxyctl discovery list` reports the source.
 { pkgs, nixosModule, package }:
 
 let
@@ -24,22 +25,18 @@ pkgs.testers.runNixOSTest {
 
     proxy = { nodes, lib, ... }: {
       imports = [ common.proxyNode ];
-      services.proxy.settings = {
-        pools = lib.mkForce [
-          { name = "v1"; upstreams = [ ]; }
-          { name = "v2"; upstreams = [ "${nodes.backend.networking.primaryIPAddress}:9003" ]; }
-          { name = "echo-servers"; upstreams = [ "${nodes.backend.networking.primaryIPAddress}:9101" ]; }
-        ];
-        # Pool v1 follows the keys under /srv/web/prod/.
-        discovery = [{
-          name = "web-prod";
-          pool = "v1";
-          etcd = {
+      services.proxy.settings.pools = lib.mkForce [
+        # Pool v1 follows the keys under /srv/web/prod.
+        {
+          name = "v1";
+          discovery.etcd = {
             endpoints = [ "http://${nodes.etcd.networking.primaryIPAddress}:2379" ];
-            prefix = "/srv/web/prod/";
+            prefix = "/srv/web/prod";
           };
-        }];
-      };
+        }
+        { name = "v2"; upstreams = [ "${nodes.backend.networking.primaryIPAddress}:9003" ]; }
+        { name = "echo-servers"; upstreams = [ "${nodes.backend.networking.primaryIPAddress}:9101" ]; }
+      ];
     };
   };
 
@@ -58,7 +55,7 @@ pkgs.testers.runNixOSTest {
           proxy.wait_until_succeeds(
               "for i in 1 2 3 4 5 6; do curl -sf --max-time 5 http://127.0.0.1/who; done "
               f"| cut -d' ' -f1 | sort -u | tr '\\n' ' ' | grep -qx '{' '.join(sorted(expected))} '",
-              timeout=30,
+              timeout=90,
           )
           assert served_by() == expected
 
@@ -72,16 +69,17 @@ pkgs.testers.runNixOSTest {
           client.wait_until_succeeds("curl -s -o /dev/null -w '%{http_code}' http://proxy/who | grep -qx 503")
 
       with subtest("a key adds an upstream"):
-          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9001 up")
+          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9001 '{}'")
           wait_served_by({"v1a"})
 
       with subtest("a second key: both are used"):
-          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9002 up")
+          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9002 '{"weight": 1}'")
           wait_served_by({"v1a", "v1b"})
 
       with subtest("keys of another service or environment are ignored"):
-          etcd.succeed("etcdctl put /srv/web/staging/${backend}:9003 up")
-          etcd.succeed("etcdctl put /srv/api/prod/${backend}:9003 up")
+          etcd.succeed("etcdctl put /srv/web/staging/${backend}:9003 '{}'")
+          etcd.succeed("etcdctl put /srv/api/prod/${backend}:9003 '{}'")
+          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9003 not-json")
           assert served_by() == {"v1a", "v1b"}
 
       with subtest("deleting a key removes the upstream"):
@@ -91,5 +89,7 @@ pkgs.testers.runNixOSTest {
       with subtest("membership is reported by the API"):
           out = proxy.succeed("proxyctl -o json upstreams list v1")
           assert "${backend}:9002" in out and "${backend}:9001" not in out, out
+          sources = json.loads(proxy.succeed("proxyctl -o json discovery list"))
+          assert [(s["pool"], s["kind"], s["members"]) for s in sources] == [("v1", "etcd", 1)], sources
     '';
 }

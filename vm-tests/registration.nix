@@ -1,22 +1,13 @@
-# A service registers itself over the management API (a Register stream that is its
-# lease) and then restarts: while it is away its route is held and requests queue, so
-# under load from a client no request fails.
+# A service registers itself over the management API with `proxyctl register` (the open
+# Register stream is its lease; the proxy opens the registration's port on demand) and
+# then restarts: while it is away its route is held and requests queue, so under load
+# from a client no request fails. After `registration.hold` without it, requests get 503.
 { pkgs, nixosModule, package }:
 
 let
   common = import ./lib.nix { inherit pkgs nixosModule package; };
   tokenFile = pkgs.writeText "mgmt-token" "registration-test-token";
-
-  # The registration: the service at BACKEND:9001 serves app.test on the listener web.
-  # It keeps the stream open (a keepalive every 2 s) until it is stopped.
-  registerScript = backend: proxy: pkgs.writeShellScript "register-app" ''
-    {
-      echo '{"announce": {"service": "app", "endpoint": "${backend}:9001", "listener": "web", "host": "app.test", "pathPrefix": "/"}}'
-      while sleep 2; do echo '{"keepalive": {}}'; done
-    } | ${pkgs.grpcurl}/bin/grpcurl -plaintext -max-time 0 \
-        -H "authorization: Bearer $(cat ${tokenFile})" -d @ \
-        ${proxy}:50051 proxy.v1.RegistrationService/Register
-  '';
+  port = 20000;
 in
 pkgs.testers.runNixOSTest {
   name = "proxy-registration";
@@ -26,13 +17,19 @@ pkgs.testers.runNixOSTest {
 
     backend = { nodes, ... }: {
       imports = [ common.backendNode ];
-      # The registering side of upstream-v1a: registers once the upstream is up.
+      # The registering side of upstream-v1a: holds the lease while it runs, releases it
+      # when stopped.
       systemd.services.register-app = {
         wantedBy = [ "multi-user.target" ];
         after = [ "upstream-v1a.service" ];
         serviceConfig = {
-          ExecStart = registerScript nodes.backend.networking.primaryIPAddress
-            nodes.proxy.networking.primaryIPAddress;
+          ExecStart = builtins.concatStringsSep " " [
+            "${package}/bin/proxyctl"
+            "--addr ${nodes.proxy.networking.primaryIPAddress}:50051"
+            "--token-file ${tokenFile}"
+            "register --name app --port ${toString port} --host app.test"
+            "--endpoint ${nodes.backend.networking.primaryIPAddress}:9001"
+          ];
           Restart = "always";
           RestartSec = "1s";
         };
@@ -41,13 +38,20 @@ pkgs.testers.runNixOSTest {
 
     proxy = {
       imports = [ common.proxyNode ];
-      networking.firewall.allowedTCPPorts = [ 50051 ];
+      # The management listener and the port opened for the registration.
+      networking.firewall.allowedTCPPorts = [ 50051 port ];
+      environment.systemPackages = [ pkgs.grpcurl ];
       services.proxy = {
         credentials.mgmt-token = tokenFile;
         settings = {
           server.mgmt_listen = "0.0.0.0:50051";
           server.mgmt_token_file = "/run/credentials/proxy.service/mgmt-token";
-          registration.hold = "30s";
+          registration = {
+            hold = "30s";
+            port_range = "${toString port}-${toString (port + 9)}";
+            keepalive = "2s";
+            max_wait = "30s";
+          };
         };
       };
     };
@@ -56,38 +60,51 @@ pkgs.testers.runNixOSTest {
   testScript = ''
     ${common.prelude}
 
+    url = "http://proxy:${toString port}"
+
     start_all()
     wait_for_proxy(proxy, client)
     backend.wait_for_unit("register-app.service")
 
-    with subtest("the registered route serves"):
-        client.wait_until_succeeds("curl -sf -H 'Host: app.test' http://proxy/ | grep -q '^v1a /'", timeout=60)
-        proxy.succeed("proxyctl routes list | grep -q app.test")
+    with subtest("the registration opens its port and serves"):
+        client.wait_until_succeeds(f"curl -sf -H 'Host: app.test' {url}/ | grep -q '^v1a /'", timeout=60)
+        regs = proxy.succeed(
+            "grpcurl -plaintext -authority localhost -unix /run/proxy/mgmt.sock proxy.v1.RegistrationService/ListRegistrations"
+        )
+        routes = json.loads(regs)["routes"]
+        assert [(r["route"], r["instances"]) for r in routes] == [("registered:${toString port}:app.test:/", 1)], regs
+
+    with subtest("a registration with a wrong token is refused"):
+        backend.succeed("echo wrong-token > /tmp/wrong-token")
+        out = backend.fail(
+            "${package}/bin/proxyctl --addr proxy:50051 --token-file /tmp/wrong-token "
+            "register --port ${toString port} --endpoint 127.0.0.1:1 2>&1"
+        )
+        assert "UNAUTHENTICATED" in out, out
 
     with subtest("the service restarts under load: requests queue, none fails"):
         client.succeed(
             "systemd-run --unit=load-app --property=RemainAfterExit=yes "
-            "proxy-test-load --http proxy:80 --host app.test --path /app --keepalive 4 --fresh 4 "
-            "--duration 120 --stop-file /tmp/stop-app --out /tmp/load-app.json"
+            f"proxy-test-load --http proxy:${toString port} --host app.test --path /app --keepalive 4 --fresh 4 "
+            "--timeout 45 --duration 120 --stop-file /tmp/stop-app --out /tmp/load-app.json"
         )
         client.sleep(2)
-        # Deregister first (the lease ends, new requests queue), then restart the service.
+        # The lease ends (new requests are held), the service restarts, registers again.
         backend.succeed("systemctl stop register-app.service")
         client.sleep(1)
         backend.succeed("systemctl restart upstream-v1a.service")
         backend.wait_for_open_port(9001)
         client.sleep(2)
         backend.succeed("systemctl start register-app.service")
-        backend.wait_for_unit("register-app.service")
-        client.wait_until_succeeds("curl -sf -H 'Host: app.test' http://proxy/ | grep -q '^v1a /'", timeout=60)
+        client.wait_until_succeeds(f"curl -sf -H 'Host: app.test' {url}/ | grep -q '^v1a /'", timeout=60)
         client.sleep(2)
         stop_load(client, "app")
 
     with subtest("after the hold the route is gone"):
         backend.succeed("systemctl stop register-app.service")
         client.wait_until_succeeds(
-            "curl -s -o /dev/null -w '%{http_code}' -H 'Host: app.test' http://proxy/ | grep -qx 503",
-            timeout=90,
+            f"curl -s -o /dev/null -w '%{{http_code}}' -H 'Host: app.test' {url}/ | grep -qxE '503|000'",
+            timeout=120,
         )
   '';
 }
