@@ -25,6 +25,7 @@ struct Daemon {
     dir: tempfile::TempDir,
     web: u16,
     db: u16,
+    admin: u16,
 }
 
 impl Daemon {
@@ -95,6 +96,7 @@ fn config(
     dir: &Path,
     web: u16,
     db: u16,
+    admin: u16,
     http_pool: &str,
     tcp_upstream: &str,
     executable: &str,
@@ -103,7 +105,7 @@ fn config(
         "[server]
 state_dir = \"{dir}\"
 mgmt_socket = \"{dir}/mgmt.sock\"
-admin_listen = \"\"
+admin_listen = \"127.0.0.1:{admin}\"
 executable = \"{executable}\"
 upgrade_timeout = \"3s\"
 drain_timeout = \"20s\"
@@ -150,9 +152,9 @@ async fn echo_server() -> String {
 
 async fn start(up: &Upstream) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
-    let (web, db) = (free_port(), free_port());
+    let (web, db, admin) = (free_port(), free_port(), free_port());
     let echo = echo_server().await;
-    let text = config(dir.path(), web, db, &pool("p", &[up]), &echo, PROXYD);
+    let text = config(dir.path(), web, db, admin, &pool("p", &[up]), &echo, PROXYD);
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, text).unwrap();
     let child = Command::new(PROXYD)
@@ -168,6 +170,7 @@ async fn start(up: &Upstream) -> Daemon {
         dir,
         web,
         db,
+        admin,
     };
     wait_for_port(web).await;
     wait_for_socket(&d.socket()).await;
@@ -411,6 +414,24 @@ async fn broken_new_binaries_fail_the_upgrade_and_the_old_process_serves_on() {
         .expect_err("never ready");
     assert!(err.message().contains("not ready"), "{}", err.message());
     assert_eq!(d.pid().await, old);
+    let metrics = get(
+        format!("127.0.0.1:{}", d.admin).parse().unwrap(),
+        "h",
+        "/metrics",
+    )
+    .await
+    .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("proxy_upgrades_total{result=\"failure\"} 2")),
+        "two failed upgrades counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("upgrade"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // The old process took its store back: writes work, and the next good upgrade works.
     let mut api = d.api().await;
@@ -471,6 +492,7 @@ async fn systemd_socket_activation_with_named_fds() {
     let text = config(
         dir.path(),
         1,
+        free_port(),
         free_port(),
         &pool("p", &[&up]),
         &echo_server().await,

@@ -17,8 +17,10 @@
 mod wire;
 
 use std::ffi::OsString;
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +85,14 @@ pub struct HandoffSocket {
     pub fd: OwnedFd,
 }
 
+/// Sockets that come and go while the daemon runs (ports opened for registrations): listed
+/// when an upgrade hands over, after the fixed sockets.
+pub trait HandoffExtras: Send + Sync {
+    /// The sockets to offer the successor now (duplicates; names must not clash with the
+    /// fixed ones).
+    fn handoff_sockets(&self) -> Pin<Box<dyn Future<Output = Vec<HandoffSocket>> + Send + '_>>;
+}
+
 /// Starts successors and hands them the sockets. One per daemon.
 pub struct Upgrader {
     executable: PathBuf,
@@ -92,8 +102,10 @@ pub struct Upgrader {
     state: StateHandle,
     shutdown: Shutdown,
     sockets: Vec<HandoffSocket>,
+    extras: Vec<Arc<dyn HandoffExtras>>,
     busy: AtomicBool,
     mgmt_gate: Arc<AcceptGate>,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 /// The executable to start by default: `server.executable`, else the path this process was
@@ -149,9 +161,23 @@ impl Upgrader {
             state,
             shutdown,
             sockets,
+            extras: Vec::new(),
             busy: AtomicBool::new(false),
             mgmt_gate: Arc::new(AcceptGate::default()),
+            metrics: None,
         }
+    }
+
+    /// Records upgrade counts and durations in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Also offers the sockets `extras` lists at the moment of each handoff.
+    pub fn with_extras(mut self, extras: Arc<dyn HandoffExtras>) -> Upgrader {
+        self.extras.push(extras);
+        self
     }
 
     /// The gate of the management API's accept loop, closed while handing over.
@@ -173,6 +199,9 @@ impl Upgrader {
             .run(binary.unwrap_or_else(|| self.executable.clone()))
             .await;
         self.busy.store(false, Ordering::SeqCst);
+        if let Some(metrics) = &self.metrics {
+            metrics.upgrade_finished(result.is_ok(), started.elapsed());
+        }
         match &result {
             Ok(pid) => tracing::info!(
                 new_pid = pid,
@@ -279,7 +308,7 @@ impl Upgrader {
         self.state.close().await;
         *closed_store = true;
         let revision = self.state.snapshot().revision;
-        let offer: Vec<(String, SocketKind, OwnedFd)> = self
+        let mut offer: Vec<(String, SocketKind, OwnedFd)> = self
             .sockets
             .iter()
             .map(|s| {
@@ -288,6 +317,12 @@ impl Upgrader {
                     .map_err(|e| UpgradeError::Protocol(format!("duplicating {}: {e}", s.name)))
             })
             .collect::<Result<_, _>>()?;
+        // Listed now, not at start: these sockets open and close while the daemon runs.
+        for extras in &self.extras {
+            for s in extras.handoff_sockets().await {
+                offer.push((s.name, s.kind, s.fd));
+            }
+        }
         conn = blocking(deadline, child, conn, move |c, _| {
             c.send_sockets(revision, &offer)
         })
