@@ -49,6 +49,47 @@ pub struct Pool {
     /// Response timeout in milliseconds; absent for the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_timeout_ms: Option<u64>,
+    /// TLS towards the upstreams; absent for plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS from the proxy to a pool's upstreams (file paths on the proxy's host).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// SNI and the name the upstream's certificate must carry.
+    pub server_name: String,
+    /// PEM roots the upstream's certificate must chain to.
+    pub ca_file: String,
+    /// PEM client certificate chain; absent for none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_cert: String,
+    /// PEM key of the client certificate.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_key: String,
+}
+
+impl UpstreamTls {
+    /// The proto message.
+    pub fn to_proto(&self) -> pb::UpstreamTls {
+        pb::UpstreamTls {
+            server_name: self.server_name.clone(),
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
+
+    /// The file shape of a proto message.
+    pub fn from_proto(t: &pb::UpstreamTls) -> Self {
+        UpstreamTls {
+            server_name: t.server_name.clone(),
+            ca_file: t.ca_file.clone(),
+            client_cert: t.client_cert.clone(),
+            client_key: t.client_key.clone(),
+        }
+    }
 }
 
 fn default_balance() -> String {
@@ -132,6 +173,9 @@ pub struct TcpRoute {
     pub listener: String,
     /// Pool name.
     pub pool: String,
+    /// Server name (exact or `*.suffix`) on a tls-passthrough listener; absent for any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
 }
 
 /// A batch for `apply`: `{"changes": [{"op": "create_route", ...}, ...]}`.
@@ -298,6 +342,7 @@ impl Pool {
             }),
             connect_timeout_ms: self.connect_timeout_ms.unwrap_or(0),
             response_timeout_ms: self.response_timeout_ms.unwrap_or(0),
+            tls: self.tls.as_ref().map(UpstreamTls::to_proto),
             ..Default::default()
         };
         pool.set_balance(
@@ -331,6 +376,7 @@ impl Pool {
             }),
             connect_timeout_ms: Some(p.connect_timeout_ms).filter(|&ms| ms != 0),
             response_timeout_ms: Some(p.response_timeout_ms).filter(|&ms| ms != 0),
+            tls: p.tls.as_ref().map(UpstreamTls::from_proto),
         }
     }
 }
@@ -396,6 +442,7 @@ impl TcpRoute {
             name: self.name.clone(),
             listener: self.listener.clone(),
             pool: self.pool.clone(),
+            sni: self.sni.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
@@ -407,6 +454,7 @@ impl TcpRoute {
             source: source_name(r.source()),
             listener: r.listener.clone(),
             pool: r.pool.clone(),
+            sni: Some(r.sni.clone()).filter(|s| !s.is_empty()),
         }
     }
 }

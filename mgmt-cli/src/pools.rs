@@ -6,7 +6,7 @@ use proxy_proto::v1 as pb;
 use serde_json::json;
 
 use crate::client::{Clients, Reply};
-use crate::document::{HealthCheck, Pool, Upstream};
+use crate::document::{HealthCheck, Pool, Upstream, UpstreamTls};
 use crate::output::{fields, Output, Table};
 use crate::upstreams;
 
@@ -59,6 +59,18 @@ pub struct PoolArgs {
     /// Time allowed for an upstream to start its response (default 60s).
     #[arg(long)]
     pub response_timeout: Option<humantime::Duration>,
+    /// Connect to the upstreams over TLS, expecting this name in their certificate.
+    #[arg(long, requires = "tls_ca_file")]
+    pub tls_server_name: Option<String>,
+    /// PEM roots (a path on the proxy's host) the upstreams' certificates must chain to.
+    #[arg(long, requires = "tls_server_name")]
+    pub tls_ca_file: Option<String>,
+    /// PEM client certificate chain (path on the proxy's host) to present to the upstreams.
+    #[arg(long, requires_all = ["tls_server_name", "tls_client_key"])]
+    pub tls_client_cert: Option<String>,
+    /// PEM key of the client certificate (path on the proxy's host).
+    #[arg(long, requires = "tls_client_cert")]
+    pub tls_client_key: Option<String>,
 }
 
 fn millis(d: humantime::Duration) -> u64 {
@@ -88,6 +100,15 @@ impl PoolArgs {
             health_check,
             connect_timeout_ms: self.connect_timeout.map(millis),
             response_timeout_ms: self.response_timeout.map(millis),
+            tls: self
+                .tls_server_name
+                .as_ref()
+                .map(|server_name| UpstreamTls {
+                    server_name: server_name.clone(),
+                    ca_file: self.tls_ca_file.clone().unwrap_or_default(),
+                    client_cert: self.tls_client_cert.clone().unwrap_or_default(),
+                    client_key: self.tls_client_key.clone().unwrap_or_default(),
+                }),
         })
     }
 }
@@ -132,6 +153,13 @@ fn detail(pool: &Pool) -> String {
         ("balance", pool.balance.clone()),
         ("connect timeout", ms(pool.connect_timeout_ms)),
         ("response timeout", ms(pool.response_timeout_ms)),
+        (
+            "upstream tls",
+            pool.tls.as_ref().map_or_else(
+                || "-".to_owned(),
+                |t| format!("{} (roots {})", t.server_name, t.ca_file),
+            ),
+        ),
     ]);
     text.push('\n');
     text.push_str(&upstreams::table(&pool.upstreams));

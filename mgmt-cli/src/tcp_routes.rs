@@ -50,6 +50,10 @@ pub struct TcpRouteArgs {
     /// Pool that receives the connections.
     #[arg(long)]
     pub pool: String,
+    /// On a tls-passthrough listener: the server name (`example.com` or `*.example.com`)
+    /// this route takes; without it, every other name.
+    #[arg(long)]
+    pub sni: Option<String>,
 }
 
 impl TcpRouteArgs {
@@ -58,17 +62,19 @@ impl TcpRouteArgs {
             name: self.name.clone(),
             listener: self.listener.clone(),
             pool: self.pool.clone(),
+            sni: self.sni.clone().unwrap_or_default(),
             ..Default::default()
         }
     }
 }
 
 fn table(routes: &[TcpRoute]) -> String {
-    let mut t = Table::new(&["NAME", "LISTENER", "POOL", "SOURCE"]);
+    let mut t = Table::new(&["NAME", "LISTENER", "SNI", "POOL", "SOURCE"]);
     for r in routes {
         t.row(vec![
             r.name.clone(),
             r.listener.clone(),
+            r.sni.clone().unwrap_or_else(|| "*".to_owned()),
             r.pool.clone(),
             r.source.clone().unwrap_or_default(),
         ]);

@@ -43,6 +43,7 @@ fn pool(name: &str, address: &str) -> Pool {
         health: None,
         connect_timeout: default_connect_timeout(),
         response_timeout: default_response_timeout(),
+        tls: None,
     }
 }
 

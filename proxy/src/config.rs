@@ -301,6 +301,19 @@ struct RawPool {
     response_timeout: Option<String>,
     on_change: Option<String>,
     discovery: Option<RawDiscovery>,
+    tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    server_name: String,
+    #[serde(default)]
+    ca_file: String,
+    #[serde(default)]
+    client_cert: String,
+    #[serde(default)]
+    client_key: String,
 }
 
 #[derive(Deserialize)]
@@ -614,7 +627,8 @@ impl Doc<'_> {
                     ("listeners", "listener") => "name",
                     _ => key,
                 };
-                let bare = key.split('[').next().unwrap_or(key);
+                // `upstreams[1].address` is on the `upstreams` line, `tls.ca_file` on `tls`.
+                let bare = key.split(['[', '.']).next().unwrap_or(key);
                 self.error(
                     self.line_of_key(&origin.span, bare),
                     format!("{prefix}.{key}"),
@@ -1098,6 +1112,13 @@ impl Doc<'_> {
                 prefix,
                 "response_timeout",
             )?,
+            // Checked (files read) by the state, which names `tls.<field>`.
+            tls: raw.tls.map(|t| state::UpstreamTls {
+                server_name: t.server_name,
+                ca_file: t.ca_file,
+                client_cert: t.client_cert,
+                client_key: t.client_key,
+            }),
         })
     }
 

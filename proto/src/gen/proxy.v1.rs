@@ -56,6 +56,26 @@ pub struct Pool {
     /// Milliseconds allowed for an upstream to start its response; 0 means the default (60000).
     #[prost(uint64, tag = "7")]
     pub response_timeout_ms: u64,
+    /// TLS towards the upstreams; absent: plain TCP.
+    #[prost(message, optional, tag = "8")]
+    pub tls: ::core::option::Option<UpstreamTls>,
+}
+/// TLS from the proxy to a pool's upstreams. The files are read on the proxy's host when
+/// the pool is created or changed.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpstreamTls {
+    /// Sent as SNI and checked against the upstream's certificate (DNS name or IP address).
+    #[prost(string, tag = "1")]
+    pub server_name: ::prost::alloc::string::String,
+    /// PEM file with the root certificates the upstream's certificate must chain to. Required.
+    #[prost(string, tag = "2")]
+    pub ca_file: ::prost::alloc::string::String,
+    /// PEM file with the client certificate chain to present; empty: no client certificate.
+    #[prost(string, tag = "3")]
+    pub client_cert: ::prost::alloc::string::String,
+    /// PEM file with the client certificate's private key; set together with client_cert.
+    #[prost(string, tag = "4")]
+    pub client_key: ::prost::alloc::string::String,
 }
 /// An HTTP routing rule.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -113,6 +133,10 @@ pub struct TcpRoute {
     /// Pool that receives the connections.
     #[prost(string, tag = "4")]
     pub pool: ::prost::alloc::string::String,
+    /// On a tls-passthrough listener: the ClientHello server name (`example.com` or
+    /// `*.example.com`) this route takes; empty takes every other name.
+    #[prost(string, tag = "5")]
+    pub sni: ::prost::alloc::string::String,
 }
 /// One mutation of the desired state; a list of them is applied atomically by AdminService.Apply.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -210,6 +210,7 @@ mod tests {
             health: None,
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
+            tls: None,
         };
         let mut m = Membership::default();
         m.set_members(

@@ -20,8 +20,7 @@ use crate::shutdown::Shutdown;
 use crate::state::{PathMatch, StateHandle};
 use crate::telemetry::Metrics;
 use crate::upstream::{
-    connect, http_sender, ConnectError, HttpSender, InFlight, NoUpstream, PoolRuntime,
-    UpstreamRuntime,
+    http_sender, ConnectError, HttpSender, InFlight, NoUpstream, PoolRuntime, UpstreamRuntime,
 };
 
 /// What every request on one client connection shares.
@@ -408,7 +407,7 @@ async fn dial(
 ) -> Result<HttpSender, ConnectError> {
     let started = Instant::now();
     let result = async {
-        let stream = connect(&upstream.address, pool.connect_timeout).await?;
+        let stream = pool.open(&upstream.address, pool.connect_timeout).await?;
         http_sender(&upstream.address, stream).await
     }
     .await;

@@ -112,7 +112,10 @@ pub async fn serve(
                     )
                     .await
                 }
-                Some(server_config) => match tls.accept(stream, &server_config).await {
+                Some(server_config) => match tls
+                    .accept(stream, &server_config, ctx.telemetry.metrics())
+                    .await
+                {
                     Ok(stream) => {
                         serve_connection(
                             FramingScan::new(stream, verdicts),

@@ -11,7 +11,7 @@ use crate::discovery::Origin;
 use crate::routing::RoutingTable;
 use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, Change, Document, HealthCheck,
-    PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamState,
+    PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamState, UpstreamTls,
 };
 
 /// An INVALID_ARGUMENT status naming `field`.
@@ -96,6 +96,12 @@ pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
         health,
         connect_timeout: millis_or(p.connect_timeout_ms, default_connect_timeout()),
         response_timeout: millis_or(p.response_timeout_ms, default_response_timeout()),
+        tls: p.tls.map(|t| UpstreamTls {
+            server_name: t.server_name,
+            ca_file: t.ca_file,
+            client_cert: t.client_cert,
+            client_key: t.client_key,
+        }),
     })
 }
 
@@ -123,14 +129,14 @@ pub fn route(r: pb::Route, field: &str) -> Result<Route, Status> {
     })
 }
 
-/// A TCP route from the wire, owned by the API.
+/// A TCP route from the wire, owned by the API; an empty `sni` means every name.
 pub fn tcp_route(r: pb::TcpRoute) -> TcpRoute {
     TcpRoute {
         name: r.name,
         source: Source::Api,
         listener: r.listener,
         pool: r.pool,
-        sni: None,
+        sni: Some(r.sni).filter(|s| !s.is_empty()),
     }
 }
 
@@ -255,6 +261,12 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
         }),
         connect_timeout_ms: millis(p.connect_timeout),
         response_timeout_ms: millis(p.response_timeout),
+        tls: p.tls.as_ref().map(|t| pb::UpstreamTls {
+            server_name: t.server_name.clone(),
+            ca_file: t.ca_file.clone(),
+            client_cert: t.client_cert.clone(),
+            client_key: t.client_key.clone(),
+        }),
     }
 }
 
@@ -283,6 +295,7 @@ pub fn tcp_route_proto(r: &TcpRoute) -> pb::TcpRoute {
         source: source_proto(r.source),
         listener: r.listener.clone(),
         pool: r.pool.clone(),
+        sni: r.sni.clone().unwrap_or_default(),
     }
 }
 

@@ -161,6 +161,7 @@ impl RoutingTable {
                     health: None,
                     connect_timeout: default_connect_timeout(),
                     response_timeout: default_response_timeout(),
+                    tls: None,
                 };
                 let members = membership.runtime_upstreams(&r.pool);
                 let runtime = PoolRuntime::build(
@@ -301,6 +302,7 @@ mod tests {
             health: None,
             connect_timeout: crate::state::default_connect_timeout(),
             response_timeout: crate::state::default_response_timeout(),
+            tls: None,
         })];
         for (name, host, path, priority) in routes {
             changes.push(Change::CreateRoute(Route {

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use change::{ApplyError, Change};
 pub use model::{
     default_connect_timeout, default_response_timeout, Balance, HealthCheck, PathMatch, Pool,
-    Route, Source, TcpRoute, Upstream, UpstreamState,
+    Route, Source, TcpRoute, Upstream, UpstreamState, UpstreamTls,
 };
 pub use store::StoreError;
 
@@ -147,6 +147,15 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
     }
     if pool.response_timeout.is_zero() {
         return Err(ApplyError::invalid("pool.response_timeout", "must be positive"));
+    }
+    if let Some(tls) = &pool.tls {
+        // Reads the files now, so a pool whose TLS cannot work is refused, not half-applied.
+        crate::tls::upstream::UpstreamConnector::new(tls).map_err(|e| match e {
+            crate::tls::TlsError::Invalid { field, reason } => {
+                ApplyError::invalid(format!("pool.{field}"), reason)
+            }
+            other => ApplyError::invalid("pool.tls", other.to_string()),
+        })?;
     }
     Ok(())
 }
@@ -776,6 +785,7 @@ mod tests {
             health: None,
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
+            tls: None,
         }
     }
 

@@ -137,6 +137,24 @@ pub struct Pool {
     /// Time allowed for an upstream to start its response (HTTP) after the request was sent.
     #[serde(with = "duration_ms", default = "default_response_timeout")]
     pub response_timeout: Duration,
+    /// TLS towards the upstreams; `None`: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS from the proxy to a pool's upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamTls {
+    /// Sent as SNI and checked against the upstream's certificate (DNS name or IP).
+    pub server_name: String,
+    /// PEM file with the root certificates the upstream's certificate must chain to.
+    pub ca_file: String,
+    /// PEM file with the client certificate chain to present; empty: none.
+    #[serde(default)]
+    pub client_cert: String,
+    /// PEM file with the client certificate's private key; set with `client_cert`.
+    #[serde(default)]
+    pub client_key: String,
 }
 
 /// Default upstream connect timeout.

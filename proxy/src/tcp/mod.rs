@@ -22,7 +22,7 @@ use crate::state::StateHandle;
 use crate::telemetry::{Metrics, Telemetry};
 use crate::tls::sni::{peek_client_hello, Hello};
 use crate::tls::{AcceptError, Tls};
-use crate::upstream::{connect, ConnectError, InFlight, UpstreamStream};
+use crate::upstream::{ConnectError, InFlight, UpstreamStream};
 
 /// Serves `listener` until shutdown; open streams are left to finish (up to the drain timeout).
 /// `tls` terminates the connections of `tls` listeners.
@@ -77,7 +77,7 @@ pub async fn serve(
             let _open = open;
             let result = match (config.protocol, terminate) {
                 (Protocol::TlsPassthrough, _) => passthrough(stream, &config, &state, &metrics).await,
-                (_, Some(server_config)) => match tls.accept(stream, &server_config).await {
+                (_, Some(server_config)) => match tls.accept(stream, &server_config, &metrics).await {
                     Ok(stream) => forward(stream, &config, &state, &metrics, None, &[]).await,
                     Err(AcceptError::ChallengeAnswered) => Ok(()),
                     Err(e) => Err(e.to_string()),
@@ -140,7 +140,7 @@ where
     for upstream in candidates {
         let in_flight = upstream.start();
         let started = std::time::Instant::now();
-        match connect(&upstream.address, pool.connect_timeout).await {
+        match pool.open(&upstream.address, pool.connect_timeout).await {
             Ok(stream) => {
                 metrics.upstream_connected(&pool.name, started.elapsed());
                 upstream.clear_ejection();

@@ -5,12 +5,15 @@
 //! with a certificate goes straight on. A name without one is checked against the policy
 //! ([`policy`]) *before* anything else: refused names never cause ACME traffic. Allowed
 //! names get one shared order ([`acme`]); the handshake waits for it.
+//!
+//! Pools with a `tls` section reach their upstreams over TLS ([`upstream`]).
 
 pub mod acme;
 pub mod certs;
 pub mod policy;
 pub mod sni;
 mod store;
+pub mod upstream;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -33,6 +36,7 @@ pub use policy::Decision;
 use crate::config::{normalise_allow_entry, AcmeChallenge, TlsConfig};
 use crate::shutdown::Shutdown;
 use crate::state::StateHandle;
+use crate::telemetry::Metrics;
 use acme::Issuer;
 use certs::{unix_now, CertCache, CertEntry, CertResolver, OneCert};
 use policy::Policy;
@@ -262,11 +266,13 @@ impl Tls {
     }
 
     /// Reads the ClientHello, makes sure a certificate exists for its name (ordering one if
-    /// the policy allows), then completes the handshake with `config`.
+    /// the policy allows), then completes the handshake with `config`. Refusals are counted
+    /// in `metrics`.
     pub async fn accept<IO>(
         &self,
         io: IO,
         config: &Arc<ServerConfig>,
+        metrics: &Metrics,
     ) -> Result<TlsStream<IO>, AcceptError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -300,15 +306,15 @@ impl Tls {
             return Err(AcceptError::ChallengeAnswered);
         }
         if self.certs.lookup(name.as_deref()).is_none() {
-            self.on_demand(name.as_deref()).await?;
+            self.on_demand(name.as_deref(), metrics).await?;
         }
         Ok(start.into_stream(config.clone()).await?)
     }
 
     /// A certificate for a name that has none: policy first, then the shared order.
-    async fn on_demand(&self, name: Option<&str>) -> Result<(), AcceptError> {
+    async fn on_demand(&self, name: Option<&str>, metrics: &Metrics) -> Result<(), AcceptError> {
         let Some(name) = name else {
-            self.refuse("", "no server name and no default certificate");
+            self.refuse("", "no server name and no default certificate", metrics);
             return Err(AcceptError::Refused(String::new()));
         };
         let decision = match (&self.issuer, normalise_allow_entry(name)) {
@@ -318,11 +324,11 @@ impl Tls {
         match decision {
             Decision::Allowed => {}
             Decision::Denied => {
-                self.refuse(name, "not allowed");
+                self.refuse(name, "not allowed", metrics);
                 return Err(AcceptError::Refused(name.to_string()));
             }
             Decision::AskFailed => {
-                self.refuse(name, "ask endpoint unavailable");
+                self.refuse(name, "ask endpoint unavailable", metrics);
                 return Err(AcceptError::Refused(name.to_string()));
             }
         }
@@ -334,8 +340,9 @@ impl Tls {
     }
 
     /// Counts a refused handshake; logs at most one line per interval with the count.
-    fn refuse(&self, name: &str, why: &str) {
+    fn refuse(&self, name: &str, why: &str, metrics: &Metrics) {
         self.refused.fetch_add(1, Ordering::Relaxed);
+        metrics.tls_handshake_refused();
         let count = self.refused_logged_count.fetch_add(1, Ordering::Relaxed) + 1;
         let now = u64::try_from(unix_now()).unwrap_or(0);
         let last = self.refused_logged_at.load(Ordering::Relaxed);

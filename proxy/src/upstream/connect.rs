@@ -1,5 +1,5 @@
 //! Dialing upstreams: TCP (`host:port`) or unix socket (`unix:/path`) connect with a
-//! timeout, and the HTTP/1.1 client handshake.
+//! timeout, TLS on top for pools that have it, and the HTTP/1.1 client handshake.
 
 use std::io;
 use std::pin::Pin;
@@ -35,6 +35,23 @@ pub enum ConnectError {
         /// The timeout that elapsed.
         timeout: Duration,
     },
+    /// The TLS handshake failed (certificate not trusted, wrong name, refused client
+    /// certificate, ...).
+    #[error("TLS handshake with {address} failed: {source}")]
+    Tls {
+        /// Upstream address.
+        address: String,
+        /// rustls' error, as I/O error.
+        source: std::io::Error,
+    },
+    /// The pool's TLS settings could not be loaded when the routing table was built.
+    #[error("TLS to pool {pool:?} is not usable: {reason}")]
+    TlsSetup {
+        /// Pool name.
+        pool: String,
+        /// What failed.
+        reason: String,
+    },
     /// The HTTP handshake failed.
     #[error("HTTP handshake with {address} failed: {source}")]
     Handshake {
@@ -59,6 +76,8 @@ pub enum UpstreamStream {
     Tcp(TcpStream),
     /// `unix:/path`.
     Unix(UnixStream),
+    /// Either of the above with TLS on top.
+    Tls(Box<tokio_rustls::client::TlsStream<UpstreamStream>>),
 }
 
 impl AsyncRead for UpstreamStream {
@@ -70,6 +89,7 @@ impl AsyncRead for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -83,6 +103,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -90,6 +111,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -97,6 +119,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -108,6 +131,7 @@ impl AsyncWrite for UpstreamStream {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -115,6 +139,7 @@ impl AsyncWrite for UpstreamStream {
         match self {
             UpstreamStream::Tcp(s) => s.is_write_vectored(),
             UpstreamStream::Unix(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
         }
     }
 }

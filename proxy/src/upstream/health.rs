@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 
-use super::{connect, http_sender, PoolRuntime, UpstreamRuntime};
+use super::{http_sender, PoolRuntime, UpstreamRuntime};
 use crate::http::body::RequestBody;
 use crate::shutdown::Shutdown;
 use crate::state::{HealthCheck, StateHandle};
@@ -52,7 +52,8 @@ pub async fn run(state: StateHandle, shutdown: Shutdown) {
 }
 
 async fn probe(pool: Arc<PoolRuntime>, upstream: Arc<UpstreamRuntime>, check: HealthCheck) {
-    let result = tokio::time::timeout(check.timeout, check_once(&upstream.address, &check)).await;
+    let result =
+        tokio::time::timeout(check.timeout, check_once(&pool, &upstream.address, &check)).await;
     let outcome = match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(reason)) => Err(reason),
@@ -71,8 +72,10 @@ async fn probe(pool: Arc<PoolRuntime>, upstream: Arc<UpstreamRuntime>, check: He
     }
 }
 
-async fn check_once(address: &str, check: &HealthCheck) -> Result<(), String> {
-    let stream = connect(address, check.timeout)
+async fn check_once(pool: &PoolRuntime, address: &str, check: &HealthCheck) -> Result<(), String> {
+    // Through the pool, so a TLS pool is checked over TLS like its traffic.
+    let stream = pool
+        .open(address, check.timeout)
         .await
         .map_err(|e| e.to_string())?;
     if check.path.is_empty() {

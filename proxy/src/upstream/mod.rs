@@ -3,6 +3,9 @@
 //! A [`PoolRuntime`] is rebuilt with every routing table, but the per-upstream runtime
 //! ([`UpstreamRuntime`]: health, in-flight count, idle connections) is shared between
 //! consecutive tables, so a config change does not forget that an upstream is down.
+//!
+//! A pool with a `tls` section gets its rustls client config built here, once per
+//! definition (and kept across tables while the definition stays the same).
 
 mod connect;
 pub mod health;
@@ -19,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::{OnChange, Origin};
 use crate::registration::Hold;
-use crate::state::{Balance, HealthCheck, Pool, Upstream, UpstreamState};
+use crate::state::{Balance, HealthCheck, Pool, Upstream, UpstreamState, UpstreamTls};
+use crate::tls::upstream::UpstreamConnector;
 
 /// How long an upstream is skipped after a failed connection attempt.
 pub const EJECT_FOR: Duration = Duration::from_secs(10);
@@ -162,6 +166,15 @@ impl Drop for InFlight {
     }
 }
 
+/// A pool's TLS towards its upstreams, as built from its definition.
+#[derive(Debug)]
+struct PoolTls {
+    definition: UpstreamTls,
+    /// The reason is kept so every connection attempt reports it (502) instead of
+    /// silently going out in plain text.
+    connector: Result<Arc<UpstreamConnector>, String>,
+}
+
 /// A pool at run time.
 #[derive(Debug)]
 pub struct PoolRuntime {
@@ -183,6 +196,7 @@ pub struct PoolRuntime {
     /// Round-robin schedule: upstream indexes, each repeated by weight, interleaved.
     schedule: Vec<usize>,
     next: AtomicUsize,
+    tls: Option<Arc<PoolTls>>,
 }
 
 /// Why a pool could not offer any upstream.
@@ -216,6 +230,22 @@ impl PoolRuntime {
         hold: Option<Arc<Hold>>,
         previous: Option<&PoolRuntime>,
     ) -> PoolRuntime {
+        let previous_tls = previous.and_then(|p| p.tls.as_ref());
+        let tls_changed =
+            previous.is_some() && previous_tls.map(|t| &t.definition) != pool.tls.as_ref();
+        let tls = pool.tls.as_ref().map(|definition| match previous_tls {
+            Some(t) if !tls_changed && t.connector.is_ok() => t.clone(),
+            _ => {
+                let connector = UpstreamConnector::new(definition).map(Arc::new).map_err(|e| {
+                    tracing::error!(pool = %pool.name, error = %e, "upstream TLS settings are unusable; connections to this pool fail");
+                    e.to_string()
+                });
+                Arc::new(PoolTls {
+                    definition: definition.clone(),
+                    connector,
+                })
+            }
+        });
         let upstreams: Vec<Arc<UpstreamRuntime>> = members
             .iter()
             .map(|(u, _)| {
@@ -227,6 +257,10 @@ impl PoolRuntime {
                     .store(u.state == UpstreamState::Draining, Ordering::Relaxed);
                 if pool.health.is_none() {
                     rt.healthy.store(true, Ordering::Relaxed);
+                }
+                if tls_changed {
+                    // Kept connections were made with the old TLS settings (or none).
+                    while rt.idle.pop().is_some() {}
                 }
                 rt
             })
@@ -261,7 +295,45 @@ impl PoolRuntime {
             hold,
             schedule,
             next: AtomicUsize::new(0),
+            tls,
         }
+    }
+
+    /// Opens a connection to `address` within `timeout`, with TLS when the pool has it.
+    pub async fn open(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<UpstreamStream, ConnectError> {
+        let Some(tls) = &self.tls else {
+            return connect(address, timeout).await;
+        };
+        let connector = tls
+            .connector
+            .as_ref()
+            .map_err(|reason| ConnectError::TlsSetup {
+                pool: self.name.clone(),
+                reason: reason.clone(),
+            })?;
+        let dial = async {
+            let stream = connect(address, timeout).await?;
+            connector
+                .handshake(stream)
+                .await
+                .map(|s| UpstreamStream::Tls(Box::new(s)))
+                .map_err(|source| ConnectError::Tls {
+                    address: address.to_string(),
+                    source,
+                })
+        };
+        tokio::time::timeout(timeout, dial)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError::Timeout {
+                    address: address.to_string(),
+                    timeout,
+                })
+            })
     }
 
     /// Every upstream with where it comes from and its weight.
@@ -329,6 +401,7 @@ mod tests {
                 health: None,
                 connect_timeout: default_connect_timeout(),
                 response_timeout: default_response_timeout(),
+                tls: None,
             },
             None,
         )
