@@ -287,3 +287,168 @@ allow = ["*.ok.example.test"]
     );
     proxy.daemon.stop().await;
 }
+
+/// An `ask` endpoint on 127.0.0.1: 200 for `domain=` one of `allowed`, 403 otherwise.
+/// Returns its URL, the domains it was asked about, and the accept loop (abort = stopped).
+async fn ask_server(
+    allowed: &'static [&'static str],
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/ask", listener.local_addr().unwrap());
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let domain = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("domain="))
+                        .unwrap_or("")
+                        .to_string();
+                    let status = if allowed.contains(&domain.as_str()) {
+                        200
+                    } else {
+                        403
+                    };
+                    seen.lock().unwrap().push(domain);
+                    async move {
+                        hyper::Response::builder()
+                            .status(status)
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, asked, task)
+}
+
+/// `/metrics` from the admin listener.
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    common::raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .text()
+}
+
+fn refused_on_metrics(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("proxy_tls_handshakes_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ask_endpoint_decides_new_names_and_its_outage_only_blocks_new_names() {
+    if !require("pebble") {
+        return;
+    }
+    let (ask, asked, ask_task) = ask_server(&["yes.example.test"]).await;
+    let state = tempfile::tempdir().unwrap();
+    let pebble_dir = tempfile::tempdir().unwrap();
+    let ports = PebblePorts::pick();
+    let (ca, ca_file) = api_ca(pebble_dir.path());
+    let app = upstream("app").await;
+    // No allow entries and no route host: every name is up to `ask`.
+    let config = format!(
+        r#"
+[server]
+state_dir = "{{state}}"
+admin_listen = "127.0.0.1:0"
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:0"
+
+[[listeners]]
+name = "secure"
+protocol = "https"
+address = "127.0.0.1:0"
+
+{pool}
+[[routes]]
+name = "app"
+listener = "secure"
+pool = "app"
+
+[tls.acme]
+directory = "{directory}"
+ca_file = "{ca_file}"
+challenges = ["http-01"]
+
+[tls.on_demand]
+enabled = true
+ask = "{ask}"
+"#,
+        pool = pool("app", &[&app]),
+        directory = ports.directory(),
+        ca_file = ca_file.display(),
+    );
+    let proxy = start_proxy_in(state, &config).await;
+    let pebble = Pebble::start(
+        ports,
+        pebble_dir,
+        ca,
+        ca_file,
+        proxy.addr("web").port(),
+        proxy.addr("secure").port(),
+    )
+    .await;
+    let admin = proxy.daemon.admin_address().expect("admin listener");
+    assert_eq!(refused_on_metrics(&scrape(admin).await), Some(0));
+    let client = client_config(roots_from_pem(&pebble.root_pem().await), &[b"http/1.1"]);
+
+    // `ask` says 200: a certificate from pebble, and the request is routed.
+    let mut stream = tls_connect(proxy.addr("secure"), "yes.example.test", client.clone())
+        .await
+        .unwrap_or_else(|e| panic!("handshake for an asked-yes name: {e}\n{}", pebble.log()));
+    let (status, body) = get_over(&mut stream, "yes.example.test", "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(pebble.order_requests(), 1, "{}", pebble.log());
+
+    // `ask` says 403: refused, and pebble never hears of the name.
+    let denied = tls_connect(proxy.addr("secure"), "no.example.test", client.clone()).await;
+    assert!(denied.is_err(), "a name ask refused completed a handshake");
+    assert_eq!(pebble.order_requests(), 1);
+    assert!(
+        !pebble.log().contains("no.example.test"),
+        "{}",
+        pebble.log()
+    );
+    assert_eq!(
+        *asked.lock().unwrap(),
+        ["yes.example.test", "no.example.test"]
+    );
+    assert_eq!(proxy.daemon.tls().orders_created(), 1);
+
+    // `ask` down: a new name fails closed without an order; the issued one still works.
+    ask_task.abort();
+    let _ = ask_task.await;
+    let new = tls_connect(proxy.addr("secure"), "new.example.test", client.clone()).await;
+    assert!(new.is_err(), "a new name got through while ask was down");
+    let mut again = tls_connect(proxy.addr("secure"), "yes.example.test", client)
+        .await
+        .expect("an issued name does not need ask");
+    let (status, _) = get_over(&mut again, "yes.example.test", "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(pebble.order_requests(), 1);
+    assert!(!pebble.log().contains("new.example.test"));
+    assert_eq!(asked.lock().unwrap().len(), 2, "ask answered while stopped");
+
+    // Both refusals are on /metrics (and in the status counter).
+    assert_eq!(proxy.daemon.tls().refused_handshakes(), 2);
+    assert_eq!(refused_on_metrics(&scrape(admin).await), Some(2));
+}
