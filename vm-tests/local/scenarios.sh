@@ -8,6 +8,10 @@
 #      download and a TCP stream started before the reloads complete intact
 #   4  a new binary that exits at once, then one that never becomes ready: the reload
 #      fails, the old MainPID keeps serving; restoring the good binary and reloading works
+#   5  proxy-fdstore.service: the contrib unit without socket units (proxyd binds its own
+#      listeners) and FileDescriptorStoreMax=16: systemd holds the sockets; `systemctl
+#      restart` and a SIGKILL (Restart=on-failure) keep the same sockets with no refused
+#      connection; stop + start binds new ones; without the fd store a restart rebinds
 #
 # Prints one PASS/FAIL line per check and exits non-zero if any failed.
 set -uo pipefail
@@ -16,7 +20,7 @@ payload=/payload
 results=/results
 # shellcheck source=/dev/null
 . "$payload/params"
-: "${SCENARIOS:=1 3 4}"
+: "${SCENARIOS:=1 3 4 5}"
 : "${RELOADS:=5}"
 
 export PROXY_MGMT_SOCKET=/run/proxy/mgmt.sock
@@ -304,6 +308,175 @@ scenario_4() {
   stop_load s4
   expect "s4 NRestarts unchanged" "$(n_restarts)" "$restarts0"
   expect "s4 serves after recovery" "$(http_get -H 'Host: example.com' http://127.0.0.1:8080/docs/y)" "v2 /docs/y"
+}
+
+# The inodes of the sockets listening on 127.0.0.1:PORT, sorted, on one line ("" if none).
+listen_inodes() {
+  ss -Hltne "sport = :$1" 2>/dev/null | grep -o 'ino:[0-9]*' | cut -d: -f2 | sort -n |
+    tr '\n' ' ' | sed 's/ $//'
+}
+# Whether PID 1 (systemd) has the socket with inode $1 open: its fd store does.
+pid1_holds() { [ -n "$1" ] && ls -l /proc/1/fd 2>/dev/null | grep -q "socket:\[$1\]"; }
+
+fdstore_unit=proxy-fdstore.service
+fd_main_pid() { systemctl show -P MainPID "$fdstore_unit"; }
+fd_restarts() { systemctl show -P NRestarts "$fdstore_unit"; }
+fd_active() { [ "$(systemctl show -P ActiveState "$fdstore_unit")" = active ]; }
+fd_serves() {
+  case "$(http_get http://127.0.0.1:8080/fdstore)" in
+    "v1a /fdstore" | "v1b /fdstore") ;;
+    *) return 1 ;;
+  esac
+  [ "$(tcp_roundtrip fdstore)" = fdstore ]
+}
+fd_new_main_pid() {
+  local pid
+  pid=$(fd_main_pid)
+  [ "$pid" != 0 ] && [ "$pid" != "$1" ] && fd_active
+}
+
+# start_loop NAME: new HTTP and TCP connections back to back, in the background.
+start_loop() {
+  rm -f "/run/loop-$1.stop" "/run/loop-$1.json"
+  timeout 200 python3 "$payload/connect_loop.py" --http 127.0.0.1:8080 --path /fdstore \
+    --tcp 127.0.0.1:16379 --workers 2 --timeout 30 --duration 150 \
+    --stop-file "/run/loop-$1.stop" --out "/run/loop-$1.json" >"$results/loop-$1.txt" 2>&1 &
+  loop_pid=$!
+  sleep 1
+}
+# stop_loop NAME: stops the loop; sets loop_ok, loop_refused, loop_other, loop_summary.
+stop_loop() {
+  # Some connections after the event, to the new process.
+  sleep 1
+  touch "/run/loop-$1.stop"
+  wait "$loop_pid"
+  read -r loop_ok loop_refused loop_other loop_summary < <(python3 -c '
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(d["ok"], d["refused"], d["other_failures"],
+      "%(ok)d ok, %(refused)d refused, %(other_failures)d other failures, slowest %(slowest_seconds)s s" % d,
+      "; ".join(d["errors"][:3]))
+' "/run/loop-$1.json" 2>/dev/null || echo "0 -1 -1 no-summary")
+}
+
+# check_loop NAME [refused-only]: PASS when the loop had successes and no refused
+# connection, and (unless refused-only) no other failure either.
+check_loop() {
+  if [ "$loop_ok" -gt 0 ] && [ "$loop_refused" = 0 ] &&
+    { [ "${2:-}" = refused-only ] || [ "$loop_other" = 0 ]; }; then
+    pass "$1 client loop: $loop_summary"
+  else
+    fail "$1 client loop: $loop_summary"
+  fi
+}
+fd_stored() { systemctl show -P NFileDescriptorStore "$fdstore_unit"; }
+
+scenario_5() {
+  log "scenario 5: proxyd binds its own listeners and keeps them in systemd's fd store"
+  # The socket units would hold the same addresses.
+  systemctl stop proxy.service proxy.socket proxy-listener@echo.socket
+  if wait_for 100 test -z "$(listen_inodes 8080)$(listen_inodes 16379)"; then
+    pass "s5 ports free after stopping the socket units"
+  else
+    fail "s5 ports still bound: 8080 [$(listen_inodes 8080)] 16379 [$(listen_inodes 16379)]"
+  fi
+  # The contrib unit without socket units, with a small fd store.
+  sed -e 's/^Description=.*/Description=proxy reverse proxy (own listeners, fd store)/' \
+    -e 's/^FileDescriptorStoreMax=.*/FileDescriptorStoreMax=16/' \
+    "$payload/units/proxy.service" >"/etc/systemd/system/$fdstore_unit"
+  systemctl daemon-reload
+  expect "s5 unit: Type, NotifyAccess, FileDescriptorStoreMax, sockets" \
+    "$(systemctl show -P Type "$fdstore_unit") $(systemctl show -P NotifyAccess "$fdstore_unit") $(systemctl show -P FileDescriptorStoreMax "$fdstore_unit") [$(systemctl show -P Sockets "$fdstore_unit")]" \
+    "notify all 16 []"
+  check "s5 systemd-analyze verify $fdstore_unit" systemd-analyze verify --man=no "$fdstore_unit"
+  check "s5 start $fdstore_unit" timeout 100 systemctl start "$fdstore_unit"
+  check "s5 serves HTTP and TCP" fd_serves
+
+  local web0 echo0 pid0 pid1 restarts0 web1 echo1
+  web0=$(listen_inodes 8080)
+  echo0=$(listen_inodes 16379)
+  expect "s5 NFileDescriptorStore after start" "$(fd_stored)" 2
+  if pid1_holds "$web0" && pid1_holds "$echo0"; then
+    pass "s5 systemd (PID 1) holds both listening sockets (inodes $web0, $echo0)"
+  else
+    fail "s5 PID 1 does not hold the listening sockets (8080 [$web0], 16379 [$echo0]); $(ss -Hltnp 'sport = :8080' | tr -s ' ')"
+  fi
+
+  # systemctl restart: stop (SIGTERM, the old process exits) then start.
+  pid0=$(fd_main_pid)
+  start_loop s5-restart
+  check "s5 systemctl restart" timeout 100 systemctl restart "$fdstore_unit"
+  stop_loop s5-restart
+  check_loop "s5 restart"
+  pid1=$(fd_main_pid)
+  if [ "$pid1" != "$pid0" ] && fd_active; then pass "s5 restart: MainPID $pid0 -> $pid1"; else fail "s5 restart: MainPID $pid0 -> $pid1, $(systemctl show -P ActiveState "$fdstore_unit")"; fi
+  expect "s5 restart keeps the listening sockets (inodes 8080, 16379)" \
+    "$(listen_inodes 8080), $(listen_inodes 16379)" "$web0, $echo0"
+  check "s5 serves after the restart" fd_serves
+  expect "s5 NFileDescriptorStore after the restart" "$(fd_stored)" 2
+
+  # A crash: SIGKILL, Restart=on-failure starts a new process after RestartSec=1s.
+  restarts0=$(fd_restarts)
+  start_loop s5-crash
+  kill -9 "$pid1"
+  if wait_for 300 fd_new_main_pid "$pid1"; then
+    pass "s5 crash: restarted by Restart=on-failure, MainPID $pid1 -> $(fd_main_pid)"
+  else
+    fail "s5 crash: no new MainPID (still $(fd_main_pid), $(systemctl show -P ActiveState "$fdstore_unit"))"
+  fi
+  stop_loop s5-crash
+  # Connections the killed process had accepted die with it; new ones must not be refused.
+  check_loop "s5 crash" refused-only
+  expect "s5 crash: NRestarts +1" "$(fd_restarts)" "$((restarts0 + 1))"
+  expect "s5 crash keeps the listening sockets (inodes 8080, 16379)" \
+    "$(listen_inodes 8080), $(listen_inodes 16379)" "$web0, $echo0"
+  check "s5 serves after the crash" fd_serves
+  expect "s5 NFileDescriptorStore after the crash" "$(fd_stored)" 2
+
+  # stop, then start: the unit is fully stopped with no job queued, and systemd 252
+  # empties the fd store (254+ keeps it with FileDescriptorStorePreserve=yes).
+  check "s5 systemctl stop" timeout 100 systemctl stop "$fdstore_unit"
+  expect "s5 after stop: nothing listens on 8080 and 16379" \
+    "$(listen_inodes 8080)$(listen_inodes 16379)" ""
+  expect "s5 NFileDescriptorStore after stop" "$(fd_stored)" 0
+  check "s5 start after stop" timeout 100 systemctl start "$fdstore_unit"
+  web1=$(listen_inodes 8080)
+  echo1=$(listen_inodes 16379)
+  if [ -n "$web1" ] && [ "$web1" != "$web0" ] && [ -n "$echo1" ] && [ "$echo1" != "$echo0" ]; then
+    pass "s5 stop + start binds new sockets (8080: $web0 -> $web1, 16379: $echo0 -> $echo1)"
+  else
+    fail "s5 stop + start: 8080 $web0 -> [$web1], 16379 $echo0 -> [$echo1]"
+  fi
+  if pid1_holds "$web1" && pid1_holds "$echo1"; then
+    pass "s5 the new sockets are stored again (NFileDescriptorStore $(fd_stored))"
+  else
+    fail "s5 PID 1 does not hold the new sockets (8080 [$web1], 16379 [$echo1])"
+  fi
+
+  # Control: the same restart without an fd store closes the sockets, so the inode
+  # comparison above can tell the two apart.
+  mkdir -p "/etc/systemd/system/$fdstore_unit.d"
+  printf '[Service]\nFileDescriptorStoreMax=0\n' >"/etc/systemd/system/$fdstore_unit.d/no-store.conf"
+  systemctl stop "$fdstore_unit"
+  systemctl daemon-reload
+  check "s5 control: start without an fd store" timeout 100 systemctl start "$fdstore_unit"
+  web0=$(listen_inodes 8080)
+  start_loop s5-control
+  check "s5 control: systemctl restart" timeout 100 systemctl restart "$fdstore_unit"
+  stop_loop s5-control
+  web1=$(listen_inodes 8080)
+  if [ -n "$web1" ] && [ "$web1" != "$web0" ]; then
+    pass "s5 control: without the fd store a restart rebinds (8080: $web0 -> $web1)"
+  else
+    fail "s5 control: 8080 $web0 -> [$web1] without the fd store"
+  fi
+  log "s5 control client loop (no fd store, not a check): $loop_summary"
+
+  systemctl stop "$fdstore_unit"
+  rm -rf "/etc/systemd/system/$fdstore_unit.d"
+  systemctl daemon-reload
+  # Back to socket activation for whatever runs next.
+  systemctl start proxy.socket proxy-listener@echo.socket
 }
 
 exec > >(tee -a "$results/harness.log") 2>&1
