@@ -1,4 +1,7 @@
-//! `proxyctl register`: registers a service and holds the lease until interrupted.
+//! `proxyctl register`: registers a service and holds the lease until interrupted,
+//! registering again whenever the proxy ends the stream (upgrade, restart).
+
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -37,8 +40,22 @@ fn refused(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", code_name(status.code()), status.message())
 }
 
-/// Registers and keeps the lease (answering keepalives) until Ctrl-C or SIGTERM; fails if
-/// the proxy ends the lease.
+/// How the stream of one registration ended.
+enum Ended {
+    /// Ctrl-C or SIGTERM: the lease is released.
+    Stopped,
+    /// The proxy ended the stream or went away (an upgrade, a restart).
+    Lost(String),
+}
+
+/// First wait before registering again; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between attempts to register again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Registers and keeps the lease (answering keepalives) until Ctrl-C or SIGTERM. When the
+/// proxy ends the stream (it was upgraded or restarted), registers again with backoff
+/// (100 ms doubling to 5 s). Fails only if the first registration is refused.
 pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Result<()> {
     let announce = pb::Announce {
         endpoint: args.endpoint,
@@ -53,9 +70,44 @@ pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Res
         name: args.name,
         ..Default::default()
     };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut session = open(clients, &announce).await?;
+    loop {
+        show(&session.0, out)?;
+        match hold(session, &mut term).await {
+            Ended::Stopped => return Ok(()),
+            Ended::Lost(reason) => eprintln!("registration lost ({reason}); registering again"),
+        }
+        let mut wait = FIRST_BACKOFF;
+        session = loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = term.recv() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match open(clients, &announce).await {
+                Ok(session) => break session,
+                Err(e) => {
+                    eprintln!("registering again failed: {e:#}; retrying in {wait:?}");
+                    wait = (wait * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+    }
+}
+
+/// An open registration: what the proxy answered, our sending half, its events.
+type Session = (
+    pb::Registered,
+    mpsc::Sender<pb::RegisterRequest>,
+    tonic::Streaming<pb::RegisterEvent>,
+);
+
+/// Opens a Register stream and announces.
+async fn open(clients: &mut Clients, announce: &pb::Announce) -> Result<Session> {
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::RegisterRequest {
-        kind: Some(pb::register_request::Kind::Announce(announce)),
+        kind: Some(pb::register_request::Kind::Announce(announce.clone())),
     })
     .await?;
     let mut events = clients
@@ -63,12 +115,15 @@ pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Res
         .register(ReceiverStream::new(rx))
         .await
         .reply()?;
-    let registered = match events.message().await.map_err(refused)? {
+    match events.message().await.map_err(refused)? {
         Some(pb::RegisterEvent {
             kind: Some(pb::register_event::Kind::Registered(r)),
-        }) => r,
+        }) => Ok((r, tx, events)),
         _ => bail!("the proxy closed the registration stream"),
-    };
+    }
+}
+
+fn show(registered: &pb::Registered, out: &Output) -> Result<()> {
     out.show(
         &serde_json::json!({
             "id": registered.id,
@@ -84,26 +139,29 @@ pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Res
                 ("address", registered.address.clone()),
             ])
         },
-    )?;
-    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(
-        registered.keepalive_ms.max(100),
-    ));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    )
+}
+
+/// Answers keepalives until a signal or the end of the stream.
+async fn hold(session: Session, term: &mut tokio::signal::unix::Signal) -> Ended {
+    let (registered, tx, mut events) = session;
+    let mut ticker = tokio::time::interval(Duration::from_millis(registered.keepalive_ms.max(100)));
     let mut sequence = 0u64;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ended::Stopped,
+            _ = term.recv() => return Ended::Stopped,
             _ = ticker.tick() => {
                 sequence += 1;
                 let ping = pb::RegisterRequest { kind: Some(pb::register_request::Kind::Ping(pb::Ping { sequence })) };
                 if tx.send(ping).await.is_err() {
-                    bail!("the registration stream closed");
+                    return Ended::Lost("the registration stream closed".into());
                 }
             }
-            event = events.message() => match event.map_err(refused)? {
-                Some(_) => {}
-                None => bail!("the proxy ended the registration"),
+            event = events.message() => match event {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ended::Lost("the proxy ended the stream".into()),
+                Err(status) => return Ended::Lost(refused(status).to_string()),
             },
         }
     }

@@ -172,3 +172,66 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
     );
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn register_registers_again_after_the_proxy_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let backend = upstream("svc").await;
+    let text = format!(
+        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"\"\n\
+         [registration]\nhold = \"5s\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n\
+         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n",
+        state = dir.path().display(),
+    );
+    let config = proxy::Config::parse(&text, "test.toml").expect("valid config");
+    let daemon = proxy::Daemon::start(config.clone())
+        .await
+        .expect("daemon starts");
+    let socket = daemon.config().server.mgmt_socket.clone();
+    let proxied = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut child = tokio::process::Command::new(PROXYCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "register",
+            "--port",
+            &port.to_string(),
+            "--path-prefix",
+            "/a",
+            "--endpoint",
+            &backend.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run proxyctl register");
+    let served = || async {
+        for _ in 0..400 {
+            if let Some(answer) = fetch(proxied, "/a/x").await {
+                if answer.0 == 200 {
+                    return Some(answer);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    };
+    assert_eq!(served().await, Some((200, "svc".to_string())));
+
+    // The proxy stops and a new one starts on the same socket: proxyctl registers again.
+    daemon.stop().await;
+    assert!(
+        fetch(proxied, "/a").await.is_none(),
+        "nothing serves the port"
+    );
+    let daemon = proxy::Daemon::start(config).await.expect("daemon restarts");
+    assert_eq!(served().await, Some((200, "svc".to_string())));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "proxyctl register keeps running"
+    );
+    child.kill().await.unwrap();
+    daemon.stop().await;
+}

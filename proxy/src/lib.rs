@@ -202,6 +202,8 @@ impl Daemon {
             }
             None => None,
         };
+        // Ports the previous process opened for registrations are taken over further down.
+        let registration_ports = inherited.take_tcp_prefixed(registration::HANDOFF_PREFIX);
         inherited.close_leftovers();
         // Sockets bound here go to systemd's fd store (when it has one), so that even a
         // plain restart finds them open.
@@ -221,14 +223,6 @@ impl Daemon {
                 || config.server.state_dir.clone(),
                 std::path::Path::to_path_buf,
             );
-        let upgrader = Arc::new(upgrade::Upgrader::new(
-            upgrade::default_executable(config.server.executable.as_deref()),
-            runtime_dir,
-            config.server.upgrade_timeout,
-            state.clone(),
-            shutdown.clone(),
-            handoff,
-        ));
         let discovery = discovery::Discovery::start(&config.discovery, &state, &shutdown).await;
         let known_listeners = config
             .listeners
@@ -278,6 +272,23 @@ impl Daemon {
             known_listeners,
             serve_registered,
         ));
+        registry.adopt(registration_ports).await;
+        tokio::spawn({
+            let registry = registry.clone();
+            let shutdown = shutdown.clone();
+            async move { registry.close_ports_on(shutdown).await }
+        });
+        let upgrader = Arc::new(
+            upgrade::Upgrader::new(
+                upgrade::default_executable(config.server.executable.as_deref()),
+                runtime_dir,
+                config.server.upgrade_timeout,
+                state.clone(),
+                shutdown.clone(),
+                handoff,
+            )
+            .with_extras(registry.clone()),
+        );
         let mgmt_address = mgmt_sockets.tcp_address();
         let mgmt_context = mgmt::Context {
             state: state.clone(),

@@ -78,6 +78,20 @@ impl Inherited {
         self.tcp.remove(name)
     }
 
+    /// Claims every TCP socket whose name starts with `prefix`, with its name.
+    pub fn take_tcp_prefixed(&mut self, prefix: &str) -> Vec<(String, TcpListener)> {
+        let names: Vec<String> = self
+            .tcp
+            .keys()
+            .filter(|n| n.starts_with(prefix))
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|n| self.tcp.remove(&n).map(|(l, _)| (n, l)))
+            .collect()
+    }
+
     /// Claims the unix socket called `name`.
     pub fn take_unix(&mut self, name: &str) -> Option<UnixListener> {
         self.unix.remove(name)

@@ -93,7 +93,8 @@ fn announce_of(c: &Claim) -> pb::Announce {
     }
 }
 
-/// Keeps the lease while the service's stream lives and pings arrive; then ends it.
+/// Keeps the lease while the service's stream lives and pings arrive; then ends it. When
+/// this process stops (handoff or shutdown) the stream ends but the instance stays.
 async fn hold_lease(
     registration: Registration,
     mut inbound: Streaming<pb::RegisterRequest>,
@@ -124,7 +125,14 @@ async fn hold_lease(
                 }
             }
             _ = outbound.closed() => break "the service went away",
-            _ = shutdown.triggered() => break "proxyd is stopping",
+            _ = shutdown.triggered() => {
+                // End the stream now (dropping `outbound` closes it with OK), not when the
+                // drain is over, so the service registers with the next process at once;
+                // the instance stays in this process's pool for what it still drains.
+                tracing::debug!(id, "proxyd is stopping; the service is asked to register again");
+                registration.keep_while_draining();
+                return;
+            }
         }
     };
     tracing::debug!(id, reason, "lease ended");

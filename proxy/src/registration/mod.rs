@@ -24,7 +24,7 @@ use crate::state::StateHandle;
 use crate::upstream::PoolRuntime;
 pub use registry::{
     Claim, KnownListener, RegisterError, Registration, RegistrationInfo, Registry, RouteInfo,
-    ServeListener,
+    ServeListener, HANDOFF_PREFIX,
 };
 
 /// The `[registration]` section.

@@ -1,8 +1,16 @@
 //! The registry of live registrations: which instance serves which route, which ports were
 //! opened for them, and the hold timers of routes whose last instance left.
+//!
+//! Across an upgrade, each port opened for registrations travels to the new process as a
+//! handoff socket named `@registration:<port> <protocol> <route>...`, where a route is
+//! `[host]/path-prefix`. The new process serves the port at once and holds those routes
+//! (see [`Registry::adopt`]) until their services register with it again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,6 +23,10 @@ use super::{Hold, RegistrationConfig};
 use crate::config::{ListenerConfig, Protocol};
 use crate::discovery::{check_member_address, Origin, RegisteredRoute};
 use crate::state::{Source, StateHandle, Upstream};
+use crate::upgrade::{HandoffExtras, HandoffSocket, SocketKind};
+
+/// Name prefix of the handoff sockets of ports opened for registrations.
+pub const HANDOFF_PREFIX: &str = "@registration:";
 
 /// What a service announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +115,9 @@ struct RouteBook {
     pool: String,
     listener: String,
     port: u16,
+    /// What the route matches: host (`None` for any) and path prefix.
+    host: Option<String>,
+    path_prefix: String,
     hold: Arc<Hold>,
     instances: BTreeSet<u64>,
     held_until: Option<SystemTime>,
@@ -115,6 +130,8 @@ struct OpenPort {
     protocol: Protocol,
     address: SocketAddr,
     accept: JoinHandle<()>,
+    /// A duplicate of the listening socket, offered to the next process on an upgrade.
+    socket: OwnedFd,
 }
 
 #[derive(Default)]
@@ -177,6 +194,13 @@ impl Registration {
         self.ended = true;
         self.registry.end(self.info.id).await;
     }
+
+    /// Lets the stream go while this process stops (a handoff or a shutdown) but keeps the
+    /// instance in its pool, so requests this process still drains reach it; the service
+    /// registers with the next process meanwhile.
+    pub fn keep_while_draining(mut self) {
+        self.ended = true;
+    }
 }
 
 impl Drop for Registration {
@@ -188,6 +212,79 @@ impl Drop for Registration {
                 handle.spawn(async move { registry.end(id).await });
             }
         }
+    }
+}
+
+/// The name of the route a claim on `port` for `host` and `path_prefix` serves.
+fn route_name(port: u16, host: Option<&str>, path_prefix: &str) -> String {
+    format!("registered:{port}:{}:{path_prefix}", host.unwrap_or("*"))
+}
+
+/// The listener settings of a port opened for registrations.
+fn port_listener(port: u16, protocol: Protocol, address: SocketAddr) -> Arc<ListenerConfig> {
+    Arc::new(ListenerConfig {
+        name: format!("registered-{port}"),
+        protocol,
+        address,
+        max_connections: 10_000,
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_header_bytes: 64 * 1024,
+        max_body_bytes: 0,
+    })
+}
+
+/// A port opened for registrations as it travels in a handoff socket name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PortHandoff {
+    port: u16,
+    protocol: Protocol,
+    /// Host (or `None` for any host) and path prefix of each route on the port.
+    routes: Vec<(Option<String>, String)>,
+}
+
+impl PortHandoff {
+    /// `@registration:<port> <protocol> <route>...`; hosts and path prefixes hold no
+    /// whitespace, and a host holds no `/`, so the parts split back unambiguously.
+    fn name(&self) -> String {
+        let mut name = format!("{HANDOFF_PREFIX}{} {}", self.port, self.protocol.as_str());
+        for (host, path) in &self.routes {
+            name.push(' ');
+            name.push_str(host.as_deref().unwrap_or(""));
+            name.push_str(path);
+        }
+        name
+    }
+
+    fn parse(name: &str) -> Result<PortHandoff, String> {
+        let rest = name
+            .strip_prefix(HANDOFF_PREFIX)
+            .ok_or_else(|| format!("{name:?} does not start with {HANDOFF_PREFIX}"))?;
+        let mut parts = rest.split_whitespace();
+        let port = parts
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{name:?} names no port"))?;
+        let protocol = match parts.next() {
+            Some("http") => Protocol::Http,
+            Some("tcp") => Protocol::Tcp,
+            other => return Err(format!("{name:?}: unknown protocol {other:?}")),
+        };
+        let routes = parts
+            .map(|route| {
+                let slash = route
+                    .find('/')
+                    .ok_or_else(|| format!("{name:?}: route {route:?} has no path"))?;
+                let host = Some(&route[..slash]).filter(|h| !h.is_empty());
+                Ok((host.map(str::to_string), route[slash..].to_string()))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(PortHandoff {
+            port,
+            protocol,
+            routes,
+        })
     }
 }
 
@@ -238,30 +335,49 @@ impl Registry {
             field: "endpoint",
             reason,
         })?;
-        if claim.port == 0 {
+        let (host, path_prefix) = self.check_route(
+            claim.port,
+            claim.protocol,
+            claim.host.take(),
+            std::mem::take(&mut claim.path_prefix),
+        )?;
+        claim.host = host;
+        claim.path_prefix = path_prefix;
+        Ok(claim)
+    }
+
+    /// Validates what a route on `port` claims and normalises its host and path prefix.
+    fn check_route(
+        &self,
+        port: u16,
+        protocol: Protocol,
+        host: Option<String>,
+        mut path_prefix: String,
+    ) -> Result<(Option<String>, String), RegisterError> {
+        if port == 0 {
             return Err(RegisterError::Invalid {
                 field: "port",
                 reason: "must be 1-65535".into(),
             });
         }
-        if !self.config.port_range.contains(&claim.port) {
+        if !self.config.port_range.contains(&port) {
             return Err(RegisterError::PortNotAllowed {
-                port: claim.port,
+                port,
                 low: *self.config.port_range.start(),
                 high: *self.config.port_range.end(),
             });
         }
-        claim.host = match claim.host.as_deref().map(str::trim) {
+        let host = match host.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(h) => Some(normalise_host(h).map_err(|reason| RegisterError::Invalid {
                 field: "host",
                 reason,
             })?),
         };
-        if claim.path_prefix.is_empty() {
-            claim.path_prefix = "/".into();
+        if path_prefix.is_empty() {
+            path_prefix = "/".into();
         }
-        let p = &claim.path_prefix;
+        let p = &path_prefix;
         if !p.starts_with('/')
             || p.len() > 1024
             || p.chars()
@@ -272,7 +388,7 @@ impl Registry {
                 reason: format!("{p:?} must be a plain path starting with '/'"),
             });
         }
-        if claim.protocol == Protocol::Tcp && (claim.host.is_some() || claim.path_prefix != "/") {
+        if protocol == Protocol::Tcp && (host.is_some() || path_prefix != "/") {
             return Err(RegisterError::Invalid {
                 field: "protocol",
                 reason: "tcp registrations take the whole port: no host or path_prefix".into(),
@@ -280,7 +396,7 @@ impl Registry {
         }
         // Routes from the config file own their hosts.
         let snap = self.state.snapshot();
-        if let Some(host) = &claim.host {
+        if let Some(host) = &host {
             if let Some(r) = snap.state.routes().find(|r| {
                 r.source == Source::Declarative && r.host.as_deref() == Some(host.as_str())
             }) {
@@ -290,7 +406,7 @@ impl Registry {
                 )));
             }
         }
-        Ok(claim)
+        Ok((host, path_prefix))
     }
 
     /// Registers an instance: opens the port if needed, adds the route and the instance,
@@ -299,12 +415,7 @@ impl Registry {
         let claim = self.check(claim)?;
         let mut book = self.book.lock().await;
         let (listener, address) = self.listener_for(&mut book, &claim)?;
-        let route = format!(
-            "registered:{}:{}:{}",
-            claim.port,
-            claim.host.as_deref().unwrap_or("*"),
-            claim.path_prefix
-        );
+        let route = route_name(claim.port, claim.host.as_deref(), &claim.path_prefix);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = book
             .routes
@@ -313,6 +424,8 @@ impl Registry {
                 pool: route.clone(),
                 listener: listener.clone(),
                 port: claim.port,
+                host: claim.host.clone(),
+                path_prefix: claim.path_prefix.clone(),
                 hold: Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait)),
                 instances: BTreeSet::new(),
                 held_until: None,
@@ -398,26 +511,6 @@ impl Registry {
             }
             return Ok((open.listener.clone(), open.address));
         }
-        let address = SocketAddr::new(self.config.address, claim.port);
-        let bind_error = |source| RegisterError::Bind {
-            port: claim.port,
-            source,
-        };
-        let socket = crate::listener::bind(address).map_err(bind_error)?;
-        socket.set_nonblocking(true).map_err(bind_error)?;
-        let bound = socket.local_addr().map_err(bind_error)?;
-        let socket = tokio::net::TcpListener::from_std(socket).map_err(bind_error)?;
-        let name = format!("registered-{}", claim.port);
-        let listener = Arc::new(ListenerConfig {
-            name: name.clone(),
-            protocol: claim.protocol,
-            address,
-            max_connections: 10_000,
-            header_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            max_header_bytes: 64 * 1024,
-            max_body_bytes: 0,
-        });
         if !matches!(claim.protocol, Protocol::Http | Protocol::Tcp) {
             return Err(RegisterError::Invalid {
                 field: "protocol",
@@ -427,18 +520,215 @@ impl Registry {
                 ),
             });
         }
+        let address = SocketAddr::new(self.config.address, claim.port);
+        let socket = crate::listener::bind(address).map_err(|source| RegisterError::Bind {
+            port: claim.port,
+            source,
+        })?;
+        let open = self
+            .serve_port(claim.port, claim.protocol, address, socket)
+            .map_err(|source| RegisterError::Bind {
+                port: claim.port,
+                source,
+            })?;
+        tracing::info!(listener = %open.listener, address = %open.address, "opened a port for registrations");
+        let found = (open.listener.clone(), open.address);
+        book.ports.insert(claim.port, open);
+        Ok(found)
+    }
+
+    /// Starts serving a listening socket for registrations on `port`, keeping a duplicate
+    /// to hand over on an upgrade.
+    fn serve_port(
+        &self,
+        port: u16,
+        protocol: Protocol,
+        address: SocketAddr,
+        socket: std::net::TcpListener,
+    ) -> std::io::Result<OpenPort> {
+        socket.set_nonblocking(true)?;
+        let bound = socket.local_addr()?;
+        let handoff = OwnedFd::from(socket.try_clone()?);
+        let socket = tokio::net::TcpListener::from_std(socket)?;
+        let listener = port_listener(port, protocol, address);
+        let name = listener.name.clone();
         let accept = (self.serve)(socket, listener);
-        tracing::info!(listener = %name, address = %bound, "opened a port for registrations");
-        book.ports.insert(
-            claim.port,
-            OpenPort {
-                listener: name.clone(),
-                protocol: claim.protocol,
-                address: bound,
-                accept,
-            },
-        );
-        Ok((name, bound))
+        Ok(OpenPort {
+            listener: name,
+            protocol,
+            address: bound,
+            accept,
+            socket: handoff,
+        })
+    }
+
+    /// Takes over the ports a previous process opened for registrations (handoff sockets
+    /// named with [`HANDOFF_PREFIX`]): serves each at once and holds its routes for
+    /// `registration.hold`, so requests and connections wait (bounded) for their services
+    /// to register again; a port whose routes nobody claims closes when the hold ends.
+    /// A socket this configuration cannot take (port outside the range, now a configured
+    /// listener, or a name it cannot read) is closed.
+    pub async fn adopt(self: &Arc<Self>, sockets: Vec<(String, std::net::TcpListener)>) {
+        for (name, socket) in sockets {
+            if let Err(reason) = self.adopt_port(&name, socket).await {
+                tracing::warn!(socket = %name, %reason, "closing a handed-over registration port");
+            }
+        }
+    }
+
+    async fn adopt_port(
+        self: &Arc<Self>,
+        name: &str,
+        socket: std::net::TcpListener,
+    ) -> Result<(), String> {
+        let handoff = PortHandoff::parse(name)?;
+        let port = handoff.port;
+        if let Some(l) = self.listeners.iter().find(|l| l.bound.port() == port) {
+            return Err(format!("port {port} is now listener {:?}", l.name));
+        }
+        let mut routes = Vec::new();
+        for (host, path) in handoff.routes {
+            match self.check_route(port, handoff.protocol, host, path) {
+                Ok(route) => routes.push(route),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let mut book = self.book.lock().await;
+        if book.ports.contains_key(&port) {
+            return Err(format!("port {port} is already open"));
+        }
+        let listener = format!("registered-{port}");
+        let until = tokio::time::Instant::now() + self.config.hold;
+        let mut held = Vec::new();
+        for (host, path_prefix) in routes {
+            let route = route_name(port, host.as_deref(), &path_prefix);
+            let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
+            hold.hold_until(until);
+            book.routes.insert(
+                route.clone(),
+                RouteBook {
+                    pool: route.clone(),
+                    listener: listener.clone(),
+                    port,
+                    host: host.clone(),
+                    path_prefix: path_prefix.clone(),
+                    hold: hold.clone(),
+                    instances: BTreeSet::new(),
+                    held_until: Some(SystemTime::now() + self.config.hold),
+                    generation: 1,
+                },
+            );
+            held.push((
+                route.clone(),
+                RegisteredRoute {
+                    listener: listener.clone(),
+                    protocol: handoff.protocol,
+                    host,
+                    path_prefix,
+                    pool: route,
+                    hold,
+                },
+            ));
+        }
+        let names: Vec<String> = held.iter().map(|(n, _)| n.clone()).collect();
+        // The held routes are in the routing table before the first connection is accepted.
+        self.state
+            .update_membership(move |m| {
+                for (name, route) in held {
+                    m.set_route(&name, route);
+                }
+            })
+            .await;
+        let address = SocketAddr::new(self.config.address, port);
+        let open = match self.serve_port(port, handoff.protocol, address, socket) {
+            Ok(open) => open,
+            Err(e) => {
+                for route in &names {
+                    book.routes.remove(route);
+                }
+                let removed = names.clone();
+                self.state
+                    .update_membership(move |m| removed.iter().for_each(|r| m.remove_route(r)))
+                    .await;
+                return Err(e.to_string());
+            }
+        };
+        tracing::info!(listener = %open.listener, address = %open.address, routes = names.len(), "serving a port handed over for registrations; its routes are held");
+        book.ports.insert(port, open);
+        drop(book);
+        if names.is_empty() {
+            // Nothing to hold: the port closes like one whose routes all expired.
+            self.close_unused_port(port).await;
+        }
+        for route in names {
+            let registry = self.clone();
+            let wait = self.config.hold;
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                registry.expire(&route, 1).await;
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes the port opened for registrations on `port` if no route uses it any more.
+    async fn close_unused_port(&self, port: u16) {
+        let mut book = self.book.lock().await;
+        Self::close_port_if_unused(&mut book, port);
+    }
+
+    fn close_port_if_unused(book: &mut Book, port: u16) {
+        let Some(open) = book.ports.get(&port) else {
+            return;
+        };
+        if book.routes.values().any(|r| r.listener == open.listener) {
+            return;
+        }
+        if let Some(open) = book.ports.remove(&port) {
+            open.accept.abort();
+            tracing::info!(listener = %open.listener, address = %open.address, "closed the port opened for registrations");
+        }
+    }
+
+    /// Closes every port opened for registrations once this daemon stops (after a handoff
+    /// the next process has its own descriptors), so no listening socket outlives it.
+    pub async fn close_ports_on(self: &Arc<Self>, shutdown: crate::Shutdown) {
+        shutdown.triggered().await;
+        let mut book = self.book.lock().await;
+        for (_, open) in std::mem::take(&mut book.ports) {
+            open.accept.abort();
+        }
+    }
+
+    /// The ports opened for registrations as handoff sockets, each named with its routes.
+    pub async fn handoff_sockets(&self) -> Vec<HandoffSocket> {
+        let book = self.book.lock().await;
+        let mut sockets = Vec::new();
+        for (port, open) in &book.ports {
+            let routes = book
+                .routes
+                .values()
+                .filter(|r| r.listener == open.listener)
+                .map(|r| (r.host.clone(), r.path_prefix.clone()))
+                .collect();
+            let name = PortHandoff {
+                port: *port,
+                protocol: open.protocol,
+                routes,
+            }
+            .name();
+            match open.socket.try_clone() {
+                Ok(fd) => sockets.push(HandoffSocket {
+                    name,
+                    kind: SocketKind::Tcp,
+                    fd,
+                }),
+                Err(e) => {
+                    tracing::warn!(listener = %open.listener, error = %e, "cannot duplicate a registration port for the handoff; the next process opens it again when its service registers")
+                }
+            }
+        }
+        sockets
     }
 
     /// Ends registration `id`: removes the instance; holds the route if it was the last one.
@@ -487,7 +777,7 @@ impl Registry {
         if !entry.instances.is_empty() || entry.generation != generation {
             return;
         }
-        let (port, listener, hold) = (entry.port, entry.listener.clone(), entry.hold.clone());
+        let (port, hold) = (entry.port, entry.hold.clone());
         book.routes.remove(route);
         let name = route.to_string();
         self.state
@@ -495,13 +785,7 @@ impl Registry {
             .await;
         hold.end();
         tracing::info!(route, "hold ended without a registration; route removed");
-        let port_in_use = book.routes.values().any(|r| r.listener == listener);
-        if !port_in_use {
-            if let Some(open) = book.ports.remove(&port) {
-                open.accept.abort();
-                tracing::info!(listener = %open.listener, address = %open.address, "closed the port opened for registrations");
-            }
-        }
+        Self::close_port_if_unused(&mut book, port);
     }
 
     /// Live registrations, by id.
@@ -528,5 +812,55 @@ impl Registry {
                 waiting: r.hold.waiting(),
             })
             .collect()
+    }
+}
+
+impl HandoffExtras for Registry {
+    fn handoff_sockets(&self) -> Pin<Box<dyn Future<Output = Vec<HandoffSocket>> + Send + '_>> {
+        Box::pin(Registry::handoff_sockets(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_names_carry_the_port_protocol_and_routes() {
+        let port = PortHandoff {
+            port: 20001,
+            protocol: Protocol::Http,
+            routes: vec![
+                (None, "/".into()),
+                (Some("api.example".into()), "/v1/a".into()),
+                (Some("*.example".into()), "/b".into()),
+            ],
+        };
+        let name = port.name();
+        assert_eq!(
+            name,
+            "@registration:20001 http / api.example/v1/a *.example/b"
+        );
+        assert_eq!(PortHandoff::parse(&name), Ok(port));
+        let tcp = PortHandoff {
+            port: 20002,
+            protocol: Protocol::Tcp,
+            routes: vec![(None, "/".into())],
+        };
+        assert_eq!(PortHandoff::parse(&tcp.name()), Ok(tcp));
+    }
+
+    #[test]
+    fn unreadable_handoff_names_are_refused() {
+        for bad in [
+            "@registration:",
+            "@registration:0 http /",
+            "@registration:20001",
+            "@registration:20001 tls /",
+            "@registration:20001 http nopath",
+            "@admin",
+        ] {
+            assert!(PortHandoff::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -6,7 +6,9 @@
 //!
 //! 1. C connects and sends `HELLO <pid>`; P checks the peer really is its child.
 //! 2. P stops taking API writes and closes its SQLite writer (never two writers), then sends
-//!    `SOCKETS <json>` (names, kinds, state revision) followed by the descriptors.
+//!    `SOCKETS <json>` (names, kinds, state revision) followed by the descriptors: those
+//!    fixed at start and those [`HandoffExtras`] list at this moment (ports opened for
+//!    registrations).
 //! 3. C opens the store, starts serving on the sockets (both accept for a moment: never
 //!    zero acceptors), and sends `READY`.
 //! 4. P tells systemd `MAINPID=<child>`, stops accepting, drains, and exits 0.

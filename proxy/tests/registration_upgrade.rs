@@ -1,0 +1,450 @@
+//! Registrations across upgrades and restarts, with real processes: a service registered
+//! through the client library on a port opened for it keeps being served, under load,
+//! through two zero-downtime upgrades of proxyd; and the client registers again by itself
+//! when the proxy restarts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod mgmt_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use mgmt_support::{unix_channel, Api};
+use proxy::registration::client::{self, Announce, Backoff};
+use proxy_proto::v1 as pb;
+use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn local(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A proxyd process; later ones are started by their predecessors' upgrades.
+struct Proxyd {
+    child: Child,
+    dir: tempfile::TempDir,
+    current: Option<u32>,
+}
+
+impl Proxyd {
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("mgmt.sock")
+    }
+
+    async fn api(&self) -> Api {
+        Api::over(unix_channel(&self.socket()).await)
+    }
+
+    async fn pid(&self) -> u32 {
+        let mut api = self.api().await;
+        api.admin
+            .status(pb::StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .pid
+    }
+
+    async fn upgrade(&mut self) -> u32 {
+        let mut api = self.api().await;
+        let pid = api
+            .admin
+            .upgrade(pb::UpgradeRequest {
+                binary: String::new(),
+                wait: true,
+            })
+            .await
+            .expect("upgrade")
+            .into_inner()
+            .new_pid;
+        self.current = Some(pid);
+        pid
+    }
+
+    async fn registrations(&self) -> pb::ListRegistrationsResponse {
+        RegistrationServiceClient::new(unix_channel(&self.socket()).await)
+            .list_registrations(pb::ListRegistrationsRequest {})
+            .await
+            .expect("ListRegistrations")
+            .into_inner()
+    }
+}
+
+impl Drop for Proxyd {
+    fn drop(&mut self) {
+        if let Some(pid) = self.current {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for_socket(path: &Path) {
+    for _ in 0..300 {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never opened", path.display());
+}
+
+/// proxyd with one configured listener and registrations allowed on `port` only.
+async fn start(port: u16) -> Proxyd {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[server]
+state_dir = \"{dir}\"
+mgmt_socket = \"{dir}/mgmt.sock\"
+admin_listen = \"\"
+executable = \"{PROXYD}\"
+upgrade_timeout = \"10s\"
+drain_timeout = \"20s\"
+log_level = \"warn\"
+
+[registration]
+hold = \"30s\"
+port_range = \"{port}-{port}\"
+address = \"127.0.0.1\"
+max_wait = \"30s\"
+keepalive = \"1s\"
+
+[[listeners]]
+name = \"web\"
+protocol = \"http\"
+address = \"127.0.0.1:{web}\"
+",
+        dir = dir.path().display(),
+        web = free_port(),
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let child = Command::new(PROXYD)
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let d = Proxyd {
+        child,
+        dir,
+        current: None,
+    };
+    wait_for_socket(&d.socket()).await;
+    d
+}
+
+/// One HTTP exchange on `stream`: the status and whether the server closes; `Err` says
+/// whether any response byte had arrived.
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bool), bool> {
+    stream.write_all(request).await.map_err(|_| false)?;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout(Duration::from_secs(40), stream.read(&mut tmp)).await {
+            Ok(Ok(n)) => n,
+            _ => return Err(!buf.is_empty()),
+        };
+        if n == 0 {
+            return Err(!buf.is_empty());
+        }
+        buf.extend_from_slice(&tmp[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + length {
+            let close = head
+                .lines()
+                .any(|l| l.starts_with("connection:") && l.contains("close"));
+            return Ok((status, close));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Tally {
+    fn count(&self, outcome: Result<(u16, bool), bool>) {
+        match outcome {
+            Ok((200, _)) => self.ok.fetch_add(1, Ordering::Relaxed),
+            _ => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Bounded load: keep-alive requests (retried once on a fresh connection only when a
+/// reused one closed before any response byte, as HTTP clients do) or one request per
+/// connection, until `stop` or 20,000 requests.
+async fn load(port: u16, keep_alive: bool, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let request: &[u8] = if keep_alive {
+        b"GET /a/ka HTTP/1.1\r\nHost: svc\r\n\r\n"
+    } else {
+        b"GET /a/new HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+    };
+    let mut conn: Option<TcpStream> = None;
+    let mut sent = 0u32;
+    while !stop.load(Ordering::Relaxed) && sent < 20_000 {
+        sent += 1;
+        let reused = conn.is_some();
+        let mut stream = match conn.take() {
+            Some(s) => s,
+            None => match TcpStream::connect(local(port)).await {
+                Ok(s) => s,
+                Err(_) => {
+                    tally.count(Err(false));
+                    continue;
+                }
+            },
+        };
+        let mut outcome = exchange(&mut stream, request).await;
+        if reused && outcome == Err(false) {
+            outcome = match TcpStream::connect(local(port)).await {
+                Ok(fresh) => {
+                    stream = fresh;
+                    exchange(&mut stream, request).await
+                }
+                Err(_) => Err(false),
+            };
+        }
+        if keep_alive && matches!(outcome, Ok((_, false))) {
+            conn = Some(stream);
+        }
+        tally.count(outcome);
+    }
+}
+
+/// Waits (bounded) until the proxy lists exactly one registration, for `endpoint`.
+async fn wait_listed(d: &Proxyd, endpoint: &str) -> pb::ListRegistrationsResponse {
+    let mut last = None;
+    for _ in 0..300 {
+        let listing = d.registrations().await;
+        let ours = listing.registrations.len() == 1
+            && listing.registrations[0]
+                .announce
+                .as_ref()
+                .is_some_and(|a| a.endpoint == endpoint);
+        if ours {
+            return listing;
+        }
+        last = Some(listing);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the registration was never listed: {last:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registration_survives_two_upgrades_under_load() {
+    let port = free_port();
+    let mut d = start(port).await;
+    let svc = upstream("svc").await;
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let announce = Announce {
+        endpoint: svc.address(),
+        port: u32::from(port),
+        path_prefix: "/a".into(),
+        name: "svc".into(),
+        ..Default::default()
+    };
+    let mut lease = client::register(channel, announce, None)
+        .await
+        .expect("register");
+    assert_eq!(lease.registered().address, local(port).to_string());
+    let r = get(local(port), "svc", "/a/x").await;
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let mut clients = Vec::new();
+    for keep_alive in [true, true, false, false] {
+        clients.push(tokio::spawn(load(
+            port,
+            keep_alive,
+            stop.clone(),
+            tally.clone(),
+        )));
+    }
+
+    let mut pids = vec![d.pid().await];
+    for round in 1..=2u64 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = tally.ok.load(Ordering::Relaxed);
+        let new_pid = d.upgrade().await;
+        assert!(!pids.contains(&new_pid), "{new_pid} in {pids:?}");
+        assert_eq!(d.pid().await, new_pid, "the new process serves the API");
+        pids.push(new_pid);
+        // The client noticed the end of its stream and registered with the new process.
+        let again = tokio::time::timeout(Duration::from_secs(30), lease.registered_after(round))
+            .await
+            .expect("registered again in time")
+            .expect("the lease still runs");
+        assert_eq!(again.address, local(port).to_string());
+        let listing = wait_listed(&d, &svc.address()).await;
+        assert_eq!(listing.routes.len(), 1, "{listing:?}");
+        assert_eq!(listing.routes[0].instances, 1, "{listing:?}");
+        // Traffic keeps flowing through the new process.
+        for _ in 0..300 {
+            if tally.ok.load(Ordering::Relaxed) > before + 50 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let failed = tally.failed.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "{failed} failed requests out of {}", ok + failed);
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    assert_eq!(lease.registrations(), 3);
+    let r = get(local(port), "svc", "/a/after").await;
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
+    lease.release().await;
+}
+
+#[tokio::test]
+async fn a_route_held_across_an_upgrade_serves_waiting_requests_once_its_service_returns() {
+    let port = free_port();
+    let mut d = start(port).await;
+    let svc = upstream("svc").await;
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let announce = Announce {
+        endpoint: svc.address(),
+        port: u32::from(port),
+        path_prefix: "/a".into(),
+        ..Default::default()
+    };
+    // The service stops re-registering (released) right before the upgrade; the new
+    // process still takes the port over and holds the route.
+    let lease = client::register(channel, announce, None)
+        .await
+        .expect("register");
+    lease.release().await;
+    d.upgrade().await;
+    let listing = d.registrations().await;
+    assert!(listing.registrations.is_empty(), "{listing:?}");
+    assert_eq!(listing.routes.len(), 1, "the route is held: {listing:?}");
+    assert_eq!(listing.routes[0].instances, 0);
+    assert!(listing.routes[0].held_until_unix_ms > 0);
+    assert!(
+        TcpStream::connect(local(port)).await.is_ok(),
+        "the new process serves the handed-over port"
+    );
+    // A request waits on the held route and is served once an instance registers.
+    let waiter = tokio::spawn(async move { get(local(port), "svc", "/a/w").await });
+    for _ in 0..300 {
+        if d.registrations().await.routes[0].waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let back = Announce {
+        endpoint: svc.address(),
+        port: u32::from(port),
+        path_prefix: "/a".into(),
+        ..Default::default()
+    };
+    let lease = client::register(channel, back, None)
+        .await
+        .expect("register with the new process");
+    let r = waiter.await.unwrap();
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
+    lease.release().await;
+}
+
+#[tokio::test]
+async fn the_client_registers_again_after_the_proxy_restarts() {
+    let port = free_port();
+    let config = format!(
+        "{WEB}\n[registration]\nhold = \"5s\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n"
+    );
+    let p = start_proxy(&config).await;
+    let socket = mgmt_support::socket_path(&p);
+    let svc = upstream("svc").await;
+    let channel = client::unix_channel(&socket).await.expect("channel");
+    let announce = Announce {
+        endpoint: svc.address(),
+        port: u32::from(port),
+        path_prefix: "/a".into(),
+        ..Default::default()
+    };
+    let backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+    };
+    let mut lease = client::register_with(channel, announce, None, backoff)
+        .await
+        .expect("register");
+    assert_eq!(get(local(port), "svc", "/a").await.status, 200);
+
+    // The proxy stops: the stream ends, and the client keeps trying while nothing listens.
+    let TestProxy { daemon, dir } = p;
+    daemon.stop().await;
+    for _ in 0..200 {
+        if !lease.is_registered() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!lease.is_registered(), "the lease saw its stream end");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(TcpStream::connect(local(port)).await.is_err());
+
+    // A new proxy on the same socket: the client registers with it by itself.
+    let p = start_proxy_in(dir, &config).await;
+    let again = tokio::time::timeout(Duration::from_secs(30), lease.registered_after(1))
+        .await
+        .expect("registered again in time")
+        .expect("the lease still runs");
+    assert_eq!(again.address, local(port).to_string());
+    let r = get(local(port), "svc", "/a/x").await;
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
+    let listed = RegistrationServiceClient::new(unix_channel(&socket).await)
+        .list_registrations(pb::ListRegistrationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.registrations.len(), 1);
+    lease.release().await;
+    p.daemon.stop().await;
+}
