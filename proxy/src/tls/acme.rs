@@ -84,6 +84,9 @@ impl Challenges {
     }
 }
 
+/// Where every handshake waiting for one name's order learns its outcome.
+type OrderWatch = watch::Receiver<Option<Result<Arc<CertEntry>, OrderError>>>;
+
 /// Counters for the status call and the tests.
 #[derive(Debug, Default)]
 pub struct IssuerStats {
@@ -116,7 +119,7 @@ pub struct Issuer {
     certs: Arc<CertCache>,
     account: OnceCell<Account>,
     challenges: Arc<Challenges>,
-    in_flight: Mutex<HashMap<String, watch::Receiver<Option<Result<Arc<CertEntry>, OrderError>>>>>,
+    in_flight: Mutex<HashMap<String, OrderWatch>>,
     limits: Mutex<Limits>,
     last_error: Mutex<Option<String>>,
     /// Counters.

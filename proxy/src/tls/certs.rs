@@ -205,6 +205,12 @@ impl fmt::Debug for CertCache {
     }
 }
 
+impl Default for CertCache {
+    fn default() -> Self {
+        CertCache::new()
+    }
+}
+
 impl CertCache {
     /// An empty cache.
     pub fn new() -> CertCache {
