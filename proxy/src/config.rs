@@ -753,14 +753,16 @@ impl Doc<'_> {
             "https" => Protocol::Https,
             "tls" => Protocol::Tls,
             "tls-passthrough" => Protocol::TlsPassthrough,
-            other => return Err(self.field_error(
-                span,
-                prefix,
-                "protocol",
-                format!(
+            other => {
+                return Err(self.field_error(
+                    span,
+                    prefix,
+                    "protocol",
+                    format!(
                     "unknown protocol {other:?}, expected http, https, tcp, tls or tls-passthrough"
                 ),
-            )),
+                ))
+            }
         };
         let address: SocketAddr = raw.address.parse().map_err(|_| {
             self.field_error(

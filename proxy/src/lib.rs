@@ -287,6 +287,7 @@ impl Daemon {
                 shutdown.clone(),
                 handoff,
             )
+            .with_metrics(telemetry.metrics().clone())
             .with_extras(registry.clone()),
         );
         let mgmt_address = mgmt_sockets.tcp_address();

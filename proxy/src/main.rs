@@ -61,9 +61,14 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     };
     proxy::telemetry::init_logging(&config.server.log_level, &config.telemetry);
     if path.is_none() {
-        tracing::info!("no --config given: running the embedded default (see `proxyd default-config`)");
+        tracing::info!(
+            "no --config given: running the embedded default (see `proxyd default-config`)"
+        );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -453,6 +453,22 @@ scenario_5() {
     fail "s5 PID 1 does not hold the new sockets (8080 [$web1], 16379 [$echo1])"
   fi
 
+  # A listener whose address changed in the config: the stored socket on the old address
+  # is dropped from the store and closed, the new address is bound and stored.
+  sed -i 's/127.0.0.1:8080/127.0.0.1:8081/' /etc/proxy/proxy.toml
+  check "s5 moved listener: systemctl restart" timeout 100 systemctl restart "$fdstore_unit"
+  wait_for 20 sh -c 'curl -fsS --max-time 2 http://127.0.0.1:8081/fdstore >/dev/null' || true
+  case "$(http_get http://127.0.0.1:8081/fdstore)" in
+    "v1a /fdstore" | "v1b /fdstore") pass "s5 moved listener: served on the new address 8081" ;;
+    *) fail "s5 moved listener: nothing served on 8081" ;;
+  esac
+  expect "s5 moved listener: nothing listens on the old address 8080" "$(listen_inodes 8080)" ""
+  expect "s5 moved listener: NFileDescriptorStore" "$(fd_stored)" 2
+  sed -i 's/127.0.0.1:8081/127.0.0.1:8080/' /etc/proxy/proxy.toml
+  check "s5 moved back: systemctl restart" timeout 100 systemctl restart "$fdstore_unit"
+  wait_for 20 fd_serves || true
+  check "s5 moved back: serves on 8080" fd_serves
+
   # Control: the same restart without an fd store closes the sockets, so the inode
   # comparison above can tell the two apart.
   mkdir -p "/etc/systemd/system/$fdstore_unit.d"

@@ -10,9 +10,16 @@ use std::os::unix::net::UnixListener;
 pub enum Origin {
     /// The previous proxyd process (upgrade handoff).
     Handoff,
-    /// systemd: a `.socket` unit or the service's fd store.
+    /// systemd: a `.socket` unit (its address is the unit's to decide).
     Systemd,
+    /// systemd's fd store: a socket this daemon bound and stored earlier.
+    Store,
 }
+
+/// Prefix of the `FDNAME` under which proxyd stores its own sockets in systemd's fd store,
+/// so they can be told apart from socket-unit sockets when they come back (an `FDNAME`
+/// cannot hold a colon, and `@` never appears in a listener name).
+pub const STORE_PREFIX: &str = "store@";
 
 /// Open listening sockets by name, waiting to be claimed by the listeners that use them.
 #[derive(Debug, Default)]
@@ -40,9 +47,12 @@ impl Inherited {
                 .get(idx)
                 .cloned()
                 .unwrap_or_else(|| UNNAMED.to_string());
-            let name = match (name.as_str(), only_listener, fds.len()) {
-                ("" | UNNAMED, Some(only), 1) => only.to_string(),
-                _ => name,
+            let (name, origin) = match (name.as_str(), only_listener, fds.len()) {
+                ("" | UNNAMED, Some(only), 1) => (only.to_string(), Origin::Systemd),
+                _ => match name.strip_prefix(STORE_PREFIX) {
+                    Some(stored) => (stored.to_string(), Origin::Store),
+                    None => (name, Origin::Systemd),
+                },
             };
             match fds.take_tcp_listener(idx) {
                 Ok(Some(listener)) => match inherited.tcp.entry(name) {
@@ -51,7 +61,7 @@ impl Inherited {
                     }
                     std::collections::btree_map::Entry::Vacant(e) => {
                         tracing::info!(name = %e.key(), "using a socket passed by systemd");
-                        e.insert((listener, Origin::Systemd));
+                        e.insert((listener, origin));
                     }
                 },
                 Ok(None) => {}
@@ -111,6 +121,9 @@ impl Inherited {
     pub fn close_leftovers(self) {
         for (name, (_, origin)) in self.tcp {
             tracing::info!(%name, ?origin, "closing an inherited socket no listener uses");
+            if origin == Origin::Store {
+                crate::upgrade::remove_from_systemd_store(&name);
+            }
         }
         for name in self.unix.keys() {
             tracing::info!(%name, "closing an inherited unix socket nothing uses");

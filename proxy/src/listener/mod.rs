@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub use gate::{AcceptGate, GatedIncoming};
 pub use idle::IdleTimeout;
-pub use inherit::{Inherited, Origin};
+pub use inherit::{Inherited, Origin, STORE_PREFIX};
 
 use crate::config::Config;
 
@@ -60,15 +60,18 @@ pub fn obtain(
     for l in &config.listeners {
         if let Some((socket, origin)) = inherited.take_tcp(&l.name) {
             let actual = socket.local_addr().ok();
-            // A handed-over socket on an address the new config no longer names is
-            // replaced; systemd's sockets are authoritative (the unit decides the address).
+            // A handed-over or stored socket on an address the new config no longer names
+            // is replaced; socket-unit sockets are authoritative (the unit decides).
             let moved =
-                origin == Origin::Handoff && l.address.port() != 0 && actual != Some(l.address);
+                origin != Origin::Systemd && l.address.port() != 0 && actual != Some(l.address);
             if !moved {
                 sockets.insert(l.name.clone(), socket);
                 continue;
             }
             tracing::info!(listener = %l.name, old = ?actual, new = %l.address, "listener address changed; binding the new one");
+            if origin == Origin::Store {
+                crate::upgrade::remove_from_systemd_store(&l.name);
+            }
         }
         let socket = bind(l.address).map_err(|source| BindError {
             name: l.name.clone(),

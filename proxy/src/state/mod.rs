@@ -133,20 +133,35 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
     }
     if let Some(h) = &pool.health {
         if h.interval.is_zero() {
-            return Err(ApplyError::invalid("pool.health.interval", "must be positive"));
+            return Err(ApplyError::invalid(
+                "pool.health.interval",
+                "must be positive",
+            ));
         }
         if h.timeout.is_zero() {
-            return Err(ApplyError::invalid("pool.health.timeout", "must be positive"));
+            return Err(ApplyError::invalid(
+                "pool.health.timeout",
+                "must be positive",
+            ));
         }
         if !h.path.is_empty() && !h.path.starts_with('/') {
-            return Err(ApplyError::invalid("pool.health.path", "must start with '/'"));
+            return Err(ApplyError::invalid(
+                "pool.health.path",
+                "must start with '/'",
+            ));
         }
     }
     if pool.connect_timeout.is_zero() {
-        return Err(ApplyError::invalid("pool.connect_timeout", "must be positive"));
+        return Err(ApplyError::invalid(
+            "pool.connect_timeout",
+            "must be positive",
+        ));
     }
     if pool.response_timeout.is_zero() {
-        return Err(ApplyError::invalid("pool.response_timeout", "must be positive"));
+        return Err(ApplyError::invalid(
+            "pool.response_timeout",
+            "must be positive",
+        ));
     }
     if let Some(tls) = &pool.tls {
         // Reads the files now, so a pool whose TLS cannot work is refused, not half-applied.
@@ -220,9 +235,21 @@ impl State {
     /// The objects owned by `source`, as a document.
     pub fn document(&self, source: Source) -> Document {
         Document {
-            pools: self.pools().filter(|p| p.source == source).cloned().collect(),
-            routes: self.routes().filter(|r| r.source == source).cloned().collect(),
-            tcp_routes: self.tcp_routes().filter(|r| r.source == source).cloned().collect(),
+            pools: self
+                .pools()
+                .filter(|p| p.source == source)
+                .cloned()
+                .collect(),
+            routes: self
+                .routes()
+                .filter(|r| r.source == source)
+                .cloned()
+                .collect(),
+            tcp_routes: self
+                .tcp_routes()
+                .filter(|r| r.source == source)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -234,22 +261,32 @@ impl State {
         let mut out = Vec::new();
         let tgt_routes: BTreeMap<&str, &Route> =
             target.routes.iter().map(|r| (r.name.as_str(), r)).collect();
-        let tgt_tcp: BTreeMap<&str, &TcpRoute> =
-            target.tcp_routes.iter().map(|r| (r.name.as_str(), r)).collect();
+        let tgt_tcp: BTreeMap<&str, &TcpRoute> = target
+            .tcp_routes
+            .iter()
+            .map(|r| (r.name.as_str(), r))
+            .collect();
         let tgt_pools: BTreeMap<&str, &Pool> =
             target.pools.iter().map(|p| (p.name.as_str(), p)).collect();
         for r in &current.routes {
             if !tgt_routes.contains_key(r.name.as_str()) {
-                out.push(Change::DeleteRoute { name: r.name.clone() });
+                out.push(Change::DeleteRoute {
+                    name: r.name.clone(),
+                });
             }
         }
         for r in &current.tcp_routes {
             if !tgt_tcp.contains_key(r.name.as_str()) {
-                out.push(Change::DeleteTcpRoute { name: r.name.clone() });
+                out.push(Change::DeleteTcpRoute {
+                    name: r.name.clone(),
+                });
             }
         }
         for p in &target.pools {
-            let p = Pool { source, ..p.clone() };
+            let p = Pool {
+                source,
+                ..p.clone()
+            };
             match self.pool(&p.name) {
                 None => out.push(Change::CreatePool(p)),
                 Some(old) if *old != p => out.push(Change::UpdatePool(p)),
@@ -257,7 +294,10 @@ impl State {
             }
         }
         for r in &target.routes {
-            let r = Route { source, ..r.clone() };
+            let r = Route {
+                source,
+                ..r.clone()
+            };
             match self.route(&r.name) {
                 None => out.push(Change::CreateRoute(r)),
                 Some(old) if *old != r => out.push(Change::UpdateRoute(r)),
@@ -265,7 +305,10 @@ impl State {
             }
         }
         for r in &target.tcp_routes {
-            let r = TcpRoute { source, ..r.clone() };
+            let r = TcpRoute {
+                source,
+                ..r.clone()
+            };
             match self.tcp_route(&r.name) {
                 None => out.push(Change::CreateTcpRoute(r)),
                 Some(old) if *old != r => out.push(Change::UpdateTcpRoute(r)),
@@ -274,7 +317,9 @@ impl State {
         }
         for p in &current.pools {
             if !tgt_pools.contains_key(p.name.as_str()) {
-                out.push(Change::DeletePool { name: p.name.clone() });
+                out.push(Change::DeletePool {
+                    name: p.name.clone(),
+                });
             }
         }
         out
@@ -293,7 +338,11 @@ impl State {
 
     /// Applies a batch to this state in memory; on error the state may be partly changed,
     /// so callers work on a copy.
-    pub(crate) fn apply_batch(&mut self, changes: &[Change], source: Source) -> Result<(), ApplyError> {
+    pub(crate) fn apply_batch(
+        &mut self,
+        changes: &[Change],
+        source: Source,
+    ) -> Result<(), ApplyError> {
         for (i, change) in changes.iter().enumerate() {
             let prefix = if changes.len() > 1 {
                 format!("changes[{i}].")
@@ -306,7 +355,13 @@ impl State {
         Ok(())
     }
 
-    fn owned(&self, kind: &'static str, name: &str, owner: Source, source: Source) -> Result<(), ApplyError> {
+    fn owned(
+        &self,
+        kind: &'static str,
+        name: &str,
+        owner: Source,
+        source: Source,
+    ) -> Result<(), ApplyError> {
         if owner == Source::Declarative && source != Source::Declarative {
             return Err(ApplyError::Declarative {
                 kind,
@@ -331,7 +386,10 @@ impl State {
                 pool.source = source;
                 check_pool(&pool)?;
                 if self.pools.contains_key(&pool.name) {
-                    return Err(ApplyError::AlreadyExists { kind: "pool", name: pool.name });
+                    return Err(ApplyError::AlreadyExists {
+                        kind: "pool",
+                        name: pool.name,
+                    });
                 }
                 self.pools.insert(pool.name.clone(), Arc::new(pool));
             }
@@ -344,10 +402,18 @@ impl State {
             Change::DeletePool { name } => {
                 self.pool_for_edit(&name, source)?;
                 if let Some(r) = self.routes.values().find(|r| r.pool == name) {
-                    return Err(ApplyError::InUse { kind: "pool", name, user: format!("route {:?}", r.name) });
+                    return Err(ApplyError::InUse {
+                        kind: "pool",
+                        name,
+                        user: format!("route {:?}", r.name),
+                    });
                 }
                 if let Some(r) = self.tcp_routes.values().find(|r| r.pool == name) {
-                    return Err(ApplyError::InUse { kind: "pool", name, user: format!("tcp route {:?}", r.name) });
+                    return Err(ApplyError::InUse {
+                        kind: "pool",
+                        name,
+                        user: format!("tcp route {:?}", r.name),
+                    });
                 }
                 self.pools.remove(&name);
             }
@@ -355,7 +421,10 @@ impl State {
                 check_upstream(&upstream).map_err(|e| e.within("upstream."))?;
                 let mut p = self.pool_for_edit(&pool, source)?;
                 if p.upstreams.iter().any(|u| u.address == upstream.address) {
-                    return Err(ApplyError::AlreadyExists { kind: "upstream", name: format!("{pool}/{}", upstream.address) });
+                    return Err(ApplyError::AlreadyExists {
+                        kind: "upstream",
+                        name: format!("{pool}/{}", upstream.address),
+                    });
                 }
                 p.upstreams.push(upstream);
                 self.pools.insert(pool, Arc::new(p));
@@ -365,69 +434,100 @@ impl State {
                 let before = p.upstreams.len();
                 p.upstreams.retain(|u| u.address != address);
                 if p.upstreams.len() == before {
-                    return Err(ApplyError::NotFound { kind: "upstream", name: format!("{pool}/{address}") });
+                    return Err(ApplyError::NotFound {
+                        kind: "upstream",
+                        name: format!("{pool}/{address}"),
+                    });
                 }
                 self.pools.insert(pool, Arc::new(p));
             }
-            Change::SetUpstreamState { pool, address, state } => {
+            Change::SetUpstreamState {
+                pool,
+                address,
+                state,
+            } => {
                 // Draining is operational, so it is allowed on declarative pools too.
                 let mut p = self
                     .pools
                     .get(&pool)
                     .map(|p| p.as_ref().clone())
-                    .ok_or_else(|| ApplyError::NotFound { kind: "pool", name: pool.clone() })?;
+                    .ok_or_else(|| ApplyError::NotFound {
+                        kind: "pool",
+                        name: pool.clone(),
+                    })?;
                 let u = p
                     .upstreams
                     .iter_mut()
                     .find(|u| u.address == address)
-                    .ok_or_else(|| ApplyError::NotFound { kind: "upstream", name: format!("{pool}/{address}") })?;
+                    .ok_or_else(|| ApplyError::NotFound {
+                        kind: "upstream",
+                        name: format!("{pool}/{address}"),
+                    })?;
                 u.state = state;
                 self.pools.insert(pool, Arc::new(p));
             }
             Change::CreateRoute(route) => {
                 let route = self.check_route(route, source)?;
                 if self.routes.contains_key(&route.name) {
-                    return Err(ApplyError::AlreadyExists { kind: "route", name: route.name });
+                    return Err(ApplyError::AlreadyExists {
+                        kind: "route",
+                        name: route.name,
+                    });
                 }
                 self.routes.insert(route.name.clone(), Arc::new(route));
             }
             Change::UpdateRoute(route) => {
                 let route = self.check_route(route, source)?;
-                let old = self.routes.get(&route.name).ok_or_else(|| ApplyError::NotFound {
-                    kind: "route",
-                    name: route.name.clone(),
-                })?;
+                let old = self
+                    .routes
+                    .get(&route.name)
+                    .ok_or_else(|| ApplyError::NotFound {
+                        kind: "route",
+                        name: route.name.clone(),
+                    })?;
                 self.owned("route", &route.name, old.source, source)?;
                 self.routes.insert(route.name.clone(), Arc::new(route));
             }
             Change::DeleteRoute { name } => {
-                let old = self.routes.get(&name).ok_or_else(|| ApplyError::NotFound { kind: "route", name: name.clone() })?;
+                let old = self.routes.get(&name).ok_or_else(|| ApplyError::NotFound {
+                    kind: "route",
+                    name: name.clone(),
+                })?;
                 self.owned("route", &name, old.source, source)?;
                 self.routes.remove(&name);
             }
             Change::CreateTcpRoute(route) => {
                 let route = self.check_tcp_route(route, source)?;
                 if self.tcp_routes.contains_key(&route.name) {
-                    return Err(ApplyError::AlreadyExists { kind: "tcp_route", name: route.name });
+                    return Err(ApplyError::AlreadyExists {
+                        kind: "tcp_route",
+                        name: route.name,
+                    });
                 }
                 self.check_tcp_route_unique(&route)?;
                 self.tcp_routes.insert(route.name.clone(), Arc::new(route));
             }
             Change::UpdateTcpRoute(route) => {
                 let route = self.check_tcp_route(route, source)?;
-                let old = self.tcp_routes.get(&route.name).ok_or_else(|| ApplyError::NotFound {
-                    kind: "tcp_route",
-                    name: route.name.clone(),
-                })?;
+                let old = self
+                    .tcp_routes
+                    .get(&route.name)
+                    .ok_or_else(|| ApplyError::NotFound {
+                        kind: "tcp_route",
+                        name: route.name.clone(),
+                    })?;
                 self.owned("tcp_route", &route.name, old.source, source)?;
                 self.check_tcp_route_unique(&route)?;
                 self.tcp_routes.insert(route.name.clone(), Arc::new(route));
             }
             Change::DeleteTcpRoute { name } => {
-                let old = self.tcp_routes.get(&name).ok_or_else(|| ApplyError::NotFound {
-                    kind: "tcp_route",
-                    name: name.clone(),
-                })?;
+                let old = self
+                    .tcp_routes
+                    .get(&name)
+                    .ok_or_else(|| ApplyError::NotFound {
+                        kind: "tcp_route",
+                        name: name.clone(),
+                    })?;
                 self.owned("tcp_route", &name, old.source, source)?;
                 self.tcp_routes.remove(&name);
             }
@@ -443,7 +543,11 @@ impl State {
             Some(other) => {
                 return Err(ApplyError::invalid(
                     "route.listener",
-                    format!("listener {:?} is {}, routes need an http or https listener", route.listener, other.as_str()),
+                    format!(
+                        "listener {:?} is {}, routes need an http or https listener",
+                        route.listener,
+                        other.as_str()
+                    ),
                 ))
             }
             None => {
@@ -454,23 +558,39 @@ impl State {
             }
         }
         if let Some(host) = &route.host {
-            route.host = Some(normalise_host(host).map_err(|r| ApplyError::invalid("route.host", r))?);
+            route.host =
+                Some(normalise_host(host).map_err(|r| ApplyError::invalid("route.host", r))?);
         }
         let path = route.path.as_str();
         if !path.starts_with('/') {
-            return Err(ApplyError::invalid("route.path", format!("{path:?} must start with '/'")));
-        }
-        if path.len() > 1024 || path.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
             return Err(ApplyError::invalid(
                 "route.path",
-                format!("{path:?} must be a plain path (no spaces, '?' or '#', at most 1024 bytes)"),
+                format!("{path:?} must start with '/'"),
+            ));
+        }
+        if path.len() > 1024
+            || path
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+        {
+            return Err(ApplyError::invalid(
+                "route.path",
+                format!(
+                    "{path:?} must be a plain path (no spaces, '?' or '#', at most 1024 bytes)"
+                ),
             ));
         }
         if route.strip_prefix && matches!(route.path, PathMatch::Exact(_)) {
-            return Err(ApplyError::invalid("route.strip_prefix", "only applies to path_prefix routes"));
+            return Err(ApplyError::invalid(
+                "route.strip_prefix",
+                "only applies to path_prefix routes",
+            ));
         }
         if !self.pools.contains_key(&route.pool) {
-            return Err(ApplyError::invalid("route.pool", format!("no pool named {:?}", route.pool)));
+            return Err(ApplyError::invalid(
+                "route.pool",
+                format!("no pool named {:?}", route.pool),
+            ));
         }
         Ok(route)
     }
@@ -483,14 +603,22 @@ impl State {
                 if route.sni.is_some() && *p != Protocol::TlsPassthrough {
                     return Err(ApplyError::invalid(
                         "tcp_route.sni",
-                        format!("listener {:?} is {}; only tls-passthrough listeners route by SNI", route.listener, p.as_str()),
+                        format!(
+                            "listener {:?} is {}; only tls-passthrough listeners route by SNI",
+                            route.listener,
+                            p.as_str()
+                        ),
                     ));
                 }
             }
             Some(other) => {
                 return Err(ApplyError::invalid(
                     "tcp_route.listener",
-                    format!("listener {:?} is {}, tcp routes need a tcp, tls or tls-passthrough listener", route.listener, other.as_str()),
+                    format!(
+                    "listener {:?} is {}, tcp routes need a tcp, tls or tls-passthrough listener",
+                    route.listener,
+                    other.as_str()
+                ),
                 ))
             }
             None => {
@@ -501,10 +629,14 @@ impl State {
             }
         }
         if let Some(sni) = &route.sni {
-            route.sni = Some(normalise_host(sni).map_err(|r| ApplyError::invalid("tcp_route.sni", r))?);
+            route.sni =
+                Some(normalise_host(sni).map_err(|r| ApplyError::invalid("tcp_route.sni", r))?);
         }
         if !self.pools.contains_key(&route.pool) {
-            return Err(ApplyError::invalid("tcp_route.pool", format!("no pool named {:?}", route.pool)));
+            return Err(ApplyError::invalid(
+                "tcp_route.pool",
+                format!("no pool named {:?}", route.pool),
+            ));
         }
         Ok(route)
     }
@@ -518,8 +650,20 @@ impl State {
             .find(|r| r.listener == route.listener && r.sni == route.sni && r.name != route.name)
         {
             let (field, what) = match &route.sni {
-                Some(sni) => ("tcp_route.sni", format!("listener {:?} already routes SNI {sni:?} with tcp route {:?}", route.listener, other.name)),
-                None => ("tcp_route.listener", format!("listener {:?} already has tcp route {:?}", route.listener, other.name)),
+                Some(sni) => (
+                    "tcp_route.sni",
+                    format!(
+                        "listener {:?} already routes SNI {sni:?} with tcp route {:?}",
+                        route.listener, other.name
+                    ),
+                ),
+                None => (
+                    "tcp_route.listener",
+                    format!(
+                        "listener {:?} already has tcp route {:?}",
+                        route.listener, other.name
+                    ),
+                ),
             };
             return Err(ApplyError::invalid(field, what));
         }
@@ -585,7 +729,8 @@ impl StateHandle {
         listeners: BTreeMap<String, Protocol>,
         declarative: &[Change],
     ) -> Result<StateHandle, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|e| StoreError::Io(state_dir.display().to_string(), e))?;
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| StoreError::Io(state_dir.display().to_string(), e))?;
         let db_path = database_path(state_dir);
         let mut store = store::Store::open(&db_path)?;
         let (mut state, mut revision) = store.load(listeners)?;
@@ -598,13 +743,18 @@ impl StateHandle {
         let changes = state.changes_to(&target.document(Source::Declarative), Source::Declarative);
         if !changes.is_empty() {
             let mut next = state.clone();
-            next.apply_batch(&changes, Source::Declarative).map_err(StoreError::Reconcile)?;
+            next.apply_batch(&changes, Source::Declarative)
+                .map_err(StoreError::Reconcile)?;
             revision = store.commit(&state, &next, revision)?;
             state = next;
         }
 
         let routing = Arc::new(RoutingTable::build(&state, None));
-        let current = Arc::new(ArcSwap::from_pointee(Snapshot { revision, state, routing }));
+        let current = Arc::new(ArcSwap::from_pointee(Snapshot {
+            revision,
+            state,
+            routing,
+        }));
         let (tx, rx) = mpsc::channel(256);
         let writer_current = current.clone();
         let write_latency = crate::telemetry::DurationHistogram::fast();
@@ -615,7 +765,11 @@ impl StateHandle {
                 move || writer(db_path, store, rx, writer_current, write_latency)
             })
             .map_err(|e| StoreError::Io("state writer thread".into(), e))?;
-        Ok(StateHandle { tx, current, write_latency })
+        Ok(StateHandle {
+            tx,
+            current,
+            write_latency,
+        })
     }
 
     /// How long the writer took per applied batch (validate, SQLite commit, publish).
@@ -638,7 +792,11 @@ impl StateHandle {
     pub async fn apply(&self, changes: Vec<Change>, source: Source) -> Result<u64, ApplyError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Apply { changes, source, reply })
+            .send(Request::Apply {
+                changes,
+                source,
+                reply,
+            })
             .await
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?;
         rx.await
@@ -649,7 +807,10 @@ impl StateHandle {
     /// write. Runs on the writer, so it never races a batch. Works while the store is closed.
     pub async fn update_membership(&self, update: impl FnOnce(&mut Membership) + Send + 'static) {
         let (reply, rx) = oneshot::channel();
-        let request = Request::Membership { update: Box::new(update), reply };
+        let request = Request::Membership {
+            update: Box::new(update),
+            reply,
+        };
         if self.tx.send(request).await.is_ok() {
             let _ = rx.await;
         }
@@ -658,7 +819,8 @@ impl StateHandle {
     /// Replaces the upstreams `origin` contributes to `pool` (an empty list removes them).
     pub async fn set_members(&self, pool: &str, origin: Origin, upstreams: Vec<Upstream>) {
         let pool = pool.to_string();
-        self.update_membership(move |m| m.set_members(&pool, origin, upstreams)).await;
+        self.update_membership(move |m| m.set_members(&pool, origin, upstreams))
+            .await;
     }
 
     /// Stops taking writes and closes the database (for a handoff or shutdown). Later
@@ -674,8 +836,16 @@ impl StateHandle {
     /// publishes what it holds, in case the other process committed something.
     pub async fn reopen(&self) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        let stopped = || StoreError::Io("state writer".into(), std::io::Error::other("the state writer has stopped"));
-        self.tx.send(Request::Reopen { reply }).await.map_err(|_| stopped())?;
+        let stopped = || {
+            StoreError::Io(
+                "state writer".into(),
+                std::io::Error::other("the state writer has stopped"),
+            )
+        };
+        self.tx
+            .send(Request::Reopen { reply })
+            .await
+            .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 }
@@ -690,15 +860,20 @@ fn writer(
     let mut store = Some(store);
     while let Some(request) = rx.blocking_recv() {
         match request {
-            Request::Apply { changes, source, reply } => {
+            Request::Apply {
+                changes,
+                source,
+                reply,
+            } => {
                 let started = std::time::Instant::now();
                 let result = match store.as_mut() {
                     Some(store) => apply_one(store, &current, &changes, source),
                     None => Err(ApplyError::Unavailable(
-                        "the state store is closed (shutting down or handed over to a new process)".into(),
+                        "the state store is closed (shutting down or handed over to a new process)"
+                            .into(),
                     )),
                 };
-                if matches!(result, Ok(_)) && !changes.is_empty() {
+                if result.is_ok() && !changes.is_empty() {
                     write_latency.observe(started.elapsed());
                 }
                 let _ = reply.send(result);
@@ -729,7 +904,11 @@ fn reopen(path: &Path, current: &ArcSwap<Snapshot>) -> Result<(store::Store, u64
     state.membership = snap.state.membership.clone();
     if revision != snap.revision {
         let routing = Arc::new(RoutingTable::build(&state, Some(&snap.routing)));
-        current.store(Arc::new(Snapshot { revision, state, routing }));
+        current.store(Arc::new(Snapshot {
+            revision,
+            state,
+            routing,
+        }));
     }
     Ok((store, revision))
 }
@@ -745,7 +924,11 @@ fn publish_membership(current: &ArcSwap<Snapshot>, update: MembershipUpdate) {
     let mut next = snap.state.clone();
     next.membership = Arc::new(membership);
     let routing = Arc::new(RoutingTable::build(&next, Some(&snap.routing)));
-    current.store(Arc::new(Snapshot { revision: snap.revision, state: next, routing }));
+    current.store(Arc::new(Snapshot {
+        revision: snap.revision,
+        state: next,
+        routing,
+    }));
 }
 
 fn apply_one(
@@ -764,7 +947,11 @@ fn apply_one(
         .commit(&snap.state, &next, snap.revision)
         .map_err(|e| ApplyError::Store(e.to_string()))?;
     let routing = Arc::new(RoutingTable::build(&next, Some(&snap.routing)));
-    current.store(Arc::new(Snapshot { revision, state: next, routing }));
+    current.store(Arc::new(Snapshot {
+        revision,
+        state: next,
+        routing,
+    }));
     Ok(revision)
 }
 
@@ -773,7 +960,11 @@ mod tests {
     use super::*;
 
     fn listeners() -> BTreeMap<String, Protocol> {
-        [("web".to_string(), Protocol::Http), ("db".to_string(), Protocol::Tcp)].into()
+        [
+            ("web".to_string(), Protocol::Http),
+            ("db".to_string(), Protocol::Tcp),
+        ]
+        .into()
     }
 
     fn pool(name: &str) -> Pool {
@@ -805,34 +996,63 @@ mod tests {
     #[test]
     fn batch_applies_in_order_and_normalises_hosts() {
         let mut s = State::empty(listeners());
-        s.apply_batch(&[Change::CreatePool(pool("v1")), Change::CreateRoute(route("r", "v1"))], Source::Api)
-            .expect("valid");
-        assert_eq!(s.route("r").and_then(|r| r.host.as_deref()), Some("example.com"));
+        s.apply_batch(
+            &[
+                Change::CreatePool(pool("v1")),
+                Change::CreateRoute(route("r", "v1")),
+            ],
+            Source::Api,
+        )
+        .expect("valid");
+        assert_eq!(
+            s.route("r").and_then(|r| r.host.as_deref()),
+            Some("example.com")
+        );
     }
 
     #[test]
     fn errors_name_the_field_and_the_change() {
         let mut s = State::empty(listeners());
         let e = s
-            .apply_batch(&[Change::CreatePool(pool("v1")), Change::CreateRoute(route("r", "v2"))], Source::Api)
+            .apply_batch(
+                &[
+                    Change::CreatePool(pool("v1")),
+                    Change::CreateRoute(route("r", "v2")),
+                ],
+                Source::Api,
+            )
             .expect_err("missing pool");
-        assert_eq!(e, ApplyError::invalid("changes[1].route.pool", "no pool named \"v2\""));
+        assert_eq!(
+            e,
+            ApplyError::invalid("changes[1].route.pool", "no pool named \"v2\"")
+        );
     }
 
     #[test]
     fn api_cannot_touch_declarative_objects() {
         let mut s = State::empty(listeners());
-        s.apply_batch(&[Change::CreatePool(pool("v1"))], Source::Declarative).expect("valid");
-        let e = s.apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api).expect_err("owned");
+        s.apply_batch(&[Change::CreatePool(pool("v1"))], Source::Declarative)
+            .expect("valid");
+        let e = s
+            .apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api)
+            .expect_err("owned");
         assert!(matches!(e, ApplyError::Declarative { .. }), "{e:?}");
     }
 
     #[test]
     fn pool_in_use_cannot_be_deleted() {
         let mut s = State::empty(listeners());
-        s.apply_batch(&[Change::CreatePool(pool("v1")), Change::CreateRoute(route("r", "v1"))], Source::Api)
-            .expect("valid");
-        let e = s.apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api).expect_err("in use");
+        s.apply_batch(
+            &[
+                Change::CreatePool(pool("v1")),
+                Change::CreateRoute(route("r", "v1")),
+            ],
+            Source::Api,
+        )
+        .expect("valid");
+        let e = s
+            .apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api)
+            .expect_err("in use");
         assert!(matches!(e, ApplyError::InUse { .. }), "{e:?}");
     }
 
@@ -846,7 +1066,13 @@ mod tests {
                 Change::CreatePool(pool("v2")),
                 Change::CreateRoute(route("a", "v1")),
                 Change::CreateRoute(route("b", "v2")),
-                Change::CreateTcpRoute(TcpRoute { name: "t".into(), source: Source::Api, listener: "db".into(), pool: "v1".into(), sni: None }),
+                Change::CreateTcpRoute(TcpRoute {
+                    name: "t".into(),
+                    source: Source::Api,
+                    listener: "db".into(),
+                    pool: "v1".into(),
+                    sni: None,
+                }),
             ],
             Source::Api,
         )
@@ -854,11 +1080,18 @@ mod tests {
         let doc = s.document(Source::Api);
         let empty = State::empty(listeners());
         let mut rebuilt = empty.clone();
-        rebuilt.apply_batch(&empty.changes_to(&doc, Source::Api), Source::Api).expect("replay");
+        rebuilt
+            .apply_batch(&empty.changes_to(&doc, Source::Api), Source::Api)
+            .expect("replay");
         assert_eq!(rebuilt.document(Source::Api), doc);
         // And going back to an empty document deletes everything, routes before pools.
         let mut emptied = s.clone();
-        emptied.apply_batch(&s.changes_to(&Document::default(), Source::Api), Source::Api).expect("delete all");
+        emptied
+            .apply_batch(
+                &s.changes_to(&Document::default(), Source::Api),
+                Source::Api,
+            )
+            .expect("delete all");
         assert_eq!(emptied.document(Source::Api), Document::default());
     }
 

@@ -96,11 +96,16 @@ impl Store {
         Ok(Store { conn })
     }
 
-    pub(super) fn load(&mut self, listeners: BTreeMap<String, Protocol>) -> Result<(State, u64), StoreError> {
+    pub(super) fn load(
+        &mut self,
+        listeners: BTreeMap<String, Protocol>,
+    ) -> Result<(State, u64), StoreError> {
         let mut state = State::empty(listeners);
         let revision: i64 = self
             .conn
-            .query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+                r.get(0)
+            })
             .optional()?
             .unwrap_or(0);
         let mut stmt = self.conn.prepare("SELECT kind, name, body FROM objects")?;
@@ -111,16 +116,28 @@ impl Store {
             let body: String = row.get(2)?;
             match kind.as_str() {
                 POOL => {
-                    state.pools.insert(name.clone(), Arc::new(decode::<Pool>(&kind, &name, &body)?));
+                    state
+                        .pools
+                        .insert(name.clone(), Arc::new(decode::<Pool>(&kind, &name, &body)?));
                 }
                 ROUTE => {
-                    state.routes.insert(name.clone(), Arc::new(decode::<Route>(&kind, &name, &body)?));
+                    state.routes.insert(
+                        name.clone(),
+                        Arc::new(decode::<Route>(&kind, &name, &body)?),
+                    );
                 }
                 TCP_ROUTE => {
-                    state.tcp_routes.insert(name.clone(), Arc::new(decode::<TcpRoute>(&kind, &name, &body)?));
+                    state.tcp_routes.insert(
+                        name.clone(),
+                        Arc::new(decode::<TcpRoute>(&kind, &name, &body)?),
+                    );
                 }
                 _ => {
-                    return Err(StoreError::Corrupt { kind, name, reason: "unknown kind".into() });
+                    return Err(StoreError::Corrupt {
+                        kind,
+                        name,
+                        reason: "unknown kind".into(),
+                    });
                 }
             }
         }
@@ -128,17 +145,44 @@ impl Store {
     }
 
     /// Writes the difference between `old` and `new` in one transaction; returns the new revision.
-    pub(super) fn commit(&mut self, old: &State, new: &State, revision: u64) -> Result<u64, StoreError> {
+    pub(super) fn commit(
+        &mut self,
+        old: &State,
+        new: &State,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
         {
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO objects (kind, name, source, body) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (kind, name) DO UPDATE SET source = excluded.source, body = excluded.body",
             )?;
-            let mut delete = tx.prepare_cached("DELETE FROM objects WHERE kind = ?1 AND name = ?2")?;
-            diff(&old.pools, &new.pools, POOL, |p| p.source.as_str(), &mut upsert, &mut delete)?;
-            diff(&old.routes, &new.routes, ROUTE, |r| r.source.as_str(), &mut upsert, &mut delete)?;
-            diff(&old.tcp_routes, &new.tcp_routes, TCP_ROUTE, |r| r.source.as_str(), &mut upsert, &mut delete)?;
+            let mut delete =
+                tx.prepare_cached("DELETE FROM objects WHERE kind = ?1 AND name = ?2")?;
+            diff(
+                &old.pools,
+                &new.pools,
+                POOL,
+                |p| p.source.as_str(),
+                &mut upsert,
+                &mut delete,
+            )?;
+            diff(
+                &old.routes,
+                &new.routes,
+                ROUTE,
+                |r| r.source.as_str(),
+                &mut upsert,
+                &mut delete,
+            )?;
+            diff(
+                &old.tcp_routes,
+                &new.tcp_routes,
+                TCP_ROUTE,
+                |r| r.source.as_str(),
+                &mut upsert,
+                &mut delete,
+            )?;
         }
         let next = revision + 1;
         tx.execute(
@@ -167,7 +211,9 @@ fn diff<T: Serialize + PartialEq>(
     delete: &mut rusqlite::CachedStatement<'_>,
 ) -> Result<(), StoreError> {
     for (name, obj) in new {
-        let unchanged = old.get(name).is_some_and(|o| Arc::ptr_eq(o, obj) || **o == **obj);
+        let unchanged = old
+            .get(name)
+            .is_some_and(|o| Arc::ptr_eq(o, obj) || **o == **obj);
         if !unchanged {
             let body = serde_json::to_string(obj.as_ref()).map_err(|e| StoreError::Corrupt {
                 kind: kind.into(),

@@ -430,6 +430,15 @@ pub fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// Drops the socket stored for listener `name` from systemd's fd store (it moved or is gone).
+pub fn remove_from_systemd_store(name: &str) {
+    let stored_name = format!("{}{name}", crate::listener::STORE_PREFIX);
+    notify_systemd(&[
+        sd_notify::NotifyState::FdStoreRemove,
+        sd_notify::NotifyState::FdName(&stored_name),
+    ]);
+}
+
 /// Offers listening sockets bound by this process to systemd's fd store (when the service
 /// has `FileDescriptorStoreMax`), so even a plain restart keeps them open.
 pub fn store_in_systemd(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
@@ -437,9 +446,10 @@ pub fn store_in_systemd(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
         return;
     }
     for (name, fd) in sockets {
+        let stored_name = format!("{}{name}", crate::listener::STORE_PREFIX);
         let state = [
             sd_notify::NotifyState::FdStore,
-            sd_notify::NotifyState::FdName(name),
+            sd_notify::NotifyState::FdName(&stored_name),
         ];
         if let Err(e) = sd_notify::notify_with_fds(&state, std::slice::from_ref(fd)) {
             tracing::debug!(%name, error = %e, "systemd fd store not available");
