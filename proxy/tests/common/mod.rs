@@ -220,16 +220,14 @@ async fn answer(
     Ok(response)
 }
 
+type ToFrame = fn(Bytes) -> Result<Frame<Bytes>, Infallible>;
+
 trait MapFrames: Sized {
-    fn map_frames(
-        self,
-    ) -> futures_util::stream::Map<Self, fn(Bytes) -> Result<Frame<Bytes>, Infallible>>;
+    fn map_frames(self) -> futures_util::stream::Map<Self, ToFrame>;
 }
 
 impl<S: futures_util::Stream<Item = Bytes>> MapFrames for S {
-    fn map_frames(
-        self,
-    ) -> futures_util::stream::Map<Self, fn(Bytes) -> Result<Frame<Bytes>, Infallible>> {
+    fn map_frames(self) -> futures_util::stream::Map<Self, ToFrame> {
         use futures_util::StreamExt;
         self.map(|b| Ok(Frame::data(b)))
     }
@@ -375,10 +373,7 @@ pub async fn read_response(stream: &mut TcpStream) -> RawResponse {
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(pos) = data.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(pos) = data.windows(2).position(|w| w == b"\r\n") {
         let size =
             usize::from_str_radix(std::str::from_utf8(&data[..pos]).unwrap_or("0").trim(), 16)
                 .unwrap_or(0);
