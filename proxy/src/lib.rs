@@ -125,6 +125,7 @@ impl Daemon {
             &state::database_path(&config.server.state_dir),
             state.clone(),
             shutdown.clone(),
+            telemetry.metrics().clone(),
         )
         .await?;
         let mut addresses = BTreeMap::new();

@@ -169,6 +169,23 @@ async fn requests_wait_through_a_reregistration_and_all_succeed() {
             r.text()
         );
     }
+    // The metrics saw two registrations, one live now, and five held requests served.
+    let text = p.daemon.telemetry().metrics().encode();
+    for line in [
+        "proxy_registrations_total 2",
+        "proxy_registrations_active 1",
+        "proxy_held_requests 0",
+        "proxy_held_requests_finished_total{result=\"served\"} 5",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} not in:\n{}",
+            text.lines()
+                .filter(|l| l.contains("regist") || l.contains("held"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
 
 #[tokio::test]

@@ -450,5 +450,19 @@ ask = "{ask}"
 
     // Both refusals are on /metrics (and in the status counter).
     assert_eq!(proxy.daemon.tls().refused_handshakes(), 2);
-    assert_eq!(refused_on_metrics(&scrape(admin).await), Some(2));
+    let metrics = scrape(admin).await;
+    assert_eq!(refused_on_metrics(&metrics), Some(2));
+    // One order, for the name `ask` allowed; the refused names never reached the CA.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "proxy_acme_orders_total{result=\"issued\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("acme"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(!metrics.contains("proxy_acme_orders_total{result=\"failed\"}"));
 }

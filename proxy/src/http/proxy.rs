@@ -174,7 +174,7 @@ async fn proxy(
         log.trace.as_ref(),
     )?;
     // A registered route whose instances are away: wait (bounded) for one to come back.
-    let pool = crate::registration::ready_pool(&ctx.state, &entry.pool)
+    let pool = crate::registration::ready_pool(&ctx.state, &entry.pool, ctx.telemetry.metrics())
         .await
         .map_err(|e| {
             Failure::new(

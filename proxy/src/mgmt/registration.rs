@@ -182,13 +182,13 @@ impl RegistrationService for RegistrationApi {
         };
         // The channel is empty, so this cannot wait.
         let _ = tx.send(Ok(registered)).await;
-        tokio::spawn(hold_lease(
-            registration,
-            inbound,
-            tx,
-            keepalive,
-            self.ctx.shutdown.clone(),
-        ));
+        // Counted as active for as long as the lease is held.
+        let active = self.ctx.metrics.registration_opened();
+        let shutdown = self.ctx.shutdown.clone();
+        tokio::spawn(async move {
+            hold_lease(registration, inbound, tx, keepalive, shutdown).await;
+            drop(active);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

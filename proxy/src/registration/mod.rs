@@ -63,6 +63,7 @@ impl Default for RegistrationConfig {
 pub async fn ready_pool(
     state: &StateHandle,
     pool: &Arc<PoolRuntime>,
+    metrics: &crate::telemetry::Metrics,
 ) -> Result<Arc<PoolRuntime>, HoldError> {
     let Some(hold) = &pool.hold else {
         return Ok(pool.clone());
@@ -74,12 +75,21 @@ pub async fn ready_pool(
         return Err(HoldError::Ended);
     }
     let name = pool.name.as_str();
-    hold.wait(|| {
-        state
-            .routing()
-            .pool(name)
-            .filter(|p| !p.upstreams().is_empty())
-            .cloned()
-    })
-    .await
+    let held = metrics.request_held();
+    let result = hold
+        .wait(|| {
+            state
+                .routing()
+                .pool(name)
+                .filter(|p| !p.upstreams().is_empty())
+                .cloned()
+        })
+        .await;
+    drop(held);
+    metrics.held_finished(match &result {
+        Ok(_) => crate::telemetry::HeldOutcome::Served,
+        Err(HoldError::QueueFull) => crate::telemetry::HeldOutcome::Refused,
+        Err(_) => crate::telemetry::HeldOutcome::Expired,
+    });
+    result
 }

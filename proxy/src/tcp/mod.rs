@@ -129,7 +129,7 @@ where
             Some(name) => format!("no tcp route for server name {name:?} on this listener"),
             None => "no tcp route for this listener".to_string(),
         })?;
-    let pool = crate::registration::ready_pool(state, &pool)
+    let pool = crate::registration::ready_pool(state, &pool, metrics)
         .await
         .map_err(|e| format!("pool {:?}: {e}", pool.name))?;
     let candidates = pool

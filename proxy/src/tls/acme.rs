@@ -2,6 +2,7 @@
 //! challenge answers (HTTP-01 tokens, TLS-ALPN-01 certificates), per-name backoff, and
 //! the hourly order limits.
 
+use crate::telemetry::{AcmeResult, Metrics};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -122,6 +123,7 @@ pub struct Issuer {
     in_flight: Mutex<HashMap<String, OrderWatch>>,
     limits: Mutex<Limits>,
     last_error: Mutex<Option<String>>,
+    metrics: Arc<Metrics>,
     /// Counters.
     pub stats: IssuerStats,
 }
@@ -161,6 +163,7 @@ impl Issuer {
         provider: Arc<CryptoProvider>,
         certs: Arc<CertCache>,
         challenges: Arc<Challenges>,
+        metrics: Arc<Metrics>,
     ) -> Issuer {
         Issuer {
             config,
@@ -174,6 +177,7 @@ impl Issuer {
             in_flight: Mutex::new(HashMap::new()),
             limits: Mutex::new(Limits::default()),
             last_error: Mutex::new(None),
+            metrics,
             stats: IssuerStats::default(),
         }
     }
@@ -191,7 +195,10 @@ impl Issuer {
             match in_flight.get(name) {
                 Some(rx) => rx.clone(),
                 None => {
-                    self.admit(name)?;
+                    if let Err(e) = self.admit(name) {
+                        self.metrics.acme_order(AcmeResult::RateLimited);
+                        return Err(e);
+                    }
                     let (tx, rx) = watch::channel(None);
                     in_flight.insert(name.to_string(), rx.clone());
                     let issuer = self.clone();
@@ -283,6 +290,7 @@ impl Issuer {
             Ok(_) => {
                 limits.backoff.remove(name);
                 self.stats.issued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.acme_order(AcmeResult::Issued);
                 tracing::info!(domain = %name, "certificate issued");
             }
             Err(e) => {
@@ -294,6 +302,7 @@ impl Issuer {
                     .backoff
                     .insert(name.to_string(), (failures, Instant::now() + wait));
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                self.metrics.acme_order(AcmeResult::Failed);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 tracing::warn!(domain = %name, error = %e, retry_in = ?wait, "certificate order failed");
             }

@@ -168,6 +168,7 @@ impl Tls {
         db: &Path,
         state: StateHandle,
         shutdown: Shutdown,
+        metrics: Arc<crate::telemetry::Metrics>,
     ) -> Result<Arc<Tls>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let store = TlsStore::open(db)?;
@@ -223,6 +224,7 @@ impl Tls {
                 provider.clone(),
                 certs.clone(),
                 challenges.clone(),
+                metrics.clone(),
             ))
         });
         let alpn_challenges = config
