@@ -153,12 +153,20 @@ pub struct IssuerStatus {
     pub last_error: Option<String>,
 }
 
+/// How many orders an issuer may start per hour, in all and per name.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderLimits {
+    /// Orders per hour, all names together.
+    pub per_hour: u32,
+    /// Orders per hour for one name.
+    pub per_name_per_hour: u32,
+}
+
 impl Issuer {
     /// An issuer for `config`; the account is created or loaded on the first order.
     pub fn new(
         config: AcmeConfig,
-        max_per_hour: u32,
-        max_per_name_per_hour: u32,
+        limits: OrderLimits,
         store: TlsStore,
         provider: Arc<CryptoProvider>,
         certs: Arc<CertCache>,
@@ -167,8 +175,8 @@ impl Issuer {
     ) -> Issuer {
         Issuer {
             config,
-            max_per_hour: usize::try_from(max_per_hour).unwrap_or(usize::MAX),
-            max_per_name_per_hour: usize::try_from(max_per_name_per_hour).unwrap_or(usize::MAX),
+            max_per_hour: usize::try_from(limits.per_hour).unwrap_or(usize::MAX),
+            max_per_name_per_hour: usize::try_from(limits.per_name_per_hour).unwrap_or(usize::MAX),
             store,
             provider,
             certs,

@@ -218,8 +218,10 @@ impl Tls {
         let issuer = config.acme.clone().map(|acme| {
             Arc::new(Issuer::new(
                 acme,
-                config.on_demand.max_orders_per_hour,
-                config.on_demand.max_orders_per_name_per_hour,
+                acme::OrderLimits {
+                    per_hour: config.on_demand.max_orders_per_hour,
+                    per_name_per_hour: config.on_demand.max_orders_per_name_per_hour,
+                },
                 store.clone(),
                 provider.clone(),
                 certs.clone(),
