@@ -35,14 +35,6 @@ fn etcd_binary() -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A single-node etcd on loopback; stopped when dropped.
 struct Etcd {
     binary: PathBuf,

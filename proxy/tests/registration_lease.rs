@@ -16,14 +16,6 @@ use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A daemon whose registrations may use `port` only, held for `hold`.
 async fn proxy_with(port: u16, hold: &str, extra: &str) -> TestProxy {
     start_proxy(&format!(

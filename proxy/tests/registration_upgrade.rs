@@ -23,14 +23,6 @@ use tokio::net::TcpStream;
 
 const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn local(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }

@@ -407,6 +407,29 @@ pub fn pool(name: &str, upstreams: &[&Upstream]) -> String {
     )
 }
 
+/// A port nothing listens on now, for a server that must be told its port before it starts.
+///
+/// Taken from 20000-32767, below Linux's ephemeral range (32768-60999): a port released by
+/// `bind(0)` could be handed out again as the source port of any outgoing connection (the
+/// load tests open thousands), while ports in this range are only ever taken on purpose.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761).wrapping_add(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()),
+    );
+    for _ in 0..1000 {
+        let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
+        let port = 20_000 + (n % 12_768) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32767");
+}
+
 /// An address where nothing listens (bound then closed).
 pub fn dead_address() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

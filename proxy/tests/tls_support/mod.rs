@@ -146,8 +146,7 @@ pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> Vec<u8> {
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    crate::common::free_port()
 }
 
 /// Whether a binary is installed; without it the test is skipped, except under CI where
