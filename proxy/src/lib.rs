@@ -376,6 +376,7 @@ impl Daemon {
     async fn finish(self, timeout: std::time::Duration) {
         self.shutdown.trigger();
         self.state.close().await;
+        self.shutdown.begin_exit();
         self.shutdown.drain(timeout).await;
         self.telemetry.flush().await;
         tracing::info!("stopped");

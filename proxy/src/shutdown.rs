@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    exit: CancellationToken,
     tracker: TaskTracker,
     handed_over: Arc<AtomicBool>,
     drain_timeout_ms: Arc<AtomicU64>,
@@ -58,6 +59,18 @@ impl Shutdown {
     /// Whether this process handed over to a successor.
     pub fn is_handed_over(&self) -> bool {
         self.handed_over.load(Ordering::SeqCst)
+    }
+
+    /// The process is about to finish: services that stay up while draining (the
+    /// management API, which answers UNAVAILABLE to writes meanwhile) stop now.
+    pub fn begin_exit(&self) {
+        self.token.cancel();
+        self.exit.cancel();
+    }
+
+    /// Resolves once [`begin_exit`](Self::begin_exit) was called.
+    pub async fn exiting(&self) {
+        self.exit.cancelled().await
     }
 
     /// Whether [`trigger`](Self::trigger) was called.

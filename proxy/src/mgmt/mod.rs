@@ -362,8 +362,9 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
     // Tracked, so stopping the daemon waits until the API has let go of its sockets.
     shutdown.spawn(async move {
         let incoming = GatedIncoming::new(unix_listener, gate);
+        // Up while draining (writes get UNAVAILABLE); stops when the process finishes.
         let signal = async move {
-            stop.triggered().await;
+            stop.exiting().await;
             reporter
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
@@ -392,7 +393,7 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
         shutdown.spawn(async move {
             let incoming = TcpListenerStream::new(listener);
             if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stop.triggered())
+                .serve_with_incoming_shutdown(incoming, stop.exiting())
                 .await
             {
                 tracing::error!(error = %e, "management TCP listener stopped");
