@@ -18,7 +18,6 @@ use mgmt_support::{unix_channel, Api};
 use proxy::registration::client::{self, Announce, Backoff};
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
@@ -146,44 +145,6 @@ address = \"127.0.0.1:{web}\"
     };
     wait_for_socket(&d.socket()).await;
     d
-}
-
-/// One HTTP exchange on `stream`: the status and whether the server closes; `Err` says
-/// whether any response byte had arrived.
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bool), bool> {
-    stream.write_all(request).await.map_err(|_| false)?;
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 16 * 1024];
-    loop {
-        let n = match tokio::time::timeout(Duration::from_secs(40), stream.read(&mut tmp)).await {
-            Ok(Ok(n)) => n,
-            _ => return Err(!buf.is_empty()),
-        };
-        if n == 0 {
-            return Err(!buf.is_empty());
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if buf.len() >= end + 4 + length {
-            let close = head
-                .lines()
-                .any(|l| l.starts_with("connection:") && l.contains("close"));
-            return Ok((status, close));
-        }
-    }
 }
 
 #[derive(Default)]

@@ -185,43 +185,6 @@ async fn upgrade(d: &Daemon, binary: &str) -> Result<u32, tonic::Status> {
     r
 }
 
-/// One HTTP exchange on `stream`; `Err` says whether any response byte had arrived.
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bool), bool> {
-    stream.write_all(request).await.map_err(|_| false)?;
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 16 * 1024];
-    loop {
-        let n = match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut tmp)).await {
-            Ok(Ok(n)) => n,
-            _ => return Err(!buf.is_empty()),
-        };
-        if n == 0 {
-            return Err(!buf.is_empty());
-        }
-        buf.extend_from_slice(&tmp[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let status: u16 = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if buf.len() >= end + 4 + length {
-            let close = head
-                .lines()
-                .any(|l| l.starts_with("connection:") && l.contains("close"));
-            return Ok((status, close));
-        }
-    }
-}
-
 #[derive(Default)]
 struct Tally {
     ok: AtomicU64,
