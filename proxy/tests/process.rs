@@ -115,6 +115,8 @@ async fn embedded_default_serves_404_with_a_clear_body() {
     let r = get("127.0.0.1:8080".parse().unwrap(), "localhost", "/").await;
     assert_eq!(r.status, 404);
     assert!(r.text().contains("no route"), "{}", r.text());
+    // The admin listener opens a moment after the HTTP listener.
+    wait_for_port(42008).await;
     let r = get("127.0.0.1:42008".parse().unwrap(), "localhost", "/healthz").await;
     assert_eq!(r.status, 200);
     assert!(
