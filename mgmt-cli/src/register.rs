@@ -33,6 +33,23 @@ pub struct RegisterArgs {
     /// Service name shown in listings.
     #[arg(long, default_value = "")]
     name: String,
+    /// Certificate chain (PEM file) to terminate TLS with on the port (HTTP becomes https,
+    /// TCP becomes tls); needs --key.
+    #[arg(long, requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// Private key (PEM file) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<std::path::PathBuf>,
+}
+
+/// The contents of a PEM file given on the command line.
+fn read_pem(path: Option<&std::path::Path>, what: &str) -> Result<String> {
+    match path {
+        None => Ok(String::new()),
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("--{what} {}: {e}", p.display()))
+        }
+    }
 }
 
 /// A stream error in the same words as other calls' errors.
@@ -57,7 +74,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// proxy ends the stream (it was upgraded or restarted), registers again with backoff
 /// (100 ms doubling to 5 s). Fails only if the first registration is refused.
 pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Result<()> {
+    let tls_certificate_pem = read_pem(args.cert.as_deref(), "cert")?;
+    let tls_private_key_pem = read_pem(args.key.as_deref(), "key")?;
     let announce = pb::Announce {
+        tls_certificate_pem,
+        tls_private_key_pem,
         endpoint: args.endpoint,
         port: u32::from(args.port),
         protocol: if args.tcp {
@@ -68,7 +89,6 @@ pub async fn run(args: RegisterArgs, clients: &mut Clients, out: &Output) -> Res
         host: args.host.unwrap_or_default(),
         path_prefix: args.path_prefix,
         name: args.name,
-        ..Default::default()
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut session = open(clients, &announce).await?;

@@ -94,6 +94,7 @@ fn cert(c: &pb::Certificate) -> Cert {
         Ok(pb::CertificateSource::File) => "file",
         Ok(pb::CertificateSource::Api) => "api",
         Ok(pb::CertificateSource::Acme) => "acme",
+        Ok(pb::CertificateSource::Registered) => "registered",
         _ => "",
     };
     Cert {

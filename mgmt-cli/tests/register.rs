@@ -235,3 +235,102 @@ async fn register_registers_again_after_the_proxy_restarts() {
     child.kill().await.unwrap();
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn register_brings_a_certificate_from_pem_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let backend = upstream("svc").await;
+    let text = format!(
+        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"\"\n\
+         [registration]\nhold = \"1s\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n\
+         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n",
+        state = dir.path().display(),
+    );
+    let config = proxy::Config::parse(&text, "test.toml").expect("valid config");
+    let daemon = proxy::Daemon::start(config).await.expect("daemon starts");
+    let socket = daemon.config().server.mgmt_socket.clone();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["svc.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("svc.pem"), dir.path().join("svc.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let register = |host: &str| {
+        let mut c = tokio::process::Command::new(PROXYCTL);
+        c.arg("--socket")
+            .arg(&socket)
+            .args(["register", "--port", &port.to_string(), "--host", host])
+            .args(["--endpoint", &backend.to_string()])
+            .arg("--cert")
+            .arg(&cert_path)
+            .arg("--key")
+            .arg(&key_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+
+    // A certificate that does not cover the host is refused, naming the field.
+    let out = register("other.example").output().await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("announce.tls_certificate_pem"),
+        "{stderr}"
+    );
+
+    // One that does is served while proxyctl register runs.
+    let mut child = register("svc.example").spawn().unwrap();
+    let mut listed = String::new();
+    for _ in 0..200 {
+        let out = tokio::process::Command::new(PROXYCTL)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["tls", "certs", "list"])
+            .output()
+            .await
+            .unwrap();
+        listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        if listed.contains("registered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("registered:") && l.contains(" registered ")),
+        "{listed}"
+    );
+
+    // Without the key file proxyctl says which file it could not read.
+    let out = tokio::process::Command::new(PROXYCTL)
+        .arg("--socket")
+        .arg(&socket)
+        .args([
+            "register",
+            "--port",
+            &port.to_string(),
+            "--endpoint",
+            "127.0.0.1:9",
+        ])
+        .arg("--cert")
+        .arg(&cert_path)
+        .arg("--key")
+        .arg(dir.path().join("missing.key"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    child.kill().await.unwrap();
+    daemon.stop().await;
+}

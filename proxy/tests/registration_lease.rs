@@ -247,7 +247,11 @@ async fn refused_registrations_say_why() {
         ..http_announce("127.0.0.1:9001", port, "/")
     };
     let s = refused(client::register(channel(&p).await, tls, None).await);
-    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().starts_with("announce.tls_private_key_pem"),
+        "{s:?}"
+    );
 
     let s = refused(
         client::register(channel(&p).await, http_announce("nowhere", port, "/"), None).await,

@@ -6,6 +6,7 @@
 
 mod common;
 mod mgmt_support;
+mod tls_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -342,6 +343,70 @@ async fn a_route_held_across_an_upgrade_serves_waiting_requests_once_its_service
         .expect("register with the new process");
     let r = waiter.await.unwrap();
     assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
+    lease.release().await;
+}
+
+#[tokio::test]
+async fn a_held_tls_route_keeps_its_certificate_across_an_upgrade() {
+    use tls_support::{client_config, get_over, peer_leaf, tls_connect, TestCa};
+    let port = free_port();
+    let mut d = start(port).await;
+    let svc = upstream("svc").await;
+    let ca = TestCa::new("handoff test CA");
+    let (cert, key) = ca.leaf(&["svc.example"]);
+    let announce = Announce {
+        endpoint: svc.address(),
+        port: u32::from(port),
+        host: "svc.example".into(),
+        path_prefix: "/slow".into(),
+        tls_certificate_pem: cert.clone(),
+        tls_private_key_pem: key,
+        ..Default::default()
+    };
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let lease = client::register(channel, announce.clone(), None)
+        .await
+        .expect("register with a certificate");
+    let before = {
+        let mut s = tls_connect(local(port), "svc.example", client_config(ca.roots(), &[]))
+            .await
+            .expect("handshake before the upgrade");
+        let leaf = peer_leaf(&s);
+        assert_eq!(
+            get_over(&mut s, "svc.example", "/slow/0").await,
+            (200, "svc".to_string())
+        );
+        leaf
+    };
+    // The service stops re-registering right before the upgrade: the new process has the
+    // port and the route's certificate from the handoff alone.
+    lease.release().await;
+    d.upgrade().await;
+    let roots = ca.pem.clone();
+    let waiter = tokio::spawn(async move {
+        let mut s = tls_connect(
+            local(port),
+            "svc.example",
+            client_config(tls_support::roots_from_pem(&roots), &[]),
+        )
+        .await
+        .expect("handshake with the new process while the route is held");
+        let leaf = peer_leaf(&s);
+        (leaf, get_over(&mut s, "svc.example", "/slow/0").await)
+    });
+    for _ in 0..300 {
+        if d.registrations().await.routes[0].waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let lease = client::register(channel, announce, None)
+        .await
+        .expect("register with the new process");
+    let (leaf, answer) = waiter.await.unwrap();
+    assert_eq!(leaf, before, "the handed-over certificate was presented");
+    assert_eq!(answer, (200, "svc".to_string()));
     lease.release().await;
 }
 

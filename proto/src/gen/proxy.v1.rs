@@ -2725,10 +2725,13 @@ pub struct Announce {
     /// Path prefix (HTTP); empty means "/".
     #[prost(string, tag = "5")]
     pub path_prefix: ::prost::alloc::string::String,
-    /// TLS certificate chain (PEM) to serve the host with; not supported yet.
+    /// TLS certificate chain (PEM, leaf first) to serve the route with. With it the port
+    /// terminates TLS: an HTTP registration is served as `https`, a TCP one as `tls`. It must
+    /// cover `host` when one is given. The certificate lives as long as the route (its hold
+    /// included) and is never written to disk.
     #[prost(string, tag = "6")]
     pub tls_certificate_pem: ::prost::alloc::string::String,
-    /// TLS private key (PEM); not supported yet.
+    /// The certificate's private key (PEM); required with `tls_certificate_pem`.
     #[prost(string, tag = "7")]
     pub tls_private_key_pem: ::prost::alloc::string::String,
     /// Service name, for listings only.
@@ -4630,6 +4633,8 @@ pub enum CertificateSource {
     Api = 2,
     /// Issued by the ACME server.
     Acme = 3,
+    /// Brought by a registered service (RegistrationService); kept in memory only.
+    Registered = 4,
 }
 impl CertificateSource {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -4642,6 +4647,7 @@ impl CertificateSource {
             Self::File => "CERTIFICATE_SOURCE_FILE",
             Self::Api => "CERTIFICATE_SOURCE_API",
             Self::Acme => "CERTIFICATE_SOURCE_ACME",
+            Self::Registered => "CERTIFICATE_SOURCE_REGISTERED",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -4651,6 +4657,7 @@ impl CertificateSource {
             "CERTIFICATE_SOURCE_FILE" => Some(Self::File),
             "CERTIFICATE_SOURCE_API" => Some(Self::Api),
             "CERTIFICATE_SOURCE_ACME" => Some(Self::Acme),
+            "CERTIFICATE_SOURCE_REGISTERED" => Some(Self::Registered),
             _ => None,
         }
     }

@@ -26,6 +26,9 @@ pub const STORE_PREFIX: &str = "store@";
 pub struct Inherited {
     tcp: BTreeMap<String, (TcpListener, Origin)>,
     unix: BTreeMap<String, UnixListener>,
+    /// What the previous process passed along with its sockets, by key (see
+    /// [`crate::upgrade::HandoffExtras::handoff_data`]).
+    data: BTreeMap<String, String>,
 }
 
 /// `LISTEN_FDNAMES` entry systemd uses for sockets without a `FileDescriptorName`.
@@ -86,6 +89,16 @@ impl Inherited {
     /// Claims the TCP socket called `name`.
     pub fn take_tcp(&mut self, name: &str) -> Option<(TcpListener, Origin)> {
         self.tcp.remove(name)
+    }
+
+    /// Keeps what the previous process passed along with its sockets.
+    pub fn set_data(&mut self, data: BTreeMap<String, String>) {
+        self.data = data;
+    }
+
+    /// Takes the data the previous process passed under `key`.
+    pub fn take_data(&mut self, key: &str) -> Option<String> {
+        self.data.remove(key)
     }
 
     /// Claims every TCP socket whose name starts with `prefix`, with its name.

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::discovery::unix_ms;
 use super::Context;
 use crate::config::Protocol;
-use crate::registration::{Claim, RegisterError, Registration};
+use crate::registration::{Claim, ClaimTls, RegisterError, Registration};
 
 /// Keepalives a service may miss before its lease ends.
 const MISSED_PINGS: u32 = 3;
@@ -50,11 +50,12 @@ fn status(err: RegisterError) -> Status {
 }
 
 fn claim(a: pb::Announce) -> Result<Claim, Status> {
-    if !a.tls_certificate_pem.is_empty() || !a.tls_private_key_pem.is_empty() {
-        return Err(Status::failed_precondition(
-            "announce.tls_certificate_pem: tls not supported yet",
-        ));
-    }
+    let tls = (!a.tls_certificate_pem.is_empty() || !a.tls_private_key_pem.is_empty()).then_some(
+        ClaimTls {
+            certificate_pem: a.tls_certificate_pem,
+            private_key_pem: a.tls_private_key_pem,
+        },
+    );
     let protocol = match pb::RegisteredProtocol::try_from(a.protocol) {
         Ok(pb::RegisteredProtocol::Unspecified | pb::RegisteredProtocol::Http) => Protocol::Http,
         Ok(pb::RegisteredProtocol::Tcp) => Protocol::Tcp,
@@ -75,6 +76,7 @@ fn claim(a: pb::Announce) -> Result<Claim, Status> {
         protocol,
         host: Some(a.host).filter(|h| !h.is_empty()),
         path_prefix: a.path_prefix,
+        tls,
     })
 }
 

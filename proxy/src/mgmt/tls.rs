@@ -45,7 +45,9 @@ fn status(e: TlsError) -> Status {
         }
         TlsError::Certificate(reason) => Status::invalid_argument(format!("cert_pem: {reason}")),
         e @ TlsError::NotFound(_) => Status::not_found(e.to_string()),
-        e @ TlsError::Declarative(_) => Status::failed_precondition(e.to_string()),
+        e @ (TlsError::Declarative(_) | TlsError::Registered(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
         e @ TlsError::Acme(_) => Status::unavailable(e.to_string()),
         e @ (TlsError::Store(_) | TlsError::File { .. }) => {
             tracing::error!(error = %e, "TLS store failed during a management call");
@@ -59,6 +61,7 @@ fn certificate(info: &CertInfo) -> pb::Certificate {
         CertSource::File => pb::CertificateSource::File,
         CertSource::Api => pb::CertificateSource::Api,
         CertSource::Acme => pb::CertificateSource::Acme,
+        CertSource::Registered => pb::CertificateSource::Registered,
     };
     pb::Certificate {
         name: info.name.clone(),

@@ -23,8 +23,8 @@ pub use hold::{Hold, HoldError};
 use crate::state::StateHandle;
 use crate::upstream::PoolRuntime;
 pub use registry::{
-    Claim, KnownListener, RegisterError, Registration, RegistrationInfo, Registry, RouteInfo,
-    ServeListener, HANDOFF_PREFIX,
+    Claim, ClaimTls, KnownListener, RegisterError, Registration, RegistrationInfo, Registry,
+    RouteInfo, ServeListener, HANDOFF_CERTS, HANDOFF_PREFIX,
 };
 
 /// The `[registration]` section.

@@ -23,6 +23,7 @@ use super::{Hold, RegistrationConfig};
 use crate::config::{ListenerConfig, Protocol};
 use crate::discovery::{check_member_address, Origin, RegisteredRoute};
 use crate::state::{Source, StateHandle, Upstream};
+use crate::tls::{Tls, TlsError};
 use crate::upgrade::{HandoffExtras, HandoffSocket, SocketKind};
 
 /// Name prefix of the handoff sockets of ports opened for registrations.
@@ -43,6 +44,65 @@ pub struct Claim {
     pub host: Option<String>,
     /// Path prefix (HTTP); `/` when empty.
     pub path_prefix: String,
+    /// A certificate to terminate TLS with on the port.
+    pub tls: Option<ClaimTls>,
+}
+
+impl Claim {
+    /// What the port speaks for this claim: with a certificate, HTTP is served as `https`
+    /// and TCP as `tls`.
+    pub fn serving_protocol(&self) -> Protocol {
+        match (self.protocol, self.tls.is_some()) {
+            (Protocol::Http, true) => Protocol::Https,
+            (Protocol::Tcp, true) => Protocol::Tls,
+            (p, _) => p,
+        }
+    }
+}
+
+/// A certificate chain and its key, as PEM, brought by a registration.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClaimTls {
+    /// The chain, leaf first.
+    pub certificate_pem: String,
+    /// The private key.
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for ClaimTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimTls").finish_non_exhaustive()
+    }
+}
+
+/// Whether a port speaking `port` can serve a claim whose port speaks `claim`: the same
+/// protocol, or a claim without a certificate on a port that terminates TLS with
+/// certificates from elsewhere (files, the API, ACME, other registrations).
+fn fits(port: Protocol, claim: Protocol) -> bool {
+    port == claim
+        || matches!(
+            (port, claim),
+            (Protocol::Https, Protocol::Http) | (Protocol::Tls, Protocol::Tcp)
+        )
+}
+
+/// Key of the registrations' certificates in the handoff data.
+pub const HANDOFF_CERTS: &str = "registration-certificates";
+
+/// A route's certificate as it travels to the next process in the handoff data, so the
+/// port it takes over terminates TLS from its first connection.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HandedCert {
+    port: u16,
+    host: Option<String>,
+    path_prefix: String,
+    certificate_pem: String,
+    private_key_pem: String,
+}
+
+/// The name a registration's certificate is kept under in the certificate cache.
+fn cert_name(id: u64) -> String {
+    format!("registered:{id}")
 }
 
 /// Why a registration was refused.
@@ -120,6 +180,9 @@ struct RouteBook {
     path_prefix: String,
     hold: Arc<Hold>,
     instances: BTreeSet<u64>,
+    /// Certificates brought by instances (by registration id), kept while the route
+    /// lives: one of an instance that left serves on until another brings one.
+    certs: BTreeMap<u64, ClaimTls>,
     held_until: Option<SystemTime>,
     /// Bumped whenever the last instance leaves, so a stale hold timer does nothing.
     generation: u64,
@@ -161,6 +224,7 @@ pub type ServeListener =
 pub struct Registry {
     config: RegistrationConfig,
     state: StateHandle,
+    tls: Option<Arc<Tls>>,
     listeners: Vec<KnownListener>,
     serve: ServeListener,
     book: Mutex<Book>,
@@ -269,6 +333,8 @@ impl PortHandoff {
         let protocol = match parts.next() {
             Some("http") => Protocol::Http,
             Some("tcp") => Protocol::Tcp,
+            Some("https") => Protocol::Https,
+            Some("tls") => Protocol::Tls,
             other => return Err(format!("{name:?}: unknown protocol {other:?}")),
         };
         let routes = parts
@@ -311,12 +377,14 @@ impl Registry {
     pub fn new(
         config: RegistrationConfig,
         state: StateHandle,
+        tls: Option<Arc<Tls>>,
         listeners: Vec<KnownListener>,
         serve: ServeListener,
     ) -> Registry {
         Registry {
             config,
             state,
+            tls,
             listeners,
             serve,
             book: Mutex::new(Book::default()),
@@ -388,7 +456,7 @@ impl Registry {
                 reason: format!("{p:?} must be a plain path starting with '/'"),
             });
         }
-        if protocol == Protocol::Tcp && (host.is_some() || path_prefix != "/") {
+        if protocol.is_stream() && (host.is_some() || path_prefix != "/") {
             return Err(RegisterError::Invalid {
                 field: "protocol",
                 reason: "tcp registrations take the whole port: no host or path_prefix".into(),
@@ -413,10 +481,20 @@ impl Registry {
     /// and wakes requests held for the route.
     pub async fn register(self: &Arc<Self>, claim: Claim) -> Result<Registration, RegisterError> {
         let claim = self.check(claim)?;
-        let mut book = self.book.lock().await;
-        let (listener, address) = self.listener_for(&mut book, &claim)?;
-        let route = route_name(claim.port, claim.host.as_deref(), &claim.path_prefix);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // The certificate is checked (and served) before any port opens for it.
+        let tls = self.add_certificate(id, &claim)?;
+        let mut book = self.book.lock().await;
+        let (listener, address) = match self.listener_for(&mut book, &claim) {
+            Ok(found) => found,
+            Err(e) => {
+                if let Some(tls) = tls {
+                    tls.remove_registered(&cert_name(id));
+                }
+                return Err(e);
+            }
+        };
+        let route = route_name(claim.port, claim.host.as_deref(), &claim.path_prefix);
         let entry = book
             .routes
             .entry(route.clone())
@@ -428,15 +506,20 @@ impl Registry {
                 path_prefix: claim.path_prefix.clone(),
                 hold: Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait)),
                 instances: BTreeSet::new(),
+                certs: BTreeMap::new(),
                 held_until: None,
                 generation: 0,
             });
         entry.instances.insert(id);
+        if let (Some(_), Some(cert)) = (tls, &claim.tls) {
+            entry.certs.insert(id, cert.clone());
+        }
+        self.prune_certs(entry);
         entry.held_until = None;
         let hold = entry.hold.clone();
         let registered = RegisteredRoute {
             listener: listener.clone(),
-            protocol: claim.protocol,
+            protocol: claim.serving_protocol(),
             host: claim.host.clone(),
             path_prefix: claim.path_prefix.clone(),
             pool: entry.pool.clone(),
@@ -469,6 +552,68 @@ impl Registry {
         })
     }
 
+    /// Serves the claim's certificate, if it brings one, under [`cert_name`]`(id)`.
+    fn add_certificate(&self, id: u64, claim: &Claim) -> Result<Option<&Arc<Tls>>, RegisterError> {
+        let Some(cert) = &claim.tls else {
+            return Ok(None);
+        };
+        let Some(tls) = &self.tls else {
+            return Err(RegisterError::Conflict(
+                "this proxy cannot terminate TLS for registrations".into(),
+            ));
+        };
+        tls.add_registered(
+            &cert_name(id),
+            claim.host.as_deref(),
+            &cert.certificate_pem,
+            &cert.private_key_pem,
+        )
+        .map_err(|e| match e {
+            TlsError::Invalid { field, reason } => RegisterError::Invalid {
+                field: if field == "tls_private_key_pem" {
+                    "tls_private_key_pem"
+                } else {
+                    "tls_certificate_pem"
+                },
+                reason,
+            },
+            other => RegisterError::Invalid {
+                field: "tls_certificate_pem",
+                reason: other.to_string(),
+            },
+        })?;
+        Ok(Some(tls))
+    }
+
+    /// Once a live instance of the route brought a certificate, those of instances that
+    /// left stop being served.
+    fn prune_certs(&self, entry: &mut RouteBook) {
+        if !entry.certs.keys().any(|id| entry.instances.contains(id)) {
+            return;
+        }
+        let stale: Vec<u64> = entry
+            .certs
+            .keys()
+            .copied()
+            .filter(|id| !entry.instances.contains(id))
+            .collect();
+        for id in stale {
+            entry.certs.remove(&id);
+            if let Some(tls) = &self.tls {
+                tls.remove_registered(&cert_name(id));
+            }
+        }
+    }
+
+    /// Stops serving every certificate of a route that ended.
+    fn drop_certs(&self, entry: &RouteBook) {
+        if let Some(tls) = &self.tls {
+            for id in entry.certs.keys() {
+                tls.remove_registered(&cert_name(*id));
+            }
+        }
+    }
+
     /// The listener for the claimed port: a configured one, one already opened for
     /// registrations, or a new one.
     fn listener_for(
@@ -476,16 +621,18 @@ impl Registry {
         book: &mut Book,
         claim: &Claim,
     ) -> Result<(String, SocketAddr), RegisterError> {
+        let protocol = claim.serving_protocol();
         if let Some(l) = self.listeners.iter().find(|l| l.bound.port() == claim.port) {
-            if l.protocol != claim.protocol {
+            if !fits(l.protocol, protocol) {
                 return Err(RegisterError::Conflict(format!(
-                    "port {} is listener {:?} of the config file, which speaks {}",
+                    "port {} is listener {:?} of the config file, which speaks {}, not {}",
                     claim.port,
                     l.name,
-                    l.protocol.as_str()
+                    l.protocol.as_str(),
+                    protocol.as_str()
                 )));
             }
-            if claim.protocol == Protocol::Tcp {
+            if protocol.is_stream() {
                 let snap = self.state.snapshot();
                 let taken = snap
                     .state
@@ -502,11 +649,12 @@ impl Registry {
             return Ok((l.name.clone(), l.bound));
         }
         if let Some(open) = book.ports.get(&claim.port) {
-            if open.protocol != claim.protocol {
+            if !fits(open.protocol, protocol) {
                 return Err(RegisterError::Conflict(format!(
-                    "port {} is already open for {} registrations",
+                    "port {} is already open for {} registrations, not {}",
                     claim.port,
-                    open.protocol.as_str()
+                    open.protocol.as_str(),
+                    protocol.as_str()
                 )));
             }
             return Ok((open.listener.clone(), open.address));
@@ -526,7 +674,7 @@ impl Registry {
             source,
         })?;
         let open = self
-            .serve_port(claim.port, claim.protocol, address, socket)
+            .serve_port(claim.port, protocol, address, socket)
             .map_err(|source| RegisterError::Bind {
                 port: claim.port,
                 source,
@@ -568,9 +716,23 @@ impl Registry {
     /// to register again; a port whose routes nobody claims closes when the hold ends.
     /// A socket this configuration cannot take (port outside the range, now a configured
     /// listener, or a name it cannot read) is closed.
-    pub async fn adopt(self: &Arc<Self>, sockets: Vec<(String, std::net::TcpListener)>) {
+    /// `certificates` is what the previous process passed as handoff data: the routes'
+    /// certificates, served again from the first connection.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        sockets: Vec<(String, std::net::TcpListener)>,
+        certificates: Option<String>,
+    ) {
+        let certs: Vec<HandedCert> = match certificates.as_deref().map(serde_json::from_str) {
+            None => Vec::new(),
+            Some(Ok(certs)) => certs,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "unreadable registration certificates in the handoff; held TLS routes wait for their services' certificates");
+                Vec::new()
+            }
+        };
         for (name, socket) in sockets {
-            if let Err(reason) = self.adopt_port(&name, socket).await {
+            if let Err(reason) = self.adopt_port(&name, socket, &certs).await {
                 tracing::warn!(socket = %name, %reason, "closing a handed-over registration port");
             }
         }
@@ -580,6 +742,7 @@ impl Registry {
         self: &Arc<Self>,
         name: &str,
         socket: std::net::TcpListener,
+        certs: &[HandedCert],
     ) -> Result<(), String> {
         let handoff = PortHandoff::parse(name)?;
         let port = handoff.port;
@@ -604,6 +767,33 @@ impl Registry {
             let route = route_name(port, host.as_deref(), &path_prefix);
             let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
             hold.hold_until(until);
+            let mut route_certs = BTreeMap::new();
+            for c in certs
+                .iter()
+                .filter(|c| c.port == port && c.host == host && c.path_prefix == path_prefix)
+            {
+                let Some(tls) = &self.tls else { break };
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                match tls.add_registered(
+                    &cert_name(id),
+                    host.as_deref(),
+                    &c.certificate_pem,
+                    &c.private_key_pem,
+                ) {
+                    Ok(_) => {
+                        route_certs.insert(
+                            id,
+                            ClaimTls {
+                                certificate_pem: c.certificate_pem.clone(),
+                                private_key_pem: c.private_key_pem.clone(),
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(%route, error = %e, "a handed-over registration certificate cannot be used")
+                    }
+                }
+            }
             book.routes.insert(
                 route.clone(),
                 RouteBook {
@@ -614,6 +804,7 @@ impl Registry {
                     path_prefix: path_prefix.clone(),
                     hold: hold.clone(),
                     instances: BTreeSet::new(),
+                    certs: route_certs,
                     held_until: Some(SystemTime::now() + self.config.hold),
                     generation: 1,
                 },
@@ -644,7 +835,9 @@ impl Registry {
             Ok(open) => open,
             Err(e) => {
                 for route in &names {
-                    book.routes.remove(route);
+                    if let Some(entry) = book.routes.remove(route) {
+                        self.drop_certs(&entry);
+                    }
                 }
                 let removed = names.clone();
                 self.state
@@ -731,6 +924,35 @@ impl Registry {
         sockets
     }
 
+    /// The certificates of the routes on ports opened for registrations, as handoff data.
+    pub async fn handoff_data(&self) -> Vec<(String, String)> {
+        let book = self.book.lock().await;
+        let certs: Vec<HandedCert> = book
+            .routes
+            .values()
+            .filter(|r| book.ports.contains_key(&r.port))
+            .flat_map(|r| {
+                r.certs.values().map(|c| HandedCert {
+                    port: r.port,
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    certificate_pem: c.certificate_pem.clone(),
+                    private_key_pem: c.private_key_pem.clone(),
+                })
+            })
+            .collect();
+        if certs.is_empty() {
+            return Vec::new();
+        }
+        match serde_json::to_string(&certs) {
+            Ok(json) => vec![(HANDOFF_CERTS.to_string(), json)],
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot pass the registration certificates on");
+                Vec::new()
+            }
+        }
+    }
+
     /// Ends registration `id`: removes the instance; holds the route if it was the last one.
     async fn end(self: &Arc<Self>, id: u64) {
         let mut book = self.book.lock().await;
@@ -741,6 +963,7 @@ impl Registry {
             return;
         };
         entry.instances.remove(&id);
+        self.prune_certs(entry);
         let last = entry.instances.is_empty();
         let pool = entry.pool.clone();
         let hold = entry.hold.clone();
@@ -778,6 +1001,7 @@ impl Registry {
             return;
         }
         let (port, hold) = (entry.port, entry.hold.clone());
+        self.drop_certs(entry);
         book.routes.remove(route);
         let name = route.to_string();
         self.state
@@ -819,6 +1043,10 @@ impl HandoffExtras for Registry {
     fn handoff_sockets(&self) -> Pin<Box<dyn Future<Output = Vec<HandoffSocket>> + Send + '_>> {
         Box::pin(Registry::handoff_sockets(self))
     }
+
+    fn handoff_data(&self) -> crate::upgrade::HandoffData<'_> {
+        Box::pin(Registry::handoff_data(self))
+    }
 }
 
 #[cfg(test)]
@@ -856,7 +1084,7 @@ mod tests {
             "@registration:",
             "@registration:0 http /",
             "@registration:20001",
-            "@registration:20001 tls /",
+            "@registration:20001 quic /",
             "@registration:20001 http nopath",
             "@admin",
         ] {

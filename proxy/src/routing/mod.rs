@@ -8,7 +8,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::Protocol;
 use crate::discovery::OnChange;
 use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, PathMatch, Pool, Route, Source,
@@ -186,13 +185,13 @@ impl RoutingTable {
         }
         let registered_tcp: Vec<(String, String)> = membership
             .routes()
-            .filter(|(_, r)| r.protocol == Protocol::Tcp)
+            .filter(|(_, r)| r.protocol.is_stream())
             .map(|(_, r)| (r.listener.clone(), r.pool.clone()))
             .collect();
         let registered_http = registered
             .iter()
             .zip(membership.routes())
-            .filter(|(_, (_, r))| r.protocol == Protocol::Http)
+            .filter(|(_, (_, r))| r.protocol.is_http())
             .map(|(route, _)| route);
         let mut http: HashMap<String, HostIndex> = HashMap::new();
         for route in state.routes().chain(registered_http) {

@@ -24,6 +24,8 @@ pub enum CertSource {
     Api,
     /// Issued by the ACME server.
     Acme,
+    /// Brought by a registered service; in memory only, gone with its route.
+    Registered,
 }
 
 impl CertSource {
@@ -33,6 +35,7 @@ impl CertSource {
             CertSource::File => "file",
             CertSource::Api => "api",
             CertSource::Acme => "acme",
+            CertSource::Registered => "registered",
         }
     }
 
@@ -145,6 +148,18 @@ impl CertEntry {
             },
         })
     }
+}
+
+/// Whether a certificate for `names` is presented for `host` (a name or `*.suffix`), by
+/// the same rules as [`CertCache::lookup`]: the exact name, or a wildcard whose suffix ends
+/// the host.
+pub fn covers(names: &[String], host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    names.iter().any(|n| {
+        n == &host
+            || n.strip_prefix('*')
+                .is_some_and(|suffix| host.len() > suffix.len() && host.ends_with(suffix))
+    })
 }
 
 /// DNS names (SANs, else the CN), issuer, validity of a DER certificate.
@@ -336,6 +351,17 @@ mod tests {
 
     fn provider() -> CryptoProvider {
         rustls::crypto::ring::default_provider()
+    }
+
+    #[test]
+    fn covers_follows_the_lookup_rules() {
+        let names = vec!["api.example.com".to_string(), "*.apps.example".to_string()];
+        assert!(covers(&names, "API.example.com"));
+        assert!(covers(&names, "x.apps.example"));
+        assert!(covers(&names, "*.apps.example"));
+        assert!(!covers(&names, "apps.example"));
+        assert!(!covers(&names, "www.example.com"));
+        assert!(!covers(&names, "example.com"));
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub enum TlsError {
     /// The object belongs to the config file.
     #[error("{0} is defined in the config file; change it there")]
     Declarative(String),
+    /// The certificate belongs to a registered service.
+    #[error("{0} belongs to a registered service; it leaves with the service's route")]
+    Registered(String),
     /// ACME is not configured or an order failed.
     #[error("{0}")]
     Acme(String),
@@ -416,6 +419,75 @@ impl Tls {
         Ok(info)
     }
 
+    /// Serves a certificate a registered service brought, stored in memory under `name`
+    /// (never on disk). With `host`, the certificate must cover it. Errors name the
+    /// announce field.
+    pub fn add_registered(
+        &self,
+        name: &str,
+        host: Option<&str>,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<CertInfo, TlsError> {
+        let invalid = |field: &str, reason: String| TlsError::Invalid {
+            field: field.into(),
+            reason,
+        };
+        if key_pem.trim().is_empty() {
+            return Err(invalid(
+                "tls_private_key_pem",
+                "required with tls_certificate_pem".into(),
+            ));
+        }
+        if cert_pem.trim().is_empty() {
+            return Err(invalid(
+                "tls_certificate_pem",
+                "required with tls_private_key_pem".into(),
+            ));
+        }
+        let entry = CertEntry::from_pem(
+            name,
+            cert_pem,
+            key_pem,
+            CertSource::Registered,
+            &self.provider,
+        )
+        .map_err(|e| match e {
+            TlsError::Certificate(reason)
+                if reason.starts_with("private key") || reason.starts_with("the key") =>
+            {
+                invalid("tls_private_key_pem", reason)
+            }
+            TlsError::Certificate(reason) => invalid("tls_certificate_pem", reason),
+            other => other,
+        })?;
+        if let Some(host) = host {
+            if !certs::covers(&entry.info.names, host) {
+                return Err(invalid(
+                    "tls_certificate_pem",
+                    format!(
+                        "the certificate is for {:?}, which does not cover host {host:?}",
+                        entry.info.names
+                    ),
+                ));
+            }
+        }
+        let info = entry.info.clone();
+        self.certs.insert(Arc::new(entry));
+        tracing::info!(name = %info.name, names = ?info.names, "serving a registered service's certificate");
+        Ok(info)
+    }
+
+    /// Stops serving the registered certificate stored under `name`.
+    pub fn remove_registered(&self, name: &str) {
+        if let Some(e) = self.certs.stored(name) {
+            if e.info.source == CertSource::Registered {
+                self.certs.remove(name);
+                tracing::info!(name, "removed a registered service's certificate");
+            }
+        }
+    }
+
     /// Removes an uploaded or issued certificate.
     pub async fn remove(&self, name: &str) -> Result<(), TlsError> {
         let name = name.to_ascii_lowercase();
@@ -423,6 +495,9 @@ impl Tls {
             None => return Err(TlsError::NotFound(format!("certificate {name:?}"))),
             Some(e) if e.info.source == CertSource::File => {
                 return Err(TlsError::Declarative(format!("certificate {name:?}")))
+            }
+            Some(e) if e.info.source == CertSource::Registered => {
+                return Err(TlsError::Registered(format!("certificate {name:?}")))
             }
             Some(_) => {}
         }

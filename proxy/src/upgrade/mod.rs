@@ -6,7 +6,8 @@
 //!
 //! 1. C connects and sends `HELLO <pid>`; P checks the peer really is its child.
 //! 2. P stops taking API writes and closes its SQLite writer (never two writers), then sends
-//!    `SOCKETS <json>` (names, kinds, state revision) followed by the descriptors: those
+//!    `SOCKETS <json>` (names, kinds, state revision, and the data [`HandoffExtras`] pass
+//!    along: the certificates of registered TLS routes) followed by the descriptors: those
 //!    fixed at start and those [`HandoffExtras`] list at this moment (ports opened for
 //!    registrations).
 //! 3. C opens the store, starts serving on the sockets (both accept for a moment: never
@@ -87,12 +88,22 @@ pub struct HandoffSocket {
     pub fd: OwnedFd,
 }
 
+/// The data a [`HandoffExtras`] passes along, as `(key, text)` pairs, when asked.
+pub type HandoffData<'a> = Pin<Box<dyn Future<Output = Vec<(String, String)>> + Send + 'a>>;
+
 /// Sockets that come and go while the daemon runs (ports opened for registrations): listed
 /// when an upgrade hands over, after the fixed sockets.
 pub trait HandoffExtras: Send + Sync {
     /// The sockets to offer the successor now (duplicates; names must not clash with the
     /// fixed ones).
     fn handoff_sockets(&self) -> Pin<Box<dyn Future<Output = Vec<HandoffSocket>> + Send + '_>>;
+
+    /// State the successor needs with those sockets, as `(key, text)` (keys must be unique
+    /// across extras); the successor reads it with [`Inherited::take_data`]. Sent over the
+    /// handoff socket only, never written anywhere.
+    fn handoff_data(&self) -> HandoffData<'_> {
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// Starts successors and hands them the sockets. One per daemon.
@@ -320,13 +331,15 @@ impl Upgrader {
             })
             .collect::<Result<_, _>>()?;
         // Listed now, not at start: these sockets open and close while the daemon runs.
+        let mut data = std::collections::BTreeMap::new();
         for extras in &self.extras {
             for s in extras.handoff_sockets().await {
                 offer.push((s.name, s.kind, s.fd));
             }
+            data.extend(extras.handoff_data().await);
         }
         conn = blocking(deadline, child, conn, move |c, _| {
-            c.send_sockets(revision, &offer)
+            c.send_sockets(revision, &offer, data)
         })
         .await?;
         blocking(deadline, child, conn, |c, d| c.expect_ready(d)).await?;
@@ -392,8 +405,9 @@ pub fn receive() -> Result<Option<(Handoff, Inherited)>, UpgradeError> {
     let mut conn = wire::Conn::new(stream).map_err(protocol)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     conn.send_hello().map_err(protocol)?;
-    let (revision, sockets) = conn.receive_sockets(deadline).map_err(protocol)?;
+    let (revision, sockets, data) = conn.receive_sockets(deadline).map_err(protocol)?;
     let mut inherited = Inherited::default();
+    inherited.set_data(data);
     for (name, kind, fd) in sockets {
         match kind {
             SocketKind::Tcp => {

@@ -1,6 +1,7 @@
 //! The handoff conversation on the wire: newline-terminated text lines, and descriptors
 //! sent as SCM_RIGHTS on one-byte messages (so a line read never swallows them).
 
+use std::collections::BTreeMap;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -35,6 +36,9 @@ pub(super) type NamedSocket = (String, SocketKind, OwnedFd);
 struct Offer {
     revision: u64,
     sockets: Vec<(String, SocketKind)>,
+    /// Extra state by key (absent from older processes).
+    #[serde(default)]
+    data: BTreeMap<String, String>,
 }
 
 /// One end of the handoff connection (blocking I/O with deadlines).
@@ -120,10 +124,12 @@ impl Conn {
         &mut self,
         revision: u64,
         sockets: &[NamedSocket],
+        data: BTreeMap<String, String>,
     ) -> io::Result<()> {
         let offer = Offer {
             revision,
             sockets: sockets.iter().map(|(n, k, _)| (n.clone(), *k)).collect(),
+            data,
         };
         let json = serde_json::to_string(&offer).map_err(|e| bad(e.to_string()))?;
         self.write_line(&format!("SOCKETS {json}"))?;
@@ -150,7 +156,7 @@ impl Conn {
     pub(super) fn receive_sockets(
         &mut self,
         deadline: Instant,
-    ) -> io::Result<(u64, Vec<NamedSocket>)> {
+    ) -> io::Result<(u64, Vec<NamedSocket>, BTreeMap<String, String>)> {
         let line = self.read_line(deadline)?;
         let json = line
             .strip_prefix("SOCKETS ")
@@ -197,6 +203,6 @@ impl Conn {
             .zip(fds)
             .map(|((name, kind), fd)| (name, kind, fd))
             .collect();
-        Ok((offer.revision, sockets))
+        Ok((offer.revision, sockets, offer.data))
     }
 }
