@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod mgmt_support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point, Metric};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::Span;
 
@@ -31,6 +33,10 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 struct Receiver {
     spans: Arc<Mutex<Vec<Span>>>,
     metric_names: Arc<Mutex<Vec<String>>>,
+    /// The latest export of each metric, by name (values are cumulative).
+    latest: Arc<Mutex<std::collections::BTreeMap<String, Metric>>>,
+    /// Every export of every metric, in arrival order.
+    history: Arc<Mutex<Vec<Metric>>>,
     service_names: Arc<Mutex<Vec<String>>>,
 }
 
@@ -69,10 +75,14 @@ impl MetricsService for Receiver {
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         for resource_metrics in request.into_inner().resource_metrics {
             for scope in resource_metrics.scope_metrics {
-                self.metric_names
-                    .lock()
-                    .unwrap()
-                    .extend(scope.metrics.into_iter().map(|m| m.name));
+                for metric in scope.metrics {
+                    self.metric_names.lock().unwrap().push(metric.name.clone());
+                    self.history.lock().unwrap().push(metric.clone());
+                    self.latest
+                        .lock()
+                        .unwrap()
+                        .insert(metric.name.clone(), metric);
+                }
             }
         }
         Ok(tonic::Response::new(ExportMetricsServiceResponse {
@@ -280,6 +290,167 @@ async fn spans_arrive_with_route_pool_upstream_and_status() {
             "{want} not exported: {names:?}"
         );
     }
+    p.daemon.stop().await;
+}
+
+impl Receiver {
+    /// The latest cumulative value of counter `name` on the data point whose attribute
+    /// `key` is `value`.
+    fn counter(&self, name: &str, key: &str, value: &str) -> Option<i64> {
+        let latest = self.latest.lock().unwrap();
+        let Some(Data::Sum(sum)) = latest.get(name)?.data.as_ref() else {
+            return None;
+        };
+        sum.data_points
+            .iter()
+            .find(|p| {
+                p.attributes
+                    .iter()
+                    .any(|kv| kv.key == key && string_value(kv.value.as_ref()) == value)
+            })
+            .and_then(|p| match p.value {
+                Some(number_data_point::Value::AsInt(v)) => Some(v),
+                _ => None,
+            })
+    }
+
+    /// Observations in the latest export of histogram `name` (all data points).
+    fn histogram_count(&self, name: &str) -> Option<u64> {
+        let latest = self.latest.lock().unwrap();
+        match latest.get(name)?.data.as_ref() {
+            Some(Data::Histogram(h)) => Some(h.data_points.iter().map(|p| p.count).sum()),
+            _ => None,
+        }
+    }
+}
+
+/// The value of the Prometheus sample `series` (name with labels, exactly as scraped).
+fn scraped(text: &str, series: &str) -> Option<i64> {
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series)
+            .then(|| value.parse::<f64>().ok())?
+            .map(|v| v as i64)
+    })
+}
+
+#[tokio::test]
+async fn every_metric_goes_out_with_the_values_the_scrape_shows() {
+    let (collector, receiver) = start_receiver().await;
+    let up = upstream("up").await;
+    let dead = free_port();
+    let otlp =
+        format!("[telemetry.otlp]\nendpoint = \"http://{collector}\"\ninterval = \"200ms\"\n");
+    let text = format!(
+        "{}\n[[pools]]\nname = \"dead\"\nupstreams = [\"127.0.0.1:{dead}\"]\n\n[[routes]]\nname = \"down\"\nlistener = \"web\"\nhost = \"down.example\"\npool = \"dead\"\n",
+        config(&otlp, &up)
+    );
+    let p = start_proxy(&text).await;
+    let web = p.addr("web");
+    for path in ["/one", "/two", "/three"] {
+        assert_eq!(get(web, "a.example", path).await.status, 200);
+    }
+    // Nothing listens on the dead pool's port: a connect failure and a 502.
+    assert_eq!(get(web, "down.example", "/").await.status, 502);
+    // A write through the API: one SQLite commit.
+    let mut api = mgmt_support::connect(&p).await;
+    mgmt_support::create_pool(&mut api, mgmt_support::pool_msg("extra", &[up.address()])).await;
+
+    let prometheus = p.daemon.telemetry().metrics().encode();
+    let bytes = scraped(
+        &prometheus,
+        "proxy_http_response_bytes_total{listener=\"web\",route=\"site\",pool=\"p\"}",
+    )
+    .expect("response bytes scraped");
+    assert!(bytes > 0, "{prometheus}");
+    let failures = scraped(
+        &prometheus,
+        "proxy_upstream_connect_failures_total{pool=\"dead\"}",
+    )
+    .expect("connect failures scraped");
+    assert!(failures >= 1, "{prometheus}");
+    let errors = scraped(
+        &prometheus,
+        "proxy_http_errors_total{listener=\"web\",route=\"down\",pool=\"dead\",source=\"upstream\"}",
+    )
+    .expect("errors scraped");
+    let commits = scraped(&prometheus, "proxy_state_write_duration_seconds_count")
+        .expect("state writes scraped");
+
+    // The OTLP export catches up with the same values.
+    let mut exported = (None, None, None, None);
+    for _ in 0..300 {
+        exported = (
+            receiver.counter("proxy.http.response_bytes", "route", "site"),
+            receiver.counter("proxy.upstream.connect_failures", "pool", "dead"),
+            receiver.counter("proxy.http.errors", "source", "upstream"),
+            receiver.histogram_count("proxy.state.write.duration"),
+        );
+        if exported.0 == Some(bytes)
+            && exported.1 == Some(failures)
+            && exported.2 == Some(errors)
+            && exported.3.is_some_and(|n| n >= 1)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(exported.0, Some(bytes), "response bytes");
+    assert_eq!(exported.1, Some(failures), "connect failures");
+    assert_eq!(exported.2, Some(errors), "errors by source");
+    let written = exported.3.expect("state write latency exported");
+    // Commits made before the exporter started (the config file's objects) are only in
+    // the scrape; the API write is in both.
+    assert!(
+        written >= 1 && written <= u64::try_from(commits).unwrap(),
+        "{written} exported, {commits} scraped"
+    );
+
+    let names = receiver.metric_names.lock().unwrap().clone();
+    for want in [
+        "proxy.connections",
+        "proxy.connections.active",
+        "proxy.registrations.active",
+        "proxy.held_requests",
+        "proxy.upstream.healthy",
+        "proxy.upstream.ejected",
+        "proxy.upstream.draining",
+        "proxy.upstream.in_flight",
+        "proxy.upstream.connect.duration",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} not exported: {names:?}"
+        );
+    }
+    // The dead upstream was ejected after its failed connect (for a while), and an export
+    // said so; the healthy one never was.
+    let ejected = |pool: &str| -> Vec<i64> {
+        let history = receiver.history.lock().unwrap();
+        history
+            .iter()
+            .filter(|m| m.name == "proxy.upstream.ejected")
+            .flat_map(|m| match &m.data {
+                Some(Data::Gauge(g)) => g.data_points.clone(),
+                other => panic!("proxy.upstream.ejected is not a gauge: {other:?}"),
+            })
+            .filter(|p| {
+                p.attributes
+                    .iter()
+                    .any(|kv| kv.key == "pool" && string_value(kv.value.as_ref()) == pool)
+            })
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(v)) => v,
+                _ => -1,
+            })
+            .collect()
+    };
+    assert!(ejected("dead").contains(&1), "{:?}", ejected("dead"));
+    let healthy = ejected("p");
+    assert!(
+        !healthy.is_empty() && healthy.iter().all(|v| *v == 0),
+        "{healthy:?}"
+    );
     p.daemon.stop().await;
 }
 

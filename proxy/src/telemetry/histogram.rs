@@ -2,7 +2,7 @@
 //! (prometheus-client's own `Histogram` guards its buckets with a mutex).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
@@ -32,6 +32,17 @@ struct Inner {
     count: AtomicU64,
     /// Sum of observations in nanoseconds: integer adds need no compare-and-swap loop.
     sum_ns: AtomicU64,
+    /// Also told every observation (the OTLP instrument of the same metric), once set.
+    mirror: OnceLock<Mirror>,
+}
+
+/// Where a histogram's observations are copied to.
+struct Mirror(Box<dyn Fn(Duration) + Send + Sync>);
+
+impl std::fmt::Debug for Mirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Mirror")
+    }
 }
 
 impl DurationHistogram {
@@ -44,6 +55,7 @@ impl DurationHistogram {
                 buckets,
                 count: AtomicU64::new(0),
                 sum_ns: AtomicU64::new(0),
+                mirror: OnceLock::new(),
             }),
         }
     }
@@ -73,6 +85,15 @@ impl DurationHistogram {
         self.inner.count.fetch_add(1, Ordering::Relaxed);
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.inner.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        if let Some(mirror) = self.inner.mirror.get() {
+            (mirror.0)(elapsed);
+        }
+    }
+
+    /// Copies every later observation to `record` as well (for all clones; set once, later
+    /// calls are ignored).
+    pub fn mirror_to(&self, record: impl Fn(Duration) + Send + Sync + 'static) {
+        let _ = self.inner.mirror.set(Mirror(Box::new(record)));
     }
 
     /// Observations so far.
@@ -132,5 +153,20 @@ mod tests {
         assert_eq!(counts, vec![2, 1, 1]);
         assert_eq!(h.count(), 4);
         assert_eq!(h.sum(), Duration::from_millis(3065));
+    }
+
+    #[test]
+    fn a_mirror_sees_every_later_observation_of_every_clone() {
+        let h = DurationHistogram::fast();
+        h.observe(Duration::from_millis(1));
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        h.mirror_to(move |d| {
+            counter.fetch_add(u64::try_from(d.as_millis()).unwrap(), Ordering::Relaxed);
+        });
+        h.clone().observe(Duration::from_millis(7));
+        h.observe(Duration::from_millis(5));
+        assert_eq!(seen.load(Ordering::Relaxed), 12);
+        assert_eq!(h.count(), 3);
     }
 }

@@ -416,6 +416,9 @@ impl Metrics {
     /// Records a failed connection attempt to an upstream of `pool`.
     pub fn upstream_connect_failed(&self, pool: &str) {
         self.pool_series(pool).failures.inc();
+        if let Some(otel) = self.otel.get() {
+            otel.upstream_connect_failed(pool);
+        }
     }
 
     fn pool_series(&self, pool: &str) -> Arc<PoolSeries> {
@@ -513,6 +516,21 @@ impl Metrics {
     /// Client connections open now on every listener (the `tcp_connections_active_count` gauge).
     pub fn connections_open(&self) -> i64 {
         self.legacy.tcp_active.load(Ordering::Relaxed)
+    }
+
+    /// Client connections accepted since start on every listener.
+    pub fn connections_accepted(&self) -> u64 {
+        self.legacy.tcp_total.load(Ordering::Relaxed)
+    }
+
+    /// Registrations whose lease is open now.
+    pub fn registrations_now(&self) -> i64 {
+        self.registrations_active.get()
+    }
+
+    /// Requests and connections waiting for a held route now.
+    pub fn held_now(&self) -> i64 {
+        self.held_requests.get()
     }
 }
 

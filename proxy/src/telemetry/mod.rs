@@ -110,9 +110,8 @@ impl Telemetry {
         let (tracing, otlp) = match &config.otlp {
             None => (None, None),
             Some(otlp_config) => {
-                let weak = Arc::downgrade(&metrics);
-                let open = move || weak.upgrade().map_or(0, |m| m.connections_open());
-                let (otlp, instruments) = otlp::Otlp::start(otlp_config, open, state.cloned())?;
+                let (otlp, instruments) =
+                    otlp::Otlp::start(otlp_config, Arc::downgrade(&metrics), state.cloned())?;
                 metrics.export_to(instruments);
                 tracing::info!(endpoint = %otlp_config.endpoint, "exporting traces and metrics over OTLP");
                 (Some(otlp.tracing()), Some(Arc::new(otlp)))

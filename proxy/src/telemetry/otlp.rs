@@ -4,12 +4,12 @@
 //! trace context of their own and a client's `traceparent` is forwarded untouched.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::metrics::{
-    Counter, Gauge, Histogram, Meter, MeterProvider as _, ObservableGauge,
+    Counter, Gauge, Histogram, Meter, MeterProvider as _, ObservableCounter, ObservableGauge,
 };
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _};
@@ -24,7 +24,7 @@ use opentelemetry_sdk::Resource;
 use thiserror::Error;
 
 use super::histogram::{FAST_BOUNDS, REQUEST_BOUNDS};
-use super::metrics::HttpOutcome;
+use super::metrics::{HttpOutcome, Metrics};
 use super::OtlpConfig;
 use crate::state::StateHandle;
 
@@ -56,7 +56,7 @@ impl Otlp {
     /// gRPC client uses). Returns the instruments the metrics also record into.
     pub fn start(
         config: &OtlpConfig,
-        open_connections: impl Fn() -> i64 + Send + Sync + 'static,
+        metrics: Weak<Metrics>,
         state: Option<StateHandle>,
     ) -> Result<(Otlp, Instruments), OtlpError> {
         let error = |reason: String| OtlpError {
@@ -92,11 +92,12 @@ impl Otlp {
         let reader = PeriodicReader::builder(exporter)
             .with_interval(config.interval)
             .build();
-        let metrics = SdkMeterProvider::builder()
+        let provider = SdkMeterProvider::builder()
             .with_reader(reader)
             .with_resource(resource)
             .build();
-        let instruments = Instruments::new(&metrics.meter("proxy"), open_connections, state);
+        let instruments = Instruments::new(&provider.meter("proxy"), metrics, state);
+        let metrics = provider;
         let tracing = Arc::new(RequestTracing {
             tracer: traces.tracer("proxy"),
             propagator: TraceContextPropagator::new(),
@@ -233,7 +234,10 @@ impl Injector for HeaderWriter<'_> {
 pub struct Instruments {
     requests: Counter<u64>,
     duration: Histogram<f64>,
+    errors: Counter<u64>,
+    response_bytes: Counter<u64>,
     connect: Histogram<f64>,
+    connect_failures: Counter<u64>,
     upgrades: Counter<u64>,
     last_upgrade: Gauge<f64>,
     api_calls: Counter<u64>,
@@ -242,6 +246,58 @@ pub struct Instruments {
     registrations: Counter<u64>,
     held: Counter<u64>,
     _observed: Vec<ObservableGauge<i64>>,
+    _counted: ObservableCounter<u64>,
+}
+
+/// An observable gauge of the daemon-wide value `read` takes from the metrics.
+fn daemon_gauge(
+    meter: &Meter,
+    name: &'static str,
+    description: &'static str,
+    metrics: &Weak<Metrics>,
+    read: fn(&Metrics) -> i64,
+) -> ObservableGauge<i64> {
+    let metrics = metrics.clone();
+    meter
+        .i64_observable_gauge(name)
+        .with_description(description)
+        .with_callback(move |o| {
+            if let Some(m) = metrics.upgrade() {
+                o.observe(read(&m), &[]);
+            }
+        })
+        .build()
+}
+
+/// What an upstream gauge reads from an upstream.
+type UpstreamReading = fn(&crate::upstream::UpstreamRuntime) -> i64;
+
+/// An observable gauge with one value per upstream of every pool.
+fn upstream_gauge(
+    meter: &Meter,
+    name: &'static str,
+    description: &'static str,
+    state: StateHandle,
+    read: UpstreamReading,
+) -> ObservableGauge<i64> {
+    meter
+        .i64_observable_gauge(name)
+        .with_description(description)
+        .with_callback(move |o| {
+            let routing = state.routing();
+            for pool in routing.pools() {
+                for upstream in pool.upstreams() {
+                    o.observe(
+                        read(upstream),
+                        &[
+                            KeyValue::new("pool", pool.name.clone()),
+                            KeyValue::new("upstream", upstream.address.clone()),
+                        ],
+                    );
+                }
+            }
+        })
+        .build()
 }
 
 impl std::fmt::Debug for Instruments {
@@ -251,40 +307,81 @@ impl std::fmt::Debug for Instruments {
 }
 
 impl Instruments {
-    fn new(
-        meter: &Meter,
-        open_connections: impl Fn() -> i64 + Send + Sync + 'static,
-        state: Option<StateHandle>,
-    ) -> Instruments {
-        let mut observed = vec![meter
-            .i64_observable_gauge("proxy.connections.active")
-            .with_description("Client connections open now on all listeners")
-            .with_callback(move |o| o.observe(open_connections(), &[]))
-            .build()];
+    fn new(meter: &Meter, metrics: Weak<Metrics>, state: Option<StateHandle>) -> Instruments {
+        let mut observed = vec![
+            daemon_gauge(
+                meter,
+                "proxy.connections.active",
+                "Client connections open now on all listeners",
+                &metrics,
+                Metrics::connections_open,
+            ),
+            daemon_gauge(
+                meter,
+                "proxy.registrations.active",
+                "Registrations whose lease is open",
+                &metrics,
+                Metrics::registrations_now,
+            ),
+            daemon_gauge(
+                meter,
+                "proxy.held_requests",
+                "Requests and connections waiting for a held registered route",
+                &metrics,
+                Metrics::held_now,
+            ),
+        ];
+        let accepted = metrics.clone();
+        let counted = meter
+            .u64_observable_counter("proxy.connections")
+            .with_description("Client connections accepted on all listeners")
+            .with_callback(move |o| {
+                if let Some(m) = accepted.upgrade() {
+                    o.observe(m.connections_accepted(), &[]);
+                }
+            })
+            .build();
         if let Some(state) = state {
-            observed.push(
-                meter
-                    .i64_observable_gauge("proxy.upstream.healthy")
-                    .with_description(
-                        "1 if the upstream passes its active health check and is not ejected",
-                    )
-                    .with_callback(move |o| {
-                        let routing = state.routing();
-                        for pool in routing.pools() {
-                            for upstream in pool.upstreams() {
-                                let up = upstream.is_healthy() && !upstream.is_ejected();
-                                o.observe(
-                                    i64::from(up),
-                                    &[
-                                        KeyValue::new("pool", pool.name.clone()),
-                                        KeyValue::new("upstream", upstream.address.clone()),
-                                    ],
-                                );
-                            }
-                        }
-                    })
-                    .build(),
-            );
+            let gauges: [(&'static str, &'static str, UpstreamReading); 4] = [
+                (
+                    "proxy.upstream.healthy",
+                    "1 if the upstream passes its active health check and is not ejected",
+                    |u| i64::from(u.is_healthy() && !u.is_ejected()),
+                ),
+                (
+                    "proxy.upstream.ejected",
+                    "1 while the upstream is skipped after a failed connection",
+                    |u| i64::from(u.is_ejected()),
+                ),
+                (
+                    "proxy.upstream.draining",
+                    "1 if the upstream is draining (takes no new work)",
+                    |u| i64::from(u.is_draining()),
+                ),
+                (
+                    "proxy.upstream.in_flight",
+                    "Requests and TCP streams in flight to the upstream",
+                    |u| i64::try_from(u.in_flight()).unwrap_or(i64::MAX),
+                ),
+            ];
+            for (name, description, read) in gauges {
+                observed.push(upstream_gauge(
+                    meter,
+                    name,
+                    description,
+                    state.clone(),
+                    read,
+                ));
+            }
+            let writes = meter
+                .f64_histogram("proxy.state.write.duration")
+                .with_description("SQLite commit time of one batch of changes")
+                .with_unit("s")
+                .with_boundaries(FAST_BOUNDS.to_vec())
+                .build();
+            state
+                .write_latency()
+                .mirror_to(move |elapsed| writes.record(elapsed.as_secs_f64(), &[]));
         }
         Instruments {
             requests: meter
@@ -296,11 +393,20 @@ impl Instruments {
                 .with_unit("s")
                 .with_boundaries(REQUEST_BOUNDS.to_vec())
                 .build(),
+            errors: meter
+                .u64_counter("proxy.http.errors")
+                .with_description("Error responses the proxy produced, by who was at fault")
+                .build(),
+            response_bytes: meter
+                .u64_counter("proxy.http.response_bytes")
+                .with_unit("By")
+                .build(),
             connect: meter
                 .f64_histogram("proxy.upstream.connect.duration")
                 .with_unit("s")
                 .with_boundaries(FAST_BOUNDS.to_vec())
                 .build(),
+            connect_failures: meter.u64_counter("proxy.upstream.connect_failures").build(),
             upgrades: meter.u64_counter("proxy.upgrades").build(),
             last_upgrade: meter
                 .f64_gauge("proxy.last_upgrade.duration")
@@ -312,6 +418,7 @@ impl Instruments {
             registrations: meter.u64_counter("proxy.registrations").build(),
             held: meter.u64_counter("proxy.held_requests.finished").build(),
             _observed: observed,
+            _counted: counted,
         }
     }
 
@@ -333,6 +440,20 @@ impl Instruments {
         self.requests.add(1, &attributes);
         self.duration
             .record(outcome.elapsed.as_secs_f64(), &attributes);
+        let [listener, route, pool, _] = attributes;
+        if let Some(source) = outcome.error_source {
+            self.errors.add(
+                1,
+                &[
+                    listener.clone(),
+                    route.clone(),
+                    pool.clone(),
+                    KeyValue::new("source", source),
+                ],
+            );
+        }
+        self.response_bytes
+            .add(outcome.bytes, &[listener, route, pool]);
     }
 
     pub(crate) fn upstream_connected(&self, pool: &str, elapsed: Duration) {
@@ -340,6 +461,11 @@ impl Instruments {
             elapsed.as_secs_f64(),
             &[KeyValue::new("pool", pool.to_string())],
         );
+    }
+
+    pub(crate) fn upstream_connect_failed(&self, pool: &str) {
+        self.connect_failures
+            .add(1, &[KeyValue::new("pool", pool.to_string())]);
     }
 
     pub(crate) fn upgrade_finished(&self, result: &'static str, elapsed: Duration) {
