@@ -205,7 +205,7 @@ impl Daemon {
         };
         // Ports the previous process opened for registrations are taken over further down.
         let registration_ports = inherited.take_tcp_prefixed(registration::HANDOFF_PREFIX);
-        let registration_certs = inherited.take_data(registration::HANDOFF_CERTS);
+        let registration_routes = inherited.take_data(registration::HANDOFF_ROUTES);
         inherited.close_leftovers();
         // Sockets bound here go to systemd's fd store (when it has one), so that even a
         // plain restart finds them open.
@@ -275,7 +275,9 @@ impl Daemon {
             known_listeners,
             serve_registered,
         ));
-        registry.adopt(registration_ports, registration_certs).await;
+        registry
+            .adopt(registration_ports, registration_routes)
+            .await;
         tokio::spawn({
             let registry = registry.clone();
             let shutdown = shutdown.clone();

@@ -103,6 +103,11 @@ async fn wait_for_socket(path: &Path) {
 
 /// proxyd with one configured listener and registrations allowed on `port` only.
 async fn start(port: u16) -> Proxyd {
+    start_with_web(port, free_port()).await
+}
+
+/// proxyd with an HTTP listener `web` on `web` and registrations allowed on `port` only.
+async fn start_with_web(port: u16, web: u16) -> Proxyd {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[server]
@@ -127,7 +132,6 @@ protocol = \"http\"
 address = \"127.0.0.1:{web}\"
 ",
         dir = dir.path().display(),
-        web = free_port(),
     );
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, text).unwrap();
@@ -407,6 +411,54 @@ async fn a_held_tls_route_keeps_its_certificate_across_an_upgrade() {
     let (leaf, answer) = waiter.await.unwrap();
     assert_eq!(leaf, before, "the handed-over certificate was presented");
     assert_eq!(answer, (200, "svc".to_string()));
+    lease.release().await;
+}
+
+#[tokio::test]
+async fn a_route_on_a_configured_listener_is_held_across_an_upgrade() {
+    let port = free_port();
+    // The registration joins the configured listener `web` on its port.
+    let mut d = start_with_web(port, port).await;
+    let svc = upstream("svc").await;
+    let announce = Announce {
+        endpoint: svc.address(),
+        port: u32::from(port),
+        path_prefix: "/a".into(),
+        ..Default::default()
+    };
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let lease = client::register(channel, announce.clone(), None)
+        .await
+        .expect("register on the configured listener");
+    let r = get(local(port), "svc", "/a/before").await;
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
+    let listing = d.registrations().await;
+    assert_eq!(listing.routes[0].listener, "web", "{listing:?}");
+    // Released right before the upgrade: only the handoff tells the new process about it.
+    lease.release().await;
+    d.upgrade().await;
+    let listing = d.registrations().await;
+    assert_eq!(listing.routes.len(), 1, "the route is held: {listing:?}");
+    assert_eq!(listing.routes[0].listener, "web");
+    assert_eq!(listing.routes[0].instances, 0);
+    let waiter = tokio::spawn(async move { get(local(port), "svc", "/a/w").await });
+    for _ in 0..300 {
+        if d.registrations().await.routes[0].waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        d.registrations().await.routes[0].waiting,
+        1,
+        "the request waits"
+    );
+    let channel = client::unix_channel(d.socket()).await.expect("channel");
+    let lease = client::register(channel, announce, None)
+        .await
+        .expect("register with the new process");
+    let r = waiter.await.unwrap();
+    assert_eq!((r.status, r.header("x-upstream")), (200, Some("svc")));
     lease.release().await;
 }
 

@@ -2904,7 +2904,8 @@ pub mod registration_service_client {
     ///
     /// Errors: INVALID_ARGUMENT naming the announce field; PERMISSION_DENIED for a port outside
     /// `registration.port_range`; FAILED_PRECONDITION for a host claimed by a config-file route,
-    /// a port whose listener speaks another protocol, or TLS material (not supported yet).
+    /// or a port whose listener speaks another protocol (a certificate makes HTTP `https` and
+    /// TCP `tls`).
     #[derive(Debug, Clone)]
     pub struct RegistrationServiceClient<T> {
         inner: tonic::client::Grpc<T>,
@@ -3084,7 +3085,8 @@ pub mod registration_service_server {
     ///
     /// Errors: INVALID_ARGUMENT naming the announce field; PERMISSION_DENIED for a port outside
     /// `registration.port_range`; FAILED_PRECONDITION for a host claimed by a config-file route,
-    /// a port whose listener speaks another protocol, or TLS material (not supported yet).
+    /// or a port whose listener speaks another protocol (a certificate makes HTTP `https` and
+    /// TCP `tls`).
     #[derive(Debug)]
     pub struct RegistrationServiceServer<T> {
         inner: Arc<T>,

@@ -24,7 +24,7 @@ use crate::state::StateHandle;
 use crate::upstream::PoolRuntime;
 pub use registry::{
     Claim, ClaimTls, KnownListener, RegisterError, Registration, RegistrationInfo, Registry,
-    RouteInfo, ServeListener, HANDOFF_CERTS, HANDOFF_PREFIX,
+    RouteInfo, ServeListener, HANDOFF_PREFIX, HANDOFF_ROUTES,
 };
 
 /// The `[registration]` section.

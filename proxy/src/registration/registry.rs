@@ -4,7 +4,9 @@
 //! Across an upgrade, each port opened for registrations travels to the new process as a
 //! handoff socket named `@registration:<port> <protocol> <route>...`, where a route is
 //! `[host]/path-prefix`. The new process serves the port at once and holds those routes
-//! (see [`Registry::adopt`]) until their services register with it again.
+//! (see [`Registry::adopt`]) until their services register with it again. Every route
+//! (those on configured listeners too) also travels in the handoff data under
+//! [`HANDOFF_ROUTES`], with the certificates its instances brought.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -61,7 +63,7 @@ impl Claim {
 }
 
 /// A certificate chain and its key, as PEM, brought by a registration.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClaimTls {
     /// The chain, leaf first.
     pub certificate_pem: String,
@@ -86,18 +88,20 @@ fn fits(port: Protocol, claim: Protocol) -> bool {
         )
 }
 
-/// Key of the registrations' certificates in the handoff data.
-pub const HANDOFF_CERTS: &str = "registration-certificates";
+/// Key of the registered routes in the handoff data.
+pub const HANDOFF_ROUTES: &str = "registration-routes";
 
-/// A route's certificate as it travels to the next process in the handoff data, so the
-/// port it takes over terminates TLS from its first connection.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HandedCert {
+/// A registered route as it travels to the next process in the handoff data: routes on
+/// configured listeners (whose sockets travel anyway) are held there like those on ports
+/// opened for registrations, and certificates are served from the first connection.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct HandedRoute {
     port: u16,
     host: Option<String>,
     path_prefix: String,
-    certificate_pem: String,
-    private_key_pem: String,
+    /// On a listener of the config file (not a port opened for registrations).
+    configured: bool,
+    certificates: Vec<ClaimTls>,
 }
 
 /// The name a registration's certificate is kept under in the certificate cache.
@@ -716,33 +720,142 @@ impl Registry {
     /// to register again; a port whose routes nobody claims closes when the hold ends.
     /// A socket this configuration cannot take (port outside the range, now a configured
     /// listener, or a name it cannot read) is closed.
-    /// `certificates` is what the previous process passed as handoff data: the routes'
-    /// certificates, served again from the first connection.
+    /// `routes` is what the previous process passed as handoff data ([`HANDOFF_ROUTES`]):
+    /// routes on configured listeners are held too, and certificates are served again
+    /// from the first connection.
     pub async fn adopt(
         self: &Arc<Self>,
         sockets: Vec<(String, std::net::TcpListener)>,
-        certificates: Option<String>,
+        routes: Option<String>,
     ) {
-        let certs: Vec<HandedCert> = match certificates.as_deref().map(serde_json::from_str) {
+        let routes: Vec<HandedRoute> = match routes.as_deref().map(serde_json::from_str) {
             None => Vec::new(),
-            Some(Ok(certs)) => certs,
+            Some(Ok(routes)) => routes,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "unreadable registration certificates in the handoff; held TLS routes wait for their services' certificates");
+                tracing::warn!(error = %e, "unreadable registered routes in the handoff; routes on configured listeners and certificates wait for their services");
                 Vec::new()
             }
         };
         for (name, socket) in sockets {
-            if let Err(reason) = self.adopt_port(&name, socket, &certs).await {
+            if let Err(reason) = self.adopt_port(&name, socket, &routes).await {
                 tracing::warn!(socket = %name, %reason, "closing a handed-over registration port");
             }
         }
+        for route in routes.iter().filter(|r| r.configured) {
+            if let Err(reason) = self.adopt_configured(route).await {
+                tracing::warn!(port = route.port, host = ?route.host, path_prefix = %route.path_prefix, %reason, "not holding a handed-over registered route");
+            }
+        }
+    }
+
+    /// Serves the handed-over certificates of a route again; returns them by the ids they
+    /// are kept under.
+    fn adopt_certificates(
+        &self,
+        route: &str,
+        host: Option<&str>,
+        certificates: &[ClaimTls],
+    ) -> BTreeMap<u64, ClaimTls> {
+        let mut kept = BTreeMap::new();
+        let Some(tls) = &self.tls else {
+            return kept;
+        };
+        for c in certificates {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            match tls.add_registered(&cert_name(id), host, &c.certificate_pem, &c.private_key_pem) {
+                Ok(_) => {
+                    kept.insert(id, c.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(route, error = %e, "a handed-over registration certificate cannot be used")
+                }
+            }
+        }
+        kept
+    }
+
+    /// Holds a route the previous process served on a configured listener, exactly as if
+    /// its service had just left.
+    async fn adopt_configured(self: &Arc<Self>, handed: &HandedRoute) -> Result<(), String> {
+        let port = handed.port;
+        let l = self
+            .listeners
+            .iter()
+            .find(|l| l.bound.port() == port)
+            .ok_or_else(|| format!("no listener of the config file has port {port} now"))?;
+        let (host, path_prefix) = self
+            .check_route(
+                port,
+                l.protocol,
+                handed.host.clone(),
+                handed.path_prefix.clone(),
+            )
+            .map_err(|e| e.to_string())?;
+        if l.protocol.is_stream() {
+            let snap = self.state.snapshot();
+            let taken = snap
+                .state
+                .tcp_routes()
+                .find(|r| r.listener == l.name)
+                .map(|r| r.pool.clone());
+            if let Some(pool) = taken {
+                return Err(format!(
+                    "listener {:?} now forwards to pool {pool:?}",
+                    l.name
+                ));
+            }
+        }
+        let route = route_name(port, host.as_deref(), &path_prefix);
+        let mut book = self.book.lock().await;
+        if book.routes.contains_key(&route) {
+            return Err(format!("route {route} is already registered"));
+        }
+        let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
+        hold.hold_until(tokio::time::Instant::now() + self.config.hold);
+        let certs = self.adopt_certificates(&route, host.as_deref(), &handed.certificates);
+        book.routes.insert(
+            route.clone(),
+            RouteBook {
+                pool: route.clone(),
+                listener: l.name.clone(),
+                port,
+                host: host.clone(),
+                path_prefix: path_prefix.clone(),
+                hold: hold.clone(),
+                instances: BTreeSet::new(),
+                certs,
+                held_until: Some(SystemTime::now() + self.config.hold),
+                generation: 1,
+            },
+        );
+        let registered = RegisteredRoute {
+            listener: l.name.clone(),
+            protocol: l.protocol,
+            host,
+            path_prefix,
+            pool: route.clone(),
+            hold,
+        };
+        let name = route.clone();
+        self.state
+            .update_membership(move |m| m.set_route(&name, registered))
+            .await;
+        drop(book);
+        tracing::info!(%route, listener = %l.name, "holding a registered route handed over on a configured listener");
+        let registry = self.clone();
+        let wait = self.config.hold;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            registry.expire(&route, 1).await;
+        });
+        Ok(())
     }
 
     async fn adopt_port(
         self: &Arc<Self>,
         name: &str,
         socket: std::net::TcpListener,
-        certs: &[HandedCert],
+        handed: &[HandedRoute],
     ) -> Result<(), String> {
         let handoff = PortHandoff::parse(name)?;
         let port = handoff.port;
@@ -767,33 +880,16 @@ impl Registry {
             let route = route_name(port, host.as_deref(), &path_prefix);
             let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
             hold.hold_until(until);
-            let mut route_certs = BTreeMap::new();
-            for c in certs
+            let handed: &[ClaimTls] = handed
                 .iter()
-                .filter(|c| c.port == port && c.host == host && c.path_prefix == path_prefix)
-            {
-                let Some(tls) = &self.tls else { break };
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                match tls.add_registered(
-                    &cert_name(id),
-                    host.as_deref(),
-                    &c.certificate_pem,
-                    &c.private_key_pem,
-                ) {
-                    Ok(_) => {
-                        route_certs.insert(
-                            id,
-                            ClaimTls {
-                                certificate_pem: c.certificate_pem.clone(),
-                                private_key_pem: c.private_key_pem.clone(),
-                            },
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(%route, error = %e, "a handed-over registration certificate cannot be used")
-                    }
-                }
-            }
+                .find(|r| {
+                    !r.configured
+                        && r.port == port
+                        && r.host == host
+                        && r.path_prefix == path_prefix
+                })
+                .map_or(&[], |r| r.certificates.as_slice());
+            let route_certs = self.adopt_certificates(&route, host.as_deref(), handed);
             book.routes.insert(
                 route.clone(),
                 RouteBook {
@@ -924,30 +1020,27 @@ impl Registry {
         sockets
     }
 
-    /// The certificates of the routes on ports opened for registrations, as handoff data.
+    /// Every registered route (live or held) with its certificates, as handoff data.
     pub async fn handoff_data(&self) -> Vec<(String, String)> {
         let book = self.book.lock().await;
-        let certs: Vec<HandedCert> = book
+        let routes: Vec<HandedRoute> = book
             .routes
             .values()
-            .filter(|r| book.ports.contains_key(&r.port))
-            .flat_map(|r| {
-                r.certs.values().map(|c| HandedCert {
-                    port: r.port,
-                    host: r.host.clone(),
-                    path_prefix: r.path_prefix.clone(),
-                    certificate_pem: c.certificate_pem.clone(),
-                    private_key_pem: c.private_key_pem.clone(),
-                })
+            .map(|r| HandedRoute {
+                port: r.port,
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
+                configured: !book.ports.contains_key(&r.port),
+                certificates: r.certs.values().cloned().collect(),
             })
             .collect();
-        if certs.is_empty() {
+        if routes.is_empty() {
             return Vec::new();
         }
-        match serde_json::to_string(&certs) {
-            Ok(json) => vec![(HANDOFF_CERTS.to_string(), json)],
+        match serde_json::to_string(&routes) {
+            Ok(json) => vec![(HANDOFF_ROUTES.to_string(), json)],
             Err(e) => {
-                tracing::warn!(error = %e, "cannot pass the registration certificates on");
+                tracing::warn!(error = %e, "cannot pass the registered routes on");
                 Vec::new()
             }
         }
