@@ -63,6 +63,18 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A daemon config with state in `dir`, one HTTP listener, and registrations allowed on
+/// `port` only, held for `hold`.
+fn registration_config(dir: &std::path::Path, port: u16, hold: &str) -> proxy::Config {
+    let text = format!(
+        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"\"\n\
+         [registration]\nhold = \"{hold}\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n\
+         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n",
+        state = dir.display(),
+    );
+    proxy::Config::parse(&text, "test.toml").expect("valid config")
+}
+
 #[tokio::test]
 async fn register_holds_the_lease_while_running_and_discovery_list_reports_sources() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,13 +190,7 @@ async fn register_registers_again_after_the_proxy_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let backend = upstream("svc").await;
-    let text = format!(
-        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"\"\n\
-         [registration]\nhold = \"5s\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n\
-         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n",
-        state = dir.path().display(),
-    );
-    let config = proxy::Config::parse(&text, "test.toml").expect("valid config");
+    let config = registration_config(dir.path(), port, "5s");
     let daemon = proxy::Daemon::start(config.clone())
         .await
         .expect("daemon starts");
@@ -241,13 +247,7 @@ async fn register_brings_a_certificate_from_pem_files() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let backend = upstream("svc").await;
-    let text = format!(
-        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"\"\n\
-         [registration]\nhold = \"1s\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nkeepalive = \"1s\"\n\
-         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n",
-        state = dir.path().display(),
-    );
-    let config = proxy::Config::parse(&text, "test.toml").expect("valid config");
+    let config = registration_config(dir.path(), port, "1s");
     let daemon = proxy::Daemon::start(config).await.expect("daemon starts");
     let socket = daemon.config().server.mgmt_socket.clone();
     let key = rcgen::KeyPair::generate().unwrap();

@@ -5,6 +5,7 @@
 
 mod common;
 mod mgmt_support;
+mod registration_support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -13,22 +14,9 @@ use common::*;
 use proxy::registration::client::{self, Announce, ClientError, RegisteredProtocol};
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
+use registration_support::{channel, local, port_closes, proxy_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A daemon whose registrations may use `port` only, held for `hold`.
-async fn proxy_with(port: u16, hold: &str, extra: &str) -> TestProxy {
-    start_proxy(&format!(
-        "{WEB}\n[registration]\nhold = \"{hold}\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nmax_wait = \"60s\"\nkeepalive = \"1s\"\n{extra}"
-    ))
-    .await
-}
-
-async fn channel(p: &TestProxy) -> tonic::transport::Channel {
-    client::unix_channel(mgmt_support::socket_path(p))
-        .await
-        .expect("management socket")
-}
 
 fn http_announce(endpoint: &str, port: u16, prefix: &str) -> Announce {
     Announce {
@@ -46,10 +34,6 @@ async fn listing(p: &TestProxy) -> pb::ListRegistrationsResponse {
         .await
         .expect("ListRegistrations")
         .into_inner()
-}
-
-fn local(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 #[tokio::test]
@@ -197,15 +181,10 @@ async fn a_service_that_never_returns_gets_503_after_the_hold_and_its_port_close
     let r = get(local(port), "h", "/a").await;
     assert_eq!(r.status, 503, "{}", r.text());
     // The port was opened only for this registration: it closes once the hold ended.
-    let mut closed = false;
-    for _ in 0..200 {
-        if TcpStream::connect(local(port)).await.is_err() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "the registration's port is closed after the hold");
+    assert!(
+        port_closes(port).await,
+        "the registration's port is closed after the hold"
+    );
     assert!(listing(&p).await.routes.is_empty());
 }
 

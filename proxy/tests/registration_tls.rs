@@ -5,6 +5,7 @@
 
 mod common;
 mod mgmt_support;
+mod registration_support;
 mod tls_support;
 
 use std::time::Duration;
@@ -13,27 +14,10 @@ use common::*;
 use proxy::registration::client::{self, Announce, ClientError, RegisteredProtocol};
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::tls_service_client::TlsServiceClient;
+use registration_support::{channel, local, port_closes, proxy_with};
 use tls_support::{client_config, get_over, peer_leaf, tls_connect, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A daemon whose registrations may use `port` only, held for `hold`.
-async fn proxy_with(port: u16, hold: &str) -> TestProxy {
-    start_proxy(&format!(
-        "{WEB}\n[registration]\nhold = \"{hold}\"\nport_range = \"{port}-{port}\"\naddress = \"127.0.0.1\"\nmax_wait = \"60s\"\nkeepalive = \"1s\"\n"
-    ))
-    .await
-}
-
-async fn channel(p: &TestProxy) -> tonic::transport::Channel {
-    client::unix_channel(mgmt_support::socket_path(p))
-        .await
-        .expect("management socket")
-}
-
-fn local(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// An HTTP announce for `host` under `/slow` with the certificate `(cert, key)`.
 fn https_announce(endpoint: &str, port: u16, host: &str, cert: &(String, String)) -> Announce {
@@ -85,7 +69,7 @@ async fn https_get(
 #[tokio::test]
 async fn a_registered_certificate_serves_its_host_through_the_hold_and_leaves_with_the_route() {
     let port = free_port();
-    let p = proxy_with(port, "4s").await;
+    let p = proxy_with(port, "4s", "").await;
     let ca = TestCa::new("registration test CA");
     let first = ca.leaf(&["svc.example"]);
     let a = upstream("a").await;
@@ -189,15 +173,7 @@ async fn a_registered_certificate_serves_its_host_through_the_hold_and_leaves_wi
     // The service leaves for good: after the hold the route, its port and its certificate
     // are gone.
     lease.release().await;
-    let mut closed = false;
-    for _ in 0..200 {
-        if TcpStream::connect(local(port)).await.is_err() {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "the port closes after the hold");
+    assert!(port_closes(port).await, "the port closes after the hold");
     assert!(
         certificates(&p)
             .await
@@ -210,7 +186,7 @@ async fn a_registered_certificate_serves_its_host_through_the_hold_and_leaves_wi
 #[tokio::test]
 async fn a_tcp_registration_with_a_certificate_terminates_tls() {
     let port = free_port();
-    let p = proxy_with(port, "2s").await;
+    let p = proxy_with(port, "2s", "").await;
     let ca = TestCa::new("registration test CA");
     let cert = ca.leaf(&["stream.example"]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -252,7 +228,7 @@ async fn a_tcp_registration_with_a_certificate_terminates_tls() {
 #[tokio::test]
 async fn bad_certificates_are_refused_naming_the_field_and_open_nothing() {
     let port = free_port();
-    let p = proxy_with(port, "1s").await;
+    let p = proxy_with(port, "1s", "").await;
     let ca = TestCa::new("registration test CA");
     let refused = |r: Result<client::Lease, ClientError>| match r {
         Err(ClientError::Refused(status)) => status,

@@ -618,6 +618,18 @@ impl Registry {
         }
     }
 
+    /// The pool a TCP route of the config or the API forwards `listener` to, if any: such a
+    /// listener has no room for a registration.
+    fn forwarded_pool(&self, listener: &str) -> Option<String> {
+        let snap = self.state.snapshot();
+        let pool = snap
+            .state
+            .tcp_routes()
+            .find(|r| r.listener == listener)
+            .map(|r| r.pool.clone());
+        pool
+    }
+
     /// The listener for the claimed port: a configured one, one already opened for
     /// registrations, or a new one.
     fn listener_for(
@@ -637,13 +649,7 @@ impl Registry {
                 )));
             }
             if protocol.is_stream() {
-                let snap = self.state.snapshot();
-                let taken = snap
-                    .state
-                    .tcp_routes()
-                    .find(|r| r.listener == l.name)
-                    .map(|r| r.pool.clone());
-                if let Some(pool) = taken {
+                if let Some(pool) = self.forwarded_pool(&l.name) {
                     return Err(RegisterError::Conflict(format!(
                         "listener {:?} already forwards to pool {pool:?}",
                         l.name
@@ -792,13 +798,7 @@ impl Registry {
             )
             .map_err(|e| e.to_string())?;
         if l.protocol.is_stream() {
-            let snap = self.state.snapshot();
-            let taken = snap
-                .state
-                .tcp_routes()
-                .find(|r| r.listener == l.name)
-                .map(|r| r.pool.clone());
-            if let Some(pool) = taken {
+            if let Some(pool) = self.forwarded_pool(&l.name) {
                 return Err(format!(
                     "listener {:?} now forwards to pool {pool:?}",
                     l.name
@@ -842,12 +842,7 @@ impl Registry {
             .await;
         drop(book);
         tracing::info!(%route, listener = %l.name, "holding a registered route handed over on a configured listener");
-        let registry = self.clone();
-        let wait = self.config.hold;
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            registry.expire(&route, 1).await;
-        });
+        self.expire_after_hold(route, 1);
         Ok(())
     }
 
@@ -950,12 +945,7 @@ impl Registry {
             self.close_unused_port(port).await;
         }
         for route in names {
-            let registry = self.clone();
-            let wait = self.config.hold;
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                registry.expire(&route, 1).await;
-            });
+            self.expire_after_hold(route, 1);
         }
         Ok(())
     }
@@ -1072,15 +1062,20 @@ impl Registry {
             .await;
         tracing::info!(id, route = %info.route, held = last, "registration ended");
         if last {
-            let registry = self.clone();
-            let route = info.route.clone();
-            let wait = self.config.hold;
             drop(book);
-            tokio::spawn(async move {
-                tokio::time::sleep(wait).await;
-                registry.expire(&route, generation).await;
-            });
+            self.expire_after_hold(info.route, generation);
         }
+    }
+
+    /// Ends the hold of `route` once `registration.hold` has passed, unless an instance
+    /// came back meanwhile (then `generation` is stale).
+    fn expire_after_hold(self: &Arc<Self>, route: String, generation: u64) {
+        let registry = self.clone();
+        let wait = self.config.hold;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            registry.expire(&route, generation).await;
+        });
     }
 
     /// The hold of `route` ran out: remove it (and its port, if opened only for it) unless
