@@ -143,10 +143,19 @@ async fn echo_server() -> String {
 }
 
 async fn start(up: &Upstream) -> Daemon {
+    start_with(up, "").await
+}
+
+/// Like [`start`], with `server` appended to the `[server]` section.
+async fn start_with(up: &Upstream, server: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let (web, db, admin) = (free_port(), free_port(), free_port());
     let echo = echo_server().await;
-    let text = config(dir.path(), web, db, admin, &pool("p", &[up]), &echo, PROXYD);
+    let text = config(dir.path(), web, db, admin, &pool("p", &[up]), &echo, PROXYD).replacen(
+        "log_level = \"warn\"\n",
+        &format!("log_level = \"warn\"\n{server}"),
+        1,
+    );
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, text).unwrap();
     let child = Command::new(PROXYD)
@@ -428,6 +437,73 @@ async fn api_changes_made_just_before_an_upgrade_are_served_by_the_new_process()
     )
     .await;
     assert_eq!(r.header("x-upstream"), Some("v2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_calls_over_tcp_after_an_upgrade_reach_the_new_process_while_the_old_one_drains() {
+    let up = upstream("u").await;
+    let token_dir = tempfile::tempdir().unwrap();
+    let token = token_dir.path().join("token");
+    std::fs::write(&token, "upgrade-token\n").unwrap();
+    let mgmt = free_port();
+    let d = start_with(
+        &up,
+        &format!(
+            "mgmt_listen = \"127.0.0.1:{mgmt}\"\nmgmt_token_file = \"{}\"\n",
+            token.display()
+        ),
+    )
+    .await;
+    let status_over_tcp = || async move {
+        // A new connection per call, as a script running proxyctl would make.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{mgmt}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the TCP management listener");
+        let mut request = tonic::Request::new(pb::StatusRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer upgrade-token".parse().unwrap());
+        proxy_proto::v1::admin_service_client::AdminServiceClient::new(channel)
+            .status(request)
+            .await
+            .expect("Status over TCP")
+            .into_inner()
+            .pid
+    };
+    let old = status_over_tcp().await;
+    assert_eq!(old, d.pid().await);
+    // A slow download keeps the old process draining (and its sockets open) for seconds.
+    let web = d.web;
+    let download = tokio::spawn(async move {
+        let mut s = TcpStream::connect(("127.0.0.1", web)).await.unwrap();
+        s.write_all(b"GET /drip/100/50 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = Vec::new();
+        let _ = s.read_to_end(&mut body).await;
+        body.len()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let new = upgrade(&d, "").await.expect("upgrade");
+    assert_ne!(new, old);
+    let mut answered_by = Vec::new();
+    for _ in 0..20 {
+        answered_by.push(status_over_tcp().await);
+    }
+    assert!(
+        !download.is_finished(),
+        "the old process was still draining during the calls"
+    );
+    assert!(
+        answered_by.iter().all(|pid| *pid == new),
+        "every call after the upgrade reached the new process {new}: {answered_by:?}"
+    );
+    assert!(
+        download.await.unwrap() > 100 * 1024,
+        "the download completed"
+    );
 }
 
 #[tokio::test]

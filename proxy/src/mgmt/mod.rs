@@ -27,7 +27,6 @@ use proxy_proto::v1::admin_service_server::AdminServiceServer;
 use proxy_proto::v1::pool_service_server::PoolServiceServer;
 use proxy_proto::v1::route_service_server::RouteServiceServer;
 use thiserror::Error;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::InterceptorLayer;
 use tonic::transport::server::Router;
 use tonic::transport::Server;
@@ -358,10 +357,11 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
     tracing::info!(path = %path.display(), "management API listening");
     let stop = shutdown.clone();
     let remove_shutdown = shutdown.clone();
+    let unix_gate = gate.clone();
     let reporter = health.clone();
     // Tracked, so stopping the daemon waits until the API has let go of its sockets.
     shutdown.spawn(async move {
-        let incoming = GatedIncoming::new(unix_listener, gate);
+        let incoming = GatedIncoming::new(unix_listener, unix_gate);
         // Up while draining (writes get UNAVAILABLE); stops when the process finishes.
         let signal = async move {
             stop.exiting().await;
@@ -391,7 +391,9 @@ pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result
         tracing::info!(address = ?addr, "management API listening on TCP (bearer token required)");
         let stop = shutdown.clone();
         shutdown.spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            // Paused with the unix socket while handing over: a call made after the
+            // upgrade returned reaches the new process over TCP too.
+            let incoming = GatedIncoming::new(listener, gate);
             if let Err(e) = router
                 .serve_with_incoming_shutdown(incoming, stop.exiting())
                 .await
