@@ -259,69 +259,36 @@ impl State {
     pub fn changes_to(&self, target: &Document, source: Source) -> Vec<Change> {
         let current = self.document(source);
         let mut out = Vec::new();
-        let tgt_routes: BTreeMap<&str, &Route> =
-            target.routes.iter().map(|r| (r.name.as_str(), r)).collect();
-        let tgt_tcp: BTreeMap<&str, &TcpRoute> = target
-            .tcp_routes
-            .iter()
-            .map(|r| (r.name.as_str(), r))
-            .collect();
-        let tgt_pools: BTreeMap<&str, &Pool> =
-            target.pools.iter().map(|p| (p.name.as_str(), p)).collect();
-        for r in &current.routes {
-            if !tgt_routes.contains_key(r.name.as_str()) {
-                out.push(Change::DeleteRoute {
-                    name: r.name.clone(),
-                });
-            }
-        }
-        for r in &current.tcp_routes {
-            if !tgt_tcp.contains_key(r.name.as_str()) {
-                out.push(Change::DeleteTcpRoute {
-                    name: r.name.clone(),
-                });
-            }
-        }
-        for p in &target.pools {
-            let p = Pool {
-                source,
-                ..p.clone()
-            };
-            match self.pool(&p.name) {
-                None => out.push(Change::CreatePool(p)),
-                Some(old) if *old != p => out.push(Change::UpdatePool(p)),
-                Some(_) => {}
-            }
-        }
-        for r in &target.routes {
-            let r = Route {
-                source,
-                ..r.clone()
-            };
-            match self.route(&r.name) {
-                None => out.push(Change::CreateRoute(r)),
-                Some(old) if *old != r => out.push(Change::UpdateRoute(r)),
-                Some(_) => {}
-            }
-        }
-        for r in &target.tcp_routes {
-            let r = TcpRoute {
-                source,
-                ..r.clone()
-            };
-            match self.tcp_route(&r.name) {
-                None => out.push(Change::CreateTcpRoute(r)),
-                Some(old) if *old != r => out.push(Change::UpdateTcpRoute(r)),
-                Some(_) => {}
-            }
-        }
-        for p in &current.pools {
-            if !tgt_pools.contains_key(p.name.as_str()) {
-                out.push(Change::DeletePool {
-                    name: p.name.clone(),
-                });
-            }
-        }
+        out.extend(removed(&current.routes, &target.routes, |name| {
+            Change::DeleteRoute { name }
+        }));
+        out.extend(removed(&current.tcp_routes, &target.tcp_routes, |name| {
+            Change::DeleteTcpRoute { name }
+        }));
+        out.extend(upserted(
+            &target.pools,
+            source,
+            |name| self.pool(name),
+            Change::CreatePool,
+            Change::UpdatePool,
+        ));
+        out.extend(upserted(
+            &target.routes,
+            source,
+            |name| self.route(name),
+            Change::CreateRoute,
+            Change::UpdateRoute,
+        ));
+        out.extend(upserted(
+            &target.tcp_routes,
+            source,
+            |name| self.tcp_route(name),
+            Change::CreateTcpRoute,
+            Change::UpdateTcpRoute,
+        ));
+        out.extend(removed(&current.pools, &target.pools, |name| {
+            Change::DeletePool { name }
+        }));
         out
     }
 
@@ -953,6 +920,58 @@ fn apply_one(
         routing,
     }));
     Ok(revision)
+}
+
+/// A named object of a [`Document`], owned by one [`Source`].
+trait Owned: Clone + PartialEq {
+    fn name(&self) -> &str;
+    fn owned_by(&self, source: Source) -> Self;
+}
+
+macro_rules! owned {
+    ($($t:ty),*) => {$(
+        impl Owned for $t {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn owned_by(&self, source: Source) -> Self {
+                Self { source, ..self.clone() }
+            }
+        }
+    )*};
+}
+owned!(Pool, Route, TcpRoute);
+
+/// Deletions of the objects of `current` that `target` no longer has.
+fn removed<T: Owned>(current: &[T], target: &[T], delete: fn(String) -> Change) -> Vec<Change> {
+    let kept: std::collections::BTreeSet<&str> = target.iter().map(Owned::name).collect();
+    current
+        .iter()
+        .filter(|o| !kept.contains(o.name()))
+        .map(|o| delete(o.name().to_string()))
+        .collect()
+}
+
+/// Creations of the objects of `target` that do not exist yet and updates of those that
+/// differ from what `existing` finds, all owned by `source`.
+fn upserted<'a, T: Owned + 'a>(
+    target: &[T],
+    source: Source,
+    existing: impl Fn(&str) -> Option<&'a T>,
+    create: fn(T) -> Change,
+    update: fn(T) -> Change,
+) -> Vec<Change> {
+    target
+        .iter()
+        .filter_map(|o| {
+            let o = o.owned_by(source);
+            match existing(o.name()) {
+                None => Some(create(o)),
+                Some(old) if *old != o => Some(update(o)),
+                Some(_) => None,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
