@@ -144,3 +144,10 @@ async fn idle_tcp_streams_are_closed() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+#[test]
+fn free_ports_handed_out_in_one_test_are_all_different() {
+    let ports: std::collections::BTreeSet<u16> = (0..500).map(|_| free_port()).collect();
+    assert_eq!(ports.len(), 500);
+    assert!(ports.iter().all(|p| (20_000..=32_767).contains(p)));
+}
