@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use super::{Hold, RegistrationConfig};
 use crate::config::{ListenerConfig, Protocol};
 use crate::discovery::{check_member_address, Origin, RegisteredRoute};
-use crate::state::{Source, StateHandle, Upstream};
+use crate::state::{check_path, normalise_host, Source, StateHandle, Upstream};
 use crate::tls::{Tls, TlsError};
 use crate::upgrade::{HandoffExtras, HandoffSocket, SocketKind};
 
@@ -358,24 +358,6 @@ impl PortHandoff {
     }
 }
 
-/// Checks and lower-cases a claimed host: `name` or `*.suffix`.
-fn normalise_host(host: &str) -> Result<String, String> {
-    let host = host.trim().to_ascii_lowercase();
-    let bare = host.strip_prefix("*.").unwrap_or(&host);
-    let ok = !bare.is_empty()
-        && bare.len() <= 253
-        && !bare.starts_with('.')
-        && !bare.ends_with('.')
-        && bare
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if ok {
-        Ok(host)
-    } else {
-        Err(format!("{host:?} is not a host name or *.suffix"))
-    }
-}
-
 impl Registry {
     /// A registry for a daemon whose configured listeners are `listeners`.
     pub fn new(
@@ -449,17 +431,10 @@ impl Registry {
         if path_prefix.is_empty() {
             path_prefix = "/".into();
         }
-        let p = &path_prefix;
-        if !p.starts_with('/')
-            || p.len() > 1024
-            || p.chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
-        {
-            return Err(RegisterError::Invalid {
-                field: "path_prefix",
-                reason: format!("{p:?} must be a plain path starting with '/'"),
-            });
-        }
+        check_path(&path_prefix).map_err(|reason| RegisterError::Invalid {
+            field: "path_prefix",
+            reason,
+        })?;
         if protocol.is_stream() && (host.is_some() || path_prefix != "/") {
             return Err(RegisterError::Invalid {
                 field: "protocol",

@@ -97,7 +97,7 @@ pub fn check_upstream_address(address: &str) -> Result<(), String> {
 }
 
 /// Checks and normalises a route host: `example.com`, `*.example.com`; lower-cased.
-fn normalise_host(host: &str) -> Result<String, String> {
+pub(crate) fn normalise_host(host: &str) -> Result<String, String> {
     let host = host.trim().to_ascii_lowercase();
     let bare = host.strip_prefix("*.").unwrap_or(&host);
     if bare.is_empty() || bare.len() > 253 {
@@ -117,6 +117,24 @@ fn normalise_host(host: &str) -> Result<String, String> {
         return Err(format!("{host:?} is not a host name (no port, no scheme)"));
     }
     Ok(host)
+}
+
+/// Checks a route's path (exact or prefix): it starts with '/', has no spaces, control
+/// characters, '?' or '#', and is at most 1024 bytes.
+pub(crate) fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with '/'"));
+    }
+    if path.len() > 1024
+        || path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+    {
+        return Err(format!(
+            "{path:?} must be a plain path (no spaces, '?' or '#', at most 1024 bytes)"
+        ));
+    }
+    Ok(())
 }
 
 fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
@@ -528,25 +546,7 @@ impl State {
             route.host =
                 Some(normalise_host(host).map_err(|r| ApplyError::invalid("route.host", r))?);
         }
-        let path = route.path.as_str();
-        if !path.starts_with('/') {
-            return Err(ApplyError::invalid(
-                "route.path",
-                format!("{path:?} must start with '/'"),
-            ));
-        }
-        if path.len() > 1024
-            || path
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
-        {
-            return Err(ApplyError::invalid(
-                "route.path",
-                format!(
-                    "{path:?} must be a plain path (no spaces, '?' or '#', at most 1024 bytes)"
-                ),
-            ));
-        }
+        check_path(route.path.as_str()).map_err(|r| ApplyError::invalid("route.path", r))?;
         if route.strip_prefix && matches!(route.path, PathMatch::Exact(_)) {
             return Err(ApplyError::invalid(
                 "route.strip_prefix",
