@@ -63,6 +63,13 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// `proxyctl --socket <socket>`, ready for more arguments.
+fn proxyctl(socket: &std::path::Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(PROXYCTL);
+    c.arg("--socket").arg(socket);
+    c
+}
+
 /// A daemon config with state in `dir`, one HTTP listener, and registrations allowed on
 /// `port` only, held for `hold`.
 fn registration_config(dir: &std::path::Path, port: u16, hold: &str) -> proxy::Config {
@@ -95,9 +102,7 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
     let socket = daemon.config().server.mgmt_socket.clone();
     let proxied = SocketAddr::from(([127, 0, 0, 1], port));
 
-    let mut child = tokio::process::Command::new(PROXYCTL)
-        .arg("--socket")
-        .arg(&socket)
+    let mut child = proxyctl(&socket)
         .args([
             "register",
             "--port",
@@ -129,9 +134,7 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(fetch(proxied, "/a").await, Some((200, "svc".to_string())));
 
-    let out = tokio::process::Command::new(PROXYCTL)
-        .arg("--socket")
-        .arg(&socket)
+    let out = proxyctl(&socket)
         .args(["--output", "json", "discovery", "list"])
         .output()
         .await
@@ -163,9 +166,7 @@ async fn register_holds_the_lease_while_running_and_discovery_list_reports_sourc
     );
 
     // A port outside the range is refused and proxyctl says why.
-    let out = tokio::process::Command::new(PROXYCTL)
-        .arg("--socket")
-        .arg(&socket)
+    let out = proxyctl(&socket)
         .args([
             "register",
             "--port",
@@ -196,9 +197,7 @@ async fn register_registers_again_after_the_proxy_restarts() {
         .expect("daemon starts");
     let socket = daemon.config().server.mgmt_socket.clone();
     let proxied = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut child = tokio::process::Command::new(PROXYCTL)
-        .arg("--socket")
-        .arg(&socket)
+    let mut child = proxyctl(&socket)
         .args([
             "register",
             "--port",
@@ -259,10 +258,8 @@ async fn register_brings_a_certificate_from_pem_files() {
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
     let register = |host: &str| {
-        let mut c = tokio::process::Command::new(PROXYCTL);
-        c.arg("--socket")
-            .arg(&socket)
-            .args(["register", "--port", &port.to_string(), "--host", host])
+        let mut c = proxyctl(&socket);
+        c.args(["register", "--port", &port.to_string(), "--host", host])
             .args(["--endpoint", &backend.to_string()])
             .arg("--cert")
             .arg(&cert_path)
@@ -287,9 +284,7 @@ async fn register_brings_a_certificate_from_pem_files() {
     let mut child = register("svc.example").spawn().unwrap();
     let mut listed = String::new();
     for _ in 0..200 {
-        let out = tokio::process::Command::new(PROXYCTL)
-            .arg("--socket")
-            .arg(&socket)
+        let out = proxyctl(&socket)
             .args(["tls", "certs", "list"])
             .output()
             .await
@@ -308,9 +303,7 @@ async fn register_brings_a_certificate_from_pem_files() {
     );
 
     // Without the key file proxyctl says which file it could not read.
-    let out = tokio::process::Command::new(PROXYCTL)
-        .arg("--socket")
-        .arg(&socket)
+    let out = proxyctl(&socket)
         .args([
             "register",
             "--port",
