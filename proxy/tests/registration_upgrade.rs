@@ -69,6 +69,16 @@ impl Proxyd {
         pid
     }
 
+    /// Waits (up to 15 s) until one request waits on the first held route.
+    async fn wait_until_one_waits(&self) {
+        for _ in 0..300 {
+            if self.registrations().await.routes[0].waiting == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn registrations(&self) -> pb::ListRegistrationsResponse {
         RegistrationServiceClient::new(unix_channel(&self.socket()).await)
             .list_registrations(pb::ListRegistrationsRequest {})
@@ -329,12 +339,7 @@ async fn a_route_held_across_an_upgrade_serves_waiting_requests_once_its_service
     );
     // A request waits on the held route and is served once an instance registers.
     let waiter = tokio::spawn(async move { get(local(port), "svc", "/a/w").await });
-    for _ in 0..300 {
-        if d.registrations().await.routes[0].waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.wait_until_one_waits().await;
     let channel = client::unix_channel(d.socket()).await.expect("channel");
     let back = Announce {
         endpoint: svc.address(),
@@ -398,12 +403,7 @@ async fn a_held_tls_route_keeps_its_certificate_across_an_upgrade() {
         let leaf = peer_leaf(&s);
         (leaf, get_over(&mut s, "svc.example", "/slow/0").await)
     });
-    for _ in 0..300 {
-        if d.registrations().await.routes[0].waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.wait_until_one_waits().await;
     let channel = client::unix_channel(d.socket()).await.expect("channel");
     let lease = client::register(channel, announce, None)
         .await
@@ -442,12 +442,7 @@ async fn a_route_on_a_configured_listener_is_held_across_an_upgrade() {
     assert_eq!(listing.routes[0].listener, "web");
     assert_eq!(listing.routes[0].instances, 0);
     let waiter = tokio::spawn(async move { get(local(port), "svc", "/a/w").await });
-    for _ in 0..300 {
-        if d.registrations().await.routes[0].waiting == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    d.wait_until_one_waits().await;
     assert_eq!(
         d.registrations().await.routes[0].waiting,
         1,
