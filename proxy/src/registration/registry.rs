@@ -755,6 +755,47 @@ impl Registry {
         kept
     }
 
+    /// Books a route handed over by the previous process as held (no instance yet, its
+    /// certificates served again); returns its name and what the routing table needs.
+    fn book_held(
+        &self,
+        book: &mut Book,
+        listener: &str,
+        protocol: Protocol,
+        port: u16,
+        (host, path_prefix): (Option<String>, String),
+        certificates: &[ClaimTls],
+    ) -> (String, RegisteredRoute) {
+        let route = route_name(port, host.as_deref(), &path_prefix);
+        let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
+        hold.hold_until(tokio::time::Instant::now() + self.config.hold);
+        let certs = self.adopt_certificates(&route, host.as_deref(), certificates);
+        book.routes.insert(
+            route.clone(),
+            RouteBook {
+                pool: route.clone(),
+                listener: listener.to_string(),
+                port,
+                host: host.clone(),
+                path_prefix: path_prefix.clone(),
+                hold: hold.clone(),
+                instances: BTreeSet::new(),
+                certs,
+                held_until: Some(SystemTime::now() + self.config.hold),
+                generation: 1,
+            },
+        );
+        let registered = RegisteredRoute {
+            listener: listener.to_string(),
+            protocol,
+            host,
+            path_prefix,
+            pool: route.clone(),
+            hold,
+        };
+        (route, registered)
+    }
+
     /// Holds a route the previous process served on a configured listener, exactly as if
     /// its service had just left.
     async fn adopt_configured(self: &Arc<Self>, handed: &HandedRoute) -> Result<(), String> {
@@ -785,33 +826,14 @@ impl Registry {
         if book.routes.contains_key(&route) {
             return Err(format!("route {route} is already registered"));
         }
-        let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
-        hold.hold_until(tokio::time::Instant::now() + self.config.hold);
-        let certs = self.adopt_certificates(&route, host.as_deref(), &handed.certificates);
-        book.routes.insert(
-            route.clone(),
-            RouteBook {
-                pool: route.clone(),
-                listener: l.name.clone(),
-                port,
-                host: host.clone(),
-                path_prefix: path_prefix.clone(),
-                hold: hold.clone(),
-                instances: BTreeSet::new(),
-                certs,
-                held_until: Some(SystemTime::now() + self.config.hold),
-                generation: 1,
-            },
+        let (name, registered) = self.book_held(
+            &mut book,
+            &l.name,
+            l.protocol,
+            port,
+            (host, path_prefix),
+            &handed.certificates,
         );
-        let registered = RegisteredRoute {
-            listener: l.name.clone(),
-            protocol: l.protocol,
-            host,
-            path_prefix,
-            pool: route.clone(),
-            hold,
-        };
-        let name = route.clone();
         self.state
             .update_membership(move |m| m.set_route(&name, registered))
             .await;
@@ -844,12 +866,8 @@ impl Registry {
             return Err(format!("port {port} is already open"));
         }
         let listener = format!("registered-{port}");
-        let until = tokio::time::Instant::now() + self.config.hold;
         let mut held = Vec::new();
         for (host, path_prefix) in routes {
-            let route = route_name(port, host.as_deref(), &path_prefix);
-            let hold = Arc::new(Hold::new(self.config.queue_limit, self.config.max_wait));
-            hold.hold_until(until);
             let handed: &[ClaimTls] = handed
                 .iter()
                 .find(|r| {
@@ -859,32 +877,13 @@ impl Registry {
                         && r.path_prefix == path_prefix
                 })
                 .map_or(&[], |r| r.certificates.as_slice());
-            let route_certs = self.adopt_certificates(&route, host.as_deref(), handed);
-            book.routes.insert(
-                route.clone(),
-                RouteBook {
-                    pool: route.clone(),
-                    listener: listener.clone(),
-                    port,
-                    host: host.clone(),
-                    path_prefix: path_prefix.clone(),
-                    hold: hold.clone(),
-                    instances: BTreeSet::new(),
-                    certs: route_certs,
-                    held_until: Some(SystemTime::now() + self.config.hold),
-                    generation: 1,
-                },
-            );
-            held.push((
-                route.clone(),
-                RegisteredRoute {
-                    listener: listener.clone(),
-                    protocol: handoff.protocol,
-                    host,
-                    path_prefix,
-                    pool: route,
-                    hold,
-                },
+            held.push(self.book_held(
+                &mut book,
+                &listener,
+                handoff.protocol,
+                port,
+                (host, path_prefix),
+                handed,
             ));
         }
         let names: Vec<String> = held.iter().map(|(n, _)| n.clone()).collect();
