@@ -15,13 +15,27 @@ use tls_support::{
 /// Starts a proxy (http + https listeners, a route for `a.example.test`, on-demand for
 /// `a.example.test` and `*.ok.example.test`) and a pebble validating on its listeners.
 async fn setup(challenges: &str, extra: &str) -> (TestProxy, Pebble, common::Upstream) {
+    let on_demand = format!(
+        "{extra}\n\n[tls.on_demand]\nenabled = true\nallow = [\"a.example.test\", \"*.ok.example.test\"]\nmax_orders_per_hour = 50\n"
+    );
+    setup_with(challenges, &on_demand, "").await
+}
+
+/// The proxy and pebble of [`setup`] with `tail` after the `challenges` line (more
+/// `[tls.acme]` keys, then further sections) and `server` as the `[server]` section
+/// (empty: the test default).
+async fn setup_with(
+    challenges: &str,
+    tail: &str,
+    server: &str,
+) -> (TestProxy, Pebble, common::Upstream) {
     let state = tempfile::tempdir().unwrap();
     let pebble_dir = tempfile::tempdir().unwrap();
     let ports = PebblePorts::pick();
     let (ca, ca_file) = api_ca(pebble_dir.path());
     let app = upstream("app").await;
     let config = format!(
-        r#"
+        r#"{server}
 [[listeners]]
 name = "web"
 protocol = "http"
@@ -43,13 +57,7 @@ directory = "{directory}"
 ca_file = "{ca_file}"
 contact = ["mailto:ops@example.test"]
 challenges = [{challenges}]
-{extra}
-
-[tls.on_demand]
-enabled = true
-allow = ["a.example.test", "*.ok.example.test"]
-max_orders_per_hour = 50
-"#,
+{tail}"#,
         pool = pool("app", &[&app]),
         directory = ports.directory(),
         ca_file = ca_file.display(),
@@ -356,55 +364,11 @@ async fn ask_endpoint_decides_new_names_and_its_outage_only_blocks_new_names() {
         return;
     }
     let (ask, asked, ask_task) = ask_server(&["yes.example.test"]).await;
-    let state = tempfile::tempdir().unwrap();
-    let pebble_dir = tempfile::tempdir().unwrap();
-    let ports = PebblePorts::pick();
-    let (ca, ca_file) = api_ca(pebble_dir.path());
-    let app = upstream("app").await;
     // No allow entries and no route host: every name is up to `ask`.
-    let config = format!(
-        r#"
-[server]
-state_dir = "{{state}}"
-admin_listen = "127.0.0.1:0"
-
-[[listeners]]
-name = "web"
-protocol = "http"
-address = "127.0.0.1:0"
-
-[[listeners]]
-name = "secure"
-protocol = "https"
-address = "127.0.0.1:0"
-
-{pool}
-[[routes]]
-name = "app"
-listener = "secure"
-pool = "app"
-
-[tls.acme]
-directory = "{directory}"
-ca_file = "{ca_file}"
-challenges = ["http-01"]
-
-[tls.on_demand]
-enabled = true
-ask = "{ask}"
-"#,
-        pool = pool("app", &[&app]),
-        directory = ports.directory(),
-        ca_file = ca_file.display(),
-    );
-    let proxy = start_proxy_in(state, &config).await;
-    let pebble = Pebble::start(
-        ports,
-        pebble_dir,
-        ca,
-        ca_file,
-        proxy.addr("web").port(),
-        proxy.addr("secure").port(),
+    let (proxy, pebble, _app) = setup_with(
+        "\"http-01\"",
+        &format!("\n[tls.on_demand]\nenabled = true\nask = \"{ask}\"\n"),
+        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"127.0.0.1:0\"\n",
     )
     .await;
     let admin = proxy.daemon.admin_address().expect("admin listener");
