@@ -9,6 +9,15 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// A proxy whose listener `web` sends every request to pool `p` = [`up`].
+async fn proxy_to(up: &Upstream) -> TestProxy {
+    start_proxy(&format!(
+        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[up])
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn v1_to_v2_migration_routes_by_host_and_path() {
     let v1 = upstream("v1").await;
@@ -69,11 +78,7 @@ pool = \"v2\"
 #[tokio::test]
 async fn hop_by_hop_headers_are_removed_both_ways() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let r = raw(
         p.addr("web"),
         b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close, x-remove-me\r\nX-Remove-Me: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Keep: 1\r\n\r\n",
@@ -103,11 +108,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 #[tokio::test]
 async fn forwarding_headers_and_via_are_set() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let r = raw(
         p.addr("web"),
         b"GET /x HTTP/1.1\r\nHost: Example.com\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nVia: 1.1 edge\r\nConnection: close\r\n\r\n",
@@ -132,11 +133,7 @@ async fn forwarding_headers_and_via_are_set() {
 #[tokio::test]
 async fn content_length_with_transfer_encoding_is_refused() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let r = raw(
         p.addr("web"),
         b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -149,11 +146,7 @@ async fn content_length_with_transfer_encoding_is_refused() {
 #[tokio::test]
 async fn conflicting_content_lengths_are_refused() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let r = raw(
         p.addr("web"),
         b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
@@ -174,11 +167,7 @@ async fn conflicting_content_lengths_are_refused() {
 #[tokio::test]
 async fn path_is_forwarded_without_normalisation() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let r = get(p.addr("web"), "h", "/a/../b/./c//d%2F%2e?q=1&q=2").await;
     assert_eq!(r.json()["uri"], "/a/../b/./c//d%2F%2e?q=1&q=2");
 }
@@ -337,11 +326,7 @@ async fn ordered_pool_fails_over_and_round_robin_spreads() {
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     for _ in 0..20 {
         assert_eq!(get(p.addr("web"), "h", "/").await.status, 200);
     }
@@ -434,11 +419,7 @@ async fn idle_connections_are_closed() {
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let mut s = TcpStream::connect(p.addr("web")).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
         .await
@@ -488,11 +469,7 @@ async fn http2_cleartext_clients_are_served() {
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let up = upstream("up").await;
-    let p = start_proxy(&format!(
-        "{WEB}{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-        pool("p", &[&up])
-    ))
-    .await;
+    let p = proxy_to(&up).await;
     let web = p.addr("web");
     let slow = tokio::spawn(async move { get(web, "h", "/slow/700").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
