@@ -520,27 +520,27 @@ impl State {
         Ok(())
     }
 
+    /// The protocol of listener `name`; `field` names it in the error if there is none.
+    fn listener_protocol(&self, field: &'static str, name: &str) -> Result<Protocol, ApplyError> {
+        self.listeners
+            .get(name)
+            .copied()
+            .ok_or_else(|| ApplyError::invalid(field, format!("no listener named {name:?}")))
+    }
+
     fn check_route(&self, mut route: Route, source: Source) -> Result<Route, ApplyError> {
         route.source = source;
         check_name(&route.name).map_err(|r| ApplyError::invalid("route.name", r))?;
-        match self.listeners.get(&route.listener) {
-            Some(p) if p.is_http() => {}
-            Some(other) => {
-                return Err(ApplyError::invalid(
-                    "route.listener",
-                    format!(
-                        "listener {:?} is {}, routes need an http or https listener",
-                        route.listener,
-                        other.as_str()
-                    ),
-                ))
-            }
-            None => {
-                return Err(ApplyError::invalid(
-                    "route.listener",
-                    format!("no listener named {:?}", route.listener),
-                ))
-            }
+        let protocol = self.listener_protocol("route.listener", &route.listener)?;
+        if !protocol.is_http() {
+            return Err(ApplyError::invalid(
+                "route.listener",
+                format!(
+                    "listener {:?} is {}, routes need an http or https listener",
+                    route.listener,
+                    protocol.as_str()
+                ),
+            ));
         }
         if let Some(host) = &route.host {
             route.host =
@@ -565,35 +565,26 @@ impl State {
     fn check_tcp_route(&self, mut route: TcpRoute, source: Source) -> Result<TcpRoute, ApplyError> {
         route.source = source;
         check_name(&route.name).map_err(|r| ApplyError::invalid("tcp_route.name", r))?;
-        match self.listeners.get(&route.listener) {
-            Some(p) if p.is_stream() => {
-                if route.sni.is_some() && *p != Protocol::TlsPassthrough {
-                    return Err(ApplyError::invalid(
-                        "tcp_route.sni",
-                        format!(
-                            "listener {:?} is {}; only tls-passthrough listeners route by SNI",
-                            route.listener,
-                            p.as_str()
-                        ),
-                    ));
-                }
-            }
-            Some(other) => {
-                return Err(ApplyError::invalid(
-                    "tcp_route.listener",
-                    format!(
+        let protocol = self.listener_protocol("tcp_route.listener", &route.listener)?;
+        if !protocol.is_stream() {
+            return Err(ApplyError::invalid(
+                "tcp_route.listener",
+                format!(
                     "listener {:?} is {}, tcp routes need a tcp, tls or tls-passthrough listener",
                     route.listener,
-                    other.as_str()
+                    protocol.as_str()
                 ),
-                ))
-            }
-            None => {
-                return Err(ApplyError::invalid(
-                    "tcp_route.listener",
-                    format!("no listener named {:?}", route.listener),
-                ))
-            }
+            ));
+        }
+        if route.sni.is_some() && protocol != Protocol::TlsPassthrough {
+            return Err(ApplyError::invalid(
+                "tcp_route.sni",
+                format!(
+                    "listener {:?} is {}; only tls-passthrough listeners route by SNI",
+                    route.listener,
+                    protocol.as_str()
+                ),
+            ));
         }
         if let Some(sni) = &route.sni {
             route.sni =
