@@ -18,60 +18,12 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 
-say() { printf '%s\n' "$*" >&2; }
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 
-# --- tools (idempotent) -----------------------------------------------------------------
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
-command -v caddy >/dev/null || missing+=(caddy)
-command -v curl >/dev/null || missing+=(curl)
-if [ ${#missing[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    say "installing: ${missing[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin:/sbin"
-
-# --- proxyd -------------------------------------------------------------------------------
-if [ -z "${PROXYD:-}" ]; then
-    say "building proxyd (release) in $CARGO_TARGET_DIR"
-    (cd "$ROOT" && cargo build --release --quiet -p proxy --bin proxyd)
-    PROXYD="$CARGO_TARGET_DIR/release/proxyd"
-fi
-[ -x "$PROXYD" ] || { say "no proxyd binary at $PROXYD"; exit 1; }
-
-# --- scratch dir and clean-up -------------------------------------------------------------
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/proxy-bench.XXXXXX")
-# nginx workers drop to an unprivileged user when started as root; they must read the files.
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# A free loopback port in 20000-29999 (below the ephemeral range that wrk and tests use).
-used_ports=""
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 10000))
-        case " $used_ports " in *" $port "*) continue ;; esac
-        if ! ss -Htln "sport = :$port" | grep -q .; then
-            used_ports="$used_ports $port"
-            echo "$port"
-            return
-        fi
-    done
-}
+need_tools wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy curl:curl
+build_proxyd
+make_workdir proxy-bench
 
 # Waits (at most 15 s) until URL answers 200.
 wait_ready() {

@@ -21,54 +21,13 @@ THREADS=${BENCH_THREADS:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
-say() { printf '%s\n' "$*" >&2; }
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v openssl >/dev/null || missing+=(openssl)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-command -v caddy >/dev/null || missing+=(caddy)
-command -v curl >/dev/null || missing+=(curl)
-if [ ${#missing[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo=sudo
-    say "installing: ${missing[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-export PATH="$PATH:/usr/sbin:/sbin"
+need_tools wrk:wrk openssl:openssl nginx:nginx-light caddy:caddy curl:curl
+build_proxyd
+make_workdir proxy-tls-bench
 
-if [ -z "${PROXYD:-}" ]; then
-    say "building proxyd (release) in $CARGO_TARGET_DIR"
-    (cd "$ROOT" && cargo build --release --quiet -p proxy --bin proxyd)
-    PROXYD="$CARGO_TARGET_DIR/release/proxyd"
-fi
-
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/proxy-tls-bench.XXXXXX")
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-used_ports=""
-free_port() {
-    local port
-    while :; do
-        port=$((20000 + RANDOM % 10000))
-        case " $used_ports " in *" $port "*) continue ;; esac
-        if ! ss -Htln "sport = :$port" | grep -q .; then
-            used_ports="$used_ports $port"
-            echo "$port"
-            return
-        fi
-    done
-}
 start() { # name, command...
     local name=$1
     shift

@@ -1,0 +1,65 @@
+# Shared preamble of the benchmark scripts (sourced, not run): messages, tool installation,
+# the proxyd binary, a scratch dir cleaned up on exit, and free loopback ports.
+# Expects ROOT (the repository) and CARGO_TARGET_DIR to be set by the caller.
+
+say() { printf '%s\n' "$*" >&2; }
+
+# need_tools COMMAND:PACKAGE...  installs (idempotently, with apt-get) the packages whose
+# command is neither on PATH nor in /usr/sbin, then adds the sbin directories to PATH.
+need_tools() {
+    local spec missing=() sudo=""
+    for spec in "$@"; do
+        command -v "${spec%%:*}" >/dev/null || [ -x "/usr/sbin/${spec%%:*}" ] || missing+=("${spec#*:}")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        [ "$(id -u)" -eq 0 ] || sudo=sudo
+        say "installing: ${missing[*]}"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    export PATH="$PATH:/usr/sbin:/sbin"
+}
+
+# Sets PROXYD: the given binary, else a release build of it.
+build_proxyd() {
+    if [ -z "${PROXYD:-}" ]; then
+        say "building proxyd (release) in $CARGO_TARGET_DIR"
+        (cd "$ROOT" && cargo build --release --quiet -p proxy --bin proxyd)
+        PROXYD="$CARGO_TARGET_DIR/release/proxyd"
+    fi
+    [ -x "$PROXYD" ] || { say "no proxyd binary at $PROXYD"; exit 1; }
+}
+
+# make_workdir NAME  sets WORK to a new scratch dir (readable by nginx workers that drop to
+# an unprivileged user when started as root) and PIDS to an empty list; on exit every PID
+# in PIDS is stopped and WORK removed.
+make_workdir() {
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+    chmod 755 "$WORK"
+    PIDS=()
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+
+# A free loopback port in 20000-29999 (below the ephemeral range that wrk and tests use),
+# never the same twice in one run.
+used_ports=""
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 10000))
+        case " $used_ports " in *" $port "*) continue ;; esac
+        if ! ss -Htln "sport = :$port" | grep -q .; then
+            used_ports="$used_ports $port"
+            echo "$port"
+            return
+        fi
+    done
+}
