@@ -1,8 +1,8 @@
 //! The `etcd` discovery source against a real etcd (Debian `etcd-server`, binary `etcd`):
 //! keys come and go, etcd stops and restarts, and `on_change = "reset"` closes streams.
 //!
-//! Without an `etcd` binary the tests are skipped, except under CI (env `CI` set), where
-//! they fail.
+//! Without an `etcd` binary the tests are skipped, except under `./scripts/test` (and CI),
+//! where they fail.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -21,18 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn etcd_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join("etcd"))
-        .find(|p| p.is_file());
-    if found.is_none() && std::env::var_os("CI").is_some() {
-        panic!("etcd is not installed (Debian package etcd-server); CI must run these tests");
-    }
-    if found.is_none() {
-        eprintln!("skipping: no etcd binary (install Debian etcd-server)");
-    }
-    found
+    external_program("etcd", "Debian package etcd-server")
 }
 
 /// A single-node etcd on loopback; stopped when dropped.

@@ -77,7 +77,7 @@ challenges = [{challenges}]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn allowed_name_gets_a_certificate_and_others_never_cause_an_order() {
-    if !require("pebble") {
+    if !require("pebble") || !require("pebble-challtestsrv") {
         return;
     }
     let (proxy, pebble, app) = setup("\"http-01\"", "").await;
@@ -132,7 +132,7 @@ async fn allowed_name_gets_a_certificate_and_others_never_cause_an_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_parallel_first_handshakes_share_one_order_and_a_restart_orders_nothing() {
-    if !require("pebble") {
+    if !require("pebble") || !require("pebble-challtestsrv") {
         return;
     }
     let (proxy, pebble, _app) = setup("\"http-01\"", "").await;
@@ -193,7 +193,7 @@ async fn twenty_parallel_first_handshakes_share_one_order_and_a_restart_orders_n
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_alpn_01_is_answered_in_the_acceptor() {
-    if !require("pebble") {
+    if !require("pebble") || !require("pebble-challtestsrv") {
         return;
     }
     let (proxy, pebble, _app) = setup("\"tls-alpn-01\"", "").await;
@@ -215,7 +215,7 @@ async fn tls_alpn_01_is_answered_in_the_acceptor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificate_past_two_thirds_of_its_life_is_renewed_in_the_background() {
-    if !require("pebble") {
+    if !require("pebble") || !require("pebble-challtestsrv") {
         return;
     }
     // An issued certificate whose renewal time has passed, stored before the proxy starts.
@@ -360,7 +360,7 @@ fn refused_on_metrics(text: &str) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ask_endpoint_decides_new_names_and_its_outage_only_blocks_new_names() {
-    if !require("pebble") {
+    if !require("pebble") || !require("pebble-challtestsrv") {
         return;
     }
     let (ask, asked, ask_task) = ask_server(&["yes.example.test"]).await;

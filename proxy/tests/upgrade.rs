@@ -508,12 +508,8 @@ async fn api_calls_over_tcp_after_an_upgrade_reach_the_new_process_while_the_old
 
 #[tokio::test]
 async fn systemd_socket_activation_with_named_fds() {
-    let Ok(activate) = which("systemd-socket-activate") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "systemd-socket-activate is required in CI"
-        );
-        eprintln!("systemd-socket-activate not installed; skipping");
+    let Some(activate) = external_program("systemd-socket-activate", "Debian package systemd")
+    else {
         return;
     };
     let up = upstream("up").await;
@@ -549,14 +545,4 @@ async fn systemd_socket_activation_with_named_fds() {
     let _ = child.wait();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-upstream"), Some("up"));
-}
-
-fn which(name: &str) -> Result<PathBuf, ()> {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join(name))
-                .find(|p| p.is_file())
-        })
-        .ok_or(())
 }

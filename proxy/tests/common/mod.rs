@@ -485,3 +485,39 @@ pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bo
         }
     }
 }
+
+/// Whether every test that needs an external program must run: `./scripts/test` (the
+/// README's test command, what CI runs) sets `PROXY_TEST_REQUIRE_ALL=1`; `CI` counts too.
+pub fn require_all() -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0");
+    set("PROXY_TEST_REQUIRE_ALL") || set("CI")
+}
+
+/// Called by a test whose external component `what` is missing: under `require_all()` the
+/// test fails (the test command must have installed it, `install` says how); otherwise it
+/// prints a SKIPPED line and the caller returns early.
+pub fn missing_component(what: &str, install: &str) {
+    assert!(
+        !require_all(),
+        "{what} is missing but PROXY_TEST_REQUIRE_ALL/CI requires every test to run \
+         ({install}); scripts/test installs it"
+    );
+    eprintln!(
+        "SKIPPED: {what} is missing ({install}); set PROXY_TEST_REQUIRE_ALL=1 to fail instead"
+    );
+}
+
+/// The external program `name` on PATH, for tests that need it (etcd, pebble, grpcurl,
+/// chromium, ...). `None` means skip: see `missing_component` (the test fails instead under
+/// `./scripts/test`). `install` says how to get it, e.g. "Debian package etcd-server".
+pub fn external_program(name: &str, install: &str) -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        missing_component(&format!("program `{name}`"), install);
+    }
+    found
+}

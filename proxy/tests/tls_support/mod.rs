@@ -149,20 +149,10 @@ pub fn free_port() -> u16 {
     crate::common::free_port()
 }
 
-/// Whether a binary is installed; without it the test is skipped, except under CI where
-/// a missing package is a failure of the test setup.
+/// Whether `binary` (pebble or pebble-challtestsrv, both from the Debian package `pebble`)
+/// is installed; see `common::external_program` for what happens when it is not.
 pub fn require(binary: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(binary).is_file()))
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{binary} is not installed; the test command must install it (Debian package `pebble`)"
-        );
-        eprintln!("SKIPPED: {binary} is not installed (Debian package `pebble`)");
-    }
-    found
+    crate::common::external_program(binary, "Debian package `pebble`").is_some()
 }
 
 /// Ports chosen for a pebble before the proxy starts (its directory URL goes in the config).
