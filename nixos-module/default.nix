@@ -4,6 +4,7 @@ let
   inherit (lib)
     concatStringsSep
     filterAttrs
+    hasPrefix
     isAttrs
     isDerivation
     isList
@@ -16,6 +17,7 @@ let
     mkPackageOption
     optional
     optionalAttrs
+    removePrefix
     types
     unique
     ;
@@ -31,7 +33,49 @@ let
   stableProxyctl = "${etcDir}/bin/proxyctl";
   stableConfig = "${etcDir}/proxy.toml";
 
-  mgmtSocket = cfg.settings.server.mgmt_socket;
+  # What the daemon will read: the settings, or the file of services.proxy.configFile (read
+  # at evaluation: its listeners become socket units, its paths the unit's directories).
+  fileSettings = lib.importTOML cfg.configFile;
+  fileServer = fileSettings.server or { };
+  effective =
+    if cfg.configFile == null then {
+      inherit (cfg.settings) listeners;
+      inherit (cfg.settings.server) state_dir mgmt_socket admin_listen upgrade_timeout shutdown_timeout;
+      port_range = cfg.settings.registration.port_range;
+    }
+    else rec {
+      listeners = fileSettings.listeners or [ ];
+      # proxyd's own defaults for keys the file leaves out.
+      state_dir = fileServer.state_dir or "./state";
+      mgmt_socket = fileServer.mgmt_socket or "${state_dir}/mgmt.sock";
+      admin_listen = fileServer.admin_listen or "127.0.0.1:42008";
+      upgrade_timeout = fileServer.upgrade_timeout or "30s";
+      shutdown_timeout = fileServer.shutdown_timeout or "30s";
+      port_range = fileSettings.registration.port_range or null;
+    };
+
+  mgmtSocket = effective.mgmt_socket;
+  listenersSource =
+    if cfg.configFile == null then "services.proxy.settings.listeners"
+    else "the [[listeners]] of services.proxy.configFile";
+
+  # "/var/lib/proxy/" -> "/var/lib/proxy"
+  trimSlash = path: if path != "/" && lib.hasSuffix "/" path then trimSlash (lib.removeSuffix "/" path) else path;
+  stateDir = trimSlash effective.state_dir;
+  mgmtDir = dirOf mgmtSocket;
+
+  # ProtectSystem=strict leaves only the unit's own directories writable: paths under
+  # /var/lib and /run become StateDirectory= and RuntimeDirectory= (systemd creates and
+  # owns them), others are made writable (ReadWritePaths=) and created by tmpfiles.
+  under = prefix: path: hasPrefix "${prefix}/" path;
+  stateDirectory = if under "/var/lib" stateDir then removePrefix "/var/lib/" stateDir else null;
+  runtimeDirectory = if under "/run" mgmtDir then removePrefix "/run/" mgmtDir else null;
+  mgmtDirWritable = runtimeDirectory != null || mgmtDir == stateDir || under stateDir mgmtDir;
+  extraWritable = optional (stateDirectory == null) stateDir ++ optional (!mgmtDirWritable) mgmtDir;
+  # Paths the unit's sandbox hides or makes private: the daemon could not use them (or
+  # proxyctl could not reach the socket there).
+  hiddenPrefixes = [ "/home" "/root" "/run/user" "/tmp" "/var/tmp" ];
+  isHidden = path: builtins.any (p: path == p || under p path) hiddenPrefixes;
 
   # TOML has no null: unset optional keys are left out of the file.
   dropNulls = value:
@@ -49,7 +93,8 @@ let
     else
       pkgs.runCommand "proxy-checked.toml"
         {
-          nativeBuildInputs = [ cfg.package ];
+          # Runs where the system is built: the build platform's proxyd.
+          nativeBuildInputs = [ cfg.checkConfigPackage ];
           preferLocalBuild = true;
         } ''
         proxyd check-config ${configSource}
@@ -62,7 +107,7 @@ let
     in if m == null then null else lib.toInt (builtins.elemAt m 1);
 
   listenerPorts = unique (builtins.filter (p: p != null)
-    (map (l: portOf l.address) cfg.settings.listeners));
+    (map (l: portOf l.address) effective.listeners));
 
   # First port of a registration port range "LOW-HIGH" (proxyd's default starts at 20000).
   rangeStart = range:
@@ -72,19 +117,22 @@ let
   # Listeners are passed by systemd socket units; the daemon binds only the admin listener
   # and ports opened for registrations itself.
   selfBoundPorts = builtins.filter (p: p != null) (
-    [ (portOf cfg.settings.server.admin_listen) ]
-    ++ optional (cfg.settings.registration.port_range != null)
-      (rangeStart cfg.settings.registration.port_range)
+    [ (portOf effective.admin_listen) ]
+    ++ optional (effective.port_range != null) (rangeStart effective.port_range)
   );
 
   # One socket unit per listener: systemd allows one FileDescriptorName per socket unit,
-  # and proxyd matches the passed fds to [[listeners]] by that name.
-  listenerSocketName = listener: "proxy-listener@${listener.name}";
+  # and proxyd matches the passed fds to [[listeners]] by that name. The name carries a
+  # hash of the address: switch-to-configuration never restarts a changed socket unit, so
+  # a moved listener must be a removed unit (stopped, its socket closed) and a new one
+  # (started, bound to the new address).
+  addressHash = address: builtins.substring 0 8 (builtins.hashString "sha256" address);
+  listenerSocketName = listener: "proxy-listener@${listener.name}-${addressHash listener.address}";
 
   # Only what the socket units pass decides whether a restart is needed: a new or moved
   # listener reaches the daemon only when systemd starts it again.
   listenerFingerprint = concatStringsSep " "
-    (map (l: "${l.name}=${l.address}") cfg.settings.listeners);
+    (map (l: "${l.name}=${l.address}") effective.listeners);
 
   durationSeconds = text:
     let m = builtins.match "([0-9]+)(ms|s|m|min|h)?" text;
@@ -394,12 +442,21 @@ in
                 state_dir = mkOption {
                   type = types.str;
                   default = "/var/lib/proxy";
-                  description = "Where the SQLite store lives (the unit's `StateDirectory`).";
+                  description = ''
+                    Where the SQLite store lives. Under {file}`/var/lib` it is the unit's
+                    `StateDirectory=`; elsewhere it is created by tmpfiles and made writable
+                    (`ReadWritePaths=`). Not under {file}`/home`, {file}`/root` or a tmp
+                    directory (hidden or private in the unit's sandbox).
+                  '';
                 };
                 mgmt_socket = mkOption {
                   type = types.str;
                   default = "/run/proxy/mgmt.sock";
-                  description = "Unix socket of the management API, used by proxyctl.";
+                  description = ''
+                    Unix socket of the management API, used by proxyctl. A directory under
+                    {file}`/run` is the unit's `RuntimeDirectory=`; elsewhere it is created by
+                    tmpfiles and made writable.
+                  '';
                 };
                 mgmt_listen = optionalKey types.str ''
                   `IP:PORT` of a TCP management listener (bearer token calls only; needs
@@ -490,15 +547,21 @@ in
     };
 
     configFile = mkOption {
-      type = types.nullOr types.path;
+      # A Nix path value (./proxy.toml), not a string: it is read at evaluation (its
+      # listeners become the socket units) and copied to the store, where
+      # `proxyd check-config` can read it at build time.
+      type = types.nullOr (types.addCheck types.path builtins.isPath // {
+        description = "path (a Nix path value such as ./proxy.toml, not a string)";
+      });
       default = null;
-      example = "/etc/proxy/site.toml";
+      example = literalExpression "./proxy.toml";
       description = ''
-        A config file to use instead of {option}`services.proxy.settings`. Its
+        A config file to use instead of {option}`services.proxy.settings` (which must
+        then be left unset). Its `[[listeners]]` become the socket units, and its
+        `server.state_dir` and `server.mgmt_socket` the unit's writable directories. Its
         `server.executable` should be `/etc/proxy/bin/proxyd` for upgrades to pick up new
-        generations. The socket units still come from
-        {option}`services.proxy.settings.listeners`: keep those equal to the file's
-        `[[listeners]]` (name and address).
+        generations. Secrets it refers to should live outside the store (see
+        {option}`services.proxy.credentials`).
       '';
     };
 
@@ -507,7 +570,41 @@ in
       default = true;
       description = ''
         Validate the config with `proxyd check-config` at build time. Turn off only for a
-        {option}`services.proxy.configFile` that refers to files outside the Nix store.
+        config that refers to files outside the Nix store (e.g. certificates), which the
+        build cannot read.
+      '';
+    };
+
+    checkConfigPackage = mkOption {
+      type = types.package;
+      default =
+        if pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform then cfg.package
+        else pkgs.buildPackages.proxy or (throw ''
+          services.proxy.checkConfigPackage: cross-compiling, and no proxy package for the
+          build platform (pkgs.buildPackages.proxy); set this option or checkConfig = false.
+        '');
+      defaultText = literalExpression ''
+        services.proxy.package, or pkgs.buildPackages.proxy when the build platform cannot
+        run the host's binaries (the flake's module sets the flake's package for the build
+        platform)
+      '';
+      description = ''
+        The proxy package whose `proxyd check-config` validates the config at build time:
+        it runs on the build platform.
+      '';
+    };
+
+    listenerSocketUnits = mkOption {
+      type = types.attrsOf types.str;
+      readOnly = true;
+      default = builtins.listToAttrs (map
+        (l: { inherit (l) name; value = "${listenerSocketName l}.socket"; })
+        effective.listeners);
+      defaultText = literalExpression ''{ <listener name> = "proxy-listener@<name>-<hash of the address>.socket"; }'';
+      description = ''
+        The socket unit of each listener, by listener name. The name changes with the
+        listener's address, so a moved listener is a new unit (started on `switch`) and the
+        old one is stopped.
       '';
     };
 
@@ -586,22 +683,34 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = cfg.configFile != null || cfg.settings.listeners != [ ];
-        message = "services.proxy.settings.listeners is empty: the proxy would listen nowhere.";
+        assertion = cfg.configFile == null || cfg.settings.listeners == [ ];
+        message = "services.proxy: configFile is set, so settings are ignored; move settings.listeners into the file's [[listeners]].";
       }
       {
-        assertion = builtins.all (l: portOf l.address != null) cfg.settings.listeners;
-        message = "services.proxy.settings.listeners: every address needs a port.";
+        assertion = effective.listeners != [ ];
+        message = "${listenersSource} is empty: the proxy would listen nowhere.";
       }
       {
-        assertion = builtins.length (unique (map (l: l.name) cfg.settings.listeners))
-          == builtins.length cfg.settings.listeners;
-        message = "services.proxy.settings.listeners: names must be unique.";
+        assertion = builtins.all (l: l ? name && l ? address && portOf l.address != null) effective.listeners;
+        message = "${listenersSource}: every listener needs a name and an address with a port.";
+      }
+      {
+        assertion = builtins.length (unique (map (l: l.name or "") effective.listeners))
+          == builtins.length effective.listeners;
+        message = "${listenersSource}: names must be unique.";
+      }
+      {
+        assertion = hasPrefix "/" stateDir && hasPrefix "/" mgmtSocket;
+        message = "services.proxy: server.state_dir (${effective.state_dir}) and server.mgmt_socket (${mgmtSocket}) must be absolute paths.";
+      }
+      {
+        assertion = !(isHidden stateDir) && !(isHidden mgmtDir);
+        message = "services.proxy: server.state_dir (${stateDir}) and the directory of server.mgmt_socket (${mgmtDir}) must not be under ${concatStringsSep ", " hiddenPrefixes}: the unit's sandbox (ProtectHome=, PrivateTmp=) hides them.";
       }
       {
         assertion = builtins.all
           (t: let s = durationSeconds t; in s == null || s < unitTimeoutSeconds)
-          [ cfg.settings.server.upgrade_timeout cfg.settings.server.shutdown_timeout ];
+          [ effective.upgrade_timeout effective.shutdown_timeout ];
         message = "services.proxy: upgrade_timeout and shutdown_timeout must stay below ${toString unitTimeoutSeconds}s, the unit's start/reload/stop timeout.";
       }
     ];
@@ -621,10 +730,13 @@ in
       proxy = {
         isSystemUser = true;
         inherit (cfg) group;
-        home = cfg.settings.server.state_dir;
+        home = stateDir;
       };
     };
     users.groups = optionalAttrs (cfg.group == "proxy") { proxy = { }; };
+
+    # Directories outside /var/lib and /run: made here, owned by the daemon's user.
+    systemd.tmpfiles.rules = map (dir: "d ${dir} 0750 ${cfg.user} ${cfg.group} - -") extraWritable;
 
     systemd.sockets = builtins.listToAttrs (map
       (listener: {
@@ -636,18 +748,23 @@ in
             ListenStream = listener.address;
             FileDescriptorName = listener.name;
             Service = "proxy.service";
+            # Bind even when the address is not (yet) on the host: sockets.target starts
+            # before the network is configured, and a specific IP would fail with
+            # EADDRNOTAVAIL.
+            FreeBind = true;
             NoDelay = true;
             Backlog = 4096;
           };
         };
       })
-      cfg.settings.listeners);
+      effective.listeners);
 
     systemd.services.proxy = {
       description = "proxy reverse proxy";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
-      wants = map (l: "${listenerSocketName l}.socket") cfg.settings.listeners;
+      # ACME orders, etcd discovery and OTLP export at start need the network up.
+      after = [ "network-online.target" ];
+      wants = [ "network-online.target" ] ++ map (l: "${listenerSocketName l}.socket") effective.listeners;
 
       # A new package or config only reloads: ExecReload hands the sockets to the new
       # binary. Anything else that changes the unit restarts it in place (never
@@ -678,10 +795,11 @@ in
 
         User = cfg.user;
         Group = cfg.group;
-        StateDirectory = "proxy";
+        StateDirectory = mkIf (stateDirectory != null) stateDirectory;
         StateDirectoryMode = "0750";
-        RuntimeDirectory = "proxy";
+        RuntimeDirectory = mkIf (runtimeDirectory != null) runtimeDirectory;
         RuntimeDirectoryMode = "0750";
+        ReadWritePaths = mkIf (extraWritable != [ ]) extraWritable;
         # The management socket must outlive a restart of the unit.
         RuntimeDirectoryPreserve = "restart";
         # The management socket is 0660: members of the group may use proxyctl.

@@ -63,7 +63,7 @@ pkgs.testers.runNixOSTest {
     };
   };
 
-  testScript = ''
+  testScript = { nodes, ... }: ''
     ${common.prelude}
 
     start_all()
@@ -71,7 +71,7 @@ pkgs.testers.runNixOSTest {
     acme.wait_for_open_port(443)
     backend.wait_for_open_port(9002)
     wait_for_proxy(proxy, client)
-    proxy.wait_for_unit("proxy-listener@websecure.socket")
+    proxy.wait_for_unit("${nodes.proxy.services.proxy.listenerSocketUnits.websecure}")
 
     def tls_status():
         return json.loads(proxy.succeed("proxyctl -o json tls status"))

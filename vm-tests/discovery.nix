@@ -73,7 +73,7 @@ pkgs.testers.runNixOSTest {
           wait_served_by({"v1a"})
 
       with subtest("a second key: both are used"):
-          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9002 '{"weight": 1}'")
+          etcd.succeed("etcdctl put /srv/web/prod/${backend}:9002 '{\"weight\": 1}'")
           wait_served_by({"v1a", "v1b"})
 
       with subtest("keys of another service or environment are ignored"):

@@ -140,7 +140,8 @@ rec {
 
 
     def wait_for_proxy(proxy, client):
-        proxy.wait_for_unit("proxy-listener@web.socket")
+        # The listener sockets are wanted by sockets.target.
+        proxy.wait_for_unit("sockets.target")
         proxy.wait_for_unit("proxy.service")
         client.wait_until_succeeds("curl -sf --max-time 5 http://proxy/ready-check", timeout=60)
 

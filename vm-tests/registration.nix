@@ -22,6 +22,9 @@ pkgs.testers.runNixOSTest {
       systemd.services.register-app = {
         wantedBy = [ "multi-user.target" ];
         after = [ "upstream-v1a.service" ];
+        # It fails until proxyd is up and its port open; with the default start limit
+        # (5 starts in 10 s) systemd would give up on it before then.
+        startLimitIntervalSec = 0;
         serviceConfig = {
           ExecStart = builtins.concatStringsSep " " [
             "${package}/bin/proxyctl"
@@ -85,7 +88,7 @@ pkgs.testers.runNixOSTest {
     with subtest("the service restarts under load: requests queue, none fails"):
         client.succeed(
             "systemd-run --unit=load-app --property=RemainAfterExit=yes "
-            f"proxy-test-load --http proxy:${toString port} --host app.test --path /app --keepalive 4 --fresh 4 "
+            "proxy-test-load --http proxy:${toString port} --host app.test --path /app --keepalive 4 --fresh 4 "
             "--timeout 45 --duration 120 --stop-file /tmp/stop-app --out /tmp/load-app.json"
         )
         client.sleep(2)

@@ -34,8 +34,8 @@ let
   unitFiles = label: config: pkgs.runCommand "proxy-units-${label}" { } ''
     mkdir $out
     cp ${pkgs.writeText "proxy.service" (unitText config "proxy.service")} $out/proxy.service
-    cp ${pkgs.writeText "web.socket" (unitText config "proxy-listener@web.socket")} $out/web.socket
-    cp ${pkgs.writeText "echo.socket" (unitText config "proxy-listener@echo.socket")} $out/echo.socket
+    cp ${pkgs.writeText "web.socket" (unitText config config.services.proxy.listenerSocketUnits.web)} $out/web.socket
+    cp ${pkgs.writeText "echo.socket" (unitText config config.services.proxy.listenerSocketUnits.echo)} $out/echo.socket
   '';
 
   packagePath = builtins.unsafeDiscardStringContext "${package}";
@@ -80,6 +80,7 @@ pkgs.runCommand "proxy-unit-stability" { } ''
   grep -qx 'ExecReload=/etc/proxy/bin/proxyctl --socket /run/proxy/mgmt.sock upgrade --wait' $base/proxy.service
   grep -qx 'FileDescriptorName=web' $base/web.socket
   grep -qx 'Service=proxy.service' $base/web.socket
+  grep -qx 'FreeBind=true' $base/web.socket
 
   echo "proxy.service is stable across packages and settings" > $out
 ''

@@ -1,7 +1,9 @@
 # A generation switch that changes the package or the settings reloads proxy.service:
 # the running proxyd hands its sockets to the new binary. Under load from another node:
 # no failed request, no restart, a new MainPID running the new generation's binary, and
-# a download started before the switch completes.
+# a download started before the switch completes. A switch that moves a listener to
+# another address stops its old socket unit, starts a new one and restarts proxy.service,
+# which then serves on the new address only.
 { pkgs, nixosModule, package }:
 
 let
@@ -20,6 +22,14 @@ pkgs.testers.runNixOSTest {
         services.proxy.package = lib.mkForce common.nextPackage;
       };
 
+      # The echo listener on another port: a new socket unit.
+      specialisation.moved.configuration = {
+        services.proxy.settings.listeners = lib.mkForce [
+          { name = "web"; protocol = "http"; address = "0.0.0.0:80"; }
+          { name = "echo"; protocol = "tcp"; address = "0.0.0.0:6380"; pool = "echo-servers"; }
+        ];
+      };
+
       specialisation.reconfigured.configuration = {
         services.proxy.logLevel = "debug";
         services.proxy.settings.routes = lib.mkForce [
@@ -34,6 +44,7 @@ pkgs.testers.runNixOSTest {
   testScript = { nodes, ... }:
     let
       base = nodes.proxy.system.build.toplevel;
+      echoUnit = nodes.proxy.services.proxy.listenerSocketUnits.echo;
     in
     ''
       ${common.prelude}
@@ -94,5 +105,33 @@ pkgs.testers.runNixOSTest {
               "\"$(cat /sys/fs/cgroup/system.slice/proxy.service/cgroup.procs)\"",
               timeout=60,
           )
+
+      with subtest("a moved listener: old socket unit stopped, new one started, proxy.service restarted"):
+          status, output = switch(proxy, "${base}/specialisation/moved")
+          print(output)
+          assert status == 0, f"switch to moved failed ({status})"
+          assert "${echoUnit}" in unit_list(output, "stopping"), output
+          assert "proxy.service" in unit_list(output, "restarting"), output
+          active = proxy.succeed(
+              "systemctl list-units --plain --no-legend --state=active 'proxy-listener@echo-*.socket' | cut -d' ' -f1"
+          ).split()
+          assert len(active) == 1 and active[0] != "${echoUnit}", active
+          listen = proxy.succeed(f"systemctl show -P Listen {active[0]}")
+          assert "0.0.0.0:6380 " in listen, listen
+          proxy.wait_for_unit("proxy.service")
+          client.wait_until_succeeds("proxy-test-tcp proxy:6380 moved | grep -qx moved", timeout=60)
+          proxy.wait_for_closed_port(6379)
+          client.fail("proxy-test-tcp proxy:6379 old-address")
+
+      with subtest("moved back: the first unit listens again"):
+          status, output = switch(proxy, "${base}")
+          print(output)
+          assert status == 0, f"switch back failed ({status})"
+          assert "proxy.service" in unit_list(output, "restarting"), output
+          proxy.wait_for_unit("${echoUnit}")
+          proxy.wait_for_unit("proxy.service")
+          client.wait_until_succeeds("proxy-test-tcp proxy:6379 back | grep -qx back", timeout=60)
+          proxy.wait_for_closed_port(6380)
+          assert_serves(client)
     '';
 }
