@@ -4,12 +4,12 @@
 # scenarios.sh in the container's own network namespace. The NixOS VM tests (vm-tests/*.nix)
 # check the same behaviour through the NixOS module on hosts with Nix and KVM.
 #
-# usage: vm-tests/local/run.sh [--bin-dir DIR] [--scenarios "1 3 4 5"] [--reloads N]
+# usage: vm-tests/local/run.sh [--bin-dir DIR] [--scenarios "1 3 4 5 6"] [--reloads N]
 #                              [--timeout SECONDS] [--cache DIR] [--keep]
 #
 #   --bin-dir DIR   where proxyd and proxyctl are (default: $CARGO_TARGET_DIR/release,
 #                   else target/release of this repository)
-#   --scenarios     which scenarios to run (default "1 3 4 5")
+#   --scenarios     which scenarios to run (default "1 3 4 5 6")
 #   --reloads N     reloads in scenario 3 (default 5)
 #   --config FILE   proxyd config to test with (default: proxy.toml next to this script;
 #                   the scenarios expect its listeners, pools and routes)
@@ -26,7 +26,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 
 bin_dir=""
-scenarios="1 3 4 5"
+scenarios="1 3 4 5 6"
 reloads=5
 run_timeout=600
 config=""

@@ -12,6 +12,12 @@
 #      listeners) and FileDescriptorStoreMax=16: systemd holds the sockets; `systemctl
 #      restart` and a SIGKILL (Restart=on-failure) keep the same sockets with no refused
 #      connection; stop + start binds new ones; without the fd store a restart rebinds
+#   6  a listener moved by a NixOS switch: the module names each socket unit after the
+#      listener and a hash of its address, so the move is a removed unit and a new one.
+#      Replayed the way switch-to-configuration does it (stop the removed unit, swap the
+#      files, daemon-reload, restart proxy.service, which wants the new unit): the new
+#      address serves, the old one is closed. Control: the same edit under an unchanged
+#      unit name leaves the socket on the old address.
 #
 # Prints one PASS/FAIL line per check and exits non-zero if any failed.
 set -uo pipefail
@@ -20,7 +26,7 @@ payload=/payload
 results=/results
 # shellcheck source=/dev/null
 . "$payload/params"
-: "${SCENARIOS:=1 3 4 5}"
+: "${SCENARIOS:=1 3 4 5 6}"
 : "${RELOADS:=5}"
 
 export PROXY_MGMT_SOCKET=/run/proxy/mgmt.sock
@@ -493,6 +499,92 @@ scenario_5() {
   systemctl daemon-reload
   # Back to socket activation for whatever runs next.
   systemctl start proxy.socket proxy-listener@echo.socket
+}
+
+# The NixOS module's socket unit for a listener: proxy-listener@NAME-HASH, HASH the first
+# 8 hex digits of the sha256 of the address (nixos-module/default.nix, listenerSocketName).
+module_socket_unit() {
+  echo "proxy-listener@$1-$(printf %s "$2" | sha256sum | cut -c1-8).socket"
+}
+
+# write_module_socket NAME ADDRESS: the unit file the module writes for a listener.
+write_module_socket() {
+  cat >"/etc/systemd/system/$(module_socket_unit "$1" "$2")" <<EOF
+[Unit]
+Description=proxy listener $1
+
+[Socket]
+ListenStream=$2
+FileDescriptorName=$1
+Service=proxy.service
+FreeBind=yes
+NoDelay=yes
+Backlog=4096
+EOF
+}
+
+# wants_socket UNIT: proxy.service wants the listener's unit, as the module's unit does.
+wants_socket() {
+  mkdir -p /etc/systemd/system/proxy.service.d
+  printf '[Unit]\nWants=%s\n' "$1" >/etc/systemd/system/proxy.service.d/listeners.conf
+}
+
+tcp_roundtrip_on() { python3 "$payload/tcp_roundtrip.py" "127.0.0.1:$1" "$2"; }
+echo_back_on_16379() { systemctl start proxy.service && [ "$(tcp_roundtrip_on 16379 back)" = back ]; }
+
+scenario_6() {
+  log "scenario 6: a listener moved by a switch (new socket unit name)"
+  local old_addr=127.0.0.1:16379 new_addr=127.0.0.1:16380 old_unit new_unit pid0 pid1 bound
+  old_unit=$(module_socket_unit echo "$old_addr")
+  new_unit=$(module_socket_unit echo "$new_addr")
+
+  # The echo listener as the module makes it (instead of contrib's template instance).
+  systemctl stop proxy.service proxy-listener@echo.socket
+  write_module_socket echo "$old_addr"
+  wants_socket "$old_unit"
+  systemctl daemon-reload
+  check "s6 start proxy.service with the module's socket unit $old_unit" timeout 100 systemctl start proxy.service
+  expect "s6 $old_unit is active" "$(systemctl show -P ActiveState "$old_unit")" active
+  expect "s6 TCP through $old_addr" "$(tcp_roundtrip_on 16379 before)" before
+
+  # The switch to a generation with echo on $new_addr, step by step as
+  # switch-to-configuration does it.
+  pid0=$(main_pid)
+  sed -i "s/$old_addr/$new_addr/" /etc/proxy/proxy.toml
+  check "s6 switch: stop the removed unit $old_unit" timeout 100 systemctl stop "$old_unit"
+  rm "/etc/systemd/system/$old_unit"
+  write_module_socket echo "$new_addr"
+  wants_socket "$new_unit"
+  systemctl daemon-reload
+  check "s6 switch: restart proxy.service" timeout 100 systemctl restart proxy.service
+  pid1=$(main_pid)
+  if [ "$pid1" != "$pid0" ] && unit_is_active; then
+    pass "s6 restarted: MainPID $pid0 -> $pid1"
+  else
+    fail "s6 restart: MainPID $pid0 -> $pid1, $(active_state)"
+  fi
+  expect "s6 the new unit $new_unit is active" "$(systemctl show -P ActiveState "$new_unit")" active
+  expect "s6 the new unit listens on the new address" "$(systemctl show -P Listen "$new_unit")" "$new_addr (Stream)"
+  expect "s6 TCP through the new address $new_addr" "$(tcp_roundtrip_on 16380 moved)" moved
+  expect "s6 nothing listens on the old address $old_addr" "$(listen_inodes 16379)" ""
+  expect "s6 HTTP still served" "$(http_get -H 'Host: example.com' http://127.0.0.1:8080/docs/z)" "v2 /docs/z"
+
+  # Control: the same move under an unchanged unit name. A socket unit stays bound to its
+  # old address until it is itself restarted, which switch-to-configuration does not do,
+  # so proxy.service would keep getting the old socket.
+  sed -i "s/^ListenStream=$new_addr/ListenStream=127.0.0.1:16381/" "/etc/systemd/system/$new_unit"
+  systemctl daemon-reload
+  check "s6 control: restart proxy.service" timeout 100 systemctl restart proxy.service
+  bound="16380:$([ -n "$(listen_inodes 16380)" ] && echo bound) 16381:$([ -n "$(listen_inodes 16381)" ] && echo bound)"
+  expect "s6 control: an edited socket unit keeps its old address" "$bound" "16380:bound 16381:"
+
+  # Back to contrib's units for whatever runs next.
+  systemctl stop proxy.service "$new_unit"
+  rm -f "/etc/systemd/system/$new_unit" /etc/systemd/system/proxy.service.d/listeners.conf
+  sed -i "s/$new_addr/$old_addr/" /etc/proxy/proxy.toml
+  systemctl daemon-reload
+  systemctl start proxy-listener@echo.socket
+  check "s6 back to contrib's units: TCP on $old_addr" echo_back_on_16379
 }
 
 exec > >(tee -a "$results/harness.log") 2>&1
