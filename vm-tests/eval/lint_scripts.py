@@ -49,7 +49,7 @@ def main() -> int:
         header = types + "".join(f"{m}: Machine\n" for m in machines)
         typed.write_text(header + entry["script"])
         mypy = subprocess.run(
-            [sys.executable, "-m", "mypy", "--no-implicit-optional", "--no-error-summary",
+            [sys.executable, "-m", "mypy", "--no-implicit-optional", "--check-untyped-defs", "--no-error-summary",
              "--no-color-output", "--no-incremental", "--cache-dir=/dev/null", str(typed)],
             capture_output=True, text=True,
         )
