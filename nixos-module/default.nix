@@ -508,8 +508,9 @@ in
             default = [ ];
             description = ''
               `[[listeners]]`. Each becomes a socket unit
-              {file}`proxy-listener@<name>.socket` owned by systemd, so ports below 1024
-              need no capability and the sockets outlive the process.
+              {file}`proxy-listener@<name>-<hash of the address>.socket` owned by systemd
+              (see {option}`services.proxy.listenerSocketUnits`), so ports below 1024 need
+              no capability and the sockets outlive the process.
             '';
           };
           pools = mkOption {
