@@ -44,8 +44,11 @@ let
     let
       self = {
         inherit lib;
-        # What the tests import from nixpkgs, as stand-ins.
-        path = toString ./nixpkgs-stand-in;
+        # What the tests import from nixpkgs, as stand-ins. A plain string outside pure
+        # evaluation: `nix-instantiate --readonly-mode` cannot copy the directory to the
+        # store, which interpolating a path value would do. Flakes evaluate purely and
+        # copy it.
+        path = if lib.inPureEvalMode then ./nixpkgs-stand-in else toString ./nixpkgs-stand-in;
         runtimeShell = "/bin/sh";
         stdenv = {
           buildPlatform = platform buildSystem;
