@@ -1,217 +1,599 @@
 //! Request-smuggling defence below hyper.
 //!
 //! hyper resolves a request carrying both `Content-Length` and `Transfer-Encoding` the way
-//! RFC 9112 allows (chunked wins, the length is dropped, the connection closes afterwards),
-//! so the handler never sees the conflict. Like nginx we refuse such requests with 400
-//! instead. [`FramingScan`] follows HTTP/1.1 message framing on the bytes the client sends,
-//! notes for each request head whether it had both headers, and the handler asks
-//! [`Verdicts::next_is_ambiguous`] in request order (pipelining included).
+//! RFC 9112 allows (chunked wins, the length is dropped), so the handler never sees the
+//! conflict. Like nginx we refuse such requests with 400 instead.
+//!
+//! [`Scanner`] follows HTTP/1.1 message framing byte by byte on what the client sends, in
+//! place: no copy of the stream, no buffer that grows, no lock. Its state machine accepts
+//! exactly what hyper's parser accepts (request heads as httparse reads them, chunked
+//! bodies as hyper's decoder reads them), so both always agree where a message ends.
+//!
+//! When a head declares both lengths, or the scanner cannot follow the bytes (an invalid
+//! or overflowing chunk size, a bad line ending, a header hyper would refuse anyway), it
+//! spoils the bytes before hyper sees them. In a chunked body the offending byte is
+//! overwritten with one hyper's decoder refuses: the body fails and the connection closes.
+//! In a head, the read is cut before the offending byte and [`HEAD_POISON`] follows in its
+//! place: a NUL, invalid at any position of a head, then an end-of-head sequence, because
+//! hyper only parses a head again once it sees one. hyper then answers `400 Bad Request`
+//! and closes. Either way the verdict is part of the bytes of the request it concerns, so
+//! it cannot be matched to the wrong request, and nothing is left to decide later: the
+//! scanner fails closed.
 
-use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Per-connection verdicts, one per request head, in order.
-#[derive(Debug, Default, Clone)]
-pub struct Verdicts(Arc<Mutex<VecDeque<bool>>>);
+/// The byte written over a refused position. NUL is invalid wherever the scanner refuses
+/// (request line, header name or value, after CR, in a chunk size), but in a chunk
+/// extension.
+const POISON: u8 = 0;
+/// What hyper reads in place of a refused head from the refused byte on.
+pub const HEAD_POISON: &[u8] = b"\0\r\n\r\n";
+/// In a chunk extension hyper accepts any byte but CR and LF; a bare LF is refused there.
+const POISON_EXTENSION: u8 = b'\n';
+/// Longest chunk extension (per chunk-size line) followed; hyper's own limit is 16 KiB
+/// per body, so a longer one is refused by both.
+const MAX_EXTENSION: u32 = 16 * 1024;
 
-impl Verdicts {
-    /// Whether the next request (in arrival order) declared both body lengths.
-    pub fn next_is_ambiguous(&self) -> bool {
-        self.0
-            .lock()
-            .map(|mut q| q.pop_front().unwrap_or(false))
-            .unwrap_or(false)
+/// The header fields whose values decide body framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    ContentLength,
+    TransferEncoding,
+    Upgrade,
+    Other,
+}
+
+/// Progress through the last comma-separated token of a `Transfer-Encoding` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// No byte of the token yet (leading whitespace skipped).
+    Empty,
+    /// Inside the token.
+    Word,
+    /// Whitespace after the token: only more whitespace or a comma may follow.
+    After,
+    /// Cannot be `chunked`.
+    Bad,
+}
+
+/// Chunked body states, one per state of hyper's chunked decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// First hex digit of a chunk size.
+    Start,
+    /// Further hex digits.
+    Size,
+    /// Whitespace after the size.
+    SizeLws,
+    /// In a chunk extension, until CR.
+    Extension,
+    /// LF ending the size line.
+    SizeLf,
+    /// CR after chunk data.
+    BodyCr,
+    /// LF after chunk data.
+    BodyLf,
+    /// After the last chunk: CR of the final empty line, or a trailer line.
+    EndCr,
+    /// In a trailer line, until CR.
+    Trailer,
+    /// LF ending a trailer line.
+    TrailerLf,
+    /// LF ending the message.
+    EndLf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Before a request line: empty lines are skipped, as httparse does.
+    Idle,
+    /// In the method of the request line.
+    Method,
+    /// In the rest of the request line.
+    RequestLine,
+    /// At the start of a header line, or of the empty line that ends the head.
+    LineStart,
+    /// In a header name.
+    Name,
+    /// In a header value.
+    Value,
+    /// Skipping a body of known length.
+    Fixed(u64),
+    /// In a chunked body.
+    Chunked(Chunk),
+    /// Skipping chunk data.
+    ChunkData(u64),
+    /// Not HTTP/1 framing any more (HTTP/2 preface, upgrade, CONNECT): nothing to follow.
+    Passthrough,
+    /// A byte was overwritten: hyper refuses the message and closes the connection.
+    Refused,
+}
+
+/// What one request head declared, collected while it streams past.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    method: [u8; 8],
+    method_len: usize,
+    name: [u8; 17],
+    name_len: usize,
+    field: Field,
+    /// A CR was seen in the current line: the next byte must be LF.
+    cr: bool,
+    /// The current `Content-Length` value so far.
+    length: u64,
+    length_digits: bool,
+    length_bad: bool,
+    /// The `Content-Length` of the head, once one was complete.
+    content_length: Option<u64>,
+    has_length: bool,
+    lengths_invalid: bool,
+    /// The last token of the current `Transfer-Encoding` value.
+    token: [u8; 7],
+    token_len: usize,
+    token_state: Token,
+    has_te: bool,
+    te_chunked: bool,
+    upgrade: bool,
+}
+
+impl Head {
+    const fn new() -> Self {
+        Head {
+            method: [0; 8],
+            method_len: 0,
+            name: [0; 17],
+            name_len: 0,
+            field: Field::Other,
+            cr: false,
+            length: 0,
+            length_digits: false,
+            length_bad: false,
+            content_length: None,
+            has_length: false,
+            lengths_invalid: false,
+            token: [0; 7],
+            token_len: 0,
+            token_state: Token::Empty,
+            has_te: false,
+            te_chunked: false,
+            upgrade: false,
+        }
     }
 
-    fn push(&self, ambiguous: bool) {
-        if let Ok(mut q) = self.0.lock() {
-            q.push_back(ambiguous);
+    fn start_value(&mut self) {
+        self.field = match &self.name[..self.name_len.min(self.name.len())] {
+            _ if self.name_len > self.name.len() => Field::Other,
+            b"content-length" => Field::ContentLength,
+            b"transfer-encoding" => Field::TransferEncoding,
+            b"upgrade" => Field::Upgrade,
+            _ => Field::Other,
+        };
+        match self.field {
+            Field::ContentLength => {
+                self.has_length = true;
+                self.token_state = Token::Empty;
+                self.length = 0;
+                self.length_digits = false;
+                self.length_bad = false;
+            }
+            Field::TransferEncoding => {
+                self.has_te = true;
+                self.token_len = 0;
+                self.token_state = Token::Empty;
+            }
+            Field::Upgrade => self.upgrade = true,
+            Field::Other => {}
         }
+    }
+
+    fn value_byte(&mut self, b: u8) {
+        match self.field {
+            Field::ContentLength => match b {
+                b'0'..=b'9' if !self.length_bad => {
+                    // A digit after trailing whitespace ("1 2") is no number.
+                    if self.length_digits && self.token_state == Token::After {
+                        self.length_bad = true;
+                    }
+                    match self
+                        .length
+                        .checked_mul(10)
+                        .and_then(|n| n.checked_add(u64::from(b - b'0')))
+                    {
+                        Some(n) => self.length = n,
+                        None => self.length_bad = true,
+                    }
+                    self.length_digits = true;
+                }
+                b' ' | b'\t' if self.length_digits => self.token_state = Token::After,
+                b' ' | b'\t' => {}
+                _ => self.length_bad = true,
+            },
+            Field::TransferEncoding => {
+                self.token_state = match (self.token_state, b) {
+                    (_, b',') => {
+                        self.token_len = 0;
+                        Token::Empty
+                    }
+                    (_, 0x80..) => Token::Bad,
+                    (Token::Bad, _) => Token::Bad,
+                    (Token::Empty, b' ' | b'\t') => Token::Empty,
+                    (Token::Word | Token::After, b' ' | b'\t') => Token::After,
+                    (Token::After, _) => Token::Bad,
+                    (Token::Empty | Token::Word, _) => {
+                        if self.token_len < self.token.len() {
+                            self.token[self.token_len] = b.to_ascii_lowercase();
+                            self.token_len += 1;
+                            Token::Word
+                        } else {
+                            Token::Bad
+                        }
+                    }
+                };
+            }
+            Field::Upgrade | Field::Other => {}
+        }
+    }
+
+    fn end_value(&mut self) {
+        match self.field {
+            Field::ContentLength => {
+                if self.length_bad
+                    || !self.length_digits
+                    || self.content_length.is_some_and(|n| n != self.length)
+                {
+                    self.lengths_invalid = true;
+                } else {
+                    self.content_length = Some(self.length);
+                }
+                self.token_state = Token::Empty;
+            }
+            Field::TransferEncoding => {
+                // hyper goes by the last Transfer-Encoding line.
+                self.te_chunked = matches!(self.token_state, Token::Word | Token::After)
+                    && &self.token[..self.token_len] == b"chunked";
+            }
+            Field::Upgrade | Field::Other => {}
+        }
+        self.name_len = 0;
+        self.field = Field::Other;
     }
 }
 
-/// Largest head scanned; beyond it hyper answers 431 anyway.
-const MAX_HEAD: usize = 256 * 1024;
+/// Follows the framing of the requests on one client connection.
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    state: State,
+    head: Head,
+    /// Whether a request head was seen on this connection (an HTTP/2 preface comes first).
+    started: bool,
+    /// Extension bytes on the current chunk-size line.
+    extension: u32,
+    /// The chunk size being read.
+    size: u64,
+}
 
-#[derive(Debug)]
-enum Phase {
-    /// Collecting a request head.
-    Head(Vec<u8>),
-    /// Skipping a body of known length.
-    Fixed(u64),
-    /// In a chunked body: reading a chunk-size line.
-    ChunkSize(Vec<u8>),
-    /// In a chunked body: skipping chunk data plus its CRLF.
-    ChunkData(u64),
-    /// After the last chunk: skipping trailer lines until an empty one.
-    Trailers(Vec<u8>),
-    /// Not HTTP/1 framing any more (upgrade, h2, or unparseable): stop scanning.
-    Done,
+impl Default for Scanner {
+    fn default() -> Self {
+        Scanner::new()
+    }
+}
+
+impl Scanner {
+    /// A scanner at the start of a connection.
+    pub const fn new() -> Self {
+        Scanner {
+            state: State::Idle,
+            head: Head::new(),
+            started: false,
+            extension: 0,
+            size: 0,
+        }
+    }
+
+    /// Whether the scanner refused a message on this connection (a byte was overwritten).
+    pub fn refused(&self) -> bool {
+        self.state == State::Refused
+    }
+
+    /// Whether scanning stopped because the connection no longer speaks HTTP/1 framing.
+    pub fn passthrough(&self) -> bool {
+        self.state == State::Passthrough
+    }
+
+    /// Scans the next bytes the client sent, in order. A byte that must not reach the
+    /// parser as it is gets overwritten in `data`, and the scanner stops. When that byte
+    /// is part of a request head its index is returned: the caller hands hyper
+    /// `data[..index]` followed by [`HEAD_POISON`].
+    pub fn feed(&mut self, data: &mut [u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < data.len() {
+            match self.state {
+                State::Passthrough | State::Refused => return None,
+                State::Fixed(left) => {
+                    let n = left.min((data.len() - i) as u64);
+                    let left = left - n;
+                    // `n` fits: it is at most the slice length.
+                    i += usize::try_from(n).unwrap_or(data.len());
+                    self.state = if left == 0 {
+                        State::Idle
+                    } else {
+                        State::Fixed(left)
+                    };
+                    continue;
+                }
+                State::ChunkData(left) => {
+                    let n = left.min((data.len() - i) as u64);
+                    let left = left - n;
+                    i += usize::try_from(n).unwrap_or(data.len());
+                    self.state = if left == 0 {
+                        State::Chunked(Chunk::BodyCr)
+                    } else {
+                        State::ChunkData(left)
+                    };
+                    continue;
+                }
+                _ => {}
+            }
+            if !self.step(data[i]) {
+                let in_body = matches!(self.state, State::Chunked(_));
+                data[i] = if self.state == State::Chunked(Chunk::Extension) {
+                    POISON_EXTENSION
+                } else {
+                    POISON
+                };
+                self.state = State::Refused;
+                return (!in_body).then_some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Advances over one byte; `false` refuses it.
+    fn step(&mut self, b: u8) -> bool {
+        let head = &mut self.head;
+        // In a head, CR must be followed by LF (httparse refuses anything else).
+        if head.cr
+            && matches!(
+                self.state,
+                State::Idle
+                    | State::Method
+                    | State::RequestLine
+                    | State::LineStart
+                    | State::Name
+                    | State::Value
+            )
+        {
+            if b != b'\n' {
+                return false;
+            }
+            head.cr = false;
+        } else if b == b'\r'
+            && matches!(
+                self.state,
+                State::Idle | State::Method | State::RequestLine | State::LineStart | State::Value
+            )
+        {
+            head.cr = true;
+            return true;
+        }
+        match self.state {
+            State::Idle => match b {
+                b'\n' => {}
+                _ => {
+                    *head = Head::new();
+                    self.state = State::Method;
+                    return self.step(b);
+                }
+            },
+            State::Method => match b {
+                b' ' => {
+                    let method = &head.method[..head.method_len.min(head.method.len())];
+                    if !self.started && method == b"PRI" {
+                        // The HTTP/2 preface: hyper switches protocols before HTTP/1 parsing.
+                        self.state = State::Passthrough;
+                        return true;
+                    }
+                    self.started = true;
+                    self.state = State::RequestLine;
+                }
+                b'\n' => return false,
+                _ => {
+                    if head.method_len < head.method.len() {
+                        head.method[head.method_len] = b;
+                    }
+                    head.method_len = head.method_len.saturating_add(1);
+                }
+            },
+            State::RequestLine => {
+                if b == b'\n' {
+                    self.state = State::LineStart;
+                }
+            }
+            State::LineStart => match b {
+                b'\n' => return self.end_head(),
+                b':' | b' ' | b'\t' => return false,
+                _ => {
+                    head.name_len = 0;
+                    self.state = State::Name;
+                    return self.step(b);
+                }
+            },
+            State::Name => match b {
+                b':' => {
+                    head.start_value();
+                    self.state = State::Value;
+                }
+                _ if is_token(b) => {
+                    if head.name_len < head.name.len() {
+                        head.name[head.name_len] = b.to_ascii_lowercase();
+                    }
+                    head.name_len = head.name_len.saturating_add(1);
+                }
+                // Whitespace before the colon, a line without one, control bytes: hyper
+                // refuses the head.
+                _ => return false,
+            },
+            State::Value => match b {
+                b'\n' => {
+                    head.end_value();
+                    self.state = State::LineStart;
+                }
+                b'\t' | b' '..=0x7e | 0x80.. => head.value_byte(b),
+                _ => return false,
+            },
+            State::Chunked(chunk) => return self.chunk_step(chunk, b),
+            State::Fixed(_) | State::ChunkData(_) | State::Passthrough | State::Refused => {}
+        }
+        true
+    }
+
+    /// The empty line ending a head: decide, then follow the body.
+    fn end_head(&mut self) -> bool {
+        let head = &self.head;
+        let ambiguous = head.has_length && head.has_te;
+        if ambiguous || head.lengths_invalid || (head.has_te && !head.te_chunked) {
+            return false;
+        }
+        let method = &head.method[..head.method_len.min(head.method.len())];
+        if head.upgrade || (head.method_len == 7 && method == b"CONNECT") {
+            // What follows may be another protocol; the request path closes the connection
+            // unless the upgrade happens (see `proxy::handle`).
+            self.state = State::Passthrough;
+            return true;
+        }
+        self.state = if head.te_chunked {
+            self.size = 0;
+            self.extension = 0;
+            State::Chunked(Chunk::Start)
+        } else {
+            match head.content_length {
+                Some(n) if n > 0 => State::Fixed(n),
+                _ => State::Idle,
+            }
+        };
+        true
+    }
+
+    fn chunk_step(&mut self, chunk: Chunk, b: u8) -> bool {
+        let next = match chunk {
+            Chunk::Start => match hex(b) {
+                Some(d) => {
+                    self.size = u64::from(d);
+                    self.extension = 0;
+                    Chunk::Size
+                }
+                None => return false,
+            },
+            Chunk::Size => match (hex(b), b) {
+                (Some(d), _) => {
+                    match self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|n| n.checked_add(u64::from(d)))
+                    {
+                        Some(n) => self.size = n,
+                        None => return false,
+                    }
+                    Chunk::Size
+                }
+                (None, b'\t' | b' ') => Chunk::SizeLws,
+                (None, b';') => Chunk::Extension,
+                (None, b'\r') => Chunk::SizeLf,
+                (None, _) => return false,
+            },
+            Chunk::SizeLws => match b {
+                b'\t' | b' ' => Chunk::SizeLws,
+                b';' => Chunk::Extension,
+                b'\r' => Chunk::SizeLf,
+                _ => return false,
+            },
+            Chunk::Extension => match b {
+                b'\r' => Chunk::SizeLf,
+                b'\n' => return false,
+                _ => {
+                    self.extension += 1;
+                    if self.extension >= MAX_EXTENSION {
+                        self.state = State::Chunked(Chunk::Extension);
+                        return false;
+                    }
+                    Chunk::Extension
+                }
+            },
+            Chunk::SizeLf => match b {
+                b'\n' if self.size == 0 => Chunk::EndCr,
+                b'\n' => {
+                    self.state = State::ChunkData(self.size);
+                    return true;
+                }
+                _ => return false,
+            },
+            Chunk::BodyCr => match b {
+                b'\r' => Chunk::BodyLf,
+                _ => return false,
+            },
+            Chunk::BodyLf => match b {
+                b'\n' => Chunk::Start,
+                _ => return false,
+            },
+            Chunk::EndCr => match b {
+                b'\r' => Chunk::EndLf,
+                _ => Chunk::Trailer,
+            },
+            Chunk::Trailer => match b {
+                b'\r' => Chunk::TrailerLf,
+                _ => Chunk::Trailer,
+            },
+            Chunk::TrailerLf => match b {
+                b'\n' => Chunk::EndCr,
+                _ => return false,
+            },
+            Chunk::EndLf => match b {
+                b'\n' => {
+                    self.state = State::Idle;
+                    return true;
+                }
+                _ => return false,
+            },
+        };
+        self.state = State::Chunked(next);
+        true
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// RFC 9110 `tchar`: what a header name may be made of.
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A client stream wrapper that scans request framing as hyper reads it.
 pub struct FramingScan<S> {
     inner: S,
-    phase: Phase,
-    verdicts: Verdicts,
+    scanner: Scanner,
+    /// The part of [`HEAD_POISON`] still to be read, when a read had no room for all of it.
+    pending: &'static [u8],
 }
 
 impl<S> FramingScan<S> {
-    /// Wraps `inner`; verdicts are published to `verdicts`.
-    pub fn new(inner: S, verdicts: Verdicts) -> Self {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
         FramingScan {
             inner,
-            phase: Phase::Head(Vec::new()),
-            verdicts,
-        }
-    }
-
-    fn scan(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            match &mut self.phase {
-                Phase::Done => return,
-                Phase::Head(buf) => {
-                    // Blank lines before a request line are allowed and ignored.
-                    if buf.is_empty() {
-                        let skip = data
-                            .iter()
-                            .take_while(|b| **b == b'\r' || **b == b'\n')
-                            .count();
-                        data = &data[skip..];
-                        if data.is_empty() {
-                            return;
-                        }
-                        if data.starts_with(b"PRI ") {
-                            self.phase = Phase::Done;
-                            return;
-                        }
-                    }
-                    let before = buf.len();
-                    buf.extend_from_slice(data);
-                    let search_from = before.saturating_sub(3);
-                    match buf[search_from..].windows(4).position(|w| w == b"\r\n\r\n") {
-                        Some(pos) => {
-                            let end = search_from + pos + 4;
-                            let consumed = end - before;
-                            let head = std::mem::take(buf);
-                            self.phase = self.after_head(&head[..end]);
-                            data = &data[consumed..];
-                        }
-                        None => {
-                            if buf.len() > MAX_HEAD {
-                                self.phase = Phase::Done;
-                            }
-                            return;
-                        }
-                    }
-                }
-                Phase::Fixed(left) => {
-                    let n = (*left).min(data.len() as u64);
-                    *left -= n;
-                    data = &data[n as usize..];
-                    if *left == 0 {
-                        self.phase = Phase::Head(Vec::new());
-                    }
-                }
-                Phase::ChunkSize(line) => match data.iter().position(|b| *b == b'\n') {
-                    Some(pos) => {
-                        line.extend_from_slice(&data[..pos]);
-                        data = &data[pos + 1..];
-                        let text = String::from_utf8_lossy(line);
-                        let size = text.split(';').next().unwrap_or("").trim();
-                        self.phase = match u64::from_str_radix(size, 16) {
-                            Ok(0) => Phase::Trailers(Vec::new()),
-                            Ok(n) => Phase::ChunkData(n.saturating_add(2)),
-                            Err(_) => Phase::Done,
-                        };
-                    }
-                    None => {
-                        line.extend_from_slice(data);
-                        if line.len() > 1024 {
-                            self.phase = Phase::Done;
-                        }
-                        return;
-                    }
-                },
-                Phase::ChunkData(left) => {
-                    let n = (*left).min(data.len() as u64);
-                    *left -= n;
-                    data = &data[n as usize..];
-                    if *left == 0 {
-                        self.phase = Phase::ChunkSize(Vec::new());
-                    }
-                }
-                Phase::Trailers(line) => match data.iter().position(|b| *b == b'\n') {
-                    Some(pos) => {
-                        line.extend_from_slice(&data[..pos]);
-                        data = &data[pos + 1..];
-                        let empty = line.iter().all(|b| *b == b'\r');
-                        line.clear();
-                        if empty {
-                            self.phase = Phase::Head(Vec::new());
-                        }
-                    }
-                    None => {
-                        line.extend_from_slice(data);
-                        if line.len() > MAX_HEAD {
-                            self.phase = Phase::Done;
-                        }
-                        return;
-                    }
-                },
-            }
-        }
-    }
-
-    /// Records the verdict for one head and says how its body is framed.
-    fn after_head(&self, head: &[u8]) -> Phase {
-        let text = String::from_utf8_lossy(head);
-        let mut lines = text.split("\r\n");
-        let request_line = lines.next().unwrap_or("");
-        let mut length: Option<u64> = None;
-        let mut chunked = false;
-        let mut has_te = false;
-        let mut has_cl = false;
-        let mut upgrade = false;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let name = name.trim();
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                has_cl = true;
-                length = value.split(',').next().and_then(|v| v.trim().parse().ok());
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                has_te = true;
-                chunked = value
-                    .rsplit(',')
-                    .next()
-                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-            } else if name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        self.verdicts.push(has_cl && has_te);
-        if upgrade || request_line.starts_with("CONNECT ") || (has_cl && has_te) {
-            // Bytes after this head may not be HTTP; and an ambiguous request closes the
-            // connection, so there is nothing further to scan.
-            return Phase::Done;
-        }
-        if chunked {
-            Phase::ChunkSize(Vec::new())
-        } else if has_te {
-            Phase::Done
-        } else {
-            match length {
-                Some(0) | None => Phase::Head(Vec::new()),
-                Some(n) => Phase::Fixed(n),
-            }
+            scanner: Scanner::new(),
+            pending: &[],
         }
     }
 }
@@ -223,12 +605,26 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.pending.is_empty() {
+            let n = this.pending.len().min(buf.remaining());
+            buf.put_slice(&this.pending[..n]);
+            this.pending = &this.pending[n..];
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            if !matches!(this.phase, Phase::Done) {
-                let filled = buf.filled()[before..].to_vec();
-                this.scan(&filled);
+            let refused = buf
+                .filled_mut()
+                .get_mut(before..)
+                .and_then(|read| this.scanner.feed(read));
+            if let Some(at) = refused {
+                // The read had room for at least the refused byte, so at least the NUL
+                // of the poison goes out now: this read never looks like end of stream.
+                buf.set_filled(before + at);
+                let n = HEAD_POISON.len().min(buf.remaining());
+                buf.put_slice(&HEAD_POISON[..n]);
+                this.pending = &HEAD_POISON[n..];
             }
         }
         result
@@ -265,37 +661,207 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FramingScan<S> {
     }
 }
 
+/// Fuzz entry point: feeds `data` to a fresh scanner in pieces whose sizes come from the
+/// first byte, and checks that splitting never changes the outcome.
+pub fn fuzz_scan(data: &[u8]) {
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
+    let mut whole = rest.to_vec();
+    let mut one = Scanner::new();
+    let head_at = one.feed(&mut whole);
+    let mut pieces = rest.to_vec();
+    let mut many = Scanner::new();
+    let step = usize::from(split % 16) + 1;
+    let mut offset = 0;
+    let mut pieces_head_at = None;
+    for piece in pieces.chunks_mut(step) {
+        if let Some(at) = many.feed(piece) {
+            pieces_head_at = Some(offset + at);
+        }
+        offset += piece.len();
+    }
+    assert_eq!(
+        whole, pieces,
+        "the same bytes are refused however they arrive"
+    );
+    assert_eq!(head_at, pieces_head_at);
+    assert_eq!(one.refused(), many.refused());
+    assert_eq!(one.passthrough(), many.passthrough());
+    if let Some(at) = head_at {
+        assert!(one.refused() && at < rest.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn verdicts(input: &[&[u8]]) -> Vec<bool> {
-        let v = Verdicts::default();
-        let mut scan = FramingScan::new((), v.clone());
-        for part in input {
-            scan.scan(part);
+    /// Feeds `parts` in order; returns the bytes as hyper would see them and whether a
+    /// byte was refused.
+    fn scan(parts: &[&[u8]]) -> (Vec<u8>, bool) {
+        let mut scanner = Scanner::new();
+        let mut out = Vec::new();
+        for part in parts {
+            let mut bytes = part.to_vec();
+            let _ = scanner.feed(&mut bytes);
+            out.extend_from_slice(&bytes);
         }
-        let out =
-            v.0.lock()
-                .map(|q| q.iter().copied().collect())
-                .unwrap_or_default();
-        out
+        (out, scanner.refused())
+    }
+
+    /// Where the scanner overwrote a byte (`usize::MAX`: refused a byte that was already
+    /// the poison).
+    fn refused_at(input: &[u8]) -> Option<usize> {
+        let (out, refused) = scan(&[input]);
+        let at = out.iter().zip(input).position(|(a, b)| a != b);
+        refused.then_some(at.unwrap_or(usize::MAX))
     }
 
     #[test]
-    fn flags_only_the_ambiguous_head() {
-        let got = verdicts(&[
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
-        ]);
-        assert_eq!(got, [true]);
+    fn refuses_the_ambiguous_head_on_its_last_byte() {
+        let input: &[u8] =
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(refused_at(input), Some(input.len() - 1));
     }
 
     #[test]
     fn follows_pipelined_framing_across_reads() {
         let stream: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 33\r\n\r\nContent-Length: 1\r\nTransfer-E\r\n\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET /c HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n";
-        // Byte by byte, the body of /a (which looks like headers) is skipped, not scanned.
+        // Byte by byte, the body of /a (which looks like headers) is skipped, not scanned;
+        // only the last head is refused.
         let parts: Vec<&[u8]> = stream.chunks(1).collect();
-        assert_eq!(verdicts(&parts), [false, false, true]);
-        assert_eq!(verdicts(&[stream]), [false, false, true]);
+        let (out, refused) = scan(&parts);
+        assert!(refused);
+        assert_eq!(out[..stream.len() - 1], stream[..stream.len() - 1]);
+        assert_eq!(refused_at(stream), Some(stream.len() - 1));
+    }
+
+    #[test]
+    fn bare_lf_heads_are_followed() {
+        let input: &[u8] = b"GET /a HTTP/1.1\nHost: h\n\nPOST /b HTTP/1.1\nHost: h\nContent-Length: 3\nTransfer-Encoding: chunked\n\n";
+        assert_eq!(refused_at(input), Some(input.len() - 1));
+    }
+
+    #[test]
+    fn transfer_encoding_variants() {
+        for (te, refused) in [
+            ("chunked", false),
+            ("Chunked", false),
+            (" chunked ", false),
+            ("\tchunked", false),
+            ("gzip, chunked", false),
+            ("chunked, identity", true),
+            ("xchunked", true),
+            ("chunked2", true),
+            ("chun ked", true),
+            ("", true),
+            ("identity", true),
+        ] {
+            let input = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\n");
+            assert_eq!(refused_at(input.as_bytes()).is_some(), refused, "{te:?}");
+        }
+    }
+
+    #[test]
+    fn content_length_variants() {
+        for (cl, refused) in [
+            ("5", false),
+            ("005", false),
+            (" 5 ", false),
+            ("+5", true),
+            ("-5", true),
+            ("5, 5", true),
+            ("5 5", true),
+            ("0x5", true),
+            ("", true),
+            ("99999999999999999999999", true),
+        ] {
+            let input = format!("POST / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\nhello");
+            assert_eq!(refused_at(input.as_bytes()).is_some(), refused, "{cl:?}");
+        }
+        let twice = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!";
+        assert!(refused_at(twice).is_some());
+        let same = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(refused_at(same).is_none());
+    }
+
+    #[test]
+    fn chunk_lines_hyper_refuses_are_refused() {
+        for body in [
+            "zz\r\nhello\r\n0\r\n\r\n",
+            "5\nhello\r\n0\r\n\r\n",
+            "5\r\nhelloXX0\r\n\r\n",
+            "11111111111111111\r\n",
+            "5;ext\nhello",
+            " 5\r\n",
+        ] {
+            let input = format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+            assert!(refused_at(input.as_bytes()).is_some(), "{body:?}");
+        }
+        let long = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;{}\r\nhello\r\n0\r\n\r\n",
+            "e".repeat(20_000)
+        );
+        let (out, refused) = scan(&[long.as_bytes()]);
+        assert!(refused);
+        assert!(out.contains(&b'\n'));
+        let ok = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5 ;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert!(refused_at(ok.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn heads_hyper_refuses_are_refused() {
+        for head in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: a\0b\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+        ] {
+            assert!(refused_at(head.as_bytes()).is_some(), "{head:?}");
+        }
+    }
+
+    #[test]
+    fn http2_preface_and_upgrades_stop_scanning() {
+        let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut s = Scanner::new();
+        assert_eq!(s.feed(&mut preface), None);
+        assert!(s.passthrough());
+        let mut ws = b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let copy = ws.clone();
+        let mut s = Scanner::new();
+        assert_eq!(s.feed(&mut ws), None);
+        assert!(s.passthrough());
+        assert_eq!(ws, copy);
+    }
+
+    #[tokio::test]
+    async fn a_refused_head_reads_as_poison_whatever_the_read_size() {
+        use tokio::io::AsyncReadExt;
+        let input: &[u8] =
+            b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nrest";
+        let kept = input.len() - "\nrest".len();
+        for size in [1, 2, 3, 64, 4096] {
+            let mut scan = FramingScan::new(input);
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; size];
+            loop {
+                let n = scan.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(out[..kept], input[..kept], "{size}");
+            assert_eq!(&out[kept..kept + HEAD_POISON.len()], HEAD_POISON, "{size}");
+        }
+    }
+
+    #[test]
+    fn splitting_never_changes_the_outcome() {
+        let mut input = vec![3u8];
+        input.extend_from_slice(b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\nContent-Length: 1\nTransfer-Encoding: chunked\n\n");
+        fuzz_scan(&input);
     }
 }

@@ -48,6 +48,137 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Headers that frame a message or describe one connection: a request header whose name
+/// only differs from one of these by `_` in place of `-` is refused, because CGI, WSGI
+/// and similar servers map both to the same variable (a known smuggling vector).
+const LOOKALIKE_TARGETS: [&str; 10] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// Refuses header names that read as a framing or hop-by-hop header once `_` is taken
+/// as `-` (`Transfer_Encoding`, `content_length`), without being that header.
+pub fn check_header_names(headers: &HeaderMap) -> Result<(), &'static str> {
+    for name in headers.keys() {
+        let name = name.as_str();
+        if !name.contains('_') {
+            continue;
+        }
+        let lookalike = LOOKALIKE_TARGETS.iter().any(|target| {
+            target.len() == name.len()
+                && target
+                    .bytes()
+                    .zip(name.bytes())
+                    .all(|(t, n)| t == n || (t == b'-' && n == b'_'))
+        });
+        if lookalike {
+            return Err("header name with '_' in place of '-' of a framing or hop-by-hop header");
+        }
+    }
+    Ok(())
+}
+
+/// Checks the request's authority (RFC 9112 section 3.2): at most one `Host` header, and
+/// it and any authority in the target must be a valid `host[:port]` without user info.
+pub fn check_host(uri: &http::Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err("more than one Host header");
+        }
+        // Empty is allowed: RFC 9112 asks for it when the target has no authority.
+        if !host.is_empty() && !valid_authority(host.as_bytes()) {
+            return Err("Host is not a valid host[:port]");
+        }
+    }
+    if let Some(authority) = uri.authority() {
+        if !valid_authority(authority.as_str().as_bytes()) {
+            return Err("the request target's authority is not a valid host[:port]");
+        }
+    }
+    Ok(())
+}
+
+/// `host [ ":" port ]` as RFC 3986 defines it, without user info: a bracketed IPv6
+/// address or a reg-name / IPv4 address, and a decimal port up to 65535.
+pub fn valid_authority(value: &[u8]) -> bool {
+    let (host_ok, rest) = if let Some(inner) = value.strip_prefix(b"[") {
+        let Some(end) = inner.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let literal = &inner[..end];
+        let ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.');
+        (ok, &inner[end + 1..])
+    } else {
+        let end = value.iter().position(|b| *b == b':').unwrap_or(value.len());
+        let name = &value[..end];
+        let ok = !name.is_empty() && valid_reg_name(name);
+        (ok, &value[end..])
+    };
+    if !host_ok {
+        return false;
+    }
+    match rest.split_first() {
+        None => true,
+        Some((b':', port)) => {
+            port.len() <= 5
+                && port.iter().all(u8::is_ascii_digit)
+                && (port.is_empty()
+                    || std::str::from_utf8(port)
+                        .ok()
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .is_some())
+        }
+        Some(_) => false,
+    }
+}
+
+/// RFC 3986 reg-name: unreserved, sub-delims and percent-encoded octets.
+fn valid_reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        let b = name[i];
+        if b == b'%' {
+            let hex = name.get(i + 1..i + 3);
+            if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)) {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// An RFC 7230 quoted-string holding `value` (for `Forwarded` parameters, RFC 7239).
+fn quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
 fn parse_length(value: &HeaderValue) -> Option<u64> {
     let s = value.to_str().ok()?;
     // Some clients repeat the value inside one header: "5, 5".
@@ -121,15 +252,14 @@ pub fn add_forwarding(
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     let mut forwarded = match client {
         IpAddr::V4(_) => format!("for={client_text}"),
-        IpAddr::V6(_) => format!("for=\"[{client_text}]\""),
+        IpAddr::V6(_) => format!("for={}", quoted(&format!("[{client_text}]"))),
     };
     if let Some(host) = host {
         if let Ok(v) = HeaderValue::from_str(host) {
             headers.insert("x-forwarded-host", v);
         }
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
+        forwarded.push_str(";host=");
+        forwarded.push_str(&quoted(host));
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
@@ -259,6 +389,60 @@ mod tests {
             "for=127.0.0.1;host=\"example.com\";proto=http"
         );
         assert_eq!(h["via"], "1.1 edge, 1.1 proxyd");
+    }
+
+    #[test]
+    fn authorities() {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "EXAMPLE.com:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "a%20b",
+        ] {
+            assert!(valid_authority(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "x\", for=6.6.6.6;host=\"y",
+            "a b",
+            "a\tb",
+            "user@example.com",
+            "example.com:http",
+            "example.com:65536",
+            "example.com:123456",
+            "example.com:80:80",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "a/b",
+            "%zz",
+            ":80",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lookalike_header_names() {
+        assert!(check_header_names(&headers(&[("transfer_encoding", "chunked")])).is_err());
+        assert!(check_header_names(&headers(&[("content_length", "5")])).is_err());
+        assert!(check_header_names(&headers(&[("keep_alive", "1")])).is_err());
+        assert!(check_header_names(&headers(&[("x_forwarded_for", "1")])).is_ok());
+        assert!(check_header_names(&headers(&[("content-length", "5")])).is_ok());
+    }
+
+    #[test]
+    fn forwarded_parameters_are_quoted() {
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, "::1".parse().expect("ip"), "https", Some("a\"b\\c"));
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";host=\"a\\\"b\\\\c\";proto=https"
+        );
     }
 
     #[test]

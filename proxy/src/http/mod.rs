@@ -3,7 +3,7 @@
 
 pub mod access_log;
 pub mod body;
-mod framing;
+pub mod framing;
 pub mod hygiene;
 mod proxy;
 mod server;

@@ -29,7 +29,6 @@ pub(crate) struct ConnContext {
     pub state: StateHandle,
     pub shutdown: Shutdown,
     pub client: SocketAddr,
-    pub verdicts: super::framing::Verdicts,
     /// `http` or `https`: what the client spoke, for X-Forwarded-Proto.
     pub scheme: &'static str,
     /// Answers ACME HTTP-01 challenges before routing.
@@ -87,6 +86,11 @@ pub(crate) async fn handle(
         start: Instant::now(),
         upstream_us: OnceLock::new(),
     };
+    // hyper hands the bytes after an upgrade request to the upgraded connection, so the
+    // framing scanner stops following them; unless the switch happens, the connection
+    // must end with this response rather than read them as further requests.
+    let upgrade_asked = req.version() < Version::HTTP_2
+        && (req.headers().contains_key(header::UPGRADE) || req.method() == http::Method::CONNECT);
     let result = proxy(&ctx, req, &mut log).await;
     let response = match result {
         Ok(response) => response,
@@ -115,8 +119,11 @@ pub(crate) async fn handle(
     };
     log.status = response.status().as_u16();
     let (mut parts, body) = response.into_parts();
-    if ctx.shutdown.is_triggered() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
-        // Draining: this HTTP/1 connection ends after this response (h2 gets GOAWAY).
+    if (ctx.shutdown.is_triggered() || upgrade_asked)
+        && parts.status != StatusCode::SWITCHING_PROTOCOLS
+    {
+        // Draining, or an upgrade that did not happen: this HTTP/1 connection ends after
+        // this response (h2 gets GOAWAY).
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -218,14 +225,13 @@ fn acme_challenge(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Response
 
 /// Step 1: refuse what cannot be forwarded safely.
 fn check_request(ctx: &ConnContext, req: &Request<Incoming>) -> Result<(), Failure> {
-    if req.version() != Version::HTTP_2 && ctx.verdicts.next_is_ambiguous() {
-        return Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            ErrorSource::Downstream,
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
+    // Requests declaring both body lengths never get here: the framing scanner below
+    // hyper makes hyper refuse them (see `framing`).
     hygiene::check_framing(req.headers())
+        .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
+    hygiene::check_header_names(req.headers())
+        .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
+    hygiene::check_host(req.uri(), req.headers())
         .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
     if req.version() == Version::HTTP_11
         && !req.headers().contains_key(header::HOST)
@@ -271,15 +277,15 @@ fn upstream_request(
 ) -> Result<Request<RequestBody>, Failure> {
     let (mut parts, body) = req.into_parts();
     let received_version = parts.version;
-    // HTTP/2 clients send :authority instead of Host; upstreams speak HTTP/1.1.
-    if !parts.headers.contains_key(header::HOST) {
-        if let Some(authority) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, authority);
-        }
+    // An authority in the target (absolute-form, or HTTP/2's :authority) is the one the
+    // client means: it replaces any Host header, as RFC 9112 section 3.2.2 and RFC 9113
+    // section 8.3.1 say. Upstreams speak HTTP/1.1 and get it as Host.
+    if let Some(authority) = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        parts.headers.insert(header::HOST, authority);
     }
     // The path is forwarded byte for byte (no normalisation); only a matched prefix may go.
     let original = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::framing::{FramingScan, Verdicts};
+use super::framing::FramingScan;
 use super::proxy::{handle, ConnContext};
 use crate::config::{ListenerConfig, Protocol};
 use crate::listener::IdleTimeout;
@@ -54,6 +54,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
+        // A client that sends a whole request and then shuts down its write side
+        // (`nc -N`, some health checkers) still gets the answer.
+        .half_close(true)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
     builder
@@ -80,13 +83,11 @@ pub async fn serve(
             _ = shutdown.triggered() => return,
         };
         let _ = stream.set_nodelay(true);
-        let verdicts = Verdicts::default();
         let ctx = Arc::new(ConnContext {
             listener: config.clone(),
             state: state.clone(),
             shutdown: shutdown.clone(),
             client,
-            verdicts: verdicts.clone(),
             scheme,
             tls: tls.clone(),
             telemetry: telemetry.clone(),
@@ -103,26 +104,27 @@ pub async fn serve(
             // The framing scan reads what the HTTP parser reads: the decrypted bytes.
             match terminate {
                 None => {
-                    serve_connection(
-                        FramingScan::new(stream, verdicts),
-                        ctx,
-                        &builder,
-                        conn_shutdown,
-                        idle,
-                    )
-                    .await
+                    serve_connection(FramingScan::new(stream), ctx, &builder, conn_shutdown, idle)
+                        .await
                 }
+                // The idle limit sits below TLS, so it covers the handshake too; the
+                // handshake as a whole is bounded by the header timeout.
                 Some(server_config) => match tls
-                    .accept(stream, &server_config, ctx.telemetry.metrics())
+                    .accept(
+                        IdleTimeout::new(stream, idle),
+                        &server_config,
+                        ctx.telemetry.metrics(),
+                        ctx.listener.header_timeout,
+                    )
                     .await
                 {
                     Ok(stream) => {
                         serve_connection(
-                            FramingScan::new(stream, verdicts),
+                            FramingScan::new(stream),
                             ctx,
                             &builder,
                             conn_shutdown,
-                            idle,
+                            std::time::Duration::ZERO,
                         )
                         .await
                     }
@@ -134,18 +136,20 @@ pub async fn serve(
     }
 }
 
-/// Serves HTTP on one accepted (and, for `https`, decrypted) connection.
+/// Serves HTTP on one accepted (and, for `https`, decrypted) connection; `idle_above` is
+/// the idle limit applied here (zero when one already sits below TLS).
 async fn serve_connection<IO>(
     io: IO,
     ctx: Arc<ConnContext>,
     builder: &auto::Builder<TokioExecutor>,
     shutdown: Shutdown,
-    idle: std::time::Duration,
+    idle_above: std::time::Duration,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let client = ctx.client;
-    let io = TokioIo::new(IdleTimeout::new(io, idle));
+    let idle = ctx.listener.idle_timeout;
+    let io = TokioIo::new(IdleTimeout::new(io, idle_above));
     let service = service_fn(move |req| handle(ctx.clone(), req));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);

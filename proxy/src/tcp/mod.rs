@@ -77,7 +77,15 @@ pub async fn serve(
             let _open = open;
             let result = match (config.protocol, terminate) {
                 (Protocol::TlsPassthrough, _) => passthrough(stream, &config, &state, &metrics).await,
-                (_, Some(server_config)) => match tls.accept(stream, &server_config, &metrics).await {
+                (_, Some(server_config)) => match tls
+                    .accept(
+                        IdleTimeout::new(stream, config.idle_timeout),
+                        &server_config,
+                        &metrics,
+                        config.header_timeout,
+                    )
+                    .await
+                {
                     Ok(stream) => forward(stream, &config, &state, &metrics, None, &[]).await,
                     Err(AcceptError::ChallengeAnswered) => Ok(()),
                     Err(e) => Err(e.to_string()),

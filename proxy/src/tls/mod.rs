@@ -46,8 +46,6 @@ use store::TlsStore;
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 /// The path prefix of HTTP-01 challenges.
 pub const HTTP01_PREFIX: &str = "/.well-known/acme-challenge/";
-/// Time allowed for a client to send its ClientHello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one "refused" log line per this interval.
 const REFUSAL_LOG_EVERY_SECS: i64 = 10;
 
@@ -98,8 +96,8 @@ pub enum AcceptError {
     /// The socket failed or the client sent garbage.
     #[error("handshake: {0}")]
     Io(#[from] std::io::Error),
-    /// No ClientHello within the time allowed.
-    #[error("no ClientHello within {HELLO_TIMEOUT:?}")]
+    /// The client did not complete the handshake within the listener's `header_timeout`.
+    #[error("TLS handshake not completed within the listener's header_timeout")]
     Timeout,
     /// No certificate for the name, and the policy does not allow ordering one.
     #[error("no certificate for {0:?} and on-demand issuance is not allowed for it")]
@@ -275,21 +273,25 @@ impl Tls {
     /// Reads the ClientHello, makes sure a certificate exists for its name (ordering one if
     /// the policy allows), then completes the handshake with `config`. Refusals are counted
     /// in `metrics`.
+    ///
+    /// The client's part of the handshake (ClientHello through Finished) must be done
+    /// within `limit` (the listener's `header_timeout`); time spent ordering a certificate
+    /// is ours, not the client's, and does not count.
     pub async fn accept<IO>(
         &self,
         io: IO,
         config: &Arc<ServerConfig>,
         metrics: &Metrics,
+        limit: Duration,
     ) -> Result<TlsStream<IO>, AcceptError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let start = tokio::time::timeout(
-            HELLO_TIMEOUT,
-            LazyConfigAcceptor::new(Acceptor::default(), io),
-        )
-        .await
-        .map_err(|_| AcceptError::Timeout)??;
+        let mut deadline = tokio::time::Instant::now() + limit;
+        let start =
+            tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), io))
+                .await
+                .map_err(|_| AcceptError::Timeout)??;
         let hello = start.client_hello();
         let name = hello
             .server_name()
@@ -308,14 +310,22 @@ impl Tls {
                 .with_no_client_auth()
                 .with_cert_resolver(Arc::new(OneCert(certified)));
             challenge.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
-            let mut stream = start.into_stream(Arc::new(challenge)).await?;
-            let _ = stream.shutdown().await;
+            let mut stream =
+                tokio::time::timeout_at(deadline, start.into_stream(Arc::new(challenge)))
+                    .await
+                    .map_err(|_| AcceptError::Timeout)??;
+            let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
             return Err(AcceptError::ChallengeAnswered);
         }
         if self.certs.lookup(name.as_deref()).is_none() {
+            let ordering = tokio::time::Instant::now();
             self.on_demand(name.as_deref(), metrics).await?;
+            deadline += ordering.elapsed();
         }
-        Ok(start.into_stream(config.clone()).await?)
+        tokio::time::timeout_at(deadline, start.into_stream(config.clone()))
+            .await
+            .map_err(|_| AcceptError::Timeout)?
+            .map_err(AcceptError::Io)
     }
 
     /// A certificate for a name that has none: policy first, then the shared order.
