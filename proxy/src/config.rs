@@ -196,6 +196,17 @@ impl Config {
         doc.build(raw)
     }
 
+    /// Fuzz entry point: arbitrary bytes as a config file give a config or an error that
+    /// names the file and a line, never a panic.
+    pub fn fuzz_parse(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Err(e) = Config::parse(text, "fuzz.toml") {
+            assert!(e.to_string().starts_with("fuzz.toml:"), "{e}");
+        }
+    }
+
     /// The listener called `name`.
     pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
         self.listeners.iter().find(|l| l.name == name)

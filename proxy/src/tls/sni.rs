@@ -1,14 +1,17 @@
 //! Reading the server name from a ClientHello without terminating TLS (`tls-passthrough`).
 //!
-//! Only the first TLS record is examined; the bytes read are returned so they can be sent
-//! to the upstream unchanged.
+//! The handshake records holding the ClientHello are read (and joined when the message is
+//! split across several); the bytes read are returned so they can be sent to the upstream
+//! unchanged.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Largest first record accepted: a TLS record is at most 16 KiB plus its header.
+/// Largest record accepted: a TLS record is at most 16 KiB plus its header.
 const MAX_RECORD: usize = 5 + 16 * 1024;
+/// Most bytes of records read to reassemble one ClientHello.
+const MAX_HELLO: usize = 64 * 1024;
 
 /// What the first bytes of a connection said.
 #[derive(Debug, PartialEq, Eq)]
@@ -31,7 +34,10 @@ pub async fn peek_client_hello<S: AsyncRead + Unpin>(
             match parse(&buf) {
                 Parse::Done(hello) => return Ok(hello),
                 Parse::Need(n) => {
-                    let want = n.min(MAX_RECORD).saturating_sub(buf.len()).max(1);
+                    let want = n
+                        .min(MAX_HELLO + MAX_RECORD)
+                        .saturating_sub(buf.len())
+                        .max(1);
                     let start = buf.len();
                     buf.resize(start + want, 0);
                     let got = stream.read(&mut buf[start..]).await?;
@@ -59,20 +65,65 @@ enum Parse {
 }
 
 fn parse(buf: &[u8]) -> Parse {
-    if buf.len() < 5 {
-        if !buf.is_empty() && buf[0] != 22 {
+    // A ClientHello may be split across several handshake records (large key shares,
+    // post-quantum hybrids, or a middlebox): their payloads are joined until the message
+    // is complete or MAX_HELLO bytes were read.
+    let mut message: Vec<u8> = Vec::new();
+    let mut at = 0;
+    loop {
+        let record = &buf[at..];
+        if record.len() < 5 {
+            if !record.is_empty() && record[0] != 22 {
+                return Parse::Done(Hello::NotTls);
+            }
+            return Parse::Need(at + 5);
+        }
+        if record[0] != 22 || record[1] != 3 {
             return Parse::Done(Hello::NotTls);
         }
-        return Parse::Need(5);
+        let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+        if len == 0 || 5 + len > MAX_RECORD {
+            // Handshake records are never empty, nor over 16 KiB (RFC 8446 section 5.1).
+            return Parse::Done(Hello::NotTls);
+        }
+        if record.len() < 5 + len {
+            return Parse::Need(at + 5 + len);
+        }
+        let payload = &record[5..5 + len];
+        at += 5 + len;
+        let whole = if message.is_empty() && at == 5 + len {
+            payload
+        } else {
+            message.extend_from_slice(payload);
+            &message[..]
+        };
+        if whole.len() >= 4 {
+            let wanted = 4
+                + ((usize::from(whole[1]) << 16)
+                    | (usize::from(whole[2]) << 8)
+                    | usize::from(whole[3]));
+            if whole.len() >= wanted || at >= MAX_HELLO {
+                return Parse::Done(client_hello(whole).map_or(Hello::NotTls, Hello::ClientHello));
+            }
+        } else if at >= MAX_HELLO {
+            return Parse::Done(Hello::NotTls);
+        }
+        if message.is_empty() {
+            message.extend_from_slice(payload);
+        }
     }
-    if buf[0] != 22 || buf[1] != 3 {
-        return Parse::Done(Hello::NotTls);
+}
+
+/// Fuzz entry point: the ClientHello parser on arbitrary bytes. It must never panic, ask
+/// for more than it may read, or return a name that is not lower-case.
+pub fn fuzz_client_hello(data: &[u8]) {
+    match parse(data) {
+        Parse::Need(n) => assert!(n > data.len() && n <= MAX_HELLO + MAX_RECORD),
+        Parse::Done(Hello::ClientHello(Some(name))) => {
+            assert_eq!(name, name.to_ascii_lowercase());
+        }
+        Parse::Done(_) => {}
     }
-    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    if buf.len() < 5 + len {
-        return Parse::Need(5 + len);
-    }
-    Parse::Done(client_hello(&buf[5..5 + len]).map_or(Hello::NotTls, Hello::ClientHello))
 }
 
 /// A cursor over a byte slice that fails instead of panicking.
@@ -195,6 +246,36 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\n"),
             Parse::Done(Hello::NotTls)
         ));
+    }
+
+    /// The handshake message of `record` re-cut into records of at most `size` bytes.
+    fn split_records(record: &[u8], size: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for piece in record[5..].chunks(size) {
+            out.extend_from_slice(&[22, 3, 1]);
+            out.extend_from_slice(&u16::try_from(piece.len()).expect("small").to_be_bytes());
+            out.extend_from_slice(piece);
+        }
+        out
+    }
+
+    #[test]
+    fn a_client_hello_split_across_records_is_joined() {
+        let bytes = hello_bytes("split.example");
+        for size in [1, 20, 100, 200] {
+            let split = split_records(&bytes, size);
+            match parse(&split) {
+                Parse::Done(hello) => assert_eq!(
+                    hello,
+                    Hello::ClientHello(Some("split.example".into())),
+                    "{size}"
+                ),
+                Parse::Need(n) => panic!("wants {n} of {} bytes", split.len()),
+            }
+            for cut in 0..split.len() {
+                fuzz_client_hello(&split[..cut]);
+            }
+        }
     }
 
     #[test]
