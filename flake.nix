@@ -44,13 +44,25 @@
 
         # prost-build (etcd-client) runs protoc; the project's own protos are compiled
         # with protox and checked in.
-        nativeBuildInputs = [ pkgs.protobuf ];
+        nativeBuildInputs = [ pkgs.protobuf pkgs.installShellFiles ];
         env.PROTOC = lib.getExe' pkgs.buildPackages.protobuf "protoc";
 
         cargoBuildFlags = [ "--package" "proxy" "--package" "proxyctl" ];
         # Unit tests only: the integration tests start pebble, etcd and real daemons,
         # and the VM tests (checks) cover the system.
         cargoTestFlags = [ "--workspace" "--lib" "--bins" ];
+
+        # Completions and manual pages come from the binaries' own flag definitions.
+        postInstall = lib.optionalString (pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform) ''
+          for bin in proxyd proxyctl; do
+            installShellCompletion --cmd $bin \
+              --bash <($out/bin/$bin completions bash) \
+              --zsh <($out/bin/$bin completions zsh) \
+              --fish <($out/bin/$bin completions fish)
+            $out/bin/$bin man --dir man
+          done
+          installManPage man/*.1
+        '';
 
         meta = {
           description = "Routing reverse proxy with on-demand TLS, a gRPC management API and zero-downtime upgrades";

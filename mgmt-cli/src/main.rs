@@ -19,8 +19,8 @@ mod upstreams;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, Result};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 use crate::client::Target;
 use crate::output::{Format, Output};
@@ -108,12 +108,55 @@ enum Command {
     },
     /// Routes and pools with req/s, error rate and p99, refreshed (reads the admin listener's /metrics).
     Top(top::TopArgs),
+    /// Prints the shell completion script for bash, zsh or fish.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff), or writes one page per subcommand into --dir.
+    Man {
+        /// Directory to write proxyctl.1 and proxyctl-<subcommand>.1 into.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Writes the completion script or manual pages of `cmd` (named `name`): what a package
+/// installs next to the binary, made from the same definitions that parse the flags.
+fn print_docs(
+    cmd: clap::Command,
+    shell: Option<clap_complete::Shell>,
+    dir: Option<PathBuf>,
+) -> Result<()> {
+    let name = cmd.get_name().to_owned();
+    let mut cmd = cmd;
+    match (shell, dir) {
+        (Some(shell), _) => {
+            clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+        }
+        (None, Some(dir)) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, &dir)
+                .with_context(|| format!("writing manual pages into {}", dir.display()))?;
+        }
+        (None, None) => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .context("writing the manual page")?;
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<()> {
     // `top` reads the admin listener, not the management API.
-    if let Command::Top(args) = cli.command {
-        return top::run(args, cli.output).await;
+    match cli.command {
+        Command::Top(args) => return top::run(args, cli.output).await,
+        // Neither needs a daemon: they describe the command line itself.
+        Command::Completions { shell } => return print_docs(Cli::command(), Some(shell), None),
+        Command::Man { dir } => return print_docs(Cli::command(), None, dir),
+        _ => {}
     }
     let target = match cli.addr {
         Some(addr) => Target::Tcp {
@@ -141,6 +184,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Upgrade { wait, binary } => admin::upgrade(binary, wait, c, &out).await,
         Command::Drain { timeout } => admin::drain(timeout, c, &out).await,
         Command::Top(args) => top::run(args, cli.output).await,
+        Command::Completions { shell } => print_docs(Cli::command(), Some(shell), None),
+        Command::Man { dir } => print_docs(Cli::command(), None, dir),
     }
 }
 

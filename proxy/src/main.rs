@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "proxyd", version, about = "Routing proxy daemon")]
@@ -24,6 +24,17 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Print the shell completion script for bash, zsh or fish.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per subcommand into --dir.
+    Man {
+        /// Directory to write proxyd.1 and proxyd-<subcommand>.1 into.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -43,7 +54,30 @@ fn main() -> ExitCode {
             print!("{}", proxy::config::EMBEDDED_DEFAULT);
             ExitCode::SUCCESS
         }
+        Some(Command::Completions { shell }) => {
+            clap_complete::generate(shell, &mut Cli::command(), "proxyd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Man { dir }) => man(dir),
         None => serve(cli.config),
+    }
+}
+
+/// Writes the manual page to stdout, or every page (one per subcommand) into `dir`.
+fn man(dir: Option<PathBuf>) -> ExitCode {
+    let written = match &dir {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), dir)),
+        None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout().lock()),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let place =
+                dir.map_or_else(|| "standard output".to_owned(), |d| d.display().to_string());
+            eprintln!("proxyd: writing the manual page to {place}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
