@@ -118,6 +118,8 @@ pub struct ServerConfig {
     pub mgmt_token_file: Option<PathBuf>,
     /// Address of the admin HTTP listener (`/healthz`, `/readyz`); `None` disables it.
     pub admin_listen: Option<SocketAddr>,
+    /// Whether the admin listener also serves the read-only status page under `/ui/`.
+    pub admin_ui: bool,
     /// How long in-flight work may take after SIGTERM.
     pub shutdown_timeout: Duration,
     /// How long in-flight work may take after an upgrade handoff or a drain request.
@@ -259,6 +261,7 @@ struct RawServer {
     mgmt_listen: Option<String>,
     mgmt_token_file: Option<String>,
     admin_listen: Option<String>,
+    admin_ui: Option<bool>,
     shutdown_timeout: Option<String>,
     drain_timeout: Option<String>,
     upgrade_timeout: Option<String>,
@@ -741,6 +744,7 @@ impl Doc<'_> {
             mgmt_listen,
             mgmt_token_file,
             admin_listen,
+            admin_ui: raw.admin_ui.unwrap_or(true),
             shutdown_timeout,
             drain_timeout,
             upgrade_timeout,

@@ -174,7 +174,7 @@ impl Daemon {
                 ));
             }
         }
-        let admin_address = match config.server.admin_listen {
+        let admin_socket = match config.server.admin_listen {
             Some(addr) => {
                 let admin_err = |e| StartError::Io(format!("admin listener {addr}"), e);
                 let socket = match inherited.take_tcp(upgrade::ADMIN_SOCKET) {
@@ -193,13 +193,9 @@ impl Daemon {
                     fd: socket.try_clone().map_err(admin_err)?.into(),
                 });
                 let socket = tokio::net::TcpListener::from_std(socket).map_err(admin_err)?;
-                tokio::spawn(telemetry::admin::serve(
-                    socket,
-                    telemetry.clone(),
-                    shutdown.clone(),
-                ));
-                tracing::info!(%address, "admin endpoints listening");
-                Some(address)
+                // Served once the status page's sources exist (below); until then
+                // connections wait in the backlog.
+                Some((socket, address))
             }
             None => None,
         };
@@ -226,6 +222,7 @@ impl Daemon {
                 std::path::Path::to_path_buf,
             );
         let discovery = discovery::Discovery::start(&config.discovery, &state, &shutdown).await;
+        watch_in_metrics(telemetry.metrics(), &tls, &discovery);
         let known_listeners = config
             .listeners
             .iter()
@@ -308,7 +305,27 @@ impl Daemon {
             metrics: telemetry.metrics().clone(),
             tls: Some(tls.clone()),
         };
-        mgmt::spawn(mgmt_sockets, mgmt_context, shutdown.clone()).await?;
+        let mgmt_context = Arc::new(mgmt_context);
+        mgmt::spawn(mgmt_sockets, mgmt_context.clone(), shutdown.clone()).await?;
+        let admin_address = admin_socket.map(|(socket, address)| {
+            let ui = config.server.admin_ui.then(|| {
+                let history = Arc::new(telemetry::history::History::new(
+                    telemetry.metrics().clone(),
+                ));
+                let stop = shutdown.clone();
+                tokio::spawn(history.clone().run(async move { stop.triggered().await }));
+                Arc::new(mgmt::StatusPage::new(mgmt_context.clone(), history))
+                    as Arc<dyn telemetry::admin::StatusReport>
+            });
+            tokio::spawn(telemetry::admin::serve(
+                socket,
+                telemetry.clone(),
+                shutdown.clone(),
+                ui,
+            ));
+            tracing::info!(%address, ui = config.server.admin_ui, "admin endpoints listening");
+            address
+        });
         telemetry.set_ready();
         Ok(Daemon {
             config,
@@ -453,6 +470,44 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     daemon.finish(timeout).await;
     Ok(())
+}
+
+/// Lets `/metrics` read certificate expiries and discovery sources' condition at scrape
+/// time (telemetry imports neither part; it is handed functions).
+fn watch_in_metrics(
+    metrics: &telemetry::Metrics,
+    tls: &Arc<tls::Tls>,
+    discovery: &discovery::Discovery,
+) {
+    // Weak: the metrics live inside parts the TLS tables hold.
+    let tls = Arc::downgrade(tls);
+    metrics.read_certificates_with(Box::new(move || {
+        tls.upgrade()
+            .map(|tls| {
+                tls.certificates()
+                    .into_iter()
+                    .map(|c| telemetry::CertificateExpiry {
+                        name: c.name,
+                        source: c.source.as_str(),
+                        not_after: c.not_after,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }));
+    let discovery = discovery.clone();
+    metrics.read_discovery_with(Box::new(move || {
+        discovery
+            .reports()
+            .into_iter()
+            .map(|r| telemetry::SourceCondition {
+                up: !r.is_failing(),
+                kind: r.kind.as_str(),
+                members: r.members,
+                pool: r.pool,
+            })
+            .collect()
+    }));
 }
 
 /// Objects in `state` created through the API (for status reports).

@@ -167,6 +167,18 @@ pub struct SourceReport {
     pub updates: u64,
 }
 
+impl SourceReport {
+    /// Whether its latest attempt failed (a failure after the last success, or no
+    /// success yet after a failure).
+    pub fn is_failing(&self) -> bool {
+        match (&self.last_error, self.last_success) {
+            (None, _) => false,
+            (Some((failed, _)), Some(succeeded)) => *failed > succeeded,
+            (Some(_), None) => true,
+        }
+    }
+}
+
 /// One running source's link to the state: publishes sets, records outcomes.
 #[derive(Clone)]
 pub struct Feed {

@@ -15,6 +15,7 @@ mod pools;
 mod registration;
 mod routes;
 mod socket;
+mod status_page;
 mod tls;
 
 use std::collections::BTreeMap;
@@ -38,6 +39,7 @@ pub use discovery::DiscoveryApi;
 pub use pools::PoolApi;
 pub use registration::RegistrationApi;
 pub use routes::RouteApi;
+pub use status_page::{StatusDocument, StatusPage};
 
 use crate::config::{Config, Protocol, ServerConfig};
 use crate::listener::{AcceptGate, GatedIncoming, Inherited};
@@ -317,14 +319,18 @@ where
 }
 
 /// Serves the API on `sockets` until `shutdown` fires, then removes the socket file.
-pub async fn spawn(sockets: Sockets, ctx: Context, shutdown: Shutdown) -> Result<(), MgmtError> {
+pub async fn spawn(
+    sockets: Sockets,
+    ctx: Arc<Context>,
+    shutdown: Shutdown,
+) -> Result<(), MgmtError> {
     let counted = crate::telemetry::api::ApiMetricsLayer::new(ctx.metrics.clone());
     // Paused while handing over, so new management connections reach the successor.
     let gate = ctx
         .upgrader
         .as_ref()
         .map_or_else(|| Arc::new(AcceptGate::default()), |u| u.mgmt_gate());
-    let services = Services::new(Arc::new(ctx));
+    let services = Services::new(ctx);
     let health = tonic_health::server::HealthReporter::new();
     health.set_serving::<RouteServiceServer<RouteApi>>().await;
     health.set_serving::<PoolServiceServer<PoolApi>>().await;

@@ -167,6 +167,12 @@ pub struct RouteInfo {
     pub route: String,
     /// Listener it is served on.
     pub listener: String,
+    /// The pool its instances are members of.
+    pub pool: String,
+    /// Exact host or `*.suffix` it matches (`None`: any host).
+    pub host: Option<String>,
+    /// Path prefix it matches.
+    pub path_prefix: String,
     /// Live instances.
     pub instances: usize,
     /// While held (no live instance): until when.
@@ -1093,6 +1099,9 @@ impl Registry {
             .map(|(name, r)| RouteInfo {
                 route: name.clone(),
                 listener: r.listener.clone(),
+                pool: r.pool.clone(),
+                host: r.host.clone(),
+                path_prefix: r.path_prefix.clone(),
                 instances: r.instances.len(),
                 held_until: r.held_until,
                 waiting: r.hold.waiting(),

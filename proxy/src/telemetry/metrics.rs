@@ -167,6 +167,9 @@ pub struct Metrics {
     api_calls: Family<ApiLabels, Counter>,
     acme_orders: Family<ResultLabels, Counter>,
     tls_refused: Counter,
+    tls_handshakes: Family<ResultLabels, Counter>,
+    ready: Gauge,
+    readings: Arc<Readings>,
     registrations_active: Gauge,
     registrations_total: Counter,
     held_requests: Gauge,
@@ -271,6 +274,20 @@ impl Metrics {
             "TLS handshakes refused because the name is not on the allowlist",
             tls_refused.clone(),
         );
+        let tls_handshakes = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "proxy_tls_handshakes",
+            "TLS handshakes on terminating listeners that reached the certificate stage, by result (ok, failed)",
+            tls_handshakes.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "proxy_ready",
+            "1 once listeners are bound and the state is loaded (what /readyz answers), else 0",
+            ready.clone(),
+        );
+        let readings = Arc::new(Readings::default());
+        registry.register_collector(Box::new(readings.clone()));
         let registrations_active = Gauge::default();
         registry.register(
             "proxy_registrations_active",
@@ -305,6 +322,32 @@ impl Metrics {
                 state: state.clone(),
             }));
         }
+        // Series with a closed set of results exist from the start at 0, so the first
+        // failure is an increase that rate() and alert rules can see.
+        for result in [
+            AcmeResult::Issued,
+            AcmeResult::Failed,
+            AcmeResult::RateLimited,
+        ] {
+            let _ = acme_orders.get_or_create(&ResultLabels {
+                result: result.as_str(),
+            });
+        }
+        for result in ["success", "failure"] {
+            let _ = upgrades.get_or_create(&ResultLabels { result });
+        }
+        for outcome in [
+            HeldOutcome::Served,
+            HeldOutcome::Expired,
+            HeldOutcome::Refused,
+        ] {
+            let _ = held_total.get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            });
+        }
+        for result in ["ok", "failed"] {
+            let _ = tls_handshakes.get_or_create(&ResultLabels { result });
+        }
         Metrics {
             registry,
             legacy,
@@ -321,6 +364,9 @@ impl Metrics {
             api_calls,
             acme_orders,
             tls_refused,
+            tls_handshakes,
+            ready,
+            readings,
             registrations_active,
             registrations_total,
             held_requests,
@@ -483,6 +529,62 @@ impl Metrics {
         if let Some(otel) = self.otel.get() {
             otel.tls_handshake_refused();
         }
+    }
+
+    /// For TLS termination: a handshake with a certificate chosen ended (`ok` = completed).
+    pub fn tls_handshake(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.tls_handshakes
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Sets the `proxy_ready` gauge (what `/readyz` answers).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Reads certificate expiries at scrape time through `read` (set once, by the part
+    /// that holds the certificates).
+    pub fn read_certificates_with(&self, read: Reader<CertificateExpiry>) {
+        let _ = self.readings.certificates.set(read);
+    }
+
+    /// Reads the discovery sources' condition at scrape time through `read` (set once).
+    pub fn read_discovery_with(&self, read: Reader<SourceCondition>) {
+        let _ = self.readings.sources.set(read);
+    }
+
+    /// Requests answered so far by every (listener, route, pool) that has answered one:
+    /// what the status page turns into rates.
+    pub fn route_totals(&self) -> Vec<RouteTotal> {
+        let mut out = Vec::new();
+        for shard in &self.routes.shards {
+            for routes in shard.load().values() {
+                for series in routes.values().flatten() {
+                    let count =
+                        |class: usize| series.classes[class].get().map_or(0, |c| c.requests.get());
+                    out.push(RouteTotal {
+                        listener: series.labels.listener.clone(),
+                        route: series.labels.route.clone(),
+                        pool: series.labels.pool.clone(),
+                        requests: (0..STATUS_CLASSES.len()).map(count).sum(),
+                        errors: count(5),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Connections open now on listener `name` (speaking `protocol`).
+    pub fn listener_connections(&self, name: &str, protocol: &'static str) -> i64 {
+        self.connections_active
+            .get(&ListenerLabels {
+                listener: name.to_string(),
+                protocol,
+            })
+            .map_or(0, |g| g.get())
     }
 
     /// For registration: a service registered; the returned guard counts it as active
@@ -919,6 +1021,107 @@ impl<T> SeriesCache<T> {
         next.insert(name.to_string(), created.clone());
         self.map.store(Arc::new(next));
         created
+    }
+}
+
+/// Answers of one (listener, route, pool) since start, as [`Metrics::route_totals`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTotal {
+    /// Listener name.
+    pub listener: String,
+    /// Route name (empty: no route matched).
+    pub route: String,
+    /// Pool name.
+    pub pool: String,
+    /// Requests answered.
+    pub requests: u64,
+    /// Of which with a 5xx status.
+    pub errors: u64,
+}
+
+/// A function the metrics call at scrape time for readings another part owns.
+pub type Reader<T> = Box<dyn Fn() -> Vec<T> + Send + Sync>;
+
+/// When a certificate expires, for `proxy_tls_certificate_expiry_timestamp_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateExpiry {
+    /// The name it is stored under.
+    pub name: String,
+    /// Where it came from (`file`, `api`, `acme`, `registered`).
+    pub source: &'static str,
+    /// Its `notAfter`, Unix seconds.
+    pub not_after: i64,
+}
+
+/// How a discovery source is doing, for `proxy_discovery_source_up`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceCondition {
+    /// The pool it feeds.
+    pub pool: String,
+    /// `etcd`, `dns`, `exec` or `file`.
+    pub kind: &'static str,
+    /// Whether its last attempt succeeded.
+    pub up: bool,
+    /// Upstreams it contributes now.
+    pub members: usize,
+}
+
+/// Readings taken at scrape time through functions other parts hand in (see
+/// [`Metrics::read_certificates_with`]); telemetry itself knows neither part.
+#[derive(Default)]
+struct Readings {
+    certificates: OnceLock<Reader<CertificateExpiry>>,
+    sources: OnceLock<Reader<SourceCondition>>,
+}
+
+impl std::fmt::Debug for Readings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readings")
+            .field("certificates", &self.certificates.get().is_some())
+            .field("sources", &self.sources.get().is_some())
+            .finish()
+    }
+}
+
+impl Collector for Readings {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(read) = self.certificates.get() {
+            let mut family = encoder.encode_descriptor(
+                "proxy_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate expires (notAfter), Unix seconds",
+                None,
+                MetricType::Gauge,
+            )?;
+            for cert in read() {
+                let labels = [("name", cert.name.as_str()), ("source", cert.source)];
+                ConstGauge::new(cert.not_after).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(read) = self.sources.get() {
+            let sources = read();
+            let mut up = encoder.encode_descriptor(
+                "proxy_discovery_source_up",
+                "1 if the discovery source's last attempt succeeded, 0 if it failed",
+                None,
+                MetricType::Gauge,
+            )?;
+            for source in &sources {
+                let labels = [("pool", source.pool.as_str()), ("kind", source.kind)];
+                ConstGauge::new(i64::from(source.up)).encode(up.encode_family(&labels)?)?;
+            }
+            let mut members = encoder.encode_descriptor(
+                "proxy_discovery_source_members",
+                "Upstreams the discovery source contributes now",
+                None,
+                MetricType::Gauge,
+            )?;
+            for source in &sources {
+                let labels = [("pool", source.pool.as_str()), ("kind", source.kind)];
+                ConstGauge::new(i64::try_from(source.members).unwrap_or(i64::MAX))
+                    .encode(members.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

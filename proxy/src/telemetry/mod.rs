@@ -8,6 +8,7 @@ pub mod access;
 pub mod admin;
 pub mod api;
 pub mod histogram;
+pub mod history;
 pub mod metrics;
 pub mod otlp;
 
@@ -22,7 +23,8 @@ use tracing_subscriber::Layer as _;
 pub use access::{AccessLogFormat, HeaderPolicy};
 pub use histogram::DurationHistogram;
 pub use metrics::{
-    AcmeResult, GaugeGuard, HeldOutcome, HttpOutcome, ListenerSeries, Metrics, OpenConnection,
+    AcmeResult, CertificateExpiry, GaugeGuard, HeldOutcome, HttpOutcome, ListenerSeries, Metrics,
+    OpenConnection, Reader, RouteTotal, SourceCondition,
 };
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
 
@@ -162,6 +164,7 @@ impl Telemetry {
     /// Marks the daemon ready: listeners bound, state loaded (for `/readyz`).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
+        self.metrics.set_ready(true);
     }
 
     /// Whether [`set_ready`](Self::set_ready) was called.

@@ -322,10 +322,12 @@ impl Tls {
             self.on_demand(name.as_deref(), metrics).await?;
             deadline += ordering.elapsed();
         }
-        tokio::time::timeout_at(deadline, start.into_stream(config.clone()))
+        let stream = tokio::time::timeout_at(deadline, start.into_stream(config.clone()))
             .await
-            .map_err(|_| AcceptError::Timeout)?
-            .map_err(AcceptError::Io)
+            .map_err(|_| AcceptError::Timeout)
+            .and_then(|handshake| handshake.map_err(AcceptError::Io));
+        metrics.tls_handshake(stream.is_ok());
+        stream
     }
 
     /// A certificate for a name that has none: policy first, then the shared order.
