@@ -389,6 +389,8 @@ let
   };
 in
 {
+  imports = [ ./prometheus.nix ];
+
   options.services.proxy = {
     enable = mkEnableOption "proxyd, the routing reverse proxy";
 
