@@ -9,8 +9,8 @@
 //! - `promtool` accepts the rules, their unit tests (alerts.test.yml) pass, the example
 //!   scrape config is valid, and every dashboard query parses as PromQL.
 //!
-//! `promtool` (Debian package `prometheus`) is required under CI (env `CI` set); elsewhere
-//! the promtool checks are skipped when it is missing.
+//! `promtool` (Debian package `prometheus`) is required under `./scripts/test`; run by
+//! hand without it, the promtool checks are skipped with a message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -360,24 +360,12 @@ key = "{{state}}/www.key"
     proxy.daemon.stop().await;
 }
 
-/// `promtool`, or `None` (skip) outside CI.
-fn promtool() -> Option<&'static str> {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is not installed; the test command must install it (Debian package `prometheus`)"
-        );
-        eprintln!("SKIPPED: promtool is not installed (Debian package `prometheus`)");
-        return None;
-    }
-    Some("promtool")
+/// `promtool`, or `None` (skip) when run by hand without it.
+fn promtool() -> Option<PathBuf> {
+    external_program("promtool", "Debian package prometheus")
 }
 
-fn run_promtool(promtool: &str, args: &[&str], dir: &Path) -> String {
+fn run_promtool(promtool: &Path, args: &[&str], dir: &Path) -> String {
     let out = Command::new(promtool)
         .args(args)
         .current_dir(dir)
@@ -398,11 +386,11 @@ fn promtool_accepts_the_rules_their_unit_tests_and_the_scrape_config() {
         return;
     };
     let dir = contrib("prometheus");
-    let checked = run_promtool(promtool, &["check", "rules", "alerts.yml"], &dir);
+    let checked = run_promtool(&promtool, &["check", "rules", "alerts.yml"], &dir);
     assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
-    let tested = run_promtool(promtool, &["test", "rules", "alerts.test.yml"], &dir);
+    let tested = run_promtool(&promtool, &["test", "rules", "alerts.test.yml"], &dir);
     assert!(tested.contains("SUCCESS"), "{tested}");
-    run_promtool(promtool, &["check", "config", "scrape.yml"], &dir);
+    run_promtool(&promtool, &["check", "config", "scrape.yml"], &dir);
 }
 
 #[test]
@@ -433,7 +421,7 @@ fn every_dashboard_query_is_valid_promql() {
     }
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("dashboard.yml"), rules).unwrap();
-    let checked = run_promtool(promtool, &["check", "rules", "dashboard.yml"], dir.path());
+    let checked = run_promtool(&promtool, &["check", "rules", "dashboard.yml"], dir.path());
     assert!(
         checked.contains(&format!("SUCCESS: {} rules found", queries.len())),
         "{checked}"

@@ -2,6 +2,8 @@
 //! groff formats without a warning.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -36,18 +38,7 @@ fn check(program: &str, args: &[&str], file: &Path) -> String {
 }
 
 fn installed(program: &str) -> bool {
-    let found = Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is not installed; the test command must install it"
-        );
-        eprintln!("SKIPPED: {program} is not installed");
-    }
-    found
+    common::external_program(program, &format!("Debian package {program}")).is_some()
 }
 
 #[test]

@@ -9,8 +9,8 @@
 //!   it to docs/status-page.png, the picture in the README);
 //! - the listener takes no writes, and `server.admin_ui = false` turns the page off.
 //!
-//! Chromium (Debian package `chromium`) is required under CI (env `CI` set); elsewhere the
-//! browser test is skipped when it is missing.
+//! Chromium (Debian package `chromium`) is required under `./scripts/test`; run by hand
+//! without it, the browser test is skipped with a message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -499,24 +499,9 @@ async fn the_admin_listener_stays_read_only_and_the_page_can_be_turned_off() {
     off.proxy.daemon.stop().await;
 }
 
-/// The Chromium binary, or `None` (skip) outside CI.
+/// The Chromium binary, or `None` (skip) when run by hand without it.
 fn chromium() -> Option<PathBuf> {
-    let found = ["chromium", "chromium-browser"].iter().find_map(|name| {
-        std::process::Command::new(name)
-            .arg("--version")
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|_| PathBuf::from(name))
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "chromium is not installed; the test command must install it (Debian package `chromium`)"
-        );
-        eprintln!("SKIPPED: chromium is not installed (Debian package `chromium`)");
-    }
-    found
+    external_program("chromium", "Debian package chromium")
 }
 
 /// Runs headless Chromium on `url` with `args`; the page's timers run on virtual time, so
