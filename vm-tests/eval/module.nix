@@ -74,6 +74,12 @@ let
   registrationTest = import ../registration.nix { inherit (stub) pkgs nixosModule package; };
   registrationNodes = stub.testNodes registrationTest;
 
+  prometheusHost = host { services.proxy.prometheus = { rules = true; scrape = true; }; };
+  noAdminScrape = host {
+    services.proxy.prometheus.scrape = true;
+    services.proxy.settings.server.admin_listen = "";
+  };
+
   svc = config: config.systemd.services.proxy;
   serviceConfig = config: (svc config).serviceConfig;
   sockets = config: config.systemd.sockets;
@@ -165,6 +171,19 @@ let
     # Item: the registration VM test's client survives the wait for the proxy.
     (expectEq "registration test: register-app has no start limit"
       registrationNodes.backend.systemd.services.register-app.startLimitIntervalSec 0)
+
+    # Item: services.proxy.prometheus (nixos-module/prometheus.nix).
+    (expectEq "prometheus: nothing added by default"
+      [ base.services.prometheus.ruleFiles base.services.prometheus.scrapeConfigs ] [ [ ] [ ] ])
+    (expectEq "prometheus.rules adds contrib/prometheus/alerts.yml to ruleFiles"
+      (map toString prometheusHost.services.prometheus.ruleFiles)
+      [ (toString ../../contrib/prometheus/alerts.yml) ])
+    (expectEq "prometheus.scrape adds the job the rules expect, on admin_listen"
+      prometheusHost.services.prometheus.scrapeConfigs
+      [{ job_name = "proxy"; static_configs = [{ targets = [ "127.0.0.1:42008" ]; }]; }])
+    (check "prometheus.scrape without an admin listener is refused"
+      (mentions "admin_listen" (failed noAdminScrape))
+      (show (failed noAdminScrape)))
   ];
 
   # The default host's units, as the contrib comparison in scripts/nix-lint reads them.

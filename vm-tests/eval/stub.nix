@@ -97,6 +97,8 @@ let
       environment.variables = mkOption { type = types.attrsOf types.str; default = { }; };
       networking.firewall.allowedTCPPorts = mkOption { type = types.listOf types.port; default = [ ]; };
       networking.primaryIPAddress = mkOption { type = types.str; default = ""; };
+      services.prometheus.ruleFiles = mkOption { type = types.listOf types.raw; default = [ ]; };
+      services.prometheus.scrapeConfigs = mkOption { type = types.listOf types.raw; default = [ ]; };
       users.users = loose;
       users.groups = loose;
       systemd.services = loose;
