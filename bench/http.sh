@@ -4,10 +4,15 @@
 # One static upstream (nginx serving a 1 KiB file) on 127.0.0.1; each proxy in turn in
 # front of it on 127.0.0.1, alone, with keep-alive to the upstream; wrk against each proxy
 # and against the upstream directly, once with keep-alive and once with a new connection
-# per request. Prints req/s, p50/p99 latency, peak RSS and the ratios proxyd/peer.
+# per request; all of it twice: with every access log off, and with proxyd's, nginx's and
+# HAProxy's access logs written to a file. Prints req/s, p50/p99 latency, peak RSS, CPU
+# per request and the ratios proxyd/peer; writes results.tsv, results.md and a chart
+# (results.svg, with gnuplot) to BENCH_OUT.
 #
-# Usage: bench/http.sh            (about 2.5 minutes; loopback only; stops by itself)
+# Usage: bench/http.sh            (about 5 minutes; loopback only; stops by itself)
 # Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64
+#        BENCH_LOGS="off on"     (access log scenarios to run)
+#        BENCH_OUT=bench/results (where the table and chart go)
 #        PROXYD=/path/to/proxyd  (skip the build and use this binary)
 #        CARGO_TARGET_DIR        (default /var/tmp/proxy-target)
 set -euo pipefail
@@ -15,13 +20,15 @@ set -euo pipefail
 DURATION=${BENCH_DURATION:-10s}
 THREADS=${BENCH_THREADS:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
+read -r -a LOGS <<<"${BENCH_LOGS:-off on}"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${BENCH_OUT:-$ROOT/bench/results}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 
 # shellcheck source=bench/common.sh
 . "$ROOT/bench/common.sh"
 
-need_tools wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy curl:curl
+need_tools wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy curl:curl gnuplot:gnuplot-nox
 build_proxyd
 make_workdir proxy-bench
 
@@ -107,14 +114,23 @@ UP_PID=$LAST_PID
 wait_ready "http://127.0.0.1:$UP/1k" upstream "$UP_PID"
 
 # --- the proxies under test ---------------------------------------------------------------
-write_proxyd() { # port
+# Each proxy writes its access log to a file in the log-on scenario: proxyd its JSON
+# lines on stdout (redirected to a file by `start`), nginx its default `combined` format
+# to access.log (unbuffered, like proxyd), HAProxy its `option httplog` line to stdout.
+write_proxyd() { # port log(on|off)
+    local format=off
+    [ "$2" = on ] && format=json
     mkdir -p "$WORK/proxyd"
+    rm -rf "$WORK/proxyd/state"
     cat >"$WORK/proxyd/proxyd.toml" <<EOF
 [server]
 state_dir = "$WORK/proxyd/state"
 mgmt_socket = "$WORK/proxyd/state/mgmt.sock"
 admin_listen = ""
 log_level = "warn"
+
+[telemetry]
+access_log = "$format"
 
 [[listeners]]
 name = "web"
@@ -132,13 +148,15 @@ pool = "static"
 EOF
 }
 
-write_nginx() { # port
+write_nginx() { # port log(on|off)
+    local log=off
+    [ "$2" = on ] && log="$WORK/nginx/access.log"
     mkdir -p "$WORK/nginx"
     {
         nginx_common "$WORK/nginx"
         cat <<EOF
 http {
-    access_log off;
+    access_log $log;
 $(nginx_temp_paths "$WORK/nginx")
     keepalive_requests 1000000;
     upstream static {
@@ -159,15 +177,22 @@ EOF
     } >"$WORK/nginx/nginx.conf"
 }
 
-write_haproxy() { # port
+write_haproxy() { # port log(on|off)
+    local global_log="" defaults_log=""
+    if [ "$2" = on ]; then
+        global_log="    log stdout format raw local0 info"
+        defaults_log=$'    log global\n    option httplog'
+    fi
     mkdir -p "$WORK/haproxy"
     cat >"$WORK/haproxy/haproxy.cfg" <<EOF
 global
     nbthread 2
     maxconn 4096
+$global_log
 
 defaults
     mode http
+$defaults_log
     option http-keep-alive
     http-reuse always
     timeout connect 5s
@@ -204,18 +229,18 @@ http://:$1 {
 EOF
 }
 
-start_proxy() { # name port
+start_proxy() { # name port log(on|off)
     case $1 in
     proxyd)
-        write_proxyd "$2"
+        write_proxyd "$2" "$3"
         start proxyd "$PROXYD" --config "$WORK/proxyd/proxyd.toml"
         ;;
     nginx)
-        write_nginx "$2"
+        write_nginx "$2" "$3"
         start nginx nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
         ;;
     haproxy)
-        write_haproxy "$2"
+        write_haproxy "$2" "$3"
         start haproxy haproxy -db -f "$WORK/haproxy/haproxy.cfg"
         ;;
     caddy)
@@ -227,15 +252,28 @@ start_proxy() { # name port
 }
 
 # --- wrk ----------------------------------------------------------------------------------
-# Prints "req/s p50_ms p99_ms errors" for one wrk run.
-run_wrk() { # url mode(keepalive|close) label
-    local url=$1 mode=$2 out="$WORK/wrk-$3-$2.txt"
+# CPU time (user + system, in clock ticks) of a process and its children (nginx workers).
+cpu_ticks() { # pid
+    local pid=$1 total=0 p t
+    for p in $pid $(pgrep -P "$pid" || true); do
+        t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+
+# Prints "req/s p50_ms p99_ms errors cpu_us_per_request" for one wrk run against the
+# process PID.
+run_wrk() { # url mode(keepalive|close) label pid
+    local url=$1 mode=$2 out="$WORK/wrk-$3-$2.txt" pid=$4 before after
     local header=()
     [ "$mode" = close ] && header=(-H 'Connection: close')
     # A short warm-up (connections, pools, caches), then the measured run.
     wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "${header[@]}" "$url" >/dev/null 2>&1 || true
+    before=$(cpu_ticks "$pid")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
-    awk '
+    after=$(cpu_ticks "$pid")
+    awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
         function ms(v) {
             if (v ~ /us$/) return v / 1000
             if (v ~ /ms$/) return v + 0
@@ -246,58 +284,132 @@ run_wrk() { # url mode(keepalive|close) label
         /^ +50%/ { p50 = ms($2) }
         /^ +99%/ { p99 = ms($2) }
         /^Requests\/sec:/ { rps = $2 }
+        / requests in / { n = $1 }
         /Non-2xx or 3xx responses:/ { err += $NF }
         /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
-        END { printf "%.0f %.2f %.2f %d\n", rps, p50, p99, err }
+        END { printf "%.0f %.2f %.2f %d %.1f\n", rps, p50, p99, err, n > 0 ? ticks * 1e6 / hz / n : 0 }
     ' "$out"
 }
 
-declare -A RPS P50 P99 ERR RSS
+declare -A RPS P50 P99 ERR CPU RSS
 MODES=(keepalive close)
-TARGETS=(upstream proxyd nginx haproxy caddy)
+PROXIES=(proxyd nginx haproxy caddy)
 
 for mode in "${MODES[@]}"; do
     say "upstream direct, $mode"
-    read -r RPS[upstream,$mode] P50[upstream,$mode] P99[upstream,$mode] ERR[upstream,$mode] \
-        < <(run_wrk "http://127.0.0.1:$UP/1k" "$mode" upstream)
+    read -r RPS[upstream,$mode] P50[upstream,$mode] P99[upstream,$mode] ERR[upstream,$mode] CPU[upstream,$mode] \
+        < <(run_wrk "http://127.0.0.1:$UP/1k" "$mode" upstream "$UP_PID")
 done
 RSS[upstream]=$(peak_rss_mib "$UP_PID")
 
-for name in proxyd nginx haproxy caddy; do
-    port=$(free_port)
-    start_proxy "$name" "$port"
-    pid=$LAST_PID
-    wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
-    for mode in "${MODES[@]}"; do
-        say "$name, $mode"
-        read -r RPS[$name,$mode] P50[$name,$mode] P99[$name,$mode] ERR[$name,$mode] \
-            < <(run_wrk "http://127.0.0.1:$port/1k" "$mode" "$name")
+for log in "${LOGS[@]}"; do
+    for name in "${PROXIES[@]}"; do
+        # Caddy is far behind the others; it is measured with logs off only, to keep the run short.
+        [ "$log" = on ] && [ "$name" = caddy ] && continue
+        port=$(free_port)
+        start_proxy "$name" "$port" "$log"
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
+        for mode in "${MODES[@]}"; do
+            say "$name, $mode, access log $log"
+            read -r RPS[$name,$log,$mode] P50[$name,$log,$mode] P99[$name,$log,$mode] \
+                ERR[$name,$log,$mode] CPU[$name,$log,$mode] \
+                < <(run_wrk "http://127.0.0.1:$port/1k" "$mode" "$name-$log" "$pid")
+        done
+        RSS[$name,$log]=$(peak_rss_mib "$pid")
+        stop "$pid"
     done
-    RSS[$name]=$(peak_rss_mib "$pid")
-    stop "$pid"
 done
 
 # --- report -------------------------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+better() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
+lower() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
+mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new connection"; fi; }
+
+mkdir -p "$OUT"
+HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB body from an nginx upstream, all on 127.0.0.1, $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(date -u +%Y-%m-%dT%H:%MZ), proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+# results.tsv: one line per measured run.
+{
+    printf 'log\tmode\ttarget\treq_s\tp50_ms\tp99_ms\terrors\tcpu_us_per_req\tpeak_rss_mib\n'
+    for mode in "${MODES[@]}"; do
+        printf 'none\t%s\tupstream\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "${RPS[upstream,$mode]}" \
+            "${P50[upstream,$mode]}" "${P99[upstream,$mode]}" "${ERR[upstream,$mode]}" "${CPU[upstream,$mode]}" "${RSS[upstream]}"
+    done
+    for log in "${LOGS[@]}"; do
+        for mode in "${MODES[@]}"; do
+            for t in "${PROXIES[@]}"; do
+                [ -n "${RPS[$t,$log,$mode]:-}" ] || continue
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$log" "$mode" "$t" "${RPS[$t,$log,$mode]}" \
+                    "${P50[$t,$log,$mode]}" "${P99[$t,$log,$mode]}" "${ERR[$t,$log,$mode]}" \
+                    "${CPU[$t,$log,$mode]}" "${RSS[$t,$log]}"
+            done
+        done
+    done
+} >"$OUT/results.tsv"
+
+# results.md: ratios first (against the better of nginx and HAProxy), then the raw figures.
+{
+    echo "$HEADER"
+    echo
+    echo "| access log | client connections | proxyd / best peer req/s | proxyd / best peer p99 | proxyd / nginx CPU per request | proxyd req/s | nginx | HAProxy |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    for log in "${LOGS[@]}"; do
+        for mode in "${MODES[@]}"; do
+            best=$(better "${RPS[nginx,$log,$mode]}" "${RPS[haproxy,$log,$mode]}")
+            bestp99=$(lower "${P99[nginx,$log,$mode]}" "${P99[haproxy,$log,$mode]}")
+            echo "| $log | $(mode_label "$mode") | $(ratio "${RPS[proxyd,$log,$mode]}" "$best") | $(ratio "${P99[proxyd,$log,$mode]}" "$bestp99") | $(ratio "${CPU[proxyd,$log,$mode]}" "${CPU[nginx,$log,$mode]}") | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
+        done
+    done
+    echo
+    echo "| access log | client connections | target | req/s | p50 ms | p99 ms | CPU µs per request | peak RSS MiB | errors |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    for mode in "${MODES[@]}"; do
+        echo "| - | $(mode_label "$mode") | upstream direct | ${RPS[upstream,$mode]} | ${P50[upstream,$mode]} | ${P99[upstream,$mode]} | ${CPU[upstream,$mode]} | ${RSS[upstream]} | ${ERR[upstream,$mode]} |"
+    done
+    for log in "${LOGS[@]}"; do
+        for mode in "${MODES[@]}"; do
+            for t in "${PROXIES[@]}"; do
+                [ -n "${RPS[$t,$log,$mode]:-}" ] || continue
+                echo "| $log | $(mode_label "$mode") | $t | ${RPS[$t,$log,$mode]} | ${P50[$t,$log,$mode]} | ${P99[$t,$log,$mode]} | ${CPU[$t,$log,$mode]} | ${RSS[$t,$log]} | ${ERR[$t,$log,$mode]} |"
+            done
+        done
+    done
+    echo
+    echo "Best peer: the higher req/s (lower p99) of nginx and HAProxy in the same run."
+    echo "CPU per request: user + system time of the proxy's processes during the measured run / requests."
+    echo "Peak RSS: VmHWM over the whole run of that target (nginx: master + workers summed)."
+} >"$OUT/results.md"
+
+# results.svg: req/s per scenario, one bar per proxy.
+{
+    printf 'scenario\tproxyd\tnginx\thaproxy\n'
+    for log in "${LOGS[@]}"; do
+        for mode in "${MODES[@]}"; do
+            printf '"log %s, %s"\t%s\t%s\t%s\n' "$log" "$(mode_label "$mode")" \
+                "${RPS[proxyd,$log,$mode]}" "${RPS[nginx,$log,$mode]}" "${RPS[haproxy,$log,$mode]}"
+        done
+    done
+} >"$WORK/chart.dat"
+gnuplot <<EOF
+set terminal svg size 800,420 font "sans,12" background "white"
+set output "$OUT/results.svg"
+set title "proxyd, nginx and HAProxy as reverse proxies: req/s (higher is better)\n{/*0.8 $(nproc) CPUs, wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB}"
+set style data histograms
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set yrange [0:*]
+set grid ytics
+set key top right
+set datafile separator "\t"
+plot "$WORK/chart.dat" using 2:xtic(1) title "proxyd" linecolor rgb "#1f77b4", \
+     "" using 3 title "nginx" linecolor rgb "#2ca02c", \
+     "" using 4 title "HAProxy" linecolor rgb "#ff7f0e"
+EOF
 
 echo
-echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB body from an nginx upstream, all on 127.0.0.1, $(nproc) CPUs, $(date -u +%Y-%m-%dT%H:%MZ)"
-for mode in "${MODES[@]}"; do
-    echo
-    if [ "$mode" = keepalive ]; then echo "client keep-alive:"; else echo "new connection per request (Connection: close):"; fi
-    printf '  %-16s %10s %9s %9s %13s %7s\n' target "req/s" "p50 ms" "p99 ms" "peak RSS MiB" errors
-    for t in "${TARGETS[@]}"; do
-        label=$t
-        [ "$t" = upstream ] && label="upstream direct"
-        printf '  %-16s %10s %9s %9s %13s %7s\n' "$label" "${RPS[$t,$mode]}" "${P50[$t,$mode]}" \
-            "${P99[$t,$mode]}" "${RSS[$t]}" "${ERR[$t,$mode]}"
-    done
-    for peer in nginx haproxy caddy; do
-        printf '  proxyd/%-9s req/s %s  p99 %s  RSS %s\n' "$peer" \
-            "$(ratio "${RPS[proxyd,$mode]}" "${RPS[$peer,$mode]}")" \
-            "$(ratio "${P99[proxyd,$mode]}" "${P99[$peer,$mode]}")" \
-            "$(ratio "${RSS[proxyd]}" "${RSS[$peer]}")"
-    done
-done
+cat "$OUT/results.md"
 echo
-echo "peak RSS: VmHWM over the whole run of that target (nginx: master + workers summed)."
+say "written: $OUT/results.tsv, $OUT/results.md, $OUT/results.svg"
