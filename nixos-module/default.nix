@@ -264,7 +264,20 @@ let
         timeout = optionalKey duration "Time allowed per check (default 2s).";
       }) "Active health check.";
     connect_timeout = optionalKey duration "Upstream connect timeout (default 5s).";
-    response_timeout = optionalKey duration "Request sent to response head (default 60s).";
+    response_timeout = optionalKey duration "Request (body included) fully sent to response head (default 60s).";
+    body_timeout = optionalKey duration "Longest pause between two pieces of a request body; then 408 (default 60s).";
+    connect_deadline = optionalKey duration "One deadline for all connection attempts of a request (default 10s).";
+    max_attempts = optionalKey types.ints.positive "Connection attempts (upstreams tried) per request (default 3).";
+    idle_timeout = optionalKey duration "Idle keep-alive connections older than this are closed, not reused (default 1.5s).";
+    max_connections_per_upstream = optionalKey types.ints.unsigned "Connections (busy and idle) per upstream; 0: no limit (default 0).";
+    outlier = optionalKey
+      (section {
+        consecutive_failures = optionalKey types.ints.positive "Failures in a row that eject an upstream (default 1).";
+        on_5xx = optionalKey types.bool "Count 5xx answers as failures (default false).";
+        base_ejection = optionalKey duration "First ejection time, doubled per repeat (default 10s).";
+        max_ejection = optionalKey duration "Longest ejection (default 300s).";
+        max_ejection_percent = optionalKey (types.ints.between 0 100) "Most of a pool ejected at once, in percent (default 50).";
+      }) "Outlier ejection.";
     on_change = optionalKey (types.enum [ "keep" "reset" ]) ''
       With {option}`discovery`: `reset` closes TCP streams to upstreams that left the pool
       (default `keep`).

@@ -44,6 +44,7 @@ fn pool(name: &str, address: &str) -> Pool {
         connect_timeout: default_connect_timeout(),
         response_timeout: default_response_timeout(),
         tls: None,
+        policy: Default::default(),
     }
 }
 

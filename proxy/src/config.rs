@@ -313,9 +313,25 @@ struct RawPool {
     health: Option<RawHealth>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections_per_upstream: Option<u32>,
+    body_timeout: Option<String>,
+    connect_deadline: Option<String>,
+    max_attempts: Option<u32>,
+    outlier: Option<RawOutlier>,
     on_change: Option<String>,
     discovery: Option<RawDiscovery>,
     tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<u32>,
+    on_5xx: Option<bool>,
+    base_ejection: Option<String>,
+    max_ejection: Option<String>,
+    max_ejection_percent: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -1109,6 +1125,62 @@ impl Doc<'_> {
                 )?,
             }),
         };
+        let defaults = state::UpstreamPolicy::default();
+        let outlier_prefix = format!("{prefix}.outlier");
+        let outlier = match raw.outlier {
+            None => defaults.outlier.clone(),
+            Some(o) => state::Outlier {
+                consecutive_failures: o
+                    .consecutive_failures
+                    .unwrap_or(defaults.outlier.consecutive_failures),
+                on_5xx: o.on_5xx.unwrap_or(defaults.outlier.on_5xx),
+                base_ejection: self.duration(
+                    &o.base_ejection,
+                    defaults.outlier.base_ejection,
+                    span,
+                    &outlier_prefix,
+                    "base_ejection",
+                )?,
+                max_ejection: self.duration(
+                    &o.max_ejection,
+                    defaults.outlier.max_ejection,
+                    span,
+                    &outlier_prefix,
+                    "max_ejection",
+                )?,
+                max_ejection_percent: o
+                    .max_ejection_percent
+                    .unwrap_or(defaults.outlier.max_ejection_percent),
+            },
+        };
+        let policy = state::UpstreamPolicy {
+            idle_timeout: self.duration(
+                &raw.idle_timeout,
+                defaults.idle_timeout,
+                span,
+                prefix,
+                "idle_timeout",
+            )?,
+            max_connections_per_upstream: raw
+                .max_connections_per_upstream
+                .unwrap_or(defaults.max_connections_per_upstream),
+            body_timeout: self.duration(
+                &raw.body_timeout,
+                defaults.body_timeout,
+                span,
+                prefix,
+                "body_timeout",
+            )?,
+            connect_deadline: self.duration(
+                &raw.connect_deadline,
+                defaults.connect_deadline,
+                span,
+                prefix,
+                "connect_deadline",
+            )?,
+            max_attempts: raw.max_attempts.unwrap_or(defaults.max_attempts),
+            outlier,
+        };
         Ok(Pool {
             name: raw.name,
             source: Source::Declarative,
@@ -1136,6 +1208,7 @@ impl Doc<'_> {
                 client_cert: t.client_cert,
                 client_key: t.client_key,
             }),
+            policy,
         })
     }
 

@@ -21,6 +21,7 @@ fn api_pool(name: &str, upstream: &str) -> Pool {
         connect_timeout: proxy::state::default_connect_timeout(),
         response_timeout: proxy::state::default_response_timeout(),
         tls: None,
+        policy: Default::default(),
     }
 }
 

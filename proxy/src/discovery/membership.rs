@@ -211,6 +211,7 @@ mod tests {
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
             tls: None,
+            policy: Default::default(),
         };
         let mut m = Membership::default();
         m.set_members(

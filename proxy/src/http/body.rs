@@ -2,17 +2,22 @@
 //! streamed to clients that return the upstream connection for reuse and write the access
 //! log line when they end.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use thiserror::Error;
+use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use super::access_log::AccessLog;
-use crate::upstream::{HttpSender, InFlight};
+use crate::upstream::{idle, InFlight, UpstreamConn};
 
 /// Errors of our body types.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -27,12 +32,46 @@ pub struct BodyTooLarge(pub u64);
 #[error("client request body: {0}")]
 pub struct ClientBodyError(#[source] pub hyper::Error);
 
+/// The client left more than the pool's `body_timeout` between two pieces of its body.
+#[derive(Debug, Error)]
+#[error("client sent no request body data for {0:?}")]
+pub struct BodyTimeout(pub Duration);
+
+/// Tells the request path when a request body has been sent in full, which is when the
+/// upstream's `response_timeout` starts.
+#[derive(Debug, Default)]
+pub struct BodySent {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl BodySent {
+    /// Resolves once the body has ended (or failed).
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.done.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn set(&self) {
+        self.done.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
 /// The body sent upstream: the client's body streamed through, or nothing.
 #[derive(Debug, Default)]
 pub struct RequestBody {
     inner: Option<Incoming>,
     limit: u64,
     seen: u64,
+    /// Longest pause between two pieces of the body, with its timer once started.
+    idle: Option<(Duration, Option<Pin<Box<Sleep>>>)>,
+    sent: Option<Arc<BodySent>>,
 }
 
 impl RequestBody {
@@ -41,12 +80,38 @@ impl RequestBody {
         RequestBody::default()
     }
 
-    /// Streams `inner`, failing once more than `limit` bytes passed (0 = no limit).
-    pub fn streaming(inner: Incoming, limit: u64) -> Self {
+    /// Streams `inner`, failing once more than `limit` bytes passed (0 = no limit) or
+    /// when the client pauses for longer than `idle_timeout`.
+    pub fn streaming(inner: Incoming, limit: u64, idle_timeout: Duration) -> Self {
+        let sent = (!inner.is_end_stream()).then(|| Arc::new(BodySent::default()));
         RequestBody {
             inner: Some(inner),
             limit,
             seen: 0,
+            idle: sent.is_some().then_some((idle_timeout, None)),
+            sent,
+        }
+    }
+
+    /// What signals the end of the body; `None` when there is no body to send.
+    pub fn sent(&self) -> Option<Arc<BodySent>> {
+        self.sent.clone()
+    }
+
+    /// Ends the body: no more polls reach the client's stream.
+    fn end(&mut self) {
+        self.inner = None;
+        self.idle = None;
+        if let Some(sent) = &self.sent {
+            sent.set();
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let Some(sent) = &self.sent {
+            sent.set();
         }
     }
 }
@@ -68,15 +133,34 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.limit > 0 && this.seen > this.limit {
-                        this.inner = None;
+                        this.end();
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(this.limit)))));
                     }
                 }
+                if let Some((timeout, Some(timer))) = &mut this.idle {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *timeout);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Err(e))) => {
+                this.end();
+                Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
+            }
+            Poll::Ready(None) => {
+                this.end();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if let Some((timeout, timer)) = &mut this.idle {
+                    let timeout = *timeout;
+                    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        this.end();
+                        return Poll::Ready(Some(Err(Box::new(BodyTimeout(timeout)))));
+                    }
+                }
+                Poll::Pending
+            }
         }
     }
 
@@ -93,14 +177,20 @@ impl Body for RequestBody {
 
 /// What to do with the upstream connection once its response body has been read.
 pub struct Reuse {
-    sender: HttpSender,
+    conn: UpstreamConn,
     in_flight: InFlight,
+    /// Identity of the pool's TLS settings (see [`idle::ConnKey`]).
+    tls: u64,
 }
 
 impl Reuse {
-    /// Returns `sender` to `in_flight`'s upstream when the body completes.
-    pub fn new(sender: HttpSender, in_flight: InFlight) -> Self {
-        Reuse { sender, in_flight }
+    /// Keeps `conn` for reuse with `in_flight`'s upstream when the body completes.
+    pub fn new(conn: UpstreamConn, in_flight: InFlight, tls: u64) -> Self {
+        Reuse {
+            conn,
+            in_flight,
+            tls,
+        }
     }
 }
 
@@ -149,8 +239,15 @@ impl ResponseBody {
         // end may be dropped without ever returning `None`.
         let complete = complete || self.is_end_stream();
         if let Some(reuse) = self.reuse.take() {
-            if complete {
-                reuse.in_flight.upstream().put_idle(reuse.sender);
+            let upstream = reuse.in_flight.upstream();
+            if complete && !upstream.is_draining() {
+                idle::put(
+                    idle::ConnKey {
+                        address: &upstream.address,
+                        tls: reuse.tls,
+                    },
+                    reuse.conn,
+                );
             }
         }
         if let Some(log) = self.log.take() {

@@ -12,7 +12,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::access_log::{AccessLog, ErrorSource};
-use super::body::{BodyTooLarge, ClientBodyError, RequestBody, ResponseBody, Reuse};
+use super::body::{
+    BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody, ResponseBody, Reuse,
+};
 use super::hygiene;
 use crate::config::ListenerConfig;
 use crate::routing::RouteEntry;
@@ -20,7 +22,8 @@ use crate::shutdown::Shutdown;
 use crate::state::{PathMatch, StateHandle};
 use crate::telemetry::Metrics;
 use crate::upstream::{
-    http_sender, ConnectError, HttpSender, InFlight, NoUpstream, PoolRuntime, UpstreamRuntime,
+    http_sender, idle, ConnectError, InFlight, NoUpstream, OpenConnection, PoolRuntime,
+    UpstreamConn, UpstreamRuntime,
 };
 
 /// What every request on one client connection shares.
@@ -190,7 +193,7 @@ async fn proxy(
                 e.to_string(),
             )
         })?;
-    let (mut response, sender, in_flight) = forward(&pool, upstream_req, log).await?;
+    let (mut response, conn, in_flight) = forward(&pool, upstream_req, log).await?;
     log.upstream.clone_from(&in_flight.upstream().address);
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -198,13 +201,18 @@ async fn proxy(
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             ctx.shutdown
                 .spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
-            drop(sender);
+            drop(conn);
             let (mut parts, _) = response.into_parts();
             hygiene::add_via(&mut parts.headers, Version::HTTP_11);
             return Ok(Response::from_parts(parts, ResponseBody::full("")));
         }
     }
-    Ok(client_response(response, sender, in_flight))
+    Ok(client_response(
+        response,
+        conn,
+        in_flight,
+        pool.conn_key("").tls,
+    ))
 }
 
 /// Step 0: an ACME HTTP-01 validation request for an order in progress is answered here,
@@ -319,17 +327,26 @@ fn upstream_request(
     }
     Ok(Request::from_parts(
         parts,
-        RequestBody::streaming(body, ctx.listener.max_body_bytes),
+        RequestBody::streaming(
+            body,
+            ctx.listener.max_body_bytes,
+            entry.pool.policy.body_timeout,
+        ),
     ))
 }
 
 /// Step 3: pick an upstream, reuse or open a connection, send, wait for the response head.
-/// Connection failures move on to the next candidate: the request has not been sent yet.
+///
+/// Connection failures move on to the next candidate (the request has not been sent yet),
+/// within the pool's attempt budget and one connect deadline for the whole request. A kept
+/// connection that fails before any response byte arrived is retried once on a fresh
+/// connection when the request can be sent again: hyper handed it back unsent, or it is
+/// idempotent and has no body.
 async fn forward(
     pool: &PoolRuntime,
     req: Request<RequestBody>,
     log: &AccessLog,
-) -> Result<(Response<Incoming>, HttpSender, InFlight), Failure> {
+) -> Result<(Response<Incoming>, UpstreamConn, InFlight), Failure> {
     let candidates = pool.candidates().map_err(|e| match e {
         NoUpstream::Empty => Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -342,79 +359,234 @@ async fn forward(
             "no healthy upstream",
         ),
     })?;
+    let policy = &pool.policy;
+    let metrics = log.telemetry.metrics();
+    let deadline = Instant::now() + policy.connect_deadline;
+    let body_sent = req.body().sent();
+    let mut budget = Attempts {
+        left: policy.max_attempts,
+        deadline,
+    };
     let mut pending = Some(req);
     let mut last: Option<ConnectError> = None;
+    let mut full = false;
     for upstream in candidates {
         let in_flight = upstream.start();
-        let mut sender = match upstream.take_idle() {
-            Some(s) => s,
-            None => match dial(&upstream, pool, log.telemetry.metrics()).await {
-                Ok(s) => s,
-                Err(e) => {
+        let key = pool.conn_key(&upstream.address);
+        let mut conn = match idle::take(key, upstream, policy.idle_timeout) {
+            Some(conn) => conn,
+            None => match budget.dial(upstream, pool, metrics).await {
+                Dialed::Conn(conn) => conn,
+                Dialed::Failed(e) => {
                     last = Some(e);
                     continue;
                 }
+                Dialed::Full => {
+                    full = true;
+                    continue;
+                }
+                Dialed::Exhausted(e) => {
+                    last = e.or(last);
+                    break;
+                }
             },
         };
-        let sent_at = Instant::now();
-        // A pooled connection may have been closed by the upstream while idle; hyper then
-        // hands the unsent request back and we retry once on a fresh connection.
-        let result = loop {
+        let mut retried = false;
+        loop {
             let Some(req) = pending.take() else {
-                break Err(None);
+                break;
             };
-            let attempt =
-                tokio::time::timeout(pool.response_timeout, sender.try_send_request(req)).await;
-            match attempt {
-                Err(_) => {
-                    return Err(Failure::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        ErrorSource::Upstream,
-                        format!(
-                            "{} sent no response head within {:?}",
-                            upstream.address, pool.response_timeout
-                        ),
-                    ))
-                }
-                Ok(Ok(response)) => break Ok(response),
-                Ok(Err(mut e)) => match e.take_message() {
-                    Some(unsent) => {
-                        pending = Some(unsent);
-                        match dial(&upstream, pool, log.telemetry.metrics()).await {
-                            Ok(fresh) => sender = fresh,
-                            Err(err) => break Err(Some(err)),
+            // Readiness, second part: the connection task must be idle and able to take a
+            // request (it fails here if it saw the upstream close meanwhile).
+            let ready = !conn.reused || conn.sender.ready().await.is_ok();
+            let outcome = if ready {
+                let copy = (conn.reused && can_resend(&req)).then(|| copy_request(&req));
+                let read_before = conn.state.bytes_read();
+                let sent_at = Instant::now();
+                match send(&mut conn, req, body_sent.as_deref(), pool.response_timeout).await {
+                    Sent::Response(response) => {
+                        let _ = log
+                            .upstream_us
+                            .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+                        if policy.outlier.on_5xx && response.status().is_server_error() {
+                            upstream.record_failure(pool);
+                        } else {
+                            upstream.record_success();
                         }
+                        return Ok((response, conn, in_flight));
                     }
-                    None => return Err(send_failure(&upstream, e.into_error())),
-                },
+                    Sent::TimedOut => {
+                        upstream.record_failure(pool);
+                        return Err(Failure::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            ErrorSource::Upstream,
+                            format!(
+                                "{} sent no response head within {:?}",
+                                upstream.address, pool.response_timeout
+                            ),
+                        ));
+                    }
+                    Sent::Failed(mut e) => match e.take_message() {
+                        Some(unsent) => Some(unsent),
+                        None => {
+                            let error = e.into_error();
+                            let stale = conn.reused && conn.state.bytes_read() == read_before;
+                            match copy.filter(|_| stale) {
+                                Some(copy) => {
+                                    tracing::debug!(upstream = %upstream.address, error = %error, "kept connection failed before any response byte; retrying on a fresh one");
+                                    Some(copy)
+                                }
+                                None => {
+                                    let failure = send_failure(upstream, error);
+                                    if failure.source == ErrorSource::Upstream {
+                                        upstream.record_failure(pool);
+                                    }
+                                    return Err(failure);
+                                }
+                            }
+                        }
+                    },
+                }
+            } else {
+                Some(req)
+            };
+            // The request can go again: once more on a fresh connection to this upstream,
+            // then on to the next candidate.
+            pending = outcome;
+            if retried {
+                break;
             }
-        };
-        match result {
-            Ok(response) => {
-                let _ = log
-                    .upstream_us
-                    .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
-                upstream.clear_ejection();
-                return Ok((response, sender, in_flight));
-            }
-            Err(err) => {
-                // The request was handed back unsent, so another upstream may take it.
-                last = err;
+            retried = true;
+            match budget.dial(upstream, pool, metrics).await {
+                Dialed::Conn(fresh) => conn = fresh,
+                Dialed::Failed(e) => {
+                    last = Some(e);
+                    break;
+                }
+                Dialed::Full => {
+                    full = true;
+                    break;
+                }
+                Dialed::Exhausted(e) => {
+                    return Err(connect_failure(e.or(last), false));
+                }
             }
         }
     }
-    Err(connect_failure(last))
+    Err(connect_failure(last, full))
+}
+
+/// What one send on a connection gave.
+enum Sent {
+    Response(Response<Incoming>),
+    Failed(hyper::client::conn::TrySendError<Request<RequestBody>>),
+    TimedOut,
+}
+
+/// Sends `req` on `conn` and waits for the response head: at most `response_timeout` from
+/// the moment the request body (if any) was sent in full.
+async fn send(
+    conn: &mut UpstreamConn,
+    req: Request<RequestBody>,
+    body_sent: Option<&BodySent>,
+    response_timeout: std::time::Duration,
+) -> Sent {
+    let exchange = conn.sender.try_send_request(req);
+    let result = match body_sent {
+        None => tokio::time::timeout(response_timeout, exchange).await.ok(),
+        Some(body_sent) => {
+            tokio::select! {
+                r = exchange => Some(r),
+                _ = async {
+                    body_sent.wait().await;
+                    tokio::time::sleep(response_timeout).await;
+                } => None,
+            }
+        }
+    };
+    match result {
+        None => Sent::TimedOut,
+        Some(Ok(response)) => Sent::Response(response),
+        Some(Err(e)) => Sent::Failed(e),
+    }
+}
+
+/// Whether a request may be sent again after a kept connection failed under it: an
+/// idempotent method (RFC 9110 §9.2.2) and no body (so it can be rebuilt).
+fn can_resend(req: &Request<RequestBody>) -> bool {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    idempotent && http_body::Body::is_end_stream(req.body())
+}
+
+/// A copy of a request without body, for a retry.
+fn copy_request(req: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// A request's budget for new connections: attempts left and one deadline.
+struct Attempts {
+    left: u32,
+    deadline: Instant,
+}
+
+enum Dialed {
+    Conn(UpstreamConn),
+    Failed(ConnectError),
+    /// The upstream is at `max_connections_per_upstream`.
+    Full,
+    /// No attempts or time left (with the deadline's timeout, if that was it).
+    Exhausted(Option<ConnectError>),
+}
+
+impl Attempts {
+    async fn dial(
+        &mut self,
+        upstream: &Arc<UpstreamRuntime>,
+        pool: &PoolRuntime,
+        metrics: &Metrics,
+    ) -> Dialed {
+        if self.left == 0 {
+            return Dialed::Exhausted(None);
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Dialed::Exhausted(Some(ConnectError::Timeout {
+                address: upstream.address.clone(),
+                timeout: pool.policy.connect_deadline,
+            }));
+        }
+        let Some(open) = upstream.open_connection(pool.policy.max_connections_per_upstream) else {
+            return Dialed::Full;
+        };
+        self.left -= 1;
+        let timeout = pool.connect_timeout.min(self.deadline - now);
+        match dial(upstream, pool, metrics, open, timeout).await {
+            Ok(conn) => Dialed::Conn(conn),
+            Err(e) => Dialed::Failed(e),
+        }
+    }
 }
 
 async fn dial(
     upstream: &Arc<UpstreamRuntime>,
     pool: &PoolRuntime,
     metrics: &Metrics,
-) -> Result<HttpSender, ConnectError> {
+    open: OpenConnection,
+    timeout: std::time::Duration,
+) -> Result<UpstreamConn, ConnectError> {
     let started = Instant::now();
     let result = async {
-        let stream = pool.open(&upstream.address, pool.connect_timeout).await?;
-        http_sender(&upstream.address, stream).await
+        let stream = pool.open(&upstream.address, timeout).await?;
+        http_sender(&upstream.address, stream, Some(open)).await
     }
     .await;
     match &result {
@@ -422,13 +594,13 @@ async fn dial(
         Err(_) => metrics.upstream_connect_failed(&pool.name),
     }
     if let Err(e) = &result {
-        upstream.eject();
+        upstream.record_failure(pool);
         tracing::warn!(pool = %pool.name, upstream = %upstream.address, error = %e, "upstream connection failed");
     }
     result
 }
 
-fn connect_failure(last: Option<ConnectError>) -> Failure {
+fn connect_failure(last: Option<ConnectError>, full: bool) -> Failure {
     match last {
         Some(e) if e.is_timeout() => Failure::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -439,6 +611,11 @@ fn connect_failure(last: Option<ConnectError>) -> Failure {
             StatusCode::BAD_GATEWAY,
             ErrorSource::Upstream,
             e.to_string(),
+        ),
+        None if full => Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorSource::Proxy,
+            "every upstream is at max_connections_per_upstream",
         ),
         None => Failure::new(
             StatusCode::BAD_GATEWAY,
@@ -454,6 +631,13 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
         if e.is::<BodyTooLarge>() {
             return Failure::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorSource::Downstream,
+                e.to_string(),
+            );
+        }
+        if e.is::<BodyTimeout>() {
+            return Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
                 ErrorSource::Downstream,
                 e.to_string(),
             );
@@ -477,15 +661,16 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
 /// Step 4: the response as the client gets it.
 fn client_response(
     response: Response<Incoming>,
-    sender: HttpSender,
+    conn: UpstreamConn,
     in_flight: InFlight,
+    tls: u64,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     hygiene::strip_hop_by_hop(&mut parts.headers, false);
     hygiene::add_via(&mut parts.headers, parts.version);
     Response::from_parts(
         parts,
-        ResponseBody::upstream(body, Some(Reuse::new(sender, in_flight))),
+        ResponseBody::upstream(body, Some(Reuse::new(conn, in_flight, tls))),
     )
 }
 

@@ -102,6 +102,8 @@ pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
             client_cert: t.client_cert,
             client_key: t.client_key,
         }),
+        // Not part of the API yet: pools created through it use the defaults.
+        policy: Default::default(),
     })
 }
 

@@ -161,6 +161,7 @@ impl RoutingTable {
                     connect_timeout: default_connect_timeout(),
                     response_timeout: default_response_timeout(),
                     tls: None,
+                    policy: Default::default(),
                 };
                 let members = membership.runtime_upstreams(&r.pool);
                 let runtime = PoolRuntime::build(
@@ -302,6 +303,7 @@ mod tests {
             connect_timeout: crate::state::default_connect_timeout(),
             response_timeout: crate::state::default_response_timeout(),
             tls: None,
+            policy: Default::default(),
         })];
         for (name, host, path, priority) in routes {
             changes.push(Change::CreateRoute(Route {

@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use change::{ApplyError, Change};
 pub use model::{
-    default_connect_timeout, default_response_timeout, Balance, HealthCheck, PathMatch, Pool,
-    Route, Source, TcpRoute, Upstream, UpstreamState, UpstreamTls,
+    default_connect_timeout, default_response_timeout, Balance, HealthCheck, Outlier, PathMatch,
+    Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState, UpstreamTls,
 };
 pub use store::StoreError;
 
@@ -179,6 +179,36 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
         return Err(ApplyError::invalid(
             "pool.response_timeout",
             "must be positive",
+        ));
+    }
+    let policy = &pool.policy;
+    for (field, value) in [
+        ("pool.idle_timeout", policy.idle_timeout),
+        ("pool.body_timeout", policy.body_timeout),
+        ("pool.connect_deadline", policy.connect_deadline),
+        ("pool.outlier.base_ejection", policy.outlier.base_ejection),
+        ("pool.outlier.max_ejection", policy.outlier.max_ejection),
+    ] {
+        if value.is_zero() {
+            return Err(ApplyError::invalid(field, "must be positive"));
+        }
+    }
+    if policy.max_attempts == 0 {
+        return Err(ApplyError::invalid(
+            "pool.max_attempts",
+            "must be at least 1",
+        ));
+    }
+    if policy.outlier.consecutive_failures == 0 {
+        return Err(ApplyError::invalid(
+            "pool.outlier.consecutive_failures",
+            "must be at least 1",
+        ));
+    }
+    if policy.outlier.max_ejection_percent > 100 {
+        return Err(ApplyError::invalid(
+            "pool.outlier.max_ejection_percent",
+            "must be at most 100",
         ));
     }
     if let Some(tls) = &pool.tls {
@@ -987,6 +1017,7 @@ mod tests {
             connect_timeout: default_connect_timeout(),
             response_timeout: default_response_timeout(),
             tls: None,
+            policy: Default::default(),
         }
     }
 

@@ -140,6 +140,79 @@ pub struct Pool {
     /// TLS towards the upstreams; `None`: plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// Connection reuse, attempt budget and outlier ejection.
+    #[serde(default)]
+    pub policy: UpstreamPolicy,
+}
+
+/// How a pool reuses connections, how hard a request tries, and when an upstream is
+/// taken out of rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpstreamPolicy {
+    /// An idle keep-alive connection older than this is closed instead of reused.
+    #[serde(with = "duration_ms")]
+    pub idle_timeout: Duration,
+    /// Connections (busy and idle) per upstream; 0: no limit.
+    pub max_connections_per_upstream: u32,
+    /// Time the client may leave between two pieces of its request body.
+    #[serde(with = "duration_ms")]
+    pub body_timeout: Duration,
+    /// One deadline for all connection attempts of a request.
+    #[serde(with = "duration_ms")]
+    pub connect_deadline: Duration,
+    /// Upstreams a request tries at most (connection attempts).
+    pub max_attempts: u32,
+    /// Outlier ejection.
+    pub outlier: Outlier,
+}
+
+impl Default for UpstreamPolicy {
+    fn default() -> Self {
+        UpstreamPolicy {
+            // Below the shortest common upstream keep-alive timeout (gunicorn: 2 s; Node.js,
+            // uvicorn, Apache: 5 s; nginx: 75 s), so a pooled connection is normally
+            // dropped by us before the upstream closes it.
+            idle_timeout: Duration::from_millis(1500),
+            max_connections_per_upstream: 0,
+            body_timeout: Duration::from_secs(60),
+            connect_deadline: Duration::from_secs(10),
+            max_attempts: 3,
+            outlier: Outlier::default(),
+        }
+    }
+}
+
+/// When an upstream is ejected (skipped while others work) after failing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Outlier {
+    /// Consecutive failures (connect error or timeout, reset, and 5xx with `on_5xx`)
+    /// that eject an upstream.
+    pub consecutive_failures: u32,
+    /// Whether a 5xx answer from the upstream counts as a failure.
+    pub on_5xx: bool,
+    /// First ejection time; doubled with every ejection without a success in between.
+    #[serde(with = "duration_ms")]
+    pub base_ejection: Duration,
+    /// Longest ejection time.
+    #[serde(with = "duration_ms")]
+    pub max_ejection: Duration,
+    /// Largest share of a pool's upstreams ejected at once, in percent (one upstream may
+    /// always be ejected).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: 1,
+            on_5xx: false,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
 }
 
 /// TLS from the proxy to a pool's upstreams.

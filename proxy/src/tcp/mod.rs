@@ -151,13 +151,13 @@ where
         match pool.open(&upstream.address, pool.connect_timeout).await {
             Ok(stream) => {
                 metrics.upstream_connected(&pool.name, started.elapsed());
-                upstream.clear_ejection();
+                upstream.record_success();
                 connected = Some((stream, in_flight));
                 break;
             }
             Err(e) => {
                 metrics.upstream_connect_failed(&pool.name);
-                upstream.eject();
+                upstream.record_failure(&pool);
                 tracing::warn!(pool = %pool.name, upstream = %upstream.address, error = %e, "upstream connection failed");
                 last = Some(e);
             }

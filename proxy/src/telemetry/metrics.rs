@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
@@ -867,7 +867,7 @@ impl Collector for UpstreamCollector {
             ),
             (
                 "proxy_upstream_ejected",
-                "1 while the upstream is skipped after a failed connection",
+                "1 while the upstream is ejected (skipped while others work) after failures",
                 |u| i64::from(u.is_ejected()),
             ),
             (
@@ -891,6 +891,22 @@ impl Collector for UpstreamCollector {
                     };
                     ConstGauge::new(read(upstream)).encode(family.encode_family(&labels)?)?;
                 }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "proxy_upstream_ejections",
+            "Times the upstream was ejected (consecutive failures, see pools[].outlier)",
+            None,
+            MetricType::Counter,
+        )?;
+        for pool in routing.pools() {
+            for upstream in pool.upstreams() {
+                let labels = UpstreamLabels {
+                    pool: &pool.name,
+                    upstream: &upstream.address,
+                };
+                ConstCounter::new(upstream.ejections_total())
+                    .encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::idle::{ConnState, UpstreamConn};
+use super::OpenConnection;
 use crate::http::body::RequestBody;
 
 /// An HTTP/1.1 client connection to one upstream.
@@ -170,13 +173,77 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<UpstreamStream,
     }
 }
 
-/// Performs the HTTP/1.1 client handshake on `stream` and drives the connection in a task.
+/// Counts what the upstream sent, so the request path can tell a failure before any
+/// response byte (safe to retry) from one during the response.
+struct Watched {
+    inner: UpstreamStream,
+    state: Arc<ConnState>,
+    /// Dropped with the connection: frees its place under `max_connections_per_upstream`.
+    _open: Option<OpenConnection>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            this.state.count_read(read);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Performs the HTTP/1.1 client handshake on `stream` and drives the connection in a task
+/// of the current runtime. `open` is held as long as the connection lives.
 pub async fn http_sender(
     address: &str,
     stream: UpstreamStream,
-) -> Result<HttpSender, ConnectError> {
+    open: Option<OpenConnection>,
+) -> Result<UpstreamConn, ConnectError> {
+    let state = Arc::new(ConnState::default());
+    let io = Watched {
+        inner: stream,
+        state: state.clone(),
+        _open: open,
+    };
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|source| ConnectError::Handshake {
             address: address.to_string(),
@@ -187,5 +254,9 @@ pub async fn http_sender(
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(sender)
+    Ok(UpstreamConn {
+        sender,
+        state,
+        reused: false,
+    })
 }

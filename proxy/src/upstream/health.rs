@@ -81,9 +81,10 @@ async fn check_once(pool: &PoolRuntime, address: &str, check: &HealthCheck) -> R
     if check.path.is_empty() {
         return Ok(());
     }
-    let mut sender = http_sender(address, stream)
+    let mut sender = http_sender(address, stream, None)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .sender;
     let request = Request::get(check.path.as_str())
         .header(http::header::HOST, address)
         .header(http::header::USER_AGENT, "proxyd-health-check")

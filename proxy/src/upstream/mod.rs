@@ -9,33 +9,39 @@
 
 mod connect;
 pub mod health;
+pub mod idle;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 pub use connect::{connect, http_sender, ConnectError, HttpSender, UpstreamStream};
+pub use idle::{ConnKey, UpstreamConn};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::discovery::{OnChange, Origin};
 use crate::registration::Hold;
-use crate::state::{Balance, HealthCheck, Pool, Upstream, UpstreamState, UpstreamTls};
+use crate::state::{
+    Balance, HealthCheck, Pool, Upstream, UpstreamPolicy, UpstreamState, UpstreamTls,
+};
 use crate::tls::upstream::UpstreamConnector;
 
-/// How long an upstream is skipped after a failed connection attempt.
-pub const EJECT_FOR: Duration = Duration::from_secs(10);
+fn process_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
 
-/// Idle keep-alive connections kept per upstream.
-const IDLE_PER_UPSTREAM: usize = 64;
+/// `instant` as nanoseconds since a process-wide base, plus one (so never 0).
+fn ns_of(instant: Instant) -> u64 {
+    u64::try_from(instant.saturating_duration_since(process_base()).as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+/// Now, as [`ns_of`].
+fn mono_ns() -> u64 {
+    ns_of(Instant::now())
 }
 
 /// One upstream's run-time data.
@@ -44,9 +50,20 @@ pub struct UpstreamRuntime {
     pub address: String,
     draining: AtomicBool,
     healthy: AtomicBool,
-    ejected_until_ms: AtomicU64,
+    /// `mono_ns()` until which it is ejected; 0: not ejected (checked without a clock read).
+    ejected_until_ns: AtomicU64,
+    /// Failures since the last success.
+    failures: AtomicU32,
+    /// Ejections since the last success (the back-off exponent).
+    ejections: AtomicU32,
+    /// Ejections ever (for `/metrics`).
+    ejections_total: AtomicU64,
     in_flight: AtomicUsize,
-    idle: ArrayQueue<HttpSender>,
+    /// Connections open (busy or idle), for `max_connections_per_upstream`.
+    open: AtomicUsize,
+    /// Idle connections put away before this instant are not reused (ejection, reset,
+    /// TLS change); compared with [`Instant`]s as nanoseconds since a process-wide base.
+    idle_valid_after: AtomicU64,
     /// Fired when it leaves a pool whose policy is `on_change = "reset"`.
     removed: CancellationToken,
 }
@@ -68,9 +85,13 @@ impl UpstreamRuntime {
             address: address.to_string(),
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
-            ejected_until_ms: AtomicU64::new(0),
+            ejected_until_ns: AtomicU64::new(0),
+            failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            ejections_total: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
-            idle: ArrayQueue::new(IDLE_PER_UPSTREAM),
+            open: AtomicUsize::new(0),
+            idle_valid_after: AtomicU64::new(0),
             removed: CancellationToken::new(),
         }
     }
@@ -83,7 +104,18 @@ impl UpstreamRuntime {
     /// Tells every stream to it to close (it left a pool with `on_change = "reset"`).
     pub fn close_streams(&self) {
         self.removed.cancel();
-        while self.idle.pop().is_some() {}
+        self.forget_idle();
+    }
+
+    /// Idle connections kept so far are not to be reused.
+    fn forget_idle(&self) {
+        self.idle_valid_after.store(mono_ns(), Ordering::Relaxed);
+    }
+
+    /// Whether an idle connection put away at `since` may be reused.
+    pub(crate) fn idle_valid(&self, since: Instant) -> bool {
+        let after = self.idle_valid_after.load(Ordering::Relaxed);
+        after == 0 || ns_of(since) > after
     }
 
     /// Whether the last active health check passed (true when there is no check).
@@ -101,23 +133,61 @@ impl UpstreamRuntime {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Whether a recent connection failure keeps it out of rotation.
+    /// Whether recent failures keep it out of rotation.
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+        match self.ejected_until_ns.load(Ordering::Relaxed) {
+            0 => false,
+            until => until > mono_ns(),
+        }
     }
 
-    /// Takes it out of rotation for [`EJECT_FOR`] after a connection failure.
-    pub fn eject(&self) {
-        let until = now_ms() + u64::try_from(EJECT_FOR.as_millis()).unwrap_or(10_000);
-        self.ejected_until_ms.store(until, Ordering::Relaxed);
-        // Pooled connections to a failing upstream are suspect too.
-        while self.idle.pop().is_some() {}
+    /// Ejections so far (counted in `/metrics`).
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Ordering::Relaxed)
     }
 
-    /// Puts it back into rotation after a success.
-    pub fn clear_ejection(&self) {
-        if self.ejected_until_ms.load(Ordering::Relaxed) != 0 {
-            self.ejected_until_ms.store(0, Ordering::Relaxed);
+    /// Takes it out of rotation for `duration` (connections kept for reuse go too).
+    fn eject_for(&self, duration: Duration) {
+        let until =
+            mono_ns().saturating_add(u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX));
+        self.ejected_until_ns.store(until, Ordering::Relaxed);
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
+        self.forget_idle();
+    }
+
+    /// Counts a failure (connect error or timeout, reset, or an opted-in 5xx); ejects it
+    /// after `consecutive_failures` of them, for a time that doubles with every ejection
+    /// without a success in between, unless the pool has its share of ejections already.
+    pub fn record_failure(&self, pool: &PoolRuntime) {
+        let outlier = &pool.policy.outlier;
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        if failures < outlier.consecutive_failures || self.is_ejected() {
+            return;
+        }
+        if !pool.may_eject() {
+            return;
+        }
+        let exponent = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+        let duration = outlier
+            .base_ejection
+            .saturating_mul(1u32 << exponent)
+            .min(outlier.max_ejection);
+        self.failures.store(0, Ordering::Relaxed);
+        self.eject_for(duration);
+        tracing::warn!(pool = %pool.name, upstream = %self.address, ?duration, "upstream ejected after consecutive failures");
+    }
+
+    /// Counts a success: the failure count, the back-off and any ejection end.
+    pub fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejected_until_ns.load(Ordering::Relaxed) != 0 {
+            self.ejected_until_ns.store(0, Ordering::Relaxed);
+            self.ejections.store(0, Ordering::Relaxed);
         }
     }
 
@@ -132,21 +202,28 @@ impl UpstreamRuntime {
         InFlight(self.clone())
     }
 
-    /// An idle keep-alive connection, if one is ready.
-    pub fn take_idle(&self) -> Option<HttpSender> {
-        while let Some(sender) = self.idle.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
-            }
+    /// Books a new connection unless `limit` (0: none) connections are open already.
+    pub fn open_connection(self: &Arc<Self>, limit: u32) -> Option<OpenConnection> {
+        let previous = self.open.fetch_add(1, Ordering::Relaxed);
+        if limit != 0 && previous >= limit as usize {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
-        None
+        Some(OpenConnection(self.clone()))
     }
 
-    /// Returns a connection for reuse (dropped if the pool is full, closed, or draining).
-    pub fn put_idle(&self, sender: HttpSender) {
-        if !sender.is_closed() && !self.is_draining() {
-            let _ = self.idle.push(sender);
-        }
+    /// Connections open to it (busy or idle).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// One open connection to an upstream, counted until dropped.
+pub struct OpenConnection(Arc<UpstreamRuntime>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -173,6 +250,8 @@ struct PoolTls {
     /// The reason is kept so every connection attempt reports it (502) instead of
     /// silently going out in plain text.
     connector: Result<Arc<UpstreamConnector>, String>,
+    /// Identity of these settings in the per-thread idle connection store.
+    id: u64,
 }
 
 /// A pool at run time.
@@ -186,8 +265,10 @@ pub struct PoolRuntime {
     pub health: Option<HealthCheck>,
     /// Upstream connect timeout.
     pub connect_timeout: Duration,
-    /// Time to the upstream's response head.
+    /// Time from the request fully sent to the upstream's response head.
     pub response_timeout: Duration,
+    /// Connection reuse, attempt budget, outlier ejection.
+    pub policy: UpstreamPolicy,
     upstreams: Vec<Arc<UpstreamRuntime>>,
     /// Where each upstream comes from and its weight (same order as `upstreams`).
     origins: Vec<(Origin, u32)>,
@@ -207,6 +288,57 @@ pub enum NoUpstream {
     /// Every upstream is draining or failed its health check.
     NoneHealthy,
 }
+
+/// Upstreams to try for one request, best first (see [`PoolRuntime::candidates`]).
+pub struct Candidates<'a> {
+    pool: &'a PoolRuntime,
+    /// Positions in rotation order; `None`: rotate from `first`.
+    sorted: Option<Vec<usize>>,
+    first: usize,
+    /// 0: upstreams not ejected; 1: ejected ones, last.
+    pass: u8,
+    k: usize,
+    /// Positions (below 64) found ejected in pass 0: pass 1 offers exactly these, so an
+    /// upstream that failed during this request is not tried twice.
+    deferred: u64,
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = &'a Arc<UpstreamRuntime>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let upstreams = &self.pool.upstreams;
+        let n = upstreams.len();
+        while self.pass < 2 {
+            while self.k < n {
+                let i = match &self.sorted {
+                    Some(order) => order[self.k],
+                    None => (self.first + self.k) % n,
+                };
+                self.k += 1;
+                let u = &upstreams[i];
+                if u.is_draining() || !u.is_healthy() {
+                    continue;
+                }
+                if self.pass == 0 {
+                    if !u.is_ejected() {
+                        return Some(u);
+                    }
+                    if i < 64 {
+                        self.deferred |= 1 << i;
+                    }
+                } else if (i < 64 && self.deferred & (1 << i) != 0) || (i >= 64 && u.is_ejected()) {
+                    return Some(u);
+                }
+            }
+            self.pass += 1;
+            self.k = 0;
+        }
+        None
+    }
+}
+
+static TLS_IDS: AtomicU64 = AtomicU64::new(1);
 
 impl PoolRuntime {
     /// Compiles `pool` with its static upstreams only, reusing the upstream runtimes of
@@ -243,6 +375,7 @@ impl PoolRuntime {
                 Arc::new(PoolTls {
                     definition: definition.clone(),
                     connector,
+                    id: TLS_IDS.fetch_add(1, Ordering::Relaxed),
                 })
             }
         });
@@ -260,7 +393,7 @@ impl PoolRuntime {
                 }
                 if tls_changed {
                     // Kept connections were made with the old TLS settings (or none).
-                    while rt.idle.pop().is_some() {}
+                    rt.forget_idle();
                 }
                 rt
             })
@@ -290,6 +423,7 @@ impl PoolRuntime {
             health: pool.health.clone(),
             connect_timeout: pool.connect_timeout,
             response_timeout: pool.response_timeout,
+            policy: pool.policy.clone(),
             upstreams,
             origins: members.iter().map(|(u, o)| (*o, u.weight)).collect(),
             hold,
@@ -297,6 +431,23 @@ impl PoolRuntime {
             next: AtomicUsize::new(0),
             tls,
         }
+    }
+
+    /// The key under which connections to `address` of this pool are kept for reuse.
+    pub fn conn_key<'a>(&self, address: &'a str) -> ConnKey<'a> {
+        ConnKey {
+            address,
+            tls: self.tls.as_ref().map_or(0, |t| t.id),
+        }
+    }
+
+    /// Whether one more upstream may be ejected without exceeding `max_ejection_percent`
+    /// (one may always be).
+    fn may_eject(&self) -> bool {
+        let ejected = self.upstreams.iter().filter(|u| u.is_ejected()).count();
+        ejected == 0
+            || (ejected + 1) * 100
+                <= self.policy.outlier.max_ejection_percent as usize * self.upstreams.len()
     }
 
     /// Opens a connection to `address` within `timeout`, with TLS when the pool has it.
@@ -350,39 +501,42 @@ impl PoolRuntime {
     }
 
     /// Upstreams to try, best first: draining and unhealthy ones are left out, ejected ones
-    /// go last (they are still tried when nothing else works).
-    pub fn candidates(&self) -> Result<Vec<Arc<UpstreamRuntime>>, NoUpstream> {
+    /// go last (they are still tried when nothing else works). Allocates nothing except
+    /// for `least_conn`, which sorts.
+    pub fn candidates(&self) -> Result<Candidates<'_>, NoUpstream> {
         if self.upstreams.is_empty() {
             return Err(NoUpstream::Empty);
         }
+        if !self
+            .upstreams
+            .iter()
+            .any(|u| !u.is_draining() && u.is_healthy())
+        {
+            return Err(NoUpstream::NoneHealthy);
+        }
         let n = self.upstreams.len();
-        let mut order: Vec<usize> = match self.balance {
-            Balance::Ordered => (0..n).collect(),
+        let (sorted, first) = match self.balance {
+            Balance::Ordered => (None, 0),
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                let first = self.schedule[start % self.schedule.len()];
-                (0..n).map(|k| (first + k) % n).collect()
+                (None, self.schedule[start % self.schedule.len()])
             }
             Balance::LeastConn => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
                 // Stable sort keeps the rotation among equally loaded upstreams.
                 order.sort_by_key(|&i| self.upstreams[i].in_flight());
-                order
+                (Some(order), 0)
             }
         };
-        order.retain(|&i| {
-            let u = &self.upstreams[i];
-            !u.is_draining() && u.is_healthy()
-        });
-        if order.is_empty() {
-            return Err(NoUpstream::NoneHealthy);
-        }
-        let (mut ok, ejected): (Vec<usize>, Vec<usize>) = order
-            .into_iter()
-            .partition(|&i| !self.upstreams[i].is_ejected());
-        ok.extend(ejected);
-        Ok(ok.into_iter().map(|i| self.upstreams[i].clone()).collect())
+        Ok(Candidates {
+            pool: self,
+            sorted,
+            first,
+            pass: 0,
+            k: 0,
+            deferred: 0,
+        })
     }
 }
 
@@ -402,13 +556,19 @@ mod tests {
                 connect_timeout: default_connect_timeout(),
                 response_timeout: default_response_timeout(),
                 tls: None,
+                policy: Default::default(),
             },
             None,
         )
     }
 
     fn first(p: &PoolRuntime) -> String {
-        p.candidates().expect("candidates")[0].address.clone()
+        p.candidates()
+            .expect("candidates")
+            .next()
+            .expect("one candidate")
+            .address
+            .clone()
     }
 
     #[test]
@@ -434,10 +594,83 @@ mod tests {
             vec![Upstream::new("a:1"), Upstream::new("b:1")],
         );
         assert_eq!(first(&p), "a:1");
-        p.upstreams[0].eject();
+        p.upstreams[0].record_failure(&p);
         assert_eq!(first(&p), "b:1");
         // Ejected upstreams are still offered last.
-        assert_eq!(p.candidates().expect("candidates").len(), 2);
+        assert_eq!(p.candidates().expect("candidates").count(), 2);
+    }
+
+    /// Time left of an ejection.
+    fn ejected_for(u: &UpstreamRuntime) -> Duration {
+        Duration::from_nanos(
+            u.ejected_until_ns
+                .load(Ordering::Relaxed)
+                .saturating_sub(mono_ns()),
+        )
+    }
+
+    #[test]
+    fn ejection_backs_off_exponentially_and_a_success_resets_it() {
+        let p = pool(
+            Balance::RoundRobin,
+            vec![Upstream::new("a:1"), Upstream::new("b:1")],
+        );
+        let a = &p.upstreams[0];
+        let base = p.policy.outlier.base_ejection;
+        a.record_failure(&p);
+        assert!(a.is_ejected());
+        assert!(ejected_for(a) <= base);
+        // The ejection ran out (simulated) and it fails again: twice as long, then four times.
+        a.ejected_until_ns.store(1, Ordering::Relaxed);
+        a.record_failure(&p);
+        assert!(ejected_for(a) > base && ejected_for(a) <= base * 2);
+        a.ejected_until_ns.store(1, Ordering::Relaxed);
+        a.record_failure(&p);
+        assert!(ejected_for(a) > base * 2 && ejected_for(a) <= base * 4);
+        assert_eq!(a.ejections_total(), 3);
+        // A success ends the ejection and the back-off.
+        a.record_success();
+        assert!(!a.is_ejected());
+        a.record_failure(&p);
+        assert!(ejected_for(a) <= base);
+    }
+
+    #[test]
+    fn consecutive_failures_and_max_ejection_percent() {
+        let mut definition = Pool {
+            name: "p".into(),
+            source: Source::Api,
+            balance: Balance::RoundRobin,
+            upstreams: vec![
+                Upstream::new("a:1"),
+                Upstream::new("b:1"),
+                Upstream::new("c:1"),
+            ],
+            health: None,
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            tls: None,
+            policy: Default::default(),
+        };
+        definition.policy.outlier.consecutive_failures = 2;
+        definition.policy.outlier.max_ejection_percent = 34;
+        let p = PoolRuntime::new(&definition, None);
+        let [a, b, c] = [&p.upstreams[0], &p.upstreams[1], &p.upstreams[2]];
+        a.record_failure(&p);
+        assert!(!a.is_ejected(), "one failure of two");
+        a.record_success();
+        a.record_failure(&p);
+        assert!(
+            !a.is_ejected(),
+            "a success in between starts the count again"
+        );
+        a.record_failure(&p);
+        assert!(a.is_ejected());
+        // 34 % of three: one upstream; the first is always allowed, the second is not.
+        b.record_failure(&p);
+        b.record_failure(&p);
+        assert!(!b.is_ejected());
+        assert!(!c.is_ejected());
     }
 
     #[test]
