@@ -130,6 +130,8 @@ pub struct ServerConfig {
     pub executable: Option<PathBuf>,
     /// Default log filter (`RUST_LOG` overrides it).
     pub log_level: String,
+    /// Threads serving HTTP listeners, each with its own runtime; 0: one per CPU.
+    pub workers: usize,
 }
 
 /// One `[[listeners]]` entry.
@@ -267,6 +269,7 @@ struct RawServer {
     upgrade_timeout: Option<String>,
     executable: Option<String>,
     log_level: Option<String>,
+    workers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -766,6 +769,7 @@ impl Doc<'_> {
             upgrade_timeout,
             executable: raw.executable.filter(|e| !e.is_empty()).map(PathBuf::from),
             log_level,
+            workers: raw.workers.unwrap_or(0),
         })
     }
 

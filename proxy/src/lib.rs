@@ -20,6 +20,7 @@
 //!   systemd notifications and fd store.
 //! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
+//! - [`workers`]: one single-threaded runtime per CPU serving the HTTP listeners.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
 
@@ -37,6 +38,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod upgrade;
 pub mod upstream;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -150,20 +152,23 @@ impl Daemon {
                 kind: upgrade::SocketKind::Tcp,
                 fd: socket.try_clone().map_err(io_err)?.into(),
             });
-            let socket = tokio::net::TcpListener::from_std(socket).map_err(io_err)?;
             addresses.insert(listener_config.name.clone(), address);
             let lc = Arc::new(listener_config.clone());
             tracing::info!(listener = %lc.name, protocol = lc.protocol.as_str(), %address, "listening");
             if lc.protocol.is_http() {
-                tokio::spawn(http::serve(
-                    socket,
+                let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
+                http::serve_on(
+                    workers,
+                    &socket,
                     lc,
                     state.clone(),
                     shutdown.clone(),
                     tls.clone(),
                     telemetry.clone(),
-                ));
+                )
+                .map_err(io_err)?;
             } else {
+                let socket = tokio::net::TcpListener::from_std(socket).map_err(io_err)?;
                 tokio::spawn(tcp::serve(
                     socket,
                     lc,
@@ -394,13 +399,21 @@ impl Daemon {
         self.finish(timeout).await;
     }
 
-    async fn finish(self, timeout: std::time::Duration) {
+    async fn finish(&self, timeout: std::time::Duration) {
         self.shutdown.trigger();
         self.state.close().await;
         self.shutdown.begin_exit();
         self.shutdown.drain(timeout).await;
         self.telemetry.flush().await;
         tracing::info!("stopped");
+    }
+}
+
+impl Drop for Daemon {
+    /// The HTTP listeners run on process-wide workers, which outlive a daemon dropped
+    /// without [`stop`](Self::stop) (in tests): tell them to stop serving it.
+    fn drop(&mut self) {
+        self.shutdown.trigger();
     }
 }
 

@@ -8,4 +8,4 @@ pub mod hygiene;
 mod proxy;
 mod server;
 
-pub use server::serve;
+pub use server::{serve, serve_on};

@@ -19,9 +19,52 @@ use crate::shutdown::Shutdown;
 use crate::state::StateHandle;
 use crate::telemetry::Telemetry;
 use crate::tls::{AcceptError, Tls};
+use crate::workers::Workers;
 
 /// How long an idle keep-alive connection may stay open once draining began.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves `socket` on every worker (see [`crate::workers`]) until shutdown, with one
+/// `max_connections` limit for all of them.
+pub fn serve_on(
+    workers: &Workers,
+    socket: &std::net::TcpListener,
+    config: Arc<ListenerConfig>,
+    state: StateHandle,
+    shutdown: Shutdown,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+) -> std::io::Result<()> {
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut sockets = Vec::with_capacity(workers.len());
+    for _ in 0..workers.len() {
+        sockets.push(std::sync::Mutex::new(Some(socket.try_clone()?)));
+    }
+    workers.spawn_each(|index| {
+        let socket = sockets[index].lock().ok().and_then(|mut s| s.take());
+        let (config, state, shutdown, tls, telemetry, limit) = (
+            config.clone(),
+            state.clone(),
+            shutdown.clone(),
+            tls.clone(),
+            telemetry.clone(),
+            limit.clone(),
+        );
+        async move {
+            let Some(socket) = socket else { return };
+            // Registered with this worker's own event loop.
+            match TcpListener::from_std(socket) {
+                Ok(listener) => {
+                    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+                }
+                Err(e) => {
+                    tracing::error!(listener = %config.name, error = %e, "worker cannot serve listener")
+                }
+            }
+        }
+    });
+    Ok(())
+}
 
 /// Serves `listener` until shutdown; connections then finish their current request.
 /// `tls` terminates `https` connections and answers ACME HTTP-01 challenges on `http` ones.
@@ -32,6 +75,19 @@ pub async fn serve(
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
+) {
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+}
+
+async fn serve_limited(
+    listener: TcpListener,
+    config: Arc<ListenerConfig>,
+    state: StateHandle,
+    shutdown: Shutdown,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+    limit: Arc<Semaphore>,
 ) {
     let connections = telemetry
         .metrics()
@@ -48,7 +104,6 @@ pub async fn serve(
         None
     };
     let scheme = if terminate.is_some() { "https" } else { "http" };
-    let limit = Arc::new(Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

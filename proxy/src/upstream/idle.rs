@@ -1,10 +1,10 @@
 //! Idle keep-alive connections to upstreams, kept per thread.
 //!
-//! A connection is driven by a task on the thread that opened it; handing it only to
-//! requests of the same thread means that with one runtime per thread a request never
-//! wakes another thread. The store is keyed by upstream
-//! address and TLS settings, not by pool or routing table: a membership change that swaps
-//! a pool's run-time data keeps its connections.
+//! Each worker thread runs its own runtime (see [`crate::workers`]); a connection is
+//! driven by a task on the thread that opened it, so handing it only to requests of the
+//! same thread means a request never wakes another thread. The store is keyed by
+//! upstream address and TLS settings, not by pool or routing table: a membership change
+//! that swaps a pool's run-time data keeps its connections.
 //!
 //! Reuse takes the most recently used connection first (the one least likely to have hit
 //! the upstream's own keep-alive timeout), drops connections idle for longer than the
