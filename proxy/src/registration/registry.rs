@@ -214,6 +214,10 @@ struct Book {
     registrations: BTreeMap<u64, RegistrationInfo>,
 }
 
+/// How long a registered route whose hold ran out keeps answering 503 on a port that stays
+/// open, before it is removed.
+pub const EXPIRED_ROUTE_ANSWER: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// A configured listener a registration may join.
 #[derive(Debug, Clone)]
 pub struct KnownListener {
@@ -1058,9 +1062,43 @@ impl Registry {
         });
     }
 
-    /// The hold of `route` ran out: remove it (and its port, if opened only for it) unless
-    /// an instance came back meanwhile.
-    async fn expire(&self, route: &str, generation: u64) {
+    /// The hold of `route` ran out (unless an instance came back meanwhile). When the
+    /// route's port stays open anyway (a configured listener, or other registrations on
+    /// it), the route stays for [`EXPIRED_ROUTE_ANSWER`] answering 503, so its clients see
+    /// "unavailable" rather than "no such route" (or another route's answer); otherwise it
+    /// goes now and its port closes.
+    async fn expire(self: &Arc<Self>, route: &str, generation: u64) {
+        let book = self.book.lock().await;
+        let Some(entry) = book.routes.get(route) else {
+            return;
+        };
+        if !entry.instances.is_empty() || entry.generation != generation {
+            return;
+        }
+        let port_stays = book.ports.get(&entry.port).is_none_or(|open| {
+            book.routes
+                .iter()
+                .any(|(name, r)| name != route && r.listener == open.listener)
+        });
+        if !port_stays {
+            drop(book);
+            self.remove_expired(route, generation).await;
+            return;
+        }
+        entry.hold.end();
+        drop(book);
+        tracing::info!(route, answer_for = ?EXPIRED_ROUTE_ANSWER, "hold ended without a registration; the route answers 503 until removed");
+        let registry = self.clone();
+        let route = route.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(EXPIRED_ROUTE_ANSWER).await;
+            registry.remove_expired(&route, generation).await;
+        });
+    }
+
+    /// Removes an expired route (and its port, if opened only for it) unless an instance
+    /// came back meanwhile.
+    async fn remove_expired(&self, route: &str, generation: u64) {
         let mut book = self.book.lock().await;
         let Some(entry) = book.routes.get(route) else {
             return;

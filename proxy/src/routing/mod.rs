@@ -22,6 +22,21 @@ pub struct RouteEntry {
     pub route: Arc<Route>,
     /// The pool it forwards to.
     pub pool: Arc<PoolRuntime>,
+    /// A route a service registered (not declared in the config file or the API).
+    pub registered: bool,
+}
+
+impl RouteEntry {
+    /// Who wins between routes with the same host and path: a declared route over a
+    /// registered one whatever their priorities (a registration never takes a declared
+    /// route's traffic), then the higher priority, then the smaller name.
+    fn precedence(&self) -> (bool, i32, std::cmp::Reverse<&str>) {
+        (
+            !self.registered,
+            self.route.priority,
+            std::cmp::Reverse(self.route.name.as_str()),
+        )
+    }
 }
 
 #[derive(Debug, Default)]
@@ -39,10 +54,8 @@ impl PathIndex {
             PathMatch::Prefix(p) => (&mut self.prefix, p.as_str()),
         };
         match map.get(key) {
-            // Same host and path: the higher priority wins, then the smaller name.
-            Some(old)
-                if (old.route.priority, std::cmp::Reverse(&old.route.name))
-                    >= (entry.route.priority, std::cmp::Reverse(&entry.route.name)) => {}
+            // Same host and path: see `RouteEntry::precedence`.
+            Some(old) if old.precedence() >= entry.precedence() => {}
             _ => {
                 map.insert(key.into(), entry);
             }
@@ -193,15 +206,17 @@ impl RoutingTable {
             .iter()
             .zip(membership.routes())
             .filter(|(_, (_, r))| r.protocol.is_http())
-            .map(|(route, _)| route);
+            .map(|(route, _)| (route, true));
         let mut http: HashMap<String, HostIndex> = HashMap::new();
-        for route in state.routes().chain(registered_http) {
+        let declared = state.routes().map(|route| (route, false));
+        for (route, registered) in declared.chain(registered_http) {
             let Some(pool) = pools.get(&route.pool) else {
                 continue;
             };
             let entry = Arc::new(RouteEntry {
                 route: Arc::new(route.clone()),
                 pool: pool.clone(),
+                registered,
             });
             let hosts = http.entry(route.listener.clone()).or_default();
             let index = match route.host.as_deref() {
