@@ -42,10 +42,7 @@
 
         cargoLock.lockFile = ./Cargo.lock;
 
-        # prost-build (etcd-client) runs protoc; the project's own protos are compiled
-        # with protox and checked in.
-        nativeBuildInputs = [ pkgs.protobuf pkgs.installShellFiles ];
-        env.PROTOC = lib.getExe' pkgs.buildPackages.protobuf "protoc";
+        nativeBuildInputs = [ pkgs.installShellFiles ];
 
         cargoBuildFlags = [ "--package" "proxy" "--package" "proxyctl" ];
         # Unit tests only: the integration tests start pebble, etcd and real daemons,

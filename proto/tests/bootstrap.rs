@@ -8,31 +8,33 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-/// Every `.proto` file under `proto/`, relative to it, sorted.
-fn proto_files(root: &Path) -> Vec<String> {
-    let dir = root.join("proxy/v1");
-    let mut files: Vec<String> = fs::read_dir(&dir)
-        .expect("read proto/proxy/v1")
+/// Every `.proto` file in `root/dir`, relative to `root`, sorted.
+fn proto_files(root: &Path, dir: &str) -> Vec<String> {
+    let mut files: Vec<String> = fs::read_dir(root.join(dir))
+        .unwrap_or_else(|e| panic!("read {dir}: {e}"))
         .map(|entry| entry.expect("directory entry").file_name())
         .filter_map(|name| name.to_str().map(str::to_owned))
         .filter(|name| name.ends_with(".proto"))
-        .map(|name| format!("proxy/v1/{name}"))
+        .map(|name| format!("{dir}/{name}"))
         .collect();
     files.sort();
+    assert!(!files.is_empty(), "no .proto files in {dir}");
     files
 }
 
-/// Generates the Rust code and the descriptor set into `out`.
-fn generate(proto_root: &Path, out: &Path) {
-    let files = proto_files(proto_root);
-    assert!(!files.is_empty(), "no .proto files found");
-    let fds = protox::Compiler::new([proto_root])
+fn compile(root: &Path, files: &[String]) -> prost_types::FileDescriptorSet {
+    protox::Compiler::new([root])
         .expect("protox compiler")
         .include_imports(true)
         .include_source_info(true)
-        .open_files(&files)
+        .open_files(files)
         .expect("compile .proto files")
-        .file_descriptor_set();
+        .file_descriptor_set()
+}
+
+/// Generates the Rust code and the descriptor set of `proxy.v1` into `out`.
+fn generate_proxy_api(proto_root: &Path, out: &Path) {
+    let fds = compile(proto_root, &proto_files(proto_root, "proxy/v1"));
     fs::write(out.join("proxy.v1.fds.bin"), fds.encode_to_vec()).expect("write descriptor set");
     tonic_prost_build::configure()
         .build_client(true)
@@ -43,12 +45,30 @@ fn generate(proto_root: &Path, out: &Path) {
         .expect("generate Rust code");
 }
 
+/// Generates the etcd client code (packages `etcdserverpb` and `mvccpb`) into `out`: clients
+/// only, proxyd never serves etcd's API.
+fn generate_etcd_client(etcd_root: &Path, out: &Path) {
+    let files = [
+        proto_files(etcd_root, "etcdserverpb"),
+        proto_files(etcd_root, "mvccpb"),
+    ]
+    .concat();
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(false)
+        .build_transport(true)
+        .out_dir(out)
+        .compile_fds(compile(etcd_root, &files))
+        .expect("generate Rust code");
+}
+
 #[test]
 fn generated_code_is_current() {
     let crate_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let checked_in = crate_root.join("src/gen");
     let fresh = tempfile::tempdir().expect("temporary directory");
-    generate(&crate_root.join("proto"), fresh.path());
+    generate_proxy_api(&crate_root.join("proto"), fresh.path());
+    generate_etcd_client(&crate_root.join("etcd-api"), fresh.path());
 
     let mut stale = Vec::new();
     for entry in fs::read_dir(fresh.path()).expect("read generated files") {

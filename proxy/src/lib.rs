@@ -13,6 +13,8 @@
 //! - [`tcp`]: L4 forwarding with `copy_bidirectional`.
 //! - [`upstream`]: pools at run time: balancing, connection reuse, passive and active health.
 //! - [`discovery`]: etcd, DNS, exec and file sources feeding pool membership at run time.
+//! - [`etcd`]: a small client of etcd's v3 API (prefix reads, watches, leases) on the
+//!   checked-in generated code of `proxy-proto`; a leaf that imports no other module.
 //! - [`registration`]: services registering routes over a gRPC stream; hold-and-queue.
 //! - [`telemetry`]: logging, the access log format, metrics, OTLP export and the admin
 //!   listener (`/metrics`, `/healthz`, `/readyz`).
@@ -26,6 +28,7 @@
 
 pub mod config;
 pub mod discovery;
+pub mod etcd;
 pub mod http;
 pub mod listener;
 pub mod mgmt;

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use etcd_client::Client;
+use proxy::etcd::{Client, EtcdError, Event};
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -75,8 +75,8 @@ impl Etcd {
             .expect("start etcd");
         self.child = Some(child);
         for _ in 0..200 {
-            if let Ok(mut c) = Client::connect([client.as_str()], None).await {
-                if c.get("probe", None).await.is_ok() {
+            if let Ok(mut c) = Client::connect(std::slice::from_ref(&client)).await {
+                if c.get(b"probe").await.is_ok() {
                     return;
                 }
             }
@@ -96,7 +96,7 @@ impl Etcd {
     }
 
     async fn client(&self) -> Client {
-        Client::connect([self.endpoint()], None)
+        Client::connect(&[self.endpoint()])
             .await
             .expect("etcd client")
     }
@@ -150,18 +150,18 @@ async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
         upstream("c").await,
     );
     let mut kv = etcd.client().await;
-    kv.put(format!("/srv/web/test/{}", a.address()), "", None)
+    kv.put(format!("/srv/web/test/{}", a.address()).as_bytes(), b"", 0)
         .await
         .unwrap();
     kv.put(
-        format!("/srv/web/test/{}", b.address()),
-        "{\"weight\": 1}",
-        None,
+        format!("/srv/web/test/{}", b.address()).as_bytes(),
+        b"{\"weight\": 1}",
+        0,
     )
     .await
     .unwrap();
     // A sibling prefix must not leak in.
-    kv.put(format!("/srv/web/test2/{}", c.address()), "", None)
+    kv.put(format!("/srv/web/test2/{}", c.address()).as_bytes(), b"", 0)
         .await
         .unwrap();
 
@@ -176,7 +176,7 @@ async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
     .await;
     reaches_all(&p, &["a", "b"]).await;
 
-    kv.delete(format!("/srv/web/test/{}", a.address()), None)
+    kv.delete(format!("/srv/web/test/{}", a.address()).as_bytes())
         .await
         .unwrap();
     eventually("a to leave", || members(&p, "web") == [b.address()].into()).await;
@@ -214,7 +214,7 @@ async fn etcd_keys_drive_membership_and_survive_an_etcd_outage() {
     // etcd is back: a key written now is picked up after the reconnect.
     etcd.restart().await;
     let mut kv = etcd.client().await;
-    kv.put(format!("/srv/web/test/{}", c.address()), "", None)
+    kv.put(format!("/srv/web/test/{}", c.address()).as_bytes(), b"", 0)
         .await
         .unwrap();
     eventually("c after etcd restarted", || {
@@ -279,10 +279,10 @@ async fn on_change_reset_closes_streams_to_a_removed_upstream_and_keep_does_not(
     let (up_reset, _t1) = echo_upstream().await;
     let (up_keep, _t2) = echo_upstream().await;
     let mut kv = etcd.client().await;
-    kv.put(format!("/srv/reset/{up_reset}"), "", None)
+    kv.put(format!("/srv/reset/{up_reset}").as_bytes(), b"", 0)
         .await
         .unwrap();
-    kv.put(format!("/srv/keep/{up_keep}"), "", None)
+    kv.put(format!("/srv/keep/{up_keep}").as_bytes(), b"", 0)
         .await
         .unwrap();
     let endpoint = etcd.endpoint();
@@ -300,10 +300,10 @@ async fn on_change_reset_closes_streams_to_a_removed_upstream_and_keep_does_not(
     let mut reset_stream = open_stream(p.addr("r")).await;
     let mut keep_stream = open_stream(p.addr("k")).await;
 
-    kv.delete(format!("/srv/reset/{up_reset}"), None)
+    kv.delete(format!("/srv/reset/{up_reset}").as_bytes())
         .await
         .unwrap();
-    kv.delete(format!("/srv/keep/{up_keep}"), None)
+    kv.delete(format!("/srv/keep/{up_keep}").as_bytes())
         .await
         .unwrap();
     eventually("both pools emptied", || {
@@ -323,4 +323,135 @@ async fn on_change_reset_closes_streams_to_a_removed_upstream_and_keep_does_not(
         .unwrap()
         .unwrap();
     assert_eq!(&buf, b"more");
+}
+
+fn key_strings(kvs: &[proxy::etcd::KeyValue]) -> Vec<String> {
+    kvs.iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn etcd_client_reads_a_prefix_at_a_revision_and_watches_from_the_next_one() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path()).await;
+    let mut kv = etcd.client().await;
+    kv.put(b"/svc/a", b"1", 0).await.unwrap();
+    kv.put(b"/svc/b", b"2", 0).await.unwrap();
+    kv.put(b"/svc0", b"sibling", 0).await.unwrap();
+    let before = kv.get_prefix(b"/svc/", 0).await.unwrap();
+    assert_eq!(key_strings(&before.kvs), ["/svc/a", "/svc/b"]);
+
+    kv.put(b"/svc/c", b"3", 0).await.unwrap();
+    assert_eq!(kv.delete(b"/svc/a").await.unwrap(), 1);
+    kv.put(b"/svc0/x", b"outside", 0).await.unwrap();
+
+    // The old revision still reads as it was; the newest has the changes.
+    let old = kv.get_prefix(b"/svc/", before.revision).await.unwrap();
+    assert_eq!(key_strings(&old.kvs), ["/svc/a", "/svc/b"]);
+    let now = kv.get_prefix(b"/svc/", 0).await.unwrap();
+    assert_eq!(key_strings(&now.kvs), ["/svc/b", "/svc/c"]);
+    assert!(now.revision > before.revision);
+
+    // A watch from the revision after the first read replays exactly what followed it.
+    let mut watch = kv
+        .watch_prefix(b"/svc/", before.revision + 1)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("watch events")
+            .unwrap();
+        seen.extend(batch);
+    }
+    match &seen[..] {
+        [Event::Put(put), Event::Delete(deleted)] => {
+            assert_eq!(
+                (put.key.as_slice(), put.value.as_slice()),
+                (&b"/svc/c"[..], &b"3"[..])
+            );
+            assert_eq!(deleted.key, b"/svc/a");
+        }
+        other => panic!("expected put /svc/c then delete /svc/a, got {other:?}"),
+    }
+    // Live changes arrive too.
+    kv.put(b"/svc/d", b"4", 0).await.unwrap();
+    let live = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("live event")
+        .unwrap();
+    assert!(
+        matches!(&live[..], [Event::Put(kv)] if kv.key == b"/svc/d"),
+        "{live:?}"
+    );
+}
+
+#[tokio::test]
+async fn etcd_client_watch_from_a_compacted_revision_reports_the_compaction() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path()).await;
+    let mut kv = etcd.client().await;
+    let first = kv.put(b"/c/k", b"1", 0).await.unwrap();
+    kv.put(b"/c/k", b"2", 0).await.unwrap();
+    let last = kv.put(b"/c/k", b"3", 0).await.unwrap();
+    kv.compact(last).await.unwrap();
+
+    let result = match kv.watch_prefix(b"/c/", first).await {
+        Err(e) => Err(e),
+        Ok(mut watch) => tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("an answer to the compacted watch"),
+    };
+    match result {
+        Err(EtcdError::Compacted { compact_revision }) => assert_eq!(compact_revision, last),
+        other => panic!("expected a compaction error, got {other:?}"),
+    }
+    // Reading at a compacted revision fails; the newest revision reads fine.
+    assert!(kv.get_prefix(b"/c/", first).await.is_err());
+    let now = kv.get_prefix(b"/c/", 0).await.unwrap();
+    assert_eq!(now.kvs[0].value, b"3");
+}
+
+#[tokio::test]
+async fn etcd_client_keys_on_a_lease_go_when_it_is_revoked() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path()).await;
+    let mut kv = etcd.client().await;
+    let lease = kv.grant_lease(Duration::from_secs(60)).await.unwrap();
+    kv.put(b"/l/held", b"", lease).await.unwrap();
+    kv.put(b"/l/kept", b"", 0).await.unwrap();
+    assert_eq!(
+        kv.get(b"/l/held").await.unwrap().map(|kv| kv.lease),
+        Some(lease)
+    );
+    kv.revoke_lease(lease).await.unwrap();
+    let left = kv.get_prefix(b"/l/", 0).await.unwrap();
+    assert_eq!(key_strings(&left.kvs), ["/l/kept"]);
+    assert_eq!(kv.delete_prefix(b"/l/").await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn etcd_client_connect_fails_over_to_the_next_endpoint_and_reports_when_none_answers() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path()).await;
+    let dead = format!("http://{}", dead_address());
+    let mut kv = Client::connect(&[dead.clone(), etcd.endpoint()])
+        .await
+        .expect("the second endpoint answers");
+    kv.put(b"/f/k", b"v", 0).await.unwrap();
+    match Client::connect(std::slice::from_ref(&dead)).await {
+        Err(EtcdError::Connect { endpoint, .. }) => assert_eq!(endpoint, dead),
+        Err(other) => panic!("expected a connect error, got {other}"),
+        Ok(_) => panic!("connected to a dead address"),
+    }
+    assert!(matches!(
+        Client::connect(&["not a url".to_string()]).await,
+        Err(EtcdError::Endpoint { .. })
+    ));
 }

@@ -5,12 +5,15 @@
 //! a fresh Get after a growing delay; until then the pool keeps the last known set.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, KeyValue, WatchOptions};
-
 use super::{backoff, check_member_address, Feed};
+use crate::etcd::{Client, EtcdError, Event, KeyValue};
 use crate::state::Upstream;
+
+/// How long the initial read may take before the session starts over.
+const GET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs until the task is dropped.
 pub(super) async fn run(endpoints: Vec<String>, prefix: String, feed: Feed) {
@@ -18,36 +21,28 @@ pub(super) async fn run(endpoints: Vec<String>, prefix: String, feed: Feed) {
     let key_prefix = format!("{}/", prefix.trim_end_matches('/'));
     let mut attempt = 0u32;
     loop {
-        match follow(&endpoints, &key_prefix, &feed, &mut attempt).await {
-            Ok(()) => feed.fail("the etcd watch ended"),
-            Err(e) => feed.fail(format!("etcd {}: {e}", endpoints.join(","))),
-        }
+        let Err(e) = follow(&endpoints, &key_prefix, &feed, &mut attempt).await;
+        feed.fail(format!("etcd {}: {e}", endpoints.join(",")));
         tokio::time::sleep(backoff(attempt)).await;
         attempt = attempt.saturating_add(1);
     }
 }
 
-/// One session: connect, Get, then Watch until something fails. Resets `attempt` once the
-/// initial Get succeeded.
+/// One session: connect, Get, then Watch from the revision after the Get until something
+/// fails (a compacted watch included: the next session reads afresh). Resets `attempt` once
+/// the initial Get succeeded.
 async fn follow(
     endpoints: &[String],
     key_prefix: &str,
     feed: &Feed,
     attempt: &mut u32,
-) -> Result<(), etcd_client::Error> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-    let mut client = Client::connect(endpoints, Some(options)).await?;
-    let response = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.get(key_prefix, Some(GetOptions::new().with_prefix())),
-    )
-    .await
-    .map_err(|_| etcd_client::Error::WatchError("no answer to Get within 10s".into()))??;
-    let revision = response.header().map_or(0, |h| h.revision());
+) -> Result<Infallible, SessionError> {
+    let mut client = Client::connect(endpoints).await?;
+    let snapshot = tokio::time::timeout(GET_TIMEOUT, client.get_prefix(key_prefix.as_bytes(), 0))
+        .await
+        .map_err(|_| SessionError::GetTimeout)??;
     let mut members: BTreeMap<String, Upstream> = BTreeMap::new();
-    for kv in response.kvs() {
+    for kv in &snapshot.kvs {
         if let Some(upstream) = member(key_prefix, kv, feed) {
             members.insert(upstream.address.clone(), upstream);
         }
@@ -55,35 +50,19 @@ async fn follow(
     feed.publish(members.values().cloned().collect()).await;
     *attempt = 0;
 
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(revision + 1);
-    let mut stream = client.watch(key_prefix, Some(options)).await?;
-    while let Some(response) = stream.message().await? {
-        if response.canceled() {
-            let reason = if response.compact_revision() > 0 {
-                format!(
-                    "watch compacted at revision {}",
-                    response.compact_revision()
-                )
-            } else {
-                format!("watch cancelled: {}", response.cancel_reason())
-            };
-            return Err(etcd_client::Error::WatchError(reason));
-        }
-        if response.events().is_empty() {
-            continue;
-        }
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            match event.event_type() {
-                EventType::Put => {
-                    if let Some(upstream) = member(key_prefix, kv, feed) {
+    let mut watch = client
+        .watch_prefix(key_prefix.as_bytes(), snapshot.revision + 1)
+        .await?;
+    loop {
+        for event in watch.next().await? {
+            match event {
+                Event::Put(kv) => {
+                    if let Some(upstream) = member(key_prefix, &kv, feed) {
                         members.insert(upstream.address.clone(), upstream);
                     }
                 }
-                EventType::Delete => {
-                    if let Ok(key) = kv.key_str() {
+                Event::Delete(kv) => {
+                    if let Ok(key) = std::str::from_utf8(&kv.key) {
                         members.remove(key.strip_prefix(key_prefix).unwrap_or(key));
                     }
                 }
@@ -91,18 +70,26 @@ async fn follow(
         }
         feed.publish(members.values().cloned().collect()).await;
     }
-    Ok(())
+}
+
+/// Why one session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    #[error("no answer to Get within {GET_TIMEOUT:?}")]
+    GetTimeout,
 }
 
 /// The upstream a key names, or `None` (with the reason recorded) for a malformed key or value.
 fn member(key_prefix: &str, kv: &KeyValue, feed: &Feed) -> Option<Upstream> {
-    let key = kv.key_str().ok()?;
+    let key = std::str::from_utf8(&kv.key).ok()?;
     let address = key.strip_prefix(key_prefix).unwrap_or(key);
     if let Err(reason) = check_member_address(address) {
         feed.fail(format!("etcd key {key:?} ignored: {reason}"));
         return None;
     }
-    let value = kv.value_str().unwrap_or("").trim();
+    let value = std::str::from_utf8(&kv.value).unwrap_or("").trim();
     let weight = if value.is_empty() {
         1
     } else {
