@@ -117,9 +117,9 @@ fn find_grpcurl() -> Option<PathBuf> {
 /// `grpcurl -plaintext -unix [flags] SOCKET [args]`.
 fn grpcurl(bin: &Path, socket: &Path, flags: &[String], args: &[String]) -> String {
     let out = Command::new(bin)
-        // grpcurl before 1.9 sends the socket path as `:authority`, which HTTP/2 servers
-        // built on h2 reject as malformed; newer versions send `localhost` themselves.
-        .args(["-plaintext", "-authority", "localhost", "-unix"])
+        // No -authority: grpcurl before 1.9 sends the socket path as `:authority`, which
+        // the unix socket accepts (proxy/src/mgmt/authority.rs).
+        .args(["-plaintext", "-unix"])
         .args(flags)
         .arg(socket)
         .args(args)

@@ -8,6 +8,7 @@
 
 mod admin;
 mod auth;
+mod authority;
 mod convert;
 mod discovery;
 mod error;
@@ -367,7 +368,12 @@ pub async fn spawn(
     let reporter = health.clone();
     // Tracked, so stopping the daemon waits until the API has let go of its sockets.
     shutdown.spawn(async move {
-        let incoming = GatedIncoming::new(unix_listener, unix_gate);
+        // Each connection goes through the relay that accepts a socket path as `:authority`
+        // (clients such as Python grpcio send one); the TCP listener stays strict.
+        let incoming = futures_util::StreamExt::map(
+            GatedIncoming::new(unix_listener, unix_gate),
+            |accepted| accepted.map(authority::relay),
+        );
         // Up while draining (writes get UNAVAILABLE); stops when the process finishes.
         let signal = async move {
             stop.exiting().await;
