@@ -99,8 +99,49 @@ fn check_config_reports_file_line_and_field() {
     );
 }
 
+/// The lines of the README's "first route" example: the `sh` block after its marker.
+fn readme_first_route() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("read README.md");
+    let after = readme
+        .split_once("<!-- first-route:")
+        .expect("README.md has the first-route marker")
+        .1;
+    let block = after
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .expect("a ```sh block follows the first-route marker")
+        .0;
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `proxyctl` built beside this `proxyd` (`cargo nextest run --workspace` builds both;
+/// a run of this package alone builds it here).
+fn proxyctl() -> std::path::PathBuf {
+    let path = std::path::Path::new(PROXYD).with_file_name("proxyctl");
+    if !path.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--package", "proxyctl", "--bin", "proxyctl"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build -p proxyctl failed");
+    }
+    path
+}
+
+/// The README's first command (proxyd on the embedded default, from a fresh directory)
+/// serves the no-route 404; then the README's first-route lines, run as written (`cargo run
+/// --release --bin proxyctl --` becomes the debug `proxyctl`), route a request.
 #[tokio::test]
-async fn embedded_default_serves_404_with_a_clear_body() {
+async fn embedded_default_serves_404_then_the_readme_first_route_works() {
+    let lines = readme_first_route();
+    assert_eq!(lines.len(), 3, "three lines: {lines:?}");
     let dir = tempfile::tempdir().unwrap();
     let _p = Proc(
         Command::new(PROXYD)
@@ -123,6 +164,51 @@ async fn embedded_default_serves_404_with_a_clear_body() {
         dir.path().join("state/proxy.db").exists(),
         "state dir created under the working directory"
     );
+
+    let proxyctl = proxyctl();
+    let mut outputs = Vec::new();
+    for line in &lines {
+        assert!(
+            !line.contains(['"', '\'', '$', '|', '&', ';', '>', '<']),
+            "the example must stay plain words (this test splits on spaces): {line}"
+        );
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (program, args) = match words.as_slice() {
+            ["cargo", "run", "--release", "--bin", "proxyctl", "--", args @ ..] => {
+                (proxyctl.clone(), args.to_vec())
+            }
+            ["curl", args @ ..] => (
+                external_program("curl", "Debian package curl").expect("curl"),
+                args.to_vec(),
+            ),
+            _ => panic!("a README first-route line this test cannot run: {line}"),
+        };
+        let out = Command::new(&program)
+            .args(&args)
+            .current_dir(dir.path())
+            // A proxy configured for the machine must not take the curl to 127.0.0.1.
+            .env("NO_PROXY", "127.0.0.1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{line}: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        outputs.push(stdout);
+    }
+    assert!(
+        outputs[0].contains("pool \"demo\" created"),
+        "{}",
+        outputs[0]
+    );
+    assert!(
+        outputs[1].contains("route \"demo\" created"),
+        "{}",
+        outputs[1]
+    );
+    assert_eq!(outputs[2], "ok\n", "the curl is answered through the route");
 }
 
 #[tokio::test]
