@@ -10,7 +10,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
+use crate::config::ListenerConfig;
+use crate::routing::RouteEntry;
 use crate::telemetry::{HttpOutcome, RequestTracing, SpanOutcome, Telemetry};
+use crate::upstream::UpstreamRuntime;
 
 /// Who is to blame for a failed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,16 +37,17 @@ impl ErrorSource {
     }
 }
 
-/// The facts about one request, filled in as it proceeds.
+/// The facts about one request, filled in as it proceeds. What only the access line
+/// shows (path, host, headers) is gathered only when lines are written.
 #[derive(Debug)]
 pub struct AccessLog {
-    /// Listener name.
-    pub listener: String,
+    /// The listener it came in on.
+    pub listener: Arc<ListenerConfig>,
     /// Client address.
     pub client: std::net::SocketAddr,
     /// Request method.
-    pub method: String,
-    /// Request path (with the query only if configured).
+    pub method: http::Method,
+    /// Request path (with the query only if configured); empty when no line is written.
     pub path: String,
     /// The configured request headers, rendered with secrets redacted.
     pub headers: Option<String>,
@@ -51,14 +55,12 @@ pub struct AccessLog {
     pub trace: Option<opentelemetry::Context>,
     /// Where the request's metrics go.
     pub telemetry: Arc<Telemetry>,
-    /// Request host, if any.
+    /// Request host, if any (when a line is written).
     pub host: String,
-    /// Matched route name.
-    pub route: String,
-    /// Pool name.
-    pub pool: String,
-    /// Upstream address that answered.
-    pub upstream: String,
+    /// The matched route and its pool.
+    pub entry: Option<Arc<RouteEntry>>,
+    /// The upstream that answered.
+    pub upstream: Option<Arc<UpstreamRuntime>>,
     /// Response status.
     pub status: u16,
     /// Who failed, for error responses.
@@ -73,15 +75,15 @@ impl AccessLog {
     /// Writes the line; `bytes` is the response body size sent.
     pub fn write(&self, bytes: u64, complete: bool) {
         let elapsed = self.start.elapsed();
-        let total_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let (error_source, error) = match &self.error {
-            Some((source, detail)) => (source.as_str(), detail.as_str()),
-            None => ("", ""),
-        };
+        let (route, pool) = self
+            .entry
+            .as_ref()
+            .map_or(("", ""), |e| (e.route.name.as_str(), e.pool.name.as_str()));
+        let upstream = self.upstream.as_ref().map_or("", |u| u.address.as_str());
         let outcome = HttpOutcome {
-            listener: &self.listener,
-            route: &self.route,
-            pool: &self.pool,
+            listener: &self.listener.name,
+            route,
+            pool,
             status: self.status,
             error_source: self.error.as_ref().map(|(source, _)| source.as_str()),
             bytes,
@@ -93,23 +95,31 @@ impl AccessLog {
                 cx,
                 &SpanOutcome {
                     http: &outcome,
-                    method: &self.method,
-                    upstream: &self.upstream,
+                    method: self.method.as_str(),
+                    upstream,
                     complete,
                 },
             );
         }
+        if !self.telemetry.access_log_enabled() {
+            return;
+        }
+        let total_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let (error_source, error) = match &self.error {
+            Some((source, detail)) => (source.as_str(), detail.as_str()),
+            None => ("", ""),
+        };
         tracing::info!(
             target: "access",
-            listener = %self.listener,
+            listener = %self.listener.name,
             client = %self.client,
             method = %self.method,
             host = %self.host,
             path = %self.path,
             headers = self.headers.as_deref(),
-            route = %self.route,
-            pool = %self.pool,
-            upstream = %self.upstream,
+            route = %route,
+            pool = %pool,
+            upstream = %upstream,
             status = self.status,
             bytes_out = bytes,
             duration_us = total_us,

@@ -62,28 +62,34 @@ pub(crate) async fn handle(
     ctx: Arc<ConnContext>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let telemetry = &ctx.telemetry;
+    // Path, host and headers are only ever shown in the access line.
+    let lines = telemetry.access_log_enabled();
     let mut log = AccessLog {
-        listener: ctx.listener.name.clone(),
+        listener: ctx.listener.clone(),
         client: ctx.client,
-        method: req.method().to_string(),
-        path: if ctx.telemetry.include_query() {
-            req.uri()
+        method: req.method().clone(),
+        path: match (lines, telemetry.include_query()) {
+            (false, _) => String::new(),
+            (true, true) => req
+                .uri()
                 .path_and_query()
                 .map_or("/", |pq| pq.as_str())
-                .to_string()
-        } else {
-            req.uri().path().to_string()
+                .to_string(),
+            (true, false) => req.uri().path().to_string(),
         },
-        headers: ctx.telemetry.headers().render(req.headers()),
-        trace: ctx
-            .telemetry
+        headers: if lines {
+            telemetry.headers().render(req.headers())
+        } else {
+            None
+        },
+        trace: telemetry
             .tracing()
             .map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
-        telemetry: ctx.telemetry.clone(),
+        telemetry: telemetry.clone(),
         host: String::new(),
-        route: String::new(),
-        pool: String::new(),
-        upstream: String::new(),
+        entry: None,
+        upstream: None,
         status: 0,
         error: None,
         start: Instant::now(),
@@ -157,21 +163,24 @@ async fn proxy(
     }
     check_request(ctx, &req)?;
     let host = hygiene::request_host(req.uri(), req.headers());
-    if let Some(h) = &host {
+    if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
         log.host.clone_from(h);
     }
-    let routing = ctx.state.routing();
-    let entry = routing
-        .lookup(
-            &ctx.listener.name,
-            host.as_deref().unwrap_or(""),
-            req.uri().path(),
-        )
-        .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, ErrorSource::Proxy, "no route"))?
-        .clone();
-    drop(routing);
-    log.route.clone_from(&entry.route.name);
-    log.pool.clone_from(&entry.pool.name);
+    // Borrowed from the current table without touching its reference count (shared by
+    // every worker); only the matched entry is kept.
+    let entry = ctx
+        .state
+        .with_routing(|routing| {
+            routing
+                .lookup(
+                    &ctx.listener.name,
+                    host.as_deref().unwrap_or(""),
+                    req.uri().path(),
+                )
+                .cloned()
+        })
+        .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, ErrorSource::Proxy, "no route"))?;
+    log.entry = Some(entry.clone());
 
     let upgrade = hygiene::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -194,7 +203,7 @@ async fn proxy(
             )
         })?;
     let (mut response, conn, in_flight) = forward(&pool, upstream_req, log).await?;
-    log.upstream.clone_from(&in_flight.upstream().address);
+    log.upstream = Some(in_flight.upstream().clone());
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -297,26 +306,49 @@ fn upstream_request(
     }
     // The path is forwarded byte for byte (no normalisation); only a matched prefix may go.
     let original = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let forwarded = match (&entry.route.path, entry.route.strip_prefix) {
+    let stripped = match (&entry.route.path, entry.route.strip_prefix) {
         (PathMatch::Prefix(prefix), true) if prefix != "/" => {
             let rest = original
                 .get(prefix.trim_end_matches('/').len()..)
                 .unwrap_or("");
-            if rest.starts_with('/') {
+            Some(if rest.starts_with('/') {
                 rest.to_string()
             } else {
                 format!("/{rest}")
-            }
+            })
         }
-        _ => original.to_string(),
+        _ => None,
     };
-    parts.uri = forwarded.parse::<Uri>().map_err(|e| {
+    let target_error = |e: &dyn std::fmt::Display| {
         Failure::new(
             StatusCode::BAD_REQUEST,
             ErrorSource::Downstream,
             format!("request target: {e}"),
         )
-    })?;
+    };
+    parts.uri = match stripped {
+        Some(path) => path.parse::<Uri>().map_err(|e| target_error(&e))?,
+        // Already origin-form: kept as parsed.
+        None if parts.uri.scheme().is_none() && parts.uri.authority().is_none() => {
+            if parts.uri.path_and_query().is_some() {
+                parts.uri
+            } else {
+                Uri::from_static("/")
+            }
+        }
+        // Absolute-form (or HTTP/2): its path and query, parsed already.
+        None => {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            Uri::from_parts(origin).map_err(|e| target_error(&e))?
+        }
+    };
     parts.version = Version::HTTP_11;
     hygiene::strip_hop_by_hop(&mut parts.headers, upgrade);
     hygiene::add_forwarding(&mut parts.headers, ctx.client.ip(), ctx.scheme, host);

@@ -775,6 +775,12 @@ impl StateHandle {
         self.current.load().routing.clone()
     }
 
+    /// Runs `f` on the current routing table, borrowed without a reference count taken
+    /// (the request path: a count shared by every thread would be a contended cache line).
+    pub fn with_routing<R>(&self, f: impl FnOnce(&RoutingTable) -> R) -> R {
+        f(&self.current.load().routing)
+    }
+
     /// Applies a batch atomically: all of it is validated, committed and published, or none.
     /// Returns the new revision (unchanged if the batch was empty).
     pub async fn apply(&self, changes: Vec<Change>, source: Source) -> Result<u64, ApplyError> {

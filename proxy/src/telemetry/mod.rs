@@ -84,6 +84,7 @@ pub fn init_logging(default_filter: &str, config: &TelemetryConfig) {
 /// The telemetry of one daemon: metrics, access log settings, request tracing, readiness.
 pub struct Telemetry {
     metrics: Arc<Metrics>,
+    access_log: bool,
     include_query: bool,
     headers: HeaderPolicy,
     tracing: Option<Arc<RequestTracing>>,
@@ -121,6 +122,7 @@ impl Telemetry {
         };
         Ok(Telemetry {
             metrics,
+            access_log: config.access_log != AccessLogFormat::Off,
             include_query: config.include_query,
             headers: config.headers.clone(),
             tracing,
@@ -133,6 +135,7 @@ impl Telemetry {
     pub fn detached() -> Telemetry {
         Telemetry {
             metrics: Arc::new(Metrics::new(None)),
+            access_log: true,
             include_query: false,
             headers: HeaderPolicy::default(),
             tracing: None,
@@ -144,6 +147,11 @@ impl Telemetry {
     /// The metrics to record into.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Whether access lines are written at all (`access_log` is not `off`).
+    pub fn access_log_enabled(&self) -> bool {
+        self.access_log
     }
 
     /// Whether access lines show the query string.
