@@ -131,3 +131,110 @@ async fn reload_without_a_file_is_refused() {
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("no file"), "{}", err.message());
 }
+
+/// The state of each upstream of pool `name`, by address.
+async fn upstream_states(api: &mut Api, name: &str) -> Vec<(String, i32)> {
+    api.pools
+        .get_pool(pb::GetPoolRequest { name: name.into() })
+        .await
+        .expect("get pool")
+        .into_inner()
+        .pool
+        .expect("pool")
+        .upstreams
+        .into_iter()
+        .map(|u| (u.address, u.state))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_upstream_of_a_file_pool_stays_drained_across_reload_and_restart() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("proxy.toml");
+    let state_dir = dir.path().display().to_string();
+    let text = |routes: &str| {
+        format!(
+            "{}\n{}\n{routes}",
+            CONFIG.replace("{state}", &state_dir),
+            pool("v1", &[&a, &b])
+        )
+    };
+    let site = "[[routes]]\nname = \"site\"\nlistener = \"web\"\npool = \"v1\"\n";
+    std::fs::write(&path, text(site)).expect("write config");
+    let daemon = proxy::Daemon::start(proxy::Config::load(&path).expect("config"))
+        .await
+        .expect("daemon starts");
+    let proxy = TestProxy { daemon, dir };
+    let mut api = connect(&proxy).await;
+    api.pools
+        .drain_upstream(pb::DrainUpstreamRequest {
+            pool: "v1".into(),
+            address: a.address(),
+        })
+        .await
+        .expect("drain");
+    let drained = vec![
+        (a.address(), pb::UpstreamState::Draining as i32),
+        (b.address(), pb::UpstreamState::Active as i32),
+    ];
+    assert_eq!(upstream_states(&mut api, "v1").await, drained);
+
+    // A reload that changes the file elsewhere keeps the operator's drain.
+    let blog =
+        "[[routes]]\nname = \"blog\"\nlistener = \"web\"\npath_prefix = \"/blog\"\npool = \"v1\"\n";
+    std::fs::write(&path, text(&format!("{site}\n{blog}"))).expect("write");
+    let reloaded = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect("reload")
+        .into_inner();
+    assert_eq!(
+        (reloaded.created, reloaded.updated, reloaded.deleted),
+        (1, 0, 0)
+    );
+    assert_eq!(upstream_states(&mut api, "v1").await, drained);
+    let web = proxy.addr("web");
+    for _ in 0..4 {
+        assert_eq!(get(web, "x", "/").await.header("x-upstream"), Some("b"));
+    }
+
+    // A restart reconciles the file again: still drained.
+    let TestProxy { daemon, dir } = proxy;
+    daemon.stop().await;
+    let daemon = proxy::Daemon::start(proxy::Config::load(&path).expect("config"))
+        .await
+        .expect("daemon restarts");
+    let proxy = TestProxy { daemon, dir };
+    let mut api = connect(&proxy).await;
+    assert_eq!(upstream_states(&mut api, "v1").await, drained);
+    let web = proxy.addr("web");
+    for _ in 0..4 {
+        assert_eq!(get(web, "x", "/").await.header("x-upstream"), Some("b"));
+    }
+
+    // Removing the upstream from the file and adding it back is a new upstream: active.
+    std::fs::write(
+        &path,
+        text(site).replace(&format!("\"{}\", ", a.address()), ""),
+    )
+    .expect("write");
+    api.admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect("reload without a");
+    std::fs::write(&path, text(site)).expect("write");
+    api.admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect("reload with a again");
+    assert_eq!(
+        upstream_states(&mut api, "v1").await,
+        vec![
+            (a.address(), pb::UpstreamState::Active as i32),
+            (b.address(), pb::UpstreamState::Active as i32),
+        ]
+    );
+}

@@ -163,3 +163,85 @@ async fn allowlist_and_uploaded_certificates_through_the_api() {
         .is_err());
     proxy.daemon.stop().await;
 }
+
+#[tokio::test]
+async fn tls_rows_are_written_by_the_state_writer_and_stop_with_it() {
+    let proxy = start_proxy_in(tempfile::tempdir().unwrap(), CONFIG).await;
+    let mut tls =
+        TlsServiceClient::new(mgmt_support::unix_channel(&mgmt_support::socket_path(&proxy)).await);
+    let state = proxy.daemon.state();
+    let start = state.snapshot().revision;
+
+    // Each write takes the next revision, like any batch; one that changes nothing does not.
+    let allow = |pattern: &str| pb::AddAllowlistEntryRequest {
+        pattern: pattern.into(),
+    };
+    tls.add_allowlist_entry(allow("a.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(state.snapshot().revision, start + 1);
+    tls.add_allowlist_entry(allow("a.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(state.snapshot().revision, start + 1);
+    let ca = TestCa::new("revision CA");
+    let (cert, key) = ca.leaf(&["rev.example.test"]);
+    tls.upload_certificate(pb::UploadCertificateRequest {
+        name: String::new(),
+        cert_pem: cert,
+        key_pem: key,
+    })
+    .await
+    .unwrap();
+    assert_eq!(state.snapshot().revision, start + 2);
+    tls.remove_certificate(pb::RemoveCertificateRequest {
+        name: "rev.example.test".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(state.snapshot().revision, start + 3);
+
+    // Once the writer closes (as for a handoff), this process writes no TLS row either.
+    state.close().await;
+    let (cert, key) = ca.leaf(&["late.example.test"]);
+    let late = tls
+        .upload_certificate(pb::UploadCertificateRequest {
+            name: String::new(),
+            cert_pem: cert,
+            key_pem: key,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::Unavailable, "{}", late.message());
+    let late = tls
+        .add_allowlist_entry(allow("late.example.test"))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::Unavailable, "{}", late.message());
+    let db = rusqlite::Connection::open(proxy.dir.path().join("proxy.db")).unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT (SELECT count(*) FROM tls_certificates) + (SELECT count(*) FROM tls_allowlist WHERE pattern = 'late.example.test')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(rows, 0, "a TLS row was written after the writer closed");
+    let stored: i64 = db
+        .query_row("SELECT value FROM meta WHERE key = 'revision'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(
+        stored as u64,
+        start + 3,
+        "the stored revision counts the TLS writes"
+    );
+    // Not served either: the upload failed as a whole.
+    let client = client_config(ca.roots(), &[]);
+    assert!(
+        tls_connect(proxy.addr("secure"), "late.example.test", client)
+            .await
+            .is_err()
+    );
+}

@@ -48,7 +48,7 @@ fn status(e: TlsError) -> Status {
         e @ (TlsError::Declarative(_) | TlsError::Registered(_)) => {
             Status::failed_precondition(e.to_string())
         }
-        e @ TlsError::Acme(_) => Status::unavailable(e.to_string()),
+        e @ (TlsError::Acme(_) | TlsError::Unavailable(_)) => Status::unavailable(e.to_string()),
         e @ (TlsError::Store(_) | TlsError::File { .. }) => {
             tracing::error!(error = %e, "TLS store failed during a management call");
             Status::internal(e.to_string())

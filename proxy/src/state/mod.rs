@@ -304,8 +304,26 @@ impl State {
     /// The Changes that turn the objects owned by `source` into `target`: objects missing
     /// from `target` are deleted, new ones created, differing ones updated. Deletions of
     /// routes come before deletions of the pools they use, creations of pools before routes.
+    ///
+    /// For the config file's objects, an upstream's run-time state (drained by an operator)
+    /// is not part of the definition: an upstream the file still lists keeps its state, so
+    /// a restart, an upgrade or a reload never puts a drained backend back into rotation.
     pub fn changes_to(&self, target: &Document, source: Source) -> Vec<Change> {
         let current = self.document(source);
+        let kept_states;
+        let target = if source == Source::Declarative {
+            kept_states = Document {
+                pools: target
+                    .pools
+                    .iter()
+                    .map(|p| self.with_upstream_states(p))
+                    .collect(),
+                ..target.clone()
+            };
+            &kept_states
+        } else {
+            target
+        };
         let mut out = Vec::new();
         out.extend(removed(&current.routes, &target.routes, |name| {
             Change::DeleteRoute { name }
@@ -338,6 +356,19 @@ impl State {
             Change::DeletePool { name }
         }));
         out
+    }
+
+    /// `pool` with the run-time state of each upstream the existing pool of that name has.
+    fn with_upstream_states(&self, pool: &Pool) -> Pool {
+        let mut pool = pool.clone();
+        if let Some(existing) = self.pools.get(&pool.name) {
+            for u in &mut pool.upstreams {
+                if let Some(old) = existing.upstreams.iter().find(|o| o.address == u.address) {
+                    u.state = old.state;
+                }
+            }
+        }
+        pool
     }
 
     /// Validates a batch as `Source::Declarative` would apply it, without keeping the result.
@@ -670,7 +701,16 @@ pub struct Snapshot {
     pub routing: Arc<RoutingTable>,
 }
 
+/// A write to the rows kept beside the model objects (TLS certificates, the ACME account,
+/// the allowlist): run by the single writer inside one transaction; returns whether it
+/// changed anything (then the revision moves on with it).
+pub type RowWrite = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<bool> + Send>;
+
 enum Request {
+    Rows {
+        write: RowWrite,
+        reply: oneshot::Sender<Result<Option<u64>, ApplyError>>,
+    },
     Apply {
         changes: Vec<Change>,
         source: Source,
@@ -797,6 +837,20 @@ impl StateHandle {
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?
     }
 
+    /// Writes rows beside the model objects (see [`RowWrite`]) through the single writer,
+    /// so they share the revision sequence and stop with the writer (after a handoff, the
+    /// old process writes nothing). Returns the new revision, or `None` if the write
+    /// changed nothing.
+    pub async fn write_rows(&self, write: RowWrite) -> Result<Option<u64>, ApplyError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Rows { write, reply })
+            .await
+            .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?;
+        rx.await
+            .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?
+    }
+
     /// Changes the run-time membership and publishes a new routing table, without a store
     /// write. Runs on the writer, so it never races a batch. Works while the store is closed.
     pub async fn update_membership(&self, update: impl FnOnce(&mut Membership) + Send + 'static) {
@@ -862,14 +916,18 @@ fn writer(
                 let started = std::time::Instant::now();
                 let result = match store.as_mut() {
                     Some(store) => apply_one(store, &current, &changes, source),
-                    None => Err(ApplyError::Unavailable(
-                        "the state store is closed (shutting down or handed over to a new process)"
-                            .into(),
-                    )),
+                    None => Err(closed()),
                 };
                 if result.is_ok() && !changes.is_empty() {
                     write_latency.observe(started.elapsed());
                 }
+                let _ = reply.send(result);
+            }
+            Request::Rows { write, reply } => {
+                let result = match store.as_mut() {
+                    Some(store) => write_rows(store, &current, write),
+                    None => Err(closed()),
+                };
                 let _ = reply.send(result);
             }
             Request::Membership { update, reply } => {
@@ -889,6 +947,34 @@ fn writer(
             }
         }
     }
+}
+
+fn closed() -> ApplyError {
+    ApplyError::Unavailable(
+        "the state store is closed (shutting down or handed over to a new process)".into(),
+    )
+}
+
+/// Commits a row write and, when it changed something, publishes the same state at the
+/// next revision.
+fn write_rows(
+    store: &mut store::Store,
+    current: &ArcSwap<Snapshot>,
+    write: RowWrite,
+) -> Result<Option<u64>, ApplyError> {
+    let snap = current.load_full();
+    let revision = store
+        .commit_rows(write, snap.revision)
+        .map_err(|e| ApplyError::Store(e.to_string()))?;
+    if revision == snap.revision {
+        return Ok(None);
+    }
+    current.store(Arc::new(Snapshot {
+        revision,
+        state: snap.state.clone(),
+        routing: snap.routing.clone(),
+    }));
+    Ok(Some(revision))
 }
 
 fn reopen(path: &Path, current: &ArcSwap<Snapshot>) -> Result<(store::Store, u64), StoreError> {
@@ -1140,6 +1226,44 @@ mod tests {
             )
             .expect("delete all");
         assert_eq!(emptied.document(Source::Api), Document::default());
+    }
+
+    #[test]
+    fn reconciling_the_file_keeps_a_drained_upstream_drained() {
+        let mut file_pool = pool("v1");
+        file_pool.upstreams.push(Upstream::new("127.0.0.1:9002"));
+        let mut s = State::empty(listeners());
+        s.apply_batch(
+            &[Change::CreatePool(file_pool.clone())],
+            Source::Declarative,
+        )
+        .expect("valid");
+        s.apply_batch(
+            &[Change::SetUpstreamState {
+                pool: "v1".into(),
+                address: "127.0.0.1:9001".into(),
+                state: UpstreamState::Draining,
+            }],
+            Source::Api,
+        )
+        .expect("drain");
+        let file = Document {
+            pools: vec![file_pool],
+            ..Document::default()
+        };
+        // Unchanged file: nothing to do.
+        assert_eq!(s.changes_to(&file, Source::Declarative), Vec::new());
+        // A changed pool is updated, with the drain kept.
+        let mut edited = file.clone();
+        edited.pools[0].balance = Balance::LeastConn;
+        let changes = s.changes_to(&edited, Source::Declarative);
+        s.apply_batch(&changes, Source::Declarative)
+            .expect("reconcile");
+        let states: Vec<_> = s
+            .pool("v1")
+            .map(|p| p.upstreams.iter().map(|u| u.state).collect())
+            .unwrap_or_default();
+        assert_eq!(states, [UpstreamState::Draining, UpstreamState::Active]);
     }
 
     #[test]

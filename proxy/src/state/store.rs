@@ -55,7 +55,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
     // TLS: certificates (uploaded or issued), ACME accounts, API allowlist entries. Written
-    // by `crate::tls::store`, not by `Change` batches.
+    // by `crate::tls::store` through the writer (`StateHandle::write_rows`), not by `Change`
+    // batches.
     "CREATE TABLE tls_certificates (
         name TEXT PRIMARY KEY,
         source TEXT NOT NULL,
@@ -183,6 +184,29 @@ impl Store {
                 &mut upsert,
                 &mut delete,
             )?;
+        }
+        let next = revision + 1;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'revision'",
+            params![i64::try_from(next).unwrap_or(i64::MAX)],
+        )?;
+        tx.commit()?;
+        Ok(next)
+    }
+}
+
+impl Store {
+    /// Runs `write` on the rows kept beside the objects (TLS tables) in one transaction;
+    /// when it reports a change, the revision moves on in the same transaction. Returns
+    /// the revision after it.
+    pub(super) fn commit_rows(
+        &mut self,
+        write: super::RowWrite,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        if !write(&tx)? {
+            return Ok(revision);
         }
         let next = revision + 1;
         tx.execute(

@@ -88,6 +88,9 @@ pub enum TlsError {
     /// ACME is not configured or an order failed.
     #[error("{0}")]
     Acme(String),
+    /// The state writer takes no writes (shutting down, or handed over to a new process).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Why a terminating handshake did not produce a stream.
@@ -172,7 +175,13 @@ impl Tls {
         metrics: Arc<crate::telemetry::Metrics>,
     ) -> Result<Arc<Tls>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let store = TlsStore::open(db)?;
+        // Opening SQLite blocks: a blocking thread does it.
+        let store = {
+            let (db, state) = (db.to_path_buf(), state.clone());
+            tokio::task::spawn_blocking(move || TlsStore::open(&db, state))
+                .await
+                .map_err(|e| TlsError::Store(e.to_string()))??
+        };
         let certs = Arc::new(CertCache::new());
         for (i, files) in config.certificates.iter().enumerate() {
             let read = |path: &Path, key: &str| {

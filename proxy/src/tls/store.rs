@@ -1,8 +1,9 @@
 //! Certificates, the ACME account and the API allowlist in the state database.
 //!
-//! The tables are created by the state store's migrations; this module opens its own
-//! connection to the same file (WAL mode lets it write beside the state writer) because
-//! these rows change on handshakes and renewals, not through `Change` batches.
+//! The tables are created by the state store's migrations. Writes go through the state's
+//! single writer ([`StateHandle::write_rows`]): they take the next revision like any
+//! batch, and once the writer closes for a handoff this process writes nothing more.
+//! Reads use a connection of their own that cannot write (`query_only`).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::certs::{unix_now, CertSource};
 use super::TlsError;
+use crate::state::{ApplyError, StateHandle};
 
 /// A stored certificate row (PEM text; the key never leaves this process).
 pub struct StoredCert {
@@ -29,7 +31,8 @@ pub struct StoredCert {
 /// The TLS tables of the state database.
 #[derive(Clone)]
 pub struct TlsStore {
-    conn: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+    state: StateHandle,
 }
 
 impl std::fmt::Debug for TlsStore {
@@ -61,23 +64,24 @@ fn restrict(db: &Path) -> Result<(), TlsError> {
 }
 
 impl TlsStore {
-    /// Opens the database file (already migrated by the state store).
-    pub fn open(db: &Path) -> Result<TlsStore, TlsError> {
+    /// Opens a reading connection to the database file (already migrated by the state
+    /// store, whose writer `state` runs every write).
+    pub fn open(db: &Path, state: StateHandle) -> Result<TlsStore, TlsError> {
         let conn = Connection::open(db).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
+        conn.pragma_update(None, "query_only", true).map_err(sql)?;
         restrict(db)?;
         Ok(TlsStore {
-            conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(conn)),
+            state,
         })
     }
 
-    async fn run<T: Send + 'static>(
+    async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, TlsError> {
-        let conn = self.conn.clone();
+        let conn = self.reader.clone();
         tokio::task::spawn_blocking(move || {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             f(&conn).map_err(sql)
@@ -86,9 +90,21 @@ impl TlsStore {
         .map_err(|e| TlsError::Store(e.to_string()))?
     }
 
+    /// Runs `f` on the state writer; returns whether it changed a row.
+    async fn write(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<bool> + Send + 'static,
+    ) -> Result<bool, TlsError> {
+        match self.state.write_rows(Box::new(f)).await {
+            Ok(revision) => Ok(revision.is_some()),
+            Err(ApplyError::Unavailable(reason)) => Err(TlsError::Unavailable(reason)),
+            Err(e) => Err(TlsError::Store(e.to_string())),
+        }
+    }
+
     /// Every stored certificate.
     pub async fn certificates(&self) -> Result<Vec<StoredCert>, TlsError> {
-        self.run(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT name, source, cert_pem, key_pem FROM tls_certificates ORDER BY name",
             )?;
@@ -126,22 +142,23 @@ impl TlsStore {
     ) -> Result<(), TlsError> {
         let (name, cert_pem, key_pem) =
             (name.to_string(), cert_pem.to_string(), key_pem.to_string());
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO tls_certificates (name, source, cert_pem, key_pem, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (name) DO UPDATE SET source = excluded.source, cert_pem = excluded.cert_pem,
                  key_pem = excluded.key_pem, updated_at = excluded.updated_at",
                 params![name, source.as_str(), cert_pem, key_pem, unix_now()],
             )
-            .map(|_| ())
+            .map(|n| n > 0)
         })
         .await
+        .map(|_| ())
     }
 
     /// Removes a certificate; returns whether it existed.
     pub async fn remove_certificate(&self, name: &str) -> Result<bool, TlsError> {
         let name = name.to_string();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "DELETE FROM tls_certificates WHERE name = ?1",
                 params![name],
@@ -154,7 +171,7 @@ impl TlsStore {
     /// The ACME account credentials (JSON) for `directory`.
     pub async fn account(&self, directory: &str) -> Result<Option<String>, TlsError> {
         let directory = directory.to_string();
-        self.run(move |c| {
+        self.read(move |c| {
             c.query_row(
                 "SELECT credentials FROM tls_acme_accounts WHERE directory = ?1",
                 params![directory],
@@ -168,20 +185,21 @@ impl TlsStore {
     /// Stores the ACME account credentials for `directory`.
     pub async fn save_account(&self, directory: &str, credentials: &str) -> Result<(), TlsError> {
         let (directory, credentials) = (directory.to_string(), credentials.to_string());
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO tls_acme_accounts (directory, credentials) VALUES (?1, ?2)
                  ON CONFLICT (directory) DO UPDATE SET credentials = excluded.credentials",
                 params![directory, credentials],
             )
-            .map(|_| ())
+            .map(|n| n > 0)
         })
         .await
+        .map(|_| ())
     }
 
     /// The allowlist entries added through the API.
     pub async fn allowlist(&self) -> Result<Vec<String>, TlsError> {
-        self.run(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare("SELECT pattern FROM tls_allowlist ORDER BY pattern")?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
             rows.collect()
@@ -192,7 +210,7 @@ impl TlsStore {
     /// Adds an allowlist entry; returns whether it was new.
     pub async fn add_allow(&self, pattern: &str) -> Result<bool, TlsError> {
         let pattern = pattern.to_string();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "INSERT OR IGNORE INTO tls_allowlist (pattern) VALUES (?1)",
                 params![pattern],
@@ -205,7 +223,7 @@ impl TlsStore {
     /// Removes an allowlist entry; returns whether it existed.
     pub async fn remove_allow(&self, pattern: &str) -> Result<bool, TlsError> {
         let pattern = pattern.to_string();
-        self.run(move |c| {
+        self.write(move |c| {
             c.execute(
                 "DELETE FROM tls_allowlist WHERE pattern = ?1",
                 params![pattern],
