@@ -347,3 +347,71 @@ async fn a_tcp_connection_waits_for_a_reregistration() {
         .expect("re-register tcp");
     assert_eq!(&waiter.await.unwrap(), b"b:hi");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_behind() {
+    let port = free_port();
+    let p = proxy_with(port, "1s", "").await;
+    let svc = upstream("svc").await;
+    // Hold the state writer busy, so the registration waits for it with its port open,
+    // its route booked and its instance counted.
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let state = p.daemon.state().clone();
+    let writer_busy = tokio::spawn(async move {
+        state
+            .update_membership(move |_| {
+                let _ = blocked.recv_timeout(Duration::from_secs(30));
+            })
+            .await;
+    });
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::RegisterRequest {
+        kind: Some(pb::register_request::Kind::Announce(http_announce(
+            &svc.address(),
+            port,
+            "/gone",
+        ))),
+    })
+    .await
+    .unwrap();
+    let mut client = RegistrationServiceClient::new(channel(&p).await);
+    // The caller gives up (its stream ends) while the writer has not answered.
+    let call = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.register(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await;
+    assert!(
+        call.is_err(),
+        "the registration cannot finish while the writer is busy"
+    );
+    drop(tx);
+    drop(client);
+    // The port was opened for it meanwhile.
+    assert!(TcpStream::connect(local(port)).await.is_ok());
+    release.send(()).unwrap();
+    writer_busy.await.unwrap();
+
+    // Its lease ended, the route was held for `hold` and then went away with its port.
+    let mut last = None;
+    for _ in 0..200 {
+        let l = listing(&p).await;
+        if l.registrations.is_empty() && l.routes.is_empty() {
+            last = None;
+            break;
+        }
+        last = Some(l);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, None, "the cancelled registration was left behind");
+    assert!(port_closes(port).await, "the port opened for it stays open");
+    let snap = p.daemon.state().snapshot();
+    let membership = snap.state.membership();
+    assert_eq!(membership.routes().count(), 0, "its route is still routed");
+    assert!(
+        membership
+            .runtime_upstreams(&format!("registered:{port}:*:/gone"))
+            .is_empty(),
+        "its instance is still a pool member"
+    );
+}

@@ -470,10 +470,12 @@ impl Registry {
     /// and wakes requests held for the route.
     pub async fn register(self: &Arc<Self>, claim: Claim) -> Result<Registration, RegisterError> {
         let claim = self.check(claim)?;
+        // Nothing is added before the lock is held: a caller that goes away while waiting
+        // for it leaves nothing behind.
+        let mut book = self.book.lock().await;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // The certificate is checked (and served) before any port opens for it.
         let tls = self.add_certificate(id, &claim)?;
-        let mut book = self.book.lock().await;
         let (listener, address) = match self.listener_for(&mut book, &claim) {
             Ok(found) => found,
             Err(e) => {
@@ -516,14 +518,6 @@ impl Registry {
         };
         let (route_name, pool, endpoint) =
             (route.clone(), entry.pool.clone(), claim.endpoint.clone());
-        self.state
-            .update_membership(move |m| {
-                m.set_route(&route_name, registered);
-                m.set_members(&pool, Origin::Registered(id), vec![Upstream::new(endpoint)]);
-            })
-            .await;
-        // Only now is the instance in the routing table waiters will look at.
-        hold.set_live();
         let info = RegistrationInfo {
             id,
             claim,
@@ -533,12 +527,26 @@ impl Registry {
             since: SystemTime::now(),
         };
         book.registrations.insert(id, info.clone());
-        tracing::info!(id, route = %info.route, endpoint = %info.claim.endpoint, "service registered");
-        Ok(Registration {
+        // The lease exists from here on: if the caller goes away during the writer round
+        // trip below, dropping it ends the registration (instance, route, port, certificate)
+        // like any other end.
+        let registration = Registration {
             info,
             registry: self.clone(),
             ended: false,
-        })
+        };
+        self.state
+            .update_membership(move |m| {
+                m.set_route(&route_name, registered);
+                m.set_members(&pool, Origin::Registered(id), vec![Upstream::new(endpoint)]);
+            })
+            .await;
+        // Only now is the instance in the routing table waiters will look at.
+        hold.set_live();
+        drop(book);
+        let info = registration.info();
+        tracing::info!(id, route = %info.route, endpoint = %info.claim.endpoint, "service registered");
+        Ok(registration)
     }
 
     /// Serves the claim's certificate, if it brings one, under [`cert_name`]`(id)`.
