@@ -164,20 +164,10 @@ pub async fn reload(clients: &mut Clients, out: &Output) -> Result<()> {
 }
 
 /// Starts a zero-downtime upgrade.
-pub async fn upgrade(
-    binary: Option<PathBuf>,
-    wait: bool,
-    clients: &mut Clients,
-    out: &Output,
-) -> Result<()> {
-    let binary = binary
-        .map(|b| b.into_os_string().into_string())
-        .transpose()
-        .map_err(|b| anyhow::anyhow!("binary path {b:?} is not UTF-8"))?
-        .unwrap_or_default();
+pub async fn upgrade(wait: bool, clients: &mut Clients, out: &Output) -> Result<()> {
     let reply = clients
         .admin
-        .upgrade(pb::UpgradeRequest { binary, wait })
+        .upgrade(pb::UpgradeRequest { wait })
         .await
         .reply()?;
     out.show(

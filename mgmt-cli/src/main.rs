@@ -93,12 +93,10 @@ enum Command {
     Reload,
     /// Hands the listening sockets to a new proxyd process without dropping connections.
     Upgrade {
-        /// Wait until the new process is ready (or failed).
+        /// Wait until the new process is ready (or failed). The daemon starts
+        /// `server.executable` as its config file names it now; edit that to switch binaries.
         #[arg(long)]
         wait: bool,
-        /// Binary to start instead of the configured one.
-        #[arg(long)]
-        binary: Option<PathBuf>,
     },
     /// Stops accepting, finishes in-flight work and exits.
     Drain {
@@ -181,7 +179,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Export => admin::export(c).await,
         Command::Import { file, dry_run } => admin::import(file, dry_run, c, &out).await,
         Command::Reload => admin::reload(c, &out).await,
-        Command::Upgrade { wait, binary } => admin::upgrade(binary, wait, c, &out).await,
+        Command::Upgrade { wait } => admin::upgrade(wait, c, &out).await,
         Command::Drain { timeout } => admin::drain(timeout, c, &out).await,
         Command::Top(args) => top::run(args, cli.output).await,
         Command::Completions { shell } => print_docs(Cli::command(), Some(shell), None),

@@ -432,11 +432,9 @@ async fn tcp_address_with_token_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_upgrade_exits_non_zero_and_drain_stops_writes() {
-    let d = Daemon::start("").await;
     // Never the default binary here: in a test that is the test executable itself.
-    let out = d
-        .ctl(&["upgrade", "--wait", "--binary", "/nonexistent/proxyd"])
-        .await;
+    let d = Daemon::start("executable = \"/nonexistent/proxyd\"").await;
+    let out = d.ctl(&["upgrade", "--wait"]).await;
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("FAILED_PRECONDITION"),

@@ -82,6 +82,9 @@ pub enum StartError {
     Telemetry(#[from] telemetry::OtlpError),
 }
 
+/// How long the management API may take to close its connections once the drain is over.
+const SERVICES_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A running daemon: listeners accepting, state writer running.
 pub struct Daemon {
     config: Config,
@@ -111,15 +114,21 @@ impl Daemon {
         // First, so a second daemon on the same socket fails before touching the store.
         let mgmt_sockets = mgmt::Sockets::bind(&config.server, &mut inherited)?;
         let (mut sockets, bound_here) = listener::obtain(&config, &mut inherited)?;
-        let state = StateHandle::open(
-            &config.server.state_dir,
-            config.listener_protocols(),
-            &config.declarative,
-        )
-        .map_err(|source| StartError::Store {
-            dir: config.server.state_dir.display().to_string(),
-            source,
-        })?;
+        // Opening SQLite and reconciling the config file block: a blocking thread does it.
+        let state = {
+            let (dir, listeners, declarative) = (
+                config.server.state_dir.clone(),
+                config.listener_protocols(),
+                config.declarative.clone(),
+            );
+            tokio::task::spawn_blocking(move || StateHandle::open(&dir, listeners, &declarative))
+                .await
+                .map_err(|e| StartError::Io("state store".into(), std::io::Error::other(e)))?
+                .map_err(|source| StartError::Store {
+                    dir: config.server.state_dir.display().to_string(),
+                    source,
+                })?
+        };
         let shutdown = Shutdown::new();
         let telemetry = Arc::new(telemetry::Telemetry::start(
             &config.telemetry,
@@ -298,7 +307,8 @@ impl Daemon {
                 handoff,
             )
             .with_metrics(telemetry.metrics().clone())
-            .with_extras(registry.clone()),
+            .with_extras(registry.clone())
+            .with_config_file(config.path.clone()),
         );
         let mgmt_address = mgmt_sockets.tcp_address();
         let mgmt_context = mgmt::Context {
@@ -405,8 +415,13 @@ impl Daemon {
     async fn finish(&self, timeout: std::time::Duration) {
         self.shutdown.trigger();
         self.state.close().await;
-        self.shutdown.begin_exit();
+        // The management API keeps answering while connections drain (status reads work,
+        // writes get UNAVAILABLE); it stops once the drain is over.
         self.shutdown.drain(timeout).await;
+        self.shutdown.begin_exit();
+        if !self.shutdown.services_stopped(SERVICES_STOP_TIMEOUT).await {
+            tracing::warn!("the management API did not stop in time");
+        }
         self.telemetry.flush().await;
         tracing::info!("stopped");
     }
@@ -420,13 +435,20 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT, a drain request, or a handoff to a successor
-/// (SIGUSR2 or the Upgrade API call), then drains and returns.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    use tokio::signal::unix::{signal, SignalKind};
+/// The sockets this process was started with: from the previous proxyd (an upgrade) and
+/// from systemd, taken by [`inherit`].
+pub struct Inheritance {
+    handoff: Option<upgrade::Handoff>,
+    sockets: listener::Inherited,
+}
 
-    // Sockets, in order: from the previous proxyd (upgrade), from systemd, else bound.
-    let (handoff, mut inherited) = match upgrade::receive()
+/// Takes the sockets this process inherits (in order: from the previous proxyd, from
+/// systemd) and clears the environment variables that named them.
+///
+/// Call it before the runtime (or any other thread) starts: changing the environment while
+/// other threads may read it is unsound.
+pub fn inherit(config: &Config) -> Result<Inheritance, StartError> {
+    let (handoff, mut sockets) = match upgrade::receive()
         .map_err(|e| StartError::Io("upgrade handoff".into(), std::io::Error::other(e)))?
     {
         Some((handoff, inherited)) => (Some(handoff), inherited),
@@ -436,8 +458,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         [one] => Some(one.name.as_str()),
         _ => None,
     };
-    inherited.merge(listener::Inherited::from_systemd(only));
-    let daemon = Daemon::start_with(config, inherited).await?;
+    sockets.merge(listener::Inherited::from_systemd(only));
+    Ok(Inheritance { handoff, sockets })
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, a drain request, or a handoff to a successor
+/// (SIGUSR2 or the Upgrade API call), then drains and returns. `inherited` comes from
+/// [`inherit`], called before the runtime started.
+pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let Inheritance { handoff, sockets } = inherited;
+    let daemon = Daemon::start_with(config, sockets).await?;
     if let Some(handoff) = handoff {
         if let Err(e) = handoff.ready() {
             // The parent has given up on us (and will kill us): do not linger.

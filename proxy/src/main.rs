@@ -99,6 +99,15 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             "no --config given: running the embedded default (see `proxyd default-config`)"
         );
     }
+    // Before any thread starts: this reads and clears environment variables.
+    let inherited = match proxy::inherit(&config) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("proxyd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,7 +118,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(proxy::run(config)) {
+    match runtime.block_on(proxy::run(config, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

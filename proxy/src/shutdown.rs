@@ -14,6 +14,9 @@ pub struct Shutdown {
     token: CancellationToken,
     exit: CancellationToken,
     tracker: TaskTracker,
+    /// Services that answer while draining (the management API): stopped by `begin_exit`
+    /// after the drain, not waited for by it.
+    services: TaskTracker,
     handed_over: Arc<AtomicBool>,
     drain_timeout_ms: Arc<AtomicU64>,
 }
@@ -89,6 +92,25 @@ impl Shutdown {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.tracker.spawn(future);
+    }
+
+    /// Spawns a service that stays up while draining and stops at
+    /// [`begin_exit`](Self::begin_exit); [`services_stopped`](Self::services_stopped)
+    /// waits for it, [`drain`](Self::drain) does not.
+    pub fn spawn_service<F>(&self, future: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.services.spawn(future);
+    }
+
+    /// After [`begin_exit`](Self::begin_exit): waits (at most `timeout`) for the services
+    /// to let go of their sockets. Returns whether all stopped.
+    pub async fn services_stopped(&self, timeout: Duration) -> bool {
+        self.services.close();
+        tokio::time::timeout(timeout, self.services.wait())
+            .await
+            .is_ok()
     }
 
     /// Waits for tracked tasks to end, at most `timeout`. Returns whether all ended.

@@ -251,18 +251,16 @@ async fn unavailable_once_the_state_takes_no_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_upgrade_keeps_serving_and_drain_refuses_writes() {
     let up = upstream("u").await;
-    let proxy = start_proxy(CONFIG).await;
-    let mut api = connect(&proxy).await;
     // A binary that cannot start: the call fails and this daemon keeps serving. (Never the
     // default binary here: in a test that is the test executable itself.)
-    let (code, message) = code_and_message(
-        api.admin
-            .upgrade(pb::UpgradeRequest {
-                binary: "/nonexistent/proxyd".into(),
-                wait: true,
-            })
-            .await,
-    );
+    let proxy = start_proxy(&CONFIG.replace(
+        "admin_listen = \"\"",
+        "admin_listen = \"\"\nexecutable = \"/nonexistent/proxyd\"",
+    ))
+    .await;
+    let mut api = connect(&proxy).await;
+    let (code, message) =
+        code_and_message(api.admin.upgrade(pb::UpgradeRequest { wait: true }).await);
     assert_eq!(code, Code::FailedPrecondition, "{message}");
     assert!(message.contains("keeps serving"), "{message}");
     create_pool(&mut api, pool_msg("p", &[up.address()])).await;

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod mgmt_support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -295,4 +296,72 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
         peak < baseline + 64 * 1024,
         "peak RSS {peak} KiB (baseline {baseline} KiB)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_answers_while_the_real_binary_drains() {
+    use proxy_proto::v1 as pb;
+    let up = upstream("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let socket = dir.path().join("mgmt.sock");
+    let mut p = spawn(
+        &format!(
+            "[server]\nadmin_listen = \"\"\nstate_dir = \"{state}\"\nmgmt_socket = \"{sock}\"\ndrain_timeout = \"20s\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+            pool("p", &[&up]),
+            state = dir.path().display(),
+            sock = socket.display(),
+        ),
+        dir.path(),
+    );
+    wait_for_port(port).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    // In flight for the whole check below.
+    let slow = tokio::spawn(async move { get(addr, "h", "/slow/3000").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut api = mgmt_support::Api::over(mgmt_support::unix_channel(&socket).await);
+    api.admin
+        .drain(pb::DrainRequest { timeout_ms: 0 })
+        .await
+        .expect("drain");
+
+    // While the request drains, a new management connection is answered: reads work and
+    // say "draining", writes get UNAVAILABLE.
+    let mut fresh = mgmt_support::Api::over(mgmt_support::unix_channel(&socket).await);
+    let status = fresh
+        .admin
+        .status(pb::StatusRequest::default())
+        .await
+        .expect("status while draining")
+        .into_inner();
+    assert!(status.draining);
+    assert_eq!(status.pid, p.0.id());
+    let write = fresh
+        .pools
+        .create_pool(pb::CreatePoolRequest {
+            pool: Some(mgmt_support::pool_msg("late", &[up.address()])),
+        })
+        .await
+        .expect_err("a write while draining");
+    assert_eq!(
+        write.code(),
+        tonic::Code::Unavailable,
+        "{}",
+        write.message()
+    );
+    assert!(
+        p.0.try_wait().unwrap().is_none(),
+        "proxyd exited before its in-flight request finished"
+    );
+
+    assert_eq!(
+        slow.await.unwrap().status,
+        200,
+        "in-flight request finished"
+    );
+    let status = tokio::task::spawn_blocking(move || p.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the socket file is removed on exit");
 }

@@ -57,10 +57,7 @@ impl Proxyd {
         let mut api = self.api().await;
         let pid = api
             .admin
-            .upgrade(pb::UpgradeRequest {
-                binary: String::new(),
-                wait: true,
-            })
+            .upgrade(pb::UpgradeRequest { wait: true })
             .await
             .expect("upgrade")
             .into_inner()
@@ -118,6 +115,11 @@ async fn start(port: u16) -> Proxyd {
 
 /// proxyd with an HTTP listener `web` on `web` and registrations allowed on `port` only.
 async fn start_with_web(port: u16, web: u16) -> Proxyd {
+    start_holding(port, web, "30s").await
+}
+
+/// Like [`start_with_web`], with routes held for `hold`.
+async fn start_holding(port: u16, web: u16, hold: &str) -> Proxyd {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "[server]
@@ -130,7 +132,7 @@ drain_timeout = \"20s\"
 log_level = \"warn\"
 
 [registration]
-hold = \"30s\"
+hold = \"{hold}\"
 port_range = \"{port}-{port}\"
 address = \"127.0.0.1\"
 max_wait = \"30s\"
@@ -512,4 +514,80 @@ async fn the_client_registers_again_after_the_proxy_restarts() {
     assert_eq!(listed.registrations.len(), 1);
     lease.release().await;
     p.daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_hands_over_a_thousand_registered_tls_routes() {
+    use rustls::pki_types::pem::PemObject;
+    use tls_support::{client_config, peer_leaf, tls_connect, TestCa};
+    const ROUTES: usize = 1000;
+    let port = free_port();
+    // Held long enough for the test to register, release and upgrade everything.
+    let mut d = start_holding(port, free_port(), "600s").await;
+    let old = d.pid().await;
+    let svc = upstream("svc").await;
+    let ca = TestCa::new("thousand routes CA");
+    let leaves: Vec<(String, String)> = (0..ROUTES)
+        .map(|i| ca.leaf(&[&format!("svc{i}.example")]))
+        .collect();
+    // Ten connections, each registering 100 services one after the other.
+    let mut groups = Vec::new();
+    for (g, chunk) in leaves.chunks(100).enumerate() {
+        let channel = client::unix_channel(d.socket()).await.expect("channel");
+        let endpoint = svc.address();
+        let chunk = chunk.to_vec();
+        groups.push(tokio::spawn(async move {
+            let mut leases = Vec::new();
+            for (j, (cert, key)) in chunk.into_iter().enumerate() {
+                let announce = Announce {
+                    endpoint: endpoint.clone(),
+                    port: u32::from(port),
+                    host: format!("svc{}.example", g * 100 + j),
+                    path_prefix: "/".into(),
+                    tls_certificate_pem: cert,
+                    tls_private_key_pem: key,
+                    ..Default::default()
+                };
+                leases.push(
+                    client::register(channel.clone(), announce, None)
+                        .await
+                        .expect("register"),
+                );
+            }
+            leases
+        }));
+    }
+    let mut leases = Vec::new();
+    for group in groups {
+        leases.extend(group.await.unwrap());
+    }
+    assert_eq!(d.registrations().await.routes.len(), ROUTES);
+    // The services go away: the new process has the routes and their certificates from
+    // the handoff alone.
+    futures_util::future::join_all(leases.into_iter().map(|l| l.release())).await;
+    // Bounded wait until the proxy has taken every instance out.
+    for _ in 0..1200 {
+        if d.registrations().await.registrations.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new = d.upgrade().await;
+    assert_ne!(new, old);
+    let listing = d.registrations().await;
+    assert_eq!(
+        listing.routes.len(),
+        ROUTES,
+        "every route is held by the new process"
+    );
+    assert!(listing.registrations.is_empty());
+    for i in [0, 1, ROUTES / 2, ROUTES - 1] {
+        let name = format!("svc{i}.example");
+        let stream = tls_connect(local(port), &name, client_config(ca.roots(), &[]))
+            .await
+            .unwrap_or_else(|e| panic!("handshake for {name} with the new process: {e}"));
+        let expected = rustls::pki_types::CertificateDer::from_pem_slice(leaves[i].0.as_bytes())
+            .expect("leaf");
+        assert_eq!(peer_leaf(&stream), expected.as_ref(), "{name}");
+    }
 }

@@ -178,20 +178,37 @@ async fn start_with(up: &Upstream, server: &str) -> Daemon {
     d
 }
 
+/// Upgrades to `binary` (empty: the proxyd under test), named as `server.executable` in
+/// the config file: the API takes no binary path.
 async fn upgrade(d: &Daemon, binary: &str) -> Result<u32, tonic::Status> {
+    set_executable(d, if binary.is_empty() { PROXYD } else { binary });
     let mut api = d.api().await;
     let r = api
         .admin
-        .upgrade(pb::UpgradeRequest {
-            binary: binary.into(),
-            wait: true,
-        })
+        .upgrade(pb::UpgradeRequest { wait: true })
         .await
         .map(|r| r.into_inner().new_pid);
     if let Ok(pid) = &r {
         std::fs::write(d.dir.path().join("current.pid"), pid.to_string()).unwrap();
     }
     r
+}
+
+/// Rewrites the `executable` line of the daemon's config file.
+fn set_executable(d: &Daemon, executable: &str) {
+    let path = d.dir.path().join("proxy.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text: Vec<String> = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("executable = ") {
+                format!("executable = \"{executable}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&path, text.join("\n") + "\n").unwrap();
 }
 
 #[derive(Default)]
@@ -545,4 +562,171 @@ async fn systemd_socket_activation_with_named_fds() {
     let _ = child.wait();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-upstream"), Some("up"));
+}
+
+/// `proxyctl`, built beside `proxyd` by a workspace build (as `scripts/test` does).
+fn proxyctl() -> PathBuf {
+    let path = Path::new(PROXYD).with_file_name("proxyctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A script that waits `seconds`, (optionally) leaves `marker`, then runs proxyd.
+fn slow_proxyd(dir: &Path, name: &str, seconds: f32, marker: Option<&Path>) -> PathBuf {
+    let path = dir.join(name);
+    let touch = marker.map_or(String::new(), |m| format!("touch {}\n", m.display()));
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\n{touch}sleep {seconds}\nexec {PROXYD} \"$@\"\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Whether process `pid` is gone (exited and reaped, or a zombie).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Polls (up to 30 s) until the serving pid differs from `old`.
+async fn wait_for_new_pid(d: &Daemon, old: u32) -> u32 {
+    for _ in 0..600 {
+        if let Ok(mut api) = tokio::time::timeout(Duration::from_secs(2), d.api()).await {
+            if let Ok(Ok(status)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                api.admin.status(pb::StatusRequest::default()),
+            )
+            .await
+            {
+                let pid = status.into_inner().pid;
+                if pid != old {
+                    return pid;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no new process took over from {old}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_upgrade_wait_mid_upgrade_changes_nothing_about_the_outcome() {
+    let up = upstream("up").await;
+    let mut d = start(&up).await;
+    let first = d.pid().await;
+    let slow = slow_proxyd(d.dir.path(), "slow.sh", 1.5, None);
+    set_executable(&d, slow.to_str().unwrap());
+
+    // The caller goes away while the new process is starting (as with Ctrl-C or systemd's
+    // reload timeout).
+    let mut ctl = Command::new(proxyctl())
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["upgrade", "--wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        ctl.try_wait().unwrap().is_none(),
+        "proxyctl returned before the upgrade could finish"
+    );
+    ctl.kill().unwrap();
+    ctl.wait().unwrap();
+
+    // The upgrade completes anyway; the old process drains and exits.
+    let second = wait_for_new_pid(&d, first).await;
+    std::fs::write(d.dir.path().join("current.pid"), second.to_string()).unwrap();
+    let status = tokio::task::spawn_blocking({
+        let mut child = std::mem::replace(&mut d.child, Command::new("true").spawn().unwrap());
+        move || child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "the old process exits 0 after the handoff: {status:?}"
+    );
+
+    // The API answers, writes work, and the next upgrade succeeds.
+    let mut api = d.api().await;
+    create_pool(&mut api, pool_msg("after-cancel", &[up.address()])).await;
+    let third = upgrade(&d, "").await.expect("the next upgrade");
+    assert_ne!(third, second);
+    for _ in 0..400 {
+        if gone(second) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Exactly one process serves: the first two are gone, the third answers.
+    assert!(gone(first) && gone(second), "an old process lingers");
+    assert_eq!(d.pid().await, third);
+    let pools = d
+        .api()
+        .await
+        .pools
+        .list_pools(pb::ListPoolsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .pools;
+    assert!(pools.iter().any(|p| p.name == "after-cancel"));
+    assert_eq!(
+        get(format!("127.0.0.1:{}", d.web).parse().unwrap(), "h", "/")
+            .await
+            .status,
+        200
+    );
+}
+
+/// `UpgradeRequest` as it was with field 1 (`binary`), which the API no longer has.
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpgradeRequestWithBinary {
+    #[prost(string, tag = "1")]
+    binary: String,
+    #[prost(bool, tag = "2")]
+    wait: bool,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_client_cannot_choose_the_binary_an_upgrade_runs() {
+    let up = upstream("up").await;
+    let d = start(&up).await;
+    let first = d.pid().await;
+    let marker = d.dir.path().join("ran");
+    let chosen = slow_proxyd(d.dir.path(), "chosen.sh", 0.0, Some(&marker));
+
+    // An old client sends the removed field: the daemon runs `server.executable` only.
+    let mut grpc = tonic::client::Grpc::new(unix_channel(&d.socket()).await);
+    grpc.ready().await.unwrap();
+    let reply: tonic::Response<pb::UpgradeResponse> = grpc
+        .unary(
+            tonic::Request::new(UpgradeRequestWithBinary {
+                binary: chosen.display().to_string(),
+                wait: true,
+            }),
+            "/proxy.v1.AdminService/Upgrade".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .expect("upgrade");
+    let new = reply.into_inner().new_pid;
+    std::fs::write(d.dir.path().join("current.pid"), new.to_string()).unwrap();
+    assert_ne!(new, first);
+    assert!(
+        !marker.exists(),
+        "the daemon ran the binary an API client named"
+    );
 }

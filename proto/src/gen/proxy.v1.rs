@@ -515,11 +515,8 @@ pub struct ReloadConfigResponse {
     pub deleted: u64,
 }
 /// Asks for a zero-downtime upgrade.
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct UpgradeRequest {
-    /// Binary to start; empty for the configured executable path.
-    #[prost(string, tag = "1")]
-    pub binary: ::prost::alloc::string::String,
     /// Answer only once the new process is ready (or failed).
     #[prost(bool, tag = "2")]
     pub wait: bool,

@@ -49,6 +49,15 @@ impl Tally {
     }
 }
 
+/// Runs CPU- or file-bound work on a blocking thread, off the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("the work was lost: {e}")))
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn status(
@@ -138,16 +147,28 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let target = convert::document(convert::required(req.state, "state")?)?;
         let snap = self.ctx.state.snapshot();
-        let changes = snap.state.changes_to(&target, Source::Api);
+        let dry_run = req.dry_run;
+        // Diffing (and, for a dry run, validating on a copy) a whole document is long CPU
+        // work that may read TLS files: a blocking thread does it, not a runtime worker.
+        let (changes, checked) = blocking(move || {
+            let changes = snap.state.changes_to(&target, Source::Api);
+            let checked = if dry_run {
+                // Validate exactly as apply would, on a copy.
+                let mut next = snap.state.clone();
+                Some(
+                    next.apply_batch(&changes, Source::Api)
+                        .map(|()| snap.revision),
+                )
+            } else {
+                None
+            };
+            (changes, checked)
+        })
+        .await?;
         let tally = Tally::of(&changes);
-        let revision = if req.dry_run {
-            // Validate exactly as apply would, on a copy.
-            let mut next = snap.state.clone();
-            next.apply_batch(&changes, Source::Api)
-                .map_err(error::status)?;
-            snap.revision
-        } else {
-            self.ctx.apply(changes).await?
+        let revision = match checked {
+            Some(checked) => checked.map_err(error::status)?,
+            None => self.ctx.apply(changes).await?,
         };
         Ok(Response::new(pb::ImportResponse {
             revision,
@@ -166,7 +187,10 @@ impl AdminService for AdminApi {
                 "proxyd runs its embedded default config; there is no file to re-read",
             ));
         };
-        let config = Config::load(path).map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let file = path.clone();
+        let config = blocking(move || Config::load(&file))
+            .await?
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         if !self.ctx.same_listeners(&config) {
             return Err(Status::failed_precondition(format!(
                 "{}: the listeners changed; listener changes take effect with an upgrade or a restart",
@@ -174,13 +198,19 @@ impl AdminService for AdminApi {
             )));
         }
         let snap = self.ctx.state.snapshot();
-        let mut target = State::empty(snap.state.listeners().clone());
-        target
-            .apply_batch(&config.declarative, Source::Declarative)
-            .map_err(|e| Status::failed_precondition(format!("{}: {e}", path.display())))?;
-        let changes = snap
-            .state
-            .changes_to(&target.document(Source::Declarative), Source::Declarative);
+        let file = path.clone();
+        // Reconciling validates and diffs every object of the file: a blocking thread does it.
+        let changes = blocking(move || {
+            let mut target = State::empty(snap.state.listeners().clone());
+            target
+                .apply_batch(&config.declarative, Source::Declarative)
+                .map_err(|e| Status::failed_precondition(format!("{}: {e}", file.display())))?;
+            Ok::<_, Status>(
+                snap.state
+                    .changes_to(&target.document(Source::Declarative), Source::Declarative),
+            )
+        })
+        .await??;
         let tally = Tally::of(&changes);
         let revision = self.ctx.apply_as(changes, Source::Declarative).await?;
         tracing::info!(
@@ -209,18 +239,18 @@ impl AdminService for AdminApi {
                 "this daemon was started without upgrade support",
             ));
         };
-        let binary =
-            (!request.binary.is_empty()).then(|| std::path::PathBuf::from(&request.binary));
         if !request.wait {
             tokio::spawn(async move {
-                let _ = upgrader.upgrade(binary).await;
+                let _ = upgrader.upgrade(None).await;
             });
             return Ok(Response::new(pb::UpgradeResponse {
                 new_pid: 0,
                 message: "upgrade started; see the log for its outcome".into(),
             }));
         }
-        match upgrader.upgrade(binary).await {
+        // The upgrade runs in its own task: if this call is cancelled, it still completes
+        // (or rolls back) exactly as it would have.
+        match upgrader.upgrade(None).await {
             Ok(pid) => Ok(Response::new(pb::UpgradeResponse {
                 new_pid: pid,
                 message: format!(

@@ -366,8 +366,9 @@ pub async fn spawn(
     let remove_shutdown = shutdown.clone();
     let unix_gate = gate.clone();
     let reporter = health.clone();
-    // Tracked, so stopping the daemon waits until the API has let go of its sockets.
-    shutdown.spawn(async move {
+    // A service, so it answers while connections drain (writes get UNAVAILABLE), and
+    // stopping the daemon waits until the API has let go of its sockets.
+    shutdown.spawn_service(async move {
         // Each connection goes through the relay that accepts a socket path as `:authority`
         // (clients such as Python grpcio send one); the TCP listener stays strict.
         let incoming = futures_util::StreamExt::map(
@@ -402,7 +403,7 @@ pub async fn spawn(
             })?;
         tracing::info!(address = ?addr, "management API listening on TCP (bearer token required)");
         let stop = shutdown.clone();
-        shutdown.spawn(async move {
+        shutdown.spawn_service(async move {
             // Paused with the unix socket while handing over: a call made after the
             // upgrade returned reaches the new process over TCP too.
             let incoming = GatedIncoming::new(listener, gate);

@@ -4,10 +4,11 @@
 //! The conversation, parent P and child C, over `<runtime dir>/proxyd-handoff-<pid>.sock`
 //! (its path is in C's environment as `PROXY_HANDOFF`):
 //!
-//! 1. C connects and sends `HELLO <pid>`; P checks the peer really is its child.
+//! 1. C connects and sends `HELLO <pid> frames`; P checks the peer really is its child.
 //! 2. P stops taking API writes and closes its SQLite writer (never two writers), then sends
-//!    `SOCKETS <json>` (names, kinds, state revision, and the data [`HandoffExtras`] pass
-//!    along: the certificates of registered TLS routes) followed by the descriptors: those
+//!    its offer as length-prefixed frames (names, kinds, state revision, and the data
+//!    [`HandoffExtras`] pass along: the certificates of registered TLS routes; the format
+//!    is described in `wire.rs`) followed by the descriptors: those
 //!    fixed at start and those [`HandoffExtras`] list at this moment (ports opened for
 //!    registrations).
 //! 3. C opens the store, starts serving on the sockets (both accept for a moment: never
@@ -76,6 +77,9 @@ pub enum UpgradeError {
     /// The state store could not be reopened after a failed upgrade.
     #[error("reopening the state store after the failed upgrade: {0}")]
     Reopen(String),
+    /// The config file (which names `server.executable`) cannot be used.
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A socket this process offers to its successor: a duplicate of a listening socket.
@@ -119,6 +123,7 @@ pub struct Upgrader {
     busy: AtomicBool,
     mgmt_gate: Arc<AcceptGate>,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
+    config_file: Option<PathBuf>,
 }
 
 /// The executable to start by default: `server.executable`, else the path this process was
@@ -178,7 +183,15 @@ impl Upgrader {
             busy: AtomicBool::new(false),
             mgmt_gate: Arc::new(AcceptGate::default()),
             metrics: None,
+            config_file: None,
         }
+    }
+
+    /// Reads `server.executable` from `path` at each upgrade (the successor reads the same
+    /// file), so an operator switches binaries by editing the config, never through the API.
+    pub fn with_config_file(mut self, path: Option<PathBuf>) -> Self {
+        self.config_file = path;
+        self
     }
 
     /// Records upgrade counts and durations in `metrics`.
@@ -198,8 +211,12 @@ impl Upgrader {
         self.mgmt_gate.clone()
     }
 
-    /// Starts `binary` (default: the configured executable), hands over, and returns the new
-    /// pid once it serves and this process has stopped accepting.
+    /// Starts `binary` (default: `server.executable` as the config file says now), hands
+    /// over, and returns the new pid once it serves and this process has stopped accepting.
+    ///
+    /// The upgrade runs as a task of its own: a caller that goes away (a cancelled
+    /// `proxyctl upgrade --wait`, a client killed by a reload timeout) changes nothing
+    /// about its outcome.
     pub async fn upgrade(self: &Arc<Self>, binary: Option<PathBuf>) -> Result<u32, UpgradeError> {
         if self.shutdown.is_handed_over() {
             return Err(UpgradeError::HandedOver);
@@ -207,11 +224,43 @@ impl Upgrader {
         if self.busy.swap(true, Ordering::SeqCst) {
             return Err(UpgradeError::Busy);
         }
+        let busy = Busy(self.clone());
+        let upgrader = self.clone();
+        let task = tokio::spawn(async move {
+            let result = upgrader.attempt(binary).await;
+            drop(busy);
+            result
+        });
+        task.await.unwrap_or_else(|e| {
+            Err(UpgradeError::Protocol(format!(
+                "the upgrade task failed: {e}"
+            )))
+        })
+    }
+
+    /// The executable an upgrade starts: `server.executable` from the config file as it is
+    /// now, else the one known at start.
+    async fn executable(&self) -> Result<PathBuf, UpgradeError> {
+        let Some(path) = self.config_file.clone() else {
+            return Ok(self.executable.clone());
+        };
+        let config = tokio::task::spawn_blocking(move || crate::Config::load(&path))
+            .await
+            .map_err(|e| UpgradeError::Config(e.to_string()))?
+            .map_err(|e| UpgradeError::Config(format!("the config file cannot be used: {e}")))?;
+        Ok(default_executable(config.server.executable.as_deref()))
+    }
+
+    async fn attempt(&self, binary: Option<PathBuf>) -> Result<u32, UpgradeError> {
         let started = std::time::Instant::now();
-        let result = self
-            .run(binary.unwrap_or_else(|| self.executable.clone()))
-            .await;
-        self.busy.store(false, Ordering::SeqCst);
+        let result = match binary {
+            Some(binary) => Ok(binary),
+            None => self.executable().await,
+        };
+        let result = match result {
+            Ok(binary) => self.run(binary).await,
+            Err(e) => Err(e),
+        };
         if let Some(metrics) = &self.metrics {
             metrics.upgrade_finished(result.is_ok(), started.elapsed());
         }
@@ -240,7 +289,7 @@ impl Upgrader {
             .env(HANDOFF_ENV, &path)
             .stdin(std::process::Stdio::null())
             .spawn();
-        let mut child = match spawned {
+        let child = match spawned {
             Ok(c) => c,
             Err(source) => {
                 let _ = std::fs::remove_file(&path);
@@ -252,26 +301,40 @@ impl Upgrader {
         };
         let pid = child.id().unwrap_or(0);
         let deadline = Instant::now() + self.timeout;
-        let mut closed_store = false;
-        let result = self
-            .converse(&listener, &mut child, pid, deadline, &mut closed_store)
-            .await;
+        let mut rollback = Rollback {
+            upgrader: self,
+            child: Some(child),
+            closed_store: false,
+        };
+        let result = match rollback.child.as_mut() {
+            Some(child) => {
+                self.converse(&listener, child, pid, deadline, &mut rollback.closed_store)
+                    .await
+            }
+            None => Err(UpgradeError::Protocol("the new process is gone".into())),
+        };
         drop(listener);
         let _ = std::fs::remove_file(&path);
         match result {
             Ok(()) => {
+                let child = rollback.disarm();
                 // systemd follows the new process; this one now only drains.
                 notify_systemd(&[sd_notify::NotifyState::MainPid(pid)]);
                 self.shutdown.hand_over();
                 // The child outlives us; reap it only if we are still around when it exits.
-                tokio::spawn(async move {
-                    let _ = child.wait().await;
-                });
+                if let Some(mut child) = child {
+                    tokio::spawn(async move {
+                        let _ = child.wait().await;
+                    });
+                }
                 Ok(pid)
             }
             Err(e) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
+                let closed_store = rollback.closed_store;
+                if let Some(mut child) = rollback.disarm() {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
                 if closed_store {
                     self.state
                         .reopen()
@@ -307,19 +370,34 @@ impl Upgrader {
                 peer.pid()
             )));
         }
-        let mut conn = wire::Conn::new(
+        let conn = wire::Conn::new(
             stream
                 .into_std()
                 .map_err(|e| UpgradeError::Protocol(e.to_string()))?,
         )
         .map_err(|e| UpgradeError::Protocol(e.to_string()))?;
 
-        conn = blocking(deadline, child, conn, |c, d| c.expect_hello(d)).await?;
+        let (mut conn, form) = blocking(deadline, child, conn, |c, d| c.expect_hello(d)).await?;
         // From here on management connections wait for the new process, and our writer
-        // closes before the child can open the store: never two writers.
+        // closes before the child can open the store: never two writers. Bounded by the
+        // deadline like every other step (the writer may have a backlog).
         self.mgmt_gate.pause();
-        self.state.close().await;
         *closed_store = true;
+        let (offer, data, revision) = tokio::time::timeout_at(deadline, self.offer())
+            .await
+            .map_err(|_| UpgradeError::Timeout(timeout))??;
+        (conn, ()) = blocking(deadline, child, conn, move |c, _| {
+            c.send_sockets(form, revision, &offer, data)
+        })
+        .await?;
+        blocking(deadline, child, conn, |c, d| c.expect_ready(d)).await?;
+        Ok(())
+    }
+
+    /// Closes the writer and lists what to hand over: the sockets, the extras' data and
+    /// the state revision.
+    async fn offer(&self) -> Result<Offer, UpgradeError> {
+        self.state.close().await;
         let revision = self.state.snapshot().revision;
         let mut offer: Vec<(String, SocketKind, OwnedFd)> = self
             .sockets
@@ -338,12 +416,60 @@ impl Upgrader {
             }
             data.extend(extras.handoff_data().await);
         }
-        conn = blocking(deadline, child, conn, move |c, _| {
-            c.send_sockets(revision, &offer, data)
-        })
-        .await?;
-        blocking(deadline, child, conn, |c, d| c.expect_ready(d)).await?;
-        Ok(())
+        Ok((offer, data, revision))
+    }
+}
+
+/// The sockets, the extras' data and the state revision offered to the successor.
+type Offer = (
+    Vec<(String, SocketKind, OwnedFd)>,
+    std::collections::BTreeMap<String, String>,
+    u64,
+);
+
+/// Clears the busy flag when an upgrade attempt ends, however it ends.
+struct Busy(Arc<Upgrader>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Undoes a half-done handoff if the attempt is dropped before it decided (the runtime
+/// stops under it): the new process is killed, management connections are accepted
+/// again and the writer reopens.
+struct Rollback<'a> {
+    upgrader: &'a Upgrader,
+    child: Option<tokio::process::Child>,
+    closed_store: bool,
+}
+
+impl Rollback<'_> {
+    /// The attempt decided: hands back the child and undoes nothing.
+    fn disarm(&mut self) -> Option<tokio::process::Child> {
+        self.closed_store = false;
+        self.child.take()
+    }
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = child.start_kill();
+        self.upgrader.mgmt_gate.resume();
+        if self.closed_store {
+            let state = self.upgrader.state.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = state.reopen().await {
+                        tracing::error!(error = %e, "reopening the state store after an abandoned upgrade");
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -355,24 +481,25 @@ fn exited(status: std::io::Result<std::process::ExitStatus>) -> UpgradeError {
 }
 
 /// Runs one blocking step of the conversation while watching the child and the deadline.
-async fn blocking<F>(
+async fn blocking<F, T>(
     deadline: Instant,
     child: &mut tokio::process::Child,
     conn: wire::Conn,
     step: F,
-) -> Result<wire::Conn, UpgradeError>
+) -> Result<(wire::Conn, T), UpgradeError>
 where
-    F: FnOnce(&mut wire::Conn, std::time::Instant) -> std::io::Result<()> + Send + 'static,
+    F: FnOnce(&mut wire::Conn, std::time::Instant) -> std::io::Result<T> + Send + 'static,
+    T: Send + 'static,
 {
     let std_deadline =
         std::time::Instant::now() + deadline.saturating_duration_since(Instant::now());
     let mut task = tokio::task::spawn_blocking(move || {
         let mut conn = conn;
-        step(&mut conn, std_deadline).map(|()| conn)
+        step(&mut conn, std_deadline).map(|out| (conn, out))
     });
     tokio::select! {
         joined = &mut task => match joined {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(done)) => Ok(done),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => {
                 Err(UpgradeError::Timeout(deadline.saturating_duration_since(Instant::now())))
             }
@@ -394,7 +521,8 @@ pub struct Handoff {
 }
 
 /// If this process was started by an upgrade, connects to the parent and receives its
-/// sockets. Returns `None` for a normal start.
+/// sockets. Returns `None` for a normal start. Clears [`HANDOFF_ENV`], so call it before
+/// any other thread runs (see [`crate::inherit`]).
 pub fn receive() -> Result<Option<(Handoff, Inherited)>, UpgradeError> {
     let Some(path) = std::env::var_os(HANDOFF_ENV) else {
         return Ok(None);
