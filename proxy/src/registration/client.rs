@@ -292,6 +292,17 @@ pub async fn register_with(
     })
 }
 
+/// A wait between `wait / 2` and `wait`, drawn at random: after a daemon restart its many
+/// services do not all come back in the same instant (equal jitter).
+fn jittered(wait: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS: a fresh one per draw is a cheap random number.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(wait.as_nanos());
+    let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    wait / 2 + (wait / 2).mul_f64(fraction)
+}
+
 /// Holds `session`; whenever its stream ends, registers again (waiting `backoff` between
 /// attempts) until `stop` fires.
 async fn keep(
@@ -317,7 +328,7 @@ async fn keep(
         session = loop {
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(jittered(wait)) => {}
             }
             attempt += 1;
             let opened = tokio::select! {
@@ -342,5 +353,28 @@ async fn keep(
             s.live = true;
             s.registrations += 1;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_waits_are_jittered_within_half_to_full() {
+        let wait = Duration::from_secs(8);
+        let draws: Vec<Duration> = (0..200).map(|_| jittered(wait)).collect();
+        assert!(
+            draws.iter().all(|d| *d >= wait / 2 && *d <= wait),
+            "{draws:?}"
+        );
+        let distinct: std::collections::BTreeSet<Duration> = draws.iter().copied().collect();
+        assert!(
+            distinct.len() > 100,
+            "only {} distinct waits",
+            distinct.len()
+        );
+        let low = draws.iter().filter(|d| **d < wait * 3 / 4).count();
+        assert!((40..=160).contains(&low), "{low} of 200 in the lower half");
     }
 }

@@ -34,7 +34,7 @@ pub struct Policy {
     config_allow: Vec<String>,
     api_allow: ArcSwap<BTreeSet<String>>,
     ask: Option<String>,
-    ask_cache: Mutex<HashMap<String, (bool, Instant)>>,
+    ask_cache: Mutex<AskCache>,
     state: StateHandle,
 }
 
@@ -70,7 +70,7 @@ impl Policy {
             config_allow,
             api_allow: ArcSwap::from_pointee(api_allow.into_iter().collect()),
             ask,
-            ask_cache: Mutex::new(HashMap::new()),
+            ask_cache: Mutex::new(AskCache::new(ASK_CACHE_ENTRIES)),
             state,
         }
     }
@@ -122,15 +122,13 @@ impl Policy {
             return Decision::Denied;
         };
         {
-            let cache = self.ask_cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((allowed, until)) = cache.get(name) {
-                if *until > Instant::now() {
-                    return if *allowed {
-                        Decision::Allowed
-                    } else {
-                        Decision::Denied
-                    };
-                }
+            let mut cache = self.ask_cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(allowed) = cache.get(name, Instant::now()) {
+                return if allowed {
+                    Decision::Allowed
+                } else {
+                    Decision::Denied
+                };
             }
         }
         match ask_url(ask, name).await {
@@ -141,12 +139,7 @@ impl Policy {
                     ASK_DENIED_FOR
                 };
                 let mut cache = self.ask_cache.lock().unwrap_or_else(|p| p.into_inner());
-                // Bounded: a flood of random names must not grow it without end.
-                if cache.len() > 10_000 {
-                    let now = Instant::now();
-                    cache.retain(|_, (_, until)| *until > now);
-                }
-                cache.insert(name.to_string(), (allowed, Instant::now() + keep));
+                cache.insert(name, allowed, Instant::now() + keep);
                 if allowed {
                     Decision::Allowed
                 } else {
@@ -158,6 +151,70 @@ impl Policy {
                 Decision::AskFailed
             }
         }
+    }
+}
+
+/// Most `ask` answers remembered: a flood of random names evicts the least recently used
+/// ones instead of growing the cache.
+const ASK_CACHE_ENTRIES: usize = 10_000;
+
+/// `ask` answers by name, each until its expiry, at most `capacity` of them (least
+/// recently used out first).
+#[derive(Debug)]
+struct AskCache {
+    entries: HashMap<String, (bool, Instant, u64)>,
+    /// Names by last use.
+    by_use: std::collections::BTreeMap<u64, String>,
+    clock: u64,
+    capacity: usize,
+}
+
+impl AskCache {
+    fn new(capacity: usize) -> Self {
+        AskCache {
+            entries: HashMap::new(),
+            by_use: std::collections::BTreeMap::new(),
+            clock: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The answer for `name` if it is still valid at `now` (and marks it used).
+    fn get(&mut self, name: &str, now: Instant) -> Option<bool> {
+        let (allowed, until, used) = self.entries.get_mut(name)?;
+        if *until <= now {
+            let stale = *used;
+            self.entries.remove(name);
+            self.by_use.remove(&stale);
+            return None;
+        }
+        let allowed = *allowed;
+        self.by_use.remove(used);
+        self.clock += 1;
+        *used = self.clock;
+        self.by_use.insert(self.clock, name.to_string());
+        Some(allowed)
+    }
+
+    fn insert(&mut self, name: &str, allowed: bool, until: Instant) {
+        if let Some((_, _, used)) = self.entries.remove(name) {
+            self.by_use.remove(&used);
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.clock += 1;
+        self.entries
+            .insert(name.to_string(), (allowed, until, self.clock));
+        self.by_use.insert(self.clock, name.to_string());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -200,7 +257,25 @@ async fn ask_url(ask: &str, name: &str) -> Result<bool, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::covers;
+    use super::*;
+
+    #[test]
+    fn the_ask_cache_is_bounded_and_evicts_the_least_recently_used() {
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(3600);
+        let mut cache = AskCache::new(100);
+        cache.insert("keep.example", true, later);
+        for i in 0..10_000 {
+            cache.insert(&format!("flood{i}.example"), false, later);
+            // A name in use stays however many others arrive.
+            assert_eq!(cache.get("keep.example", now), Some(true));
+            assert!(cache.len() <= 100);
+        }
+        assert_eq!(cache.len(), 100);
+        assert_eq!(cache.get("flood0.example", now), None, "evicted");
+        assert_eq!(cache.get("flood9999.example", now), Some(false));
+        assert_eq!(cache.get("keep.example", later), None, "expired");
+    }
 
     #[test]
     fn wildcards_need_a_label_in_front() {
