@@ -325,17 +325,21 @@ async fn the_management_api_answers_while_the_real_binary_drains() {
         .await
         .expect("drain");
 
-    // While the request drains, a new management connection is answered: reads work and
-    // say "draining", writes get UNAVAILABLE.
+    // While the request drains (3 s), new management connections are answered, over a
+    // second of it: reads work and say "draining", writes get UNAVAILABLE.
+    for _ in 0..10 {
+        let mut fresh = mgmt_support::Api::over(mgmt_support::unix_channel(&socket).await);
+        let status = fresh
+            .admin
+            .status(pb::StatusRequest::default())
+            .await
+            .expect("status while draining")
+            .into_inner();
+        assert!(status.draining);
+        assert_eq!(status.pid, p.0.id());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut fresh = mgmt_support::Api::over(mgmt_support::unix_channel(&socket).await);
-    let status = fresh
-        .admin
-        .status(pb::StatusRequest::default())
-        .await
-        .expect("status while draining")
-        .into_inner();
-    assert!(status.draining);
-    assert_eq!(status.pid, p.0.id());
     let write = fresh
         .pools
         .create_pool(pb::CreatePoolRequest {
