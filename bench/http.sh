@@ -14,6 +14,7 @@
 #        BENCH_LOGS="off on"     (access log scenarios to run)
 #        BENCH_OUT=bench/results (where the table and chart go)
 #        PROXYD=/path/to/proxyd  (skip the build and use this binary)
+#        PROXYD_LABEL=...        (what to call that binary in the results; default: HEAD)
 #        CARGO_TARGET_DIR        (default /var/tmp/proxy-target)
 set -euo pipefail
 
@@ -287,7 +288,7 @@ run_wrk() { # url mode(keepalive|close) label pid
         / requests in / { n = $1 }
         /Non-2xx or 3xx responses:/ { err += $NF }
         /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
-        END { printf "%.0f %.2f %.2f %d %.1f\n", rps, p50, p99, err, n > 0 ? ticks * 1e6 / hz / n : 0 }
+        END { printf "%.0f %.2f %.2f %d %.1f\n", rps, p50, p99, err, (n > 0) ? (ticks * 1e6 / hz / n) : 0 }
     ' "$out"
 }
 
@@ -328,7 +329,7 @@ lower() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
 mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new connection"; fi; }
 
 mkdir -p "$OUT"
-HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB body from an nginx upstream, all on 127.0.0.1, $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(date -u +%Y-%m-%dT%H:%MZ), proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB body from an nginx upstream, all on 127.0.0.1, $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(date -u +%Y-%m-%dT%H:%MZ), proxyd ${PROXYD_LABEL:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 # results.tsv: one line per measured run.
 {
