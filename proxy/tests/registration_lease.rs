@@ -97,6 +97,49 @@ async fn a_registration_opens_its_port_and_two_instances_are_balanced() {
 }
 
 #[tokio::test]
+async fn a_burst_of_registrations_arriving_at_once_is_all_routed() {
+    // As after an upgrade: many services register at the same moment. Their membership
+    // edits are published together, and each is routed once its registration returned.
+    let port = free_port();
+    let p = proxy_with(port, "5s", "").await;
+    let up = upstream("burst").await;
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(channel(&p).await);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let channel = channels[i % channels.len()].clone();
+        let announce = http_announce(&up.address(), port, &format!("/s{i}/"));
+        tasks.spawn(async move { (i, client::register(channel, announce, None).await) });
+    }
+    let mut leases = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, lease) = joined.expect("task");
+        let lease = lease.unwrap_or_else(|e| panic!("registration {i}: {e}"));
+        let r = get(local(port), "h", &format!("/s{i}/x")).await;
+        assert_eq!(
+            (r.status, r.header("x-upstream")),
+            (200, Some("burst")),
+            "{i}"
+        );
+        leases.push(lease);
+    }
+    let l = listing(&p).await;
+    assert_eq!((l.registrations.len(), l.routes.len()), (200, 200));
+    // All leave at once: each route is held, none is lost.
+    let mut releases = tokio::task::JoinSet::new();
+    for lease in leases {
+        releases.spawn(lease.release());
+    }
+    while releases.join_next().await.is_some() {}
+    let l = listing(&p).await;
+    assert_eq!(l.registrations.len(), 0);
+    assert_eq!(l.routes.len(), 200);
+    assert!(l.routes.iter().all(|r| r.instances == 0));
+}
+
+#[tokio::test]
 async fn requests_wait_through_a_reregistration_and_all_succeed() {
     let port = free_port();
     let p = proxy_with(port, "30s", "").await;

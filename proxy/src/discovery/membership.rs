@@ -5,7 +5,9 @@
 //! every routing table is built from both, but it is never written to SQLite: after a
 //! restart the sources and registrations fill it again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+use rpds::RedBlackTreeMapSync;
 use std::sync::Arc;
 
 use crate::config::Protocol;
@@ -97,31 +99,48 @@ pub struct RegisteredRoute {
     pub hold: Arc<Hold>,
 }
 
-/// Run-time additions to the desired state. Cheap to clone: routing builds take it by
-/// reference and updates replace it whole.
+/// Run-time additions to the desired state. Its maps are persistent (structurally shared),
+/// so a copy is O(1) and an edit O(log n); routing compiles only what an edit touched.
 #[derive(Debug, Clone, Default)]
 pub struct Membership {
-    members: BTreeMap<String, BTreeMap<Origin, Vec<Upstream>>>,
-    on_change: BTreeMap<String, OnChange>,
-    routes: BTreeMap<String, RegisteredRoute>,
+    members: RedBlackTreeMapSync<String, Arc<BTreeMap<Origin, Vec<Upstream>>>>,
+    on_change: RedBlackTreeMapSync<String, OnChange>,
+    routes: RedBlackTreeMapSync<String, RegisteredRoute>,
+    /// What the edits since the last [`take_touched`](Self::take_touched) changed.
+    touched: MembershipTouched,
+}
+
+/// The pools and registered routes a run of membership edits changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MembershipTouched {
+    /// Pools whose members or on-change policy changed.
+    pub pools: BTreeSet<String>,
+    /// Registered routes added, replaced or removed.
+    pub routes: BTreeSet<String>,
 }
 
 impl Membership {
     /// Replaces what `origin` contributes to `pool`; an empty list removes it.
     pub fn set_members(&mut self, pool: &str, origin: Origin, upstreams: Vec<Upstream>) {
+        let mut by_origin = self
+            .members
+            .get(pool)
+            .map(|m| m.as_ref().clone())
+            .unwrap_or_default();
         if upstreams.is_empty() {
-            if let Some(by_origin) = self.members.get_mut(pool) {
-                by_origin.remove(&origin);
-                if by_origin.is_empty() {
-                    self.members.remove(pool);
-                }
+            if by_origin.remove(&origin).is_none() {
+                return;
             }
         } else {
-            self.members
-                .entry(pool.to_string())
-                .or_default()
-                .insert(origin, upstreams);
+            by_origin.insert(origin, upstreams);
         }
+        if by_origin.is_empty() {
+            self.members.remove_mut(pool);
+        } else {
+            self.members
+                .insert_mut(pool.to_string(), Arc::new(by_origin));
+        }
+        self.touched.pools.insert(pool.to_string());
     }
 
     /// What `origin` contributes to `pool`.
@@ -142,7 +161,8 @@ impl Membership {
 
     /// Sets the on-change policy of `pool`.
     pub fn set_on_change(&mut self, pool: &str, policy: OnChange) {
-        self.on_change.insert(pool.to_string(), policy);
+        self.on_change.insert_mut(pool.to_string(), policy);
+        self.touched.pools.insert(pool.to_string());
     }
 
     /// The on-change policy of `pool` (`keep` unless set).
@@ -179,19 +199,47 @@ impl Membership {
 
     /// Adds or replaces the registered route called `name`.
     pub fn set_route(&mut self, name: &str, route: RegisteredRoute) {
-        self.routes.insert(name.to_string(), route);
+        if let Some(old) = self.routes.get(name) {
+            self.touched.pools.insert(old.pool.clone());
+        }
+        self.touched.pools.insert(route.pool.clone());
+        self.touched.routes.insert(name.to_string());
+        self.routes.insert_mut(name.to_string(), route);
     }
 
     /// Removes the registered route called `name`, with its members.
     pub fn remove_route(&mut self, name: &str) {
-        if let Some(route) = self.routes.remove(name) {
-            self.members.remove(&route.pool);
+        let Some(route) = self.routes.get(name).cloned() else {
+            return;
+        };
+        self.routes.remove_mut(name);
+        self.members.remove_mut(&route.pool);
+        self.touched.pools.insert(route.pool);
+        self.touched.routes.insert(name.to_string());
+    }
+
+    /// The registered route called `name`.
+    pub fn route(&self, name: &str) -> Option<&RegisteredRoute> {
+        self.routes.get(name)
+    }
+
+    /// A registered route served by `pool` (registrations name a route's pool after it, so
+    /// this is one lookup; other names are searched).
+    pub fn route_using_pool(&self, pool: &str) -> Option<&RegisteredRoute> {
+        match self.routes.get(pool) {
+            Some(r) if r.pool == pool => Some(r),
+            _ => self.routes.values().find(|r| r.pool == pool),
         }
     }
 
     /// Registered routes by name.
     pub fn routes(&self) -> impl Iterator<Item = (&String, &RegisteredRoute)> {
         self.routes.iter()
+    }
+
+    /// What changed since the last call, for the writer to compile.
+    pub(crate) fn take_touched(&mut self) -> MembershipTouched {
+        std::mem::take(&mut self.touched)
     }
 }
 
@@ -237,5 +285,8 @@ mod tests {
         m.set_members("p", Origin::Discovered(SourceKind::Etcd), Vec::new());
         assert_eq!(m.upstreams_of(&pool).len(), 1);
         assert!(m.members.is_empty());
+        let touched = m.take_touched();
+        assert_eq!(touched.pools, BTreeSet::from(["p".to_string()]));
+        assert!(m.take_touched().pools.is_empty());
     }
 }

@@ -23,7 +23,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-pub use membership::{Membership, OnChange, Origin, RegisteredRoute, SourceKind};
+pub use membership::{
+    Membership, MembershipTouched, OnChange, Origin, RegisteredRoute, SourceKind,
+};
 
 use crate::shutdown::Shutdown;
 use crate::state::{check_upstream_address, StateHandle, Upstream};

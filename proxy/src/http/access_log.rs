@@ -78,7 +78,7 @@ impl AccessLog {
         let (route, pool) = self
             .entry
             .as_ref()
-            .map_or(("", ""), |e| (e.route.name.as_str(), e.pool.name.as_str()));
+            .map_or(("", ""), |e| (e.route.name.as_str(), e.route.pool.as_str()));
         let upstream = self.upstream.as_ref().map_or("", |u| u.address.as_str());
         let outcome = HttpOutcome {
             listener: &self.listener.name,

@@ -193,7 +193,7 @@ async fn proxy(
         log.trace.as_ref(),
     )?;
     // A registered route whose instances are away: wait (bounded) for one to come back.
-    let pool = crate::registration::ready_pool(&ctx.state, &entry.pool, ctx.telemetry.metrics())
+    let pool = crate::registration::ready_pool(entry.pool_slot(), ctx.telemetry.metrics())
         .await
         .map_err(|e| {
             Failure::new(
@@ -362,7 +362,7 @@ fn upstream_request(
         RequestBody::streaming(
             body,
             ctx.listener.max_body_bytes,
-            entry.pool.policy.body_timeout,
+            entry.pool_slot().load().policy.body_timeout,
         ),
     ))
 }

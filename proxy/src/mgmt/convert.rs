@@ -219,7 +219,9 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
         .upstreams
         .iter()
         .map(|u| {
-            let rt = runtime.and_then(|r| r.upstreams().iter().find(|x| x.address == u.address));
+            let rt = runtime
+                .as_ref()
+                .and_then(|r| r.upstreams().iter().find(|x| x.address == u.address));
             let health = health_of(rt.map(|rt| rt.as_ref()));
             let state = match u.state {
                 UpstreamState::Active => pb::UpstreamState::Active,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use hold::{Hold, HoldError};
 
-use crate::state::StateHandle;
+use crate::routing::PoolSlot;
 use crate::upstream::PoolRuntime;
 pub use registry::{
     Claim, ClaimTls, KnownListener, RegisterError, Registration, RegistrationInfo, Registry,
@@ -61,29 +61,23 @@ impl Default for RegistrationConfig {
 /// pool as it is once one registers again (waiting on its hold, bounded). Other pools
 /// return at once, so the request path pays one branch for this.
 pub async fn ready_pool(
-    state: &StateHandle,
-    pool: &Arc<PoolRuntime>,
+    slot: &Arc<PoolSlot>,
     metrics: &crate::telemetry::Metrics,
 ) -> Result<Arc<PoolRuntime>, HoldError> {
+    let pool = slot.load_full();
     let Some(hold) = &pool.hold else {
-        return Ok(pool.clone());
+        return Ok(pool);
     };
     if !pool.upstreams().is_empty() {
-        return Ok(pool.clone());
+        return Ok(pool);
     }
     if !hold.is_holding() {
         return Err(HoldError::Ended);
     }
-    let name = pool.name.as_str();
     let held = metrics.request_held();
+    // The route's slot gets the pool with the instance once one registers again.
     let result = hold
-        .wait(|| {
-            state
-                .routing()
-                .pool(name)
-                .filter(|p| !p.upstreams().is_empty())
-                .cloned()
-        })
+        .wait(|| Some(slot.load_full()).filter(|p| !p.upstreams().is_empty()))
         .await;
     drop(held);
     metrics.held_finished(match &result {

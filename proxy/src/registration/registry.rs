@@ -454,9 +454,11 @@ impl Registry {
         // Routes from the config file own their hosts.
         let snap = self.state.snapshot();
         if let Some(host) = &host {
-            if let Some(r) = snap.state.routes().find(|r| {
-                r.source == Source::Declarative && r.host.as_deref() == Some(host.as_str())
-            }) {
+            if let Some(r) = snap
+                .state
+                .routes_with_host(host)
+                .find(|r| r.source == Source::Declarative)
+            {
                 return Err(RegisterError::Conflict(format!(
                     "host {host:?} is claimed by route {:?} of the config file",
                     r.name
@@ -535,15 +537,15 @@ impl Registry {
             registry: self.clone(),
             ended: false,
         };
-        self.state
-            .update_membership(move |m| {
-                m.set_route(&route_name, registered);
-                m.set_members(&pool, Origin::Registered(id), vec![Upstream::new(endpoint)]);
-            })
-            .await;
+        // Queued under the lock (so edits reach the writer in book order), awaited without it.
+        let published = self.state.queue_membership(move |m| {
+            m.set_route(&route_name, registered);
+            m.set_members(&pool, Origin::Registered(id), vec![Upstream::new(endpoint)]);
+        });
+        drop(book);
+        published.await;
         // Only now is the instance in the routing table waiters will look at.
         hold.set_live();
-        drop(book);
         let info = registration.info();
         tracing::info!(id, route = %info.route, endpoint = %info.claim.endpoint, "service registered");
         Ok(registration)
@@ -852,10 +854,11 @@ impl Registry {
             (host, path_prefix),
             &handed.certificates,
         );
-        self.state
-            .update_membership(move |m| m.set_route(&name, registered))
-            .await;
+        let published = self
+            .state
+            .queue_membership(move |m| m.set_route(&name, registered));
         drop(book);
+        published.await;
         tracing::info!(%route, listener = %l.name, "holding a registered route handed over on a configured listener");
         self.expire_after_hold(route, 1);
         Ok(())
@@ -905,33 +908,35 @@ impl Registry {
             ));
         }
         let names: Vec<String> = held.iter().map(|(n, _)| n.clone()).collect();
+        let published = self.state.queue_membership(move |m| {
+            for (name, route) in held {
+                m.set_route(&name, route);
+            }
+        });
+        drop(book);
         // The held routes are in the routing table before the first connection is accepted.
-        self.state
-            .update_membership(move |m| {
-                for (name, route) in held {
-                    m.set_route(&name, route);
-                }
-            })
-            .await;
+        published.await;
         let address = SocketAddr::new(self.config.address, port);
         let open = match self.serve_port(port, handoff.protocol, address, socket) {
             Ok(open) => open,
             Err(e) => {
+                let mut book = self.book.lock().await;
                 for route in &names {
                     if let Some(entry) = book.routes.remove(route) {
                         self.drop_certs(&entry);
                     }
                 }
                 let removed = names.clone();
-                self.state
-                    .update_membership(move |m| removed.iter().for_each(|r| m.remove_route(r)))
-                    .await;
+                let published = self
+                    .state
+                    .queue_membership(move |m| removed.iter().for_each(|r| m.remove_route(r)));
+                drop(book);
+                published.await;
                 return Err(e.to_string());
             }
         };
         tracing::info!(listener = %open.listener, address = %open.address, routes = names.len(), "serving a port handed over for registrations; its routes are held");
-        book.ports.insert(port, open);
-        drop(book);
+        self.book.lock().await.ports.insert(port, open);
         if names.is_empty() {
             // Nothing to hold: the port closes like one whose routes all expired.
             self.close_unused_port(port).await;
@@ -1049,12 +1054,13 @@ impl Registry {
             hold.hold_until(tokio::time::Instant::now() + self.config.hold);
         }
         let generation = entry.generation;
-        self.state
-            .set_members(&pool, Origin::Registered(id), Vec::new())
-            .await;
+        let published = self
+            .state
+            .queue_membership(move |m| m.set_members(&pool, Origin::Registered(id), Vec::new()));
+        drop(book);
+        published.await;
         tracing::info!(id, route = %info.route, held = last, "registration ended");
         if last {
-            drop(book);
             self.expire_after_hold(info.route, generation);
         }
     }
@@ -1118,12 +1124,12 @@ impl Registry {
         self.drop_certs(entry);
         book.routes.remove(route);
         let name = route.to_string();
-        self.state
-            .update_membership(move |m| m.remove_route(&name))
-            .await;
+        let published = self.state.queue_membership(move |m| m.remove_route(&name));
+        Self::close_port_if_unused(&mut book, port);
+        drop(book);
+        published.await;
         hold.end();
         tracing::info!(route, "hold ended without a registration; route removed");
-        Self::close_port_if_unused(&mut book, port);
     }
 
     /// Live registrations, by id.

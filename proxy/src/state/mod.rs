@@ -1,20 +1,28 @@
 //! The desired state: model types, [`Change`], validation, and the single writer that
 //! persists batches to SQLite and publishes routing snapshots.
 //!
-//! Flow of a batch: [`StateHandle::apply`] sends it to the writer task, which validates it
-//! against a copy of the current state, writes it in one SQLite transaction, builds a new
-//! [`RoutingTable`] and swaps it in, and only then answers. Readers load the snapshot with
-//! one atomic pointer read and never touch SQLite.
+//! Flow of a batch: [`StateHandle::apply`] sends it to the writer thread, which validates it
+//! against a copy of the current state, writes the rows it names in one SQLite transaction,
+//! compiles the routing table for what it touched and swaps the new snapshot in, and only
+//! then answers. Readers load the snapshot with one atomic pointer read and never touch
+//! SQLite.
+//!
+//! A change costs what it changes: the state's maps are persistent (a copy is O(1), an edit
+//! O(log n)), the store writes only the named rows, and routing recompiles only the touched
+//! hosts and pools. Batches queued while the writer was busy are committed together (one
+//! transaction, one fsync, one publish; each batch still all-or-nothing with its own
+//! revision), and membership edits queued together are published once.
 
 mod change;
 mod model;
 mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use rpds::{RedBlackTreeMapSync, RedBlackTreeSetSync};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,15 +37,64 @@ use crate::config::Protocol;
 use crate::discovery::{Membership, Origin};
 use crate::routing::RoutingTable;
 
-/// The whole desired state at one revision.
+/// The whole desired state at one revision. Cloning it is O(1): the maps are persistent and
+/// share their structure with the copies they were made from.
 #[derive(Debug, Clone, Default)]
 pub struct State {
-    listeners: BTreeMap<String, Protocol>,
-    pools: BTreeMap<String, Arc<Pool>>,
-    routes: BTreeMap<String, Arc<Route>>,
-    tcp_routes: BTreeMap<String, Arc<TcpRoute>>,
+    listeners: Arc<BTreeMap<String, Protocol>>,
+    pools: RedBlackTreeMapSync<String, Arc<Pool>>,
+    routes: RedBlackTreeMapSync<String, Arc<Route>>,
+    tcp_routes: RedBlackTreeMapSync<String, Arc<TcpRoute>>,
+    /// `(host, route name)` of every HTTP route with a host: the routes of one host are
+    /// found without visiting the others.
+    routes_by_host: RedBlackTreeSetSync<(String, String)>,
+    /// `(pool, route name)` of every HTTP route: whether a pool is in use, in O(log n).
+    routes_by_pool: RedBlackTreeSetSync<(String, String)>,
     /// Discovered and registered upstreams and registered routes: run-time only, never stored.
     membership: Arc<Membership>,
+}
+
+/// The objects a run of changes named: what the store writes and routing recompiles.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    /// Pools created, changed or deleted (definition or run-time membership).
+    pub pools: BTreeSet<String>,
+    /// HTTP routes created, changed or deleted.
+    pub routes: BTreeSet<String>,
+    /// TCP routes created, changed or deleted.
+    pub tcp_routes: BTreeSet<String>,
+    /// Registered (run-time) routes added, replaced or removed.
+    pub registered_routes: BTreeSet<String>,
+}
+
+impl Touched {
+    /// Adds the object `change` names.
+    pub fn add(&mut self, change: &Change) {
+        let (set, name) = match change {
+            Change::CreatePool(p) | Change::UpdatePool(p) => (&mut self.pools, &p.name),
+            Change::DeletePool { name } => (&mut self.pools, name),
+            Change::AddUpstream { pool, .. }
+            | Change::RemoveUpstream { pool, .. }
+            | Change::SetUpstreamState { pool, .. } => (&mut self.pools, pool),
+            Change::CreateRoute(r) | Change::UpdateRoute(r) => (&mut self.routes, &r.name),
+            Change::DeleteRoute { name } => (&mut self.routes, name),
+            Change::CreateTcpRoute(r) | Change::UpdateTcpRoute(r) => {
+                (&mut self.tcp_routes, &r.name)
+            }
+            Change::DeleteTcpRoute { name } => (&mut self.tcp_routes, name),
+        };
+        if !set.contains(name) {
+            set.insert(name.clone());
+        }
+    }
+
+    /// Whether nothing was touched.
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+            && self.routes.is_empty()
+            && self.tcp_routes.is_empty()
+            && self.registered_routes.is_empty()
+    }
 }
 
 /// The API-owned (or declarative) objects as one document, for export and import.
@@ -235,7 +292,7 @@ impl State {
     /// A state with no objects, for the given listeners.
     pub fn empty(listeners: BTreeMap<String, Protocol>) -> State {
         State {
-            listeners,
+            listeners: Arc::new(listeners),
             ..State::default()
         }
     }
@@ -260,6 +317,54 @@ impl State {
         self.routes.get(name).map(|r| r.as_ref())
     }
 
+    /// The HTTP route called `name`, shared (the routing table keeps the same allocation).
+    pub fn route_arc(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.get(name)
+    }
+
+    /// The HTTP routes whose host is `host` as written (`example.com` or `*.example.com`,
+    /// lower-case), in O(log n).
+    pub fn routes_with_host<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Route> + 'a {
+        self.routes_by_host
+            .range((host.to_string(), String::new())..)
+            .take_while(move |(h, _)| h == host)
+            .filter_map(|(_, name)| self.route(name))
+    }
+
+    /// The HTTP routes that forward to `pool`, in O(log n).
+    fn routes_of_pool<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.routes_by_pool
+            .range((pool.to_string(), String::new())..)
+            .take_while(move |(p, _)| p == pool)
+            .map(|(_, name)| name.as_str())
+    }
+
+    /// Adds or replaces a route, keeping the host and pool indexes.
+    fn put_route(&mut self, route: Route) {
+        self.drop_route(&route.name);
+        if let Some(host) = &route.host {
+            self.routes_by_host
+                .insert_mut((host.clone(), route.name.clone()));
+        }
+        self.routes_by_pool
+            .insert_mut((route.pool.clone(), route.name.clone()));
+        self.routes.insert_mut(route.name.clone(), Arc::new(route));
+    }
+
+    /// Removes a route, keeping the host and pool indexes.
+    fn drop_route(&mut self, name: &str) {
+        let Some(old) = self.routes.get(name).cloned() else {
+            return;
+        };
+        if let Some(host) = &old.host {
+            self.routes_by_host
+                .remove_mut(&(host.clone(), old.name.clone()));
+        }
+        self.routes_by_pool
+            .remove_mut(&(old.pool.clone(), old.name.clone()));
+        self.routes.remove_mut(name);
+    }
+
     /// All TCP routes, by name.
     pub fn tcp_routes(&self) -> impl Iterator<Item = &TcpRoute> {
         self.tcp_routes.values().map(|r| r.as_ref())
@@ -273,6 +378,21 @@ impl State {
     /// The run-time membership (discovered and registered upstreams, registered routes).
     pub fn membership(&self) -> &Membership {
         &self.membership
+    }
+
+    /// Runs `edit` on the run-time membership (copied first if shared: O(1)).
+    pub(crate) fn edit_membership(&mut self, edit: impl FnOnce(&mut Membership)) {
+        edit(Arc::make_mut(&mut self.membership));
+    }
+
+    /// What membership edits touched since the last call.
+    pub(crate) fn take_membership_touched(&mut self) -> Touched {
+        let changed = Arc::make_mut(&mut self.membership).take_touched();
+        Touched {
+            pools: changed.pools,
+            registered_routes: changed.routes,
+            ..Touched::default()
+        }
     }
 
     /// Listener names and protocols known to this state.
@@ -437,21 +557,25 @@ impl State {
                         name: pool.name,
                     });
                 }
-                self.pools.insert(pool.name.clone(), Arc::new(pool));
+                self.pools.insert_mut(pool.name.clone(), Arc::new(pool));
             }
             Change::UpdatePool(mut pool) => {
                 pool.source = source;
                 check_pool(&pool)?;
                 self.pool_for_edit(&pool.name, source)?;
-                self.pools.insert(pool.name.clone(), Arc::new(pool));
+                self.pools.insert_mut(pool.name.clone(), Arc::new(pool));
             }
             Change::DeletePool { name } => {
                 self.pool_for_edit(&name, source)?;
-                if let Some(r) = self.routes.values().find(|r| r.pool == name) {
+                let user = self
+                    .routes_of_pool(&name)
+                    .next()
+                    .map(|r| format!("route {r:?}"));
+                if let Some(user) = user {
                     return Err(ApplyError::InUse {
                         kind: "pool",
                         name,
-                        user: format!("route {:?}", r.name),
+                        user,
                     });
                 }
                 if let Some(r) = self.tcp_routes.values().find(|r| r.pool == name) {
@@ -461,7 +585,7 @@ impl State {
                         user: format!("tcp route {:?}", r.name),
                     });
                 }
-                self.pools.remove(&name);
+                self.pools.remove_mut(&name);
             }
             Change::AddUpstream { pool, upstream } => {
                 check_upstream(&upstream).map_err(|e| e.within("upstream."))?;
@@ -473,7 +597,7 @@ impl State {
                     });
                 }
                 p.upstreams.push(upstream);
-                self.pools.insert(pool, Arc::new(p));
+                self.pools.insert_mut(pool, Arc::new(p));
             }
             Change::RemoveUpstream { pool, address } => {
                 let mut p = self.pool_for_edit(&pool, source)?;
@@ -485,7 +609,7 @@ impl State {
                         name: format!("{pool}/{address}"),
                     });
                 }
-                self.pools.insert(pool, Arc::new(p));
+                self.pools.insert_mut(pool, Arc::new(p));
             }
             Change::SetUpstreamState {
                 pool,
@@ -510,7 +634,7 @@ impl State {
                         name: format!("{pool}/{address}"),
                     })?;
                 u.state = state;
-                self.pools.insert(pool, Arc::new(p));
+                self.pools.insert_mut(pool, Arc::new(p));
             }
             Change::CreateRoute(route) => {
                 let route = self.check_route(route, source)?;
@@ -520,7 +644,7 @@ impl State {
                         name: route.name,
                     });
                 }
-                self.routes.insert(route.name.clone(), Arc::new(route));
+                self.put_route(route);
             }
             Change::UpdateRoute(route) => {
                 let route = self.check_route(route, source)?;
@@ -532,7 +656,7 @@ impl State {
                         name: route.name.clone(),
                     })?;
                 self.owned("route", &route.name, old.source, source)?;
-                self.routes.insert(route.name.clone(), Arc::new(route));
+                self.put_route(route);
             }
             Change::DeleteRoute { name } => {
                 let old = self.routes.get(&name).ok_or_else(|| ApplyError::NotFound {
@@ -540,7 +664,7 @@ impl State {
                     name: name.clone(),
                 })?;
                 self.owned("route", &name, old.source, source)?;
-                self.routes.remove(&name);
+                self.drop_route(&name);
             }
             Change::CreateTcpRoute(route) => {
                 let route = self.check_tcp_route(route, source)?;
@@ -551,7 +675,8 @@ impl State {
                     });
                 }
                 self.check_tcp_route_unique(&route)?;
-                self.tcp_routes.insert(route.name.clone(), Arc::new(route));
+                self.tcp_routes
+                    .insert_mut(route.name.clone(), Arc::new(route));
             }
             Change::UpdateTcpRoute(route) => {
                 let route = self.check_tcp_route(route, source)?;
@@ -564,7 +689,8 @@ impl State {
                     })?;
                 self.owned("tcp_route", &route.name, old.source, source)?;
                 self.check_tcp_route_unique(&route)?;
-                self.tcp_routes.insert(route.name.clone(), Arc::new(route));
+                self.tcp_routes
+                    .insert_mut(route.name.clone(), Arc::new(route));
             }
             Change::DeleteTcpRoute { name } => {
                 let old = self
@@ -575,7 +701,7 @@ impl State {
                         name: name.clone(),
                     })?;
                 self.owned("tcp_route", &name, old.source, source)?;
-                self.tcp_routes.remove(&name);
+                self.tcp_routes.remove_mut(&name);
             }
         }
         Ok(())
@@ -707,14 +833,10 @@ pub struct Snapshot {
 pub type RowWrite = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<bool> + Send>;
 
 enum Request {
+    Apply(ApplyRequest),
     Rows {
         write: RowWrite,
         reply: oneshot::Sender<Result<Option<u64>, ApplyError>>,
-    },
-    Apply {
-        changes: Vec<Change>,
-        source: Source,
-        reply: oneshot::Sender<Result<u64, ApplyError>>,
     },
     Close {
         reply: oneshot::Sender<()>,
@@ -728,10 +850,19 @@ enum Request {
     },
 }
 
+struct ApplyRequest {
+    changes: Vec<Change>,
+    source: Source,
+    reply: oneshot::Sender<Result<u64, ApplyError>>,
+}
+
 /// A cheap, cloneable handle to the state: read snapshots, apply batches.
 #[derive(Clone)]
 pub struct StateHandle {
-    tx: mpsc::Sender<Request>,
+    /// Unbounded: every sender waits for its answer, so the queue never holds more than
+    /// one request per waiting caller; and queueing never waits, so a caller can queue
+    /// under its own lock and wait for the answer after releasing it.
+    tx: mpsc::UnboundedSender<Request>,
     current: Arc<ArcSwap<Snapshot>>,
     write_latency: crate::telemetry::DurationHistogram,
 }
@@ -764,7 +895,7 @@ impl StateHandle {
         let (mut state, mut revision) = store.load(listeners)?;
 
         // Reconcile the config file: its objects become exactly `declarative`.
-        let mut target = State::empty(state.listeners.clone());
+        let mut target = State::empty(state.listeners().clone());
         target
             .apply_batch(declarative, Source::Declarative)
             .map_err(StoreError::Reconcile)?;
@@ -773,7 +904,10 @@ impl StateHandle {
             let mut next = state.clone();
             next.apply_batch(&changes, Source::Declarative)
                 .map_err(StoreError::Reconcile)?;
-            revision = store.commit(&state, &next, revision)?;
+            let mut touched = Touched::default();
+            changes.iter().for_each(|c| touched.add(c));
+            revision += 1;
+            store.commit(&next, &touched, revision)?;
             state = next;
         }
 
@@ -783,15 +917,17 @@ impl StateHandle {
             state,
             routing,
         }));
-        let (tx, rx) = mpsc::channel(256);
-        let writer_current = current.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
         let write_latency = crate::telemetry::DurationHistogram::fast();
+        let writer = Writer {
+            path: db_path,
+            store: Some(store),
+            current: current.clone(),
+            write_latency: write_latency.clone(),
+        };
         std::thread::Builder::new()
             .name("state-writer".into())
-            .spawn({
-                let write_latency = write_latency.clone();
-                move || writer(db_path, store, rx, writer_current, write_latency)
-            })
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Io("state writer thread".into(), e))?;
         Ok(StateHandle {
             tx,
@@ -826,12 +962,11 @@ impl StateHandle {
     pub async fn apply(&self, changes: Vec<Change>, source: Source) -> Result<u64, ApplyError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Apply {
+            .send(Request::Apply(ApplyRequest {
                 changes,
                 source,
                 reply,
-            })
-            .await
+            }))
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?;
         rx.await
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?
@@ -845,22 +980,35 @@ impl StateHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Rows { write, reply })
-            .await
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?;
         rx.await
             .map_err(|_| ApplyError::Unavailable("the state writer has stopped".into()))?
     }
 
-    /// Changes the run-time membership and publishes a new routing table, without a store
-    /// write. Runs on the writer, so it never races a batch. Works while the store is closed.
+    /// Changes the run-time membership and publishes it, without a store write. Runs on
+    /// the writer, so it never races a batch. Works while the store is closed.
     pub async fn update_membership(&self, update: impl FnOnce(&mut Membership) + Send + 'static) {
+        self.queue_membership(update).await
+    }
+
+    /// Queues a membership change now, in call order with every other request, and
+    /// returns a future that resolves once it is published. A caller holding a lock can
+    /// queue under it and wait after releasing it: the order is kept and the lock is never
+    /// held across the writer's round trip.
+    pub fn queue_membership(
+        &self,
+        update: impl FnOnce(&mut Membership) + Send + 'static,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         let request = Request::Membership {
             update: Box::new(update),
             reply,
         };
-        if self.tx.send(request).await.is_ok() {
-            let _ = rx.await;
+        let queued = self.tx.send(request).is_ok();
+        async move {
+            if queued {
+                let _ = rx.await;
+            }
         }
     }
 
@@ -875,7 +1023,7 @@ impl StateHandle {
     /// `apply` calls fail with `Unavailable` until [`reopen`](Self::reopen).
     pub async fn close(&self) {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Request::Close { reply }).await.is_ok() {
+        if self.tx.send(Request::Close { reply }).is_ok() {
             let _ = rx.await;
         }
     }
@@ -892,60 +1040,184 @@ impl StateHandle {
         };
         self.tx
             .send(Request::Reopen { reply })
-            .await
             .map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 }
 
-fn writer(
+/// Most requests taken from the queue at once: bounds one transaction and one publish.
+const MAX_GROUP: usize = 1024;
+
+/// The writer thread: owns the store, the only one to publish snapshots.
+struct Writer {
     path: PathBuf,
-    store: store::Store,
-    mut rx: mpsc::Receiver<Request>,
+    /// `None` while closed (handed over or shutting down).
+    store: Option<store::Store>,
     current: Arc<ArcSwap<Snapshot>>,
     write_latency: crate::telemetry::DurationHistogram,
-) {
-    let mut store = Some(store);
-    while let Some(request) = rx.blocking_recv() {
-        match request {
-            Request::Apply {
-                changes,
-                source,
-                reply,
-            } => {
-                let started = std::time::Instant::now();
-                let result = match store.as_mut() {
-                    Some(store) => apply_one(store, &current, &changes, source),
-                    None => Err(closed()),
-                };
-                if result.is_ok() && !changes.is_empty() {
-                    write_latency.observe(started.elapsed());
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let mut queue = std::collections::VecDeque::new();
+        while let Some(first) = rx.blocking_recv() {
+            // Everything queued meanwhile is handled together: runs of batches share one
+            // transaction, runs of membership edits one publish.
+            queue.push_back(first);
+            while queue.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(request) => queue.push_back(request),
+                    Err(_) => break,
                 }
-                let _ = reply.send(result);
             }
-            Request::Rows { write, reply } => {
-                let result = match store.as_mut() {
-                    Some(store) => write_rows(store, &current, write),
-                    None => Err(closed()),
-                };
-                let _ = reply.send(result);
-            }
-            Request::Membership { update, reply } => {
-                publish_membership(&current, update);
-                let _ = reply.send(());
-            }
-            Request::Close { reply } => {
-                store = None;
-                let _ = reply.send(());
-            }
-            Request::Reopen { reply } => {
-                let result = reopen(&path, &current).map(|(reopened, revision)| {
-                    store = Some(reopened);
-                    revision
-                });
-                let _ = reply.send(result);
+            while let Some(request) = queue.pop_front() {
+                match request {
+                    Request::Apply(first) => {
+                        let mut group = vec![first];
+                        while let Some(Request::Apply(_)) = queue.front() {
+                            if let Some(Request::Apply(next)) = queue.pop_front() {
+                                group.push(next);
+                            }
+                        }
+                        self.apply(group);
+                    }
+                    Request::Membership { update, reply } => {
+                        let mut group = vec![(update, reply)];
+                        while let Some(Request::Membership { .. }) = queue.front() {
+                            if let Some(Request::Membership { update, reply }) = queue.pop_front() {
+                                group.push((update, reply));
+                            }
+                        }
+                        self.publish_membership(group);
+                    }
+                    Request::Rows { write, reply } => {
+                        let _ = reply.send(self.write_rows(write));
+                    }
+                    Request::Close { reply } => {
+                        self.store = None;
+                        let _ = reply.send(());
+                    }
+                    Request::Reopen { reply } => {
+                        let result = self.reopen();
+                        let _ = reply.send(result);
+                    }
+                }
             }
         }
+    }
+
+    /// Validates each batch on top of the ones before it, commits the valid ones in one
+    /// transaction with one revision each, publishes once, then answers.
+    fn apply(&mut self, group: Vec<ApplyRequest>) {
+        let started = std::time::Instant::now();
+        let Some(store) = self.store.as_mut() else {
+            for request in group {
+                let _ = request.reply.send(Err(closed()));
+            }
+            return;
+        };
+        let snap = self.current.load_full();
+        let mut next = snap.state.clone();
+        let mut revision = snap.revision;
+        let mut touched = Touched::default();
+        let mut committed = Vec::new();
+        for request in group {
+            if request.changes.is_empty() {
+                let _ = request.reply.send(Ok(revision));
+                continue;
+            }
+            let mut candidate = next.clone();
+            match candidate.apply_batch(&request.changes, request.source) {
+                Ok(()) => {
+                    next = candidate;
+                    revision += 1;
+                    request.changes.iter().for_each(|c| touched.add(c));
+                    committed.push((request.reply, revision));
+                }
+                Err(e) => {
+                    let _ = request.reply.send(Err(e));
+                }
+            }
+        }
+        if committed.is_empty() {
+            return;
+        }
+        if let Err(e) = store.commit(&next, &touched, revision) {
+            for (reply, _) in committed {
+                let _ = reply.send(Err(ApplyError::Store(e.to_string())));
+            }
+            return;
+        }
+        let routing = Arc::new(snap.routing.update(&snap.state, &next, &touched));
+        self.current.store(Arc::new(Snapshot {
+            revision,
+            state: next,
+            routing,
+        }));
+        let elapsed = started.elapsed();
+        for (reply, revision) in committed {
+            self.write_latency.observe(elapsed);
+            let _ = reply.send(Ok(revision));
+        }
+    }
+
+    /// Commits a row write and, when it changed something, publishes the same state at
+    /// the next revision.
+    fn write_rows(&mut self, write: RowWrite) -> Result<Option<u64>, ApplyError> {
+        let store = self.store.as_mut().ok_or_else(closed)?;
+        let snap = self.current.load_full();
+        let revision = store
+            .commit_rows(write, snap.revision)
+            .map_err(|e| ApplyError::Store(e.to_string()))?;
+        if revision == snap.revision {
+            return Ok(None);
+        }
+        self.current.store(Arc::new(Snapshot {
+            revision,
+            state: snap.state.clone(),
+            routing: snap.routing.clone(),
+        }));
+        Ok(Some(revision))
+    }
+
+    /// Runs membership edits in order and publishes their result once: same revision and
+    /// stored state, only the touched pools and registered routes recompiled.
+    fn publish_membership(&self, group: Vec<(MembershipUpdate, oneshot::Sender<()>)>) {
+        let snap = self.current.load_full();
+        let mut next = snap.state.clone();
+        let mut replies = Vec::with_capacity(group.len());
+        for (update, reply) in group {
+            next.edit_membership(update);
+            replies.push(reply);
+        }
+        let touched = next.take_membership_touched();
+        let routing = Arc::new(snap.routing.update(&snap.state, &next, &touched));
+        self.current.store(Arc::new(Snapshot {
+            revision: snap.revision,
+            state: next,
+            routing,
+        }));
+        for reply in replies {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Opens the store again and publishes what it holds, keeping the run-time membership.
+    fn reopen(&mut self) -> Result<u64, StoreError> {
+        let mut store = store::Store::open(&self.path)?;
+        let snap = self.current.load_full();
+        let (mut state, revision) = store.load(snap.state.listeners().clone())?;
+        state.membership = snap.state.membership.clone();
+        if revision != snap.revision {
+            let routing = Arc::new(RoutingTable::build(&state, Some(&snap.routing)));
+            self.current.store(Arc::new(Snapshot {
+                revision,
+                state,
+                routing,
+            }));
+        }
+        self.store = Some(store);
+        Ok(revision)
     }
 }
 
@@ -955,85 +1227,8 @@ fn closed() -> ApplyError {
     )
 }
 
-/// Commits a row write and, when it changed something, publishes the same state at the
-/// next revision.
-fn write_rows(
-    store: &mut store::Store,
-    current: &ArcSwap<Snapshot>,
-    write: RowWrite,
-) -> Result<Option<u64>, ApplyError> {
-    let snap = current.load_full();
-    let revision = store
-        .commit_rows(write, snap.revision)
-        .map_err(|e| ApplyError::Store(e.to_string()))?;
-    if revision == snap.revision {
-        return Ok(None);
-    }
-    current.store(Arc::new(Snapshot {
-        revision,
-        state: snap.state.clone(),
-        routing: snap.routing.clone(),
-    }));
-    Ok(Some(revision))
-}
-
-fn reopen(path: &Path, current: &ArcSwap<Snapshot>) -> Result<(store::Store, u64), StoreError> {
-    let mut store = store::Store::open(path)?;
-    let snap = current.load_full();
-    let (mut state, revision) = store.load(snap.state.listeners.clone())?;
-    state.membership = snap.state.membership.clone();
-    if revision != snap.revision {
-        let routing = Arc::new(RoutingTable::build(&state, Some(&snap.routing)));
-        current.store(Arc::new(Snapshot {
-            revision,
-            state,
-            routing,
-        }));
-    }
-    Ok((store, revision))
-}
-
 /// A change to the run-time membership, run on the writer thread.
 type MembershipUpdate = Box<dyn FnOnce(&mut Membership) + Send>;
-
-/// Publishes a membership change: same revision and stored state, new routing table.
-fn publish_membership(current: &ArcSwap<Snapshot>, update: MembershipUpdate) {
-    let snap = current.load_full();
-    let mut membership = snap.state.membership.as_ref().clone();
-    update(&mut membership);
-    let mut next = snap.state.clone();
-    next.membership = Arc::new(membership);
-    let routing = Arc::new(RoutingTable::build(&next, Some(&snap.routing)));
-    current.store(Arc::new(Snapshot {
-        revision: snap.revision,
-        state: next,
-        routing,
-    }));
-}
-
-fn apply_one(
-    store: &mut store::Store,
-    current: &ArcSwap<Snapshot>,
-    changes: &[Change],
-    source: Source,
-) -> Result<u64, ApplyError> {
-    let snap = current.load_full();
-    if changes.is_empty() {
-        return Ok(snap.revision);
-    }
-    let mut next = snap.state.clone();
-    next.apply_batch(changes, source)?;
-    let revision = store
-        .commit(&snap.state, &next, snap.revision)
-        .map_err(|e| ApplyError::Store(e.to_string()))?;
-    let routing = Arc::new(RoutingTable::build(&next, Some(&snap.routing)));
-    current.store(Arc::new(Snapshot {
-        revision,
-        state: next,
-        routing,
-    }));
-    Ok(revision)
-}
 
 /// A named object of a [`Document`], owned by one [`Source`].
 trait Owned: Clone + PartialEq {

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::{ApplyError, Pool, Route, State, TcpRoute};
+use super::{ApplyError, Pool, Route, State, TcpRoute, Touched};
 use crate::config::Protocol;
 
 /// The store could not be opened, read or written.
@@ -117,21 +117,16 @@ impl Store {
             let body: String = row.get(2)?;
             match kind.as_str() {
                 POOL => {
-                    state
-                        .pools
-                        .insert(name.clone(), Arc::new(decode::<Pool>(&kind, &name, &body)?));
+                    let pool = decode::<Pool>(&kind, &name, &body)?;
+                    state.pools.insert_mut(name, Arc::new(pool));
                 }
                 ROUTE => {
-                    state.routes.insert(
-                        name.clone(),
-                        Arc::new(decode::<Route>(&kind, &name, &body)?),
-                    );
+                    let route = decode::<Route>(&kind, &name, &body)?;
+                    state.put_route(route);
                 }
                 TCP_ROUTE => {
-                    state.tcp_routes.insert(
-                        name.clone(),
-                        Arc::new(decode::<TcpRoute>(&kind, &name, &body)?),
-                    );
+                    let route = decode::<TcpRoute>(&kind, &name, &body)?;
+                    state.tcp_routes.insert_mut(name, Arc::new(route));
                 }
                 _ => {
                     return Err(StoreError::Corrupt {
@@ -145,53 +140,76 @@ impl Store {
         Ok((state, u64::try_from(revision).unwrap_or(0)))
     }
 
-    /// Writes the difference between `old` and `new` in one transaction; returns the new revision.
+    /// Writes the objects `touched` names as they are in `state` (a row per object that
+    /// exists, a deletion per one that does not) and `revision`, in one transaction. Costs
+    /// what the batch changed, whatever the size of the state.
     pub(super) fn commit(
         &mut self,
-        old: &State,
-        new: &State,
+        state: &State,
+        touched: &Touched,
         revision: u64,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO objects (kind, name, source, body) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (kind, name) DO UPDATE SET source = excluded.source, body = excluded.body",
-            )?;
-            let mut delete =
-                tx.prepare_cached("DELETE FROM objects WHERE kind = ?1 AND name = ?2")?;
-            diff(
-                &old.pools,
-                &new.pools,
-                POOL,
-                |p| p.source.as_str(),
-                &mut upsert,
-                &mut delete,
-            )?;
-            diff(
-                &old.routes,
-                &new.routes,
-                ROUTE,
-                |r| r.source.as_str(),
-                &mut upsert,
-                &mut delete,
-            )?;
-            diff(
-                &old.tcp_routes,
-                &new.tcp_routes,
-                TCP_ROUTE,
-                |r| r.source.as_str(),
-                &mut upsert,
-                &mut delete,
-            )?;
+            let mut rows = Rows {
+                upsert: tx.prepare_cached(
+                    "INSERT INTO objects (kind, name, source, body) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (kind, name) DO UPDATE SET source = excluded.source, body = excluded.body",
+                )?,
+                delete: tx.prepare_cached("DELETE FROM objects WHERE kind = ?1 AND name = ?2")?,
+            };
+            for name in &touched.pools {
+                rows.write(POOL, name, state.pools.get(name), |p| p.source.as_str())?;
+            }
+            for name in &touched.routes {
+                rows.write(ROUTE, name, state.routes.get(name), |r| r.source.as_str())?;
+            }
+            for name in &touched.tcp_routes {
+                rows.write(TCP_ROUTE, name, state.tcp_routes.get(name), |r| {
+                    r.source.as_str()
+                })?;
+            }
         }
-        let next = revision + 1;
         tx.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'revision'",
-            params![i64::try_from(next).unwrap_or(i64::MAX)],
+            params![i64::try_from(revision).unwrap_or(i64::MAX)],
         )?;
         tx.commit()?;
-        Ok(next)
+        Ok(())
+    }
+}
+
+/// The prepared statements of one commit.
+struct Rows<'c> {
+    upsert: rusqlite::CachedStatement<'c>,
+    delete: rusqlite::CachedStatement<'c>,
+}
+
+impl Rows<'_> {
+    /// Stores `object` under `(kind, name)`, or deletes the row when it is `None`.
+    fn write<T: Serialize>(
+        &mut self,
+        kind: &str,
+        name: &str,
+        object: Option<&Arc<T>>,
+        source: impl Fn(&T) -> &'static str,
+    ) -> Result<(), StoreError> {
+        match object {
+            Some(obj) => {
+                let body =
+                    serde_json::to_string(obj.as_ref()).map_err(|e| StoreError::Corrupt {
+                        kind: kind.into(),
+                        name: name.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                self.upsert
+                    .execute(params![kind, name, source(obj), body])?;
+            }
+            None => {
+                self.delete.execute(params![kind, name])?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -224,33 +242,4 @@ fn decode<T: DeserializeOwned>(kind: &str, name: &str, body: &str) -> Result<T, 
         name: name.into(),
         reason: e.to_string(),
     })
-}
-
-fn diff<T: Serialize + PartialEq>(
-    old: &BTreeMap<String, Arc<T>>,
-    new: &BTreeMap<String, Arc<T>>,
-    kind: &str,
-    source: impl Fn(&T) -> &'static str,
-    upsert: &mut rusqlite::CachedStatement<'_>,
-    delete: &mut rusqlite::CachedStatement<'_>,
-) -> Result<(), StoreError> {
-    for (name, obj) in new {
-        let unchanged = old
-            .get(name)
-            .is_some_and(|o| Arc::ptr_eq(o, obj) || **o == **obj);
-        if !unchanged {
-            let body = serde_json::to_string(obj.as_ref()).map_err(|e| StoreError::Corrupt {
-                kind: kind.into(),
-                name: name.clone(),
-                reason: e.to_string(),
-            })?;
-            upsert.execute(params![kind, name, source(obj), body])?;
-        }
-    }
-    for name in old.keys() {
-        if !new.contains_key(name) {
-            delete.execute(params![kind, name])?;
-        }
-    }
-    Ok(())
 }

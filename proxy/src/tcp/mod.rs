@@ -129,17 +129,16 @@ async fn forward<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let pool = state
+    let slot = state
         .routing()
-        .tcp_pool_for_sni(&config.name, sni)
-        .cloned()
+        .tcp_slot_for_sni(&config.name, sni)
         .ok_or_else(|| match sni {
             Some(name) => format!("no tcp route for server name {name:?} on this listener"),
             None => "no tcp route for this listener".to_string(),
         })?;
-    let pool = crate::registration::ready_pool(state, &pool, metrics)
+    let pool = crate::registration::ready_pool(&slot, metrics)
         .await
-        .map_err(|e| format!("pool {:?}: {e}", pool.name))?;
+        .map_err(|e| format!("pool {:?}: {e}", slot.load().name))?;
     let candidates = pool
         .candidates()
         .map_err(|e| format!("pool {:?}: {e:?}", pool.name))?;

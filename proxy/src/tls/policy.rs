@@ -102,11 +102,16 @@ impl Policy {
         {
             return true;
         }
+        // The route hosts that cover `name`: itself and `*.` + each of its parent domains,
+        // each looked up in the state's host index rather than scanning every route.
         let snap = self.state.snapshot();
-        let routed = snap
-            .state
-            .routes()
-            .any(|r| r.host.as_deref().is_some_and(|h| covers(h, name)));
+        let patterns = std::iter::once(name.to_string()).chain(
+            name.match_indices('.')
+                .map(|(i, _)| format!("*{}", &name[i..])),
+        );
+        let routed = patterns
+            .filter(|p| covers(p, name))
+            .any(|p| snap.state.routes_with_host(&p).next().is_some());
         routed
     }
 

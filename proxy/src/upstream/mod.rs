@@ -1,8 +1,10 @@
 //! Upstream pools at run time: balancing, passive and active health, connection reuse.
 //!
-//! A [`PoolRuntime`] is rebuilt with every routing table, but the per-upstream runtime
-//! ([`UpstreamRuntime`]: health, in-flight count, idle connections) is shared between
-//! consecutive tables, so a config change does not forget that an upstream is down.
+//! A [`PoolRuntime`] is compiled when its pool's definition or membership changes and
+//! swapped into the pool's slot ([`crate::routing::PoolSlot`]), which the routes hold; the
+//! per-upstream runtime ([`UpstreamRuntime`]: health, in-flight count, idle connections) is
+//! carried from one `PoolRuntime` to the next, so a change does not forget that an upstream
+//! is down.
 //!
 //! A pool with a `tls` section gets its rustls client config built here, once per
 //! definition (and kept across tables while the definition stays the same).

@@ -1,0 +1,399 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::config::Protocol;
+use crate::discovery::{Origin, RegisteredRoute, SourceKind};
+use crate::registration::Hold;
+use crate::state::{Balance, Change, Pool, Source, TcpRoute, Upstream};
+
+fn pool(name: &str, upstreams: &[&str]) -> Pool {
+    Pool {
+        name: name.into(),
+        source: Source::Api,
+        balance: Balance::Ordered,
+        upstreams: upstreams.iter().map(|a| Upstream::new(*a)).collect(),
+        health: None,
+        connect_timeout: crate::state::default_connect_timeout(),
+        response_timeout: crate::state::default_response_timeout(),
+        tls: None,
+        policy: Default::default(),
+    }
+}
+
+fn table(routes: &[(&str, Option<&str>, PathMatch, i32)]) -> RoutingTable {
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    let mut changes = vec![Change::CreatePool(pool("p", &["127.0.0.1:1"]))];
+    for (name, host, path, priority) in routes {
+        changes.push(Change::CreateRoute(Route {
+            name: (*name).into(),
+            source: Source::Api,
+            listener: "web".into(),
+            host: host.map(String::from),
+            path: path.clone(),
+            pool: "p".into(),
+            strip_prefix: false,
+            priority: *priority,
+        }));
+    }
+    state.apply_batch(&changes, Source::Api).expect("valid");
+    RoutingTable::build(&state, None)
+}
+
+fn name<'a>(t: &'a RoutingTable, host: &str, path: &str) -> Option<&'a str> {
+    t.lookup("web", host, path).map(|e| e.route.name.as_str())
+}
+
+fn prefix(p: &str) -> PathMatch {
+    PathMatch::Prefix(p.into())
+}
+
+#[test]
+fn host_specificity() {
+    let t = table(&[
+        ("any", None, prefix("/"), 0),
+        ("wild", Some("*.example.com"), prefix("/"), 0),
+        ("deep", Some("*.b.example.com"), prefix("/"), 0),
+        ("exact", Some("a.example.com"), prefix("/"), 0),
+    ]);
+    assert_eq!(name(&t, "a.example.com", "/x"), Some("exact"));
+    assert_eq!(name(&t, "c.example.com", "/x"), Some("wild"));
+    assert_eq!(name(&t, "x.b.example.com", "/x"), Some("deep"));
+    assert_eq!(name(&t, "example.com", "/x"), Some("any"));
+    assert_eq!(name(&t, "other.org", "/x"), Some("any"));
+}
+
+#[test]
+fn path_specificity_and_fallthrough() {
+    let t = table(&[
+        ("root", Some("example.com"), prefix("/"), 0),
+        ("docs", Some("example.com"), prefix("/docs"), 0),
+        ("docs-api", Some("example.com"), prefix("/docs/api"), 0),
+        (
+            "exact",
+            Some("example.com"),
+            PathMatch::Exact("/docs/index.html".into()),
+            0,
+        ),
+        ("other-host-img", None, prefix("/img"), 0),
+    ]);
+    assert_eq!(name(&t, "example.com", "/docs/index.html"), Some("exact"));
+    assert_eq!(name(&t, "example.com", "/docs/api/v1"), Some("docs-api"));
+    assert_eq!(name(&t, "example.com", "/docs/guide"), Some("docs"));
+    assert_eq!(name(&t, "example.com", "/about"), Some("root"));
+    assert_eq!(name(&t, "elsewhere", "/img/a.png"), Some("other-host-img"));
+    assert_eq!(name(&t, "elsewhere", "/about"), None);
+}
+
+#[test]
+fn priority_breaks_ties() {
+    let t = table(&[
+        ("low", None, prefix("/a"), 0),
+        ("high", None, prefix("/a"), 5),
+    ]);
+    assert_eq!(name(&t, "h", "/a"), Some("high"));
+}
+
+#[test]
+fn many_routes_still_resolve_each_path() {
+    let routes: Vec<(String, PathMatch)> = (0..5000)
+        .map(|i| (format!("r{i}"), prefix(&format!("/content/{i}/"))))
+        .collect();
+    let specs: Vec<(&str, Option<&str>, PathMatch, i32)> = routes
+        .iter()
+        .map(|(n, p)| (n.as_str(), None, p.clone(), 0))
+        .collect();
+    let t = table(&specs);
+    assert_eq!(name(&t, "h", "/content/4321/page"), Some("r4321"));
+    assert_eq!(name(&t, "h", "/content/43210/page"), None);
+}
+
+/// Applies `changes` to `state` and `table` the way the writer does; a refused batch
+/// changes neither.
+fn step(state: &mut State, table: &mut RoutingTable, changes: &[Change]) -> bool {
+    let mut next = state.clone();
+    if next.apply_batch(changes, Source::Api).is_err() {
+        return false;
+    }
+    let mut touched = Touched::default();
+    changes.iter().for_each(|c| touched.add(c));
+    *table = table.update(state, &next, &touched);
+    *state = next;
+    true
+}
+
+/// A membership edit applied the way the writer does.
+fn step_membership(
+    state: &mut State,
+    table: &mut RoutingTable,
+    edit: impl FnOnce(&mut crate::discovery::Membership),
+) {
+    let mut next = state.clone();
+    next.edit_membership(edit);
+    let touched = next.take_membership_touched();
+    *table = table.update(state, &next, &touched);
+    *state = next;
+}
+
+#[test]
+fn a_pool_change_swaps_the_slot_without_touching_routes() {
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    let mut t = RoutingTable::default();
+    assert!(step(
+        &mut state,
+        &mut t,
+        &[
+            Change::CreatePool(pool("p", &["127.0.0.1:1"])),
+            Change::CreateRoute(Route {
+                name: "r".into(),
+                source: Source::Api,
+                listener: "web".into(),
+                host: None,
+                path: prefix("/"),
+                pool: "p".into(),
+                strip_prefix: false,
+                priority: 0,
+            }),
+        ],
+    ));
+    let before = t.lookup("web", "h", "/").expect("route").clone();
+    let before_table = t.clone();
+    assert!(step(
+        &mut state,
+        &mut t,
+        &[Change::AddUpstream {
+            pool: "p".into(),
+            upstream: Upstream::new("127.0.0.1:2"),
+        }],
+    ));
+    step_membership(&mut state, &mut t, |m| {
+        m.set_members(
+            "p",
+            Origin::Discovered(SourceKind::Dns),
+            vec![Upstream::new("127.0.0.1:3")],
+        )
+    });
+    let after = t.lookup("web", "h", "/").expect("route");
+    // The same route entry (nothing recompiled) sees the new pool through its slot, and so
+    // does a request that loaded the older table.
+    assert!(Arc::ptr_eq(&before, after));
+    let addresses = |t: &RoutingTable| -> Vec<String> {
+        let entry = t.lookup("web", "h", "/").expect("route");
+        entry
+            .pool()
+            .upstreams()
+            .iter()
+            .map(|u| u.address.clone())
+            .collect()
+    };
+    let want = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"];
+    assert_eq!(addresses(&t), want);
+    assert_eq!(addresses(&before_table), want);
+}
+
+/// A small deterministic generator (xorshift64*), so a failing case can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+const HOSTS: [Option<&str>; 4] = [
+    None,
+    Some("a.example.com"),
+    Some("*.example.com"),
+    Some("b.a.example.com"),
+];
+const PATHS: [&str; 5] = ["/", "/x", "/x/y", "/x/yz", "/z"];
+const POOLS: [&str; 4] = ["p0", "p1", "p2", "p3"];
+const ADDRESSES: [&str; 4] = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"];
+
+fn random_route(rng: &mut Rng) -> Route {
+    let path = rng.pick(&PATHS).to_string();
+    Route {
+        name: format!("r{}", rng.below(12)),
+        source: Source::Api,
+        listener: rng.pick(&["web", "web2"]).to_string(),
+        host: rng.pick(&HOSTS).map(String::from),
+        path: if rng.below(4) == 0 {
+            PathMatch::Exact(path)
+        } else {
+            PathMatch::Prefix(path)
+        },
+        pool: rng.pick(&POOLS).to_string(),
+        strip_prefix: false,
+        priority: rng.below(3) as i32,
+    }
+}
+
+fn random_change(rng: &mut Rng) -> Change {
+    let p = rng.pick(&POOLS).to_string();
+    match rng.below(10) {
+        0 => Change::CreatePool(pool(&p, &[*rng.pick(&ADDRESSES)])),
+        1 => Change::UpdatePool(pool(&p, &[*rng.pick(&ADDRESSES), *rng.pick(&ADDRESSES)])),
+        2 => Change::DeletePool { name: p },
+        3 => Change::AddUpstream {
+            pool: p,
+            upstream: Upstream::new(*rng.pick(&ADDRESSES)),
+        },
+        4 => Change::CreateRoute(random_route(rng)),
+        5 => Change::UpdateRoute(random_route(rng)),
+        6 => Change::DeleteRoute {
+            name: format!("r{}", rng.below(12)),
+        },
+        7 => Change::CreateTcpRoute(TcpRoute {
+            name: format!("t{}", rng.below(3)),
+            source: Source::Api,
+            listener: "pt".into(),
+            pool: p,
+            sni: rng
+                .pick(&[None, Some("a.example.com"), Some("*.example.com")])
+                .map(String::from),
+        }),
+        8 => Change::DeleteTcpRoute {
+            name: format!("t{}", rng.below(3)),
+        },
+        _ => Change::SetUpstreamState {
+            pool: p,
+            address: rng.pick(&ADDRESSES).to_string(),
+            state: *rng.pick(&[
+                crate::state::UpstreamState::Active,
+                crate::state::UpstreamState::Draining,
+            ]),
+        },
+    }
+}
+
+fn random_membership_edit(
+    rng: &mut Rng,
+    holds: &[Arc<Hold>],
+) -> impl FnOnce(&mut crate::discovery::Membership) {
+    let kind = rng.below(4);
+    let k = rng.below(3);
+    let pool = rng.pick(&POOLS).to_string();
+    let address = rng.pick(&ADDRESSES).to_string();
+    let http = rng.below(3) != 0;
+    let host = rng.pick(&HOSTS).map(String::from);
+    let path = rng.pick(&PATHS).to_string();
+    let hold = holds[k].clone();
+    move |m: &mut crate::discovery::Membership| {
+        let name = format!("registered:{k}");
+        match kind {
+            0 => m.set_route(
+                &name,
+                RegisteredRoute {
+                    listener: if http { "web".into() } else { "pt".into() },
+                    protocol: if http { Protocol::Http } else { Protocol::Tcp },
+                    host: if http { host } else { None },
+                    path_prefix: if http { path } else { "/".into() },
+                    // Usually its own pool; sometimes a defined one, as the table allows.
+                    pool: if k == 2 { pool } else { name.clone() },
+                    hold,
+                },
+            ),
+            1 => m.remove_route(&name),
+            2 => m.set_members(
+                &name,
+                Origin::Registered(k as u64),
+                vec![Upstream::new(address)],
+            ),
+            _ => m.set_members(
+                &pool,
+                Origin::Discovered(SourceKind::Etcd),
+                vec![Upstream::new(address)],
+            ),
+        }
+    }
+}
+
+/// What a table answers for every request the generator can make.
+fn decisions(t: &RoutingTable) -> Vec<String> {
+    let describe = |pool: Option<Arc<PoolRuntime>>| match pool {
+        None => "-".to_string(),
+        Some(p) => {
+            let members: Vec<String> = p
+                .members()
+                .map(|(u, o, w)| format!("{}:{}:{w}:{}", u.address, o.label(), u.is_draining()))
+                .collect();
+            format!("{}[{}]", p.name, members.join(","))
+        }
+    };
+    let mut out = Vec::new();
+    for listener in ["web", "web2"] {
+        for host in [
+            "a.example.com",
+            "c.example.com",
+            "b.a.example.com",
+            "other.org",
+        ] {
+            for path in ["/", "/x", "/x/", "/x/y", "/x/yz", "/x/y/z", "/z", "/q"] {
+                let found = t.lookup(listener, host, path);
+                out.push(format!(
+                    "{listener} {host}{path} -> {} {}",
+                    found.map_or("-", |e| e.route.name.as_str()),
+                    describe(found.map(|e| e.pool()))
+                ));
+            }
+        }
+        out.push(format!("{listener} has routes: {}", t.has_routes(listener)));
+    }
+    for sni in [
+        None,
+        Some("a.example.com"),
+        Some("z.example.com"),
+        Some("other.org"),
+    ] {
+        out.push(format!(
+            "pt {sni:?} -> {}",
+            describe(t.tcp_pool_for_sni("pt", sni))
+        ));
+    }
+    let mut pools: Vec<String> = t.pools().map(|p| describe(Some(p))).collect();
+    pools.sort();
+    out.extend(pools);
+    out
+}
+
+#[test]
+fn incremental_updates_route_like_a_full_rebuild() {
+    let listeners = [
+        ("web".to_string(), Protocol::Http),
+        ("web2".to_string(), Protocol::Http),
+        ("pt".to_string(), Protocol::TlsPassthrough),
+    ];
+    let holds: Vec<Arc<Hold>> = (0..3)
+        .map(|_| Arc::new(Hold::new(10, std::time::Duration::from_secs(1))))
+        .collect();
+    let mut applied = 0;
+    for seed in 1..=30u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut state = State::empty(listeners.clone().into());
+        let mut table = RoutingTable::build(&state, None);
+        for _ in 0..120 {
+            if rng.below(4) == 0 {
+                let edit = random_membership_edit(&mut rng, &holds);
+                step_membership(&mut state, &mut table, edit);
+            } else {
+                let size = if rng.below(3) == 0 { 2 } else { 1 };
+                let batch: Vec<Change> = (0..size).map(|_| random_change(&mut rng)).collect();
+                applied += usize::from(step(&mut state, &mut table, &batch));
+            }
+            let full = RoutingTable::build(&state, None);
+            assert_eq!(decisions(&table), decisions(&full), "seed {seed}");
+        }
+    }
+    // The generator must reach the interesting cases, not only refused batches.
+    assert!(applied > 300, "only {applied} batches applied");
+}
