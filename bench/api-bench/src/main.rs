@@ -2,10 +2,16 @@
 //!
 //! - change throughput: CreateRoute calls per second, one client and 8 concurrent clients;
 //! - propagation latency: from a CreateRoute call returning to the first response routed by
-//!   the new rule (one proxied request over a kept-alive connection).
+//!   the new rule (one proxied request over a kept-alive connection);
+//! - one `Apply` batch of 10,000 new routes;
+//! - 1,000 registrations arriving at once: time until all are registered, and until a
+//!   request to each one's path prefix has been served by its instance;
+//! - memory: resident set growth of the process while the existing routes were loaded.
 //!
-//! Each measurement runs with N routes already in the state (default: 10 and 100,000).
-//! Usage: `api-bench [--existing 10,100000] [--changes 1000] [--probes 200] [--budget-secs 20]`
+//! Each measurement runs with N routes already in the state (default: 10 and 100,000), and
+//! the goals of the state core are checked against the results at the end.
+//! Usage: `api-bench [--existing 10,100000] [--changes 1000] [--probes 200] [--budget-secs 20]
+//! [--registrations 1000]`
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +35,7 @@ struct Options {
     changes: usize,
     probes: usize,
     budget: Duration,
+    registrations: usize,
 }
 
 fn options() -> Result<Options> {
@@ -37,6 +44,7 @@ fn options() -> Result<Options> {
         changes: 1000,
         probes: 200,
         budget: Duration::from_secs(20),
+        registrations: 1000,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -53,6 +61,7 @@ fn options() -> Result<Options> {
             "--changes" => o.changes = value.parse()?,
             "--probes" => o.probes = value.parse()?,
             "--budget-secs" => o.budget = Duration::from_secs(value.parse()?),
+            "--registrations" => o.registrations = value.parse()?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -95,6 +104,13 @@ async fn served_by(client: &mut SendRequest<Empty<Bytes>>, path: &str) -> Result
     let request = hyper::Request::get(path)
         .header("host", HOST)
         .body(Empty::new())?;
+    send(client, request).await
+}
+
+async fn send(
+    client: &mut SendRequest<Empty<Bytes>>,
+    request: hyper::Request<Empty<Bytes>>,
+) -> Result<String> {
     let response = client.send_request(request).await?;
     let name = response
         .headers()
@@ -136,6 +152,78 @@ fn route(name: String, prefix: String, pool: &str) -> pb::Route {
     }
 }
 
+/// CreateRoute changes for `/{prefix}/{k}/`, k in `range`.
+fn bulk_routes(prefix: &str, range: std::ops::Range<usize>, pool: &str) -> Vec<pb::Change> {
+    range
+        .map(|k| pb::Change {
+            change: Some(pb::change::Change::CreateRoute(route(
+                format!("{prefix}-{k}"),
+                format!("/{prefix}/{k}/"),
+                pool,
+            ))),
+        })
+        .collect()
+}
+
+/// Opens `count` registrations at once (spread over a few connections), all on `port` with
+/// their own path prefix and `endpoint` as their instance. Returns the time until every one
+/// was registered, and until a request to each prefix had been served by `endpoint`.
+async fn registrations(
+    socket: PathBuf,
+    port: u16,
+    endpoint: SocketAddr,
+    count: usize,
+) -> Result<(Duration, Duration)> {
+    use proxy::registration::client::{self, Announce, RegisteredProtocol};
+    const CONNECTIONS: usize = 50;
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS.min(count.max(1)) {
+        channels.push(client::unix_channel(&socket).await?);
+    }
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let channel = channels[i % channels.len()].clone();
+        let announce = Announce {
+            endpoint: endpoint.to_string(),
+            port: u32::from(port),
+            protocol: RegisteredProtocol::Http as i32,
+            path_prefix: format!("/reg/{i}/"),
+            ..Default::default()
+        };
+        tasks.spawn(async move { client::register(channel, announce, None).await });
+    }
+    let mut leases = Vec::with_capacity(count);
+    while let Some(joined) = tasks.join_next().await {
+        leases.push(joined?.context("registering")?);
+    }
+    let registered_in = started.elapsed();
+    let address = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut checks = tokio::task::JoinSet::new();
+    for c in 0..8 {
+        let mut http = http_client(address).await?;
+        checks.spawn(async move {
+            for i in (c..count).step_by(8) {
+                http.ready().await?;
+                let request = hyper::Request::get(format!("/reg/{i}/x"))
+                    .header("host", "registered.example")
+                    .body(Empty::new())?;
+                let who = send(&mut http, request).await?;
+                if who != "new" {
+                    bail!("registration {i} was not routed to its instance (got {who})");
+                }
+            }
+            Ok(())
+        });
+    }
+    while let Some(joined) = checks.join_next().await {
+        joined??;
+    }
+    let routed_in = started.elapsed();
+    drop(leases);
+    Ok((registered_in, routed_in))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -148,9 +236,31 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Resident set size of this process (the bench and the in-process proxyd), in bytes.
+fn rss_bytes() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/self/status")?;
+    Ok(kb * 1024)
+}
+
+/// A port that was free a moment ago (for the registration port).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 struct Result1 {
     existing: usize,
     preload: Duration,
+    preload_batch_max: Duration,
+    rss_growth: u64,
+    batch_10k: Duration,
+    registrations: usize,
+    registered_in: Duration,
+    routed_in: Duration,
     seq_rate: f64,
     seq_p50: Duration,
     seq_p99: Duration,
@@ -170,8 +280,11 @@ async fn run_one(
     new: SocketAddr,
 ) -> Result<Result1> {
     let dir = tempfile::tempdir()?;
+    let registration_port = free_port()?;
     let text = format!(
         "[server]\nstate_dir = \"{}\"\nadmin_listen = \"\"\nlog_level = \"warn\"\n\
+         [registration]\nport_range = \"{registration_port}-{registration_port}\"\n\
+         address = \"127.0.0.1\"\n\
          [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n\
          [[pools]]\nname = \"old\"\nupstreams = [\"{old}\"]\n\
          [[pools]]\nname = \"new\"\nupstreams = [\"{new}\"]\n",
@@ -187,23 +300,20 @@ async fn run_one(
         .max_encoding_message_size(MAX_MESSAGE);
 
     // Preload in atomic batches of 10,000.
+    let rss_before = rss_bytes()?;
     let started = Instant::now();
+    let mut preload_batch_max = Duration::ZERO;
     let mut i = 0;
     while i < existing {
         let end = (i + 10_000).min(existing);
-        let changes = (i..end)
-            .map(|k| pb::Change {
-                change: Some(pb::change::Change::CreateRoute(route(
-                    format!("bulk-{k}"),
-                    format!("/bulk/{k}/"),
-                    "old",
-                ))),
-            })
-            .collect();
+        let changes = bulk_routes("bulk", i..end, "old");
+        let t = Instant::now();
         admin.apply(pb::ApplyRequest { changes }).await?;
+        preload_batch_max = preload_batch_max.max(t.elapsed());
         i = end;
     }
     let preload = started.elapsed();
+    let rss_growth = rss_bytes()?.saturating_sub(rss_before);
 
     let mut http = http_client(web).await?;
     let mut request_times = Vec::new();
@@ -300,9 +410,32 @@ async fn run_one(
     }
     let probes = propagation.len();
     propagation.sort();
+
+    // One more atomic batch of 10,000 routes on top of what is there.
+    let changes = bulk_routes("batch", 0..10_000, "old");
+    let t = Instant::now();
+    admin.apply(pb::ApplyRequest { changes }).await?;
+    let batch_10k = t.elapsed();
+    served_by(&mut http, "/batch/9999/x").await?;
+
+    // Registrations arriving at once, as after an upgrade.
+    let (registered_in, routed_in) = registrations(
+        daemon.config().server.mgmt_socket.clone(),
+        registration_port,
+        new,
+        o.registrations,
+    )
+    .await?;
+
     let result = Result1 {
         existing,
         preload,
+        preload_batch_max,
+        rss_growth,
+        batch_10k,
+        registrations: o.registrations,
+        registered_in,
+        routed_in,
         seq_rate,
         seq_p50: percentile(&call_times, 0.5),
         seq_p99: percentile(&call_times, 0.99),
@@ -318,22 +451,31 @@ async fn run_one(
     Ok(result)
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let o = options()?;
     let old = upstream("old").await?;
     let new = upstream("new").await?;
+    let mut results = Vec::new();
+    for &existing in &o.existing {
+        results.push(run_one(existing, &o, old, new).await?);
+    }
     println!(
-        "| existing routes | preload | changes/s (1 client) | call p50 / p99 | changes/s (8 clients) | \
-         propagation p50 / p99 / max | first request missed | proxied request p50 |"
+        "| existing routes | preload (largest batch of 10,000) | changes/s (1 client) | call p50 / p99 | \
+         changes/s (8 clients) | propagation p50 / p99 / max | first request missed | \
+         proxied request p50 |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for &existing in &o.existing {
-        let r = run_one(existing, &o, old, new).await?;
+    for r in &results {
         println!(
-            "| {} | {:.1} s | {:.0} | {} / {} | {:.0} | {} / {} / {} | {} of {} | {} |",
+            "| {} | {:.2} s ({}) | {:.0} | {} / {} | {:.0} | {} / {} / {} | {} of {} | {} |",
             r.existing,
             r.preload.as_secs_f64(),
+            ms(r.preload_batch_max),
             r.seq_rate,
             ms(r.seq_p50),
             ms(r.seq_p99),
@@ -346,5 +488,63 @@ async fn main() -> Result<()> {
             ms(r.request_p50),
         );
     }
+    println!();
+    println!(
+        "| existing routes | one batch of 10,000 routes | registrations at once | all registered | \
+         all registered and routed | RSS growth while loading the existing routes |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.existing,
+            ms(r.batch_10k),
+            r.registrations,
+            ms(r.registered_in),
+            ms(r.routed_in),
+            mib(r.rss_growth),
+        );
+    }
+    println!();
+    goals(&results);
     Ok(())
+}
+
+/// The goals of the state core, checked against this run.
+fn goals(results: &[Result1]) {
+    let check = |ok: bool| if ok { "met" } else { "NOT met" };
+    let small = results.iter().min_by_key(|r| r.existing);
+    let large = results.iter().max_by_key(|r| r.existing);
+    if let (Some(small), Some(large)) = (small, large) {
+        let best = |r: &Result1| r.seq_rate.max(r.conc_rate);
+        println!(
+            "- single changes at {} routes: {:.0}/s with 1 client, {:.0}/s with 8 clients (goal >= 1,000/s): {}",
+            large.existing,
+            large.seq_rate,
+            large.conc_rate,
+            check(best(large) >= 1000.0)
+        );
+        println!(
+            "- rate at {} routes / rate at {} routes: {:.2} with 1 client, {:.2} with 8 clients (goal >= 0.5): {}",
+            large.existing,
+            small.existing,
+            large.seq_rate / small.seq_rate,
+            large.conc_rate / small.conc_rate,
+            check(large.seq_rate * 2.0 >= small.seq_rate && large.conc_rate * 2.0 >= small.conc_rate)
+        );
+    }
+    for r in results {
+        println!(
+            "- {} routes: batch of 10,000 in {} (goal < 200 ms): {}; propagation p99 {} (goal < 1 ms): {}; \
+             {} registrations registered and routed in {} (goal < 2 s): {}",
+            r.existing,
+            ms(r.batch_10k),
+            check(r.batch_10k < Duration::from_millis(200)),
+            ms(r.prop_p99),
+            check(r.prop_p99 < Duration::from_millis(1)),
+            r.registrations,
+            ms(r.routed_in),
+            check(r.routed_in < Duration::from_secs(2)),
+        );
+    }
 }
