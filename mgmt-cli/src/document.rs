@@ -52,6 +52,69 @@ pub struct Pool {
     /// TLS towards the upstreams; absent for plain TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// Milliseconds an idle upstream connection is kept for reuse; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Connections per upstream (0: no limit); absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_upstream: Option<u32>,
+    /// Milliseconds allowed between two pieces of a request body; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_timeout_ms: Option<u64>,
+    /// Milliseconds for all connection attempts of a request; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_deadline_ms: Option<u64>,
+    /// Upstreams a request tries at most; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Outlier ejection; absent for the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
+}
+
+/// When an upstream is ejected after failing; each absent field takes its default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outlier {
+    /// Consecutive failures that eject an upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// Whether a 5xx answer counts as a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_5xx: Option<bool>,
+    /// First ejection in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_ms: Option<u64>,
+    /// Longest ejection in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_ms: Option<u64>,
+    /// Largest share of the pool ejected at once, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+}
+
+impl Outlier {
+    /// The proto message.
+    pub fn to_proto(&self) -> pb::Outlier {
+        pb::Outlier {
+            consecutive_failures: self.consecutive_failures,
+            on_5xx: self.on_5xx,
+            base_ejection_ms: self.base_ejection_ms,
+            max_ejection_ms: self.max_ejection_ms,
+            max_ejection_percent: self.max_ejection_percent,
+        }
+    }
+
+    /// The file shape of a proto message.
+    pub fn from_proto(o: &pb::Outlier) -> Self {
+        Outlier {
+            consecutive_failures: o.consecutive_failures,
+            on_5xx: o.on_5xx,
+            base_ejection_ms: o.base_ejection_ms,
+            max_ejection_ms: o.max_ejection_ms,
+            max_ejection_percent: o.max_ejection_percent,
+        }
+    }
 }
 
 /// TLS from the proxy to a pool's upstreams (file paths on the proxy's host).
@@ -343,6 +406,12 @@ impl Pool {
             connect_timeout_ms: self.connect_timeout_ms.unwrap_or(0),
             response_timeout_ms: self.response_timeout_ms.unwrap_or(0),
             tls: self.tls.as_ref().map(UpstreamTls::to_proto),
+            idle_timeout_ms: self.idle_timeout_ms,
+            max_connections_per_upstream: self.max_connections_per_upstream,
+            body_timeout_ms: self.body_timeout_ms,
+            connect_deadline_ms: self.connect_deadline_ms,
+            max_attempts: self.max_attempts,
+            outlier: self.outlier.as_ref().map(Outlier::to_proto),
             ..Default::default()
         };
         pool.set_balance(
@@ -377,6 +446,12 @@ impl Pool {
             connect_timeout_ms: Some(p.connect_timeout_ms).filter(|&ms| ms != 0),
             response_timeout_ms: Some(p.response_timeout_ms).filter(|&ms| ms != 0),
             tls: p.tls.as_ref().map(UpstreamTls::from_proto),
+            idle_timeout_ms: p.idle_timeout_ms,
+            max_connections_per_upstream: p.max_connections_per_upstream,
+            body_timeout_ms: p.body_timeout_ms,
+            connect_deadline_ms: p.connect_deadline_ms,
+            max_attempts: p.max_attempts,
+            outlier: p.outlier.as_ref().map(Outlier::from_proto),
         }
     }
 }

@@ -6,7 +6,7 @@ use proxy_proto::v1 as pb;
 use serde_json::json;
 
 use crate::client::{Clients, Reply};
-use crate::document::{HealthCheck, Pool, Upstream, UpstreamTls};
+use crate::document::{HealthCheck, Outlier, Pool, Upstream, UpstreamTls};
 use crate::output::{fields, Output, Table};
 use crate::upstreams;
 
@@ -22,9 +22,9 @@ pub enum PoolsCommand {
         name: String,
     },
     /// Adds a pool.
-    Add(PoolArgs),
+    Add(Box<PoolArgs>),
     /// Replaces a pool (every field, including its upstreams).
-    Update(PoolArgs),
+    Update(Box<PoolArgs>),
     /// Removes a pool; refused while a route uses it.
     #[command(alias = "delete")]
     Rm {
@@ -71,6 +71,36 @@ pub struct PoolArgs {
     /// PEM key of the client certificate (path on the proxy's host).
     #[arg(long, requires = "tls_client_cert")]
     pub tls_client_key: Option<String>,
+    /// How long an idle upstream connection is kept for reuse (default 1500ms).
+    #[arg(long)]
+    pub idle_timeout: Option<humantime::Duration>,
+    /// Connections (busy and idle) per upstream; 0 for no limit (the default).
+    #[arg(long)]
+    pub max_connections_per_upstream: Option<u32>,
+    /// Time the client may leave between two pieces of its request body (default 60s).
+    #[arg(long)]
+    pub body_timeout: Option<humantime::Duration>,
+    /// One deadline for all connection attempts of a request (default 10s).
+    #[arg(long)]
+    pub connect_deadline: Option<humantime::Duration>,
+    /// Upstreams a request tries at most (default 3).
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Consecutive failures that eject an upstream (default 1).
+    #[arg(long)]
+    pub outlier_consecutive_failures: Option<u32>,
+    /// Count 5xx answers as failures (`--outlier-on-5xx` or `--outlier-on-5xx=false`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub outlier_on_5xx: Option<bool>,
+    /// First ejection time, doubled on each repeated ejection (default 10s).
+    #[arg(long)]
+    pub outlier_base_ejection: Option<humantime::Duration>,
+    /// Longest ejection time (default 300s).
+    #[arg(long)]
+    pub outlier_max_ejection: Option<humantime::Duration>,
+    /// Largest share of the pool's upstreams ejected at once, in percent (default 50).
+    #[arg(long)]
+    pub outlier_max_ejection_percent: Option<u32>,
 }
 
 fn millis(d: humantime::Duration) -> u64 {
@@ -92,6 +122,18 @@ impl PoolArgs {
                 timeout_ms: millis(self.health_timeout),
             }),
         };
+        let outlier = Outlier {
+            consecutive_failures: self.outlier_consecutive_failures,
+            on_5xx: self.outlier_on_5xx,
+            base_ejection_ms: self.outlier_base_ejection.map(millis),
+            max_ejection_ms: self.outlier_max_ejection.map(millis),
+            max_ejection_percent: self.outlier_max_ejection_percent,
+        };
+        let outlier_set = outlier.consecutive_failures.is_some()
+            || outlier.on_5xx.is_some()
+            || outlier.base_ejection_ms.is_some()
+            || outlier.max_ejection_ms.is_some()
+            || outlier.max_ejection_percent.is_some();
         Ok(Pool {
             name: self.name.clone(),
             source: None,
@@ -109,6 +151,12 @@ impl PoolArgs {
                     client_cert: self.tls_client_cert.clone().unwrap_or_default(),
                     client_key: self.tls_client_key.clone().unwrap_or_default(),
                 }),
+            idle_timeout_ms: self.idle_timeout.map(millis),
+            max_connections_per_upstream: self.max_connections_per_upstream,
+            body_timeout_ms: self.body_timeout.map(millis),
+            connect_deadline_ms: self.connect_deadline.map(millis),
+            max_attempts: self.max_attempts,
+            outlier: outlier_set.then_some(outlier),
         })
     }
 }
@@ -145,6 +193,32 @@ fn list_table(pools: &[Pool]) -> String {
     t.render()
 }
 
+fn count(v: Option<u32>) -> String {
+    v.map_or_else(|| "default".to_owned(), |n| n.to_string())
+}
+
+/// The ejection settings on one line, e.g. `after 3 failures (5xx counts), eject 10000ms..300000ms`.
+fn outlier_text(outlier: Option<&Outlier>) -> String {
+    let Some(o) = outlier else {
+        return "default".to_owned();
+    };
+    let ms = |v: Option<u64>| v.map_or_else(|| "default".to_owned(), |ms| format!("{ms}ms"));
+    let five_xx = match o.on_5xx {
+        Some(true) => "5xx counts",
+        Some(false) => "5xx does not count",
+        None => "5xx default",
+    };
+    let percent = o
+        .max_ejection_percent
+        .map_or_else(|| "default".to_owned(), |p| format!("{p}%"));
+    format!(
+        "after {} failures ({five_xx}), eject {}..{}, at most {percent}",
+        count(o.consecutive_failures),
+        ms(o.base_ejection_ms),
+        ms(o.max_ejection_ms),
+    )
+}
+
 fn detail(pool: &Pool) -> String {
     let ms = |v: Option<u64>| v.map_or_else(|| "default".to_owned(), |ms| format!("{ms}ms"));
     let mut text = fields(&[
@@ -160,6 +234,19 @@ fn detail(pool: &Pool) -> String {
                 |t| format!("{} (roots {})", t.server_name, t.ca_file),
             ),
         ),
+        ("idle timeout", ms(pool.idle_timeout_ms)),
+        (
+            "max connections per upstream",
+            match pool.max_connections_per_upstream {
+                None => "default".to_owned(),
+                Some(0) => "unlimited".to_owned(),
+                Some(n) => n.to_string(),
+            },
+        ),
+        ("body timeout", ms(pool.body_timeout_ms)),
+        ("connect deadline", ms(pool.connect_deadline_ms)),
+        ("max attempts", count(pool.max_attempts)),
+        ("outlier", outlier_text(pool.outlier.as_ref())),
     ]);
     text.push('\n');
     text.push_str(&upstreams::table(&pool.upstreams));

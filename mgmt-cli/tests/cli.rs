@@ -401,6 +401,121 @@ pool = "v1"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_take_and_show_connection_and_ejection_settings() {
+    let v1 = upstream("v1").await;
+    let d = Daemon::start("").await;
+    d.ok(&[
+        "pools",
+        "add",
+        "tuned",
+        "--upstream",
+        &v1.to_string(),
+        "--idle-timeout",
+        "800ms",
+        "--max-connections-per-upstream",
+        "16",
+        "--body-timeout",
+        "7s",
+        "--connect-deadline",
+        "3s",
+        "--max-attempts",
+        "2",
+        "--outlier-consecutive-failures",
+        "4",
+        "--outlier-on-5xx",
+        "--outlier-base-ejection",
+        "2s",
+        "--outlier-max-ejection",
+        "1m",
+        "--outlier-max-ejection-percent",
+        "30",
+    ])
+    .await;
+    let pool = &d.json(&["pools", "get", "tuned"]).await;
+    assert_eq!(pool["idle_timeout_ms"], 800, "{pool}");
+    assert_eq!(pool["max_connections_per_upstream"], 16, "{pool}");
+    assert_eq!(pool["body_timeout_ms"], 7000, "{pool}");
+    assert_eq!(pool["connect_deadline_ms"], 3000, "{pool}");
+    assert_eq!(pool["max_attempts"], 2, "{pool}");
+    let outlier = &pool["outlier"];
+    assert_eq!(outlier["consecutive_failures"], 4, "{pool}");
+    assert_eq!(outlier["on_5xx"], true, "{pool}");
+    assert_eq!(outlier["base_ejection_ms"], 2000, "{pool}");
+    assert_eq!(outlier["max_ejection_ms"], 60_000, "{pool}");
+    assert_eq!(outlier["max_ejection_percent"], 30, "{pool}");
+    let text = d.ok(&["pools", "get", "tuned"]).await;
+    for line in [
+        "idle timeout                  800ms",
+        "max connections per upstream  16",
+        "body timeout                  7000ms",
+        "connect deadline              3000ms",
+        "max attempts                  2",
+        "outlier                       after 4 failures (5xx counts), eject 2000ms..60000ms, at most 30%",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+
+    // Unset keys show the config file's defaults; a partial update keeps the rest default.
+    d.ok(&["pools", "add", "plain", "--upstream", &v1.to_string()])
+        .await;
+    let pool = &d.json(&["pools", "get", "plain"]).await;
+    assert_eq!(pool["idle_timeout_ms"], 1500, "{pool}");
+    assert_eq!(pool["max_connections_per_upstream"], 0, "{pool}");
+    assert_eq!(pool["max_attempts"], 3, "{pool}");
+    assert_eq!(pool["outlier"]["max_ejection_percent"], 50, "{pool}");
+    assert_eq!(pool["outlier"]["on_5xx"], false, "{pool}");
+    d.ok(&[
+        "pools",
+        "update",
+        "plain",
+        "--upstream",
+        &v1.to_string(),
+        "--outlier-on-5xx",
+    ])
+    .await;
+    let pool = &d.json(&["pools", "get", "plain"]).await;
+    assert_eq!(pool["outlier"]["on_5xx"], true, "{pool}");
+    assert_eq!(pool["outlier"]["consecutive_failures"], 1, "{pool}");
+
+    // A bad value is refused by the daemon, naming the field, and nothing changes.
+    let out = d
+        .ctl(&[
+            "pools",
+            "update",
+            "tuned",
+            "--upstream",
+            &v1.to_string(),
+            "--outlier-max-ejection-percent",
+            "101",
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("INVALID_ARGUMENT: pool.outlier.max_ejection_percent"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d
+        .ctl(&[
+            "pools",
+            "add",
+            "zero",
+            "--upstream",
+            &v1.to_string(),
+            "--idle-timeout",
+            "0s",
+        ])
+        .await;
+    assert!(
+        stderr(&out).contains("INVALID_ARGUMENT: pool.idle_timeout_ms"),
+        "{}",
+        stderr(&out)
+    );
+    let pool = &d.json(&["pools", "get", "tuned"]).await;
+    assert_eq!(pool["outlier"]["max_ejection_percent"], 30, "{pool}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_address_with_token_file() {
     let files = tempfile::tempdir().expect("temp dir");
     let token = write(files.path(), "token", "t0ken\n");

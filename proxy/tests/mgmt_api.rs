@@ -69,6 +69,98 @@ async fn created_route_routes_the_next_request_and_survives_a_restart() {
     assert_eq!(v2.hits(), 2);
 }
 
+/// The connection, attempt and ejection settings of a pool go through the API, are read
+/// back as sent, survive a restart, and are what the data path uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_policy_settings_round_trip_and_take_effect() {
+    let live = upstream("live").await;
+    let proxy = start_proxy(CONFIG).await;
+    let mut api = connect(&proxy).await;
+    let sent_outlier = pb::Outlier {
+        consecutive_failures: Some(4),
+        on_5xx: Some(true),
+        base_ejection_ms: Some(2_000),
+        max_ejection_ms: Some(60_000),
+        max_ejection_percent: Some(30),
+    };
+    let mut tuned = pb::Pool {
+        balance: pb::Balance::Ordered as i32,
+        idle_timeout_ms: Some(800),
+        max_connections_per_upstream: Some(16),
+        body_timeout_ms: Some(7_000),
+        connect_deadline_ms: Some(3_000),
+        max_attempts: Some(1),
+        outlier: Some(sent_outlier),
+        // The first upstream refuses connections; with one attempt nothing else is tried.
+        ..pool_msg("tuned", &[dead_address(), live.address()])
+    };
+    create_pool(&mut api, tuned.clone()).await;
+    create_route(&mut api, route_msg("all", "", "/", "tuned")).await;
+
+    let read = |api: &Api, name: &'static str| {
+        let mut pools = api.pools.clone();
+        async move {
+            pools
+                .get_pool(pb::GetPoolRequest { name: name.into() })
+                .await
+                .expect("get pool")
+                .into_inner()
+                .pool
+                .expect("pool")
+        }
+    };
+    let got = read(&api, "tuned").await;
+    assert_eq!(got.idle_timeout_ms, Some(800));
+    assert_eq!(got.max_connections_per_upstream, Some(16));
+    assert_eq!(got.body_timeout_ms, Some(7_000));
+    assert_eq!(got.connect_deadline_ms, Some(3_000));
+    assert_eq!(got.max_attempts, Some(1));
+    assert_eq!(got.outlier, Some(sent_outlier));
+    assert_eq!(get(proxy.addr("web"), "a.test", "/").await.status, 502);
+
+    // Absent fields (and an absent outlier message) are the config file's defaults.
+    create_pool(&mut api, pool_msg("plain", &[live.address()])).await;
+    let plain = read(&api, "plain").await;
+    assert_eq!(plain.idle_timeout_ms, Some(1_500));
+    assert_eq!(plain.max_connections_per_upstream, Some(0));
+    assert_eq!(plain.body_timeout_ms, Some(60_000));
+    assert_eq!(plain.connect_deadline_ms, Some(10_000));
+    assert_eq!(plain.max_attempts, Some(3));
+    assert_eq!(
+        plain.outlier,
+        Some(pb::Outlier {
+            consecutive_failures: Some(1),
+            on_5xx: Some(false),
+            base_ejection_ms: Some(10_000),
+            max_ejection_ms: Some(300_000),
+            max_ejection_percent: Some(50),
+        })
+    );
+
+    // Back to the default attempt budget: the dead upstream is skipped for the live one.
+    tuned.max_attempts = None;
+    tuned.name = "tuned".into();
+    api.pools
+        .update_pool(pb::UpdatePoolRequest {
+            pool: Some(tuned.clone()),
+        })
+        .await
+        .expect("update pool");
+    let response = get(proxy.addr("web"), "b.test", "/").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("x-upstream"), Some("live"));
+
+    // Stored with the pool: the same after a restart.
+    let TestProxy { daemon, dir } = proxy;
+    daemon.stop().await;
+    let proxy = start_proxy_in(dir, CONFIG).await;
+    let api = connect(&proxy).await;
+    let got = read(&api, "tuned").await;
+    assert_eq!(got.max_attempts, Some(3));
+    assert_eq!(got.idle_timeout_ms, Some(800));
+    assert_eq!(got.outlier, Some(sent_outlier));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_and_delete_take_effect_immediately() {
     let v1 = upstream("v1").await;

@@ -113,6 +113,110 @@ async fn invalid_argument_names_the_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_policy_mistakes_name_the_field() {
+    let up = upstream("u").await;
+    let proxy = start_proxy(CONFIG).await;
+    let mut api = connect(&proxy).await;
+    let base = || pool_msg("p", &[up.address()]);
+    let outlier = |o: pb::Outlier| pb::Pool {
+        outlier: Some(o),
+        ..base()
+    };
+    let cases: Vec<(pb::Pool, &str)> = vec![
+        (
+            outlier(pb::Outlier {
+                max_ejection_percent: Some(101),
+                ..Default::default()
+            }),
+            "pool.outlier.max_ejection_percent: must be at most 100",
+        ),
+        (
+            outlier(pb::Outlier {
+                consecutive_failures: Some(0),
+                ..Default::default()
+            }),
+            "pool.outlier.consecutive_failures: must be at least 1",
+        ),
+        (
+            outlier(pb::Outlier {
+                base_ejection_ms: Some(0),
+                ..Default::default()
+            }),
+            "pool.outlier.base_ejection_ms: must be positive",
+        ),
+        (
+            outlier(pb::Outlier {
+                max_ejection_ms: Some(0),
+                ..Default::default()
+            }),
+            "pool.outlier.max_ejection_ms: must be positive",
+        ),
+        (
+            pb::Pool {
+                max_attempts: Some(0),
+                ..base()
+            },
+            "pool.max_attempts: must be at least 1",
+        ),
+        (
+            pb::Pool {
+                idle_timeout_ms: Some(0),
+                ..base()
+            },
+            "pool.idle_timeout_ms: must be positive",
+        ),
+        (
+            pb::Pool {
+                body_timeout_ms: Some(0),
+                ..base()
+            },
+            "pool.body_timeout_ms: must be positive",
+        ),
+        (
+            pb::Pool {
+                connect_deadline_ms: Some(0),
+                ..base()
+            },
+            "pool.connect_deadline_ms: must be positive",
+        ),
+    ];
+    for (pool, expected) in cases {
+        let (code, message) = code_and_message(
+            api.pools
+                .create_pool(pb::CreatePoolRequest { pool: Some(pool) })
+                .await,
+        );
+        assert_eq!(code, Code::InvalidArgument, "{message}");
+        assert_eq!(message, expected);
+    }
+    // In a batch the position comes first; nothing of a refused batch is applied.
+    let (code, message) = code_and_message(
+        api.admin
+            .apply(pb::ApplyRequest {
+                changes: vec![pb::Change {
+                    change: Some(pb::change::Change::CreatePool(outlier(pb::Outlier {
+                        max_ejection_percent: Some(200),
+                        ..Default::default()
+                    }))),
+                }],
+            })
+            .await,
+    );
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+    assert!(
+        message.ends_with("outlier.max_ejection_percent: must be at most 100"),
+        "{message}"
+    );
+    let listed = api
+        .pools
+        .list_pools(pb::ListPoolsRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.pools.is_empty(), "{:?}", listed.pools);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_found_already_exists_and_failed_precondition() {
     let up = upstream("u").await;
     let proxy = start_proxy(&declarative_config(&up)).await;

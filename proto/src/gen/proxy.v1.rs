@@ -59,6 +59,49 @@ pub struct Pool {
     /// TLS towards the upstreams; absent: plain TCP.
     #[prost(message, optional, tag = "8")]
     pub tls: ::core::option::Option<UpstreamTls>,
+    /// Milliseconds an idle keep-alive connection to an upstream is kept for reuse; absent:
+    /// the default (1500). Present values must be positive.
+    #[prost(uint64, optional, tag = "9")]
+    pub idle_timeout_ms: ::core::option::Option<u64>,
+    /// Connections (busy and idle) per upstream; absent: the default (0, no limit).
+    #[prost(uint32, optional, tag = "10")]
+    pub max_connections_per_upstream: ::core::option::Option<u32>,
+    /// Milliseconds the client may leave between two pieces of its request body; absent: the
+    /// default (60000). Present values must be positive.
+    #[prost(uint64, optional, tag = "11")]
+    pub body_timeout_ms: ::core::option::Option<u64>,
+    /// Milliseconds for all connection attempts of one request together; absent: the default
+    /// (10000). Present values must be positive.
+    #[prost(uint64, optional, tag = "12")]
+    pub connect_deadline_ms: ::core::option::Option<u64>,
+    /// Upstreams one request tries at most; absent: the default (3). At least 1.
+    #[prost(uint32, optional, tag = "13")]
+    pub max_attempts: ::core::option::Option<u32>,
+    /// Outlier ejection; absent: the defaults of every field of Outlier.
+    #[prost(message, optional, tag = "14")]
+    pub outlier: ::core::option::Option<Outlier>,
+}
+/// When a pool's upstream is ejected (skipped while others work) after failing. Each absent
+/// field takes its default.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Outlier {
+    /// Consecutive failures that eject an upstream; absent: 1. At least 1.
+    #[prost(uint32, optional, tag = "1")]
+    pub consecutive_failures: ::core::option::Option<u32>,
+    /// Whether a 5xx answer from the upstream counts as a failure; absent: false.
+    #[prost(bool, optional, tag = "2")]
+    pub on_5xx: ::core::option::Option<bool>,
+    /// Milliseconds of the first ejection, doubled with each ejection without a success in
+    /// between; absent: 10000. Present values must be positive.
+    #[prost(uint64, optional, tag = "3")]
+    pub base_ejection_ms: ::core::option::Option<u64>,
+    /// Longest ejection in milliseconds; absent: 300000. Present values must be positive.
+    #[prost(uint64, optional, tag = "4")]
+    pub max_ejection_ms: ::core::option::Option<u64>,
+    /// Largest share of the pool's upstreams ejected at once, in percent (one upstream may
+    /// always be ejected); absent: 50. At most 100.
+    #[prost(uint32, optional, tag = "5")]
+    pub max_ejection_percent: ::core::option::Option<u32>,
 }
 /// TLS from the proxy to a pool's upstreams. The files are read on the proxy's host when
 /// the pool is created or changed.

@@ -11,7 +11,8 @@ use crate::discovery::Origin;
 use crate::routing::RoutingTable;
 use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, Change, Document, HealthCheck,
-    PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamState, UpstreamTls,
+    Outlier, PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState,
+    UpstreamTls,
 };
 
 /// An INVALID_ARGUMENT status naming `field`.
@@ -60,6 +61,7 @@ pub fn upstream(u: pb::Upstream, field: &str) -> Result<Upstream, Status> {
 
 /// A pool from the wire, owned by the API; zero timeouts mean the defaults.
 pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
+    let policy = policy(&p);
     let health = match p.health_check {
         None => None,
         Some(h) => {
@@ -102,9 +104,44 @@ pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
             client_cert: t.client_cert,
             client_key: t.client_key,
         }),
-        // Not part of the API yet: pools created through it use the defaults.
-        policy: Default::default(),
+        policy,
     })
+}
+
+/// Absent means the default; a present value is taken as it is, so a zero reaches
+/// `state::apply` and is refused there under the field's name.
+fn millis_opt(ms: Option<u64>, default: Duration) -> Duration {
+    ms.map_or(default, Duration::from_millis)
+}
+
+/// The connection, attempt and ejection settings of a wire pool; absent fields (and an
+/// absent `outlier`) take the config file's defaults.
+fn policy(p: &pb::Pool) -> UpstreamPolicy {
+    let d = UpstreamPolicy::default();
+    let outlier = match &p.outlier {
+        None => d.outlier.clone(),
+        Some(o) => Outlier {
+            consecutive_failures: o
+                .consecutive_failures
+                .unwrap_or(d.outlier.consecutive_failures),
+            on_5xx: o.on_5xx.unwrap_or(d.outlier.on_5xx),
+            base_ejection: millis_opt(o.base_ejection_ms, d.outlier.base_ejection),
+            max_ejection: millis_opt(o.max_ejection_ms, d.outlier.max_ejection),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .unwrap_or(d.outlier.max_ejection_percent),
+        },
+    };
+    UpstreamPolicy {
+        idle_timeout: millis_opt(p.idle_timeout_ms, d.idle_timeout),
+        max_connections_per_upstream: p
+            .max_connections_per_upstream
+            .unwrap_or(d.max_connections_per_upstream),
+        body_timeout: millis_opt(p.body_timeout_ms, d.body_timeout),
+        connect_deadline: millis_opt(p.connect_deadline_ms, d.connect_deadline),
+        max_attempts: p.max_attempts.unwrap_or(d.max_attempts),
+        outlier,
+    }
 }
 
 /// An HTTP route from the wire, owned by the API; an empty host means any host.
@@ -271,6 +308,18 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
             client_cert: t.client_cert.clone(),
             client_key: t.client_key.clone(),
         }),
+        idle_timeout_ms: Some(millis(p.policy.idle_timeout)),
+        max_connections_per_upstream: Some(p.policy.max_connections_per_upstream),
+        body_timeout_ms: Some(millis(p.policy.body_timeout)),
+        connect_deadline_ms: Some(millis(p.policy.connect_deadline)),
+        max_attempts: Some(p.policy.max_attempts),
+        outlier: Some(pb::Outlier {
+            consecutive_failures: Some(p.policy.outlier.consecutive_failures),
+            on_5xx: Some(p.policy.outlier.on_5xx),
+            base_ejection_ms: Some(millis(p.policy.outlier.base_ejection)),
+            max_ejection_ms: Some(millis(p.policy.outlier.max_ejection)),
+            max_ejection_percent: Some(p.policy.outlier.max_ejection_percent),
+        }),
     }
 }
 
@@ -358,5 +407,45 @@ mod tests {
         assert_eq!(model.connect_timeout, default_connect_timeout());
         assert_eq!(model.response_timeout, default_response_timeout());
         assert_eq!(pool_proto(&model, None).connect_timeout_ms, 5000);
+        assert_eq!(model.policy, UpstreamPolicy::default());
+    }
+
+    #[test]
+    fn policy_round_trips_and_partial_outlier_keeps_defaults() {
+        let p = pb::Pool {
+            name: "p".into(),
+            idle_timeout_ms: Some(800),
+            max_connections_per_upstream: Some(9),
+            max_attempts: Some(2),
+            outlier: Some(pb::Outlier {
+                on_5xx: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let model = pool(p, "pool").expect("valid");
+        let defaults = UpstreamPolicy::default();
+        assert_eq!(model.policy.idle_timeout, Duration::from_millis(800));
+        assert_eq!(model.policy.max_connections_per_upstream, 9);
+        assert_eq!(model.policy.max_attempts, 2);
+        assert_eq!(model.policy.body_timeout, defaults.body_timeout);
+        assert!(model.policy.outlier.on_5xx);
+        assert_eq!(
+            model.policy.outlier.max_ejection_percent,
+            defaults.outlier.max_ejection_percent
+        );
+        // What is read back converts to the same model.
+        let again = pool(pool_proto(&model, None), "pool").expect("valid");
+        assert_eq!(again.policy, model.policy);
+        // A present zero is passed on for the state model to refuse under its name.
+        let zero = pb::Pool {
+            idle_timeout_ms: Some(0),
+            ..Default::default()
+        };
+        assert!(pool(zero, "pool")
+            .expect("converts")
+            .policy
+            .idle_timeout
+            .is_zero());
     }
 }

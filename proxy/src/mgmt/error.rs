@@ -15,6 +15,11 @@ fn wire_field(field: &str) -> String {
             "timeout" => "timeout_ms",
             "connect_timeout" => "connect_timeout_ms",
             "response_timeout" => "response_timeout_ms",
+            "idle_timeout" => "idle_timeout_ms",
+            "body_timeout" => "body_timeout_ms",
+            "connect_deadline" => "connect_deadline_ms",
+            "base_ejection" => "base_ejection_ms",
+            "max_ejection" => "max_ejection_ms",
             other => other,
         })
         .collect::<Vec<_>>()
