@@ -5,7 +5,6 @@
 mod admin;
 mod client;
 mod discovery;
-mod document;
 mod output;
 mod pools;
 mod register;
@@ -21,6 +20,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
 use clap::{CommandFactory as _, Parser, Subcommand};
+use proxyctl::document;
 
 use crate::client::Target;
 use crate::output::{Format, Output};

@@ -96,6 +96,7 @@ pub struct Daemon {
     upgrader: Arc<upgrade::Upgrader>,
     tls: Arc<tls::Tls>,
     telemetry: Arc<telemetry::Telemetry>,
+    registry: Arc<registration::Registry>,
 }
 
 impl Daemon {
@@ -319,7 +320,7 @@ impl Daemon {
             config_path: config.path.clone(),
             upgrader: Some(upgrader.clone()),
             discovery,
-            registry,
+            registry: registry.clone(),
             metrics: telemetry.metrics().clone(),
             tls: Some(tls.clone()),
         };
@@ -355,6 +356,7 @@ impl Daemon {
             upgrader,
             tls,
             telemetry,
+            registry,
         })
     }
 
@@ -389,6 +391,11 @@ impl Daemon {
     /// Metrics, access log settings and tracing; other parts record through its metrics.
     pub fn telemetry(&self) -> &Arc<telemetry::Telemetry> {
         &self.telemetry
+    }
+
+    /// Services registered over the registration stream, and the ports opened for them.
+    pub fn registry(&self) -> &Arc<registration::Registry> {
+        &self.registry
     }
 
     /// The state handle (read snapshots, apply changes).

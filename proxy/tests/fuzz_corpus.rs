@@ -51,6 +51,11 @@ fn config_corpus() {
     run("config", proxy::Config::fuzz_parse);
 }
 
+#[test]
+fn handoff_corpus() {
+    run("handoff", proxy::upgrade::fuzz_handoff_read);
+}
+
 /// The seed ClientHellos are real: whole, or re-cut into 64-byte records, they name
 /// their server.
 #[tokio::test]

@@ -458,3 +458,72 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
         "its instance is still a pool member"
     );
 }
+
+/// The same, one level down: the task running `Registry::register` is aborted while the
+/// writer has not published it (as when the gRPC handler's future is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_register_call_leaves_nothing_behind() {
+    let port = free_port();
+    let p = proxy_with(port, "1s", "").await;
+    let svc = upstream("svc").await;
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let state = p.daemon.state().clone();
+    let writer_busy = tokio::spawn(async move {
+        state
+            .update_membership(move |_| {
+                let _ = blocked.recv_timeout(Duration::from_secs(30));
+            })
+            .await;
+    });
+    let registry = p.daemon.registry().clone();
+    let claim = proxy::registration::Claim {
+        name: "svc".into(),
+        endpoint: svc.address(),
+        port,
+        protocol: proxy::config::Protocol::Http,
+        host: None,
+        path_prefix: "/aborted".into(),
+        tls: None,
+    };
+    let call = tokio::spawn(async move { registry.register(claim).await });
+    // The port opens once the call holds its booking and waits for the writer.
+    let mut opened = false;
+    for _ in 0..200 {
+        if TcpStream::connect(local(port)).await.is_ok() {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(opened, "the port was never opened for the registration");
+    assert!(
+        !call.is_finished(),
+        "the writer is busy, the call cannot have finished"
+    );
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
+    release.send(()).unwrap();
+    writer_busy.await.unwrap();
+
+    let mut last = None;
+    for _ in 0..200 {
+        let l = listing(&p).await;
+        if l.registrations.is_empty() && l.routes.is_empty() {
+            last = None;
+            break;
+        }
+        last = Some(l);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, None, "the aborted registration was left behind");
+    assert!(port_closes(port).await, "the port opened for it stays open");
+    let snap = p.daemon.state().snapshot();
+    let membership = snap.state.membership();
+    assert_eq!(membership.routes().count(), 0, "its route is still routed");
+    assert!(
+        membership
+            .runtime_upstreams(&format!("registered:{port}:*:/aborted"))
+            .is_empty(),
+        "its instance is still a pool member"
+    );
+}

@@ -36,6 +36,8 @@ use crate::listener::{AcceptGate, Inherited, Origin};
 use crate::shutdown::Shutdown;
 use crate::state::StateHandle;
 
+#[doc(hidden)]
+pub use wire::fuzz_read as fuzz_handoff_read;
 pub use wire::SocketKind;
 
 /// Environment variable naming the handoff socket of the parent.

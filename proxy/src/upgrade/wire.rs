@@ -327,6 +327,54 @@ impl Conn {
     }
 }
 
+/// A fuzzing entry: `data` as the bytes that arrive on a handoff connection (without
+/// descriptors), read the three ways a process reads its peer: as an offer by the child,
+/// as `HELLO` and as `READY` by the parent. Each read ends with a value or an error (the
+/// sender closes after `data`), never a panic; an offer that is read whole names no socket,
+/// since no descriptor came with it.
+#[doc(hidden)]
+pub fn fuzz_read(data: &[u8]) {
+    fn read_with<T>(
+        data: &[u8],
+        read: impl FnOnce(&mut Conn, Instant) -> io::Result<T>,
+    ) -> Option<T> {
+        let (sender, receiver) = UnixStream::pair().expect("socketpair");
+        let bytes = data.to_vec();
+        let writer = std::thread::spawn(move || {
+            // The reader may stop early and close: the write then fails (EPIPE, without the
+            // signal, which a fuzzing harness does not ignore), as expected.
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                match rustix::net::send(&sender, rest, SendFlags::NOSIGNAL) {
+                    Ok(sent) => rest = &rest[sent..],
+                    Err(_) => break,
+                }
+            }
+        });
+        let mut conn = Conn::new(receiver).expect("blocking socket");
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let result = read(&mut conn, deadline);
+        drop(conn);
+        writer.join().expect("writer thread");
+        match result {
+            Ok(value) => Some(value),
+            Err(e) => {
+                assert_ne!(
+                    e.kind(),
+                    io::ErrorKind::TimedOut,
+                    "a read waited for bytes after EOF"
+                );
+                None
+            }
+        }
+    }
+    if let Some((_, sockets, _)) = read_with(data, |c, d| c.receive_sockets(d)) {
+        assert!(sockets.is_empty(), "sockets without descriptors");
+    }
+    read_with(data, |c, d| c.expect_hello(d));
+    read_with(data, |c, d| c.expect_ready(d));
+}
+
 /// The framed offer up to the descriptors: marker, header frame, data frames.
 fn framed_offer(
     revision: u64,
