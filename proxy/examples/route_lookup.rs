@@ -17,11 +17,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use proxy::config::Protocol;
-use proxy::routing::RoutingTable;
+use proxy::routing::{Published, RoutingTable};
 use proxy::state::{
-    default_connect_timeout, default_response_timeout, Balance, Change, PathMatch, Pool, Route,
-    Source, StateHandle, Upstream,
+    default_connect_timeout, default_response_timeout, Balance, Change, Outputs, PathMatch, Pool,
+    Protocol, Route, Source, StateHandle, Upstream,
 };
 
 const SIZES: [usize; 3] = [10, 1_000, 100_000];
@@ -132,7 +131,11 @@ struct Row {
 fn measure(routes: usize, seq: &mut Sequence) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir().context("temporary state dir")?;
     let listeners: BTreeMap<String, Protocol> = [("web".to_string(), Protocol::Http)].into();
-    let handle = StateHandle::open(dir.path(), listeners, &migration(routes))
+    let outputs = Outputs {
+        publish: Published::new().compiler(),
+        write_latency: Box::new(|_| {}),
+    };
+    let handle = StateHandle::open(dir.path(), listeners, &migration(routes), outputs)
         .with_context(|| format!("opening a store with {routes} routes"))?;
     let snapshot = handle.snapshot();
     if snapshot.state.routes().count() != routes {

@@ -13,10 +13,11 @@ use serde::Deserialize;
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::discovery::{DiscoverySpec, OnChange, SourceSpec};
+use crate::discovery::{DiscoverySpec, SourceSpec};
 use crate::registration::RegistrationConfig;
 use crate::state::{
-    self, Balance, Change, HealthCheck, PathMatch, Pool, Route, Source, TcpRoute, Upstream,
+    self, Balance, Change, HealthCheck, OnChange, PathMatch, Pool, Protocol, Route, Source,
+    TcpRoute, Upstream,
 };
 
 mod telemetry;
@@ -62,47 +63,6 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// Listener protocols.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    /// HTTP/1.1 and h2c, routed by host and path.
-    Http,
-    /// Plain TCP, forwarded to one pool.
-    Tcp,
-    /// TLS terminated here, then HTTP/1.1 or HTTP/2 (by ALPN), routed like `http`.
-    Https,
-    /// TLS terminated here, then the plain bytes forwarded to the listener's pool.
-    Tls,
-    /// TLS not terminated: the ClientHello's SNI picks the pool, bytes pass untouched.
-    TlsPassthrough,
-}
-
-impl Protocol {
-    /// The config name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::Tcp => "tcp",
-            Protocol::Https => "https",
-            Protocol::Tls => "tls",
-            Protocol::TlsPassthrough => "tls-passthrough",
-        }
-    }
-
-    /// Whether connections carry HTTP requests routed by `[[routes]]`.
-    pub fn is_http(self) -> bool {
-        matches!(self, Protocol::Http | Protocol::Https)
-    }
-
-    /// Whether connections are forwarded as bytes by TCP routes.
-    pub fn is_stream(self) -> bool {
-        matches!(
-            self,
-            Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough
-        )
-    }
 }
 
 /// The `[server]` section.
@@ -628,6 +588,13 @@ impl Doc<'_> {
         if let Err((index, err)) = state::State::empty(listener_protocols).check_batch(&declarative)
         {
             return Err(self.apply_error(&origins[index], err));
+        }
+        // And the files the API's file check reads, one change at a time so the error
+        // names the field within its own section.
+        for (change, origin) in declarative.iter().zip(&origins) {
+            if let Err((_, err)) = crate::tls::upstream::check_files(std::slice::from_ref(change)) {
+                return Err(self.apply_error(origin, err));
+            }
         }
         Ok(Config {
             path: None,
@@ -1205,7 +1172,7 @@ impl Doc<'_> {
                 prefix,
                 "response_timeout",
             )?,
-            // Checked (files read) by the state, which names `tls.<field>`.
+            // Files read by the file check (`tls::upstream::check_files`), naming `tls.<field>`.
             tls: raw.tls.map(|t| state::UpstreamTls {
                 server_name: t.server_name,
                 ca_file: t.ca_file,

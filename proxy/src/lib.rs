@@ -89,6 +89,7 @@ const SERVICES_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub struct Daemon {
     config: Config,
     state: StateHandle,
+    routing: routing::Published,
     shutdown: Shutdown,
     addresses: BTreeMap<String, SocketAddr>,
     admin_address: Option<SocketAddr>,
@@ -115,6 +116,17 @@ impl Daemon {
         // First, so a second daemon on the same socket fails before touching the store.
         let mgmt_sockets = mgmt::Sockets::bind(&config.server, &mut inherited)?;
         let (mut sockets, bound_here) = listener::obtain(&config, &mut inherited)?;
+        // The state publishes every revision through the routing compiler, and reports its
+        // write latency to the metrics.
+        let routing = routing::Published::new();
+        let write_latency = telemetry::DurationHistogram::fast();
+        let outputs = state::Outputs {
+            publish: routing.compiler(),
+            write_latency: {
+                let histogram = write_latency.clone();
+                Box::new(move |elapsed| histogram.observe(elapsed))
+            },
+        };
         // Opening SQLite and reconciling the config file block: a blocking thread does it.
         let state = {
             let (dir, listeners, declarative) = (
@@ -122,18 +134,23 @@ impl Daemon {
                 config.listener_protocols(),
                 config.declarative.clone(),
             );
-            tokio::task::spawn_blocking(move || StateHandle::open(&dir, listeners, &declarative))
-                .await
-                .map_err(|e| StartError::Io("state store".into(), std::io::Error::other(e)))?
-                .map_err(|source| StartError::Store {
-                    dir: config.server.state_dir.display().to_string(),
-                    source,
-                })?
+            tokio::task::spawn_blocking(move || {
+                StateHandle::open(&dir, listeners, &declarative, outputs)
+            })
+            .await
+            .map_err(|e| StartError::Io("state store".into(), std::io::Error::other(e)))?
+            .map_err(|source| StartError::Store {
+                dir: config.server.state_dir.display().to_string(),
+                source,
+            })?
         };
         let shutdown = Shutdown::new();
         let telemetry = Arc::new(telemetry::Telemetry::start(
             &config.telemetry,
-            Some(&state),
+            Some(&telemetry::StateFeed {
+                routing: routing.clone(),
+                write_latency,
+            }),
         )?);
         let tls = tls::Tls::start(
             &config.tls,
@@ -174,7 +191,7 @@ impl Daemon {
                     workers,
                     &socket,
                     lc,
-                    state.clone(),
+                    routing.clone(),
                     shutdown.clone(),
                     tls.clone(),
                     telemetry.clone(),
@@ -185,7 +202,7 @@ impl Daemon {
                 tokio::spawn(tcp::serve(
                     socket,
                     lc,
-                    state.clone(),
+                    routing.clone(),
                     shutdown.clone(),
                     tls.clone(),
                     telemetry.clone(),
@@ -229,7 +246,13 @@ impl Daemon {
             .map(|s| (s.name.as_str(), std::os::fd::AsFd::as_fd(&s.fd)))
             .collect();
         upgrade::store_in_systemd(&stored);
-        tokio::spawn(upstream::health::run(state.clone(), shutdown.clone()));
+        tokio::spawn(upstream::health::run(
+            {
+                let routing = routing.clone();
+                move || routing.routing().pools().collect()
+            },
+            shutdown.clone(),
+        ));
         let runtime_dir = config
             .server
             .mgmt_socket
@@ -255,8 +278,8 @@ impl Daemon {
             .collect();
         // Ports opened for registrations are served exactly like configured listeners.
         let serve_registered: registration::ServeListener = {
-            let (state, shutdown, tls, telemetry) = (
-                state.clone(),
+            let (routing, shutdown, tls, telemetry) = (
+                routing.clone(),
                 shutdown.clone(),
                 tls.clone(),
                 telemetry.clone(),
@@ -266,7 +289,7 @@ impl Daemon {
                     tokio::spawn(http::serve(
                         socket,
                         lc,
-                        state.clone(),
+                        routing.clone(),
                         shutdown.clone(),
                         tls.clone(),
                         telemetry.clone(),
@@ -275,7 +298,7 @@ impl Daemon {
                     tokio::spawn(tcp::serve(
                         socket,
                         lc,
-                        state.clone(),
+                        routing.clone(),
                         shutdown.clone(),
                         tls.clone(),
                         telemetry.clone(),
@@ -314,6 +337,7 @@ impl Daemon {
         let mgmt_address = mgmt_sockets.tcp_address();
         let mgmt_context = mgmt::Context {
             state: state.clone(),
+            routing: routing.clone(),
             shutdown: shutdown.clone(),
             started,
             listeners: mgmt::ListenerInfo::all(&config, &addresses),
@@ -349,6 +373,7 @@ impl Daemon {
         Ok(Daemon {
             config,
             state,
+            routing,
             shutdown,
             addresses,
             admin_address,
@@ -401,6 +426,11 @@ impl Daemon {
     /// The state handle (read snapshots, apply changes).
     pub fn state(&self) -> &StateHandle {
         &self.state
+    }
+
+    /// The published routing tables (what the data path reads).
+    pub fn routing(&self) -> &routing::Published {
+        &self.routing
     }
 
     /// The shutdown signal.

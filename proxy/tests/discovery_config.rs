@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use proxy::discovery::{OnChange, SourceSpec};
+use proxy::discovery::SourceSpec;
+use proxy::state::OnChange;
 use proxy::Config;
 
 const POOL: &str = "[[pools]]\nname = \"redis\"\n";

@@ -97,7 +97,7 @@ async fn dns_server(zone: Arc<Mutex<Zone>>) -> SocketAddr {
 }
 
 fn members(p: &TestProxy) -> BTreeSet<String> {
-    let routing = p.daemon.state().routing();
+    let routing = p.daemon.routing().routing();
     routing
         .pool("svc")
         .map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect())

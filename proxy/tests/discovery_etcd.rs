@@ -109,7 +109,7 @@ impl Drop for Etcd {
 }
 
 fn members(p: &TestProxy, pool: &str) -> BTreeSet<String> {
-    let routing = p.daemon.state().routing();
+    let routing = p.daemon.routing().routing();
     routing
         .pool(pool)
         .map(|r| r.upstreams().iter().map(|u| u.address.clone()).collect())

@@ -11,13 +11,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use proxy::discovery::Origin;
+use proxy::state::Origin;
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
 
 /// The addresses the routing table runs pool `pool` with, and their origins.
 fn members(p: &TestProxy, pool: &str) -> BTreeSet<(String, String)> {
-    let routing = p.daemon.state().routing();
+    let routing = p.daemon.routing().routing();
     let Some(runtime) = routing.pool(pool) else {
         return BTreeSet::new();
     };

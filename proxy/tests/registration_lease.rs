@@ -78,7 +78,7 @@ async fn a_registration_opens_its_port_and_two_instances_are_balanced() {
     assert_eq!(l.routes.len(), 1);
     assert_eq!(l.routes[0].instances, 2);
     // The pool lists its registered members with their origin.
-    let routing = p.daemon.state().routing();
+    let routing = p.daemon.routing().routing();
     let pool = routing.pool(&l.routes[0].route).expect("registered pool");
     assert!(pool
         .members()

@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use proxy::state::{ApplyError, Change, PathMatch, Pool, Route, Source, StateHandle, Upstream};
+use proxy::routing::Published;
+use proxy::state::{
+    ApplyError, Change, Outputs, PathMatch, Pool, Route, Source, StateHandle, Upstream,
+};
 
 fn api_pool(name: &str, upstream: &str) -> Pool {
     Pool {
@@ -173,8 +176,8 @@ async fn crash_writer_child() {
     let Ok(dir) = std::env::var("PROXY_CRASH_CHILD_DIR") else {
         return;
     };
-    let listeners = [("web".to_string(), proxy::config::Protocol::Http)].into();
-    let state = StateHandle::open(std::path::Path::new(&dir), listeners, &[]).unwrap();
+    let listeners = [("web".to_string(), proxy::state::Protocol::Http)].into();
+    let state = open(std::path::Path::new(&dir), listeners).0;
     for i in 0.. {
         // Each batch is a pool and a route that uses it: both or neither must survive.
         let batch = vec![
@@ -234,8 +237,8 @@ async fn kill_9_mid_write_keeps_every_committed_batch() {
     while let Ok(i) = rx.try_recv() {
         last = last.max(i);
     }
-    let listeners = [("web".to_string(), proxy::config::Protocol::Http)].into();
-    let state = StateHandle::open(dir.path(), listeners, &[]).unwrap();
+    let listeners = [("web".to_string(), proxy::state::Protocol::Http)].into();
+    let state = open(dir.path(), listeners).0;
     let snap = state.snapshot();
     for i in 0..=last {
         assert!(
@@ -254,14 +257,28 @@ async fn kill_9_mid_write_keeps_every_committed_batch() {
     assert_eq!(snap.revision as usize, pools, "one revision per batch");
 }
 
-fn listeners() -> std::collections::BTreeMap<String, proxy::config::Protocol> {
-    [("web".to_string(), proxy::config::Protocol::Http)].into()
+/// Opens the state with the routing compiler the daemon gives it.
+fn open(
+    dir: &std::path::Path,
+    listeners: std::collections::BTreeMap<String, proxy::state::Protocol>,
+) -> (StateHandle, Published) {
+    let routing = Published::new();
+    let outputs = Outputs {
+        publish: routing.compiler(),
+        write_latency: Box::new(|_| {}),
+    };
+    let state = StateHandle::open(dir, listeners, &[], outputs).unwrap();
+    (state, routing)
+}
+
+fn listeners() -> std::collections::BTreeMap<String, proxy::state::Protocol> {
+    [("web".to_string(), proxy::state::Protocol::Http)].into()
 }
 
 #[tokio::test]
 async fn batches_queued_together_each_commit_or_fail_on_their_own() {
     let dir = tempfile::tempdir().unwrap();
-    let state = StateHandle::open(dir.path(), listeners(), &[]).unwrap();
+    let (state, routing) = open(dir.path(), listeners());
     let before = state.snapshot().revision;
     // Sent at once, so the writer finds many queued and commits them in one transaction.
     let mut tasks = Vec::new();
@@ -304,9 +321,11 @@ async fn batches_queued_together_each_commit_or_fail_on_their_own() {
     assert_eq!(snap.revision, before + 48);
     assert_eq!(snap.state.pools().count(), 48);
     assert!(snap.state.pool("p0").is_none() && snap.state.pool("p1").is_some());
-    // Every committed route is routed by the published table.
+    // Every committed route is routed by the published table, at the same revision.
+    let published = routing.snapshot();
+    assert_eq!(published.revision, snap.revision);
     for i in (0..60).filter(|i| i % 5 != 0) {
-        let entry = snap
+        let entry = published
             .routing
             .lookup("web", "h", &format!("/r{i}/x"))
             .unwrap();
@@ -315,7 +334,7 @@ async fn batches_queued_together_each_commit_or_fail_on_their_own() {
     // And the store holds exactly what was published.
     let document = snap.state.document(Source::Api);
     state.close().await;
-    let reopened = StateHandle::open(dir.path(), listeners(), &[]).unwrap();
+    let reopened = open(dir.path(), listeners()).0;
     assert_eq!(reopened.snapshot().revision, before + 48);
     assert_eq!(reopened.snapshot().state.document(Source::Api), document);
 }
@@ -325,7 +344,7 @@ async fn the_store_writes_each_changed_row_and_only_those() {
     // A sequence of edits of every kind; after each restart the store must give back the
     // very state that was published, so no touched row was missed and no other row changed.
     let dir = tempfile::tempdir().unwrap();
-    let state = StateHandle::open(dir.path(), listeners(), &[]).unwrap();
+    let state = open(dir.path(), listeners()).0;
     let batches = vec![
         vec![
             Change::CreatePool(api_pool("a", "127.0.0.1:1")),
@@ -362,7 +381,7 @@ async fn the_store_writes_each_changed_row_and_only_those() {
         state.apply(batch, Source::Api).await.unwrap();
         let published = state.snapshot();
         state.close().await;
-        state = StateHandle::open(dir.path(), listeners(), &[]).unwrap();
+        state = open(dir.path(), listeners()).0;
         let loaded = state.snapshot();
         assert_eq!(loaded.revision, published.revision);
         assert_eq!(

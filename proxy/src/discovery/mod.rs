@@ -3,8 +3,6 @@
 //!
 //! # Layout
 //!
-//! - [`membership`]: the run-time membership map ([`Membership`]) kept inside the state
-//!   and merged into every routing table.
 //! - `etcd`, `dns`, `exec`, `file`: one task per source; each calls [`Feed::publish`] with
 //!   the full current set, or [`Feed::fail`] with the reason it could not get one. A failure
 //!   never empties a pool: the last good set stays.
@@ -14,7 +12,6 @@ mod dns;
 mod etcd;
 mod exec;
 mod file;
-pub mod membership;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -23,12 +20,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
-pub use membership::{
-    Membership, MembershipTouched, OnChange, Origin, RegisteredRoute, SourceKind,
-};
-
 use crate::shutdown::Shutdown;
-use crate::state::{check_upstream_address, StateHandle, Upstream};
+use crate::state::{check_upstream_address, OnChange, Origin, SourceKind, StateHandle, Upstream};
 
 /// Where a pool's upstreams are discovered (`[pools.discovery]`).
 #[derive(Debug, Clone, PartialEq, Eq)]

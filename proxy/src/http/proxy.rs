@@ -17,9 +17,10 @@ use super::body::{
 };
 use super::hygiene;
 use crate::config::ListenerConfig;
+use crate::routing::Published;
 use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
-use crate::state::{PathMatch, StateHandle};
+use crate::state::PathMatch;
 use crate::telemetry::Metrics;
 use crate::upstream::{
     http_sender, idle, ConnectError, InFlight, NoUpstream, OpenConnection, PoolRuntime,
@@ -29,7 +30,7 @@ use crate::upstream::{
 /// What every request on one client connection shares.
 pub(crate) struct ConnContext {
     pub listener: Arc<ListenerConfig>,
-    pub state: StateHandle,
+    pub state: Published,
     pub shutdown: Shutdown,
     pub client: SocketAddr,
     /// `http` or `https`: what the client spoke, for X-Forwarded-Proto.

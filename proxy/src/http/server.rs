@@ -13,10 +13,11 @@ use tokio::sync::Semaphore;
 
 use super::framing::FramingScan;
 use super::proxy::{handle, ConnContext};
-use crate::config::{ListenerConfig, Protocol};
+use crate::config::ListenerConfig;
 use crate::listener::IdleTimeout;
+use crate::routing::Published;
 use crate::shutdown::Shutdown;
-use crate::state::StateHandle;
+use crate::state::Protocol;
 use crate::telemetry::Telemetry;
 use crate::tls::{AcceptError, Tls};
 use crate::workers::Workers;
@@ -30,7 +31,7 @@ pub fn serve_on(
     workers: &Workers,
     socket: &std::net::TcpListener,
     config: Arc<ListenerConfig>,
-    state: StateHandle,
+    state: Published,
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
@@ -71,7 +72,7 @@ pub fn serve_on(
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
-    state: StateHandle,
+    state: Published,
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
@@ -83,7 +84,7 @@ pub async fn serve(
 async fn serve_limited(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
-    state: StateHandle,
+    state: Published,
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,

@@ -153,10 +153,12 @@ impl AdminService for AdminApi {
         let (changes, checked) = blocking(move || {
             let changes = snap.state.changes_to(&target, Source::Api);
             let checked = if dry_run {
-                // Validate exactly as apply would, on a copy.
+                // Validate exactly as apply would (files, then a copy of the state).
                 let mut next = snap.state.clone();
                 Some(
-                    next.apply_batch(&changes, Source::Api)
+                    crate::tls::upstream::check_files(&changes)
+                        .map_err(|(_, e)| e)
+                        .and_then(|()| next.apply_batch(&changes, Source::Api))
                         .map(|()| snap.revision),
                 )
             } else {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use proxy_proto::v1 as pb;
 use tonic::Status;
 
-use crate::discovery::Origin;
 use crate::routing::RoutingTable;
+use crate::state::Origin;
 use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, Change, Document, HealthCheck,
     Outlier, PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState,

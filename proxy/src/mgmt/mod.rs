@@ -42,9 +42,9 @@ pub use registration::RegistrationApi;
 pub use routes::RouteApi;
 pub use status_page::{StatusDocument, StatusPage};
 
-use crate::config::{Config, Protocol, ServerConfig};
+use crate::config::{Config, ServerConfig};
 use crate::listener::{AcceptGate, GatedIncoming, Inherited};
-use crate::state::{Change, Source, StateHandle};
+use crate::state::{Change, Protocol, Source, StateHandle};
 use crate::upgrade::{HandoffSocket, SocketKind, Upgrader, MGMT_SOCKET, MGMT_TCP_SOCKET};
 use crate::Shutdown;
 
@@ -134,6 +134,8 @@ impl ListenerInfo {
 pub struct Context {
     /// The desired state.
     pub state: StateHandle,
+    /// The published routing tables (run-time pool health and load).
+    pub routing: crate::routing::Published,
     /// The daemon's stop signal; writes are refused once it fires.
     pub shutdown: Shutdown,
     /// When the daemon started.
@@ -166,6 +168,7 @@ impl Context {
                 "proxyd is shutting down and takes no changes",
             ));
         }
+        let changes = check_files(changes).await?;
         self.state
             .apply(changes, source)
             .await
@@ -188,6 +191,20 @@ impl Context {
         wanted.sort_unstable_by_key(|l| l.0);
         running == wanted
     }
+}
+
+/// Runs the file check of a batch (pool TLS files) before it is applied: on a blocking
+/// thread when the batch names files, inline otherwise.
+async fn check_files(changes: Vec<Change>) -> Result<Vec<Change>, Status> {
+    if !crate::tls::upstream::reads_files(&changes) {
+        return Ok(changes);
+    }
+    tokio::task::spawn_blocking(move || {
+        crate::tls::upstream::check_files(&changes).map(|()| changes)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("checking files: {e}")))?
+    .map_err(|(_, e)| error::status(e))
 }
 
 /// The management sockets, bound first so a second daemon fails before touching anything.

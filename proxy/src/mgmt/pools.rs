@@ -23,7 +23,7 @@ impl PoolApi {
     }
 
     fn stored_pool(&self, name: &str) -> Option<pb::Pool> {
-        let snap = self.ctx.state.snapshot();
+        let snap = self.ctx.routing.snapshot();
         snap.state
             .pool(name)
             .map(|p| convert::pool_proto(p, Some(&snap.routing)))
@@ -51,7 +51,7 @@ impl PoolService for PoolApi {
         &self,
         _request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
-        let snap = self.ctx.state.snapshot();
+        let snap = self.ctx.routing.snapshot();
         let pools = snap
             .state
             .pools()
@@ -68,7 +68,7 @@ impl PoolService for PoolApi {
         request: Request<pb::GetPoolRequest>,
     ) -> Result<Response<pb::GetPoolResponse>, Status> {
         let name = request.into_inner().name;
-        let snap = self.ctx.state.snapshot();
+        let snap = self.ctx.routing.snapshot();
         let pool = snap
             .state
             .pool(&name)

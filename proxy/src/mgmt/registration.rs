@@ -18,8 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::discovery::unix_ms;
 use super::Context;
-use crate::config::Protocol;
 use crate::registration::{Claim, ClaimTls, RegisterError, Registration};
+use crate::state::Protocol;
 
 /// Keepalives a service may miss before its lease ends.
 const MISSED_PINGS: u32 = 3;

@@ -347,7 +347,7 @@ impl StatusPage {
     /// Gathers the document now.
     pub async fn document(&self) -> StatusDocument {
         let ctx = &self.ctx;
-        let snap = ctx.state.snapshot();
+        let snap = ctx.routing.snapshot();
         let rates = self.history.rates();
         let mut problems = Vec::new();
 
@@ -547,7 +547,7 @@ impl StatusPage {
 
     /// The pools of the state (as `ListPools` reports them) and those only registrations
     /// made, each upstream with its run-time health and load.
-    fn pools(&self, snap: &crate::state::Snapshot, problems: &mut Vec<Problem>) -> Vec<PoolView> {
+    fn pools(&self, snap: &crate::routing::Snapshot, problems: &mut Vec<Problem>) -> Vec<PoolView> {
         let routing = &snap.routing;
         let runtime_of = |pool: &str, address: &str| {
             routing

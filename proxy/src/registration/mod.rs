@@ -4,13 +4,11 @@
 //!
 //! # Layout
 //!
-//! - [`hold`]: the bounded waiting room of a route without live instances.
 //! - [`Registry`] (`registry.rs`): live registrations, route/pool bookkeeping, ports opened
 //!   on demand, hold timers.
 //! - [`client`]: a small client for services (and `proxyctl register`).
 
 pub mod client;
-pub mod hold;
 mod registry;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -18,10 +16,8 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use hold::{Hold, HoldError};
-
 use crate::routing::PoolSlot;
-use crate::upstream::PoolRuntime;
+use crate::upstream::{HoldError, PoolRuntime};
 pub use registry::{
     Claim, ClaimTls, KnownListener, RegisterError, Registration, RegistrationInfo, Registry,
     RouteInfo, ServeListener, HANDOFF_PREFIX, HANDOFF_ROUTES,

@@ -21,12 +21,15 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 
-use super::{Hold, RegistrationConfig};
-use crate::config::{ListenerConfig, Protocol};
-use crate::discovery::{check_member_address, Origin, RegisteredRoute};
-use crate::state::{check_path, normalise_host, Source, StateHandle, Upstream};
+use super::RegistrationConfig;
+use crate::config::ListenerConfig;
+use crate::discovery::check_member_address;
+use crate::state::{
+    check_path, normalise_host, Origin, Protocol, RegisteredRoute, Source, StateHandle, Upstream,
+};
 use crate::tls::{Tls, TlsError};
 use crate::upgrade::{HandoffExtras, HandoffSocket, SocketKind};
+use crate::upstream::Hold;
 
 /// Name prefix of the handoff sockets of ports opened for registrations.
 pub const HANDOFF_PREFIX: &str = "@registration:";

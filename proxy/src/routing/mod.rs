@@ -12,19 +12,21 @@
 //! or pool-definition change swaps the one pool in its slot and never touches a route (the
 //! route/endpoint split of Envoy's RDS and EDS).
 
+mod publish;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use rpds::HashTrieMapSync;
 
-use crate::discovery::{OnChange, Origin, RegisteredRoute};
-use crate::registration::Hold;
 use crate::state::{
-    default_connect_timeout, default_response_timeout, Balance, PathMatch, Pool, Route, Source,
-    State, Touched, Upstream,
+    default_connect_timeout, default_response_timeout, Balance, OnChange, Origin, PathMatch, Pool,
+    RegisteredRoute, Route, Source, State, Touched, Upstream,
 };
-use crate::upstream::PoolRuntime;
+use crate::upstream::{Hold, PoolRuntime};
+
+pub use publish::{Published, Snapshot};
 
 /// Where routes find their pool: the current [`PoolRuntime`], swapped whole when the pool's
 /// definition or membership changes. Requests load it once (one atomic operation).
@@ -324,7 +326,8 @@ fn pool_spec<'a>(state: &'a State, name: &str) -> Option<PoolSpec<'a>> {
         }),
         members: membership.runtime_upstreams(name),
         on_change: OnChange::Keep,
-        hold: Some(route.hold.clone()),
+        // Registrations attach their hold; anything else is no waiting room.
+        hold: route.hold.clone().downcast::<Hold>().ok(),
     })
 }
 

@@ -1,10 +1,11 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::config::Protocol;
-use crate::discovery::{Origin, RegisteredRoute, SourceKind};
-use crate::registration::Hold;
-use crate::state::{Balance, Change, Pool, Source, TcpRoute, Upstream};
+use crate::state::{
+    Balance, Change, Origin, Pool, Protocol, RegisteredRoute, Source, SourceKind, TcpRoute,
+    Upstream,
+};
+use crate::upstream::Hold;
 
 fn pool(name: &str, upstreams: &[&str]) -> Pool {
     Pool {
@@ -125,7 +126,7 @@ fn step(state: &mut State, table: &mut RoutingTable, changes: &[Change]) -> bool
 fn step_membership(
     state: &mut State,
     table: &mut RoutingTable,
-    edit: impl FnOnce(&mut crate::discovery::Membership),
+    edit: impl FnOnce(&mut crate::state::Membership),
 ) {
     let mut next = state.clone();
     next.edit_membership(edit);
@@ -279,7 +280,7 @@ fn random_change(rng: &mut Rng) -> Change {
 fn random_membership_edit(
     rng: &mut Rng,
     holds: &[Arc<Hold>],
-) -> impl FnOnce(&mut crate::discovery::Membership) {
+) -> impl FnOnce(&mut crate::state::Membership) {
     let kind = rng.below(4);
     let k = rng.below(3);
     let pool = rng.pick(&POOLS).to_string();
@@ -288,7 +289,7 @@ fn random_membership_edit(
     let host = rng.pick(&HOSTS).map(String::from);
     let path = rng.pick(&PATHS).to_string();
     let hold = holds[k].clone();
-    move |m: &mut crate::discovery::Membership| {
+    move |m: &mut crate::state::Membership| {
         let name = format!("registered:{k}");
         match kind {
             0 => m.set_route(

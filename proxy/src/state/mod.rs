@@ -3,9 +3,13 @@
 //!
 //! Flow of a batch: [`StateHandle::apply`] sends it to the writer thread, which validates it
 //! against a copy of the current state, writes the rows it names in one SQLite transaction,
-//! compiles the routing table for what it touched and swaps the new snapshot in, and only
-//! then answers. Readers load the snapshot with one atomic pointer read and never touch
-//! SQLite.
+//! hands the new state to the [`Publish`] step it was given (routing compiles what was
+//! touched and swaps its table in), and only then answers. Readers load a snapshot with one
+//! atomic pointer read and never touch SQLite.
+//!
+//! This module is the ground floor: it imports no other module of the daemon. What is
+//! built from the state (the routing table) is injected as a [`Publish`] step, and what
+//! watches the writer (the write-latency metric) as a callback.
 //!
 //! A change costs what it changes: the state's maps are persistent (a copy is O(1), an edit
 //! O(log n)), the store writes only the named rows, and routing recompiles only the touched
@@ -14,6 +18,7 @@
 //! revision), and membership edits queued together are published once.
 
 mod change;
+mod membership;
 mod model;
 mod store;
 
@@ -27,15 +32,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 pub use change::{ApplyError, Change};
+pub use membership::{
+    Attachment, Membership, MembershipTouched, OnChange, Origin, RegisteredRoute, SourceKind,
+};
 pub use model::{
     default_connect_timeout, default_response_timeout, Balance, HealthCheck, Outlier, PathMatch,
-    Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState, UpstreamTls,
+    Pool, Protocol, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState, UpstreamTls,
 };
 pub use store::StoreError;
-
-use crate::config::Protocol;
-use crate::discovery::{Membership, Origin};
-use crate::routing::RoutingTable;
 
 /// The whole desired state at one revision. Cloning it is O(1): the maps are persistent and
 /// share their structure with the copies they were made from.
@@ -268,15 +272,8 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
             "must be at most 100",
         ));
     }
-    if let Some(tls) = &pool.tls {
-        // Reads the files now, so a pool whose TLS cannot work is refused, not half-applied.
-        crate::tls::upstream::UpstreamConnector::new(tls).map_err(|e| match e {
-            crate::tls::TlsError::Invalid { field, reason } => {
-                ApplyError::invalid(format!("pool.{field}"), reason)
-            }
-            other => ApplyError::invalid("pool.tls", other.to_string()),
-        })?;
-    }
+    // The TLS files a pool names are read by the callers' file check (config and the
+    // management API) before the change is built: the model checks values, not the disk.
     Ok(())
 }
 
@@ -816,15 +813,33 @@ impl State {
     }
 }
 
-/// What readers see: the state and its compiled routing table at one revision.
+/// What readers of the state see: the state at one revision.
 #[derive(Debug)]
 pub struct Snapshot {
     /// Increases by one per committed batch.
     pub revision: u64,
     /// The desired state.
     pub state: State,
-    /// The compiled routing table for `state`.
-    pub routing: Arc<RoutingTable>,
+}
+
+/// The step the writer publishes every new state through, before it answers: the data
+/// path's compiled view (the routing table) is built by an implementation the composition
+/// root injects, so the state knows nothing of what is built from it.
+pub trait Publish: Send + 'static {
+    /// Makes `state` at `revision` visible. `touched` names what changed since the last
+    /// publish (empty: only the revision moved); `None` asks for everything to be compiled.
+    fn publish(&mut self, revision: u64, state: &State, touched: Option<&Touched>);
+}
+
+/// Told how long the writer took per applied batch (validate, SQLite commit, publish).
+pub type WriteObserver = Box<dyn Fn(std::time::Duration) + Send>;
+
+/// What the composition root gives the writer: where to publish, and who watches it.
+pub struct Outputs {
+    /// The compile step (the routing table).
+    pub publish: Box<dyn Publish>,
+    /// The write-latency metric.
+    pub write_latency: WriteObserver,
 }
 
 /// A write to the rows kept beside the model objects (TLS certificates, the ACME account,
@@ -864,7 +879,6 @@ pub struct StateHandle {
     /// under its own lock and wait for the answer after releasing it.
     tx: mpsc::UnboundedSender<Request>,
     current: Arc<ArcSwap<Snapshot>>,
-    write_latency: crate::telemetry::DurationHistogram,
 }
 
 impl std::fmt::Debug for StateHandle {
@@ -882,11 +896,13 @@ pub fn database_path(state_dir: &Path) -> PathBuf {
 
 impl StateHandle {
     /// Opens (or creates) the store in `state_dir`, reconciles the declarative objects with
-    /// `declarative`, and starts the writer. `listeners` are the listeners routes may name.
+    /// `declarative`, publishes the result through `outputs` and starts the writer.
+    /// `listeners` are the listeners routes may name.
     pub fn open(
         state_dir: &Path,
         listeners: BTreeMap<String, Protocol>,
         declarative: &[Change],
+        mut outputs: Outputs,
     ) -> Result<StateHandle, StoreError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StoreError::Io(state_dir.display().to_string(), e))?;
@@ -911,50 +927,25 @@ impl StateHandle {
             state = next;
         }
 
-        let routing = Arc::new(RoutingTable::build(&state, None));
-        let current = Arc::new(ArcSwap::from_pointee(Snapshot {
-            revision,
-            state,
-            routing,
-        }));
+        outputs.publish.publish(revision, &state, None);
+        let current = Arc::new(ArcSwap::from_pointee(Snapshot { revision, state }));
         let (tx, rx) = mpsc::unbounded_channel();
-        let write_latency = crate::telemetry::DurationHistogram::fast();
         let writer = Writer {
             path: db_path,
             store: Some(store),
             current: current.clone(),
-            write_latency: write_latency.clone(),
+            outputs,
         };
         std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Io("state writer thread".into(), e))?;
-        Ok(StateHandle {
-            tx,
-            current,
-            write_latency,
-        })
-    }
-
-    /// How long the writer took per applied batch (validate, SQLite commit, publish).
-    pub fn write_latency(&self) -> &crate::telemetry::DurationHistogram {
-        &self.write_latency
+        Ok(StateHandle { tx, current })
     }
 
     /// The current snapshot (one atomic load; never blocks).
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
-    }
-
-    /// The current routing table.
-    pub fn routing(&self) -> Arc<RoutingTable> {
-        self.current.load().routing.clone()
-    }
-
-    /// Runs `f` on the current routing table, borrowed without a reference count taken
-    /// (the request path: a count shared by every thread would be a contended cache line).
-    pub fn with_routing<R>(&self, f: impl FnOnce(&RoutingTable) -> R) -> R {
-        f(&self.current.load().routing)
     }
 
     /// Applies a batch atomically: all of it is validated, committed and published, or none.
@@ -1054,10 +1045,17 @@ struct Writer {
     /// `None` while closed (handed over or shutting down).
     store: Option<store::Store>,
     current: Arc<ArcSwap<Snapshot>>,
-    write_latency: crate::telemetry::DurationHistogram,
+    outputs: Outputs,
 }
 
 impl Writer {
+    /// Publishes `state` at `revision` through the compile step, then as the state's own
+    /// snapshot: both are visible before the writer answers.
+    fn publish(&mut self, revision: u64, state: State, touched: Option<&Touched>) {
+        self.outputs.publish.publish(revision, &state, touched);
+        self.current.store(Arc::new(Snapshot { revision, state }));
+    }
+
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
         let mut queue = std::collections::VecDeque::new();
         while let Some(first) = rx.blocking_recv() {
@@ -1148,15 +1146,10 @@ impl Writer {
             }
             return;
         }
-        let routing = Arc::new(snap.routing.update(&snap.state, &next, &touched));
-        self.current.store(Arc::new(Snapshot {
-            revision,
-            state: next,
-            routing,
-        }));
+        self.publish(revision, next, Some(&touched));
         let elapsed = started.elapsed();
         for (reply, revision) in committed {
-            self.write_latency.observe(elapsed);
+            (self.outputs.write_latency)(elapsed);
             let _ = reply.send(Ok(revision));
         }
     }
@@ -1172,17 +1165,13 @@ impl Writer {
         if revision == snap.revision {
             return Ok(None);
         }
-        self.current.store(Arc::new(Snapshot {
-            revision,
-            state: snap.state.clone(),
-            routing: snap.routing.clone(),
-        }));
+        self.publish(revision, snap.state.clone(), Some(&Touched::default()));
         Ok(Some(revision))
     }
 
     /// Runs membership edits in order and publishes their result once: same revision and
     /// stored state, only the touched pools and registered routes recompiled.
-    fn publish_membership(&self, group: Vec<(MembershipUpdate, oneshot::Sender<()>)>) {
+    fn publish_membership(&mut self, group: Vec<(MembershipUpdate, oneshot::Sender<()>)>) {
         let snap = self.current.load_full();
         let mut next = snap.state.clone();
         let mut replies = Vec::with_capacity(group.len());
@@ -1191,12 +1180,7 @@ impl Writer {
             replies.push(reply);
         }
         let touched = next.take_membership_touched();
-        let routing = Arc::new(snap.routing.update(&snap.state, &next, &touched));
-        self.current.store(Arc::new(Snapshot {
-            revision: snap.revision,
-            state: next,
-            routing,
-        }));
+        self.publish(snap.revision, next, Some(&touched));
         for reply in replies {
             let _ = reply.send(());
         }
@@ -1209,12 +1193,7 @@ impl Writer {
         let (mut state, revision) = store.load(snap.state.listeners().clone())?;
         state.membership = snap.state.membership.clone();
         if revision != snap.revision {
-            let routing = Arc::new(RoutingTable::build(&state, Some(&snap.routing)));
-            self.current.store(Arc::new(Snapshot {
-                revision,
-                state,
-                routing,
-            }));
+            self.publish(revision, state, None);
         }
         self.store = Some(store);
         Ok(revision)

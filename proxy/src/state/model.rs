@@ -1,7 +1,7 @@
 //! The desired-state objects: pools, HTTP routes and TCP routes.
 //!
 //! These are plain data. They are validated by [`super::apply`], persisted by
-//! [`super::store`] and compiled into a [`crate::routing::RoutingTable`].
+//! [`super::store`] and compiled for the data path by the writer's [`super::Publish`] step.
 
 use std::time::Duration;
 
@@ -314,5 +314,46 @@ pub(crate) mod duration_ms {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// Listener protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1 and h2c, routed by host and path.
+    Http,
+    /// Plain TCP, forwarded to one pool.
+    Tcp,
+    /// TLS terminated here, then HTTP/1.1 or HTTP/2 (by ALPN), routed like `http`.
+    Https,
+    /// TLS terminated here, then the plain bytes forwarded to the listener's pool.
+    Tls,
+    /// TLS not terminated: the ClientHello's SNI picks the pool, bytes pass untouched.
+    TlsPassthrough,
+}
+
+impl Protocol {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Tcp => "tcp",
+            Protocol::Https => "https",
+            Protocol::Tls => "tls",
+            Protocol::TlsPassthrough => "tls-passthrough",
+        }
+    }
+
+    /// Whether connections carry HTTP requests routed by `[[routes]]`.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
+
+    /// Whether connections are forwarded as bytes by TCP routes.
+    pub fn is_stream(self) -> bool {
+        matches!(
+            self,
+            Protocol::Tcp | Protocol::Tls | Protocol::TlsPassthrough
+        )
     }
 }

@@ -13,8 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::{ApplyError, Pool, Route, State, TcpRoute, Touched};
-use crate::config::Protocol;
+use super::{ApplyError, Pool, Protocol, Route, State, TcpRoute, Touched};
 
 /// The store could not be opened, read or written.
 #[derive(Debug, Error)]

@@ -15,10 +15,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::{ListenerConfig, Protocol};
+use crate::config::ListenerConfig;
 use crate::listener::IdleTimeout;
+use crate::routing::Published;
 use crate::shutdown::Shutdown;
-use crate::state::StateHandle;
+use crate::state::Protocol;
 use crate::telemetry::{Metrics, Telemetry};
 use crate::tls::sni::{peek_client_hello, Hello};
 use crate::tls::{AcceptError, Tls};
@@ -29,7 +30,7 @@ use crate::upstream::{ConnectError, InFlight, UpstreamStream};
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
-    state: StateHandle,
+    state: Published,
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
@@ -103,7 +104,7 @@ pub async fn serve(
 async fn passthrough(
     mut client: tokio::net::TcpStream,
     config: &ListenerConfig,
-    state: &StateHandle,
+    state: &Published,
     metrics: &Metrics,
 ) -> Result<(), String> {
     let (hello_bytes, hello) = peek_client_hello(&mut client, config.header_timeout)
@@ -121,7 +122,7 @@ async fn passthrough(
 async fn forward<S>(
     client: S,
     config: &ListenerConfig,
-    state: &StateHandle,
+    state: &Published,
     metrics: &Metrics,
     sni: Option<&str>,
     prefix: &[u8],

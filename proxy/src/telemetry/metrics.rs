@@ -22,7 +22,8 @@ use prometheus_client::registry::Registry;
 
 use super::histogram::DurationHistogram;
 use super::otlp::Instruments;
-use crate::state::StateHandle;
+use super::StateFeed;
+use crate::routing::Published;
 
 /// Labels of per-listener connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -187,7 +188,7 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     /// A fresh set of metrics; `state` adds upstream health and SQLite write latency.
-    pub fn new(state: Option<&StateHandle>) -> Metrics {
+    pub fn new(state: Option<&StateFeed>) -> Metrics {
         let mut registry = Registry::default();
         let legacy = Arc::new(Legacy::new());
         registry.register_collector(Box::new(legacy.clone()));
@@ -316,10 +317,10 @@ impl Metrics {
             registry.register(
                 "proxy_state_write_duration_seconds",
                 "Time the state writer takes per batch: validate, SQLite commit (fsync), publish",
-                state.write_latency().clone(),
+                state.write_latency.clone(),
             );
             registry.register_collector(Box::new(UpstreamCollector {
-                state: state.clone(),
+                state: state.routing.clone(),
             }));
         }
         // Series with a closed set of results exist from the start at 0, so the first
@@ -836,7 +837,7 @@ impl AverageWindow {
 /// Upstream health, read from the current routing table at scrape time.
 #[derive(Debug)]
 struct UpstreamCollector {
-    state: StateHandle,
+    state: Published,
 }
 
 struct UpstreamLabels<'a> {

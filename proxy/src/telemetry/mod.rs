@@ -28,7 +28,17 @@ pub use metrics::{
 };
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
 
-use crate::state::StateHandle;
+use crate::routing::Published;
+
+/// What the metrics read from the state side: the routing snapshots (upstream health,
+/// read at scrape time) and the state writer's latency histogram.
+#[derive(Debug, Clone)]
+pub struct StateFeed {
+    /// The published routing tables.
+    pub routing: Published,
+    /// Time the state writer takes per batch (the composition root feeds it).
+    pub write_latency: DurationHistogram,
+}
 
 /// The `[telemetry]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -107,7 +117,7 @@ impl Telemetry {
     /// configured, starts the OTLP exporters. Must run inside the Tokio runtime.
     pub fn start(
         config: &TelemetryConfig,
-        state: Option<&StateHandle>,
+        state: Option<&StateFeed>,
     ) -> Result<Telemetry, OtlpError> {
         let metrics = Arc::new(Metrics::new(state));
         let (tracing, otlp) = match &config.otlp {

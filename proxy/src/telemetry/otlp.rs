@@ -26,7 +26,8 @@ use thiserror::Error;
 use super::histogram::{FAST_BOUNDS, REQUEST_BOUNDS};
 use super::metrics::{HttpOutcome, Metrics};
 use super::OtlpConfig;
-use crate::state::StateHandle;
+use super::StateFeed;
+use crate::routing::Published;
 
 /// The OTLP exporters could not be set up.
 #[derive(Debug, Error)]
@@ -57,7 +58,7 @@ impl Otlp {
     pub fn start(
         config: &OtlpConfig,
         metrics: Weak<Metrics>,
-        state: Option<StateHandle>,
+        state: Option<StateFeed>,
     ) -> Result<(Otlp, Instruments), OtlpError> {
         let error = |reason: String| OtlpError {
             endpoint: config.endpoint.clone(),
@@ -277,7 +278,7 @@ fn upstream_gauge(
     meter: &Meter,
     name: &'static str,
     description: &'static str,
-    state: StateHandle,
+    state: Published,
     read: UpstreamReading,
 ) -> ObservableGauge<i64> {
     meter
@@ -307,7 +308,7 @@ impl std::fmt::Debug for Instruments {
 }
 
 impl Instruments {
-    fn new(meter: &Meter, metrics: Weak<Metrics>, state: Option<StateHandle>) -> Instruments {
+    fn new(meter: &Meter, metrics: Weak<Metrics>, state: Option<StateFeed>) -> Instruments {
         let mut observed = vec![
             daemon_gauge(
                 meter,
@@ -369,7 +370,7 @@ impl Instruments {
                     meter,
                     name,
                     description,
-                    state.clone(),
+                    state.routing.clone(),
                     read,
                 ));
             }
@@ -380,7 +381,7 @@ impl Instruments {
                 .with_boundaries(FAST_BOUNDS.to_vec())
                 .build();
             state
-                .write_latency()
+                .write_latency
                 .mirror_to(move |elapsed| writes.record(elapsed.as_secs_f64(), &[]));
         }
         Instruments {

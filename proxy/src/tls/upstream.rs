@@ -13,7 +13,46 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::TlsError;
-use crate::state::UpstreamTls;
+use crate::state::{ApplyError, Change, UpstreamTls};
+
+/// The file check of a batch: every pool it creates or updates with a `tls` section must
+/// name files that can be read and used. Config and the management API run it before they
+/// apply the batch (the state checks values, never the disk), so a pool whose TLS cannot
+/// work is refused, not half-applied. Errors name the field as the state does
+/// (`pool.tls.ca_file`, within `changes[i].` in a batch of several), with the index of the
+/// change.
+pub fn check_files(changes: &[Change]) -> Result<(), (usize, ApplyError)> {
+    for (i, change) in changes.iter().enumerate() {
+        let (Change::CreatePool(pool) | Change::UpdatePool(pool)) = change else {
+            continue;
+        };
+        let Some(tls) = &pool.tls else {
+            continue;
+        };
+        if let Err(e) = UpstreamConnector::new(tls) {
+            let error = match e {
+                TlsError::Invalid { field, reason } => {
+                    ApplyError::invalid(format!("pool.{field}"), reason)
+                }
+                other => ApplyError::invalid("pool.tls", other.to_string()),
+            };
+            let prefix = if changes.len() > 1 {
+                format!("changes[{i}].")
+            } else {
+                String::new()
+            };
+            return Err((i, error.within(&prefix)));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a batch names TLS files that [`check_files`] reads (worth a blocking thread).
+pub fn reads_files(changes: &[Change]) -> bool {
+    changes
+        .iter()
+        .any(|c| matches!(c, Change::CreatePool(p) | Change::UpdatePool(p) if p.tls.is_some()))
+}
 
 /// Opens TLS sessions to the upstreams of one pool.
 pub struct UpstreamConnector {

@@ -11,13 +11,14 @@ use tokio::time::Instant;
 use super::{http_sender, PoolRuntime, UpstreamRuntime};
 use crate::http::body::RequestBody;
 use crate::shutdown::Shutdown;
-use crate::state::{HealthCheck, StateHandle};
+use crate::state::HealthCheck;
 
 /// How often the checker looks for upstreams that are due.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Runs the health checker until shutdown.
-pub async fn run(state: StateHandle, shutdown: Shutdown) {
+/// Runs the health checker until shutdown, on the pools `pools` lists at each tick (those
+/// of the current routing table).
+pub async fn run(pools: impl Fn() -> Vec<Arc<PoolRuntime>>, shutdown: Shutdown) {
     // Next due time per (pool, upstream address).
     let mut due: HashMap<(String, String), Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(TICK);
@@ -26,10 +27,9 @@ pub async fn run(state: StateHandle, shutdown: Shutdown) {
             _ = ticker.tick() => {}
             _ = shutdown.triggered() => return,
         }
-        let routing = state.routing();
         let now = Instant::now();
         let mut live = Vec::new();
-        for pool in routing.pools() {
+        for pool in pools() {
             let Some(check) = pool.health.clone() else {
                 continue;
             };

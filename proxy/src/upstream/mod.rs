@@ -11,6 +11,7 @@
 
 mod connect;
 pub mod health;
+mod hold;
 pub mod idle;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -18,14 +19,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 pub use connect::{connect, http_sender, ConnectError, HttpSender, UpstreamStream};
+pub use hold::{Hold, HoldError};
 pub use idle::{ConnKey, UpstreamConn};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::{OnChange, Origin};
-use crate::registration::Hold;
 use crate::state::{
-    Balance, HealthCheck, Pool, Upstream, UpstreamPolicy, UpstreamState, UpstreamTls,
+    Balance, HealthCheck, OnChange, Origin, Pool, Upstream, UpstreamPolicy, UpstreamState,
+    UpstreamTls,
 };
 use crate::tls::upstream::UpstreamConnector;
 

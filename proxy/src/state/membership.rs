@@ -1,18 +1,16 @@
 //! Run-time pool membership: upstreams found by discovery sources or announced by
 //! registrations, and the routes registrations bring with them.
 //!
-//! A [`Membership`] lives inside [`crate::state::State`] next to the persisted objects, so
-//! every routing table is built from both, but it is never written to SQLite: after a
-//! restart the sources and registrations fill it again.
+//! A [`Membership`] lives inside [`super::State`] next to the persisted objects, so every
+//! routing table is built from both, but it is never written to SQLite: after a restart the
+//! sources and registrations fill it again.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use rpds::RedBlackTreeMapSync;
 use std::sync::Arc;
 
-use crate::config::Protocol;
-use crate::registration::Hold;
-use crate::state::{Pool, Upstream};
+use super::{Pool, Protocol, Upstream};
 
 /// The kind of a discovery source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,9 +93,14 @@ pub struct RegisteredRoute {
     pub path_prefix: String,
     /// The run-time pool holding the registered instances.
     pub pool: String,
-    /// Shared by requests waiting while no instance is registered.
-    pub hold: Arc<Hold>,
+    /// The waiting room of requests that arrive while no instance is registered. The
+    /// model only carries it to the compile step, which knows its type (the data path's
+    /// hold); nothing here looks inside.
+    pub hold: Attachment,
 }
+
+/// Run-time equipment of a registered route that the model passes through untouched.
+pub type Attachment = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Run-time additions to the desired state. Its maps are persistent (structurally shared),
 /// so a copy is O(1) and an edit O(log n); routing compiles only what an edit touched.
