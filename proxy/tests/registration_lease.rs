@@ -480,7 +480,7 @@ async fn an_aborted_register_call_leaves_nothing_behind() {
         name: "svc".into(),
         endpoint: svc.address(),
         port,
-        protocol: proxy::config::Protocol::Http,
+        protocol: proxy::state::Protocol::Http,
         host: None,
         path_prefix: "/aborted".into(),
         tls: None,
