@@ -476,8 +476,30 @@ in
                 mgmt_listen = optionalKey types.str ''
                   `IP:PORT` of a TCP management listener (bearer token calls only; needs
                   {option}`mgmt_token_file`, e.g. from {option}`services.proxy.credentials`).
+                  Anything but a loopback address also needs {option}`mgmt_tls`.
                 '';
                 mgmt_token_file = optionalKey types.str "File holding the token the TCP management listener requires.";
+                mgmt_tls = optionalKey
+                  (section {
+                    cert = mkOption {
+                      type = types.str;
+                      description = "PEM certificate chain (leaf first) the TCP management listener presents.";
+                    };
+                    key = mkOption {
+                      type = types.str;
+                      description = ''
+                        PEM private key of {option}`cert`; best a credential
+                        ({option}`services.proxy.credentials`), so it stays out of the Nix store.
+                      '';
+                    };
+                    client_ca = optionalKey types.str ''
+                      PEM roots that client certificates must chain to. Set: every client must
+                      present one (`proxyctl --cert --key`). Unset: no client certificate is asked for.
+                    '';
+                  }) ''
+                  TLS of the TCP management listener (the bearer token stays required). Required
+                  when {option}`mgmt_listen` is not a loopback address (127.0.0.0/8, ::1).
+                '';
                 admin_listen = mkOption {
                   type = types.str;
                   default = "127.0.0.1:42008";

@@ -8,6 +8,20 @@ let
   common = import ./lib.nix { inherit pkgs nixosModule package; };
   tokenFile = pkgs.writeText "mgmt-token" "registration-test-token";
   port = 20000;
+  # The management listener is reached over the network, so it runs TLS: a test CA and a
+  # certificate for the name `proxy`, made at build time. Clients that dial the address
+  # check that name with --server-name.
+  mgmtTls = pkgs.runCommand "mgmt-tls" { nativeBuildInputs = [ pkgs.openssl ]; } ''
+    mkdir $out
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+      -subj /CN=mgmt-test-ca -addext basicConstraints=critical,CA:TRUE \
+      -addext keyUsage=critical,keyCertSign -keyout ca-key.pem -out $out/ca.pem
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=proxy \
+      -keyout $out/key.pem -out req.pem
+    printf 'subjectAltName=DNS:proxy\n' > ext
+    openssl x509 -req -in req.pem -CA $out/ca.pem -CAkey ca-key.pem -CAcreateserial \
+      -days 3650 -extfile ext -out $out/cert.pem
+  '';
 in
 pkgs.testers.runNixOSTest {
   name = "proxy-registration";
@@ -30,6 +44,7 @@ pkgs.testers.runNixOSTest {
             "${package}/bin/proxyctl"
             "--addr ${nodes.proxy.networking.primaryIPAddress}:50051"
             "--token-file ${tokenFile}"
+            "--ca-file ${mgmtTls}/ca.pem --server-name proxy"
             "register --name app --port ${toString port} --host app.test"
             "--endpoint ${nodes.backend.networking.primaryIPAddress}:9001"
           ];
@@ -46,9 +61,14 @@ pkgs.testers.runNixOSTest {
       environment.systemPackages = [ pkgs.grpcurl ];
       services.proxy = {
         credentials.mgmt-token = tokenFile;
+        credentials.mgmt-tls-key = "${mgmtTls}/key.pem";
         settings = {
           server.mgmt_listen = "0.0.0.0:50051";
           server.mgmt_token_file = "/run/credentials/proxy.service/mgmt-token";
+          server.mgmt_tls = {
+            cert = "${mgmtTls}/cert.pem";
+            key = "/run/credentials/proxy.service/mgmt-tls-key";
+          };
           registration = {
             hold = "30s";
             port_range = "${toString port}-${toString (port + 9)}";
@@ -81,9 +101,20 @@ pkgs.testers.runNixOSTest {
         backend.succeed("echo wrong-token > /tmp/wrong-token")
         out = backend.fail(
             "${package}/bin/proxyctl --addr proxy:50051 --token-file /tmp/wrong-token "
+            "--ca-file ${mgmtTls}/ca.pem "
             "register --port ${toString port} --endpoint 127.0.0.1:1 2>&1"
         )
         assert "UNAUTHENTICATED" in out, out
+
+    with subtest("the management listener speaks only TLS"):
+        out = backend.fail(
+            "${package}/bin/proxyctl --addr proxy:50051 --token-file ${tokenFile} status 2>&1"
+        )
+        assert "UNAUTHENTICATED" not in out, out
+        backend.succeed(
+            "${package}/bin/proxyctl --addr proxy:50051 --token-file ${tokenFile} "
+            "--ca-file ${mgmtTls}/ca.pem status"
+        )
 
     with subtest("the service restarts under load: requests queue, none fails"):
         client.succeed(

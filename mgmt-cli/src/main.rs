@@ -1,6 +1,7 @@
 //! `proxyctl`: the command-line client of the proxyd management API.
 //!
-//! `proxyctl [--socket PATH | --addr HOST:PORT --token-file FILE] [--output json] <noun> <verb>`
+//! `proxyctl [--socket PATH | --addr HOST:PORT --token-file FILE [--ca-file FILE [--cert FILE
+//! --key FILE]]] [--output json] <noun> <verb>`
 
 mod admin;
 mod client;
@@ -43,6 +44,19 @@ struct Cli {
     /// File holding the bearer token for --addr.
     #[arg(long, global = true, requires = "addr")]
     token_file: Option<PathBuf>,
+    /// Connect to --addr over TLS, trusting the CA certificates in this PEM file.
+    #[arg(long, global = true, requires = "addr")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate chain to present over TLS (with --key). Given before the
+    /// subcommand: `tls certs add` and `register` have --cert/--key of their own.
+    #[arg(long, requires_all = ["ca_file", "key"])]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert (before the subcommand).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Name to check in the daemon's certificate (default: the host part of --addr).
+    #[arg(long, global = true, requires = "ca_file")]
+    server_name: Option<String>,
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -160,6 +174,11 @@ async fn run(cli: Cli) -> Result<()> {
         Some(addr) => Target::Tcp {
             addr,
             token_file: cli.token_file,
+            tls: cli.ca_file.map(|ca_file| client::ClientTls {
+                ca_file,
+                identity: cli.cert.zip(cli.key),
+                server_name: cli.server_name,
+            }),
         },
         None => Target::Unix(cli.socket),
     };

@@ -76,6 +76,8 @@ pub struct ServerConfig {
     pub mgmt_listen: Option<SocketAddr>,
     /// File holding the bearer token the TCP management listener requires.
     pub mgmt_token_file: Option<PathBuf>,
+    /// TLS of the TCP management listener; required unless `mgmt_listen` is loopback.
+    pub mgmt_tls: Option<MgmtTls>,
     /// Address of the admin HTTP listener (`/healthz`, `/readyz`); `None` disables it.
     pub admin_listen: Option<SocketAddr>,
     /// Whether the admin listener also serves the read-only status page under `/ui/`.
@@ -92,6 +94,19 @@ pub struct ServerConfig {
     pub log_level: String,
     /// Threads serving HTTP listeners, each with its own runtime; 0: one per CPU.
     pub workers: usize,
+}
+
+/// TLS of the TCP management listener (`server.mgmt_tls`). The files are read when the
+/// listener starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MgmtTls {
+    /// PEM certificate chain the listener presents, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM roots that client certificates must chain to; when set every client must
+    /// present one, when `None` none is asked for.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// One `[[listeners]]` entry.
@@ -222,6 +237,7 @@ struct RawServer {
     mgmt_socket: Option<String>,
     mgmt_listen: Option<String>,
     mgmt_token_file: Option<String>,
+    mgmt_tls: Option<Spanned<RawMgmtTls>>,
     admin_listen: Option<String>,
     admin_ui: Option<bool>,
     shutdown_timeout: Option<String>,
@@ -230,6 +246,14 @@ struct RawServer {
     executable: Option<String>,
     log_level: Option<String>,
     workers: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMgmtTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -656,7 +680,7 @@ impl Doc<'_> {
             .mgmt_socket
             .map(PathBuf::from)
             .unwrap_or_else(|| state_dir.join("mgmt.sock"));
-        let mgmt_listen = match raw.mgmt_listen.as_deref() {
+        let mgmt_listen: Option<SocketAddr> = match raw.mgmt_listen.as_deref() {
             None | Some("") => None,
             Some(s) => Some(s.parse().map_err(|_| {
                 self.field_error(
@@ -678,6 +702,30 @@ impl Doc<'_> {
                 "mgmt_listen",
                 "requires mgmt_token_file (the TCP management listener only takes bearer-token calls)",
             ));
+        }
+        let mgmt_tls = self.build_mgmt_tls(raw.mgmt_tls)?;
+        match (mgmt_listen, &mgmt_tls) {
+            // The token would cross the network in the clear.
+            (Some(addr), None) if !addr.ip().to_canonical().is_loopback() => {
+                return Err(self.field_error(
+                    &span,
+                    prefix,
+                    "mgmt_listen",
+                    format!(
+                        "{addr} is not a loopback address: set server.mgmt_tls (without TLS \
+                         the listener may only bind 127.0.0.0/8 or ::1)"
+                    ),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(self.field_error(
+                    &span,
+                    prefix,
+                    "mgmt_tls",
+                    "requires mgmt_listen (the unix socket needs no TLS)",
+                ));
+            }
+            _ => {}
         }
         let admin_listen = match raw.admin_listen.as_deref() {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 42008))),
@@ -729,6 +777,7 @@ impl Doc<'_> {
             mgmt_socket,
             mgmt_listen,
             mgmt_token_file,
+            mgmt_tls,
             admin_listen,
             admin_ui: raw.admin_ui.unwrap_or(true),
             shutdown_timeout,
@@ -738,6 +787,27 @@ impl Doc<'_> {
             log_level,
             workers: raw.workers.unwrap_or(0),
         })
+    }
+
+    fn build_mgmt_tls(
+        &self,
+        raw: Option<Spanned<RawMgmtTls>>,
+    ) -> Result<Option<MgmtTls>, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let prefix = "server.mgmt_tls";
+        let path = |value: Option<String>, key: &str| match value.filter(|v| !v.is_empty()) {
+            Some(v) => Ok(PathBuf::from(v)),
+            None => Err(self.field_error(&span, prefix, key, "required (a PEM file)")),
+        };
+        Ok(Some(MgmtTls {
+            cert: path(raw.cert, "cert")?,
+            key: path(raw.key, "key")?,
+            client_ca: raw.client_ca.filter(|v| !v.is_empty()).map(PathBuf::from),
+        }))
     }
 
     fn build_listener(
@@ -1302,6 +1372,60 @@ upstreams = ["127.0.0.1:9001"]
         ));
         assert!(
             e.starts_with("t.toml:14: listeners[1].address: another listener"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mgmt_listen_off_loopback_needs_tls() {
+        let tcp = |listen: &str, extra: &str| {
+            format!("[server]\nmgmt_listen = \"{listen}\"\nmgmt_token_file = \"/t\"\n{extra}")
+        };
+        for listen in [
+            "0.0.0.0:9000",
+            "192.0.2.1:9000",
+            "[::]:9000",
+            "[2001:db8::1]:9000",
+        ] {
+            let e = err(&tcp(listen, ""));
+            assert!(
+                e.starts_with("t.toml:2: server.mgmt_listen: ") && e.contains("not a loopback"),
+                "{listen}: {e}"
+            );
+        }
+        for listen in [
+            "127.0.0.1:9000",
+            "127.8.9.10:9000",
+            "[::1]:9000",
+            "[::ffff:127.0.0.1]:9000",
+        ] {
+            let config = Config::parse(&tcp(listen, ""), "t.toml").expect("loopback is allowed");
+            assert_eq!(config.server.mgmt_tls, None);
+        }
+        let with_tls = tcp(
+            "0.0.0.0:9000",
+            "mgmt_tls = { cert = \"/c.pem\", key = \"/k.pem\", client_ca = \"/ca.pem\" }\n",
+        );
+        let config = Config::parse(&with_tls, "t.toml").expect("TLS makes it acceptable");
+        assert_eq!(
+            config.server.mgmt_tls,
+            Some(MgmtTls {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into(),
+                client_ca: Some("/ca.pem".into()),
+            })
+        );
+        let e = err(&tcp(
+            "0.0.0.0:9000",
+            "\n[server.mgmt_tls]\ncert = \"/c.pem\"\n",
+        ));
+        assert!(
+            e.starts_with("t.toml:5: server.mgmt_tls.key: required"),
+            "{e}"
+        );
+        let e = err("[server]\nmgmt_tls = { cert = \"/c.pem\", key = \"/k.pem\" }\n");
+        assert!(
+            e.starts_with("t.toml:2: server.mgmt_tls: requires mgmt_listen"),
             "{e}"
         );
     }

@@ -4,7 +4,8 @@
 //! Handlers are thin: convert the message to a [`Change`], call [`StateHandle::apply`],
 //! map the [`crate::state::ApplyError`] to a status. The API listens on a unix socket
 //! (`server.mgmt_socket`, mode 0660) and, optionally, on TCP (`server.mgmt_listen`) where
-//! every call needs `authorization: Bearer <token>` (`server.mgmt_token_file`).
+//! every call needs `authorization: Bearer <token>` (`server.mgmt_token_file`), over TLS
+//! (`server.mgmt_tls`, required unless the address is loopback).
 
 mod admin;
 mod auth;
@@ -17,6 +18,7 @@ mod registration;
 mod routes;
 mod socket;
 mod status_page;
+mod tcp;
 mod tls;
 
 use std::collections::BTreeMap;
@@ -93,6 +95,14 @@ pub enum MgmtError {
     /// The TCP listener is configured without a token file.
     #[error("server.mgmt_listen is set but server.mgmt_token_file is not; the TCP management listener needs a token")]
     NoToken,
+    /// A `server.mgmt_tls` file could not be used.
+    #[error("{field}: {reason}")]
+    Tls {
+        /// `server.mgmt_tls.cert`, `.key` or `.client_ca`.
+        field: &'static str,
+        /// The file and what is wrong with it.
+        reason: String,
+    },
     /// The embedded descriptor set could not be served by reflection.
     #[error("reflection: {0}")]
     Reflection(String),
@@ -211,18 +221,40 @@ async fn check_files(changes: Vec<Change>) -> Result<Vec<Change>, Status> {
 #[derive(Debug)]
 pub struct Sockets {
     unix: socket::UnixSocket,
-    tcp: Option<(std::net::TcpListener, BearerAuth)>,
+    tcp: Option<TcpSocket>,
+}
+
+/// The TCP management listener with what every connection and call must pass.
+struct TcpSocket {
+    listener: std::net::TcpListener,
+    auth: BearerAuth,
+    /// `None`: plaintext (loopback only, enforced by the config).
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for TcpSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpSocket")
+            .field("listener", &self.listener)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sockets {
     /// Binds the unix socket and, when configured, the TCP listener with its token; sockets
     /// handed over by a previous process are used instead of binding new ones.
     pub fn bind(server: &ServerConfig, inherited: &mut Inherited) -> Result<Sockets, MgmtError> {
-        // Read the token before creating anything, so a bad token file leaves no socket behind.
+        // Read the token and the TLS files before creating anything, so a bad file leaves
+        // no socket behind.
         let tcp_auth = match (&server.mgmt_listen, &server.mgmt_token_file) {
             (None, _) => None,
             (Some(_), None) => return Err(MgmtError::NoToken),
             (Some(addr), Some(file)) => Some((*addr, BearerAuth::from_file(file)?)),
+        };
+        let tls = match (&tcp_auth, &server.mgmt_tls) {
+            (Some(_), Some(tls)) => Some(tcp::acceptor(tls)?),
+            _ => None,
         };
         let unix = match inherited.take_unix(MGMT_SOCKET) {
             Some(listener) => socket::adopt(listener, &server.mgmt_socket)?,
@@ -237,7 +269,11 @@ impl Sockets {
                     None => std::net::TcpListener::bind(addr).map_err(tcp_error)?,
                 };
                 listener.set_nonblocking(true).map_err(tcp_error)?;
-                Some((listener, auth))
+                Some(TcpSocket {
+                    listener,
+                    auth,
+                    tls,
+                })
             }
         };
         Ok(Sockets { unix, tcp })
@@ -250,11 +286,11 @@ impl Sockets {
             kind: SocketKind::Unix,
             fd: self.unix.listener.try_clone()?.into(),
         }];
-        if let Some((listener, _)) = &self.tcp {
+        if let Some(tcp) = &self.tcp {
             out.push(HandoffSocket {
                 name: MGMT_TCP_SOCKET.into(),
                 kind: SocketKind::Tcp,
-                fd: listener.try_clone()?.into(),
+                fd: tcp.listener.try_clone()?.into(),
             });
         }
         Ok(out)
@@ -262,7 +298,7 @@ impl Sockets {
 
     /// The bound address of the TCP listener, if there is one.
     pub fn tcp_address(&self) -> Option<SocketAddr> {
-        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
+        self.tcp.as_ref().and_then(|t| t.listener.local_addr().ok())
     }
 }
 
@@ -362,11 +398,15 @@ pub async fn spawn(
     let Sockets { unix, tcp } = sockets;
     let unix_router = routes(Server::builder().layer(counted.clone()), &services, &health).await?;
     let tcp_router = match tcp {
-        Some((listener, auth)) => {
+        Some(TcpSocket {
+            listener,
+            auth,
+            tls,
+        }) => {
             let server = Server::builder()
                 .layer(counted)
                 .layer(InterceptorLayer::new(auth));
-            Some((listener, routes(server, &services, &health).await?))
+            Some((listener, tls, routes(server, &services, &health).await?))
         }
         None => None,
     };
@@ -411,23 +451,39 @@ pub async fn spawn(
         }
     });
 
-    if let Some((listener, router)) = tcp_router {
+    if let Some((listener, tls, router)) = tcp_router {
         let addr = listener.local_addr().ok();
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(|source| MgmtError::Tcp {
                 addr: addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
                 source,
             })?;
-        tracing::info!(address = ?addr, "management API listening on TCP (bearer token required)");
+        tracing::info!(
+            address = ?addr,
+            tls = tls.is_some(),
+            "management API listening on TCP (bearer token required)"
+        );
         let stop = shutdown.clone();
         shutdown.spawn_service(async move {
             // Paused with the unix socket while handing over: a call made after the
             // upgrade returned reaches the new process over TCP too.
             let incoming = GatedIncoming::new(listener, gate);
-            if let Err(e) = router
-                .serve_with_incoming_shutdown(incoming, stop.exiting())
-                .await
-            {
+            let served = match tls {
+                Some(acceptor) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tcp::handshakes(incoming, acceptor),
+                            stop.exiting(),
+                        )
+                        .await
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop.exiting())
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "management TCP listener stopped");
             }
         });
