@@ -411,6 +411,31 @@ fn no_import_cycle_passes_through_state() {
 }
 
 #[test]
+fn routing_and_upstream_sit_below_the_data_path_and_the_control_plane() {
+    // The compiled snapshot and the pools are built from state and used by the layers
+    // above; they never reach up (the request body type lives in upstream, not http).
+    let above = [
+        "http",
+        "tcp",
+        "listener",
+        "registration",
+        "discovery",
+        "mgmt",
+        "upgrade",
+        "config",
+        ROOT,
+    ];
+    let edges = module_graph(&src());
+    let up: Vec<String> = edges
+        .iter()
+        .filter(|e| ["routing", "upstream"].contains(&e.from.as_str()))
+        .filter(|e| above.contains(&e.to.as_str()))
+        .map(|e| format!("  {} -> {}  ({})", e.from, e.to, e.at))
+        .collect();
+    assert!(up.is_empty(), "imports pointing up:\n{}", up.join("\n"));
+}
+
+#[test]
 fn the_graph_is_read_from_the_source() {
     // The reader sees what the real tree has: routing is built from state.
     let edges = module_graph(&src());

@@ -12,9 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::access_log::{AccessLog, ErrorSource};
-use super::body::{
-    BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody, ResponseBody, Reuse,
-};
+use super::body::{ResponseBody, Reuse};
 use super::hygiene;
 use crate::config::ListenerConfig;
 use crate::routing::Published;
@@ -22,6 +20,7 @@ use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
 use crate::state::PathMatch;
 use crate::telemetry::Metrics;
+use crate::upstream::body::{BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::upstream::{
     http_sender, idle, ConnectError, InFlight, NoUpstream, OpenConnection, PoolRuntime,
     UpstreamConn, UpstreamRuntime,

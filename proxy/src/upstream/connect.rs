@@ -12,9 +12,9 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::body::RequestBody;
 use super::idle::{ConnState, UpstreamConn};
 use super::OpenConnection;
-use crate::http::body::RequestBody;
 
 /// An HTTP/1.1 client connection to one upstream.
 pub type HttpSender = hyper::client::conn::http1::SendRequest<RequestBody>;

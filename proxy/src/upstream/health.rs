@@ -8,8 +8,8 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use tokio::time::Instant;
 
+use super::body::RequestBody;
 use super::{http_sender, PoolRuntime, UpstreamRuntime};
-use crate::http::body::RequestBody;
 use crate::shutdown::Shutdown;
 use crate::state::HealthCheck;
 

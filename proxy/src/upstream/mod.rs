@@ -9,6 +9,7 @@
 //! A pool with a `tls` section gets its rustls client config built here, once per
 //! definition (and kept across tables while the definition stays the same).
 
+pub mod body;
 mod connect;
 pub mod health;
 mod hold;
