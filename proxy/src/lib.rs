@@ -347,6 +347,7 @@ impl Daemon {
             registry: registry.clone(),
             metrics: telemetry.metrics().clone(),
             tls: Some(tls.clone()),
+            mgmt_tls: mgmt_sockets.tcp_tls(),
         };
         let mgmt_context = Arc::new(mgmt_context);
         mgmt::spawn(mgmt_sockets, mgmt_context.clone(), shutdown.clone()).await?;

@@ -317,3 +317,63 @@ fn plaintext_listener_off_loopback_is_refused_at_config_load() {
     );
     proxy::Config::parse(&text, "t.toml").expect("TLS makes a non-loopback address acceptable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_config_renews_the_certificate_and_keeps_it_on_a_bad_file() {
+    let files = Files::new();
+    let state = tempfile::tempdir().unwrap();
+    let path = files.write(
+        "proxy.toml",
+        &files
+            .config("")
+            .replace("{state}", &state.path().display().to_string()),
+    );
+    let daemon = proxy::Daemon::start(proxy::Config::load(&path).expect("valid config"))
+        .await
+        .expect("daemon starts");
+    let proxy = TestProxy { daemon, dir: state };
+    let addr = proxy
+        .daemon
+        .mgmt_address()
+        .expect("TCP management listener");
+    let mut api = mgmt_support::connect(&proxy).await;
+    answered(addr, client_config(&files.ca, None))
+        .await
+        .expect("first certificate");
+
+    // A new certificate from another CA replaces the files: used only after the reload.
+    let renewed = TestCa::new("renewed CA");
+    let (cert, key) = renewed.leaf(&["127.0.0.1"]);
+    files.write("cert.pem", &cert);
+    files.write("key.pem", &key);
+    answered(addr, client_config(&renewed, None))
+        .await
+        .expect_err("not re-read before ReloadConfig");
+    api.admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect("reload");
+    answered(addr, client_config(&renewed, None))
+        .await
+        .expect("the renewed certificate after the reload");
+    answered(addr, client_config(&files.ca, None))
+        .await
+        .expect_err("the old certificate is gone");
+
+    // An unusable key refuses the reload, names the field, and the listener keeps going.
+    files.write("key.pem", "not a key\n");
+    let err = api
+        .admin
+        .reload_config(pb::ReloadConfigRequest {})
+        .await
+        .expect_err("bad key");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("server.mgmt_tls.key: "),
+        "{}",
+        err.message()
+    );
+    answered(addr, client_config(&renewed, None))
+        .await
+        .expect("still the renewed certificate");
+}

@@ -199,6 +199,27 @@ impl AdminService for AdminApi {
                 path.display()
             )));
         }
+        // The management listener's certificate files are read again; they are installed
+        // only once the rest of the file has been applied, so a refused reload changes
+        // nothing. Turning TLS on or off, like moving the listener, needs an upgrade.
+        let mgmt_tls = match (&self.ctx.mgmt_tls, &config.server.mgmt_tls) {
+            (Some(running), Some(wanted)) => {
+                let wanted = wanted.clone();
+                let next = blocking(move || super::tcp::server_config(&wanted))
+                    .await?
+                    .map_err(|e| Status::failed_precondition(format!("{}: {e}", path.display())))?;
+                Some((running.clone(), next))
+            }
+            (running, wanted) => {
+                if running.is_some() != wanted.is_some() {
+                    tracing::warn!(
+                        file = %path.display(),
+                        "server.mgmt_tls was added or removed; that takes effect with an upgrade or a restart"
+                    );
+                }
+                None
+            }
+        };
         let snap = self.ctx.state.snapshot();
         let file = path.clone();
         // Reconciling validates and diffs every object of the file: a blocking thread does it.
@@ -215,6 +236,10 @@ impl AdminService for AdminApi {
         .await??;
         let tally = Tally::of(&changes);
         let revision = self.ctx.apply_as(changes, Source::Declarative).await?;
+        if let Some((running, next)) = mgmt_tls {
+            running.install(next);
+            tracing::info!("management listener TLS files re-read");
+        }
         tracing::info!(
             file = %path.display(),
             revision,

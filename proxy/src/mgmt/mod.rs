@@ -43,6 +43,7 @@ pub use pools::PoolApi;
 pub use registration::RegistrationApi;
 pub use routes::RouteApi;
 pub use status_page::{StatusDocument, StatusPage};
+pub use tcp::MgmtTlsConfig;
 
 use crate::config::{Config, ServerConfig};
 use crate::listener::{AcceptGate, GatedIncoming, Inherited};
@@ -164,6 +165,8 @@ pub struct Context {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// Certificates and the on-demand policy (`None` where TLS does not run).
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// TLS of the TCP management listener, renewed by ReloadConfig (`None`: no TLS).
+    pub mgmt_tls: Option<Arc<MgmtTlsConfig>>,
 }
 
 impl Context {
@@ -229,7 +232,7 @@ struct TcpSocket {
     listener: std::net::TcpListener,
     auth: BearerAuth,
     /// `None`: plaintext (loopback only, enforced by the config).
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<Arc<MgmtTlsConfig>>,
 }
 
 impl std::fmt::Debug for TcpSocket {
@@ -253,7 +256,7 @@ impl Sockets {
             (Some(addr), Some(file)) => Some((*addr, BearerAuth::from_file(file)?)),
         };
         let tls = match (&tcp_auth, &server.mgmt_tls) {
-            (Some(_), Some(tls)) => Some(tcp::acceptor(tls)?),
+            (Some(_), Some(tls)) => Some(Arc::new(MgmtTlsConfig::load(tls)?)),
             _ => None,
         };
         let unix = match inherited.take_unix(MGMT_SOCKET) {
@@ -294,6 +297,11 @@ impl Sockets {
             });
         }
         Ok(out)
+    }
+
+    /// The TLS settings of the TCP listener, for `ReloadConfig` to renew.
+    pub fn tcp_tls(&self) -> Option<Arc<MgmtTlsConfig>> {
+        self.tcp.as_ref().and_then(|t| t.tls.clone())
     }
 
     /// The bound address of the TCP listener, if there is one.
@@ -469,10 +477,10 @@ pub async fn spawn(
             // upgrade returned reaches the new process over TCP too.
             let incoming = GatedIncoming::new(listener, gate);
             let served = match tls {
-                Some(acceptor) => {
+                Some(tls) => {
                     router
                         .serve_with_incoming_shutdown(
-                            tcp::handshakes(incoming, acceptor),
+                            tcp::handshakes(incoming, tls),
                             stop.exiting(),
                         )
                         .await

@@ -3,7 +3,8 @@
 //! The bearer token stays required on top of TLS; TLS keeps it (and every call) off the
 //! wire in the clear and, with `client_ca`, admits only clients holding a certificate from
 //! that CA. Handshakes run concurrently, each bounded in time, so a silent client neither
-//! holds up other clients nor keeps a slot for long.
+//! holds up other clients nor keeps a slot for long. `ReloadConfig` re-reads the files;
+//! connections made after it use the new certificate.
 
 use std::io;
 use std::path::Path;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures_util::{Stream, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -53,9 +55,33 @@ fn certificates(
     Ok(certs)
 }
 
-/// Reads the files of `tls` and builds the acceptor; every error names the field
+/// The TLS settings the TCP management listener uses now, replaced as a whole on reload.
+#[derive(Debug)]
+pub struct MgmtTlsConfig {
+    current: ArcSwap<ServerConfig>,
+}
+
+impl MgmtTlsConfig {
+    /// Reads the files of `tls`; errors name the field (`server.mgmt_tls.cert`, ...).
+    pub(super) fn load(tls: &MgmtTls) -> Result<MgmtTlsConfig, MgmtError> {
+        Ok(MgmtTlsConfig {
+            current: ArcSwap::from(server_config(tls)?),
+        })
+    }
+
+    /// Serves new connections with `next` (made by [`server_config`]).
+    pub(super) fn install(&self, next: Arc<ServerConfig>) {
+        self.current.store(next);
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.load_full())
+    }
+}
+
+/// Reads the files of `tls` and builds the server config; every error names the field
 /// (`server.mgmt_tls.cert`, `.key` or `.client_ca`) and the file.
-pub(super) fn acceptor(tls: &MgmtTls) -> Result<TlsAcceptor, MgmtError> {
+pub(super) fn server_config(tls: &MgmtTls) -> Result<Arc<ServerConfig>, MgmtError> {
     const CERT: &str = "server.mgmt_tls.cert";
     const KEY: &str = "server.mgmt_tls.key";
     const CLIENT_CA: &str = "server.mgmt_tls.client_ca";
@@ -99,7 +125,7 @@ pub(super) fn acceptor(tls: &MgmtTls) -> Result<TlsAcceptor, MgmtError> {
     let mut config = builder.with_cert_resolver(Arc::new(OneKey(Arc::new(certified))));
     // gRPC is HTTP/2 only.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Presents the one configured certificate whatever name the client asks for.
@@ -167,14 +193,14 @@ impl AsyncWrite for TlsConnection {
 /// is an `Err` item (the server skips it) and never delays the other connections.
 pub(super) fn handshakes<S>(
     incoming: S,
-    acceptor: TlsAcceptor,
+    tls: Arc<MgmtTlsConfig>,
 ) -> impl Stream<Item = io::Result<TlsConnection>>
 where
     S: Stream<Item = io::Result<TcpStream>>,
 {
     incoming
         .map(move |accepted| {
-            let acceptor = acceptor.clone();
+            let acceptor = tls.acceptor();
             async move {
                 let stream = accepted?;
                 let peer = stream.peer_addr().ok();
