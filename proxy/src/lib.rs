@@ -5,13 +5,16 @@
 //!
 //! - [`config`]: TOML file -> validated [`Config`]; `proxyd check-config`.
 //! - [`state`]: the desired state: model types, [`state::Change`] (every mutation),
-//!   validation, the single SQLite writer, snapshot publication.
-//! - [`routing`]: the compiled, immutable [`routing::RoutingTable`]; `lookup(listener, host, path)`.
+//!   validation, the single SQLite writer; the ground floor, importing no other module
+//!   (what is built from it is injected as a [`state::Publish`] step).
+//! - [`routing`]: the compiled, immutable [`routing::RoutingTable`]; `lookup(listener, host, path)`;
+//!   [`routing::Published`], the snapshots the data path reads.
+//! - [`upstream`]: pools at run time: balancing, connection reuse, passive and active health,
+//!   the hold of a registered route, the request body sent upstream.
 //! - [`listener`]: obtaining sockets (handoff, systemd, or bind with SO_REUSEADDR +
 //!   SO_REUSEPORT), idle timeouts.
 //! - [`http`]: hyper server and the proxy request path: hygiene, forwarding, errors, access log.
 //! - [`tcp`]: L4 forwarding with `copy_bidirectional`.
-//! - [`upstream`]: pools at run time: balancing, connection reuse, passive and active health.
 //! - [`discovery`]: etcd, DNS, exec and file sources feeding pool membership at run time.
 //! - [`etcd`]: a small client of etcd's v3 API (prefix reads, watches, leases) on the
 //!   checked-in generated code of `proxy-proto`; a leaf that imports no other module.
@@ -25,6 +28,7 @@
 //! - [`workers`]: one single-threaded runtime per CPU serving the HTTP listeners.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
+//! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps `state` at the bottom.
 
 pub mod config;
 pub mod discovery;
