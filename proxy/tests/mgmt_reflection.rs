@@ -5,7 +5,7 @@
 mod common;
 mod mgmt_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -84,34 +84,6 @@ async fn reflection_v1_lists_the_services() {
             "{wanted} missing from {names:?}"
         );
     }
-}
-
-/// grpcurl on PATH, or in the scripts directory of the Python that pip installs into.
-fn find_grpcurl() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("grpcurl"))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
-    let scripts = ["python3", "python"].iter().filter_map(|python| {
-        let out = Command::new(python)
-            .args([
-                "-c",
-                "import sysconfig; print(sysconfig.get_path('scripts'))",
-            ])
-            .output()
-            .ok()?;
-        Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("grpcurl"))
-    });
-    let user = std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/bin/grpcurl"));
-    on_path.into_iter().chain(scripts).chain(user).find(|p| {
-        Command::new(p)
-            .arg("-version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
 }
 
 /// `grpcurl -plaintext -unix [flags] SOCKET [args]`.

