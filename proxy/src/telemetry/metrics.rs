@@ -6,7 +6,6 @@
 //! ([`arc_swap::ArcSwap`]) keyed by names from the configuration, never by anything the
 //! client sent. A lock is taken only the first time a route, pool or listener is seen.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use rpds::HashTrieMapSync;
 
 use super::histogram::DurationHistogram;
 use super::otlp::Instruments;
@@ -560,20 +560,15 @@ impl Metrics {
     /// what the status page turns into rates.
     pub fn route_totals(&self) -> Vec<RouteTotal> {
         let mut out = Vec::new();
-        for shard in &self.routes.shards {
-            for routes in shard.load().values() {
-                for series in routes.values().flatten() {
-                    let count =
-                        |class: usize| series.classes[class].get().map_or(0, |c| c.requests.get());
-                    out.push(RouteTotal {
-                        listener: series.labels.listener.clone(),
-                        route: series.labels.route.clone(),
-                        pool: series.labels.pool.clone(),
-                        requests: (0..STATUS_CLASSES.len()).map(count).sum(),
-                        errors: count(5),
-                    });
-                }
-            }
+        for series in self.routes.all() {
+            let count = |class: usize| series.classes[class].get().map_or(0, |c| c.requests.get());
+            out.push(RouteTotal {
+                listener: series.labels.listener.clone(),
+                route: series.labels.route.clone(),
+                pool: series.labels.pool.clone(),
+                requests: (0..STATUS_CLASSES.len()).map(count).sum(),
+                errors: count(5),
+            });
         }
         out
     }
@@ -928,35 +923,18 @@ struct ClassSeries {
 }
 
 /// listener -> route -> the series of each pool the route has forwarded to.
-type RouteMap = HashMap<String, HashMap<String, Vec<Arc<RouteSeries>>>>;
+type RouteMap = HashTrieMapSync<String, HashTrieMapSync<String, Vec<Arc<RouteSeries>>>>;
 
-const ROUTE_SHARDS: usize = 16;
-
-/// Lock-free lookup of route series. Sharded by route name so that adding a series copies
-/// only a sixteenth of the map (thousands of routes warm up in linear-ish time).
+/// Lock-free lookup of route series, created on first use. The maps are persistent
+/// (structurally shared), so adding a series copies one path of the map, not the map:
+/// the first requests over 100,000 routes each add a series in logarithmic time.
+#[derive(Default)]
 struct RouteSeriesCache {
-    shards: [ArcSwap<RouteMap>; ROUTE_SHARDS],
+    map: ArcSwap<RouteMap>,
     insert: Mutex<()>,
 }
 
-impl Default for RouteSeriesCache {
-    fn default() -> Self {
-        RouteSeriesCache {
-            shards: std::array::from_fn(|_| ArcSwap::default()),
-            insert: Mutex::new(()),
-        }
-    }
-}
-
 impl RouteSeriesCache {
-    fn shard(&self, route: &str) -> &ArcSwap<RouteMap> {
-        // FNV-1a: cheap, and good enough to spread route names.
-        let hash = route.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        &self.shards[(hash % ROUTE_SHARDS as u64) as usize]
-    }
-
     fn find(map: &RouteMap, listener: &str, route: &str, pool: &str) -> Option<Arc<RouteSeries>> {
         map.get(listener)?
             .get(route)?
@@ -966,15 +944,14 @@ impl RouteSeriesCache {
     }
 
     fn get_or_insert(&self, listener: &str, route: &str, pool: &str) -> Arc<RouteSeries> {
-        let shard = self.shard(route);
-        if let Some(series) = Self::find(&shard.load(), listener, route, pool) {
+        if let Some(series) = Self::find(&self.map.load(), listener, route, pool) {
             return series;
         }
         let _writer = self
             .insert
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let current = shard.load_full();
+        let current = self.map.load_full();
         if let Some(series) = Self::find(&current, listener, route, pool) {
             return series;
         }
@@ -988,14 +965,21 @@ impl RouteSeriesCache {
             errors: Default::default(),
             bytes: OnceLock::new(),
         });
-        let mut next = RouteMap::clone(&current);
-        next.entry(listener.to_string())
-            .or_default()
-            .entry(route.to_string())
-            .or_default()
-            .push(series.clone());
-        shard.store(Arc::new(next));
+        let mut routes = current.get(listener).cloned().unwrap_or_default();
+        let mut pools = routes.get(route).cloned().unwrap_or_default();
+        pools.push(series.clone());
+        routes.insert_mut(route.to_string(), pools);
+        self.map
+            .store(Arc::new(current.insert(listener.to_string(), routes)));
         series
+    }
+
+    /// Every series, in no particular order.
+    fn all(&self) -> Vec<Arc<RouteSeries>> {
+        let map = self.map.load();
+        map.values()
+            .flat_map(|routes| routes.values().flat_map(|pools| pools.iter().cloned()))
+            .collect()
     }
 }
 
@@ -1007,14 +991,14 @@ struct PoolSeries {
 
 /// Lock-free lookup by name of series created on first use.
 struct SeriesCache<T> {
-    map: ArcSwap<HashMap<String, Arc<T>>>,
+    map: ArcSwap<HashTrieMapSync<String, Arc<T>>>,
     insert: Mutex<()>,
 }
 
 impl<T> Default for SeriesCache<T> {
     fn default() -> Self {
         SeriesCache {
-            map: ArcSwap::default(),
+            map: ArcSwap::from_pointee(HashTrieMapSync::new_sync()),
             insert: Mutex::new(()),
         }
     }
@@ -1034,9 +1018,8 @@ impl<T> SeriesCache<T> {
             return found.clone();
         }
         let created = Arc::new(create());
-        let mut next = HashMap::clone(&current);
-        next.insert(name.to_string(), created.clone());
-        self.map.store(Arc::new(next));
+        self.map
+            .store(Arc::new(current.insert(name.to_string(), created.clone())));
         created
     }
 }

@@ -1,0 +1,529 @@
+#!/usr/bin/env bash
+# The scenarios beside bench/http.sh and bench/tls.sh, each side by side with its peer on
+# the same machine, ratios first:
+#
+#   tcp     TCP forwarding: large transfers (MiB/s through the proxy, wrk fetching a 64 MiB
+#           file with 4 connections) and connection rate (a new client and upstream
+#           connection per 1 KiB request); proxyd `tcp` listener vs HAProxy `mode tcp`.
+#   h2      HTTP/2 from clients: h2load -c16 -m10, h2c (prior knowledge) and h2 over TLS
+#           (TLS 1.3, ALPN); proxyd vs nginx (`http2`), both proxying HTTP/1.1 upstream.
+#   idle    memory per idle keep-alive client connection: N connections (default 9,000)
+#           each make one request and stay open; RSS growth / N; proxyd vs nginx vs HAProxy.
+#   routes  proxyd alone with 10 and with 100,000 path routes, wrk spreading its requests
+#           over all of them; the ratio of the two req/s.
+#
+# The upstream is nginx serving a 1 KiB and a 64 MiB file on 127.0.0.1 with logs off; every
+# proxy runs alone, with its access log off. Loopback only; stops by itself.
+#
+# Usage: bench/scenarios.sh [tcp] [h2] [idle] [routes]     (all four by default, ~4 min)
+# Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64
+#        BENCH_IDLE_CONNECTIONS=9000   (each proxy needs about 2 descriptors per connection;
+#                                       this machine's hard limit is 20,000)
+#        BENCH_ROUTES=100000
+#        BENCH_OUT=bench/results (results-scenarios.md goes there)
+#        PROXYD=/path/to/proxyd  (skip the build)   CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+set -euo pipefail
+
+DURATION=${BENCH_DURATION:-10s}
+SECS=${DURATION%s}
+THREADS=${BENCH_THREADS:-2}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+IDLE=${BENCH_IDLE_CONNECTIONS:-9000}
+MANY_ROUTES=${BENCH_ROUTES:-100000}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${BENCH_OUT:-$ROOT/bench/results}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(tcp h2 idle routes)
+for s in "${SCENARIOS[@]}"; do
+    case $s in tcp | h2 | idle | routes) ;; *) echo "unknown scenario: $s (tcp h2 idle routes)" >&2; exit 2 ;; esac
+done
+
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
+
+need_tools wrk:wrk h2load:nghttp2-client nginx:nginx-light haproxy:haproxy curl:curl openssl:openssl python3:python3
+build_proxyd
+make_workdir proxy-scenarios
+ulimit -n "$(ulimit -Hn)"
+
+start() { # name, command...
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+
+stop() { # pid
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# Waits (at most 60 s: a table of 100,000 routes takes a while to load) until URL answers.
+wait_ready() { # url name pid [curl options...]
+    local url=$1 name=$2 pid=$3 i
+    shift 3
+    for i in $(seq 600); do
+        if curl -fsS -o /dev/null --max-time 1 "$@" "$url" 2>/dev/null; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || { say "$name exited during start-up:"; cat "$WORK/$name.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    say "$name did not answer on $url within 60 s:"
+    cat "$WORK/$name.log" >&2
+    exit 1
+}
+
+# Resident memory in KiB of a process and its children (nginx: master + workers).
+rss_kib() { # pid
+    local pid=$1 total=0 p kb
+    for p in $pid $(pgrep -P "$pid" || true); do
+        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# --- the upstream ---------------------------------------------------------------------------
+UP=$(free_port)
+mkdir -p "$WORK/www" "$WORK/nginx-up"
+head -c 1024 /dev/zero | tr '\0' x >"$WORK/www/1k"
+head -c $((64 << 20)) /dev/zero >"$WORK/www/big"
+chmod 755 "$WORK/www"
+chmod 644 "$WORK/www/1k" "$WORK/www/big"
+
+nginx_head() { # prefix dir
+    cat <<EOF
+worker_processes auto;
+worker_rlimit_nofile 20000;
+daemon off;
+master_process on;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 10000; }
+EOF
+}
+nginx_http_head() { # prefix dir
+    cat <<EOF
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $1/body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+EOF
+}
+
+{
+    nginx_head "$WORK/nginx-up"
+    cat <<EOF
+http {
+$(nginx_http_head "$WORK/nginx-up")
+    sendfile on;
+    server {
+        listen 127.0.0.1:$UP reuseport backlog=4096;
+        location / { root $WORK/www; }
+    }
+}
+EOF
+} >"$WORK/nginx-up/nginx.conf"
+start upstream nginx -p "$WORK/nginx-up" -c "$WORK/nginx-up/nginx.conf" -e "$WORK/nginx-up/error.log"
+wait_ready "http://127.0.0.1:$UP/1k" upstream "$LAST_PID"
+
+# A proxyd config: server section, plus whatever the scenario appends.
+proxyd_head() { # dir
+    mkdir -p "$1"
+    rm -rf "$1/state"
+    cat <<EOF
+[server]
+state_dir = "$1/state"
+mgmt_socket = "$1/state/mgmt.sock"
+admin_listen = ""
+log_level = "warn"
+
+[telemetry]
+access_log = "off"
+
+[[pools]]
+name = "static"
+upstreams = ["127.0.0.1:$UP"]
+EOF
+}
+
+haproxy_head() { # mode(tcp|http) maxconn
+    cat <<EOF
+global
+    nbthread 2
+    maxconn $2
+
+defaults
+    mode $1
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 300s
+    timeout server 60s
+    timeout http-keep-alive 300s
+EOF
+}
+
+declare -a REPORT
+
+# Prints "req/s transfer_MiB_per_s errors" for one wrk run.
+run_wrk() { # url connections out [wrk options...]
+    local url=$1 conns=$2 out=$3
+    shift 3
+    wrk -t"$THREADS" -c"$conns" -d1s "$@" "$url" >/dev/null 2>&1 || true
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" "$@" "$url" >"$out" 2>&1 || true
+    awk '
+        function mib(v) {
+            if (v ~ /GB$/) return v * 1024
+            if (v ~ /MB$/) return v + 0
+            if (v ~ /KB$/) return v / 1024
+            if (v ~ /B$/)  return v / 1048576
+            return v
+        }
+        /^Requests\/sec:/ { rps = $2 }
+        /^Transfer\/sec:/ { mbs = mib($2) }
+        /Non-2xx or 3xx responses:/ { err += $NF }
+        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+        END { printf "%.0f %.1f %d\n", rps, mbs, err }
+    ' "$out"
+}
+
+# --- tcp --------------------------------------------------------------------------------------
+scenario_tcp() {
+    local name port pid rps mbs err
+    declare -A TPUT RATE ERRS
+    for name in proxyd haproxy; do
+        port=$(free_port)
+        if [ "$name" = proxyd ]; then
+            {
+                proxyd_head "$WORK/proxyd-tcp"
+                cat <<EOF
+
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+address = "127.0.0.1:$port"
+
+[[tcp_routes]]
+name = "all"
+listener = "tcp"
+pool = "static"
+EOF
+            } >"$WORK/proxyd-tcp.toml"
+            start proxyd-tcp "$PROXYD" --config "$WORK/proxyd-tcp.toml"
+        else
+            {
+                haproxy_head tcp 4096
+                cat <<EOF
+
+frontend f
+    bind 127.0.0.1:$port
+    default_backend b
+
+backend b
+    server up 127.0.0.1:$UP
+EOF
+            } >"$WORK/haproxy-tcp.cfg"
+            start haproxy-tcp haproxy -db -f "$WORK/haproxy-tcp.cfg"
+        fi
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
+        say "tcp: $name, 64 MiB transfers"
+        read -r _ mbs err < <(run_wrk "http://127.0.0.1:$port/big" 4 "$WORK/tcp-$name-big.txt")
+        TPUT[$name]=$mbs
+        ERRS[$name]=$err
+        say "tcp: $name, a new connection per request"
+        read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/1k" "$CONNECTIONS" "$WORK/tcp-$name-close.txt" -H 'Connection: close')
+        RATE[$name]=$rps
+        ERRS[$name]=$((ERRS[$name] + err))
+        stop "$pid"
+    done
+    REPORT+=("" "### TCP forwarding (proxyd \`tcp\` listener vs HAProxy \`mode tcp\`)" ""
+        "| | proxyd | HAProxy | proxyd / HAProxy |" "|---|---:|---:|---:|"
+        "| large transfers, MiB/s (4 connections, 64 MiB each) | ${TPUT[proxyd]} | ${TPUT[haproxy]} | $(ratio "${TPUT[proxyd]}" "${TPUT[haproxy]}") |"
+        "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | ${RATE[proxyd]} | ${RATE[haproxy]} | $(ratio "${RATE[proxyd]}" "${RATE[haproxy]}") |"
+        "| errors | ${ERRS[proxyd]} | ${ERRS[haproxy]} | |")
+}
+
+# --- h2 ---------------------------------------------------------------------------------------
+scenario_h2() {
+    local name port tport pid kind url out rps
+    declare -A H2
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+        -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+    chmod 644 "$WORK/key.pem" "$WORK/cert.pem"
+    for name in proxyd nginx; do
+        port=$(free_port)
+        tport=$(free_port)
+        if [ "$name" = proxyd ]; then
+            {
+                proxyd_head "$WORK/proxyd-h2"
+                cat <<EOF
+
+[[listeners]]
+name = "h2c"
+protocol = "http"
+address = "127.0.0.1:$port"
+
+[[listeners]]
+name = "h2"
+protocol = "https"
+address = "127.0.0.1:$tport"
+
+[[routes]]
+name = "plain"
+listener = "h2c"
+pool = "static"
+
+[[routes]]
+name = "tls"
+listener = "h2"
+pool = "static"
+
+[[tls.certificates]]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+EOF
+            } >"$WORK/proxyd-h2.toml"
+            start proxyd-h2 "$PROXYD" --config "$WORK/proxyd-h2.toml"
+        else
+            mkdir -p "$WORK/nginx-h2"
+            {
+                nginx_head "$WORK/nginx-h2"
+                cat <<EOF
+http {
+$(nginx_http_head "$WORK/nginx-h2")
+    upstream static {
+        server 127.0.0.1:$UP;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$port http2 backlog=4096;
+        listen 127.0.0.1:$tport ssl http2 backlog=4096;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        ssl_protocols TLSv1.3;
+        http2_max_requests 1000000;
+        location / {
+            proxy_pass http://static;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+            } >"$WORK/nginx-h2/nginx.conf"
+            start nginx-h2 nginx -p "$WORK/nginx-h2" -c "$WORK/nginx-h2/nginx.conf" -e "$WORK/nginx-h2/error.log"
+        fi
+        pid=$LAST_PID
+        wait_ready "https://127.0.0.1:$tport/1k" "$name" "$pid" -k
+        for kind in h2c h2; do
+            if [ "$kind" = h2c ]; then url="http://127.0.0.1:$port/1k"; else url="https://127.0.0.1:$tport/1k"; fi
+            say "h2: $name, $kind"
+            out="$WORK/h2-$name-$kind.txt"
+            h2load -c16 -m10 -t"$THREADS" -D 1 "$url" >/dev/null 2>&1 || true
+            h2load -c16 -m10 -t"$THREADS" -D "$SECS" "$url" >"$out" 2>&1 || true
+            # "finished in 10.00s, 27012.30 req/s, ..."; failed requests count as lost.
+            rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
+            H2[$name,$kind]=${rps:-0}
+            H2[$name,$kind,failed]=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")
+        done
+        stop "$pid"
+    done
+    REPORT+=("" "### HTTP/2 from clients (h2load -c16 -m10, 1 KiB, HTTP/1.1 upstream)" ""
+        "| | proxyd req/s | nginx req/s | proxyd / nginx | failed (proxyd / nginx) |" "|---|---:|---:|---:|---|")
+    for kind in h2c h2; do
+        REPORT+=("| $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)') | ${H2[proxyd,$kind]} | ${H2[nginx,$kind]} | $(ratio "${H2[proxyd,$kind]}" "${H2[nginx,$kind]}") | ${H2[proxyd,$kind,failed]:-?} / ${H2[nginx,$kind,failed]:-?} |")
+    done
+}
+
+# --- idle -------------------------------------------------------------------------------------
+# idle.py PORT N: opens N connections, each sends one GET /1k and reads the whole answer,
+# then prints "ready K" (K = connections that got their answer) and holds them until its
+# stdin closes.
+cat >"$WORK/idle.py" <<'EOF'
+import asyncio, sys
+
+async def one(port, held):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    held.append(writer)
+
+async def main():
+    port, n = int(sys.argv[1]), int(sys.argv[2])
+    held = []
+    gate = asyncio.Semaphore(256)
+    async def paced():
+        async with gate:
+            try:
+                await one(port, held)
+            except OSError:
+                pass
+    await asyncio.gather(*(paced() for _ in range(n)))
+    print("ready", len(held), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+EOF
+
+scenario_idle() {
+    local name port pid before after held
+    declare -A PER GOT
+    for name in proxyd nginx haproxy; do
+        port=$(free_port)
+        case $name in
+        proxyd)
+            {
+                proxyd_head "$WORK/proxyd-idle"
+                cat <<EOF
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:$port"
+max_connections = 20000
+idle_timeout = "300s"
+
+[[routes]]
+name = "all"
+listener = "web"
+pool = "static"
+EOF
+            } >"$WORK/proxyd-idle.toml"
+            start proxyd-idle "$PROXYD" --config "$WORK/proxyd-idle.toml"
+            ;;
+        nginx)
+            mkdir -p "$WORK/nginx-idle"
+            {
+                nginx_head "$WORK/nginx-idle"
+                cat <<EOF
+http {
+$(nginx_http_head "$WORK/nginx-idle")
+    upstream static {
+        server 127.0.0.1:$UP;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location / {
+            proxy_pass http://static;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+            } >"$WORK/nginx-idle/nginx.conf"
+            start nginx-idle nginx -p "$WORK/nginx-idle" -c "$WORK/nginx-idle/nginx.conf" -e "$WORK/nginx-idle/error.log"
+            ;;
+        haproxy)
+            {
+                haproxy_head http $((IDLE + 100))
+                cat <<EOF
+
+frontend f
+    bind 127.0.0.1:$port
+    default_backend b
+
+backend b
+    server up 127.0.0.1:$UP
+EOF
+            } >"$WORK/haproxy-idle.cfg"
+            start haproxy-idle haproxy -db -f "$WORK/haproxy-idle.cfg"
+            ;;
+        esac
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
+        # Warm: pools, allocator arenas, per-thread caches.
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
+        sleep 1
+        before=$(rss_kib "$pid")
+        say "idle: $name, $IDLE connections"
+        coproc IDLER { python3 "$WORK/idle.py" "$port" "$IDLE"; }
+        read -r _ held <&"${IDLER[0]}"
+        sleep 2
+        after=$(rss_kib "$pid")
+        eval "exec ${IDLER[1]}>&-"
+        wait "$IDLER_PID" 2>/dev/null || true
+        GOT[$name]=$held
+        PER[$name]=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "n/a" }')
+        PER[$name,rss]="$((before / 1024)) -> $((after / 1024))"
+        stop "$pid"
+    done
+    REPORT+=("" "### Memory per idle keep-alive client connection ($IDLE connections, one request each, then idle)" ""
+        "| | KiB per connection | RSS before -> after (MiB) | connections held | proxyd / peer |" "|---|---:|---|---:|---:|")
+    for name in proxyd nginx haproxy; do
+        REPORT+=("| $name | ${PER[$name]} | ${PER[$name,rss]} | ${GOT[$name]} | $( [ "$name" = proxyd ] && echo "" || ratio "${PER[proxyd]}" "${PER[$name]}") |")
+    done
+}
+
+# --- routes -----------------------------------------------------------------------------------
+scenario_routes() {
+    local n port pid rps err
+    declare -A RPS ERRS LOAD
+    for n in 10 "$MANY_ROUTES"; do
+        port=$(free_port)
+        {
+            proxyd_head "$WORK/proxyd-routes"
+            cat <<EOF
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:$port"
+EOF
+            awk -v n="$n" 'BEGIN {
+                for (i = 0; i < n; i++)
+                    printf "\n[[routes]]\nname = \"r%d\"\nlistener = \"web\"\npath_prefix = \"/r%d/\"\nstrip_prefix = true\npool = \"static\"\n", i, i
+            }'
+        } >"$WORK/proxyd-routes.toml"
+        cat >"$WORK/spread.lua" <<EOF
+math.randomseed(7)
+request = function()
+    return wrk.format("GET", "/r" .. math.random(0, $((n - 1))) .. "/1k")
+end
+EOF
+        local t0=$SECONDS
+        start proxyd-routes "$PROXYD" --config "$WORK/proxyd-routes.toml"
+        pid=$LAST_PID
+        wait_ready "http://127.0.0.1:$port/r0/1k" "proxyd" "$pid"
+        LOAD[$n]=$((SECONDS - t0))
+        say "routes: proxyd with $n routes"
+        read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n.txt" -s "$WORK/spread.lua")
+        RPS[$n]=$rps
+        ERRS[$n]=$err
+        RPS[$n,rss]=$(($(rss_kib "$pid") / 1024))
+        stop "$pid"
+    done
+    REPORT+=("" "### proxyd with 10 and with $MANY_ROUTES routes (wrk spreads requests over every route)" ""
+        "| routes | req/s | errors | RSS (MiB) | start until first answer |" "|---:|---:|---:|---:|---:|"
+        "| 10 | ${RPS[10]} | ${ERRS[10]} | ${RPS[10,rss]} | ${LOAD[10]} s |"
+        "| $MANY_ROUTES | ${RPS[$MANY_ROUTES]} | ${ERRS[$MANY_ROUTES]} | ${RPS[$MANY_ROUTES,rss]} | ${LOAD[$MANY_ROUTES]} s |"
+        "" "req/s with $MANY_ROUTES routes / with 10: **$(ratio "${RPS[$MANY_ROUTES]}" "${RPS[10]}")**")
+}
+
+for s in "${SCENARIOS[@]}"; do "scenario_$s"; done
+
+mkdir -p "$OUT"
+{
+    echo "## bench/scenarios.sh ($(date -u +%Y-%m-%d), $(nproc) cores, proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    echo
+    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off."
+    printf '%s\n' "${REPORT[@]}"
+} | tee "$OUT/results-scenarios.md"
