@@ -251,6 +251,12 @@ let
       description = "Unique name.";
     };
     balance = optionalKey (types.enum [ "round_robin" "ordered" "least_conn" ]) "How an upstream is picked (default `round_robin`).";
+    protocol = optionalKey (types.enum [ "http1" "h2c" "h2" "auto" ]) ''
+      HTTP version towards the upstreams (default `http1`): `h2c` is HTTP/2 without TLS,
+      `h2` HTTP/2 over the pool's `tls` (ALPN `h2`), `auto` lets ALPN choose when the pool
+      has `tls`. gRPC upstreams need `h2c` or `h2`.
+    '';
+    h2_connections = optionalKey types.ints.positive "HTTP/2 connections per upstream and worker thread that requests are spread over (default 1).";
     upstreams = mkOption {
       type = types.listOf upstreamType;
       default = [ ];
@@ -260,6 +266,10 @@ let
     health = optionalKey
       (section {
         path = optionalKey types.str "HTTP path fetched with GET; unset or empty: TCP connect only.";
+        grpc = optionalKey
+          (section {
+            service = optionalKey types.str "Service asked about; unset or empty: the whole server.";
+          }) "Check with `grpc.health.v1.Health/Check` (SERVING is healthy) instead of {option}`path`.";
         interval = optionalKey duration "Time between checks (default 5s).";
         timeout = optionalKey duration "Time allowed per check (default 2s).";
       }) "Active health check.";

@@ -70,6 +70,12 @@ pub struct Pool {
     /// Outlier ejection; absent for the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier: Option<Outlier>,
+    /// `http1`, `h2c`, `h2` or `auto`; absent for http1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// HTTP/2 connections per upstream; absent for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_connections: Option<u32>,
 }
 
 /// When an upstream is ejected after failing; each absent field takes its default.
@@ -191,6 +197,10 @@ pub struct HealthCheck {
     pub interval_ms: u64,
     /// Milliseconds allowed for one check.
     pub timeout_ms: u64,
+    /// Present: a gRPC health check (`grpc.health.v1.Health/Check`) of this service
+    /// (empty: the whole server) instead of `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_service: Option<String>,
 }
 
 /// An HTTP route.
@@ -354,6 +364,27 @@ pub fn parse_balance(name: &str) -> Result<pb::Balance> {
     })
 }
 
+/// The `protocol` name of a proto value.
+pub fn protocol_name(protocol: pb::UpstreamProtocol) -> &'static str {
+    match protocol {
+        pb::UpstreamProtocol::Unspecified | pb::UpstreamProtocol::Http1 => "http1",
+        pb::UpstreamProtocol::H2c => "h2c",
+        pb::UpstreamProtocol::H2 => "h2",
+        pb::UpstreamProtocol::Auto => "auto",
+    }
+}
+
+/// Parses a `protocol` name.
+pub fn parse_protocol(name: &str) -> Result<pb::UpstreamProtocol> {
+    Ok(match name {
+        "http1" => pb::UpstreamProtocol::Http1,
+        "h2c" => pb::UpstreamProtocol::H2c,
+        "h2" => pb::UpstreamProtocol::H2,
+        "auto" => pb::UpstreamProtocol::Auto,
+        other => bail!("protocol: unknown protocol {other:?} (expected http1, h2c, h2 or auto)"),
+    })
+}
+
 /// The `state` name of a proto value.
 pub fn state_name(state: pb::UpstreamState) -> &'static str {
     match state {
@@ -402,6 +433,9 @@ impl Pool {
                 path: h.path.clone(),
                 interval_ms: h.interval_ms,
                 timeout_ms: h.timeout_ms,
+                grpc: h.grpc_service.as_ref().map(|service| pb::GrpcHealthCheck {
+                    service: service.clone(),
+                }),
             }),
             connect_timeout_ms: self.connect_timeout_ms.unwrap_or(0),
             response_timeout_ms: self.response_timeout_ms.unwrap_or(0),
@@ -412,8 +446,14 @@ impl Pool {
             connect_deadline_ms: self.connect_deadline_ms,
             max_attempts: self.max_attempts,
             outlier: self.outlier.as_ref().map(Outlier::to_proto),
+            h2_connections: self.h2_connections.unwrap_or(0),
             ..Default::default()
         };
+        if let Some(protocol) = &self.protocol {
+            pool.set_protocol(
+                parse_protocol(protocol).with_context(|| format!("pool {:?}", self.name))?,
+            );
+        }
         pool.set_balance(
             parse_balance(&self.balance).with_context(|| format!("pool {:?}", self.name))?,
         );
@@ -442,6 +482,7 @@ impl Pool {
                 path: h.path.clone(),
                 interval_ms: h.interval_ms,
                 timeout_ms: h.timeout_ms,
+                grpc_service: h.grpc.as_ref().map(|g| g.service.clone()),
             }),
             connect_timeout_ms: Some(p.connect_timeout_ms).filter(|&ms| ms != 0),
             response_timeout_ms: Some(p.response_timeout_ms).filter(|&ms| ms != 0),
@@ -452,6 +493,10 @@ impl Pool {
             connect_deadline_ms: p.connect_deadline_ms,
             max_attempts: p.max_attempts,
             outlier: p.outlier.as_ref().map(Outlier::from_proto),
+            protocol: Some(protocol_name(p.protocol()))
+                .filter(|name| *name != "http1")
+                .map(str::to_owned),
+            h2_connections: Some(p.h2_connections).filter(|&n| n != 0 && n != 1),
         }
     }
 }

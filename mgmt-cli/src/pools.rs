@@ -101,6 +101,17 @@ pub struct PoolArgs {
     /// Largest share of the pool's upstreams ejected at once, in percent (default 50).
     #[arg(long)]
     pub outlier_max_ejection_percent: Option<u32>,
+    /// HTTP version towards the upstreams: http1, h2c (HTTP/2 without TLS), h2 (HTTP/2 over
+    /// TLS, needs --tls-server-name) or auto (ALPN decides).
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// HTTP/2 connections per upstream that requests are spread over (default 1).
+    #[arg(long)]
+    pub h2_connections: Option<u32>,
+    /// Check the upstreams with grpc.health.v1.Health/Check of this service ("" for the
+    /// whole server) instead of an HTTP path.
+    #[arg(long, conflicts_with = "health_path")]
+    pub health_grpc_service: Option<String>,
 }
 
 fn millis(d: humantime::Duration) -> u64 {
@@ -114,12 +125,17 @@ impl PoolArgs {
             .iter()
             .map(|spec| upstreams::parse_spec(spec))
             .collect::<Result<Vec<Upstream>>>()?;
-        let health_check = match (&self.health_path, self.health_interval) {
-            (None, None) => None,
-            (path, interval) => Some(HealthCheck {
+        let health_check = match (
+            &self.health_path,
+            self.health_interval,
+            &self.health_grpc_service,
+        ) {
+            (None, None, None) => None,
+            (path, interval, grpc_service) => Some(HealthCheck {
                 path: path.clone().unwrap_or_default(),
                 interval_ms: interval.map_or(10_000, millis),
                 timeout_ms: millis(self.health_timeout),
+                grpc_service: grpc_service.clone(),
             }),
         };
         let outlier = Outlier {
@@ -157,6 +173,8 @@ impl PoolArgs {
             connect_deadline_ms: self.connect_deadline.map(millis),
             max_attempts: self.max_attempts,
             outlier: outlier_set.then_some(outlier),
+            protocol: self.protocol.clone(),
+            h2_connections: self.h2_connections,
         })
     }
 }
@@ -177,6 +195,7 @@ fn list_table(pools: &[Pool]) -> String {
             .filter(|u| u.health.as_deref() != Some("ejected"))
             .count();
         let check = match &p.health_check {
+            Some(h) if h.grpc_service.is_some() => format!("grpc every {}ms", h.interval_ms),
             Some(h) if h.path.is_empty() => format!("tcp every {}ms", h.interval_ms),
             Some(h) => format!("GET {} every {}ms", h.path, h.interval_ms),
             None => "-".to_owned(),
@@ -225,6 +244,10 @@ fn detail(pool: &Pool) -> String {
         ("name", pool.name.clone()),
         ("source", pool.source.clone().unwrap_or_default()),
         ("balance", pool.balance.clone()),
+        (
+            "protocol",
+            pool.protocol.clone().unwrap_or_else(|| "http1".to_owned()),
+        ),
         ("connect timeout", ms(pool.connect_timeout_ms)),
         ("response timeout", ms(pool.response_timeout_ms)),
         (

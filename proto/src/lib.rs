@@ -15,6 +15,14 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("gen/proxy.v1.fds.bin");
 }
 
+/// The echo service (package `proxy.testing`) that proxyd's gRPC forwarding tests serve
+/// behind the proxy: one method of each kind (unary, server, client and bidirectional
+/// streaming). Not part of the management API.
+pub mod testing {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    include!("gen/proxy.testing.rs");
+}
+
 /// Clients of etcd's v3 API: the `KV`, `Watch` and `Lease` services.
 pub mod etcd {
     /// Package `etcdserverpb`: the services and their requests and responses.

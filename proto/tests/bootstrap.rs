@@ -45,6 +45,20 @@ fn generate_proxy_api(proto_root: &Path, out: &Path) {
         .expect("generate Rust code");
 }
 
+/// Generates the echo service of proxyd's gRPC forwarding tests (client and server).
+fn generate_testing(proto_root: &Path, out: &Path) {
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .build_transport(true)
+        .out_dir(out)
+        .compile_fds(compile(
+            proto_root,
+            &proto_files(proto_root, "proxy/testing"),
+        ))
+        .expect("generate Rust code");
+}
+
 /// Generates the etcd client code (packages `etcdserverpb` and `mvccpb`) into `out`: clients
 /// only, proxyd never serves etcd's API.
 fn generate_etcd_client(etcd_root: &Path, out: &Path) {
@@ -69,6 +83,7 @@ fn generated_code_is_current() {
     let fresh = tempfile::tempdir().expect("temporary directory");
     generate_proxy_api(&crate_root.join("proto"), fresh.path());
     generate_etcd_client(&crate_root.join("etcd-api"), fresh.path());
+    generate_testing(&crate_root.join("proto"), fresh.path());
 
     let mut stale = Vec::new();
     for entry in fs::read_dir(fresh.path()).expect("read generated files") {

@@ -44,6 +44,7 @@ fn pool(name: &str, address: &str) -> Pool {
         response_timeout: default_response_timeout(),
         tls: None,
         policy: Default::default(),
+        protocol: Default::default(),
     }
 }
 

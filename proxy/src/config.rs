@@ -286,8 +286,16 @@ enum RawUpstream {
 struct RawHealth {
     #[serde(default)]
     path: Option<String>,
+    grpc: Option<RawGrpcHealth>,
     interval: Option<String>,
     timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrpcHealth {
+    #[serde(default)]
+    service: String,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +313,8 @@ struct RawPool {
     body_timeout: Option<String>,
     connect_deadline: Option<String>,
     max_attempts: Option<u32>,
+    h2_connections: Option<u32>,
+    protocol: Option<String>,
     outlier: Option<RawOutlier>,
     on_change: Option<String>,
     discovery: Option<RawDiscovery>,
@@ -1150,6 +1160,9 @@ impl Doc<'_> {
             None => None,
             Some(h) => Some(HealthCheck {
                 path: h.path.unwrap_or_default(),
+                grpc: h
+                    .grpc
+                    .map(|g| state::GrpcHealthCheck { service: g.service }),
                 interval: self.duration(
                     &h.interval,
                     Duration::from_secs(5),
@@ -1220,11 +1233,24 @@ impl Doc<'_> {
                 "connect_deadline",
             )?,
             max_attempts: raw.max_attempts.unwrap_or(defaults.max_attempts),
+            h2_connections: raw.h2_connections.unwrap_or(defaults.h2_connections),
             outlier,
+        };
+        let protocol = match raw.protocol.as_deref() {
+            None => state::UpstreamProtocol::default(),
+            Some(s) => state::UpstreamProtocol::parse(s).ok_or_else(|| {
+                self.field_error(
+                    span,
+                    prefix,
+                    "protocol",
+                    format!("unknown protocol {s:?}, expected http1, h2c, h2 or auto"),
+                )
+            })?,
         };
         Ok(Pool {
             name: raw.name,
             source: Source::Declarative,
+            protocol,
             balance,
             upstreams,
             health,

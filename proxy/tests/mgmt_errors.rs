@@ -98,6 +98,7 @@ async fn invalid_argument_names_the_field() {
             path: "health".into(),
             interval_ms: 1000,
             timeout_ms: 100,
+            ..Default::default()
         }),
         ..pool_msg("q", &[up.address()])
     };

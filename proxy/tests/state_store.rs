@@ -25,6 +25,7 @@ fn api_pool(name: &str, upstream: &str) -> Pool {
         response_timeout: proxy::state::default_response_timeout(),
         tls: None,
         policy: Default::default(),
+        protocol: Default::default(),
     }
 }
 

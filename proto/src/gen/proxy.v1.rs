@@ -31,6 +31,16 @@ pub struct HealthCheck {
     /// Milliseconds allowed for one check.
     #[prost(uint64, tag = "3")]
     pub timeout_ms: u64,
+    /// Present: check with grpc.health.v1.Health/Check (SERVING is healthy) instead of path.
+    #[prost(message, optional, tag = "4")]
+    pub grpc: ::core::option::Option<GrpcHealthCheck>,
+}
+/// A gRPC health check of a pool's upstreams.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GrpcHealthCheck {
+    /// The service asked about; empty: the server as a whole.
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
 }
 /// A named set of upstreams with a balancing policy.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -80,6 +90,12 @@ pub struct Pool {
     /// Outlier ejection; absent: the defaults of every field of Outlier.
     #[prost(message, optional, tag = "14")]
     pub outlier: ::core::option::Option<Outlier>,
+    /// HTTP version towards the upstreams; unspecified: HTTP/1.1.
+    #[prost(enumeration = "UpstreamProtocol", tag = "20")]
+    pub protocol: i32,
+    /// HTTP/2 connections per upstream that streams are spread over; 0: the default (1).
+    #[prost(uint32, tag = "21")]
+    pub h2_connections: u32,
 }
 /// When a pool's upstream is ejected (skipped while others work) after failing. Each absent
 /// field takes its default.
@@ -415,6 +431,47 @@ impl UpstreamHealth {
             "UPSTREAM_HEALTH_UNSPECIFIED" => Some(Self::Unspecified),
             "UPSTREAM_HEALTH_HEALTHY" => Some(Self::Healthy),
             "UPSTREAM_HEALTH_EJECTED" => Some(Self::Ejected),
+            _ => None,
+        }
+    }
+}
+/// The HTTP version a pool speaks to its upstreams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    Unspecified = 0,
+    /// HTTP/1.1, one request at a time per connection.
+    Http1 = 1,
+    /// HTTP/2 in clear text with prior knowledge.
+    H2c = 2,
+    /// HTTP/2 over the pool's tls (ALPN h2); needs tls.
+    H2 = 3,
+    /// With tls: h2 or http/1.1 as ALPN decides; without tls: HTTP/1.1.
+    Auto = 4,
+}
+impl UpstreamProtocol {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "UPSTREAM_PROTOCOL_UNSPECIFIED",
+            Self::Http1 => "UPSTREAM_PROTOCOL_HTTP1",
+            Self::H2c => "UPSTREAM_PROTOCOL_H2C",
+            Self::H2 => "UPSTREAM_PROTOCOL_H2",
+            Self::Auto => "UPSTREAM_PROTOCOL_AUTO",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "UPSTREAM_PROTOCOL_UNSPECIFIED" => Some(Self::Unspecified),
+            "UPSTREAM_PROTOCOL_HTTP1" => Some(Self::Http1),
+            "UPSTREAM_PROTOCOL_H2C" => Some(Self::H2c),
+            "UPSTREAM_PROTOCOL_H2" => Some(Self::H2),
+            "UPSTREAM_PROTOCOL_AUTO" => Some(Self::Auto),
             _ => None,
         }
     }

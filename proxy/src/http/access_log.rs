@@ -72,8 +72,9 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Writes the line; `bytes` is the response body size sent.
-    pub fn write(&self, bytes: u64, complete: bool) {
+    /// Writes the line; `bytes` is the response body size sent, `grpc_status` the status
+    /// a gRPC call ended with.
+    pub fn write(&self, bytes: u64, complete: bool, grpc_status: Option<u32>) {
         let elapsed = self.start.elapsed();
         let (route, pool) = self
             .entry
@@ -86,6 +87,7 @@ impl AccessLog {
             pool,
             status: self.status,
             error_source: self.error.as_ref().map(|(source, _)| source.as_str()),
+            grpc_status,
             bytes,
             elapsed,
         };
@@ -121,6 +123,7 @@ impl AccessLog {
             pool = %pool,
             upstream = %upstream,
             status = self.status,
+            grpc_status,
             bytes_out = bytes,
             duration_us = total_us,
             upstream_us = self.upstream_us.get().copied().unwrap_or(0),

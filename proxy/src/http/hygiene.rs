@@ -233,6 +233,89 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Marks a request whose client takes trailers (`TE: trailers`), so an HTTP/2 upstream
+/// gets `te: trailers`, the one `TE` value HTTP/2 allows (RFC 9113 section 8.2.2).
+#[derive(Debug, Clone, Copy)]
+pub struct TeTrailers;
+
+/// Whether the request's `TE` names `trailers` (gRPC clients always send it).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// Whether the request is a gRPC call (`content-type: application/grpc`, `+proto`, ...).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The `grpc-timeout` of a request: 1 to 8 digits and a unit (H, M, S, m, u, n).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = headers.get("grpc-timeout")?.as_bytes();
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => Duration::from_secs(n.saturating_mul(60)),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Turns a request made for an HTTP/1.1 upstream into one for HTTP/2: the `Host` header
+/// becomes `:authority` (`fallback` when there is none), `:scheme` is `https` over TLS,
+/// and `te: trailers` is passed when the client sent it. Done once: a request sent again
+/// is already converted.
+pub fn to_h2_request<B>(req: &mut http::Request<B>, tls: bool, fallback: &str) {
+    if req.version() == Version::HTTP_2 {
+        return;
+    }
+    let authority = req
+        .headers_mut()
+        .remove(header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+        .or_else(|| http::uri::Authority::try_from(fallback).ok())
+        .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if tls {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    *req.version_mut() = Version::HTTP_2;
+    if req.extensions().get::<TeTrailers>().is_some() {
+        req.headers_mut()
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
 /// and `X-Forwarded-Host`.
 pub fn add_forwarding(
@@ -443,6 +526,41 @@ mod tests {
             h["forwarded"],
             "for=\"[::1]\";host=\"a\\\"b\\\\c\";proto=https"
         );
+    }
+
+    #[test]
+    fn grpc_timeouts() {
+        use std::time::Duration;
+        let t = |v: &str| grpc_timeout(&headers(&[("grpc-timeout", v)]));
+        assert_eq!(t("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(t("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(t("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(t("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(t("123456789m"), None, "at most 8 digits");
+        assert_eq!(t("m"), None);
+        assert_eq!(t("10x"), None);
+        assert_eq!(t("-1S"), None);
+    }
+
+    #[test]
+    fn h2_requests_carry_authority_scheme_and_te_trailers() {
+        let mut req = http::Request::get("/pkg.Svc/Call?x=1")
+            .header("host", "api.example:8443")
+            .header("content-type", "application/grpc")
+            .body(())
+            .expect("request");
+        req.extensions_mut().insert(TeTrailers);
+        to_h2_request(&mut req, true, "10.0.0.1:9000");
+        assert_eq!(req.uri(), "https://api.example:8443/pkg.Svc/Call?x=1");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(req.headers().get("host").is_none());
+        assert_eq!(req.headers()["te"], "trailers");
+        let mut bare = http::Request::get("/").body(()).expect("request");
+        to_h2_request(&mut bare, false, "10.0.0.1:9000");
+        assert_eq!(bare.uri(), "http://10.0.0.1:9000/");
+        assert!(bare.headers().get("te").is_none());
+        assert!(accepts_trailers(&headers(&[("te", "gzip, trailers")])));
+        assert!(!accepts_trailers(&headers(&[("te", "gzip")])));
     }
 
     #[test]

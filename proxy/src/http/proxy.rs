@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::access_log::{AccessLog, ErrorSource};
-use super::body::{ResponseBody, Reuse};
+use super::body::{grpc_message, grpc_status, ResponseBody, Reuse};
 use super::hygiene;
 use crate::config::ListenerConfig;
 use crate::routing::Published;
@@ -21,8 +21,9 @@ use crate::shutdown::Shutdown;
 use crate::state::PathMatch;
 use crate::telemetry::Metrics;
 use crate::upstream::body::{BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
+use crate::upstream::h2::{self, H2Conn, H2Stream};
 use crate::upstream::{
-    http_sender, idle, ConnectError, InFlight, NoUpstream, OpenConnection, PoolRuntime,
+    h2_sender, http_sender, idle, ConnectError, InFlight, NoUpstream, OpenConnection, PoolRuntime,
     UpstreamConn, UpstreamRuntime,
 };
 
@@ -100,9 +101,40 @@ pub(crate) async fn handle(
     // must end with this response rather than read them as further requests.
     let upgrade_asked = req.version() < Version::HTTP_2
         && (req.headers().contains_key(header::UPGRADE) || req.method() == http::Method::CONNECT);
-    let result = proxy(&ctx, req, &mut log).await;
+    // A gRPC call's `grpc-timeout` bounds the whole call, response body included.
+    let grpc = hygiene::is_grpc(req.headers());
+    let deadline = grpc
+        .then(|| hygiene::grpc_timeout(req.headers()))
+        .flatten()
+        .map(|timeout| tokio::time::Instant::now() + timeout);
+    let result = match deadline {
+        None => proxy(&ctx, req, &mut log).await,
+        Some(at) => tokio::time::timeout_at(at, proxy(&ctx, req, &mut log))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorSource::Upstream,
+                    "the call's grpc-timeout passed before the upstream's response head",
+                ))
+            }),
+    };
+    let mut grpc_call = grpc.then_some((deadline, None));
     let response = match result {
-        Ok(response) => response,
+        Ok(response) => {
+            if let Some((_, status)) = &mut grpc_call {
+                *status = grpc_status(response.headers());
+            }
+            response
+        }
+        Err(failure) if grpc => {
+            tracing::debug!(status = %failure.status, detail = %failure.detail, "gRPC call failed");
+            let code = grpc_code_of(failure.status);
+            grpc_call = Some((None, Some(code)));
+            let message = public_reason(&failure);
+            log.error = Some((failure.source, failure.detail));
+            grpc_failure(code, message)
+        }
         Err(failure) => {
             tracing::debug!(status = %failure.status, detail = %failure.detail, "request failed");
             let body = format!(
@@ -137,7 +169,44 @@ pub(crate) async fn handle(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
+    let body = match grpc_call {
+        Some((deadline, status)) => body.grpc(deadline, status),
+        None => body,
+    };
     Ok(Response::from_parts(parts, body.with_log(Arc::new(log))))
+}
+
+/// The gRPC status for a request proxyd failed with `status`, following gRPC's own
+/// HTTP-to-gRPC mapping where it has one (404 UNIMPLEMENTED; 502, 503 UNAVAILABLE) and
+/// naming timeouts DEADLINE_EXCEEDED.
+fn grpc_code_of(status: StatusCode) -> u32 {
+    match status {
+        StatusCode::NOT_FOUND => 12,
+        StatusCode::BAD_GATEWAY
+        | StatusCode::SERVICE_UNAVAILABLE
+        | StatusCode::TOO_MANY_REQUESTS => super::body::grpc_code::UNAVAILABLE,
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => {
+            super::body::grpc_code::DEADLINE_EXCEEDED
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => 8,
+        StatusCode::UNAUTHORIZED => 16,
+        StatusCode::FORBIDDEN => 7,
+        s if s.is_client_error() => 13,
+        _ => 2,
+    }
+}
+
+/// A gRPC Trailers-Only answer: HTTP 200, the status in the head, no body.
+fn grpc_failure(code: u32, message: &str) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    headers.insert("grpc-message", grpc_message(message));
+    response
 }
 
 /// The short text shown to clients (details stay in the log).
@@ -146,6 +215,9 @@ fn public_reason(failure: &Failure) -> &'static str {
         StatusCode::NOT_FOUND => "no route for this host and path",
         StatusCode::BAD_GATEWAY => "the upstream refused or reset the connection",
         StatusCode::SERVICE_UNAVAILABLE => "no healthy upstream",
+        StatusCode::GATEWAY_TIMEOUT if failure.detail.contains("grpc-timeout") => {
+            "deadline exceeded"
+        }
         StatusCode::GATEWAY_TIMEOUT => "the upstream did not answer in time",
         StatusCode::PAYLOAD_TOO_LARGE => "request body too large",
         StatusCode::LENGTH_REQUIRED => "a Content-Length is required",
@@ -202,15 +274,16 @@ async fn proxy(
                 e.to_string(),
             )
         })?;
-    let (mut response, conn, in_flight) = forward(&pool, upstream_req, log).await?;
+    let (mut response, held, in_flight) = forward(&pool, upstream_req, log).await?;
     log.upstream = Some(in_flight.upstream().clone());
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
+        if let (Some(client_upgrade), Held::Http1(conn)) = (client_upgrade, &held) {
+            let _ = conn;
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             ctx.shutdown
                 .spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
-            drop(conn);
+            drop(held);
             let (mut parts, _) = response.into_parts();
             hygiene::add_via(&mut parts.headers, Version::HTTP_11);
             return Ok(Response::from_parts(parts, ResponseBody::full("")));
@@ -218,7 +291,7 @@ async fn proxy(
     }
     Ok(client_response(
         response,
-        conn,
+        held,
         in_flight,
         pool.conn_key("").tls,
     ))
@@ -350,6 +423,9 @@ fn upstream_request(
         }
     };
     parts.version = Version::HTTP_11;
+    if hygiene::accepts_trailers(&parts.headers) {
+        parts.extensions.insert(hygiene::TeTrailers);
+    }
     hygiene::strip_hop_by_hop(&mut parts.headers, upgrade);
     hygiene::add_forwarding(&mut parts.headers, ctx.client.ip(), ctx.scheme, host);
     hygiene::add_via(&mut parts.headers, received_version);
@@ -367,18 +443,52 @@ fn upstream_request(
     ))
 }
 
+/// The upstream side a response holds until its body ends.
+enum Held {
+    /// An HTTP/1.1 connection (kept for reuse afterwards).
+    Http1(UpstreamConn),
+    /// A stream on a multiplexed HTTP/2 connection.
+    H2(H2Stream),
+}
+
+/// A request's state across the upstreams it tries.
+struct Attempt<'a> {
+    pool: &'a PoolRuntime,
+    metrics: &'a Metrics,
+    log: &'a AccessLog,
+    budget: Attempts,
+    /// The request, while it can still be sent.
+    pending: Option<Request<RequestBody>>,
+    body_sent: Option<Arc<BodySent>>,
+    last: Option<ConnectError>,
+    full: bool,
+}
+
+/// What trying one upstream gave.
+enum Step {
+    /// A response, or a failure that ends the request.
+    Done(Result<(Response<Incoming>, Held, InFlight), Failure>),
+    /// On to the next candidate.
+    Next,
+    /// No attempts or time left: stop trying.
+    Stop,
+    /// ALPN chose the other HTTP version (`protocol = "auto"`): try this upstream again.
+    Switch(InFlight),
+}
+
 /// Step 3: pick an upstream, reuse or open a connection, send, wait for the response head.
 ///
 /// Connection failures move on to the next candidate (the request has not been sent yet),
 /// within the pool's attempt budget and one connect deadline for the whole request. A kept
 /// connection that fails before any response byte arrived is retried once on a fresh
 /// connection when the request can be sent again: hyper handed it back unsent, or it is
-/// idempotent and has no body.
+/// idempotent and has no body. On HTTP/2, a request the upstream did not process (handed
+/// back unsent, or refused by GOAWAY or REFUSED_STREAM) goes to another connection.
 async fn forward(
     pool: &PoolRuntime,
     req: Request<RequestBody>,
     log: &AccessLog,
-) -> Result<(Response<Incoming>, UpstreamConn, InFlight), Failure> {
+) -> Result<(Response<Incoming>, Held, InFlight), Failure> {
     let candidates = pool.candidates().map_err(|e| match e {
         NoUpstream::Empty => Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -392,120 +502,292 @@ async fn forward(
         ),
     })?;
     let policy = &pool.policy;
-    let metrics = log.telemetry.metrics();
-    let deadline = Instant::now() + policy.connect_deadline;
     let body_sent = req.body().sent();
-    let mut budget = Attempts {
-        left: policy.max_attempts,
-        deadline,
+    let mut attempt = Attempt {
+        pool,
+        metrics: log.telemetry.metrics(),
+        log,
+        budget: Attempts {
+            left: policy.max_attempts,
+            deadline: Instant::now() + policy.connect_deadline,
+        },
+        pending: Some(req),
+        body_sent,
+        last: None,
+        full: false,
     };
-    let mut pending = Some(req);
-    let mut last: Option<ConnectError> = None;
-    let mut full = false;
     for upstream in candidates {
-        let in_flight = upstream.start();
-        let key = pool.conn_key(&upstream.address);
-        let mut conn = match idle::take(key, upstream, policy.idle_timeout) {
-            Some(conn) => conn,
-            None => match budget.dial(upstream, pool, metrics).await {
-                Dialed::Conn(conn) => conn,
+        let mut in_flight = upstream.start();
+        // At most one switch of HTTP version per upstream and request.
+        for _ in 0..2 {
+            let h2 = pool
+                .speaks_h2()
+                .unwrap_or_else(|| upstream.negotiated_h2() != Some(false));
+            let step = if h2 {
+                forward_h2(&mut attempt, upstream, in_flight).await
+            } else {
+                forward_http1(&mut attempt, upstream, in_flight).await
+            };
+            match step {
+                Step::Done(result) => return result,
+                Step::Next => break,
+                Step::Stop => return Err(connect_failure(attempt.last, attempt.full)),
+                Step::Switch(back) => in_flight = back,
+            }
+        }
+    }
+    Err(connect_failure(attempt.last, attempt.full))
+}
+
+/// One upstream over HTTP/1.1: a kept connection or a new one, one retry when a kept one
+/// turns out stale.
+async fn forward_http1(
+    a: &mut Attempt<'_>,
+    upstream: &Arc<UpstreamRuntime>,
+    in_flight: InFlight,
+) -> Step {
+    let pool = a.pool;
+    let policy = &pool.policy;
+    let key = pool.conn_key(&upstream.address);
+    let mut conn = match idle::take(key, upstream, policy.idle_timeout) {
+        Some(conn) => conn,
+        None => match a.budget.dial(upstream, pool, a.metrics).await {
+            Dialed::Http1(conn) => conn,
+            Dialed::H2(conn) => {
+                h2::keep(key, conn);
+                return Step::Switch(in_flight);
+            }
+            Dialed::Failed(e) => {
+                a.last = Some(e);
+                return Step::Next;
+            }
+            Dialed::Full => {
+                a.full = true;
+                return Step::Next;
+            }
+            Dialed::Exhausted(e) => {
+                a.last = e.or(a.last.take());
+                return Step::Stop;
+            }
+        },
+    };
+    let mut retried = false;
+    loop {
+        let Some(req) = a.pending.take() else {
+            return Step::Next;
+        };
+        // Readiness, second part: the connection task must be idle and able to take a
+        // request (it fails here if it saw the upstream close meanwhile).
+        let ready = !conn.reused || conn.sender.ready().await.is_ok();
+        let outcome = if ready {
+            let copy = (conn.reused && can_resend(&req)).then(|| copy_request(&req));
+            let read_before = conn.state.bytes_read();
+            let sent_at = Instant::now();
+            let exchange = conn.sender.try_send_request(req);
+            match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
+                Sent::Response(response) => {
+                    return Step::Done(Ok(answered(
+                        a,
+                        upstream,
+                        sent_at,
+                        response,
+                        Held::Http1(conn),
+                        in_flight,
+                    )));
+                }
+                Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
+                Sent::Failed(mut e) => match e.take_message() {
+                    Some(unsent) => Some(unsent),
+                    None => {
+                        let error = e.into_error();
+                        let stale = conn.reused && conn.state.bytes_read() == read_before;
+                        match copy.filter(|_| stale) {
+                            Some(copy) => {
+                                tracing::debug!(upstream = %upstream.address, error = %error, "kept connection failed before any response byte; retrying on a fresh one");
+                                Some(copy)
+                            }
+                            None => return Step::Done(Err(exchange_failed(pool, upstream, error))),
+                        }
+                    }
+                },
+            }
+        } else {
+            Some(req)
+        };
+        // The request can go again: once more on a fresh connection to this upstream,
+        // then on to the next candidate.
+        a.pending = outcome;
+        if retried {
+            return Step::Next;
+        }
+        retried = true;
+        match a.budget.dial(upstream, pool, a.metrics).await {
+            Dialed::Http1(fresh) => conn = fresh,
+            Dialed::H2(fresh) => {
+                h2::keep(key, fresh);
+                return Step::Switch(in_flight);
+            }
+            Dialed::Failed(e) => {
+                a.last = Some(e);
+                return Step::Next;
+            }
+            Dialed::Full => {
+                a.full = true;
+                return Step::Next;
+            }
+            Dialed::Exhausted(e) => {
+                return Step::Done(Err(connect_failure(e.or(a.last.take()), false)));
+            }
+        }
+    }
+}
+
+/// Times one request may come back unprocessed from HTTP/2 connections of one upstream
+/// (GOAWAY, REFUSED_STREAM) before the next upstream is tried.
+const H2_RESENDS: u32 = 3;
+
+/// One upstream over HTTP/2: a stream on one of this thread's connections to it, or on a
+/// new one.
+async fn forward_h2(
+    a: &mut Attempt<'_>,
+    upstream: &Arc<UpstreamRuntime>,
+    in_flight: InFlight,
+) -> Step {
+    let pool = a.pool;
+    let key = pool.conn_key(&upstream.address);
+    let want = usize::try_from(pool.policy.h2_connections).unwrap_or(1);
+    let mut resends = 0;
+    loop {
+        let conn = match h2::pick(key, upstream, want) {
+            h2::Pick::Use(conn) => conn,
+            h2::Pick::Wait(changed) => {
+                changed.notified().await;
+                continue;
+            }
+            h2::Pick::Dial(ticket) => match a.budget.dial(upstream, pool, a.metrics).await {
+                Dialed::H2(conn) => {
+                    ticket.finish(Some(conn.clone()));
+                    conn
+                }
+                Dialed::Http1(conn) => {
+                    drop(ticket);
+                    idle::put(key, conn);
+                    return Step::Switch(in_flight);
+                }
                 Dialed::Failed(e) => {
-                    last = Some(e);
-                    continue;
+                    a.last = Some(e);
+                    return Step::Next;
                 }
                 Dialed::Full => {
-                    full = true;
-                    continue;
+                    a.full = true;
+                    return Step::Next;
                 }
                 Dialed::Exhausted(e) => {
-                    last = e.or(last);
-                    break;
+                    a.last = e.or(a.last.take());
+                    return Step::Stop;
                 }
             },
         };
-        let mut retried = false;
-        loop {
-            let Some(req) = pending.take() else {
-                break;
-            };
-            // Readiness, second part: the connection task must be idle and able to take a
-            // request (it fails here if it saw the upstream close meanwhile).
-            let ready = !conn.reused || conn.sender.ready().await.is_ok();
-            let outcome = if ready {
-                let copy = (conn.reused && can_resend(&req)).then(|| copy_request(&req));
-                let read_before = conn.state.bytes_read();
-                let sent_at = Instant::now();
-                match send(&mut conn, req, body_sent.as_deref(), pool.response_timeout).await {
-                    Sent::Response(response) => {
-                        let _ = log
-                            .upstream_us
-                            .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
-                        if policy.outlier.on_5xx && response.status().is_server_error() {
-                            upstream.record_failure(pool);
-                        } else {
-                            upstream.record_success();
-                        }
-                        return Ok((response, conn, in_flight));
-                    }
-                    Sent::TimedOut => {
-                        upstream.record_failure(pool);
-                        return Err(Failure::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            ErrorSource::Upstream,
-                            format!(
-                                "{} sent no response head within {:?}",
-                                upstream.address, pool.response_timeout
-                            ),
-                        ));
-                    }
-                    Sent::Failed(mut e) => match e.take_message() {
-                        Some(unsent) => Some(unsent),
-                        None => {
-                            let error = e.into_error();
-                            let stale = conn.reused && conn.state.bytes_read() == read_before;
-                            match copy.filter(|_| stale) {
-                                Some(copy) => {
-                                    tracing::debug!(upstream = %upstream.address, error = %error, "kept connection failed before any response byte; retrying on a fresh one");
-                                    Some(copy)
-                                }
-                                None => {
-                                    let failure = send_failure(upstream, error);
-                                    if failure.source == ErrorSource::Upstream {
-                                        upstream.record_failure(pool);
-                                    }
-                                    return Err(failure);
-                                }
-                            }
-                        }
-                    },
-                }
-            } else {
-                Some(req)
-            };
-            // The request can go again: once more on a fresh connection to this upstream,
-            // then on to the next candidate.
-            pending = outcome;
-            if retried {
-                break;
+        let Some(mut req) = a.pending.take() else {
+            return Step::Next;
+        };
+        hygiene::to_h2_request(&mut req, pool.conn_key("").tls != 0, &upstream.address);
+        let copy = can_resend(&req).then(|| copy_request(&req));
+        let stream = conn.open_stream();
+        let mut sender = conn.sender.clone();
+        let sent_at = Instant::now();
+        let exchange = sender.try_send_request(req);
+        match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
+            Sent::Response(response) => {
+                return Step::Done(Ok(answered(
+                    a,
+                    upstream,
+                    sent_at,
+                    response,
+                    Held::H2(stream),
+                    in_flight,
+                )));
             }
-            retried = true;
-            match budget.dial(upstream, pool, metrics).await {
-                Dialed::Conn(fresh) => conn = fresh,
-                Dialed::Failed(e) => {
-                    last = Some(e);
-                    break;
-                }
-                Dialed::Full => {
-                    full = true;
-                    break;
-                }
-                Dialed::Exhausted(e) => {
-                    return Err(connect_failure(e.or(last), false));
+            Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
+            Sent::Failed(mut e) => {
+                drop(stream);
+                let unsent = match e.take_message() {
+                    Some(unsent) => unsent,
+                    None => {
+                        let error = e.into_error();
+                        match copy.filter(|_| not_processed(&error)) {
+                            Some(copy) => {
+                                tracing::debug!(upstream = %upstream.address, error = %error, "upstream did not process the request (GOAWAY or refused stream); sending it again");
+                                copy
+                            }
+                            None => return Step::Done(Err(exchange_failed(pool, upstream, error))),
+                        }
+                    }
+                };
+                a.pending = Some(unsent);
+                resends += 1;
+                if resends >= H2_RESENDS {
+                    return Step::Next;
                 }
             }
         }
     }
-    Err(connect_failure(last, full))
+}
+
+/// Whether an HTTP/2 exchange failed in a way that tells the upstream never processed the
+/// request: a stream above a GOAWAY's last stream id, or REFUSED_STREAM (RFC 9113
+/// sections 6.8 and 8.7).
+fn not_processed(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<::h2::Error>() {
+            return (h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(::h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Books a response head from `upstream`: timing, passive health.
+fn answered(
+    a: &Attempt<'_>,
+    upstream: &Arc<UpstreamRuntime>,
+    sent_at: Instant,
+    response: Response<Incoming>,
+    held: Held,
+    in_flight: InFlight,
+) -> (Response<Incoming>, Held, InFlight) {
+    let _ = a
+        .log
+        .upstream_us
+        .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+    if a.pool.policy.outlier.on_5xx && response.status().is_server_error() {
+        upstream.record_failure(a.pool);
+    } else {
+        upstream.record_success();
+    }
+    (response, held, in_flight)
+}
+
+fn response_timed_out(pool: &PoolRuntime, upstream: &UpstreamRuntime) -> Failure {
+    upstream.record_failure(pool);
+    Failure::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        ErrorSource::Upstream,
+        format!(
+            "{} sent no response head within {:?}",
+            upstream.address, pool.response_timeout
+        ),
+    )
+}
+
+fn exchange_failed(pool: &PoolRuntime, upstream: &UpstreamRuntime, error: hyper::Error) -> Failure {
+    let failure = send_failure(upstream, error);
+    if failure.source == ErrorSource::Upstream {
+        upstream.record_failure(pool);
+    }
+    failure
 }
 
 /// What one send on a connection gave.
@@ -515,15 +797,18 @@ enum Sent {
     TimedOut,
 }
 
-/// Sends `req` on `conn` and waits for the response head: at most `response_timeout` from
-/// the moment the request body (if any) was sent in full.
+/// Waits for the response head of `exchange`: at most `response_timeout` from the moment
+/// the request body (if any) was sent in full.
 async fn send(
-    conn: &mut UpstreamConn,
-    req: Request<RequestBody>,
+    exchange: impl std::future::Future<
+        Output = Result<
+            Response<Incoming>,
+            hyper::client::conn::TrySendError<Request<RequestBody>>,
+        >,
+    >,
     body_sent: Option<&BodySent>,
     response_timeout: std::time::Duration,
 ) -> Sent {
-    let exchange = conn.sender.try_send_request(req);
     let result = match body_sent {
         None => tokio::time::timeout(response_timeout, exchange).await.ok(),
         Some(body_sent) => {
@@ -570,8 +855,10 @@ struct Attempts {
     deadline: Instant,
 }
 
+/// A new connection, as the upstream's protocol made it.
 enum Dialed {
-    Conn(UpstreamConn),
+    Http1(UpstreamConn),
+    H2(H2Conn),
     Failed(ConnectError),
     /// The upstream is at `max_connections_per_upstream`.
     Full,
@@ -580,6 +867,8 @@ enum Dialed {
 }
 
 impl Attempts {
+    /// Opens a connection to `upstream`, HTTP/2 or HTTP/1.1 as the pool's protocol (or,
+    /// with `auto`, ALPN) says.
     async fn dial(
         &mut self,
         upstream: &Arc<UpstreamRuntime>,
@@ -602,7 +891,7 @@ impl Attempts {
         self.left -= 1;
         let timeout = pool.connect_timeout.min(self.deadline - now);
         match dial(upstream, pool, metrics, open, timeout).await {
-            Ok(conn) => Dialed::Conn(conn),
+            Ok(dialed) => dialed,
             Err(e) => Dialed::Failed(e),
         }
     }
@@ -614,11 +903,28 @@ async fn dial(
     metrics: &Metrics,
     open: OpenConnection,
     timeout: std::time::Duration,
-) -> Result<UpstreamConn, ConnectError> {
+) -> Result<Dialed, ConnectError> {
     let started = Instant::now();
     let result = async {
         let stream = pool.open(&upstream.address, timeout).await?;
-        http_sender(&upstream.address, stream, Some(open)).await
+        // `auto`: ALPN decides.
+        let h2 = match pool.speaks_h2() {
+            Some(fixed) => fixed,
+            None => {
+                let negotiated = stream.negotiated_h2();
+                upstream.set_negotiated_h2(negotiated);
+                negotiated
+            }
+        };
+        if h2 {
+            h2_sender(&upstream.address, stream, Some(open))
+                .await
+                .map(Dialed::H2)
+        } else {
+            http_sender(&upstream.address, stream, Some(open))
+                .await
+                .map(Dialed::Http1)
+        }
     }
     .await;
     match &result {
@@ -693,17 +999,18 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
 /// Step 4: the response as the client gets it.
 fn client_response(
     response: Response<Incoming>,
-    conn: UpstreamConn,
+    held: Held,
     in_flight: InFlight,
     tls: u64,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
     hygiene::strip_hop_by_hop(&mut parts.headers, false);
     hygiene::add_via(&mut parts.headers, parts.version);
-    Response::from_parts(
-        parts,
-        ResponseBody::upstream(body, Some(Reuse::new(conn, in_flight, tls))),
-    )
+    let reuse = match held {
+        Held::Http1(conn) => Reuse::new(conn, in_flight, tls),
+        Held::H2(stream) => Reuse::h2(stream, in_flight),
+    };
+    Response::from_parts(parts, ResponseBody::upstream(body, Some(reuse)))
 }
 
 /// Joins the client and upstream connections after a `101 Switching Protocols`.

@@ -10,9 +10,9 @@ use tonic::Status;
 use crate::routing::RoutingTable;
 use crate::state::Origin;
 use crate::state::{
-    default_connect_timeout, default_response_timeout, Balance, Change, Document, HealthCheck,
-    Outlier, PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState,
-    UpstreamTls,
+    default_connect_timeout, default_response_timeout, Balance, Change, Document, GrpcHealthCheck,
+    HealthCheck, Outlier, PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy,
+    UpstreamProtocol, UpstreamState, UpstreamTls,
 };
 
 /// An INVALID_ARGUMENT status naming `field`.
@@ -31,6 +31,18 @@ fn balance(value: i32, field: &str) -> Result<Balance, Status> {
         Ok(pb::Balance::Ordered) => Ok(Balance::Ordered),
         Ok(pb::Balance::LeastConn) => Ok(Balance::LeastConn),
         Err(_) => Err(invalid(field, format!("unknown balance {value}"))),
+    }
+}
+
+fn protocol(value: i32, field: &str) -> Result<UpstreamProtocol, Status> {
+    match pb::UpstreamProtocol::try_from(value) {
+        Ok(pb::UpstreamProtocol::Unspecified | pb::UpstreamProtocol::Http1) => {
+            Ok(UpstreamProtocol::Http1)
+        }
+        Ok(pb::UpstreamProtocol::H2c) => Ok(UpstreamProtocol::H2c),
+        Ok(pb::UpstreamProtocol::H2) => Ok(UpstreamProtocol::H2),
+        Ok(pb::UpstreamProtocol::Auto) => Ok(UpstreamProtocol::Auto),
+        Err(_) => Err(invalid(field, format!("unknown protocol {value}"))),
     }
 }
 
@@ -79,6 +91,7 @@ pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
             }
             Some(HealthCheck {
                 path: h.path,
+                grpc: h.grpc.map(|g| GrpcHealthCheck { service: g.service }),
                 interval: Duration::from_millis(h.interval_ms),
                 timeout: Duration::from_millis(h.timeout_ms),
             })
@@ -104,6 +117,7 @@ pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
             client_cert: t.client_cert,
             client_key: t.client_key,
         }),
+        protocol: protocol(p.protocol, &format!("{field}.protocol"))?,
         policy,
     })
 }
@@ -140,6 +154,10 @@ fn policy(p: &pb::Pool) -> UpstreamPolicy {
         body_timeout: millis_opt(p.body_timeout_ms, d.body_timeout),
         connect_deadline: millis_opt(p.connect_deadline_ms, d.connect_deadline),
         max_attempts: p.max_attempts.unwrap_or(d.max_attempts),
+        h2_connections: match p.h2_connections {
+            0 => d.h2_connections,
+            n => n,
+        },
         outlier,
     }
 }
@@ -299,6 +317,9 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
             path: h.path.clone(),
             interval_ms: millis(h.interval),
             timeout_ms: millis(h.timeout),
+            grpc: h.grpc.as_ref().map(|g| pb::GrpcHealthCheck {
+                service: g.service.clone(),
+            }),
         }),
         connect_timeout_ms: millis(p.connect_timeout),
         response_timeout_ms: millis(p.response_timeout),
@@ -320,6 +341,13 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
             max_ejection_ms: Some(millis(p.policy.outlier.max_ejection)),
             max_ejection_percent: Some(p.policy.outlier.max_ejection_percent),
         }),
+        protocol: match p.protocol {
+            UpstreamProtocol::Http1 => pb::UpstreamProtocol::Http1,
+            UpstreamProtocol::H2c => pb::UpstreamProtocol::H2c,
+            UpstreamProtocol::H2 => pb::UpstreamProtocol::H2,
+            UpstreamProtocol::Auto => pb::UpstreamProtocol::Auto,
+        } as i32,
+        h2_connections: p.policy.h2_connections,
     }
 }
 

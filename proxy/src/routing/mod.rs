@@ -323,6 +323,7 @@ fn pool_spec<'a>(state: &'a State, name: &str) -> Option<PoolSpec<'a>> {
             response_timeout: default_response_timeout(),
             tls: None,
             policy: Default::default(),
+            protocol: Default::default(),
         }),
         members: membership.runtime_upstreams(name),
         on_change: OnChange::Keep,

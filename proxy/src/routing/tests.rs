@@ -18,6 +18,7 @@ fn pool(name: &str, upstreams: &[&str]) -> Pool {
         response_timeout: crate::state::default_response_timeout(),
         tls: None,
         policy: Default::default(),
+        protocol: Default::default(),
     }
 }
 

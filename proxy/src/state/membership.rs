@@ -263,6 +263,7 @@ mod tests {
             response_timeout: default_response_timeout(),
             tls: None,
             policy: Default::default(),
+            protocol: Default::default(),
         };
         let mut m = Membership::default();
         m.set_members(

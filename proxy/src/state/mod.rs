@@ -36,8 +36,9 @@ pub use membership::{
     Attachment, Membership, MembershipTouched, OnChange, Origin, RegisteredRoute, SourceKind,
 };
 pub use model::{
-    default_connect_timeout, default_response_timeout, Balance, HealthCheck, Outlier, PathMatch,
-    Pool, Protocol, Route, Source, TcpRoute, Upstream, UpstreamPolicy, UpstreamState, UpstreamTls,
+    default_connect_timeout, default_response_timeout, Balance, GrpcHealthCheck, HealthCheck,
+    Outlier, PathMatch, Pool, Protocol, Route, Source, TcpRoute, Upstream, UpstreamPolicy,
+    UpstreamProtocol, UpstreamState, UpstreamTls,
 };
 pub use store::StoreError;
 
@@ -223,6 +224,12 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
                 "must be positive",
             ));
         }
+        if h.grpc.is_some() && !h.path.is_empty() {
+            return Err(ApplyError::invalid(
+                "pool.health.grpc",
+                "set either path (HTTP check) or grpc, not both",
+            ));
+        }
         if !h.path.is_empty() && !h.path.starts_with('/') {
             return Err(ApplyError::invalid(
                 "pool.health.path",
@@ -270,6 +277,18 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
         return Err(ApplyError::invalid(
             "pool.outlier.max_ejection_percent",
             "must be at most 100",
+        ));
+    }
+    if policy.h2_connections == 0 {
+        return Err(ApplyError::invalid(
+            "pool.h2_connections",
+            "must be at least 1",
+        ));
+    }
+    if pool.protocol == UpstreamProtocol::H2 && pool.tls.is_none() {
+        return Err(ApplyError::invalid(
+            "pool.protocol",
+            "\"h2\" needs the pool's tls section (use \"h2c\" for HTTP/2 without TLS)",
         ));
     }
     // The TLS files a pool names are read by the callers' file check (config and the
@@ -1284,6 +1303,7 @@ mod tests {
             response_timeout: default_response_timeout(),
             tls: None,
             policy: Default::default(),
+            protocol: Default::default(),
         }
     }
 

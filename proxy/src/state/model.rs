@@ -62,6 +62,48 @@ impl Balance {
     }
 }
 
+/// The HTTP version a pool speaks to its upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, one request at a time per connection.
+    #[default]
+    Http1,
+    /// HTTP/2 in clear text with prior knowledge (RFC 9113 section 3.3).
+    H2c,
+    /// HTTP/2 over the pool's `tls`, ALPN `h2`.
+    H2,
+    /// With `tls`: `h2` or `http/1.1` as ALPN decides; without `tls`: HTTP/1.1.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    /// The name used in config files and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::Auto => "auto",
+        }
+    }
+
+    /// Parses the config/API name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "http1" => Some(UpstreamProtocol::Http1),
+            "h2c" => Some(UpstreamProtocol::H2c),
+            "h2" => Some(UpstreamProtocol::H2),
+            "auto" => Some(UpstreamProtocol::Auto),
+            _ => None,
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == UpstreamProtocol::Http1
+    }
+}
+
 /// Whether an upstream takes new work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -106,12 +148,23 @@ impl Upstream {
 pub struct HealthCheck {
     /// HTTP path requested with GET; a 2xx or 3xx answer is healthy. Empty: TCP connect only.
     pub path: String,
+    /// Checks with `grpc.health.v1.Health/Check` instead of `path` (SERVING is healthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcHealthCheck>,
     /// Time between checks.
     #[serde(with = "duration_ms")]
     pub interval: Duration,
     /// Time allowed for one check.
     #[serde(with = "duration_ms")]
     pub timeout: Duration,
+}
+
+/// A gRPC health check: the service name asked about (empty: the server as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct GrpcHealthCheck {
+    /// `HealthCheckRequest.service`.
+    #[serde(default)]
+    pub service: String,
 }
 
 /// A named set of upstreams with a balancing policy.
@@ -143,6 +196,9 @@ pub struct Pool {
     /// Connection reuse, attempt budget and outlier ejection.
     #[serde(default)]
     pub policy: UpstreamPolicy,
+    /// HTTP version towards the upstreams.
+    #[serde(default, skip_serializing_if = "UpstreamProtocol::is_default")]
+    pub protocol: UpstreamProtocol,
 }
 
 /// How a pool reuses connections, how hard a request tries, and when an upstream is
@@ -163,6 +219,10 @@ pub struct UpstreamPolicy {
     pub connect_deadline: Duration,
     /// Upstreams a request tries at most (connection attempts).
     pub max_attempts: u32,
+    /// HTTP/2 connections per upstream (and worker thread) that streams are spread over;
+    /// more are opened only when all of them are at the upstream's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    pub h2_connections: u32,
     /// Outlier ejection.
     pub outlier: Outlier,
 }
@@ -178,6 +238,7 @@ impl Default for UpstreamPolicy {
             body_timeout: Duration::from_secs(60),
             connect_deadline: Duration::from_secs(10),
             max_attempts: 3,
+            h2_connections: 1,
             outlier: Outlier::default(),
         }
     }

@@ -205,6 +205,7 @@ mod tests {
             pool: "p",
             status,
             error_source: None,
+            grpc_status: None,
             bytes: 0,
             elapsed: Duration::from_millis(1),
         });

@@ -50,6 +50,15 @@ struct ErrorLabels {
     source: &'static str,
 }
 
+/// Labels of gRPC call counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrpcLabels {
+    listener: String,
+    route: String,
+    pool: String,
+    grpc_status: u32,
+}
+
 /// Labels of per-route byte counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -103,6 +112,8 @@ pub struct HttpOutcome<'a> {
     pub status: u16,
     /// `downstream`, `upstream` or `proxy` when the proxy produced an error response.
     pub error_source: Option<&'static str>,
+    /// For a gRPC call: the `grpc-status` it ended with (from the upstream or proxyd).
+    pub grpc_status: Option<u32>,
     /// Response body bytes sent.
     pub bytes: u64,
     /// From the request head to the end of the response body.
@@ -160,6 +171,7 @@ pub struct Metrics {
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Family<RequestLabels, DurationHistogram, fn() -> DurationHistogram>,
     http_errors: Family<ErrorLabels, Counter>,
+    grpc_calls: Family<GrpcLabels, Counter>,
     response_bytes: Family<RouteLabels, Counter>,
     connect_duration: Family<PoolLabels, DurationHistogram, fn() -> DurationHistogram>,
     connect_failures: Family<PoolLabels, Counter>,
@@ -224,6 +236,12 @@ impl Metrics {
             "proxy_http_errors",
             "Error responses made by the proxy, by who failed (downstream, upstream, proxy)",
             http_errors.clone(),
+        );
+        let grpc_calls = Family::<GrpcLabels, Counter>::default();
+        registry.register(
+            "proxy_grpc_calls",
+            "gRPC calls (content-type application/grpc*) by the grpc-status they ended with",
+            grpc_calls.clone(),
         );
         let response_bytes = Family::<RouteLabels, Counter>::default();
         registry.register(
@@ -357,6 +375,7 @@ impl Metrics {
             http_requests,
             http_duration,
             http_errors,
+            grpc_calls,
             response_bytes,
             connect_duration,
             connect_failures,
@@ -445,6 +464,16 @@ impl Metrics {
                 });
                 errors.inc();
             }
+        }
+        if let Some(grpc_status) = outcome.grpc_status {
+            self.grpc_calls
+                .get_or_create(&GrpcLabels {
+                    listener: series.labels.listener.clone(),
+                    route: series.labels.route.clone(),
+                    pool: series.labels.pool.clone(),
+                    grpc_status,
+                })
+                .inc();
         }
         if let Some(otel) = self.otel.get() {
             otel.http_request(outcome);
@@ -1137,6 +1166,7 @@ mod tests {
             pool: "p",
             status,
             error_source: (status >= 500).then_some("upstream"),
+            grpc_status: None,
             bytes: 10,
             elapsed: Duration::from_millis(3),
         }

@@ -97,6 +97,12 @@ impl UpstreamConnector {
     /// Reads the files named by `tls` and builds the client config; errors name the field
     /// (`tls.ca_file`, ...).
     pub fn new(tls: &UpstreamTls) -> Result<UpstreamConnector, TlsError> {
+        UpstreamConnector::with_alpn(tls, &[])
+    }
+
+    /// As [`UpstreamConnector::new`], offering `alpn` (most preferred first) in the
+    /// handshake.
+    pub fn with_alpn(tls: &UpstreamTls, alpn: &[&[u8]]) -> Result<UpstreamConnector, TlsError> {
         let server_name =
             ServerName::try_from(tls.server_name.trim().to_string()).map_err(|_| {
                 invalid(
@@ -115,7 +121,7 @@ impl UpstreamConnector {
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Certificate(e.to_string()))?
             .with_root_certificates(roots);
-        let config = match (tls.client_cert.is_empty(), tls.client_key.is_empty()) {
+        let mut config = match (tls.client_cert.is_empty(), tls.client_key.is_empty()) {
             (true, true) => builder.with_no_client_auth(),
             (false, false) => {
                 let chain = certificates("client_cert", &tls.client_cert)?;
@@ -128,6 +134,7 @@ impl UpstreamConnector {
             (true, false) => return Err(invalid("client_cert", "required with client_key")),
             (false, true) => return Err(invalid("client_key", "required with client_cert")),
         };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(UpstreamConnector {
             connector: TlsConnector::from(Arc::new(config)),
             server_name,

@@ -1,5 +1,5 @@
 //! Dialing upstreams: TCP (`host:port`) or unix socket (`unix:/path`) connect with a
-//! timeout, TLS on top for pools that have it, and the HTTP/1.1 client handshake.
+//! timeout, TLS on top for pools that have it, and the HTTP/1.1 or HTTP/2 client handshake.
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::body::RequestBody;
+use super::h2::{H2Conn, H2State};
 use super::idle::{ConnState, UpstreamConn};
 use super::OpenConnection;
 
@@ -69,6 +70,16 @@ impl ConnectError {
     /// Whether the failure was a timeout (504) rather than a refusal (502).
     pub fn is_timeout(&self) -> bool {
         matches!(self, ConnectError::Timeout { .. })
+    }
+}
+
+impl UpstreamStream {
+    /// Whether TLS negotiated HTTP/2 (ALPN `h2`).
+    pub fn negotiated_h2(&self) -> bool {
+        match self {
+            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
+            _ => false,
+        }
     }
 }
 
@@ -259,4 +270,58 @@ pub async fn http_sender(
         state,
         reused: false,
     })
+}
+
+/// How often an HTTP/2 connection is PINGed, and how long the answer may take before the
+/// connection is closed (its streams fail, new requests go to a fresh connection).
+const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Streams allowed on a new HTTP/2 connection before the upstream's SETTINGS arrive
+/// (RFC 9113 recommends advertising at least 100).
+const H2_INITIAL_STREAMS: usize = 100;
+
+/// Performs the HTTP/2 client handshake on `stream` (prior knowledge for h2c, after ALPN
+/// for h2) and drives the connection in a task of the current runtime. `open` is held as
+/// long as the connection lives.
+pub async fn h2_sender(
+    address: &str,
+    stream: UpstreamStream,
+    open: Option<OpenConnection>,
+) -> Result<H2Conn, ConnectError> {
+    let io = Watched {
+        inner: stream,
+        state: Arc::new(ConnState::default()),
+        _open: open,
+    };
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .initial_max_send_streams(H2_INITIAL_STREAMS)
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| ConnectError::Handshake {
+                address: address.to_string(),
+                source,
+            })?;
+    let state = Arc::new(H2State::new(H2_INITIAL_STREAMS));
+    let shared = state.clone();
+    tokio::spawn(async move {
+        let mut conn = std::pin::pin!(conn);
+        // The upstream's stream limit is read whenever the connection task runs (it runs
+        // for every request dispatched on it), so the store sees SETTINGS changes.
+        let result = std::future::poll_fn(|cx| {
+            let polled = std::future::Future::poll(conn.as_mut(), cx);
+            shared.set_max_streams(conn.current_max_send_streams());
+            polled
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(H2Conn::new(sender, state))
 }

@@ -11,23 +11,24 @@
 
 pub mod body;
 mod connect;
+pub mod h2;
 pub mod health;
 mod hold;
 pub mod idle;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use connect::{connect, http_sender, ConnectError, HttpSender, UpstreamStream};
+pub use connect::{connect, h2_sender, http_sender, ConnectError, HttpSender, UpstreamStream};
 pub use hold::{Hold, HoldError};
 pub use idle::{ConnKey, UpstreamConn};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{
-    Balance, HealthCheck, OnChange, Origin, Pool, Upstream, UpstreamPolicy, UpstreamState,
-    UpstreamTls,
+    Balance, HealthCheck, OnChange, Origin, Pool, Upstream, UpstreamPolicy, UpstreamProtocol,
+    UpstreamState, UpstreamTls,
 };
 use crate::tls::upstream::UpstreamConnector;
 
@@ -70,6 +71,8 @@ pub struct UpstreamRuntime {
     idle_valid_after: AtomicU64,
     /// Fired when it leaves a pool whose policy is `on_change = "reset"`.
     removed: CancellationToken,
+    /// What ALPN chose last (`protocol = "auto"`): 0 not known yet, 1 HTTP/1.1, 2 HTTP/2.
+    negotiated: AtomicU8,
 }
 
 impl std::fmt::Debug for UpstreamRuntime {
@@ -97,6 +100,7 @@ impl UpstreamRuntime {
             open: AtomicUsize::new(0),
             idle_valid_after: AtomicU64::new(0),
             removed: CancellationToken::new(),
+            negotiated: AtomicU8::new(0),
         }
     }
 
@@ -114,6 +118,23 @@ impl UpstreamRuntime {
     /// Idle connections kept so far are not to be reused.
     fn forget_idle(&self) {
         self.idle_valid_after.store(mono_ns(), Ordering::Relaxed);
+        self.negotiated.store(0, Ordering::Relaxed);
+    }
+
+    /// With `protocol = "auto"`: whether the last connection negotiated HTTP/2
+    /// (`None`: no connection yet).
+    pub fn negotiated_h2(&self) -> Option<bool> {
+        match self.negotiated.load(Ordering::Relaxed) {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
+    }
+
+    /// Records what ALPN chose on a new connection.
+    pub fn set_negotiated_h2(&self, h2: bool) {
+        self.negotiated
+            .store(if h2 { 2 } else { 1 }, Ordering::Relaxed);
     }
 
     /// Whether an idle connection put away at `since` may be reused.
@@ -251,6 +272,8 @@ impl Drop for InFlight {
 #[derive(Debug)]
 struct PoolTls {
     definition: UpstreamTls,
+    /// The pool's protocol: it decides the ALPN offer.
+    protocol: UpstreamProtocol,
     /// The reason is kept so every connection attempt reports it (502) instead of
     /// silently going out in plain text.
     connector: Result<Arc<UpstreamConnector>, String>,
@@ -273,6 +296,8 @@ pub struct PoolRuntime {
     pub response_timeout: Duration,
     /// Connection reuse, attempt budget, outlier ejection.
     pub policy: UpstreamPolicy,
+    /// HTTP version towards the upstreams.
+    pub protocol: UpstreamProtocol,
     upstreams: Vec<Arc<UpstreamRuntime>>,
     /// Where each upstream comes from and its weight (same order as `upstreams`).
     origins: Vec<(Origin, u32)>,
@@ -367,17 +392,24 @@ impl PoolRuntime {
         previous: Option<&PoolRuntime>,
     ) -> PoolRuntime {
         let previous_tls = previous.and_then(|p| p.tls.as_ref());
-        let tls_changed =
-            previous.is_some() && previous_tls.map(|t| &t.definition) != pool.tls.as_ref();
+        let tls_changed = previous.is_some()
+            && (previous_tls.map(|t| &t.definition) != pool.tls.as_ref()
+                || previous_tls.is_some_and(|t| t.protocol != pool.protocol));
         let tls = pool.tls.as_ref().map(|definition| match previous_tls {
             Some(t) if !tls_changed && t.connector.is_ok() => t.clone(),
             _ => {
-                let connector = UpstreamConnector::new(definition).map(Arc::new).map_err(|e| {
+                let alpn: &[&[u8]] = match pool.protocol {
+                    UpstreamProtocol::Http1 => &[],
+                    UpstreamProtocol::H2 | UpstreamProtocol::H2c => &[b"h2"],
+                    UpstreamProtocol::Auto => &[b"h2", b"http/1.1"],
+                };
+                let connector = UpstreamConnector::with_alpn(definition, alpn).map(Arc::new).map_err(|e| {
                     tracing::error!(pool = %pool.name, error = %e, "upstream TLS settings are unusable; connections to this pool fail");
                     e.to_string()
                 });
                 Arc::new(PoolTls {
                     definition: definition.clone(),
+                    protocol: pool.protocol,
                     connector,
                     id: TLS_IDS.fetch_add(1, Ordering::Relaxed),
                 })
@@ -428,6 +460,7 @@ impl PoolRuntime {
             connect_timeout: pool.connect_timeout,
             response_timeout: pool.response_timeout,
             policy: pool.policy.clone(),
+            protocol: pool.protocol,
             upstreams,
             origins: members.iter().map(|(u, o)| (*o, u.weight)).collect(),
             hold,
@@ -442,6 +475,17 @@ impl PoolRuntime {
         ConnKey {
             address,
             tls: self.tls.as_ref().map_or(0, |t| t.id),
+        }
+    }
+
+    /// How requests to `upstream` go out: `Some(true)` HTTP/2, `Some(false)` HTTP/1.1,
+    /// `None` not known before a connection negotiated it (`auto` over TLS).
+    pub fn speaks_h2(&self) -> Option<bool> {
+        match self.protocol {
+            UpstreamProtocol::Http1 => Some(false),
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Some(true),
+            UpstreamProtocol::Auto if self.tls.is_none() => Some(false),
+            UpstreamProtocol::Auto => None,
         }
     }
 
@@ -561,6 +605,7 @@ mod tests {
                 response_timeout: default_response_timeout(),
                 tls: None,
                 policy: Default::default(),
+                protocol: Default::default(),
             },
             None,
         )
@@ -655,6 +700,7 @@ mod tests {
             response_timeout: default_response_timeout(),
             tls: None,
             policy: Default::default(),
+            protocol: Default::default(),
         };
         definition.policy.outlier.consecutive_failures = 2;
         definition.policy.outlier.max_ejection_percent = 34;

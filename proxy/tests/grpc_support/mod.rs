@@ -1,0 +1,270 @@
+//! gRPC test fixtures: a real tonic upstream serving `proxy.testing.Echo` and
+//! `grpc.health.v1.Health` over h2c or TLS (ALPN h2) on 127.0.0.1:0, that can be shut down
+//! gracefully (GOAWAY, in-flight calls finish) or killed (connections dropped mid-stream).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use proxy_proto::testing::echo_server::{Echo, EchoServer};
+use proxy_proto::testing::{EchoReply, EchoRequest};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status, Streaming};
+
+/// How the upstream's connections should end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Running,
+    /// GOAWAY on every connection; calls in flight finish; no new connections.
+    Graceful,
+    /// Every connection dropped at once, calls in flight included.
+    Kill,
+}
+
+/// A tonic upstream.
+pub struct GrpcUpstream {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    /// Calls answered (any method).
+    pub calls: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
+    pub health: tonic_health::server::HealthReporter,
+    stop: watch::Sender<Stop>,
+}
+
+impl GrpcUpstream {
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn stop(&self, how: Stop) {
+        let _ = self.stop.send(how);
+    }
+}
+
+struct EchoService {
+    name: &'static str,
+    calls: Arc<AtomicUsize>,
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+impl EchoService {
+    fn reply(&self, message: String, index: u32, seen: Vec<String>) -> EchoReply {
+        EchoReply {
+            message,
+            index,
+            upstream: self.name.to_string(),
+            seen,
+        }
+    }
+}
+
+/// What the upstream saw of the request head: te, grpc-timeout and content-type.
+fn seen<T>(request: &Request<T>) -> Vec<String> {
+    ["te", "grpc-timeout", "content-type"]
+        .iter()
+        .filter_map(|key| {
+            request
+                .metadata()
+                .get(*key)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| format!("{key}={v}"))
+        })
+        .collect()
+}
+
+/// The status a request asks for with `fail_code`, with a trailer of our own.
+fn failure(req: &EchoRequest) -> Option<Status> {
+    (req.fail_code != 0).then(|| {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert("x-failed-by", "echo-upstream".parse().unwrap());
+        Status::with_metadata(req.fail_code.into(), req.message.clone(), metadata)
+    })
+}
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let seen = seen(&request);
+        let req = request.into_inner();
+        if req.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
+        }
+        if let Some(status) = failure(&req) {
+            return Err(status);
+        }
+        Ok(Response::new(self.reply(req.message, 0, seen)))
+    }
+
+    type ServerStreamStream = ReplyStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<EchoRequest>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let req = request.into_inner();
+        let name = self.name;
+        let fail = failure(&req);
+        let stream = futures_util::stream::iter(0..req.count)
+            .then(move |index| {
+                let message = req.message.clone();
+                async move {
+                    if req.delay_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(req.delay_ms)).await;
+                    }
+                    Ok(EchoReply {
+                        message,
+                        index,
+                        upstream: name.to_string(),
+                        seen: Vec::new(),
+                    })
+                }
+            })
+            .chain(futures_util::stream::iter(fail.map(Err)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut stream = request.into_inner();
+        let mut parts = Vec::new();
+        while let Some(req) = stream.message().await? {
+            parts.push(req.message);
+        }
+        Ok(Response::new(self.reply(parts.join(","), 0, Vec::new())))
+    }
+
+    type BidiStream = ReplyStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let name = self.name;
+        let stream = request.into_inner().enumerate().map(move |(i, req)| {
+            req.map(|req| EchoReply {
+                message: req.message,
+                index: u32::try_from(i).unwrap(),
+                upstream: name.to_string(),
+                seen: Vec::new(),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Starts an upstream named `name`: h2c, or TLS with ALPN h2 when `tls` is given.
+pub async fn grpc_upstream(
+    name: &'static str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> GrpcUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let routes = tonic::service::Routes::new(EchoServer::new(EchoService {
+        name,
+        calls: calls.clone(),
+    }))
+    .add_service(health_service);
+    let (stop, stopped) = watch::channel(Stop::Running);
+    let accepted = connections.clone();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::spawn(async move {
+        let mut stopped_accept = stopped.clone();
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => return,
+                },
+                _ = stopped_accept.changed() => return,
+            };
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let routes = routes.clone();
+            let acceptor = acceptor.clone();
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                match acceptor {
+                    None => serve(stream, routes, stopped).await,
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            serve(tls, routes, stopped).await;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    GrpcUpstream {
+        name,
+        addr,
+        calls,
+        connections,
+        health,
+        stop,
+    }
+}
+
+async fn serve<IO>(io: IO, routes: tonic::service::Routes, mut stopped: watch::Receiver<Stop>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(routes);
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = stopped.changed() => {}
+    }
+    let how = *stopped.borrow();
+    match how {
+        Stop::Kill => {}
+        _ => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// A TLS server config for `backend.test` from `ca`, offering ALPN h2 only.
+pub fn tls_server(ca: &crate::tls_support::TestCa) -> Arc<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let (cert, key) = ca.leaf(&["backend.test"]);
+    let chain: Vec<_> = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::tls_support::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
