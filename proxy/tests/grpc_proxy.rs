@@ -581,3 +581,125 @@ async fn grpcurl_calls_through_proxyd() {
         "{err}"
     );
 }
+
+/// `/metrics` counts gRPC calls by the status they ended with: the upstream's (in the
+/// trailers or the head) and proxyd's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_calls_by_grpc_status() {
+    let up = grpc_upstream("counted", None).await;
+    let proxy = start_proxy(&format!(
+        "[server]\nstate_dir = \"{{state}}\"\nadmin_listen = \"127.0.0.1:0\"\n{WEB}\n\
+         [[pools]]\nname = \"echo\"\nupstreams = [\"{}\"]\nprotocol = \"h2c\"\n\n\
+         [[routes]]\nname = \"echo\"\nlistener = \"web\"\npath_prefix = \"/proxy.testing.Echo/\"\npool = \"echo\"\n",
+        up.address()
+    ))
+    .await;
+    let mut echo = client(&proxy).await;
+    echo.unary(req("fine")).await.expect("ok");
+    let mut stream = echo
+        .server_stream(EchoRequest {
+            message: "streamed".into(),
+            count: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    while stream.message().await.expect("message").is_some() {}
+    for _ in 0..2 {
+        let failed = echo
+            .unary(EchoRequest {
+                message: "absent".into(),
+                fail_code: Code::NotFound as i32,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(failed.expect_err("fails").code(), Code::NotFound);
+    }
+    let channel = Channel::from_shared(format!("http://{}", proxy.addr("web")))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect_err("no route");
+    assert_eq!(status.code(), Code::Unimplemented);
+
+    let admin = proxy.daemon.admin_address().expect("admin listener");
+    let want = [
+        "proxy_grpc_calls_total{listener=\"web\",route=\"echo\",pool=\"echo\",grpc_status=\"0\"} 2",
+        "proxy_grpc_calls_total{listener=\"web\",route=\"echo\",pool=\"echo\",grpc_status=\"5\"} 2",
+        "proxy_grpc_calls_total{listener=\"web\",route=\"\",pool=\"\",grpc_status=\"12\"} 1",
+    ];
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = raw(
+            admin,
+            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .text();
+        if want.iter().all(|line| text.lines().any(|l| l == *line)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("want {want:?} in:\n{text}");
+}
+
+/// Python grpcio through proxyd: a unary call, a server stream, an error status from the
+/// upstream and proxyd's own UNIMPLEMENTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpcio_calls_through_proxyd() {
+    let Some(python) = external_program("python3", "Debian package python3") else {
+        return;
+    };
+    let imports = Command::new(&python)
+        .args(["-c", "import grpc"])
+        .output()
+        .expect("run python3");
+    if !imports.status.success() {
+        missing_component("Python module grpcio", "pip install grpcio");
+        return;
+    }
+    let up = grpc_upstream("for-python", None).await;
+    let proxy = start_proxy(&format!(
+        "{WEB}\n[[pools]]\nname = \"echo\"\nupstreams = [\"{}\"]\nprotocol = \"h2c\"\n\n\
+         [[routes]]\nname = \"echo\"\nlistener = \"web\"\npath_prefix = \"/proxy.testing.Echo/\"\npool = \"echo\"\n",
+        up.address()
+    ))
+    .await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/grpc_support/grpcio_echo.py"
+    );
+    let addr = proxy.addr("web").to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .arg(script)
+            .arg(addr)
+            .output()
+            .expect("run the grpcio client")
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "unary from python for-python",
+            "stream 0,1,2,3",
+            "error FAILED_PRECONDITION python says no",
+            "noroute UNIMPLEMENTED no route for this host and path",
+        ],
+        "{text}"
+    );
+}
