@@ -112,6 +112,9 @@ impl Daemon {
 
     /// Starts serving, using `inherited` sockets (from a previous process or systemd) where
     /// their names match and binding the rest.
+    ///
+    /// The composition root: each part is built from the ones below it (ARCHITECTURE.md)
+    /// and handed what it needs; nothing else wires parts together.
     pub async fn start_with(
         config: Config,
         mut inherited: listener::Inherited,
@@ -119,35 +122,13 @@ impl Daemon {
         let started = std::time::Instant::now();
         // First, so a second daemon on the same socket fails before touching the store.
         let mgmt_sockets = mgmt::Sockets::bind(&config.server, &mut inherited)?;
-        let (mut sockets, bound_here) = listener::obtain(&config, &mut inherited)?;
-        // The state publishes every revision through the routing compiler, and reports its
-        // write latency to the metrics.
+        let (sockets, bound_here) = listener::obtain(&config, &mut inherited)?;
+
+        // The state, and what is built from it: the routing snapshots it publishes through
+        // and the metrics that watch it.
         let routing = routing::Published::new();
         let write_latency = telemetry::DurationHistogram::fast();
-        let outputs = state::Outputs {
-            publish: routing.compiler(),
-            write_latency: {
-                let histogram = write_latency.clone();
-                Box::new(move |elapsed| histogram.observe(elapsed))
-            },
-        };
-        // Opening SQLite and reconciling the config file block: a blocking thread does it.
-        let state = {
-            let (dir, listeners, declarative) = (
-                config.server.state_dir.clone(),
-                config.listener_protocols(),
-                config.declarative.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                StateHandle::open(&dir, listeners, &declarative, outputs)
-            })
-            .await
-            .map_err(|e| StartError::Io("state store".into(), std::io::Error::other(e)))?
-            .map_err(|source| StartError::Store {
-                dir: config.server.state_dir.display().to_string(),
-                source,
-            })?
-        };
+        let state = open_state(&config, &routing, &write_latency).await?;
         let shutdown = Shutdown::new();
         let telemetry = Arc::new(telemetry::Telemetry::start(
             &config.telemetry,
@@ -164,92 +145,24 @@ impl Daemon {
             telemetry.metrics().clone(),
         )
         .await?;
-        let mut addresses = BTreeMap::new();
+
+        // The data path: every listener served, each socket listed for a hand-over.
+        let data_path = DataPath {
+            routing: routing.clone(),
+            shutdown: shutdown.clone(),
+            tls: tls.clone(),
+            telemetry: telemetry.clone(),
+        };
         let mut handoff = mgmt_sockets
             .handoff_sockets()
             .map_err(|e| StartError::Io("management socket".into(), e))?;
-        for listener_config in &config.listeners {
-            let Some(socket) = sockets.remove(&listener_config.name) else {
-                return Err(StartError::Io(
-                    format!("listener {:?}", listener_config.name),
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "no socket for this listener",
-                    ),
-                ));
-            };
-            let io_err = |e| StartError::Io(format!("listener {:?}", listener_config.name), e);
-            socket.set_nonblocking(true).map_err(io_err)?;
-            let address = socket.local_addr().map_err(io_err)?;
-            handoff.push(upgrade::HandoffSocket {
-                name: listener_config.name.clone(),
-                kind: upgrade::SocketKind::Tcp,
-                fd: socket.try_clone().map_err(io_err)?.into(),
-            });
-            addresses.insert(listener_config.name.clone(), address);
-            let lc = Arc::new(listener_config.clone());
-            tracing::info!(listener = %lc.name, protocol = lc.protocol.as_str(), %address, "listening");
-            if lc.protocol.is_http() {
-                let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
-                http::serve_on(
-                    workers,
-                    &socket,
-                    lc,
-                    routing.clone(),
-                    shutdown.clone(),
-                    tls.clone(),
-                    telemetry.clone(),
-                )
-                .map_err(io_err)?;
-            } else {
-                let socket = tokio::net::TcpListener::from_std(socket).map_err(io_err)?;
-                tokio::spawn(tcp::serve(
-                    socket,
-                    lc,
-                    routing.clone(),
-                    shutdown.clone(),
-                    tls.clone(),
-                    telemetry.clone(),
-                ));
-            }
-        }
-        let admin_socket = match config.server.admin_listen {
-            Some(addr) => {
-                let admin_err = |e| StartError::Io(format!("admin listener {addr}"), e);
-                let socket = match inherited.take_tcp(upgrade::ADMIN_SOCKET) {
-                    Some((socket, _))
-                        if socket.local_addr().ok() == Some(addr) || addr.port() == 0 =>
-                    {
-                        socket
-                    }
-                    _ => listener::bind(addr).map_err(admin_err)?,
-                };
-                socket.set_nonblocking(true).map_err(admin_err)?;
-                let address = socket.local_addr().map_err(admin_err)?;
-                handoff.push(upgrade::HandoffSocket {
-                    name: upgrade::ADMIN_SOCKET.into(),
-                    kind: upgrade::SocketKind::Tcp,
-                    fd: socket.try_clone().map_err(admin_err)?.into(),
-                });
-                let socket = tokio::net::TcpListener::from_std(socket).map_err(admin_err)?;
-                // Served once the status page's sources exist (below); until then
-                // connections wait in the backlog.
-                Some((socket, address))
-            }
-            None => None,
-        };
+        let addresses = data_path.serve_listeners(&config, sockets, &mut handoff)?;
+        let admin_socket = admin_socket(&config, &mut inherited, &mut handoff)?;
         // Ports the previous process opened for registrations are taken over further down.
         let registration_ports = inherited.take_tcp_prefixed(registration::HANDOFF_PREFIX);
         let registration_routes = inherited.take_data(registration::HANDOFF_ROUTES);
         inherited.close_leftovers();
-        // Sockets bound here go to systemd's fd store (when it has one), so that even a
-        // plain restart finds them open.
-        let stored: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = handoff
-            .iter()
-            .filter(|s| bound_here.contains(&s.name))
-            .map(|s| (s.name.as_str(), std::os::fd::AsFd::as_fd(&s.fd)))
-            .collect();
-        upgrade::store_in_systemd(&stored);
+        store_in_systemd(&handoff, &bound_here);
         tokio::spawn(upstream::health::run(
             {
                 let routing = routing.clone();
@@ -257,65 +170,16 @@ impl Daemon {
             },
             shutdown.clone(),
         ));
-        let runtime_dir = config
-            .server
-            .mgmt_socket
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .map_or_else(
-                || config.server.state_dir.clone(),
-                std::path::Path::to_path_buf,
-            );
+
+        // Run-time feeds: discovery sources and registrations.
         let discovery = discovery::Discovery::start(&config.discovery, &state, &shutdown).await;
         watch_in_metrics(telemetry.metrics(), &tls, &discovery);
-        let known_listeners = config
-            .listeners
-            .iter()
-            .filter_map(|l| {
-                let bound = *addresses.get(&l.name)?;
-                Some(registration::KnownListener {
-                    name: l.name.clone(),
-                    protocol: l.protocol,
-                    bound,
-                })
-            })
-            .collect();
-        // Ports opened for registrations are served exactly like configured listeners.
-        let serve_registered: registration::ServeListener = {
-            let (routing, shutdown, tls, telemetry) = (
-                routing.clone(),
-                shutdown.clone(),
-                tls.clone(),
-                telemetry.clone(),
-            );
-            Arc::new(move |socket, lc: Arc<config::ListenerConfig>| {
-                if lc.protocol.is_http() {
-                    tokio::spawn(http::serve(
-                        socket,
-                        lc,
-                        routing.clone(),
-                        shutdown.clone(),
-                        tls.clone(),
-                        telemetry.clone(),
-                    ))
-                } else {
-                    tokio::spawn(tcp::serve(
-                        socket,
-                        lc,
-                        routing.clone(),
-                        shutdown.clone(),
-                        tls.clone(),
-                        telemetry.clone(),
-                    ))
-                }
-            })
-        };
         let registry = Arc::new(registration::Registry::new(
             config.registration.clone(),
             state.clone(),
             Some(tls.clone()),
-            known_listeners,
-            serve_registered,
+            known_listeners(&config, &addresses),
+            data_path.for_registrations(),
         ));
         registry
             .adopt(registration_ports, registration_routes)
@@ -325,10 +189,12 @@ impl Daemon {
             let shutdown = shutdown.clone();
             async move { registry.close_ports_on(shutdown).await }
         });
+
+        // The control plane: hand-over, the management API, the admin endpoints.
         let upgrader = Arc::new(
             upgrade::Upgrader::new(
                 upgrade::default_executable(config.server.executable.as_deref()),
-                runtime_dir,
+                runtime_dir(&config),
                 config.server.upgrade_timeout,
                 state.clone(),
                 shutdown.clone(),
@@ -339,7 +205,7 @@ impl Daemon {
             .with_config_file(config.path.clone()),
         );
         let mgmt_address = mgmt_sockets.tcp_address();
-        let mgmt_context = mgmt::Context {
+        let mgmt_context = Arc::new(mgmt::Context {
             state: state.clone(),
             routing: routing.clone(),
             shutdown: shutdown.clone(),
@@ -352,26 +218,17 @@ impl Daemon {
             metrics: telemetry.metrics().clone(),
             tls: Some(tls.clone()),
             mgmt_tls: mgmt_sockets.tcp_tls(),
-        };
-        let mgmt_context = Arc::new(mgmt_context);
+        });
         mgmt::spawn(mgmt_sockets, mgmt_context.clone(), shutdown.clone()).await?;
         let admin_address = admin_socket.map(|(socket, address)| {
-            let ui = config.server.admin_ui.then(|| {
-                let history = Arc::new(telemetry::history::History::new(
-                    telemetry.metrics().clone(),
-                ));
-                let stop = shutdown.clone();
-                tokio::spawn(history.clone().run(async move { stop.triggered().await }));
-                Arc::new(mgmt::StatusPage::new(mgmt_context.clone(), history))
-                    as Arc<dyn telemetry::admin::StatusReport>
-            });
-            tokio::spawn(telemetry::admin::serve(
+            serve_admin(
+                &config,
                 socket,
-                telemetry.clone(),
-                shutdown.clone(),
-                ui,
-            ));
-            tracing::info!(%address, ui = config.server.admin_ui, "admin endpoints listening");
+                address,
+                &telemetry,
+                &shutdown,
+                &mgmt_context,
+            );
             address
         });
         telemetry.set_ready();
@@ -467,6 +324,216 @@ impl Daemon {
         self.telemetry.flush().await;
         tracing::info!("stopped");
     }
+}
+
+/// Opens the state in the config's state directory (a blocking thread: SQLite and the
+/// reconcile of the config file block), publishing through `routing` and timing each write
+/// into `write_latency`.
+async fn open_state(
+    config: &Config,
+    routing: &routing::Published,
+    write_latency: &telemetry::DurationHistogram,
+) -> Result<StateHandle, StartError> {
+    let outputs = state::Outputs {
+        publish: routing.compiler(),
+        write_latency: {
+            let histogram = write_latency.clone();
+            Box::new(move |elapsed| histogram.observe(elapsed))
+        },
+    };
+    let (dir, listeners, declarative) = (
+        config.server.state_dir.clone(),
+        config.listener_protocols(),
+        config.declarative.clone(),
+    );
+    tokio::task::spawn_blocking(move || StateHandle::open(&dir, listeners, &declarative, outputs))
+        .await
+        .map_err(|e| StartError::Io("state store".into(), std::io::Error::other(e)))?
+        .map_err(|source| StartError::Store {
+            dir: config.server.state_dir.display().to_string(),
+            source,
+        })
+}
+
+/// What every listener serves its connections with: configured listeners and the ports
+/// registrations open alike.
+#[derive(Clone)]
+struct DataPath {
+    routing: routing::Published,
+    shutdown: Shutdown,
+    tls: Arc<tls::Tls>,
+    telemetry: Arc<telemetry::Telemetry>,
+}
+
+impl DataPath {
+    /// Serves every configured listener on its socket (HTTP on the per-core runtimes, TCP
+    /// on this one), lists each socket in `handoff`, and returns the bound addresses.
+    fn serve_listeners(
+        &self,
+        config: &Config,
+        mut sockets: BTreeMap<String, std::net::TcpListener>,
+        handoff: &mut Vec<upgrade::HandoffSocket>,
+    ) -> Result<BTreeMap<String, SocketAddr>, StartError> {
+        let mut addresses = BTreeMap::new();
+        for listener_config in &config.listeners {
+            let io_err = |e| StartError::Io(format!("listener {:?}", listener_config.name), e);
+            let socket = sockets.remove(&listener_config.name).ok_or_else(|| {
+                io_err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no socket for this listener",
+                ))
+            })?;
+            socket.set_nonblocking(true).map_err(io_err)?;
+            let address = socket.local_addr().map_err(io_err)?;
+            handoff.push(upgrade::HandoffSocket {
+                name: listener_config.name.clone(),
+                kind: upgrade::SocketKind::Tcp,
+                fd: socket.try_clone().map_err(io_err)?.into(),
+            });
+            addresses.insert(listener_config.name.clone(), address);
+            let lc = Arc::new(listener_config.clone());
+            tracing::info!(listener = %lc.name, protocol = lc.protocol.as_str(), %address, "listening");
+            if lc.protocol.is_http() {
+                let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
+                http::serve_on(
+                    workers,
+                    &socket,
+                    lc,
+                    self.routing.clone(),
+                    self.shutdown.clone(),
+                    self.tls.clone(),
+                    self.telemetry.clone(),
+                )
+                .map_err(io_err)?;
+            } else {
+                let socket = tokio::net::TcpListener::from_std(socket).map_err(io_err)?;
+                self.spawn(socket, lc);
+            }
+        }
+        Ok(addresses)
+    }
+
+    /// Serves one listener on this runtime until shutdown.
+    fn spawn(
+        &self,
+        socket: tokio::net::TcpListener,
+        lc: Arc<config::ListenerConfig>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (routing, shutdown, tls, telemetry) = (
+            self.routing.clone(),
+            self.shutdown.clone(),
+            self.tls.clone(),
+            self.telemetry.clone(),
+        );
+        if lc.protocol.is_http() {
+            tokio::spawn(http::serve(socket, lc, routing, shutdown, tls, telemetry))
+        } else {
+            tokio::spawn(tcp::serve(socket, lc, routing, shutdown, tls, telemetry))
+        }
+    }
+
+    /// How the registry serves the ports it opens: exactly like configured listeners.
+    fn for_registrations(&self) -> registration::ServeListener {
+        let data_path = self.clone();
+        Arc::new(move |socket, lc| data_path.spawn(socket, lc))
+    }
+}
+
+/// The admin listener's socket (inherited, or bound here), listed in `handoff`; served once
+/// the status page's sources exist (until then connections wait in the backlog).
+fn admin_socket(
+    config: &Config,
+    inherited: &mut listener::Inherited,
+    handoff: &mut Vec<upgrade::HandoffSocket>,
+) -> Result<Option<(tokio::net::TcpListener, SocketAddr)>, StartError> {
+    let Some(addr) = config.server.admin_listen else {
+        return Ok(None);
+    };
+    let admin_err = |e| StartError::Io(format!("admin listener {addr}"), e);
+    let socket = match inherited.take_tcp(upgrade::ADMIN_SOCKET) {
+        Some((socket, _)) if socket.local_addr().ok() == Some(addr) || addr.port() == 0 => socket,
+        _ => listener::bind(addr).map_err(admin_err)?,
+    };
+    socket.set_nonblocking(true).map_err(admin_err)?;
+    let address = socket.local_addr().map_err(admin_err)?;
+    handoff.push(upgrade::HandoffSocket {
+        name: upgrade::ADMIN_SOCKET.into(),
+        kind: upgrade::SocketKind::Tcp,
+        fd: socket.try_clone().map_err(admin_err)?.into(),
+    });
+    let socket = tokio::net::TcpListener::from_std(socket).map_err(admin_err)?;
+    Ok(Some((socket, address)))
+}
+
+/// Gives the sockets bound here (not inherited) to systemd's fd store, when it has one, so
+/// that even a plain restart finds them open.
+fn store_in_systemd(handoff: &[upgrade::HandoffSocket], bound_here: &[String]) {
+    let stored: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = handoff
+        .iter()
+        .filter(|s| bound_here.contains(&s.name))
+        .map(|s| (s.name.as_str(), std::os::fd::AsFd::as_fd(&s.fd)))
+        .collect();
+    upgrade::store_in_systemd(&stored);
+}
+
+/// Where the upgrader keeps its hand-over socket: beside the management socket, else the
+/// state directory.
+fn runtime_dir(config: &Config) -> std::path::PathBuf {
+    config
+        .server
+        .mgmt_socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .map_or_else(
+            || config.server.state_dir.clone(),
+            std::path::Path::to_path_buf,
+        )
+}
+
+/// The configured listeners a registration may ask to be served on.
+fn known_listeners(
+    config: &Config,
+    addresses: &BTreeMap<String, SocketAddr>,
+) -> Vec<registration::KnownListener> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let bound = *addresses.get(&l.name)?;
+            Some(registration::KnownListener {
+                name: l.name.clone(),
+                protocol: l.protocol,
+                bound,
+            })
+        })
+        .collect()
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` and, when enabled, the status page.
+fn serve_admin(
+    config: &Config,
+    socket: tokio::net::TcpListener,
+    address: SocketAddr,
+    telemetry: &Arc<telemetry::Telemetry>,
+    shutdown: &Shutdown,
+    mgmt_context: &Arc<mgmt::Context>,
+) {
+    let ui = config.server.admin_ui.then(|| {
+        let history = Arc::new(telemetry::history::History::new(
+            telemetry.metrics().clone(),
+        ));
+        let stop = shutdown.clone();
+        tokio::spawn(history.clone().run(async move { stop.triggered().await }));
+        Arc::new(mgmt::StatusPage::new(mgmt_context.clone(), history))
+            as Arc<dyn telemetry::admin::StatusReport>
+    });
+    tokio::spawn(telemetry::admin::serve(
+        socket,
+        telemetry.clone(),
+        shutdown.clone(),
+        ui,
+    ));
+    tracing::info!(%address, ui = config.server.admin_ui, "admin endpoints listening");
 }
 
 impl Drop for Daemon {
