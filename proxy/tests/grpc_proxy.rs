@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use grpc_support::{grpc_upstream, tls_server, GrpcUpstream, Stop};
+use grpc_support::{grpc_upstream, grpc_upstream_with, tls_server, GrpcUpstream, Stop};
 use proxy_proto::testing::echo_client::EchoClient;
 use proxy_proto::testing::EchoRequest;
 use tonic::transport::Channel;
@@ -701,5 +701,45 @@ async fn python_grpcio_calls_through_proxyd() {
             "noroute UNIMPLEMENTED no route for this host and path",
         ],
         "{text}"
+    );
+}
+
+/// An upstream that allows 2 concurrent streams per connection: 6 calls at once on one
+/// worker (one client connection to proxyd) need 3 upstream connections, and proxyd opens
+/// them instead of queueing calls behind the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_when_the_upstream_stream_limit_is_reached() {
+    let up = grpc_upstream_with("narrow", None, Some(2)).await;
+    let proxy = proxy_for(&[&up], "protocol = \"h2c\"").await;
+    let echo = client(&proxy).await;
+    let burst = |echo: &EchoClient<Channel>| {
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                let mut echo = echo.clone();
+                tokio::spawn(async move {
+                    echo.unary(EchoRequest {
+                        message: format!("{i}"),
+                        delay_ms: 300,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().message)
+                })
+            })
+            .collect();
+        async move {
+            for (i, call) in calls.into_iter().enumerate() {
+                assert_eq!(call.await.unwrap().expect("call"), format!("{i}"));
+            }
+        }
+    };
+    // The first burst too: a new connection is used once the upstream's SETTINGS were
+    // read, so no call goes beyond the limit (the upstream would refuse it).
+    burst(&echo).await;
+    burst(&echo).await;
+    let connections = up.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        connections >= 3,
+        "{connections} upstream connections for 6 calls at once"
     );
 }

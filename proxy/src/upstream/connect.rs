@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::body::RequestBody;
-use super::h2::{H2Conn, H2State};
+use super::h2::{FrameScanner, H2Conn, H2State};
 use super::idle::{ConnState, UpstreamConn};
 use super::OpenConnection;
 
@@ -191,6 +191,8 @@ struct Watched {
     state: Arc<ConnState>,
     /// Dropped with the connection: frees its place under `max_connections_per_upstream`.
     _open: Option<OpenConnection>,
+    /// HTTP/2: follows the upstream's frames for its stream limit.
+    frames: Option<FrameScanner>,
 }
 
 impl AsyncRead for Watched {
@@ -205,6 +207,9 @@ impl AsyncRead for Watched {
         let read = buf.filled().len() - before;
         if read > 0 {
             this.state.count_read(read);
+            if let Some(frames) = &mut this.frames {
+                frames.feed(&buf.filled()[before..]);
+            }
         }
         polled
     }
@@ -252,6 +257,7 @@ pub async fn http_sender(
         inner: stream,
         state: state.clone(),
         _open: open,
+        frames: None,
     };
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(io))
@@ -281,6 +287,9 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// (RFC 9113 recommends advertising at least 100).
 const H2_INITIAL_STREAMS: usize = 100;
 
+/// How long a new HTTP/2 connection waits for the upstream's first SETTINGS frame.
+const H2_SETTINGS_WAIT: Duration = Duration::from_secs(1);
+
 /// Performs the HTTP/2 client handshake on `stream` (prior knowledge for h2c, after ALPN
 /// for h2) and drives the connection in a task of the current runtime. `open` is held as
 /// long as the connection lives.
@@ -289,10 +298,12 @@ pub async fn h2_sender(
     stream: UpstreamStream,
     open: Option<OpenConnection>,
 ) -> Result<H2Conn, ConnectError> {
+    let state = Arc::new(H2State::new(H2_INITIAL_STREAMS));
     let io = Watched {
         inner: stream,
         state: Arc::new(ConnState::default()),
         _open: open,
+        frames: Some(FrameScanner::new(state.clone())),
     };
     let (sender, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -307,21 +318,18 @@ pub async fn h2_sender(
                 address: address.to_string(),
                 source,
             })?;
-    let state = Arc::new(H2State::new(H2_INITIAL_STREAMS));
-    let shared = state.clone();
     tokio::spawn(async move {
-        let mut conn = std::pin::pin!(conn);
-        // The upstream's stream limit is read whenever the connection task runs (it runs
-        // for every request dispatched on it), so the store sees SETTINGS changes.
-        let result = std::future::poll_fn(|cx| {
-            let polled = std::future::Future::poll(conn.as_mut(), cx);
-            shared.set_max_streams(conn.current_max_send_streams());
-            polled
-        })
-        .await;
-        if let Err(e) = result {
+        if let Err(e) = conn.await {
             tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
+    // The upstream's SETTINGS (its stream limit) come first on the connection: wait for
+    // them, briefly, so the first requests do not go beyond a limit lower than 100.
+    if tokio::time::timeout(H2_SETTINGS_WAIT, state.settings_read())
+        .await
+        .is_err()
+    {
+        tracing::debug!(%address, "no SETTINGS from the upstream yet; using the connection anyway");
+    }
     Ok(H2Conn::new(sender, state))
 }

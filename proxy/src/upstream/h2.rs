@@ -39,6 +39,9 @@ pub struct H2State {
     streams: AtomicUsize,
     /// The upstream's SETTINGS_MAX_CONCURRENT_STREAMS as the connection last saw it.
     max_streams: AtomicUsize,
+    /// Set once the upstream's first SETTINGS frame was read.
+    settings_read: std::sync::atomic::AtomicBool,
+    settings: Notify,
 }
 
 impl H2State {
@@ -47,6 +50,25 @@ impl H2State {
         H2State {
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(initial),
+            settings_read: std::sync::atomic::AtomicBool::new(false),
+            settings: Notify::new(),
+        }
+    }
+
+    /// Resolves once the upstream's first SETTINGS frame was read.
+    pub async fn settings_read(&self) {
+        loop {
+            let notified = self.settings.notified();
+            if self.settings_read.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn mark_settings_read(&self) {
+        if !self.settings_read.swap(true, Ordering::AcqRel) {
+            self.settings.notify_waiters();
         }
     }
 
@@ -61,6 +83,95 @@ impl H2State {
 
     fn has_room(&self) -> bool {
         self.streams() < self.max_streams.load(Ordering::Relaxed).max(1)
+    }
+}
+
+/// Follows the frames an upstream sends on an HTTP/2 connection (on the bytes as they are
+/// read, with no copy) to learn its SETTINGS_MAX_CONCURRENT_STREAMS at once: hyper does
+/// not tell, and a request sent beyond the limit is refused (REFUSED_STREAM) after its
+/// body left.
+#[derive(Debug)]
+pub struct FrameScanner {
+    state: Arc<H2State>,
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// The current payload is a SETTINGS frame's (not an ACK).
+    settings: bool,
+    entry: [u8; 6],
+    entry_have: usize,
+}
+
+/// Frame types and flags (RFC 9113 section 6).
+const FRAME_SETTINGS: u8 = 0x4;
+const FLAG_ACK: u8 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+impl FrameScanner {
+    /// A scanner reporting into `state`; the first byte it sees starts a frame (the
+    /// server's connection preface is a SETTINGS frame).
+    pub fn new(state: Arc<H2State>) -> Self {
+        FrameScanner {
+            state,
+            head: [0; 9],
+            have: 0,
+            left: 0,
+            settings: false,
+            entry: [0; 6],
+            entry_have: 0,
+        }
+    }
+
+    /// Follows `bytes`, the next bytes read from the upstream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                if self.settings {
+                    for &b in &bytes[..n] {
+                        self.entry[self.entry_have] = b;
+                        self.entry_have += 1;
+                        if self.entry_have == 6 {
+                            self.entry_have = 0;
+                            let id = u16::from_be_bytes([self.entry[0], self.entry[1]]);
+                            let value = u32::from_be_bytes([
+                                self.entry[2],
+                                self.entry[3],
+                                self.entry[4],
+                                self.entry[5],
+                            ]);
+                            if id == SETTINGS_MAX_CONCURRENT_STREAMS {
+                                self.state
+                                    .set_max_streams(usize::try_from(value).unwrap_or(usize::MAX));
+                            }
+                        }
+                    }
+                }
+                self.left -= n;
+                bytes = &bytes[n..];
+                if self.left == 0 && self.settings {
+                    self.settings = false;
+                    self.state.mark_settings_read();
+                }
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                self.left =
+                    u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]) as usize;
+                self.settings = self.head[3] == FRAME_SETTINGS && self.head[4] & FLAG_ACK == 0;
+                self.entry_have = 0;
+                if self.settings && self.left == 0 {
+                    self.settings = false;
+                    self.state.mark_settings_read();
+                }
+            }
+        }
     }
 }
 
@@ -237,4 +348,36 @@ pub fn keep(key: ConnKey<'_>, conn: H2Conn) {
                 .push(conn),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn scanner_reads_max_concurrent_streams_across_split_reads() {
+        let state = Arc::new(H2State::new(100));
+        let mut scanner = FrameScanner::new(state.clone());
+        // SETTINGS: header table size 4096, max concurrent streams 7; then a DATA frame
+        // whose payload looks like a SETTINGS entry; then an ACK.
+        let mut bytes = frame(4, 0, &[0, 1, 0, 0, 16, 0, 0, 3, 0, 0, 0, 7]);
+        bytes.extend(frame(0, 0, &[0, 3, 0, 0, 0, 9]));
+        bytes.extend(frame(4, 1, &[]));
+        for chunk in bytes.chunks(5) {
+            scanner.feed(chunk);
+        }
+        assert_eq!(state.max_streams.load(Ordering::Relaxed), 7);
+        assert!(state.settings_read.load(Ordering::Relaxed));
+        // A later SETTINGS lowers it.
+        scanner.feed(&frame(4, 0, &[0, 3, 0, 0, 0, 2]));
+        assert_eq!(state.max_streams.load(Ordering::Relaxed), 2);
+    }
 }

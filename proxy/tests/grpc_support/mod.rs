@@ -177,6 +177,15 @@ pub async fn grpc_upstream(
     name: &'static str,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> GrpcUpstream {
+    grpc_upstream_with(name, tls, None).await
+}
+
+/// As [`grpc_upstream`], advertising SETTINGS_MAX_CONCURRENT_STREAMS = `max_streams`.
+pub async fn grpc_upstream_with(
+    name: &'static str,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_streams: Option<u32>,
+) -> GrpcUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -209,10 +218,10 @@ pub async fn grpc_upstream(
             let stopped = stopped.clone();
             tokio::spawn(async move {
                 match acceptor {
-                    None => serve(stream, routes, stopped).await,
+                    None => serve(stream, routes, stopped, max_streams).await,
                     Some(acceptor) => {
                         if let Ok(tls) = acceptor.accept(stream).await {
-                            serve(tls, routes, stopped).await;
+                            serve(tls, routes, stopped, max_streams).await;
                         }
                     }
                 }
@@ -229,12 +238,17 @@ pub async fn grpc_upstream(
     }
 }
 
-async fn serve<IO>(io: IO, routes: tonic::service::Routes, mut stopped: watch::Receiver<Stop>)
-where
+async fn serve<IO>(
+    io: IO,
+    routes: tonic::service::Routes,
+    mut stopped: watch::Receiver<Stop>,
+    max_streams: Option<u32>,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = TowerToHyperService::new(routes);
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .max_concurrent_streams(max_streams)
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
