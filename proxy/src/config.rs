@@ -118,9 +118,10 @@ pub struct ListenerConfig {
     pub protocol: Protocol,
     /// Where it binds.
     pub address: SocketAddr,
-    /// Most connections open at once; more wait in the kernel backlog.
+    /// Most connections open at once. On `http` and `https` listeners more are closed
+    /// right after accept (counted); on the others they wait in the kernel backlog.
     pub max_connections: usize,
-    /// Time allowed for a client to send request headers (HTTP).
+    /// Time allowed for a client to send a request head (HTTP; from accept for the first).
     pub header_timeout: Duration,
     /// A connection with no bytes moving either way for this long is closed.
     pub idle_timeout: Duration,

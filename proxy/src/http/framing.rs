@@ -22,6 +22,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -297,6 +299,14 @@ impl Scanner {
     /// Whether the scanner refused a message on this connection (a byte was overwritten).
     pub fn refused(&self) -> bool {
         self.state == State::Refused
+    }
+
+    /// Whether part of a request head has arrived and its end has not.
+    pub fn in_head(&self) -> bool {
+        matches!(
+            self.state,
+            State::Method | State::RequestLine | State::LineStart | State::Name | State::Value
+        )
     }
 
     /// Whether scanning stopped because the connection no longer speaks HTTP/1 framing.
@@ -579,12 +589,40 @@ fn is_token(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Where the client of one connection is in its requests, shared between the framing scan
+/// (which sees the bytes), the handler (which sees requests arrive) and the code that ends
+/// the connection, which must tell a client stalled in a request head (slowloris) from one
+/// idle between requests.
+#[derive(Debug, Default)]
+pub struct HeadProgress {
+    in_head: AtomicBool,
+    requested: AtomicBool,
+}
+
+impl HeadProgress {
+    /// Whether part of an HTTP/1 request head has arrived and its end has not.
+    pub fn in_head(&self) -> bool {
+        self.in_head.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a request reached the handler.
+    pub fn request_arrived(&self) {
+        self.requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether any request reached the handler on this connection.
+    pub fn any_request(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+}
+
 /// A client stream wrapper that scans request framing as hyper reads it.
 pub struct FramingScan<S> {
     inner: S,
     scanner: Scanner,
     /// The part of [`HEAD_POISON`] still to be read, when a read had no room for all of it.
     pending: &'static [u8],
+    progress: Option<Arc<HeadProgress>>,
 }
 
 impl<S> FramingScan<S> {
@@ -594,6 +632,15 @@ impl<S> FramingScan<S> {
             inner,
             scanner: Scanner::new(),
             pending: &[],
+            progress: None,
+        }
+    }
+
+    /// Wraps `inner`, keeping `progress` up to date.
+    pub fn watched(inner: S, progress: Arc<HeadProgress>) -> Self {
+        FramingScan {
+            progress: Some(progress),
+            ..FramingScan::new(inner)
         }
     }
 }
@@ -618,6 +665,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
                 .filled_mut()
                 .get_mut(before..)
                 .and_then(|read| this.scanner.feed(read));
+            if let Some(progress) = &this.progress {
+                progress
+                    .in_head
+                    .store(this.scanner.in_head(), Ordering::Relaxed);
+            }
             if let Some(at) = refused {
                 // The read had room for at least the refused byte, so at least the NUL
                 // of the poison goes out now: this read never looks like end of stream.

@@ -13,13 +13,14 @@ use hyper_util::rt::TokioIo;
 
 use super::access_log::{AccessLog, ErrorSource};
 use super::body::{grpc_message, grpc_status, ResponseBody, Reuse};
+use super::framing::HeadProgress;
 use super::hygiene;
 use crate::config::ListenerConfig;
 use crate::routing::Published;
 use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
 use crate::state::PathMatch;
-use crate::telemetry::Metrics;
+use crate::telemetry::{ClientTimeout, ListenerSeries, Metrics};
 use crate::upstream::body::{BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
 use crate::upstream::h2::{self, H2Conn, H2Stream};
 use crate::upstream::{
@@ -39,6 +40,10 @@ pub(crate) struct ConnContext {
     pub tls: Arc<crate::tls::Tls>,
     /// Metrics, access log settings and request tracing.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The listener's connection counters.
+    pub series: ListenerSeries,
+    /// Where the client is in its requests (see [`HeadProgress`]).
+    pub progress: Arc<HeadProgress>,
 }
 
 /// A failed request: status for the client, who failed, and the detail for the log.
@@ -63,6 +68,7 @@ pub(crate) async fn handle(
     ctx: Arc<ConnContext>,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    ctx.progress.request_arrived();
     let telemetry = &ctx.telemetry;
     // Path, host and headers are only ever shown in the access line.
     let lines = telemetry.access_log_enabled();
@@ -143,6 +149,9 @@ pub(crate) async fn handle(
                 failure.status.canonical_reason().unwrap_or(""),
                 public_reason(&failure)
             );
+            if failure.status == StatusCode::REQUEST_TIMEOUT {
+                ctx.series.timed_out(ClientTimeout::Body);
+            }
             log.error = Some((failure.source, failure.detail));
             let mut response = Response::new(ResponseBody::full(body));
             *response.status_mut() = failure.status;

@@ -11,14 +11,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::framing::FramingScan;
+use super::framing::{FramingScan, HeadProgress};
 use super::proxy::{handle, ConnContext};
 use crate::config::ListenerConfig;
 use crate::listener::IdleTimeout;
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
-use crate::telemetry::Telemetry;
+use crate::telemetry::{ClientTimeout, Refusal, Telemetry};
 use crate::tls::{AcceptError, Tls};
 use crate::workers::Workers;
 
@@ -90,7 +90,7 @@ async fn serve_limited(
     telemetry: Arc<Telemetry>,
     limit: Arc<Semaphore>,
 ) {
-    let connections = telemetry
+    let series = telemetry
         .metrics()
         .listener(&config.name, config.protocol.as_str());
     let terminate = if config.protocol == Protocol::Https {
@@ -121,11 +121,6 @@ async fn serve_limited(
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     loop {
-        // Take a slot first: over the limit, connections wait in the kernel backlog.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.triggered() => return,
-        };
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -138,6 +133,13 @@ async fn serve_limited(
             },
             _ = shutdown.triggered() => return,
         };
+        // Over the limit a connection is closed at once, and counted: left waiting in the
+        // kernel backlog, a flood would hold back every later client without a trace.
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            series.refused(Refusal::MaxConnections);
+            refuse(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let ctx = Arc::new(ConnContext {
             listener: config.clone(),
@@ -147,27 +149,25 @@ async fn serve_limited(
             scheme,
             tls: tls.clone(),
             telemetry: telemetry.clone(),
+            series: series.clone(),
+            progress: Arc::new(HeadProgress::default()),
         });
         let builder = builder.clone();
         let conn_shutdown = shutdown.clone();
         let idle = config.idle_timeout;
         let terminate = terminate.clone();
         let tls = tls.clone();
-        let open = connections.open();
+        let open = series.open();
         shutdown.spawn(async move {
             let _permit = permit;
             let _open = open;
-            // The framing scan reads what the HTTP parser reads: the decrypted bytes.
             match terminate {
-                None => {
-                    serve_connection(FramingScan::new(stream), ctx, &builder, conn_shutdown, idle)
-                        .await
-                }
+                None => serve_connection(stream, ctx, &builder, conn_shutdown, idle).await,
                 // The idle limit sits below TLS, so it covers the handshake too; the
                 // handshake as a whole is bounded by the header timeout.
                 Some(server_config) => match tls
                     .accept(
-                        IdleTimeout::new(stream, idle),
+                        IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
                         &server_config,
                         ctx.telemetry.metrics(),
                         ctx.listener.header_timeout,
@@ -176,7 +176,7 @@ async fn serve_limited(
                 {
                     Ok(stream) => {
                         serve_connection(
-                            FramingScan::new(stream),
+                            stream,
                             ctx,
                             &builder,
                             conn_shutdown,
@@ -185,6 +185,10 @@ async fn serve_limited(
                         .await
                     }
                     Err(AcceptError::ChallengeAnswered) => {}
+                    Err(AcceptError::Timeout) => {
+                        ctx.series.timed_out(ClientTimeout::Handshake);
+                        tracing::debug!(%client, "TLS handshake not completed within header_timeout");
+                    }
                     Err(e) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
                 },
             }
@@ -205,26 +209,77 @@ async fn serve_connection<IO>(
 {
     let client = ctx.client;
     let idle = ctx.listener.idle_timeout;
-    let io = TokioIo::new(IdleTimeout::new(io, idle_above));
+    let header_timeout = ctx.listener.header_timeout;
+    let (series, progress) = (ctx.series.clone(), ctx.progress.clone());
+    // The framing scan reads what the HTTP parser reads: the decrypted bytes.
+    let scanned = FramingScan::watched(io, progress.clone());
+    let io = TokioIo::new(IdleTimeout::new(scanned, idle_above).counted_in(series.clone()));
     let service = service_fn(move |req| handle(ctx.clone(), req));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.triggered() => {
-            // Keep-alive clients are told `Connection: close` on their next response
-            // (see the request path), which closes cleanly from their side of the
-            // race. Only connections that stay idle are closed by us, after a grace.
-            tokio::select! {
-                r = conn.as_mut() => r,
-                _ = tokio::time::sleep(DRAIN_GRACE.min(idle)) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+    // hyper times an HTTP/1 head from its first byte, and an HTTP/2 connection's first
+    // request not at all: a client that connects and sends nothing (or trickles an HTTP/2
+    // preface) gets `header_timeout` for its first request, like any head.
+    let first_request = tokio::time::sleep(header_timeout);
+    tokio::pin!(first_request);
+    let mut awaiting_first = true;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            () = &mut first_request, if awaiting_first => {
+                awaiting_first = false;
+                if !progress.any_request() {
+                    series.timed_out(ClientTimeout::Head);
+                    tracing::debug!(%client, "no request within header_timeout");
+                    return;
                 }
+            }
+            _ = shutdown.triggered() => {
+                // Keep-alive clients are told `Connection: close` on their next response
+                // (see the request path), which closes cleanly from their side of the
+                // race. Only connections that stay idle are closed by us, after a grace.
+                break tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = tokio::time::sleep(DRAIN_GRACE.min(idle)) => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
             }
         }
     };
     if let Err(e) = result {
+        if is_header_timeout(&*e) {
+            // hyper's head timer also runs while a keep-alive connection waits for its
+            // next request: that is an idle client, not a stalled head.
+            let cause = if progress.in_head() || !progress.any_request() {
+                ClientTimeout::Head
+            } else {
+                ClientTimeout::Idle
+            };
+            series.timed_out(cause);
+        }
         tracing::debug!(%client, error = %e, "client connection ended with an error");
     }
+}
+
+/// Whether hyper ended the connection because a request head did not arrive in time.
+fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Closes a refused connection with a reset: no FIN handshake and no TIME_WAIT left on
+/// our side, whatever a flood of them does.
+fn refuse(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::telemetry::{ClientTimeout, ListenerSeries};
+
 /// Closes a connection that is idle (nothing read or written) for `timeout`.
 ///
 /// Activity in either direction resets the clock, so a long download is never cut while
@@ -18,6 +20,8 @@ pub struct IdleTimeout<S> {
     timeout: Duration,
     last_activity: Instant,
     timer: Pin<Box<Sleep>>,
+    /// Where an expiry is counted (once), if anywhere.
+    counted: Option<ListenerSeries>,
 }
 
 impl<S> IdleTimeout<S> {
@@ -29,7 +33,15 @@ impl<S> IdleTimeout<S> {
             timeout,
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+            counted: None,
         }
+    }
+
+    /// Counts the expiry in `series` as an idle client: the parser above sees only a read
+    /// error, which it may take for the client closing.
+    pub fn counted_in(mut self, series: ListenerSeries) -> Self {
+        self.counted = Some(series);
+        self
     }
 
     /// The wrapped stream.
@@ -53,6 +65,9 @@ impl<S> IdleTimeout<S> {
             }
             match self.timer.as_mut().poll(cx) {
                 Poll::Ready(()) if Instant::now() >= self.last_activity + self.timeout => {
+                    if let Some(series) = self.counted.take() {
+                        series.timed_out(ClientTimeout::Idle);
+                    }
                     return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
                 }
                 Poll::Ready(()) => continue,

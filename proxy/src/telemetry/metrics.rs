@@ -32,6 +32,14 @@ struct ListenerLabels {
     protocol: &'static str,
 }
 
+/// Labels of per-listener counts by cause (a phase or a reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerCauseLabels {
+    listener: String,
+    protocol: &'static str,
+    cause: &'static str,
+}
+
 /// Labels of per-request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -162,12 +170,68 @@ impl HeldOutcome {
     }
 }
 
+/// Where a client was too slow, as `proxy_client_timeouts` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeout {
+    /// The TLS handshake did not complete within `header_timeout`.
+    Handshake,
+    /// A request head was started (or, on a new connection, not even started) and not
+    /// complete within `header_timeout`.
+    Head,
+    /// A request body paused longer than the pool's `body_timeout` (answered 408).
+    Body,
+    /// Nothing moved for `idle_timeout`, or a keep-alive connection waited longer than
+    /// `header_timeout` for its next request.
+    Idle,
+}
+
+impl ClientTimeout {
+    const ALL: [ClientTimeout; 4] = [
+        ClientTimeout::Handshake,
+        ClientTimeout::Head,
+        ClientTimeout::Body,
+        ClientTimeout::Idle,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ClientTimeout::Handshake => "handshake",
+            ClientTimeout::Head => "head",
+            ClientTimeout::Body => "body",
+            ClientTimeout::Idle => "idle",
+        }
+    }
+}
+
+/// Why a connection was closed right after it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The listener had `max_connections` open.
+    MaxConnections,
+    /// The client's IP had `max_connections_per_ip` open on the listener.
+    MaxConnectionsPerIp,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 2] = [Refusal::MaxConnections, Refusal::MaxConnectionsPerIp];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+        }
+    }
+}
+
 /// Every metric of one daemon.
 pub struct Metrics {
     registry: Registry,
     legacy: Arc<Legacy>,
     connections_active: Family<ListenerLabels, Gauge>,
     connections_total: Family<ListenerLabels, Counter>,
+    client_timeouts: Family<ListenerCauseLabels, Counter>,
+    connections_refused: Family<ListenerCauseLabels, Counter>,
+    rate_limited: Family<ListenerLabels, Counter>,
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Family<RequestLabels, DurationHistogram, fn() -> DurationHistogram>,
     http_errors: Family<ErrorLabels, Counter>,
@@ -216,6 +280,29 @@ impl Metrics {
             "proxy_connections",
             "Client connections accepted, by listener",
             connections_total.clone(),
+        );
+        let client_timeouts = Family::<ListenerCauseLabels, Counter>::default();
+        registry.register(
+            "proxy_client_timeouts",
+            "Slow clients given up on, by listener and cause: handshake (TLS handshake not done \
+             within header_timeout), head (no complete request head within header_timeout), \
+             body (a request body paused longer than the pool's body_timeout; answered 408), \
+             idle (nothing moved for idle_timeout, or a keep-alive connection waited longer \
+             than header_timeout for its next request)",
+            client_timeouts.clone(),
+        );
+        let connections_refused = Family::<ListenerCauseLabels, Counter>::default();
+        registry.register(
+            "proxy_connections_refused",
+            "Client connections closed right after accept, by listener and cause \
+             (max_connections, max_connections_per_ip)",
+            connections_refused.clone(),
+        );
+        let rate_limited = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "proxy_http_rate_limited",
+            "Requests answered 429 by the listener's per-client-IP rate limit",
+            rate_limited.clone(),
         );
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -372,6 +459,9 @@ impl Metrics {
             legacy,
             connections_active,
             connections_total,
+            client_timeouts,
+            connections_refused,
+            rate_limited,
             http_requests,
             http_duration,
             http_errors,
@@ -419,11 +509,21 @@ impl Metrics {
             listener: name.to_string(),
             protocol,
         };
-        ListenerSeries {
+        let cause = |family: &Family<ListenerCauseLabels, Counter>, cause: &'static str| {
+            family.get_or_create_owned(&ListenerCauseLabels {
+                listener: name.to_string(),
+                protocol,
+                cause,
+            })
+        };
+        ListenerSeries(Arc::new(ListenerCounters {
             active: self.connections_active.get_or_create_owned(&labels),
             total: self.connections_total.get_or_create_owned(&labels),
+            timeouts: ClientTimeout::ALL.map(|t| cause(&self.client_timeouts, t.as_str())),
+            refused: Refusal::ALL.map(|r| cause(&self.connections_refused, r.as_str())),
+            rate_limited: self.rate_limited.get_or_create_owned(&labels),
             legacy: self.legacy.clone(),
-        }
+        }))
     }
 
     /// Records one finished HTTP request (called where the access log line is written).
@@ -702,22 +802,52 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// The connection counters of one listener.
+/// The connection counters of one listener, made once per listener; cloning is cheap.
 #[derive(Clone, Debug)]
-pub struct ListenerSeries {
+pub struct ListenerSeries(Arc<ListenerCounters>);
+
+#[derive(Debug)]
+struct ListenerCounters {
     active: Gauge,
     total: Counter,
+    /// By [`ClientTimeout::ALL`] order.
+    timeouts: [Counter; 4],
+    /// By [`Refusal::ALL`] order.
+    refused: [Counter; 2],
+    rate_limited: Counter,
     legacy: Arc<Legacy>,
 }
 
 impl ListenerSeries {
     /// Counts an accepted connection; it stays active until the guard is dropped.
     pub fn open(&self) -> OpenConnection {
-        self.active.inc();
-        self.total.inc();
-        self.legacy.tcp_active.fetch_add(1, Ordering::Relaxed);
-        self.legacy.tcp_total.fetch_add(1, Ordering::Relaxed);
+        let c = &self.0;
+        c.active.inc();
+        c.total.inc();
+        c.legacy.tcp_active.fetch_add(1, Ordering::Relaxed);
+        c.legacy.tcp_total.fetch_add(1, Ordering::Relaxed);
         OpenConnection(self.clone())
+    }
+
+    /// Counts a client given up on for being too slow.
+    pub fn timed_out(&self, timeout: ClientTimeout) {
+        let index = ClientTimeout::ALL.iter().position(|t| *t == timeout);
+        if let Some(counter) = index.and_then(|i| self.0.timeouts.get(i)) {
+            counter.inc();
+        }
+    }
+
+    /// Counts a connection closed right after accept.
+    pub fn refused(&self, refusal: Refusal) {
+        let index = Refusal::ALL.iter().position(|r| *r == refusal);
+        if let Some(counter) = index.and_then(|i| self.0.refused.get(i)) {
+            counter.inc();
+        }
+    }
+
+    /// Counts a request answered 429 by the per-client-IP rate limit.
+    pub fn rate_limited(&self) {
+        self.0.rate_limited.inc();
     }
 }
 
@@ -727,8 +857,9 @@ pub struct OpenConnection(ListenerSeries);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.active.dec();
-        self.0.legacy.tcp_active.fetch_sub(1, Ordering::Relaxed);
+        let c = &(self.0).0;
+        c.active.dec();
+        c.legacy.tcp_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1209,6 +1340,30 @@ mod tests {
         );
         drop(b);
         assert_eq!(m.connections_open(), 0);
+    }
+
+    #[test]
+    fn slow_client_and_refusal_series_start_at_zero_and_count_by_cause() {
+        let m = Metrics::new(None);
+        let web = m.listener("web", "https");
+        let zero = m.encode();
+        for cause in ["handshake", "head", "body", "idle"] {
+            assert!(zero.contains(&format!("proxy_client_timeouts_total{{listener=\"web\",protocol=\"https\",cause=\"{cause}\"}} 0\n")), "{zero}");
+        }
+        web.timed_out(ClientTimeout::Head);
+        web.timed_out(ClientTimeout::Head);
+        web.timed_out(ClientTimeout::Idle);
+        web.refused(Refusal::MaxConnectionsPerIp);
+        web.rate_limited();
+        let text = m.encode();
+        assert!(text.contains("proxy_client_timeouts_total{listener=\"web\",protocol=\"https\",cause=\"head\"} 2\n"), "{text}");
+        assert!(text.contains("proxy_client_timeouts_total{listener=\"web\",protocol=\"https\",cause=\"idle\"} 1\n"), "{text}");
+        assert!(text.contains("proxy_connections_refused_total{listener=\"web\",protocol=\"https\",cause=\"max_connections\"} 0\n"), "{text}");
+        assert!(text.contains("proxy_connections_refused_total{listener=\"web\",protocol=\"https\",cause=\"max_connections_per_ip\"} 1\n"), "{text}");
+        assert!(
+            text.contains("proxy_http_rate_limited_total{listener=\"web\",protocol=\"https\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

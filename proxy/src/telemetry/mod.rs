@@ -23,8 +23,8 @@ use tracing_subscriber::Layer as _;
 pub use access::{AccessLogFormat, HeaderPolicy};
 pub use histogram::DurationHistogram;
 pub use metrics::{
-    AcmeResult, CertificateExpiry, GaugeGuard, HeldOutcome, HttpOutcome, ListenerSeries, Metrics,
-    OpenConnection, Reader, RouteTotal, SourceCondition,
+    AcmeResult, CertificateExpiry, ClientTimeout, GaugeGuard, HeldOutcome, HttpOutcome,
+    ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteTotal, SourceCondition,
 };
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
 

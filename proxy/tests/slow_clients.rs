@@ -1,0 +1,480 @@
+//! Slow clients and floods against real sockets: slowloris heads on `http` and `https`,
+//! stalled uploads, idle keep-alive connections and floods beyond `max_connections` are
+//! cut off and counted in `/metrics` while other clients are served; and the daemon's
+//! memory per held connection stays small.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod tls_support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use common::{
+    free_port, get, pool, raw, read_response, start_proxy, upstream, TestProxy, Upstream,
+};
+use tls_support::{client_config, get_over, tls_connect, TestCa};
+
+/// Far longer than any limit a test sets: what "eventually" means here.
+const EVENTUALLY: Duration = Duration::from_secs(40);
+/// Time between two trickled bytes.
+const TRICKLE: Duration = Duration::from_millis(200);
+
+/// A daemon with one listener `web` (`protocol`, with `listener_extra` keys) routing every
+/// request to one upstream through pool `app` (with `pool_extra` keys), and an admin
+/// listener for `/metrics`. `tls_files` adds a certificate for `https`.
+async fn proxy(
+    protocol: &str,
+    listener_extra: &str,
+    pool_extra: &str,
+    tls_files: Option<(&std::path::Path, &std::path::Path)>,
+) -> (TestProxy, Upstream) {
+    let app = upstream("app").await;
+    let mut config = String::from(
+        "[server]\nstate_dir = \"{state}\"\nadmin_listen = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n",
+    );
+    config += &format!("protocol = \"{protocol}\"\n{listener_extra}\n\n");
+    config += &pool("app", &[&app]);
+    config += &format!(
+        "{pool_extra}\n\n[[routes]]\nname = \"app\"\nlistener = \"web\"\npool = \"app\"\n"
+    );
+    if let Some((cert, key)) = tls_files {
+        config += &format!(
+            "\n[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+    }
+    (start_proxy(&config).await, app)
+}
+
+/// `/metrics` from the admin listener.
+async fn metrics(p: &TestProxy) -> String {
+    let admin = p.daemon.admin_address().expect("admin listener");
+    let r = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+/// Scrapes until `series` reads `want` (counts are written just after the client sees the
+/// close), failing with the last scrape otherwise.
+async fn expect_sample(p: &TestProxy, series: &str, want: u64) {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    while tokio::time::Instant::now() < deadline {
+        text = metrics(p).await;
+        if sample(&text, series) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{series} is {:?}, expected {want}, in:\n{text}",
+        sample(&text, series)
+    );
+}
+
+fn timeouts(protocol: &str, cause: &str) -> String {
+    format!(
+        "proxy_client_timeouts_total{{listener=\"web\",protocol=\"{protocol}\",cause=\"{cause}\"}}"
+    )
+}
+
+fn refused(cause: &str) -> String {
+    format!(
+        "proxy_connections_refused_total{{listener=\"web\",protocol=\"http\",cause=\"{cause}\"}}"
+    )
+}
+
+const ACTIVE: &str = "proxy_connections_active{listener=\"web\",protocol=\"http\"}";
+
+/// Sends `bytes` one at a time, [`TRICKLE`] apart, then stays silent, until the proxy
+/// closes the connection; `true` when it did within [`EVENTUALLY`].
+async fn trickle_until_closed<S>(stream: S, bytes: Vec<u8>) -> bool
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let writing = async move {
+        for byte in bytes {
+            if writer.write_all(&[byte]).await.is_err() || writer.flush().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(TRICKLE).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let closed = async move {
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink).await;
+    };
+    tokio::time::timeout(EVENTUALLY, async {
+        tokio::select! {
+            () = writing => {}
+            () = closed => {}
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A request head that never ends: a request line, then one header line after another.
+fn endless_head() -> Vec<u8> {
+    let mut head = b"GET / HTTP/1.1\r\nHost: a.example\r\n".to_vec();
+    for n in 0..1000 {
+        head.extend_from_slice(format!("X-Slow-{n}: y\r\n").as_bytes());
+    }
+    head
+}
+
+/// Whether the proxy closes `stream` (end of stream or reset) within [`EVENTUALLY`].
+async fn closed_by_proxy(stream: &mut TcpStream) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(EVENTUALLY, stream.read_to_end(&mut sink))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn slowloris_on_http_is_closed_at_header_timeout_and_counted() {
+    // Bytes keep moving, so the idle limit never ends these connections: only the head's.
+    let (p, _app) = proxy(
+        "http",
+        "header_timeout = \"1s\"\nidle_timeout = \"300s\"",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        clients.push(tokio::spawn(trickle_until_closed(stream, endless_head())));
+    }
+    // A client that connects and sends nothing, and one that trickles an HTTP/2 preface:
+    // hyper's own head timer covers neither.
+    let silent = TcpStream::connect(addr).await.unwrap();
+    clients.push(tokio::spawn(trickle_until_closed(silent, Vec::new())));
+    let preface = TcpStream::connect(addr).await.unwrap();
+    clients.push(tokio::spawn(trickle_until_closed(
+        preface,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+    )));
+    // Other clients are served meanwhile.
+    for _ in 0..3 {
+        assert_eq!(get(addr, "a.example", "/").await.status, 200);
+    }
+    for (n, client) in clients.into_iter().enumerate() {
+        assert!(client.await.unwrap(), "slow client {n} still open");
+    }
+    expect_sample(&p, &timeouts("http", "head"), 7).await;
+    expect_sample(&p, &timeouts("http", "idle"), 0).await;
+    assert_eq!(get(addr, "a.example", "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn slowloris_on_https_is_closed_at_header_timeout_and_counted() {
+    let ca = TestCa::new("slow CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["secure.example.test"]);
+    let (cert_path, key_path) = (dir.path().join("leaf.pem"), dir.path().join("leaf.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let (p, _app) = proxy(
+        "https",
+        "header_timeout = \"1s\"\nidle_timeout = \"300s\"",
+        "",
+        Some((&cert_path, &key_path)),
+    )
+    .await;
+    let addr = p.addr("web");
+    let config = || client_config(ca.roots(), &[b"http/1.1"]);
+    // Each trickled byte is its own TLS record, after a normal handshake.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let tls = tls_connect(addr, "secure.example.test", config())
+            .await
+            .expect("handshake");
+        clients.push(tokio::spawn(trickle_until_closed(tls, endless_head())));
+    }
+    // A client that never starts its handshake.
+    let silent = TcpStream::connect(addr).await.unwrap();
+    clients.push(tokio::spawn(trickle_until_closed(silent, Vec::new())));
+    let mut ok = tls_connect(addr, "secure.example.test", config())
+        .await
+        .expect("handshake");
+    assert_eq!(get_over(&mut ok, "secure.example.test", "/").await.0, 200);
+    for (n, client) in clients.into_iter().enumerate() {
+        assert!(client.await.unwrap(), "slow client {n} still open");
+    }
+    expect_sample(&p, &timeouts("https", "head"), 3).await;
+    expect_sample(&p, &timeouts("https", "handshake"), 1).await;
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_cut_by_the_body_timeout_and_counted() {
+    let (p, app) = proxy("http", "", "body_timeout = \"1s\"", None).await;
+    let addr = p.addr("web");
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: a.example\r\nContent-Length: 100000\r\n\r\nfirst bytes",
+    )
+    .await
+    .unwrap();
+    // Others are served while the upload hangs.
+    assert_eq!(get(addr, "a.example", "/").await.status, 200);
+    let response = read_response(&mut slow).await;
+    assert_eq!(response.status, 408, "{}", response.text());
+    assert!(
+        closed_by_proxy(&mut slow).await,
+        "connection kept after 408"
+    );
+    expect_sample(&p, &timeouts("http", "body"), 1).await;
+    assert!(app.hits() >= 2);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_and_counted() {
+    // Idle for 1 s closes; the head timer (which hyper also runs while a keep-alive
+    // connection waits) is far away.
+    let (p, _app) = proxy(
+        "http",
+        "idle_timeout = \"1s\"\nheader_timeout = \"300s\"",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let (status, close) =
+            common::exchange(&mut stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                .await
+                .expect("answer");
+        assert_eq!((status, close), (200, false));
+        idle.push(stream);
+    }
+    assert_eq!(get(addr, "a.example", "/").await.status, 200);
+    for (n, stream) in idle.iter_mut().enumerate() {
+        assert!(
+            closed_by_proxy(stream).await,
+            "idle connection {n} still open"
+        );
+    }
+    expect_sample(&p, &timeouts("http", "idle"), 200).await;
+    expect_sample(&p, &timeouts("http", "head"), 0).await;
+    assert_eq!(get(addr, "a.example", "/").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_keep_alive_wait_ended_by_header_timeout_counts_as_idle_not_as_a_slow_head() {
+    let (p, _app) = proxy(
+        "http",
+        "idle_timeout = \"300s\"\nheader_timeout = \"1s\"",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let (status, _) =
+            common::exchange(&mut stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                .await
+                .expect("answer");
+        assert_eq!(status, 200);
+        waiting.push(stream);
+    }
+    // One more that starts its second head and stalls in it.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    common::exchange(&mut stalled, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        .await
+        .expect("answer");
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.exa")
+        .await
+        .unwrap();
+    for stream in waiting.iter_mut().chain([&mut stalled]) {
+        assert!(closed_by_proxy(stream).await, "still open");
+    }
+    expect_sample(&p, &timeouts("http", "idle"), 3).await;
+    expect_sample(&p, &timeouts("http", "head"), 1).await;
+}
+
+#[tokio::test]
+async fn a_flood_beyond_max_connections_is_refused_and_counted() {
+    let (p, _app) = proxy(
+        "http",
+        "max_connections = 20\nheader_timeout = \"300s\"\nidle_timeout = \"300s\"",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    // A refusal can reach a client before its connect call returns: that one fails.
+    let mut flood = Vec::new();
+    let mut closed = 0;
+    for _ in 0..60 {
+        match TcpStream::connect(addr).await {
+            Ok(stream) => flood.push(stream),
+            Err(_) => closed += 1,
+        }
+    }
+    expect_sample(&p, &refused("max_connections"), 40).await;
+    expect_sample(&p, ACTIVE, 20).await;
+    // The refused ones are closed at once (the count above is taken just before the close,
+    // so each read below ends at once); the 20 admitted stay open and silent.
+    let reads = flood.iter_mut().map(|stream| async move {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(_)) => panic!("the proxy sent bytes to a silent client"),
+            Err(_) => false,
+        }
+    });
+    closed += futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .filter(|c| *c)
+        .count();
+    assert_eq!(closed, 40, "refused connections");
+    // While the flood holds every slot, one more client is refused too.
+    if let Ok(mut late) = TcpStream::connect(addr).await {
+        let _ = late
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(EVENTUALLY, late.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "a client beyond the limit stays open");
+        assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    }
+    expect_sample(&p, &refused("max_connections"), 41).await;
+    // Once the flood is gone, clients are served again.
+    drop(flood);
+    expect_sample(&p, ACTIVE, 0).await;
+    assert_eq!(get(addr, "a.example", "/").await.status, 200);
+    expect_sample(&p, &refused("max_connections_per_ip"), 0).await;
+}
+
+struct Proxyd(Child);
+
+impl Drop for Proxyd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// proxyd as its own process, so its resident memory is its own; 1,000 clients each hold
+/// a connection with half a request head. The growth per connection (about 24 KiB for a
+/// debug build) must stay well below what one buffer of the head limit (64 KiB) per
+/// connection would add.
+#[tokio::test]
+async fn memory_per_held_connection_stays_small() {
+    let app = upstream("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "[server]\nstate_dir = \"{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\n[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:{port}\"\nheader_timeout = \"300s\"\nidle_timeout = \"300s\"\n\n{}\n[[routes]]\nname = \"app\"\nlistener = \"web\"\npool = \"app\"\n",
+        dir.path().join("state").display(),
+        pool("app", &[&app]),
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = Proxyd(
+        Command::new(env!("CARGO_BIN_EXE_proxyd"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let mut up = false;
+    for _ in 0..400 {
+        if TcpStream::connect(admin).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "proxyd did not start");
+    // Warm up: the first requests allocate what every later one reuses.
+    for _ in 0..20 {
+        assert_eq!(get(addr, "a.example", "/").await.status, 200);
+    }
+    let active = |text: &str| sample(text, ACTIVE).unwrap_or(u64::MAX);
+    let scrape = || async {
+        raw(
+            admin,
+            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .text()
+    };
+    let before = rss_kib(pid);
+    let mut held = Vec::new();
+    for _ in 0..1000 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\nX-Half: ")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    let mut text = String::new();
+    for _ in 0..400 {
+        text = scrape().await;
+        if active(&text) == 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(active(&text), 1000, "{text}");
+    let after = rss_kib(pid);
+    let per_connection = after.saturating_sub(before) as f64 / 1000.0;
+    eprintln!("proxyd RSS {before} KiB -> {after} KiB with 1,000 held connections: {per_connection:.1} KiB each");
+    assert!(
+        per_connection < 48.0,
+        "{per_connection:.1} KiB per held connection ({before} -> {after} KiB)"
+    );
+    // They are still served once they finish their heads.
+    for stream in held.iter_mut().take(5) {
+        stream
+            .write_all(b"1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(stream).await.status, 200);
+    }
+}
