@@ -188,8 +188,19 @@ let
       description = "`IP:PORT` of the listener's socket unit (`ListenStream=`).";
     };
     pool = optionalKey types.str "For `tcp`, `tls` and `tls-passthrough`: the pool that receives the connections.";
-    max_connections = optionalKey types.ints.positive "Most connections open at once (default 10000).";
-    header_timeout = optionalKey duration "Time to receive a request head (default 10s).";
+    max_connections = optionalKey types.ints.positive "Most connections open at once; on `http`/`https` more are closed right after accept (default 10000).";
+    max_connections_per_ip = optionalKey types.ints.positive "`http`/`https`: connections open at once from one client address (an IPv6 /64); more are closed right after accept (default: no limit).";
+    rate_limit = optionalKey
+      (section {
+        requests_per_second = mkOption {
+          type = types.numbers.between 0.001 1000000000;
+          example = 20;
+          description = "Tokens added to a client address's bucket per second; a request takes one.";
+        };
+        burst = optionalKey types.ints.positive "Tokens a bucket holds: requests an address may send at once (default: requests_per_second rounded up).";
+        max_clients = optionalKey types.ints.positive "Client addresses tracked at once (default 100000).";
+      }) "`http`/`https`: a token bucket per client address; requests over it get 429 with `Retry-After` (default: no limit).";
+    header_timeout = optionalKey duration "Time to receive a request head, from accept for the first one (default 10s).";
     idle_timeout = optionalKey duration "Close a connection with no bytes moving for this long (default 60s).";
     max_header_bytes = optionalKey (types.ints.between 8192 1073741824) "Largest request head (default 65536).";
     max_body_bytes = optionalKey types.ints.unsigned "Largest request body; 0 = unlimited (the default).";

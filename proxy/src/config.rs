@@ -121,6 +121,11 @@ pub struct ListenerConfig {
     /// Most connections open at once. On `http` and `https` listeners more are closed
     /// right after accept (counted); on the others they wait in the kernel backlog.
     pub max_connections: usize,
+    /// Most connections open at once from one client address (`http`/`https`); `None`:
+    /// no such limit.
+    pub max_connections_per_ip: Option<u32>,
+    /// Requests per client address (`http`/`https`); `None`: no such limit.
+    pub rate_limit: Option<RateLimit>,
     /// Time allowed for a client to send a request head (HTTP; from accept for the first).
     pub header_timeout: Duration,
     /// A connection with no bytes moving either way for this long is closed.
@@ -129,6 +134,17 @@ pub struct ListenerConfig {
     pub max_header_bytes: usize,
     /// Largest request body accepted (HTTP); 0 means no limit. Larger gets 413.
     pub max_body_bytes: u64,
+}
+
+/// A listener's per-client-address request rate limit: a token bucket per address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second (a request takes one).
+    pub requests_per_second: f64,
+    /// Tokens a bucket holds: the requests an address may send at once.
+    pub burst: u32,
+    /// Addresses tracked at most; beyond, the buckets closest to full are forgotten.
+    pub max_clients: usize,
 }
 
 /// A validated config file.
@@ -269,6 +285,16 @@ struct RawListener {
     idle_timeout: Option<String>,
     max_header_bytes: Option<usize>,
     max_body_bytes: Option<u64>,
+    max_connections_per_ip: Option<u32>,
+    rate_limit: Option<RawRateLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    requests_per_second: f64,
+    burst: Option<u32>,
+    max_clients: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -868,11 +894,33 @@ impl Doc<'_> {
                 "must be at least 8192",
             ));
         }
+        if raw.max_connections_per_ip.is_some() && !protocol.is_http() {
+            return Err(self.field_error(
+                span,
+                prefix,
+                "max_connections_per_ip",
+                "only http and https listeners have per-client limits",
+            ));
+        }
+        if raw.max_connections_per_ip == Some(0) {
+            return Err(self.field_error(
+                span,
+                prefix,
+                "max_connections_per_ip",
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        let rate_limit = match &raw.rate_limit {
+            None => None,
+            Some(rate) => Some(self.build_rate_limit(rate, protocol, span, prefix)?),
+        };
         Ok(ListenerConfig {
             name: raw.name.clone(),
             protocol,
             address,
             max_connections,
+            max_connections_per_ip: raw.max_connections_per_ip,
+            rate_limit,
             header_timeout: self.duration(
                 &raw.header_timeout,
                 Duration::from_secs(10),
@@ -889,6 +937,59 @@ impl Doc<'_> {
             )?,
             max_header_bytes,
             max_body_bytes: raw.max_body_bytes.unwrap_or(0),
+        })
+    }
+
+    /// `listeners[].rate_limit`.
+    fn build_rate_limit(
+        &self,
+        raw: &RawRateLimit,
+        protocol: Protocol,
+        span: &Range<usize>,
+        prefix: &str,
+    ) -> Result<RateLimit, ConfigError> {
+        let error = |key: &str, reason: &str| {
+            // `rate_limit = { ... }` on one line, or a `[listeners.rate_limit]` table.
+            let inline = self.line_of_key(span, "rate_limit");
+            let own = self.line_of_key(span, key);
+            let line = if own == self.line_of(span.start.min(self.text.len())) {
+                inline
+            } else {
+                own
+            };
+            self.error(line, format!("{prefix}.rate_limit.{key}"), reason)
+        };
+        if !protocol.is_http() {
+            return Err(error(
+                "requests_per_second",
+                "only http and https listeners have per-client limits",
+            ));
+        }
+        let rate = raw.requests_per_second;
+        if !(0.001..=1e9).contains(&rate) {
+            return Err(error(
+                "requests_per_second",
+                "must be a number from 0.001 to 1000000000",
+            ));
+        }
+        // By default an address may send one second's worth at once.
+        let burst = raw.burst.unwrap_or_else(|| {
+            // In range: `rate` is at most 1e9.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let per_second = rate.ceil() as u32;
+            per_second.max(1)
+        });
+        if burst == 0 {
+            return Err(error("burst", "must be at least 1"));
+        }
+        let max_clients = raw.max_clients.unwrap_or(100_000);
+        if max_clients == 0 {
+            return Err(error("max_clients", "must be at least 1"));
+        }
+        Ok(RateLimit {
+            requests_per_second: rate,
+            burst,
+            max_clients,
         })
     }
 
@@ -1357,6 +1458,77 @@ upstreams = ["127.0.0.1:9001"]
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    const WEB: &str =
+        "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:8080\"\n";
+
+    #[test]
+    fn per_client_limits_are_off_by_default_and_parse_when_set() {
+        let config = Config::parse(WEB, "t.toml").expect("valid");
+        assert_eq!(config.listeners[0].max_connections_per_ip, None);
+        assert_eq!(config.listeners[0].rate_limit, None);
+        let text = format!(
+            "{WEB}max_connections_per_ip = 8\nrate_limit = {{ requests_per_second = 2.5 }}\n"
+        );
+        let config = Config::parse(&text, "t.toml").expect("valid");
+        let listener = &config.listeners[0];
+        assert_eq!(listener.max_connections_per_ip, Some(8));
+        assert_eq!(
+            listener.rate_limit,
+            Some(RateLimit {
+                requests_per_second: 2.5,
+                burst: 3,
+                max_clients: 100_000
+            })
+        );
+        let text = format!(
+            "{WEB}\n[listeners.rate_limit]\nrequests_per_second = 10\nburst = 50\nmax_clients = 1000\n"
+        );
+        let config = Config::parse(&text, "t.toml").expect("valid");
+        assert_eq!(
+            config.listeners[0].rate_limit,
+            Some(RateLimit {
+                requests_per_second: 10.0,
+                burst: 50,
+                max_clients: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn bad_per_client_limits_name_line_and_field() {
+        let e = err(&format!("{WEB}max_connections_per_ip = 0\n"));
+        assert!(
+            e.starts_with("t.toml:5: listeners[0].max_connections_per_ip: must be at least 1"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{WEB}rate_limit = {{ requests_per_second = 0 }}\n"
+        ));
+        assert!(
+            e.starts_with("t.toml:5: listeners[0].rate_limit.requests_per_second: must be"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{WEB}\n[listeners.rate_limit]\nrequests_per_second = 1\nburst = 0\n"
+        ));
+        assert!(
+            e.starts_with("t.toml:8: listeners[0].rate_limit.burst: must be at least 1"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{WEB}rate_limit = {{ requests_per_second = nan }}\n"
+        ));
+        assert!(e.contains("rate_limit.requests_per_second"), "{e}");
+        let e = err(&format!("{WEB}rate_limit = {{ requests = 1 }}\n"));
+        assert!(e.contains("unknown field `requests`"), "{e}");
+        let tcp = "[[listeners]]\nname = \"db\"\nprotocol = \"tcp\"\naddress = \"127.0.0.1:5432\"\npool = \"p\"\nmax_connections_per_ip = 2\n";
+        let e = err(tcp);
+        assert!(
+            e.starts_with("t.toml:6: listeners[0].max_connections_per_ip: only http and https"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,18 +1,19 @@
 //! Slow clients and floods against real sockets: slowloris heads on `http` and `https`,
 //! stalled uploads, idle keep-alive connections and floods beyond `max_connections` are
-//! cut off and counted in `/metrics` while other clients are served; and the daemon's
-//! memory per held connection stays small.
+//! cut off and counted in `/metrics` while other clients are served; the optional
+//! per-client-address limits (`max_connections_per_ip`, `rate_limit`) refuse one address
+//! and not another; and the daemon's memory per held connection stays small.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod tls_support;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use common::{
     free_port, get, pool, raw, read_response, start_proxy, upstream, TestProxy, Upstream,
@@ -149,6 +150,22 @@ async fn closed_by_proxy(stream: &mut TcpStream) -> bool {
     tokio::time::timeout(EVENTUALLY, stream.read_to_end(&mut sink))
         .await
         .is_ok()
+}
+
+/// A connection to `to` from the local address `from` (127.0.0.1, 127.0.0.2, ...).
+async fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    try_connect_from(from, to).await.unwrap()
+}
+
+/// [`connect_from`] for a connection the proxy may refuse before `connect` returns.
+async fn try_connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(to).await
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
 }
 
 #[tokio::test]
@@ -372,6 +389,118 @@ async fn a_flood_beyond_max_connections_is_refused_and_counted() {
     expect_sample(&p, ACTIVE, 0).await;
     assert_eq!(get(addr, "a.example", "/").await.status, 200);
     expect_sample(&p, &refused("max_connections_per_ip"), 0).await;
+}
+
+#[tokio::test]
+async fn max_connections_per_ip_limits_one_address_and_not_another() {
+    let (p, _app) = proxy(
+        "http",
+        "max_connections_per_ip = 3\nheader_timeout = \"300s\"\nidle_timeout = \"300s\"",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    let (one, two) = (ip("127.0.0.1"), ip("127.0.0.2"));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(one, addr).await);
+    }
+    expect_sample(&p, ACTIVE, 3).await;
+    // A fourth from the same address is closed right away, unanswered.
+    if let Ok(mut fourth) = try_connect_from(one, addr).await {
+        let _ = fourth
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(EVENTUALLY, fourth.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "fourth connection still open");
+        assert!(answer.is_empty(), "{:?}", String::from_utf8_lossy(&answer));
+    }
+    expect_sample(&p, &refused("max_connections_per_ip"), 1).await;
+    // Another address is not limited by the first one's connections.
+    for _ in 0..4 {
+        let mut other = connect_from(two, addr).await;
+        other
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut other).await.status, 200);
+    }
+    // Once one of its connections closes, the first address gets a slot back.
+    drop(held.pop());
+    expect_sample(&p, ACTIVE, 2).await;
+    let mut again = connect_from(one, addr).await;
+    again
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut again).await.status, 200);
+    expect_sample(&p, &refused("max_connections_per_ip"), 1).await;
+}
+
+/// One `GET /` from `from` on a fresh connection.
+async fn get_from(from: IpAddr, addr: SocketAddr) -> common::RawResponse {
+    let mut stream = connect_from(from, addr).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    read_response(&mut stream).await
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_with_retry_after_then_serves_again() {
+    let (p, app) = proxy(
+        "http",
+        "rate_limit = { requests_per_second = 0.2, burst = 3 }",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    let (one, two) = (ip("127.0.0.1"), ip("127.0.0.2"));
+    // The burst goes through (far quicker than the one request per five seconds the
+    // bucket refills)...
+    for _ in 0..3 {
+        assert_eq!(get_from(one, addr).await.status, 200);
+    }
+    // ...then the address is over its rate.
+    let limited = get_from(one, addr).await;
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    let retry_after: u64 = limited
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in whole seconds");
+    assert!(retry_after >= 1, "{retry_after}");
+    expect_sample(
+        &p,
+        "proxy_http_rate_limited_total{listener=\"web\",protocol=\"http\"}",
+        1,
+    )
+    .await;
+    let before = app.hits();
+    // Another address has its own bucket.
+    assert_eq!(get_from(two, addr).await.status, 200);
+    assert_eq!(app.hits(), before + 1);
+    // After waiting as told, the first address is served again.
+    let mut served = false;
+    let mut limited_again = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(retry_after)).await;
+        if get_from(one, addr).await.status == 200 {
+            served = true;
+            break;
+        }
+        limited_again += 1;
+    }
+    assert!(served, "still limited after waiting");
+    expect_sample(
+        &p,
+        "proxy_http_rate_limited_total{listener=\"web\",protocol=\"http\"}",
+        1 + limited_again,
+    )
+    .await;
 }
 
 struct Proxyd(Child);

@@ -74,6 +74,13 @@ let
   registrationTest = import ../registration.nix { inherit (stub) pkgs nixosModule package; };
   registrationNodes = stub.testNodes registrationTest;
 
+  # The first listener with per-client limits added.
+  limitedHost = limits: host {
+    services.proxy.settings.listeners = lib.mkForce [ ((builtins.head listeners) // limits) ];
+  };
+  limited = limitedHost { max_connections_per_ip = 32; rate_limit = { requests_per_second = 0.5; burst = 10; }; };
+  limitedListener = config: builtins.head config.services.proxy.settings.listeners;
+
   prometheusHost = host { services.proxy.prometheus = { rules = true; scrape = true; }; };
   noAdminScrape = host {
     services.proxy.prometheus.scrape = true;
@@ -181,6 +188,16 @@ let
     (expectEq "prometheus.scrape adds the job the rules expect, on admin_listen"
       prometheusHost.services.prometheus.scrapeConfigs
       [{ job_name = "proxy"; static_configs = [{ targets = [ "127.0.0.1:42008" ]; }]; }])
+    (expectEq "per-client limits: typed options, unset keys null (left out of the file)"
+      { inherit (limitedListener limited) max_connections_per_ip rate_limit; }
+      { max_connections_per_ip = 32; rate_limit = { requests_per_second = 0.5; burst = 10; max_clients = null; }; })
+    (check "per-client limits: off unless set"
+      ((limitedListener base).rate_limit == null
+        && (limitedListener base).max_connections_per_ip == null) "set by default")
+    (check "per-client limits: a rate of 0 requests per second is a type error"
+      (throws (limitedListener (limitedHost { rate_limit.requests_per_second = 0; })).rate_limit) "accepted")
+    (check "per-client limits: max_connections_per_ip = 0 is a type error"
+      (throws (limitedListener (limitedHost { max_connections_per_ip = 0; })).max_connections_per_ip) "accepted")
     (check "prometheus.scrape without an admin listener is refused"
       (mentions "admin_listen" (failed noAdminScrape))
       (show (failed noAdminScrape)))

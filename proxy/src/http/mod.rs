@@ -5,6 +5,7 @@ pub mod access_log;
 pub mod body;
 pub mod framing;
 pub mod hygiene;
+pub mod per_ip;
 mod proxy;
 mod server;
 

@@ -15,6 +15,7 @@ use super::access_log::{AccessLog, ErrorSource};
 use super::body::{grpc_message, grpc_status, ResponseBody, Reuse};
 use super::framing::HeadProgress;
 use super::hygiene;
+use super::per_ip::RequestRatePerIp;
 use crate::config::ListenerConfig;
 use crate::routing::Published;
 use crate::routing::RouteEntry;
@@ -44,6 +45,8 @@ pub(crate) struct ConnContext {
     pub series: ListenerSeries,
     /// Where the client is in its requests (see [`HeadProgress`]).
     pub progress: Arc<HeadProgress>,
+    /// The listener's per-client-address request rate limit, if it has one.
+    pub rate: Option<Arc<RequestRatePerIp>>,
 }
 
 /// A failed request: status for the client, who failed, and the detail for the log.
@@ -51,6 +54,8 @@ struct Failure {
     status: StatusCode,
     source: ErrorSource,
     detail: String,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl Failure {
@@ -59,6 +64,21 @@ impl Failure {
             status,
             source,
             detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 for a client over its rate limit, which has a token again after `wait`.
+    fn rate_limited(wait: std::time::Duration) -> Self {
+        // Whole seconds, rounded up: a client that waits that long finds a token.
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Failure {
+            retry_after: Some(seconds.max(1)),
+            ..Failure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorSource::Downstream,
+                "over the listener's per-client rate limit",
+            )
         }
     }
 }
@@ -159,7 +179,15 @@ pub(crate) async fn handle(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
-            if failure.source == ErrorSource::Downstream {
+            if let Some(seconds) = failure.retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            // A client over its rate limit may keep its connection for the next try.
+            if failure.source == ErrorSource::Downstream
+                && failure.status != StatusCode::TOO_MANY_REQUESTS
+            {
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -230,6 +258,7 @@ fn public_reason(failure: &Failure) -> &'static str {
         StatusCode::GATEWAY_TIMEOUT => "the upstream did not answer in time",
         StatusCode::PAYLOAD_TOO_LARGE => "request body too large",
         StatusCode::LENGTH_REQUIRED => "a Content-Length is required",
+        StatusCode::TOO_MANY_REQUESTS => "too many requests from this address; retry later",
         _ => "malformed request",
     }
 }
@@ -241,6 +270,12 @@ async fn proxy(
 ) -> Result<Response<ResponseBody>, Failure> {
     if let Some(answer) = acme_challenge(ctx, &req) {
         return Ok(answer);
+    }
+    if let Some(rate) = &ctx.rate {
+        if let Err(wait) = rate.take(ctx.client.ip()) {
+            ctx.series.rate_limited();
+            return Err(Failure::rate_limited(wait));
+        }
     }
     check_request(ctx, &req)?;
     let host = hygiene::request_host(req.uri(), req.headers());

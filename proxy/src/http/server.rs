@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::framing::{FramingScan, HeadProgress};
+use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext};
 use crate::config::ListenerConfig;
 use crate::listener::IdleTimeout;
@@ -25,6 +26,27 @@ use crate::workers::Workers;
 /// How long an idle keep-alive connection may stay open once draining began.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A listener's connection and client limits, one set shared by all of its workers.
+#[derive(Clone)]
+struct Limits {
+    connections: Arc<Semaphore>,
+    per_ip: Option<Arc<ConnectionsPerIp>>,
+    rate: Option<Arc<RequestRatePerIp>>,
+}
+
+impl Limits {
+    fn new(config: &ListenerConfig) -> Limits {
+        Limits {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            per_ip: config.max_connections_per_ip.map(ConnectionsPerIp::new),
+            rate: config
+                .rate_limit
+                .as_ref()
+                .map(|r| Arc::new(RequestRatePerIp::new(r))),
+        }
+    }
+}
+
 /// Serves `socket` on every worker (see [`crate::workers`]) until shutdown, with one
 /// `max_connections` limit for all of them.
 pub fn serve_on(
@@ -36,27 +58,27 @@ pub fn serve_on(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) -> std::io::Result<()> {
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let limits = Limits::new(&config);
     let mut sockets = Vec::with_capacity(workers.len());
     for _ in 0..workers.len() {
         sockets.push(std::sync::Mutex::new(Some(socket.try_clone()?)));
     }
     workers.spawn_each(|index| {
         let socket = sockets[index].lock().ok().and_then(|mut s| s.take());
-        let (config, state, shutdown, tls, telemetry, limit) = (
+        let (config, state, shutdown, tls, telemetry, limits) = (
             config.clone(),
             state.clone(),
             shutdown.clone(),
             tls.clone(),
             telemetry.clone(),
-            limit.clone(),
+            limits.clone(),
         );
         async move {
             let Some(socket) = socket else { return };
             // Registered with this worker's own event loop.
             match TcpListener::from_std(socket) {
                 Ok(listener) => {
-                    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+                    serve_limited(listener, config, state, shutdown, tls, telemetry, limits).await
                 }
                 Err(e) => {
                     tracing::error!(listener = %config.name, error = %e, "worker cannot serve listener")
@@ -77,8 +99,8 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
-    let limit = Arc::new(Semaphore::new(config.max_connections));
-    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+    let limits = Limits::new(&config);
+    serve_limited(listener, config, state, shutdown, tls, telemetry, limits).await
 }
 
 async fn serve_limited(
@@ -88,7 +110,7 @@ async fn serve_limited(
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
-    limit: Arc<Semaphore>,
+    limits: Limits,
 ) {
     let series = telemetry
         .metrics()
@@ -135,10 +157,21 @@ async fn serve_limited(
         };
         // Over the limit a connection is closed at once, and counted: left waiting in the
         // kernel backlog, a flood would hold back every later client without a trace.
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
             series.refused(Refusal::MaxConnections);
             refuse(stream);
             continue;
+        };
+        let client_slot = match &limits.per_ip {
+            None => None,
+            Some(table) => match table.admit(client.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    series.refused(Refusal::MaxConnectionsPerIp);
+                    refuse(stream);
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
         let ctx = Arc::new(ConnContext {
@@ -151,6 +184,7 @@ async fn serve_limited(
             telemetry: telemetry.clone(),
             series: series.clone(),
             progress: Arc::new(HeadProgress::default()),
+            rate: limits.rate.clone(),
         });
         let builder = builder.clone();
         let conn_shutdown = shutdown.clone();
@@ -160,6 +194,7 @@ async fn serve_limited(
         let open = series.open();
         shutdown.spawn(async move {
             let _permit = permit;
+            let _client_slot = client_slot;
             let _open = open;
             match terminate {
                 None => serve_connection(stream, ctx, &builder, conn_shutdown, idle).await,

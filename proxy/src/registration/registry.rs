@@ -308,6 +308,8 @@ fn port_listener(port: u16, protocol: Protocol, address: SocketAddr) -> Arc<List
         protocol,
         address,
         max_connections: 10_000,
+        max_connections_per_ip: None,
+        rate_limit: None,
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         max_header_bytes: 64 * 1024,
