@@ -445,6 +445,7 @@ in
         ];
         pools = [
           { name = "app"; upstreams = [ "127.0.0.1:9001" { address = "127.0.0.1:9002"; weight = 2; } ]; health.path = "/healthz"; }
+          { name = "orders"; protocol = "h2c"; h2_connections = 2; upstreams = [ "127.0.0.1:50051" ]; health.grpc.service = "orders.v1.Orders"; }
           {
             name = "redis";
             balance = "ordered";
@@ -455,6 +456,7 @@ in
         routes = [
           { name = "site"; listener = "web"; pool = "app"; }
           { name = "site-tls"; listener = "secure"; host = "example.com"; path_prefix = "/"; pool = "app"; }
+          { name = "orders"; listener = "web"; path_prefix = "/orders.v1.Orders/"; pool = "orders"; }
         ];
         tls = {
           acme = {
