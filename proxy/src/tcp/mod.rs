@@ -25,6 +25,10 @@ use crate::tls::sni::{peek_client_hello, Hello};
 use crate::tls::{AcceptError, Tls};
 use crate::upstream::{ConnectError, InFlight, UpstreamStream};
 
+/// Bytes read at once in each direction. tokio's default (8 KiB) costs a read and a write
+/// system call per 8 KiB of a large transfer; 64 KiB moves bulk data with an eighth of them.
+const COPY_BUFFER: usize = 64 * 1024;
+
 /// Serves `listener` until shutdown; open streams are left to finish (up to the drain timeout).
 /// `tls` terminates the connections of `tls` listeners.
 pub async fn serve(
@@ -174,7 +178,7 @@ where
     }
     let mut client = IdleTimeout::new(client, config.idle_timeout);
     let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER) => r,
         _ = in_flight.upstream().removed() => {
             tracing::info!(listener = %config.name, upstream = %in_flight.upstream().address, "upstream left its pool; closing the stream");
             return Ok(());
