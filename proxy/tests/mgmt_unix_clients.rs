@@ -169,11 +169,12 @@ async fn a_path_as_authority_is_accepted_on_the_unix_socket_only() {
             "TCP listener, :authority {authority}: {refused}"
         );
     }
-    // The HTTP data path too: a valid authority reaches the proxy (no route: 404), a path
-    // is reset by the HTTP/2 layer.
+    // The HTTP data path too: a valid authority reaches the proxy (no route, which proxyd
+    // answers to a gRPC call as gRPC does: UNIMPLEMENTED), a path is reset by the HTTP/2
+    // layer.
     let no_route = probe(&web, "localhost", "").await;
     assert!(
-        no_route.starts_with("ERR UNIMPLEMENTED") && no_route.contains("404"),
+        no_route.starts_with("ERR UNIMPLEMENTED") && no_route.contains("no route"),
         "data path, valid authority: {no_route}"
     );
     let refused = probe(&web, path, "").await;
