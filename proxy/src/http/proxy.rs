@@ -601,18 +601,7 @@ async fn forward_http1(
                 h2::keep(key, conn);
                 return Step::Switch(in_flight);
             }
-            Dialed::Failed(e) => {
-                a.last = Some(e);
-                return Step::Next;
-            }
-            Dialed::Full => {
-                a.full = true;
-                return Step::Next;
-            }
-            Dialed::Exhausted(e) => {
-                a.last = e.or(a.last.take());
-                return Step::Stop;
-            }
+            Dialed::None(why) => return a.no_connection(why),
         },
     };
     let mut retried = false;
@@ -671,17 +660,11 @@ async fn forward_http1(
                 h2::keep(key, fresh);
                 return Step::Switch(in_flight);
             }
-            Dialed::Failed(e) => {
-                a.last = Some(e);
-                return Step::Next;
-            }
-            Dialed::Full => {
-                a.full = true;
-                return Step::Next;
-            }
-            Dialed::Exhausted(e) => {
+            // Out of attempts on the retry itself: the request ends here.
+            Dialed::None(NoConnection::Exhausted(e)) => {
                 return Step::Done(Err(connect_failure(e.or(a.last.take()), false)));
             }
+            Dialed::None(why) => return a.no_connection(why),
         }
     }
 }
@@ -718,18 +701,7 @@ async fn forward_h2(
                     idle::put(key, conn);
                     return Step::Switch(in_flight);
                 }
-                Dialed::Failed(e) => {
-                    a.last = Some(e);
-                    return Step::Next;
-                }
-                Dialed::Full => {
-                    a.full = true;
-                    return Step::Next;
-                }
-                Dialed::Exhausted(e) => {
-                    a.last = e.or(a.last.take());
-                    return Step::Stop;
-                }
+                Dialed::None(why) => return a.no_connection(why),
             },
         };
         let Some(mut req) = a.pending.take() else {
@@ -903,11 +875,36 @@ struct Attempts {
 enum Dialed {
     Http1(UpstreamConn),
     H2(H2Conn),
+    None(NoConnection),
+}
+
+/// Why a dial gave no connection.
+enum NoConnection {
     Failed(ConnectError),
     /// The upstream is at `max_connections_per_upstream`.
     Full,
     /// No attempts or time left (with the deadline's timeout, if that was it).
     Exhausted(Option<ConnectError>),
+}
+
+impl Attempt<'_> {
+    /// Records why a dial gave no connection and says where the request goes next.
+    fn no_connection(&mut self, why: NoConnection) -> Step {
+        match why {
+            NoConnection::Failed(e) => {
+                self.last = Some(e);
+                Step::Next
+            }
+            NoConnection::Full => {
+                self.full = true;
+                Step::Next
+            }
+            NoConnection::Exhausted(e) => {
+                self.last = e.or(self.last.take());
+                Step::Stop
+            }
+        }
+    }
 }
 
 impl Attempts {
@@ -920,23 +917,23 @@ impl Attempts {
         metrics: &Metrics,
     ) -> Dialed {
         if self.left == 0 {
-            return Dialed::Exhausted(None);
+            return Dialed::None(NoConnection::Exhausted(None));
         }
         let now = Instant::now();
         if now >= self.deadline {
-            return Dialed::Exhausted(Some(ConnectError::Timeout {
+            return Dialed::None(NoConnection::Exhausted(Some(ConnectError::Timeout {
                 address: upstream.address.clone(),
                 timeout: pool.policy.connect_deadline,
-            }));
+            })));
         }
         let Some(open) = upstream.open_connection(pool.policy.max_connections_per_upstream) else {
-            return Dialed::Full;
+            return Dialed::None(NoConnection::Full);
         };
         self.left -= 1;
         let timeout = pool.connect_timeout.min(self.deadline - now);
         match dial(upstream, pool, metrics, open, timeout).await {
             Ok(dialed) => dialed,
-            Err(e) => Dialed::Failed(e),
+            Err(e) => Dialed::None(NoConnection::Failed(e)),
         }
     }
 }
