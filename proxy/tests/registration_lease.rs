@@ -436,9 +436,15 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
     writer_busy.await.unwrap();
 
     // Its lease ended, the route was held for `hold` and then went away with its port.
+    assert_left_nothing(&p, port, "/gone").await;
+}
+
+/// The registration for `port` and `prefix` ended: no registration or route listed (after
+/// the hold), its port closed, no route or pool member in the state.
+async fn assert_left_nothing(p: &TestProxy, port: u16, prefix: &str) {
     let mut last = None;
     for _ in 0..200 {
-        let l = listing(&p).await;
+        let l = listing(p).await;
         if l.registrations.is_empty() && l.routes.is_empty() {
             last = None;
             break;
@@ -446,14 +452,14 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
         last = Some(l);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(last, None, "the cancelled registration was left behind");
+    assert_eq!(last, None, "the ended registration was left behind");
     assert!(port_closes(port).await, "the port opened for it stays open");
     let snap = p.daemon.state().snapshot();
     let membership = snap.state.membership();
     assert_eq!(membership.routes().count(), 0, "its route is still routed");
     assert!(
         membership
-            .runtime_upstreams(&format!("registered:{port}:*:/gone"))
+            .runtime_upstreams(&format!("registered:{port}:*:{prefix}"))
             .is_empty(),
         "its instance is still a pool member"
     );
@@ -505,25 +511,5 @@ async fn an_aborted_register_call_leaves_nothing_behind() {
     release.send(()).unwrap();
     writer_busy.await.unwrap();
 
-    let mut last = None;
-    for _ in 0..200 {
-        let l = listing(&p).await;
-        if l.registrations.is_empty() && l.routes.is_empty() {
-            last = None;
-            break;
-        }
-        last = Some(l);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(last, None, "the aborted registration was left behind");
-    assert!(port_closes(port).await, "the port opened for it stays open");
-    let snap = p.daemon.state().snapshot();
-    let membership = snap.state.membership();
-    assert_eq!(membership.routes().count(), 0, "its route is still routed");
-    assert!(
-        membership
-            .runtime_upstreams(&format!("registered:{port}:*:/aborted"))
-            .is_empty(),
-        "its instance is still a pool member"
-    );
+    assert_left_nothing(&p, port, "/aborted").await;
 }
