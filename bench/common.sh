@@ -41,6 +41,22 @@ make_workdir() {
     trap 'exit 130' INT TERM
 }
 
+# start NAME COMMAND...  runs COMMAND in the background with its output in $WORK/NAME.log,
+# adds it to PIDS (stopped on exit) and sets LAST_PID.
+start() { # name, command...
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+
+# stop PID  stops a process started by `start` and waits for it.
+stop() { # pid
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
 cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done

@@ -56,19 +56,6 @@ peak_rss_mib() {
     awk -v kb="$total" 'BEGIN { printf "%.1f", kb / 1024 }'
 }
 
-start() { # name, command...
-    local name=$1
-    shift
-    "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
-    LAST_PID=$!
-}
-
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-
 # --- the upstream: nginx serving a 1 KiB file ---------------------------------------------
 UP=$(free_port)
 mkdir -p "$WORK/www" "$WORK/nginx-up"

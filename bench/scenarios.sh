@@ -50,19 +50,6 @@ build_proxyd
 make_workdir proxy-scenarios
 ulimit -n "$(ulimit -Hn)"
 
-start() { # name, command...
-    local name=$1
-    shift
-    "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
-    LAST_PID=$!
-}
-
-stop() { # pid
-    kill "$1" 2>/dev/null || true
-    wait "$1" 2>/dev/null || true
-}
-
 # Waits (at most 60 s: a table of 100,000 routes takes a while to load) until URL answers.
 wait_ready() { # url name pid [curl options...]
     local url=$1 name=$2 pid=$3 i

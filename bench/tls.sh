@@ -28,13 +28,6 @@ need_tools wrk:wrk openssl:openssl nginx:nginx-light caddy:caddy curl:curl
 build_proxyd
 make_workdir proxy-tls-bench
 
-start() { # name, command...
-    local name=$1
-    shift
-    "$@" >"$WORK/$name.log" 2>&1 &
-    PIDS+=($!)
-    LAST_PID=$!
-}
 wait_ready() { # port name pid
     local i
     for i in $(seq 150); do
