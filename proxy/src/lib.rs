@@ -121,7 +121,15 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let started = std::time::Instant::now();
         // First, so a second daemon on the same socket fails before touching the store.
-        let mgmt_sockets = mgmt::Sockets::bind(&config.server, &mut inherited)?;
+        let mgmt_sockets = mgmt::Sockets::bind(
+            &config.server,
+            mgmt::HandedSockets {
+                unix: inherited.take_unix(upgrade::MGMT_SOCKET),
+                tcp: inherited
+                    .take_tcp(upgrade::MGMT_TCP_SOCKET)
+                    .map(|(socket, _)| socket),
+            },
+        )?;
         let (sockets, bound_here) = listener::obtain(&config, &mut inherited)?;
 
         // The state, and what is built from it: the routing snapshots it publishes through
@@ -153,9 +161,7 @@ impl Daemon {
             tls: tls.clone(),
             telemetry: telemetry.clone(),
         };
-        let mut handoff = mgmt_sockets
-            .handoff_sockets()
-            .map_err(|e| StartError::Io("management socket".into(), e))?;
+        let mut handoff = mgmt_handoff(&mgmt_sockets)?;
         let addresses = data_path.serve_listeners(&config, sockets, &mut handoff)?;
         let admin_socket = admin_socket(&config, &mut inherited, &mut handoff)?;
         // Ports the previous process opened for registrations are taken over further down.
@@ -219,7 +225,13 @@ impl Daemon {
             tls: Some(tls.clone()),
             mgmt_tls: mgmt_sockets.tcp_tls(),
         });
-        mgmt::spawn(mgmt_sockets, mgmt_context.clone(), shutdown.clone()).await?;
+        mgmt::spawn(
+            mgmt_sockets,
+            mgmt_context.clone(),
+            &GatedMgmt(upgrader.mgmt_gate()),
+            shutdown.clone(),
+        )
+        .await?;
         let admin_address = admin_socket.map(|(socket, address)| {
             serve_admin(
                 &config,
@@ -463,6 +475,38 @@ fn admin_socket(
     });
     let socket = tokio::net::TcpListener::from_std(socket).map_err(admin_err)?;
     Ok(Some((socket, address)))
+}
+
+/// The management sockets as listed for a hand-over, under their `@mgmt…` names.
+fn mgmt_handoff(sockets: &mgmt::Sockets) -> Result<Vec<upgrade::HandoffSocket>, StartError> {
+    let mgmt::HandedSockets { unix, tcp } = sockets
+        .duplicates()
+        .map_err(|e| StartError::Io("management socket".into(), e))?;
+    let unix = unix.map(|socket| upgrade::HandoffSocket {
+        name: upgrade::MGMT_SOCKET.into(),
+        kind: upgrade::SocketKind::Unix,
+        fd: socket.into(),
+    });
+    let tcp = tcp.map(|socket| upgrade::HandoffSocket {
+        name: upgrade::MGMT_TCP_SOCKET.into(),
+        kind: upgrade::SocketKind::Tcp,
+        fd: socket.into(),
+    });
+    Ok(unix.into_iter().chain(tcp).collect())
+}
+
+/// The management API's accept loops, behind the gate the upgrader closes while it hands
+/// over (new management connections then wait for the successor).
+struct GatedMgmt(Arc<listener::AcceptGate>);
+
+impl mgmt::Accepting for GatedMgmt {
+    fn unix(&self, socket: tokio::net::UnixListener) -> mgmt::Incoming<tokio::net::UnixStream> {
+        Box::pin(listener::GatedIncoming::new(socket, self.0.clone()))
+    }
+
+    fn tcp(&self, socket: tokio::net::TcpListener) -> mgmt::Incoming<tokio::net::TcpStream> {
+        Box::pin(listener::GatedIncoming::new(socket, self.0.clone()))
+    }
 }
 
 /// Gives the sockets bound here (not inherited) to systemd's fd store, when it has one, so

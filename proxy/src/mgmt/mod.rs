@@ -24,8 +24,11 @@ mod tls;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
+
+use futures_util::Stream;
 
 use proxy_proto::v1::admin_service_server::AdminServiceServer;
 use proxy_proto::v1::pool_service_server::PoolServiceServer;
@@ -46,9 +49,8 @@ pub use status_page::{StatusDocument, StatusPage};
 pub use tcp::MgmtTlsConfig;
 
 use crate::config::{Config, ServerConfig};
-use crate::listener::{AcceptGate, GatedIncoming, Inherited};
 use crate::state::{Change, Protocol, Source, StateHandle};
-use crate::upgrade::{HandoffSocket, SocketKind, Upgrader, MGMT_SOCKET, MGMT_TCP_SOCKET};
+use crate::upgrade::Upgrader;
 use crate::Shutdown;
 
 /// Largest request or response message: a `routes import` of 100,000 rules fits.
@@ -244,10 +246,33 @@ impl std::fmt::Debug for TcpSocket {
     }
 }
 
+/// The management API's listening sockets as they pass between processes: handed over by
+/// the previous process (either may be missing), or duplicated for the next one.
+#[derive(Debug, Default)]
+pub struct HandedSockets {
+    /// The unix socket.
+    pub unix: Option<std::os::unix::net::UnixListener>,
+    /// The TCP listener.
+    pub tcp: Option<std::net::TcpListener>,
+}
+
+/// Accepted connections of one management socket.
+pub type Incoming<C> = Pin<Box<dyn Stream<Item = std::io::Result<C>> + Send>>;
+
+/// How the management sockets are accepted from, given by the composition root: while the
+/// daemon hands over to its successor, new management connections are held back so that
+/// they reach the process that owns the state store.
+pub trait Accepting: Send + Sync {
+    /// The connections of the unix socket.
+    fn unix(&self, listener: tokio::net::UnixListener) -> Incoming<tokio::net::UnixStream>;
+    /// The connections of the TCP listener.
+    fn tcp(&self, listener: tokio::net::TcpListener) -> Incoming<tokio::net::TcpStream>;
+}
+
 impl Sockets {
     /// Binds the unix socket and, when configured, the TCP listener with its token; sockets
     /// handed over by a previous process are used instead of binding new ones.
-    pub fn bind(server: &ServerConfig, inherited: &mut Inherited) -> Result<Sockets, MgmtError> {
+    pub fn bind(server: &ServerConfig, inherited: HandedSockets) -> Result<Sockets, MgmtError> {
         // Read the token and the TLS files before creating anything, so a bad file leaves
         // no socket behind.
         let tcp_auth = match (&server.mgmt_listen, &server.mgmt_token_file) {
@@ -259,7 +284,7 @@ impl Sockets {
             (Some(_), Some(tls)) => Some(Arc::new(MgmtTlsConfig::load(tls)?)),
             _ => None,
         };
-        let unix = match inherited.take_unix(MGMT_SOCKET) {
+        let unix = match inherited.unix {
             Some(listener) => socket::adopt(listener, &server.mgmt_socket)?,
             None => socket::bind(&server.mgmt_socket)?,
         };
@@ -267,8 +292,8 @@ impl Sockets {
             None => None,
             Some((addr, auth)) => {
                 let tcp_error = |source| MgmtError::Tcp { addr, source };
-                let listener = match inherited.take_tcp(MGMT_TCP_SOCKET) {
-                    Some((listener, _)) => listener,
+                let listener = match inherited.tcp {
+                    Some(listener) => listener,
                     None => std::net::TcpListener::bind(addr).map_err(tcp_error)?,
                 };
                 listener.set_nonblocking(true).map_err(tcp_error)?;
@@ -283,20 +308,14 @@ impl Sockets {
     }
 
     /// Duplicates of the listening sockets, for handing over to a successor.
-    pub fn handoff_sockets(&self) -> std::io::Result<Vec<HandoffSocket>> {
-        let mut out = vec![HandoffSocket {
-            name: MGMT_SOCKET.into(),
-            kind: SocketKind::Unix,
-            fd: self.unix.listener.try_clone()?.into(),
-        }];
-        if let Some(tcp) = &self.tcp {
-            out.push(HandoffSocket {
-                name: MGMT_TCP_SOCKET.into(),
-                kind: SocketKind::Tcp,
-                fd: tcp.listener.try_clone()?.into(),
-            });
-        }
-        Ok(out)
+    pub fn duplicates(&self) -> std::io::Result<HandedSockets> {
+        Ok(HandedSockets {
+            unix: Some(self.unix.listener.try_clone()?),
+            tcp: match &self.tcp {
+                Some(tcp) => Some(tcp.listener.try_clone()?),
+                None => None,
+            },
+        })
     }
 
     /// The TLS settings of the TCP listener, for `ReloadConfig` to renew.
@@ -380,18 +399,15 @@ where
         .add_service(services.tls.clone()))
 }
 
-/// Serves the API on `sockets` until `shutdown` fires, then removes the socket file.
+/// Serves the API on `sockets`, accepting through `accepting`, until `shutdown` fires, then
+/// removes the socket file.
 pub async fn spawn(
     sockets: Sockets,
     ctx: Arc<Context>,
+    accepting: &dyn Accepting,
     shutdown: Shutdown,
 ) -> Result<(), MgmtError> {
     let counted = crate::telemetry::api::ApiMetricsLayer::new(ctx.metrics.clone());
-    // Paused while handing over, so new management connections reach the successor.
-    let gate = ctx
-        .upgrader
-        .as_ref()
-        .map_or_else(|| Arc::new(AcceptGate::default()), |u| u.mgmt_gate());
     let services = Services::new(ctx);
     let health = tonic_health::server::HealthReporter::new();
     health.set_serving::<RouteServiceServer<RouteApi>>().await;
@@ -429,17 +445,15 @@ pub async fn spawn(
     tracing::info!(path = %path.display(), "management API listening");
     let stop = shutdown.clone();
     let remove_shutdown = shutdown.clone();
-    let unix_gate = gate.clone();
     let reporter = health.clone();
+    let unix_incoming = accepting.unix(unix_listener);
     // A service, so it answers while connections drain (writes get UNAVAILABLE), and
     // stopping the daemon waits until the API has let go of its sockets.
     shutdown.spawn_service(async move {
         // Each connection goes through the relay that accepts a socket path as `:authority`
         // (clients such as Python grpcio send one); the TCP listener stays strict.
-        let incoming = futures_util::StreamExt::map(
-            GatedIncoming::new(unix_listener, unix_gate),
-            |accepted| accepted.map(authority::relay),
-        );
+        let incoming =
+            futures_util::StreamExt::map(unix_incoming, |accepted| accepted.map(authority::relay));
         // Up while draining (writes get UNAVAILABLE); stops when the process finishes.
         let signal = async move {
             stop.exiting().await;
@@ -471,11 +485,11 @@ pub async fn spawn(
             tls = tls.is_some(),
             "management API listening on TCP (bearer token required)"
         );
+        // Held back with the unix socket while handing over: a call made after the
+        // upgrade returned reaches the new process over TCP too.
+        let incoming = accepting.tcp(listener);
         let stop = shutdown.clone();
         shutdown.spawn_service(async move {
-            // Paused with the unix socket while handing over: a call made after the
-            // upgrade returned reaches the new process over TCP too.
-            let incoming = GatedIncoming::new(listener, gate);
             let served = match tls {
                 Some(tls) => {
                     router
