@@ -196,16 +196,24 @@ impl Daemon {
             async move { registry.close_ports_on(shutdown).await }
         });
 
-        // The control plane: hand-over, the management API, the admin endpoints.
+        // The control plane: hand-over, the management API, the admin endpoints. While
+        // handing over, new management connections wait for the successor, then the state
+        // writer closes (never two writers); a failed hand-over undoes it in reverse.
+        let mgmt_gate = Arc::new(GatedMgmt::default());
         let upgrader = Arc::new(
             upgrade::Upgrader::new(
                 upgrade::default_executable(config.server.executable.as_deref()),
                 runtime_dir(&config),
                 config.server.upgrade_timeout,
-                state.clone(),
+                {
+                    let state = state.clone();
+                    Box::new(move || state.snapshot().revision)
+                },
                 shutdown.clone(),
                 handoff,
             )
+            .with_participant(mgmt_gate.clone())
+            .with_participant(Arc::new(StateWriter(state.clone())))
             .with_metrics(telemetry.metrics().clone())
             .with_extras(registry.clone())
             .with_config_file(config.path.clone()),
@@ -228,7 +236,7 @@ impl Daemon {
         mgmt::spawn(
             mgmt_sockets,
             mgmt_context.clone(),
-            &GatedMgmt(upgrader.mgmt_gate()),
+            mgmt_gate.as_ref(),
             shutdown.clone(),
         )
         .await?;
@@ -495,9 +503,50 @@ fn mgmt_handoff(sockets: &mgmt::Sockets) -> Result<Vec<upgrade::HandoffSocket>, 
     Ok(unix.into_iter().chain(tcp).collect())
 }
 
-/// The management API's accept loops, behind the gate the upgrader closes while it hands
-/// over (new management connections then wait for the successor).
+/// The management API's accept loops, behind a gate the upgrader closes while it hands
+/// over (new management connections then wait in the backlog for the successor).
+#[derive(Default)]
 struct GatedMgmt(Arc<listener::AcceptGate>);
+
+impl upgrade::HandOver for GatedMgmt {
+    fn name(&self) -> &str {
+        "the management API"
+    }
+
+    fn quiesce(&self) -> upgrade::HandOverStep<'_> {
+        self.0.pause();
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn resume(&self) -> upgrade::HandOverStep<'_> {
+        self.0.resume();
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// The state writer's part in a hand-over: closed before the successor opens the store
+/// (never two writers), reopened if the hand-over fails.
+struct StateWriter(StateHandle);
+
+impl upgrade::HandOver for StateWriter {
+    fn name(&self) -> &str {
+        "the state store"
+    }
+
+    fn quiesce(&self) -> upgrade::HandOverStep<'_> {
+        Box::pin(async {
+            self.0.close().await;
+            Ok(())
+        })
+    }
+
+    fn resume(&self) -> upgrade::HandOverStep<'_> {
+        Box::pin(async {
+            self.0.reopen().await?;
+            Ok(())
+        })
+    }
+}
 
 impl mgmt::Accepting for GatedMgmt {
     fn unix(&self, socket: tokio::net::UnixListener) -> mgmt::Incoming<tokio::net::UnixStream> {

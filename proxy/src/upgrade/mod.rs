@@ -5,18 +5,20 @@
 //! (its path is in C's environment as `PROXY_HANDOFF`):
 //!
 //! 1. C connects and sends `HELLO <pid> frames`; P checks the peer really is its child.
-//! 2. P stops taking API writes and closes its SQLite writer (never two writers), then sends
-//!    its offer as length-prefixed frames (names, kinds, state revision, and the data
-//!    [`HandoffExtras`] pass along: the certificates of registered TLS routes; the format
-//!    is described in `wire.rs`) followed by the descriptors: those
+//! 2. P quiesces its hand-over participants ([`HandOver`], in the order the composition root
+//!    registered them: the management API stops accepting, the SQLite writer closes, never
+//!    two writers), then sends its offer as length-prefixed frames (names, kinds, state
+//!    revision, and the data [`HandoffExtras`] pass along: the certificates of registered
+//!    TLS routes; the format is described in `wire.rs`) followed by the descriptors: those
 //!    fixed at start and those [`HandoffExtras`] list at this moment (ports opened for
 //!    registrations).
 //! 3. C opens the store, starts serving on the sockets (both accept for a moment: never
 //!    zero acceptors), and sends `READY`.
 //! 4. P tells systemd `MAINPID=<child>`, stops accepting, drains, and exits 0.
 //!
-//! If C exits, crashes, or is not ready within `server.upgrade_timeout`, P kills it, reopens
-//! its writer and keeps serving; the upgrade call fails with the reason.
+//! If C exits, crashes, or is not ready within `server.upgrade_timeout`, P kills it, resumes
+//! its participants in reverse order (the writer reopens, the management API accepts again)
+//! and keeps serving; the upgrade call fails with the reason.
 
 mod wire;
 
@@ -32,9 +34,8 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::time::Instant;
 
-use crate::listener::{AcceptGate, Inherited, Origin};
+use crate::listener::{Inherited, Origin};
 use crate::shutdown::Shutdown;
-use crate::state::StateHandle;
 
 #[doc(hidden)]
 pub use wire::fuzz_read as fuzz_handoff_read;
@@ -76,9 +77,22 @@ pub enum UpgradeError {
     /// The handoff conversation failed.
     #[error("handoff: {0}")]
     Protocol(String),
-    /// The state store could not be reopened after a failed upgrade.
-    #[error("reopening the state store after the failed upgrade: {0}")]
-    Reopen(String),
+    /// A participant could not stop for the hand-over.
+    #[error("{part} could not stop for the hand-over: {reason}")]
+    Quiesce {
+        /// [`HandOver::name`] of the participant.
+        part: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A participant could not start again after a failed upgrade.
+    #[error("resuming {part} after the failed upgrade: {reason}")]
+    Resume {
+        /// [`HandOver::name`] of the participant.
+        part: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The config file (which names `server.executable`) cannot be used.
     #[error("{0}")]
     Config(String),
@@ -112,18 +126,43 @@ pub trait HandoffExtras: Send + Sync {
     }
 }
 
+/// Why a hand-over participant could not stop or start again.
+pub type HandOverError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One step of a [`HandOver`] participant.
+pub type HandOverStep<'a> = Pin<Box<dyn Future<Output = Result<(), HandOverError>> + Send + 'a>>;
+
+/// A part of the daemon whose work must not overlap with the successor's (the state writer,
+/// the management API's accept loops): stopped once the successor said hello, before the
+/// sockets are offered, and started again if the hand-over fails.
+pub trait HandOver: Send + Sync {
+    /// What it is, for the log and errors ("the state store").
+    fn name(&self) -> &str;
+
+    /// Stops; the offer is sent once this returns (bounded by `server.upgrade_timeout`).
+    fn quiesce(&self) -> HandOverStep<'_>;
+
+    /// Starts again after a failed hand-over; also called when `quiesce` failed or did not
+    /// finish, so it must accept a half-stopped part.
+    fn resume(&self) -> HandOverStep<'_>;
+}
+
+/// The state revision sent with the offer, read once every participant has stopped.
+pub type Revision = Box<dyn Fn() -> u64 + Send + Sync>;
+
 /// Starts successors and hands them the sockets. One per daemon.
 pub struct Upgrader {
     executable: PathBuf,
     args: Vec<OsString>,
     runtime_dir: PathBuf,
     timeout: Duration,
-    state: StateHandle,
+    revision: Revision,
     shutdown: Shutdown,
     sockets: Vec<HandoffSocket>,
     extras: Vec<Arc<dyn HandoffExtras>>,
+    /// Quiesced in this order, resumed in the reverse order.
+    participants: Vec<Arc<dyn HandOver>>,
     busy: AtomicBool,
-    mgmt_gate: Arc<AcceptGate>,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     config_file: Option<PathBuf>,
 }
@@ -158,18 +197,27 @@ impl std::fmt::Debug for Upgrader {
                     .map(|s| s.name.as_str())
                     .collect::<Vec<_>>(),
             )
+            .field(
+                "participants",
+                &self
+                    .participants
+                    .iter()
+                    .map(|p| p.name().to_owned())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
 
 impl Upgrader {
-    /// An upgrader offering `sockets`; the successor runs `executable` with this process's
-    /// arguments and talks to us through a socket in `runtime_dir`.
+    /// An upgrader offering `sockets` and the state `revision`; the successor runs
+    /// `executable` with this process's arguments and talks to us through a socket in
+    /// `runtime_dir`.
     pub fn new(
         executable: PathBuf,
         runtime_dir: PathBuf,
         timeout: Duration,
-        state: StateHandle,
+        revision: Revision,
         shutdown: Shutdown,
         sockets: Vec<HandoffSocket>,
     ) -> Upgrader {
@@ -178,12 +226,12 @@ impl Upgrader {
             args: std::env::args_os().skip(1).collect(),
             runtime_dir,
             timeout,
-            state,
+            revision,
             shutdown,
             sockets,
             extras: Vec::new(),
+            participants: Vec::new(),
             busy: AtomicBool::new(false),
-            mgmt_gate: Arc::new(AcceptGate::default()),
             metrics: None,
             config_file: None,
         }
@@ -208,9 +256,10 @@ impl Upgrader {
         self
     }
 
-    /// The gate of the management API's accept loop, closed while handing over.
-    pub fn mgmt_gate(&self) -> Arc<AcceptGate> {
-        self.mgmt_gate.clone()
+    /// Adds a participant: quiesced after those added before it, resumed before them.
+    pub fn with_participant(mut self, participant: Arc<dyn HandOver>) -> Upgrader {
+        self.participants.push(participant);
+        self
     }
 
     /// Starts `binary` (default: `server.executable` as the config file says now), hands
@@ -306,11 +355,11 @@ impl Upgrader {
         let mut rollback = Rollback {
             upgrader: self,
             child: Some(child),
-            closed_store: false,
+            quiesced: 0,
         };
         let result = match rollback.child.as_mut() {
             Some(child) => {
-                self.converse(&listener, child, pid, deadline, &mut rollback.closed_store)
+                self.converse(&listener, child, pid, deadline, &mut rollback.quiesced)
                     .await
             }
             None => Err(UpgradeError::Protocol("the new process is gone".into())),
@@ -332,18 +381,12 @@ impl Upgrader {
                 Ok(pid)
             }
             Err(e) => {
-                let closed_store = rollback.closed_store;
+                let quiesced = rollback.quiesced;
                 if let Some(mut child) = rollback.disarm() {
                     let _ = child.start_kill();
                     let _ = child.wait().await;
                 }
-                if closed_store {
-                    self.state
-                        .reopen()
-                        .await
-                        .map_err(|e| UpgradeError::Reopen(e.to_string()))?;
-                }
-                self.mgmt_gate.resume();
+                self.resume(quiesced).await?;
                 Err(e)
             }
         }
@@ -355,7 +398,7 @@ impl Upgrader {
         child: &mut tokio::process::Child,
         pid: u32,
         deadline: Instant,
-        closed_store: &mut bool,
+        quiesced: &mut usize,
     ) -> Result<(), UpgradeError> {
         let timeout = self.timeout;
         let stream = tokio::select! {
@@ -383,8 +426,9 @@ impl Upgrader {
         // From here on management connections wait for the new process, and our writer
         // closes before the child can open the store: never two writers. Bounded by the
         // deadline like every other step (the writer may have a backlog).
-        self.mgmt_gate.pause();
-        *closed_store = true;
+        tokio::time::timeout_at(deadline, self.quiesce(quiesced))
+            .await
+            .map_err(|_| UpgradeError::Timeout(timeout))??;
         let (offer, data, revision) = tokio::time::timeout_at(deadline, self.offer())
             .await
             .map_err(|_| UpgradeError::Timeout(timeout))??;
@@ -396,11 +440,41 @@ impl Upgrader {
         Ok(())
     }
 
-    /// Closes the writer and lists what to hand over: the sockets, the extras' data and
-    /// the state revision.
+    /// Stops the participants in order, counting each in `quiesced` as it starts stopping,
+    /// so one that fails or runs out of time is resumed too.
+    async fn quiesce(&self, quiesced: &mut usize) -> Result<(), UpgradeError> {
+        for participant in &self.participants {
+            *quiesced += 1;
+            participant
+                .quiesce()
+                .await
+                .map_err(|e| UpgradeError::Quiesce {
+                    part: participant.name().to_owned(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Starts the first `quiesced` participants again, in reverse order; every one is
+    /// resumed even if one before it fails, and the first failure is returned.
+    async fn resume(&self, quiesced: usize) -> Result<(), UpgradeError> {
+        let mut failed = None;
+        for participant in self.participants[..quiesced].iter().rev() {
+            if let Err(e) = participant.resume().await {
+                tracing::error!(part = participant.name(), error = %e, "cannot resume after the failed upgrade");
+                failed.get_or_insert(UpgradeError::Resume {
+                    part: participant.name().to_owned(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Lists what to hand over: the sockets, the extras' data and the state revision.
     async fn offer(&self) -> Result<Offer, UpgradeError> {
-        self.state.close().await;
-        let revision = self.state.snapshot().revision;
+        let revision = (self.revision)();
         let mut offer: Vec<(String, SocketKind, OwnedFd)> = self
             .sockets
             .iter()
@@ -439,18 +513,19 @@ impl Drop for Busy {
 }
 
 /// Undoes a half-done handoff if the attempt is dropped before it decided (the runtime
-/// stops under it): the new process is killed, management connections are accepted
-/// again and the writer reopens.
+/// stops under it): the new process is killed and the participants that were quiesced
+/// resume (the writer reopens, management connections are accepted again).
 struct Rollback<'a> {
     upgrader: &'a Upgrader,
     child: Option<tokio::process::Child>,
-    closed_store: bool,
+    /// How many participants, from the first, were asked to quiesce.
+    quiesced: usize,
 }
 
 impl Rollback<'_> {
     /// The attempt decided: hands back the child and undoes nothing.
     fn disarm(&mut self) -> Option<tokio::process::Child> {
-        self.closed_store = false;
+        self.quiesced = 0;
         self.child.take()
     }
 }
@@ -461,16 +536,18 @@ impl Drop for Rollback<'_> {
             return;
         };
         let _ = child.start_kill();
-        self.upgrader.mgmt_gate.resume();
-        if self.closed_store {
-            let state = self.upgrader.state.clone();
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    if let Err(e) = state.reopen().await {
-                        tracing::error!(error = %e, "reopening the state store after an abandoned upgrade");
+        let participants = self.upgrader.participants[..self.quiesced].to_vec();
+        if participants.is_empty() {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                for participant in participants.iter().rev() {
+                    if let Err(e) = participant.resume().await {
+                        tracing::error!(part = participant.name(), error = %e, "cannot resume after an abandoned upgrade");
                     }
-                });
-            }
+                }
+            });
         }
     }
 }
@@ -598,5 +675,133 @@ pub fn store_in_systemd(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
         if let Err(e) = sd_notify::notify_with_fds(&state, std::slice::from_ref(fd)) {
             tracing::debug!(%name, error = %e, "systemd fd store not available");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Writes what it is asked to do into a shared journal; `fail` makes that step fail.
+    struct Journal {
+        name: &'static str,
+        journal: Arc<Mutex<Vec<String>>>,
+        fail: Option<&'static str>,
+    }
+
+    impl Journal {
+        fn step(&self, what: &'static str) -> HandOverStep<'_> {
+            self.journal
+                .lock()
+                .unwrap()
+                .push(format!("{what} {}", self.name));
+            let result = if self.fail == Some(what) {
+                Err(format!("{} cannot {what}", self.name).into())
+            } else {
+                Ok(())
+            };
+            Box::pin(std::future::ready(result))
+        }
+    }
+
+    impl HandOver for Journal {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn quiesce(&self) -> HandOverStep<'_> {
+            self.step("quiesce")
+        }
+        fn resume(&self) -> HandOverStep<'_> {
+            self.step("resume")
+        }
+    }
+
+    fn upgrader(
+        parts: &[(&'static str, Option<&'static str>)],
+    ) -> (Upgrader, Arc<Mutex<Vec<String>>>) {
+        let journal = Arc::new(Mutex::new(Vec::new()));
+        let mut upgrader = Upgrader::new(
+            PathBuf::from("proxyd"),
+            std::env::temp_dir(),
+            Duration::from_secs(1),
+            Box::new(|| 7),
+            Shutdown::new(),
+            Vec::new(),
+        );
+        for &(name, fail) in parts {
+            upgrader = upgrader.with_participant(Arc::new(Journal {
+                name,
+                journal: journal.clone(),
+                fail,
+            }));
+        }
+        (upgrader, journal)
+    }
+
+    #[tokio::test]
+    async fn participants_quiesce_in_order_and_resume_in_reverse() {
+        let (upgrader, journal) = upgrader(&[("gate", None), ("writer", None), ("third", None)]);
+        let mut quiesced = 0;
+        upgrader.quiesce(&mut quiesced).await.unwrap();
+        assert_eq!(quiesced, 3);
+        upgrader.resume(quiesced).await.unwrap();
+        assert_eq!(
+            *journal.lock().unwrap(),
+            [
+                "quiesce gate",
+                "quiesce writer",
+                "quiesce third",
+                "resume third",
+                "resume writer",
+                "resume gate"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_quiesce_stops_there_and_the_failed_one_resumes_too() {
+        let (upgrader, journal) =
+            upgrader(&[("gate", None), ("writer", Some("quiesce")), ("third", None)]);
+        let mut quiesced = 0;
+        let err = upgrader.quiesce(&mut quiesced).await.unwrap_err();
+        assert!(
+            matches!(&err, UpgradeError::Quiesce { part, .. } if part == "writer"),
+            "{err}"
+        );
+        assert_eq!(quiesced, 2);
+        upgrader.resume(quiesced).await.unwrap();
+        assert_eq!(
+            *journal.lock().unwrap(),
+            [
+                "quiesce gate",
+                "quiesce writer",
+                "resume writer",
+                "resume gate"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn every_participant_resumes_even_after_one_fails_and_the_first_failure_is_reported() {
+        let (upgrader, journal) = upgrader(&[("gate", None), ("writer", Some("resume"))]);
+        let mut quiesced = 0;
+        upgrader.quiesce(&mut quiesced).await.unwrap();
+        let err = upgrader.resume(quiesced).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "resuming writer after the failed upgrade: writer cannot resume"
+        );
+        assert_eq!(
+            *journal.lock().unwrap(),
+            [
+                "quiesce gate",
+                "quiesce writer",
+                "resume writer",
+                "resume gate"
+            ]
+        );
     }
 }
