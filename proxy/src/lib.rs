@@ -219,36 +219,48 @@ impl Daemon {
             .with_config_file(config.path.clone()),
         );
         let mgmt_address = mgmt_sockets.tcp_address();
-        let mgmt_context = Arc::new(mgmt::Context {
-            state: state.clone(),
-            routing: routing.clone(),
-            shutdown: shutdown.clone(),
-            started,
-            listeners: mgmt::ListenerInfo::all(&config, &addresses),
-            config_path: config.path.clone(),
-            upgrader: Some(upgrader.clone()),
-            discovery,
-            registry: registry.clone(),
-            metrics: telemetry.metrics().clone(),
-            tls: Some(tls.clone()),
-            mgmt_tls: mgmt_sockets.tcp_tls(),
-        });
+        let listeners = mgmt::ListenerInfo::all(&config, &addresses);
+        let writes = mgmt::Writes::new(state.clone(), shutdown.clone());
+        let services = mgmt::Services {
+            routes: mgmt::RouteApi::new(writes.clone()),
+            pools: mgmt::PoolApi::new(writes.clone(), routing.clone()),
+            admin: mgmt::AdminApi {
+                writes,
+                shutdown: shutdown.clone(),
+                started,
+                listeners: listeners.clone(),
+                config_path: config.path.clone(),
+                upgrader: Some(upgrader.clone()),
+                mgmt_tls: mgmt_sockets.tcp_tls(),
+            },
+            discovery: mgmt::DiscoveryApi::new(discovery.clone()),
+            registration: mgmt::RegistrationApi::new(
+                registry.clone(),
+                shutdown.clone(),
+                telemetry.metrics().clone(),
+            ),
+            tls: mgmt::TlsApi::new(Some(tls.clone()), shutdown.clone()),
+        };
         mgmt::spawn(
             mgmt_sockets,
-            mgmt_context.clone(),
+            services,
+            telemetry.metrics().clone(),
             mgmt_gate.as_ref(),
             shutdown.clone(),
         )
         .await?;
         let admin_address = admin_socket.map(|(socket, address)| {
-            serve_admin(
-                &config,
-                socket,
-                address,
-                &telemetry,
-                &shutdown,
-                &mgmt_context,
-            );
+            let status = mgmt::StatusSources {
+                routing: routing.clone(),
+                listeners,
+                metrics: telemetry.metrics().clone(),
+                registry: registry.clone(),
+                shutdown: shutdown.clone(),
+                started,
+                tls: Some(tls.clone()),
+                discovery,
+            };
+            serve_admin(&config, socket, address, &telemetry, &shutdown, status);
             address
         });
         telemetry.set_ready();
@@ -609,7 +621,7 @@ fn serve_admin(
     address: SocketAddr,
     telemetry: &Arc<telemetry::Telemetry>,
     shutdown: &Shutdown,
-    mgmt_context: &Arc<mgmt::Context>,
+    status: mgmt::StatusSources,
 ) {
     let ui = config.server.admin_ui.then(|| {
         let history = Arc::new(telemetry::history::History::new(
@@ -617,8 +629,7 @@ fn serve_admin(
         ));
         let stop = shutdown.clone();
         tokio::spawn(history.clone().run(async move { stop.triggered().await }));
-        Arc::new(mgmt::StatusPage::new(mgmt_context.clone(), history))
-            as Arc<dyn telemetry::admin::StatusReport>
+        Arc::new(mgmt::StatusPage::new(status, history)) as Arc<dyn telemetry::admin::StatusReport>
     });
     tokio::spawn(telemetry::admin::serve(
         socket,

@@ -1,25 +1,54 @@
 //! `proxy.v1.AdminService`: status, atomic batches, export/import, config reload.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
-use super::{convert, error, Context};
+use super::{convert, error, ListenerInfo, MgmtTlsConfig, Writes};
 use crate::config::Config;
 use crate::state::{Change, Source, State};
+use crate::upgrade::Upgrader;
+use crate::Shutdown;
 
-/// The AdminService implementation.
+/// The AdminService implementation: what it reads and changes.
 #[derive(Clone)]
 pub struct AdminApi {
-    ctx: Arc<Context>,
+    /// Batches, imports and reloads go through it; status and export read its state.
+    pub writes: Writes,
+    /// The daemon's stop signal: Status reports draining, Drain fires it.
+    pub shutdown: Shutdown,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The listening sockets.
+    pub listeners: Vec<ListenerInfo>,
+    /// The config file, re-read by ReloadConfig.
+    pub config_path: Option<PathBuf>,
+    /// Starts zero-downtime upgrades (`None` where the daemon cannot hand over).
+    pub upgrader: Option<Arc<Upgrader>>,
+    /// TLS of the TCP management listener, renewed by ReloadConfig (`None`: no TLS).
+    pub mgmt_tls: Option<Arc<MgmtTlsConfig>>,
 }
 
 impl AdminApi {
-    /// A service over `ctx`.
-    pub fn new(ctx: Arc<Context>) -> Self {
-        AdminApi { ctx }
+    /// Whether `config` names the same listeners (name, protocol, address) as the running daemon.
+    fn same_listeners(&self, config: &Config) -> bool {
+        let mut running: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.protocol, l.configured))
+            .collect();
+        let mut wanted: Vec<_> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.protocol, l.address))
+            .collect();
+        running.sort_unstable_by_key(|l| l.0);
+        wanted.sort_unstable_by_key(|l| l.0);
+        running == wanted
     }
 }
 
@@ -64,7 +93,7 @@ impl AdminService for AdminApi {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let state = &snap.state;
         let pools = state.pools().count() as u64;
         let routes = state.routes().count() as u64;
@@ -79,7 +108,6 @@ impl AdminService for AdminApi {
             declarative_objects: (pools + routes + tcp_routes).saturating_sub(api_objects),
         };
         let listeners = self
-            .ctx
             .listeners
             .iter()
             .map(|l| pb::Listener {
@@ -91,11 +119,11 @@ impl AdminService for AdminApi {
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
-            uptime_seconds: self.ctx.started.elapsed().as_secs(),
+            uptime_seconds: self.started.elapsed().as_secs(),
             listeners,
             counts: Some(counts),
             revision: snap.revision,
-            draining: self.ctx.shutdown.is_triggered(),
+            draining: self.shutdown.is_triggered(),
         }))
     }
 
@@ -111,7 +139,7 @@ impl AdminService for AdminApi {
             .map(|(i, c)| convert::change(c, &format!("changes[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
         let applied = changes.len() as u64;
-        let revision = self.ctx.apply(changes).await?;
+        let revision = self.writes.apply(changes).await?;
         Ok(Response::new(pb::ApplyResponse { revision, applied }))
     }
 
@@ -119,7 +147,7 @@ impl AdminService for AdminApi {
         &self,
         _request: Request<pb::ExportRequest>,
     ) -> Result<Response<pb::ExportResponse>, Status> {
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let doc = snap.state.document(Source::Api);
         let state = pb::StateDocument {
             pools: doc
@@ -146,7 +174,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::ImportResponse>, Status> {
         let req = request.into_inner();
         let target = convert::document(convert::required(req.state, "state")?)?;
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let dry_run = req.dry_run;
         // Diffing (and, for a dry run, validating on a copy) a whole document is long CPU
         // work that may read TLS files: a blocking thread does it, not a runtime worker.
@@ -170,7 +198,7 @@ impl AdminService for AdminApi {
         let tally = Tally::of(&changes);
         let revision = match checked {
             Some(checked) => checked.map_err(error::status)?,
-            None => self.ctx.apply(changes).await?,
+            None => self.writes.apply(changes).await?,
         };
         Ok(Response::new(pb::ImportResponse {
             revision,
@@ -184,7 +212,7 @@ impl AdminService for AdminApi {
         &self,
         _request: Request<pb::ReloadConfigRequest>,
     ) -> Result<Response<pb::ReloadConfigResponse>, Status> {
-        let Some(path) = &self.ctx.config_path else {
+        let Some(path) = &self.config_path else {
             return Err(Status::failed_precondition(
                 "proxyd runs its embedded default config; there is no file to re-read",
             ));
@@ -193,7 +221,7 @@ impl AdminService for AdminApi {
         let config = blocking(move || Config::load(&file))
             .await?
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        if !self.ctx.same_listeners(&config) {
+        if !self.same_listeners(&config) {
             return Err(Status::failed_precondition(format!(
                 "{}: the listeners changed; listener changes take effect with an upgrade or a restart",
                 path.display()
@@ -202,7 +230,7 @@ impl AdminService for AdminApi {
         // The management listener's certificate files are read again; they are installed
         // only once the rest of the file has been applied, so a refused reload changes
         // nothing. Turning TLS on or off, like moving the listener, needs an upgrade.
-        let mgmt_tls = match (&self.ctx.mgmt_tls, &config.server.mgmt_tls) {
+        let mgmt_tls = match (&self.mgmt_tls, &config.server.mgmt_tls) {
             (Some(running), Some(wanted)) => {
                 let wanted = wanted.clone();
                 let next = blocking(move || super::tcp::server_config(&wanted))
@@ -220,7 +248,7 @@ impl AdminService for AdminApi {
                 None
             }
         };
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let file = path.clone();
         // Reconciling validates and diffs every object of the file: a blocking thread does it.
         let changes = blocking(move || {
@@ -235,7 +263,7 @@ impl AdminService for AdminApi {
         })
         .await??;
         let tally = Tally::of(&changes);
-        let revision = self.ctx.apply_as(changes, Source::Declarative).await?;
+        let revision = self.writes.apply_as(changes, Source::Declarative).await?;
         if let Some((running, next)) = mgmt_tls {
             running.install(next);
             tracing::info!("management listener TLS files re-read");
@@ -261,7 +289,7 @@ impl AdminService for AdminApi {
         request: Request<pb::UpgradeRequest>,
     ) -> Result<Response<pb::UpgradeResponse>, Status> {
         let request = request.into_inner();
-        let Some(upgrader) = self.ctx.upgrader.clone() else {
+        let Some(upgrader) = self.upgrader.clone() else {
             return Err(Status::unimplemented(
                 "this daemon was started without upgrade support",
             ));
@@ -301,7 +329,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::DrainResponse>, Status> {
         let timeout = request.into_inner().timeout_ms;
         let timeout = (timeout > 0).then(|| std::time::Duration::from_millis(timeout));
-        self.ctx.shutdown.drain_requested(timeout);
+        self.shutdown.drain_requested(timeout);
         Ok(Response::new(pb::DrainResponse {
             message: format!(
                 "process {} stopped accepting and exits once in-flight work is done",

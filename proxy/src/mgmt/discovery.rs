@@ -1,24 +1,28 @@
 //! `proxy.v1.DiscoveryService`: the discovery sources and how they are doing.
 
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::discovery_service_server::{DiscoveryService, DiscoveryServiceServer};
 use tonic::{Request, Response, Status};
 
-use super::Context;
+use crate::discovery::Discovery;
 
 /// The DiscoveryService implementation.
 #[derive(Clone)]
 pub struct DiscoveryApi {
-    ctx: Arc<Context>,
+    discovery: Discovery,
 }
 
 impl DiscoveryApi {
-    /// The service over `ctx`, ready to be added to a server.
-    pub fn server(ctx: Arc<Context>) -> DiscoveryServiceServer<DiscoveryApi> {
-        DiscoveryServiceServer::new(DiscoveryApi { ctx })
+    /// A service over the running discovery sources.
+    pub fn new(discovery: Discovery) -> Self {
+        DiscoveryApi { discovery }
+    }
+
+    /// The service, ready to be added to a server.
+    pub(super) fn server(self) -> DiscoveryServiceServer<DiscoveryApi> {
+        DiscoveryServiceServer::new(self)
     }
 }
 
@@ -35,7 +39,6 @@ impl DiscoveryService for DiscoveryApi {
         _request: Request<pb::ListSourcesRequest>,
     ) -> Result<Response<pb::ListSourcesResponse>, Status> {
         let sources = self
-            .ctx
             .discovery
             .reports()
             .into_iter()

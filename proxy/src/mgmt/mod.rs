@@ -23,10 +23,8 @@ mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::Stream;
 
@@ -45,12 +43,12 @@ pub use discovery::DiscoveryApi;
 pub use pools::PoolApi;
 pub use registration::RegistrationApi;
 pub use routes::RouteApi;
-pub use status_page::{StatusDocument, StatusPage};
+pub use status_page::{StatusDocument, StatusPage, StatusSources};
 pub use tcp::MgmtTlsConfig;
+pub use tls::TlsApi;
 
 use crate::config::{Config, ServerConfig};
 use crate::state::{Change, Protocol, Source, StateHandle};
-use crate::upgrade::Upgrader;
 use crate::Shutdown;
 
 /// Largest request or response message: a `routes import` of 100,000 rules fits.
@@ -142,36 +140,25 @@ impl ListenerInfo {
     }
 }
 
-/// What the management services read and change.
-#[derive(Debug)]
-pub struct Context {
-    /// The desired state.
-    pub state: StateHandle,
-    /// The published routing tables (run-time pool health and load).
-    pub routing: crate::routing::Published,
-    /// The daemon's stop signal; writes are refused once it fires.
-    pub shutdown: Shutdown,
-    /// When the daemon started.
-    pub started: Instant,
-    /// The listening sockets.
-    pub listeners: Vec<ListenerInfo>,
-    /// The config file, re-read by ReloadConfig.
-    pub config_path: Option<PathBuf>,
-    /// Starts zero-downtime upgrades (`None` where the daemon cannot hand over).
-    pub upgrader: Option<Arc<Upgrader>>,
-    /// The running discovery sources (DiscoveryService).
-    pub discovery: crate::discovery::Discovery,
-    /// Live registrations (RegistrationService).
-    pub registry: Arc<crate::registration::Registry>,
-    /// Where every call is counted by method and code.
-    pub metrics: Arc<crate::telemetry::Metrics>,
-    /// Certificates and the on-demand policy (`None` where TLS does not run).
-    pub tls: Option<Arc<crate::tls::Tls>>,
-    /// TLS of the TCP management listener, renewed by ReloadConfig (`None`: no TLS).
-    pub mgmt_tls: Option<Arc<MgmtTlsConfig>>,
+/// How the services change the state: a batch passes the file check, then the single
+/// writer; refused once the daemon stops. Its state handle also serves their reads.
+#[derive(Debug, Clone)]
+pub struct Writes {
+    state: StateHandle,
+    shutdown: Shutdown,
 }
 
-impl Context {
+impl Writes {
+    /// Changes through `state`, refused once `shutdown` fires.
+    pub fn new(state: StateHandle, shutdown: Shutdown) -> Writes {
+        Writes { state, shutdown }
+    }
+
+    /// The desired state, for reads.
+    fn state(&self) -> &StateHandle {
+        &self.state
+    }
+
     /// Applies an API batch, refused while the daemon stops.
     async fn apply(&self, changes: Vec<Change>) -> Result<u64, Status> {
         self.apply_as(changes, Source::Api).await
@@ -188,23 +175,6 @@ impl Context {
             .apply(changes, source)
             .await
             .map_err(error::status)
-    }
-
-    /// Whether `config` names the same listeners (name, protocol, address) as the running daemon.
-    fn same_listeners(&self, config: &Config) -> bool {
-        let mut running: Vec<_> = self
-            .listeners
-            .iter()
-            .map(|l| (l.name.as_str(), l.protocol, l.configured))
-            .collect();
-        let mut wanted: Vec<_> = config
-            .listeners
-            .iter()
-            .map(|l| (l.name.as_str(), l.protocol, l.address))
-            .collect();
-        running.sort_unstable_by_key(|l| l.0);
-        wanted.sort_unstable_by_key(|l| l.0);
-        running == wanted
     }
 }
 
@@ -329,8 +299,25 @@ impl Sockets {
     }
 }
 
+/// The API services, each holding what it reads and changes.
+#[derive(Clone)]
+pub struct Services {
+    /// RouteService.
+    pub routes: RouteApi,
+    /// PoolService.
+    pub pools: PoolApi,
+    /// AdminService.
+    pub admin: AdminApi,
+    /// DiscoveryService.
+    pub discovery: DiscoveryApi,
+    /// RegistrationService.
+    pub registration: RegistrationApi,
+    /// TlsService.
+    pub tls: TlsApi,
+}
+
 /// The API services, ready to be added to a server.
-struct Services {
+struct Servers {
     routes: RouteServiceServer<RouteApi>,
     pools: PoolServiceServer<PoolApi>,
     admin: AdminServiceServer<AdminApi>,
@@ -340,19 +327,19 @@ struct Services {
     tls: proxy_proto::v1::tls_service_server::TlsServiceServer<tls::TlsApi>,
 }
 
-impl Services {
-    fn new(ctx: Arc<Context>) -> Services {
-        Services {
-            routes: RouteServiceServer::new(RouteApi::new(ctx.clone()))
+impl Servers {
+    fn new(services: Services) -> Servers {
+        Servers {
+            routes: RouteServiceServer::new(services.routes)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            pools: PoolServiceServer::new(PoolApi::new(ctx.clone()))
+            pools: PoolServiceServer::new(services.pools)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            discovery: DiscoveryApi::server(ctx.clone()),
-            registration: RegistrationApi::server(ctx.clone()),
-            tls: tls::TlsApi::server(ctx.clone()),
-            admin: AdminServiceServer::new(AdminApi::new(ctx))
+            discovery: services.discovery.server(),
+            registration: services.registration.server(),
+            tls: services.tls.server(),
+            admin: AdminServiceServer::new(services.admin)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         }
@@ -362,7 +349,7 @@ impl Services {
 /// Adds every service, health and reflection (v1 and v1alpha) to a server.
 async fn routes<L>(
     mut server: Server<L>,
-    services: &Services,
+    services: &Servers,
     health: &tonic_health::server::HealthReporter,
 ) -> Result<Router<L>, MgmtError>
 where
@@ -399,16 +386,17 @@ where
         .add_service(services.tls.clone()))
 }
 
-/// Serves the API on `sockets`, accepting through `accepting`, until `shutdown` fires, then
-/// removes the socket file.
+/// Serves `services` on `sockets`, accepting through `accepting` and counting every call in
+/// `metrics`, until `shutdown` fires, then removes the socket file.
 pub async fn spawn(
     sockets: Sockets,
-    ctx: Arc<Context>,
+    services: Services,
+    metrics: Arc<crate::telemetry::Metrics>,
     accepting: &dyn Accepting,
     shutdown: Shutdown,
 ) -> Result<(), MgmtError> {
-    let counted = crate::telemetry::api::ApiMetricsLayer::new(ctx.metrics.clone());
-    let services = Services::new(ctx);
+    let counted = crate::telemetry::api::ApiMetricsLayer::new(metrics);
+    let services = Servers::new(services);
     let health = tonic_health::server::HealthReporter::new();
     health.set_serving::<RouteServiceServer<RouteApi>>().await;
     health.set_serving::<PoolServiceServer<PoolApi>>().await;

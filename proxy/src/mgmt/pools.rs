@@ -1,29 +1,31 @@
 //! `proxy.v1.PoolService`: pools and their upstreams.
 
-use std::sync::Arc;
-
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::pool_service_server::PoolService;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, required};
-use super::Context;
+use super::Writes;
+use crate::routing::Published;
 use crate::state::{Change, UpstreamState};
 
 /// The PoolService implementation.
 #[derive(Clone)]
 pub struct PoolApi {
-    ctx: Arc<Context>,
+    writes: Writes,
+    /// The published routing tables (run-time pool health and load).
+    routing: Published,
 }
 
 impl PoolApi {
-    /// A service over `ctx`.
-    pub fn new(ctx: Arc<Context>) -> Self {
-        PoolApi { ctx }
+    /// A service changing pools through `writes` and reading them, with their run-time
+    /// health, from `routing`.
+    pub fn new(writes: Writes, routing: Published) -> Self {
+        PoolApi { writes, routing }
     }
 
     fn stored_pool(&self, name: &str) -> Option<pb::Pool> {
-        let snap = self.ctx.routing.snapshot();
+        let snap = self.routing.snapshot();
         snap.state
             .pool(name)
             .map(|p| convert::pool_proto(p, Some(&snap.routing)))
@@ -35,7 +37,7 @@ impl PoolApi {
         address: String,
         state: UpstreamState,
     ) -> Result<u64, Status> {
-        self.ctx
+        self.writes
             .apply(vec![Change::SetUpstreamState {
                 pool,
                 address,
@@ -51,7 +53,7 @@ impl PoolService for PoolApi {
         &self,
         _request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
-        let snap = self.ctx.routing.snapshot();
+        let snap = self.routing.snapshot();
         let pools = snap
             .state
             .pools()
@@ -68,7 +70,7 @@ impl PoolService for PoolApi {
         request: Request<pb::GetPoolRequest>,
     ) -> Result<Response<pb::GetPoolResponse>, Status> {
         let name = request.into_inner().name;
-        let snap = self.ctx.routing.snapshot();
+        let snap = self.routing.snapshot();
         let pool = snap
             .state
             .pool(&name)
@@ -85,7 +87,7 @@ impl PoolService for PoolApi {
     ) -> Result<Response<pb::CreatePoolResponse>, Status> {
         let pool = convert::pool(required(request.into_inner().pool, "pool")?, "pool")?;
         let name = pool.name.clone();
-        let revision = self.ctx.apply(vec![Change::CreatePool(pool)]).await?;
+        let revision = self.writes.apply(vec![Change::CreatePool(pool)]).await?;
         Ok(Response::new(pb::CreatePoolResponse {
             pool: self.stored_pool(&name),
             revision,
@@ -98,7 +100,7 @@ impl PoolService for PoolApi {
     ) -> Result<Response<pb::UpdatePoolResponse>, Status> {
         let pool = convert::pool(required(request.into_inner().pool, "pool")?, "pool")?;
         let name = pool.name.clone();
-        let revision = self.ctx.apply(vec![Change::UpdatePool(pool)]).await?;
+        let revision = self.writes.apply(vec![Change::UpdatePool(pool)]).await?;
         Ok(Response::new(pb::UpdatePoolResponse {
             pool: self.stored_pool(&name),
             revision,
@@ -110,7 +112,7 @@ impl PoolService for PoolApi {
         request: Request<pb::DeletePoolRequest>,
     ) -> Result<Response<pb::DeletePoolResponse>, Status> {
         let name = request.into_inner().name;
-        let revision = self.ctx.apply(vec![Change::DeletePool { name }]).await?;
+        let revision = self.writes.apply(vec![Change::DeletePool { name }]).await?;
         Ok(Response::new(pb::DeletePoolResponse { revision }))
     }
 
@@ -121,7 +123,7 @@ impl PoolService for PoolApi {
         let req = request.into_inner();
         let upstream = convert::upstream(required(req.upstream, "upstream")?, "upstream")?;
         let revision = self
-            .ctx
+            .writes
             .apply(vec![Change::AddUpstream {
                 pool: req.pool,
                 upstream,
@@ -136,7 +138,7 @@ impl PoolService for PoolApi {
     ) -> Result<Response<pb::RemoveUpstreamResponse>, Status> {
         let req = request.into_inner();
         let revision = self
-            .ctx
+            .writes
             .apply(vec![Change::RemoveUpstream {
                 pool: req.pool,
                 address: req.address,

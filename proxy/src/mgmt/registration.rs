@@ -17,9 +17,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::discovery::unix_ms;
-use super::Context;
-use crate::registration::{Claim, ClaimTls, RegisterError, Registration};
+use crate::registration::{Claim, ClaimTls, RegisterError, Registration, Registry};
 use crate::state::Protocol;
+use crate::telemetry::Metrics;
+use crate::Shutdown;
 
 /// Keepalives a service may miss before its lease ends.
 const MISSED_PINGS: u32 = 3;
@@ -27,13 +28,27 @@ const MISSED_PINGS: u32 = 3;
 /// The RegistrationService implementation.
 #[derive(Clone)]
 pub struct RegistrationApi {
-    ctx: Arc<Context>,
+    /// Live registrations.
+    registry: Arc<Registry>,
+    /// New registrations are refused once it fires; open streams end with it.
+    shutdown: Shutdown,
+    /// Counts open registration streams.
+    metrics: Arc<Metrics>,
 }
 
 impl RegistrationApi {
-    /// The service over `ctx`, ready to be added to a server.
-    pub fn server(ctx: Arc<Context>) -> RegistrationServiceServer<RegistrationApi> {
-        RegistrationServiceServer::new(RegistrationApi { ctx })
+    /// A service registering into `registry` until `shutdown`, counted in `metrics`.
+    pub fn new(registry: Arc<Registry>, shutdown: Shutdown, metrics: Arc<Metrics>) -> Self {
+        RegistrationApi {
+            registry,
+            shutdown,
+            metrics,
+        }
+    }
+
+    /// The service, ready to be added to a server.
+    pub(super) fn server(self) -> RegistrationServiceServer<RegistrationApi> {
+        RegistrationServiceServer::new(self)
     }
 }
 
@@ -151,12 +166,12 @@ impl RegistrationService for RegistrationApi {
         &self,
         request: Request<Streaming<pb::RegisterRequest>>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
-        if self.ctx.shutdown.is_triggered() {
+        if self.shutdown.is_triggered() {
             return Err(Status::unavailable(
                 "proxyd is shutting down and takes no registrations",
             ));
         }
-        let registry = self.ctx.registry.clone();
+        let registry = self.registry.clone();
         let keepalive = registry.config().keepalive;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(keepalive * MISSED_PINGS, inbound.message())
@@ -185,8 +200,8 @@ impl RegistrationService for RegistrationApi {
         // The channel is empty, so this cannot wait.
         let _ = tx.send(Ok(registered)).await;
         // Counted as active for as long as the lease is held.
-        let active = self.ctx.metrics.registration_opened();
-        let shutdown = self.ctx.shutdown.clone();
+        let active = self.metrics.registration_opened();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             hold_lease(registration, inbound, tx, keepalive, shutdown).await;
             drop(active);
@@ -198,7 +213,7 @@ impl RegistrationService for RegistrationApi {
         &self,
         _request: Request<pb::ListRegistrationsRequest>,
     ) -> Result<Response<pb::ListRegistrationsResponse>, Status> {
-        let registry = &self.ctx.registry;
+        let registry = &self.registry;
         let registrations = registry
             .registrations()
             .await

@@ -1,31 +1,29 @@
 //! `proxy.v1.RouteService`: HTTP routes and TCP routes.
 
-use std::sync::Arc;
-
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::route_service_server::RouteService;
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, required};
-use super::Context;
+use super::Writes;
 use crate::state::Change;
 
 /// The RouteService implementation.
 #[derive(Clone)]
 pub struct RouteApi {
-    ctx: Arc<Context>,
+    writes: Writes,
 }
 
 impl RouteApi {
-    /// A service over `ctx`.
-    pub fn new(ctx: Arc<Context>) -> Self {
-        RouteApi { ctx }
+    /// A service reading and changing the state through `writes`.
+    pub fn new(writes: Writes) -> Self {
+        RouteApi { writes }
     }
 
     /// The stored form of route `name` (after normalisation by the state).
     fn stored_route(&self, name: &str) -> Option<pb::Route> {
-        self.ctx
-            .state
+        self.writes
+            .state()
             .snapshot()
             .state
             .route(name)
@@ -33,8 +31,8 @@ impl RouteApi {
     }
 
     fn stored_tcp_route(&self, name: &str) -> Option<pb::TcpRoute> {
-        self.ctx
-            .state
+        self.writes
+            .state()
             .snapshot()
             .state
             .tcp_route(name)
@@ -53,7 +51,7 @@ impl RouteService for RouteApi {
         request: Request<pb::ListRoutesRequest>,
     ) -> Result<Response<pb::ListRoutesResponse>, Status> {
         let req = request.into_inner();
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let routes = snap
             .state
             .routes()
@@ -71,7 +69,7 @@ impl RouteService for RouteApi {
         request: Request<pb::GetRouteRequest>,
     ) -> Result<Response<pb::GetRouteResponse>, Status> {
         let name = request.into_inner().name;
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let route = snap
             .state
             .route(&name)
@@ -88,7 +86,7 @@ impl RouteService for RouteApi {
     ) -> Result<Response<pb::CreateRouteResponse>, Status> {
         let route = convert::route(required(request.into_inner().route, "route")?, "route")?;
         let name = route.name.clone();
-        let revision = self.ctx.apply(vec![Change::CreateRoute(route)]).await?;
+        let revision = self.writes.apply(vec![Change::CreateRoute(route)]).await?;
         Ok(Response::new(pb::CreateRouteResponse {
             route: self.stored_route(&name),
             revision,
@@ -101,7 +99,7 @@ impl RouteService for RouteApi {
     ) -> Result<Response<pb::UpdateRouteResponse>, Status> {
         let route = convert::route(required(request.into_inner().route, "route")?, "route")?;
         let name = route.name.clone();
-        let revision = self.ctx.apply(vec![Change::UpdateRoute(route)]).await?;
+        let revision = self.writes.apply(vec![Change::UpdateRoute(route)]).await?;
         Ok(Response::new(pb::UpdateRouteResponse {
             route: self.stored_route(&name),
             revision,
@@ -113,7 +111,10 @@ impl RouteService for RouteApi {
         request: Request<pb::DeleteRouteRequest>,
     ) -> Result<Response<pb::DeleteRouteResponse>, Status> {
         let name = request.into_inner().name;
-        let revision = self.ctx.apply(vec![Change::DeleteRoute { name }]).await?;
+        let revision = self
+            .writes
+            .apply(vec![Change::DeleteRoute { name }])
+            .await?;
         Ok(Response::new(pb::DeleteRouteResponse { revision }))
     }
 
@@ -122,7 +123,7 @@ impl RouteService for RouteApi {
         request: Request<pb::ListTcpRoutesRequest>,
     ) -> Result<Response<pb::ListTcpRoutesResponse>, Status> {
         let req = request.into_inner();
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let tcp_routes = snap
             .state
             .tcp_routes()
@@ -140,7 +141,7 @@ impl RouteService for RouteApi {
         request: Request<pb::GetTcpRouteRequest>,
     ) -> Result<Response<pb::GetTcpRouteResponse>, Status> {
         let name = request.into_inner().name;
-        let snap = self.ctx.state.snapshot();
+        let snap = self.writes.state().snapshot();
         let route = snap
             .state
             .tcp_route(&name)
@@ -157,7 +158,10 @@ impl RouteService for RouteApi {
     ) -> Result<Response<pb::CreateTcpRouteResponse>, Status> {
         let route = convert::tcp_route(required(request.into_inner().tcp_route, "tcp_route")?);
         let name = route.name.clone();
-        let revision = self.ctx.apply(vec![Change::CreateTcpRoute(route)]).await?;
+        let revision = self
+            .writes
+            .apply(vec![Change::CreateTcpRoute(route)])
+            .await?;
         Ok(Response::new(pb::CreateTcpRouteResponse {
             tcp_route: self.stored_tcp_route(&name),
             revision,
@@ -170,7 +174,10 @@ impl RouteService for RouteApi {
     ) -> Result<Response<pb::UpdateTcpRouteResponse>, Status> {
         let route = convert::tcp_route(required(request.into_inner().tcp_route, "tcp_route")?);
         let name = route.name.clone();
-        let revision = self.ctx.apply(vec![Change::UpdateTcpRoute(route)]).await?;
+        let revision = self
+            .writes
+            .apply(vec![Change::UpdateTcpRoute(route)])
+            .await?;
         Ok(Response::new(pb::UpdateTcpRouteResponse {
             tcp_route: self.stored_tcp_route(&name),
             revision,
@@ -183,7 +190,7 @@ impl RouteService for RouteApi {
     ) -> Result<Response<pb::DeleteTcpRouteResponse>, Status> {
         let name = request.into_inner().name;
         let revision = self
-            .ctx
+            .writes
             .apply(vec![Change::DeleteTcpRoute { name }])
             .await?;
         Ok(Response::new(pb::DeleteTcpRouteResponse { revision }))

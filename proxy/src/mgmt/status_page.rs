@@ -3,8 +3,8 @@
 //! report, read through the same functions, in one JSON answer, with the recent rates and
 //! a list of the problems worth a look.
 //!
-//! Read-only by construction: it holds the management [`Context`] but only reads
-//! snapshots and listings. Private keys, tokens and header values are never read into it:
+//! Read-only by construction: its [`StatusSources`] are only read (snapshots and
+//! listings). Private keys, tokens and header values are never read into it:
 //! certificates contribute their public facts, registrations whether they brought a
 //! certificate, discovery sources a target with credentials cut out.
 
@@ -12,14 +12,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use proxy_proto::v1 as pb;
 use serde::Serialize;
 
-use super::{convert, Context};
+use super::{convert, ListenerInfo};
+use crate::discovery::Discovery;
+use crate::registration::Registry;
+use crate::routing::Published;
 use crate::telemetry::admin::StatusReport;
 use crate::telemetry::history::{History, RouteRates};
+use crate::telemetry::Metrics;
+use crate::tls::Tls;
+use crate::Shutdown;
 
 /// A certificate expiring within this many days is flagged.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -27,11 +33,33 @@ pub const EXPIRY_WARNING_DAYS: i64 = 14;
 /// Longest error text a discovery source shows (they quote whole hook outputs).
 const ERROR_TEXT_LIMIT: usize = 300;
 
-/// Builds the status document from the management context and the rate history.
+/// Builds the status document from its sources and the rate history.
 #[derive(Debug)]
 pub struct StatusPage {
-    ctx: Arc<Context>,
+    sources: StatusSources,
     history: Arc<History>,
+}
+
+/// What the status page reads: the parts of the daemon the management calls it mirrors
+/// read.
+#[derive(Debug)]
+pub struct StatusSources {
+    /// The published routing tables (the state with run-time pool health and load).
+    pub routing: Published,
+    /// The listening sockets.
+    pub listeners: Vec<ListenerInfo>,
+    /// Per-listener connection counts.
+    pub metrics: Arc<Metrics>,
+    /// Live registrations.
+    pub registry: Arc<Registry>,
+    /// Whether the daemon drains.
+    pub shutdown: Shutdown,
+    /// When the daemon started.
+    pub started: Instant,
+    /// Certificates (`None` where TLS does not run).
+    pub tls: Option<Arc<Tls>>,
+    /// The running discovery sources.
+    pub discovery: Discovery,
 }
 
 /// The whole document.
@@ -339,26 +367,26 @@ fn add_series(into: &mut Vec<f64>, from: &[f64]) {
 }
 
 impl StatusPage {
-    /// A page over `ctx`, with rates from `history`.
-    pub fn new(ctx: Arc<Context>, history: Arc<History>) -> StatusPage {
-        StatusPage { ctx, history }
+    /// A page over `sources`, with rates from `history`.
+    pub fn new(sources: StatusSources, history: Arc<History>) -> StatusPage {
+        StatusPage { sources, history }
     }
 
     /// Gathers the document now.
     pub async fn document(&self) -> StatusDocument {
-        let ctx = &self.ctx;
-        let snap = ctx.routing.snapshot();
+        let sources = &self.sources;
+        let snap = sources.routing.snapshot();
         let rates = self.history.rates();
         let mut problems = Vec::new();
 
-        let listeners = ctx
+        let listeners = sources
             .listeners
             .iter()
             .map(|l| ListenerView {
                 name: l.name.clone(),
                 protocol: l.protocol.as_str(),
                 address: l.bound.to_string(),
-                connections: ctx
+                connections: sources
                     .metrics
                     .listener_connections(&l.name, l.protocol.as_str()),
             })
@@ -371,8 +399,8 @@ impl StatusPage {
             .map(|p| p.name.as_str())
             .collect();
 
-        let registered = ctx.registry.routes().await;
-        let registrations = ctx.registry.registrations().await;
+        let registered = sources.registry.routes().await;
+        let registrations = sources.registry.registrations().await;
         let mut route_rates: BTreeMap<(&str, &str), RouteSum> = BTreeMap::new();
         for r in &rates.routes {
             let RouteRates {
@@ -508,7 +536,7 @@ impl StatusPage {
         let certificates = self.certificates(&mut problems);
         let discovery = self.discovery(&mut problems);
 
-        if ctx.shutdown.is_triggered() {
+        if sources.shutdown.is_triggered() {
             problems.push(Problem {
                 severity: "warning",
                 kind: "daemon",
@@ -522,9 +550,9 @@ impl StatusPage {
             daemon: DaemonView {
                 version: env!("CARGO_PKG_VERSION"),
                 pid: std::process::id(),
-                uptime_seconds: ctx.started.elapsed().as_secs(),
+                uptime_seconds: sources.started.elapsed().as_secs(),
                 revision: snap.revision,
-                draining: ctx.shutdown.is_triggered(),
+                draining: sources.shutdown.is_triggered(),
                 now_unix_ms: unix_ms(Some(SystemTime::now())),
             },
             listeners,
@@ -664,7 +692,7 @@ impl StatusPage {
     }
 
     fn certificates(&self, problems: &mut Vec<Problem>) -> Vec<CertificateView> {
-        let Some(tls) = &self.ctx.tls else {
+        let Some(tls) = &self.sources.tls else {
             return Vec::new();
         };
         let now = crate::tls::certs::unix_now();
@@ -704,7 +732,7 @@ impl StatusPage {
     }
 
     fn discovery(&self, problems: &mut Vec<Problem>) -> Vec<SourceView> {
-        self.ctx
+        self.sources
             .discovery
             .reports()
             .into_iter()

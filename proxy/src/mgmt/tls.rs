@@ -6,30 +6,37 @@ use proxy_proto::v1 as pb;
 use proxy_proto::v1::tls_service_server::{TlsService, TlsServiceServer};
 use tonic::{Request, Response, Status};
 
-use super::Context;
 use crate::tls::{CertInfo, CertSource, Tls, TlsError};
+use crate::Shutdown;
 
 /// The TlsService implementation.
 #[derive(Clone)]
 pub struct TlsApi {
-    ctx: Arc<Context>,
+    /// Certificates and the on-demand policy (`None` where TLS does not run).
+    tls: Option<Arc<Tls>>,
+    /// Changes are refused once it fires.
+    shutdown: Shutdown,
 }
 
 impl TlsApi {
-    /// The service over `ctx`, ready to be added to a server.
-    pub fn server(ctx: Arc<Context>) -> TlsServiceServer<TlsApi> {
-        TlsServiceServer::new(TlsApi { ctx })
+    /// A service over `tls`, taking no changes once `shutdown` fires.
+    pub fn new(tls: Option<Arc<Tls>>, shutdown: Shutdown) -> Self {
+        TlsApi { tls, shutdown }
+    }
+
+    /// The service, ready to be added to a server.
+    pub(super) fn server(self) -> TlsServiceServer<TlsApi> {
+        TlsServiceServer::new(self)
     }
 
     fn tls(&self) -> Result<&Arc<Tls>, Status> {
-        self.ctx
-            .tls
+        self.tls
             .as_ref()
             .ok_or_else(|| Status::unavailable("TLS is not running in this process"))
     }
 
     fn writable(&self) -> Result<&Arc<Tls>, Status> {
-        if self.ctx.shutdown.is_triggered() {
+        if self.shutdown.is_triggered() {
             return Err(Status::unavailable(
                 "proxyd is shutting down and takes no changes",
             ));
