@@ -4,8 +4,8 @@
 //! so `proxyd check-config` can be used as a build-time check.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
-use std::ops::Range;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,7 +14,6 @@ use thiserror::Error;
 use toml::Spanned;
 
 use crate::discovery::{DiscoverySpec, SourceSpec};
-use crate::registration::RegistrationConfig;
 use crate::state::{
     self, Balance, Change, HealthCheck, OnChange, PathMatch, Pool, Protocol, Route, Source,
     TcpRoute, Upstream,
@@ -145,6 +144,36 @@ pub struct RateLimit {
     pub burst: u32,
     /// Addresses tracked at most; beyond, the buckets closest to full are forgotten.
     pub max_clients: usize,
+}
+
+/// The `[registration]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationConfig {
+    /// How long a route stays after its last instance's stream ended.
+    pub hold: Duration,
+    /// Ports a registration may ask for.
+    pub port_range: RangeInclusive<u16>,
+    /// Address ports opened for registrations bind to.
+    pub address: IpAddr,
+    /// Most requests or connections waiting on one held route.
+    pub queue_limit: usize,
+    /// Longest time one request or connection waits for an instance.
+    pub max_wait: Duration,
+    /// Interval of the keepalive pings on the stream; three missed ones end the lease.
+    pub keepalive: Duration,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        RegistrationConfig {
+            hold: Duration::from_secs(30),
+            port_range: 20000..=20999,
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            queue_limit: 1000,
+            max_wait: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A validated config file.
@@ -653,7 +682,7 @@ impl Doc<'_> {
         // And the files the API's file check reads, one change at a time so the error
         // names the field within its own section.
         for (change, origin) in declarative.iter().zip(&origins) {
-            if let Err((_, err)) = crate::tls::upstream::check_files(std::slice::from_ref(change)) {
+            if let Err((_, err)) = crate::upstream::tls::check_files(std::slice::from_ref(change)) {
                 return Err(self.apply_error(origin, err));
             }
         }
@@ -1370,7 +1399,7 @@ impl Doc<'_> {
                 prefix,
                 "response_timeout",
             )?,
-            // Files read by the file check (`tls::upstream::check_files`), naming `tls.<field>`.
+            // Files read by the file check (`upstream::tls::check_files`), naming `tls.<field>`.
             tls: raw.tls.map(|t| state::UpstreamTls {
                 server_name: t.server_name,
                 ca_file: t.ca_file,

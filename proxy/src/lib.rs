@@ -21,14 +21,16 @@
 //! - [`registration`]: services registering routes over a gRPC stream; hold-and-queue.
 //! - [`telemetry`]: logging, the access log format, metrics, OTLP export and the admin
 //!   listener (`/metrics`, `/healthz`, `/readyz`).
-//! - [`upgrade`]: zero-downtime upgrades: fd handoff to the next binary, readiness,
-//!   systemd notifications and fd store.
+//! - [`upgrade`]: zero-downtime upgrades: fd handoff to the next binary and the hand-over
+//!   participants it quiesces.
+//! - [`systemd`]: readiness and stopping notifications, the main pid, the fd store.
 //! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
 //! - [`workers`]: one single-threaded runtime per CPU serving the HTTP listeners.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
-//! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps `state` at the bottom.
+//! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps imports pointing down
+//! them, with no cycle.
 
 pub mod config;
 pub mod discovery;
@@ -40,6 +42,7 @@ pub mod registration;
 pub mod routing;
 pub mod shutdown;
 pub mod state;
+pub mod systemd;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
@@ -56,7 +59,7 @@ use thiserror::Error;
 pub use config::Config;
 pub use shutdown::Shutdown;
 
-use state::{Source, StateHandle};
+use state::StateHandle;
 
 /// The daemon could not start.
 #[derive(Debug, Error)]
@@ -578,7 +581,7 @@ fn store_in_systemd(handoff: &[upgrade::HandoffSocket], bound_here: &[String]) {
         .filter(|s| bound_here.contains(&s.name))
         .map(|s| (s.name.as_str(), std::os::fd::AsFd::as_fd(&s.fd)))
         .collect();
-    upgrade::store_in_systemd(&stored);
+    systemd::store(&stored);
 }
 
 /// Where the upgrader keeps its hand-over socket: beside the management socket, else the
@@ -693,7 +696,7 @@ pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartErro
             ));
         }
     }
-    upgrade::notify_systemd(&[sd_notify::NotifyState::Ready]);
+    systemd::notify(&[sd_notify::NotifyState::Ready]);
 
     let io = |what: &'static str| move |e| StartError::Io(what.to_string(), e);
     let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
@@ -727,7 +730,7 @@ pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartErro
         }
     };
     if !shutdown.is_handed_over() {
-        upgrade::notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        systemd::notify(&[sd_notify::NotifyState::Stopping]);
     }
     daemon.finish(timeout).await;
     Ok(())
@@ -769,10 +772,4 @@ fn watch_in_metrics(
             })
             .collect()
     }));
-}
-
-/// Objects in `state` created through the API (for status reports).
-pub fn api_object_count(state: &state::State) -> usize {
-    let doc = state.document(Source::Api);
-    doc.pools.len() + doc.routes.len() + doc.tcp_routes.len()
 }

@@ -1,7 +1,9 @@
 //! The module graph of `proxy/src`, read from its `crate::…` paths (in `use` items, grouped
-//! `use crate::{a, b::c}` and paths written inline): `state` is the ground floor, so it
-//! imports no other module of the daemon and no import cycle passes through it
-//! (ARCHITECTURE.md draws the layers).
+//! `use crate::{a, b::c}` and paths written inline): the modules form the layers
+//! ARCHITECTURE.md draws, every import points to the same layer or one below, there is no
+//! import cycle at all, `state` (the ground floor) imports no other module of the daemon,
+//! and the management API and the upgrader know each other's parts only through the
+//! interfaces the composition root wires.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -379,6 +381,186 @@ fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
+/// The layers, top first, as ARCHITECTURE.md draws them: a module may import modules of its
+/// own layer or of a layer below (and, with no cycle, never back).
+const LAYERS: &[(&str, &[&str])] = &[
+    ("composition root", &[ROOT]),
+    ("management API", &["mgmt"]),
+    ("data path", &["http", "tcp"]),
+    ("registrations", &["registration"]),
+    (
+        "sockets, certificates, hand-over",
+        &["listener", "tls", "upgrade"],
+    ),
+    ("config file", &["config"]),
+    ("feeds and reports", &["discovery", "telemetry"]),
+    ("compiled snapshot and pools", &["routing", "upstream"]),
+    ("model", &["state"]),
+    ("leaves", &["etcd", "shutdown", "systemd", "workers"]),
+];
+
+fn layer_of(module: &str) -> Option<usize> {
+    LAYERS
+        .iter()
+        .position(|(_, modules)| modules.contains(&module))
+}
+
+/// Every set of modules that import each other in a circle (strongly connected
+/// components with more than one module), each with one cycle through its first module.
+fn cycles(edges: &[Edge]) -> Vec<(BTreeSet<String>, Vec<Edge>)> {
+    let mut nodes: BTreeSet<&str> = BTreeSet::new();
+    for e in edges {
+        nodes.insert(&e.from);
+        nodes.insert(&e.to);
+    }
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut out = Vec::new();
+    for node in nodes {
+        if seen.contains(node) {
+            continue;
+        }
+        let component = component_of(edges, node);
+        seen.extend(component.iter().cloned());
+        if component.len() > 1 {
+            let cycle = cycle_through(edges, node).expect("a component has a cycle");
+            out.push((component, cycle));
+        }
+    }
+    out
+}
+
+/// The names `module`'s files take from `target` (`crate::target::Name`, grouped
+/// `crate::target::{A, B}`, `crate::{target::Name}` and `target::Name` after a
+/// `use crate::target`), each with where it is written.
+fn names_taken(src: &Path, module: &str, target: &str) -> BTreeMap<String, Vec<String>> {
+    let mut files = Vec::new();
+    let dir = src.join(module);
+    if dir.is_dir() {
+        rust_files(&dir, &mut files);
+    }
+    let single = src.join(format!("{module}.rs"));
+    if single.is_file() {
+        files.push(single);
+    }
+    files.sort();
+    let needle = format!("{target}::");
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for f in files {
+        let code = strip(&std::fs::read_to_string(&f).expect("read source"));
+        let relative = f
+            .strip_prefix(src)
+            .expect("under src")
+            .display()
+            .to_string();
+        let mut at = 0;
+        while let Some(found) = code[at..].find(&needle) {
+            let start = at + found;
+            at = start + needle.len();
+            let before = code[..start].chars().next_back().unwrap_or(' ');
+            if is_ident(before) {
+                continue;
+            }
+            let line = code[..start].matches('\n').count() + 1;
+            for name in first_segments(&code[at..]) {
+                out.entry(name)
+                    .or_default()
+                    .push(format!("{relative}:{line}"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn there_is_no_import_cycle() {
+    let edges = module_graph(&src());
+    let found = cycles(&edges);
+    assert!(
+        found.is_empty(),
+        "modules import each other in a circle:\n{}",
+        found
+            .iter()
+            .map(|(component, cycle)| format!("{component:?}, for example:\n{}", describe(cycle)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn imports_point_to_the_same_layer_or_below() {
+    let edges = module_graph(&src());
+    let mut unplaced = BTreeSet::new();
+    let mut up = Vec::new();
+    for e in &edges {
+        match (layer_of(&e.from), layer_of(&e.to)) {
+            (Some(from), Some(to)) if to < from => up.push(format!(
+                "  {} ({}) -> {} ({})  ({})",
+                e.from, LAYERS[from].0, e.to, LAYERS[to].0, e.at
+            )),
+            (Some(_), Some(_)) => {}
+            (from, to) => {
+                if from.is_none() {
+                    unplaced.insert(e.from.clone());
+                }
+                if to.is_none() {
+                    unplaced.insert(e.to.clone());
+                }
+            }
+        }
+    }
+    assert!(
+        unplaced.is_empty(),
+        "modules in no layer (add them to LAYERS here and to ARCHITECTURE.md): {unplaced:?}"
+    );
+    assert!(up.is_empty(), "imports pointing up:\n{}", up.join("\n"));
+}
+
+#[test]
+fn mgmt_uses_no_listener_or_hand_over_internals() {
+    // The composition root hands mgmt its accept loops (mgmt::Accepting) and the sockets a
+    // previous process passed (mgmt::HandedSockets), and registers the gate with the
+    // upgrader; mgmt only starts upgrades.
+    let src = src();
+    let edges = module_graph(&src);
+    let listener: Vec<&Edge> = edges
+        .iter()
+        .filter(|e| e.from == "mgmt" && e.to == "listener")
+        .collect();
+    assert!(
+        listener.is_empty(),
+        "mgmt imports the listener: {listener:?}"
+    );
+    let allowed = ["Upgrader", "UpgradeError"];
+    let taken = names_taken(&src, "mgmt", "upgrade");
+    let internals: Vec<String> = taken
+        .iter()
+        .filter(|(name, _)| !allowed.contains(&name.as_str()))
+        .map(|(name, at)| format!("  upgrade::{name}  ({})", at.join(", ")))
+        .collect();
+    assert!(
+        internals.is_empty(),
+        "mgmt may take only {allowed:?} from upgrade; it takes:\n{}",
+        internals.join("\n")
+    );
+    // The reader sees the names mgmt does take.
+    assert!(taken.contains_key("Upgrader"), "{taken:?}");
+}
+
+#[test]
+fn the_upgrader_knows_no_participant() {
+    // What takes part in a hand-over (the state writer, the management gate, the
+    // registrations' ports) implements upgrade's traits and is registered by lib.rs.
+    let edges = module_graph(&src());
+    let known: Vec<&Edge> = edges
+        .iter()
+        .filter(|e| e.from == "upgrade")
+        .filter(|e| {
+            ["state", "mgmt", "registration", "tls", "http", "tcp"].contains(&e.to.as_str())
+        })
+        .collect();
+    assert!(known.is_empty(), "upgrade imports a participant: {known:?}");
+}
+
 #[test]
 fn state_imports_no_other_module() {
     let edges = module_graph(&src());
@@ -506,4 +688,30 @@ fn f<'a>(x: &'a str) -> crate::Shutdown { crate::api_count(); super::http::f() }
         BTreeSet::from(["config".to_string(), "state".to_string()])
     );
     assert!(cycle_through(&graph[..2], "state").is_none());
+    let found = cycles(&graph);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].0,
+        BTreeSet::from(["config".to_string(), "state".to_string()])
+    );
+    assert!(cycles(&graph[..2]).is_empty());
+
+    // The names one module takes from another, in every form.
+    let dir = std::env::temp_dir().join(format!("architecture-names-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("mgmt")).unwrap();
+    std::fs::write(
+        dir.join("mgmt/mod.rs"),
+        "use crate::upgrade::{HandoffSocket, Upgrader};\n\
+         use crate::{state::Change, upgrade::MGMT_SOCKET};\n\
+         // crate::upgrade::Commented\n\
+         fn f() -> crate::upgrade::UpgradeError { make() }\n",
+    )
+    .unwrap();
+    let taken = names_taken(&dir, "mgmt", "upgrade");
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        taken.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["HandoffSocket", "MGMT_SOCKET", "UpgradeError", "Upgrader"]
+    );
+    assert_eq!(taken["MGMT_SOCKET"], vec!["mgmt/mod.rs:2".to_string()]);
 }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 
+use crate::systemd::STORE_PREFIX;
+
 /// Where an inherited socket came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -15,11 +17,6 @@ pub enum Origin {
     /// systemd's fd store: a socket this daemon bound and stored earlier.
     Store,
 }
-
-/// Prefix of the `FDNAME` under which proxyd stores its own sockets in systemd's fd store,
-/// so they can be told apart from socket-unit sockets when they come back (an `FDNAME`
-/// cannot hold a colon, and `@` never appears in a listener name).
-pub const STORE_PREFIX: &str = "store@";
 
 /// Open listening sockets by name, waiting to be claimed by the listeners that use them.
 #[derive(Debug, Default)]
@@ -135,7 +132,7 @@ impl Inherited {
         for (name, (_, origin)) in self.tcp {
             tracing::info!(%name, ?origin, "closing an inherited socket no listener uses");
             if origin == Origin::Store {
-                crate::upgrade::remove_from_systemd_store(&name);
+                crate::systemd::remove_stored(&name);
             }
         }
         for name in self.unix.keys() {

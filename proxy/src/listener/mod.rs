@@ -14,7 +14,7 @@ use thiserror::Error;
 
 pub use gate::{AcceptGate, GatedIncoming};
 pub use idle::IdleTimeout;
-pub use inherit::{Inherited, Origin, STORE_PREFIX};
+pub use inherit::{Inherited, Origin};
 
 use crate::config::Config;
 
@@ -70,7 +70,7 @@ pub fn obtain(
             }
             tracing::info!(listener = %l.name, old = ?actual, new = %l.address, "listener address changed; binding the new one");
             if origin == Origin::Store {
-                crate::upgrade::remove_from_systemd_store(&l.name);
+                crate::systemd::remove_stored(&l.name);
             }
         }
         let socket = bind(l.address).map_err(|source| BindError {

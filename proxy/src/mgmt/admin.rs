@@ -78,6 +78,12 @@ impl Tally {
     }
 }
 
+/// Objects in `state` created through the API.
+fn api_object_count(state: &State) -> usize {
+    let doc = state.document(Source::Api);
+    doc.pools.len() + doc.routes.len() + doc.tcp_routes.len()
+}
+
 /// Runs CPU- or file-bound work on a blocking thread, off the runtime's workers.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
@@ -98,7 +104,7 @@ impl AdminService for AdminApi {
         let pools = state.pools().count() as u64;
         let routes = state.routes().count() as u64;
         let tcp_routes = state.tcp_routes().count() as u64;
-        let api_objects = crate::api_object_count(state) as u64;
+        let api_objects = api_object_count(state) as u64;
         let counts = pb::ObjectCounts {
             pools,
             upstreams: state.pools().map(|p| p.upstreams.len() as u64).sum(),
@@ -184,7 +190,7 @@ impl AdminService for AdminApi {
                 // Validate exactly as apply would (files, then a copy of the state).
                 let mut next = snap.state.clone();
                 Some(
-                    crate::tls::upstream::check_files(&changes)
+                    crate::upstream::tls::check_files(&changes)
                         .map_err(|(_, e)| e)
                         .and_then(|()| next.apply_batch(&changes, Source::Api))
                         .map(|()| snap.revision),

@@ -181,11 +181,11 @@ impl Writes {
 /// Runs the file check of a batch (pool TLS files) before it is applied: on a blocking
 /// thread when the batch names files, inline otherwise.
 async fn check_files(changes: Vec<Change>) -> Result<Vec<Change>, Status> {
-    if !crate::tls::upstream::reads_files(&changes) {
+    if !crate::upstream::tls::reads_files(&changes) {
         return Ok(changes);
     }
     tokio::task::spawn_blocking(move || {
-        crate::tls::upstream::check_files(&changes).map(|()| changes)
+        crate::upstream::tls::check_files(&changes).map(|()| changes)
     })
     .await
     .map_err(|e| Status::internal(format!("checking files: {e}")))?

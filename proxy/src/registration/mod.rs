@@ -11,47 +11,15 @@
 pub mod client;
 mod registry;
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::ops::RangeInclusive;
 use std::sync::Arc;
-use std::time::Duration;
 
+pub use crate::config::RegistrationConfig;
 use crate::routing::PoolSlot;
 use crate::upstream::{HoldError, PoolRuntime};
 pub use registry::{
     Claim, ClaimTls, KnownListener, RegisterError, Registration, RegistrationInfo, Registry,
     RouteInfo, ServeListener, HANDOFF_PREFIX, HANDOFF_ROUTES,
 };
-
-/// The `[registration]` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegistrationConfig {
-    /// How long a route stays after its last instance's stream ended.
-    pub hold: Duration,
-    /// Ports a registration may ask for.
-    pub port_range: RangeInclusive<u16>,
-    /// Address ports opened for registrations bind to.
-    pub address: IpAddr,
-    /// Most requests or connections waiting on one held route.
-    pub queue_limit: usize,
-    /// Longest time one request or connection waits for an instance.
-    pub max_wait: Duration,
-    /// Interval of the keepalive pings on the stream; three missed ones end the lease.
-    pub keepalive: Duration,
-}
-
-impl Default for RegistrationConfig {
-    fn default() -> Self {
-        RegistrationConfig {
-            hold: Duration::from_secs(30),
-            port_range: 20000..=20999,
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            queue_limit: 1000,
-            max_wait: Duration::from_secs(30),
-            keepalive: Duration::from_secs(10),
-        }
-    }
-}
 
 /// `pool` itself, or, for a registered route's pool that has no instance right now, the
 /// pool as it is once one registers again (waiting on its hold, bounded). Other pools

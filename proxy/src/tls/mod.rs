@@ -6,14 +6,14 @@
 //! ([`policy`]) *before* anything else: refused names never cause ACME traffic. Allowed
 //! names get one shared order ([`acme`]); the handshake waits for it.
 //!
-//! Pools with a `tls` section reach their upstreams over TLS ([`upstream`]).
+//! Pools with a `tls` section reach their upstreams over TLS with the client side in
+//! [`crate::upstream::tls`].
 
 pub mod acme;
 pub mod certs;
 pub mod policy;
 pub mod sni;
 mod store;
-pub mod upstream;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -370,7 +370,7 @@ impl Upgrader {
             Ok(()) => {
                 let child = rollback.disarm();
                 // systemd follows the new process; this one now only drains.
-                notify_systemd(&[sd_notify::NotifyState::MainPid(pid)]);
+                crate::systemd::notify(&[sd_notify::NotifyState::MainPid(pid)]);
                 self.shutdown.hand_over();
                 // The child outlives us; reap it only if we are still around when it exits.
                 if let Some(mut child) = child {
@@ -638,43 +638,6 @@ impl Handoff {
         self.conn
             .send_ready()
             .map_err(|e| UpgradeError::Protocol(e.to_string()))
-    }
-}
-
-/// Sends a state to systemd's notify socket, if there is one.
-pub fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
-    if let Err(e) = sd_notify::notify(state) {
-        tracing::warn!(error = %e, "systemd notification failed");
-    }
-}
-
-/// Drops the socket stored for listener `name` from systemd's fd store (it moved or is gone).
-pub fn remove_from_systemd_store(name: &str) {
-    let stored_name = format!("{}{name}", crate::listener::STORE_PREFIX);
-    notify_systemd(&[
-        sd_notify::NotifyState::FdStoreRemove,
-        sd_notify::NotifyState::FdName(&stored_name),
-    ]);
-}
-
-/// Offers listening sockets bound by this process to systemd's fd store (when the service
-/// has `FileDescriptorStoreMax`), so even a plain restart keeps them open.
-pub fn store_in_systemd(sockets: &[(&str, std::os::fd::BorrowedFd<'_>)]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
-    }
-    for (name, fd) in sockets {
-        let stored_name = format!("{}{name}", crate::listener::STORE_PREFIX);
-        let state = [
-            sd_notify::NotifyState::FdStore,
-            sd_notify::NotifyState::FdName(&stored_name),
-        ];
-        if let Err(e) = sd_notify::notify_with_fds(&state, std::slice::from_ref(fd)) {
-            tracing::debug!(%name, error = %e, "systemd fd store not available");
-        }
     }
 }
 

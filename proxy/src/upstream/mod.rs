@@ -6,7 +6,7 @@
 //! carried from one `PoolRuntime` to the next, so a change does not forget that an upstream
 //! is down.
 //!
-//! A pool with a `tls` section gets its rustls client config built here, once per
+//! A pool with a `tls` section gets its rustls client config built here ([`tls`]), once per
 //! definition (and kept across tables while the definition stays the same).
 
 pub mod body;
@@ -15,6 +15,7 @@ pub mod h2;
 pub mod health;
 mod hold;
 pub mod idle;
+pub mod tls;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -26,11 +27,11 @@ pub use idle::{ConnKey, UpstreamConn};
 
 use tokio_util::sync::CancellationToken;
 
+use self::tls::UpstreamConnector;
 use crate::state::{
     Balance, HealthCheck, OnChange, Origin, Pool, Upstream, UpstreamPolicy, UpstreamProtocol,
     UpstreamState, UpstreamTls,
 };
-use crate::tls::upstream::UpstreamConnector;
 
 fn process_base() -> Instant {
     static BASE: OnceLock<Instant> = OnceLock::new();

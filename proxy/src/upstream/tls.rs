@@ -12,8 +12,25 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::TlsError;
+use thiserror::Error;
+
 use crate::state::{ApplyError, Change, UpstreamTls};
+
+/// Why a pool's `tls` section cannot be used.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A field names a file that cannot be used, or a value that is not one.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// `tls.ca_file`, `tls.server_name`, ...
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refused the client configuration.
+    #[error("{0}")]
+    Certificate(String),
+}
 
 /// The file check of a batch: every pool it creates or updates with a `tls` section must
 /// name files that can be read and used. Config and the management API run it before they
