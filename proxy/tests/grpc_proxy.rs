@@ -4,7 +4,8 @@
 //! statuses and their trailers arrive intact; `grpc-timeout` expires as
 //! DEADLINE_EXCEEDED; an upstream killed mid-stream gives UNAVAILABLE; no route gives
 //! UNIMPLEMENTED; a graceful upstream shutdown (GOAWAY) under load fails no call; gRPC
-//! health checks take an upstream out and back.
+//! health checks take an upstream out and back; `auto` speaks HTTP/1.1 or HTTP/2 as the
+//! upstream's ALPN offer says.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -15,7 +16,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use grpc_support::{grpc_upstream, grpc_upstream_with, tls_server, GrpcUpstream, Stop};
+use grpc_support::{
+    grpc_upstream, grpc_upstream_with, tls_server, version_upstream, GrpcUpstream, Stop,
+};
 use proxy_proto::testing::echo_client::EchoClient;
 use proxy_proto::testing::EchoRequest;
 use tonic::transport::Channel;
@@ -742,4 +745,54 @@ async fn more_connections_when_the_upstream_stream_limit_is_reached() {
         connections >= 3,
         "{connections} upstream connections for 6 calls at once"
     );
+}
+
+/// `auto` over TLS: an upstream offering only ALPN `http/1.1` (or no ALPN at all) is spoken
+/// to in HTTP/1.1, one offering `h2` in HTTP/2; each upstream reports the version it
+/// received, and what the TLS handshake chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_speaks_what_the_upstream_offers_by_alpn() {
+    let ca = tls_support::TestCa::new("auto upstream CA");
+    let http1_only = version_upstream(&ca, &[b"http/1.1"]).await;
+    let no_alpn = version_upstream(&ca, &[]).await;
+    let h2_too = version_upstream(&ca, &[&b"h2"[..], &b"http/1.1"[..]]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.pem);
+    let cases = [
+        (
+            "http1.example",
+            &http1_only,
+            "HTTP/1.1",
+            "http/1.1",
+            "1.1 proxyd",
+        ),
+        ("none.example", &no_alpn, "HTTP/1.1", "-", "1.1 proxyd"),
+        ("h2.example", &h2_too, "HTTP/2.0", "h2", "2.0 proxyd"),
+    ];
+    let mut config = WEB.to_string();
+    for (host, up, ..) in &cases {
+        let name = host.split('.').next().unwrap();
+        config.push_str(&format!(
+            "\n[[pools]]\nname = \"{name}\"\nupstreams = [\"{}\"]\nprotocol = \"auto\"\n\
+             tls = {{ server_name = \"backend.test\", ca_file = \"{ca_file}\" }}\n\n\
+             [[routes]]\nname = \"{name}\"\nlistener = \"web\"\nhost = \"{host}\"\npool = \"{name}\"\n",
+            up.address()
+        ));
+    }
+    let proxy = start_proxy(&config).await;
+    for round in 0..3 {
+        for (host, _, version, _, via) in &cases {
+            let r = get(proxy.addr("web"), host, &format!("/{round}")).await;
+            assert_eq!(r.status, 200, "{host}: {}", r.text());
+            assert_eq!(r.text(), *version, "{host}, request {round}");
+            assert_eq!(r.header("via"), Some(*via), "{host}: {:?}", r.headers);
+        }
+    }
+    for (host, up, _, alpn, _) in &cases {
+        let negotiated = up.negotiated();
+        assert!(
+            !negotiated.is_empty() && negotiated.iter().all(|a| a == alpn),
+            "{host}: handshakes chose {negotiated:?}, want {alpn}"
+        );
+    }
 }

@@ -282,3 +282,69 @@ pub fn tls_server(ca: &crate::tls_support::TestCa) -> Arc<rustls::ServerConfig> 
     config.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(config)
 }
+
+/// An HTTPS upstream with a certificate for `backend.test` that offers `alpn` (empty: no
+/// ALPN at all) and speaks what the handshake chose: HTTP/2 for `h2`, otherwise HTTP/1.1
+/// only. It answers every request with the HTTP version it received (`HTTP/1.1`,
+/// `HTTP/2.0`).
+pub struct VersionUpstream {
+    pub addr: SocketAddr,
+    /// The ALPN protocol of each accepted TLS connection (`-` for none).
+    pub negotiated: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl VersionUpstream {
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn negotiated(&self) -> Vec<String> {
+        self.negotiated.lock().unwrap().clone()
+    }
+}
+
+pub async fn version_upstream(ca: &crate::tls_support::TestCa, alpn: &[&[u8]]) -> VersionUpstream {
+    let mut config = Arc::unwrap_or_clone(tls_server(ca));
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let negotiated = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = negotiated.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                seen.lock().unwrap().push(
+                    alpn.as_deref()
+                        .map_or("-".to_string(), |p| String::from_utf8_lossy(p).into_owned()),
+                );
+                let service =
+                    hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| {
+                        let body = format!("{:?}", req.version());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        }
+                    });
+                let io = TokioIo::new(tls);
+                if alpn.as_deref() == Some(b"h2") {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+        }
+    });
+    VersionUpstream { addr, negotiated }
+}
