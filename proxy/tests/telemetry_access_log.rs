@@ -1,8 +1,11 @@
 //! The access log as an operator sees it: `proxyd` runs as a process with every log level on,
-//! and its stdout and stderr are searched for the secrets a request and its response carried.
+//! and its stdout and stderr are searched for the secrets a request and its response carried;
+//! gRPC calls carry their gRPC status next to the HTTP status.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod grpc_support;
+mod tls_support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -317,4 +320,137 @@ async fn access_log_off_writes_nothing_to_stdout() {
     let all = proxyd.stop();
     let stdout: Vec<_> = all.iter().filter(|(s, _)| *s == "stdout").collect();
     assert!(stdout.is_empty(), "{stdout:?}");
+}
+
+/// The access line of a gRPC call carries `grpc_status` next to `status`: the upstream's
+/// (from the trailers, or from the head of a Trailers-Only answer) and proxyd's own when it
+/// fails the call (no route: UNIMPLEMENTED; upstream refused: UNAVAILABLE). Plain HTTP
+/// lines have no such field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_log_their_grpc_status() {
+    use proxy_proto::testing::echo_client::EchoClient;
+    use proxy_proto::testing::EchoRequest;
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().unwrap();
+    let up = grpc_support::grpc_upstream("logged", None).await;
+    let port = free_port();
+    let config = format!(
+        r#"[server]
+state_dir = "{dir}/state"
+admin_listen = ""
+
+[telemetry]
+access_log = "json"
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:{port}"
+
+[[pools]]
+name = "echo"
+upstreams = ["{up}"]
+protocol = "h2c"
+
+[[pools]]
+name = "gone"
+upstreams = ["{gone}"]
+protocol = "h2c"
+
+[[routes]]
+name = "echo"
+listener = "web"
+path_prefix = "/proxy.testing.Echo/"
+pool = "echo"
+
+[[routes]]
+name = "gone"
+listener = "web"
+path_prefix = "/grpc.health.v1.Health/"
+pool = "gone"
+"#,
+        dir = dir.path().display(),
+        up = up.address(),
+        gone = dead_address(),
+    );
+    let mut proxyd = Proxyd::start(dir.path(), &config);
+    wait_for_port(port).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut echo = EchoClient::new(channel.clone());
+
+    // OK, its status in the trailers after streamed messages.
+    let mut stream = echo
+        .server_stream(EchoRequest {
+            message: "fine".into(),
+            count: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    while stream.message().await.expect("message").is_some() {}
+    // NOT_FOUND from the upstream.
+    let status = echo
+        .unary(EchoRequest {
+            message: "absent".into(),
+            fail_code: Code::NotFound as i32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("the upstream fails the call");
+    assert_eq!(status.code(), Code::NotFound);
+    // proxyd's own failures: no route, and a pool whose upstream refuses connections.
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect_err("the upstream refuses");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let noroute = raw(
+        addr,
+        b"POST /other.v1.Service/Call HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc\r\nTE: trailers\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(noroute.status, 200);
+    assert_eq!(noroute.header("grpc-status"), Some("12"));
+    // A plain HTTP request: no gRPC status in its line.
+    assert_eq!(get(addr, "x", "/plain").await.status, 404);
+
+    let line_of = |proxyd: &mut Proxyd, needle: &str| {
+        let line = proxyd.wait_for("stdout", needle);
+        let json: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        json
+    };
+    let ok = line_of(&mut proxyd, "\"path\":\"/proxy.testing.Echo/ServerStream\"");
+    assert_eq!(
+        (&ok["status"], &ok["grpc_status"]),
+        (&200.into(), &0.into()),
+        "{ok}"
+    );
+    assert_eq!(ok["route"], "echo", "{ok}");
+    let not_found = line_of(&mut proxyd, "\"grpc_status\":5");
+    assert_eq!(
+        not_found["path"], "/proxy.testing.Echo/Unary",
+        "{not_found}"
+    );
+    assert_eq!(not_found["status"], 200, "{not_found}");
+    assert_eq!(not_found["upstream"], up.address(), "{not_found}");
+    let refused = line_of(&mut proxyd, "\"path\":\"/grpc.health.v1.Health/Watch\"");
+    assert_eq!(refused["grpc_status"], 14, "{refused}");
+    assert_eq!(refused["status"], 200, "{refused}");
+    assert_eq!(refused["error_source"], "upstream", "{refused}");
+    let unrouted = line_of(&mut proxyd, "\"path\":\"/other.v1.Service/Call\"");
+    assert_eq!(unrouted["grpc_status"], 12, "{unrouted}");
+    assert_eq!(unrouted["status"], 200, "{unrouted}");
+    assert_eq!(unrouted["error_source"], "proxy", "{unrouted}");
+    let plain = line_of(&mut proxyd, "\"path\":\"/plain\"");
+    assert_eq!(plain["status"], 404, "{plain}");
+    assert!(plain.get("grpc_status").is_none(), "{plain}");
+    drop(proxyd);
 }
