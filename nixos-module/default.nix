@@ -268,6 +268,15 @@ let
       has `tls`. gRPC upstreams need `h2c` or `h2`.
     '';
     h2_connections = optionalKey types.ints.positive "HTTP/2 connections per upstream and worker thread that requests are spread over (default 1).";
+    h2_keepalive = optionalKey
+      (section {
+        interval = mkOption {
+          type = duration;
+          example = "30s";
+          description = "Time without a frame from the upstream after which an HTTP/2 connection is PINGed, idle or not (positive, at most 24h).";
+        };
+        timeout = optionalKey duration "Time a PING's answer may take before the connection is closed (default 5s).";
+      }) "PING liveness of the HTTP/2 connections (`h2c`, `h2`, `auto`); unset: a PING after 10s, closed after 5s unanswered.";
     upstreams = mkOption {
       type = types.listOf upstreamType;
       default = [ ];
@@ -445,7 +454,7 @@ in
         ];
         pools = [
           { name = "app"; upstreams = [ "127.0.0.1:9001" { address = "127.0.0.1:9002"; weight = 2; } ]; health.path = "/healthz"; }
-          { name = "orders"; protocol = "h2c"; h2_connections = 2; upstreams = [ "127.0.0.1:50051" ]; health.grpc.service = "orders.v1.Orders"; }
+          { name = "orders"; protocol = "h2c"; h2_connections = 2; h2_keepalive.interval = "30s"; upstreams = [ "127.0.0.1:50051" ]; health.grpc.service = "orders.v1.Orders"; }
           {
             name = "redis";
             balance = "ordered";

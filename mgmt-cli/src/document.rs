@@ -76,6 +76,39 @@ pub struct Pool {
     /// HTTP/2 connections per upstream; absent for the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2_connections: Option<u32>,
+    /// PING liveness of the HTTP/2 connections; absent for the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_keepalive: Option<H2Keepalive>,
+}
+
+/// How a pool's HTTP/2 connections are PINGed; `interval_ms` is required when set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct H2Keepalive {
+    /// Milliseconds without a frame from the upstream before a PING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
+    /// Milliseconds a PING's answer may take before the connection is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl H2Keepalive {
+    /// The proto message.
+    pub fn to_proto(&self) -> pb::H2Keepalive {
+        pb::H2Keepalive {
+            interval_ms: self.interval_ms,
+            timeout_ms: self.timeout_ms,
+        }
+    }
+
+    /// The file shape of a proto message.
+    pub fn from_proto(k: &pb::H2Keepalive) -> Self {
+        H2Keepalive {
+            interval_ms: k.interval_ms,
+            timeout_ms: k.timeout_ms,
+        }
+    }
 }
 
 /// When an upstream is ejected after failing; each absent field takes its default.
@@ -447,6 +480,7 @@ impl Pool {
             max_attempts: self.max_attempts,
             outlier: self.outlier.as_ref().map(Outlier::to_proto),
             h2_connections: self.h2_connections.unwrap_or(0),
+            h2_keepalive: self.h2_keepalive.as_ref().map(H2Keepalive::to_proto),
             ..Default::default()
         };
         if let Some(protocol) = &self.protocol {
@@ -497,6 +531,7 @@ impl Pool {
                 .filter(|name| *name != "http1")
                 .map(str::to_owned),
             h2_connections: Some(p.h2_connections).filter(|&n| n != 0 && n != 1),
+            h2_keepalive: p.h2_keepalive.as_ref().map(H2Keepalive::from_proto),
         }
     }
 }

@@ -6,7 +6,7 @@ use proxy_proto::v1 as pb;
 use serde_json::json;
 
 use crate::client::{Clients, Reply};
-use crate::document::{HealthCheck, Outlier, Pool, Upstream, UpstreamTls};
+use crate::document::{H2Keepalive, HealthCheck, Outlier, Pool, Upstream, UpstreamTls};
 use crate::output::{fields, Output, Table};
 use crate::upstreams;
 
@@ -108,6 +108,13 @@ pub struct PoolArgs {
     /// HTTP/2 connections per upstream that requests are spread over (default 1).
     #[arg(long)]
     pub h2_connections: Option<u32>,
+    /// Time without a frame from an upstream after which its HTTP/2 connection is PINGed
+    /// (default 10s).
+    #[arg(long)]
+    pub h2_keepalive_interval: Option<humantime::Duration>,
+    /// Time a PING's answer may take before the HTTP/2 connection is closed (default 5s).
+    #[arg(long, requires = "h2_keepalive_interval")]
+    pub h2_keepalive_timeout: Option<humantime::Duration>,
     /// Check the upstreams with grpc.health.v1.Health/Check of this service ("" for the
     /// whole server) instead of an HTTP path.
     #[arg(long, conflicts_with = "health_path")]
@@ -175,6 +182,10 @@ impl PoolArgs {
             outlier: outlier_set.then_some(outlier),
             protocol: self.protocol.clone(),
             h2_connections: self.h2_connections,
+            h2_keepalive: self.h2_keepalive_interval.map(|interval| H2Keepalive {
+                interval_ms: Some(millis(interval)),
+                timeout_ms: self.h2_keepalive_timeout.map(millis),
+            }),
         })
     }
 }
@@ -238,6 +249,19 @@ fn outlier_text(outlier: Option<&Outlier>) -> String {
     )
 }
 
+/// The PING settings on one line, e.g. `PING after 10000ms without a frame, close after 5000ms`.
+fn h2_keepalive_text(keepalive: Option<&H2Keepalive>) -> String {
+    let Some(k) = keepalive else {
+        return "default".to_owned();
+    };
+    let ms = |v: Option<u64>| v.map_or_else(|| "default".to_owned(), |ms| format!("{ms}ms"));
+    format!(
+        "PING after {} without a frame, close after {} unanswered",
+        ms(k.interval_ms),
+        ms(k.timeout_ms)
+    )
+}
+
 fn detail(pool: &Pool) -> String {
     let ms = |v: Option<u64>| v.map_or_else(|| "default".to_owned(), |ms| format!("{ms}ms"));
     let mut text = fields(&[
@@ -270,6 +294,11 @@ fn detail(pool: &Pool) -> String {
         ("connect deadline", ms(pool.connect_deadline_ms)),
         ("max attempts", count(pool.max_attempts)),
         ("outlier", outlier_text(pool.outlier.as_ref())),
+        ("h2 connections", count(pool.h2_connections)),
+        (
+            "h2 keepalive",
+            h2_keepalive_text(pool.h2_keepalive.as_ref()),
+        ),
     ]);
     text.push('\n');
     text.push_str(&upstreams::table(&pool.upstreams));

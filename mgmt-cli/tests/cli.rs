@@ -429,9 +429,16 @@ async fn pools_take_and_show_connection_and_ejection_settings() {
         "1m",
         "--outlier-max-ejection-percent",
         "30",
+        "--protocol",
+        "h2c",
+        "--h2-keepalive-interval",
+        "30s",
     ])
     .await;
     let pool = &d.json(&["pools", "get", "tuned"]).await;
+    // The timeout left out is the default's.
+    assert_eq!(pool["h2_keepalive"]["interval_ms"], 30_000, "{pool}");
+    assert_eq!(pool["h2_keepalive"]["timeout_ms"], 5_000, "{pool}");
     assert_eq!(pool["idle_timeout_ms"], 800, "{pool}");
     assert_eq!(pool["max_connections_per_upstream"], 16, "{pool}");
     assert_eq!(pool["body_timeout_ms"], 7000, "{pool}");
@@ -451,6 +458,7 @@ async fn pools_take_and_show_connection_and_ejection_settings() {
         "connect deadline              3000ms",
         "max attempts                  2",
         "outlier                       after 4 failures (5xx counts), eject 2000ms..60000ms, at most 30%",
+        "h2 keepalive                  PING after 30000ms without a frame, close after 5000ms unanswered",
     ] {
         assert!(text.contains(line), "{line:?} missing from:\n{text}");
     }
@@ -508,6 +516,41 @@ async fn pools_take_and_show_connection_and_ejection_settings() {
         .await;
     assert!(
         stderr(&out).contains("INVALID_ARGUMENT: pool.idle_timeout_ms"),
+        "{}",
+        stderr(&out)
+    );
+    // A timeout without an interval is refused before anything is sent; a zero interval
+    // by the daemon, naming the field.
+    let out = d
+        .ctl(&[
+            "pools",
+            "add",
+            "pings",
+            "--upstream",
+            &v1.to_string(),
+            "--h2-keepalive-timeout",
+            "1s",
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--h2-keepalive-interval"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d
+        .ctl(&[
+            "pools",
+            "add",
+            "pings",
+            "--upstream",
+            &v1.to_string(),
+            "--h2-keepalive-interval",
+            "0s",
+        ])
+        .await;
+    assert!(
+        stderr(&out).contains("INVALID_ARGUMENT: pool.h2_keepalive.interval_ms: must be positive"),
         "{}",
         stderr(&out)
     );

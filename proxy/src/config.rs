@@ -370,11 +370,19 @@ struct RawPool {
     connect_deadline: Option<String>,
     max_attempts: Option<u32>,
     h2_connections: Option<u32>,
+    h2_keepalive: Option<RawH2Keepalive>,
     protocol: Option<String>,
     outlier: Option<RawOutlier>,
     on_change: Option<String>,
     discovery: Option<RawDiscovery>,
     tls: Option<RawUpstreamTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawH2Keepalive {
+    interval: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -498,6 +506,10 @@ impl Doc<'_> {
             let header = trimmed.starts_with('[');
             if i > 0 && header && (trimmed.starts_with("[[") || !trimmed.contains('.')) {
                 break;
+            }
+            // The key as a sub-table of its own: `[pools.h2_keepalive]`.
+            if i > 0 && header && trimmed.trim_end().ends_with(&format!(".{key}]")) {
+                return self.line_of(offset);
             }
             if let Some(rest) = trimmed.strip_prefix(key) {
                 if rest.trim_start().starts_with('=') {
@@ -1365,6 +1377,7 @@ impl Doc<'_> {
             )?,
             max_attempts: raw.max_attempts.unwrap_or(defaults.max_attempts),
             h2_connections: raw.h2_connections.unwrap_or(defaults.h2_connections),
+            h2_keepalive: self.build_h2_keepalive(raw.h2_keepalive, span, prefix)?,
             outlier,
         };
         let protocol = match raw.protocol.as_deref() {
@@ -1408,6 +1421,43 @@ impl Doc<'_> {
             }),
             policy,
         })
+    }
+
+    /// `h2_keepalive = { interval, timeout }`: the interval is what turns PINGs on, so a
+    /// table without it is refused rather than read as the default interval.
+    fn build_h2_keepalive(
+        &self,
+        raw: Option<RawH2Keepalive>,
+        span: &Range<usize>,
+        prefix: &str,
+    ) -> Result<state::H2Keepalive, ConfigError> {
+        let defaults = state::H2Keepalive::default();
+        let Some(raw) = raw else {
+            return Ok(defaults);
+        };
+        let line = self.line_of_key(span, "h2_keepalive");
+        let field = |key: &str| format!("{prefix}.h2_keepalive.{key}");
+        let parse = |value: &str, key: &str| {
+            humantime::parse_duration(value).map_err(|e| {
+                self.error(line, field(key), format!("invalid duration {value:?}: {e}"))
+            })
+        };
+        let interval = match raw.interval.as_deref() {
+            Some(s) => parse(s, "interval")?,
+            None => {
+                return Err(self.error(
+                    line,
+                    field("interval"),
+                    "required when h2_keepalive is set (PINGs are sent every interval; a timeout alone sends none)",
+                ))
+            }
+        };
+        let timeout = match raw.timeout.as_deref() {
+            Some(s) => parse(s, "timeout")?,
+            None => defaults.timeout,
+        };
+        // Zero and too long are refused by the state's check, under the same field names.
+        Ok(state::H2Keepalive { interval, timeout })
     }
 
     fn build_route(
@@ -1558,6 +1608,68 @@ upstreams = ["127.0.0.1:9001"]
             e.starts_with("t.toml:6: listeners[0].max_connections_per_ip: only http and https"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn h2_keepalive_is_read_and_bad_values_name_line_and_field() {
+        let pool = |extra: &str| format!("{BASE}protocol = \"h2c\"\n{extra}\n");
+        let config = Config::parse(
+            &pool("h2_keepalive = { interval = \"200ms\", timeout = \"1s\" }"),
+            "t.toml",
+        )
+        .expect("valid");
+        let Some(Change::CreatePool(p)) = config.declarative.first() else {
+            panic!("{:?}", config.declarative);
+        };
+        assert_eq!(
+            p.policy.h2_keepalive,
+            state::H2Keepalive {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_secs(1),
+            }
+        );
+        // The timeout alone is the default's; the sub-table form works too.
+        let config = Config::parse(&pool("\n[pools.h2_keepalive]\ninterval = \"1m\""), "t.toml")
+            .expect("valid");
+        let Some(Change::CreatePool(p)) = config.declarative.first() else {
+            panic!("{:?}", config.declarative);
+        };
+        assert_eq!(p.policy.h2_keepalive.interval, Duration::from_secs(60));
+        assert_eq!(p.policy.h2_keepalive.timeout, Duration::from_secs(5));
+
+        for (extra, want) in [
+            (
+                "h2_keepalive = { timeout = \"5s\" }",
+                "t.toml:11: pools[0].h2_keepalive.interval: required when h2_keepalive is set",
+            ),
+            (
+                "h2_keepalive = { interval = \"0s\" }",
+                "t.toml:11: pools[0].h2_keepalive.interval: must be positive",
+            ),
+            (
+                "h2_keepalive = { interval = \"10s\", timeout = \"0s\" }",
+                "t.toml:11: pools[0].h2_keepalive.timeout: must be positive",
+            ),
+            (
+                "h2_keepalive = { interval = \"2d\" }",
+                "t.toml:11: pools[0].h2_keepalive.interval: must be at most 24h",
+            ),
+            (
+                "h2_keepalive = { interval = \"often\" }",
+                "t.toml:11: pools[0].h2_keepalive.interval: invalid duration \"often\"",
+            ),
+            (
+                "\n[pools.h2_keepalive]\ntimeout = \"1s\"",
+                "t.toml:12: pools[0].h2_keepalive.interval: required",
+            ),
+        ] {
+            let e = err(&pool(extra));
+            assert!(e.starts_with(want), "{extra}: {e}");
+        }
+        let e = err(&pool(
+            "h2_keepalive = { interval = \"1s\", every = \"1s\" }",
+        ));
+        assert!(e.contains("unknown field `every`"), "{e}");
     }
 
     #[test]

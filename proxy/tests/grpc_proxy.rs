@@ -6,6 +6,8 @@
 //! UNIMPLEMENTED; a graceful upstream shutdown (GOAWAY) under load fails no call; gRPC
 //! health checks take an upstream out and back; `auto` speaks HTTP/1.1 or HTTP/2 as the
 //! upstream's ALPN offer says.
+//! An idle HTTP/2 connection whose peer froze is found by its unanswered PING and
+//! replaced.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -795,4 +797,51 @@ async fn auto_speaks_what_the_upstream_offers_by_alpn() {
             "{host}: handshakes chose {negotiated:?}, want {alpn}"
         );
     }
+}
+
+/// PING liveness with a pool's own `h2_keepalive`: an idle connection is PINGed and
+/// answered through a relay; once the relay freezes it (no byte either way, no FIN or
+/// RST), the unanswered PING makes proxyd close it, and the next request goes over a new
+/// connection instead of into the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_upstream_connection_is_found_by_ping_and_replaced() {
+    let up = upstream("behind-relay").await;
+    let relay = grpc_support::Relay::start(up.addr).await;
+    // One worker thread: the connection of the first request is the one the second would
+    // pick if proxyd had not closed it.
+    let proxy = start_proxy(&format!(
+        "[server]\nstate_dir = \"{{state}}\"\nadmin_listen = \"\"\nworkers = 1\n{WEB}\n\
+         [[pools]]\nname = \"p\"\nupstreams = [\"{}\"]\nprotocol = \"h2c\"\n\
+         h2_keepalive = {{ interval = \"200ms\", timeout = \"200ms\" }}\n\n\
+         [[routes]]\nname = \"r\"\nlistener = \"web\"\npool = \"p\"\n",
+        relay.address()
+    ))
+    .await;
+    let r = get(proxy.addr("web"), "app.example", "/first").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["upstream"], "behind-relay");
+    assert_eq!(relay.conns().len(), 1);
+    // Idle, the connection is PINGed and the PINGs are answered; many of them, so a pool
+    // whose setting were ignored (the default PINGs after 10 s) would not get there in the
+    // relay's hang guard.
+    relay
+        .wait_until("10 PINGs answered on the idle connection", |c| {
+            c[0].ping_acks >= 10
+        })
+        .await;
+    assert!(!relay.conns()[0].closed_by_proxy, "{:?}", relay.conns());
+
+    relay.freeze_existing();
+    relay
+        .wait_until("proxyd closed the frozen connection", |c| {
+            c[0].closed_by_proxy
+        })
+        .await;
+    let r = get(proxy.addr("web"), "app.example", "/second").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["uri"], "http://app.example/second");
+    let conns = relay.conns();
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    assert!(!conns[1].closed_by_proxy, "{conns:?}");
+    assert_eq!(up.hits(), 2);
 }

@@ -91,6 +91,10 @@ async fn pool_policy_settings_round_trip_and_take_effect() {
         connect_deadline_ms: Some(3_000),
         max_attempts: Some(1),
         outlier: Some(sent_outlier),
+        h2_keepalive: Some(pb::H2Keepalive {
+            interval_ms: Some(30_000),
+            timeout_ms: None,
+        }),
         // The first upstream refuses connections; with one attempt nothing else is tried.
         ..pool_msg("tuned", &[dead_address(), live.address()])
     };
@@ -116,6 +120,12 @@ async fn pool_policy_settings_round_trip_and_take_effect() {
     assert_eq!(got.connect_deadline_ms, Some(3_000));
     assert_eq!(got.max_attempts, Some(1));
     assert_eq!(got.outlier, Some(sent_outlier));
+    // An absent timeout is the default's.
+    let sent_keepalive = Some(pb::H2Keepalive {
+        interval_ms: Some(30_000),
+        timeout_ms: Some(5_000),
+    });
+    assert_eq!(got.h2_keepalive, sent_keepalive);
     assert_eq!(get(proxy.addr("web"), "a.test", "/").await.status, 502);
 
     // Absent fields (and an absent outlier message) are the config file's defaults.
@@ -134,6 +144,13 @@ async fn pool_policy_settings_round_trip_and_take_effect() {
             base_ejection_ms: Some(10_000),
             max_ejection_ms: Some(300_000),
             max_ejection_percent: Some(50),
+        })
+    );
+    assert_eq!(
+        plain.h2_keepalive,
+        Some(pb::H2Keepalive {
+            interval_ms: Some(10_000),
+            timeout_ms: Some(5_000),
         })
     );
 
@@ -159,6 +176,7 @@ async fn pool_policy_settings_round_trip_and_take_effect() {
     assert_eq!(got.max_attempts, Some(3));
     assert_eq!(got.idle_timeout_ms, Some(800));
     assert_eq!(got.outlier, Some(sent_outlier));
+    assert_eq!(got.h2_keepalive, sent_keepalive);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

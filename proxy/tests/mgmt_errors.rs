@@ -123,6 +123,11 @@ async fn pool_policy_mistakes_name_the_field() {
         outlier: Some(o),
         ..base()
     };
+    let keepalive = |k: pb::H2Keepalive| pb::Pool {
+        protocol: pb::UpstreamProtocol::H2c as i32,
+        h2_keepalive: Some(k),
+        ..base()
+    };
     let cases: Vec<(pb::Pool, &str)> = vec![
         (
             outlier(pb::Outlier {
@@ -179,6 +184,34 @@ async fn pool_policy_mistakes_name_the_field() {
                 ..base()
             },
             "pool.connect_deadline_ms: must be positive",
+        ),
+        (
+            keepalive(pb::H2Keepalive {
+                interval_ms: None,
+                timeout_ms: Some(5000),
+            }),
+            "pool.h2_keepalive.interval_ms: required when h2_keepalive is set (PINGs are sent every interval; a timeout alone sends none)",
+        ),
+        (
+            keepalive(pb::H2Keepalive {
+                interval_ms: Some(0),
+                timeout_ms: None,
+            }),
+            "pool.h2_keepalive.interval_ms: must be positive",
+        ),
+        (
+            keepalive(pb::H2Keepalive {
+                interval_ms: Some(1000),
+                timeout_ms: Some(0),
+            }),
+            "pool.h2_keepalive.timeout_ms: must be positive",
+        ),
+        (
+            keepalive(pb::H2Keepalive {
+                interval_ms: Some(2 * 86_400_000),
+                timeout_ms: None,
+            }),
+            "pool.h2_keepalive.interval_ms: must be at most 24h",
         ),
     ];
     for (pool, expected) in cases {

@@ -81,6 +81,12 @@ let
   limited = limitedHost { max_connections_per_ip = 32; rate_limit = { requests_per_second = 0.5; burst = 10; }; };
   limitedListener = config: builtins.head config.services.proxy.settings.listeners;
 
+  # The first pool with PING settings added.
+  keepaliveHost = keepalive: host {
+    services.proxy.settings.pools = lib.mkForce [ ((builtins.head settings.pools) // { protocol = "h2c"; h2_keepalive = keepalive; }) ];
+  };
+  keepalivePool = config: builtins.head config.services.proxy.settings.pools;
+
   prometheusHost = host { services.proxy.prometheus = { rules = true; scrape = true; }; };
   noAdminScrape = host {
     services.proxy.prometheus.scrape = true;
@@ -198,6 +204,14 @@ let
       (throws (limitedListener (limitedHost { rate_limit.requests_per_second = 0; })).rate_limit) "accepted")
     (check "per-client limits: max_connections_per_ip = 0 is a type error"
       (throws (limitedListener (limitedHost { max_connections_per_ip = 0; })).max_connections_per_ip) "accepted")
+    (expectEq "h2_keepalive: typed option, an unset timeout null (left out of the file)"
+      (keepalivePool (keepaliveHost { interval = "30s"; })).h2_keepalive
+      { interval = "30s"; timeout = null; })
+    (check "h2_keepalive: unset by default" ((keepalivePool base).h2_keepalive == null) "set by default")
+    (check "h2_keepalive: a timeout without an interval is an error"
+      (throws (keepalivePool (keepaliveHost { timeout = "5s"; })).h2_keepalive) "accepted")
+    (check "h2_keepalive: an interval that is not a string is a type error"
+      (throws (keepalivePool (keepaliveHost { interval = 10; })).h2_keepalive) "accepted")
     (check "prometheus.scrape without an admin listener is refused"
       (mentions "admin_listen" (failed noAdminScrape))
       (show (failed noAdminScrape)))

@@ -96,6 +96,24 @@ pub struct Pool {
     /// HTTP/2 connections per upstream that streams are spread over; 0: the default (1).
     #[prost(uint32, tag = "21")]
     pub h2_connections: u32,
+    /// PING liveness of the HTTP/2 connections to the upstreams; absent: the defaults (a PING
+    /// after 10000 ms without a frame from the upstream, closed after 5000 ms unanswered).
+    #[prost(message, optional, tag = "22")]
+    pub h2_keepalive: ::core::option::Option<H2Keepalive>,
+}
+/// How a pool's HTTP/2 connections are PINGed (idle or not), and when an unanswered PING
+/// closes one: a connection whose upstream vanished without closing it is found out
+/// before a request is sent on it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct H2Keepalive {
+    /// Milliseconds without a frame from the upstream after which a PING is sent. Required
+    /// when the message is present; positive, at most one day (86400000).
+    #[prost(uint64, optional, tag = "1")]
+    pub interval_ms: ::core::option::Option<u64>,
+    /// Milliseconds a PING's answer may take before the connection is closed; absent: 5000.
+    /// Present values must be positive, at most one day.
+    #[prost(uint64, optional, tag = "2")]
+    pub timeout_ms: ::core::option::Option<u64>,
 }
 /// When a pool's upstream is ejected (skipped while others work) after failing. Each absent
 /// field takes its default.

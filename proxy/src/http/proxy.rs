@@ -958,9 +958,14 @@ async fn dial(
             }
         };
         if h2 {
-            h2_sender(&upstream.address, stream, Some(open))
-                .await
-                .map(Dialed::H2)
+            h2_sender(
+                &upstream.address,
+                stream,
+                Some(open),
+                pool.policy.h2_keepalive,
+            )
+            .await
+            .map(Dialed::H2)
         } else {
             http_sender(&upstream.address, stream, Some(open))
                 .await

@@ -11,8 +11,8 @@ use crate::routing::RoutingTable;
 use crate::state::Origin;
 use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, Change, Document, GrpcHealthCheck,
-    HealthCheck, Outlier, PathMatch, Pool, Route, Source, TcpRoute, Upstream, UpstreamPolicy,
-    UpstreamProtocol, UpstreamState, UpstreamTls,
+    H2Keepalive, HealthCheck, Outlier, PathMatch, Pool, Route, Source, TcpRoute, Upstream,
+    UpstreamPolicy, UpstreamProtocol, UpstreamState, UpstreamTls,
 };
 
 /// An INVALID_ARGUMENT status naming `field`.
@@ -73,7 +73,7 @@ pub fn upstream(u: pb::Upstream, field: &str) -> Result<Upstream, Status> {
 
 /// A pool from the wire, owned by the API; zero timeouts mean the defaults.
 pub fn pool(p: pb::Pool, field: &str) -> Result<Pool, Status> {
-    let policy = policy(&p);
+    let policy = policy(&p, field)?;
     let health = match p.health_check {
         None => None,
         Some(h) => {
@@ -129,8 +129,8 @@ fn millis_opt(ms: Option<u64>, default: Duration) -> Duration {
 }
 
 /// The connection, attempt and ejection settings of a wire pool; absent fields (and an
-/// absent `outlier`) take the config file's defaults.
-fn policy(p: &pb::Pool) -> UpstreamPolicy {
+/// absent `outlier` or `h2_keepalive`) take the config file's defaults.
+fn policy(p: &pb::Pool, field: &str) -> Result<UpstreamPolicy, Status> {
     let d = UpstreamPolicy::default();
     let outlier = match &p.outlier {
         None => d.outlier.clone(),
@@ -146,7 +146,7 @@ fn policy(p: &pb::Pool) -> UpstreamPolicy {
                 .unwrap_or(d.outlier.max_ejection_percent),
         },
     };
-    UpstreamPolicy {
+    Ok(UpstreamPolicy {
         idle_timeout: millis_opt(p.idle_timeout_ms, d.idle_timeout),
         max_connections_per_upstream: p
             .max_connections_per_upstream
@@ -158,8 +158,28 @@ fn policy(p: &pb::Pool) -> UpstreamPolicy {
             0 => d.h2_connections,
             n => n,
         },
+        h2_keepalive: h2_keepalive(p.h2_keepalive.as_ref(), field)?,
         outlier,
-    }
+    })
+}
+
+/// A pool's PING settings: the interval is what turns PINGs on, so a message without it is
+/// refused rather than read as the default interval (as the config file does).
+fn h2_keepalive(k: Option<&pb::H2Keepalive>, field: &str) -> Result<H2Keepalive, Status> {
+    let d = H2Keepalive::default();
+    let Some(k) = k else {
+        return Ok(d);
+    };
+    let Some(interval_ms) = k.interval_ms else {
+        return Err(invalid(
+            &format!("{field}.h2_keepalive.interval_ms"),
+            "required when h2_keepalive is set (PINGs are sent every interval; a timeout alone sends none)",
+        ));
+    };
+    Ok(H2Keepalive {
+        interval: Duration::from_millis(interval_ms),
+        timeout: millis_opt(k.timeout_ms, d.timeout),
+    })
 }
 
 /// An HTTP route from the wire, owned by the API; an empty host means any host.
@@ -348,6 +368,10 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
             UpstreamProtocol::Auto => pb::UpstreamProtocol::Auto,
         } as i32,
         h2_connections: p.policy.h2_connections,
+        h2_keepalive: Some(pb::H2Keepalive {
+            interval_ms: Some(millis(p.policy.h2_keepalive.interval)),
+            timeout_ms: Some(millis(p.policy.h2_keepalive.timeout)),
+        }),
     }
 }
 
@@ -463,6 +487,45 @@ mod tests {
             defaults.outlier.max_ejection_percent
         );
         // What is read back converts to the same model.
+        let again = pool(pool_proto(&model, None), "pool").expect("valid");
+        assert_eq!(again.policy, model.policy);
+        // PING settings: a timeout alone is refused here, where the wire form is known;
+        // the interval alone keeps the default timeout.
+        let keepalive = |k: pb::H2Keepalive| pb::Pool {
+            name: "p".into(),
+            h2_keepalive: Some(k),
+            ..Default::default()
+        };
+        let err = pool(
+            keepalive(pb::H2Keepalive {
+                timeout_ms: Some(300),
+                ..Default::default()
+            }),
+            "pool",
+        )
+        .expect_err("timeout without interval");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message()
+                .starts_with("pool.h2_keepalive.interval_ms: required"),
+            "{}",
+            err.message()
+        );
+        let model = pool(
+            keepalive(pb::H2Keepalive {
+                interval_ms: Some(250),
+                ..Default::default()
+            }),
+            "pool",
+        )
+        .expect("valid");
+        assert_eq!(
+            model.policy.h2_keepalive,
+            H2Keepalive {
+                interval: Duration::from_millis(250),
+                timeout: defaults.h2_keepalive.timeout,
+            }
+        );
         let again = pool(pool_proto(&model, None), "pool").expect("valid");
         assert_eq!(again.policy, model.policy);
         // A present zero is passed on for the state model to refuse under its name.

@@ -36,9 +36,9 @@ pub use membership::{
     Attachment, Membership, MembershipTouched, OnChange, Origin, RegisteredRoute, SourceKind,
 };
 pub use model::{
-    default_connect_timeout, default_response_timeout, Balance, GrpcHealthCheck, HealthCheck,
-    Outlier, PathMatch, Pool, Protocol, Route, Source, TcpRoute, Upstream, UpstreamPolicy,
-    UpstreamProtocol, UpstreamState, UpstreamTls,
+    default_connect_timeout, default_response_timeout, Balance, GrpcHealthCheck, H2Keepalive,
+    HealthCheck, Outlier, PathMatch, Pool, Protocol, Route, Source, TcpRoute, Upstream,
+    UpstreamPolicy, UpstreamProtocol, UpstreamState, UpstreamTls,
 };
 pub use store::StoreError;
 
@@ -284,6 +284,17 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
             "pool.h2_connections",
             "must be at least 1",
         ));
+    }
+    for (field, value) in [
+        ("pool.h2_keepalive.interval", policy.h2_keepalive.interval),
+        ("pool.h2_keepalive.timeout", policy.h2_keepalive.timeout),
+    ] {
+        if value.is_zero() {
+            return Err(ApplyError::invalid(field, "must be positive"));
+        }
+        if value > H2Keepalive::MAX {
+            return Err(ApplyError::invalid(field, "must be at most 24h"));
+        }
     }
     if pool.protocol == UpstreamProtocol::H2 && pool.tls.is_none() {
         return Err(ApplyError::invalid(

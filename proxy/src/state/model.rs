@@ -223,6 +223,8 @@ pub struct UpstreamPolicy {
     /// more are opened only when all of them are at the upstream's
     /// SETTINGS_MAX_CONCURRENT_STREAMS.
     pub h2_connections: u32,
+    /// PING liveness of HTTP/2 connections to the upstreams.
+    pub h2_keepalive: H2Keepalive,
     /// Outlier ejection.
     pub outlier: Outlier,
 }
@@ -239,9 +241,39 @@ impl Default for UpstreamPolicy {
             connect_deadline: Duration::from_secs(10),
             max_attempts: 3,
             h2_connections: 1,
+            h2_keepalive: H2Keepalive::default(),
             outlier: Outlier::default(),
         }
     }
+}
+
+/// How an HTTP/2 connection to an upstream is PINGed (idle or not) and when an unanswered
+/// PING closes it, so a connection whose peer vanished without a FIN or RST (a host gone,
+/// a NAT or firewall entry dropped) is found out before a request is sent on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct H2Keepalive {
+    /// Time without any frame from the upstream after which a PING is sent.
+    #[serde(with = "duration_ms")]
+    pub interval: Duration,
+    /// Time a PING's answer may take before the connection is closed.
+    #[serde(with = "duration_ms")]
+    pub timeout: Duration,
+}
+
+impl Default for H2Keepalive {
+    fn default() -> Self {
+        H2Keepalive {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl H2Keepalive {
+    /// The longest `interval` or `timeout` taken: beyond a day a PING detects nothing in
+    /// useful time, and the bound keeps the timer's deadline arithmetic far from overflow.
+    pub const MAX: Duration = Duration::from_secs(24 * 60 * 60);
 }
 
 /// When an upstream is ejected (skipped while others work) after failing.

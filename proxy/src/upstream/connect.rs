@@ -16,6 +16,7 @@ use super::body::RequestBody;
 use super::h2::{FrameScanner, H2Conn, H2State};
 use super::idle::{ConnState, UpstreamConn};
 use super::OpenConnection;
+use crate::state::H2Keepalive;
 
 /// An HTTP/1.1 client connection to one upstream.
 pub type HttpSender = hyper::client::conn::http1::SendRequest<RequestBody>;
@@ -278,11 +279,6 @@ pub async fn http_sender(
     })
 }
 
-/// How often an HTTP/2 connection is PINGed, and how long the answer may take before the
-/// connection is closed (its streams fail, new requests go to a fresh connection).
-const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Streams allowed on a new HTTP/2 connection before the upstream's SETTINGS arrive
 /// (RFC 9113 recommends advertising at least 100).
 const H2_INITIAL_STREAMS: usize = 100;
@@ -292,11 +288,14 @@ const H2_SETTINGS_WAIT: Duration = Duration::from_secs(1);
 
 /// Performs the HTTP/2 client handshake on `stream` (prior knowledge for h2c, after ALPN
 /// for h2) and drives the connection in a task of the current runtime. `open` is held as
-/// long as the connection lives.
+/// long as the connection lives. The connection is PINGed after `keepalive.interval`
+/// without a frame from the upstream, idle or not, and closed when a PING goes unanswered
+/// for `keepalive.timeout` (its streams fail; new requests go to a fresh connection).
 pub async fn h2_sender(
     address: &str,
     stream: UpstreamStream,
     open: Option<OpenConnection>,
+    keepalive: H2Keepalive,
 ) -> Result<H2Conn, ConnectError> {
     let state = Arc::new(H2State::new(H2_INITIAL_STREAMS));
     let io = Watched {
@@ -309,8 +308,8 @@ pub async fn h2_sender(
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .initial_max_send_streams(H2_INITIAL_STREAMS)
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_interval(keepalive.interval)
+            .keep_alive_timeout(keepalive.timeout)
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(io))
             .await

@@ -14,8 +14,9 @@
 //! connection whose streams reached the upstream's SETTINGS_MAX_CONCURRENT_STREAMS takes no
 //! more, and when every connection is at its limit one more is opened. A connection that
 //! received GOAWAY is closed for new streams by hyper (`is_closed`) and left out; its
-//! in-flight streams finish on it. Idle connections are kept alive by HTTP/2 PINGs and
-//! dropped when a PING goes unanswered.
+//! in-flight streams finish on it. Connections are PINGed as the pool's `h2_keepalive`
+//! says and closed when a PING goes unanswered; a closed one is left out here, so the next
+//! request opens a fresh connection rather than waiting on a dead one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

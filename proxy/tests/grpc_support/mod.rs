@@ -348,3 +348,225 @@ pub async fn version_upstream(ca: &crate::tls_support::TestCa, alpn: &[&[u8]]) -
     });
     VersionUpstream { addr, negotiated }
 }
+
+/// What a [`Relay`] saw of one connection.
+#[derive(Debug, Default, Clone)]
+pub struct RelayedConn {
+    /// PING frames (not acknowledgements) proxyd sent that were passed on.
+    pub pings: usize,
+    /// PING acknowledgements the upstream sent that were passed on.
+    pub ping_acks: usize,
+    /// proxyd closed its side of the connection.
+    pub closed_by_proxy: bool,
+}
+
+struct RelayState {
+    conns: std::sync::Mutex<Vec<RelayedConn>>,
+    changed: tokio::sync::Notify,
+}
+
+impl RelayState {
+    fn update(&self, id: usize, f: impl FnOnce(&mut RelayedConn)) {
+        f(&mut self.conns.lock().unwrap()[id]);
+        self.changed.notify_waiters();
+    }
+}
+
+/// A TCP relay in front of an h2c upstream that can freeze the connections it holds: a
+/// frozen connection passes no byte in either direction and is not closed (what a peer
+/// that vanished without FIN or RST looks like from proxyd; what proxyd sends is read and
+/// dropped, so the relay notices when proxyd gives up and closes). Connections accepted
+/// after a freeze are relayed normally. It follows the HTTP/2 frames both ways to count
+/// PINGs and their acknowledgements.
+pub struct Relay {
+    pub addr: SocketAddr,
+    state: Arc<RelayState>,
+    /// Connections with an index below this are frozen.
+    frozen_below: watch::Sender<usize>,
+}
+
+impl Relay {
+    pub async fn start(upstream: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(RelayState {
+            conns: std::sync::Mutex::new(Vec::new()),
+            changed: tokio::sync::Notify::new(),
+        });
+        let (frozen_below, frozen) = watch::channel(0);
+        let accepting = state.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = {
+                    let mut conns = accepting.conns.lock().unwrap();
+                    conns.push(RelayedConn::default());
+                    conns.len() - 1
+                };
+                accepting.changed.notify_waiters();
+                tokio::spawn(relay_conn(
+                    id,
+                    client,
+                    upstream,
+                    accepting.clone(),
+                    frozen.clone(),
+                ));
+            }
+        });
+        Relay {
+            addr,
+            state,
+            frozen_below,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Freezes every connection accepted so far.
+    pub fn freeze_existing(&self) {
+        let accepted = self.conns().len();
+        self.frozen_below.send_replace(accepted);
+    }
+
+    pub fn conns(&self) -> Vec<RelayedConn> {
+        self.state.conns.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the connections (a hang guard of 60 s, far beyond
+    /// what the tests need, fails the test with `what`).
+    pub async fn wait_until(&self, what: &str, done: impl Fn(&[RelayedConn]) -> bool) {
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let changed = self.state.changed.notified();
+                if done(&self.conns()) {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "never: {what}; saw {:?}", self.conns());
+    }
+}
+
+/// Counts PING frames in one direction of an HTTP/2 connection.
+struct PingCounter {
+    /// Bytes of the client connection preface still to skip.
+    preface: usize,
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to skip.
+    skip: usize,
+}
+
+impl PingCounter {
+    fn new(preface: usize) -> Self {
+        PingCounter {
+            preface,
+            head: [0; 9],
+            have: 0,
+            skip: 0,
+        }
+    }
+
+    /// Follows `bytes`; returns (PINGs, PING acknowledgements) that started in them.
+    fn feed(&mut self, mut bytes: &[u8]) -> (usize, usize) {
+        let (mut pings, mut acks) = (0, 0);
+        while !bytes.is_empty() {
+            if self.preface > 0 || self.skip > 0 {
+                let left = if self.preface > 0 {
+                    &mut self.preface
+                } else {
+                    &mut self.skip
+                };
+                let n = (*left).min(bytes.len());
+                *left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                self.have = 0;
+                self.skip =
+                    u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]) as usize;
+                if self.head[3] == 0x6 {
+                    if self.head[4] & 0x1 == 0 {
+                        pings += 1;
+                    } else {
+                        acks += 1;
+                    }
+                }
+            }
+        }
+        (pings, acks)
+    }
+}
+
+async fn relay_conn(
+    id: usize,
+    mut client: tokio::net::TcpStream,
+    upstream: SocketAddr,
+    state: Arc<RelayState>,
+    mut frozen: watch::Receiver<usize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+        return;
+    };
+    // proxyd's side starts with the 24-byte client preface, then frames.
+    let mut from_proxy = PingCounter::new(24);
+    let mut from_upstream = PingCounter::new(0);
+    let mut up = vec![0u8; 16 * 1024];
+    let mut down = vec![0u8; 16 * 1024];
+    loop {
+        let is_frozen = |frozen: &watch::Receiver<usize>| id < *frozen.borrow();
+        let frozen_now = is_frozen(&frozen);
+        tokio::select! {
+            read = client.read(&mut up) => {
+                let n = match read {
+                    Ok(0) | Err(_) => {
+                        state.update(id, |c| c.closed_by_proxy = true);
+                        return;
+                    }
+                    Ok(n) => n,
+                };
+                if is_frozen(&frozen) {
+                    continue;
+                }
+                let (pings, _) = from_proxy.feed(&up[..n]);
+                if server.write_all(&up[..n]).await.is_err() {
+                    return;
+                }
+                if pings > 0 {
+                    state.update(id, |c| c.pings += pings);
+                }
+            }
+            read = server.read(&mut down), if !frozen_now => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if is_frozen(&frozen) {
+                    continue;
+                }
+                let (_, acks) = from_upstream.feed(&down[..n]);
+                if client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+                if acks > 0 {
+                    state.update(id, |c| c.ping_acks += acks);
+                }
+            }
+            changed = frozen.changed() => {
+                // The relay is gone: so are its connections.
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
