@@ -6,16 +6,25 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 /// Headers that describe one connection, not the message, and are never forwarded.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
+
+// Named once: a header looked up or inserted by a `&str` name is parsed (and a name the
+// `http` crate does not know is allocated) on every call.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// Refuses requests whose body length is ambiguous (request-smuggling defence).
 pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
@@ -168,6 +177,12 @@ fn valid_reg_name(name: &[u8]) -> bool {
 /// An RFC 7230 quoted-string holding `value` (for `Forwarded` parameters, RFC 7239).
 fn quoted(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
+    push_quoted(&mut out, value);
+    out
+}
+
+/// Appends `value` as an RFC 7230 quoted-string to `out`.
+fn push_quoted(out: &mut String, value: &str) {
     out.push('"');
     for c in value.chars() {
         if c == '"' || c == '\\' {
@@ -176,7 +191,6 @@ fn quoted(value: &str) -> String {
         out.push(c);
     }
     out.push('"');
-    out
 }
 
 fn parse_length(value: &HeaderValue) -> Option<u64> {
@@ -215,21 +229,35 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers, including every header named by `Connection`. With
 /// `upgrade`, keeps `Upgrade` and sets `Connection: upgrade` so the tunnel can be set up.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|t| HeaderName::from_bytes(t.to_ascii_lowercase().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(&name);
+    // One pass over the names first: most messages carry none of these, or only
+    // `Connection`, and a removal by name costs a hash and a probe each.
+    let present = headers
+        .keys()
+        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    if present {
+        // Names in `Connection` that are hop-by-hop anyway go below without a lookup here.
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
         }
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+        for name in &HOP_BY_HOP {
+            headers.remove(name);
+        }
+        if !upgrade {
+            headers.remove(header::UPGRADE);
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
     }
 }
 
@@ -262,7 +290,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// The `grpc-timeout` of a request: 1 to 8 digits and a unit (H, M, S, m, u, n).
 pub fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
-    let value = headers.get("grpc-timeout")?.as_bytes();
+    let value = headers.get(GRPC_TIMEOUT)?.as_bytes();
     let (&unit, digits) = value.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -316,41 +344,79 @@ pub fn to_h2_request<B>(req: &mut http::Request<B>, tls: bool, fallback: &str) {
     }
 }
 
+/// A client address as the forwarding headers show it, rendered once per connection.
+#[derive(Debug, Clone)]
+pub struct ForwardedClient {
+    /// The address alone: `X-Forwarded-For` when the request has none.
+    address: HeaderValue,
+    /// `for=` and the address, quoted and bracketed for IPv6 (RFC 7239).
+    forwarded_for: String,
+}
+
+impl ForwardedClient {
+    /// Renders `client`.
+    pub fn new(client: IpAddr) -> ForwardedClient {
+        let text = client.to_string();
+        let forwarded_for = match client {
+            IpAddr::V4(_) => format!("for={text}"),
+            IpAddr::V6(_) => format!("for={}", quoted(&format!("[{text}]"))),
+        };
+        ForwardedClient {
+            // An IP address is always a valid header value.
+            address: HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded_for,
+        }
+    }
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
 /// and `X-Forwarded-Host`.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &ForwardedClient,
     proto: &'static str,
     host: Option<&str>,
 ) {
-    let client_text = client.to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_text}"),
-        _ => client_text.clone(),
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => {
+            let address = client.address.to_str().unwrap_or_default();
+            let mut value = String::with_capacity(prior.len() + 2 + address.len());
+            value.push_str(prior);
+            value.push_str(", ");
+            value.push_str(address);
+            HeaderValue::try_from(value).ok()
+        }
+        _ => Some(client.address.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    let mut forwarded = match client {
-        IpAddr::V4(_) => format!("for={client_text}"),
-        IpAddr::V6(_) => format!("for={}", quoted(&format!("[{client_text}]"))),
-    };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let prior = headers
+        .get(header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .filter(|prior| !prior.trim().is_empty());
+    let mut forwarded = String::with_capacity(
+        prior.map_or(0, |p| p.len() + 2)
+            + client.forwarded_for.len()
+            + host.map_or(0, |h| h.len() + 10)
+            + 12,
+    );
+    if let Some(prior) = prior {
+        forwarded.push_str(prior);
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str(&client.forwarded_for);
     if let Some(host) = host {
         if let Ok(v) = HeaderValue::from_str(host) {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(X_FORWARDED_HOST, v);
         }
         forwarded.push_str(";host=");
-        forwarded.push_str(&quoted(host));
+        push_quoted(&mut forwarded, host);
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {forwarded}"),
-        _ => forwarded,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    if let Ok(v) = HeaderValue::try_from(forwarded) {
         headers.insert(header::FORWARDED, v);
     }
 }
@@ -365,10 +431,12 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
         _ => "1.1 proxyd",
     };
     let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ours}"),
-        _ => ours.to_string(),
+        Some(prior) if !prior.trim().is_empty() => {
+            HeaderValue::try_from(format!("{prior}, {ours}")).ok()
+        }
+        _ => Some(HeaderValue::from_static(ours)),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         headers.insert(header::VIA, v);
     }
 }
@@ -459,7 +527,7 @@ mod tests {
         let mut h = headers(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.1 edge")]);
         add_forwarding(
             &mut h,
-            "127.0.0.1".parse().expect("ip"),
+            &ForwardedClient::new("127.0.0.1".parse().expect("ip")),
             "http",
             Some("example.com"),
         );
@@ -521,7 +589,12 @@ mod tests {
     #[test]
     fn forwarded_parameters_are_quoted() {
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "::1".parse().expect("ip"), "https", Some("a\"b\\c"));
+        add_forwarding(
+            &mut h,
+            &ForwardedClient::new("::1".parse().expect("ip")),
+            "https",
+            Some("a\"b\\c"),
+        );
         assert_eq!(
             h["forwarded"],
             "for=\"[::1]\";host=\"a\\\"b\\\\c\";proto=https"

@@ -35,6 +35,8 @@ pub(crate) struct ConnContext {
     pub state: Published,
     pub shutdown: Shutdown,
     pub client: SocketAddr,
+    /// The client's address as the forwarding headers show it.
+    pub forwarded: hygiene::ForwardedClient,
     /// `http` or `https`: what the client spoke, for X-Forwarded-Proto.
     pub scheme: &'static str,
     /// Answers ACME HTTP-01 challenges before routing.
@@ -471,7 +473,7 @@ fn upstream_request(
         parts.extensions.insert(hygiene::TeTrailers);
     }
     hygiene::strip_hop_by_hop(&mut parts.headers, upgrade);
-    hygiene::add_forwarding(&mut parts.headers, ctx.client.ip(), ctx.scheme, host);
+    hygiene::add_forwarding(&mut parts.headers, &ctx.forwarded, ctx.scheme, host);
     hygiene::add_via(&mut parts.headers, received_version);
     // Same trace, with this request's span as the upstream's parent.
     if let (Some(cx), Some(tracing)) = (trace, ctx.telemetry.tracing()) {

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::framing::{FramingScan, HeadProgress};
+use super::hygiene::ForwardedClient;
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext};
 use crate::config::ListenerConfig;
@@ -179,6 +180,7 @@ async fn serve_limited(
             state: state.clone(),
             shutdown: shutdown.clone(),
             client,
+            forwarded: ForwardedClient::new(client.ip()),
             scheme,
             tls: tls.clone(),
             telemetry: telemetry.clone(),
