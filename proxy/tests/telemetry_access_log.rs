@@ -454,3 +454,53 @@ pool = "gone"
     assert!(plain.get("grpc_status").is_none(), "{plain}");
     drop(proxyd);
 }
+
+/// Lines are buffered and written off the request path: a graceful stop right after the
+/// last response still writes every request's line, each one whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_is_written_by_a_graceful_stop() {
+    const CLIENTS: usize = 8;
+    const EACH: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = cookie_upstream().await;
+    let port = free_port();
+    let proxyd = Proxyd::start(
+        dir.path(),
+        &config(dir.path(), port, upstream, "access_log = \"json\""),
+    );
+    wait_for_port(port).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let request = format!(
+                        "GET /line/{c}/{i} HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n"
+                    );
+                    assert_eq!(raw(addr, request.as_bytes()).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    // SIGTERM at once: the lines of the last requests are still in their buffers.
+    let all = proxyd.stop();
+    let mut seen = std::collections::HashSet::new();
+    for (_, line) in all.iter().filter(|(s, _)| *s == "stdout") {
+        let json: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a whole line ({e}): {line}"));
+        let path = json["path"].as_str().unwrap().to_string();
+        assert!(seen.insert(path.clone()), "{path} logged twice");
+    }
+    for c in 0..CLIENTS {
+        for i in 0..EACH {
+            assert!(
+                seen.contains(&format!("/line/{c}/{i}")),
+                "no line for /line/{c}/{i}; {} lines written",
+                seen.len()
+            );
+        }
+    }
+}

@@ -4,15 +4,16 @@
 //! Only method, path (the query only with `[telemetry] include_query`), host, route, pool,
 //! upstream, status, byte counts, durations and the headers named by `[telemetry]
 //! log_headers` are logged; Authorization, Cookie and Set-Cookie values never are (see
-//! [`crate::telemetry::HeaderPolicy`]). The line's format is chosen by the subscriber
-//! ([`crate::telemetry::init_logging`]).
+//! [`crate::telemetry::HeaderPolicy`]). The line goes to the process' access log sink
+//! ([`crate::telemetry::access`]), which renders it in the configured format and writes it
+//! off the request path.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::config::ListenerConfig;
 use crate::routing::RouteEntry;
-use crate::telemetry::{HttpOutcome, RequestTracing, SpanOutcome, Telemetry};
+use crate::telemetry::{access, HttpOutcome, RequestTracing, SpanOutcome, Telemetry};
 use crate::upstream::UpstreamRuntime;
 
 /// Who is to blame for a failed request.
@@ -111,25 +112,28 @@ impl AccessLog {
             Some((source, detail)) => (source.as_str(), detail.as_str()),
             None => ("", ""),
         };
-        tracing::info!(
-            target: "access",
-            listener = %self.listener.name,
-            client = %self.client,
-            method = %self.method,
-            host = %self.host,
-            path = %self.path,
-            headers = self.headers.as_deref(),
-            route = %route,
-            pool = %pool,
-            upstream = %upstream,
-            status = self.status,
-            grpc_status,
-            bytes_out = bytes,
-            duration_us = total_us,
-            upstream_us = self.upstream_us.get().copied().unwrap_or(0),
-            complete,
-            error_source,
-            error,
-        );
+        access::record(|line| {
+            line.str("listener", &self.listener.name);
+            line.plain("client", self.client);
+            line.str("method", self.method.as_str());
+            line.str("host", &self.host);
+            line.str("path", &self.path);
+            if let Some(headers) = &self.headers {
+                line.str("headers", headers);
+            }
+            line.str("route", route);
+            line.str("pool", pool);
+            line.str("upstream", upstream);
+            line.u64("status", u64::from(self.status));
+            if let Some(code) = grpc_status {
+                line.u64("grpc_status", u64::from(code));
+            }
+            line.u64("bytes_out", bytes);
+            line.u64("duration_us", total_us);
+            line.u64("upstream_us", self.upstream_us.get().copied().unwrap_or(0));
+            line.bool("complete", complete);
+            line.str("error_source", error_source);
+            line.str("error", error);
+        });
     }
 }

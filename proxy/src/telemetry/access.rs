@@ -1,20 +1,36 @@
-//! Access log output: the `access` tracing events (one per request, written by
-//! `http::access_log`) rendered as JSON or logfmt lines on standard output, and the rules
-//! for which request headers may appear in them.
+//! Access log output: lines (one per request, built by `http::access_log`) rendered as
+//! JSON or logfmt and written to standard output off the request path, and the rules for
+//! which request headers may appear in them.
+//!
+//! # Buffering
+//!
+//! A request appends its line to a buffer of its own thread (a worker's requests all
+//! append to the same one; the lock on it is only ever contended by the writer taking the
+//! buffer away). A writer thread of its own takes every buffer and writes it to standard
+//! output every [`FLUSH_INTERVAL`], or sooner when a buffer holds [`FLUSH_BYTES`]. A line
+//! is appended whole, and buffers are written one at a time under one lock, so lines
+//! never interleave. [`flush`] writes everything appended so far; the daemon calls it when
+//! it stops (after a drain, an upgrade's hand-over or a signal).
+//!
+//! When the output cannot keep up (a stalled pipe or journal) and a thread's buffer
+//! already holds [`MAX_PENDING_BYTES`], further lines of that thread are dropped and
+//! counted (`proxy_access_log_dropped_total`) instead of waiting: a slow log consumer
+//! must not hold back traffic.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
+use std::cell::RefCell;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderName};
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::layer::Context;
-use tracing_subscriber::Layer;
 
-/// The tracing target of access log events.
-pub const TARGET: &str = "access";
+/// How often buffered lines are written at the latest.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// A buffer this full wakes the writer before the interval is over.
+pub const FLUSH_BYTES: usize = 64 * 1024;
+/// A thread's lines not yet taken by the writer; beyond it, lines are dropped and counted.
+pub const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
 
 /// How access log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,133 +107,293 @@ impl HeaderPolicy {
     }
 }
 
-/// Writes `access` events to standard output in the configured format.
-#[derive(Debug)]
-pub struct AccessLayer {
-    format: AccessLogFormat,
+/// One thread's lines waiting for the writer.
+#[derive(Default)]
+struct Pending {
+    lines: Mutex<Vec<u8>>,
 }
 
-impl AccessLayer {
-    /// A layer writing `format` lines.
-    pub fn new(format: AccessLogFormat) -> AccessLayer {
-        AccessLayer { format }
+/// The output side: buffers of every thread that wrote a line, and where they go.
+pub struct Sink {
+    /// Tells this sink's thread buffers from those of an earlier one (tests make several).
+    id: u64,
+    format: AccessLogFormat,
+    threads: Mutex<Vec<Arc<Pending>>>,
+    /// Held while buffers are taken and written, so whole buffers go out one at a time.
+    output: Mutex<Box<dyn Write + Send>>,
+    dropped: AtomicU64,
+    writer: OnceLock<std::thread::Thread>,
+    max_pending: usize,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("format", &self.format)
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
     }
 }
 
-impl<S: Subscriber> Layer<S> for AccessLayer {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if event.metadata().target() != TARGET || self.format == AccessLogFormat::Off {
+thread_local! {
+    /// This thread's buffer and the id of the sink it is registered with (on the thread's
+    /// first line).
+    static PENDING: RefCell<Option<(u64, Arc<Pending>)>> = const { RefCell::new(None) };
+}
+
+static SINK_IDS: AtomicU64 = AtomicU64::new(1);
+
+static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
+
+/// Sends access lines in `format` to standard output from now on (once per process; the
+/// first call decides). `Off` installs nothing.
+pub fn install(format: AccessLogFormat) -> std::io::Result<()> {
+    if format == AccessLogFormat::Off || SINK.get().is_some() {
+        return Ok(());
+    }
+    let sink = Sink::start(format, Box::new(std::io::stdout()), MAX_PENDING_BYTES)?;
+    let _ = SINK.set(sink);
+    Ok(())
+}
+
+/// Appends one line to the process' access log, if one is installed (see [`Sink::record`]).
+pub fn record(fields: impl FnOnce(&mut Line<'_>)) {
+    if let Some(sink) = SINK.get() {
+        sink.record(fields);
+    }
+}
+
+/// Writes every line appended so far (blocking until written); the daemon calls it when
+/// it stops.
+pub fn flush() {
+    if let Some(sink) = SINK.get() {
+        sink.flush();
+    }
+}
+
+/// Lines dropped so far because the output did not keep up.
+pub fn dropped() -> u64 {
+    SINK.get().map_or(0, |sink| sink.dropped())
+}
+
+impl Sink {
+    /// A sink writing `format` lines to `output` from a thread of its own, holding at most
+    /// `max_pending` bytes per thread while the output is behind.
+    pub fn start(
+        format: AccessLogFormat,
+        output: Box<dyn Write + Send>,
+        max_pending: usize,
+    ) -> std::io::Result<Arc<Sink>> {
+        let sink = Arc::new(Sink {
+            id: SINK_IDS.fetch_add(1, Ordering::Relaxed),
+            format,
+            threads: Mutex::new(Vec::new()),
+            output: Mutex::new(output),
+            dropped: AtomicU64::new(0),
+            writer: OnceLock::new(),
+            max_pending,
+        });
+        // The thread holds the sink weakly: a sink dropped (in tests) ends it.
+        let weak = Arc::downgrade(&sink);
+        let writer = std::thread::Builder::new()
+            .name("proxyd-access-log".into())
+            .spawn(move || loop {
+                std::thread::park_timeout(FLUSH_INTERVAL);
+                match weak.upgrade() {
+                    Some(sink) => sink.flush(),
+                    None => return,
+                }
+            })?;
+        let _ = sink.writer.set(writer.thread().clone());
+        Ok(sink)
+    }
+
+    /// Appends one line, built by `fields`, to this thread's buffer; drops it (and counts
+    /// it) when the buffer is full because the output is behind.
+    pub fn record(self: &Arc<Self>, fields: impl FnOnce(&mut Line<'_>)) {
+        let pending = PENDING.try_with(|slot| {
+            let mut slot = slot.borrow_mut();
+            match &*slot {
+                Some((id, p)) if *id == self.id => p.clone(),
+                _ => {
+                    let p = Arc::new(Pending::default());
+                    self.threads
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(p.clone());
+                    *slot = Some((self.id, p.clone()));
+                    p
+                }
+            }
+        });
+        // Only while the thread itself is being torn down is there no buffer to append to.
+        let Ok(pending) = pending else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut lines = pending.lines.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = lines.len();
+        if before >= self.max_pending {
+            drop(lines);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let mut line = Line {
             format: self.format,
-            out: String::with_capacity(512),
+            out: &mut lines,
+            first: true,
         };
-        let mut ts = String::new();
-        let _ = SystemTime.format_time(&mut Writer::new(&mut ts));
-        line.field("ts", Value::Str(&ts));
-        event.record(&mut line);
-        let mut out = line.finish();
-        out.push('\n');
-        // One write per line, so concurrent lines never interleave.
-        let _ = std::io::stdout().lock().write_all(out.as_bytes());
+        line.plain(
+            "ts",
+            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+        );
+        fields(&mut line);
+        line.finish();
+        let after = lines.len();
+        drop(lines);
+        if before < FLUSH_BYTES && after >= FLUSH_BYTES {
+            if let Some(writer) = self.writer.get() {
+                writer.unpark();
+            }
+        }
+    }
+
+    /// Writes every buffered line, one thread's buffer after the other.
+    pub fn flush(&self) {
+        let mut output = self.output.lock().unwrap_or_else(PoisonError::into_inner);
+        let threads: Vec<Arc<Pending>> = {
+            let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
+            let all = threads.clone();
+            // A thread that ended dropped its handle: once drained below, it is forgotten.
+            threads.retain(|p| Arc::strong_count(p) > 2);
+            all
+        };
+        let mut taken = Vec::new();
+        for pending in &threads {
+            {
+                let mut lines = pending.lines.lock().unwrap_or_else(PoisonError::into_inner);
+                if lines.is_empty() {
+                    continue;
+                }
+                std::mem::swap(&mut *lines, &mut taken);
+            }
+            // A failed write loses these lines, as a full buffer would: nothing to retry into.
+            let _ = output.write_all(&taken);
+            taken.clear();
+        }
+        let _ = output.flush();
+    }
+
+    /// Lines dropped so far because the output did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 }
 
-enum Value<'a> {
-    Str(&'a str),
-    Number(String),
-    Bool(bool),
-}
-
-struct Line {
+/// One access line being built: fields in order, rendered in the sink's format.
+pub struct Line<'a> {
     format: AccessLogFormat,
-    out: String,
+    out: &'a mut Vec<u8>,
+    first: bool,
 }
 
-impl Line {
-    fn field(&mut self, key: &str, value: Value<'_>) {
+impl Line<'_> {
+    fn key(&mut self, key: &str) {
         match self.format {
             AccessLogFormat::Json => {
-                self.out.push(if self.out.is_empty() { '{' } else { ',' });
-                json_string(&mut self.out, key);
-                self.out.push(':');
-                match value {
-                    Value::Str(s) => json_string(&mut self.out, s),
-                    Value::Number(n) => self.out.push_str(&n),
-                    Value::Bool(b) => self.out.push_str(if b { "true" } else { "false" }),
-                }
+                self.out.push(if self.first { b'{' } else { b',' });
+                json_string(self.out, key);
+                self.out.push(b':');
             }
             AccessLogFormat::Logfmt | AccessLogFormat::Off => {
-                if !self.out.is_empty() {
-                    self.out.push(' ');
+                if !self.first {
+                    self.out.push(b' ');
                 }
-                self.out.push_str(key);
-                self.out.push('=');
-                match value {
-                    Value::Str(s) => logfmt_value(&mut self.out, s),
-                    Value::Number(n) => self.out.push_str(&n),
-                    Value::Bool(b) => self.out.push_str(if b { "true" } else { "false" }),
-                }
+                self.out.extend_from_slice(key.as_bytes());
+                self.out.push(b'=');
+            }
+        }
+        self.first = false;
+    }
+
+    /// A text field.
+    pub fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        match self.format {
+            AccessLogFormat::Json => json_string(self.out, value),
+            AccessLogFormat::Logfmt | AccessLogFormat::Off => logfmt_value(self.out, value),
+        }
+    }
+
+    /// A field written with `Display`, for values that never need quotes or escapes
+    /// (addresses, timestamps).
+    pub fn plain(&mut self, key: &str, value: impl std::fmt::Display) {
+        self.key(key);
+        match self.format {
+            AccessLogFormat::Json => {
+                let _ = write!(self.out, "\"{value}\"");
+            }
+            AccessLogFormat::Logfmt | AccessLogFormat::Off => {
+                let _ = write!(self.out, "{value}");
             }
         }
     }
 
-    fn finish(mut self) -> String {
-        if self.format == AccessLogFormat::Json {
-            self.out.push('}');
-        }
+    /// A number field.
+    pub fn u64(&mut self, key: &str, value: u64) {
+        self.key(key);
+        let _ = write!(self.out, "{value}");
+    }
+
+    /// A true/false field.
+    pub fn bool(&mut self, key: &str, value: bool) {
+        self.key(key);
         self.out
-    }
-}
-
-impl Visit for Line {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field.name(), Value::Str(value));
+            .extend_from_slice(if value { b"true" } else { b"false" });
     }
 
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field.name(), Value::Number(value.to_string()));
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field.name(), Value::Number(value.to_string()));
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field.name(), Value::Bool(value));
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let text = format!("{value:?}");
-        self.field(field.name(), Value::Str(&text));
-    }
-}
-
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
+    fn finish(&mut self) {
+        if self.format == AccessLogFormat::Json {
+            if self.first {
+                self.out.push(b'{');
             }
-            c => out.push(c),
+            self.out.push(b'}');
+        }
+        self.out.push(b'\n');
+    }
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..0x20 => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&s.as_bytes()[plain..i]);
+        plain = i + 1;
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.extend_from_slice(escape);
         }
     }
-    out.push('"');
+    out.extend_from_slice(&s.as_bytes()[plain..]);
+    out.push(b'"');
 }
 
-fn logfmt_value(out: &mut String, s: &str) {
+fn logfmt_value(out: &mut Vec<u8>, s: &str) {
     let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_graphic() && c != '"' && c != '=' && c != '\\');
+        && s.bytes()
+            .all(|c| c.is_ascii_graphic() && c != b'"' && c != b'=' && c != b'\\');
     if plain {
-        out.push_str(s);
+        out.extend_from_slice(s.as_bytes());
     } else {
         json_string(out, s);
     }
@@ -253,29 +429,149 @@ mod tests {
         assert_eq!(HeaderPolicy::default().render(&headers), None);
     }
 
+    fn line(format: AccessLogFormat, fields: impl FnOnce(&mut Line<'_>)) -> String {
+        let mut out = Vec::new();
+        let mut line = Line {
+            format,
+            out: &mut out,
+            first: true,
+        };
+        fields(&mut line);
+        line.finish();
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
     fn lines_are_valid_json_and_logfmt() {
-        let mut line = Line {
-            format: AccessLogFormat::Json,
-            out: String::new(),
-        };
-        line.field("path", Value::Str("/a\"b"));
-        line.field("status", Value::Number("200".into()));
-        line.field("complete", Value::Bool(true));
-        let json: serde_json::Value = serde_json::from_str(&line.finish()).unwrap();
-        assert_eq!(json["path"], "/a\"b");
-        assert_eq!(json["status"], 200);
+        let json = line(AccessLogFormat::Json, |l| {
+            l.str("path", "/a\"b\\c\n\u{1}é");
+            l.u64("status", 200);
+            l.bool("complete", true);
+            l.plain("client", "127.0.0.1:5");
+        });
+        assert!(json.ends_with("}\n"), "{json}");
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["path"], "/a\"b\\c\n\u{1}é");
+        assert_eq!(parsed["status"], 200);
+        assert_eq!(parsed["complete"], true);
+        assert_eq!(parsed["client"], "127.0.0.1:5");
 
-        let mut line = Line {
-            format: AccessLogFormat::Logfmt,
-            out: String::new(),
-        };
-        line.field("route", Value::Str("site"));
-        line.field("error", Value::Str("connect refused"));
-        line.field("host", Value::Str(""));
+        let logfmt = line(AccessLogFormat::Logfmt, |l| {
+            l.str("route", "site");
+            l.str("error", "connect refused");
+            l.str("host", "");
+            l.u64("status", 502);
+        });
         assert_eq!(
-            line.finish(),
-            "route=site error=\"connect refused\" host=\"\""
+            logfmt,
+            "route=site error=\"connect refused\" host=\"\" status=502\n"
         );
+    }
+
+    /// An output that takes nothing until told to, as a full pipe would.
+    struct Stalled {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, opened) = &*self.open;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = opened.wait(open).unwrap();
+            }
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_drops_and_counts_lines_and_keeps_the_rest_whole() {
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let output = Stalled {
+            open: open.clone(),
+            written: written.clone(),
+        };
+        // Room for a few lines only, so the stall fills it at once.
+        let sink = Sink::start(AccessLogFormat::Json, Box::new(output), 2048).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        sink.record(|l| {
+                            l.u64("thread", t);
+                            l.u64("i", i);
+                            l.str("path", &"x".repeat(100));
+                        });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Nothing waited for the output, and what did not fit was counted.
+        assert!(sink.dropped() > 0);
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        sink.flush();
+        let written = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = written.lines().collect();
+        assert!(!lines.is_empty());
+        for line in &lines {
+            let json: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert_eq!(json["path"].as_str().map(str::len), Some(100));
+        }
+        assert_eq!(lines.len() as u64 + sink.dropped(), 4 * 500);
+    }
+
+    #[test]
+    fn every_line_is_written_by_flush_in_order_per_thread() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new((Mutex::new(true), std::sync::Condvar::new()));
+        let output = Stalled {
+            open,
+            written: written.clone(),
+        };
+        let sink =
+            Sink::start(AccessLogFormat::Logfmt, Box::new(output), MAX_PENDING_BYTES).unwrap();
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        sink.record(|l| {
+                            l.u64("thread", t);
+                            l.u64("i", i);
+                        });
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        sink.flush();
+        assert_eq!(sink.dropped(), 0);
+        let written = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let mut next = [0u64; 3];
+        for line in written.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(fields.len(), 3, "{line}");
+            assert!(fields[0].starts_with("ts="), "{line}");
+            let t: usize = fields[1].strip_prefix("thread=").unwrap().parse().unwrap();
+            let i: u64 = fields[2].strip_prefix("i=").unwrap().parse().unwrap();
+            assert_eq!(i, next[t], "{line}");
+            next[t] += 1;
+        }
+        assert_eq!(next, [2000; 3]);
     }
 }

@@ -1245,6 +1245,14 @@ impl std::fmt::Debug for Readings {
 
 impl Collector for Readings {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let dropped = encoder.encode_descriptor(
+            "proxy_access_log_dropped",
+            "Access log lines dropped because standard output did not take them fast enough \
+             (a thread had 4 MiB of lines waiting)",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(super::access::dropped()).encode(dropped)?;
         if let Some(read) = self.certificates.get() {
             let mut family = encoder.encode_descriptor(
                 "proxy_tls_certificate_expiry_timestamp_seconds",

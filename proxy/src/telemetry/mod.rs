@@ -66,29 +66,20 @@ pub struct OtlpConfig {
     pub service_name: String,
 }
 
-/// Installs the global tracing subscriber: diagnostics on stderr filtered by `RUST_LOG` (else
-/// `default_filter`), and access lines on stdout in the configured format, whatever the filter.
+/// Installs the global tracing subscriber (diagnostics on stderr filtered by `RUST_LOG`,
+/// else `default_filter`) and the access log sink (lines on stdout in the configured
+/// format, whatever the filter; see [`access`]).
 pub fn init_logging(default_filter: &str, config: &TelemetryConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(default_filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Access lines have their own layer; the diagnostic one never repeats them.
-    let filter = match format!("{}=off", access::TARGET).parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
-    };
     let diagnostics = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(filter);
-    let access = (config.access_log != AccessLogFormat::Off).then(|| {
-        access::AccessLayer::new(config.access_log).with_filter(
-            tracing_subscriber::filter::filter_fn(|meta| meta.target() == access::TARGET),
-        )
-    });
-    let _ = tracing_subscriber::registry()
-        .with(diagnostics)
-        .with(access)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(diagnostics).try_init();
+    if let Err(e) = access::install(config.access_log) {
+        tracing::error!(error = %e, "cannot start the access log writer; access lines are not written");
+    }
 }
 
 /// The telemetry of one daemon: metrics, access log settings, request tracing, readiness.
@@ -190,8 +181,11 @@ impl Telemetry {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Sends buffered spans and metrics and stops the exporters (no-op without OTLP).
+    /// Writes buffered access lines, sends buffered spans and metrics and stops the
+    /// exporters.
     pub async fn flush(&self) {
+        // Blocking: the output may be a pipe that is slow to take the last lines.
+        let _ = tokio::task::spawn_blocking(access::flush).await;
         let otlp = self
             .otlp
             .lock()
