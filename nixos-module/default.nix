@@ -430,6 +430,28 @@ let
         service_name = optionalKey types.str "`service.name` of the exported resource (default `proxyd`).";
       }) "`[telemetry.otlp]`: traces and metrics export.";
   };
+
+  clusterModule = section {
+    node_name = optionalKey (types.strMatching "[A-Za-z0-9_.-]{1,128}") "This node's name in the fleet (default: the host name).";
+    etcd = mkOption {
+      description = "The etcd cluster the fleet shares its API-owned objects through.";
+      type = section {
+        endpoints = mkOption {
+          type = types.nonEmptyListOf (types.strMatching "https?://[^/]+/?");
+          example = [ "http://10.0.0.5:2379" "http://10.0.0.6:2379" "http://10.0.0.7:2379" ];
+          description = "Client URLs of the etcd members (all `http://` or all `https://`).";
+        };
+        prefix = mkOption {
+          type = types.strMatching "/.*[^/].*";
+          example = "/proxy/prod";
+          description = "Key prefix of this fleet in etcd; hosts with the same prefix share their objects.";
+        };
+        ca_file = optionalKey types.str "PEM CA of etcd's server certificates (needed for `https://` endpoints).";
+        cert = optionalKey types.str "PEM client certificate, when etcd asks for one (with {option}`key`).";
+        key = optionalKey types.str "PEM key of the client certificate.";
+      };
+    };
+  };
 in
 {
   imports = [ ./prometheus.nix ];
@@ -612,6 +634,11 @@ in
             default = { };
             description = "`[telemetry]`: access log and OTLP export.";
           };
+          cluster = optionalKey clusterModule ''
+            `[cluster]`: fleet mode. Hosts with the same `etcd.prefix` share their
+            API-owned pools, routes and TCP routes through etcd; this host's own settings
+            stay per host and win on it.
+          '';
         };
       };
     };

@@ -19,8 +19,11 @@ use crate::state::{
     TcpRoute, Upstream,
 };
 
+mod cluster;
 mod telemetry;
 mod tls;
+
+pub use cluster::{ClusterConfig, EtcdConfig, EtcdTls};
 
 pub use tls::{
     normalise_allow_entry, AcmeChallenge, AcmeConfig, CertificateFiles, OnDemandConfig, TlsConfig,
@@ -195,6 +198,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// The `[telemetry]` section.
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// The `[cluster]` section (`None`: a single host, as without fleet mode).
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -265,6 +270,8 @@ struct RawConfig {
     tls: Option<Spanned<tls::RawTls>>,
     #[serde(default)]
     telemetry: Option<Spanned<telemetry::RawTelemetry>>,
+    #[serde(default)]
+    cluster: Option<Spanned<cluster::RawCluster>>,
 }
 
 #[derive(Deserialize)]
@@ -707,6 +714,7 @@ impl Doc<'_> {
             registration: self.build_registration(raw.registration)?,
             tls: self.build_tls(raw.tls)?,
             telemetry: self.build_telemetry(raw.telemetry)?,
+            cluster: self.build_cluster(raw.cluster)?,
         })
     }
 

@@ -93,6 +93,13 @@ let
     services.proxy.settings.server.admin_listen = "";
   };
 
+  clusterHost = cluster: host { services.proxy.settings.cluster = cluster; };
+  clustered = clusterHost {
+    node_name = "edge-1";
+    etcd = { endpoints = [ "http://10.0.0.5:2379" "http://10.0.0.6:2379" ]; prefix = "/proxy/prod"; };
+  };
+  clusterOf = config: config.services.proxy.settings.cluster;
+
   svc = config: config.systemd.services.proxy;
   serviceConfig = config: (svc config).serviceConfig;
   sockets = config: config.systemd.sockets;
@@ -212,6 +219,23 @@ let
       (throws (keepalivePool (keepaliveHost { timeout = "5s"; })).h2_keepalive) "accepted")
     (check "h2_keepalive: an interval that is not a string is a type error"
       (throws (keepalivePool (keepaliveHost { interval = 10; })).h2_keepalive) "accepted")
+    # Item: [cluster] (fleet mode).
+    (expectEq "cluster: off unless set" (clusterOf base) null)
+    (expectEq "cluster: typed options, unset TLS keys null (left out of the file)"
+      (clusterOf clustered)
+      {
+        node_name = "edge-1";
+        etcd = { endpoints = [ "http://10.0.0.5:2379" "http://10.0.0.6:2379" ]; prefix = "/proxy/prod"; ca_file = null; cert = null; key = null; };
+      })
+    (expectEq "cluster: passes every assertion" (failed clustered) [ ])
+    (check "cluster: no etcd endpoint is a type error"
+      (throws (clusterOf (clusterHost { etcd = { endpoints = [ ]; prefix = "/p"; }; }))) "accepted")
+    (check "cluster: an endpoint without a scheme is a type error"
+      (throws (clusterOf (clusterHost { etcd = { endpoints = [ "10.0.0.5:2379" ]; prefix = "/p"; }; }))) "accepted")
+    (check "cluster: a relative prefix is a type error"
+      (throws (clusterOf (clusterHost { etcd = { endpoints = [ "http://a:2379" ]; prefix = "proxy"; }; }))) "accepted")
+    (check "cluster: a node name with a space is a type error"
+      (throws (clusterOf (clusterHost { node_name = "edge 1"; etcd = { endpoints = [ "http://a:2379" ]; prefix = "/p"; }; }))) "accepted")
     (check "prometheus.scrape without an admin listener is refused"
       (mentions "admin_listen" (failed noAdminScrape))
       (show (failed noAdminScrape)))
