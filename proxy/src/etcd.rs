@@ -1,6 +1,7 @@
 //! A small client for etcd's v3 API over the generated tonic code in `proxy_proto::etcd`:
-//! prefix reads at a revision, watches from a revision that report compaction, puts and
-//! deletes, and leases. Built on checked-in generated code, so building needs no `protoc`.
+//! prefix reads at a revision, watches from a revision that report compaction (and, on
+//! request, progress), puts and deletes, transactions guarded by mod revisions, and leases
+//! with keep-alive. Built on checked-in generated code, so building needs no `protoc`.
 //!
 //! A [`Client`] is one connection to the first endpoint that answers; callers that must
 //! survive an etcd outage (discovery) connect again with backoff when a call fails.
@@ -8,16 +9,17 @@
 use std::time::Duration;
 
 use proxy_proto::etcd::etcdserverpb::{
-    kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient, watch_request,
-    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
-    WatchCreateRequest, WatchRequest, WatchResponse,
+    compare, kv_client::KvClient, lease_client::LeaseClient, request_op, watch_client::WatchClient,
+    watch_request, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
 };
 use proxy_proto::etcd::mvccpb::event::EventType;
 /// A stored key-value as etcd returns it (key, value, revisions, lease).
 pub use proxy_proto::etcd::mvccpb::KeyValue;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// How long connecting to one endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,6 +67,64 @@ pub enum EtcdError {
     /// The watch stream ended without a cancellation.
     #[error("the etcd watch stream ended")]
     WatchEnded,
+    /// The lease expired (or was revoked) before it was kept alive.
+    #[error("etcd lease {0:x} has expired")]
+    LeaseExpired(i64),
+    /// The keep-alive stream of a lease ended.
+    #[error("the etcd lease keep-alive stream ended")]
+    KeepAliveEnded,
+    /// The TLS settings could not be used.
+    #[error("etcd TLS: {0}")]
+    Tls(String),
+}
+
+/// The TLS of a connection to etcd: the CA of its server certificates and, when etcd asks
+/// for one, a client certificate (all PEM).
+#[derive(Clone)]
+pub struct Tls {
+    /// CA certificate(s).
+    pub ca_pem: Vec<u8>,
+    /// Client certificate chain and key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A condition of a transaction: `key` was last written at `mod_revision` (0: the key does
+/// not exist). Every key a write read is guarded, so a concurrent change to any of them makes
+/// the transaction fail instead of overwriting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unchanged {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its mod revision when it was read; 0 when it was absent.
+    pub mod_revision: i64,
+}
+
+/// One write of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `key = value`, attached to `lease` when not 0.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// Lease id, or 0.
+        lease: i64,
+    },
+    /// Delete `key`.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// How a guarded transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every guard held and every write was made at this store revision.
+    Committed(i64),
+    /// A guarded key had changed: nothing was written. The store revision etcd was at.
+    Conflict(i64),
 }
 
 /// A connection to one etcd member.
@@ -96,20 +156,83 @@ pub enum Event {
 /// A watch on a key range; see [`Client::watch_prefix`].
 pub struct Watch {
     responses: tonic::Streaming<WatchResponse>,
-    /// Kept open: closing the request stream would end the watch.
-    _requests: mpsc::Sender<WatchRequest>,
+    /// Kept open (closing the request stream would end the watch); carries progress requests.
+    requests: mpsc::Sender<WatchRequest>,
+}
+
+/// What one watch response says: the changes it carries (none for a progress report) and
+/// the store revision every change up to which has now been delivered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchBatch {
+    /// The store revision of the response's header: the watcher has seen everything up to it.
+    pub revision: i64,
+    /// The changes, oldest first; empty for a progress report.
+    pub events: Vec<Event>,
+}
+
+/// The keep-alive stream of one lease; see [`Client::keep_alive`].
+pub struct KeepAlive {
+    id: i64,
+    requests: mpsc::Sender<LeaseKeepAliveRequest>,
+    responses: tonic::Streaming<LeaseKeepAliveResponse>,
+}
+
+impl KeepAlive {
+    /// Renews the lease; returns its new time to live. A lease that already expired is
+    /// [`EtcdError::LeaseExpired`].
+    pub async fn refresh(&mut self) -> Result<Duration, EtcdError> {
+        self.requests
+            .send(LeaseKeepAliveRequest { id: self.id })
+            .await
+            .map_err(|_| EtcdError::KeepAliveEnded)?;
+        self.response().await
+    }
+
+    async fn response(&mut self) -> Result<Duration, EtcdError> {
+        let response = self
+            .responses
+            .message()
+            .await?
+            .ok_or(EtcdError::KeepAliveEnded)?;
+        if response.ttl <= 0 {
+            return Err(EtcdError::LeaseExpired(self.id));
+        }
+        Ok(Duration::from_secs(
+            u64::try_from(response.ttl).unwrap_or(0),
+        ))
+    }
 }
 
 impl Client {
     /// Connects to the first of `endpoints` (`http://host:port`) that accepts.
     pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
+        Client::connect_with(endpoints, None).await
+    }
+
+    /// Connects to the first of `endpoints` that accepts, over TLS when `tls` is given
+    /// (`https://host:port` endpoints).
+    pub async fn connect_with(
+        endpoints: &[String],
+        tls: Option<&Tls>,
+    ) -> Result<Client, EtcdError> {
         let mut last = None;
         for endpoint in endpoints {
-            let target = Endpoint::from_shared(endpoint.clone())
-                .map_err(|source| EtcdError::Endpoint {
+            let mut target =
+                Endpoint::from_shared(endpoint.clone()).map_err(|source| EtcdError::Endpoint {
                     endpoint: endpoint.clone(),
                     source,
-                })?
+                })?;
+            if let Some(tls) = tls {
+                let mut config =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(Identity::from_pem(cert, key));
+                }
+                target = target
+                    .tls_config(config)
+                    .map_err(|e| EtcdError::Tls(e.to_string()))?;
+            }
+            let target = target
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
@@ -242,6 +365,114 @@ impl Client {
         Ok(())
     }
 
+    /// Writes `ops` in one transaction if every guard holds; otherwise writes nothing.
+    pub async fn txn(
+        &mut self,
+        guards: &[Unchanged],
+        ops: Vec<Op>,
+    ) -> Result<TxnOutcome, EtcdError> {
+        let compare = guards
+            .iter()
+            .map(|g| Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Mod as i32,
+                key: g.key.clone(),
+                range_end: Vec::new(),
+                target_union: Some(compare::TargetUnion::ModRevision(g.mod_revision)),
+            })
+            .collect();
+        let success = ops
+            .into_iter()
+            .map(|op| RequestOp {
+                request: Some(match op {
+                    Op::Put { key, value, lease } => request_op::Request::RequestPut(PutRequest {
+                        key,
+                        value,
+                        lease,
+                        ..PutRequest::default()
+                    }),
+                    Op::Delete { key } => {
+                        request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                            key,
+                            ..DeleteRangeRequest::default()
+                        })
+                    }
+                }),
+            })
+            .collect();
+        let response = self
+            .kv
+            .txn(TxnRequest {
+                compare,
+                success,
+                failure: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        let revision = response.header.map_or(0, |h| h.revision);
+        Ok(if response.succeeded {
+            TxnOutcome::Committed(revision)
+        } else {
+            TxnOutcome::Conflict(revision)
+        })
+    }
+
+    /// Opens the keep-alive stream of lease `id`, renewing it once; each
+    /// [`KeepAlive::refresh`] renews it again.
+    pub async fn keep_alive(&mut self, id: i64) -> Result<KeepAlive, EtcdError> {
+        let (requests, outgoing) = mpsc::channel(1);
+        // etcd answers the call (its headers) with the first response, so the first
+        // request must be queued before waiting for the call.
+        let _ = requests.try_send(LeaseKeepAliveRequest { id });
+        let responses = self
+            .lease
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await?
+            .into_inner();
+        let mut alive = KeepAlive {
+            id,
+            requests,
+            responses,
+        };
+        alive.response().await?;
+        Ok(alive)
+    }
+
+    /// Whether the history at `revision` can still be read (and so watched from): false
+    /// when etcd has compacted it away, or has never reached it (its data was replaced).
+    pub async fn has_revision(&mut self, prefix: &[u8], revision: i64) -> Result<bool, EtcdError> {
+        let read = self
+            .kv
+            .range(RangeRequest {
+                key: prefix.to_vec(),
+                range_end: prefix_end(prefix),
+                revision,
+                count_only: true,
+                ..RangeRequest::default()
+            })
+            .await;
+        match read {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::OutOfRange => Ok(false),
+            Err(status) => Err(status.into()),
+        }
+    }
+
+    /// The store's current revision.
+    pub async fn revision(&mut self) -> Result<i64, EtcdError> {
+        let response = self
+            .kv
+            .range(RangeRequest {
+                key: vec![0],
+                count_only: true,
+                limit: 1,
+                ..RangeRequest::default()
+            })
+            .await?
+            .into_inner();
+        Ok(response.header.map_or(0, |h| h.revision))
+    }
+
     /// Watches every key starting with `prefix`, from `start_revision` on (inclusive).
     /// Returns once etcd confirmed the watch; a start revision that was compacted away
     /// fails with [`EtcdError::Compacted`] here or at the first [`Watch::next`].
@@ -257,6 +488,7 @@ impl Client {
                     key: prefix.to_vec(),
                     range_end: prefix_end(prefix),
                     start_revision,
+                    progress_notify: true,
                     ..WatchCreateRequest::default()
                 },
             )),
@@ -270,7 +502,7 @@ impl Client {
             .into_inner();
         let mut watch = Watch {
             responses,
-            _requests: requests,
+            requests,
         };
         // The first response confirms the creation (or says why not).
         let first = watch.response().await?;
@@ -287,7 +519,34 @@ impl Watch {
     /// The next batch of changes (never empty; progress notifications are skipped).
     pub async fn next(&mut self) -> Result<Vec<Event>, EtcdError> {
         loop {
+            let batch = self.next_batch().await?;
+            if !batch.events.is_empty() {
+                return Ok(batch.events);
+            }
+        }
+    }
+
+    /// Asks etcd for a progress report: a response with no events and the store's revision
+    /// (answered through [`next_batch`](Self::next_batch)). etcd 3.4 answers it even while
+    /// a watch is still catching up on history, so the revision proves nothing about
+    /// delivered events there; the fleet sync does not rely on it.
+    pub async fn request_progress(&self) -> Result<(), EtcdError> {
+        self.requests
+            .send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::ProgressRequest(
+                    WatchProgressRequest {},
+                )),
+            })
+            .await
+            .map_err(|_| EtcdError::WatchEnded)
+    }
+
+    /// The next response: its changes (possibly none, for a progress report) and the
+    /// revision up to which the watch has delivered everything.
+    pub async fn next_batch(&mut self) -> Result<WatchBatch, EtcdError> {
+        {
             let response = self.response().await?;
+            let revision = response.header.as_ref().map_or(0, |h| h.revision);
             let events: Vec<Event> = response
                 .events
                 .into_iter()
@@ -300,9 +559,7 @@ impl Watch {
                     })
                 })
                 .collect();
-            if !events.is_empty() {
-                return Ok(events);
-            }
+            Ok(WatchBatch { revision, events })
         }
     }
 
