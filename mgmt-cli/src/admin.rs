@@ -35,6 +35,7 @@ pub async fn status(clients: &mut Clients, out: &Output) -> Result<()> {
             "api_objects": counts.api_objects,
             "declarative_objects": counts.declarative_objects,
         },
+        "cluster": s.cluster.as_ref().map(cluster_json),
     });
     out.show(&value, |_| {
         let uptime = humantime::format_duration(Duration::from_secs(s.uptime_seconds));
@@ -66,8 +67,70 @@ pub async fn status(clients: &mut Clients, out: &Output) -> Result<()> {
         }
         text.push('\n');
         text.push_str(&t.render());
+        if let Some(c) = &s.cluster {
+            text.push('\n');
+            text.push_str(&cluster_text(c));
+        }
         text
     })
+}
+
+fn excluded_json(list: &[pb::ClusterObject]) -> Vec<serde_json::Value> {
+    list.iter()
+        .map(|o| json!({ "kind": o.kind, "name": o.name, "reason": o.reason }))
+        .collect()
+}
+
+fn cluster_json(c: &pb::ClusterState) -> serde_json::Value {
+    json!({
+        "node_name": c.node_name,
+        "prefix": c.prefix,
+        "connected": c.connected,
+        "applied_revision": c.applied_revision,
+        "stale": c.stale,
+        "stale_seconds": c.stale_seconds,
+        "last_error": c.last_error,
+        "full_syncs": c.full_syncs,
+        "resumes": c.resumes,
+        "shadowed": excluded_json(&c.shadowed),
+        "skipped": excluded_json(&c.skipped),
+    })
+}
+
+/// The fleet part of `status`: the node, its etcd revision, staleness and the fleet
+/// objects this host does not serve as the fleet has them.
+fn cluster_text(c: &pb::ClusterState) -> String {
+    let sync = if c.stale {
+        format!(
+            "STALE for {}s: etcd unreachable ({}); serving what was applied, API writes refused",
+            c.stale_seconds, c.last_error
+        )
+    } else {
+        "in sync with etcd".to_owned()
+    };
+    let mut text = fields(&[
+        (
+            "fleet node",
+            format!("{} (prefix {})", c.node_name, c.prefix),
+        ),
+        ("etcd revision", c.applied_revision.to_string()),
+        ("fleet sync", sync),
+    ]);
+    for (title, list) in [
+        ("SHADOWED FLEET OBJECT", &c.shadowed),
+        ("SKIPPED FLEET OBJECT", &c.skipped),
+    ] {
+        if list.is_empty() {
+            continue;
+        }
+        let mut t = Table::new(&["KIND", title, "WHY"]);
+        for o in list {
+            t.row(vec![o.kind.clone(), o.name.clone(), o.reason.clone()]);
+        }
+        text.push('\n');
+        text.push_str(&t.render());
+    }
+    text
 }
 
 /// Applies the batch in `file` atomically.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use proxy_proto::v1::admin_service_client::AdminServiceClient;
+use proxy_proto::v1::cluster_service_client::ClusterServiceClient;
 use proxy_proto::v1::discovery_service_client::DiscoveryServiceClient;
 use proxy_proto::v1::pool_service_client::PoolServiceClient;
 use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
@@ -80,6 +81,8 @@ pub struct Clients {
     pub registration: RegistrationServiceClient<Transport>,
     /// TlsService.
     pub tls: TlsServiceClient<Transport>,
+    /// ClusterService.
+    pub cluster: ClusterServiceClient<Transport>,
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,6 +116,7 @@ pub async fn connect(target: &Target) -> Result<Clients> {
         routes: RouteServiceClient::with_interceptor(channel.clone(), token.clone()),
         pools: PoolServiceClient::with_interceptor(channel.clone(), token.clone()),
         discovery: DiscoveryServiceClient::with_interceptor(channel.clone(), token.clone()),
+        cluster: ClusterServiceClient::with_interceptor(channel.clone(), token.clone()),
         registration: RegistrationServiceClient::with_interceptor(channel.clone(), token.clone()),
         tls: TlsServiceClient::with_interceptor(channel.clone(), token.clone()),
         admin: AdminServiceClient::with_interceptor(channel, token),
@@ -235,8 +239,14 @@ pub trait Reply<T> {
 
 impl<T> Reply<T> for Result<tonic::Response<T>, Status> {
     fn reply(self) -> Result<T> {
-        self.map(tonic::Response::into_inner)
-            .map_err(|status| anyhow::anyhow!("{}: {}", code_name(status.code()), status.message()))
+        self.map(tonic::Response::into_inner).map_err(|status| match status.code() {
+            // Fleet mode: another node's write got in first; nothing was written.
+            tonic::Code::Aborted => anyhow::anyhow!(
+                "ABORTED: {} (another node of the fleet changed it at the same time; nothing was written: check, then run the command again)",
+                status.message()
+            ),
+            code => anyhow::anyhow!("{}: {}", code_name(code), status.message()),
+        })
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod admin;
 mod client;
+mod cluster;
 mod discovery;
 mod output;
 mod pools;
@@ -81,6 +82,9 @@ enum Command {
     /// Discovery sources: list.
     #[command(subcommand)]
     Discovery(discovery::DiscoveryCommand),
+    /// Fleet mode: the nodes sharing their objects through etcd (status).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Registers a service and holds the lease until interrupted.
     Register(register::RegisterArgs),
     /// TLS: the on-demand allowlist (allow), certificates (certs), ACME status.
@@ -191,6 +195,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Pools(cmd) => pools::run(cmd, c, &out).await,
         Command::Upstreams(cmd) => upstreams::run(cmd, c, &out).await,
         Command::Discovery(cmd) => discovery::run(cmd, c, &out).await,
+        Command::Cluster(cmd) => cluster::run(cmd, c, &out).await,
         Command::Register(args) => register::run(args, c, &out).await,
         Command::Tls(cmd) => tls::run(cmd, c, &out).await,
         Command::Status => admin::status(c, &out).await,

@@ -4,6 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: TOML file -> validated [`Config`]; `proxyd check-config`.
+//! - [`cluster`]: fleet mode: the API-owned objects of several hosts shared through etcd,
+//!   followed by a sync task and applied through the state's writer.
 //! - [`state`]: the desired state: model types, [`state::Change`] (every mutation),
 //!   validation, the single SQLite writer; the ground floor, importing no other module
 //!   (what is built from it is injected as a [`state::Publish`] step).
@@ -32,6 +34,7 @@
 //! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps imports pointing down
 //! them, with no cycle.
 
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod etcd;
@@ -87,6 +90,9 @@ pub enum StartError {
     /// The OTLP exporters could not be set up.
     #[error(transparent)]
     Telemetry(#[from] telemetry::OtlpError),
+    /// Fleet mode could not start.
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// How long the management API may take to close its connections once the drain is over.
@@ -180,6 +186,21 @@ impl Daemon {
             shutdown.clone(),
         ));
 
+        // Fleet mode: the fleet's objects from etcd (or, without etcd, as stored).
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => Some(
+                cluster::Cluster::start(
+                    c,
+                    &state::database_path(&config.server.state_dir),
+                    state.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            ),
+        };
+        watch_cluster(&telemetry, cluster.as_ref());
+
         // Run-time feeds: discovery sources and registrations.
         let discovery = discovery::Discovery::start(&config.discovery, &state, &shutdown).await;
         watch_in_metrics(telemetry.metrics(), &tls, &discovery);
@@ -223,7 +244,7 @@ impl Daemon {
         );
         let mgmt_address = mgmt_sockets.tcp_address();
         let listeners = mgmt::ListenerInfo::all(&config, &addresses);
-        let writes = mgmt::Writes::new(state.clone(), shutdown.clone());
+        let writes = mgmt::Writes::new(state.clone(), shutdown.clone()).through(cluster.clone());
         let services = mgmt::Services {
             routes: mgmt::RouteApi::new(writes.clone()),
             pools: mgmt::PoolApi::new(writes.clone(), routing.clone()),
@@ -243,6 +264,7 @@ impl Daemon {
                 telemetry.metrics().clone(),
             ),
             tls: mgmt::TlsApi::new(Some(tls.clone()), shutdown.clone()),
+            cluster: mgmt::ClusterApi::new(cluster),
         };
         mgmt::spawn(
             mgmt_sockets,
@@ -734,6 +756,25 @@ pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartErro
     }
     daemon.finish(timeout).await;
     Ok(())
+}
+
+/// Lets `/readyz` say when the fleet view is stale and `/metrics` read the applied etcd
+/// revision and the lag (telemetry does not know the cluster; it is handed functions).
+fn watch_cluster(telemetry: &telemetry::Telemetry, cluster: Option<&cluster::Cluster>) {
+    let Some(cluster) = cluster else { return };
+    let for_ready = cluster.clone();
+    telemetry.note_readiness_with(Box::new(move || for_ready.status().readiness()));
+    let cluster = cluster.clone();
+    telemetry.metrics().read_cluster_with(Box::new(move || {
+        let s = cluster.status();
+        vec![telemetry::ClusterReading {
+            connected: s.connected,
+            applied_revision: s.applied_revision,
+            lag: s.etcd_revision.saturating_sub(s.applied_revision).max(0),
+            stale_seconds: s.stale_for.map_or(0, |d| d.as_secs()),
+            full_syncs: s.full_syncs,
+        }]
+    }));
 }
 
 /// Lets `/metrics` read certificate expiries and discovery sources' condition at scrape

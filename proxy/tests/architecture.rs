@@ -392,6 +392,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "sockets, certificates, hand-over",
         &["listener", "tls", "upgrade"],
     ),
+    ("fleet mode", &["cluster"]),
     ("config file", &["config"]),
     ("feeds and reports", &["discovery", "telemetry"]),
     ("compiled snapshot and pools", &["routing", "upstream"]),

@@ -82,6 +82,7 @@ let
     client = "192.168.1.3";
     etcd = "192.168.1.4";
     proxy = "192.168.1.5";
+    proxy2 = "192.168.1.6";
   };
 
   loose = mkOption { type = types.lazyAttrsOf types.anything; default = { }; };

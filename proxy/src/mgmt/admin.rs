@@ -130,6 +130,7 @@ impl AdminService for AdminApi {
             counts: Some(counts),
             revision: snap.revision,
             draining: self.shutdown.is_triggered(),
+            cluster: self.writes.cluster().map(super::cluster::state),
         }))
     }
 

@@ -45,6 +45,17 @@ pub fn status(err: ApplyError) -> Status {
     }
 }
 
+/// The gRPC status for a refused fleet write: a conflict with another node's write is
+/// ABORTED (read again, then retry), an unreachable etcd UNAVAILABLE.
+pub fn cluster_status(err: crate::cluster::WriteError) -> Status {
+    use crate::cluster::WriteError;
+    match err {
+        WriteError::Apply(e) => status(e),
+        WriteError::Conflict(reason) => Status::aborted(format!("conflict: {reason}")),
+        WriteError::Unavailable(reason) => Status::unavailable(reason),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

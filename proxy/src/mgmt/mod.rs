@@ -10,6 +10,7 @@
 mod admin;
 mod auth;
 mod authority;
+mod cluster;
 mod convert;
 mod discovery;
 mod error;
@@ -39,6 +40,7 @@ use tonic::Status;
 
 pub use admin::AdminApi;
 pub use auth::BearerAuth;
+pub use cluster::ClusterApi;
 pub use discovery::DiscoveryApi;
 pub use pools::PoolApi;
 pub use registration::RegistrationApi;
@@ -146,17 +148,35 @@ impl ListenerInfo {
 pub struct Writes {
     state: StateHandle,
     shutdown: Shutdown,
+    /// Fleet mode: API batches go to etcd through it (`None`: a single host).
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Writes {
     /// Changes through `state`, refused once `shutdown` fires.
     pub fn new(state: StateHandle, shutdown: Shutdown) -> Writes {
-        Writes { state, shutdown }
+        Writes {
+            state,
+            shutdown,
+            cluster: None,
+        }
+    }
+
+    /// API batches go to the fleet through `cluster` (fleet mode); other sources (a config
+    /// reload) stay on this host.
+    pub fn through(mut self, cluster: Option<crate::cluster::Cluster>) -> Writes {
+        self.cluster = cluster;
+        self
     }
 
     /// The desired state, for reads.
     fn state(&self) -> &StateHandle {
         &self.state
+    }
+
+    /// The fleet API batches go to, in fleet mode.
+    fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.cluster.as_ref()
     }
 
     /// Applies an API batch, refused while the daemon stops.
@@ -171,10 +191,17 @@ impl Writes {
             ));
         }
         let changes = check_files(changes).await?;
-        self.state
-            .apply(changes, source)
-            .await
-            .map_err(error::status)
+        match (&self.cluster, source) {
+            (Some(cluster), Source::Api) => cluster
+                .write(changes)
+                .await
+                .map_err(error::cluster_status),
+            _ => self
+                .state
+                .apply(changes, source)
+                .await
+                .map_err(error::status),
+        }
     }
 }
 
@@ -314,6 +341,8 @@ pub struct Services {
     pub registration: RegistrationApi,
     /// TlsService.
     pub tls: TlsApi,
+    /// ClusterService.
+    pub cluster: ClusterApi,
 }
 
 /// The API services, ready to be added to a server.
@@ -325,6 +354,7 @@ struct Servers {
     registration:
         proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>,
     tls: proxy_proto::v1::tls_service_server::TlsServiceServer<tls::TlsApi>,
+    cluster: proxy_proto::v1::cluster_service_server::ClusterServiceServer<ClusterApi>,
 }
 
 impl Servers {
@@ -339,6 +369,7 @@ impl Servers {
             discovery: services.discovery.server(),
             registration: services.registration.server(),
             tls: services.tls.server(),
+            cluster: services.cluster.server(),
             admin: AdminServiceServer::new(services.admin)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -383,7 +414,8 @@ where
         .add_service(services.admin.clone())
         .add_service(services.discovery.clone())
         .add_service(services.registration.clone())
-        .add_service(services.tls.clone()))
+        .add_service(services.tls.clone())
+        .add_service(services.cluster.clone()))
 }
 
 /// Serves `services` on `sockets`, accepting through `accepting` and counting every call in
@@ -405,6 +437,9 @@ pub async fn spawn(
     health.set_serving::<proxy_proto::v1::registration_service_server::RegistrationServiceServer<RegistrationApi>>().await;
     health
         .set_serving::<proxy_proto::v1::tls_service_server::TlsServiceServer<tls::TlsApi>>()
+        .await;
+    health
+        .set_serving::<proxy_proto::v1::cluster_service_server::ClusterServiceServer<ClusterApi>>()
         .await;
 
     let Sockets { unix, tcp } = sockets;

@@ -65,6 +65,16 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE TABLE tls_acme_accounts (directory TEXT PRIMARY KEY, credentials TEXT NOT NULL) WITHOUT ROWID;
     CREATE TABLE tls_allowlist (pattern TEXT PRIMARY KEY) WITHOUT ROWID;",
+    // Fleet mode: the fleet's objects as last read from etcd and the etcd revision they are
+    // complete up to. Written by `crate::cluster` through the writer (`write_rows`).
+    "CREATE TABLE cluster_objects (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        mod_revision INTEGER NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE cluster_meta (key TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID;",
 ];
 
 pub(super) struct Store {

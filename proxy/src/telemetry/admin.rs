@@ -126,7 +126,19 @@ fn answer(req: &Request<Incoming>, telemetry: &Telemetry, shutdown: &Shutdown, u
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if shutdown.is_triggered() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/readyz" if !telemetry.is_ready() => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
-        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/readyz" => match telemetry.readiness_note() {
+            None => text(StatusCode::OK, "ready\n"),
+            // Still ready: the node serves what it has; the note says how old it is.
+            Some(note) => {
+                let mut response =
+                    Response::new(Full::new(Bytes::from(format!("ready ({note})\n"))));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                response
+            }
+        },
         _ => not_found(),
     })
 }

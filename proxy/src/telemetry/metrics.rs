@@ -680,6 +680,11 @@ impl Metrics {
         let _ = self.readings.certificates.set(read);
     }
 
+    /// Reads fleet mode's condition at scrape time through `read` (set once, in fleet mode).
+    pub fn read_cluster_with(&self, read: Reader<ClusterReading>) {
+        let _ = self.readings.cluster.set(read);
+    }
+
     /// Reads the discovery sources' condition at scrape time through `read` (set once).
     pub fn read_discovery_with(&self, read: Reader<SourceCondition>) {
         let _ = self.readings.sources.set(read);
@@ -1226,12 +1231,28 @@ pub struct SourceCondition {
     pub members: usize,
 }
 
+/// Fleet mode's condition, for the `proxy_cluster_*` series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterReading {
+    /// Whether the node follows etcd now.
+    pub connected: bool,
+    /// The etcd revision the fleet's objects are applied up to here.
+    pub applied_revision: i64,
+    /// The newest etcd revision heard of minus the applied one.
+    pub lag: i64,
+    /// Seconds since the node was last in sync (0 while connected).
+    pub stale_seconds: u64,
+    /// Full reads of the fleet's objects since start.
+    pub full_syncs: u64,
+}
+
 /// Readings taken at scrape time through functions other parts hand in (see
 /// [`Metrics::read_certificates_with`]); telemetry itself knows neither part.
 #[derive(Default)]
 struct Readings {
     certificates: OnceLock<Reader<CertificateExpiry>>,
     sources: OnceLock<Reader<SourceCondition>>,
+    cluster: OnceLock<Reader<ClusterReading>>,
 }
 
 impl std::fmt::Debug for Readings {
@@ -1239,6 +1260,7 @@ impl std::fmt::Debug for Readings {
         f.debug_struct("Readings")
             .field("certificates", &self.certificates.get().is_some())
             .field("sources", &self.sources.get().is_some())
+            .field("cluster", &self.cluster.get().is_some())
             .finish()
     }
 }
@@ -1287,6 +1309,44 @@ impl Collector for Readings {
                 let labels = [("pool", source.pool.as_str()), ("kind", source.kind)];
                 ConstGauge::new(i64::try_from(source.members).unwrap_or(i64::MAX))
                     .encode(members.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(read) = self.cluster.get() {
+            for reading in read() {
+                let gauges = [
+                    (
+                        "proxy_cluster_connected",
+                        "1 while the node follows the fleet in etcd, 0 while it serves stale rules",
+                        i64::from(reading.connected),
+                    ),
+                    (
+                        "proxy_cluster_applied_revision",
+                        "The etcd revision the fleet's objects are applied up to on this node",
+                        reading.applied_revision,
+                    ),
+                    (
+                        "proxy_cluster_lag_revisions",
+                        "etcd's newest revision known to this node minus the applied one",
+                        reading.lag,
+                    ),
+                    (
+                        "proxy_cluster_stale_seconds",
+                        "Seconds since the node was last in sync with etcd (0 while connected)",
+                        i64::try_from(reading.stale_seconds).unwrap_or(i64::MAX),
+                    ),
+                ];
+                for (name, help, value) in gauges {
+                    let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                    ConstGauge::new(value).encode(family)?;
+                }
+                let family = encoder.encode_descriptor(
+                    "proxy_cluster_full_syncs",
+                    "Full reads of the fleet's objects from etcd since start",
+                    None,
+                    MetricType::Counter,
+                )?;
+                prometheus_client::metrics::counter::ConstCounter::new(reading.full_syncs)
+                    .encode(family)?;
             }
         }
         Ok(())

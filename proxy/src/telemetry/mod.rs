@@ -23,8 +23,9 @@ use tracing_subscriber::Layer as _;
 pub use access::{AccessLogFormat, HeaderPolicy};
 pub use histogram::DurationHistogram;
 pub use metrics::{
-    AcmeResult, CertificateExpiry, ClientTimeout, GaugeGuard, HeldOutcome, HttpOutcome,
-    ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteTotal, SourceCondition,
+    AcmeResult, CertificateExpiry, ClientTimeout, ClusterReading, GaugeGuard, HeldOutcome,
+    HttpOutcome, ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteTotal,
+    SourceCondition,
 };
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
 
@@ -91,7 +92,12 @@ pub struct Telemetry {
     tracing: Option<Arc<RequestTracing>>,
     otlp: Mutex<Option<Arc<otlp::Otlp>>>,
     ready: AtomicBool,
+    /// What `/readyz` adds to "ready" (fleet mode: stale while etcd is unreachable).
+    readiness_note: std::sync::OnceLock<ReadinessNote>,
 }
+
+/// A function `/readyz` calls for a note on its "ready" answer (`None`: nothing to add).
+pub type ReadinessNote = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,6 +135,7 @@ impl Telemetry {
             tracing,
             otlp: Mutex::new(otlp),
             ready: AtomicBool::new(false),
+            readiness_note: std::sync::OnceLock::new(),
         })
     }
 
@@ -142,6 +149,7 @@ impl Telemetry {
             tracing: None,
             otlp: Mutex::new(None),
             ready: AtomicBool::new(false),
+            readiness_note: std::sync::OnceLock::new(),
         }
     }
 
@@ -174,6 +182,16 @@ impl Telemetry {
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
         self.metrics.set_ready(true);
+    }
+
+    /// Sets what `/readyz` adds to its "ready" answer (set once).
+    pub fn note_readiness_with(&self, note: ReadinessNote) {
+        let _ = self.readiness_note.set(note);
+    }
+
+    /// The note `/readyz` adds to "ready", if any.
+    pub fn readiness_note(&self) -> Option<String> {
+        self.readiness_note.get().and_then(|note| note())
     }
 
     /// Whether [`set_ready`](Self::set_ready) was called.

@@ -1,0 +1,681 @@
+//! Fleet mode (`[cluster]`) against real etcd (Debian `etcd-server`, binary `etcd`) and
+//! in-process proxyd nodes on 127.0.0.1: a route created on one node is served by the
+//! others, concurrent writers lose nothing and conflicts are ABORTED, an etcd outage
+//! leaves every node serving (stale, writes UNAVAILABLE, a restarted node serving from
+//! SQLite) and they converge when etcd is back, and compaction past a stopped node's
+//! revision makes it read everything again.
+//!
+//! Without an `etcd` binary the tests are skipped, except under `./scripts/test` (and CI),
+//! where they fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod mgmt_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use mgmt_support::{connect, create_pool, create_route, pool_msg, route_msg, Api};
+use proxy::etcd::Client;
+use proxy_proto::v1 as pb;
+use proxy_proto::v1::cluster_service_client::ClusterServiceClient;
+use tonic::Code;
+
+fn etcd_binary() -> Option<PathBuf> {
+    external_program("etcd", "Debian package etcd-server")
+}
+
+/// One etcd member on loopback.
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of one or more members on loopback; stopped when dropped.
+struct Etcd {
+    binary: PathBuf,
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+impl Etcd {
+    async fn start(binary: PathBuf, dir: &Path, size: usize) -> Etcd {
+        let members = (0..size)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut etcd = Etcd {
+            binary,
+            dir: dir.to_path_buf(),
+            members,
+        };
+        for i in 0..size {
+            etcd.spawn(i);
+        }
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let initial = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(&self.binary)
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(self.dir.join(format!("data-{}", m.name)))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args(["--initial-cluster-token", "fleet-test"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join(format!("etcd-{}.log", m.name))).unwrap())
+            .spawn()
+            .expect("start etcd");
+        self.members[i].child = Some(child);
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..300 {
+            if let Ok(mut c) = Client::connect(&self.endpoints()).await {
+                if c.put(b"/probe", b"1", 0).await.is_ok() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("etcd did not become ready; see {}", self.dir.display());
+    }
+
+    fn stop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut child) = m.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    async fn restart(&mut self) {
+        for i in 0..self.members.len() {
+            self.spawn(i);
+        }
+        self.wait_ready().await;
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.endpoints())
+            .await
+            .expect("etcd client")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A node's config: listener `web`, the admin listener, `[cluster]` on `endpoints`.
+fn node_config(name: &str, endpoints: &[String], extra: &str) -> String {
+    let endpoints = endpoints
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[server]\nstate_dir = \"{{state}}\"\nadmin_listen = \"127.0.0.1:0\"\n\n\
+         [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
+         {extra}\n\
+         [cluster]\nnode_name = \"{name}\"\netcd = {{ endpoints = [{endpoints}], prefix = \"/proxy/test\" }}\n"
+    )
+}
+
+async fn start_node(name: &str, endpoints: &[String], extra: &str) -> TestProxy {
+    start_proxy(&node_config(name, endpoints, extra)).await
+}
+
+async fn restart_node(dir: tempfile::TempDir, name: &str, endpoints: &[String]) -> TestProxy {
+    start_proxy_in(dir, &node_config(name, endpoints, "")).await
+}
+
+/// Polls `check` every 50 ms until it holds; fails after 30 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..600 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn cluster_state(api: &mut Api) -> pb::ClusterState {
+    api.admin
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .cluster
+        .expect("status has the cluster part in fleet mode")
+}
+
+async fn serves(node: &TestProxy, host: &str, upstream: &str) -> bool {
+    let r = get(node.addr("web"), host, "/").await;
+    r.status == 200 && r.header("x-upstream") == Some(upstream)
+}
+
+async fn admin_text(node: &TestProxy, path: &str) -> (u16, String) {
+    let r = get(
+        node.daemon.admin_address().expect("admin listener"),
+        "localhost",
+        path,
+    )
+    .await;
+    (r.status, r.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_created_on_one_node_is_served_by_the_others() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 3).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let local = upstream("local").await;
+    // Node c's own config file has a pool named like the fleet's: the file wins on c.
+    let c_file = format!(
+        "[[pools]]\nname = \"app\"\nupstreams = [\"{}\"]\n",
+        local.address()
+    );
+    let a = start_node("a", &endpoints, "").await;
+    let b = start_node("b", &endpoints, "").await;
+    let c = start_node("c", &endpoints, &c_file).await;
+    let mut api_a = connect(&a).await;
+
+    create_pool(&mut api_a, pool_msg("app", &[app.address()])).await;
+    create_route(&mut api_a, route_msg("site", "example.com", "/", "app")).await;
+    // Read-your-writes on the node called: served as soon as the call returned.
+    assert!(serves(&a, "example.com", "app").await);
+    eventually("b serves the route made on a", || {
+        serves(&b, "example.com", "app")
+    })
+    .await;
+    eventually("c serves the route with its own pool", || {
+        serves(&c, "example.com", "local")
+    })
+    .await;
+
+    let mut api_c = connect(&c).await;
+    let state_c = cluster_state(&mut api_c).await;
+    assert_eq!(state_c.node_name, "c");
+    assert!(state_c.connected && !state_c.stale, "{state_c:?}");
+    let shadowed: Vec<_> = state_c
+        .shadowed
+        .iter()
+        .map(|o| (o.kind.as_str(), o.name.as_str()))
+        .collect();
+    assert_eq!(shadowed, [("pool", "app")]);
+    // The API cannot change c's own pool, on c.
+    let err = api_c
+        .pools
+        .delete_pool(pb::DeletePoolRequest { name: "app".into() })
+        .await
+        .expect_err("c's config file owns pool app");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    // Membership: every node has its lease key; the lag is small and the versions shown.
+    let mut cluster = ClusterServiceClient::new(api_a.channel.clone());
+    eventually("three nodes listed", || {
+        let mut cluster = cluster.clone();
+        async move {
+            let r = cluster
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            r.nodes.len() == 3
+        }
+    })
+    .await;
+    eventually("every node has applied a revision", || {
+        let mut cluster = cluster.clone();
+        async move {
+            let r = cluster
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            r.nodes.iter().all(|n| n.applied_revision > 0)
+        }
+    })
+    .await;
+    let fleet = cluster
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = fleet.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    assert!(fleet
+        .nodes
+        .iter()
+        .all(|n| n.version == env!("CARGO_PKG_VERSION")));
+    assert_eq!(fleet.nodes.iter().filter(|n| n.self_).count(), 1);
+    assert!(fleet.nodes[0].self_);
+    assert!(fleet
+        .nodes
+        .iter()
+        .all(|n| n.lag >= 0 && n.applied_revision <= fleet.etcd_revision));
+
+    // /metrics has the applied revision and the lag; /readyz is plainly ready.
+    let (_, metrics) = admin_text(&b, "/metrics").await;
+    assert!(
+        metrics.contains("proxy_cluster_applied_revision "),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("proxy_cluster_lag_revisions "),
+        "{metrics}"
+    );
+    assert!(metrics.contains("proxy_cluster_connected 1"), "{metrics}");
+    assert_eq!(
+        admin_text(&b, "/readyz").await,
+        (200, "ready\n".to_string())
+    );
+
+    // A deletion on b reaches a and c.
+    let mut api_b = connect(&b).await;
+    api_b
+        .routes
+        .delete_route(pb::DeleteRouteRequest {
+            name: "site".into(),
+        })
+        .await
+        .expect("delete on b");
+    for node in [&a, &c] {
+        eventually("the deletion reaches every node", || async {
+            get(node.addr("web"), "example.com", "/").await.status == 404
+        })
+        .await;
+    }
+    drop(etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_lose_no_update_and_conflicts_are_aborted() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let a = start_node("a", &endpoints, "").await;
+    let b = start_node("b", &endpoints, "").await;
+    let mut api_a = connect(&a).await;
+    create_pool(&mut api_a, pool_msg("shared", &[])).await;
+    let mut api_b = connect(&b).await;
+    eventually("b has the pool", || {
+        let mut api = api_b.clone();
+        async move {
+            api.pools
+                .get_pool(pb::GetPoolRequest {
+                    name: "shared".into(),
+                })
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+
+    // Writers on both nodes each add their own upstreams to the same pool: every write
+    // reads the pool and writes it back whole, so a lost update would drop an upstream.
+    let mut aborted = 0usize;
+    let mut expected = Vec::new();
+    for round in 0..20 {
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let mut api = if w % 2 == 0 {
+                api_a.clone()
+            } else {
+                api_b.clone()
+            };
+            let address = format!("127.0.0.{}:{}", 1 + w, 10000 + round);
+            expected.push(address.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut conflicts = 0;
+                loop {
+                    let r = api
+                        .pools
+                        .add_upstream(pb::AddUpstreamRequest {
+                            pool: "shared".into(),
+                            upstream: Some(pb::Upstream {
+                                address: address.clone(),
+                                weight: 1,
+                                ..Default::default()
+                            }),
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => return conflicts,
+                        Err(s) if s.code() == Code::Aborted => {
+                            assert!(s.message().contains("conflict"), "{s:?}");
+                            conflicts += 1;
+                        }
+                        Err(s) => panic!("unexpected error: {s:?}"),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            aborted += t.await.unwrap();
+        }
+        if aborted > 0 && round >= 2 {
+            break;
+        }
+    }
+    assert!(
+        aborted > 0,
+        "concurrent writers on two nodes never conflicted"
+    );
+    expected.sort();
+    for api in [&mut api_a, &mut api_b] {
+        let want = expected.clone();
+        let api = api.clone();
+        eventually("every upstream written by every writer is there", || {
+            let mut api = api.clone();
+            let want = want.clone();
+            async move {
+                let pool = api
+                    .pools
+                    .get_pool(pb::GetPoolRequest {
+                        name: "shared".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .pool
+                    .unwrap();
+                let mut have: Vec<_> = pool.upstreams.into_iter().map(|u| u.address).collect();
+                have.sort();
+                have == want
+            }
+        })
+        .await;
+    }
+    // Creating the same name on two nodes at once: one wins, the other is told.
+    let (mut routes_a, mut routes_b) = (api_a.routes.clone(), api_b.routes.clone());
+    let (ra, rb) = tokio::join!(
+        routes_a.create_route(pb::CreateRouteRequest {
+            route: Some(route_msg("same", "a.example", "/", "shared"))
+        }),
+        routes_b.create_route(pb::CreateRouteRequest {
+            route: Some(route_msg("same", "b.example", "/", "shared"))
+        }),
+    );
+    let outcomes = [ra.map(|_| ()), rb.map(|_| ())];
+    assert_eq!(
+        outcomes.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{outcomes:?}"
+    );
+    let loser = outcomes.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(
+        matches!(loser.code(), Code::Aborted | Code::AlreadyExists),
+        "{loser:?}"
+    );
+    drop(etcd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_etcd_nodes_serve_stale_refuse_writes_and_converge_when_it_returns() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let a = start_node("a", &endpoints, "").await;
+    let b = start_node("b", &endpoints, "").await;
+    let mut api_a = connect(&a).await;
+    create_pool(&mut api_a, pool_msg("app", &[app.address()])).await;
+    create_route(&mut api_a, route_msg("site", "example.com", "/", "app")).await;
+    eventually("b serves the route", || serves(&b, "example.com", "app")).await;
+
+    etcd.stop();
+    for node in [&a, &b] {
+        let mut api = connect(node).await;
+        eventually("the node notices etcd is gone", || {
+            let mut api = api.clone();
+            async move { cluster_state(&mut api).await.stale }
+        })
+        .await;
+        assert!(serves(node, "example.com", "app").await);
+        let (status, body) = admin_text(node, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.starts_with("ready (stale: etcd unreachable"), "{body}");
+        let err = api
+            .routes
+            .create_route(pb::CreateRouteRequest {
+                route: Some(route_msg("other", "other.example", "/", "app")),
+            })
+            .await
+            .expect_err("no fleet write without etcd");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("etcd is unreachable"), "{err:?}");
+    }
+
+    // b restarts while etcd is down: it serves what SQLite holds, and says it is stale.
+    let b_dir = {
+        let TestProxy { daemon, dir } = b;
+        daemon.stop().await;
+        dir
+    };
+    let b = restart_node(b_dir, "b", &endpoints).await;
+    assert!(serves(&b, "example.com", "app").await);
+    let mut api_b = connect(&b).await;
+    let state = cluster_state(&mut api_b).await;
+    assert!(state.stale && !state.connected, "{state:?}");
+    assert!(state.applied_revision > 0, "{state:?}");
+    assert!(!state.last_error.is_empty(), "{state:?}");
+
+    // etcd is back: both nodes follow it again without a restart, b resuming from the
+    // revision it had stored, and a write made meanwhile reaches both.
+    etcd.restart().await;
+    for api in [&mut api_a, &mut api_b] {
+        let api = api.clone();
+        eventually("the node reconnects", || {
+            let mut api = api.clone();
+            async move { cluster_state(&mut api).await.connected }
+        })
+        .await;
+    }
+    let state = cluster_state(&mut api_b).await;
+    assert_eq!((state.full_syncs, state.resumes), (0, 1), "{state:?}");
+    let other = upstream("other").await;
+    create_pool(&mut api_b, pool_msg("other", &[other.address()])).await;
+    create_route(
+        &mut api_b,
+        route_msg("other", "other.example", "/", "other"),
+    )
+    .await;
+    eventually("a serves the route made on b", || {
+        serves(&a, "other.example", "other")
+    })
+    .await;
+    eventually("both nodes at the same etcd revision", || {
+        let (mut x, mut y) = (api_a.clone(), api_b.clone());
+        async move {
+            let (x, y) = (cluster_state(&mut x).await, cluster_state(&mut y).await);
+            x.applied_revision == y.applied_revision && !x.stale && !y.stale
+        }
+    })
+    .await;
+    assert_eq!(admin_text(&a, "/readyz").await.1, "ready\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_past_a_stopped_node_revision_makes_it_read_everything_again() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let a = start_node("a", &endpoints, "").await;
+    let b = start_node("b", &endpoints, "").await;
+    let mut api_a = connect(&a).await;
+    create_pool(&mut api_a, pool_msg("app", &[app.address()])).await;
+    create_route(&mut api_a, route_msg("old", "old.example", "/", "app")).await;
+    eventually("b serves the first route", || {
+        serves(&b, "old.example", "app")
+    })
+    .await;
+
+    let b_dir = {
+        let TestProxy { daemon, dir } = b;
+        daemon.stop().await;
+        dir
+    };
+    // While b is down: one route goes, another comes, and the history is compacted away.
+    api_a
+        .routes
+        .delete_route(pb::DeleteRouteRequest { name: "old".into() })
+        .await
+        .unwrap();
+    create_route(&mut api_a, route_msg("new", "new.example", "/", "app")).await;
+    let mut kv = etcd.client().await;
+    let revision = kv.put(b"/probe", b"2", 0).await.unwrap();
+    kv.compact(revision).await.unwrap();
+
+    let b = restart_node(b_dir, "b", &endpoints).await;
+    let mut api_b = connect(&b).await;
+    eventually("b read the fleet again", || {
+        let mut api = api_b.clone();
+        async move {
+            let s = cluster_state(&mut api).await;
+            s.connected && s.full_syncs == 1
+        }
+    })
+    .await;
+    assert!(serves(&b, "new.example", "app").await);
+    assert_eq!(get(b.addr("web"), "old.example", "/").await.status, 404);
+    let state = cluster_state(&mut api_b).await;
+    assert_eq!(state.resumes, 0, "{state:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_guarded_transactions_lease_keep_alive_and_watch_progress() {
+    use proxy::etcd::{EtcdError, Op, TxnOutcome, Unchanged};
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let mut kv = etcd.client().await;
+
+    // A transaction commits only while every guard holds.
+    let absent = [Unchanged {
+        key: b"/t/a".to_vec(),
+        mod_revision: 0,
+    }];
+    let put = |v: &[u8]| {
+        vec![
+            Op::Put {
+                key: b"/t/a".to_vec(),
+                value: v.to_vec(),
+                lease: 0,
+            },
+            Op::Delete {
+                key: b"/t/b".to_vec(),
+            },
+        ]
+    };
+    let TxnOutcome::Committed(first) = kv.txn(&absent, put(b"1")).await.unwrap() else {
+        panic!("the key was absent")
+    };
+    assert!(matches!(
+        kv.txn(&absent, put(b"2")).await.unwrap(),
+        TxnOutcome::Conflict(r) if r == first
+    ));
+    assert_eq!(kv.get(b"/t/a").await.unwrap().unwrap().value, b"1");
+    let held = [Unchanged {
+        key: b"/t/a".to_vec(),
+        mod_revision: first,
+    }];
+    let TxnOutcome::Committed(second) = kv.txn(&held, put(b"3")).await.unwrap() else {
+        panic!("the guard held")
+    };
+    assert!(second > first);
+    assert_eq!(kv.get(b"/t/a").await.unwrap().unwrap().mod_revision, second);
+
+    // A lease kept alive keeps its key; once revoked, keep-alive says it expired.
+    let lease = kv.grant_lease(Duration::from_secs(5)).await.unwrap();
+    let mut alive = kv.keep_alive(lease).await.unwrap();
+    kv.put(b"/t/node", b"x", lease).await.unwrap();
+    assert!(alive.refresh().await.unwrap() > Duration::ZERO);
+    kv.revoke_lease(lease).await.unwrap();
+    assert!(kv.get(b"/t/node").await.unwrap().is_none());
+    assert!(matches!(
+        alive.refresh().await,
+        Err(EtcdError::LeaseExpired(id)) if id == lease
+    ));
+
+    // A progress request on an idle watch (one with no history to catch up on: etcd 3.4
+    // answers progress requests even before a watch has caught up) reports the store's
+    // revision, with no events.
+    let now = kv.put(b"/elsewhere", b"1", 0).await.unwrap();
+    let mut watch = kv.watch_prefix(b"/t/", now + 1).await.unwrap();
+    watch.request_progress().await.unwrap();
+    let batch = watch.next_batch().await.unwrap();
+    assert!(batch.events.is_empty(), "{batch:?}");
+    assert!(batch.revision >= now, "{batch:?}");
+    assert_eq!(kv.revision().await.unwrap(), now);
+
+    // Watching from a compacted revision is reported as such.
+    assert!(kv.has_revision(b"/t/", first).await.unwrap());
+    kv.compact(now).await.unwrap();
+    assert!(!kv.has_revision(b"/t/", first).await.unwrap());
+    assert!(kv.has_revision(b"/t/", now).await.unwrap());
+    let compacted = match kv.watch_prefix(b"/t/", first).await {
+        Err(e) => e,
+        Ok(mut w) => w.next_batch().await.unwrap_err(),
+    };
+    assert!(
+        matches!(compacted, EtcdError::Compacted { compact_revision } if compact_revision == now),
+        "{compacted:?}"
+    );
+}
