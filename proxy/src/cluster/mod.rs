@@ -46,8 +46,8 @@ pub use view::{Excluded, Kind};
 
 use crate::config::ClusterConfig;
 use crate::etcd::{self, EtcdError, Op, TxnOutcome, Unchanged};
-use crate::state::{ApplyError, Change, Source, StateHandle};
 use crate::shutdown::Shutdown;
+use crate::state::{ApplyError, Change, Source, StateHandle};
 use store::ViewStore;
 use view::{Keyspace, ObjectId, View};
 

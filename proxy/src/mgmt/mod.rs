@@ -192,10 +192,9 @@ impl Writes {
         }
         let changes = check_files(changes).await?;
         match (&self.cluster, source) {
-            (Some(cluster), Source::Api) => cluster
-                .write(changes)
-                .await
-                .map_err(error::cluster_status),
+            (Some(cluster), Source::Api) => {
+                cluster.write(changes).await.map_err(error::cluster_status)
+            }
             _ => self
                 .state
                 .apply(changes, source)
