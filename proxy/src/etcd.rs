@@ -17,9 +17,19 @@ use proxy_proto::etcd::etcdserverpb::{
 use proxy_proto::etcd::mvccpb::event::EventType;
 /// A stored key-value as etcd returns it (key, value, revisions, lease).
 pub use proxy_proto::etcd::mvccpb::KeyValue;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
 
 /// How long connecting to one endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -203,6 +213,90 @@ impl KeepAlive {
     }
 }
 
+/// Dials one `https://` endpoint: TCP, then a TLS handshake verified against the CA.
+#[derive(Clone)]
+struct TlsDial {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    /// `host:port`.
+    address: String,
+}
+
+impl TlsDial {
+    fn new(endpoint: &str, tls: &Tls) -> Result<TlsDial, EtcdError> {
+        let bad = |reason: String| EtcdError::Tls(format!("{endpoint}: {reason}"));
+        let uri: http::Uri = endpoint
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| bad("no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(2379);
+        let server_name =
+            ServerName::try_from(host.clone()).map_err(|e| bad(format!("host name: {e}")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+            let cert = cert.map_err(|e| bad(format!("ca_file: {e}")))?;
+            roots.add(cert).map_err(|e| bad(format!("ca_file: {e}")))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots);
+        let mut config = match &tls.identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(format!("cert: {e}")))?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(format!("key: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(format!("cert/key: {e}")))?
+            }
+        };
+        // gRPC over TLS is HTTP/2, negotiated by ALPN.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let address = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(TlsDial {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name,
+            address,
+        })
+    }
+}
+
+type Dialled = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower::Service<http::Uri> for TlsDial {
+    type Response = Dialled;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Dialled>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let dial = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect(&dial.address).await?;
+            tcp.set_nodelay(true)?;
+            let tls = dial.connector.connect(dial.server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
 impl Client {
     /// Connects to the first of `endpoints` (`http://host:port`) that accepts.
     pub async fn connect(endpoints: &[String]) -> Result<Client, EtcdError> {
@@ -217,28 +311,31 @@ impl Client {
     ) -> Result<Client, EtcdError> {
         let mut last = None;
         for endpoint in endpoints {
-            let mut target =
-                Endpoint::from_shared(endpoint.clone()).map_err(|source| EtcdError::Endpoint {
+            // TLS is dialled here (tokio-rustls), so tonic only sees a byte stream and its
+            // URL keeps the http scheme.
+            let dial = match tls {
+                Some(tls) => Some(TlsDial::new(endpoint, tls)?),
+                None => None,
+            };
+            let url = match &dial {
+                Some(d) => format!("http://{}", d.address),
+                None => endpoint.clone(),
+            };
+            let target = Endpoint::from_shared(url)
+                .map_err(|source| EtcdError::Endpoint {
                     endpoint: endpoint.clone(),
                     source,
-                })?;
-            if let Some(tls) = tls {
-                let mut config =
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-                if let Some((cert, key)) = &tls.identity {
-                    config = config.identity(Identity::from_pem(cert, key));
-                }
-                target = target
-                    .tls_config(config)
-                    .map_err(|e| EtcdError::Tls(e.to_string()))?;
-            }
-            let target = target
+                })?
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
                 .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
                 .keep_alive_while_idle(true);
-            match target.connect().await {
+            let connected = match dial {
+                Some(dial) => target.connect_with_connector(dial).await,
+                None => target.connect().await,
+            };
+            match connected {
                 Ok(channel) => {
                     return Ok(Client {
                         kv: KvClient::new(channel.clone()),

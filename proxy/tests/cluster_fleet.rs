@@ -11,6 +11,8 @@
 
 mod common;
 mod mgmt_support;
+#[allow(dead_code)]
+mod tls_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -678,4 +680,91 @@ async fn etcd_client_guarded_transactions_lease_keep_alive_and_watch_progress() 
         matches!(compacted, EtcdError::Compacted { compact_revision } if compact_revision == now),
         "{compacted:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_client_speaks_tls_with_a_client_certificate() {
+    use proxy::etcd::Tls;
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = tls_support::TestCa::new("etcd test CA");
+    let (server_cert, server_key) = ca.leaf(&["localhost"]);
+    let (client_cert, client_key) = ca.leaf(&["proxyd"]);
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (ca_file, cert_file, key_file) = (
+        write("ca.pem", &ca.pem),
+        write("server.pem", &server_cert),
+        write("server.key", &server_key),
+    );
+    let (client_port, peer_port) = (free_port(), free_port());
+    let client_url = format!("https://localhost:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut child = Command::new(binary)
+        .args(["--name", "tls", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--listen-client-urls",
+            &format!("https://127.0.0.1:{client_port}"),
+        ])
+        .args(["--advertise-client-urls", &client_url])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("tls={peer}")])
+        .arg("--cert-file")
+        .arg(&cert_file)
+        .arg("--key-file")
+        .arg(&key_file)
+        .arg("--trusted-ca-file")
+        .arg(&ca_file)
+        .arg("--client-cert-auth")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap())
+        .spawn()
+        .expect("start etcd");
+    let tls = Tls {
+        ca_pem: ca.pem.clone().into_bytes(),
+        identity: Some((client_cert.into_bytes(), client_key.into_bytes())),
+    };
+    let endpoints = [client_url.clone()];
+    let mut written = None;
+    for _ in 0..300 {
+        if let Ok(mut c) = Client::connect_with(&endpoints, Some(&tls)).await {
+            if let Ok(revision) = c.put(b"/tls/probe", b"ok", 0).await {
+                written = Some((c, revision));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut c, revision) = written.unwrap_or_else(|| {
+        panic!(
+            "no TLS connection to etcd; see {}",
+            dir.path().join("etcd.log").display()
+        )
+    });
+    let kv = c.get(b"/tls/probe").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"ok"[..], revision)
+    );
+    // Without the client certificate etcd refuses the connection's calls.
+    let anonymous = Tls {
+        ca_pem: ca.pem.clone().into_bytes(),
+        identity: None,
+    };
+    let refused = match Client::connect_with(&endpoints, Some(&anonymous)).await {
+        Err(_) => true,
+        Ok(mut c) => c.get(b"/tls/probe").await.is_err(),
+    };
+    assert!(refused, "etcd accepted a client without a certificate");
+    let _ = child.kill();
+    let _ = child.wait();
 }
