@@ -11,7 +11,6 @@
 
 mod common;
 mod mgmt_support;
-#[allow(dead_code)]
 mod tls_support;
 
 use std::path::{Path, PathBuf};
