@@ -132,6 +132,13 @@ impl Etcd {
         }
     }
 
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     async fn restart(&mut self) {
         for i in 0..self.members.len() {
             self.spawn(i);
@@ -766,4 +773,69 @@ async fn etcd_client_speaks_tls_with_a_client_certificate() {
     assert!(refused, "etcd accepted a client without a certificate");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_resume_after_each_etcd_member_is_killed_and_no_acknowledged_write_is_lost() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(binary, dir.path(), 3).await;
+    let endpoints = etcd.endpoints();
+    let a = start_node("a", &endpoints, "").await;
+    let b = start_node("b", &endpoints, "").await;
+    let mut api_a = connect(&a).await;
+    create_pool(&mut api_a, pool_msg("app", &[])).await;
+    let mut acknowledged = Vec::new();
+    // Each member in turn (so the leader among them) is killed; writes made meanwhile are
+    // retried until acknowledged, then the member comes back.
+    for victim in 0..3 {
+        etcd.kill(victim);
+        for i in 0..4 {
+            let name = format!("r{victim}-{i}");
+            let mut done = false;
+            for _ in 0..600 {
+                let r = api_a
+                    .routes
+                    .create_route(pb::CreateRouteRequest {
+                        route: Some(route_msg(&name, &format!("{name}.example"), "/", "app")),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => done = true,
+                    // An earlier attempt whose answer was lost did commit.
+                    Err(s) if s.code() == Code::AlreadyExists => done = true,
+                    Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(s) => panic!("unexpected error for {name}: {s:?}"),
+                }
+                break;
+            }
+            assert!(done, "{name} was never acknowledged");
+            acknowledged.push(name);
+        }
+        etcd.spawn(victim);
+        etcd.wait_ready().await;
+    }
+    let mut api_b = connect(&b).await;
+    for api in [&mut api_a, &mut api_b] {
+        let want = acknowledged.clone();
+        let api = api.clone();
+        eventually("every acknowledged route on both nodes", || {
+            let mut api = api.clone();
+            let want = want.clone();
+            async move {
+                let routes = api
+                    .routes
+                    .list_routes(pb::ListRoutesRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .routes;
+                want.iter().all(|n| routes.iter().any(|r| &r.name == n))
+            }
+        })
+        .await;
+    }
 }
