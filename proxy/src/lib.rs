@@ -706,6 +706,12 @@ pub fn inherit(config: &Config) -> Result<Inheritance, StartError> {
 pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartError> {
     use tokio::signal::unix::{signal, SignalKind};
 
+    // The handlers exist before the listeners serve: a SIGTERM that arrives while the
+    // daemon is still starting is then a drain once it has started, not a kill.
+    let io = |what: &'static str| move |e| StartError::Io(what.to_string(), e);
+    let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(io("SIGUSR2 handler"))?;
     let Inheritance { handoff, sockets } = inherited;
     let daemon = Daemon::start_with(config, sockets).await?;
     if let Some(handoff) = handoff {
@@ -720,9 +726,6 @@ pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartErro
     }
     systemd::notify(&[sd_notify::NotifyState::Ready]);
 
-    let io = |what: &'static str| move |e| StartError::Io(what.to_string(), e);
-    let mut term = signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
-    let mut usr2 = signal(SignalKind::user_defined2()).map_err(io("SIGUSR2 handler"))?;
     let shutdown = daemon.shutdown.clone();
     let timeout = loop {
         tokio::select! {
@@ -730,7 +733,7 @@ pub async fn run(config: Config, inherited: Inheritance) -> Result<(), StartErro
                 tracing::info!("SIGTERM: shutting down");
                 break daemon.config.server.shutdown_timeout;
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = int.recv() => {
                 tracing::info!("SIGINT: shutting down");
                 break daemon.config.server.shutdown_timeout;
             }

@@ -227,7 +227,17 @@ async fn sigterm_drains_and_exits_zero() {
     wait_for_port(port).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let slow = tokio::spawn(async move { get(addr, "h", "/slow/800").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM as soon as the request is in flight (the upstream has it), which may be
+    // before proxyd has finished starting: its listeners serve early, and a SIGTERM then
+    // must drain too, not kill it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while up.hits.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream never saw the request"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(p.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
