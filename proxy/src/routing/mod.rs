@@ -191,20 +191,31 @@ impl PathIndex {
 }
 
 /// Where a route's host puts it within a listener.
-enum HostKey<'a> {
-    Exact(&'a str),
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostName {
+    Exact(Box<str>),
     /// The suffix including its leading dot: `*.example.com` -> `.example.com`.
-    Wildcard(&'a str),
+    Wildcard(Box<str>),
     Any,
 }
 
-impl HostKey<'_> {
-    fn of(route: &Route) -> HostKey<'_> {
+impl HostName {
+    /// Whether `route` belongs under this host (compared without allocating).
+    fn holds(&self, route: &Route) -> bool {
+        match (self, route.host.as_deref()) {
+            (HostName::Any, None) => true,
+            (HostName::Exact(h), Some(host)) => **h == *host,
+            (HostName::Wildcard(s), Some(host)) => host.strip_prefix('*') == Some(&**s),
+            _ => false,
+        }
+    }
+
+    fn of(route: &Route) -> HostName {
         match route.host.as_deref() {
-            None => HostKey::Any,
+            None => HostName::Any,
             Some(h) => match h.strip_prefix('*') {
-                Some(suffix) => HostKey::Wildcard(suffix),
-                None => HostKey::Exact(h),
+                Some(suffix) => HostName::Wildcard(suffix.into()),
+                None => HostName::Exact(h.into()),
             },
         }
     }
@@ -234,21 +245,31 @@ impl HostIndex {
         self.any.lookup(path)
     }
 
-    /// Runs `edit` on the path index of `host`: only that index is copied (if shared).
-    fn edit_paths(&mut self, host: HostKey<'_>, edit: impl FnOnce(&mut PathIndex)) {
+    /// Takes the path index of `host` out (an empty one if there is none), so that the
+    /// caller holds the only reference this table had and edits it without another copy.
+    fn take_paths(&mut self, host: &HostName) -> Arc<PathIndex> {
         let (map, key) = match host {
-            HostKey::Any => {
-                edit(Arc::make_mut(&mut self.any));
+            HostName::Any => return std::mem::take(&mut self.any),
+            HostName::Exact(h) => (&mut self.exact, h),
+            HostName::Wildcard(s) => (&mut self.wildcard, s),
+        };
+        let paths = map.get(key).cloned().unwrap_or_default();
+        map.remove_mut(key);
+        paths
+    }
+
+    /// Puts back what [`take_paths`](Self::take_paths) took (dropped if it is empty now).
+    fn put_paths(&mut self, host: HostName, paths: Arc<PathIndex>) {
+        let (map, key) = match host {
+            HostName::Any => {
+                self.any = paths;
                 return;
             }
-            HostKey::Exact(h) => (&mut self.exact, h),
-            HostKey::Wildcard(s) => (&mut self.wildcard, s),
+            HostName::Exact(h) => (&mut self.exact, h),
+            HostName::Wildcard(s) => (&mut self.wildcard, s),
         };
-        let mut paths = map.get(key).cloned().unwrap_or_default();
-        map.remove_mut(key);
-        edit(Arc::make_mut(&mut paths));
         if !paths.is_empty() {
-            map.insert_mut(key.into(), paths);
+            map.insert_mut(key, paths);
         }
     }
 
@@ -280,6 +301,94 @@ impl SniIndex {
         }
         name.match_indices('.')
             .find_map(|(i, _)| self.wildcard.get(&name[i..]))
+    }
+}
+
+/// A run of route insertions and removals on a table. The path index of one listener and
+/// host is taken out of the table while consecutive edits go to it, and put back when an
+/// edit names another host or the run ends: a batch of 10,000 routes on one host copies
+/// and re-inserts that host's entries once, not 10,000 times. Edits apply in the order
+/// given, exactly as one at a time would.
+struct Editing<'t> {
+    table: &'t mut RoutingTable,
+    open: Option<OpenHost>,
+}
+
+/// The path index being edited, with the listener's host index it was taken from.
+struct OpenHost {
+    listener: String,
+    host: HostName,
+    hosts: Arc<HostIndex>,
+    paths: Arc<PathIndex>,
+}
+
+impl Editing<'_> {
+    /// The path index of `route`'s listener and host, taken out of the table for editing.
+    fn paths(&mut self, route: &Route) -> &mut PathIndex {
+        let reuse = self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.listener == route.listener && o.host.holds(route));
+        if !reuse {
+            self.close();
+        }
+        let table = &mut *self.table;
+        let open = self.open.get_or_insert_with(|| {
+            let listener = route.listener.clone();
+            let mut hosts = table.http.get(&listener).cloned().unwrap_or_default();
+            table.http.remove_mut(&listener);
+            let host = HostName::of(route);
+            let paths = Arc::make_mut(&mut hosts).take_paths(&host);
+            OpenHost {
+                listener,
+                host,
+                hosts,
+                paths,
+            }
+        });
+        Arc::make_mut(&mut open.paths)
+    }
+
+    /// Puts the open path index back into the table.
+    fn close(&mut self) {
+        let Some(OpenHost {
+            listener,
+            host,
+            mut hosts,
+            paths,
+        }) = self.open.take()
+        else {
+            return;
+        };
+        Arc::make_mut(&mut hosts).put_paths(host, paths);
+        if !hosts.is_empty() {
+            self.table.http.insert_mut(listener, hosts);
+        }
+    }
+
+    fn insert_route(&mut self, route: Arc<Route>, registered: bool) {
+        let Some(pool) = self.table.pools.get(&route.pool).cloned() else {
+            return;
+        };
+        let entry = Arc::new(RouteEntry {
+            route: route.clone(),
+            pool,
+            registered,
+        });
+        self.paths(&route).insert(entry);
+    }
+
+    fn remove_route(&mut self, route: &Route) {
+        if self.open.is_none() && self.table.http.get(&route.listener).is_none() {
+            return;
+        }
+        self.paths(route).remove(route);
+    }
+}
+
+impl Drop for Editing<'_> {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -359,14 +468,16 @@ impl RoutingTable {
             let slot = previous.and_then(|p| p.pools.get(name));
             table.refresh_pool(state, name, slot);
         }
+        let mut editing = table.edit();
         for route in state.routes() {
-            table.insert_route(Arc::new(route.clone()), false);
+            editing.insert_route(Arc::new(route.clone()), false);
         }
         for (name, r) in state.membership().routes() {
             if r.protocol.is_http() {
-                table.insert_route(Arc::new(registered_route(name, r)), true);
+                editing.insert_route(Arc::new(registered_route(name, r)), true);
             }
         }
+        drop(editing);
         table.tcp = Arc::new(TcpIndex::build(state, &table.pools));
         table
     }
@@ -387,12 +498,13 @@ impl RoutingTable {
             let slot = self.pools.get(name);
             table.refresh_pool(new, name, slot);
         }
+        let mut editing = table.edit();
         for name in &touched.routes {
             if let Some(route) = old.route_arc(name) {
-                table.remove_route(route);
+                editing.remove_route(route);
             }
             if let Some(route) = new.route_arc(name) {
-                table.insert_route(route.clone(), false);
+                editing.insert_route(route.clone(), false);
             }
         }
         let mut tcp = !touched.tcp_routes.is_empty();
@@ -400,16 +512,17 @@ impl RoutingTable {
             if let Some(r) = old_m.route(name) {
                 tcp |= r.protocol.is_stream();
                 if r.protocol.is_http() {
-                    table.remove_route(&registered_route(name, r));
+                    editing.remove_route(&registered_route(name, r));
                 }
             }
             if let Some(r) = new_m.route(name) {
                 tcp |= r.protocol.is_stream();
                 if r.protocol.is_http() {
-                    table.insert_route(Arc::new(registered_route(name, r)), true);
+                    editing.insert_route(Arc::new(registered_route(name, r)), true);
                 }
             }
         }
+        drop(editing);
         if tcp {
             table.tcp = Arc::new(TcpIndex::build(new, &table.pools));
         }
@@ -444,31 +557,11 @@ impl RoutingTable {
         }
     }
 
-    fn insert_route(&mut self, route: Arc<Route>, registered: bool) {
-        let Some(pool) = self.pools.get(&route.pool).cloned() else {
-            return;
-        };
-        let listener = route.listener.clone();
-        let mut hosts = self.http.get(&listener).cloned().unwrap_or_default();
-        self.http.remove_mut(&listener);
-        let entry = Arc::new(RouteEntry {
-            route: route.clone(),
-            pool,
-            registered,
-        });
-        Arc::make_mut(&mut hosts).edit_paths(HostKey::of(&route), |paths| paths.insert(entry));
-        self.http.insert_mut(listener, hosts);
-    }
-
-    fn remove_route(&mut self, route: &Route) {
-        let Some(hosts) = self.http.get(&route.listener).cloned() else {
-            return;
-        };
-        self.http.remove_mut(&route.listener);
-        let mut hosts = hosts;
-        Arc::make_mut(&mut hosts).edit_paths(HostKey::of(route), |paths| paths.remove(route));
-        if !hosts.is_empty() {
-            self.http.insert_mut(route.listener.clone(), hosts);
+    /// Starts a run of route edits (see [`Editing`]).
+    fn edit(&mut self) -> Editing<'_> {
+        Editing {
+            table: self,
+            open: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::RoutingTable;
-use crate::state::{Publish, State, Touched};
+use crate::state::{by_others, Publish, Retired, State, Touched};
 
 /// What the data path sees: the state and its compiled routing table at one revision.
 #[derive(Debug, Default)]
@@ -37,6 +37,7 @@ impl Published {
     pub fn compiler(&self) -> Box<dyn Publish> {
         Box::new(Compiler {
             current: self.current.clone(),
+            retired: Retired::new(in_use),
         })
     }
 
@@ -61,6 +62,15 @@ impl Published {
 /// change touched is recompiled, the rest is shared with the table before.
 struct Compiler {
     current: Arc<ArcSwap<Snapshot>>,
+    /// Snapshots replaced and not freed yet: a request that loaded one just before the
+    /// swap must not be the one to free it.
+    retired: Retired<Snapshot>,
+}
+
+/// Whether a reader still holds a replaced snapshot, or its table alone (the TCP path and
+/// telemetry take the table without the snapshot).
+fn in_use(snapshot: &Arc<Snapshot>) -> bool {
+    by_others(snapshot) || by_others(&snapshot.routing)
 }
 
 impl Publish for Compiler {
@@ -71,10 +81,23 @@ impl Publish for Compiler {
             Some(touched) if touched.is_empty() => before.routing.clone(),
             Some(touched) => Arc::new(before.routing.update(&before.state, state, touched)),
         };
+        let same_table = Arc::ptr_eq(&routing, &before.routing);
         self.current.store(Arc::new(Snapshot {
             revision,
             state: state.clone(),
             routing,
         }));
+        // A snapshot whose table goes on being used frees next to nothing.
+        if !same_table {
+            self.retired.push(before);
+        }
+    }
+
+    fn reclaim(&mut self) -> bool {
+        self.retired.reclaim()
+    }
+
+    fn release(&mut self) {
+        self.retired.release();
     }
 }

@@ -399,3 +399,90 @@ fn incremental_updates_route_like_a_full_rebuild() {
     // The generator must reach the interesting cases, not only refused batches.
     assert!(applied > 300, "only {applied} batches applied");
 }
+
+#[test]
+fn large_batches_over_several_hosts_route_like_a_full_rebuild() {
+    // Batches of up to 16 route edits that go back and forth between listeners and hosts:
+    // the update keeps one host's path index out of the table across consecutive edits,
+    // and must put each one back, emptied ones included.
+    let listeners = [
+        ("web".to_string(), Protocol::Http),
+        ("web2".to_string(), Protocol::Http),
+    ];
+    let mut applied = 0;
+    for seed in 1..=20u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+        let mut state = State::empty(listeners.clone().into());
+        let mut table = RoutingTable::build(&state, None);
+        let pools: Vec<Change> = POOLS
+            .iter()
+            .map(|p| Change::CreatePool(pool(p, &["127.0.0.1:1"])))
+            .collect();
+        assert!(step(&mut state, &mut table, &pools));
+        for _ in 0..40 {
+            // Valid by construction: each change is checked on a copy before it joins.
+            let mut scratch = state.clone();
+            let mut batch = Vec::new();
+            for _ in 0..=rng.below(16) {
+                let route = random_route(&mut rng);
+                let change = if rng.below(4) == 0 {
+                    Change::DeleteRoute { name: route.name }
+                } else if scratch.route(&route.name).is_some() {
+                    Change::UpdateRoute(route)
+                } else {
+                    Change::CreateRoute(route)
+                };
+                if scratch
+                    .apply_batch(std::slice::from_ref(&change), Source::Api)
+                    .is_ok()
+                {
+                    batch.push(change);
+                }
+            }
+            applied += batch.len();
+            assert!(step(&mut state, &mut table, &batch), "seed {seed}");
+            let full = RoutingTable::build(&state, None);
+            assert_eq!(decisions(&table), decisions(&full), "seed {seed}");
+        }
+    }
+    assert!(applied > 2000, "only {applied} changes applied");
+}
+
+#[test]
+fn a_replaced_snapshot_is_never_freed_by_its_reader() {
+    let published = Published::new();
+    let mut compiler = published.compiler();
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    state
+        .apply_batch(
+            &[Change::CreatePool(pool("p", &["127.0.0.1:1"]))],
+            Source::Api,
+        )
+        .expect("valid");
+    compiler.publish(1, &state, None);
+    // A reader (a request, a management call) holds the current snapshot across a publish.
+    let reader = published.snapshot();
+    let mut next = state.clone();
+    let route = Change::CreateRoute(Route {
+        name: "r".into(),
+        source: Source::Api,
+        listener: "web".into(),
+        host: None,
+        path: prefix("/"),
+        pool: "p".into(),
+        strip_prefix: false,
+        priority: 0,
+    });
+    next.apply_batch(std::slice::from_ref(&route), Source::Api)
+        .expect("valid");
+    let mut touched = Touched::default();
+    touched.add(&route);
+    compiler.publish(2, &next, Some(&touched));
+    assert_eq!(published.snapshot().revision, 2);
+    // The writer keeps a reference of its own, so the reader's is not the last one...
+    assert_eq!(Arc::strong_count(&reader), 2);
+    assert!(compiler.reclaim(), "still read");
+    drop(reader);
+    // ...and the writer frees it at its next reclaim.
+    assert!(!compiler.reclaim(), "nothing left to free");
+}

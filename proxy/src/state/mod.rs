@@ -16,10 +16,14 @@
 //! hosts and pools. Batches queued while the writer was busy are committed together (one
 //! transaction, one fsync, one publish; each batch still all-or-nothing with its own
 //! revision), and membership edits queued together are published once.
+//!
+//! Replaced snapshots are freed by the writer after it answered (see [`Retired`]), never
+//! by a reader that happened to hold the last reference.
 
 mod change;
 mod membership;
 mod model;
+mod retired;
 mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +44,7 @@ pub use model::{
     HealthCheck, Outlier, PathMatch, Pool, Protocol, Route, Source, TcpRoute, Upstream,
     UpstreamPolicy, UpstreamProtocol, UpstreamState, UpstreamTls,
 };
+pub use retired::{by_others, Retired};
 pub use store::StoreError;
 
 /// The whole desired state at one revision. Cloning it is O(1): the maps are persistent and
@@ -53,8 +58,11 @@ pub struct State {
     /// `(host, route name)` of every HTTP route with a host: the routes of one host are
     /// found without visiting the others.
     routes_by_host: RedBlackTreeSetSync<(String, String)>,
-    /// `(pool, route name)` of every HTTP route: whether a pool is in use, in O(log n).
-    routes_by_pool: RedBlackTreeSetSync<(String, String)>,
+    /// How many HTTP routes forward to each pool: whether a pool is in use, in O(log p).
+    /// A count, not an index of names: pools are few and routes many, so keeping it costs
+    /// one small-map edit per route instead of an insertion into a set as large as the
+    /// routes themselves; the name of a user is only needed for an error message.
+    pool_users: RedBlackTreeMapSync<String, usize>,
     /// Discovered and registered upstreams and registered routes: run-time only, never stored.
     membership: Arc<Membership>,
 }
@@ -91,6 +99,18 @@ impl Touched {
         if !set.contains(name) {
             set.insert(name.clone());
         }
+    }
+
+    /// Adds everything `other` names.
+    pub fn merge(&mut self, mut other: Touched) {
+        if self.is_empty() {
+            *self = other;
+            return;
+        }
+        self.pools.append(&mut other.pools);
+        self.routes.append(&mut other.routes);
+        self.tcp_routes.append(&mut other.tcp_routes);
+        self.registered_routes.append(&mut other.registered_routes);
     }
 
     /// Whether nothing was touched.
@@ -358,23 +378,45 @@ impl State {
             .filter_map(|(_, name)| self.route(name))
     }
 
-    /// The HTTP routes that forward to `pool`, in O(log n).
-    fn routes_of_pool<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.routes_by_pool
-            .range((pool.to_string(), String::new())..)
-            .take_while(move |(p, _)| p == pool)
-            .map(|(_, name)| name.as_str())
+    /// The first HTTP route (by name) that forwards to `pool`, if any: O(log p) when the
+    /// pool is unused, a walk over the routes otherwise (an error path).
+    fn first_route_of_pool(&self, pool: &str) -> Option<&str> {
+        if self.pool_users.get(pool).is_none_or(|n| *n == 0) {
+            return None;
+        }
+        self.routes()
+            .find(|r| r.pool == pool)
+            .map(|r| r.name.as_str())
+    }
+
+    /// Counts one more (`added`) or one fewer route using `pool`.
+    fn count_pool_user(&mut self, pool: &str, added: bool) {
+        let now = self.pool_users.get(pool).copied().unwrap_or(0);
+        let next = if added {
+            now + 1
+        } else {
+            now.saturating_sub(1)
+        };
+        if next == 0 {
+            self.pool_users.remove_mut(pool);
+        } else {
+            self.pool_users.insert_mut(pool.to_string(), next);
+        }
     }
 
     /// Adds or replaces a route, keeping the host and pool indexes.
     fn put_route(&mut self, route: Route) {
         self.drop_route(&route.name);
+        self.add_route(route);
+    }
+
+    /// Adds a route whose name is not taken yet, keeping the host and pool indexes.
+    fn add_route(&mut self, route: Route) {
         if let Some(host) = &route.host {
             self.routes_by_host
                 .insert_mut((host.clone(), route.name.clone()));
         }
-        self.routes_by_pool
-            .insert_mut((route.pool.clone(), route.name.clone()));
+        self.count_pool_user(&route.pool, true);
         self.routes.insert_mut(route.name.clone(), Arc::new(route));
     }
 
@@ -387,8 +429,7 @@ impl State {
             self.routes_by_host
                 .remove_mut(&(host.clone(), old.name.clone()));
         }
-        self.routes_by_pool
-            .remove_mut(&(old.pool.clone(), old.name.clone()));
+        self.count_pool_user(&old.pool, false);
         self.routes.remove_mut(name);
     }
 
@@ -536,14 +577,26 @@ impl State {
         changes: &[Change],
         source: Source,
     ) -> Result<(), ApplyError> {
-        for (i, change) in changes.iter().enumerate() {
-            let prefix = if changes.len() > 1 {
-                format!("changes[{i}].")
-            } else {
-                String::new()
-            };
-            self.apply_change(change.clone(), source)
-                .map_err(|e| e.within(&prefix))?;
+        self.apply_owned(changes.iter().cloned(), changes.len(), source)
+    }
+
+    /// [`apply_batch`](Self::apply_batch) on changes the caller gives up (the writer's
+    /// batches: their objects move into the state instead of being copied). `len` is the
+    /// batch's length: errors name the offending change as `changes[i].` when it is over 1.
+    fn apply_owned(
+        &mut self,
+        changes: impl Iterator<Item = Change>,
+        len: usize,
+        source: Source,
+    ) -> Result<(), ApplyError> {
+        for (i, change) in changes.enumerate() {
+            self.apply_change(change, source).map_err(|e| {
+                if len > 1 {
+                    e.within(&format!("changes[{i}]."))
+                } else {
+                    e
+                }
+            })?;
         }
         Ok(())
     }
@@ -595,8 +648,7 @@ impl State {
             Change::DeletePool { name } => {
                 self.pool_for_edit(&name, source)?;
                 let user = self
-                    .routes_of_pool(&name)
-                    .next()
+                    .first_route_of_pool(&name)
                     .map(|r| format!("route {r:?}"));
                 if let Some(user) = user {
                     return Err(ApplyError::InUse {
@@ -671,7 +723,7 @@ impl State {
                         name: route.name,
                     });
                 }
-                self.put_route(route);
+                self.add_route(route);
             }
             Change::UpdateRoute(route) => {
                 let route = self.check_route(route, source)?;
@@ -859,6 +911,16 @@ pub trait Publish: Send + 'static {
     /// Makes `state` at `revision` visible. `touched` names what changed since the last
     /// publish (empty: only the revision moved); `None` asks for everything to be compiled.
     fn publish(&mut self, revision: u64, state: &State, touched: Option<&Touched>);
+
+    /// Frees what earlier publishes replaced, once no reader holds it (see [`Retired`]).
+    /// The writer calls it after it answered; `true` means something is still held and
+    /// the writer calls again a little later.
+    fn reclaim(&mut self) -> bool {
+        false
+    }
+
+    /// Gives up what is still held after the writer waited: its readers free it.
+    fn release(&mut self) {}
 }
 
 /// Told how long the writer took per applied batch (validate, SQLite commit, publish).
@@ -964,6 +1026,7 @@ impl StateHandle {
             path: db_path,
             store: Some(store),
             current: current.clone(),
+            retired: Retired::new(by_others),
             outputs,
         };
         std::thread::Builder::new()
@@ -1075,6 +1138,8 @@ struct Writer {
     /// `None` while closed (handed over or shutting down).
     store: Option<store::Store>,
     current: Arc<ArcSwap<Snapshot>>,
+    /// State snapshots replaced and not freed yet.
+    retired: Retired<Snapshot>,
     outputs: Outputs,
 }
 
@@ -1083,12 +1148,43 @@ impl Writer {
     /// snapshot: both are visible before the writer answers.
     fn publish(&mut self, revision: u64, state: State, touched: Option<&Touched>) {
         self.outputs.publish.publish(revision, &state, touched);
-        self.current.store(Arc::new(Snapshot { revision, state }));
+        let old = self.current.swap(Arc::new(Snapshot { revision, state }));
+        self.retired.push(old);
+    }
+
+    /// Frees the replaced snapshots nobody reads any more; whether some are still read.
+    fn reclaim(&mut self) -> bool {
+        let state = self.retired.reclaim();
+        let routing = self.outputs.publish.reclaim();
+        state || routing
+    }
+
+    /// The next request. With the queue empty, the replaced snapshots are freed first:
+    /// readers that still hold one get a few short waits (requests hold a snapshot for
+    /// microseconds), then the rest is left to them.
+    fn next_request(&mut self, rx: &mut mpsc::UnboundedReceiver<Request>) -> Option<Request> {
+        let mut held = self.reclaim();
+        let mut steps = 0;
+        while held && steps < retired::WAIT_STEPS {
+            match rx.try_recv() {
+                Ok(request) => return Some(request),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            std::thread::sleep(retired::WAIT_STEP);
+            held = self.reclaim();
+            steps += 1;
+        }
+        if held {
+            self.retired.release();
+            self.outputs.publish.release();
+        }
+        rx.blocking_recv()
     }
 
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
         let mut queue = std::collections::VecDeque::new();
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = self.next_request(&mut rx) {
             // Everything queued meanwhile is handled together: runs of batches share one
             // transaction, runs of membership edits one publish.
             queue.push_back(first);
@@ -1154,12 +1250,15 @@ impl Writer {
                 let _ = request.reply.send(Ok(revision));
                 continue;
             }
+            let mut named = Touched::default();
+            request.changes.iter().for_each(|c| named.add(c));
             let mut candidate = next.clone();
-            match candidate.apply_batch(&request.changes, request.source) {
+            let len = request.changes.len();
+            match candidate.apply_owned(request.changes.into_iter(), len, request.source) {
                 Ok(()) => {
                     next = candidate;
                     revision += 1;
-                    request.changes.iter().for_each(|c| touched.add(c));
+                    touched.merge(named);
                     committed.push((request.reply, revision));
                 }
                 Err(e) => {
@@ -1390,6 +1489,23 @@ mod tests {
         .expect("valid");
         let e = s
             .apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api)
+            .expect_err("in use");
+        assert!(
+            matches!(&e, ApplyError::InUse { user, .. } if user == "route \"r\""),
+            "{e:?}"
+        );
+        // Moving the route to another pool frees the first one.
+        let mut moved = route("r", "v2");
+        moved.host = None;
+        s.apply_batch(
+            &[Change::CreatePool(pool("v2")), Change::UpdateRoute(moved)],
+            Source::Api,
+        )
+        .expect("valid");
+        s.apply_batch(&[Change::DeletePool { name: "v1".into() }], Source::Api)
+            .expect("unused now");
+        let e = s
+            .apply_batch(&[Change::DeletePool { name: "v2".into() }], Source::Api)
             .expect_err("in use");
         assert!(matches!(e, ApplyError::InUse { .. }), "{e:?}");
     }

@@ -131,7 +131,7 @@ impl Store {
                 }
                 ROUTE => {
                     let route = decode::<Route>(&kind, &name, &body)?;
-                    state.put_route(route);
+                    state.add_route(route);
                 }
                 TCP_ROUTE => {
                     let route = decode::<TcpRoute>(&kind, &name, &body)?;
