@@ -8,6 +8,10 @@
 //!   request to each one's path prefix has been served by its instance;
 //! - memory: resident set growth of the process while the existing routes were loaded.
 //!
+//! The machine's load average is printed with each run, and each propagation probe notes
+//! how long the process' threads waited for a CPU meanwhile (the kernel's run-queue time):
+//! on a shared machine a slow probe is often a probe that waited for a core.
+//!
 //! Each measurement runs with N routes already in the state (default: 10 and 100,000), and
 //! the goals of the state core are checked against the results at the end.
 //! Usage: `api-bench [--existing 10,100000] [--changes 1000] [--probes 200] [--budget-secs 20]
@@ -236,6 +240,39 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// The load average over 1, 5 and 15 minutes, as `/proc/loadavg` says.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" / "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Time the threads of this process (the bench and the in-process proxyd) have spent
+/// runnable but waiting for a CPU, summed (the second field of each task's `schedstat`).
+fn cpu_wait() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
+/// Total time the state writer has spent on batches so far (its latency histogram's sum).
+fn writer_time(daemon: &proxy::Daemon) -> Duration {
+    daemon
+        .telemetry()
+        .metrics()
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix("proxy_state_write_duration_seconds_sum "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs_f64)
+}
+
 /// Resident set size of this process (the bench and the in-process proxyd), in bytes.
 fn rss_bytes() -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -249,7 +286,9 @@ fn rss_bytes() -> Result<u64> {
 
 /// A port that was free a moment ago (for the registration port).
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Result1 {
@@ -258,6 +297,9 @@ struct Result1 {
     preload_batch_max: Duration,
     rss_growth: u64,
     batch_10k: Duration,
+    batch_writer: Duration,
+    load_before: String,
+    load_after: String,
     registrations: usize,
     registered_in: Duration,
     routed_in: Duration,
@@ -270,7 +312,11 @@ struct Result1 {
     prop_max: Duration,
     first_request_misses: usize,
     probes: usize,
+    /// Probes slower than 1 ms, and of those the ones whose threads waited >= 0.5 ms for a CPU.
+    slow_probes: usize,
+    slow_probes_waiting: usize,
     request_p50: Duration,
+    request_p99: Duration,
 }
 
 async fn run_one(
@@ -279,6 +325,7 @@ async fn run_one(
     old: SocketAddr,
     new: SocketAddr,
 ) -> Result<Result1> {
+    let load_before = load_average();
     let dir = tempfile::tempdir()?;
     let registration_port = free_port()?;
     let text = format!(
@@ -317,7 +364,9 @@ async fn run_one(
 
     let mut http = http_client(web).await?;
     let mut request_times = Vec::new();
-    for k in 0..200 {
+    // Plain requests with no change in between: the data path's own latency, to read the
+    // propagation figures against.
+    for k in 0..1000 {
         let t = Instant::now();
         let path = format!("/bulk/{}/x", k % existing.max(1));
         served_by(&mut http, &path).await?;
@@ -378,11 +427,13 @@ async fn run_one(
     // Propagation: call returned -> first response from the new rule's pool.
     let mut propagation = Vec::new();
     let mut misses = 0;
+    let (mut slow_probes, mut slow_probes_waiting) = (0, 0);
     // A fresh, warmed-up connection: the one above may have idled out during the throughput runs.
     let mut http = http_client(web).await?;
     served_by(&mut http, "/bulk/0/x").await?;
     let started = Instant::now();
     for k in 0..o.probes {
+        let waited_before = cpu_wait();
         routes
             .create_route(pb::CreateRouteRequest {
                 route: Some(route(format!("probe-{k}"), format!("/probe/{k}/"), "new")),
@@ -403,7 +454,14 @@ async fn run_one(
                 bail!("rule {k} never took effect");
             }
         }
-        propagation.push(returned.elapsed());
+        let took = returned.elapsed();
+        propagation.push(took);
+        if took > Duration::from_millis(1) {
+            slow_probes += 1;
+            if cpu_wait().saturating_sub(waited_before) >= Duration::from_micros(500) {
+                slow_probes_waiting += 1;
+            }
+        }
         if started.elapsed() > o.budget {
             break;
         }
@@ -413,9 +471,11 @@ async fn run_one(
 
     // One more atomic batch of 10,000 routes on top of what is there.
     let changes = bulk_routes("batch", 0..10_000, "old");
+    let writer_before = writer_time(&daemon);
     let t = Instant::now();
     admin.apply(pb::ApplyRequest { changes }).await?;
     let batch_10k = t.elapsed();
+    let batch_writer = writer_time(&daemon).saturating_sub(writer_before);
     served_by(&mut http, "/batch/9999/x").await?;
 
     // Registrations arriving at once, as after an upgrade.
@@ -433,6 +493,9 @@ async fn run_one(
         preload_batch_max,
         rss_growth,
         batch_10k,
+        batch_writer,
+        load_before,
+        load_after: load_average(),
         registrations: o.registrations,
         registered_in,
         routed_in,
@@ -445,7 +508,10 @@ async fn run_one(
         prop_max: propagation.last().copied().unwrap_or_default(),
         first_request_misses: misses,
         probes,
+        slow_probes,
+        slow_probes_waiting,
         request_p50: percentile(&request_times, 0.5),
+        request_p99: percentile(&request_times, 0.99),
     };
     daemon.stop().await;
     Ok(result)
@@ -467,12 +533,12 @@ async fn main() -> Result<()> {
     println!(
         "| existing routes | preload (largest batch of 10,000) | changes/s (1 client) | call p50 / p99 | \
          changes/s (8 clients) | propagation p50 / p99 / max | first request missed | \
-         proxied request p50 |"
+         proxied request p50 / p99 (no change) |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.2} s ({}) | {:.0} | {} / {} | {:.0} | {} / {} / {} | {} of {} | {} |",
+            "| {} | {:.2} s ({}) | {:.0} | {} / {} | {:.0} | {} / {} / {} | {} of {} | {} / {} |",
             r.existing,
             r.preload.as_secs_f64(),
             ms(r.preload_batch_max),
@@ -486,19 +552,21 @@ async fn main() -> Result<()> {
             r.first_request_misses,
             r.probes,
             ms(r.request_p50),
+            ms(r.request_p99),
         );
     }
     println!();
     println!(
-        "| existing routes | one batch of 10,000 routes | registrations at once | all registered | \
+        "| existing routes | one batch of 10,000 routes (state writer) | registrations at once | all registered | \
          all registered and routed | RSS growth while loading the existing routes |"
     );
     println!("|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} ({}) | {} | {} | {} | {} |",
             r.existing,
             ms(r.batch_10k),
+            ms(r.batch_writer),
             r.registrations,
             ms(r.registered_in),
             ms(r.routed_in),
@@ -506,6 +574,14 @@ async fn main() -> Result<()> {
         );
     }
     println!();
+    for r in &results {
+        println!(
+            "- {} routes: load average (1 / 5 / 15 min) {} at the start, {} at the end; \
+             {} of {} propagation probes took over 1 ms, {} of them while the process' threads \
+             waited >= 0.5 ms for a CPU",
+            r.existing, r.load_before, r.load_after, r.slow_probes, r.probes, r.slow_probes_waiting,
+        );
+    }
     goals(&results);
     Ok(())
 }
