@@ -49,8 +49,7 @@ impl<T> Retired<T> {
     /// Frees the retired snapshots no reader holds any more, here. Returns whether some
     /// are still held.
     pub fn reclaim(&mut self) -> bool {
-        let in_use = self.in_use;
-        self.held.retain(|s| in_use(s));
+        self.held.retain(self.in_use);
         !self.held.is_empty()
     }
 
