@@ -28,7 +28,7 @@
 //! - [`systemd`]: readiness and stopping notifications, the main pid, the fd store.
 //! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
-//! - [`workers`]: one single-threaded runtime per CPU serving the HTTP listeners.
+//! - [`workers`]: one single-threaded runtime per CPU serving the configured listeners.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
 //! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps imports pointing down
@@ -423,8 +423,8 @@ struct DataPath {
 }
 
 impl DataPath {
-    /// Serves every configured listener on its socket (HTTP on the per-core runtimes, TCP
-    /// on this one), lists each socket in `handoff`, and returns the bound addresses.
+    /// Serves every configured listener on its socket on the per-core runtimes, lists each
+    /// socket in `handoff`, and returns the bound addresses.
     fn serve_listeners(
         &self,
         config: &Config,
@@ -463,8 +463,17 @@ impl DataPath {
                 )
                 .map_err(io_err)?;
             } else {
-                let socket = tokio::net::TcpListener::from_std(socket).map_err(io_err)?;
-                self.spawn(socket, lc);
+                let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
+                tcp::serve_on(
+                    workers,
+                    &socket,
+                    lc,
+                    self.routing.clone(),
+                    self.shutdown.clone(),
+                    self.tls.clone(),
+                    self.telemetry.clone(),
+                )
+                .map_err(io_err)?;
             }
         }
         Ok(addresses)

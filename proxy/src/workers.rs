@@ -1,8 +1,8 @@
-//! Worker threads for the HTTP data path: one single-threaded runtime per CPU.
+//! Worker threads for the data path: one single-threaded runtime per CPU.
 //!
-//! Each worker accepts from every HTTP listener (the same listening socket, shared: the
-//! kernel hands each new connection to one of them) and serves its connections to the end,
-//! including the upstream connections they open (see [`crate::upstream::idle`]). A request
+//! Each worker accepts from every configured listener, HTTP and TCP alike (the same
+//! listening socket, shared: the kernel hands each new connection to one of them) and
+//! serves its connections to the end, including the upstream connections they open (see [`crate::upstream::idle`]). A request
 //! therefore never wakes another thread: the client connection, the upstream connection
 //! and the request all run on one thread, as in nginx's worker processes. The listening
 //! socket stays one socket per listener, so the upgrade hand-over and systemd socket

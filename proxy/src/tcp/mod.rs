@@ -9,6 +9,7 @@
 //! listeners read the ClientHello's server name, pick the pool by it, and forward every
 //! byte (the ClientHello included) untouched.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -24,13 +25,55 @@ use crate::telemetry::{Metrics, Telemetry};
 use crate::tls::sni::{peek_client_hello, Hello};
 use crate::tls::{AcceptError, Tls};
 use crate::upstream::{ConnectError, InFlight, UpstreamStream};
+use crate::workers::Workers;
 
-/// Bytes read at once in each direction. tokio's default (8 KiB) costs a read and a write
-/// system call per 8 KiB of a large transfer; 64 KiB moves bulk data with an eighth of them.
-const COPY_BUFFER: usize = 64 * 1024;
+mod copy;
 
-/// Serves `listener` until shutdown; open streams are left to finish (up to the drain timeout).
-/// `tls` terminates the connections of `tls` listeners.
+/// Serves `socket` on every worker (see [`crate::workers`]) until shutdown, with one
+/// `max_connections` limit for all of them: a connection is accepted, forwarded and copied
+/// on one thread, the upstream connection included.
+pub fn serve_on(
+    workers: &Workers,
+    socket: &std::net::TcpListener,
+    config: Arc<ListenerConfig>,
+    state: Published,
+    shutdown: Shutdown,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+) -> std::io::Result<()> {
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut sockets = Vec::with_capacity(workers.len());
+    for _ in 0..workers.len() {
+        sockets.push(std::sync::Mutex::new(Some(socket.try_clone()?)));
+    }
+    workers.spawn_each(|index| {
+        let socket = sockets[index].lock().ok().and_then(|mut s| s.take());
+        let (config, state, shutdown, tls, telemetry, limit) = (
+            config.clone(),
+            state.clone(),
+            shutdown.clone(),
+            tls.clone(),
+            telemetry.clone(),
+            limit.clone(),
+        );
+        async move {
+            let Some(socket) = socket else { return };
+            // Registered with this worker's own event loop.
+            match TcpListener::from_std(socket) {
+                Ok(listener) => {
+                    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+                }
+                Err(e) => {
+                    tracing::error!(listener = %config.name, error = %e, "worker cannot serve listener")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Serves `listener` on this runtime until shutdown; open streams are left to finish (up
+/// to the drain timeout). `tls` terminates the connections of `tls` listeners.
 pub async fn serve(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
@@ -38,6 +81,21 @@ pub async fn serve(
     shutdown: Shutdown,
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
+) {
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+}
+
+/// Accepts while `limit` has a permit: over `max_connections`, new connections wait in the
+/// kernel's backlog until one ends.
+async fn serve_limited(
+    listener: TcpListener,
+    config: Arc<ListenerConfig>,
+    state: Published,
+    shutdown: Shutdown,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+    limit: Arc<Semaphore>,
 ) {
     let connections = telemetry
         .metrics()
@@ -53,11 +111,14 @@ pub async fn serve(
     } else {
         None
     };
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    // One wait for shutdown for the whole loop: a new one per connection would register
+    // (and remove) a waiter under the shutdown token's lock, which every worker shares.
+    let stopped = shutdown.triggered();
+    tokio::pin!(stopped);
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.triggered() => return,
+            _ = &mut stopped => return,
         };
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -68,7 +129,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.triggered() => return,
+            _ = &mut stopped => return,
         };
         let _ = stream.set_nodelay(true);
         let config = config.clone();
@@ -76,26 +137,27 @@ pub async fn serve(
         let terminate = terminate.clone();
         let tls = tls.clone();
         let open = connections.open();
-        let metrics = telemetry.metrics().clone();
+        let telemetry = telemetry.clone();
         shutdown.spawn(async move {
             let _permit = permit;
             let _open = open;
+            let metrics = telemetry.metrics();
             let result = match (config.protocol, terminate) {
-                (Protocol::TlsPassthrough, _) => passthrough(stream, &config, &state, &metrics).await,
+                (Protocol::TlsPassthrough, _) => passthrough(stream, &config, &state, metrics).await,
                 (_, Some(server_config)) => match tls
                     .accept(
                         IdleTimeout::new(stream, config.idle_timeout),
                         &server_config,
-                        &metrics,
+                        metrics,
                         config.header_timeout,
                     )
                     .await
                 {
-                    Ok(stream) => forward(stream, &config, &state, &metrics, None, &[]).await,
+                    Ok(stream) => forward(stream, &config, &state, metrics, None, &[]).await,
                     Err(AcceptError::ChallengeAnswered) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 },
-                _ => forward(stream, &config, &state, &metrics, None, &[]).await,
+                _ => forward(stream, &config, &state, metrics, None, &[]).await,
             };
             if let Err(reason) = result {
                 tracing::warn!(listener = %config.name, %client, %reason, "tcp connection not forwarded");
@@ -135,8 +197,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let slot = state
-        .routing()
-        .tcp_slot_for_sni(&config.name, sni)
+        .with_routing(|r| r.tcp_slot_for_sni(&config.name, sni))
         .ok_or_else(|| match sni {
             Some(name) => format!("no tcp route for server name {name:?} on this listener"),
             None => "no tcp route for this listener".to_string(),
@@ -177,12 +238,33 @@ where
             .map_err(|e| format!("stream to {} ended: {e}", in_flight.upstream().address))?;
     }
     let mut client = IdleTimeout::new(client, config.idle_timeout);
-    let copied = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER) => r,
-        _ = in_flight.upstream().removed() => {
-            tracing::info!(listener = %config.name, upstream = %in_flight.upstream().address, "upstream left its pool; closing the stream");
-            return Ok(());
-        }
+    let copied = {
+        let upstream_runtime = in_flight.upstream();
+        let copy = copy::both_ways(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        let removed = upstream_runtime.removed();
+        tokio::pin!(removed);
+        let mut waiting_for_removal = false;
+        std::future::poll_fn(|cx| {
+            // The wait for removal is polled once, which leaves this task's waker with
+            // the upstream; later wake-ups only read the flag. Polling the wait again on
+            // every wake-up of the copy would take the lock that every stream to this
+            // upstream shares, on every thread.
+            if !waiting_for_removal {
+                if removed.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(None);
+                }
+                waiting_for_removal = true;
+            } else if upstream_runtime.is_removed() {
+                return std::task::Poll::Ready(None);
+            }
+            copy.as_mut().poll(cx).map(Some)
+        })
+        .await
+    };
+    let Some(copied) = copied else {
+        tracing::info!(listener = %config.name, upstream = %in_flight.upstream().address, "upstream left its pool; closing the stream");
+        return Ok(());
     };
     match copied {
         Ok((up, down)) => {

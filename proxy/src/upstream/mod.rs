@@ -110,6 +110,11 @@ impl UpstreamRuntime {
         self.removed.cancelled().await
     }
 
+    /// Whether it was removed so (what [`removed`](Self::removed) waits for).
+    pub fn is_removed(&self) -> bool {
+        self.removed.is_cancelled()
+    }
+
     /// Tells every stream to it to close (it left a pool with `on_change = "reset"`).
     pub fn close_streams(&self) {
         self.removed.cancel();
