@@ -114,7 +114,7 @@ impl AccessLog {
         };
         access::record(|line| {
             line.str("listener", &self.listener.name);
-            line.plain("client", self.client);
+            line.address("client", self.client);
             line.str("method", self.method.as_str());
             line.str("host", &self.host);
             line.str("path", &self.path);

@@ -243,9 +243,11 @@ impl Sink {
             out: &mut lines,
             first: true,
         };
-        line.plain(
-            "ts",
-            humantime::format_rfc3339_micros(std::time::SystemTime::now()),
+        line.key("ts");
+        push_timestamp(
+            line.out,
+            std::time::SystemTime::now(),
+            self.format == AccessLogFormat::Json,
         );
         fields(&mut line);
         line.finish();
@@ -298,12 +300,14 @@ pub struct Line<'a> {
 }
 
 impl Line<'_> {
+    /// Starts a field; `key` is one of the fixed field names, which need no escaping.
     fn key(&mut self, key: &str) {
         match self.format {
             AccessLogFormat::Json => {
                 self.out.push(if self.first { b'{' } else { b',' });
-                json_string(self.out, key);
-                self.out.push(b':');
+                self.out.push(b'"');
+                self.out.extend_from_slice(key.as_bytes());
+                self.out.extend_from_slice(b"\":");
             }
             AccessLogFormat::Logfmt | AccessLogFormat::Off => {
                 if !self.first {
@@ -339,10 +343,33 @@ impl Line<'_> {
         }
     }
 
+    /// A socket address field (the client's).
+    pub fn address(&mut self, key: &str, value: std::net::SocketAddr) {
+        let std::net::SocketAddr::V4(v4) = value else {
+            return self.plain(key, value);
+        };
+        self.key(key);
+        let json = self.format == AccessLogFormat::Json;
+        if json {
+            self.out.push(b'"');
+        }
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                self.out.push(b'.');
+            }
+            push_digits(self.out, u64::from(octet), 1);
+        }
+        self.out.push(b':');
+        push_digits(self.out, u64::from(v4.port()), 1);
+        if json {
+            self.out.push(b'"');
+        }
+    }
+
     /// A number field.
     pub fn u64(&mut self, key: &str, value: u64) {
         self.key(key);
-        let _ = write!(self.out, "{value}");
+        push_digits(self.out, value, 1);
     }
 
     /// A true/false field.
@@ -363,30 +390,86 @@ impl Line<'_> {
     }
 }
 
+/// Appends `n` in decimal, zero-padded to at least `width` digits (no formatting machinery:
+/// this runs several times per request).
+fn push_digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while n > 0 || digits.len() - start < width.max(1) {
+        start -= 1;
+        // A digit: below 10.
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+thread_local! {
+    /// The last whole second rendered (`2026-11-30T03:01:36`), reused by every line of it.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+}
+
+/// Appends `now` as RFC 3339 with microseconds in UTC, in quotes when `quoted`.
+fn push_timestamp(out: &mut Vec<u8>, now: std::time::SystemTime, quoted: bool) {
+    let since = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let second = since.as_secs();
+    if quoted {
+        out.push(b'"');
+    }
+    let cached = SECOND.try_with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != second {
+            let whole = std::time::UNIX_EPOCH + Duration::from_secs(second);
+            // `...T03:01:36Z` without its `Z`.
+            let mut text = humantime::format_rfc3339_seconds(whole).to_string();
+            text.pop();
+            *cache = (second, text);
+        }
+        out.extend_from_slice(cache.1.as_bytes());
+    });
+    if cached.is_err() {
+        let text = humantime::format_rfc3339_seconds(now).to_string();
+        out.extend_from_slice(text.trim_end_matches('Z').as_bytes());
+    }
+    out.push(b'.');
+    push_digits(out, u64::from(since.subsec_micros()), 6);
+    out.push(b'Z');
+    if quoted {
+        out.push(b'"');
+    }
+}
+
 fn json_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
+    let bytes = s.as_bytes();
     let mut plain = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..0x20 => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&s.as_bytes()[plain..i]);
-        plain = i + 1;
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.extend_from_slice(escape);
+    while let Some(offset) = bytes[plain..]
+        .iter()
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    {
+        let i = plain + offset;
+        out.extend_from_slice(&bytes[plain..i]);
+        match bytes[i] {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            }
         }
+        plain = i + 1;
     }
-    out.extend_from_slice(&s.as_bytes()[plain..]);
+    out.extend_from_slice(&bytes[plain..]);
     out.push(b'"');
 }
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn logfmt_value(out: &mut Vec<u8>, s: &str) {
     let plain = !s.is_empty()
@@ -466,6 +549,38 @@ mod tests {
             logfmt,
             "route=site error=\"connect refused\" host=\"\" status=502\n"
         );
+    }
+
+    #[test]
+    fn numbers_times_and_addresses_are_rendered_without_the_formatting_machinery() {
+        let digits = |n, width| {
+            let mut out = Vec::new();
+            push_digits(&mut out, n, width);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(digits(0, 1), "0");
+        assert_eq!(digits(7, 6), "000007");
+        assert_eq!(digits(1_234_567, 1), "1234567");
+        assert_eq!(digits(u64::MAX, 1), u64::MAX.to_string());
+        let base = std::time::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        for offset_us in [0, 1, 999_999, 1_000_000, 86_400_123_456] {
+            let at = base + Duration::from_micros(offset_us);
+            let mut out = Vec::new();
+            push_timestamp(&mut out, at, false);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_micros(at).to_string()
+            );
+        }
+        let json = line(AccessLogFormat::Json, |l| {
+            l.address("v4", "10.0.0.7:50644".parse().unwrap());
+            l.address("v6", "[::1]:443".parse().unwrap());
+        });
+        assert_eq!(json, "{\"v4\":\"10.0.0.7:50644\",\"v6\":\"[::1]:443\"}\n");
+        let logfmt = line(AccessLogFormat::Logfmt, |l| {
+            l.address("client", "127.0.0.1:5".parse().unwrap())
+        });
+        assert_eq!(logfmt, "client=127.0.0.1:5\n");
     }
 
     /// An output that takes nothing until told to, as a full pipe would.
