@@ -450,31 +450,22 @@ impl DataPath {
             addresses.insert(listener_config.name.clone(), address);
             let lc = Arc::new(listener_config.clone());
             tracing::info!(listener = %lc.name, protocol = lc.protocol.as_str(), %address, "listening");
-            if lc.protocol.is_http() {
-                let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
-                http::serve_on(
-                    workers,
-                    &socket,
-                    lc,
-                    self.routing.clone(),
-                    self.shutdown.clone(),
-                    self.tls.clone(),
-                    self.telemetry.clone(),
-                )
-                .map_err(io_err)?;
+            let serve_on = if lc.protocol.is_http() {
+                http::serve_on
             } else {
-                let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
-                tcp::serve_on(
-                    workers,
-                    &socket,
-                    lc,
-                    self.routing.clone(),
-                    self.shutdown.clone(),
-                    self.tls.clone(),
-                    self.telemetry.clone(),
-                )
-                .map_err(io_err)?;
-            }
+                tcp::serve_on
+            };
+            let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
+            serve_on(
+                workers,
+                &socket,
+                lc,
+                self.routing.clone(),
+                self.shutdown.clone(),
+                self.tls.clone(),
+                self.telemetry.clone(),
+            )
+            .map_err(io_err)?;
         }
         Ok(addresses)
     }

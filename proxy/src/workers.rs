@@ -62,14 +62,36 @@ impl Workers {
         self.handles.is_empty()
     }
 
-    /// Runs one task made by `make` on every worker.
-    pub fn spawn_each<F, Fut>(&self, make: F)
+    /// Has every worker accept from its own copy of `socket`, registered with that worker's
+    /// event loop, and serve what it accepts with the function `make` gives it. The copies
+    /// are all made before any worker starts, so a failure starts none.
+    pub fn accept_each<F, S, Fut>(
+        &self,
+        socket: &std::net::TcpListener,
+        name: &str,
+        make: F,
+    ) -> std::io::Result<()>
     where
-        F: Fn(usize) -> Fut,
+        F: Fn() -> S,
+        S: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        for (index, handle) in self.handles.iter().enumerate() {
-            handle.spawn(make(index));
+        let copies = self
+            .handles
+            .iter()
+            .map(|_| socket.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        for (handle, copy) in self.handles.iter().zip(copies) {
+            let (serve, name) = (make(), name.to_owned());
+            handle.spawn(async move {
+                match tokio::net::TcpListener::from_std(copy) {
+                    Ok(listener) => serve(listener).await,
+                    Err(e) => {
+                        tracing::error!(listener = %name, error = %e, "worker cannot serve listener")
+                    }
+                }
+            });
         }
+        Ok(())
     }
 }

@@ -60,12 +60,7 @@ pub fn serve_on(
     telemetry: Arc<Telemetry>,
 ) -> std::io::Result<()> {
     let limits = Limits::new(&config);
-    let mut sockets = Vec::with_capacity(workers.len());
-    for _ in 0..workers.len() {
-        sockets.push(std::sync::Mutex::new(Some(socket.try_clone()?)));
-    }
-    workers.spawn_each(|index| {
-        let socket = sockets[index].lock().ok().and_then(|mut s| s.take());
+    workers.accept_each(socket, &config.name, || {
         let (config, state, shutdown, tls, telemetry, limits) = (
             config.clone(),
             state.clone(),
@@ -74,20 +69,8 @@ pub fn serve_on(
             telemetry.clone(),
             limits.clone(),
         );
-        async move {
-            let Some(socket) = socket else { return };
-            // Registered with this worker's own event loop.
-            match TcpListener::from_std(socket) {
-                Ok(listener) => {
-                    serve_limited(listener, config, state, shutdown, tls, telemetry, limits).await
-                }
-                Err(e) => {
-                    tracing::error!(listener = %config.name, error = %e, "worker cannot serve listener")
-                }
-            }
-        }
-    });
-    Ok(())
+        move |listener| serve_limited(listener, config, state, shutdown, tls, telemetry, limits)
+    })
 }
 
 /// Serves `listener` until shutdown; connections then finish their current request.
