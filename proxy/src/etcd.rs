@@ -514,6 +514,44 @@ impl Client {
         })
     }
 
+    /// Writes `key = value` on `lease` only if the key does not exist (its create revision
+    /// is 0): the primitive of a lock. `Committed` when this call created it.
+    pub async fn put_if_absent(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<TxnOutcome, EtcdError> {
+        let response = self
+            .kv
+            .txn(TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Create as i32,
+                    key: key.to_vec(),
+                    range_end: Vec::new(),
+                    target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                }],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                        lease,
+                        ..PutRequest::default()
+                    })),
+                }],
+                failure: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        let revision = response.header.map_or(0, |h| h.revision);
+        Ok(if response.succeeded {
+            TxnOutcome::Committed(revision)
+        } else {
+            TxnOutcome::Conflict(revision)
+        })
+    }
+
     /// Opens the keep-alive stream of lease `id`, renewing it once; each
     /// [`KeepAlive::refresh`] renews it again.
     pub async fn keep_alive(&mut self, id: i64) -> Result<KeepAlive, EtcdError> {

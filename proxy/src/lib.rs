@@ -162,6 +162,10 @@ impl Daemon {
             telemetry.metrics().clone(),
         )
         .await?;
+        if config.cluster.is_some() {
+            // Handshakes before the fleet is joined wait for its order lock.
+            tls.expect_fleet_orders();
+        }
 
         // The data path: every listener served, each socket listed for a hand-over.
         let data_path = DataPath {
@@ -200,6 +204,9 @@ impl Daemon {
             ),
         };
         watch_cluster(&telemetry, cluster.as_ref());
+        if let Some(cluster) = &cluster {
+            tls.join_fleet_orders(cluster.clone(), shutdown.clone());
+        }
 
         // Run-time feeds: discovery sources and registrations.
         let discovery = discovery::Discovery::start(&config.discovery, &state, &shutdown).await;

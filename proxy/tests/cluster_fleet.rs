@@ -839,3 +839,256 @@ async fn writes_resume_after_each_etcd_member_is_killed_and_no_acknowledged_writ
         .await;
     }
 }
+
+/// `proxyd` as a real process: a fleet node with on-demand certificates from pebble.
+struct ProcessNode {
+    name: String,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    web: u16,
+    secure: u16,
+    admin: u16,
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl ProcessNode {
+    /// Starts node `name` on fresh ports; on-demand issuance for `*.fleet.test` from the
+    /// pebble at `directory`, and `[cluster]` on `endpoints`.
+    async fn start(
+        name: &str,
+        endpoints: &[String],
+        directory: &str,
+        ca_file: &Path,
+        app: &Upstream,
+    ) -> ProcessNode {
+        let dir = tempfile::tempdir().unwrap();
+        let (web, secure, admin) = (free_port(), free_port(), free_port());
+        let endpoints = endpoints
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = format!(
+            r#"[server]
+state_dir = "{state}"
+mgmt_socket = "{state}/mgmt.sock"
+admin_listen = "127.0.0.1:{admin}"
+
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:{web}"
+
+[[listeners]]
+name = "secure"
+protocol = "https"
+address = "127.0.0.1:{secure}"
+
+{pool}
+[[routes]]
+name = "app"
+listener = "secure"
+pool = "app"
+
+[tls.acme]
+directory = "{directory}"
+ca_file = "{ca_file}"
+contact = ["mailto:ops@example.test"]
+challenges = ["http-01"]
+
+[tls.on_demand]
+enabled = true
+allow = ["*.fleet.test"]
+max_orders_per_hour = 50
+
+[cluster]
+node_name = "{name}"
+etcd = {{ endpoints = [{endpoints}], prefix = "/proxy/acme" }}
+"#,
+            state = dir.path().display(),
+            pool = pool("app", &[app]),
+            ca_file = ca_file.display(),
+        );
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_proxyd"))
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("proxyd.log")).unwrap())
+            .spawn()
+            .expect("start proxyd");
+        let node = ProcessNode {
+            name: name.to_string(),
+            child: Some(child),
+            dir,
+            web,
+            secure,
+            admin,
+        };
+        let ready: std::net::SocketAddr = format!("127.0.0.1:{}", node.admin).parse().unwrap();
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(ready).await.is_ok()
+                && get(ready, "localhost", "/readyz").await.status == 200
+            {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node {name} did not become ready:\n{}", node.log());
+    }
+
+    fn secure(&self) -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", self.secure).parse().unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxyd.log")).unwrap_or_default()
+    }
+
+    /// Orders this node created on the ACME server (its log line per order).
+    fn orders(&self) -> usize {
+        self.log().matches("certificate ordered").count()
+    }
+
+    /// SIGKILL: no shutdown code runs, so the node's leases only go when they run out.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn logs(nodes: &[&ProcessNode]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("--- node {} ---\n{}", n.name, n.log()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A TCP gate in front of a port: connections are held until it opens, then forwarded.
+/// It counts the connections it received.
+struct Gate {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    async fn start(target: u16) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut opened = opened.clone();
+                tokio::spawn(async move {
+                    if opened.wait_for(|o| *o).await.is_err() {
+                        return;
+                    }
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Gate { port, open, seen }
+    }
+
+    fn seen(&self) -> usize {
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn pebble_programs() -> bool {
+    tls_support::require("pebble") && tls_support::require("pebble-challtestsrv")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_order_loses_the_lock_with_its_lease_and_another_completes() {
+    use tls_support::{api_ca, client_config, roots_from_pem, tls_connect};
+    let Some(binary) = etcd_binary() else { return };
+    if !pebble_programs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let pebble_dir = tempfile::tempdir().unwrap();
+    let ports = tls_support::PebblePorts::pick();
+    let (ca, ca_file) = api_ca(pebble_dir.path());
+    let directory = ports.directory();
+    let a = ProcessNode::start("a", &endpoints, &directory, &ca_file, &app).await;
+    let mut b = ProcessNode::start("b", &endpoints, &directory, &ca_file, &app).await;
+    let c = ProcessNode::start("c", &endpoints, &directory, &ca_file, &app).await;
+    // The CA validates through a gate in front of node a, closed for now: an order waits
+    // there, mid-way, with its lock held.
+    let gate = Gate::start(a.web).await;
+    let pebble =
+        tls_support::Pebble::start(ports, pebble_dir, ca, ca_file, gate.port, a.secure).await;
+    let roots = roots_from_pem(&pebble.root_pem().await);
+    let client = client_config(roots, &[b"http/1.1"]);
+    let lock_key = b"/proxy/acme/acme/locks/crash.fleet.test";
+
+    let doomed = tokio::spawn({
+        let (addr, client) = (b.secure(), client.clone());
+        async move { tls_connect(addr, "crash.fleet.test", client).await.is_ok() }
+    });
+    let mut etcd_client = etcd.client().await;
+    eventually(
+        "b holds the lock and the CA is validating its order",
+        || {
+            let mut etcd_client = etcd_client.clone();
+            let validating = gate.seen() > 0;
+            async move {
+                let held = etcd_client.get(lock_key).await.unwrap();
+                validating && held.is_some_and(|kv| kv.value == b"b")
+            }
+        },
+    )
+    .await;
+    assert_eq!(pebble.order_requests(), 1);
+    b.kill();
+    assert!(!doomed.await.unwrap(), "b's client cannot have been served");
+    let held = etcd_client.get(lock_key).await.unwrap();
+    assert!(
+        held.is_some_and(|kv| kv.lease != 0),
+        "the dead node's lock stays until its lease runs out"
+    );
+
+    // c asks for the same name: it waits for the lock, takes it once b's lease ran out,
+    // and completes the order (its token answered by a, through the now open gate).
+    gate.open.send_replace(true);
+    let served = tls_connect(c.secure(), "crash.fleet.test", client.clone()).await;
+    assert!(
+        served.is_ok(),
+        "c completes the order: {:?}\n{}\npebble:\n{}",
+        served.err(),
+        logs(&[&a, &c]),
+        pebble.log()
+    );
+    assert_eq!(c.orders(), 1, "{}", c.log());
+    assert_eq!(a.orders(), 0, "{}", a.log());
+    assert!(
+        c.log().contains("another node orders this name"),
+        "c waited for b's lock first:\n{}",
+        c.log()
+    );
+    assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
+    assert!(etcd_client.get(lock_key).await.unwrap().is_none());
+}

@@ -278,6 +278,24 @@ impl Cluster {
         &self.inner.node_name
     }
 
+    /// `cluster.etcd.prefix`, without a trailing '/': other parts of the fleet (ACME order
+    /// locks, challenge tokens) keep their keys under it.
+    pub fn prefix(&self) -> &str {
+        self.inner.prefix.trim_end_matches('/')
+    }
+
+    /// A new connection to the fleet's etcd, for a part that keeps keys of its own.
+    pub async fn connect(&self) -> Result<etcd::Client, EtcdError> {
+        etcd::Client::connect_with(&self.inner.endpoints, self.inner.tls.as_ref()).await
+    }
+
+    /// Waits until this node has applied etcd revision `revision` (at most a few seconds):
+    /// what other nodes wrote before it is then served here.
+    pub async fn wait_applied(&self, revision: i64) -> Result<(), String> {
+        self.inner.saw_revision(revision);
+        self.inner.wait_applied(revision).await
+    }
+
     /// This node's view of the fleet.
     pub fn status(&self) -> ClusterStatus {
         let inner = &self.inner;

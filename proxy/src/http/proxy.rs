@@ -270,7 +270,7 @@ async fn proxy(
     mut req: Request<Incoming>,
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, Failure> {
-    if let Some(answer) = acme_challenge(ctx, &req) {
+    if let Some(answer) = acme_challenge(ctx, &req).await {
         return Ok(answer);
     }
     if let Some(rate) = &ctx.rate {
@@ -345,12 +345,15 @@ async fn proxy(
 
 /// Step 0: an ACME HTTP-01 validation request for an order in progress is answered here,
 /// whatever the routes say.
-fn acme_challenge(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+async fn acme_challenge(
+    ctx: &ConnContext,
+    req: &Request<Incoming>,
+) -> Option<Response<ResponseBody>> {
     let path = req.uri().path();
     if !path.starts_with(crate::tls::HTTP01_PREFIX) {
         return None;
     }
-    let answer = ctx.tls.http01_answer(path)?;
+    let answer = ctx.tls.http01_answer(path).await?;
     let mut response = Response::new(ResponseBody::full(answer));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -16,7 +16,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use tokio::sync::{watch, OnceCell};
 
-use super::certs::{CertCache, CertEntry, CertSource};
+use super::certs::{unix_now, CertCache, CertEntry, CertSource};
+use super::fleet_orders::{FleetOrders, Lock, OrderLock};
 use super::store::TlsStore;
 use crate::config::{AcmeChallenge, AcmeConfig};
 
@@ -28,6 +29,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(3600);
 const HOUR: Duration = Duration::from_secs(3600);
 /// How long the ACME server may take to validate and issue.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(90);
+/// In a fleet, how long a node waits for the certificate another node is ordering: longer
+/// than that node's own order may take, plus its lock's lease running out if it died.
+const FLEET_WAIT: Duration = Duration::from_secs(120);
+/// In a fleet, how often a waiting node asks etcd itself whether the lock is still held
+/// (the watch tells it sooner, unless the watch is down).
+const FLEET_RECHECK: Duration = Duration::from_secs(2);
+/// How long an order waits at start-up for the fleet to be joined.
+const FLEET_JOIN_WAIT: Duration = Duration::from_secs(15);
 
 /// Why no certificate could be ordered; cloneable so every waiting handshake gets it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,6 +133,10 @@ pub struct Issuer {
     limits: Mutex<Limits>,
     last_error: Mutex<Option<String>>,
     metrics: Arc<Metrics>,
+    /// Fleet mode: the order locks and challenge tokens shared through etcd.
+    fleet_orders: std::sync::OnceLock<Arc<FleetOrders>>,
+    /// Set when the node will join a fleet: orders wait for it rather than go alone.
+    fleet_expected: std::sync::atomic::AtomicBool,
     /// Counters.
     pub stats: IssuerStats,
 }
@@ -186,8 +199,46 @@ impl Issuer {
             limits: Mutex::new(Limits::default()),
             last_error: Mutex::new(None),
             metrics,
+            fleet_orders: std::sync::OnceLock::new(),
+            fleet_expected: std::sync::atomic::AtomicBool::new(false),
             stats: IssuerStats::default(),
         }
+    }
+
+    /// Says that this node will join a fleet: until [`join_fleet_orders`](Self::join_fleet_orders), orders
+    /// wait for it instead of ordering without the fleet's lock.
+    pub fn expect_fleet_orders(&self) {
+        self.fleet_expected.store(true, Ordering::Relaxed);
+    }
+
+    /// Orders from now on take the fleet's per-name lock and publish their HTTP-01 tokens
+    /// to the fleet.
+    pub fn join_fleet_orders(&self, fleet: Arc<FleetOrders>) {
+        let _ = self.fleet_orders.set(fleet);
+    }
+
+    /// The fleet, once joined; `None` on a single host.
+    async fn fleet(&self) -> Result<Option<Arc<FleetOrders>>, OrderError> {
+        if let Some(f) = self.fleet_orders.get() {
+            return Ok(Some(f.clone()));
+        }
+        if !self.fleet_expected.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let joined = tokio::time::timeout(FLEET_JOIN_WAIT, async {
+            loop {
+                if let Some(f) = self.fleet_orders.get() {
+                    return f.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        joined.map(Some).map_err(|_| {
+            OrderError::Failed(
+                "fleet mode has not started yet: no order without the fleet's lock".into(),
+            )
+        })
     }
 
     /// The challenge answers shared with the listeners.
@@ -197,7 +248,22 @@ impl Issuer {
 
     /// Orders a certificate for `name`, or joins the order already running for it, and
     /// waits for the result. The certificate is in the cache before any waiter wakes up.
+    /// In a fleet, a certificate the fleet already holds and that is not due for renewal
+    /// is used instead of ordering.
     pub async fn obtain(self: &Arc<Self>, name: &str) -> Result<Arc<CertEntry>, OrderError> {
+        self.obtain_with(name, false).await
+    }
+
+    /// Orders a new certificate for `name` even if a fresh one exists (an operator asked).
+    pub async fn renew_now(self: &Arc<Self>, name: &str) -> Result<Arc<CertEntry>, OrderError> {
+        self.obtain_with(name, true).await
+    }
+
+    async fn obtain_with(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> Result<Arc<CertEntry>, OrderError> {
         let mut rx = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match in_flight.get(name) {
@@ -213,14 +279,10 @@ impl Issuer {
                     let name = name.to_string();
                     // A task of its own: the handshake that started the order may go away.
                     tokio::spawn(async move {
-                        let result =
-                            match tokio::time::timeout(ORDER_TIMEOUT, issuer.order(&name)).await {
-                                Ok(r) => r,
-                                Err(_) => Err(OrderError::Failed(format!(
-                                    "{name}: no certificate within {ORDER_TIMEOUT:?}"
-                                ))),
-                            };
-                        issuer.finish(&name, &result);
+                        let produced = issuer.produce(&name, force).await;
+                        let ordered = matches!(produced, Ok((_, true)));
+                        let result = produced.map(|(entry, _)| entry);
+                        issuer.finish(&name, &result, ordered);
                         if let Ok(entry) = &result {
                             issuer.certs.insert(entry.clone());
                         }
@@ -244,6 +306,114 @@ impl Issuer {
             None => Err(OrderError::Failed(
                 "the order task ended without an answer".into(),
             )),
+        }
+    }
+
+    /// A certificate for `name`: ordered here, or in a fleet, from whichever node holds
+    /// the name's lock. True when this node ordered it.
+    async fn produce(&self, name: &str, force: bool) -> Result<(Arc<CertEntry>, bool), OrderError> {
+        match self.fleet().await? {
+            None => self.order_timed(name, None).await.map(|e| (e, true)),
+            Some(fleet) => self.produce_in_fleet(&fleet, name, force).await,
+        }
+    }
+
+    async fn order_timed(
+        &self,
+        name: &str,
+        lock: Option<&mut OrderLock>,
+    ) -> Result<Arc<CertEntry>, OrderError> {
+        match tokio::time::timeout(ORDER_TIMEOUT, self.order(name, lock)).await {
+            Ok(r) => r,
+            Err(_) => Err(OrderError::Failed(format!(
+                "{name}: no certificate within {ORDER_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// The certificate of `name` this node serves, if it is not due for renewal.
+    fn fresh(&self, name: &str) -> Option<Arc<CertEntry>> {
+        self.certs
+            .stored(name)
+            .filter(|e| e.info.source == CertSource::Acme && e.info.renew_at() > unix_now())
+    }
+
+    /// One order per name in the whole fleet: take the name's lock and order, or wait for
+    /// the node that holds it to store its certificate (which reaches this node through
+    /// the fleet's certificate store). A waiting node never orders; it tries the lock
+    /// again only once the holder has let go (finished, failed, or died and its lease ran
+    /// out).
+    async fn produce_in_fleet(
+        &self,
+        fleet: &FleetOrders,
+        name: &str,
+        force: bool,
+    ) -> Result<(Arc<CertEntry>, bool), OrderError> {
+        let failed = |what: String| OrderError::Failed(format!("{name}: {what}"));
+        let deadline = tokio::time::Instant::now() + FLEET_WAIT;
+        let mut waited_for: Option<String> = None;
+        loop {
+            let lock = fleet
+                .try_lock(name)
+                .await
+                .map_err(|e| failed(format!("the fleet's order lock: {e}")))?;
+            match lock {
+                Lock::Held(mut lock) => {
+                    // What the fleet stored before the lock was taken (the certificate of
+                    // the previous holder) must be applied here before deciding to order.
+                    if let Err(e) = fleet.cluster().wait_applied(lock.revision()).await {
+                        lock.release().await;
+                        return Err(failed(format!("the fleet's certificates: {e}")));
+                    }
+                    if !force || waited_for.is_some() {
+                        if let Some(entry) = self.fresh(name) {
+                            lock.release().await;
+                            tracing::info!(domain = %name, "the fleet already has a current certificate; not ordering");
+                            return Ok((entry, false));
+                        }
+                    }
+                    let lost = lock.lost();
+                    let result = tokio::select! {
+                        r = self.order_timed(name, Some(&mut lock)) => r,
+                        _ = lost => Err(failed("lost the fleet's order lock during the order".into())),
+                    };
+                    lock.release().await;
+                    return result.map(|entry| (entry, true));
+                }
+                Lock::Busy(holder) => {
+                    if waited_for.as_deref() != Some(holder.as_str()) {
+                        tracing::info!(domain = %name, %holder, "another node orders this name; waiting for its certificate");
+                        waited_for = Some(holder);
+                    }
+                    // Until the holder lets go: its certificate may arrive meanwhile. The
+                    // watch may not show a lock just taken yet: it is trusted to say the
+                    // lock went only after a moment.
+                    let waiting = tokio::time::Instant::now();
+                    let recheck = waiting + FLEET_RECHECK;
+                    loop {
+                        if let Some(entry) = self.fresh(name) {
+                            if !force {
+                                return Ok((entry, false));
+                            }
+                        }
+                        let now = tokio::time::Instant::now();
+                        if now >= deadline {
+                            return Err(failed(format!(
+                                "node {:?} holds the fleet's order lock and no certificate came within {FLEET_WAIT:?}",
+                                waited_for.unwrap_or_default()
+                            )));
+                        }
+                        if now >= recheck
+                            || (now >= waiting + Duration::from_millis(250)
+                                && fleet.following()
+                                && fleet.holder(name).is_none())
+                        {
+                            break;
+                        }
+                        fleet.changed(Duration::from_millis(200)).await;
+                    }
+                }
+            }
         }
     }
 
@@ -292,9 +462,14 @@ impl Issuer {
         Ok(())
     }
 
-    fn finish(&self, name: &str, result: &Result<Arc<CertEntry>, OrderError>) {
+    /// Records the outcome; `ordered`: this node made the order (not another of the fleet).
+    fn finish(&self, name: &str, result: &Result<Arc<CertEntry>, OrderError>, ordered: bool) {
         let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
         match result {
+            Ok(_) if !ordered => {
+                limits.backoff.remove(name);
+                tracing::info!(domain = %name, "serving the certificate another node of the fleet ordered");
+            }
             Ok(_) => {
                 limits.backoff.remove(name);
                 self.stats.issued.fetch_add(1, Ordering::Relaxed);
@@ -412,9 +587,26 @@ impl Issuer {
     }
 
     /// One order, start to finish; the challenge answers are removed whatever happens.
-    async fn order(&self, name: &str) -> Result<Arc<CertEntry>, OrderError> {
+    /// With the fleet's `lock`, HTTP-01 answers are published to every node.
+    async fn order(
+        &self,
+        name: &str,
+        mut lock: Option<&mut OrderLock>,
+    ) -> Result<Arc<CertEntry>, OrderError> {
         let mut tokens = Vec::new();
-        let result = self.order_inner(name, &mut tokens).await;
+        let result = self
+            .order_inner(name, &mut tokens, lock.as_deref_mut())
+            .await;
+        if let Some(lock) = lock {
+            if let Err(e) = lock.withdraw_alpn().await {
+                tracing::debug!(domain = %name, error = %e, "withdrawing a TLS-ALPN-01 answer failed; it goes with the lock's lease");
+            }
+            for token in &tokens {
+                if let Err(e) = lock.withdraw_token(token).await {
+                    tracing::debug!(domain = %name, error = %e, "withdrawing an HTTP-01 token failed; it goes with the lock's lease");
+                }
+            }
+        }
         self.challenges
             .http01
             .lock()
@@ -432,6 +624,7 @@ impl Issuer {
         &self,
         name: &str,
         tokens: &mut Vec<String>,
+        mut lock: Option<&mut OrderLock>,
     ) -> Result<Arc<CertEntry>, OrderError> {
         let acme =
             |what: &str, e: instant_acme::Error| OrderError::Failed(format!("{name}: {what}: {e}"));
@@ -482,6 +675,15 @@ impl Issuer {
                         key_authorization.digest().as_ref(),
                         &self.provider,
                     )?;
+                    if let Some(lock) = lock.as_deref_mut() {
+                        lock.publish_alpn(key_authorization.digest().as_ref())
+                            .await
+                            .map_err(|e| {
+                                OrderError::Failed(format!(
+                                    "{name}: publishing the TLS-ALPN-01 answer to the fleet: {e}"
+                                ))
+                            })?;
+                    }
                     self.challenges
                         .tls_alpn01
                         .lock()
@@ -495,6 +697,16 @@ impl Issuer {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(token.clone(), key_authorization.as_str().to_string());
+                    if let Some(lock) = lock.as_deref_mut() {
+                        // Before the CA is told to validate: it may reach any node.
+                        lock.publish_token(&token, key_authorization.as_str())
+                            .await
+                            .map_err(|e| {
+                                OrderError::Failed(format!(
+                                    "{name}: publishing the HTTP-01 token to the fleet: {e}"
+                                ))
+                            })?;
+                    }
                     tokens.push(token);
                 }
             }
@@ -533,7 +745,7 @@ impl Issuer {
 
 /// The self-signed certificate that answers a TLS-ALPN-01 challenge (RFC 8737): the name
 /// as its only SAN and the key authorization digest in the acmeIdentifier extension.
-fn alpn_certificate(
+pub(super) fn alpn_certificate(
     name: &str,
     digest: &[u8],
     provider: &CryptoProvider,

@@ -11,6 +11,7 @@
 
 pub mod acme;
 pub mod certs;
+pub mod fleet_orders;
 pub mod policy;
 pub mod sni;
 mod store;
@@ -153,6 +154,8 @@ pub struct Tls {
     refused: AtomicU64,
     refused_logged_at: AtomicU64,
     refused_logged_count: AtomicU64,
+    /// Fleet mode: the HTTP-01 answers of every node's orders.
+    fleet_orders: std::sync::OnceLock<Arc<fleet_orders::FleetOrders>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -260,6 +263,7 @@ impl Tls {
             refused: AtomicU64::new(0),
             refused_logged_at: AtomicU64::new(0),
             refused_logged_count: AtomicU64::new(0),
+            fleet_orders: std::sync::OnceLock::new(),
         });
         if let Some(acme) = &config.acme {
             tokio::spawn(renewal(tls.clone(), acme.renew_check_interval, shutdown));
@@ -309,8 +313,7 @@ impl Tls {
             .alpn()
             .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
         if validation && self.alpn_challenges {
-            let Some(certified) = name.as_deref().and_then(|n| self.challenges.tls_alpn01(n))
-            else {
+            let Some(certified) = self.alpn_answer(name.as_deref()).await else {
                 return Err(AcceptError::Refused(name.unwrap_or_default()));
             };
             let mut challenge = ServerConfig::builder_with_provider(self.provider.clone())
@@ -385,10 +388,52 @@ impl Tls {
         }
     }
 
-    /// The HTTP-01 answer for a request path, if an order waits for its token.
-    pub fn http01_answer(&self, path: &str) -> Option<String> {
+    /// The HTTP-01 answer for a request path, if an order waits for its token: an order
+    /// of this node, or in a fleet, of any node.
+    pub async fn http01_answer(&self, path: &str) -> Option<String> {
         let token = path.strip_prefix(HTTP01_PREFIX)?;
-        self.challenges.http01(token)
+        if let Some(answer) = self.challenges.http01(token) {
+            return Some(answer);
+        }
+        match self.fleet_orders.get() {
+            Some(fleet) => fleet.http01(token).await,
+            None => None,
+        }
+    }
+
+    /// The TLS-ALPN-01 certificate for `name`: of this node's order, or in a fleet, built
+    /// from the digest another node published.
+    async fn alpn_answer(&self, name: Option<&str>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = name?;
+        if let Some(certified) = self.challenges.tls_alpn01(name) {
+            return Some(certified);
+        }
+        let digest = self.fleet_orders.get()?.tls_alpn01(name).await?;
+        match acme::alpn_certificate(name, &digest, &self.provider) {
+            Ok(certified) => Some(certified),
+            Err(e) => {
+                tracing::warn!(domain = %name, error = %e, "cannot answer the fleet's TLS-ALPN-01 challenge");
+                None
+            }
+        }
+    }
+
+    /// Says that this node is about to join a fleet ([`join_fleet_orders`](Self::join_fleet_orders)):
+    /// until then no order starts without the fleet's lock.
+    pub fn expect_fleet_orders(&self) {
+        if let Some(issuer) = &self.issuer {
+            issuer.expect_fleet_orders();
+        }
+    }
+
+    /// Fleet mode: one node of the fleet orders each name (an etcd lease lock per name),
+    /// HTTP-01 tokens are published to every node, and every node answers them.
+    pub fn join_fleet_orders(&self, cluster: crate::cluster::Cluster, shutdown: Shutdown) {
+        let fleet = fleet_orders::FleetOrders::start(cluster, shutdown);
+        if let Some(issuer) = &self.issuer {
+            issuer.join_fleet_orders(fleet.clone());
+        }
+        let _ = self.fleet_orders.set(fleet);
     }
 
     /// Handshakes refused because the name was not allowed (or had no SNI).
@@ -550,7 +595,7 @@ impl Tls {
         issuer.clear_backoff(&name);
         issuer.stats.renewals.fetch_add(1, Ordering::Relaxed);
         let entry = issuer
-            .obtain(&name)
+            .renew_now(&name)
             .await
             .map_err(|e| TlsError::Acme(e.to_string()))?;
         Ok(entry.info.clone())
