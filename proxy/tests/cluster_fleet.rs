@@ -1091,4 +1091,9 @@ async fn a_node_killed_mid_order_loses_the_lock_with_its_lease_and_another_compl
     );
     assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
     assert!(etcd_client.get(lock_key).await.unwrap().is_none());
+    let tokens = etcd_client
+        .get_prefix(b"/proxy/acme/acme/tokens/", 0)
+        .await
+        .unwrap();
+    assert!(tokens.kvs.is_empty(), "{:?}", tokens.kvs);
 }

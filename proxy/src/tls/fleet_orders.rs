@@ -262,6 +262,8 @@ impl FleetOrders {
     fn absorb(&self, events: Vec<Event>) {
         let locks = format!("{}/acme/locks/", self.cluster.prefix());
         let acme = format!("{}/acme/", self.cluster.prefix());
+        // Other keys under `P/acme/` (the fleet's order log) are not challenge answers.
+        let is_answer = |a: &str| a.starts_with("tokens/") || a.starts_with("alpn/");
         let mut seen = self.seen();
         for event in events {
             let (kv, put) = match event {
@@ -276,7 +278,7 @@ impl FleetOrders {
                 } else {
                     seen.locks.remove(name);
                 }
-            } else if let Some(answer) = key.strip_prefix(&acme) {
+            } else if let Some(answer) = key.strip_prefix(&acme).filter(|a| is_answer(a)) {
                 if put {
                     seen.answers.insert(answer.to_string(), value());
                 } else {
