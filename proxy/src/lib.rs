@@ -158,6 +158,7 @@ impl Daemon {
             &config.tls,
             &state::database_path(&config.server.state_dir),
             state.clone(),
+            config.cluster.is_some(),
             shutdown.clone(),
             telemetry.metrics().clone(),
         )
@@ -198,11 +199,15 @@ impl Daemon {
                     c,
                     &state::database_path(&config.server.state_dir),
                     state.clone(),
+                    Some(tls.clone() as Arc<dyn cluster::TlsSink>),
                     shutdown.clone(),
                 )
                 .await?,
             ),
         };
+        if let Some(cluster) = &cluster {
+            tls.join_fleet(cluster.clone());
+        }
         watch_cluster(&telemetry, cluster.as_ref());
         if let Some(cluster) = &cluster {
             tls.join_fleet_orders(cluster.clone(), shutdown.clone());

@@ -1,5 +1,6 @@
 //! Fleet mode (`[cluster]`): the API-owned pools, routes and TCP routes of several proxyd
-//! hosts live in etcd under one prefix, and every host serves them.
+//! hosts live in etcd under one prefix, and every host serves them; so do the TLS
+//! allowlist, uploaded and issued certificates and the ACME account ([`tls`]).
 //!
 //! # How a write flows
 //!
@@ -30,6 +31,7 @@
 mod members;
 mod store;
 mod sync;
+mod tls;
 mod view;
 
 use std::collections::BTreeSet;
@@ -42,6 +44,7 @@ use thiserror::Error;
 use tokio::sync::watch;
 
 pub use members::NodeStatus;
+pub use tls::{Admission, CertOrigin, FleetCertificate, Guard, TlsObjects, TlsReport, TlsSink};
 pub use view::{Excluded, Kind};
 
 use crate::config::ClusterConfig;
@@ -154,6 +157,8 @@ struct Inner {
     tls: Option<etcd::Tls>,
     keys: Keyspace,
     state: StateHandle,
+    /// Where the fleet's TLS objects go on this host (none in a daemon without TLS).
+    tls_sink: Option<Arc<dyn TlsSink>>,
     store: ViewStore,
     view: watch::Sender<Arc<View>>,
     link: Mutex<Link>,
@@ -197,11 +202,12 @@ fn read_file(field: &'static str, path: &Path) -> Result<Vec<u8>, ClusterError> 
 impl Cluster {
     /// Loads the stored view, applies it, and starts following etcd (waiting a few
     /// seconds for the first sync; without etcd the node serves from SQLite, stale). Also
-    /// starts this node's lease key.
+    /// starts this node's lease key. The fleet's TLS objects are handed to `tls_sink`.
     pub async fn start(
         config: &ClusterConfig,
         db: &Path,
         state: StateHandle,
+        tls_sink: Option<Arc<dyn TlsSink>>,
         shutdown: Shutdown,
     ) -> Result<Cluster, ClusterError> {
         let tls = match &config.etcd.tls {
@@ -229,6 +235,7 @@ impl Cluster {
                 tls,
                 keys: Keyspace::new(&config.etcd.prefix),
                 state,
+                tls_sink,
                 store,
                 view: watch::channel(Arc::new(view)).0,
                 link: Mutex::new(Link {
@@ -377,7 +384,7 @@ impl Cluster {
                 let pool = match kind {
                     Kind::Route => next.route(name).map(|r| r.pool.clone()),
                     Kind::TcpRoute => next.tcp_route(name).map(|r| r.pool.clone()),
-                    Kind::Pool => None,
+                    _ => None,
                 };
                 if let Some(pool) = pool {
                     read.insert((Kind::Pool, pool));
@@ -489,6 +496,7 @@ fn snapshot_lacks(state: &crate::state::State, (kind, name): &ObjectId) -> bool 
         Kind::Pool => state.pool(name).is_none(),
         Kind::Route => state.route(name).is_none(),
         Kind::TcpRoute => state.tcp_route(name).is_none(),
+        Kind::Allow | Kind::Certificate | Kind::Account => false,
     }
 }
 
@@ -591,9 +599,17 @@ impl Inner {
                 });
             }
         }
-        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = Report {
+        let mut report = Report {
             shadowed: plan.shadowed,
             skipped: plan.skipped,
         };
+        if let Some(tls) = &self.tls_sink {
+            let objects = view.tls_objects();
+            report.skipped.extend(objects.unreadable.iter().cloned());
+            let taken = tls.apply(objects).await;
+            report.shadowed.extend(taken.shadowed);
+            report.skipped.extend(taken.skipped);
+        }
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = report;
     }
 }

@@ -31,12 +31,6 @@ pub struct ViewStore {
     prefix: String,
 }
 
-fn kind_of(s: &str) -> Option<Kind> {
-    [Kind::Pool, Kind::Route, Kind::TcpRoute]
-        .into_iter()
-        .find(|k| k.as_str() == s)
-}
-
 impl ViewStore {
     /// Opens a reading connection to `db` (migrated by the state store); `prefix` is the
     /// fleet's, so a view stored for another fleet is never resumed.
@@ -177,7 +171,9 @@ fn load(conn: &Connection, prefix: &str) -> rusqlite::Result<Option<Stored>> {
     while let Some(row) = rows.next()? {
         let kind: String = row.get(0)?;
         let name: String = row.get(1)?;
-        let Some(kind) = kind_of(&kind) else { continue };
+        let Some(kind) = Kind::parse(&kind) else {
+            continue;
+        };
         let mod_revision: i64 = row.get(2)?;
         let value: Vec<u8> = row.get(3)?;
         let object = Object::decode(kind, &name, &value);

@@ -5,6 +5,7 @@ use std::fmt;
 
 use rpds::RedBlackTreeMapSync;
 
+use super::tls::FleetCertificate;
 use crate::etcd::{Event, KeyValue};
 use crate::state::{Change, Document, Pool, Route, Source, State, TcpRoute};
 
@@ -17,6 +18,12 @@ pub enum Kind {
     Route,
     /// A TCP route.
     TcpRoute,
+    /// An on-demand TLS allowlist entry (the name is the pattern).
+    Allow,
+    /// A certificate uploaded through the API or issued by ACME.
+    Certificate,
+    /// The ACME account of one directory (the name is the directory URL).
+    Account,
 }
 
 impl Kind {
@@ -26,16 +33,25 @@ impl Kind {
             Kind::Pool => "pool",
             Kind::Route => "route",
             Kind::TcpRoute => "tcp_route",
+            Kind::Allow => "tls_allow",
+            Kind::Certificate => "tls_certificate",
+            Kind::Account => "acme_account",
         }
     }
 
-    fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "pool" => Some(Kind::Pool),
-            "route" => Some(Kind::Route),
-            "tcp_route" => Some(Kind::TcpRoute),
-            _ => None,
-        }
+    /// Every kind, state objects first.
+    pub const ALL: [Kind; 6] = [
+        Kind::Pool,
+        Kind::Route,
+        Kind::TcpRoute,
+        Kind::Allow,
+        Kind::Certificate,
+        Kind::Account,
+    ];
+
+    /// Parses [`as_str`](Self::as_str).
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -49,10 +65,13 @@ impl fmt::Display for Kind {
 pub type ObjectId = (Kind, String);
 
 /// The key layout of one fleet under its prefix `P`:
-/// - `P/objects/<kind>/<name>`: a pool, route or TCP route as JSON;
+/// - `P/objects/<kind>/<name>`: a pool, route or TCP route as JSON; a TLS allowlist
+///   entry (the pattern), a certificate (JSON with its PEM) or an ACME account (its
+///   credentials JSON, the name being the directory URL);
 /// - `P/objects/.write`: written by every API write, so that each write is checked against
 ///   the whole state it was validated on (see [`crate::cluster`]);
-/// - `P/nodes/<node name>`: each node's lease key.
+/// - `P/nodes/<node name>`: each node's lease key;
+/// - `P/acme/orders`: the fleet's recent ACME orders, for the fleet-wide rate limits.
 ///
 /// Other keys under `P/` are ignored (kept for newer versions).
 #[derive(Debug, Clone)]
@@ -100,6 +119,11 @@ impl Keyspace {
         format!("{}/nodes/{name}", self.prefix).into_bytes()
     }
 
+    /// The fleet's log of recent ACME orders.
+    pub fn order_log(&self) -> Vec<u8> {
+        format!("{}/acme/orders", self.prefix).into_bytes()
+    }
+
     /// What a key under [`objects`](Self::objects) is.
     fn classify(&self, key: &[u8]) -> Key {
         let objects = self.objects();
@@ -138,6 +162,12 @@ pub enum Object {
     Route(Route),
     /// A TCP route.
     TcpRoute(TcpRoute),
+    /// An allowlist entry (its pattern).
+    Allow(String),
+    /// An uploaded or issued certificate.
+    Certificate(FleetCertificate),
+    /// ACME account credentials (JSON, opaque here).
+    Account(String),
     /// A value that does not decode (reported, never applied).
     Unreadable(String),
 }
@@ -149,6 +179,22 @@ impl Object {
             Kind::Pool => serde_json::from_slice::<Pool>(value).map(|p| Object::Pool(Box::new(p))),
             Kind::Route => serde_json::from_slice::<Route>(value).map(Object::Route),
             Kind::TcpRoute => serde_json::from_slice::<TcpRoute>(value).map(Object::TcpRoute),
+            Kind::Allow => {
+                return match std::str::from_utf8(value) {
+                    Ok(pattern) if pattern == name => Object::Allow(name.to_string()),
+                    Ok(_) => Object::Unreadable("the pattern inside differs from the key".into()),
+                    Err(e) => Object::Unreadable(e.to_string()),
+                }
+            }
+            Kind::Certificate => {
+                serde_json::from_slice::<FleetCertificate>(value).map(Object::Certificate)
+            }
+            Kind::Account => {
+                return match std::str::from_utf8(value) {
+                    Ok(json) => Object::Account(json.to_string()),
+                    Err(e) => Object::Unreadable(e.to_string()),
+                }
+            }
         };
         match decoded {
             Ok(object) if object.name() == Some(name) => object,
@@ -162,6 +208,9 @@ impl Object {
             Object::Pool(p) => Some(&p.name),
             Object::Route(r) => Some(&r.name),
             Object::TcpRoute(r) => Some(&r.name),
+            Object::Allow(p) => Some(p),
+            Object::Certificate(c) => Some(&c.name),
+            Object::Account(_) => None,
             Object::Unreadable(_) => None,
         }
     }
@@ -182,6 +231,8 @@ pub fn encode(state: &State, kind: Kind, name: &str) -> Option<Vec<u8>> {
             .tcp_route(name)
             .filter(|r| r.source == Source::Api)
             .map(serde_json::to_vec),
+        // Not state objects: written by `cluster::tls`.
+        Kind::Allow | Kind::Certificate | Kind::Account => None,
     };
     // The model types serialise infallibly (plain structs and strings).
     json.and_then(Result::ok)
@@ -343,6 +394,7 @@ pub fn plan(state: &State, view: &View) -> Plan {
                 Object::Pool(p) => Change::CreatePool(p.as_ref().clone()),
                 Object::Route(r) => Change::CreateRoute(r.clone()),
                 Object::TcpRoute(r) => Change::CreateTcpRoute(r.clone()),
+                Object::Allow(_) | Object::Certificate(_) | Object::Account(_) => continue,
                 Object::Unreadable(reason) => {
                     out.skipped.push(Excluded {
                         kind: *kind,
@@ -356,6 +408,7 @@ pub fn plan(state: &State, view: &View) -> Plan {
                 Kind::Pool => scratch.pool(name).is_some(),
                 Kind::Route => scratch.route(name).is_some(),
                 Kind::TcpRoute => scratch.tcp_route(name).is_some(),
+                Kind::Allow | Kind::Certificate | Kind::Account => continue,
             };
             if declared {
                 out.shadowed.push(Excluded {

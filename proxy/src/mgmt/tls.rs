@@ -56,6 +56,7 @@ fn status(e: TlsError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         e @ (TlsError::Acme(_) | TlsError::Unavailable(_)) => Status::unavailable(e.to_string()),
+        e @ TlsError::Conflict(_) => Status::aborted(e.to_string()),
         e @ (TlsError::Store(_) | TlsError::File { .. }) => {
             tracing::error!(error = %e, "TLS store failed during a management call");
             Status::internal(e.to_string())

@@ -19,6 +19,7 @@ use tokio::sync::{watch, OnceCell};
 use super::certs::{unix_now, CertCache, CertEntry, CertSource};
 use super::fleet_orders::{FleetOrders, Lock, OrderLock};
 use super::store::TlsStore;
+use crate::cluster::Admission;
 use crate::config::{AcmeChallenge, AcmeConfig};
 
 /// First wait after a failed order for a name; doubles per failure.
@@ -323,6 +324,9 @@ impl Issuer {
         name: &str,
         lock: Option<&mut OrderLock>,
     ) -> Result<Arc<CertEntry>, OrderError> {
+        // In a fleet, the node about to order (holding the name's lock) counts the order
+        // against the fleet's limits first.
+        self.admit_in_fleet(name).await?;
         match tokio::time::timeout(ORDER_TIMEOUT, self.order(name, lock)).await {
             Ok(r) => r,
             Err(_) => Err(OrderError::Failed(format!(
@@ -417,7 +421,27 @@ impl Issuer {
         }
     }
 
-    /// Checks backoff and limits for a new order and counts it.
+    /// Fleet mode: counts the order in the fleet's log, or refuses it when the fleet's
+    /// orders of the last hour reach a limit (`Ok` at once on a single host, whose orders
+    /// [`admit`](Self::admit) counts). etcd unreachable refuses the order: the limits
+    /// cannot be checked.
+    async fn admit_in_fleet(&self, name: &str) -> Result<(), OrderError> {
+        let admission = self
+            .store
+            .admit_order(name, self.max_per_hour, self.max_per_name_per_hour)
+            .await;
+        let refusal = match admission {
+            Ok(Admission::Admitted) => return Ok(()),
+            Ok(Admission::Refused(why)) => OrderError::RateLimited(why),
+            Err(e) => OrderError::RateLimited(format!("{name}: the fleet's order count: {e}")),
+        };
+        self.metrics.acme_order(AcmeResult::RateLimited);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(refusal.to_string());
+        Err(refusal)
+    }
+
+    /// Checks backoff and, on a single host, the limits for a new order and counts it (in
+    /// fleet mode the fleet's log counts, see [`admit_in_fleet`](Self::admit_in_fleet)).
     fn admit(&self, name: &str) -> Result<(), OrderError> {
         let now = Instant::now();
         let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
@@ -436,6 +460,11 @@ impl Issuer {
             .is_some_and(|t| now.duration_since(*t) >= HOUR)
         {
             limits.global.pop_front();
+        }
+        if self.store.in_fleet() {
+            // Orders started here, for status only.
+            limits.global.push_back(now);
+            return Ok(());
         }
         if limits.global.len() >= self.max_per_hour {
             return Err(OrderError::RateLimited(format!(
@@ -466,6 +495,8 @@ impl Issuer {
     fn finish(&self, name: &str, result: &Result<Arc<CertEntry>, OrderError>, ordered: bool) {
         let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
         match result {
+            // Refused by the fleet's limits before any order (counted there): no backoff.
+            Err(OrderError::RateLimited(_)) => {}
             Ok(_) if !ordered => {
                 limits.backoff.remove(name);
                 tracing::info!(domain = %name, "serving the certificate another node of the fleet ordered");
@@ -576,10 +607,28 @@ impl Issuer {
                     .await
                     .map_err(|e| failed("register", &e))?;
                 let json = serde_json::to_string(&credentials).map_err(|e| failed("encode", &e))?;
-                self.store
+                let stored = self
+                    .store
                     .save_account(&self.config.directory, &json)
                     .await
                     .map_err(|e| failed("store", &e))?;
+                if !stored {
+                    // Fleet mode: another node registered the fleet's account first; use
+                    // that one, so the fleet orders under one account.
+                    let fleet = self
+                        .store
+                        .account(&self.config.directory)
+                        .await
+                        .map_err(|e| failed("store", &e))?
+                        .ok_or_else(|| failed("fleet", &"the fleet's account vanished"))?;
+                    let credentials: AccountCredentials = serde_json::from_str(&fleet)
+                        .map_err(|e| failed("the fleet's credentials", &e))?;
+                    tracing::info!(directory = %self.config.directory, "using the fleet's ACME account");
+                    return builder()?
+                        .from_credentials(credentials)
+                        .await
+                        .map_err(|e| failed("restore", &e));
+                }
                 tracing::info!(directory = %self.config.directory, "ACME account registered");
                 Ok(account)
             })

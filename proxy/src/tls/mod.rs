@@ -11,6 +11,7 @@
 
 pub mod acme;
 pub mod certs;
+mod fleet;
 pub mod fleet_orders;
 pub mod policy;
 pub mod sni;
@@ -89,9 +90,14 @@ pub enum TlsError {
     /// ACME is not configured or an order failed.
     #[error("{0}")]
     Acme(String),
-    /// The state writer takes no writes (shutting down, or handed over to a new process).
+    /// The state writer takes no writes (shutting down, or handed over to a new process),
+    /// or, in fleet mode, etcd is unreachable.
     #[error("{0}")]
     Unavailable(String),
+    /// Fleet mode: another node changed the object since this node read it; nothing was
+    /// written.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// Why a terminating handshake did not produce a stream.
@@ -156,6 +162,9 @@ pub struct Tls {
     refused_logged_count: AtomicU64,
     /// Fleet mode: the HTTP-01 answers of every node's orders.
     fleet_orders: std::sync::OnceLock<Arc<fleet_orders::FleetOrders>>,
+    /// Fleet mode: the TLS objects applied last and what was left out of them.
+    fleet_applied:
+        std::sync::Mutex<Option<(crate::cluster::TlsObjects, crate::cluster::TlsReport)>>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -169,11 +178,14 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     /// Loads the file certificates and the stored ones, and starts the renewal task.
-    /// `db` is the state database (already migrated).
+    /// `db` is the state database (already migrated). `in_fleet`: fleet mode, where the
+    /// API objects, issued certificates and the ACME account are the fleet's (writes are
+    /// refused until [`join_fleet`](Self::join_fleet)).
     pub async fn start(
         config: &TlsConfig,
         db: &Path,
         state: StateHandle,
+        in_fleet: bool,
         shutdown: Shutdown,
         metrics: Arc<crate::telemetry::Metrics>,
     ) -> Result<Arc<Tls>, TlsError> {
@@ -181,7 +193,7 @@ impl Tls {
         // Opening SQLite blocks: a blocking thread does it.
         let store = {
             let (db, state) = (db.to_path_buf(), state.clone());
-            tokio::task::spawn_blocking(move || TlsStore::open(&db, state))
+            tokio::task::spawn_blocking(move || TlsStore::open(&db, state, in_fleet))
                 .await
                 .map_err(|e| TlsError::Store(e.to_string()))??
         };
@@ -264,6 +276,7 @@ impl Tls {
             refused_logged_at: AtomicU64::new(0),
             refused_logged_count: AtomicU64::new(0),
             fleet_orders: std::sync::OnceLock::new(),
+            fleet_applied: std::sync::Mutex::new(None),
         });
         if let Some(acme) = &config.acme {
             tokio::spawn(renewal(tls.clone(), acme.renew_check_interval, shutdown));
