@@ -22,6 +22,7 @@ use mgmt_support::{connect, create_pool, create_route, pool_msg, route_msg, Api}
 use proxy::etcd::Client;
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::cluster_service_client::ClusterServiceClient;
+use proxy_proto::v1::tls_service_client::TlsServiceClient;
 use tonic::Code;
 
 fn etcd_binary() -> Option<PathBuf> {
@@ -1096,4 +1097,432 @@ async fn a_node_killed_mid_order_loses_the_lock_with_its_lease_and_another_compl
         .await
         .unwrap();
     assert!(tokens.kvs.is_empty(), "{:?}", tokens.kvs);
+}
+
+/// The TLS part of a node's config: an `https` listener `secure`, on-demand issuance
+/// allowed for `allow` by the config file, and `acme` (the `[tls.acme]` keys).
+fn tls_part(allow: &str, acme: &str) -> String {
+    format!(
+        "[[listeners]]\nname = \"secure\"\nprotocol = \"https\"\naddress = \"127.0.0.1:0\"\n\n\
+         [tls.acme]\n{acme}\n\n\
+         [tls.on_demand]\nenabled = true\nallow = [\"{allow}\"]\nmax_orders_per_name_per_hour = 1\n"
+    )
+}
+
+/// ACME settings whose directory nobody answers: orders fail at once.
+const NO_ACME: &str = "directory = \"https://127.0.0.1:9/dir\"";
+
+async fn tls_api(node: &TestProxy) -> TlsServiceClient<tonic::transport::Channel> {
+    TlsServiceClient::new(connect(node).await.channel)
+}
+
+async fn allowlist(node: &TestProxy) -> pb::ListAllowlistResponse {
+    tls_api(node)
+        .await
+        .list_allowlist(pb::ListAllowlistRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn upload(
+    tls: &mut TlsServiceClient<tonic::transport::Channel>,
+    cert: &str,
+    key: &str,
+) -> Result<pb::Certificate, tonic::Status> {
+    tls.upload_certificate(pb::UploadCertificateRequest {
+        name: String::new(),
+        cert_pem: cert.into(),
+        key_pem: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().certificate.unwrap())
+}
+
+/// The leaf `node` presents for `sni` in a real handshake, if one completes.
+async fn served_leaf(
+    node: &TestProxy,
+    sni: &str,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+) -> Option<Vec<u8>> {
+    let stream = tls_support::tls_connect(node.addr("secure"), sni, client.clone())
+        .await
+        .ok()?;
+    Some(tls_support::peer_leaf(&stream))
+}
+
+/// The leaf of a PEM chain, as DER.
+fn leaf_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allowlist_and_uploaded_certificates_are_fleet_objects() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let a = start_node("a", &endpoints, &tls_part("fixed.example.test", NO_ACME)).await;
+    // b's own config file allows `only-b.example.test`: that name is b's on b.
+    let b = start_node("b", &endpoints, &tls_part("only-b.example.test", NO_ACME)).await;
+    let mut tls_a = tls_api(&a).await;
+    let mut tls_b = tls_api(&b).await;
+    let ca = tls_support::TestCa::new("fleet upload CA");
+    let client = tls_support::client_config(ca.roots(), &[]);
+
+    // Not allowed anywhere yet: b refuses the handshake without asking the CA.
+    let refused = b.daemon.tls().refused_handshakes();
+    assert!(served_leaf(&b, "x.shop.example.test", &client)
+        .await
+        .is_none());
+    assert_eq!(b.daemon.tls().refused_handshakes(), refused + 1);
+
+    // An entry added on a: listed on a as soon as the call returns, then on b, where it
+    // admits the name (b orders; the order fails at the unreachable CA, not the policy).
+    let added = tls_a
+        .add_allowlist_entry(pb::AddAllowlistEntryRequest {
+            pattern: "*.Shop.example.test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(added.pattern, "*.shop.example.test");
+    assert_eq!(allowlist(&a).await.api_entries, ["*.shop.example.test"]);
+    eventually("b lists the entry added on a", || async {
+        allowlist(&b).await.api_entries == ["*.shop.example.test"]
+    })
+    .await;
+    let failed = b.daemon.tls().status().acme.unwrap().failed;
+    assert!(served_leaf(&b, "y.shop.example.test", &client)
+        .await
+        .is_none());
+    assert_eq!(
+        b.daemon.tls().refused_handshakes(),
+        refused + 1,
+        "admitted, not refused"
+    );
+    assert_eq!(b.daemon.tls().status().acme.unwrap().failed, failed + 1);
+    // The order was counted in the fleet's log.
+    let log = etcd
+        .client()
+        .await
+        .get(b"/proxy/test/acme/orders")
+        .await
+        .unwrap();
+    let log = String::from_utf8(log.expect("the fleet's order log").value).unwrap();
+    assert!(log.contains("y.shop.example.test"), "{log}");
+
+    // A name a's config file owns cannot be added on a; b's own name added on a is
+    // shadowed on b (its config wins there) and reported.
+    let own = tls_a
+        .add_allowlist_entry(pb::AddAllowlistEntryRequest {
+            pattern: "fixed.example.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(own.code(), Code::FailedPrecondition, "{own:?}");
+    tls_a
+        .add_allowlist_entry(pb::AddAllowlistEntryRequest {
+            pattern: "only-b.example.test".into(),
+        })
+        .await
+        .unwrap();
+    let api_b = connect(&b).await;
+    eventually("b reports the shadowed entry", || {
+        let mut api = api_b.clone();
+        async move {
+            cluster_state(&mut api)
+                .await
+                .shadowed
+                .iter()
+                .any(|o| o.kind == "tls_allow" && o.name == "only-b.example.test")
+        }
+    })
+    .await;
+    let listed_b = allowlist(&b).await;
+    assert_eq!(listed_b.config_entries, ["only-b.example.test"]);
+    assert_eq!(listed_b.api_entries, ["*.shop.example.test"]);
+    assert_eq!(
+        allowlist(&a).await.api_entries,
+        ["*.shop.example.test", "only-b.example.test"]
+    );
+
+    // A certificate uploaded on a: served by a at once and by b in a real handshake.
+    let (cert, key) = ca.leaf(&["up.example.test"]);
+    let uploaded = upload(&mut tls_a, &cert, &key).await.unwrap();
+    assert_eq!(uploaded.name, "up.example.test");
+    assert_eq!(
+        served_leaf(&a, "up.example.test", &client).await,
+        Some(leaf_of(&cert))
+    );
+    eventually("b serves the certificate uploaded on a", || async {
+        served_leaf(&b, "up.example.test", &client).await == Some(leaf_of(&cert))
+    })
+    .await;
+    let listed = tls_b
+        .list_certificates(pb::ListCertificatesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .certificates;
+    assert!(
+        listed
+            .iter()
+            .any(|c| c.name == "up.example.test" && c.source == pb::CertificateSource::Api as i32),
+        "{listed:?}"
+    );
+    // Removed on b: gone from a too.
+    tls_b
+        .remove_certificate(pb::RemoveCertificateRequest {
+            name: "up.example.test".into(),
+        })
+        .await
+        .unwrap();
+    assert!(served_leaf(&b, "up.example.test", &client).await.is_none());
+    eventually("a no longer serves the removed certificate", || async {
+        served_leaf(&a, "up.example.test", &client).await.is_none()
+    })
+    .await;
+
+    // Concurrent allowlist writes on a and b, some of the same pattern: nothing is lost.
+    let writer = |tls: TlsServiceClient<tonic::transport::Channel>, node: &'static str| async move {
+        let mut tls = tls;
+        for i in 0..15 {
+            for pattern in [
+                format!("{node}{i}.example.test"),
+                format!("both{i}.example.test"),
+            ] {
+                tls.add_allowlist_entry(pb::AddAllowlistEntryRequest { pattern })
+                    .await
+                    .unwrap_or_else(|e| panic!("{node}: {e:?}"));
+            }
+        }
+    };
+    let (x, y) = tokio::join!(
+        tokio::spawn(writer(tls_a.clone(), "a")),
+        tokio::spawn(writer(tls_b.clone(), "b"))
+    );
+    x.unwrap();
+    y.unwrap();
+    let mut expected: Vec<String> = (0..15)
+        .flat_map(|i| ["a", "b", "both"].map(|n| format!("{n}{i}.example.test")))
+        .chain(["*.shop.example.test".to_string()])
+        .collect();
+    expected.sort();
+    eventually("both nodes list every entry written on either", || {
+        let (a, b, expected, mut want_a) = (&a, &b, expected.clone(), expected.clone());
+        async move {
+            want_a.push("only-b.example.test".into());
+            want_a.sort();
+            allowlist(a).await.api_entries == want_a && allowlist(b).await.api_entries == expected
+        }
+    })
+    .await;
+
+    // Concurrent uploads of one name on a and b: each is made or ABORTED, never lost
+    // silently, and both nodes end up serving the same certificate.
+    let uploads = |tls: TlsServiceClient<tonic::transport::Channel>| {
+        let ca = &ca;
+        let certs: Vec<(String, String)> =
+            (0..5).map(|_| ca.leaf(&["race.example.test"])).collect();
+        async move {
+            let mut tls = tls;
+            let mut made = 0;
+            for (cert, key) in certs {
+                match upload(&mut tls, &cert, &key).await {
+                    Ok(_) => made += 1,
+                    Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+                }
+            }
+            made
+        }
+    };
+    let (made_a, made_b) = tokio::join!(uploads(tls_a.clone()), uploads(tls_b.clone()));
+    assert!(made_a + made_b >= 1);
+    eventually(
+        "both nodes serve the same certificate for the raced name",
+        || async {
+            let (x, y) = (
+                served_leaf(&a, "race.example.test", &client).await,
+                served_leaf(&b, "race.example.test", &client).await,
+            );
+            x.is_some() && x == y
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_objects_outlive_an_etcd_outage_and_reach_a_node_started_later() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let tls = tls_part("fixed.example.test", NO_ACME);
+    let a = start_node("a", &endpoints, &tls).await;
+    let mut tls_a = tls_api(&a).await;
+    let ca = tls_support::TestCa::new("fleet outage CA");
+    let client = tls_support::client_config(ca.roots(), &[]);
+    let (cert, key) = ca.leaf(&["keep.example.test"]);
+    upload(&mut tls_a, &cert, &key).await.unwrap();
+    tls_a
+        .add_allowlist_entry(pb::AddAllowlistEntryRequest {
+            pattern: "kept.example.test".into(),
+        })
+        .await
+        .unwrap();
+
+    // etcd down: TLS writes are UNAVAILABLE, serving goes on.
+    etcd.stop();
+    let api_a = connect(&a).await;
+    eventually("a notices etcd is gone", || {
+        let mut api = api_a.clone();
+        async move { cluster_state(&mut api).await.stale }
+    })
+    .await;
+    let (other, other_key) = ca.leaf(&["other.example.test"]);
+    let refused = upload(&mut tls_a, &other, &other_key).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let refused = tls_a
+        .add_allowlist_entry(pb::AddAllowlistEntryRequest {
+            pattern: "new.example.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let refused = tls_a
+        .remove_certificate(pb::RemoveCertificateRequest {
+            name: "keep.example.test".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        served_leaf(&a, "keep.example.test", &client).await,
+        Some(leaf_of(&cert))
+    );
+    assert!(served_leaf(&a, "other.example.test", &client)
+        .await
+        .is_none());
+
+    // a restarts while etcd is down: it serves what it applied last, from SQLite.
+    let a_dir = {
+        let TestProxy { daemon, dir } = a;
+        daemon.stop().await;
+        dir
+    };
+    let a = start_proxy_in(a_dir, &node_config("a", &endpoints, &tls)).await;
+    assert_eq!(
+        served_leaf(&a, "keep.example.test", &client).await,
+        Some(leaf_of(&cert))
+    );
+    assert_eq!(allowlist(&a).await.api_entries, ["kept.example.test"]);
+
+    // etcd back: a node started only now serves the certificate and the entry.
+    etcd.restart().await;
+    let c = start_node("c", &endpoints, &tls).await;
+    eventually(
+        "c serves the certificate stored in etcd before it existed",
+        || async { served_leaf(&c, "keep.example.test", &client).await == Some(leaf_of(&cert)) },
+    )
+    .await;
+    assert_eq!(allowlist(&c).await.api_entries, ["kept.example.test"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_count_fleet_wide() {
+    let Some(binary) = etcd_binary() else { return };
+    if !tls_support::require("pebble") || !tls_support::require("pebble-challtestsrv") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let pebble_dir = tempfile::tempdir().unwrap();
+    let ports = tls_support::PebblePorts::pick();
+    let (api_ca, ca_file) = tls_support::api_ca(pebble_dir.path());
+    let acme = format!(
+        "directory = \"{}\"\nca_file = \"{}\"\nchallenges = [\"http-01\"]",
+        ports.directory(),
+        ca_file.display()
+    );
+    let tls = tls_part("a.example.test", &acme);
+    let a = start_node("a", &endpoints, &tls).await;
+    let b = start_node("b", &endpoints, &tls).await;
+    // pebble validates on a's listeners: a orders.
+    let pebble = tls_support::Pebble::start(
+        ports,
+        pebble_dir,
+        api_ca,
+        ca_file,
+        a.addr("web").port(),
+        a.addr("secure").port(),
+    )
+    .await;
+    let client =
+        tls_support::client_config(tls_support::roots_from_pem(&pebble.root_pem().await), &[]);
+
+    let issued = served_leaf(&a, "a.example.test", &client)
+        .await
+        .unwrap_or_else(|| panic!("a's handshake\npebble log:\n{}", pebble.log()));
+    assert_eq!(pebble.order_requests(), 1, "{}", pebble.log());
+    eventually("b serves the certificate a ordered", || async {
+        served_leaf(&b, "a.example.test", &client).await.as_ref() == Some(&issued)
+    })
+    .await;
+    // The certificate and the ACME account are the fleet's, in etcd.
+    let mut etcd_client = etcd.client().await;
+    let cert = etcd_client
+        .get(b"/proxy/test/objects/tls_certificate/a.example.test")
+        .await
+        .unwrap()
+        .expect("the issued certificate in etcd");
+    let cert: serde_json::Value = serde_json::from_slice(&cert.value).unwrap();
+    assert_eq!(cert["origin"], "issued");
+    let accounts = etcd_client
+        .get_prefix(b"/proxy/test/objects/acme_account/", 0)
+        .await
+        .unwrap();
+    assert_eq!(accounts.kvs.len(), 1);
+
+    // A node started later serves it without an order.
+    let c = start_node("c", &endpoints, &tls).await;
+    eventually(
+        "c serves the certificate issued before it started",
+        || async { served_leaf(&c, "a.example.test", &client).await.as_ref() == Some(&issued) },
+    )
+    .await;
+    assert_eq!(c.daemon.tls().orders_created(), 0);
+
+    // The certificate removed: b would order again, but the fleet ordered for this name
+    // within the hour already (max_orders_per_name_per_hour = 1): refused, CA untouched.
+    tls_api(&a)
+        .await
+        .remove_certificate(pb::RemoveCertificateRequest {
+            name: "a.example.test".into(),
+        })
+        .await
+        .unwrap();
+    eventually("b no longer has the removed certificate", || async {
+        b.daemon
+            .tls()
+            .certificates()
+            .iter()
+            .all(|c| c.name != "a.example.test")
+    })
+    .await;
+    assert!(served_leaf(&b, "a.example.test", &client).await.is_none());
+    let last = b.daemon.tls().status().acme.unwrap().issuer.last_error;
+    assert!(
+        last.as_deref()
+            .is_some_and(|e| e.contains("max_orders_per_name_per_hour")),
+        "{last:?}"
+    );
+    assert_eq!(b.daemon.tls().orders_created(), 0);
+    assert_eq!(pebble.order_requests(), 1, "{}", pebble.log());
 }
