@@ -1211,7 +1211,7 @@ async fn the_allowlist_and_uploaded_certificates_are_fleet_objects() {
     let log = etcd
         .client()
         .await
-        .get(b"/proxy/test/acme/orders")
+        .get(b"/proxy/test/acme-orders")
         .await
         .unwrap();
     let log = String::from_utf8(log.expect("the fleet's order log").value).unwrap();

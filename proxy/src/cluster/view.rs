@@ -71,7 +71,8 @@ pub type ObjectId = (Kind, String);
 /// - `P/objects/.write`: written by every API write, so that each write is checked against
 ///   the whole state it was validated on (see [`crate::cluster`]);
 /// - `P/nodes/<node name>`: each node's lease key;
-/// - `P/acme/orders`: the fleet's recent ACME orders, for the fleet-wide rate limits.
+/// - `P/acme-orders`: the fleet's recent ACME orders, for the fleet-wide rate limits (apart
+///   from `P/acme/`, which holds the order locks and challenge answers);
 ///
 /// Other keys under `P/` are ignored (kept for newer versions).
 #[derive(Debug, Clone)]
@@ -121,7 +122,7 @@ impl Keyspace {
 
     /// The fleet's log of recent ACME orders.
     pub fn order_log(&self) -> Vec<u8> {
-        format!("{}/acme/orders", self.prefix).into_bytes()
+        format!("{}/acme-orders", self.prefix).into_bytes()
     }
 
     /// What a key under [`objects`](Self::objects) is.
