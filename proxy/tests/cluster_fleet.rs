@@ -1101,7 +1101,8 @@ async fn a_node_killed_mid_order_loses_the_lock_with_its_lease_and_another_compl
 
 /// The TLS part of a node's config: an `https` listener `secure`, on-demand issuance
 /// allowed for `allow` by the config file, and `acme` (the `[tls.acme]` keys).
-fn tls_part(allow: &str, acme: &str) -> String {
+fn tls_part(allow: &[&str], acme: &str) -> String {
+    let allow = allow.join("\", \"");
     format!(
         "[[listeners]]\nname = \"secure\"\nprotocol = \"https\"\naddress = \"127.0.0.1:0\"\n\n\
          [tls.acme]\n{acme}\n\n\
@@ -1167,9 +1168,14 @@ async fn the_allowlist_and_uploaded_certificates_are_fleet_objects() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(binary, dir.path(), 1).await;
     let endpoints = etcd.endpoints();
-    let a = start_node("a", &endpoints, &tls_part("fixed.example.test", NO_ACME)).await;
+    let a = start_node("a", &endpoints, &tls_part(&["fixed.example.test"], NO_ACME)).await;
     // b's own config file allows `only-b.example.test`: that name is b's on b.
-    let b = start_node("b", &endpoints, &tls_part("only-b.example.test", NO_ACME)).await;
+    let b = start_node(
+        "b",
+        &endpoints,
+        &tls_part(&["only-b.example.test"], NO_ACME),
+    )
+    .await;
     let mut tls_a = tls_api(&a).await;
     let mut tls_b = tls_api(&b).await;
     let ca = tls_support::TestCa::new("fleet upload CA");
@@ -1363,7 +1369,7 @@ async fn tls_objects_outlive_an_etcd_outage_and_reach_a_node_started_later() {
     let dir = tempfile::tempdir().unwrap();
     let mut etcd = Etcd::start(binary, dir.path(), 1).await;
     let endpoints = etcd.endpoints();
-    let tls = tls_part("fixed.example.test", NO_ACME);
+    let tls = tls_part(&["fixed.example.test"], NO_ACME);
     let a = start_node("a", &endpoints, &tls).await;
     let mut tls_a = tls_api(&a).await;
     let ca = tls_support::TestCa::new("fleet outage CA");
@@ -1451,7 +1457,7 @@ async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_cou
         ports.directory(),
         ca_file.display()
     );
-    let tls = tls_part("a.example.test", &acme);
+    let tls = tls_part(&["a.example.test", "b.example.test"], &acme);
     let a = start_node("a", &endpoints, &tls).await;
     let b = start_node("b", &endpoints, &tls).await;
     // pebble validates on a's listeners: a orders.
@@ -1490,6 +1496,24 @@ async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_cou
         .unwrap();
     assert_eq!(accounts.kvs.len(), 1);
 
+    // b orders a name of its own under the fleet's account (no second registration at
+    // the CA), its HTTP-01 token answered by a, where pebble validates.
+    let b_issued = served_leaf(&b, "b.example.test", &client)
+        .await
+        .unwrap_or_else(|| panic!("b's handshake\npebble log:\n{}", pebble.log()));
+    assert_eq!(b.daemon.tls().orders_created(), 1);
+    assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
+    let registrations = pebble
+        .log()
+        .lines()
+        .filter(|l| l.contains("POST /sign-me-up"))
+        .count();
+    assert_eq!(registrations, 1, "{}", pebble.log());
+    eventually("a serves the certificate b ordered", || async {
+        served_leaf(&a, "b.example.test", &client).await.as_ref() == Some(&b_issued)
+    })
+    .await;
+
     // A node started later serves it without an order.
     let c = start_node("c", &endpoints, &tls).await;
     eventually(
@@ -1523,6 +1547,6 @@ async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_cou
             .is_some_and(|e| e.contains("max_orders_per_name_per_hour")),
         "{last:?}"
     );
-    assert_eq!(b.daemon.tls().orders_created(), 0);
-    assert_eq!(pebble.order_requests(), 1, "{}", pebble.log());
+    assert_eq!(b.daemon.tls().orders_created(), 1);
+    assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
 }
