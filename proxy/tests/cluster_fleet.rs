@@ -857,6 +857,24 @@ impl Drop for ProcessNode {
     }
 }
 
+/// The loopback ports of a [`ProcessNode`], chosen before it starts.
+#[derive(Clone, Copy)]
+struct NodePorts {
+    web: u16,
+    secure: u16,
+    admin: u16,
+}
+
+impl NodePorts {
+    fn pick() -> NodePorts {
+        NodePorts {
+            web: free_port(),
+            secure: free_port(),
+            admin: free_port(),
+        }
+    }
+}
+
 impl ProcessNode {
     /// Starts node `name` on fresh ports; on-demand issuance for `*.fleet.test` from the
     /// pebble at `directory`, and `[cluster]` on `endpoints`.
@@ -867,8 +885,30 @@ impl ProcessNode {
         ca_file: &Path,
         app: &Upstream,
     ) -> ProcessNode {
+        ProcessNode::start_on(
+            NodePorts::pick(),
+            name,
+            endpoints,
+            directory,
+            ca_file,
+            app,
+            "",
+        )
+        .await
+    }
+
+    /// [`start`](Self::start) on `ports`, with `acme` added to the `[tls.acme]` section.
+    async fn start_on(
+        ports: NodePorts,
+        name: &str,
+        endpoints: &[String],
+        directory: &str,
+        ca_file: &Path,
+        app: &Upstream,
+        acme: &str,
+    ) -> ProcessNode {
         let dir = tempfile::tempdir().unwrap();
-        let (web, secure, admin) = (free_port(), free_port(), free_port());
+        let NodePorts { web, secure, admin } = ports;
         let endpoints = endpoints
             .iter()
             .map(|e| format!("{e:?}"))
@@ -901,6 +941,7 @@ directory = "{directory}"
 ca_file = "{ca_file}"
 contact = ["mailto:ops@example.test"]
 challenges = ["http-01"]
+{acme}
 
 [tls.on_demand]
 enabled = true
@@ -1549,4 +1590,226 @@ async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_cou
     );
     assert_eq!(b.daemon.tls().orders_created(), 1);
     assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_first_handshake_for_one_name_makes_one_order_and_all_serve_it() {
+    use tls_support::{api_ca, client_config, peer_leaf, roots_from_pem, tls_connect};
+    let Some(binary) = etcd_binary() else { return };
+    if !pebble_programs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let pebble_dir = tempfile::tempdir().unwrap();
+    let ports = tls_support::PebblePorts::pick();
+    let (ca, ca_file) = api_ca(pebble_dir.path());
+    let directory = ports.directory();
+    let a = ProcessNode::start("a", &endpoints, &directory, &ca_file, &app).await;
+    let b = ProcessNode::start("b", &endpoints, &directory, &ca_file, &app).await;
+    let c = ProcessNode::start("c", &endpoints, &directory, &ca_file, &app).await;
+    // The CA validates on node a only: HTTP-01 for an order made by b or c is answered by a
+    // from the fleet's tokens.
+    let pebble = tls_support::Pebble::start(ports, pebble_dir, ca, ca_file, a.web, a.secure).await;
+    let roots = roots_from_pem(&pebble.root_pem().await);
+    let client = client_config(roots, &[b"http/1.1"]);
+    let nodes = [&a, &b, &c];
+
+    // The first handshake for one allowed name on all three nodes at the same moment.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+    let handshakes: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let (addr, client, start) = (n.secure(), client.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                tls_connect(addr, "same.fleet.test", client)
+                    .await
+                    .map(|s| peer_leaf(&s))
+            })
+        })
+        .collect();
+    let mut leaves = Vec::new();
+    for h in handshakes {
+        let leaf = h.await.unwrap().unwrap_or_else(|e| {
+            panic!(
+                "first handshake failed: {e}\n{}\npebble:\n{}",
+                logs(&nodes),
+                pebble.log()
+            )
+        });
+        leaves.push(leaf);
+    }
+    assert_eq!(
+        pebble.order_requests(),
+        1,
+        "exactly one order in the fleet\n{}\npebble:\n{}",
+        logs(&nodes),
+        pebble.log()
+    );
+    assert_eq!(nodes.iter().map(|n| n.orders()).sum::<usize>(), 1);
+    assert!(
+        leaves.iter().all(|l| *l == leaves[0]),
+        "every node serves the one certificate"
+    );
+    // Again, now from each node's store: still the same certificate, no new order.
+    for n in nodes {
+        let s = tls_connect(n.secure(), "same.fleet.test", client.clone())
+            .await
+            .unwrap();
+        assert_eq!(peer_leaf(&s), leaves[0], "node {}", n.name);
+    }
+
+    // A name asked on c only: c orders, the CA reaches a, and a answers c's token.
+    let before: Vec<usize> = nodes.iter().map(|n| n.orders()).collect();
+    let leaf_c = tls_connect(c.secure(), "only-c.fleet.test", client.clone())
+        .await
+        .map(|s| peer_leaf(&s))
+        .unwrap_or_else(|e| panic!("{e}\n{}\npebble:\n{}", logs(&nodes), pebble.log()));
+    assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
+    let after: Vec<usize> = nodes.iter().map(|n| n.orders()).collect();
+    assert_eq!(
+        after,
+        vec![before[0], before[1], before[2] + 1],
+        "c made the order; a only answered its challenge"
+    );
+    for n in [&a, &b] {
+        let s = tls_connect(n.secure(), "only-c.fleet.test", client.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            peer_leaf(&s),
+            leaf_c,
+            "node {} serves c's certificate",
+            n.name
+        );
+    }
+    assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
+    // Every lock and token went with its order.
+    let mut etcd_client = etcd.client().await;
+    for prefix in [&b"/proxy/acme/acme/locks/"[..], b"/proxy/acme/acme/tokens/"] {
+        let left = etcd_client.get_prefix(prefix, 0).await.unwrap();
+        assert!(left.kvs.is_empty(), "{:?}", left.kvs);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_due_renewal_is_made_once_for_the_fleet_and_every_node_serves_the_new_certificate() {
+    use tls_support::{api_ca, client_config, peer_leaf, roots_from_pem, tls_connect};
+    let Some(binary) = etcd_binary() else { return };
+    if !pebble_programs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    // An issued certificate past two thirds of its life, as the fleet stores it, before any
+    // node starts: every node's renewal task finds it due at once.
+    let old_ca = tls_support::TestCa::new("expiring issuer");
+    let (cert_pem, key_pem) = old_ca.leaf_with(&["renew.fleet.test"], |p| {
+        tls_support::validity_days(p, -10, 1)
+    });
+    let stored = serde_json::json!({
+        "name": "renew.fleet.test",
+        "origin": "issued",
+        "cert_pem": cert_pem,
+        "key_pem": key_pem,
+    });
+    etcd.client()
+        .await
+        .put(
+            b"/proxy/acme/objects/tls_certificate/renew.fleet.test",
+            stored.to_string().as_bytes(),
+            0,
+        )
+        .await
+        .unwrap();
+
+    // Pebble first, so that the first renewal attempts reach it. It validates at node a
+    // through a gate, closed until every node's renewal task is under way: the order waits
+    // there with its lock held.
+    let pebble_dir = tempfile::tempdir().unwrap();
+    let ports = tls_support::PebblePorts::pick();
+    let (ca, ca_file) = api_ca(pebble_dir.path());
+    let directory = ports.directory();
+    let a_ports = NodePorts::pick();
+    let gate = Gate::start(a_ports.web).await;
+    let pebble = tls_support::Pebble::start(
+        ports,
+        pebble_dir,
+        ca,
+        ca_file.clone(),
+        gate.port,
+        a_ports.secure,
+    )
+    .await;
+    let client = client_config(roots_from_pem(&pebble.root_pem().await), &[b"http/1.1"]);
+    let every_second = "renew_check_interval = \"1s\"";
+    let start = |name: &'static str, ports: NodePorts| {
+        ProcessNode::start_on(
+            ports,
+            name,
+            &endpoints,
+            &directory,
+            &ca_file,
+            &app,
+            every_second,
+        )
+    };
+    let (a, b, c) = tokio::join!(
+        start("a", a_ports),
+        start("b", NodePorts::pick()),
+        start("c", NodePorts::pick())
+    );
+    let nodes = [&a, &b, &c];
+    eventually(
+        "every node's renewal task found the certificate due",
+        || {
+            let due = nodes
+                .iter()
+                .all(|n| n.log().contains("renewing certificate"));
+            async move { due }
+        },
+    )
+    .await;
+    gate.open.send_replace(true);
+
+    // Each node serves the renewed certificate (chained to pebble's root) soon.
+    let mut leaves = Vec::new();
+    for n in nodes {
+        let mut served = None;
+        for _ in 0..120 {
+            if let Ok(s) = tls_connect(n.secure(), "renew.fleet.test", client.clone()).await {
+                served = Some(peer_leaf(&s));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let leaf = served.unwrap_or_else(|| {
+            panic!(
+                "node {} never served the renewed certificate\n{}\npebble:\n{}",
+                n.name,
+                logs(&nodes),
+                pebble.log()
+            )
+        });
+        leaves.push(leaf);
+    }
+    assert!(
+        leaves.iter().all(|l| *l == leaves[0]),
+        "one renewed certificate"
+    );
+    // Several more renewal checks on every node: the fresh certificate is not renewed again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pebble.order_requests(),
+        1,
+        "one renewal for the fleet\n{}\npebble:\n{}",
+        logs(&nodes),
+        pebble.log()
+    );
+    assert_eq!(nodes.iter().map(|n| n.orders()).sum::<usize>(), 1);
 }
