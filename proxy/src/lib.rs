@@ -163,10 +163,6 @@ impl Daemon {
             telemetry.metrics().clone(),
         )
         .await?;
-        if config.cluster.is_some() {
-            // Handshakes before the fleet is joined wait for its order lock.
-            tls.expect_fleet_orders();
-        }
 
         // The data path: every listener served, each socket listed for a hand-over.
         let data_path = DataPath {

@@ -254,6 +254,10 @@ impl Tls {
                 metrics.clone(),
             ))
         });
+        if let Some(issuer) = issuer.as_ref().filter(|_| in_fleet) {
+            // Handshakes before the fleet is joined wait for its order lock.
+            issuer.expect_fleet_orders();
+        }
         let alpn_challenges = config
             .acme
             .as_ref()
@@ -428,14 +432,6 @@ impl Tls {
                 tracing::warn!(domain = %name, error = %e, "cannot answer the fleet's TLS-ALPN-01 challenge");
                 None
             }
-        }
-    }
-
-    /// Says that this node is about to join a fleet ([`join_fleet_orders`](Self::join_fleet_orders)):
-    /// until then no order starts without the fleet's lock.
-    pub fn expect_fleet_orders(&self) {
-        if let Some(issuer) = &self.issuer {
-            issuer.expect_fleet_orders();
         }
     }
 
