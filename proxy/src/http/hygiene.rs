@@ -5,8 +5,10 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+/// How many names [`HOP_BY_HOP`] has.
+const HOP_BY_HOP_COUNT: usize = 8;
 /// Headers that describe one connection, not the message, and are never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -229,19 +231,29 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes hop-by-hop headers, including every header named by `Connection`. With
 /// `upgrade`, keeps `Upgrade` and sets `Connection: upgrade` so the tunnel can be set up.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names first: most messages carry none of these, or only
-    // `Connection`, and a removal by name costs a hash and a probe each.
-    let present = headers
-        .keys()
-        .any(|name| *name == header::UPGRADE || HOP_BY_HOP.contains(name));
-    if present {
-        // Names in `Connection` that are hop-by-hop anyway go below without a lookup here.
+    // One pass over the names first, noting which of these are present: most messages
+    // carry none of them, or only `Connection`, and a removal by name costs a hash and a
+    // probe each, so only the present ones are removed.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    let mut upgrade_present = false;
+    for name in headers.keys() {
+        if *name == header::UPGRADE {
+            upgrade_present = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if upgrade_present || present.contains(&true) {
+        // Names in `Connection` that are hop-by-hop anyway go below; of the others only
+        // those naming a header of this message are removed (`close` names none, as a
+        // rule), found without allocating a name.
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| {
                 !HOP_BY_HOP
                     .iter()
                     .any(|h| t.eq_ignore_ascii_case(h.as_str()))
             })
+            .filter(|t| headers.contains_key(*t))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
@@ -249,10 +261,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                 headers.remove(&name);
             }
         }
-        for name in &HOP_BY_HOP {
-            headers.remove(name);
+        for (name, here) in HOP_BY_HOP.iter().zip(present) {
+            if here {
+                headers.remove(name);
+            }
         }
-        if !upgrade {
+        if !upgrade && upgrade_present {
             headers.remove(header::UPGRADE);
         }
     }
@@ -356,9 +370,14 @@ pub struct ForwardedClient {
 impl ForwardedClient {
     /// Renders `client`.
     pub fn new(client: IpAddr) -> ForwardedClient {
-        let text = client.to_string();
+        let text = ip_text(client);
         let forwarded_for = match client {
-            IpAddr::V4(_) => format!("for={text}"),
+            IpAddr::V4(_) => {
+                let mut s = String::with_capacity(4 + text.len());
+                s.push_str("for=");
+                s.push_str(&text);
+                s
+            }
             IpAddr::V6(_) => format!("for={}", quoted(&format!("[{text}]"))),
         };
         ForwardedClient {
@@ -367,6 +386,29 @@ impl ForwardedClient {
             forwarded_for,
         }
     }
+}
+
+/// `client` as text. An IPv4 address, the common case, is written digit by digit: this
+/// runs for every accepted connection, and the formatting machinery costs several times
+/// as much.
+fn ip_text(client: IpAddr) -> String {
+    let IpAddr::V4(v4) = client else {
+        return client.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
 }
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
@@ -520,6 +562,68 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn every_hop_by_hop_header_goes_with_all_its_values() {
+        let all = [
+            ("connection", "close"),
+            ("connection", "X-Secret, Upgrade, Close"),
+            ("close", "named by the token"),
+            ("x-secret", "1"),
+            ("x-secret", "2"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-authenticate", "Basic"),
+            ("trailer", "x-t"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ];
+        let mut h = headers(&all);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+
+        // A tunnel keeps Upgrade, and says so in the one Connection it sends.
+        let mut h = headers(&all);
+        strip_hop_by_hop(&mut h, true);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["connection", "upgrade", "x-kept"]);
+        assert_eq!(h.get_all("connection").iter().count(), 1);
+        assert_eq!(h["connection"], "upgrade");
+
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = headers(&[("x-kept", "yes"), ("accept", "*/*")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_the_standard_library_writes_them() {
+        for octets in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [10, 9, 99, 100],
+            [255, 200, 101, 110],
+        ] {
+            let ip = IpAddr::from(octets);
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        for a in 0..=255u8 {
+            let ip = IpAddr::from([a, a.wrapping_mul(7), a.wrapping_add(13), 255 - a]);
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        let v6: IpAddr = "2001:db8::1".parse().expect("ip");
+        assert_eq!(ip_text(v6), "2001:db8::1");
+        let client = ForwardedClient::new("192.0.2.60".parse().expect("ip"));
+        assert_eq!(client.address, "192.0.2.60");
+        assert_eq!(client.forwarded_for, "for=192.0.2.60");
+        let client = ForwardedClient::new(v6);
+        assert_eq!(client.forwarded_for, "for=\"[2001:db8::1]\"");
     }
 
     #[test]
