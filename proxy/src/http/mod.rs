@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod body;
+mod detect;
 pub mod framing;
 pub mod hygiene;
 pub mod per_ip;

@@ -2,15 +2,21 @@
 //! connection is TLS-terminated first (see [`crate::tls`]) and then served the same way,
 //! HTTP/1.1 or HTTP/2 as ALPN chose.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 
+use super::detect::{self, Prefixed, Speaks};
 use super::framing::{FramingScan, HeadProgress};
 use super::hygiene::ForwardedClient;
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
@@ -20,12 +26,18 @@ use crate::listener::IdleTimeout;
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
-use crate::telemetry::{ClientTimeout, Refusal, Telemetry};
+use crate::telemetry::{ClientTimeout, ListenerSeries, Refusal, Telemetry};
 use crate::tls::{AcceptError, Tls};
 use crate::workers::Workers;
 
 /// How long an idle keep-alive connection may stay open once draining began.
-const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// How a listener's connections are served, once their first bytes told the version.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
 
 /// A listener's connection and client limits, one set shared by all of its workers.
 #[derive(Clone)]
@@ -111,9 +123,8 @@ async fn serve_limited(
         None
     };
     let scheme = if terminate.is_some() { "https" } else { "http" };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         // A client that sends a whole request and then shuts down its write side
@@ -121,11 +132,11 @@ async fn serve_limited(
         .half_close(true)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols { http1, http2 });
     loop {
         let (stream, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -171,48 +182,56 @@ async fn serve_limited(
             progress: Arc::new(HeadProgress::default()),
             rate: limits.rate.clone(),
         });
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let conn_shutdown = shutdown.clone();
         let idle = config.idle_timeout;
-        let terminate = terminate.clone();
-        let tls = tls.clone();
         let open = series.open();
-        shutdown.spawn(async move {
-            let _permit = permit;
-            let _client_slot = client_slot;
-            let _open = open;
-            match terminate {
-                None => serve_connection(stream, ctx, &builder, conn_shutdown, idle).await,
-                // The idle limit sits below TLS, so it covers the handshake too; the
-                // handshake as a whole is bounded by the header timeout.
-                Some(server_config) => match tls
-                    .accept(
-                        IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
-                        &server_config,
-                        ctx.telemetry.metrics(),
-                        ctx.listener.header_timeout,
-                    )
-                    .await
-                {
-                    Ok(stream) => {
-                        serve_connection(
-                            stream,
-                            ctx,
-                            &builder,
-                            conn_shutdown,
-                            std::time::Duration::ZERO,
+        // Two tasks, so that a plain connection's task does not carry the size of a TLS
+        // handshake: a task's future is copied whole when it is spawned and when it ends.
+        match &terminate {
+            None => shutdown.spawn(async move {
+                let _permit = permit;
+                let _client_slot = client_slot;
+                let _open = open;
+                serve_connection(stream, ctx, &protocols, conn_shutdown, idle).await
+            }),
+            Some(server_config) => {
+                let (server_config, tls) = (server_config.clone(), tls.clone());
+                shutdown.spawn(async move {
+                    let _permit = permit;
+                    let _client_slot = client_slot;
+                    let _open = open;
+                    // The idle limit sits below TLS, so it covers the handshake too; the
+                    // handshake as a whole is bounded by the header timeout.
+                    match tls
+                        .accept(
+                            IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
+                            &server_config,
+                            ctx.telemetry.metrics(),
+                            ctx.listener.header_timeout,
                         )
                         .await
+                    {
+                        Ok(stream) => {
+                            serve_connection(
+                                stream,
+                                ctx,
+                                &protocols,
+                                conn_shutdown,
+                                Duration::ZERO,
+                            )
+                            .await
+                        }
+                        Err(AcceptError::ChallengeAnswered) => {}
+                        Err(AcceptError::Timeout) => {
+                            ctx.series.timed_out(ClientTimeout::Handshake);
+                            tracing::debug!(%client, "TLS handshake not completed within header_timeout");
+                        }
+                        Err(e) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
                     }
-                    Err(AcceptError::ChallengeAnswered) => {}
-                    Err(AcceptError::Timeout) => {
-                        ctx.series.timed_out(ClientTimeout::Handshake);
-                        tracing::debug!(%client, "TLS handshake not completed within header_timeout");
-                    }
-                    Err(e) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
-                },
+                })
             }
-        });
+        }
     }
 }
 
@@ -221,9 +240,9 @@ async fn serve_limited(
 async fn serve_connection<IO>(
     io: IO,
     ctx: Arc<ConnContext>,
-    builder: &auto::Builder<TokioExecutor>,
+    protocols: &Protocols,
     shutdown: Shutdown,
-    idle_above: std::time::Duration,
+    idle_above: Duration,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -233,43 +252,66 @@ async fn serve_connection<IO>(
     let (series, progress) = (ctx.series.clone(), ctx.progress.clone());
     // The framing scan reads what the HTTP parser reads: the decrypted bytes.
     let scanned = FramingScan::watched(io, progress.clone());
-    let io = TokioIo::new(IdleTimeout::new(scanned, idle_above).counted_in(series.clone()));
-    let service = service_fn(move |req| handle(ctx.clone(), req));
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    let mut io = IdleTimeout::new(scanned, idle_above).counted_in(series.clone());
     // hyper times an HTTP/1 head from its first byte, and an HTTP/2 connection's first
     // request not at all: a client that connects and sends nothing (or trickles an HTTP/2
     // preface) gets `header_timeout` for its first request, like any head.
     let first_request = tokio::time::sleep(header_timeout);
     tokio::pin!(first_request);
-    let mut awaiting_first = true;
-    let result = loop {
-        tokio::select! {
-            r = conn.as_mut() => break r,
-            () = &mut first_request, if awaiting_first => {
-                awaiting_first = false;
-                if !progress.any_request() {
-                    series.timed_out(ClientTimeout::Head);
-                    tracing::debug!(%client, "no request within header_timeout");
-                    return;
-                }
-            }
-            _ = shutdown.triggered() => {
-                // Keep-alive clients are told `Connection: close` on their next response
-                // (see the request path), which closes cleanly from their side of the
-                // race. Only connections that stay idle are closed by us, after a grace.
-                break tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = tokio::time::sleep(DRAIN_GRACE.min(idle)) => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
+    let mut start = Vec::new();
+    let speaks = tokio::select! {
+        r = detect::first_bytes(&mut io, &mut start) => r,
+        () = &mut first_request => {
+            series.timed_out(ClientTimeout::Head);
+            tracing::debug!(%client, "no request within header_timeout");
+            return;
+        }
+        _ = shutdown.triggered() => {
+            // A client that connected as the drain began still gets a grace to send its
+            // request, which is then answered with `Connection: close`.
+            tokio::select! {
+                r = detect::first_bytes(&mut io, &mut start) => r,
+                () = tokio::time::sleep(DRAIN_GRACE.min(idle)) => return,
             }
         }
     };
-    if let Err(e) = result {
-        if is_header_timeout(&*e) {
+    let speaks = match speaks {
+        Ok(Some(speaks)) => speaks,
+        // Closed without a byte.
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "client connection ended with an error");
+            return;
+        }
+    };
+    let io = TokioIo::new(Prefixed::new(start, io));
+    let service = service_fn(move |req| handle(ctx.clone(), req));
+    let watch = Watch {
+        first_request: first_request.as_mut(),
+        progress: &progress,
+        series: &series,
+        client,
+        shutdown: &shutdown,
+        idle,
+    };
+    // Boxed: the connection task's own future stays small (see the accept loop).
+    let result = match speaks {
+        Speaks::Http1 => {
+            let conn = Box::pin(
+                protocols
+                    .http1
+                    .serve_connection(io, service)
+                    .with_upgrades(),
+            );
+            watch.drive(conn, |conn| conn.graceful_shutdown()).await
+        }
+        Speaks::Http2 => {
+            let conn = Box::pin(protocols.http2.serve_connection(io, service));
+            watch.drive(conn, |conn| conn.graceful_shutdown()).await
+        }
+    };
+    if let Some(Err(e)) = result {
+        if is_header_timeout(&e) {
             // hyper's head timer also runs while a keep-alive connection waits for its
             // next request: that is an idle client, not a stalled head.
             let cause = if progress.in_head() || !progress.any_request() {
@@ -280,6 +322,57 @@ async fn serve_connection<IO>(
             series.timed_out(cause);
         }
         tracing::debug!(%client, error = %e, "client connection ended with an error");
+    }
+}
+
+/// What a served connection is watched for besides its own work: the first request's
+/// deadline and the drain.
+struct Watch<'a> {
+    first_request: Pin<&'a mut Sleep>,
+    progress: &'a HeadProgress,
+    series: &'a ListenerSeries,
+    client: SocketAddr,
+    shutdown: &'a Shutdown,
+    idle: Duration,
+}
+
+impl Watch<'_> {
+    /// Runs `conn` to its end; `None` when it was closed for sending no request in time.
+    async fn drive<C>(
+        mut self,
+        mut conn: Pin<Box<C>>,
+        graceful_shutdown: impl FnOnce(Pin<&mut C>),
+    ) -> Option<hyper::Result<()>>
+    where
+        C: Future<Output = hyper::Result<()>>,
+    {
+        let mut awaiting_first = true;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => return Some(r),
+                () = self.first_request.as_mut(), if awaiting_first => {
+                    awaiting_first = false;
+                    if !self.progress.any_request() {
+                        self.series.timed_out(ClientTimeout::Head);
+                        tracing::debug!(client = %self.client, "no request within header_timeout");
+                        return None;
+                    }
+                }
+                _ = self.shutdown.triggered() => {
+                    // Keep-alive clients are told `Connection: close` on their next
+                    // response (see the request path), which closes cleanly from their
+                    // side of the race. Only connections that stay idle are closed by us,
+                    // after a grace.
+                    return Some(tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = tokio::time::sleep(DRAIN_GRACE.min(self.idle)) => {
+                            graceful_shutdown(conn.as_mut());
+                            conn.await
+                        }
+                    });
+                }
+            }
+        }
     }
 }
 
