@@ -36,6 +36,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// HTTP/2 pings on an idle connection notice a vanished etcd (or network) within seconds.
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys per range request of a prefix read: a fleet of 100,000 routes is read in pages
+/// rather than in one response far over gRPC's message limit.
+const PAGE: i64 = 5_000;
+/// The largest message taken from etcd. A watch response carries whole transactions (up
+/// to etcd's `--max-request-bytes` each, possibly several); a page of keys stays far
+/// below it.
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// What an etcd call can fail with.
 #[derive(Debug, Error)]
@@ -338,8 +345,9 @@ impl Client {
             match connected {
                 Ok(channel) => {
                     return Ok(Client {
-                        kv: KvClient::new(channel.clone()),
-                        watch: WatchClient::new(channel.clone()),
+                        kv: KvClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE),
+                        watch: WatchClient::new(channel.clone())
+                            .max_decoding_message_size(MAX_MESSAGE),
                         lease: LeaseClient::new(channel),
                     })
                 }
@@ -354,26 +362,45 @@ impl Client {
         Err(last.unwrap_or(EtcdError::NoEndpoint))
     }
 
-    /// Every key starting with `prefix`, as of `revision` (0: the newest).
+    /// Every key starting with `prefix`, as of `revision` (0: the newest). Read in pages of
+    /// [`PAGE`] keys, all at the revision of the first page, so the result is one
+    /// consistent snapshot however many keys there are.
     pub async fn get_prefix(
         &mut self,
         prefix: &[u8],
         revision: i64,
     ) -> Result<Snapshot, EtcdError> {
-        let response = self
-            .kv
-            .range(RangeRequest {
-                key: prefix.to_vec(),
-                range_end: prefix_end(prefix),
-                revision,
-                ..RangeRequest::default()
-            })
-            .await?
-            .into_inner();
-        Ok(Snapshot {
-            revision: response.header.map_or(0, |h| h.revision),
-            kvs: response.kvs,
-        })
+        let end = prefix_end(prefix);
+        let mut from = prefix.to_vec();
+        let mut at = revision;
+        let mut kvs = Vec::new();
+        loop {
+            let response = self
+                .kv
+                .range(RangeRequest {
+                    key: from,
+                    range_end: end.clone(),
+                    revision: at,
+                    limit: PAGE,
+                    ..RangeRequest::default()
+                })
+                .await?
+                .into_inner();
+            if at == 0 {
+                at = response.header.as_ref().map_or(0, |h| h.revision);
+            }
+            let more = response.more;
+            kvs.extend(response.kvs);
+            match kvs.last() {
+                // The next page starts just after the last key read.
+                Some(last) if more => {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok(Snapshot { revision: at, kvs })
     }
 
     /// The value of one key, if present.
