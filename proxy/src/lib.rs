@@ -177,6 +177,10 @@ impl Daemon {
         // Ports the previous process opened for registrations are taken over further down.
         let registration_ports = inherited.take_tcp_prefixed(registration::HANDOFF_PREFIX);
         let registration_routes = inherited.take_data(registration::HANDOFF_ROUTES);
+        // The previous process's fleet lease: this node's key stays in place.
+        let cluster_lease = inherited
+            .take_data(cluster::HANDOFF_LEASE)
+            .and_then(|l| l.parse::<i64>().ok());
         inherited.close_leftovers();
         store_in_systemd(&handoff, &bound_here);
         tokio::spawn(upstream::health::run(
@@ -197,6 +201,7 @@ impl Daemon {
                     state.clone(),
                     Some(tls.clone() as Arc<dyn cluster::TlsSink>),
                     shutdown.clone(),
+                    cluster_lease,
                 )
                 .await?,
             ),
@@ -232,24 +237,31 @@ impl Daemon {
         // handing over, new management connections wait for the successor, then the state
         // writer closes (never two writers); a failed hand-over undoes it in reverse.
         let mgmt_gate = Arc::new(GatedMgmt::default());
-        let upgrader = Arc::new(
-            upgrade::Upgrader::new(
-                upgrade::default_executable(config.server.executable.as_deref()),
-                runtime_dir(&config),
-                config.server.upgrade_timeout,
-                {
-                    let state = state.clone();
-                    Box::new(move || state.snapshot().revision)
-                },
-                shutdown.clone(),
-                handoff,
-            )
-            .with_participant(mgmt_gate.clone())
-            .with_participant(Arc::new(StateWriter(state.clone())))
-            .with_metrics(telemetry.metrics().clone())
-            .with_extras(registry.clone())
-            .with_config_file(config.path.clone()),
-        );
+        let upgrader = upgrade::Upgrader::new(
+            upgrade::default_executable(config.server.executable.as_deref()),
+            runtime_dir(&config),
+            config.server.upgrade_timeout,
+            {
+                let state = state.clone();
+                Box::new(move || state.snapshot().revision)
+            },
+            shutdown.clone(),
+            handoff,
+        )
+        .with_participant(mgmt_gate.clone())
+        .with_config_file(config.path.clone())
+        .with_metrics(telemetry.metrics().clone())
+        .with_extras(registry.clone());
+        // The fleet sync stops before the writer closes (it stores its revision through
+        // it), and its lease goes to the successor with the sockets.
+        let upgrader = match &cluster {
+            Some(c) => {
+                let fleet = Arc::new(FleetHandOver(c.clone()));
+                upgrader.with_participant(fleet.clone()).with_extras(fleet)
+            }
+            None => upgrader,
+        };
+        let upgrader = Arc::new(upgrader.with_participant(Arc::new(StateWriter(state.clone()))));
         let mgmt_address = mgmt_sockets.tcp_address();
         let listeners = mgmt::ListenerInfo::all(&config, &addresses);
         let writes = mgmt::Writes::new(state.clone(), shutdown.clone()).through(cluster.clone());
@@ -571,6 +583,50 @@ impl upgrade::HandOver for GatedMgmt {
 
 /// The state writer's part in a hand-over: closed before the successor opens the store
 /// (never two writers), reopened if the hand-over fails.
+/// Fleet mode across an upgrade: the old process stops following etcd and heartbeating
+/// (storing the revision it applied) but leaves its lease alone; the successor renews the
+/// same lease and rewrites the same key, so the node never leaves the fleet's list, and
+/// resumes the watch from the stored revision.
+struct FleetHandOver(cluster::Cluster);
+
+impl upgrade::HandOver for FleetHandOver {
+    fn name(&self) -> &str {
+        "the fleet sync"
+    }
+
+    fn quiesce(&self) -> upgrade::HandOverStep<'_> {
+        Box::pin(async {
+            self.0.pause().await?;
+            Ok(())
+        })
+    }
+
+    fn resume(&self) -> upgrade::HandOverStep<'_> {
+        Box::pin(async {
+            self.0.resume();
+            Ok(())
+        })
+    }
+}
+
+impl upgrade::HandoffExtras for FleetHandOver {
+    fn handoff_sockets(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<upgrade::HandoffSocket>> + Send + '_>>
+    {
+        Box::pin(async { Vec::new() })
+    }
+
+    fn handoff_data(&self) -> upgrade::HandoffData<'_> {
+        Box::pin(async {
+            self.0
+                .lease()
+                .map(|l| vec![(cluster::HANDOFF_LEASE.to_string(), l.to_string())])
+                .unwrap_or_default()
+        })
+    }
+}
+
 struct StateWriter(StateHandle);
 
 impl upgrade::HandOver for StateWriter {
@@ -781,7 +837,7 @@ fn watch_cluster(telemetry: &telemetry::Telemetry, cluster: Option<&cluster::Clu
         vec![telemetry::ClusterReading {
             connected: s.connected,
             applied_revision: s.applied_revision,
-            lag: s.etcd_revision.saturating_sub(s.applied_revision).max(0),
+            lag_writes: s.lag_writes,
             stale_seconds: s.stale_for.map_or(0, |d| d.as_secs()),
             full_syncs: s.full_syncs,
         }]

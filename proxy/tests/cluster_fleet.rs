@@ -323,7 +323,7 @@ async fn a_route_created_on_one_node_is_served_by_the_others() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("proxy_cluster_lag_revisions "),
+        metrics.contains("proxy_cluster_lag_writes "),
         "{metrics}"
     );
     assert!(metrics.contains("proxy_cluster_connected 1"), "{metrics}");
@@ -1812,4 +1812,271 @@ async fn a_due_renewal_is_made_once_for_the_fleet_and_every_node_serves_the_new_
         pebble.log()
     );
     assert_eq!(nodes.iter().map(|n| n.orders()).sum::<usize>(), 1);
+}
+
+const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
+
+/// A proxyd node run as a child process (upgrades start real successors); the process
+/// serving at the end is killed when dropped.
+struct NodeProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+    web: u16,
+    newest_pid: Option<u32>,
+}
+
+impl NodeProcess {
+    async fn start(name: &str, endpoints: &[String]) -> NodeProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let web = free_port();
+        let config = format!(
+            "[server]\nstate_dir = \"{d}\"\nmgmt_socket = \"{d}/mgmt.sock\"\n\
+             executable = \"{PROXYD}\"\nupgrade_timeout = \"10s\"\ndrain_timeout = \"5s\"\n\
+             log_level = \"warn\"\n\n\
+             [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:{web}\"\n\n\
+             [cluster]\nnode_name = \"{name}\"\netcd = {{ endpoints = [{e}], prefix = \"/proxy/test\" }}\n",
+            d = dir.path().display(),
+            e = endpoints
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(PROXYD)
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let node = NodeProcess {
+            child,
+            dir,
+            web,
+            newest_pid: None,
+        };
+        let socket = node.dir.path().join("mgmt.sock");
+        eventually("the node's management socket", || {
+            let socket = socket.clone();
+            async move { tokio::net::UnixStream::connect(socket).await.is_ok() }
+        })
+        .await;
+        node
+    }
+
+    async fn api(&self) -> Api {
+        Api::over(mgmt_support::unix_channel(&self.dir.path().join("mgmt.sock")).await)
+    }
+
+    fn web(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.web).into()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = self.newest_pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The names in `ClusterStatus` as another node answers it.
+async fn listed_nodes(
+    cluster: &mut ClusterServiceClient<tonic::transport::Channel>,
+) -> Vec<String> {
+    match cluster.cluster_status(pb::ClusterStatusRequest {}).await {
+        Ok(r) => r.into_inner().nodes.into_iter().map(|n| n.name).collect(),
+        Err(e) => vec![format!("error: {e}")],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_in_fleet_mode_keeps_the_node_listed_serving_and_resuming() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let mut a = NodeProcess::start("a", &endpoints).await;
+    let b = start_node("b", &endpoints, "").await;
+    let mut api_b = connect(&b).await;
+    create_pool(&mut api_b, pool_msg("app", &[app.address()])).await;
+    create_route(&mut api_b, route_msg("site", "example.com", "/", "app")).await;
+    let web_a = a.web();
+    eventually("a serves the route made on b", || async move {
+        let r = tokio::spawn(get(web_a, "example.com", "/")).await;
+        r.is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let cluster_b = ClusterServiceClient::new(api_b.channel.clone());
+    eventually("both nodes listed", || {
+        let mut c = cluster_b.clone();
+        async move { listed_nodes(&mut c).await == ["a", "b"] }
+    })
+    .await;
+    let mut etcd_client = etcd.client().await;
+    let lease_before = etcd_client
+        .get(b"/proxy/test/nodes/a")
+        .await
+        .unwrap()
+        .expect("a's key")
+        .lease;
+    let mut api_a = a.api().await;
+    let before = cluster_state(&mut api_a).await;
+
+    // Requests through a, and b's view of the fleet's list, all along the upgrade.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut ok, mut failed) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match tokio::spawn(get(web_a, "example.com", "/")).await {
+                    Ok(r) if r.status == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        }
+    });
+    let poll = tokio::spawn({
+        let stop = stop.clone();
+        let mut cluster = cluster_b.clone();
+        async move {
+            let (mut polls, mut missing) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                polls += 1;
+                let names = listed_nodes(&mut cluster).await;
+                if names != ["a", "b"] {
+                    missing.push(names);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (polls, missing)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_pid = api_a
+        .admin
+        .upgrade(pb::UpgradeRequest { wait: true })
+        .await
+        .expect("upgrade")
+        .into_inner()
+        .new_pid;
+    a.newest_pid = Some(new_pid);
+    // A route written on b right after: the successor follows it from where its
+    // predecessor stopped.
+    create_route(&mut api_b, route_msg("after", "after.example", "/", "app")).await;
+    let written = cluster_state(&mut api_b).await.applied_revision;
+    eventually(
+        "the successor serves the route made after the upgrade",
+        || async move {
+            let r = tokio::spawn(get(web_a, "after.example", "/")).await;
+            r.is_ok_and(|r| r.status == 200)
+        },
+    )
+    .await;
+    // The old process drains (a few seconds at most): keep watching until it is gone.
+    eventually("the old process exits", || {
+        let exited = matches!(a.child.try_wait(), Ok(Some(_)));
+        async move { exited }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.await.unwrap();
+    let (polls, missing) = poll.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "requests through a failed during the upgrade ({ok} ok)"
+    );
+    assert!(ok > 0);
+    assert!(polls >= 10, "b's fleet list was polled {polls} times");
+    assert!(
+        missing.is_empty(),
+        "b's list of the fleet lost a during the upgrade: {missing:?}"
+    );
+
+    let mut api_a = a.api().await;
+    let after = cluster_state(&mut api_a).await;
+    assert!(after.applied_revision >= written, "{after:?} vs {written}");
+    assert_eq!(
+        after.full_syncs, 0,
+        "the successor read everything again instead of resuming: {after:?}"
+    );
+    assert_eq!(after.resumes, 1, "{after:?}");
+    assert!(after.connected, "{after:?}");
+    assert!(before.applied_revision > 0);
+    // The same lease carries a's key: it was handed over, not revoked and granted again.
+    let key = etcd_client
+        .get(b"/proxy/test/nodes/a")
+        .await
+        .unwrap()
+        .expect("a's key after the upgrade");
+    assert_eq!(key.lease, lease_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_fleet_writes_not_applied_and_never_heartbeats() {
+    let Some(binary) = etcd_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(binary, dir.path(), 1).await;
+    let endpoints = etcd.endpoints();
+    let app = upstream("app").await;
+    let a = start_node("a", &endpoints, "").await;
+    let mut api_a = connect(&a).await;
+    create_pool(&mut api_a, pool_msg("app", &[app.address()])).await;
+    // A node that stopped following after that first write (as its key says), with no
+    // lease so it stays listed: it is behind by every write after it.
+    let mut client = etcd.client().await;
+    let marker = client
+        .get(b"/proxy/test/objects/.write")
+        .await
+        .unwrap()
+        .expect("the write marker");
+    let stuck = serde_json::json!({
+        "name": "stuck",
+        "version": "0.0.0",
+        "applied_revision": marker.mod_revision,
+        "applied_writes": marker.version,
+        "heartbeat": 0,
+    });
+    client
+        .put(b"/proxy/test/nodes/stuck", stuck.to_string().as_bytes(), 0)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let name = format!("r{i}");
+        create_route(
+            &mut api_a,
+            route_msg(&name, &format!("{name}.example"), "/", "app"),
+        )
+        .await;
+    }
+    let mut cluster = ClusterServiceClient::new(api_a.channel.clone());
+    // Heartbeats move etcd's revision on every 3 s; wait for two so they would show.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let fleet = cluster
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let lag = |name: &str| fleet.nodes.iter().find(|n| n.name == name).map(|n| n.lag);
+    assert_eq!(lag("stuck"), Some(3), "{fleet:?}");
+    assert_eq!(lag("a"), Some(0), "{fleet:?}");
+    assert!(
+        fleet.etcd_revision > marker.mod_revision + 3,
+        "heartbeats were written meanwhile: {fleet:?}"
+    );
+    let (_, metrics) = admin_text(&a, "/metrics").await;
+    assert!(metrics.contains("proxy_cluster_lag_writes 0"), "{metrics}");
 }

@@ -36,7 +36,7 @@ mod view;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +59,9 @@ use view::{Keyspace, ObjectId, View};
 const MAX_ATTEMPTS: usize = 8;
 /// How long a write waits for this node to apply the etcd revision it was committed at.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The key of the hand-over data under which an upgrade passes this node's lease to its
+/// successor (see [`Cluster::pause`]).
+pub const HANDOFF_LEASE: &str = "cluster.lease";
 /// How long start-up waits for the first sync before serving from SQLite.
 const FIRST_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -103,13 +106,6 @@ struct Link {
     synced_at: u64,
 }
 
-/// The objects of the last plan that this host does not serve as the fleet has them.
-#[derive(Debug, Clone, Default)]
-struct Report {
-    shadowed: Vec<Excluded>,
-    skipped: Vec<Excluded>,
-}
-
 /// This node's view of the fleet, for `status` and `/readyz`.
 #[derive(Debug, Clone)]
 pub struct ClusterStatus {
@@ -123,6 +119,12 @@ pub struct ClusterStatus {
     pub applied_revision: i64,
     /// The newest etcd revision this node has heard of.
     pub etcd_revision: i64,
+    /// Fleet writes (API writes of objects, on any node) this node has applied: the
+    /// write marker's version in etcd.
+    pub applied_writes: i64,
+    /// Fleet writes etcd had, when this node last heard (every heartbeat, every batch),
+    /// that it has not applied. Node heartbeats are not writes and do not count.
+    pub lag_writes: i64,
     /// How long the node has been serving without etcd (`None`: in sync).
     pub stale_for: Option<Duration>,
     /// The last etcd failure.
@@ -162,10 +164,23 @@ struct Inner {
     store: ViewStore,
     view: watch::Sender<Arc<View>>,
     link: Mutex<Link>,
-    report: Mutex<Report>,
+    /// The fleet objects this host does not serve as the fleet has them.
+    report: Mutex<view::Exclusions>,
+    /// Set when a plan could not be applied: the state may not follow the view, so the
+    /// next batch plans everything instead of only what it changed.
+    replan_all: AtomicBool,
     /// The connection writes use, set while the sync task is connected.
     client: Mutex<Option<etcd::Client>>,
     etcd_revision: AtomicI64,
+    /// The lease of this node's key (0: none yet): kept across reconnections, and passed
+    /// to the successor by an upgrade so the key never disappears.
+    lease: AtomicI64,
+    /// Set while an upgrade hands over: the sync and the heartbeat stand still.
+    pause: watch::Sender<bool>,
+    /// Set by the sync task once it stands still (between two batches).
+    sync_parked: watch::Sender<bool>,
+    /// The newest write marker heard of: its mod revision and version.
+    etcd_marker: Mutex<(i64, i64)>,
     full_syncs: AtomicU64,
     resumes: AtomicU64,
 }
@@ -202,13 +217,16 @@ fn read_file(field: &'static str, path: &Path) -> Result<Vec<u8>, ClusterError> 
 impl Cluster {
     /// Loads the stored view, applies it, and starts following etcd (waiting a few
     /// seconds for the first sync; without etcd the node serves from SQLite, stale). Also
-    /// starts this node's lease key. The fleet's TLS objects are handed to `tls_sink`.
+    /// starts this node's lease key, on `inherited_lease` (the lease a previous process
+    /// handed over, see [`HANDOFF_LEASE`]) while etcd still has it. The fleet's TLS
+    /// objects are handed to `tls_sink`.
     pub async fn start(
         config: &ClusterConfig,
         db: &Path,
         state: StateHandle,
         tls_sink: Option<Arc<dyn TlsSink>>,
         shutdown: Shutdown,
+        inherited_lease: Option<i64>,
     ) -> Result<Cluster, ClusterError> {
         let tls = match &config.etcd.tls {
             None => None,
@@ -243,9 +261,14 @@ impl Cluster {
                     last_error: "not connected yet".into(),
                     ..Link::default()
                 }),
-                report: Mutex::new(Report::default()),
+                report: Mutex::new(view::Exclusions::default()),
+                replan_all: AtomicBool::new(false),
                 client: Mutex::new(None),
                 etcd_revision: AtomicI64::new(0),
+                lease: AtomicI64::new(inherited_lease.unwrap_or(0)),
+                pause: watch::channel(false).0,
+                sync_parked: watch::channel(false).0,
+                etcd_marker: Mutex::new((0, 0)),
                 full_syncs: AtomicU64::new(0),
                 resumes: AtomicU64::new(0),
             }),
@@ -303,6 +326,33 @@ impl Cluster {
         self.inner.wait_applied(revision).await
     }
 
+    /// For an upgrade's hand-over: stops following etcd between two batches, stops the
+    /// heartbeat *without* revoking the lease (the successor keeps the same lease and key,
+    /// so the node never leaves the fleet's list), and stores the applied revision, so the
+    /// successor resumes its watch exactly there instead of reading everything again.
+    /// Must run before the state's writer closes.
+    pub async fn pause(&self) -> Result<(), ApplyError> {
+        let inner = &self.inner;
+        inner.pause.send_replace(true);
+        let mut parked = inner.sync_parked.subscribe();
+        // Ends only when the sync task is gone, which happens at shutdown only.
+        let _ = parked.wait_for(|p| *p).await;
+        let view = inner.view.borrow().clone();
+        let synced_at = inner.link().synced_at;
+        inner.store.touch(&view, synced_at).await
+    }
+
+    /// Undoes [`pause`](Self::pause) after a failed hand-over: the sync resumes from the
+    /// applied revision and the heartbeat goes on (on the same lease while it lives).
+    pub fn resume(&self) {
+        self.inner.pause.send_replace(false);
+    }
+
+    /// The lease of this node's key, for the successor (`None`: none granted yet).
+    pub fn lease(&self) -> Option<i64> {
+        Some(self.inner.lease.load(Ordering::Relaxed)).filter(|l| *l != 0)
+    }
+
     /// This node's view of the fleet.
     pub fn status(&self) -> ClusterStatus {
         let inner = &self.inner;
@@ -312,8 +362,11 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let applied_revision = inner.view.borrow().revision;
+        let view = inner.view.borrow().clone();
+        let applied_revision = view.revision;
         ClusterStatus {
+            applied_writes: view.writes,
+            lag_writes: inner.lag_writes(&view),
             node_name: inner.node_name.clone(),
             prefix: inner.prefix.clone(),
             connected: link.connected,
@@ -336,8 +389,8 @@ impl Cluster {
             },
             full_syncs: inner.full_syncs.load(Ordering::Relaxed),
             resumes: inner.resumes.load(Ordering::Relaxed),
-            shadowed: report.shadowed,
-            skipped: report.skipped,
+            shadowed: report.shadowed(),
+            skipped: report.skipped(),
         }
     }
 
@@ -470,6 +523,17 @@ impl Cluster {
     }
 }
 
+/// Waits until an upgrade asks the fleet tasks to stand still.
+async fn until_paused(pause: &mut watch::Receiver<bool>) {
+    // The sender lives as long as the tasks that wait here.
+    let _ = pause.wait_for(|p| *p).await;
+}
+
+/// Waits until a failed upgrade lets the fleet tasks go on; false if it never will.
+async fn until_resumed(pause: &mut watch::Receiver<bool>) -> bool {
+    pause.wait_for(|p| !*p).await.is_ok()
+}
+
 /// The objects a batch names.
 fn touched(changes: &[Change]) -> BTreeSet<ObjectId> {
     let mut t = crate::state::Touched::default();
@@ -533,6 +597,25 @@ impl Inner {
         self.etcd_revision.fetch_max(revision, Ordering::Relaxed);
     }
 
+    /// Notes the write marker as read from etcd (mod revision, version).
+    fn saw_write(&self, mod_revision: i64, version: i64) {
+        self.saw_revision(mod_revision);
+        let mut newest = self.etcd_marker.lock().unwrap_or_else(|p| p.into_inner());
+        if mod_revision > newest.0 {
+            *newest = (mod_revision, version);
+        }
+    }
+
+    /// How many fleet writes etcd had, when last heard of, that this node has not applied.
+    fn lag_writes(&self, view: &View) -> i64 {
+        let (revision, writes) = *self.etcd_marker.lock().unwrap_or_else(|p| p.into_inner());
+        if view.marker >= revision {
+            0
+        } else {
+            writes.saturating_sub(view.writes).max(1)
+        }
+    }
+
     /// A batch that only drains or re-activates upstreams of this host's config-file pools
     /// stays on this host (those pools are not the fleet's). `None`: a fleet write.
     fn local_only(&self, changes: &[Change]) -> Result<Option<Vec<Change>>, WriteError> {
@@ -587,29 +670,72 @@ impl Inner {
     }
 
     /// Plans `view` onto the current state and applies it; records what is shadowed or
-    /// skipped. A refused batch is logged and retried at the next change.
+    /// skipped. A refused batch is logged and planned again at the next change.
     async fn reconcile_with(&self, view: &View) {
         let snapshot = self.state.snapshot();
         let plan = view::plan(&snapshot.state, view);
-        if !plan.changes.is_empty() {
-            if let Err(e) = self.state.apply(plan.changes, Source::Api).await {
+        let mut exclusions = view::Exclusions::of(&plan);
+        let applied = plan.changes.is_empty() || self.apply_planned(plan.changes, view).await;
+        self.replan_all.store(!applied, Ordering::Relaxed);
+        if let Some(tls) = self.reconcile_tls(view).await {
+            exclusions.set_tls(tls);
+        }
+        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = exclusions;
+    }
+
+    /// Hands the view's TLS objects to the TLS part; what it could not take (`None`: not
+    /// in fleet TLS mode).
+    async fn reconcile_tls(&self, view: &View) -> Option<view::TlsExclusions> {
+        let tls = self.tls_sink.as_ref()?;
+        let objects = view.tls_objects();
+        let mut skipped = objects.unreadable.clone();
+        let taken = tls.apply(objects).await;
+        skipped.extend(taken.skipped);
+        Some(view::TlsExclusions {
+            shadowed: taken.shadowed,
+            skipped,
+        })
+    }
+
+    /// Applies what the objects in `delta` (the difference between `old`, which the state
+    /// follows, and `view`) change on this host, at a cost that grows with the change and
+    /// not with the fleet; plans everything instead when an earlier plan failed to apply.
+    async fn reconcile_changed(&self, old: &View, view: &View, delta: &view::Delta) {
+        if self.replan_all.load(Ordering::Relaxed) {
+            return self.reconcile_with(view).await;
+        }
+        let snapshot = self.state.snapshot();
+        let Some(replan) = view::replan(&snapshot.state, old, view, delta.ids()) else {
+            return self.reconcile_with(view).await;
+        };
+        if !replan.changes.is_empty() && !self.apply_planned(replan.changes, view).await {
+            // Planning everything sees every object again, and records the failure.
+            return self.reconcile_with(view).await;
+        }
+        // The TLS part takes the whole TLS set; only when some of it changed.
+        let tls = if delta.ids().any(|id| !id.0.is_model()) {
+            self.reconcile_tls(view).await
+        } else {
+            None
+        };
+        let mut report = self.report.lock().unwrap_or_else(|p| p.into_inner());
+        report.update(&replan.placed);
+        if let Some(tls) = tls {
+            report.set_tls(tls);
+        }
+    }
+
+    /// Applies a planned batch; false (logged, kept for status) when the state refused it.
+    async fn apply_planned(&self, changes: Vec<Change>, view: &View) -> bool {
+        match self.state.apply(changes, Source::Api).await {
+            Ok(_) => true,
+            Err(e) => {
                 tracing::warn!(error = %e, revision = view.revision, "the fleet's objects could not be applied here");
                 self.edit_link(|l| {
                     l.last_error = format!("applying etcd revision {}: {e}", view.revision)
                 });
+                false
             }
         }
-        let mut report = Report {
-            shadowed: plan.shadowed,
-            skipped: plan.skipped,
-        };
-        if let Some(tls) = &self.tls_sink {
-            let objects = view.tls_objects();
-            report.skipped.extend(objects.unreadable.iter().cloned());
-            let taken = tls.apply(objects).await;
-            report.shadowed.extend(taken.shadowed);
-            report.skipped.extend(taken.skipped);
-        }
-        *self.report.lock().unwrap_or_else(|p| p.into_inner()) = report;
     }
 }

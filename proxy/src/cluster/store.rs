@@ -60,7 +60,8 @@ impl ViewStore {
 
     /// Stores what `delta` changed and the view's revision.
     pub async fn save(&self, view: &View, delta: Delta, synced_at: u64) -> Result<(), ApplyError> {
-        let (revision, marker, prefix) = (view.revision, view.marker, self.prefix.clone());
+        let (revision, marker, writes, prefix) =
+            (view.revision, view.marker, view.writes, self.prefix.clone());
         self.state
             .write_rows(Box::new(move |tx| {
                 {
@@ -80,7 +81,7 @@ impl ViewStore {
                         delete.execute(params![kind.as_str(), name])?;
                     }
                 }
-                write_meta(tx, &prefix, revision, marker, synced_at)?;
+                write_meta(tx, &prefix, [revision, marker, writes], synced_at)?;
                 Ok(true)
             }))
             .await
@@ -108,7 +109,12 @@ impl ViewStore {
                         ])?;
                     }
                 }
-                write_meta(tx, &prefix, view.revision, view.marker, synced_at)?;
+                write_meta(
+                    tx,
+                    &prefix,
+                    [view.revision, view.marker, view.writes],
+                    synced_at,
+                )?;
                 Ok(true)
             }))
             .await
@@ -124,8 +130,7 @@ impl ViewStore {
 fn write_meta(
     tx: &rusqlite::Transaction<'_>,
     prefix: &str,
-    revision: i64,
-    marker: i64,
+    [revision, marker, writes]: [i64; 3],
     synced_at: u64,
 ) -> rusqlite::Result<()> {
     let mut meta = tx.prepare_cached(
@@ -135,6 +140,7 @@ fn write_meta(
     meta.execute(params!["prefix", prefix])?;
     meta.execute(params!["revision", revision])?;
     meta.execute(params!["marker", marker])?;
+    meta.execute(params!["writes", writes])?;
     meta.execute(params![
         "synced_at",
         i64::try_from(synced_at).unwrap_or(i64::MAX)
@@ -161,11 +167,10 @@ fn load(conn: &Connection, prefix: &str) -> rusqlite::Result<Option<Stored>> {
         Some(rusqlite::types::Value::Text(p)) if p == prefix => {}
         _ => return Ok(None),
     }
-    let mut view = View {
-        revision: int("revision")?,
-        marker: int("marker")?,
-        ..View::default()
-    };
+    let mut view = View::default();
+    view.revision = int("revision")?;
+    view.marker = int("marker")?;
+    view.writes = int("writes")?;
     let mut stmt = conn.prepare("SELECT kind, name, mod_revision, value FROM cluster_objects")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
@@ -177,7 +182,7 @@ fn load(conn: &Connection, prefix: &str) -> rusqlite::Result<Option<Stored>> {
         let mod_revision: i64 = row.get(2)?;
         let value: Vec<u8> = row.get(3)?;
         let object = Object::decode(kind, &name, &value);
-        view.objects.insert_mut(
+        view.insert(
             (kind, name),
             Entry {
                 mod_revision,

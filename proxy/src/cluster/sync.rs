@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use super::view::View;
 use super::{unix_now, Inner};
 use crate::etcd::{Client, EtcdError, Watch, WatchBatch};
@@ -23,40 +25,68 @@ const TICK: Duration = Duration::from_secs(2);
 /// while no object changes.
 const STORE_EVERY: u64 = 60;
 
-/// Runs sessions until shutdown.
+/// Runs sessions until shutdown; stands still between two batches while an upgrade hands
+/// over (see [`super::Cluster::pause`]).
 pub(super) async fn run(inner: Arc<Inner>, shutdown: Shutdown) {
     let mut backoff = MIN_BACKOFF;
+    let mut pause = inner.pause.subscribe();
     loop {
+        if !stand_still(&inner, &mut pause, &shutdown).await {
+            return;
+        }
         let started = std::time::Instant::now();
         let ended = tokio::select! {
-            ended = session(&inner) => ended,
+            ended = session(&inner, &mut pause) => ended,
             _ = shutdown.triggered() => Ok(()),
         };
-        disconnect(&inner, ended.as_ref().err());
+        disconnect(&inner, ended.as_ref().err(), *pause.borrow());
         if shutdown.is_triggered() {
             return;
         }
-        if started.elapsed() > MAX_BACKOFF {
+        if started.elapsed() > MAX_BACKOFF || *pause.borrow() {
             backoff = MIN_BACKOFF;
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            _ = super::until_paused(&mut pause) => {}
             _ = shutdown.triggered() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-fn disconnect(inner: &Inner, error: Option<&EtcdError>) {
+/// While paused, says so and waits to be resumed; false at shutdown.
+async fn stand_still(
+    inner: &Inner,
+    pause: &mut watch::Receiver<bool>,
+    shutdown: &Shutdown,
+) -> bool {
+    if !*pause.borrow_and_update() {
+        return true;
+    }
+    inner.sync_parked.send_replace(true);
+    let resumed = tokio::select! {
+        resumed = super::until_resumed(pause) => resumed,
+        _ = shutdown.triggered() => false,
+    };
+    inner.sync_parked.send_replace(false);
+    resumed
+}
+
+fn disconnect(inner: &Inner, error: Option<&EtcdError>, paused: bool) {
     *inner.client.lock().unwrap_or_else(|p| p.into_inner()) = None;
     let was_connected = inner.link().connected;
     inner.edit_link(|l| {
         l.connected = false;
         if let Some(e) = error {
             l.last_error = e.to_string();
+        } else if paused {
+            l.last_error = "handing over to a new process".into();
         }
     });
-    if was_connected {
+    if paused && error.is_none() {
+        tracing::info!("fleet sync paused for the hand-over to a new process");
+    } else if was_connected {
         tracing::warn!(
             error = error.map(|e| e.to_string()).unwrap_or_default(),
             "lost etcd: serving the fleet's rules as applied (stale); API writes are refused"
@@ -64,8 +94,12 @@ fn disconnect(inner: &Inner, error: Option<&EtcdError>) {
     }
 }
 
-async fn session(inner: &Inner) -> Result<(), EtcdError> {
-    let mut client = Client::connect_with(&inner.endpoints, inner.tls.as_ref()).await?;
+async fn session(inner: &Inner, pause: &mut watch::Receiver<bool>) -> Result<(), EtcdError> {
+    // Connecting changes nothing here, so a hand-over need not wait for it.
+    let mut client = tokio::select! {
+        client = Client::connect_with(&inner.endpoints, inner.tls.as_ref()) => client?,
+        _ = super::until_paused(pause) => return Ok(()),
+    };
     let applied = inner.view.borrow().revision;
     let fleet = inner.keys.fleet();
     let mut watch = if applied > 0 && client.has_revision(&fleet, applied).await? {
@@ -101,6 +135,8 @@ async fn session(inner: &Inner) -> Result<(), EtcdError> {
     let mut stored_at = unix_now();
     loop {
         tokio::select! {
+            // Between two batches only: a hand-over never stores half a batch.
+            _ = super::until_paused(pause) => return Ok(()),
             batch = watch.next_batch() => {
                 match batch {
                     Ok(batch) => {
@@ -160,11 +196,12 @@ async fn full_sync(inner: &Inner, client: &mut Client) -> Result<Watch, EtcdErro
 async fn absorb(inner: &Inner, batch: WatchBatch) -> bool {
     inner.saw_revision(batch.revision);
     inner.edit_link(|l| l.synced_at = unix_now());
-    let mut view = inner.view.borrow().as_ref().clone();
+    let old = inner.view.borrow().clone();
+    let mut view = old.as_ref().clone();
     let delta = view.apply(&inner.keys, batch.events);
     let changed = !delta.is_empty();
     if changed {
-        inner.reconcile_with(&view).await;
+        inner.reconcile_changed(&old, &view, &delta).await;
         if let Err(e) = inner.store.save(&view, delta, unix_now()).await {
             tracing::warn!(error = %e, "could not store the fleet view");
         }

@@ -1238,8 +1238,8 @@ pub struct ClusterReading {
     pub connected: bool,
     /// The etcd revision the fleet's objects are applied up to here.
     pub applied_revision: i64,
-    /// The newest etcd revision heard of minus the applied one.
-    pub lag: i64,
+    /// Fleet writes etcd has that the node has not applied (heartbeats do not count).
+    pub lag_writes: i64,
     /// Seconds since the node was last in sync (0 while connected).
     pub stale_seconds: u64,
     /// Full reads of the fleet's objects since start.
@@ -1325,9 +1325,9 @@ impl Collector for Readings {
                         reading.applied_revision,
                     ),
                     (
-                        "proxy_cluster_lag_revisions",
-                        "etcd's newest revision known to this node minus the applied one",
-                        reading.lag,
+                        "proxy_cluster_lag_writes",
+                        "Fleet writes (API writes of objects on any node) in etcd not applied on this node yet; node heartbeats do not count",
+                        reading.lag_writes,
                     ),
                     (
                         "proxy_cluster_stale_seconds",
