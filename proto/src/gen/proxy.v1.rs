@@ -14,7 +14,9 @@ pub struct ClusterNode {
     /// The etcd revision up to which the node has applied the fleet's objects.
     #[prost(int64, tag = "3")]
     pub applied_revision: i64,
-    /// etcd's revision minus `applied_revision`, as of this call.
+    /// Fleet writes (API writes of objects, made on any node) etcd has and the node has not
+    /// applied yet, as of this call; node heartbeats never count. For a node of an older
+    /// version that does not report its writes: etcd's revision minus `applied_revision`.
     #[prost(int64, tag = "4")]
     pub lag: i64,
     /// Seconds since the node last wrote its key.
