@@ -322,10 +322,7 @@ async fn a_route_created_on_one_node_is_served_by_the_others() {
         metrics.contains("proxy_cluster_applied_revision "),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("proxy_cluster_lag_writes "),
-        "{metrics}"
-    );
+    assert!(metrics.contains("proxy_cluster_lag_writes "), "{metrics}");
     assert!(metrics.contains("proxy_cluster_connected 1"), "{metrics}");
     assert_eq!(
         admin_text(&b, "/readyz").await,
