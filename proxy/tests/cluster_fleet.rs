@@ -1828,11 +1828,13 @@ impl NodeProcess {
         let web = free_port();
         let config = format!(
             "[server]\nstate_dir = \"{d}\"\nmgmt_socket = \"{d}/mgmt.sock\"\n\
+             admin_listen = \"127.0.0.1:{admin}\"\n\
              executable = \"{PROXYD}\"\nupgrade_timeout = \"10s\"\ndrain_timeout = \"5s\"\n\
              log_level = \"warn\"\n\n\
              [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:{web}\"\n\n\
              [cluster]\nnode_name = \"{name}\"\netcd = {{ endpoints = [{e}], prefix = \"/proxy/test\" }}\n",
             d = dir.path().display(),
+            admin = free_port(),
             e = endpoints
                 .iter()
                 .map(|e| format!("{e:?}"))

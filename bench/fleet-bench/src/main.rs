@@ -155,10 +155,12 @@ fn start_node(
         .collect::<Vec<_>>()
         .join(", ");
     let config = format!(
-        "[server]\nstate_dir = \"{d}\"\nmgmt_socket = \"{d}/mgmt.sock\"\nlog_level = \"warn\"\n\n\
+        "[server]\nstate_dir = \"{d}\"\nmgmt_socket = \"{d}/mgmt.sock\"\nlog_level = \"warn\"\n\
+         admin_listen = \"127.0.0.1:{admin}\"\n\n\
          [[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:{web}\"\n\n\
          [cluster]\nnode_name = \"{name}\"\netcd = {{ endpoints = [{endpoints}], prefix = \"{prefix}\" }}\n",
-        d = dir.display()
+        d = dir.display(),
+        admin = free_port()?
     );
     std::fs::write(dir.join("proxy.toml"), config)?;
     let child = Command::new(proxyd)
