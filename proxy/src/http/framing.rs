@@ -22,11 +22,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::listener::ReadReady;
 
 /// The byte written over a refused position. NUL is invalid wherever the scanner refuses
 /// (request line, header name or value, after CR, in a chunk size), but in a chunk
@@ -276,6 +278,8 @@ pub struct Scanner {
     extension: u32,
     /// The chunk size being read.
     size: u64,
+    /// Request heads completed on this connection.
+    heads: u64,
 }
 
 impl Default for Scanner {
@@ -293,6 +297,7 @@ impl Scanner {
             started: false,
             extension: 0,
             size: 0,
+            heads: 0,
         }
     }
 
@@ -307,6 +312,17 @@ impl Scanner {
             self.state,
             State::Method | State::RequestLine | State::LineStart | State::Name | State::Value
         )
+    }
+
+    /// Whether every byte so far belongs to a complete message (empty lines between
+    /// messages aside): nothing of a next request has arrived.
+    pub fn between_messages(&self) -> bool {
+        self.state == State::Idle && !self.head.cr
+    }
+
+    /// How many request heads were completed on this connection.
+    pub fn heads(&self) -> u64 {
+        self.heads
     }
 
     /// Whether scanning stopped because the connection no longer speaks HTTP/1 framing.
@@ -469,6 +485,7 @@ impl Scanner {
         if ambiguous || head.lengths_invalid || (head.has_te && !head.te_chunked) {
             return false;
         }
+        self.heads += 1;
         let method = &head.method[..head.method_len.min(head.method.len())];
         if head.upgrade || (head.method_len == 7 && method == b"CONNECT") {
             // What follows may be another protocol; the request path closes the connection
@@ -597,12 +614,28 @@ fn is_token(b: u8) -> bool {
 pub struct HeadProgress {
     in_head: AtomicBool,
     requested: AtomicBool,
+    /// Nothing of a next request has arrived, and the scan still follows HTTP/1 framing
+    /// (see [`Scanner::between_messages`]).
+    between: AtomicBool,
+    /// Request heads the scan saw complete.
+    heads: AtomicU64,
 }
 
 impl HeadProgress {
     /// Whether part of an HTTP/1 request head has arrived and its end has not.
     pub fn in_head(&self) -> bool {
         self.in_head.load(Ordering::Relaxed)
+    }
+
+    /// Whether every byte read so far belongs to a complete HTTP/1 message: hyper holds
+    /// nothing of a next request. False once the scan stopped (HTTP/2, upgrade, refusal).
+    pub fn between_messages(&self) -> bool {
+        self.between.load(Ordering::Relaxed)
+    }
+
+    /// How many request heads arrived complete so far.
+    pub fn heads(&self) -> u64 {
+        self.heads.load(Ordering::Relaxed)
     }
 
     /// Notes that a request reached the handler.
@@ -666,9 +699,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
                 .get_mut(before..)
                 .and_then(|read| this.scanner.feed(read));
             if let Some(progress) = &this.progress {
+                let scanner = &this.scanner;
+                progress.in_head.store(scanner.in_head(), Ordering::Relaxed);
+                progress.heads.store(scanner.heads(), Ordering::Relaxed);
                 progress
-                    .in_head
-                    .store(this.scanner.in_head(), Ordering::Relaxed);
+                    .between
+                    .store(scanner.between_messages(), Ordering::Relaxed);
             }
             if let Some(at) = refused {
                 // The read had room for at least the refused byte, so at least the NUL
@@ -680,6 +716,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
             }
         }
         result
+    }
+}
+
+impl<S: ReadReady> ReadReady for FramingScan<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
     }
 }
 

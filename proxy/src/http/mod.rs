@@ -6,6 +6,7 @@ pub mod body;
 mod detect;
 pub mod framing;
 pub mod hygiene;
+mod parked;
 pub mod per_ip;
 mod proxy;
 mod server;

@@ -6,7 +6,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
@@ -19,10 +22,11 @@ use tokio::time::Sleep;
 use super::detect::{self, Prefixed, Speaks};
 use super::framing::{FramingScan, HeadProgress};
 use super::hygiene::ForwardedClient;
+use super::parked::Lender;
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext};
 use crate::config::ListenerConfig;
-use crate::listener::IdleTimeout;
+use crate::listener::{IdleTimeout, ReadReady};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
@@ -236,7 +240,8 @@ async fn serve_limited(
 }
 
 /// Serves HTTP on one accepted (and, for `https`, decrypted) connection; `idle_above` is
-/// the idle limit applied here (zero when one already sits below TLS).
+/// the idle limit applied here (zero when one already sits below TLS). HTTP/1 connections
+/// are parked between requests (see [`super::parked`]).
 async fn serve_connection<IO>(
     io: IO,
     ctx: Arc<ConnContext>,
@@ -244,7 +249,7 @@ async fn serve_connection<IO>(
     shutdown: Shutdown,
     idle_above: Duration,
 ) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     let client = ctx.client;
     let idle = ctx.listener.idle_timeout;
@@ -284,29 +289,28 @@ async fn serve_connection<IO>(
             return;
         }
     };
-    let io = TokioIo::new(Prefixed::new(start, io));
-    let service = service_fn(move |req| handle(ctx.clone(), req));
-    let watch = Watch {
-        first_request: first_request.as_mut(),
-        progress: &progress,
-        series: &series,
-        client,
-        shutdown: &shutdown,
-        idle,
-    };
-    // Boxed: the connection task's own future stays small (see the accept loop).
+    let stream = Prefixed::new(start, io);
     let result = match speaks {
         Speaks::Http1 => {
-            let conn = Box::pin(
-                protocols
-                    .http1
-                    .serve_connection(io, service)
-                    .with_upgrades(),
-            );
-            watch.drive(conn, |conn| conn.graceful_shutdown()).await
+            let due = first_request.deadline();
+            serve_http1(stream, ctx, &protocols.http1, &shutdown, due).await
         }
         Speaks::Http2 => {
-            let conn = Box::pin(protocols.http2.serve_connection(io, service));
+            let service = service_fn(move |req| handle(ctx.clone(), req));
+            let watch = Watch {
+                first_request: first_request.as_mut(),
+                progress: &progress,
+                series: &series,
+                client,
+                shutdown: &shutdown,
+                idle,
+            };
+            // Boxed: the connection task's own future stays small (see the accept loop).
+            let conn = Box::pin(
+                protocols
+                    .http2
+                    .serve_connection(TokioIo::new(stream), service),
+            );
             watch.drive(conn, |conn| conn.graceful_shutdown()).await
         }
     };
@@ -322,6 +326,129 @@ async fn serve_connection<IO>(
             series.timed_out(cause);
         }
         tracing::debug!(%client, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Serves an HTTP/1 connection whose first request head is due at `head_due`. Between
+/// requests the connection is parked: hyper's connection and its buffers are dropped and
+/// only the stream waits for the next bytes (see [`super::parked`]). `None` when it was
+/// closed here: no request in time, or idle while draining.
+async fn serve_http1<S>(
+    stream: S,
+    ctx: Arc<ConnContext>,
+    http1: &http1::Builder,
+    shutdown: &Shutdown,
+    mut head_due: tokio::time::Instant,
+) -> Option<hyper::Result<()>>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+{
+    let client = ctx.client;
+    let (idle, header_timeout) = (ctx.listener.idle_timeout, ctx.listener.header_timeout);
+    let (series, progress) = (ctx.series.clone(), ctx.progress.clone());
+    let lender = Lender::new();
+    let mut stream = Some(stream);
+    let mut requests_before = 0;
+    // Set once draining began: when a connection that stays idle is closed.
+    let mut drain_due: Option<tokio::time::Instant> = None;
+    let mut parked = false;
+    loop {
+        let mut waiting = stream.take()?;
+        if parked {
+            let ready = loop {
+                tokio::select! {
+                    r = std::future::poll_fn(|cx| waiting.poll_read_ready(cx)) => break r,
+                    // The wait for a next request that hyper bounds by `header_timeout`.
+                    () = tokio::time::sleep_until(head_due) => {
+                        series.timed_out(ClientTimeout::Idle);
+                        tracing::debug!(%client, "no request within header_timeout");
+                        return None;
+                    }
+                    () = sleep_until_some(drain_due) => return None,
+                    _ = shutdown.triggered(), if drain_due.is_none() => {
+                        // Keep-alive clients are told `Connection: close` on their next
+                        // response; one that sends nothing is closed after a grace.
+                        drain_due = Some(tokio::time::Instant::now() + DRAIN_GRACE.min(idle));
+                    }
+                }
+            };
+            if let Err(e) = ready {
+                // The idle timeout (counted where it fired) or a socket error.
+                tracing::debug!(%client, error = %e, "parked client connection ended");
+                return None;
+            }
+        }
+        let service = {
+            let (ctx, lender) = (ctx.clone(), lender.clone());
+            service_fn(move |req| {
+                let exchange = lender.begin(&req);
+                handle(ctx.clone(), req)
+                    .map(move |r| r.map(move |response| exchange.respond(response)))
+            })
+        };
+        // Boxed: the connection task's own future stays small, and a parked one holds none
+        // of it.
+        let mut conn = Box::pin(
+            http1
+                .serve_connection(TokioIo::new(lender.lend(waiting)), service)
+                .with_upgrades(),
+        );
+        let outcome = loop {
+            tokio::select! {
+                r = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending if drain_due.is_none() && lender.can_park(&progress) => {
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                }) => break r,
+                () = tokio::time::sleep_until(head_due), if lender.requests() == requests_before => {
+                    if lender.requests() != requests_before {
+                        // A request arrived as the timer ran out: disarmed from now on.
+                        continue;
+                    }
+                    series.timed_out(if !progress.any_request() || progress.in_head() {
+                        ClientTimeout::Head
+                    } else {
+                        ClientTimeout::Idle
+                    });
+                    tracing::debug!(%client, "no request within header_timeout");
+                    return None;
+                }
+                () = sleep_until_some(drain_due) => {
+                    conn.as_mut().graceful_shutdown();
+                    break Some(conn.as_mut().await);
+                }
+                _ = shutdown.triggered(), if drain_due.is_none() => {
+                    // Keep-alive clients are told `Connection: close` on their next
+                    // response (see the request path), which closes cleanly from their
+                    // side of the race. Only connections that stay idle are closed by us,
+                    // after a grace.
+                    drain_due = Some(tokio::time::Instant::now() + DRAIN_GRACE.min(idle));
+                }
+            }
+        };
+        match outcome {
+            Some(result) => return Some(result),
+            None => {
+                // Parked: hyper's connection and its buffers go, the stream comes back.
+                drop(conn);
+                stream = lender.take_back();
+                parked = true;
+                // hyper gives a keep-alive connection `header_timeout` for its next
+                // request from the end of the last response; so does the parked wait.
+                head_due = tokio::time::Instant::now() + header_timeout;
+                requests_before = lender.requests();
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

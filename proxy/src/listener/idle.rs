@@ -77,6 +77,42 @@ impl<S> IdleTimeout<S> {
     }
 }
 
+/// A client stream that can wait for its next bytes without reading them, so that a
+/// keep-alive connection between requests needs no read buffer (see `http::parked`).
+pub trait ReadReady {
+    /// Ready once a read would not block (bytes, end of stream or an error). Only
+    /// meaningful while nothing read is held above the socket: after a read returned
+    /// `Pending` through every layer.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<S: ReadReady> ReadReady for IdleTimeout<S> {
+    /// Fails with the idle timeout as a read would: waiting is no activity.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.inner.poll_read_ready(cx) {
+            Poll::Ready(result) => Poll::Ready(result),
+            Poll::Pending => match self.poll_idle(cx) {
+                Poll::Ready(err) => Poll::Ready(Err(err)),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
+    /// The socket below TLS: a record that carries no request wakes the waiter for
+    /// nothing, which then reads it and waits again.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().0.poll_read_ready(cx)
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

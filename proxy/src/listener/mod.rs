@@ -13,7 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
 pub use gate::{AcceptGate, GatedIncoming};
-pub use idle::IdleTimeout;
+pub use idle::{IdleTimeout, ReadReady};
 pub use inherit::{Inherited, Origin};
 
 use crate::config::Config;
