@@ -1131,4 +1131,57 @@ mod tests {
             .count();
         assert_eq!(skipped, 5);
     }
+
+    /// What one watch batch cost to plan before (a full plan) and after (a replan), at
+    /// 100,000 fleet routes. A measurement, not a check: run it with
+    /// `cargo test --release -p proxy --lib planning_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn planning_cost_of_one_change_at_100000_routes() {
+        let keys = Keyspace::new("/p");
+        let mut events = vec![Event::Put(kv(
+            keys.object(Kind::Pool, "app"),
+            serde_json::to_vec(&pool("app")).unwrap(),
+            2,
+        ))];
+        for i in 0..100_000 {
+            let name = format!("r{i}");
+            let mut r = route(&name, "web", "app");
+            r.host = Some(format!("{name}.example"));
+            events.push(Event::Put(kv(
+                keys.object(Kind::Route, &name),
+                serde_json::to_vec(&r).unwrap(),
+                3,
+            )));
+        }
+        let mut view = View::default();
+        view.apply(&keys, events);
+        let empty = State::empty(listeners());
+        let mut state = empty.clone();
+        state
+            .apply_batch(&plan(&empty, &view).changes, Source::Api)
+            .unwrap();
+        let old = view.clone();
+        let mut r = route("new", "web", "app");
+        r.host = Some("new.example".into());
+        let delta = view.apply(
+            &keys,
+            vec![Event::Put(kv(
+                keys.object(Kind::Route, "new"),
+                serde_json::to_vec(&r).unwrap(),
+                4,
+            ))],
+        );
+        let started = std::time::Instant::now();
+        let full = plan(&state, &view);
+        let full_time = started.elapsed();
+        let started = std::time::Instant::now();
+        let inc = replan(&state, &old, &view, delta.ids()).unwrap();
+        let inc_time = started.elapsed();
+        assert_eq!(full.changes, inc.changes);
+        println!(
+            "one route added to 100,000: full plan {full_time:?}, incremental {inc_time:?} ({} change)",
+            inc.changes.len()
+        );
+    }
 }
