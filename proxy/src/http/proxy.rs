@@ -936,7 +936,11 @@ impl Attempts {
         };
         self.left -= 1;
         let timeout = pool.connect_timeout.min(self.deadline - now);
-        match dial(upstream, pool, metrics, open, timeout).await {
+        // Boxed: opening a connection (TCP, TLS, the HTTP handshake) is a future of
+        // kilobytes that most requests, served on a kept connection, never run. Inline it
+        // would be part of every request's future, which an HTTP/2 stream's task
+        // allocates and copies whole.
+        match Box::pin(dial(upstream, pool, metrics, open, timeout)).await {
             Ok(dialed) => dialed,
             Err(e) => Dialed::None(NoConnection::Failed(e)),
         }
