@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Instructions per proxied request (user space, counted by valgrind's callgrind) of proxyd
+# and nginx, each in front of the same upstream (nginx serving a 1 KiB file), for:
+#
+#   h1      HTTP/1.1 keep-alive, plain           (h2load --h1 -c8)
+#   h1tls   HTTP/1.1 keep-alive over TLS 1.3     (h2load --h1 -c8, ECDSA P-256 certificate)
+#   h2c     HTTP/2 prior knowledge, plain        (h2load -c8 -m10)
+#   h2      HTTP/2 over TLS 1.3 (ALPN h2)        (h2load -c8 -m10)
+#
+# Unlike req/s or CPU time, an instruction count does not depend on what else the machine
+# is doing, so two binaries can be compared on a busy machine, and a change to the request
+# path can be measured on its own. It counts user-space work only (the system calls are
+# the same for both: see the notes in bench/results/profile-h2-tls.md) and weighs every
+# instruction alike (a cache miss or a divide costs one). Each proxy runs under callgrind
+# with one worker (proxyd `workers = 1`, nginx one worker process); after a warm-up of
+# 500 requests per scenario the counters are zeroed, N requests are made, and the count is
+# read. Loopback only; stops by itself; about 2 minutes.
+#
+# Usage: bench/instructions.sh            (proxyd and nginx)
+# Env:   BENCH_REQUESTS=3000   PROXYD=/path/to/proxyd (skip the build)
+#        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+set -euo pipefail
+
+REQUESTS=${BENCH_REQUESTS:-3000}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
+
+need_tools valgrind:valgrind h2load:nghttp2-client nginx:nginx-light curl:curl openssl:openssl
+build_proxyd
+make_workdir proxy-instructions
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+chmod 644 "$WORK/key.pem" "$WORK/cert.pem"
+mkdir -p "$WORK/www"
+head -c 1024 /dev/zero | tr '\0' x >"$WORK/www/1k"
+chmod -R 755 "$WORK/www"
+
+temp_paths() { printf 'client_body_temp_path %s/b; proxy_temp_path %s/p; fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n' "$1" "$1" "$1" "$1" "$1"; }
+
+# --- upstream (not measured) ------------------------------------------------------------------
+UP=$(free_port)
+mkdir -p "$WORK/up"
+cat >"$WORK/up/nginx.conf" <<EOF
+worker_processes 1; daemon off; pid $WORK/up/nginx.pid; error_log $WORK/up/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; $(temp_paths "$WORK/up") keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP backlog=4096; location / { root $WORK/www; } } }
+EOF
+start upstream nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.log"
+for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$UP/1k" && break; sleep 0.1; done
+
+# --- the proxies, each started under callgrind ---------------------------------------------
+# Sets PLAIN (h1 and h2c) and SECURE (h1 and h2 over TLS) to the proxy's ports.
+start_proxyd() {
+    PLAIN=$(free_port)
+    SECURE=$(free_port)
+    mkdir -p "$WORK/proxyd"
+    cat >"$WORK/proxyd/proxyd.toml" <<EOF
+[server]
+state_dir = "$WORK/proxyd/state"
+mgmt_socket = "$WORK/proxyd/state/mgmt.sock"
+admin_listen = ""
+log_level = "warn"
+workers = 1
+
+[telemetry]
+access_log = "off"
+
+[[pools]]
+name = "static"
+upstreams = ["127.0.0.1:$UP"]
+
+[[listeners]]
+name = "plain"
+protocol = "http"
+address = "127.0.0.1:$PLAIN"
+
+[[listeners]]
+name = "secure"
+protocol = "https"
+address = "127.0.0.1:$SECURE"
+
+[[routes]]
+name = "plain"
+listener = "plain"
+pool = "static"
+
+[[routes]]
+name = "secure"
+listener = "secure"
+pool = "static"
+
+[[tls.certificates]]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+EOF
+    start proxyd valgrind --tool=callgrind --callgrind-out-file="$WORK/proxyd/callgrind.%p" \
+        "$PROXYD" --config "$WORK/proxyd/proxyd.toml"
+}
+start_nginx() {
+    PLAIN=$(free_port)
+    SECURE=$(free_port)
+    local h2c
+    h2c=$(free_port)
+    H2C=$h2c
+    mkdir -p "$WORK/nginx"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1; master_process off; daemon off;
+pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off; $(temp_paths "$WORK/nginx")
+    keepalive_requests 1000000;
+    ssl_protocols TLSv1.3;
+    upstream static { server 127.0.0.1:$UP; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$PLAIN backlog=4096;
+        listen 127.0.0.1:$h2c http2 backlog=4096;
+        listen 127.0.0.1:$SECURE ssl http2 backlog=4096;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        http2_max_requests 1000000;
+        location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+EOF
+    start nginx valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx/callgrind.%p" \
+        nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
+}
+
+load() { # scenario requests
+    case $1 in
+        h1) h2load --h1 -n "$2" -c8 -t1 "http://127.0.0.1:$PLAIN/1k" ;;
+        h1tls) h2load --h1 -n "$2" -c8 -t1 "https://127.0.0.1:$SECURE/1k" ;;
+        # nginx 1.22 serves h2c on a listener of its own; proxyd on its HTTP listener.
+        h2c) h2load -n "$2" -c8 -m10 -t1 "http://127.0.0.1:${H2C:-$PLAIN}/1k" ;;
+        h2) h2load -n "$2" -c8 -m10 -t1 "https://127.0.0.1:$SECURE/1k" ;;
+    esac
+}
+
+declare -A IR
+SCENARIOS=(h1 h1tls h2c h2)
+for name in proxyd nginx; do
+    H2C=""
+    "start_$name"
+    pid=$LAST_PID
+    for _ in $(seq 600); do
+        curl -skf -o /dev/null --max-time 5 "https://127.0.0.1:$SECURE/1k" && break
+        kill -0 "$pid" 2>/dev/null || { say "$name exited:"; cat "$WORK/$name.log" >&2; exit 1; }
+        sleep 0.2
+    done
+    for s in "${SCENARIOS[@]}"; do
+        say "instructions: $name, $s"
+        load "$s" 500 >/dev/null 2>&1 || true
+        callgrind_control --zero "$pid" >/dev/null 2>&1
+        out=$(load "$s" "$REQUESTS" 2>&1 || true)
+        ok=$(awk '/^requests:/ {print $8}' <<<"$out")
+        callgrind_control --dump="$s" "$pid" >/dev/null 2>&1
+        dump=""
+        for _ in $(seq 50); do
+            dump=$(grep -l "^desc: Trigger: dump $s\$" "$WORK/$name"/callgrind.* 2>/dev/null | head -1 || true)
+            [ -n "$dump" ] && break
+            sleep 0.2
+        done
+        ir=$(awk '/^summary:/ {print $2; exit}' "$dump" 2>/dev/null || true)
+        if [ -n "$ir" ] && [ "${ok:-0}" -gt 0 ]; then
+            IR[$name,$s]=$((ir / ok))
+        else
+            IR[$name,$s]="?"
+            say "  $name $s: no count (requests succeeded: ${ok:-none})"
+        fi
+    done
+    stop "$pid"
+done
+
+printf '%-7s %14s %14s %14s\n' scenario "proxyd Ir/req" "nginx Ir/req" "proxyd/nginx"
+for s in "${SCENARIOS[@]}"; do
+    ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[nginx,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
+    printf '%-7s %14s %14s %14s\n' "$s" "${IR[proxyd,$s]}" "${IR[nginx,$s]}" "$ratio"
+done
