@@ -31,6 +31,9 @@ use crate::shutdown::Shutdown;
 const LOCK_TTL: Duration = Duration::from_secs(10);
 /// How often a held lock's lease is renewed.
 const LOCK_REFRESH: Duration = Duration::from_secs(3);
+// A holder gives up on its lock within two refresh periods (see `keep`), which must end
+// before its lease can run out.
+const _: () = assert!(2 * LOCK_REFRESH.as_secs() < LOCK_TTL.as_secs());
 /// How long a validation request waits for etcd when the token is not known yet.
 const TOKEN_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest pause between two attempts to follow `P/acme/`.
@@ -291,14 +294,23 @@ impl FleetOrders {
 }
 
 /// Renews a held lock's lease until the lock is dropped; says so if it could not.
+///
+/// Each renewal gets at most [`LOCK_REFRESH`]: a call that hangs (etcd unreachable
+/// without a reset) would otherwise be noticed only by the transport's keep-alive,
+/// later than the lease runs out, and another node could take the lock while this one
+/// still orders. So the holder gives up at most `2 * LOCK_REFRESH` after its last
+/// renewal, well inside [`LOCK_TTL`].
 async fn keep(mut alive: etcd::KeepAlive, lost: watch::Sender<bool>, name: String) {
     loop {
         tokio::time::sleep(LOCK_REFRESH).await;
-        if let Err(e) = alive.refresh().await {
-            tracing::warn!(domain = %name, error = %e, "lost the fleet's order lock: its lease could not be renewed");
-            let _ = lost.send(true);
-            return;
-        }
+        let failure = match tokio::time::timeout(LOCK_REFRESH, alive.refresh()).await {
+            Ok(Ok(_ttl)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {LOCK_REFRESH:?}"),
+        };
+        tracing::warn!(domain = %name, error = %failure, "lost the fleet's order lock: its lease could not be renewed");
+        let _ = lost.send(true);
+        return;
     }
 }
 
