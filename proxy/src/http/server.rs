@@ -13,7 +13,7 @@ use futures_util::FutureExt;
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -40,7 +40,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How a listener's connections are served, once their first bytes told the version.
 struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<TokioExecutor>,
+    http2: http2::Builder<StreamExecutor>,
 }
 
 /// A listener's connection and client limits, one set shared by all of its workers.
@@ -61,6 +61,26 @@ impl Limits {
                 .as_ref()
                 .map(|r| Arc::new(RequestRatePerIp::new(r))),
         }
+    }
+}
+
+/// Runs the HTTP/2 streams of client connections, each as a task on the worker that serves
+/// its connection, with the stream's future boxed.
+///
+/// A request's future is kilobytes (the whole request path, see [`handle`]), and tokio
+/// moves a task's future by value: into the task when it is spawned and again at each
+/// change of the task's stage. Boxed, those moves copy a pointer (callgrind, 3,000 h2c
+/// requests: 77.6k -> 73.7k instructions per request; h2 over TLS 88.9k -> 85.1k).
+#[derive(Clone, Copy, Debug)]
+struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(Box::pin(future));
     }
 }
 
@@ -136,7 +156,7 @@ async fn serve_limited(
         .half_close(true)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
-    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    let mut http2 = http2::Builder::new(StreamExecutor);
     http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
