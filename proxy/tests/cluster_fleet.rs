@@ -1587,6 +1587,20 @@ async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_cou
     );
     assert_eq!(b.daemon.tls().orders_created(), 1);
     assert_eq!(pebble.order_requests(), 2, "{}", pebble.log());
+
+    // The status's count of recent orders is the fleet's, as the limits are: c ordered
+    // nothing itself, the fleet twice (the refused order is not counted).
+    let c_own = c
+        .daemon
+        .tls()
+        .status()
+        .acme
+        .unwrap()
+        .issuer
+        .orders_last_hour;
+    assert_eq!(c_own, 0);
+    let fleet = c.daemon.tls().fleet_orders_last_hour().await;
+    assert_eq!(fleet.map(|r| r.unwrap()), Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

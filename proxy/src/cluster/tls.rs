@@ -208,6 +208,22 @@ impl Cluster {
         }
     }
 
+    /// How many ACME orders the whole fleet started in the last hour, from its order log
+    /// (what the order limits count).
+    pub async fn orders_last_hour(&self) -> Result<usize, WriteError> {
+        let inner = &self.inner;
+        let mut client = inner.client()?;
+        let stored = client.get(&inner.keys.order_log()).await.map_err(|e| {
+            inner.note_failure(&e);
+            WriteError::Unavailable(format!("etcd did not answer ({e})"))
+        })?;
+        // Read as `admit_order` reads it: an unreadable log counts as empty.
+        let records: Vec<OrderRecord> = stored
+            .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+            .unwrap_or_default();
+        Ok(recent(records, unix_now()).len())
+    }
+
     /// Counts an ACME order for `name` in the fleet's log if the fleet's orders of the last
     /// hour leave room for it (`per_hour` in all, `per_name` for this name). The log is one
     /// key written with a compare-and-swap, so nodes ordering at once are counted one after

@@ -182,7 +182,8 @@ impl TlsService for TlsApi {
         &self,
         _request: Request<pb::GetAcmeStatusRequest>,
     ) -> Result<Response<pb::GetAcmeStatusResponse>, Status> {
-        let s = self.tls()?.status();
+        let tls = self.tls()?;
+        let s = tls.status();
         let mut response = pb::GetAcmeStatusResponse {
             refused_handshakes: s.refused_handshakes,
             on_demand_enabled: s.on_demand,
@@ -202,8 +203,17 @@ impl TlsService for TlsApi {
                     remaining_seconds: left.as_secs(),
                 })
                 .collect();
-            response.orders_last_hour =
-                u64::try_from(acme.issuer.orders_last_hour).unwrap_or(u64::MAX);
+            // In a fleet the limits count the fleet's orders, so the status does too; if
+            // etcd does not answer, this node's own orders are all it can say.
+            let orders = match tls.fleet_orders_last_hour().await {
+                Some(Ok(fleet)) => fleet,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "the fleet's order log could not be read; reporting this node's orders");
+                    acme.issuer.orders_last_hour
+                }
+                None => acme.issuer.orders_last_hour,
+            };
+            response.orders_last_hour = u64::try_from(orders).unwrap_or(u64::MAX);
             response.orders = acme.orders;
             response.issued = acme.issued;
             response.failed = acme.failed;

@@ -654,6 +654,11 @@ impl Tls {
         Ok(())
     }
 
+    /// In fleet mode, the fleet's ACME orders of the last hour (`None` on a single host).
+    pub async fn fleet_orders_last_hour(&self) -> Option<Result<usize, TlsError>> {
+        self.store.fleet_orders_last_hour().await
+    }
+
     /// Counters and ACME state.
     pub fn status(&self) -> TlsStatus {
         TlsStatus {

@@ -187,6 +187,20 @@ impl TlsStore {
             })
     }
 
+    /// In fleet mode, how many ACME orders the fleet started in the last hour; `None` on a
+    /// single host.
+    pub async fn fleet_orders_last_hour(&self) -> Option<Result<usize, TlsError>> {
+        let cluster = match self.fleet() {
+            Ok(None) => return None,
+            Ok(Some(cluster)) => cluster,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(cluster.orders_last_hour().await.map_err(|e| match e {
+            WriteError::Unavailable(reason) => TlsError::Unavailable(reason),
+            other => TlsError::Store(other.to_string()),
+        }))
+    }
+
     /// Every stored certificate.
     pub async fn certificates(&self) -> Result<Vec<StoredCert>, TlsError> {
         self.read(|c| {
