@@ -1481,7 +1481,7 @@ async fn tls_objects_outlive_an_etcd_outage_and_reach_a_node_started_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_certificate_issued_on_one_node_is_served_by_every_node_and_orders_count_fleet_wide() {
     let Some(binary) = etcd_binary() else { return };
-    if !tls_support::require("pebble") || !tls_support::require("pebble-challtestsrv") {
+    if !pebble_programs() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::view::{Kind, Object, View};
 use super::{unix_now, Cluster, Excluded, WriteError, MAX_ATTEMPTS};
-use crate::etcd::{Op, TxnOutcome, Unchanged};
+use crate::etcd::{KeyValue, Op, TxnOutcome, Unchanged};
 
 /// Where a fleet certificate came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,10 +217,7 @@ impl Cluster {
             inner.note_failure(&e);
             WriteError::Unavailable(format!("etcd did not answer ({e})"))
         })?;
-        // Read as `admit_order` reads it: an unreadable log counts as empty.
-        let records: Vec<OrderRecord> = stored
-            .and_then(|kv| serde_json::from_slice(&kv.value).ok())
-            .unwrap_or_default();
+        let (_, records) = order_log(stored);
         Ok(recent(records, unix_now()).len())
     }
 
@@ -244,13 +241,7 @@ impl Cluster {
             ))
         };
         for _ in 0..MAX_ATTEMPTS {
-            let stored = client.get(&key).await.map_err(unavailable)?;
-            let read = stored.as_ref().map_or(0, |kv| kv.mod_revision);
-            // An unreadable log (written by hand) counts as empty rather than blocking
-            // every order; it is replaced by this write.
-            let records: Vec<OrderRecord> = stored
-                .and_then(|kv| serde_json::from_slice(&kv.value).ok())
-                .unwrap_or_default();
+            let (read, records) = order_log(client.get(&key).await.map_err(unavailable)?);
             let now = unix_now();
             let log = recent(records, now);
             if let Some(refusal) = over_limit(&log, name, per_hour, per_name) {
@@ -292,6 +283,17 @@ impl Cluster {
 }
 
 /// The records of the last [`ORDER_WINDOW`].
+/// The fleet's order log as read from its key: the key's mod revision (0 when absent)
+/// and its records. An unreadable log (written by hand) counts as empty rather than
+/// blocking every order; the next order replaces it.
+fn order_log(stored: Option<KeyValue>) -> (i64, Vec<OrderRecord>) {
+    let read = stored.as_ref().map_or(0, |kv| kv.mod_revision);
+    let records = stored
+        .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+        .unwrap_or_default();
+    (read, records)
+}
+
 fn recent(records: Vec<OrderRecord>, now: u64) -> Vec<OrderRecord> {
     records
         .into_iter()
@@ -321,7 +323,6 @@ fn over_limit(log: &[OrderRecord], name: &str, per_hour: usize, per_name: usize)
 mod tests {
     use super::*;
     use crate::cluster::view::Keyspace;
-    use crate::etcd::KeyValue;
 
     fn record(name: &str, at: u64) -> OrderRecord {
         OrderRecord {
