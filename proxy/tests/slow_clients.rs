@@ -620,8 +620,9 @@ async fn memory_per_held_connection_stays_small() {
 /// 1,000 keep-alive connections, each idle after one request, hold no request buffers:
 /// hyper's connection with its read and write buffers (at least 16 KiB, about 28 KiB
 /// with the rest of it in a release build) is dropped while they wait; what is left is
-/// the connection's task and stream (about 8 KiB in a debug build, 1-2 in a release one). Each is then served a second request, and a pipelined pair, on the
-/// same connection.
+/// the connection's task and stream (about 8 KiB in a debug build, about 4 in a release
+/// one, as `bench/scenarios.sh idle` measures it). Each is then served a second request, and a pipelined pair, on the same
+/// connection.
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
     let app = upstream("app").await;
