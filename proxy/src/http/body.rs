@@ -14,14 +14,14 @@ use tokio::time::Sleep;
 
 use super::access_log::AccessLog;
 use crate::upstream::body::BoxError;
+use crate::upstream::h1::H1Body;
 use crate::upstream::h2::H2Stream;
-use crate::upstream::{idle, InFlight, UpstreamConn};
+use crate::upstream::{idle, InFlight};
 
 /// What the response body holds on the upstream side until it ends.
 enum Held {
-    /// An HTTP/1.1 connection, kept for reuse when the body completes.
+    /// An HTTP/1.1 connection (inside the body), kept for reuse when the body completes.
     Http1 {
-        conn: UpstreamConn,
         /// Identity of the pool's TLS settings (see [`idle::ConnKey`]).
         tls: u64,
     },
@@ -39,10 +39,11 @@ pub struct Reuse {
 }
 
 impl Reuse {
-    /// Keeps `conn` for reuse with `in_flight`'s upstream when the body completes.
-    pub fn new(conn: UpstreamConn, in_flight: InFlight, tls: u64) -> Self {
+    /// Keeps the body's HTTP/1.1 connection for reuse with `in_flight`'s upstream when the
+    /// body completes.
+    pub fn new(in_flight: InFlight, tls: u64) -> Self {
         Reuse {
-            held: Held::Http1 { conn, tls },
+            held: Held::Http1 { tls },
             in_flight,
         }
     }
@@ -104,6 +105,7 @@ pub fn grpc_trailers(code: u32, message: &str) -> http::HeaderMap {
 
 enum Source {
     Upstream(Incoming),
+    Http1(H1Body),
     Full(Option<Bytes>),
     /// Ends with this trailers block (a gRPC call proxyd ended).
     Trailers(Option<http::HeaderMap>),
@@ -152,6 +154,18 @@ impl ResponseBody {
         }
     }
 
+    /// The upstream's body read from an HTTP/1.1 connection, which goes back to the idle
+    /// store when the body completes.
+    pub fn http1(inner: H1Body, reuse: Option<Reuse>) -> Self {
+        ResponseBody {
+            source: Source::Http1(inner),
+            reuse,
+            log: None,
+            bytes: 0,
+            grpc: None,
+        }
+    }
+
     /// Treats the body as a gRPC call's: it ends with `DEADLINE_EXCEEDED` trailers at
     /// `deadline`, with `UNAVAILABLE` trailers when the upstream fails mid-stream, and
     /// reports the call's status to the access log. `status` is one already known from
@@ -176,8 +190,9 @@ impl ResponseBody {
         let complete = complete || self.is_end_stream();
         if let Some(reuse) = self.reuse.take() {
             let upstream = reuse.in_flight.upstream();
-            if let Held::Http1 { conn, tls } = reuse.held {
-                if complete && !upstream.is_draining() {
+            if let (Held::Http1 { tls }, Source::Http1(body)) = (reuse.held, &mut self.source) {
+                let conn = body.take_idle();
+                if let (true, false, Some(conn)) = (complete, upstream.is_draining(), conn) {
                     idle::put(
                         idle::ConnKey {
                             address: &upstream.address,
@@ -242,21 +257,18 @@ impl Body for ResponseBody {
             Source::Trailers(trailers) => {
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            Source::Upstream(inner) => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Err(e))) => {
-                    if this.grpc.is_some() {
-                        tracing::debug!(error = %e, "upstream failed during a gRPC response");
-                        let frame =
-                            this.end_call(grpc_code::UNAVAILABLE, "upstream failed mid-stream");
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    Poll::Ready(Some(Err(Box::new(e) as BoxError)))
-                }
-                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            },
+            Source::Upstream(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            Source::Http1(inner) => Pin::new(inner).poll_frame(cx),
         };
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            if this.grpc.is_some() {
+                tracing::debug!(error = %e, "upstream failed during a gRPC response");
+                let frame = this.end_call(grpc_code::UNAVAILABLE, "upstream failed mid-stream");
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -280,6 +292,7 @@ impl Body for ResponseBody {
             Source::Full(b) => b.is_none(),
             Source::Trailers(t) => t.is_none(),
             Source::Upstream(inner) => inner.is_end_stream(),
+            Source::Http1(inner) => inner.is_end_stream(),
         }
     }
 
@@ -288,6 +301,7 @@ impl Body for ResponseBody {
             Source::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Source::Full(None) | Source::Trailers(_) => SizeHint::with_exact(0),
             Source::Upstream(inner) => inner.size_hint(),
+            Source::Http1(inner) => inner.size_hint(),
         }
     }
 }

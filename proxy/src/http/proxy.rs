@@ -23,10 +23,11 @@ use crate::shutdown::Shutdown;
 use crate::state::PathMatch;
 use crate::telemetry::{ClientTimeout, ListenerSeries, Metrics};
 use crate::upstream::body::{BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
+use crate::upstream::h1::H1Body;
 use crate::upstream::h2::{self, H2Conn, H2Stream};
 use crate::upstream::{
-    h2_sender, http_sender, idle, ConnectError, InFlight, NoUpstream, OpenConnection, PoolRuntime,
-    UpstreamConn, UpstreamRuntime,
+    h2_sender, idle, ConnectError, H1Conn, InFlight, NoUpstream, OpenConnection, PoolRuntime,
+    UpstreamRuntime,
 };
 
 /// What every request on one client connection shares.
@@ -320,23 +321,28 @@ async fn proxy(
                 e.to_string(),
             )
         })?;
-    let (mut response, held, in_flight) = forward(&pool, upstream_req, log).await?;
+    let (mut parts, held, in_flight) = forward(&pool, upstream_req, log).await?;
     log.upstream = Some(in_flight.upstream().clone());
 
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let (Some(client_upgrade), Held::Http1(conn)) = (client_upgrade, &held) {
-            let _ = conn;
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            ctx.shutdown
-                .spawn(tunnel(client_upgrade, upstream_upgrade, in_flight));
-            drop(held);
-            let (mut parts, _) = response.into_parts();
-            hygiene::add_via(&mut parts.headers, Version::HTTP_11);
-            return Ok(Response::from_parts(parts, ResponseBody::full("")));
-        }
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream = match held {
+            Held::Http1(body) => body.into_tunnel(),
+            Held::H2(..) => None,
+        };
+        let (Some(client_upgrade), Some(upstream)) = (client_upgrade, upstream) else {
+            return Err(Failure::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorSource::Upstream,
+                "the upstream switched protocols on a request that asked for no upgrade",
+            ));
+        };
+        ctx.shutdown
+            .spawn(tunnel(client_upgrade, upstream, in_flight));
+        hygiene::add_via(&mut parts.headers, Version::HTTP_11);
+        return Ok(Response::from_parts(parts, ResponseBody::full("")));
     }
     Ok(client_response(
-        response,
+        parts,
         held,
         in_flight,
         pool.conn_key("").tls,
@@ -492,13 +498,19 @@ fn upstream_request(
     ))
 }
 
-/// The upstream side a response holds until its body ends.
+/// The upstream's response body and what it holds until it ends.
+// The HTTP/1.1 body carries its connection (socket and buffers) inline: boxing it would
+// cost an allocation on every HTTP/1.1 request, to save a move of a few hundred bytes.
+#[allow(clippy::large_enum_variant)]
 enum Held {
-    /// An HTTP/1.1 connection (kept for reuse afterwards).
-    Http1(UpstreamConn),
+    /// Read from an HTTP/1.1 connection (kept for reuse afterwards).
+    Http1(H1Body),
     /// A stream on a multiplexed HTTP/2 connection.
-    H2(H2Stream),
+    H2(Incoming, H2Stream),
 }
+
+/// A response head from an upstream, with its body.
+type Answer = (http::response::Parts, Held, InFlight);
 
 /// A request's state across the upstreams it tries.
 struct Attempt<'a> {
@@ -514,9 +526,11 @@ struct Attempt<'a> {
 }
 
 /// What trying one upstream gave.
+// Large for the same reason as `Held`, which it carries.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     /// A response, or a failure that ends the request.
-    Done(Result<(Response<Incoming>, Held, InFlight), Failure>),
+    Done(Result<Answer, Failure>),
     /// On to the next candidate.
     Next,
     /// No attempts or time left: stop trying.
@@ -537,7 +551,7 @@ async fn forward(
     pool: &PoolRuntime,
     req: Request<RequestBody>,
     log: &AccessLog,
-) -> Result<(Response<Incoming>, Held, InFlight), Failure> {
+) -> Result<Answer, Failure> {
     let candidates = pool.candidates().map_err(|e| match e {
         NoUpstream::Empty => Failure::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -614,43 +628,27 @@ async fn forward_http1(
         let Some(req) = a.pending.take() else {
             return Step::Next;
         };
-        // Readiness, second part: the connection task must be idle and able to take a
-        // request (it fails here if it saw the upstream close meanwhile).
-        let ready = !conn.reused || conn.sender.ready().await.is_ok();
-        let outcome = if ready {
-            let copy = (conn.reused && can_resend(&req)).then(|| copy_request(&req));
-            let read_before = conn.state.bytes_read();
-            let sent_at = Instant::now();
-            let exchange = conn.sender.try_send_request(req);
-            match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
-                Sent::Response(response) => {
-                    return Step::Done(Ok(answered(
-                        a,
-                        upstream,
-                        sent_at,
-                        response,
-                        Held::Http1(conn),
-                        in_flight,
-                    )));
-                }
-                Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
-                Sent::Failed(mut e) => match e.take_message() {
-                    Some(unsent) => Some(unsent),
-                    None => {
-                        let error = e.into_error();
-                        let stale = conn.reused && conn.state.bytes_read() == read_before;
-                        match copy.filter(|_| stale) {
-                            Some(copy) => {
-                                tracing::debug!(upstream = %upstream.address, error = %error, "kept connection failed before any response byte; retrying on a fresh one");
-                                Some(copy)
-                            }
-                            None => return Step::Done(Err(exchange_failed(pool, upstream, error))),
-                        }
-                    }
-                },
+        let reused = conn.reused();
+        let copy = (reused && can_resend(&req)).then(|| copy_request(&req));
+        let sent_at = Instant::now();
+        let exchange = conn.send(req);
+        let outcome = match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
+            Sent::Response(response) => {
+                let (parts, body) = response.into_parts();
+                answered(a, upstream, sent_at, parts.status);
+                return Step::Done(Ok((parts, Held::Http1(body), in_flight)));
             }
-        } else {
-            Some(req)
+            Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
+            Sent::Failed(e) => match e.unsent {
+                Some(unsent) => Some(unsent),
+                None => match copy.filter(|_| reused && e.nothing_read) {
+                    Some(copy) => {
+                        tracing::debug!(upstream = %upstream.address, error = %e.error, "kept connection failed before any response byte; retrying on a fresh one");
+                        Some(copy)
+                    }
+                    None => return Step::Done(Err(exchange_failed(pool, upstream, &e.error))),
+                },
+            },
         };
         // The request can go again: once more on a fresh connection to this upstream,
         // then on to the next candidate.
@@ -720,14 +718,9 @@ async fn forward_h2(
         let exchange = sender.try_send_request(req);
         match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
             Sent::Response(response) => {
-                return Step::Done(Ok(answered(
-                    a,
-                    upstream,
-                    sent_at,
-                    response,
-                    Held::H2(stream),
-                    in_flight,
-                )));
+                let (parts, body) = response.into_parts();
+                answered(a, upstream, sent_at, parts.status);
+                return Step::Done(Ok((parts, Held::H2(body, stream), in_flight)));
             }
             Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
             Sent::Failed(mut e) => {
@@ -741,7 +734,9 @@ async fn forward_h2(
                                 tracing::debug!(upstream = %upstream.address, error = %error, "upstream did not process the request (GOAWAY or refused stream); sending it again");
                                 copy
                             }
-                            None => return Step::Done(Err(exchange_failed(pool, upstream, error))),
+                            None => {
+                                return Step::Done(Err(exchange_failed(pool, upstream, &error)))
+                            }
                         }
                     }
                 };
@@ -775,20 +770,17 @@ fn answered(
     a: &Attempt<'_>,
     upstream: &Arc<UpstreamRuntime>,
     sent_at: Instant,
-    response: Response<Incoming>,
-    held: Held,
-    in_flight: InFlight,
-) -> (Response<Incoming>, Held, InFlight) {
+    status: StatusCode,
+) {
     let _ = a
         .log
         .upstream_us
         .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
-    if a.pool.policy.outlier.on_5xx && response.status().is_server_error() {
+    if a.pool.policy.outlier.on_5xx && status.is_server_error() {
         upstream.record_failure(a.pool);
     } else {
         upstream.record_success();
     }
-    (response, held, in_flight)
 }
 
 fn response_timed_out(pool: &PoolRuntime, upstream: &UpstreamRuntime) -> Failure {
@@ -803,7 +795,11 @@ fn response_timed_out(pool: &PoolRuntime, upstream: &UpstreamRuntime) -> Failure
     )
 }
 
-fn exchange_failed(pool: &PoolRuntime, upstream: &UpstreamRuntime, error: hyper::Error) -> Failure {
+fn exchange_failed(
+    pool: &PoolRuntime,
+    upstream: &UpstreamRuntime,
+    error: &(dyn std::error::Error + 'static),
+) -> Failure {
     let failure = send_failure(upstream, error);
     if failure.source == ErrorSource::Upstream {
         upstream.record_failure(pool);
@@ -812,24 +808,19 @@ fn exchange_failed(pool: &PoolRuntime, upstream: &UpstreamRuntime, error: hyper:
 }
 
 /// What one send on a connection gave.
-enum Sent {
-    Response(Response<Incoming>),
-    Failed(hyper::client::conn::TrySendError<Request<RequestBody>>),
+enum Sent<R, E> {
+    Response(R),
+    Failed(E),
     TimedOut,
 }
 
 /// Waits for the response head of `exchange`: at most `response_timeout` from the moment
 /// the request body (if any) was sent in full.
-async fn send(
-    exchange: impl std::future::Future<
-        Output = Result<
-            Response<Incoming>,
-            hyper::client::conn::TrySendError<Request<RequestBody>>,
-        >,
-    >,
+async fn send<R, E>(
+    exchange: impl std::future::Future<Output = Result<R, E>>,
     body_sent: Option<&BodySent>,
     response_timeout: std::time::Duration,
-) -> Sent {
+) -> Sent<R, E> {
     let result = match body_sent {
         None => tokio::time::timeout(response_timeout, exchange).await.ok(),
         Some(body_sent) => {
@@ -878,7 +869,7 @@ struct Attempts {
 
 /// A new connection, as the upstream's protocol made it.
 enum Dialed {
-    Http1(UpstreamConn),
+    Http1(H1Conn),
     H2(H2Conn),
     None(NoConnection),
 }
@@ -976,9 +967,7 @@ async fn dial(
             .await
             .map(Dialed::H2)
         } else {
-            http_sender(&upstream.address, stream, Some(open))
-                .await
-                .map(Dialed::Http1)
+            Ok(Dialed::Http1(H1Conn::new(stream, Some(open))))
         }
     }
     .await;
@@ -1018,8 +1007,8 @@ fn connect_failure(last: Option<ConnectError>, full: bool) -> Failure {
     }
 }
 
-fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+fn send_failure(upstream: &UpstreamRuntime, err: &(dyn std::error::Error + 'static)) -> Failure {
+    let mut source = Some(err);
     while let Some(e) = source {
         if e.is::<BodyTooLarge>() {
             return Failure::new(
@@ -1053,37 +1042,31 @@ fn send_failure(upstream: &UpstreamRuntime, err: hyper::Error) -> Failure {
 
 /// Step 4: the response as the client gets it.
 fn client_response(
-    response: Response<Incoming>,
+    mut parts: http::response::Parts,
     held: Held,
     in_flight: InFlight,
     tls: u64,
 ) -> Response<ResponseBody> {
-    let (mut parts, body) = response.into_parts();
     hygiene::strip_hop_by_hop(&mut parts.headers, false);
     hygiene::add_via(&mut parts.headers, parts.version);
-    let reuse = match held {
-        Held::Http1(conn) => Reuse::new(conn, in_flight, tls),
-        Held::H2(stream) => Reuse::h2(stream, in_flight),
+    let body = match held {
+        Held::Http1(body) => ResponseBody::http1(body, Some(Reuse::new(in_flight, tls))),
+        Held::H2(body, stream) => ResponseBody::upstream(body, Some(Reuse::h2(stream, in_flight))),
     };
-    Response::from_parts(parts, ResponseBody::upstream(body, Some(reuse)))
+    Response::from_parts(parts, body)
 }
 
 /// Joins the client and upstream connections after a `101 Switching Protocols`.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    in_flight: InFlight,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: H1Conn, in_flight: InFlight) {
+    let client = match client.await {
+        Ok(client) => client,
         Err(e) => {
             tracing::debug!(error = %e, "upgrade failed");
             return;
         }
     };
     let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+    if let Err(e) = upstream.tunnel(&mut client).await {
         tracing::debug!(error = %e, upstream = %in_flight.upstream().address, "upgraded connection ended with an error");
     }
 }

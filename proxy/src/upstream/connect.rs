@@ -1,5 +1,6 @@
 //! Dialing upstreams: TCP (`host:port`) or unix socket (`unix:/path`) connect with a
-//! timeout, TLS on top for pools that have it, and the HTTP/1.1 or HTTP/2 client handshake.
+//! timeout, TLS on top for pools that have it, and the HTTP/2 client handshake (HTTP/1.1
+//! connections need none: see [`super::h1`]).
 
 use std::io;
 use std::pin::Pin;
@@ -12,14 +13,9 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::body::RequestBody;
 use super::h2::{FrameScanner, H2Conn, H2State};
-use super::idle::{ConnState, UpstreamConn};
 use super::OpenConnection;
 use crate::state::H2Keepalive;
-
-/// An HTTP/1.1 client connection to one upstream.
-pub type HttpSender = hyper::client::conn::http1::SendRequest<RequestBody>;
 
 /// Why a connection to an upstream could not be made.
 #[derive(Debug, Error)]
@@ -185,15 +181,12 @@ pub async fn connect(address: &str, timeout: Duration) -> Result<UpstreamStream,
     }
 }
 
-/// Counts what the upstream sent, so the request path can tell a failure before any
-/// response byte (safe to retry) from one during the response.
+/// An HTTP/2 connection's socket, following the upstream's frames for its stream limit.
 struct Watched {
     inner: UpstreamStream,
-    state: Arc<ConnState>,
     /// Dropped with the connection: frees its place under `max_connections_per_upstream`.
     _open: Option<OpenConnection>,
-    /// HTTP/2: follows the upstream's frames for its stream limit.
-    frames: Option<FrameScanner>,
+    frames: FrameScanner,
 }
 
 impl AsyncRead for Watched {
@@ -207,10 +200,7 @@ impl AsyncRead for Watched {
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
         if read > 0 {
-            this.state.count_read(read);
-            if let Some(frames) = &mut this.frames {
-                frames.feed(&buf.filled()[before..]);
-            }
+            this.frames.feed(&buf.filled()[before..]);
         }
         polled
     }
@@ -246,39 +236,6 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// Performs the HTTP/1.1 client handshake on `stream` and drives the connection in a task
-/// of the current runtime. `open` is held as long as the connection lives.
-pub async fn http_sender(
-    address: &str,
-    stream: UpstreamStream,
-    open: Option<OpenConnection>,
-) -> Result<UpstreamConn, ConnectError> {
-    let state = Arc::new(ConnState::default());
-    let io = Watched {
-        inner: stream,
-        state: state.clone(),
-        _open: open,
-        frames: None,
-    };
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|source| ConnectError::Handshake {
-            address: address.to_string(),
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(UpstreamConn {
-        sender,
-        state,
-        reused: false,
-    })
-}
-
 /// Streams allowed on a new HTTP/2 connection before the upstream's SETTINGS arrive
 /// (RFC 9113 recommends advertising at least 100).
 const H2_INITIAL_STREAMS: usize = 100;
@@ -300,9 +257,8 @@ pub async fn h2_sender(
     let state = Arc::new(H2State::new(H2_INITIAL_STREAMS));
     let io = Watched {
         inner: stream,
-        state: Arc::new(ConnState::default()),
         _open: open,
-        frames: Some(FrameScanner::new(state.clone())),
+        frames: FrameScanner::new(state.clone()),
     };
     let (sender, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())

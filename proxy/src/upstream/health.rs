@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 
 use super::body::RequestBody;
-use super::{http_sender, PoolRuntime, UpstreamRuntime};
+use super::{H1Conn, PoolRuntime, UpstreamRuntime};
 use crate::shutdown::Shutdown;
 use crate::state::HealthCheck;
 
@@ -105,19 +105,15 @@ async fn check_once(pool: &PoolRuntime, address: &str, check: &HealthCheck) -> R
             .map_err(|e| e.to_string())?;
         return http_verdict(response.status());
     }
-    let mut sender = http_sender(address, stream, None)
-        .await
-        .map_err(|e| e.to_string())?
-        .sender;
     let request = Request::get(check.path.as_str())
         .header(http::header::HOST, address)
         .header(http::header::USER_AGENT, "proxyd-health-check")
         .body(RequestBody::empty())
         .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
+    let response = H1Conn::new(stream, None)
+        .send(request)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.error.to_string())?;
     http_verdict(response.status())
 }
 

@@ -1,22 +1,22 @@
 //! Idle keep-alive connections to upstreams, kept per thread.
 //!
-//! Each worker thread runs its own runtime (see [`crate::workers`]); a connection is
-//! driven by a task on the thread that opened it, so handing it only to requests of the
-//! same thread means a request never wakes another thread. The store is keyed by
+//! Each worker thread runs its own runtime (see [`crate::workers`]); a connection's
+//! socket is registered with the runtime of the thread that opened it, and requests drive
+//! it in their own task ([`super::h1`]), so handing it only to requests of the same thread
+//! keeps its I/O on that thread. The store is keyed by
 //! upstream address and TLS settings, not by pool or routing table: a membership change
 //! that swaps a pool's run-time data keeps its connections.
 //!
 //! Reuse takes the most recently used connection first (the one least likely to have hit
 //! the upstream's own keep-alive timeout), drops connections idle for longer than the
-//! pool's `idle_timeout`, and checks readiness before handing one out.
+//! pool's `idle_timeout`, and checks readiness before handing one out: a connection the
+//! upstream closed, or on which it sent anything unasked, is dropped.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::connect::HttpSender;
+use super::h1::H1Conn;
 use super::UpstreamRuntime;
 
 /// Idle connections kept per upstream and thread.
@@ -31,39 +31,8 @@ pub struct ConnKey<'a> {
     pub tls: u64,
 }
 
-/// State of one upstream connection shared between its I/O and its users: how many
-/// response bytes it has read, so a failure can be told apart as "before any response
-/// byte" (safe to retry) or not.
-#[derive(Debug, Default)]
-pub struct ConnState {
-    read: AtomicU64,
-}
-
-impl ConnState {
-    /// Bytes read from the upstream so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.read.load(Ordering::Relaxed)
-    }
-
-    /// Counts `n` bytes read.
-    pub fn count_read(&self, n: usize) {
-        self.read.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// A connection to an upstream as the request path holds it.
-#[derive(Debug)]
-pub struct UpstreamConn {
-    /// Sends requests on it.
-    pub sender: HttpSender,
-    /// Its shared state.
-    pub state: Arc<ConnState>,
-    /// Whether it served a request before (a reused connection may have gone stale).
-    pub reused: bool,
-}
-
 struct Idle {
-    conn: UpstreamConn,
+    conn: H1Conn,
     since: Instant,
 }
 
@@ -80,7 +49,7 @@ pub fn take(
     key: ConnKey<'_>,
     upstream: &UpstreamRuntime,
     idle_timeout: Duration,
-) -> Option<UpstreamConn> {
+) -> Option<H1Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&key.tls)?.get_mut(key.address)?;
@@ -95,26 +64,22 @@ pub fn take(
                 list.clear();
                 return None;
             }
-            // Readiness, first part: the connection task watches the socket while idle and
-            // closes the connection on EOF or an error. (The caller then waits for the task
-            // to be ready for a request.)
-            if entry.conn.sender.is_closed() {
+            // Readiness: the socket has neither reached its end nor holds unasked bytes.
+            let mut conn = entry.conn;
+            if !conn.idle_usable() {
                 continue;
             }
-            let mut conn = entry.conn;
-            conn.reused = true;
+            conn.set_reused();
             return Some(conn);
         }
         None
     })
 }
 
-/// Keeps `conn` for reuse by later requests of this thread (dropped when it is closed or
-/// the store for this upstream is full: the oldest is dropped then).
-pub fn put(key: ConnKey<'_>, conn: UpstreamConn) {
-    if conn.sender.is_closed() {
-        return;
-    }
+/// Keeps `conn` for reuse by later requests of this thread (when the store for this
+/// upstream is full, the oldest is dropped).
+pub fn put(key: ConnKey<'_>, mut conn: H1Conn) {
+    conn.park();
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let by_address = idle.entry(key.tls).or_default();

@@ -11,6 +11,7 @@
 
 pub mod body;
 mod connect;
+pub mod h1;
 pub mod h2;
 pub mod health;
 mod hold;
@@ -21,9 +22,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use connect::{connect, h2_sender, http_sender, ConnectError, HttpSender, UpstreamStream};
+pub use connect::{connect, h2_sender, ConnectError, UpstreamStream};
+pub use h1::H1Conn;
 pub use hold::{Hold, HoldError};
-pub use idle::{ConnKey, UpstreamConn};
+pub use idle::ConnKey;
 
 use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,1248 @@
+//! HTTP/1.1 to upstreams, driven inside the request's own task.
+//!
+//! A connection is a socket plus a read buffer; sending a request writes its head, streams
+//! its body (Content-Length or chunked) while the response head is awaited, and hands the
+//! connection to the response body, which frames the upstream's body (RFC 9112 section 6)
+//! and gives the connection back for reuse only when both messages ended exactly and
+//! nothing asked to close. No task of its own and no channel: a request costs no wake-up
+//! of another task, which is where most of the cost of a client library's connection
+//! task went.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::body::{BoxError, RequestBody};
+use super::{OpenConnection, UpstreamStream};
+
+/// Largest response head (status line and headers, also a trailer block) accepted.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header fields accepted in a response head or trailer block.
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 16 * 1024;
+
+/// What went wrong on an upstream HTTP/1.1 connection.
+#[derive(Debug, Error)]
+pub enum H1Error {
+    /// The upstream closed the connection before the message ended.
+    #[error("the upstream closed the connection {0}")]
+    Closed(&'static str),
+    /// Reading from the upstream failed.
+    #[error("reading from the upstream: {0}")]
+    Read(#[source] io::Error),
+    /// Writing to the upstream failed.
+    #[error("writing to the upstream: {0}")]
+    Write(#[source] io::Error),
+    /// The response head is not valid HTTP/1.1.
+    #[error("malformed response head: {0}")]
+    Head(&'static str),
+    /// The response head is longer than [`MAX_HEAD_BYTES`] or has more than
+    /// [`MAX_HEADERS`] fields.
+    #[error("response head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields")]
+    HeadTooLarge,
+    /// The response's body length cannot be told without ambiguity.
+    #[error("response framing: {0}")]
+    Framing(&'static str),
+    /// The chunked response body is malformed.
+    #[error("malformed chunked response body: {0}")]
+    Chunked(&'static str),
+    /// The request body (the client's) failed or did not match its declared length.
+    #[error("request body: {0}")]
+    Body(#[source] BoxError),
+}
+
+/// A failed exchange: the error, whether the upstream sent anything at all, and the
+/// request when none of it reached the upstream in a usable form.
+#[derive(Debug)]
+pub struct SendError {
+    /// What failed.
+    pub error: H1Error,
+    /// No response byte arrived on the connection during this exchange.
+    pub nothing_read: bool,
+    /// The request, when it failed before its head was written (it can go elsewhere).
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+/// An HTTP/1.1 connection to an upstream.
+pub struct H1Conn {
+    io: UpstreamStream,
+    /// Read but not yet consumed.
+    buf: BytesMut,
+    /// The request head being written.
+    out: Vec<u8>,
+    /// Whether it served a request before (a reused connection may have gone stale).
+    reused: bool,
+    /// Dropped with the connection: frees its place under `max_connections_per_upstream`.
+    _open: Option<OpenConnection>,
+}
+
+impl fmt::Debug for H1Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H1Conn")
+            .field("buffered", &self.buf.len())
+            .field("reused", &self.reused)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the request body is delimited on the wire.
+#[derive(Debug, Clone, Copy)]
+enum Sending {
+    Length(u64),
+    Chunked,
+}
+
+/// The rest of a request body on its way to the upstream.
+struct Upload {
+    body: RequestBody,
+    framing: Sending,
+    /// Encoded and not yet written.
+    out: Vec<u8>,
+    written: usize,
+    /// The last piece is encoded (`out` holds the end of the body).
+    last: bool,
+    /// `out` holds the request head and the body was not polled yet: the head waits for
+    /// the first piece of body, so a body that fails at once sends the upstream nothing.
+    head_waits: bool,
+}
+
+impl Upload {
+    /// Writes the body to `io` as far as it can: `Ready(Ok)` once all of it is written.
+    fn poll(&mut self, io: &mut UpstreamStream, cx: &mut Context<'_>) -> Poll<Result<(), H1Error>> {
+        loop {
+            while !self.head_waits && self.written < self.out.len() {
+                match Pin::new(&mut *io).poll_write(cx, &self.out[self.written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(H1Error::Write(io::ErrorKind::WriteZero.into())))
+                    }
+                    Poll::Ready(Ok(n)) => self.written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Write(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.head_waits {
+                self.out.clear();
+                self.written = 0;
+            }
+            if self.last {
+                return Pin::new(&mut *io).poll_flush(cx).map_err(H1Error::Write);
+            }
+            let polled = Pin::new(&mut self.body).poll_frame(cx);
+            if std::mem::take(&mut self.head_waits) && polled.is_pending() {
+                // The client takes its time (it may wait for `100 Continue`): the head
+                // goes now.
+                continue;
+            }
+            let frame = match polled {
+                Poll::Pending => {
+                    // Everything so far goes out while the client takes its time.
+                    return match Pin::new(&mut *io).poll_flush(cx) {
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(H1Error::Write(e))),
+                        _ => Poll::Pending,
+                    };
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(H1Error::Body(e))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    self.last = true;
+                    match &mut self.framing {
+                        Sending::Length(0) => {}
+                        Sending::Length(_) => {
+                            return Poll::Ready(Err(H1Error::Body(
+                                "the body ended before its Content-Length".into(),
+                            )))
+                        }
+                        Sending::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
+                    }
+                    continue;
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => self.encode(data)?,
+                Err(frame) => {
+                    // Trailers end the body; a length-delimited body has nowhere to put
+                    // them and they are dropped.
+                    self.last = true;
+                    match self.framing {
+                        Sending::Length(0) => {}
+                        Sending::Length(_) => {
+                            return Poll::Ready(Err(H1Error::Body(
+                                "the body ended before its Content-Length".into(),
+                            )))
+                        }
+                        Sending::Chunked => {
+                            self.out.extend_from_slice(b"0\r\n");
+                            if let Ok(trailers) = frame.into_trailers() {
+                                encode_fields(&mut self.out, &trailers);
+                            }
+                            self.out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn encode(&mut self, data: Bytes) -> Result<(), H1Error> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.framing {
+            Sending::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return Err(H1Error::Body(
+                        "the body is longer than its Content-Length".into(),
+                    ));
+                }
+                *left -= n;
+                self.out.extend_from_slice(&data);
+            }
+            Sending::Chunked => {
+                self.out
+                    .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                self.out.extend_from_slice(&data);
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// How the request gets its body framed: by its Content-Length, by its size when the body
+/// knows it, chunked otherwise; a request without body gets no framing header.
+fn request_framing(req: &mut Request<RequestBody>) -> Option<Sending> {
+    if req.body().is_end_stream() {
+        return None;
+    }
+    if let Some(n) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(Sending::Length(n));
+    }
+    if let Some(n) = req.body().size_hint().exact() {
+        req.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        return Some(Sending::Length(n));
+    }
+    req.headers_mut().insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    Some(Sending::Chunked)
+}
+
+fn encode_head(out: &mut Vec<u8>, req: &Request<RequestBody>) {
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    encode_fields(out, req.headers());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the response body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304), or all of a Content-Length read.
+    Done,
+    /// This many bytes left.
+    Length(u64),
+    /// Chunked, at this point of its grammar.
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Close,
+    /// `101 Switching Protocols` (or a CONNECT's 2xx): the connection is a tunnel now.
+    Tunnel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line comes next.
+    Size,
+    /// This many bytes of chunk data left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+}
+
+impl H1Conn {
+    /// A new connection on `stream`; `open` is held as long as the connection lives.
+    pub fn new(stream: UpstreamStream, open: Option<OpenConnection>) -> Self {
+        H1Conn {
+            io: stream,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+            reused: false,
+            _open: open,
+        }
+    }
+
+    /// Whether it served a request before.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// Marks it as taken from the idle store.
+    pub fn set_reused(&mut self) {
+        self.reused = true;
+    }
+
+    /// Whether an idle connection can take a request: the upstream has neither closed it
+    /// nor sent anything unasked (either means it is not a clean keep-alive connection).
+    pub fn idle_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut read = ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut read),
+            Poll::Pending
+        )
+    }
+
+    /// Prepares it to wait for its next request: buffers that grew beyond their usual
+    /// size (a large head) are let go; the usual ones are kept, so the next request on it
+    /// allocates none.
+    pub fn park(&mut self) {
+        if self.buf.capacity() > 2 * READ_SIZE {
+            self.buf = BytesMut::new();
+        }
+        if self.out.capacity() > 2 * READ_SIZE {
+            self.out = Vec::new();
+        }
+    }
+
+    /// Sends `req` and waits for the response head. The request body is streamed while the
+    /// response head is awaited; if the head comes first, the response body finishes it.
+    pub async fn send(
+        mut self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<H1Body>, SendError> {
+        let framing = request_framing(&mut req);
+        let head_request = req.method() == Method::HEAD;
+        let connect = req.method() == Method::CONNECT;
+        let mut upload = match framing {
+            // Without body the head goes now, alone.
+            None => {
+                let mut out = std::mem::take(&mut self.out);
+                encode_head(&mut out, &req);
+                let written = async {
+                    self.io.write_all(&out).await?;
+                    self.io.flush().await
+                }
+                .await;
+                self.out = out;
+                if let Err(e) = written {
+                    return Err(SendError {
+                        error: H1Error::Write(e),
+                        nothing_read: true,
+                        unsent: Some(req),
+                    });
+                }
+                None
+            }
+            // With a body, the head goes with its first piece.
+            Some(framing) => {
+                let mut out = Vec::new();
+                encode_head(&mut out, &req);
+                Some(Upload {
+                    body: std::mem::take(req.body_mut()),
+                    framing,
+                    out,
+                    written: 0,
+                    last: false,
+                    head_waits: true,
+                })
+            }
+        };
+        drop(req);
+        // A write failure may just be the upstream answering early and closing its
+        // side: the response head, if it comes, still counts.
+        let mut write_error = None;
+        let mut read_any = false;
+        let head = poll_fn(|cx| {
+            if let Some(u) = &mut upload {
+                match u.poll(&mut self.io, cx) {
+                    Poll::Ready(Ok(())) => upload = None,
+                    Poll::Ready(Err(H1Error::Write(e))) => {
+                        upload = None;
+                        write_error = Some(e);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            self.poll_head(cx, &mut read_any)
+        })
+        .await;
+        let (status, version, headers, keep_alive) = match head {
+            Ok(head) => head,
+            Err(error) => {
+                let error = match (error, write_error) {
+                    (H1Error::Closed(_) | H1Error::Read(_), Some(e)) => H1Error::Write(e),
+                    (error, _) => error,
+                };
+                return Err(SendError {
+                    error,
+                    nothing_read: !read_any,
+                    unsent: None,
+                });
+            }
+        };
+        let framing = match response_framing(status, version, &headers, head_request, connect) {
+            Ok(framing) => framing,
+            Err(error) => {
+                return Err(SendError {
+                    error,
+                    nothing_read: false,
+                    unsent: None,
+                })
+            }
+        };
+        let mut response = Response::new(H1Body {
+            conn: Some(self),
+            framing,
+            upload: upload.map(Box::new),
+            keep_alive: keep_alive && write_error.is_none(),
+        });
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        Ok(response)
+    }
+
+    /// Reads until a final response head (1xx other than 101 are skipped) is complete.
+    #[allow(clippy::type_complexity)]
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        read_any: &mut bool,
+    ) -> Poll<Result<(StatusCode, Version, HeaderMap, bool), H1Error>> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = self.parse_head()? {
+                    return Poll::Ready(Ok(head));
+                }
+                continue_if_room(&self.buf)?;
+            }
+            match self.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(H1Error::Closed(if *read_any {
+                        "in the middle of the response head"
+                    } else {
+                        "before any response byte"
+                    })))
+                }
+                Poll::Ready(Ok(_)) => *read_any = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(H1Error::Read(e))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// One final head from the buffer, if complete (informational heads are consumed).
+    #[allow(clippy::type_complexity)]
+    fn parse_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap, bool)>, H1Error> {
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut fields);
+            let len = match parsed.parse(&self.buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
+                Err(e) => return Err(H1Error::Head(head_error(e))),
+            };
+            if len > MAX_HEAD_BYTES {
+                return Err(H1Error::HeadTooLarge);
+            }
+            let code = parsed.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code).map_err(|_| H1Error::Head("status code"))?;
+            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                self.buf.advance(len);
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let version = if parsed.version == Some(1) {
+                Version::HTTP_11
+            } else {
+                Version::HTTP_10
+            };
+            // Where each field is, as offsets: the buffer is split off before the values
+            // are taken from it without a copy.
+            let base = self.buf.as_ptr() as usize;
+            let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+            let count = parsed.headers.len();
+            for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let name = field.name.as_ptr() as usize - base;
+                let value = field.value.as_ptr() as usize - base;
+                *span = (
+                    name,
+                    name + field.name.len(),
+                    value,
+                    value + field.value.len(),
+                );
+            }
+            let mut headers = HeaderMap::with_capacity(count);
+            let mut keep_alive = version == Version::HTTP_11;
+            let mut close = false;
+            let head = self.buf.split_to(len).freeze();
+            for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+                let raw_value = &head[value_start..value_end];
+                let name = HeaderName::from_bytes(&head[name_start..name_end])
+                    .map_err(|_| H1Error::Head("header name"))?;
+                if name == header::CONNECTION {
+                    for token in raw_value.split(|b| *b == b',') {
+                        let token = token.trim_ascii();
+                        if token.eq_ignore_ascii_case(b"close") {
+                            close = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            keep_alive = true;
+                        }
+                    }
+                }
+                let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+                    .map_err(|_| H1Error::Head("header value"))?;
+                headers.append(name, value);
+            }
+            return Ok(Some((status, version, headers, keep_alive && !close)));
+        }
+    }
+
+    /// Reads more into the buffer: the number of bytes read, 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// Joins the connection, after a protocol switch, with the client's side: what the
+    /// upstream already sent goes first.
+    pub async fn tunnel<C>(mut self, client: &mut C) -> io::Result<()>
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+    {
+        if !self.buf.is_empty() {
+            client.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        tokio::io::copy_bidirectional(client, &mut self.io)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A partial head must still be able to complete within the limit.
+fn continue_if_room(buf: &BytesMut) -> Result<(), H1Error> {
+    if buf.len() >= MAX_HEAD_BYTES {
+        Err(H1Error::HeadTooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+fn head_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "header name",
+        httparse::Error::HeaderValue => "header value",
+        httparse::Error::NewLine => "line ending",
+        httparse::Error::Status => "status code",
+        httparse::Error::Token => "token",
+        httparse::Error::Version => "HTTP version",
+        httparse::Error::TooManyHeaders => "too many header fields",
+    }
+}
+
+/// The response body's framing from its head (RFC 9112 section 6.3). Ambiguous framing
+/// (both Transfer-Encoding and Content-Length, differing or invalid Content-Length) is
+/// refused: a proxy that picks one reading may not agree with the next hop.
+fn response_framing(
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+    head_request: bool,
+    connect: bool,
+) -> Result<Framing, H1Error> {
+    if status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
+        return Ok(Framing::Tunnel);
+    }
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Done);
+    }
+    let length = content_length(headers)?;
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if length.is_some() {
+            return Err(H1Error::Framing(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        if version == Version::HTTP_10 {
+            return Err(H1Error::Framing(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
+        return Ok(if ends_chunked(headers) {
+            Framing::Chunked(Chunk::Size)
+        } else {
+            Framing::Close
+        });
+    }
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+/// The Content-Length, if present: every value (fields and list members) the same
+/// decimal number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
+    let mut found = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(H1Error::Framing("invalid Content-Length"));
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(seen) if seen != n => {
+                    return Err(H1Error::Framing("differing Content-Length values"))
+                }
+                _ => found = Some(n),
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Whether the last transfer coding is `chunked`.
+fn ends_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// A response body read from an upstream HTTP/1.1 connection; the connection comes back
+/// through [`H1Body::take_idle`] once the exchange ended cleanly.
+pub struct H1Body {
+    conn: Option<H1Conn>,
+    framing: Framing,
+    /// The request body, when the response head came before all of it was sent (boxed:
+    /// rare, and the body is moved with every response).
+    upload: Option<Box<Upload>>,
+    keep_alive: bool,
+}
+
+impl fmt::Debug for H1Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("H1Body")
+            .field("framing", &self.framing)
+            .field("keep_alive", &self.keep_alive)
+            .finish_non_exhaustive()
+    }
+}
+
+impl H1Body {
+    /// The connection for reuse: the response body was read to its end, the request sent
+    /// in full, nothing asked to close and nothing unasked followed the response.
+    pub fn take_idle(&mut self) -> Option<H1Conn> {
+        let conn = self.conn.take()?;
+        (self.framing == Framing::Done
+            && self.keep_alive
+            && self.upload.is_none()
+            && conn.buf.is_empty())
+        .then_some(conn)
+    }
+
+    /// After `101 Switching Protocols`: the connection, to be joined with the client's.
+    pub fn into_tunnel(mut self) -> Option<H1Conn> {
+        if self.framing == Framing::Tunnel {
+            self.conn.take()
+        } else {
+            None
+        }
+    }
+
+    /// Ends reading on a failure: the connection is not reused.
+    fn fail(&mut self, error: H1Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.keep_alive = false;
+        self.conn = None;
+        self.upload = None;
+        Poll::Ready(Some(Err(Box::new(error))))
+    }
+
+    fn data(&mut self, n: usize) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(conn) = &mut self.conn else {
+            return Poll::Ready(None);
+        };
+        Poll::Ready(Some(Ok(Frame::data(conn.buf.split_to(n).freeze()))))
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(conn) = &mut this.conn else {
+            return Poll::Ready(None);
+        };
+        if let Some(upload) = &mut this.upload {
+            match upload.poll(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(e)) => {
+                    // The upstream answered before the request ended; the answer is read
+                    // on, but the connection cannot carry another request.
+                    tracing::debug!(error = %e, "request body after the response head failed");
+                    this.upload = None;
+                    this.keep_alive = false;
+                }
+                Poll::Pending => {}
+            }
+        }
+        loop {
+            let Some(conn) = &mut this.conn else {
+                return Poll::Ready(None);
+            };
+            match this.framing {
+                Framing::Done | Framing::Tunnel => return Poll::Ready(None),
+                Framing::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let n = usize::try_from(left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.buf.len());
+                        let rest = left - n as u64;
+                        this.framing = if rest == 0 {
+                            Framing::Done
+                        } else {
+                            Framing::Length(rest)
+                        };
+                        return this.data(n);
+                    }
+                }
+                Framing::Close => {
+                    if !conn.buf.is_empty() {
+                        let n = conn.buf.len();
+                        return this.data(n);
+                    }
+                }
+                Framing::Chunked(state) => match step_chunked(&mut conn.buf, state) {
+                    Err(e) => return this.fail(e),
+                    Ok(Chunked::NeedMore) => {}
+                    Ok(Chunked::Next(state)) => {
+                        this.framing = Framing::Chunked(state);
+                        continue;
+                    }
+                    Ok(Chunked::Data(n, state)) => {
+                        this.framing = Framing::Chunked(state);
+                        return this.data(n);
+                    }
+                    Ok(Chunked::End(trailers)) => {
+                        this.framing = Framing::Done;
+                        return match trailers {
+                            Some(trailers) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                            None => Poll::Ready(None),
+                        };
+                    }
+                },
+            }
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return this.fail(H1Error::Read(e)),
+                Poll::Ready(Ok(0)) => {
+                    if this.framing == Framing::Close {
+                        this.framing = Framing::Done;
+                        this.keep_alive = false;
+                        return Poll::Ready(None);
+                    }
+                    return this.fail(H1Error::Closed("before the end of the response body"));
+                }
+                Poll::Ready(Ok(_)) => {}
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // Not after a failure: a body that failed did not end.
+        matches!(self.framing, Framing::Done | Framing::Tunnel)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done | Framing::Tunnel => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// What one step through chunked framing gave.
+#[derive(Debug)]
+enum Chunked {
+    /// More bytes are needed.
+    NeedMore,
+    /// A state change without data (a size line or a data CRLF consumed).
+    Next(Chunk),
+    /// This many data bytes at the front of the buffer, then this state.
+    Data(usize, Chunk),
+    /// The body ended, with its trailers if it had any.
+    End(Option<HeaderMap>),
+}
+
+/// One step of the chunked grammar (RFC 9112 section 7.1) over `buf`, consuming what it
+/// recognised (data bytes are left for the caller to take).
+fn step_chunked(buf: &mut BytesMut, state: Chunk) -> Result<Chunked, H1Error> {
+    match state {
+        Chunk::Size => {
+            let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                return Ok(Chunked::NeedMore);
+            };
+            let size = chunk_size(&buf[..end])?;
+            buf.advance(end + 2);
+            Ok(Chunked::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(left) => {
+            if buf.is_empty() {
+                return Ok(Chunked::NeedMore);
+            }
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+            let rest = left - n as u64;
+            Ok(Chunked::Data(
+                n,
+                if rest == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(rest)
+                },
+            ))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Chunked::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err(H1Error::Chunked("chunk data not followed by CRLF"));
+            }
+            buf.advance(2);
+            Ok(Chunked::Next(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            if buf.len() < 2 {
+                return Ok(Chunked::NeedMore);
+            }
+            if &buf[..2] == b"\r\n" {
+                buf.advance(2);
+                return Ok(Chunked::End(None));
+            }
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                if buf.len() >= MAX_HEAD_BYTES {
+                    return Err(H1Error::Chunked("trailer section too large"));
+                }
+                return Ok(Chunked::NeedMore);
+            };
+            if end + 4 > MAX_HEAD_BYTES {
+                return Err(H1Error::Chunked("trailer section too large"));
+            }
+            let block = buf.split_to(end + 4).freeze();
+            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let parsed = match httparse::parse_headers(&block, &mut fields) {
+                Ok(httparse::Status::Complete((_, parsed))) => parsed,
+                _ => return Err(H1Error::Chunked("malformed trailer section")),
+            };
+            let mut trailers = HeaderMap::with_capacity(parsed.len());
+            for field in parsed.iter() {
+                let name = HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| H1Error::Chunked("trailer field name"))?;
+                let value = HeaderValue::from_maybe_shared(block.slice_ref(field.value))
+                    .map_err(|_| H1Error::Chunked("trailer field value"))?;
+                trailers.append(name, value);
+            }
+            Ok(Chunked::End(Some(trailers)))
+        }
+    }
+}
+
+/// Where the first CRLF of `buf` is, within `limit` bytes; a bare CR or LF is an error.
+fn find_crlf(buf: &[u8], limit: usize) -> Result<Option<usize>, H1Error> {
+    for (i, b) in buf.iter().enumerate().take(limit) {
+        match b {
+            b'\r' => {
+                return match buf.get(i + 1) {
+                    Some(b'\n') => Ok(Some(i)),
+                    Some(_) => Err(H1Error::Chunked("bare CR in a chunk-size line")),
+                    None => Ok(None),
+                }
+            }
+            b'\n' => return Err(H1Error::Chunked("bare LF in a chunk-size line")),
+            _ => {}
+        }
+    }
+    if buf.len() >= limit {
+        Err(H1Error::Chunked("chunk-size line too long"))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The size of a chunk-size line (extensions, after `;`, are ignored).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return Err(H1Error::Chunked("chunk size is not hexadecimal"));
+    }
+    if digits > 15 {
+        return Err(H1Error::Chunked("chunk size too large"));
+    }
+    let rest = &line[digits..];
+    let ext = rest.trim_ascii_start();
+    if !ext.is_empty() && ext[0] != b';' {
+        return Err(H1Error::Chunked("chunk size is not hexadecimal"));
+    }
+    if ext.iter().any(|b| b.is_ascii_control() && *b != b'\t') {
+        return Err(H1Error::Chunked("control character in a chunk extension"));
+    }
+    let size = line[..digits].iter().fold(0u64, |n, d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        (n << 4) | u64::from(v)
+    });
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// An upstream on 127.0.0.1 that answers the n-th request head on any connection with
+    /// `replies[n]` (closing the connection after the last one), counting connections.
+    async fn upstream(replies: Vec<&'static [u8]>) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut replies = replies.into_iter();
+            while let Ok((mut socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut seen = Vec::new();
+                loop {
+                    let mut tmp = [0u8; 4096];
+                    let n = socket.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    seen.extend_from_slice(&tmp[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        match replies.next() {
+                            Some(reply) => socket.write_all(reply).await.unwrap(),
+                            None => return,
+                        }
+                    }
+                    if replies.len() == 0 {
+                        let _ = socket.shutdown().await;
+                    }
+                }
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn conn(addr: SocketAddr) -> H1Conn {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        H1Conn::new(UpstreamStream::Tcp(stream), None)
+    }
+
+    fn get(method: Method) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::empty());
+        *req.method_mut() = method;
+        *req.uri_mut() = http::Uri::from_static("/x");
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("up"));
+        req
+    }
+
+    /// Reads the body to its end: data, trailers, or the error.
+    async fn read_all(body: &mut H1Body) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError> {
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame?;
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        Ok((data, trailers))
+    }
+
+    #[tokio::test]
+    async fn chunked_body_with_extensions_and_trailers() {
+        let (addr, _) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
+        ])
+        .await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let (data, trailers) = read_all(&mut body).await.unwrap();
+        assert_eq!(data, b"hello world");
+        assert_eq!(trailers.unwrap()["x-sum"], "42");
+        assert!(
+            body.take_idle().is_some(),
+            "a complete exchange is reusable"
+        );
+    }
+
+    #[tokio::test]
+    async fn close_delimited_body_ends_at_close_and_is_not_reused() {
+        let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        let (data, _) = read_all(&mut body).await.unwrap();
+        assert_eq!(data, b"until the end");
+        assert!(body.take_idle().is_none());
+    }
+
+    #[tokio::test]
+    async fn bodiless_responses_read_no_body_and_the_connection_goes_on() {
+        let (addr, accepted) = upstream(vec![
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ])
+        .await;
+        let mut c = conn(addr).await;
+        for (method, status) in [(Method::GET, 204), (Method::GET, 304), (Method::HEAD, 200)] {
+            let response = c.send(get(method)).await.unwrap();
+            assert_eq!(response.status().as_u16(), status);
+            let mut body = response.into_body();
+            assert!(body.is_end_stream());
+            assert_eq!(read_all(&mut body).await.unwrap().0, b"");
+            c = body.take_idle().expect("reusable");
+            assert!(c.idle_usable());
+        }
+        // An informational head is skipped.
+        let response = c.send(get(Method::GET)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn malformed_chunk_sizes_fail_the_body() {
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nhello\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        ] {
+            let (addr, _) = upstream(vec![reply]).await;
+            let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+            let mut body = response.into_body();
+            let err = read_all(&mut body).await.expect_err("malformed chunking");
+            assert!(err.to_string().contains("chunk"), "{err}");
+            assert!(body.take_idle().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_or_malformed_heads_are_refused() {
+        let long: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n",
+                "a".repeat(MAX_HEAD_BYTES)
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        let many: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\n{}\r\n",
+                (0..=MAX_HEADERS)
+                    .map(|i| format!("x-{i}: v\r\n"))
+                    .collect::<String>()
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        for reply in [long, many] {
+            let (addr, _) = upstream(vec![reply]).await;
+            let err = conn(addr).await.send(get(Method::GET)).await.unwrap_err();
+            assert!(matches!(err.error, H1Error::HeadTooLarge), "{}", err.error);
+        }
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n"[..],
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+        ] {
+            let (addr, _) = upstream(vec![reply]).await;
+            let err = conn(addr).await.send(get(Method::GET)).await.unwrap_err();
+            assert!(
+                matches!(err.error, H1Error::Head(_) | H1Error::Framing(_)),
+                "{}",
+                err.error
+            );
+        }
+        // The same length twice is one length.
+        let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"]).await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_is_an_error_and_not_reused() {
+        let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfour"]).await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        let err = read_all(&mut body).await.expect_err("cut short");
+        assert!(err.to_string().contains("closed"), "{err}");
+        assert!(body.take_idle().is_none());
+        // Chunked, cut between chunks.
+        let (addr, _) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfour\r\n",
+        ])
+        .await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        assert!(read_all(&mut body).await.is_err());
+        assert!(body.take_idle().is_none());
+    }
+
+    #[tokio::test]
+    async fn reuse_only_after_a_complete_exchange_that_keeps_the_connection() {
+        let (addr, accepted) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
+        ])
+        .await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
+        let mut again = body.take_idle().expect("complete: reusable");
+        assert!(again.idle_usable());
+        again.set_reused();
+        let response = again.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        // `Connection: close`, or HTTP/1.0 without keep-alive: not reused either.
+        for reply in [
+            &b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"[..],
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ] {
+            let (addr, _) = upstream(vec![reply, reply]).await;
+            let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+            let mut body = response.into_body();
+            assert_eq!(read_all(&mut body).await.unwrap().0, b"ok");
+            assert!(body.take_idle().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_partly_read_body_is_not_reused() {
+        let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfive"]).await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(
+            body.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "five"
+        );
+        assert!(!body.is_end_stream());
+        assert!(body.take_idle().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_closed_idle_connection_is_not_usable_and_fails_before_any_byte() {
+        let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        read_all(&mut body).await.unwrap();
+        let mut idle = body.take_idle().expect("complete");
+        // The upstream closes after its last reply.
+        for _ in 0..200 {
+            if !idle.idle_usable() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!idle.idle_usable());
+        let err = idle.send(get(Method::GET)).await.unwrap_err();
+        assert!(err.nothing_read, "{}", err.error);
+    }
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(chunk_size(b"A ; x=y").unwrap(), 10);
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"0x1").is_err());
+        assert!(chunk_size(b"1 2").is_err());
+        assert!(chunk_size(b"1000000000000000").is_err());
+        assert!(find_crlf(b"5\nabc", 10).is_err());
+        assert!(find_crlf(b"5\rabc", 10).is_err());
+        assert!(find_crlf(&[b'1'; 20], 10).is_err());
+        assert_eq!(find_crlf(b"5\r", 10).unwrap(), None);
+    }
+}
