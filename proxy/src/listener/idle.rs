@@ -49,12 +49,14 @@ impl<S> IdleTimeout<S> {
         &self.inner
     }
 
-    fn touch(&mut self) {
+    /// Counts as activity: for a copy that moves bytes below the stream (splice).
+    pub fn touch(&mut self) {
         self.last_activity = Instant::now();
     }
 
-    /// `Ready(Err)` when the idle time is up, `Pending` otherwise (timer armed).
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+    /// `Ready(Err)` when the idle time is up, `Pending` otherwise (timer armed): for a
+    /// copy that waits for the stream's readiness itself (splice).
+    pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         if self.timeout.is_zero() {
             return Poll::Pending;
         }

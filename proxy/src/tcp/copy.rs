@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -134,10 +135,38 @@ impl OneWay {
     }
 }
 
+/// The bytes a forwarded stream has written each way so far, kept outside the copy so
+/// that they can be counted however the stream ends (also when the copy is dropped because
+/// its upstream left the pool). Atomics only because the task may move between threads;
+/// only the copy writes them.
+#[derive(Debug, Default)]
+pub struct Tally {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Tally {
+    /// Written to the upstream.
+    pub fn up(&self) -> u64 {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Written to the client.
+    pub fn down(&self) -> u64 {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Records the totals so far.
+    pub(super) fn set(&self, up: u64, down: u64) {
+        self.up.store(up, Ordering::Relaxed);
+        self.down.store(down, Ordering::Relaxed);
+    }
+}
+
 /// Copies `a` to `b` and `b` to `a` until both have ended their writing (each end shut
-/// down the other side's write half); returns the bytes copied each way. An error in
+/// down the other side's write half), keeping `tally` of the bytes written. An error in
 /// either direction ends both.
-pub async fn both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+pub async fn both_ways<A, B>(a: &mut A, b: &mut B, tally: &Tally) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -145,11 +174,14 @@ where
     let mut a_to_b = OneWay::new();
     let mut b_to_a = OneWay::new();
     poll_fn(|cx| {
-        let forth = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
-        let back = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
-        if forth.is_ready() && back.is_ready() {
-            debug_assert!(a_to_b.is_done() && b_to_a.is_done());
-            Poll::Ready(Ok((a_to_b.copied, b_to_a.copied)))
+        let forth = a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut *b));
+        let back = b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut *a));
+        tally.set(a_to_b.copied, b_to_a.copied);
+        if let (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) = (forth, back) {
+            return Poll::Ready(Err(e));
+        }
+        if a_to_b.is_done() && b_to_a.is_done() {
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
@@ -166,8 +198,11 @@ mod tests {
     async fn copies_both_ways_with_half_close() {
         let (mut client, mut proxy_client) = tokio::io::duplex(1024);
         let (mut proxy_upstream, mut upstream) = tokio::io::duplex(1024);
-        let copy =
-            tokio::spawn(async move { both_ways(&mut proxy_client, &mut proxy_upstream).await });
+        let tally = std::sync::Arc::new(Tally::default());
+        let counted = tally.clone();
+        let copy = tokio::spawn(async move {
+            both_ways(&mut proxy_client, &mut proxy_upstream, &counted).await
+        });
         // More than a buffer's worth each way, through pipes smaller than the buffer.
         let request: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let answer: Vec<u8> = (0..150_000u32).map(|i| (i % 241) as u8).collect();
@@ -195,8 +230,11 @@ mod tests {
             back, answer,
             "the client got the answer, then end of stream"
         );
-        let (up, down) = copy.await.expect("copy task").expect("copy");
-        assert_eq!((up, down), (request.len() as u64, answer.len() as u64));
+        copy.await.expect("copy task").expect("copy");
+        assert_eq!(
+            (tally.up(), tally.down()),
+            (request.len() as u64, answer.len() as u64)
+        );
     }
 
     #[tokio::test]
@@ -205,7 +243,9 @@ mod tests {
         let (mut c, mut d) = tokio::io::duplex(64);
         a.shutdown().await.expect("shutdown");
         d.shutdown().await.expect("shutdown");
-        both_ways(&mut b, &mut c).await.expect("copy");
+        both_ways(&mut b, &mut c, &Tally::default())
+            .await
+            .expect("copy");
         let spare = SPARE.with(|s| s.borrow().len());
         assert!(
             spare >= 2,

@@ -8,12 +8,17 @@
 //! `tls` listeners terminate TLS first and forward the plain bytes; `tls-passthrough`
 //! listeners read the ClientHello's server name, pick the pool by it, and forward every
 //! byte (the ClientHello included) untouched.
+//!
+//! Between a plain TCP client (`tcp` and `tls-passthrough` listeners) and a plain TCP
+//! upstream the bytes move with splice(2) and never enter this process ([`splice`]);
+//! otherwise (TLS terminated here, a TLS or unix-socket upstream, or no pipe to be had)
+//! they are copied through buffers ([`copy`]).
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::ListenerConfig;
@@ -21,13 +26,33 @@ use crate::listener::IdleTimeout;
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
-use crate::telemetry::{Metrics, Telemetry};
+use crate::telemetry::{Metrics, OpenConnection, Telemetry};
 use crate::tls::sni::{peek_client_hello, Hello};
 use crate::tls::{AcceptError, Tls};
 use crate::upstream::{ConnectError, InFlight, UpstreamStream};
 use crate::workers::Workers;
 
 mod copy;
+mod splice;
+
+/// A client stream [`forward`] can take.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Sized {
+    /// The stream as plain TCP, when its bytes need no processing on the way (so they can
+    /// be spliced); otherwise it is handed back.
+    fn plain(client: IdleTimeout<Self>) -> Result<IdleTimeout<TcpStream>, IdleTimeout<Self>>;
+}
+
+impl ClientStream for TcpStream {
+    fn plain(client: IdleTimeout<Self>) -> Result<IdleTimeout<TcpStream>, IdleTimeout<Self>> {
+        Ok(client)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for tokio_rustls::server::TlsStream<S> {
+    fn plain(client: IdleTimeout<Self>) -> Result<IdleTimeout<TcpStream>, IdleTimeout<Self>> {
+        Err(client)
+    }
+}
 
 /// Serves `socket` on every worker (see [`crate::workers`]) until shutdown, with one
 /// `max_connections` limit for all of them: a connection is accepted, forwarded and copied
@@ -123,10 +148,11 @@ async fn serve_limited(
         let telemetry = telemetry.clone();
         shutdown.spawn(async move {
             let _permit = permit;
-            let _open = open;
             let metrics = telemetry.metrics();
             let result = match (config.protocol, terminate) {
-                (Protocol::TlsPassthrough, _) => passthrough(stream, &config, &state, metrics).await,
+                (Protocol::TlsPassthrough, _) => {
+                    passthrough(stream, &config, &state, metrics, &open).await
+                }
                 (_, Some(server_config)) => match tls
                     .accept(
                         IdleTimeout::new(stream, config.idle_timeout),
@@ -136,11 +162,13 @@ async fn serve_limited(
                     )
                     .await
                 {
-                    Ok(stream) => forward(stream, &config, &state, metrics, None, &[]).await,
+                    Ok(stream) => {
+                        forward(stream, &config, &state, metrics, &open, None, &[]).await
+                    }
                     Err(AcceptError::ChallengeAnswered) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 },
-                _ => forward(stream, &config, &state, metrics, None, &[]).await,
+                _ => forward(stream, &config, &state, metrics, &open, None, &[]).await,
             };
             if let Err(reason) = result {
                 tracing::warn!(listener = %config.name, %client, %reason, "tcp connection not forwarded");
@@ -155,6 +183,7 @@ async fn passthrough(
     config: &ListenerConfig,
     state: &Published,
     metrics: &Metrics,
+    open: &OpenConnection,
 ) -> Result<(), String> {
     let (hello_bytes, hello) = peek_client_hello(&mut client, config.header_timeout)
         .await
@@ -163,22 +192,30 @@ async fn passthrough(
         Hello::ClientHello(sni) => sni,
         Hello::NotTls => return Err("not a TLS ClientHello".into()),
     };
-    forward(client, config, state, metrics, sni.as_deref(), &hello_bytes).await
+    forward(
+        client,
+        config,
+        state,
+        metrics,
+        open,
+        sni.as_deref(),
+        &hello_bytes,
+    )
+    .await
 }
 
 /// Connects to the listener's pool (by `sni` on passthrough listeners), sends `prefix`
-/// (bytes already read from the client), then copies both ways.
-async fn forward<S>(
+/// (bytes already read from the client), then copies both ways; the bytes moved are
+/// counted in `open`'s listener.
+async fn forward<S: ClientStream>(
     client: S,
     config: &ListenerConfig,
     state: &Published,
     metrics: &Metrics,
+    open: &OpenConnection,
     sni: Option<&str>,
     prefix: &[u8],
-) -> Result<(), String>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<(), String> {
     let slot = state
         .with_routing(|r| r.tcp_slot_for_sni(&config.name, sni))
         .ok_or_else(|| match sni {
@@ -220,10 +257,21 @@ where
             .await
             .map_err(|e| format!("stream to {} ended: {e}", in_flight.upstream().address))?;
     }
-    let mut client = IdleTimeout::new(client, config.idle_timeout);
+    let client = IdleTimeout::new(client, config.idle_timeout);
+    let tally = copy::Tally::default();
     let copied = {
         let upstream_runtime = in_flight.upstream();
-        let copy = copy::both_ways(&mut client, &mut upstream);
+        let tally = &tally;
+        let copy = async move {
+            match (S::plain(client), &mut upstream) {
+                (Ok(mut client), UpstreamStream::Tcp(upstream)) => match splice::Pipes::take() {
+                    Some(pipes) => splice::both_ways(&mut client, upstream, pipes, tally).await,
+                    None => copy::both_ways(&mut client, upstream, tally).await,
+                },
+                (Ok(mut client), upstream) => copy::both_ways(&mut client, upstream, tally).await,
+                (Err(mut client), upstream) => copy::both_ways(&mut client, upstream, tally).await,
+            }
+        };
         tokio::pin!(copy);
         let removed = upstream_runtime.removed();
         tokio::pin!(removed);
@@ -245,12 +293,14 @@ where
         })
         .await
     };
+    let (up, down) = (prefix.len() as u64 + tally.up(), tally.down());
+    open.series().forwarded(up, down);
     let Some(copied) = copied else {
         tracing::info!(listener = %config.name, upstream = %in_flight.upstream().address, "upstream left its pool; closing the stream");
         return Ok(());
     };
     match copied {
-        Ok((up, down)) => {
+        Ok(()) => {
             tracing::debug!(listener = %config.name, upstream = %in_flight.upstream().address, bytes_up = up, bytes_down = down, "tcp stream closed");
             Ok(())
         }

@@ -40,6 +40,14 @@ struct ListenerCauseLabels {
     cause: &'static str,
 }
 
+/// Labels of bytes forwarded by stream listeners, by direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerDirectionLabels {
+    listener: String,
+    protocol: &'static str,
+    direction: &'static str,
+}
+
 /// Labels of per-request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -232,6 +240,7 @@ pub struct Metrics {
     client_timeouts: Family<ListenerCauseLabels, Counter>,
     connections_refused: Family<ListenerCauseLabels, Counter>,
     rate_limited: Family<ListenerLabels, Counter>,
+    forwarded_bytes: Family<ListenerDirectionLabels, Counter>,
     http_requests: Family<RequestLabels, Counter>,
     http_duration: Family<RequestLabels, DurationHistogram, fn() -> DurationHistogram>,
     http_errors: Family<ErrorLabels, Counter>,
@@ -303,6 +312,14 @@ impl Metrics {
             "proxy_http_rate_limited",
             "Requests answered 429 by the listener's per-client-IP rate limit",
             rate_limited.clone(),
+        );
+        let forwarded_bytes = Family::<ListenerDirectionLabels, Counter>::default();
+        registry.register(
+            "proxy_tcp_forwarded_bytes",
+            "Bytes forwarded by tcp, tls and tls-passthrough listeners, by listener and \
+             direction (up: client to upstream, down: upstream to client), counted when a \
+             stream ends",
+            forwarded_bytes.clone(),
         );
         let http_requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -462,6 +479,7 @@ impl Metrics {
             client_timeouts,
             connections_refused,
             rate_limited,
+            forwarded_bytes,
             http_requests,
             http_duration,
             http_errors,
@@ -522,6 +540,16 @@ impl Metrics {
             timeouts: ClientTimeout::ALL.map(|t| cause(&self.client_timeouts, t.as_str())),
             refused: Refusal::ALL.map(|r| cause(&self.connections_refused, r.as_str())),
             rate_limited: self.rate_limited.get_or_create_owned(&labels),
+            forwarded: matches!(protocol, "tcp" | "tls" | "tls-passthrough").then(|| {
+                ["up", "down"].map(|direction| {
+                    self.forwarded_bytes
+                        .get_or_create_owned(&ListenerDirectionLabels {
+                            listener: name.to_string(),
+                            protocol,
+                            direction,
+                        })
+                })
+            }),
             legacy: self.legacy.clone(),
         }))
     }
@@ -820,6 +848,8 @@ struct ListenerCounters {
     /// By [`Refusal::ALL`] order.
     refused: [Counter; 2],
     rate_limited: Counter,
+    /// Up and down, on stream listeners only.
+    forwarded: Option<[Counter; 2]>,
     legacy: Arc<Legacy>,
 }
 
@@ -854,11 +884,26 @@ impl ListenerSeries {
     pub fn rate_limited(&self) {
         self.0.rate_limited.inc();
     }
+
+    /// Counts the bytes a forwarded stream moved each way, once it ended.
+    pub fn forwarded(&self, up: u64, down: u64) {
+        if let Some([up_total, down_total]) = &self.0.forwarded {
+            up_total.inc_by(up);
+            down_total.inc_by(down);
+        }
+    }
 }
 
 /// An accepted client connection, counted as active while this lives.
 #[derive(Debug)]
 pub struct OpenConnection(ListenerSeries);
+
+impl OpenConnection {
+    /// The listener's series this connection is counted in.
+    pub fn series(&self) -> &ListenerSeries {
+        &self.0
+    }
+}
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
