@@ -4,7 +4,10 @@
 #
 #   tcp     TCP forwarding: large transfers (MiB/s through the proxy, wrk fetching a 64 MiB
 #           file with 4 connections) and connection rate (a new client and upstream
-#           connection per 1 KiB request); proxyd `tcp` listener vs HAProxy `mode tcp`.
+#           connection per 1 KiB request); proxyd `tcp` listener vs HAProxy `mode tcp`,
+#           HAProxy run twice: as configured by default (copying through its 16 KiB
+#           buffers) and with `option splice-auto` (splice(2) through pipes, as proxyd does
+#           between plain TCP sockets); proxyd is compared with the better of the two.
 #   h2      HTTP/2 from clients: h2load -c16 -m10, h2c (prior knowledge) and h2 over TLS
 #           (TLS 1.3, ALPN); proxyd vs nginx (`http2`), both proxying HTTP/1.1 upstream.
 #   idle    memory per idle keep-alive client connection: N connections (default 9,000)
@@ -187,9 +190,9 @@ run_wrk() { # url connections out [wrk options...]
 
 # --- tcp --------------------------------------------------------------------------------------
 scenario_tcp() {
-    local name port pid rps mbs err
+    local name port pid rps mbs err best_tput best_rate
     declare -A TPUT RATE ERRS
-    for name in proxyd haproxy; do
+    for name in proxyd haproxy haproxy-splice; do
         port=$(free_port)
         if [ "$name" = proxyd ]; then
             {
@@ -211,6 +214,9 @@ EOF
         else
             {
                 haproxy_head tcp 4096
+                # HAProxy splices only when told to; splice-auto uses it where it guesses a
+                # large transfer (a direction that filled its buffer).
+                if [ "$name" = haproxy-splice ]; then echo "    option splice-auto"; fi
                 cat <<EOF
 
 frontend f
@@ -220,12 +226,12 @@ frontend f
 backend b
     server up 127.0.0.1:$UP
 EOF
-            } >"$WORK/haproxy-tcp.cfg"
-            start haproxy-tcp haproxy -db -f "$WORK/haproxy-tcp.cfg"
+            } >"$WORK/$name-tcp.cfg"
+            start "$name-tcp" haproxy -db -f "$WORK/$name-tcp.cfg"
         fi
         pid=$LAST_PID
         wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
-        say "tcp: $name, 64 MiB transfers"
+        say "tcp: $name, 64 MiB transfers (load average $(cut -d' ' -f1-3 /proc/loadavg))"
         read -r _ mbs err < <(run_wrk "http://127.0.0.1:$port/big" 4 "$WORK/tcp-$name-big.txt")
         TPUT[$name]=$mbs
         ERRS[$name]=$err
@@ -235,11 +241,13 @@ EOF
         ERRS[$name]=$((ERRS[$name] + err))
         stop "$pid"
     done
-    REPORT+=("" "### TCP forwarding (proxyd \`tcp\` listener vs HAProxy \`mode tcp\`)" ""
-        "| | proxyd | HAProxy | proxyd / HAProxy |" "|---|---:|---:|---:|"
-        "| large transfers, MiB/s (4 connections, 64 MiB each) | ${TPUT[proxyd]} | ${TPUT[haproxy]} | $(ratio "${TPUT[proxyd]}" "${TPUT[haproxy]}") |"
-        "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | ${RATE[proxyd]} | ${RATE[haproxy]} | $(ratio "${RATE[proxyd]}" "${RATE[haproxy]}") |"
-        "| errors | ${ERRS[proxyd]} | ${ERRS[haproxy]} | |")
+    best_tput=$(awk -v a="${TPUT[haproxy]}" -v b="${TPUT[haproxy-splice]}" 'BEGIN { print (a > b ? a : b) }')
+    best_rate=$(awk -v a="${RATE[haproxy]}" -v b="${RATE[haproxy-splice]}" 'BEGIN { print (a > b ? a : b) }')
+    REPORT+=("" "### TCP forwarding (proxyd \`tcp\` listener vs HAProxy \`mode tcp\`, without and with \`option splice-auto\`)" ""
+        "| | proxyd / better HAProxy | proxyd | HAProxy | HAProxy splice-auto |" "|---|---:|---:|---:|---:|"
+        "| large transfers, MiB/s (4 connections, 64 MiB each) | $(ratio "${TPUT[proxyd]}" "$best_tput") | ${TPUT[proxyd]} | ${TPUT[haproxy]} | ${TPUT[haproxy-splice]} |"
+        "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | $(ratio "${RATE[proxyd]}" "$best_rate") | ${RATE[proxyd]} | ${RATE[haproxy]} | ${RATE[haproxy-splice]} |"
+        "| errors | | ${ERRS[proxyd]} | ${ERRS[haproxy]} | ${ERRS[haproxy-splice]} |")
 }
 
 # --- h2 ---------------------------------------------------------------------------------------
@@ -622,12 +630,13 @@ EOF
         "| unary | ${RPS[proxyd]} | ${RPS[nginx]} | $(ratio "${RPS[proxyd]}" "${RPS[nginx]}") | ${FAILED[proxyd]:-?} / ${FAILED[nginx]:-?} |")
 }
 
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for s in "${SCENARIOS[@]}"; do "scenario_$s"; done
 
 mkdir -p "$OUT"
 {
     echo "## bench/scenarios.sh ($(date -u +%Y-%m-%d), $(nproc) cores, proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     echo
-    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off."
+    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off; load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     printf '%s\n' "${REPORT[@]}"
 } | tee "$OUT/results-scenarios.md"
