@@ -14,7 +14,9 @@
 # instruction alike (a cache miss or a divide costs one). Each proxy runs under callgrind
 # with one worker (proxyd `workers = 1`, nginx one worker process); after a warm-up of
 # 500 requests per scenario the counters are zeroed, N requests are made, and the count is
-# read. Loopback only; stops by itself; about 2 minutes.
+# read. Heap allocations per request (calls to malloc, realloc and friends, whichever
+# allocator is in use) are counted from the same profile. Loopback only; stops by itself;
+# about 2 minutes.
 #
 # Usage: bench/instructions.sh            (proxyd and nginx)
 # Env:   BENCH_REQUESTS=3000   PROXYD=/path/to/proxyd (skip the build)
@@ -142,7 +144,33 @@ load() { # scenario requests
     esac
 }
 
-declare -A IR
+# heap_allocations DUMP  prints how many calls the dump counts to the C allocation entry
+# points (glibc's, and mimalloc's when it is the global allocator): allocations and
+# reallocations, whatever the allocator underneath. Function names are compressed in a
+# callgrind file ("(id) name" the first time, "(id)" after), so ids are resolved first.
+heap_allocations() {
+    awk '
+        function resolve(spec,    id, rest) {
+            if (match(spec, /^\([0-9]+\)/)) {
+                id = substr(spec, RSTART, RLENGTH)
+                rest = substr(spec, RLENGTH + 2)
+                if (rest != "") name[id] = rest
+                return name[id]
+            }
+            return spec
+        }
+        /^fn=/ { resolve(substr($0, 4)); next }
+        /^cfn=/ { callee = resolve(substr($0, 5)); next }
+        /^calls=/ {
+            if (callee ~ /^(malloc|calloc|realloc|posix_memalign|aligned_alloc|memalign|mi_malloc|mi_zalloc|mi_realloc|mi_malloc_aligned|mi_zalloc_aligned|mi_realloc_aligned)$/) {
+                split(substr($0, 7), c, " ")
+                total += c[1]
+            }
+        }
+        END { print total + 0 }' "$1"
+}
+
+declare -A IR ALLOC
 SCENARIOS=(h1 h1tls h2c h2)
 for name in proxyd nginx; do
     H2C=""
@@ -167,18 +195,22 @@ for name in proxyd nginx; do
             sleep 0.2
         done
         ir=$(awk '/^summary:/ {print $2; exit}' "$dump" 2>/dev/null || true)
+        allocs=$(heap_allocations "$dump")
         if [ -n "$ir" ] && [ "${ok:-0}" -gt 0 ]; then
             IR[$name,$s]=$((ir / ok))
+            ALLOC[$name,$s]=$(awk -v a="$allocs" -v n="$ok" 'BEGIN { printf "%.1f", a / n }')
+            say "  ${IR[$name,$s]} instructions, ${ALLOC[$name,$s]} allocations per request"
         else
             IR[$name,$s]="?"
+            ALLOC[$name,$s]="?"
             say "  $name $s: no count (requests succeeded: ${ok:-none})"
         fi
     done
     stop "$pid"
 done
 
-printf '%-7s %14s %14s %14s\n' scenario "proxyd Ir/req" "nginx Ir/req" "proxyd/nginx"
+printf '%-7s %14s %14s %14s %16s %16s\n' scenario "proxyd Ir/req" "nginx Ir/req" "proxyd/nginx" "proxyd allocs/req" "nginx allocs/req"
 for s in "${SCENARIOS[@]}"; do
     ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[nginx,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
-    printf '%-7s %14s %14s %14s\n' "$s" "${IR[proxyd,$s]}" "${IR[nginx,$s]}" "$ratio"
+    printf '%-7s %14s %14s %14s %16s %16s\n' "$s" "${IR[proxyd,$s]}" "${IR[nginx,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[nginx,$s]}"
 done
