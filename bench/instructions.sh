@@ -6,6 +6,11 @@
 #   h1tls   HTTP/1.1 keep-alive over TLS 1.3     (h2load --h1 -c8, ECDSA P-256 certificate)
 #   h2c     HTTP/2 prior knowledge, plain        (h2load -c8 -m10)
 #   h2      HTTP/2 over TLS 1.3 (ALPN h2)        (h2load -c8 -m10)
+#   tlsfull a full TLS 1.3 handshake per connection, no request (openssl s_time -new, one
+#           connection at a time, for BENCH_HANDSHAKE_SECONDS): counted per handshake
+#
+# Under valgrind the CPU lacks ADX, so X25519 runs ring's and OpenSSL's generic code rather
+# than their ADX code: the tlsfull counts overstate the key exchange for both alike.
 #
 # Unlike req/s or CPU time, an instruction count does not depend on what else the machine
 # is doing, so two binaries can be compared on a busy machine, and a change to the request
@@ -19,11 +24,13 @@
 # about 2 minutes.
 #
 # Usage: bench/instructions.sh            (proxyd and nginx)
-# Env:   BENCH_REQUESTS=3000   PROXYD=/path/to/proxyd (skip the build)
+#        bench/instructions.sh h2c tlsfull (only these scenarios)
+# Env:   BENCH_REQUESTS=3000   BENCH_HANDSHAKE_SECONDS=20   PROXYD=/path/to/proxyd (skip the build)
 #        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
 set -euo pipefail
 
 REQUESTS=${BENCH_REQUESTS:-3000}
+HANDSHAKE_SECONDS=${BENCH_HANDSHAKE_SECONDS:-20}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 # shellcheck source=bench/common.sh
@@ -141,6 +148,12 @@ load() { # scenario requests
         # nginx 1.22 serves h2c on a listener of its own; proxyd on its HTTP listener.
         h2c) h2load -n "$2" -c8 -m10 -t1 "http://127.0.0.1:${H2C:-$PLAIN}/1k" ;;
         h2) h2load -n "$2" -c8 -m10 -t1 "https://127.0.0.1:$SECURE/1k" ;;
+        # A fixed time rather than a count: s_time has no count option.
+        tlsfull)
+            local seconds=$HANDSHAKE_SECONDS
+            [ "$2" -gt 500 ] || seconds=3
+            openssl s_time -connect "127.0.0.1:$SECURE" -new -time "$seconds"
+            ;;
     esac
 }
 
@@ -170,8 +183,20 @@ heap_allocations() {
         END { print total + 0 }' "$1"
 }
 
+# What `load` reports as done: h2load's succeeded requests, s_time's connections.
+completed() {
+    awk '/^requests:/ {print $8; exit} / connections in [0-9.]+s;/ {print $1; exit}'
+}
+
 declare -A IR ALLOC
-SCENARIOS=(h1 h1tls h2c h2)
+SCENARIOS=(h1 h1tls h2c h2 tlsfull)
+[ $# -eq 0 ] || SCENARIOS=("$@")
+for s in "${SCENARIOS[@]}"; do
+    case $s in
+        h1 | h1tls | h2c | h2 | tlsfull) ;;
+        *) say "unknown scenario $s (h1 h1tls h2c h2 tlsfull)"; exit 2 ;;
+    esac
+done
 for name in proxyd nginx; do
     H2C=""
     "start_$name"
@@ -186,7 +211,7 @@ for name in proxyd nginx; do
         load "$s" 500 >/dev/null 2>&1 || true
         callgrind_control --zero "$pid" >/dev/null 2>&1
         out=$(load "$s" "$REQUESTS" 2>&1 || true)
-        ok=$(awk '/^requests:/ {print $8}' <<<"$out")
+        ok=$(completed <<<"$out")
         callgrind_control --dump="$s" "$pid" >/dev/null 2>&1
         dump=""
         for _ in $(seq 50); do
@@ -210,6 +235,7 @@ for name in proxyd nginx; do
 done
 
 printf '%-7s %14s %14s %14s %16s %16s\n' scenario "proxyd Ir/req" "nginx Ir/req" "proxyd/nginx" "proxyd allocs/req" "nginx allocs/req"
+# (tlsfull: per handshake)
 for s in "${SCENARIOS[@]}"; do
     ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[nginx,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
     printf '%-7s %14s %14s %14s %16s %16s\n' "$s" "${IR[proxyd,$s]}" "${IR[nginx,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[nginx,$s]}"
