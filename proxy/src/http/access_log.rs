@@ -60,7 +60,7 @@ pub struct AccessLog {
     pub host: String,
     /// The matched route and its pool.
     pub entry: Option<Arc<RouteEntry>>,
-    /// The upstream that answered.
+    /// The upstream that answered, kept only when the access line or a span names it.
     pub upstream: Option<Arc<UpstreamRuntime>>,
     /// Response status.
     pub status: u16,

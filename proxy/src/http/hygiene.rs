@@ -5,6 +5,10 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+/// How many headers a forwarded request may gain here: `Host` (from the target's
+/// authority), the four forwarding headers and `Via`.
+pub const ADDED_REQUEST_HEADERS: usize = 6;
+
 /// How many names [`HOP_BY_HOP`] has.
 const HOP_BY_HOP_COUNT: usize = 8;
 /// Headers that describe one connection, not the message, and are never forwarded.
@@ -181,6 +185,11 @@ fn quoted(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
     push_quoted(&mut out, value);
     out
+}
+
+/// The length of `value` as an RFC 7230 quoted-string.
+fn quoted_len(value: &str) -> usize {
+    2 + value.len() + value.bytes().filter(|b| matches!(b, b'"' | b'\\')).count()
 }
 
 /// Appends `value` as an RFC 7230 quoted-string to `out`.
@@ -417,7 +426,7 @@ pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: &ForwardedClient,
     proto: &'static str,
-    host: Option<&str>,
+    host: Option<&RequestHost>,
 ) {
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => {
@@ -438,23 +447,27 @@ pub fn add_forwarding(
         .get(header::FORWARDED)
         .and_then(|v| v.to_str().ok())
         .filter(|prior| !prior.trim().is_empty());
+    let host = host.map(|h| (h, h.as_str()));
+    // The exact length: a string filled to its capacity becomes a header value without
+    // another allocation.
     let mut forwarded = String::with_capacity(
         prior.map_or(0, |p| p.len() + 2)
             + client.forwarded_for.len()
-            + host.map_or(0, |h| h.len() + 10)
-            + 12,
+            + host.map_or(0, |(_, h)| ";host=".len() + quoted_len(h))
+            + ";proto=".len()
+            + proto.len(),
     );
     if let Some(prior) = prior {
         forwarded.push_str(prior);
         forwarded.push_str(", ");
     }
     forwarded.push_str(&client.forwarded_for);
-    if let Some(host) = host {
-        if let Ok(v) = HeaderValue::from_str(host) {
+    if let Some((host, text)) = host {
+        if let Some(v) = host.to_header_value() {
             headers.insert(X_FORWARDED_HOST, v);
         }
         forwarded.push_str(";host=");
-        push_quoted(&mut forwarded, host);
+        push_quoted(&mut forwarded, text);
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
@@ -483,32 +496,82 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
     }
 }
 
-/// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header,
-/// lower-cased and without port.
-pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<String> {
-    let raw = match uri.host() {
-        Some(h) => h,
-        None => {
-            let value = headers.get(header::HOST)?.to_str().ok()?;
-            strip_port(value)
-        }
-    };
-    let raw = raw.trim_end_matches('.');
-    if raw.is_empty() {
-        return None;
-    }
-    Some(raw.to_ascii_lowercase())
+/// A request's host as routing and the forwarding headers see it: lower-cased, without
+/// port or trailing dot.
+///
+/// Taken from the `Host` header, as it usually is, it is a share of that header's value
+/// (reference-counted, not copied) and a range within it, so a request whose host is
+/// already lower-case needs no allocation for it, neither here nor for `X-Forwarded-Host`.
+#[derive(Debug, Clone)]
+pub struct RequestHost {
+    /// The value the host was found in: the request's own, or a lower-cased copy.
+    value: HeaderValue,
+    /// Where the host is in `value`.
+    range: std::ops::Range<usize>,
 }
 
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
+impl RequestHost {
+    /// The host.
+    pub fn as_str(&self) -> &str {
+        // Only ever made from valid UTF-8 (see `request_host`); "" is not reached.
+        std::str::from_utf8(&self.value.as_bytes()[self.range.clone()]).unwrap_or_default()
+    }
+
+    /// The host as a header value of its own (`X-Forwarded-Host`): the value it came from
+    /// when that holds nothing else.
+    pub fn to_header_value(&self) -> Option<HeaderValue> {
+        if self.range.start == 0 && self.range.end == self.value.len() {
+            Some(self.value.clone())
+        } else {
+            HeaderValue::from_str(self.as_str()).ok()
+        }
+    }
+}
+
+/// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header,
+/// lower-cased and without port.
+pub fn request_host(uri: &http::Uri, headers: &HeaderMap) -> Option<RequestHost> {
+    if let Some(host) = uri.host() {
+        return lowered(host.trim_end_matches('.'));
+    }
+    let value = headers.get(header::HOST)?;
+    let text = value.to_str().ok()?;
+    let range = host_range(text);
+    let host = &text[range.clone()];
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        return lowered(host);
+    }
+    (!range.is_empty()).then(|| RequestHost {
+        value: value.clone(),
+        range,
+    })
+}
+
+/// A lower-cased copy of `host`, if it is not empty.
+fn lowered(host: &str) -> Option<RequestHost> {
+    if host.is_empty() {
+        return None;
+    }
+    let value = HeaderValue::from_str(&host.to_ascii_lowercase()).ok()?;
+    Some(RequestHost {
+        range: 0..value.len(),
+        value,
+    })
+}
+
+/// Where the host is in a `Host` value: without port, brackets or trailing dots.
+fn host_range(text: &str) -> std::ops::Range<usize> {
+    let (start, end) = if let Some(rest) = text.strip_prefix('[') {
         // [v6]:port
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
-    }
+        (1, 1 + rest.find(']').unwrap_or(rest.len()))
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => (0, h.len()),
+            _ => (0, text.len()),
+        }
+    };
+    let end = start + text[start..end].trim_end_matches('.').len();
+    start..end
 }
 
 #[cfg(test)]
@@ -628,12 +691,17 @@ mod tests {
 
     #[test]
     fn forwarding_headers_append() {
-        let mut h = headers(&[("x-forwarded-for", "10.0.0.1"), ("via", "1.1 edge")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("via", "1.1 edge"),
+            ("host", "Example.com:8080"),
+        ]);
+        let host = request_host(&http::Uri::from_static("/"), &h);
         add_forwarding(
             &mut h,
             &ForwardedClient::new("127.0.0.1".parse().expect("ip")),
             "http",
-            Some("example.com"),
+            host.as_ref(),
         );
         add_via(&mut h, Version::HTTP_11);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
@@ -692,12 +760,13 @@ mod tests {
 
     #[test]
     fn forwarded_parameters_are_quoted() {
-        let mut h = HeaderMap::new();
+        let mut h = headers(&[("host", "a\"b\\c")]);
+        let host = request_host(&http::Uri::from_static("/"), &h);
         add_forwarding(
             &mut h,
             &ForwardedClient::new("::1".parse().expect("ip")),
             "https",
-            Some("a\"b\\c"),
+            host.as_ref(),
         );
         assert_eq!(
             h["forwarded"],
@@ -743,14 +812,49 @@ mod tests {
     #[test]
     fn host_parsing() {
         let uri: http::Uri = "/x".parse().expect("uri");
+        let host = |value: &str| {
+            request_host(&uri, &headers(&[("host", value)])).map(|h| h.as_str().to_string())
+        };
+        assert_eq!(host("Example.COM:8080").as_deref(), Some("example.com"));
+        assert_eq!(host("example.com.:8080").as_deref(), Some("example.com"));
+        assert_eq!(host("example.com").as_deref(), Some("example.com"));
+        assert_eq!(host("[::1]:80").as_deref(), Some("::1"));
+        assert_eq!(host("[::1]").as_deref(), Some("::1"));
+        assert_eq!(host("[::1").as_deref(), Some("::1"));
+        assert_eq!(host(":80"), None);
+        assert_eq!(host("."), None);
+        assert_eq!(host(""), None);
+        assert!(request_host(&uri, &headers(&[])).is_none());
+        let absolute: http::Uri = "http://API.example.:81/x".parse().expect("uri");
+        let from_target = request_host(&absolute, &headers(&[("host", "other")]));
         assert_eq!(
-            request_host(&uri, &headers(&[("host", "Example.COM:8080")])).as_deref(),
-            Some("example.com")
+            from_target.as_ref().map(RequestHost::as_str),
+            Some("api.example")
         );
-        assert_eq!(
-            request_host(&uri, &headers(&[("host", "[::1]:80")])).as_deref(),
-            Some("::1")
-        );
-        assert_eq!(request_host(&uri, &headers(&[])), None);
+    }
+
+    #[test]
+    fn forwarded_host_is_the_host_alone() {
+        let uri = http::Uri::from_static("/");
+        for (value, forwarded_host) in [
+            ("example.com", "example.com"),
+            ("example.com:8080", "example.com"),
+            ("Example.com", "example.com"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+        ] {
+            let host = request_host(&uri, &headers(&[("host", value)])).expect(value);
+            assert_eq!(
+                host.to_header_value().expect(value),
+                forwarded_host,
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoted_lengths_are_exact() {
+        for value in ["", "example.com", "a\"b\\c", "\"\"", "[::1]"] {
+            assert_eq!(quoted_len(value), quoted(value).len(), "{value}");
+        }
     }
 }

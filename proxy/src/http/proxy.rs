@@ -283,7 +283,7 @@ async fn proxy(
     check_request(ctx, &req)?;
     let host = hygiene::request_host(req.uri(), req.headers());
     if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
-        log.host.clone_from(h);
+        log.host.push_str(h.as_str());
     }
     // Borrowed from the current table without touching its reference count (shared by
     // every worker); only the matched entry is kept.
@@ -293,24 +293,20 @@ async fn proxy(
             routing
                 .lookup(
                     &ctx.listener.name,
-                    host.as_deref().unwrap_or(""),
+                    host.as_ref().map_or("", hygiene::RequestHost::as_str),
                     req.uri().path(),
                 )
                 .cloned()
         })
         .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, ErrorSource::Proxy, "no route"))?;
-    log.entry = Some(entry.clone());
+    // Held by the log (its route and pool name the request's metrics) and borrowed from
+    // there: one reference count change per request on an entry every worker shares.
+    let entry = &**log.entry.insert(entry);
 
     let upgrade = hygiene::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upstream_req = upstream_request(
-        ctx,
-        req,
-        &entry,
-        host.as_deref(),
-        upgrade,
-        log.trace.as_ref(),
-    )?;
+    let upstream_req =
+        upstream_request(ctx, req, entry, host.as_ref(), upgrade, log.trace.as_ref())?;
     // A registered route whose instances are away: wait (bounded) for one to come back.
     let pool = crate::registration::ready_pool(entry.pool_slot(), ctx.telemetry.metrics())
         .await
@@ -322,7 +318,10 @@ async fn proxy(
             )
         })?;
     let (mut parts, held, in_flight) = forward(&pool, upstream_req, log).await?;
-    log.upstream = Some(in_flight.upstream().clone());
+    // Only the access line and the span name the upstream.
+    if ctx.telemetry.access_log_enabled() || log.trace.is_some() {
+        log.upstream = Some(in_flight.upstream().clone());
+    }
 
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         let upstream = match held {
@@ -416,12 +415,15 @@ fn upstream_request(
     ctx: &ConnContext,
     req: Request<Incoming>,
     entry: &RouteEntry,
-    host: Option<&str>,
+    host: Option<&hygiene::RequestHost>,
     upgrade: bool,
     trace: Option<&opentelemetry::Context>,
 ) -> Result<Request<RequestBody>, Failure> {
     let (mut parts, body) = req.into_parts();
     let received_version = parts.version;
+    // Room for every header added below at once: a map filled to its capacity grows
+    // (allocating and rehashing) on the next insert, once or twice per request.
+    parts.headers.reserve(hygiene::ADDED_REQUEST_HEADERS);
     // An authority in the target (absolute-form, or HTTP/2's :authority) is the one the
     // client means: it replaces any Host header, as RFC 9112 section 3.2.2 and RFC 9113
     // section 8.3.1 say. Upstreams speak HTTP/1.1 and get it as Host.
