@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -115,7 +114,7 @@ enum Source {
 pub struct ResponseBody {
     source: Source,
     reuse: Option<Reuse>,
-    log: Option<Arc<AccessLog>>,
+    log: Option<Box<AccessLog>>,
     bytes: u64,
     grpc: Option<GrpcCall>,
 }
@@ -179,7 +178,7 @@ impl ResponseBody {
     }
 
     /// Writes `log` with the byte count when the body ends or is dropped.
-    pub fn with_log(mut self, log: Arc<AccessLog>) -> Self {
+    pub fn with_log(mut self, log: Box<AccessLog>) -> Self {
         self.log = Some(log);
         self
     }

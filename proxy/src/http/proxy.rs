@@ -95,7 +95,10 @@ pub(crate) async fn handle(
     let telemetry = &ctx.telemetry;
     // Path, host and headers are only ever shown in the access line.
     let lines = telemetry.access_log_enabled();
-    let mut log = AccessLog {
+    // On the heap from the start (the response body keeps it until it ends): the
+    // request's future, which is moved whole several times before it first runs, carries
+    // a pointer instead.
+    let mut log = Box::new(AccessLog {
         listener: ctx.listener.clone(),
         client: ctx.client,
         method: req.method().clone(),
@@ -124,7 +127,7 @@ pub(crate) async fn handle(
         error: None,
         start: Instant::now(),
         upstream_us: OnceLock::new(),
-    };
+    });
     // hyper hands the bytes after an upgrade request to the upgraded connection, so the
     // framing scanner stops following them; unless the switch happens, the connection
     // must end with this response rather than read them as further requests.
@@ -138,7 +141,9 @@ pub(crate) async fn handle(
         .map(|timeout| tokio::time::Instant::now() + timeout);
     let result = match deadline {
         None => proxy(&ctx, req, &mut log).await,
-        Some(at) => tokio::time::timeout_at(at, proxy(&ctx, req, &mut log))
+        // Boxed: a timer beside the request path would make every request's future
+        // larger, for the few gRPC calls that carry a timeout.
+        Some(at) => Box::pin(tokio::time::timeout_at(at, proxy(&ctx, req, &mut log)))
             .await
             .unwrap_or_else(|_| {
                 Err(Failure::new(
@@ -213,7 +218,7 @@ pub(crate) async fn handle(
         Some((deadline, status)) => body.grpc(deadline, status),
         None => body,
     };
-    Ok(Response::from_parts(parts, body.with_log(Arc::new(log))))
+    Ok(Response::from_parts(parts, body.with_log(log)))
 }
 
 /// The gRPC status for a request proxyd failed with `status`, following gRPC's own
@@ -271,8 +276,12 @@ async fn proxy(
     mut req: Request<Incoming>,
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, Failure> {
-    if let Some(answer) = acme_challenge(ctx, &req).await {
-        return Ok(answer);
+    if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
+        // Boxed: in a fleet the answer may come from etcd, a future far larger than the
+        // rest of the request path, which only validation requests need.
+        if let Some(answer) = Box::pin(acme_challenge(ctx, &req)).await {
+            return Ok(answer);
+        }
     }
     if let Some(rate) = &ctx.rate {
         if let Err(wait) = rate.take(ctx.client.ip()) {
@@ -589,7 +598,9 @@ async fn forward(
                 .speaks_h2()
                 .unwrap_or_else(|| upstream.negotiated_h2() != Some(false));
             let step = if h2 {
-                forward_h2(&mut attempt, upstream, in_flight).await
+                // Boxed: an HTTP/2 exchange is a larger future than an HTTP/1.1 one, and
+                // inline it would size every request's future, whatever its upstream.
+                Box::pin(forward_h2(&mut attempt, upstream, in_flight)).await
             } else {
                 forward_http1(&mut attempt, upstream, in_flight).await
             };

@@ -39,10 +39,11 @@ pub async fn ready_pool(
         return Err(HoldError::Ended);
     }
     let held = metrics.request_held();
-    // The route's slot gets the pool with the instance once one registers again.
-    let result = hold
-        .wait(|| Some(slot.load_full()).filter(|p| !p.upstreams().is_empty()))
-        .await;
+    // The route's slot gets the pool with the instance once one registers again. Boxed:
+    // the wait (a timer and a notification) is part of every request's future otherwise,
+    // and only requests to a route whose instances are away run it.
+    let result =
+        Box::pin(hold.wait(|| Some(slot.load_full()).filter(|p| !p.upstreams().is_empty()))).await;
     drop(held);
     metrics.held_finished(match &result {
         Ok(_) => crate::telemetry::HeldOutcome::Served,
