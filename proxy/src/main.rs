@@ -37,6 +37,12 @@ enum Command {
     },
 }
 
+/// mimalloc rather than glibc's malloc: a request allocates a few dozen times, mostly in
+/// hyper, and mimalloc's per-thread free lists serve that for fewer instructions and
+/// hold less memory per idle connection (README, Performance).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
