@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::detect::{self, Prefixed, Speaks};
 use super::framing::{FramingScan, HeadProgress};
@@ -210,7 +210,6 @@ async fn serve_limited(
             rate: limits.rate.clone(),
         });
         let protocols = protocols.clone();
-        let conn_shutdown = shutdown.clone();
         let idle = config.idle_timeout;
         let open = series.open();
         // Two tasks, so that a plain connection's task does not carry the size of a TLS
@@ -224,7 +223,7 @@ async fn serve_limited(
                 let _permit = permit;
                 let _client_slot = client_slot;
                 let _open = open;
-                serve_connection(stream, ctx, &protocols, conn_shutdown, idle).await
+                serve_connection(stream, ctx, &protocols, idle).await
             }),
             Some(server_config) => {
                 let (server_config, tls) = (server_config.clone(), tls.clone());
@@ -242,14 +241,8 @@ async fn serve_limited(
                     ));
                     match handshake.await {
                         Ok(stream) => {
-                            Box::pin(serve_connection(
-                                stream,
-                                ctx,
-                                &protocols,
-                                conn_shutdown,
-                                Duration::ZERO,
-                            ))
-                            .await
+                            Box::pin(serve_connection(stream, ctx, &protocols, Duration::ZERO))
+                                .await
                         }
                         Err(AcceptError::ChallengeAnswered) => {}
                         Err(AcceptError::Timeout) => {
@@ -267,91 +260,136 @@ async fn serve_limited(
 /// Serves HTTP on one accepted (and, for `https`, decrypted) connection; `idle_above` is
 /// the idle limit applied here (zero when one already sits below TLS). HTTP/1 connections
 /// are parked between requests (see [`super::parked`]).
+///
+/// Most connections spend most of their life waiting: for their first bytes, or parked
+/// between requests. The connection's task is allocated for its largest state, for as
+/// long as it lives, so those waits are the only states kept in it (the stream, one timer
+/// and the drain signal); serving requests runs in a boxed future that exists only while
+/// the connection is busy.
 async fn serve_connection<IO>(
     io: IO,
     ctx: Arc<ConnContext>,
     protocols: &Protocols,
-    shutdown: Shutdown,
     idle_above: Duration,
 ) where
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    let client = ctx.client;
-    let idle = ctx.listener.idle_timeout;
-    let header_timeout = ctx.listener.header_timeout;
-    let (series, progress) = (ctx.series.clone(), ctx.progress.clone());
-    // The framing scan reads what the HTTP parser reads: the decrypted bytes.
-    let scanned = FramingScan::watched(io, progress.clone());
-    let mut io = IdleTimeout::new(scanned, idle_above).counted_in(series.clone());
     // hyper times an HTTP/1 head from its first byte, and an HTTP/2 connection's first
     // request not at all: a client that connects and sends nothing (or trickles an HTTP/2
     // preface) gets `header_timeout` for its first request, like any head.
-    let first_request = tokio::time::sleep(header_timeout);
-    tokio::pin!(first_request);
-    let mut start = Vec::new();
-    let speaks = tokio::select! {
-        r = detect::first_bytes(&mut io, &mut start) => r,
-        () = &mut first_request => {
-            series.timed_out(ClientTimeout::Head);
-            tracing::debug!(%client, "no request within header_timeout");
+    let first_due = Instant::now() + ctx.listener.header_timeout;
+    let (speaks, stream) = {
+        // The framing scan reads what the HTTP parser reads: the decrypted bytes.
+        let scanned = FramingScan::watched(io, ctx.progress.clone());
+        let mut io = IdleTimeout::new(scanned, idle_above).counted_in(ctx.series.clone());
+        let mut start = Vec::new();
+        let Some(speaks) = await_first_bytes(&mut io, &mut start, &ctx, first_due).await else {
             return;
-        }
-        _ = shutdown.triggered() => {
-            // A client that connected as the drain began still gets a grace to send its
-            // request, which is then answered with `Connection: close`.
-            tokio::select! {
-                r = detect::first_bytes(&mut io, &mut start) => r,
-                () = tokio::time::sleep(DRAIN_GRACE.min(idle)) => return,
-            }
-        }
+        };
+        (speaks, Prefixed::new(start, io))
     };
-    let speaks = match speaks {
-        Ok(Some(speaks)) => speaks,
-        // Closed without a byte.
-        Ok(None) => return,
-        Err(e) => {
-            tracing::debug!(%client, error = %e, "client connection ended with an error");
-            return;
-        }
-    };
-    let stream = Prefixed::new(start, io);
     let result = match speaks {
-        Speaks::Http1 => {
-            let due = first_request.deadline();
-            serve_http1(stream, ctx, &protocols.http1, &shutdown, due).await
-        }
+        Speaks::Http1 => serve_http1(stream, &ctx, &protocols.http1, first_due).await,
         Speaks::Http2 => {
-            let service = service_fn(move |req| handle(ctx.clone(), req));
-            let watch = Watch {
-                first_request: first_request.as_mut(),
-                progress: &progress,
-                series: &series,
-                client,
-                shutdown: &shutdown,
-                idle,
-            };
-            // Boxed: the connection task's own future stays small (see the accept loop).
-            let conn = Box::pin(
-                protocols
-                    .http2
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-            watch.drive(conn, |conn| conn.graceful_shutdown()).await
+            Box::pin(serve_http2(
+                stream,
+                ctx.clone(),
+                &protocols.http2,
+                first_due,
+            ))
+            .await
         }
     };
     if let Some(Err(e)) = result {
         if is_header_timeout(&e) {
             // hyper's head timer also runs while a keep-alive connection waits for its
             // next request: that is an idle client, not a stalled head.
+            let progress = &ctx.progress;
             let cause = if progress.in_head() || !progress.any_request() {
                 ClientTimeout::Head
             } else {
                 ClientTimeout::Idle
             };
-            series.timed_out(cause);
+            ctx.series.timed_out(cause);
         }
-        tracing::debug!(%client, error = %e, "client connection ended with an error");
+        tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error");
     }
+}
+
+/// Reads a new connection's first bytes into `start` until they tell its HTTP version;
+/// `None` when it was closed here instead: nothing by `first_due` (counted), closed
+/// without a byte, a read error, or no byte within a grace once draining began.
+async fn await_first_bytes<IO>(
+    io: &mut IO,
+    start: &mut Vec<u8>,
+    ctx: &ConnContext,
+    first_due: Instant,
+) -> Option<Speaks>
+where
+    IO: AsyncRead + Unpin,
+{
+    let client = ctx.client;
+    // One timer for both limits: the first request's, then the drain's grace.
+    let deadline = tokio::time::sleep_until(first_due);
+    tokio::pin!(deadline);
+    let mut draining = false;
+    let read = loop {
+        tokio::select! {
+            r = detect::first_bytes(io, start) => break r,
+            () = &mut deadline => {
+                if !draining {
+                    ctx.series.timed_out(ClientTimeout::Head);
+                    tracing::debug!(%client, "no request within header_timeout");
+                }
+                return None;
+            }
+            _ = ctx.shutdown.triggered(), if !draining => {
+                // A client that connected as the drain began still gets a grace to send
+                // its request, which is then answered with `Connection: close`.
+                draining = true;
+                let grace = DRAIN_GRACE.min(ctx.listener.idle_timeout);
+                deadline.as_mut().reset(Instant::now() + grace);
+            }
+        }
+    };
+    match read {
+        Ok(speaks) => speaks,
+        Err(e) => {
+            tracing::debug!(%client, error = %e, "client connection ended with an error");
+            None
+        }
+    }
+}
+
+/// Serves an HTTP/2 connection whose first request is due at `first_due`.
+async fn serve_http2<S>(
+    stream: S,
+    ctx: Arc<ConnContext>,
+    http2: &http2::Builder<StreamExecutor>,
+    first_due: Instant,
+) -> Option<hyper::Result<()>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let first_request = tokio::time::sleep_until(first_due);
+    tokio::pin!(first_request);
+    let (client, idle) = (ctx.client, ctx.listener.idle_timeout);
+    let (series, progress, shutdown) = (
+        ctx.series.clone(),
+        ctx.progress.clone(),
+        ctx.shutdown.clone(),
+    );
+    let service = service_fn(move |req| handle(ctx.clone(), req));
+    let watch = Watch {
+        first_request: first_request.as_mut(),
+        progress: &progress,
+        series: &series,
+        client,
+        shutdown: &shutdown,
+        idle,
+    };
+    let conn = Box::pin(http2.serve_connection(TokioIo::new(stream), service));
+    watch.drive(conn, |conn| conn.graceful_shutdown()).await
 }
 
 /// Serves an HTTP/1 connection whose first request head is due at `head_due`. Between
@@ -359,76 +397,86 @@ async fn serve_connection<IO>(
 /// only the stream waits for the next bytes (see [`super::parked`]). `None` when it was
 /// closed here: no request in time, or idle while draining.
 async fn serve_http1<S>(
-    stream: S,
-    ctx: Arc<ConnContext>,
+    mut stream: S,
+    ctx: &Arc<ConnContext>,
     http1: &http1::Builder,
-    shutdown: &Shutdown,
-    mut head_due: tokio::time::Instant,
+    mut head_due: Instant,
 ) -> Option<hyper::Result<()>>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    let client = ctx.client;
-    let (idle, header_timeout) = (ctx.listener.idle_timeout, ctx.listener.header_timeout);
-    let (series, progress) = (ctx.series.clone(), ctx.progress.clone());
-    let lender = Lender::new();
-    let mut stream = Some(stream);
-    let mut requests_before = 0;
     // Set once draining began: when a connection that stays idle is closed.
-    let mut drain_due: Option<tokio::time::Instant> = None;
-    let mut parked = false;
+    let mut drain_due: Option<Instant> = None;
     loop {
-        let mut waiting = stream.take()?;
-        if parked {
-            let ready = loop {
-                tokio::select! {
-                    r = std::future::poll_fn(|cx| waiting.poll_read_ready(cx)) => break r,
-                    // The wait for a next request that hyper bounds by `header_timeout`.
-                    () = tokio::time::sleep_until(head_due) => {
-                        series.timed_out(ClientTimeout::Idle);
-                        tracing::debug!(%client, "no request within header_timeout");
-                        return None;
-                    }
-                    () = sleep_until_some(drain_due) => return None,
-                    _ = shutdown.triggered(), if drain_due.is_none() => {
-                        // Keep-alive clients are told `Connection: close` on their next
-                        // response; one that sends nothing is closed after a grace.
-                        drain_due = Some(tokio::time::Instant::now() + DRAIN_GRACE.min(idle));
-                    }
-                }
-            };
-            if let Err(e) = ready {
-                // The idle timeout (counted where it fired) or a socket error.
-                tracing::debug!(%client, error = %e, "parked client connection ended");
-                return None;
-            }
+        // Boxed: hyper's connection and the request path exist only while the connection
+        // is busy; a parked connection holds none of it.
+        match Box::pin(serve_until_idle(
+            stream,
+            ctx,
+            http1,
+            head_due,
+            &mut drain_due,
+        ))
+        .await
+        {
+            Lent::Ended(result) => return result,
+            Lent::Parked(returned) => stream = returned,
         }
-        let service = {
-            let (ctx, lender) = (ctx.clone(), lender.clone());
-            service_fn(move |req| {
-                let exchange = lender.begin(&req);
-                handle(ctx.clone(), req)
-                    .map(move |r| r.map(move |response| exchange.respond(response)))
-            })
-        };
-        // Boxed: the connection task's own future stays small, and a parked one holds none
-        // of it.
-        let mut conn = Box::pin(
-            http1
-                .serve_connection(TokioIo::new(lender.lend(waiting)), service)
-                .with_upgrades(),
-        );
-        let outcome = loop {
+        // hyper gives a keep-alive connection `header_timeout` for its next request from
+        // the end of the last response; so does the parked wait.
+        head_due = Instant::now() + ctx.listener.header_timeout;
+        if !await_next_request(&mut stream, ctx, head_due, &mut drain_due).await {
+            return None;
+        }
+    }
+}
+
+/// How a hyper connection that was lent the stream ended.
+enum Lent<S> {
+    /// Between requests with nothing of the client's held: the stream came back.
+    Parked(S),
+    /// The connection is over (`None`: closed here, see [`serve_http1`]).
+    Ended(Option<hyper::Result<()>>),
+}
+
+/// Lends `stream` to a new hyper connection and serves requests until the connection
+/// ends or can be parked.
+async fn serve_until_idle<S>(
+    stream: S,
+    ctx: &Arc<ConnContext>,
+    http1: &http1::Builder,
+    head_due: Instant,
+    drain_due: &mut Option<Instant>,
+) -> Lent<S>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+{
+    let client = ctx.client;
+    let (series, progress, shutdown) = (&ctx.series, &ctx.progress, &ctx.shutdown);
+    let lender = Lender::new();
+    let service = {
+        let (ctx, lender) = (ctx.clone(), lender.clone());
+        service_fn(move |req| {
+            let exchange = lender.begin(&req);
+            handle(ctx.clone(), req).map(move |r| r.map(move |response| exchange.respond(response)))
+        })
+    };
+    let outcome = {
+        let conn = http1
+            .serve_connection(TokioIo::new(lender.lend(stream)), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        loop {
             tokio::select! {
                 r = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending if drain_due.is_none() && lender.can_park(&progress) => {
+                    Poll::Pending if drain_due.is_none() && lender.can_park(progress) => {
                         Poll::Ready(None)
                     }
                     Poll::Pending => Poll::Pending,
                 }) => break r,
-                () = tokio::time::sleep_until(head_due), if lender.requests() == requests_before => {
-                    if lender.requests() != requests_before {
+                () = tokio::time::sleep_until(head_due), if lender.requests() == 0 => {
+                    if lender.requests() != 0 {
                         // A request arrived as the timer ran out: disarmed from now on.
                         continue;
                     }
@@ -438,9 +486,9 @@ where
                         ClientTimeout::Idle
                     });
                     tracing::debug!(%client, "no request within header_timeout");
-                    return None;
+                    return Lent::Ended(None);
                 }
-                () = sleep_until_some(drain_due) => {
+                () = sleep_until_some(*drain_due) => {
                     conn.as_mut().graceful_shutdown();
                     break Some(conn.as_mut().await);
                 }
@@ -449,28 +497,68 @@ where
                     // response (see the request path), which closes cleanly from their
                     // side of the race. Only connections that stay idle are closed by us,
                     // after a grace.
-                    drain_due = Some(tokio::time::Instant::now() + DRAIN_GRACE.min(idle));
+                    *drain_due = Some(Instant::now() + DRAIN_GRACE.min(ctx.listener.idle_timeout));
                 }
             }
-        };
-        match outcome {
-            Some(result) => return Some(result),
-            None => {
-                // Parked: hyper's connection and its buffers go, the stream comes back.
-                drop(conn);
-                stream = lender.take_back();
-                parked = true;
-                // hyper gives a keep-alive connection `header_timeout` for its next
-                // request from the end of the last response; so does the parked wait.
-                head_due = tokio::time::Instant::now() + header_timeout;
-                requests_before = lender.requests();
+        }
+        // hyper's connection and its buffers go here; the stream comes back to the lender.
+    };
+    match outcome {
+        Some(result) => Lent::Ended(Some(result)),
+        None => match lender.take_back() {
+            Some(stream) => Lent::Parked(stream),
+            None => Lent::Ended(None),
+        },
+    }
+}
+
+/// Waits, holding only the stream, until a parked connection's next bytes arrive. `false`
+/// when it was closed here instead: no request by `head_due` (counted as an idle client),
+/// idle while draining, or the idle timeout or a socket error (counted where they fire).
+async fn await_next_request<S: ReadReady>(
+    stream: &mut S,
+    ctx: &ConnContext,
+    head_due: Instant,
+    drain_due: &mut Option<Instant>,
+) -> bool {
+    let client = ctx.client;
+    // One timer for both limits: whichever of the next request's and the drain's is first.
+    let deadline = tokio::time::sleep_until(drain_due.map_or(head_due, |d| d.min(head_due)));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
+                return match r {
+                    Ok(()) => true,
+                    Err(e) => {
+                        // The idle timeout (counted where it fired) or a socket error.
+                        tracing::debug!(%client, error = %e, "parked client connection ended");
+                        false
+                    }
+                };
+            }
+            () = &mut deadline => {
+                if drain_due.is_none_or(|d| head_due < d) {
+                    ctx.series.timed_out(ClientTimeout::Idle);
+                    tracing::debug!(%client, "no request within header_timeout");
+                }
+                return false;
+            }
+            _ = ctx.shutdown.triggered(), if drain_due.is_none() => {
+                // Keep-alive clients are told `Connection: close` on their next response;
+                // one that sends nothing is closed after a grace.
+                let due = Instant::now() + DRAIN_GRACE.min(ctx.listener.idle_timeout);
+                *drain_due = Some(due);
+                if due < head_due {
+                    deadline.as_mut().reset(due);
+                }
             }
         }
     }
 }
 
 /// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
