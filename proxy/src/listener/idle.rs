@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -15,11 +15,21 @@ use crate::telemetry::{ClientTimeout, ListenerSeries};
 ///
 /// Activity in either direction resets the clock, so a long download is never cut while
 /// bytes flow; only a pending read can time out.
+///
+/// Activity only notes the time: the timer is not moved on every read or write. It stays
+/// where it was set, at or before the real deadline, and when it fires before that
+/// deadline it is set again to it. A connection that answers a request every few
+/// milliseconds thus wakes for its timer once per `timeout` instead of re-arming it per
+/// request, and is still closed `timeout` after its last byte, never earlier or later.
 pub struct IdleTimeout<S> {
     inner: S,
     timeout: Duration,
     last_activity: Instant,
-    timer: Pin<Box<Sleep>>,
+    /// Made on the first read that has to wait: a connection that never waits arms none.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// The task `timer` wakes: it was polled since it was last set and is still running,
+    /// so a read that waits again in the same task need not poll it.
+    waking: Option<Waker>,
     /// Where an expiry is counted (once), if anywhere.
     counted: Option<ListenerSeries>,
 }
@@ -27,12 +37,12 @@ pub struct IdleTimeout<S> {
 impl<S> IdleTimeout<S> {
     /// Wraps `inner`; `timeout` of zero disables the limit.
     pub fn new(inner: S, timeout: Duration) -> Self {
-        let now = Instant::now();
         IdleTimeout {
             inner,
             timeout,
-            last_activity: now,
-            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+            last_activity: Instant::now(),
+            timer: None,
+            waking: None,
             counted: None,
         }
     }
@@ -51,7 +61,10 @@ impl<S> IdleTimeout<S> {
 
     /// Counts as activity: for a copy that moves bytes below the stream (splice).
     pub fn touch(&mut self) {
-        self.last_activity = Instant::now();
+        // Without a limit (one below TLS already), the time would never be read.
+        if !self.timeout.is_zero() {
+            self.last_activity = Instant::now();
+        }
     }
 
     /// `Ready(Err)` when the idle time is up, `Pending` otherwise (timer armed): for a
@@ -60,20 +73,50 @@ impl<S> IdleTimeout<S> {
         if self.timeout.is_zero() {
             return Poll::Pending;
         }
+        let timer = self.timer.get_or_insert_with(|| {
+            Box::pin(tokio::time::sleep_until(self.last_activity + self.timeout))
+        });
+        if self
+            .waking
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+            && !timer.is_elapsed()
+        {
+            // Set at or before the deadline and due to wake this very task.
+            return Poll::Pending;
+        }
         loop {
-            let deadline = self.last_activity + self.timeout;
-            if self.timer.deadline() != deadline {
-                self.timer.as_mut().reset(deadline);
-            }
-            match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) if Instant::now() >= self.last_activity + self.timeout => {
-                    if let Some(series) = self.counted.take() {
-                        series.timed_out(ClientTimeout::Idle);
+            // A poll that the task's budget cuts short registers nothing with the timer:
+            // the task is remembered only when the timer itself answered.
+            let answered = tokio::task::coop::has_budget_remaining();
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let deadline = self.last_activity + self.timeout;
+                    if Instant::now() >= deadline {
+                        self.waking = None;
+                        if let Some(series) = self.counted.take() {
+                            series.timed_out(ClientTimeout::Idle);
+                        }
+                        return Poll::Ready(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "idle timeout",
+                        ));
                     }
-                    return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                    // Fired for a deadline that activity since moved on.
+                    timer.as_mut().reset(deadline);
                 }
-                Poll::Ready(()) => continue,
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if !answered {
+                        self.waking = None;
+                    } else if !self
+                        .waking
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        self.waking = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -179,5 +222,93 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// Reads until the stream fails; returns how many bytes came and the error.
+    async fn read_to_failure<S: AsyncRead + Unpin>(stream: &mut S) -> (usize, io::Error) {
+        let mut buf = [0u8; 8];
+        let mut got = 0;
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => panic!("the stream ended"),
+                Ok(n) => got += n,
+                Err(e) => return (got, e),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closes_one_timeout_after_the_last_byte_however_often_bytes_came() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        // A byte every 4 s for 20 s: the timer set at the first wait comes due at 10 s,
+        // with activity since, and moves on.
+        let writer = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                client.write_all(b"x").await.unwrap();
+            }
+            client
+        });
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!(got, 5);
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        let closed = start.elapsed();
+        // The last byte came at 20 s (the clock is paused: no drift).
+        assert!(
+            closed >= Duration::from_secs(30) && closed < Duration::from_secs(31),
+            "{closed:?}"
+        );
+        drop(writer);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_count_as_activity() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        // Waits (arming the timer at 0 s + 10 s), then writes at 8 s.
+        let waited = tokio::time::timeout(Duration::from_secs(8), idle.read(&mut buf)).await;
+        assert!(waited.is_err());
+        idle.write_all(b"response").await.unwrap();
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(18) && closed < Duration::from_secs(19),
+            "{closed:?}"
+        );
+        client.read_exact(&mut buf).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_waiting_in_another_task_is_woken() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        // First polled with a waker that wakes nothing: the timer must not take the next
+        // reader's wait for one it already registered.
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut idle)
+            .poll_read(&mut cx, &mut buf)
+            .is_pending());
+        let outcome = tokio::time::timeout(Duration::from_secs(60), read_to_failure(&mut idle))
+            .await
+            .expect("the reader is woken by the idle timer");
+        assert_eq!(outcome.1.kind(), io::ErrorKind::TimedOut);
+        assert!(start.elapsed() < Duration::from_secs(11));
     }
 }
