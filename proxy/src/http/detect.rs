@@ -2,18 +2,17 @@
 //!
 //! A client speaking HTTP/2 with prior knowledge starts with the connection preface; any
 //! other first bytes are served as HTTP/1. The bytes read to tell are read once, as much as
-//! the socket has, and handed to the parser before anything else (see [`Prefixed`]): a new
-//! connection's first request then costs one read, where reading exactly the preface's 24
-//! bytes first would cost two.
+//! the socket has, and handed to the parser before anything else (see
+//! [`FramingScan::unread`](super::framing::FramingScan::unread)): a new connection's first
+//! request then costs one read, where reading exactly the preface's 24 bytes first would
+//! cost two.
 
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use crate::listener::ReadReady;
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// The HTTP/2 connection preface (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -75,89 +74,11 @@ fn verdict(start: &[u8]) -> Option<Speaks> {
     }
 }
 
-/// A stream whose first bytes were read already: reads return them first, then go on with
-/// the stream. Their buffer is freed once they are read.
-pub struct Prefixed<S> {
-    start: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    /// `inner`, read from after `start`.
-    pub fn new(start: Vec<u8>, inner: S) -> Self {
-        Prefixed {
-            start,
-            at: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.start.len() {
-            let n = (this.start.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.start[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.start.len() {
-                this.start = Vec::new();
-                this.at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: ReadReady> ReadReady for Prefixed<S> {
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.at < self.start.len() {
-            return Poll::Ready(Ok(()));
-        }
-        self.inner.poll_read_ready(cx)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::http::framing::FramingScan;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -176,7 +97,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_preface_in_pieces_is_read_to_its_end_and_every_byte_is_read_again() {
-        let (mut client, mut server) = tokio::io::duplex(64);
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut server = FramingScan::new(server);
         let mut start = Vec::new();
         client.write_all(&H2_PREFACE[..5]).await.unwrap();
         // Not enough to tell: waits (and keeps what it read) until cancelled.
@@ -193,17 +115,16 @@ mod tests {
         assert_eq!(speaks, Some(Speaks::Http2));
         drop(client);
         let mut all = Vec::new();
-        Prefixed::new(start, server)
-            .read_to_end(&mut all)
-            .await
-            .unwrap();
+        server.unread(start);
+        server.read_to_end(&mut all).await.unwrap();
         assert_eq!(&all[..H2_PREFACE.len()], H2_PREFACE);
         assert_eq!(&all[H2_PREFACE.len()..], b"frames");
     }
 
     #[tokio::test]
     async fn an_http1_head_is_told_from_one_read_and_handed_on_whole() {
-        let (mut client, mut server) = tokio::io::duplex(4096);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut server = FramingScan::new(server);
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         client.write_all(head).await.unwrap();
         let mut start = Vec::new();
@@ -213,11 +134,11 @@ mod tests {
         // Read back through small reads: the prefix comes out in order, then the stream.
         client.write_all(b"next").await.unwrap();
         drop(client);
-        let mut prefixed = Prefixed::new(start, server);
+        server.unread(start);
         let mut all = Vec::new();
         let mut small = [0u8; 5];
         loop {
-            let n = prefixed.read(&mut small).await.unwrap();
+            let n = server.read(&mut small).await.unwrap();
             if n == 0 {
                 break;
             }
@@ -225,6 +146,33 @@ mod tests {
         }
         assert_eq!(&all[..head.len()], head);
         assert_eq!(&all[head.len()..], b"next");
+    }
+
+    #[tokio::test]
+    async fn a_head_refused_in_the_first_bytes_reads_back_poisoned() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut server = FramingScan::new(server);
+        let head =
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nrest";
+        client.write_all(head).await.unwrap();
+        drop(client);
+        let mut start = Vec::new();
+        let speaks = first_bytes(&mut server, &mut start).await.unwrap();
+        assert_eq!(speaks, Some(Speaks::Http1));
+        server.unread(start);
+        let mut all = Vec::new();
+        let mut small = [0u8; 3];
+        loop {
+            let n = server.read(&mut small).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&small[..n]);
+        }
+        // Cut at the head's last byte, the poison in its place, nothing after.
+        let kept = head.len() - "\nrest".len();
+        assert_eq!(all[..kept], head[..kept]);
+        assert_eq!(&all[kept..], crate::http::framing::HEAD_POISON);
     }
 
     #[tokio::test]

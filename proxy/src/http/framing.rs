@@ -798,6 +798,11 @@ impl HeadProgress {
 pub struct FramingScan<S> {
     inner: S,
     scanner: Scanner,
+    /// Bytes read (and scanned) already, to be read again before anything else: what was
+    /// read to tell the HTTP version (see [`FramingScan::unread`]).
+    start: Vec<u8>,
+    /// How much of `start` was read again.
+    start_at: usize,
     /// The part of [`HEAD_POISON`] still to be read, when a read had no room for all of it.
     pending: &'static [u8],
     progress: Option<Arc<HeadProgress>>,
@@ -809,6 +814,8 @@ impl<S> FramingScan<S> {
         FramingScan {
             inner,
             scanner: Scanner::new(),
+            start: Vec::new(),
+            start_at: 0,
             pending: &[],
             progress: None,
         }
@@ -821,6 +828,15 @@ impl<S> FramingScan<S> {
             ..FramingScan::new(inner)
         }
     }
+
+    /// Hands `start`, the first bytes read through this scan (all that was read so far),
+    /// back to be read again, in order, before the stream goes on; its buffer is freed
+    /// once they are read. The scan holds them rather than a layer of its own above it,
+    /// so that the parser's reads pass one layer fewer for as long as the connection lives.
+    pub fn unread(&mut self, start: Vec<u8>) {
+        self.start = start;
+        self.start_at = 0;
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
@@ -830,6 +846,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.start_at < this.start.len() {
+            let n = (this.start.len() - this.start_at).min(buf.remaining());
+            buf.put_slice(&this.start[this.start_at..this.start_at + n]);
+            this.start_at += n;
+            if this.start_at == this.start.len() {
+                this.start = Vec::new();
+                this.start_at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         if !this.pending.is_empty() {
             let n = this.pending.len().min(buf.remaining());
             buf.put_slice(&this.pending[..n]);
@@ -866,7 +892,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
 
 impl<S: ReadReady> ReadReady for FramingScan<S> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.pending.is_empty() {
+        if self.start_at < self.start.len() || !self.pending.is_empty() {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_read_ready(cx)

@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
-use super::detect::{self, Prefixed, Speaks};
+use super::detect::{self, Speaks};
 use super::framing::{FramingScan, HeadProgress};
 use super::hygiene::ForwardedClient;
 use super::parked::Lender;
@@ -279,14 +279,16 @@ async fn serve_connection<IO>(
     // preface) gets `header_timeout` for its first request, like any head.
     let first_due = Instant::now() + ctx.listener.header_timeout;
     let (speaks, stream) = {
-        // The framing scan reads what the HTTP parser reads: the decrypted bytes.
-        let scanned = FramingScan::watched(io, ctx.progress.clone());
-        let mut io = IdleTimeout::new(scanned, idle_above).counted_in(ctx.series.clone());
+        // The framing scan reads what the HTTP parser reads: the decrypted bytes. It is the
+        // top layer, so that it can hold the bytes read to tell the version (see below).
+        let timed = IdleTimeout::new(io, idle_above).counted_in(ctx.series.clone());
+        let mut io = FramingScan::watched(timed, ctx.progress.clone());
         let mut start = Vec::new();
         let Some(speaks) = await_first_bytes(&mut io, &mut start, &ctx, first_due).await else {
             return;
         };
-        (speaks, Prefixed::new(start, io))
+        io.unread(start);
+        (speaks, io)
     };
     let result = match speaks {
         Speaks::Http1 => serve_http1(stream, &ctx, &protocols.http1, first_due).await,
