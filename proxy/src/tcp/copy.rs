@@ -15,6 +15,8 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::spare;
+
 /// Bytes read at once in each direction. tokio's default (8 KiB) costs a read and a write
 /// system call per 8 KiB of a large transfer; 64 KiB moves bulk data with an eighth of them.
 const BUFFER_SIZE: usize = 64 * 1024;
@@ -32,21 +34,13 @@ struct Buffer(Box<[u8]>);
 
 impl Buffer {
     fn take() -> Buffer {
-        let spare = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten();
-        Buffer(spare.unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice()))
+        Buffer(spare::take(&SPARE).unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice()))
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        let buffer = std::mem::take(&mut self.0);
-        // During thread exit the stock may be gone: the buffer is then just freed.
-        let _ = SPARE.try_with(|s| {
-            let mut spare = s.borrow_mut();
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(buffer);
-            }
-        });
+        spare::keep(&SPARE, std::mem::take(&mut self.0), SPARE_BUFFERS);
     }
 }
 

@@ -33,6 +33,7 @@ use crate::upstream::{ConnectError, InFlight, UpstreamStream};
 use crate::workers::Workers;
 
 mod copy;
+mod spare;
 mod splice;
 
 /// A client stream [`forward`] can take.

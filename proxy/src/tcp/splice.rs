@@ -25,6 +25,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::copy::Tally;
+use super::spare;
 use crate::listener::IdleTimeout;
 
 /// The pipe capacity a splice direction needs to move as much per system call as the
@@ -53,7 +54,7 @@ impl Pipe {
     /// A pipe from this thread's stock, or a new one; `None` when none can be made at the
     /// full capacity (descriptors or the pipe quota exhausted).
     fn take() -> Option<Pipe> {
-        if let Some(pipe) = SPARE.try_with(|s| s.borrow_mut().pop()).ok().flatten() {
+        if let Some(pipe) = spare::take(&SPARE) {
             return Some(pipe);
         }
         let (read, write) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).ok()?;
@@ -69,16 +70,9 @@ impl Pipe {
 
     /// Puts an empty pipe back into the stock; one that holds bytes is closed.
     fn give_back(self) {
-        if self.held != 0 {
-            return;
+        if self.held == 0 {
+            spare::keep(&SPARE, self, SPARE_PIPES);
         }
-        // During thread exit the stock may be gone: the pipe is then just closed.
-        let _ = SPARE.try_with(|s| {
-            let mut spare = s.borrow_mut();
-            if spare.len() < SPARE_PIPES {
-                spare.push(self);
-            }
-        });
     }
 }
 

@@ -1,6 +1,6 @@
 //! The request body sent to upstreams: the client's body streamed through with a size
 //! limit and an idle timeout, signalling when it has been sent in full. The upstream
-//! connection types ([`super::HttpSender`]) are typed by it.
+//! connections ([`super::H1Conn`], [`super::h2::H2Sender`]) carry it.
 
 use std::future::Future;
 use std::pin::Pin;
