@@ -48,7 +48,7 @@ let
       # proxyd's own defaults for keys the file leaves out.
       state_dir = fileServer.state_dir or "./state";
       mgmt_socket = fileServer.mgmt_socket or "${state_dir}/mgmt.sock";
-      admin_listen = fileServer.admin_listen or "127.0.0.1:42008";
+      admin_listen = fileServer.admin_listen or "127.0.0.1:4208";
       upgrade_timeout = fileServer.upgrade_timeout or "30s";
       shutdown_timeout = fileServer.shutdown_timeout or "30s";
       port_range = fileSettings.registration.port_range or null;
@@ -556,7 +556,7 @@ in
                 '';
                 admin_listen = mkOption {
                   type = types.str;
-                  default = "127.0.0.1:42008";
+                  default = "127.0.0.1:4208";
                   description = "`IP:PORT` of /healthz, /readyz and /metrics; `\"\"` disables it.";
                 };
                 shutdown_timeout = mkOption {

@@ -55,8 +55,8 @@ pkgs.testers.runNixOSTest {
           assert client.succeed("proxy-test-tcp proxy:6379 'hello, proxy'").strip() == "hello, proxy"
 
       with subtest("the admin listener stays on loopback"):
-          proxy.succeed("curl -sf http://127.0.0.1:42008/healthz")
-          client.fail("curl -sf --max-time 3 http://proxy:42008/healthz")
+          proxy.succeed("curl -sf http://127.0.0.1:4208/healthz")
+          client.fail("curl -sf --max-time 3 http://proxy:4208/healthz")
 
       with subtest("proxyctl: on PATH, root and the group proxy may use it, others not"):
           proxy.succeed("proxyctl status")

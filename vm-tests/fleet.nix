@@ -122,13 +122,13 @@ pkgs.testers.runNixOSTest {
           fleet = json.loads(proxy2.succeed("proxyctl -o json cluster status"))
           assert [n["name"] for n in fleet["nodes"]] == ["edge-1", "edge-2"], fleet
           assert all(n["lag"] >= 0 for n in fleet["nodes"]), fleet
-          proxy2.succeed("curl -sf http://127.0.0.1:42008/metrics | grep -q '^proxy_cluster_applied_revision '")
+          proxy2.succeed("curl -sf http://127.0.0.1:4208/metrics | grep -q '^proxy_cluster_applied_revision '")
 
       with subtest("without etcd both hosts serve, are stale and refuse writes"):
           etcd.systemctl("stop etcd.service")
           for host in (proxy, proxy2):
               host.wait_until_succeeds("proxyctl -o json status | grep -q '\"stale\": true'", timeout=60)
-              host.succeed("curl -sf http://127.0.0.1:42008/readyz | grep -q '^ready (stale'")
+              host.succeed("curl -sf http://127.0.0.1:4208/readyz | grep -q '^ready (stale'")
           client.succeed("curl -sf --max-time 5 http://proxy2/who | grep -q '^v1a '")
           out = proxy2.fail("proxyctl routes add other --listener web --host other.example --pool app 2>&1")
           assert "UNAVAILABLE" in out, out

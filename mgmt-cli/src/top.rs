@@ -17,7 +17,7 @@ use crate::output::{Format, Output, Table};
 #[derive(Args)]
 pub struct TopArgs {
     /// The daemon's admin listener (`server.admin_listen`).
-    #[arg(long, env = "PROXY_ADMIN", default_value = "127.0.0.1:42008")]
+    #[arg(long, env = "PROXY_ADMIN", default_value = "127.0.0.1:4208")]
     admin: String,
     /// Time between scrapes (the rates are averaged over it).
     #[arg(long, default_value = "2s")]

@@ -34,7 +34,7 @@ pub const EMBEDDED_DEFAULT: &str = r#"# Embedded default: one HTTP listener, no 
 [server]
 state_dir = "./state"
 mgmt_socket = "./state/mgmt.sock"
-admin_listen = "127.0.0.1:42008"
+admin_listen = "127.0.0.1:4208"
 
 [[listeners]]
 name = "web"
@@ -814,7 +814,7 @@ impl Doc<'_> {
             _ => {}
         }
         let admin_listen = match raw.admin_listen.as_deref() {
-            None => Some(SocketAddr::from(([127, 0, 0, 1], 42008))),
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 4208))),
             Some("") => None,
             Some(s) => Some(s.parse().map_err(|_| {
                 self.field_error(

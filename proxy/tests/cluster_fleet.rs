@@ -175,8 +175,17 @@ fn node_config(name: &str, endpoints: &[String], extra: &str) -> String {
     )
 }
 
+/// Starts a node and waits until it has reached etcd: until then the fleet's writes are
+/// refused UNAVAILABLE ("not connected yet"), which is not what these tests are about.
 async fn start_node(name: &str, endpoints: &[String], extra: &str) -> TestProxy {
-    start_proxy(&node_config(name, endpoints, extra)).await
+    let node = start_proxy(&node_config(name, endpoints, extra)).await;
+    let api = connect(&node).await;
+    eventually(&format!("{name} connects to etcd"), || {
+        let mut api = api.clone();
+        async move { cluster_state(&mut api).await.connected }
+    })
+    .await;
+    node
 }
 
 async fn restart_node(dir: tempfile::TempDir, name: &str, endpoints: &[String]) -> TestProxy {

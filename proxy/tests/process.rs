@@ -16,6 +16,29 @@ const PROXYD: &str = env!("CARGO_BIN_EXE_proxyd");
 
 struct Proc(Child);
 
+impl Proc {
+    /// Waits for `port` to accept connections; a daemon that exited instead fails the test
+    /// with what it wrote to `log`.
+    async fn wait_for_port(&mut self, port: u16, log: &std::path::Path) {
+        for _ in 0..600 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.0.try_wait().unwrap() {
+                panic!(
+                    "proxyd exited ({status}) before port {port} opened:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "port {port} never opened:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -144,22 +167,23 @@ async fn embedded_default_serves_404_then_the_readme_first_route_works() {
     let lines = readme_first_route();
     assert_eq!(lines.len(), 3, "three lines: {lines:?}");
     let dir = tempfile::tempdir().unwrap();
-    let _p = Proc(
+    let log = dir.path().join("proxyd.log");
+    let mut p = Proc(
         Command::new(PROXYD)
             .current_dir(dir.path())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
-    wait_for_port(8080).await;
+    p.wait_for_port(8080, &log).await;
     let r = get("127.0.0.1:8080".parse().unwrap(), "localhost", "/").await;
     assert_eq!(r.status, 404);
     assert!(r.text().contains("no route"), "{}", r.text());
     // The admin listener opens a moment after the HTTP listener.
-    wait_for_port(42008).await;
-    let r = get("127.0.0.1:42008".parse().unwrap(), "localhost", "/healthz").await;
+    p.wait_for_port(4208, &log).await;
+    let r = get("127.0.0.1:4208".parse().unwrap(), "localhost", "/healthz").await;
     assert_eq!(r.status, 200);
     assert!(
         dir.path().join("state/proxy.db").exists(),

@@ -200,7 +200,7 @@ let
       [ (toString ../../contrib/prometheus/alerts.yml) ])
     (expectEq "prometheus.scrape adds the job the rules expect, on admin_listen"
       prometheusHost.services.prometheus.scrapeConfigs
-      [{ job_name = "proxy"; static_configs = [{ targets = [ "127.0.0.1:42008" ]; }]; }])
+      [{ job_name = "proxy"; static_configs = [{ targets = [ "127.0.0.1:4208" ]; }]; }])
     (expectEq "per-client limits: typed options, unset keys null (left out of the file)"
       { inherit (limitedListener limited) max_connections_per_ip rate_limit; }
       { max_connections_per_ip = 32; rate_limit = { requests_per_second = 0.5; burst = 10; max_clients = null; }; })

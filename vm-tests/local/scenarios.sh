@@ -184,7 +184,7 @@ scenario_1() {
   expect "s1 TCP listener reaches the echo pool" "$(tcp_roundtrip name)" "echo"
   expect "s1 TCP echo is byte-exact" "$(tcp_roundtrip 'hello through the proxy')" \
     "hello through the proxy"
-  check "s1 admin /healthz" curl -sf --max-time 5 http://127.0.0.1:42008/healthz
+  check "s1 admin /healthz" curl -sf --max-time 5 http://127.0.0.1:4208/healthz
   check "s1 proxyctl status over the management socket" /etc/proxy/bin/proxyctl status
   expect "s1 management socket is 0660 proxy:proxy" \
     "$(stat -c '%a %U:%G' /run/proxy/mgmt.sock 2>&1)" "660 proxy:proxy"
