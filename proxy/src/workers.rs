@@ -8,19 +8,44 @@
 //! socket stays one socket per listener, so the upgrade hand-over and systemd socket
 //! activation are unchanged.
 //!
+//! Which worker wins an accept depends on which thread the kernel wakes first, and a
+//! burst of connections (a load generator opening 64 keep-alive connections at once) can
+//! land mostly on one of them, leaving a core idle for as long as those connections live.
+//! So every worker counts the connections it serves, and a worker that accepted a
+//! connection while it serves [`MARGIN`] more than the least busy worker hands it to
+//! that one ([`Seat::place`]): one hand-over between threads per such connection, none
+//! per request. With every worker accepting from the shared socket, an idle worker takes
+//! new connections itself (no thread is asked to pass them on), and the hand-over only
+//! corrects what the kernel's choice left uneven.
+//!
 //! The workers live as long as the process; a daemon's tasks on them end with its
 //! [`Shutdown`](crate::Shutdown).
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
+
+/// How many more connections than the least busy worker a worker may serve before it
+/// hands the connections it accepts to that worker. Above zero, so that a balanced pair
+/// does not pass every other new connection back and forth; small, so that 64 connections
+/// over two workers end up within a few of each other.
+pub const MARGIN: usize = 2;
 
 /// The worker runtimes of this process.
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Connections served by each worker now, every listener's together.
+    loads: Box<[Load]>,
 }
+
+/// One worker's connection count, alone on its cache line: it changes with every
+/// connection of that worker, and is read by the others on every accept.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Load(AtomicUsize);
 
 static WORKERS: OnceLock<Result<Workers, String>> = OnceLock::new();
 
@@ -32,6 +57,11 @@ impl Workers {
             .get_or_init(|| Workers::start(count).map_err(|e| e.to_string()))
             .as_ref()
             .map_err(|e| std::io::Error::other(e.clone()))
+    }
+
+    /// The process' workers, if they were started.
+    pub fn running() -> Option<&'static Workers> {
+        WORKERS.get().and_then(|w| w.as_ref().ok())
     }
 
     fn start(count: usize) -> Result<Workers, std::io::Error> {
@@ -49,7 +79,8 @@ impl Workers {
                 .name(format!("proxyd-worker-{index}"))
                 .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
         }
-        Ok(Workers { handles })
+        let loads = (0..count).map(|_| Load::default()).collect();
+        Ok(Workers { handles, loads })
     }
 
     /// How many workers there are.
@@ -62,18 +93,26 @@ impl Workers {
         self.handles.is_empty()
     }
 
-    /// Has every worker accept from its own copy of `socket`, registered with that worker's
-    /// event loop, and serve what it accepts with the function `make` gives it. The copies
-    /// are all made before any worker starts, so a failure starts none.
+    /// The connections each worker serves now, by worker index.
+    pub fn connections(&self) -> Vec<usize> {
+        self.loads
+            .iter()
+            .map(|l| l.0.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Has every worker accept from its own copy of `socket` and serve what it accepts
+    /// with the function `make` gives it, which receives the copy (not yet registered with
+    /// any event loop) and the worker's [`Seat`]. The copies are all made before any
+    /// worker starts, so a failure starts none.
     pub fn accept_each<F, S, Fut>(
-        &self,
+        &'static self,
         socket: &std::net::TcpListener,
-        name: &str,
         make: F,
     ) -> std::io::Result<()>
     where
         F: Fn() -> S,
-        S: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+        S: FnOnce(std::net::TcpListener, Seat) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let copies = self
@@ -81,17 +120,77 @@ impl Workers {
             .iter()
             .map(|_| socket.try_clone())
             .collect::<std::io::Result<Vec<_>>>()?;
-        for (handle, copy) in self.handles.iter().zip(copies) {
-            let (serve, name) = (make(), name.to_owned());
-            handle.spawn(async move {
-                match tokio::net::TcpListener::from_std(copy) {
-                    Ok(listener) => serve(listener).await,
-                    Err(e) => {
-                        tracing::error!(listener = %name, error = %e, "worker cannot serve listener")
-                    }
-                }
-            });
+        for (index, (handle, copy)) in self.handles.iter().zip(copies).enumerate() {
+            let serve = make();
+            let seat = Seat {
+                workers: self,
+                index,
+            };
+            handle.spawn(serve(copy, seat));
         }
         Ok(())
+    }
+}
+
+/// A worker, as the accept loop running on it sees the others.
+#[derive(Debug, Clone, Copy)]
+pub struct Seat {
+    workers: &'static Workers,
+    index: usize,
+}
+
+impl Seat {
+    /// Where a connection just accepted on this worker is served: here, unless this worker
+    /// serves more than [`MARGIN`] connections more than the least busy one. The connection
+    /// is counted on the chosen worker until the returned [`Placed`] is dropped.
+    pub fn place(&self) -> Placed {
+        let loads = &self.workers.loads;
+        let here = self.index;
+        let mine = loads.get(here).map_or(0, |l| l.0.load(Ordering::Relaxed));
+        let (least, fewest) = loads
+            .iter()
+            .map(|l| l.0.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((here, mine));
+        let target = if mine > fewest + MARGIN { least } else { here };
+        let load = loads.get(target).map(|l| {
+            l.0.fetch_add(1, Ordering::Relaxed);
+            &l.0
+        });
+        Placed {
+            handle: (target != here)
+                .then(|| self.workers.handles.get(target).cloned())
+                .flatten(),
+            load: WorkerLoad(load),
+        }
+    }
+}
+
+/// The worker chosen for a connection by [`Seat::place`].
+#[derive(Debug)]
+pub struct Placed {
+    /// The other worker's runtime, when the connection moves; `None` keeps it here.
+    pub handle: Option<Handle>,
+    /// Counts the connection on its worker while alive: the connection's task holds it.
+    pub load: WorkerLoad,
+}
+
+/// A connection counted on its worker; dropping it ends the count.
+#[derive(Debug)]
+pub struct WorkerLoad(Option<&'static AtomicUsize>);
+
+impl WorkerLoad {
+    /// Counts nothing: for connections served off the workers.
+    pub fn none() -> WorkerLoad {
+        WorkerLoad(None)
+    }
+}
+
+impl Drop for WorkerLoad {
+    fn drop(&mut self) {
+        if let Some(load) = self.0 {
+            load.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

@@ -30,14 +30,12 @@ use crate::upstream::{
     UpstreamRuntime,
 };
 
-/// What every request on one client connection shares.
-pub(crate) struct ConnContext {
+/// What every connection of one listener shares, made once per listener (per worker):
+/// a new connection takes one reference to it instead of one to each part.
+pub(crate) struct ListenerContext {
     pub listener: Arc<ListenerConfig>,
     pub state: Published,
     pub shutdown: Shutdown,
-    pub client: SocketAddr,
-    /// The client's address as the forwarding headers show it.
-    pub forwarded: hygiene::ForwardedClient,
     /// `http` or `https`: what the client spoke, for X-Forwarded-Proto.
     pub scheme: &'static str,
     /// Answers ACME HTTP-01 challenges before routing.
@@ -46,10 +44,39 @@ pub(crate) struct ConnContext {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The listener's connection counters.
     pub series: ListenerSeries,
-    /// Where the client is in its requests (see [`HeadProgress`]).
-    pub progress: Arc<HeadProgress>,
     /// The listener's per-client-address request rate limit, if it has one.
     pub rate: Option<Arc<RequestRatePerIp>>,
+}
+
+/// What every request on one client connection shares; the listener's parts are reached
+/// through it (`ctx.listener`, `ctx.telemetry`, ...).
+pub(crate) struct ConnContext {
+    shared: Arc<ListenerContext>,
+    pub client: SocketAddr,
+    /// The client's address as the forwarding headers show it.
+    pub forwarded: hygiene::ForwardedClient,
+    /// Where the client is in its requests (see [`HeadProgress`]).
+    pub progress: Arc<HeadProgress>,
+}
+
+impl ConnContext {
+    /// The context of a connection from `client` on the listener of `shared`.
+    pub fn new(shared: Arc<ListenerContext>, client: SocketAddr) -> ConnContext {
+        ConnContext {
+            shared,
+            client,
+            forwarded: hygiene::ForwardedClient::new(client.ip()),
+            progress: Arc::new(HeadProgress::default()),
+        }
+    }
+}
+
+impl std::ops::Deref for ConnContext {
+    type Target = ListenerContext;
+
+    fn deref(&self) -> &ListenerContext {
+        &self.shared
+    }
 }
 
 /// A failed request: status for the client, who failed, and the detail for the log.

@@ -21,12 +21,11 @@ use tokio::time::{Instant, Sleep};
 
 use super::detect::{self, Speaks};
 use super::framing::{FramingScan, HeadProgress};
-use super::hygiene::ForwardedClient;
 use super::parked::Lender;
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
-use super::proxy::{handle, ConnContext};
+use super::proxy::{handle, ConnContext, ListenerContext};
 use crate::config::ListenerConfig;
-use crate::listener::{IdleTimeout, ReadReady};
+use crate::listener::{Accepted, IdleTimeout, Incoming, ReadReady};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
@@ -90,7 +89,7 @@ where
 /// Serves `socket` on every worker (see [`crate::workers`]) until shutdown, with one
 /// `max_connections` limit for all of them.
 pub fn serve_on(
-    workers: &Workers,
+    workers: &'static Workers,
     socket: &std::net::TcpListener,
     config: Arc<ListenerConfig>,
     state: Published,
@@ -99,7 +98,7 @@ pub fn serve_on(
     telemetry: Arc<Telemetry>,
 ) -> std::io::Result<()> {
     let limits = Limits::new(&config);
-    workers.accept_each(socket, &config.name, || {
+    workers.accept_each(socket, || {
         let (config, state, shutdown, tls, telemetry, limits) = (
             config.clone(),
             state.clone(),
@@ -108,7 +107,16 @@ pub fn serve_on(
             telemetry.clone(),
             limits.clone(),
         );
-        move |listener| serve_limited(listener, config, state, shutdown, tls, telemetry, limits)
+        move |socket, seat| async move {
+            match Incoming::new(socket, Some(seat)) {
+                Ok(incoming) => {
+                    serve_limited(incoming, config, state, shutdown, tls, telemetry, limits).await
+                }
+                Err(e) => {
+                    tracing::error!(listener = %config.name, error = %e, "worker cannot serve listener")
+                }
+            }
+        }
     })
 }
 
@@ -122,12 +130,13 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
+    let incoming = Incoming::local(listener);
     let limits = Limits::new(&config);
-    serve_limited(listener, config, state, shutdown, tls, telemetry, limits).await
+    serve_limited(incoming, config, state, shutdown, tls, telemetry, limits).await
 }
 
 async fn serve_limited(
-    listener: TcpListener,
+    incoming: Incoming,
     config: Arc<ListenerConfig>,
     state: Published,
     shutdown: Shutdown,
@@ -164,10 +173,27 @@ async fn serve_limited(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
     let protocols = Arc::new(Protocols { http1, http2 });
+    let shared = Arc::new(ListenerContext {
+        listener: config.clone(),
+        state,
+        shutdown: shutdown.clone(),
+        scheme,
+        tls: tls.clone(),
+        telemetry,
+        series: series.clone(),
+        rate: limits.rate.clone(),
+    });
+    // One wait for shutdown for the whole loop: a new one per connection would register
+    // (and remove) a waiter under the shutdown token's lock, which every worker shares.
+    let stopped = shutdown.triggered();
+    tokio::pin!(stopped);
     loop {
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+        let accepted = tokio::select! {
+            // A connection waiting is taken without polling the shutdown wait (which
+            // takes its lock); once the loop waits, both are polled.
+            biased;
+            accepted = incoming.accept() => match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(listener = %config.name, error = %e, "accept failed");
@@ -175,40 +201,29 @@ async fn serve_limited(
                     continue;
                 }
             },
-            _ = shutdown.triggered() => return,
+            _ = &mut stopped => return,
         };
         // Over the limit a connection is closed at once, and counted: left waiting in the
         // kernel backlog, a flood would hold back every later client without a trace.
         let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
             series.refused(Refusal::MaxConnections);
-            refuse(stream);
+            refuse(accepted);
             continue;
         };
+        let client = accepted.client;
         let client_slot = match &limits.per_ip {
             None => None,
             Some(table) => match table.admit(client.ip()) {
                 Some(slot) => Some(slot),
                 None => {
                     series.refused(Refusal::MaxConnectionsPerIp);
-                    refuse(stream);
+                    refuse(accepted);
                     continue;
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let ctx = Arc::new(ConnContext {
-            listener: config.clone(),
-            state: state.clone(),
-            shutdown: shutdown.clone(),
-            client,
-            forwarded: ForwardedClient::new(client.ip()),
-            scheme,
-            tls: tls.clone(),
-            telemetry: telemetry.clone(),
-            series: series.clone(),
-            progress: Arc::new(HeadProgress::default()),
-            rate: limits.rate.clone(),
-        });
+        let _ = accepted.set_nodelay();
+        let ctx = Arc::new(ConnContext::new(shared.clone(), client));
         let protocols = protocols.clone();
         let idle = config.idle_timeout;
         let open = series.open();
@@ -219,21 +234,21 @@ async fn serve_limited(
         // connection), and unboxed, tokio copied them whole three times at the spawn and once
         // at the end (callgrind, full TLS 1.3 handshakes: 1.424M -> 1.331M instructions each).
         match &terminate {
-            None => shutdown.spawn(async move {
+            None => incoming.spawn(&shutdown, accepted, move |stream| async move {
                 let _permit = permit;
                 let _client_slot = client_slot;
                 let _open = open;
                 serve_connection(stream, ctx, &protocols, idle).await
             }),
             Some(server_config) => {
-                let (server_config, tls) = (server_config.clone(), tls.clone());
-                shutdown.spawn(async move {
+                let server_config = server_config.clone();
+                incoming.spawn(&shutdown, accepted, move |stream| async move {
                     let _permit = permit;
                     let _client_slot = client_slot;
                     let _open = open;
                     // The idle limit sits below TLS, so it covers the handshake too; the
                     // handshake as a whole is bounded by the header timeout.
-                    let handshake = Box::pin(tls.accept(
+                    let handshake = Box::pin(ctx.tls.accept(
                         IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
                         &server_config,
                         ctx.telemetry.metrics(),
@@ -634,7 +649,6 @@ fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Closes a refused connection with a reset: no FIN handshake and no TIME_WAIT left on
 /// our side, whatever a flood of them does.
-fn refuse(stream: tokio::net::TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-    drop(stream);
+fn refuse(accepted: Accepted) {
+    accepted.reset();
 }

@@ -2,6 +2,7 @@
 //! previous proxyd (upgrade), passed by systemd (socket activation or fd store, matched by
 //! name), else bound here with SO_REUSEADDR + SO_REUSEPORT.
 
+mod accept;
 mod gate;
 mod idle;
 mod inherit;
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
+pub use accept::{Accepted, Incoming};
 pub use gate::{AcceptGate, GatedIncoming};
 pub use idle::{IdleTimeout, ReadReady};
 pub use inherit::{Inherited, Origin};

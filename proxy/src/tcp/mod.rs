@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::config::ListenerConfig;
-use crate::listener::IdleTimeout;
+use crate::listener::{IdleTimeout, Incoming};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
@@ -59,7 +59,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for tokio_rustls::server::T
 /// `max_connections` limit for all of them: a connection is accepted, forwarded and copied
 /// on one thread, the upstream connection included.
 pub fn serve_on(
-    workers: &Workers,
+    workers: &'static Workers,
     socket: &std::net::TcpListener,
     config: Arc<ListenerConfig>,
     state: Published,
@@ -68,7 +68,7 @@ pub fn serve_on(
     telemetry: Arc<Telemetry>,
 ) -> std::io::Result<()> {
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    workers.accept_each(socket, &config.name, || {
+    workers.accept_each(socket, || {
         let (config, state, shutdown, tls, telemetry, limit) = (
             config.clone(),
             state.clone(),
@@ -77,7 +77,16 @@ pub fn serve_on(
             telemetry.clone(),
             limit.clone(),
         );
-        move |listener| serve_limited(listener, config, state, shutdown, tls, telemetry, limit)
+        move |socket, seat| async move {
+            match Incoming::new(socket, Some(seat)) {
+                Ok(incoming) => {
+                    serve_limited(incoming, config, state, shutdown, tls, telemetry, limit).await
+                }
+                Err(e) => {
+                    tracing::error!(listener = %config.name, error = %e, "worker cannot serve listener")
+                }
+            }
+        }
     })
 }
 
@@ -91,14 +100,15 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
+    let incoming = Incoming::local(listener);
     let limit = Arc::new(Semaphore::new(config.max_connections));
-    serve_limited(listener, config, state, shutdown, tls, telemetry, limit).await
+    serve_limited(incoming, config, state, shutdown, tls, telemetry, limit).await
 }
 
 /// Accepts while `limit` has a permit: over `max_connections`, new connections wait in the
 /// kernel's backlog until one ends.
 async fn serve_limited(
-    listener: TcpListener,
+    incoming: Incoming,
     config: Arc<ListenerConfig>,
     state: Published,
     shutdown: Shutdown,
@@ -120,62 +130,87 @@ async fn serve_limited(
     } else {
         None
     };
+    let name = config.name.clone();
+    let shared = Arc::new(StreamListener {
+        config,
+        state,
+        tls,
+        telemetry,
+        terminate,
+    });
     // One wait for shutdown for the whole loop: a new one per connection would register
     // (and remove) a waiter under the shutdown token's lock, which every worker shares.
     let stopped = shutdown.triggered();
     tokio::pin!(stopped);
     loop {
+        // Biased: what is ready is taken without polling the shutdown wait (which takes
+        // its lock); once the loop waits, both are polled.
         let permit = tokio::select! {
+            biased;
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = &mut stopped => return,
         };
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+        let accepted = tokio::select! {
+            biased;
+            accepted = incoming.accept() => match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(listener = %config.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut stopped => return,
         };
-        let _ = stream.set_nodelay(true);
-        let config = config.clone();
-        let state = state.clone();
-        let terminate = terminate.clone();
-        let tls = tls.clone();
+        let client = accepted.client;
+        let _ = accepted.set_nodelay();
+        let shared = shared.clone();
         let open = connections.open();
-        let telemetry = telemetry.clone();
-        shutdown.spawn(async move {
+        incoming.spawn(&shutdown, accepted, move |stream| async move {
             let _permit = permit;
+            let StreamListener {
+                config,
+                state,
+                tls,
+                telemetry,
+                terminate,
+            } = &*shared;
             let metrics = telemetry.metrics();
             let result = match (config.protocol, terminate) {
                 (Protocol::TlsPassthrough, _) => {
-                    passthrough(stream, &config, &state, metrics, &open).await
+                    passthrough(stream, config, state, metrics, &open).await
                 }
                 (_, Some(server_config)) => match tls
                     .accept(
                         IdleTimeout::new(stream, config.idle_timeout),
-                        &server_config,
+                        server_config,
                         metrics,
                         config.header_timeout,
                     )
                     .await
                 {
-                    Ok(stream) => {
-                        forward(stream, &config, &state, metrics, &open, None, &[]).await
-                    }
+                    Ok(stream) => forward(stream, config, state, metrics, &open, None, &[]).await,
                     Err(AcceptError::ChallengeAnswered) => Ok(()),
                     Err(e) => Err(e.to_string()),
                 },
-                _ => forward(stream, &config, &state, metrics, &open, None, &[]).await,
+                _ => forward(stream, config, state, metrics, &open, None, &[]).await,
             };
             if let Err(reason) = result {
                 tracing::warn!(listener = %config.name, %client, %reason, "tcp connection not forwarded");
             }
         });
     }
+}
+
+/// What every connection of one stream listener shares, made once per listener (per
+/// worker): a new connection takes one reference to it instead of one to each part.
+struct StreamListener {
+    config: Arc<ListenerConfig>,
+    state: Published,
+    tls: Arc<Tls>,
+    telemetry: Arc<Telemetry>,
+    /// The TLS server configuration of a `tls` listener.
+    terminate: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Reads the ClientHello, then forwards it and the rest to the pool its server name picks.

@@ -1320,6 +1320,20 @@ impl Collector for Readings {
             MetricType::Counter,
         )?;
         ConstCounter::new(super::access::dropped()).encode(dropped)?;
+        if let Some(workers) = crate::workers::Workers::running() {
+            let mut family = encoder.encode_descriptor(
+                "proxy_worker_connections",
+                "Client connections each worker thread serves now, every listener's together \
+                 (process-wide)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (worker, connections) in workers.connections().into_iter().enumerate() {
+                let worker = worker.to_string();
+                ConstGauge::new(i64::try_from(connections).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
+            }
+        }
         if let Some(read) = self.certificates.get() {
             let mut family = encoder.encode_descriptor(
                 "proxy_tls_certificate_expiry_timestamp_seconds",

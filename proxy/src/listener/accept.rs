@@ -1,0 +1,107 @@
+//! The accept side of a data listener: takes connections from a listening socket and starts
+//! each one's task on the worker that is to serve it (see [`crate::workers`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::shutdown::Shutdown;
+use crate::workers::{Seat, WorkerLoad};
+
+/// New connections of one listening socket, on the runtime that polls it.
+#[derive(Debug)]
+pub struct Incoming {
+    socket: TcpListener,
+    /// The worker this runs on, when it is one of the per-core workers; `None` serves
+    /// every connection on the runtime that accepted it.
+    seat: Option<Seat>,
+}
+
+/// A connection just accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    stream: TcpStream,
+    /// The client's address.
+    pub client: SocketAddr,
+}
+
+impl Incoming {
+    /// Accepts from `socket` (non-blocking) on the current runtime; `seat` is the worker
+    /// it runs on, if any. Must be called within that runtime.
+    pub fn new(socket: std::net::TcpListener, seat: Option<Seat>) -> std::io::Result<Incoming> {
+        socket.set_nonblocking(true)?;
+        Ok(Incoming {
+            socket: TcpListener::from_std(socket)?,
+            seat,
+        })
+    }
+
+    /// Accepts from a listener already registered with the current runtime, off the
+    /// workers.
+    pub fn local(socket: TcpListener) -> Incoming {
+        Incoming { socket, seat: None }
+    }
+
+    /// The next connection, once one is waiting.
+    pub async fn accept(&self) -> std::io::Result<Accepted> {
+        let (stream, client) = self.socket.accept().await?;
+        Ok(Accepted { stream, client })
+    }
+
+    /// Starts `serve` for `accepted` on the worker chosen for it (this one unless it is
+    /// busier than another by a margin), as a connection task `shutdown` waits for.
+    ///
+    /// A connection moved to another worker leaves this thread's event loop and joins
+    /// that worker's, so that its wake-ups never pass through this thread.
+    pub fn spawn<F, Fut>(&self, shutdown: &Shutdown, accepted: Accepted, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (handle, load) = match self.seat.map(|seat| seat.place()) {
+            Some(placed) => (placed.handle, placed.load),
+            None => (None, WorkerLoad::none()),
+        };
+        let Accepted { stream, client } = accepted;
+        let Some(handle) = handle else {
+            shutdown.spawn(async move {
+                let _load = load;
+                serve(stream).await
+            });
+            return;
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(%client, error = %e, "cannot move a new connection to another worker");
+                return;
+            }
+        };
+        shutdown.spawn_on(
+            async move {
+                let _load = load;
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve(stream).await,
+                    Err(e) => {
+                        tracing::debug!(%client, error = %e, "cannot register a moved connection")
+                    }
+                }
+            },
+            &handle,
+        );
+    }
+}
+
+impl Accepted {
+    /// Sends small writes at once (TCP_NODELAY): responses are written whole.
+    pub fn set_nodelay(&self) -> std::io::Result<()> {
+        self.stream.set_nodelay(true)
+    }
+
+    /// Closes the connection with a reset (SO_LINGER 0): for a connection refused right
+    /// after accept, so that no TIME_WAIT state is left here.
+    pub fn reset(self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO));
+    }
+}

@@ -1,0 +1,113 @@
+//! How new connections spread over the worker threads: a worker that serves more
+//! connections than another by more than `workers::MARGIN` hands the ones it accepts to the
+//! least busy worker, and `proxy_worker_connections{worker}` on `/metrics` shows the count
+//! of each. Connections moved to another worker are served there like any other
+//! (keep-alive requests on HTTP listeners, byte streams on TCP listeners).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::net::TcpStream;
+
+/// `proxy_worker_connections` by worker, scraped from the admin listener.
+async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
+    let text = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .text();
+    let mut counts = Vec::new();
+    for worker in 0.. {
+        let series = format!("proxy_worker_connections{{worker=\"{worker}\"}} ");
+        let Some(value) = text.lines().find_map(|l| l.strip_prefix(series.as_str())) else {
+            break;
+        };
+        counts.push(value.trim().parse().expect("a count"));
+    }
+    counts
+}
+
+const REQUEST: &[u8] = b"GET /spread HTTP/1.1\r\nHost: spread\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_spread_over_the_workers_and_are_served_where_they_land() {
+    let up = upstream("up").await;
+    let config = format!(
+        r#"[server]
+state_dir = "{{state}}"
+admin_listen = "127.0.0.1:0"
+workers = 2
+
+[telemetry]
+access_log = "off"
+
+{pool}
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:0"
+
+[[listeners]]
+name = "stream"
+protocol = "tcp"
+address = "127.0.0.1:0"
+pool = "up"
+
+[[routes]]
+name = "all"
+listener = "web"
+pool = "up"
+"#,
+        pool = pool("up", &[&up])
+    );
+    let proxy = start_proxy(&config).await;
+    let admin = proxy.daemon.admin_address().expect("admin listener");
+    assert_eq!(worker_connections(admin).await, vec![0, 0]);
+
+    // 40 keep-alive connections, each opened once the one before was answered: every
+    // accept sees the counts of all earlier connections, so no worker gets ahead of the
+    // other by more than the margin plus the connection that tips it.
+    let bound = i64::try_from(proxy::workers::MARGIN).unwrap() + 1;
+    let mut open = Vec::new();
+    for listener in ["web", "stream"] {
+        let addr = proxy.addr(listener);
+        for _ in 0..20 {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            assert_eq!(exchange(&mut stream, REQUEST).await, Ok((200, false)));
+            open.push(stream);
+        }
+        let counts = worker_connections(admin).await;
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert_eq!(
+            counts.iter().sum::<i64>(),
+            i64::try_from(open.len()).unwrap()
+        );
+        let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+        assert!(
+            spread <= bound,
+            "{listener}: {counts:?} more than {bound} apart"
+        );
+    }
+    // Every connection, wherever it was placed, still serves requests.
+    for stream in &mut open {
+        assert_eq!(exchange(stream, REQUEST).await, Ok((200, false)));
+    }
+    assert_eq!(up.hits(), 80);
+
+    // A closed connection is no longer counted on its worker.
+    drop(open);
+    let mut counts = Vec::new();
+    for _ in 0..200 {
+        counts = worker_connections(admin).await;
+        if counts == [0, 0] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(counts, vec![0, 0]);
+}
