@@ -3,6 +3,9 @@
 # and nginx, each in front of the same upstream (nginx serving a 1 KiB file), for:
 #
 #   h1      HTTP/1.1 keep-alive, plain           (h2load --h1 -c8)
+#   h1new   HTTP/1.1, a new connection per request, plain (h2load --h1 -c50 -n50, run
+#           until the count is reached): the accept path, the connection's setup and
+#           teardown, and one request; counted per connection+request
 #   h1tls   HTTP/1.1 keep-alive over TLS 1.3     (h2load --h1 -c8, ECDSA P-256 certificate)
 #   h2c     HTTP/2 prior knowledge, plain        (h2load -c8 -m10)
 #   h2      HTTP/2 over TLS 1.3 (ALPN h2)        (h2load -c8 -m10)
@@ -145,6 +148,18 @@ load() { # scenario requests
     case $1 in
         h1) h2load --h1 -n "$2" -c8 -t1 "http://127.0.0.1:$PLAIN/1k" ;;
         h1tls) h2load --h1 -n "$2" -c8 -t1 "https://127.0.0.1:$SECURE/1k" ;;
+        # h2load opens each connection once: as many requests as connections make one
+        # request per connection. Batches of 50 keep the backlog short.
+        h1new)
+            local left=$2 ok=0 n got
+            while [ "$left" -gt 0 ]; do
+                n=$((left < 50 ? left : 50))
+                got=$(h2load --h1 -n "$n" -c "$n" -t1 "http://127.0.0.1:$PLAIN/1k" 2>&1 | completed || true)
+                ok=$((ok + ${got:-0}))
+                left=$((left - n))
+            done
+            echo "requests: $2 total, $2 started, $2 done, $ok succeeded"
+            ;;
         # nginx 1.22 serves h2c on a listener of its own; proxyd on its HTTP listener.
         h2c) h2load -n "$2" -c8 -m10 -t1 "http://127.0.0.1:${H2C:-$PLAIN}/1k" ;;
         h2) h2load -n "$2" -c8 -m10 -t1 "https://127.0.0.1:$SECURE/1k" ;;
@@ -189,12 +204,12 @@ completed() {
 }
 
 declare -A IR ALLOC
-SCENARIOS=(h1 h1tls h2c h2 tlsfull)
+SCENARIOS=(h1 h1new h1tls h2c h2 tlsfull)
 [ $# -eq 0 ] || SCENARIOS=("$@")
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        h1 | h1tls | h2c | h2 | tlsfull) ;;
-        *) say "unknown scenario $s (h1 h1tls h2c h2 tlsfull)"; exit 2 ;;
+        h1 | h1new | h1tls | h2c | h2 | tlsfull) ;;
+        *) say "unknown scenario $s (h1 h1new h1tls h2c h2 tlsfull)"; exit 2 ;;
     esac
 done
 for name in proxyd nginx; do
@@ -235,7 +250,7 @@ for name in proxyd nginx; do
 done
 
 printf '%-7s %14s %14s %14s %16s %16s\n' scenario "proxyd Ir/req" "nginx Ir/req" "proxyd/nginx" "proxyd allocs/req" "nginx allocs/req"
-# (tlsfull: per handshake)
+# (h1new: per connection and its request; tlsfull: per handshake)
 for s in "${SCENARIOS[@]}"; do
     ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[nginx,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
     printf '%-7s %14s %14s %14s %16s %16s\n' "$s" "${IR[proxyd,$s]}" "${IR[nginx,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[nginx,$s]}"
