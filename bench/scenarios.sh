@@ -397,6 +397,10 @@ protocol = "http"
 address = "127.0.0.1:$port"
 max_connections = 20000
 idle_timeout = "300s"
+# A keep-alive connection gets header_timeout (10 s by default) for its next request: held
+# longer than that (slow client start, many connections), some would be closed before RSS
+# is read, and the figure would be too low. nginx keeps them 75 s.
+header_timeout = "300s"
 
 [[routes]]
 name = "all"
