@@ -468,6 +468,185 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(json["headers"]["via"][0], "2.0 proxyd");
 }
 
+/// An HTTP/1.1 upstream that holds every response until `together` requests are waiting
+/// at once: it answers only requests that are in flight at the same time.
+async fn gathering_upstream(
+    together: usize,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gate = std::sync::Arc::new(tokio::sync::Barrier::new(together));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let gate = gate.clone();
+                    async move {
+                        gate.wait().await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"together")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// The streams of one HTTP/2 connection run in its task, and still concurrently: the
+/// upstream answers none of them until all are in flight at once. The server also
+/// announces its stream limit (nginx's 128).
+#[tokio::test]
+async fn http2_streams_of_one_connection_are_in_flight_together() {
+    const STREAMS: usize = 24;
+    let (up, _up_task) = gathering_upstream(STREAMS).await;
+    let p = start_proxy(&format!(
+        "{WEB}[[pools]]\nname = \"p\"\nupstreams = [\"{up}\"]\n[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n"
+    ))
+    .await;
+    let stream = TcpStream::connect(p.addr("web")).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(stream).await.unwrap();
+    let mut client = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            r = client.ready() => r.unwrap(),
+            r = &mut conn => panic!("connection ended: {r:?}"),
+        }
+    })
+    .await
+    .unwrap();
+    // The server's SETTINGS (read by the connection) carry its stream limit.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while conn.max_concurrent_send_streams() == usize::MAX {
+            tokio::select! {
+                r = &mut conn => panic!("connection ended: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the server's SETTINGS arrived");
+    assert_eq!(conn.max_concurrent_send_streams(), 128);
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut responses = Vec::new();
+    for i in 0..STREAMS {
+        let req = http::Request::get(format!("http://example.com/together/{i}"))
+            .body(())
+            .unwrap();
+        client = client.ready().await.unwrap();
+        let (response, _) = client.send_request(req, true).unwrap();
+        responses.push(response);
+    }
+    let mut bodies = Vec::new();
+    for response in responses {
+        let response = tokio::time::timeout(Duration::from_secs(20), response)
+            .await
+            .expect("every stream answered once all were in flight")
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut got = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            got.extend_from_slice(&chunk);
+        }
+        bodies.push(got);
+    }
+    assert!(bodies.iter().all(|b| b == b"together"), "{bodies:?}");
+}
+
+/// Large and small answers on one HTTP/2 connection at once all arrive whole: writes the
+/// connection holds back while it works (see `http::streams`) are let out complete and in
+/// order, small answers grouped and large ones past the hold.
+#[tokio::test]
+async fn http2_large_and_small_answers_on_one_connection_arrive_whole() {
+    use http_body_util::BodyExt;
+    let up = upstream("up").await;
+    let p = proxy_to(&up).await;
+    let stream = TcpStream::connect(p.addr("web")).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut calls = Vec::new();
+    for i in 0..40usize {
+        let mut sender = sender.clone();
+        calls.push(tokio::spawn(async move {
+            let path = if i % 8 == 0 {
+                format!("/stream/{}", 300_000 + i)
+            } else {
+                format!("/small/{i}")
+            };
+            let req = http::Request::get(format!("http://example.com{path}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (i, path, body)
+        }));
+    }
+    for call in calls {
+        let (i, path, body) = tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .unwrap()
+            .unwrap();
+        if i % 8 == 0 {
+            assert_eq!(body.len(), 300_000 + i, "{path}");
+            assert!(body.iter().all(|&b| b == b'x'), "{path}");
+        } else {
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["uri"], path.as_str());
+        }
+    }
+}
+
+/// A draining proxy finishes an HTTP/2 request in flight, as it does HTTP/1 ones.
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_http2_streams() {
+    let up = upstream("up").await;
+    let p = proxy_to(&up).await;
+    let web = p.addr("web");
+    let stream = TcpStream::connect(web).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://example.com/slow/700")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let slow = tokio::spawn(sender.send_request(req));
+    // Wait until the request reached the upstream, then stop.
+    for _ in 0..200 {
+        if up.hits() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(up.hits(), 1);
+    let stop = tokio::spawn(p.daemon.stop());
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the in-flight stream completed");
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"up");
+    stop.await.unwrap();
+    assert!(TcpStream::connect(web).await.is_err());
+}
+
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests() {
     let up = upstream("up").await;

@@ -10,5 +10,6 @@ mod parked;
 pub mod per_ip;
 mod proxy;
 mod server;
+mod streams;
 
 pub use server::{serve, serve_on};

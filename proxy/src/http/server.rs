@@ -24,6 +24,7 @@ use super::framing::{FramingScan, HeadProgress};
 use super::parked::Lender;
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
+use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
 use crate::config::ListenerConfig;
 use crate::listener::{Accepted, IdleTimeout, Incoming, ReadReady};
 use crate::routing::Published;
@@ -39,7 +40,30 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// How a listener's connections are served, once their first bytes told the version.
 struct Protocols {
     http1: http1::Builder,
-    http2: http2::Builder<StreamExecutor>,
+    http2: Http2Settings,
+}
+
+/// How many streams an HTTP/2 client may have open at once on one connection: nginx's
+/// `http2_max_concurrent_streams` default (hyper's own is 200).
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+
+/// A listener's HTTP/2 settings. hyper's builder holds the executor its connections run
+/// their streams on, and each connection has its own (see [`super::streams`]), so the
+/// builder is made per connection from these.
+struct Http2Settings {
+    max_header_list_size: u32,
+    timer: TokioTimer,
+}
+
+impl Http2Settings {
+    fn builder(&self, streams: ConnectionStreams) -> http2::Builder<ConnectionStreams> {
+        let mut http2 = http2::Builder::new(streams);
+        http2
+            .timer(self.timer.clone())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(self.max_header_list_size);
+        http2
+    }
 }
 
 /// A listener's connection and client limits, one set shared by all of its workers.
@@ -60,29 +84,6 @@ impl Limits {
                 .as_ref()
                 .map(|r| Arc::new(RequestRatePerIp::new(r))),
         }
-    }
-}
-
-/// Runs the HTTP/2 streams of client connections, each as a task on the worker that serves
-/// its connection, with the stream's future boxed.
-///
-/// A request's future is kilobytes (the whole request path, see [`handle`]), and tokio
-/// moves a task's future by value: into the task when it is spawned and again at each
-/// change of the task's stage. Boxed, those moves copy a pointer (callgrind, 3,000 h2c
-/// requests: 77.6k -> 73.7k instructions per request; h2 over TLS 88.9k -> 85.1k).
-/// Boxing the request future where the service makes it instead, so that hyper's own
-/// moves of the stream copy a pointer too, measured no better (h2c 74.2k -> 75.3k, h2
-/// 85.7k -> 85.8k).
-#[derive(Clone, Copy, Debug)]
-struct StreamExecutor;
-
-impl<F> hyper::rt::Executor<F> for StreamExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(Box::pin(future));
     }
 }
 
@@ -168,10 +169,10 @@ async fn serve_limited(
         .half_close(true)
         .max_buf_size(config.max_header_bytes)
         .keep_alive(true);
-    let mut http2 = http2::Builder::new(StreamExecutor);
-    http2
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    let http2 = Http2Settings {
+        max_header_list_size: u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX),
+        timer: TokioTimer::new(),
+    };
     let protocols = Arc::new(Protocols { http1, http2 });
     let shared = Arc::new(ListenerContext {
         listener: config.clone(),
@@ -382,7 +383,7 @@ where
 async fn serve_http2<S>(
     stream: S,
     ctx: Arc<ConnContext>,
-    http2: &http2::Builder<StreamExecutor>,
+    http2: &Http2Settings,
     first_due: Instant,
 ) -> Option<hyper::Result<()>>
 where
@@ -405,8 +406,21 @@ where
         shutdown: &shutdown,
         idle,
     };
-    let conn = Box::pin(http2.serve_connection(TokioIo::new(stream), service));
-    watch.drive(conn, |conn| conn.graceful_shutdown()).await
+    let streams = ConnectionStreams::default();
+    let hold = Arc::new(Hold::default());
+    let conn = Box::pin(
+        http2
+            .builder(streams.clone())
+            .serve_connection(TokioIo::new(HeldWrites::new(stream, hold.clone())), service),
+    );
+    let served = Box::pin(InTask::new(conn, streams, hold));
+    watch
+        .drive(served, |mut served| {
+            if let Some(conn) = served.connection() {
+                conn.graceful_shutdown();
+            }
+        })
+        .await
 }
 
 /// Serves an HTTP/1 connection whose first request head is due at `head_due`. Between
