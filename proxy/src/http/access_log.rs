@@ -92,7 +92,13 @@ impl AccessLog {
             bytes,
             elapsed,
         };
-        self.telemetry.metrics().http_request(&outcome);
+        match &self.entry {
+            Some(entry) => self
+                .telemetry
+                .metrics()
+                .http_request_on(&outcome, entry.series_slot()),
+            None => self.telemetry.metrics().http_request(&outcome),
+        }
         if let Some(cx) = &self.trace {
             RequestTracing::finish(
                 cx,

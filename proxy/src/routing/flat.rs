@@ -1,0 +1,237 @@
+//! [`FlatMap`]: the maps from host names and paths that a request walks.
+//!
+//! A persistent hash trie of 100,000 entries costs a request about a dozen dependent
+//! loads (three or four levels of node, each an `Arc` and its child array, then the entry
+//! and its key), and on a table larger than the cache most of them miss. A `FlatMap` is a
+//! power-of-two number of flat hash tables (shards), each behind an `Arc`: a lookup is the
+//! shard, its bucket, the key and the value. A clone shares every shard; an edit copies the
+//! list of shards and the one shard it changes (at most [`SHARD_ENTRIES`] entries), so an
+//! API change on a 100,000-route table still copies a few hundred pointers, not the table.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+/// Entries per shard above which the shards double: bounds what one edit copies.
+const SHARD_ENTRIES: usize = 256;
+
+/// A string-keyed map, cheap to clone and to edit one key at a time (see the module doc).
+#[derive(Clone)]
+pub(super) struct FlatMap<V> {
+    hasher: KeyHasher,
+    /// Empty, or a power of two of them; a key's shard is chosen by bits of its hash that
+    /// the shard's own table does not use for its buckets and tags.
+    shards: Arc<[Arc<Shard<V>>]>,
+    len: usize,
+}
+
+type Shard<V> = HashMap<Arc<str>, V, KeyHasher>;
+
+impl<V> Default for FlatMap<V> {
+    fn default() -> Self {
+        FlatMap {
+            hasher: KeyHasher::new(),
+            shards: Arc::new([]),
+            len: 0,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for FlatMap<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlatMap")
+            .field("len", &self.len)
+            .field("shards", &self.shards.len())
+            .finish()
+    }
+}
+
+impl<V: Clone> FlatMap<V> {
+    pub(super) fn get(&self, key: &str) -> Option<&V> {
+        if self.len == 0 {
+            return None;
+        }
+        self.shards
+            .get(shard_index(&self.hasher, key, self.shards.len()))?
+            .get(key)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Sets `key` to `value`.
+    pub(super) fn insert(&mut self, key: &str, value: V) {
+        if self.shards.is_empty() {
+            self.shards = Arc::new([Arc::new(HashMap::with_hasher(self.hasher))]);
+        }
+        let Some(shard) = self.shard_mut(key) else {
+            return;
+        };
+        match shard.get_mut(key) {
+            Some(v) => *v = value,
+            None => {
+                shard.insert(key.into(), value);
+                self.len += 1;
+                if self.len > self.shards.len() * SHARD_ENTRIES {
+                    self.grow();
+                }
+            }
+        }
+    }
+
+    /// Removes `key` if it is there.
+    pub(super) fn remove(&mut self, key: &str) {
+        if self.get(key).is_none() {
+            return;
+        }
+        if let Some(shard) = self.shard_mut(key) {
+            if shard.remove(key).is_some() {
+                self.len -= 1;
+            }
+        }
+        if self.len == 0 {
+            self.shards = Arc::new([]);
+        }
+    }
+
+    /// The shard of `key`, made this map's own (copied if another map shares it).
+    fn shard_mut(&mut self, key: &str) -> Option<&mut Shard<V>> {
+        let i = shard_index(&self.hasher, key, self.shards.len());
+        Arc::make_mut(&mut self.shards)
+            .get_mut(i)
+            .map(Arc::make_mut)
+    }
+
+    /// Doubles the shards and spreads the entries over them.
+    fn grow(&mut self) {
+        let count = self.shards.len() * 2;
+        let mut shards: Vec<Shard<V>> = (0..count)
+            .map(|_| HashMap::with_capacity_and_hasher(SHARD_ENTRIES, self.hasher))
+            .collect();
+        for (key, value) in self.shards.iter().flat_map(|s| s.iter()) {
+            if let Some(shard) = shards.get_mut(shard_index(&self.hasher, key, count)) {
+                shard.insert(key.clone(), value.clone());
+            }
+        }
+        self.shards = shards.into_iter().map(Arc::new).collect();
+    }
+}
+
+fn shard_index(hasher: &KeyHasher, key: &str, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    // Bits 32 and up: the shard's table takes its buckets from the low bits and its tags
+    // from the top seven, so keys of one shard still differ in both.
+    (hasher.hash_one(key) >> 32) as usize & (shards - 1)
+}
+
+/// A seeded multiply-and-fold hash for short keys: a few instructions per 8 bytes, against
+/// SipHash's rounds. The keys in the maps are the operator's (routes), so a request can
+/// only look up, never add colliding keys; the seed is random per map all the same.
+#[derive(Clone, Copy)]
+struct KeyHasher {
+    seed: u64,
+}
+
+impl KeyHasher {
+    fn new() -> KeyHasher {
+        KeyHasher {
+            seed: RandomState::new().hash_one(0x5eed_u64),
+        }
+    }
+}
+
+impl BuildHasher for KeyHasher {
+    type Hasher = KeyHash;
+
+    fn build_hasher(&self) -> KeyHash {
+        KeyHash(self.seed)
+    }
+}
+
+struct KeyHash(u64);
+
+const K1: u64 = 0x9e37_79b9_7f4a_7c15;
+const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;
+
+/// The 128-bit product of `a` and `b`, its halves xored: every input bit reaches the result.
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+impl Hasher for KeyHash {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            h = fold(h ^ u64::from_le_bytes(word), K1);
+        }
+        let rest = chunks.remainder();
+        let mut word = [0u8; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        self.0 = fold(h ^ u64::from_le_bytes(word), K1).wrapping_add(bytes.len() as u64);
+    }
+
+    fn write_u8(&mut self, byte: u8) {
+        self.0 = fold(self.0 ^ u64::from(byte), K1);
+    }
+
+    fn finish(&self) -> u64 {
+        fold(self.0, K2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agrees_with_a_hash_map_through_growth_edits_and_shared_copies() {
+        let mut map: FlatMap<usize> = FlatMap::default();
+        let mut model: HashMap<String, usize> = HashMap::new();
+        let mut copies: Vec<(FlatMap<usize>, HashMap<String, usize>)> = Vec::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..40_000usize {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            // Keys from a range that first grows (the map doubles its shards) and then
+            // shrinks (removals empty it), so every path is taken.
+            let range = if step < 30_000 { 2_000 } else { 200 };
+            let key = format!("/k{}/", (r >> 33) as usize % range);
+            if step >= 30_000 || r % 5 == 0 {
+                map.remove(&key);
+                model.remove(&key);
+            } else {
+                map.insert(&key, step);
+                model.insert(key, step);
+            }
+            if step % 4_000 == 0 {
+                copies.push((map.clone(), model.clone()));
+            }
+        }
+        let keys: Vec<String> = model.keys().cloned().collect();
+        for key in keys {
+            map.remove(&key);
+            model.remove(&key);
+        }
+        copies.push((map, model));
+        for (map, model) in &copies {
+            assert_eq!(map.is_empty(), model.is_empty());
+            assert_eq!(map.len, model.len());
+            for k in 0..2_100 {
+                let key = format!("/k{k}/");
+                assert_eq!(map.get(&key), model.get(&key), "{key}");
+            }
+        }
+        // The big copy spread its entries over several shards.
+        assert!(copies.iter().any(|(m, _)| m.shards.len() > 1));
+    }
+}
