@@ -206,14 +206,14 @@ mod tests {
             // shrinks (removals empty it), so every path is taken.
             let range = if step < 30_000 { 2_000 } else { 200 };
             let key = format!("/k{}/", (r >> 33) as usize % range);
-            if step >= 30_000 || r % 5 == 0 {
+            if step >= 30_000 || r.is_multiple_of(5) {
                 map.remove(&key);
                 model.remove(&key);
             } else {
                 map.insert(&key, step);
                 model.insert(key, step);
             }
-            if step % 4_000 == 0 {
+            if step.is_multiple_of(4_000) {
                 copies.push((map.clone(), model.clone()));
             }
         }

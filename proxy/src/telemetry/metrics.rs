@@ -1460,6 +1460,26 @@ mod tests {
     }
 
     #[test]
+    fn a_route_slot_records_into_the_series_its_name_finds() {
+        let m = Metrics::new(None);
+        m.http_request(&outcome("a", 200));
+        // Two slots (a route's entry before and after an update) and the lookup by name all
+        // count into one series: the totals list it once.
+        let (first, second) = (RouteSeriesSlot::default(), RouteSeriesSlot::default());
+        for _ in 0..2 {
+            m.http_request_on(&outcome("a", 200), &first);
+        }
+        m.http_request_on(&outcome("a", 503), &second);
+        assert!(first.0.get().is_some() && second.0.get().is_some());
+        let totals = m.route_totals();
+        let a: Vec<_> = totals.iter().filter(|t| t.route == "a").collect();
+        assert_eq!(a.len(), 1, "one series per route");
+        assert_eq!((a[0].requests, a[0].errors), (4, 1));
+        let text = m.encode();
+        assert!(text.contains("proxy_http_requests_total{listener=\"web\",route=\"a\",pool=\"p\",status_class=\"2xx\"} 3\n"), "{text}");
+    }
+
+    #[test]
     fn requests_are_counted_by_route_and_status_class() {
         let m = Metrics::new(None);
         for _ in 0..3 {
