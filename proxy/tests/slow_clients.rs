@@ -619,8 +619,8 @@ async fn memory_per_held_connection_stays_small() {
 
 /// 1,000 keep-alive connections, each idle after one request, hold no request buffers:
 /// hyper's connection with its read and write buffers (at least 16 KiB, about 28 KiB
-/// with the rest of it in a release build) is dropped while they wait, and so is the
-/// boxed future that serves requests; what is left is the connection's task, sized for
+/// with the rest of it in a release build) is dropped once they have waited 100 ms, and
+/// so is the boxed future that serves requests; what is left is the connection's task, sized for
 /// its waits only, and its stream (2.9 KiB in a release build, as `bench/scenarios.sh
 /// idle` measures it; 4.2-6.5 KiB in debug builds, where mimalloc's pages hold more). The
 /// bound sits well below the 16 KiB that hyper's buffers alone would add. Each is then
@@ -632,18 +632,7 @@ async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
     let (child, addr, admin) = own_process(&app, dir.path()).await;
     let pid = child.0.id();
     let before = rss_kib(pid);
-    let mut held = Vec::new();
-    for _ in 0..1000 {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let (status, close) =
-            common::exchange(&mut stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
-                .await
-                .expect("answer");
-        assert_eq!((status, close), (200, false));
-        held.push(stream);
-    }
-    let text = await_active(admin, 1000).await;
-    assert_eq!(sample(&text, ACTIVE), Some(1000), "{text}");
+    let mut held = hold_idle(addr, admin, 1000, 1).await;
     let after = rss_kib(pid);
     let per_connection = after.saturating_sub(before) as f64 / 1000.0;
     eprintln!("proxyd RSS {before} KiB -> {after} KiB with 1,000 idle keep-alive connections: {per_connection:.1} KiB each");
@@ -668,4 +657,58 @@ async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
     stream.read_to_end(&mut answers).await.unwrap();
     let answers = String::from_utf8_lossy(&answers);
     assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 2, "{answers}");
+}
+
+/// Like the test above, with three requests on each connection before it idles: every
+/// idle spell parks the connection, not only the first one.
+#[tokio::test]
+async fn connections_idle_after_several_requests_hold_no_buffers_either() {
+    let app = upstream("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, admin) = own_process(&app, dir.path()).await;
+    let pid = child.0.id();
+    let before = rss_kib(pid);
+    let mut held = hold_idle(addr, admin, 1000, 3).await;
+    let after = rss_kib(pid);
+    let per_connection = after.saturating_sub(before) as f64 / 1000.0;
+    eprintln!("proxyd RSS {before} KiB -> {after} KiB with 1,000 keep-alive connections idle after 3 requests: {per_connection:.1} KiB each");
+    assert!(
+        per_connection < 10.0,
+        "{per_connection:.1} KiB per idle keep-alive connection ({before} -> {after} KiB)"
+    );
+    for (n, stream) in held.iter_mut().enumerate() {
+        let (status, close) =
+            common::exchange(stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                .await
+                .unwrap_or_else(|_| panic!("connection {n} not served again"));
+        assert_eq!((status, close), (200, false), "connection {n}");
+    }
+}
+
+/// Opens `count` keep-alive connections, each answered `requests` times back to back, and
+/// returns them once the listener counts them all and they have been idle past the
+/// interval after which an idle connection lets go of hyper's connection (100 ms).
+async fn hold_idle(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    count: u64,
+    requests: usize,
+) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..count {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..requests {
+            let (status, close) =
+                common::exchange(&mut stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                    .await
+                    .expect("answer");
+            assert_eq!((status, close), (200, false));
+        }
+        held.push(stream);
+    }
+    let text = await_active(admin, count).await;
+    assert_eq!(sample(&text, ACTIVE), Some(count), "{text}");
+    // Ten times the park interval: the last of them has parked by then.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    held
 }

@@ -42,17 +42,22 @@ pub(super) struct Lender<S> {
     ending: AtomicBool,
     /// Requests handed to the handler.
     requests: AtomicU64,
+    /// Request heads the connection handed to earlier hyper connections.
+    heads_before: u64,
     /// Requests whose response (body included) hyper has not finished with.
     open: AtomicU64,
 }
 
 impl<S> Lender<S> {
-    pub(super) fn new() -> Arc<Self> {
+    /// A lender for a connection that handed `heads_before` request heads to earlier
+    /// hyper connections (see [`HeadProgress::heads`]).
+    pub(super) fn new(heads_before: u64) -> Arc<Self> {
         Arc::new(Lender {
             returned: Mutex::new(None),
             write_blocked: AtomicBool::new(false),
             ending: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            heads_before,
             open: AtomicU64::new(0),
         })
     }
@@ -81,7 +86,8 @@ impl<S> Lender<S> {
             && self.open.load(Ordering::Relaxed) == 0
             && progress.between_messages()
             // Every head that arrived went to the handler: none is left in hyper's buffer.
-            && progress.heads() == self.requests.load(Ordering::Relaxed)
+            // The count is the connection's, over all its lendings.
+            && progress.heads() == self.heads_before + self.requests.load(Ordering::Relaxed)
     }
 
     /// Requests handed to the handler so far, HTTP/2 streams included.
