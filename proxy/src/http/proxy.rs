@@ -669,7 +669,6 @@ async fn forward_http1(
             return Step::Next;
         };
         let reused = conn.reused();
-        let copy = (reused && can_resend(&req)).then(|| copy_request(&req));
         let sent_at = Instant::now();
         let exchange = conn.send(req);
         let outcome = match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
@@ -681,10 +680,12 @@ async fn forward_http1(
             Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
             Sent::Failed(e) => match e.unsent {
                 Some(unsent) => Some(unsent),
-                None => match copy.filter(|_| reused && e.nothing_read) {
-                    Some(copy) => {
+                // The connection gives back a bodiless request it got no answer to: no
+                // copy is made per request in case the kept connection fails.
+                None => match e.unanswered.filter(|req| reused && can_resend(req)) {
+                    Some(again) => {
                         tracing::debug!(upstream = %upstream.address, error = %e.error, "kept connection failed before any response byte; retrying on a fresh one");
-                        Some(copy)
+                        Some(again)
                     }
                     None => return Step::Done(Err(exchange_failed(pool, upstream, &e.error))),
                 },

@@ -10,7 +10,8 @@
 
 use std::fmt;
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -73,6 +74,9 @@ pub struct SendError {
     pub nothing_read: bool,
     /// The request, when it failed before its head was written (it can go elsewhere).
     pub unsent: Option<Request<RequestBody>>,
+    /// The request, when it has no body and its head was written but no response byte
+    /// came: whether it may go again is the caller's call (an idempotent method may).
+    pub unanswered: Option<Request<RequestBody>>,
 }
 
 /// An HTTP/1.1 connection to an upstream.
@@ -82,6 +86,9 @@ pub struct H1Conn {
     buf: BytesMut,
     /// The request head being written.
     out: Vec<u8>,
+    /// Where the fields of the response head being parsed are (name start and end, value
+    /// start and end), kept for the next response: filled without zeroing or allocating.
+    spans: Vec<(usize, usize, usize, usize)>,
     /// Whether it served a request before (a reused connection may have gone stale).
     reused: bool,
     /// Dropped with the connection: frees its place under `max_connections_per_upstream`.
@@ -211,8 +218,8 @@ impl Upload {
                 self.out.extend_from_slice(&data);
             }
             Sending::Chunked => {
-                self.out
-                    .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                // Written in place: `format!` would allocate a string per chunk.
+                let _ = write!(self.out, "{:x}\r\n", data.len());
                 self.out.extend_from_slice(&data);
                 self.out.extend_from_slice(b"\r\n");
             }
@@ -301,6 +308,7 @@ impl H1Conn {
             io: stream,
             buf: BytesMut::new(),
             out: Vec::new(),
+            spans: Vec::new(),
             reused: false,
             _open: open,
         }
@@ -368,13 +376,15 @@ impl H1Conn {
                         error: H1Error::Write(e),
                         nothing_read: true,
                         unsent: Some(req),
+                        unanswered: None,
                     });
                 }
                 None
             }
-            // With a body, the head goes with its first piece.
+            // With a body, the head goes with its first piece, from the connection's
+            // buffer, which comes back once the body is written.
             Some(framing) => {
-                let mut out = Vec::new();
+                let mut out = std::mem::take(&mut self.out);
                 encode_head(&mut out, &req);
                 Some(Upload {
                     body: std::mem::take(req.body_mut()),
@@ -386,7 +396,9 @@ impl H1Conn {
                 })
             }
         };
-        drop(req);
+        // Kept until the answer comes, to be given back if none does; a request with a
+        // body cannot be sent again (its body is on its way).
+        let bodiless = upload.is_none().then_some(req);
         // A write failure may just be the upstream answering early and closing its
         // side: the response head, if it comes, still counts.
         let mut write_error = None;
@@ -394,7 +406,11 @@ impl H1Conn {
         let head = poll_fn(|cx| {
             if let Some(u) = &mut upload {
                 match u.poll(&mut self.io, cx) {
-                    Poll::Ready(Ok(())) => upload = None,
+                    Poll::Ready(Ok(())) => {
+                        if let Some(u) = upload.take() {
+                            self.out = u.out;
+                        }
+                    }
                     Poll::Ready(Err(H1Error::Write(e))) => {
                         upload = None;
                         write_error = Some(e);
@@ -417,6 +433,7 @@ impl H1Conn {
                     error,
                     nothing_read: !read_any,
                     unsent: None,
+                    unanswered: bodiless.filter(|_| !read_any),
                 });
             }
         };
@@ -427,6 +444,7 @@ impl H1Conn {
                     error,
                     nothing_read: false,
                     unsent: None,
+                    unanswered: None,
                 })
             }
         };
@@ -475,9 +493,15 @@ impl H1Conn {
     #[allow(clippy::type_complexity)]
     fn parse_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap, bool)>, H1Error> {
         loop {
-            let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut fields);
-            let len = match parsed.parse(&self.buf) {
+            // Left uninitialised: the parser writes only the fields it finds, rather than
+            // every response first writing 100 empty ones (3.2 KiB).
+            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut parsed,
+                &self.buf,
+                &mut fields,
+            ) {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
@@ -503,23 +527,22 @@ impl H1Conn {
             // Where each field is, as offsets: the buffer is split off before the values
             // are taken from it without a copy.
             let base = self.buf.as_ptr() as usize;
-            let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-            let count = parsed.headers.len();
-            for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+            self.spans.clear();
+            self.spans.extend(parsed.headers.iter().map(|field| {
                 let name = field.name.as_ptr() as usize - base;
                 let value = field.value.as_ptr() as usize - base;
-                *span = (
+                (
                     name,
                     name + field.name.len(),
                     value,
                     value + field.value.len(),
-                );
-            }
-            let mut headers = HeaderMap::with_capacity(count);
+                )
+            }));
+            let mut headers = HeaderMap::with_capacity(self.spans.len());
             let mut keep_alive = version == Version::HTTP_11;
             let mut close = false;
             let head = self.buf.split_to(len).freeze();
-            for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+            for &(name_start, name_end, value_start, value_end) in &self.spans {
                 let raw_value = &head[value_start..value_end];
                 let name = HeaderName::from_bytes(&head[name_start..name_end])
                     .map_err(|_| H1Error::Head("header name"))?;
@@ -730,7 +753,11 @@ impl Body for H1Body {
         };
         if let Some(upload) = &mut this.upload {
             match upload.poll(&mut conn.io, cx) {
-                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Ok(())) => {
+                    if let Some(upload) = this.upload.take() {
+                        conn.out = upload.out;
+                    }
+                }
                 Poll::Ready(Err(e)) => {
                     // The upstream answered before the request ended; the answer is read
                     // on, but the connection cannot carry another request.
