@@ -17,8 +17,9 @@
 mod flat;
 mod publish;
 
+use std::any::Any;
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use rpds::HashTrieMapSync;
@@ -29,7 +30,6 @@ use crate::state::{
     default_connect_timeout, default_response_timeout, Balance, OnChange, Origin, PathMatch, Pool,
     RegisteredRoute, Route, Source, State, Touched, Upstream,
 };
-use crate::telemetry::RouteSeriesSlot;
 use crate::upstream::{Hold, PoolRuntime};
 
 pub use publish::{Published, Snapshot};
@@ -47,7 +47,7 @@ pub struct RouteEntry {
     /// A route a service registered (not declared in the config file or the API).
     pub registered: bool,
     /// The route's request metrics, found on its first request.
-    series: RouteSeriesSlot,
+    series: Attachment,
 }
 
 impl RouteEntry {
@@ -62,8 +62,38 @@ impl RouteEntry {
     }
 
     /// Where the route's request metrics are kept.
-    pub fn series_slot(&self) -> &RouteSeriesSlot {
+    pub fn series_slot(&self) -> &Attachment {
         &self.series
+    }
+}
+
+/// What a layer above routing keeps with a route entry, made on first use: telemetry keeps
+/// the route's metric series here (see `Metrics::http_request_on`), so a request finds them
+/// without looking them up by name. Routing only holds it; it lives as long as the entry,
+/// so a changed route starts with an empty one.
+#[derive(Default)]
+pub struct Attachment(OnceLock<Arc<dyn Any + Send + Sync>>);
+
+impl Attachment {
+    /// What is attached, made by `make` if nothing is yet.
+    pub fn get_or_init(
+        &self,
+        make: impl FnOnce() -> Arc<dyn Any + Send + Sync>,
+    ) -> &Arc<dyn Any + Send + Sync> {
+        self.0.get_or_init(make)
+    }
+
+    /// What is attached, if anything is yet.
+    pub fn get(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("set", &self.0.get().is_some())
+            .finish()
     }
 }
 
@@ -385,7 +415,7 @@ impl Editing<'_> {
             route: route.clone(),
             pool,
             registered,
-            series: RouteSeriesSlot::default(),
+            series: Attachment::default(),
         });
         self.paths(&route).insert(entry);
     }

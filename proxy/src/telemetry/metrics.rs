@@ -23,7 +23,7 @@ use rpds::HashTrieMapSync;
 use super::histogram::DurationHistogram;
 use super::otlp::Instruments;
 use super::StateFeed;
-use crate::routing::Published;
+use crate::routing::{Attachment, Published};
 
 /// Labels of per-listener connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -565,12 +565,18 @@ impl Metrics {
     /// [`http_request`](Self::http_request) for a request a route answered: `slot` is kept
     /// with that route (the same listener, route and pool for every request it holds), so
     /// only its first request looks the series up by name.
-    pub fn http_request_on(&self, outcome: &HttpOutcome<'_>, slot: &RouteSeriesSlot) {
-        let series = slot.0.get_or_init(|| {
+    /// With 100,000 routes, finding the series by name on every request costs two map
+    /// lookups and their cache misses.
+    pub fn http_request_on(&self, outcome: &HttpOutcome<'_>, slot: &Attachment) {
+        let attached = slot.get_or_init(|| {
             self.routes
                 .get_or_insert(outcome.listener, outcome.route, outcome.pool)
         });
-        self.record_http(outcome, series);
+        match attached.downcast_ref::<RouteSeries>() {
+            Some(series) => self.record_http(outcome, series),
+            // Only these series are ever attached to a route.
+            None => self.http_request(outcome),
+        }
     }
 
     fn record_http(&self, outcome: &HttpOutcome<'_>, series: &RouteSeries) {
@@ -1134,20 +1140,6 @@ impl Collector for UpstreamCollector {
     }
 }
 
-/// Where a route keeps its request series once it has answered a request (see
-/// [`Metrics::http_request_on`]): with 100,000 routes, finding the series by name on every
-/// request costs two map lookups and their cache misses.
-#[derive(Default)]
-pub struct RouteSeriesSlot(OnceLock<Arc<RouteSeries>>);
-
-impl std::fmt::Debug for RouteSeriesSlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouteSeriesSlot")
-            .field("set", &self.0.get().is_some())
-            .finish()
-    }
-}
-
 /// Series of one (listener, route, pool), each label set created on first use.
 struct RouteSeries {
     labels: RouteLabels,
@@ -1465,12 +1457,12 @@ mod tests {
         m.http_request(&outcome("a", 200));
         // Two slots (a route's entry before and after an update) and the lookup by name all
         // count into one series: the totals list it once.
-        let (first, second) = (RouteSeriesSlot::default(), RouteSeriesSlot::default());
+        let (first, second) = (Attachment::default(), Attachment::default());
         for _ in 0..2 {
             m.http_request_on(&outcome("a", 200), &first);
         }
         m.http_request_on(&outcome("a", 503), &second);
-        assert!(first.0.get().is_some() && second.0.get().is_some());
+        assert!(first.get().is_some() && second.get().is_some());
         let totals = m.route_totals();
         let a: Vec<_> = totals.iter().filter(|t| t.route == "a").collect();
         assert_eq!(a.len(), 1, "one series per route");
