@@ -9,11 +9,11 @@ use std::time::Instant;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use super::access_log::{AccessLog, ErrorSource};
 use super::body::{grpc_message, grpc_status, ResponseBody, Reuse};
 use super::framing::HeadProgress;
+use super::h1::ClientUpgrade;
 use super::hygiene;
 use super::per_ip::RequestRatePerIp;
 use crate::config::ListenerConfig;
@@ -22,7 +22,9 @@ use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
 use crate::state::PathMatch;
 use crate::telemetry::{ClientTimeout, ListenerSeries, Metrics};
-use crate::upstream::body::{BodySent, BodyTimeout, BodyTooLarge, ClientBodyError, RequestBody};
+use crate::upstream::body::{
+    BodySent, BodyTimeout, BodyTooLarge, ClientBody, ClientBodyError, RequestBody,
+};
 use crate::upstream::h1::H1Body;
 use crate::upstream::h2::{self, H2Conn, H2Stream};
 use crate::upstream::{
@@ -116,7 +118,7 @@ impl Failure {
 /// Handles one request; never fails (errors become responses).
 pub(crate) async fn handle(
     ctx: Arc<ConnContext>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     ctx.progress.request_arrived();
     let telemetry = &ctx.telemetry;
@@ -300,7 +302,7 @@ fn public_reason(failure: &Failure) -> &'static str {
 
 async fn proxy(
     ctx: &ConnContext,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, Failure> {
     if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
@@ -340,7 +342,10 @@ async fn proxy(
     let entry = &**log.entry.insert(entry);
 
     let upgrade = hygiene::is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // The client's stream after the switch, from the HTTP/1 codec.
+    let client_upgrade = upgrade
+        .then(|| req.extensions_mut().remove::<ClientUpgrade>())
+        .flatten();
     let upstream_req =
         upstream_request(ctx, req, entry, host.as_ref(), upgrade, log.trace.as_ref())?;
     // A registered route whose instances are away: wait (bounded) for one to come back.
@@ -388,7 +393,7 @@ async fn proxy(
 /// whatever the routes say.
 async fn acme_challenge(
     ctx: &ConnContext,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
 ) -> Option<Response<ResponseBody>> {
     let path = req.uri().path();
     if !path.starts_with(crate::tls::HTTP01_PREFIX) {
@@ -404,7 +409,7 @@ async fn acme_challenge(
 }
 
 /// Step 1: refuse what cannot be forwarded safely.
-fn check_request(ctx: &ConnContext, req: &Request<Incoming>) -> Result<(), Failure> {
+fn check_request(ctx: &ConnContext, req: &Request<ClientBody>) -> Result<(), Failure> {
     // Requests declaring both body lengths never get here: the framing scanner below
     // hyper makes hyper refuse them (see `framing`).
     hygiene::check_framing(req.headers())
@@ -449,7 +454,7 @@ fn check_request(ctx: &ConnContext, req: &Request<Incoming>) -> Result<(), Failu
 /// Step 2: the request as the upstream gets it.
 fn upstream_request(
     ctx: &ConnContext,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     entry: &RouteEntry,
     host: Option<&hygiene::RequestHost>,
     upgrade: bool,
@@ -1098,15 +1103,11 @@ fn client_response(
 }
 
 /// Joins the client and upstream connections after a `101 Switching Protocols`.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: H1Conn, in_flight: InFlight) {
-    let client = match client.await {
-        Ok(client) => client,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
+async fn tunnel(client: ClientUpgrade, upstream: H1Conn, in_flight: InFlight) {
+    let Some(mut client) = client.stream().await else {
+        tracing::debug!("upgrade failed: the client connection ended before the switch");
+        return;
     };
-    let mut client = TokioIo::new(client);
     if let Err(e) = upstream.tunnel(&mut client).await {
         tracing::debug!(error = %e, upstream = %in_flight.upstream().address, "upgraded connection ended with an error");
     }

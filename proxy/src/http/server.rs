@@ -1,17 +1,15 @@
-//! Accept loop and per-connection hyper server for `http` and `https` listeners. An `https`
-//! connection is TLS-terminated first (see [`crate::tls`]) and then served the same way,
-//! HTTP/1.1 or HTTP/2 as ALPN chose.
+//! Accept loop and per-connection serving for `http` and `https` listeners: HTTP/1 with
+//! proxyd's own codec ([`super::h1`]), HTTP/2 with hyper. An `https` connection is
+//! TLS-terminated first (see [`crate::tls`]) and then served the same way, HTTP/1.1 or
+//! HTTP/2 as ALPN chose.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -21,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::detect::{self, Speaks};
 use super::framing::{FramingScan, HeadProgress};
-use super::parked::Lender;
+use super::h1::{self, Served};
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
@@ -32,22 +30,14 @@ use crate::shutdown::Shutdown;
 use crate::state::Protocol;
 use crate::telemetry::{ClientTimeout, ListenerSeries, Refusal, Telemetry};
 use crate::tls::{AcceptError, Tls};
+use crate::upstream::body::ClientBody;
 use crate::workers::Workers;
 
 /// How long an idle keep-alive connection may stay open once draining began.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-/// How long an HTTP/1 connection stays with its hyper connection once it is between
-/// requests, before it is parked (see [`super::parked`]). Parking drops hyper's connection
-/// and its buffers; the next request builds a new one (about 5,000 instructions and six
-/// allocations). A client that sends its requests back to back never waits this long, so
-/// it keeps its hyper connection; one that waits longer pays that once per request, a
-/// small price beside the wait, and holds no buffers meanwhile.
-const PARK_AFTER: Duration = Duration::from_millis(100);
-
-/// How a listener's connections are served, once their first bytes told the version.
+/// How a listener's HTTP/2 connections are served (HTTP/1 ones by [`super::h1`]).
 struct Protocols {
-    http1: http1::Builder,
     http2: Http2Settings,
 }
 
@@ -168,20 +158,11 @@ async fn serve_limited(
         None
     };
     let scheme = if terminate.is_some() { "https" } else { "http" };
-    let mut http1 = http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
-        // A client that sends a whole request and then shuts down its write side
-        // (`nc -N`, some health checkers) still gets the answer.
-        .half_close(true)
-        .max_buf_size(config.max_header_bytes)
-        .keep_alive(true);
     let http2 = Http2Settings {
         max_header_list_size: u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX),
         timer: TokioTimer::new(),
     };
-    let protocols = Arc::new(Protocols { http1, http2 });
+    let protocols = Arc::new(Protocols { http2 });
     let shared = Arc::new(ListenerContext {
         listener: config.clone(),
         state,
@@ -283,7 +264,7 @@ async fn serve_limited(
 
 /// Serves HTTP on one accepted (and, for `https`, decrypted) connection; `idle_above` is
 /// the idle limit applied here (zero when one already sits below TLS). HTTP/1 connections
-/// are parked between requests (see [`super::parked`]).
+/// are parked between requests (see [`super::h1`]).
 ///
 /// Most connections spend most of their life waiting: for their first bytes, or parked
 /// between requests. The connection's task is allocated for its largest state, for as
@@ -315,7 +296,7 @@ async fn serve_connection<IO>(
         (speaks, io)
     };
     let result = match speaks {
-        Speaks::Http1 => serve_http1(stream, &ctx, &protocols.http1, first_due).await,
+        Speaks::Http1 => return serve_http1(stream, &ctx, first_due).await,
         Speaks::Http2 => {
             Box::pin(serve_http2(
                 stream,
@@ -405,7 +386,9 @@ where
         ctx.progress.clone(),
         ctx.shutdown.clone(),
     );
-    let service = service_fn(move |req| handle(ctx.clone(), req));
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        handle(ctx.clone(), req.map(ClientBody::H2))
+    });
     let watch = Watch {
         first_request: first_request.as_mut(),
         progress: &progress,
@@ -431,170 +414,39 @@ where
         .await
 }
 
-/// Serves an HTTP/1 connection whose first request head is due at `head_due`. Between
-/// requests the connection is parked: hyper's connection and its buffers are dropped and
-/// only the stream waits for the next bytes (see [`super::parked`]). `None` when it was
-/// closed here: no request in time, or idle while draining.
-async fn serve_http1<S>(
-    mut stream: S,
-    ctx: &Arc<ConnContext>,
-    http1: &http1::Builder,
-    mut head_due: Instant,
-) -> Option<hyper::Result<()>>
+/// Serves an HTTP/1 connection whose first request head is due at `head_due`, with
+/// proxyd's own codec ([`super::h1`]). Between requests the connection is parked: the
+/// codec lets its buffers go and only the stream waits for the next bytes.
+async fn serve_http1<S>(mut stream: S, ctx: &Arc<ConnContext>, mut head_due: Instant)
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     // Set once draining began: when a connection that stays idle is closed.
     let mut drain_due: Option<Instant> = None;
-    // Request heads handed to hyper connections before; the first may already have been
-    // scanned (to tell the version) and is not among them.
-    let mut heads_before = 0;
+    let conn = h1::Conn {
+        max_header_bytes: ctx.listener.max_header_bytes,
+        header_timeout: ctx.listener.header_timeout,
+        drain_grace: DRAIN_GRACE.min(ctx.listener.idle_timeout),
+        shutdown: &ctx.shutdown,
+        series: &ctx.series,
+        progress: &ctx.progress,
+        client: ctx.client,
+        handler: |req| handle(ctx.clone(), req),
+    };
     loop {
-        // Boxed: hyper's connection and the request path exist only while the connection
+        // Boxed: the codec's state and the request path exist only while the connection
         // is busy; a parked connection holds none of it.
-        match Box::pin(serve_until_idle(
-            stream,
-            ctx,
-            http1,
-            head_due,
-            &mut drain_due,
-            heads_before,
-        ))
-        .await
-        {
-            Lent::Ended(result) => return result,
-            Lent::Parked(returned, idle_since, handed) => {
-                stream = returned;
-                heads_before = handed;
-                // hyper gives a keep-alive connection `header_timeout` for its next
-                // request from the end of the last response; so does the parked wait.
-                head_due = idle_since + ctx.listener.header_timeout;
-            }
+        match Box::pin(h1::serve(stream, &conn, head_due, &mut drain_due)).await {
+            Served::Ended => return,
+            Served::Parked(returned) => stream = returned,
         }
+        // A keep-alive connection has `header_timeout` for its next request from the end
+        // of the last response.
+        head_due = Instant::now() + ctx.listener.header_timeout;
         if !await_next_request(&mut stream, ctx, head_due, &mut drain_due).await {
-            return None;
+            return;
         }
     }
-}
-
-/// How a hyper connection that was lent the stream ended.
-enum Lent<S> {
-    /// Between requests with nothing of the client's held since the instant given: the
-    /// stream came back, and the connection has handed this many request heads to hyper
-    /// connections so far.
-    Parked(S, Instant, u64),
-    /// The connection is over (`None`: closed here, see [`serve_http1`]).
-    Ended(Option<hyper::Result<()>>),
-}
-
-/// Lends `stream` to a new hyper connection and serves requests until the connection
-/// ends, or can be parked and has stayed so for [`PARK_AFTER`].
-async fn serve_until_idle<S>(
-    stream: S,
-    ctx: &Arc<ConnContext>,
-    http1: &http1::Builder,
-    head_due: Instant,
-    drain_due: &mut Option<Instant>,
-    heads_before: u64,
-) -> Lent<S>
-where
-    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-{
-    let client = ctx.client;
-    let (series, progress, shutdown) = (&ctx.series, &ctx.progress, &ctx.shutdown);
-    let lender = Lender::new(heads_before);
-    let service = {
-        let (ctx, lender) = (ctx.clone(), lender.clone());
-        service_fn(move |req| {
-            let exchange = lender.begin(&req);
-            handle(ctx.clone(), req).map(move |r| r.map(move |response| exchange.respond(response)))
-        })
-    };
-    // Since when the connection could be parked, and how many requests it had then.
-    let mut idle: Option<(u64, Instant)> = None;
-    // Parks the connection once it stayed idle for `PARK_AFTER`. One timer for the whole
-    // hyper connection, set at its first idle spell and moved only when it fires: a
-    // request that comes within the grace just notes the time, the timer is not touched.
-    let park_due = tokio::time::sleep_until(head_due);
-    tokio::pin!(park_due);
-    let outcome = {
-        let conn = http1
-            .serve_connection(TokioIo::new(lender.lend(stream)), service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        loop {
-            tokio::select! {
-                r = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(Stop::Ended(r)),
-                    Poll::Pending if drain_due.is_none() && lender.can_park(progress) => {
-                        let requests = lender.requests();
-                        let since = match idle {
-                            Some((n, since)) if n == requests => since,
-                            _ => {
-                                let now = Instant::now();
-                                if idle.is_none() {
-                                    park_due.as_mut().reset(now + PARK_AFTER);
-                                }
-                                idle = Some((requests, now));
-                                now
-                            }
-                        };
-                        loop {
-                            match park_due.as_mut().poll(cx) {
-                                Poll::Pending => return Poll::Pending,
-                                Poll::Ready(()) if since + PARK_AFTER <= park_due.deadline() => {
-                                    return Poll::Ready(Stop::Idle(since))
-                                }
-                                // It fired for an earlier idle spell, or while busy.
-                                Poll::Ready(()) => park_due.as_mut().reset(since + PARK_AFTER),
-                            }
-                        }
-                    }
-                    Poll::Pending => Poll::Pending,
-                }) => break r,
-                () = tokio::time::sleep_until(head_due), if lender.requests() == 0 => {
-                    if lender.requests() != 0 {
-                        // A request arrived as the timer ran out: disarmed from now on.
-                        continue;
-                    }
-                    series.timed_out(if !progress.any_request() || progress.in_head() {
-                        ClientTimeout::Head
-                    } else {
-                        ClientTimeout::Idle
-                    });
-                    tracing::debug!(%client, "no request within header_timeout");
-                    return Lent::Ended(None);
-                }
-                () = sleep_until_some(*drain_due) => {
-                    conn.as_mut().graceful_shutdown();
-                    break Stop::Ended(conn.as_mut().await);
-                }
-                _ = shutdown.triggered(), if drain_due.is_none() => {
-                    // Keep-alive clients are told `Connection: close` on their next
-                    // response (see the request path), which closes cleanly from their
-                    // side of the race. Only connections that stay idle are closed by us,
-                    // after a grace.
-                    *drain_due = Some(Instant::now() + DRAIN_GRACE.min(ctx.listener.idle_timeout));
-                }
-            }
-        }
-        // hyper's connection and its buffers go here; the stream comes back to the lender.
-    };
-    match outcome {
-        Stop::Ended(result) => Lent::Ended(Some(result)),
-        Stop::Idle(since) => match lender.take_back() {
-            Some(stream) => Lent::Parked(stream, since, heads_before + lender.requests()),
-            None => Lent::Ended(None),
-        },
-    }
-}
-
-/// Why [`serve_until_idle`] let go of its hyper connection.
-enum Stop {
-    /// The connection ended.
-    Ended(hyper::Result<()>),
-    /// It has been idle, with nothing of the client's held, since the instant given.
-    Idle(Instant),
 }
 
 /// Waits, holding only the stream, until a parked connection's next bytes arrive. `false`
@@ -639,14 +491,6 @@ async fn await_next_request<S: ReadReady>(
                 }
             }
         }
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

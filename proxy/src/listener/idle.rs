@@ -123,7 +123,7 @@ impl<S> IdleTimeout<S> {
 }
 
 /// A client stream that can wait for its next bytes without reading them, so that a
-/// keep-alive connection between requests needs no read buffer (see `http::parked`).
+/// keep-alive connection between requests needs no read buffer (see `http::h1`).
 pub trait ReadReady {
     /// Ready once a read would not block (bytes, end of stream or an error). Only
     /// meaningful while nothing read is held above the socket: after a read returned

@@ -27,7 +27,76 @@ pub struct BodyTooLarge(pub u64);
 /// Reading the client's request body failed (bad chunking, client went away).
 #[derive(Debug, Error)]
 #[error("client request body: {0}")]
-pub struct ClientBodyError(#[source] pub hyper::Error);
+pub struct ClientBodyError(#[source] pub BoxError);
+
+/// A client request body that proxyd's own HTTP/1.1 server codec reads off the client
+/// connection (see `crate::http`): shared by the request, which reads it, and the
+/// connection, which writes the response on the same stream.
+pub trait ClientBodySource: Send + Sync {
+    /// The next piece of the body, as [`Body::poll_frame`].
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+    /// Whether the body has ended.
+    fn is_end_stream(&self) -> bool;
+    /// What is known of the body's length.
+    fn size_hint(&self) -> SizeHint;
+}
+
+/// A request body as it arrives from a client: none, an HTTP/1 body read by proxyd's own
+/// codec, or an HTTP/2 stream's (hyper's).
+#[derive(Default)]
+pub enum ClientBody {
+    /// No body.
+    #[default]
+    Empty,
+    /// Read from an HTTP/1 client connection.
+    Http1(Arc<dyn ClientBodySource>),
+    /// An HTTP/2 stream's data.
+    H2(Incoming),
+}
+
+impl std::fmt::Debug for ClientBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClientBody::Empty => "ClientBody::Empty",
+            ClientBody::Http1(_) => "ClientBody::Http1",
+            ClientBody::H2(_) => "ClientBody::H2",
+        })
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Http1(source) => source.poll_frame(cx),
+            ClientBody::H2(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Http1(source) => source.is_end_stream(),
+            ClientBody::H2(incoming) => incoming.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Http1(source) => source.size_hint(),
+            ClientBody::H2(incoming) => incoming.size_hint(),
+        }
+    }
+}
 
 /// The client left more than the pool's `body_timeout` between two pieces of its body.
 #[derive(Debug, Error)]
@@ -63,7 +132,7 @@ impl BodySent {
 /// The body sent upstream: the client's body streamed through, or nothing.
 #[derive(Debug, Default)]
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     limit: u64,
     seen: u64,
     /// Longest pause between two pieces of the body, with its timer once started.
@@ -79,7 +148,7 @@ impl RequestBody {
 
     /// Streams `inner`, failing once more than `limit` bytes passed (0 = no limit) or
     /// when the client pauses for longer than `idle_timeout`.
-    pub fn streaming(inner: Incoming, limit: u64, idle_timeout: Duration) -> Self {
+    pub fn streaming(inner: ClientBody, limit: u64, idle_timeout: Duration) -> Self {
         let sent = (!inner.is_end_stream()).then(|| Arc::new(BodySent::default()));
         RequestBody {
             inner: Some(inner),

@@ -57,7 +57,7 @@ pub enum H1Error {
     #[error("response framing: {0}")]
     Framing(&'static str),
     /// The chunked response body is malformed.
-    #[error("malformed chunked response body: {0}")]
+    #[error("malformed chunked body: {0}")]
     Chunked(&'static str),
     /// The request body (the client's) failed or did not match its declared length.
     #[error("request body: {0}")]
@@ -289,8 +289,10 @@ enum Framing {
     Tunnel,
 }
 
+/// Where a chunked body (RFC 9112 section 7.1) is in its grammar; the client side's
+/// request bodies (see `crate::http`) are decoded by the same steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     /// A chunk-size line comes next.
     Size,
     /// This many bytes of chunk data left.
@@ -846,7 +848,7 @@ impl Body for H1Body {
 
 /// What one step through chunked framing gave.
 #[derive(Debug)]
-enum Chunked {
+pub(crate) enum Chunked {
     /// More bytes are needed.
     NeedMore,
     /// A state change without data (a size line or a data CRLF consumed).
@@ -859,7 +861,7 @@ enum Chunked {
 
 /// One step of the chunked grammar (RFC 9112 section 7.1) over `buf`, consuming what it
 /// recognised (data bytes are left for the caller to take).
-fn step_chunked(buf: &mut BytesMut, state: Chunk) -> Result<Chunked, H1Error> {
+pub(crate) fn step_chunked(buf: &mut BytesMut, state: Chunk) -> Result<Chunked, H1Error> {
     match state {
         Chunk::Size => {
             let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {

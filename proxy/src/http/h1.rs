@@ -1,0 +1,1461 @@
+//! HTTP/1.1 from clients: proxyd's own server codec, driven in the connection's task.
+//!
+//! A connection is the client stream plus a read buffer. A request head is read into the
+//! buffer (bounded by the listener's `max_header_bytes`), parsed once with httparse and
+//! handed to the request path (`proxy::handle`) in this same task; its body, if it has one, is
+//! decoded from the same stream when the request path reads it (Content-Length or chunked
+//! with trailers, strict as [`crate::upstream::h1`] decodes responses); the response is
+//! encoded (RFC 9112 framing) and written, and the next head may already be buffered
+//! (pipelining). Once nothing of the client's is buffered, the stream goes back to the
+//! caller, which waits for the next request holding only the stream: a keep-alive
+//! connection keeps no buffer while it waits.
+//!
+//! The framing scan below ([`super::framing`]) still sees every byte first and spoils what
+//! it refuses: a refused head fails to parse here (`400`), a refused chunk fails the body.
+//! The answers to malformed heads are the ones hyper gave: `400`, `431` for a head over the
+//! limit or with too many fields, `414` for a target over 65,534 bytes.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::body::ResponseBody;
+use super::framing::HeadProgress;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{ClientTimeout, ListenerSeries};
+use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
+use crate::upstream::h1::{step_chunked, Chunk, Chunked};
+
+/// Most header fields in a request head (hyper's limit, answered the same way: `431`).
+const MAX_HEADERS: usize = 100;
+/// Longest request target (hyper's limit, answered the same way: `414`).
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 8 * 1024;
+/// Response bytes gathered before they are written even though more are ready.
+const WRITE_AT: usize = 64 * 1024;
+/// What a client that asked for it gets before it sends its body.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// How a call to [`serve`] ended.
+pub(super) enum Served<S> {
+    /// Between requests with nothing of the client's buffered: the stream, to wait on.
+    Parked(S),
+    /// The connection is over.
+    Ended,
+}
+
+/// The client stream and what was read from it but not yet used.
+struct Wire<S> {
+    io: S,
+    buf: BytesMut,
+}
+
+impl<S: AsyncRead + Unpin> Wire<S> {
+    /// Reads more into the buffer: the number of bytes read, 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_SIZE / 4 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+}
+
+/// A parsed request head, with what the connection needs to know of it.
+struct Head {
+    request: http::request::Parts,
+    body: Option<Framing>,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+}
+
+/// Why no request head came.
+enum NoHead {
+    /// The client closed, the read failed or a timeout closed it (counted): nothing to say.
+    Closed,
+    /// A malformed head: this status, then the connection ends.
+    Refused(StatusCode),
+}
+
+/// What the codec needs of its connection besides the stream.
+pub(super) struct Conn<'a, H> {
+    /// The listener's `max_header_bytes`.
+    pub max_header_bytes: usize,
+    /// The listener's `header_timeout`.
+    pub header_timeout: Duration,
+    /// How long a connection that stays idle once draining began is kept.
+    pub drain_grace: Duration,
+    pub shutdown: &'a Shutdown,
+    pub series: &'a ListenerSeries,
+    pub progress: &'a HeadProgress,
+    pub client: SocketAddr,
+    /// The request path.
+    pub handler: H,
+}
+
+/// Serves requests on `io` until the connection ends or waits for its next request with
+/// nothing buffered. The first head is due at `head_due`, each further one
+/// `header_timeout` after the response before it; `drain_due` is set once draining began
+/// (when a connection that stays idle is closed).
+pub(super) async fn serve<S, H, F>(
+    io: S,
+    conn: &Conn<'_, H>,
+    mut head_due: Instant,
+    drain_due: &mut Option<Instant>,
+) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(Request<ClientBody>) -> F,
+    F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
+{
+    let mut wire = Wire {
+        io,
+        buf: BytesMut::new(),
+    };
+    let mut served = false;
+    loop {
+        if served && wire.buf.is_empty() {
+            return Served::Parked(wire.io);
+        }
+        let head = match read_head(&mut wire, conn, head_due, drain_due).await {
+            Ok(head) => head,
+            Err(NoHead::Closed) => return Served::Ended,
+            Err(NoHead::Refused(status)) => {
+                let mut out = Vec::new();
+                encode_refusal(&mut out, status);
+                let _ = async {
+                    wire.io.write_all(&out).await?;
+                    wire.io.shutdown().await
+                }
+                .await;
+                return Served::Ended;
+            }
+        };
+        served = true;
+        let Head {
+            mut request,
+            body,
+            mut keep_alive,
+            expect_continue,
+            upgrade,
+        } = head;
+        let method = request.method.clone();
+        let version = request.version;
+        let upgraded = upgrade.then(|| {
+            let (tx, rx) = oneshot::channel();
+            request
+                .extensions
+                .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            tx
+        });
+        let (link, body) = match body {
+            None => (Link::Own(wire), ClientBody::Empty),
+            Some(framing) => {
+                let shared = Arc::new(Shared {
+                    inner: Mutex::new(Reading {
+                        wire,
+                        framing,
+                        continue_at: (expect_continue && version == Version::HTTP_11)
+                            .then_some(0),
+                    }),
+                });
+                (Link::Shared(shared.clone()), ClientBody::Http1(shared))
+            }
+        };
+        let mut link = link;
+        let response = match (conn.handler)(Request::from_parts(request, body)).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let written = write_response(&mut link, response, &method, version, &mut keep_alive).await;
+        // The stream back from the request body, which has ended with the response.
+        wire = match link {
+            Link::Own(wire) => wire,
+            Link::Shared(shared) => match Arc::try_unwrap(shared) {
+                Ok(shared) => {
+                    let mut reading = shared
+                        .inner
+                        .into_inner()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    // A body the request path did not read to its end is skipped if the
+                    // rest of it is here already; otherwise the connection cannot go on.
+                    if !reading.skip_buffered() {
+                        keep_alive = false;
+                    }
+                    reading.wire
+                }
+                Err(_) => return Served::Ended,
+            },
+        };
+        match written {
+            Written::Failed => return Served::Ended,
+            Written::Switched => {
+                if let Some(tx) = upgraded {
+                    let leftover = wire.buf.split().freeze();
+                    let _ = tx.send(Upgraded {
+                        io: Box::new(wire.io),
+                        leftover,
+                    });
+                }
+                return Served::Ended;
+            }
+            Written::Complete => {}
+        }
+        if !keep_alive {
+            let _ = wire.io.shutdown().await;
+            return Served::Ended;
+        }
+        head_due = Instant::now() + conn.header_timeout;
+        // A large head or body grew the buffer: what is left of it is kept only while it
+        // holds the next request's bytes.
+        if wire.buf.is_empty() {
+            wire.buf = BytesMut::new();
+        }
+    }
+}
+
+/// Reads until a request head is complete, by `head_due`.
+async fn read_head<S, H>(
+    wire: &mut Wire<S>,
+    conn: &Conn<'_, H>,
+    head_due: Instant,
+    drain_due: &mut Option<Instant>,
+) -> Result<Head, NoHead>
+where
+    S: AsyncRead + Unpin,
+{
+    let max = conn.max_header_bytes;
+    loop {
+        if !wire.buf.is_empty() {
+            if let Some(head) = parse_head(&mut wire.buf, max).map_err(NoHead::Refused)? {
+                return Ok(head);
+            }
+        }
+        // Most heads are in the socket already: read them without arming any timer.
+        let read = match poll_fn(|cx| Poll::Ready(wire.poll_fill(cx))).await {
+            Poll::Ready(read) => read,
+            Poll::Pending => {
+                let deadline = drain_due.map_or(head_due, |d| d.min(head_due));
+                tokio::select! {
+                    biased;
+                    read = poll_fn(|cx| wire.poll_fill(cx)) => read,
+                    () = tokio::time::sleep_until(deadline) => {
+                        if drain_due.is_none_or(|d| head_due < d) {
+                            let progress = conn.progress;
+                            conn.series.timed_out(if !progress.any_request() || progress.in_head() {
+                                ClientTimeout::Head
+                            } else {
+                                ClientTimeout::Idle
+                            });
+                            tracing::debug!(client = %conn.client, "no request within header_timeout");
+                        }
+                        return Err(NoHead::Closed);
+                    }
+                    _ = conn.shutdown.triggered(), if drain_due.is_none() => {
+                        // Keep-alive clients are told `Connection: close` on their next
+                        // response; one that sends nothing is closed after a grace.
+                        *drain_due = Some(Instant::now() + conn.drain_grace);
+                        continue;
+                    }
+                }
+            }
+        };
+        match read {
+            Ok(0) => return Err(NoHead::Closed),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(client = %conn.client, error = %e, "client connection ended with an error");
+                return Err(NoHead::Closed);
+            }
+        }
+    }
+}
+
+/// One request head from the front of `buf`, if complete (`max`: the listener's
+/// `max_header_bytes`); the status to refuse it with otherwise.
+fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode> {
+    // Where each part is, as offsets: the buffer is split off before the values are
+    // taken from it without a copy.
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let (len, count, method, target, version) = {
+        let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut []);
+        let len = match parsed.parse_with_uninit_headers(&buf[..], &mut fields) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() >= max => {
+                return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+            }
+            Err(_) => return Err(StatusCode::BAD_REQUEST),
+        };
+        if len > max {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        let base = buf.as_ptr() as usize;
+        let (Some(method), Some(target), Some(version)) =
+            (parsed.method, parsed.path, parsed.version)
+        else {
+            return Err(StatusCode::BAD_REQUEST);
+        };
+        if target.len() > MAX_TARGET {
+            return Err(StatusCode::URI_TOO_LONG);
+        }
+        let method = Method::from_bytes(method.as_bytes()).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let at = target.as_ptr() as usize - base;
+        for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = (
+                name,
+                name + field.name.len(),
+                value,
+                value + field.value.len(),
+            );
+        }
+        let version = if version == 1 {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        (
+            len,
+            parsed.headers.len(),
+            method,
+            (at, at + target.len()),
+            version,
+        )
+    };
+    let head = buf.split_to(len).freeze();
+    let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.1))
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    let mut headers = HeaderMap::with_capacity(count);
+    let http11 = version == Version::HTTP_11;
+    let mut keep_alive = http11;
+    let mut close = false;
+    let mut expect_continue = false;
+    let mut upgrade = method == Method::CONNECT;
+    let mut length: Option<u64> = None;
+    let mut coding = None;
+    for &(name_start, name_end, value_start, value_end) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[name_start..name_end])
+            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        let raw = &head[value_start..value_end];
+        match name {
+            header::TRANSFER_ENCODING => {
+                // RFC 9112 section 6.1: HTTP/1.0 has no transfer codings.
+                if !http11 {
+                    return Err(StatusCode::BAD_REQUEST);
+                }
+                // The last coding of the last field decides.
+                coding = Some(
+                    raw.rsplit(|b| *b == b',')
+                        .next()
+                        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+                );
+            }
+            header::CONTENT_LENGTH => {
+                for part in raw.split(|b| *b == b',') {
+                    let part = part.trim_ascii();
+                    if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit)
+                    {
+                        return Err(StatusCode::BAD_REQUEST);
+                    }
+                    let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                    if length.is_some_and(|seen| seen != n) {
+                        return Err(StatusCode::BAD_REQUEST);
+                    }
+                    length = Some(n);
+                }
+            }
+            header::CONNECTION => {
+                for token in raw.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    }
+                }
+            }
+            header::EXPECT => expect_continue = raw.eq_ignore_ascii_case(b"100-continue"),
+            header::UPGRADE => upgrade = http11,
+            _ => {}
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        headers.append(name, value);
+    }
+    let body = match (coding, length) {
+        // Both lengths (the framing scan refuses these before), or a coding that does not
+        // end in chunked: the body's end cannot be told.
+        (Some(_), Some(_)) | (Some(false), None) => return Err(StatusCode::BAD_REQUEST),
+        (Some(true), None) => Some(Framing::Chunked(Chunk::Size)),
+        (None, Some(n)) if n > 0 => Some(Framing::Length(n)),
+        (None, _) => None,
+    };
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    let (request, ()) = request.into_parts();
+    Ok(Some(Head {
+        request,
+        body,
+        keep_alive: keep_alive && !close,
+        expect_continue,
+        upgrade,
+    }))
+}
+
+/// The answer to a malformed head; the connection ends after it.
+fn encode_refusal(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ");
+    extend_date(out);
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// The connection's stream while a request is served: owned, or shared with the
+/// request's body, which reads from it.
+enum Link<S> {
+    Own(Wire<S>),
+    Shared(Arc<Shared<S>>),
+}
+
+impl<S> Link<S> {
+    fn with<R>(&mut self, f: impl FnOnce(&mut Wire<S>) -> R) -> R {
+        match self {
+            Link::Own(wire) => f(wire),
+            Link::Shared(shared) => {
+                let mut reading = shared.inner.lock().unwrap_or_else(PoisonError::into_inner);
+                f(&mut reading.wire)
+            }
+        }
+    }
+}
+
+/// A request body's framing on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes left of a Content-Length body.
+    Length(u64),
+    /// Chunked, at this point of its grammar.
+    Chunked(Chunk),
+    /// Read to its end.
+    Done,
+    /// Failed (malformed, cut short): the connection cannot go on.
+    Failed,
+}
+
+/// A request body being read, and the stream it is read from.
+struct Reading<S> {
+    wire: Wire<S>,
+    framing: Framing,
+    /// `100 Continue` is owed (the client asked for it) and this much of it was written.
+    continue_at: Option<usize>,
+}
+
+/// What the request's body and the connection share while the request is served.
+struct Shared<S> {
+    inner: Mutex<Reading<S>>,
+}
+
+impl<S> Reading<S> {
+    /// Decodes what the buffer holds: a frame (`None`: the body ended), or `None` when
+    /// more bytes are needed.
+    fn decode(&mut self) -> Option<Result<Option<Frame<Bytes>>, BoxError>> {
+        loop {
+            match self.framing {
+                Framing::Done | Framing::Failed => return Some(Ok(None)),
+                Framing::Length(left) => {
+                    if self.wire.buf.is_empty() {
+                        return None;
+                    }
+                    let n = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(self.wire.buf.len());
+                    let rest = left - n as u64;
+                    self.framing = if rest == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Length(rest)
+                    };
+                    return Some(Ok(Some(Frame::data(self.wire.buf.split_to(n).freeze()))));
+                }
+                Framing::Chunked(state) => match step_chunked(&mut self.wire.buf, state) {
+                    Err(e) => {
+                        self.framing = Framing::Failed;
+                        return Some(Err(Box::new(e)));
+                    }
+                    Ok(Chunked::NeedMore) => return None,
+                    Ok(Chunked::Next(next)) => self.framing = Framing::Chunked(next),
+                    Ok(Chunked::Data(n, next)) => {
+                        self.framing = Framing::Chunked(next);
+                        return Some(Ok(Some(Frame::data(self.wire.buf.split_to(n).freeze()))));
+                    }
+                    Ok(Chunked::End(trailers)) => {
+                        self.framing = Framing::Done;
+                        return Some(Ok(trailers.map(Frame::trailers)));
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reads past the rest of the body in the buffer; whether it ended there.
+    fn skip_buffered(&mut self) -> bool {
+        loop {
+            match self.framing {
+                Framing::Done => return true,
+                Framing::Failed => return false,
+                Framing::Length(_) | Framing::Chunked(_) => match self.decode() {
+                    None | Some(Err(_)) => return false,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+    }
+}
+
+/// The body failed on the wire.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("the client closed the connection before the end of the body")]
+    Closed,
+    #[error("reading the body: {0}")]
+    Read(#[source] io::Error),
+    #[error("writing 100 Continue: {0}")]
+    Continue(#[source] io::Error),
+}
+
+impl<S> ClientBodySource for Shared<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let reading = &mut *guard;
+        if matches!(reading.framing, Framing::Done | Framing::Failed) {
+            return Poll::Ready(None);
+        }
+        // The client waits for this before it sends the body (as hyper did, it goes when
+        // the body is first read, and only if none of it is here yet).
+        if let Some(at) = reading.continue_at {
+            if !reading.wire.buf.is_empty() {
+                reading.continue_at = None;
+            } else {
+                let mut at = at;
+                while at < CONTINUE.len() {
+                    match Pin::new(&mut reading.wire.io).poll_write(cx, &CONTINUE[at..]) {
+                        Poll::Ready(Ok(0)) => {
+                            reading.framing = Framing::Failed;
+                            let e = io::Error::from(io::ErrorKind::WriteZero);
+                            return Poll::Ready(Some(Err(Box::new(BodyError::Continue(e)))));
+                        }
+                        Poll::Ready(Ok(n)) => at += n,
+                        Poll::Ready(Err(e)) => {
+                            reading.framing = Framing::Failed;
+                            return Poll::Ready(Some(Err(Box::new(BodyError::Continue(e)))));
+                        }
+                        Poll::Pending => {
+                            reading.continue_at = Some(at);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                reading.continue_at = Some(at);
+                match Pin::new(&mut reading.wire.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => reading.continue_at = None,
+                    Poll::Ready(Err(e)) => {
+                        reading.framing = Framing::Failed;
+                        return Poll::Ready(Some(Err(Box::new(BodyError::Continue(e)))));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        }
+        loop {
+            if let Some(decoded) = reading.decode() {
+                return Poll::Ready(decoded.transpose());
+            }
+            match reading.wire.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    reading.framing = Framing::Failed;
+                    return Poll::Ready(Some(Err(Box::new(BodyError::Closed))));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    reading.framing = Framing::Failed;
+                    return Poll::Ready(Some(Err(Box::new(BodyError::Read(e)))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let reading = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        reading.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let reading = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match reading.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// How the response body goes on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// This many bytes left of its Content-Length (0: no body on the wire).
+    Length(u64),
+    /// Chunked.
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 clients, or no chunking possible).
+    Close,
+}
+
+/// How writing a response ended.
+enum Written {
+    /// All of it; the connection may go on.
+    Complete,
+    /// A protocol switch: the stream goes to the tunnel.
+    Switched,
+    /// The write or the response body failed: the connection ends.
+    Failed,
+}
+
+/// Writes `response` to the request of `method` and `version`; `keep_alive` is cleared
+/// when the response ends the connection.
+async fn write_response<S>(
+    link: &mut Link<S>,
+    response: Response<ResponseBody>,
+    method: &Method,
+    version: Version,
+    keep_alive: &mut bool,
+) -> Written
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (parts, mut body) = response.into_parts();
+    let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS
+        || (method == Method::CONNECT && parts.status.is_success());
+    let mut out = Vec::with_capacity(512);
+    let (mut sending, trailers) = encode_head(&mut out, &parts, &body, method, version, keep_alive);
+    if switched {
+        *keep_alive = false;
+    }
+    // A body with nothing to send on the wire is not read (as hyper did): it is dropped
+    // once the head is out.
+    let mut done = sending == Sending::Length(0);
+    let mut failed = false;
+    let mut at = 0;
+    let result = poll_fn(|cx| loop {
+        if !done && out.len() < WRITE_AT {
+            match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    match frame.into_data() {
+                        Ok(data) => {
+                            if !encode_data(&mut out, &mut sending, data) {
+                                // More than its Content-Length: the response is cut here.
+                                failed = true;
+                                done = true;
+                            }
+                        }
+                        Err(frame) => {
+                            if let (Sending::Chunked, Ok(fields)) = (sending, frame.into_trailers()) {
+                                out.extend_from_slice(b"0\r\n");
+                                encode_trailers(&mut out, &fields, trailers.as_deref());
+                                out.extend_from_slice(b"\r\n");
+                                sending = Sending::Length(0);
+                            }
+                            done = true;
+                        }
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "response body failed");
+                    failed = true;
+                    done = true;
+                }
+                Poll::Ready(None) => {
+                    match sending {
+                        Sending::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+                        Sending::Length(0) | Sending::Close => {}
+                        // Shorter than its Content-Length: the client must not take it
+                        // for complete.
+                        Sending::Length(_) => failed = true,
+                    }
+                    done = true;
+                }
+                Poll::Pending if out.len() == at => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
+        let wrote = link.with(|wire| {
+            while at < out.len() {
+                match Pin::new(&mut wire.io).poll_write(cx, &out[at..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)))
+                    }
+                    Poll::Ready(Ok(n)) => at += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Pin::new(&mut wire.io).poll_flush(cx)
+        });
+        match wrote {
+            Poll::Ready(Ok(())) => {
+                out.clear();
+                at = 0;
+                if done {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await;
+    drop(body);
+    match result {
+        Err(e) => {
+            tracing::debug!(error = %e, "writing the response failed");
+            Written::Failed
+        }
+        Ok(()) if failed => Written::Failed,
+        Ok(()) if switched => Written::Switched,
+        Ok(()) => {
+            if sending == Sending::Close {
+                *keep_alive = false;
+            }
+            Written::Complete
+        }
+    }
+}
+
+/// Appends `data` as `sending` frames it; `false` when it is longer than the
+/// Content-Length left.
+fn encode_data(out: &mut Vec<u8>, sending: &mut Sending, data: Bytes) -> bool {
+    if data.is_empty() {
+        return true;
+    }
+    match sending {
+        Sending::Length(left) => {
+            let n = data.len() as u64;
+            if n > *left {
+                return false;
+            }
+            *left -= n;
+            out.extend_from_slice(&data);
+        }
+        Sending::Chunked => {
+            let mut size = [0u8; 16];
+            let digits = hex(&mut size, data.len());
+            out.extend_from_slice(digits);
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        }
+        Sending::Close => out.extend_from_slice(&data),
+    }
+    true
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(buf: &mut [u8; 20], mut n: u64) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || at == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// `n` in hexadecimal, in `buf`.
+fn hex(buf: &mut [u8; 16], mut n: usize) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b"0123456789abcdef"[n & 0xf];
+        n >>= 4;
+        if n == 0 || at == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// Trailer fields a sender may not put in trailers (RFC 9110 section 6.5.1), left out as
+/// hyper did.
+fn forbidden_trailer(name: &HeaderName) -> bool {
+    matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+    )
+}
+
+/// The trailer fields the response announced in its `Trailer` field (only those are sent,
+/// as hyper did).
+fn encode_trailers(out: &mut Vec<u8>, fields: &HeaderMap, announced: Option<&[HeaderName]>) {
+    let Some(announced) = announced else {
+        return;
+    };
+    for (name, value) in fields {
+        if announced.contains(name) && !forbidden_trailer(name) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// Writes the response head (RFC 9112 sections 4 to 6, with hyper's choices: HTTP/1.0
+/// clients get HTTP/1.0 and no chunking, a response without a length is chunked, a `Date`
+/// is added); returns how the body is sent and the trailer fields announced.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &http::response::Parts,
+    body: &ResponseBody,
+    method: &Method,
+    version: Version,
+    keep_alive: &mut bool,
+) -> (Sending, Option<Vec<HeaderName>>) {
+    let status = parts.status;
+    let http10 = version == Version::HTTP_10;
+    if !http10 && status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // Keep-alive as the response has it: a `Connection: close` ends the connection; an
+    // HTTP/1.0 client keeps it only if it asked and the response is not HTTP/1.0 itself.
+    let connection = parts.headers.get_all(header::CONNECTION);
+    let mut says_close = false;
+    let mut says_keep_alive = false;
+    for value in connection.iter() {
+        for token in value.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            says_close |= token.eq_ignore_ascii_case(b"close");
+            says_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    if says_close {
+        *keep_alive = false;
+    }
+    let mut add_connection: Option<&[u8]> = None;
+    if http10 {
+        if !says_keep_alive {
+            if parts.version == Version::HTTP_10 {
+                *keep_alive = false;
+            } else if parts.version == Version::HTTP_11 && *keep_alive {
+                add_connection = Some(b"keep-alive");
+            }
+        }
+    } else if !*keep_alive && !says_close {
+        add_connection = Some(b"close");
+    }
+    let informational = status.is_informational();
+    let connect_ok = method == Method::CONNECT && status.is_success();
+    let no_content = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let head_request = method == Method::HEAD;
+    let can_chunk = !head_request && !connect_ok && !informational && !no_content;
+    let can_have_length = !informational && !connect_ok && !no_content;
+    let length = if body.is_end_stream() {
+        None
+    } else {
+        Some(body.size_hint().exact())
+    };
+    let mut sending = None;
+    if connect_ok {
+        sending = Some(Sending::Length(0));
+    }
+    let mut wrote_date = false;
+    let mut announced: Option<Vec<HeaderName>> = None;
+    for (name, value) in &parts.headers {
+        match *name {
+            header::CONTENT_LENGTH => {
+                if sending.is_some() {
+                    continue;
+                }
+                match length {
+                    Some(Some(n)) => {
+                        out.extend_from_slice(b"content-length: ");
+                        out.extend_from_slice(decimal(&mut [0u8; 20], n));
+                        out.extend_from_slice(b"\r\n");
+                        sending = Some(Sending::Length(n));
+                    }
+                    Some(None) => match parse_length(value.as_bytes()) {
+                        Some(n) => {
+                            out.extend_from_slice(b"content-length: ");
+                            out.extend_from_slice(value.as_bytes());
+                            out.extend_from_slice(b"\r\n");
+                            sending = Some(Sending::Length(n));
+                        }
+                        None => continue,
+                    },
+                    // No body: a HEAD response keeps the length of what GET would send.
+                    None if head_request => {
+                        out.extend_from_slice(b"content-length: ");
+                        out.extend_from_slice(value.as_bytes());
+                        out.extend_from_slice(b"\r\n");
+                        sending = Some(Sending::Length(0));
+                    }
+                    None => continue,
+                }
+                continue;
+            }
+            header::TRANSFER_ENCODING => {
+                if http10 || !can_chunk || sending.is_some() {
+                    continue;
+                }
+                out.extend_from_slice(b"transfer-encoding: ");
+                out.extend_from_slice(value.as_bytes());
+                let last = value.as_bytes().rsplit(|b| *b == b',').next().unwrap_or(b"");
+                if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    out.extend_from_slice(b", chunked");
+                }
+                out.extend_from_slice(b"\r\n");
+                sending = Some(Sending::Chunked);
+                continue;
+            }
+            header::TRAILER => {
+                if http10 || !can_chunk {
+                    continue;
+                }
+                if let Ok(text) = value.to_str() {
+                    announced.get_or_insert_with(Vec::new).extend(
+                        text.split(',')
+                            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+                    );
+                }
+            }
+            header::DATE => wrote_date = true,
+            _ => {}
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(token) = add_connection {
+        out.extend_from_slice(b"connection: ");
+        out.extend_from_slice(token);
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut sending = match sending {
+        Some(sending) => sending,
+        None => match length {
+            Some(None) if http10 || !can_chunk => Sending::Close,
+            Some(None) => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                Sending::Chunked
+            }
+            None | Some(Some(0)) => {
+                if can_have_length && !head_request {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+                Sending::Length(0)
+            }
+            Some(Some(n)) if can_have_length => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(decimal(&mut [0u8; 20], n));
+                out.extend_from_slice(b"\r\n");
+                Sending::Length(n)
+            }
+            Some(Some(_)) => Sending::Length(0),
+        },
+    };
+    if !can_chunk {
+        sending = Sending::Length(0);
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        extend_date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if sending != Sending::Chunked {
+        announced = None;
+    }
+    (sending, announced)
+}
+
+/// A Content-Length value: one decimal number (or a list of the same one).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let mut found = None;
+    for part in value.split(|b| *b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|seen| seen != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+thread_local! {
+    /// The `Date` value of the current second, formatted once per second per thread.
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+}
+
+/// Appends the current date as an HTTP date (RFC 9110 section 5.6.7).
+fn extend_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|date| {
+        let mut date = date.borrow_mut();
+        if date.0 != second {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == date.1.len() {
+                date.1.copy_from_slice(text.as_bytes());
+                date.0 = second;
+            }
+        }
+        out.extend_from_slice(&date.1);
+    });
+}
+
+/// The client side of a protocol switch, in the extensions of a request that asked for
+/// one: resolves once the `101` (or a CONNECT's 2xx) was written, with the stream.
+// Shared and locked only because request extensions must be `Clone`: it is taken once.
+#[derive(Clone)]
+pub(crate) struct ClientUpgrade(Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+impl ClientUpgrade {
+    /// The client's stream after the switch; `None` when the connection ended instead.
+    pub(crate) async fn stream(self) -> Option<Upgraded> {
+        let receiver = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        receiver.await.ok()
+    }
+}
+
+/// A stream of any of the listener's kinds (plain, TLS).
+trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
+
+/// A client's stream after a protocol switch: what the client sent behind its request
+/// (already read) first, then the stream.
+pub(crate) struct Upgraded {
+    io: Box<dyn ClientIo>,
+    leftover: Bytes,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.remaining());
+            buf.put_slice(&self.leftover[..n]);
+            self.leftover.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::telemetry::Metrics;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    type Answer = Result<Response<ResponseBody>, Infallible>;
+
+    /// Serves every connection to the returned address with the codec and `handler`.
+    async fn start<H, F>(max_header_bytes: usize, handler: H) -> SocketAddr
+    where
+        H: Fn(Request<ClientBody>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Answer> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let series = Metrics::new(None).listener("t", "http");
+        tokio::spawn(async move {
+            while let Ok((stream, client)) = listener.accept().await {
+                let (handler, shutdown, series) = (handler.clone(), shutdown.clone(), series.clone());
+                tokio::spawn(async move {
+                    let progress = HeadProgress::default();
+                    let conn = Conn {
+                        max_header_bytes,
+                        header_timeout: Duration::from_secs(5),
+                        drain_grace: Duration::from_secs(1),
+                        shutdown: &shutdown,
+                        series: &series,
+                        progress: &progress,
+                        client,
+                        handler,
+                    };
+                    let mut stream = stream;
+                    let mut drain_due = None;
+                    loop {
+                        let due = Instant::now() + conn.header_timeout;
+                        match serve(stream, &conn, due, &mut drain_due).await {
+                            Served::Ended => return,
+                            Served::Parked(back) => stream = back,
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Answers with what it received: the request line, the body (read to its end) and
+    /// the trailers, or the body's error.
+    async fn echo(req: Request<ClientBody>) -> Answer {
+        let (parts, body) = req.into_parts();
+        let mut text = format!("{} {} {:?}\n", parts.method, parts.uri, parts.version);
+        match body.collect().await {
+            Ok(collected) => {
+                let trailers = collected.trailers().cloned();
+                text.push_str(&String::from_utf8_lossy(&collected.to_bytes()));
+                for (name, value) in trailers.iter().flatten() {
+                    text.push_str(&format!("\n{name}={}", value.to_str().unwrap()));
+                }
+            }
+            Err(e) => text = format!("error: {e}"),
+        }
+        Ok(Response::new(ResponseBody::full(text)))
+    }
+
+    /// A client reading responses framed by Content-Length (or by the close).
+    struct Client {
+        stream: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        async fn connect(addr: SocketAddr) -> Client {
+            Client {
+                stream: TcpStream::connect(addr).await.unwrap(),
+                buf: Vec::new(),
+            }
+        }
+
+        async fn send(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).await.unwrap();
+        }
+
+        /// More bytes; `false` at the end of the stream.
+        async fn fill(&mut self) -> bool {
+            let mut tmp = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut tmp))
+                .await
+                .expect("an answer in time")
+                .unwrap_or(0);
+            self.buf.extend_from_slice(&tmp[..n]);
+            n > 0
+        }
+
+        /// The next response head (lowercased) and body; `head_only` for a HEAD request.
+        async fn response(&mut self, head_only: bool) -> (String, String) {
+            let end = loop {
+                if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end + 4;
+                }
+                assert!(self.fill().await, "closed before a response head");
+            };
+            let head = String::from_utf8(self.buf.drain(..end).collect())
+                .unwrap()
+                .to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            let length = match length {
+                _ if head_only || head.starts_with("http/1.1 100") => 0,
+                Some(n) => n,
+                None => {
+                    while self.fill().await {}
+                    self.buf.len()
+                }
+            };
+            while self.buf.len() < length {
+                assert!(self.fill().await, "closed in a response body");
+            }
+            let body = String::from_utf8(self.buf.drain(..length).collect()).unwrap();
+            (head, body)
+        }
+
+        /// Whether the server closed the connection (nothing more arrives).
+        async fn closed(&mut self) -> bool {
+            !self.fill().await && self.buf.is_empty()
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+        let addr = start(16 * 1024, echo).await;
+        let mut c = Client::connect(addr).await;
+        c.send(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nPOST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET /c HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let (head, body) = c.response(false).await;
+        assert!(head.starts_with("http/1.1 200 ok\r\n"), "{head}");
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert!(!head.contains("connection:"), "{head}");
+        assert_eq!(body, "GET /a HTTP/1.1\n");
+        assert_eq!(c.response(false).await.1, "POST /b HTTP/1.1\nhello");
+        assert_eq!(c.response(false).await.1, "GET /c HTTP/1.1\n");
+        // Kept alive: one more, after a pause that parks the connection.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.send(b"GET /d HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await;
+        let (head, body) = c.response(false).await;
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert_eq!(body, "GET /d HTTP/1.1\n");
+        assert!(c.closed().await);
+    }
+
+    #[tokio::test]
+    async fn chunked_request_bodies_arrive_with_their_trailers() {
+        let addr = start(16 * 1024, echo).await;
+        let mut c = Client::connect(addr).await;
+        c.send(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.send(b"6\r\n world\r\n0\r\nx-sum: 42\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        assert_eq!(
+            c.response(false).await.1,
+            "POST /up HTTP/1.1\nhello world\nx-sum=42"
+        );
+        assert_eq!(c.response(false).await.1, "GET /next HTTP/1.1\n");
+    }
+
+    #[tokio::test]
+    async fn malformed_chunk_sizes_fail_the_body_and_end_the_connection() {
+        let addr = start(16 * 1024, echo).await;
+        for chunks in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"ffffffffffffffffff\r\nhello\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+        ] {
+            let mut c = Client::connect(addr).await;
+            c.send(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await;
+            c.send(chunks).await;
+            c.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n").await;
+            let (_, body) = c.response(false).await;
+            assert!(body.starts_with("error: ") && body.contains("chunk"), "{body}");
+            assert!(c.closed().await, "{}", String::from_utf8_lossy(chunks));
+        }
+    }
+
+    #[tokio::test]
+    async fn expect_continue_is_answered_when_the_body_is_read() {
+        let addr = start(16 * 1024, echo).await;
+        let mut c = Client::connect(addr).await;
+        c.send(b"PUT /e HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+            .await;
+        let (head, body) = c.response(false).await;
+        assert_eq!(head, "http/1.1 100 continue\r\n\r\n");
+        assert_eq!(body, "");
+        c.send(b"data").await;
+        let (head, body) = c.response(false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, "PUT /e HTTP/1.1\ndata");
+    }
+
+    #[tokio::test]
+    async fn head_responses_have_a_length_and_no_body() {
+        let addr = start(16 * 1024, echo).await;
+        let mut c = Client::connect(addr).await;
+        c.send(b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\nGET /g HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await;
+        let (head, body) = c.response(true).await;
+        assert!(head.contains("\r\ncontent-length: 16\r\n"), "{head}");
+        assert_eq!(body, "");
+        // The next response follows the head directly: no body bytes came between.
+        assert_eq!(c.response(false).await.1, "GET /g HTTP/1.1\n");
+    }
+
+    #[tokio::test]
+    async fn http10_clients_get_http10_and_keep_alive_only_when_they_ask() {
+        let addr = start(16 * 1024, echo).await;
+        let mut c = Client::connect(addr).await;
+        c.send(b"GET /old HTTP/1.0\r\n\r\n").await;
+        let (head, body) = c.response(false).await;
+        assert!(head.starts_with("http/1.0 200 ok\r\n"), "{head}");
+        assert_eq!(body, "GET /old HTTP/1.0\n");
+        assert!(c.closed().await);
+
+        let mut c = Client::connect(addr).await;
+        c.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
+        let (head, _) = c.response(false).await;
+        assert!(head.contains("\r\nconnection: keep-alive\r\n"), "{head}");
+        c.send(b"GET /b HTTP/1.0\r\n\r\n").await;
+        assert_eq!(c.response(false).await.1, "GET /b HTTP/1.0\n");
+        assert!(c.closed().await);
+
+        // No transfer codings in HTTP/1.0.
+        let mut c = Client::connect(addr).await;
+        c.send(b"POST /c HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
+        assert!(c.response(false).await.0.starts_with("http/1.1 400"));
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_client_still_gets_its_answer() {
+        let addr = start(16 * 1024, echo).await;
+        let mut c = Client::connect(addr).await;
+        c.send(b"POST /half HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok").await;
+        c.stream.shutdown().await.unwrap();
+        let (head, body) = c.response(false).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body, "POST /half HTTP/1.1\nok");
+        assert!(c.closed().await);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_oversized_heads_get_hypers_answers() {
+        let addr = start(1024, echo).await;
+        let long_value = format!("GET / HTTP/1.1\r\nHost: h\r\nx-big: {}\r\n\r\n", "a".repeat(2000));
+        let many = format!(
+            "GET / HTTP/1.1\r\n{}\r\n",
+            (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect::<String>()
+        );
+        // A head that never ends but outgrows the limit.
+        let mut c = Client::connect(addr).await;
+        c.send(b"GET / HTTP/1.1\r\nHost: h\r\nx-big: ").await;
+        for _ in 0..40 {
+            c.send(&[b'a'; 100]).await;
+        }
+        assert!(c.response(false).await.0.starts_with("http/1.1 431 "));
+        for (bytes, status) in [
+            (long_value.as_bytes(), "431"),
+            (b"GET / HTTP/1.1\r\nbad header\r\n\r\n".as_slice(), "400"),
+            (b"GET / HTTP/2.0\r\n\r\n".as_slice(), "400"),
+            (b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n".as_slice(), "400"),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".as_slice(), "400"),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n".as_slice(), "400"),
+        ] {
+            let mut c = Client::connect(addr).await;
+            c.send(bytes).await;
+            let (head, _) = c.response(false).await;
+            assert!(
+                head.starts_with(&format!("http/1.1 {status} ")),
+                "{head} for {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(60)])
+            );
+            assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        }
+        let many_addr = start(64 * 1024, echo).await;
+        let long_target = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "t".repeat(MAX_TARGET));
+        let big = start(128 * 1024, echo).await;
+        for (addr, bytes, status) in [
+            (many_addr, many.as_bytes(), "431"),
+            (big, long_target.as_bytes(), "414"),
+        ] {
+            let mut c = Client::connect(addr).await;
+            c.send(bytes).await;
+            let (head, _) = c.response(false).await;
+            assert!(head.starts_with(&format!("http/1.1 {status} ")), "{head}");
+        }
+    }
+
+    #[test]
+    fn chunked_response_framing() {
+        let mut out = Vec::new();
+        let mut sending = Sending::Chunked;
+        assert!(encode_data(&mut out, &mut sending, Bytes::from_static(&[b'x'; 26])));
+        assert!(out.starts_with(b"1a\r\nxxxx"));
+        assert!(out.ends_with(b"x\r\n"));
+        let mut sending = Sending::Length(3);
+        out.clear();
+        assert!(encode_data(&mut out, &mut sending, Bytes::from_static(b"ab")));
+        assert!(!encode_data(&mut out, &mut sending, Bytes::from_static(b"cd")));
+        assert_eq!(hex(&mut [0; 16], 0), b"0");
+        assert_eq!(hex(&mut [0; 16], 0x1f2e), b"1f2e");
+        assert_eq!(decimal(&mut [0; 20], 0), b"0");
+        assert_eq!(decimal(&mut [0; 20], u64::MAX), b"18446744073709551615");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("1"));
+        trailers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("9"));
+        trailers.insert("x-other", HeaderValue::from_static("2"));
+        out.clear();
+        let announced = [HeaderName::from_static("x-sum"), header::CONTENT_LENGTH];
+        encode_trailers(&mut out, &trailers, Some(&announced));
+        assert_eq!(out, b"x-sum: 1\r\n");
+    }
+}
