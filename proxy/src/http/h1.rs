@@ -1345,7 +1345,7 @@ mod tests {
         c.send(b"HEAD /h HTTP/1.1\r\nHost: h\r\n\r\nGET /g HTTP/1.1\r\nHost: h\r\n\r\n")
             .await;
         let (head, body) = c.response(true).await;
-        assert!(head.contains("\r\ncontent-length: 16\r\n"), "{head}");
+        assert!(head.contains("\r\ncontent-length: 17\r\n"), "{head}");
         assert_eq!(body, "");
         // The next response follows the head directly: no body bytes came between.
         assert_eq!(c.response(false).await.1, "GET /g HTTP/1.1\n");
