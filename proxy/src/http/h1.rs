@@ -171,8 +171,7 @@ where
                     inner: Mutex::new(Reading {
                         wire,
                         framing,
-                        continue_at: (expect_continue && version == Version::HTTP_11)
-                            .then_some(0),
+                        continue_at: (expect_continue && version == Version::HTTP_11).then_some(0),
                     }),
                 });
                 (Link::Shared(shared.clone()), ClientBody::Http1(shared))
@@ -373,10 +372,12 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
                 );
             }
             header::CONTENT_LENGTH => {
+                // A repeated length (the same value, or the request is refused below)
+                // is one length: the request path sees, and forwards, the first alone.
+                let repeated = length.is_some();
                 for part in raw.split(|b| *b == b',') {
                     let part = part.trim_ascii();
-                    if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit)
-                    {
+                    if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                         return Err(StatusCode::BAD_REQUEST);
                     }
                     let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
@@ -384,6 +385,9 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
                         return Err(StatusCode::BAD_REQUEST);
                     }
                     length = Some(n);
+                }
+                if repeated {
+                    continue;
                 }
             }
             header::CONNECTION => {
@@ -690,7 +694,8 @@ where
                             }
                         }
                         Err(frame) => {
-                            if let (Sending::Chunked, Ok(fields)) = (sending, frame.into_trailers()) {
+                            if let (Sending::Chunked, Ok(fields)) = (sending, frame.into_trailers())
+                            {
                                 out.extend_from_slice(b"0\r\n");
                                 encode_trailers(&mut out, &fields, trailers.as_deref());
                                 out.extend_from_slice(b"\r\n");
@@ -958,7 +963,11 @@ fn encode_head(
                 }
                 out.extend_from_slice(b"transfer-encoding: ");
                 out.extend_from_slice(value.as_bytes());
-                let last = value.as_bytes().rsplit(|b| *b == b',').next().unwrap_or(b"");
+                let last = value
+                    .as_bytes()
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .unwrap_or(b"");
                 if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
                     out.extend_from_slice(b", chunked");
                 }
@@ -1157,7 +1166,8 @@ mod tests {
         let series = Metrics::new(None).listener("t", "http");
         tokio::spawn(async move {
             while let Ok((stream, client)) = listener.accept().await {
-                let (handler, shutdown, series) = (handler.clone(), shutdown.clone(), series.clone());
+                let (handler, shutdown, series) =
+                    (handler.clone(), shutdown.clone(), series.clone());
                 tokio::spawn(async move {
                     let progress = HeadProgress::default();
                     let conn = Conn {
@@ -1282,7 +1292,8 @@ mod tests {
         assert_eq!(c.response(false).await.1, "GET /c HTTP/1.1\n");
         // Kept alive: one more, after a pause that parks the connection.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        c.send(b"GET /d HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await;
+        c.send(b"GET /d HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await;
         let (head, body) = c.response(false).await;
         assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
         assert_eq!(body, "GET /d HTTP/1.1\n");
@@ -1295,7 +1306,8 @@ mod tests {
         let mut c = Client::connect(addr).await;
         c.send(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n").await;
         tokio::time::sleep(Duration::from_millis(20)).await;
-        c.send(b"6\r\n world\r\n0\r\nx-sum: 42\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        c.send(b"6\r\n world\r\n0\r\nx-sum: 42\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await;
         assert_eq!(
             c.response(false).await.1,
             "POST /up HTTP/1.1\nhello world\nx-sum=42"
@@ -1318,7 +1330,10 @@ mod tests {
             c.send(chunks).await;
             c.send(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n").await;
             let (_, body) = c.response(false).await;
-            assert!(body.starts_with("error: ") && body.contains("chunk"), "{body}");
+            assert!(
+                body.starts_with("error: ") && body.contains("chunk"),
+                "{body}"
+            );
             assert!(c.closed().await, "{}", String::from_utf8_lossy(chunks));
         }
     }
@@ -1362,7 +1377,8 @@ mod tests {
         assert!(c.closed().await);
 
         let mut c = Client::connect(addr).await;
-        c.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").await;
+        c.send(b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await;
         let (head, _) = c.response(false).await;
         assert!(head.contains("\r\nconnection: keep-alive\r\n"), "{head}");
         c.send(b"GET /b HTTP/1.0\r\n\r\n").await;
@@ -1371,7 +1387,8 @@ mod tests {
 
         // No transfer codings in HTTP/1.0.
         let mut c = Client::connect(addr).await;
-        c.send(b"POST /c HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").await;
+        c.send(b"POST /c HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            .await;
         assert!(c.response(false).await.0.starts_with("http/1.1 400"));
     }
 
@@ -1379,7 +1396,8 @@ mod tests {
     async fn a_half_closed_client_still_gets_its_answer() {
         let addr = start(16 * 1024, echo).await;
         let mut c = Client::connect(addr).await;
-        c.send(b"POST /half HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok").await;
+        c.send(b"POST /half HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok")
+            .await;
         c.stream.shutdown().await.unwrap();
         let (head, body) = c.response(false).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -1390,10 +1408,15 @@ mod tests {
     #[tokio::test]
     async fn malformed_and_oversized_heads_get_hypers_answers() {
         let addr = start(1024, echo).await;
-        let long_value = format!("GET / HTTP/1.1\r\nHost: h\r\nx-big: {}\r\n\r\n", "a".repeat(2000));
+        let long_value = format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nx-big: {}\r\n\r\n",
+            "a".repeat(2000)
+        );
         let many = format!(
             "GET / HTTP/1.1\r\n{}\r\n",
-            (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect::<String>()
+            (0..=MAX_HEADERS)
+                .map(|i| format!("x-{i}: v\r\n"))
+                .collect::<String>()
         );
         // A head that never ends but outgrows the limit.
         let mut c = Client::connect(addr).await;
@@ -1407,8 +1430,14 @@ mod tests {
             (b"GET / HTTP/1.1\r\nbad header\r\n\r\n".as_slice(), "400"),
             (b"GET / HTTP/2.0\r\n\r\n".as_slice(), "400"),
             (b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n".as_slice(), "400"),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".as_slice(), "400"),
-            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n".as_slice(), "400"),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".as_slice(),
+                "400",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n".as_slice(),
+                "400",
+            ),
         ] {
             let mut c = Client::connect(addr).await;
             c.send(bytes).await;
@@ -1421,7 +1450,10 @@ mod tests {
             assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
         }
         let many_addr = start(64 * 1024, echo).await;
-        let long_target = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "t".repeat(MAX_TARGET));
+        let long_target = format!(
+            "GET /{} HTTP/1.1\r\nHost: h\r\n\r\n",
+            "t".repeat(MAX_TARGET)
+        );
         let big = start(128 * 1024, echo).await;
         for (addr, bytes, status) in [
             (many_addr, many.as_bytes(), "431"),
@@ -1435,16 +1467,52 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_content_length_is_one_field() {
+        let mut buf = BytesMut::from(
+            &b"POST / HTTP/1.1\r\nContent-Length: 05\r\ncontent-length: 5\r\n\r\nhello"[..],
+        );
+        let head = parse_head(&mut buf, 1024).unwrap().unwrap();
+        let lengths: Vec<_> = head
+            .request
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(lengths, ["05"]);
+        assert_eq!(head.body, Some(Framing::Length(5)));
+        assert_eq!(&buf[..], b"hello");
+        let mut buf = BytesMut::from(
+            &b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"[..],
+        );
+        assert_eq!(
+            parse_head(&mut buf, 1024).err(),
+            Some(StatusCode::BAD_REQUEST)
+        );
+    }
+
+    #[test]
     fn chunked_response_framing() {
         let mut out = Vec::new();
         let mut sending = Sending::Chunked;
-        assert!(encode_data(&mut out, &mut sending, Bytes::from_static(&[b'x'; 26])));
+        assert!(encode_data(
+            &mut out,
+            &mut sending,
+            Bytes::from_static(&[b'x'; 26])
+        ));
         assert!(out.starts_with(b"1a\r\nxxxx"));
         assert!(out.ends_with(b"x\r\n"));
         let mut sending = Sending::Length(3);
         out.clear();
-        assert!(encode_data(&mut out, &mut sending, Bytes::from_static(b"ab")));
-        assert!(!encode_data(&mut out, &mut sending, Bytes::from_static(b"cd")));
+        assert!(encode_data(
+            &mut out,
+            &mut sending,
+            Bytes::from_static(b"ab")
+        ));
+        assert!(!encode_data(
+            &mut out,
+            &mut sending,
+            Bytes::from_static(b"cd")
+        ));
         assert_eq!(hex(&mut [0; 16], 0), b"0");
         assert_eq!(hex(&mut [0; 16], 0x1f2e), b"1f2e");
         assert_eq!(decimal(&mut [0; 20], 0), b"0");
