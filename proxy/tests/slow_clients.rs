@@ -618,13 +618,13 @@ async fn memory_per_held_connection_stays_small() {
 }
 
 /// 1,000 keep-alive connections, each idle after one request, hold no request buffers:
-/// hyper's connection with its read and write buffers (at least 16 KiB, about 28 KiB
-/// with the rest of it in a release build) is dropped once they have waited 100 ms, and
-/// so is the boxed future that serves requests; what is left is the connection's task, sized for
-/// its waits only, and its stream (2.9 KiB in a release build, as `bench/scenarios.sh
-/// idle` measures it; 4.2-6.5 KiB in debug builds, where mimalloc's pages hold more). The
-/// bound sits well below the 16 KiB that hyper's buffers alone would add. Each is then
-/// served a second request, and a pipelined pair, on the same connection.
+/// the HTTP/1 codec lets its read and write buffers go once a connection is between
+/// requests with nothing buffered, and so goes the boxed future that serves requests;
+/// what is left is the connection's task, sized for its waits only, and its stream (2.9
+/// KiB in a release build, as `bench/scenarios.sh idle` measures it; 4.2-6.5 KiB in debug
+/// builds, where mimalloc's pages hold more). The bound sits well below the 16 KiB of read
+/// buffer that idle connections held before they let their buffers go. Each is then served a second request,
+/// and a pipelined pair, on the same connection.
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
     let app = upstream("app").await;
@@ -686,8 +686,7 @@ async fn connections_idle_after_several_requests_hold_no_buffers_either() {
 }
 
 /// Opens `count` keep-alive connections, each answered `requests` times back to back, and
-/// returns them once the listener counts them all and they have been idle past the
-/// interval after which an idle connection lets go of hyper's connection (100 ms).
+/// returns them once the listener counts them all and they have been idle for a second.
 async fn hold_idle(
     addr: SocketAddr,
     admin: SocketAddr,
