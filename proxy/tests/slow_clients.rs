@@ -627,26 +627,7 @@ async fn memory_per_held_connection_stays_small() {
 /// and a pipelined pair, on the same connection.
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
-    let app = upstream("app").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (child, addr, admin) = own_process(&app, dir.path()).await;
-    let pid = child.0.id();
-    let before = rss_kib(pid);
-    let mut held = hold_idle(addr, admin, 1000, 1).await;
-    let after = rss_kib(pid);
-    let per_connection = after.saturating_sub(before) as f64 / 1000.0;
-    eprintln!("proxyd RSS {before} KiB -> {after} KiB with 1,000 idle keep-alive connections: {per_connection:.1} KiB each");
-    assert!(
-        per_connection < 10.0,
-        "{per_connection:.1} KiB per idle keep-alive connection ({before} -> {after} KiB)"
-    );
-    for (n, stream) in held.iter_mut().enumerate() {
-        let (status, close) =
-            common::exchange(stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
-                .await
-                .unwrap_or_else(|_| panic!("connection {n} not served again"));
-        assert_eq!((status, close), (200, false), "connection {n}");
-    }
+    let (_app, _dir, _proxyd, mut held) = idle_connections_stay_small(1).await;
     // Two requests in one write, then the connection is closed by the client's ask.
     let stream = &mut held[0];
     stream
@@ -663,15 +644,25 @@ async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
 /// idle spell parks the connection, not only the first one.
 #[tokio::test]
 async fn connections_idle_after_several_requests_hold_no_buffers_either() {
+    idle_connections_stay_small(3).await;
+}
+
+/// Holds 1,000 keep-alive connections to a proxyd of their own, each idle after `requests`
+/// requests; checks that proxyd's RSS grew by less than 10 KiB for each, and that each is
+/// served once more. Returns what keeps the connections served: the upstream, the state
+/// directory, the daemon, and the connections.
+async fn idle_connections_stay_small(
+    requests: usize,
+) -> (Upstream, tempfile::TempDir, Proxyd, Vec<TcpStream>) {
     let app = upstream("app").await;
     let dir = tempfile::tempdir().unwrap();
     let (child, addr, admin) = own_process(&app, dir.path()).await;
     let pid = child.0.id();
     let before = rss_kib(pid);
-    let mut held = hold_idle(addr, admin, 1000, 3).await;
+    let mut held = hold_idle(addr, admin, 1000, requests).await;
     let after = rss_kib(pid);
     let per_connection = after.saturating_sub(before) as f64 / 1000.0;
-    eprintln!("proxyd RSS {before} KiB -> {after} KiB with 1,000 keep-alive connections idle after 3 requests: {per_connection:.1} KiB each");
+    eprintln!("proxyd RSS {before} KiB -> {after} KiB with 1,000 keep-alive connections idle after {requests} request(s): {per_connection:.1} KiB each");
     assert!(
         per_connection < 10.0,
         "{per_connection:.1} KiB per idle keep-alive connection ({before} -> {after} KiB)"
@@ -683,6 +674,7 @@ async fn connections_idle_after_several_requests_hold_no_buffers_either() {
                 .unwrap_or_else(|_| panic!("connection {n} not served again"));
         assert_eq!((status, close), (200, false), "connection {n}");
     }
+    (app, dir, child, held)
 }
 
 /// Opens `count` keep-alive connections, each answered `requests` times back to back, and

@@ -39,7 +39,7 @@ use super::framing::HeadProgress;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{ClientTimeout, ListenerSeries};
 use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
-use crate::upstream::h1::{step_chunked, Chunk, Chunked};
+use crate::upstream::h1::{field_span, step_chunked, Chunk, Chunked};
 
 /// Most header fields in a request head (hyper's limit, answered the same way: `431`).
 const MAX_HEADERS: usize = 100;
@@ -321,14 +321,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| StatusCode::BAD_REQUEST)?;
         let at = target.as_ptr() as usize - base;
         for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            *span = (
-                name,
-                name + field.name.len(),
-                value,
-                value + field.value.len(),
-            );
+            *span = field_span(base, field);
         }
         let version = if version == 1 {
             Version::HTTP_11

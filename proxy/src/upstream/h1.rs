@@ -530,16 +530,8 @@ impl H1Conn {
             // are taken from it without a copy.
             let base = self.buf.as_ptr() as usize;
             self.spans.clear();
-            self.spans.extend(parsed.headers.iter().map(|field| {
-                let name = field.name.as_ptr() as usize - base;
-                let value = field.value.as_ptr() as usize - base;
-                (
-                    name,
-                    name + field.name.len(),
-                    value,
-                    value + field.value.len(),
-                )
-            }));
+            self.spans
+                .extend(parsed.headers.iter().map(|field| field_span(base, field)));
             let mut headers = HeaderMap::with_capacity(self.spans.len());
             let mut keep_alive = version == Version::HTTP_11;
             let mut close = false;
@@ -857,6 +849,23 @@ pub(crate) enum Chunked {
     Data(usize, Chunk),
     /// The body ended, with its trailers if it had any.
     End(Option<HeaderMap>),
+}
+
+/// Where a field httparse parsed out of a buffer starting at address `base` lies in it:
+/// name start, name end, value start, value end, as offsets. Offsets survive the buffer
+/// being split off, so values can then be taken from it without a copy.
+pub(crate) fn field_span(
+    base: usize,
+    field: &httparse::Header<'_>,
+) -> (usize, usize, usize, usize) {
+    let name = field.name.as_ptr() as usize - base;
+    let value = field.value.as_ptr() as usize - base;
+    (
+        name,
+        name + field.name.len(),
+        value,
+        value + field.value.len(),
+    )
 }
 
 /// One step of the chunked grammar (RFC 9112 section 7.1) over `buf`, consuming what it
