@@ -30,6 +30,8 @@
 #        bench/instructions.sh h2c tlsfull (only these scenarios)
 # Env:   BENCH_REQUESTS=3000   BENCH_HANDSHAKE_SECONDS=20   PROXYD=/path/to/proxyd (skip the build)
 #        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+#        BENCH_PROFILE_DIR=/dir  keep each scenario's callgrind dump there as NAME.SCENARIO
+#                                (read with callgrind_annotate --inclusive=yes FILE)
 set -euo pipefail
 
 REQUESTS=${BENCH_REQUESTS:-3000}
@@ -235,6 +237,10 @@ for name in proxyd nginx; do
             sleep 0.2
         done
         ir=$(awk '/^summary:/ {print $2; exit}' "$dump" 2>/dev/null || true)
+        if [ -n "${BENCH_PROFILE_DIR:-}" ] && [ -n "$dump" ]; then
+            mkdir -p "$BENCH_PROFILE_DIR"
+            cp "$dump" "$BENCH_PROFILE_DIR/$name.$s"
+        fi
         allocs=$(heap_allocations "$dump")
         if [ -n "$ir" ] && [ "${ok:-0}" -gt 0 ]; then
             IR[$name,$s]=$((ir / ok))
