@@ -22,6 +22,7 @@
 # Env:   BENCH_ROUTES=100000  BENCH_FIRST=20000 (requests in `first`)
 #        BENCH_SPREAD_SECONDS=20  PROXYD=/path/to/proxyd (skip the build)
 #        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+#        BENCH_PROFILE_DIR=/dir  keep each phase's callgrind dump there as proxyd.PHASE-ROUTES
 set -euo pipefail
 
 MANY_ROUTES=${BENCH_ROUTES:-100000}
@@ -119,6 +120,10 @@ measure() { # label count-command command...
         [ -n "$dump" ] && break
         sleep 0.2
     done
+    if [ -n "${BENCH_PROFILE_DIR:-}" ] && [ -n "$dump" ]; then
+        mkdir -p "$BENCH_PROFILE_DIR"
+        cp "$dump" "$BENCH_PROFILE_DIR/proxyd.$label"
+    fi
     # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
     summary=$(awk '/^summary:/ {print $2, $6 + $7, $9 + $10; exit}' "$dump" 2>/dev/null || true)
     if [ -z "$summary" ] || [ "${ok:-0}" -eq 0 ]; then
