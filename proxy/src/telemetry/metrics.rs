@@ -1,13 +1,16 @@
 //! The daemon's metrics: one [`Metrics`] per daemon, exposed as Prometheus text on the admin
 //! listener and, when configured, exported through OTLP.
 //!
-//! Recording never takes a lock once a series exists: counters and histograms are atomics,
-//! and the series of a route or pool are found through lock-free snapshots
-//! ([`arc_swap::ArcSwap`]) keyed by names from the configuration, never by anything the
-//! client sent. A lock is taken only the first time a route, pool or listener is seen.
+//! Recording never takes a lock once a series exists: counters and histograms are atomics.
+//! A route keeps its series (in its [`Attachment`]), and the series of a pool are found
+//! through a lock-free snapshot ([`arc_swap::ArcSwap`]); all are keyed by names from the
+//! configuration, never by anything the client sent. A write lock is taken only the first
+//! time a route, pool or listener is seen; a request no route answered finds its series
+//! under a read lock.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -48,24 +51,6 @@ struct ListenerDirectionLabels {
     direction: &'static str,
 }
 
-/// Labels of per-request metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    listener: String,
-    route: String,
-    pool: String,
-    status_class: &'static str,
-}
-
-/// Labels of failed-request counts.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ErrorLabels {
-    listener: String,
-    route: String,
-    pool: String,
-    source: &'static str,
-}
-
 /// Labels of gRPC call counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrpcLabels {
@@ -75,12 +60,35 @@ struct GrpcLabels {
     grpc_status: u32,
 }
 
-/// Labels of per-route byte counts.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Names of the (listener, route, pool) a route's series count.
+#[derive(Debug)]
 struct RouteLabels {
     listener: String,
     route: String,
     pool: String,
+}
+
+/// The labels of one series of a route, as [`RouteCollector`] writes them: listener,
+/// route and pool, then one more label (status class or error source) when there is one.
+struct RouteSeriesLabels<'a> {
+    route: &'a RouteLabels,
+    extra: Option<(&'static str, &'static str)>,
+}
+
+impl EncodeLabelSet for RouteSeriesLabels<'_> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeLabel;
+        ("listener", self.route.listener.as_str()).encode(encoder.encode_label())?;
+        ("route", self.route.route.as_str()).encode(encoder.encode_label())?;
+        ("pool", self.route.pool.as_str()).encode(encoder.encode_label())?;
+        if let Some(extra) = self.extra {
+            extra.encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
 }
 
 /// Labels of per-pool metrics.
@@ -241,11 +249,7 @@ pub struct Metrics {
     connections_refused: Family<ListenerCauseLabels, Counter>,
     rate_limited: Family<ListenerLabels, Counter>,
     forwarded_bytes: Family<ListenerDirectionLabels, Counter>,
-    http_requests: Family<RequestLabels, Counter>,
-    http_duration: Family<RequestLabels, DurationHistogram, fn() -> DurationHistogram>,
-    http_errors: Family<ErrorLabels, Counter>,
     grpc_calls: Family<GrpcLabels, Counter>,
-    response_bytes: Family<RouteLabels, Counter>,
     connect_duration: Family<PoolLabels, DurationHistogram, fn() -> DurationHistogram>,
     connect_failures: Family<PoolLabels, Counter>,
     upgrades: Family<ResultLabels, Counter>,
@@ -260,7 +264,7 @@ pub struct Metrics {
     registrations_total: Counter,
     held_requests: Gauge,
     held_total: Family<ResultLabels, Counter>,
-    routes: RouteSeriesCache,
+    routes: Arc<RouteSeriesCache>,
     pools: SeriesCache<PoolSeries>,
     otel: OnceLock<Instruments>,
 }
@@ -321,37 +325,13 @@ impl Metrics {
              stream ends",
             forwarded_bytes.clone(),
         );
-        let http_requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "proxy_http_requests",
-            "HTTP requests answered, by listener, route, pool and status class",
-            http_requests.clone(),
-        );
-        let http_duration = Family::<RequestLabels, DurationHistogram, fn() -> DurationHistogram>::new_with_constructor(
-            DurationHistogram::requests,
-        );
-        registry.register(
-            "proxy_http_request_duration_seconds",
-            "Time from the request head to the end of the response body",
-            http_duration.clone(),
-        );
-        let http_errors = Family::<ErrorLabels, Counter>::default();
-        registry.register(
-            "proxy_http_errors",
-            "Error responses made by the proxy, by who failed (downstream, upstream, proxy)",
-            http_errors.clone(),
-        );
+        let routes = Arc::new(RouteSeriesCache::default());
+        registry.register_collector(Box::new(RouteCollector(routes.clone())));
         let grpc_calls = Family::<GrpcLabels, Counter>::default();
         registry.register(
             "proxy_grpc_calls",
             "gRPC calls (content-type application/grpc*) by the grpc-status they ended with",
             grpc_calls.clone(),
-        );
-        let response_bytes = Family::<RouteLabels, Counter>::default();
-        registry.register(
-            "proxy_http_response_bytes",
-            "Response body bytes sent to clients",
-            response_bytes.clone(),
         );
         let connect_duration = Family::<PoolLabels, DurationHistogram, fn() -> DurationHistogram>::new_with_constructor(
             DurationHistogram::fast,
@@ -480,11 +460,7 @@ impl Metrics {
             connections_refused,
             rate_limited,
             forwarded_bytes,
-            http_requests,
-            http_duration,
-            http_errors,
             grpc_calls,
-            response_bytes,
             connect_duration,
             connect_failures,
             upgrades,
@@ -499,7 +475,7 @@ impl Metrics {
             registrations_total,
             held_requests,
             held_total,
-            routes: RouteSeriesCache::default(),
+            routes,
             pools: SeriesCache::default(),
             otel: OnceLock::new(),
         }
@@ -583,35 +559,16 @@ impl Metrics {
         self.legacy.http_total.fetch_add(1, Ordering::Relaxed);
         self.legacy.window.record(outcome.elapsed);
         let class = status_class_index(outcome.status);
-        let by_class = series.classes[class].get_or_init(|| {
-            let labels = RequestLabels {
-                listener: series.labels.listener.clone(),
-                route: series.labels.route.clone(),
-                pool: series.labels.pool.clone(),
-                status_class: STATUS_CLASSES[class],
-            };
-            ClassSeries {
-                requests: self.http_requests.get_or_create_owned(&labels),
-                duration: self.http_duration.get_or_create_owned(&labels),
-            }
+        let by_class = series.classes[class].get_or_init(|| ClassSeries {
+            requests: AtomicU64::new(0),
+            duration: DurationHistogram::requests(),
         });
-        by_class.requests.inc();
+        by_class.requests.fetch_add(1, Ordering::Relaxed);
         by_class.duration.observe(outcome.elapsed);
-        let bytes = series
-            .bytes
-            .get_or_init(|| self.response_bytes.get_or_create_owned(&series.labels));
-        bytes.inc_by(outcome.bytes);
+        series.bytes.fetch_add(outcome.bytes, Ordering::Relaxed);
         if let Some(source) = outcome.error_source {
             if let Some(index) = ERROR_SOURCES.iter().position(|s| *s == source) {
-                let errors = series.errors[index].get_or_init(|| {
-                    self.http_errors.get_or_create_owned(&ErrorLabels {
-                        listener: series.labels.listener.clone(),
-                        route: series.labels.route.clone(),
-                        pool: series.labels.pool.clone(),
-                        source: ERROR_SOURCES[index],
-                    })
-                });
-                errors.inc();
+                series.errors[index].fetch_add(1, Ordering::Relaxed);
             }
         }
         if let Some(grpc_status) = outcome.grpc_status {
@@ -744,7 +701,11 @@ impl Metrics {
     pub fn route_totals(&self) -> Vec<RouteTotal> {
         let mut out = Vec::new();
         for series in self.routes.all() {
-            let count = |class: usize| series.classes[class].get().map_or(0, |c| c.requests.get());
+            let count = |class: usize| {
+                series.classes[class]
+                    .get()
+                    .map_or(0, |c| c.requests.load(Ordering::Relaxed))
+            };
             out.push(RouteTotal {
                 listener: series.labels.listener.clone(),
                 route: series.labels.route.clone(),
@@ -1140,29 +1101,30 @@ impl Collector for UpstreamCollector {
     }
 }
 
-/// Series of one (listener, route, pool), each label set created on first use.
+/// Series of one (listener, route, pool). A status class's series exist from its first
+/// request on, an error source's from its first error: no empty series are shown.
 struct RouteSeries {
     labels: RouteLabels,
     classes: [OnceLock<ClassSeries>; STATUS_CLASSES.len()],
-    errors: [OnceLock<Counter>; ERROR_SOURCES.len()],
-    bytes: OnceLock<Counter>,
+    errors: [AtomicU64; ERROR_SOURCES.len()],
+    bytes: AtomicU64,
 }
 
 struct ClassSeries {
-    requests: Counter,
+    requests: AtomicU64,
     duration: DurationHistogram,
 }
 
 /// listener -> route -> the series of each pool the route has forwarded to.
-type RouteMap = HashTrieMapSync<String, HashTrieMapSync<String, Vec<Arc<RouteSeries>>>>;
+type RouteMap = HashMap<String, HashMap<String, Vec<Arc<RouteSeries>>>>;
 
-/// Lock-free lookup of route series, created on first use. The maps are persistent
-/// (structurally shared), so adding a series copies one path of the map, not the map:
-/// the first requests over 100,000 routes each add a series in logarithmic time.
+/// Every route's series, created on first use. A route's first request adds its series
+/// here once (a route that keeps its series in its [`Attachment`] never looks again);
+/// the series hold their own counts and [`RouteCollector`] writes them, so a new route
+/// costs one map insert rather than one per metric family, each copying the labels.
 #[derive(Default)]
 struct RouteSeriesCache {
-    map: ArcSwap<RouteMap>,
-    insert: Mutex<()>,
+    map: RwLock<RouteMap>,
 }
 
 impl RouteSeriesCache {
@@ -1175,15 +1137,20 @@ impl RouteSeriesCache {
     }
 
     fn get_or_insert(&self, listener: &str, route: &str, pool: &str) -> Arc<RouteSeries> {
-        if let Some(series) = Self::find(&self.map.load(), listener, route, pool) {
-            return series;
+        {
+            let map = self
+                .map
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(series) = Self::find(&map, listener, route, pool) {
+                return series;
+            }
         }
-        let _writer = self
-            .insert
-            .lock()
+        let mut map = self
+            .map
+            .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let current = self.map.load_full();
-        if let Some(series) = Self::find(&current, listener, route, pool) {
+        if let Some(series) = Self::find(&map, listener, route, pool) {
             return series;
         }
         let series = Arc::new(RouteSeries {
@@ -1194,23 +1161,118 @@ impl RouteSeriesCache {
             },
             classes: Default::default(),
             errors: Default::default(),
-            bytes: OnceLock::new(),
+            bytes: AtomicU64::new(0),
         });
-        let mut routes = current.get(listener).cloned().unwrap_or_default();
-        let mut pools = routes.get(route).cloned().unwrap_or_default();
-        pools.push(series.clone());
-        routes.insert_mut(route.to_string(), pools);
-        self.map
-            .store(Arc::new(current.insert(listener.to_string(), routes)));
+        let routes = match map.get_mut(listener) {
+            Some(routes) => routes,
+            None => map.entry(listener.to_string()).or_default(),
+        };
+        match routes.get_mut(route) {
+            Some(pools) => pools.push(series.clone()),
+            None => {
+                routes.insert(route.to_string(), vec![series.clone()]);
+            }
+        }
         series
     }
 
-    /// Every series, in no particular order.
+    /// Every series, in no particular order (copied out, so no lock is held while the
+    /// caller reads them).
     fn all(&self) -> Vec<Arc<RouteSeries>> {
-        let map = self.map.load();
+        let map = self
+            .map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.values()
             .flat_map(|routes| routes.values().flat_map(|pools| pools.iter().cloned()))
             .collect()
+    }
+}
+
+/// Writes the series of every route at scrape time: `proxy_http_requests`,
+/// `proxy_http_request_duration_seconds`, `proxy_http_errors`, `proxy_http_response_bytes`.
+#[derive(Debug)]
+struct RouteCollector(Arc<RouteSeriesCache>);
+
+impl std::fmt::Debug for RouteSeriesCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteSeriesCache").finish_non_exhaustive()
+    }
+}
+
+/// The status classes `series` has answered, each with its labels.
+fn classes(series: &RouteSeries) -> impl Iterator<Item = (RouteSeriesLabels<'_>, &ClassSeries)> {
+    STATUS_CLASSES
+        .iter()
+        .zip(&series.classes)
+        .filter_map(|(class, slot)| {
+            let labels = RouteSeriesLabels {
+                route: &series.labels,
+                extra: Some(("status_class", class)),
+            };
+            Some((labels, slot.get()?))
+        })
+}
+
+impl Collector for RouteCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.0.all();
+        let mut family = encoder.encode_descriptor(
+            "proxy_http_requests",
+            "HTTP requests answered, by listener, route, pool and status class",
+            None,
+            MetricType::Counter,
+        )?;
+        for series in &all {
+            for (labels, by_class) in classes(series) {
+                ConstCounter::new(by_class.requests.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "proxy_http_request_duration_seconds",
+            "Time from the request head to the end of the response body",
+            None,
+            MetricType::Histogram,
+        )?;
+        for series in &all {
+            for (labels, by_class) in classes(series) {
+                by_class.duration.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "proxy_http_errors",
+            "Error responses made by the proxy, by who failed (downstream, upstream, proxy)",
+            None,
+            MetricType::Counter,
+        )?;
+        for series in &all {
+            for (source, count) in ERROR_SOURCES.iter().zip(&series.errors) {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let labels = RouteSeriesLabels {
+                        route: &series.labels,
+                        extra: Some(("source", source)),
+                    };
+                    ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "proxy_http_response_bytes",
+            "Response body bytes sent to clients",
+            None,
+            MetricType::Counter,
+        )?;
+        for series in &all {
+            let labels = RouteSeriesLabels {
+                route: &series.labels,
+                extra: None,
+            };
+            ConstCounter::new(series.bytes.load(Ordering::Relaxed))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -1485,6 +1547,25 @@ mod tests {
         assert!(text.contains("proxy_http_errors_total{listener=\"web\",route=\"a\",pool=\"p\",source=\"upstream\"} 1\n"), "{text}");
         assert!(text.contains("http_request_total_count 5\n"), "{text}");
         assert!(text.contains("proxy_http_request_duration_seconds_count{listener=\"web\",route=\"b\",pool=\"p\",status_class=\"4xx\"} 1\n"), "{text}");
+        assert!(text.contains("proxy_http_request_duration_seconds_bucket{le=\"0.005\",listener=\"web\",route=\"a\",pool=\"p\",status_class=\"2xx\"} 3\n"), "{text}");
+        assert!(
+            text.contains(
+                "proxy_http_response_bytes_total{listener=\"web\",route=\"a\",pool=\"p\"} 40\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE proxy_http_request_duration_seconds histogram\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE proxy_http_errors counter\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("source=\"downstream\""),
+            "no error series before an error: {text}"
+        );
         assert!(
             !text.contains("status_class=\"3xx\""),
             "no empty series: {text}"
