@@ -2,22 +2,24 @@
 //!
 //! A client speaking HTTP/2 with prior knowledge starts with the connection preface; any
 //! other first bytes are served as HTTP/1. The bytes read to tell are read once, as much as
-//! the socket has, and handed to the parser before anything else (see
-//! [`FramingScan::unread`](super::framing::FramingScan::unread)): a new connection's first
+//! the socket has, and handed to the parser before anything else (HTTP/1's codec takes them
+//! as its first buffer, HTTP/2's reads them through [`Replayed`]): a new connection's first
 //! request then costs one read, where reading exactly the preface's 24 bytes first would
 //! cost two.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::{AsyncRead, ReadBuf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::listener::ReadReady;
 
 /// The HTTP/2 connection preface (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Most one read of the first bytes takes: what hyper's first read of a head would take.
+/// Bytes asked of the socket per read of the first bytes (as the HTTP/1 codec asks).
 const FIRST_READ: usize = 8192;
 
 /// The HTTP version a connection's first bytes speak.
@@ -34,7 +36,7 @@ pub enum Speaks {
 /// preface arrived. `None`: the stream ended before any byte.
 ///
 /// Cancel-safe: whatever was read is in `start`, and a later call goes on from there.
-pub async fn first_bytes<IO>(io: &mut IO, start: &mut Vec<u8>) -> io::Result<Option<Speaks>>
+pub async fn first_bytes<IO>(io: &mut IO, start: &mut BytesMut) -> io::Result<Option<Speaks>>
 where
     IO: AsyncRead + Unpin,
 {
@@ -44,21 +46,22 @@ where
 fn poll_first_bytes<IO: AsyncRead>(
     mut io: Pin<&mut IO>,
     cx: &mut Context<'_>,
-    start: &mut Vec<u8>,
+    start: &mut BytesMut,
 ) -> Poll<io::Result<Option<Speaks>>> {
     loop {
         if let Some(speaks) = verdict(start) {
             return Poll::Ready(Ok(Some(speaks)));
         }
-        let mut chunk = [MaybeUninit::<u8>::uninit(); FIRST_READ];
-        let mut buf = ReadBuf::uninit(&mut chunk);
-        ready!(io.as_mut().poll_read(cx, &mut buf))?;
-        if buf.filled().is_empty() {
+        // Read straight into what becomes the HTTP/1 codec's buffer: no copy on the way.
+        if start.capacity() - start.len() < FIRST_READ / 4 {
+            start.reserve(FIRST_READ);
+        }
+        let read = ready!(tokio_util::io::poll_read_buf(io.as_mut(), cx, start))?;
+        if read == 0 {
             // The stream ended: a part of the preface is no HTTP/2, and HTTP/1's parser
             // says what it makes of those bytes.
             return Poll::Ready(Ok((!start.is_empty()).then_some(Speaks::Http1)));
         }
-        start.extend_from_slice(buf.filled());
     }
 }
 
@@ -74,11 +77,83 @@ fn verdict(start: &[u8]) -> Option<Speaks> {
     }
 }
 
+/// A stream whose first bytes, read to tell its version, are read again before the rest.
+pub struct Replayed<S> {
+    inner: S,
+    start: BytesMut,
+}
+
+impl<S> Replayed<S> {
+    /// `inner`, with `start` (all that was read from it so far) to be read first.
+    pub fn new(inner: S, start: BytesMut) -> Self {
+        Replayed { inner, start }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.start.is_empty() {
+            let n = this.start.len().min(buf.remaining());
+            buf.put_slice(&this.start[..n]);
+            this.start.advance(n);
+            if this.start.is_empty() {
+                // Read again whole: its buffer goes.
+                this.start = BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: ReadReady> ReadReady for Replayed<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.start.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use crate::http::framing::FramingScan;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -97,9 +172,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_preface_in_pieces_is_read_to_its_end_and_every_byte_is_read_again() {
-        let (mut client, server) = tokio::io::duplex(64);
-        let mut server = FramingScan::new(server);
-        let mut start = Vec::new();
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let mut start = BytesMut::new();
         client.write_all(&H2_PREFACE[..5]).await.unwrap();
         // Not enough to tell: waits (and keeps what it read) until cancelled.
         let waited = tokio::time::timeout(
@@ -108,14 +182,14 @@ mod tests {
         )
         .await;
         assert!(waited.is_err());
-        assert_eq!(start, &H2_PREFACE[..5]);
+        assert_eq!(&start[..], &H2_PREFACE[..5]);
         client.write_all(&H2_PREFACE[5..]).await.unwrap();
         client.write_all(b"frames").await.unwrap();
         let speaks = first_bytes(&mut server, &mut start).await.unwrap();
         assert_eq!(speaks, Some(Speaks::Http2));
         drop(client);
         let mut all = Vec::new();
-        server.unread(start);
+        let mut server = Replayed::new(server, start);
         server.read_to_end(&mut all).await.unwrap();
         assert_eq!(&all[..H2_PREFACE.len()], H2_PREFACE);
         assert_eq!(&all[H2_PREFACE.len()..], b"frames");
@@ -123,18 +197,17 @@ mod tests {
 
     #[tokio::test]
     async fn an_http1_head_is_told_from_one_read_and_handed_on_whole() {
-        let (mut client, server) = tokio::io::duplex(4096);
-        let mut server = FramingScan::new(server);
+        let (mut client, mut server) = tokio::io::duplex(4096);
         let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
         client.write_all(head).await.unwrap();
-        let mut start = Vec::new();
+        let mut start = BytesMut::new();
         let speaks = first_bytes(&mut server, &mut start).await.unwrap();
         assert_eq!(speaks, Some(Speaks::Http1));
-        assert_eq!(start, head, "everything the socket had, in one read");
+        assert_eq!(&start[..], head, "everything the socket had, in one read");
         // Read back through small reads: the prefix comes out in order, then the stream.
         client.write_all(b"next").await.unwrap();
         drop(client);
-        server.unread(start);
+        let mut server = Replayed::new(server, start);
         let mut all = Vec::new();
         let mut small = [0u8; 5];
         loop {
@@ -149,47 +222,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_head_refused_in_the_first_bytes_reads_back_poisoned() {
-        let (mut client, server) = tokio::io::duplex(4096);
-        let mut server = FramingScan::new(server);
-        let head =
-            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nrest";
-        client.write_all(head).await.unwrap();
-        drop(client);
-        let mut start = Vec::new();
-        let speaks = first_bytes(&mut server, &mut start).await.unwrap();
-        assert_eq!(speaks, Some(Speaks::Http1));
-        server.unread(start);
-        let mut all = Vec::new();
-        let mut small = [0u8; 3];
-        loop {
-            let n = server.read(&mut small).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            all.extend_from_slice(&small[..n]);
-        }
-        // Cut at the head's last byte, the poison in its place, nothing after.
-        let kept = head.len() - "\nrest".len();
-        assert_eq!(all[..kept], head[..kept]);
-        assert_eq!(&all[kept..], crate::http::framing::HEAD_POISON);
-    }
-
-    #[tokio::test]
     async fn a_stream_that_ends_first_says_so() {
         let (client, mut server) = tokio::io::duplex(64);
         drop(client);
-        let mut start = Vec::new();
+        let mut start = BytesMut::new();
         assert_eq!(first_bytes(&mut server, &mut start).await.unwrap(), None);
 
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(b"PRI").await.unwrap();
         drop(client);
-        let mut start = Vec::new();
+        let mut start = BytesMut::new();
         assert_eq!(
             first_bytes(&mut server, &mut start).await.unwrap(),
             Some(Speaks::Http1)
         );
-        assert_eq!(start, b"PRI");
+        assert_eq!(&start[..], b"PRI");
     }
 }

@@ -1,41 +1,26 @@
-//! Request-smuggling defence below hyper.
+//! The reference model of HTTP/1.1 request framing that proxyd's codec is held to.
 //!
 //! hyper resolves a request carrying both `Content-Length` and `Transfer-Encoding` the way
-//! RFC 9112 allows (chunked wins, the length is dropped), so the handler never sees the
-//! conflict. Like nginx we refuse such requests with 400 instead.
+//! RFC 9112 allows (chunked wins, the length is dropped); like nginx, proxyd refuses such
+//! requests with 400 instead. [`Scanner`] follows HTTP/1.1 message framing byte by byte, in
+//! place: no copy of the stream, no buffer that grows. Its state machine accepts exactly
+//! what hyper's parser accepts (request heads as httparse reads them, chunked bodies as
+//! hyper's decoder reads them) and refuses every head that declares both lengths, or that
+//! it cannot follow (an invalid or overflowing chunk size, a bad line ending, a header
+//! hyper would refuse anyway).
 //!
-//! [`Scanner`] follows HTTP/1.1 message framing byte by byte on what the client sends, in
-//! place: no copy of the stream, no buffer that grows, no lock. Its state machine accepts
-//! exactly what hyper's parser accepts (request heads as httparse reads them, chunked
-//! bodies as hyper's decoder reads them), so both always agree where a message ends.
-//!
-//! When a head declares both lengths, or the scanner cannot follow the bytes (an invalid
-//! or overflowing chunk size, a bad line ending, a header hyper would refuse anyway), it
-//! spoils the bytes before hyper sees them. In a chunked body the offending byte is
-//! overwritten with one hyper's decoder refuses: the body fails and the connection closes.
-//! In a head, the read is cut before the offending byte and [`HEAD_POISON`] follows in its
-//! place: a NUL, invalid at any position of a head, then an end-of-head sequence, because
-//! hyper only parses a head again once it sees one. hyper then answers `400 Bad Request`
-//! and closes. Either way the verdict is part of the bytes of the request it concerns, so
-//! it cannot be matched to the wrong request, and nothing is left to decide later: the
-//! scanner fails closed.
+//! It once sat below hyper's server and spoiled refused bytes before hyper saw them. The
+//! HTTP/1 server codec ([`super::h1`]) now reads the stream itself and is the one parser a
+//! request passes, so the scanner is its oracle instead: [`fuzz_scan`] (the fuzz target,
+//! and the seed corpus on every test run) checks that the codec takes no message the
+//! scanner refuses, and ends every message it takes where the scanner does.
 
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-use crate::listener::ReadReady;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The byte written over a refused position. NUL is invalid wherever the scanner refuses
 /// (request line, header name or value, after CR, in a chunk size), but in a chunk
 /// extension.
 const POISON: u8 = 0;
-/// What hyper reads in place of a refused head from the refused byte on.
-pub const HEAD_POISON: &[u8] = b"\0\r\n\r\n";
 /// In a chunk extension hyper accepts any byte but CR and LF; a bare LF is refused there.
 const POISON_EXTENSION: u8 = b'\n';
 /// Longest chunk extension (per chunk-size line) followed; hyper's own limit is 16 KiB
@@ -322,14 +307,6 @@ impl Scanner {
         self.state == State::Refused
     }
 
-    /// Whether part of a request head has arrived and its end has not.
-    pub fn in_head(&self) -> bool {
-        matches!(
-            self.state,
-            State::Method | State::RequestLine | State::LineStart | State::Name | State::Value
-        )
-    }
-
     /// Whether every byte so far belongs to a complete message (empty lines between
     /// messages aside): nothing of a next request has arrived.
     pub fn between_messages(&self) -> bool {
@@ -346,10 +323,9 @@ impl Scanner {
         self.state == State::Passthrough
     }
 
-    /// Scans the next bytes the client sent, in order. A byte that must not reach the
+    /// Scans the next bytes the client sent, in order. A byte that must not reach a
     /// parser as it is gets overwritten in `data`, and the scanner stops. When that byte
-    /// is part of a request head its index is returned: the caller hands hyper
-    /// `data[..index]` followed by [`HEAD_POISON`].
+    /// is part of a request head its index is returned.
     pub fn feed(&mut self, data: &mut [u8]) -> Option<usize> {
         self.scan::<true>(data)
     }
@@ -751,38 +727,15 @@ fn first_mark(marks: u64) -> usize {
     (marks.trailing_zeros() / 8) as usize
 }
 
-/// Where the client of one connection is in its requests, shared between the framing scan
-/// (which sees the bytes), the handler (which sees requests arrive) and the code that ends
-/// the connection, which must tell a client stalled in a request head (slowloris) from one
-/// idle between requests.
+/// Whether a connection's client sent a request yet, shared between the request path
+/// (which sees requests arrive) and the code that ends the connection, which must tell a
+/// client that never sent one from one idle between requests.
 #[derive(Debug, Default)]
 pub struct HeadProgress {
-    in_head: AtomicBool,
     requested: AtomicBool,
-    /// Nothing of a next request has arrived, and the scan still follows HTTP/1 framing
-    /// (see [`Scanner::between_messages`]).
-    between: AtomicBool,
-    /// Request heads the scan saw complete.
-    heads: AtomicU64,
 }
 
 impl HeadProgress {
-    /// Whether part of an HTTP/1 request head has arrived and its end has not.
-    pub fn in_head(&self) -> bool {
-        self.in_head.load(Ordering::Relaxed)
-    }
-
-    /// Whether every byte read so far belongs to a complete HTTP/1 message: hyper holds
-    /// nothing of a next request. False once the scan stopped (HTTP/2, upgrade, refusal).
-    pub fn between_messages(&self) -> bool {
-        self.between.load(Ordering::Relaxed)
-    }
-
-    /// How many request heads arrived complete so far.
-    pub fn heads(&self) -> u64 {
-        self.heads.load(Ordering::Relaxed)
-    }
-
     /// Notes that a request reached the handler.
     pub fn request_arrived(&self) {
         self.requested.store(true, Ordering::Relaxed);
@@ -794,148 +747,15 @@ impl HeadProgress {
     }
 }
 
-/// A client stream wrapper that scans request framing as hyper reads it.
-pub struct FramingScan<S> {
-    inner: S,
-    scanner: Scanner,
-    /// Bytes read (and scanned) already, to be read again before anything else: what was
-    /// read to tell the HTTP version (see [`FramingScan::unread`]).
-    start: Vec<u8>,
-    /// How much of `start` was read again.
-    start_at: usize,
-    /// The part of [`HEAD_POISON`] still to be read, when a read had no room for all of it.
-    pending: &'static [u8],
-    progress: Option<Arc<HeadProgress>>,
-}
-
-impl<S> FramingScan<S> {
-    /// Wraps `inner`.
-    pub fn new(inner: S) -> Self {
-        FramingScan {
-            inner,
-            scanner: Scanner::new(),
-            start: Vec::new(),
-            start_at: 0,
-            pending: &[],
-            progress: None,
-        }
-    }
-
-    /// Wraps `inner`, keeping `progress` up to date.
-    pub fn watched(inner: S, progress: Arc<HeadProgress>) -> Self {
-        FramingScan {
-            progress: Some(progress),
-            ..FramingScan::new(inner)
-        }
-    }
-
-    /// Hands `start`, the first bytes read through this scan (all that was read so far),
-    /// back to be read again, in order, before the stream goes on; its buffer is freed
-    /// once they are read. The scan holds them rather than a layer of its own above it,
-    /// so that the parser's reads pass one layer fewer for as long as the connection lives.
-    pub fn unread(&mut self, start: Vec<u8>) {
-        self.start = start;
-        self.start_at = 0;
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for FramingScan<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.start_at < this.start.len() {
-            let n = (this.start.len() - this.start_at).min(buf.remaining());
-            buf.put_slice(&this.start[this.start_at..this.start_at + n]);
-            this.start_at += n;
-            if this.start_at == this.start.len() {
-                this.start = Vec::new();
-                this.start_at = 0;
-            }
-            return Poll::Ready(Ok(()));
-        }
-        if !this.pending.is_empty() {
-            let n = this.pending.len().min(buf.remaining());
-            buf.put_slice(&this.pending[..n]);
-            this.pending = &this.pending[n..];
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = result {
-            let refused = buf
-                .filled_mut()
-                .get_mut(before..)
-                .and_then(|read| this.scanner.feed(read));
-            if let Some(progress) = &this.progress {
-                let scanner = &this.scanner;
-                progress.in_head.store(scanner.in_head(), Ordering::Relaxed);
-                progress.heads.store(scanner.heads(), Ordering::Relaxed);
-                progress
-                    .between
-                    .store(scanner.between_messages(), Ordering::Relaxed);
-            }
-            if let Some(at) = refused {
-                // The read had room for at least the refused byte, so at least the NUL
-                // of the poison goes out now: this read never looks like end of stream.
-                buf.set_filled(before + at);
-                let n = HEAD_POISON.len().min(buf.remaining());
-                buf.put_slice(&HEAD_POISON[..n]);
-                this.pending = &HEAD_POISON[n..];
-            }
-        }
-        result
-    }
-}
-
-impl<S: ReadReady> ReadReady for FramingScan<S> {
-    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.start_at < self.start.len() || !self.pending.is_empty() {
-            return Poll::Ready(Ok(()));
-        }
-        self.inner.poll_read_ready(cx)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for FramingScan<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Fuzz entry point: feeds `data` to a fresh scanner in pieces whose sizes come from the
 /// first byte, and checks that splitting never changes the outcome, and that skipping over
 /// runs of bytes never does either (against a scanner that steps through every byte).
+/// Then holds the HTTP/1 codec to the scanner on the same bytes (see [`codec_agrees`]).
 pub fn fuzz_scan(data: &[u8]) {
     let Some((&split, rest)) = data.split_first() else {
         return;
     };
+    codec_agrees(rest);
     let mut whole = rest.to_vec();
     let mut one = Scanner::new();
     let head_at = one.feed(&mut whole);
@@ -970,6 +790,38 @@ pub fn fuzz_scan(data: &[u8]) {
     assert_eq!(one.passthrough(), many.passthrough());
     if let Some(at) = head_at {
         assert!(one.refused() && at < rest.len());
+    }
+}
+
+/// The HTTP/1 codec, reading `data` as one connection's requests, takes no byte the
+/// scanner refuses, and ends every message it takes where the scanner ends one, until the
+/// scanner stops following HTTP/1 framing (an upgrade, a CONNECT, the HTTP/2 preface). The
+/// codec may refuse more than the scanner (what httparse or the `http` types refuse, an
+/// HTTP/1.0 request with a transfer coding, limits), never less.
+fn codec_agrees(data: &[u8]) {
+    let mut scanner = Scanner::new();
+    let mut fed = 0;
+    let mut messages = 0;
+    for (at, ended) in super::h1::taken(data) {
+        let mut piece = data[fed..at].to_vec();
+        scanner.feed(&mut piece);
+        fed = at;
+        if scanner.passthrough() {
+            return;
+        }
+        assert!(
+            !scanner.refused(),
+            "the codec took bytes up to {at} that the scanner refuses: {:?}",
+            String::from_utf8_lossy(&data[..at])
+        );
+        if ended {
+            messages += 1;
+            assert!(
+                scanner.between_messages() && scanner.heads() == messages,
+                "the codec ended message {messages} at {at}, the scanner does not: {:?}",
+                String::from_utf8_lossy(&data[..at])
+            );
+        }
     }
 }
 
@@ -1116,28 +968,6 @@ mod tests {
         assert_eq!(ws, copy);
     }
 
-    #[tokio::test]
-    async fn a_refused_head_reads_as_poison_whatever_the_read_size() {
-        use tokio::io::AsyncReadExt;
-        let input: &[u8] =
-            b"GET / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\nrest";
-        let kept = input.len() - "\nrest".len();
-        for size in [1, 2, 3, 64, 4096] {
-            let mut scan = FramingScan::new(input);
-            let mut out = Vec::new();
-            let mut buf = vec![0u8; size];
-            loop {
-                let n = scan.read(&mut buf).await.expect("read");
-                if n == 0 {
-                    break;
-                }
-                out.extend_from_slice(&buf[..n]);
-            }
-            assert_eq!(out[..kept], input[..kept], "{size}");
-            assert_eq!(&out[kept..kept + HEAD_POISON.len()], HEAD_POISON, "{size}");
-        }
-    }
-
     /// The seeds of [`skipping_runs_decides_as_stepping_does`]: heads with every kind of
     /// run the scanner skips, and the bytes that end one.
     const SEEDS: &[&[u8]] = &[
@@ -1211,6 +1041,80 @@ mod tests {
         assert_eq!(head.name_run(b"Transfer-Encoding-Extra: x"), 23);
         assert_eq!(&head.name, b"transfer-encoding");
         assert_eq!(head.name_len, 23);
+    }
+
+    /// The heads, lengths and chunks the tests above have the scanner refuse or accept, read
+    /// by the HTTP/1 codec: it takes none of what the scanner refuses.
+    #[test]
+    fn the_codec_takes_nothing_the_scanner_refuses() {
+        let mut inputs: Vec<String> = Vec::new();
+        for te in [
+            "chunked",
+            " chunked ",
+            "gzip, chunked",
+            "chunked, identity",
+            "chun ked",
+            "",
+        ] {
+            inputs.push(format!(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: {te}\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+            ));
+        }
+        for cl in [
+            "5",
+            "005",
+            " 5 ",
+            "+5",
+            "5, 5",
+            "5,5",
+            "5 5",
+            "",
+            "99999999999999999999999",
+        ] {
+            inputs.push(format!(
+                "POST / HTTP/1.1\r\nContent-Length: {cl}\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n"
+            ));
+        }
+        for body in [
+            "zz\r\nhello\r\n0\r\n\r\n",
+            "5\nhello\r\n0\r\n\r\n",
+            "5\r\nhelloXX0\r\n\r\n",
+            "5\x0c\r\nhello\r\n0\r\n\r\n",
+            "5\x0c;a\r\nhello\r\n0\r\n\r\n",
+            "5 ;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+            " 5\r\nhello\r\n0\r\n\r\n",
+        ] {
+            inputs.push(format!(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{body}GET / HTTP/1.1\r\n\r\n"
+            ));
+        }
+        for head in [
+            "POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: a\0b\r\n\r\n",
+            "POST / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+            "POST / HTTP/1.1\nContent-Length: 3\nTransfer-Encoding: chunked\n\n0\r\n\r\n",
+        ] {
+            inputs.push(format!(
+                "GET /a HTTP/1.1\r\n\r\n{head}GET / HTTP/1.1\r\n\r\n"
+            ));
+        }
+        let mut taken_whole = 0;
+        for input in &inputs {
+            codec_agrees(input.as_bytes());
+            let mut bytes = input.as_bytes().to_vec();
+            let mut scanner = Scanner::new();
+            scanner.feed(&mut bytes);
+            let ends = crate::http::h1::taken(input.as_bytes());
+            let whole = ends.last() == Some(&(input.len(), true));
+            // Both read the same inputs whole, and only those.
+            assert_eq!(whole, !scanner.refused(), "{input:?}");
+            taken_whole += usize::from(whole);
+        }
+        assert!(
+            taken_whole > 5 && taken_whole < inputs.len() - 5,
+            "{taken_whole}"
+        );
     }
 
     #[test]

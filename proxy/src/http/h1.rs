@@ -10,9 +10,12 @@
 //! caller, which waits for the next request holding only the stream: a keep-alive
 //! connection keeps no buffer while it waits.
 //!
-//! The framing scan below ([`super::framing`]) still sees every byte first and spoils what
-//! it refuses: a refused head fails to parse here (`400`), a refused chunk fails the body.
-//! The answers to malformed heads are the ones hyper gave: `400`, `431` for a head over the
+//! This is the one parser a request passes: it reads the client stream itself, with no
+//! layer scanning the bytes below it. It refuses every head and chunk that proxyd's
+//! framing model ([`super::framing`]) refuses (both lengths, a length list, a bad line
+//! ending, a chunk size it cannot follow...), which the fuzz target checks on every input
+//! (see [`taken`]): a refused head is answered `400`, a refused chunk fails the body. The
+//! answers to malformed heads are the ones hyper gave: `400`, `431` for a head over the
 //! limit or with too many fields, `414` for a target over 65,534 bytes.
 
 use std::cell::RefCell;
@@ -113,11 +116,13 @@ pub(super) struct Conn<'a, H> {
 }
 
 /// Serves requests on `io` until the connection ends or waits for its next request with
-/// nothing buffered. The first head is due at `head_due`, each further one
-/// `header_timeout` after the response before it; `drain_due` is set once draining began
-/// (when a connection that stays idle is closed).
+/// nothing buffered. `read` holds what was read from `io` already (a new connection's
+/// first bytes). The first head is due at `head_due`, each further one `header_timeout`
+/// after the response before it; `drain_due` is set once draining began (when a
+/// connection that stays idle is closed).
 pub(super) async fn serve<S, H, F>(
     io: S,
+    read: BytesMut,
     conn: &Conn<'_, H>,
     mut head_due: Instant,
     drain_due: &mut Option<Instant>,
@@ -127,10 +132,7 @@ where
     H: Fn(Request<ClientBody>) -> F,
     F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
 {
-    let mut wire = Wire {
-        io,
-        buf: BytesMut::new(),
-    };
+    let mut wire = Wire { io, buf: read };
     let mut served = false;
     loop {
         if served && wire.buf.is_empty() {
@@ -259,8 +261,10 @@ where
                     read = poll_fn(|cx| wire.poll_fill(cx)) => read,
                     () = tokio::time::sleep_until(deadline) => {
                         if drain_due.is_none_or(|d| head_due < d) {
-                            let progress = conn.progress;
-                            conn.series.timed_out(if !progress.any_request() || progress.in_head() {
+                            // Part of a head (more than the empty lines allowed before
+                            // one) is a stalled head; nothing is an idle client.
+                            let in_head = wire.buf.iter().any(|b| !matches!(b, b'\r' | b'\n'));
+                            conn.series.timed_out(if !conn.progress.any_request() || in_head {
                                 ClientTimeout::Head
                             } else {
                                 ClientTimeout::Idle
@@ -380,20 +384,23 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
                 );
             }
             header::CONTENT_LENGTH => {
-                // A repeated length (the same value, or the request is refused below)
-                // is one length: the request path sees, and forwards, the first alone.
+                // One decimal number per field: a list ("5, 5"), which RFC 9110 lets a
+                // recipient take as one length, is refused as the framing model refuses
+                // it. A repeated field (the same value, or the request is refused) is one
+                // length: the request path sees, and forwards, the first alone.
                 let repeated = length.is_some();
-                for part in raw.split(|b| *b == b',') {
-                    let part = part.trim_ascii();
-                    if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                        return Err(StatusCode::BAD_REQUEST);
-                    }
-                    let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-                    if length.is_some_and(|seen| seen != n) {
-                        return Err(StatusCode::BAD_REQUEST);
-                    }
-                    length = Some(n);
+                let digits = raw.trim_ascii();
+                if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit)
+                {
+                    return Err(StatusCode::BAD_REQUEST);
                 }
+                let n = digits
+                    .iter()
+                    .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if length.is_some_and(|seen| seen != n) {
+                    return Err(StatusCode::BAD_REQUEST);
+                }
+                length = Some(n);
                 if repeated {
                     continue;
                 }
@@ -417,8 +424,8 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
         headers.append(name, value);
     }
     let body = match (coding, length) {
-        // Both lengths (the framing scan refuses these before), or a coding that does not
-        // end in chunked: the body's end cannot be told.
+        // Both lengths, or a coding that does not end in chunked: the body's end cannot be
+        // told.
         (Some(_), Some(_)) | (Some(false), None) => return Err(StatusCode::BAD_REQUEST),
         (Some(true), None) => Some(Framing::Chunked(Chunk::Size)),
         (None, Some(n)) if n > 0 => Some(Framing::Length(n)),
@@ -437,6 +444,54 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
         expect_continue,
         upgrade,
     }))
+}
+
+/// Where the codec commits to the bytes of `data`, read as one connection's requests:
+/// each offset up to which it took them (a head parsed, a step of a body decoded), and
+/// whether a message ended there. It stops where it refuses, where it needs more bytes, and
+/// after a protocol switch's head (what follows is no HTTP/1). [`super::framing::fuzz_scan`]
+/// holds these to the framing model.
+pub(super) fn taken(data: &[u8]) -> Vec<(usize, bool)> {
+    let mut buf = BytesMut::from(data);
+    let mut out = Vec::new();
+    let at = |buf: &BytesMut| data.len() - buf.len();
+    loop {
+        let Ok(Some(head)) = parse_head(&mut buf, usize::MAX) else {
+            return out;
+        };
+        if head.upgrade {
+            out.push((at(&buf), false));
+            return out;
+        }
+        match head.body {
+            None => out.push((at(&buf), true)),
+            Some(Framing::Length(n)) => {
+                out.push((at(&buf), false));
+                match usize::try_from(n) {
+                    Ok(n) if n <= buf.len() => buf.advance(n),
+                    _ => return out,
+                }
+                out.push((at(&buf), true));
+            }
+            Some(Framing::Chunked(mut state)) => {
+                out.push((at(&buf), false));
+                loop {
+                    match step_chunked(&mut buf, state) {
+                        Ok(Chunked::Next(next)) => state = next,
+                        Ok(Chunked::Data(n, next)) => {
+                            buf.advance(n);
+                            state = next;
+                        }
+                        Ok(Chunked::End(_)) => break,
+                        Ok(Chunked::NeedMore) | Err(_) => return out,
+                    }
+                    out.push((at(&buf), false));
+                }
+                out.push((at(&buf), true));
+            }
+            Some(Framing::Done | Framing::Failed) => return out,
+        }
+    }
 }
 
 /// The answer to a malformed head; the connection ends after it.
@@ -1192,7 +1247,7 @@ mod tests {
                     let mut drain_due = None;
                     loop {
                         let due = Instant::now() + conn.header_timeout;
-                        match serve(stream, &conn, due, &mut drain_due).await {
+                        match serve(stream, BytesMut::new(), &conn, due, &mut drain_due).await {
                             Served::Ended => return,
                             Served::Parked(back) => stream = back,
                         }
@@ -1331,6 +1386,8 @@ mod tests {
             b"-5\r\nhello\r\n0\r\n\r\n",
             b"ffffffffffffffffff\r\nhello\r\n",
             b"5\r\nhelloXX0\r\n\r\n",
+            // Only SP and HTAB may follow a size, as the framing model has it.
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
         ] {
             let mut c = Client::connect(addr).await;
             c.send(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -1444,6 +1501,11 @@ mod tests {
             ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n".as_slice(),
+                "400",
+            ),
+            // A list of lengths, even of one length, as the framing model refuses it.
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nhello".as_slice(),
                 "400",
             ),
         ] {

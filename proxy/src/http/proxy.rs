@@ -157,9 +157,9 @@ pub(crate) async fn handle(
         start: Instant::now(),
         upstream_us: OnceLock::new(),
     });
-    // hyper hands the bytes after an upgrade request to the upgraded connection, so the
-    // framing scanner stops following them; unless the switch happens, the connection
-    // must end with this response rather than read them as further requests.
+    // The bytes after an upgrade request belong to the upgraded connection, and are not
+    // read as HTTP/1; unless the switch happens, the connection must end with this
+    // response rather than read them as further requests.
     let upgrade_asked = req.version() < Version::HTTP_2
         && (req.headers().contains_key(header::UPGRADE) || req.method() == http::Method::CONNECT);
     // A gRPC call's `grpc-timeout` bounds the whole call, response body included.
@@ -410,8 +410,8 @@ async fn acme_challenge(
 
 /// Step 1: refuse what cannot be forwarded safely.
 fn check_request(ctx: &ConnContext, req: &Request<ClientBody>) -> Result<(), Failure> {
-    // Requests declaring both body lengths never get here: the framing scanner below
-    // hyper makes hyper refuse them (see `framing`).
+    // HTTP/1 requests declaring both body lengths never get here: the codec refuses them
+    // (see `h1`).
     hygiene::check_framing(req.headers())
         .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
     hygiene::check_header_names(req.headers())

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -17,8 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 
-use super::detect::{self, Speaks};
-use super::framing::{FramingScan, HeadProgress};
+use super::detect::{self, Replayed, Speaks};
+use super::framing::HeadProgress;
 use super::h1::{self, Served};
 use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
@@ -283,23 +284,18 @@ async fn serve_connection<IO>(
     // request not at all: a client that connects and sends nothing (or trickles an HTTP/2
     // preface) gets `header_timeout` for its first request, like any head.
     let first_due = Instant::now() + ctx.listener.header_timeout;
-    let (speaks, stream) = {
-        // The framing scan reads what the HTTP parser reads: the decrypted bytes. It is the
-        // top layer, so that it can hold the bytes read to tell the version (see below).
-        let timed = IdleTimeout::new(io, idle_above).counted_in(ctx.series.clone());
-        let mut io = FramingScan::watched(timed, ctx.progress.clone());
-        let mut start = Vec::new();
-        let Some(speaks) = await_first_bytes(&mut io, &mut start, &ctx, first_due).await else {
-            return;
-        };
-        io.unread(start);
-        (speaks, io)
+    let mut stream = IdleTimeout::new(io, idle_above).counted_in(ctx.series.clone());
+    // The first bytes, read to tell the version, are the HTTP/1 codec's first buffer, or
+    // read again by hyper's HTTP/2 server.
+    let mut start = BytesMut::new();
+    let Some(speaks) = await_first_bytes(&mut stream, &mut start, &ctx, first_due).await else {
+        return;
     };
     let result = match speaks {
-        Speaks::Http1 => return serve_http1(stream, &ctx, first_due).await,
+        Speaks::Http1 => return serve_http1(stream, start, &ctx, first_due).await,
         Speaks::Http2 => {
             Box::pin(serve_http2(
-                stream,
+                Replayed::new(stream, start),
                 ctx.clone(),
                 &protocols.http2,
                 first_due,
@@ -311,11 +307,10 @@ async fn serve_connection<IO>(
         if is_header_timeout(&e) {
             // hyper's head timer also runs while a keep-alive connection waits for its
             // next request: that is an idle client, not a stalled head.
-            let progress = &ctx.progress;
-            let cause = if progress.in_head() || !progress.any_request() {
-                ClientTimeout::Head
-            } else {
+            let cause = if ctx.progress.any_request() {
                 ClientTimeout::Idle
+            } else {
+                ClientTimeout::Head
             };
             ctx.series.timed_out(cause);
         }
@@ -328,7 +323,7 @@ async fn serve_connection<IO>(
 /// without a byte, a read error, or no byte within a grace once draining began.
 async fn await_first_bytes<IO>(
     io: &mut IO,
-    start: &mut Vec<u8>,
+    start: &mut BytesMut,
     ctx: &ConnContext,
     first_due: Instant,
 ) -> Option<Speaks>
@@ -417,8 +412,12 @@ where
 /// Serves an HTTP/1 connection whose first request head is due at `head_due`, with
 /// proxyd's own codec ([`super::h1`]). Between requests the connection is parked: the
 /// codec lets its buffers go and only the stream waits for the next bytes.
-async fn serve_http1<S>(mut stream: S, ctx: &Arc<ConnContext>, mut head_due: Instant)
-where
+async fn serve_http1<S>(
+    mut stream: S,
+    first_bytes: BytesMut,
+    ctx: &Arc<ConnContext>,
+    mut head_due: Instant,
+) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     // Set once draining began: when a connection that stays idle is closed.
@@ -433,13 +432,15 @@ where
         client: ctx.client,
         handler: |req| handle(ctx.clone(), req),
     };
+    let mut read = first_bytes;
     loop {
         // Boxed: the codec's state and the request path exist only while the connection
         // is busy; a parked connection holds none of it.
-        match Box::pin(h1::serve(stream, &conn, head_due, &mut drain_due)).await {
+        match Box::pin(h1::serve(stream, read, &conn, head_due, &mut drain_due)).await {
             Served::Ended => return,
             Served::Parked(returned) => stream = returned,
         }
+        read = BytesMut::new();
         // A keep-alive connection has `header_timeout` for its next request from the end
         // of the last response.
         head_due = Instant::now() + ctx.listener.header_timeout;

@@ -976,8 +976,13 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     if digits > 15 {
         return Err(H1Error::Chunked("chunk size too large"));
     }
+    // Only SP and HTAB may follow the size (RFC 9112's BWS), as the request framing
+    // model has it; `trim_ascii_start` would pass a form feed too.
     let rest = &line[digits..];
-    let ext = rest.trim_ascii_start();
+    let ext = &rest[rest
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(rest.len())..];
     if !ext.is_empty() && ext[0] != b';' {
         return Err(H1Error::Chunked("chunk size is not hexadecimal"));
     }
