@@ -169,43 +169,54 @@ where
                 .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
             tx
         });
-        let (link, body) = match body {
-            None => (Link::Own(wire), ClientBody::Empty),
+        let continue_at = (expect_continue && version == Version::HTTP_11).then_some(0);
+        // Without a body the stream stays here, borrowed while the response is written;
+        // with one, it is shared with the body (which reads from it while the request is
+        // served) and comes back once the response is written.
+        let written = match body {
+            None => {
+                let request = Request::from_parts(request, ClientBody::Empty);
+                let response = match (conn.handler)(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                let mut link = Link::Own(&mut wire);
+                write_response(&mut link, response, &method, version, &mut keep_alive).await
+            }
             Some(framing) => {
                 let shared = Arc::new(Shared {
                     inner: Mutex::new(Reading {
                         wire,
                         framing,
-                        continue_at: (expect_continue && version == Version::HTTP_11).then_some(0),
+                        continue_at,
                     }),
                 });
-                (Link::Shared(shared.clone()), ClientBody::Http1(shared))
-            }
-        };
-        let mut link = link;
-        let response = match (conn.handler)(Request::from_parts(request, body)).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        };
-        let written = write_response(&mut link, response, &method, version, &mut keep_alive).await;
-        // The stream back from the request body, which has ended with the response.
-        wire = match link {
-            Link::Own(wire) => wire,
-            Link::Shared(shared) => match Arc::try_unwrap(shared) {
-                Ok(shared) => {
-                    let mut reading = shared
-                        .inner
-                        .into_inner()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    // A body the request path did not read to its end is skipped if the
-                    // rest of it is here already; otherwise the connection cannot go on.
-                    if !reading.skip_buffered() {
-                        keep_alive = false;
+                let request = Request::from_parts(request, ClientBody::Http1(shared.clone()));
+                let response = match (conn.handler)(request).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                let mut link = Link::Shared(&shared);
+                let written =
+                    write_response(&mut link, response, &method, version, &mut keep_alive).await;
+                // The stream back from the request body, which has ended with the response.
+                wire = match Arc::try_unwrap(shared) {
+                    Ok(shared) => {
+                        let mut reading = shared
+                            .inner
+                            .into_inner()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        // A body the request path did not read to its end is skipped if the
+                        // rest of it is here already; otherwise the connection cannot go on.
+                        if !reading.skip_buffered() {
+                            keep_alive = false;
+                        }
+                        reading.wire
                     }
-                    reading.wire
-                }
-                Err(_) => return Served::Ended,
-            },
+                    Err(_) => return Served::Ended,
+                };
+                written
+            }
         };
         match written {
             Written::Failed => return Served::Ended,
@@ -505,14 +516,14 @@ fn encode_refusal(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"\r\n\r\n");
 }
 
-/// The connection's stream while a request is served: owned, or shared with the
-/// request's body, which reads from it.
-enum Link<S> {
-    Own(Wire<S>),
-    Shared(Arc<Shared<S>>),
+/// The connection's stream while a response is written: the connection's alone, or
+/// shared with the request's body, which reads from it.
+enum Link<'a, S> {
+    Own(&'a mut Wire<S>),
+    Shared(&'a Shared<S>),
 }
 
-impl<S> Link<S> {
+impl<S> Link<'_, S> {
     fn with<R>(&mut self, f: impl FnOnce(&mut Wire<S>) -> R) -> R {
         match self {
             Link::Own(wire) => f(wire),
@@ -722,7 +733,7 @@ enum Written {
 /// Writes `response` to the request of `method` and `version`; `keep_alive` is cleared
 /// when the response ends the connection.
 async fn write_response<S>(
-    link: &mut Link<S>,
+    link: &mut Link<'_, S>,
     response: Response<ResponseBody>,
     method: &Method,
     version: Version,
