@@ -150,6 +150,12 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
     }
 }
 
+impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_read_ready(cx)
+    }
+}
+
 impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
     /// The socket below TLS: a record that carries no request wakes the waiter for
     /// nothing, which then reads it and waits again.
