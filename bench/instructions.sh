@@ -11,6 +11,11 @@
 #   h2      HTTP/2 over TLS 1.3 (ALPN h2)        (h2load -c8 -m10)
 #   tlsfull a full TLS 1.3 handshake per connection, no request (openssl s_time -new, one
 #           connection at a time, for BENCH_HANDSHAKE_SECONDS): counted per handshake
+#   tcpnew  TCP forwarding, a new connection per small exchange: h2load --h1 -c50 -n50 (as
+#           h1new) through a `tcp` listener, so each connection is accepted, a new upstream
+#           connection opened, one request and its 1 KiB answer forwarded both ways and
+#           both connections closed; counted per connection. The peer here is HAProxy
+#           (`mode tcp`, one thread), not nginx (Debian's nginx-light has no stream module)
 #
 # Under valgrind the CPU lacks ADX, so X25519 runs ring's and OpenSSL's generic code rather
 # than their ADX code: the tlsfull counts overstate the key exchange for both alike.
@@ -26,7 +31,7 @@
 # allocator is in use) are counted from the same profile. Loopback only; stops by itself;
 # about 2 minutes.
 #
-# Usage: bench/instructions.sh            (proxyd and nginx)
+# Usage: bench/instructions.sh            (proxyd, nginx and HAProxy)
 #        bench/instructions.sh h2c tlsfull (only these scenarios)
 # Env:   BENCH_REQUESTS=3000   BENCH_HANDSHAKE_SECONDS=20   PROXYD=/path/to/proxyd (skip the build)
 #        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
@@ -41,7 +46,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 # shellcheck source=bench/common.sh
 . "$ROOT/bench/common.sh"
 
-need_tools valgrind:valgrind h2load:nghttp2-client nginx:nginx-light curl:curl openssl:openssl
+need_tools valgrind:valgrind h2load:nghttp2-client nginx:nginx-light curl:curl openssl:openssl haproxy:haproxy
 build_proxyd
 make_workdir proxy-instructions
 
@@ -68,10 +73,13 @@ start upstream nginx -p "$WORK/up" -c "$WORK/up/nginx.conf" -e "$WORK/up/error.l
 for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$UP/1k" && break; sleep 0.1; done
 
 # --- the proxies, each started under callgrind ---------------------------------------------
-# Sets PLAIN (h1 and h2c) and SECURE (h1 and h2 over TLS) to the proxy's ports.
+# Sets PLAIN (h1 and h2c), SECURE (h1 and h2 over TLS) and TCP (tcpnew) to the proxy's
+# ports, and READY to a URL that answers once the proxy serves.
 start_proxyd() {
     PLAIN=$(free_port)
     SECURE=$(free_port)
+    TCP=$(free_port)
+    READY="https://127.0.0.1:$SECURE/1k"
     mkdir -p "$WORK/proxyd"
     cat >"$WORK/proxyd/proxyd.toml" <<EOF
 [server]
@@ -98,6 +106,16 @@ name = "secure"
 protocol = "https"
 address = "127.0.0.1:$SECURE"
 
+[[listeners]]
+name = "tcp"
+protocol = "tcp"
+address = "127.0.0.1:$TCP"
+
+[[tcp_routes]]
+name = "tcp"
+listener = "tcp"
+pool = "static"
+
 [[routes]]
 name = "plain"
 listener = "plain"
@@ -121,6 +139,7 @@ start_nginx() {
     local h2c
     h2c=$(free_port)
     H2C=$h2c
+    READY="https://127.0.0.1:$SECURE/1k"
     mkdir -p "$WORK/nginx"
     cat >"$WORK/nginx/nginx.conf" <<EOF
 worker_processes 1; master_process off; daemon off;
@@ -146,22 +165,69 @@ EOF
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
 }
 
+# HAProxy forwards TCP only (tcpnew): one thread, `mode tcp`, no splicing (a 1 KiB answer
+# is below what splice-auto would splice), logs off.
+start_haproxy() {
+    TCP=$(free_port)
+    READY="http://127.0.0.1:$TCP/1k"
+    mkdir -p "$WORK/haproxy"
+    cat >"$WORK/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend f
+    bind 127.0.0.1:$TCP
+    default_backend b
+
+backend b
+    server up 127.0.0.1:$UP
+EOF
+    start haproxy valgrind --tool=callgrind --callgrind-out-file="$WORK/haproxy/callgrind.%p" \
+        haproxy -db -f "$WORK/haproxy/haproxy.cfg"
+}
+
+# Whether a proxy takes part in a scenario: proxyd in all, HAProxy in tcpnew only, nginx
+# in all but tcpnew.
+serves() { # name scenario
+    case $1,$2 in
+        proxyd,* | haproxy,tcpnew) return 0 ;;
+        haproxy,* | nginx,tcpnew) return 1 ;;
+        *) return 0 ;;
+    esac
+}
+
+# The proxy a scenario compares proxyd with.
+peer() { # scenario
+    case $1 in tcpnew) echo haproxy ;; *) echo nginx ;; esac
+}
+
+# One request per connection to URL, in batches of 50: h2load opens each connection once,
+# so as many requests as connections make one request per connection; batches keep the
+# backlog short.
+one_per_connection() { # requests url
+    local left=$1 ok=0 n got
+    while [ "$left" -gt 0 ]; do
+        n=$((left < 50 ? left : 50))
+        got=$(h2load --h1 -n "$n" -c "$n" -t1 "$2" 2>&1 | completed || true)
+        ok=$((ok + ${got:-0}))
+        left=$((left - n))
+    done
+    echo "requests: $1 total, $1 started, $1 done, $ok succeeded"
+}
+
 load() { # scenario requests
     case $1 in
         h1) h2load --h1 -n "$2" -c8 -t1 "http://127.0.0.1:$PLAIN/1k" ;;
         h1tls) h2load --h1 -n "$2" -c8 -t1 "https://127.0.0.1:$SECURE/1k" ;;
-        # h2load opens each connection once: as many requests as connections make one
-        # request per connection. Batches of 50 keep the backlog short.
-        h1new)
-            local left=$2 ok=0 n got
-            while [ "$left" -gt 0 ]; do
-                n=$((left < 50 ? left : 50))
-                got=$(h2load --h1 -n "$n" -c "$n" -t1 "http://127.0.0.1:$PLAIN/1k" 2>&1 | completed || true)
-                ok=$((ok + ${got:-0}))
-                left=$((left - n))
-            done
-            echo "requests: $2 total, $2 started, $2 done, $ok succeeded"
-            ;;
+        h1new) one_per_connection "$2" "http://127.0.0.1:$PLAIN/1k" ;;
+        tcpnew) one_per_connection "$2" "http://127.0.0.1:$TCP/1k" ;;
         # nginx 1.22 serves h2c on a listener of its own; proxyd on its HTTP listener.
         h2c) h2load -n "$2" -c8 -m10 -t1 "http://127.0.0.1:${H2C:-$PLAIN}/1k" ;;
         h2) h2load -n "$2" -c8 -m10 -t1 "https://127.0.0.1:$SECURE/1k" ;;
@@ -206,24 +272,29 @@ completed() {
 }
 
 declare -A IR ALLOC
-SCENARIOS=(h1 h1new h1tls h2c h2 tlsfull)
+SCENARIOS=(h1 h1new h1tls h2c h2 tlsfull tcpnew)
 [ $# -eq 0 ] || SCENARIOS=("$@")
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        h1 | h1new | h1tls | h2c | h2 | tlsfull) ;;
-        *) say "unknown scenario $s (h1 h1new h1tls h2c h2 tlsfull)"; exit 2 ;;
+        h1 | h1new | h1tls | h2c | h2 | tlsfull | tcpnew) ;;
+        *) say "unknown scenario $s (h1 h1new h1tls h2c h2 tlsfull tcpnew)"; exit 2 ;;
     esac
 done
-for name in proxyd nginx; do
+for name in proxyd nginx haproxy; do
+    wanted=()
+    for s in "${SCENARIOS[@]}"; do
+        if serves "$name" "$s"; then wanted+=("$s"); fi
+    done
+    [ ${#wanted[@]} -gt 0 ] || continue
     H2C=""
     "start_$name"
     pid=$LAST_PID
     for _ in $(seq 600); do
-        curl -skf -o /dev/null --max-time 5 "https://127.0.0.1:$SECURE/1k" && break
+        curl -skf -o /dev/null --max-time 5 "$READY" && break
         kill -0 "$pid" 2>/dev/null || { say "$name exited:"; cat "$WORK/$name.log" >&2; exit 1; }
         sleep 0.2
     done
-    for s in "${SCENARIOS[@]}"; do
+    for s in "${wanted[@]}"; do
         say "instructions: $name, $s"
         load "$s" 500 >/dev/null 2>&1 || true
         callgrind_control --zero "$pid" >/dev/null 2>&1
@@ -255,9 +326,10 @@ for name in proxyd nginx; do
     stop "$pid"
 done
 
-printf '%-7s %14s %14s %14s %16s %16s\n' scenario "proxyd Ir/req" "nginx Ir/req" "proxyd/nginx" "proxyd allocs/req" "nginx allocs/req"
-# (h1new: per connection and its request; tlsfull: per handshake)
+printf '%-7s %8s %14s %14s %12s %18s %16s\n' scenario peer "proxyd Ir/req" "peer Ir/req" "proxyd/peer" "proxyd allocs/req" "peer allocs/req"
+# (h1new and tcpnew: per connection and its request; tlsfull: per handshake)
 for s in "${SCENARIOS[@]}"; do
-    ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[nginx,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
-    printf '%-7s %14s %14s %14s %16s %16s\n' "$s" "${IR[proxyd,$s]}" "${IR[nginx,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[nginx,$s]}"
+    p=$(peer "$s")
+    ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[$p,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
+    printf '%-7s %8s %14s %14s %12s %18s %16s\n' "$s" "$p" "${IR[proxyd,$s]}" "${IR[$p,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[$p,$s]}"
 done
