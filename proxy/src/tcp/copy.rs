@@ -30,11 +30,17 @@ thread_local! {
 }
 
 /// A copy buffer, returned to its thread's stock when dropped.
-struct Buffer(Box<[u8]>);
+pub(super) struct Buffer(Box<[u8]>);
 
 impl Buffer {
-    fn take() -> Buffer {
+    /// One from this thread's stock, or a new one.
+    pub(super) fn take() -> Buffer {
         Buffer(spare::take(&SPARE).unwrap_or_else(|| vec![0; BUFFER_SIZE].into_boxed_slice()))
+    }
+
+    /// Its bytes ([`BUFFER_SIZE`] of them).
+    pub(super) fn bytes(&mut self) -> &mut [u8] {
+        &mut self.0
     }
 }
 

@@ -10,9 +10,10 @@
 //! byte (the ClientHello included) untouched.
 //!
 //! Between a plain TCP client (`tcp` and `tls-passthrough` listeners) and a plain TCP
-//! upstream the bytes move with splice(2) and never enter this process ([`splice`]);
-//! otherwise (TLS terminated here, a TLS or unix-socket upstream, or no pipe to be had)
-//! they are copied through buffers ([`copy`]).
+//! upstream, a direction that carries bulk data moves it with splice(2), and its bytes no
+//! longer enter this process ([`splice`]); otherwise (short exchanges, TLS terminated
+//! here, a TLS or unix-socket upstream, or no pipe to be had) they are copied through
+//! buffers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -300,10 +301,9 @@ async fn forward<S: ClientStream>(
         let tally = &tally;
         let copy = async move {
             match (S::plain(client), &mut upstream) {
-                (Ok(mut client), UpstreamStream::Tcp(upstream)) => match splice::Pipes::take() {
-                    Some(pipes) => splice::both_ways(&mut client, upstream, pipes, tally).await,
-                    None => copy::both_ways(&mut client, upstream, tally).await,
-                },
+                (Ok(mut client), UpstreamStream::Tcp(upstream)) => {
+                    splice::both_ways(&mut client, upstream, tally).await
+                }
                 (Ok(mut client), upstream) => copy::both_ways(&mut client, upstream, tally).await,
                 (Err(mut client), upstream) => copy::both_ways(&mut client, upstream, tally).await,
             }
