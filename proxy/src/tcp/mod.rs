@@ -181,19 +181,29 @@ async fn serve_limited(
                 (Protocol::TlsPassthrough, _) => {
                     passthrough(stream, config, state, metrics, &open).await
                 }
-                (_, Some(server_config)) => match tls
-                    .accept(
-                        IdleTimeout::new(stream, config.idle_timeout),
-                        server_config,
-                        metrics,
-                        config.header_timeout,
-                    )
+                // Boxed: a TLS connection's state (the handshake, then the TLS stream) is
+                // large, and inline it would be part of every connection's task, which is
+                // copied several times over while it is spawned.
+                (_, Some(server_config)) => {
+                    Box::pin(async {
+                        match tls
+                            .accept(
+                                IdleTimeout::new(stream, config.idle_timeout),
+                                server_config,
+                                metrics,
+                                config.header_timeout,
+                            )
+                            .await
+                        {
+                            Ok(stream) => {
+                                forward(stream, config, state, metrics, &open, None, &[]).await
+                            }
+                            Err(AcceptError::ChallengeAnswered) => Ok(()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
                     .await
-                {
-                    Ok(stream) => forward(stream, config, state, metrics, &open, None, &[]).await,
-                    Err(AcceptError::ChallengeAnswered) => Ok(()),
-                    Err(e) => Err(e.to_string()),
-                },
+                }
                 _ => forward(stream, config, state, metrics, &open, None, &[]).await,
             };
             if let Err(reason) = result {

@@ -522,7 +522,10 @@ impl PoolRuntime {
                 pool: self.name.clone(),
                 reason: reason.clone(),
             })?;
-        let dial = async {
+        // Boxed: the handshake's state (a whole TLS client connection) would otherwise be
+        // part of every caller's future, plain-TCP connections included, and be copied
+        // with it each time a connection's task is spawned.
+        let dial = Box::pin(async {
             let stream = connect(address, timeout).await?;
             connector
                 .handshake(stream)
@@ -532,7 +535,7 @@ impl PoolRuntime {
                     address: address.to_string(),
                     source,
                 })
-        };
+        });
         tokio::time::timeout(timeout, dial)
             .await
             .unwrap_or_else(|_| {
