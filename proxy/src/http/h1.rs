@@ -6,9 +6,11 @@
 //! decoded from the same stream when the request path reads it (Content-Length or chunked
 //! with trailers, strict as [`crate::upstream::h1`] decodes responses); the response is
 //! encoded (RFC 9112 framing) and written, and the next head may already be buffered
-//! (pipelining). Once nothing of the client's is buffered, the stream goes back to the
-//! caller, which waits for the next request holding only the stream: a keep-alive
-//! connection keeps no buffer while it waits.
+//! (pipelining). Between requests a connection first lingers here, buffers kept, for
+//! [`Conn::park_after`]: a client that sends its next request within it is served on
+//! without allocating anything again. Once it stayed idle that long with nothing of the
+//! client's buffered, the stream goes back to the caller, which waits for the next request
+//! holding only the stream (it "parks"): an idle keep-alive connection keeps no buffer.
 //!
 //! This is the one parser a request passes: it reads the client stream itself, with no
 //! layer scanning the bytes below it. It refuses every head and chunk that proxyd's
@@ -60,8 +62,9 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// How a call to [`serve`] ended.
 pub(super) enum Served<S> {
-    /// Between requests with nothing of the client's buffered: the stream, to wait on.
-    Parked(S),
+    /// Idle between requests for [`Conn::park_after`] with nothing of the client's
+    /// buffered: the stream, to wait on, and when its next request head is due.
+    Parked(S, Instant),
     /// The connection is over.
     Ended,
 }
@@ -107,6 +110,9 @@ pub(super) struct Conn<'a, H> {
     pub header_timeout: Duration,
     /// How long a connection that stays idle once draining began is kept.
     pub drain_grace: Duration,
+    /// How long a connection between requests keeps its buffers (and this call) before it
+    /// parks; at most `header_timeout`.
+    pub park_after: Duration,
     pub shutdown: &'a Shutdown,
     pub series: &'a ListenerSeries,
     pub progress: &'a HeadProgress,
@@ -115,11 +121,11 @@ pub(super) struct Conn<'a, H> {
     pub handler: H,
 }
 
-/// Serves requests on `io` until the connection ends or waits for its next request with
-/// nothing buffered. `read` holds what was read from `io` already (a new connection's
-/// first bytes). The first head is due at `head_due`, each further one `header_timeout`
-/// after the response before it; `drain_due` is set once draining began (when a
-/// connection that stays idle is closed).
+/// Serves requests on `io` until the connection ends or has waited `park_after` for its
+/// next request with nothing buffered. `read` holds what was read from `io` already (a
+/// new connection's first bytes). The first head is due at `head_due`, each further one
+/// `header_timeout` after the response before it; `drain_due` is set once draining began
+/// (when a connection that stays idle is closed).
 pub(super) async fn serve<S, H, F>(
     io: S,
     read: BytesMut,
@@ -133,10 +139,21 @@ where
     F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
 {
     let mut wire = Wire { io, buf: read };
-    let mut served = false;
+    // The one timer of the waits between requests, for as long as this call serves: it is
+    // armed at the first wait and re-armed only when it fires (see `linger`), not once per
+    // request. Its first deadline is a placeholder, never later than a real one: it may
+    // fire early, and is then re-armed.
+    let lull = tokio::time::sleep_until(Instant::now() + conn.park_after);
+    tokio::pin!(lull);
+    // When the last response was written.
+    let mut idle_since = None;
     loop {
-        if served && wire.buf.is_empty() {
-            return Served::Parked(wire.io);
+        if let Some(since) = idle_since.filter(|_| wire.buf.is_empty()) {
+            match linger(&mut wire, conn, lull.as_mut(), since, drain_due).await {
+                Lull::Bytes => {}
+                Lull::Quiet => return Served::Parked(wire.io, head_due),
+                Lull::Closed => return Served::Ended,
+            }
         }
         let head = match read_head(&mut wire, conn, head_due, drain_due).await {
             Ok(head) => head,
@@ -152,7 +169,6 @@ where
                 return Served::Ended;
             }
         };
-        served = true;
         let Head {
             mut request,
             body,
@@ -236,13 +252,64 @@ where
             let _ = wire.io.shutdown().await;
             return Served::Ended;
         }
-        head_due = Instant::now() + conn.header_timeout;
-        // A large head or body grew the buffer: what is left of it is kept only while it
-        // holds the next request's bytes.
-        if wire.buf.is_empty() {
-            wire.buf = BytesMut::new();
-        }
+        let now = Instant::now();
+        head_due = now + conn.header_timeout;
+        // The read buffer is kept for the next request: its storage is taken back whole
+        // once the heads split from it are gone, without an allocation. It goes with the
+        // rest when the connection parks.
+        idle_since = Some(now);
     }
+}
+
+/// How a connection's wait between requests, buffers kept, ended.
+enum Lull {
+    /// The next bytes are in the buffer.
+    Bytes,
+    /// Nothing for `park_after`, or draining began: the connection parks.
+    Quiet,
+    /// The client closed, or the read failed (the idle timeout among its causes).
+    Closed,
+}
+
+/// Waits for the next request's first bytes, reading them into the connection's buffer,
+/// until the connection has been idle for `park_after` since `idle_since`. `lull` is the
+/// timer kept for these waits: when it fires before that end, it is set to it (so a
+/// connection that is busy again costs no timer until the timer next fires).
+async fn linger<S, H>(
+    wire: &mut Wire<S>,
+    conn: &Conn<'_, H>,
+    mut lull: Pin<&mut tokio::time::Sleep>,
+    idle_since: Instant,
+    drain_due: &Option<Instant>,
+) -> Lull
+where
+    S: AsyncRead + Unpin,
+{
+    // Draining: the parked wait gives the connection its grace and closes it.
+    if conn.park_after.is_zero() || drain_due.is_some() || conn.shutdown.is_triggered() {
+        return Lull::Quiet;
+    }
+    let quiet_at = idle_since + conn.park_after;
+    poll_fn(|cx| {
+        match wire.poll_fill(cx) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Lull::Closed),
+            Poll::Ready(Ok(_)) => return Poll::Ready(Lull::Bytes),
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(client = %conn.client, error = %e, "client connection ended with an error");
+                return Poll::Ready(Lull::Closed);
+            }
+            Poll::Pending => {}
+        }
+        loop {
+            match lull.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                // A drain that began meanwhile is noticed by the parked wait.
+                Poll::Ready(()) if lull.deadline() >= quiet_at => return Poll::Ready(Lull::Quiet),
+                Poll::Ready(()) => lull.as_mut().reset(quiet_at),
+            }
+        }
+    })
+    .await
 }
 
 /// Reads until a request head is complete, by `head_due`.
@@ -1223,13 +1290,31 @@ mod tests {
     use super::*;
     use crate::telemetry::Metrics;
     use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
     type Answer = Result<Response<ResponseBody>, Infallible>;
 
-    /// Serves every connection to the returned address with the codec and `handler`.
+    /// Serves every connection to the returned address with the codec and `handler`;
+    /// a connection parks at once whenever it is between requests with nothing buffered.
     async fn start<H, F>(max_header_bytes: usize, handler: H) -> SocketAddr
+    where
+        H: Fn(Request<ClientBody>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Answer> + Send + 'static,
+    {
+        start_parking_after(max_header_bytes, handler, Duration::ZERO)
+            .await
+            .0
+    }
+
+    /// Like [`start`], with connections parked once idle for `park_after`; also returns
+    /// the count of parks so far, over all connections.
+    async fn start_parking_after<H, F>(
+        max_header_bytes: usize,
+        handler: H,
+        park_after: Duration,
+    ) -> (SocketAddr, Arc<AtomicUsize>)
     where
         H: Fn(Request<ClientBody>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Answer> + Send + 'static,
@@ -1238,16 +1323,23 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
         let series = Metrics::new(None).listener("t", "http");
+        let parks = Arc::new(AtomicUsize::new(0));
+        let counted = parks.clone();
         tokio::spawn(async move {
             while let Ok((stream, client)) = listener.accept().await {
-                let (handler, shutdown, series) =
-                    (handler.clone(), shutdown.clone(), series.clone());
+                let (handler, shutdown, series, parks) = (
+                    handler.clone(),
+                    shutdown.clone(),
+                    series.clone(),
+                    counted.clone(),
+                );
                 tokio::spawn(async move {
                     let progress = HeadProgress::default();
                     let conn = Conn {
                         max_header_bytes,
-                        header_timeout: Duration::from_secs(5),
+                        header_timeout: park_after.max(Duration::from_secs(5)),
                         drain_grace: Duration::from_secs(1),
+                        park_after,
                         shutdown: &shutdown,
                         series: &series,
                         progress: &progress,
@@ -1256,17 +1348,31 @@ mod tests {
                     };
                     let mut stream = stream;
                     let mut drain_due = None;
+                    let mut due = Instant::now() + conn.header_timeout;
                     loop {
-                        let due = Instant::now() + conn.header_timeout;
                         match serve(stream, BytesMut::new(), &conn, due, &mut drain_due).await {
                             Served::Ended => return,
-                            Served::Parked(back) => stream = back,
+                            Served::Parked(back, next_due) => {
+                                parks.fetch_add(1, Ordering::Relaxed);
+                                (stream, due) = (back, next_due);
+                            }
                         }
                     }
                 });
             }
         });
-        addr
+        (addr, parks)
+    }
+
+    /// Waits (boundedly) until `parks` counts `want`.
+    async fn parked(parks: &AtomicUsize, want: usize) -> usize {
+        for _ in 0..500 {
+            if parks.load(Ordering::Relaxed) >= want {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        parks.load(Ordering::Relaxed)
     }
 
     /// Answers with what it received: the request line, the body (read to its end) and
@@ -1372,6 +1478,41 @@ mod tests {
         assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
         assert_eq!(body, "GET /d HTTP/1.1\n");
         assert!(c.closed().await);
+    }
+
+    #[tokio::test]
+    async fn requests_within_the_park_delay_are_served_by_one_call_without_parking() {
+        let (addr, parks) = start_parking_after(16 * 1024, echo, Duration::from_secs(600)).await;
+        let mut c = Client::connect(addr).await;
+        for path in ["/a", "/b", "/c"] {
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+                .await;
+            assert_eq!(c.response(false).await.1, format!("GET {path} HTTP/1.1\n"));
+            // Idle between requests, for much less than the delay.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(parks.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_park_delay_parks_and_is_served_again() {
+        let (addr, parks) = start_parking_after(16 * 1024, echo, Duration::from_millis(50)).await;
+        let mut c = Client::connect(addr).await;
+        for (n, path) in ["/a", "/b", "/c"].into_iter().enumerate() {
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes())
+                .await;
+            assert_eq!(c.response(false).await.1, format!("GET {path} HTTP/1.1\n"));
+            // Each idle spell parks the connection once; it is served on after it.
+            assert_eq!(parked(&parks, n + 1).await, n + 1);
+        }
+        // A connection with part of a head buffered does not park, however long the rest
+        // takes.
+        c.send(b"GET /d HTTP/1.1\r\n").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(parks.load(Ordering::Relaxed), 3);
+        c.send(b"Host: h\r\n\r\n").await;
+        assert_eq!(c.response(false).await.1, "GET /d HTTP/1.1\n");
+        assert_eq!(parked(&parks, 4).await, 4);
     }
 
     #[tokio::test]

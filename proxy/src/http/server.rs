@@ -37,6 +37,12 @@ use crate::workers::Workers;
 /// How long an idle keep-alive connection may stay open once draining began.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
+/// How long an HTTP/1 connection between requests keeps its buffers before it parks
+/// (hyper's idle connections kept theirs about as long before its own buffers shrank): a
+/// client that sends its next request within it is served on without allocating them
+/// again.
+const PARK_AFTER: Duration = Duration::from_millis(100);
+
 /// How a listener's HTTP/2 connections are served (HTTP/1 ones by [`super::h1`]).
 struct Protocols {
     http2: Http2Settings,
@@ -410,8 +416,9 @@ where
 }
 
 /// Serves an HTTP/1 connection whose first request head is due at `head_due`, with
-/// proxyd's own codec ([`super::h1`]). Between requests the connection is parked: the
-/// codec lets its buffers go and only the stream waits for the next bytes.
+/// proxyd's own codec ([`super::h1`]). A connection idle between requests for
+/// [`PARK_AFTER`] is parked: the codec lets its buffers go and only the stream waits for
+/// the next bytes.
 async fn serve_http1<S>(
     mut stream: S,
     first_bytes: BytesMut,
@@ -426,6 +433,7 @@ async fn serve_http1<S>(
         max_header_bytes: ctx.listener.max_header_bytes,
         header_timeout: ctx.listener.header_timeout,
         drain_grace: DRAIN_GRACE.min(ctx.listener.idle_timeout),
+        park_after: PARK_AFTER.min(ctx.listener.header_timeout),
         shutdown: &ctx.shutdown,
         series: &ctx.series,
         progress: &ctx.progress,
@@ -438,12 +446,11 @@ async fn serve_http1<S>(
         // is busy; a parked connection holds none of it.
         match Box::pin(h1::serve(stream, read, &conn, head_due, &mut drain_due)).await {
             Served::Ended => return,
-            Served::Parked(returned) => stream = returned,
+            // A keep-alive connection has `header_timeout` for its next request from the
+            // end of the last response.
+            Served::Parked(returned, due) => (stream, head_due) = (returned, due),
         }
         read = BytesMut::new();
-        // A keep-alive connection has `header_timeout` for its next request from the end
-        // of the last response.
-        head_due = Instant::now() + ctx.listener.header_timeout;
         if !await_next_request(&mut stream, ctx, head_due, &mut drain_due).await {
             return;
         }
