@@ -1,6 +1,7 @@
 //! Proxy hygiene: request framing checks, hop-by-hop headers, forwarding headers.
 
 use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
@@ -12,6 +13,8 @@ pub const ADDED_REQUEST_HEADERS: usize = 6;
 /// How many names [`HOP_BY_HOP`] has.
 const HOP_BY_HOP_COUNT: usize = 8;
 /// Headers that describe one connection, not the message, and are never forwarded.
+// A `const` although each use copies and drops the array: measured, a `static` made
+// `strip_hop_by_hop` dearer (the comparisons against known names are no longer folded).
 const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     KEEP_ALIVE,
@@ -103,9 +106,14 @@ pub fn check_header_names(headers: &HeaderMap) -> Result<(), &'static str> {
 
 /// Checks the request's authority (RFC 9112 section 3.2): at most one `Host` header, and
 /// it and any authority in the target must be a valid `host[:port]` without user info.
-pub fn check_host(uri: &http::Uri, headers: &HeaderMap) -> Result<(), &'static str> {
+/// Gives the `Host` header, if there is one (see [`request_host_of`]).
+pub fn check_host<'h>(
+    uri: &http::Uri,
+    headers: &'h HeaderMap,
+) -> Result<Option<&'h HeaderValue>, &'static str> {
     let mut hosts = headers.get_all(header::HOST).iter();
-    if let Some(host) = hosts.next() {
+    let host = hosts.next();
+    if let Some(host) = host {
         if hosts.next().is_some() {
             return Err("more than one Host header");
         }
@@ -119,7 +127,7 @@ pub fn check_host(uri: &http::Uri, headers: &HeaderMap) -> Result<(), &'static s
             return Err("the request target's authority is not a valid host[:port]");
         }
     }
-    Ok(())
+    Ok(host)
 }
 
 /// `host [ ":" port ]` as RFC 3986 defines it, without user info: a bracketed IPv6
@@ -146,18 +154,36 @@ pub fn valid_authority(value: &[u8]) -> bool {
     }
     match rest.split_first() {
         None => true,
+        // Empty, or up to five digits that make a number up to 65535.
         Some((b':', port)) => {
             port.len() <= 5
                 && port.iter().all(u8::is_ascii_digit)
-                && (port.is_empty()
-                    || std::str::from_utf8(port)
-                        .ok()
-                        .and_then(|p| p.parse::<u16>().ok())
-                        .is_some())
+                && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+                    <= u32::from(u16::MAX)
         }
         Some(_) => false,
     }
 }
+
+/// The bytes a reg-name holds as themselves (RFC 3986 unreserved and sub-delims), by
+/// value: one load per byte of every request's `Host`, where searching the punctuation
+/// list cost a dozen comparisons for each `.`.
+static REG_NAME_BYTE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let punctuation = b"-._~!$&'()*+,;=";
+    let mut i = 0;
+    while i < punctuation.len() {
+        table[punctuation[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// RFC 3986 reg-name: unreserved, sub-delims and percent-encoded octets.
 fn valid_reg_name(name: &[u8]) -> bool {
@@ -172,7 +198,7 @@ fn valid_reg_name(name: &[u8]) -> bool {
             i += 3;
             continue;
         }
-        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)) {
+        if !REG_NAME_BYTE[usize::from(b)] {
             return false;
         }
         i += 1;
@@ -368,12 +394,36 @@ pub fn to_h2_request<B>(req: &mut http::Request<B>, tls: bool, fallback: &str) {
 }
 
 /// A client address as the forwarding headers show it, rendered once per connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ForwardedClient {
     /// The address alone: `X-Forwarded-For` when the request has none.
     address: HeaderValue,
     /// `for=` and the address, quoted and bracketed for IPv6 (RFC 7239).
     forwarded_for: String,
+    /// What the connection's requests were given so far (see [`Rendered`]).
+    last: Mutex<Last>,
+}
+
+/// The forwarding headers made for the requests of one connection so far.
+#[derive(Debug, Default)]
+struct Last {
+    /// A request was forwarded already: the next ones share what is rendered.
+    seen: bool,
+    rendered: Option<Rendered>,
+}
+
+/// `X-Forwarded-Host` and `Forwarded` (for a request without a prior hop's `Forwarded`)
+/// for one host and scheme. The requests of a keep-alive connection nearly always name
+/// the same host, so from the second request on the values are made once and shared
+/// (a reference count each) rather than built, copied and validated per request. Own
+/// copies: a share of a request's `Host` would keep that request's whole read buffer
+/// alive as long as the connection.
+#[derive(Debug)]
+struct Rendered {
+    proto: &'static str,
+    /// The host it was made for, which is also the `X-Forwarded-Host` value.
+    host: Option<HeaderValue>,
+    forwarded: Option<HeaderValue>,
 }
 
 impl ForwardedClient {
@@ -393,7 +443,37 @@ impl ForwardedClient {
             // An IP address is always a valid header value.
             address: HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("unknown")),
             forwarded_for,
+            last: Mutex::new(Last::default()),
         }
+    }
+
+    /// `X-Forwarded-Host` and `Forwarded` for a request to `host` that carries no
+    /// `Forwarded` of its own.
+    fn rendered(
+        &self,
+        proto: &'static str,
+        host: Option<&RequestHost>,
+    ) -> (Option<HeaderValue>, Option<HeaderValue>) {
+        let text = host.map(RequestHost::as_str);
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = last.rendered.as_ref().filter(|r| {
+            r.proto == proto
+                && r.host.as_ref().map(HeaderValue::as_bytes) == text.map(str::as_bytes)
+        }) {
+            return (r.host.clone(), r.forwarded.clone());
+        }
+        let forwarded = forwarded_value(None, &self.forwarded_for, text, proto);
+        if !std::mem::replace(&mut last.seen, true) {
+            // A connection's first request: most connections that make only one would
+            // pay for copies they never share.
+            return (host.and_then(RequestHost::to_header_value), forwarded);
+        }
+        let rendered = last.rendered.insert(Rendered {
+            proto,
+            host: text.and_then(|t| HeaderValue::from_str(t).ok()),
+            forwarded,
+        });
+        (rendered.host.clone(), rendered.forwarded.clone())
     }
 }
 
@@ -447,13 +527,39 @@ pub fn add_forwarding(
         .get(header::FORWARDED)
         .and_then(|v| v.to_str().ok())
         .filter(|prior| !prior.trim().is_empty());
-    let host = host.map(|h| (h, h.as_str()));
+    let (forwarded_host, forwarded) = match prior {
+        None => client.rendered(proto, host),
+        Some(prior) => (
+            host.and_then(RequestHost::to_header_value),
+            forwarded_value(
+                Some(prior),
+                &client.forwarded_for,
+                host.map(RequestHost::as_str),
+                proto,
+            ),
+        ),
+    };
+    if let Some(v) = forwarded_host {
+        headers.insert(X_FORWARDED_HOST, v);
+    }
+    if let Some(v) = forwarded {
+        headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// The `Forwarded` value: `prior`, then this hop's element (RFC 7239).
+fn forwarded_value(
+    prior: Option<&str>,
+    forwarded_for: &str,
+    host: Option<&str>,
+    proto: &'static str,
+) -> Option<HeaderValue> {
     // The exact length: a string filled to its capacity becomes a header value without
     // another allocation.
     let mut forwarded = String::with_capacity(
         prior.map_or(0, |p| p.len() + 2)
-            + client.forwarded_for.len()
-            + host.map_or(0, |(_, h)| ";host=".len() + quoted_len(h))
+            + forwarded_for.len()
+            + host.map_or(0, |h| ";host=".len() + quoted_len(h))
             + ";proto=".len()
             + proto.len(),
     );
@@ -461,19 +567,14 @@ pub fn add_forwarding(
         forwarded.push_str(prior);
         forwarded.push_str(", ");
     }
-    forwarded.push_str(&client.forwarded_for);
-    if let Some((host, text)) = host {
-        if let Some(v) = host.to_header_value() {
-            headers.insert(X_FORWARDED_HOST, v);
-        }
+    forwarded.push_str(forwarded_for);
+    if let Some(host) = host {
         forwarded.push_str(";host=");
-        push_quoted(&mut forwarded, text);
+        push_quoted(&mut forwarded, host);
     }
     forwarded.push_str(";proto=");
     forwarded.push_str(proto);
-    if let Ok(v) = HeaderValue::try_from(forwarded) {
-        headers.insert(header::FORWARDED, v);
-    }
+    HeaderValue::try_from(forwarded).ok()
 }
 
 /// Appends this proxy to `Via` for a message received as `version`.
@@ -531,10 +632,15 @@ impl RequestHost {
 /// The request's host: the URI authority (HTTP/2, absolute-form) or the `Host` header,
 /// lower-cased and without port.
 pub fn request_host(uri: &http::Uri, headers: &HeaderMap) -> Option<RequestHost> {
+    request_host_of(uri, headers.get(header::HOST))
+}
+
+/// [`request_host`] with the `Host` header already looked up.
+pub fn request_host_of(uri: &http::Uri, host_header: Option<&HeaderValue>) -> Option<RequestHost> {
     if let Some(host) = uri.host() {
         return lowered(host.trim_end_matches('.'));
     }
-    let value = headers.get(header::HOST)?;
+    let value = host_header?;
     let text = value.to_str().ok()?;
     let range = host_range(text);
     let host = &text[range.clone()];
@@ -712,6 +818,80 @@ mod tests {
             "for=127.0.0.1;host=\"example.com\";proto=http"
         );
         assert_eq!(h["via"], "1.1 edge, 1.1 proxyd");
+    }
+
+    #[test]
+    fn each_request_of_a_connection_gets_the_forwarding_headers_of_its_own_host() {
+        let client = ForwardedClient::new("192.0.2.7".parse().expect("ip"));
+        let uri = http::Uri::from_static("/");
+        // The first request renders for itself, the second on keeps what it rendered
+        // while host and scheme stay; any change renders anew.
+        for (request_headers, proto, forwarded_host, forwarded) in [
+            (
+                vec![("host", "a.example")],
+                "http",
+                Some("a.example"),
+                "for=192.0.2.7;host=\"a.example\";proto=http",
+            ),
+            (
+                vec![("host", "a.example:8080")],
+                "http",
+                Some("a.example"),
+                "for=192.0.2.7;host=\"a.example\";proto=http",
+            ),
+            (
+                vec![("host", "A.example")],
+                "http",
+                Some("a.example"),
+                "for=192.0.2.7;host=\"a.example\";proto=http",
+            ),
+            (
+                vec![("host", "b.example")],
+                "http",
+                Some("b.example"),
+                "for=192.0.2.7;host=\"b.example\";proto=http",
+            ),
+            (
+                vec![("host", "b.example")],
+                "https",
+                Some("b.example"),
+                "for=192.0.2.7;host=\"b.example\";proto=https",
+            ),
+            (vec![], "https", None, "for=192.0.2.7;proto=https"),
+            (
+                vec![("host", "b.example")],
+                "https",
+                Some("b.example"),
+                "for=192.0.2.7;host=\"b.example\";proto=https",
+            ),
+            // A prior hop's Forwarded is kept in front, whatever was rendered before.
+            (
+                vec![("host", "b.example"), ("forwarded", "for=10.0.0.1")],
+                "https",
+                Some("b.example"),
+                "for=10.0.0.1, for=192.0.2.7;host=\"b.example\";proto=https",
+            ),
+            (
+                vec![("host", "b.example")],
+                "https",
+                Some("b.example"),
+                "for=192.0.2.7;host=\"b.example\";proto=https",
+            ),
+        ] {
+            let mut h = headers(&request_headers);
+            let host = request_host(&uri, &h);
+            add_forwarding(&mut h, &client, proto, host.as_ref());
+            let context = format!("{request_headers:?} {proto}");
+            assert_eq!(
+                h.get("x-forwarded-host").map(|v| v.to_str().expect("text")),
+                forwarded_host,
+                "{context}"
+            );
+            assert_eq!(h["forwarded"], forwarded, "{context}");
+            assert_eq!(h.get_all("forwarded").iter().count(), 1, "{context}");
+            assert_eq!(h["x-forwarded-for"], "192.0.2.7", "{context}");
+            assert_eq!(h["x-forwarded-proto"], proto, "{context}");
+        }
     }
 
     #[test]

@@ -318,8 +318,8 @@ async fn proxy(
             return Err(Failure::rate_limited(wait));
         }
     }
-    check_request(ctx, &req)?;
-    let host = hygiene::request_host(req.uri(), req.headers());
+    let host_header = check_request(ctx, &req)?;
+    let host = hygiene::request_host_of(req.uri(), host_header);
     if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
         log.host.push_str(h.as_str());
     }
@@ -408,20 +408,20 @@ async fn acme_challenge(
     Some(response)
 }
 
-/// Step 1: refuse what cannot be forwarded safely.
-fn check_request(ctx: &ConnContext, req: &Request<ClientBody>) -> Result<(), Failure> {
+/// Step 1: refuse what cannot be forwarded safely. Gives the request's `Host` header.
+fn check_request<'r>(
+    ctx: &ConnContext,
+    req: &'r Request<ClientBody>,
+) -> Result<Option<&'r HeaderValue>, Failure> {
     // HTTP/1 requests declaring both body lengths never get here: the codec refuses them
     // (see `h1`).
     hygiene::check_framing(req.headers())
         .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
     hygiene::check_header_names(req.headers())
         .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
-    hygiene::check_host(req.uri(), req.headers())
+    let host = hygiene::check_host(req.uri(), req.headers())
         .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
-    if req.version() == Version::HTTP_11
-        && !req.headers().contains_key(header::HOST)
-        && req.uri().host().is_none()
-    {
+    if req.version() == Version::HTTP_11 && host.is_none() && req.uri().host().is_none() {
         return Err(Failure::new(
             StatusCode::BAD_REQUEST,
             ErrorSource::Downstream,
@@ -448,7 +448,7 @@ fn check_request(ctx: &ConnContext, req: &Request<ClientBody>) -> Result<(), Fai
             _ => {}
         }
     }
-    Ok(())
+    Ok(host)
 }
 
 /// Step 2: the request as the upstream gets it.
@@ -675,7 +675,9 @@ async fn forward_http1(
         };
         let reused = conn.reused();
         let sent_at = Instant::now();
-        let exchange = conn.send(req);
+        // Pinned where it is made: the timeout and `send` hold a pointer to the exchange
+        // rather than moving the whole future (request, connection, buffers) into each.
+        let exchange = std::pin::pin!(conn.send(req));
         let outcome = match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
             Sent::Response(response) => {
                 let (parts, body) = response.into_parts();
@@ -761,7 +763,7 @@ async fn forward_h2(
         let stream = conn.open_stream();
         let mut sender = conn.sender.clone();
         let sent_at = Instant::now();
-        let exchange = sender.try_send_request(req);
+        let exchange = std::pin::pin!(sender.try_send_request(req));
         match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
             Sent::Response(response) => {
                 let (parts, body) = response.into_parts();
