@@ -14,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
 
 use super::h1::H1Conn;
@@ -37,10 +38,36 @@ struct Idle {
 }
 
 /// TLS identity -> address -> idle connections, oldest first.
-type Store = HashMap<u64, HashMap<Box<str>, Vec<Idle>>>;
+type Store = HashMap<u64, HashMap<Box<str>, Vec<Idle>, KeyHash>, KeyHash>;
+
+/// FNV-1a for the store's keys. They are configured upstream addresses and TLS settings,
+/// never chosen by a client, so the flooding a keyed hash (the standard SipHash) defends
+/// against cannot happen here, and every request looks the store up twice.
+type KeyHash = BuildHasherDefault<Fnv>;
+
+/// The state of an FNV-1a hash.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
 
 thread_local! {
-    static IDLE: RefCell<Store> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<Store> = RefCell::new(HashMap::default());
 }
 
 /// The most recently used idle connection for `key` that is still open, younger than
