@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::listener::ReadReady;
@@ -77,15 +77,17 @@ fn verdict(start: &[u8]) -> Option<Speaks> {
     }
 }
 
-/// A stream whose first bytes, read to tell its version, are read again before the rest.
+/// A stream whose bytes already read from it are read again before the rest: the first
+/// bytes read to tell its version, or what a client sent behind a request that switched
+/// protocols ([`super::h1::Upgraded`]).
 pub struct Replayed<S> {
     inner: S,
-    start: BytesMut,
+    start: Bytes,
 }
 
 impl<S> Replayed<S> {
-    /// `inner`, with `start` (all that was read from it so far) to be read first.
-    pub fn new(inner: S, start: BytesMut) -> Self {
+    /// `inner`, with `start` (read from it, not yet consumed) to be read first.
+    pub fn new(inner: S, start: Bytes) -> Self {
         Replayed { inner, start }
     }
 }
@@ -103,7 +105,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Replayed<S> {
             this.start.advance(n);
             if this.start.is_empty() {
                 // Read again whole: its buffer goes.
-                this.start = BytesMut::new();
+                this.start = Bytes::new();
             }
             return Poll::Ready(Ok(()));
         }
@@ -189,7 +191,7 @@ mod tests {
         assert_eq!(speaks, Some(Speaks::Http2));
         drop(client);
         let mut all = Vec::new();
-        let mut server = Replayed::new(server, start);
+        let mut server = Replayed::new(server, start.freeze());
         server.read_to_end(&mut all).await.unwrap();
         assert_eq!(&all[..H2_PREFACE.len()], H2_PREFACE);
         assert_eq!(&all[H2_PREFACE.len()..], b"frames");
@@ -207,7 +209,7 @@ mod tests {
         // Read back through small reads: the prefix comes out in order, then the stream.
         client.write_all(b"next").await.unwrap();
         drop(client);
-        let mut server = Replayed::new(server, start);
+        let mut server = Replayed::new(server, start.freeze());
         let mut all = Vec::new();
         let mut small = [0u8; 5];
         loop {

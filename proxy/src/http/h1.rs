@@ -35,11 +35,12 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::body::ResponseBody;
+use super::detect::Replayed;
 use super::framing::HeadProgress;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{ClientTimeout, ListenerSeries};
@@ -239,10 +240,7 @@ where
             Written::Switched => {
                 if let Some(tx) = upgraded {
                     let leftover = wire.buf.split().freeze();
-                    let _ = tx.send(Upgraded {
-                        io: Box::new(wire.io),
-                        leftover,
-                    });
+                    let _ = tx.send(Replayed::new(Box::new(wire.io), leftover));
                 }
                 return Served::Ended;
             }
@@ -1238,50 +1236,13 @@ impl ClientUpgrade {
 }
 
 /// A stream of any of the listener's kinds (plain, TLS).
-trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for T {}
 
 /// A client's stream after a protocol switch: what the client sent behind its request
 /// (already read) first, then the stream.
-pub(crate) struct Upgraded {
-    io: Box<dyn ClientIo>,
-    leftover: Bytes,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.leftover.is_empty() {
-            let n = self.leftover.len().min(buf.remaining());
-            buf.put_slice(&self.leftover[..n]);
-            self.leftover.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+pub(crate) type Upgraded = Replayed<Box<dyn ClientIo>>;
 
 #[cfg(test)]
 mod tests {

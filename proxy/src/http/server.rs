@@ -301,7 +301,7 @@ where
         Speaks::Http1 => return serve_http1(stream, start, &ctx, first_due).await,
         Speaks::Http2 => {
             Box::pin(serve_http2(
-                Replayed::new(stream, start),
+                Replayed::new(stream, start.freeze()),
                 ctx.clone(),
                 &protocols.http2,
                 first_due,
