@@ -9,8 +9,12 @@
 # per request and the ratios proxyd/peer; writes results.tsv, results.md and a chart
 # (results.svg, with gnuplot) to BENCH_OUT.
 #
-# Usage: bench/http.sh            (about 5 minutes; loopback only; stops by itself)
-# Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64
+# On a small shared machine one run of a scenario moves by 10-20 %, so the whole set runs
+# BENCH_ROUNDS times, the proxies taking turns within each round, and every figure reported
+# is the median of its rounds (peak RSS: the highest); results.tsv keeps each round's line.
+#
+# Usage: bench/http.sh            (about 3 minutes per round; loopback only; stops by itself)
+# Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64  BENCH_ROUNDS=3
 #        BENCH_LOGS="off on"     (access log scenarios to run)
 #        BENCH_OUT=bench/results (where the table and chart go)
 #        PROXYD=/path/to/proxyd  (skip the build and use this binary)
@@ -21,6 +25,7 @@ set -euo pipefail
 DURATION=${BENCH_DURATION:-10s}
 THREADS=${BENCH_THREADS:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
+ROUNDS=${BENCH_ROUNDS:-3}
 read -r -a LOGS <<<"${BENCH_LOGS:-off on}"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/bench/results}
@@ -282,30 +287,70 @@ run_wrk() { # url mode(keepalive|close) label pid
 declare -A RPS P50 P99 ERR CPU RSS
 MODES=(keepalive close)
 PROXIES=(proxyd nginx haproxy caddy)
+# One line per measured run: round, log, mode, target and its figures.
+RUNS="$WORK/runs.tsv"
+: >"$RUNS"
 
-for mode in "${MODES[@]}"; do
-    say "upstream direct, $mode"
-    read -r RPS[upstream,$mode] P50[upstream,$mode] P99[upstream,$mode] ERR[upstream,$mode] CPU[upstream,$mode] \
-        < <(run_wrk "http://127.0.0.1:$UP/1k" "$mode" upstream "$UP_PID")
+# Appends one run's figures (from run_wrk) to RUNS.
+measure() { # round log mode target url pid
+    local figures
+    figures=$(run_wrk "$5" "$3" "$4-$2-r$1" "$6")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${figures// /$'\t'}" >>"$RUNS"
+}
+
+for round in $(seq "$ROUNDS"); do
+    for mode in "${MODES[@]}"; do
+        say "round $round/$ROUNDS: upstream direct, $mode"
+        measure "$round" none "$mode" upstream "http://127.0.0.1:$UP/1k" "$UP_PID"
+    done
+    for log in "${LOGS[@]}"; do
+        for name in "${PROXIES[@]}"; do
+            # Caddy is far behind the others; it is measured with logs off only, to keep the run short.
+            [ "$log" = on ] && [ "$name" = caddy ] && continue
+            port=$(free_port)
+            start_proxy "$name" "$port" "$log"
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
+            for mode in "${MODES[@]}"; do
+                say "round $round/$ROUNDS: $name, $mode, access log $log"
+                measure "$round" "$log" "$mode" "$name" "http://127.0.0.1:$port/1k" "$pid"
+            done
+            rss=$(peak_rss_mib "$pid")
+            RSS[$name,$log]=$(awk -v a="${RSS[$name,$log]:-0}" -v b="$rss" 'BEGIN { print (a > b) ? a : b }')
+            stop "$pid"
+        done
+    done
 done
 RSS[upstream]=$(peak_rss_mib "$UP_PID")
 
+# The median over the rounds of column COLUMN of RUNS (5 req/s, 6 p50, 7 p99, 9 CPU per
+# request) for one log/mode/target.
+median() { # log mode target column printf-format
+    awk -F'\t' -v lg="$1" -v mode="$2" -v t="$3" -v c="$4" \
+        '$2 == lg && $3 == mode && $4 == t { print $c }' "$RUNS" | sort -g |
+        awk -v f="$5" '{ v[NR] = $1 } END { if (NR == 0) exit; printf f "\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+# Errors are summed over the rounds: one failed request in any round counts.
+errors() { # log mode target
+    awk -F'\t' -v lg="$1" -v mode="$2" -v t="$3" '$2 == lg && $3 == mode && $4 == t { n += $8 } END { print n + 0 }' "$RUNS"
+}
+for mode in "${MODES[@]}"; do
+    RPS[upstream,$mode]=$(median none "$mode" upstream 5 %.0f)
+    P50[upstream,$mode]=$(median none "$mode" upstream 6 %.2f)
+    P99[upstream,$mode]=$(median none "$mode" upstream 7 %.2f)
+    ERR[upstream,$mode]=$(errors none "$mode" upstream)
+    CPU[upstream,$mode]=$(median none "$mode" upstream 9 %.1f)
+done
 for log in "${LOGS[@]}"; do
-    for name in "${PROXIES[@]}"; do
-        # Caddy is far behind the others; it is measured with logs off only, to keep the run short.
-        [ "$log" = on ] && [ "$name" = caddy ] && continue
-        port=$(free_port)
-        start_proxy "$name" "$port" "$log"
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
-        for mode in "${MODES[@]}"; do
-            say "$name, $mode, access log $log"
-            read -r RPS[$name,$log,$mode] P50[$name,$log,$mode] P99[$name,$log,$mode] \
-                ERR[$name,$log,$mode] CPU[$name,$log,$mode] \
-                < <(run_wrk "http://127.0.0.1:$port/1k" "$mode" "$name-$log" "$pid")
+    for mode in "${MODES[@]}"; do
+        for name in "${PROXIES[@]}"; do
+            [ "$log" = on ] && [ "$name" = caddy ] && continue
+            RPS[$name,$log,$mode]=$(median "$log" "$mode" "$name" 5 %.0f)
+            P50[$name,$log,$mode]=$(median "$log" "$mode" "$name" 6 %.2f)
+            P99[$name,$log,$mode]=$(median "$log" "$mode" "$name" 7 %.2f)
+            ERR[$name,$log,$mode]=$(errors "$log" "$mode" "$name")
+            CPU[$name,$log,$mode]=$(median "$log" "$mode" "$name" 9 %.1f)
         done
-        RSS[$name,$log]=$(peak_rss_mib "$pid")
-        stop "$pid"
     done
 done
 
@@ -314,40 +359,41 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 better() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
 lower() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
 mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new connection"; fi; }
+# The lowest and highest of the rounds' own ratios proxyd / better peer req/s, as "lo-hi".
+round_range() { # log mode
+    awk -F'\t' -v lg="$1" -v mode="$2" '
+        $2 == lg && $3 == mode && $4 == "proxyd" { p[$1] = $5 }
+        $2 == lg && $3 == mode && ($4 == "nginx" || $4 == "haproxy") && $5 > best[$1] { best[$1] = $5 }
+        END {
+            for (r in p) if (best[r] > 0) {
+                v = p[r] / best[r]
+                if (lo == "" || v < lo) lo = v
+                if (hi == "" || v > hi) hi = v
+            }
+            if (lo != "") printf "%.2f-%.2f", lo, hi
+        }' "$RUNS"
+}
 
 mkdir -p "$OUT"
-HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB body from an nginx upstream, all on 127.0.0.1, $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(date -u +%Y-%m-%dT%H:%MZ), proxyd ${PROXYD_LABEL:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 KiB body from an nginx upstream, all on 127.0.0.1, $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), $(date -u +%Y-%m-%dT%H:%MZ), proxyd ${PROXYD_LABEL:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
-# results.tsv: one line per measured run.
+# results.tsv: one line per measured run (every round).
 {
-    printf 'log\tmode\ttarget\treq_s\tp50_ms\tp99_ms\terrors\tcpu_us_per_req\tpeak_rss_mib\n'
-    for mode in "${MODES[@]}"; do
-        printf 'none\t%s\tupstream\t%s\t%s\t%s\t%s\t%s\t%s\n' "$mode" "${RPS[upstream,$mode]}" \
-            "${P50[upstream,$mode]}" "${P99[upstream,$mode]}" "${ERR[upstream,$mode]}" "${CPU[upstream,$mode]}" "${RSS[upstream]}"
-    done
-    for log in "${LOGS[@]}"; do
-        for mode in "${MODES[@]}"; do
-            for t in "${PROXIES[@]}"; do
-                [ -n "${RPS[$t,$log,$mode]:-}" ] || continue
-                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$log" "$mode" "$t" "${RPS[$t,$log,$mode]}" \
-                    "${P50[$t,$log,$mode]}" "${P99[$t,$log,$mode]}" "${ERR[$t,$log,$mode]}" \
-                    "${CPU[$t,$log,$mode]}" "${RSS[$t,$log]}"
-            done
-        done
-    done
+    printf 'round\tlog\tmode\ttarget\treq_s\tp50_ms\tp99_ms\terrors\tcpu_us_per_req\n'
+    cat "$RUNS"
 } >"$OUT/results.tsv"
 
 # results.md: ratios first (against the better of nginx and HAProxy), then the raw figures.
 {
     echo "$HEADER"
     echo
-    echo "| access log | client connections | proxyd / best peer req/s | proxyd / best peer p99 | proxyd / nginx CPU per request | proxyd req/s | nginx | HAProxy |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    echo "| access log | client connections | proxyd / best peer req/s | each round | proxyd / best peer p99 | proxyd / nginx CPU per request | proxyd req/s | nginx | HAProxy |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     for log in "${LOGS[@]}"; do
         for mode in "${MODES[@]}"; do
             best=$(better "${RPS[nginx,$log,$mode]}" "${RPS[haproxy,$log,$mode]}")
             bestp99=$(lower "${P99[nginx,$log,$mode]}" "${P99[haproxy,$log,$mode]}")
-            echo "| $log | $(mode_label "$mode") | $(ratio "${RPS[proxyd,$log,$mode]}" "$best") | $(ratio "${P99[proxyd,$log,$mode]}" "$bestp99") | $(ratio "${CPU[proxyd,$log,$mode]}" "${CPU[nginx,$log,$mode]}") | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
+            echo "| $log | $(mode_label "$mode") | $(ratio "${RPS[proxyd,$log,$mode]}" "$best") | $(round_range "$log" "$mode") | $(ratio "${P99[proxyd,$log,$mode]}" "$bestp99") | $(ratio "${CPU[proxyd,$log,$mode]}" "${CPU[nginx,$log,$mode]}") | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
         done
     done
     echo
@@ -365,9 +411,10 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, 1 KiB body from an nginx upst
         done
     done
     echo
-    echo "Best peer: the higher req/s (lower p99) of nginx and HAProxy in the same run."
+    echo "Every figure is the median of its $ROUNDS rounds (errors: the sum); the proxies took turns within each round."
+    echo "Best peer: the higher median req/s (lower median p99) of nginx and HAProxy; each round: the lowest and highest of the rounds' own ratios."
     echo "CPU per request: user + system time of the proxy's processes during the measured run / requests."
-    echo "Peak RSS: VmHWM over the whole run of that target (nginx: master + workers summed)."
+    echo "Peak RSS: VmHWM over a whole round of that target (nginx: master + workers summed), the highest of the rounds."
 } >"$OUT/results.md"
 
 # results.svg: req/s per scenario, one bar per proxy.
