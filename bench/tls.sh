@@ -9,7 +9,9 @@
 # them once the client's Finished is in), and s_time only reads them with -www, so the
 # TLS 1.3 resumption run fetches /1k on every connection; without it no server resumes.
 # nginx is given TLSv1.3 explicitly (Debian's 1.22 only enables up to TLS 1.2 by default).
-# Requests: wrk over HTTPS with keep-alive. Loopback only; stops by itself.
+# Requests: wrk over HTTPS with keep-alive. Every access log is off (proxyd's, on by
+# default, was left on here before 2026-11-30, while nginx's and Caddy's were off).
+# Loopback only; stops by itself.
 #
 # Usage: bench/tls.sh           (about 2 minutes)
 # Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64
@@ -68,6 +70,10 @@ state_dir = "$WORK/proxyd/state"
 mgmt_socket = "$WORK/proxyd/state/mgmt.sock"
 admin_listen = ""
 log_level = "warn"
+
+# Like nginx's access_log off below: proxyd's access log is on (JSON) by default.
+[telemetry]
+access_log = "off"
 
 [[listeners]]
 name = "secure"
