@@ -42,10 +42,11 @@ use tokio::time::Instant;
 use super::body::ResponseBody;
 use super::detect::Replayed;
 use super::framing::HeadProgress;
+use super::hygiene;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{ClientTimeout, ListenerSeries};
 use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
-use crate::upstream::h1::{field_span, step_chunked, Chunk, Chunked};
+use crate::upstream::h1::{field_span, known_name, step_chunked, Chunk, Chunked};
 
 /// Most header fields in a request head (hyper's limit, answered the same way: `431`).
 const MAX_HEADERS: usize = 100;
@@ -58,6 +59,8 @@ const MAX_TARGET: usize = u16::MAX as usize - 1;
 const READ_SIZE: usize = 8 * 1024;
 /// Response bytes gathered before they are written even though more are ready.
 const WRITE_AT: usize = 64 * 1024;
+/// Room made for a response head at first.
+const OUT_SIZE: usize = 512;
 /// What a client that asked for it gets before it sends its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -70,10 +73,13 @@ pub(super) enum Served<S> {
     Ended,
 }
 
-/// The client stream and what was read from it but not yet used.
+/// The client stream, what was read from it but not yet used, and the buffer responses
+/// are encoded in (kept from one response to the next while the connection is served,
+/// let go with the rest when it parks).
 struct Wire<S> {
     io: S,
     buf: BytesMut,
+    out: Vec<u8>,
 }
 
 impl<S: AsyncRead + Unpin> Wire<S> {
@@ -139,7 +145,11 @@ where
     H: Fn(Request<ClientBody>) -> F,
     F: Future<Output = Result<Response<ResponseBody>, Infallible>>,
 {
-    let mut wire = Wire { io, buf: read };
+    let mut wire = Wire {
+        io,
+        buf: read,
+        out: Vec::new(),
+    };
     // The one timer of the waits between requests, for as long as this call serves: it is
     // armed at the first wait and re-armed only when it fires (see `linger`), not once per
     // request. Its first deadline is a placeholder, never later than a real one: it may
@@ -429,7 +439,9 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
     let head = buf.split_to(len).freeze();
     let uri = http::Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| StatusCode::BAD_REQUEST)?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Sized for the headers the request path adds as well (forwarding headers, `Via`): a
+    // map filled to its capacity grows, allocating twice and rehashing, on the next insert.
+    let mut headers = HeaderMap::with_capacity(count + hygiene::ADDED_REQUEST_HEADERS);
     let http11 = version == Version::HTTP_11;
     let mut keep_alive = http11;
     let mut close = false;
@@ -443,8 +455,11 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
         &spilled[..]
     };
     for &(name_start, name_end, value_start, value_end) in spans {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
-            .map_err(|_| StatusCode::BAD_REQUEST)?;
+        let raw_name = &head[name_start..name_end];
+        let name = match known_name(raw_name) {
+            Some(name) => name,
+            None => HeaderName::from_bytes(raw_name).map_err(|_| StatusCode::BAD_REQUEST)?,
+        };
         let raw = &head[value_start..value_end];
         match name {
             header::TRANSFER_ENCODING => {
@@ -810,23 +825,37 @@ where
     let (parts, mut body) = response.into_parts();
     let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS
         || (method == Method::CONNECT && parts.status.is_success());
-    let mut out = Vec::with_capacity(512);
+    // The connection's buffer, taken for the response and given back after it.
+    let (mut out, vectored) = link.with(|wire| {
+        let out = std::mem::take(&mut wire.out);
+        (out, wire.io.is_write_vectored())
+    });
+    if out.capacity() == 0 {
+        out.reserve(OUT_SIZE);
+    }
     let (mut sending, trailers) = encode_head(&mut out, &parts, &body, method, version, keep_alive);
     if switched {
         *keep_alive = false;
     }
+    // Body bytes that need no framing of their own are not copied behind the head: they
+    // go out after it in the same (vectored) write, as nginx writes its responses.
+    let mut pending = Pending {
+        out,
+        tail: None,
+        vectored,
+    };
     // A body with nothing to send on the wire is not read (as hyper did): it is dropped
     // once the head is out.
     let mut done = sending == Sending::Length(0);
     let mut failed = false;
     let mut at = 0;
     let result = poll_fn(|cx| loop {
-        if !done && out.len() < WRITE_AT {
+        if !done && pending.len() < WRITE_AT {
             match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     match frame.into_data() {
                         Ok(data) => {
-                            if !encode_data(&mut out, &mut sending, data) {
+                            if !pending.data(&mut sending, data) {
                                 // More than its Content-Length: the response is cut here.
                                 failed = true;
                                 done = true;
@@ -835,8 +864,9 @@ where
                         Err(frame) => {
                             if let (Sending::Chunked, Ok(fields)) = (sending, frame.into_trailers())
                             {
+                                let out = pending.framed();
                                 out.extend_from_slice(b"0\r\n");
-                                encode_trailers(&mut out, &fields, trailers.as_deref());
+                                encode_trailers(out, &fields, trailers.as_deref());
                                 out.extend_from_slice(b"\r\n");
                                 sending = Sending::Length(0);
                             }
@@ -852,7 +882,7 @@ where
                 }
                 Poll::Ready(None) => {
                     match sending {
-                        Sending::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+                        Sending::Chunked => pending.framed().extend_from_slice(b"0\r\n\r\n"),
                         Sending::Length(0) | Sending::Close => {}
                         // Shorter than its Content-Length: the client must not take it
                         // for complete.
@@ -860,13 +890,13 @@ where
                     }
                     done = true;
                 }
-                Poll::Pending if out.len() == at => return Poll::Pending,
+                Poll::Pending if pending.len() == at => return Poll::Pending,
                 Poll::Pending => {}
             }
         }
         let wrote = link.with(|wire| {
-            while at < out.len() {
-                match Pin::new(&mut wire.io).poll_write(cx, &out[at..]) {
+            while at < pending.len() {
+                match pending.poll_write(&mut wire.io, cx, at) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)))
                     }
@@ -879,7 +909,7 @@ where
         });
         match wrote {
             Poll::Ready(Ok(())) => {
-                out.clear();
+                pending.clear();
                 at = 0;
                 if done {
                     return Poll::Ready(Ok(()));
@@ -891,6 +921,11 @@ where
     })
     .await;
     drop(body);
+    // Kept for the next response unless a large body grew it.
+    if pending.out.capacity() <= 4 * OUT_SIZE {
+        pending.clear();
+        link.with(|wire| wire.out = pending.out);
+    }
     match result {
         Err(e) => {
             tracing::debug!(error = %e, "writing the response failed");
@@ -907,32 +942,96 @@ where
     }
 }
 
-/// Appends `data` as `sending` frames it; `false` when it is longer than the
-/// Content-Length left.
-fn encode_data(out: &mut Vec<u8>, sending: &mut Sending, data: Bytes) -> bool {
-    if data.is_empty() {
-        return true;
+/// Response bytes encoded and not yet written: `out` (the head, framing, copied data),
+/// then `tail`, one piece of body data written as it came.
+struct Pending {
+    out: Vec<u8>,
+    tail: Option<Bytes>,
+    /// The stream writes several buffers at once: body data goes as `tail` rather than
+    /// being copied into `out` (with one buffer per write, a tail would cost a second
+    /// write).
+    vectored: bool,
+}
+
+impl Pending {
+    /// Bytes in all.
+    fn len(&self) -> usize {
+        self.out.len() + self.tail.as_ref().map_or(0, Bytes::len)
     }
-    match sending {
-        Sending::Length(left) => {
-            let n = data.len() as u64;
-            if n > *left {
-                return false;
+
+    /// `out`, to append to: a tail is moved into it first, to keep the order.
+    fn framed(&mut self) -> &mut Vec<u8> {
+        if let Some(tail) = self.tail.take() {
+            self.out.extend_from_slice(&tail);
+        }
+        &mut self.out
+    }
+
+    /// Adds `data` as `sending` frames it; `false` when it is longer than the
+    /// Content-Length left.
+    fn data(&mut self, sending: &mut Sending, data: Bytes) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        match sending {
+            Sending::Length(left) => {
+                let n = data.len() as u64;
+                if n > *left {
+                    return false;
+                }
+                *left -= n;
+                self.unframed(data);
             }
-            *left -= n;
-            out.extend_from_slice(&data);
+            Sending::Chunked => {
+                let mut size = [0u8; 16];
+                let digits = hex(&mut size, data.len());
+                let out = self.framed();
+                out.extend_from_slice(digits);
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&data);
+                out.extend_from_slice(b"\r\n");
+            }
+            Sending::Close => self.unframed(data),
         }
-        Sending::Chunked => {
-            let mut size = [0u8; 16];
-            let digits = hex(&mut size, data.len());
-            out.extend_from_slice(digits);
-            out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(&data);
-            out.extend_from_slice(b"\r\n");
-        }
-        Sending::Close => out.extend_from_slice(&data),
+        true
     }
-    true
+
+    /// Body data sent as it is: the tail, or copied when the stream cannot take it apart.
+    fn unframed(&mut self, data: Bytes) {
+        if !self.vectored {
+            self.out.extend_from_slice(&data);
+            return;
+        }
+        self.framed();
+        self.tail = Some(data);
+    }
+
+    /// Writes from byte `at` on, as far as one write goes.
+    fn poll_write<S: AsyncWrite + Unpin>(
+        &self,
+        io: &mut S,
+        cx: &mut Context<'_>,
+        at: usize,
+    ) -> Poll<io::Result<usize>> {
+        match (self.out.get(at..), &self.tail) {
+            (Some(head), Some(tail)) if !head.is_empty() => {
+                let bufs = [io::IoSlice::new(head), io::IoSlice::new(tail)];
+                Pin::new(io).poll_write_vectored(cx, &bufs)
+            }
+            (Some(head), None) => Pin::new(io).poll_write(cx, head),
+            (_, Some(tail)) => {
+                let from = at.saturating_sub(self.out.len());
+                Pin::new(io).poll_write(cx, tail.get(from..).unwrap_or_default())
+            }
+            (None, None) => Poll::Ready(Ok(0)),
+        }
+    }
+
+    /// Everything was written.
+    fn clear(&mut self) {
+        self.out.clear();
+        self.tail = None;
+    }
 }
 
 /// `n` in decimal, in `buf`.
@@ -1695,27 +1794,21 @@ mod tests {
 
     #[test]
     fn chunked_response_framing() {
-        let mut out = Vec::new();
+        let mut out = Pending {
+            out: Vec::new(),
+            tail: None,
+            vectored: true,
+        };
         let mut sending = Sending::Chunked;
-        assert!(encode_data(
-            &mut out,
-            &mut sending,
-            Bytes::from_static(&[b'x'; 26])
-        ));
-        assert!(out.starts_with(b"1a\r\nxxxx"));
-        assert!(out.ends_with(b"x\r\n"));
+        assert!(out.data(&mut sending, Bytes::from_static(&[b'x'; 26])));
+        assert!(out.tail.is_none(), "chunked data is framed, in `out`");
+        assert!(out.out.starts_with(b"1a\r\nxxxx"));
+        assert!(out.out.ends_with(b"x\r\n"));
         let mut sending = Sending::Length(3);
         out.clear();
-        assert!(encode_data(
-            &mut out,
-            &mut sending,
-            Bytes::from_static(b"ab")
-        ));
-        assert!(!encode_data(
-            &mut out,
-            &mut sending,
-            Bytes::from_static(b"cd")
-        ));
+        assert!(out.data(&mut sending, Bytes::from_static(b"ab")));
+        assert!(!out.data(&mut sending, Bytes::from_static(b"cd")));
+        assert_eq!(out.len(), 2);
         assert_eq!(hex(&mut [0; 16], 0), b"0");
         assert_eq!(hex(&mut [0; 16], 0x1f2e), b"1f2e");
         assert_eq!(decimal(&mut [0; 20], 0), b"0");
@@ -1724,9 +1817,93 @@ mod tests {
         trailers.insert("x-sum", HeaderValue::from_static("1"));
         trailers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("9"));
         trailers.insert("x-other", HeaderValue::from_static("2"));
-        out.clear();
+        let mut out = Vec::new();
         let announced = [HeaderName::from_static("x-sum"), header::CONTENT_LENGTH];
         encode_trailers(&mut out, &trailers, Some(&announced));
         assert_eq!(out, b"x-sum: 1\r\n");
+    }
+
+    /// A stream that takes at most `step` bytes per write, from as many buffers as it is
+    /// given when `vectored`.
+    struct Trickle {
+        written: Vec<u8>,
+        step: usize,
+        vectored: bool,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.written.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            assert!(self.vectored, "a vectored write to a stream that has none");
+            let mut left = self.step;
+            for buf in bufs {
+                let n = buf.len().min(left);
+                self.written.extend_from_slice(&buf[..n]);
+                left -= n;
+            }
+            Poll::Ready(Ok(self.step - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn body_data_after_the_head_is_written_in_order_whatever_each_write_takes() {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for vectored in [true, false] {
+            for step in [1, 3, 7, 4096] {
+                let mut io = Trickle {
+                    written: Vec::new(),
+                    step,
+                    vectored,
+                };
+                let mut pending = Pending {
+                    out: b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n".to_vec(),
+                    tail: None,
+                    vectored: io.is_write_vectored(),
+                };
+                let mut sending = Sending::Length(11);
+                let mut expected = pending.out.clone();
+                for piece in [&b"hello"[..], b" ", b"world"] {
+                    assert!(pending.data(&mut sending, Bytes::from_static(piece)));
+                    expected.extend_from_slice(piece);
+                }
+                assert_eq!(pending.tail.is_some(), vectored);
+                assert_eq!(pending.len(), expected.len());
+                let mut at = 0;
+                while at < pending.len() {
+                    match pending.poll_write(&mut io, &mut cx, at) {
+                        Poll::Ready(Ok(n)) if n > 0 => at += n,
+                        other => panic!("write gave {other:?}"),
+                    }
+                }
+                pending.clear();
+                assert_eq!(pending.len(), 0);
+                assert_eq!(io.written, expected, "vectored {vectored}, step {step}");
+            }
+        }
     }
 }

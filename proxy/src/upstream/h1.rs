@@ -532,7 +532,9 @@ impl H1Conn {
             self.spans.clear();
             self.spans
                 .extend(parsed.headers.iter().map(|field| field_span(base, field)));
-            let mut headers = HeaderMap::with_capacity(self.spans.len());
+            // With room for the `Via` the request path adds: a map filled to its
+            // capacity grows (allocating and rehashing) on the next insert.
+            let mut headers = HeaderMap::with_capacity(self.spans.len() + 1);
             let mut keep_alive = version == Version::HTTP_11;
             let mut close = false;
             let head = self.buf.split_to(len).freeze();
@@ -586,30 +588,91 @@ impl H1Conn {
     }
 }
 
-/// The name of a response header field most responses carry, found by its length and a
-/// case-insensitive comparison: about a third of what the general parse of a name costs,
-/// for nearly every field of a usual response. Equal to one of these, the bytes are a
-/// valid name, and the result is the one `HeaderName::from_bytes` gives.
-fn known_name(raw: &[u8]) -> Option<HeaderName> {
-    let is = |name: &str| raw.eq_ignore_ascii_case(name.as_bytes());
+/// The name of a header field most requests or responses carry, found by its length and
+/// a case-insensitive comparison: a fraction of what the general parse of a name costs
+/// (which also allocates a copy of a name the `http` crate does not know), for nearly
+/// every field of a usual message. `raw` is a token, as httparse gives a field name;
+/// equal to one of these, the result is the one `HeaderName::from_bytes` gives.
+pub(crate) fn known_name(raw: &[u8]) -> Option<HeaderName> {
+    let words = name_words(raw)?;
+    let is = |name: [u64; NAME_WORDS]| words == name;
     Some(match raw.len() {
-        4 if is("date") => header::DATE,
-        4 if is("etag") => header::ETAG,
-        4 if is("vary") => header::VARY,
-        6 if is("server") => header::SERVER,
-        7 if is("expires") => header::EXPIRES,
-        8 if is("location") => header::LOCATION,
-        10 if is("connection") => header::CONNECTION,
-        10 if is("set-cookie") => header::SET_COOKIE,
-        12 if is("content-type") => header::CONTENT_TYPE,
-        13 if is("last-modified") => header::LAST_MODIFIED,
-        13 if is("accept-ranges") => header::ACCEPT_RANGES,
-        13 if is("cache-control") => header::CACHE_CONTROL,
-        14 if is("content-length") => header::CONTENT_LENGTH,
-        16 if is("content-encoding") => header::CONTENT_ENCODING,
-        17 if is("transfer-encoding") => header::TRANSFER_ENCODING,
+        4 if is(const { words_of("date") }) => header::DATE,
+        4 if is(const { words_of("host") }) => header::HOST,
+        4 if is(const { words_of("etag") }) => header::ETAG,
+        4 if is(const { words_of("vary") }) => header::VARY,
+        6 if is(const { words_of("accept") }) => header::ACCEPT,
+        6 if is(const { words_of("cookie") }) => header::COOKIE,
+        6 if is(const { words_of("origin") }) => header::ORIGIN,
+        6 if is(const { words_of("server") }) => header::SERVER,
+        7 if is(const { words_of("expires") }) => header::EXPIRES,
+        7 if is(const { words_of("referer") }) => header::REFERER,
+        8 if is(const { words_of("location") }) => header::LOCATION,
+        9 if is(const { words_of("x-real-ip") }) => const { HeaderName::from_static("x-real-ip") },
+        10 if is(const { words_of("connection") }) => header::CONNECTION,
+        10 if is(const { words_of("user-agent") }) => header::USER_AGENT,
+        10 if is(const { words_of("set-cookie") }) => header::SET_COOKIE,
+        12 if is(const { words_of("content-type") }) => header::CONTENT_TYPE,
+        12 if is(const { words_of("x-request-id") }) => {
+            const { HeaderName::from_static("x-request-id") }
+        }
+        13 if is(const { words_of("authorization") }) => header::AUTHORIZATION,
+        13 if is(const { words_of("if-none-match") }) => header::IF_NONE_MATCH,
+        13 if is(const { words_of("last-modified") }) => header::LAST_MODIFIED,
+        13 if is(const { words_of("accept-ranges") }) => header::ACCEPT_RANGES,
+        13 if is(const { words_of("cache-control") }) => header::CACHE_CONTROL,
+        14 if is(const { words_of("content-length") }) => header::CONTENT_LENGTH,
+        15 if is(const { words_of("accept-encoding") }) => header::ACCEPT_ENCODING,
+        15 if is(const { words_of("accept-language") }) => header::ACCEPT_LANGUAGE,
+        15 if is(const { words_of("x-forwarded-for") }) => {
+            const { HeaderName::from_static("x-forwarded-for") }
+        }
+        16 if is(const { words_of("content-encoding") }) => header::CONTENT_ENCODING,
+        16 if is(const { words_of("x-forwarded-host") }) => {
+            const { HeaderName::from_static("x-forwarded-host") }
+        }
+        17 if is(const { words_of("transfer-encoding") }) => header::TRANSFER_ENCODING,
+        17 if is(const { words_of("if-modified-since") }) => header::IF_MODIFIED_SINCE,
+        17 if is(const { words_of("x-forwarded-proto") }) => {
+            const { HeaderName::from_static("x-forwarded-proto") }
+        }
         _ => return None,
     })
+}
+
+/// Words of [`name_words`]: names up to 24 bytes.
+const NAME_WORDS: usize = 3;
+/// Sets the bit that makes an ASCII capital its small letter, in every byte.
+const LOWER: u64 = 0x2020_2020_2020_2020;
+
+/// A field name as 8-byte words, zero-padded, with [`LOWER`]'s bit set in every byte:
+/// compared a word at a time rather than byte by byte. The bit turns a capital into its
+/// small letter; of the other bytes httparse lets through in a name (a token: digits,
+/// letters and `!#$%&'*+-.^_`|~`) none becomes a letter or `-` by it, so a name equal to a
+/// known one (letters and `-`) in this form is that name in some case. `None` for a name
+/// longer than any known one.
+fn name_words(raw: &[u8]) -> Option<[u64; NAME_WORDS]> {
+    let mut bytes = [0u8; 8 * NAME_WORDS];
+    bytes.get_mut(..raw.len())?.copy_from_slice(raw);
+    let mut words = [0u64; NAME_WORDS];
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(chunk);
+        *word = u64::from_le_bytes(le) | LOWER;
+    }
+    Some(words)
+}
+
+/// [`name_words`] of a known name, made at compile time.
+const fn words_of(name: &str) -> [u64; NAME_WORDS] {
+    let bytes = name.as_bytes();
+    let mut words = [LOWER; NAME_WORDS];
+    let mut i = 0;
+    while i < bytes.len() {
+        words[i / 8] |= (bytes[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    words
 }
 
 /// A partial head must still be able to complete within the limit.
@@ -1309,6 +1372,22 @@ mod tests {
     fn known_field_names_are_the_names_the_general_parse_gives() {
         for name in [
             "date",
+            "Host",
+            "accept",
+            "Cookie",
+            "origin",
+            "Referer",
+            "X-Real-IP",
+            "User-Agent",
+            "x-request-id",
+            "Authorization",
+            "If-None-Match",
+            "Accept-Encoding",
+            "accept-language",
+            "X-Forwarded-For",
+            "x-forwarded-host",
+            "X-Forwarded-Proto",
+            "If-Modified-Since",
             "ETag",
             "Vary",
             "SERVER",
@@ -1338,8 +1417,38 @@ mod tests {
             "transfer-encodin",
             "servers",
             "",
+            "a-name-longer-than-twenty-four-bytes",
         ] {
             assert_eq!(known_name(other.as_bytes()), None, "{other}");
+        }
+        // Any other token byte in any place: not the known name (in no case).
+        let token: Vec<u8> = (b'0'..=b'9')
+            .chain(b'a'..=b'z')
+            .chain(b'A'..=b'Z')
+            .chain(b"!#$%&'*+-.^_`|~".iter().copied())
+            .collect();
+        for name in [
+            "date",
+            "content-type",
+            "transfer-encoding",
+            "set-cookie",
+            "x-forwarded-for",
+        ] {
+            for at in 0..name.len() {
+                for &b in &token {
+                    let mut other = name.as_bytes().to_vec();
+                    if other[at].eq_ignore_ascii_case(&b) {
+                        continue;
+                    }
+                    other[at] = b;
+                    let found = known_name(&other).map(|n| n.as_str().to_string());
+                    let parsed = HeaderName::from_bytes(&other).expect("a token");
+                    assert_ne!(found.as_deref(), Some(name), "{other:?}");
+                    if let Some(found) = found {
+                        assert_eq!(found, parsed.as_str(), "{other:?}");
+                    }
+                }
+            }
         }
     }
 
