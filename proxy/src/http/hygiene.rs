@@ -12,10 +12,9 @@ pub const ADDED_REQUEST_HEADERS: usize = 6;
 
 /// How many names [`HOP_BY_HOP`] has.
 const HOP_BY_HOP_COUNT: usize = 8;
-/// Headers that describe one connection, not the message, and are never forwarded.
-// A `const` although each use copies and drops the array: measured, a `static` made
-// `strip_hop_by_hop` dearer (the comparisons against known names are no longer folded).
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
+/// Headers that describe one connection, not the message, and are never forwarded; in
+/// the order of the first [`Known`] names.
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -25,6 +24,103 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
+
+/// A header the request path looks for. The first [`HOP_BY_HOP_COUNT`] are the
+/// hop-by-hop headers, in the order of [`HOP_BY_HOP`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// `Connection`.
+    Connection,
+    /// `Keep-Alive`.
+    KeepAlive,
+    /// `Proxy-Connection`.
+    ProxyConnection,
+    /// `Proxy-Authenticate`.
+    ProxyAuthenticate,
+    /// `Proxy-Authorization`.
+    ProxyAuthorization,
+    /// `TE`.
+    Te,
+    /// `Trailer`.
+    Trailer,
+    /// `Transfer-Encoding`.
+    TransferEncoding,
+    /// `Upgrade`.
+    Upgrade,
+    /// `Via`.
+    Via,
+    /// `Forwarded`.
+    Forwarded,
+    /// `X-Forwarded-For`.
+    XForwardedFor,
+    /// `Content-Length`.
+    ContentLength,
+    /// `Content-Type`.
+    ContentType,
+}
+
+impl Known {
+    /// Which one `name` is, told by its length and bytes: a name is compared with the
+    /// few known ones of its length.
+    fn of(name: &HeaderName) -> Option<Known> {
+        let s = name.as_str();
+        Some(match (s.len(), s) {
+            (2, "te") => Known::Te,
+            (3, "via") => Known::Via,
+            (7, "trailer") => Known::Trailer,
+            (7, "upgrade") => Known::Upgrade,
+            (9, "forwarded") => Known::Forwarded,
+            (10, "connection") => Known::Connection,
+            (10, "keep-alive") => Known::KeepAlive,
+            (12, "content-type") => Known::ContentType,
+            (14, "content-length") => Known::ContentLength,
+            (15, "x-forwarded-for") => Known::XForwardedFor,
+            (16, "proxy-connection") => Known::ProxyConnection,
+            (17, "transfer-encoding") => Known::TransferEncoding,
+            (18, "proxy-authenticate") => Known::ProxyAuthenticate,
+            (19, "proxy-authorization") => Known::ProxyAuthorization,
+            _ => return None,
+        })
+    }
+
+    fn bit(self) -> u16 {
+        1 << self as u16
+    }
+}
+
+/// Which [`Known`] headers a message carries, from one pass over its names. A lookup of
+/// a header that is not there costs a hash and a probe like any other, and most messages
+/// carry few of these: the request path looks up only those found here. Taken before a
+/// message's headers are removed (see [`strip_hop_by_hop`]), it may name some that are
+/// gone, never one that is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Present(u16);
+
+impl Present {
+    /// Every one may be there: each is looked up.
+    pub const ALL: Present = Present(u16::MAX);
+
+    /// The known headers among those of `headers`.
+    pub fn of(headers: &HeaderMap) -> Present {
+        let mut bits = 0;
+        for name in headers.keys() {
+            if let Some(known) = Known::of(name) {
+                bits |= known.bit();
+            }
+        }
+        Present(bits)
+    }
+
+    /// Whether `known` may be there.
+    pub fn has(self, known: Known) -> bool {
+        self.0 & known.bit() != 0
+    }
+
+    /// Whether any hop-by-hop header, `Upgrade` included, may be there.
+    fn any_hop_by_hop(self) -> bool {
+        self.0 & ((1 << HOP_BY_HOP_COUNT) - 1) != 0 || self.has(Known::Upgrade)
+    }
+}
 
 // Named once: a header looked up or inserted by a `&str` name is parsed (and a name the
 // `http` crate does not know is allocated) on every call.
@@ -265,20 +361,10 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes hop-by-hop headers, including every header named by `Connection`. With
 /// `upgrade`, keeps `Upgrade` and sets `Connection: upgrade` so the tunnel can be set up.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the names first, noting which of these are present: most messages
-    // carry none of them, or only `Connection`, and a removal by name costs a hash and a
-    // probe each, so only the present ones are removed.
-    let mut present = [false; HOP_BY_HOP_COUNT];
-    let mut upgrade_present = false;
-    for name in headers.keys() {
-        if *name == header::UPGRADE {
-            upgrade_present = true;
-        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present[i] = true;
-        }
-    }
-    if upgrade_present || present.contains(&true) {
+/// `present` tells which are there: a removal by name costs a hash and a probe, and most
+/// messages carry none of them, or only `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, present: Present) {
+    if present.any_hop_by_hop() {
         // Names in `Connection` that are hop-by-hop anyway go below; of the others only
         // those naming a header of this message are removed (`close` names none, as a
         // rule), found without allocating a name.
@@ -296,12 +382,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                 headers.remove(&name);
             }
         }
-        for (name, here) in HOP_BY_HOP.iter().zip(present) {
-            if here {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if present.0 & (1 << i) != 0 {
                 headers.remove(name);
             }
         }
-        if !upgrade && upgrade_present {
+        if !upgrade && present.has(Known::Upgrade) {
             headers.remove(header::UPGRADE);
         }
     }
@@ -501,14 +587,20 @@ fn ip_text(client: IpAddr) -> String {
 }
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
-/// and `X-Forwarded-Host`.
+/// and `X-Forwarded-Host`. `present` tells which prior values there may be.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     client: &ForwardedClient,
     proto: &'static str,
     host: Option<&RequestHost>,
+    present: Present,
 ) {
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    let prior_xff = if present.has(Known::XForwardedFor) {
+        headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok())
+    } else {
+        None
+    };
+    let xff = match prior_xff {
         Some(prior) if !prior.trim().is_empty() => {
             let address = client.address.to_str().unwrap_or_default();
             let mut value = String::with_capacity(prior.len() + 2 + address.len());
@@ -523,10 +615,14 @@ pub fn add_forwarding(
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let prior = headers
-        .get(header::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-        .filter(|prior| !prior.trim().is_empty());
+    let prior = if present.has(Known::Forwarded) {
+        headers
+            .get(header::FORWARDED)
+            .and_then(|v| v.to_str().ok())
+            .filter(|prior| !prior.trim().is_empty())
+    } else {
+        None
+    };
     let (forwarded_host, forwarded) = match prior {
         None => client.rendered(proto, host),
         Some(prior) => (
@@ -577,8 +673,9 @@ fn forwarded_value(
     HeaderValue::try_from(forwarded).ok()
 }
 
-/// Appends this proxy to `Via` for a message received as `version`.
-pub fn add_via(headers: &mut HeaderMap, version: Version) {
+/// Appends this proxy to `Via` for a message received as `version`; `present` tells
+/// whether there may be a prior value.
+pub fn add_via(headers: &mut HeaderMap, version: Version, present: Present) {
     let ours = match version {
         Version::HTTP_09 => "0.9 proxyd",
         Version::HTTP_10 => "1.0 proxyd",
@@ -586,7 +683,12 @@ pub fn add_via(headers: &mut HeaderMap, version: Version) {
         Version::HTTP_3 => "3.0 proxyd",
         _ => "1.1 proxyd",
     };
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+    let prior = if present.has(Known::Via) {
+        headers.get(header::VIA).and_then(|v| v.to_str().ok())
+    } else {
+        None
+    };
+    let value = match prior {
         Some(prior) if !prior.trim().is_empty() => {
             HeaderValue::try_from(format!("{prior}, {ours}")).ok()
         }
@@ -728,7 +830,8 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "yes"),
         ]);
-        strip_hop_by_hop(&mut h, false);
+        let present = Present::of(&h);
+        strip_hop_by_hop(&mut h, false, present);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
     }
@@ -752,13 +855,15 @@ mod tests {
             ("x-kept", "yes"),
         ];
         let mut h = headers(&all);
-        strip_hop_by_hop(&mut h, false);
+        let present = Present::of(&h);
+        strip_hop_by_hop(&mut h, false, present);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
 
         // A tunnel keeps Upgrade, and says so in the one Connection it sends.
         let mut h = headers(&all);
-        strip_hop_by_hop(&mut h, true);
+        let present = Present::of(&h);
+        strip_hop_by_hop(&mut h, true, present);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["connection", "upgrade", "x-kept"]);
@@ -767,8 +872,104 @@ mod tests {
 
         // Nothing hop-by-hop: nothing changes.
         let mut h = headers(&[("x-kept", "yes"), ("accept", "*/*")]);
-        strip_hop_by_hop(&mut h, false);
+        let present = Present::of(&h);
+        strip_hop_by_hop(&mut h, false, present);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn prior_via_and_forwarding_values_are_extended_unless_connection_names_them() {
+        let client = ForwardedClient::new("192.0.2.7".parse().expect("ip"));
+        for (pairs, via, forwarded, xff) in [
+            (
+                vec![("accept", "*/*")],
+                "1.1 proxyd",
+                "for=192.0.2.7;proto=http",
+                "192.0.2.7",
+            ),
+            (
+                vec![
+                    ("VIA", "1.0 a"),
+                    ("Forwarded", "for=10.0.0.1"),
+                    ("X-Forwarded-For", "10.0.0.1"),
+                ],
+                "1.0 a, 1.1 proxyd",
+                "for=10.0.0.1, for=192.0.2.7;proto=http",
+                "10.0.0.1, 192.0.2.7",
+            ),
+            // Named by Connection: they go, and the next hop sees only this one's.
+            (
+                vec![
+                    ("connection", "via, forwarded, x-forwarded-for"),
+                    ("via", "1.0 a"),
+                    ("forwarded", "for=10.0.0.1"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                ],
+                "1.1 proxyd",
+                "for=192.0.2.7;proto=http",
+                "192.0.2.7",
+            ),
+        ] {
+            let mut h = headers(&pairs);
+            let present = Present::of(&h);
+            strip_hop_by_hop(&mut h, false, present);
+            add_forwarding(&mut h, &client, "http", None, present);
+            add_via(&mut h, Version::HTTP_11, present);
+            assert_eq!(h["via"], via, "{pairs:?}");
+            assert_eq!(h["forwarded"], forwarded, "{pairs:?}");
+            assert_eq!(h["x-forwarded-for"], xff, "{pairs:?}");
+            assert_eq!(h.get_all("via").iter().count(), 1, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn present_headers_are_the_ones_a_lookup_finds() {
+        let known = [
+            (Known::Connection, "Connection"),
+            (Known::KeepAlive, "keep-alive"),
+            (Known::ProxyConnection, "Proxy-Connection"),
+            (Known::ProxyAuthenticate, "proxy-authenticate"),
+            (Known::ProxyAuthorization, "Proxy-Authorization"),
+            (Known::Te, "TE"),
+            (Known::Trailer, "trailer"),
+            (Known::TransferEncoding, "Transfer-Encoding"),
+            (Known::Upgrade, "upgrade"),
+            (Known::Via, "VIA"),
+            (Known::Forwarded, "forwarded"),
+            (Known::XForwardedFor, "X-Forwarded-For"),
+            (Known::ContentLength, "content-length"),
+            (Known::ContentType, "Content-Type"),
+        ];
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(Known::of(name).map(|k| k as usize), Some(i), "{name}");
+        }
+        let others = [
+            ("accept", "*/*"),
+            ("x-via", "1"),
+            ("host", "a"),
+            ("te-x", "1"),
+        ];
+        // Each known one alone, with others around it, and all of them at once.
+        let mut sets: Vec<Vec<(&str, &str)>> = known
+            .iter()
+            .map(|(_, name)| {
+                let mut set = others.to_vec();
+                set.push((name, "1"));
+                set
+            })
+            .collect();
+        sets.push(known.iter().map(|(_, name)| (*name, "1")).collect());
+        sets.push(others.to_vec());
+        for set in sets {
+            let h = headers(&set);
+            let present = Present::of(&h);
+            for (known, name) in known {
+                assert_eq!(present.has(known), h.contains_key(name), "{set:?} {name}");
+            }
+        }
+        for (known, _) in known {
+            assert!(Present::ALL.has(known));
+        }
     }
 
     #[test]
@@ -803,13 +1004,16 @@ mod tests {
             ("host", "Example.com:8080"),
         ]);
         let host = request_host(&http::Uri::from_static("/"), &h);
+        let present = Present::of(&h);
+        strip_hop_by_hop(&mut h, false, present);
         add_forwarding(
             &mut h,
             &ForwardedClient::new("127.0.0.1".parse().expect("ip")),
             "http",
             host.as_ref(),
+            present,
         );
-        add_via(&mut h, Version::HTTP_11);
+        add_via(&mut h, Version::HTTP_11, present);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "example.com");
@@ -880,7 +1084,9 @@ mod tests {
         ] {
             let mut h = headers(&request_headers);
             let host = request_host(&uri, &h);
-            add_forwarding(&mut h, &client, proto, host.as_ref());
+            let present = Present::of(&h);
+            strip_hop_by_hop(&mut h, false, present);
+            add_forwarding(&mut h, &client, proto, host.as_ref(), present);
             let context = format!("{request_headers:?} {proto}");
             assert_eq!(
                 h.get("x-forwarded-host").map(|v| v.to_str().expect("text")),
@@ -947,6 +1153,7 @@ mod tests {
             &ForwardedClient::new("::1".parse().expect("ip")),
             "https",
             host.as_ref(),
+            Present::ALL,
         );
         assert_eq!(
             h["forwarded"],

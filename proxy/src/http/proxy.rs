@@ -14,7 +14,7 @@ use super::access_log::{AccessLog, ErrorSource};
 use super::body::{grpc_message, grpc_status, ResponseBody, Reuse};
 use super::framing::HeadProgress;
 use super::h1::ClientUpgrade;
-use super::hygiene;
+use super::hygiene::{self, Known, Present};
 use super::per_ip::RequestRatePerIp;
 use crate::config::ListenerConfig;
 use crate::routing::Published;
@@ -157,30 +157,36 @@ pub(crate) async fn handle(
         start: Instant::now(),
         upstream_us: OnceLock::new(),
     });
+    // Which of the headers the request path looks at are there, from one pass over the
+    // names: the others are not looked up.
+    let present = hygiene::Present::of(req.headers());
     // The bytes after an upgrade request belong to the upgraded connection, and are not
     // read as HTTP/1; unless the switch happens, the connection must end with this
     // response rather than read them as further requests.
     let upgrade_asked = req.version() < Version::HTTP_2
-        && (req.headers().contains_key(header::UPGRADE) || req.method() == http::Method::CONNECT);
+        && (present.has(Known::Upgrade) || req.method() == http::Method::CONNECT);
     // A gRPC call's `grpc-timeout` bounds the whole call, response body included.
-    let grpc = hygiene::is_grpc(req.headers());
+    let grpc = present.has(Known::ContentType) && hygiene::is_grpc(req.headers());
     let deadline = grpc
         .then(|| hygiene::grpc_timeout(req.headers()))
         .flatten()
         .map(|timeout| tokio::time::Instant::now() + timeout);
     let result = match deadline {
-        None => proxy(&ctx, req, &mut log).await,
+        None => proxy(&ctx, req, present, &mut log).await,
         // Boxed: a timer beside the request path would make every request's future
         // larger, for the few gRPC calls that carry a timeout.
-        Some(at) => Box::pin(tokio::time::timeout_at(at, proxy(&ctx, req, &mut log)))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Failure::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    ErrorSource::Upstream,
-                    "the call's grpc-timeout passed before the upstream's response head",
-                ))
-            }),
+        Some(at) => Box::pin(tokio::time::timeout_at(
+            at,
+            proxy(&ctx, req, present, &mut log),
+        ))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorSource::Upstream,
+                "the call's grpc-timeout passed before the upstream's response head",
+            ))
+        }),
     };
     let mut grpc_call = grpc.then_some((deadline, None));
     let response = match result {
@@ -303,6 +309,7 @@ fn public_reason(failure: &Failure) -> &'static str {
 async fn proxy(
     ctx: &ConnContext,
     mut req: Request<ClientBody>,
+    present: Present,
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, Failure> {
     if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
@@ -318,7 +325,7 @@ async fn proxy(
             return Err(Failure::rate_limited(wait));
         }
     }
-    let host_header = check_request(ctx, &req)?;
+    let host_header = check_request(ctx, &req, present)?;
     let host = hygiene::request_host_of(req.uri(), host_header);
     if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
         log.host.push_str(h.as_str());
@@ -341,13 +348,20 @@ async fn proxy(
     // there: one reference count change per request on an entry every worker shares.
     let entry = &**log.entry.insert(entry);
 
-    let upgrade = hygiene::is_upgrade(req.headers());
+    let upgrade = present.has(Known::Upgrade) && hygiene::is_upgrade(req.headers());
     // The client's stream after the switch, from the HTTP/1 codec.
     let client_upgrade = upgrade
         .then(|| req.extensions_mut().remove::<ClientUpgrade>())
         .flatten();
-    let upstream_req =
-        upstream_request(ctx, req, entry, host.as_ref(), upgrade, log.trace.as_ref())?;
+    let upstream_req = upstream_request(
+        ctx,
+        req,
+        entry,
+        host.as_ref(),
+        upgrade,
+        present,
+        log.trace.as_ref(),
+    )?;
     // A registered route whose instances are away: wait (bounded) for one to come back.
     let pool = crate::registration::ready_pool(entry.pool_slot(), ctx.telemetry.metrics())
         .await
@@ -378,7 +392,7 @@ async fn proxy(
         };
         ctx.shutdown
             .spawn(tunnel(client_upgrade, upstream, in_flight));
-        hygiene::add_via(&mut parts.headers, Version::HTTP_11);
+        hygiene::add_via(&mut parts.headers, Version::HTTP_11, Present::ALL);
         return Ok(Response::from_parts(parts, ResponseBody::full("")));
     }
     Ok(client_response(
@@ -412,11 +426,14 @@ async fn acme_challenge(
 fn check_request<'r>(
     ctx: &ConnContext,
     req: &'r Request<ClientBody>,
+    present: Present,
 ) -> Result<Option<&'r HeaderValue>, Failure> {
     // HTTP/1 requests declaring both body lengths never get here: the codec refuses them
     // (see `h1`).
-    hygiene::check_framing(req.headers())
-        .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
+    if present.has(Known::ContentLength) || present.has(Known::TransferEncoding) {
+        hygiene::check_framing(req.headers())
+            .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
+    }
     hygiene::check_header_names(req.headers())
         .map_err(|r| Failure::new(StatusCode::BAD_REQUEST, ErrorSource::Downstream, r))?;
     let host = hygiene::check_host(req.uri(), req.headers())
@@ -428,7 +445,7 @@ fn check_request<'r>(
             "HTTP/1.1 request without Host",
         ));
     }
-    if req.version() == Version::HTTP_10 && req.headers().contains_key(header::TRANSFER_ENCODING) {
+    if req.version() == Version::HTTP_10 && present.has(Known::TransferEncoding) {
         return Err(Failure::new(
             StatusCode::BAD_REQUEST,
             ErrorSource::Downstream,
@@ -436,7 +453,7 @@ fn check_request<'r>(
         ));
     }
     let limit = ctx.listener.max_body_bytes;
-    if limit > 0 {
+    if limit > 0 && present.has(Known::ContentLength) {
         match hygiene::content_length(req.headers()) {
             Some(n) if n > limit => {
                 return Err(Failure::new(
@@ -451,13 +468,15 @@ fn check_request<'r>(
     Ok(host)
 }
 
-/// Step 2: the request as the upstream gets it.
+/// Step 2: the request as the upstream gets it. `upgrade`: it asks to switch protocols;
+/// `present`: the known headers it came with.
 fn upstream_request(
     ctx: &ConnContext,
     req: Request<ClientBody>,
     entry: &RouteEntry,
     host: Option<&hygiene::RequestHost>,
     upgrade: bool,
+    present: Present,
     trace: Option<&opentelemetry::Context>,
 ) -> Result<Request<RequestBody>, Failure> {
     let (mut parts, body) = req.into_parts();
@@ -521,12 +540,18 @@ fn upstream_request(
         }
     };
     parts.version = Version::HTTP_11;
-    if hygiene::accepts_trailers(&parts.headers) {
+    if present.has(Known::Te) && hygiene::accepts_trailers(&parts.headers) {
         parts.extensions.insert(hygiene::TeTrailers);
     }
-    hygiene::strip_hop_by_hop(&mut parts.headers, upgrade);
-    hygiene::add_forwarding(&mut parts.headers, &ctx.forwarded, ctx.scheme, host);
-    hygiene::add_via(&mut parts.headers, received_version);
+    hygiene::strip_hop_by_hop(&mut parts.headers, upgrade, present);
+    hygiene::add_forwarding(
+        &mut parts.headers,
+        &ctx.forwarded,
+        ctx.scheme,
+        host,
+        present,
+    );
+    hygiene::add_via(&mut parts.headers, received_version, present);
     // Same trace, with this request's span as the upstream's parent.
     if let (Some(cx), Some(tracing)) = (trace, ctx.telemetry.tracing()) {
         tracing.inject(cx, &mut parts.headers);
@@ -1095,8 +1120,9 @@ fn client_response(
     in_flight: InFlight,
     tls: u64,
 ) -> Response<ResponseBody> {
-    hygiene::strip_hop_by_hop(&mut parts.headers, false);
-    hygiene::add_via(&mut parts.headers, parts.version);
+    let present = Present::of(&parts.headers);
+    hygiene::strip_hop_by_hop(&mut parts.headers, false, present);
+    hygiene::add_via(&mut parts.headers, parts.version, present);
     let body = match held {
         Held::Http1(body) => ResponseBody::http1(body, Some(Reuse::new(in_flight, tls))),
         Held::H2(body, stream) => ResponseBody::upstream(body, Some(Reuse::h2(stream, in_flight))),
