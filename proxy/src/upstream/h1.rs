@@ -593,18 +593,25 @@ impl H1Conn {
 /// (which also allocates a copy of a name the `http` crate does not know), for nearly
 /// every field of a usual message. `raw` is a token, as httparse gives a field name;
 /// equal to one of these, the result is the one `HeaderName::from_bytes` gives.
+#[inline]
 pub(crate) fn known_name(raw: &[u8]) -> Option<HeaderName> {
     let words = name_words(raw)?;
-    let is = |name: [u64; NAME_WORDS]| words == name;
-    Some(match raw.len() {
+    // Within an arm the length is known: only the words it spans are compared.
+    let len = raw.len();
+    let is = |name: [u64; NAME_WORDS]| {
+        words[0] == name[0]
+            && (len <= 8 || words[1] == name[1])
+            && (len <= 16 || words[2] == name[2])
+    };
+    Some(match len {
         4 if is(const { words_of("date") }) => header::DATE,
         4 if is(const { words_of("host") }) => header::HOST,
         4 if is(const { words_of("etag") }) => header::ETAG,
         4 if is(const { words_of("vary") }) => header::VARY,
+        6 if is(const { words_of("server") }) => header::SERVER,
         6 if is(const { words_of("accept") }) => header::ACCEPT,
         6 if is(const { words_of("cookie") }) => header::COOKIE,
         6 if is(const { words_of("origin") }) => header::ORIGIN,
-        6 if is(const { words_of("server") }) => header::SERVER,
         7 if is(const { words_of("expires") }) => header::EXPIRES,
         7 if is(const { words_of("referer") }) => header::REFERER,
         8 if is(const { words_of("location") }) => header::LOCATION,
@@ -616,11 +623,11 @@ pub(crate) fn known_name(raw: &[u8]) -> Option<HeaderName> {
         12 if is(const { words_of("x-request-id") }) => {
             const { HeaderName::from_static("x-request-id") }
         }
-        13 if is(const { words_of("authorization") }) => header::AUTHORIZATION,
-        13 if is(const { words_of("if-none-match") }) => header::IF_NONE_MATCH,
         13 if is(const { words_of("last-modified") }) => header::LAST_MODIFIED,
         13 if is(const { words_of("accept-ranges") }) => header::ACCEPT_RANGES,
         13 if is(const { words_of("cache-control") }) => header::CACHE_CONTROL,
+        13 if is(const { words_of("authorization") }) => header::AUTHORIZATION,
+        13 if is(const { words_of("if-none-match") }) => header::IF_NONE_MATCH,
         14 if is(const { words_of("content-length") }) => header::CONTENT_LENGTH,
         15 if is(const { words_of("accept-encoding") }) => header::ACCEPT_ENCODING,
         15 if is(const { words_of("accept-language") }) => header::ACCEPT_LANGUAGE,
