@@ -233,8 +233,9 @@ impl<S> HeldWrites<S> {
             return false;
         }
         if self.buf.capacity() == 0 {
-            // Room for a few small answers; it grows up to the limit if need be.
-            self.buf.reserve(4096);
+            // Room for everything a poll may hold: growing it by steps instead copied
+            // what was held on each step, several times per poll under load.
+            self.buf.reserve(HOLD_LIMIT);
         }
         for b in bufs {
             self.buf.extend_from_slice(b);
@@ -463,5 +464,88 @@ mod tests {
         io.write_all(b"goaway").await.unwrap();
         io.shutdown().await.unwrap();
         assert_eq!(io.inner.0, vec![b"goaway".to_vec()]);
+    }
+
+    /// Stands in for hyper's connection: each poll writes an answer through the
+    /// connection's [`HeldWrites`] for every stream that asked for one, and the first poll
+    /// accepts `to_accept` streams made by `make`.
+    struct FakeConnection<M> {
+        streams: ConnectionStreams,
+        io: HeldWrites<Writes>,
+        answers: Arc<std::sync::atomic::AtomicUsize>,
+        to_accept: usize,
+        make: M,
+    }
+
+    impl<M: Fn() -> StreamFuture + Unpin> Future for FakeConnection<M> {
+        type Output = hyper::Result<()>;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+            let this = &mut *self;
+            for _ in 0..this.answers.swap(0, Ordering::Relaxed) {
+                let answer = [IoSlice::new(b"answer;")];
+                let _ = Pin::new(&mut this.io).poll_write_vectored(cx, &answer);
+            }
+            let _ = Pin::new(&mut this.io).poll_flush(cx);
+            for _ in 0..std::mem::take(&mut this.to_accept) {
+                hyper::rt::Executor::execute(&this.streams, (this.make)());
+            }
+            Poll::Pending
+        }
+    }
+
+    /// Polls, once, a connection whose first poll accepts three streams made by `make`,
+    /// which count the answers they ask for in `answers`; the writes the connection made.
+    fn one_poll_accepting<M: Fn() -> StreamFuture + Unpin>(
+        answers: Arc<std::sync::atomic::AtomicUsize>,
+        make: M,
+    ) -> Vec<Vec<u8>> {
+        let hold = Arc::new(Hold::default());
+        let streams = ConnectionStreams::default();
+        let conn = FakeConnection {
+            streams: streams.clone(),
+            io: HeldWrites::new(Writes::default(), hold.clone()),
+            answers,
+            to_accept: 3,
+            make,
+        };
+        let mut task = InTask::new(Box::pin(conn), streams, hold);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut task).poll(&mut cx).is_pending());
+        let conn = task.connection().expect("the connection has not ended");
+        std::mem::take(&mut Pin::into_inner(conn).io.inner.0)
+    }
+
+    #[test]
+    fn streams_answering_at_once_leave_in_one_write() {
+        let answers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = answers.clone();
+        let writes = one_poll_accepting(answers, move || {
+            let counted = counted.clone();
+            Box::pin(async move {
+                counted.fetch_add(1, Ordering::Relaxed);
+            })
+        });
+        assert_eq!(
+            writes,
+            vec![b"answer;answer;answer;".to_vec()],
+            "streams started and answered in one poll of the connection's task: one write"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_held_buffer_is_reserved_whole_once() {
+        let (mut io, hold) = held();
+        hold.holding.store(true, Ordering::Relaxed);
+        io.write_all(b"first").await.unwrap();
+        let reserved = (io.buf.as_ptr(), io.buf.capacity());
+        assert!(reserved.1 >= HOLD_LIMIT, "room for all a poll may hold");
+        io.write_all(&vec![b'x'; HOLD_LIMIT - 5]).await.unwrap();
+        assert!(io.inner.0.is_empty(), "still held");
+        assert_eq!(
+            (io.buf.as_ptr(), io.buf.capacity()),
+            reserved,
+            "filled up to the limit without moving"
+        );
     }
 }
