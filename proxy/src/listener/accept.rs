@@ -65,10 +65,16 @@ impl Incoming {
         };
         let Accepted { stream, client } = accepted;
         let Some(handle) = handle else {
-            shutdown.spawn(async move {
+            // Boxed, so that the task is small: tokio copies a task's future whole several
+            // times while spawning it (and its stage once more when it ends), and allocates
+            // the task 128-byte aligned, which takes the allocator's slow path for a block
+            // over 1 KiB. A connection's future is over 1 KiB; boxed it is allocated once,
+            // with the usual alignment (callgrind, TCP with a new connection per exchange:
+            // 17.4k -> 16.1k instructions per connection).
+            shutdown.spawn(Box::pin(async move {
                 let _load = load;
                 serve(stream).await
-            });
+            }));
             return;
         };
         let stream = match stream.into_std() {
@@ -79,7 +85,7 @@ impl Incoming {
             }
         };
         shutdown.spawn_on(
-            async move {
+            Box::pin(async move {
                 let _load = load;
                 match TcpStream::from_std(stream) {
                     Ok(stream) => serve(stream).await,
@@ -87,7 +93,7 @@ impl Incoming {
                         tracing::debug!(%client, error = %e, "cannot register a moved connection")
                     }
                 }
-            },
+            }),
             &handle,
         );
     }
