@@ -301,6 +301,33 @@ async fn idle_keep_alive_connections_are_closed_and_counted() {
 }
 
 #[tokio::test]
+async fn a_silent_client_is_closed_by_an_idle_timeout_shorter_than_header_timeout() {
+    // The wait for a connection's first bytes runs on the head's timer alone while that
+    // comes first; here the idle limit comes first, and still ends the wait.
+    let (p, _app) = proxy(
+        "http",
+        "idle_timeout = \"1s\"\nheader_timeout = \"300s\"",
+        "",
+        None,
+    )
+    .await;
+    let addr = p.addr("web");
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    assert_eq!(get(addr, "a.example", "/").await.status, 200);
+    for (n, stream) in silent.iter_mut().enumerate() {
+        assert!(
+            closed_by_proxy(stream).await,
+            "silent connection {n} still open"
+        );
+    }
+    expect_sample(&p, &timeouts("http", "idle"), 3).await;
+    expect_sample(&p, &timeouts("http", "head"), 0).await;
+}
+
+#[tokio::test]
 async fn a_keep_alive_wait_ended_by_header_timeout_counts_as_idle_not_as_a_slow_head() {
     let (p, _app) = proxy(
         "http",

@@ -54,7 +54,12 @@ fn poll_first_bytes<IO: AsyncRead>(
         }
         // Read straight into what becomes the HTTP/1 codec's buffer: no copy on the way.
         if start.capacity() - start.len() < FIRST_READ / 4 {
-            start.reserve(FIRST_READ);
+            if start.capacity() == 0 {
+                // One a connection of this thread gave back, if any.
+                *start = super::h1::read_buffer();
+            } else {
+                start.reserve(FIRST_READ);
+            }
         }
         let read = ready!(tokio_util::io::poll_read_buf(io.as_mut(), cx, start))?;
         if read == 0 {
@@ -119,6 +124,10 @@ impl<S: ReadReady> ReadReady for Replayed<S> {
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_read_ready(cx)
+    }
+
+    fn bound_waits(&mut self, end: Option<tokio::time::Instant>) {
+        self.inner.bound_waits(end)
     }
 }
 

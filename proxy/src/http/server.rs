@@ -334,12 +334,14 @@ async fn await_first_bytes<IO>(
     first_due: Instant,
 ) -> Option<Speaks>
 where
-    IO: AsyncRead + Unpin,
+    IO: AsyncRead + ReadReady + Unpin,
 {
     let client = ctx.client;
-    // One timer for both limits: the first request's, then the drain's grace.
+    // One timer for both limits: the first request's, then the drain's grace (earlier);
+    // the stream's idle limit needs none of its own meanwhile.
     let deadline = tokio::time::sleep_until(first_due);
     tokio::pin!(deadline);
+    io.bound_waits(Some(first_due));
     let mut draining = false;
     let read = loop {
         tokio::select! {
@@ -360,6 +362,7 @@ where
             }
         }
     };
+    io.bound_waits(None);
     match read {
         Ok(speaks) => speaks,
         Err(e) => {
@@ -467,12 +470,15 @@ async fn await_next_request<S: ReadReady>(
     drain_due: &mut Option<Instant>,
 ) -> bool {
     let client = ctx.client;
-    // One timer for both limits: whichever of the next request's and the drain's is first.
+    // One timer for both limits: whichever of the next request's and the drain's is first;
+    // the stream's idle limit needs none of its own meanwhile.
     let deadline = tokio::time::sleep_until(drain_due.map_or(head_due, |d| d.min(head_due)));
     tokio::pin!(deadline);
+    stream.bound_waits(Some(head_due));
     loop {
         tokio::select! {
             r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
+                stream.bound_waits(None);
                 return match r {
                     Ok(()) => true,
                     Err(e) => {

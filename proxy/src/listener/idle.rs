@@ -32,6 +32,9 @@ pub struct IdleTimeout<S> {
     waking: Option<Waker>,
     /// Where an expiry is counted (once), if anywhere.
     counted: Option<ListenerSeries>,
+    /// Set while the reader's own timer ends its wait by then (see
+    /// [`ReadReady::bound_waits`]).
+    bounded: Option<Instant>,
 }
 
 impl<S> IdleTimeout<S> {
@@ -44,6 +47,7 @@ impl<S> IdleTimeout<S> {
             timer: None,
             waking: None,
             counted: None,
+            bounded: None,
         }
     }
 
@@ -59,6 +63,12 @@ impl<S> IdleTimeout<S> {
         &self.inner
     }
 
+    /// See [`ReadReady::bound_waits`]: while a wait ends by `end` at the latest, and that
+    /// is before the idle limit, a wait arms no timer here.
+    pub fn bound_waits(&mut self, end: Option<Instant>) {
+        self.bounded = end;
+    }
+
     /// Counts as activity: for a copy that moves bytes below the stream (splice).
     pub fn touch(&mut self) {
         // Without a limit (one below TLS already), the time would never be read.
@@ -71,6 +81,14 @@ impl<S> IdleTimeout<S> {
     /// copy that waits for the stream's readiness itself (splice).
     pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         if self.timeout.is_zero() {
+            return Poll::Pending;
+        }
+        if self
+            .bounded
+            .is_some_and(|end| end <= self.last_activity + self.timeout)
+        {
+            // The reader's own timer ends this wait before the idle limit could: no timer
+            // here (most connections then never make one).
             return Poll::Pending;
         }
         let timer = self.timer.get_or_insert_with(|| {
@@ -129,6 +147,15 @@ pub trait ReadReady {
     /// meaningful while nothing read is held above the socket: after a read returned
     /// `Pending` through every layer.
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Says that the reader ends every wait on this stream by `end` with a timer of its
+    /// own (a connection's first request head, its linger between requests, its parked
+    /// wait), until called again with `None`. A stream whose idle limit falls later then
+    /// arms no timer of its own for those waits: one timer per wait instead of two. A
+    /// reader must call it with `None` once its wait ended, before reading on.
+    fn bound_waits(&mut self, end: Option<Instant>) {
+        let _ = end;
+    }
 }
 
 impl ReadReady for tokio::net::TcpStream {
@@ -148,11 +175,19 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
             },
         }
     }
+
+    fn bound_waits(&mut self, end: Option<Instant>) {
+        IdleTimeout::bound_waits(self, end);
+    }
 }
 
 impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         (**self).poll_read_ready(cx)
+    }
+
+    fn bound_waits(&mut self, end: Option<Instant>) {
+        (**self).bound_waits(end)
     }
 }
 
@@ -161,6 +196,10 @@ impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
     /// nothing, which then reads it and waits again.
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.get_mut().0.poll_read_ready(cx)
+    }
+
+    fn bound_waits(&mut self, end: Option<Instant>) {
+        self.get_mut().0.bound_waits(end)
     }
 }
 
@@ -296,6 +335,55 @@ mod tests {
             "{closed:?}"
         );
         client.read_exact(&mut buf).await.unwrap();
+    }
+
+    /// Polls one read of `idle` once: `true` if it is waiting.
+    fn read_waits<S: AsyncRead + Unpin>(idle: &mut IdleTimeout<S>) -> bool {
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        let mut cx = Context::from_waker(Waker::noop());
+        Pin::new(idle).poll_read(&mut cx, &mut buf).is_pending()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_the_reader_ends_first_arms_no_timer_and_the_limit_holds_after_it() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        // The reader's own timer ends its wait at 5 s, before the idle limit at 10 s.
+        idle.bound_waits(Some(start + Duration::from_secs(5)));
+        assert!(read_waits(&mut idle));
+        assert!(idle.timer.is_none(), "a timer armed for a bounded wait");
+        // Its wait over, the idle limit counts from the last activity as before.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        idle.bound_waits(None);
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
+            "{closed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bound_later_than_the_idle_limit_leaves_the_limit_its_timer() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        idle.bound_waits(Some(start + Duration::from_secs(300)));
+        assert!(read_waits(&mut idle));
+        assert!(
+            idle.timer.is_some(),
+            "no timer for a wait the limit ends first"
+        );
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
+            "{closed:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
