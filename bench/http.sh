@@ -355,23 +355,23 @@ for log in "${LOGS[@]}"; do
 done
 
 # --- report -------------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
-better() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b) ? a : b }'; }
-lower() { awk -v a="$1" -v b="$2" 'BEGIN { print (a < b) ? a : b }'; }
 mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new connection"; fi; }
-# The lowest and highest of the rounds' own ratios proxyd / better peer req/s, as "lo-hi".
-round_range() { # log mode
-    awk -F'\t' -v lg="$1" -v mode="$2" '
-        $2 == lg && $3 == mode && $4 == "proxyd" { p[$1] = $5 }
-        $2 == lg && $3 == mode && ($4 == "nginx" || $4 == "haproxy") && $5 > best[$1] { best[$1] = $5 }
-        END {
-            for (r in p) if (best[r] > 0) {
-                v = p[r] / best[r]
-                if (lo == "" || v < lo) lo = v
-                if (hi == "" || v > hi) hi = v
-            }
-            if (lo != "") printf "%.2f-%.2f", lo, hi
-        }' "$RUNS"
+# Each round's own ratio of proxyd to its peer, then their median and range, as
+# "median lo-hi". A ratio is taken within one round, where proxyd and its peers ran a
+# minute or two apart, so a slow spell of the machine moves both sides of it; COLUMN is 5 (req/s, against the better
+# of nginx and HAProxy), 7 (p99, against the lower) or 9 (CPU per request, against nginx).
+round_ratios() { # log mode column
+    awk -F'\t' -v lg="$1" -v mode="$2" -v c="$3" '
+        $2 != lg || $3 != mode { next }
+        $4 == "proxyd" { p[$1] = $c }
+        c == 5 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c > peer[$1]) { peer[$1] = $c }
+        c == 7 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c < peer[$1]) { peer[$1] = $c }
+        c == 9 && $4 == "nginx" { peer[$1] = $c }
+        END { for (r in p) if (peer[r] > 0) printf "%.4f\n", p[r] / peer[r] }' "$RUNS" | sort -g |
+        awk '{ v[NR] = $1 } END {
+            if (NR == 0) { print "n/a n/a"; exit }
+            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            printf "%.2f %.2f-%.2f\n", m, v[1], v[NR] }'
 }
 
 mkdir -p "$OUT"
@@ -387,13 +387,14 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
 {
     echo "$HEADER"
     echo
-    echo "| access log | client connections | proxyd / best peer req/s | each round | proxyd / best peer p99 | proxyd / nginx CPU per request | proxyd req/s | nginx | HAProxy |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| access log | client connections | proxyd / best peer req/s | rounds | proxyd / best peer p99 | rounds | proxyd / nginx CPU per request | rounds | proxyd req/s | nginx | HAProxy |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for log in "${LOGS[@]}"; do
         for mode in "${MODES[@]}"; do
-            best=$(better "${RPS[nginx,$log,$mode]}" "${RPS[haproxy,$log,$mode]}")
-            bestp99=$(lower "${P99[nginx,$log,$mode]}" "${P99[haproxy,$log,$mode]}")
-            echo "| $log | $(mode_label "$mode") | $(ratio "${RPS[proxyd,$log,$mode]}" "$best") | $(round_range "$log" "$mode") | $(ratio "${P99[proxyd,$log,$mode]}" "$bestp99") | $(ratio "${CPU[proxyd,$log,$mode]}" "${CPU[nginx,$log,$mode]}") | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
+            read -r rps_ratio rps_range < <(round_ratios "$log" "$mode" 5)
+            read -r p99_ratio p99_range < <(round_ratios "$log" "$mode" 7)
+            read -r cpu_ratio cpu_range < <(round_ratios "$log" "$mode" 9)
+            echo "| $log | $(mode_label "$mode") | $rps_ratio | $rps_range | $p99_ratio | $p99_range | $cpu_ratio | $cpu_range | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
         done
     done
     echo
@@ -411,8 +412,8 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
         done
     done
     echo
-    echo "Every figure is the median of its $ROUNDS rounds (errors: the sum); the proxies took turns within each round."
-    echo "Best peer: the higher median req/s (lower median p99) of nginx and HAProxy; each round: the lowest and highest of the rounds' own ratios."
+    echo "Ratios: each round's own ratio (against the better of nginx and HAProxy in that round: the higher req/s, the lower p99), the median of the $ROUNDS rounds, and beside it the lowest and highest; the proxies took turns within each round."
+    echo "Raw figures: the median of the $ROUNDS rounds (errors: the sum)."
     echo "CPU per request: user + system time of the proxy's processes during the measured run / requests."
     echo "Peak RSS: VmHWM over a whole round of that target (nginx: master + workers summed), the highest of the rounds."
 } >"$OUT/results.md"
