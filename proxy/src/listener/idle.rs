@@ -393,12 +393,7 @@ mod tests {
         let start = Instant::now();
         // First polled with a waker that wakes nothing: the timer must not take the next
         // reader's wait for one it already registered.
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        let mut cx = Context::from_waker(Waker::noop());
-        assert!(Pin::new(&mut idle)
-            .poll_read(&mut cx, &mut buf)
-            .is_pending());
+        assert!(read_waits(&mut idle));
         let outcome = tokio::time::timeout(Duration::from_secs(60), read_to_failure(&mut idle))
             .await
             .expect("the reader is woken by the idle timer");
