@@ -64,6 +64,15 @@ cleanup() {
     rm -rf "$WORK"
 }
 
+# median_range FMT  reads numbers, one per line, and prints their median and their lowest and
+# highest as "MEDIAN LO-HI", each with printf format FMT; "n/a n/a" when it reads none.
+median_range() { # fmt
+    sort -g | awk -v f="$1" '{ v[NR] = $1 } END {
+        if (NR == 0) { print "n/a n/a"; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf f " " f "-" f "\n", m, v[1], v[NR] }'
+}
+
 # A free loopback port in 20000-29999 (below the ephemeral range that wrk and tests use),
 # never the same twice in one run.
 used_ports=""

@@ -327,8 +327,7 @@ RSS[upstream]=$(peak_rss_mib "$UP_PID")
 # request) for one log/mode/target.
 median() { # log mode target column printf-format
     awk -F'\t' -v lg="$1" -v mode="$2" -v t="$3" -v c="$4" \
-        '$2 == lg && $3 == mode && $4 == t { print $c }' "$RUNS" | sort -g |
-        awk -v f="$5" '{ v[NR] = $1 } END { if (NR == 0) exit; printf f "\n", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        '$2 == lg && $3 == mode && $4 == t { print $c }' "$RUNS" | median_range "$5" | cut -d' ' -f1
 }
 # Errors are summed over the rounds: one failed request in any round counts.
 errors() { # log mode target
@@ -367,11 +366,7 @@ round_ratios() { # log mode column
         c == 5 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c > peer[$1]) { peer[$1] = $c }
         c == 7 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c < peer[$1]) { peer[$1] = $c }
         c == 9 && $4 == "nginx" { peer[$1] = $c }
-        END { for (r in p) if (peer[r] > 0) printf "%.4f\n", p[r] / peer[r] }' "$RUNS" | sort -g |
-        awk '{ v[NR] = $1 } END {
-            if (NR == 0) { print "n/a n/a"; exit }
-            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-            printf "%.2f %.2f-%.2f\n", m, v[1], v[NR] }'
+        END { for (r in p) if (peer[r] > 0) printf "%.4f\n", p[r] / peer[r] }' "$RUNS" | median_range %.2f
 }
 
 mkdir -p "$OUT"

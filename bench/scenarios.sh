@@ -21,8 +21,13 @@
 # The upstream is nginx serving a 1 KiB and a 64 MiB file on 127.0.0.1 with logs off; every
 # proxy runs alone, with its access log off. Loopback only; stops by itself.
 #
-# Usage: bench/scenarios.sh [tcp] [h2] [idle] [routes] [grpc]  (all five by default, ~5 min)
-# Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64
+# The tcp, h2, routes and grpc scenarios run BENCH_ROUNDS times, the proxies taking turns
+# within each round: a ratio is taken within one round and reported as the median of the
+# rounds' ratios with the lowest and highest beside it; raw figures are the rounds' medians.
+# On a shared machine one run's ratio can move by a fifth from one run to the next.
+#
+# Usage: bench/scenarios.sh [tcp] [h2] [idle] [routes] [grpc]  (all five by default, ~9 min)
+# Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64  BENCH_ROUNDS=3
 #        BENCH_IDLE_CONNECTIONS=9000   (each proxy needs about 2 descriptors per connection;
 #                                       this machine's hard limit is 20,000)
 #        BENCH_ROUTES=100000
@@ -36,6 +41,7 @@ THREADS=${BENCH_THREADS:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 IDLE=${BENCH_IDLE_CONNECTIONS:-9000}
 MANY_ROUTES=${BENCH_ROUTES:-100000}
+ROUNDS=${BENCH_ROUNDS:-3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/bench/results}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
@@ -78,6 +84,25 @@ rss_kib() { # pid
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# The figures of a scenario are kept in an associative array keyed "NAME,ROUND".
+# round_ratio ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
+# (highest) of the PEERs' in that round, as "MEDIAN (LO-HI)" over the rounds.
+round_ratio() { # array subject peer...
+    local -n figures=$1
+    local subject=$2 round peer
+    shift 2
+    for round in $(seq "$ROUNDS"); do
+        for peer in "$@"; do echo "${figures[$peer,$round]:-0}"; done | sort -g | tail -1 |
+            awk -v a="${figures[$subject,$round]:-0}" '$1 > 0 { printf "%.4f\n", a / $1 }'
+    done | median_range %.2f | awk '{ printf "%s (%s)", $1, $2 }'
+}
+# round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
+round_median() { # array name fmt
+    local -n figures=$1
+    local round
+    for round in $(seq "$ROUNDS"); do echo "${figures[$2,$round]:-0}"; done | median_range "$3" | cut -d' ' -f1
+}
 
 # --- the upstream ---------------------------------------------------------------------------
 UP=$(free_port)
@@ -190,14 +215,15 @@ run_wrk() { # url connections out [wrk options...]
 
 # --- tcp --------------------------------------------------------------------------------------
 scenario_tcp() {
-    local name port pid rps mbs err best_tput best_rate
+    local round name port pid rps mbs err
     declare -A TPUT RATE ERRS
-    for name in proxyd haproxy haproxy-splice; do
-        port=$(free_port)
-        if [ "$name" = proxyd ]; then
-            {
-                proxyd_head "$WORK/proxyd-tcp"
-                cat <<EOF
+    for round in $(seq "$ROUNDS"); do
+        for name in proxyd haproxy haproxy-splice; do
+            port=$(free_port)
+            if [ "$name" = proxyd ]; then
+                {
+                    proxyd_head "$WORK/proxyd-tcp"
+                    cat <<EOF
 
 [[listeners]]
 name = "tcp"
@@ -209,15 +235,15 @@ name = "all"
 listener = "tcp"
 pool = "static"
 EOF
-            } >"$WORK/proxyd-tcp.toml"
-            start proxyd-tcp "$PROXYD" --config "$WORK/proxyd-tcp.toml"
-        else
-            {
-                haproxy_head tcp 4096
-                # HAProxy splices only when told to; splice-auto uses it where it guesses a
-                # large transfer (a direction that filled its buffer).
-                if [ "$name" = haproxy-splice ]; then echo "    option splice-auto"; fi
-                cat <<EOF
+                } >"$WORK/proxyd-tcp.toml"
+                start proxyd-tcp "$PROXYD" --config "$WORK/proxyd-tcp.toml"
+            else
+                {
+                    haproxy_head tcp 4096
+                    # HAProxy splices only when told to; splice-auto uses it where it guesses a
+                    # large transfer (a direction that filled its buffer).
+                    if [ "$name" = haproxy-splice ]; then echo "    option splice-auto"; fi
+                    cat <<EOF
 
 frontend f
     bind 127.0.0.1:$port
@@ -226,45 +252,45 @@ frontend f
 backend b
     server up 127.0.0.1:$UP
 EOF
-            } >"$WORK/$name-tcp.cfg"
-            start "$name-tcp" haproxy -db -f "$WORK/$name-tcp.cfg"
-        fi
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
-        say "tcp: $name, 64 MiB transfers (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-        read -r _ mbs err < <(run_wrk "http://127.0.0.1:$port/big" 4 "$WORK/tcp-$name-big.txt")
-        TPUT[$name]=$mbs
-        ERRS[$name]=$err
-        say "tcp: $name, a new connection per request"
-        read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/1k" "$CONNECTIONS" "$WORK/tcp-$name-close.txt" -H 'Connection: close')
-        RATE[$name]=$rps
-        ERRS[$name]=$((ERRS[$name] + err))
-        stop "$pid"
+                } >"$WORK/$name-tcp.cfg"
+                start "$name-tcp" haproxy -db -f "$WORK/$name-tcp.cfg"
+            fi
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
+            say "tcp: round $round/$ROUNDS: $name, 64 MiB transfers (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+            read -r _ mbs err < <(run_wrk "http://127.0.0.1:$port/big" 4 "$WORK/tcp-$name-big.txt")
+            TPUT[$name,$round]=$mbs
+            ERRS[$name]=$((${ERRS[$name]:-0} + err))
+            say "tcp: round $round/$ROUNDS: $name, a new connection per request"
+            read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/1k" "$CONNECTIONS" "$WORK/tcp-$name-close.txt" -H 'Connection: close')
+            RATE[$name,$round]=$rps
+            ERRS[$name]=$((ERRS[$name] + err))
+            stop "$pid"
+        done
     done
-    best_tput=$(awk -v a="${TPUT[haproxy]}" -v b="${TPUT[haproxy-splice]}" 'BEGIN { print (a > b ? a : b) }')
-    best_rate=$(awk -v a="${RATE[haproxy]}" -v b="${RATE[haproxy-splice]}" 'BEGIN { print (a > b ? a : b) }')
     REPORT+=("" "### TCP forwarding (proxyd \`tcp\` listener vs HAProxy \`mode tcp\`, without and with \`option splice-auto\`)" ""
-        "| | proxyd / better HAProxy | proxyd | HAProxy | HAProxy splice-auto |" "|---|---:|---:|---:|---:|"
-        "| large transfers, MiB/s (4 connections, 64 MiB each) | $(ratio "${TPUT[proxyd]}" "$best_tput") | ${TPUT[proxyd]} | ${TPUT[haproxy]} | ${TPUT[haproxy-splice]} |"
-        "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | $(ratio "${RATE[proxyd]}" "$best_rate") | ${RATE[proxyd]} | ${RATE[haproxy]} | ${RATE[haproxy-splice]} |"
-        "| errors | | ${ERRS[proxyd]} | ${ERRS[haproxy]} | ${ERRS[haproxy-splice]} |")
+        "| | proxyd / better HAProxy (rounds) | proxyd | HAProxy | HAProxy splice-auto |" "|---|---:|---:|---:|---:|"
+        "| large transfers, MiB/s (4 connections, 64 MiB each) | $(round_ratio TPUT proxyd haproxy haproxy-splice) | $(round_median TPUT proxyd %.1f) | $(round_median TPUT haproxy %.1f) | $(round_median TPUT haproxy-splice %.1f) |"
+        "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | $(round_ratio RATE proxyd haproxy haproxy-splice) | $(round_median RATE proxyd %.0f) | $(round_median RATE haproxy %.0f) | $(round_median RATE haproxy-splice %.0f) |"
+        "| errors (all rounds) | | ${ERRS[proxyd]} | ${ERRS[haproxy]} | ${ERRS[haproxy-splice]} |")
 }
 
 # --- h2 ---------------------------------------------------------------------------------------
 scenario_h2() {
-    local name port tport pid kind url out rps
-    declare -A H2
+    local round name port tport pid kind url out rps failed
+    declare -A H2 FAILED
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
         -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
         -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
     chmod 644 "$WORK/key.pem" "$WORK/cert.pem"
-    for name in proxyd nginx; do
-        port=$(free_port)
-        tport=$(free_port)
-        if [ "$name" = proxyd ]; then
-            {
-                proxyd_head "$WORK/proxyd-h2"
-                cat <<EOF
+    for round in $(seq "$ROUNDS"); do
+        for name in proxyd nginx; do
+            port=$(free_port)
+            tport=$(free_port)
+            if [ "$name" = proxyd ]; then
+                {
+                    proxyd_head "$WORK/proxyd-h2"
+                    cat <<EOF
 
 [[listeners]]
 name = "h2c"
@@ -290,13 +316,13 @@ pool = "static"
 cert = "$WORK/cert.pem"
 key = "$WORK/key.pem"
 EOF
-            } >"$WORK/proxyd-h2.toml"
-            start proxyd-h2 "$PROXYD" --config "$WORK/proxyd-h2.toml"
-        else
-            mkdir -p "$WORK/nginx-h2"
-            {
-                nginx_head "$WORK/nginx-h2"
-                cat <<EOF
+                } >"$WORK/proxyd-h2.toml"
+                start proxyd-h2 "$PROXYD" --config "$WORK/proxyd-h2.toml"
+            else
+                mkdir -p "$WORK/nginx-h2"
+                {
+                    nginx_head "$WORK/nginx-h2"
+                    cat <<EOF
 http {
 $(nginx_http_head "$WORK/nginx-h2")
     upstream static {
@@ -319,28 +345,31 @@ $(nginx_http_head "$WORK/nginx-h2")
     }
 }
 EOF
-            } >"$WORK/nginx-h2/nginx.conf"
-            start nginx-h2 nginx -p "$WORK/nginx-h2" -c "$WORK/nginx-h2/nginx.conf" -e "$WORK/nginx-h2/error.log"
-        fi
-        pid=$LAST_PID
-        wait_ready "https://127.0.0.1:$tport/1k" "$name" "$pid" -k
-        for kind in h2c h2; do
-            if [ "$kind" = h2c ]; then url="http://127.0.0.1:$port/1k"; else url="https://127.0.0.1:$tport/1k"; fi
-            say "h2: $name, $kind"
-            out="$WORK/h2-$name-$kind.txt"
-            h2load -c16 -m10 -t"$THREADS" -D 1 "$url" >/dev/null 2>&1 || true
-            h2load -c16 -m10 -t"$THREADS" -D "$SECS" "$url" >"$out" 2>&1 || true
-            # "finished in 10.00s, 27012.30 req/s, ..."; failed requests count as lost.
-            rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
-            H2[$name,$kind]=${rps:-0}
-            H2[$name,$kind,failed]=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")
+                } >"$WORK/nginx-h2/nginx.conf"
+                start nginx-h2 nginx -p "$WORK/nginx-h2" -c "$WORK/nginx-h2/nginx.conf" -e "$WORK/nginx-h2/error.log"
+            fi
+            pid=$LAST_PID
+            wait_ready "https://127.0.0.1:$tport/1k" "$name" "$pid" -k
+            for kind in h2c h2; do
+                if [ "$kind" = h2c ]; then url="http://127.0.0.1:$port/1k"; else url="https://127.0.0.1:$tport/1k"; fi
+                say "h2: round $round/$ROUNDS: $name, $kind"
+                out="$WORK/h2-$name-$kind.txt"
+                h2load -c16 -m10 -t"$THREADS" -D 1 "$url" >/dev/null 2>&1 || true
+                h2load -c16 -m10 -t"$THREADS" -D "$SECS" "$url" >"$out" 2>&1 || true
+                # "finished in 10.00s, 27012.30 req/s, ..."; failed requests count as lost.
+                rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
+                H2[$name-$kind,$round]=${rps:-0}
+                failed=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")
+                # No "requests:" line (h2load could not run) counts as a failure too.
+                FAILED[$name-$kind]=$((${FAILED[$name-$kind]:-0} + ${failed:-1}))
+            done
+            stop "$pid"
         done
-        stop "$pid"
     done
     REPORT+=("" "### HTTP/2 from clients (h2load -c16 -m10, 1 KiB, HTTP/1.1 upstream)" ""
-        "| | proxyd req/s | nginx req/s | proxyd / nginx | failed (proxyd / nginx) |" "|---|---:|---:|---:|---|")
+        "| | proxyd / nginx (rounds) | proxyd req/s | nginx req/s | failed, all rounds (proxyd / nginx) |" "|---|---:|---:|---:|---|")
     for kind in h2c h2; do
-        REPORT+=("| $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)') | ${H2[proxyd,$kind]} | ${H2[nginx,$kind]} | $(ratio "${H2[proxyd,$kind]}" "${H2[nginx,$kind]}") | ${H2[proxyd,$kind,failed]:-?} / ${H2[nginx,$kind,failed]:-?} |")
+        REPORT+=("| $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)') | $(round_ratio H2 "proxyd-$kind" "nginx-$kind") | $(round_median H2 "proxyd-$kind" %.0f) | $(round_median H2 "nginx-$kind" %.0f) | ${FAILED[proxyd-$kind]} / ${FAILED[nginx-$kind]} |")
     done
 }
 
@@ -477,47 +506,50 @@ EOF
 
 # --- routes -----------------------------------------------------------------------------------
 scenario_routes() {
-    local n port pid rps err
-    declare -A RPS ERRS LOAD
-    for n in 10 "$MANY_ROUTES"; do
-        port=$(free_port)
-        {
-            proxyd_head "$WORK/proxyd-routes"
-            cat <<EOF
+    local round n port pid rps err
+    declare -A RPS ERRS LOAD RSS
+    for round in $(seq "$ROUNDS"); do
+        for n in 10 "$MANY_ROUTES"; do
+            port=$(free_port)
+            {
+                proxyd_head "$WORK/proxyd-routes"
+                cat <<EOF
 
 [[listeners]]
 name = "web"
 protocol = "http"
 address = "127.0.0.1:$port"
 EOF
-            awk -v n="$n" 'BEGIN {
-                for (i = 0; i < n; i++)
-                    printf "\n[[routes]]\nname = \"r%d\"\nlistener = \"web\"\npath_prefix = \"/r%d/\"\nstrip_prefix = true\npool = \"static\"\n", i, i
-            }'
-        } >"$WORK/proxyd-routes.toml"
-        cat >"$WORK/spread.lua" <<EOF
+                awk -v n="$n" 'BEGIN {
+                    for (i = 0; i < n; i++)
+                        printf "\n[[routes]]\nname = \"r%d\"\nlistener = \"web\"\npath_prefix = \"/r%d/\"\nstrip_prefix = true\npool = \"static\"\n", i, i
+                }'
+            } >"$WORK/proxyd-routes.toml"
+            cat >"$WORK/spread.lua" <<EOF
 math.randomseed(7)
 request = function()
     return wrk.format("GET", "/r" .. math.random(0, $((n - 1))) .. "/1k")
 end
 EOF
-        local t0=$SECONDS
-        start proxyd-routes "$PROXYD" --config "$WORK/proxyd-routes.toml"
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/r0/1k" "proxyd" "$pid"
-        LOAD[$n]=$((SECONDS - t0))
-        say "routes: proxyd with $n routes"
-        read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n.txt" -s "$WORK/spread.lua")
-        RPS[$n]=$rps
-        ERRS[$n]=$err
-        RPS[$n,rss]=$(($(rss_kib "$pid") / 1024))
-        stop "$pid"
+            local t0=$SECONDS
+            start proxyd-routes "$PROXYD" --config "$WORK/proxyd-routes.toml"
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/r0/1k" "proxyd" "$pid"
+            LOAD[$n,$round]=$((SECONDS - t0))
+            say "routes: round $round/$ROUNDS: proxyd with $n routes"
+            read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n.txt" -s "$WORK/spread.lua")
+            RPS[$n,$round]=$rps
+            ERRS[$n]=$((${ERRS[$n]:-0} + err))
+            RSS[$n,$round]=$(($(rss_kib "$pid") / 1024))
+            stop "$pid"
+        done
     done
     REPORT+=("" "### proxyd with 10 and with $MANY_ROUTES routes (wrk spreads requests over every route)" ""
-        "| routes | req/s | errors | RSS (MiB) | start until first answer |" "|---:|---:|---:|---:|---:|"
-        "| 10 | ${RPS[10]} | ${ERRS[10]} | ${RPS[10,rss]} | ${LOAD[10]} s |"
-        "| $MANY_ROUTES | ${RPS[$MANY_ROUTES]} | ${ERRS[$MANY_ROUTES]} | ${RPS[$MANY_ROUTES,rss]} | ${LOAD[$MANY_ROUTES]} s |"
-        "" "req/s with $MANY_ROUTES routes / with 10: **$(ratio "${RPS[$MANY_ROUTES]}" "${RPS[10]}")**")
+        "| routes | req/s | errors (all rounds) | RSS (MiB) | start until first answer |" "|---:|---:|---:|---:|---:|")
+    for n in 10 "$MANY_ROUTES"; do
+        REPORT+=("| $n | $(round_median RPS "$n" %.0f) | ${ERRS[$n]} | $(round_median RSS "$n" %.0f) | $(round_median LOAD "$n" %.0f) s |")
+    done
+    REPORT+=("" "req/s with $MANY_ROUTES routes / with 10, each round's own ratio: **$(round_ratio RPS "$MANY_ROUTES" 10)**")
 }
 
 # --- grpc -------------------------------------------------------------------------------------
@@ -531,7 +563,7 @@ grpc_probe() { # url token
 }
 
 scenario_grpc() {
-    local name port pid out rps probe url gport upid
+    local round name port pid out rps probe url gport upid failed
     local token=bench-token-0123456789
     declare -A RPS FAILED
     # An empty HealthCheckRequest as a gRPC message: not compressed, length 0.
@@ -558,12 +590,13 @@ EOF
         kill -0 "$upid" 2>/dev/null || { say "the gRPC upstream exited:"; cat "$WORK/grpc-upstream.log" >&2; exit 1; }
         sleep 0.1
     done
-    for name in proxyd nginx; do
-        port=$(free_port)
-        if [ "$name" = proxyd ]; then
-            {
-                proxyd_head "$WORK/proxyd-grpc"
-                cat <<EOF
+    for round in $(seq "$ROUNDS"); do
+        for name in proxyd nginx; do
+            port=$(free_port)
+            if [ "$name" = proxyd ]; then
+                {
+                    proxyd_head "$WORK/proxyd-grpc"
+                    cat <<EOF
 
 [[pools]]
 name = "grpc"
@@ -580,13 +613,13 @@ name = "grpc"
 listener = "h2c"
 pool = "grpc"
 EOF
-            } >"$WORK/proxyd-grpc.toml"
-            start proxyd-grpc "$PROXYD" --config "$WORK/proxyd-grpc.toml"
-        else
-            mkdir -p "$WORK/nginx-grpc"
-            {
-                nginx_head "$WORK/nginx-grpc"
-                cat <<EOF
+                } >"$WORK/proxyd-grpc.toml"
+                start proxyd-grpc "$PROXYD" --config "$WORK/proxyd-grpc.toml"
+            else
+                mkdir -p "$WORK/nginx-grpc"
+                {
+                    nginx_head "$WORK/nginx-grpc"
+                    cat <<EOF
 http {
 $(nginx_http_head "$WORK/nginx-grpc")
     upstream grpc_up {
@@ -600,38 +633,40 @@ $(nginx_http_head "$WORK/nginx-grpc")
     }
 }
 EOF
-            } >"$WORK/nginx-grpc/nginx.conf"
-            start nginx-grpc nginx -p "$WORK/nginx-grpc" -c "$WORK/nginx-grpc/nginx.conf" -e "$WORK/nginx-grpc/error.log"
-        fi
-        pid=$LAST_PID
-        url="http://127.0.0.1:$port/grpc.health.v1.Health/Check"
-        probe=""
-        for _ in $(seq 100); do
+                } >"$WORK/nginx-grpc/nginx.conf"
+                start nginx-grpc nginx -p "$WORK/nginx-grpc" -c "$WORK/nginx-grpc/nginx.conf" -e "$WORK/nginx-grpc/error.log"
+            fi
+            pid=$LAST_PID
+            url="http://127.0.0.1:$port/grpc.health.v1.Health/Check"
+            probe=""
+            for _ in $(seq 100); do
+                probe=$(grpc_probe "$url" "$token")
+                [ "$probe" = "200 0" ] && break
+                kill -0 "$pid" 2>/dev/null || { say "$name exited during start-up:"; cat "$WORK/$name-grpc.log" >&2; exit 1; }
+                sleep 0.1
+            done
+            [ "$probe" = "200 0" ] || { say "grpc: $name does not answer the call with grpc-status 0 (got: $probe)"; exit 1; }
+            say "grpc: round $round/$ROUNDS: $name, unary calls"
+            out="$WORK/grpc-$name.txt"
+            local h2args=(-c16 -m10 -t"$THREADS" -d "$WORK/health-check.bin" -H 'content-type: application/grpc'
+                -H 'te: trailers' -H "authorization: Bearer $token")
+            h2load "${h2args[@]}" -D 1 "$url" >/dev/null 2>&1 || true
+            h2load "${h2args[@]}" -D "$SECS" "$url" >"$out" 2>&1 || true
+            rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
+            RPS[$name,$round]=${rps:-0}
+            failed=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")
+            FAILED[$name]=$((${FAILED[$name]:-0} + ${failed:-1}))
+            # h2load counts a 200 as a success even when its trailers carry an error: one more
+            # call after the load must still say grpc-status 0.
             probe=$(grpc_probe "$url" "$token")
-            [ "$probe" = "200 0" ] && break
-            kill -0 "$pid" 2>/dev/null || { say "$name exited during start-up:"; cat "$WORK/$name-grpc.log" >&2; exit 1; }
-            sleep 0.1
+            [ "$probe" = "200 0" ] || FAILED[$name,after]="${FAILED[$name,after]:-} (after the load in round $round: $probe)"
+            stop "$pid"
         done
-        [ "$probe" = "200 0" ] || { say "grpc: $name does not answer the call with grpc-status 0 (got: $probe)"; exit 1; }
-        say "grpc: $name, unary calls"
-        out="$WORK/grpc-$name.txt"
-        local h2args=(-c16 -m10 -t"$THREADS" -d "$WORK/health-check.bin" -H 'content-type: application/grpc'
-            -H 'te: trailers' -H "authorization: Bearer $token")
-        h2load "${h2args[@]}" -D 1 "$url" >/dev/null 2>&1 || true
-        h2load "${h2args[@]}" -D "$SECS" "$url" >"$out" 2>&1 || true
-        rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
-        RPS[$name]=${rps:-0}
-        FAILED[$name]=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")
-        # h2load counts a 200 as a success even when its trailers carry an error: one more
-        # call after the load must still say grpc-status 0.
-        probe=$(grpc_probe "$url" "$token")
-        [ "$probe" = "200 0" ] || FAILED[$name]="${FAILED[$name]} (after the load: $probe)"
-        stop "$pid"
     done
     stop "$upid"
     REPORT+=("" "### gRPC unary calls (h2load -c16 -m10, grpc.health.v1.Health/Check answered by tonic)" ""
-        "| | proxyd (h2c pool) calls/s | nginx (grpc_pass) calls/s | proxyd / nginx | failed (proxyd / nginx) |" "|---|---:|---:|---:|---|"
-        "| unary | ${RPS[proxyd]} | ${RPS[nginx]} | $(ratio "${RPS[proxyd]}" "${RPS[nginx]}") | ${FAILED[proxyd]:-?} / ${FAILED[nginx]:-?} |")
+        "| | proxyd / nginx (rounds) | proxyd (h2c pool) calls/s | nginx (grpc_pass) calls/s | failed, all rounds (proxyd / nginx) |" "|---|---:|---:|---:|---|"
+        "| unary | $(round_ratio RPS proxyd nginx) | $(round_median RPS proxyd %.0f) | $(round_median RPS nginx %.0f) | ${FAILED[proxyd]}${FAILED[proxyd,after]:-} / ${FAILED[nginx]}${FAILED[nginx,after]:-} |")
 }
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -641,6 +676,6 @@ mkdir -p "$OUT"
 {
     echo "## bench/scenarios.sh ($(date -u +%Y-%m-%d), $(nproc) cores, proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     echo
-    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off; load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off; tcp, h2, routes and grpc: median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); idle: one run; load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     printf '%s\n' "${REPORT[@]}"
 } | tee "$OUT/results-scenarios.md"
