@@ -942,7 +942,7 @@ struct Attempts {
 
 /// A new connection, as the upstream's protocol made it.
 enum Dialed {
-    Http1(H1Conn),
+    Http1(Box<H1Conn>),
     H2(H2Conn),
     None(NoConnection),
 }
@@ -1131,7 +1131,7 @@ fn client_response(
 }
 
 /// Joins the client and upstream connections after a `101 Switching Protocols`.
-async fn tunnel(client: ClientUpgrade, upstream: H1Conn, in_flight: InFlight) {
+async fn tunnel(client: ClientUpgrade, upstream: Box<H1Conn>, in_flight: InFlight) {
     let Some(mut client) = client.stream().await else {
         tracing::debug!("upgrade failed: the client connection ended before the switch");
         return;

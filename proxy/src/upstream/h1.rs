@@ -305,15 +305,18 @@ pub(crate) enum Chunk {
 
 impl H1Conn {
     /// A new connection on `stream`; `open` is held as long as the connection lives.
-    pub fn new(stream: UpstreamStream, open: Option<OpenConnection>) -> Self {
-        H1Conn {
+    /// Boxed from the start: the connection goes from the idle store into a request's
+    /// exchange, its response body and back, and each of those moves is a pointer's
+    /// rather than the whole connection's (socket, buffers) copied.
+    pub fn new(stream: UpstreamStream, open: Option<OpenConnection>) -> Box<Self> {
+        Box::new(H1Conn {
             io: stream,
             buf: BytesMut::new(),
             out: Vec::new(),
             spans: Vec::new(),
             reused: false,
             _open: open,
-        }
+        })
     }
 
     /// Whether it served a request before.
@@ -356,7 +359,7 @@ impl H1Conn {
     /// Sends `req` and waits for the response head. The request body is streamed while the
     /// response head is awaited; if the head comes first, the response body finishes it.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<H1Body>, SendError> {
         let framing = request_framing(&mut req);
@@ -574,7 +577,7 @@ impl H1Conn {
 
     /// Joins the connection, after a protocol switch, with the client's side: what the
     /// upstream already sent goes first.
-    pub async fn tunnel<C>(mut self, client: &mut C) -> io::Result<()>
+    pub async fn tunnel<C>(mut self: Box<Self>, client: &mut C) -> io::Result<()>
     where
         C: AsyncRead + AsyncWrite + Unpin,
     {
@@ -779,7 +782,7 @@ fn ends_chunked(headers: &HeaderMap) -> bool {
 /// A response body read from an upstream HTTP/1.1 connection; the connection comes back
 /// through [`H1Body::take_idle`] once the exchange ended cleanly.
 pub struct H1Body {
-    conn: Option<H1Conn>,
+    conn: Option<Box<H1Conn>>,
     framing: Framing,
     /// The request body, when the response head came before all of it was sent (boxed:
     /// rare, and the body is moved with every response).
@@ -799,7 +802,7 @@ impl fmt::Debug for H1Body {
 impl H1Body {
     /// The connection for reuse: the response body was read to its end, the request sent
     /// in full, nothing asked to close and nothing unasked followed the response.
-    pub fn take_idle(&mut self) -> Option<H1Conn> {
+    pub fn take_idle(&mut self) -> Option<Box<H1Conn>> {
         let conn = self.conn.take()?;
         (self.framing == Framing::Done
             && self.keep_alive
@@ -809,7 +812,7 @@ impl H1Body {
     }
 
     /// After `101 Switching Protocols`: the connection, to be joined with the client's.
-    pub fn into_tunnel(mut self) -> Option<H1Conn> {
+    pub fn into_tunnel(mut self) -> Option<Box<H1Conn>> {
         if self.framing == Framing::Tunnel {
             self.conn.take()
         } else {
@@ -1147,7 +1150,7 @@ mod tests {
         (addr, accepted)
     }
 
-    async fn conn(addr: SocketAddr) -> H1Conn {
+    async fn conn(addr: SocketAddr) -> Box<H1Conn> {
         let stream = TcpStream::connect(addr).await.unwrap();
         H1Conn::new(UpstreamStream::Tcp(stream), None)
     }

@@ -33,7 +33,7 @@ pub struct ConnKey<'a> {
 }
 
 struct Idle {
-    conn: H1Conn,
+    conn: Box<H1Conn>,
     since: Instant,
 }
 
@@ -76,7 +76,7 @@ pub fn take(
     key: ConnKey<'_>,
     upstream: &UpstreamRuntime,
     idle_timeout: Duration,
-) -> Option<H1Conn> {
+) -> Option<Box<H1Conn>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&key.tls)?.get_mut(key.address)?;
@@ -105,7 +105,7 @@ pub fn take(
 
 /// Keeps `conn` for reuse by later requests of this thread (when the store for this
 /// upstream is full, the oldest is dropped).
-pub fn put(key: ConnKey<'_>, mut conn: H1Conn) {
+pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>) {
     conn.park();
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
