@@ -74,9 +74,10 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Writes the line; `bytes` is the response body size sent, `grpc_status` the status
-    /// a gRPC call ended with.
-    pub fn write(&self, bytes: u64, complete: bool, grpc_status: Option<u32>) {
-        let elapsed = self.start.elapsed();
+    /// a gRPC call ended with, `end` when the response ended (the caller's clock reading,
+    /// which it may use for more than this).
+    pub fn write(&self, bytes: u64, complete: bool, grpc_status: Option<u32>, end: Instant) {
+        let elapsed = end.saturating_duration_since(self.start);
         let (route, pool) = self
             .entry
             .as_ref()
@@ -91,6 +92,7 @@ impl AccessLog {
             grpc_status,
             bytes,
             elapsed,
+            end,
         };
         match &self.entry {
             Some(entry) => self

@@ -184,9 +184,16 @@ impl ResponseBody {
     }
 
     fn finish(&mut self, complete: bool) {
+        if self.reuse.is_none() && self.log.is_none() {
+            // Finished already (a drop after the end): no clock to read.
+            return;
+        }
         // hyper stops polling once `is_end_stream` is true, so a body that was read to its
         // end may be dropped without ever returning `None`.
         let complete = complete || self.is_end_stream();
+        // One reading for the end of the exchange: the kept connection's idle time and
+        // the request's duration start and end at it.
+        let now = std::time::Instant::now();
         if let Some(reuse) = self.reuse.take() {
             let upstream = reuse.in_flight.upstream();
             if let (Held::Http1 { tls }, Source::Http1(body)) = (reuse.held, &mut self.source) {
@@ -198,6 +205,7 @@ impl ResponseBody {
                             tls,
                         },
                         conn,
+                        now,
                     );
                 }
             }
@@ -207,6 +215,7 @@ impl ResponseBody {
                 self.bytes,
                 complete,
                 self.grpc.as_ref().and_then(|g| g.status),
+                now,
             );
         }
     }

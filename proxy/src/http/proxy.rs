@@ -591,6 +591,17 @@ struct Attempt<'a> {
     body_sent: Option<Arc<BodySent>>,
     last: Option<ConnectError>,
     full: bool,
+    /// The clock read when forwarding began, until a step uses it: the first look into
+    /// the idle store and the send on a kept connection follow it without waiting on
+    /// anything, so one reading serves the deadline, the idle check and the send time.
+    now: Option<Instant>,
+}
+
+impl Attempt<'_> {
+    /// The current time: the reading forwarding began with, if no step used it yet.
+    fn now(&mut self) -> Instant {
+        self.now.take().unwrap_or_else(Instant::now)
+    }
 }
 
 /// What trying one upstream gave.
@@ -634,18 +645,20 @@ async fn forward(
     })?;
     let policy = &pool.policy;
     let body_sent = req.body().sent();
+    let now = Instant::now();
     let mut attempt = Attempt {
         pool,
         metrics: log.telemetry.metrics(),
         log,
         budget: Attempts {
             left: policy.max_attempts,
-            deadline: Instant::now() + policy.connect_deadline,
+            deadline: now + policy.connect_deadline,
         },
         pending: Some(req),
         body_sent,
         last: None,
         full: false,
+        now: Some(now),
     };
     for upstream in candidates {
         let mut in_flight = upstream.start();
@@ -682,10 +695,13 @@ async fn forward_http1(
     let pool = a.pool;
     let policy = &pool.policy;
     let key = pool.conn_key(&upstream.address);
-    let mut conn = match idle::take(key, upstream, policy.idle_timeout) {
-        Some(conn) => conn,
+    let now = a.now();
+    // The send time is the idle check's reading when a kept connection takes the
+    // request at once; after a dial it is read again.
+    let (mut conn, mut sent_at) = match idle::take(key, upstream, policy.idle_timeout, now) {
+        Some(conn) => (conn, Some(now)),
         None => match a.budget.dial(upstream, pool, a.metrics).await {
-            Dialed::Http1(conn) => conn,
+            Dialed::Http1(conn) => (conn, None),
             Dialed::H2(conn) => {
                 h2::keep(key, conn);
                 return Step::Switch(in_flight);
@@ -699,7 +715,7 @@ async fn forward_http1(
             return Step::Next;
         };
         let reused = conn.reused();
-        let sent_at = Instant::now();
+        let sent_at = sent_at.take().unwrap_or_else(Instant::now);
         // Pinned where it is made: the timeout and `send` hold a pointer to the exchange
         // rather than moving the whole future (request, connection, buffers) into each.
         let exchange = std::pin::pin!(conn.send(req));
@@ -757,6 +773,8 @@ async fn forward_h2(
     in_flight: InFlight,
 ) -> Step {
     let pool = a.pool;
+    // Waits below (a dial, a pick) leave forwarding's first reading stale.
+    a.now = None;
     let key = pool.conn_key(&upstream.address);
     let want = usize::try_from(pool.policy.h2_connections).unwrap_or(1);
     let mut resends = 0;
@@ -774,7 +792,7 @@ async fn forward_h2(
                 }
                 Dialed::Http1(conn) => {
                     drop(ticket);
-                    idle::put(key, conn);
+                    idle::put(key, conn, Instant::now());
                     return Step::Switch(in_flight);
                 }
                 Dialed::None(why) => return a.no_connection(why),

@@ -208,6 +208,7 @@ mod tests {
             grpc_status: None,
             bytes: 0,
             elapsed: Duration::from_millis(1),
+            end: std::time::Instant::now(),
         });
     }
 

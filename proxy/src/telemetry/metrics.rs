@@ -142,6 +142,9 @@ pub struct HttpOutcome<'a> {
     pub bytes: u64,
     /// From the request head to the end of the response body.
     pub elapsed: Duration,
+    /// When the response body ended: the reading `elapsed` was taken from, so recording
+    /// reads no clock of its own.
+    pub end: Instant,
 }
 
 /// Result of an ACME certificate order.
@@ -557,7 +560,7 @@ impl Metrics {
 
     fn record_http(&self, outcome: &HttpOutcome<'_>, series: &RouteSeries) {
         self.legacy.http_total.fetch_add(1, Ordering::Relaxed);
-        self.legacy.window.record(outcome.elapsed);
+        self.legacy.window.record(outcome.elapsed, outcome.end);
         let class = status_class_index(outcome.status);
         let by_class = series.classes[class].get_or_init(|| ClassSeries {
             requests: AtomicU64::new(0),
@@ -975,12 +978,14 @@ impl AverageWindow {
         }
     }
 
-    fn epoch(&self) -> u64 {
-        self.origin.elapsed().as_secs() / SLOT_SECONDS
+    /// The 10 s slot `at` falls in.
+    fn epoch(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_secs() / SLOT_SECONDS
     }
 
-    fn record(&self, elapsed: Duration) {
-        let epoch = self.epoch();
+    /// A request that took `elapsed` and ended `at`.
+    fn record(&self, elapsed: Duration, at: Instant) {
+        let epoch = self.epoch(at);
         let Some(slot) = self.slots.get((epoch % WINDOW_SLOTS as u64) as usize) else {
             return;
         };
@@ -1004,7 +1009,7 @@ impl AverageWindow {
     }
 
     fn average_ms(&self) -> f64 {
-        let now = self.epoch();
+        let now = self.epoch(Instant::now());
         let (mut count, mut sum_us) = (0u64, 0u64);
         for slot in &self.slots {
             let epoch = slot.epoch.load(Ordering::Acquire);
@@ -1510,6 +1515,7 @@ mod tests {
             grpc_status: None,
             bytes: 10,
             elapsed: Duration::from_millis(3),
+            end: Instant::now(),
         }
     }
 
@@ -1632,8 +1638,8 @@ mod tests {
     #[test]
     fn average_window_is_the_mean_of_recent_requests() {
         let w = AverageWindow::new();
-        w.record(Duration::from_millis(10));
-        w.record(Duration::from_millis(30));
+        w.record(Duration::from_millis(10), Instant::now());
+        w.record(Duration::from_millis(30), Instant::now());
         assert!((w.average_ms() - 20.0).abs() < 1e-9, "{}", w.average_ms());
     }
 }

@@ -71,18 +71,20 @@ thread_local! {
 }
 
 /// The most recently used idle connection for `key` that is still open, younger than
-/// `idle_timeout` and made after `upstream` last invalidated its connections.
+/// `idle_timeout` at `now` and made after `upstream` last invalidated its connections.
+/// `now` is the caller's clock reading of the moment it asks: the request path reads the
+/// clock once for its connect deadline, this and the time it sends.
 pub fn take(
     key: ConnKey<'_>,
     upstream: &UpstreamRuntime,
     idle_timeout: Duration,
+    now: Instant,
 ) -> Option<Box<H1Conn>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&key.tls)?.get_mut(key.address)?;
-        let now = Instant::now();
         while let Some(entry) = list.pop() {
-            if now.duration_since(entry.since) >= idle_timeout {
+            if now.saturating_duration_since(entry.since) >= idle_timeout {
                 // Older ones are older still: all of them go.
                 list.clear();
                 return None;
@@ -104,8 +106,9 @@ pub fn take(
 }
 
 /// Keeps `conn` for reuse by later requests of this thread (when the store for this
-/// upstream is full, the oldest is dropped).
-pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>) {
+/// upstream is full, the oldest is dropped); `now`, the caller's clock reading of the
+/// moment the exchange on it ended, starts its idle time.
+pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>, now: Instant) {
     conn.park();
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
@@ -117,9 +120,6 @@ pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>) {
         if list.len() >= IDLE_PER_UPSTREAM {
             list.remove(0);
         }
-        list.push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        list.push(Idle { conn, since: now });
     });
 }
