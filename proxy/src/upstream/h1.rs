@@ -427,7 +427,13 @@ impl H1Conn {
             self.poll_head(cx, &mut read_any)
         })
         .await;
-        let (status, version, headers, keep_alive) = match head {
+        let Head {
+            status,
+            version,
+            headers,
+            keep_alive,
+            framing,
+        } = match head {
             Ok(head) => head,
             Err(error) => {
                 let error = match (error, write_error) {
@@ -442,7 +448,7 @@ impl H1Conn {
                 });
             }
         };
-        let framing = match response_framing(status, version, &headers, head_request, connect) {
+        let framing = match response_framing(status, version, framing, head_request, connect) {
             Ok(framing) => framing,
             Err(error) => {
                 return Err(SendError {
@@ -466,12 +472,11 @@ impl H1Conn {
     }
 
     /// Reads until a final response head (1xx other than 101 are skipped) is complete.
-    #[allow(clippy::type_complexity)]
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         read_any: &mut bool,
-    ) -> Poll<Result<(StatusCode, Version, HeaderMap, bool), H1Error>> {
+    ) -> Poll<Result<Head, H1Error>> {
         loop {
             if !self.buf.is_empty() {
                 if let Some(head) = self.parse_head()? {
@@ -495,8 +500,7 @@ impl H1Conn {
     }
 
     /// One final head from the buffer, if complete (informational heads are consumed).
-    #[allow(clippy::type_complexity)]
-    fn parse_head(&mut self) -> Result<Option<(StatusCode, Version, HeaderMap, bool)>, H1Error> {
+    fn parse_head(&mut self) -> Result<Option<Head>, H1Error> {
         loop {
             // Left uninitialised: the parser writes only the fields it finds, rather than
             // every response first writing 100 empty ones (3.2 KiB).
@@ -540,6 +544,7 @@ impl H1Conn {
             let mut headers = HeaderMap::with_capacity(self.spans.len() + 1);
             let mut keep_alive = version == Version::HTTP_11;
             let mut close = false;
+            let mut framing = FramingFields::NONE;
             let head = self.buf.split_to(len).freeze();
             for &(name_start, name_end, value_start, value_end) in &self.spans {
                 let raw_value = &head[value_start..value_end];
@@ -558,12 +563,20 @@ impl H1Conn {
                             keep_alive = true;
                         }
                     }
+                } else {
+                    framing.field(&name, raw_value);
                 }
                 let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
                     .map_err(|_| H1Error::Head("header value"))?;
                 headers.append(name, value);
             }
-            return Ok(Some((status, version, headers, keep_alive && !close)));
+            return Ok(Some(Head {
+                status,
+                version,
+                headers,
+                keep_alive: keep_alive && !close,
+                framing,
+            }));
         }
     }
 
@@ -706,13 +719,82 @@ fn head_error(e: httparse::Error) -> &'static str {
     }
 }
 
+/// A final response head, parsed.
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    /// Neither the version nor `Connection` ask to close.
+    keep_alive: bool,
+    /// What the body's framing is told by.
+    framing: FramingFields,
+}
+
+/// The fields a response body's framing depends on (RFC 9112 section 6.3), gathered one
+/// by one while the head's map is built: looked up in the map afterwards, each cost a
+/// hash and a probe per response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FramingFields {
+    /// The Content-Length when every value so far (fields and list members) is the same
+    /// decimal number, `None` before any; otherwise the first fault found.
+    length: Result<Option<u64>, &'static str>,
+    /// A Transfer-Encoding field is there.
+    transfer_encoding: bool,
+    /// The last Transfer-Encoding field's last coding is `chunked`.
+    ends_chunked: bool,
+}
+
+impl FramingFields {
+    /// Before any field.
+    const NONE: FramingFields = FramingFields {
+        length: Ok(None),
+        transfer_encoding: false,
+        ends_chunked: false,
+    };
+
+    /// Takes in the next field of the head, `name: value`, in the order of the head.
+    fn field(&mut self, name: &HeaderName, value: &[u8]) {
+        if *name == header::CONTENT_LENGTH {
+            self.content_length(value);
+        } else if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            self.ends_chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+
+    fn content_length(&mut self, value: &[u8]) {
+        let Ok(mut found) = self.length else {
+            return;
+        };
+        for part in value.split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                self.length = Err("invalid Content-Length");
+                return;
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(seen) if seen != n => {
+                    self.length = Err("differing Content-Length values");
+                    return;
+                }
+                _ => found = Some(n),
+            }
+        }
+        self.length = Ok(found);
+    }
+}
+
 /// The response body's framing from its head (RFC 9112 section 6.3). Ambiguous framing
 /// (both Transfer-Encoding and Content-Length, differing or invalid Content-Length) is
 /// refused: a proxy that picks one reading may not agree with the next hop.
 fn response_framing(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    fields: FramingFields,
     head_request: bool,
     connect: bool,
 ) -> Result<Framing, H1Error> {
@@ -722,8 +804,8 @@ fn response_framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Done);
     }
-    let length = content_length(headers)?;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let length = fields.length.map_err(H1Error::Framing)?;
+    if fields.transfer_encoding {
         if length.is_some() {
             return Err(H1Error::Framing(
                 "both Transfer-Encoding and Content-Length",
@@ -734,7 +816,7 @@ fn response_framing(
                 "Transfer-Encoding in an HTTP/1.0 response",
             ));
         }
-        return Ok(if ends_chunked(headers) {
+        return Ok(if fields.ends_chunked {
             Framing::Chunked(Chunk::Size)
         } else {
             Framing::Close
@@ -745,38 +827,6 @@ fn response_framing(
         Some(n) => Framing::Length(n),
         None => Framing::Close,
     })
-}
-
-/// The Content-Length, if present: every value (fields and list members) the same
-/// decimal number.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
-    let mut found = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|b| *b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(H1Error::Framing("invalid Content-Length"));
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            match found {
-                Some(seen) if seen != n => {
-                    return Err(H1Error::Framing("differing Content-Length values"))
-                }
-                _ => found = Some(n),
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// Whether the last transfer coding is `chunked`.
-fn ends_chunked(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
-        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// A response body read from an upstream HTTP/1.1 connection; the connection comes back
@@ -1460,6 +1510,114 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The framing fields as the map of a whole head tells them (each looked up in it
+    /// once the head is parsed): what gathering them field by field must give.
+    fn framing_of_map(headers: &HeaderMap) -> FramingFields {
+        let mut length = Ok(None);
+        'values: for value in headers.get_all(header::CONTENT_LENGTH) {
+            for part in value.as_bytes().split(|b| *b == b',') {
+                let part = part.trim_ascii();
+                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                    length = Err("invalid Content-Length");
+                    break 'values;
+                }
+                let n: u64 = std::str::from_utf8(part).unwrap().parse().unwrap();
+                match length {
+                    Ok(Some(seen)) if seen != n => {
+                        length = Err("differing Content-Length values");
+                        break 'values;
+                    }
+                    _ => length = Ok(Some(n)),
+                }
+            }
+        }
+        let last_coding = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().unwrap().rsplit(',').next().map(str::trim));
+        FramingFields {
+            length,
+            transfer_encoding: headers.contains_key(header::TRANSFER_ENCODING),
+            ends_chunked: last_coding.is_some_and(|c| c.eq_ignore_ascii_case("chunked")),
+        }
+    }
+
+    #[test]
+    fn framing_fields_gathered_field_by_field_are_those_of_the_whole_head() {
+        let heads: &[&[(&str, &str)]] = &[
+            &[],
+            &[("content-length", "5")],
+            &[("Content-Length", "5"), ("content-length", " 5 ")],
+            &[("content-length", "5, 5")],
+            &[("content-length", "0")],
+            &[("content-length", "5"), ("content-length", "6")],
+            &[("content-length", "5,6")],
+            &[("content-length", "+5")],
+            &[("content-length", "")],
+            &[("content-length", "5,")],
+            &[("content-length", "1234567890123456789")],
+            &[("content-length", "12345678901234567890")],
+            // The first fault is the one told.
+            &[("content-length", "x"), ("content-length", "5")],
+            &[
+                ("content-length", "5"),
+                ("content-length", "6"),
+                ("content-length", "x"),
+            ],
+            &[("transfer-encoding", "chunked")],
+            &[("transfer-encoding", "gzip, chunked")],
+            &[("transfer-encoding", "chunked, gzip")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "gzip"),
+            ],
+            &[
+                ("transfer-encoding", "gzip"),
+                ("Transfer-Encoding", " CHUNKED "),
+            ],
+            &[("transfer-encoding", "chunked"), ("content-length", "5")],
+            &[
+                ("x-other", "5"),
+                ("connection", "close"),
+                ("content-type", "a/b"),
+            ],
+        ];
+        for fields in heads {
+            let mut gathered = FramingFields::NONE;
+            let mut map = HeaderMap::new();
+            for (name, value) in *fields {
+                let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+                gathered.field(&name, value.as_bytes());
+                map.append(name, HeaderValue::from_str(value).unwrap());
+            }
+            assert_eq!(gathered, framing_of_map(&map), "{fields:?}");
+        }
+        // A few outcomes spelled out, so that the reference above is not the only word.
+        let mut f = FramingFields::NONE;
+        f.field(&header::CONTENT_LENGTH, b"7, 7");
+        assert_eq!(f.length, Ok(Some(7)));
+        f.field(&header::CONTENT_LENGTH, b"8");
+        assert_eq!(f.length, Err("differing Content-Length values"));
+        let mut f = FramingFields::NONE;
+        f.field(&header::TRANSFER_ENCODING, b"chunked");
+        f.field(&header::TRANSFER_ENCODING, b"gzip");
+        assert!(f.transfer_encoding && !f.ends_chunked);
+    }
+
+    #[tokio::test]
+    async fn a_last_transfer_coding_other_than_chunked_reads_to_the_close() {
+        let (addr, _) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ])
+        .await;
+        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let mut body = response.into_body();
+        let (data, _) = read_all(&mut body).await.unwrap();
+        assert_eq!(data, b"5\r\nhello\r\n0\r\n\r\n");
+        assert!(body.take_idle().is_none());
     }
 
     #[test]
