@@ -47,7 +47,9 @@ use crate::listener::ReadReady;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{ClientTimeout, ListenerSeries};
 use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
-use crate::upstream::h1::{field_span, known_name, step_chunked, Chunk, Chunked};
+use crate::upstream::h1::{
+    field_span, header_map, known_name, spare_header_map, step_chunked, Chunk, Chunked,
+};
 
 /// Most header fields in a request head (hyper's limit, answered the same way: `431`).
 const MAX_HEADERS: usize = 100;
@@ -511,7 +513,7 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
         .map_err(|_| StatusCode::BAD_REQUEST)?;
     // Sized for the headers the request path adds as well (forwarding headers, `Via`): a
     // map filled to its capacity grows, allocating twice and rehashing, on the next insert.
-    let mut headers = HeaderMap::with_capacity(count + hygiene::ADDED_REQUEST_HEADERS);
+    let mut headers = header_map(count + hygiene::ADDED_REQUEST_HEADERS);
     let http11 = version == Version::HTTP_11;
     let mut keep_alive = http11;
     let mut close = false;
@@ -904,6 +906,8 @@ where
         out.reserve(OUT_SIZE);
     }
     let (mut sending, trailers) = encode_head(&mut out, &parts, &body, method, version, keep_alive);
+    // Written: its map goes to the thread's spares for the next request's head.
+    spare_header_map(parts.headers);
     if switched {
         *keep_alive = false;
     }
