@@ -1,5 +1,6 @@
 //! The accept side of a data listener: takes connections from a listening socket and starts
-//! each one's task on the worker that is to serve it (see [`crate::workers`]).
+//! each one's task on the worker that accepted it; a worker busier than the others by a
+//! margin leaves the next connections to them (see [`crate::workers`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,59 +44,35 @@ impl Incoming {
         Incoming { socket, seat: None }
     }
 
-    /// The next connection, once one is waiting.
+    /// The next connection, once one is waiting and this worker's turn to accept it (see
+    /// [`Seat::wait_turn`]).
     pub async fn accept(&self) -> std::io::Result<Accepted> {
+        if let Some(seat) = &self.seat {
+            seat.wait_turn().await;
+        }
         let (stream, client) = self.socket.accept().await?;
         Ok(Accepted { stream, client })
     }
 
-    /// Starts `serve` for `accepted` on the worker chosen for it (this one unless it is
-    /// busier than another by a margin), as a connection task `shutdown` waits for.
-    ///
-    /// A connection moved to another worker leaves this thread's event loop and joins
-    /// that worker's, so that its wake-ups never pass through this thread.
+    /// Starts `serve` for `accepted` on this runtime, as a connection task `shutdown` waits
+    /// for, counted on this worker while it lives.
     pub fn spawn<F, Fut>(&self, shutdown: &Shutdown, accepted: Accepted, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let (handle, load) = match self.seat.map(|seat| seat.place()) {
-            Some(placed) => (placed.handle, placed.load),
-            None => (None, WorkerLoad::none()),
-        };
-        let Accepted { stream, client } = accepted;
-        let Some(handle) = handle else {
-            // Boxed, so that the task is small: tokio copies a task's future whole several
-            // times while spawning it (and its stage once more when it ends), and allocates
-            // the task 128-byte aligned, which takes the allocator's slow path for a block
-            // over 1 KiB. A connection's future is over 1 KiB; boxed it is allocated once,
-            // with the usual alignment (callgrind, TCP with a new connection per exchange:
-            // 17.4k -> 16.1k instructions per connection).
-            shutdown.spawn(Box::pin(async move {
-                let _load = load;
-                serve(stream).await
-            }));
-            return;
-        };
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::debug!(%client, error = %e, "cannot move a new connection to another worker");
-                return;
-            }
-        };
-        shutdown.spawn_on(
-            Box::pin(async move {
-                let _load = load;
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => serve(stream).await,
-                    Err(e) => {
-                        tracing::debug!(%client, error = %e, "cannot register a moved connection")
-                    }
-                }
-            }),
-            &handle,
-        );
+        let load = self.seat.map_or_else(WorkerLoad::none, |seat| seat.admit());
+        let Accepted { stream, .. } = accepted;
+        // Boxed, so that the task is small: tokio copies a task's future whole several
+        // times while spawning it (and its stage once more when it ends), and allocates
+        // the task 128-byte aligned, which takes the allocator's slow path for a block
+        // over 1 KiB. A connection's future is over 1 KiB; boxed it is allocated once,
+        // with the usual alignment (callgrind, TCP with a new connection per exchange:
+        // 17.4k -> 16.1k instructions per connection).
+        shutdown.spawn(Box::pin(async move {
+            let _load = load;
+            serve(stream).await
+        }));
     }
 }
 
