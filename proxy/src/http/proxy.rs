@@ -727,13 +727,13 @@ async fn forward_http1(
             }
             Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
             Sent::Failed(e) => match e.unsent {
-                Some(unsent) => Some(unsent),
+                Some(unsent) => Some(*unsent),
                 // The connection gives back a bodiless request it got no answer to: no
                 // copy is made per request in case the kept connection fails.
                 None => match e.unanswered.filter(|req| reused && can_resend(req)) {
                     Some(again) => {
                         tracing::debug!(upstream = %upstream.address, error = %e.error, "kept connection failed before any response byte; retrying on a fresh one");
-                        Some(again)
+                        Some(*again)
                     }
                     None => return Step::Done(Err(exchange_failed(pool, upstream, &e.error))),
                 },
