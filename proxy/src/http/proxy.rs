@@ -71,6 +71,20 @@ impl ConnContext {
             progress: Arc::new(HeadProgress::default()),
         }
     }
+
+    /// The context of a parked connection's next busy spell: a connection parks holding
+    /// only its listener's context and the client's address (this is rebuilt from them
+    /// when its next request comes), and it parks only after a request.
+    pub fn resumed(shared: Arc<ListenerContext>, client: SocketAddr) -> ConnContext {
+        let ctx = ConnContext::new(shared, client);
+        ctx.progress.request_arrived();
+        ctx
+    }
+
+    /// What every connection of the listener shares.
+    pub fn shared(&self) -> &Arc<ListenerContext> {
+        &self.shared
+    }
 }
 
 impl std::ops::Deref for ConnContext {

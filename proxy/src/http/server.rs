@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -25,7 +26,7 @@ use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
 use crate::config::ListenerConfig;
-use crate::listener::{Accepted, IdleTimeout, Incoming, ReadReady};
+use crate::listener::{Accepted, IdleTimeout, Incoming, ReadReady, Woken};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
@@ -281,9 +282,10 @@ async fn serve_limited(
 /// Most connections spend most of their life waiting: for their first bytes, or parked
 /// between requests. The connection's task is allocated for its largest state, for as
 /// long as it lives, so those waits are the only states kept in it (the stream, one timer
-/// and the drain signal); serving requests runs in a boxed future that exists only while
-/// the connection is busy.
-async fn serve_connection<IO>(mut stream: IO, ctx: Arc<ConnContext>, protocols: &Protocols)
+/// and the drain signal; a parked connection's wait is timed by the stream's own idle
+/// timer); serving requests runs in a boxed future that exists only while the connection
+/// is busy.
+async fn serve_connection<IO>(stream: IO, ctx: Arc<ConnContext>, protocols: &Protocols)
 where
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
@@ -292,13 +294,14 @@ where
     // preface) gets `header_timeout` for its first request, like any head.
     let first_due = Instant::now() + ctx.listener.header_timeout;
     // The first bytes, read to tell the version, are the HTTP/1 codec's first buffer, or
-    // read again by hyper's HTTP/2 server.
-    let mut start = BytesMut::new();
-    let Some(speaks) = await_first_bytes(&mut stream, &mut start, &ctx, first_due).await else {
+    // read again by hyper's HTTP/2 server. The stream is handed on by value, never
+    // borrowed here: a borrowed one would keep its place in this future while the next
+    // one holds it too (see `serve_http1`).
+    let Some((stream, start, speaks)) = await_first_bytes(stream, &ctx, first_due).await else {
         return;
     };
     let result = match speaks {
-        Speaks::Http1 => return serve_http1(stream, start, &ctx, first_due).await,
+        Speaks::Http1 => return serve_http1(stream, start, ctx, first_due).await,
         Speaks::Http2 => {
             Box::pin(serve_http2(
                 Replayed::new(stream, start.freeze()),
@@ -324,19 +327,20 @@ where
     }
 }
 
-/// Reads a new connection's first bytes into `start` until they tell its HTTP version;
-/// `None` when it was closed here instead: nothing by `first_due` (counted), closed
-/// without a byte, a read error, or no byte within a grace once draining began.
+/// Reads a new connection's first bytes until they tell its HTTP version: the stream, the
+/// bytes read and the version; `None` when it was closed here instead: nothing by
+/// `first_due` (counted), closed without a byte, a read error, or no byte within a grace
+/// once draining began.
 async fn await_first_bytes<IO>(
-    io: &mut IO,
-    start: &mut BytesMut,
+    mut io: IO,
     ctx: &ConnContext,
     first_due: Instant,
-) -> Option<Speaks>
+) -> Option<(IO, BytesMut, Speaks)>
 where
     IO: AsyncRead + ReadReady + Unpin,
 {
     let client = ctx.client;
+    let mut start = BytesMut::new();
     // One timer for both limits: the first request's, then the drain's grace (earlier);
     // the stream's idle limit needs none of its own meanwhile.
     let deadline = tokio::time::sleep_until(first_due);
@@ -345,7 +349,7 @@ where
     let mut draining = false;
     let read = loop {
         tokio::select! {
-            r = detect::first_bytes(io, start) => break r,
+            r = detect::first_bytes(&mut io, &mut start) => break r,
             () = &mut deadline => {
                 if !draining {
                     ctx.series.timed_out(ClientTimeout::Head);
@@ -364,7 +368,7 @@ where
     };
     io.bound_waits(None);
     match read {
-        Ok(speaks) => speaks,
+        Ok(speaks) => speaks.map(|speaks| (io, start, speaks)),
         Err(e) => {
             tracing::debug!(%client, error = %e, "client connection ended with an error");
             None
@@ -422,16 +426,53 @@ where
 /// proxyd's own codec ([`super::h1`]). A connection idle between requests for
 /// [`PARK_AFTER`] is parked: the codec lets its buffers go and only the stream waits for
 /// the next bytes.
+///
+/// A parked connection holds the stream, its listener's context, the client's address and
+/// its deadlines, nothing else: its own context (forwarding headers rendered for it, ...),
+/// the codec's state and the request path are in the boxed future of a busy spell, gone
+/// while it waits, and rebuilt when its next request comes.
 async fn serve_http1<S>(
     mut stream: S,
     first_bytes: BytesMut,
-    ctx: &Arc<ConnContext>,
+    ctx: Arc<ConnContext>,
     mut head_due: Instant,
 ) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     // Set once draining began: when a connection that stays idle is closed.
     let mut drain_due: Option<Instant> = None;
+    let (shared, client) = (ctx.shared().clone(), ctx.client);
+    let (mut read, mut ctx) = (first_bytes, Some(ctx));
+    loop {
+        let ctx = ctx
+            .take()
+            .unwrap_or_else(|| Arc::new(ConnContext::resumed(shared.clone(), client)));
+        // The stream goes to the busy spell and comes back into the same place here (a
+        // parked connection's future holds one stream, not one per step).
+        match Box::pin(serve_busy(stream, read, ctx, head_due, &mut drain_due)).await {
+            Served::Ended => return,
+            // A keep-alive connection has `header_timeout` for its next request from the
+            // end of the last response.
+            Served::Parked(returned, due) => (stream, head_due) = (returned, due),
+        }
+        read = BytesMut::new();
+        if !await_next_request(&mut stream, &shared, client, head_due, &mut drain_due).await {
+            return;
+        }
+    }
+}
+
+/// One busy spell of an HTTP/1 connection: serves requests until it ends or parks.
+async fn serve_busy<S>(
+    stream: S,
+    read: BytesMut,
+    ctx: Arc<ConnContext>,
+    head_due: Instant,
+    drain_due: &mut Option<Instant>,
+) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
+{
     let conn = h1::Conn {
         max_header_bytes: ctx.listener.max_header_bytes,
         header_timeout: ctx.listener.header_timeout,
@@ -443,67 +484,62 @@ async fn serve_http1<S>(
         client: ctx.client,
         handler: |req| handle(ctx.clone(), req),
     };
-    let mut read = first_bytes;
-    loop {
-        // Boxed: the codec's state and the request path exist only while the connection
-        // is busy; a parked connection holds none of it.
-        match Box::pin(h1::serve(stream, read, &conn, head_due, &mut drain_due)).await {
-            Served::Ended => return,
-            // A keep-alive connection has `header_timeout` for its next request from the
-            // end of the last response.
-            Served::Parked(returned, due) => (stream, head_due) = (returned, due),
-        }
-        read = BytesMut::new();
-        if !await_next_request(&mut stream, ctx, head_due, &mut drain_due).await {
-            return;
-        }
-    }
+    h1::serve(stream, read, &conn, head_due, drain_due).await
 }
 
 /// Waits, holding only the stream, until a parked connection's next bytes arrive. `false`
 /// when it was closed here instead: no request by `head_due` (counted as an idle client),
 /// idle while draining, or the idle timeout or a socket error (counted where they fire).
+///
+/// The wait's end is timed by the stream's own timer, the one of its idle limit, where it
+/// has one: a parked connection keeps one timer, not two.
 async fn await_next_request<S: ReadReady>(
     stream: &mut S,
-    ctx: &ConnContext,
+    listener: &ListenerContext,
+    client: SocketAddr,
     head_due: Instant,
     drain_due: &mut Option<Instant>,
 ) -> bool {
-    let client = ctx.client;
-    // One timer for both limits: whichever of the next request's and the drain's is first;
-    // the stream's idle limit needs none of its own meanwhile.
-    let deadline = tokio::time::sleep_until(drain_due.map_or(head_due, |d| d.min(head_due)));
-    tokio::pin!(deadline);
-    stream.bound_waits(Some(head_due));
-    loop {
-        tokio::select! {
-            r = std::future::poll_fn(|cx| stream.poll_read_ready(cx)) => {
-                stream.bound_waits(None);
-                return match r {
-                    Ok(()) => true,
-                    Err(e) => {
-                        // The idle timeout (counted where it fired) or a socket error.
-                        tracing::debug!(%client, error = %e, "parked client connection ended");
-                        false
-                    }
-                };
+    // Whichever of the next request's and the drain's limits comes first.
+    let mut due = drain_due.map_or(head_due, |d| d.min(head_due));
+    // Only for a stream without a timer of its own.
+    let mut own_timer: Option<Pin<Box<Sleep>>> = None;
+    let drain = listener.shutdown.triggered();
+    tokio::pin!(drain);
+    let woken = std::future::poll_fn(|cx| {
+        if drain_due.is_none() && drain.as_mut().poll(cx).is_ready() {
+            // Keep-alive clients are told `Connection: close` on their next response;
+            // one that sends nothing is closed after a grace.
+            let grace_end = Instant::now() + DRAIN_GRACE.min(listener.listener.idle_timeout);
+            *drain_due = Some(grace_end);
+            due = due.min(grace_end);
+        }
+        if let Some(woken) = stream.poll_ready_until(cx, due) {
+            return woken;
+        }
+        if let Poll::Ready(ready) = stream.poll_read_ready(cx) {
+            return Poll::Ready(ready.map(|()| Woken::Readable));
+        }
+        let timer = own_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).map(|()| Ok(Woken::Due))
+    })
+    .await;
+    match woken {
+        Ok(Woken::Readable) => true,
+        Ok(Woken::Due) => {
+            if drain_due.is_none_or(|d| head_due < d) {
+                listener.series.timed_out(ClientTimeout::Idle);
+                tracing::debug!(%client, "no request within header_timeout");
             }
-            () = &mut deadline => {
-                if drain_due.is_none_or(|d| head_due < d) {
-                    ctx.series.timed_out(ClientTimeout::Idle);
-                    tracing::debug!(%client, "no request within header_timeout");
-                }
-                return false;
-            }
-            _ = ctx.shutdown.triggered(), if drain_due.is_none() => {
-                // Keep-alive clients are told `Connection: close` on their next response;
-                // one that sends nothing is closed after a grace.
-                let due = Instant::now() + DRAIN_GRACE.min(ctx.listener.idle_timeout);
-                *drain_due = Some(due);
-                if due < head_due {
-                    deadline.as_mut().reset(due);
-                }
-            }
+            false
+        }
+        Err(e) => {
+            // The idle timeout (counted where it fired) or a socket error.
+            tracing::debug!(%client, error = %e, "parked client connection ended");
+            false
         }
     }
 }

@@ -80,20 +80,43 @@ impl<S> IdleTimeout<S> {
     /// `Ready(Err)` when the idle time is up, `Pending` otherwise (timer armed): for a
     /// copy that waits for the stream's readiness itself (splice).
     pub fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        if self.timeout.is_zero() {
-            return Poll::Pending;
+        match self.poll_limits(cx, None) {
+            Poll::Ready(Err(e)) => Poll::Ready(e),
+            // Without an end of its own, a wait ends only at the idle limit.
+            Poll::Ready(Ok(())) | Poll::Pending => Poll::Pending,
         }
-        if self
-            .bounded
-            .is_some_and(|end| end <= self.last_activity + self.timeout)
+    }
+
+    /// The one timer of a wait on this stream: `Ready(Err)` when the idle time is up,
+    /// `Ready(Ok)` once `until` (the reader's own end of the wait, if any) has passed,
+    /// `Pending` otherwise (timer armed for whichever comes first).
+    fn poll_limits(
+        &mut self,
+        cx: &mut Context<'_>,
+        until: Option<Instant>,
+    ) -> Poll<Result<(), io::Error>> {
+        let idle_end = (!self.timeout.is_zero()).then(|| self.last_activity + self.timeout);
+        if until.is_none()
+            && idle_end.is_some_and(|end| self.bounded.is_some_and(|bound| bound <= end))
         {
             // The reader's own timer ends this wait before the idle limit could: no timer
             // here (most connections then never make one).
             return Poll::Pending;
         }
-        let timer = self.timer.get_or_insert_with(|| {
-            Box::pin(tokio::time::sleep_until(self.last_activity + self.timeout))
-        });
+        let end = match (idle_end, until) {
+            (Some(idle_end), Some(until)) => idle_end.min(until),
+            (Some(end), None) | (None, Some(end)) => end,
+            (None, None) => return Poll::Pending,
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
+        if timer.deadline() > end {
+            // A wait that ends before the timer is set to (a parked connection's next
+            // request is due first): the timer is moved to that end.
+            timer.as_mut().reset(end);
+            self.waking = None;
+        }
         if self
             .waking
             .as_ref()
@@ -109,19 +132,23 @@ impl<S> IdleTimeout<S> {
             let answered = tokio::task::coop::has_budget_remaining();
             match timer.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    let deadline = self.last_activity + self.timeout;
-                    if Instant::now() >= deadline {
+                    let now = Instant::now();
+                    if idle_end.is_some_and(|deadline| now >= deadline) {
                         self.waking = None;
                         if let Some(series) = self.counted.take() {
                             series.timed_out(ClientTimeout::Idle);
                         }
-                        return Poll::Ready(io::Error::new(
+                        return Poll::Ready(Err(io::Error::new(
                             io::ErrorKind::TimedOut,
                             "idle timeout",
-                        ));
+                        )));
+                    }
+                    if until.is_some_and(|until| now >= until) {
+                        self.waking = None;
+                        return Poll::Ready(Ok(()));
                     }
                     // Fired for a deadline that activity since moved on.
-                    timer.as_mut().reset(deadline);
+                    timer.as_mut().reset(end);
                 }
                 Poll::Pending => {
                     if !answered {
@@ -140,6 +167,15 @@ impl<S> IdleTimeout<S> {
     }
 }
 
+/// How a wait of [`ReadReady::poll_ready_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// A read would not block (bytes, end of stream or an error).
+    Readable,
+    /// The end the reader gave passed first.
+    Due,
+}
+
 /// A client stream that can wait for its next bytes without reading them, so that a
 /// keep-alive connection between requests needs no read buffer (see `http::h1`).
 pub trait ReadReady {
@@ -155,6 +191,19 @@ pub trait ReadReady {
     /// reader must call it with `None` once its wait ended, before reading on.
     fn bound_waits(&mut self, end: Option<Instant>) {
         let _ = end;
+    }
+
+    /// Like [`poll_read_ready`](Self::poll_read_ready), and also ends the wait once `due`
+    /// has passed, timed by the stream's own timer (see [`IdleTimeout`]): a parked
+    /// connection then waits with one timer for both its limits and keeps none of its
+    /// own. `None` from a stream that has no timer: the reader then times the wait.
+    fn poll_ready_until(
+        &mut self,
+        cx: &mut Context<'_>,
+        due: Instant,
+    ) -> Option<Poll<io::Result<Woken>>> {
+        let _ = (cx, due);
+        None
     }
 }
 
@@ -179,6 +228,21 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
     fn bound_waits(&mut self, end: Option<Instant>) {
         IdleTimeout::bound_waits(self, end);
     }
+
+    fn poll_ready_until(
+        &mut self,
+        cx: &mut Context<'_>,
+        due: Instant,
+    ) -> Option<Poll<io::Result<Woken>>> {
+        Some(match self.inner.poll_read_ready(cx) {
+            Poll::Ready(result) => Poll::Ready(result.map(|()| Woken::Readable)),
+            Poll::Pending => match self.poll_limits(cx, Some(due)) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(Woken::Due)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+        })
+    }
 }
 
 impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
@@ -188,6 +252,14 @@ impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
 
     fn bound_waits(&mut self, end: Option<Instant>) {
         (**self).bound_waits(end)
+    }
+
+    fn poll_ready_until(
+        &mut self,
+        cx: &mut Context<'_>,
+        due: Instant,
+    ) -> Option<Poll<io::Result<Woken>>> {
+        (**self).poll_ready_until(cx, due)
     }
 }
 
@@ -200,6 +272,14 @@ impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
 
     fn bound_waits(&mut self, end: Option<Instant>) {
         self.get_mut().0.bound_waits(end)
+    }
+
+    fn poll_ready_until(
+        &mut self,
+        cx: &mut Context<'_>,
+        due: Instant,
+    ) -> Option<Poll<io::Result<Woken>>> {
+        self.get_mut().0.poll_ready_until(cx, due)
     }
 }
 
@@ -384,6 +464,102 @@ mod tests {
             closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
             "{closed:?}"
         );
+    }
+
+    /// Polls `idle` once for readiness, with its wait ending at `due`.
+    fn ready_until<S: ReadReady>(idle: &mut S, due: Instant) -> Poll<io::Result<Woken>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        idle.poll_ready_until(&mut cx, due)
+            .expect("the stream times the wait")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_wait_ends_at_its_due_time_on_the_limits_own_timer() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(DuplexReady(server), TIMEOUT);
+        let start = Instant::now();
+        // The next request is due at 4 s, before the idle limit at 10 s.
+        let due = start + Duration::from_secs(4);
+        let woken = std::future::poll_fn(|cx| {
+            idle.poll_ready_until(cx, due)
+                .expect("the stream times the wait")
+        })
+        .await;
+        assert_eq!(woken.unwrap(), Woken::Due);
+        let ended = start.elapsed();
+        assert!(
+            ended >= Duration::from_secs(4) && ended < Duration::from_secs(5),
+            "{ended:?}"
+        );
+        // The idle limit still holds after it, on the same timer.
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
+            "{closed:?}"
+        );
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_wait_due_after_the_idle_limit_ends_at_the_limit() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(DuplexReady(server), TIMEOUT);
+        let start = Instant::now();
+        let due = start + Duration::from_secs(300);
+        assert!(ready_until(&mut idle, due).is_pending());
+        let woken = std::future::poll_fn(|cx| {
+            idle.poll_ready_until(cx, due)
+                .expect("the stream times the wait")
+        })
+        .await;
+        assert_eq!(woken.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
+            "{closed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_wait_ends_when_bytes_come() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(DuplexReady(server), TIMEOUT);
+        let due = Instant::now() + Duration::from_secs(4);
+        assert!(ready_until(&mut idle, due).is_pending());
+        client.write_all(b"GET").await.unwrap();
+        assert!(matches!(
+            ready_until(&mut idle, due),
+            Poll::Ready(Ok(Woken::Readable))
+        ));
+    }
+
+    /// A duplex stream that tells readiness by peeking: what `ReadReady` needs of the
+    /// stream below the idle limit.
+    struct DuplexReady(tokio::io::DuplexStream);
+
+    impl ReadReady for DuplexReady {
+        fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let mut byte = [0u8; 1];
+            let mut buf = ReadBuf::new(&mut byte);
+            match Pin::new(&mut self.0).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(())),
+                // A byte consumed while peeking is what a test never reads again.
+                Poll::Ready(result) => Poll::Ready(result),
+                Poll::Pending => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncRead for DuplexReady {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
     }
 
     #[tokio::test(start_paused = true)]
