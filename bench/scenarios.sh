@@ -11,7 +11,8 @@
 #   h2      HTTP/2 from clients: h2load -c16 -m10, h2c (prior knowledge) and h2 over TLS
 #           (TLS 1.3, ALPN); proxyd vs nginx (`http2`), both proxying HTTP/1.1 upstream.
 #   idle    memory per idle keep-alive client connection: N connections (default 9,000)
-#           each make one request and stay open; RSS growth / N; proxyd vs nginx vs HAProxy.
+#           each make one request and stay open; RSS growth / N, read 2 s and 20 s after
+#           they went idle; proxyd vs nginx vs HAProxy.
 #   routes  proxyd alone with 10 and with 100,000 path routes, wrk spreading its requests
 #           over all of them; the ratio of the two req/s.
 #   grpc    unary gRPC calls (h2load -c16 -m10 posting grpc.health.v1.Health/Check) through
@@ -488,19 +489,26 @@ EOF
         say "idle: $name, $IDLE connections"
         coproc IDLER { python3 "$WORK/idle.py" "$port" "$IDLE"; }
         read -r _ held <&"${IDLER[0]}"
+        # Read twice: RSS moves after the connections went idle (the allocator returns
+        # freed pages after a delay; with transparent huge pages the kernel also merges
+        # pages some seconds later), so one early reading depends on when it is taken.
         sleep 2
         after=$(rss_kib "$pid")
+        sleep 18
+        later=$(rss_kib "$pid")
         eval "exec ${IDLER[1]}>&-"
         wait "$IDLER_PID" 2>/dev/null || true
         GOT[$name]=$held
         PER[$name]=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "n/a" }')
-        PER[$name,rss]="$((before / 1024)) -> $((after / 1024))"
+        PER[$name,20]=$(awk -v a="$later" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "n/a" }')
+        PER[$name,rss]="$((before / 1024)) -> $((after / 1024)) -> $((later / 1024))"
         stop "$pid"
     done
     REPORT+=("" "### Memory per idle keep-alive client connection ($IDLE connections, one request each, then idle)" ""
-        "| | KiB per connection | RSS before -> after (MiB) | connections held | proxyd / peer |" "|---|---:|---|---:|---:|")
+        "RSS growth per connection read 2 s and 20 s after the last connection got its answer." ""
+        "| | KiB per connection at 2 s | at 20 s | RSS before -> 2 s -> 20 s (MiB) | connections held | proxyd / peer (2 s, 20 s) |" "|---|---:|---:|---|---:|---:|")
     for name in proxyd nginx haproxy; do
-        REPORT+=("| $name | ${PER[$name]} | ${PER[$name,rss]} | ${GOT[$name]} | $( [ "$name" = proxyd ] && echo "" || ratio "${PER[proxyd]}" "${PER[$name]}") |")
+        REPORT+=("| $name | ${PER[$name]} | ${PER[$name,20]} | ${PER[$name,rss]} | ${GOT[$name]} | $( [ "$name" = proxyd ] && echo "" || echo "$(ratio "${PER[proxyd]}" "${PER[$name]}"), $(ratio "${PER[proxyd,20]}" "${PER[$name,20]}")") |")
     done
 }
 
