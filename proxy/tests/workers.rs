@@ -34,10 +34,10 @@ async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
 
 const REQUEST: &[u8] = b"GET /spread HTTP/1.1\r\nHost: spread\r\n\r\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_connections_spread_over_the_workers_and_are_served_where_they_land() {
-    let up = upstream("up").await;
-    let config = format!(
+/// A proxyd config with two workers, an admin listener and an HTTP listener `web` routed
+/// to pool `up` (the upstream `up`), with `more` (further listeners) beside them.
+fn two_workers(up: &Upstream, more: &str) -> String {
+    format!(
         r#"[server]
 state_dir = "{{state}}"
 admin_listen = "127.0.0.1:0"
@@ -51,21 +51,30 @@ access_log = "off"
 name = "web"
 protocol = "http"
 address = "127.0.0.1:0"
-
-[[listeners]]
-name = "stream"
-protocol = "tcp"
-address = "127.0.0.1:0"
-pool = "up"
-
+{more}
 [[routes]]
 name = "all"
 listener = "web"
 pool = "up"
 "#,
-        pool = pool("up", &[&up])
-    );
-    let proxy = start_proxy(&config).await;
+        pool = pool("up", &[up])
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_spread_over_the_workers_and_are_served_where_they_land() {
+    let up = upstream("up").await;
+    let proxy = start_proxy(&two_workers(
+        &up,
+        r#"
+[[listeners]]
+name = "stream"
+protocol = "tcp"
+address = "127.0.0.1:0"
+pool = "up"
+"#,
+    ))
+    .await;
     let admin = proxy.daemon.admin_address().expect("admin listener");
     assert_eq!(worker_connections(admin).await, vec![0, 0]);
 
@@ -115,29 +124,7 @@ pool = "up"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connections_opened_at_once_spreads_within_the_margin() {
     let up = upstream("up").await;
-    let config = format!(
-        r#"[server]
-state_dir = "{{state}}"
-admin_listen = "127.0.0.1:0"
-workers = 2
-
-[telemetry]
-access_log = "off"
-
-{pool}
-[[listeners]]
-name = "web"
-protocol = "http"
-address = "127.0.0.1:0"
-
-[[routes]]
-name = "all"
-listener = "web"
-pool = "up"
-"#,
-        pool = pool("up", &[&up])
-    );
-    let proxy = start_proxy(&config).await;
+    let proxy = start_proxy(&two_workers(&up, "")).await;
     let admin = proxy.daemon.admin_address().expect("admin listener");
     let addr = proxy.addr("web");
 
