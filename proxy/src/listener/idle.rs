@@ -473,6 +473,15 @@ mod tests {
             .expect("the stream times the wait")
     }
 
+    /// Waits on `idle` until it is readable, `due` passes or its idle limit ends the wait.
+    async fn wait_until<S: ReadReady>(idle: &mut S, due: Instant) -> io::Result<Woken> {
+        std::future::poll_fn(|cx| {
+            idle.poll_ready_until(cx, due)
+                .expect("the stream times the wait")
+        })
+        .await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_parked_wait_ends_at_its_due_time_on_the_limits_own_timer() {
         let (client, server) = tokio::io::duplex(64);
@@ -480,11 +489,7 @@ mod tests {
         let start = Instant::now();
         // The next request is due at 4 s, before the idle limit at 10 s.
         let due = start + Duration::from_secs(4);
-        let woken = std::future::poll_fn(|cx| {
-            idle.poll_ready_until(cx, due)
-                .expect("the stream times the wait")
-        })
-        .await;
+        let woken = wait_until(&mut idle, due).await;
         assert_eq!(woken.unwrap(), Woken::Due);
         let ended = start.elapsed();
         assert!(
@@ -509,11 +514,7 @@ mod tests {
         let start = Instant::now();
         let due = start + Duration::from_secs(300);
         assert!(ready_until(&mut idle, due).is_pending());
-        let woken = std::future::poll_fn(|cx| {
-            idle.poll_ready_until(cx, due)
-                .expect("the stream times the wait")
-        })
-        .await;
+        let woken = wait_until(&mut idle, due).await;
         assert_eq!(woken.unwrap_err().kind(), io::ErrorKind::TimedOut);
         let closed = start.elapsed();
         assert!(
@@ -543,12 +544,9 @@ mod tests {
         fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             let mut byte = [0u8; 1];
             let mut buf = ReadBuf::new(&mut byte);
-            match Pin::new(&mut self.0).poll_read(cx, &mut buf) {
-                Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(Ok(())),
-                // A byte consumed while peeking is what a test never reads again.
-                Poll::Ready(result) => Poll::Ready(result),
-                Poll::Pending => Poll::Pending,
-            }
+            // Ready with a byte, the end or an error alike; a byte consumed while peeking
+            // is what a test never reads again.
+            Pin::new(&mut self.0).poll_read(cx, &mut buf)
         }
     }
 
