@@ -94,14 +94,6 @@ impl Shutdown {
         self.tracker.spawn(future);
     }
 
-    /// Like [`spawn`](Self::spawn), on the runtime of `handle`.
-    pub fn spawn_on<F>(&self, future: F, handle: &tokio::runtime::Handle)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.tracker.spawn_on(future, handle);
-    }
-
     /// Spawns a service that stays up while draining and stops at
     /// [`begin_exit`](Self::begin_exit); [`services_stopped`](Self::services_stopped)
     /// waits for it, [`drain`](Self::drain) does not.
