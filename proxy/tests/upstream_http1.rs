@@ -21,6 +21,9 @@ struct Scripted {
     connections: Arc<AtomicUsize>,
 }
 
+/// 64 KiB blocks in the `big` reply's body, as its Content-Length says.
+const BIG_BLOCKS: usize = 16 * 1024;
+
 async fn scripted(replies: &'static [(&'static str, &'static [u8])]) -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -49,10 +52,11 @@ async fn scripted(replies: &'static [(&'static str, &'static [u8])]) -> Scripted
                         if socket.write_all(reply).await.is_err() {
                             return;
                         }
-                        // `big`: 4 MiB of body, more than socket buffers hold.
+                        // `big`: a 1 GiB body, written until the reader goes away: no
+                        // socket buffer holds it, whatever the machine's limits.
                         if name == "big" {
                             let block = vec![b'b'; 64 * 1024];
-                            for _ in 0..64 {
+                            for _ in 0..BIG_BLOCKS {
                                 if socket.write_all(&block).await.is_err() {
                                     return;
                                 }
@@ -104,7 +108,7 @@ const REPLIES: &[(&str, &[u8])] = &[
         "both-lengths",
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ),
-    ("big", b"HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n"),
+    ("big", b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n"),
 ];
 
 /// Writes `request` on a new connection and returns everything read until the proxy closes
