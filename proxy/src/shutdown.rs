@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 /// Stop accepting, then wait (bounded) for tracked connections to finish.
@@ -92,6 +93,13 @@ impl Shutdown {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.tracker.spawn(future);
+    }
+
+    /// Counts as a connection task [`drain`](Self::drain) waits for until dropped: for a
+    /// connection that lives on without a task for a while (a dormant one, asleep in its
+    /// worker's dormitory).
+    pub fn track(&self) -> TaskTrackerToken {
+        self.tracker.token()
     }
 
     /// Spawns a service that stays up while draining and stops at

@@ -36,6 +36,10 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 
+pub mod dormant;
+
+use dormant::Dormitory;
+
 /// How many more connections than the least busy worker a worker may serve and still
 /// accept. Above zero, so that a balanced pair does not take turns at every other new
 /// connection; small, so that 64 connections over two workers end up within a few of each
@@ -51,6 +55,8 @@ const TURN_LIMIT: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Where each worker's idle HTTP/1 connections sleep (see [`dormant`]).
+    dormitories: Vec<Dormitory>,
     /// Connections served by each worker now, every listener's together.
     loads: Box<[Load]>,
 }
@@ -97,17 +103,26 @@ impl Workers {
             n => n,
         };
         let mut handles = Vec::with_capacity(count);
+        let mut dormitories = Vec::with_capacity(count);
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             handles.push(runtime.handle().clone());
+            dormitories.push({
+                let _on = runtime.enter();
+                Dormitory::start()
+            });
             std::thread::Builder::new()
                 .name(format!("proxyd-worker-{index}"))
                 .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
         }
         let loads = (0..count).map(|_| Load::default()).collect();
-        Ok(Workers { handles, loads })
+        Ok(Workers {
+            handles,
+            dormitories,
+            loads,
+        })
     }
 
     /// How many workers there are.
@@ -123,6 +138,12 @@ impl Workers {
     /// The connections each worker serves now, by worker index.
     pub fn connections(&self) -> Vec<usize> {
         self.loads.iter().map(Load::count).collect()
+    }
+
+    /// The connections dormant on each worker now (counted among its connections too),
+    /// by worker index.
+    pub fn dormant(&self) -> Vec<usize> {
+        self.dormitories.iter().map(Dormitory::sleeping).collect()
     }
 
     /// Whether worker `index` serves more than [`MARGIN`] connections more than the least
@@ -218,6 +239,11 @@ impl Seat {
         }
     }
 
+    /// This worker's dormitory, where its idle connections sleep.
+    pub fn dormitory(&self) -> Option<&Dormitory> {
+        self.workers.dormitories.get(self.index)
+    }
+
     /// Counts a connection just accepted on this worker until the returned
     /// [`WorkerLoad`] is dropped; the connection's task holds it.
     pub fn admit(&self) -> WorkerLoad {
@@ -280,6 +306,7 @@ mod tests {
     fn counted(count: usize) -> &'static Workers {
         Box::leak(Box::new(Workers {
             handles: Vec::new(),
+            dormitories: Vec::new(),
             loads: (0..count).map(|_| Load::default()).collect(),
         }))
     }

@@ -15,14 +15,14 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use super::detect::{self, Replayed, Speaks};
 use super::framing::HeadProgress;
 use super::h1::{self, Served};
-use super::per_ip::{ConnectionsPerIp, RequestRatePerIp};
+use super::per_ip::{ClientConnection, ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
 use crate::config::ListenerConfig;
@@ -30,10 +30,11 @@ use crate::listener::{Accepted, IdleTimeout, Incoming, ReadReady, Woken};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
-use crate::telemetry::{ClientTimeout, ListenerSeries, Refusal, Telemetry};
+use crate::telemetry::{ClientTimeout, ListenerSeries, OpenConnection, Refusal, Telemetry};
 use crate::tls::{AcceptError, Tls};
 use crate::upstream::body::ClientBody;
-use crate::workers::Workers;
+use crate::workers::dormant::{Dormitory, Sleeper};
+use crate::workers::{WorkerLoad, Workers};
 
 /// How long an idle keep-alive connection may stay open once draining began.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -43,6 +44,37 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// client that sends its next request within it is served on without allocating them
 /// again.
 const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// How long a plain HTTP/1 connection stays parked in its task before it goes dormant:
+/// its task ends and its socket sleeps in its worker's dormitory (see
+/// [`crate::workers::dormant`]) until its next bytes. Long enough that a client sending
+/// requests at a steady pace is not moved out and back (four `epoll_ctl` calls and a new
+/// task) between them.
+const DOZE_AFTER: Duration = Duration::from_secs(1);
+
+/// What an accepted connection holds for as long as it is open, in its task or dormant:
+/// its place under the listener's connection limits, its count as open and its count on
+/// its worker.
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    _client_slot: Option<ClientConnection>,
+    _open: OpenConnection,
+    _load: WorkerLoad,
+}
+
+/// What a plain HTTP/1 connection takes along when it goes dormant: the dormitory of its
+/// worker and what it holds.
+struct Doze {
+    dormitory: Dormitory,
+    held: Held,
+}
+
+/// Which listener's accept loop a connection came from, as its worker's dormitory groups
+/// sleepers (an accept loop's context is one per listener and worker, and outlives the
+/// connections it served).
+fn group(shared: &Arc<ListenerContext>) -> usize {
+    Arc::as_ptr(shared) as usize
+}
 
 /// How a listener's HTTP/2 connections are served (HTTP/1 ones by [`super::h1`]).
 struct Protocols {
@@ -199,7 +231,14 @@ async fn serve_limited(
                     continue;
                 }
             },
-            _ = &mut stopped => return,
+            _ = &mut stopped => {
+                // This worker's dormant connections of this listener get the drain's
+                // grace in their tasks again.
+                if let Some(dormitory) = incoming.dormitory() {
+                    dormitory.wake_all(group(&shared));
+                }
+                return;
+            }
         };
         // Over the limit a connection is closed at once, and counted: left waiting in the
         // kernel backlog, a flood would hold back every later client without a trace.
@@ -232,19 +271,33 @@ async fn serve_limited(
         // connection), and unboxed, tokio copied them whole three times at the spawn and once
         // at the end (callgrind, full TLS 1.3 handshakes: 1.424M -> 1.331M instructions each).
         match &terminate {
-            None => incoming.spawn(&shutdown, accepted, move |stream| async move {
-                let _permit = permit;
-                let _client_slot = client_slot;
-                let _open = open;
-                let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
-                serve_connection(timed, ctx, &protocols).await
-            }),
+            None => {
+                let dormitory = incoming.dormitory().cloned();
+                incoming.spawn(&shutdown, accepted, move |stream, load| async move {
+                    let held = Held {
+                        _permit: permit,
+                        _client_slot: client_slot,
+                        _open: open,
+                        _load: load,
+                    };
+                    let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
+                    // Off the workers (no dormitory) the task holds it to its end.
+                    let (doze, _held) = match dormitory {
+                        Some(dormitory) => (Some(Doze { dormitory, held }), None),
+                        None => (None, Some(held)),
+                    };
+                    serve_connection(timed, ctx, &protocols, doze).await
+                })
+            }
             Some(server_config) => {
                 let server_config = server_config.clone();
-                incoming.spawn(&shutdown, accepted, move |stream| async move {
-                    let _permit = permit;
-                    let _client_slot = client_slot;
-                    let _open = open;
+                incoming.spawn(&shutdown, accepted, move |stream, load| async move {
+                    let _held = Held {
+                        _permit: permit,
+                        _client_slot: client_slot,
+                        _open: open,
+                        _load: load,
+                    };
                     // The idle limit sits below TLS, so it covers the handshake too; the
                     // handshake as a whole is bounded by the header timeout.
                     let handshake = Box::pin(ctx.tls.accept(
@@ -260,7 +313,8 @@ async fn serve_limited(
                         // was copied whole each time (callgrind, HTTP/1.1 keep-alive over
                         // TLS: 11k instructions per request).
                         Ok(stream) => {
-                            Box::pin(serve_connection(Box::new(stream), ctx, &protocols)).await
+                            Box::pin(serve_connection(Box::new(stream), ctx, &protocols, None))
+                                .await
                         }
                         Err(AcceptError::ChallengeAnswered) => {}
                         Err(AcceptError::Timeout) => {
@@ -285,8 +339,15 @@ async fn serve_limited(
 /// and the drain signal; a parked connection's wait is timed by the stream's own idle
 /// timer); serving requests runs in a boxed future that exists only while the connection
 /// is busy.
-async fn serve_connection<IO>(stream: IO, ctx: Arc<ConnContext>, protocols: &Protocols)
-where
+///
+/// `doze`, for a plain connection on a worker, lets an HTTP/1 connection go dormant once
+/// parked for [`DOZE_AFTER`], taking what it holds along.
+async fn serve_connection<IO>(
+    stream: IO,
+    ctx: Arc<ConnContext>,
+    protocols: &Protocols,
+    doze: Option<Doze>,
+) where
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     // hyper times an HTTP/1 head from its first byte, and an HTTP/2 connection's first
@@ -301,7 +362,16 @@ where
         return;
     };
     let result = match speaks {
-        Speaks::Http1 => return serve_http1(stream, start, ctx, first_due).await,
+        Speaks::Http1 => {
+            let conn = Http1Conn {
+                shared: ctx.shared().clone(),
+                client: ctx.client,
+                head_due: first_due,
+                drain_due: None,
+                doze,
+            };
+            return serve_http1(stream, Some((start, ctx)), conn).await;
+        }
         Speaks::Http2 => {
             Box::pin(serve_http2(
                 Replayed::new(stream, start.freeze()),
@@ -422,10 +492,24 @@ where
         .await
 }
 
-/// Serves an HTTP/1 connection whose first request head is due at `head_due`, with
-/// proxyd's own codec ([`super::h1`]). A connection idle between requests for
-/// [`PARK_AFTER`] is parked: the codec lets its buffers go and only the stream waits for
-/// the next bytes.
+/// An HTTP/1 connection between its busy spells: what it keeps while parked, in its task
+/// or dormant.
+struct Http1Conn {
+    shared: Arc<ListenerContext>,
+    client: SocketAddr,
+    /// When its next request head is due.
+    head_due: Instant,
+    /// Set once draining began: when it is closed if it stays idle.
+    drain_due: Option<Instant>,
+    /// Where it can go dormant, and what it holds: a plain connection on a worker.
+    doze: Option<Doze>,
+}
+
+/// Serves an HTTP/1 connection with proxyd's own codec ([`super::h1`]), from its first
+/// bytes (`first`, with the connection's context) or, without them, from a parked wait (a
+/// dormant connection woken). A connection idle between requests for [`PARK_AFTER`] is
+/// parked: the codec lets its buffers go and only the stream waits for the next bytes; a
+/// plain one parked for [`DOZE_AFTER`] more goes dormant.
 ///
 /// A parked connection holds the stream, its listener's context, the client's address and
 /// its deadlines, nothing else: its own context (forwarding headers rendered for it, ...),
@@ -433,33 +517,106 @@ where
 /// while it waits, and rebuilt when its next request comes.
 async fn serve_http1<S>(
     mut stream: S,
-    first_bytes: BytesMut,
-    ctx: Arc<ConnContext>,
-    mut head_due: Instant,
+    mut first: Option<(BytesMut, Arc<ConnContext>)>,
+    mut conn: Http1Conn,
 ) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    // Set once draining began: when a connection that stays idle is closed.
-    let mut drain_due: Option<Instant> = None;
-    let (shared, client) = (ctx.shared().clone(), ctx.client);
-    let (mut read, mut ctx) = (first_bytes, Some(ctx));
+    // A woken dormant connection waits again first, with no doze of its own left: it is
+    // ready already, or due.
+    let mut doze_at = None;
     loop {
-        let ctx = ctx
-            .take()
-            .unwrap_or_else(|| Arc::new(ConnContext::resumed(shared.clone(), client)));
+        let (read, ctx) = match first.take() {
+            Some(first) => first,
+            None => {
+                match await_next_request(&mut stream, &mut conn, doze_at).await {
+                    Next::Request => {}
+                    Next::Closed => return,
+                    Next::Doze => match go_dormant(stream, conn) {
+                        Ok(()) => return,
+                        Err(back) => {
+                            (stream, conn) = *back;
+                            doze_at = None;
+                            continue;
+                        }
+                    },
+                }
+                let ctx = ConnContext::resumed(conn.shared.clone(), conn.client);
+                (BytesMut::new(), Arc::new(ctx))
+            }
+        };
         // The stream goes to the busy spell and comes back into the same place here (a
         // parked connection's future holds one stream, not one per step).
-        match Box::pin(serve_busy(stream, read, ctx, head_due, &mut drain_due)).await {
+        let busy = serve_busy(stream, read, ctx, conn.head_due, &mut conn.drain_due);
+        match Box::pin(busy).await {
             Served::Ended => return,
             // A keep-alive connection has `header_timeout` for its next request from the
             // end of the last response.
-            Served::Parked(returned, due) => (stream, head_due) = (returned, due),
+            Served::Parked(returned, due) => (stream, conn.head_due) = (returned, due),
         }
-        read = BytesMut::new();
-        if !await_next_request(&mut stream, &shared, client, head_due, &mut drain_due).await {
-            return;
-        }
+        doze_at = conn.doze.is_some().then(|| Instant::now() + DOZE_AFTER);
     }
+}
+
+/// Puts a parked plain connection to sleep in its worker's dormitory; gives it back when
+/// it cannot go (a drain began, or its stream has no plain socket). A socket that could not
+/// be taken out of the runtime is closed.
+#[allow(clippy::type_complexity)]
+fn go_dormant<S: ReadReady>(stream: S, mut conn: Http1Conn) -> Result<(), Box<(S, Http1Conn)>> {
+    // Checked on the worker that serves the listener's accept loop: a drain that loop
+    // has seen shows here, and one it has not seen yet comes after this sleeper in the
+    // dormitory's queue (see `serve_limited`), so no sleeper misses its drain.
+    if conn.shared.shutdown.is_triggered() {
+        return Err(Box::new((stream, conn)));
+    }
+    let Some(Doze { dormitory, held }) = conn.doze.take() else {
+        return Err(Box::new((stream, conn)));
+    };
+    let dormant = match stream.into_dormant() {
+        Ok(Ok(dormant)) => dormant,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %conn.client, error = %e, "parked client connection could not go dormant; closed");
+            return Ok(());
+        }
+        Err(stream) => {
+            conn.doze = Some(Doze { dormitory, held });
+            return Err(Box::new((stream, conn)));
+        }
+    };
+    let due = [Some(conn.head_due), conn.drain_due, dormant.limit.end()]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(conn.head_due);
+    let group = group(&conn.shared);
+    let (limit, tracked) = (dormant.limit, conn.shared.shutdown.track());
+    let wake_in = dormitory.clone();
+    let wake = Box::new(move |stream: TcpStream| {
+        conn.doze = Some(Doze {
+            dormitory: wake_in,
+            held,
+        });
+        let shutdown = conn.shared.shutdown.clone();
+        shutdown.spawn(woken(limit.wake(stream), conn));
+        // The task counts for the drain now.
+        drop(tracked);
+    });
+    dormitory.sleep(Sleeper {
+        socket: dormant.socket,
+        due,
+        group,
+        wake,
+    });
+    Ok(())
+}
+
+/// A woken dormant connection's task (boxed, so that the task is small; and a function of
+/// its own, since [`serve_http1`] spawns it).
+fn woken(
+    stream: IdleTimeout<TcpStream>,
+    conn: Http1Conn,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(serve_http1(stream, None, conn))
 }
 
 /// One busy spell of an HTTP/1 connection: serves requests until it ends or parks.
@@ -487,19 +644,37 @@ where
     h1::serve(stream, read, &conn, head_due, drain_due).await
 }
 
-/// Waits, holding only the stream, until a parked connection's next bytes arrive. `false`
-/// when it was closed here instead: no request by `head_due` (counted as an idle client),
-/// idle while draining, or the idle timeout or a socket error (counted where they fire).
+/// How a parked connection's wait ended.
+enum Next {
+    /// Its next bytes came (or its close, or an error, which the read then meets).
+    Request,
+    /// It was closed here: see [`await_next_request`].
+    Closed,
+    /// It stayed idle until its doze time: it may go dormant.
+    Doze,
+}
+
+/// Waits, holding only the stream, until a parked connection's next bytes arrive.
+/// [`Next::Closed`] when it was closed here instead: no request by its head's due time
+/// (counted as an idle client), idle while draining, or the idle timeout or a socket error
+/// (counted where they fire); [`Next::Doze`] when it was still idle at `doze_at` (before
+/// any of those, and no drain began).
 ///
 /// The wait's end is timed by the stream's own timer, the one of its idle limit, where it
 /// has one: a parked connection keeps one timer, not two.
 async fn await_next_request<S: ReadReady>(
     stream: &mut S,
-    listener: &ListenerContext,
-    client: SocketAddr,
-    head_due: Instant,
-    drain_due: &mut Option<Instant>,
-) -> bool {
+    conn: &mut Http1Conn,
+    mut doze_at: Option<Instant>,
+) -> Next {
+    let Http1Conn {
+        shared: listener,
+        client,
+        head_due,
+        drain_due,
+        ..
+    } = conn;
+    let (client, head_due) = (*client, *head_due);
     // Whichever of the next request's and the drain's limits comes first.
     let mut due = drain_due.map_or(head_due, |d| d.min(head_due));
     // Only for a stream without a timer of its own.
@@ -513,33 +688,36 @@ async fn await_next_request<S: ReadReady>(
             let grace_end = Instant::now() + DRAIN_GRACE.min(listener.listener.idle_timeout);
             *drain_due = Some(grace_end);
             due = due.min(grace_end);
+            doze_at = None;
         }
-        if let Some(woken) = stream.poll_ready_until(cx, due) {
+        let end = doze_at.map_or(due, |doze| doze.min(due));
+        if let Some(woken) = stream.poll_ready_until(cx, end) {
             return woken;
         }
         if let Poll::Ready(ready) = stream.poll_read_ready(cx) {
             return Poll::Ready(ready.map(|()| Woken::Readable));
         }
-        let timer = own_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() != due {
-            timer.as_mut().reset(due);
+        let timer = own_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(end)));
+        if timer.deadline() != end {
+            timer.as_mut().reset(end);
         }
         timer.as_mut().poll(cx).map(|()| Ok(Woken::Due))
     })
     .await;
     match woken {
-        Ok(Woken::Readable) => true,
+        Ok(Woken::Readable) => Next::Request,
+        Ok(Woken::Due) if doze_at.is_some_and(|doze| doze < due) => Next::Doze,
         Ok(Woken::Due) => {
             if drain_due.is_none_or(|d| head_due < d) {
                 listener.series.timed_out(ClientTimeout::Idle);
                 tracing::debug!(%client, "no request within header_timeout");
             }
-            false
+            Next::Closed
         }
         Err(e) => {
             // The idle timeout (counted where it fired) or a socket error.
             tracing::debug!(%client, error = %e, "parked client connection ended");
-            false
+            Next::Closed
         }
     }
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::shutdown::Shutdown;
+use crate::workers::dormant::Dormitory;
 use crate::workers::{Seat, WorkerLoad};
 
 /// New connections of one listening socket, on the runtime that polls it.
@@ -54,11 +55,18 @@ impl Incoming {
         Ok(Accepted { stream, client })
     }
 
+    /// The dormitory of the worker this runs on, if it is one of the workers.
+    pub fn dormitory(&self) -> Option<&Dormitory> {
+        self.seat.as_ref().and_then(Seat::dormitory)
+    }
+
     /// Starts `serve` for `accepted` on this runtime, as a connection task `shutdown` waits
-    /// for, counted on this worker while it lives.
+    /// for. `serve` gets the stream and the connection's count on this worker, to hold
+    /// for as long as the connection is open (a dormant connection holds it without its
+    /// task).
     pub fn spawn<F, Fut>(&self, shutdown: &Shutdown, accepted: Accepted, serve: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, WorkerLoad) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let load = self.seat.map_or_else(WorkerLoad::none, |seat| seat.admit());
@@ -69,10 +77,7 @@ impl Incoming {
         // over 1 KiB. A connection's future is over 1 KiB; boxed it is allocated once,
         // with the usual alignment (callgrind, TCP with a new connection per exchange:
         // 17.4k -> 16.1k instructions per connection).
-        shutdown.spawn(Box::pin(async move {
-            let _load = load;
-            serve(stream).await
-        }));
+        shutdown.spawn(Box::pin(serve(stream, load)));
     }
 }
 

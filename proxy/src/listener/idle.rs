@@ -205,11 +205,76 @@ pub trait ReadReady {
         let _ = (cx, due);
         None
     }
+
+    /// The plain socket below, taken out of the runtime's event loop, with the idle
+    /// limit's state, for a connection that goes dormant (see [`crate::workers::dormant`]); only
+    /// an idle-limited plain TCP stream has one. `Err(self)` from any other stream (TLS
+    /// holds state above the socket); `Ok(Err)` when taking the socket out failed (it is
+    /// then closed).
+    fn into_dormant(self) -> Result<io::Result<Dormant>, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
+
+    /// The socket itself, out of the runtime's event loop: see
+    /// [`into_dormant`](Self::into_dormant).
+    fn into_socket(self) -> Result<io::Result<std::net::TcpStream>, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
+}
+
+/// A plain connection's socket out of the runtime's event loop, and its idle limit, while
+/// the connection is dormant.
+#[derive(Debug)]
+pub struct Dormant {
+    /// The socket.
+    pub socket: std::net::TcpStream,
+    /// The idle limit's state, to wake with.
+    pub limit: DormantLimit,
+}
+
+/// A dormant connection's idle limit: its length, the last activity and where an expiry
+/// is counted.
+#[derive(Debug)]
+pub struct DormantLimit {
+    timeout: Duration,
+    last_activity: Instant,
+    counted: Option<ListenerSeries>,
+}
+
+impl DormantLimit {
+    /// When the idle limit closes the connection, if it has one.
+    pub fn end(&self) -> Option<Instant> {
+        (!self.timeout.is_zero()).then(|| self.last_activity + self.timeout)
+    }
+
+    /// The idle-limited stream again, around `stream` (the socket registered with the
+    /// runtime again): the limit runs on from the same last activity.
+    pub fn wake(self, stream: tokio::net::TcpStream) -> IdleTimeout<tokio::net::TcpStream> {
+        IdleTimeout {
+            inner: stream,
+            timeout: self.timeout,
+            last_activity: self.last_activity,
+            timer: None,
+            waking: None,
+            counted: self.counted,
+            bounded: None,
+        }
+    }
 }
 
 impl ReadReady for tokio::net::TcpStream {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+
+    fn into_socket(self) -> Result<io::Result<std::net::TcpStream>, Self> {
+        Ok(self.into_std())
     }
 }
 
@@ -242,6 +307,37 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
                 Poll::Pending => Poll::Pending,
             },
         })
+    }
+
+    fn into_dormant(self) -> Result<io::Result<Dormant>, Self> {
+        let IdleTimeout {
+            inner,
+            timeout,
+            last_activity,
+            timer,
+            waking,
+            counted,
+            bounded,
+        } = self;
+        match inner.into_socket() {
+            Ok(socket) => Ok(socket.map(|socket| Dormant {
+                socket,
+                limit: DormantLimit {
+                    timeout,
+                    last_activity,
+                    counted,
+                },
+            })),
+            Err(inner) => Err(IdleTimeout {
+                inner,
+                timeout,
+                last_activity,
+                timer,
+                waking,
+                counted,
+                bounded,
+            }),
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use thiserror::Error;
 
 pub use accept::{Accepted, Incoming};
 pub use gate::{AcceptGate, GatedIncoming};
-pub use idle::{IdleTimeout, ReadReady, Woken};
+pub use idle::{Dormant, DormantLimit, IdleTimeout, ReadReady, Woken};
 pub use inherit::{Inherited, Origin};
 
 use crate::config::Config;

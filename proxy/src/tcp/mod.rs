@@ -167,8 +167,8 @@ async fn serve_limited(
         let _ = accepted.set_nodelay();
         let shared = shared.clone();
         let open = connections.open();
-        incoming.spawn(&shutdown, accepted, move |stream| async move {
-            let _permit = permit;
+        incoming.spawn(&shutdown, accepted, move |stream, load| async move {
+            let (_permit, _load) = (permit, load);
             let StreamListener {
                 config,
                 state,

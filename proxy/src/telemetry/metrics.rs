@@ -1421,6 +1421,18 @@ impl Collector for Readings {
                 ConstGauge::new(i64::try_from(connections).unwrap_or(i64::MAX))
                     .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
             }
+            let mut family = encoder.encode_descriptor(
+                "proxy_worker_dormant_connections",
+                "Idle HTTP/1 client connections each worker holds dormant now (a socket in its \
+                 epoll set, no task), counted in proxy_worker_connections too (process-wide)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (worker, dormant) in workers.dormant().into_iter().enumerate() {
+                let worker = worker.to_string();
+                ConstGauge::new(i64::try_from(dormant).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
+            }
         }
         if let Some(read) = self.certificates.get() {
             let mut family = encoder.encode_descriptor(

@@ -1,0 +1,264 @@
+//! Dormant connections. An HTTP/1 keep-alive connection that stays idle for a while after
+//! it parked (see `http::server`) leaves its task and sleeps as a bare socket in its
+//! worker's dormitory: an epoll set of the worker's own, apart from the runtime's, with
+//! the socket's deadline and what serving it again takes. A sleeper has no task, no
+//! future, no timer, no buffer and no registration with the runtime: a few hundred bytes,
+//! where a task waiting on a registered socket holds kilobytes (nginx keeps about half a
+//! kilobyte per idle connection).
+//!
+//! A sleeper becomes a task again, on the same worker, when its socket turns readable
+//! (its next request, its close or an error), when its deadline passes (its next request's
+//! or its idle limit: the task then closes it and counts why, as it would have), or when
+//! its listener stops accepting on that worker (a drain: the task then gives it the
+//! drain's grace). Whatever the connection holds (its place under the listener's limits,
+//! its count as open, the drain's wait for it) stays held while it sleeps.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use slab::Slab;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Makes a woken sleeper a served connection again, given its socket registered with the
+/// worker's runtime again. Called on the worker the sleeper slept on.
+pub type Wake = Box<dyn FnOnce(tokio::net::TcpStream) + Send>;
+
+/// A connection put to sleep.
+pub struct Sleeper {
+    /// The socket, out of the runtime's event loop.
+    pub socket: std::net::TcpStream,
+    /// When it is woken even if no byte came.
+    pub due: Instant,
+    /// Which listener it was accepted on, as [`Dormitory::wake_all`] names it.
+    pub group: usize,
+    /// Serves it again.
+    pub wake: Wake,
+}
+
+/// A worker's dormitory, as its connections reach it. Cloned freely: every clone sends to
+/// the one task that holds the sleepers.
+#[derive(Clone, Debug)]
+pub struct Dormitory {
+    to: mpsc::UnboundedSender<Message>,
+    /// How many connections sleep in it now.
+    sleeping: Arc<AtomicUsize>,
+}
+
+enum Message {
+    Sleep(Sleeper),
+    WakeAll(usize),
+}
+
+/// How many readiness events one look at the epoll set takes; more wait for the next look.
+const EVENTS_PER_LOOK: usize = 256;
+
+impl Dormitory {
+    /// Starts a dormitory on the current runtime: a single-threaded worker's, whose
+    /// connections alone sleep in it.
+    pub fn start() -> Dormitory {
+        let (to, from) = mpsc::unbounded_channel();
+        let sleeping = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(from, sleeping.clone()));
+        Dormitory { to, sleeping }
+    }
+
+    /// How many connections sleep in it now.
+    pub fn sleeping(&self) -> usize {
+        self.sleeping.load(Ordering::Relaxed)
+    }
+
+    /// Puts `sleeper` to sleep. Must be called on the dormitory's worker: the sleeper is
+    /// woken there, and nothing else orders it after a [`wake_all`](Self::wake_all) of its
+    /// group sent from that worker.
+    pub fn sleep(&self, sleeper: Sleeper) {
+        if let Err(refused) = self.to.send(Message::Sleep(sleeper)) {
+            // The dormitory's task is gone (its runtime is shutting down): served on, here.
+            if let Message::Sleep(sleeper) = refused.0 {
+                wake_now(sleeper);
+            }
+        }
+    }
+
+    /// Wakes every sleeper of `group` (its listener stopped accepting on this worker).
+    pub fn wake_all(&self, group: usize) {
+        let _ = self.to.send(Message::WakeAll(group));
+    }
+}
+
+/// Re-registers a sleeper's socket with the current runtime and serves it again; closes it
+/// if that fails.
+fn wake_now(sleeper: Sleeper) {
+    let Sleeper { socket, wake, .. } = sleeper;
+    match tokio::net::TcpStream::from_std(socket) {
+        Ok(stream) => wake(stream),
+        // Dropping `wake` lets go of everything the connection held.
+        Err(e) => {
+            tracing::debug!(error = %e, "dormant connection could not be registered again; closed")
+        }
+    }
+}
+
+/// The sleepers of one worker and their deadlines.
+struct Beds {
+    sleepers: Slab<Sleeper>,
+    /// Deadlines by sleeper; an entry whose sleeper woke already (or whose place another
+    /// took, with another deadline) is skipped when it comes up.
+    dues: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// The number of sleepers, as [`Dormitory::sleeping`] reads it.
+    count: Arc<AtomicUsize>,
+}
+
+impl Beds {
+    fn put(&mut self, registry: &Registry, sleeper: Sleeper) {
+        let bed = self.sleepers.vacant_entry();
+        let key = bed.key();
+        let fd = sleeper.socket.as_raw_fd();
+        // Bytes that came since the connection's last look make the socket ready at once:
+        // epoll reports what is ready when a socket is added.
+        if let Err(e) = registry.register(&mut SourceFd(&fd), Token(key), Interest::READABLE) {
+            tracing::debug!(error = %e, "connection could not go dormant; served on");
+            wake_now(sleeper);
+            return;
+        }
+        self.dues.push(Reverse((sleeper.due, key)));
+        bed.insert(sleeper);
+        self.count.store(self.sleepers.len(), Ordering::Relaxed);
+        // Deadlines of woken sleepers stay until they come up: rebuilt when they
+        // outnumber the sleepers.
+        if self.dues.len() > 2 * self.sleepers.len() + 64 {
+            self.dues = self
+                .sleepers
+                .iter()
+                .map(|(key, s)| Reverse((s.due, key)))
+                .collect();
+        }
+    }
+
+    fn wake(&mut self, registry: &Registry, key: usize) {
+        if let Some(sleeper) = self.sleepers.try_remove(key) {
+            self.count.store(self.sleepers.len(), Ordering::Relaxed);
+            let _ = registry.deregister(&mut SourceFd(&sleeper.socket.as_raw_fd()));
+            wake_now(sleeper);
+        }
+    }
+
+    /// Wakes the sleepers whose deadline passed by `now`.
+    fn wake_due(&mut self, registry: &Registry, now: Instant) {
+        while let Some(&Reverse((due, key))) = self.dues.peek() {
+            if due > now {
+                break;
+            }
+            self.dues.pop();
+            if self.sleepers.get(key).is_some_and(|s| s.due == due) {
+                self.wake(registry, key);
+            }
+        }
+    }
+
+    fn wake_group(&mut self, registry: &Registry, group: usize) {
+        let keys: Vec<usize> = self
+            .sleepers
+            .iter()
+            .filter(|(_, s)| s.group == group)
+            .map(|(key, _)| key)
+            .collect();
+        for key in keys {
+            self.wake(registry, key);
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.dues.peek().map(|Reverse((due, _))| *due)
+    }
+}
+
+/// A deadline far enough away to stand for none.
+fn never() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// The epoll set, watched by the worker's runtime for sleepers ready.
+///
+/// tokio deprecated its safe constructor in favour of an `unsafe` one, since a wrapped
+/// object could hand out another file descriptor than it registered, or close it first.
+/// `Poll` owns its epoll descriptor from creation to drop and always returns that one, so
+/// the condition the `unsafe` constructor asks its caller to keep holds here; this crate
+/// forbids `unsafe`, hence the deprecated call.
+#[allow(deprecated)]
+fn watched(epoll: Poll) -> std::io::Result<AsyncFd<Poll>> {
+    AsyncFd::with_interest(epoll, tokio::io::Interest::READABLE)
+}
+
+/// The dormitory's task: takes sleepers in, wakes them on readiness, deadline or drain.
+async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>) {
+    let mut epoll = match Poll::new().and_then(watched) {
+        Ok(epoll) => epoll,
+        Err(e) => {
+            tracing::warn!(error = %e, "no dormitory on this worker: idle connections wait in their tasks");
+            while let Some(message) = from.recv().await {
+                if let Message::Sleep(sleeper) = message {
+                    wake_now(sleeper);
+                }
+            }
+            return;
+        }
+    };
+    let mut beds = Beds {
+        sleepers: Slab::new(),
+        dues: BinaryHeap::new(),
+        count,
+    };
+    let mut events = Events::with_capacity(EVENTS_PER_LOOK);
+    let mut ready: Vec<usize> = Vec::new();
+    let timer = tokio::time::sleep_until(never());
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            message = from.recv() => match message {
+                Some(Message::Sleep(sleeper)) => beds.put(epoll.get_ref().registry(), sleeper),
+                Some(Message::WakeAll(group)) => beds.wake_group(epoll.get_ref().registry(), group),
+                // Every sender is gone, so is the runtime: the sleepers close.
+                None => return,
+            },
+            looked = epoll.readable_mut() => {
+                let Ok(mut guard) = looked else {
+                    tracing::warn!("the dormitory's epoll set failed; its connections are served on");
+                    let keys: Vec<usize> = beds.sleepers.iter().map(|(key, _)| key).collect();
+                    for key in keys {
+                        beds.wake(epoll.get_ref().registry(), key);
+                    }
+                    return;
+                };
+                let polled = guard.get_inner_mut().poll(&mut events, Some(Duration::ZERO));
+                ready.clear();
+                ready.extend(events.iter().map(|event| event.token().0));
+                // A full look may have left events behind: the set stays ready for the
+                // next. Readiness that came after this look is not cleared (tokio clears
+                // only what the guard saw).
+                if polled.is_ok() && ready.len() < EVENTS_PER_LOOK {
+                    guard.clear_ready();
+                }
+                drop(guard);
+                if let Err(e) = polled {
+                    tracing::debug!(error = %e, "looking at the dormitory's epoll set");
+                }
+                for &key in &ready {
+                    beds.wake(epoll.get_ref().registry(), key);
+                }
+            }
+            () = &mut timer => beds.wake_due(epoll.get_ref().registry(), Instant::now()),
+        }
+        let next = beds.next_due().unwrap_or_else(never);
+        if timer.deadline() != next {
+            timer.as_mut().reset(next);
+        }
+    }
+}
