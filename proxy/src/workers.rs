@@ -140,6 +140,15 @@ impl Workers {
         self.loads.iter().map(Load::count).collect()
     }
 
+    /// The tasks alive on each worker's runtime now (a connection's task, its streams',
+    /// the accept loops, the dormitory), by worker index.
+    pub fn tasks(&self) -> Vec<usize> {
+        self.handles
+            .iter()
+            .map(|h| h.metrics().num_alive_tasks())
+            .collect()
+    }
+
     /// The connections dormant on each worker now (counted among its connections too),
     /// by worker index.
     pub fn dormant(&self) -> Vec<usize> {

@@ -705,6 +705,68 @@ async fn idle_connections_stay_small(
     (app, dir, child, held)
 }
 
+/// The sum over the workers of the series `name{worker="..."}`.
+fn per_worker_sum(text: &str, name: &str) -> u64 {
+    let prefix = format!("{name}{{worker=");
+    text.lines()
+        .filter(|l| l.starts_with(prefix.as_str()))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// 1,000 keep-alive connections idle long enough to go dormant: each is then a socket in
+/// its worker's epoll set and a couple of hundred bytes of state, with no task (the
+/// workers run only their accept loops and dormitories), and each is served again. RSS is
+/// printed, not asserted: a debug build's, with the allocator's pages, says little about
+/// a connection's own size (`bench/scenarios.sh idle` measures that).
+#[tokio::test]
+async fn dormant_keep_alive_connections_hold_no_task_and_are_served_again() {
+    let app = upstream("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, admin) = own_process(&app, dir.path()).await;
+    let pid = child.0.id();
+    let before = rss_kib(pid);
+    let mut held = hold_idle(addr, admin, 1000, 1).await;
+    let scrape = || async {
+        raw(
+            admin,
+            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .text()
+    };
+    let mut text = scrape().await;
+    for _ in 0..400 {
+        if per_worker_sum(&text, "proxy_worker_dormant_connections") == 1000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        text = scrape().await;
+    }
+    assert_eq!(
+        per_worker_sum(&text, "proxy_worker_dormant_connections"),
+        1000,
+        "{text}"
+    );
+    assert_eq!(sample(&text, ACTIVE), Some(1000), "{text}");
+    let tasks = per_worker_sum(&text, "proxy_worker_tasks");
+    assert!(
+        tasks < 50,
+        "{tasks} tasks on the workers with every connection dormant"
+    );
+    let after = rss_kib(pid);
+    eprintln!(
+        "proxyd RSS {before} KiB -> {after} KiB with 1,000 dormant keep-alive connections, {tasks} tasks on the workers"
+    );
+    for (n, stream) in held.iter_mut().enumerate() {
+        let (status, close) =
+            common::exchange(stream, b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+                .await
+                .unwrap_or_else(|_| panic!("connection {n} not served again"));
+        assert_eq!((status, close), (200, false), "connection {n}");
+    }
+}
+
 /// Opens `count` keep-alive connections, each answered `requests` times back to back, and
 /// returns them once the listener counts them all and they have been idle for a second.
 async fn hold_idle(

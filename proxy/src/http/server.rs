@@ -66,7 +66,7 @@ struct Held {
 /// worker and what it holds.
 struct Doze {
     dormitory: Dormitory,
-    held: Held,
+    _held: Held,
 }
 
 /// Which listener's accept loop a connection came from, as its worker's dormitory groups
@@ -283,7 +283,13 @@ async fn serve_limited(
                     let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
                     // Off the workers (no dormitory) the task holds it to its end.
                     let (doze, _held) = match dormitory {
-                        Some(dormitory) => (Some(Doze { dormitory, held }), None),
+                        Some(dormitory) => (
+                            Some(Doze {
+                                dormitory,
+                                _held: held,
+                            }),
+                            None,
+                        ),
                         None => (None, Some(held)),
                     };
                     serve_connection(timed, ctx, &protocols, doze).await
@@ -562,15 +568,13 @@ async fn serve_http1<S>(
 /// it cannot go (a drain began, or its stream has no plain socket). A socket that could not
 /// be taken out of the runtime is closed.
 #[allow(clippy::type_complexity)]
-fn go_dormant<S: ReadReady>(stream: S, mut conn: Http1Conn) -> Result<(), Box<(S, Http1Conn)>> {
+fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Http1Conn)>> {
     // Checked on the worker that serves the listener's accept loop: a drain that loop
     // has seen shows here, and one it has not seen yet comes after this sleeper in the
     // dormitory's queue (see `serve_limited`), so no sleeper misses its drain.
-    if conn.shared.shutdown.is_triggered() {
-        return Err(Box::new((stream, conn)));
-    }
-    let Some(Doze { dormitory, held }) = conn.doze.take() else {
-        return Err(Box::new((stream, conn)));
+    let dormitory = match &conn.doze {
+        Some(doze) if !conn.shared.shutdown.is_triggered() => doze.dormitory.clone(),
+        _ => return Err(Box::new((stream, conn))),
     };
     let dormant = match stream.into_dormant() {
         Ok(Ok(dormant)) => dormant,
@@ -578,10 +582,7 @@ fn go_dormant<S: ReadReady>(stream: S, mut conn: Http1Conn) -> Result<(), Box<(S
             tracing::debug!(client = %conn.client, error = %e, "parked client connection could not go dormant; closed");
             return Ok(());
         }
-        Err(stream) => {
-            conn.doze = Some(Doze { dormitory, held });
-            return Err(Box::new((stream, conn)));
-        }
+        Err(stream) => return Err(Box::new((stream, conn))),
     };
     let due = [Some(conn.head_due), conn.drain_due, dormant.limit.end()]
         .into_iter()
@@ -590,12 +591,9 @@ fn go_dormant<S: ReadReady>(stream: S, mut conn: Http1Conn) -> Result<(), Box<(S
         .unwrap_or(conn.head_due);
     let group = group(&conn.shared);
     let (limit, tracked) = (dormant.limit, conn.shared.shutdown.track());
-    let wake_in = dormitory.clone();
+    // What it holds while it sleeps: the connection's state (what it holds among it), its
+    // idle limit and its place in the drain's count.
     let wake = Box::new(move |stream: TcpStream| {
-        conn.doze = Some(Doze {
-            dormitory: wake_in,
-            held,
-        });
         let shutdown = conn.shared.shutdown.clone();
         shutdown.spawn(woken(limit.wake(stream), conn));
         // The task counts for the drain now.

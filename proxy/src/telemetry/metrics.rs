@@ -1433,6 +1433,18 @@ impl Collector for Readings {
                 ConstGauge::new(i64::try_from(dormant).unwrap_or(i64::MAX))
                     .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
             }
+            let mut family = encoder.encode_descriptor(
+                "proxy_worker_tasks",
+                "Tasks alive on each worker thread's runtime now: a task per connection that is \
+                 not dormant, the accept loops, the dormitory (process-wide)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (worker, tasks) in workers.tasks().into_iter().enumerate() {
+                let worker = worker.to_string();
+                ConstGauge::new(i64::try_from(tasks).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
+            }
         }
         if let Some(read) = self.certificates.get() {
             let mut family = encoder.encode_descriptor(

@@ -180,6 +180,19 @@ impl Beds {
     }
 }
 
+/// How long after connections went dormant their worker nudges the allocator to return
+/// the pages their tasks freed: mimalloc gives freed pages back once its purge delay (1 s)
+/// has passed, but looks only when it frees a page, which an idle worker no longer does.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+/// Nudges the allocator, after [`SETTLE`]: a block above mimalloc's largest size class
+/// (512 KiB) gets a page of its own, freed with it, and freeing a page makes mimalloc
+/// return the freed pages whose purge delay passed. The block is never touched, so it
+/// costs no resident memory.
+fn return_freed_pages() {
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
+}
+
 /// A deadline far enough away to stand for none.
 fn never() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
@@ -220,10 +233,20 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
     let mut ready: Vec<usize> = Vec::new();
     let timer = tokio::time::sleep_until(never());
     tokio::pin!(timer);
+    // Nudges left after sleepers came (see `SETTLE`): two, for pages freed after the first.
+    let mut nudges = 0u8;
+    let settle = tokio::time::sleep_until(never());
+    tokio::pin!(settle);
     loop {
         tokio::select! {
             message = from.recv() => match message {
-                Some(Message::Sleep(sleeper)) => beds.put(epoll.get_ref().registry(), sleeper),
+                Some(Message::Sleep(sleeper)) => {
+                    beds.put(epoll.get_ref().registry(), sleeper);
+                    if nudges == 0 {
+                        settle.as_mut().reset(Instant::now() + SETTLE);
+                    }
+                    nudges = 2;
+                }
                 Some(Message::WakeAll(group)) => beds.wake_group(epoll.get_ref().registry(), group),
                 // Every sender is gone, so is the runtime: the sleepers close.
                 None => return,
@@ -255,6 +278,11 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
                 }
             }
             () = &mut timer => beds.wake_due(epoll.get_ref().registry(), Instant::now()),
+            () = &mut settle, if nudges > 0 => {
+                return_freed_pages();
+                nudges -= 1;
+                settle.as_mut().reset(if nudges > 0 { Instant::now() + SETTLE } else { never() });
+            }
         }
         let next = beds.next_due().unwrap_or_else(never);
         if timer.deadline() != next {
