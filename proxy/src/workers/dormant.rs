@@ -185,6 +185,9 @@ impl Beds {
 /// has passed, but looks only when it frees a page, which an idle worker no longer does.
 const SETTLE: Duration = Duration::from_millis(1500);
 
+/// How many nudges follow the last sleeper that came.
+const NUDGES: u8 = 3;
+
 /// Nudges the allocator, after [`SETTLE`]: a block above mimalloc's largest size class
 /// (512 KiB) gets a page of its own, freed with it, and freeing a page makes mimalloc
 /// return the freed pages whose purge delay passed. The block is never touched, so it
@@ -233,7 +236,8 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
     let mut ready: Vec<usize> = Vec::new();
     let timer = tokio::time::sleep_until(never());
     tokio::pin!(timer);
-    // Nudges left after sleepers came (see `SETTLE`): two, for pages freed after the first.
+    // Nudges left (see `SETTLE`): one every `SETTLE` while sleepers keep coming, and
+    // `NUDGES` after the last, for the pages freed between nudges.
     let mut nudges = 0u8;
     let settle = tokio::time::sleep_until(never());
     tokio::pin!(settle);
@@ -245,7 +249,7 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
                     if nudges == 0 {
                         settle.as_mut().reset(Instant::now() + SETTLE);
                     }
-                    nudges = 2;
+                    nudges = NUDGES;
                 }
                 Some(Message::WakeAll(group)) => beds.wake_group(epoll.get_ref().registry(), group),
                 // Every sender is gone, so is the runtime: the sleepers close.
