@@ -567,7 +567,6 @@ async fn serve_http1<S>(
 /// Puts a parked plain connection to sleep in its worker's dormitory; gives it back when
 /// it cannot go (a drain began, or its stream has no plain socket). A socket that could not
 /// be taken out of the runtime is closed.
-#[allow(clippy::type_complexity)]
 fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Http1Conn)>> {
     // Checked on the worker that serves the listener's accept loop: a drain that loop
     // has seen shows here, and one it has not seen yet comes after this sleeper in the
@@ -591,8 +590,8 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
         .unwrap_or(conn.head_due);
     let group = group(&conn.shared);
     let (limit, tracked) = (dormant.limit, conn.shared.shutdown.track());
-    // What it holds while it sleeps: the connection's state (what it holds among it), its
-    // idle limit and its place in the drain's count.
+    // All a sleeper keeps besides its socket: the connection's state (with its places
+    // under the limits), its idle limit, and its place in the drain's count.
     let wake = Box::new(move |stream: TcpStream| {
         let shutdown = conn.shared.shutdown.clone();
         shutdown.spawn(woken(limit.wake(stream), conn));
