@@ -248,8 +248,9 @@ impl Seat {
         }
     }
 
-    /// This worker's dormitory, where its idle connections sleep.
-    pub fn dormitory(&self) -> Option<&Dormitory> {
+    /// This worker's dormitory, where its idle connections sleep (it lives as long as the
+    /// process: a connection refers to it without counting a reference).
+    pub fn dormitory(&self) -> Option<&'static Dormitory> {
         self.workers.dormitories.get(self.index)
     }
 

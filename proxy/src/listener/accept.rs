@@ -56,7 +56,7 @@ impl Incoming {
     }
 
     /// The dormitory of the worker this runs on, if it is one of the workers.
-    pub fn dormitory(&self) -> Option<&Dormitory> {
+    pub fn dormitory(&self) -> Option<&'static Dormitory> {
         self.seat.as_ref().and_then(Seat::dormitory)
     }
 

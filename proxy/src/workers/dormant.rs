@@ -43,9 +43,9 @@ pub struct Sleeper {
     pub wake: Wake,
 }
 
-/// A worker's dormitory, as its connections reach it. Cloned freely: every clone sends to
-/// the one task that holds the sleepers.
-#[derive(Clone, Debug)]
+/// A worker's dormitory, as its connections reach it: sends to the one task that holds
+/// the sleepers.
+#[derive(Debug)]
 pub struct Dormitory {
     to: mpsc::UnboundedSender<Message>,
     /// How many connections sleep in it now.
