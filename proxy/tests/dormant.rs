@@ -141,35 +141,25 @@ async fn an_idle_keep_alive_connection_sleeps_without_a_task_and_is_served_when_
 
 #[tokio::test]
 async fn a_dormant_connection_is_closed_at_its_next_requests_due_time_and_counted_as_idle() {
+    closed_at_a_limit_while_dormant("header_timeout = \"3s\"\nidle_timeout = \"300s\"").await;
+}
+
+#[tokio::test]
+async fn a_dormant_connection_is_closed_at_its_idle_limit_and_counted() {
+    closed_at_a_limit_while_dormant("header_timeout = \"300s\"\nidle_timeout = \"3s\"").await;
+}
+
+/// A connection idle after one request, on a listener with `limits` (one of them 3 s):
+/// it goes dormant, is closed at the limit without a byte, and counted once as an idle
+/// client.
+async fn closed_at_a_limit_while_dormant(limits: &str) {
     let up = upstream("up").await;
-    let proxy = start_proxy(&config(
-        &up,
-        "header_timeout = \"3s\"\nidle_timeout = \"300s\"",
-    ))
-    .await;
+    let proxy = start_proxy(&config(&up, limits)).await;
     let admin = proxy.daemon.admin_address().expect("admin listener");
     let mut client = TcpStream::connect(proxy.addr("web")).await.unwrap();
     assert_eq!(exchange(&mut client, REQUEST).await, Ok((200, false)));
     until(admin, DORMANT, 1.0).await;
     assert_eq!(metric(admin, IDLE_TIMEOUTS).await, 0.0);
-    assert!(until_closed(&mut client).await.is_empty());
-    until(admin, CONNECTIONS, 0.0).await;
-    assert_eq!(metric(admin, DORMANT).await, 0.0);
-    assert_eq!(metric(admin, IDLE_TIMEOUTS).await, 1.0);
-}
-
-#[tokio::test]
-async fn a_dormant_connection_is_closed_at_its_idle_limit_and_counted() {
-    let up = upstream("up").await;
-    let proxy = start_proxy(&config(
-        &up,
-        "header_timeout = \"300s\"\nidle_timeout = \"3s\"",
-    ))
-    .await;
-    let admin = proxy.daemon.admin_address().expect("admin listener");
-    let mut client = TcpStream::connect(proxy.addr("web")).await.unwrap();
-    assert_eq!(exchange(&mut client, REQUEST).await, Ok((200, false)));
-    until(admin, DORMANT, 1.0).await;
     assert!(until_closed(&mut client).await.is_empty());
     until(admin, CONNECTIONS, 0.0).await;
     assert_eq!(metric(admin, DORMANT).await, 0.0);

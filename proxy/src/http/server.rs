@@ -62,6 +62,22 @@ struct Held {
     _load: WorkerLoad,
 }
 
+impl Held {
+    fn new(
+        permit: OwnedSemaphorePermit,
+        client_slot: Option<ClientConnection>,
+        open: OpenConnection,
+        load: WorkerLoad,
+    ) -> Held {
+        Held {
+            _permit: permit,
+            _client_slot: client_slot,
+            _open: open,
+            _load: load,
+        }
+    }
+}
+
 /// What a plain HTTP/1 connection takes along when it goes dormant: the dormitory of its
 /// worker and what it holds.
 struct Doze {
@@ -274,12 +290,7 @@ async fn serve_limited(
             None => {
                 let dormitory = incoming.dormitory();
                 incoming.spawn(&shutdown, accepted, move |stream, load| async move {
-                    let held = Held {
-                        _permit: permit,
-                        _client_slot: client_slot,
-                        _open: open,
-                        _load: load,
-                    };
+                    let held = Held::new(permit, client_slot, open, load);
                     let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
                     // Off the workers (no dormitory) the task holds it to its end.
                     let (doze, _held) = match dormitory {
@@ -298,12 +309,7 @@ async fn serve_limited(
             Some(server_config) => {
                 let server_config = server_config.clone();
                 incoming.spawn(&shutdown, accepted, move |stream, load| async move {
-                    let _held = Held {
-                        _permit: permit,
-                        _client_slot: client_slot,
-                        _open: open,
-                        _load: load,
-                    };
+                    let _held = Held::new(permit, client_slot, open, load);
                     // The idle limit sits below TLS, so it covers the handshake too; the
                     // handshake as a whole is bounded by the header timeout.
                     let handshake = Box::pin(ctx.tls.accept(

@@ -1409,42 +1409,27 @@ impl Collector for Readings {
         )?;
         ConstCounter::new(super::access::dropped()).encode(dropped)?;
         if let Some(workers) = crate::workers::Workers::running() {
-            let mut family = encoder.encode_descriptor(
+            per_worker(
+                &mut encoder,
                 "proxy_worker_connections",
                 "Client connections each worker thread serves now, every listener's together \
                  (process-wide)",
-                None,
-                MetricType::Gauge,
+                workers.connections(),
             )?;
-            for (worker, connections) in workers.connections().into_iter().enumerate() {
-                let worker = worker.to_string();
-                ConstGauge::new(i64::try_from(connections).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
-            }
-            let mut family = encoder.encode_descriptor(
+            per_worker(
+                &mut encoder,
                 "proxy_worker_dormant_connections",
                 "Idle HTTP/1 client connections each worker holds dormant now (a socket in its \
                  epoll set, no task), counted in proxy_worker_connections too (process-wide)",
-                None,
-                MetricType::Gauge,
+                workers.dormant(),
             )?;
-            for (worker, dormant) in workers.dormant().into_iter().enumerate() {
-                let worker = worker.to_string();
-                ConstGauge::new(i64::try_from(dormant).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
-            }
-            let mut family = encoder.encode_descriptor(
+            per_worker(
+                &mut encoder,
                 "proxy_worker_tasks",
                 "Tasks alive on each worker thread's runtime now: a task per connection that is \
                  not dormant, the accept loops, the dormitory (process-wide)",
-                None,
-                MetricType::Gauge,
+                workers.tasks(),
             )?;
-            for (worker, tasks) in workers.tasks().into_iter().enumerate() {
-                let worker = worker.to_string();
-                ConstGauge::new(i64::try_from(tasks).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
-            }
         }
         if let Some(read) = self.certificates.get() {
             let mut family = encoder.encode_descriptor(
@@ -1522,6 +1507,22 @@ impl Collector for Readings {
         }
         Ok(())
     }
+}
+
+/// A gauge family with one value per worker thread, labelled by its index.
+fn per_worker(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: Vec<usize>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (worker, value) in values.into_iter().enumerate() {
+        let worker = worker.to_string();
+        ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX))
+            .encode(family.encode_family(&[("worker", worker.as_str())])?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
