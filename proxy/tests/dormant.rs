@@ -17,29 +17,7 @@ use tokio::time::Instant;
 /// One worker (so that every count is that worker's), an admin listener and an HTTP
 /// listener `web` with `limits` (its timeouts), routed to the upstream.
 fn config(up: &Upstream, limits: &str) -> String {
-    format!(
-        r#"[server]
-state_dir = "{{state}}"
-admin_listen = "127.0.0.1:0"
-workers = 1
-
-[telemetry]
-access_log = "off"
-
-{pool}
-[[listeners]]
-name = "web"
-protocol = "http"
-address = "127.0.0.1:0"
-{limits}
-
-[[routes]]
-name = "all"
-listener = "web"
-pool = "up"
-"#,
-        pool = pool("up", &[up])
-    )
+    on_workers(1, up, limits)
 }
 
 /// The value of the series `name` (with its labels, as the exposition writes them).

@@ -34,31 +34,10 @@ async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
 
 const REQUEST: &[u8] = b"GET /spread HTTP/1.1\r\nHost: spread\r\n\r\n";
 
-/// A proxyd config with two workers, an admin listener and an HTTP listener `web` routed
-/// to pool `up` (the upstream `up`), with `more` (further listeners) beside them.
+/// A proxyd config with two workers (see [`on_workers`]), with `more` (further listeners)
+/// beside `web`.
 fn two_workers(up: &Upstream, more: &str) -> String {
-    format!(
-        r#"[server]
-state_dir = "{{state}}"
-admin_listen = "127.0.0.1:0"
-workers = 2
-
-[telemetry]
-access_log = "off"
-
-{pool}
-[[listeners]]
-name = "web"
-protocol = "http"
-address = "127.0.0.1:0"
-{more}
-[[routes]]
-name = "all"
-listener = "web"
-pool = "up"
-"#,
-        pool = pool("up", &[up])
-    )
+    on_workers(2, up, more)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

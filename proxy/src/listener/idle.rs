@@ -310,33 +310,17 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
     }
 
     fn into_dormant(self) -> Result<io::Result<Dormant>, Self> {
-        let IdleTimeout {
-            inner,
-            timeout,
-            last_activity,
-            timer,
-            waking,
-            counted,
-            bounded,
-        } = self;
-        match inner.into_socket() {
+        match self.inner.into_socket() {
             Ok(socket) => Ok(socket.map(|socket| Dormant {
                 socket,
                 limit: DormantLimit {
-                    timeout,
-                    last_activity,
-                    counted,
+                    timeout: self.timeout,
+                    last_activity: self.last_activity,
+                    counted: self.counted,
                 },
             })),
-            Err(inner) => Err(IdleTimeout {
-                inner,
-                timeout,
-                last_activity,
-                timer,
-                waking,
-                counted,
-                bounded,
-            }),
+            // No plain socket below: the stream as it was.
+            Err(inner) => Err(IdleTimeout { inner, ..self }),
         }
     }
 }

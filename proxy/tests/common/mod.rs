@@ -445,6 +445,35 @@ pub fn dead_address() -> String {
     addr.to_string()
 }
 
+/// A proxyd config with `workers` worker threads, an admin listener, its access log off,
+/// and an HTTP listener `web` routed to pool `up` (the upstream `up`); `after_web` goes
+/// right after the listener's address: keys of `web` itself, then any further sections.
+pub fn on_workers(workers: usize, up: &Upstream, after_web: &str) -> String {
+    format!(
+        r#"[server]
+state_dir = "{{state}}"
+admin_listen = "127.0.0.1:0"
+workers = {workers}
+
+[telemetry]
+access_log = "off"
+
+{pool}
+[[listeners]]
+name = "web"
+protocol = "http"
+address = "127.0.0.1:0"
+{after_web}
+
+[[routes]]
+name = "all"
+listener = "web"
+pool = "up"
+"#,
+        pool = pool("up", &[up])
+    )
+}
+
 pub const WEB: &str =
     "[[listeners]]\nname = \"web\"\nprotocol = \"http\"\naddress = \"127.0.0.1:0\"\n";
 
