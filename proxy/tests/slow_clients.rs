@@ -647,12 +647,12 @@ async fn memory_per_held_connection_stays_small() {
 /// 1,000 keep-alive connections, each idle after one request, hold no request buffers:
 /// the HTTP/1 codec lets its read and write buffers go once a connection is between
 /// requests with nothing buffered, and so goes the boxed future that serves requests;
-/// what is left is the connection's task, sized for its waits only, its stream and its
-/// listener's context (2.0-2.5 KiB in a release build, as `bench/scenarios.sh idle`
-/// measures it; 2.6-3.3 KiB in debug builds, 4.2-6.5 before the parked connection let its
-/// own context and second timer go). The bound sits well below the 16 KiB of read
-/// buffer that idle connections held before they let their buffers go. Each is then served a second request,
-/// and a pipelined pair, on the same connection.
+/// what is left while parked is the connection's task, sized for its waits only, its
+/// stream and its listener's context (2.0-2.5 KiB in a release build; 2.6-3.3 KiB in
+/// debug builds, 4.2-6.5 before the parked connection let its own context and second timer
+/// go), until it goes dormant (see the dormant test below). The bound sits well below the
+/// 16 KiB of read buffer that idle connections held before they let their buffers go. Each
+/// is then served a second request, and a pipelined pair, on the same connection.
 #[tokio::test]
 async fn idle_keep_alive_connections_hold_no_buffers_and_are_served_again() {
     let (_app, _dir, _proxyd, mut held) = idle_connections_stay_small(1).await;
