@@ -22,12 +22,7 @@ fn config(up: &Upstream, limits: &str) -> String {
 
 /// The value of the series `name` (with its labels, as the exposition writes them).
 async fn metric(admin: SocketAddr, name: &str) -> f64 {
-    let text = raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .text();
+    let text = scrape_metrics(admin).await;
     let prefix = format!("{name} ");
     text.lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))

@@ -640,12 +640,7 @@ async fn metrics_count_calls_by_grpc_status() {
     ];
     let mut text = String::new();
     for _ in 0..200 {
-        text = raw(
-            admin,
-            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .text();
+        text = scrape_metrics(admin).await;
         if want.iter().all(|line| text.lines().any(|l| l == *line)) {
             return;
         }

@@ -166,16 +166,6 @@ async fn tls_handshake(
     connector.connect(name, tcp).await.expect("TLS handshake")
 }
 
-async fn scrape(admin: SocketAddr) -> String {
-    let r = raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    r.text()
-}
-
 #[tokio::test]
 async fn every_metric_the_dashboard_and_the_alerts_use_exists_in_a_real_scrape() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,7 +251,7 @@ key = "{{state}}/www.key"
         .status(proxy_proto::v1::StatusRequest {})
         .await
         .expect("Status");
-    let text = scrape(admin).await;
+    let text = scrape_metrics(admin).await;
     let available = series_names(&text);
 
     let dashboard = dashboard_queries();
@@ -347,7 +337,7 @@ key = "{{state}}/www.key"
     assert_eq!(not_after, expected.to_string());
     let mut discovery = String::new();
     for _ in 0..100 {
-        discovery = scrape(admin).await;
+        discovery = scrape_metrics(admin).await;
         if discovery.contains("proxy_discovery_source_up{pool=\"search\",kind=\"exec\"} 0") {
             break;
         }

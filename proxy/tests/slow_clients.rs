@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use common::{
-    free_port, get, pool, raw, read_response, start_proxy, upstream, TestProxy, Upstream,
+    free_port, get, pool, read_response, scrape_metrics, start_proxy, upstream, TestProxy, Upstream,
 };
 use tls_support::{client_config, get_over, tls_connect, TestCa};
 
@@ -56,13 +56,7 @@ async fn proxy(
 /// `/metrics` from the admin listener.
 async fn metrics(p: &TestProxy) -> String {
     let admin = p.daemon.admin_address().expect("admin listener");
-    let r = raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    r.text()
+    scrape_metrics(admin).await
 }
 
 fn sample(text: &str, series: &str) -> Option<u64> {
@@ -591,12 +585,7 @@ async fn own_process(app: &Upstream, dir: &std::path::Path) -> (Proxyd, SocketAd
 async fn await_active(admin: SocketAddr, want: u64) -> String {
     let mut text = String::new();
     for _ in 0..400 {
-        text = raw(
-            admin,
-            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .text();
+        text = scrape_metrics(admin).await;
         if sample(&text, ACTIVE) == Some(want) {
             break;
         }
@@ -721,14 +710,7 @@ async fn dormant_keep_alive_connections_hold_no_task_and_are_served_again() {
     let pid = child.0.id();
     let before = rss_kib(pid);
     let mut held = hold_idle(addr, admin, 1000, 1).await;
-    let scrape = || async {
-        raw(
-            admin,
-            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .text()
-    };
+    let scrape = || async { scrape_metrics(admin).await };
     let mut text = scrape().await;
     for _ in 0..400 {
         if per_worker_sum(&text, "proxy_worker_dormant_connections") == 1000 {

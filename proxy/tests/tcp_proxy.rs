@@ -239,12 +239,7 @@ async fn forwarded_bytes(p: &TestProxy, done: impl Fn(u64, u64) -> bool) -> (u64
     let mut last = (None, None);
     // The counts are added when the stream ends, which may trail the client's end of stream.
     for _ in 0..200 {
-        let text = raw(
-            admin,
-            b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .text();
+        let text = scrape_metrics(admin).await;
         last = (series(&text, "up"), series(&text, "down"));
         if let (Some(up), Some(down)) = last {
             if done(up, down) {

@@ -7,7 +7,7 @@ mod tls_support;
 
 use std::time::Duration;
 
-use common::{pool, start_proxy_in, upstream, TestProxy};
+use common::{pool, scrape_metrics, start_proxy_in, upstream, TestProxy};
 use tls_support::{
     api_ca, client_config, get_over, require, roots_from_pem, tls_connect, Pebble, PebblePorts,
 };
@@ -342,16 +342,6 @@ async fn ask_server(
     (url, asked, task)
 }
 
-/// `/metrics` from the admin listener.
-async fn scrape(admin: std::net::SocketAddr) -> String {
-    common::raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .text()
-}
-
 fn refused_on_metrics(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("proxy_tls_handshakes_refused_total "))
@@ -372,7 +362,7 @@ async fn ask_endpoint_decides_new_names_and_its_outage_only_blocks_new_names() {
     )
     .await;
     let admin = proxy.daemon.admin_address().expect("admin listener");
-    assert_eq!(refused_on_metrics(&scrape(admin).await), Some(0));
+    assert_eq!(refused_on_metrics(&scrape_metrics(admin).await), Some(0));
     let client = client_config(roots_from_pem(&pebble.root_pem().await), &[b"http/1.1"]);
 
     // `ask` says 200: a certificate from pebble, and the request is routed.
@@ -414,7 +404,7 @@ async fn ask_endpoint_decides_new_names_and_its_outage_only_blocks_new_names() {
 
     // Both refusals are on /metrics (and in the status counter).
     assert_eq!(proxy.daemon.tls().refused_handshakes(), 2);
-    let metrics = scrape(admin).await;
+    let metrics = scrape_metrics(admin).await;
     assert_eq!(refused_on_metrics(&metrics), Some(2));
     // One order, for the name `ask` allowed; the refused names never reached the CA.
     assert!(

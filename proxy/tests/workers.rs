@@ -15,12 +15,7 @@ use tokio::net::TcpStream;
 
 /// `proxy_worker_connections` by worker, scraped from the admin listener.
 async fn worker_connections(admin: SocketAddr) -> Vec<i64> {
-    let text = raw(
-        admin,
-        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .text();
+    let text = scrape_metrics(admin).await;
     let mut counts = Vec::new();
     for worker in 0.. {
         let series = format!("proxy_worker_connections{{worker=\"{worker}\"}} ");

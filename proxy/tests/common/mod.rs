@@ -266,6 +266,17 @@ pub async fn start_proxy_in(dir: tempfile::TempDir, config: &str) -> TestProxy {
     TestProxy { daemon, dir }
 }
 
+/// `/metrics` from the admin listener at `admin`, answered 200.
+pub async fn scrape_metrics(admin: SocketAddr) -> String {
+    let r = raw(
+        admin,
+        b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    r.text()
+}
+
 /// A parsed HTTP/1.1 response.
 #[derive(Debug)]
 pub struct RawResponse {
