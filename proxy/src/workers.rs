@@ -38,6 +38,7 @@ use tokio::sync::Notify;
 
 pub mod dormant;
 
+use crate::http::Asleep;
 use dormant::Dormitory;
 
 /// How many more connections than the least busy worker a worker may serve and still
@@ -56,7 +57,7 @@ const TURN_LIMIT: Duration = Duration::from_millis(100);
 pub struct Workers {
     handles: Vec<Handle>,
     /// Where each worker's idle HTTP/1 connections sleep (see [`dormant`]).
-    dormitories: Vec<Dormitory>,
+    dormitories: Vec<Dormitory<Asleep>>,
     /// Connections served by each worker now, every listener's together.
     loads: Box<[Load]>,
 }
@@ -250,7 +251,7 @@ impl Seat {
 
     /// This worker's dormitory, where its idle connections sleep (it lives as long as the
     /// process: a connection refers to it without counting a reference).
-    pub fn dormitory(&self) -> Option<&'static Dormitory> {
+    pub(crate) fn dormitory(&self) -> Option<&'static Dormitory<Asleep>> {
         self.workers.dormitories.get(self.index)
     }
 

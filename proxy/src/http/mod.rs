@@ -12,4 +12,5 @@ mod proxy;
 mod server;
 mod streams;
 
+pub(crate) use server::Asleep;
 pub use server::{serve, serve_on};

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::detect::{self, Replayed, Speaks};
 use super::framing::HeadProgress;
@@ -26,14 +27,14 @@ use super::per_ip::{ClientConnection, ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
 use crate::config::ListenerConfig;
-use crate::listener::{Accepted, IdleTimeout, Incoming, ReadReady, Woken};
+use crate::listener::{Accepted, DormantLimit, IdleTimeout, Incoming, ReadReady, Woken};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
 use crate::telemetry::{ClientTimeout, ListenerSeries, OpenConnection, Refusal, Telemetry};
 use crate::tls::{AcceptError, Tls};
 use crate::upstream::body::ClientBody;
-use crate::workers::dormant::{Dormitory, Sleeper};
+use crate::workers::dormant::{Dormitory, Sleeper, Wake};
 use crate::workers::{WorkerLoad, Workers};
 
 /// How long an idle keep-alive connection may stay open once draining began.
@@ -81,7 +82,7 @@ impl Held {
 /// What a plain HTTP/1 connection takes along when it goes dormant: the dormitory of its
 /// worker and what it holds.
 struct Doze {
-    dormitory: &'static Dormitory,
+    dormitory: &'static Dormitory<Asleep>,
     _held: Held,
 }
 
@@ -595,22 +596,39 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
         .min()
         .unwrap_or(conn.head_due);
     let group = group(&conn.shared);
-    let (limit, tracked) = (dormant.limit, conn.shared.shutdown.track());
-    // All a sleeper keeps besides its socket: the connection's state (with its places
-    // under the limits), its idle limit, and its place in the drain's count.
-    let wake = Box::new(move |stream: TcpStream| {
-        let shutdown = conn.shared.shutdown.clone();
-        shutdown.spawn(woken(limit.wake(stream), conn));
-        // The task counts for the drain now.
-        drop(tracked);
-    });
     dormitory.sleep(Sleeper {
         socket: dormant.socket,
         due,
         group,
-        wake,
+        state: Asleep {
+            tracked: conn.shared.shutdown.track(),
+            limit: dormant.limit,
+            conn,
+        },
     });
     Ok(())
+}
+
+/// All a dormant connection keeps besides its socket: its state (with its places under
+/// the limits), its idle limit, and its place in the drain's count.
+pub(crate) struct Asleep {
+    conn: Http1Conn,
+    limit: DormantLimit,
+    tracked: TaskTrackerToken,
+}
+
+impl Wake for Asleep {
+    fn wake(self, stream: TcpStream) {
+        let Asleep {
+            conn,
+            limit,
+            tracked,
+        } = self;
+        let shutdown = conn.shared.shutdown.clone();
+        shutdown.spawn(woken(limit.wake(stream), conn));
+        // The task counts for the drain now.
+        drop(tracked);
+    }
 }
 
 /// A woken dormant connection's task (boxed, so that the task is small; and a function of

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::http::Asleep;
 use crate::shutdown::Shutdown;
 use crate::workers::dormant::Dormitory;
 use crate::workers::{Seat, WorkerLoad};
@@ -56,7 +57,7 @@ impl Incoming {
     }
 
     /// The dormitory of the worker this runs on, if it is one of the workers.
-    pub fn dormitory(&self) -> Option<&'static Dormitory> {
+    pub(crate) fn dormitory(&self) -> Option<&'static Dormitory<Asleep>> {
         self.seat.as_ref().and_then(Seat::dormitory)
     }
 

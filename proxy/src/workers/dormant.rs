@@ -13,8 +13,6 @@
 //! drain's grace). Whatever the connection holds (its place under the listener's limits,
 //! its count as open, the drain's wait for it) stays held while it sleeps.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,63 +20,80 @@ use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
-use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-/// Makes a woken sleeper a served connection again, given its socket registered with the
-/// worker's runtime again. Called on the worker the sleeper slept on.
-pub type Wake = Box<dyn FnOnce(tokio::net::TcpStream) + Send>;
+mod beds;
+
+use beds::{Deadlines, Table};
+
+/// What a sleeper keeps besides its socket: the connection's state, which makes it a
+/// served connection again.
+pub trait Wake: Send + 'static {
+    /// Serves the connection again, given its socket registered with the worker's runtime
+    /// again. Called on the worker the sleeper slept on.
+    fn wake(self, stream: tokio::net::TcpStream);
+}
 
 /// A connection put to sleep.
-pub struct Sleeper {
+pub struct Sleeper<S> {
     /// The socket, out of the runtime's event loop.
     pub socket: std::net::TcpStream,
     /// When it is woken even if no byte came.
     pub due: Instant,
     /// Which listener it was accepted on, as [`Dormitory::wake_all`] names it.
     pub group: usize,
-    /// Serves it again.
-    pub wake: Wake,
+    /// The connection's state, kept in the dormitory's own table (see [`beds`]) rather
+    /// than in a block of its own.
+    pub state: S,
 }
 
 /// A worker's dormitory, as its connections reach it: sends to the one task that holds
 /// the sleepers.
-#[derive(Debug)]
-pub struct Dormitory {
-    to: mpsc::UnboundedSender<Message>,
+pub struct Dormitory<S> {
+    to: mpsc::UnboundedSender<Message<S>>,
     /// How many connections sleep in it now.
     sleeping: Arc<AtomicUsize>,
 }
 
-enum Message {
-    Sleep(Sleeper),
+impl<S> std::fmt::Debug for Dormitory<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dormitory")
+            .field("sleeping", &self.sleeping())
+            .finish()
+    }
+}
+
+enum Message<S> {
+    Sleep(Sleeper<S>),
     WakeAll(usize),
 }
 
 /// How many readiness events one look at the epoll set takes; more wait for the next look.
 const EVENTS_PER_LOOK: usize = 256;
 
-impl Dormitory {
+impl<S> Dormitory<S> {
+    /// How many connections sleep in it now.
+    pub fn sleeping(&self) -> usize {
+        self.sleeping.load(Ordering::Relaxed)
+    }
+}
+
+impl<S: Wake> Dormitory<S> {
     /// Starts a dormitory on the current runtime: a single-threaded worker's, whose
     /// connections alone sleep in it.
-    pub fn start() -> Dormitory {
+    pub fn start() -> Dormitory<S> {
         let (to, from) = mpsc::unbounded_channel();
         let sleeping = Arc::new(AtomicUsize::new(0));
         tokio::spawn(run(from, sleeping.clone()));
         Dormitory { to, sleeping }
     }
 
-    /// How many connections sleep in it now.
-    pub fn sleeping(&self) -> usize {
-        self.sleeping.load(Ordering::Relaxed)
-    }
-
     /// Puts `sleeper` to sleep. Must be called on the dormitory's worker: the sleeper is
     /// woken there, and nothing else orders it after a [`wake_all`](Self::wake_all) of its
     /// group sent from that worker.
-    pub fn sleep(&self, sleeper: Sleeper) {
+    pub fn sleep(&self, sleeper: Sleeper<S>) {
         if let Err(refused) = self.to.send(Message::Sleep(sleeper)) {
             // The dormitory's task is gone (its runtime is shutting down): served on, here.
             if let Message::Sleep(sleeper) = refused.0 {
@@ -95,11 +110,11 @@ impl Dormitory {
 
 /// Re-registers a sleeper's socket with the current runtime and serves it again; closes it
 /// if that fails.
-fn wake_now(sleeper: Sleeper) {
-    let Sleeper { socket, wake, .. } = sleeper;
+fn wake_now<S: Wake>(sleeper: Sleeper<S>) {
+    let Sleeper { socket, state, .. } = sleeper;
     match tokio::net::TcpStream::from_std(socket) {
-        Ok(stream) => wake(stream),
-        // Dropping `wake` lets go of everything the connection held.
+        Ok(stream) => state.wake(stream),
+        // Dropping `state` lets go of everything the connection held.
         Err(e) => {
             tracing::debug!(error = %e, "dormant connection could not be registered again; closed")
         }
@@ -107,43 +122,32 @@ fn wake_now(sleeper: Sleeper) {
 }
 
 /// The sleepers of one worker and their deadlines.
-struct Beds {
-    sleepers: Slab<Sleeper>,
-    /// Deadlines by sleeper; an entry whose sleeper woke already (or whose place another
-    /// took, with another deadline) is skipped when it comes up.
-    dues: BinaryHeap<Reverse<(Instant, usize)>>,
+struct Beds<S> {
+    sleepers: Table<Sleeper<S>>,
+    dues: Deadlines,
     /// The number of sleepers, as [`Dormitory::sleeping`] reads it.
     count: Arc<AtomicUsize>,
 }
 
-impl Beds {
-    fn put(&mut self, registry: &Registry, sleeper: Sleeper) {
-        let bed = self.sleepers.vacant_entry();
-        let key = bed.key();
-        let fd = sleeper.socket.as_raw_fd();
+impl<S: Wake> Beds<S> {
+    fn put(&mut self, registry: &Registry, sleeper: Sleeper<S>) {
+        let (fd, due) = (sleeper.socket.as_raw_fd(), sleeper.due);
+        let key = self.sleepers.insert(sleeper);
         // Bytes that came since the connection's last look make the socket ready at once:
         // epoll reports what is ready when a socket is added.
         if let Err(e) = registry.register(&mut SourceFd(&fd), Token(key), Interest::READABLE) {
             tracing::debug!(error = %e, "connection could not go dormant; served on");
-            wake_now(sleeper);
+            if let Some(sleeper) = self.sleepers.remove(key) {
+                wake_now(sleeper);
+            }
             return;
         }
-        self.dues.push(Reverse((sleeper.due, key)));
-        bed.insert(sleeper);
+        self.dues.add(key, due);
         self.count.store(self.sleepers.len(), Ordering::Relaxed);
-        // Deadlines of woken sleepers stay until they come up: rebuilt when they
-        // outnumber the sleepers.
-        if self.dues.len() > 2 * self.sleepers.len() + 64 {
-            self.dues = self
-                .sleepers
-                .iter()
-                .map(|(key, s)| Reverse((s.due, key)))
-                .collect();
-        }
     }
 
     fn wake(&mut self, registry: &Registry, key: usize) {
-        if let Some(sleeper) = self.sleepers.try_remove(key) {
+        if let Some(sleeper) = self.sleepers.remove(key) {
             self.count.store(self.sleepers.len(), Ordering::Relaxed);
             let _ = registry.deregister(&mut SourceFd(&sleeper.socket.as_raw_fd()));
             wake_now(sleeper);
@@ -152,31 +156,21 @@ impl Beds {
 
     /// Wakes the sleepers whose deadline passed by `now`.
     fn wake_due(&mut self, registry: &Registry, now: Instant) {
-        while let Some(&Reverse((due, key))) = self.dues.peek() {
-            if due > now {
-                break;
-            }
-            self.dues.pop();
-            if self.sleepers.get(key).is_some_and(|s| s.due == due) {
-                self.wake(registry, key);
+        while let Some(keys) = self.dues.pop_due(now) {
+            for key in keys {
+                match self.sleepers.get(key) {
+                    Some(sleeper) if sleeper.due <= now => self.wake(registry, key),
+                    Some(sleeper) => self.dues.add(key, sleeper.due),
+                    None => {}
+                }
             }
         }
     }
 
     fn wake_group(&mut self, registry: &Registry, group: usize) {
-        let keys: Vec<usize> = self
-            .sleepers
-            .iter()
-            .filter(|(_, s)| s.group == group)
-            .map(|(key, _)| key)
-            .collect();
-        for key in keys {
+        for key in self.sleepers.keys_where(|s| s.group == group) {
             self.wake(registry, key);
         }
-    }
-
-    fn next_due(&self) -> Option<Instant> {
-        self.dues.peek().map(|Reverse((due, _))| *due)
     }
 }
 
@@ -214,7 +208,7 @@ fn watched(epoll: Poll) -> std::io::Result<AsyncFd<Poll>> {
 }
 
 /// The dormitory's task: takes sleepers in, wakes them on readiness, deadline or drain.
-async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>) {
+async fn run<S: Wake>(mut from: mpsc::UnboundedReceiver<Message<S>>, count: Arc<AtomicUsize>) {
     let mut epoll = match Poll::new().and_then(watched) {
         Ok(epoll) => epoll,
         Err(e) => {
@@ -228,8 +222,8 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
         }
     };
     let mut beds = Beds {
-        sleepers: Slab::new(),
-        dues: BinaryHeap::new(),
+        sleepers: Table::default(),
+        dues: Deadlines::default(),
         count,
     };
     let mut events = Events::with_capacity(EVENTS_PER_LOOK);
@@ -258,8 +252,7 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
             looked = epoll.readable_mut() => {
                 let Ok(mut guard) = looked else {
                     tracing::warn!("the dormitory's epoll set failed; its connections are served on");
-                    let keys: Vec<usize> = beds.sleepers.iter().map(|(key, _)| key).collect();
-                    for key in keys {
+                    for key in beds.sleepers.keys_where(|_| true) {
                         beds.wake(epoll.get_ref().registry(), key);
                     }
                     return;
@@ -288,7 +281,7 @@ async fn run(mut from: mpsc::UnboundedReceiver<Message>, count: Arc<AtomicUsize>
                 settle.as_mut().reset(if nudges > 0 { Instant::now() + SETTLE } else { never() });
             }
         }
-        let next = beds.next_due().unwrap_or_else(never);
+        let next = beds.dues.next().unwrap_or_else(never);
         if timer.deadline() != next {
             timer.as_mut().reset(next);
         }
