@@ -48,10 +48,12 @@ const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// How long a plain HTTP/1 connection stays parked in its task before it goes dormant:
 /// its task ends and its socket sleeps in its worker's dormitory (see
-/// [`crate::workers::dormant`]) until its next bytes. Long enough that a client sending
-/// requests at a steady pace is not moved out and back (four `epoll_ctl` calls and a new
-/// task) between them.
-const DOZE_AFTER: Duration = Duration::from_secs(1);
+/// [`crate::workers::dormant`]) until its next bytes. A client sending requests more than
+/// twice a second is not moved out and back (four `epoll_ctl` calls and a new task)
+/// between them; a quiet connection lets its task's memory go soon enough that the
+/// allocator has returned it two seconds after its last response (with the dormitory's
+/// nudges), where a second here left it until a later nudge.
+const DOZE_AFTER: Duration = Duration::from_millis(300);
 
 /// What an accepted connection holds for as long as it is open, in its task or dormant:
 /// its place under the listener's connection limits, its count as open and its count on

@@ -174,13 +174,15 @@ impl<S: Wake> Beds<S> {
     }
 }
 
-/// How long after connections went dormant their worker nudges the allocator to return
-/// the pages their tasks freed: mimalloc gives freed pages back once its purge delay (1 s)
+/// How often a worker nudges the allocator, while connections go dormant, to return the
+/// pages their tasks freed: mimalloc gives freed pages back once its purge delay (1 s)
 /// has passed, but looks only when it frees a page, which an idle worker no longer does.
-const SETTLE: Duration = Duration::from_millis(1500);
+/// Every half second, so that a page is back at most half a second after its delay.
+const SETTLE: Duration = Duration::from_millis(500);
 
-/// How many nudges follow the last sleeper that came.
-const NUDGES: u8 = 3;
+/// How many nudges follow the last sleeper that came: past the purge delay of the pages
+/// its task freed, with room to spare.
+const NUDGES: u8 = 6;
 
 /// Nudges the allocator, after [`SETTLE`]: a block above mimalloc's largest size class
 /// (512 KiB) gets a page of its own, freed with it, and freeing a page makes mimalloc
