@@ -35,8 +35,13 @@ const MAX_CHUNK_LINE: usize = 4096;
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 16 * 1024;
 
-/// Most emptied header maps a thread keeps for the heads it parses next.
-const SPARE_MAPS: usize = 8;
+/// Most emptied header maps a thread keeps for the heads it parses next: as many as the
+/// requests a busy worker has in flight at once (it takes a batch of request heads off
+/// its sockets, and then a batch of responses, before the maps come back). With 8, a
+/// worker serving 32 keep-alive clients allocated and freed a map for most requests
+/// (0.9 per request under callgrind with 64 clients, against 0.13 with 8), and no more
+/// than a few hundred kilobytes are kept even when every spare map is the largest kept.
+const SPARE_MAPS: usize = 64;
 /// Maps with room for more fields than this are not kept (a rare large head's).
 const SPARE_MAP_FIELDS: usize = 48;
 
