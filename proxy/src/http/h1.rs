@@ -48,7 +48,8 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::{ClientTimeout, ListenerSeries};
 use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
 use crate::upstream::h1::{
-    field_span, header_map, known_name, spare_header_map, step_chunked, Chunk, Chunked,
+    field_span, header_map, known_name, settle_header_maps, spare_header_map, step_chunked, Chunk,
+    Chunked,
 };
 
 /// Most header fields in a request head (hyper's limit, answered the same way: `431`).
@@ -111,6 +112,17 @@ thread_local! {
     /// takes mimalloc's slower path for blocks over 1 KiB (callgrind, a new connection per
     /// request: about 650 instructions).
     static SPARES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Read buffers a quiet worker keeps (see [`settle_spares`]).
+const QUIET_READS: usize = 8;
+
+/// Lets go of the spare read buffers and header maps this thread keeps beyond what a
+/// quiet worker needs: called when its connections went dormant, so that the stocks a
+/// busy spell filled are not held for as long as the worker stays quiet.
+pub(super) fn settle_spares() {
+    let _ = SPARES.try_with(|spares| spares.borrow_mut().truncate(QUIET_READS));
+    settle_header_maps();
 }
 
 /// An empty buffer of at least [`READ_SIZE`] bytes for a connection's reads: one that an
@@ -1656,6 +1668,17 @@ mod tests {
         drop(big);
         assert_eq!(spares(), 0);
         assert_eq!(&head[..], b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn a_quiet_thread_keeps_fewer_spare_read_buffers() {
+        let buffers: Vec<ReadBuffer> = (0..SPARE_READS + 3)
+            .map(|_| ReadBuffer(read_buffer()))
+            .collect();
+        drop(buffers);
+        assert_eq!(spares(), SPARE_READS, "no more than SPARE_READS are kept");
+        settle_spares();
+        assert_eq!(spares(), QUIET_READS);
     }
 
     #[tokio::test]

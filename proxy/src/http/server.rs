@@ -631,6 +631,10 @@ impl Wake for Asleep {
         // The task counts for the drain now.
         drop(tracked);
     }
+
+    fn settle() {
+        h1::settle_spares();
+    }
 }
 
 /// A woken dormant connection's task (boxed, so that the task is small; and a function of

@@ -65,6 +65,14 @@ pub(crate) fn header_map(fields: usize) -> HeaderMap {
     }
 }
 
+/// Header maps a quiet thread keeps (see [`settle_header_maps`]).
+const QUIET_MAPS: usize = 8;
+
+/// Lets go of the spare header maps beyond what a quiet thread needs.
+pub(crate) fn settle_header_maps() {
+    let _ = SPARES.try_with(|spares| spares.borrow_mut().truncate(QUIET_MAPS));
+}
+
 /// Keeps `map`, emptied, for [`header_map`], unless the thread has enough or it is large.
 pub(crate) fn spare_header_map(mut map: HeaderMap) {
     if map.capacity() == 0 || map.capacity() > SPARE_MAP_FIELDS {
@@ -1708,6 +1716,11 @@ mod tests {
             spare_header_map(HeaderMap::with_capacity(4));
         }
         assert_eq!(spares(), SPARE_MAPS);
+        // A quiet thread keeps fewer.
+        settle_header_maps();
+        assert_eq!(spares(), QUIET_MAPS);
+        assert!(header_map(3).capacity() >= 4);
+        assert_eq!(spares(), QUIET_MAPS - 1);
     }
 
     #[tokio::test]

@@ -34,6 +34,11 @@ pub trait Wake: Send + 'static {
     /// Serves the connection again, given its socket registered with the worker's runtime
     /// again. Called on the worker the sleeper slept on.
     fn wake(self, stream: tokio::net::TcpStream);
+
+    /// Lets go of what the worker keeps for busy times (spare buffers): called on the
+    /// worker before each allocator nudge, that is while and after its connections go
+    /// dormant.
+    fn settle() {}
 }
 
 /// A connection put to sleep.
@@ -278,6 +283,7 @@ async fn run<S: Wake>(mut from: mpsc::UnboundedReceiver<Message<S>>, count: Arc<
             }
             () = &mut timer => beds.wake_due(epoll.get_ref().registry(), Instant::now()),
             () = &mut settle, if nudges > 0 => {
+                S::settle();
                 return_freed_pages();
                 nudges -= 1;
                 settle.as_mut().reset(if nudges > 0 { Instant::now() + SETTLE } else { never() });
