@@ -38,9 +38,6 @@ use tokio::sync::Notify;
 
 pub mod dormant;
 
-use crate::http::Asleep;
-use dormant::Dormitory;
-
 /// How many more connections than the least busy worker a worker may serve and still
 /// accept. Above zero, so that a balanced pair does not take turns at every other new
 /// connection; small, so that 64 connections over two workers end up within a few of each
@@ -56,8 +53,9 @@ const TURN_LIMIT: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
-    /// Where each worker's idle HTTP/1 connections sleep (see [`dormant`]).
-    dormitories: Vec<Dormitory<Asleep>>,
+    /// How many of each worker's idle HTTP/1 connections sleep in its dormitory (see
+    /// [`dormant`]; the HTTP server starts a worker's dormitory on it).
+    sleeping: Box<[AtomicUsize]>,
     /// Connections served by each worker now, every listener's together.
     loads: Box<[Load]>,
 }
@@ -104,16 +102,11 @@ impl Workers {
             n => n,
         };
         let mut handles = Vec::with_capacity(count);
-        let mut dormitories = Vec::with_capacity(count);
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             handles.push(runtime.handle().clone());
-            dormitories.push({
-                let _on = runtime.enter();
-                Dormitory::start()
-            });
             std::thread::Builder::new()
                 .name(format!("proxyd-worker-{index}"))
                 .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
@@ -121,7 +114,7 @@ impl Workers {
         let loads = (0..count).map(|_| Load::default()).collect();
         Ok(Workers {
             handles,
-            dormitories,
+            sleeping: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             loads,
         })
     }
@@ -153,7 +146,10 @@ impl Workers {
     /// The connections dormant on each worker now (counted among its connections too),
     /// by worker index.
     pub fn dormant(&self) -> Vec<usize> {
-        self.dormitories.iter().map(Dormitory::sleeping).collect()
+        self.sleeping
+            .iter()
+            .map(|sleeping| sleeping.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Whether worker `index` serves more than [`MARGIN`] connections more than the least
@@ -249,10 +245,9 @@ impl Seat {
         }
     }
 
-    /// This worker's dormitory, where its idle connections sleep (it lives as long as the
-    /// process: a connection refers to it without counting a reference).
-    pub(crate) fn dormitory(&self) -> Option<&'static Dormitory<Asleep>> {
-        self.workers.dormitories.get(self.index)
+    /// Where this worker's dormitory counts its sleepers (see [`dormant`]).
+    pub fn sleeping(&self) -> Option<&'static AtomicUsize> {
+        self.workers.sleeping.get(self.index)
     }
 
     /// Counts a connection just accepted on this worker until the returned
@@ -317,7 +312,7 @@ mod tests {
     fn counted(count: usize) -> &'static Workers {
         Box::leak(Box::new(Workers {
             handles: Vec::new(),
-            dormitories: Vec::new(),
+            sleeping: Box::new([]),
             loads: (0..count).map(|_| Load::default()).collect(),
         }))
     }

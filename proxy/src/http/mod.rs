@@ -12,5 +12,4 @@ mod proxy;
 mod server;
 mod streams;
 
-pub(crate) use server::Asleep;
 pub use server::{serve, serve_on};

@@ -3,6 +3,7 @@
 //! TLS-terminated first (see [`crate::tls`]) and then served the same way, HTTP/1.1 or
 //! HTTP/2 as ALPN chose.
 
+use std::cell::OnceCell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -86,6 +87,32 @@ impl Held {
 struct Doze {
     dormitory: &'static Dormitory<Asleep>,
     _held: Held,
+}
+
+thread_local! {
+    /// The dormitory of the worker this thread runs, started by the first accept loop that
+    /// asks for it (on the worker's own runtime, which its task then runs on); it lives as
+    /// long as the worker, so connections refer to it without counting a reference.
+    static DORMITORY: OnceCell<&'static Dormitory<Asleep>> = const { OnceCell::new() };
+}
+
+/// The dormitory of the worker `incoming` is accepted on, started if it is not yet; none
+/// off the workers.
+fn dormitory(incoming: &Incoming) -> Option<&'static Dormitory<Asleep>> {
+    let sleeping = incoming.sleeping()?;
+    DORMITORY
+        .try_with(|dormitory| {
+            *dormitory.get_or_init(|| Box::leak(Box::new(Dormitory::start(sleeping))))
+        })
+        .ok()
+}
+
+/// The dormitory of the worker this runs on, if one was started.
+fn started_dormitory() -> Option<&'static Dormitory<Asleep>> {
+    DORMITORY
+        .try_with(|dormitory| dormitory.get().copied())
+        .ok()
+        .flatten()
 }
 
 /// Which listener's accept loop a connection came from, as its worker's dormitory groups
@@ -253,7 +280,7 @@ async fn serve_limited(
             _ = &mut stopped => {
                 // This worker's dormant connections of this listener get the drain's
                 // grace in their tasks again.
-                if let Some(dormitory) = incoming.dormitory() {
+                if let Some(dormitory) = started_dormitory() {
                     dormitory.wake_all(group(&shared));
                 }
                 return;
@@ -291,7 +318,7 @@ async fn serve_limited(
         // at the end (callgrind, full TLS 1.3 handshakes: 1.424M -> 1.331M instructions each).
         match &terminate {
             None => {
-                let dormitory = incoming.dormitory();
+                let dormitory = dormitory(&incoming);
                 incoming.spawn(&shutdown, accepted, move |stream, load| async move {
                     let held = Held::new(permit, client_slot, open, load);
                     let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
@@ -613,7 +640,7 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
 
 /// All a dormant connection keeps besides its socket: its state (with its places under
 /// the limits), its idle limit, and its place in the drain's count.
-pub(crate) struct Asleep {
+struct Asleep {
     conn: Http1Conn,
     limit: DormantLimit,
     tracked: TaskTrackerToken,

@@ -4,12 +4,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http::Asleep;
 use crate::shutdown::Shutdown;
-use crate::workers::dormant::Dormitory;
 use crate::workers::{Seat, WorkerLoad};
 
 /// New connections of one listening socket, on the runtime that polls it.
@@ -56,9 +55,10 @@ impl Incoming {
         Ok(Accepted { stream, client })
     }
 
-    /// The dormitory of the worker this runs on, if it is one of the workers.
-    pub(crate) fn dormitory(&self) -> Option<&'static Dormitory<Asleep>> {
-        self.seat.as_ref().and_then(Seat::dormitory)
+    /// Where the dormitory of the worker this runs on counts its sleepers, if it is one
+    /// of the workers (see [`crate::workers::dormant`]).
+    pub fn sleeping(&self) -> Option<&'static AtomicUsize> {
+        self.seat.as_ref().and_then(Seat::sleeping)
     }
 
     /// Starts `serve` for `accepted` on this runtime, as a connection task `shutdown` waits

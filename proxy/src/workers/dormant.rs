@@ -15,7 +15,6 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -58,16 +57,6 @@ pub struct Sleeper<S> {
 /// the sleepers.
 pub struct Dormitory<S> {
     to: mpsc::UnboundedSender<Message<S>>,
-    /// How many connections sleep in it now.
-    sleeping: Arc<AtomicUsize>,
-}
-
-impl<S> std::fmt::Debug for Dormitory<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dormitory")
-            .field("sleeping", &self.sleeping())
-            .finish()
-    }
 }
 
 enum Message<S> {
@@ -78,21 +67,13 @@ enum Message<S> {
 /// How many readiness events one look at the epoll set takes; more wait for the next look.
 const EVENTS_PER_LOOK: usize = 256;
 
-impl<S> Dormitory<S> {
-    /// How many connections sleep in it now.
-    pub fn sleeping(&self) -> usize {
-        self.sleeping.load(Ordering::Relaxed)
-    }
-}
-
 impl<S: Wake> Dormitory<S> {
     /// Starts a dormitory on the current runtime: a single-threaded worker's, whose
-    /// connections alone sleep in it.
-    pub fn start() -> Dormitory<S> {
+    /// connections alone sleep in it; `sleeping` counts them.
+    pub fn start(sleeping: &'static AtomicUsize) -> Dormitory<S> {
         let (to, from) = mpsc::unbounded_channel();
-        let sleeping = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(from, sleeping.clone()));
-        Dormitory { to, sleeping }
+        tokio::spawn(run(from, sleeping));
+        Dormitory { to }
     }
 
     /// Puts `sleeper` to sleep. Must be called on the dormitory's worker: the sleeper is
@@ -130,8 +111,8 @@ fn wake_now<S: Wake>(sleeper: Sleeper<S>) {
 struct Beds<S> {
     sleepers: Table<Sleeper<S>>,
     dues: Deadlines,
-    /// The number of sleepers, as [`Dormitory::sleeping`] reads it.
-    count: Arc<AtomicUsize>,
+    /// The number of sleepers, as the worker's metrics read it.
+    count: &'static AtomicUsize,
 }
 
 impl<S: Wake> Beds<S> {
@@ -215,7 +196,7 @@ fn watched(epoll: Poll) -> std::io::Result<AsyncFd<Poll>> {
 }
 
 /// The dormitory's task: takes sleepers in, wakes them on readiness, deadline or drain.
-async fn run<S: Wake>(mut from: mpsc::UnboundedReceiver<Message<S>>, count: Arc<AtomicUsize>) {
+async fn run<S: Wake>(mut from: mpsc::UnboundedReceiver<Message<S>>, count: &'static AtomicUsize) {
     let mut epoll = match Poll::new().and_then(watched) {
         Ok(epoll) => epoll,
         Err(e) => {
