@@ -583,10 +583,15 @@ async fn own_process(app: &Upstream, dir: &std::path::Path) -> (Proxyd, SocketAd
 
 /// Waits until the listener counts `want` open connections; returns the last scrape.
 async fn await_active(admin: SocketAddr, want: u64) -> String {
+    await_scrape(admin, |text| sample(text, ACTIVE) == Some(want)).await
+}
+
+/// Scrapes `/metrics` until `done` holds for it (20 s at most); returns the last scrape.
+async fn await_scrape(admin: SocketAddr, done: impl Fn(&str) -> bool) -> String {
     let mut text = String::new();
     for _ in 0..400 {
         text = scrape_metrics(admin).await;
-        if sample(&text, ACTIVE) == Some(want) {
+        if done(&text) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -710,15 +715,10 @@ async fn dormant_keep_alive_connections_hold_no_task_and_are_served_again() {
     let pid = child.0.id();
     let before = rss_kib(pid);
     let mut held = hold_idle(addr, admin, 1000, 1).await;
-    let scrape = || async { scrape_metrics(admin).await };
-    let mut text = scrape().await;
-    for _ in 0..400 {
-        if per_worker_sum(&text, "proxy_worker_dormant_connections") == 1000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        text = scrape().await;
-    }
+    let text = await_scrape(admin, |text| {
+        per_worker_sum(text, "proxy_worker_dormant_connections") == 1000
+    })
+    .await;
     assert_eq!(
         per_worker_sum(&text, "proxy_worker_dormant_connections"),
         1000,

@@ -90,14 +90,15 @@ struct Doze {
 }
 
 thread_local! {
-    /// The dormitory of the worker this thread runs, started by the first accept loop that
-    /// asks for it (on the worker's own runtime, which its task then runs on); it lives as
-    /// long as the worker, so connections refer to it without counting a reference.
+    /// The dormitory of the worker this thread runs, started by the first plain HTTP
+    /// accept loop on it (on the worker's own runtime, which its task then runs on); it
+    /// lives as long as the worker, so connections refer to it without counting a
+    /// reference.
     static DORMITORY: OnceCell<&'static Dormitory<Asleep>> = const { OnceCell::new() };
 }
 
 /// The dormitory of the worker `incoming` is accepted on, started if it is not yet; none
-/// off the workers.
+/// off the workers. Called on that worker.
 fn dormitory(incoming: &Incoming) -> Option<&'static Dormitory<Asleep>> {
     let sleeping = incoming.sleeping()?;
     DORMITORY
@@ -105,14 +106,6 @@ fn dormitory(incoming: &Incoming) -> Option<&'static Dormitory<Asleep>> {
             *dormitory.get_or_init(|| Box::leak(Box::new(Dormitory::start(sleeping))))
         })
         .ok()
-}
-
-/// The dormitory of the worker this runs on, if one was started.
-fn started_dormitory() -> Option<&'static Dormitory<Asleep>> {
-    DORMITORY
-        .try_with(|dormitory| dormitory.get().copied())
-        .ok()
-        .flatten()
 }
 
 /// Which listener's accept loop a connection came from, as its worker's dormitory groups
@@ -259,6 +252,13 @@ async fn serve_limited(
         series: series.clone(),
         rate: limits.rate.clone(),
     });
+    // Where this worker's plain connections of the listener go dormant (TLS ones stay in
+    // their tasks; off the workers there is no dormitory).
+    let dormitory = if terminate.is_none() {
+        dormitory(&incoming)
+    } else {
+        None
+    };
     // One wait for shutdown for the whole loop: a new one per connection would register
     // (and remove) a waiter under the shutdown token's lock, which every worker shares.
     let stopped = shutdown.triggered();
@@ -280,7 +280,7 @@ async fn serve_limited(
             _ = &mut stopped => {
                 // This worker's dormant connections of this listener get the drain's
                 // grace in their tasks again.
-                if let Some(dormitory) = started_dormitory() {
+                if let Some(dormitory) = dormitory {
                     dormitory.wake_all(group(&shared));
                 }
                 return;
@@ -318,7 +318,6 @@ async fn serve_limited(
         // at the end (callgrind, full TLS 1.3 handshakes: 1.424M -> 1.331M instructions each).
         match &terminate {
             None => {
-                let dormitory = dormitory(&incoming);
                 incoming.spawn(&shutdown, accepted, move |stream, load| async move {
                     let held = Held::new(permit, client_slot, open, load);
                     let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
