@@ -389,10 +389,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool, present: Present
                 if token.is_empty() || names_hop_by_hop(token) {
                     continue;
                 }
-                if let Ok(name) = HeaderName::from_bytes(token) {
-                    if headers.contains_key(&name) {
-                        named.push(name);
-                    }
+                // Looked for among the message's own names rather than parsed into a name
+                // and looked up: a token such as `close` names no field as a rule, and its
+                // parse would allocate a copy of it first.
+                if let Some(name) = headers
+                    .keys()
+                    .find(|name| name.as_str().as_bytes().eq_ignore_ascii_case(token))
+                {
+                    named.push(name.clone());
                 }
             }
         }

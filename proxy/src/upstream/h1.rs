@@ -622,13 +622,24 @@ impl H1Conn {
                         .map_err(|_| H1Error::Head("header name"))?,
                 };
                 if name == header::CONNECTION {
+                    let mut names_more = false;
                     for token in raw_value.split(|b| *b == b',') {
                         let token = token.trim_ascii();
                         if token.eq_ignore_ascii_case(b"close") {
                             close = true;
                         } else if token.eq_ignore_ascii_case(b"keep-alive") {
                             keep_alive = true;
+                        } else if !token.is_empty() {
+                            names_more = true;
                         }
+                    }
+                    // A field that only says whether the connection stays open is read
+                    // here and nowhere else: the request path strips `Connection` from
+                    // every response but a protocol switch's, so it is not put in the
+                    // map (nor looked up and removed again). One that names anything
+                    // more (`upgrade`, a field to strip with it) is kept for that path.
+                    if !names_more && status != StatusCode::SWITCHING_PROTOCOLS {
+                        continue;
                     }
                 } else {
                     framing.field(&name, raw_value);
@@ -1346,6 +1357,40 @@ mod tests {
         let response = c.send(get(Method::GET)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_field_is_kept_only_when_it_names_more_than_the_connection_state() {
+        let (addr, accepted) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Internal\r\nX-Internal: 1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        ])
+        .await;
+        let mut c = conn(addr).await;
+        // Only the connection's state: read, not kept.
+        let response = c.send(get(Method::GET)).await.unwrap();
+        assert_eq!(response.headers().get(header::CONNECTION), None);
+        let mut body = response.into_body();
+        read_all(&mut body).await.unwrap();
+        c = body.take_idle().expect("kept alive");
+        // A field named as well: kept, for the request path to strip both.
+        let response = c.send(get(Method::GET)).await.unwrap();
+        assert_eq!(
+            response.headers()[header::CONNECTION],
+            "keep-alive, X-Internal"
+        );
+        assert_eq!(response.headers()["x-internal"], "1");
+        let mut body = response.into_body();
+        read_all(&mut body).await.unwrap();
+        c = body.take_idle().expect("kept alive");
+        // `close`: not kept, and the connection ends with the exchange.
+        let response = c.send(get(Method::GET)).await.unwrap();
+        assert_eq!(response.headers().get(header::CONNECTION), None);
+        let mut body = response.into_body();
+        read_all(&mut body).await.unwrap();
+        assert!(body.take_idle().is_none());
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
