@@ -11,8 +11,9 @@
 #   h2      HTTP/2 from clients: h2load -c16 -m10, h2c (prior knowledge) and h2 over TLS
 #           (TLS 1.3, ALPN); proxyd vs nginx (`http2`), both proxying HTTP/1.1 upstream.
 #   idle    memory per idle keep-alive client connection: N connections (default 9,000)
-#           each make one request and stay open; RSS growth / N, read 2 s and 20 s after
-#           they went idle; proxyd vs nginx vs HAProxy.
+#           each make one request and stay open; growth of anonymous resident memory
+#           (RssAnon) / N, read 2 s and 20 s after they went idle; proxyd vs nginx vs
+#           HAProxy, BENCH_ROUNDS rounds (the whole RSS is reported beside it).
 #   routes  proxyd alone with 10 and with 100,000 path routes, wrk spreading its requests
 #           over all of them; the ratio of the two req/s.
 #   grpc    unary gRPC calls (h2load -c16 -m10 posting grpc.health.v1.Health/Check) through
@@ -84,6 +85,18 @@ rss_kib() { # pid
     echo "$total"
 }
 
+# Anonymous resident memory in KiB (VmRSS less the mapped files: the binary's code and
+# the libraries, shared with the page cache and moved by what code a run happened to
+# touch) of a process and its children.
+anon_kib() { # pid
+    local pid=$1 total=0 p kb
+    for p in $pid $(pgrep -P "$pid" || true); do
+        kb=$(awk '/^RssAnon:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
 # The figures of a scenario are kept in an associative array keyed "NAME,ROUND".
@@ -96,6 +109,15 @@ round_ratio() { # array subject peer...
     for round in $(seq "$ROUNDS"); do
         for peer in "$@"; do echo "${figures[$peer,$round]:-0}"; done | sort -g | tail -1 |
             awk -v a="${figures[$subject,$round]:-0}" '$1 > 0 { printf "%.4f\n", a / $1 }'
+    done | median_range %.2f | awk '{ printf "%s (%s)", $1, $2 }'
+}
+# round_ratio_lower ARRAY SUBJECT PEER  each round's ratio of SUBJECT's figure to PEER's
+# (for figures where lower is better: memory), as "MEDIAN (LO-HI)" over the rounds.
+round_ratio_lower() { # array subject peer
+    local -n figures=$1
+    local round
+    for round in $(seq "$ROUNDS"); do
+        awk -v a="${figures[$2,$round]:-0}" -v b="${figures[$3,$round]:-0}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
     done | median_range %.2f | awk '{ printf "%s (%s)", $1, $2 }'
 }
 # round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
@@ -411,8 +433,9 @@ asyncio.run(main())
 EOF
 
 scenario_idle() {
-    local name port pid before after held
-    declare -A PER GOT
+    local name port pid before after later held round
+    declare -A AT2 AT20 TOTAL GOT PEAK
+    for round in $(seq "$ROUNDS"); do
     for name in proxyd nginx haproxy; do
         port=$(free_port)
         case $name in
@@ -485,30 +508,35 @@ EOF
         # Warm: pools, allocator arenas, per-thread caches.
         wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
         sleep 1
-        before=$(rss_kib "$pid")
-        say "idle: $name, $IDLE connections"
+        before=$(anon_kib "$pid")
+        local rss_before
+        rss_before=$(rss_kib "$pid")
+        say "idle: round $round/$ROUNDS: $name, $IDLE connections"
         coproc IDLER { python3 "$WORK/idle.py" "$port" "$IDLE"; }
         read -r _ held <&"${IDLER[0]}"
-        # Read twice: RSS moves after the connections went idle (the allocator returns
+        # Read twice: memory moves after the connections went idle (the allocator returns
         # freed pages after a delay; with transparent huge pages the kernel also merges
         # pages some seconds later), so one early reading depends on when it is taken.
         sleep 2
-        after=$(rss_kib "$pid")
+        after=$(anon_kib "$pid")
         sleep 18
-        later=$(rss_kib "$pid")
+        later=$(anon_kib "$pid")
         eval "exec ${IDLER[1]}>&-"
         wait "$IDLER_PID" 2>/dev/null || true
-        GOT[$name]=$held
-        PER[$name]=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "n/a" }')
-        PER[$name,20]=$(awk -v a="$later" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.2f", (a - b) / n; else print "n/a" }')
-        PER[$name,rss]="$((before / 1024)) -> $((after / 1024)) -> $((later / 1024))"
+        # A round in which the client could not hold every connection says so in the table.
+        GOT[$name]="${GOT[$name]:+${GOT[$name]} / }$held"
+        AT2[$name,$round]=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }')
+        AT20[$name,$round]=$(awk -v a="$later" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }')
+        TOTAL[$name,$round]=$(awk -v a="$(rss_kib "$pid")" -v b="$rss_before" -v n="$held" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }')
+        PEAK[$name]="$((before / 1024)) -> $((later / 1024))"
         stop "$pid"
     done
-    REPORT+=("" "### Memory per idle keep-alive client connection ($IDLE connections, one request each, then idle)" ""
-        "RSS growth per connection read 2 s and 20 s after the last connection got its answer." ""
-        "| | KiB per connection at 2 s | at 20 s | RSS before -> 2 s -> 20 s (MiB) | connections held | proxyd / peer (2 s, 20 s) |" "|---|---:|---:|---|---:|---:|")
+    done
+    REPORT+=("" "### Memory per idle keep-alive client connection ($IDLE connections, one request each, then idle; $ROUNDS rounds)" ""
+        "Growth of anonymous resident memory (RssAnon: the heap and stacks; not the binary's code and libraries, which are file pages shared with the page cache) per connection, read 2 s and 20 s after the last connection got its answer; the median of the rounds, and each round's own ratio (median, lowest-highest). Lower is better. The last column is the growth of the whole RSS (file pages included) at 20 s, for reference." ""
+        "| | KiB per connection at 2 s | at 20 s | proxyd / peer at 20 s (rounds) | anonymous memory before -> at 20 s (MiB, last round) | connections held (each round) | whole RSS, KiB per connection at 20 s |" "|---|---:|---:|---:|---|---|---:|")
     for name in proxyd nginx haproxy; do
-        REPORT+=("| $name | ${PER[$name]} | ${PER[$name,20]} | ${PER[$name,rss]} | ${GOT[$name]} | $( [ "$name" = proxyd ] && echo "" || echo "$(ratio "${PER[proxyd]}" "${PER[$name]}"), $(ratio "${PER[proxyd,20]}" "${PER[$name,20]}")") |")
+        REPORT+=("| $name | $(round_median AT2 "$name" %.2f) | $(round_median AT20 "$name" %.2f) | $( [ "$name" = proxyd ] && echo "" || round_ratio_lower AT20 proxyd "$name") | ${PEAK[$name]} | ${GOT[$name]} | $(round_median TOTAL "$name" %.2f) |")
     done
 }
 
@@ -684,6 +712,6 @@ mkdir -p "$OUT"
 {
     echo "## bench/scenarios.sh ($(date -u +%Y-%m-%d), $(nproc) cores, proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
     echo
-    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off; tcp, h2, routes and grpc: median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); idle: one run; load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off; tcp, h2, idle, routes and grpc: median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     printf '%s\n' "${REPORT[@]}"
 } | tee "$OUT/results-scenarios.md"

@@ -82,10 +82,10 @@ impl Held {
     }
 }
 
-/// What a plain HTTP/1 connection takes along when it goes dormant: the dormitory of its
-/// worker and what it holds.
+/// What a plain HTTP/1 connection on a worker takes along when it goes dormant: what it
+/// holds. Its worker's dormitory is the one of the thread that serves it ([`DORMITORY`]:
+/// a connection's task never leaves its worker), not kept in every connection.
 struct Doze {
-    dormitory: &'static Dormitory<Asleep>,
     _held: Held,
 }
 
@@ -95,6 +95,14 @@ thread_local! {
     /// lives as long as the worker, so connections refer to it without counting a
     /// reference.
     static DORMITORY: OnceCell<&'static Dormitory<Asleep>> = const { OnceCell::new() };
+}
+
+/// The dormitory of the worker this thread runs, if it has one.
+fn this_dormitory() -> Option<&'static Dormitory<Asleep>> {
+    DORMITORY
+        .try_with(|dormitory| dormitory.get().copied())
+        .ok()
+        .flatten()
 }
 
 /// The dormitory of the worker `incoming` is accepted on, started if it is not yet; none
@@ -322,15 +330,10 @@ async fn serve_limited(
                     let held = Held::new(permit, client_slot, open, load);
                     let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
                     // Off the workers (no dormitory) the task holds it to its end.
-                    let (doze, _held) = match dormitory {
-                        Some(dormitory) => (
-                            Some(Doze {
-                                dormitory,
-                                _held: held,
-                            }),
-                            None,
-                        ),
-                        None => (None, Some(held)),
+                    let (doze, _held) = if dormitory.is_some() {
+                        (Some(Doze { _held: held }), None)
+                    } else {
+                        (None, Some(held))
                     };
                     serve_connection(timed, ctx, &protocols, doze).await
                 })
@@ -607,8 +610,11 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
     // has seen shows here, and one it has not seen yet comes after this sleeper in the
     // dormitory's queue (see `serve_limited`), so no sleeper misses its drain.
     let dormitory = match &conn.doze {
-        Some(doze) if !conn.shared.shutdown.is_triggered() => doze.dormitory,
-        _ => return Err(Box::new((stream, conn))),
+        Some(_) if !conn.shared.shutdown.is_triggered() => this_dormitory(),
+        _ => None,
+    };
+    let Some(dormitory) = dormitory else {
+        return Err(Box::new((stream, conn)));
     };
     let dormant = match stream.into_dormant() {
         Ok(Ok(dormant)) => dormant,
@@ -618,16 +624,8 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
         }
         Err(stream) => return Err(Box::new((stream, conn))),
     };
-    let due = [Some(conn.head_due), conn.drain_due, dormant.limit.end()]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(conn.head_due);
-    let group = group(&conn.shared);
     dormitory.sleep(Sleeper {
         socket: dormant.socket,
-        due,
-        group,
         state: Asleep {
             tracked: conn.shared.shutdown.track(),
             limit: dormant.limit,
@@ -656,6 +654,22 @@ impl Wake for Asleep {
         shutdown.spawn(woken(limit.wake(stream), conn));
         // The task counts for the drain now.
         drop(tracked);
+    }
+
+    fn due(&self) -> Instant {
+        [
+            Some(self.conn.head_due),
+            self.conn.drain_due,
+            self.limit.end(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.conn.head_due)
+    }
+
+    fn group(&self) -> usize {
+        group(&self.conn.shared)
     }
 
     fn settle() {

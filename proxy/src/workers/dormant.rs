@@ -34,6 +34,14 @@ pub trait Wake: Send + 'static {
     /// again. Called on the worker the sleeper slept on.
     fn wake(self, stream: tokio::net::TcpStream);
 
+    /// When it is woken even if no byte came. Asked when it goes to sleep and when a
+    /// deadline of its group passes, rather than kept beside it: a sleeper is all that a
+    /// dormant connection keeps, once per connection.
+    fn due(&self) -> Instant;
+
+    /// Which listener it was accepted on, as [`Dormitory::wake_all`] names it.
+    fn group(&self) -> usize;
+
     /// Lets go of what the worker keeps for busy times (spare buffers): called on the
     /// worker before each allocator nudge, that is while and after its connections go
     /// dormant.
@@ -44,10 +52,6 @@ pub trait Wake: Send + 'static {
 pub struct Sleeper<S> {
     /// The socket, out of the runtime's event loop.
     pub socket: std::net::TcpStream,
-    /// When it is woken even if no byte came.
-    pub due: Instant,
-    /// Which listener it was accepted on, as [`Dormitory::wake_all`] names it.
-    pub group: usize,
     /// The connection's state, kept in the dormitory's own table (see [`beds`]) rather
     /// than in a block of its own.
     pub state: S,
@@ -97,7 +101,7 @@ impl<S: Wake> Dormitory<S> {
 /// Re-registers a sleeper's socket with the current runtime and serves it again; closes it
 /// if that fails.
 fn wake_now<S: Wake>(sleeper: Sleeper<S>) {
-    let Sleeper { socket, state, .. } = sleeper;
+    let Sleeper { socket, state } = sleeper;
     match tokio::net::TcpStream::from_std(socket) {
         Ok(stream) => state.wake(stream),
         // Dropping `state` lets go of everything the connection held.
@@ -117,7 +121,7 @@ struct Beds<S> {
 
 impl<S: Wake> Beds<S> {
     fn put(&mut self, registry: &Registry, sleeper: Sleeper<S>) {
-        let (fd, due) = (sleeper.socket.as_raw_fd(), sleeper.due);
+        let (fd, due) = (sleeper.socket.as_raw_fd(), sleeper.state.due());
         let key = self.sleepers.insert(sleeper);
         // Bytes that came since the connection's last look make the socket ready at once:
         // epoll reports what is ready when a socket is added.
@@ -144,17 +148,20 @@ impl<S: Wake> Beds<S> {
     fn wake_due(&mut self, registry: &Registry, now: Instant) {
         while let Some(keys) = self.dues.pop_due(now) {
             for key in keys {
-                match self.sleepers.get(key) {
-                    Some(sleeper) if sleeper.due <= now => self.wake(registry, key),
-                    Some(sleeper) => self.dues.add(key, sleeper.due),
-                    None => {}
+                let Some(due) = self.sleepers.get(key).map(|sleeper| sleeper.state.due()) else {
+                    continue;
+                };
+                if due <= now {
+                    self.wake(registry, key);
+                } else {
+                    self.dues.add(key, due);
                 }
             }
         }
     }
 
     fn wake_group(&mut self, registry: &Registry, group: usize) {
-        for key in self.sleepers.keys_where(|s| s.group == group) {
+        for key in self.sleepers.keys_where(|s| s.state.group() == group) {
             self.wake(registry, key);
         }
     }
