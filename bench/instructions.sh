@@ -34,12 +34,20 @@
 # Usage: bench/instructions.sh            (proxyd, nginx and HAProxy)
 #        bench/instructions.sh h2c tlsfull (only these scenarios)
 # Env:   BENCH_REQUESTS=3000   BENCH_HANDSHAKE_SECONDS=20   PROXYD=/path/to/proxyd (skip the build)
+#        BENCH_ACCESS_LOG=on  proxyd writes its JSON access lines (stdout, to a file) and
+#                             nginx its `combined` lines to a file; off by default. The
+#                             count includes proxyd's writer thread.
 #        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
 #        BENCH_PROFILE_DIR=/dir  keep each scenario's callgrind dump there as NAME.SCENARIO
 #                                (read with callgrind_annotate --inclusive=yes FILE)
 set -euo pipefail
 
 REQUESTS=${BENCH_REQUESTS:-3000}
+case ${BENCH_ACCESS_LOG:-off} in
+    on) PROXYD_LOG=json ;;
+    off) PROXYD_LOG=off ;;
+    *) echo "BENCH_ACCESS_LOG is on or off, not ${BENCH_ACCESS_LOG}" >&2; exit 2 ;;
+esac
 HANDSHAKE_SECONDS=${BENCH_HANDSHAKE_SECONDS:-20}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
@@ -90,7 +98,7 @@ log_level = "warn"
 workers = 1
 
 [telemetry]
-access_log = "off"
+access_log = "$PROXYD_LOG"
 
 [[pools]]
 name = "static"
@@ -146,7 +154,7 @@ worker_processes 1; master_process off; daemon off;
 pid $WORK/nginx/nginx.pid; error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
 http {
-    access_log off; $(temp_paths "$WORK/nginx")
+    access_log $( [ "$PROXYD_LOG" = json ] && echo "$WORK/nginx/access.log" || echo off ); $(temp_paths "$WORK/nginx")
     keepalive_requests 1000000;
     ssl_protocols TLSv1.3;
     upstream static { server 127.0.0.1:$UP; keepalive 64; keepalive_requests 1000000; }
