@@ -4,6 +4,17 @@
 
 say() { printf '%s\n' "$*" >&2; }
 
+# family_sum PID FILE AWK  the sum of what the awk program AWK prints for /proc/P/FILE,
+# over the process PID and its children (nginx: the master and its workers).
+family_sum() { # pid file awk
+    local pid=$1 file=$2 program=$3 total=0 p v
+    for p in $pid $(pgrep -P "$pid" || true); do
+        v=$(awk "$program" "/proc/$p/$file" 2>/dev/null || echo 0)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
 # need_tools COMMAND:PACKAGE...  installs (idempotently, with apt-get) the packages whose
 # command is neither on PATH nor in /usr/sbin, then adds the sbin directories to PATH.
 need_tools() {

@@ -246,14 +246,7 @@ start_proxy() { # name port log(on|off)
 
 # --- wrk ----------------------------------------------------------------------------------
 # CPU time (user + system, in clock ticks) of a process and its children (nginx workers).
-cpu_ticks() { # pid
-    local pid=$1 total=0 p t
-    for p in $pid $(pgrep -P "$pid" || true); do
-        t=$(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)
-        total=$((total + ${t:-0}))
-    done
-    echo "$total"
-}
+cpu_ticks() { family_sum "$1" stat '{ print $14 + $15 }'; }
 
 # Prints "req/s p50_ms p99_ms errors cpu_us_per_request" for one wrk run against the
 # process PID.

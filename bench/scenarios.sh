@@ -76,26 +76,11 @@ wait_ready() { # url name pid [curl options...]
 }
 
 # Resident memory in KiB of a process and its children (nginx: master + workers).
-rss_kib() { # pid
-    local pid=$1 total=0 p kb
-    for p in $pid $(pgrep -P "$pid" || true); do
-        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-        total=$((total + ${kb:-0}))
-    done
-    echo "$total"
-}
-
+rss_kib() { family_sum "$1" status '/^VmRSS:/ { print $2 }'; }
 # Anonymous resident memory in KiB (VmRSS less the mapped files: the binary's code and
 # the libraries, shared with the page cache and moved by what code a run happened to
 # touch) of a process and its children.
-anon_kib() { # pid
-    local pid=$1 total=0 p kb
-    for p in $pid $(pgrep -P "$pid" || true); do
-        kb=$(awk '/^RssAnon:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-        total=$((total + ${kb:-0}))
-    done
-    echo "$total"
-}
+anon_kib() { family_sum "$1" status '/^RssAnon:/ { print $2 }'; }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 
