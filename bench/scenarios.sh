@@ -82,11 +82,14 @@ rss_kib() { family_sum "$1" status '/^VmRSS:/ { print $2 }'; }
 # touch) of a process and its children.
 anon_kib() { family_sum "$1" status '/^RssAnon:/ { print $2 }'; }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+# per_connection AFTER BEFORE N  KiB per connection of a growth from BEFORE to AFTER KiB
+# over N connections (0 when none was held).
+per_connection() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }'; }
 
 # The figures of a scenario are kept in an associative array keyed "NAME,ROUND".
 # round_ratio ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
-# (highest) of the PEERs' in that round, as "MEDIAN (LO-HI)" over the rounds.
+# (highest) of the PEERs' in that round, as "MEDIAN (LO-HI)" over the rounds; with one PEER,
+# the ratio to it (also for figures where lower is better, such as memory).
 round_ratio() { # array subject peer...
     local -n figures=$1
     local subject=$2 round peer
@@ -94,15 +97,6 @@ round_ratio() { # array subject peer...
     for round in $(seq "$ROUNDS"); do
         for peer in "$@"; do echo "${figures[$peer,$round]:-0}"; done | sort -g | tail -1 |
             awk -v a="${figures[$subject,$round]:-0}" '$1 > 0 { printf "%.4f\n", a / $1 }'
-    done | median_range %.2f | awk '{ printf "%s (%s)", $1, $2 }'
-}
-# round_ratio_lower ARRAY SUBJECT PEER  each round's ratio of SUBJECT's figure to PEER's
-# (for figures where lower is better: memory), as "MEDIAN (LO-HI)" over the rounds.
-round_ratio_lower() { # array subject peer
-    local -n figures=$1
-    local round
-    for round in $(seq "$ROUNDS"); do
-        awk -v a="${figures[$2,$round]:-0}" -v b="${figures[$3,$round]:-0}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
     done | median_range %.2f | awk '{ printf "%s (%s)", $1, $2 }'
 }
 # round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
@@ -418,8 +412,8 @@ asyncio.run(main())
 EOF
 
 scenario_idle() {
-    local name port pid before after later held round
-    declare -A AT2 AT20 TOTAL GOT PEAK
+    local name port pid before after later held round rss_before
+    declare -A AT2 AT20 TOTAL GOT ANON
     for round in $(seq "$ROUNDS"); do
     for name in proxyd nginx haproxy; do
         port=$(free_port)
@@ -494,7 +488,6 @@ EOF
         wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
         sleep 1
         before=$(anon_kib "$pid")
-        local rss_before
         rss_before=$(rss_kib "$pid")
         say "idle: round $round/$ROUNDS: $name, $IDLE connections"
         coproc IDLER { python3 "$WORK/idle.py" "$port" "$IDLE"; }
@@ -510,10 +503,10 @@ EOF
         wait "$IDLER_PID" 2>/dev/null || true
         # A round in which the client could not hold every connection says so in the table.
         GOT[$name]="${GOT[$name]:+${GOT[$name]} / }$held"
-        AT2[$name,$round]=$(awk -v a="$after" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }')
-        AT20[$name,$round]=$(awk -v a="$later" -v b="$before" -v n="$held" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }')
-        TOTAL[$name,$round]=$(awk -v a="$(rss_kib "$pid")" -v b="$rss_before" -v n="$held" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }')
-        PEAK[$name]="$((before / 1024)) -> $((later / 1024))"
+        AT2[$name,$round]=$(per_connection "$after" "$before" "$held")
+        AT20[$name,$round]=$(per_connection "$later" "$before" "$held")
+        TOTAL[$name,$round]=$(per_connection "$(rss_kib "$pid")" "$rss_before" "$held")
+        ANON[$name]="$((before / 1024)) -> $((later / 1024))"
         stop "$pid"
     done
     done
@@ -521,7 +514,7 @@ EOF
         "Growth of anonymous resident memory (RssAnon: the heap and stacks; not the binary's code and libraries, which are file pages shared with the page cache) per connection, read 2 s and 20 s after the last connection got its answer; the median of the rounds, and each round's own ratio (median, lowest-highest). Lower is better. The last column is the growth of the whole RSS (file pages included) at 20 s, for reference." ""
         "| | KiB per connection at 2 s | at 20 s | proxyd / peer at 20 s (rounds) | anonymous memory before -> at 20 s (MiB, last round) | connections held (each round) | whole RSS, KiB per connection at 20 s |" "|---|---:|---:|---:|---|---|---:|")
     for name in proxyd nginx haproxy; do
-        REPORT+=("| $name | $(round_median AT2 "$name" %.2f) | $(round_median AT20 "$name" %.2f) | $( [ "$name" = proxyd ] && echo "" || round_ratio_lower AT20 proxyd "$name") | ${PEAK[$name]} | ${GOT[$name]} | $(round_median TOTAL "$name" %.2f) |")
+        REPORT+=("| $name | $(round_median AT2 "$name" %.2f) | $(round_median AT20 "$name" %.2f) | $( [ "$name" = proxyd ] && echo "" || round_ratio AT20 proxyd "$name") | ${ANON[$name]} | ${GOT[$name]} | $(round_median TOTAL "$name" %.2f) |")
     done
 }
 
