@@ -20,7 +20,6 @@ use crate::config::ListenerConfig;
 use crate::routing::Published;
 use crate::routing::RouteEntry;
 use crate::shutdown::Shutdown;
-use crate::state::PathMatch;
 use crate::telemetry::{ClientTimeout, ListenerSeries, Metrics};
 use crate::upstream::body::{
     BodySent, BodyTimeout, BodyTooLarge, ClientBody, ClientBodyError, RequestBody,
@@ -510,19 +509,7 @@ fn upstream_request(
     }
     // The path is forwarded byte for byte (no normalisation); only a matched prefix may go.
     let original = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let stripped = match (&entry.route.path, entry.route.strip_prefix) {
-        (PathMatch::Prefix(prefix), true) if prefix != "/" => {
-            let rest = original
-                .get(prefix.trim_end_matches('/').len()..)
-                .unwrap_or("");
-            Some(if rest.starts_with('/') {
-                rest.to_string()
-            } else {
-                format!("/{rest}")
-            })
-        }
-        _ => None,
-    };
+    let stripped = entry.strip(original);
     let target_error = |e: &dyn std::fmt::Display| {
         Failure::new(
             StatusCode::BAD_REQUEST,

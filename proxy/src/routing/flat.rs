@@ -4,13 +4,16 @@
 //! loads (three or four levels of node, each an `Arc` and its child array, then the entry
 //! and its key), and on a table larger than the cache most of them miss. A `FlatMap` is a
 //! power-of-two number of flat hash tables (shards), each behind an `Arc`: a lookup is the
-//! shard, its bucket, the key and the value. A clone shares every shard; an edit copies the
+//! shard, its bucket and the value: keys of up to [`INLINE_KEY`] bytes (every path prefix
+//! in the tables measured) are kept in the bucket itself, so comparing one loads nothing
+//! more. A clone shares every shard; an edit copies the
 //! list of shards and the one shard it changes (at most [`SHARD_ENTRIES`] entries), so an
 //! API change on a 100,000-route table still copies a few hundred pointers, not the table.
 
+use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 /// Entries per shard above which the shards double: bounds what one edit copies.
@@ -26,7 +29,60 @@ pub(super) struct FlatMap<V> {
     len: usize,
 }
 
-type Shard<V> = HashMap<Arc<str>, V, KeyHasher>;
+type Shard<V> = HashMap<Key, V, KeyHasher>;
+
+/// Keys up to this many bytes are kept inline (see [`Key`]).
+const INLINE_KEY: usize = 22;
+
+/// A key as a shard keeps it: a short key in the bucket itself (a lookup compares it
+/// where it already is), a longer one on the heap. Maps look keys up by their bytes.
+#[derive(Clone)]
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Heap(Arc<[u8]>),
+}
+
+impl Key {
+    fn new(key: &str) -> Key {
+        let key = key.as_bytes();
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= INLINE_KEY => {
+                let mut bytes = [0u8; INLINE_KEY];
+                bytes[..key.len()].copy_from_slice(key);
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Heap(key.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// Hashed and compared as its bytes, as `Borrow` requires.
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
 
 impl<V> Default for FlatMap<V> {
     fn default() -> Self {
@@ -53,8 +109,8 @@ impl<V: Clone> FlatMap<V> {
             return None;
         }
         self.shards
-            .get(shard_index(&self.hasher, key, self.shards.len()))?
-            .get(key)
+            .get(shard_index(&self.hasher, key.as_bytes(), self.shards.len()))?
+            .get(key.as_bytes())
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -69,10 +125,10 @@ impl<V: Clone> FlatMap<V> {
         let Some(shard) = self.shard_mut(key) else {
             return;
         };
-        match shard.get_mut(key) {
+        match shard.get_mut(key.as_bytes()) {
             Some(v) => *v = value,
             None => {
-                shard.insert(key.into(), value);
+                shard.insert(Key::new(key), value);
                 self.len += 1;
                 if self.len > self.shards.len() * SHARD_ENTRIES {
                     self.grow();
@@ -87,7 +143,7 @@ impl<V: Clone> FlatMap<V> {
             return;
         }
         if let Some(shard) = self.shard_mut(key) {
-            if shard.remove(key).is_some() {
+            if shard.remove(key.as_bytes()).is_some() {
                 self.len -= 1;
             }
         }
@@ -98,7 +154,7 @@ impl<V: Clone> FlatMap<V> {
 
     /// The shard of `key`, made this map's own (copied if another map shares it).
     fn shard_mut(&mut self, key: &str) -> Option<&mut Shard<V>> {
-        let i = shard_index(&self.hasher, key, self.shards.len());
+        let i = shard_index(&self.hasher, key.as_bytes(), self.shards.len());
         Arc::make_mut(&mut self.shards)
             .get_mut(i)
             .map(Arc::make_mut)
@@ -111,7 +167,7 @@ impl<V: Clone> FlatMap<V> {
             .map(|_| HashMap::with_capacity_and_hasher(SHARD_ENTRIES, self.hasher))
             .collect();
         for (key, value) in self.shards.iter().flat_map(|s| s.iter()) {
-            if let Some(shard) = shards.get_mut(shard_index(&self.hasher, key, count)) {
+            if let Some(shard) = shards.get_mut(shard_index(&self.hasher, key.as_bytes(), count)) {
                 shard.insert(key.clone(), value.clone());
             }
         }
@@ -119,7 +175,7 @@ impl<V: Clone> FlatMap<V> {
     }
 }
 
-fn shard_index(hasher: &KeyHasher, key: &str, shards: usize) -> usize {
+fn shard_index(hasher: &KeyHasher, key: &[u8], shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
@@ -191,6 +247,29 @@ impl Hasher for KeyHash {
 mod tests {
     use super::*;
 
+    /// Keys kept inline and keys too long for that, mixed.
+    fn key_of(k: usize) -> String {
+        if k.is_multiple_of(3) {
+            format!("/a/key/longer/than/inline/k{k}/")
+        } else {
+            format!("/k{k}/")
+        }
+    }
+
+    #[test]
+    fn keys_of_every_length_round_trip() {
+        for len in 0..=INLINE_KEY + 2 {
+            let text = "x".repeat(len);
+            let key = Key::new(&text);
+            assert_eq!(key.as_bytes(), text.as_bytes());
+            assert_eq!(
+                matches!(key, Key::Inline { .. }),
+                len <= INLINE_KEY,
+                "{len}"
+            );
+        }
+    }
+
     #[test]
     fn agrees_with_a_hash_map_through_growth_edits_and_shared_copies() {
         let mut map: FlatMap<usize> = FlatMap::default();
@@ -205,7 +284,7 @@ mod tests {
             // Keys from a range that first grows (the map doubles its shards) and then
             // shrinks (removals empty it), so every path is taken.
             let range = if step < 30_000 { 2_000 } else { 200 };
-            let key = format!("/k{}/", (r >> 33) as usize % range);
+            let key = key_of((r >> 33) as usize % range);
             if step >= 30_000 || r.is_multiple_of(5) {
                 map.remove(&key);
                 model.remove(&key);
@@ -227,7 +306,7 @@ mod tests {
             assert_eq!(map.is_empty(), model.is_empty());
             assert_eq!(map.len, model.len());
             for k in 0..2_100 {
-                let key = format!("/k{k}/");
+                let key = key_of(k);
                 assert_eq!(map.get(&key), model.get(&key), "{key}");
             }
         }

@@ -48,9 +48,40 @@ pub struct RouteEntry {
     pub registered: bool,
     /// The route's request metrics, found on its first request.
     series: Attachment,
+    /// How many bytes of a matched path `strip_prefix` takes off (see [`strip`](Self::strip)).
+    strip: Option<usize>,
 }
 
 impl RouteEntry {
+    fn new(route: Arc<Route>, pool: Arc<PoolSlot>, registered: bool) -> RouteEntry {
+        let strip = match (&route.path, route.strip_prefix) {
+            (PathMatch::Prefix(prefix), true) if prefix != "/" => {
+                Some(prefix.trim_end_matches('/').len())
+            }
+            _ => None,
+        };
+        RouteEntry {
+            route,
+            pool,
+            registered,
+            series: Attachment::default(),
+            strip,
+        }
+    }
+
+    /// The path forwarded for `path` (a target this route matched, with its query): the
+    /// matched prefix taken off when the route strips it (`/api/` and `/api/v1?x` ->
+    /// `/v1?x`; what is left always starts with `/`), `None` when the path goes as it
+    /// came. Read from the entry, so a request does not load the route definition for it.
+    pub fn strip(&self, path: &str) -> Option<String> {
+        let rest = path.get(self.strip?..).unwrap_or("");
+        Some(if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        })
+    }
+
     /// The pool that serves the route now.
     pub fn pool(&self) -> Arc<PoolRuntime> {
         self.pool.load_full()
@@ -98,37 +129,58 @@ impl std::fmt::Debug for Attachment {
 }
 
 /// The routes with one host and one path pattern, best first: higher priority, then the
-/// smaller name. Almost always one.
+/// smaller name. Almost always one, kept in the table's bucket itself (a lookup loads the
+/// entry, not a list first).
 #[derive(Debug, Clone)]
-struct Candidates(Arc<[Arc<RouteEntry>]>);
+enum Candidates {
+    One(Arc<RouteEntry>),
+    Many(Arc<[Arc<RouteEntry>]>),
+}
 
 impl Candidates {
-    fn best(&self) -> &Arc<RouteEntry> {
-        &self.0[0]
+    fn of(mut list: Vec<Arc<RouteEntry>>) -> Option<Candidates> {
+        match list.len() {
+            0 => None,
+            1 => list.pop().map(Candidates::One),
+            _ => {
+                list.sort_by(|a, b| rank(b).cmp(&rank(a)));
+                Some(Candidates::Many(list.into()))
+            }
+        }
+    }
+
+    fn all(&self) -> &[Arc<RouteEntry>] {
+        match self {
+            Candidates::One(entry) => std::slice::from_ref(entry),
+            Candidates::Many(list) => list,
+        }
+    }
+
+    fn best(&self) -> Option<&Arc<RouteEntry>> {
+        self.all().first()
     }
 
     /// These candidates with `entry` in place of any route of the same name.
     fn with(&self, entry: Arc<RouteEntry>) -> Candidates {
         let mut list: Vec<Arc<RouteEntry>> = self
-            .0
+            .all()
             .iter()
             .filter(|e| e.route.name != entry.route.name)
             .cloned()
             .collect();
-        list.push(entry);
-        list.sort_by(|a, b| rank(b).cmp(&rank(a)));
-        Candidates(list.into())
+        list.push(entry.clone());
+        Candidates::of(list).unwrap_or(Candidates::One(entry))
     }
 
     /// These candidates without the route called `name`; `None` when nothing is left.
     fn without(&self, name: &str) -> Option<Candidates> {
-        let list: Vec<Arc<RouteEntry>> = self
-            .0
-            .iter()
-            .filter(|e| e.route.name != name)
-            .cloned()
-            .collect();
-        (!list.is_empty()).then(|| Candidates(list.into()))
+        Candidates::of(
+            self.all()
+                .iter()
+                .filter(|e| e.route.name != name)
+                .cloned()
+                .collect(),
+        )
     }
 }
 
@@ -170,7 +222,7 @@ impl PathIndex {
                 if let PathMatch::Prefix(p) = &path {
                     self.count_length(p.len(), true);
                 }
-                Candidates(vec![entry].into())
+                Candidates::One(entry)
             }
         };
         self.map(&path).insert(key, candidates);
@@ -214,12 +266,12 @@ impl PathIndex {
 
     fn lookup(&self, path: &str) -> Option<&Arc<RouteEntry>> {
         if let Some(c) = self.exact.get(path) {
-            return Some(c.best());
+            return c.best();
         }
         for &(len, _) in &self.prefix_lengths {
             if len <= path.len() && path.is_char_boundary(len) {
                 if let Some(c) = self.prefix.get(&path[..len]) {
-                    return Some(c.best());
+                    return c.best();
                 }
             }
         }
@@ -411,12 +463,7 @@ impl Editing<'_> {
         let Some(pool) = self.table.pools.get(&route.pool).cloned() else {
             return;
         };
-        let entry = Arc::new(RouteEntry {
-            route: route.clone(),
-            pool,
-            registered,
-            series: Attachment::default(),
-        });
+        let entry = Arc::new(RouteEntry::new(route.clone(), pool, registered));
         self.paths(&route).insert(entry);
     }
 

@@ -18,22 +18,29 @@ pub const FAST_BOUNDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
+/// The most bounds a histogram has (every bounds list above has at most this many).
+const MAX_BOUNDS: usize = 14;
+
 /// A cumulative histogram of durations with fixed bounds; clones share the same counts.
 #[derive(Clone, Debug)]
 pub struct DurationHistogram {
     inner: Arc<Inner>,
 }
 
+/// What an observation writes, in one allocation: the count and sum first, the buckets
+/// right behind them, so an observation loads no pointer after the histogram's own.
 #[derive(Debug)]
+#[repr(C)]
 struct Inner {
-    bounds: &'static [f64],
-    /// One per bound plus the `+Inf` bucket; not cumulative (summed when encoded).
-    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
     /// Sum of observations in nanoseconds: integer adds need no compare-and-swap loop.
     sum_ns: AtomicU64,
     /// Also told every observation (the OTLP instrument of the same metric), once set.
     mirror: OnceLock<Mirror>,
+    bounds: &'static [f64],
+    /// One per bound plus the `+Inf` bucket (those past it unused); not cumulative
+    /// (summed when encoded).
+    buckets: [AtomicU64; MAX_BOUNDS + 1],
 }
 
 /// Where a histogram's observations are copied to.
@@ -46,13 +53,13 @@ impl std::fmt::Debug for Mirror {
 }
 
 impl DurationHistogram {
-    /// An empty histogram with `bounds` (seconds, ascending).
+    /// An empty histogram with `bounds` (seconds, ascending; at most the first
+    /// [`MAX_BOUNDS`] are kept).
     pub fn new(bounds: &'static [f64]) -> DurationHistogram {
-        let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
         DurationHistogram {
             inner: Arc::new(Inner {
-                bounds,
-                buckets,
+                bounds: bounds.get(..MAX_BOUNDS).unwrap_or(bounds),
+                buckets: Default::default(),
                 count: AtomicU64::new(0),
                 sum_ns: AtomicU64::new(0),
                 mirror: OnceLock::new(),
@@ -120,6 +127,7 @@ impl EncodeMetric for DurationHistogram {
             .copied()
             .chain(std::iter::once(f64::INFINITY))
             .zip(self.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .take(self.inner.bounds.len() + 1)
             .collect();
         // The count is the sum of the buckets read here, so a scrape racing with an
         // observation never shows `_count` below the `+Inf` bucket.
@@ -150,9 +158,18 @@ mod tests {
             .iter()
             .map(|b| b.load(Ordering::Relaxed))
             .collect();
-        assert_eq!(counts, vec![2, 1, 1]);
+        assert_eq!(counts[..3], [2, 1, 1]);
+        assert!(counts[3..].iter().all(|n| *n == 0));
         assert_eq!(h.count(), 4);
         assert_eq!(h.sum(), Duration::from_millis(3065));
+    }
+
+    #[test]
+    fn every_bounds_list_fits() {
+        for bounds in [REQUEST_BOUNDS, FAST_BOUNDS] {
+            assert!(bounds.len() <= MAX_BOUNDS);
+            assert_eq!(DurationHistogram::new(bounds).inner.bounds, bounds);
+        }
     }
 
     #[test]

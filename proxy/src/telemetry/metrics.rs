@@ -563,12 +563,11 @@ impl Metrics {
         self.legacy.window.record(outcome.elapsed, outcome.end);
         let class = status_class_index(outcome.status);
         let by_class = series.classes[class].get_or_init(|| ClassSeries {
-            requests: AtomicU64::new(0),
             duration: DurationHistogram::requests(),
+            bytes: AtomicU64::new(0),
         });
-        by_class.requests.fetch_add(1, Ordering::Relaxed);
         by_class.duration.observe(outcome.elapsed);
-        series.bytes.fetch_add(outcome.bytes, Ordering::Relaxed);
+        by_class.bytes.fetch_add(outcome.bytes, Ordering::Relaxed);
         if let Some(source) = outcome.error_source {
             if let Some(index) = ERROR_SOURCES.iter().position(|s| *s == source) {
                 series.errors[index].fetch_add(1, Ordering::Relaxed);
@@ -704,11 +703,7 @@ impl Metrics {
     pub fn route_totals(&self) -> Vec<RouteTotal> {
         let mut out = Vec::new();
         for series in self.routes.all() {
-            let count = |class: usize| {
-                series.classes[class]
-                    .get()
-                    .map_or(0, |c| c.requests.load(Ordering::Relaxed))
-            };
+            let count = |class: usize| series.classes[class].get().map_or(0, ClassSeries::requests);
             out.push(RouteTotal {
                 listener: series.labels.listener.clone(),
                 route: series.labels.route.clone(),
@@ -1108,16 +1103,26 @@ impl Collector for UpstreamCollector {
 
 /// Series of one (listener, route, pool). A status class's series exist from its first
 /// request on, an error source's from its first error: no empty series are shown.
+/// What a request writes comes first (`repr(C)`): the series of its status class, whose
+/// slot also holds the class's bytes; errors and labels only errors and scrapes read.
+#[repr(C)]
 struct RouteSeries {
-    labels: RouteLabels,
     classes: [OnceLock<ClassSeries>; STATUS_CLASSES.len()],
     errors: [AtomicU64; ERROR_SOURCES.len()],
+    labels: RouteLabels,
+}
+
+/// The requests of one status class: how many and how long (the histogram), and the
+/// response bytes they sent (the route's bytes are the sum over its classes).
+struct ClassSeries {
+    duration: DurationHistogram,
     bytes: AtomicU64,
 }
 
-struct ClassSeries {
-    requests: AtomicU64,
-    duration: DurationHistogram,
+impl ClassSeries {
+    fn requests(&self) -> u64 {
+        self.duration.count()
+    }
 }
 
 /// listener -> route -> the series of each pool the route has forwarded to.
@@ -1166,7 +1171,6 @@ impl RouteSeriesCache {
             },
             classes: Default::default(),
             errors: Default::default(),
-            bytes: AtomicU64::new(0),
         });
         let routes = match map.get_mut(listener) {
             Some(routes) => routes,
@@ -1230,8 +1234,7 @@ impl Collector for RouteCollector {
         )?;
         for series in &all {
             for (labels, by_class) in classes(series) {
-                ConstCounter::new(by_class.requests.load(Ordering::Relaxed))
-                    .encode(family.encode_family(&labels)?)?;
+                ConstCounter::new(by_class.requests()).encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -1274,8 +1277,13 @@ impl Collector for RouteCollector {
                 route: &series.labels,
                 extra: None,
             };
-            ConstCounter::new(series.bytes.load(Ordering::Relaxed))
-                .encode(family.encode_family(&labels)?)?;
+            let bytes = series
+                .classes
+                .iter()
+                .filter_map(OnceLock::get)
+                .map(|c| c.bytes.load(Ordering::Relaxed))
+                .sum::<u64>();
+            ConstCounter::new(bytes).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
     }
