@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::config::ListenerConfig;
 use crate::routing::RouteEntry;
-use crate::telemetry::{access, HttpOutcome, RequestTracing, SpanOutcome, Telemetry};
+use crate::telemetry::{access, HttpOutcome, RequestTracing, RouteNames, SpanOutcome, Telemetry};
 use crate::upstream::UpstreamRuntime;
 
 /// Who is to blame for a failed request.
@@ -78,15 +78,14 @@ impl AccessLog {
     /// which it may use for more than this).
     pub fn write(&self, bytes: u64, complete: bool, grpc_status: Option<u32>, end: Instant) {
         let elapsed = end.saturating_duration_since(self.start);
-        let (route, pool) = self
+        let names = self
             .entry
             .as_ref()
-            .map_or(("", ""), |e| (e.route.name.as_str(), e.route.pool.as_str()));
+            .map_or(RouteNames::Unmatched, |e| RouteNames::Of(&e.route));
         let upstream = self.upstream.as_ref().map_or("", |u| u.address.as_str());
         let outcome = HttpOutcome {
             listener: &self.listener.name,
-            route,
-            pool,
+            names,
             status: self.status,
             error_source: self.error.as_ref().map(|(source, _)| source.as_str()),
             grpc_status,
@@ -129,8 +128,8 @@ impl AccessLog {
             if let Some(headers) = &self.headers {
                 line.str("headers", headers);
             }
-            line.str("route", route);
-            line.str("pool", pool);
+            line.str("route", names.route());
+            line.str("pool", names.pool());
             line.str("upstream", upstream);
             line.u64("status", u64::from(self.status));
             if let Some(code) = grpc_status {

@@ -196,13 +196,12 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::HttpOutcome;
+    use crate::telemetry::{HttpOutcome, RouteNames};
 
     fn answer(m: &Metrics, route: &str, status: u16) {
         m.http_request(&HttpOutcome {
             listener: "web",
-            route,
-            pool: "p",
+            names: RouteNames::Named { route, pool: "p" },
             status,
             error_source: None,
             grpc_status: None,

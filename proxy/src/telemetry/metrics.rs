@@ -27,6 +27,7 @@ use super::histogram::DurationHistogram;
 use super::otlp::Instruments;
 use super::StateFeed;
 use crate::routing::{Attachment, Published};
+use crate::state::Route;
 
 /// Labels of per-listener connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -128,10 +129,8 @@ fn status_class_index(status: u16) -> usize {
 pub struct HttpOutcome<'a> {
     /// Listener name.
     pub listener: &'a str,
-    /// Route name (empty when no route matched).
-    pub route: &'a str,
-    /// Pool name (empty when no route matched).
-    pub pool: &'a str,
+    /// The route and pool it was counted under.
+    pub names: RouteNames<'a>,
     /// Status sent to the client.
     pub status: u16,
     /// `downstream`, `upstream` or `proxy` when the proxy produced an error response.
@@ -145,6 +144,45 @@ pub struct HttpOutcome<'a> {
     /// When the response body ended: the reading `elapsed` was taken from, so recording
     /// reads no clock of its own.
     pub end: Instant,
+}
+
+/// The names of the route and pool a request went to, read when asked for. Read from the
+/// route definition, they cost a request over a large table a cache miss on that
+/// definition; only a route's first request (which finds its series by name), a log line
+/// and a span ask.
+#[derive(Debug, Clone, Copy)]
+pub enum RouteNames<'a> {
+    /// No route matched: both names are empty.
+    Unmatched,
+    /// The names of this route definition.
+    Of(&'a Route),
+    /// These names.
+    Named {
+        /// Route name.
+        route: &'a str,
+        /// Pool name.
+        pool: &'a str,
+    },
+}
+
+impl<'a> RouteNames<'a> {
+    /// The route's name, empty when no route matched.
+    pub fn route(self) -> &'a str {
+        match self {
+            RouteNames::Unmatched => "",
+            RouteNames::Of(route) => &route.name,
+            RouteNames::Named { route, .. } => route,
+        }
+    }
+
+    /// The pool's name, empty when no route matched.
+    pub fn pool(self) -> &'a str {
+        match self {
+            RouteNames::Unmatched => "",
+            RouteNames::Of(route) => &route.pool,
+            RouteNames::Named { pool, .. } => pool,
+        }
+    }
 }
 
 /// Result of an ACME certificate order.
@@ -535,9 +573,11 @@ impl Metrics {
 
     /// Records one finished HTTP request (called where the access log line is written).
     pub fn http_request(&self, outcome: &HttpOutcome<'_>) {
-        let series = self
-            .routes
-            .get_or_insert(outcome.listener, outcome.route, outcome.pool);
+        let series = self.routes.get_or_insert(
+            outcome.listener,
+            outcome.names.route(),
+            outcome.names.pool(),
+        );
         self.record_http(outcome, &series);
     }
 
@@ -548,8 +588,11 @@ impl Metrics {
     /// lookups and their cache misses.
     pub fn http_request_on(&self, outcome: &HttpOutcome<'_>, slot: &Attachment) {
         let attached = slot.get_or_init(|| {
-            self.routes
-                .get_or_insert(outcome.listener, outcome.route, outcome.pool)
+            self.routes.get_or_insert(
+                outcome.listener,
+                outcome.names.route(),
+                outcome.names.pool(),
+            )
         });
         match attached.downcast_ref::<RouteSeries>() {
             Some(series) => self.record_http(outcome, series),
@@ -1541,8 +1584,7 @@ mod tests {
     fn outcome<'a>(route: &'a str, status: u16) -> HttpOutcome<'a> {
         HttpOutcome {
             listener: "web",
-            route,
-            pool: "p",
+            names: RouteNames::Named { route, pool: "p" },
             status,
             error_source: (status >= 500).then_some("upstream"),
             grpc_status: None,

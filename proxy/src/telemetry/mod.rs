@@ -24,7 +24,7 @@ pub use access::{AccessLogFormat, HeaderPolicy};
 pub use histogram::DurationHistogram;
 pub use metrics::{
     AcmeResult, CertificateExpiry, ClientTimeout, ClusterReading, GaugeGuard, HeldOutcome,
-    HttpOutcome, ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteTotal,
+    HttpOutcome, ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteNames, RouteTotal,
     SourceCondition,
 };
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};

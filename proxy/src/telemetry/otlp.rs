@@ -181,12 +181,13 @@ impl RequestTracing {
     pub fn finish(cx: &Context, outcome: &SpanOutcome<'_>) {
         let span = cx.span();
         let http = outcome.http;
-        if !http.route.is_empty() {
-            span.update_name(Cow::Owned(format!("{} {}", outcome.method, http.route)));
+        let (route, pool) = (http.names.route(), http.names.pool());
+        if !route.is_empty() {
+            span.update_name(Cow::Owned(format!("{} {}", outcome.method, route)));
         }
         span.set_attributes([
-            KeyValue::new("proxy.route", http.route.to_string()),
-            KeyValue::new("proxy.pool", http.pool.to_string()),
+            KeyValue::new("proxy.route", route.to_string()),
+            KeyValue::new("proxy.pool", pool.to_string()),
             KeyValue::new("proxy.upstream", outcome.upstream.to_string()),
             KeyValue::new("http.response.status_code", i64::from(http.status)),
             KeyValue::new(
@@ -434,8 +435,8 @@ impl Instruments {
         };
         let attributes = [
             KeyValue::new("listener", outcome.listener.to_string()),
-            KeyValue::new("route", outcome.route.to_string()),
-            KeyValue::new("pool", outcome.pool.to_string()),
+            KeyValue::new("route", outcome.names.route().to_string()),
+            KeyValue::new("pool", outcome.names.pool().to_string()),
             KeyValue::new("status_class", class),
         ];
         self.requests.add(1, &attributes);
