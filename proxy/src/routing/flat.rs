@@ -185,18 +185,26 @@ fn shard_index(hasher: &KeyHasher, key: &[u8], shards: usize) -> usize {
 }
 
 /// A seeded multiply-and-fold hash for short keys: a few instructions per 8 bytes, against
-/// SipHash's rounds. The keys in the maps are the operator's (routes), so a request can
-/// only look up, never add colliding keys; the seed is random per map all the same.
+/// SipHash's rounds. For maps whose keys are the operator's (routes, and the names of their
+/// metric series): a request can only look up, never add colliding keys; the seed is
+/// random per map all the same.
 #[derive(Clone, Copy)]
-struct KeyHasher {
+pub struct KeyHasher {
     seed: u64,
 }
 
 impl KeyHasher {
-    fn new() -> KeyHasher {
+    /// A hasher with a random seed.
+    pub fn new() -> KeyHasher {
         KeyHasher {
             seed: RandomState::new().hash_one(0x5eed_u64),
         }
+    }
+}
+
+impl Default for KeyHasher {
+    fn default() -> Self {
+        KeyHasher::new()
     }
 }
 
@@ -208,7 +216,8 @@ impl BuildHasher for KeyHasher {
     }
 }
 
-struct KeyHash(u64);
+/// The state of one [`KeyHasher`] hash.
+pub struct KeyHash(u64);
 
 const K1: u64 = 0x9e37_79b9_7f4a_7c15;
 const K2: u64 = 0xc2b2_ae3d_27d4_eb4f;

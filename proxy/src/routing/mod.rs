@@ -32,6 +32,7 @@ use crate::state::{
 };
 use crate::upstream::{Hold, PoolRuntime};
 
+pub use flat::{KeyHash, KeyHasher};
 pub use publish::{Published, Snapshot};
 
 /// Where routes find their pool: the current [`PoolRuntime`], swapped whole when the pool's
