@@ -52,13 +52,8 @@ wait_ready() {
 }
 
 # Peak RSS in MiB of a process and its children (nginx: master + workers).
-peak_rss_mib() {
-    local pid=$1 total=0 p kb
-    for p in $pid $(pgrep -P "$pid" || true); do
-        kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-        total=$((total + ${kb:-0}))
-    done
-    awk -v kb="$total" 'BEGIN { printf "%.1f", kb / 1024 }'
+peak_rss_mib() { # pid
+    awk -v kb="$(family_sum "$1" status '/^VmHWM:/ { print $2 }')" 'BEGIN { printf "%.1f", kb / 1024 }'
 }
 
 # --- the upstream: nginx serving a 1 KiB file ---------------------------------------------

@@ -420,13 +420,13 @@ scenario_idle() {
     local name port pid before after later held round rss_before
     declare -A AT2 AT20 TOTAL GOT ANON
     for round in $(seq "$ROUNDS"); do
-    for name in proxyd nginx haproxy; do
-        port=$(free_port)
-        case $name in
-        proxyd)
-            {
-                proxyd_head "$WORK/proxyd-idle"
-                cat <<EOF
+        for name in proxyd nginx haproxy; do
+            port=$(free_port)
+            case $name in
+            proxyd)
+                {
+                    proxyd_head "$WORK/proxyd-idle"
+                    cat <<EOF
 
 [[listeners]]
 name = "web"
@@ -444,14 +444,14 @@ name = "all"
 listener = "web"
 pool = "static"
 EOF
-            } >"$WORK/proxyd-idle.toml"
-            start proxyd-idle "$PROXYD" --config "$WORK/proxyd-idle.toml"
-            ;;
-        nginx)
-            mkdir -p "$WORK/nginx-idle"
-            {
-                nginx_head "$WORK/nginx-idle"
-                cat <<EOF
+                } >"$WORK/proxyd-idle.toml"
+                start proxyd-idle "$PROXYD" --config "$WORK/proxyd-idle.toml"
+                ;;
+            nginx)
+                mkdir -p "$WORK/nginx-idle"
+                {
+                    nginx_head "$WORK/nginx-idle"
+                    cat <<EOF
 http {
 $(nginx_http_head "$WORK/nginx-idle")
     upstream static {
@@ -468,13 +468,13 @@ $(nginx_http_head "$WORK/nginx-idle")
     }
 }
 EOF
-            } >"$WORK/nginx-idle/nginx.conf"
-            start nginx-idle nginx -p "$WORK/nginx-idle" -c "$WORK/nginx-idle/nginx.conf" -e "$WORK/nginx-idle/error.log"
-            ;;
-        haproxy)
-            {
-                haproxy_head http $((IDLE + 100))
-                cat <<EOF
+                } >"$WORK/nginx-idle/nginx.conf"
+                start nginx-idle nginx -p "$WORK/nginx-idle" -c "$WORK/nginx-idle/nginx.conf" -e "$WORK/nginx-idle/error.log"
+                ;;
+            haproxy)
+                {
+                    haproxy_head http $((IDLE + 100))
+                    cat <<EOF
 
 frontend f
     bind 127.0.0.1:$port
@@ -483,37 +483,37 @@ frontend f
 backend b
     server up 127.0.0.1:$UP
 EOF
-            } >"$WORK/haproxy-idle.cfg"
-            start haproxy-idle haproxy -db -f "$WORK/haproxy-idle.cfg"
-            ;;
-        esac
-        pid=$LAST_PID
-        wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
-        # Warm: pools, allocator arenas, per-thread caches.
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
-        sleep 1
-        before=$(anon_kib "$pid")
-        rss_before=$(rss_kib "$pid")
-        say "idle: round $round/$ROUNDS: $name, $IDLE connections"
-        coproc IDLER { python3 "$WORK/idle.py" "$port" "$IDLE"; }
-        read -r _ held <&"${IDLER[0]}"
-        # Read twice: memory moves after the connections went idle (the allocator returns
-        # freed pages after a delay; with transparent huge pages the kernel also merges
-        # pages some seconds later), so one early reading depends on when it is taken.
-        sleep 2
-        after=$(anon_kib "$pid")
-        sleep 18
-        later=$(anon_kib "$pid")
-        eval "exec ${IDLER[1]}>&-"
-        wait "$IDLER_PID" 2>/dev/null || true
-        # A round in which the client could not hold every connection says so in the table.
-        GOT[$name]="${GOT[$name]:+${GOT[$name]} / }$held"
-        AT2[$name,$round]=$(per_connection "$after" "$before" "$held")
-        AT20[$name,$round]=$(per_connection "$later" "$before" "$held")
-        TOTAL[$name,$round]=$(per_connection "$(rss_kib "$pid")" "$rss_before" "$held")
-        ANON[$name]="$((before / 1024)) -> $((later / 1024))"
-        stop "$pid"
-    done
+                } >"$WORK/haproxy-idle.cfg"
+                start haproxy-idle haproxy -db -f "$WORK/haproxy-idle.cfg"
+                ;;
+            esac
+            pid=$LAST_PID
+            wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
+            # Warm: pools, allocator arenas, per-thread caches.
+            wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
+            sleep 1
+            before=$(anon_kib "$pid")
+            rss_before=$(rss_kib "$pid")
+            say "idle: round $round/$ROUNDS: $name, $IDLE connections"
+            coproc IDLER { python3 "$WORK/idle.py" "$port" "$IDLE"; }
+            read -r _ held <&"${IDLER[0]}"
+            # Read twice: memory moves after the connections went idle (the allocator returns
+            # freed pages after a delay; with transparent huge pages the kernel also merges
+            # pages some seconds later), so one early reading depends on when it is taken.
+            sleep 2
+            after=$(anon_kib "$pid")
+            sleep 18
+            later=$(anon_kib "$pid")
+            eval "exec ${IDLER[1]}>&-"
+            wait "$IDLER_PID" 2>/dev/null || true
+            # A round in which the client could not hold every connection says so in the table.
+            GOT[$name]="${GOT[$name]:+${GOT[$name]} / }$held"
+            AT2[$name,$round]=$(per_connection "$after" "$before" "$held")
+            AT20[$name,$round]=$(per_connection "$later" "$before" "$held")
+            TOTAL[$name,$round]=$(per_connection "$(rss_kib "$pid")" "$rss_before" "$held")
+            ANON[$name]="$((before / 1024)) -> $((later / 1024))"
+            stop "$pid"
+        done
     done
     REPORT+=("" "### Memory per idle keep-alive client connection ($IDLE connections, one request each, then idle; $ROUNDS rounds)" ""
         "Growth of anonymous resident memory (RssAnon: the heap and stacks; not the binary's code and libraries, which are file pages shared with the page cache) per connection, read 2 s and 20 s after the last connection got its answer; the median of the rounds, and each round's own ratio (median, lowest-highest). Lower is better. The last column is the growth of the whole RSS (file pages included) at 20 s, for reference." ""
