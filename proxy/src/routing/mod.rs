@@ -139,13 +139,13 @@ enum Candidates {
 }
 
 impl Candidates {
-    fn of(mut list: Vec<Arc<RouteEntry>>) -> Option<Candidates> {
-        match list.len() {
-            0 => None,
-            1 => list.pop().map(Candidates::One),
-            _ => {
+    /// `list` (not empty) ranked: a lone route kept as it is.
+    fn ranked(list: Vec<Arc<RouteEntry>>) -> Candidates {
+        match <[Arc<RouteEntry>; 1]>::try_from(list) {
+            Ok([entry]) => Candidates::One(entry),
+            Err(mut list) => {
                 list.sort_by(|a, b| rank(b).cmp(&rank(a)));
-                Some(Candidates::Many(list.into()))
+                Candidates::Many(list.into())
             }
         }
     }
@@ -169,19 +169,19 @@ impl Candidates {
             .filter(|e| e.route.name != entry.route.name)
             .cloned()
             .collect();
-        list.push(entry.clone());
-        Candidates::of(list).unwrap_or(Candidates::One(entry))
+        list.push(entry);
+        Candidates::ranked(list)
     }
 
     /// These candidates without the route called `name`; `None` when nothing is left.
     fn without(&self, name: &str) -> Option<Candidates> {
-        Candidates::of(
-            self.all()
-                .iter()
-                .filter(|e| e.route.name != name)
-                .cloned()
-                .collect(),
-        )
+        let list: Vec<Arc<RouteEntry>> = self
+            .all()
+            .iter()
+            .filter(|e| e.route.name != name)
+            .cloned()
+            .collect();
+        (!list.is_empty()).then(|| Candidates::ranked(list))
     }
 }
 

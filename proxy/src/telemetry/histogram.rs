@@ -126,8 +126,8 @@ impl EncodeMetric for DurationHistogram {
             .iter()
             .copied()
             .chain(std::iter::once(f64::INFINITY))
+            // The buckets past the `+Inf` one (unused) end with the bounds.
             .zip(self.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
-            .take(self.inner.bounds.len() + 1)
             .collect();
         // The count is the sum of the buckets read here, so a scrape racing with an
         // observation never shows `_count` below the `+Inf` bucket.

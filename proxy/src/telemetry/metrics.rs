@@ -1146,6 +1146,7 @@ impl Collector for UpstreamCollector {
 
 /// Series of one (listener, route, pool). A status class's series exist from its first
 /// request on, an error source's from its first error: no empty series are shown.
+///
 /// What a request writes comes first (`repr(C)`): the series of its status class, whose
 /// slot also holds the class's bytes; errors and labels only errors and scrapes read.
 #[repr(C)]
