@@ -19,6 +19,7 @@ mod publish;
 
 use std::any::Any;
 use std::collections::BTreeSet;
+use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
@@ -49,15 +50,22 @@ pub struct RouteEntry {
     pub registered: bool,
     /// The route's request metrics, found on its first request.
     series: Attachment,
-    /// How many bytes of a matched path `strip_prefix` takes off (see [`strip`](Self::strip)).
-    strip: Option<usize>,
+    /// How many bytes of a matched path `strip_prefix` takes off (see [`strip`](Self::strip)):
+    /// at most 1024 (a route's path is no longer), kept in four bytes so that the entry
+    /// with its reference counts fills one 64-byte block, a cache line, rather than two
+    /// (a request spread over 100,000 routes finds its entry in neither cache).
+    strip: Option<NonZeroU32>,
 }
 
 impl RouteEntry {
     fn new(route: Arc<Route>, pool: Arc<PoolSlot>, registered: bool) -> RouteEntry {
         let strip = match (&route.path, route.strip_prefix) {
             (PathMatch::Prefix(prefix), true) if prefix != "/" => {
-                Some(prefix.trim_end_matches('/').len())
+                // A checked path is at most 1024 bytes. A prefix of slashes alone keeps
+                // none, and taking nothing off is what no strip does.
+                u32::try_from(prefix.trim_end_matches('/').len())
+                    .ok()
+                    .and_then(NonZeroU32::new)
             }
             _ => None,
         };
@@ -75,7 +83,8 @@ impl RouteEntry {
     /// `/v1?x`; what is left always starts with `/`), `None` when the path goes as it
     /// came. Read from the entry, so a request does not load the route definition for it.
     pub fn strip(&self, path: &str) -> Option<String> {
-        let rest = path.get(self.strip?..).unwrap_or("");
+        let strip = usize::try_from(self.strip?.get()).unwrap_or(usize::MAX);
+        let rest = path.get(strip..).unwrap_or("");
         Some(if rest.starts_with('/') {
             rest.to_string()
         } else {

@@ -486,3 +486,47 @@ fn a_replaced_snapshot_is_never_freed_by_its_reader() {
     // ...and the writer frees it at its next reclaim.
     assert!(!compiler.reclaim(), "nothing left to free");
 }
+
+#[test]
+fn strip_prefix_takes_the_matched_prefix_off() {
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    let mut changes = vec![Change::CreatePool(pool("p", &["127.0.0.1:1"]))];
+    for (name, path, strip_prefix) in [
+        ("api", "/api/", true),
+        ("v2", "/v2", true),
+        ("slashes", "//", true),
+        ("kept", "/kept", false),
+    ] {
+        changes.push(Change::CreateRoute(Route {
+            name: name.into(),
+            source: Source::Api,
+            listener: "web".into(),
+            host: None,
+            path: prefix(path),
+            pool: "p".into(),
+            strip_prefix,
+            priority: 0,
+        }));
+    }
+    state.apply_batch(&changes, Source::Api).expect("valid");
+    let t = RoutingTable::build(&state, None);
+    let strip = |path: &str| t.lookup("web", "h", path).expect("routed").strip(path);
+    assert_eq!(strip("/api/v1?x=1").as_deref(), Some("/v1?x=1"));
+    assert_eq!(strip("/api/").as_deref(), Some("/"));
+    assert_eq!(strip("/v2").as_deref(), Some("/"));
+    assert_eq!(strip("/v2/a/b").as_deref(), Some("/a/b"));
+    assert_eq!(strip("/v2?q").as_deref(), Some("/?q"));
+    // A prefix of slashes takes nothing off: the path goes as it came.
+    assert_eq!(strip("//x"), None);
+    assert_eq!(strip("/kept/x"), None);
+}
+
+#[test]
+fn an_entry_and_its_reference_counts_fill_one_cache_line() {
+    // `Arc<RouteEntry>`: two counts, then the entry, in one 64-byte block.
+    assert!(
+        2 * std::mem::size_of::<usize>() + std::mem::size_of::<RouteEntry>() <= 64,
+        "RouteEntry is {} bytes",
+        std::mem::size_of::<RouteEntry>()
+    );
+}
