@@ -712,37 +712,44 @@ async fn forward_http1(
     };
     let mut retried = false;
     loop {
-        let Some(req) = a.pending.take() else {
+        if a.pending.is_none() {
             return Step::Next;
-        };
+        }
         let reused = conn.reused();
         let sent_at = sent_at.take().unwrap_or_else(Instant::now);
-        // Pinned where it is made: the timeout and `send` hold a pointer to the exchange
-        // rather than moving the whole future (request, connection, buffers) into each.
-        let exchange = std::pin::pin!(conn.send(req));
-        let outcome = match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
+        let sent = {
+            // Pinned where it is made: the timeout and `send` hold a pointer to the
+            // exchange rather than moving the whole future (connection, buffers) into
+            // each. The request stays in `a.pending` (see `H1Conn::send`).
+            let exchange = std::pin::pin!(conn.send(&mut a.pending));
+            send(exchange, a.body_sent.as_deref(), pool.response_timeout).await
+        };
+        match sent {
             Sent::Response(response) => {
                 let (parts, body) = response.into_parts();
                 answered(a, upstream, sent_at, parts.status);
                 return Step::Done(Ok((parts, Held::Http1(body), in_flight)));
             }
             Sent::TimedOut => return Step::Done(Err(response_timed_out(pool, upstream))),
-            Sent::Failed(e) => match e.unsent {
-                Some(unsent) => Some(*unsent),
-                // The connection gives back a bodiless request it got no answer to: no
-                // copy is made per request in case the kept connection fails.
-                None => match e.unanswered.filter(|req| reused && can_resend(req)) {
-                    Some(again) => {
+            Sent::Failed(e) => {
+                // Never written: it can go as it is. Written without a body and not
+                // answered at all: again only on a fresh connection after a kept one
+                // failed, and only if that cannot do harm.
+                let again = match &a.pending {
+                    Some(_) if e.unsent => true,
+                    Some(req) if reused && can_resend(req) => {
                         tracing::debug!(upstream = %upstream.address, error = %e.error, "kept connection failed before any response byte; retrying on a fresh one");
-                        Some(*again)
+                        true
                     }
-                    None => return Step::Done(Err(exchange_failed(pool, upstream, &e.error))),
-                },
-            },
-        };
+                    _ => false,
+                };
+                if !again {
+                    return Step::Done(Err(exchange_failed(pool, upstream, &e.error)));
+                }
+            }
+        }
         // The request can go again: once more on a fresh connection to this upstream,
         // then on to the next candidate.
-        a.pending = outcome;
         if retried {
             return Step::Next;
         }

@@ -117,22 +117,19 @@ pub enum H1Error {
     Body(#[source] BoxError),
 }
 
-/// A failed exchange: the error, whether the upstream sent anything at all, and the
-/// request when none of it reached the upstream in a usable form.
-///
-/// The requests are boxed (a failure is rare): unboxed, two requests made the result of
-/// every exchange, failed or not, about 700 bytes, copied at each step it went up.
+/// A failed exchange: the error, whether the upstream sent anything at all, and whether
+/// the request, left where the caller keeps it, was written.
 #[derive(Debug)]
 pub struct SendError {
     /// What failed.
     pub error: H1Error,
     /// No response byte arrived on the connection during this exchange.
     pub nothing_read: bool,
-    /// The request, when it failed before its head was written (it can go elsewhere).
-    pub unsent: Option<Box<Request<RequestBody>>>,
-    /// The request, when it has no body and its head was written but no response byte
-    /// came: whether it may go again is the caller's call (an idempotent method may).
-    pub unanswered: Option<Box<Request<RequestBody>>>,
+    /// The request failed before its head was written (it can go elsewhere as it is).
+    /// When it was written instead, has no body and no response byte came, it is left to
+    /// the caller too, whose call it is whether it may go again (an idempotent method
+    /// may); any other request is gone.
+    pub unsent: bool,
 }
 
 /// An HTTP/1.1 connection to an upstream.
@@ -319,6 +316,15 @@ fn request_framing(req: &mut Request<RequestBody>) -> Option<Sending> {
     Some(Sending::Chunked)
 }
 
+/// Lets go of a request the upstream took (or could not take again): its header map is
+/// kept for the next head this thread parses.
+fn finish_request(slot: &mut Option<Request<RequestBody>>) {
+    if let Some(req) = slot.as_mut() {
+        spare_header_map(std::mem::take(req.headers_mut()));
+    }
+    *slot = None;
+}
+
 fn encode_head(out: &mut Vec<u8>, req: &Request<RequestBody>) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
@@ -412,20 +418,37 @@ impl H1Conn {
         }
     }
 
-    /// Sends `req` and waits for the response head. The request body is streamed while the
-    /// response head is awaited; if the head comes first, the response body finishes it.
+    /// Sends the request in `slot` and waits for the response head. The request body is
+    /// streamed while the response head is awaited; if the head comes first, the response
+    /// body finishes it.
+    ///
+    /// The request stays in the caller's `slot` rather than moving (a few hundred bytes)
+    /// into this exchange and back: it is left there when it failed before its head was
+    /// written, or when it has no body and no response byte came (see [`SendError`]), and
+    /// taken (its header map kept for the next head) otherwise. An empty slot fails at
+    /// once, as a request that could not be written.
     pub async fn send(
         mut self: Box<Self>,
-        mut req: Request<RequestBody>,
+        slot: &mut Option<Request<RequestBody>>,
     ) -> Result<Response<H1Body>, SendError> {
-        let framing = request_framing(&mut req);
+        let Some(req) = slot.as_mut() else {
+            return Err(SendError {
+                error: H1Error::Write(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "no request to send",
+                )),
+                nothing_read: true,
+                unsent: true,
+            });
+        };
+        let framing = request_framing(req);
         let head_request = req.method() == Method::HEAD;
         let connect = req.method() == Method::CONNECT;
         let mut upload = match framing {
             // Without body the head goes now, alone.
             None => {
                 let mut out = std::mem::take(&mut self.out);
-                encode_head(&mut out, &req);
+                encode_head(&mut out, req);
                 let written = async {
                     self.io.write_all(&out).await?;
                     self.io.flush().await
@@ -436,8 +459,7 @@ impl H1Conn {
                     return Err(SendError {
                         error: H1Error::Write(e),
                         nothing_read: true,
-                        unsent: Some(Box::new(req)),
-                        unanswered: None,
+                        unsent: true,
                     });
                 }
                 None
@@ -446,7 +468,7 @@ impl H1Conn {
             // buffer, which comes back once the body is written.
             Some(framing) => {
                 let mut out = std::mem::take(&mut self.out);
-                encode_head(&mut out, &req);
+                encode_head(&mut out, req);
                 Some(Upload {
                     body: std::mem::take(req.body_mut()),
                     framing,
@@ -457,14 +479,12 @@ impl H1Conn {
                 })
             }
         };
-        // Kept until the answer comes, to be given back if none does; a request with a
-        // body cannot be sent again (its body is on its way), and its head is written.
-        let bodiless = if upload.is_none() {
-            Some(req)
-        } else {
-            spare_header_map(std::mem::take(req.headers_mut()));
-            None
-        };
+        // A request with a body cannot be sent again (its body is on its way), and its
+        // head is written: it goes. One without is left until the answer comes, for the
+        // caller to send again if none does.
+        if upload.is_some() {
+            finish_request(slot);
+        }
         // A write failure may just be the upstream answering early and closing its
         // side: the response head, if it comes, still counts.
         let mut write_error = None;
@@ -497,9 +517,7 @@ impl H1Conn {
         } = match head {
             Ok(head) => {
                 // Answered: the request is not needed any more.
-                if let Some(mut req) = bodiless {
-                    spare_header_map(std::mem::take(req.headers_mut()));
-                }
+                finish_request(slot);
                 head
             }
             Err(error) => {
@@ -507,11 +525,14 @@ impl H1Conn {
                     (H1Error::Closed(_) | H1Error::Read(_), Some(e)) => H1Error::Write(e),
                     (error, _) => error,
                 };
+                // Part of an answer came: the request was taken in.
+                if read_any {
+                    finish_request(slot);
+                }
                 return Err(SendError {
                     error,
                     nothing_read: !read_any,
-                    unsent: None,
-                    unanswered: bodiless.filter(|_| !read_any).map(Box::new),
+                    unsent: false,
                 });
             }
         };
@@ -521,8 +542,7 @@ impl H1Conn {
                 return Err(SendError {
                     error,
                     nothing_read: false,
-                    unsent: None,
-                    unanswered: None,
+                    unsent: false,
                 })
             }
         };
@@ -1307,12 +1327,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_stays_with_the_caller_until_it_is_answered() {
+        // Answered: the request is taken.
+        let (addr, _) = upstream(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]).await;
+        let mut slot = Some(get(Method::GET));
+        conn(addr).await.send(&mut slot).await.unwrap();
+        assert!(slot.is_none());
+
+        // Written, and the connection closed before any response byte: it is left, whole,
+        // for the caller to send again or not.
+        let (addr, _) = upstream(vec![]).await;
+        let mut slot = Some(get(Method::DELETE));
+        let err = conn(addr).await.send(&mut slot).await.unwrap_err();
+        assert!(err.nothing_read && !err.unsent, "{}", err.error);
+        let left = slot.expect("left with the caller");
+        assert_eq!(left.method(), Method::DELETE);
+        assert_eq!(left.uri(), "/x");
+        assert_eq!(left.headers()[header::HOST], "up");
+
+        // Part of an answer came: the upstream took the request in, and it is gone.
+        let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Le"]).await;
+        let mut slot = Some(get(Method::GET));
+        let err = conn(addr).await.send(&mut slot).await.unwrap_err();
+        assert!(!err.nothing_read, "{}", err.error);
+        assert!(slot.is_none());
+
+        // Nothing to send.
+        let (addr, _) = upstream(vec![]).await;
+        let err = conn(addr).await.send(&mut None).await.unwrap_err();
+        assert!(err.unsent && err.nothing_read, "{}", err.error);
+    }
+
+    #[tokio::test]
     async fn chunked_body_with_extensions_and_trailers() {
         let (addr, _) = upstream(vec![
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
         ])
         .await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let mut body = response.into_body();
         let (data, trailers) = read_all(&mut body).await.unwrap();
@@ -1327,7 +1383,11 @@ mod tests {
     #[tokio::test]
     async fn close_delimited_body_ends_at_close_and_is_not_reused() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         let (data, _) = read_all(&mut body).await.unwrap();
         assert_eq!(data, b"until the end");
@@ -1345,7 +1405,7 @@ mod tests {
         .await;
         let mut c = conn(addr).await;
         for (method, status) in [(Method::GET, 204), (Method::GET, 304), (Method::HEAD, 200)] {
-            let response = c.send(get(method)).await.unwrap();
+            let response = c.send(&mut Some(get(method))).await.unwrap();
             assert_eq!(response.status().as_u16(), status);
             let mut body = response.into_body();
             assert!(body.is_end_stream());
@@ -1354,7 +1414,7 @@ mod tests {
             assert!(c.idle_usable());
         }
         // An informational head is skipped.
-        let response = c.send(get(Method::GET)).await.unwrap();
+        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -1370,13 +1430,13 @@ mod tests {
         .await;
         let mut c = conn(addr).await;
         // Only the connection's state: read, not kept.
-        let response = c.send(get(Method::GET)).await.unwrap();
+        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
         assert_eq!(response.headers().get(header::CONNECTION), None);
         let mut body = response.into_body();
         read_all(&mut body).await.unwrap();
         c = body.take_idle().expect("kept alive");
         // A field named as well: kept, for the request path to strip both.
-        let response = c.send(get(Method::GET)).await.unwrap();
+        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
         assert_eq!(
             response.headers()[header::CONNECTION],
             "keep-alive, X-Internal"
@@ -1386,7 +1446,7 @@ mod tests {
         read_all(&mut body).await.unwrap();
         c = body.take_idle().expect("kept alive");
         // `close`: not kept, and the connection ends with the exchange.
-        let response = c.send(get(Method::GET)).await.unwrap();
+        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
         assert_eq!(response.headers().get(header::CONNECTION), None);
         let mut body = response.into_body();
         read_all(&mut body).await.unwrap();
@@ -1404,7 +1464,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
         ] {
             let (addr, _) = upstream(vec![reply]).await;
-            let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+            let response = conn(addr)
+                .await
+                .send(&mut Some(get(Method::GET)))
+                .await
+                .unwrap();
             let mut body = response.into_body();
             let err = read_all(&mut body).await.expect_err("malformed chunking");
             assert!(err.to_string().contains("chunk"), "{err}");
@@ -1434,7 +1498,11 @@ mod tests {
         );
         for reply in [long, many] {
             let (addr, _) = upstream(vec![reply]).await;
-            let err = conn(addr).await.send(get(Method::GET)).await.unwrap_err();
+            let err = conn(addr)
+                .await
+                .send(&mut Some(get(Method::GET)))
+                .await
+                .unwrap_err();
             assert!(matches!(err.error, H1Error::HeadTooLarge), "{}", err.error);
         }
         for reply in [
@@ -1445,7 +1513,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
         ] {
             let (addr, _) = upstream(vec![reply]).await;
-            let err = conn(addr).await.send(get(Method::GET)).await.unwrap_err();
+            let err = conn(addr)
+                .await
+                .send(&mut Some(get(Method::GET)))
+                .await
+                .unwrap_err();
             assert!(
                 matches!(err.error, H1Error::Head(_) | H1Error::Framing(_)),
                 "{}",
@@ -1454,14 +1526,22 @@ mod tests {
         }
         // The same length twice is one length.
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"]).await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
     }
 
     #[tokio::test]
     async fn a_body_cut_short_is_an_error_and_not_reused() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfour"]).await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         let err = read_all(&mut body).await.expect_err("cut short");
         assert!(err.to_string().contains("closed"), "{err}");
@@ -1471,7 +1551,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfour\r\n",
         ])
         .await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         assert!(read_all(&mut body).await.is_err());
         assert!(body.take_idle().is_none());
@@ -1484,13 +1568,17 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
         ])
         .await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
         let mut again = body.take_idle().expect("complete: reusable");
         assert!(again.idle_usable());
         again.set_reused();
-        let response = again.send(get(Method::GET)).await.unwrap();
+        let response = again.send(&mut Some(get(Method::GET))).await.unwrap();
         let mut body = response.into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -1501,7 +1589,11 @@ mod tests {
             b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
         ] {
             let (addr, _) = upstream(vec![reply, reply]).await;
-            let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+            let response = conn(addr)
+                .await
+                .send(&mut Some(get(Method::GET)))
+                .await
+                .unwrap();
             let mut body = response.into_body();
             assert_eq!(read_all(&mut body).await.unwrap().0, b"ok");
             assert!(body.take_idle().is_none());
@@ -1511,7 +1603,11 @@ mod tests {
     #[tokio::test]
     async fn a_partly_read_body_is_not_reused() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfive"]).await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         assert_eq!(
             body.frame().await.unwrap().unwrap().into_data().unwrap(),
@@ -1524,7 +1620,11 @@ mod tests {
     #[tokio::test]
     async fn a_closed_idle_connection_is_not_usable_and_fails_before_any_byte() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         read_all(&mut body).await.unwrap();
         let mut idle = body.take_idle().expect("complete");
@@ -1536,7 +1636,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(!idle.idle_usable());
-        let err = idle.send(get(Method::GET)).await.unwrap_err();
+        let err = idle.send(&mut Some(get(Method::GET))).await.unwrap_err();
         assert!(err.nothing_read, "{}", err.error);
     }
 
@@ -1725,7 +1825,11 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ])
         .await;
-        let response = conn(addr).await.send(get(Method::GET)).await.unwrap();
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)))
+            .await
+            .unwrap();
         let mut body = response.into_body();
         let (data, _) = read_all(&mut body).await.unwrap();
         assert_eq!(data, b"5\r\nhello\r\n0\r\n\r\n");
@@ -1777,7 +1881,7 @@ mod tests {
             .insert(header::HOST, HeaderValue::from_static("up"));
         // None kept before: the response head's map is a new one.
         SPARES.with(|spares| spares.borrow_mut().clear());
-        let response = conn(addr).await.send(req).await.unwrap();
+        let response = conn(addr).await.send(&mut Some(req)).await.unwrap();
         assert_eq!(spares(), 1);
         // The response's own map is the client side's to give back once written.
         assert_eq!(response.headers()["content-length"], "2");
