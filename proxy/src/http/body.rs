@@ -169,18 +169,19 @@ impl ResponseBody {
     /// `deadline`, with `UNAVAILABLE` trailers when the upstream fails mid-stream, and
     /// reports the call's status to the access log. `status` is one already known from
     /// the response head.
-    pub fn grpc(mut self, deadline: Option<tokio::time::Instant>, status: Option<u32>) -> Self {
+    ///
+    /// Set where the body is (in its response) rather than passed through: a body is a
+    /// few hundred bytes, moved twice more per response otherwise.
+    pub fn set_grpc(&mut self, deadline: Option<tokio::time::Instant>, status: Option<u32>) {
         self.grpc = Some(GrpcCall {
             deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
             status,
         });
-        self
     }
 
     /// Writes `log` with the byte count when the body ends or is dropped.
-    pub fn with_log(mut self, log: Box<AccessLog>) -> Self {
+    pub fn set_log(&mut self, log: Box<AccessLog>) {
         self.log = Some(log);
-        self
     }
 
     fn finish(&mut self, complete: bool) {

@@ -286,12 +286,12 @@ where
         let written = match body {
             None => {
                 let request = Request::from_parts(request, ClientBody::Empty);
-                let response = match (conn.handler)(request).await {
+                let mut response = match (conn.handler)(request).await {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
                 let mut link = Link::Own(&mut wire);
-                write_response(&mut link, response, &method, version, &mut keep_alive).await
+                write_response(&mut link, &mut response, &method, version, &mut keep_alive).await
             }
             Some(framing) => {
                 let shared = Arc::new(Shared {
@@ -302,13 +302,14 @@ where
                     }),
                 });
                 let request = Request::from_parts(request, ClientBody::Http1(shared.clone()));
-                let response = match (conn.handler)(request).await {
+                let mut response = match (conn.handler)(request).await {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
                 let mut link = Link::Shared(&shared);
                 let written =
-                    write_response(&mut link, response, &method, version, &mut keep_alive).await;
+                    write_response(&mut link, &mut response, &method, version, &mut keep_alive)
+                        .await;
                 // The stream back from the request body, which has ended with the response.
                 wire = match Arc::try_unwrap(shared) {
                     Ok(shared) => {
@@ -901,7 +902,7 @@ enum Written {
 /// when the response ends the connection.
 async fn write_response<S>(
     link: &mut Link<'_, S>,
-    response: Response<ResponseBody>,
+    response: &mut Response<ResponseBody>,
     method: &Method,
     version: Version,
     keep_alive: &mut bool,
@@ -909,9 +910,10 @@ async fn write_response<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (parts, mut body) = response.into_parts();
-    let switched = parts.status == StatusCode::SWITCHING_PROTOCOLS
-        || (method == Method::CONNECT && parts.status.is_success());
+    // Borrowed, not taken apart: a response is a few hundred bytes, copied at every move.
+    let status = response.status();
+    let switched = status == StatusCode::SWITCHING_PROTOCOLS
+        || (method == Method::CONNECT && status.is_success());
     // The connection's buffer, taken for the response and given back after it.
     let (mut out, vectored) = link.with(|wire| {
         let out = std::mem::take(&mut wire.out);
@@ -920,9 +922,10 @@ where
     if out.capacity() == 0 {
         out.reserve(OUT_SIZE);
     }
-    let (mut sending, trailers) = encode_head(&mut out, &parts, &body, method, version, keep_alive);
+    let (mut sending, trailers) = encode_head(&mut out, response, method, version, keep_alive);
     // Written: its map goes to the thread's spares for the next request's head.
-    spare_header_map(parts.headers);
+    spare_header_map(std::mem::take(response.headers_mut()));
+    let body = response.body_mut();
     if switched {
         *keep_alive = false;
     }
@@ -940,7 +943,7 @@ where
     let mut at = 0;
     let result = poll_fn(|cx| loop {
         if !done && pending.len() < WRITE_AT {
-            match Pin::new(&mut body).poll_frame(cx) {
+            match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     match frame.into_data() {
                         Ok(data) => {
@@ -1009,7 +1012,9 @@ where
         }
     })
     .await;
-    drop(body);
+    // Done with: dropped where it is (its log written, its upstream connection back in
+    // the idle store) before the buffer goes back.
+    *body = ResponseBody::empty();
     // Kept for the next response unless a large body grew it.
     if pending.out.capacity() <= 4 * OUT_SIZE {
         pending.clear();
@@ -1190,13 +1195,12 @@ fn encode_trailers(out: &mut Vec<u8>, fields: &HeaderMap, announced: Option<&[He
 /// is added); returns how the body is sent and the trailer fields announced.
 fn encode_head(
     out: &mut Vec<u8>,
-    parts: &http::response::Parts,
-    body: &ResponseBody,
+    response: &Response<ResponseBody>,
     method: &Method,
     version: Version,
     keep_alive: &mut bool,
 ) -> (Sending, Option<Vec<HeaderName>>) {
-    let status = parts.status;
+    let (status, headers, body) = (response.status(), response.headers(), response.body());
     let http10 = version == Version::HTTP_10;
     if !http10 && status == StatusCode::OK {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
@@ -1209,7 +1213,7 @@ fn encode_head(
     }
     // Keep-alive as the response has it: a `Connection: close` ends the connection; an
     // HTTP/1.0 client keeps it only if it asked and the response is not HTTP/1.0 itself.
-    let connection = parts.headers.get_all(header::CONNECTION);
+    let connection = headers.get_all(header::CONNECTION);
     let mut says_close = false;
     let mut says_keep_alive = false;
     for value in connection.iter() {
@@ -1225,9 +1229,9 @@ fn encode_head(
     let mut add_connection: Option<&[u8]> = None;
     if http10 {
         if !says_keep_alive {
-            if parts.version == Version::HTTP_10 {
+            if response.version() == Version::HTTP_10 {
                 *keep_alive = false;
-            } else if parts.version == Version::HTTP_11 && *keep_alive {
+            } else if response.version() == Version::HTTP_11 && *keep_alive {
                 add_connection = Some(b"keep-alive");
             }
         }
@@ -1251,7 +1255,7 @@ fn encode_head(
     }
     let mut wrote_date = false;
     let mut announced: Option<Vec<HeaderName>> = None;
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         match *name {
             header::CONTENT_LENGTH => {
                 if sending.is_some() {

@@ -202,7 +202,7 @@ pub(crate) async fn handle(
         }),
     };
     let mut grpc_call = grpc.then_some((deadline, None));
-    let response = match result {
+    let mut response = match result {
         Ok(response) => {
             if let Some((_, status)) = &mut grpc_call {
                 *status = grpc_status(response.headers());
@@ -252,21 +252,22 @@ pub(crate) async fn handle(
         }
     };
     log.status = response.status().as_u16();
-    let (mut parts, body) = response.into_parts();
     if (ctx.shutdown.is_triggered() || upgrade_asked)
-        && parts.status != StatusCode::SWITCHING_PROTOCOLS
+        && response.status() != StatusCode::SWITCHING_PROTOCOLS
     {
         // Draining, or an upgrade that did not happen: this HTTP/1 connection ends after
         // this response (h2 gets GOAWAY).
-        parts
-            .headers
+        response
+            .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    let body = match grpc_call {
-        Some((deadline, status)) => body.grpc(deadline, status),
-        None => body,
-    };
-    Ok(Response::from_parts(parts, body.with_log(log)))
+    // The response is finished where it is, not taken apart and put together again.
+    let body = response.body_mut();
+    if let Some((deadline, status)) = grpc_call {
+        body.set_grpc(deadline, status);
+    }
+    body.set_log(log);
+    Ok(response)
 }
 
 /// The gRPC status for a request proxyd failed with `status`, following gRPC's own
