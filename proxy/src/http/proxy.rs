@@ -367,7 +367,8 @@ async fn proxy(
     let client_upgrade = upgrade
         .then(|| req.extensions_mut().remove::<ClientUpgrade>())
         .flatten();
-    let upstream_req = upstream_request(
+    // Where the request stays while it is forwarded, sent from here.
+    let mut pending = Some(upstream_request(
         ctx,
         req,
         entry,
@@ -375,7 +376,7 @@ async fn proxy(
         upgrade,
         present,
         log.trace.as_ref(),
-    )?;
+    )?);
     // A registered route whose instances are away: wait (bounded) for one to come back.
     let pool = crate::registration::ready_pool(entry.pool_slot(), ctx.telemetry.metrics())
         .await
@@ -386,7 +387,7 @@ async fn proxy(
                 e.to_string(),
             )
         })?;
-    let (mut parts, held, in_flight) = forward(&pool, upstream_req, log).await?;
+    let (mut parts, held, in_flight) = forward(&pool, &mut pending, log).await?;
     // Only the access line and the span name the upstream.
     if ctx.telemetry.access_log_enabled() || log.trace.is_some() {
         log.upstream = Some(in_flight.upstream().clone());
@@ -588,8 +589,9 @@ struct Attempt<'a> {
     metrics: &'a Metrics,
     log: &'a AccessLog,
     budget: Attempts,
-    /// The request, while it can still be sent.
-    pending: Option<Request<RequestBody>>,
+    /// The request, while it can still be sent: in the request path's own slot, not
+    /// moved into forwarding (see `H1Conn::send`).
+    pending: &'a mut Option<Request<RequestBody>>,
     body_sent: Option<Arc<BodySent>>,
     last: Option<ConnectError>,
     full: bool,
@@ -630,7 +632,7 @@ enum Step {
 /// back unsent, or refused by GOAWAY or REFUSED_STREAM) goes to another connection.
 async fn forward(
     pool: &PoolRuntime,
-    req: Request<RequestBody>,
+    pending: &mut Option<Request<RequestBody>>,
     log: &AccessLog,
 ) -> Result<Answer, Failure> {
     let candidates = pool.candidates().map_err(|e| match e {
@@ -646,7 +648,7 @@ async fn forward(
         ),
     })?;
     let policy = &pool.policy;
-    let body_sent = req.body().sent();
+    let body_sent = pending.as_ref().and_then(|req| req.body().sent());
     let now = Instant::now();
     let mut attempt = Attempt {
         pool,
@@ -656,7 +658,7 @@ async fn forward(
             left: policy.max_attempts,
             deadline: now + policy.connect_deadline,
         },
-        pending: Some(req),
+        pending,
         body_sent,
         last: None,
         full: false,
@@ -722,7 +724,7 @@ async fn forward_http1(
             // Pinned where it is made: the timeout and `send` hold a pointer to the
             // exchange rather than moving the whole future (connection, buffers) into
             // each. The request stays in `a.pending` (see `H1Conn::send`).
-            let exchange = std::pin::pin!(conn.send(&mut a.pending));
+            let exchange = std::pin::pin!(conn.send(a.pending));
             send(exchange, a.body_sent.as_deref(), pool.response_timeout).await
         };
         match sent {
@@ -736,7 +738,7 @@ async fn forward_http1(
                 // Never written: it can go as it is. Written without a body and not
                 // answered at all: again only on a fresh connection after a kept one
                 // failed, and only if that cannot do harm.
-                let again = match &a.pending {
+                let again = match &*a.pending {
                     Some(_) if e.unsent => true,
                     Some(req) if reused && can_resend(req) => {
                         tracing::debug!(upstream = %upstream.address, error = %e.error, "kept connection failed before any response byte; retrying on a fresh one");
@@ -840,7 +842,7 @@ async fn forward_h2(
                         }
                     }
                 };
-                a.pending = Some(unsent);
+                *a.pending = Some(unsent);
                 resends += 1;
                 if resends >= H2_RESENDS {
                     return Step::Next;
