@@ -177,7 +177,10 @@ impl Drop for ReadBuffer {
 
 /// A parsed request head, with what the connection needs to know of it.
 struct Head {
-    request: http::request::Parts,
+    /// The request, without its body yet (the connection decides how it is read). Built
+    /// whole here rather than from parts later: a request is a few hundred bytes, copied
+    /// at every move.
+    request: Request<ClientBody>,
     body: Option<Framing>,
     keep_alive: bool,
     expect_continue: bool,
@@ -263,30 +266,26 @@ where
                 return Served::Ended;
             }
         };
-        let Head {
-            mut request,
-            body,
-            mut keep_alive,
-            expect_continue,
-            upgrade,
-        } = head;
-        let method = request.method.clone();
-        let version = request.version;
-        let upgraded = upgrade.then(|| {
+        // Its fields are used where they are: bound to names of their own, each would
+        // be a copy in this connection's state.
+        let mut head = head;
+        let method = head.request.method().clone();
+        let version = head.request.version();
+        let mut keep_alive = head.keep_alive;
+        let upgraded = head.upgrade.then(|| {
             let (tx, rx) = oneshot::channel();
-            request
-                .extensions
+            head.request
+                .extensions_mut()
                 .insert(ClientUpgrade(Arc::new(Mutex::new(Some(rx)))));
             tx
         });
-        let continue_at = (expect_continue && version == Version::HTTP_11).then_some(0);
+        let continue_at = (head.expect_continue && version == Version::HTTP_11).then_some(0);
         // Without a body the stream stays here, borrowed while the response is written;
         // with one, it is shared with the body (which reads from it while the request is
         // served) and comes back once the response is written.
-        let written = match body {
+        let written = match head.body {
             None => {
-                let request = Request::from_parts(request, ClientBody::Empty);
-                let mut response = match (conn.handler)(request).await {
+                let mut response = match (conn.handler)(head.request).await {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
@@ -301,8 +300,8 @@ where
                         continue_at,
                     }),
                 });
-                let request = Request::from_parts(request, ClientBody::Http1(shared.clone()));
-                let mut response = match (conn.handler)(request).await {
+                *head.request.body_mut() = ClientBody::Http1(shared.clone());
+                let mut response = match (conn.handler)(head.request).await {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
@@ -610,12 +609,11 @@ fn parse_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, StatusCode
         (None, Some(n)) if n > 0 => Some(Framing::Length(n)),
         (None, _) => None,
     };
-    let mut request = Request::new(());
+    let mut request = Request::new(ClientBody::Empty);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    let (request, ()) = request.into_parts();
     Ok(Some(Head {
         request,
         body,
@@ -1926,7 +1924,7 @@ mod tests {
         let head = parse_head(&mut buf, 1024).unwrap().unwrap();
         let lengths: Vec<_> = head
             .request
-            .headers
+            .headers()
             .get_all(header::CONTENT_LENGTH)
             .iter()
             .collect();
@@ -1950,7 +1948,7 @@ mod tests {
                 .collect();
             let mut buf = BytesMut::from(format!("GET /p HTTP/1.1\r\n{fields}\r\nnext").as_bytes());
             let head = parse_head(&mut buf, 64 * 1024).unwrap().unwrap();
-            let headers = &head.request.headers;
+            let headers = head.request.headers();
             assert_eq!(headers.len(), count);
             for i in 0..count {
                 assert_eq!(
