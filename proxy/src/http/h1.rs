@@ -252,7 +252,9 @@ where
                 Lull::Closed => return Served::Ended,
             }
         }
-        let head = match read_head(&mut wire, conn, head_due, drain_due).await {
+        // Its fields are used where they are: bound to names of their own, each would
+        // be a copy in this connection's state.
+        let mut head = match read_head(&mut wire, conn, head_due, drain_due).await {
             Ok(head) => head,
             Err(NoHead::Closed) => return Served::Ended,
             Err(NoHead::Refused(status)) => {
@@ -266,9 +268,6 @@ where
                 return Served::Ended;
             }
         };
-        // Its fields are used where they are: bound to names of their own, each would
-        // be a copy in this connection's state.
-        let mut head = head;
         let method = head.request.method().clone();
         let version = head.request.version();
         let mut keep_alive = head.keep_alive;
