@@ -131,7 +131,7 @@ impl Failure {
 /// Handles one request; never fails (errors become responses).
 pub(crate) async fn handle(
     ctx: Arc<ConnContext>,
-    mut req: Request<ClientBody>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     ctx.progress.request_arrived();
     let telemetry = &ctx.telemetry;
@@ -185,12 +185,12 @@ pub(crate) async fn handle(
         .flatten()
         .map(|timeout| tokio::time::Instant::now() + timeout);
     let result = match deadline {
-        None => proxy(&ctx, &mut req, present, &mut log).await,
+        None => proxy(&ctx, req, present, &mut log).await,
         // Boxed: a timer beside the request path would make every request's future
         // larger, for the few gRPC calls that carry a timeout.
         Some(at) => Box::pin(tokio::time::timeout_at(
             at,
-            proxy(&ctx, &mut req, present, &mut log),
+            proxy(&ctx, req, present, &mut log),
         ))
         .await
         .unwrap_or_else(|_| {
@@ -320,18 +320,16 @@ fn public_reason(failure: &Failure) -> &'static str {
     }
 }
 
-/// `req` is borrowed, not moved into this step and the next (a few hundred bytes each
-/// time): [`upstream_request`] takes what it forwards out of it.
 async fn proxy(
     ctx: &ConnContext,
-    req: &mut Request<ClientBody>,
+    mut req: Request<ClientBody>,
     present: Present,
     log: &mut AccessLog,
 ) -> Result<Response<ResponseBody>, Failure> {
     if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
         // Boxed: in a fleet the answer may come from etcd, a future far larger than the
         // rest of the request path, which only validation requests need.
-        if let Some(answer) = Box::pin(acme_challenge(ctx, req)).await {
+        if let Some(answer) = Box::pin(acme_challenge(ctx, &req)).await {
             return Ok(answer);
         }
     }
@@ -341,7 +339,7 @@ async fn proxy(
             return Err(Failure::rate_limited(wait));
         }
     }
-    let host_header = check_request(ctx, req, present)?;
+    let host_header = check_request(ctx, &req, present)?;
     let host = hygiene::request_host_of(req.uri(), host_header);
     if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
         log.host.push_str(h.as_str());
@@ -485,43 +483,34 @@ fn check_request<'r>(
     Ok(host)
 }
 
-/// Step 2: the request as the upstream gets it, made of what `req` carries (taken out
-/// of it: what is left is empty). `upgrade`: it asks to switch protocols; `present`: the
-/// known headers it came with.
+/// Step 2: the request as the upstream gets it. `upgrade`: it asks to switch protocols;
+/// `present`: the known headers it came with.
 fn upstream_request(
     ctx: &ConnContext,
-    req: &mut Request<ClientBody>,
+    req: Request<ClientBody>,
     entry: &RouteEntry,
     host: Option<&hygiene::RequestHost>,
     upgrade: bool,
     present: Present,
     trace: Option<&opentelemetry::Context>,
 ) -> Result<Request<RequestBody>, Failure> {
-    let received_version = req.version();
-    let mut upstream = Request::new(RequestBody::streaming(
-        std::mem::replace(req.body_mut(), ClientBody::Empty),
-        ctx.listener.max_body_bytes,
-        entry.pool_slot().load().policy.body_timeout,
-    ));
-    *upstream.method_mut() = std::mem::take(req.method_mut());
-    *upstream.extensions_mut() = std::mem::take(req.extensions_mut());
-    let target = std::mem::take(req.uri_mut());
-    let headers = upstream.headers_mut();
-    *headers = std::mem::take(req.headers_mut());
+    let (mut parts, body) = req.into_parts();
+    let received_version = parts.version;
     // Room for every header added below at once: a map filled to its capacity grows
     // (allocating and rehashing) on the next insert, once or twice per request.
-    headers.reserve(hygiene::ADDED_REQUEST_HEADERS);
+    parts.headers.reserve(hygiene::ADDED_REQUEST_HEADERS);
     // An authority in the target (absolute-form, or HTTP/2's :authority) is the one the
     // client means: it replaces any Host header, as RFC 9112 section 3.2.2 and RFC 9113
     // section 8.3.1 say. Upstreams speak HTTP/1.1 and get it as Host.
-    if let Some(authority) = target
+    if let Some(authority) = parts
+        .uri
         .authority()
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
-        headers.insert(header::HOST, authority);
+        parts.headers.insert(header::HOST, authority);
     }
     // The path is forwarded byte for byte (no normalisation); only a matched prefix may go.
-    let original = target.path_and_query().map_or("/", |pq| pq.as_str());
+    let original = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let stripped = entry.strip(original);
     let target_error = |e: &dyn std::fmt::Display| {
         Failure::new(
@@ -530,12 +519,12 @@ fn upstream_request(
             format!("request target: {e}"),
         )
     };
-    *upstream.uri_mut() = match stripped {
+    parts.uri = match stripped {
         Some(path) => path.parse::<Uri>().map_err(|e| target_error(&e))?,
         // Already origin-form: kept as parsed.
-        None if target.scheme().is_none() && target.authority().is_none() => {
-            if target.path_and_query().is_some() {
-                target
+        None if parts.uri.scheme().is_none() && parts.uri.authority().is_none() => {
+            if parts.uri.path_and_query().is_some() {
+                parts.uri
             } else {
                 Uri::from_static("/")
             }
@@ -544,7 +533,8 @@ fn upstream_request(
         None => {
             let mut origin = http::uri::Parts::default();
             origin.path_and_query = Some(
-                target
+                parts
+                    .uri
                     .path_and_query()
                     .cloned()
                     .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
@@ -552,19 +542,31 @@ fn upstream_request(
             Uri::from_parts(origin).map_err(|e| target_error(&e))?
         }
     };
-    *upstream.version_mut() = Version::HTTP_11;
-    if present.has(Known::Te) && hygiene::accepts_trailers(upstream.headers()) {
-        upstream.extensions_mut().insert(hygiene::TeTrailers);
+    parts.version = Version::HTTP_11;
+    if present.has(Known::Te) && hygiene::accepts_trailers(&parts.headers) {
+        parts.extensions.insert(hygiene::TeTrailers);
     }
-    let headers = upstream.headers_mut();
-    hygiene::strip_hop_by_hop(headers, upgrade, present);
-    hygiene::add_forwarding(headers, &ctx.forwarded, ctx.scheme, host, present);
-    hygiene::add_via(headers, received_version, present);
+    hygiene::strip_hop_by_hop(&mut parts.headers, upgrade, present);
+    hygiene::add_forwarding(
+        &mut parts.headers,
+        &ctx.forwarded,
+        ctx.scheme,
+        host,
+        present,
+    );
+    hygiene::add_via(&mut parts.headers, received_version, present);
     // Same trace, with this request's span as the upstream's parent.
     if let (Some(cx), Some(tracing)) = (trace, ctx.telemetry.tracing()) {
-        tracing.inject(cx, headers);
+        tracing.inject(cx, &mut parts.headers);
     }
-    Ok(upstream)
+    Ok(Request::from_parts(
+        parts,
+        RequestBody::streaming(
+            body,
+            ctx.listener.max_body_bytes,
+            entry.pool_slot().load().policy.body_timeout,
+        ),
+    ))
 }
 
 /// The upstream's response body and what it holds until it ends.
