@@ -40,6 +40,11 @@
 #        CARGO_TARGET_DIR (default /var/tmp/proxy-target)
 #        BENCH_PROFILE_DIR=/dir  keep each scenario's callgrind dump there as NAME.SCENARIO
 #                                (read with callgrind_annotate --inclusive=yes FILE)
+#        BENCH_CACHE_SIM=on  also simulate the caches (callgrind --cache-sim=yes, about twice
+#                            as slow) and report first-level instruction and data cache
+#                            misses per request beside the instructions: a move into
+#                            memory no recent request touched costs misses an
+#                            instruction count does not show
 set -euo pipefail
 
 REQUESTS=${BENCH_REQUESTS:-3000}
@@ -49,6 +54,11 @@ case ${BENCH_ACCESS_LOG:-off} in
     *) echo "BENCH_ACCESS_LOG is on or off, not ${BENCH_ACCESS_LOG}" >&2; exit 2 ;;
 esac
 HANDSHAKE_SECONDS=${BENCH_HANDSHAKE_SECONDS:-20}
+case ${BENCH_CACHE_SIM:-off} in
+    on) CALLGRIND=(valgrind --tool=callgrind --cache-sim=yes) ;;
+    off) CALLGRIND=(valgrind --tool=callgrind) ;;
+    *) echo "BENCH_CACHE_SIM is on or off, not ${BENCH_CACHE_SIM}" >&2; exit 2 ;;
+esac
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 # shellcheck source=bench/common.sh
@@ -138,7 +148,7 @@ pool = "static"
 cert = "$WORK/cert.pem"
 key = "$WORK/key.pem"
 EOF
-    start proxyd valgrind --tool=callgrind --callgrind-out-file="$WORK/proxyd/callgrind.%p" \
+    start proxyd "${CALLGRIND[@]}" --callgrind-out-file="$WORK/proxyd/callgrind.%p" \
         "$PROXYD" --config "$WORK/proxyd/proxyd.toml"
 }
 start_nginx() {
@@ -169,7 +179,7 @@ http {
     }
 }
 EOF
-    start nginx valgrind --tool=callgrind --callgrind-out-file="$WORK/nginx/callgrind.%p" \
+    start nginx "${CALLGRIND[@]}" --callgrind-out-file="$WORK/nginx/callgrind.%p" \
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
 }
 
@@ -197,7 +207,7 @@ frontend f
 backend b
     server up 127.0.0.1:$UP
 EOF
-    start haproxy valgrind --tool=callgrind --callgrind-out-file="$WORK/haproxy/callgrind.%p" \
+    start haproxy "${CALLGRIND[@]}" --callgrind-out-file="$WORK/haproxy/callgrind.%p" \
         haproxy -db -f "$WORK/haproxy/haproxy.cfg"
 }
 
@@ -279,7 +289,7 @@ completed() {
     awk '/^requests:/ {print $8; exit} / connections in [0-9.]+s;/ {print $1; exit}'
 }
 
-declare -A IR ALLOC
+declare -A IR ALLOC MISSES
 SCENARIOS=(h1 h1new h1tls h2c h2 tlsfull tcpnew)
 [ $# -eq 0 ] || SCENARIOS=("$@")
 for s in "${SCENARIOS[@]}"; do
@@ -316,6 +326,8 @@ for name in proxyd nginx haproxy; do
             sleep 0.2
         done
         ir=$(awk '/^summary:/ {print $2; exit}' "$dump" 2>/dev/null || true)
+        # With the cache simulation the summary reads Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+        misses=$(awk '/^summary:/ && NF >= 10 {print $5, $6 + $7; exit}' "$dump" 2>/dev/null || true)
         if [ -n "${BENCH_PROFILE_DIR:-}" ] && [ -n "$dump" ]; then
             mkdir -p "$BENCH_PROFILE_DIR"
             cp "$dump" "$BENCH_PROFILE_DIR/$name.$s"
@@ -325,6 +337,10 @@ for name in proxyd nginx haproxy; do
             IR[$name,$s]=$((ir / ok))
             ALLOC[$name,$s]=$(awk -v a="$allocs" -v n="$ok" 'BEGIN { printf "%.1f", a / n }')
             say "  ${IR[$name,$s]} instructions, ${ALLOC[$name,$s]} allocations per request"
+            if [ -n "$misses" ]; then
+                MISSES[$name,$s]=$(awk -v m="$misses" -v n="$ok" 'BEGIN { split(m, x, " "); printf "%.0f/%.0f", x[1] / n, x[2] / n }')
+                say "  ${MISSES[$name,$s]} first-level instruction/data cache misses per request"
+            fi
         else
             IR[$name,$s]="?"
             ALLOC[$name,$s]="?"
@@ -334,10 +350,14 @@ for name in proxyd nginx haproxy; do
     stop "$pid"
 done
 
-printf '%-7s %8s %14s %14s %12s %18s %16s\n' scenario peer "proxyd Ir/req" "peer Ir/req" "proxyd/peer" "proxyd allocs/req" "peer allocs/req"
+printf '%-7s %8s %14s %14s %12s %18s %16s' scenario peer "proxyd Ir/req" "peer Ir/req" "proxyd/peer" "proxyd allocs/req" "peer allocs/req"
+[ "${BENCH_CACHE_SIM:-off}" = on ] && printf ' %20s %20s' "proxyd I1/D1 misses" "peer I1/D1 misses"
+printf '\n'
 # (h1new and tcpnew: per connection and its request; tlsfull: per handshake)
 for s in "${SCENARIOS[@]}"; do
     p=$(peer "$s")
     ratio=$(awk -v a="${IR[proxyd,$s]}" -v b="${IR[$p,$s]}" 'BEGIN { if (b + 0 > 0 && a + 0 > 0) printf "%.2f", a / b; else print "n/a" }')
-    printf '%-7s %8s %14s %14s %12s %18s %16s\n' "$s" "$p" "${IR[proxyd,$s]}" "${IR[$p,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[$p,$s]}"
+    printf '%-7s %8s %14s %14s %12s %18s %16s' "$s" "$p" "${IR[proxyd,$s]}" "${IR[$p,$s]}" "$ratio" "${ALLOC[proxyd,$s]}" "${ALLOC[$p,$s]}"
+    [ "${BENCH_CACHE_SIM:-off}" = on ] && printf ' %20s %20s' "${MISSES[proxyd,$s]:-?}" "${MISSES[$p,$s]:-?}"
+    printf '\n'
 done
