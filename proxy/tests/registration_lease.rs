@@ -398,15 +398,7 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
     let svc = upstream("svc").await;
     // Hold the state writer busy, so the registration waits for it with its port open,
     // its route booked and its instance counted.
-    let (release, blocked) = std::sync::mpsc::channel::<()>();
-    let state = p.daemon.state().clone();
-    let writer_busy = tokio::spawn(async move {
-        state
-            .update_membership(move |_| {
-                let _ = blocked.recv_timeout(Duration::from_secs(30));
-            })
-            .await;
-    });
+    let (release, writer_busy) = hold_the_writer(&p).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(pb::RegisterRequest {
         kind: Some(pb::register_request::Kind::Announce(http_announce(
@@ -437,6 +429,27 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
 
     // Its lease ended, the route was held for `hold` and then went away with its port.
     assert_left_nothing(&p, port, "/gone").await;
+}
+
+/// Holds the state writer busy until the returned sender sends (or 30 s pass). Returns once
+/// the writer is inside the held change, not merely once it is queued: a call made before
+/// that could reach the writer first and finish.
+async fn hold_the_writer(
+    p: &TestProxy,
+) -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let (inside, entered) = tokio::sync::oneshot::channel::<()>();
+    let state = p.daemon.state().clone();
+    let busy = tokio::spawn(async move {
+        state
+            .update_membership(move |_| {
+                let _ = inside.send(());
+                let _ = blocked.recv_timeout(Duration::from_secs(30));
+            })
+            .await;
+    });
+    entered.await.expect("the writer runs the held change");
+    (release, busy)
 }
 
 /// The registration for `port` and `prefix` ended: no registration or route listed (after
@@ -472,15 +485,7 @@ async fn an_aborted_register_call_leaves_nothing_behind() {
     let port = free_port();
     let p = proxy_with(port, "1s", "").await;
     let svc = upstream("svc").await;
-    let (release, blocked) = std::sync::mpsc::channel::<()>();
-    let state = p.daemon.state().clone();
-    let writer_busy = tokio::spawn(async move {
-        state
-            .update_membership(move |_| {
-                let _ = blocked.recv_timeout(Duration::from_secs(30));
-            })
-            .await;
-    });
+    let (release, writer_busy) = hold_the_writer(&p).await;
     let registry = p.daemon.registry().clone();
     let claim = proxy::registration::Claim {
         name: "svc".into(),
