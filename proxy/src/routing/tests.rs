@@ -22,21 +22,33 @@ fn pool(name: &str, upstreams: &[&str]) -> Pool {
     }
 }
 
+/// A route of listener `web` to pool `p`, declared through the API.
+fn route(name: &str, host: Option<&str>, path: PathMatch, priority: i32, strip: bool) -> Route {
+    Route {
+        name: name.into(),
+        source: Source::Api,
+        listener: "web".into(),
+        host: host.map(String::from),
+        path,
+        pool: "p".into(),
+        strip_prefix: strip,
+        priority,
+    }
+}
+
+/// The table of `routes` (none strips its prefix), all to one pool.
 fn table(routes: &[(&str, Option<&str>, PathMatch, i32)]) -> RoutingTable {
+    table_of(
+        routes
+            .iter()
+            .map(|(name, host, path, priority)| route(name, *host, path.clone(), *priority, false)),
+    )
+}
+
+fn table_of(routes: impl IntoIterator<Item = Route>) -> RoutingTable {
     let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
     let mut changes = vec![Change::CreatePool(pool("p", &["127.0.0.1:1"]))];
-    for (name, host, path, priority) in routes {
-        changes.push(Change::CreateRoute(Route {
-            name: (*name).into(),
-            source: Source::Api,
-            listener: "web".into(),
-            host: host.map(String::from),
-            path: path.clone(),
-            pool: "p".into(),
-            strip_prefix: false,
-            priority: *priority,
-        }));
-    }
+    changes.extend(routes.into_iter().map(Change::CreateRoute));
     state.apply_batch(&changes, Source::Api).expect("valid");
     RoutingTable::build(&state, None)
 }
@@ -145,16 +157,7 @@ fn a_pool_change_swaps_the_slot_without_touching_routes() {
         &mut t,
         &[
             Change::CreatePool(pool("p", &["127.0.0.1:1"])),
-            Change::CreateRoute(Route {
-                name: "r".into(),
-                source: Source::Api,
-                listener: "web".into(),
-                host: None,
-                path: prefix("/"),
-                pool: "p".into(),
-                strip_prefix: false,
-                priority: 0,
-            }),
+            Change::CreateRoute(route("r", None, prefix("/"), 0, false)),
         ],
     ));
     let before = t.lookup("web", "h", "/").expect("route").clone();
@@ -463,20 +466,11 @@ fn a_replaced_snapshot_is_never_freed_by_its_reader() {
     // A reader (a request, a management call) holds the current snapshot across a publish.
     let reader = published.snapshot();
     let mut next = state.clone();
-    let route = Change::CreateRoute(Route {
-        name: "r".into(),
-        source: Source::Api,
-        listener: "web".into(),
-        host: None,
-        path: prefix("/"),
-        pool: "p".into(),
-        strip_prefix: false,
-        priority: 0,
-    });
-    next.apply_batch(std::slice::from_ref(&route), Source::Api)
+    let change = Change::CreateRoute(route("r", None, prefix("/"), 0, false));
+    next.apply_batch(std::slice::from_ref(&change), Source::Api)
         .expect("valid");
     let mut touched = Touched::default();
-    touched.add(&route);
+    touched.add(&change);
     compiler.publish(2, &next, Some(&touched));
     assert_eq!(published.snapshot().revision, 2);
     // The writer keeps a reference of its own, so the reader's is not the last one...
@@ -489,27 +483,15 @@ fn a_replaced_snapshot_is_never_freed_by_its_reader() {
 
 #[test]
 fn strip_prefix_takes_the_matched_prefix_off() {
-    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
-    let mut changes = vec![Change::CreatePool(pool("p", &["127.0.0.1:1"]))];
-    for (name, path, strip_prefix) in [
-        ("api", "/api/", true),
-        ("v2", "/v2", true),
-        ("slashes", "//", true),
-        ("kept", "/kept", false),
-    ] {
-        changes.push(Change::CreateRoute(Route {
-            name: name.into(),
-            source: Source::Api,
-            listener: "web".into(),
-            host: None,
-            path: prefix(path),
-            pool: "p".into(),
-            strip_prefix,
-            priority: 0,
-        }));
-    }
-    state.apply_batch(&changes, Source::Api).expect("valid");
-    let t = RoutingTable::build(&state, None);
+    let t = table_of(
+        [
+            ("api", "/api/", true),
+            ("v2", "/v2", true),
+            ("slashes", "//", true),
+            ("kept", "/kept", false),
+        ]
+        .map(|(name, path, strip)| route(name, None, prefix(path), 0, strip)),
+    );
     let strip = |path: &str| t.lookup("web", "h", path).expect("routed").strip(path);
     assert_eq!(strip("/api/v1?x=1").as_deref(), Some("/v1?x=1"));
     assert_eq!(strip("/api/").as_deref(), Some("/"));

@@ -1312,6 +1312,11 @@ mod tests {
         req
     }
 
+    /// Sends `get(method)` on `c`, the request handed over for good.
+    async fn send_get(c: Box<H1Conn>, method: Method) -> Result<Response<H1Body>, SendError> {
+        c.send(&mut Some(get(method))).await
+    }
+
     /// Reads the body to its end: data, trailers, or the error.
     async fn read_all(body: &mut H1Body) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError> {
         let mut data = Vec::new();
@@ -1364,11 +1369,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
         ])
         .await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let mut body = response.into_body();
         let (data, trailers) = read_all(&mut body).await.unwrap();
@@ -1383,11 +1384,7 @@ mod tests {
     #[tokio::test]
     async fn close_delimited_body_ends_at_close_and_is_not_reused() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         let (data, _) = read_all(&mut body).await.unwrap();
         assert_eq!(data, b"until the end");
@@ -1405,7 +1402,7 @@ mod tests {
         .await;
         let mut c = conn(addr).await;
         for (method, status) in [(Method::GET, 204), (Method::GET, 304), (Method::HEAD, 200)] {
-            let response = c.send(&mut Some(get(method))).await.unwrap();
+            let response = send_get(c, method).await.unwrap();
             assert_eq!(response.status().as_u16(), status);
             let mut body = response.into_body();
             assert!(body.is_end_stream());
@@ -1414,7 +1411,7 @@ mod tests {
             assert!(c.idle_usable());
         }
         // An informational head is skipped.
-        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
+        let response = send_get(c, Method::GET).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -1430,13 +1427,13 @@ mod tests {
         .await;
         let mut c = conn(addr).await;
         // Only the connection's state: read, not kept.
-        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
+        let response = send_get(c, Method::GET).await.unwrap();
         assert_eq!(response.headers().get(header::CONNECTION), None);
         let mut body = response.into_body();
         read_all(&mut body).await.unwrap();
         c = body.take_idle().expect("kept alive");
         // A field named as well: kept, for the request path to strip both.
-        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
+        let response = send_get(c, Method::GET).await.unwrap();
         assert_eq!(
             response.headers()[header::CONNECTION],
             "keep-alive, X-Internal"
@@ -1446,7 +1443,7 @@ mod tests {
         read_all(&mut body).await.unwrap();
         c = body.take_idle().expect("kept alive");
         // `close`: not kept, and the connection ends with the exchange.
-        let response = c.send(&mut Some(get(Method::GET))).await.unwrap();
+        let response = send_get(c, Method::GET).await.unwrap();
         assert_eq!(response.headers().get(header::CONNECTION), None);
         let mut body = response.into_body();
         read_all(&mut body).await.unwrap();
@@ -1464,11 +1461,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
         ] {
             let (addr, _) = upstream(vec![reply]).await;
-            let response = conn(addr)
-                .await
-                .send(&mut Some(get(Method::GET)))
-                .await
-                .unwrap();
+            let response = send_get(conn(addr).await, Method::GET).await.unwrap();
             let mut body = response.into_body();
             let err = read_all(&mut body).await.expect_err("malformed chunking");
             assert!(err.to_string().contains("chunk"), "{err}");
@@ -1498,11 +1491,7 @@ mod tests {
         );
         for reply in [long, many] {
             let (addr, _) = upstream(vec![reply]).await;
-            let err = conn(addr)
-                .await
-                .send(&mut Some(get(Method::GET)))
-                .await
-                .unwrap_err();
+            let err = send_get(conn(addr).await, Method::GET).await.unwrap_err();
             assert!(matches!(err.error, H1Error::HeadTooLarge), "{}", err.error);
         }
         for reply in [
@@ -1513,11 +1502,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
         ] {
             let (addr, _) = upstream(vec![reply]).await;
-            let err = conn(addr)
-                .await
-                .send(&mut Some(get(Method::GET)))
-                .await
-                .unwrap_err();
+            let err = send_get(conn(addr).await, Method::GET).await.unwrap_err();
             assert!(
                 matches!(err.error, H1Error::Head(_) | H1Error::Framing(_)),
                 "{}",
@@ -1526,22 +1511,14 @@ mod tests {
         }
         // The same length twice is one length.
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"]).await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"ok");
     }
 
     #[tokio::test]
     async fn a_body_cut_short_is_an_error_and_not_reused() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfour"]).await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         let err = read_all(&mut body).await.expect_err("cut short");
         assert!(err.to_string().contains("closed"), "{err}");
@@ -1551,11 +1528,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfour\r\n",
         ])
         .await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         assert!(read_all(&mut body).await.is_err());
         assert!(body.take_idle().is_none());
@@ -1568,17 +1541,13 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
         ])
         .await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
         let mut again = body.take_idle().expect("complete: reusable");
         assert!(again.idle_usable());
         again.set_reused();
-        let response = again.send(&mut Some(get(Method::GET))).await.unwrap();
+        let response = send_get(again, Method::GET).await.unwrap();
         let mut body = response.into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -1589,11 +1558,7 @@ mod tests {
             b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
         ] {
             let (addr, _) = upstream(vec![reply, reply]).await;
-            let response = conn(addr)
-                .await
-                .send(&mut Some(get(Method::GET)))
-                .await
-                .unwrap();
+            let response = send_get(conn(addr).await, Method::GET).await.unwrap();
             let mut body = response.into_body();
             assert_eq!(read_all(&mut body).await.unwrap().0, b"ok");
             assert!(body.take_idle().is_none());
@@ -1603,11 +1568,7 @@ mod tests {
     #[tokio::test]
     async fn a_partly_read_body_is_not_reused() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfive"]).await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         assert_eq!(
             body.frame().await.unwrap().unwrap().into_data().unwrap(),
@@ -1620,11 +1581,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_idle_connection_is_not_usable_and_fails_before_any_byte() {
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         read_all(&mut body).await.unwrap();
         let mut idle = body.take_idle().expect("complete");
@@ -1636,7 +1593,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(!idle.idle_usable());
-        let err = idle.send(&mut Some(get(Method::GET))).await.unwrap_err();
+        let err = send_get(idle, Method::GET).await.unwrap_err();
         assert!(err.nothing_read, "{}", err.error);
     }
 
@@ -1825,11 +1782,7 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ])
         .await;
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)))
-            .await
-            .unwrap();
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
         let mut body = response.into_body();
         let (data, _) = read_all(&mut body).await.unwrap();
         assert_eq!(data, b"5\r\nhello\r\n0\r\n\r\n");
