@@ -8,7 +8,8 @@
 //! ([`crate::telemetry::access`]), which renders it in the configured format and writes it
 //! off the request path.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::ListenerConfig;
@@ -68,8 +69,10 @@ pub struct AccessLog {
     pub error: Option<(ErrorSource, String)>,
     /// When the request arrived.
     pub start: Instant,
-    /// Time to the upstream response head, in microseconds.
-    pub upstream_us: OnceLock<u64>,
+    /// Time to the upstream response head, in microseconds (0 until one came). An atomic
+    /// rather than a `OnceLock`: it is written once per request, and a `OnceLock` set
+    /// goes through its slow path (a `Once` call) every time, for a fresh lock each request.
+    pub upstream_us: AtomicU64,
 }
 
 impl AccessLog {
@@ -137,7 +140,7 @@ impl AccessLog {
             }
             line.u64("bytes_out", bytes);
             line.u64("duration_us", total_us);
-            line.u64("upstream_us", self.upstream_us.get().copied().unwrap_or(0));
+            line.u64("upstream_us", self.upstream_us.load(Ordering::Relaxed));
             line.bool("complete", complete);
             line.str("error_source", error_source);
             line.str("error", error);

@@ -3,7 +3,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -168,7 +169,7 @@ pub(crate) async fn handle(
         status: 0,
         error: None,
         start: Instant::now(),
-        upstream_us: OnceLock::new(),
+        upstream_us: AtomicU64::new(0),
     });
     // Which of the headers the request path looks at are there, from one pass over the
     // names: the others are not looked up.
@@ -874,10 +875,10 @@ fn answered(
     sent_at: Instant,
     status: StatusCode,
 ) {
-    let _ = a
-        .log
-        .upstream_us
-        .set(u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX));
+    a.log.upstream_us.store(
+        u64::try_from(sent_at.elapsed().as_micros()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     if a.pool.policy.outlier.on_5xx && status.is_server_error() {
         upstream.record_failure(a.pool);
     } else {

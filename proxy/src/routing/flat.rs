@@ -202,6 +202,13 @@ impl KeyHasher {
     }
 }
 
+impl std::fmt::Debug for KeyHasher {
+    // The seed stays out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHasher")
+    }
+}
+
 impl Default for KeyHasher {
     fn default() -> Self {
         KeyHasher::new()
