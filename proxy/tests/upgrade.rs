@@ -8,8 +8,8 @@ mod mgmt_support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use mgmt_support::{create_pool, create_route, pool_msg, route_msg, unix_channel, Api};
@@ -211,11 +211,40 @@ fn set_executable(d: &Daemon, executable: &str) {
     std::fs::write(&path, text.join("\n") + "\n").unwrap();
 }
 
-#[derive(Default)]
+/// Requests made under load, and what became of the ones that failed: when (since the
+/// tally began), on which kind of connection, and how, so that a failure can be told
+/// from the upgrades' times.
 struct Tally {
     ok: AtomicU64,
     failed: AtomicU64,
+    began: Instant,
+    failures: Mutex<Vec<String>>,
 }
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            ok: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            began: Instant::now(),
+            failures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Milliseconds since the tally began.
+    fn at(&self) -> u128 {
+        self.began.elapsed().as_millis()
+    }
+
+    fn fail(&self, what: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let line = format!("{} ms: {what}", self.at());
+        self.failures.lock().unwrap().push(line);
+    }
+}
+
+/// How an exchange ended, for the tally.
+type Outcome = Result<(u16, bool), ExchangeFailure>;
 
 /// Keep-alive client: reuses its connection; like any HTTP client, it retries a request
 /// once on a fresh connection only when a reused connection closed before any byte of the
@@ -231,22 +260,34 @@ async fn keep_alive_client(port: u16, stop: Arc<AtomicBool>, tally: Arc<Tally>) 
             Some(s) => s,
             None => match TcpStream::connect(("127.0.0.1", port)).await {
                 Ok(s) => s,
-                Err(_) => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                Err(e) => {
+                    tally.fail(format!("keep-alive client, connect: {e}"));
                     continue;
                 }
             },
         };
-        let mut outcome = exchange(&mut stream, req).await;
-        if reused && outcome == Err(false) {
-            match TcpStream::connect(("127.0.0.1", port)).await {
-                Ok(fresh) => {
-                    stream = fresh;
-                    outcome = exchange(&mut stream, req).await;
-                }
-                Err(_) => outcome = Err(false),
+        let mut outcome: Outcome = exchange_traced(&mut stream, req).await;
+        let mut retried = None;
+        if let (true, Err(first)) = (reused, &outcome) {
+            if !first.any_bytes {
+                retried = Some(first.how.clone());
+                outcome = match TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(fresh) => {
+                        stream = fresh;
+                        exchange_traced(&mut stream, req).await
+                    }
+                    Err(e) => Err(ExchangeFailure {
+                        any_bytes: false,
+                        how: format!("connect: {e}"),
+                    }),
+                };
             }
         }
+        let connection = match (&retried, reused) {
+            (Some(first), _) => format!("fresh connection after a kept one failed ({first})"),
+            (None, true) => "kept connection".to_string(),
+            (None, false) => "new connection".to_string(),
+        };
         match outcome {
             Ok((200, close)) => {
                 tally.ok.fetch_add(1, Ordering::Relaxed);
@@ -254,9 +295,10 @@ async fn keep_alive_client(port: u16, stop: Arc<AtomicBool>, tally: Arc<Tally>) 
                     conn = Some(stream);
                 }
             }
-            _ => {
-                tally.failed.fetch_add(1, Ordering::Relaxed);
+            Ok((status, _)) => {
+                tally.fail(format!("keep-alive client, {connection}: status {status}"))
             }
+            Err(e) => tally.fail(format!("keep-alive client, {connection}: {}", e.how)),
         }
     }
 }
@@ -266,20 +308,26 @@ async fn new_connection_client(port: u16, stop: Arc<AtomicBool>, tally: Arc<Tall
     let mut sent = 0u32;
     while !stop.load(Ordering::Relaxed) && sent < 200_000 {
         sent += 1;
-        let outcome = match TcpStream::connect(("127.0.0.1", port)).await {
+        let outcome: Outcome = match TcpStream::connect(("127.0.0.1", port)).await {
             Ok(mut s) => {
-                exchange(
+                exchange_traced(
                     &mut s,
                     b"GET /new HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
                 )
                 .await
             }
-            Err(_) => Err(false),
+            Err(e) => Err(ExchangeFailure {
+                any_bytes: false,
+                how: format!("connect: {e}"),
+            }),
         };
         match outcome {
-            Ok((200, _)) => tally.ok.fetch_add(1, Ordering::Relaxed),
-            _ => tally.failed.fetch_add(1, Ordering::Relaxed),
-        };
+            Ok((200, _)) => {
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((status, _)) => tally.fail(format!("new-connection client: status {status}")),
+            Err(e) => tally.fail(format!("new-connection client: {}", e.how)),
+        }
     }
 }
 
@@ -288,7 +336,7 @@ async fn ten_upgrades_under_load_lose_nothing() {
     let up = upstream("up").await;
     let d = start(&up).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally::new());
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(tokio::spawn(keep_alive_client(
@@ -323,9 +371,13 @@ async fn ten_upgrades_under_load_lose_nothing() {
     assert_eq!(&got, b"before");
 
     let mut pids = vec![d.pid().await];
+    // When each upgrade was asked for and when it was done, beside any failure's time.
+    let mut upgrades = Vec::new();
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(150)).await;
+        let asked = tally.at();
         let new_pid = upgrade(&d, "").await.expect("upgrade");
+        upgrades.push(format!("{asked}-{} ms (pid {new_pid})", tally.at()));
         assert!(
             !pids.contains(&new_pid),
             "every upgrade gives a new pid: {new_pid} in {pids:?}"
@@ -355,7 +407,14 @@ async fn ten_upgrades_under_load_lose_nothing() {
 
     let ok = tally.ok.load(Ordering::Relaxed);
     let failed = tally.failed.load(Ordering::Relaxed);
-    assert_eq!(failed, 0, "{failed} failed requests out of {}", ok + failed);
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed requests out of {}:\n{}\nupgrades: {}",
+        ok + failed,
+        tally.failures.lock().unwrap().join("\n"),
+        upgrades.join(", ")
+    );
     assert!(ok > 100, "the load ran ({ok} requests)");
 }
 

@@ -491,16 +491,52 @@ pub const WEB: &str =
 /// One HTTP exchange on `stream`: the status and whether the server closes; `Err` says
 /// whether any response byte had arrived.
 pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(u16, bool), bool> {
-    stream.write_all(request).await.map_err(|_| false)?;
+    exchange_traced(stream, request)
+        .await
+        .map_err(|failed| failed.any_bytes)
+}
+
+/// How an [`exchange_traced`] failed.
+#[derive(Debug)]
+pub struct ExchangeFailure {
+    /// Whether any response byte had arrived.
+    pub any_bytes: bool,
+    /// What ended it: the write or read error, the end of the stream, or the wait.
+    pub how: String,
+}
+
+/// [`exchange`], saying how a failed one ended.
+pub async fn exchange_traced(
+    stream: &mut TcpStream,
+    request: &[u8],
+) -> Result<(u16, bool), ExchangeFailure> {
+    let failed = |any_bytes: bool, how: String| ExchangeFailure { any_bytes, how };
+    if let Err(e) = stream.write_all(request).await {
+        return Err(failed(false, format!("writing the request: {e}")));
+    }
     let mut buf = Vec::new();
     let mut tmp = [0u8; 16 * 1024];
     loop {
         let n = match tokio::time::timeout(Duration::from_secs(40), stream.read(&mut tmp)).await {
             Ok(Ok(n)) => n,
-            _ => return Err(!buf.is_empty()),
+            Ok(Err(e)) => {
+                return Err(failed(
+                    !buf.is_empty(),
+                    format!("reading after {} bytes: {e}", buf.len()),
+                ))
+            }
+            Err(_) => {
+                return Err(failed(
+                    !buf.is_empty(),
+                    format!("no more bytes for 40 s after {}", buf.len()),
+                ))
+            }
         };
         if n == 0 {
-            return Err(!buf.is_empty());
+            return Err(failed(
+                !buf.is_empty(),
+                format!("end of stream after {} bytes", buf.len()),
+            ));
         }
         buf.extend_from_slice(&tmp[..n]);
         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
