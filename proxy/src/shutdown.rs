@@ -20,6 +20,9 @@ pub struct Shutdown {
     services: TaskTracker,
     handed_over: Arc<AtomicBool>,
     drain_timeout_ms: Arc<AtomicU64>,
+    /// Set with the token's cancellation: read by accept loops before every accept,
+    /// without the token's lock (which every worker shares).
+    stopping: Arc<AtomicBool>,
 }
 
 impl Shutdown {
@@ -30,6 +33,11 @@ impl Shutdown {
 
     /// Tells every accept loop to stop and every connection to finish gracefully.
     pub fn trigger(&self) {
+        self.stop();
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         self.token.cancel();
     }
 
@@ -37,7 +45,7 @@ impl Shutdown {
     /// [`trigger`](Self::trigger), but shared resources (socket files) are left in place.
     pub fn hand_over(&self) {
         self.handed_over.store(true, Ordering::SeqCst);
-        self.token.cancel();
+        self.stop();
     }
 
     /// Stops accepting on an operator's request (`proxyctl drain`), optionally with its own
@@ -49,7 +57,7 @@ impl Shutdown {
                 Ordering::SeqCst,
             );
         }
-        self.token.cancel();
+        self.stop();
     }
 
     /// The drain timeout a drain request asked for, if any.
@@ -68,7 +76,7 @@ impl Shutdown {
     /// The process is about to finish: services that stay up while draining (the
     /// management API, which answers UNAVAILABLE to writes meanwhile) stop now.
     pub fn begin_exit(&self) {
-        self.token.cancel();
+        self.stop();
         self.exit.cancel();
     }
 
@@ -77,9 +85,9 @@ impl Shutdown {
         self.exit.cancelled().await
     }
 
-    /// Whether [`trigger`](Self::trigger) was called.
+    /// Whether [`trigger`](Self::trigger) (or any other stop) was called: an atomic load.
     pub fn is_triggered(&self) -> bool {
-        self.token.is_cancelled()
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Resolves once triggered.
@@ -97,7 +105,8 @@ impl Shutdown {
 
     /// Counts as a connection task [`drain`](Self::drain) waits for until dropped: for a
     /// connection that lives on without a task for a while (a dormant one, asleep in its
-    /// worker's dormitory).
+    /// worker's dormitory), and for an accept loop, so that the drain cannot end between
+    /// its accepting a connection and starting that connection's task.
     pub fn track(&self) -> TaskTrackerToken {
         self.tracker.token()
     }

@@ -661,3 +661,40 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     // After stop, nothing accepts on the listener.
     assert!(TcpStream::connect(web).await.is_err());
 }
+
+/// Each worker's accept loop counts for the drain until it stops, as a connection does: a
+/// drain cannot end between a loop's accepting a connection and that connection's task
+/// starting (the process would end with the connection in hand, unanswered).
+#[tokio::test]
+async fn accept_loops_count_for_the_drain_until_they_stop() {
+    let up = upstream("up").await;
+    let proxy = start_proxy(&on_workers(2, &up, "")).await;
+    let web = proxy.addr("web");
+    let mut client = TcpStream::connect(web).await.unwrap();
+    assert_eq!(
+        exchange(
+            &mut client,
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+        .await,
+        Ok((200, true))
+    );
+    drop(client);
+    let signal = proxy.daemon.shutdown_signal().clone();
+    // The one connection is over; what remains are the two workers' accept loops.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while signal.in_flight() != 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        signal.in_flight(),
+        2,
+        "one accept loop per worker is counted"
+    );
+    // Stopped, the loops let go and the drain ends.
+    tokio::time::timeout(Duration::from_secs(20), proxy.daemon.stop())
+        .await
+        .expect("the drain ended");
+    assert!(signal.is_triggered());
+    assert_eq!(signal.in_flight(), 0);
+}

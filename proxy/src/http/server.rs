@@ -267,11 +267,20 @@ async fn serve_limited(
     } else {
         None
     };
+    // The drain waits for this loop as for a connection: what it accepts is spawned (and
+    // counted) before the loop lets go of this, so the process cannot end in between.
+    let _accepting = shutdown.track();
     // One wait for shutdown for the whole loop: a new one per connection would register
     // (and remove) a waiter under the shutdown token's lock, which every worker shares.
     let stopped = shutdown.triggered();
     tokio::pin!(stopped);
     loop {
+        // Before every accept, not only when the loop waits: under steady load a
+        // connection is always waiting, and a draining process leaves them to its
+        // successor, which accepts from the same queue.
+        if shutdown.is_triggered() {
+            break;
+        }
         let accepted = tokio::select! {
             // A connection waiting is taken without polling the shutdown wait (which
             // takes its lock); once the loop waits, both are polled.
@@ -285,14 +294,7 @@ async fn serve_limited(
                     continue;
                 }
             },
-            _ = &mut stopped => {
-                // This worker's dormant connections of this listener get the drain's
-                // grace in their tasks again.
-                if let Some(dormitory) = dormitory {
-                    dormitory.wake_all(group(&shared));
-                }
-                return;
-            }
+            _ = &mut stopped => break,
         };
         // Over the limit a connection is closed at once, and counted: left waiting in the
         // kernel backlog, a flood would hold back every later client without a trace.
@@ -370,6 +372,11 @@ async fn serve_limited(
                 })
             }
         }
+    }
+    // This worker's dormant connections of this listener get the drain's grace in their
+    // tasks again.
+    if let Some(dormitory) = dormitory {
+        dormitory.wake_all(group(&shared));
     }
 }
 

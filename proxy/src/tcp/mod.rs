@@ -143,7 +143,14 @@ async fn serve_limited(
     // (and remove) a waiter under the shutdown token's lock, which every worker shares.
     let stopped = shutdown.triggered();
     tokio::pin!(stopped);
+    // Counted by the drain until the loop ends (see the HTTP accept loop).
+    let _accepting = shutdown.track();
     loop {
+        // Before every accept: a draining process leaves waiting connections to its
+        // successor (see the HTTP accept loop).
+        if shutdown.is_triggered() {
+            return;
+        }
         // Biased: what is ready is taken without polling the shutdown wait (which takes
         // its lock); once the loop waits, both are polled.
         let permit = tokio::select! {
