@@ -1208,33 +1208,6 @@ fn encode_head(
         out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    // Keep-alive as the response has it: a `Connection: close` ends the connection; an
-    // HTTP/1.0 client keeps it only if it asked and the response is not HTTP/1.0 itself.
-    let connection = headers.get_all(header::CONNECTION);
-    let mut says_close = false;
-    let mut says_keep_alive = false;
-    for value in connection.iter() {
-        for token in value.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            says_close |= token.eq_ignore_ascii_case(b"close");
-            says_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-        }
-    }
-    if says_close {
-        *keep_alive = false;
-    }
-    let mut add_connection: Option<&[u8]> = None;
-    if http10 {
-        if !says_keep_alive {
-            if response.version() == Version::HTTP_10 {
-                *keep_alive = false;
-            } else if response.version() == Version::HTTP_11 && *keep_alive {
-                add_connection = Some(b"keep-alive");
-            }
-        }
-    } else if !*keep_alive && !says_close {
-        add_connection = Some(b"close");
-    }
     let informational = status.is_informational();
     let connect_ok = method == Method::CONNECT && status.is_success();
     let no_content = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -1252,8 +1225,19 @@ fn encode_head(
     }
     let mut wrote_date = false;
     let mut announced: Option<Vec<HeaderName>> = None;
+    // What the response's `Connection` fields say, read in the one pass over its fields
+    // (rather than looked up): the request path strips them from most responses.
+    let mut says_close = false;
+    let mut says_keep_alive = false;
     for (name, value) in headers {
         match *name {
+            header::CONNECTION => {
+                for token in value.as_bytes().split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    says_close |= token.eq_ignore_ascii_case(b"close");
+                    says_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                }
+            }
             header::CONTENT_LENGTH => {
                 if sending.is_some() {
                     continue;
@@ -1321,6 +1305,23 @@ fn encode_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    // Keep-alive as the response has it: a `Connection: close` ends the connection; an
+    // HTTP/1.0 client keeps it only if it asked and the response is not HTTP/1.0 itself.
+    if says_close {
+        *keep_alive = false;
+    }
+    let mut add_connection: Option<&[u8]> = None;
+    if http10 {
+        if !says_keep_alive {
+            if response.version() == Version::HTTP_10 {
+                *keep_alive = false;
+            } else if response.version() == Version::HTTP_11 && *keep_alive {
+                add_connection = Some(b"keep-alive");
+            }
+        }
+    } else if !*keep_alive && !says_close {
+        add_connection = Some(b"close");
     }
     if let Some(token) = add_connection {
         out.extend_from_slice(b"connection: ");
