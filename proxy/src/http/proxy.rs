@@ -726,7 +726,13 @@ async fn forward_http1(
             // exchange rather than moving the whole future (connection, buffers) into
             // each. The request stays in `a.pending` (see `H1Conn::send`).
             let exchange = std::pin::pin!(conn.send(a.pending));
-            send(exchange, a.body_sent.as_deref(), pool.response_timeout).await
+            send(
+                exchange,
+                a.body_sent.as_deref(),
+                pool.response_timeout,
+                sent_at,
+            )
+            .await
         };
         match sent {
             Sent::Response(response) => {
@@ -819,7 +825,14 @@ async fn forward_h2(
         let mut sender = conn.sender.clone();
         let sent_at = Instant::now();
         let exchange = std::pin::pin!(sender.try_send_request(req));
-        match send(exchange, a.body_sent.as_deref(), pool.response_timeout).await {
+        match send(
+            exchange,
+            a.body_sent.as_deref(),
+            pool.response_timeout,
+            sent_at,
+        )
+        .await
+        {
             Sent::Response(response) => {
                 let (parts, body) = response.into_parts();
                 answered(a, upstream, sent_at, parts.status);
@@ -918,14 +931,20 @@ enum Sent<R, E> {
 }
 
 /// Waits for the response head of `exchange`: at most `response_timeout` from the moment
-/// the request body (if any) was sent in full.
+/// the request body (if any) was sent in full; without a body, from `sent_at` (the
+/// caller's clock reading as it sent, so the timer needs none of its own).
 async fn send<R, E>(
     exchange: impl std::future::Future<Output = Result<R, E>>,
     body_sent: Option<&BodySent>,
     response_timeout: std::time::Duration,
+    sent_at: Instant,
 ) -> Sent<R, E> {
     let result = match body_sent {
-        None => tokio::time::timeout(response_timeout, exchange).await.ok(),
+        None => match sent_at.checked_add(response_timeout) {
+            Some(due) => tokio::time::timeout_at(due.into(), exchange).await.ok(),
+            // Beyond what the clock can hold: no limit in practice.
+            None => Some(exchange.await),
+        },
         Some(body_sent) => {
             tokio::select! {
                 r = exchange => Some(r),
