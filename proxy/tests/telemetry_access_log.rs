@@ -238,6 +238,13 @@ redact_headers = ["x-api-key"]"#;
     );
     assert_eq!(json["pool"], "app");
     assert_eq!(json["upstream"], upstream.to_string());
+    // The upstream's time to its response head is set, and within the whole request's.
+    let upstream_us = json["upstream_us"].as_u64().expect("upstream_us");
+    let duration_us = json["duration_us"].as_u64().expect("duration_us");
+    assert!(
+        upstream_us > 0 && upstream_us <= duration_us,
+        "upstream_us {upstream_us}, duration_us {duration_us}: {line}"
+    );
     assert_eq!(
         json["headers"], "user-agent=telemetry-test; authorization=[redacted]; cookie=[redacted]; x-api-key=[redacted]",
         "{line}"
@@ -247,6 +254,8 @@ redact_headers = ["x-api-key"]"#;
         failed_line.contains("\"error_source\":\"proxy\""),
         "{failed_line}"
     );
+    // No upstream answered it.
+    assert!(failed_line.contains("\"upstream_us\":0,"), "{failed_line}");
 
     let all = proxyd.stop();
     assert!(

@@ -1837,6 +1837,53 @@ mod tests {
         assert!(c.response(false).await.0.starts_with("http/1.1 400"));
     }
 
+    /// Answers with the `Connection` value the request's path names (`/close`,
+    /// `/keep-alive`), or none.
+    async fn connection_from_path(req: Request<ClientBody>) -> Answer {
+        let mut response = Response::new(ResponseBody::full("x"));
+        let value = req.uri().path().trim_start_matches('/');
+        if !value.is_empty() {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_str(value).unwrap());
+        }
+        Ok(response)
+    }
+
+    #[tokio::test]
+    async fn a_connection_field_in_the_response_decides_keep_alive() {
+        let addr = start(16 * 1024, connection_from_path).await;
+        // A response saying `close` ends a keep-alive HTTP/1.1 connection, the field
+        // written once, as it came.
+        let mut c = Client::connect(addr).await;
+        c.send(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let (head, _) = c.response(false).await;
+        assert!(!head.contains("connection"), "{head}");
+        c.send(b"GET /close HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        let (head, body) = c.response(false).await;
+        assert_eq!(
+            head.matches("\r\nconnection: close\r\n").count(),
+            1,
+            "{head}"
+        );
+        assert_eq!(body, "x");
+        assert!(c.closed().await);
+
+        // An HTTP/1.0 client that asked to keep the connection: a response that says
+        // `keep-alive` itself gets no second one, and the connection stays.
+        let mut c = Client::connect(addr).await;
+        c.send(b"GET /keep-alive HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await;
+        let (head, _) = c.response(false).await;
+        assert_eq!(head.matches("connection: keep-alive").count(), 1, "{head}");
+        c.send(b"GET /close HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await;
+        let (head, _) = c.response(false).await;
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(!head.contains("keep-alive"), "{head}");
+        assert!(c.closed().await);
+    }
+
     #[tokio::test]
     async fn a_half_closed_client_still_gets_its_answer() {
         let addr = start(16 * 1024, echo).await;
