@@ -25,7 +25,7 @@ use crate::telemetry::{ClientTimeout, ListenerSeries, Metrics};
 use crate::upstream::body::{
     BodySent, BodyTimeout, BodyTooLarge, ClientBody, ClientBodyError, RequestBody,
 };
-use crate::upstream::h1::H1Body;
+use crate::upstream::h1::{H1Body, H1Error};
 use crate::upstream::h2::{self, H2Conn, H2Stream};
 use crate::upstream::{
     h2_sender, idle, ConnectError, H1Conn, InFlight, NoUpstream, OpenConnection, PoolRuntime,
@@ -721,18 +721,23 @@ async fn forward_http1(
         }
         let reused = conn.reused();
         let sent_at = sent_at.take().unwrap_or_else(Instant::now);
-        let sent = {
-            // Pinned where it is made: the timeout and `send` hold a pointer to the
-            // exchange rather than moving the whole future (connection, buffers) into
-            // each. The request stays in `a.pending` (see `H1Conn::send`).
-            let exchange = std::pin::pin!(conn.send(a.pending));
-            send(
-                exchange,
-                a.body_sent.as_deref(),
-                pool.response_timeout,
-                sent_at,
-            )
-            .await
+        // The request stays in `a.pending` (see `H1Conn::send`).
+        let sent = match a.body_sent.as_deref() {
+            // Without a body the wait starts now, on the connection's own timer.
+            None => {
+                let due = sent_at.checked_add(pool.response_timeout);
+                match conn.send(a.pending, due).await {
+                    Ok(response) => Sent::Response(response),
+                    Err(e) if matches!(e.error, H1Error::HeadTimedOut) => Sent::TimedOut,
+                    Err(e) => Sent::Failed(e),
+                }
+            }
+            Some(body_sent) => {
+                // Pinned where it is made: `send` holds a pointer to the exchange rather
+                // than moving the whole future (connection, buffers) into itself.
+                let exchange = std::pin::pin!(conn.send(a.pending, None));
+                send(exchange, Some(body_sent), pool.response_timeout, sent_at).await
+            }
         };
         match sent {
             Sent::Response(response) => {

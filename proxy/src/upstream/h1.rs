@@ -10,11 +10,12 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -102,6 +103,9 @@ pub enum H1Error {
     /// The response head is not valid HTTP/1.1.
     #[error("malformed response head: {0}")]
     Head(&'static str),
+    /// No response head by the time [`H1Conn::send`] was given.
+    #[error("no response head in time")]
+    HeadTimedOut,
     /// The response head is longer than [`MAX_HEAD_BYTES`] or has more than
     /// [`MAX_HEADERS`] fields.
     #[error("response head larger than {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} fields")]
@@ -144,6 +148,10 @@ pub struct H1Conn {
     spans: Vec<(usize, usize, usize, usize)>,
     /// Whether it served a request before (a reused connection may have gone stale).
     reused: bool,
+    /// The timer of the waits for a response head (see [`H1Conn::send`]): made at the
+    /// first and moved to each next deadline, rather than a timer made, registered and
+    /// removed for every request.
+    head_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Dropped with the connection: frees its place under `max_connections_per_upstream`.
     _open: Option<OpenConnection>,
 }
@@ -377,6 +385,7 @@ impl H1Conn {
             out: Vec::new(),
             spans: Vec::new(),
             reused: false,
+            head_timer: None,
             _open: open,
         })
     }
@@ -427,9 +436,14 @@ impl H1Conn {
     /// written, or when it has no body and no response byte came (see [`SendError`]), and
     /// taken (its header map kept for the next head) otherwise. An empty slot fails at
     /// once, as a request that could not be written.
+    ///
+    /// With `head_due`, a head not complete by then fails the exchange with
+    /// [`H1Error::HeadTimedOut`], on the connection's own timer; without, the caller
+    /// bounds the wait.
     pub async fn send(
         mut self: Box<Self>,
         slot: &mut Option<Request<RequestBody>>,
+        head_due: Option<Instant>,
     ) -> Result<Response<H1Body>, SendError> {
         let Some(req) = slot.as_mut() else {
             return Err(SendError {
@@ -505,7 +519,16 @@ impl H1Conn {
                     Poll::Pending => {}
                 }
             }
-            self.poll_head(cx, &mut read_any)
+            match self.poll_head(cx, &mut read_any) {
+                Poll::Pending => {}
+                ready => return ready,
+            }
+            match head_due {
+                Some(due) if self.poll_due(due, cx).is_ready() => {
+                    Poll::Ready(Err(H1Error::HeadTimedOut))
+                }
+                _ => Poll::Pending,
+            }
         })
         .await;
         let Head {
@@ -556,6 +579,19 @@ impl H1Conn {
         *response.version_mut() = version;
         *response.headers_mut() = headers;
         Ok(response)
+    }
+
+    /// `Ready` once `due` has passed; otherwise the task is woken then. The connection's
+    /// one head timer is moved to `due` if it was set for another time.
+    fn poll_due(&mut self, due: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let due = tokio::time::Instant::from_std(due);
+        let timer = self
+            .head_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx)
     }
 
     /// Reads until a final response head (1xx other than 101 are skipped) is complete.
@@ -1260,6 +1296,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -1314,7 +1351,7 @@ mod tests {
 
     /// Sends `get(method)` on `c`, the request handed over for good.
     async fn send_get(c: Box<H1Conn>, method: Method) -> Result<Response<H1Body>, SendError> {
-        c.send(&mut Some(get(method))).await
+        c.send(&mut Some(get(method)), None).await
     }
 
     /// Reads the body to its end: data, trailers, or the error.
@@ -1331,19 +1368,79 @@ mod tests {
         Ok((data, trailers))
     }
 
+    /// Sends `get(GET)` on `c` with the head due at `due`; the connection back once the
+    /// body is read, with the body.
+    async fn get_due(c: Box<H1Conn>, due: Instant) -> Result<(Box<H1Conn>, Vec<u8>), SendError> {
+        let mut response = c.send(&mut Some(get(Method::GET)), Some(due)).await?;
+        let (data, _) = read_all(response.body_mut()).await.unwrap();
+        let conn = response
+            .body_mut()
+            .take_idle()
+            .expect("kept for the next request");
+        Ok((conn, data))
+    }
+
+    #[tokio::test]
+    async fn a_head_not_there_by_its_due_time_fails_on_the_connections_own_timer() {
+        // Answers the first head at once, the second after a while, the third never.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut heads = 0;
+            loop {
+                let mut tmp = [0u8; 4096];
+                let n = socket.read(&mut tmp).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&tmp[..n]);
+                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    seen.drain(..end + 4);
+                    heads += 1;
+                    let reply: &[u8] = match heads {
+                        1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
+                        2 => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"
+                        }
+                        _ => continue,
+                    };
+                    socket.write_all(reply).await.unwrap();
+                }
+            }
+        });
+        let soon = || Instant::now() + Duration::from_millis(100);
+        let (c, data) = get_due(conn(addr).await, soon()).await.unwrap();
+        assert_eq!(data, b"a");
+        // The first request's due time passes while the connection waits for the next: the
+        // timer it was set to is moved to the next request's own.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let later = Instant::now() + Duration::from_secs(30);
+        let (c, data) = get_due(c, later)
+            .await
+            .expect("answered within its own due time");
+        assert_eq!(data, b"b");
+        // Never answered: the exchange fails when the head is due, nothing read.
+        let err = get_due(c, soon()).await.expect_err("no head in time");
+        assert!(matches!(err.error, H1Error::HeadTimedOut), "{}", err.error);
+        assert!(err.nothing_read && !err.unsent);
+    }
+
     #[tokio::test]
     async fn a_request_stays_with_the_caller_until_it_is_answered() {
         // Answered: the request is taken.
         let (addr, _) = upstream(vec![b"HTTP/1.1 204 No Content\r\n\r\n"]).await;
         let mut slot = Some(get(Method::GET));
-        conn(addr).await.send(&mut slot).await.unwrap();
+        conn(addr).await.send(&mut slot, None).await.unwrap();
         assert!(slot.is_none());
 
         // Written, and the connection closed before any response byte: it is left, whole,
         // for the caller to send again or not.
         let (addr, _) = upstream(vec![]).await;
         let mut slot = Some(get(Method::DELETE));
-        let err = conn(addr).await.send(&mut slot).await.unwrap_err();
+        let err = conn(addr).await.send(&mut slot, None).await.unwrap_err();
         assert!(err.nothing_read && !err.unsent, "{}", err.error);
         let left = slot.expect("left with the caller");
         assert_eq!(left.method(), Method::DELETE);
@@ -1353,13 +1450,13 @@ mod tests {
         // Part of an answer came: the upstream took the request in, and it is gone.
         let (addr, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Le"]).await;
         let mut slot = Some(get(Method::GET));
-        let err = conn(addr).await.send(&mut slot).await.unwrap_err();
+        let err = conn(addr).await.send(&mut slot, None).await.unwrap_err();
         assert!(!err.nothing_read, "{}", err.error);
         assert!(slot.is_none());
 
         // Nothing to send.
         let (addr, _) = upstream(vec![]).await;
-        let err = conn(addr).await.send(&mut None).await.unwrap_err();
+        let err = conn(addr).await.send(&mut None, None).await.unwrap_err();
         assert!(err.unsent && err.nothing_read, "{}", err.error);
     }
 
@@ -1834,7 +1931,7 @@ mod tests {
             .insert(header::HOST, HeaderValue::from_static("up"));
         // None kept before: the response head's map is a new one.
         SPARES.with(|spares| spares.borrow_mut().clear());
-        let response = conn(addr).await.send(&mut Some(req)).await.unwrap();
+        let response = conn(addr).await.send(&mut Some(req), None).await.unwrap();
         assert_eq!(spares(), 1);
         // The response's own map is the client side's to give back once written.
         assert_eq!(response.headers()["content-length"], "2");

@@ -111,7 +111,7 @@ async fn check_once(pool: &PoolRuntime, address: &str, check: &HealthCheck) -> R
         .body(RequestBody::empty())
         .map_err(|e| e.to_string())?;
     let response = H1Conn::new(stream, None)
-        .send(&mut Some(request))
+        .send(&mut Some(request), None)
         .await
         .map_err(|e| e.error.to_string())?;
     http_verdict(response.status())
