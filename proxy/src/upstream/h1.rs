@@ -1312,19 +1312,10 @@ mod tests {
             while let Ok((mut socket, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let mut seen = Vec::new();
-                loop {
-                    let mut tmp = [0u8; 4096];
-                    let n = socket.read(&mut tmp).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    seen.extend_from_slice(&tmp[..n]);
-                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        seen.drain(..end + 4);
-                        match replies.next() {
-                            Some(reply) => socket.write_all(reply).await.unwrap(),
-                            None => return,
-                        }
+                while next_head(&mut socket, &mut seen).await {
+                    match replies.next() {
+                        Some(reply) => socket.write_all(reply).await.unwrap(),
+                        None => return,
                     }
                     if replies.len() == 0 {
                         let _ = socket.shutdown().await;
@@ -1333,6 +1324,23 @@ mod tests {
             }
         });
         (addr, accepted)
+    }
+
+    /// Reads from `socket` until `seen` holds a whole request head, and takes it off:
+    /// `false` once the socket ends first.
+    async fn next_head(socket: &mut TcpStream, seen: &mut Vec<u8>) -> bool {
+        loop {
+            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                seen.drain(..end + 4);
+                return true;
+            }
+            let mut tmp = [0u8; 4096];
+            let n = socket.read(&mut tmp).await.unwrap_or(0);
+            if n == 0 {
+                return false;
+            }
+            seen.extend_from_slice(&tmp[..n]);
+        }
     }
 
     async fn conn(addr: SocketAddr) -> Box<H1Conn> {
@@ -1389,26 +1397,17 @@ mod tests {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut seen = Vec::new();
             let mut heads = 0;
-            loop {
-                let mut tmp = [0u8; 4096];
-                let n = socket.read(&mut tmp).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                seen.extend_from_slice(&tmp[..n]);
-                while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                    seen.drain(..end + 4);
-                    heads += 1;
-                    let reply: &[u8] = match heads {
-                        1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
-                        2 => {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"
-                        }
-                        _ => continue,
-                    };
-                    socket.write_all(reply).await.unwrap();
-                }
+            while next_head(&mut socket, &mut seen).await {
+                heads += 1;
+                let reply: &[u8] = match heads {
+                    1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
+                    2 => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"
+                    }
+                    _ => continue,
+                };
+                socket.write_all(reply).await.unwrap();
             }
         });
         let soon = || Instant::now() + Duration::from_millis(100);
