@@ -33,10 +33,6 @@ impl Shutdown {
 
     /// Tells every accept loop to stop and every connection to finish gracefully.
     pub fn trigger(&self) {
-        self.stop();
-    }
-
-    fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.token.cancel();
     }
@@ -45,7 +41,7 @@ impl Shutdown {
     /// [`trigger`](Self::trigger), but shared resources (socket files) are left in place.
     pub fn hand_over(&self) {
         self.handed_over.store(true, Ordering::SeqCst);
-        self.stop();
+        self.trigger();
     }
 
     /// Stops accepting on an operator's request (`proxyctl drain`), optionally with its own
@@ -57,7 +53,7 @@ impl Shutdown {
                 Ordering::SeqCst,
             );
         }
-        self.stop();
+        self.trigger();
     }
 
     /// The drain timeout a drain request asked for, if any.
@@ -76,7 +72,7 @@ impl Shutdown {
     /// The process is about to finish: services that stay up while draining (the
     /// management API, which answers UNAVAILABLE to writes meanwhile) stop now.
     pub fn begin_exit(&self) {
-        self.stop();
+        self.trigger();
         self.exit.cancel();
     }
 
