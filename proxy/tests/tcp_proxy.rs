@@ -404,3 +404,20 @@ fn free_ports_handed_out_in_one_test_are_all_different() {
     assert_eq!(ports.len(), 500);
     assert!(ports.iter().all(|p| (20_000..=32_767).contains(p)));
 }
+
+#[test]
+fn a_dead_address_refuses_connections_and_cannot_be_taken() {
+    let dead = dead_address();
+    let err = std::net::TcpStream::connect(&dead).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    // A listener that asks for the port, with SO_REUSEADDR as tokio sets it, is refused.
+    let err = std::net::TcpListener::bind(&dead).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    assert_eq!(
+        socket.bind(dead.parse().unwrap()).unwrap_err().kind(),
+        std::io::ErrorKind::AddrInUse
+    );
+    assert_ne!(dead_address(), dead);
+}

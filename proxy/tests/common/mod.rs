@@ -448,11 +448,21 @@ pub fn free_port() -> u16 {
     panic!("no free port in 20000-32767");
 }
 
-/// An address where nothing listens (bound then closed).
+/// An address where nothing listens, and nothing will while the test process runs.
+///
+/// The port stays bound by a socket that never listens, kept until the process ends: a
+/// connection to it is refused, and no other test (nor a `bind(0)` anywhere on the
+/// machine) can be given the port. A port bound and released at once could be handed to
+/// another test's listener, which would then answer for the "dead" upstream.
 pub fn dead_address() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
+    use socket2::{Domain, Socket, Type};
+    static HELD: std::sync::Mutex<Vec<Socket>> = std::sync::Mutex::new(Vec::new());
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    HELD.lock().unwrap().push(socket);
     addr.to_string()
 }
 
