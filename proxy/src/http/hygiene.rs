@@ -314,15 +314,19 @@ fn quoted_len(value: &str) -> usize {
     2 + value.len() + value.bytes().filter(|b| matches!(b, b'"' | b'\\')).count()
 }
 
-/// Appends `value` as an RFC 7230 quoted-string to `out`.
+/// Appends `value` as an RFC 7230 quoted-string to `out`. The text between the characters
+/// to escape is copied as a whole (a host has none: one copy), not char by char.
 fn push_quoted(out: &mut String, value: &str) {
     out.push('"');
-    for c in value.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
+    let mut rest = value;
+    while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\') {
+        out.push_str(&rest[..at]);
+        out.push('\\');
+        // The escaped character itself, one byte (both are ASCII).
+        out.push_str(&rest[at..=at]);
+        rest = &rest[at + 1..];
     }
+    out.push_str(rest);
     out.push('"');
 }
 
@@ -1282,6 +1286,21 @@ mod tests {
     fn quoted_lengths_are_exact() {
         for value in ["", "example.com", "a\"b\\c", "\"\"", "[::1]"] {
             assert_eq!(quoted_len(value), quoted(value).len(), "{value}");
+        }
+    }
+
+    #[test]
+    fn quoting_escapes_every_quote_and_backslash_and_nothing_else() {
+        for (value, expected) in [
+            ("", r#""""#),
+            ("example.com", r#""example.com""#),
+            ("a\"b\\c", r#""a\"b\\c""#),
+            ("\"\"", r#""\"\"""#),
+            ("\\", r#""\\""#),
+            ("x\"", r#""x\"""#),
+            ("é\"ü", r#""é\"ü""#),
+        ] {
+            assert_eq!(quoted(value), expected, "{value}");
         }
     }
 }
