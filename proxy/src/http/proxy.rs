@@ -58,7 +58,7 @@ pub(crate) struct ConnContext {
     /// The client's address as the forwarding headers show it.
     pub forwarded: hygiene::ForwardedClient,
     /// Where the client is in its requests (see [`HeadProgress`]).
-    pub progress: Arc<HeadProgress>,
+    pub progress: HeadProgress,
 }
 
 impl ConnContext {
@@ -68,7 +68,7 @@ impl ConnContext {
             shared,
             client,
             forwarded: hygiene::ForwardedClient::new(client.ip()),
-            progress: Arc::new(HeadProgress::default()),
+            progress: HeadProgress::default(),
         }
     }
 

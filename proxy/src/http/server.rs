@@ -510,20 +510,17 @@ where
     let first_request = tokio::time::sleep_until(first_due);
     tokio::pin!(first_request);
     let (client, idle) = (ctx.client, ctx.listener.idle_timeout);
-    let (series, progress, shutdown) = (
-        ctx.series.clone(),
-        ctx.progress.clone(),
-        ctx.shutdown.clone(),
-    );
+    // The service holds the context as long as the connection, the watch a share of it.
+    let watched = ctx.clone();
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         handle(ctx.clone(), req.map(ClientBody::H2))
     });
     let watch = Watch {
         first_request: first_request.as_mut(),
-        progress: &progress,
-        series: &series,
+        progress: &watched.progress,
+        series: &watched.series,
         client,
-        shutdown: &shutdown,
+        shutdown: &watched.shutdown,
         idle,
     };
     let streams = ConnectionStreams::default();
