@@ -2,12 +2,19 @@
 //! (in-process, real unix socket) with a real upstream on 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// Ports below the ephemeral range, as the daemon's tests take them: a port released by
+// `bind(0)` could be handed to another test's listener before the daemon binds it.
+#[path = "../../proxy/tests/common/ports.rs"]
+mod ports;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use ports::free_port;
 
 const PROXYCTL: &str = env!("CARGO_BIN_EXE_proxyctl");
 
@@ -53,14 +60,6 @@ async fn fetch(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
         .unwrap_or("")
         .to_string();
     Some((status, upstream))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `proxyctl --socket <socket>`, ready for more arguments.

@@ -115,11 +115,11 @@ async fn top_once_lists_routes_and_pools_from_the_metrics() {
         "{table}"
     );
 
-    // No daemon there: a clear error naming the address.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    // No daemon there: a clear error naming the address. The port stays bound by a socket
+    // that never listens, so no other test's listener can be given it meanwhile.
+    let holder = tokio::net::TcpSocket::new_v4().unwrap();
+    holder.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = holder.local_addr().unwrap().to_string();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(PROXYCTL)
             .args(["top", "--once", "--admin", &closed])

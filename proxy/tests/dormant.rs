@@ -85,9 +85,17 @@ async fn an_idle_keep_alive_connection_sleeps_without_a_task_and_is_served_when_
         tracked_before + 1
     );
 
-    // Its next request wakes it; it is served and sleeps again once idle.
-    assert_eq!(exchange(&mut client, REQUEST).await, Ok((200, false)));
+    // Its next request wakes it: awake while it is served (the upstream holds the request
+    // until the count is read), and asleep again once idle.
+    let serving = tokio::spawn(async move {
+        let answer = exchange(&mut client, b"GET /hold HTTP/1.1\r\nHost: web\r\n\r\n").await;
+        (client, answer)
+    });
+    up.until_hits(2).await;
     assert_eq!(metric(admin, DORMANT).await, 0.0);
+    up.release();
+    let (mut client, answer) = serving.await.unwrap();
+    assert_eq!(answer, Ok((200, false)));
     until(admin, DORMANT, 1.0).await;
     // Woken and slept again any number of times, on the same connection.
     for _ in 0..3 {

@@ -652,10 +652,17 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let up = upstream("up").await;
     let p = proxy_to(&up).await;
     let web = p.addr("web");
-    let slow = tokio::spawn(async move { get(web, "h", "/slow/700").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = tokio::spawn(async move { get(web, "h", "/hold").await });
+    up.until_hits(1).await;
     let stop = tokio::spawn(p.daemon.stop());
-    let r = slow.await.unwrap();
+    // The drain waits for the request: answered only now, it still completes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stop.is_finished(),
+        "the drain ended with a request in flight"
+    );
+    up.release();
+    let r = held.await.unwrap();
     assert_eq!(r.status, 200, "the in-flight request completed");
     stop.await.unwrap();
     // After stop, nothing accepts on the listener.

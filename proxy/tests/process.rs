@@ -350,17 +350,17 @@ async fn the_management_api_answers_while_the_real_binary_drains() {
     );
     wait_for_port(port).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    // In flight for the whole check below.
-    let slow = tokio::spawn(async move { get(addr, "h", "/slow/3000").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight for the whole check below: the upstream holds it until released.
+    let held = tokio::spawn(async move { get(addr, "h", "/hold").await });
+    up.until_hits(1).await;
     let mut api = mgmt_support::Api::over(mgmt_support::unix_channel(&socket).await);
     api.admin
         .drain(pb::DrainRequest { timeout_ms: 0 })
         .await
         .expect("drain");
 
-    // While the request drains (3 s), new management connections are answered, over a
-    // second of it: reads work and say "draining", writes get UNAVAILABLE.
+    // While the request drains, new management connections are answered, over a second
+    // of it: reads work and say "draining", writes get UNAVAILABLE.
     for _ in 0..10 {
         let mut fresh = mgmt_support::Api::over(mgmt_support::unix_channel(&socket).await);
         let status = fresh
@@ -392,8 +392,9 @@ async fn the_management_api_answers_while_the_real_binary_drains() {
         "proxyd exited before its in-flight request finished"
     );
 
+    up.release();
     assert_eq!(
-        slow.await.unwrap().status,
+        held.await.unwrap().status,
         200,
         "in-flight request finished"
     );

@@ -410,20 +410,29 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
     .await
     .unwrap();
     let mut client = RegistrationServiceClient::new(channel(&p).await);
-    // The caller gives up (its stream ends) while the writer has not answered.
-    let call = tokio::time::timeout(
-        Duration::from_millis(500),
-        client.register(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-    .await;
+    let call = tokio::spawn(async move {
+        client
+            .register(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // The port opens for it once it holds its booking and waits for the writer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(local(port)).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the port was never opened for the registration"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert!(
-        call.is_err(),
+        !call.is_finished(),
         "the registration cannot finish while the writer is busy"
     );
+    // The caller gives up (its call dropped, its stream ended) while the writer has not
+    // answered.
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
     drop(tx);
-    drop(client);
-    // The port was opened for it meanwhile.
-    assert!(TcpStream::connect(local(port)).await.is_ok());
     release.send(()).unwrap();
     writer_busy.await.unwrap();
 

@@ -338,11 +338,11 @@ fn scraped(text: &str, series: &str) -> Option<i64> {
 async fn every_metric_goes_out_with_the_values_the_scrape_shows() {
     let (collector, receiver) = start_receiver().await;
     let up = upstream("up").await;
-    let dead = free_port();
+    let dead = dead_address();
     let otlp =
         format!("[telemetry.otlp]\nendpoint = \"http://{collector}\"\ninterval = \"200ms\"\n");
     let text = format!(
-        "{}\n[[pools]]\nname = \"dead\"\nupstreams = [\"127.0.0.1:{dead}\"]\n\n[[routes]]\nname = \"down\"\nlistener = \"web\"\nhost = \"down.example\"\npool = \"dead\"\n",
+        "{}\n[[pools]]\nname = \"dead\"\nupstreams = [\"{dead}\"]\n\n[[routes]]\nname = \"down\"\nlistener = \"web\"\nhost = \"down.example\"\npool = \"dead\"\n",
         config(&otlp, &up)
     );
     let p = start_proxy(&text).await;

@@ -99,7 +99,7 @@ state_dir = \"{dir}\"
 mgmt_socket = \"{dir}/mgmt.sock\"
 admin_listen = \"127.0.0.1:{admin}\"
 executable = \"{executable}\"
-upgrade_timeout = \"3s\"
+upgrade_timeout = \"30s\"
 drain_timeout = \"20s\"
 log_level = \"warn\"
 
@@ -146,12 +146,18 @@ async fn start(up: &Upstream) -> Daemon {
     start_with(up, "").await
 }
 
-/// Like [`start`], with `server` appended to the `[server]` section.
+/// Like [`start`], with `server` appended to the `[server]` section; an `upgrade_timeout`
+/// there replaces the default's 30 s (generous: a new debug build starts on a loaded
+/// machine, ten times in a row in one test).
 async fn start_with(up: &Upstream, server: &str) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let (web, db, admin) = (free_port(), free_port(), free_port());
     let echo = echo_server().await;
-    let text = config(dir.path(), web, db, admin, &pool("p", &[up]), &echo, PROXYD).replacen(
+    let mut text = config(dir.path(), web, db, admin, &pool("p", &[up]), &echo, PROXYD);
+    if server.contains("upgrade_timeout") {
+        text = text.replacen("upgrade_timeout = \"30s\"\n", "", 1);
+    }
+    let text = text.replacen(
         "log_level = \"warn\"\n",
         &format!("log_level = \"warn\"\n{server}"),
         1,
@@ -421,7 +427,8 @@ async fn ten_upgrades_under_load_lose_nothing() {
 #[tokio::test]
 async fn broken_new_binaries_fail_the_upgrade_and_the_old_process_serves_on() {
     let up = upstream("up").await;
-    let d = start(&up).await;
+    // Short: one of the new binaries below never becomes ready.
+    let d = start_with(&up, "upgrade_timeout = \"3s\"\n").await;
     let old = d.pid().await;
 
     let exits = d.dir.path().join("exits.sh");
@@ -550,18 +557,19 @@ async fn api_calls_over_tcp_after_an_upgrade_reach_the_new_process_while_the_old
     };
     let old = status_over_tcp().await;
     assert_eq!(old, d.pid().await);
-    // A slow download keeps the old process draining (and its sockets open) for seconds.
+    // A request the upstream holds until released keeps the old process draining (and its
+    // sockets open) through the calls below.
     let web = d.web;
-    let download = tokio::spawn(async move {
+    let held = tokio::spawn(async move {
         let mut s = TcpStream::connect(("127.0.0.1", web)).await.unwrap();
-        s.write_all(b"GET /drip/100/50 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        s.write_all(b"GET /hold HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut body = Vec::new();
-        let _ = s.read_to_end(&mut body).await;
-        body.len()
+        let mut response = Vec::new();
+        let _ = s.read_to_end(&mut response).await;
+        response
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    up.until_hits(1).await;
     let new = upgrade(&d, "").await.expect("upgrade");
     assert_ne!(new, old);
     let mut answered_by = Vec::new();
@@ -569,16 +577,19 @@ async fn api_calls_over_tcp_after_an_upgrade_reach_the_new_process_while_the_old
         answered_by.push(status_over_tcp().await);
     }
     assert!(
-        !download.is_finished(),
+        !held.is_finished(),
         "the old process was still draining during the calls"
     );
     assert!(
         answered_by.iter().all(|pid| *pid == new),
         "every call after the upgrade reached the new process {new}: {answered_by:?}"
     );
+    up.release();
+    let response = held.await.unwrap();
     assert!(
-        download.await.unwrap() > 100 * 1024,
-        "the download completed"
+        response.starts_with(b"HTTP/1.1 200") && response.ends_with(b"u"),
+        "the held request was answered: {:?}",
+        String::from_utf8_lossy(&response)
     );
 }
 
@@ -683,7 +694,8 @@ async fn killing_upgrade_wait_mid_upgrade_changes_nothing_about_the_outcome() {
     let up = upstream("up").await;
     let mut d = start(&up).await;
     let first = d.pid().await;
-    let slow = slow_proxyd(d.dir.path(), "slow.sh", 1.5, None);
+    let started = d.dir.path().join("started");
+    let slow = slow_proxyd(d.dir.path(), "slow.sh", 1.5, Some(&started));
     set_executable(&d, slow.to_str().unwrap());
 
     // The caller goes away while the new process is starting (as with Ctrl-C or systemd's
@@ -696,7 +708,16 @@ async fn killing_upgrade_wait_mid_upgrade_changes_nothing_about_the_outcome() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new process is starting (its script is in its 1.5 s sleep), so the upgrade was
+    // asked for and cannot have finished.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new process was started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(
         ctl.try_wait().unwrap().is_none(),
         "proxyctl returned before the upgrade could finish"

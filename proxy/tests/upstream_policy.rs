@@ -138,7 +138,7 @@ async fn idle_timeout_and_connection_cap_are_kept() {
     // keeps its own upstream connections).
     let up = upstream("up").await;
     let p = start_proxy(&format!(
-        "{WEB}[[pools]]\nname=\"p\"\nupstreams=[\"{}\"]\nidle_timeout=\"300ms\"\n{}",
+        "{WEB}[[pools]]\nname=\"p\"\nupstreams=[\"{}\"]\nidle_timeout=\"2s\"\n{}",
         up.address(),
         route("p")
     ))
@@ -157,8 +157,9 @@ async fn idle_timeout_and_connection_cap_are_kept() {
         1,
         "reused while fresh"
     );
-    // Idle for longer than idle_timeout: not reused.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Idle for longer than idle_timeout: not reused. (The limit leaves the two requests
+    // above room to be reused on a loaded machine.)
+    tokio::time::sleep(Duration::from_millis(2600)).await;
     assert_eq!(
         exchange(&mut client, KEEP_ALIVE_GET).await,
         Ok((200, false))
@@ -179,11 +180,12 @@ async fn idle_timeout_and_connection_cap_are_kept() {
     ))
     .await;
     let web = p.addr("web");
-    let slow = tokio::spawn(async move { get(web, "h", "/slow/1500").await.status });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = tokio::spawn(async move { get(web, "h", "/hold").await.status });
+    up.until_hits(1).await;
     let r = get(web, "h", "/").await;
     assert_eq!(r.status, 503, "{}", r.text());
-    assert_eq!(slow.await.unwrap(), 200);
+    up.release();
+    assert_eq!(held.await.unwrap(), 200);
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
 
@@ -290,15 +292,15 @@ async fn failover_over_blackholed_upstreams_has_a_budget_and_one_deadline() {
     );
     let r = get(p.addr("web"), "h", "/d").await;
     assert_eq!(r.status, 504, "{}", r.text());
-    // 400 ms + what is left of the 600 ms deadline: two attempts, then the deadline.
-    assert_eq!(
-        metric(
-            admin,
-            "proxy_upstream_connect_failures_total{pool=\"deadline\"}"
-        )
-        .await,
-        2
-    );
+    // 400 ms + what is left of the 600 ms deadline: two attempts, then the deadline (one
+    // if the first attempt's timer fired 200 ms late, as it may on a loaded machine);
+    // never the ten that max_attempts allows.
+    let attempts = metric(
+        admin,
+        "proxy_upstream_connect_failures_total{pool=\"deadline\"}",
+    )
+    .await;
+    assert!((1..=2).contains(&attempts), "{attempts} attempts");
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 //! state dir in a temp dir, and a raw HTTP/1.1 client for byte-exact requests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+mod ports;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,11 +32,14 @@ pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// - `/status/N`: answers status N
 /// - `/drip/N/MS`: N KiB of `d`, one KiB every MS milliseconds
 /// - `/ws`: `101 Switching Protocols`, then echoes bytes on the upgraded connection
+/// - `/hold`: answers once the test calls [`Upstream::release`] (at once after it)
 pub struct Upstream {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
     pub connections: Arc<AtomicUsize>,
+    /// Whether `/hold` requests may be answered.
+    released: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -45,6 +50,26 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the upstream has seen `n` requests (they reached it: not a guess from a
+    /// sleep); panics after 10 s.
+    pub async fn until_hits(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.hits() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "upstream {} saw {} requests, not {n}",
+                self.name,
+                self.hits()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Answers the `/hold` requests waiting, and every later one at once.
+    pub fn release(&self) {
+        self.released.send_replace(true);
     }
 
     pub fn stop(&self) {
@@ -64,6 +89,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
     let hits = Arc::new(AtomicUsize::new(0));
     let connections = Arc::new(AtomicUsize::new(0));
     let (h, c) = (hits.clone(), connections.clone());
+    let (released, gate) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -71,10 +97,11 @@ pub async fn upstream(name: &'static str) -> Upstream {
             };
             c.fetch_add(1, Ordering::SeqCst);
             let hits = h.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     hits.fetch_add(1, Ordering::SeqCst);
-                    answer(name, req)
+                    answer(name, req, gate.clone())
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -87,6 +114,7 @@ pub async fn upstream(name: &'static str) -> Upstream {
         addr,
         hits,
         connections,
+        released,
         task,
     }
 }
@@ -98,8 +126,14 @@ fn full(body: impl Into<Bytes>) -> TestBody {
 async fn answer(
     name: &'static str,
     mut req: Request<Incoming>,
+    mut released: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response<TestBody>, Infallible> {
     let path = req.uri().path().to_string();
+    if path == "/hold" {
+        // Ends with the upstream (its sender dropped) if it is never released.
+        let _ = released.wait_for(|released| *released).await;
+        return Ok(Response::new(full(name)));
+    }
     if let Some(n) = path.strip_prefix("/stream/") {
         let total: u64 = n.parse().unwrap_or(0);
         let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
@@ -418,34 +452,10 @@ pub fn pool(name: &str, upstreams: &[&Upstream]) -> String {
     )
 }
 
-/// A port nothing listens on now, for a server that must be told its port before it starts.
-///
-/// Taken from 20000-32767, below Linux's ephemeral range (32768-60999): a port released by
-/// `bind(0)` could be handed out again as the source port of any outgoing connection (the
-/// load tests open thousands), while ports in this range are only ever taken on purpose.
-///
-/// Within one test process no port is handed out twice: the walk starts at a point chosen
-/// once per process and steps by 7919, which is coprime to the range's 12,768 ports, so
-/// it visits every port once before repeating.
+/// A port nothing listens on now, for a server that must be told its port before it
+/// starts (see [`ports::free_port`]).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = *START.get_or_init(|| {
-        std::process::id().wrapping_mul(2_654_435_761).wrapping_add(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos()),
-        ) % 12_768
-    });
-    for _ in 0..1000 {
-        let step = NEXT.fetch_add(1, Ordering::Relaxed) % 12_768;
-        let port = 20_000 + ((start + step * 7919) % 12_768) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 20000-32767");
+    ports::free_port()
 }
 
 /// An address where nothing listens, and nothing will while the test process runs.
