@@ -2,6 +2,7 @@
 //! `check_request` -> `route` -> `upstream_request` -> `forward` -> `client_response`.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -130,145 +131,150 @@ impl Failure {
 }
 
 /// Handles one request; never fails (errors become responses).
-pub(crate) async fn handle(
+#[allow(clippy::manual_async_fn)] // see the block below
+pub(crate) fn handle(
     ctx: Arc<ConnContext>,
     req: Request<ClientBody>,
-) -> Result<Response<ResponseBody>, Infallible> {
-    ctx.progress.request_arrived();
-    let telemetry = &ctx.telemetry;
-    // Path, host and headers are only ever shown in the access line.
-    let lines = telemetry.access_log_enabled();
-    // On the heap from the start (the response body keeps it until it ends): the
-    // request's future, which is moved whole several times before it first runs, carries
-    // a pointer instead.
-    let mut log = Box::new(AccessLog {
-        listener: ctx.listener.clone(),
-        client: ctx.client,
-        method: req.method().clone(),
-        path: match (lines, telemetry.include_query()) {
-            (false, _) => String::new(),
-            (true, true) => req
-                .uri()
-                .path_and_query()
-                .map_or("/", |pq| pq.as_str())
-                .to_string(),
-            (true, false) => req.uri().path().to_string(),
-        },
-        headers: if lines {
-            telemetry.headers().render(req.headers())
-        } else {
-            None
-        },
-        trace: telemetry
-            .tracing()
-            .map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
-        telemetry: telemetry.clone(),
-        host: String::new(),
-        entry: None,
-        upstream: None,
-        status: 0,
-        error: None,
-        start: Instant::now(),
-        upstream_us: AtomicU64::new(0),
-    });
-    // Which of the headers the request path looks at are there, from one pass over the
-    // names: the others are not looked up.
-    let present = hygiene::Present::of(req.headers());
-    // The bytes after an upgrade request belong to the upgraded connection, and are not
-    // read as HTTP/1; unless the switch happens, the connection must end with this
-    // response rather than read them as further requests.
-    let upgrade_asked = req.version() < Version::HTTP_2
-        && (present.has(Known::Upgrade) || req.method() == http::Method::CONNECT);
-    // A gRPC call's `grpc-timeout` bounds the whole call, response body included.
-    let grpc = present.has(Known::ContentType) && hygiene::is_grpc(req.headers());
-    let deadline = grpc
-        .then(|| hygiene::grpc_timeout(req.headers()))
-        .flatten()
-        .map(|timeout| tokio::time::Instant::now() + timeout);
-    let result = match deadline {
-        None => proxy(&ctx, req, present, &mut log).await,
-        // Boxed: a timer beside the request path would make every request's future
-        // larger, for the few gRPC calls that carry a timeout.
-        Some(at) => Box::pin(tokio::time::timeout_at(
-            at,
-            proxy(&ctx, req, present, &mut log),
-        ))
-        .await
-        .unwrap_or_else(|_| {
-            Err(Failure::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                ErrorSource::Upstream,
-                "the call's grpc-timeout passed before the upstream's response head",
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+    // An `async move` block rather than an `async fn`, which would keep the request (264
+    // bytes) twice in the future: as its argument and as a local.
+    async move {
+        ctx.progress.request_arrived();
+        let telemetry = &ctx.telemetry;
+        // Path, host and headers are only ever shown in the access line.
+        let lines = telemetry.access_log_enabled();
+        // On the heap from the start (the response body keeps it until it ends): the
+        // request's future, which is moved whole several times before it first runs, carries
+        // a pointer instead.
+        let mut log = Box::new(AccessLog {
+            listener: ctx.listener.clone(),
+            client: ctx.client,
+            method: req.method().clone(),
+            path: match (lines, telemetry.include_query()) {
+                (false, _) => String::new(),
+                (true, true) => req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |pq| pq.as_str())
+                    .to_string(),
+                (true, false) => req.uri().path().to_string(),
+            },
+            headers: if lines {
+                telemetry.headers().render(req.headers())
+            } else {
+                None
+            },
+            trace: telemetry
+                .tracing()
+                .map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
+            telemetry: telemetry.clone(),
+            host: String::new(),
+            entry: None,
+            upstream: None,
+            status: 0,
+            error: None,
+            start: Instant::now(),
+            upstream_us: AtomicU64::new(0),
+        });
+        // Which of the headers the request path looks at are there, from one pass over the
+        // names: the others are not looked up.
+        let present = hygiene::Present::of(req.headers());
+        // The bytes after an upgrade request belong to the upgraded connection, and are not
+        // read as HTTP/1; unless the switch happens, the connection must end with this
+        // response rather than read them as further requests.
+        let upgrade_asked = req.version() < Version::HTTP_2
+            && (present.has(Known::Upgrade) || req.method() == http::Method::CONNECT);
+        // A gRPC call's `grpc-timeout` bounds the whole call, response body included.
+        let grpc = present.has(Known::ContentType) && hygiene::is_grpc(req.headers());
+        let deadline = grpc
+            .then(|| hygiene::grpc_timeout(req.headers()))
+            .flatten()
+            .map(|timeout| tokio::time::Instant::now() + timeout);
+        let result = match deadline {
+            None => proxy(&ctx, req, present, &mut log).await,
+            // Boxed: a timer beside the request path would make every request's future
+            // larger, for the few gRPC calls that carry a timeout.
+            Some(at) => Box::pin(tokio::time::timeout_at(
+                at,
+                proxy(&ctx, req, present, &mut log),
             ))
-        }),
-    };
-    let mut grpc_call = grpc.then_some((deadline, None));
-    let mut response = match result {
-        Ok(response) => {
-            if let Some((_, status)) = &mut grpc_call {
-                *status = grpc_status(response.headers());
-            }
-            response
-        }
-        Err(failure) if grpc => {
-            tracing::debug!(status = %failure.status, detail = %failure.detail, "gRPC call failed");
-            let code = grpc_code_of(failure.status);
-            grpc_call = Some((None, Some(code)));
-            let message = public_reason(&failure);
-            log.error = Some((failure.source, failure.detail));
-            grpc_failure(code, message)
-        }
-        Err(failure) => {
-            tracing::debug!(status = %failure.status, detail = %failure.detail, "request failed");
-            let body = format!(
-                "{} {}: {}\n",
-                failure.status.as_u16(),
-                failure.status.canonical_reason().unwrap_or(""),
-                public_reason(&failure)
-            );
-            if failure.status == StatusCode::REQUEST_TIMEOUT {
-                ctx.series.timed_out(ClientTimeout::Body);
-            }
-            log.error = Some((failure.source, failure.detail));
-            let mut response = Response::new(ResponseBody::full(body));
-            *response.status_mut() = failure.status;
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            if let Some(seconds) = failure.retry_after {
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    ErrorSource::Upstream,
+                    "the call's grpc-timeout passed before the upstream's response head",
+                ))
+            }),
+        };
+        let mut grpc_call = grpc.then_some((deadline, None));
+        let mut response = match result {
+            Ok(response) => {
+                if let Some((_, status)) = &mut grpc_call {
+                    *status = grpc_status(response.headers());
+                }
                 response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
-            // A client over its rate limit may keep its connection for the next try.
-            if failure.source == ErrorSource::Downstream
-                && failure.status != StatusCode::TOO_MANY_REQUESTS
-            {
+            Err(failure) if grpc => {
+                tracing::debug!(status = %failure.status, detail = %failure.detail, "gRPC call failed");
+                let code = grpc_code_of(failure.status);
+                grpc_call = Some((None, Some(code)));
+                let message = public_reason(&failure);
+                log.error = Some((failure.source, failure.detail));
+                grpc_failure(code, message)
+            }
+            Err(failure) => {
+                tracing::debug!(status = %failure.status, detail = %failure.detail, "request failed");
+                let body = format!(
+                    "{} {}: {}\n",
+                    failure.status.as_u16(),
+                    failure.status.canonical_reason().unwrap_or(""),
+                    public_reason(&failure)
+                );
+                if failure.status == StatusCode::REQUEST_TIMEOUT {
+                    ctx.series.timed_out(ClientTimeout::Body);
+                }
+                log.error = Some((failure.source, failure.detail));
+                let mut response = Response::new(ResponseBody::full(body));
+                *response.status_mut() = failure.status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                if let Some(seconds) = failure.retry_after {
+                    response
+                        .headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                }
+                // A client over its rate limit may keep its connection for the next try.
+                if failure.source == ErrorSource::Downstream
+                    && failure.status != StatusCode::TOO_MANY_REQUESTS
+                {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
                 response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+        };
+        log.status = response.status().as_u16();
+        if (ctx.shutdown.is_triggered() || upgrade_asked)
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            // Draining, or an upgrade that did not happen: this HTTP/1 connection ends after
+            // this response (h2 gets GOAWAY).
             response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-    };
-    log.status = response.status().as_u16();
-    if (ctx.shutdown.is_triggered() || upgrade_asked)
-        && response.status() != StatusCode::SWITCHING_PROTOCOLS
-    {
-        // Draining, or an upgrade that did not happen: this HTTP/1 connection ends after
-        // this response (h2 gets GOAWAY).
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        // The response is finished where it is, not taken apart and put together again.
+        let body = response.body_mut();
+        if let Some((deadline, status)) = grpc_call {
+            body.set_grpc(deadline, status);
+        }
+        body.set_log(log);
+        Ok(response)
     }
-    // The response is finished where it is, not taken apart and put together again.
-    let body = response.body_mut();
-    if let Some((deadline, status)) = grpc_call {
-        body.set_grpc(deadline, status);
-    }
-    body.set_log(log);
-    Ok(response)
 }
 
 /// The gRPC status for a request proxyd failed with `status`, following gRPC's own
@@ -321,102 +327,107 @@ fn public_reason(failure: &Failure) -> &'static str {
     }
 }
 
-async fn proxy(
-    ctx: &ConnContext,
+// A plain function around an `async move` block: an `async fn` would keep the request (264
+// bytes) twice in its future, as its argument and as a local.
+#[allow(clippy::manual_async_fn)]
+fn proxy<'a>(
+    ctx: &'a ConnContext,
     mut req: Request<ClientBody>,
     present: Present,
-    log: &mut AccessLog,
-) -> Result<Response<ResponseBody>, Failure> {
-    if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
-        // Boxed: in a fleet the answer may come from etcd, a future far larger than the
-        // rest of the request path, which only validation requests need.
-        if let Some(answer) = Box::pin(acme_challenge(ctx, &req)).await {
-            return Ok(answer);
+    log: &'a mut AccessLog,
+) -> impl Future<Output = Result<Response<ResponseBody>, Failure>> + Send + 'a {
+    async move {
+        if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
+            // Boxed: in a fleet the answer may come from etcd, a future far larger than the
+            // rest of the request path, which only validation requests need.
+            if let Some(answer) = Box::pin(acme_challenge(ctx, &req)).await {
+                return Ok(answer);
+            }
         }
-    }
-    if let Some(rate) = &ctx.rate {
-        if let Err(wait) = rate.take(ctx.client.ip()) {
-            ctx.series.rate_limited();
-            return Err(Failure::rate_limited(wait));
+        if let Some(rate) = &ctx.rate {
+            if let Err(wait) = rate.take(ctx.client.ip()) {
+                ctx.series.rate_limited();
+                return Err(Failure::rate_limited(wait));
+            }
         }
-    }
-    let host_header = check_request(ctx, &req, present)?;
-    let host = hygiene::request_host_of(req.uri(), host_header);
-    if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
-        log.host.push_str(h.as_str());
-    }
-    // Borrowed from the current table without touching its reference count (shared by
-    // every worker); only the matched entry is kept.
-    let entry = ctx
-        .state
-        .with_routing(|routing| {
-            routing
-                .lookup(
-                    &ctx.listener.name,
-                    host.as_ref().map_or("", hygiene::RequestHost::as_str),
-                    req.uri().path(),
+        let host_header = check_request(ctx, &req, present)?;
+        let host = hygiene::request_host_of(req.uri(), host_header);
+        if let (Some(h), true) = (&host, ctx.telemetry.access_log_enabled()) {
+            log.host.push_str(h.as_str());
+        }
+        // Borrowed from the current table without touching its reference count (shared by
+        // every worker); only the matched entry is kept.
+        let entry = ctx
+            .state
+            .with_routing(|routing| {
+                routing
+                    .lookup(
+                        &ctx.listener.name,
+                        host.as_ref().map_or("", hygiene::RequestHost::as_str),
+                        req.uri().path(),
+                    )
+                    .cloned()
+            })
+            .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, ErrorSource::Proxy, "no route"))?;
+        // Held by the log (its route and pool name the request's metrics) and borrowed from
+        // there: one reference count change per request on an entry every worker shares.
+        let entry = &**log.entry.insert(entry);
+
+        let upgrade = present.has(Known::Upgrade) && hygiene::is_upgrade(req.headers());
+        // The client's stream after the switch, from the HTTP/1 codec.
+        let client_upgrade = upgrade
+            .then(|| req.extensions_mut().remove::<ClientUpgrade>())
+            .flatten();
+        // Where the request stays while it is forwarded, sent from here.
+        let mut pending = Some(upstream_request(
+            ctx,
+            req,
+            entry,
+            host.as_ref(),
+            upgrade,
+            present,
+            log.trace.as_ref(),
+        )?);
+        // A registered route whose instances are away: wait (bounded) for one to come back.
+        let pool = crate::registration::ready_pool(entry.pool_slot(), ctx.telemetry.metrics())
+            .await
+            .map_err(|e| {
+                Failure::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorSource::Proxy,
+                    e.to_string(),
                 )
-                .cloned()
-        })
-        .ok_or_else(|| Failure::new(StatusCode::NOT_FOUND, ErrorSource::Proxy, "no route"))?;
-    // Held by the log (its route and pool name the request's metrics) and borrowed from
-    // there: one reference count change per request on an entry every worker shares.
-    let entry = &**log.entry.insert(entry);
+            })?;
+        let (mut parts, held, in_flight) = forward(&pool, &mut pending, log).await?;
+        // Only the access line and the span name the upstream.
+        if ctx.telemetry.access_log_enabled() || log.trace.is_some() {
+            log.upstream = Some(in_flight.upstream().clone());
+        }
 
-    let upgrade = present.has(Known::Upgrade) && hygiene::is_upgrade(req.headers());
-    // The client's stream after the switch, from the HTTP/1 codec.
-    let client_upgrade = upgrade
-        .then(|| req.extensions_mut().remove::<ClientUpgrade>())
-        .flatten();
-    // Where the request stays while it is forwarded, sent from here.
-    let mut pending = Some(upstream_request(
-        ctx,
-        req,
-        entry,
-        host.as_ref(),
-        upgrade,
-        present,
-        log.trace.as_ref(),
-    )?);
-    // A registered route whose instances are away: wait (bounded) for one to come back.
-    let pool = crate::registration::ready_pool(entry.pool_slot(), ctx.telemetry.metrics())
-        .await
-        .map_err(|e| {
-            Failure::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorSource::Proxy,
-                e.to_string(),
-            )
-        })?;
-    let (mut parts, held, in_flight) = forward(&pool, &mut pending, log).await?;
-    // Only the access line and the span name the upstream.
-    if ctx.telemetry.access_log_enabled() || log.trace.is_some() {
-        log.upstream = Some(in_flight.upstream().clone());
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream = match held {
+                Held::Http1(body) => body.into_tunnel(),
+                Held::H2(..) => None,
+            };
+            let (Some(client_upgrade), Some(upstream)) = (client_upgrade, upstream) else {
+                return Err(Failure::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorSource::Upstream,
+                    "the upstream switched protocols on a request that asked for no upgrade",
+                ));
+            };
+            ctx.shutdown
+                .spawn(tunnel(client_upgrade, upstream, in_flight));
+            hygiene::add_via(&mut parts.headers, Version::HTTP_11, Present::ALL);
+            return Ok(Response::from_parts(parts, ResponseBody::full("")));
+        }
+        Ok(client_response(
+            parts,
+            held,
+            in_flight,
+            pool.conn_key("").tls,
+        ))
     }
-
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        let upstream = match held {
-            Held::Http1(body) => body.into_tunnel(),
-            Held::H2(..) => None,
-        };
-        let (Some(client_upgrade), Some(upstream)) = (client_upgrade, upstream) else {
-            return Err(Failure::new(
-                StatusCode::BAD_GATEWAY,
-                ErrorSource::Upstream,
-                "the upstream switched protocols on a request that asked for no upgrade",
-            ));
-        };
-        ctx.shutdown
-            .spawn(tunnel(client_upgrade, upstream, in_flight));
-        hygiene::add_via(&mut parts.headers, Version::HTTP_11, Present::ALL);
-        return Ok(Response::from_parts(parts, ResponseBody::full("")));
-    }
-    Ok(client_response(
-        parts,
-        held,
-        in_flight,
-        pool.conn_key("").tls,
-    ))
 }
 
 /// Step 0: an ACME HTTP-01 validation request for an order in progress is answered here,
