@@ -705,3 +705,37 @@ async fn accept_loops_count_for_the_drain_until_they_stop() {
     assert!(signal.is_triggered());
     assert_eq!(signal.in_flight(), 0);
 }
+
+/// A connection that ends with its response (the client asked, or HTTP/1.0) ends with
+/// the whole response and then a plain end of stream: the client reads to the end
+/// without a reset, whichever way the socket is closed.
+#[tokio::test]
+async fn a_connection_that_ends_with_its_response_ends_after_all_of_it() {
+    let up = upstream("up").await;
+    let p = proxy_to(&up).await;
+    for request in [
+        &b"GET /a HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"[..],
+        b"GET /b HTTP/1.0\r\nHost: h\r\n\r\n",
+    ] {
+        let mut client = TcpStream::connect(p.addr("web")).await.unwrap();
+        client.write_all(request).await.unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut response))
+            .await
+            .expect("the connection ends after its response")
+            .expect("a plain end of stream, no reset");
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1."), "{text}");
+        assert!(head.contains(" 200 "), "{text}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("a length");
+        assert_eq!(body.len(), length, "the whole body: {text}");
+    }
+}

@@ -274,3 +274,44 @@ async fn unreadable_certificate_file_stops_the_start_with_the_field_named() {
         "{err}"
     );
 }
+
+/// A response that ends its connection ends TLS properly: the client reads the whole
+/// response and then the server's `close_notify`, not a bare end of the TCP stream (which
+/// a TLS client reports as a possible truncation).
+#[tokio::test]
+async fn a_response_that_ends_the_connection_closes_tls_with_close_notify() {
+    let ca = TestCa::new("close CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["shop.example.test"]);
+    let app = upstream("app").await;
+    let config = format!(
+        "[[listeners]]\nname = \"secure\"\nprotocol = \"https\"\naddress = \"127.0.0.1:0\"\n\n{pool}\
+         [[routes]]\nname = \"app\"\nlistener = \"secure\"\npool = \"app\"\n\n\
+         [[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        write(dir.path(), "shop.pem", &cert),
+        write(dir.path(), "shop.key", &key),
+        pool = pool("app", &[&app]),
+    );
+    let proxy = start_proxy(&config).await;
+    let client = client_config(ca.roots(), &[b"http/1.1"]);
+    let mut tls = tls_connect(proxy.addr("secure"), "shop.example.test", client)
+        .await
+        .expect("handshake");
+    tls.write_all(b"GET /x HTTP/1.1\r\nHost: shop.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tls.read_to_end(&mut response),
+    )
+    .await
+    .expect("the connection ends after its response")
+    .expect("ended with close_notify");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("\"upstream\":\"app\"") && text.ends_with('}'),
+        "the whole response: {text}"
+    );
+}

@@ -129,6 +129,10 @@ impl<S: ReadReady> ReadReady for Replayed<S> {
     fn bound_waits(&mut self, end: Option<tokio::time::Instant>) {
         self.inner.bound_waits(end)
     }
+
+    fn closes_cleanly_on_drop(&self) -> bool {
+        self.inner.closes_cleanly_on_drop()
+    }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {

@@ -262,7 +262,7 @@ where
                 encode_refusal(&mut out, status);
                 let _ = async {
                     wire.io.write_all(&out).await?;
-                    wire.io.shutdown().await
+                    close(&mut wire.io).await
                 }
                 .await;
                 return Served::Ended;
@@ -339,7 +339,7 @@ where
             Written::Complete => {}
         }
         if !keep_alive {
-            let _ = wire.io.shutdown().await;
+            let _ = close(&mut wire.io).await;
             return Served::Ended;
         }
         let now = Instant::now();
@@ -349,6 +349,15 @@ where
         // rest when the connection parks.
         idle_since = Some(now);
     }
+}
+
+/// Ends the writing side of a connection that ends here: a shutdown where the stream needs
+/// one (TLS sends its `close_notify`), nothing where its drop closes it the same way.
+async fn close<S: AsyncWrite + ReadReady + Unpin>(io: &mut S) -> io::Result<()> {
+    if io.closes_cleanly_on_drop() {
+        return Ok(());
+    }
+    io.shutdown().await
 }
 
 /// How a connection's wait between requests, buffers kept, ended.

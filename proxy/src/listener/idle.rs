@@ -226,6 +226,14 @@ pub trait ReadReady {
     {
         Err(self)
     }
+
+    /// Whether dropping the stream ends the connection exactly as shutting down its
+    /// writing side first would. A plain socket's close sends the FIN that the shutdown
+    /// would have sent (or, with bytes left unread, the same reset), so a shutdown right
+    /// before it is a system call for nothing; TLS owes its peer a `close_notify` first.
+    fn closes_cleanly_on_drop(&self) -> bool {
+        false
+    }
 }
 
 /// A plain connection's socket out of the runtime's event loop, and its idle limit, while
@@ -276,6 +284,10 @@ impl ReadReady for tokio::net::TcpStream {
     fn into_socket(self) -> Result<io::Result<std::net::TcpStream>, Self> {
         Ok(self.into_std())
     }
+
+    fn closes_cleanly_on_drop(&self) -> bool {
+        true
+    }
 }
 
 impl<S: ReadReady> ReadReady for IdleTimeout<S> {
@@ -323,6 +335,10 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
             Err(inner) => Err(IdleTimeout { inner, ..self }),
         }
     }
+
+    fn closes_cleanly_on_drop(&self) -> bool {
+        self.inner.closes_cleanly_on_drop()
+    }
 }
 
 impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
@@ -340,6 +356,10 @@ impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
         due: Instant,
     ) -> Option<Poll<io::Result<Woken>>> {
         (**self).poll_ready_until(cx, due)
+    }
+
+    fn closes_cleanly_on_drop(&self) -> bool {
+        (**self).closes_cleanly_on_drop()
     }
 }
 
@@ -449,6 +469,21 @@ mod tests {
                 Err(e) => return (got, e),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn only_a_plain_socket_closes_cleanly_on_drop() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        assert!(client.closes_cleanly_on_drop());
+        let idle = IdleTimeout::new(client, TIMEOUT);
+        assert!(idle.closes_cleanly_on_drop());
+        assert!(Box::new(idle).closes_cleanly_on_drop());
+        // Any other stream is shut down first (TLS: its close_notify).
+        let (_, server) = tokio::io::duplex(64);
+        assert!(!IdleTimeout::new(DuplexReady(server), TIMEOUT).closes_cleanly_on_drop());
     }
 
     #[tokio::test(start_paused = true)]
