@@ -14,7 +14,7 @@ use common::*;
 use proxy::registration::client::{self, Announce, ClientError, RegisteredProtocol};
 use proxy_proto::v1 as pb;
 use proxy_proto::v1::registration_service_client::RegistrationServiceClient;
-use registration_support::{channel, local, port_closes, proxy_with};
+use registration_support::{channel, local, port_closes, port_opens, proxy_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -416,14 +416,10 @@ async fn a_registration_cancelled_during_the_writer_round_trip_leaves_nothing_be
             .await
     });
     // The port opens for it once it holds its booking and waits for the writer.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(local(port)).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the port was never opened for the registration"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    assert!(
+        port_opens(port).await,
+        "the port was never opened for the registration"
+    );
     assert!(
         !call.is_finished(),
         "the registration cannot finish while the writer is busy"
@@ -507,15 +503,10 @@ async fn an_aborted_register_call_leaves_nothing_behind() {
     };
     let call = tokio::spawn(async move { registry.register(claim).await });
     // The port opens once the call holds its booking and waits for the writer.
-    let mut opened = false;
-    for _ in 0..200 {
-        if TcpStream::connect(local(port)).await.is_ok() {
-            opened = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(opened, "the port was never opened for the registration");
+    assert!(
+        port_opens(port).await,
+        "the port was never opened for the registration"
+    );
     assert!(
         !call.is_finished(),
         "the writer is busy, the call cannot have finished"

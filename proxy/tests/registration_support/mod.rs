@@ -32,6 +32,17 @@ pub async fn port_closes(port: u16) -> bool {
     false
 }
 
+/// Whether `127.0.0.1:port` accepts connections within 10 s.
+pub async fn port_opens(port: u16) -> bool {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(local(port)).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
