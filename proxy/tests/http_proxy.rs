@@ -630,12 +630,7 @@ async fn graceful_shutdown_finishes_in_flight_http2_streams() {
         .unwrap();
     let slow = tokio::spawn(sender.send_request(req));
     // Wait until the request reached the upstream, then stop.
-    for _ in 0..200 {
-        if up.hits() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    up.until_hits(1).await;
     assert_eq!(up.hits(), 1);
     let stop = tokio::spawn(p.daemon.stop());
     let resp = slow.await.unwrap().unwrap();
