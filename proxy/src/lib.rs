@@ -28,12 +28,14 @@
 //! - [`systemd`]: readiness and stopping notifications, the main pid, the fd store.
 //! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
+//! - [`boxed`]: futures boxed where they are built, not copied into their box.
 //! - [`workers`]: one single-threaded runtime per CPU serving the configured listeners.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
 //! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps imports pointing down
 //! them, with no cycle.
 
+pub mod boxed;
 pub mod cluster;
 pub mod config;
 pub mod discovery;

@@ -397,7 +397,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("feeds and reports", &["discovery", "telemetry"]),
     ("compiled snapshot and pools", &["routing", "upstream"]),
     ("model", &["state"]),
-    ("leaves", &["etcd", "shutdown", "systemd", "workers"]),
+    (
+        "leaves",
+        &["boxed", "etcd", "shutdown", "systemd", "workers"],
+    ),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

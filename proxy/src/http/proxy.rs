@@ -18,6 +18,7 @@ use super::framing::HeadProgress;
 use super::h1::ClientUpgrade;
 use super::hygiene::{self, Known, Present};
 use super::per_ip::RequestRatePerIp;
+use crate::boxed;
 use crate::config::ListenerConfig;
 use crate::routing::Published;
 use crate::routing::RouteEntry;
@@ -686,7 +687,7 @@ async fn forward(
             let step = if h2 {
                 // Boxed: an HTTP/2 exchange is a larger future than an HTTP/1.1 one, and
                 // inline it would size every request's future, whatever its upstream.
-                Box::pin(forward_h2(&mut attempt, upstream, in_flight)).await
+                boxed::pinned(|| forward_h2(&mut attempt, upstream, in_flight)).await
             } else {
                 forward_http1(&mut attempt, upstream, in_flight).await
             };
@@ -1069,7 +1070,7 @@ impl Attempts {
         // kilobytes that most requests, served on a kept connection, never run. Inline it
         // would be part of every request's future, which an HTTP/2 stream's task
         // allocates and copies whole.
-        match Box::pin(dial(upstream, pool, metrics, open, timeout)).await {
+        match boxed::pinned(|| dial(upstream, pool, metrics, open, timeout)).await {
             Ok(dialed) => dialed,
             Err(e) => Dialed::None(NoConnection::Failed(e)),
         }

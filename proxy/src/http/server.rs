@@ -27,6 +27,7 @@ use super::h1::{self, Served};
 use super::per_ip::{ClientConnection, ConnectionsPerIp, RequestRatePerIp};
 use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
+use crate::boxed;
 use crate::config::ListenerConfig;
 use crate::listener::{Accepted, DormantLimit, IdleTimeout, Incoming, ReadReady, Woken};
 use crate::routing::Published;
@@ -346,12 +347,14 @@ async fn serve_limited(
                     let _held = Held::new(permit, client_slot, open, load);
                     // The idle limit sits below TLS, so it covers the handshake too; the
                     // handshake as a whole is bounded by the header timeout.
-                    let handshake = Box::pin(ctx.tls.accept(
-                        IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
-                        &server_config,
-                        ctx.telemetry.metrics(),
-                        ctx.listener.header_timeout,
-                    ));
+                    let handshake = boxed::pinned(|| {
+                        ctx.tls.accept(
+                            IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
+                            &server_config,
+                            ctx.telemetry.metrics(),
+                            ctx.listener.header_timeout,
+                        )
+                    });
                     match handshake.await {
                         // The decrypted stream (rustls' connection state, kilobytes) is
                         // boxed once: an HTTP/1 connection hands its stream to a new serving
@@ -359,7 +362,8 @@ async fn serve_limited(
                         // was copied whole each time (callgrind, HTTP/1.1 keep-alive over
                         // TLS: 11k instructions per request).
                         Ok(stream) => {
-                            Box::pin(serve_connection(Box::new(stream), ctx, &protocols, None))
+                            let stream = Box::new(stream);
+                            boxed::pinned(|| serve_connection(stream, ctx, &protocols, None))
                                 .await
                         }
                         Err(AcceptError::ChallengeAnswered) => {}
@@ -424,13 +428,8 @@ async fn serve_connection<IO>(
             return serve_http1(stream, Some((start, ctx)), conn).await;
         }
         Speaks::Http2 => {
-            Box::pin(serve_http2(
-                Replayed::new(stream, start.freeze()),
-                ctx.clone(),
-                &protocols.http2,
-                first_due,
-            ))
-            .await
+            let stream = Replayed::new(stream, start.freeze());
+            boxed::pinned(|| serve_http2(stream, ctx.clone(), &protocols.http2, first_due)).await
         }
     };
     if let Some(Err(e)) = result {
@@ -525,11 +524,8 @@ where
     };
     let streams = ConnectionStreams::default();
     let hold = Arc::new(Hold::default());
-    let conn = Box::pin(
-        http2
-            .builder(streams.clone())
-            .serve_connection(TokioIo::new(HeldWrites::new(stream, hold.clone())), service),
-    );
+    let io = TokioIo::new(HeldWrites::new(stream, hold.clone()));
+    let conn = boxed::pinned(|| http2.builder(streams.clone()).serve_connection(io, service));
     let served = Box::pin(InTask::new(conn, streams, hold));
     watch
         .drive(served, |mut served| {
@@ -595,8 +591,9 @@ async fn serve_http1<S>(
         };
         // The stream goes to the busy spell and comes back into the same place here (a
         // parked connection's future holds one stream, not one per step).
-        let busy = serve_busy(stream, read, ctx, conn.head_due, &mut conn.drain_due);
-        match Box::pin(busy).await {
+        let head_due = conn.head_due;
+        let busy = boxed::pinned(|| serve_busy(stream, read, ctx, head_due, &mut conn.drain_due));
+        match busy.await {
             Served::Ended => return,
             // A keep-alive connection has `header_timeout` for its next request from the
             // end of the last response.
@@ -687,7 +684,7 @@ fn woken(
     stream: IdleTimeout<TcpStream>,
     conn: Http1Conn,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-    Box::pin(serve_http1(stream, None, conn))
+    boxed::pinned(|| serve_http1(stream, None, conn))
 }
 
 /// One busy spell of an HTTP/1 connection: serves requests until it ends or parks.

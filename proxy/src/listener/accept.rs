@@ -78,7 +78,7 @@ impl Incoming {
         // over 1 KiB. A connection's future is over 1 KiB; boxed it is allocated once,
         // with the usual alignment (callgrind, TCP with a new connection per exchange:
         // 17.4k -> 16.1k instructions per connection).
-        shutdown.spawn(Box::pin(serve(stream, load)));
+        shutdown.spawn(crate::boxed::pinned(|| serve(stream, load)));
     }
 }
 

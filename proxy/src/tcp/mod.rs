@@ -192,7 +192,7 @@ async fn serve_limited(
                 // large, and inline it would be part of every connection's task, which is
                 // copied several times over while it is spawned.
                 (_, Some(server_config)) => {
-                    Box::pin(async {
+                    crate::boxed::pinned(|| async {
                         match tls
                             .accept(
                                 IdleTimeout::new(stream, config.idle_timeout),

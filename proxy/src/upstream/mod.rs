@@ -525,7 +525,7 @@ impl PoolRuntime {
         // Boxed: the handshake's state (a whole TLS client connection) would otherwise be
         // part of every caller's future, plain-TCP connections included, and be copied
         // with it each time a connection's task is spawned.
-        let dial = Box::pin(async {
+        let dial = crate::boxed::pinned(|| async {
             let stream = connect(address, timeout).await?;
             connector
                 .handshake(stream)
