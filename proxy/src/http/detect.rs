@@ -133,6 +133,10 @@ impl<S: ReadReady> ReadReady for Replayed<S> {
     fn closes_cleanly_on_drop(&self) -> bool {
         self.inner.closes_cleanly_on_drop()
     }
+
+    fn send_at_once(&mut self) {
+        self.inner.send_at_once();
+    }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {

@@ -84,6 +84,35 @@ struct Wire<S> {
     io: S,
     buf: ReadBuffer,
     out: Vec<u8>,
+    /// Something was written to the connection already (in this call or before it).
+    written: bool,
+    /// `io` sends small writes at once (see [`Wire::writer`]).
+    at_once: bool,
+}
+
+impl<S: ReadReady> Wire<S> {
+    /// The stream, for a write. A socket holds a small write back until its last small
+    /// one is acknowledged (Nagle's algorithm), which would delay a response written after
+    /// another, or a body's next part after its head, by as much as the client's delayed
+    /// acknowledgement (40 ms on Linux). A connection's first write has nothing before it
+    /// to wait for, so the stream is told to send at once from its second write on: a
+    /// connection that is answered once and closed makes no system call for it (nginx
+    /// likewise sets `TCP_NODELAY` only once a connection is kept alive).
+    fn writer(&mut self) -> &mut S {
+        if self.written {
+            self.send_at_once();
+        }
+        self.written = true;
+        &mut self.io
+    }
+
+    /// Has the stream send its writes at once from now on.
+    fn send_at_once(&mut self) {
+        if !self.at_once {
+            self.io.send_at_once();
+            self.at_once = true;
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> Wire<S> {
@@ -218,13 +247,15 @@ pub(super) struct Conn<'a, H> {
 /// next request with nothing buffered. `read` holds what was read from `io` already (a
 /// new connection's first bytes). The first head is due at `head_due`, each further one
 /// `header_timeout` after the response before it; `drain_due` is set once draining began
-/// (when a connection that stays idle is closed).
+/// (when a connection that stays idle is closed). `written_before` says whether anything
+/// was written to the connection before this call (it parked since).
 pub(super) async fn serve<S, H, F>(
     io: S,
     read: BytesMut,
     conn: &Conn<'_, H>,
     mut head_due: Instant,
     drain_due: &mut Option<Instant>,
+    written_before: bool,
 ) -> Served<S>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
@@ -235,6 +266,8 @@ where
         io,
         buf: ReadBuffer(read),
         out: Vec::new(),
+        written: written_before,
+        at_once: false,
     };
     // The one timer of the waits between requests, for as long as this call serves: it is
     // armed at the first wait and re-armed only when it fires (see `linger`), not once per
@@ -261,7 +294,7 @@ where
                 let mut out = Vec::new();
                 encode_refusal(&mut out, status);
                 let _ = async {
-                    wire.io.write_all(&out).await?;
+                    wire.writer().write_all(&out).await?;
                     close(&mut wire.io).await
                 }
                 .await;
@@ -332,6 +365,8 @@ where
             Written::Switched => {
                 if let Some(tx) = upgraded {
                     let leftover = wire.buf.split().freeze();
+                    // The tunnel relays whatever comes, as it comes.
+                    wire.send_at_once();
                     let _ = tx.send(Replayed::new(Box::new(wire.io), leftover));
                 }
                 return Served::Ended;
@@ -805,7 +840,7 @@ enum BodyError {
 
 impl<S> ClientBodySource for Shared<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     fn poll_frame(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
@@ -821,7 +856,7 @@ where
             } else {
                 let mut at = at;
                 while at < CONTINUE.len() {
-                    match Pin::new(&mut reading.wire.io).poll_write(cx, &CONTINUE[at..]) {
+                    match Pin::new(reading.wire.writer()).poll_write(cx, &CONTINUE[at..]) {
                         Poll::Ready(Ok(0)) => {
                             reading.framing = Framing::Failed;
                             let e = io::Error::from(io::ErrorKind::WriteZero);
@@ -914,7 +949,7 @@ async fn write_response<S>(
     keep_alive: &mut bool,
 ) -> Written
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     // Borrowed, not taken apart: a response is a few hundred bytes, copied at every move.
     let status = response.status();
@@ -994,7 +1029,7 @@ where
         }
         let wrote = link.with(|wire| {
             while at < pending.len() {
-                match pending.poll_write(&mut wire.io, cx, at) {
+                match pending.poll_write(wire.writer(), cx, at) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(io::Error::from(io::ErrorKind::WriteZero)))
                     }
@@ -1509,10 +1544,14 @@ mod tests {
                     let mut stream = stream;
                     let mut drain_due = None;
                     let mut due = Instant::now() + conn.header_timeout;
+                    let mut written = false;
                     loop {
-                        match serve(stream, BytesMut::new(), &conn, due, &mut drain_due).await {
+                        let served =
+                            serve(stream, BytesMut::new(), &conn, due, &mut drain_due, written);
+                        match served.await {
                             Served::Ended => return,
                             Served::Parked(mut back, next_due) => {
+                                written = true;
                                 parks.fetch_add(1, Ordering::Relaxed);
                                 // Holding only the stream until its next bytes, as the
                                 // server's connections do.
@@ -1624,6 +1663,83 @@ mod tests {
         async fn closed(&mut self) -> bool {
             !self.fill().await && self.buf.is_empty()
         }
+    }
+
+    /// Serves the next connection `listener` accepts with `handler`; returns a second
+    /// handle on the served socket (a duplicate of its descriptor) to read its options.
+    async fn serve_one<H, F>(listener: &TcpListener, handler: H) -> std::os::fd::OwnedFd
+    where
+        H: Fn(Request<ClientBody>) -> F + Send + Sync + 'static,
+        F: Future<Output = Answer> + Send + 'static,
+    {
+        use std::os::fd::AsFd;
+        let (stream, client) = listener.accept().await.unwrap();
+        let probe = stream.as_fd().try_clone_to_owned().unwrap();
+        tokio::spawn(async move {
+            let (shutdown, progress) = (Shutdown::new(), HeadProgress::default());
+            let series = Metrics::new(None).listener("t", "http");
+            let conn = Conn {
+                max_header_bytes: 16 * 1024,
+                header_timeout: Duration::from_secs(10),
+                drain_grace: Duration::from_secs(1),
+                park_after: Duration::from_secs(10),
+                shutdown: &shutdown,
+                series: &series,
+                progress: &progress,
+                client,
+                handler,
+            };
+            let due = Instant::now() + conn.header_timeout;
+            serve(stream, BytesMut::new(), &conn, due, &mut None, false).await;
+        });
+        probe
+    }
+
+    fn sends_at_once(socket: &std::os::fd::OwnedFd) -> bool {
+        socket2::SockRef::from(socket).tcp_nodelay().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_sends_at_once_from_its_second_write_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        // Answered once and closed: one write, which nothing before it can hold back.
+        let mut client = Client::connect(addr).await;
+        let socket = serve_one(&listener, echo).await;
+        client
+            .send(b"GET /once HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await;
+        assert_eq!(client.response(false).await.1, "GET /once HTTP/1.1\n");
+        // (The duplicate keeps the socket open: the close is not seen here.)
+        assert!(!sends_at_once(&socket));
+
+        // Kept alive: the first response leaves as it is; the second is sent at once.
+        let mut client = Client::connect(addr).await;
+        let socket = serve_one(&listener, echo).await;
+        client.send(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(client.response(false).await.1, "GET /1 HTTP/1.1\n");
+        assert!(!sends_at_once(&socket));
+        client.send(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(client.response(false).await.1, "GET /2 HTTP/1.1\n");
+        assert!(sends_at_once(&socket));
+
+        // `100 Continue`, then the response: its second write is sent at once.
+        let mut client = Client::connect(addr).await;
+        let socket = serve_one(&listener, echo).await;
+        client
+            .send(
+                b"PUT /e HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            )
+            .await;
+        assert_eq!(
+            client.response(false).await.0,
+            "http/1.1 100 continue\r\n\r\n"
+        );
+        assert!(!sends_at_once(&socket));
+        client.send(b"data").await;
+        assert_eq!(client.response(false).await.1, "PUT /e HTTP/1.1\ndata");
+        assert!(sends_at_once(&socket));
     }
 
     #[tokio::test]

@@ -316,7 +316,12 @@ async fn serve_limited(
                 }
             },
         };
-        let _ = accepted.set_nodelay();
+        // A TLS connection sends at once from its first write (a handshake's flights and
+        // its session tickets are writes in a row); a plain one from its second (the
+        // HTTP/1 codec's `Wire::writer`): one answered once and closed never needs it.
+        if terminate.is_some() {
+            let _ = accepted.set_nodelay();
+        }
         let ctx = Arc::new(ConnContext::new(shared.clone(), client));
         let protocols = protocols.clone();
         let idle = config.idle_timeout;
@@ -428,7 +433,9 @@ async fn serve_connection<IO>(
             return serve_http1(stream, Some((start, ctx)), conn).await;
         }
         Speaks::Http2 => {
-            let stream = Replayed::new(stream, start.freeze());
+            // HTTP/2 writes frames of many streams as they come.
+            let mut stream = Replayed::new(stream, start.freeze());
+            stream.send_at_once();
             boxed::pinned(|| serve_http2(stream, ctx.clone(), &protocols.http2, first_due)).await
         }
     };
@@ -570,6 +577,8 @@ async fn serve_http1<S>(
     // ready already, or due.
     let mut doze_at = None;
     loop {
+        // Only a connection's first busy spell starts with nothing written to it.
+        let written_before = first.is_none();
         let (read, ctx) = match first.take() {
             Some(first) => first,
             None => {
@@ -592,7 +601,9 @@ async fn serve_http1<S>(
         // The stream goes to the busy spell and comes back into the same place here (a
         // parked connection's future holds one stream, not one per step).
         let head_due = conn.head_due;
-        let busy = boxed::pinned(|| serve_busy(stream, read, ctx, head_due, &mut conn.drain_due));
+        let drain_due = &mut conn.drain_due;
+        let busy =
+            boxed::pinned(|| serve_busy(stream, read, ctx, head_due, drain_due, written_before));
         match busy.await {
             Served::Ended => return,
             // A keep-alive connection has `header_timeout` for its next request from the
@@ -694,6 +705,7 @@ async fn serve_busy<S>(
     ctx: Arc<ConnContext>,
     head_due: Instant,
     drain_due: &mut Option<Instant>,
+    written_before: bool,
 ) -> Served<S>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
@@ -709,7 +721,7 @@ where
         client: ctx.client,
         handler: |req| handle(ctx.clone(), req),
     };
-    h1::serve(stream, read, &conn, head_due, drain_due).await
+    h1::serve(stream, read, &conn, head_due, drain_due, written_before).await
 }
 
 /// How a parked connection's wait ended.

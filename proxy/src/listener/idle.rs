@@ -234,6 +234,11 @@ pub trait ReadReady {
     fn closes_cleanly_on_drop(&self) -> bool {
         false
     }
+
+    /// Sends small writes at once from now on (`TCP_NODELAY`), where the stream is a socket
+    /// that may hold one back until its last one is acknowledged (Nagle's algorithm, a
+    /// socket's default); nothing for any other stream.
+    fn send_at_once(&mut self) {}
 }
 
 /// A plain connection's socket out of the runtime's event loop, and its idle limit, while
@@ -288,6 +293,11 @@ impl ReadReady for tokio::net::TcpStream {
     fn closes_cleanly_on_drop(&self) -> bool {
         true
     }
+
+    fn send_at_once(&mut self) {
+        // Failing only on a socket that is gone, which the next write reports.
+        let _ = self.set_nodelay(true);
+    }
 }
 
 impl<S: ReadReady> ReadReady for IdleTimeout<S> {
@@ -339,6 +349,10 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
     fn closes_cleanly_on_drop(&self) -> bool {
         self.inner.closes_cleanly_on_drop()
     }
+
+    fn send_at_once(&mut self) {
+        self.inner.send_at_once();
+    }
 }
 
 impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
@@ -361,6 +375,10 @@ impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
     fn closes_cleanly_on_drop(&self) -> bool {
         (**self).closes_cleanly_on_drop()
     }
+
+    fn send_at_once(&mut self) {
+        (**self).send_at_once();
+    }
 }
 
 impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
@@ -381,6 +399,10 @@ impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
     ) -> Option<Poll<io::Result<Woken>>> {
         self.get_mut().0.poll_ready_until(cx, due)
     }
+
+    /// Nothing: a TLS connection's socket sends at once from its accept on (a handshake's
+    /// flights and a session ticket are several writes in a row).
+    fn send_at_once(&mut self) {}
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
