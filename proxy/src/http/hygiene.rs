@@ -302,13 +302,6 @@ fn valid_reg_name(name: &[u8]) -> bool {
     true
 }
 
-/// An RFC 7230 quoted-string holding `value` (for `Forwarded` parameters, RFC 7239).
-fn quoted(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 2);
-    push_quoted(&mut out, value);
-    out
-}
-
 /// The length of `value` as an RFC 7230 quoted-string.
 fn quoted_len(value: &str) -> usize {
     2 + value.len() + value.bytes().filter(|b| matches!(b, b'"' | b'\\')).count()
@@ -511,8 +504,8 @@ pub fn to_h2_request<B>(req: &mut http::Request<B>, tls: bool, fallback: &str) {
 pub struct ForwardedClient {
     /// The address alone: `X-Forwarded-For` when the request has none.
     address: HeaderValue,
-    /// `for=` and the address, quoted and bracketed for IPv6 (RFC 7239).
-    forwarded_for: String,
+    /// An IPv6 address, which `Forwarded` quotes and brackets (RFC 7239).
+    v6: bool,
     /// What the connection's requests were given so far (see [`Rendered`]).
     last: Mutex<Last>,
 }
@@ -542,21 +535,34 @@ struct Rendered {
 impl ForwardedClient {
     /// Renders `client`.
     pub fn new(client: IpAddr) -> ForwardedClient {
-        let text = ip_text(client);
-        let forwarded_for = match client {
-            IpAddr::V4(_) => {
-                let mut s = String::with_capacity(4 + text.len());
-                s.push_str("for=");
-                s.push_str(&text);
-                s
-            }
-            IpAddr::V6(_) => format!("for={}", quoted(&format!("[{text}]"))),
-        };
         ForwardedClient {
-            // An IP address is always a valid header value.
-            address: HeaderValue::try_from(text).unwrap_or(HeaderValue::from_static("unknown")),
-            forwarded_for,
+            address: ip_value(client),
+            v6: client.is_ipv6(),
             last: Mutex::new(Last::default()),
+        }
+    }
+
+    /// The address as text.
+    fn text(&self) -> &str {
+        // An address's text is ASCII.
+        self.address.to_str().unwrap_or_default()
+    }
+
+    /// The length of this hop's `for=` parameter (see [`Self::push_for`]).
+    fn for_len(&self) -> usize {
+        "for=".len() + self.text().len() + if self.v6 { 4 } else { 0 }
+    }
+
+    /// Appends `for=` and the address, quoted and bracketed for IPv6 (RFC 7239; an
+    /// address has nothing to escape).
+    fn push_for(&self, out: &mut String) {
+        out.push_str("for=");
+        if self.v6 {
+            out.push_str("\"[");
+            out.push_str(self.text());
+            out.push_str("]\"");
+        } else {
+            out.push_str(self.text());
         }
     }
 
@@ -575,7 +581,7 @@ impl ForwardedClient {
         }) {
             return (r.host.clone(), r.forwarded.clone());
         }
-        let forwarded = forwarded_value(None, &self.forwarded_for, text, proto);
+        let forwarded = forwarded_value(None, self, text, proto);
         if !std::mem::replace(&mut last.seen, true) {
             // A connection's first request: most connections that make only one would
             // pay for copies they never share.
@@ -590,27 +596,36 @@ impl ForwardedClient {
     }
 }
 
-/// `client` as text. An IPv4 address, the common case, is written digit by digit: this
-/// runs for every accepted connection, and the formatting machinery costs several times
-/// as much.
-fn ip_text(client: IpAddr) -> String {
+/// `client` as a header value. An IPv4 address, the common case, is written digit by
+/// digit on the stack and copied once into a block of its exact size: this runs for every
+/// accepted connection, and the formatting machinery costs several times as much (as
+/// does a `String` made a header value: it is shared through a block of its own unless
+/// filled to its capacity).
+fn ip_value(client: IpAddr) -> HeaderValue {
     let IpAddr::V4(v4) = client else {
-        return client.to_string();
+        // An IP address is always a valid header value.
+        return HeaderValue::try_from(client.to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
     };
-    let mut text = String::with_capacity(15);
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    let mut push = |b: u8| {
+        text[len] = b;
+        len += 1;
+    };
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            text.push('.');
+            push(b'.');
         }
         if octet >= 100 {
-            text.push(char::from(b'0' + octet / 100));
+            push(b'0' + octet / 100);
         }
         if octet >= 10 {
-            text.push(char::from(b'0' + octet / 10 % 10));
+            push(b'0' + octet / 10 % 10);
         }
-        text.push(char::from(b'0' + octet % 10));
+        push(b'0' + octet % 10);
     }
-    text
+    HeaderValue::from_bytes(&text[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`
@@ -654,12 +669,7 @@ pub fn add_forwarding(
         None => client.rendered(proto, host),
         Some(prior) => (
             host.and_then(RequestHost::to_header_value),
-            forwarded_value(
-                Some(prior),
-                &client.forwarded_for,
-                host.map(RequestHost::as_str),
-                proto,
-            ),
+            forwarded_value(Some(prior), client, host.map(RequestHost::as_str), proto),
         ),
     };
     if let Some(v) = forwarded_host {
@@ -673,7 +683,7 @@ pub fn add_forwarding(
 /// The `Forwarded` value: `prior`, then this hop's element (RFC 7239).
 fn forwarded_value(
     prior: Option<&str>,
-    forwarded_for: &str,
+    client: &ForwardedClient,
     host: Option<&str>,
     proto: &'static str,
 ) -> Option<HeaderValue> {
@@ -681,7 +691,7 @@ fn forwarded_value(
     // another allocation.
     let mut forwarded = String::with_capacity(
         prior.map_or(0, |p| p.len() + 2)
-            + forwarded_for.len()
+            + client.for_len()
             + host.map_or(0, |h| ";host=".len() + quoted_len(h))
             + ";proto=".len()
             + proto.len(),
@@ -690,7 +700,7 @@ fn forwarded_value(
         forwarded.push_str(prior);
         forwarded.push_str(", ");
     }
-    forwarded.push_str(forwarded_for);
+    client.push_for(&mut forwarded);
     if let Some(host) = host {
         forwarded.push_str(";host=");
         push_quoted(&mut forwarded, host);
@@ -829,6 +839,13 @@ fn host_range(text: &str) -> std::ops::Range<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An RFC 7230 quoted-string holding `value`.
+    fn quoted(value: &str) -> String {
+        let mut out = String::with_capacity(value.len() + 2);
+        push_quoted(&mut out, value);
+        out
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -1025,19 +1042,26 @@ mod tests {
             [255, 200, 101, 110],
         ] {
             let ip = IpAddr::from(octets);
-            assert_eq!(ip_text(ip), ip.to_string());
+            assert_eq!(ip_value(ip), ip.to_string().as_str());
         }
         for a in 0..=255u8 {
             let ip = IpAddr::from([a, a.wrapping_mul(7), a.wrapping_add(13), 255 - a]);
-            assert_eq!(ip_text(ip), ip.to_string());
+            assert_eq!(ip_value(ip), ip.to_string().as_str());
         }
         let v6: IpAddr = "2001:db8::1".parse().expect("ip");
-        assert_eq!(ip_text(v6), "2001:db8::1");
+        assert_eq!(ip_value(v6), "2001:db8::1");
+        let for_of = |client: &ForwardedClient| {
+            let mut out = String::new();
+            client.push_for(&mut out);
+            assert_eq!(out.len(), client.for_len());
+            out
+        };
         let client = ForwardedClient::new("192.0.2.60".parse().expect("ip"));
         assert_eq!(client.address, "192.0.2.60");
-        assert_eq!(client.forwarded_for, "for=192.0.2.60");
+        assert_eq!(for_of(&client), "for=192.0.2.60");
         let client = ForwardedClient::new(v6);
-        assert_eq!(client.forwarded_for, "for=\"[2001:db8::1]\"");
+        assert_eq!(client.address, "2001:db8::1");
+        assert_eq!(for_of(&client), "for=\"[2001:db8::1]\"");
     }
 
     #[test]
