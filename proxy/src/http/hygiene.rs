@@ -240,10 +240,10 @@ pub fn valid_authority(value: &[u8]) -> bool {
                 .all(|b| b.is_ascii_hexdigit() || *b == b':' || *b == b'.');
         (ok, &inner[end + 1..])
     } else {
-        let end = value.iter().position(|b| *b == b':').unwrap_or(value.len());
-        let name = &value[..end];
-        let ok = !name.is_empty() && valid_reg_name(name);
-        (ok, &value[end..])
+        match reg_name_end(value) {
+            Some(0) | None => return false,
+            Some(end) => (true, &value[end..]),
+        }
     };
     if !host_ok {
         return false;
@@ -251,11 +251,15 @@ pub fn valid_authority(value: &[u8]) -> bool {
     match rest.split_first() {
         None => true,
         // Empty, or up to five digits that make a number up to 65535.
-        Some((b':', port)) => {
-            port.len() <= 5
-                && port.iter().all(u8::is_ascii_digit)
-                && port.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
-                    <= u32::from(u16::MAX)
+        Some((b':', port)) if port.len() <= 5 => {
+            let mut number = 0u32;
+            for &digit in port {
+                if !digit.is_ascii_digit() {
+                    return false;
+                }
+                number = number * 10 + u32::from(digit - b'0');
+            }
+            number <= u32::from(u16::MAX)
         }
         Some(_) => false,
     }
@@ -281,25 +285,30 @@ static REG_NAME_BYTE: [bool; 256] = {
     table
 };
 
-/// RFC 3986 reg-name: unreserved, sub-delims and percent-encoded octets.
-fn valid_reg_name(name: &[u8]) -> bool {
+/// Where the RFC 3986 reg-name (unreserved, sub-delims and percent-encoded octets) at the
+/// start of `value` ends: at its end or at a `:`; `None` when a byte before that is not
+/// part of one. One pass: every request's `Host` is checked.
+fn reg_name_end(value: &[u8]) -> Option<usize> {
     let mut i = 0;
-    while i < name.len() {
-        let b = name[i];
+    while i < value.len() {
+        let b = value[i];
+        if b == b':' {
+            break;
+        }
         if b == b'%' {
-            let hex = name.get(i + 1..i + 3);
+            let hex = value.get(i + 1..i + 3);
             if !hex.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
-                return false;
+                return None;
             }
             i += 3;
             continue;
         }
         if !REG_NAME_BYTE[usize::from(b)] {
-            return false;
+            return None;
         }
         i += 1;
     }
-    true
+    Some(i)
 }
 
 /// The length of `value` as an RFC 7230 quoted-string.
@@ -1179,6 +1188,8 @@ mod tests {
             "[::1]:443",
             "xn--bcher-kva.example",
             "a%20b",
+            "a%41:80",
+            "example.com:65535",
         ] {
             assert!(valid_authority(good.as_bytes()), "{good}");
         }
@@ -1197,7 +1208,10 @@ mod tests {
             "[::1]x",
             "a/b",
             "%zz",
+            "a%2:80",
+            "a%2",
             ":80",
+            "example.com:8a",
         ] {
             assert!(!valid_authority(bad.as_bytes()), "{bad}");
         }
