@@ -318,18 +318,17 @@ fn quoted_len(value: &str) -> usize {
 
 /// Appends `value` as an RFC 7230 quoted-string to `out`. The text between the characters
 /// to escape is copied as a whole (a host has none: one copy), not char by char.
-fn push_quoted(out: &mut String, value: &str) {
-    out.push('"');
-    let mut rest = value;
-    while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\') {
-        out.push_str(&rest[..at]);
-        out.push('\\');
-        // The escaped character itself, one byte (both are ASCII).
-        out.push_str(&rest[at..=at]);
+fn push_quoted(out: &mut Vec<u8>, value: &str) {
+    out.push(b'"');
+    let mut rest = value.as_bytes();
+    while let Some(at) = rest.iter().position(|b| *b == b'"' || *b == b'\\') {
+        out.extend_from_slice(&rest[..at]);
+        out.push(b'\\');
+        out.push(rest[at]);
         rest = &rest[at + 1..];
     }
-    out.push_str(rest);
-    out.push('"');
+    out.extend_from_slice(rest);
+    out.push(b'"');
 }
 
 fn parse_length(value: &HeaderValue) -> Option<u64> {
@@ -551,27 +550,21 @@ impl ForwardedClient {
         }
     }
 
-    /// The address as text.
-    fn text(&self) -> &str {
-        // An address's text is ASCII.
-        self.address.to_str().unwrap_or_default()
-    }
-
     /// The length of this hop's `for=` parameter (see [`Self::push_for`]).
     fn for_len(&self) -> usize {
-        "for=".len() + self.text().len() + if self.v6 { 4 } else { 0 }
+        "for=".len() + self.address.len() + if self.v6 { 4 } else { 0 }
     }
 
     /// Appends `for=` and the address, quoted and bracketed for IPv6 (RFC 7239; an
     /// address has nothing to escape).
-    fn push_for(&self, out: &mut String) {
-        out.push_str("for=");
+    fn push_for(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"for=");
         if self.v6 {
-            out.push_str("\"[");
-            out.push_str(self.text());
-            out.push_str("]\"");
+            out.extend_from_slice(b"\"[");
+            out.extend_from_slice(self.address.as_bytes());
+            out.extend_from_slice(b"]\"");
         } else {
-            out.push_str(self.text());
+            out.extend_from_slice(self.address.as_bytes());
         }
     }
 
@@ -696,9 +689,10 @@ fn forwarded_value(
     host: Option<&str>,
     proto: &'static str,
 ) -> Option<HeaderValue> {
-    // The exact length: a string filled to its capacity becomes a header value without
-    // another allocation.
-    let mut forwarded = String::with_capacity(
+    // The exact length: a vector filled to its capacity becomes a header value without
+    // another allocation. Bytes, not a `String`: the value's bytes are checked once, as a
+    // header value, and not as UTF-8 before that.
+    let mut forwarded = Vec::with_capacity(
         prior.map_or(0, |p| p.len() + 2)
             + client.for_len()
             + host.map_or(0, |h| ";host=".len() + quoted_len(h))
@@ -706,16 +700,16 @@ fn forwarded_value(
             + proto.len(),
     );
     if let Some(prior) = prior {
-        forwarded.push_str(prior);
-        forwarded.push_str(", ");
+        forwarded.extend_from_slice(prior.as_bytes());
+        forwarded.extend_from_slice(b", ");
     }
     client.push_for(&mut forwarded);
     if let Some(host) = host {
-        forwarded.push_str(";host=");
+        forwarded.extend_from_slice(b";host=");
         push_quoted(&mut forwarded, host);
     }
-    forwarded.push_str(";proto=");
-    forwarded.push_str(proto);
+    forwarded.extend_from_slice(b";proto=");
+    forwarded.extend_from_slice(proto.as_bytes());
     HeaderValue::try_from(forwarded).ok()
 }
 
@@ -851,9 +845,9 @@ mod tests {
 
     /// An RFC 7230 quoted-string holding `value`.
     fn quoted(value: &str) -> String {
-        let mut out = String::with_capacity(value.len() + 2);
+        let mut out = Vec::with_capacity(value.len() + 2);
         push_quoted(&mut out, value);
-        out
+        String::from_utf8(out).expect("quoting keeps UTF-8")
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -1060,10 +1054,10 @@ mod tests {
         let v6: IpAddr = "2001:db8::1".parse().expect("ip");
         assert_eq!(ip_value(v6), "2001:db8::1");
         let for_of = |client: &ForwardedClient| {
-            let mut out = String::new();
+            let mut out = Vec::new();
             client.push_for(&mut out);
             assert_eq!(out.len(), client.for_len());
-            out
+            String::from_utf8(out).expect("an address is ASCII")
         };
         let client = ForwardedClient::new("192.0.2.60".parse().expect("ip"));
         assert_eq!(client.address, "192.0.2.60");
