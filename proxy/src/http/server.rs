@@ -402,55 +402,62 @@ async fn serve_limited(
 ///
 /// `doze`, for a plain connection on a worker, lets an HTTP/1 connection go dormant once
 /// parked for [`DOZE_AFTER`], taking what it holds along.
-async fn serve_connection<IO>(
+#[allow(clippy::manual_async_fn)] // see the block below
+fn serve_connection<'a, IO>(
     stream: IO,
     ctx: Arc<ConnContext>,
-    protocols: &Protocols,
+    protocols: &'a Protocols,
     doze: Option<Doze>,
-) where
+) -> impl Future<Output = ()> + Send + 'a
+where
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    // hyper times an HTTP/1 head from its first byte, and an HTTP/2 connection's first
-    // request not at all: a client that connects and sends nothing (or trickles an HTTP/2
-    // preface) gets `header_timeout` for its first request, like any head.
-    let first_due = Instant::now() + ctx.listener.header_timeout;
-    // The first bytes, read to tell the version, are the HTTP/1 codec's first buffer, or
-    // read again by hyper's HTTP/2 server. The stream is handed on by value, never
-    // borrowed here: a borrowed one would keep its place in this future while the next
-    // one holds it too (see `serve_http1`).
-    let Some((stream, start, speaks)) = await_first_bytes(stream, &ctx, first_due).await else {
-        return;
-    };
-    let result = match speaks {
-        Speaks::Http1 => {
-            let conn = Http1Conn {
-                shared: ctx.shared().clone(),
-                client: ctx.client,
-                head_due: first_due,
-                drain_due: None,
-                doze,
-            };
-            return serve_http1(stream, Some((start, ctx)), conn).await;
+    // An `async move` block rather than an `async fn`, which keeps its arguments twice
+    // (see `serve_http1`).
+    async move {
+        // hyper times an HTTP/1 head from its first byte, and an HTTP/2 connection's first
+        // request not at all: a client that connects and sends nothing (or trickles an HTTP/2
+        // preface) gets `header_timeout` for its first request, like any head.
+        let first_due = Instant::now() + ctx.listener.header_timeout;
+        // The first bytes, read to tell the version, are the HTTP/1 codec's first buffer, or
+        // read again by hyper's HTTP/2 server. The stream is handed on by value, never
+        // borrowed here: a borrowed one would keep its place in this future while the next
+        // one holds it too (see `serve_http1`).
+        let Some((stream, start, speaks)) = await_first_bytes(stream, &ctx, first_due).await else {
+            return;
+        };
+        let result = match speaks {
+            Speaks::Http1 => {
+                let conn = Http1Conn {
+                    shared: ctx.shared().clone(),
+                    client: ctx.client,
+                    head_due: first_due,
+                    drain_due: None,
+                    doze,
+                };
+                return serve_http1(stream, Some((start, ctx)), conn).await;
+            }
+            Speaks::Http2 => {
+                // HTTP/2 writes frames of many streams as they come.
+                let mut stream = Replayed::new(stream, start.freeze());
+                stream.send_at_once();
+                boxed::pinned(|| serve_http2(stream, ctx.clone(), &protocols.http2, first_due))
+                    .await
+            }
+        };
+        if let Some(Err(e)) = result {
+            if is_header_timeout(&e) {
+                // hyper's head timer also runs while a keep-alive connection waits for its
+                // next request: that is an idle client, not a stalled head.
+                let cause = if ctx.progress.any_request() {
+                    ClientTimeout::Idle
+                } else {
+                    ClientTimeout::Head
+                };
+                ctx.series.timed_out(cause);
+            }
+            tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error");
         }
-        Speaks::Http2 => {
-            // HTTP/2 writes frames of many streams as they come.
-            let mut stream = Replayed::new(stream, start.freeze());
-            stream.send_at_once();
-            boxed::pinned(|| serve_http2(stream, ctx.clone(), &protocols.http2, first_due)).await
-        }
-    };
-    if let Some(Err(e)) = result {
-        if is_header_timeout(&e) {
-            // hyper's head timer also runs while a keep-alive connection waits for its
-            // next request: that is an idle client, not a stalled head.
-            let cause = if ctx.progress.any_request() {
-                ClientTimeout::Idle
-            } else {
-                ClientTimeout::Head
-            };
-            ctx.series.timed_out(cause);
-        }
-        tracing::debug!(client = %ctx.client, error = %e, "client connection ended with an error");
     }
 }
 
@@ -566,51 +573,59 @@ struct Http1Conn {
 /// its deadlines, nothing else: its own context (forwarding headers rendered for it, ...),
 /// the codec's state and the request path are in the boxed future of a busy spell, gone
 /// while it waits, and rebuilt when its next request comes.
-async fn serve_http1<S>(
+#[allow(clippy::manual_async_fn)] // see the block below
+fn serve_http1<S>(
     mut stream: S,
     mut first: Option<(BytesMut, Arc<ConnContext>)>,
     mut conn: Http1Conn,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    // A woken dormant connection waits again first, with no doze of its own left: it is
-    // ready already, or due.
-    let mut doze_at = None;
-    loop {
-        // Only a connection's first busy spell starts with nothing written to it.
-        let written_before = first.is_none();
-        let (read, ctx) = match first.take() {
-            Some(first) => first,
-            None => {
-                match await_next_request(&mut stream, &mut conn, doze_at).await {
-                    Next::Request => {}
-                    Next::Closed => return,
-                    Next::Doze => match go_dormant(stream, conn) {
-                        Ok(()) => return,
-                        Err(back) => {
-                            (stream, conn) = *back;
-                            doze_at = None;
-                            continue;
-                        }
-                    },
+    // An `async move` block rather than an `async fn`, which keeps each argument twice in
+    // its future (as the argument and as the local it is moved into): the stream, the
+    // connection's state and its first bytes, 304 bytes of the task's future.
+    async move {
+        // A woken dormant connection waits again first, with no doze of its own left: it is
+        // ready already, or due.
+        let mut doze_at = None;
+        loop {
+            // Only a connection's first busy spell starts with nothing written to it.
+            let written_before = first.is_none();
+            let (read, ctx) = match first.take() {
+                Some(first) => first,
+                None => {
+                    match await_next_request(&mut stream, &mut conn, doze_at).await {
+                        Next::Request => {}
+                        Next::Closed => return,
+                        Next::Doze => match go_dormant(stream, conn) {
+                            Ok(()) => return,
+                            Err(back) => {
+                                (stream, conn) = *back;
+                                doze_at = None;
+                                continue;
+                            }
+                        },
+                    }
+                    let ctx = ConnContext::resumed(conn.shared.clone(), conn.client);
+                    (BytesMut::new(), Arc::new(ctx))
                 }
-                let ctx = ConnContext::resumed(conn.shared.clone(), conn.client);
-                (BytesMut::new(), Arc::new(ctx))
+            };
+            // The stream goes to the busy spell and comes back into the same place here (a
+            // parked connection's future holds one stream, not one per step).
+            let head_due = conn.head_due;
+            let drain_due = &mut conn.drain_due;
+            let busy = boxed::pinned(|| {
+                serve_busy(stream, read, ctx, head_due, drain_due, written_before)
+            });
+            match busy.await {
+                Served::Ended => return,
+                // A keep-alive connection has `header_timeout` for its next request from the
+                // end of the last response.
+                Served::Parked(returned, due) => (stream, conn.head_due) = (returned, due),
             }
-        };
-        // The stream goes to the busy spell and comes back into the same place here (a
-        // parked connection's future holds one stream, not one per step).
-        let head_due = conn.head_due;
-        let drain_due = &mut conn.drain_due;
-        let busy =
-            boxed::pinned(|| serve_busy(stream, read, ctx, head_due, drain_due, written_before));
-        match busy.await {
-            Served::Ended => return,
-            // A keep-alive connection has `header_timeout` for its next request from the
-            // end of the last response.
-            Served::Parked(returned, due) => (stream, conn.head_due) = (returned, due),
+            doze_at = conn.doze.is_some().then(|| Instant::now() + DOZE_AFTER);
         }
-        doze_at = conn.doze.is_some().then(|| Instant::now() + DOZE_AFTER);
     }
 }
 
