@@ -360,24 +360,28 @@ async fn serve_limited(
                             ctx.listener.header_timeout,
                         )
                     });
-                    match handshake.await {
+                    // Bound here and served after the match: served from inside it, the
+                    // handshake's result (1,304 bytes) stayed in this task's future for as
+                    // long as the connection lived.
+                    let stream = match handshake.await {
                         // The decrypted stream (rustls' connection state, kilobytes) is
                         // boxed once: an HTTP/1 connection hands its stream to a new serving
                         // future per busy spell (see `serve_http1`), and moved by value it
                         // was copied whole each time (callgrind, HTTP/1.1 keep-alive over
                         // TLS: 11k instructions per request).
-                        Ok(stream) => {
-                            let stream = Box::new(stream);
-                            boxed::pinned(|| serve_connection(stream, ctx, &protocols, None))
-                                .await
-                        }
-                        Err(AcceptError::ChallengeAnswered) => {}
+                        Ok(stream) => Box::new(stream),
+                        Err(AcceptError::ChallengeAnswered) => return,
                         Err(AcceptError::Timeout) => {
                             ctx.series.timed_out(ClientTimeout::Handshake);
                             tracing::debug!(%client, "TLS handshake not completed within header_timeout");
+                            return;
                         }
-                        Err(e) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
-                    }
+                        Err(e) => {
+                            tracing::debug!(%client, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    boxed::pinned(|| serve_connection(stream, ctx, &protocols, None)).await
                 })
             }
         }
