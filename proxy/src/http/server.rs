@@ -83,13 +83,6 @@ impl Held {
     }
 }
 
-/// What a plain HTTP/1 connection on a worker takes along when it goes dormant: what it
-/// holds. Its worker's dormitory is the one of the thread that serves it ([`DORMITORY`]:
-/// a connection's task never leaves its worker), not kept in every connection.
-struct Doze {
-    _held: Held,
-}
-
 thread_local! {
     /// The dormitory of the worker this thread runs, started by the first plain HTTP
     /// accept loop on it (on the worker's own runtime, which its task then runs on); it
@@ -332,56 +325,56 @@ async fn serve_limited(
         // kilobytes (rustls' connection state, then the decrypted stream and hyper's
         // connection), and unboxed, tokio copied them whole three times at the spawn and once
         // at the end (callgrind, full TLS 1.3 handshakes: 1.424M -> 1.331M instructions each).
+        //
+        // A plain connection's task is the serving future itself, made before it is spawned
+        // rather than inside a block of its own: what a future captures keeps its place in
+        // it for its whole life, beside the copies it hands on, and the task's future (a
+        // parked connection's memory) stays under 1 KiB, which the allocator serves from
+        // its small blocks.
         match &terminate {
-            None => {
-                incoming.spawn(&shutdown, accepted, move |stream, load| async move {
-                    let held = Held::new(permit, client_slot, open, load);
-                    let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
-                    // Off the workers (no dormitory) the task holds it to its end.
-                    let (doze, _held) = if dormitory.is_some() {
-                        (Some(Doze { _held: held }), None)
-                    } else {
-                        (None, Some(held))
-                    };
-                    serve_connection(timed, ctx, &protocols, doze).await
-                })
-            }
+            None => incoming.spawn(&shutdown, accepted, move |stream, load| {
+                let held = Held::new(permit, client_slot, open, load);
+                let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
+                serve_connection(timed, ctx, protocols, held)
+            }),
             Some(server_config) => {
                 let server_config = server_config.clone();
-                incoming.spawn(&shutdown, accepted, move |stream, load| async move {
-                    let _held = Held::new(permit, client_slot, open, load);
+                incoming.spawn(&shutdown, accepted, move |stream, load| {
+                    let held = Held::new(permit, client_slot, open, load);
                     // The idle limit sits below TLS, so it covers the handshake too; the
                     // handshake as a whole is bounded by the header timeout.
-                    let handshake = boxed::pinned(|| {
-                        ctx.tls.accept(
-                            IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
-                            &server_config,
-                            ctx.telemetry.metrics(),
-                            ctx.listener.header_timeout,
-                        )
-                    });
-                    // Bound here and served after the match: served from inside it, the
-                    // handshake's result (1,304 bytes) stayed in this task's future for as
-                    // long as the connection lived.
-                    let stream = match handshake.await {
-                        // The decrypted stream (rustls' connection state, kilobytes) is
-                        // boxed once: an HTTP/1 connection hands its stream to a new serving
-                        // future per busy spell (see `serve_http1`), and moved by value it
-                        // was copied whole each time (callgrind, HTTP/1.1 keep-alive over
-                        // TLS: 11k instructions per request).
-                        Ok(stream) => Box::new(stream),
-                        Err(AcceptError::ChallengeAnswered) => return,
-                        Err(AcceptError::Timeout) => {
-                            ctx.series.timed_out(ClientTimeout::Handshake);
-                            tracing::debug!(%client, "TLS handshake not completed within header_timeout");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::debug!(%client, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                    };
-                    boxed::pinned(|| serve_connection(stream, ctx, &protocols, None)).await
+                    async move {
+                        let handshake = boxed::pinned(|| {
+                            ctx.tls.accept(
+                                IdleTimeout::new(stream, idle).counted_in(ctx.series.clone()),
+                                &server_config,
+                                ctx.telemetry.metrics(),
+                                ctx.listener.header_timeout,
+                            )
+                        });
+                        // Bound here and served after the match: served from inside it, the
+                        // handshake's result (1,304 bytes) stayed in this task's future for as
+                        // long as the connection lived.
+                        let stream = match handshake.await {
+                            // The decrypted stream (rustls' connection state, kilobytes) is
+                            // boxed once: an HTTP/1 connection hands its stream to a new serving
+                            // future per busy spell (see `serve_http1`), and moved by value it
+                            // was copied whole each time (callgrind, HTTP/1.1 keep-alive over
+                            // TLS: 11k instructions per request).
+                            Ok(stream) => Box::new(stream),
+                            Err(AcceptError::ChallengeAnswered) => return,
+                            Err(AcceptError::Timeout) => {
+                                ctx.series.timed_out(ClientTimeout::Handshake);
+                                tracing::debug!(%client, "TLS handshake not completed within header_timeout");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::debug!(%client, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        };
+                        boxed::pinned(|| serve_connection(stream, ctx, protocols, held)).await
+                    }
                 })
             }
         }
@@ -404,15 +397,14 @@ async fn serve_limited(
 /// timer); serving requests runs in a boxed future that exists only while the connection
 /// is busy.
 ///
-/// `doze`, for a plain connection on a worker, lets an HTTP/1 connection go dormant once
-/// parked for [`DOZE_AFTER`], taking what it holds along.
+/// `held` is what the connection holds until it ends (a dormant one takes it along).
 #[allow(clippy::manual_async_fn)] // see the block below
-fn serve_connection<'a, IO>(
+fn serve_connection<IO>(
     stream: IO,
     ctx: Arc<ConnContext>,
-    protocols: &'a Protocols,
-    doze: Option<Doze>,
-) -> impl Future<Output = ()> + Send + 'a
+    protocols: Arc<Protocols>,
+    held: Held,
+) -> impl Future<Output = ()> + Send
 where
     IO: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
@@ -437,7 +429,7 @@ where
                     client: ctx.client,
                     head_due: first_due,
                     drain_due: None,
-                    doze,
+                    _held: held,
                 };
                 return serve_http1(stream, Some((start, ctx)), conn).await;
             }
@@ -563,8 +555,8 @@ struct Http1Conn {
     head_due: Instant,
     /// Set once draining began: when it is closed if it stays idle.
     drain_due: Option<Instant>,
-    /// Where it can go dormant, and what it holds: a plain connection on a worker.
-    doze: Option<Doze>,
+    /// What it holds until it ends, taken along when it goes dormant.
+    _held: Held,
 }
 
 /// Serves an HTTP/1 connection with proxyd's own codec ([`super::h1`]), from its first
@@ -628,9 +620,16 @@ where
                 // end of the last response.
                 Served::Parked(returned, due) => (stream, conn.head_due) = (returned, due),
             }
-            doze_at = conn.doze.is_some().then(|| Instant::now() + DOZE_AFTER);
+            doze_at = may_doze(&stream).then(|| Instant::now() + DOZE_AFTER);
         }
     }
+}
+
+/// Whether a parked connection on `stream` may go dormant: a plain socket (TLS keeps its
+/// state above it) on a worker, whose dormitory is the one of the thread that serves it
+/// ([`DORMITORY`]: a connection's task never leaves its worker).
+fn may_doze<S: ReadReady>(stream: &S) -> bool {
+    stream.is_plain_socket() && this_dormitory().is_some()
 }
 
 /// Puts a parked plain connection to sleep in its worker's dormitory; gives it back when
@@ -640,8 +639,8 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
     // Checked on the worker that serves the listener's accept loop: a drain that loop
     // has seen shows here, and one it has not seen yet comes after this sleeper in the
     // dormitory's queue (see `serve_limited`), so no sleeper misses its drain.
-    let dormitory = match &conn.doze {
-        Some(_) if !conn.shared.shutdown.is_triggered() => this_dormitory(),
+    let dormitory = match may_doze(&stream) {
+        true if !conn.shared.shutdown.is_triggered() => this_dormitory(),
         _ => None,
     };
     let Some(dormitory) = dormitory else {

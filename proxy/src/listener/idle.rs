@@ -218,6 +218,12 @@ pub trait ReadReady {
         Err(self)
     }
 
+    /// Whether the stream is a plain socket (with an idle limit, or none), which
+    /// [`into_dormant`](Self::into_dormant) can take out of the runtime.
+    fn is_plain_socket(&self) -> bool {
+        false
+    }
+
     /// The socket itself, out of the runtime's event loop: see
     /// [`into_dormant`](Self::into_dormant).
     fn into_socket(self) -> Result<io::Result<std::net::TcpStream>, Self>
@@ -290,6 +296,10 @@ impl ReadReady for tokio::net::TcpStream {
         Ok(self.into_std())
     }
 
+    fn is_plain_socket(&self) -> bool {
+        true
+    }
+
     fn closes_cleanly_on_drop(&self) -> bool {
         true
     }
@@ -344,6 +354,10 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
             // No plain socket below: the stream as it was.
             Err(inner) => Err(IdleTimeout { inner, ..self }),
         }
+    }
+
+    fn is_plain_socket(&self) -> bool {
+        self.inner.is_plain_socket()
     }
 
     fn closes_cleanly_on_drop(&self) -> bool {
