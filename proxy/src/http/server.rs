@@ -639,9 +639,10 @@ fn go_dormant<S: ReadReady>(stream: S, conn: Http1Conn) -> Result<(), Box<(S, Ht
     // Checked on the worker that serves the listener's accept loop: a drain that loop
     // has seen shows here, and one it has not seen yet comes after this sleeper in the
     // dormitory's queue (see `serve_limited`), so no sleeper misses its drain.
-    let dormitory = match may_doze(&stream) {
-        true if !conn.shared.shutdown.is_triggered() => this_dormitory(),
-        _ => None,
+    let dormitory = if stream.is_plain_socket() && !conn.shared.shutdown.is_triggered() {
+        this_dormitory()
+    } else {
+        None
     };
     let Some(dormitory) = dormitory else {
         return Err(Box::new((stream, conn)));
