@@ -23,19 +23,19 @@ pub async fn channel(p: &TestProxy) -> tonic::transport::Channel {
 
 /// Whether `127.0.0.1:port` stops accepting connections within 10 s.
 pub async fn port_closes(port: u16) -> bool {
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(local(port)).await.is_err() {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    false
+    port_becomes(port, false).await
 }
 
 /// Whether `127.0.0.1:port` accepts connections within 10 s.
 pub async fn port_opens(port: u16) -> bool {
+    port_becomes(port, true).await
+}
+
+/// Whether `127.0.0.1:port` accepts connections (`open`) or refuses them within 10 s,
+/// tried every 50 ms.
+async fn port_becomes(port: u16, open: bool) -> bool {
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(local(port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(local(port)).await.is_ok() == open {
             return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
