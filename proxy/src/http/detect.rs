@@ -43,7 +43,9 @@ where
     std::future::poll_fn(|cx| poll_first_bytes(Pin::new(&mut *io), cx, start)).await
 }
 
-fn poll_first_bytes<IO: AsyncRead>(
+/// [`first_bytes`] as a poll: `Pending` with the task's waker registered (and what was
+/// read kept in `start`) when the bytes do not tell yet.
+pub fn poll_first_bytes<IO: AsyncRead>(
     mut io: Pin<&mut IO>,
     cx: &mut Context<'_>,
     start: &mut BytesMut,

@@ -4,7 +4,7 @@
 //! HTTP/2 as ALPN chose.
 
 use std::cell::OnceCell;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -471,32 +471,45 @@ where
 {
     let client = ctx.client;
     let mut start = BytesMut::new();
-    // One timer for both limits: the first request's, then the drain's grace (earlier);
-    // the stream's idle limit needs none of its own meanwhile.
-    let deadline = tokio::time::sleep_until(first_due);
-    tokio::pin!(deadline);
-    io.bound_waits(Some(first_due));
-    let mut draining = false;
-    let read = loop {
-        tokio::select! {
-            r = detect::first_bytes(&mut io, &mut start) => break r,
-            () = &mut deadline => {
-                if !draining {
-                    ctx.series.timed_out(ClientTimeout::Head);
-                    tracing::debug!(%client, "no request within header_timeout");
+    // Most often the request is there already (the runtime takes a socket just accepted
+    // for readable, and reads it at once): read without the wait below, which makes a
+    // timer and a watch for the drain. A request that arrives as the drain begins is
+    // answered with `Connection: close` (see `proxy::handle`).
+    let first =
+        poll_fn(|cx| Poll::Ready(detect::poll_first_bytes(Pin::new(&mut io), cx, &mut start)));
+    let read = match first.await {
+        Poll::Ready(read) => read,
+        Poll::Pending => {
+            // One timer for both limits: the first request's, then the drain's grace
+            // (earlier); the stream's idle limit needs none of its own meanwhile.
+            let deadline = tokio::time::sleep_until(first_due);
+            tokio::pin!(deadline);
+            io.bound_waits(Some(first_due));
+            let mut draining = false;
+            let read = loop {
+                tokio::select! {
+                    r = detect::first_bytes(&mut io, &mut start) => break r,
+                    () = &mut deadline => {
+                        if !draining {
+                            ctx.series.timed_out(ClientTimeout::Head);
+                            tracing::debug!(%client, "no request within header_timeout");
+                        }
+                        return None;
+                    }
+                    _ = ctx.shutdown.triggered(), if !draining => {
+                        // A client that connected as the drain began still gets a grace
+                        // to send its request, which is then answered with
+                        // `Connection: close`.
+                        draining = true;
+                        let grace = DRAIN_GRACE.min(ctx.listener.idle_timeout);
+                        deadline.as_mut().reset(Instant::now() + grace);
+                    }
                 }
-                return None;
-            }
-            _ = ctx.shutdown.triggered(), if !draining => {
-                // A client that connected as the drain began still gets a grace to send
-                // its request, which is then answered with `Connection: close`.
-                draining = true;
-                let grace = DRAIN_GRACE.min(ctx.listener.idle_timeout);
-                deadline.as_mut().reset(Instant::now() + grace);
-            }
+            };
+            io.bound_waits(None);
+            read
         }
     };
-    io.bound_waits(None);
     match read {
         Ok(speaks) => speaks.map(|speaks| (io, start, speaks)),
         Err(e) => {
