@@ -667,6 +667,55 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
 /// Each worker's accept loop counts for the drain until it stops, as a connection does: a
 /// drain cannot end between a loop's accepting a connection and that connection's task
 /// starting (the process would end with the connection in hand, unanswered).
+/// A connection accepted before the drain began has sent nothing yet: it waits for its
+/// first bytes (with a timer and a watch for the drain) rather than reading them at once,
+/// and gets the drain's grace to send its request, which is answered and told to close;
+/// one that sends nothing is closed after the grace.
+#[tokio::test]
+async fn connections_silent_when_the_drain_begins_get_a_grace_for_their_first_request() {
+    let up = upstream("up").await;
+    let proxy = start_proxy(&on_workers(1, &up, "")).await;
+    let web = proxy.addr("web");
+    let signal = proxy.daemon.shutdown_signal().clone();
+    let wait_in_flight = |n: usize| {
+        let signal = signal.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while signal.in_flight() != n && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            signal.in_flight()
+        }
+    };
+    // The worker's accept loop, then the two connections, accepted and waiting.
+    assert_eq!(wait_in_flight(1).await, 1, "one accept loop");
+    let mut late = TcpStream::connect(web).await.unwrap();
+    let mut silent = TcpStream::connect(web).await.unwrap();
+    assert_eq!(wait_in_flight(3).await, 3, "both connections accepted");
+    let stop = tokio::spawn(proxy.daemon.stop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !signal.is_triggered() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(signal.is_triggered());
+    assert_eq!(
+        exchange(&mut late, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await,
+        Ok((200, true)),
+        "a request sent within the grace is answered, told to close"
+    );
+    // The grace is 2 s; `header_timeout` (10 s) would close it too, later.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(6), silent.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection that sends nothing is closed after the grace: {read:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(20), stop)
+        .await
+        .expect("the drain ended")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn accept_loops_count_for_the_drain_until_they_stop() {
     let up = upstream("up").await;

@@ -473,8 +473,9 @@ where
     let mut start = BytesMut::new();
     // Most often the request is there already (the runtime takes a socket just accepted
     // for readable, and reads it at once): read without the wait below, which makes a
-    // timer and a watch for the drain. A request that arrives as the drain begins is
-    // answered with `Connection: close` (see `proxy::handle`).
+    // timer and a watch for the drain (callgrind, a new connection per request: 30,991 ->
+    // 30,468 instructions). A request that arrives as the drain begins is answered with
+    // `Connection: close` (see `proxy::handle`).
     let first =
         poll_fn(|cx| Poll::Ready(detect::poll_first_bytes(Pin::new(&mut io), cx, &mut start)));
     let read = match first.await {
