@@ -1401,9 +1401,9 @@ mod tests {
         Ok((conn, data))
     }
 
-    #[tokio::test]
-    async fn a_head_not_there_by_its_due_time_fails_on_the_connections_own_timer() {
-        // Answers the first head at once, the second after a while, the third never.
+    /// An upstream that answers its first head at once (`a`), its second after `delay`
+    /// (`b`) and no later one.
+    async fn answering_the_second_head_after(delay: Duration) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1415,7 +1415,7 @@ mod tests {
                 let reply: &[u8] = match heads {
                     1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
                     2 => {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        tokio::time::sleep(delay).await;
                         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"
                     }
                     _ => continue,
@@ -1423,6 +1423,12 @@ mod tests {
                 socket.write_all(reply).await.unwrap();
             }
         });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_head_not_there_by_its_due_time_fails_on_the_connections_own_timer() {
+        let addr = answering_the_second_head_after(Duration::from_millis(300)).await;
         let soon = || Instant::now() + Duration::from_millis(100);
         let (c, data) = get_due(conn(addr).await, soon()).await.unwrap();
         assert_eq!(data, b"a");
@@ -1442,27 +1448,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_due_later_than_the_timer_waits_until_its_own_due_time() {
-        // Answers the first head at once, the second after the first one's due time, the
-        // third never.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut seen = Vec::new();
-            let mut heads = 0;
-            while next_head(&mut socket, &mut seen).await {
-                heads += 1;
-                let reply: &[u8] = match heads {
-                    1 => b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na",
-                    2 => {
-                        tokio::time::sleep(Duration::from_millis(600)).await;
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb"
-                    }
-                    _ => continue,
-                };
-                socket.write_all(reply).await.unwrap();
-            }
-        });
+        // The second head comes after the first one's due time.
+        let addr = answering_the_second_head_after(Duration::from_millis(600)).await;
         let first_due = Instant::now() + Duration::from_millis(300);
         let (c, data) = get_due(conn(addr).await, first_due).await.unwrap();
         assert_eq!(data, b"a");
