@@ -27,15 +27,8 @@ fn members(p: &TestProxy, pool: &str) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    for _ in 0..400 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+/// How long a discovered change may take to reach the routing table.
+const SEEN_WITHIN: Duration = Duration::from_secs(20);
 
 async fn sources(p: &TestProxy) -> Vec<pb::DiscoverySource> {
     let channel = mgmt_support::unix_channel(&mgmt_support::socket_path(p)).await;
@@ -98,7 +91,10 @@ async fn exec_source_follows_the_command_and_keeps_the_last_set_on_bad_output() 
         (b.address(), "exec".to_string()),
     ]
     .into();
-    eventually("both exec members", || members(&p, "svc") == both).await;
+    eventually("both exec members", SEEN_WITHIN, || {
+        members(&p, "svc") == both
+    })
+    .await;
     reaches_all(&p, &["a", "b"]).await;
 
     // A bad output: the pool keeps both and the source reports why.
@@ -131,7 +127,7 @@ async fn exec_source_follows_the_command_and_keeps_the_last_set_on_bad_output() 
 
     // A good output with one member removes the other.
     std::fs::write(&list, member_list(&[&b.address()])).unwrap();
-    eventually("only b", || {
+    eventually("only b", SEEN_WITHIN, || {
         members(&p, "svc") == [(b.address(), "exec".to_string())].into()
     })
     .await;
@@ -177,7 +173,7 @@ async fn exec_timeout_keeps_the_last_set() {
         script.display()
     )))
     .await;
-    eventually("a", || members(&p, "svc").len() == 1).await;
+    eventually("a", SEEN_WITHIN, || members(&p, "svc").len() == 1).await;
     std::fs::write(&slow, "").unwrap();
     let mut reported = false;
     for _ in 0..200 {
@@ -204,14 +200,14 @@ async fn file_source_reloads_on_change_and_ignores_a_bad_file() {
         list.display()
     )))
     .await;
-    eventually("a from the file", || {
+    eventually("a from the file", SEEN_WITHIN, || {
         members(&p, "svc") == [(a.address(), "file".to_string())].into()
     })
     .await;
     reaches_all(&p, &["a"]).await;
 
     write_atomically(&list, &member_list(&[&a.address(), &b.address()]));
-    eventually("a and b", || members(&p, "svc").len() == 2).await;
+    eventually("a and b", SEEN_WITHIN, || members(&p, "svc").len() == 2).await;
     reaches_all(&p, &["a", "b"]).await;
 
     // A bad file (a duplicate address) changes nothing.
@@ -229,7 +225,7 @@ async fn file_source_reloads_on_change_and_ignores_a_bad_file() {
 
     // Edited in place (not replaced) is picked up too.
     std::fs::write(&list, member_list(&[&b.address()])).unwrap();
-    eventually("only b", || {
+    eventually("only b", SEEN_WITHIN, || {
         members(&p, "svc") == [(b.address(), "file".to_string())].into()
     })
     .await;
@@ -248,7 +244,7 @@ async fn static_and_discovered_upstreams_are_merged_and_listed_with_their_origin
         list.display()
     );
     let p = start_proxy(&text).await;
-    eventually("static a and file b", || {
+    eventually("static a and file b", SEEN_WITHIN, || {
         members(&p, "svc")
             == [
                 (a.address(), "static".to_string()),

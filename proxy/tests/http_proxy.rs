@@ -677,27 +677,17 @@ async fn connections_silent_when_the_drain_begins_get_a_grace_for_their_first_re
     let proxy = start_proxy(&on_workers(1, &up, "")).await;
     let web = proxy.addr("web");
     let signal = proxy.daemon.shutdown_signal().clone();
-    let wait_in_flight = |n: usize| {
-        let signal = signal.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while signal.in_flight() != n && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            signal.in_flight()
-        }
-    };
+    let within = Duration::from_secs(10);
     // The worker's accept loop, then the two connections, accepted and waiting.
-    assert_eq!(wait_in_flight(1).await, 1, "one accept loop");
+    eventually("one accept loop", within, || signal.in_flight() == 1).await;
     let mut late = TcpStream::connect(web).await.unwrap();
     let mut silent = TcpStream::connect(web).await.unwrap();
-    assert_eq!(wait_in_flight(3).await, 3, "both connections accepted");
+    eventually("both connections accepted", within, || {
+        signal.in_flight() == 3
+    })
+    .await;
     let stop = tokio::spawn(proxy.daemon.stop());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !signal.is_triggered() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(signal.is_triggered());
+    eventually("the drain to begin", within, || signal.is_triggered()).await;
     assert_eq!(
         exchange(&mut late, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await,
         Ok((200, true)),
@@ -733,15 +723,12 @@ async fn accept_loops_count_for_the_drain_until_they_stop() {
     drop(client);
     let signal = proxy.daemon.shutdown_signal().clone();
     // The one connection is over; what remains are the two workers' accept loops.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while signal.in_flight() != 2 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        signal.in_flight(),
-        2,
-        "one accept loop per worker is counted"
-    );
+    eventually(
+        "one accept loop per worker counted",
+        Duration::from_secs(10),
+        || signal.in_flight() == 2,
+    )
+    .await;
     // Stopped, the loops let go and the drain ends.
     tokio::time::timeout(Duration::from_secs(20), proxy.daemon.stop())
         .await

@@ -279,6 +279,18 @@ impl TestProxy {
     }
 }
 
+/// Waits until `check` holds, trying it every 50 ms; panics naming `what` when it does not
+/// within `within`.
+pub async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    for _ in 0..within.as_millis() / 50 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
 /// Config text with `{state}` replaced by the temp dir.
 pub async fn start_proxy(config: &str) -> TestProxy {
     let dir = tempfile::tempdir().unwrap();
