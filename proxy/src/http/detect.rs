@@ -132,6 +132,10 @@ impl<S: ReadReady> ReadReady for Replayed<S> {
         self.inner.bound_waits(end)
     }
 
+    fn moved_at(&mut self, at: tokio::time::Instant) {
+        self.inner.moved_at(at)
+    }
+
     fn closes_cleanly_on_drop(&self) -> bool {
         self.inner.closes_cleanly_on_drop()
     }

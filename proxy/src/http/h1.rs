@@ -378,6 +378,9 @@ where
             return Served::Ended;
         }
         let now = Instant::now();
+        // The response's last bytes moved just now: the stream's idle limit counts from
+        // this reading instead of taking one of its own.
+        wire.io.moved_at(now);
         head_due = now + conn.header_timeout;
         // The read buffer is kept for the next request: its storage is taken back whole
         // once the heads split from it are gone, without an allocation. It goes with the

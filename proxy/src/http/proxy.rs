@@ -338,7 +338,10 @@ fn proxy<'a>(
     log: &'a mut AccessLog,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Failure>> + Send + 'a {
     async move {
+        // Whether the request path waited on anything since the log's start was read.
+        let mut waited = false;
         if req.uri().path().starts_with(crate::tls::HTTP01_PREFIX) {
+            waited = true;
             // Boxed: in a fleet the answer may come from etcd, a future far larger than the
             // rest of the request path, which only validation requests need.
             if let Some(answer) = Box::pin(acme_challenge(ctx, &req)).await {
@@ -399,7 +402,10 @@ fn proxy<'a>(
                     e.to_string(),
                 )
             })?;
-        let (mut parts, held, in_flight) = forward(&pool, &mut pending, log).await?;
+        // Only a registered route's pool may have waited for an instance.
+        waited |= pool.hold.is_some();
+        let began = (!waited).then_some(log.start);
+        let (mut parts, held, in_flight) = forward(&pool, &mut pending, log, began).await?;
         // Only the access line and the span name the upstream.
         if ctx.telemetry.access_log_enabled() || log.trace.is_some() {
             log.upstream = Some(in_flight.upstream().clone());
@@ -608,8 +614,8 @@ struct Attempt<'a> {
     body_sent: Option<Arc<BodySent>>,
     last: Option<ConnectError>,
     full: bool,
-    /// The clock read when forwarding began, until a step uses it: the first look into
-    /// the idle store and the send on a kept connection follow it without waiting on
+    /// The clock reading forwarding began with, until a step uses it: the first look
+    /// into the idle store and the send on a kept connection follow it without waiting on
     /// anything, so one reading serves the deadline, the idle check and the send time.
     now: Option<Instant>,
 }
@@ -643,10 +649,16 @@ enum Step {
 /// connection when the request can be sent again: hyper handed it back unsent, or it is
 /// idempotent and has no body. On HTTP/2, a request the upstream did not process (handed
 /// back unsent, or refused by GOAWAY or REFUSED_STREAM) goes to another connection.
+///
+/// `began` is the reading the request began with (its log's start) when nothing waited
+/// since: checking, routing and rewriting the request took microseconds, so it serves as
+/// forwarding's first reading too (the send time of a kept connection then includes
+/// them).
 async fn forward(
     pool: &PoolRuntime,
     pending: &mut Option<Request<RequestBody>>,
     log: &AccessLog,
+    began: Option<Instant>,
 ) -> Result<Answer, Failure> {
     let candidates = pool.candidates().map_err(|e| match e {
         NoUpstream::Empty => Failure::new(
@@ -662,7 +674,7 @@ async fn forward(
     })?;
     let policy = &pool.policy;
     let body_sent = pending.as_ref().and_then(|req| req.body().sent());
-    let now = Instant::now();
+    let now = began.unwrap_or_else(Instant::now);
     let mut attempt = Attempt {
         pool,
         metrics: log.telemetry.metrics(),

@@ -20,11 +20,22 @@ use crate::telemetry::{ClientTimeout, ListenerSeries};
 /// where it was set, at or before the real deadline, and when it fires before that
 /// deadline it is set again to it. A connection that answers a request every few
 /// milliseconds thus wakes for its timer once per `timeout` instead of re-arming it per
-/// request, and is still closed `timeout` after its last byte, never earlier or later.
+/// request.
+///
+/// Nor does a read or write read the clock: it marks that bytes moved, and the time is
+/// taken when a wait begins (a read finds nothing), or given by a reader that reads the
+/// clock right after the bytes anyway ([`ReadReady::moved_at`]: the HTTP/1 server after
+/// each response). Between the bytes and that reading the task ran without waiting on
+/// this stream, so the limit counts from then: never earlier than the last byte, later
+/// only by what the task did meanwhile (a write to a slow upstream, say, which is not the
+/// client being idle).
 pub struct IdleTimeout<S> {
     inner: S,
     timeout: Duration,
+    /// When bytes last moved, as far as the clock was read since (see `moved`).
     last_activity: Instant,
+    /// Bytes moved after `last_activity` was read: the next reading replaces it.
+    moved: bool,
     /// Made on the first read that has to wait: a connection that never waits arms none.
     timer: Option<Pin<Box<Sleep>>>,
     /// The task `timer` wakes: it was polled since it was last set and is still running,
@@ -44,6 +55,7 @@ impl<S> IdleTimeout<S> {
             inner,
             timeout,
             last_activity: Instant::now(),
+            moved: false,
             timer: None,
             waking: None,
             counted: None,
@@ -69,12 +81,24 @@ impl<S> IdleTimeout<S> {
         self.bounded = end;
     }
 
-    /// Counts as activity: for a copy that moves bytes below the stream (splice).
+    /// Counts as activity: for a copy that moves bytes below the stream (splice). The
+    /// clock is read when it is needed (see the type's doc).
     pub fn touch(&mut self) {
-        // Without a limit (one below TLS already), the time would never be read.
-        if !self.timeout.is_zero() {
-            self.last_activity = Instant::now();
+        self.moved = true;
+    }
+
+    /// Bytes last moved at `at`, a reading taken right after them.
+    fn moved_at(&mut self, at: Instant) {
+        self.last_activity = at;
+        self.moved = false;
+    }
+
+    /// When bytes last moved, reading the clock if they moved since it was last read.
+    fn last_activity(&mut self) -> Instant {
+        if self.moved {
+            self.moved_at(Instant::now());
         }
+        self.last_activity
     }
 
     /// `Ready(Err)` when the idle time is up, `Pending` otherwise (timer armed): for a
@@ -95,7 +119,8 @@ impl<S> IdleTimeout<S> {
         cx: &mut Context<'_>,
         until: Option<Instant>,
     ) -> Poll<Result<(), io::Error>> {
-        let idle_end = (!self.timeout.is_zero()).then(|| self.last_activity + self.timeout);
+        // Without a limit (one below TLS already), the time is never read.
+        let idle_end = (!self.timeout.is_zero()).then(|| self.last_activity() + self.timeout);
         if until.is_none()
             && idle_end.is_some_and(|end| self.bounded.is_some_and(|bound| bound <= end))
         {
@@ -193,6 +218,13 @@ pub trait ReadReady {
         let _ = end;
     }
 
+    /// Says that bytes last moved at `at`, a clock reading the reader took right after
+    /// them: a stream with an idle limit counts from there without reading the clock
+    /// itself (see [`IdleTimeout`]).
+    fn moved_at(&mut self, at: Instant) {
+        let _ = at;
+    }
+
     /// Like [`poll_read_ready`](Self::poll_read_ready), and also ends the wait once `due`
     /// has passed, timed by the stream's own timer (see [`IdleTimeout`]): a parked
     /// connection then waits with one timer for both its limits and keeps none of its
@@ -279,6 +311,7 @@ impl DormantLimit {
             inner: stream,
             timeout: self.timeout,
             last_activity: self.last_activity,
+            moved: false,
             timer: None,
             waking: None,
             counted: self.counted,
@@ -341,13 +374,18 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
         })
     }
 
-    fn into_dormant(self) -> Result<io::Result<Dormant>, Self> {
+    fn moved_at(&mut self, at: Instant) {
+        IdleTimeout::moved_at(self, at);
+    }
+
+    fn into_dormant(mut self) -> Result<io::Result<Dormant>, Self> {
+        let last_activity = self.last_activity();
         match self.inner.into_socket() {
             Ok(socket) => Ok(socket.map(|socket| Dormant {
                 socket,
                 limit: DormantLimit {
                     timeout: self.timeout,
-                    last_activity: self.last_activity,
+                    last_activity,
                     counted: self.counted,
                 },
             })),
@@ -378,6 +416,10 @@ impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
         (**self).bound_waits(end)
     }
 
+    fn moved_at(&mut self, at: Instant) {
+        (**self).moved_at(at)
+    }
+
     fn poll_ready_until(
         &mut self,
         cx: &mut Context<'_>,
@@ -404,6 +446,10 @@ impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
 
     fn bound_waits(&mut self, end: Option<Instant>) {
         self.get_mut().0.bound_waits(end)
+    }
+
+    fn moved_at(&mut self, at: Instant) {
+        self.get_mut().0.moved_at(at)
     }
 
     fn poll_ready_until(
@@ -563,6 +609,46 @@ mod tests {
         let closed = start.elapsed();
         assert!(
             closed >= Duration::from_secs(18) && closed < Duration::from_secs(19),
+            "{closed:?}"
+        );
+        client.read_exact(&mut buf).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_counts_from_the_readers_reading_or_else_from_the_next_wait() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut buf = [0u8; 8];
+        // Bytes move at 2 s, and the reader reads the clock right after them (as the
+        // HTTP/1 server does after a response); the task then works 3 s elsewhere before
+        // it reads again: the limit counts from the reader's reading, 2 s.
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        idle.write_all(b"response").await.unwrap();
+        idle.moved_at(Instant::now());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(12) && closed < Duration::from_secs(13),
+            "{closed:?}"
+        );
+        client.read_exact(&mut buf).await.unwrap();
+
+        // Without a reading from the reader, the clock is read when the next wait begins:
+        // bytes at 2 s, the wait at 5 s, closed at 15 s (never before 12 s).
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut idle = IdleTimeout::new(server, TIMEOUT);
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        idle.write_all(b"response").await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (got, error) = read_to_failure(&mut idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(15) && closed < Duration::from_secs(16),
             "{closed:?}"
         );
         client.read_exact(&mut buf).await.unwrap();
