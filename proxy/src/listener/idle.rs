@@ -22,20 +22,19 @@ use crate::telemetry::{ClientTimeout, ListenerSeries};
 /// milliseconds thus wakes for its timer once per `timeout` instead of re-arming it per
 /// request.
 ///
-/// Nor does a read or write read the clock: it marks that bytes moved, and the time is
-/// taken when a wait begins (a read finds nothing), or given by a reader that reads the
-/// clock right after the bytes anyway ([`ReadReady::moved_at`]: the HTTP/1 server after
-/// each response). Between the bytes and that reading the task ran without waiting on
+/// Nor does a read or write read the clock (nor the wrapping of a new connection): it
+/// marks that bytes moved, and the time is taken when a wait begins (a read finds
+/// nothing), or given by a reader that reads the clock right after the bytes anyway
+/// ([`ReadReady::moved_at`]: the HTTP/1 server after each response). Between the bytes and that reading the task ran without waiting on
 /// this stream, so the limit counts from then: never earlier than the last byte, later
 /// only by what the task did meanwhile (a write to a slow upstream, say, which is not the
 /// client being idle).
 pub struct IdleTimeout<S> {
     inner: S,
     timeout: Duration,
-    /// When bytes last moved, as far as the clock was read since (see `moved`).
-    last_activity: Instant,
-    /// Bytes moved after `last_activity` was read: the next reading replaces it.
-    moved: bool,
+    /// When bytes last moved; `None` when they moved (or the stream was wrapped) since
+    /// the clock was last read: the next reading is the time.
+    last_activity: Option<Instant>,
     /// Made on the first read that has to wait: a connection that never waits arms none.
     timer: Option<Pin<Box<Sleep>>>,
     /// The task `timer` wakes: it was polled since it was last set and is still running,
@@ -54,8 +53,7 @@ impl<S> IdleTimeout<S> {
         IdleTimeout {
             inner,
             timeout,
-            last_activity: Instant::now(),
-            moved: false,
+            last_activity: None,
             timer: None,
             waking: None,
             counted: None,
@@ -84,21 +82,17 @@ impl<S> IdleTimeout<S> {
     /// Counts as activity: for a copy that moves bytes below the stream (splice). The
     /// clock is read when it is needed (see the type's doc).
     pub fn touch(&mut self) {
-        self.moved = true;
+        self.last_activity = None;
     }
 
     /// Bytes last moved at `at`, a reading taken right after them.
     fn moved_at(&mut self, at: Instant) {
-        self.last_activity = at;
-        self.moved = false;
+        self.last_activity = Some(at);
     }
 
     /// When bytes last moved, reading the clock if they moved since it was last read.
     fn last_activity(&mut self) -> Instant {
-        if self.moved {
-            self.moved_at(Instant::now());
-        }
-        self.last_activity
+        *self.last_activity.get_or_insert_with(Instant::now)
     }
 
     /// `Ready(Err)` when the idle time is up, `Pending` otherwise (timer armed): for a
@@ -310,8 +304,7 @@ impl DormantLimit {
         IdleTimeout {
             inner: stream,
             timeout: self.timeout,
-            last_activity: self.last_activity,
-            moved: false,
+            last_activity: Some(self.last_activity),
             timer: None,
             waking: None,
             counted: self.counted,
