@@ -117,6 +117,8 @@ pub struct ResponseBody {
     log: Option<Box<AccessLog>>,
     bytes: u64,
     grpc: Option<GrpcCall>,
+    /// The clock reading the body was finished with.
+    ended: Option<std::time::Instant>,
 }
 
 impl ResponseBody {
@@ -128,6 +130,7 @@ impl ResponseBody {
             log: None,
             bytes: 0,
             grpc: None,
+            ended: None,
         }
     }
 
@@ -139,6 +142,7 @@ impl ResponseBody {
             log: None,
             bytes: 0,
             grpc: None,
+            ended: None,
         }
     }
 
@@ -150,6 +154,7 @@ impl ResponseBody {
             log: None,
             bytes: 0,
             grpc: None,
+            ended: None,
         }
     }
 
@@ -162,6 +167,7 @@ impl ResponseBody {
             log: None,
             bytes: 0,
             grpc: None,
+            ended: None,
         }
     }
 
@@ -184,6 +190,13 @@ impl ResponseBody {
         self.log = Some(log);
     }
 
+    /// Finishes the body as its drop would, and gives the clock reading it was finished
+    /// with (by this call or before): `None` if it had nothing to finish (no log).
+    pub fn end(&mut self) -> Option<std::time::Instant> {
+        self.finish(false);
+        self.ended
+    }
+
     fn finish(&mut self, complete: bool) {
         if self.reuse.is_none() && self.log.is_none() {
             // Finished already (a drop after the end): no clock to read.
@@ -195,6 +208,7 @@ impl ResponseBody {
         // One reading for the end of the exchange: the kept connection's idle time and
         // the request's duration start and end at it.
         let now = std::time::Instant::now();
+        self.ended = Some(now);
         if let Some(reuse) = self.reuse.take() {
             let upstream = reuse.in_flight.upstream();
             if let (Held::Http1 { tls }, Source::Http1(body)) = (reuse.held, &mut self.source) {

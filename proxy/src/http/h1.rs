@@ -360,7 +360,7 @@ where
                 written
             }
         };
-        match written {
+        let ended = match written {
             Written::Failed => return Served::Ended,
             Written::Switched => {
                 if let Some(tx) = upgraded {
@@ -371,15 +371,15 @@ where
                 }
                 return Served::Ended;
             }
-            Written::Complete => {}
-        }
+            Written::Complete(ended) => ended,
+        };
         if !keep_alive {
             let _ = close(&mut wire.io).await;
             return Served::Ended;
         }
-        let now = Instant::now();
-        // The response's last bytes moved just now: the stream's idle limit counts from
-        // this reading instead of taking one of its own.
+        let now = ended.unwrap_or_else(Instant::now);
+        // The response's last bytes moved at this reading: the stream's idle limit counts
+        // from it instead of taking one of its own.
         wire.io.moved_at(now);
         head_due = now + conn.header_timeout;
         // The read buffer is kept for the next request: its storage is taken back whole
@@ -934,8 +934,10 @@ enum Sending {
 
 /// How writing a response ended.
 enum Written {
-    /// All of it; the connection may go on.
-    Complete,
+    /// All of it; the connection may go on. With the clock reading the response's end was
+    /// logged with, when that was taken as its last bytes were written, with no wait after
+    /// it (see `write_response`).
+    Complete(Option<Instant>),
     /// A protocol switch: the stream goes to the tunnel.
     Switched,
     /// The write or the response body failed: the connection ends.
@@ -984,6 +986,9 @@ where
     // once the head is out.
     let mut done = sending == Sending::Length(0);
     let mut failed = false;
+    // Whether the write waited once the body was done: the body's end reading is then
+    // older than the last bytes.
+    let mut waited_after_end = false;
     let mut at = 0;
     let result = poll_fn(|cx| loop {
         if !done && pending.len() < WRITE_AT {
@@ -1052,12 +1057,18 @@ where
                 }
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                waited_after_end |= done;
+                return Poll::Pending;
+            }
         }
     })
     .await;
-    // Done with: dropped where it is (its log written, its upstream connection back in
-    // the idle store) before the buffer goes back.
+    // Done with: finished where it is (its log written, its upstream connection back in
+    // the idle store) before the buffer goes back. Its end was read as its last frame
+    // came, right before the write of its last bytes: unless that write waited, the
+    // connection takes the same reading for the end of the response.
+    let ended = body.end().filter(|_| !waited_after_end);
     *body = ResponseBody::empty();
     // Kept for the next response unless a large body grew it.
     if pending.out.capacity() <= 4 * OUT_SIZE {
@@ -1075,7 +1086,7 @@ where
             if sending == Sending::Close {
                 *keep_alive = false;
             }
-            Written::Complete
+            Written::Complete(ended.map(Instant::from_std))
         }
     }
 }

@@ -23,12 +23,13 @@ use crate::telemetry::{ClientTimeout, ListenerSeries};
 /// request.
 ///
 /// Nor does a read or write read the clock (nor the wrapping of a new connection): it
-/// marks that bytes moved, and the time is taken when a wait begins (a read finds
-/// nothing), or given by a reader that reads the clock right after the bytes anyway
-/// ([`ReadReady::moved_at`]: the HTTP/1 server after each response). Between the bytes and that reading the task ran without waiting on
-/// this stream, so the limit counts from then: never earlier than the last byte, later
-/// only by what the task did meanwhile (a write to a slow upstream, say, which is not the
-/// client being idle).
+/// marks that bytes moved, and the time is read when a wait begins (a read finds
+/// nothing), unless the reader gives a reading it takes as the bytes move anyway
+/// ([`ReadReady::moved_at`]: the HTTP/1 server gives the one a response's end is logged
+/// with, read as its last bytes are written). Between the bytes and a wait the task ran
+/// without waiting on this stream, so the limit counts from the wait: later than the last
+/// byte only by what the task did meanwhile (a write to a slow upstream, say, which is
+/// not the client being idle), and never more than microseconds earlier.
 pub struct IdleTimeout<S> {
     inner: S,
     timeout: Duration,
@@ -85,7 +86,7 @@ impl<S> IdleTimeout<S> {
         self.last_activity = None;
     }
 
-    /// Bytes last moved at `at`, a reading taken right after them.
+    /// Bytes last moved at `at`, a reading taken as they moved.
     fn moved_at(&mut self, at: Instant) {
         self.last_activity = Some(at);
     }
@@ -212,9 +213,9 @@ pub trait ReadReady {
         let _ = end;
     }
 
-    /// Says that bytes last moved at `at`, a clock reading the reader took right after
-    /// them: a stream with an idle limit counts from there without reading the clock
-    /// itself (see [`IdleTimeout`]).
+    /// Says that bytes last moved at `at`, a clock reading the reader took as they moved
+    /// (with no wait between): a stream with an idle limit counts from there without
+    /// reading the clock itself (see [`IdleTimeout`]).
     fn moved_at(&mut self, at: Instant) {
         let _ = at;
     }
@@ -611,8 +612,8 @@ mod tests {
     async fn the_limit_counts_from_the_readers_reading_or_else_from_the_next_wait() {
         let (mut client, server) = tokio::io::duplex(64);
         let mut buf = [0u8; 8];
-        // Bytes move at 2 s, and the reader reads the clock right after them (as the
-        // HTTP/1 server does after a response); the task then works 3 s elsewhere before
+        // Bytes move at 2 s, and the reader reads the clock as they go (as the
+        // HTTP/1 server does for a response's end); the task then works 3 s elsewhere before
         // it reads again: the limit counts from the reader's reading, 2 s.
         let mut idle = IdleTimeout::new(server, TIMEOUT);
         let start = Instant::now();
