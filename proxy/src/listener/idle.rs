@@ -547,6 +547,22 @@ mod tests {
         }
     }
 
+    /// Reads until `idle` fails: it must time out, with no bytes read, `secs` seconds
+    /// after `start` (within the second: the clock is paused, so there is no drift).
+    async fn times_out_at<S: AsyncRead + Unpin>(
+        idle: &mut IdleTimeout<S>,
+        start: Instant,
+        secs: u64,
+    ) {
+        let (got, error) = read_to_failure(idle).await;
+        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
+        let closed = start.elapsed();
+        assert!(
+            closed >= Duration::from_secs(secs) && closed < Duration::from_secs(secs + 1),
+            "{closed:?}"
+        );
+    }
+
     #[tokio::test]
     async fn only_a_plain_socket_closes_cleanly_on_drop() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -598,13 +614,7 @@ mod tests {
         let waited = tokio::time::timeout(Duration::from_secs(8), idle.read(&mut buf)).await;
         assert!(waited.is_err());
         idle.write_all(b"response").await.unwrap();
-        let (got, error) = read_to_failure(&mut idle).await;
-        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
-        let closed = start.elapsed();
-        assert!(
-            closed >= Duration::from_secs(18) && closed < Duration::from_secs(19),
-            "{closed:?}"
-        );
+        times_out_at(&mut idle, start, 18).await;
         client.read_exact(&mut buf).await.unwrap();
     }
 
@@ -621,13 +631,7 @@ mod tests {
         idle.write_all(b"response").await.unwrap();
         idle.moved_at(Instant::now());
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let (got, error) = read_to_failure(&mut idle).await;
-        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
-        let closed = start.elapsed();
-        assert!(
-            closed >= Duration::from_secs(12) && closed < Duration::from_secs(13),
-            "{closed:?}"
-        );
+        times_out_at(&mut idle, start, 12).await;
         client.read_exact(&mut buf).await.unwrap();
 
         // Without a reading from the reader, the clock is read when the next wait begins:
@@ -638,13 +642,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         idle.write_all(b"response").await.unwrap();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let (got, error) = read_to_failure(&mut idle).await;
-        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
-        let closed = start.elapsed();
-        assert!(
-            closed >= Duration::from_secs(15) && closed < Duration::from_secs(16),
-            "{closed:?}"
-        );
+        times_out_at(&mut idle, start, 15).await;
         client.read_exact(&mut buf).await.unwrap();
     }
 
@@ -668,13 +666,7 @@ mod tests {
         // Its wait over, the idle limit counts from the last activity as before.
         tokio::time::sleep(Duration::from_secs(5)).await;
         idle.bound_waits(None);
-        let (got, error) = read_to_failure(&mut idle).await;
-        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
-        let closed = start.elapsed();
-        assert!(
-            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
-            "{closed:?}"
-        );
+        times_out_at(&mut idle, start, 10).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -688,13 +680,7 @@ mod tests {
             idle.timer.is_some(),
             "no timer for a wait the limit ends first"
         );
-        let (got, error) = read_to_failure(&mut idle).await;
-        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
-        let closed = start.elapsed();
-        assert!(
-            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
-            "{closed:?}"
-        );
+        times_out_at(&mut idle, start, 10).await;
     }
 
     /// Polls `idle` once for readiness, with its wait ending at `due`.
@@ -728,13 +714,7 @@ mod tests {
             "{ended:?}"
         );
         // The idle limit still holds after it, on the same timer.
-        let (got, error) = read_to_failure(&mut idle).await;
-        assert_eq!((got, error.kind()), (0, io::ErrorKind::TimedOut));
-        let closed = start.elapsed();
-        assert!(
-            closed >= Duration::from_secs(10) && closed < Duration::from_secs(11),
-            "{closed:?}"
-        );
+        times_out_at(&mut idle, start, 10).await;
         drop(client);
     }
 
