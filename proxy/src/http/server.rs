@@ -743,6 +743,8 @@ async fn serve_busy<S>(
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
+    // Lent to each request rather than shared with it (see `handle`).
+    let context: &ConnContext = &ctx;
     let conn = h1::Conn {
         max_header_bytes: ctx.listener.max_header_bytes,
         header_timeout: ctx.listener.header_timeout,
@@ -752,7 +754,7 @@ where
         series: &ctx.series,
         progress: &ctx.progress,
         client: ctx.client,
-        handler: |req| handle(ctx.clone(), req),
+        handler: move |req| handle(context, req),
     };
     h1::serve(stream, read, &conn, head_due, drain_due, written_before).await
 }
