@@ -48,8 +48,8 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::{ClientTimeout, ListenerSeries};
 use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
 use crate::upstream::h1::{
-    field_span, header_map, known_name, settle_header_maps, spare_header_map, step_chunked, Chunk,
-    Chunked,
+    field_span, header_map, known_name, poll_until, settle_header_maps, spare_header_map,
+    step_chunked, Chunk, Chunked,
 };
 
 /// Most header fields in a request head (hyper's limit, answered the same way: `431`).
@@ -410,8 +410,8 @@ enum Lull {
 
 /// Waits for the next request's first bytes, reading them into the connection's buffer,
 /// until the connection has been idle for `park_after` since `idle_since`. `lull` is the
-/// timer kept for these waits: when it fires before that end, it is set to it (so a
-/// connection that is busy again costs no timer until the timer next fires).
+/// timer kept for these waits (`poll_until`): when it fires before that end, it is set to
+/// it (so a connection that is busy again costs no timer until the timer next fires).
 async fn linger<S, H>(
     wire: &mut Wire<S>,
     conn: &Conn<'_, H>,
@@ -439,14 +439,8 @@ where
             }
             Poll::Pending => {}
         }
-        loop {
-            match lull.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                // A drain that began meanwhile is noticed by the parked wait.
-                Poll::Ready(()) if lull.deadline() >= quiet_at => return Poll::Ready(Lull::Quiet),
-                Poll::Ready(()) => lull.as_mut().reset(quiet_at),
-            }
-        }
+        // A drain that began meanwhile is noticed by the parked wait.
+        poll_until(lull.as_mut(), quiet_at, cx).map(|()| Lull::Quiet)
     })
     .await;
     wire.io.bound_waits(None);

@@ -593,18 +593,7 @@ impl H1Conn {
         let timer = self
             .head_timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
-        if timer.deadline() > due {
-            timer.as_mut().reset(due);
-        }
-        if timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        if tokio::time::Instant::now() >= due {
-            return Poll::Ready(());
-        }
-        // Fired for an earlier deadline: set to this one's.
-        timer.as_mut().reset(due);
-        timer.as_mut().poll(cx)
+        poll_until(timer.as_mut(), due, cx)
     }
 
     /// Reads until a final response head (1xx other than 101 are skipped) is complete.
@@ -868,6 +857,32 @@ const fn words_of(name: &str) -> [u64; NAME_WORDS] {
         [load(b, 0, 8), load(b, 8, 8), load(b, n - 8, 8)]
     };
     [words[0] | LOWER, words[1] | LOWER, words[2] | LOWER]
+}
+
+/// `Ready` once `due` has passed, on a timer kept across waits: moved to `due` only when
+/// it is set for later. Set for earlier (a previous wait's end, which every later one
+/// passes), it stays, and when it fires before `due` it is moved on then: a timer that
+/// serves a wait every few milliseconds is moved about once per its span instead of once
+/// per wait, and a wait still ends at its own `due`, not before.
+pub(crate) fn poll_until(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    due: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    if timer.deadline() > due {
+        timer.as_mut().reset(due);
+    }
+    loop {
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Set for `due` (or later, never: see above), it fired at or after `due`.
+        if timer.deadline() >= due {
+            return Poll::Ready(());
+        }
+        // Fired for an earlier end: on to this one's.
+        timer.as_mut().reset(due);
+    }
 }
 
 /// A partial head must still be able to complete within the limit.
