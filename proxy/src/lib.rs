@@ -28,6 +28,7 @@
 //! - [`systemd`]: readiness and stopping notifications, the main pid, the fd store.
 //! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
+//! - [`allocator`]: the global allocator, mimalloc asked as C's `malloc` where it can be.
 //! - [`boxed`]: futures boxed where they are built, not copied into their box.
 //! - [`workers`]: one single-threaded runtime per CPU serving the configured listeners.
 //!
@@ -35,6 +36,7 @@
 //! ARCHITECTURE.md draws the layers; `tests/architecture.rs` keeps imports pointing down
 //! them, with no cycle.
 
+pub mod allocator;
 pub mod boxed;
 pub mod cluster;
 pub mod config;

@@ -37,11 +37,11 @@ enum Command {
     },
 }
 
-/// mimalloc rather than glibc's malloc: a request allocates a few dozen times, mostly in
-/// hyper, and mimalloc's per-thread free lists serve that for fewer instructions and
-/// hold less memory per idle connection (README, Performance).
+/// mimalloc rather than glibc's malloc: its per-thread free lists serve a request's
+/// allocations for fewer instructions and hold less memory per idle connection (README,
+/// Performance).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: proxy::allocator::Allocator = proxy::allocator::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -399,7 +399,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("model", &["state"]),
     (
         "leaves",
-        &["boxed", "etcd", "shutdown", "systemd", "workers"],
+        &[
+            "allocator",
+            "boxed",
+            "etcd",
+            "shutdown",
+            "systemd",
+            "workers",
+        ],
     ),
 ];
 

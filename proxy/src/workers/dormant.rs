@@ -196,7 +196,7 @@ fn never() -> Instant {
 /// object could hand out another file descriptor than it registered, or close it first.
 /// `Poll` owns its epoll descriptor from creation to drop and always returns that one, so
 /// the condition the `unsafe` constructor asks its caller to keep holds here; this crate
-/// forbids `unsafe`, hence the deprecated call.
+/// keeps `unsafe` to its allocator, hence the deprecated call.
 #[allow(deprecated)]
 fn watched(epoll: Poll) -> std::io::Result<AsyncFd<Poll>> {
     AsyncFd::with_interest(epoll, tokio::io::Interest::READABLE)
