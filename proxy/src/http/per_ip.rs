@@ -1,7 +1,8 @@
-//! Per-client-IP limits of one HTTP listener: how many connections one address may hold
-//! open (`max_connections_per_ip`) and how fast it may send requests (`rate_limit`, a token
-//! bucket). Both are off unless configured; a listener without them never reaches this
-//! module.
+//! The client limits of one HTTP listener: how many connections it holds open at once
+//! (`max_connections`, [`ConnectionLimit`]), and per client IP, how many connections one
+//! address may hold open (`max_connections_per_ip`) and how fast it may send requests
+//! (`rate_limit`, a token bucket). The per-address limits are off unless configured; a
+//! listener without them never reaches their tables.
 //!
 //! The tables are shared by every worker thread, split into shards that each have their
 //! own lock, so two clients rarely contend and a lock is held for a few map operations.
@@ -16,6 +17,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -65,6 +67,54 @@ impl<V> Sharded<V> {
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
+    }
+}
+
+/// A listener's open connections, every worker's together, capped at `max_connections`.
+///
+/// A count taken with a compare-and-swap and given back with a subtraction. An HTTP
+/// listener over its limit refuses a connection rather than waiting for a place, so it
+/// needs no queue of waiters: tokio's `Semaphore` took its waiters' lock to give every
+/// connection's place back.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl ConnectionLimit {
+    /// A limit of `max` connections open at once.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionLimit {
+            open: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Counts a new connection, or `None` when `max` are open. It counts until the
+    /// returned place is dropped.
+    pub fn take(self: &Arc<Self>) -> Option<ConnectionPlace> {
+        self.open
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()?;
+        Some(ConnectionPlace(self.clone()))
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection's place under a [`ConnectionLimit`], given back when this is dropped.
+#[derive(Debug)]
+pub struct ConnectionPlace(Arc<ConnectionLimit>);
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -219,6 +269,24 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_listeners_connections_are_limited_and_their_places_given_back() {
+        let limit = ConnectionLimit::new(2);
+        let first = limit.take().expect("one of two");
+        let second = limit.take().expect("two of two");
+        assert!(limit.take().is_none(), "a third over a limit of two");
+        assert_eq!(limit.open(), 2);
+        drop(first);
+        assert_eq!(limit.open(), 1);
+        let third = limit.take().expect("the place the first gave back");
+        assert!(limit.take().is_none());
+        drop((second, third));
+        assert_eq!(limit.open(), 0);
+        let places: Vec<_> = (0..2).map_while(|_| limit.take()).collect();
+        assert_eq!(places.len(), 2, "both places again");
+        assert!(ConnectionLimit::new(0).take().is_none(), "a limit of none");
     }
 
     #[test]

@@ -17,14 +17,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::detect::{self, Replayed, Speaks};
 use super::framing::HeadProgress;
 use super::h1::{self, Served};
-use super::per_ip::{ClientConnection, ConnectionsPerIp, RequestRatePerIp};
+use super::per_ip::{
+    ClientConnection, ConnectionLimit, ConnectionPlace, ConnectionsPerIp, RequestRatePerIp,
+};
 use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
 use crate::boxed;
@@ -61,7 +62,7 @@ const DOZE_AFTER: Duration = Duration::from_millis(300);
 /// its place under the listener's connection limits, its count as open and its count on
 /// its worker.
 struct Held {
-    _permit: OwnedSemaphorePermit,
+    _place: ConnectionPlace,
     _client_slot: Option<ClientConnection>,
     _open: OpenConnection,
     _load: WorkerLoad,
@@ -69,13 +70,13 @@ struct Held {
 
 impl Held {
     fn new(
-        permit: OwnedSemaphorePermit,
+        place: ConnectionPlace,
         client_slot: Option<ClientConnection>,
         open: OpenConnection,
         load: WorkerLoad,
     ) -> Held {
         Held {
-            _permit: permit,
+            _place: place,
             _client_slot: client_slot,
             _open: open,
             _load: load,
@@ -148,7 +149,7 @@ impl Http2Settings {
 /// A listener's connection and client limits, one set shared by all of its workers.
 #[derive(Clone)]
 struct Limits {
-    connections: Arc<Semaphore>,
+    connections: Arc<ConnectionLimit>,
     per_ip: Option<Arc<ConnectionsPerIp>>,
     rate: Option<Arc<RequestRatePerIp>>,
 }
@@ -156,7 +157,7 @@ struct Limits {
 impl Limits {
     fn new(config: &ListenerConfig) -> Limits {
         Limits {
-            connections: Arc::new(Semaphore::new(config.max_connections)),
+            connections: ConnectionLimit::new(config.max_connections),
             per_ip: config.max_connections_per_ip.map(ConnectionsPerIp::new),
             rate: config
                 .rate_limit
@@ -292,7 +293,7 @@ async fn serve_limited(
         };
         // Over the limit a connection is closed at once, and counted: left waiting in the
         // kernel backlog, a flood would hold back every later client without a trace.
-        let Ok(permit) = limits.connections.clone().try_acquire_owned() else {
+        let Some(place) = limits.connections.take() else {
             series.refused(Refusal::MaxConnections);
             refuse(accepted);
             continue;
@@ -333,14 +334,14 @@ async fn serve_limited(
         // its small blocks.
         match &terminate {
             None => incoming.spawn(&shutdown, accepted, move |stream, load| {
-                let held = Held::new(permit, client_slot, open, load);
+                let held = Held::new(place, client_slot, open, load);
                 let timed = IdleTimeout::new(stream, idle).counted_in(ctx.series.clone());
                 serve_connection(timed, ctx, protocols, held)
             }),
             Some(server_config) => {
                 let server_config = server_config.clone();
                 incoming.spawn(&shutdown, accepted, move |stream, load| {
-                    let held = Held::new(permit, client_slot, open, load);
+                    let held = Held::new(place, client_slot, open, load);
                     // The idle limit sits below TLS, so it covers the handshake too; the
                     // handshake as a whole is bounded by the header timeout.
                     async move {
