@@ -1,5 +1,6 @@
 //! Proxy hygiene: request framing checks, hop-by-hop headers, forwarding headers.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 
@@ -507,32 +508,26 @@ pub fn to_h2_request<B>(req: &mut http::Request<B>, tls: bool, fallback: &str) {
     }
 }
 
-/// A client address as the forwarding headers show it, rendered once per connection.
+/// A client address as the forwarding headers show it, rendered once per connection, or
+/// shared with a recent connection of the same client (see [`RECENT`]).
 #[derive(Debug)]
 pub struct ForwardedClient {
+    ip: IpAddr,
     /// The address alone: `X-Forwarded-For` when the request has none.
     address: HeaderValue,
     /// An IPv6 address, which `Forwarded` quotes and brackets (RFC 7239).
     v6: bool,
-    /// What the connection's requests were given so far (see [`Rendered`]).
-    last: Mutex<Last>,
-}
-
-/// The forwarding headers made for the requests of one connection so far.
-#[derive(Debug, Default)]
-struct Last {
-    /// A request was forwarded already: the next ones share what is rendered.
-    seen: bool,
-    rendered: Option<Rendered>,
+    /// What the connection's requests were given last (see [`Rendered`]).
+    last: Mutex<Option<Rendered>>,
 }
 
 /// `X-Forwarded-Host` and `Forwarded` (for a request without a prior hop's `Forwarded`)
 /// for one host and scheme. The requests of a keep-alive connection nearly always name
-/// the same host, so from the second request on the values are made once and shared
-/// (a reference count each) rather than built, copied and validated per request. Own
-/// copies: a share of a request's `Host` would keep that request's whole read buffer
-/// alive as long as the connection.
-#[derive(Debug)]
+/// the same host, so the values are made once and shared (a reference count each) rather
+/// than built, copied and validated per request; and so are they by the next connections
+/// of the same client on the same thread ([`RECENT`]). Own copies: a share of a request's
+/// `Host` would keep that request's whole read buffer alive as long as they are kept.
+#[derive(Debug, Clone)]
 struct Rendered {
     proto: &'static str,
     /// The host it was made for, which is also the `X-Forwarded-Host` value.
@@ -540,13 +535,94 @@ struct Rendered {
     forwarded: Option<HeaderValue>,
 }
 
+impl Rendered {
+    fn is_for(&self, proto: &'static str, host: Option<&str>) -> bool {
+        self.proto == proto
+            && self.host.as_ref().map(HeaderValue::as_bytes) == host.map(str::as_bytes)
+    }
+
+    fn values(&self) -> (Option<HeaderValue>, Option<HeaderValue>) {
+        (self.host.clone(), self.forwarded.clone())
+    }
+}
+
+/// Clients a thread rendered the forwarding headers for lately.
+const RECENT_CLIENTS: usize = 4;
+
+/// A client a thread rendered for lately: its address, and what its last request was given.
+struct Recent {
+    ip: IpAddr,
+    address: HeaderValue,
+    rendered: Option<Rendered>,
+}
+
+/// The last [`RECENT_CLIENTS`] clients whose connections this thread served, oldest
+/// replaced first. A client's next connection shares their rendered address and, for the
+/// same host and scheme, their `X-Forwarded-Host` and `Forwarded` values: a browser opens
+/// several connections at once, and behind a load balancer or a CDN nearly every
+/// connection comes from one of a few addresses. Rendering them for a connection's first
+/// request cost about 950 instructions (callgrind, a new connection per request: the
+/// address as text, the `Forwarded` value built and checked, the host copied, three
+/// allocations).
+struct RecentClients {
+    clients: [Option<Recent>; RECENT_CLIENTS],
+    /// Where the next new client goes.
+    next: usize,
+}
+
+impl RecentClients {
+    fn find(&mut self, ip: IpAddr) -> Option<&mut Recent> {
+        self.clients
+            .iter_mut()
+            .flatten()
+            .find(|recent| recent.ip == ip)
+    }
+
+    fn insert(&mut self, recent: Recent) {
+        self.clients[self.next] = Some(recent);
+        self.next = (self.next + 1) % RECENT_CLIENTS;
+    }
+}
+
+thread_local! {
+    static RECENT: RefCell<RecentClients> = const {
+        RefCell::new(RecentClients {
+            clients: [const { None }; RECENT_CLIENTS],
+            next: 0,
+        })
+    };
+}
+
+/// `f` on this thread's recent clients; `None` where the thread has them no longer (its
+/// exit).
+fn with_recent<T>(f: impl FnOnce(&mut RecentClients) -> T) -> Option<T> {
+    RECENT
+        .try_with(|recent| recent.try_borrow_mut().ok().map(|mut r| f(&mut r)))
+        .ok()
+        .flatten()
+}
+
 impl ForwardedClient {
-    /// Renders `client`.
+    /// Renders `client`, or shares its text with a recent connection of the same client.
     pub fn new(client: IpAddr) -> ForwardedClient {
+        let (address, rendered) = with_recent(|recent| match recent.find(client) {
+            Some(known) => (known.address.clone(), known.rendered.clone()),
+            None => {
+                let address = ip_value(client);
+                recent.insert(Recent {
+                    ip: client,
+                    address: address.clone(),
+                    rendered: None,
+                });
+                (address, None)
+            }
+        })
+        .unwrap_or_else(|| (ip_value(client), None));
         ForwardedClient {
-            address: ip_value(client),
+            ip: client,
+            address,
             v6: client.is_ipv6(),
-            last: Mutex::new(Last::default()),
+            last: Mutex::new(rendered),
         }
     }
 
@@ -569,7 +645,8 @@ impl ForwardedClient {
     }
 
     /// `X-Forwarded-Host` and `Forwarded` for a request to `host` that carries no
-    /// `Forwarded` of its own.
+    /// `Forwarded` of its own: the values the connection's last request was given, or a
+    /// recent connection's of the same client, while host and scheme are the same.
     fn rendered(
         &self,
         proto: &'static str,
@@ -577,24 +654,31 @@ impl ForwardedClient {
     ) -> (Option<HeaderValue>, Option<HeaderValue>) {
         let text = host.map(RequestHost::as_str);
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(r) = last.rendered.as_ref().filter(|r| {
-            r.proto == proto
-                && r.host.as_ref().map(HeaderValue::as_bytes) == text.map(str::as_bytes)
-        }) {
-            return (r.host.clone(), r.forwarded.clone());
+        if let Some(r) = last.as_ref().filter(|r| r.is_for(proto, text)) {
+            return r.values();
         }
-        let forwarded = forwarded_value(None, self, text, proto);
-        if !std::mem::replace(&mut last.seen, true) {
-            // A connection's first request: most connections that make only one would
-            // pay for copies they never share.
-            return (host.and_then(RequestHost::to_header_value), forwarded);
-        }
-        let rendered = last.rendered.insert(Rendered {
-            proto,
-            host: text.and_then(|t| HeaderValue::from_str(t).ok()),
-            forwarded,
-        });
-        (rendered.host.clone(), rendered.forwarded.clone())
+        let shared = with_recent(|recent| {
+            let known = recent.find(self.ip)?;
+            known.rendered.clone().filter(|r| r.is_for(proto, text))
+        })
+        .flatten();
+        let rendered = last.insert(shared.unwrap_or_else(|| {
+            let rendered = Rendered {
+                proto,
+                host: text.and_then(|t| HeaderValue::from_str(t).ok()),
+                forwarded: forwarded_value(None, self, text, proto),
+            };
+            with_recent(|recent| match recent.find(self.ip) {
+                Some(known) => known.rendered = Some(rendered.clone()),
+                None => recent.insert(Recent {
+                    ip: self.ip,
+                    address: self.address.clone(),
+                    rendered: Some(rendered.clone()),
+                }),
+            });
+            rendered
+        }));
+        rendered.values()
     }
 }
 
@@ -1135,6 +1219,70 @@ mod tests {
             "for=127.0.0.1;host=\"example.com\";proto=http"
         );
         assert_eq!(h["via"], "1.1 edge, 1.1 proxyd");
+    }
+
+    #[test]
+    fn a_clients_next_connections_on_a_thread_share_what_was_rendered_for_it() {
+        let uri = http::Uri::from_static("/");
+        let render = |client: &ForwardedClient, host: &str| {
+            let mut h = headers(&[("host", host)]);
+            let request_host = request_host(&uri, &h);
+            let present = Present::of(&h);
+            add_forwarding(&mut h, client, "http", request_host.as_ref(), present);
+            h
+        };
+        // One block: the value was shared, not made again.
+        let shared = |a: &HeaderMap, b: &HeaderMap, name: &str| {
+            a[name].as_bytes().as_ptr() == b[name].as_bytes().as_ptr()
+        };
+        let ip: IpAddr = "198.51.100.1".parse().expect("ip");
+        let first = render(&ForwardedClient::new(ip), "a.example:8080");
+        let second = render(&ForwardedClient::new(ip), "a.example:8080");
+        assert_eq!(
+            second["forwarded"],
+            "for=198.51.100.1;host=\"a.example\";proto=http"
+        );
+        assert_eq!(second["x-forwarded-host"], "a.example");
+        assert_eq!(second["x-forwarded-for"], "198.51.100.1");
+        for name in ["forwarded", "x-forwarded-host", "x-forwarded-for"] {
+            assert!(shared(&first, &second, name), "{name}");
+        }
+
+        // Another client gets its own.
+        let other = render(
+            &ForwardedClient::new("198.51.100.2".parse().expect("ip")),
+            "a.example:8080",
+        );
+        assert_eq!(
+            other["forwarded"],
+            "for=198.51.100.2;host=\"a.example\";proto=http"
+        );
+        assert_eq!(other["x-forwarded-for"], "198.51.100.2");
+        assert!(!shared(&first, &other, "forwarded"));
+
+        // Another host of the first client: made anew, then shared.
+        let b = render(&ForwardedClient::new(ip), "b.example");
+        assert_eq!(
+            b["forwarded"],
+            "for=198.51.100.1;host=\"b.example\";proto=http"
+        );
+        assert_eq!(b["x-forwarded-host"], "b.example");
+        assert!(!shared(&first, &b, "forwarded"));
+        assert!(shared(&first, &b, "x-forwarded-for"));
+        let b_again = render(&ForwardedClient::new(ip), "b.example");
+        assert!(shared(&b, &b_again, "forwarded"));
+        assert!(shared(&b, &b_again, "x-forwarded-host"));
+
+        // After as many other clients as the thread keeps, the first is forgotten: its
+        // values are made anew, with the same text.
+        for i in 0..RECENT_CLIENTS {
+            ForwardedClient::new(IpAddr::from([198, 51, 100, 10 + i as u8]));
+        }
+        let forgotten = render(&ForwardedClient::new(ip), "b.example");
+        assert_eq!(forgotten["forwarded"], b["forwarded"]);
+        assert_eq!(forgotten["x-forwarded-for"], "198.51.100.1");
+        assert!(!shared(&b, &forgotten, "forwarded"));
+        assert!(!shared(&b, &forgotten, "x-forwarded-for"));
     }
 
     #[test]
