@@ -40,31 +40,41 @@ fn plain(size: usize, align: usize) -> bool {
     align <= PLAIN_ALIGN && align <= size
 }
 
+/// A block for `layout` from `plain_entry` (mimalloc's `mi_malloc` or `mi_zalloc`) where
+/// [`plain`] allows, from `aligned_entry` (their aligned twin) otherwise.
+///
+/// # Safety
+///
+/// `layout` has a size other than 0 (as `GlobalAlloc::alloc` requires of its caller); the
+/// entry points are mimalloc's, which take any size and power-of-two alignment.
+unsafe fn new_block(
+    layout: Layout,
+    plain_entry: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_entry: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    // SAFETY: plain C calls with a size and an alignment from a valid `Layout`.
+    unsafe {
+        if plain(layout.size(), layout.align()) {
+            plain_entry(layout.size()).cast()
+        } else {
+            aligned_entry(layout.size(), layout.align()).cast()
+        }
+    }
+}
+
 // SAFETY: every method hands the layout's size (and, off the plain path, its alignment)
 // to mimalloc, which returns a block of at least that size with that alignment or null,
 // as `GlobalAlloc` requires; blocks from either path are freed and resized by `mi_free`
 // and `mi_realloc*`, which take any block mimalloc gave.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: plain C calls with sizes and alignments from a valid `Layout`.
-        unsafe {
-            if plain(layout.size(), layout.align()) {
-                mi_malloc(layout.size()).cast()
-            } else {
-                mi_malloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        // SAFETY: see `new_block`.
+        unsafe { new_block(layout, mi_malloc, mi_malloc_aligned) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as in `alloc`.
-        unsafe {
-            if plain(layout.size(), layout.align()) {
-                mi_zalloc(layout.size()).cast()
-            } else {
-                mi_zalloc_aligned(layout.size(), layout.align()).cast()
-            }
-        }
+        // SAFETY: see `new_block`.
+        unsafe { new_block(layout, mi_zalloc, mi_zalloc_aligned) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: Layout) {
