@@ -5,11 +5,11 @@
 //! for every allocation) serve a block over 1 KiB whose size class is not a power of two
 //! through a path that over-allocates by the alignment and aligns within the block, even
 //! for an alignment of 8 that every block has anyway: about 450 instructions where the
-//! plain path takes about 40 (callgrind, a new connection's boxed busy spell), for every
-//! buffer, header map and future of that size. `mi_malloc` returns blocks aligned as C's
-//! `malloc` does (to 16 bytes, or to the largest power of two that divides a smaller
-//! size), so a layout within that goes there; a larger alignment still goes to the aligned
-//! entry points.
+//! plain path takes about 330 (callgrind, a new connection's boxed busy spell; blocks up
+//! to 1 KiB take about 40), for every buffer, header map and future of that size.
+//! `mi_malloc` returns blocks aligned as C's `malloc` does (to 16 bytes, or to the largest
+//! power of two that divides a smaller size), so a layout within that goes there; a
+//! larger alignment still goes to the aligned entry points.
 //!
 //! The only `unsafe` code of the workspace: implementing [`GlobalAlloc`] is `unsafe` by
 //! definition, and so is calling C.
