@@ -571,16 +571,24 @@ struct RecentClients {
 }
 
 impl RecentClients {
-    fn find(&mut self, ip: IpAddr) -> Option<&mut Recent> {
-        self.clients
-            .iter_mut()
-            .flatten()
-            .find(|recent| recent.ip == ip)
-    }
-
-    fn insert(&mut self, recent: Recent) {
-        self.clients[self.next] = Some(recent);
-        self.next = (self.next + 1) % RECENT_CLIENTS;
+    /// The entry of `ip`; where there is none, a new one with `address` (its text) in the
+    /// place of the oldest.
+    fn entry(&mut self, ip: IpAddr, address: impl FnOnce() -> HeaderValue) -> &mut Recent {
+        let known = self
+            .clients
+            .iter()
+            .position(|recent| recent.as_ref().is_some_and(|recent| recent.ip == ip));
+        let at = known.unwrap_or_else(|| {
+            let at = self.next;
+            self.next = (at + 1) % RECENT_CLIENTS;
+            self.clients[at] = None;
+            at
+        });
+        self.clients[at].get_or_insert_with(|| Recent {
+            ip,
+            address: address(),
+            rendered: None,
+        })
     }
 }
 
@@ -605,17 +613,9 @@ fn with_recent<T>(f: impl FnOnce(&mut RecentClients) -> T) -> Option<T> {
 impl ForwardedClient {
     /// Renders `client`, or shares its text with a recent connection of the same client.
     pub fn new(client: IpAddr) -> ForwardedClient {
-        let (address, rendered) = with_recent(|recent| match recent.find(client) {
-            Some(known) => (known.address.clone(), known.rendered.clone()),
-            None => {
-                let address = ip_value(client);
-                recent.insert(Recent {
-                    ip: client,
-                    address: address.clone(),
-                    rendered: None,
-                });
-                (address, None)
-            }
+        let (address, rendered) = with_recent(|recent| {
+            let known = recent.entry(client, || ip_value(client));
+            (known.address.clone(), known.rendered.clone())
         })
         .unwrap_or_else(|| (ip_value(client), None));
         ForwardedClient {
@@ -657,27 +657,20 @@ impl ForwardedClient {
         if let Some(r) = last.as_ref().filter(|r| r.is_for(proto, text)) {
             return r.values();
         }
-        let shared = with_recent(|recent| {
-            let known = recent.find(self.ip)?;
-            known.rendered.clone().filter(|r| r.is_for(proto, text))
+        let fresh = || Rendered {
+            proto,
+            host: text.and_then(|t| HeaderValue::from_str(t).ok()),
+            forwarded: forwarded_value(None, self, text, proto),
+        };
+        let rendered = with_recent(|recent| {
+            let known = recent.entry(self.ip, || self.address.clone());
+            match known.rendered.as_ref().filter(|r| r.is_for(proto, text)) {
+                Some(shared) => shared.clone(),
+                None => known.rendered.insert(fresh()).clone(),
+            }
         })
-        .flatten();
-        let rendered = last.insert(shared.unwrap_or_else(|| {
-            let rendered = Rendered {
-                proto,
-                host: text.and_then(|t| HeaderValue::from_str(t).ok()),
-                forwarded: forwarded_value(None, self, text, proto),
-            };
-            with_recent(|recent| match recent.find(self.ip) {
-                Some(known) => known.rendered = Some(rendered.clone()),
-                None => recent.insert(Recent {
-                    ip: self.ip,
-                    address: self.address.clone(),
-                    rendered: Some(rendered.clone()),
-                }),
-            });
-            rendered
-        }));
+        .unwrap_or_else(fresh);
+        let rendered = last.insert(rendered);
         rendered.values()
     }
 }
