@@ -133,13 +133,13 @@ impl Failure {
 }
 
 /// Handles one request; never fails (errors become responses).
-#[allow(clippy::manual_async_fn)] // see the block below
 ///
 /// `ctx` is the connection's context as the caller holds it: an HTTP/1 connection lends
 /// it (`&ConnContext`) to the request it serves in its own task, an HTTP/2 stream, a task
 /// of its own, brings a share (`Arc`). A share per request was a reference count taken
 /// and given back on the connection's context, a cache line no recent request touched:
 /// about 1 % of proxyd's CPU time with keep-alive (`perf record`).
+#[allow(clippy::manual_async_fn)] // see the block below
 pub(crate) fn handle<C>(
     ctx: C,
     req: Request<ClientBody>,
