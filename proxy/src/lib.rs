@@ -158,6 +158,9 @@ impl Daemon {
                 write_latency,
             }),
         )?);
+        // Each route's metric series are made with its routing entry from here on, and
+        // for the routes loaded above now, rather than by the route's first request.
+        routing.attach_with(telemetry.metrics().route_attacher());
         let tls = tls::Tls::start(
             &config.tls,
             &state::database_path(&config.server.state_dir),

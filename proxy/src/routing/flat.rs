@@ -117,6 +117,11 @@ impl<V: Clone> FlatMap<V> {
         self.len == 0
     }
 
+    /// Every value, in no particular order.
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.shards.iter().flat_map(|shard| shard.values())
+    }
+
     /// Sets `key` to `value`.
     pub(super) fn insert(&mut self, key: &str, value: V) {
         if self.shards.is_empty() {

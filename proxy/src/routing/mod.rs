@@ -36,6 +36,11 @@ use crate::upstream::{Hold, PoolRuntime};
 pub use flat::{KeyHash, KeyHasher};
 pub use publish::{Published, Snapshot};
 
+/// What a layer above routing makes for a route as its entry is made (telemetry: the
+/// route's metric series), kept in the entry's [`Attachment`]. Given to
+/// [`Published::attach_with`].
+pub type Attacher = Arc<dyn Fn(&Route) -> Arc<dyn Any + Send + Sync> + Send + Sync>;
+
 /// Where routes find their pool: the current [`PoolRuntime`], swapped whole when the pool's
 /// definition or membership changes. Requests load it once (one atomic operation).
 pub type PoolSlot = ArcSwap<PoolRuntime>;
@@ -48,7 +53,8 @@ pub struct RouteEntry {
     pool: Arc<PoolSlot>,
     /// A route a service registered (not declared in the config file or the API).
     pub registered: bool,
-    /// The route's request metrics, found on its first request.
+    /// The route's request metrics: made with the entry once telemetry gave its
+    /// [`Attacher`], otherwise found on the route's first request.
     series: Attachment,
     /// How many bytes of a matched path `strip_prefix` takes off (see [`strip`](Self::strip)):
     /// at most 1024 (a route's path is no longer), kept in four bytes so that the entry
@@ -58,7 +64,12 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
-    fn new(route: Arc<Route>, pool: Arc<PoolSlot>, registered: bool) -> RouteEntry {
+    fn new(
+        route: Arc<Route>,
+        pool: Arc<PoolSlot>,
+        registered: bool,
+        attach: Option<&Attacher>,
+    ) -> RouteEntry {
         let strip = match (&route.path, route.strip_prefix) {
             (PathMatch::Prefix(prefix), true) if prefix != "/" => {
                 // A checked path is at most 1024 bytes. A prefix of slashes alone keeps
@@ -69,11 +80,15 @@ impl RouteEntry {
             }
             _ => None,
         };
+        let series = match attach {
+            Some(attach) => Attachment(OnceLock::from(attach(&route))),
+            None => Attachment::default(),
+        };
         RouteEntry {
             route,
             pool,
             registered,
-            series: Attachment::default(),
+            series,
             strip,
         }
     }
@@ -108,10 +123,11 @@ impl RouteEntry {
     }
 }
 
-/// What a layer above routing keeps with a route entry, made on first use: telemetry keeps
-/// the route's metric series here (see `Metrics::http_request_on`), so a request finds them
-/// without looking them up by name. Routing only holds it; it lives as long as the entry,
-/// so a changed route starts with an empty one.
+/// What a layer above routing keeps with a route entry, made with the entry (see
+/// [`Attacher`]) or on first use: telemetry keeps the route's metric series here (see
+/// `Metrics::http_request_on`), so a request finds them without looking them up by name.
+/// Routing only holds it; it lives as long as the entry, so a changed route starts with a
+/// new one.
 #[derive(Default)]
 pub struct Attachment(OnceLock<Arc<dyn Any + Send + Sync>>);
 
@@ -291,6 +307,13 @@ impl PathIndex {
     fn is_empty(&self) -> bool {
         self.exact.is_empty() && self.prefix.is_empty()
     }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<RouteEntry>> {
+        self.exact
+            .values()
+            .chain(self.prefix.values())
+            .flat_map(Candidates::all)
+    }
 }
 
 /// Where a route's host puts it within a listener.
@@ -379,6 +402,14 @@ impl HostIndex {
     fn is_empty(&self) -> bool {
         self.any.is_empty() && self.exact.is_empty() && self.wildcard.is_empty()
     }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<RouteEntry>> {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .chain(std::iter::once(&self.any))
+            .flat_map(|paths| paths.entries())
+    }
 }
 
 /// TCP routes: the pool of each listener, and `tls-passthrough` routes by SNI. Few, so
@@ -415,6 +446,7 @@ impl SniIndex {
 struct Editing<'t> {
     table: &'t mut RoutingTable,
     open: Option<OpenHost>,
+    attach: Option<&'t Attacher>,
 }
 
 /// The path index being edited, with the listener's host index it was taken from.
@@ -473,7 +505,12 @@ impl Editing<'_> {
         let Some(pool) = self.table.pools.get(&route.pool).cloned() else {
             return;
         };
-        let entry = Arc::new(RouteEntry::new(route.clone(), pool, registered));
+        let entry = Arc::new(RouteEntry::new(
+            route.clone(),
+            pool,
+            registered,
+            self.attach,
+        ));
         self.paths(&route).insert(entry);
     }
 
@@ -564,6 +601,15 @@ impl RoutingTable {
     /// compiled from `state` in each), so upstream run-time data (health, connection
     /// counts) carries over and routes of `previous` see the new pools too.
     pub fn build(state: &State, previous: Option<&RoutingTable>) -> RoutingTable {
+        RoutingTable::build_attached(state, previous, None)
+    }
+
+    /// [`build`](Self::build), each route entry made with what `attach` makes for it.
+    pub fn build_attached(
+        state: &State,
+        previous: Option<&RoutingTable>,
+        attach: Option<&Attacher>,
+    ) -> RoutingTable {
         let mut table = RoutingTable::default();
         let mut names: BTreeSet<String> = state.pools().map(|p| p.name.clone()).collect();
         names.extend(state.membership().routes().map(|(_, r)| r.pool.clone()));
@@ -571,7 +617,7 @@ impl RoutingTable {
             let slot = previous.and_then(|p| p.pools.get(name));
             table.refresh_pool(state, name, slot);
         }
-        let mut editing = table.edit();
+        let mut editing = table.edit(attach);
         for route in state.routes() {
             editing.insert_route(Arc::new(route.clone()), false);
         }
@@ -590,6 +636,17 @@ impl RoutingTable {
     /// paths and pools are shared with this table. Pools are swapped in their slots, which
     /// this table's routes see at once: call it only once `new` is committed.
     pub fn update(&self, old: &State, new: &State, touched: &Touched) -> RoutingTable {
+        self.update_attached(old, new, touched, None)
+    }
+
+    /// [`update`](Self::update), each new route entry made with what `attach` makes for it.
+    pub fn update_attached(
+        &self,
+        old: &State,
+        new: &State,
+        touched: &Touched,
+        attach: Option<&Attacher>,
+    ) -> RoutingTable {
         let mut table = self.clone();
         let (old_m, new_m) = (old.membership(), new.membership());
         let mut pools: BTreeSet<&str> = touched.pools.iter().map(String::as_str).collect();
@@ -601,7 +658,7 @@ impl RoutingTable {
             let slot = self.pools.get(name);
             table.refresh_pool(new, name, slot);
         }
-        let mut editing = table.edit();
+        let mut editing = table.edit(attach);
         for name in &touched.routes {
             if let Some(route) = old.route_arc(name) {
                 editing.remove_route(route);
@@ -660,12 +717,20 @@ impl RoutingTable {
         }
     }
 
-    /// Starts a run of route edits (see [`Editing`]).
-    fn edit(&mut self) -> Editing<'_> {
+    /// Starts a run of route edits (see [`Editing`]), the entries it makes made with what
+    /// `attach` makes for them.
+    fn edit<'t>(&'t mut self, attach: Option<&'t Attacher>) -> Editing<'t> {
         Editing {
             table: self,
             open: None,
+            attach,
         }
+    }
+
+    /// Every HTTP route entry of the table (registered ones included), in no particular
+    /// order; a route that lost to another on its host and path is among them.
+    pub fn entries(&self) -> impl Iterator<Item = &Arc<RouteEntry>> {
+        self.http.values().flat_map(|hosts| hosts.entries())
     }
 
     /// The route for a request on `listener` to `host` (lower-case, no port) and `path`

@@ -481,6 +481,102 @@ fn a_replaced_snapshot_is_never_freed_by_its_reader() {
     assert!(!compiler.reclaim(), "nothing left to free");
 }
 
+/// What an entry carries when the attacher below made its attachment: the route's name.
+fn attached_name(entry: &RouteEntry) -> Option<String> {
+    let attached = entry.series_slot().get()?;
+    attached.downcast_ref::<String>().cloned()
+}
+
+#[test]
+fn published_entries_carry_what_the_attacher_makes_from_the_moment_it_is_given() {
+    let published = Published::new();
+    let mut compiler = published.compiler();
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    let mut changes = vec![Change::CreatePool(pool("p", &["127.0.0.1:1"]))];
+    // Two routes on one host and path (one loses), one on another host, a wildcard.
+    changes.push(Change::CreateRoute(route("a", None, prefix("/"), 0, false)));
+    changes.push(Change::CreateRoute(route("b", None, prefix("/"), 1, false)));
+    changes.push(Change::CreateRoute(route(
+        "c",
+        Some("h"),
+        prefix("/x/"),
+        0,
+        false,
+    )));
+    changes.push(Change::CreateRoute(route(
+        "d",
+        Some("*.w"),
+        PathMatch::Exact("/e".into()),
+        0,
+        false,
+    )));
+    state.apply_batch(&changes, Source::Api).expect("valid");
+    compiler.publish(1, &state, None);
+    let names = |table: &RoutingTable| {
+        let mut all: Vec<(String, Option<String>)> = table
+            .entries()
+            .map(|e| (e.route.name.clone(), attached_name(e)))
+            .collect();
+        all.sort();
+        all
+    };
+    // Before an attacher is given, entries are made with nothing attached.
+    let unattached = |list: &[&str]| -> Vec<(String, Option<String>)> {
+        list.iter().map(|n| (n.to_string(), None)).collect()
+    };
+    assert_eq!(
+        names(&published.routing()),
+        unattached(&["a", "b", "c", "d"])
+    );
+
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = made.clone();
+    published.attach_with(Arc::new(move |route: &Route| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Arc::new(route.name.clone()) as Arc<dyn Any + Send + Sync>
+    }));
+    let attached = |list: &[&str]| -> Vec<(String, Option<String>)> {
+        list.iter()
+            .map(|n| (n.to_string(), Some(n.to_string())))
+            .collect()
+    };
+    // The current table's entries got theirs at once, each made once.
+    assert_eq!(names(&published.routing()), attached(&["a", "b", "c", "d"]));
+    assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 4);
+    // A second attacher is not used.
+    published.attach_with(Arc::new(|_: &Route| {
+        Arc::new(0u8) as Arc<dyn Any + Send + Sync>
+    }));
+
+    // An incremental change: the new and the changed route are made with theirs, the
+    // others keep their entries (nothing made for them again).
+    let mut next = state.clone();
+    let edits = [
+        Change::CreateRoute(route("e", Some("h"), prefix("/y/"), 0, false)),
+        Change::UpdateRoute(route("c", Some("h"), prefix("/z/"), 0, true)),
+    ];
+    next.apply_batch(&edits, Source::Api).expect("valid");
+    let mut touched = Touched::default();
+    edits.iter().for_each(|c| touched.add(c));
+    compiler.publish(2, &next, Some(&touched));
+    assert_eq!(
+        names(&published.routing()),
+        attached(&["a", "b", "c", "d", "e"])
+    );
+    assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 6);
+    let entry = published.routing();
+    let entry = entry.lookup("web", "h", "/z/1").expect("changed route");
+    assert_eq!(attached_name(entry).as_deref(), Some("c"));
+
+    // A full rebuild makes every entry anew, each with its attachment.
+    compiler.publish(3, &next, None);
+    assert_eq!(
+        names(&published.routing()),
+        attached(&["a", "b", "c", "d", "e"])
+    );
+    assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 11);
+}
+
 #[test]
 fn strip_prefix_takes_the_matched_prefix_off() {
     let t = table_of(

@@ -26,7 +26,7 @@ use rpds::HashTrieMapSync;
 use super::histogram::DurationHistogram;
 use super::otlp::Instruments;
 use super::StateFeed;
-use crate::routing::{Attachment, KeyHasher, Published};
+use crate::routing::{Attacher, Attachment, KeyHasher, Published};
 use crate::state::Route;
 
 /// Labels of per-listener connection metrics.
@@ -581,6 +581,19 @@ impl Metrics {
         self.record_http(outcome, &series);
     }
 
+    /// What makes a route's series as its routing entry is made (for
+    /// [`Published::attach_with`]): its first request then finds them in the entry. The
+    /// series of a route that was served before (under another entry of the same listener,
+    /// name and pool) are found and go on counting; a route that answers nothing shows no
+    /// series.
+    pub fn route_attacher(&self) -> Attacher {
+        let routes = self.routes.clone();
+        Arc::new(move |route: &Route| {
+            routes.get_or_insert(&route.listener, &route.name, &route.pool)
+                as Arc<dyn std::any::Any + Send + Sync>
+        })
+    }
+
     /// [`http_request`](Self::http_request) for a request a route answered: `slot` is kept
     /// with that route (the same listener, route and pool for every request it holds), so
     /// only its first request looks the series up by name.
@@ -745,7 +758,7 @@ impl Metrics {
     /// what the status page turns into rates.
     pub fn route_totals(&self) -> Vec<RouteTotal> {
         let mut out = Vec::new();
-        for series in self.routes.all() {
+        for series in self.routes.answered() {
             let count = |class: usize| series.classes[class].get().map_or(0, ClassSeries::requests);
             out.push(RouteTotal {
                 listener: series.labels.listener.clone(),
@@ -1156,6 +1169,14 @@ struct RouteSeries {
     labels: RouteLabels,
 }
 
+impl RouteSeries {
+    /// Whether the route answered a request: series made ahead of that (see
+    /// [`Metrics::route_attacher`]) are not shown.
+    fn answered(&self) -> bool {
+        self.classes.iter().any(|class| class.get().is_some())
+    }
+}
+
 /// The requests of one status class: how many and how long (the histogram), and the
 /// response bytes they sent (the route's bytes are the sum over its classes).
 struct ClassSeries {
@@ -1231,15 +1252,17 @@ impl RouteSeriesCache {
         series
     }
 
-    /// Every series, in no particular order (copied out, so no lock is held while the
-    /// caller reads them).
-    fn all(&self) -> Vec<Arc<RouteSeries>> {
+    /// Every series of a route that answered a request, in no particular order (copied
+    /// out, so no lock is held while the caller reads them).
+    fn answered(&self) -> Vec<Arc<RouteSeries>> {
         let map = self
             .map
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.values()
-            .flat_map(|routes| routes.values().flat_map(|pools| pools.iter().cloned()))
+            .flat_map(|routes| routes.values().flat_map(|pools| pools.iter()))
+            .filter(|series| series.answered())
+            .cloned()
             .collect()
     }
 }
@@ -1271,7 +1294,7 @@ fn classes(series: &RouteSeries) -> impl Iterator<Item = (RouteSeriesLabels<'_>,
 
 impl Collector for RouteCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let all = self.0.all();
+        let all = self.0.answered();
         let mut family = encoder.encode_descriptor(
             "proxy_http_requests",
             "HTTP requests answered, by listener, route, pool and status class",
@@ -1615,6 +1638,55 @@ mod tests {
         assert_eq!((a[0].requests, a[0].errors), (4, 1));
         let text = m.encode();
         assert!(text.contains("proxy_http_requests_total{listener=\"web\",route=\"a\",pool=\"p\",status_class=\"2xx\"} 3\n"), "{text}");
+    }
+
+    fn web_route(name: &str) -> Route {
+        Route {
+            name: name.into(),
+            source: crate::state::Source::Api,
+            listener: "web".into(),
+            host: None,
+            path: crate::state::PathMatch::Prefix(format!("/{name}/")),
+            pool: "p".into(),
+            strip_prefix: false,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn series_made_with_a_route_entry_show_once_the_route_answered_and_go_on_counting() {
+        let m = Metrics::new(None);
+        let attach = m.route_attacher();
+        // The entries of routes a and b, made with their series (as routing makes them).
+        let (a, b) = (Attachment::default(), Attachment::default());
+        a.get_or_init(|| attach(&web_route("a")));
+        b.get_or_init(|| attach(&web_route("b")));
+        // Nothing answered yet: no series shown, no totals.
+        let text = m.encode();
+        assert!(!text.contains("route=\"a\""), "{text}");
+        assert!(!text.contains("route=\"b\""), "{text}");
+        assert!(m.route_totals().is_empty());
+        // a answers: its request counts into the series made with the entry.
+        m.http_request_on(&outcome("a", 200), &a);
+        let made = a.get().unwrap().downcast_ref::<RouteSeries>().unwrap();
+        assert_eq!(made.classes[2].get().map(ClassSeries::requests), Some(1));
+        // A changed route a (a new entry, its series made again) goes on counting in them.
+        let changed = Attachment::default();
+        changed.get_or_init(|| attach(&web_route("a")));
+        assert!(Arc::ptr_eq(a.get().unwrap(), changed.get().unwrap()));
+        m.http_request_on(&outcome("a", 200), &changed);
+        let totals = m.route_totals();
+        assert_eq!(totals.len(), 1, "b answered nothing");
+        assert_eq!((totals[0].route.as_str(), totals[0].requests), ("a", 2));
+        let text = m.encode();
+        assert!(text.contains("proxy_http_requests_total{listener=\"web\",route=\"a\",pool=\"p\",status_class=\"2xx\"} 2\n"), "{text}");
+        assert!(
+            text.contains(
+                "proxy_http_response_bytes_total{listener=\"web\",route=\"a\",pool=\"p\"} 20\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("route=\"b\""), "{text}");
     }
 
     #[test]
