@@ -8,7 +8,7 @@
 //! time a route, pool or listener is seen; a request no route answered finds its series
 //! under a read lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -61,12 +61,13 @@ struct GrpcLabels {
     grpc_status: u32,
 }
 
-/// Names of the (listener, route, pool) a route's series count.
+/// Names of the (listener, route, pool) a route's series count. Shared: every route of a
+/// listener or pool holds that name once, and the series map's key is the route's name.
 #[derive(Debug)]
 struct RouteLabels {
-    listener: String,
-    route: String,
-    pool: String,
+    listener: Arc<str>,
+    route: Arc<str>,
+    pool: Arc<str>,
 }
 
 /// The labels of one series of a route, as [`RouteCollector`] writes them: listener,
@@ -82,9 +83,9 @@ impl EncodeLabelSet for RouteSeriesLabels<'_> {
         encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeLabel;
-        ("listener", self.route.listener.as_str()).encode(encoder.encode_label())?;
-        ("route", self.route.route.as_str()).encode(encoder.encode_label())?;
-        ("pool", self.route.pool.as_str()).encode(encoder.encode_label())?;
+        ("listener", &*self.route.listener).encode(encoder.encode_label())?;
+        ("route", &*self.route.route).encode(encoder.encode_label())?;
+        ("pool", &*self.route.pool).encode(encoder.encode_label())?;
         if let Some(extra) = self.extra {
             extra.encode(encoder.encode_label())?;
         }
@@ -632,9 +633,9 @@ impl Metrics {
         if let Some(grpc_status) = outcome.grpc_status {
             self.grpc_calls
                 .get_or_create(&GrpcLabels {
-                    listener: series.labels.listener.clone(),
-                    route: series.labels.route.clone(),
-                    pool: series.labels.pool.clone(),
+                    listener: series.labels.listener.to_string(),
+                    route: series.labels.route.to_string(),
+                    pool: series.labels.pool.to_string(),
                     grpc_status,
                 })
                 .inc();
@@ -761,9 +762,9 @@ impl Metrics {
         for series in self.routes.answered() {
             let count = |class: usize| series.classes[class].get().map_or(0, ClassSeries::requests);
             out.push(RouteTotal {
-                listener: series.labels.listener.clone(),
-                route: series.labels.route.clone(),
-                pool: series.labels.pool.clone(),
+                listener: series.labels.listener.to_string(),
+                route: series.labels.route.to_string(),
+                pool: series.labels.pool.to_string(),
                 requests: (0..STATUS_CLASSES.len()).map(count).sum(),
                 errors: count(5),
             });
@@ -1193,7 +1194,14 @@ impl ClassSeries {
 /// listener -> route -> the series of each pool the route has forwarded to.
 /// Hashed as the routing table hashes route names (a route's first request finds its
 /// series here, and SipHash was almost half of what that cost).
-type RouteMap = HashMap<String, HashMap<String, Vec<Arc<RouteSeries>>, KeyHasher>, KeyHasher>;
+type RouteMap = HashMap<Arc<str>, HashMap<Arc<str>, Vec<Arc<RouteSeries>>, KeyHasher>, KeyHasher>;
+
+/// The series by name, and each pool's name once (shared by the labels of its routes).
+#[derive(Default)]
+struct SeriesIndex {
+    by_name: RouteMap,
+    pools: HashSet<Arc<str>, KeyHasher>,
+}
 
 /// Every route's series, created on first use. A route's first request adds its series
 /// here once (a route that keeps its series in its [`Attachment`] never looks again);
@@ -1201,15 +1209,21 @@ type RouteMap = HashMap<String, HashMap<String, Vec<Arc<RouteSeries>>, KeyHasher
 /// costs one map insert rather than one per metric family, each copying the labels.
 #[derive(Default)]
 struct RouteSeriesCache {
-    map: RwLock<RouteMap>,
+    map: RwLock<SeriesIndex>,
 }
 
 impl RouteSeriesCache {
-    fn find(map: &RouteMap, listener: &str, route: &str, pool: &str) -> Option<Arc<RouteSeries>> {
-        map.get(listener)?
+    fn find(
+        map: &SeriesIndex,
+        listener: &str,
+        route: &str,
+        pool: &str,
+    ) -> Option<Arc<RouteSeries>> {
+        map.by_name
+            .get(listener)?
             .get(route)?
             .iter()
-            .find(|s| s.labels.pool == pool)
+            .find(|s| &*s.labels.pool == pool)
             .cloned()
     }
 
@@ -1230,25 +1244,34 @@ impl RouteSeriesCache {
         if let Some(series) = Self::find(&map, listener, route, pool) {
             return series;
         }
+        let map = &mut *map;
+        let pool = match map.pools.get(pool) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(pool);
+                map.pools.insert(name.clone());
+                name
+            }
+        };
+        let listener = match map.by_name.get_key_value(listener) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(listener),
+        };
+        let routes = map.by_name.entry(listener.clone()).or_default();
+        let route = match routes.get_key_value(route) {
+            Some((name, _)) => name.clone(),
+            None => Arc::from(route),
+        };
         let series = Arc::new(RouteSeries {
             labels: RouteLabels {
-                listener: listener.to_string(),
-                route: route.to_string(),
-                pool: pool.to_string(),
+                listener,
+                route: route.clone(),
+                pool,
             },
             classes: Default::default(),
             errors: Default::default(),
         });
-        let routes = match map.get_mut(listener) {
-            Some(routes) => routes,
-            None => map.entry(listener.to_string()).or_default(),
-        };
-        match routes.get_mut(route) {
-            Some(pools) => pools.push(series.clone()),
-            None => {
-                routes.insert(route.to_string(), vec![series.clone()]);
-            }
-        }
+        routes.entry(route).or_default().push(series.clone());
         series
     }
 
@@ -1259,7 +1282,8 @@ impl RouteSeriesCache {
             .map
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.values()
+        map.by_name
+            .values()
             .flat_map(|routes| routes.values().flat_map(|pools| pools.iter()))
             .filter(|series| series.answered())
             .cloned()
@@ -1670,6 +1694,11 @@ mod tests {
         m.http_request_on(&outcome("a", 200), &a);
         let made = a.get().unwrap().downcast_ref::<RouteSeries>().unwrap();
         assert_eq!(made.classes[2].get().map(ClassSeries::requests), Some(1));
+        // The routes of one listener and pool share those names.
+        let other = b.get().unwrap().downcast_ref::<RouteSeries>().unwrap();
+        assert!(Arc::ptr_eq(&made.labels.listener, &other.labels.listener));
+        assert!(Arc::ptr_eq(&made.labels.pool, &other.labels.pool));
+        assert_eq!((&*other.labels.route, &*other.labels.pool), ("b", "p"));
         // A changed route a (a new entry, its series made again) goes on counting in them.
         let changed = Attachment::default();
         changed.get_or_init(|| attach(&web_route("a")));
