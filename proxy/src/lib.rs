@@ -30,6 +30,8 @@
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
 //! - [`allocator`]: the global allocator, mimalloc asked as C's `malloc` where it can be.
 //! - [`boxed`]: futures boxed where they are built, not copied into their box.
+//! - [`spares`]: a thread's stock of buffers and header maps its connections are done
+//!   with, for its next connections.
 //! - [`workers`]: one single-threaded runtime per CPU serving the configured listeners.
 //!
 //! `main.rs` only parses flags and calls [`run`]; tests start a [`Daemon`] in-process.
@@ -48,6 +50,7 @@ pub mod mgmt;
 pub mod registration;
 pub mod routing;
 pub mod shutdown;
+pub mod spares;
 pub mod state;
 pub mod systemd;
 pub mod tcp;

@@ -404,6 +404,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "boxed",
             "etcd",
             "shutdown",
+            "spares",
             "systemd",
             "workers",
         ],

@@ -45,6 +45,7 @@ use super::framing::HeadProgress;
 use super::hygiene;
 use crate::listener::ReadReady;
 use crate::shutdown::Shutdown;
+use crate::spares::{self, Stock};
 use crate::telemetry::{ClientTimeout, ListenerSeries};
 use crate::upstream::body::{BoxError, ClientBody, ClientBodySource};
 use crate::upstream::h1::{
@@ -65,6 +66,9 @@ const READ_SIZE: usize = 8 * 1024;
 const WRITE_AT: usize = 64 * 1024;
 /// Room made for a response head at first.
 const OUT_SIZE: usize = 512;
+/// A response buffer grown past this (for a large head or copied body) is let go after
+/// its response rather than kept for the next one.
+const OUT_KEPT: usize = 4 * OUT_SIZE;
 /// What a client that asked for it gets before it sends its body.
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
@@ -140,7 +144,7 @@ thread_local! {
     /// a new connection then reads into one of them instead of allocating 8 KiB, which
     /// takes mimalloc's slower path for blocks over 1 KiB (callgrind, a new connection per
     /// request: about 650 instructions).
-    static SPARES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static SPARES: Stock<BytesMut> = const { Stock::new(SPARE_READS) };
 }
 
 /// Read buffers a quiet worker keeps (see [`settle_spares`]).
@@ -155,57 +159,43 @@ thread_local! {
     /// ones: a new connection's first response is encoded into one of them instead of a
     /// block allocated and grown for it (callgrind, a new connection per request: about
     /// 200 instructions).
-    static SPARE_OUT: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static SPARE_OUT: Stock<Vec<u8>> = const { Stock::new(SPARE_OUTS) };
 }
 
 /// Lets go of the spare read and response buffers and header maps this thread keeps
 /// beyond what a quiet worker needs: called when its connections went dormant, so that
 /// the stocks a busy spell filled are not held for as long as the worker stays quiet.
 pub(super) fn settle_spares() {
-    let _ = SPARES.try_with(|spares| spares.borrow_mut().truncate(QUIET_READS));
-    let _ = SPARE_OUT.try_with(|spares| spares.borrow_mut().truncate(QUIET_READS));
+    spares::settle(&SPARES, QUIET_READS);
+    spares::settle(&SPARE_OUT, QUIET_READS);
     settle_header_maps();
 }
 
 /// An empty buffer of at least [`OUT_SIZE`] bytes to encode responses in: one that an
 /// earlier connection of this thread gave back, if there is one.
 fn out_buffer() -> Vec<u8> {
-    SPARE_OUT
-        .try_with(|spares| spares.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| Vec::with_capacity(OUT_SIZE))
+    spares::take(&SPARE_OUT).unwrap_or_else(|| Vec::with_capacity(OUT_SIZE))
 }
 
 /// A connection's response buffer, given back to the thread's spares when the connection
-/// ends or parks unless a large response grew it past four times [`OUT_SIZE`].
+/// ends or parks unless a large response grew it past [`OUT_KEPT`].
 struct OutBuffer(Vec<u8>);
 
 impl Drop for OutBuffer {
     fn drop(&mut self) {
         let out = &mut self.0;
-        if out.capacity() == 0 || out.capacity() > 4 * OUT_SIZE {
+        if out.capacity() == 0 || out.capacity() > OUT_KEPT {
             return;
         }
         out.clear();
-        let out = std::mem::take(out);
-        let _ = SPARE_OUT.try_with(|spares| {
-            let mut spares = spares.borrow_mut();
-            if spares.len() < SPARE_OUTS {
-                spares.push(out);
-            }
-        });
+        spares::give(&SPARE_OUT, std::mem::take(out));
     }
 }
 
 /// An empty buffer of at least [`READ_SIZE`] bytes for a connection's reads: one that an
 /// earlier connection of this thread gave back, if there is one.
 pub(super) fn read_buffer() -> BytesMut {
-    SPARES
-        .try_with(|spares| spares.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| BytesMut::with_capacity(READ_SIZE))
+    spares::take(&SPARES).unwrap_or_else(|| BytesMut::with_capacity(READ_SIZE))
 }
 
 /// A connection's read buffer, given back to the thread's spares when the connection ends
@@ -238,13 +228,7 @@ impl Drop for ReadBuffer {
         if !buf.try_reclaim(READ_SIZE) || buf.capacity() > 2 * READ_SIZE {
             return;
         }
-        let buf = std::mem::take(buf);
-        let _ = SPARES.try_with(|spares| {
-            let mut spares = spares.borrow_mut();
-            if spares.len() < SPARE_READS {
-                spares.push(buf);
-            }
-        });
+        spares::give(&SPARES, std::mem::take(buf));
     }
 }
 
@@ -1109,7 +1093,7 @@ where
     let ended = body.end().filter(|_| !waited_after_end);
     *body = ResponseBody::empty();
     // Kept for the next response unless a large body grew it.
-    if pending.out.capacity() <= 4 * OUT_SIZE {
+    if pending.out.capacity() <= OUT_KEPT {
         pending.clear();
         link.with(|wire| wire.out.0 = pending.out);
     }
@@ -1818,7 +1802,7 @@ mod tests {
 
     /// Read buffers this thread holds for its next connections.
     fn spares() -> usize {
-        SPARES.with(|s| s.borrow().len())
+        spares::len(&SPARES)
     }
 
     #[test]
@@ -1862,7 +1846,7 @@ mod tests {
 
     /// Response buffers this thread holds for its next connections.
     fn out_spares() -> usize {
-        SPARE_OUT.with(|s| s.borrow().len())
+        spares::len(&SPARE_OUT)
     }
 
     #[test]

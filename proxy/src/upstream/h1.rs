@@ -8,7 +8,6 @@
 //! of another task, which is where most of the cost of a client library's connection
 //! task went.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io::{self, Write};
@@ -26,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::body::{BoxError, RequestBody};
 use super::{OpenConnection, UpstreamStream};
+use crate::spares::{self, Stock};
 
 /// Largest response head (status line and headers, also a trailer block) accepted.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -51,18 +51,18 @@ thread_local! {
     /// response head written to its client), emptied, for the heads it parses next. A map
     /// for a usual head holds more than 1 KiB of entries, a block mimalloc serves on its
     /// slower path: two such maps were allocated and freed per proxied request.
-    static SPARES: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    static SPARES: Stock<HeaderMap> = const { Stock::new(SPARE_MAPS) };
 }
 
 /// An empty header map with room for `fields` fields: one this thread was done with, if
 /// it kept one.
 pub(crate) fn header_map(fields: usize) -> HeaderMap {
-    match SPARES.try_with(|spares| spares.borrow_mut().pop()) {
-        Ok(Some(mut map)) => {
+    match spares::take(&SPARES) {
+        Some(mut map) => {
             map.reserve(fields);
             map
         }
-        _ => HeaderMap::with_capacity(fields),
+        None => HeaderMap::with_capacity(fields),
     }
 }
 
@@ -71,7 +71,7 @@ const QUIET_MAPS: usize = 8;
 
 /// Lets go of the spare header maps beyond what a quiet thread needs.
 pub(crate) fn settle_header_maps() {
-    let _ = SPARES.try_with(|spares| spares.borrow_mut().truncate(QUIET_MAPS));
+    spares::settle(&SPARES, QUIET_MAPS);
 }
 
 /// Keeps `map`, emptied, for [`header_map`], unless the thread has enough or it is large.
@@ -80,12 +80,7 @@ pub(crate) fn spare_header_map(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    let _ = SPARES.try_with(|spares| {
-        let mut spares = spares.borrow_mut();
-        if spares.len() < SPARE_MAPS {
-            spares.push(map);
-        }
-    });
+    spares::give(&SPARES, map);
 }
 
 /// What went wrong on an upstream HTTP/1.1 connection.
@@ -1980,7 +1975,7 @@ mod tests {
     }
 
     fn spares() -> usize {
-        SPARES.with(|spares| spares.borrow().len())
+        spares::len(&SPARES)
     }
 
     #[test]
@@ -2023,7 +2018,7 @@ mod tests {
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("up"));
         // None kept before: the response head's map is a new one.
-        SPARES.with(|spares| spares.borrow_mut().clear());
+        spares::settle(&SPARES, 0);
         let response = conn(addr).await.send(&mut Some(req), None).await.unwrap();
         assert_eq!(spares(), 1);
         // The response's own map is the client side's to give back once written.
