@@ -1192,8 +1192,8 @@ impl ClassSeries {
 }
 
 /// listener -> route -> the series of each pool the route has forwarded to.
-/// Hashed as the routing table hashes route names (a route's first request finds its
-/// series here, and SipHash was almost half of what that cost).
+/// Hashed as the routing table hashes route names (a route's entry, as it is made, finds
+/// its series here, and SipHash was almost half of what that cost).
 type RouteMap = HashMap<Arc<str>, HashMap<Arc<str>, Vec<Arc<RouteSeries>>, KeyHasher>, KeyHasher>;
 
 /// The series by name, and each pool's name once (shared by the labels of its routes).
@@ -1203,8 +1203,9 @@ struct SeriesIndex {
     pools: HashSet<Arc<str>, KeyHasher>,
 }
 
-/// Every route's series, created on first use. A route's first request adds its series
-/// here once (a route that keeps its series in its [`Attachment`] never looks again);
+/// Every route's series, made as the route's routing entry is made (see
+/// [`Metrics::route_attacher`]), or by its first request for an entry made without them;
+/// a route that keeps its series in its [`Attachment`] never looks here again;
 /// the series hold their own counts and [`RouteCollector`] writes them, so a new route
 /// costs one map insert rather than one per metric family, each copying the labels.
 #[derive(Default)]
