@@ -10,8 +10,10 @@
 # (results.svg, with gnuplot) to BENCH_OUT.
 #
 # On a small shared machine one run of a scenario moves by 10-20 %, so the whole set runs
-# BENCH_ROUNDS times, the proxies taking turns within each round, and every figure reported
-# is the median of its rounds (peak RSS: the highest); results.tsv keeps each round's line.
+# BENCH_ROUNDS times, the proxies taking turns within each round (proxyd, nginx and HAProxy
+# each at the front of one round in three), and every figure reported is the median of its
+# rounds (peak RSS: the highest); results.tsv keeps each round's line. CPU per request is
+# reported whole and split into user space and kernel.
 #
 # Usage: bench/http.sh            (about 3 minutes per round; loopback only; stops by itself)
 # Env:   BENCH_DURATION=10s  BENCH_THREADS=2  BENCH_CONNECTIONS=64  BENCH_ROUNDS=3
@@ -240,21 +242,26 @@ start_proxy() { # name port log(on|off)
 }
 
 # --- wrk ----------------------------------------------------------------------------------
-# CPU time (user + system, in clock ticks) of a process and its children (nginx workers).
-cpu_ticks() { family_sum "$1" stat '{ print $14 + $15 }'; }
+# CPU time in user space and in the kernel (clock ticks) of a process and its children
+# (nginx workers).
+user_ticks() { family_sum "$1" stat '{ print $14 }'; }
+system_ticks() { family_sum "$1" stat '{ print $15 }'; }
 
-# Prints "req/s p50_ms p99_ms errors cpu_us_per_request" for one wrk run against the
-# process PID.
+# Prints "req/s p50_ms p99_ms errors cpu_us_per_request user_us system_us" for one wrk run
+# against the process PID (the last three: CPU time per request, all of it, in user space
+# and in the kernel).
 run_wrk() { # url mode(keepalive|close) label pid
-    local url=$1 mode=$2 out="$WORK/wrk-$3-$2.txt" pid=$4 before after
+    local url=$1 mode=$2 out="$WORK/wrk-$3-$2.txt" pid=$4 user0 system0 user1 system1
     local header=()
     [ "$mode" = close ] && header=(-H 'Connection: close')
     # A short warm-up (connections, pools, caches), then the measured run.
     wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "${header[@]}" "$url" >/dev/null 2>&1 || true
-    before=$(cpu_ticks "$pid")
+    user0=$(user_ticks "$pid")
+    system0=$(system_ticks "$pid")
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
-    after=$(cpu_ticks "$pid")
-    awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+    user1=$(user_ticks "$pid")
+    system1=$(system_ticks "$pid")
+    awk -v user=$((user1 - user0)) -v system=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" '
         function ms(v) {
             if (v ~ /us$/) return v / 1000
             if (v ~ /ms$/) return v + 0
@@ -268,11 +275,15 @@ run_wrk() { # url mode(keepalive|close) label pid
         / requests in / { n = $1 }
         /Non-2xx or 3xx responses:/ { err += $NF }
         /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
-        END { printf "%.0f %.2f %.2f %d %.1f\n", rps, p50, p99, err, (n > 0) ? (ticks * 1e6 / hz / n) : 0 }
+        function per_request(t) { return (n > 0) ? t * 1e6 / hz / n : 0 }
+        END {
+            printf "%.0f %.2f %.2f %d %.1f %.1f %.1f\n", rps, p50, p99, err,
+                per_request(user + system), per_request(user), per_request(system)
+        }
     ' "$out"
 }
 
-declare -A RPS P50 P99 ERR CPU RSS
+declare -A RPS P50 P99 ERR CPU USER SYSTEM RSS
 MODES=(keepalive close)
 PROXIES=(proxyd nginx haproxy caddy)
 # One line per measured run: round, log, mode, target and its figures.
@@ -286,13 +297,29 @@ measure() { # round log mode target url pid
     printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${figures// /$'\t'}" >>"$RUNS"
 }
 
+# The order the proxies run in within round ROUND: proxyd, nginx and HAProxy take turns
+# at the front (round 1 in that order, round 2 from nginx, round 3 from HAProxy, ...), and
+# Caddy comes last. Each run follows another that left the machine in its own state (the
+# first proxy of a round follows the upstream's own runs, the heaviest); in a fixed order
+# one proxy would always take the same place. (Measured for one such effect: 14,000
+# connections left in TIME-WAIT by a run with a new connection per request did not move
+# the next keep-alive run beyond the noise.)
+round_order() { # round
+    local front=(proxyd nginx haproxy) i n=3
+    for i in $(seq 0 $((n - 1))); do
+        printf '%s ' "${front[$(((i + $1 - 1) % n))]}"
+    done
+    echo caddy
+}
+
 for round in $(seq "$ROUNDS"); do
     for mode in "${MODES[@]}"; do
         say "round $round/$ROUNDS: upstream direct, $mode"
         measure "$round" none "$mode" upstream "http://127.0.0.1:$UP/1k" "$UP_PID"
     done
+    read -r -a ORDER <<<"$(round_order "$round")"
     for log in "${LOGS[@]}"; do
-        for name in "${PROXIES[@]}"; do
+        for name in "${ORDER[@]}"; do
             # Caddy is far behind the others; it is measured with logs off only, to keep the run short.
             [ "$log" = on ] && [ "$name" = caddy ] && continue
             port=$(free_port)
@@ -312,7 +339,7 @@ done
 RSS[upstream]=$(peak_rss_mib "$UP_PID")
 
 # The median over the rounds of column COLUMN of RUNS (5 req/s, 6 p50, 7 p99, 9 CPU per
-# request) for one log/mode/target.
+# request, 10 of it in user space, 11 in the kernel) for one log/mode/target.
 median() { # log mode target column printf-format
     awk -F'\t' -v lg="$1" -v mode="$2" -v t="$3" -v c="$4" \
         '$2 == lg && $3 == mode && $4 == t { print $c }' "$RUNS" | median_range "$5" | cut -d' ' -f1
@@ -327,6 +354,8 @@ for mode in "${MODES[@]}"; do
     P99[upstream,$mode]=$(median none "$mode" upstream 7 %.2f)
     ERR[upstream,$mode]=$(errors none "$mode" upstream)
     CPU[upstream,$mode]=$(median none "$mode" upstream 9 %.1f)
+    USER[upstream,$mode]=$(median none "$mode" upstream 10 %.1f)
+    SYSTEM[upstream,$mode]=$(median none "$mode" upstream 11 %.1f)
 done
 for log in "${LOGS[@]}"; do
     for mode in "${MODES[@]}"; do
@@ -337,6 +366,8 @@ for log in "${LOGS[@]}"; do
             P99[$name,$log,$mode]=$(median "$log" "$mode" "$name" 7 %.2f)
             ERR[$name,$log,$mode]=$(errors "$log" "$mode" "$name")
             CPU[$name,$log,$mode]=$(median "$log" "$mode" "$name" 9 %.1f)
+            USER[$name,$log,$mode]=$(median "$log" "$mode" "$name" 10 %.1f)
+            SYSTEM[$name,$log,$mode]=$(median "$log" "$mode" "$name" 11 %.1f)
         done
     done
 done
@@ -346,14 +377,15 @@ mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new c
 # Each round's own ratio of proxyd to its peer, then their median and range, as
 # "median lo-hi". A ratio is taken within one round, where proxyd and its peers ran a
 # minute or two apart, so a slow spell of the machine moves both sides of it; COLUMN is 5 (req/s, against the better
-# of nginx and HAProxy), 7 (p99, against the lower) or 9 (CPU per request, against nginx).
+# of nginx and HAProxy), 7 (p99, against the lower), 9 (CPU per request, against nginx) or
+# 10 (its user-space part, against nginx's).
 round_ratios() { # log mode column
     awk -F'\t' -v lg="$1" -v mode="$2" -v c="$3" '
         $2 != lg || $3 != mode { next }
         $4 == "proxyd" { p[$1] = $c }
         c == 5 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c > peer[$1]) { peer[$1] = $c }
         c == 7 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c < peer[$1]) { peer[$1] = $c }
-        c == 9 && $4 == "nginx" { peer[$1] = $c }
+        (c == 9 || c == 10) && $4 == "nginx" { peer[$1] = $c }
         END { for (r in p) if (peer[r] > 0) printf "%.4f\n", p[r] / peer[r] }' "$RUNS" | median_range %.2f
 }
 
@@ -362,7 +394,7 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
 
 # results.tsv: one line per measured run (every round).
 {
-    printf 'round\tlog\tmode\ttarget\treq_s\tp50_ms\tp99_ms\terrors\tcpu_us_per_req\n'
+    printf 'round\tlog\tmode\ttarget\treq_s\tp50_ms\tp99_ms\terrors\tcpu_us_per_req\tuser_us_per_req\tsystem_us_per_req\n'
     cat "$RUNS"
 } >"$OUT/results.tsv"
 
@@ -370,34 +402,35 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
 {
     echo "$HEADER"
     echo
-    echo "| access log | client connections | proxyd / best peer req/s | rounds | proxyd / best peer p99 | rounds | proxyd / nginx CPU per request | rounds | proxyd req/s | nginx | HAProxy |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| access log | client connections | proxyd / best peer req/s | rounds | proxyd / best peer p99 | rounds | proxyd / nginx CPU per request | rounds | of it in user space | rounds | proxyd req/s | nginx | HAProxy |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for log in "${LOGS[@]}"; do
         for mode in "${MODES[@]}"; do
             read -r rps_ratio rps_range < <(round_ratios "$log" "$mode" 5)
             read -r p99_ratio p99_range < <(round_ratios "$log" "$mode" 7)
             read -r cpu_ratio cpu_range < <(round_ratios "$log" "$mode" 9)
-            echo "| $log | $(mode_label "$mode") | $rps_ratio | $rps_range | $p99_ratio | $p99_range | $cpu_ratio | $cpu_range | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
+            read -r user_ratio user_range < <(round_ratios "$log" "$mode" 10)
+            echo "| $log | $(mode_label "$mode") | $rps_ratio | $rps_range | $p99_ratio | $p99_range | $cpu_ratio | $cpu_range | $user_ratio | $user_range | ${RPS[proxyd,$log,$mode]} | ${RPS[nginx,$log,$mode]} | ${RPS[haproxy,$log,$mode]} |"
         done
     done
     echo
-    echo "| access log | client connections | target | req/s | p50 ms | p99 ms | CPU µs per request | peak RSS MiB | errors |"
-    echo "|---|---|---|---:|---:|---:|---:|---:|---:|"
+    echo "| access log | client connections | target | req/s | p50 ms | p99 ms | CPU µs per request | user space | kernel | peak RSS MiB | errors |"
+    echo "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     for mode in "${MODES[@]}"; do
-        echo "| - | $(mode_label "$mode") | upstream direct | ${RPS[upstream,$mode]} | ${P50[upstream,$mode]} | ${P99[upstream,$mode]} | ${CPU[upstream,$mode]} | ${RSS[upstream]} | ${ERR[upstream,$mode]} |"
+        echo "| - | $(mode_label "$mode") | upstream direct | ${RPS[upstream,$mode]} | ${P50[upstream,$mode]} | ${P99[upstream,$mode]} | ${CPU[upstream,$mode]} | ${USER[upstream,$mode]} | ${SYSTEM[upstream,$mode]} | ${RSS[upstream]} | ${ERR[upstream,$mode]} |"
     done
     for log in "${LOGS[@]}"; do
         for mode in "${MODES[@]}"; do
             for t in "${PROXIES[@]}"; do
                 [ -n "${RPS[$t,$log,$mode]:-}" ] || continue
-                echo "| $log | $(mode_label "$mode") | $t | ${RPS[$t,$log,$mode]} | ${P50[$t,$log,$mode]} | ${P99[$t,$log,$mode]} | ${CPU[$t,$log,$mode]} | ${RSS[$t,$log]} | ${ERR[$t,$log,$mode]} |"
+                echo "| $log | $(mode_label "$mode") | $t | ${RPS[$t,$log,$mode]} | ${P50[$t,$log,$mode]} | ${P99[$t,$log,$mode]} | ${CPU[$t,$log,$mode]} | ${USER[$t,$log,$mode]} | ${SYSTEM[$t,$log,$mode]} | ${RSS[$t,$log]} | ${ERR[$t,$log,$mode]} |"
             done
         done
     done
     echo
-    echo "Ratios: each round's own ratio (against the better of nginx and HAProxy in that round: the higher req/s, the lower p99), the median of the $ROUNDS rounds, and beside it the lowest and highest; the proxies took turns within each round."
+    echo "Ratios: each round's own ratio (against the better of nginx and HAProxy in that round: the higher req/s, the lower p99), the median of the $ROUNDS rounds, and beside it the lowest and highest; the proxies took turns within each round, proxyd, nginx and HAProxy each first in one round of three."
     echo "Raw figures: the median of the $ROUNDS rounds (errors: the sum)."
-    echo "CPU per request: user + system time of the proxy's processes during the measured run / requests."
+    echo "CPU per request: user + system time of the proxy's processes during the measured run / requests; user space and kernel: the two parts (the kernel's part is mostly the loopback TCP path of the four system calls a proxied request takes, the same for every proxy)."
     echo "Peak RSS: VmHWM over a whole round of that target (nginx: master + workers summed), the highest of the rounds."
 } >"$OUT/results.md"
 

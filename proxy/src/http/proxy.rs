@@ -53,6 +53,15 @@ pub(crate) struct ListenerContext {
     pub rate: Option<Arc<RequestRatePerIp>>,
 }
 
+impl std::fmt::Debug for ListenerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerContext")
+            .field("listener", &self.listener.name)
+            .field("scheme", &self.scheme)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What every request on one client connection shares; the listener's parts are reached
 /// through it (`ctx.listener`, `ctx.telemetry`, ...).
 pub(crate) struct ConnContext {
@@ -159,7 +168,7 @@ where
         // request's future, which is moved whole several times before it first runs, carries
         // a pointer instead.
         let mut log = Box::new(AccessLog {
-            listener: ctx.listener.clone(),
+            listener: ctx.shared().clone(),
             client: ctx.client,
             method: req.method().clone(),
             path: match (lines, telemetry.include_query()) {
@@ -179,7 +188,6 @@ where
             trace: telemetry
                 .tracing()
                 .map(|t| t.start(req.method(), req.headers(), &ctx.listener.name)),
-            telemetry: telemetry.clone(),
             host: String::new(),
             entry: None,
             upstream: None,
@@ -688,7 +696,7 @@ async fn forward(
     let now = began.unwrap_or_else(Instant::now);
     let mut attempt = Attempt {
         pool,
-        metrics: log.telemetry.metrics(),
+        metrics: log.listener.telemetry.metrics(),
         log,
         budget: Attempts {
             left: policy.max_attempts,
