@@ -261,7 +261,7 @@ run_wrk() { # url mode(keepalive|close) label pid
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
     user1=$(user_ticks "$pid")
     system1=$(system_ticks "$pid")
-    awk -v user=$((user1 - user0)) -v system=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" '
+    awk -v user=$((user1 - user0)) -v kernel=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" '
         function ms(v) {
             if (v ~ /us$/) return v / 1000
             if (v ~ /ms$/) return v + 0
@@ -278,7 +278,7 @@ run_wrk() { # url mode(keepalive|close) label pid
         function per_request(t) { return (n > 0) ? t * 1e6 / hz / n : 0 }
         END {
             printf "%.0f %.2f %.2f %d %.1f %.1f %.1f\n", rps, p50, p99, err,
-                per_request(user + system), per_request(user), per_request(system)
+                per_request(user + kernel), per_request(user), per_request(kernel)
         }
     ' "$out"
 }
