@@ -47,7 +47,8 @@ pub struct AccessLog {
     /// the listener's name and the telemetry the request's metrics go to. The worker's
     /// own context rather than the listener's configuration and telemetry themselves,
     /// which every worker shares: a reference taken per request on those was a cache line
-    /// written by both workers in turn (`perf annotate`: most of the cost of making this).
+    /// written by both workers in turn (`perf annotate` put most of the samples of making
+    /// this record at those two instructions).
     pub(crate) listener: Arc<ListenerContext>,
     /// Client address.
     pub client: std::net::SocketAddr,
