@@ -430,7 +430,7 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
     echo
     echo "Ratios: each round's own ratio (against the better of nginx and HAProxy in that round: the higher req/s, the lower p99), the median of the $ROUNDS rounds, and beside it the lowest and highest; the proxies took turns within each round, proxyd, nginx and HAProxy each first in one round of three."
     echo "Raw figures: the median of the $ROUNDS rounds (errors: the sum)."
-    echo "CPU per request: user + system time of the proxy's processes during the measured run / requests; user space and kernel: the two parts (the kernel's part is mostly the loopback TCP path of the four system calls a proxied request takes, the same for every proxy)."
+    echo "CPU per request: user + system time of the proxy's processes during the measured run / requests; user space and kernel: the two parts (the kernel's part is mostly the loopback TCP path of the four system calls a proxied request takes, much the same for every proxy)."
     echo "Peak RSS: VmHWM over a whole round of that target (nginx: master + workers summed), the highest of the rounds."
 } >"$OUT/results.md"
 
