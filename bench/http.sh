@@ -305,11 +305,11 @@ measure() { # round log mode target url pid
 # connections left in TIME-WAIT by a run with a new connection per request did not move
 # the next keep-alive run beyond the noise.)
 round_order() { # round
-    local front=(proxyd nginx haproxy) i n=3
-    for i in $(seq 0 $((n - 1))); do
-        printf '%s ' "${front[$(((i + $1 - 1) % n))]}"
+    local front=("${PROXIES[@]:0:3}") i
+    for i in "${!front[@]}"; do
+        printf '%s ' "${front[$(((i + $1 - 1) % ${#front[@]}))]}"
     done
-    echo caddy
+    echo "${PROXIES[@]:3}"
 }
 
 for round in $(seq "$ROUNDS"); do
