@@ -376,17 +376,28 @@ done
 mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new connection"; fi; }
 # Each round's own ratio of proxyd to its peer, then their median and range, as
 # "median lo-hi". A ratio is taken within one round, where proxyd and its peers ran a
-# minute or two apart, so a slow spell of the machine moves both sides of it; COLUMN is 5 (req/s, against the better
-# of nginx and HAProxy), 7 (p99, against the lower), 9 (CPU per request, against nginx) or
-# 10 (its user-space part, against nginx's).
+# minute or two apart, so a slow spell of the machine moves both sides of it. COLUMN is 5
+# (req/s, against the better of nginx and HAProxy), 7 (p99, against the lower), 9 (CPU per
+# request, against nginx) or 10 (its user-space part, against nginx's). The better peer is
+# the one with the better median over the rounds, and every round is compared with that
+# one: the better of the two within each round would set proxyd's one figure against the
+# higher of two, which the machine's noise raises by itself when the peers are close.
 round_ratios() { # log mode column
     awk -F'\t' -v lg="$1" -v mode="$2" -v c="$3" '
+        function median(list,   n, v, i, j, t) {
+            n = split(list, v, " ")
+            for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+            return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+        }
         $2 != lg || $3 != mode { next }
         $4 == "proxyd" { p[$1] = $c }
-        c == 5 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c > peer[$1]) { peer[$1] = $c }
-        c == 7 && ($4 == "nginx" || $4 == "haproxy") && (!($1 in peer) || $c < peer[$1]) { peer[$1] = $c }
-        (c == 9 || c == 10) && $4 == "nginx" { peer[$1] = $c }
-        END { for (r in p) if (peer[r] > 0) printf "%.4f\n", p[r] / peer[r] }' "$RUNS" | median_range %.2f
+        $4 == "nginx" || $4 == "haproxy" { fig[$4, $1] = $c; all[$4] = all[$4] " " $c }
+        END {
+            peer = "nginx"
+            if (c == 5 && median(all["haproxy"]) > median(all["nginx"])) peer = "haproxy"
+            if (c == 7 && median(all["haproxy"]) < median(all["nginx"])) peer = "haproxy"
+            for (r in p) if (fig[peer, r] > 0) printf "%.4f\n", p[r] / fig[peer, r]
+        }' "$RUNS" | median_range %.2f
 }
 
 mkdir -p "$OUT"
@@ -428,7 +439,7 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
         done
     done
     echo
-    echo "Ratios: each round's own ratio (against the better of nginx and HAProxy in that round: the higher req/s, the lower p99), the median of the $ROUNDS rounds, and beside it the lowest and highest; the proxies took turns within each round, proxyd, nginx and HAProxy each first in one round of three."
+    echo "Ratios: each round's own ratio, the median of the $ROUNDS rounds, and beside it the lowest and highest; req/s and p99 against the better of nginx and HAProxy over the run (the higher median req/s, the lower median p99), in every round against that one; the proxies took turns within each round, proxyd, nginx and HAProxy each first in one round of three."
     echo "Raw figures: the median of the $ROUNDS rounds (errors: the sum)."
     echo "CPU per request: user + system time of the proxy's processes during the measured run / requests; user space and kernel: the two parts (the kernel's part is mostly the loopback TCP path of the four system calls a proxied request takes, much the same for every proxy)."
     echo "Peak RSS: VmHWM over a whole round of that target (nginx: master + workers summed), the highest of the rounds."

@@ -40,6 +40,7 @@
 #        BENCH_ROUTES=100000
 #        BENCH_OUT=bench/results (results-scenarios.md goes there)
 #        PROXYD=/path/to/proxyd  (skip the build)   CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+#        PROXYD_LABEL=...        (what to call that binary in the report; default: HEAD)
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10s}
@@ -93,16 +94,28 @@ per_connection() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf 
 
 # The figures of a scenario are kept in an associative array keyed "NAME,ROUND".
 # round_ratio ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
-# (highest) of the PEERs' in that round, as "MEDIAN (LO-HI)" over the rounds; with one PEER,
-# the ratio to it (also for figures where lower is better, such as memory).
+# PEER's in that round, as "MEDIAN (LO-HI)" over the rounds; with one PEER, the ratio to it
+# (also for figures where lower is better, such as memory). With several, the best PEER is
+# the one with the highest median over the rounds, named after the range, and every
+# round is compared with that one: the highest of them within each round would set
+# SUBJECT's one figure against the highest of several, which the machine's noise raises
+# by itself when they are close (two HAProxy configurations that copy a 1 KiB exchange
+# alike, say).
 round_ratio() { # array subject peer...
     local -n figures=$1
-    local subject=$2 round peer
+    local subject=$2 round peer best="" best_median="" median
     shift 2
+    for peer in "$@"; do
+        median=$(for round in $(seq "$ROUNDS"); do echo "${figures[$peer,$round]:-0}"; done | median_range %.6f | cut -d' ' -f1)
+        if [ -z "$best" ] || awk -v a="$median" -v b="$best_median" 'BEGIN { exit !(a > b) }'; then
+            best=$peer
+            best_median=$median
+        fi
+    done
     for round in $(seq "$ROUNDS"); do
-        for peer in "$@"; do echo "${figures[$peer,$round]:-0}"; done | sort -g | tail -1 |
-            awk -v a="${figures[$subject,$round]:-0}" '$1 > 0 { printf "%.4f\n", a / $1 }'
-    done | median_range %.2f | awk '{ printf "%s (%s)", $1, $2 }'
+        awk -v a="${figures[$subject,$round]:-0}" -v b="${figures[$best,$round]:-0}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
+    done | median_range %.2f | awk -v best="$best" -v several="$(($# > 1))" '{
+        printf "%s (%s)", $1, $2; if (several) printf " against %s", best }'
 }
 # round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
 round_median() { # array name fmt
@@ -696,7 +709,7 @@ for s in "${SCENARIOS[@]}"; do "scenario_$s"; done
 
 mkdir -p "$OUT"
 {
-    echo "## bench/scenarios.sh ($(date -u +%Y-%m-%d), $(nproc) cores, proxyd $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+    echo "## bench/scenarios.sh ($(date -u +%Y-%m-%d), $(nproc) cores, proxyd ${PROXYD_LABEL:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')})"
     echo
     echo "wrk -t$THREADS, $DURATION per run after a 1 s warm-up; every proxy alone on the machine with its access log off; tcp, h2, idle, routes and grpc: median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     printf '%s\n' "${REPORT[@]}"
