@@ -43,6 +43,7 @@ use super::body::ResponseBody;
 use super::detect::Replayed;
 use super::framing::HeadProgress;
 use super::hygiene;
+use super::out;
 use crate::listener::ReadReady;
 use crate::shutdown::Shutdown;
 use crate::spares::{self, Stock};
@@ -1381,10 +1382,7 @@ fn encode_head(
             header::DATE => wrote_date = true,
             _ => {}
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        out::put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     // Keep-alive as the response has it: a `Connection: close` ends the connection; an
     // HTTP/1.0 client keeps it only if it asked and the response is not HTTP/1.0 itself.

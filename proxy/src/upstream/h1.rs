@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::body::{BoxError, RequestBody};
 use super::{OpenConnection, UpstreamStream};
+use crate::http::out;
 use crate::spares::{self, Stock};
 
 /// Largest response head (status line and headers, also a trailer block) accepted.
@@ -286,10 +287,7 @@ impl Upload {
 
 fn encode_fields(out: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        out::put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 
@@ -330,10 +328,10 @@ fn finish_request(slot: &mut Option<Request<RequestBody>>) {
 
 fn encode_head(out: &mut Vec<u8>, req: &Request<RequestBody>) {
     out.clear();
-    out.extend_from_slice(req.method().as_str().as_bytes());
+    out::put(out, req.method().as_str().as_bytes());
     out.push(b' ');
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    out.extend_from_slice(target.as_bytes());
+    out::put(out, target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     encode_fields(out, req.headers());
     out.extend_from_slice(b"\r\n");
