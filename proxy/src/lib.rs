@@ -44,6 +44,7 @@ pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod etcd;
+pub(crate) mod head_out;
 pub mod http;
 pub mod listener;
 pub mod mgmt;

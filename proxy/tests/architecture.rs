@@ -403,6 +403,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "allocator",
             "boxed",
             "etcd",
+            "head_out",
             "shutdown",
             "spares",
             "systemd",

@@ -43,7 +43,7 @@ use super::body::ResponseBody;
 use super::detect::Replayed;
 use super::framing::HeadProgress;
 use super::hygiene;
-use super::out;
+use crate::head_out as out;
 use crate::listener::ReadReady;
 use crate::shutdown::Shutdown;
 use crate::spares::{self, Stock};

@@ -7,7 +7,6 @@ mod detect;
 pub mod framing;
 mod h1;
 pub mod hygiene;
-pub(crate) mod out;
 pub mod per_ip;
 mod proxy;
 mod server;

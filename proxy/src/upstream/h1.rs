@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::body::{BoxError, RequestBody};
 use super::{OpenConnection, UpstreamStream};
-use crate::http::out;
+use crate::head_out as out;
 use crate::spares::{self, Stock};
 
 /// Largest response head (status line and headers, also a trailer block) accepted.
