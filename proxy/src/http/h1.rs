@@ -1260,10 +1260,7 @@ fn encode_trailers(out: &mut Vec<u8>, fields: &HeaderMap, announced: Option<&[He
     };
     for (name, value) in fields {
         if announced.contains(name) && !forbidden_trailer(name) {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            out::put_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
 }
