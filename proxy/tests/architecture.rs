@@ -402,6 +402,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "allocator",
             "boxed",
+            "direct",
             "etcd",
             "head_out",
             "shutdown",
