@@ -42,7 +42,6 @@ pub mod allocator;
 pub mod boxed;
 pub mod cluster;
 pub mod config;
-pub(crate) mod direct;
 pub mod discovery;
 pub mod etcd;
 pub(crate) mod head_out;

@@ -402,7 +402,6 @@ const LAYERS: &[(&str, &[&str])] = &[
         &[
             "allocator",
             "boxed",
-            "direct",
             "etcd",
             "head_out",
             "shutdown",

@@ -1,6 +1,5 @@
 //! A stream wrapper that fails reads once no byte has moved in either direction for a while.
 
-use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -483,26 +482,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for IdleTimeout<S> {
     }
 }
 
-/// A plain socket below, written by [`crate::direct`]'s system calls rather than through
-/// tokio's (which go through the C library's wrappers). `Any` tells the stream's type
-/// apart at compile time: each `IdleTimeout<S>` keeps only its own branch.
-fn plain_socket<S: 'static>(inner: &mut S) -> Option<&tokio::net::TcpStream> {
-    (inner as &mut dyn Any)
-        .downcast_mut::<tokio::net::TcpStream>()
-        .map(|socket| &*socket)
-}
-
-impl<S: AsyncWrite + Unpin + 'static> AsyncWrite for IdleTimeout<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        let result = match plain_socket(&mut this.inner) {
-            Some(socket) => crate::direct::poll_write(socket, cx, buf),
-            None => Pin::new(&mut this.inner).poll_write(cx, buf),
-        };
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &result {
             if *n > 0 {
                 this.touch();
@@ -517,10 +504,7 @@ impl<S: AsyncWrite + Unpin + 'static> AsyncWrite for IdleTimeout<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        let result = match plain_socket(&mut this.inner) {
-            Some(socket) => crate::direct::poll_write_vectored(socket, cx, bufs),
-            None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
-        };
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &result {
             if *n > 0 {
                 this.touch();

@@ -38,7 +38,7 @@ mod spare;
 mod splice;
 
 /// A client stream [`forward`] can take.
-trait ClientStream: AsyncRead + AsyncWrite + Unpin + Sized + 'static {
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Sized {
     /// The stream as plain TCP, when its bytes need no processing on the way (so they can
     /// be spliced); otherwise it is handed back.
     fn plain(client: IdleTimeout<Self>) -> Result<IdleTimeout<TcpStream>, IdleTimeout<Self>>;
@@ -50,9 +50,7 @@ impl ClientStream for TcpStream {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + 'static> ClientStream
-    for tokio_rustls::server::TlsStream<S>
-{
+impl<S: AsyncRead + AsyncWrite + Unpin> ClientStream for tokio_rustls::server::TlsStream<S> {
     fn plain(client: IdleTimeout<Self>) -> Result<IdleTimeout<TcpStream>, IdleTimeout<Self>> {
         Err(client)
     }

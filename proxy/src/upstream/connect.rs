@@ -112,7 +112,7 @@ impl AsyncWrite for UpstreamStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamStream::Tcp(s) => crate::direct::poll_write(s, cx, buf),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -140,7 +140,7 @@ impl AsyncWrite for UpstreamStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpstreamStream::Tcp(s) => crate::direct::poll_write_vectored(s, cx, bufs),
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
