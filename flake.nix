@@ -44,6 +44,17 @@
 
         nativeBuildInputs = [ pkgs.installShellFiles ];
 
+        # Profile-guided optimisation with pgo/proxyd.profdata (scripts/pgo-profile, made
+        # with this nixpkgs' rustc on x86_64, so only there). RUSTFLAGS takes the place of
+        # the rustflags the setup hook's Cargo configuration gives the target: its one flag
+        # is repeated.
+        env = lib.optionalAttrs pkgs.stdenv.hostPlatform.isx86_64 {
+          RUSTFLAGS = lib.concatStringsSep " " [
+            "-C target-feature=${if pkgs.stdenv.hostPlatform.isStatic then "+" else "-"}crt-static"
+            "-C profile-use=${./pgo/proxyd.profdata}"
+          ];
+        };
+
         cargoBuildFlags = [ "--package" "proxy" "--package" "proxyctl" ];
         # Unit tests only: the integration tests start pebble, etcd and real daemons,
         # and the VM tests (checks) cover the system.

@@ -31,11 +31,17 @@ need_tools() {
     export PATH="$PATH:/usr/sbin:/sbin"
 }
 
-# Sets PROXYD: the given binary, else a release build of it.
+# Sets PROXYD: the given binary, else a release build of it as the Nix package makes it:
+# with the rustc of the pinned nixpkgs (nix/nixpkgs-pin.toml; installed with rustup when
+# missing) and optimised with the profile pgo/proxyd.profdata (scripts/pgo-profile).
 build_proxyd() {
     if [ -z "${PROXYD:-}" ]; then
-        say "building proxyd (release) in $CARGO_TARGET_DIR"
-        (cd "$ROOT" && cargo build --release --quiet -p proxy --bin proxyd)
+        local rustc
+        rustc=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["rustc"])' "$ROOT/nix/nixpkgs-pin.toml")
+        rustup toolchain list | grep -q "^$rustc-" || rustup toolchain install "$rustc" --profile minimal
+        say "building proxyd (release, rustc $rustc, profile-guided) in $CARGO_TARGET_DIR"
+        (cd "$ROOT" && RUSTFLAGS="-Cprofile-use=$ROOT/pgo/proxyd.profdata" \
+            cargo "+$rustc" build --release --locked --quiet -p proxy --bin proxyd)
         PROXYD="$CARGO_TARGET_DIR/release/proxyd"
     fi
     [ -x "$PROXYD" ] || { say "no proxyd binary at $PROXYD"; exit 1; }
