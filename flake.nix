@@ -36,24 +36,25 @@
           ./vm-tests/nixpkgs-lib;
       };
 
-      mkProxy = pkgs: pkgs.rustPlatform.buildRustPackage {
+      # Profile-guided optimisation with pgo/proxyd.profdata (scripts/pgo-profile, made
+      # with this nixpkgs' rustc on x86_64, so only there). A top-level RUSTFLAGS, which
+      # buildRustPackage passes on (in `env` it would clash with the RUSTFLAGS attribute
+      # buildRustPackage sets itself). It takes the place of the rustflags the setup
+      # hook's Cargo configuration gives the target, so that one flag is repeated.
+      profileFlags = pkgs: lib.optionalAttrs pkgs.stdenv.hostPlatform.isx86_64 {
+        RUSTFLAGS = lib.concatStringsSep " " [
+          "-C target-feature=${if pkgs.stdenv.hostPlatform.isStatic then "+" else "-"}crt-static"
+          "-C profile-use=${./pgo/proxyd.profdata}"
+        ];
+      };
+
+      mkProxy = pkgs: pkgs.rustPlatform.buildRustPackage ({
         pname = "proxy";
         inherit version src;
 
         cargoLock.lockFile = ./Cargo.lock;
 
         nativeBuildInputs = [ pkgs.installShellFiles ];
-
-        # Profile-guided optimisation with pgo/proxyd.profdata (scripts/pgo-profile, made
-        # with this nixpkgs' rustc on x86_64, so only there). RUSTFLAGS takes the place of
-        # the rustflags the setup hook's Cargo configuration gives the target: its one flag
-        # is repeated.
-        env = lib.optionalAttrs pkgs.stdenv.hostPlatform.isx86_64 {
-          RUSTFLAGS = lib.concatStringsSep " " [
-            "-C target-feature=${if pkgs.stdenv.hostPlatform.isStatic then "+" else "-"}crt-static"
-            "-C profile-use=${./pgo/proxyd.profdata}"
-          ];
-        };
 
         cargoBuildFlags = [ "--package" "proxy" "--package" "proxyctl" ];
         # Unit tests only: the integration tests start pebble, etcd and real daemons,
@@ -78,7 +79,7 @@
           mainProgram = "proxyd";
           platforms = lib.platforms.linux;
         };
-      };
+      } // profileFlags pkgs);
     in
     {
       overlays.default = final: _prev: {
