@@ -31,20 +31,44 @@ need_tools() {
     export PATH="$PATH:/usr/sbin:/sbin"
 }
 
+# pinned_rustc  prints the rustc version of the pinned nixpkgs (nix/nixpkgs-pin.toml), the
+# one the Nix package builds with, after installing that toolchain with rustup if missing.
+pinned_rustc() {
+    local rustc
+    rustc=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["rustc"])' "$ROOT/nix/nixpkgs-pin.toml")
+    rustup toolchain list | grep -q "^$rustc-" || rustup toolchain install "$rustc" --profile minimal >&2
+    echo "$rustc"
+}
+
 # Sets PROXYD: the given binary, else a release build of it as the Nix package makes it:
-# with the rustc of the pinned nixpkgs (nix/nixpkgs-pin.toml; installed with rustup when
-# missing) and optimised with the profile pgo/proxyd.profdata (scripts/pgo-profile).
+# with the rustc of the pinned nixpkgs (pinned_rustc) and optimised with the profile
+# pgo/proxyd.profdata (scripts/pgo-profile).
 build_proxyd() {
     if [ -z "${PROXYD:-}" ]; then
         local rustc
-        rustc=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["rustc"])' "$ROOT/nix/nixpkgs-pin.toml")
-        rustup toolchain list | grep -q "^$rustc-" || rustup toolchain install "$rustc" --profile minimal
+        rustc=$(pinned_rustc)
         say "building proxyd (release, rustc $rustc, profile-guided) in $CARGO_TARGET_DIR"
         (cd "$ROOT" && RUSTFLAGS="-Cprofile-use=$ROOT/pgo/proxyd.profdata" \
             cargo "+$rustc" build --release --locked --quiet -p proxy --bin proxyd)
         PROXYD="$CARGO_TARGET_DIR/release/proxyd"
     fi
     [ -x "$PROXYD" ] || { say "no proxyd binary at $PROXYD"; exit 1; }
+}
+
+# wait_ready URL NAME PID [curl options...]  waits (at most 60 s: a table of 100,000 routes
+# takes a while to load) until URL answers 2xx;
+# exits with NAME's log ($WORK/NAME.log) when process PID ends first or time runs out.
+wait_ready() {
+    local url=$1 name=$2 pid=$3 i
+    shift 3
+    for i in $(seq 600); do
+        if curl -fsS -o /dev/null --max-time 1 "$@" "$url" 2>/dev/null; then return 0; fi
+        kill -0 "$pid" 2>/dev/null || { say "$name exited during start-up:"; cat "$WORK/$name.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    say "$name did not answer on $url within 60 s:"
+    cat "$WORK/$name.log" >&2
+    exit 1
 }
 
 # make_workdir NAME  sets WORK to a new scratch dir (readable by nginx workers that drop to

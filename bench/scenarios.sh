@@ -67,20 +67,6 @@ build_proxyd
 make_workdir proxy-scenarios
 ulimit -n "$(ulimit -Hn)"
 
-# Waits (at most 60 s: a table of 100,000 routes takes a while to load) until URL answers.
-wait_ready() { # url name pid [curl options...]
-    local url=$1 name=$2 pid=$3 i
-    shift 3
-    for i in $(seq 600); do
-        if curl -fsS -o /dev/null --max-time 1 "$@" "$url" 2>/dev/null; then return 0; fi
-        kill -0 "$pid" 2>/dev/null || { say "$name exited during start-up:"; cat "$WORK/$name.log" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$name did not answer on $url within 60 s:"
-    cat "$WORK/$name.log" >&2
-    exit 1
-}
-
 # Resident memory in KiB of a process and its children (nginx: master + workers).
 rss_kib() { family_sum "$1" status '/^VmRSS:/ { print $2 }'; }
 # Anonymous resident memory in KiB (VmRSS less the mapped files: the binary's code and
