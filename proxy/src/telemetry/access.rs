@@ -31,6 +31,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 pub const FLUSH_BYTES: usize = 64 * 1024;
 /// A thread's lines not yet taken by the writer; beyond it, lines are dropped and counted.
 pub const MAX_PENDING_BYTES: usize = 4 * 1024 * 1024;
+/// The most room the writer keeps in its spare buffer between flushes (see [`Output`]).
+const SPARE_BYTES: usize = 16 * FLUSH_BYTES;
 
 /// How access log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,6 +115,18 @@ struct Pending {
     lines: Mutex<Vec<u8>>,
 }
 
+/// Where lines go, and the buffer the writer hands to the next thread it takes lines from.
+///
+/// A thread's buffer is swapped for the spare rather than for an empty one: a buffer
+/// starting empty after every flush grows again by doubling, copying what it holds each
+/// time, on the thread that serves requests (at a new connection per request, about two
+/// bytes copied for every byte logged). Each thread gets back a buffer the size its lines
+/// needed before, so lines are copied once, into it.
+struct Output {
+    to: Box<dyn Write + Send>,
+    spare: Vec<u8>,
+}
+
 /// The output side: buffers of every thread that wrote a line, and where they go.
 pub struct Sink {
     /// Tells this sink's thread buffers from those of an earlier one (tests make several).
@@ -120,7 +134,7 @@ pub struct Sink {
     format: AccessLogFormat,
     threads: Mutex<Vec<Arc<Pending>>>,
     /// Held while buffers are taken and written, so whole buffers go out one at a time.
-    output: Mutex<Box<dyn Write + Send>>,
+    output: Mutex<Output>,
     dropped: AtomicU64,
     writer: OnceLock<std::thread::Thread>,
     max_pending: usize,
@@ -184,11 +198,25 @@ impl Sink {
         output: Box<dyn Write + Send>,
         max_pending: usize,
     ) -> std::io::Result<Arc<Sink>> {
+        Sink::start_every(format, output, max_pending, FLUSH_INTERVAL)
+    }
+
+    /// [`Sink::start`] with the writer waking every `interval` rather than every
+    /// [`FLUSH_INTERVAL`] (tests that flush by themselves).
+    fn start_every(
+        format: AccessLogFormat,
+        output: Box<dyn Write + Send>,
+        max_pending: usize,
+        interval: Duration,
+    ) -> std::io::Result<Arc<Sink>> {
         let sink = Arc::new(Sink {
             id: SINK_IDS.fetch_add(1, Ordering::Relaxed),
             format,
             threads: Mutex::new(Vec::new()),
-            output: Mutex::new(output),
+            output: Mutex::new(Output {
+                to: output,
+                spare: Vec::new(),
+            }),
             dropped: AtomicU64::new(0),
             writer: OnceLock::new(),
             max_pending,
@@ -198,7 +226,7 @@ impl Sink {
         let writer = std::thread::Builder::new()
             .name("proxyd-access-log".into())
             .spawn(move || loop {
-                std::thread::park_timeout(FLUSH_INTERVAL);
+                std::thread::park_timeout(interval);
                 match weak.upgrade() {
                     Some(sink) => sink.flush(),
                     None => return,
@@ -263,6 +291,7 @@ impl Sink {
     /// Writes every buffered line, one thread's buffer after the other.
     pub fn flush(&self) {
         let mut output = self.output.lock().unwrap_or_else(PoisonError::into_inner);
+        let output = &mut *output;
         let threads: Vec<Arc<Pending>> = {
             let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
             let all = threads.clone();
@@ -270,20 +299,24 @@ impl Sink {
             threads.retain(|p| Arc::strong_count(p) > 2);
             all
         };
-        let mut taken = Vec::new();
         for pending in &threads {
             {
                 let mut lines = pending.lines.lock().unwrap_or_else(PoisonError::into_inner);
                 if lines.is_empty() {
                     continue;
                 }
-                std::mem::swap(&mut *lines, &mut taken);
+                std::mem::swap(&mut *lines, &mut output.spare);
             }
             // A failed write loses these lines, as a full buffer would: nothing to retry into.
-            let _ = output.write_all(&taken);
-            taken.clear();
+            let _ = output.to.write_all(&output.spare);
+            output.spare.clear();
         }
-        let _ = output.flush();
+        // After a burst (a stalled output lets a buffer reach `max_pending`), the room is
+        // given back rather than kept for good.
+        if output.spare.capacity() > SPARE_BYTES {
+            output.spare = Vec::new();
+        }
+        let _ = output.to.flush();
     }
 
     /// Lines dropped so far because the output did not keep up.
@@ -646,6 +679,59 @@ mod tests {
             assert_eq!(json["path"].as_str().map(str::len), Some(100));
         }
         assert_eq!(lines.len() as u64 + sink.dropped(), 4 * 500);
+    }
+
+    /// The room of this thread's buffer with `sink` (after its first line).
+    fn own_capacity() -> usize {
+        PENDING.with(|slot| {
+            let slot = slot.borrow();
+            let (_, pending) = slot.as_ref().expect("a line was recorded on this thread");
+            let room = pending.lines.lock().unwrap().capacity();
+            room
+        })
+    }
+
+    #[test]
+    fn a_flushed_buffer_comes_back_with_its_room() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new((Mutex::new(true), std::sync::Condvar::new()));
+        let output = Stalled {
+            open,
+            written: written.clone(),
+        };
+        // Only the flushes below: a timed one in between would swap buffers of its own.
+        let hour = Duration::from_secs(3600);
+        let sink = Sink::start_every(
+            AccessLogFormat::Json,
+            Box::new(output),
+            MAX_PENDING_BYTES,
+            hour,
+        )
+        .unwrap();
+        let batch = |from: u64| {
+            for i in from..from + 200 {
+                sink.record(|l| l.u64("i", i));
+            }
+        };
+        batch(0);
+        let first = own_capacity();
+        sink.flush();
+        batch(200);
+        sink.flush();
+        // The buffer the first batch grew was the writer's spare until the second flush
+        // handed it back: this thread starts its next lines with that room.
+        assert!(own_capacity() >= first, "{} < {first}", own_capacity());
+        batch(400);
+        sink.flush();
+        let written = String::from_utf8(written.lock().unwrap().clone()).unwrap();
+        let numbers: Vec<u64> = written
+            .lines()
+            .map(|line| {
+                let json: serde_json::Value = serde_json::from_str(line).unwrap();
+                json["i"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(numbers, (0..600).collect::<Vec<_>>());
     }
 
     #[test]
