@@ -40,19 +40,6 @@ need_tools wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy curl:curl gnupl
 build_proxyd
 make_workdir proxy-bench
 
-# Waits (at most 15 s) until URL answers 200.
-wait_ready() {
-    local url=$1 name=$2 pid=$3 i
-    for i in $(seq 150); do
-        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
-        kill -0 "$pid" 2>/dev/null || { say "$name exited during start-up:"; cat "$WORK/$name.log" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$name did not answer 200 on $url within 15 s:"
-    cat "$WORK/$name.log" >&2
-    exit 1
-}
-
 # Peak RSS in MiB of a process and its children (nginx: master + workers).
 peak_rss_mib() { # pid
     awk -v kb="$(family_sum "$1" status '/^VmHWM:/ { print $2 }')" 'BEGIN { printf "%.1f", kb / 1024 }'

@@ -30,16 +30,6 @@ need_tools wrk:wrk openssl:openssl nginx:nginx-light caddy:caddy curl:curl
 build_proxyd
 make_workdir proxy-tls-bench
 
-wait_ready() { # port name pid
-    local i
-    for i in $(seq 150); do
-        curl -ksf -o /dev/null --max-time 1 --resolve "bench.example.test:$1:127.0.0.1" "https://bench.example.test:$1/1k" 2>/dev/null && return 0
-        kill -0 "$3" 2>/dev/null || { say "$2 exited:"; cat "$WORK/$2.log" >&2; exit 1; }
-        sleep 0.1
-    done
-    say "$2 did not answer on $1"; cat "$WORK/$2.log" >&2; exit 1
-}
-
 # --- one certificate for everyone ---------------------------------------------------------
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj "/CN=bench.example.test" -addext "subjectAltName=DNS:bench.example.test,IP:127.0.0.1" \
@@ -144,7 +134,8 @@ for name in proxyd nginx caddy; do
     port=$(free_port)
     "start_$name" "$port"
     pid=$LAST_PID
-    wait_ready "$port" "$name" "$pid"
+    wait_ready "https://bench.example.test:$port/1k" "$name" "$pid" -k \
+        --resolve "bench.example.test:$port:127.0.0.1"
     new_real=$(openssl s_time -connect "127.0.0.1:$port" -new -time "$SECONDS_EACH" 2>/dev/null |
         awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
     reuse_real=$(openssl s_time -connect "127.0.0.1:$port" -reuse -tls1_3 -www /1k -time "$SECONDS_EACH" 2>/dev/null |
