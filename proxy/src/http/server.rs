@@ -16,7 +16,7 @@ use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
@@ -30,7 +30,9 @@ use super::proxy::{handle, ConnContext, ListenerContext};
 use super::streams::{ConnectionStreams, HeldWrites, Hold, InTask};
 use crate::boxed;
 use crate::config::ListenerConfig;
-use crate::listener::{Accepted, DormantLimit, IdleTimeout, Incoming, ReadReady, Woken};
+use crate::listener::{
+    Accepted, ClientSocket, DormantLimit, IdleTimeout, Incoming, ReadReady, Woken,
+};
 use crate::routing::Published;
 use crate::shutdown::Shutdown;
 use crate::state::Protocol;
@@ -211,7 +213,13 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
-    let incoming = Incoming::local(listener);
+    let incoming = match Incoming::local(listener) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!(listener = %config.name, error = %e, "listener could not be registered");
+            return;
+        }
+    };
     let limits = Limits::new(&config);
     serve_limited(incoming, config, state, shutdown, tls, telemetry, limits).await
 }
@@ -690,14 +698,14 @@ struct Asleep {
 }
 
 impl Wake for Asleep {
-    fn wake(self, stream: TcpStream) {
+    fn wake(self, socket: std::net::TcpStream) {
         let Asleep {
             conn,
             limit,
             tracked,
         } = self;
         let shutdown = conn.shared.shutdown.clone();
-        shutdown.spawn(woken(limit.wake(stream), conn));
+        shutdown.spawn(woken(limit.wake(ClientSocket::new(socket)), conn));
         // The task counts for the drain now.
         drop(tracked);
     }
@@ -726,7 +734,7 @@ impl Wake for Asleep {
 /// A woken dormant connection's task (boxed, so that the task is small; and a function of
 /// its own, since [`serve_http1`] spawns it).
 fn woken(
-    stream: IdleTimeout<TcpStream>,
+    stream: IdleTimeout<ClientSocket>,
     conn: Http1Conn,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     boxed::pinned(|| serve_http1(stream, None, conn))

@@ -6,24 +6,29 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpListener;
 
+use super::client::ClientSocket;
 use crate::shutdown::Shutdown;
 use crate::workers::{Seat, WorkerLoad};
 
 /// New connections of one listening socket, on the runtime that polls it.
 #[derive(Debug)]
 pub struct Incoming {
-    socket: TcpListener,
+    /// Registered with the runtime for its readiness only: connections are accepted with
+    /// a system call of this module's (see [`Incoming::accept`]).
+    socket: AsyncFd<std::net::TcpListener>,
     /// The worker this runs on, when it is one of the per-core workers; `None` serves
     /// every connection on the runtime that accepted it.
     seat: Option<Seat>,
 }
 
-/// A connection just accepted.
+/// A connection just accepted (not registered with the runtime: see [`ClientSocket`]).
 #[derive(Debug)]
 pub struct Accepted {
-    stream: TcpStream,
+    stream: ClientSocket,
     /// The client's address.
     pub client: SocketAddr,
 }
@@ -34,15 +39,15 @@ impl Incoming {
     pub fn new(socket: std::net::TcpListener, seat: Option<Seat>) -> std::io::Result<Incoming> {
         socket.set_nonblocking(true)?;
         Ok(Incoming {
-            socket: TcpListener::from_std(socket)?,
+            socket: watched(socket)?,
             seat,
         })
     }
 
     /// Accepts from a listener already registered with the current runtime, off the
     /// workers.
-    pub fn local(socket: TcpListener) -> Incoming {
-        Incoming { socket, seat: None }
+    pub fn local(socket: TcpListener) -> std::io::Result<Incoming> {
+        Incoming::new(socket.into_std()?, None)
     }
 
     /// The next connection, once one is waiting and this worker's turn to accept it (see
@@ -51,8 +56,21 @@ impl Incoming {
         if let Some(seat) = &self.seat {
             seat.wait_turn().await;
         }
-        let (stream, client) = self.socket.accept().await?;
-        Ok(Accepted { stream, client })
+        // accept4 with the socket non-blocking from the start, as tokio's own accept does,
+        // but without registering it (see `ClientSocket`).
+        let (socket, address) = self
+            .socket
+            .async_io(Interest::READABLE, |socket| {
+                socket2::SockRef::from(socket).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            })
+            .await?;
+        let client = address.as_socket().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "accepted a non-IP socket")
+        })?;
+        Ok(Accepted {
+            stream: ClientSocket::new(socket.into()),
+            client,
+        })
     }
 
     /// Where the dormitory of the worker this runs on counts its sleepers, if it is one
@@ -67,7 +85,7 @@ impl Incoming {
     /// task).
     pub fn spawn<F, Fut>(&self, shutdown: &Shutdown, accepted: Accepted, serve: F)
     where
-        F: FnOnce(TcpStream, WorkerLoad) -> Fut + Send + 'static,
+        F: FnOnce(ClientSocket, WorkerLoad) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let load = self.seat.map_or_else(WorkerLoad::none, |seat| seat.admit());
@@ -82,6 +100,18 @@ impl Incoming {
     }
 }
 
+/// `socket` registered with the current runtime for its readiness to accept.
+///
+/// `AsyncFd::with_interest` is deprecated because it takes any type that names a file
+/// descriptor, including one that does not own it (closed and reused elsewhere, the
+/// registration would watch another file). A `std::net::TcpListener` owns its descriptor
+/// and keeps it until it is dropped with the `AsyncFd`: the condition its `unsafe`
+/// replacement asks the caller to uphold holds by the type.
+#[allow(deprecated)]
+fn watched(socket: std::net::TcpListener) -> std::io::Result<AsyncFd<std::net::TcpListener>> {
+    AsyncFd::with_interest(socket, Interest::READABLE)
+}
+
 impl Accepted {
     /// Sends small writes at once (TCP_NODELAY): responses are written whole.
     pub fn set_nodelay(&self) -> std::io::Result<()> {
@@ -91,6 +121,8 @@ impl Accepted {
     /// Closes the connection with a reset (SO_LINGER 0): for a connection refused right
     /// after accept, so that no TIME_WAIT state is left here.
     pub fn reset(self) {
-        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO));
+        if let Some(socket) = self.stream.sock_ref() {
+            let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+        }
     }
 }

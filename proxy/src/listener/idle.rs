@@ -301,7 +301,7 @@ impl DormantLimit {
 
     /// The idle-limited stream again, around `stream` (the socket registered with the
     /// runtime again): the limit runs on from the same last activity.
-    pub fn wake(self, stream: tokio::net::TcpStream) -> IdleTimeout<tokio::net::TcpStream> {
+    pub fn wake<S>(self, stream: S) -> IdleTimeout<S> {
         IdleTimeout {
             inner: stream,
             timeout: self.timeout,

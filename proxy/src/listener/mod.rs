@@ -3,6 +3,7 @@
 //! name), else bound here with SO_REUSEADDR + SO_REUSEPORT.
 
 mod accept;
+mod client;
 mod gate;
 mod idle;
 mod inherit;
@@ -14,6 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
 pub use accept::{Accepted, Incoming};
+pub use client::ClientSocket;
 pub use gate::{AcceptGate, GatedIncoming};
 pub use idle::{Dormant, DormantLimit, IdleTimeout, ReadReady, Woken};
 pub use inherit::{Inherited, Origin};

@@ -101,7 +101,13 @@ pub async fn serve(
     tls: Arc<Tls>,
     telemetry: Arc<Telemetry>,
 ) {
-    let incoming = Incoming::local(listener);
+    let incoming = match Incoming::local(listener) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            tracing::error!(listener = %config.name, error = %e, "listener could not be registered");
+            return;
+        }
+    };
     let limit = Arc::new(Semaphore::new(config.max_connections));
     serve_limited(incoming, config, state, shutdown, tls, telemetry, limit).await
 }
@@ -176,6 +182,15 @@ async fn serve_limited(
         let open = connections.open();
         incoming.spawn(&shutdown, accepted, move |stream, load| async move {
             let (_permit, _load) = (permit, load);
+            // Forwarding waits on the client from the start (the copy in either direction
+            // waits for readiness): registered at once.
+            let stream = match stream.into_registered() {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(listener = %shared.config.name, %client, error = %e, "tcp connection not registered");
+                    return;
+                }
+            };
             let StreamListener {
                 config,
                 state,

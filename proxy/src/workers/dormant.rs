@@ -30,9 +30,10 @@ use beds::{Deadlines, Table};
 /// What a sleeper keeps besides its socket: the connection's state, which makes it a
 /// served connection again.
 pub trait Wake: Send + 'static {
-    /// Serves the connection again, given its socket registered with the worker's runtime
-    /// again. Called on the worker the sleeper slept on.
-    fn wake(self, stream: tokio::net::TcpStream);
+    /// Serves the connection again, given its socket (out of the dormitory's event loop,
+    /// and not yet in the runtime's: the bytes that woke it are read without waiting).
+    /// Called on the worker the sleeper slept on.
+    fn wake(self, socket: std::net::TcpStream);
 
     /// When it is woken even if no byte came. Asked when it goes to sleep and when a
     /// deadline of its group passes, rather than kept beside it: a sleeper is all that a
@@ -98,17 +99,10 @@ impl<S: Wake> Dormitory<S> {
     }
 }
 
-/// Re-registers a sleeper's socket with the current runtime and serves it again; closes it
-/// if that fails.
+/// Serves a sleeper again.
 fn wake_now<S: Wake>(sleeper: Sleeper<S>) {
     let Sleeper { socket, state } = sleeper;
-    match tokio::net::TcpStream::from_std(socket) {
-        Ok(stream) => state.wake(stream),
-        // Dropping `state` lets go of everything the connection held.
-        Err(e) => {
-            tracing::debug!(error = %e, "dormant connection could not be registered again; closed")
-        }
-    }
+    state.wake(socket);
 }
 
 /// The sleepers of one worker and their deadlines.

@@ -1,0 +1,323 @@
+//! A client's socket, added to the runtime's event loop only once it has to wait.
+//!
+//! A plain client connection that sends its request right after connecting, is answered
+//! and closed (a new connection per request) never waits: its request is in the socket
+//! when it is accepted, and the answer fits in the socket's send buffer. Registered at
+//! accept, as a tokio `TcpStream` is, it cost two `epoll_ctl` calls (add, then remove when
+//! it closed) and tokio's registration (its readiness slot, allocated and released) for
+//! nothing. HAProxy reads a new connection before it subscribes to its events too.
+//!
+//! [`ClientSocket`] reads and writes the socket directly until a read or write finds it
+//! not ready, and only then registers it, once, and waits as a tokio `TcpStream` from
+//! there on. Nothing is lost in between: epoll reports a socket's readiness as of the
+//! moment it is added, so bytes that arrived after the failed read wake the wait at once.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::idle::ReadReady;
+
+/// The most a read of a socket not yet registered asks for. The buffer it reads into is
+/// zeroed first (a read into memory never written is not possible without `unsafe`), so
+/// a small request costs a small clearing: the most a request head usually takes.
+/// Larger requests read on in further reads of this size, or as a registered stream
+/// once one finds nothing.
+const DIRECT_READ: usize = 4096;
+
+/// A plain client socket: direct system calls until one would block, then a registered
+/// tokio stream (see the module doc).
+#[derive(Debug)]
+pub struct ClientSocket(State);
+
+#[derive(Debug)]
+enum State {
+    /// Not in the event loop: reads and writes go straight to the socket.
+    Direct(std::net::TcpStream),
+    /// Registered with the runtime of the task that first waited on it.
+    Registered(TcpStream),
+    /// Registration failed (the socket was closed with the error).
+    Gone,
+}
+
+impl ClientSocket {
+    /// A non-blocking socket, not registered anywhere.
+    pub fn new(socket: std::net::TcpStream) -> ClientSocket {
+        ClientSocket(State::Direct(socket))
+    }
+
+    /// Whether it is still unregistered (for tests).
+    pub fn is_direct(&self) -> bool {
+        matches!(self.0, State::Direct(_))
+    }
+
+    /// The stream registered with the current runtime (registering it now if it is not).
+    pub fn into_registered(self) -> io::Result<TcpStream> {
+        match self.0 {
+            State::Direct(socket) => TcpStream::from_std(socket),
+            State::Registered(stream) => Ok(stream),
+            State::Gone => Err(gone()),
+        }
+    }
+
+    /// Registers the socket with the current runtime, if it is not yet: it is about to wait.
+    fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if let State::Direct(_) = self.0 {
+            let State::Direct(socket) = std::mem::replace(&mut self.0, State::Gone) else {
+                unreachable!("matched above");
+            };
+            self.0 = State::Registered(TcpStream::from_std(socket)?);
+        }
+        match &mut self.0 {
+            State::Registered(stream) => Ok(stream),
+            State::Direct(_) | State::Gone => Err(gone()),
+        }
+    }
+
+    /// Sends small writes at once (`TCP_NODELAY`).
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        match &self.0 {
+            State::Direct(socket) => socket.set_nodelay(on),
+            State::Registered(stream) => stream.set_nodelay(on),
+            State::Gone => Err(gone()),
+        }
+    }
+
+    /// The socket, for options the stream types do not offer.
+    pub fn sock_ref(&self) -> Option<socket2::SockRef<'_>> {
+        match &self.0 {
+            State::Direct(socket) => Some(socket2::SockRef::from(socket)),
+            State::Registered(stream) => Some(socket2::SockRef::from(stream)),
+            State::Gone => None,
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket closed")
+}
+
+impl AsyncRead for ClientSocket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if let State::Direct(socket) = &this.0 {
+            let room = buf.remaining().min(DIRECT_READ);
+            loop {
+                match (&*socket).read(buf.initialize_unfilled_to(room)) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+        match this.registered() {
+            Ok(stream) => Pin::new(stream).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for ClientSocket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let State::Direct(socket) = &this.0 {
+            loop {
+                match (&*socket).write(buf) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+        match this.registered() {
+            Ok(stream) => Pin::new(stream).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if let State::Direct(socket) = &this.0 {
+            loop {
+                match (&*socket).write_vectored(bufs) {
+                    Ok(n) => return Poll::Ready(Ok(n)),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+        match this.registered() {
+            Ok(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().0 {
+            State::Direct(socket) => Poll::Ready(match socket.shutdown(Shutdown::Write) {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                result => result,
+            }),
+            State::Registered(stream) => Pin::new(stream).poll_shutdown(cx),
+            State::Gone => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl ReadReady for ClientSocket {
+    /// A wait: the socket is registered for it.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.registered() {
+            Ok(stream) => stream.poll_read_ready(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn into_socket(self) -> Result<io::Result<std::net::TcpStream>, Self> {
+        Ok(match self.0 {
+            State::Direct(socket) => Ok(socket),
+            State::Registered(stream) => stream.into_std(),
+            State::Gone => Err(gone()),
+        })
+    }
+
+    fn is_plain_socket(&self) -> bool {
+        true
+    }
+
+    fn closes_cleanly_on_drop(&self) -> bool {
+        true
+    }
+
+    fn send_at_once(&mut self) {
+        // Failing only on a socket that is gone, which the next write reports.
+        let _ = self.set_nodelay(true);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::net::TcpListener;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A connected pair: the accepted side as a direct client socket, and its peer.
+    fn pair() -> (ClientSocket, std::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        (ClientSocket::new(accepted), peer)
+    }
+
+    #[tokio::test]
+    async fn bytes_already_there_are_read_and_answered_without_registering() {
+        let (mut socket, mut peer) = pair();
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        // Loopback delivers at once; the read below must find the bytes.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut buf = [0u8; 64];
+        let n = socket.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\n\r\n");
+        socket
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        socket.shutdown().await.unwrap();
+        assert!(socket.is_direct(), "registered without ever waiting");
+        let mut answer = Vec::new();
+        peer.read_to_end(&mut answer).unwrap();
+        assert_eq!(answer, b"HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_finds_nothing_registers_and_wakes_when_bytes_come() {
+        let (mut socket, mut peer) = pair();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            peer.write_all(b"late").unwrap();
+            peer
+        });
+        let mut buf = [0u8; 16];
+        let n = socket.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"late");
+        assert!(!socket.is_direct(), "a wait registers the socket");
+        let mut peer = writer.join().unwrap();
+        // Registered, it reads and writes on as a tokio stream.
+        socket.write_all(b"ok").await.unwrap();
+        let mut answer = [0u8; 2];
+        peer.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"ok");
+        drop(socket);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn waiting_for_readiness_registers_and_the_socket_can_be_taken_out_again() {
+        let (mut socket, mut peer) = pair();
+        peer.write_all(b"x").unwrap();
+        std::future::poll_fn(|cx| socket.poll_read_ready(cx))
+            .await
+            .unwrap();
+        assert!(!socket.is_direct());
+        let std_socket = match socket.into_socket() {
+            Ok(socket) => socket.unwrap(),
+            Err(_) => panic!("a plain socket can be taken out"),
+        };
+        let mut byte = [0u8; 1];
+        std_socket.set_nonblocking(false).unwrap();
+        (&std_socket).read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+    }
+
+    #[tokio::test]
+    async fn a_large_request_is_read_whole_across_direct_and_registered_reads() {
+        let (mut socket, mut peer) = pair();
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = body.clone();
+        let writer = std::thread::spawn(move || {
+            peer.write_all(&sent).unwrap();
+            peer.shutdown(Shutdown::Write).unwrap();
+            peer
+        });
+        let mut got = Vec::new();
+        socket.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, body);
+        writer.join().unwrap();
+    }
+}
