@@ -22,12 +22,13 @@ use tokio::net::TcpStream;
 
 use super::idle::ReadReady;
 
-/// The most a read of a socket not yet registered asks for. The buffer it reads into is
-/// zeroed first (a read into memory never written is not possible without `unsafe`), so
-/// a small request costs a small clearing: the most a request head usually takes.
-/// Larger requests read on in further reads of this size, or as a registered stream
-/// once one finds nothing.
-const DIRECT_READ: usize = 4096;
+/// The most a read of a socket not yet registered takes, into a buffer on the stack: a
+/// read into the caller's memory would have to clear it first (reading into memory never
+/// written is not possible without `unsafe`), cache lines the request may never reach,
+/// where the stack's are in use anyway; the bytes read are then copied, once. About what
+/// a request head takes. A read that fills it registers the socket: what follows (a
+/// larger head, a body) is read by the registered stream, in larger pieces.
+const DIRECT_READ: usize = 2048;
 
 /// A plain client socket: direct system calls until one would block, then a registered
 /// tokio stream (see the module doc).
@@ -109,11 +110,18 @@ impl AsyncRead for ClientSocket {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if let State::Direct(socket) = &this.0 {
+            let mut direct = [0u8; DIRECT_READ];
             let room = buf.remaining().min(DIRECT_READ);
             loop {
-                match (&*socket).read(buf.initialize_unfilled_to(room)) {
+                match (&*socket).read(&mut direct[..room]) {
                     Ok(n) => {
-                        buf.advance(n);
+                        buf.put_slice(&direct[..n]);
+                        if n == DIRECT_READ {
+                            // More is likely waiting: read on as a registered stream.
+                            if let Err(e) = this.registered() {
+                                return Poll::Ready(Err(e));
+                            }
+                        }
                         return Poll::Ready(Ok(()));
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -264,6 +272,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_read_that_fills_the_direct_buffer_registers_for_the_rest() {
+        let (mut socket, mut peer) = pair();
+        let head = vec![b'h'; 3000];
+        peer.write_all(&head).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut buf = vec![0u8; 8192];
+        let n = socket.read(&mut buf).await.unwrap();
+        assert_eq!(n, DIRECT_READ);
+        assert!(!socket.is_direct(), "more was waiting: registered");
+        let rest = socket.read(&mut buf).await.unwrap();
+        assert_eq!(n + rest, head.len());
+    }
+
+    #[tokio::test]
     async fn a_read_that_finds_nothing_registers_and_wakes_when_bytes_come() {
         let (mut socket, mut peer) = pair();
         let writer = std::thread::spawn(move || {
@@ -318,6 +340,8 @@ mod tests {
         let mut got = Vec::new();
         socket.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, body);
+        // A read that took all a direct read takes handed the rest to the registered stream.
+        assert!(!socket.is_direct());
         writer.join().unwrap();
     }
 }
