@@ -98,6 +98,18 @@ impl ClientSocket {
     }
 }
 
+/// A direct system call's result, repeated when interrupted; `None` when it would block
+/// (the socket is then registered and waited on).
+fn unless_blocked<T>(mut call: impl FnMut() -> io::Result<T>) -> Option<io::Result<T>> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            result => return Some(result),
+        }
+    }
+}
+
 fn gone() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "socket closed")
 }
@@ -112,22 +124,19 @@ impl AsyncRead for ClientSocket {
         if let State::Direct(socket) = &this.0 {
             let mut direct = [0u8; DIRECT_READ];
             let room = buf.remaining().min(DIRECT_READ);
-            loop {
-                match (&*socket).read(&mut direct[..room]) {
-                    Ok(n) => {
-                        buf.put_slice(&direct[..n]);
-                        if n == DIRECT_READ {
-                            // More is likely waiting: read on as a registered stream.
-                            if let Err(e) = this.registered() {
-                                return Poll::Ready(Err(e));
-                            }
+            match unless_blocked(|| (&*socket).read(&mut direct[..room])) {
+                Some(Ok(n)) => {
+                    buf.put_slice(&direct[..n]);
+                    if n == DIRECT_READ {
+                        // More is likely waiting: read on as a registered stream.
+                        if let Err(e) = this.registered() {
+                            return Poll::Ready(Err(e));
                         }
-                        return Poll::Ready(Ok(()));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Poll::Ready(Err(e)),
+                    return Poll::Ready(Ok(()));
                 }
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => {}
             }
         }
         match this.registered() {
@@ -145,13 +154,8 @@ impl AsyncWrite for ClientSocket {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if let State::Direct(socket) = &this.0 {
-            loop {
-                match (&*socket).write(buf) {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+            if let Some(written) = unless_blocked(|| (&*socket).write(buf)) {
+                return Poll::Ready(written);
             }
         }
         match this.registered() {
@@ -167,13 +171,8 @@ impl AsyncWrite for ClientSocket {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if let State::Direct(socket) = &this.0 {
-            loop {
-                match (&*socket).write_vectored(bufs) {
-                    Ok(n) => return Poll::Ready(Ok(n)),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+            if let Some(written) = unless_blocked(|| (&*socket).write_vectored(bufs)) {
+                return Poll::Ready(written);
             }
         }
         match this.registered() {
