@@ -299,8 +299,8 @@ impl DormantLimit {
         (!self.timeout.is_zero()).then(|| self.last_activity + self.timeout)
     }
 
-    /// The idle-limited stream again, around `stream` (the socket registered with the
-    /// runtime again): the limit runs on from the same last activity.
+    /// The idle-limited stream again, around `stream` (the socket back from the
+    /// dormitory): the limit runs on from the same last activity.
     pub fn wake<S>(self, stream: S) -> IdleTimeout<S> {
         IdleTimeout {
             inner: stream,
