@@ -114,6 +114,39 @@ median_range() { # fmt
         printf f " " f "-" f "\n", m, v[1], v[NR] }'
 }
 
+# Figures measured in rounds (ROUNDS of them) are kept in an associative array keyed
+# "NAME,ROUND".
+# round_ratio ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
+# PEER's in that round, as "MEDIAN (LO-HI)" over the rounds; with one PEER, the ratio to it
+# (also for figures where lower is better, such as memory). With several, the best PEER is
+# the one with the highest median over the rounds, named after the range, and every
+# round is compared with that one: the highest of them within each round would set
+# SUBJECT's one figure against the highest of several, which the machine's noise raises
+# by itself when they are close (two HAProxy configurations that copy a 1 KiB exchange
+# alike, say).
+round_ratio() { # array subject peer...
+    local -n figures=$1
+    local subject=$2 round peer best="" best_median="" median
+    shift 2
+    for peer in "$@"; do
+        median=$(for round in $(seq "$ROUNDS"); do echo "${figures[$peer,$round]:-0}"; done | median_range %.6f | cut -d' ' -f1)
+        if [ -z "$best" ] || awk -v a="$median" -v b="$best_median" 'BEGIN { exit !(a > b) }'; then
+            best=$peer
+            best_median=$median
+        fi
+    done
+    for round in $(seq "$ROUNDS"); do
+        awk -v a="${figures[$subject,$round]:-0}" -v b="${figures[$best,$round]:-0}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
+    done | median_range %.2f | awk -v best="$best" -v several="$(($# > 1))" '{
+        printf "%s (%s)", $1, $2; if (several) printf " against %s", best }'
+}
+# round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
+round_median() { # array name fmt
+    local -n figures=$1
+    local round
+    for round in $(seq "$ROUNDS"); do echo "${figures[$2,$round]:-0}"; done | median_range "$3" | cut -d' ' -f1
+}
+
 # A free loopback port in 20000-29999 (below the ephemeral range that wrk and tests use),
 # never the same twice in one run.
 used_ports=""

@@ -78,38 +78,6 @@ anon_kib() { family_sum "$1" status '/^RssAnon:/ { print $2 }'; }
 # over N connections (0 when none was held).
 per_connection() { awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.4f", (a - b) / n; else print 0 }'; }
 
-# The figures of a scenario are kept in an associative array keyed "NAME,ROUND".
-# round_ratio ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
-# PEER's in that round, as "MEDIAN (LO-HI)" over the rounds; with one PEER, the ratio to it
-# (also for figures where lower is better, such as memory). With several, the best PEER is
-# the one with the highest median over the rounds, named after the range, and every
-# round is compared with that one: the highest of them within each round would set
-# SUBJECT's one figure against the highest of several, which the machine's noise raises
-# by itself when they are close (two HAProxy configurations that copy a 1 KiB exchange
-# alike, say).
-round_ratio() { # array subject peer...
-    local -n figures=$1
-    local subject=$2 round peer best="" best_median="" median
-    shift 2
-    for peer in "$@"; do
-        median=$(for round in $(seq "$ROUNDS"); do echo "${figures[$peer,$round]:-0}"; done | median_range %.6f | cut -d' ' -f1)
-        if [ -z "$best" ] || awk -v a="$median" -v b="$best_median" 'BEGIN { exit !(a > b) }'; then
-            best=$peer
-            best_median=$median
-        fi
-    done
-    for round in $(seq "$ROUNDS"); do
-        awk -v a="${figures[$subject,$round]:-0}" -v b="${figures[$best,$round]:-0}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
-    done | median_range %.2f | awk -v best="$best" -v several="$(($# > 1))" '{
-        printf "%s (%s)", $1, $2; if (several) printf " against %s", best }'
-}
-# round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
-round_median() { # array name fmt
-    local -n figures=$1
-    local round
-    for round in $(seq "$ROUNDS"); do echo "${figures[$2,$round]:-0}"; done | median_range "$3" | cut -d' ' -f1
-}
-
 # --- the upstream ---------------------------------------------------------------------------
 UP=$(free_port)
 mkdir -p "$WORK/www" "$WORK/nginx-up"

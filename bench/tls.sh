@@ -3,25 +3,35 @@
 # Caddy, each terminating TLS with the same certificate (ECDSA P-256) in front of the same
 # upstream (nginx serving a 1 KiB file over plain HTTP on 127.0.0.1).
 #
-# Handshakes: `openssl s_time` without SNI (every server presents its only certificate);
-# -new: a full handshake per connection; -reuse: session resumption, with the default
-# TLS 1.3 and with TLS 1.2. TLS 1.3 tickets arrive after the handshake (rustls and Go send
+# Handshakes: `openssl s_time` without SNI (every server presents its only certificate),
+# one connection at a time; -new -www /1k: a full TLS 1.3 handshake and one GET per
+# connection (until 2026-12-03 the handshake alone, without the GET); -reuse: session
+# resumption, with the default TLS 1.3 and with TLS 1.2. TLS 1.3 tickets arrive after the handshake (rustls and Go send
 # them once the client's Finished is in), and s_time only reads them with -www, so the
 # TLS 1.3 resumption run fetches /1k on every connection; without it no server resumes.
 # nginx is given TLSv1.3 explicitly (Debian's 1.22 only enables up to TLS 1.2 by default).
 # Requests: wrk over HTTPS with keep-alive. Every access log is off (proxyd's, on by
 # default, was left on here before 2026-11-30, while nginx's and Caddy's were off).
+#
+# The whole set runs BENCH_ROUNDS times (until 2026-12-03 once), the servers taking turns
+# within each round (proxyd first in round 1, nginx in round 2, Caddy in round 3, ...);
+# each ratio to nginx is taken within a round and the median of the rounds' ratios is
+# reported with their range, as bench/http.sh does. Writes results-tls.md to BENCH_OUT.
 # Loopback only; stops by itself.
 #
-# Usage: bench/tls.sh           (about 2 minutes)
-# Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64
+# Usage: bench/tls.sh           (about 7 minutes with 3 rounds)
+# Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64  BENCH_ROUNDS=3
+#        BENCH_OUT=bench/results (where results-tls.md goes)
 #        PROXYD=/path/to/proxyd  (skip the build)   CARGO_TARGET_DIR (default /var/tmp/proxy-target)
+#        PROXYD_LABEL=...        (what to call that binary in the results; default: HEAD)
 set -euo pipefail
 
 SECONDS_EACH=${BENCH_SECONDS:-10}
 THREADS=${BENCH_THREADS:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
+ROUNDS=${BENCH_ROUNDS:-3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${BENCH_OUT:-$ROOT/bench/results}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 # shellcheck source=bench/common.sh
 . "$ROOT/bench/common.sh"
@@ -129,26 +139,75 @@ EOF
     HOME="$WORK/caddy" start caddy caddy run --adapter caddyfile --config "$WORK/caddy/Caddyfile"
 }
 
-printf '%-8s %14s %18s %18s %10s %10s %10s\n' proxy "handshakes/s" "resumed+GET/s 1.3" "resumed/s TLS1.2" "req/s" p50 p99
-for name in proxyd nginx caddy; do
-    port=$(free_port)
-    "start_$name" "$port"
-    pid=$LAST_PID
-    wait_ready "https://bench.example.test:$port/1k" "$name" "$pid" -k \
-        --resolve "bench.example.test:$port:127.0.0.1"
-    new_real=$(openssl s_time -connect "127.0.0.1:$port" -new -time "$SECONDS_EACH" 2>/dev/null |
-        awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
-    reuse_real=$(openssl s_time -connect "127.0.0.1:$port" -reuse -tls1_3 -www /1k -time "$SECONDS_EACH" 2>/dev/null |
-        awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
-    reuse12=$(openssl s_time -connect "127.0.0.1:$port" -reuse -tls1_2 -time "$SECONDS_EACH" 2>/dev/null |
-        awk '/connections in [0-9]+ real seconds/ {printf "%.0f", $1 / $4; exit}')
-    wrk_out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "https://127.0.0.1:$port/1k")
-    rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$wrk_out")
-    p50=$(awk '$1 == "50%" {print $2}' <<<"$wrk_out")
-    p99=$(awk '$1 == "99%" {print $2}' <<<"$wrk_out")
-    errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$wrk_out")
-    printf '%-8s %14s %18s %18s %10s %10s %10s\n' "$name" "${new_real:-?}" "${reuse_real:-?}" "${reuse12:-?}" "${rps:-?}" "${p50:-?}" "${p99:-?}"
-    [ -z "$errors" ] || say "  $name: $errors"
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+# s_time_rate ARGS...  connections per second of `openssl s_time ARGS` (0 when it made none).
+s_time_rate() {
+    openssl s_time "$@" -time "$SECONDS_EACH" 2>/dev/null |
+        awk '/connections in [0-9]+ real seconds/ { printf "%.0f", $1 / $4; found = 1; exit }
+             END { if (!found) print 0 }'
+}
+
+declare -A FULL RESUMED13 RESUMED12 RPS P99 ERRORS
+SERVERS=(proxyd nginx caddy)
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+for round in $(seq "$ROUNDS"); do
+    first=$(((round - 1) % ${#SERVERS[@]}))
+    for i in $(seq 0 $((${#SERVERS[@]} - 1))); do
+        name=${SERVERS[$(((first + i) % ${#SERVERS[@]}))]}
+        port=$(free_port)
+        "start_$name" "$port"
+        pid=$LAST_PID
+        wait_ready "https://bench.example.test:$port/1k" "$name" "$pid" -k \
+            --resolve "bench.example.test:$port:127.0.0.1"
+        say "round $round/$ROUNDS: $name (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+        FULL[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -new -www /1k)
+        RESUMED13[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -reuse -tls1_3 -www /1k)
+        RESUMED12[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -reuse -tls1_2)
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "https://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "https://127.0.0.1:$port/1k" \
+            >"$WORK/wrk-$name-$round.txt" 2>&1 || true
+        read -r rps p99 errors < <(awk '
+            function ms(v) {
+                if (v ~ /us$/) return v / 1000
+                if (v ~ /ms$/) return v + 0
+                if (v ~ /s$/) return v * 1000
+                return v
+            }
+            /^Requests\/sec:/ { rps = $2 }
+            /^ +99%/ { p99 = ms($2) }
+            /Non-2xx or 3xx responses:/ { err += $NF }
+            /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+            END { printf "%.0f %.3f %d\n", rps, p99, err }' "$WORK/wrk-$name-$round.txt")
+        RPS[$name,$round]=$rps
+        P99[$name,$round]=$p99
+        ERRORS[$name]=$((${ERRORS[$name]:-0} + errors))
+        say "  full handshake + GET/s ${FULL[$name,$round]}, TLS 1.3 resumed + GET/s ${RESUMED13[$name,$round]}, TLS 1.2 resumed/s ${RESUMED12[$name,$round]}, req/s $rps, p99 $p99 ms"
+        stop "$pid"
+    done
 done
+
+# Every figure is higher-is-better but p99, whose ratio is proxyd's over nginx's (lower
+# is better), the one the goal asks to be at most 1.0.
+row() { # label array fmt
+    printf '| %s | %s | %s | %s | %s |\n' "$1" "$(round_ratio "$2" proxyd nginx)" \
+        "$(round_median "$2" proxyd "$3")" "$(round_median "$2" nginx "$3")" "$(round_median "$2" caddy "$3")"
+}
+mkdir -p "$OUT"
+{
+    echo "## bench/tls.sh ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), proxyd ${PROXYD_LABEL:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)})"
+    echo
+    echo "ECDSA P-256 certificate, 1 KiB from an nginx upstream, every access log off; openssl s_time one connection at a time for ${SECONDS_EACH} s, wrk -t$THREADS -c$CONNECTIONS -d${SECONDS_EACH}s over HTTPS with keep-alive; median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo
+    echo "| | proxyd / nginx (rounds) | proxyd | nginx | Caddy |"
+    echo "|---|---:|---:|---:|---:|"
+    row "HTTPS keep-alive, req/s" RPS %.0f
+    row "HTTPS keep-alive, p99 ms (lower is better)" P99 %.2f
+    row "full TLS 1.3 handshake + GET, per second" FULL %.0f
+    row "TLS 1.3 resumption + GET, per second" RESUMED13 %.0f
+    row "TLS 1.2 resumption, per second" RESUMED12 %.0f
+    echo "| wrk errors (all rounds) | | ${ERRORS[proxyd]} | ${ERRORS[nginx]} | ${ERRORS[caddy]} |"
+} | tee "$OUT/results-tls.md.new"
+# Earlier runs stay below the newest.
+if [ -f "$OUT/results-tls.md" ]; then
+    { echo; cat "$OUT/results-tls.md"; } >>"$OUT/results-tls.md.new"
+fi
+mv "$OUT/results-tls.md.new" "$OUT/results-tls.md"
