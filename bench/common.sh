@@ -42,15 +42,23 @@ pinned_rustc() {
 
 # Sets PROXYD: the given binary, else a release build of it as the Nix package makes it:
 # with the rustc of the pinned nixpkgs (pinned_rustc) and optimised with the profile
-# pgo/proxyd.profdata (scripts/pgo-profile).
+# pgo/proxyd.profdata (scripts/pgo-profile). The build goes through scripts/pgo-check,
+# which stops the bench when the code moved away from the profile (a stale profile leaves
+# the changed functions compiled as code that never runs, and the figures would measure
+# that): set BENCH_STALE_PROFILE=ok to measure such a build anyway.
 build_proxyd() {
     if [ -z "${PROXYD:-}" ]; then
-        local rustc
-        rustc=$(pinned_rustc)
-        say "building proxyd (release, rustc $rustc, profile-guided) in $CARGO_TARGET_DIR"
-        (cd "$ROOT" && RUSTFLAGS="-Cprofile-use=$ROOT/pgo/proxyd.profdata" \
-            cargo "+$rustc" build --release --locked --quiet -p proxy --bin proxyd)
-        PROXYD="$CARGO_TARGET_DIR/release/proxyd"
+        local built
+        pinned_rustc >/dev/null
+        [ -x /usr/lib/llvm-19/bin/llvm-profdata ] || need_tools llvm-profdata-19:llvm-19
+        if built=$(python3 "$ROOT/scripts/pgo-check"); then
+            PROXYD=$built
+        elif [ "${BENCH_STALE_PROFILE:-}" = ok ] && [ -n "$built" ]; then
+            say "measuring a build with a stale profile (BENCH_STALE_PROFILE=ok)"
+            PROXYD=$built
+        else
+            exit 1
+        fi
     fi
     [ -x "$PROXYD" ] || { say "no proxyd binary at $PROXYD"; exit 1; }
 }

@@ -95,6 +95,25 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+extern "C" {
+    // mimalloc's own; `libmimalloc-sys` declares it only with its `extended` feature, which
+    // would bring in one more crate for this one function.
+    fn mi_collect(force: bool);
+}
+
+/// Hands back what this thread's mimalloc heap keeps after its blocks were freed: pages
+/// left with no block in use (blocks freed by other threads counted) go back to the
+/// arena, and the arena's free pages whose purge delay has passed are returned to the
+/// system. mimalloc does this by itself only as the thread goes on allocating: a page it
+/// emptied is kept a while for reuse and freed after later allocations, so a worker that
+/// goes quiet (its connections gone idle) would keep them for as long as it stays quiet.
+/// Not forced: pages freed within the purge delay stay, as they would.
+pub fn collect_free_pages() {
+    // SAFETY: a C call without arguments to check; mimalloc allows it on any thread at any
+    // time (a thread whose heap was never used returns at once).
+    unsafe { mi_collect(false) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -162,22 +162,16 @@ impl<S: Wake> Beds<S> {
 }
 
 /// How often a worker nudges the allocator, while connections go dormant, to return the
-/// pages their tasks freed: mimalloc gives freed pages back once its purge delay (1 s)
-/// has passed, but looks only when it frees a page, which an idle worker no longer does.
-/// Every half second, so that a page is back at most half a second after its delay.
+/// memory their tasks freed (see [`crate::allocator::collect_free_pages`]): mimalloc
+/// keeps a page it emptied for reuse until later allocations, and gives freed pages back
+/// once its purge delay (1 s) has passed but looks only when it frees a page, which an
+/// idle worker no longer does. Every half second, so that a page is back at most half a
+/// second after its delay.
 const SETTLE: Duration = Duration::from_millis(500);
 
 /// How many nudges follow the last sleeper that came: past the purge delay of the pages
 /// its task freed, with room to spare.
 const NUDGES: u8 = 6;
-
-/// Nudges the allocator, after [`SETTLE`]: a block above mimalloc's largest size class
-/// (512 KiB) gets a page of its own, freed with it, and freeing a page makes mimalloc
-/// return the freed pages whose purge delay passed. The block is never touched, so it
-/// costs no resident memory.
-fn return_freed_pages() {
-    drop(std::hint::black_box(Vec::<u8>::with_capacity(1 << 20)));
-}
 
 /// A deadline far enough away to stand for none.
 fn never() -> Instant {
@@ -266,7 +260,7 @@ async fn run<S: Wake>(mut from: mpsc::UnboundedReceiver<Message<S>>, count: &'st
             () = &mut timer => beds.wake_due(epoll.get_ref().registry(), Instant::now()),
             () = &mut settle, if nudges > 0 => {
                 S::settle();
-                return_freed_pages();
+                crate::allocator::collect_free_pages();
                 nudges -= 1;
                 settle.as_mut().reset(if nudges > 0 { Instant::now() + SETTLE } else { never() });
             }
