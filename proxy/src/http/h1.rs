@@ -164,12 +164,14 @@ thread_local! {
 }
 
 /// Lets go of the spare read and response buffers and header maps this thread keeps
-/// beyond what a quiet worker needs: called when its connections went dormant, so that
-/// the stocks a busy spell filled are not held for as long as the worker stays quiet.
+/// beyond what a quiet worker needs, and of the buffers of its idle upstream connections:
+/// called when its connections went dormant, so that what a busy spell filled is not held
+/// for as long as the worker stays quiet.
 pub(super) fn settle_spares() {
     spares::settle(&SPARES, QUIET_READS);
     spares::settle(&SPARE_OUT, QUIET_READS);
     settle_header_maps();
+    crate::upstream::idle::settle();
 }
 
 /// An empty buffer of at least [`OUT_SIZE`] bytes to encode responses in: one that an

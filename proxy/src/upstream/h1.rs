@@ -420,6 +420,20 @@ impl H1Conn {
         }
     }
 
+    /// Lets go of its buffers and its head timer while it waits in the idle store of a
+    /// worker gone quiet (see [`super::idle::settle`]): 16 KiB and more each, held by
+    /// every connection a burst of requests left idle, where the next request on it
+    /// makes them again. Bytes read and not yet consumed stay (a connection holding any is
+    /// not reused anyway).
+    pub fn release_buffers(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        self.out = Vec::new();
+        self.spans = Vec::new();
+        self.head_timer = None;
+    }
+
     /// Sends the request in `slot` and waits for the response head. The request body is
     /// streamed while the response head is awaited; if the head comes first, the response
     /// body finishes it.
@@ -1709,6 +1723,47 @@ mod tests {
         let mut body = response.into_body();
         assert!(read_all(&mut body).await.is_err());
         assert!(body.take_idle().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_let_go_of_its_buffers_serves_its_next_request() {
+        let (addr, accepted) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
+        ])
+        .await;
+        // With a due time for the head, so that the connection makes its head timer.
+        let due = Some(Instant::now() + Duration::from_secs(30));
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)), due)
+            .await;
+        let mut body = response.unwrap().into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
+        let mut idle = body.take_idle().expect("complete: reusable");
+        idle.park();
+        assert!(
+            idle.buf.capacity() > 0,
+            "a parked connection keeps its read buffer"
+        );
+        assert!(idle.out.capacity() > 0, "and its request head buffer");
+        assert!(idle.head_timer.is_some(), "and its head timer");
+        idle.release_buffers();
+        assert_eq!(
+            (
+                idle.buf.capacity(),
+                idle.out.capacity(),
+                idle.spans.capacity()
+            ),
+            (0, 0, 0)
+        );
+        assert!(idle.head_timer.is_none());
+        assert!(idle.idle_usable());
+        idle.set_reused();
+        let response = send_get(idle, Method::GET).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
     }
 
     #[tokio::test]

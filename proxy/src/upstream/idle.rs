@@ -105,6 +105,19 @@ pub fn take(
     })
 }
 
+/// Has every idle connection of this thread let go of its buffers (see
+/// [`H1Conn::release_buffers`]): called while the worker's client connections go dormant,
+/// when a burst that opened many upstream connections may have left them all idle.
+pub fn settle() {
+    let _ = IDLE.try_with(|idle| {
+        for list in idle.borrow_mut().values_mut().flat_map(HashMap::values_mut) {
+            for entry in list {
+                entry.conn.release_buffers();
+            }
+        }
+    });
+}
+
 /// Keeps `conn` for reuse by later requests of this thread (when the store for this
 /// upstream is full, the oldest is dropped); `now`, the caller's clock reading of the
 /// moment the exchange on it ended, starts its idle time.
