@@ -1726,7 +1726,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_that_let_go_of_its_buffers_serves_its_next_request() {
+    async fn a_quiet_worker_has_its_idle_connections_let_go_of_their_buffers() {
+        use super::super::idle::{self, ConnKey};
         let (addr, accepted) = upstream(vec![
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
@@ -1740,28 +1741,37 @@ mod tests {
             .await;
         let mut body = response.unwrap().into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
-        let mut idle = body.take_idle().expect("complete: reusable");
-        idle.park();
+        let idle_conn = body.take_idle().expect("complete: reusable");
+
+        let address = addr.to_string();
+        let runtime = super::super::UpstreamRuntime::new(&address);
+        let key = ConnKey {
+            address: &address,
+            tls: 0,
+        };
+        let timeout = Duration::from_secs(60);
+        // Kept in the idle store, a connection holds on to its buffers...
+        idle::put(key, idle_conn, Instant::now());
+        let kept = idle::take(key, &runtime, timeout, Instant::now()).expect("kept");
         assert!(
-            idle.buf.capacity() > 0,
+            kept.buf.capacity() > 0,
             "a parked connection keeps its read buffer"
         );
-        assert!(idle.out.capacity() > 0, "and its request head buffer");
-        assert!(idle.head_timer.is_some(), "and its head timer");
-        idle.release_buffers();
-        assert_eq!(
-            (
-                idle.buf.capacity(),
-                idle.out.capacity(),
-                idle.spans.capacity()
-            ),
-            (0, 0, 0)
-        );
-        assert!(idle.head_timer.is_none());
-        assert!(idle.idle_usable());
-        idle.set_reused();
-        let response = send_get(idle, Method::GET).await.unwrap();
-        let mut body = response.into_body();
+        assert!(kept.out.capacity() > 0, "and its request head buffer");
+        assert!(kept.head_timer.is_some(), "and its head timer");
+        // ... until its worker goes quiet.
+        idle::put(key, kept, Instant::now());
+        idle::settle();
+        let mut quiet = idle::take(key, &runtime, timeout, Instant::now()).expect("still kept");
+        assert_eq!(quiet.buf.capacity(), 0);
+        assert_eq!(quiet.out.capacity(), 0);
+        assert_eq!(quiet.spans.capacity(), 0);
+        assert!(quiet.head_timer.is_none());
+
+        // It serves its next request as before, on the same connection.
+        quiet.set_reused();
+        let response = quiet.send(&mut Some(get(Method::GET)), due).await;
+        let mut body = response.unwrap().into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
     }
