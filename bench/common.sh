@@ -155,6 +155,33 @@ round_median() { # array name fmt
     for round in $(seq "$ROUNDS"); do echo "${figures[$2,$round]:-0}"; done | median_range "$3" | cut -d' ' -f1
 }
 
+# WRK_FIGURES  awk rules that read wrk's output (with --latency for the percentiles) into
+# rps, p50 and p99 (ms), n (requests), mbs (MiB/s transferred) and err (non-2xx answers
+# and socket errors); a script's awk program adds its own END.
+WRK_FIGURES='
+    function ms(v) {
+        if (v ~ /us$/) return v / 1000
+        if (v ~ /ms$/) return v + 0
+        if (v ~ /m$/)  return v * 60000
+        if (v ~ /s$/)  return v * 1000
+        return v
+    }
+    function mib(v) {
+        if (v ~ /GB$/) return v * 1024
+        if (v ~ /MB$/) return v + 0
+        if (v ~ /KB$/) return v / 1024
+        if (v ~ /B$/)  return v / 1048576
+        return v
+    }
+    /^ +50%/ { p50 = ms($2) }
+    /^ +99%/ { p99 = ms($2) }
+    /^Requests\/sec:/ { rps = $2 }
+    /^Transfer\/sec:/ { mbs = mib($2) }
+    / requests in / { n = $1 }
+    /Non-2xx or 3xx responses:/ { err += $NF }
+    /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+'
+
 # A free loopback port in 20000-29999 (below the ephemeral range that wrk and tests use),
 # never the same twice in one run.
 used_ports=""

@@ -248,20 +248,7 @@ run_wrk() { # url mode(keepalive|close) label pid
     wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
     user1=$(user_ticks "$pid")
     system1=$(system_ticks "$pid")
-    awk -v user=$((user1 - user0)) -v kernel=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" '
-        function ms(v) {
-            if (v ~ /us$/) return v / 1000
-            if (v ~ /ms$/) return v + 0
-            if (v ~ /m$/)  return v * 60000
-            if (v ~ /s$/)  return v * 1000
-            return v
-        }
-        /^ +50%/ { p50 = ms($2) }
-        /^ +99%/ { p99 = ms($2) }
-        /^Requests\/sec:/ { rps = $2 }
-        / requests in / { n = $1 }
-        /Non-2xx or 3xx responses:/ { err += $NF }
-        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+    awk -v user=$((user1 - user0)) -v kernel=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" "$WRK_FIGURES"'
         function per_request(t) { return (n > 0) ? t * 1e6 / hz / n : 0 }
         END {
             printf "%.0f %.2f %.2f %d %.1f %.1f %.1f\n", rps, p50, p99, err,

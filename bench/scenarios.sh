@@ -171,18 +171,7 @@ run_wrk() { # url connections out [wrk options...]
     shift 3
     wrk -t"$THREADS" -c"$conns" -d1s "$@" "$url" >/dev/null 2>&1 || true
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" "$@" "$url" >"$out" 2>&1 || true
-    awk '
-        function mib(v) {
-            if (v ~ /GB$/) return v * 1024
-            if (v ~ /MB$/) return v + 0
-            if (v ~ /KB$/) return v / 1024
-            if (v ~ /B$/)  return v / 1048576
-            return v
-        }
-        /^Requests\/sec:/ { rps = $2 }
-        /^Transfer\/sec:/ { mbs = mib($2) }
-        /Non-2xx or 3xx responses:/ { err += $NF }
-        /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+    awk "$WRK_FIGURES"'
         END { printf "%.0f %.1f %d\n", rps, mbs, err }
     ' "$out"
 }

@@ -165,17 +165,7 @@ for round in $(seq "$ROUNDS"); do
         wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "https://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "https://127.0.0.1:$port/1k" \
             >"$WORK/wrk-$name-$round.txt" 2>&1 || true
-        read -r rps p99 errors < <(awk '
-            function ms(v) {
-                if (v ~ /us$/) return v / 1000
-                if (v ~ /ms$/) return v + 0
-                if (v ~ /s$/) return v * 1000
-                return v
-            }
-            /^Requests\/sec:/ { rps = $2 }
-            /^ +99%/ { p99 = ms($2) }
-            /Non-2xx or 3xx responses:/ { err += $NF }
-            /Socket errors:/ { gsub(",", ""); err += $4 + $6 + $8 + $10 }
+        read -r rps p99 errors < <(awk "$WRK_FIGURES"'
             END { printf "%.0f %.3f %d\n", rps, p99, err }' "$WORK/wrk-$name-$round.txt")
         RPS[$name,$round]=$rps
         P99[$name,$round]=$p99
