@@ -197,3 +197,43 @@ free_port() {
         fi
     done
 }
+
+# The fields proxyd adds to every request it forwards (X-Forwarded-For, -Proto and -Host,
+# Forwarded, Via, and the client's own Host passed on) and to every response (Via), as the
+# peers' directives: each peer does the same work on every request, as an operator who
+# wants those fields configures it (without them nginx and HAProxy add none, and the
+# upstream would parse about 170 bytes fewer per request from them than from proxyd).
+# nginx_forwarding: the `location` directives (they replace inherited proxy_set_header,
+# so the keep-alive `Connection ""` is among them).
+nginx_forwarding() {
+    cat <<'NGINX'
+proxy_http_version 1.1;
+proxy_set_header Connection "";
+proxy_set_header Host $http_host;
+proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+proxy_set_header X-Forwarded-Proto $scheme;
+proxy_set_header X-Forwarded-Host $host;
+proxy_set_header Forwarded "for=$remote_addr;host=\"$host\";proto=$scheme";
+proxy_set_header Via "1.1 nginx";
+add_header Via "1.1 nginx";
+NGINX
+}
+# haproxy_forwarding: the `backend` directives (HAProxy 2.6 has no `option forwarded`).
+haproxy_forwarding() {
+    cat <<'HAPROXY'
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host),field(1,:)]
+    http-request set-header Forwarded 'for=%[src];host="%[req.hdr(host),field(1,:)]";proto=http'
+    http-request add-header Via "1.1 haproxy"
+    http-response add-header Via "1.1 haproxy"
+HAPROXY
+}
+# caddy_forwarding: inside `reverse_proxy { }` (Caddy sends X-Forwarded-* by itself).
+caddy_forwarding() {
+    cat <<'CADDY'
+        header_up Forwarded "for={remote_host};host=\"{host}\";proto={scheme}"
+        header_up Via "1.1 caddy"
+        header_down Via "1.1 caddy"
+CADDY
+}

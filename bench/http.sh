@@ -145,8 +145,7 @@ $(nginx_temp_paths "$WORK/nginx")
         listen 127.0.0.1:$1 backlog=4096;
         location / {
             proxy_pass http://static;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
+$(nginx_forwarding)
         }
     }
 }
@@ -181,6 +180,7 @@ frontend web
     default_backend static
 
 backend static
+$(haproxy_forwarding)
     server up 127.0.0.1:$UP
 EOF
 }
@@ -201,6 +201,7 @@ http://:$1 {
             keepalive 60s
             keepalive_idle_conns_per_host 64
         }
+$(caddy_forwarding)
     }
 }
 EOF

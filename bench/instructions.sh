@@ -175,7 +175,10 @@ http {
         ssl_certificate $WORK/cert.pem;
         ssl_certificate_key $WORK/key.pem;
         http2_max_requests 1000000;
-        location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }
+        location / {
+            proxy_pass http://static;
+$(nginx_forwarding)
+        }
     }
 }
 EOF

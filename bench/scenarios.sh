@@ -302,8 +302,7 @@ $(nginx_http_head "$WORK/nginx-h2")
         http2_max_requests 1000000;
         location / {
             proxy_pass http://static;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
+$(nginx_forwarding)
         }
     }
 }
@@ -418,8 +417,7 @@ $(nginx_http_head "$WORK/nginx-idle")
         listen 127.0.0.1:$port backlog=4096;
         location / {
             proxy_pass http://static;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
+$(nginx_forwarding)
         }
     }
 }
@@ -437,6 +435,7 @@ frontend f
     default_backend b
 
 backend b
+$(haproxy_forwarding)
     server up 127.0.0.1:$UP
 EOF
                 } >"$WORK/haproxy-idle.cfg"

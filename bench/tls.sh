@@ -112,7 +112,10 @@ http {
         listen 127.0.0.1:$1 ssl http2 backlog=4096;
         ssl_certificate $WORK/cert.pem;
         ssl_certificate_key $WORK/key.pem;
-        location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }
+        location / {
+            proxy_pass http://static;
+$(nginx_forwarding)
+        }
     }
 }
 EOF
@@ -133,7 +136,9 @@ start_caddy() { # port
 https://bench.example.test:$1, https://127.0.0.1:$1 {
     bind 127.0.0.1
     tls $WORK/cert.pem $WORK/key.pem
-    reverse_proxy 127.0.0.1:$UP
+    reverse_proxy 127.0.0.1:$UP {
+$(caddy_forwarding)
+    }
 }
 EOF
     HOME="$WORK/caddy" start caddy caddy run --adapter caddyfile --config "$WORK/caddy/Caddyfile"
