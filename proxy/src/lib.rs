@@ -487,6 +487,7 @@ impl DataPath {
                 tcp::serve_on
             };
             let workers = workers::Workers::get(config.server.workers).map_err(io_err)?;
+            upstream::idle::start_sweeps(workers);
             serve_on(
                 workers,
                 &socket,

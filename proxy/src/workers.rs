@@ -119,6 +119,18 @@ impl Workers {
         })
     }
 
+    /// Runs a task that `make` makes on every worker, one each, for as long as the worker
+    /// runs.
+    pub fn spawn_on_each<F, Fut>(&self, make: F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        for handle in &self.handles {
+            handle.spawn(make());
+        }
+    }
+
     /// How many workers there are.
     pub fn len(&self) -> usize {
         self.handles.len()

@@ -420,10 +420,9 @@ impl H1Conn {
         }
     }
 
-    /// Lets go of its buffers and its head timer while it waits in the idle store of a
-    /// worker gone quiet (see [`super::idle::settle`]): 16 KiB and more each, held by
-    /// every connection a burst of requests left idle, where the next request on it
-    /// makes them again. Bytes read and not yet consumed stay (a connection holding any is
+    /// Lets go of its buffers and its head timer while it waits in the idle store (see
+    /// [`super::idle::sweep_once`]): 16 KiB and more each, held by every connection a
+    /// burst of requests left idle, where the next request on it makes them again. Bytes read and not yet consumed stay (a connection holding any is
     /// not reused anyway).
     pub fn release_buffers(&mut self) {
         if self.buf.is_empty() {
@@ -1351,6 +1350,7 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    use super::super::idle::{self, ConnKey};
     use super::*;
     use http_body_util::BodyExt;
     use std::net::SocketAddr;
@@ -1727,7 +1727,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_quiet_worker_has_its_idle_connections_let_go_of_their_buffers() {
-        use super::super::idle::{self, ConnKey};
         let (addr, accepted) = upstream(vec![
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
@@ -1771,6 +1770,71 @@ mod tests {
         // It serves its next request as before, on the same connection.
         quiet.set_reused();
         let response = quiet.send(&mut Some(get(Method::GET)), due).await;
+        let mut body = response.unwrap().into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
+    }
+
+    /// An idle connection's first response, taken back into the idle store at `back`.
+    async fn idle_after_one(addr: SocketAddr, key: ConnKey<'_>, back: Instant) {
+        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
+        idle::put(key, body.take_idle().expect("complete: reusable"), back);
+    }
+
+    #[tokio::test]
+    async fn a_workers_sweep_closes_what_the_upstream_closed_and_lets_go_of_old_buffers() {
+        let (addr, accepted) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
+        ])
+        .await;
+        // This upstream closes its connection after one response.
+        let (closing, _) = upstream(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none"]).await;
+        let (address, closing_address) = (addr.to_string(), closing.to_string());
+        let key = ConnKey {
+            address: &address,
+            tls: 0,
+        };
+        let closing_key = ConnKey {
+            address: &closing_address,
+            tls: 0,
+        };
+        let back = Instant::now();
+        idle_after_one(addr, key, back).await;
+        idle_after_one(closing, closing_key, back).await;
+        let runtime = super::super::UpstreamRuntime::new(&address);
+        let timeout = Duration::from_secs(60);
+
+        // Connections that came back later than the sweep's limit keep their buffers...
+        idle::sweep_once(back - Duration::from_millis(1));
+        let kept = idle::take(key, &runtime, timeout, Instant::now()).expect("kept");
+        assert!(kept.buf.capacity() > 0 && kept.out.capacity() > 0);
+        idle::put(key, kept, back);
+
+        // ... and the thread's sweep, with no client of the thread going dormant, has those
+        // idle for a period let go of them and closes the one its upstream closed.
+        let sweep = tokio::spawn(idle::sweep(Duration::from_millis(50)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut swept = loop {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if idle::kept(closing_key) == 0 {
+                let conn = idle::take(key, &runtime, timeout, Instant::now()).expect("kept");
+                if conn.buf.capacity() == 0 {
+                    break conn;
+                }
+                idle::put(key, conn, back);
+            }
+            assert!(Instant::now() < deadline, "not swept within 10 s");
+        };
+        sweep.abort();
+        assert_eq!(swept.out.capacity(), 0);
+        assert_eq!(swept.spans.capacity(), 0);
+
+        // The live one serves its next request as before, on the same connection.
+        swept.set_reused();
+        let response = send_get(swept, Method::GET).await;
         let mut body = response.unwrap().into_body();
         assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");

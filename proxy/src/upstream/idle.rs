@@ -15,10 +15,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use super::h1::H1Conn;
 use super::UpstreamRuntime;
+use crate::workers::Workers;
 
 /// Idle connections kept per upstream and thread.
 const IDLE_PER_UPSTREAM: usize = 64;
@@ -109,13 +111,62 @@ pub fn take(
 /// [`H1Conn::release_buffers`]): called while the worker's client connections go dormant,
 /// when a burst that opened many upstream connections may have left them all idle.
 pub fn settle() {
+    sweep_once(Instant::now());
+}
+
+/// How often each worker sweeps its idle connections, and how long an idle connection
+/// keeps its buffers at most, however the clients of its worker are served (see
+/// [`start_sweeps`]).
+pub const SWEEP_PERIOD: Duration = Duration::from_secs(2);
+
+/// Starts each worker's sweep of its idle connections, once per process (see
+/// [`sweep_once`]; every [`SWEEP_PERIOD`]). Reuse takes the most recently used
+/// connection first, so under a load lighter than the burst before it the older ones stay
+/// idle, and [`settle`] reaches them only when the worker's plain HTTP/1 clients go
+/// dormant, which HTTPS, HTTP/2 and TCP clients never do.
+pub fn start_sweeps(workers: &Workers) {
+    static STARTED: Once = Once::new();
+    STARTED.call_once(|| workers.spawn_on_each(|| sweep(SWEEP_PERIOD)));
+}
+
+/// Every `period`, sweeps this thread's idle connections, letting go of the buffers of
+/// those idle for `period`; runs for the life of the thread's runtime.
+pub(crate) async fn sweep(period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(since) = Instant::now().checked_sub(period) {
+            sweep_once(since);
+        }
+    }
+}
+
+/// Closes the idle connections of this thread that the upstream closed (or sent
+/// anything unasked on) while they waited, now rather than when a request next looks for
+/// one, and has those idle since `since` or earlier let go of their buffers (see
+/// [`H1Conn::release_buffers`]).
+pub(crate) fn sweep_once(since: Instant) {
     let _ = IDLE.try_with(|idle| {
         for list in idle.borrow_mut().values_mut().flat_map(HashMap::values_mut) {
-            for entry in list {
+            list.retain_mut(|entry| entry.conn.idle_usable());
+            // Oldest first, as they came back: the rest came back later.
+            for entry in list.iter_mut().take_while(|entry| entry.since <= since) {
                 entry.conn.release_buffers();
             }
         }
     });
+}
+
+/// How many idle connections this thread keeps for `key`.
+#[cfg(test)]
+pub(crate) fn kept(key: ConnKey<'_>) -> usize {
+    IDLE.with(|idle| {
+        idle.borrow()
+            .get(&key.tls)
+            .and_then(|by_address| by_address.get(key.address))
+            .map_or(0, Vec::len)
+    })
 }
 
 /// Keeps `conn` for reuse by later requests of this thread (when the store for this
