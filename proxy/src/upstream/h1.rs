@@ -422,8 +422,8 @@ impl H1Conn {
 
     /// Lets go of its buffers and its head timer while it waits in the idle store (see
     /// [`super::idle::sweep_once`]): 16 KiB and more each, held by every connection a
-    /// burst of requests left idle, where the next request on it makes them again. Bytes read and not yet consumed stay (a connection holding any is
-    /// not reused anyway).
+    /// burst of requests left idle, where the next request on it makes them again. Bytes
+    /// read and not yet consumed stay (a connection holding any is not reused anyway).
     pub fn release_buffers(&mut self) {
         if self.buf.is_empty() {
             self.buf = BytesMut::new();
@@ -1422,6 +1422,32 @@ mod tests {
         c.send(&mut Some(get(method)), None).await
     }
 
+    /// A GET on a new connection to `addr` (its head due at `head_due`), answered `one`
+    /// completely: the connection, ready for reuse.
+    async fn idle_after_one(addr: SocketAddr, head_due: Option<Instant>) -> Box<H1Conn> {
+        let response = conn(addr)
+            .await
+            .send(&mut Some(get(Method::GET)), head_due)
+            .await;
+        let mut body = response.unwrap().into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
+        body.take_idle().expect("complete: reusable")
+    }
+
+    /// A second GET on `reused` (its head due at `head_due`) is answered `two`, with no
+    /// connection accepted by the upstream but the first (`accepted` counts them).
+    async fn answers_two_on_the_same_connection(
+        mut reused: Box<H1Conn>,
+        head_due: Option<Instant>,
+        accepted: &AtomicUsize,
+    ) {
+        reused.set_reused();
+        let response = reused.send(&mut Some(get(Method::GET)), head_due).await;
+        let mut body = response.unwrap().into_body();
+        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
+    }
+
     /// Reads the body to its end: data, trailers, or the error.
     async fn read_all(body: &mut H1Body) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError> {
         let mut data = Vec::new();
@@ -1734,13 +1760,7 @@ mod tests {
         .await;
         // With a due time for the head, so that the connection makes its head timer.
         let due = Some(Instant::now() + Duration::from_secs(30));
-        let response = conn(addr)
-            .await
-            .send(&mut Some(get(Method::GET)), due)
-            .await;
-        let mut body = response.unwrap().into_body();
-        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
-        let idle_conn = body.take_idle().expect("complete: reusable");
+        let idle_conn = idle_after_one(addr, due).await;
 
         let address = addr.to_string();
         let runtime = super::super::UpstreamRuntime::new(&address);
@@ -1761,26 +1781,14 @@ mod tests {
         // ... until its worker goes quiet.
         idle::put(key, kept, Instant::now());
         idle::settle();
-        let mut quiet = idle::take(key, &runtime, timeout, Instant::now()).expect("still kept");
+        let quiet = idle::take(key, &runtime, timeout, Instant::now()).expect("still kept");
         assert_eq!(quiet.buf.capacity(), 0);
         assert_eq!(quiet.out.capacity(), 0);
         assert_eq!(quiet.spans.capacity(), 0);
         assert!(quiet.head_timer.is_none());
 
         // It serves its next request as before, on the same connection.
-        quiet.set_reused();
-        let response = quiet.send(&mut Some(get(Method::GET)), due).await;
-        let mut body = response.unwrap().into_body();
-        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
-    }
-
-    /// An idle connection's first response, taken back into the idle store at `back`.
-    async fn idle_after_one(addr: SocketAddr, key: ConnKey<'_>, back: Instant) {
-        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
-        let mut body = response.into_body();
-        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
-        idle::put(key, body.take_idle().expect("complete: reusable"), back);
+        answers_two_on_the_same_connection(quiet, due, &accepted).await;
     }
 
     #[tokio::test]
@@ -1802,8 +1810,8 @@ mod tests {
             tls: 0,
         };
         let back = Instant::now();
-        idle_after_one(addr, key, back).await;
-        idle_after_one(closing, closing_key, back).await;
+        idle::put(key, idle_after_one(addr, None).await, back);
+        idle::put(closing_key, idle_after_one(closing, None).await, back);
         let runtime = super::super::UpstreamRuntime::new(&address);
         let timeout = Duration::from_secs(60);
 
@@ -1817,7 +1825,7 @@ mod tests {
         // idle for a period let go of them and closes the one its upstream closed.
         let sweep = tokio::spawn(idle::sweep(Duration::from_millis(50)));
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut swept = loop {
+        let swept = loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if idle::kept(closing_key) == 0 {
                 let conn = idle::take(key, &runtime, timeout, Instant::now()).expect("kept");
@@ -1833,11 +1841,7 @@ mod tests {
         assert_eq!(swept.spans.capacity(), 0);
 
         // The live one serves its next request as before, on the same connection.
-        swept.set_reused();
-        let response = send_get(swept, Method::GET).await;
-        let mut body = response.unwrap().into_body();
-        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the same connection");
+        answers_two_on_the_same_connection(swept, None, &accepted).await;
     }
 
     #[tokio::test]
@@ -1847,16 +1851,9 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
         ])
         .await;
-        let response = send_get(conn(addr).await, Method::GET).await.unwrap();
-        let mut body = response.into_body();
-        assert_eq!(read_all(&mut body).await.unwrap().0, b"one");
-        let mut again = body.take_idle().expect("complete: reusable");
+        let mut again = idle_after_one(addr, None).await;
         assert!(again.idle_usable());
-        again.set_reused();
-        let response = send_get(again, Method::GET).await.unwrap();
-        let mut body = response.into_body();
-        assert_eq!(read_all(&mut body).await.unwrap().0, b"two");
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        answers_two_on_the_same_connection(again, None, &accepted).await;
 
         // `Connection: close`, or HTTP/1.0 without keep-alive: not reused either.
         for reply in [

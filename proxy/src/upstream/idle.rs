@@ -107,9 +107,10 @@ pub fn take(
     })
 }
 
-/// Has every idle connection of this thread let go of its buffers (see
-/// [`H1Conn::release_buffers`]): called while the worker's client connections go dormant,
-/// when a burst that opened many upstream connections may have left them all idle.
+/// Sweeps this thread's idle connections at once, every one letting go of its buffers
+/// however recently it came back (see [`sweep_once`]): called while the worker's client
+/// connections go dormant, when a burst that opened many upstream connections may have
+/// left them all idle, so that the allocator can hand their memory back.
 pub fn settle() {
     sweep_once(Instant::now());
 }
