@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -23,6 +24,8 @@ enum Held {
     Http1 {
         /// Identity of the pool's TLS settings (see [`idle::ConnKey`]).
         tls: u64,
+        /// The pool's `idle_timeout`: how long the connection may wait for reuse.
+        idle_timeout: Duration,
     },
     /// A stream on a multiplexed HTTP/2 connection, counted until the body ends.
     H2 {
@@ -38,11 +41,11 @@ pub struct Reuse {
 }
 
 impl Reuse {
-    /// Keeps the body's HTTP/1.1 connection for reuse with `in_flight`'s upstream when the
-    /// body completes.
-    pub fn new(in_flight: InFlight, tls: u64) -> Self {
+    /// Keeps the body's HTTP/1.1 connection for reuse with `in_flight`'s upstream, for at
+    /// most `idle_timeout` idle, when the body completes.
+    pub fn new(in_flight: InFlight, tls: u64, idle_timeout: Duration) -> Self {
         Reuse {
-            held: Held::Http1 { tls },
+            held: Held::Http1 { tls, idle_timeout },
             in_flight,
         }
     }
@@ -211,7 +214,9 @@ impl ResponseBody {
         self.ended = Some(now);
         if let Some(reuse) = self.reuse.take() {
             let upstream = reuse.in_flight.upstream();
-            if let (Held::Http1 { tls }, Source::Http1(body)) = (reuse.held, &mut self.source) {
+            if let (Held::Http1 { tls, idle_timeout }, Source::Http1(body)) =
+                (reuse.held, &mut self.source)
+            {
                 let conn = body.take_idle();
                 if let (true, false, Some(conn)) = (complete, upstream.is_draining(), conn) {
                     idle::put(
@@ -221,6 +226,7 @@ impl ResponseBody {
                         },
                         conn,
                         now,
+                        idle_timeout,
                     );
                 }
             }

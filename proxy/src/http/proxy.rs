@@ -447,12 +447,7 @@ fn proxy<'a>(
             hygiene::add_via(&mut parts.headers, Version::HTTP_11, Present::ALL);
             return Ok(Response::from_parts(parts, ResponseBody::full("")));
         }
-        Ok(client_response(
-            parts,
-            held,
-            in_flight,
-            pool.conn_key("").tls,
-        ))
+        Ok(client_response(parts, held, in_flight, &pool))
     }
 }
 
@@ -858,7 +853,7 @@ async fn forward_h2(
                 }
                 Dialed::Http1(conn) => {
                     drop(ticket);
-                    idle::put(key, conn, Instant::now());
+                    idle::put(key, conn, Instant::now(), pool.policy.idle_timeout);
                     return Step::Switch(in_flight);
                 }
                 Dialed::None(why) => return a.no_connection(why),
@@ -1215,13 +1210,16 @@ fn client_response(
     mut parts: http::response::Parts,
     held: Held,
     in_flight: InFlight,
-    tls: u64,
+    pool: &PoolRuntime,
 ) -> Response<ResponseBody> {
     let present = Present::of(&parts.headers);
     hygiene::strip_hop_by_hop(&mut parts.headers, false, present);
     hygiene::add_via(&mut parts.headers, parts.version, present);
     let body = match held {
-        Held::Http1(body) => ResponseBody::http1(body, Some(Reuse::new(in_flight, tls))),
+        Held::Http1(body) => {
+            let reuse = Reuse::new(in_flight, pool.conn_key("").tls, pool.policy.idle_timeout);
+            ResponseBody::http1(body, Some(reuse))
+        }
         Held::H2(body, stream) => ResponseBody::upstream(body, Some(Reuse::h2(stream, in_flight))),
     };
     Response::from_parts(parts, body)

@@ -1770,7 +1770,7 @@ mod tests {
         };
         let timeout = Duration::from_secs(60);
         // Kept in the idle store, a connection holds on to its buffers...
-        idle::put(key, idle_conn, Instant::now());
+        idle::put(key, idle_conn, Instant::now(), timeout);
         let kept = idle::take(key, &runtime, timeout, Instant::now()).expect("kept");
         assert!(
             kept.buf.capacity() > 0,
@@ -1779,7 +1779,7 @@ mod tests {
         assert!(kept.out.capacity() > 0, "and its request head buffer");
         assert!(kept.head_timer.is_some(), "and its head timer");
         // ... until its worker goes quiet.
-        idle::put(key, kept, Instant::now());
+        idle::put(key, kept, Instant::now(), timeout);
         idle::settle();
         let quiet = idle::take(key, &runtime, timeout, Instant::now()).expect("still kept");
         assert_eq!(quiet.buf.capacity(), 0);
@@ -1810,16 +1810,21 @@ mod tests {
             tls: 0,
         };
         let back = Instant::now();
-        idle::put(key, idle_after_one(addr, None).await, back);
-        idle::put(closing_key, idle_after_one(closing, None).await, back);
-        let runtime = super::super::UpstreamRuntime::new(&address);
         let timeout = Duration::from_secs(60);
+        idle::put(key, idle_after_one(addr, None).await, back, timeout);
+        idle::put(
+            closing_key,
+            idle_after_one(closing, None).await,
+            back,
+            timeout,
+        );
+        let runtime = super::super::UpstreamRuntime::new(&address);
 
         // Connections that came back later than the sweep's limit keep their buffers...
-        idle::sweep_once(back - Duration::from_millis(1));
+        idle::sweep_once(back, Duration::from_millis(1));
         let kept = idle::take(key, &runtime, timeout, Instant::now()).expect("kept");
         assert!(kept.buf.capacity() > 0 && kept.out.capacity() > 0);
-        idle::put(key, kept, back);
+        idle::put(key, kept, back, timeout);
 
         // ... and the thread's sweep, with no client of the thread going dormant, has those
         // idle for a period let go of them and closes the one its upstream closed.
@@ -1832,7 +1837,7 @@ mod tests {
                 if conn.buf.capacity() == 0 {
                     break conn;
                 }
-                idle::put(key, conn, back);
+                idle::put(key, conn, back, timeout);
             }
             assert!(Instant::now() < deadline, "not swept within 10 s");
         };
@@ -1842,6 +1847,66 @@ mod tests {
 
         // The live one serves its next request as before, on the same connection.
         answers_two_on_the_same_connection(swept, None, &accepted).await;
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_a_connection_idle_past_its_pools_idle_timeout() {
+        // An upstream that answers one request and reports when its connection ends.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let short = listener.local_addr().unwrap();
+        let (ended, ended_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            assert!(next_head(&mut socket, &mut seen).await);
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none")
+                .await
+                .unwrap();
+            let more = next_head(&mut socket, &mut seen).await;
+            let _ = ended.send(more);
+        });
+        let (long, accepted) = upstream(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntwo",
+        ])
+        .await;
+        let (short_address, long_address) = (short.to_string(), long.to_string());
+        let short_key = ConnKey {
+            address: &short_address,
+            tls: 0,
+        };
+        let long_key = ConnKey {
+            address: &long_address,
+            tls: 0,
+        };
+        let back = Instant::now();
+        // Put back by pools with an idle timeout of 1 s and of 60 s.
+        idle::put(
+            short_key,
+            idle_after_one(short, None).await,
+            back,
+            Duration::from_secs(1),
+        );
+        let timeout = Duration::from_secs(60);
+        idle::put(long_key, idle_after_one(long, None).await, back, timeout);
+
+        // Within its timeout, a sweep keeps it...
+        idle::sweep_once(back + Duration::from_millis(999), idle::SWEEP_PERIOD);
+        assert_eq!(idle::kept(short_key), 1);
+        // ... and past it closes it, with no request asking: the upstream sees its end.
+        idle::sweep_once(back + Duration::from_secs(1), idle::SWEEP_PERIOD);
+        assert_eq!(idle::kept(short_key), 0);
+        let more = tokio::time::timeout(Duration::from_secs(10), ended_rx)
+            .await
+            .expect("the upstream saw the connection end within 10 s")
+            .unwrap();
+        assert!(!more, "no request came on it before it ended");
+
+        // The other pool's connection is still kept, and serves its next request.
+        let runtime = super::super::UpstreamRuntime::new(&long_address);
+        let kept = idle::take(long_key, &runtime, timeout, Instant::now()).expect("kept");
+        answers_two_on_the_same_connection(kept, None, &accepted).await;
     }
 
     #[tokio::test]

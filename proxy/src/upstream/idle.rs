@@ -10,7 +10,10 @@
 //! Reuse takes the most recently used connection first (the one least likely to have hit
 //! the upstream's own keep-alive timeout), drops connections idle for longer than the
 //! pool's `idle_timeout`, and checks readiness before handing one out: a connection the
-//! upstream closed, or on which it sent anything unasked, is dropped.
+//! upstream closed, or on which it sent anything unasked, is dropped. Each worker also
+//! sweeps its store every [`SWEEP_PERIOD`] (see [`start_sweeps`]), closing the
+//! connections idle for longer than the `idle_timeout` of the pool that put them back
+//! and those the upstream closed, whether or not a request asks for one.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -37,6 +40,9 @@ pub struct ConnKey<'a> {
 struct Idle {
     conn: Box<H1Conn>,
     since: Instant,
+    /// When the `idle_timeout` of the pool that put it back ends (`None`: beyond what
+    /// the clock can count).
+    expires: Option<Instant>,
 }
 
 /// TLS identity -> address -> idle connections, oldest first.
@@ -112,7 +118,7 @@ pub fn take(
 /// connections go dormant, when a burst that opened many upstream connections may have
 /// left them all idle, so that the allocator can hand their memory back.
 pub fn settle() {
-    sweep_once(Instant::now());
+    sweep_once(Instant::now(), Duration::ZERO);
 }
 
 /// How often each worker sweeps its idle connections, and how long an idle connection
@@ -137,22 +143,26 @@ pub(crate) async fn sweep(period: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Some(since) = Instant::now().checked_sub(period) {
-            sweep_once(since);
-        }
+        sweep_once(Instant::now(), period);
     }
 }
 
-/// Closes the idle connections of this thread that the upstream closed (or sent
-/// anything unasked on) while they waited, now rather than when a request next looks for
-/// one, and has those idle since `since` or earlier let go of their buffers (see
-/// [`H1Conn::release_buffers`]).
-pub(crate) fn sweep_once(since: Instant) {
+/// Closes the idle connections of this thread whose pool's `idle_timeout` ended by
+/// `now`, and those the upstream closed (or sent anything unasked on) while they waited,
+/// now rather than when a request next looks for one; has those idle for `hold` or longer
+/// let go of their buffers (see [`H1Conn::release_buffers`]).
+pub(crate) fn sweep_once(now: Instant, hold: Duration) {
+    let released = now.checked_sub(hold);
     let _ = IDLE.try_with(|idle| {
         for list in idle.borrow_mut().values_mut().flat_map(HashMap::values_mut) {
-            list.retain_mut(|entry| entry.conn.idle_usable());
+            list.retain_mut(|entry| {
+                entry.expires.is_none_or(|expires| expires > now) && entry.conn.idle_usable()
+            });
+            let Some(released) = released else {
+                continue;
+            };
             // Oldest first, as they came back: the rest came back later.
-            for entry in list.iter_mut().take_while(|entry| entry.since <= since) {
+            for entry in list.iter_mut().take_while(|entry| entry.since <= released) {
                 entry.conn.release_buffers();
             }
         }
@@ -172,8 +182,9 @@ pub(crate) fn kept(key: ConnKey<'_>) -> usize {
 
 /// Keeps `conn` for reuse by later requests of this thread (when the store for this
 /// upstream is full, the oldest is dropped); `now`, the caller's clock reading of the
-/// moment the exchange on it ended, starts its idle time.
-pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>, now: Instant) {
+/// moment the exchange on it ended, starts its idle time, and the sweep closes it once it
+/// has been idle for `idle_timeout` (its pool's).
+pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>, now: Instant, idle_timeout: Duration) {
     conn.park();
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
@@ -185,6 +196,10 @@ pub fn put(key: ConnKey<'_>, mut conn: Box<H1Conn>, now: Instant) {
         if list.len() >= IDLE_PER_UPSTREAM {
             list.remove(0);
         }
-        list.push(Idle { conn, since: now });
+        list.push(Idle {
+            conn,
+            since: now,
+            expires: now.checked_add(idle_timeout),
+        });
     });
 }
