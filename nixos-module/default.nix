@@ -277,6 +277,7 @@ let
         };
         timeout = optionalKey duration "Time a PING's answer may take before the connection is closed (default 5s).";
       }) "PING liveness of the HTTP/2 connections (`h2c`, `h2`, `auto`); unset: a PING after 10s, closed after 5s unanswered.";
+    h2_idle_timeout = optionalKey duration "Close an HTTP/2 connection that carried no request for this long (default 60s).";
     upstreams = mkOption {
       type = types.listOf upstreamType;
       default = [ ];

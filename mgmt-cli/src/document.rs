@@ -79,6 +79,10 @@ pub struct Pool {
     /// PING liveness of the HTTP/2 connections; absent for the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2_keepalive: Option<H2Keepalive>,
+    /// Milliseconds an HTTP/2 connection may carry no stream before it is closed; absent
+    /// for the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_idle_timeout_ms: Option<u64>,
 }
 
 /// How a pool's HTTP/2 connections are PINGed; `interval_ms` is required when set.
@@ -481,6 +485,7 @@ impl Pool {
             outlier: self.outlier.as_ref().map(Outlier::to_proto),
             h2_connections: self.h2_connections.unwrap_or(0),
             h2_keepalive: self.h2_keepalive.as_ref().map(H2Keepalive::to_proto),
+            h2_idle_timeout_ms: self.h2_idle_timeout_ms,
             ..Default::default()
         };
         if let Some(protocol) = &self.protocol {
@@ -532,6 +537,7 @@ impl Pool {
                 .map(str::to_owned),
             h2_connections: Some(p.h2_connections).filter(|&n| n != 0 && n != 1),
             h2_keepalive: p.h2_keepalive.as_ref().map(H2Keepalive::from_proto),
+            h2_idle_timeout_ms: p.h2_idle_timeout_ms,
         }
     }
 }

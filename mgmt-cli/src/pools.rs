@@ -115,6 +115,10 @@ pub struct PoolArgs {
     /// Time a PING's answer may take before the HTTP/2 connection is closed (default 5s).
     #[arg(long, requires = "h2_keepalive_interval")]
     pub h2_keepalive_timeout: Option<humantime::Duration>,
+    /// Time an HTTP/2 connection to an upstream may carry no request before it is closed
+    /// (default 60s).
+    #[arg(long)]
+    pub h2_idle_timeout: Option<humantime::Duration>,
     /// Check the upstreams with grpc.health.v1.Health/Check of this service ("" for the
     /// whole server) instead of an HTTP path.
     #[arg(long, conflicts_with = "health_path")]
@@ -186,6 +190,7 @@ impl PoolArgs {
                 interval_ms: Some(millis(interval)),
                 timeout_ms: self.h2_keepalive_timeout.map(millis),
             }),
+            h2_idle_timeout_ms: self.h2_idle_timeout.map(millis),
         })
     }
 }
@@ -299,6 +304,7 @@ fn detail(pool: &Pool) -> String {
             "h2 keepalive",
             h2_keepalive_text(pool.h2_keepalive.as_ref()),
         ),
+        ("h2 idle timeout", ms(pool.h2_idle_timeout_ms)),
     ]);
     text.push('\n');
     text.push_str(&upstreams::table(&pool.upstreams));

@@ -433,9 +433,12 @@ async fn pools_take_and_show_connection_and_ejection_settings() {
         "h2c",
         "--h2-keepalive-interval",
         "30s",
+        "--h2-idle-timeout",
+        "2m",
     ])
     .await;
     let pool = &d.json(&["pools", "get", "tuned"]).await;
+    assert_eq!(pool["h2_idle_timeout_ms"], 120_000, "{pool}");
     // The timeout left out is the default's.
     assert_eq!(pool["h2_keepalive"]["interval_ms"], 30_000, "{pool}");
     assert_eq!(pool["h2_keepalive"]["timeout_ms"], 5_000, "{pool}");
@@ -551,6 +554,22 @@ async fn pools_take_and_show_connection_and_ejection_settings() {
         .await;
     assert!(
         stderr(&out).contains("INVALID_ARGUMENT: pool.h2_keepalive.interval_ms: must be positive"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d
+        .ctl(&[
+            "pools",
+            "add",
+            "lingering",
+            "--upstream",
+            &v1.to_string(),
+            "--h2-idle-timeout",
+            "0s",
+        ])
+        .await;
+    assert!(
+        stderr(&out).contains("INVALID_ARGUMENT: pool.h2_idle_timeout_ms: must be positive"),
         "{}",
         stderr(&out)
     );

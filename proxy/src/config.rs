@@ -3,7 +3,7 @@
 //! Every error names the file, the line and the field (`proxy.toml:12: routes[0].pool: ...`),
 //! so `proxyd check-config` can be used as a build-time check.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
@@ -378,6 +378,7 @@ struct RawPool {
     max_attempts: Option<u32>,
     h2_connections: Option<u32>,
     h2_keepalive: Option<RawH2Keepalive>,
+    h2_idle_timeout: Option<String>,
     protocol: Option<String>,
     outlier: Option<RawOutlier>,
     on_change: Option<String>,
@@ -550,12 +551,93 @@ impl Doc<'_> {
                     && word
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-                let field = if looks_like_key { word } else { "toml" };
-                (self.line_of(span.start), field.to_string())
+                let field = match self.key_before(span.start) {
+                    // A value of the wrong type: the span is the value's, name its key.
+                    Some(key) => key,
+                    None if looks_like_key => word.to_string(),
+                    None => "toml".to_string(),
+                };
+                (self.line_of(span.start), field)
             }
             None => (1, "toml".to_string()),
         };
         self.error(line, field, e.message().trim())
+    }
+
+    /// The dotted name of the key whose value starts at `offset` (`pools[0].h2_keepalive`
+    /// for `h2_keepalive = <value>` in the first `[[pools]]`), if a key is written just
+    /// before it on its line.
+    fn key_before(&self, offset: usize) -> Option<String> {
+        let offset = offset.min(self.text.len());
+        let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
+        let before = self.text[line_start..offset].trim_end().strip_suffix('=')?;
+        let before = before.trim_end();
+        let start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.'))
+            .map_or(0, |i| i + 1);
+        let key = &before[start..];
+        if key.is_empty() {
+            return None;
+        }
+        // Inline tables between the table header and the key: `outer = { key = value }`.
+        let mut inline = Vec::new();
+        let mut rest = &before[..start];
+        while let Some(open) = rest.rfind('{') {
+            let outer = rest[..open].trim_end().strip_suffix('=').map(str::trim_end);
+            let Some(outer) = outer else { break };
+            let from = outer
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+                .map_or(0, |i| i + 1);
+            inline.push(&outer[from..]);
+            rest = &outer[..from];
+        }
+        let mut name = self.table_at(line_start);
+        for part in inline.iter().rev().chain(std::iter::once(&key)) {
+            if !name.is_empty() {
+                name.push('.');
+            }
+            name.push_str(part);
+        }
+        Some(name)
+    }
+
+    /// The table the text at `offset` belongs to, as error messages name it: `server`,
+    /// `pools[1]`, `pools[1].health`; empty at the top level.
+    fn table_at(&self, offset: usize) -> String {
+        let mut arrays: HashMap<&str, usize> = HashMap::new();
+        let mut current = String::new();
+        let is_name = |name: &str| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+        };
+        for line in self.text[..offset.min(self.text.len())].lines() {
+            let line = line.trim();
+            if let Some(name) = line
+                .strip_prefix("[[")
+                .and_then(|l| l.split("]]").next())
+                .filter(|name| is_name(name))
+            {
+                let name = name.trim();
+                let index = arrays.entry(name).and_modify(|n| *n += 1).or_insert(0);
+                current = format!("{name}[{index}]");
+            } else if let Some(name) = line
+                .strip_prefix('[')
+                .and_then(|l| l.split(']').next())
+                .filter(|name| is_name(name))
+            {
+                let name = name.trim();
+                // `[pools.health]` belongs to the latest `[[pools]]`.
+                current = match name.split_once('.') {
+                    Some((array, sub)) if arrays.contains_key(array) => {
+                        format!("{array}[{}].{sub}", arrays[array])
+                    }
+                    _ => name.to_string(),
+                };
+            }
+        }
+        current
     }
 
     fn field_error(
@@ -1386,6 +1468,13 @@ impl Doc<'_> {
             max_attempts: raw.max_attempts.unwrap_or(defaults.max_attempts),
             h2_connections: raw.h2_connections.unwrap_or(defaults.h2_connections),
             h2_keepalive: self.build_h2_keepalive(raw.h2_keepalive, span, prefix)?,
+            h2_idle_timeout: self.duration(
+                &raw.h2_idle_timeout,
+                defaults.h2_idle_timeout,
+                span,
+                prefix,
+                "h2_idle_timeout",
+            )?,
             outlier,
         };
         let protocol = match raw.protocol.as_deref() {
@@ -1619,7 +1708,7 @@ upstreams = ["127.0.0.1:9001"]
     }
 
     #[test]
-    fn h2_keepalive_is_read_and_bad_values_name_line_and_field() {
+    fn h2_keepalive_and_idle_timeout_are_read_and_bad_values_name_line_and_field() {
         let pool = |extra: &str| format!("{BASE}protocol = \"h2c\"\n{extra}\n");
         let config = Config::parse(
             &pool("h2_keepalive = { interval = \"200ms\", timeout = \"1s\" }"),
@@ -1644,6 +1733,12 @@ upstreams = ["127.0.0.1:9001"]
         };
         assert_eq!(p.policy.h2_keepalive.interval, Duration::from_secs(60));
         assert_eq!(p.policy.h2_keepalive.timeout, Duration::from_secs(5));
+        assert_eq!(p.policy.h2_idle_timeout, Duration::from_secs(60), "default");
+        let config = Config::parse(&pool("h2_idle_timeout = \"5m\""), "t.toml").expect("valid");
+        let Some(Change::CreatePool(p)) = config.declarative.first() else {
+            panic!("{:?}", config.declarative);
+        };
+        assert_eq!(p.policy.h2_idle_timeout, Duration::from_secs(300));
 
         for (extra, want) in [
             (
@@ -1670,6 +1765,18 @@ upstreams = ["127.0.0.1:9001"]
                 "\n[pools.h2_keepalive]\ntimeout = \"1s\"",
                 "t.toml:12: pools[0].h2_keepalive.interval: required",
             ),
+            (
+                "h2_idle_timeout = \"0s\"",
+                "t.toml:11: pools[0].h2_idle_timeout: must be positive",
+            ),
+            (
+                "h2_idle_timeout = \"2d\"",
+                "t.toml:11: pools[0].h2_idle_timeout: must be at most 24h",
+            ),
+            (
+                "h2_idle_timeout = 60",
+                "t.toml:11: pools[0].h2_idle_timeout: invalid type",
+            ),
         ] {
             let e = err(&pool(extra));
             assert!(e.starts_with(want), "{extra}: {e}");
@@ -1678,6 +1785,32 @@ upstreams = ["127.0.0.1:9001"]
             "h2_keepalive = { interval = \"1s\", every = \"1s\" }",
         ));
         assert!(e.contains("unknown field `every`"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key_with_its_table() {
+        let pool = |extra: &str| format!("{BASE}{extra}\n");
+        for (text, want) in [
+            (
+                pool("idle_timeout = 60"),
+                "t.toml:10: pools[0].idle_timeout: invalid type: integer `60`, expected a string",
+            ),
+            (
+                pool("h2_keepalive = { interval = 10 }"),
+                "t.toml:10: pools[0].h2_keepalive.interval: invalid type",
+            ),
+            (
+                pool("\n[pools.health]\npath = 7"),
+                "t.toml:12: pools[0].health.path: invalid type",
+            ),
+            (
+                "[server]\nstate_dir = \"x\"\nworkers = \"two\"\n".to_string(),
+                "t.toml:3: server.workers: invalid type",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -840,3 +840,66 @@ async fn a_frozen_upstream_connection_is_found_by_ping_and_replaced() {
     assert!(!conns[1].closed_by_proxy, "{conns:?}");
     assert_eq!(up.hits(), 2);
 }
+
+/// `h2_idle_timeout`: an HTTP/2 connection to an upstream that carries no stream for its
+/// pool's idle timeout is closed by proxyd, and the next request opens a new one; a
+/// response streaming for longer than the timeout keeps its connection; a pool with the
+/// default (60 s) keeps its idle connection meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_connection_idle_past_its_pools_h2_idle_timeout_is_closed() {
+    let up = upstream("behind-relays").await;
+    let short = grpc_support::Relay::start(up.addr).await;
+    let long = grpc_support::Relay::start(up.addr).await;
+    // One worker thread: every request sees the connections the earlier ones left.
+    let proxy = start_proxy(&format!(
+        "[server]\nstate_dir = \"{{state}}\"\nadmin_listen = \"\"\nworkers = 1\n{WEB}\n\
+         [[pools]]\nname = \"short\"\nupstreams = [\"{}\"]\nprotocol = \"h2c\"\n\
+         h2_idle_timeout = \"2s\"\n\n\
+         [[pools]]\nname = \"long\"\nupstreams = [\"{}\"]\nprotocol = \"h2c\"\n\n\
+         [[routes]]\nname = \"s\"\nlistener = \"web\"\nhost = \"short.example\"\npool = \"short\"\n\n\
+         [[routes]]\nname = \"l\"\nlistener = \"web\"\nhost = \"long.example\"\npool = \"long\"\n",
+        short.address(),
+        long.address()
+    ))
+    .await;
+    let r = get(proxy.addr("web"), "long.example", "/first").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(long.conns().len(), 1);
+
+    // Four 1 KiB chunks 1.5 s apart: the stream stays open across sweeps (every 2 s) for
+    // three times the idle timeout, and its connection with it.
+    let r = get(proxy.addr("web"), "short.example", "/drip/4/1500").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body.len(), 4 * 1024);
+    let conns = short.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert!(
+        !conns[0].closed_by_proxy,
+        "closed under an open stream: {conns:?}"
+    );
+
+    // Now idle: closed by a sweep once 2 s passed.
+    short
+        .wait_until("proxyd closed the idle connection", |c| {
+            c[0].closed_by_proxy
+        })
+        .await;
+    // The default pool's connection, idle since before the long response, is still open.
+    let conns = long.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert!(!conns[0].closed_by_proxy, "{conns:?}");
+
+    // The next request goes over a new connection.
+    let r = get(proxy.addr("web"), "short.example", "/second").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["uri"], "http://short.example/second");
+    assert_eq!(short.conns().len(), 2, "{:?}", short.conns());
+    let r = get(proxy.addr("web"), "long.example", "/again").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        long.conns().len(),
+        1,
+        "the default pool reused its connection"
+    );
+    assert_eq!(up.hits(), 4);
+}

@@ -86,6 +86,9 @@ let
     services.proxy.settings.pools = lib.mkForce [ ((builtins.head settings.pools) // { protocol = "h2c"; h2_keepalive = keepalive; }) ];
   };
   keepalivePool = config: builtins.head config.services.proxy.settings.pools;
+  idleTimeoutHost = timeout: host {
+    services.proxy.settings.pools = lib.mkForce [ ((builtins.head settings.pools) // { protocol = "h2c"; h2_idle_timeout = timeout; }) ];
+  };
 
   prometheusHost = host { services.proxy.prometheus = { rules = true; scrape = true; }; };
   noAdminScrape = host {
@@ -219,6 +222,11 @@ let
       (throws (keepalivePool (keepaliveHost { timeout = "5s"; })).h2_keepalive) "accepted")
     (check "h2_keepalive: an interval that is not a string is a type error"
       (throws (keepalivePool (keepaliveHost { interval = 10; })).h2_keepalive) "accepted")
+    (expectEq "h2_idle_timeout: unset by default (left out of the file)" (keepalivePool base).h2_idle_timeout null)
+    (expectEq "h2_idle_timeout: a duration string"
+      (keepalivePool (idleTimeoutHost "5m")).h2_idle_timeout "5m")
+    (check "h2_idle_timeout: a number is a type error"
+      (throws (keepalivePool (idleTimeoutHost 300)).h2_idle_timeout) "accepted")
     # Item: [cluster] (fleet mode).
     (expectEq "cluster: off unless set" (clusterOf base) null)
     (expectEq "cluster: typed options, unset TLS keys null (left out of the file)"

@@ -494,6 +494,10 @@ pub struct Pool {
     /// after 10000 ms without a frame from the upstream, closed after 5000 ms unanswered).
     #[prost(message, optional, tag = "22")]
     pub h2_keepalive: ::core::option::Option<H2Keepalive>,
+    /// Milliseconds an HTTP/2 connection to an upstream may carry no stream before it is
+    /// closed; absent: the default (60000). Present values must be positive, at most one day.
+    #[prost(uint64, optional, tag = "23")]
+    pub h2_idle_timeout_ms: ::core::option::Option<u64>,
 }
 /// How a pool's HTTP/2 connections are PINGed (idle or not), and when an unanswered PING
 /// closes one: a connection whose upstream vanished without closing it is found out

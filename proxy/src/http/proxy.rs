@@ -864,7 +864,7 @@ async fn forward_h2(
         };
         hygiene::to_h2_request(&mut req, pool.conn_key("").tls != 0, &upstream.address);
         let copy = can_resend(&req).then(|| copy_request(&req));
-        let stream = conn.open_stream();
+        let stream = conn.open_stream(pool.policy.h2_idle_timeout);
         let mut sender = conn.sender.clone();
         let sent_at = Instant::now();
         let exchange = std::pin::pin!(sender.try_send_request(req));
@@ -1128,6 +1128,7 @@ async fn dial(
                 stream,
                 Some(open),
                 pool.policy.h2_keepalive,
+                pool.policy.h2_idle_timeout,
             )
             .await
             .map(Dialed::H2)

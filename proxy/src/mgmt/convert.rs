@@ -159,6 +159,7 @@ fn policy(p: &pb::Pool, field: &str) -> Result<UpstreamPolicy, Status> {
             n => n,
         },
         h2_keepalive: h2_keepalive(p.h2_keepalive.as_ref(), field)?,
+        h2_idle_timeout: millis_opt(p.h2_idle_timeout_ms, d.h2_idle_timeout),
         outlier,
     })
 }
@@ -372,6 +373,7 @@ pub fn pool_proto(p: &Pool, routing: Option<&RoutingTable>) -> pb::Pool {
             interval_ms: Some(millis(p.policy.h2_keepalive.interval)),
             timeout_ms: Some(millis(p.policy.h2_keepalive.timeout)),
         }),
+        h2_idle_timeout_ms: Some(millis(p.policy.h2_idle_timeout)),
     }
 }
 
@@ -467,6 +469,7 @@ mod tests {
         let p = pb::Pool {
             name: "p".into(),
             idle_timeout_ms: Some(800),
+            h2_idle_timeout_ms: Some(90_000),
             max_connections_per_upstream: Some(9),
             max_attempts: Some(2),
             outlier: Some(pb::Outlier {
@@ -478,6 +481,7 @@ mod tests {
         let model = pool(p, "pool").expect("valid");
         let defaults = UpstreamPolicy::default();
         assert_eq!(model.policy.idle_timeout, Duration::from_millis(800));
+        assert_eq!(model.policy.h2_idle_timeout, Duration::from_secs(90));
         assert_eq!(model.policy.max_connections_per_upstream, 9);
         assert_eq!(model.policy.max_attempts, 2);
         assert_eq!(model.policy.body_timeout, defaults.body_timeout);

@@ -16,6 +16,7 @@ fn wire_field(field: &str) -> String {
             "connect_timeout" => "connect_timeout_ms",
             "response_timeout" => "response_timeout_ms",
             "idle_timeout" => "idle_timeout_ms",
+            "h2_idle_timeout" => "h2_idle_timeout_ms",
             "body_timeout" => "body_timeout_ms",
             "connect_deadline" => "connect_deadline_ms",
             "base_ejection" => "base_ejection_ms",

@@ -308,6 +308,7 @@ fn check_pool(pool: &Pool) -> Result<(), ApplyError> {
     for (field, value) in [
         ("pool.h2_keepalive.interval", policy.h2_keepalive.interval),
         ("pool.h2_keepalive.timeout", policy.h2_keepalive.timeout),
+        ("pool.h2_idle_timeout", policy.h2_idle_timeout),
     ] {
         if value.is_zero() {
             return Err(ApplyError::invalid(field, "must be positive"));

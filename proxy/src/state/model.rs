@@ -225,6 +225,10 @@ pub struct UpstreamPolicy {
     pub h2_connections: u32,
     /// PING liveness of HTTP/2 connections to the upstreams.
     pub h2_keepalive: H2Keepalive,
+    /// An HTTP/2 connection to an upstream with no stream of ours open for this long is
+    /// closed.
+    #[serde(with = "duration_ms")]
+    pub h2_idle_timeout: Duration,
     /// Outlier ejection.
     pub outlier: Outlier,
 }
@@ -242,6 +246,10 @@ impl Default for UpstreamPolicy {
             max_attempts: 3,
             h2_connections: 1,
             h2_keepalive: H2Keepalive::default(),
+            // nginx's upstream `keepalive_timeout`: an HTTP/2 connection needs no margin
+            // below the upstream's own timeout (a GOAWAY closes it for new streams and
+            // PINGs find a vanished peer), and gRPC clients come back after pauses.
+            h2_idle_timeout: Duration::from_secs(60),
             outlier: Outlier::default(),
         }
     }

@@ -247,14 +247,16 @@ const H2_SETTINGS_WAIT: Duration = Duration::from_secs(1);
 /// for h2) and drives the connection in a task of the current runtime. `open` is held as
 /// long as the connection lives. The connection is PINGed after `keepalive.interval`
 /// without a frame from the upstream, idle or not, and closed when a PING goes unanswered
-/// for `keepalive.timeout` (its streams fail; new requests go to a fresh connection).
+/// for `keepalive.timeout` (its streams fail; new requests go to a fresh connection). It
+/// is closed after `idle_timeout` without a stream (see [`super::h2::sweep_once`]).
 pub async fn h2_sender(
     address: &str,
     stream: UpstreamStream,
     open: Option<OpenConnection>,
     keepalive: H2Keepalive,
+    idle_timeout: Duration,
 ) -> Result<H2Conn, ConnectError> {
-    let state = Arc::new(H2State::new(H2_INITIAL_STREAMS));
+    let state = Arc::new(H2State::new(H2_INITIAL_STREAMS, idle_timeout));
     let io = Watched {
         inner: stream,
         _open: open,

@@ -16,13 +16,16 @@
 //! received GOAWAY is closed for new streams by hyper (`is_closed`) and left out; its
 //! in-flight streams finish on it. Connections are PINGed as the pool's `h2_keepalive`
 //! says and closed when a PING goes unanswered; a closed one is left out here, so the next
-//! request opens a fresh connection rather than waiting on a dead one.
+//! request opens a fresh connection rather than waiting on a dead one. A connection that
+//! carried no stream of ours for the `h2_idle_timeout` of the pool that last used it is
+//! closed by the worker's sweep ([`sweep_once`], every [`super::idle::SWEEP_PERIOD`]):
+//! hyper ends it once the store's handle, the last one, is dropped.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -43,17 +46,39 @@ pub struct H2State {
     /// Set once the upstream's first SETTINGS frame was read.
     settings_read: std::sync::atomic::AtomicBool,
     settings: Notify,
+    /// When the connection was made: the origin of `idle_since_ms`.
+    created: Instant,
+    /// Milliseconds after `created` at which its last stream ended (0: none yet).
+    idle_since_ms: AtomicU64,
+    /// The `h2_idle_timeout` of the pool that last opened a stream on it, in milliseconds.
+    idle_timeout_ms: AtomicU64,
 }
 
 impl H2State {
-    /// A new connection's state, allowing `initial` streams until the upstream says more.
-    pub fn new(initial: usize) -> Self {
+    /// A new connection's state, allowing `initial` streams until the upstream says more
+    /// and closed after `idle_timeout` without a stream (until a pool's stream says
+    /// otherwise).
+    pub fn new(initial: usize, idle_timeout: Duration) -> Self {
         H2State {
             streams: AtomicUsize::new(0),
             max_streams: AtomicUsize::new(initial),
             settings_read: std::sync::atomic::AtomicBool::new(false),
             settings: Notify::new(),
+            created: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+            idle_timeout_ms: AtomicU64::new(millis(idle_timeout)),
         }
+    }
+
+    /// Whether no stream of ours was open on it for its idle timeout by `now`.
+    fn idle_expired(&self, now: Instant) -> bool {
+        if self.streams() > 0 {
+            return false;
+        }
+        let idle_ms = self.idle_since_ms.load(Ordering::Relaxed);
+        let timeout_ms = self.idle_timeout_ms.load(Ordering::Relaxed);
+        let idle_for = now.saturating_duration_since(self.created);
+        millis(idle_for).saturating_sub(idle_ms) >= timeout_ms
     }
 
     /// Resolves once the upstream's first SETTINGS frame was read.
@@ -204,9 +229,13 @@ impl H2Conn {
         }
     }
 
-    /// Counts one stream on it until the returned guard is dropped.
-    pub fn open_stream(&self) -> H2Stream {
+    /// Counts one stream on it until the returned guard is dropped; from then on, the
+    /// connection is closed after `idle_timeout` (the stream's pool's) without a stream.
+    pub fn open_stream(&self, idle_timeout: Duration) -> H2Stream {
         self.state.streams.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .idle_timeout_ms
+            .store(millis(idle_timeout), Ordering::Relaxed);
         H2Stream(self.state.clone())
     }
 
@@ -221,8 +250,19 @@ pub struct H2Stream(Arc<H2State>);
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        let state = &self.0;
+        if state.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            // The last one: the connection's idle time starts (read once per stream
+            // that leaves the connection unused, not per frame).
+            let since = millis(state.created.elapsed());
+            state.idle_since_ms.store(since, Ordering::Relaxed);
+        }
     }
+}
+
+/// `d` in whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Default)]
@@ -334,6 +374,24 @@ pub fn pick(key: ConnKey<'_>, upstream: &UpstreamRuntime, want: usize) -> Pick {
     })
 }
 
+/// Drops this thread's connections that carried no stream for their idle timeout by `now`
+/// (hyper closes a connection once its last handle is gone and its streams ended) and
+/// those already closed, and forgets upstreams left with none.
+pub(crate) fn sweep_once(now: Instant) {
+    let _ = H2.try_with(|store| {
+        let mut store = store.borrow_mut();
+        for by_address in store.values_mut() {
+            for slot in by_address.values_mut() {
+                slot.conns
+                    .retain(|c| !c.sender.is_closed() && !c.state.idle_expired(now));
+            }
+            // Nobody waits on a slot that is not dialing (see `pick`).
+            by_address.retain(|_, slot| !slot.conns.is_empty() || slot.dialing > 0);
+        }
+        store.retain(|_, by_address| !by_address.is_empty());
+    });
+}
+
 /// Keeps `conn`, opened outside [`pick`] (an `auto` pool's connection that ALPN made
 /// HTTP/2), for the requests of this thread.
 pub fn keep(key: ConnKey<'_>, conn: H2Conn) {
@@ -364,8 +422,37 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_expires_only_after_its_idle_timeout_without_a_stream() {
+        let state = Arc::new(H2State::new(100, Duration::from_secs(1)));
+        let made = state.created;
+        // Idle from the start until a stream opens.
+        assert!(!state.idle_expired(made + Duration::from_millis(999)));
+        assert!(state.idle_expired(made + Duration::from_secs(1)));
+        state.streams.fetch_add(1, Ordering::Relaxed);
+        let stream = H2Stream(state.clone());
+        assert!(
+            !state.idle_expired(made + Duration::from_secs(3600)),
+            "a stream is open"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        drop(stream);
+        // The idle time starts when the last stream ends.
+        let ended = made + Duration::from_millis(state.idle_since_ms.load(Ordering::Relaxed));
+        assert!(ended >= made + Duration::from_millis(20));
+        assert!(!state.idle_expired(ended + Duration::from_millis(999)));
+        assert!(state.idle_expired(ended + Duration::from_secs(1)));
+        // A later stream's pool sets the timeout.
+        state.streams.fetch_add(1, Ordering::Relaxed);
+        state.idle_timeout_ms.store(5000, Ordering::Relaxed);
+        drop(H2Stream(state.clone()));
+        let ended = made + Duration::from_millis(state.idle_since_ms.load(Ordering::Relaxed));
+        assert!(!state.idle_expired(ended + Duration::from_millis(4999)));
+        assert!(state.idle_expired(ended + Duration::from_secs(5)));
+    }
+
+    #[test]
     fn scanner_reads_max_concurrent_streams_across_split_reads() {
-        let state = Arc::new(H2State::new(100));
+        let state = Arc::new(H2State::new(100, Duration::from_secs(60)));
         let mut scanner = FrameScanner::new(state.clone());
         // SETTINGS: header table size 4096, max concurrent streams 7; then a DATA frame
         // whose payload looks like a SETTINGS entry; then an ACK.

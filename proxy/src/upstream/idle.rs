@@ -137,13 +137,17 @@ pub fn start_sweeps(workers: &Workers) {
 }
 
 /// Every `period`, sweeps this thread's idle connections, letting go of the buffers of
-/// those idle for `period`; runs for the life of the thread's runtime.
+/// those idle for `period`, and closes its HTTP/2 connections idle past their pool's
+/// `h2_idle_timeout` ([`super::h2::sweep_once`]); runs for the life of the thread's
+/// runtime.
 pub(crate) async fn sweep(period: Duration) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        sweep_once(Instant::now(), period);
+        let now = Instant::now();
+        sweep_once(now, period);
+        super::h2::sweep_once(now);
     }
 }
 
