@@ -17,7 +17,9 @@
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::ffi::c_void;
+use std::cell::Cell;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use libmimalloc_sys::{
     mi_free, mi_malloc, mi_malloc_aligned, mi_realloc, mi_realloc_aligned, mi_zalloc,
@@ -68,11 +70,23 @@ unsafe fn new_block(
 // and `mi_realloc*`, which take any block mimalloc gave.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TABLES.get() {
+            // SAFETY: as below; the table heap is mimalloc's too.
+            if let Some(block) = unsafe { table_block(layout, false) } {
+                return block;
+            }
+        }
         // SAFETY: see `new_block`.
         unsafe { new_block(layout, mi_malloc, mi_malloc_aligned) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if TABLES.get() {
+            // SAFETY: as below; the table heap is mimalloc's too.
+            if let Some(block) = unsafe { table_block(layout, true) } {
+                return block;
+            }
+        }
         // SAFETY: see `new_block`.
         unsafe { new_block(layout, mi_zalloc, mi_zalloc_aligned) }
     }
@@ -83,6 +97,20 @@ unsafe impl GlobalAlloc for Allocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if TABLES.get() {
+            // A table's growing vector stays in the table region (`mi_realloc` would move
+            // it to the thread's own heap).
+            // SAFETY: `layout`'s alignment with the new size makes a valid layout (the
+            // caller's promise for `realloc`); the old block holds `layout.size()` bytes.
+            unsafe {
+                let grown = Layout::from_size_align_unchecked(new_size, layout.align());
+                if let Some(block) = table_block(grown, false) {
+                    std::ptr::copy_nonoverlapping(ptr, block, layout.size().min(new_size));
+                    mi_free(ptr.cast::<c_void>());
+                    return block;
+                }
+            }
+        }
         // SAFETY: `ptr` came from this allocator with `layout` (the caller's promise);
         // the new block keeps the old alignment, by the same rule as `alloc`.
         unsafe {
@@ -95,10 +123,147 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+/// mimalloc's heap (`mi_heap_t`), opaque.
+#[repr(C)]
+struct MiHeap {
+    _opaque: [u8; 0],
+}
+
 extern "C" {
-    // mimalloc's own; `libmimalloc-sys` declares it only with its `extended` feature, which
-    // would bring in one more crate for this one function.
+    // mimalloc's own; `libmimalloc-sys` declares them only with its `extended` and `arena`
+    // features, which would bring in one more crate for these few functions.
     fn mi_collect(force: bool);
+    fn mi_manage_os_memory_ex(
+        start: *mut c_void,
+        size: usize,
+        is_committed: bool,
+        is_pinned: bool,
+        is_zero: bool,
+        numa_node: c_int,
+        exclusive: bool,
+        arena_id: *mut *mut c_void,
+    ) -> bool;
+    fn mi_heap_new_in_arena(arena_id: *mut c_void) -> *mut MiHeap;
+    fn mi_heap_malloc(heap: *mut MiHeap, size: usize) -> *mut c_void;
+    fn mi_heap_zalloc(heap: *mut MiHeap, size: usize) -> *mut c_void;
+    fn mi_heap_malloc_aligned(heap: *mut MiHeap, size: usize, align: usize) -> *mut c_void;
+    fn mi_heap_zalloc_aligned(heap: *mut MiHeap, size: usize, align: usize) -> *mut c_void;
+}
+
+thread_local! {
+    /// Set while this thread makes routing data (see [`for_tables`]).
+    static TABLES: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The mimalloc heap of the table region, once [`reserve_table_region`] made it.
+static TABLE_HEAP: AtomicPtr<MiHeap> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Where the table region starts and ends (for tests and diagnostics).
+static TABLE_REGION: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static TABLE_REGION_END: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The size of a transparent huge page on x86_64 and of the region's alignment.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A block for `layout` from the table region's heap, or `None` (no region, or it is
+/// full): the caller then takes one from the thread's own heap.
+///
+/// # Safety
+///
+/// `layout` has a size other than 0.
+unsafe fn table_block(layout: Layout, zeroed: bool) -> Option<*mut u8> {
+    let heap = TABLE_HEAP.load(Ordering::Acquire);
+    if heap.is_null() {
+        return None;
+    }
+    let (size, align) = (layout.size(), layout.align());
+    // SAFETY: mimalloc's heap entry points with a heap it made (never deleted) and a size
+    // and alignment from a valid `Layout`; a v3 heap may be used from any thread.
+    let block = unsafe {
+        match (plain(size, align), zeroed) {
+            (true, false) => mi_heap_malloc(heap, size),
+            (true, true) => mi_heap_zalloc(heap, size),
+            (false, false) => mi_heap_malloc_aligned(heap, size, align),
+            (false, true) => mi_heap_zalloc_aligned(heap, size, align),
+        }
+    };
+    (!block.is_null()).then_some(block.cast())
+}
+
+/// Reserves `bytes` of address space for routing data, asks the kernel for transparent
+/// huge pages there (`madvise(MADV_HUGEPAGE)`; it grants them where its setting is
+/// `madvise` or `always`) and gives it to mimalloc as an arena of its own: from then on
+/// what [`for_tables`] allocates comes from there. Nothing is resident until used
+/// (`MAP_NORESERVE`). A request spread over 100,000 routes touches its route's hash
+/// bucket, entry and metric series, each on another page of a large table; with 4 KiB
+/// pages each of those also misses the TLB (README, Performance). Called once, before any
+/// table is made; an error leaves routing data on the ordinary heap.
+pub fn reserve_table_region(bytes: usize) -> std::io::Result<()> {
+    let len = bytes
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::other("table region too large"))?;
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing, which
+    // nothing else refers to; it is never unmapped (mimalloc owns it from here).
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Huge pages only cover aligned 2 MiB; the slack before the first is left unused.
+    let start = (mapped as usize).next_multiple_of(HUGE_PAGE) as *mut c_void;
+    // SAFETY: `start..start + bytes` lies within the mapping just made.
+    let advised = unsafe { libc::madvise(start, bytes, libc::MADV_HUGEPAGE) };
+    if advised != 0 {
+        // A kernel without transparent huge pages: ordinary pages, still one region.
+        tracing::debug!(error = %std::io::Error::last_os_error(), "no huge pages for the routing tables");
+    }
+    let mut arena: *mut c_void = std::ptr::null_mut();
+    // SAFETY: the memory is mapped, readable and writable, zeroed (fresh anonymous pages)
+    // and used by nothing else; mimalloc keeps it for the life of the process.
+    let heap = unsafe {
+        if !mi_manage_os_memory_ex(start, bytes, true, false, true, -1, true, &mut arena) {
+            return Err(std::io::Error::other("mimalloc refused the table region"));
+        }
+        mi_heap_new_in_arena(arena)
+    };
+    if heap.is_null() {
+        return Err(std::io::Error::other(
+            "mimalloc made no heap in the table region",
+        ));
+    }
+    TABLE_REGION.store(start.cast(), Ordering::Relaxed);
+    TABLE_REGION_END.store(start.cast::<u8>().wrapping_add(bytes), Ordering::Relaxed);
+    TABLE_HEAP.store(heap, Ordering::Release);
+    Ok(())
+}
+
+/// Runs `make` with what it allocates (and grows) taken from the table region, when
+/// there is one (see [`reserve_table_region`]): for routing tables and the routes'
+/// metric series, which requests read and write spread over every route.
+pub fn for_tables<R>(make: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TABLES.set(self.0);
+        }
+    }
+    let _restore = Restore(TABLES.replace(true));
+    make()
+}
+
+/// Whether `block` lies in the table region.
+pub fn in_table_region(block: *const u8) -> bool {
+    let start = TABLE_REGION.load(Ordering::Relaxed);
+    let end = TABLE_REGION_END.load(Ordering::Relaxed);
+    !start.is_null() && (start.cast_const()..end.cast_const()).contains(&block)
 }
 
 /// Hands back what this thread's mimalloc heap keeps after its blocks were freed: pages
@@ -113,6 +278,12 @@ pub fn collect_free_pages() {
     // time (a thread whose heap was never used returns at once).
     unsafe { mi_collect(false) }
 }
+
+/// The library's own tests allocate as proxyd does, so that what they make for tables can
+/// be found in the table region.
+#[cfg(test)]
+#[global_allocator]
+static TEST_ALLOCATOR: Allocator = Allocator;
 
 #[cfg(test)]
 mod tests {
@@ -134,6 +305,60 @@ mod tests {
                 Layout::from_size_align(size, align).ok()
             })
         })
+    }
+
+    #[test]
+    fn blocks_made_for_tables_come_from_the_table_region_with_their_layout() {
+        reserve_table_region(256 << 20).expect("reserve the table region");
+        let outside = Layout::new::<[u64; 8]>();
+        // SAFETY: a non-zero size; freed with its layout.
+        unsafe {
+            let p = Allocator.alloc(outside);
+            assert!(!in_table_region(p), "an ordinary block in the table region");
+            Allocator.dealloc(p, outside);
+        }
+        for_tables(|| {
+            for layout in layouts() {
+                // SAFETY: as in the tests below.
+                unsafe {
+                    let p = Allocator.alloc(layout);
+                    assert!(in_table_region(p), "{layout:?}");
+                    assert_eq!(p as usize % layout.align(), 0, "{layout:?}");
+                    for i in 0..layout.size() {
+                        *p.add(i) = i as u8;
+                    }
+                    // Grown or shrunk, it stays in the region with its bytes.
+                    let q = Allocator.realloc(p, layout, layout.size() * 3);
+                    assert!(in_table_region(q), "{layout:?} grown");
+                    assert_eq!(q as usize % layout.align(), 0, "{layout:?} grown");
+                    for i in 0..layout.size() {
+                        assert_eq!(*q.add(i), i as u8, "{layout:?} grown, byte {i}");
+                    }
+                    let grown = Layout::from_size_align(layout.size() * 3, layout.align())
+                        .expect("a layout");
+                    Allocator.dealloc(q, grown);
+                    let z = Allocator.alloc_zeroed(layout);
+                    assert!(in_table_region(z), "{layout:?} zeroed");
+                    let bytes = std::slice::from_raw_parts(z, layout.size());
+                    assert!(bytes.iter().all(|&b| b == 0), "{layout:?} zeroed");
+                    Allocator.dealloc(z, layout);
+                }
+            }
+            // Scopes nest; the inner one's end leaves the outer one on.
+            for_tables(|| ());
+            // SAFETY: as above.
+            unsafe {
+                let p = Allocator.alloc(outside);
+                assert!(in_table_region(p), "after a nested scope");
+                Allocator.dealloc(p, outside);
+            }
+        });
+        // SAFETY: as above.
+        unsafe {
+            let p = Allocator.alloc(outside);
+            assert!(!in_table_region(p), "after the scope");
+            Allocator.dealloc(p, outside);
+        }
     }
 
     #[test]

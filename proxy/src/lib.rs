@@ -28,7 +28,8 @@
 //! - [`systemd`]: readiness and stopping notifications, the main pid, the fd store.
 //! - [`mgmt`]: the gRPC management API.
 //! - [`shutdown`]: the one stop/drain signal shared by every task.
-//! - [`allocator`]: the global allocator, mimalloc asked as C's `malloc` where it can be.
+//! - [`allocator`]: the global allocator, mimalloc asked as C's `malloc` where it can be,
+//!   with a region of huge pages for routing tables and their series.
 //! - [`boxed`]: futures boxed where they are built, not copied into their box.
 //! - [`spares`]: a thread's stock of buffers and header maps its connections are done
 //!   with, for its next connections.

@@ -87,6 +87,10 @@ fn man(dir: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// The address space set aside for routing tables and their series
+/// (`proxy::allocator::reserve_table_region`).
+const TABLE_REGION_BYTES: usize = 8 << 30;
+
 fn serve(path: Option<PathBuf>) -> ExitCode {
     let config = match &path {
         Some(p) => proxy::Config::load(p),
@@ -104,6 +108,11 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         tracing::info!(
             "no --config given: running the embedded default (see `proxyd default-config`)"
         );
+    }
+    // Address space only (nothing resident until used): far beyond the ~2 GiB a million
+    // routes with their series take.
+    if let Err(e) = proxy::allocator::reserve_table_region(TABLE_REGION_BYTES) {
+        tracing::warn!(error = %e, "routing tables on the ordinary heap (no region of their own)");
     }
     // Before any thread starts: this reads and clears environment variables.
     let inherited = match proxy::inherit(&config) {

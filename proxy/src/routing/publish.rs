@@ -107,16 +107,20 @@ fn in_use(snapshot: &Arc<Snapshot>) -> bool {
 
 /// Gives every entry of `table` without an attachment what `attach` makes for it.
 fn attach_all(table: &RoutingTable, attach: &Attacher) {
-    for entry in table.entries() {
-        entry.series_slot().get_or_init(|| attach(&entry.route));
-    }
+    crate::allocator::for_tables(|| {
+        for entry in table.entries() {
+            entry.series_slot().get_or_init(|| attach(&entry.route));
+        }
+    });
 }
 
 impl Publish for Compiler {
     fn publish(&mut self, revision: u64, state: &State, touched: Option<&Touched>) {
         let before = self.current.load_full();
         let attach = self.attach.get();
-        let routing = match touched {
+        // Requests spread over every route read what this makes: it goes to the table
+        // region (huge pages), with the routes' series the attacher makes.
+        let routing = crate::allocator::for_tables(|| match touched {
             None => Arc::new(RoutingTable::build_attached(
                 state,
                 Some(&before.routing),
@@ -129,7 +133,7 @@ impl Publish for Compiler {
                 touched,
                 attach,
             )),
-        };
+        });
         let same_table = Arc::ptr_eq(&routing, &before.routing);
         self.current.store(Arc::new(Snapshot {
             revision,

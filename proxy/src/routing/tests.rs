@@ -608,3 +608,54 @@ fn an_entry_and_its_reference_counts_fill_one_cache_line() {
         std::mem::size_of::<RouteEntry>()
     );
 }
+
+#[test]
+fn published_tables_and_their_series_are_made_in_the_table_region() {
+    crate::allocator::reserve_table_region(64 << 20).expect("reserve the table region");
+    let in_region = |p: *const u8| crate::allocator::in_table_region(p);
+    let published = Published::new();
+    published.attach_with(Arc::new(|route: &Route| {
+        Arc::new(route.name.clone()) as Arc<dyn Any + Send + Sync>
+    }));
+    let mut compiler = published.compiler();
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    let changes = [
+        Change::CreatePool(pool("p", &["127.0.0.1:1"])),
+        Change::CreateRoute(route("a", None, prefix("/a/"), 0, false)),
+    ];
+    state.apply_batch(&changes, Source::Api).expect("valid");
+    compiler.publish(1, &state, None);
+    let check = |table: &RoutingTable, names: &[&str]| {
+        let mut seen = Vec::new();
+        for entry in table.entries() {
+            let name = entry.route.name.clone();
+            assert!(in_region(Arc::as_ptr(entry).cast()), "entry {name}");
+            let series = entry.series_slot().get().expect("attached");
+            assert!(
+                in_region(Arc::as_ptr(series).cast::<u8>()),
+                "series of {name}"
+            );
+            seen.push(name);
+        }
+        seen.sort();
+        assert_eq!(seen, names);
+    };
+    let table = published.routing();
+    assert!(in_region(Arc::as_ptr(&table).cast()), "the table");
+    check(&table, &["a"]);
+    // An incremental change makes its new entry there too.
+    let mut next = state.clone();
+    let change = Change::CreateRoute(route("b", None, prefix("/b/"), 0, false));
+    next.apply_batch(std::slice::from_ref(&change), Source::Api)
+        .expect("valid");
+    let mut touched = Touched::default();
+    touched.add(&change);
+    compiler.publish(2, &next, Some(&touched));
+    check(&published.routing(), &["a", "b"]);
+    // What the state keeps is not routing data: it stays on the ordinary heap.
+    let kept = next.routes().next().expect("a route");
+    assert!(
+        !in_region(std::ptr::from_ref(kept).cast()),
+        "the state's route"
+    );
+}

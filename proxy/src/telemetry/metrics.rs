@@ -602,11 +602,13 @@ impl Metrics {
     /// lookups and their cache misses.
     pub fn http_request_on(&self, outcome: &HttpOutcome<'_>, slot: &Attachment) {
         let attached = slot.get_or_init(|| {
-            self.routes.get_or_insert(
-                outcome.listener,
-                outcome.names.route(),
-                outcome.names.pool(),
-            )
+            crate::allocator::for_tables(|| {
+                self.routes.get_or_insert(
+                    outcome.listener,
+                    outcome.names.route(),
+                    outcome.names.pool(),
+                )
+            })
         });
         match attached.downcast_ref::<RouteSeries>() {
             Some(series) => self.record_http(outcome, series),
@@ -619,9 +621,12 @@ impl Metrics {
         self.legacy.http_total.fetch_add(1, Ordering::Relaxed);
         self.legacy.window.record(outcome.elapsed, outcome.end);
         let class = status_class_index(outcome.status);
-        let by_class = series.classes[class].get_or_init(|| ClassSeries {
-            duration: DurationHistogram::requests(),
-            bytes: AtomicU64::new(0),
+        // Beside the route's other series (see `crate::allocator::for_tables`).
+        let by_class = series.classes[class].get_or_init(|| {
+            crate::allocator::for_tables(|| ClassSeries {
+                duration: DurationHistogram::requests(),
+                bytes: AtomicU64::new(0),
+            })
         });
         by_class.duration.observe(outcome.elapsed);
         by_class.bytes.fetch_add(outcome.bytes, Ordering::Relaxed);
