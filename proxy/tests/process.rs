@@ -404,3 +404,60 @@ async fn the_management_api_answers_while_the_real_binary_drains() {
     assert!(status.success(), "{status:?}");
     assert!(!socket.exists(), "the socket file is removed on exit");
 }
+
+/// The routing tables' region (`proxy::allocator::reserve_table_region`): the daemon
+/// reserves its 8 GiB at start, asks for huge pages there, and the table it serves from
+/// is resident in it.
+#[tokio::test]
+async fn the_daemon_keeps_its_routing_tables_in_their_own_region() {
+    let up = upstream("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let p = spawn(
+        &format!(
+            "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+            pool("p", &[&up])
+        ),
+        dir.path(),
+    );
+    wait_for_port(port).await;
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(get(addr, "h", "/x").await.status, 200);
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", p.0.id())).unwrap();
+    // Each mapping: its header line (an address range first), then `Key: value` lines.
+    let mut regions: Vec<Vec<(&str, &str)>> = Vec::new();
+    for line in smaps.lines() {
+        match line.split_once(':') {
+            Some((key, value)) if !key.contains('-') && !key.contains(' ') => {
+                if let Some(fields) = regions.last_mut() {
+                    fields.push((key, value.trim()));
+                }
+            }
+            _ => regions.push(Vec::new()),
+        }
+    }
+    let field = |fields: &[(&str, &str)], key: &str| -> String {
+        fields
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default()
+    };
+    let region = regions
+        .iter()
+        .find(|fields| field(fields, "Size") == format!("{} kB", 8u64 << 20))
+        .unwrap_or_else(|| panic!("no 8 GiB mapping in proxyd's smaps:\n{smaps}"));
+    let rss: u64 = field(region, "Rss")
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap();
+    assert!(rss > 0, "nothing resident in the table region: {region:?}");
+    if std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+        // A kernel with huge pages marks the region for them (`hg`).
+        let flags = field(region, "VmFlags");
+        assert!(
+            flags.split_whitespace().any(|f| f == "hg"),
+            "the table region is not marked for huge pages: {region:?}"
+        );
+    }
+}
