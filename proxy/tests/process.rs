@@ -72,6 +72,14 @@ fn spawn(config: &str, dir: &std::path::Path) -> Proc {
     )
 }
 
+/// A config with listener `web` on `port` and one route to pool `p` of `up`.
+fn one_route(port: u16, up: &Upstream) -> String {
+    format!(
+        "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
+        pool("p", &[up])
+    )
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -241,13 +249,7 @@ async fn sigterm_drains_and_exits_zero() {
     let up = upstream("up").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut p = spawn(
-        &format!(
-            "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-            pool("p", &[&up])
-        ),
-        dir.path(),
-    );
+    let mut p = spawn(&one_route(port, &up), dir.path());
     wait_for_port(port).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let slow = tokio::spawn(async move { get(addr, "h", "/slow/800").await });
@@ -284,13 +286,7 @@ async fn one_gib_streams_both_ways_with_flat_memory() {
     let up = upstream("up").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let p = spawn(
-        &format!(
-            "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-            pool("p", &[&up])
-        ),
-        dir.path(),
-    );
+    let p = spawn(&one_route(port, &up), dir.path());
     wait_for_port(port).await;
     let baseline = peak_rss_kib(p.0.id());
 
@@ -413,13 +409,7 @@ async fn the_daemon_keeps_its_routing_tables_in_their_own_region() {
     let up = upstream("up").await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let p = spawn(
-        &format!(
-            "[server]\nadmin_listen = \"\"\n[[listeners]]\nname=\"web\"\nprotocol=\"http\"\naddress=\"127.0.0.1:{port}\"\n{}[[routes]]\nname=\"r\"\nlistener=\"web\"\npool=\"p\"\n",
-            pool("p", &[&up])
-        ),
-        dir.path(),
-    );
+    let p = spawn(&one_route(port, &up), dir.path());
     wait_for_port(port).await;
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(get(addr, "h", "/x").await.status, 200);
