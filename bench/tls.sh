@@ -6,7 +6,12 @@
 # Handshakes: `openssl s_time` without SNI (every server presents its only certificate),
 # one connection at a time; -new -www /1k: a full TLS 1.3 handshake and one GET per
 # connection (until 2026-12-03 the handshake alone, without the GET); -reuse: session
-# resumption, with the default TLS 1.3 and with TLS 1.2. TLS 1.3 tickets arrive after the handshake (rustls and Go send
+# resumption, with the default TLS 1.3 and with TLS 1.2. One client at a time waits on
+# its own crypto as much as on the server's, so full handshakes are also measured with
+# BENCH_TLS_CLIENTS s_time clients at once (default 4, the server's CPU the limit), and the
+# server's CPU time per full handshake + GET over that run (user + system of its
+# processes / connections made) is reported: the figure least moved by the client and the
+# machine's noise. TLS 1.3 tickets arrive after the handshake (rustls and Go send
 # them once the client's Finished is in), and s_time only reads them with -www, so the
 # TLS 1.3 resumption run fetches /1k on every connection; without it no server resumes.
 # nginx is given TLSv1.3 explicitly (Debian's 1.22 only enables up to TLS 1.2 by default).
@@ -19,8 +24,9 @@
 # reported with their range, as bench/http.sh does. Writes results-tls.md to BENCH_OUT.
 # Loopback only; stops by itself.
 #
-# Usage: bench/tls.sh           (about 7 minutes with 3 rounds)
+# Usage: bench/tls.sh           (about 8 minutes with 3 rounds)
 # Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64  BENCH_ROUNDS=3
+#        BENCH_TLS_CLIENTS=4     (s_time clients at once for the parallel full handshakes)
 #        BENCH_OUT=bench/results (where results-tls.md goes)
 #        PROXYD=/path/to/proxyd  (skip the build)   CARGO_TARGET_DIR (default /var/tmp/proxy-target)
 #        PROXYD_LABEL=...        (what to call that binary in the results; default: HEAD)
@@ -30,6 +36,7 @@ SECONDS_EACH=${BENCH_SECONDS:-10}
 THREADS=${BENCH_THREADS:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROUNDS=${BENCH_ROUNDS:-3}
+CLIENTS=${BENCH_TLS_CLIENTS:-4}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/bench/results}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
@@ -151,7 +158,25 @@ s_time_rate() {
              END { if (!found) print 0 }'
 }
 
-declare -A FULL RESUMED13 RESUMED12 RPS P99 ERRORS
+# s_time_parallel PID ARGS...  "connections/s cpu_us_per_connection" of CLIENTS `openssl
+# s_time ARGS` at once against the server PID (its processes' user + system time over the
+# run, divided by the connections all clients made).
+s_time_parallel() {
+    local pid=$1 i ticks0 ticks1
+    shift
+    ticks0=$(family_sum "$pid" stat '{ print $14 + $15 }')
+    for i in $(seq "$CLIENTS"); do
+        openssl s_time "$@" -time "$SECONDS_EACH" >"$WORK/s_time-$i.txt" 2>/dev/null &
+    done
+    wait
+    ticks1=$(family_sum "$pid" stat '{ print $14 + $15 }')
+    for i in $(seq "$CLIENTS"); do cat "$WORK/s_time-$i.txt"; done |
+        awk -v ticks=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" '
+            /connections in [0-9]+ real seconds/ { n += $1; rate += $1 / $4 }
+            END { printf "%.0f %.1f\n", rate, (n > 0) ? ticks * 1e6 / hz / n : 0 }'
+}
+
+declare -A FULL FULLPAR FULLCPU RESUMED13 RESUMED12 RPS P99 ERRORS
 SERVERS=(proxyd nginx caddy)
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for round in $(seq "$ROUNDS"); do
@@ -165,6 +190,8 @@ for round in $(seq "$ROUNDS"); do
             --resolve "bench.example.test:$port:127.0.0.1"
         say "round $round/$ROUNDS: $name (load average $(cut -d' ' -f1-3 /proc/loadavg))"
         FULL[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -new -www /1k)
+        read -r "FULLPAR[$name,$round]" "FULLCPU[$name,$round]" \
+            < <(s_time_parallel "$pid" -connect "127.0.0.1:$port" -new -www /1k)
         RESUMED13[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -reuse -tls1_3 -www /1k)
         RESUMED12[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -reuse -tls1_2)
         wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "https://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
@@ -175,7 +202,7 @@ for round in $(seq "$ROUNDS"); do
         RPS[$name,$round]=$rps
         P99[$name,$round]=$p99
         ERRORS[$name]=$((${ERRORS[$name]:-0} + errors))
-        say "  full handshake + GET/s ${FULL[$name,$round]}, TLS 1.3 resumed + GET/s ${RESUMED13[$name,$round]}, TLS 1.2 resumed/s ${RESUMED12[$name,$round]}, req/s $rps, p99 $p99 ms"
+        say "  full handshake + GET/s ${FULL[$name,$round]} (${FULLPAR[$name,$round]} with $CLIENTS clients, ${FULLCPU[$name,$round]} µs CPU each), TLS 1.3 resumed + GET/s ${RESUMED13[$name,$round]}, TLS 1.2 resumed/s ${RESUMED12[$name,$round]}, req/s $rps, p99 $p99 ms"
         stop "$pid"
     done
 done
@@ -190,13 +217,15 @@ mkdir -p "$OUT"
 {
     echo "## bench/tls.sh ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), proxyd ${PROXYD_LABEL:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)})"
     echo
-    echo "ECDSA P-256 certificate, 1 KiB from an nginx upstream, every access log off; openssl s_time one connection at a time for ${SECONDS_EACH} s, wrk -t$THREADS -c$CONNECTIONS -d${SECONDS_EACH}s over HTTPS with keep-alive; median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
+    echo "ECDSA P-256 certificate, 1 KiB from an nginx upstream, every access log off; openssl s_time one connection at a time for ${SECONDS_EACH} s (full handshakes also with $CLIENTS clients at once, and the server's CPU time per connection over that run), wrk -t$THREADS -c$CONNECTIONS -d${SECONDS_EACH}s over HTTPS with keep-alive; median of $ROUNDS rounds (ratios: the median of each round's own ratio, lowest-highest in brackets); load average at the start $LOAD_AT_START, at the end $(cut -d' ' -f1-3 /proc/loadavg)."
     echo
     echo "| | proxyd / nginx (rounds) | proxyd | nginx | Caddy |"
     echo "|---|---:|---:|---:|---:|"
     row "HTTPS keep-alive, req/s" RPS %.0f
     row "HTTPS keep-alive, p99 ms (lower is better)" P99 %.2f
     row "full TLS 1.3 handshake + GET, per second" FULL %.0f
+    row "full TLS 1.3 handshake + GET, $CLIENTS clients at once, per second" FULLPAR %.0f
+    row "CPU µs per full TLS 1.3 handshake + GET (lower is better)" FULLCPU %.1f
     row "TLS 1.3 resumption + GET, per second" RESUMED13 %.0f
     row "TLS 1.2 resumption, per second" RESUMED12 %.0f
     echo "| wrk errors (all rounds) | | ${ERRORS[proxyd]} | ${ERRORS[nginx]} | ${ERRORS[caddy]} |"
