@@ -207,7 +207,6 @@ pub struct H2Conn {
     /// Sends requests (streams) on it.
     pub sender: H2Sender,
     state: Arc<H2State>,
-    opened: Instant,
 }
 
 impl std::fmt::Debug for H2Conn {
@@ -222,11 +221,7 @@ impl std::fmt::Debug for H2Conn {
 impl H2Conn {
     /// Wraps a connection made by [`super::connect::h2_sender`].
     pub fn new(sender: H2Sender, state: Arc<H2State>) -> Self {
-        H2Conn {
-            sender,
-            state,
-            opened: Instant::now(),
-        }
+        H2Conn { sender, state }
     }
 
     /// Counts one stream on it until the returned guard is dropped; from then on, the
@@ -239,8 +234,10 @@ impl H2Conn {
         H2Stream(self.state.clone())
     }
 
+    /// Open, and made after the upstream's connections were last invalidated (from before
+    /// its handshake: one whose handshake spanned an invalidation is not reused either).
     fn usable(&self, upstream: &UpstreamRuntime) -> bool {
-        !self.sender.is_closed() && upstream.idle_valid(self.opened)
+        !self.sender.is_closed() && upstream.idle_valid(self.state.created)
     }
 }
 
@@ -419,6 +416,50 @@ mod tests {
         f.extend_from_slice(&[kind, flags, 0, 0, 0, 0]);
         f.extend_from_slice(payload);
         f
+    }
+
+    /// A connection to an HTTP/2 server at the other end of an in-memory pipe, with
+    /// `state` made beforehand (as `connect::h2_sender` makes it before the handshake).
+    async fn piped_conn(state: Arc<H2State>) -> H2Conn {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let answer = hyper::service::service_fn(|_request| async {
+                let empty = http_body_util::Empty::<bytes::Bytes>::new();
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(empty))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(server), answer)
+                .await;
+        });
+        let (sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(client))
+                .await
+                .expect("HTTP/2 handshake over the pipe");
+        tokio::spawn(conn);
+        H2Conn::new(sender, state)
+    }
+
+    #[tokio::test]
+    async fn a_connection_begun_before_its_upstream_forgot_its_connections_is_not_reused() {
+        let upstream = UpstreamRuntime::new("127.0.0.1:1");
+        let state = || Arc::new(H2State::new(100, Duration::from_secs(60)));
+        let before = piped_conn(state()).await;
+        assert!(before.usable(&upstream));
+        // Begun before the upstream's connections are forgotten (ejected, its TLS settings
+        // changed), its handshake done after.
+        let begun = state();
+        std::thread::sleep(Duration::from_millis(2));
+        upstream.forget_idle();
+        std::thread::sleep(Duration::from_millis(2));
+        let spanning = piped_conn(begun).await;
+        assert!(!before.usable(&upstream), "made before");
+        assert!(
+            !spanning.usable(&upstream),
+            "its handshake began before and ended after"
+        );
+        let after = piped_conn(state()).await;
+        assert!(after.usable(&upstream), "made after");
     }
 
     #[test]
