@@ -15,6 +15,9 @@ family_sum() { # pid file awk
     echo "$total"
 }
 
+# cpu_ticks PID  user + system clock ticks of the process PID and its children so far.
+cpu_ticks() { family_sum "$1" stat '{ print $14 + $15 }'; }
+
 # need_tools COMMAND:PACKAGE...  installs (idempotently, with apt-get) the packages whose
 # command is neither on PATH nor in /usr/sbin, then adds the sbin directories to PATH.
 need_tools() {
@@ -124,21 +127,27 @@ median_range() { # fmt
 
 # Figures measured in rounds (ROUNDS of them) are kept in an associative array keyed
 # "NAME,ROUND".
-# round_ratio ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
+# round_ratio [-l] ARRAY SUBJECT PEER...  each round's ratio of SUBJECT's figure to the best
 # PEER's in that round, as "MEDIAN (LO-HI)" over the rounds; with one PEER, the ratio to it
 # (also for figures where lower is better, such as memory). With several, the best PEER is
-# the one with the highest median over the rounds, named after the range, and every
-# round is compared with that one: the highest of them within each round would set
-# SUBJECT's one figure against the highest of several, which the machine's noise raises
-# by itself when they are close (two HAProxy configurations that copy a 1 KiB exchange
-# alike, say).
-round_ratio() { # array subject peer...
+# the one with the highest median over the rounds (with -l, for a figure where lower is
+# better such as CPU time, the lowest), named after the range, and every round is
+# compared with that one: the best of them within each round would set SUBJECT's one
+# figure against the best of several, which the machine's noise improves by itself when
+# they are close (two HAProxy configurations that copy a 1 KiB exchange alike, say).
+round_ratio() { # [-l] array subject peer...
+    local lower=0
+    if [ "$1" = -l ]; then
+        lower=1
+        shift
+    fi
     local -n figures=$1
     local subject=$2 round peer best="" best_median="" median
     shift 2
     for peer in "$@"; do
         median=$(for round in $(seq "$ROUNDS"); do echo "${figures[$peer,$round]:-0}"; done | median_range %.6f | cut -d' ' -f1)
-        if [ -z "$best" ] || awk -v a="$median" -v b="$best_median" 'BEGIN { exit !(a > b) }'; then
+        if [ -z "$best" ] || awk -v a="$median" -v b="$best_median" -v lower="$lower" \
+            'BEGIN { exit !(lower ? a < b : a > b) }'; then
             best=$peer
             best_median=$median
         fi

@@ -8,8 +8,11 @@
 #           HAProxy run twice: as configured by default (copying through its 16 KiB
 #           buffers) and with `option splice-auto` (splice(2) through pipes, as proxyd does
 #           between plain TCP sockets); proxyd is compared with the better of the two.
+#           CPU time per connection (user + system of the proxy's processes over the
+#           connection-rate run, per connection) beside it.
 #   h2      HTTP/2 from clients: h2load -c16 -m10, h2c (prior knowledge) and h2 over TLS
-#           (TLS 1.3, ALPN); proxyd vs nginx (`http2`), both proxying HTTP/1.1 upstream.
+#           (TLS 1.3, ALPN); proxyd vs nginx (`http2`), both proxying HTTP/1.1 upstream;
+#           req/s and CPU time per request.
 #   idle    memory per idle keep-alive client connection: N connections (default 9,000)
 #           each make one request and stay open; growth of anonymous resident memory
 #           (RssAnon) / N, read 2 s and 20 s after they went idle; proxyd vs nginx vs
@@ -166,20 +169,24 @@ EOF
 declare -a REPORT
 
 # Prints "req/s transfer_MiB_per_s errors" for one wrk run.
+# Prints "req/s MiB/s errors cpu_us": cpu_us is the CPU time (user + system) of the process
+# CPU_PID and its children per request over the measured run (0 without CPU_PID).
 run_wrk() { # url connections out [wrk options...]
-    local url=$1 conns=$2 out=$3
+    local url=$1 conns=$2 out=$3 ticks0=0 ticks1=0
     shift 3
     wrk -t"$THREADS" -c"$conns" -d1s "$@" "$url" >/dev/null 2>&1 || true
+    [ -n "${CPU_PID:-}" ] && ticks0=$(cpu_ticks "$CPU_PID")
     wrk -t"$THREADS" -c"$conns" -d"$DURATION" "$@" "$url" >"$out" 2>&1 || true
-    awk "$WRK_FIGURES"'
-        END { printf "%.0f %.1f %d\n", rps, mbs, err }
+    [ -n "${CPU_PID:-}" ] && ticks1=$(cpu_ticks "$CPU_PID")
+    awk -v ticks=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" "$WRK_FIGURES"'
+        END { printf "%.0f %.1f %d %.1f\n", rps, mbs, err, (n > 0) ? ticks * 1e6 / hz / n : 0 }
     ' "$out"
 }
 
 # --- tcp --------------------------------------------------------------------------------------
 scenario_tcp() {
-    local round name port pid rps mbs err
-    declare -A TPUT RATE ERRS
+    local round name port pid rps mbs err cpu
+    declare -A TPUT RATE CPU ERRS
     for round in $(seq "$ROUNDS"); do
         for name in proxyd haproxy haproxy-splice; do
             port=$(free_port)
@@ -221,12 +228,13 @@ EOF
             pid=$LAST_PID
             wait_ready "http://127.0.0.1:$port/1k" "$name" "$pid"
             say "tcp: round $round/$ROUNDS: $name, 64 MiB transfers (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-            read -r _ mbs err < <(run_wrk "http://127.0.0.1:$port/big" 4 "$WORK/tcp-$name-big.txt")
+            read -r _ mbs err _ < <(run_wrk "http://127.0.0.1:$port/big" 4 "$WORK/tcp-$name-big.txt")
             TPUT[$name,$round]=$mbs
             ERRS[$name]=$((${ERRS[$name]:-0} + err))
             say "tcp: round $round/$ROUNDS: $name, a new connection per request"
-            read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/1k" "$CONNECTIONS" "$WORK/tcp-$name-close.txt" -H 'Connection: close')
+            read -r rps _ err cpu < <(CPU_PID=$pid run_wrk "http://127.0.0.1:$port/1k" "$CONNECTIONS" "$WORK/tcp-$name-close.txt" -H 'Connection: close')
             RATE[$name,$round]=$rps
+            CPU[$name,$round]=$cpu
             ERRS[$name]=$((ERRS[$name] + err))
             stop "$pid"
         done
@@ -235,13 +243,14 @@ EOF
         "| | proxyd / better HAProxy (rounds) | proxyd | HAProxy | HAProxy splice-auto |" "|---|---:|---:|---:|---:|"
         "| large transfers, MiB/s (4 connections, 64 MiB each) | $(round_ratio TPUT proxyd haproxy haproxy-splice) | $(round_median TPUT proxyd %.1f) | $(round_median TPUT haproxy %.1f) | $(round_median TPUT haproxy-splice %.1f) |"
         "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | $(round_ratio RATE proxyd haproxy haproxy-splice) | $(round_median RATE proxyd %.0f) | $(round_median RATE haproxy %.0f) | $(round_median RATE haproxy-splice %.0f) |"
+        "| CPU µs per connection, the proxy's processes (lower is better) | $(round_ratio -l CPU proxyd haproxy haproxy-splice) | $(round_median CPU proxyd %.1f) | $(round_median CPU haproxy %.1f) | $(round_median CPU haproxy-splice %.1f) |"
         "| errors (all rounds) | | ${ERRS[proxyd]} | ${ERRS[haproxy]} | ${ERRS[haproxy-splice]} |")
 }
 
 # --- h2 ---------------------------------------------------------------------------------------
 scenario_h2() {
-    local round name port tport pid kind url out rps failed
-    declare -A H2 FAILED
+    local round name port tport pid kind url out rps failed ticks0 ticks1
+    declare -A H2 H2CPU FAILED
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
         -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
         -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
@@ -317,10 +326,15 @@ EOF
                 say "h2: round $round/$ROUNDS: $name, $kind"
                 out="$WORK/h2-$name-$kind.txt"
                 h2load -c16 -m10 -t"$THREADS" -D 1 "$url" >/dev/null 2>&1 || true
+                ticks0=$(cpu_ticks "$pid")
                 h2load -c16 -m10 -t"$THREADS" -D "$SECS" "$url" >"$out" 2>&1 || true
+                ticks1=$(cpu_ticks "$pid")
                 # "finished in 10.00s, 27012.30 req/s, ..."; failed requests count as lost.
                 rps=$(awk '/^finished in/ { gsub(",", ""); print $4 }' "$out")
                 H2[$name-$kind,$round]=${rps:-0}
+                # "requests: 270123 total, 270123 started, 270123 done, 270123 succeeded, ..."
+                H2CPU[$name-$kind,$round]=$(awk -v ticks=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" '
+                    /^requests:/ { n = $2 } END { printf "%.1f", (n > 0) ? ticks * 1e6 / hz / n : 0 }' "$out")
                 failed=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")
                 # No "requests:" line (h2load could not run) counts as a failure too.
                 FAILED[$name-$kind]=$((${FAILED[$name-$kind]:-0} + ${failed:-1}))
@@ -329,9 +343,9 @@ EOF
         done
     done
     REPORT+=("" "### HTTP/2 from clients (h2load -c16 -m10, 1 KiB, HTTP/1.1 upstream)" ""
-        "| | proxyd / nginx (rounds) | proxyd req/s | nginx req/s | failed, all rounds (proxyd / nginx) |" "|---|---:|---:|---:|---|")
+        "| | proxyd / nginx (rounds) | proxyd req/s | nginx req/s | CPU µs per request, proxyd / nginx (rounds) | proxyd | nginx | failed, all rounds (proxyd / nginx) |" "|---|---:|---:|---:|---:|---:|---:|---|")
     for kind in h2c h2; do
-        REPORT+=("| $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)') | $(round_ratio H2 "proxyd-$kind" "nginx-$kind") | $(round_median H2 "proxyd-$kind" %.0f) | $(round_median H2 "nginx-$kind" %.0f) | ${FAILED[proxyd-$kind]} / ${FAILED[nginx-$kind]} |")
+        REPORT+=("| $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)') | $(round_ratio H2 "proxyd-$kind" "nginx-$kind") | $(round_median H2 "proxyd-$kind" %.0f) | $(round_median H2 "nginx-$kind" %.0f) | $(round_ratio H2CPU "proxyd-$kind" "nginx-$kind") | $(round_median H2CPU "proxyd-$kind" %.1f) | $(round_median H2CPU "nginx-$kind" %.1f) | ${FAILED[proxyd-$kind]} / ${FAILED[nginx-$kind]} |")
     done
 }
 
@@ -511,10 +525,10 @@ EOF
             wait_ready "http://127.0.0.1:$port/r0/1k" "proxyd" "$pid"
             LOAD[$n,$round]=$((SECONDS - t0))
             say "routes: round $round/$ROUNDS: proxyd with $n routes"
-            read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n.txt" -s "$WORK/spread.lua")
+            read -r rps _ err _ < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n.txt" -s "$WORK/spread.lua")
             RPS[$n,$round]=$rps
             ERRS[$n]=$((${ERRS[$n]:-0} + err))
-            read -r rps _ err < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n-again.txt" -s "$WORK/spread.lua")
+            read -r rps _ err _ < <(run_wrk "http://127.0.0.1:$port/" "$CONNECTIONS" "$WORK/routes-$n-again.txt" -s "$WORK/spread.lua")
             AGAIN[$n,$round]=$rps
             ERRS[$n]=$((ERRS[$n] + err))
             RSS[$n,$round]=$(($(rss_kib "$pid") / 1024))
