@@ -168,7 +168,6 @@ EOF
 
 declare -a REPORT
 
-# Prints "req/s transfer_MiB_per_s errors" for one wrk run.
 # Prints "req/s MiB/s errors cpu_us": cpu_us is the CPU time (user + system) of the process
 # CPU_PID and its children per request over the measured run (0 without CPU_PID).
 run_wrk() { # url connections out [wrk options...]
