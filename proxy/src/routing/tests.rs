@@ -2,8 +2,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::state::{
-    Balance, Change, Origin, Pool, Protocol, RegisteredRoute, Source, SourceKind, TcpRoute,
-    Upstream,
+    Balance, Change, Origin, Pool, Protocol, Publish, RegisteredRoute, Source, SourceKind,
+    TcpRoute, Upstream,
 };
 use crate::upstream::Hold;
 
@@ -451,6 +451,22 @@ fn large_batches_over_several_hosts_route_like_a_full_rebuild() {
     assert!(applied > 2000, "only {applied} changes applied");
 }
 
+/// `state` with `changes` applied, published to `compiler` as `revision` by an incremental
+/// update (the changes marked touched, as the state core's writer publishes them).
+fn publish_incremental(
+    compiler: &mut dyn Publish,
+    revision: u64,
+    state: &State,
+    changes: &[Change],
+) -> State {
+    let mut next = state.clone();
+    next.apply_batch(changes, Source::Api).expect("valid");
+    let mut touched = Touched::default();
+    changes.iter().for_each(|c| touched.add(c));
+    compiler.publish(revision, &next, Some(&touched));
+    next
+}
+
 #[test]
 fn a_replaced_snapshot_is_never_freed_by_its_reader() {
     let published = Published::new();
@@ -465,13 +481,8 @@ fn a_replaced_snapshot_is_never_freed_by_its_reader() {
     compiler.publish(1, &state, None);
     // A reader (a request, a management call) holds the current snapshot across a publish.
     let reader = published.snapshot();
-    let mut next = state.clone();
     let change = Change::CreateRoute(route("r", None, prefix("/"), 0, false));
-    next.apply_batch(std::slice::from_ref(&change), Source::Api)
-        .expect("valid");
-    let mut touched = Touched::default();
-    touched.add(&change);
-    compiler.publish(2, &next, Some(&touched));
+    publish_incremental(&mut *compiler, 2, &state, &[change]);
     assert_eq!(published.snapshot().revision, 2);
     // The writer keeps a reference of its own, so the reader's is not the last one...
     assert_eq!(Arc::strong_count(&reader), 2);
@@ -550,15 +561,11 @@ fn published_entries_carry_what_the_attacher_makes_from_the_moment_it_is_given()
 
     // An incremental change: the new and the changed route are made with theirs, the
     // others keep their entries (nothing made for them again).
-    let mut next = state.clone();
     let edits = [
         Change::CreateRoute(route("e", Some("h"), prefix("/y/"), 0, false)),
         Change::UpdateRoute(route("c", Some("h"), prefix("/z/"), 0, true)),
     ];
-    next.apply_batch(&edits, Source::Api).expect("valid");
-    let mut touched = Touched::default();
-    edits.iter().for_each(|c| touched.add(c));
-    compiler.publish(2, &next, Some(&touched));
+    let next = publish_incremental(&mut *compiler, 2, &state, &edits);
     assert_eq!(
         names(&published.routing()),
         attached(&["a", "b", "c", "d", "e"])
@@ -644,13 +651,8 @@ fn published_tables_and_their_series_are_made_in_the_table_region() {
     assert!(in_region(Arc::as_ptr(&table).cast()), "the table");
     check(&table, &["a"]);
     // An incremental change makes its new entry there too.
-    let mut next = state.clone();
     let change = Change::CreateRoute(route("b", None, prefix("/b/"), 0, false));
-    next.apply_batch(std::slice::from_ref(&change), Source::Api)
-        .expect("valid");
-    let mut touched = Touched::default();
-    touched.add(&change);
-    compiler.publish(2, &next, Some(&touched));
+    let next = publish_incremental(&mut *compiler, 2, &state, &[change]);
     check(&published.routing(), &["a", "b"]);
     // What the state keeps is not routing data: it stays on the ordinary heap.
     let kept = next.routes().next().expect("a route");
