@@ -151,30 +151,26 @@ EOF
     HOME="$WORK/caddy" start caddy caddy run --adapter caddyfile --config "$WORK/caddy/Caddyfile"
 }
 
-# s_time_rate ARGS...  connections per second of `openssl s_time ARGS` (0 when it made none).
-s_time_rate() {
-    openssl s_time "$@" -time "$SECONDS_EACH" 2>/dev/null |
-        awk '/connections in [0-9]+ real seconds/ { printf "%.0f", $1 / $4; found = 1; exit }
-             END { if (!found) print 0 }'
-}
-
-# s_time_parallel PID ARGS...  "connections/s cpu_us_per_connection" of CLIENTS `openssl
-# s_time ARGS` at once against the server PID (its processes' user + system time over the
-# run, divided by the connections all clients made).
-s_time_parallel() {
-    local pid=$1 i ticks0 ticks1
-    shift
-    ticks0=$(family_sum "$pid" stat '{ print $14 + $15 }')
-    for i in $(seq "$CLIENTS"); do
+# s_time_run CLIENTS PID ARGS...  "connections/s cpu_us_per_connection" of CLIENTS
+# `openssl s_time ARGS` at once against the server PID: their rates summed (0 when none
+# made a connection), and the server's processes' user + system time over the run divided
+# by the connections all clients made.
+s_time_run() {
+    local clients=$1 pid=$2 i ticks0 ticks1
+    shift 2
+    ticks0=$(cpu_ticks "$pid")
+    for i in $(seq "$clients"); do
         openssl s_time "$@" -time "$SECONDS_EACH" >"$WORK/s_time-$i.txt" 2>/dev/null &
     done
     wait
-    ticks1=$(family_sum "$pid" stat '{ print $14 + $15 }')
-    for i in $(seq "$CLIENTS"); do cat "$WORK/s_time-$i.txt"; done |
+    ticks1=$(cpu_ticks "$pid")
+    for i in $(seq "$clients"); do cat "$WORK/s_time-$i.txt"; done |
         awk -v ticks=$((ticks1 - ticks0)) -v hz="$(getconf CLK_TCK)" '
             /connections in [0-9]+ real seconds/ { n += $1; rate += $1 / $4 }
             END { printf "%.0f %.1f\n", rate, (n > 0) ? ticks * 1e6 / hz / n : 0 }'
 }
+# s_time_rate PID ARGS...  connections per second of one `openssl s_time ARGS`.
+s_time_rate() { s_time_run 1 "$@" | cut -d' ' -f1; }
 
 declare -A FULL FULLPAR FULLCPU RESUMED13 RESUMED12 RPS P99 ERRORS
 SERVERS=(proxyd nginx caddy)
@@ -189,11 +185,11 @@ for round in $(seq "$ROUNDS"); do
         wait_ready "https://bench.example.test:$port/1k" "$name" "$pid" -k \
             --resolve "bench.example.test:$port:127.0.0.1"
         say "round $round/$ROUNDS: $name (load average $(cut -d' ' -f1-3 /proc/loadavg))"
-        FULL[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -new -www /1k)
+        FULL[$name,$round]=$(s_time_rate "$pid" -connect "127.0.0.1:$port" -new -www /1k)
         read -r "FULLPAR[$name,$round]" "FULLCPU[$name,$round]" \
-            < <(s_time_parallel "$pid" -connect "127.0.0.1:$port" -new -www /1k)
-        RESUMED13[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -reuse -tls1_3 -www /1k)
-        RESUMED12[$name,$round]=$(s_time_rate -connect "127.0.0.1:$port" -reuse -tls1_2)
+            < <(s_time_run "$CLIENTS" "$pid" -connect "127.0.0.1:$port" -new -www /1k)
+        RESUMED13[$name,$round]=$(s_time_rate "$pid" -connect "127.0.0.1:$port" -reuse -tls1_3 -www /1k)
+        RESUMED12[$name,$round]=$(s_time_rate "$pid" -connect "127.0.0.1:$port" -reuse -tls1_2)
         wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "https://127.0.0.1:$port/1k" >/dev/null 2>&1 || true
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"${SECONDS_EACH}s" --latency "https://127.0.0.1:$port/1k" \
             >"$WORK/wrk-$name-$round.txt" 2>&1 || true
