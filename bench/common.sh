@@ -18,6 +18,20 @@ family_sum() { # pid file awk
 # cpu_ticks PID  user + system clock ticks of the process PID and its children so far.
 cpu_ticks() { family_sum "$1" stat '{ print $14 + $15 }'; }
 
+# in_turn ROUND ITEM...  the items in the order they run in within round ROUND when they
+# take turns: round 1 as given, round 2 from the second, and so on, so that each comes
+# first in one round of N. Each run follows another that left the machine in its own state
+# (a heavier load, a process that just built 100,000 routes); in a fixed order one target
+# would always take the same place.
+in_turn() { # round item...
+    local round=$1 i
+    shift
+    local items=("$@")
+    for i in "${!items[@]}"; do
+        printf '%s\n' "${items[$(((i + round - 1) % ${#items[@]}))]}"
+    done
+}
+
 # need_tools COMMAND:PACKAGE...  installs (idempotently, with apt-get) the packages whose
 # command is neither on PATH nor in /usr/sbin, then adds the sbin directories to PATH.
 need_tools() {

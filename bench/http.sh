@@ -273,18 +273,12 @@ measure() { # round log mode target url pid
 }
 
 # The order the proxies run in within round ROUND: proxyd, nginx and HAProxy take turns
-# at the front (round 1 in that order, round 2 from nginx, round 3 from HAProxy, ...), and
-# Caddy comes last. Each run follows another that left the machine in its own state (the
-# first proxy of a round follows the upstream's own runs, the heaviest); in a fixed order
-# one proxy would always take the same place. (Measured for one such effect: 14,000
-# connections left in TIME-WAIT by a run with a new connection per request did not move
-# the next keep-alive run beyond the noise.)
+# at the front (`in_turn`), and Caddy comes last. The first proxy of a round follows the
+# upstream's own runs, the heaviest. (Measured for one such effect: 14,000 connections
+# left in TIME-WAIT by a run with a new connection per request did not move the next
+# keep-alive run beyond the noise.)
 round_order() { # round
-    local front=("${PROXIES[@]:0:3}") i
-    for i in "${!front[@]}"; do
-        printf '%s ' "${front[$(((i + $1 - 1) % ${#front[@]}))]}"
-    done
-    echo "${PROXIES[@]:3}"
+    echo $(in_turn "$1" "${PROXIES[@]:0:3}") "${PROXIES[@]:3}"
 }
 
 for round in $(seq "$ROUNDS"); do

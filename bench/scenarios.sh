@@ -31,9 +31,10 @@
 # The upstream is nginx serving a 1 KiB and a 64 MiB file on 127.0.0.1 with logs off; every
 # proxy runs alone, with its access log off. Loopback only; stops by itself.
 #
-# The tcp, h2, routes and grpc scenarios run BENCH_ROUNDS times, the proxies taking turns
-# within each round: a ratio is taken within one round and reported as the median of the
-# rounds' ratios with the lowest and highest beside it; raw figures are the rounds' medians.
+# Every scenario runs BENCH_ROUNDS times, the proxies (in routes the two tables) taking
+# turns within each round, each first in one round of N (`in_turn` in common.sh): a ratio
+# is taken within one round and reported as the median of the rounds' ratios with the
+# lowest and highest beside it; raw figures are the rounds' medians.
 # On a shared machine one run's ratio can move by a fifth from one run to the next.
 #
 # Usage: bench/scenarios.sh [tcp] [h2] [idle] [routes] [grpc]  (all five by default, ~10 min)
@@ -187,7 +188,7 @@ scenario_tcp() {
     local round name port pid rps mbs err cpu
     declare -A TPUT RATE CPU ERRS
     for round in $(seq "$ROUNDS"); do
-        for name in proxyd haproxy haproxy-splice; do
+        for name in $(in_turn "$round" proxyd haproxy haproxy-splice); do
             port=$(free_port)
             if [ "$name" = proxyd ]; then
                 {
@@ -255,7 +256,7 @@ scenario_h2() {
         -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
     chmod 644 "$WORK/key.pem" "$WORK/cert.pem"
     for round in $(seq "$ROUNDS"); do
-        for name in proxyd nginx; do
+        for name in $(in_turn "$round" proxyd nginx); do
             port=$(free_port)
             tport=$(free_port)
             if [ "$name" = proxyd ]; then
@@ -388,7 +389,7 @@ scenario_idle() {
     local name port pid before after later held round rss_before
     declare -A AT2 AT20 TOTAL GOT ANON
     for round in $(seq "$ROUNDS"); do
-        for name in proxyd nginx haproxy; do
+        for name in $(in_turn "$round" proxyd nginx haproxy); do
             port=$(free_port)
             case $name in
             proxyd)
@@ -496,7 +497,7 @@ scenario_routes() {
     local round n port pid rps err
     declare -A RPS AGAIN ERRS LOAD RSS
     for round in $(seq "$ROUNDS"); do
-        for n in 10 "$MANY_ROUTES"; do
+        for n in $(in_turn "$round" 10 "$MANY_ROUTES"); do
             port=$(free_port)
             {
                 proxyd_head "$WORK/proxyd-routes"
@@ -581,7 +582,7 @@ EOF
         sleep 0.1
     done
     for round in $(seq "$ROUNDS"); do
-        for name in proxyd nginx; do
+        for name in $(in_turn "$round" proxyd nginx); do
             port=$(free_port)
             if [ "$name" = proxyd ]; then
                 {

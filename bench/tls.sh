@@ -19,9 +19,9 @@
 # default, was left on here before 2026-11-30, while nginx's and Caddy's were off).
 #
 # The whole set runs BENCH_ROUNDS times (until 2026-12-03 once), the servers taking turns
-# within each round (proxyd first in round 1, nginx in round 2, Caddy in round 3, ...);
-# each ratio to nginx is taken within a round and the median of the rounds' ratios is
-# reported with their range, as bench/http.sh does. Writes results-tls.md to BENCH_OUT.
+# within each round (proxyd first in round 1, nginx in round 2, Caddy in round 3, ...:
+# `in_turn` in common.sh); each ratio to nginx is taken within a round and the median of
+# the rounds' ratios is reported with their range, as bench/http.sh does. Writes results-tls.md to BENCH_OUT.
 # Loopback only; stops by itself.
 #
 # Usage: bench/tls.sh           (about 8 minutes with 3 rounds)
@@ -176,9 +176,7 @@ declare -A FULL FULLPAR FULLCPU RESUMED13 RESUMED12 RPS P99 ERRORS
 SERVERS=(proxyd nginx caddy)
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for round in $(seq "$ROUNDS"); do
-    first=$(((round - 1) % ${#SERVERS[@]}))
-    for i in $(seq 0 $((${#SERVERS[@]} - 1))); do
-        name=${SERVERS[$(((first + i) % ${#SERVERS[@]}))]}
+    for name in $(in_turn "$round" "${SERVERS[@]}"); do
         port=$(free_port)
         "start_$name" "$port"
         pid=$LAST_PID
