@@ -148,6 +148,10 @@ impl<S: ReadReady> ReadReady for Replayed<S> {
     fn send_at_once(&mut self) {
         self.inner.send_at_once();
     }
+
+    fn end_with_next_write(&mut self) -> bool {
+        self.inner.end_with_next_write()
+    }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Replayed<S> {

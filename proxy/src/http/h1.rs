@@ -93,6 +93,9 @@ struct Wire<S> {
     written: bool,
     /// `io` sends small writes at once (see [`Wire::writer`]).
     at_once: bool,
+    /// `io` holds back its last bytes for the end of the stream (see
+    /// [`ReadReady::end_with_next_write`]): [`close`] shuts it down.
+    held: bool,
 }
 
 impl<S: ReadReady> Wire<S> {
@@ -299,6 +302,7 @@ where
         out: OutBuffer(Vec::new()),
         written: written_before,
         at_once: false,
+        held: false,
     };
     // The one timer of the waits between requests, for as long as this call serves: it is
     // armed at the first wait and re-armed only when it fires (see `linger`), not once per
@@ -326,7 +330,7 @@ where
                 encode_refusal(&mut out, status);
                 let _ = async {
                     wire.writer().write_all(&out).await?;
-                    close(&mut wire.io).await
+                    close(&mut wire).await
                 }
                 .await;
                 return Served::Ended;
@@ -405,7 +409,7 @@ where
             Written::Complete(ended) => ended,
         };
         if !keep_alive {
-            let _ = close(&mut wire.io).await;
+            let _ = close(&mut wire).await;
             return Served::Ended;
         }
         let now = ended.unwrap_or_else(Instant::now);
@@ -421,12 +425,13 @@ where
 }
 
 /// Ends the writing side of a connection that ends here: a shutdown where the stream needs
-/// one (TLS sends its `close_notify`), nothing where its drop closes it the same way.
-async fn close<S: AsyncWrite + ReadReady + Unpin>(io: &mut S) -> io::Result<()> {
-    if io.closes_cleanly_on_drop() {
+/// one (TLS sends its `close_notify`; a socket holding its last bytes back sends them with
+/// its FIN), nothing where its drop closes it the same way.
+async fn close<S: AsyncWrite + ReadReady + Unpin>(wire: &mut Wire<S>) -> io::Result<()> {
+    if wire.io.closes_cleanly_on_drop() && !wire.held {
         return Ok(());
     }
-    io.shutdown().await
+    wire.io.shutdown().await
 }
 
 /// How a connection's wait between requests, buffers kept, ended.
@@ -1015,6 +1020,9 @@ where
     // older than the last bytes.
     let mut waited_after_end = false;
     let mut at = 0;
+    // A connection closed right after this response: once its body is complete, its
+    // last bytes wait for the end of the stream and leave with it.
+    let mut end_with_last = !switched && (!*keep_alive || sending == Sending::Close);
     let result = poll_fn(|cx| loop {
         if !done && pending.len() < WRITE_AT {
             match Pin::new(&mut *body).poll_frame(cx) {
@@ -1061,6 +1069,10 @@ where
             }
         }
         let wrote = link.with(|wire| {
+            if done && end_with_last && !failed {
+                end_with_last = false;
+                wire.held = wire.io.end_with_next_write();
+            }
             while at < pending.len() {
                 match pending.poll_write(wire.writer(), cx, at) {
                     Poll::Ready(Ok(0)) => {
@@ -1708,6 +1720,8 @@ mod tests {
         use std::os::fd::AsFd;
         let (stream, client) = listener.accept().await.unwrap();
         let probe = stream.as_fd().try_clone_to_owned().unwrap();
+        // As the listener serves its plain connections.
+        let stream = crate::listener::ClientSocket::new(stream.into_std().unwrap());
         tokio::spawn(async move {
             let (shutdown, progress) = (Shutdown::new(), HeadProgress::default());
             let series = Metrics::new(None).listener("t", "http");
@@ -1773,6 +1787,49 @@ mod tests {
         client.send(b"data").await;
         assert_eq!(client.response(false).await.1, "PUT /e HTTP/1.1\ndata");
         assert!(sends_at_once(&socket));
+    }
+
+    #[tokio::test]
+    async fn a_closing_connections_last_bytes_leave_with_the_end_of_the_stream() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+
+        // Held for the end of the stream, they go out with the shutdown: the client sees
+        // the response and its end although the duplicate keeps the socket open (a drop
+        // alone would send neither).
+        let mut client = Client::connect(addr).await;
+        let socket = serve_one(&listener, echo).await;
+        client
+            .send(b"GET /once HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await;
+        assert_eq!(client.response(false).await.1, "GET /once HTTP/1.1\n");
+        assert!(client.closed().await, "no end of stream after the response");
+        drop(socket);
+
+        // A client that sends more after asking to close: those bytes are unread when the
+        // connection closes, which resets it; the held response has left before.
+        let got = Arc::new(tokio::sync::Notify::new());
+        let go = Arc::new(tokio::sync::Notify::new());
+        let handler = {
+            let (got, go) = (got.clone(), go.clone());
+            move |req| {
+                let (got, go) = (got.clone(), go.clone());
+                async move {
+                    got.notify_one();
+                    go.notified().await;
+                    echo(req).await
+                }
+            }
+        };
+        let mut client = Client::connect(addr).await;
+        drop(serve_one(&listener, handler).await);
+        client
+            .send(b"GET /last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await;
+        got.notified().await;
+        client.send(b"GET /more HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        go.notify_one();
+        assert_eq!(client.response(false).await.1, "GET /last HTTP/1.1\n");
     }
 
     #[tokio::test]

@@ -33,7 +33,12 @@ const DIRECT_READ: usize = 2048;
 /// A plain client socket: direct system calls until one would block, then a registered
 /// tokio stream (see the module doc).
 #[derive(Debug)]
-pub struct ClientSocket(State);
+pub struct ClientSocket {
+    state: State,
+    /// Writes say more is coming (`MSG_MORE`): their last partial segment waits for the
+    /// end of the stream (see [`ReadReady::end_with_next_write`]).
+    held: bool,
+}
 
 #[derive(Debug)]
 enum State {
@@ -48,17 +53,20 @@ enum State {
 impl ClientSocket {
     /// A non-blocking socket, not registered anywhere.
     pub fn new(socket: std::net::TcpStream) -> ClientSocket {
-        ClientSocket(State::Direct(socket))
+        ClientSocket {
+            state: State::Direct(socket),
+            held: false,
+        }
     }
 
     /// Whether it is still unregistered (for tests).
     pub fn is_direct(&self) -> bool {
-        matches!(self.0, State::Direct(_))
+        matches!(self.state, State::Direct(_))
     }
 
     /// The stream registered with the current runtime (registering it now if it is not).
     pub fn into_registered(self) -> io::Result<TcpStream> {
-        match self.0 {
+        match self.state {
             State::Direct(socket) => TcpStream::from_std(socket),
             State::Registered(stream) => Ok(stream),
             State::Gone => Err(gone()),
@@ -67,13 +75,13 @@ impl ClientSocket {
 
     /// Registers the socket with the current runtime, if it is not yet: it is about to wait.
     fn registered(&mut self) -> io::Result<&mut TcpStream> {
-        if let State::Direct(_) = self.0 {
-            let State::Direct(socket) = std::mem::replace(&mut self.0, State::Gone) else {
+        if let State::Direct(_) = self.state {
+            let State::Direct(socket) = std::mem::replace(&mut self.state, State::Gone) else {
                 unreachable!("matched above");
             };
-            self.0 = State::Registered(TcpStream::from_std(socket)?);
+            self.state = State::Registered(TcpStream::from_std(socket)?);
         }
-        match &mut self.0 {
+        match &mut self.state {
             State::Registered(stream) => Ok(stream),
             State::Direct(_) | State::Gone => Err(gone()),
         }
@@ -81,16 +89,48 @@ impl ClientSocket {
 
     /// Sends small writes at once (`TCP_NODELAY`).
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
-        match &self.0 {
+        match &self.state {
             State::Direct(socket) => socket.set_nodelay(on),
             State::Registered(stream) => stream.set_nodelay(on),
             State::Gone => Err(gone()),
         }
     }
 
+    /// A write that says more is coming (`MSG_MORE`), directly or, once it would block,
+    /// on the registered stream.
+    fn poll_write_held(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let send = |socket: socket2::SockRef<'_>| {
+            socket.send_vectored_with_flags(bufs, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+        };
+        if let State::Direct(socket) = &self.state {
+            if let Some(written) = unless_blocked(|| send(socket2::SockRef::from(socket))) {
+                return Poll::Ready(written);
+            }
+        }
+        let stream = match self.registered() {
+            Ok(stream) => stream,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        loop {
+            if let Err(e) = std::task::ready!(stream.poll_write_ready(cx)) {
+                return Poll::Ready(Err(e));
+            }
+            match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                send(socket2::SockRef::from(&*stream))
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                result => return Poll::Ready(result),
+            }
+        }
+    }
+
     /// The socket, for options the stream types do not offer.
     pub fn sock_ref(&self) -> Option<socket2::SockRef<'_>> {
-        match &self.0 {
+        match &self.state {
             State::Direct(socket) => Some(socket2::SockRef::from(socket)),
             State::Registered(stream) => Some(socket2::SockRef::from(stream)),
             State::Gone => None,
@@ -121,7 +161,7 @@ impl AsyncRead for ClientSocket {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if let State::Direct(socket) = &this.0 {
+        if let State::Direct(socket) = &this.state {
             let mut direct = [0u8; DIRECT_READ];
             let room = buf.remaining().min(DIRECT_READ);
             match unless_blocked(|| (&*socket).read(&mut direct[..room])) {
@@ -153,7 +193,10 @@ impl AsyncWrite for ClientSocket {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let State::Direct(socket) = &this.0 {
+        if this.held {
+            return this.poll_write_held(cx, &[IoSlice::new(buf)]);
+        }
+        if let State::Direct(socket) = &this.state {
             if let Some(written) = unless_blocked(|| (&*socket).write(buf)) {
                 return Poll::Ready(written);
             }
@@ -170,7 +213,10 @@ impl AsyncWrite for ClientSocket {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if let State::Direct(socket) = &this.0 {
+        if this.held {
+            return this.poll_write_held(cx, bufs);
+        }
+        if let State::Direct(socket) = &this.state {
             if let Some(written) = unless_blocked(|| (&*socket).write_vectored(bufs)) {
                 return Poll::Ready(written);
             }
@@ -190,7 +236,7 @@ impl AsyncWrite for ClientSocket {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().state {
             State::Direct(socket) => Poll::Ready(match socket.shutdown(Shutdown::Write) {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
                 result => result,
@@ -211,7 +257,7 @@ impl ReadReady for ClientSocket {
     }
 
     fn into_socket(self) -> Result<io::Result<std::net::TcpStream>, Self> {
-        Ok(match self.0 {
+        Ok(match self.state {
             State::Direct(socket) => Ok(socket),
             State::Registered(stream) => stream.into_std(),
             State::Gone => Err(gone()),
@@ -229,6 +275,11 @@ impl ReadReady for ClientSocket {
     fn send_at_once(&mut self) {
         // Failing only on a socket that is gone, which the next write reports.
         let _ = self.set_nodelay(true);
+    }
+
+    fn end_with_next_write(&mut self) -> bool {
+        self.held = true;
+        true
     }
 }
 
@@ -324,6 +375,40 @@ mod tests {
         std_socket.set_nonblocking(false).unwrap();
         (&std_socket).read_exact(&mut byte).unwrap();
         assert_eq!(&byte, b"x");
+    }
+
+    #[tokio::test]
+    async fn held_writes_wait_for_the_end_of_the_stream_and_leave_with_it() {
+        for registered in [false, true] {
+            let (mut socket, mut peer) = pair();
+            if registered {
+                socket.registered().unwrap();
+            }
+            assert!(socket.end_with_next_write());
+            // A small response and a large one: the large one's full segments go, its last
+            // partial one waits with the small one's.
+            let small = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+            socket.write_all(&small).await.unwrap();
+            peer.set_nonblocking(true).unwrap();
+            // Loopback delivers at once what is sent; nothing was.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let mut buf = [0u8; 64];
+            let waiting = (&peer).read(&mut buf).unwrap_err();
+            assert_eq!(waiting.kind(), io::ErrorKind::WouldBlock, "sent before the end");
+            let large: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            let reader = std::thread::spawn(move || {
+                peer.set_nonblocking(false).unwrap();
+                let mut got = Vec::new();
+                peer.read_to_end(&mut got).unwrap();
+                got
+            });
+            socket.write_all(&large).await.unwrap();
+            socket.shutdown().await.unwrap();
+            let got = reader.join().unwrap();
+            assert_eq!(got.len(), small.len() + large.len());
+            assert_eq!(&got[..small.len()], &small[..]);
+            assert!(got[small.len()..] == large[..]);
+        }
     }
 
     #[tokio::test]

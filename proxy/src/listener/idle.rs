@@ -272,6 +272,17 @@ pub trait ReadReady {
     /// that may hold one back until its last one is acknowledged (Nagle's algorithm, a
     /// socket's default); nothing for any other stream.
     fn send_at_once(&mut self) {}
+
+    /// For a connection that ends right after its next writes: has the socket hold back
+    /// their last partial segment (each write says more is coming, `MSG_MORE`) so that it
+    /// leaves with the end of the stream: one segment where there would be two (the data,
+    /// then the FIN on its own), and one acknowledgement fewer. Returns whether it does:
+    /// the stream must then be shut down, not only dropped, since a close with unread
+    /// bytes (a client that sent more) would reset the connection and drop what is held.
+    /// Nothing for other streams (a TLS connection's `close_notify` is a write of its own).
+    fn end_with_next_write(&mut self) -> bool {
+        false
+    }
 }
 
 /// A plain connection's socket out of the runtime's event loop, and its idle limit, while
@@ -399,6 +410,10 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
     fn send_at_once(&mut self) {
         self.inner.send_at_once();
     }
+
+    fn end_with_next_write(&mut self) -> bool {
+        self.inner.end_with_next_write()
+    }
 }
 
 impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
@@ -428,6 +443,10 @@ impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
 
     fn send_at_once(&mut self) {
         (**self).send_at_once();
+    }
+
+    fn end_with_next_write(&mut self) -> bool {
+        (**self).end_with_next_write()
     }
 }
 
