@@ -394,7 +394,11 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             let mut buf = [0u8; 64];
             let waiting = (&peer).read(&mut buf).unwrap_err();
-            assert_eq!(waiting.kind(), io::ErrorKind::WouldBlock, "sent before the end");
+            assert_eq!(
+                waiting.kind(),
+                io::ErrorKind::WouldBlock,
+                "sent before the end"
+            );
             let large: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
             let reader = std::thread::spawn(move || {
                 peer.set_nonblocking(false).unwrap();
