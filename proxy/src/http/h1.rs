@@ -1751,14 +1751,17 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
 
-        // Answered once and closed: one write, which nothing before it can hold back.
+        // Answered once and closed: one write, which nothing before it can hold back. Its
+        // last bytes are held for the end of the stream and go out with the shutdown: the
+        // client sees the response and its end although the duplicate keeps the socket
+        // open (a drop alone would send neither).
         let mut client = Client::connect(addr).await;
         let socket = serve_one(&listener, echo).await;
         client
             .send(b"GET /once HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
             .await;
         assert_eq!(client.response(false).await.1, "GET /once HTTP/1.1\n");
-        // (The duplicate keeps the socket open: the close is not seen here.)
+        assert!(client.closed().await, "no end of stream after the response");
         assert!(!sends_at_once(&socket));
 
         // Kept alive: the first response leaves as it is; the second is sent at once.
@@ -1790,24 +1793,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_closing_connections_last_bytes_leave_with_the_end_of_the_stream() {
+    async fn a_closing_connections_held_response_leaves_before_unread_bytes_reset_it() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-
-        // Held for the end of the stream, they go out with the shutdown: the client sees
-        // the response and its end although the duplicate keeps the socket open (a drop
-        // alone would send neither).
-        let mut client = Client::connect(addr).await;
-        let socket = serve_one(&listener, echo).await;
-        client
-            .send(b"GET /once HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await;
-        assert_eq!(client.response(false).await.1, "GET /once HTTP/1.1\n");
-        assert!(client.closed().await, "no end of stream after the response");
-        drop(socket);
-
         // A client that sends more after asking to close: those bytes are unread when the
-        // connection closes, which resets it; the held response has left before.
+        // connection closes, which resets it; the response's held last bytes have left
+        // with the shutdown before.
         let got = Arc::new(tokio::sync::Notify::new());
         let go = Arc::new(tokio::sync::Notify::new());
         let handler = {
