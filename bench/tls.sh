@@ -21,8 +21,8 @@
 # The whole set runs BENCH_ROUNDS times (until 2026-12-03 once), the servers taking turns
 # within each round (proxyd first in round 1, nginx in round 2, Caddy in round 3, ...:
 # `in_turn` in common.sh); each ratio to nginx is taken within a round and the median of
-# the rounds' ratios is reported with their range, as bench/http.sh does. Writes results-tls.md to BENCH_OUT.
-# Loopback only; stops by itself.
+# the rounds' ratios is reported with their range, as bench/http.sh does. Writes
+# results-tls.md to BENCH_OUT. Loopback only; stops by itself.
 #
 # Usage: bench/tls.sh           (about 8 minutes with 3 rounds)
 # Env:   BENCH_SECONDS=10  BENCH_THREADS=2  BENCH_CONNECTIONS=64  BENCH_ROUNDS=3

@@ -149,8 +149,8 @@ impl<S: ReadReady> ReadReady for Replayed<S> {
         self.inner.send_at_once();
     }
 
-    fn end_with_next_write(&mut self) -> bool {
-        self.inner.end_with_next_write()
+    fn end_with_next_write(&mut self) {
+        self.inner.end_with_next_write();
     }
 }
 

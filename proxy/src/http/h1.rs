@@ -93,9 +93,6 @@ struct Wire<S> {
     written: bool,
     /// `io` sends small writes at once (see [`Wire::writer`]).
     at_once: bool,
-    /// `io` holds back its last bytes for the end of the stream (see
-    /// [`ReadReady::end_with_next_write`]): [`close`] shuts it down.
-    held: bool,
 }
 
 impl<S: ReadReady> Wire<S> {
@@ -302,7 +299,6 @@ where
         out: OutBuffer(Vec::new()),
         written: written_before,
         at_once: false,
-        held: false,
     };
     // The one timer of the waits between requests, for as long as this call serves: it is
     // armed at the first wait and re-armed only when it fires (see `linger`), not once per
@@ -330,7 +326,7 @@ where
                 encode_refusal(&mut out, status);
                 let _ = async {
                     wire.writer().write_all(&out).await?;
-                    close(&mut wire).await
+                    close(&mut wire.io).await
                 }
                 .await;
                 return Served::Ended;
@@ -409,7 +405,7 @@ where
             Written::Complete(ended) => ended,
         };
         if !keep_alive {
-            let _ = close(&mut wire).await;
+            let _ = close(&mut wire.io).await;
             return Served::Ended;
         }
         let now = ended.unwrap_or_else(Instant::now);
@@ -427,11 +423,11 @@ where
 /// Ends the writing side of a connection that ends here: a shutdown where the stream needs
 /// one (TLS sends its `close_notify`; a socket holding its last bytes back sends them with
 /// its FIN), nothing where its drop closes it the same way.
-async fn close<S: AsyncWrite + ReadReady + Unpin>(wire: &mut Wire<S>) -> io::Result<()> {
-    if wire.io.closes_cleanly_on_drop() && !wire.held {
+async fn close<S: AsyncWrite + ReadReady + Unpin>(io: &mut S) -> io::Result<()> {
+    if io.closes_cleanly_on_drop() {
         return Ok(());
     }
-    wire.io.shutdown().await
+    io.shutdown().await
 }
 
 /// How a connection's wait between requests, buffers kept, ended.
@@ -1071,7 +1067,7 @@ where
         let wrote = link.with(|wire| {
             if done && end_with_last && !failed {
                 end_with_last = false;
-                wire.held = wire.io.end_with_next_write();
+                wire.io.end_with_next_write();
             }
             while at < pending.len() {
                 match pending.poll_write(wire.writer(), cx, at) {

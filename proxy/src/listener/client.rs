@@ -269,7 +269,7 @@ impl ReadReady for ClientSocket {
     }
 
     fn closes_cleanly_on_drop(&self) -> bool {
-        true
+        !self.held
     }
 
     fn send_at_once(&mut self) {
@@ -277,9 +277,8 @@ impl ReadReady for ClientSocket {
         let _ = self.set_nodelay(true);
     }
 
-    fn end_with_next_write(&mut self) -> bool {
+    fn end_with_next_write(&mut self) {
         self.held = true;
-        true
     }
 }
 
@@ -384,7 +383,12 @@ mod tests {
             if registered {
                 socket.registered().unwrap();
             }
-            assert!(socket.end_with_next_write());
+            assert!(socket.closes_cleanly_on_drop());
+            socket.end_with_next_write();
+            assert!(
+                !socket.closes_cleanly_on_drop(),
+                "held bytes need the shutdown"
+            );
             // A small response and a large one: the large one's full segments go, its last
             // partial one waits with the small one's.
             let small = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();

@@ -263,7 +263,10 @@ pub trait ReadReady {
     /// Whether dropping the stream ends the connection exactly as shutting down its
     /// writing side first would. A plain socket's close sends the FIN that the shutdown
     /// would have sent (or, with bytes left unread, the same reset), so a shutdown right
-    /// before it is a system call for nothing; TLS owes its peer a `close_notify` first.
+    /// before it is a system call for nothing; TLS owes its peer a `close_notify` first,
+    /// and a socket holding back its last bytes (see
+    /// [`end_with_next_write`](Self::end_with_next_write)) needs the shutdown to send them
+    /// before a reset could drop them.
     fn closes_cleanly_on_drop(&self) -> bool {
         false
     }
@@ -276,13 +279,12 @@ pub trait ReadReady {
     /// For a connection that ends right after its next writes: has the socket hold back
     /// their last partial segment (each write says more is coming, `MSG_MORE`) so that it
     /// leaves with the end of the stream: one segment where there would be two (the data,
-    /// then the FIN on its own), and one acknowledgement fewer. Returns whether it does:
-    /// the stream must then be shut down, not only dropped, since a close with unread
-    /// bytes (a client that sent more) would reset the connection and drop what is held.
-    /// Nothing for other streams (a TLS connection's `close_notify` is a write of its own).
-    fn end_with_next_write(&mut self) -> bool {
-        false
-    }
+    /// then the FIN on its own), and one acknowledgement fewer. Such a stream no longer
+    /// [closes cleanly on drop](Self::closes_cleanly_on_drop): a close with unread bytes
+    /// (a client that sent more) would reset the connection and drop what is held, so it
+    /// must be shut down. Nothing for other streams (a TLS connection's `close_notify` is
+    /// a write of its own).
+    fn end_with_next_write(&mut self) {}
 }
 
 /// A plain connection's socket out of the runtime's event loop, and its idle limit, while
@@ -411,8 +413,8 @@ impl<S: ReadReady> ReadReady for IdleTimeout<S> {
         self.inner.send_at_once();
     }
 
-    fn end_with_next_write(&mut self) -> bool {
-        self.inner.end_with_next_write()
+    fn end_with_next_write(&mut self) {
+        self.inner.end_with_next_write();
     }
 }
 
@@ -445,8 +447,8 @@ impl<S: ReadReady + ?Sized> ReadReady for Box<S> {
         (**self).send_at_once();
     }
 
-    fn end_with_next_write(&mut self) -> bool {
-        (**self).end_with_next_write()
+    fn end_with_next_write(&mut self) {
+        (**self).end_with_next_write();
     }
 }
 
