@@ -760,21 +760,35 @@ impl Metrics {
         let _ = self.readings.sources.set(read);
     }
 
-    /// Requests answered so far by every (listener, route, pool) that has answered one:
-    /// what the status page turns into rates.
+    /// Requests answered so far by every (listener, route, pool) that has answered one.
     pub fn route_totals(&self) -> Vec<RouteTotal> {
         let mut out = Vec::new();
-        for series in self.routes.answered() {
-            let count = |class: usize| series.classes[class].get().map_or(0, ClassSeries::requests);
+        self.visit_route_counts(|count| {
             out.push(RouteTotal {
-                listener: series.labels.listener.to_string(),
-                route: series.labels.route.to_string(),
-                pool: series.labels.pool.to_string(),
+                listener: count.listener.to_string(),
+                route: count.route.to_string(),
+                pool: count.pool.to_string(),
+                requests: count.requests,
+                errors: count.errors,
+            });
+        });
+        out
+    }
+
+    /// Shows `visit` the requests answered so far by every (listener, route, pool) that has
+    /// answered one, in no particular order, without copying a name: what the status page
+    /// samples into rates. New series wait while it runs, so `visit` should be quick.
+    pub fn visit_route_counts(&self, mut visit: impl FnMut(RouteCount<'_>)) {
+        self.routes.visit_answered(|series| {
+            let count = |class: usize| series.classes[class].get().map_or(0, ClassSeries::requests);
+            visit(RouteCount {
+                listener: &series.labels.listener,
+                route: &series.labels.route,
+                pool: &series.labels.pool,
                 requests: (0..STATUS_CLASSES.len()).map(count).sum(),
                 errors: count(5),
             });
-        }
-        out
+        });
     }
 
     /// Connections open now on listener `name` (speaking `protocol`).
@@ -1295,6 +1309,23 @@ impl RouteSeriesCache {
             .cloned()
             .collect()
     }
+
+    /// Shows `visit` every series of a route that answered a request, in no particular
+    /// order, under the lock (nothing copied).
+    fn visit_answered(&self, mut visit: impl FnMut(&RouteSeries)) {
+        let map = self
+            .map
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for series in map
+            .by_name
+            .values()
+            .flat_map(|routes| routes.values().flat_map(|pools| pools.iter()))
+            .filter(|series| series.answered())
+        {
+            visit(series);
+        }
+    }
 }
 
 /// Writes the series of every route at scrape time: `proxy_http_requests`,
@@ -1438,6 +1469,23 @@ pub struct RouteTotal {
     pub route: String,
     /// Pool name.
     pub pool: String,
+    /// Requests answered.
+    pub requests: u64,
+    /// Of which with a 5xx status.
+    pub errors: u64,
+}
+
+/// Requests answered so far by one (listener, route, pool), as
+/// [`Metrics::visit_route_counts`] shows them. The names are the series' own: the same
+/// `Arc`s at every visit for as long as the series lives.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteCount<'a> {
+    /// Listener name.
+    pub listener: &'a Arc<str>,
+    /// Route name (empty: no route matched).
+    pub route: &'a Arc<str>,
+    /// Pool name.
+    pub pool: &'a Arc<str>,
     /// Requests answered.
     pub requests: u64,
     /// Of which with a 5xx status.

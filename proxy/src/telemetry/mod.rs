@@ -24,8 +24,8 @@ pub use access::{AccessLogFormat, HeaderPolicy};
 pub use histogram::DurationHistogram;
 pub use metrics::{
     AcmeResult, CertificateExpiry, ClientTimeout, ClusterReading, GaugeGuard, HeldOutcome,
-    HttpOutcome, ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteNames, RouteTotal,
-    SourceCondition,
+    HttpOutcome, ListenerSeries, Metrics, OpenConnection, Reader, Refusal, RouteCount, RouteNames,
+    RouteTotal, SourceCondition,
 };
 pub use otlp::{OtlpError, RequestTracing, SpanOutcome};
 
