@@ -356,7 +356,9 @@ pub struct RelayedConn {
     pub pings: usize,
     /// PING acknowledgements the upstream sent that were passed on.
     pub ping_acks: usize,
-    /// proxyd closed its side of the connection.
+    /// proxyd closed the connection: it sent GOAWAY (counted as it passes, since the
+    /// upstream may answer it by closing first, and the relay then ends on the upstream's
+    /// side) or closed its side.
     pub closed_by_proxy: bool,
 }
 
@@ -458,6 +460,8 @@ struct PingCounter {
     have: usize,
     /// Payload bytes of the current frame still to skip.
     skip: usize,
+    /// GOAWAY frames seen so far.
+    go_aways: usize,
 }
 
 impl PingCounter {
@@ -467,10 +471,12 @@ impl PingCounter {
             head: [0; 9],
             have: 0,
             skip: 0,
+            go_aways: 0,
         }
     }
 
-    /// Follows `bytes`; returns (PINGs, PING acknowledgements) that started in them.
+    /// Follows `bytes`; returns (PINGs, PING acknowledgements) that started in them, and
+    /// counts GOAWAY frames.
     fn feed(&mut self, mut bytes: &[u8]) -> (usize, usize) {
         let (mut pings, mut acks) = (0, 0);
         while !bytes.is_empty() {
@@ -493,12 +499,11 @@ impl PingCounter {
                 self.have = 0;
                 self.skip =
                     u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]) as usize;
-                if self.head[3] == 0x6 {
-                    if self.head[4] & 0x1 == 0 {
-                        pings += 1;
-                    } else {
-                        acks += 1;
-                    }
+                match self.head[3] {
+                    0x6 if self.head[4] & 0x1 == 0 => pings += 1,
+                    0x6 => acks += 1,
+                    0x7 => self.go_aways += 1,
+                    _ => {}
                 }
             }
         }
@@ -538,6 +543,9 @@ async fn relay_conn(
                     continue;
                 }
                 let (pings, _) = from_proxy.feed(&up[..n]);
+                if from_proxy.go_aways > 0 {
+                    state.update(id, |c| c.closed_by_proxy = true);
+                }
                 if server.write_all(&up[..n]).await.is_err() {
                     return;
                 }
