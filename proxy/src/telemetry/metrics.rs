@@ -1298,21 +1298,14 @@ impl RouteSeriesCache {
     /// Every series of a route that answered a request, in no particular order (copied
     /// out, so no lock is held while the caller reads them).
     fn answered(&self) -> Vec<Arc<RouteSeries>> {
-        let map = self
-            .map
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.by_name
-            .values()
-            .flat_map(|routes| routes.values().flat_map(|pools| pools.iter()))
-            .filter(|series| series.answered())
-            .cloned()
-            .collect()
+        let mut all = Vec::new();
+        self.visit_answered(|series| all.push(series.clone()));
+        all
     }
 
     /// Shows `visit` every series of a route that answered a request, in no particular
     /// order, under the lock (nothing copied).
-    fn visit_answered(&self, mut visit: impl FnMut(&RouteSeries)) {
+    fn visit_answered(&self, mut visit: impl FnMut(&Arc<RouteSeries>)) {
         let map = self
             .map
             .read()
