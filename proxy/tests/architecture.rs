@@ -404,6 +404,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "boxed",
             "etcd",
             "head_out",
+            "prefetch",
             "shutdown",
             "spares",
             "systemd",
