@@ -11,8 +11,8 @@
 //! power of two that divides a smaller size), so a layout within that goes there; a
 //! larger alignment still goes to the aligned entry points.
 //!
-//! One of the two modules with `unsafe` code (the other is [`crate::prefetch`]):
-//! implementing [`GlobalAlloc`] is `unsafe` by definition, and so is calling C.
+//! The only `unsafe` code of the workspace: implementing [`GlobalAlloc`] is `unsafe` by
+//! definition, and so is calling C.
 
 #![allow(unsafe_code)]
 

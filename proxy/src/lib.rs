@@ -31,7 +31,6 @@
 //! - [`allocator`]: the global allocator, mimalloc asked as C's `malloc` where it can be,
 //!   with a region of huge pages for routing tables and their series.
 //! - [`boxed`]: futures boxed where they are built, not copied into their box.
-//! - [`prefetch`]: asking the processor for memory a request writes later, while it waits.
 //! - [`spares`]: a thread's stock of buffers and header maps its connections are done
 //!   with, for its next connections.
 //! - [`workers`]: one single-threaded runtime per CPU serving the configured listeners.
@@ -50,7 +49,6 @@ pub(crate) mod head_out;
 pub mod http;
 pub mod listener;
 pub mod mgmt;
-pub mod prefetch;
 pub mod registration;
 pub mod routing;
 pub mod shutdown;

@@ -404,7 +404,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "boxed",
             "etcd",
             "head_out",
-            "prefetch",
             "shutdown",
             "spares",
             "systemd",

@@ -395,7 +395,6 @@ fn proxy<'a>(
         // Held by the log (its route and pool name the request's metrics) and borrowed from
         // there: one reference count change per request on an entry every worker shares.
         let entry = &**log.entry.insert(entry);
-        Metrics::prefetch_route(entry.series_slot());
 
         let upgrade = present.has(Known::Upgrade) && hygiene::is_upgrade(req.headers());
         // The client's stream after the switch, from the HTTP/1 codec.
@@ -426,9 +425,6 @@ fn proxy<'a>(
         waited |= pool.hold.is_some();
         let began = (!waited).then_some(log.start);
         let (mut parts, held, in_flight) = forward(&pool, &mut pending, log, began).await?;
-        if let Some(entry) = &log.entry {
-            Metrics::prefetch_class(entry.series_slot(), parts.status.as_u16());
-        }
         // Only the access line and the span name the upstream.
         if ctx.telemetry.access_log_enabled() || log.trace.is_some() {
             log.upstream = Some(in_flight.upstream().clone());

@@ -97,12 +97,6 @@ impl DurationHistogram {
         }
     }
 
-    /// Asks the processor for what [`observe`](Self::observe) writes (see
-    /// [`crate::prefetch`]).
-    pub fn prefetch(&self) {
-        crate::prefetch::value(&*self.inner);
-    }
-
     /// Copies every later observation to `record` as well (for all clones; set once, later
     /// calls are ignored).
     pub fn mirror_to(&self, record: impl Fn(Duration) + Send + Sync + 'static) {

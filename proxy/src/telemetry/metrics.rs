@@ -617,25 +617,6 @@ impl Metrics {
         }
     }
 
-    /// Asks the processor for the series a route's request records into (see
-    /// [`crate::prefetch`]), for a request whose route was just found: by the time it ends
-    /// they are in the cache rather than in memory, with a table of 100,000 routes.
-    pub fn prefetch_route(slot: &Attachment) {
-        if let Some(series) = slot.get() {
-            crate::prefetch::value(&**series);
-        }
-    }
-
-    /// Asks for the histogram a request of the route with this `status` records into, once
-    /// the response's status is known (the series themselves asked for by
-    /// [`prefetch_route`](Self::prefetch_route) when the route was found).
-    pub fn prefetch_class(slot: &Attachment, status: u16) {
-        let series = slot.get().and_then(|s| s.downcast_ref::<RouteSeries>());
-        if let Some(class) = series.and_then(|s| s.classes[status_class_index(status)].get()) {
-            class.duration.prefetch();
-        }
-    }
-
     fn record_http(&self, outcome: &HttpOutcome<'_>, series: &RouteSeries) {
         self.legacy.http_total.fetch_add(1, Ordering::Relaxed);
         self.legacy.window.record(outcome.elapsed, outcome.end);
@@ -1728,35 +1709,6 @@ mod tests {
         assert_eq!((a[0].requests, a[0].errors), (4, 1));
         let text = m.encode();
         assert!(text.contains("proxy_http_requests_total{listener=\"web\",route=\"a\",pool=\"p\",status_class=\"2xx\"} 3\n"), "{text}");
-    }
-
-    #[test]
-    fn asking_ahead_for_a_routes_series_counts_nothing_and_makes_no_series() {
-        let m = Metrics::new(None);
-        let attach = m.route_attacher();
-        let (empty, made) = (Attachment::default(), Attachment::default());
-        made.get_or_init(|| attach(&web_route("a")));
-        // An empty slot, series without any class yet, then with the 2xx class: asked for
-        // before and after the route answers, for a class it has and one it has not.
-        for slot in [&empty, &made] {
-            Metrics::prefetch_route(slot);
-            Metrics::prefetch_class(slot, 200);
-        }
-        assert!(empty.get().is_none(), "asking ahead attaches nothing");
-        assert!(m.route_totals().is_empty(), "nor shows a series");
-        m.http_request_on(&outcome("a", 200), &made);
-        for status in [200, 404, 0, 999] {
-            Metrics::prefetch_route(&made);
-            Metrics::prefetch_class(&made, status);
-        }
-        let totals = m.route_totals();
-        assert_eq!(totals.len(), 1);
-        assert_eq!((totals[0].requests, totals[0].errors), (1, 0));
-        let text = m.encode();
-        assert!(
-            !text.contains("status_class=\"4xx\""),
-            "no class made by asking: {text}"
-        );
     }
 
     fn web_route(name: &str) -> Route {
