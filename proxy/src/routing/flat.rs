@@ -3,39 +3,125 @@
 //! A persistent hash trie of 100,000 entries costs a request about a dozen dependent
 //! loads (three or four levels of node, each an `Arc` and its child array, then the entry
 //! and its key), and on a table larger than the cache most of them miss. A `FlatMap` is a
-//! power-of-two number of flat hash tables (shards), each behind an `Arc`: a lookup is the
-//! shard, its bucket and the value: keys of up to [`INLINE_KEY`] bytes (every path prefix
-//! in the tables measured) are kept in the bucket itself, so comparing one loads nothing
-//! more. A clone shares every shard; an edit copies the
-//! list of shards and the one shard it changes (at most [`SHARD_ENTRIES`] entries), so an
-//! API change on a 100,000-route table still copies a few hundred pointers, not the table.
+//! power-of-two number of flat hash tables (shards), each one block of slots behind an
+//! `Arc`: a lookup loads the slot its key's hash names (and, rarely, the next few), which
+//! holds the hash, the key and the value. Keys of up to [`INLINE_KEY`] bytes (every path
+//! prefix in the tables measured) are kept in the slot itself, so comparing one loads
+//! nothing more. A clone shares every shard; an edit copies the list of shards and the one
+//! shard it changes (about [`SHARD_ENTRIES`] entries), so an API change on a 100,000-route
+//! table still copies a few hundred pointers and one shard, not the table.
+//!
+//! Why not the standard `HashMap` for a shard: it keeps a separate array of one-byte tags
+//! in front of its buckets and a header behind the shard's pointer, so a lookup in a table
+//! larger than the caches waited on three blocks of memory (the header, the tags, the
+//! bucket), often on three pages, before the route entry; here it waits on one.
 
-use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 /// Entries per shard above which the shards double: bounds what one edit copies.
 const SHARD_ENTRIES: usize = 256;
+
+/// The fewest slots a shard has.
+const MIN_SLOTS: usize = 4;
 
 /// A string-keyed map, cheap to clone and to edit one key at a time (see the module doc).
 #[derive(Clone)]
 pub(super) struct FlatMap<V> {
     hasher: KeyHasher,
     /// Empty, or a power of two of them; a key's shard is chosen by bits of its hash that
-    /// the shard's own table does not use for its buckets and tags.
-    shards: Arc<[Arc<Shard<V>>]>,
+    /// the shard does not use for its slots.
+    shards: Arc<[Shard<V>]>,
     len: usize,
 }
 
-type Shard<V> = HashMap<Key, V, KeyHasher>;
+/// One shard: a power of two of slots, a key kept in the first free slot from the one its
+/// hash names (linear probing), and no free slot between that one and the key's: a
+/// lookup stops at its key or at a free slot. At most three quarters of the slots are
+/// taken (half, when a shard is built), so a lookup usually reads one or two slots. The
+/// slice's length sits beside its address in the list of shards: nothing is loaded
+/// before the slots.
+type Shard<V> = Arc<[Slot<V>]>;
+
+/// A shard's slot: free, or a key with its hash (compared first) and value.
+#[derive(Clone)]
+struct Slot<V> {
+    hash: u64,
+    entry: Option<(Key, V)>,
+}
+
+impl<V> Slot<V> {
+    fn free() -> Slot<V> {
+        Slot {
+            hash: 0,
+            entry: None,
+        }
+    }
+}
+
+/// Where a probe for a key in a shard ended.
+enum Probe {
+    /// The key is in this slot.
+    Found(usize),
+    /// The key is not there; this free slot is where it would go.
+    Free(usize),
+    /// Neither: the shard has no free slot (never, at three quarters full at most).
+    Full,
+}
+
+/// Probes `slots` for the key `key` with hash `hash`.
+fn probe<V>(slots: &[Slot<V>], hash: u64, key: &[u8]) -> Probe {
+    let mask = slots.len().wrapping_sub(1);
+    let mut i = home(hash, mask);
+    for _ in 0..slots.len() {
+        let Some(slot) = slots.get(i) else {
+            break;
+        };
+        match &slot.entry {
+            None => return Probe::Free(i),
+            Some((k, _)) if slot.hash == hash && k.as_bytes() == key => return Probe::Found(i),
+            Some(_) => i = (i + 1) & mask,
+        }
+    }
+    Probe::Full
+}
+
+/// The slot a hash names in a shard of `mask + 1` slots: its low bits.
+fn home(hash: u64, mask: usize) -> usize {
+    hash as usize & mask
+}
+
+/// A shard of `slots` slots (a power of two) holding `entries`, each with its hash.
+fn build_shard<V>(entries: impl Iterator<Item = (u64, Key, V)>, slots: usize) -> Shard<V> {
+    let mut table: Vec<Slot<V>> = (0..slots).map(|_| Slot::free()).collect();
+    let mask = slots - 1;
+    for (hash, key, value) in entries {
+        // Keys are distinct: the first free slot from the key's own is its place.
+        let mut i = home(hash, mask);
+        while table.get(i).is_some_and(|slot| slot.entry.is_some()) {
+            i = (i + 1) & mask;
+        }
+        if let Some(slot) = table.get_mut(i) {
+            *slot = Slot {
+                hash,
+                entry: Some((key, value)),
+            };
+        }
+    }
+    table.into()
+}
+
+/// Slots for a shard that is to hold `entries`: at most half of them taken.
+fn slots_for(entries: usize) -> usize {
+    (entries * 2).next_power_of_two().max(MIN_SLOTS)
+}
 
 /// Keys up to this many bytes are kept inline (see [`Key`]).
 const INLINE_KEY: usize = 22;
 
-/// A key as a shard keeps it: a short key in the bucket itself (a lookup compares it
-/// where it already is), a longer one on the heap. Maps look keys up by their bytes.
+/// A key as a shard keeps it: a short key in the slot itself (a lookup compares it
+/// where it already is), a longer one on the heap. Compared as bytes.
 #[derive(Clone)]
 enum Key {
     Inline { len: u8, bytes: [u8; INLINE_KEY] },
@@ -63,27 +149,6 @@ impl Key {
     }
 }
 
-impl Borrow<[u8]> for Key {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-/// Hashed and compared as its bytes, as `Borrow` requires.
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state);
-    }
-}
-
-impl PartialEq for Key {
-    fn eq(&self, other: &Key) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for Key {}
-
 impl<V> Default for FlatMap<V> {
     fn default() -> Self {
         FlatMap {
@@ -108,9 +173,12 @@ impl<V: Clone> FlatMap<V> {
         if self.len == 0 {
             return None;
         }
-        self.shards
-            .get(shard_index(&self.hasher, key.as_bytes(), self.shards.len()))?
-            .get(key.as_bytes())
+        let hash = self.hasher.hash_one(key.as_bytes());
+        let slots = self.shards.get(shard_index(hash, self.shards.len()))?;
+        match probe(slots, hash, key.as_bytes()) {
+            Probe::Found(i) => slots.get(i)?.entry.as_ref().map(|(_, value)| value),
+            Probe::Free(_) | Probe::Full => None,
+        }
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -119,74 +187,154 @@ impl<V: Clone> FlatMap<V> {
 
     /// Every value, in no particular order.
     pub(super) fn values(&self) -> impl Iterator<Item = &V> {
-        self.shards.iter().flat_map(|shard| shard.values())
+        self.shards.iter().flat_map(|shard| {
+            shard
+                .iter()
+                .filter_map(|slot| slot.entry.as_ref().map(|(_, value)| value))
+        })
     }
 
     /// Sets `key` to `value`.
     pub(super) fn insert(&mut self, key: &str, value: V) {
         if self.shards.is_empty() {
-            self.shards = Arc::new([Arc::new(HashMap::with_hasher(self.hasher))]);
+            self.shards = Arc::new([build_shard(std::iter::empty(), MIN_SLOTS)]);
         }
-        let Some(shard) = self.shard_mut(key) else {
+        let hash = self.hasher.hash_one(key.as_bytes());
+        let Some(shard) = self.shard_mut(hash) else {
             return;
         };
-        match shard.get_mut(key.as_bytes()) {
-            Some(v) => *v = value,
-            None => {
-                shard.insert(Key::new(key), value);
-                self.len += 1;
-                if self.len > self.shards.len() * SHARD_ENTRIES {
-                    self.grow();
+        let at = match probe(shard, hash, key.as_bytes()) {
+            Probe::Found(i) => {
+                if let Some((_, old)) = Arc::make_mut(shard)
+                    .get_mut(i)
+                    .and_then(|s| s.entry.as_mut())
+                {
+                    *old = value;
+                }
+                return;
+            }
+            Probe::Free(i) if (taken(shard) + 1) * 4 <= shard.len() * 3 => Some(i),
+            Probe::Free(_) | Probe::Full => None,
+        };
+        match at {
+            Some(i) => {
+                if let Some(slot) = Arc::make_mut(shard).get_mut(i) {
+                    *slot = Slot {
+                        hash,
+                        entry: Some((Key::new(key), value)),
+                    };
                 }
             }
+            // Too full for one more: built again, larger, with it.
+            None => {
+                let entries =
+                    entries_of(shard).chain(std::iter::once((hash, Key::new(key), value)));
+                *shard = build_shard(entries, slots_for(taken(shard) + 1));
+            }
+        }
+        self.len += 1;
+        if self.len > self.shards.len() * SHARD_ENTRIES {
+            self.grow();
         }
     }
 
     /// Removes `key` if it is there.
     pub(super) fn remove(&mut self, key: &str) {
-        if self.get(key).is_none() {
+        if self.len == 0 {
             return;
         }
-        if let Some(shard) = self.shard_mut(key) {
-            if shard.remove(key.as_bytes()).is_some() {
-                self.len -= 1;
-            }
+        let hash = self.hasher.hash_one(key.as_bytes());
+        let found = self
+            .shards
+            .get(shard_index(hash, self.shards.len()))
+            .map(|slots| probe(slots, hash, key.as_bytes()));
+        let Some(Probe::Found(at)) = found else {
+            return;
+        };
+        if let Some(shard) = self.shard_mut(hash) {
+            remove_slot(Arc::make_mut(shard), at);
+            self.len -= 1;
         }
         if self.len == 0 {
             self.shards = Arc::new([]);
         }
     }
 
-    /// The shard of `key`, made this map's own (copied if another map shares it).
-    fn shard_mut(&mut self, key: &str) -> Option<&mut Shard<V>> {
-        let i = shard_index(&self.hasher, key.as_bytes(), self.shards.len());
-        Arc::make_mut(&mut self.shards)
-            .get_mut(i)
-            .map(Arc::make_mut)
+    /// The shard of a key with hash `hash`, in this map's own list of shards (copied if
+    /// another map shares it; the shard itself is copied when it is changed).
+    fn shard_mut(&mut self, hash: u64) -> Option<&mut Shard<V>> {
+        let i = shard_index(hash, self.shards.len());
+        Arc::make_mut(&mut self.shards).get_mut(i)
     }
 
     /// Doubles the shards and spreads the entries over them.
     fn grow(&mut self) {
         let count = self.shards.len() * 2;
-        let mut shards: Vec<Shard<V>> = (0..count)
-            .map(|_| HashMap::with_capacity_and_hasher(SHARD_ENTRIES, self.hasher))
-            .collect();
-        for (key, value) in self.shards.iter().flat_map(|s| s.iter()) {
-            if let Some(shard) = shards.get_mut(shard_index(&self.hasher, key.as_bytes(), count)) {
-                shard.insert(key.clone(), value.clone());
+        let mut spread: Vec<Vec<(u64, Key, V)>> = (0..count).map(|_| Vec::new()).collect();
+        for shard in self.shards.iter() {
+            for (hash, key, value) in entries_of(shard) {
+                if let Some(list) = spread.get_mut(shard_index(hash, count)) {
+                    list.push((hash, key, value));
+                }
             }
         }
-        self.shards = shards.into_iter().map(Arc::new).collect();
+        self.shards = spread
+            .into_iter()
+            .map(|list| {
+                let slots = slots_for(list.len());
+                build_shard(list.into_iter(), slots)
+            })
+            .collect();
     }
 }
 
-fn shard_index(hasher: &KeyHasher, key: &[u8], shards: usize) -> usize {
+/// How many slots of `shard` hold a key.
+fn taken<V>(shard: &[Slot<V>]) -> usize {
+    shard.iter().filter(|slot| slot.entry.is_some()).count()
+}
+
+/// The entries of `shard`, copied, with their hashes.
+fn entries_of<V: Clone>(shard: &[Slot<V>]) -> impl Iterator<Item = (u64, Key, V)> + '_ {
+    shard.iter().filter_map(|slot| {
+        slot.entry
+            .as_ref()
+            .map(|(key, value)| (slot.hash, key.clone(), value.clone()))
+    })
+}
+
+/// Empties slot `at` and moves back the keys after it that probing would no longer find
+/// past the free slot (a key may sit anywhere from its own slot on, but with no free slot
+/// before it).
+fn remove_slot<V>(slots: &mut [Slot<V>], at: usize) {
+    let mask = slots.len().wrapping_sub(1);
+    let mut hole = at;
+    if let Some(slot) = slots.get_mut(hole) {
+        slot.entry = None;
+    }
+    let mut next = (hole + 1) & mask;
+    while let Some(slot) = slots.get(next).filter(|s| s.entry.is_some()) {
+        // The key at `next` may move to the hole when the hole lies between its own slot
+        // and `next` (cyclically): probing from its slot then reaches the hole first.
+        let own = home(slot.hash, mask);
+        if next.wrapping_sub(own) & mask >= next.wrapping_sub(hole) & mask {
+            slots.swap(hole, next);
+            hole = next;
+        }
+        next = (next + 1) & mask;
+        if next == at {
+            break;
+        }
+    }
+}
+
+/// The shard of a key with hash `hash` among `shards` (a power of two, or none).
+fn shard_index(hash: u64, shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
-    // Bits 32 and up: the shard's table takes its buckets from the low bits and its tags
-    // from the top seven, so keys of one shard still differ in both.
-    (hasher.hash_one(key) >> 32) as usize & (shards - 1)
+    // Bits 32 and up: the shard's slots are named by the low bits, so keys of one shard
+    // still differ there.
+    (hash >> 32) as usize & (shards - 1)
 }
 
 /// A seeded multiply-and-fold hash for short keys: a few instructions per 8 bytes, against
@@ -267,6 +415,7 @@ impl Hasher for KeyHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     /// Keys kept inline and keys too long for that, mixed.
     fn key_of(k: usize) -> String {
@@ -288,6 +437,60 @@ mod tests {
                 len <= INLINE_KEY,
                 "{len}"
             );
+        }
+    }
+
+    /// Every key of `map` sits where a probe from its own slot reaches it (no free slot
+    /// between), and no shard is more than three quarters full.
+    fn assert_shards_sound(map: &FlatMap<usize>) {
+        for shard in map.shards.iter() {
+            assert!(
+                taken(shard) * 4 <= shard.len() * 3,
+                "{} of {}",
+                taken(shard),
+                shard.len()
+            );
+            let mask = shard.len() - 1;
+            for (i, slot) in shard.iter().enumerate() {
+                if slot.entry.is_some() {
+                    let mut j = home(slot.hash, mask);
+                    while j != i {
+                        assert!(shard[j].entry.is_some(), "a free slot before a key");
+                        j = (j + 1) & mask;
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_edit_of_a_small_table_leaves_each_key_found_where_probing_reaches_it() {
+        // 40 keys in one shard of a few slots: probes run past the shard's end and wrap,
+        // and removals move keys back over the freed slot.
+        let mut map: FlatMap<usize> = FlatMap::default();
+        let mut model: HashMap<String, usize> = HashMap::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for step in 0..20_000usize {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let key = format!("/k{}/", (r >> 33) % 40);
+            if r.is_multiple_of(3) {
+                map.remove(&key);
+                model.remove(&key);
+            } else {
+                map.insert(&key, step);
+                model.insert(key, step);
+            }
+            assert_eq!(map.len, model.len());
+            for (k, v) in &model {
+                assert_eq!(map.get(k), Some(v), "{k} after step {step}");
+            }
+            assert_shards_sound(&map);
+        }
+        for k in 40..80 {
+            assert_eq!(map.get(&format!("/k{k}/")), None);
         }
     }
 
@@ -333,5 +536,8 @@ mod tests {
         }
         // The big copy spread its entries over several shards.
         assert!(copies.iter().any(|(m, _)| m.shards.len() > 1));
+        for (map, _) in &copies {
+            assert_shards_sound(map);
+        }
     }
 }
