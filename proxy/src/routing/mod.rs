@@ -6,8 +6,9 @@
 //! (longest first). So 100,000 per-path rules cost the same per request as 10.
 //!
 //! Listeners and pools are persistent hash maps; hosts and paths, which a request walks and
-//! which grow to 100,000 entries, are [`FlatMap`]s (sharded flat hash tables, a few dependent
-//! loads per lookup where a hash trie of that size takes a dozen). Both share what an edit
+//! which grow to 100,000 entries, are [`FlatMap`]s (sharded flat hash tables: a lookup loads
+//! the list of shards and the slot its key's hash names, where a hash trie of that size
+//! takes a dozen dependent loads). Both share what an edit
 //! does not touch, so a table for the next revision shares everything but the edited paths
 //! with the current one: [`RoutingTable::update`] copies the table in O(1) and touches only
 //! the host indexes of the routes a batch names (one shard of each). Routes hold a [`PoolSlot`], not a pool: a membership, drain, health
