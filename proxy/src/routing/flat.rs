@@ -440,6 +440,14 @@ mod tests {
         }
     }
 
+    /// The next number of a xorshift* sequence whose state is `x` (not 0).
+    fn next_random(x: &mut u64) -> u64 {
+        *x ^= *x >> 12;
+        *x ^= *x << 25;
+        *x ^= *x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
     /// Every key of `map` sits where a probe from its own slot reaches it (no free slot
     /// between), and no shard is more than three quarters full.
     fn assert_shards_sound(map: &FlatMap<usize>) {
@@ -471,10 +479,7 @@ mod tests {
         let mut model: HashMap<String, usize> = HashMap::new();
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for step in 0..20_000usize {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let r = next_random(&mut x);
             let key = format!("/k{}/", (r >> 33) % 40);
             if r.is_multiple_of(3) {
                 map.remove(&key);
@@ -501,10 +506,7 @@ mod tests {
         let mut copies: Vec<(FlatMap<usize>, HashMap<String, usize>)> = Vec::new();
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         for step in 0..40_000usize {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let r = next_random(&mut x);
             // Keys from a range that first grows (the map doubles its shards) and then
             // shrinks (removals empty it), so every path is taken.
             let range = if step < 30_000 { 2_000 } else { 200 };
