@@ -29,6 +29,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
+use crate::Shutdown;
+
 /// The client connection preface (RFC 9113 section 3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER_LEN: usize = 9;
@@ -47,10 +49,13 @@ const MAX_HEADER_BLOCK: usize = 1 << 20;
 /// In-memory pipe between the relay and the server.
 const PIPE_BYTES: usize = 256 * 1024;
 
-/// Starts relaying `client` and returns the end the HTTP/2 server serves.
-pub(super) fn relay(client: UnixStream) -> DuplexStream {
+/// Starts relaying `client` and returns the end the HTTP/2 server serves. The relay runs
+/// as one of `shutdown`'s services: a process that stops (after handing over to its
+/// successor, say) waits until the relay has passed the server's last bytes, the answer to
+/// an upgrade among them, to the client, rather than exiting with them still in the pipe.
+pub(super) fn relay(client: UnixStream, shutdown: &Shutdown) -> DuplexStream {
     let (server_end, relay_end) = tokio::io::duplex(PIPE_BYTES);
-    tokio::spawn(async move {
+    shutdown.spawn_service(async move {
         if let Err(e) = run(client, relay_end).await {
             tracing::debug!(error = %e, "management connection ended");
         }

@@ -469,13 +469,15 @@ pub async fn spawn(
     let remove_shutdown = shutdown.clone();
     let reporter = health.clone();
     let unix_incoming = accepting.unix(unix_listener);
+    let relays = shutdown.clone();
     // A service, so it answers while connections drain (writes get UNAVAILABLE), and
     // stopping the daemon waits until the API has let go of its sockets.
     shutdown.spawn_service(async move {
         // Each connection goes through the relay that accepts a socket path as `:authority`
         // (clients such as Python grpcio send one); the TCP listener stays strict.
-        let incoming =
-            futures_util::StreamExt::map(unix_incoming, |accepted| accepted.map(authority::relay));
+        let incoming = futures_util::StreamExt::map(unix_incoming, move |accepted| {
+            accepted.map(|client| authority::relay(client, &relays))
+        });
         // Up while draining (writes get UNAVAILABLE); stops when the process finishes.
         let signal = async move {
             stop.exiting().await;
