@@ -203,7 +203,7 @@ impl<V: Clone> FlatMap<V> {
         let Some(shard) = self.shard_mut(hash) else {
             return;
         };
-        let at = match probe(shard, hash, key.as_bytes()) {
+        let free = match probe(shard, hash, key.as_bytes()) {
             Probe::Found(i) => {
                 if let Some((_, old)) = Arc::make_mut(shard)
                     .get_mut(i)
@@ -213,10 +213,11 @@ impl<V: Clone> FlatMap<V> {
                 }
                 return;
             }
-            Probe::Free(i) if (taken(shard) + 1) * 4 <= shard.len() * 3 => Some(i),
-            Probe::Free(_) | Probe::Full => None,
+            Probe::Free(i) => Some(i),
+            Probe::Full => None,
         };
-        match at {
+        let taken_after = taken(shard) + 1;
+        match free.filter(|_| taken_after * 4 <= shard.len() * 3) {
             Some(i) => {
                 if let Some(slot) = Arc::make_mut(shard).get_mut(i) {
                     *slot = Slot {
@@ -229,7 +230,7 @@ impl<V: Clone> FlatMap<V> {
             None => {
                 let entries =
                     entries_of(shard).chain(std::iter::once((hash, Key::new(key), value)));
-                *shard = build_shard(entries, slots_for(taken(shard) + 1));
+                *shard = build_shard(entries, slots_for(taken_after));
             }
         }
         self.len += 1;
