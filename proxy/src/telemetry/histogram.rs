@@ -21,26 +21,83 @@ pub const FAST_BOUNDS: &[f64] = &[
 /// The most bounds a histogram has (every bounds list above has at most this many).
 const MAX_BOUNDS: usize = 14;
 
+/// A histogram's counts without its bounds: the sum of the observations and one count per
+/// bucket (one per bound plus the `+Inf` bucket, those past it unused; not cumulative,
+/// summed when encoded), and no total count of its own (the sum of the buckets). No
+/// pointer: a route's series keep these inline (see `metrics::RouteSeries`), so recording a
+/// request writes the series' own memory and loads nothing first. The bounds are given to
+/// each call; the same ones every time.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct Counts {
+    /// Sum of observations in nanoseconds: integer adds need no compare-and-swap loop.
+    sum_ns: AtomicU64,
+    buckets: [AtomicU64; MAX_BOUNDS + 1],
+}
+
+impl Counts {
+    /// Records one observation against `bounds`.
+    pub fn observe(&self, bounds: &[f64], elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let index = bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(bounds.len());
+        if let Some(bucket) = self.buckets.get(index) {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Whether anything was observed.
+    pub fn any(&self) -> bool {
+        self.buckets.iter().any(|b| b.load(Ordering::Relaxed) > 0)
+    }
+
+    /// Sum of observations so far.
+    pub fn sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed))
+    }
+
+    /// Writes the counts as a histogram with `bounds`.
+    pub fn encode(
+        &self,
+        bounds: &[f64],
+        mut encoder: MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            // The buckets past the `+Inf` one (unused) end with the bounds.
+            .zip(self.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the sum of the buckets read here, so a scrape never shows `_count`
+        // below the `+Inf` bucket.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<NoLabelSet>(self.sum().as_secs_f64(), count, &buckets, None)
+    }
+}
+
 /// A cumulative histogram of durations with fixed bounds; clones share the same counts.
 #[derive(Clone, Debug)]
 pub struct DurationHistogram {
     inner: Arc<Inner>,
 }
 
-/// What an observation writes, in one allocation: the count and sum first, the buckets
-/// right behind them, so an observation loads no pointer after the histogram's own.
+/// What an observation writes, in one allocation with the bounds.
 #[derive(Debug)]
-#[repr(C)]
 struct Inner {
-    count: AtomicU64,
-    /// Sum of observations in nanoseconds: integer adds need no compare-and-swap loop.
-    sum_ns: AtomicU64,
+    counts: Counts,
     /// Also told every observation (the OTLP instrument of the same metric), once set.
     mirror: OnceLock<Mirror>,
     bounds: &'static [f64],
-    /// One per bound plus the `+Inf` bucket (those past it unused); not cumulative
-    /// (summed when encoded).
-    buckets: [AtomicU64; MAX_BOUNDS + 1],
 }
 
 /// Where a histogram's observations are copied to.
@@ -59,17 +116,10 @@ impl DurationHistogram {
         DurationHistogram {
             inner: Arc::new(Inner {
                 bounds: bounds.get(..MAX_BOUNDS).unwrap_or(bounds),
-                buckets: Default::default(),
-                count: AtomicU64::new(0),
-                sum_ns: AtomicU64::new(0),
+                counts: Counts::default(),
                 mirror: OnceLock::new(),
             }),
         }
-    }
-
-    /// A histogram for request durations.
-    pub fn requests() -> DurationHistogram {
-        DurationHistogram::new(REQUEST_BOUNDS)
     }
 
     /// A histogram for short operations (connects, commits).
@@ -79,19 +129,7 @@ impl DurationHistogram {
 
     /// Records one observation.
     pub fn observe(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        let index = self
-            .inner
-            .bounds
-            .iter()
-            .position(|b| seconds <= *b)
-            .unwrap_or(self.inner.bounds.len());
-        if let Some(bucket) = self.inner.buckets.get(index) {
-            bucket.fetch_add(1, Ordering::Relaxed);
-        }
-        self.inner.count.fetch_add(1, Ordering::Relaxed);
-        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.inner.sum_ns.fetch_add(ns, Ordering::Relaxed);
+        self.inner.counts.observe(self.inner.bounds, elapsed);
         if let Some(mirror) = self.inner.mirror.get() {
             (mirror.0)(elapsed);
         }
@@ -105,12 +143,12 @@ impl DurationHistogram {
 
     /// Observations so far.
     pub fn count(&self) -> u64 {
-        self.inner.count.load(Ordering::Relaxed)
+        self.inner.counts.count()
     }
 
     /// Sum of observations so far.
     pub fn sum(&self) -> Duration {
-        Duration::from_nanos(self.inner.sum_ns.load(Ordering::Relaxed))
+        self.inner.counts.sum()
     }
 }
 
@@ -119,20 +157,8 @@ impl TypedMetric for DurationHistogram {
 }
 
 impl EncodeMetric for DurationHistogram {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let buckets: Vec<(f64, u64)> = self
-            .inner
-            .bounds
-            .iter()
-            .copied()
-            .chain(std::iter::once(f64::INFINITY))
-            // The buckets past the `+Inf` one (unused) end with the bounds.
-            .zip(self.inner.buckets.iter().map(|b| b.load(Ordering::Relaxed)))
-            .collect();
-        // The count is the sum of the buckets read here, so a scrape racing with an
-        // observation never shows `_count` below the `+Inf` bucket.
-        let count = buckets.iter().map(|(_, n)| n).sum();
-        encoder.encode_histogram::<NoLabelSet>(self.sum().as_secs_f64(), count, &buckets, None)
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.inner.counts.encode(self.inner.bounds, encoder)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -154,6 +180,7 @@ mod tests {
         h.observe(Duration::from_secs(3));
         let counts: Vec<u64> = h
             .inner
+            .counts
             .buckets
             .iter()
             .map(|b| b.load(Ordering::Relaxed))
