@@ -36,6 +36,10 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Where the buckets start within the counts (after the sum), in bytes.
+    #[cfg(test)]
+    pub const FIRST_BUCKET: usize = std::mem::offset_of!(Counts, buckets);
+
     /// Records one observation against `bounds`.
     pub fn observe(&self, bounds: &[f64], elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();

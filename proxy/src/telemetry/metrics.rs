@@ -1798,6 +1798,22 @@ mod tests {
     }
 
     #[test]
+    fn a_2xx_request_writes_the_first_64_bytes_of_its_series() {
+        use std::mem::{align_of, offset_of, size_of};
+        // The series start a 64-byte block with the 2xx class; the class starts with its
+        // bytes, then the histogram's counts (sum, then buckets: see `Counts`).
+        assert_eq!(align_of::<RouteSeries>(), 64);
+        assert_eq!(offset_of!(RouteSeries, ok), 0);
+        assert_eq!(offset_of!(ClassSeries, bytes), 0);
+        assert_eq!(offset_of!(ClassSeries, duration), 8);
+        assert_eq!(size_of::<RouteSeries>(), 320);
+        // Which bucket a duration lands in: up to 50 ms, one of the first six, which with
+        // the bytes and the sum fill the first 64 bytes.
+        assert_eq!(super::REQUEST_BOUNDS.get(5), Some(&0.05));
+        assert_eq!(8 + Counts::FIRST_BUCKET + 6 * size_of::<u64>(), 64);
+    }
+
+    #[test]
     fn requests_are_counted_by_route_and_status_class() {
         let m = Metrics::new(None);
         for _ in 0..3 {
