@@ -173,7 +173,17 @@ impl<V: Clone> FlatMap<V> {
         if self.len == 0 {
             return None;
         }
-        let hash = self.hasher.hash_one(key.as_bytes());
+        self.get_hashed(key, self.hash(key))
+    }
+
+    /// The hash this map files `key` under (for [`get_hashed`](Self::get_hashed), and for a
+    /// filter kept beside the map).
+    pub(super) fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key.as_bytes())
+    }
+
+    /// The value of `key`, whose [`hash`](Self::hash) is `hash`.
+    pub(super) fn get_hashed(&self, key: &str, hash: u64) -> Option<&V> {
         let slots = self.shards.get(shard_index(hash, self.shards.len()))?;
         match probe(slots, hash, key.as_bytes()) {
             Probe::Found(i) => slots.get(i)?.entry.as_ref().map(|(_, value)| value),
@@ -183,6 +193,21 @@ impl<V: Clone> FlatMap<V> {
 
     pub(super) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// How many keys the map holds.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The hash of every key, in no particular order.
+    pub(super) fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.shards.iter().flat_map(|shard| {
+            shard
+                .iter()
+                .filter(|slot| slot.entry.is_some())
+                .map(|slot| slot.hash)
+        })
     }
 
     /// Every value, in no particular order.

@@ -15,6 +15,7 @@
 //! or pool-definition change swaps the one pool in its slot and never touches a route (the
 //! route/endpoint split of Envoy's RDS and EDS).
 
+mod filter;
 mod flat;
 mod publish;
 
@@ -26,6 +27,7 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 use rpds::HashTrieMapSync;
 
+use filter::KeyFilter;
 use flat::FlatMap;
 
 use crate::state::{
@@ -227,6 +229,9 @@ fn rank(e: &RouteEntry) -> (bool, i32, std::cmp::Reverse<&str>) {
 struct PathIndex {
     exact: FlatMap<Candidates>,
     prefix: FlatMap<Candidates>,
+    /// Which prefixes `prefix` may hold, once it is large: a path under none of them is
+    /// looked up once per prefix length, and most of those lookups end here.
+    prefix_filter: KeyFilter,
     /// Distinct prefix lengths, longest first, each with how many prefixes have it.
     prefix_lengths: Vec<(usize, usize)>,
 }
@@ -243,16 +248,25 @@ impl PathIndex {
         let path = entry.route.path.clone();
         let key = path.as_str();
         let map = self.map(&path);
-        let candidates = match map.get(key) {
-            Some(c) => c.with(entry),
+        let (candidates, new_prefix) = match map.get(key) {
+            Some(c) => (c.with(entry), None),
             None => {
-                if let PathMatch::Prefix(p) = &path {
-                    self.count_length(p.len(), true);
-                }
-                Candidates::One(entry)
+                let new_prefix = match &path {
+                    PathMatch::Prefix(p) => {
+                        self.count_length(p.len(), true);
+                        Some(p)
+                    }
+                    PathMatch::Exact(_) => None,
+                };
+                (Candidates::One(entry), new_prefix)
             }
         };
         self.map(&path).insert(key, candidates);
+        if let Some(p) = new_prefix {
+            let prefix = &self.prefix;
+            self.prefix_filter
+                .added(prefix.hash(p), prefix.len(), || prefix.hashes());
+        }
     }
 
     fn remove(&mut self, route: &Route) {
@@ -267,6 +281,8 @@ impl PathIndex {
                 map.remove(key);
                 if let PathMatch::Prefix(p) = &route.path {
                     self.count_length(p.len(), false);
+                    let prefix = &self.prefix;
+                    self.prefix_filter.removed(prefix.len(), || prefix.hashes());
                 }
             }
         }
@@ -297,7 +313,12 @@ impl PathIndex {
         }
         for &(len, _) in &self.prefix_lengths {
             if len <= path.len() && path.is_char_boundary(len) {
-                if let Some(c) = self.prefix.get(&path[..len]) {
+                let key = &path[..len];
+                let hash = self.prefix.hash(key);
+                if !self.prefix_filter.may_hold(hash) {
+                    continue;
+                }
+                if let Some(c) = self.prefix.get_hashed(key, hash) {
                     return c.best();
                 }
             }

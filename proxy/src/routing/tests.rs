@@ -121,6 +121,83 @@ fn many_routes_still_resolve_each_path() {
     assert_eq!(name(&t, "h", "/content/43210/page"), None);
 }
 
+#[test]
+fn a_large_prefix_table_routes_every_path_through_growth_and_removals() {
+    // Enough prefixes on one host for the prefix filter (`filter::FILTER_FROM`), edited
+    // incrementally past its growth and past the removals that make it again, then below
+    // the size that has one; after each step every prefix still routes, a path under none
+    // falls through to the catch-all, and the table routes as one built from scratch.
+    let n = filter::FILTER_FROM * 3;
+    let mut state = State::empty([("web".to_string(), Protocol::Http)].into());
+    let mut table = RoutingTable::build(&state, None);
+    let mut setup = vec![
+        Change::CreatePool(pool("p", &["127.0.0.1:1"])),
+        Change::CreateRoute(route("all", None, prefix("/"), 0, false)),
+    ];
+    setup.extend((0..n).map(|i| {
+        Change::CreateRoute(route(
+            &format!("r{i}"),
+            None,
+            prefix(&format!("/c/{i}/")),
+            0,
+            false,
+        ))
+    }));
+    assert!(step(&mut state, &mut table, &setup));
+    let check = |table: &RoutingTable, live: &dyn Fn(usize) -> bool| {
+        for i in 0..n {
+            let want = if live(i) {
+                format!("r{i}")
+            } else {
+                "all".to_string()
+            };
+            assert_eq!(
+                name(table, "h", &format!("/c/{i}/page")),
+                Some(want.as_str()),
+                "/c/{i}/"
+            );
+        }
+        assert_eq!(name(table, "h", "/other/page"), Some("all"));
+        assert_eq!(name(table, "h", &format!("/c/{n}/page")), Some("all"));
+    };
+    check(&table, &|_| true);
+    // Removals one batch at a time: every other prefix, then all but the first 100.
+    for i in (0..n).step_by(2) {
+        let delete = [Change::DeleteRoute {
+            name: format!("r{i}"),
+        }];
+        assert!(step(&mut state, &mut table, &delete));
+    }
+    check(&table, &|i| i % 2 == 1);
+    let delete: Vec<Change> = (100..n)
+        .filter(|i| i % 2 == 1)
+        .map(|i| Change::DeleteRoute {
+            name: format!("r{i}"),
+        })
+        .collect();
+    for change in delete {
+        assert!(step(&mut state, &mut table, &[change]));
+    }
+    check(&table, &|i| i < 100 && i % 2 == 1);
+    // And back over the size that has a filter, one route at a time.
+    for i in (0..n).filter(|i| i.is_multiple_of(3)) {
+        let create = [Change::CreateRoute(route(
+            &format!("r{i}"),
+            None,
+            prefix(&format!("/c/{i}/")),
+            0,
+            false,
+        ))];
+        if state.route(&format!("r{i}")).is_none() {
+            assert!(step(&mut state, &mut table, &create));
+        }
+    }
+    let live = |i: usize| (i < 100 && i % 2 == 1) || i.is_multiple_of(3);
+    check(&table, &live);
+    let full = RoutingTable::build(&state, None);
+    check(&full, &live);
+}
+
 /// Applies `changes` to `state` and `table` the way the writer does; a refused batch
 /// changes neither.
 fn step(state: &mut State, table: &mut RoutingTable, changes: &[Change]) -> bool {
