@@ -4,11 +4,12 @@
 //! not moved yet) is looked up once per distinct prefix length before it gets there, and
 //! each of those lookups misses. In a table of 100,000 prefixes each miss reads a slot
 //! that is in no cache (`bench/route-lookup.sh`: 236 ns for such a path against 62 with
-//! 10 routes). A filter with one bit per hash value, 16 bits for each key, answers most
-//! of those misses from memory a few hundred kilobytes large: a clear bit means no key of
-//! the map has that hash, so the map is not read. A set bit may be a key's or another's
-//! (about one in sixteen for a hash that is in no key): the map is read, as before. A key
-//! is never reported absent while the map holds it.
+//! 10 routes). A filter with one bit per hash value, 32 bits for each key when it is made
+//! and never fewer than 16, answers most of those misses from memory a few hundred
+//! kilobytes large: a clear bit means no key of the map has that hash, so the map is not
+//! read. A set bit may be a key's or another's (about one in 32 for a hash that is in no
+//! key, one in 16 at worst): the map is read, as before. A key is never reported absent
+//! while the map holds it.
 //!
 //! Edits: an added key sets its bit; a removed key leaves it set (it may be another key's
 //! too), and once as many keys were removed as half of those there are, or the map
@@ -29,6 +30,13 @@ const BLOCK_BITS: usize = 1 << 15;
 
 type Block = [u64; BLOCK_BITS / 64];
 
+/// Where bit `bit` of the filter is: its block, the word within the block, and the
+/// word's mask for it.
+fn place(bit: usize) -> (usize, usize, u64) {
+    let within = bit % BLOCK_BITS;
+    (bit / BLOCK_BITS, within / 64, 1 << (within % 64))
+}
+
 /// The filter of a map's hashes; empty (every lookup goes to the map) until it is
 /// [`rebuild`](Self::rebuild)t for at least [`FILTER_FROM`] keys.
 #[derive(Clone, Default)]
@@ -48,14 +56,11 @@ impl KeyFilter {
         if self.blocks.is_empty() {
             return true;
         }
-        let bit = self.bit(hash);
-        let Some(block) = self.blocks.get(bit / BLOCK_BITS) else {
-            return true;
-        };
-        let within = bit % BLOCK_BITS;
-        block
-            .get(within / 64)
-            .is_none_or(|word| word & (1 << (within % 64)) != 0)
+        let (block, word, mask) = place(self.bit(hash));
+        self.blocks
+            .get(block)
+            .and_then(|block| block.get(word))
+            .is_none_or(|word| word & mask != 0)
     }
 
     /// The bit of `hash`: its top bits (the map names shards and slots with the low ones).
@@ -79,13 +84,12 @@ impl KeyFilter {
             return;
         }
         self.set += 1;
-        let bit = self.bit(hash);
+        let (block, word, mask) = place(self.bit(hash));
         // In place when nothing else holds the list (a table being built); otherwise the
         // list is copied, and below only the block with the bit.
-        if let Some(block) = Arc::make_mut(&mut self.blocks).get_mut(bit / BLOCK_BITS) {
-            let within = bit % BLOCK_BITS;
-            if let Some(word) = Arc::make_mut(block).get_mut(within / 64) {
-                *word |= 1 << (within % 64);
+        if let Some(block) = Arc::make_mut(&mut self.blocks).get_mut(block) {
+            if let Some(word) = Arc::make_mut(block).get_mut(word) {
+                *word |= mask;
             }
         }
     }
@@ -125,12 +129,9 @@ impl KeyFilter {
         };
         let mut blocks: Vec<Block> = vec![[0; BLOCK_BITS / 64]; bits / BLOCK_BITS];
         for hash in hashes {
-            let bit = filter.bit(hash);
-            if let Some(word) = blocks
-                .get_mut(bit / BLOCK_BITS)
-                .and_then(|block| block.get_mut(bit % BLOCK_BITS / 64))
-            {
-                *word |= 1 << (bit % 64);
+            let (block, word, mask) = place(filter.bit(hash));
+            if let Some(word) = blocks.get_mut(block).and_then(|block| block.get_mut(word)) {
+                *word |= mask;
             }
             filter.set += 1;
         }
