@@ -22,6 +22,10 @@
 #        PROXYD=/path/to/proxyd  (skip the build and use this binary)
 #        PROXYD_LABEL=...        (what to call that binary in the results; default: HEAD)
 #        CARGO_TARGET_DIR        (default /var/tmp/proxy-target)
+#        BENCH_RAW=dir           (keep every measured run's wrk output there, and how the
+#                                 upstream's keep-alive connections from the proxy were
+#                                 spread over the upstream's two workers halfway through
+#                                 the run: upstream-spread.tsv)
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10s}
@@ -30,6 +34,7 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROUNDS=${BENCH_ROUNDS:-3}
 read -r -a LOGS <<<"${BENCH_LOGS:-off on}"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ -z "${BENCH_RAW:-}" ] || mkdir -p "$BENCH_RAW"
 OUT=${BENCH_OUT:-$ROOT/bench/results}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/proxy-target}
 
@@ -235,6 +240,13 @@ start_proxy() { # name port log(on|off)
 user_ticks() { family_sum "$1" stat '{ print $14 }'; }
 system_ticks() { family_sum "$1" stat '{ print $15 }'; }
 
+# One line for BENCH_RAW: the run's label and mode, then how many established connections
+# to the upstream each upstream worker holds (highest first).
+upstream_spread() { # label mode
+    printf '%s\t%s\t%s\n' "$1" "$2" "$(ss -tnpH state established "( sport = :$UP )" |
+        grep -o 'pid=[0-9]*' | sort | uniq -c | sort -rn | awk '{ printf "%s ", $1 }')"
+}
+
 # Prints "req/s p50_ms p99_ms errors cpu_us_per_request user_us system_us" for one wrk run
 # against the process PID (the last three: CPU time per request, all of it, in user space
 # and in the kernel).
@@ -246,7 +258,16 @@ run_wrk() { # url mode(keepalive|close) label pid
     wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "${header[@]}" "$url" >/dev/null 2>&1 || true
     user0=$(user_ticks "$pid")
     system0=$(system_ticks "$pid")
-    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
+    if [ -n "${BENCH_RAW:-}" ]; then
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 &
+        local wrk_pid=$!
+        sleep "$(awk -v d="${DURATION%s}" 'BEGIN { print d / 2 }')"
+        upstream_spread "$3" "$2" >>"$BENCH_RAW/upstream-spread.tsv"
+        wait "$wrk_pid" || true
+        cp "$out" "$BENCH_RAW/"
+    else
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
+    fi
     user1=$(user_ticks "$pid")
     system1=$(system_ticks "$pid")
     awk -v user=$((user1 - user0)) -v kernel=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" "$WRK_FIGURES"'
