@@ -25,7 +25,11 @@
 #        BENCH_RAW=dir           (keep every measured run's wrk output there, and how the
 #                                 upstream's keep-alive connections from the proxy were
 #                                 spread over the upstream's two workers halfway through
-#                                 the run: upstream-spread.tsv)
+#                                 the run: upstream-spread.tsv; the kernel's TCP counters
+#                                 that moved during the run, retransmissions, delayed
+#                                 acknowledgements and the like: tcp-counters.tsv; the
+#                                 proxy's time on a CPU and waiting for one, and the
+#                                 kernel's memory stalls: sched.tsv)
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10s}
@@ -240,6 +244,18 @@ start_proxy() { # name port log(on|off)
 user_ticks() { family_sum "$1" stat '{ print $14 }'; }
 system_ticks() { family_sum "$1" stat '{ print $15 }'; }
 
+# The summed schedstat of every thread of PID and its children: "on-CPU-ns waiting-ns slices".
+family_schedstat() { # pid
+    local p
+    for p in "$1" $(pgrep -P "$1"); do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done |
+        awk '{ a += $1; b += $2; c += $3 } END { print a + 0, b + 0, c + 0 }'
+}
+
+# The kernel's memory events a stall of a process could come from, as "name value ...".
+vm_events() {
+    awk '$1 ~ /^(allocstall|compact_stall|compact_fail|pgscan_direct|thp_collapse_alloc|thp_fault_alloc|pgmajfault|pgfault)/ { printf "%s %s ", $1, $2 }' /proc/vmstat
+}
+
 # One line for BENCH_RAW: the run's label and mode, then how many established connections
 # to the upstream each upstream worker holds (highest first).
 upstream_spread() { # label mode
@@ -261,9 +277,23 @@ run_wrk() { # url mode(keepalive|close) label pid
     if [ -n "${BENCH_RAW:-}" ]; then
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 &
         local wrk_pid=$!
+        NSTAT_HISTORY="$WORK/nstat.history" nstat -n
+        local sched0 vm0
+        sched0=$(family_schedstat "$pid")
+        vm0=$(vm_events)
         sleep "$(awk -v d="${DURATION%s}" 'BEGIN { print d / 2 }')"
         upstream_spread "$3" "$2" >>"$BENCH_RAW/upstream-spread.tsv"
         wait "$wrk_pid" || true
+        printf '%s\t%s\t%s\n' "$3" "$2" "$(NSTAT_HISTORY="$WORK/nstat.history" nstat |
+            awk '/Retrans|LossProbes|DelayedACK|TCPTimeouts|ListenOverflows|TCPAbort|Reset/ { printf "%s=%s ", $1, $2 }')" \
+            >>"$BENCH_RAW/tcp-counters.tsv"
+        printf '%s\t%s\t%s\t%s\n' "$3" "$2" "$(awk -v a="$sched0" -v b="$(family_schedstat "$pid")" 'BEGIN {
+                split(a, x, " "); split(b, y, " ")
+                printf "on-CPU %.0f ms, waiting for a CPU %.0f ms, %d slices", (y[1] - x[1]) / 1e6, (y[2] - x[2]) / 1e6, y[3] - x[3]
+            }')" "$(awk -v a="$vm0" -v b="$(vm_events)" 'BEGIN {
+                n = split(a, x, " "); split(b, y, " ")
+                for (i = 1; i <= n; i += 2) if (y[i + 1] != x[i + 1]) printf "%s=%d ", x[i], y[i + 1] - x[i + 1]
+            }')" >>"$BENCH_RAW/sched.tsv"
         cp "$out" "$BENCH_RAW/"
     else
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
