@@ -29,7 +29,7 @@
 #                                 that moved during the run, retransmissions, delayed
 #                                 acknowledgements and the like: tcp-counters.tsv; the
 #                                 proxy's time on a CPU and waiting for one, and the
-#                                 kernel's memory stalls: sched.tsv)
+#                                 whole machine's memory stalls: sched.tsv)
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10s}
@@ -251,7 +251,8 @@ family_schedstat() { # pid
         awk '{ a += $1; b += $2; c += $3 } END { print a + 0, b + 0, c + 0 }'
 }
 
-# The kernel's memory events a stall of a process could come from, as "name value ...".
+# The machine's memory events a stall of a process could come from (all processes'), as
+# "name value ...".
 vm_events() {
     awk '$1 ~ /^(allocstall|compact_stall|compact_fail|pgscan_direct|thp_collapse_alloc|thp_fault_alloc|pgmajfault|pgfault)/ { printf "%s %s ", $1, $2 }' /proc/vmstat
 }
