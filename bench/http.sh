@@ -247,7 +247,7 @@ system_ticks() { family_sum "$1" stat '{ print $15 }'; }
 # The summed schedstat of every thread of PID and its children: "on-CPU-ns waiting-ns slices".
 family_schedstat() { # pid
     local p
-    for p in "$1" $(pgrep -P "$1"); do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done |
+    for p in "$1" $(pgrep -P "$1" || true); do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done |
         awk '{ a += $1; b += $2; c += $3 } END { print a + 0, b + 0, c + 0 }'
 }
 
@@ -264,6 +264,30 @@ upstream_spread() { # label mode
         grep -o 'pid=[0-9]*' | sort | uniq -c | sort -rn | awk '{ printf "%s ", $1 }')"
 }
 
+# BENCH_RAW, around one measured run: raw_begin, called as the run starts, takes the
+# counters it starts from and, halfway through the run, the upstream spread; raw_end, once
+# the run is over, writes what moved and keeps wrk's output.
+raw_begin() { # label mode pid
+    NSTAT_HISTORY="$WORK/nstat.history" nstat -n
+    RAW_SCHED=$(family_schedstat "$3")
+    RAW_VM=$(vm_events)
+    sleep "$(awk -v d="${DURATION%s}" 'BEGIN { print d / 2 }')"
+    upstream_spread "$1" "$2" >>"$BENCH_RAW/upstream-spread.tsv"
+}
+raw_end() { # label mode pid wrk-output
+    printf '%s\t%s\t%s\n' "$1" "$2" "$(NSTAT_HISTORY="$WORK/nstat.history" nstat |
+        awk '/Retrans|LossProbes|DelayedACK|TCPTimeouts|ListenOverflows|TCPAbort|Reset/ { printf "%s=%s ", $1, $2 }')" \
+        >>"$BENCH_RAW/tcp-counters.tsv"
+    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$(awk -v a="$RAW_SCHED" -v b="$(family_schedstat "$3")" 'BEGIN {
+            split(a, x, " "); split(b, y, " ")
+            printf "on-CPU %.0f ms, waiting for a CPU %.0f ms, %d slices", (y[1] - x[1]) / 1e6, (y[2] - x[2]) / 1e6, y[3] - x[3]
+        }')" "$(awk -v a="$RAW_VM" -v b="$(vm_events)" 'BEGIN {
+            n = split(a, x, " "); split(b, y, " ")
+            for (i = 1; i <= n; i += 2) if (y[i + 1] != x[i + 1]) printf "%s=%d ", x[i], y[i + 1] - x[i + 1]
+        }')" >>"$BENCH_RAW/sched.tsv"
+    cp "$4" "$BENCH_RAW/"
+}
+
 # Prints "req/s p50_ms p99_ms errors cpu_us_per_request user_us system_us" for one wrk run
 # against the process PID (the last three: CPU time per request, all of it, in user space
 # and in the kernel).
@@ -275,30 +299,11 @@ run_wrk() { # url mode(keepalive|close) label pid
     wrk -t"$THREADS" -c"$CONNECTIONS" -d1s "${header[@]}" "$url" >/dev/null 2>&1 || true
     user0=$(user_ticks "$pid")
     system0=$(system_ticks "$pid")
-    if [ -n "${BENCH_RAW:-}" ]; then
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 &
-        local wrk_pid=$!
-        NSTAT_HISTORY="$WORK/nstat.history" nstat -n
-        local sched0 vm0
-        sched0=$(family_schedstat "$pid")
-        vm0=$(vm_events)
-        sleep "$(awk -v d="${DURATION%s}" 'BEGIN { print d / 2 }')"
-        upstream_spread "$3" "$2" >>"$BENCH_RAW/upstream-spread.tsv"
-        wait "$wrk_pid" || true
-        printf '%s\t%s\t%s\n' "$3" "$2" "$(NSTAT_HISTORY="$WORK/nstat.history" nstat |
-            awk '/Retrans|LossProbes|DelayedACK|TCPTimeouts|ListenOverflows|TCPAbort|Reset/ { printf "%s=%s ", $1, $2 }')" \
-            >>"$BENCH_RAW/tcp-counters.tsv"
-        printf '%s\t%s\t%s\t%s\n' "$3" "$2" "$(awk -v a="$sched0" -v b="$(family_schedstat "$pid")" 'BEGIN {
-                split(a, x, " "); split(b, y, " ")
-                printf "on-CPU %.0f ms, waiting for a CPU %.0f ms, %d slices", (y[1] - x[1]) / 1e6, (y[2] - x[2]) / 1e6, y[3] - x[3]
-            }')" "$(awk -v a="$vm0" -v b="$(vm_events)" 'BEGIN {
-                n = split(a, x, " "); split(b, y, " ")
-                for (i = 1; i <= n; i += 2) if (y[i + 1] != x[i + 1]) printf "%s=%d ", x[i], y[i + 1] - x[i + 1]
-            }')" >>"$BENCH_RAW/sched.tsv"
-        cp "$out" "$BENCH_RAW/"
-    else
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 || true
-    fi
+    wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "${header[@]}" "$url" >"$out" 2>&1 &
+    local wrk_pid=$!
+    [ -z "${BENCH_RAW:-}" ] || raw_begin "$3" "$2" "$pid"
+    wait "$wrk_pid" || true
+    [ -z "${BENCH_RAW:-}" ] || raw_end "$3" "$2" "$pid" "$out"
     user1=$(user_ticks "$pid")
     system1=$(system_ticks "$pid")
     awk -v user=$((user1 - user0)) -v kernel=$((system1 - system0)) -v hz="$(getconf CLK_TCK)" "$WRK_FIGURES"'
