@@ -1909,6 +1909,81 @@ mod tests {
         answers_two_on_the_same_connection(kept, None, &accepted).await;
     }
 
+    /// An upstream that answers every request on every connection `one`, its connections
+    /// served at once.
+    async fn answers_every_connection() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while next_head(&mut socket, &mut seen).await {
+                        let one = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none";
+                        if socket.write_all(one).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn idle_connections_take_turns_under_load_and_the_most_recent_serves_when_quiet() {
+        let addr = answers_every_connection().await;
+        let address = addr.to_string();
+        let key = ConnKey {
+            address: &address,
+            tls: 0,
+        };
+        let runtime = super::super::UpstreamRuntime::new(&address);
+        let timeout = Duration::from_secs(60);
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(idle_after_one(addr, None).await);
+        }
+        let ids: Vec<*const H1Conn> = conns.iter().map(|c| &**c as *const H1Conn).collect();
+        let id = |c: &H1Conn| ids.iter().position(|&i| std::ptr::eq(i, c));
+        let now = Instant::now();
+        let at = |ms: u64| now - Duration::from_millis(ms);
+
+        // Busy: the oldest came back 30 ms ago, so they take turns, oldest first.
+        for (conn, ms) in conns.drain(..).zip([30, 20, 10]) {
+            idle::put(key, conn, at(ms), timeout);
+        }
+        for expected in 0..3 {
+            let conn = idle::take(key, &runtime, timeout, now).expect("kept");
+            assert_eq!(id(&conn), Some(expected));
+            conns.push(conn);
+        }
+        assert_eq!(idle::kept(key), 0);
+
+        // Quiet: the oldest came back 2 s ago, so the most recent serves, then the next.
+        for (conn, ms) in conns.drain(..).zip([2000, 1000, 10]) {
+            idle::put(key, conn, at(ms), timeout);
+        }
+        for expected in [2, 1, 0] {
+            let conn = idle::take(key, &runtime, timeout, now).expect("kept");
+            assert_eq!(id(&conn), Some(expected));
+            conns.push(conn);
+        }
+
+        // Taking turns skips one past its pool's idle timeout (shorter than a turn), and
+        // keeps the younger ones.
+        let short = Duration::from_millis(100);
+        for (conn, ms) in conns.drain(..).zip([200, 50, 10]) {
+            idle::put(key, conn, at(ms), short);
+        }
+        let conn = idle::take(key, &runtime, short, now).expect("a younger one");
+        assert_eq!(id(&conn), Some(1));
+        assert_eq!(idle::kept(key), 1);
+        // The connection it took serves its next request.
+        let response = send_get(conn, Method::GET).await.unwrap();
+        assert_eq!(read_all(&mut response.into_body()).await.unwrap().0, b"one");
+    }
+
     #[tokio::test]
     async fn reuse_only_after_a_complete_exchange_that_keeps_the_connection() {
         let (addr, accepted) = upstream(vec![
