@@ -93,13 +93,14 @@ thread_local! {
 /// upstream is busy), the oldest, so that the idle connections take turns and the
 /// requests spread over all of them, and with them over the upstream's worker processes
 /// or threads, each of which serves the connections it accepted. Taking the most recent
-/// under load, a stable few connections carried nearly every request, and when those sat
-/// mostly with one of the upstream's workers, that one queued requests while another had
-/// little to do: with a new client connection per request the slowest 1 % of requests
-/// took 2.4 times the median against 2.2 times taking turns (`bench/http.sh`'s upstream,
-/// nginx with two workers). Otherwise the most recent, the one least likely to have hit
-/// the upstream's own keep-alive timeout; the older ones stay idle, and the sweep lets go
-/// of their buffers and then closes them.
+/// under load, a stable set of about as many connections as requests in flight carried
+/// nearly every request, and when those sat mostly with one of the upstream's workers,
+/// that one queued requests while another had little to do: with a new client connection
+/// per request the slowest 1 % of requests took 2.3-2.6 times the median against 2.2
+/// taking turns (`wrk -t2 -c64` in front of `bench/http.sh`'s upstream, nginx with two
+/// workers, HAProxy 2.1-2.3 alike). Otherwise the most recent, the one least likely to
+/// have hit the upstream's own keep-alive timeout; the older ones stay idle, and the
+/// sweep lets go of their buffers and then closes them.
 pub fn take(
     key: ConnKey<'_>,
     upstream: &UpstreamRuntime,
@@ -154,9 +155,9 @@ pub const SWEEP_PERIOD: Duration = Duration::from_secs(2);
 
 /// Starts each worker's sweep of its idle connections, once per process (see
 /// [`sweep_once`]; every [`SWEEP_PERIOD`]). Out of turn, reuse takes the most recently
-/// used connection first (see [`take`]), so under a load lighter than the burst before it the older ones stay
-/// idle, and [`settle`] reaches them only when the worker's plain HTTP/1 clients go
-/// dormant, which HTTPS, HTTP/2 and TCP clients never do.
+/// used connection first (see [`take`]), so under a load lighter than the burst before it
+/// the older ones stay idle, and [`settle`] reaches them only when the worker's plain
+/// HTTP/1 clients go dormant, which HTTPS, HTTP/2 and TCP clients never do.
 pub fn start_sweeps(workers: &Workers) {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| workers.spawn_on_each(|| sweep(SWEEP_PERIOD)));
