@@ -29,9 +29,9 @@ use crate::workers::Workers;
 const IDLE_PER_UPSTREAM: usize = 64;
 
 /// While even the oldest idle connection to an upstream came back less than this long
-/// ago, reuse takes the oldest (see [`take`]): far below any upstream's keep-alive timeout
-/// (servers close idle connections after 5 s and more by default) and below a pool's
-/// default `idle_timeout` (1.5 s).
+/// ago, reuse takes the oldest (see [`take`]): below the keep-alive timeouts servers
+/// default to (from 2 s, gunicorn's, to 75 s, nginx's) and below a pool's default
+/// `idle_timeout` (1.5 s).
 const ROTATE_WITHIN: Duration = Duration::from_millis(500);
 
 /// What a reused connection must match: same address, same TLS settings (0: plain).
