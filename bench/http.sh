@@ -28,8 +28,10 @@
 #                                 the run: upstream-spread.tsv; the kernel's TCP counters
 #                                 that moved during the run, retransmissions, delayed
 #                                 acknowledgements and the like: tcp-counters.tsv; the
-#                                 proxy's time on a CPU and waiting for one, and the
-#                                 whole machine's memory stalls: sched.tsv)
+#                                 proxy's time on a CPU and waiting for one, the time
+#                                 the host took this machine's CPUs away (steal) and
+#                                 left them idle, and the whole machine's memory stalls:
+#                                 sched.tsv)
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-10s}
@@ -257,6 +259,12 @@ vm_events() {
     awk '$1 ~ /^(allocstall|compact_stall|compact_fail|pgscan_direct|thp_collapse_alloc|thp_fault_alloc|pgmajfault|pgfault)/ { printf "%s %s ", $1, $2 }' /proc/vmstat
 }
 
+# The whole machine's idle and steal time so far, in clock ticks, as "idle steal": steal is
+# the time a virtual machine's CPUs wanted to run and the host ran something else.
+machine_ticks() {
+    awk '$1 == "cpu" { print $5, $9 }' /proc/stat
+}
+
 # One line for BENCH_RAW: the run's label and mode, then how many established connections
 # to the upstream each upstream worker holds (highest first).
 upstream_spread() { # label mode
@@ -271,6 +279,7 @@ raw_begin() { # label mode pid
     NSTAT_HISTORY="$WORK/nstat.history" nstat -n
     RAW_SCHED=$(family_schedstat "$3")
     RAW_VM=$(vm_events)
+    RAW_MACHINE=$(machine_ticks)
     sleep "$(awk -v d="${DURATION%s}" 'BEGIN { print d / 2 }')"
     upstream_spread "$1" "$2" >>"$BENCH_RAW/upstream-spread.tsv"
 }
@@ -278,9 +287,12 @@ raw_end() { # label mode pid wrk-output
     printf '%s\t%s\t%s\n' "$1" "$2" "$(NSTAT_HISTORY="$WORK/nstat.history" nstat |
         awk '/Retrans|LossProbes|DelayedACK|TCPTimeouts|ListenOverflows|TCPAbort|Reset/ { printf "%s=%s ", $1, $2 }')" \
         >>"$BENCH_RAW/tcp-counters.tsv"
-    printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$(awk -v a="$RAW_SCHED" -v b="$(family_schedstat "$3")" 'BEGIN {
+    printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$(awk -v a="$RAW_SCHED" -v b="$(family_schedstat "$3")" 'BEGIN {
             split(a, x, " "); split(b, y, " ")
             printf "on-CPU %.0f ms, waiting for a CPU %.0f ms, %d slices", (y[1] - x[1]) / 1e6, (y[2] - x[2]) / 1e6, y[3] - x[3]
+        }')" "$(awk -v a="$RAW_MACHINE" -v b="$(machine_ticks)" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+            split(a, x, " "); split(b, y, " ")
+            printf "machine: steal %.0f ms, idle %.0f ms", (y[2] - x[2]) * 1000 / hz, (y[1] - x[1]) * 1000 / hz
         }')" "$(awk -v a="$RAW_VM" -v b="$(vm_events)" 'BEGIN {
             n = split(a, x, " "); split(b, y, " ")
             for (i = 1; i <= n; i += 2) if (y[i + 1] != x[i + 1]) printf "%s=%d ", x[i], y[i + 1] - x[i + 1]
