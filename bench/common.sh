@@ -168,9 +168,37 @@ round_ratio() { # [-l] array subject peer...
     done
     for round in $(seq "$ROUNDS"); do
         awk -v a="${figures[$subject,$round]:-0}" -v b="${figures[$best,$round]:-0}" 'BEGIN { if (b > 0) printf "%.4f\n", a / b }'
-    done | median_range %.2f | awk -v best="$best" -v several="$(($# > 1))" '{
+    done | median_range "${RATIO_FORMAT:-%.2f}" | awk -v best="$best" -v several="$(($# > 1))" '{
         printf "%s (%s)", $1, $2; if (several) printf " against %s", best }'
 }
+# goal_line FILE NAME higher|lower PEER MEDIAN LO-HI  appends one goal to FILE (a
+# goals-*.tsv that bench/run gathers): the goal, whether proxyd's figure must be at least
+# (higher) or at most (lower) its peer's, the peer, and the median of the rounds' ratios
+# with the lowest and highest, all tab-separated.
+goal_line() { # file name direction peer median range
+    # The range is "LO-HI", either of which may be negative ("-0.38--0.21"); "n/a" when
+    # no round could be compared.
+    local lo=n/a hi=n/a
+    if [[ $6 =~ ^(-?[0-9.]+)-(-?[0-9.]+)$ ]]; then
+        lo=${BASH_REMATCH[1]}
+        hi=${BASH_REMATCH[2]}
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$2" "$3" "$4" "$5" "$lo" "$hi" >>"$1"
+}
+
+# goal FILE NAME higher|lower [-l] ARRAY SUBJECT PEER...  the goal NAME, measured as
+# round_ratio measures it (the same arguments), to FILE with four decimals.
+goal() { # file name direction round_ratio-args...
+    local file=$1 goal_name=$2 direction=$3 measured median range against peer
+    shift 3
+    measured=$(RATIO_FORMAT=%.4f round_ratio "$@")
+    read -r median range against peer <<<"$measured"
+    range=${range#(}
+    range=${range%)}
+    [ -n "$peer" ] || peer=${*: -1}
+    goal_line "$file" "$goal_name" "$direction" "$peer" "$median" "$range"
+}
+
 # round_median ARRAY NAME FMT  the median of NAME's figure over the rounds.
 round_median() { # array name fmt
     local -n figures=$1

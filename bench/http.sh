@@ -420,7 +420,7 @@ mode_label() { if [ "$1" = keepalive ]; then echo "keep-alive"; else echo "new c
 # the one with the better median over the rounds, and every round is compared with that
 # one: the better of the two within each round would set proxyd's one figure against the
 # higher of two, which the machine's noise raises by itself when the peers are close.
-round_ratios() { # log mode column
+round_ratios() { # log mode column [fmt]
     awk -F'\t' -v lg="$1" -v mode="$2" -v c="$3" '
         function median(list,   n, v, i, j, t) {
             n = split(list, v, " ")
@@ -435,7 +435,7 @@ round_ratios() { # log mode column
             if (c == 5 && median(all["haproxy"]) > median(all["nginx"])) peer = "haproxy"
             if (c == 7 && median(all["haproxy"]) < median(all["nginx"])) peer = "haproxy"
             for (r in p) if (fig[peer, r] > 0) printf "%.4f\n", p[r] / fig[peer, r]
-        }' "$RUNS" | median_range %.2f
+        }' "$RUNS" | median_range "${4:-%.2f}"
 }
 
 mkdir -p "$OUT"
@@ -446,6 +446,20 @@ HEADER="wrk -t$THREADS -c$CONNECTIONS -d$DURATION, median of $ROUNDS rounds, 1 K
     printf 'round\tlog\tmode\ttarget\treq_s\tp50_ms\tp99_ms\terrors\tcpu_us_per_req\tuser_us_per_req\tsystem_us_per_req\n'
     cat "$RUNS"
 } >"$OUT/results.tsv"
+
+# goals-http.tsv: the goals this bench measures, for bench/run (see goal_line in common.sh).
+: >"$OUT/goals-http.tsv"
+for log in "${LOGS[@]}"; do
+    for mode in "${MODES[@]}"; do
+        label="HTTP $(mode_label "$mode"), logs $log"
+        for figure in "req/s:higher:5:the better of nginx and HAProxy" "p99:lower:7:the better of nginx and HAProxy" \
+            "CPU per request:lower:9:nginx"; do
+            IFS=: read -r what direction column peer <<<"$figure"
+            read -r ratio range < <(round_ratios "$log" "$mode" "$column" %.4f)
+            goal_line "$OUT/goals-http.tsv" "$label: $what" "$direction" "$peer" "$ratio" "$range"
+        done
+    done
+done
 
 # results.md: ratios first (against the better of nginx and HAProxy), then the raw figures.
 {

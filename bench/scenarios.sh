@@ -66,6 +66,12 @@ done
 # shellcheck source=bench/common.sh
 . "$ROOT/bench/common.sh"
 
+# goals-scenarios.tsv: the goals the scenarios run measure, for bench/run (see goal in
+# common.sh).
+mkdir -p "$OUT"
+GOALS=$OUT/goals-scenarios.tsv
+: >"$GOALS"
+
 need_tools wrk:wrk h2load:nghttp2-client nginx:nginx-light haproxy:haproxy curl:curl openssl:openssl python3:python3
 build_proxyd
 make_workdir proxy-scenarios
@@ -245,6 +251,8 @@ EOF
         "| connections/s (new connection per 1 KiB request, $CONNECTIONS at once) | $(round_ratio RATE proxyd haproxy haproxy-splice) | $(round_median RATE proxyd %.0f) | $(round_median RATE haproxy %.0f) | $(round_median RATE haproxy-splice %.0f) |"
         "| CPU µs per connection, the proxy's processes (lower is better) | $(round_ratio -l CPU proxyd haproxy haproxy-splice) | $(round_median CPU proxyd %.1f) | $(round_median CPU haproxy %.1f) | $(round_median CPU haproxy-splice %.1f) |"
         "| errors (all rounds) | | ${ERRS[proxyd]} | ${ERRS[haproxy]} | ${ERRS[haproxy-splice]} |")
+    goal "$GOALS" "TCP large transfers: MiB/s" higher TPUT proxyd haproxy haproxy-splice
+    goal "$GOALS" "TCP new connection per 1 KiB request: connections/s" higher RATE proxyd haproxy haproxy-splice
 }
 
 # --- h2 ---------------------------------------------------------------------------------------
@@ -345,6 +353,7 @@ EOF
     REPORT+=("" "### HTTP/2 from clients (h2load -c16 -m10, 1 KiB, HTTP/1.1 upstream)" ""
         "| | proxyd / nginx (rounds) | proxyd req/s | nginx req/s | CPU µs per request, proxyd / nginx (rounds) | proxyd | nginx | failed, all rounds (proxyd / nginx) |" "|---|---:|---:|---:|---:|---:|---:|---|")
     for kind in h2c h2; do
+        goal "$GOALS" "HTTP/2 from clients, $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)'): req/s" higher H2 "proxyd-$kind" "nginx-$kind"
         REPORT+=("| $kind$([ "$kind" = h2 ] && echo ' (TLS 1.3)') | $(round_ratio H2 "proxyd-$kind" "nginx-$kind") | $(round_median H2 "proxyd-$kind" %.0f) | $(round_median H2 "nginx-$kind" %.0f) | $(round_ratio H2CPU "proxyd-$kind" "nginx-$kind") | $(round_median H2CPU "proxyd-$kind" %.1f) | $(round_median H2CPU "nginx-$kind" %.1f) | ${FAILED[proxyd-$kind]} / ${FAILED[nginx-$kind]} |")
     done
 }
@@ -488,6 +497,7 @@ EOF
         "Growth of anonymous resident memory (RssAnon: the heap and stacks; not the binary's code and libraries, which are file pages shared with the page cache) per connection, read 2 s and 20 s after the last connection got its answer; the median of the rounds, and each round's own ratio (median, lowest-highest). Lower is better. The last column is the growth of the whole RSS (file pages included) at 20 s, for reference." ""
         "| | KiB per connection at 2 s | at 20 s | proxyd / peer at 20 s (rounds) | anonymous memory before -> at 20 s (MiB, last round) | connections held (each round) | whole RSS, KiB per connection at 20 s |" "|---|---:|---:|---:|---|---|---:|")
     for name in proxyd nginx haproxy; do
+        [ "$name" = nginx ] && goal "$GOALS" "memory per idle keep-alive connection, at 20 s" lower AT20 proxyd nginx
         REPORT+=("| $name | $(round_median AT2 "$name" %.2f) | $(round_median AT20 "$name" %.2f) | $( [ "$name" = proxyd ] && echo "" || round_ratio AT20 proxyd "$name") | ${ANON[$name]} | ${GOT[$name]} | $(round_median TOTAL "$name" %.2f) |")
     done
 }
@@ -540,6 +550,8 @@ EOF
     for n in 10 "$MANY_ROUTES"; do
         REPORT+=("| $n | $(round_median RPS "$n" %.0f) | $(round_median AGAIN "$n" %.0f) | ${ERRS[$n]} | $(round_median RSS "$n" %.0f) | $(round_median LOAD "$n" %.0f) s |")
     done
+    goal "$GOALS" "$MANY_ROUTES routes against 10: req/s" higher RPS "$MANY_ROUTES" 10
+    goal "$GOALS" "$MANY_ROUTES routes against 10, the same load again: req/s" higher AGAIN "$MANY_ROUTES" 10
     REPORT+=("" "req/s with $MANY_ROUTES routes / with 10, each round's own ratio: **$(round_ratio RPS "$MANY_ROUTES" 10)**; the same load again: **$(round_ratio AGAIN "$MANY_ROUTES" 10)**")
 }
 

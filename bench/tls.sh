@@ -224,6 +224,11 @@ mkdir -p "$OUT"
     row "TLS 1.2 resumption, per second" RESUMED12 %.0f
     echo "| wrk errors (all rounds) | | ${ERRORS[proxyd]} | ${ERRORS[nginx]} | ${ERRORS[caddy]} |"
 } | tee "$OUT/results-tls.md.new"
+# goals-tls.tsv: the goals this bench measures, for bench/run (see goal in common.sh).
+: >"$OUT/goals-tls.tsv"
+goal "$OUT/goals-tls.tsv" "HTTPS keep-alive: req/s" higher RPS proxyd nginx
+goal "$OUT/goals-tls.tsv" "full TLS 1.3 handshake + GET: per second" higher FULL proxyd nginx
+goal "$OUT/goals-tls.tsv" "full TLS 1.3 handshake + GET, $CLIENTS clients at once: per second" higher FULLPAR proxyd nginx
 # Earlier runs stay below the newest.
 if [ -f "$OUT/results-tls.md" ]; then
     { echo; cat "$OUT/results-tls.md"; } >>"$OUT/results-tls.md.new"
