@@ -497,9 +497,9 @@ EOF
         "Growth of anonymous resident memory (RssAnon: the heap and stacks; not the binary's code and libraries, which are file pages shared with the page cache) per connection, read 2 s and 20 s after the last connection got its answer; the median of the rounds, and each round's own ratio (median, lowest-highest). Lower is better. The last column is the growth of the whole RSS (file pages included) at 20 s, for reference." ""
         "| | KiB per connection at 2 s | at 20 s | proxyd / peer at 20 s (rounds) | anonymous memory before -> at 20 s (MiB, last round) | connections held (each round) | whole RSS, KiB per connection at 20 s |" "|---|---:|---:|---:|---|---|---:|")
     for name in proxyd nginx haproxy; do
-        [ "$name" = nginx ] && goal "$GOALS" "memory per idle keep-alive connection, at 20 s" lower AT20 proxyd nginx
         REPORT+=("| $name | $(round_median AT2 "$name" %.2f) | $(round_median AT20 "$name" %.2f) | $( [ "$name" = proxyd ] && echo "" || round_ratio AT20 proxyd "$name") | ${ANON[$name]} | ${GOT[$name]} | $(round_median TOTAL "$name" %.2f) |")
     done
+    goal "$GOALS" "memory per idle keep-alive connection, at 20 s" lower AT20 proxyd nginx
 }
 
 # --- routes -----------------------------------------------------------------------------------
